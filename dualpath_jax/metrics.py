@@ -1,0 +1,120 @@
+"""One metrics schema for the runtime and the simulator (DESIGN.md "Metrics").
+
+Both fill `TurnRecord`s (per-turn timestamps, in seconds from the run start) and `LinkBytes` samples
+(per-link bytes over time), so a real run and its simulation are compared field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class TurnRecord:
+    trajectory_id: int
+    turn_index: int
+    prompt_tokens: int
+    hit_tokens: int
+    gen_tokens: int
+    arrival: float  # the turn became ready (previous turn done + gap, or agent arrival)
+    scheduled: float = math.nan  # the policy placed it (PE, DE, read side chosen)
+    read_start: float = math.nan  # first storage read of its hit KV began
+    read_end: float = math.nan  # last storage read finished
+    prefill_start: float = math.nan
+    prefill_end: float = math.nan  # prompt KV complete on the DE
+    first_token: float = math.nan  # TTFT = first_token - arrival
+    second_token: float = math.nan  # TTST = second_token - arrival
+    finished: float = math.nan  # last generated token
+    prefill_engine: int = -1
+    decode_engine: int = -1
+    read_side: str = ""
+    pe_read_bytes: int = 0  # hit KV bytes read from storage on the PE node
+    de_read_bytes: int = 0  # hit KV bytes read from storage on the DE node
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def ttst(self) -> float:
+        return self.second_token - self.arrival
+
+    @property
+    def tpot(self) -> float:
+        """Mean time per output token after the first."""
+        if self.gen_tokens <= 1:
+            return math.nan
+        return (self.finished - self.first_token) / (self.gen_tokens - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkBytes:
+    """`nbytes` crossed `link` during [t0, t1). Links are named like "snic/node3", "cnic/engine12/low"."""
+
+    link: str
+    t0: float
+    t1: float
+    nbytes: int
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.percentile(vals, q)) if vals else math.nan
+
+
+def snic_max_over_avg(samples: Iterable[LinkBytes], prefix: str = "snic/") -> float:
+    """Storage-NIC load balance: max over nodes of bytes moved / mean over nodes (1.0 = perfect)."""
+    per_link: dict[str, int] = defaultdict(int)
+    for s in samples:
+        if s.link.startswith(prefix):
+            per_link[s.link] += s.nbytes
+    if not per_link:
+        return math.nan
+    vals = np.array(list(per_link.values()), dtype=np.float64)
+    return float(vals.max() / vals.mean()) if vals.mean() > 0 else math.nan
+
+
+def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = ()) -> dict:
+    """The headline numbers every report prints."""
+    if not records:
+        return {"turns": 0}
+    start = min(r.arrival for r in records)
+    end = max(r.finished for r in records)
+    gen = sum(r.gen_tokens for r in records)
+    prompt = sum(r.prompt_tokens for r in records)
+    ttft = [r.ttft for r in records]
+    tpot = [r.tpot for r in records]
+    return {
+        "turns": len(records),
+        "jct_s": end - start,
+        "gen_tokens_per_s": gen / (end - start) if end > start else math.nan,
+        "prompt_tokens_per_s": prompt / (end - start) if end > start else math.nan,
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "tpot_p50_s": percentile(tpot, 50),
+        "tpot_p99_s": percentile(tpot, 99),
+        "pe_read_bytes": sum(r.pe_read_bytes for r in records),
+        "de_read_bytes": sum(r.de_read_bytes for r in records),
+        "snic_max_over_avg": snic_max_over_avg(links),
+    }
+
+
+def write_json(path: str, records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), **extra) -> None:
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "summary": summarize(records, links),
+                "turns": [dataclasses.asdict(r) for r in records],
+                "links": [dataclasses.asdict(s) for s in links],
+                **extra,
+            },
+            f,
+            indent=1,
+            default=float,
+        )

@@ -1,0 +1,153 @@
+"""The contract between the scheduling policies and whatever runs them (simulator or runtime).
+
+Policies are plain Python on the host: this module and every policy import no jax. The simulator and
+the runtime build the same `ClusterSnapshot` (PAPER.md "Scheduler": engines report seq_e, tok_e and
+their node's read queue) and hand the waiting requests to a registered policy, which returns
+`Assignment`s: the prefill engine (PE), decode engine (DE) and read side of each request it places.
+Requests it does not place stay queued for the next fetch.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Literal, Sequence
+
+Role = Literal["prefill", "decode"]
+# Which side loads the hit KV from storage: the PE's node ("pe"), the DE's node ("de"), or both ("split",
+# beyond the paper: a fraction of the hit blocks from each side so both read queues drain together).
+ReadSide = Literal["pe", "de", "split"]
+
+
+@dataclasses.dataclass
+class EngineState:
+    """What one engine reports when its group fetches (one engine = one GPU)."""
+
+    engine_id: int
+    role: Role
+    node_id: int  # the node (= engine group) the engine lives on
+    seq: int = 0  # seq_e: unfinished requests assigned to this engine
+    tok: int = 0  # tok_e: tokens of those requests (load proxy for GPU, disk and network)
+    free_hbm_tokens: int = 0  # KV capacity left in HBM, in tokens (what a DE can still admit)
+
+
+@dataclasses.dataclass
+class NodeState:
+    """One node: `g` engines of one role sharing one storage NIC (SNIC)."""
+
+    node_id: int
+    role: Role
+    read_queue_tokens: int = 0  # read_q: hit tokens queued for storage reads on this node's SNIC
+
+
+@dataclasses.dataclass
+class ClusterSnapshot:
+    """The cluster as the policies see it at one fetch. Policies may mutate a copy, never the original."""
+
+    now: float
+    engines: dict[int, EngineState]
+    nodes: dict[int, NodeState]
+
+    def engines_of(self, role: Role, node_id: int | None = None) -> list[EngineState]:
+        return [
+            e
+            for e in self.engines.values()
+            if e.role == role and (node_id is None or e.node_id == node_id)
+        ]
+
+    def copy(self) -> "ClusterSnapshot":
+        return ClusterSnapshot(
+            now=self.now,
+            engines={k: dataclasses.replace(v) for k, v in self.engines.items()},
+            nodes={k: dataclasses.replace(v) for k, v in self.nodes.items()},
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingRequest:
+    """One turn of one trajectory waiting for placement."""
+
+    request_id: int
+    trajectory_id: int
+    turn_index: int
+    prompt_tokens: int  # whole prompt: hit + miss
+    hit_tokens: int  # prefix whose KV is loaded from storage (whole blocks)
+    gen_tokens: int  # tokens the turn will generate (for DE HBM admission)
+    arrival_time: float = 0.0
+
+    @property
+    def miss_tokens(self) -> int:
+        return self.prompt_tokens - self.hit_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        """len_r: KV tokens the request will hold on its DE by the end of decode."""
+        return self.prompt_tokens + self.gen_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """A policy's decision for one request."""
+
+    request_id: int
+    prefill_engine: int
+    decode_engine: int
+    read_side: ReadSide
+    # Fraction of the hit blocks read on the DE side: 0.0 for "pe", 1.0 for "de", in between for "split".
+    de_read_fraction: float = 0.0
+
+    def __post_init__(self):
+        expected = {"pe": 0.0, "de": 1.0}.get(self.read_side)
+        if expected is not None and self.de_read_fraction != expected:
+            raise ValueError(
+                f"read_side {self.read_side!r} needs de_read_fraction {expected}, got {self.de_read_fraction}"
+            )
+        if not 0.0 <= self.de_read_fraction <= 1.0:
+            raise ValueError(f"de_read_fraction must be in [0, 1], got {self.de_read_fraction}")
+
+
+class InterEnginePolicy(abc.ABC):
+    """Chooses (PE, DE, read side) for waiting requests. Registered by name in `schedulers.POLICIES`."""
+
+    name: str = "?"
+
+    @abc.abstractmethod
+    def schedule(
+        self,
+        snapshot: ClusterSnapshot,
+        queue: Sequence[PendingRequest],
+        fetching_node: int | None = None,
+    ) -> list[Assignment]:
+        """Place some of `queue` (FIFO order), returning one Assignment per placed request.
+
+        `fetching_node` is the engine group whose fetch triggered this call (None: consider all).
+        Each request appears at most once; unplaced requests stay queued for a later fetch.
+        """
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillWork:
+    """A request queued inside one PE, as intra-engine batching sees it."""
+
+    request_id: int
+    cached_tokens: int  # tokens whose KV already exists (hit + chunks prefilled so far)
+    remaining_tokens: int  # miss tokens still to prefill
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchItem:
+    """One request's share of a forward batch: prefill `bsz` tokens on top of `cached` tokens."""
+
+    request_id: int
+    cached: int
+    bsz: int
+
+
+class IntraEnginePolicy(abc.ABC):
+    """Forms one forward batch from a PE's local FIFO queue. Registered in `schedulers.BATCHERS`."""
+
+    name: str = "?"
+
+    @abc.abstractmethod
+    def form_batch(self, queue: Sequence[PrefillWork]) -> list[BatchItem]:
+        """Return the next batch; a request may get fewer tokens than remain (chunked prefill)."""
