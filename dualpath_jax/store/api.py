@@ -1,0 +1,164 @@
+"""The KV store interface (DESIGN.md "Contracts: Store"), its stats, registry and config-keyed factory.
+
+A store holds Full Blocks (`BlockLayout`) keyed by prefix-chained block keys (`dualpath_jax.block_keys`).
+`lookup(keys)` gives the hit prefix in blocks; `read(key, out, layers=...)` fills a caller-provided host
+buffer (a PE/DE buffer slot) with the whole Full Block or some of its Layer Blocks; `write(key, full_block)`
+stores a Full Block atomically. A missing or corrupt block is a miss (read returns False), never wrong KV.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from dualpath_jax.kv_layout import BlockLayout
+from dualpath_jax.registry import Registry
+
+STORES: Registry[type] = Registry("kv store")
+
+
+@dataclasses.dataclass
+class StoreStats:
+    """Counters of one store object (this process's view)."""
+
+    lookups: int = 0  # lookup() calls
+    lookup_blocks: int = 0  # keys asked about
+    lookup_hit_blocks: int = 0  # keys found (the hit prefixes)
+    read_hits: int = 0  # read() calls that filled `out` with verified bytes
+    read_absent: int = 0  # read() misses: no such block
+    read_corrupt: int = 0  # read() misses: the block was truncated / of another model or layout / bad checksum
+    read_errors: int = 0  # read() misses: an I/O error other than "absent" (block left in place)
+    bytes_read: int = 0  # payload bytes returned by successful reads
+    writes: int = 0  # blocks written to storage
+    write_dedup: int = 0  # write() of a block already stored (nothing written)
+    write_rejected: int = 0  # write() refused: no room even after evicting every unpinned block
+    write_errors: int = 0  # write() failed with an OS error (logged; nothing stored)
+    bytes_written: int = 0  # file bytes written (header + payload)
+    evictions: int = 0  # blocks removed by LRU eviction
+    bytes_evicted: int = 0
+    corrupt_blocks: int = 0  # corrupt block files found and removed (on read or when opening the store)
+    temp_files_removed: int = 0  # leftovers of killed writers removed
+
+    @property
+    def hits(self) -> int:
+        return self.read_hits
+
+    @property
+    def misses(self) -> int:
+        return self.read_absent + self.read_corrupt + self.read_errors
+
+
+class KVStore(abc.ABC):
+    """A store of Full Blocks keyed by prefix-chained block keys.
+
+    Thread-safe: reads, writes and lookups may come from any thread. Implementations decide whether the
+    store is shared by several processes (LocalDirStore on a shared mount is).
+    """
+
+    layout: BlockLayout
+
+    @abc.abstractmethod
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Number of leading `keys` stored: the hit prefix in blocks (a later read may still miss)."""
+
+    @abc.abstractmethod
+    def contains(self, key: bytes) -> bool:
+        """Whether `key` is stored (as far as this process can tell without reading it)."""
+
+    @abc.abstractmethod
+    def read(self, key: bytes, out: Any, layers: Iterable[int] | int | None = None) -> bool:
+        """Fill `out` with the block's bytes, verified; False (and `out` unspecified) on a miss.
+
+        `out` is a writable C-contiguous buffer (numpy array, memoryview): for `layers=None` exactly one
+        Full Block; otherwise either `len(layers)` Layer Blocks packed in the order given, or a whole Full
+        Block whose slots of the named layers are filled (others untouched).
+        """
+
+    @abc.abstractmethod
+    def submit_read(self, key: bytes, out: Any, layers: Iterable[int] | int | None = None) -> Future:
+        """`read` on the store's I/O thread pool; the future's result is read's bool."""
+
+    def read_many(
+        self, keys: Sequence[bytes], outs: Sequence[Any], layers: Iterable[int] | int | None = None
+    ) -> list[bool]:
+        """Parallel `read` of several blocks into their own buffers; per-key success."""
+        if len(keys) != len(outs):
+            raise ValueError(f"read_many got {len(keys)} keys but {len(outs)} output buffers")
+        layers = layers if layers is None or isinstance(layers, int) else list(layers)  # one pass per key
+        futures = [self.submit_read(k, o, layers) for k, o in zip(keys, outs)]
+        return [f.result() for f in futures]
+
+    @abc.abstractmethod
+    def write(self, key: bytes, full_block: Any, durable: bool | None = None) -> bool:
+        """Store a Full Block (`layout.full_block_nbytes` bytes) atomically; a second write is a no-op.
+
+        `durable=True` returns only once the block survives a power loss. Returns False (logged, counted) if
+        it could not make room (every other block pinned) or the file system refused the write.
+        """
+
+    @abc.abstractmethod
+    def submit_write(self, key: bytes, full_block: Any, durable: bool | None = None) -> Future:
+        """`write` in the background (decode write-back must not stall decode); the future's result is write's
+        bool. The caller keeps `full_block` unchanged until the future is done."""
+
+    @abc.abstractmethod
+    def remove(self, key: bytes) -> bool:
+        """Delete a block; whether it was there."""
+
+    @abc.abstractmethod
+    def pin(self, keys: Iterable[bytes]) -> None:
+        """Protect blocks from eviction (counted: each pin needs one unpin)."""
+
+    @abc.abstractmethod
+    def unpin(self, keys: Iterable[bytes]) -> None:
+        """Undo one `pin` of each key."""
+
+    @contextlib.contextmanager
+    def pinned(self, keys: Iterable[bytes]) -> Iterator[None]:
+        """Pin `keys` for the duration of a `with` block (e.g. between a lookup hit and its reads)."""
+        keys = list(keys)
+        self.pin(keys)
+        try:
+            yield
+        finally:
+            self.unpin(keys)
+
+    @abc.abstractmethod
+    def stats(self) -> StoreStats:
+        """A snapshot of the counters."""
+
+    @property
+    @abc.abstractmethod
+    def used_bytes(self) -> int:
+        """Bytes of the blocks this store knows of (file sizes)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop the I/O threads; the stored blocks stay."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_store(config: Mapping[str, Any] | Any, layout: BlockLayout) -> KVStore:
+    """Build a store from a config with a `name` (registered in STORES) and that store's options.
+
+    `config` is a dict, an ml_collections ConfigDict or any object with attributes, e.g.
+    `{"name": "local_dir", "root": "/mnt/3fs/kv/qwen2", "capacity_bytes": 2**40}`.
+    """
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    elif not isinstance(config, Mapping):
+        config = dict(vars(config))
+    options = dict(config)
+    if "name" not in options:
+        raise ValueError(f"store config needs a 'name' (one of {STORES.names()}), got keys {sorted(options)}")
+    cls = STORES.get(options.pop("name"))
+    return cls.from_config(options, layout)

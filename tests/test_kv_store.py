@@ -1,0 +1,697 @@
+"""LocalDirStore in one process: round trips, lookup, eviction and pinning, corruption, bad arguments."""
+
+import logging
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from dualpath_jax.block_keys import block_keys, root_key
+from dualpath_jax.kv_layout import BlockLayout
+from dualpath_jax.store import STORES, LocalDirStore, block_file, make_store
+
+LAYOUT = BlockLayout(num_layers=4, block_tokens=16, bytes_per_token_per_layer=40, fingerprint="test-model/bf16")
+LBN = LAYOUT.layer_block_nbytes
+
+
+def content(key: bytes, layout: BlockLayout = LAYOUT) -> np.ndarray:
+    """The Full Block a test stores under `key`: [full_block_nbytes] uint8, a function of the key."""
+    rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    return rng.integers(0, 256, size=layout.full_block_nbytes, dtype=np.uint8)
+
+
+def make_keys(n: int, seed: int = 0) -> list[bytes]:
+    ids = np.random.default_rng(seed).integers(0, 50_000, size=n * LAYOUT.block_tokens)
+    return block_keys(ids, LAYOUT.block_tokens, parent=root_key(LAYOUT.fingerprint))
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT)
+    yield s
+    s.close()
+
+
+def test_full_block_round_trip_and_stats(store):
+    keys = make_keys(5)
+    for k in keys:
+        assert store.write(k, content(k))
+    for k in keys:
+        out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+        assert store.read(k, out)
+        np.testing.assert_array_equal(out, content(k))
+    st = store.stats()
+    assert st.writes == 5 and st.read_hits == 5 and st.bytes_read == 5 * LAYOUT.full_block_nbytes
+    assert st.bytes_written == 5 * block_file.file_nbytes(LAYOUT)
+    assert store.used_bytes == 5 * block_file.file_nbytes(LAYOUT)
+    # Shaped [layers, tokens, bytes] buffers and bytearrays work too.
+    shaped = np.zeros(LAYOUT.full_block_shape, np.uint8)
+    assert store.read(keys[0], shaped)
+    np.testing.assert_array_equal(shaped.reshape(-1), content(keys[0]))
+    ba = bytearray(LAYOUT.full_block_nbytes)
+    assert store.read(keys[1], ba)
+    assert bytes(ba) == content(keys[1]).tobytes()
+
+
+def test_layer_block_reads(store):
+    (k,) = make_keys(1)
+    full = content(k).reshape(LAYOUT.num_layers, LBN)
+    store.write(k, full)
+    one = np.zeros(LBN, np.uint8)
+    assert store.read(k, one, layers=[2])
+    np.testing.assert_array_equal(one, full[2])
+    assert store.read(k, one, layers=1)  # one int is one layer
+    np.testing.assert_array_equal(one, full[1])
+    packed = np.zeros((3, LBN), np.uint8)  # packed in the order asked
+    assert store.read(k, packed, layers=[3, 0, 1])
+    np.testing.assert_array_equal(packed, full[[3, 0, 1]])
+    run = np.zeros((2, LBN), np.uint8)
+    assert store.read(k, run, layers=range(1, 3))
+    np.testing.assert_array_equal(run, full[1:3])
+    in_place = np.full((LAYOUT.num_layers, LBN), 7, np.uint8)  # Full Block buffer: only named slots filled
+    assert store.read(k, in_place, layers=[1, 3])
+    np.testing.assert_array_equal(in_place[[1, 3]], full[[1, 3]])
+    assert (in_place[[0, 2]] == 7).all()
+    assert store.stats().bytes_read == LBN * (1 + 1 + 3 + 2 + 2)
+
+
+def test_lookup_counts_the_leading_stored_blocks(tmp_path, store):
+    keys = make_keys(6)
+    assert store.lookup(keys) == 0
+    for k in keys[:4]:
+        store.write(k, content(k))
+    assert store.lookup(keys) == 4
+    assert store.lookup(keys[:2]) == 2
+    assert store.lookup([]) == 0
+    st = store.stats()
+    assert (st.lookups, st.lookup_blocks, st.lookup_hit_blocks) == (4, 6 + 6 + 2, 4 + 2)
+    store.remove(keys[1])
+    assert store.lookup(keys) == 1  # the chain is broken at block 1
+    # A second store object on the same directory rebuilds the index at open...
+    other = LocalDirStore(tmp_path / "kv", LAYOUT)
+    assert sorted(other.keys()) == sorted([keys[0], keys[2], keys[3]])
+    # ...and blocks written later by another writer are found by the stat fallback on an index miss.
+    other.write(keys[1], content(keys[1]))
+    assert store.lookup(keys) == 4
+    other.close()
+
+
+def test_lru_eviction_order(tmp_path):
+    fnb = block_file.file_nbytes(LAYOUT)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=3 * fnb)
+    a, b, c, d, e = make_keys(5)
+    for k in (a, b, c):
+        s.write(k, content(k))
+    assert s.read(a, np.empty(LAYOUT.full_block_nbytes, np.uint8))  # a is now the most recent
+    s.write(d, content(d))  # evicts b, the least recently used
+    assert not os.path.exists(s.path_of(b))
+    assert s.keys() == [c, a, d]
+    assert s.lookup([a]) == 1
+    s.write(e, content(e))  # evicts c (the lookup touched a)
+    assert s.keys() == [d, a, e]
+    st = s.stats()
+    assert st.evictions == 2 and st.bytes_evicted == 2 * fnb and s.used_bytes == 3 * fnb
+    s.close()
+
+
+def test_pinned_blocks_are_not_evicted(tmp_path):
+    fnb = block_file.file_nbytes(LAYOUT)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=2 * fnb)
+    a, b, c, d = make_keys(4)
+    s.write(a, content(a))
+    s.write(b, content(b))
+    with s.pinned([a]):
+        s.write(c, content(c))  # a is LRU but pinned: b goes
+        assert s.keys() == [a, c]
+        with s.pinned([c]):
+            assert not s.write(d, content(d))  # everything pinned: refused, nothing lost
+            assert s.stats().write_rejected == 1
+        assert s.contains(a) and s.contains(c)
+    s.write(d, content(d))  # unpinned now: a (LRU) goes
+    assert s.keys() == [c, d]
+    with pytest.raises(ValueError, match="not pinned"):
+        s.unpin([a])
+    s.close()
+
+
+class _GatedStore(LocalDirStore):
+    """The real store, with a gate inside its read (after open) to hold a read in flight."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.in_read = threading.Event()
+        self.gate = threading.Event()
+
+    def _read_fd(self, *args, **kwargs):
+        self.in_read.set()
+        assert self.gate.wait(10)
+        return super()._read_fd(*args, **kwargs)
+
+
+def test_block_being_read_is_pinned(tmp_path):
+    fnb = block_file.file_nbytes(LAYOUT)
+    s = _GatedStore(tmp_path / "kv", LAYOUT, capacity_bytes=2 * fnb)
+    a, b, c = make_keys(3)
+    s.write(a, content(a))
+    s.write(b, content(b))
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    fut = s.submit_read(a, out)
+    assert s.in_read.wait(10)
+    s.write(c, content(c))  # a is LRU but being read: b is evicted instead
+    assert s.contains(a) and not s.contains(b)
+    s.gate.set()
+    assert fut.result(10)
+    np.testing.assert_array_equal(out, content(a))
+    s.close()
+
+
+def test_read_many_and_misses(store):
+    keys = make_keys(4)
+    for k in keys[:3]:
+        store.write(k, content(k))
+    outs = [np.zeros(LAYOUT.full_block_nbytes, np.uint8) for _ in keys]
+    assert store.read_many(keys, outs) == [True, True, True, False]
+    for k, o in zip(keys[:3], outs):
+        np.testing.assert_array_equal(o, content(k))
+    layer_outs = [np.zeros(LBN, np.uint8) for _ in keys]
+    assert store.read_many(keys, layer_outs, layers=[3]) == [True, True, True, False]
+    np.testing.assert_array_equal(layer_outs[1], content(keys[1]).reshape(4, LBN)[3])
+    st = store.stats()
+    assert st.read_absent == 2 and st.misses == 2 and st.read_corrupt == 0
+    with pytest.raises(ValueError, match="2 keys but 1 output"):
+        store.read_many(keys[:2], outs[:1])
+
+
+def test_write_twice_is_idempotent_and_durable_writes_work(store):
+    (k,) = make_keys(1)
+    assert store.write(k, content(k), durable=True)
+    mtime = os.stat(store.path_of(k)).st_mtime_ns
+    assert store.write(k, content(k))
+    assert os.stat(store.path_of(k)).st_mtime_ns == mtime
+    st = store.stats()
+    assert st.writes == 1 and st.write_dedup == 1
+    assert store.write(k, content(k), overwrite=True)
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    assert store.read(k, out)
+    np.testing.assert_array_equal(out, content(k))
+    assert store.used_bytes == block_file.file_nbytes(LAYOUT)
+
+
+def test_crc32_blocks_are_readable_by_any_store(tmp_path):
+    keys = make_keys(2)
+    w = LocalDirStore(tmp_path / "kv", LAYOUT, checksum="crc32")
+    for k in keys:
+        w.write(k, content(k))
+    r = LocalDirStore(tmp_path / "kv", LAYOUT)  # writes wsum64, reads whatever the header says
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    assert r.read(keys[0], out)
+    np.testing.assert_array_equal(out, content(keys[0]))
+    with open(w.path_of(keys[1]), "r+b") as f:  # corruption is caught with crc32 too
+        f.seek(block_file.header_nbytes(LAYOUT) + 5)
+        f.write(bytes([f.read(1)[0] ^ 0x10]))
+    assert not r.read(keys[1], out)
+    assert r.stats().read_corrupt == 1
+    w.close()
+    r.close()
+
+
+# ---- corruption -------------------------------------------------------------------------------------------
+def _flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def _corrupt_payload(s, k):
+    _flip(s.path_of(k), s.header_nbytes + 2 * LBN + 17)  # a byte in Layer Block 2
+
+
+def _truncate(s, k):
+    os.truncate(s.path_of(k), s.header_nbytes + LAYOUT.full_block_nbytes - 100)
+
+
+def _header_garbage(s, k):
+    with open(s.path_of(k), "r+b") as f:
+        f.seek(40)
+        f.write(b"\xde\xad\xbe\xef" * 4)
+
+
+def _bad_magic(s, k):
+    with open(s.path_of(k), "r+b") as f:
+        f.write(b"NOTABLOK")
+
+
+def _write_with(s, k, layout):
+    """Put a valid block of another layout/model where block k of `s` should be."""
+    tmp = os.path.join(os.path.dirname(s.root), "other-" + layout.fingerprint.replace("/", "_"))
+    other = LocalDirStore(tmp, layout)
+    other.write(k, content(k, layout))
+    shutil.copyfile(other.path_of(k), s.path_of(k))
+    other.close()
+
+
+def _other_fingerprint(s, k):
+    _write_with(s, k, BlockLayout(4, 16, 40, "another-model/bf16"))
+
+
+def _other_layout(s, k):
+    _write_with(s, k, BlockLayout(4, 16, 48, LAYOUT.fingerprint))
+
+
+def _other_num_layers(s, k):
+    _write_with(s, k, BlockLayout(5, 16, 32, LAYOUT.fingerprint))
+
+
+def _wrong_name(s, k):
+    (other,) = make_keys(1, seed=99)
+    s.write(other, content(other))
+    shutil.copyfile(s.path_of(other), s.path_of(k))
+
+
+CORRUPTIONS = {
+    "payload byte flipped": (_corrupt_payload, "checksum mismatch in Layer Block\\(s\\) \\[2\\]"),
+    "truncated": (_truncate, "truncated"),
+    "header garbage": (_header_garbage, "header checksum mismatch"),
+    "bad magic": (_bad_magic, "bad magic"),
+    "another model's fingerprint": (_other_fingerprint, "fingerprint mismatch"),
+    "another bytes/token/layer": (_other_layout, "layout mismatch"),
+    "another number of layers": (_other_num_layers, "layout mismatch"),
+    "block stored under another key": (_wrong_name, "key mismatch"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(CORRUPTIONS))
+@pytest.mark.parametrize("layers", [None, [2]], ids=["full", "layer2"])
+def test_corrupt_block_is_a_logged_counted_removed_miss(store, caplog, how, layers):
+    damage, reason = CORRUPTIONS[how]
+    keys = make_keys(3)
+    for k in keys:
+        store.write(k, content(k))
+    victim = keys[1]
+    damage(store, victim)
+    n = LAYOUT.full_block_nbytes if layers is None else LBN
+    out = np.zeros(n, np.uint8)
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.store.local_dir"):
+        assert not store.read(victim, out, layers=layers)
+    assert any("corrupt block" in r.getMessage() for r in caplog.records)
+    assert any(__import__("re").search(reason, r.getMessage()) for r in caplog.records), caplog.text
+    st = store.stats()
+    assert st.read_corrupt == 1 and st.corrupt_blocks == 1 and st.read_absent == 0 and st.read_hits == 0
+    assert not os.path.exists(store.path_of(victim))
+    assert store.lookup(keys) == 1
+    assert not store.read(victim, out, layers=layers)  # now simply absent
+    assert store.stats().read_absent == 1
+    for k in (keys[0], keys[2]):  # the others survive intact
+        full = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+        assert store.read(k, full)
+        np.testing.assert_array_equal(full, content(k))
+
+
+def test_layer_reads_verify_only_what_they_read(store):
+    (k,) = make_keys(1)
+    store.write(k, content(k))
+    _corrupt_payload(store, k)  # Layer Block 2 is damaged
+    out = np.zeros((2, LBN), np.uint8)
+    assert store.read(k, out, layers=[0, 3])  # undamaged layers are still good KV
+    np.testing.assert_array_equal(out, content(k).reshape(4, LBN)[[0, 3]])
+    assert not store.read(k, out, layers=[1, 2])
+    assert not store.contains(k)
+
+
+def test_verify_false_skips_payload_checksums_but_not_header_checks(store):
+    keys = make_keys(2)
+    for k in keys:
+        store.write(k, content(k))
+    _corrupt_payload(store, keys[0])
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    assert store.read(keys[0], out, verify=False)  # documented: verify=False trusts the payload
+    _other_fingerprint(store, keys[1])
+    assert not store.read(keys[1], out, verify=False)
+
+
+def test_truncated_and_temp_files_are_cleaned_at_open(tmp_path):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT)
+    keys = make_keys(3)
+    for k in keys:
+        s.write(k, content(k))
+    os.truncate(s.path_of(keys[0]), 100)
+    d = os.path.dirname(s.path_of(keys[1]))
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    dead_pid = int(dead.stdout)
+    host = s._host
+    dead_tmp = os.path.join(d, f".tmp.{host}.{dead_pid}.abcd1234.{keys[1].hex()}")
+    live_tmp = os.path.join(d, f".tmp.{host}.{os.getppid()}.abcd1234.{keys[2].hex()}")  # a live writer's
+    for p in (dead_tmp, live_tmp):
+        with open(p, "wb") as f:
+            f.write(b"partial")
+    s.close()
+    s2 = LocalDirStore(tmp_path / "kv", LAYOUT)
+    st = s2.stats()
+    assert st.temp_files_removed == 1 and st.corrupt_blocks == 1
+    assert not os.path.exists(dead_tmp) and os.path.exists(live_tmp)
+    assert sorted(s2.keys()) == sorted(keys[1:])
+    s2.close()
+
+
+def test_wsum64_detects_every_single_byte_flip_and_word_swap():
+    rng = np.random.default_rng(3)
+    for lbn in (64, 61):  # whole words, and a tail of 5 bytes
+        block = rng.integers(0, 256, size=(1, lbn), dtype=np.uint8)
+        ref = block_file.layer_checksums(block, "wsum64")
+        for i in range(lbn):
+            for bit in (0x01, 0x80):
+                damaged = block.copy()
+                damaged[0, i] ^= bit
+                assert block_file.layer_checksums(damaged, "wsum64") != ref, (lbn, i, bit)
+        if lbn % 8 == 0:
+            swapped = block.copy().view("<u8")
+            swapped[0, [1, 5]] = swapped[0, [5, 1]]
+            assert block_file.layer_checksums(swapped.view(np.uint8), "wsum64") != ref
+
+
+def test_odd_layer_block_size_round_trip(tmp_path):
+    odd = BlockLayout(num_layers=3, block_tokens=5, bytes_per_token_per_layer=7, fingerprint="odd")  # 35 B/layer
+    s = LocalDirStore(tmp_path / "odd", odd)
+    (k,) = make_keys(1)
+    s.write(k, content(k, odd))
+    out = np.zeros(odd.layer_block_nbytes, np.uint8)
+    assert s.read(k, out, layers=[1])
+    np.testing.assert_array_equal(out, content(k, odd)[35:70])
+    s.close()
+
+
+# ---- configuration and bad arguments ------------------------------------------------------------------
+def test_factory_builds_registered_store(tmp_path):
+    assert "local_dir" in STORES
+    s = make_store({"name": "local_dir", "root": str(tmp_path / "kv"), "capacity_bytes": 10**6}, LAYOUT)
+    assert isinstance(s, LocalDirStore) and s.capacity_bytes == 10**6
+    s.close()
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict({"name": "local_dir", "root": str(tmp_path / "kv2"), "checksum": "crc32"})
+    s = make_store(cfg, LAYOUT)
+    assert s.checksum == "crc32"
+    s.close()
+    with pytest.raises(KeyError, match="unknown kv store 'nfs'; known: local_dir"):
+        make_store({"name": "nfs"}, LAYOUT)
+    with pytest.raises(ValueError, match=r"unknown local_dir store option\(s\) \['capacity'\]"):
+        make_store({"name": "local_dir", "root": "/tmp/x", "capacity": 5}, LAYOUT)
+    with pytest.raises(ValueError, match="needs a 'name'"):
+        make_store({"root": "/tmp/x"}, LAYOUT)
+    with pytest.raises(ValueError, match="needs 'root'"):
+        make_store({"name": "local_dir"}, LAYOUT)
+
+
+def test_bad_constructor_arguments(tmp_path):
+    with pytest.raises(ValueError, match="cannot hold one block"):
+        LocalDirStore(tmp_path / "a", LAYOUT, capacity_bytes=100)
+    with pytest.raises(ValueError, match="checksum must be one of"):
+        LocalDirStore(tmp_path / "a", LAYOUT, checksum="md5")
+    with pytest.raises(TypeError, match="layout must be a BlockLayout"):
+        LocalDirStore(tmp_path / "a", {"num_layers": 4})
+    with pytest.raises(ValueError, match="io_threads"):
+        LocalDirStore(tmp_path / "a", LAYOUT, io_threads=0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        LocalDirStore(tmp_path / "file", LAYOUT)
+    with pytest.raises(FileNotFoundError, match="create=False"):
+        LocalDirStore(tmp_path / "missing", LAYOUT, create=False)
+    LocalDirStore(tmp_path / "b", LAYOUT).close()
+    with pytest.raises(ValueError, match="one directory per model"):
+        LocalDirStore(tmp_path / "b", BlockLayout(4, 16, 40, "other-model"))
+
+
+def test_bad_read_and_write_arguments(store):
+    (k,) = make_keys(1)
+    store.write(k, content(k))
+    with pytest.raises(ValueError, match="a Full Block of .* is 2560 B"):
+        store.read(k, np.zeros(100, np.uint8))
+    with pytest.raises(ValueError, match="reading 2 Layer Blocks needs 1280 B"):
+        store.read(k, np.zeros(100, np.uint8), layers=[0, 1])
+    with pytest.raises(IndexError, match="layer 4 out of range"):
+        store.read(k, np.zeros(LBN, np.uint8), layers=[4])
+    ro = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writable"):
+        store.read(k, ro)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        store.read(k, np.zeros((LAYOUT.full_block_nbytes, 2), np.uint8)[:, 0])
+    with pytest.raises(ValueError, match="read-only bytes"):
+        store.read(k, b"\0" * LAYOUT.full_block_nbytes)
+    with pytest.raises(TypeError, match="block key must be bytes"):
+        store.read("abc", np.zeros(LAYOUT.full_block_nbytes, np.uint8))
+    with pytest.raises(ValueError, match="full_block holds 10 B"):
+        store.write(k, np.zeros(10, np.uint8))
+    with pytest.raises(TypeError, match="block key must be bytes"):
+        store.lookup([k, 5])
+
+
+def test_layer_reads_of_open_blocks_still_check_changed_files(store):
+    """Open block files are cached with their checked header; bytes changed under them still fail the checks."""
+    keys = make_keys(3)
+    for k in keys:
+        store.write(k, content(k))
+    out = np.zeros(LBN, np.uint8)
+    for k in keys:
+        assert store.read(k, out, layers=[0])  # files open, headers cached
+    _corrupt_payload(store, keys[0])  # in place
+    assert not store.read(keys[0], out, layers=[2])
+    with open(store.path_of(keys[2]), "rb") as f:  # keys[2]'s block written in place over keys[1]'s file
+        other = f.read()
+    with open(store.path_of(keys[1]), "r+b") as f:
+        f.write(other)
+    assert not store.read(keys[1], out, layers=[1])
+    os.truncate(store.path_of(keys[2]), store.header_nbytes + LBN)  # truncated in place
+    assert not store.read(keys[2], out, layers=[3])
+    assert store.stats().read_corrupt == 3
+    # A block replaced by a write (a new file) is read from the new file.
+    store.write(keys[0], content(keys[0]))
+    assert store.read(keys[0], out, layers=[2])
+    np.testing.assert_array_equal(out, content(keys[0]).reshape(4, LBN)[2])
+
+
+def test_fd_cache_is_bounded_and_closed(tmp_path):
+    keys = make_keys(6)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, fd_cache=2)
+    for k in keys:
+        s.write(k, content(k))
+    out = np.zeros(LBN, np.uint8)
+    for k in keys:
+        assert s.read(k, out, layers=[1])
+    assert list(s._fds) == keys[-2:]
+    s.remove(keys[-1])
+    assert list(s._fds) == keys[-2:-1]
+    s.close()
+    assert not s._fds
+    nocache = LocalDirStore(tmp_path / "kv", LAYOUT, fd_cache=0)
+    assert nocache.read(keys[0], out, layers=[1]) and not nocache._fds
+    with pytest.raises(ValueError, match="fd_cache"):
+        LocalDirStore(tmp_path / "kv", LAYOUT, fd_cache=-1)
+
+
+def test_reads_into_host_buffer_pool_slots(store):
+    from dualpath_jax.host_buffers import HostBufferPool
+
+    keys = make_keys(5)
+    for k in keys:
+        store.write(k, content(k))
+    pool = HostBufferPool(slot_nbytes=LAYOUT.full_block_nbytes, num_slots=8, name="pe0")
+    with pool.acquire(nslots=len(keys)) as buf:
+        assert store.read_many(keys, buf.views) == [True] * 5
+        for k, off in zip(keys, buf.offsets):  # the bytes sit where a transport would address them
+            np.testing.assert_array_equal(pool.arena[off : off + LAYOUT.full_block_nbytes], content(k))
+
+
+def test_freshness_across_store_objects_on_one_directory(tmp_path):
+    keys = make_keys(3)
+    writer = LocalDirStore(tmp_path / "kv", LAYOUT)
+    for k in keys:
+        writer.write(k, content(k))
+    lazy = LocalDirStore(tmp_path / "kv", LAYOUT)  # index from the scan at open
+    fresh = LocalDirStore(tmp_path / "kv", LAYOUT, stat_on_hit=True)
+    writer.remove(keys[1])  # another process evicts a block
+    assert fresh.lookup(keys) == 1  # stats every hit: sees the removal at once
+    assert lazy.lookup(keys) == 3  # index answer (documented): the read then misses and fixes the index
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    assert not lazy.read(keys[1], out)
+    assert lazy.stats().read_absent == 1 and lazy.stats().read_corrupt == 0
+    assert lazy.lookup(keys) == 1
+    for s in (writer, lazy, fresh):
+        s.close()
+
+
+def test_random_operations_match_an_lru_model(tmp_path):
+    """Writes, reads, lookups and removes in random order against a plain OrderedDict model of LRU."""
+    import collections
+
+    fnb = block_file.file_nbytes(LAYOUT)
+    cap = 5
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=cap * fnb)
+    keys = make_keys(12)
+    model: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+    rng = np.random.default_rng(7)
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    for step in range(400):
+        op = rng.choice(["write", "read", "lookup", "remove"], p=[0.4, 0.35, 0.15, 0.1])
+        k = keys[rng.integers(len(keys))]
+        if op == "write":
+            assert s.write(k, content(k))
+            if k not in model and len(model) == cap:
+                model.popitem(last=False)
+            model[k] = None
+            model.move_to_end(k)
+        elif op == "read":
+            assert s.read(k, out) == (k in model), step
+            if k in model:
+                np.testing.assert_array_equal(out, content(k))
+                model.move_to_end(k)
+        elif op == "lookup":
+            start = int(rng.integers(len(keys)))
+            chain = keys[start : start + 4]
+            want = next((i for i, c in enumerate(chain) if c not in model), len(chain))
+            assert s.lookup(chain) == want, step
+            for c in chain[:want]:
+                model.move_to_end(c)
+        else:
+            assert s.remove(k) == (k in model)
+            model.pop(k, None)
+        assert s.keys() == list(model), (step, op)
+    assert s.used_bytes == len(model) * fnb
+    s.close()
+
+
+def test_store_benchmark_runs_small(tmp_path):
+    """Smoke test of experiments/bench_store.py (no timing assertions: benchmarks report, tests check)."""
+    from experiments.bench_store import format_rows, run_store_bench
+
+    rows = run_store_bench(layouts=["deepseek_v3_fp8"], root=str(tmp_path), total_mb=8, repeats=1, threads=2)
+    ops = {r["op"] for r in rows}
+    assert {"write", "full read 1 thread", "full read 2 threads", "layer-block reads 1 thread", "checksum"} <= ops
+    assert all(r["gbps"] > 0 for r in rows)
+    assert "raw preadv" in format_rows(rows)
+    with pytest.raises(ValueError, match="unknown layout"):
+        run_store_bench(layouts=["llama"])
+
+
+def test_write_errors_are_logged_counted_misses_not_crashes(store, caplog):
+    keys = make_keys(2)
+    d0 = os.path.dirname(store.path_of(keys[0]))
+    assert store.write(keys[0], content(keys[0]))
+    shutil.rmtree(d0)  # a vanished fan-out directory is recreated
+    assert store.write(keys[0], content(keys[0]))
+    assert os.path.exists(store.path_of(keys[0]))
+    d1 = os.path.dirname(store.path_of(keys[1]))
+    if d1 == d0:
+        pytest.skip("both test keys share a fan-out directory")
+    with open(d1, "w") as f:  # a file where the directory should be: the write cannot succeed
+        f.write("x")
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.store.local_dir"):
+        assert not store.write(keys[1], content(keys[1]))
+    assert "writing block" in caplog.text and keys[1].hex() in caplog.text
+    st = store.stats()
+    assert st.write_errors == 1 and st.writes == 2
+    assert store.lookup(keys) == 1 and store.used_bytes == block_file.file_nbytes(LAYOUT)
+
+
+def test_read_many_with_one_layer_index(store):
+    keys = make_keys(2)
+    for k in keys:
+        store.write(k, content(k))
+    outs = [np.zeros(LBN, np.uint8) for _ in keys]
+    assert store.read_many(keys, outs, layers=3) == [True, True]
+    for k, o in zip(keys, outs):
+        np.testing.assert_array_equal(o, content(k).reshape(4, LBN)[3])
+
+
+def test_threads_reading_while_others_evict_and_rewrite(tmp_path):
+    """Concurrent reads (full and layer, through the open-file cache) while blocks are evicted, removed and
+    rewritten: every successful read returns the block's bytes, no read raises."""
+    fnb = block_file.file_nbytes(LAYOUT)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=6 * fnb, fd_cache=3, io_threads=3)
+    keys = make_keys(12)
+    stop = threading.Event()
+    errors, ok = [], [0]
+
+    def reader(seed):
+        rng = np.random.default_rng(seed)
+        full = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+        one = np.zeros(LBN, np.uint8)
+        try:
+            while not stop.is_set():
+                k = keys[rng.integers(len(keys))]
+                if rng.random() < 0.5:
+                    if s.read(k, full):
+                        ok[0] += 1
+                        if not (full == content(k)).all():
+                            errors.append(("full", k))
+                else:
+                    layer = int(rng.integers(LAYOUT.num_layers))
+                    if s.submit_read(k, one, layers=[layer]).result(10):
+                        ok[0] += 1
+                        if not (one == content(k).reshape(4, LBN)[layer]).all():
+                            errors.append(("layer", k))
+        except Exception as e:  # noqa: BLE001 - any exception is a failure of this test
+            errors.append(repr(e))
+
+    def churn():
+        rng = np.random.default_rng(99)
+        try:
+            for _ in range(300):
+                k = keys[rng.integers(len(keys))]
+                if rng.random() < 0.8:
+                    s.write(k, content(k), overwrite=bool(rng.random() < 0.3))
+                else:
+                    s.remove(k)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+        finally:
+            stop.set()
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(3)] + [threading.Thread(target=churn)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert not errors, errors[:5]
+    assert ok[0] > 0 and s.stats().evictions > 0 and s.stats().read_corrupt == 0
+    assert len(s._fds) <= 3
+    s.close()
+
+
+def test_corrupt_open_file_replaced_by_a_good_block_is_not_deleted(store):
+    (k,) = make_keys(1)
+    store.write(k, content(k))
+    out = np.zeros(LBN, np.uint8)
+    assert store.read(k, out, layers=[0])  # the file is open (cached)
+    _corrupt_payload(store, k)  # the open file goes bad...
+    other = LocalDirStore(store.root, LAYOUT)
+    assert other.write(k, content(k), overwrite=True)  # ...and another writer replaces it with a good block
+    assert not store.read(k, out, layers=[2])  # the bad bytes in the open file are still caught
+    assert os.path.exists(store.path_of(k))  # but the new, good file is kept
+    assert store.read(k, out, layers=[2])  # and read from now on
+    np.testing.assert_array_equal(out, content(k).reshape(4, LBN)[2])
+    other.close()
+
+
+def test_submit_write_in_the_background(store):
+    keys = make_keys(4)
+    blocks = [content(k) for k in keys]
+    futures = [store.submit_write(k, b) for k, b in zip(keys, blocks)]
+    assert [f.result(10) for f in futures] == [True] * 4
+    assert store.lookup(keys) == 4
+    outs = [np.zeros(LAYOUT.full_block_nbytes, np.uint8) for _ in keys]
+    assert store.read_many(keys, outs) == [True] * 4
+    for o, b in zip(outs, blocks):
+        np.testing.assert_array_equal(o, b)
+    with pytest.raises(ValueError, match="full_block holds 3 B"):
+        store.submit_write(keys[0], np.zeros(3, np.uint8))
+    store.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        store.submit_write(keys[0], blocks[0])
