@@ -20,6 +20,15 @@ class Turn:
     gap_s: float = 0.0  # think/tool time after this turn's generation before the next turn arrives
     # Optional real content: the appended token ids (runtime runs use them; len == append_tokens).
     append_token_ids: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    # Optional, set by real-trace loaders (None/0 for synthetic workloads):
+    # the earlier-context tokens this turn re-reads, when a trace states it (None: A_1 G_1 ... A_{i-1} G_{i-1}).
+    # Real agents drop or rewrite earlier text (e.g. thinking), so prompts do not always grow by append+gen.
+    context_tokens: int | None = None
+    # seconds after the trajectory's arrival_time at which the trace issued this turn (trace-timestamp mode)
+    arrival_offset_s: float | None = None
+    # prefix-chained ids of the prompt's blocks of `hash_block_size` tokens (equal id = equal prefix)
+    block_hashes: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    hash_block_size: int = 0
 
     def __post_init__(self):
         if self.append_tokens < 0 or self.gen_tokens < 0:
@@ -30,6 +39,12 @@ class Turn:
             raise ValueError(
                 f"append_token_ids has {len(self.append_token_ids)} ids but append_tokens={self.append_tokens}"
             )
+        if self.context_tokens is not None and self.context_tokens < 0:
+            raise ValueError(f"context_tokens must be >= 0, got {self.context_tokens}")
+        if self.arrival_offset_s is not None and self.arrival_offset_s < 0:
+            raise ValueError(f"arrival_offset_s must be >= 0, got {self.arrival_offset_s}")
+        if self.block_hashes is not None and self.hash_block_size <= 0:
+            raise ValueError("block_hashes needs hash_block_size > 0")
 
 
 @dataclasses.dataclass
@@ -40,7 +55,12 @@ class Trajectory:
     source: str = ""  # where it came from (generator name, trace file)
 
     def context_before(self, i: int) -> int:
-        """Tokens of A_1 G_1 ... A_{i-1} G_{i-1}: everything turn i re-reads."""
+        """Tokens of A_1 G_1 ... A_{i-1} G_{i-1}: everything turn i re-reads.
+
+        A turn loaded from a real trace may state its re-read context (`Turn.context_tokens`); then that.
+        """
+        if i < len(self.turns) and self.turns[i].context_tokens is not None:
+            return self.turns[i].context_tokens
         return sum(t.append_tokens + t.gen_tokens for t in self.turns[:i])
 
     def prompt_tokens(self, i: int) -> int:
@@ -52,4 +72,26 @@ class Trajectory:
 
     @property
     def total_tokens(self) -> int:
-        return self.context_before(len(self.turns))
+        """Tokens of the final context: the last prompt plus its generation."""
+        if not self.turns:
+            return 0
+        n = len(self.turns) - 1
+        return self.prompt_tokens(n) + self.turns[n].gen_tokens
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.turns)
+
+    def miss_tokens(self, i: int, block_size: int) -> int:
+        """Tokens turn i prefills: its prompt minus the cached whole blocks."""
+        return self.prompt_tokens(i) - self.hit_tokens(i, block_size)
+
+    def turn_shapes(self, block_size: int) -> list[tuple[int, int, int]]:
+        """(prompt, hit, gen) tokens of every turn, in one O(turns) pass."""
+        out, ctx = [], 0
+        for t in self.turns:
+            c = t.context_tokens if t.context_tokens is not None else ctx
+            prompt = c + t.append_tokens
+            out.append((prompt, (c // block_size) * block_size, t.gen_tokens))
+            ctx = prompt + t.gen_tokens
+        return out

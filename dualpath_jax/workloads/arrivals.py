@@ -1,0 +1,107 @@
+"""Arrival models of the drivers (simulator and runtime): when each agent starts and each turn is ready.
+
+  - offline (PAPER.md "offline rollout"): every agent starts at t = 0; turn i+1 is ready right after
+    turn i's last generated token plus turn i's gap (`Turn.gap_s`; 0 for the paper's synthetic data).
+  - online: agents arrive as a Poisson process at `aps` agents/s (seeded); turns as in offline (the
+    paper's online runs have no gap between turns; `use_gaps=False` forces that for trace workloads).
+  - trace: agents start at their `Trajectory.arrival_time`; turn i is ready at its trace time
+    (arrival_time + `Turn.arrival_offset_s`) or, closed loop (default), not before turn i−1 finished
+    plus its gap when the trace time comes too early for this system.
+
+A driver asks `agent_arrivals(trajectories)` once, then `turn_ready(trajectory, i, prev_finish)` for
+every later turn as turns finish.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from dualpath_jax.registry import Registry
+from dualpath_jax.workloads.types import Trajectory
+
+ARRIVALS: Registry[type[ArrivalModel]] = Registry("arrival model")
+
+
+class ArrivalModel(abc.ABC):
+    name: str = "?"
+
+    @abc.abstractmethod
+    def agent_arrivals(self, trajectories: Sequence[Trajectory]) -> np.ndarray:
+        """[n_agents] float64 seconds: when each agent's first turn is ready."""
+
+    def turn_ready(self, trajectory: Trajectory, i: int, prev_finish: float) -> float:
+        """When turn i >= 1 is ready, given that turn i−1 finished (last token) at `prev_finish`."""
+        if i < 1:
+            raise ValueError(f"turn_ready is for turns >= 1, got {i}")
+        return prev_finish + trajectory.turns[i - 1].gap_s
+
+    def with_arrivals(self, trajectories: Sequence[Trajectory]) -> list[Trajectory]:
+        """Copies of `trajectories` whose arrival_time is this model's agent arrival."""
+        times = self.agent_arrivals(trajectories)
+        return [dataclasses.replace(t, arrival_time=float(a)) for t, a in zip(trajectories, times)]
+
+
+@ARRIVALS.register("offline")
+class OfflineArrivals(ArrivalModel):
+    """All agents at t = 0 (offline rollout; JCT = time until all finish)."""
+
+    name = "offline"
+
+    def agent_arrivals(self, trajectories: Sequence[Trajectory]) -> np.ndarray:
+        return np.zeros(len(trajectories), dtype=np.float64)
+
+
+@ARRIVALS.register("online")
+class OnlineArrivals(ArrivalModel):
+    """Poisson agent arrivals at `aps` agents/s, seeded; the first agent arrives after one gap."""
+
+    name = "online"
+
+    def __init__(self, aps: float, seed: int = 0, use_gaps: bool = True):
+        if not aps > 0:
+            raise ValueError(f"online arrivals need aps > 0 agents/s, got {aps}")
+        self.aps = float(aps)
+        self.seed = seed
+        self.use_gaps = use_gaps
+
+    def agent_arrivals(self, trajectories: Sequence[Trajectory]) -> np.ndarray:
+        rng = np.random.default_rng(self.seed)
+        return np.cumsum(rng.exponential(1.0 / self.aps, len(trajectories)))
+
+    def turn_ready(self, trajectory: Trajectory, i: int, prev_finish: float) -> float:
+        if not self.use_gaps:
+            if i < 1:
+                raise ValueError(f"turn_ready is for turns >= 1, got {i}")
+            return prev_finish
+        return super().turn_ready(trajectory, i, prev_finish)
+
+
+@ARRIVALS.register("trace")
+class TraceArrivals(ArrivalModel):
+    """Trace timestamps: agents at `arrival_time`, turns at their recorded offsets (closed loop: never
+    before the previous turn finished plus its gap)."""
+
+    name = "trace"
+
+    def __init__(self, closed_loop: bool = True):
+        self.closed_loop = closed_loop
+
+    def agent_arrivals(self, trajectories: Sequence[Trajectory]) -> np.ndarray:
+        return np.array([t.arrival_time for t in trajectories], dtype=np.float64)
+
+    def turn_ready(self, trajectory: Trajectory, i: int, prev_finish: float) -> float:
+        after_prev = super().turn_ready(trajectory, i, prev_finish)
+        off = trajectory.turns[i].arrival_offset_s
+        if off is None:
+            return after_prev
+        stamp = trajectory.arrival_time + off
+        return max(stamp, after_prev) if self.closed_loop else stamp
+
+
+def make_arrivals(name: str, **kwargs) -> ArrivalModel:
+    """`make_arrivals("online", aps=0.4, seed=1)`; unknown names list the known ones."""
+    return ARRIVALS.get(name)(**kwargs)

@@ -1,0 +1,95 @@
+"""Summary statistics of a workload (any list of trajectories): turns, context, append, gen, hit rate.
+
+Definitions (the ones PAPER.md Table 2 appears to use):
+  - turns: turns per trajectory (mean over trajectories);
+  - append / gen: mean over all turns (pooled);
+  - total tokens: final context (last prompt + its generation) per trajectory, mean over trajectories;
+  - context: prompt tokens of a turn (what it attends to), mean over all turns (pooled);
+  - hit rate: sum of hit tokens (whole cached blocks of the earlier context) / sum of prompt tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from dualpath_jax.workloads.types import Trajectory
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadStats:
+    n_trajectories: int
+    n_turns: int
+    mean_turns: float
+    mean_append: float
+    mean_gen: float
+    mean_total: float
+    mean_context: float
+    hit_rate: float
+    block_size: int
+    p50_context: float
+    p90_context: float
+    max_context: int
+    p50_append: float
+    p90_append: float
+    mean_gap_s: float
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(name, formatted value) pairs for printing."""
+        return [
+            ("trajectories", f"{self.n_trajectories:,}"),
+            ("turns (total)", f"{self.n_turns:,}"),
+            ("turns / trajectory", f"{self.mean_turns:,.1f}"),
+            ("append (mean)", f"{self.mean_append:,.1f}"),
+            ("append (p50 / p90)", f"{self.p50_append:,.0f} / {self.p90_append:,.0f}"),
+            ("gen (mean)", f"{self.mean_gen:,.1f}"),
+            ("total tokens (mean)", f"{self.mean_total:,.0f}"),
+            ("context (mean)", f"{self.mean_context:,.0f}"),
+            (
+                "context (p50 / p90 / max)",
+                f"{self.p50_context:,.0f} / {self.p90_context:,.0f} / {self.max_context:,}",
+            ),
+            (f"hit rate (block {self.block_size})", f"{100 * self.hit_rate:.2f}%"),
+            ("gap between turns (mean s)", f"{self.mean_gap_s:.2f}"),
+        ]
+
+
+def summarize(trajectories: Sequence[Trajectory], block_size: int = 64) -> WorkloadStats:
+    """Statistics of `trajectories` (see the module docstring); hits counted in whole `block_size` blocks."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    trajs = [t for t in trajectories if len(t.turns)]
+    if not trajs:
+        raise ValueError("no trajectory with at least one turn to summarize")
+    prompts, hits, appends, gens, gaps, totals, nturns = [], [], [], [], [], [], []
+    for t in trajs:
+        shapes = t.turn_shapes(block_size)
+        for (prompt, hit, gen), turn in zip(shapes, t.turns):
+            prompts.append(prompt)
+            hits.append(hit)
+            appends.append(turn.append_tokens)
+            gens.append(gen)
+            gaps.append(turn.gap_s)
+        totals.append(shapes[-1][0] + shapes[-1][2])
+        nturns.append(len(shapes))
+    p = np.asarray(prompts, dtype=np.float64)
+    a = np.asarray(appends, dtype=np.float64)
+    return WorkloadStats(
+        n_trajectories=len(trajs),
+        n_turns=len(p),
+        mean_turns=float(np.mean(nturns)),
+        mean_append=float(a.mean()),
+        mean_gen=float(np.mean(gens)),
+        mean_total=float(np.mean(totals)),
+        mean_context=float(p.mean()),
+        hit_rate=float(np.sum(hits) / p.sum()) if p.sum() > 0 else 0.0,
+        block_size=block_size,
+        p50_context=float(np.percentile(p, 50)),
+        p90_context=float(np.percentile(p, 90)),
+        max_context=int(p.max()),
+        p50_append=float(np.percentile(a, 50)),
+        p90_append=float(np.percentile(a, 90)),
+        mean_gap_s=float(np.mean(gaps)),
+    )

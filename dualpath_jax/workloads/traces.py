@@ -1,0 +1,351 @@
+"""Loaders for the real traces in ../shared/traces (see its README.md), into Trajectories (no jax).
+
+Where the traces live: `$DUALPATH_TRACES` if set, else `<repo root>/../shared/traces`. A relative path
+that does not exist as given is looked up there (`load_trace("mooncake_conversation_trace.jsonl.gz")`).
+
+Mooncake JSONL (one request a line: timestamp ms, input_length, output_length, hash_ids of 512-token
+prefix-chained blocks). There is no session id: a request continues a session when its hash ids contain
+the last full block of that session's latest prompt (so it extends that whole prompt) and at least
+`min_shared_blocks` blocks are shared (every request shares block 0, a common system prompt, which alone
+says nothing). Timestamps become arrival offsets; the think time between turns is unknown (gap 0).
+
+kv-cache-tester sessions (one JSON object a file, 64-token blocks, one hash id per *full* block, hash ids
+scoped to the session (salted here with the session id so sessions never share blocks)): every
+`n`/`s` request is a turn, `think_time` of request i+1 is turn i's gap, `t` its arrival offset; each
+`subagent` entry is its own trajectory arriving at the parent's arrival + its `t`.
+
+Re-read context of a trace turn (`Turn.context_tokens`): the paper's model (prompt i+1 = prompt i +
+gen i + append) holds when the new prompt extends the previous one's blocks and is at least as long as
+prompt + generation; then the whole previous context is re-read (the DE persisted its generated blocks).
+Otherwise (the agent dropped or rewrote text, e.g. thinking) only the leading blocks the trajectory has
+already seen are re-read. The context is capped at prompt − 1 so that every turn prefills >= 1 token.
+
+A malformed line or file raises `TraceFormatError` naming the file and the line (or request index).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dualpath_jax.workloads.types import Trajectory, Turn
+
+TRACES_ENV = "DUALPATH_TRACES"
+MOONCAKE_BLOCK = 512
+
+
+class TraceFormatError(ValueError):
+    """A trace file (or one line / request of it) does not have the expected format."""
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def traces_dir() -> Path:
+    """$DUALPATH_TRACES, else <repo root>/../shared/traces."""
+    env = os.environ.get(TRACES_ENV)
+    return Path(env) if env else repo_root().parent / "shared" / "traces"
+
+
+def resolve_trace_path(path: str | os.PathLike) -> Path:
+    """`path` as given if it exists, else relative to traces_dir(); FileNotFoundError names both."""
+    p = Path(path)
+    if p.exists():
+        return p
+    q = traces_dir() / p
+    if q.exists():
+        return q
+    raise FileNotFoundError(
+        f"trace {str(path)!r} not found (looked at {p} and {q}; set ${TRACES_ENV} to move the traces dir)"
+    )
+
+
+def _unreadable(path: Path, e: Exception) -> TraceFormatError:
+    kind = "gzipped text" if path.name.endswith(".gz") else "text"
+    return TraceFormatError(f"{path}: cannot read as {kind}: {e}")
+
+
+def _open_text(path: Path):
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _int_field(obj: dict, key: str, where: str, minimum: int = 0) -> int:
+    if key not in obj:
+        raise TraceFormatError(f"{where}: missing field {key!r}")
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < minimum:
+        raise TraceFormatError(f"{where}: field {key!r} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _num_field(obj: dict, key: str, where: str, default: float | None = None) -> float:
+    if key not in obj:
+        if default is not None:
+            return default
+        raise TraceFormatError(f"{where}: missing field {key!r}")
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise TraceFormatError(f"{where}: field {key!r} must be a number >= 0, got {v!r}")
+    return float(v)
+
+
+def _hash_ids(obj: dict, key: str, where: str, input_len: int, block: int, partial_block: bool) -> list[int]:
+    """The hash ids of a prompt: one per block, the last partial block included iff `partial_block`."""
+    if key not in obj:
+        raise TraceFormatError(f"{where}: missing field {key!r}")
+    ids = obj[key]
+    if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
+        raise TraceFormatError(f"{where}: field {key!r} must be a list of integers")
+    expect = -(-input_len // block) if partial_block else input_len // block
+    if len(ids) != expect:
+        rule = "ceil" if partial_block else "floor"
+        raise TraceFormatError(
+            f"{where}: {len(ids)} hash ids for {input_len} input tokens; expected {rule}({input_len}/{block}) = {expect}"
+        )
+    return ids
+
+
+class _ContextTracker:
+    """Re-read context of successive turns of one trajectory (see the module docstring)."""
+
+    def __init__(self, block: int):
+        self.block = block
+        self.seen: set[int] = set()
+        self.prev_full: int | None = None  # id of the previous prompt's last full block
+        self.prev_context = 0  # previous prompt + generation
+
+    def next(self, ids: Sequence[int], prompt: int, gen: int) -> int:
+        lead = 0
+        for x in ids:
+            if x not in self.seen:
+                break
+            lead += 1
+        lead = min(lead, prompt // self.block)  # only whole blocks are stored
+        extends_prev = self.prev_full is None or self.prev_full in ids[:lead]
+        if self.prev_context and extends_prev and prompt >= self.prev_context:
+            context = self.prev_context
+        else:
+            context = lead * self.block
+        context = max(0, min(context, prompt - 1))
+        self.seen.update(ids)
+        n_full = prompt // self.block
+        self.prev_full = ids[n_full - 1] if n_full else None
+        self.prev_context = prompt + gen
+        return context
+
+
+def _turn(
+    ids: Sequence[int], prompt: int, gen: int, context: int, offset: float, gap: float, block: int, salt: int
+) -> Turn:
+    hashes = np.asarray(ids, dtype=np.int64)
+    if salt:
+        hashes = hashes + (np.int64(salt) << np.int64(32))
+    return Turn(
+        append_tokens=prompt - context,
+        gen_tokens=gen,
+        gap_s=gap,
+        context_tokens=context,
+        arrival_offset_s=offset,
+        block_hashes=hashes,
+        hash_block_size=block,
+    )
+
+
+# --------------------------------------------------------------------------------------------- Mooncake
+def _mooncake_rows(path: Path, max_requests: int | None) -> Iterator[tuple[int, dict]]:
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if max_requests is not None and lineno > max_requests:
+                    return
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TraceFormatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise TraceFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                yield lineno, row
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise _unreadable(path, e) from None
+
+
+def load_mooncake(
+    path: str | os.PathLike,
+    max_requests: int | None = None,
+    min_shared_blocks: int = 2,
+    block_size: int = MOONCAKE_BLOCK,
+) -> list[Trajectory]:
+    """Sessions of a Mooncake JSONL trace as trajectories (first `max_requests` lines if given)."""
+    p = resolve_trace_path(path)
+    sessions: list[dict[str, Any]] = []  # {t0, turns, tracker}
+    tails: dict[int, int] = {}  # last full block id of a session's latest prompt -> session index
+    prev_ts = -1.0
+    for lineno, row in _mooncake_rows(p, max_requests):
+        where = f"{p}:{lineno}"
+        ts = _num_field(row, "timestamp", where) / 1000.0
+        if ts < prev_ts:
+            raise TraceFormatError(
+                f"{where}: timestamp {ts * 1000:g} ms goes back in time (previous {prev_ts * 1000:g} ms)"
+            )
+        prev_ts = ts
+        prompt = _int_field(row, "input_length", where, minimum=1)
+        gen = _int_field(row, "output_length", where, minimum=0)
+        ids = _hash_ids(row, "hash_ids", where, prompt, block_size, partial_block=True)
+        sid = None
+        for pos in range(len(ids) - 1, min_shared_blocks - 2, -1):
+            s = tails.get(ids[pos])
+            if s is not None:
+                sid = s
+                del tails[ids[pos]]
+                break
+        if sid is None:
+            sid = len(sessions)
+            sessions.append({"t0": ts, "turns": [], "tracker": _ContextTracker(block_size), "line": lineno})
+        sess = sessions[sid]
+        context = sess["tracker"].next(ids, prompt, gen)
+        sess["turns"].append(_turn(ids, prompt, gen, context, ts - sess["t0"], 0.0, block_size, 0))
+        n_full = prompt // block_size
+        if n_full >= min_shared_blocks:
+            tails[ids[n_full - 1]] = sid
+    if not sessions:
+        raise TraceFormatError(f"{p}: no request in the trace")
+    return [
+        Trajectory(trajectory_id=i, turns=s["turns"], arrival_time=s["t0"], source=f"{p.name}:{s['line']}")
+        for i, s in enumerate(sessions)
+    ]
+
+
+# ------------------------------------------------------------------------------------- kv-cache-tester
+def _read_json(path: Path) -> Any:
+    try:
+        with _open_text(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise TraceFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise _unreadable(path, e) from None
+
+
+def _session_turns(
+    requests: Any,
+    where: str,
+    block: int,
+    salt: int,
+    out: list[tuple[str, float, list[Turn]]],
+    name: str,
+    t0: float,
+) -> None:
+    """Turns of one (sub)agent into `out` as (name, arrival, turns); subagents recurse and follow it."""
+    if not isinstance(requests, list):
+        raise TraceFormatError(f"{where}: 'requests' must be a list")
+    slot = len(out)  # the agent itself goes before its subagents
+    out.append((name, t0, []))
+    rows = []
+    for i, r in enumerate(requests):
+        w = f"{where}: requests[{i}]"
+        if not isinstance(r, dict):
+            raise TraceFormatError(f"{w}: expected an object")
+        kind = r.get("type")
+        if kind == "subagent":
+            sub_t = _num_field(r, "t", w)
+            sub_name = f"{name}#{r.get('agent_id', i)}"
+            _session_turns(r.get("requests"), w, block, salt, out, sub_name, t0 + sub_t)
+            continue
+        if kind not in ("n", "s"):
+            raise TraceFormatError(f"{w}: unknown request type {kind!r} (expected 'n', 's' or 'subagent')")
+        prompt = _int_field(r, "in", w, minimum=1)
+        gen = _int_field(r, "out", w, minimum=0)
+        ids = _hash_ids(r, "hash_ids", w, prompt, block, partial_block=False)
+        rows.append((_num_field(r, "t", w), prompt, gen, ids, _num_field(r, "think_time", w, default=0.0), w))
+    if not rows:
+        del out[slot]
+        return
+    tracker = _ContextTracker(block)
+    turns = []
+    for k, (t, prompt, gen, ids, _, w) in enumerate(rows):
+        if k and t < rows[k - 1][0]:
+            raise TraceFormatError(f"{w}: t={t} goes back in time (previous {rows[k - 1][0]})")
+        gap = rows[k + 1][4] if k + 1 < len(rows) else 0.0  # think time before the next request
+        context = tracker.next(ids, prompt, gen)
+        turns.append(_turn(ids, prompt, gen, context, t, gap, block, salt))
+    out[slot] = (name, t0, turns)
+
+
+def load_kvcache_session(path: str | os.PathLike) -> list[Trajectory]:
+    """One kv-cache-tester session file: the main agent and each subagent as trajectories (ids from 0)."""
+    p = resolve_trace_path(path)
+    doc = _read_json(p)
+    if not isinstance(doc, dict):
+        raise TraceFormatError(f"{p}: expected one JSON object (a session), got {type(doc).__name__}")
+    block = _int_field(doc, "block_size", str(p), minimum=1)
+    if "requests" not in doc:
+        raise TraceFormatError(f"{p}: missing field 'requests'")
+    # hash ids are scoped to the session: salt them with the session so sessions never share blocks
+    salt = zlib.crc32(str(doc.get("id", p.name)).encode()) & 0x7FFFFFFF
+    found: list[tuple[str, float, list[Turn]]] = []
+    _session_turns(doc["requests"], str(p), block, salt, found, p.name, 0.0)
+    return [
+        Trajectory(trajectory_id=i, turns=turns, arrival_time=t0, source=name)
+        for i, (name, t0, turns) in enumerate(found)
+    ]
+
+
+def load_kvcache_tester(
+    paths: str | os.PathLike | Sequence[str | os.PathLike] = "kvcache_tester", limit: int | None = None
+) -> list[Trajectory]:
+    """Sessions from a directory of trace_*.json.gz (sorted, first `limit`) or a list of files."""
+    if isinstance(paths, (str, os.PathLike)):
+        p = resolve_trace_path(paths)
+        files = sorted(p.glob("*.json*")) if p.is_dir() else [p]
+        if p.is_dir() and not files:
+            raise TraceFormatError(f"{p}: no *.json / *.json.gz session file")
+    else:
+        files = [resolve_trace_path(x) for x in paths]
+    if limit is not None:
+        files = files[:limit]
+    out: list[Trajectory] = []
+    for f in files:
+        for t in load_kvcache_session(f):
+            out.append(
+                Trajectory(
+                    trajectory_id=len(out), turns=t.turns, arrival_time=t.arrival_time, source=t.source
+                )
+            )
+    return out
+
+
+def load_trace(path: str | os.PathLike, limit: int | None = None) -> list[Trajectory]:
+    """Any trace by its name: *.jsonl[.gz] -> Mooncake (`limit` lines), a *.json[.gz] file or a directory
+    of them -> kv-cache-tester sessions (`limit` files)."""
+    p = resolve_trace_path(path)
+    if p.is_dir():
+        return load_kvcache_tester(p, limit=limit)
+    name = p.name.removesuffix(".gz")
+    if name.endswith(".jsonl"):
+        return load_mooncake(p, max_requests=limit)
+    if name.endswith(".json"):
+        return load_kvcache_tester([p])
+    raise TraceFormatError(
+        f"{p}: unknown trace format (expected *.jsonl[.gz] Mooncake or *.json[.gz] sessions)"
+    )
+
+
+load = load_trace  # short name used by the simulator's config (`traces.load(path)`)

@@ -1,0 +1,53 @@
+"""Summary statistics of a workload: a synthetic Table 2 dataset or a real trace.
+
+    python -m experiments.workload_stats --workload=64K --n_agents=500
+    python -m experiments.workload_stats --workload=mooncake_conversation_trace.jsonl.gz
+    python -m experiments.workload_stats --workload=kvcache_tester --limit=20
+Trace paths are looked up relative to ../shared/traces (or $DUALPATH_TRACES) when not found as given.
+For a synthetic dataset the paper's Table 2 value is printed beside each measured figure.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+from dualpath_jax.workloads import DATASETS, load_workload, summarize
+
+flags.DEFINE_string("workload", "64K", "synthetic dataset (32K, 48K, 64K) or a trace path / name")
+flags.DEFINE_integer("n_agents", 500, "synthetic: agents to generate")
+flags.DEFINE_integer("seed", 0, "synthetic: sampling seed")
+flags.DEFINE_integer("limit", None, "traces: first N lines (Mooncake) or files (kv-cache-tester)")
+flags.DEFINE_integer("block_size", 64, "block size (tokens) for the hit rate")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    f = flags.FLAGS
+    t0 = time.perf_counter()
+    trajs = load_workload(f.workload, n_agents=f.n_agents, seed=f.seed, limit=f.limit)
+    st = summarize(trajs, block_size=f.block_size)
+    print(f"workload {f.workload}: loaded in {time.perf_counter() - t0:.2f} s")
+    paper = {}
+    if f.workload in DATASETS:
+        spec = DATASETS.get(f.workload)
+        paper = {
+            "turns / trajectory": spec.target_turns,
+            "append (mean)": spec.target_append,
+            "gen (mean)": spec.target_gen,
+            "total tokens (mean)": spec.target_total,
+            "context (mean)": spec.target_context,
+        }
+        if f.workload == "64K":
+            paper[f"hit rate (block {f.block_size})"] = "~98.7%"
+    print(f"{'statistic':<30}{'measured':>24}{'paper Table 2':>16}")
+    for name, value in st.rows():
+        ref = paper.get(name, "")
+        ref = f"{ref:,.0f}" if isinstance(ref, (int, float)) else ref
+        print(f"{name:<30}{value:>24}{ref:>16}")
+
+
+if __name__ == "__main__":
+    app.run(main)

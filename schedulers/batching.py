@@ -1,0 +1,145 @@
+"""Intra-engine batching: which queued prefill work one PE forward takes (no jax).
+
+A PE's local queue is FIFO; a batch item is (cached, bsz): prefill `bsz` tokens on top of `cached`.
+  - `fifo`: take requests in order while the batch's new tokens stay within `token_budget`; the request
+    that would overflow is chunked to the tokens left (chunked prefill).
+  - `compute_quota` (PAPER.md "Intra-engine"): take requests in order while the predicted attention time
+    (cost model, FLOPs of (cached, bsz) mapped to seconds) stays within `quota_s` (300 ms); the request
+    that would overflow is chunk-prefilled with the largest bsz that fits (binary search: attention time
+    is monotone in bsz). This keeps data-parallel ranks' attention times equal.
+Both always make progress: an empty batch's head request gets at least `min_chunk_tokens` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from schedulers.api import BatchItem, IntraEnginePolicy, PrefillWork
+from schedulers.cost_model import CostModel
+from schedulers.registry import BATCHERS
+
+
+def largest_fitting_bsz(cost: Callable[[int], float], budget: float, upper: int) -> int:
+    """Largest b in [0, upper] with cost(b) <= budget, for `cost` non-decreasing in b (binary search)."""
+    if upper <= 0 or cost(1) > budget:
+        return 0
+    if cost(upper) <= budget:
+        return upper
+    lo, hi = 1, upper  # cost(lo) <= budget < cost(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _check_queue(queue: Sequence[PrefillWork]) -> None:
+    for w in queue:
+        if w.remaining_tokens < 0 or w.cached_tokens < 0:
+            raise ValueError(
+                f"prefill work {w.request_id}: negative tokens (cached={w.cached_tokens}, remaining={w.remaining_tokens})"
+            )
+
+
+@BATCHERS.register("fifo")
+class FifoBatcher(IntraEnginePolicy):
+    """FIFO with a token budget per forward; the overflowing request is chunked to what is left."""
+
+    name = "fifo"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        token_budget: int = 8192  # new (miss) tokens per forward
+        max_requests: int | None = None  # cap on the batch's request count (None: no cap)
+        chunk: bool = True  # False: a request that does not fit waits for the next forward
+
+        def __post_init__(self):
+            if self.token_budget < 1:
+                raise ValueError(f"fifo token_budget must be >= 1, got {self.token_budget}")
+
+    def __init__(self, config: FifoBatcher.Config | None = None):
+        self.config = config or self.Config()
+
+    def form_batch(self, queue: Sequence[PrefillWork]) -> list[BatchItem]:
+        _check_queue(queue)
+        left = self.config.token_budget
+        out: list[BatchItem] = []
+        for w in queue:
+            if self.config.max_requests is not None and len(out) >= self.config.max_requests:
+                break
+            if w.remaining_tokens == 0:
+                continue
+            take = min(w.remaining_tokens, left)
+            if take < w.remaining_tokens and not self.config.chunk and out:
+                break
+            out.append(BatchItem(w.request_id, w.cached_tokens, take))
+            left -= take
+            if left == 0:
+                break
+        return out
+
+
+@BATCHERS.register("compute_quota")
+class ComputeQuotaBatcher(IntraEnginePolicy):
+    """FIFO while predicted attention time stays within a quota; the overflowing request is chunked."""
+
+    name = "compute_quota"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        quota_s: float = 0.3  # attention-time quota per forward (PAPER.md: 300 ms)
+        cost_model: CostModel | None = None  # maps (cached, bsz) to attention seconds
+        model: str = "ds27b"  # used when cost_model is None
+        hardware: str = "h800"
+        token_budget: int | None = None  # optional extra cap on new tokens per forward
+        min_chunk_tokens: int = 1  # progress guarantee for a head request that alone exceeds the quota
+
+        def __post_init__(self):
+            if self.quota_s <= 0:
+                raise ValueError(f"compute_quota quota_s must be > 0, got {self.quota_s}")
+            if self.min_chunk_tokens < 1:
+                raise ValueError(f"min_chunk_tokens must be >= 1, got {self.min_chunk_tokens}")
+
+    def __init__(self, config: ComputeQuotaBatcher.Config | None = None):
+        self.config = config or self.Config()
+        c = self.config
+        self.cost_model = c.cost_model if c.cost_model is not None else CostModel(c.model, c.hardware)
+
+    def form_batch(self, queue: Sequence[PrefillWork]) -> list[BatchItem]:
+        _check_queue(queue)
+        c = self.config
+        used = 0.0
+        tokens_left = c.token_budget if c.token_budget is not None else float("inf")
+        out: list[BatchItem] = []
+        attention_time = self.cost_model.attention_time
+        for w in queue:
+            if w.remaining_tokens == 0:
+                continue
+            upper = int(min(w.remaining_tokens, tokens_left))
+            if upper <= 0:
+                break
+            t_full = attention_time(w.cached_tokens, upper)
+            if used + t_full <= c.quota_s:
+                take = upper
+            else:
+                budget = c.quota_s - used
+                take = largest_fitting_bsz(
+                    lambda b, cached=w.cached_tokens: attention_time(cached, b), budget, upper
+                )
+                if not out:
+                    take = max(take, min(c.min_chunk_tokens, upper))
+            if take == 0:
+                break
+            out.append(BatchItem(w.request_id, w.cached_tokens, take))
+            used += attention_time(w.cached_tokens, take)
+            tokens_left -= take
+            if take < w.remaining_tokens:
+                break  # the overflowing request was chunked: the batch is full
+        return out
+
+    def predicted_attention_time(self, batch: Sequence[BatchItem]) -> float:
+        """Sum of predicted attention seconds of a batch (what the quota bounds)."""
+        return sum(self.cost_model.attention_time(b.cached, b.bsz) for b in batch)

@@ -1,0 +1,222 @@
+"""Calibrate the cost model on real step times (no jax here: the caller passes the step to time).
+
+    measurements = time_prefill(step, grid)              # step(items) runs one forward and blocks
+    cm = CostModel.from_fit(shape, "cpu", measurements)  # least-squares coefficients (see CostModel.fit)
+    report = fit_report(cm, held_out)                    # relative errors of the fitted and analytic models
+
+The runtime passes its jitted per-layer prefill (blocking on the result); `NumpyPrefill` is a plain NumPy
+forward of a dense GQA `ModelShape` (projections, causal attention over a cached prefix, SwiGLU MLP, LM
+head of the last position) used to calibrate and check the fit on this CPU without jax:
+
+    OPENBLAS_NUM_THREADS=1 python -m schedulers.calibrate   # fit on a grid, held-out errors vs the analytic model
+
+(One BLAS thread: on this shared 2-core machine a 2-thread OpenBLAS GEMM measured 7x slower than one thread
+under load, 4.8 vs 34.8 GFLOP/s.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from schedulers.cost_model import CostModel, DecodeMeasurement, ModelShape, PrefillMeasurement
+
+Items = Sequence[tuple[int, int]]
+
+
+def time_prefill(
+    step: Callable[[Items], object], grid: Sequence[Items], repeats: int = 3, warmup: int = 1
+) -> list[PrefillMeasurement]:
+    """Best (min) wall time of `step(items)` over `repeats` for each batch in `grid`, after `warmup` untimed
+    calls: on a shared machine the least-disturbed run is the closest to the step's own cost."""
+    out = []
+    for items in grid:
+        items = tuple((int(c), int(b)) for c, b in items)
+        for _ in range(warmup):
+            step(items)
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            step(items)
+            times.append(time.perf_counter() - t0)
+        out.append(PrefillMeasurement(items, min(times)))
+    return out
+
+
+def time_decode(
+    step: Callable[[int, int], object], grid: Sequence[tuple[int, int]], repeats: int = 3, warmup: int = 1
+) -> list[DecodeMeasurement]:
+    """Best (min) wall time of `step(batch_size, total_context_tokens)` for each pair in `grid`."""
+    out = []
+    for b, ctx in grid:
+        for _ in range(warmup):
+            step(b, ctx)
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            step(b, ctx)
+            times.append(time.perf_counter() - t0)
+        out.append(DecodeMeasurement(int(b), int(ctx), min(times)))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FitReport:
+    """Relative errors |predicted − measured| / measured over held-out prefill measurements."""
+
+    median_rel_error: float
+    max_rel_error: float
+    n: int
+
+
+def fit_report(cost_model: CostModel, measurements: Sequence[PrefillMeasurement]) -> FitReport:
+    if not measurements:
+        raise ValueError("fit_report needs at least one measurement")
+    errs = [abs(cost_model.batch_prefill_time(m.items) - m.seconds) / m.seconds for m in measurements]
+    return FitReport(float(np.median(errs)), float(np.max(errs)), len(errs))
+
+
+class NumpyPrefill:
+    """A real NumPy prefill forward of a dense GQA `ModelShape` with random weights and cached KV.
+
+    `__call__(items)` computes, for each (cached, bsz) item and every layer: Q/K/V projections of the bsz
+    new tokens, causal attention over cached + new keys (GQA, [kv_heads, tokens, head_dim] cache), the
+    output projection and a SwiGLU MLP; then the LM head of the item's last position. FLOPs match
+    `CostModel.prefill_flops` (float32).
+    """
+
+    def __init__(self, shape: ModelShape, max_context: int, seed: int = 0):
+        if shape.is_mla or shape.is_moe:
+            raise ValueError(f"NumpyPrefill models dense GQA only, got {shape.name} (MLA/MoE)")
+        if shape.heads % shape.kv_heads:
+            raise ValueError(f"{shape.name}: heads {shape.heads} not a multiple of kv_heads {shape.kv_heads}")
+        self.shape = shape
+        rng = np.random.default_rng(seed)
+        h, d, hq, hk = shape.hidden, shape.head_dim, shape.heads, shape.kv_heads
+
+        def w(*dims):
+            return (rng.standard_normal(dims, dtype=np.float32) / np.sqrt(dims[0])).astype(np.float32)
+
+        self.layers = [
+            {
+                "wq": w(h, hq * d),
+                "wk": w(h, hk * d),
+                "wv": w(h, hk * d),
+                "wo": w(hq * d, h),
+                "wg": w(h, shape.intermediate),
+                "wu": w(h, shape.intermediate),
+                "wd": w(shape.intermediate, h),
+            }
+            for _ in range(shape.layers)
+        ]
+        self.lm_head = w(h, shape.vocab)
+        # cached KV of one layer, shared by all layers and items (values do not matter, the work does)
+        self.k_cache = rng.standard_normal((hk, max_context, d), dtype=np.float32)  # [Hkv, S, Dh]
+        self.v_cache = rng.standard_normal((hk, max_context, d), dtype=np.float32)
+        self.max_context = max_context
+        self.rng = rng
+
+    def _layer(self, p: dict, x: np.ndarray, cached: int) -> np.ndarray:
+        s = self.shape
+        n, d, hq, hk = x.shape[0], s.head_dim, s.heads, s.kv_heads
+        q = (x @ p["wq"]).reshape(n, hq, d).transpose(1, 0, 2)  # [Hq, n, Dh]
+        k_new = (x @ p["wk"]).reshape(n, hk, d).transpose(1, 0, 2)  # [Hkv, n, Dh]
+        v_new = (x @ p["wv"]).reshape(n, hk, d).transpose(1, 0, 2)
+        k = np.concatenate([self.k_cache[:, :cached], k_new], axis=1)  # [Hkv, cached + n, Dh]
+        v = np.concatenate([self.v_cache[:, :cached], v_new], axis=1)
+        group = hq // hk
+        q = q.reshape(hk, group * n, d)  # queries of one KV head together: [Hkv, G*n, Dh]
+        scores = (q @ k.transpose(0, 2, 1)) * np.float32(1 / np.sqrt(d))  # [Hkv, G*n, cached + n], float32
+        pos = np.tile(np.arange(n), group)[:, None] + cached  # query positions
+        scores = np.where(np.arange(cached + n)[None, :] <= pos, scores, np.float32(-np.inf))
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+        attn = (scores @ v).reshape(hk, group, n, d).transpose(2, 0, 1, 3).reshape(n, hq * d)  # [n, Hq*Dh]
+        x = x + attn @ p["wo"]
+        g = x @ p["wg"]
+        return x + ((g / (np.float32(1) + np.exp(-g))) * (x @ p["wu"])) @ p["wd"]
+
+    def __call__(self, items: Items) -> np.ndarray:
+        logits = []
+        for cached, bsz in items:
+            if cached > self.max_context:
+                raise ValueError(f"cached {cached} exceeds the calibration cache ({self.max_context} tokens)")
+            x = self.rng.standard_normal((bsz, self.shape.hidden), dtype=np.float32)
+            for p in self.layers:
+                x = self._layer(p, x, cached)
+            logits.append(x[-1] @ self.lm_head)
+        return np.stack(logits)
+
+
+# A small dense GQA model that runs in milliseconds per forward on this CPU.
+TINY_DENSE = ModelShape(
+    name="tiny-dense",
+    layers=2,
+    hidden=512,
+    heads=8,
+    kv_heads=2,
+    head_dim=64,
+    intermediate=1536,
+    vocab=4096,
+    kv_dtype_bytes=4,
+    weight_bytes=4,
+)
+
+
+def default_grid(
+    max_context: int = 4096,
+) -> tuple[list[tuple[tuple[int, int], ...]], list[tuple[tuple[int, int], ...]]]:
+    """(fit grid, held-out grid) of single- and multi-item batches spanning linear- and attention-heavy."""
+    fit = [((c, b),) for c in (0, 512, 2048, max_context) for b in (16, 64, 256)]
+    fit += [((0, 128), (1024, 64)), ((2048, 32), (2048, 32), (0, 256))]
+    held = [((c, b),) for c, b in ((256, 128), (1536, 32), (3072, 96), (768, 512))]
+    held += [((1024, 64), (3000, 16))]
+    return fit, held
+
+
+def main() -> None:
+    from absl import app, flags
+
+    flags.DEFINE_integer("repeats", 5, "timed repeats per batch (min)")
+    flags.DEFINE_string("hardware", "cpu", "hardware profile of the analytic baseline")
+
+    def run(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unknown arguments: {argv[1:]}")
+        f = flags.FLAGS
+        step = NumpyPrefill(TINY_DENSE, max_context=4096)
+        fit_grid, held_grid = default_grid(4096)
+        t0 = time.perf_counter()
+        fit_m = time_prefill(step, fit_grid, repeats=f.repeats)
+        held_m = time_prefill(step, held_grid, repeats=f.repeats)
+        fitted = CostModel.from_fit(TINY_DENSE, f.hardware, fit_m)
+        analytic = CostModel(TINY_DENSE, f.hardware)
+        c = fitted.prefill_fit
+        print(
+            f"measured {len(fit_m)} + {len(held_m)} NumPy forwards of {TINY_DENSE.name} in {time.perf_counter() - t0:.1f} s"
+        )
+        print(
+            f"fit: overhead {c.overhead_s * 1e3:.3f} ms, linear {1 / max(c.s_per_linear_flop, 1e-30) / 1e9:.1f} "
+            f"GFLOP/s, attention {1 / max(c.s_per_attention_flop, 1e-30) / 1e9:.1f} GFLOP/s, "
+            f"KV read {c.s_per_byte * 1e9:.3f} s/GB"
+        )
+        print(f"{'held-out batch':<32}{'measured ms':>12}{'fitted ms':>11}{'analytic ms':>13}")
+        for m in held_m:
+            print(
+                f"{list(m.items)!s:<32}{m.seconds * 1e3:>12.2f}{fitted.batch_prefill_time(m.items) * 1e3:>11.2f}"
+                f"{analytic.batch_prefill_time(m.items) * 1e3:>13.2f}"
+            )
+        rf, ra = fit_report(fitted, held_m), fit_report(analytic, held_m)
+        print(
+            f"median / max relative error: fitted {rf.median_rel_error:.1%} / {rf.max_rel_error:.1%}   "
+            f"analytic ({f.hardware} profile) {ra.median_rel_error:.1%} / {ra.max_rel_error:.1%}"
+        )
+
+    app.run(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,470 @@
+"""Inter-engine policies: which PE, which DE and which read side for each waiting request (no jax).
+
+Units every runner must report (the simulator and the runtime build the same snapshot):
+  - a PE's `tok` = sum of `prompt_tokens` (hit + miss) of its unfinished requests: the paper's load
+    proxy for GPU, disk and network (PAPER.md "Scheduler"); β is in the same unit;
+  - a DE's `tok` = sum of `total_tokens` (len_r = prompt + gen) of its unfinished requests, and
+    `free_hbm_tokens` the KV tokens it can still admit; a request is admitted only if len_r fits;
+  - a node's `read_queue_tokens` = hit tokens queued on its storage NIC; α is in the same unit.
+
+Every policy places a FIFO prefix of the queue (it stops at the first request it cannot place), never
+places a request twice, never over-fills a DE's HBM, and updates a private scratch copy of the loads as
+it goes (tok, seq, free HBM, read queues) so later decisions of the same fetch see earlier ones. The
+snapshot itself is never mutated. Cost per fetch: O(placed · candidate engines) plus a heap over the DE
+groups; pass `fetching_node` (the paper's per-group fetch) to keep the candidate set to one group.
+
+`fetching_node` restricts the candidates of its role to that node's engines (a PE group's fetch picks
+PEs of that group; a DE group's fetch picks DEs of that group); the other role considers every node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import random
+from collections.abc import Sequence
+
+from schedulers.api import (
+    Assignment,
+    ClusterSnapshot,
+    InterEnginePolicy,
+    PendingRequest,
+    ReadSide,
+)
+from schedulers.cost_model import CostModel
+from schedulers.registry import POLICIES
+
+# Paper defaults (PAPER.md: α = tokens one node reads in 3 s, β = tokens one GPU processes in 5 s).
+READ_WINDOW_S = 3.0
+COMPUTE_WINDOW_S = 5.0
+# Turn shape the profile of β is taken at: Table 2's 64K dataset (mean context 32,721, append 429).
+PROFILE_CONTEXT = 32_721
+PROFILE_APPEND = 429
+
+
+class _Scratch:
+    """Mutable per-fetch copy of the loads a policy reads and updates (ints in dicts, no deep copies)."""
+
+    __slots__ = ("de_groups", "free", "node_of", "pes", "read_q", "seq", "tok")
+
+    def __init__(self, snapshot: ClusterSnapshot, fetching_node: int | None):
+        self.tok: dict[int, int] = {}
+        self.seq: dict[int, int] = {}
+        self.free: dict[int, int] = {}
+        self.node_of: dict[int, int] = {}
+        fetch_role = None
+        if fetching_node is not None:
+            if fetching_node not in snapshot.nodes:
+                raise KeyError(
+                    f"fetching_node {fetching_node} is not in the snapshot (nodes: {sorted(snapshot.nodes)})"
+                )
+            fetch_role = snapshot.nodes[fetching_node].role
+        self.pes: list[int] = []
+        self.de_groups: dict[int, list[int]] = {}
+        for e in snapshot.engines.values():
+            if fetch_role == e.role and e.node_id != fetching_node:
+                continue
+            self.tok[e.engine_id] = e.tok
+            self.seq[e.engine_id] = e.seq
+            self.free[e.engine_id] = e.free_hbm_tokens
+            self.node_of[e.engine_id] = e.node_id
+            if e.role == "prefill":
+                self.pes.append(e.engine_id)
+            else:
+                self.de_groups.setdefault(e.node_id, []).append(e.engine_id)
+        self.pes.sort()
+        for g in self.de_groups.values():
+            g.sort()
+        self.read_q: dict[int, int] = {n.node_id: n.read_queue_tokens for n in snapshot.nodes.values()}
+
+    @property
+    def des(self) -> list[int]:
+        return [e for g in sorted(self.de_groups) for e in self.de_groups[g]]
+
+    def commit(self, r: PendingRequest, pe: int, de: int, side: ReadSide, de_fraction: float) -> Assignment:
+        """Record the placement in the scratch loads and return it."""
+        self.tok[pe] += r.prompt_tokens
+        self.seq[pe] += 1
+        self.tok[de] += r.total_tokens
+        self.seq[de] += 1
+        self.free[de] -= r.total_tokens
+        de_hit = round(r.hit_tokens * de_fraction)
+        self.read_q[self.node_of[pe]] += r.hit_tokens - de_hit
+        self.read_q[self.node_of[de]] += de_hit
+        return Assignment(r.request_id, pe, de, side, de_fraction)
+
+
+def _check_unique(queue: Sequence[PendingRequest]) -> None:
+    ids = {r.request_id for r in queue}
+    if len(ids) != len(queue):
+        raise ValueError("queue holds the same request_id twice")
+
+
+# ---------------------------------------------------------------------------------------------------------
+@POLICIES.register("basic")
+class BasicPolicy(InterEnginePolicy):
+    """The paper's baseline: PE-side reads only; least-loaded PE (tok_e) and least-loaded DE with room."""
+
+    name = "basic"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        max_pe_tokens: int | None = None  # PEs above this tok_e get nothing (None: no cap)
+
+    def __init__(self, config: BasicPolicy.Config | None = None):
+        self.config = config or self.Config()
+
+    def schedule(
+        self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
+    ) -> list[Assignment]:
+        _check_unique(queue)
+        s = _Scratch(snapshot, fetching_node)
+        cap = self.config.max_pe_tokens
+        # least-loaded picks through heaps of (tok, id): O(log engines) per request
+        pe_heap = [(s.tok[e], e) for e in s.pes]
+        de_heap = [(s.tok[e], e) for e in s.des]
+        heapq.heapify(pe_heap)
+        heapq.heapify(de_heap)
+        out = []
+        for r in queue:
+            if not pe_heap or (cap is not None and pe_heap[0][0] > cap):
+                break
+            skipped, de = [], None
+            while de_heap:
+                item = heapq.heappop(de_heap)
+                if s.free[item[1]] >= r.total_tokens:
+                    de = item[1]
+                    break
+                skipped.append(item)
+            for item in skipped:
+                heapq.heappush(de_heap, item)
+            if de is None:
+                break
+            _, pe = heapq.heappop(pe_heap)
+            out.append(s.commit(r, pe, de, "pe", 0.0))
+            heapq.heappush(pe_heap, (s.tok[pe], pe))
+            heapq.heappush(de_heap, (s.tok[de], de))
+        return out
+
+
+@POLICIES.register("round_robin")
+class RoundRobinPolicy(InterEnginePolicy):
+    """DualPath without scheduling: PEs and DEs in turn (DEs without room skipped), read side alternating."""
+
+    name = "round_robin"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        read_side: str = "alternate"  # "alternate" (pe, de, pe, ...), "pe" or "de"
+
+        def __post_init__(self):
+            if self.read_side not in ("alternate", "pe", "de"):
+                raise ValueError(f"round_robin read_side must be alternate/pe/de, got {self.read_side!r}")
+
+    def __init__(self, config: RoundRobinPolicy.Config | None = None):
+        self.config = config or self.Config()
+        self._next_pe = 0
+        self._next_de = 0
+        self._next_side = 0
+
+    def schedule(
+        self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
+    ) -> list[Assignment]:
+        _check_unique(queue)
+        s = _Scratch(snapshot, fetching_node)
+        pes, des = s.pes, s.des
+        out = []
+        if not pes or not des:
+            return out
+        for r in queue:
+            de = None
+            for k in range(len(des)):
+                cand = des[(self._next_de + k) % len(des)]
+                if s.free[cand] >= r.total_tokens:
+                    de = cand
+                    self._next_de = (self._next_de + k + 1) % len(des)
+                    break
+            if de is None:
+                break
+            pe = pes[self._next_pe % len(pes)]
+            self._next_pe = (self._next_pe + 1) % len(pes)
+            if self.config.read_side == "alternate":
+                side = "pe" if self._next_side % 2 == 0 else "de"
+                self._next_side += 1
+            else:
+                side = self.config.read_side
+            out.append(s.commit(r, pe, de, side, 1.0 if side == "de" else 0.0))
+        return out
+
+
+@POLICIES.register("random")
+class RandomPolicy(InterEnginePolicy):
+    """Uniformly random PE, DE (among those with room) and read side; seeded."""
+
+    name = "random"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        seed: int = 0
+
+    def __init__(self, config: RandomPolicy.Config | None = None):
+        self.config = config or self.Config()
+        self._rng = random.Random(self.config.seed)
+
+    def schedule(
+        self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
+    ) -> list[Assignment]:
+        _check_unique(queue)
+        s = _Scratch(snapshot, fetching_node)
+        pes, des = s.pes, s.des
+        out = []
+        rng = self._rng
+        for r in queue:
+            if not pes or not des:
+                break
+            de = None
+            for _ in range(8):  # rejection sampling; a full scan only when DEs are nearly full
+                cand = des[rng.randrange(len(des))]
+                if s.free[cand] >= r.total_tokens:
+                    de = cand
+                    break
+            if de is None:
+                fits = [e for e in des if s.free[e] >= r.total_tokens]
+                if not fits:
+                    break
+                de = rng.choice(fits)
+            pe = rng.choice(pes)
+            side = rng.choice(("pe", "de"))
+            out.append(s.commit(r, pe, de, side, 1.0 if side == "de" else 0.0))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DualPathConfig:
+    """α/β thresholds of Algorithm 1 and the DE slack (PAPER.md "Scheduler")."""
+
+    alpha_tokens: int = 0  # α: tokens one node reads in 3 s (0: derive from the paper's DS 660B on H800)
+    beta_tokens: int = 0  # β: prompt tokens one GPU processes in 5 s (0: derive likewise)
+    z_slack: float = 1.05  # DE phase 2: Z = z_slack * (sum_R len_r + sum_e tok_e) / |E|
+    block_size: int = 64  # split policy: DE-side share rounded to whole blocks
+
+    def __post_init__(self):
+        if self.alpha_tokens < 0 or self.beta_tokens < 0:
+            raise ValueError(f"alpha/beta must be >= 0, got {self.alpha_tokens}/{self.beta_tokens}")
+        if self.z_slack < 1.0:
+            raise ValueError(f"z_slack must be >= 1, got {self.z_slack}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.alpha_tokens == 0 or self.beta_tokens == 0:
+            d = _paper_default()
+            object.__setattr__(self, "alpha_tokens", self.alpha_tokens or d.alpha_tokens)
+            object.__setattr__(self, "beta_tokens", self.beta_tokens or d.beta_tokens)
+
+    @classmethod
+    def from_cost_model(
+        cls,
+        cost_model: CostModel,
+        context: int = PROFILE_CONTEXT,
+        append: int = PROFILE_APPEND,
+        read_window_s: float = READ_WINDOW_S,
+        compute_window_s: float = COMPUTE_WINDOW_S,
+        **kwargs,
+    ) -> DualPathConfig:
+        """α = read_window_s · SNIC bytes/s / KV bytes per token; β = compute_window_s · prompt tokens/s
+        one PE sustains on turns of (context, append) (the "profiled" values of the paper)."""
+        alpha = int(read_window_s * cost_model.read_tokens_per_s())
+        beta = int(compute_window_s * cost_model.prefill_tokens_per_s(context, append))
+        return cls(alpha_tokens=max(alpha, 1), beta_tokens=max(beta, 1), **kwargs)
+
+
+_PAPER_DEFAULT: DualPathConfig | None = None
+
+
+def _paper_default() -> DualPathConfig:
+    """α/β of the paper's main setup (DS 660B on H800), computed once."""
+    global _PAPER_DEFAULT
+    if _PAPER_DEFAULT is None:
+        _PAPER_DEFAULT = DualPathConfig.from_cost_model(CostModel("ds660b", "h800"))
+    return _PAPER_DEFAULT
+
+
+@POLICIES.register("dualpath")
+class DualPathPolicy(InterEnginePolicy):
+    """DualPath's scheduler: Algorithm 1 for the PE, two-phase DE choice, read from the shorter queue.
+
+    PE (Algorithm 1): engines with tok_e > β get nothing; prefer engines whose node has read_q ≤ α
+    (lowest tok_e), else read_q > α (lowest tok_e), else stop the fetch.
+    DE phase 1: each request goes to the DE group with the smallest Σ tok_e (a heap over groups).
+    DE phase 2 (in the group): R = the group's queue prefix fitting its free HBM, Z = slack·(Σ_R len_r +
+    Σ_e tok_e)/|E|; among DEs with room prefer tok_e + len_r ≤ Z with the fewest seq_e, else the lowest
+    tok_e; none with room: stop. Read side: the node with the shorter read queue (ties: PE side).
+    """
+
+    name = "dualpath"
+    Config = DualPathConfig
+
+    def __init__(self, config: DualPathConfig | None = None):
+        self.config = config or DualPathConfig()
+
+    # -- PE: Algorithm 1 --
+    def _node_min(self, s: _Scratch, engines: Sequence[int]) -> tuple[int, int] | None:
+        """(tok, id) of the node's least-loaded PE with tok <= β, or None."""
+        beta = self.config.beta_tokens
+        best = None
+        for e in engines:
+            t = s.tok[e]
+            if t <= beta and (best is None or (t, e) < best):
+                best = (t, e)
+        return best
+
+    def _choose_pe(self, s: _Scratch, node_min: dict[int, tuple[int, int] | None]) -> int | None:
+        """Algorithm 1 over per-node minima (O(PE nodes) per request): lowest tok_e on nodes with
+        read_q <= α, else lowest tok_e on the other nodes; engines above β were dropped in _node_min."""
+        alpha = self.config.alpha_tokens
+        best_short = best_long = None
+        for node, m in node_min.items():
+            if m is None:
+                continue
+            if s.read_q[node] <= alpha:
+                if best_short is None or m < best_short:
+                    best_short = m
+            elif best_long is None or m < best_long:
+                best_long = m
+        best = best_short if best_short is not None else best_long
+        return None if best is None else best[1]
+
+    # -- DE phase 2 --
+    @staticmethod
+    def _choose_de(s: _Scratch, r: PendingRequest, group: Sequence[int], z: float) -> int | None:
+        need = r.total_tokens
+        best_in = best_out = None
+        key_in = key_out = None
+        for e in group:
+            if s.free[e] < need:
+                continue
+            t = s.tok[e]
+            if t + need <= z:
+                k = (s.seq[e], t)
+                if key_in is None or k < key_in:
+                    best_in, key_in = e, k
+            elif key_out is None or t < key_out:
+                best_out, key_out = e, t
+        return best_in if best_in is not None else best_out
+
+    def _read_side(self, s: _Scratch, r: PendingRequest, pe: int, de: int) -> tuple[ReadSide, float]:
+        if s.read_q[s.node_of[de]] < s.read_q[s.node_of[pe]]:
+            return "de", 1.0
+        return "pe", 0.0
+
+    def schedule(
+        self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
+    ) -> list[Assignment]:
+        _check_unique(queue)
+        s = _Scratch(snapshot, fetching_node)
+        if not s.pes or not s.de_groups:
+            return []
+        # Phase 1 (lazy): group of each request by the smallest Σ tok_e, and each group's R and Z.
+        heap = [(sum(s.tok[e] for e in g), gid) for gid, g in s.de_groups.items()]
+        heapq.heapify(heap)
+        group_free = {gid: sum(s.free[e] for e in g) for gid, g in s.de_groups.items()}
+        group_tok = {gid: sum(s.tok[e] for e in g) for gid, g in s.de_groups.items()}
+        r_len = dict.fromkeys(s.de_groups, 0)  # Σ_{r∈R} len_r so far
+        open_groups = set(s.de_groups)  # groups whose R is still growing
+        group_of: list[int] = []
+
+        def assign_group(r: PendingRequest) -> None:
+            load, gid = heapq.heappop(heap)
+            group_of.append(gid)
+            heapq.heappush(heap, (load + r.total_tokens, gid))
+            if gid in open_groups:
+                if r_len[gid] + r.total_tokens <= group_free[gid]:
+                    r_len[gid] += r.total_tokens
+                else:
+                    open_groups.discard(gid)
+
+        i = 0
+        while i < len(queue) and open_groups:
+            assign_group(queue[i])
+            i += 1
+        slack = self.config.z_slack
+        z = {gid: slack * (r_len[gid] + group_tok[gid]) / len(g) for gid, g in s.de_groups.items()}
+
+        pe_nodes: dict[int, list[int]] = {}
+        for e in s.pes:
+            pe_nodes.setdefault(s.node_of[e], []).append(e)
+        node_min = {n: self._node_min(s, engs) for n, engs in pe_nodes.items()}
+
+        out = []
+        for k, r in enumerate(queue):
+            if k >= len(group_of):
+                assign_group(r)
+            pe = self._choose_pe(s, node_min)
+            if pe is None:
+                break
+            gid = group_of[k]
+            de = self._choose_de(s, r, s.de_groups[gid], z[gid])
+            if de is None:
+                break
+            side, frac = self._read_side(s, r, pe, de)
+            out.append(s.commit(r, pe, de, side, frac))
+            pe_node = s.node_of[pe]
+            node_min[pe_node] = self._node_min(s, pe_nodes[pe_node])
+        return out
+
+
+@POLICIES.register("de_only")
+class DeOnlyPolicy(DualPathPolicy):
+    """DualPath's PE/DE choice, every read on the DE side (ablation)."""
+
+    name = "de_only"
+
+    def _read_side(self, s: _Scratch, r: PendingRequest, pe: int, de: int) -> tuple[ReadSide, float]:
+        return "de", 1.0
+
+
+@POLICIES.register("pe_only")
+class PeOnlyPolicy(DualPathPolicy):
+    """DualPath's PE/DE choice, every read on the PE side (ablation: scheduler without the DE path)."""
+
+    name = "pe_only"
+
+    def _read_side(self, s: _Scratch, r: PendingRequest, pe: int, de: int) -> tuple[ReadSide, float]:
+        return "pe", 0.0
+
+
+@POLICIES.register("split")
+class SplitPolicy(DualPathPolicy):
+    """Beyond the paper: split one request's hit blocks across both sides so both read queues drain at
+    the same time (equal SNIC bandwidth per node): the DE side reads x tokens with
+    q_pe + H − x = q_de + x, i.e. x = (q_pe + H − q_de)/2, clipped to [0, H] and rounded to whole blocks.
+    """
+
+    name = "split"
+
+    def _read_side(self, s: _Scratch, r: PendingRequest, pe: int, de: int) -> tuple[ReadSide, float]:
+        h = r.hit_tokens
+        if h <= 0:
+            return super()._read_side(s, r, pe, de)
+        q_pe, q_de = s.read_q[s.node_of[pe]], s.read_q[s.node_of[de]]
+        bs = self.config.block_size
+        blocks = -(-h // bs)
+        x_blocks = round((q_pe + h - q_de) / 2 / bs)
+        x_blocks = min(max(x_blocks, 0), blocks)
+        if x_blocks == 0:
+            return "pe", 0.0
+        if x_blocks == blocks:
+            return "de", 1.0
+        return "split", min(1.0, x_blocks * bs / h)
+
+
+__all__ = [
+    "BasicPolicy",
+    "DeOnlyPolicy",
+    "DualPathConfig",
+    "DualPathPolicy",
+    "PeOnlyPolicy",
+    "RandomPolicy",
+    "RoundRobinPolicy",
+    "SplitPolicy",
+]

@@ -1,0 +1,46 @@
+"""The policy registries and factories (no jax).
+
+    POLICIES.get("dualpath")                     # -> DualPathPolicy (class)
+    make_policy("dualpath", alpha_tokens=..., beta_tokens=...)   # -> configured instance
+    make_batcher("compute_quota", quota_s=0.3, cost_model=cm)
+
+Each policy class owns a config dataclass `Config`; the factories build it from keyword arguments and
+refuse unknown keys with the list of known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dualpath_jax.registry import Registry
+from schedulers.api import InterEnginePolicy, IntraEnginePolicy
+
+POLICIES: Registry[type[InterEnginePolicy]] = Registry("inter-engine policy")
+BATCHERS: Registry[type[IntraEnginePolicy]] = Registry("intra-engine batching policy")
+
+
+def build_config(cls: type, name: str, config: Any = None, **kwargs: Any) -> Any:
+    """`cls.Config` from a config instance (or None) updated by `kwargs`; unknown keys are an error."""
+    config_cls = cls.Config
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise TypeError(f"{name!r} does not take {unknown}; its config fields are: {sorted(fields)}")
+    if config is None:
+        return config_cls(**kwargs)
+    if not isinstance(config, config_cls):
+        raise TypeError(f"{name!r} needs a {config_cls.__name__}, got {type(config).__name__}")
+    return dataclasses.replace(config, **kwargs) if kwargs else config
+
+
+def make_policy(name: str, config: Any = None, **kwargs: Any) -> InterEnginePolicy:
+    """A configured inter-engine policy: `make_policy("dualpath", alpha_tokens=..., beta_tokens=...)`."""
+    cls = POLICIES.get(name)
+    return cls(build_config(cls, name, config, **kwargs))
+
+
+def make_batcher(name: str, config: Any = None, **kwargs: Any) -> IntraEnginePolicy:
+    """A configured intra-engine batching policy: `make_batcher("fifo", token_budget=8192)`."""
+    cls = BATCHERS.get(name)
+    return cls(build_config(cls, name, config, **kwargs))

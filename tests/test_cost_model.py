@@ -1,0 +1,234 @@
+"""Cost model: bytes, parameter counts, FLOPs against brute force, Table 1 check, fits, hardware."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from schedulers.cost_model import (
+    MODEL_SHAPES,
+    CostModel,
+    DecodeMeasurement,
+    FitCoefficients,
+    ModelShape,
+    PrefillMeasurement,
+    _sparse_pairs,
+    attention_pairs,
+)
+from schedulers.hardware import HARDWARE, HardwareProfile
+
+
+def test_kv_bytes_match_paper():
+    assert MODEL_SHAPES.get("qwen2.5-32b").kv_bytes_per_token == 256 * 1024  # PAPER.md: 256 KiB
+    ds = MODEL_SHAPES.get("ds660b")
+    assert ds.kv_bytes_per_token_per_layer == 656 + 132 and ds.layers == 61
+    assert abs(ds.kv_bytes_per_token - 48_000) / 48_000 < 0.01  # ≈ 48 KB/token
+    # bf16 MLA without the FP8 format: (512 + 64) * 2 B * 61 layers = 70,272 B (PAPER.md)
+    import dataclasses
+
+    bf16 = dataclasses.replace(ds, kv_bytes_per_token_per_layer_override=0, kv_dtype_bytes=2)
+    assert bf16.kv_bytes_per_token == 70_272
+    assert CostModel("qwen2.5-32b", "h800").kv_bytes(10) == 10 * 262_144
+
+
+def test_parameter_counts_match_published():
+    q = MODEL_SHAPES.get("qwen2.5-32b")
+    assert abs(q.total_params - 32.76e9) / 32.76e9 < 0.02  # HF: 32.5B (+ untied head)
+    assert abs(q.active_params_per_token - 31.0e9) / 31.0e9 < 0.02  # HF: 31.0B non-embedding
+    ds = MODEL_SHAPES.get("ds660b")
+    assert abs(ds.total_params - 671e9) / 671e9 < 0.02  # DeepSeek-V3: 671B total
+    assert abs(ds.active_params - 37e9) / 37e9 < 0.06  # 37B activated
+    small = MODEL_SHAPES.get("ds27b")
+    assert abs(small.total_params - 27e9) / 27e9 < 0.05  # "DS 27B"
+
+
+def test_attention_pairs_brute_force():
+    for cached in (0, 1, 7, 100, 5000):
+        for bsz in (0, 1, 2, 33, 400):
+            assert attention_pairs(cached, bsz) == sum(cached + i + 1 for i in range(bsz))
+            for topk in (1, 64, 1024, 6000):
+                assert _sparse_pairs(cached, bsz, topk) == sum(min(cached + i + 1, topk) for i in range(bsz))
+
+
+def test_prefill_flops_formula_dense_and_mla():
+    cm = CostModel("qwen2.5-32b", "h800")
+    m = cm.model
+    got = cm.prefill_flops(1000, 200)
+    want = (
+        2 * m.active_params_per_token * 200
+        + 2 * m.vocab * m.hidden
+        + m.layers * 4 * 40 * 128 * attention_pairs(1000, 200)
+    )
+    assert got == pytest.approx(want)
+    ds = CostModel("ds660b", "h800")
+    # MLA absorbed: 2 * heads * (2 * 512 + 64) per pair; DSA caps keys at 2048 and the indexer scans all
+    per_pair = 2 * 128 * (2 * 512 + 64)
+    idx = 2 * 64 * 128
+    attn = 61 * (_sparse_pairs(50_000, 100, 2048) * per_pair + attention_pairs(50_000, 100) * idx)
+    assert ds.attention_flops(50_000, 100) == pytest.approx(attn)
+    assert ds.prefill_flops(0, 0) == 0.0
+
+
+def test_table1_gb_per_pflop_qwen():
+    """PAPER.md Table 1: Qwen2.5-32B at 16K-64K context, append 429 -> 117-267 GB/PFLOP (within 10%)."""
+    cm = CostModel("qwen2.5-32b", "h800")
+    lo, hi = cm.gb_per_pflop(16_000, 429), cm.gb_per_pflop(64_000, 429)
+    assert abs(lo - 117) / 117 < 0.10 and abs(hi - 267) / 267 < 0.10
+    # the plain variant lands within 1% (decimal K context, decimal GB, FLOPs of the append only)
+    assert abs(lo - 117) / 117 < 0.01 and abs(hi - 267) / 267 < 0.01
+    # binary K contexts stay within 10% too
+    assert abs(cm.gb_per_pflop(16_384, 429) - 117) / 117 < 0.10
+    assert abs(cm.gb_per_pflop(65_536, 429) - 267) / 267 < 0.10
+    with pytest.raises(ValueError):
+        cm.gb_per_pflop(1000, 0)
+
+
+def test_decode_step_time_is_max_of_compute_and_memory():
+    cm = CostModel("qwen2.5-32b", "h800")
+    hw = cm.hw
+    # batch 1, short context: weight streaming dominates
+    t = cm.decode_step_time(1, 1000)
+    mem = (cm.weight_bytes_per_engine() + cm.kv_bytes(1000)) / (hw.hbm_bandwidth * hw.hbm_efficiency)
+    assert t == pytest.approx(hw.step_overhead_s + mem, rel=1e-9)
+    assert 0.015 < t < 0.035  # 64 GB of bf16 weights at ~2.7 TB/s
+    # more context -> more KV bytes -> slower
+    assert cm.decode_step_time(64, 64 * 32_000) > cm.decode_step_time(64, 64 * 1000)
+    # a huge batch of short sequences becomes compute-bound
+    big = cm.decode_step_time(8192, 8192)
+    comp = cm.linear_flops(8192, 8192) / (hw.peak_flops * hw.mfu)
+    assert big >= comp and big == pytest.approx(
+        hw.step_overhead_s
+        + max(
+            comp
+            + cm.model.layers
+            * 8192
+            * cm.model.attention_flops_per_pair
+            / (hw.peak_flops * hw.attention_efficiency),
+            (cm.weight_bytes_per_engine() + cm.kv_bytes(8192)) / (hw.hbm_bandwidth * hw.hbm_efficiency),
+        )
+    )
+    assert cm.decode_step_time(0, 0) == 0.0
+
+
+def test_sparse_attention_decode_reads_topk_kv():
+    cm = CostModel("ds660b", "h800")
+    # 4 sequences of 32K: indexer keys of every token + main KV (656 B) of 2048 tokens each, 61 layers
+    assert cm.decode_kv_bytes(4, 4 * 32_000) == pytest.approx(61 * (4 * 32_000 * 132 + 4 * 2048 * 656))
+    # short sequences read everything
+    assert cm.decode_kv_bytes(4, 4 * 1000) == pytest.approx(cm.kv_bytes(4000))
+    dense = CostModel("qwen2.5-32b", "h800")
+    assert dense.decode_kv_bytes(4, 128_000) == dense.kv_bytes(128_000)
+
+
+def test_ep_shards_routed_experts_in_decode():
+    one = CostModel("ds660b", "h800", ep=1)
+    many = CostModel("ds660b", "h800", ep=32)
+    routed = one.model.routed_expert_params * one.model.weight_bytes
+    assert one.weight_bytes_per_engine() - many.weight_bytes_per_engine() == pytest.approx(
+        routed * (1 - 1 / 32)
+    )
+    with pytest.raises(ValueError):
+        CostModel("ds660b", "h800", ep=0)
+    # a batch of 1 on EP32 touches 1 - (1 - 8/256)^32 of the local experts; a large batch all of them
+    dense = many.weight_bytes_per_engine() - routed / 32
+    frac = 1 - (1 - 8 / 256) ** 32
+    assert many.weight_bytes_per_engine(1) == pytest.approx(dense + frac * routed / 32)
+    assert many.weight_bytes_per_engine(256) == pytest.approx(many.weight_bytes_per_engine(), rel=1e-6)
+    assert many.decode_step_time(1, 1000) < many.decode_step_time(64, 64_000)
+    dense_model = CostModel("qwen2.5-32b", "h800")
+    assert dense_model.weight_bytes_per_engine(1) == dense_model.weight_bytes_per_engine()
+
+
+def test_batch_prefill_time_one_overhead():
+    cm = CostModel("ds27b", "h800")
+    items = [(10_000, 500), (30_000, 200), (0, 1000)]
+    single = sum(cm.prefill_time(c, b) for c, b in items)
+    batch = cm.batch_prefill_time(items)
+    # one overhead and one LM head pass per request, attention summed
+    assert batch < single
+    assert batch == pytest.approx(single - 2 * cm.hw.step_overhead_s, rel=1e-6)
+    assert cm.batch_prefill_time([]) == 0.0
+    assert cm.attention_time(10_000, 500) < cm.prefill_time(10_000, 500)
+
+
+def test_fit_recovers_known_coefficients():
+    cm = CostModel("qwen2.5-32b", "cpu")
+    true = FitCoefficients(overhead_s=0.004, s_per_linear_flop=2e-12, s_per_attention_flop=5e-12)
+    rng = np.random.default_rng(0)
+    meas = []
+    for _ in range(40):
+        items = tuple(
+            (int(rng.integers(0, 20_000)), int(rng.integers(1, 800))) for _ in range(int(rng.integers(1, 4)))
+        )
+        tokens = sum(b for _, b in items)
+        t = (
+            true.overhead_s
+            + true.s_per_linear_flop * cm.linear_flops(tokens, len(items))
+            + true.s_per_attention_flop * sum(cm.attention_flops(c, b) for c, b in items)
+        )
+        meas.append(PrefillMeasurement(items, t + 1e-4 * rng.standard_normal()))  # 0.1 ms timer noise
+    for _ in range(20):
+        b, ctx = int(rng.integers(1, 64)), int(rng.integers(1, 200_000))
+        meas.append(
+            DecodeMeasurement(b, ctx, 0.002 + 1e-10 * (cm.weight_bytes_per_engine() + cm.kv_bytes(ctx)))
+        )
+    pre, dec = cm.fit(meas)
+    assert pre.s_per_linear_flop == pytest.approx(true.s_per_linear_flop, rel=0.05)
+    assert pre.s_per_attention_flop == pytest.approx(true.s_per_attention_flop, rel=0.05)
+    assert pre.overhead_s == pytest.approx(true.overhead_s, abs=2e-3)
+    assert dec.s_per_byte == pytest.approx(1e-10, rel=0.05)
+    fitted = CostModel.from_fit("qwen2.5-32b", "cpu", meas)
+    t_true = (
+        true.overhead_s
+        + true.s_per_linear_flop * cm.linear_flops(300)
+        + true.s_per_attention_flop * cm.attention_flops(9000, 300)
+    )
+    assert fitted.prefill_time(9000, 300) == pytest.approx(t_true, rel=0.05)
+    assert "fitted" in repr(fitted)
+    want_dec = 0.002 + 1e-10 * (cm.weight_bytes_per_engine() + cm.kv_bytes(50_000))
+    assert fitted.decode_step_time(8, 50_000) == pytest.approx(want_dec, rel=0.05)
+    with pytest.raises(ValueError, match="bad prefill measurement"):
+        cm.fit([PrefillMeasurement(((0, 0),), 1.0)])
+
+
+def test_fit_is_nonnegative():
+    cm = CostModel("ds27b", "cpu")
+    # times that do not grow with attention: its coefficient must come out 0, not negative
+    meas = [PrefillMeasurement(((c, 100),), 0.01) for c in (0, 10_000, 50_000, 100_000)]
+    meas += [PrefillMeasurement(((0, b),), 0.01 + 1e-5 * b) for b in (50, 400, 1600)]
+    pre, _ = cm.fit(meas)
+    assert pre.s_per_attention_flop >= 0 and pre.s_per_linear_flop >= 0 and pre.overhead_s >= 0
+
+
+def test_hardware_registry_and_validation():
+    assert {"h800", "h100", "h200", "cpu"} <= set(HARDWARE.names())
+    h = HARDWARE.get("h800")
+    assert (
+        h.snic_bandwidth == pytest.approx(50e9)
+        and h.cnic_bandwidth == pytest.approx(50e9)
+        and h.gpus_per_node == 8
+    )
+    assert HARDWARE.get("h200").hbm_bytes > HARDWARE.get("h100").hbm_bytes
+    with pytest.raises(ValueError, match="must be >= 0"):
+        HardwareProfile("bad", -1, 1, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(KeyError, match="known: cpu"):
+        HARDWARE.get("tpu")
+
+
+def test_model_shape_validation():
+    with pytest.raises(ValueError, match="top_k"):
+        ModelShape(
+            "bad",
+            layers=2,
+            hidden=8,
+            heads=2,
+            kv_heads=2,
+            head_dim=4,
+            intermediate=16,
+            vocab=10,
+            n_routed_experts=4,
+            top_k=5,
+            moe_intermediate=8,
+        )
+    with pytest.raises(ValueError, match=">= 0"):
+        ModelShape("bad", layers=2, hidden=8, heads=2, kv_heads=-1, head_dim=4, intermediate=16, vocab=10)

@@ -1,0 +1,121 @@
+"""Intra-engine batching: fifo token budget and the compute quota with binary-search chunking."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schedulers import PrefillWork, make_batcher
+from schedulers.batching import largest_fitting_bsz
+from schedulers.cost_model import CostModel
+
+CM = CostModel("ds27b", "h800")
+
+
+def work(i, cached, remaining):
+    return PrefillWork(request_id=i, cached_tokens=cached, remaining_tokens=remaining)
+
+
+def test_fifo_budget_and_chunking():
+    b = make_batcher("fifo", token_budget=1000)
+    out = b.form_batch([work(1, 0, 300), work(2, 5000, 900), work(3, 0, 10)])
+    assert [(x.request_id, x.cached, x.bsz) for x in out] == [(1, 0, 300), (2, 5000, 700)]
+    b = make_batcher("fifo", token_budget=1000, chunk=False)
+    assert [x.request_id for x in b.form_batch([work(1, 0, 300), work(2, 0, 900)])] == [1]
+    assert [x.bsz for x in b.form_batch([work(2, 0, 900 * 2)])] == [1000]  # a lone head is still chunked
+    with pytest.raises(ValueError, match="token_budget"):
+        make_batcher("fifo", token_budget=0)
+
+
+def test_fifo_skips_finished_and_rejects_negative():
+    b = make_batcher("fifo")
+    assert [x.request_id for x in b.form_batch([work(1, 10, 0), work(2, 0, 5)])] == [2]
+    with pytest.raises(ValueError, match="negative"):
+        b.form_batch([work(1, 0, -1)])
+
+
+def test_largest_fitting_bsz_matches_brute_force():
+    for cached in (0, 100, 5000, 60_000):
+
+        def cost(b, cached=cached):
+            return CM.attention_time(cached, b)
+
+        for budget in (1e-6, 1e-3, 0.05, 0.3):
+            got = largest_fitting_bsz(cost, budget, 3000)
+            brute = max([b for b in range(3001) if b == 0 or cost(b) <= budget])
+            assert got == brute, (cached, budget)
+
+
+def test_compute_quota_packs_then_chunks_overflow():
+    quota = 0.05
+    b = make_batcher("compute_quota", quota_s=quota, cost_model=CM)
+    queue = [work(1, 30_000, 400), work(2, 60_000, 8_000), work(3, 0, 100)]
+    out = b.form_batch(queue)
+    assert [x.request_id for x in out] == [1, 2]
+    assert out[0].bsz == 400  # fits whole
+    used = CM.attention_time(30_000, 400)
+    assert used < quota
+    # the overflowing request gets the largest bsz that fits the quota left
+    chunk = out[1].bsz
+    assert 0 < chunk < 8_000
+    assert used + CM.attention_time(60_000, chunk) <= quota + 1e-12
+    assert used + CM.attention_time(60_000, chunk + 1) > quota
+    assert b.predicted_attention_time(out) <= quota + 1e-12
+
+
+def test_compute_quota_default_is_300ms_and_progress():
+    b = make_batcher("compute_quota", cost_model=CM)
+    assert b.config.quota_s == 0.3
+    # a head request whose single token exceeds a tiny quota still progresses by min_chunk_tokens
+    tiny = make_batcher("compute_quota", quota_s=1e-9, cost_model=CM, min_chunk_tokens=16)
+    out = tiny.form_batch([work(1, 100_000, 500), work(2, 0, 10)])
+    assert [(x.request_id, x.bsz) for x in out] == [(1, 16)]
+
+
+def test_compute_quota_token_budget_cap():
+    b = make_batcher("compute_quota", quota_s=10.0, cost_model=CM, token_budget=500)
+    out = b.form_batch([work(1, 0, 300), work(2, 0, 300), work(3, 0, 300)])
+    assert [(x.request_id, x.bsz) for x in out] == [(1, 300), (2, 200)]
+
+
+def test_compute_quota_builds_cost_model_from_names():
+    b = make_batcher("compute_quota", model="qwen2.5-32b", hardware="h200")
+    assert b.cost_model.model.name == "qwen2.5-32b" and b.cost_model.hw.name == "h200"
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    items=st.lists(st.tuples(st.integers(0, 120_000), st.integers(0, 20_000)), max_size=12),
+    quota=st.floats(1e-4, 1.0),
+)
+def test_compute_quota_properties(items, quota):
+    queue = [work(i, c, r) for i, (c, r) in enumerate(items)]
+    out = make_batcher("compute_quota", quota_s=quota, cost_model=CM).form_batch(queue)
+    live = [w for w in queue if w.remaining_tokens > 0]
+    # FIFO prefix of the live queue, each at most its remaining tokens, only the last may be partial
+    assert [x.request_id for x in out] == [w.request_id for w in live[: len(out)]]
+    for x, w in zip(out, live):
+        assert x.cached == w.cached_tokens and 0 < x.bsz <= w.remaining_tokens
+    assert all(x.bsz == w.remaining_tokens for x, w in zip(out[:-1], live))
+    total = sum(CM.attention_time(x.cached, x.bsz) for x in out)
+    assert total <= quota + 1e-12 or (len(out) == 1 and out[0].bsz == 1)
+    if live:
+        assert out, "the batch must make progress"
+    if out and len(out) < len(live) and out[-1].bsz == live[len(out) - 1].remaining_tokens:
+        nxt = live[len(out)]  # the next request did not fit even one token
+        assert total + CM.attention_time(nxt.cached_tokens, 1) > quota
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    items=st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 3000)), max_size=12),
+    budget=st.integers(1, 5000),
+)
+def test_fifo_properties(items, budget):
+    queue = [work(i, c, r) for i, (c, r) in enumerate(items)]
+    out = make_batcher("fifo", token_budget=budget).form_batch(queue)
+    live = [w for w in queue if w.remaining_tokens > 0]
+    assert [x.request_id for x in out] == [w.request_id for w in live[: len(out)]]
+    assert sum(x.bsz for x in out) <= budget
+    assert sum(x.bsz for x in out) == min(budget, sum(w.remaining_tokens for w in live))

@@ -1,0 +1,55 @@
+"""Cost-model calibration on real (NumPy) prefill forwards of this CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from schedulers.calibrate import TINY_DENSE, NumpyPrefill, default_grid, fit_report, time_decode, time_prefill
+from schedulers.cost_model import CostModel, ModelShape
+
+SMALL = ModelShape(
+    "small", layers=1, hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab=512
+)
+
+
+def test_numpy_prefill_runs_real_forward_and_fit_is_usable():
+    step = NumpyPrefill(SMALL, max_context=1024)
+    out = step(((0, 8), (512, 4)))
+    assert out.shape == (2, SMALL.vocab) and np.isfinite(out).all()
+    grid = [((c, b),) for c in (0, 256, 1024) for b in (8, 64)] + [((128, 16), (512, 32))]
+    meas = time_prefill(step, grid, repeats=2)
+    assert [m.items for m in meas] == [tuple(g) for g in grid] and all(m.seconds > 0 for m in meas)
+    cm = CostModel.from_fit(SMALL, "cpu", meas)
+    c = cm.prefill_fit
+    assert min(c.overhead_s, c.s_per_linear_flop, c.s_per_attention_flop, c.s_per_byte) >= 0
+    assert cm.prefill_time(1024, 64) > 0 and cm.attention_time(1024, 64) >= cm.attention_time(0, 64)
+    rep = fit_report(cm, meas)
+    assert rep.n == len(meas) and rep.max_rel_error >= rep.median_rel_error >= 0
+    with pytest.raises(ValueError, match="exceeds the calibration cache"):
+        step(((2048, 1),))
+    with pytest.raises(ValueError, match="dense GQA only"):
+        NumpyPrefill(CostModel("ds27b", "cpu").model, 16)
+
+
+def test_time_decode_measures_each_pair():
+    calls = []
+
+    def step(b, ctx):
+        calls.append((b, ctx))
+        return np.ones((b, 64)) @ np.ones((64, 64))
+
+    meas = time_decode(step, [(1, 100), (4, 400)], repeats=2, warmup=1)
+    assert [(m.batch_size, m.total_context_tokens) for m in meas] == [(1, 100), (4, 400)]
+    assert len(calls) == 6 and all(m.seconds > 0 for m in meas)
+
+
+@pytest.mark.slow
+def test_fit_predicts_held_out_forwards():
+    """Fitted on this CPU, held-out forwards are predicted within 50% (median); run with
+    OPENBLAS_NUM_THREADS=1 on a shared machine (multi-threaded BLAS under contention is erratic)."""
+    step = NumpyPrefill(TINY_DENSE, max_context=4096)
+    fit_grid, held = default_grid(4096)
+    fitted = CostModel.from_fit(TINY_DENSE, "cpu", time_prefill(step, fit_grid, repeats=5))
+    held_m = time_prefill(step, held, repeats=5)
+    assert fit_report(fitted, held_m).median_rel_error < 0.5

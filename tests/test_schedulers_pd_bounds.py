@@ -1,0 +1,50 @@
+"""PAPER.md's bottleneck-free P/D range."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+
+from schedulers.pd_bounds import as_fraction, binding_constraints, pd_ratio_bounds, pd_ratio_range
+
+REPO = pathlib.Path(__file__).resolve().parents[1]  # run the CLIs from the repo root
+
+
+def test_paper_example_1_7_to_7_2():
+    lo, hi = pd_ratio_bounds(8, 1, 50e9, 500e9)
+    assert as_fraction(lo) == Fraction(1, 7) and as_fraction(hi) == Fraction(7, 2)
+    low, up = binding_constraints(8, 1, 50e9, 500e9)
+    assert low == ["pe_cnic_in"] and set(up) == {"de_cnic_in", "de_host_mem"}
+
+
+def test_pd_ratio_range_by_memory_ratio():
+    assert pd_ratio_range(8, 1, 10.0) == pytest.approx(pd_ratio_bounds(8, 1, 50e9, 500e9))
+    assert pd_ratio_range(8, 2, 5.0) == pytest.approx(pd_ratio_bounds(8, 2, 50e9, 500e9))
+
+
+def test_host_memory_binds_when_scarce():
+    lo, hi = pd_ratio_bounds(8, 2, 50e9, 500e9)  # M/(B s) = 5 -> (5 - 3)/2 = 1
+    assert lo == pytest.approx(2 / 6) and hi == pytest.approx(1.0)
+    assert binding_constraints(8, 2, 50e9, 500e9)[1] == ["de_host_mem"]
+    # with plenty of host bandwidth the CNIC constraints bind
+    assert pd_ratio_bounds(8, 1, 50e9, 5e12)[1] == pytest.approx(3.5)
+
+
+def test_infeasible_and_bad_input():
+    lo, hi = pd_ratio_bounds(8, 1, 50e9, 160e9)  # M/(B s) = 3.2 -> hi = 0.1 < 1/7
+    assert lo > hi
+    with pytest.raises(ValueError, match="s <= g/2"):
+        pd_ratio_bounds(8, 5, 50e9, 500e9)
+    with pytest.raises(ValueError, match="must be > 0"):
+        pd_ratio_bounds(8, 1, 0, 500e9)
+
+
+def test_cli_prints_range():
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.pd_bounds"], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert "1/7 (0.1429) ... 7/2 (3.5000)" in out.stdout and "binding: lower pe_cnic_in" in out.stdout

@@ -1,0 +1,460 @@
+"""Inter-engine policies: hand-built snapshots with known right decisions, and property tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import schedulers
+from schedulers import (
+    POLICIES,
+    ClusterSnapshot,
+    DualPathConfig,
+    EngineState,
+    NodeState,
+    PendingRequest,
+    make_policy,
+)
+from schedulers.cost_model import CostModel
+
+ALPHA, BETA = 10_000, 50_000
+
+REPO = pathlib.Path(__file__).resolve().parents[1]  # run the CLIs from the repo root
+
+
+def snapshot(pe_nodes, de_nodes):
+    """pe_nodes / de_nodes: {node_id: (read_q, [engine dicts])}; engine dict: id, tok, seq, free."""
+    engines, nodes = {}, {}
+    for role, spec in (("prefill", pe_nodes), ("decode", de_nodes)):
+        for nid, (rq, engs) in spec.items():
+            nodes[nid] = NodeState(nid, role, read_queue_tokens=rq)
+            for e in engs:
+                engines[e["id"]] = EngineState(
+                    e["id"],
+                    role,
+                    nid,
+                    seq=e.get("seq", 0),
+                    tok=e.get("tok", 0),
+                    free_hbm_tokens=e.get("free", 10**9),
+                )
+    return ClusterSnapshot(now=0.0, engines=engines, nodes=nodes)
+
+
+def req(i, prompt=1000, hit=900, gen=100):
+    return PendingRequest(
+        request_id=i, trajectory_id=i, turn_index=0, prompt_tokens=prompt, hit_tokens=hit, gen_tokens=gen
+    )
+
+
+def dualpath(**kw):
+    kw.setdefault("alpha_tokens", ALPHA)
+    kw.setdefault("beta_tokens", BETA)
+    return make_policy("dualpath", **kw)
+
+
+ONE_DE = {10: (0, [{"id": 100}])}
+
+
+# ----------------------------------------------------------------------------------------- registry
+def test_registry_names_and_unknown():
+    assert {"basic", "round_robin", "dualpath", "de_only", "random", "split"} <= set(POLICIES.names())
+    with pytest.raises(KeyError, match="known: basic"):
+        make_policy("dualpth")
+    with pytest.raises(TypeError, match="config fields"):
+        make_policy("dualpath", alpha=3)
+    assert {"fifo", "compute_quota"} <= set(schedulers.BATCHERS.names())
+
+
+def test_schedulers_do_not_import_jax():
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, schedulers, schedulers.pd_bounds; print('jax' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_dualpath_config_from_cost_model():
+    cm = CostModel("ds660b", "h800")
+    cfg = DualPathConfig.from_cost_model(cm)
+    # α: 3 s of one 400 Gbps SNIC over 48,068 B/token
+    assert cfg.alpha_tokens == int(3.0 * 50e9 / 48_068)
+    # β: 5 s of prompt tokens at the profiled turn shape
+    t = cm.prefill_time(32_721, 429)
+    assert cfg.beta_tokens == int(5.0 * (32_721 + 429) / t)
+    assert DualPathConfig().alpha_tokens == cfg.alpha_tokens  # the default is the paper's setup
+    p = make_policy("dualpath", config=cfg)
+    assert p.config is cfg
+
+
+# ----------------------------------------------------------------------------------- Algorithm 1 (PE)
+def test_pe_overloaded_engines_skipped():
+    # e0 sits on a short-queue node with the lowest tok but tok > β: it gets nothing.
+    snap = snapshot(
+        {0: (0, [{"id": 0, "tok": BETA + 1}]), 1: (ALPHA + 1, [{"id": 1, "tok": BETA}])},
+        ONE_DE,
+    )
+    out = dualpath().schedule(snap, [req(0)])
+    assert [a.prefill_engine for a in out] == [1]
+
+
+def test_pe_all_overloaded_stops():
+    snap = snapshot({0: (0, [{"id": 0, "tok": BETA + 1}, {"id": 1, "tok": BETA + 5}])}, ONE_DE)
+    assert dualpath().schedule(snap, [req(0), req(1)]) == []
+
+
+def test_pe_short_read_queue_preferred():
+    # e0 is idle but its node's read queue is > α; e1 is busier on a node with read_q <= α.
+    snap = snapshot({0: (ALPHA + 1, [{"id": 0, "tok": 0}]), 1: (ALPHA, [{"id": 1, "tok": 30_000}])}, ONE_DE)
+    out = dualpath().schedule(snap, [req(0)])
+    assert out[0].prefill_engine == 1
+
+
+def test_pe_lowest_tok_within_class_and_updates():
+    snap = snapshot({0: (0, [{"id": 0, "tok": 500}, {"id": 1, "tok": 300}])}, ONE_DE)
+    out = dualpath().schedule(
+        snap, [req(0, prompt=1000, hit=0), req(1, prompt=1000, hit=0), req(2, prompt=1000, hit=0)]
+    )
+    # 300 -> e1 (1300), then e0 (500 -> 1500), then e1 (1300 -> 2300)
+    assert [a.prefill_engine for a in out] == [1, 0, 1]
+
+
+def test_pe_falls_back_to_long_queue_nodes():
+    snap = snapshot({0: (ALPHA + 1, [{"id": 0, "tok": 200}, {"id": 1, "tok": 100}])}, ONE_DE)
+    out = dualpath().schedule(snap, [req(0)])
+    assert out[0].prefill_engine == 1
+
+
+def test_pe_tok_above_beta_after_assignment_stops_engine():
+    snap = snapshot({0: (0, [{"id": 0, "tok": BETA - 10}])}, ONE_DE)
+    out = dualpath().schedule(snap, [req(0, prompt=100, hit=0), req(1, prompt=100, hit=0)])
+    assert len(out) == 1  # after the first, tok = β + 90 > β: the fetch stops
+
+
+# --------------------------------------------------------------------------------------- DE phases
+PE_IDLE = {0: (0, [{"id": 0}])}
+
+
+def test_de_phase1_least_loaded_group():
+    snap = snapshot(
+        PE_IDLE,
+        {10: (0, [{"id": 100, "tok": 1000}]), 11: (0, [{"id": 110, "tok": 0}, {"id": 111, "tok": 0}])},
+    )
+    out = dualpath().schedule(snap, [req(0)])
+    assert out[0].decode_engine in (110, 111)
+
+
+def test_de_phase2_prefers_fewest_seq_under_z():
+    # Z = 1.05 * (300 + 5200) / 3 = 1925: d0 (300) and d1 (500) are under Z; d1 has the fewest seq.
+    des = {
+        10: (
+            0,
+            [
+                {"id": 100, "tok": 0, "seq": 3},
+                {"id": 101, "tok": 200, "seq": 1},
+                {"id": 102, "tok": 5000, "seq": 0},
+            ],
+        )
+    }
+    out = dualpath().schedule(snapshot(PE_IDLE, des), [req(0, prompt=200, hit=0, gen=100)])
+    assert out[0].decode_engine == 101
+
+
+def test_de_z_slack_105():
+    # len 100, tok [950, 0, 2000]: Z(1.0) = 1016.7 < 950 + 100 = 1050 <= Z(1.05) = 1067.5.
+    des = {
+        10: (
+            0,
+            [
+                {"id": 100, "tok": 950, "seq": 0},
+                {"id": 101, "tok": 0, "seq": 7},
+                {"id": 102, "tok": 2000, "seq": 0},
+            ],
+        )
+    }
+    snap = snapshot(PE_IDLE, des)
+    r = [req(0, prompt=60, hit=0, gen=40)]
+    assert dualpath().schedule(snap, r)[0].decode_engine == 100  # with the slack d0 is under Z: fewest seq
+    assert dualpath(z_slack=1.0).schedule(snap, r)[0].decode_engine == 101  # without it only d1 is
+
+
+def test_de_no_z_candidate_falls_back_to_lowest_tok():
+    des = {10: (0, [{"id": 100, "tok": 900, "seq": 0}, {"id": 101, "tok": 800, "seq": 5}])}
+    out = dualpath().schedule(snapshot(PE_IDLE, des), [req(0, prompt=5000, hit=0, gen=0)])
+    assert out[0].decode_engine == 101
+
+
+def test_de_hbm_limits_respected_and_stop():
+    des = {10: (0, [{"id": 100, "tok": 0, "free": 500}, {"id": 101, "tok": 9000, "free": 2000}])}
+    snap = snapshot(PE_IDLE, des)
+    out = dualpath().schedule(
+        snap,
+        [
+            req(0, prompt=1000, hit=0, gen=100),
+            req(1, prompt=1000, hit=0, gen=100),
+            req(2, prompt=10, hit=0, gen=1),
+        ],
+    )
+    # r0 only fits on d1; r1 fits nowhere -> stop (r2 is not placed out of order)
+    assert [(a.request_id, a.decode_engine) for a in out] == [(0, 101)]
+
+
+def test_read_side_shorter_queue():
+    def side(pe_q, de_q):
+        snap = snapshot({0: (pe_q, [{"id": 0}])}, {10: (de_q, [{"id": 100}])})
+        a = dualpath(alpha_tokens=10**9).schedule(snap, [req(0)])[0]
+        return a.read_side, a.de_read_fraction
+
+    assert side(100, 50) == ("de", 1.0)
+    assert side(50, 100) == ("pe", 0.0)
+    assert side(70, 70) == ("pe", 0.0)
+
+
+def test_read_queue_updates_within_a_fetch():
+    # Equal queues: r0 reads on the PE side (tie); its 900 hit tokens lengthen the PE queue -> r1 reads DE-side.
+    snap = snapshot({0: (0, [{"id": 0}, {"id": 1}])}, {10: (0, [{"id": 100}, {"id": 101}])})
+    out = dualpath().schedule(snap, [req(0), req(1)])
+    assert [a.read_side for a in out] == ["pe", "de"]
+
+
+def test_snapshot_not_mutated():
+    snap = snapshot({0: (0, [{"id": 0}])}, {10: (0, [{"id": 100, "free": 5000}])})
+    before = dataclasses.asdict(snap)
+    for name in POLICIES.names():
+        make_policy(name).schedule(snap, [req(i) for i in range(3)])
+    assert dataclasses.asdict(snap) == before
+
+
+def test_fetching_node_restricts_its_role():
+    snap = snapshot(
+        {0: (0, [{"id": 0, "tok": 0}]), 1: (0, [{"id": 1, "tok": 10}])},
+        {10: (0, [{"id": 100, "tok": 0}]), 11: (0, [{"id": 110, "tok": 50}])},
+    )
+    assert dualpath().schedule(snap, [req(0)], fetching_node=1)[0].prefill_engine == 1
+    assert dualpath().schedule(snap, [req(0)], fetching_node=11)[0].decode_engine == 110
+    with pytest.raises(KeyError, match="fetching_node 7"):
+        dualpath().schedule(snap, [req(0)], fetching_node=7)
+
+
+def test_duplicate_request_ids_rejected():
+    snap = snapshot(PE_IDLE, ONE_DE)
+    with pytest.raises(ValueError, match="twice"):
+        dualpath().schedule(snap, [req(0), req(0)])
+
+
+# ------------------------------------------------------------------------------------ other policies
+def test_basic_reads_pe_side_least_loaded():
+    snap = snapshot(
+        {0: (0, [{"id": 0, "tok": 500}, {"id": 1, "tok": 100}])},
+        {10: (0, [{"id": 100, "tok": 0, "free": 10}, {"id": 101, "tok": 70}])},
+    )
+    out = make_policy("basic").schedule(snap, [req(0)])
+    assert (out[0].prefill_engine, out[0].decode_engine, out[0].read_side) == (1, 101, "pe")
+
+
+def test_de_only_and_pe_only_sides():
+    snap = snapshot({0: (0, [{"id": 0}])}, {10: (10**6, [{"id": 100}])})
+    assert make_policy("de_only").schedule(snap, [req(0)])[0].read_side == "de"
+    snap = snapshot({0: (10**6, [{"id": 0}])}, {10: (0, [{"id": 100}])})
+    assert make_policy("pe_only").schedule(snap, [req(0)])[0].read_side == "pe"
+
+
+def test_round_robin_cycles_and_alternates():
+    snap = snapshot(
+        {0: (0, [{"id": 0}, {"id": 1}])}, {10: (0, [{"id": 100}, {"id": 101, "free": 0}, {"id": 102}])}
+    )
+    out = make_policy("round_robin").schedule(snap, [req(i) for i in range(4)])
+    assert [a.prefill_engine for a in out] == [0, 1, 0, 1]
+    assert [a.decode_engine for a in out] == [100, 102, 100, 102]  # 101 has no room
+    assert [a.read_side for a in out] == ["pe", "de", "pe", "de"]
+
+
+def test_random_is_seeded_and_respects_room():
+    snap = snapshot(
+        {0: (0, [{"id": i} for i in range(4)])}, {10: (0, [{"id": 100, "free": 0}, {"id": 101}, {"id": 102}])}
+    )
+    a = make_policy("random", seed=3).schedule(snap, [req(i) for i in range(20)])
+    b = make_policy("random", seed=3).schedule(snap, [req(i) for i in range(20)])
+    assert a == b and len(a) == 20
+    assert all(x.decode_engine != 100 for x in a)
+    assert len({x.prefill_engine for x in a}) > 1
+
+
+def test_split_balances_read_queues():
+    snap = snapshot({0: (0, [{"id": 0}])}, {10: (0, [{"id": 100}])})
+    a = make_policy("split", block_size=1).schedule(snap, [req(0, prompt=1100, hit=1000)])[0]
+    assert a.read_side == "split" and a.de_read_fraction == pytest.approx(0.5)
+    # PE queue already 600 longer: x = (600 + 1000 - 0) / 2 = 800 blocks of 64 rounded -> DE reads ~800
+    snap = snapshot({0: (600, [{"id": 0}])}, {10: (0, [{"id": 100}])})
+    a = make_policy("split").schedule(snap, [req(0, prompt=1100, hit=1024)])[0]
+    de_tokens = a.de_read_fraction * 1024
+    assert de_tokens % 64 == 0 and abs((600 + 1024 - de_tokens) - de_tokens) <= 64
+    # PE queue far longer: everything DE-side
+    snap = snapshot({0: (10**6, [{"id": 0}])}, {10: (0, [{"id": 100}])})
+    assert make_policy("split").schedule(snap, [req(0)])[0].read_side == "de"
+
+
+# ------------------------------------------------------------------------------------ property tests
+@st.composite
+def cluster_and_queue(draw):
+    n_pe_nodes = draw(st.integers(1, 3))
+    n_de_nodes = draw(st.integers(1, 3))
+    eid = 0
+    pe, de = {}, {}
+    for n in range(n_pe_nodes):
+        engs = []
+        for _ in range(draw(st.integers(1, 3))):
+            engs.append({"id": eid, "tok": draw(st.integers(0, 2 * BETA)), "seq": draw(st.integers(0, 5))})
+            eid += 1
+        pe[n] = (draw(st.integers(0, 3 * ALPHA)), engs)
+    for n in range(n_pe_nodes, n_pe_nodes + n_de_nodes):
+        engs = []
+        for _ in range(draw(st.integers(1, 3))):
+            engs.append(
+                {
+                    "id": eid,
+                    "tok": draw(st.integers(0, 50_000)),
+                    "seq": draw(st.integers(0, 5)),
+                    "free": draw(st.integers(0, 40_000)),
+                }
+            )
+            eid += 1
+        de[n] = (draw(st.integers(0, 3 * ALPHA)), engs)
+    queue = []
+    for i in range(draw(st.integers(0, 25))):
+        prompt = draw(st.integers(1, 20_000))
+        hit = draw(st.integers(0, prompt))
+        queue.append(req(1000 + i, prompt=prompt, hit=hit, gen=draw(st.integers(0, 2000))))
+    fetch = draw(st.sampled_from([None] + list(pe) + list(de)))
+    return snapshot(pe, de), queue, fetch
+
+
+@pytest.mark.parametrize(
+    "name", ["basic", "round_robin", "dualpath", "de_only", "pe_only", "random", "split"]
+)
+@settings(max_examples=60, deadline=None)
+@given(data=cluster_and_queue())
+def test_policy_invariants(name, data):
+    snap, queue, fetch = data
+    kw = (
+        {"alpha_tokens": ALPHA, "beta_tokens": BETA}
+        if name in ("dualpath", "de_only", "pe_only", "split")
+        else {}
+    )
+    before = dataclasses.asdict(snap)
+    out = make_policy(name, **kw).schedule(snap, queue, fetching_node=fetch)
+    assert dataclasses.asdict(snap) == before
+    ids = [a.request_id for a in out]
+    # FIFO prefix, no request lost from the prefix, none assigned twice
+    assert ids == [r.request_id for r in queue[: len(out)]]
+    by_id = {r.request_id: r for r in queue}
+    used = {}
+    for a in out:
+        pe, de = snap.engines[a.prefill_engine], snap.engines[a.decode_engine]
+        assert pe.role == "prefill" and de.role == "decode"
+        if fetch is not None and snap.nodes[fetch].role == "prefill":
+            assert pe.node_id == fetch
+        if fetch is not None and snap.nodes[fetch].role == "decode":
+            assert de.node_id == fetch
+        used[de.engine_id] = used.get(de.engine_id, 0) + by_id[a.request_id].total_tokens
+        assert used[de.engine_id] <= de.free_hbm_tokens  # DE HBM respected
+    if name in ("dualpath", "de_only", "pe_only", "split"):
+        tok = {e.engine_id: e.tok for e in snap.engines.values()}
+        for a in out:  # Algorithm 1: no PE above β at the moment it gets a request
+            assert tok[a.prefill_engine] <= BETA
+            tok[a.prefill_engine] += by_id[a.request_id].prompt_tokens
+
+
+def test_paper_scale_group_fetch():
+    """A 1,152-GPU cluster (48 PE + 96 DE nodes of 8), 5,000 waiting: one PE group's fetch fills each of its
+    PEs up to β and nothing else (the fetch cost is measured by `python -m schedulers.bench`)."""
+    pe = {
+        n: (n * 1000, [{"id": n * 8 + k, "tok": (n * 8 + k) * 37 % 20_000} for k in range(8)])
+        for n in range(48)
+    }
+    de = {n: (0, [{"id": n * 8 + k, "tok": 0, "free": 400_000} for k in range(8)]) for n in range(48, 144)}
+    snap = snapshot(pe, de)
+    queue = [req(i, prompt=33_000, hit=32_500, gen=176) for i in range(5000)]
+    beta = 1_700_000
+    out = dualpath(alpha_tokens=3_000_000, beta_tokens=beta).schedule(snap, queue, fetching_node=3)
+    # a PE keeps taking requests while its tok <= β: floor((β - tok0) / 33,000) + 1 each
+    want = {e: (beta - snap.engines[e].tok) // 33_000 + 1 for e in range(24, 32)}
+    got = {}
+    for a in out:
+        got[a.prefill_engine] = got.get(a.prefill_engine, 0) + 1
+    assert got == want
+    assert len({a.decode_engine for a in out}) > 96  # spread over the DE groups
+
+
+def reference_dualpath(snap, queue, alpha, beta, slack, fetch):
+    """A direct, slow transcription of PAPER.md "Scheduler" to check the optimised policy against."""
+    fetch_role = snap.nodes[fetch].role if fetch is not None else None
+    engines = [e for e in snap.engines.values() if not (fetch_role == e.role and e.node_id != fetch)]
+    tok = {e.engine_id: e.tok for e in engines}
+    seq = {e.engine_id: e.seq for e in engines}
+    free = {e.engine_id: e.free_hbm_tokens for e in engines}
+    node = {e.engine_id: e.node_id for e in engines}
+    rq = {n.node_id: n.read_queue_tokens for n in snap.nodes.values()}
+    pes = sorted(e.engine_id for e in engines if e.role == "prefill")
+    groups = {}
+    for e in sorted(engines, key=lambda e: e.engine_id):
+        if e.role == "decode":
+            groups.setdefault(e.node_id, []).append(e.engine_id)
+    if not pes or not groups:
+        return []
+    # DE phase 1 over the whole queue
+    load = {g: sum(tok[e] for e in es) for g, es in groups.items()}
+    group_of, group_queue = [], {g: [] for g in groups}
+    for r in queue:
+        g = min(groups, key=lambda g: (load[g], g))
+        group_of.append(g)
+        group_queue[g].append(r)
+        load[g] += r.total_tokens
+    z = {}
+    for g, es in groups.items():
+        cap, used = sum(free[e] for e in es), 0
+        for r in group_queue[g]:
+            if used + r.total_tokens > cap:
+                break
+            used += r.total_tokens
+        z[g] = slack * (used + sum(tok[e] for e in es)) / len(es)
+    out = []
+    for r, g in zip(queue, group_of):
+        ok = [e for e in pes if tok[e] <= beta]
+        short = [e for e in ok if rq[node[e]] <= alpha]
+        pool = short or ok
+        if not pool:
+            break
+        pe = min(pool, key=lambda e: (tok[e], e))
+        fits = [e for e in groups[g] if free[e] >= r.total_tokens]
+        if not fits:
+            break
+        under = [e for e in fits if tok[e] + r.total_tokens <= z[g]]
+        de = min(under, key=lambda e: (seq[e], tok[e], e)) if under else min(fits, key=lambda e: (tok[e], e))
+        side = "de" if rq[node[de]] < rq[node[pe]] else "pe"
+        tok[pe] += r.prompt_tokens
+        seq[pe] += 1
+        tok[de] += r.total_tokens
+        seq[de] += 1
+        free[de] -= r.total_tokens
+        rq[node[pe if side == "pe" else de]] += r.hit_tokens
+        out.append((r.request_id, pe, de, side))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=cluster_and_queue(), slack=st.sampled_from([1.0, 1.05, 1.5]))
+def test_dualpath_matches_reference_transcription(data, slack):
+    snap, queue, fetch = data
+    got = dualpath(z_slack=slack).schedule(snap, queue, fetching_node=fetch)
+    want = reference_dualpath(snap, queue, ALPHA, BETA, slack, fetch)
+    assert [(a.request_id, a.prefill_engine, a.decode_engine, a.read_side) for a in got] == want
