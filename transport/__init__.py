@@ -1,1 +1,20 @@
-"""transport"""
+"""Transports between engines (DESIGN.md "Contracts: Transport") and the layer feeder.
+
+`transport.base` defines the interface, `TRANSPORTS` and `make_transport`; the backends register
+themselves on import here: "inproc" (engines in one process), "tcp" (processes/hosts), "rdma" (pyverbs,
+imported lazily when an endpoint is built). `transport.feeder` (imports jax) is not imported here.
+"""
+
+from transport import inproc, rdma, tcp  # noqa: F401  (register the backends; rdma imports pyverbs lazily)
+from transport.base import (  # noqa: F401
+    PRIORITIES,
+    TRANSPORTS,
+    MemoryRegion,
+    Notification,
+    PeerLostError,
+    RegionError,
+    Transport,
+    TransportClosedError,
+    TransportError,
+    make_transport,
+)

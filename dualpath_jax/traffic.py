@@ -1,0 +1,347 @@
+"""The traffic manager: emulated NIC links that pace real transfers and record per-link bytes over time.
+
+DualPath's data plane is bounded by two kinds of links (DESIGN.md "Vocabulary", PAPER.md "Hardware"):
+
+- each node's **SNIC** (storage NIC, bandwidth s*B), shared by the node's engines, carries storage reads
+  and write-backs;
+- each engine's **CNIC** (compute NIC, bandwidth B) carries model collectives at **high** priority and KV
+  at **low** priority; InfiniBand virtual lanes share it by weighted round-robin, ~99:1 under contention,
+  while either class may use the whole link when the other is idle (work-conserving).
+
+A `Link` reproduces that on one machine: a transfer asks the link for permission to move n bytes, in chunks
+of at most `quantum` bytes, and sleeps until its slot. Slots are handed out by start-time fair queuing
+(SFQ) across the classes, so the achieved rates follow the weights under contention and the whole rate
+goes to a class that is alone. Each grant is recorded as `dualpath_jax.metrics.LinkBytes` samples (per
+class for CNICs: "cnic/engine<E>/high", "cnic/engine<E>/low"; "snic/node<N>" for SNICs), binned over
+time, for the load-balance metrics.
+
+Scope: links are thread-safe objects in one process. Engines of one emulated node must therefore live in
+one process (threads) to share its SNIC; a CNIC belongs to one engine, which is one process or thread, so
+per-engine processes are fine. (For caps enforced across processes by the kernel see
+`experiments/netns_cluster.sh`: network namespaces with separate storage and compute veth networks shaped
+by tc.)
+
+Pacing models the sender's egress (like tc on an interface): a transport paces the bytes it sends.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import math
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+from dualpath_jax.metrics import LinkBytes
+
+DEFAULT_CNIC_WEIGHTS = {"high": 99.0, "low": 1.0}  # InfiniBand VL arbitration, PAPER.md "QoS"
+LOOKAHEAD = 4  # chunks a paced transfer keeps queued on a link ahead of the one it is moving
+
+
+class _Ticket:
+    __slots__ = ("cls", "nbytes", "seq", "slot", "start_tag")
+
+    def __init__(self, start_tag: float, seq: int, nbytes: int, cls: str):
+        self.start_tag, self.seq, self.nbytes, self.cls = start_tag, seq, nbytes, cls
+        self.slot: float | None = None  # granted slot start (monotonic time)
+
+    def __lt__(self, other: _Ticket) -> bool:
+        return (self.start_tag, self.seq) < (other.start_tag, other.seq)
+
+
+class Link:
+    """A rate-capped link with weighted priority classes (thread-safe).
+
+    Args:
+      name: the link's metric name ("snic/node0", "cnic/engine3"); CNIC samples get "/<class>" appended
+        when `per_class_names` is set.
+      rate_bytes_per_s: capacity in bytes/s (`math.inf` = unpaced, only recorded).
+      weights: class -> weight; under contention class c gets weight_c / sum(weights of backlogged classes)
+        of the rate. A class alone gets the whole rate.
+      quantum: largest chunk granted at once (bytes). Default: ~5 ms of the link's rate, at least 16 KiB.
+      burst_s: how far the link may catch up after being idle or late (token-bucket depth, seconds).
+      clock_origin: `time.monotonic()` value that sample times are measured from.
+      sample_interval: width of the recorded `LinkBytes` bins, seconds.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        rate_bytes_per_s: float,
+        weights: Mapping[str, float] | None = None,
+        quantum: int | None = None,
+        burst_s: float = 0.01,
+        clock_origin: float | None = None,
+        sample_interval: float = 0.1,
+        per_class_names: bool = False,
+    ):
+        if not rate_bytes_per_s > 0:
+            raise ValueError(f"link {name!r}: rate must be > 0 bytes/s, got {rate_bytes_per_s}")
+        self.name = name
+        self.rate = float(rate_bytes_per_s)
+        self.weights = dict(weights or {"high": 1.0, "low": 1.0})
+        for c, w in self.weights.items():
+            if not w > 0:
+                raise ValueError(f"link {name!r}: weight of class {c!r} must be > 0, got {w}")
+        if quantum is None:
+            quantum = 1 << 20 if math.isinf(self.rate) else int(max(16 << 10, min(8 << 20, self.rate * 0.005)))
+        self.quantum = int(quantum)
+        self.burst_s = float(burst_s)
+        # How far ahead of the link's timeline a slot may be granted: less than one chunk, so a flow that
+        # immediately asks for its next chunk competes for the next slot.
+        self.horizon = 0.5 * self.quantum / self.rate if not math.isinf(self.rate) else 0.0
+        self.per_class_names = per_class_names
+        self.clock_origin = time.monotonic() if clock_origin is None else clock_origin
+        self.sample_interval = float(sample_interval)
+        self._cond = threading.Condition()
+        self._queues: dict[str, collections.deque[_Ticket]] = {c: collections.deque() for c in self.weights}
+        self._finish: dict[str, float] = {c: 0.0 for c in self.weights}  # SFQ finish tag per class
+        self._vtime = 0.0  # SFQ virtual time = start tag of the last granted chunk
+        self._busy_until = time.monotonic()  # end of the last granted slot on the link's timeline
+        self._seq = itertools.count()
+        self._bins: dict[tuple[str, int], int] = collections.defaultdict(int)
+        self.bytes_by_class: dict[str, int] = {c: 0 for c in self.weights}
+
+    # ---- pacing -----------------------------------------------------------------------------------------
+    def acquire(self, nbytes: int, cls: str = "low") -> None:
+        """Block until `nbytes` of class `cls` may cross the link (chunk by chunk); records the bytes."""
+        for _ in self.paced(nbytes, cls):
+            pass
+
+    def paced(self, nbytes: int, cls: str = "low") -> Iterator[int]:
+        """Yield the chunk sizes of an `nbytes` transfer, each once its slot has come: move the chunk's bytes
+        right after it is yielded.
+
+        The next LOOKAHEAD - 1 chunks stay queued while the thread sleeps until the current chunk's slot, so a
+        backlogged flow always has a ticket waiting when the link decides who goes next (however late its
+        thread wakes up). Tickets are granted at most `horizon` ahead, so queued tickets do not hog the link.
+        """
+        sizes = self.chunks(nbytes)
+        pending = collections.deque(self.enqueue(n, cls) for n in sizes[:LOOKAHEAD])
+        for k in range(len(sizes)):
+            start = self.wait(pending.popleft())
+            if k + LOOKAHEAD < len(sizes):
+                pending.append(self.enqueue(sizes[k + LOOKAHEAD], cls))
+            delay = start - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            yield sizes[k]
+
+    def chunks(self, nbytes: int) -> list[int]:
+        q, n = self.quantum, int(nbytes)
+        return [min(q, n - o) for o in range(0, n, q)]
+
+    def reserve(self, nbytes: int, cls: str) -> float:
+        """Queue one chunk (<= quantum), block until granted; returns the slot start (monotonic seconds)."""
+        return self.wait(self.enqueue(nbytes, cls))
+
+    def enqueue(self, nbytes: int, cls: str) -> _Ticket:
+        """Queue one chunk of class `cls` for a slot (start-time fair queuing tag)."""
+        if cls not in self.weights:
+            raise ValueError(f"link {self.name!r} has classes {sorted(self.weights)}, not {cls!r}")
+        with self._cond:
+            start_tag = max(self._vtime, self._finish[cls])
+            t = _Ticket(start_tag, next(self._seq), int(nbytes), cls)
+            self._finish[cls] = start_tag + nbytes / self.weights[cls]
+            if math.isinf(self.rate):
+                t.slot = time.monotonic()
+                self._record(t.slot, t.nbytes, cls)
+            else:
+                self._queues[cls].append(t)
+                self._dispatch()
+            return t
+
+    def wait(self, t: _Ticket) -> float:
+        """Block until ticket `t` is granted; returns its slot start. The caller moves its bytes from then."""
+        if t.slot is not None:
+            return t.slot
+        with self._cond:
+            while t.slot is None:
+                self._dispatch()
+                if t.slot is not None:
+                    break
+                wait = self._busy_until - self.horizon - time.monotonic()
+                self._cond.wait(max(wait, 0.0005))
+            return t.slot
+
+    def _dispatch(self) -> None:
+        """Grant slots, in SFQ order over the class heads, while the link timeline is within the horizon."""
+        now = time.monotonic()
+        granted = False
+        while True:
+            heads = [q[0] for q in self._queues.values() if q]
+            if not heads:
+                break
+            # A link idle for long may only catch up burst_s worth of bytes.
+            self._busy_until = max(self._busy_until, now - self.burst_s)
+            if self._busy_until > now + self.horizon:
+                break
+            t = min(heads)
+            self._queues[t.cls].popleft()
+            t.slot = max(self._busy_until, now - self.burst_s)
+            self._busy_until = t.slot + t.nbytes / self.rate
+            self._vtime = t.start_tag
+            self._record(t.slot, t.nbytes, t.cls)
+            granted = True
+        if granted:
+            self._cond.notify_all()
+
+    # ---- recording --------------------------------------------------------------------------------------
+    def _record(self, when: float, nbytes: int, cls: str) -> None:
+        rel = max(0.0, when - self.clock_origin)
+        name = f"{self.name}/{cls}" if self.per_class_names else self.name
+        self._bins[(name, int(rel / self.sample_interval))] += nbytes
+        self.bytes_by_class[cls] = self.bytes_by_class.get(cls, 0) + nbytes
+
+    def record(self, nbytes: int, cls: str = "low") -> None:
+        """Record bytes that crossed the link without pacing them (e.g. measured elsewhere)."""
+        with self._cond:
+            self._record(time.monotonic(), nbytes, cls)
+
+    def samples(self) -> list[LinkBytes]:
+        with self._cond:
+            items = sorted(self._bins.items())
+        return [LinkBytes(name, b * self.sample_interval, (b + 1) * self.sample_interval, n) for (name, b), n in items]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_class.values())
+
+
+class Pacer:
+    """Paces one transfer path over several links (e.g. a DE's SNIC then its CNIC): each chunk reserves a
+    slot on every link and waits for the latest one. Implements `transport.base.Pacer`."""
+
+    def __init__(self, links: Sequence[Link], class_map: Mapping[str, str] | None = None):
+        if not links:
+            raise ValueError("a pacer needs at least one link")
+        self.links = list(links)
+        # Which class of each link a transfer priority uses (SNICs carry KV only: map everything to "low").
+        self.class_map = dict(class_map or {})
+
+    def pace(self, nbytes: int, priority: str = "low") -> None:
+        """Block until `nbytes` of `priority` may cross every link of the path."""
+        for _ in self.paced(nbytes, priority):
+            pass
+
+    def paced(self, nbytes: int, priority: str = "low") -> Iterator[int]:
+        """Like `Link.paced` over all links of the path: yields each chunk size once every link granted it."""
+        quantum = min(link.quantum for link in self.links)
+        n = int(nbytes)
+        sizes = [min(quantum, n - o) for o in range(0, n, quantum)]
+        classes = []
+        for link in self.links:
+            cls = self.class_map.get(priority, priority)
+            classes.append(cls if cls in link.weights else next(iter(link.weights)))
+
+        def enqueue(k: int) -> list:
+            return [link.enqueue(sizes[k], c) for link, c in zip(self.links, classes, strict=True)]
+
+        pending = collections.deque(enqueue(k) for k in range(min(LOOKAHEAD, len(sizes))))
+        for k in range(len(sizes)):
+            tickets = pending.popleft()
+            start = max(link.wait(t) for link, t in zip(self.links, tickets, strict=True))
+            if k + LOOKAHEAD < len(sizes):
+                pending.append(enqueue(k + LOOKAHEAD))
+            delay = start - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            yield sizes[k]
+
+
+@dataclasses.dataclass
+class ClusterLinks:
+    """Rates (bytes/s) that shape an emulated cluster: see `TrafficManager.for_cluster`."""
+
+    snic_bytes_per_s: float
+    cnic_bytes_per_s: float
+    cnic_weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_CNIC_WEIGHTS))
+
+
+class TrafficManager:
+    """All emulated links of one process: SNICs per node, CNICs per engine, their pacers and samples."""
+
+    def __init__(self, clock_origin: float | None = None, sample_interval: float = 0.1):
+        self.clock_origin = time.monotonic() if clock_origin is None else clock_origin
+        self.sample_interval = sample_interval
+        self._links: dict[str, Link] = {}
+        self._lock = threading.Lock()
+
+    def add_link(
+        self,
+        name: str,
+        rate_bytes_per_s: float,
+        weights: Mapping[str, float] | None = None,
+        per_class_names: bool = False,
+        **kw,
+    ) -> Link:
+        with self._lock:
+            if name in self._links:
+                raise ValueError(f"link {name!r} already exists")
+            link = Link(
+                name,
+                rate_bytes_per_s,
+                weights,
+                clock_origin=self.clock_origin,
+                sample_interval=self.sample_interval,
+                per_class_names=per_class_names,
+                **kw,
+            )
+            self._links[name] = link
+            return link
+
+    def add_snic(self, node: int, rate_bytes_per_s: float, **kw) -> Link:
+        """The storage NIC of `node`, shared by all its engines (one class: storage traffic)."""
+        return self.add_link(f"snic/node{node}", rate_bytes_per_s, {"low": 1.0}, **kw)
+
+    def add_cnic(self, engine: int, rate_bytes_per_s: float, weights: Mapping[str, float] | None = None, **kw) -> Link:
+        """The compute NIC of `engine`: high (model) and low (KV) classes, ~99:1 under contention."""
+        return self.add_link(
+            f"cnic/engine{engine}", rate_bytes_per_s, weights or DEFAULT_CNIC_WEIGHTS, per_class_names=True, **kw
+        )
+
+    def link(self, name: str) -> Link:
+        try:
+            return self._links[name]
+        except KeyError:
+            raise KeyError(f"no link {name!r}; known: {', '.join(sorted(self._links)) or '(none)'}") from None
+
+    def snic(self, node: int) -> Link:
+        return self.link(f"snic/node{node}")
+
+    def cnic(self, engine: int) -> Link:
+        return self.link(f"cnic/engine{engine}")
+
+    def pacer(self, *names: str) -> Pacer:
+        """A pacer over the named links in order; SNIC links take every priority as their single class."""
+        return Pacer([self.link(n) for n in names])
+
+    def samples(self) -> list[LinkBytes]:
+        out: list[LinkBytes] = []
+        for link in list(self._links.values()):
+            out.extend(link.samples())
+        return sorted(out, key=lambda s: (s.t0, s.link))
+
+    @classmethod
+    def for_cluster(cls, engines_per_node: Mapping[int, Iterable[int]], rates: ClusterLinks, **kw) -> TrafficManager:
+        """SNIC per node and CNIC per engine, e.g. `for_cluster({0: [0, 1], 1: [2, 3]}, ClusterLinks(...))`."""
+        tm = cls(**kw)
+        for node, engines in engines_per_node.items():
+            tm.add_snic(node, rates.snic_bytes_per_s)
+            for e in engines:
+                tm.add_cnic(e, rates.cnic_bytes_per_s, rates.cnic_weights)
+        return tm
+
+
+def rate_of(samples: Iterable[LinkBytes], link: str, t0: float = 0.0, t1: float = math.inf) -> float:
+    """Mean bytes/s of `link` over the bins inside [t0, t1) (for checks and benchmarks)."""
+    sel = [s for s in samples if s.link == link and s.t0 >= t0 and s.t1 <= t1]
+    if not sel:
+        return 0.0
+    span = max(s.t1 for s in sel) - min(s.t0 for s in sel)
+    return sum(s.nbytes for s in sel) / span if span > 0 else math.nan
+
+
+__all__ = ["DEFAULT_CNIC_WEIGHTS", "ClusterLinks", "Link", "Pacer", "TrafficManager", "rate_of"]

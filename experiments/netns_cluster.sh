@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# Kernel-enforced NIC caps for an emulated DualPath cluster on one Linux host (needs root, iproute2, tc).
+#
+# The in-process traffic manager (dualpath_jax/traffic.py) paces transfers inside one process. This script
+# makes the kernel enforce the same caps across processes instead: every node is a network namespace with
+#   - one storage NIC  "snic"    on the storage bridge  dpj-sbr (10.78.0.0/16), shaped to SNIC_MBIT, shared by
+#     the node's engines (the root namespace, 10.78.255.254, plays the storage cluster), and
+#   - one compute NIC  "cnic<g>" per engine on the compute bridge dpj-cbr (10.77.0.0/16), shaped to CNIC_MBIT
+#     with two HTB classes: DSCP EF (the TCP transport's "high" stream, model traffic) guaranteed 99% and
+#     DSCP CS1 (its "low" stream, KV) guaranteed 1%, each allowed to borrow the whole link (work-conserving),
+#     like InfiniBand virtual lanes with weights 99:1.
+# Both directions are shaped (egress of the namespace side and of the bridge side of each veth).
+# Engine e = node*G + g listens on 10.77.<node>.<g+1>; run engines with `ip netns exec dpj-n<node> ...` and
+# `TcpTransport(host="10.77.<node>.<g+1>", secret=...)` (non-loopback binds need a shared secret).
+#
+#   experiments/netns_cluster.sh up [NODES] [G] [SNIC_MBIT] [CNIC_MBIT]   # default 2 nodes x 2 engines, 800/1600
+#   experiments/netns_cluster.sh test                                     # measure a shaped CNIC and SNIC
+#   experiments/netns_cluster.sh down
+#
+# netem is not used (not available here); tbf/htb are. The storage network only matters for a store reached
+# over the network (e.g. an NFS/3FS mount served from the root namespace); the embedded local-directory
+# store reads the local disk and is paced by the traffic manager instead.
+set -euo pipefail
+
+CMD=${1:-}
+NODES=${2:-2}
+G=${3:-2}
+SNIC_MBIT=${4:-800}
+CNIC_MBIT=${5:-1600}
+
+shape_cnic() {  # dev [netns]: HTB root with a high (EF) and a low (CS1) class, 99:1, both may borrow all
+  local dev=$1 ns=${2:-} run=()
+  [[ -n $ns ]] && run=(ip netns exec "$ns")
+  local high=$((CNIC_MBIT * 99 / 100)) low=$((CNIC_MBIT / 100))
+  (( low < 1 )) && low=1
+  "${run[@]}" tc qdisc replace dev "$dev" root handle 1: htb default 20
+  "${run[@]}" tc class add dev "$dev" parent 1: classid 1:1 htb rate "${CNIC_MBIT}mbit" ceil "${CNIC_MBIT}mbit" quantum 60000
+  "${run[@]}" tc class add dev "$dev" parent 1:1 classid 1:10 htb rate "${high}mbit" ceil "${CNIC_MBIT}mbit" prio 0 quantum 60000
+  "${run[@]}" tc class add dev "$dev" parent 1:1 classid 1:20 htb rate "${low}mbit" ceil "${CNIC_MBIT}mbit" prio 1 quantum 60000
+  # DSCP EF = TOS 0xb8 -> high; everything else (CS1 = 0x20, control) -> low
+  "${run[@]}" tc filter add dev "$dev" parent 1: protocol ip prio 1 u32 match ip tos 0xb8 0xfc flowid 1:10
+}
+
+shape_snic() {  # dev [netns]: one rate for all storage traffic
+  local dev=$1 ns=${2:-} run=()
+  [[ -n $ns ]] && run=(ip netns exec "$ns")
+  "${run[@]}" tc qdisc replace dev "$dev" root handle 1: htb default 10
+  "${run[@]}" tc class add dev "$dev" parent 1: classid 1:10 htb rate "${SNIC_MBIT}mbit" ceil "${SNIC_MBIT}mbit" quantum 60000
+}
+
+up() {
+  [[ $(id -u) == 0 ]] || { echo "netns_cluster.sh: needs root" >&2; exit 1; }
+  for br in dpj-cbr dpj-sbr; do
+    ip link add "$br" type bridge
+    ip link set "$br" up
+  done
+  ip addr add 10.78.255.254/16 dev dpj-sbr
+  for ((n = 0; n < NODES; n++)); do
+    ns=dpj-n$n
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip link add "dpj-s$n" type veth peer name snic netns "$ns"
+    ip link set "dpj-s$n" master dpj-sbr up
+    ip -n "$ns" addr add "10.78.$n.1/16" dev snic
+    ip -n "$ns" link set snic up
+    shape_snic snic "$ns"     # node -> storage (write-back)
+    shape_snic "dpj-s$n"      # storage -> node (reads)
+    for ((g = 0; g < G; g++)); do
+      e=$((n * G + g))
+      ip link add "dpj-c$e" type veth peer name "cnic$g" netns "$ns"
+      ip link set "dpj-c$e" master dpj-cbr up
+      ip -n "$ns" addr add "10.77.$n.$((g + 1))/16" dev "cnic$g"
+      ip -n "$ns" link set "cnic$g" up
+      shape_cnic "cnic$g" "$ns"   # engine egress
+      shape_cnic "dpj-c$e"        # engine ingress
+    done
+  done
+  echo "up: $NODES nodes x $G engines; SNIC ${SNIC_MBIT} Mbit/s per node, CNIC ${CNIC_MBIT} Mbit/s per engine"
+}
+
+down() {
+  for ns in $(ip netns list | awk '/^dpj-n[0-9]+/ {print $1}'); do ip netns del "$ns"; done
+  for br in dpj-cbr dpj-sbr; do ip link del "$br" 2>/dev/null || true; done
+  echo "down"
+}
+
+test_cluster() {
+  # One TCP transport per side: node 1 engine 0 receives; node 0 engine 0 sends high and low streams.
+  local py=${PYTHON:-python}
+  local here
+  here=$(cd "$(dirname "$0")/.." && pwd)
+  ip netns exec dpj-n1 env PYTHONPATH="$here" "$py" - <<'EOF' &
+import numpy as np, time
+from transport.tcp import TcpTransport
+ep = TcpTransport("sink", host="10.77.1.1", port=47000, secret="netns-test")
+ep.register("dst", np.zeros(64 << 20, np.uint8))
+time.sleep(25)
+EOF
+  local sink=$!
+  sleep 2
+  ip netns exec dpj-n0 env PYTHONPATH="$here" "$py" - <<'EOF'
+import numpy as np, threading, time
+from transport.tcp import TcpTransport
+ep = TcpTransport("src", host="10.77.0.1", secret="netns-test")
+ep.register("src", np.ones(64 << 20, np.uint8))
+ep.connect("sink", ("10.77.1.1", 47000))
+def run(prio, n, out):
+    t0 = time.monotonic(); nbytes = 0
+    while time.monotonic() - t0 < n:
+        ep.write("sink", "src", 0, "dst", 0, 8 << 20, priority=prio).result(60); nbytes += 8 << 20
+    out[prio] = nbytes / (time.monotonic() - t0)
+for scenario in (["low"], ["high", "low"]):
+    out = {}
+    ts = [threading.Thread(target=run, args=(p, 3.0, out)) for p in scenario]
+    [t.start() for t in ts]; [t.join() for t in ts]
+    print("streams", scenario, {k: f"{v * 8 / 1e6:.0f} Mbit/s" for k, v in out.items()})
+ep.close()
+EOF
+  kill "$sink" 2>/dev/null || true
+}
+
+case $CMD in
+  up) up ;;
+  down) down ;;
+  test) test_cluster ;;
+  status) ip netns list | grep dpj- || true; tc -s class show dev dpj-c0 2>/dev/null | head -20 || true ;;
+  *) sed -n '2,22p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,293 @@
+"""Conformance suite every transport backend runs (DESIGN.md "Contracts: Transport").
+
+Parametrized over the registered backends; "rdma" skips with the reason when pyverbs or an RDMA device is
+missing. Cross-process TCP cases live in test_transport_tcp.py.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from dualpath_jax.traffic import Link, Pacer
+from transport import TRANSPORTS, make_transport
+from transport.base import (
+    PeerLostError,
+    RegionError,
+    TransportClosedError,
+    TransportError,
+)
+
+BACKENDS = ["inproc", "tcp", "rdma"]
+_names = itertools.count()
+
+
+def _rdma_skip_reason() -> str | None:
+    from transport.rdma import rdma_unavailable_reason
+
+    return rdma_unavailable_reason()
+
+
+def make_pair(backend: str, pacer=None, **kw):
+    """Two connected endpoints a, b of `backend` (a's sends paced by `pacer`)."""
+    if backend == "rdma":
+        reason = _rdma_skip_reason()
+        if reason:
+            pytest.skip(f"rdma backend: {reason}")
+    n = next(_names)
+    a = make_transport({"backend": backend, "name": f"a{n}", **kw}, pacer=pacer)
+    b = make_transport({"backend": backend, "name": f"b{n}", **kw})
+    a.connect(b.name, b.address)
+    b.wait_for_peer(a.name, timeout=10)
+    return a, b
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def pair(backend):
+    a, b = make_pair(backend)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_backends_registered():
+    assert {"inproc", "tcp", "rdma"} <= set(TRANSPORTS.names())
+    with pytest.raises(KeyError, match="known: inproc, rdma, tcp"):
+        make_transport({"backend": "carrier-pigeon", "name": "x"})
+    with pytest.raises(KeyError, match="'backend' field"):
+        make_transport({"name": "x"})
+    # config-keyed factory, from an ml_collections ConfigDict as the launchers pass it
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict({"backend": "tcp", "name": "from-config", "timeout_s": 5.0})
+    ep = make_transport(cfg)
+    try:
+        assert ep.backend == "tcp" and ep.name == "from-config" and ep.timeout_s == 5.0
+        assert ep.address[0] == "127.0.0.1"  # loopback by default
+    finally:
+        ep.close()
+
+
+def test_registration(pair):
+    a, _ = pair
+    buf = np.zeros(100, np.uint8)
+    r = a.register("r", buf)
+    assert r.size == 100 and "r" in a.regions()
+    with pytest.raises(RegionError, match="already registered"):
+        a.register("r", np.zeros(4, np.uint8))
+    with pytest.raises(RegionError, match="read-only"):
+        a.register("ro", b"immutable")
+    with pytest.raises(RegionError, match="contiguous"):
+        a.register("strided", np.zeros((10, 10), np.uint8)[:, ::2])
+    # any writable contiguous buffer works, viewed as bytes
+    assert a.register("f32", np.zeros((4, 8), np.float32)).size == 128
+    assert a.register("ba", bytearray(33)).size == 33
+    a.deregister("ba")
+    assert "ba" not in a.regions()
+    with pytest.raises(RegionError, match="no region 'ba'"):
+        a.region("ba")
+
+
+@pytest.mark.parametrize(
+    "length,src_off,dst_off", [(0, 0, 0), (1, 3, 5), (7, 1, 0), (4096, 0, 4096), ((1 << 20) + 3, 5, 3)]
+)
+def test_write_and_read_sizes(pair, length, src_off, dst_off):
+    a, b = pair
+    size = (1 << 20) + 16
+    src = np.random.default_rng(length).integers(0, 256, size, dtype=np.uint8)
+    dst = np.zeros(size, np.uint8)
+    a.register("src", src)
+    b.register("dst", dst)
+    assert a.write(b.name, "src", src_off, "dst", dst_off, length).result(10) == length
+    np.testing.assert_array_equal(dst[dst_off : dst_off + length], src[src_off : src_off + length])
+    assert not dst[:dst_off].any() and not dst[dst_off + length :].any()  # nothing outside the range
+    # read it back into a fresh local region
+    back = np.zeros(size, np.uint8)
+    a.register("back", back)
+    assert a.read(b.name, "back", 1, "dst", dst_off, length).result(10) == length
+    np.testing.assert_array_equal(back[1 : 1 + length], src[src_off : src_off + length])
+
+
+def test_large_64mb(pair):
+    a, b = pair
+    n = 64 << 20
+    src = np.empty(n, np.uint8)
+    src[::4096] = np.arange(n // 4096, dtype=np.uint64).astype(np.uint8)  # a sparse pattern, cheap to make
+    src[1::4096] = 0x5A
+    dst = np.zeros(n, np.uint8)
+    a.register("src", src)
+    b.register("dst", dst)
+    a.write(b.name, "src", 0, "dst", 0, n).result(60)
+    assert np.array_equal(dst[::4096], src[::4096]) and np.array_equal(dst[1::4096], src[1::4096])
+    assert np.array_equal(dst[-4096:], src[-4096:])
+    back = np.zeros(n, np.uint8)
+    a.register("back", back)
+    a.read(b.name, "back", 0, "dst", 0, n).result(60)
+    assert np.array_equal(back[::4096], src[::4096]) and np.array_equal(back[-4096:], src[-4096:])
+
+
+def test_bounds_errors(pair):
+    a, b = pair
+    a.register("src", np.zeros(100, np.uint8))
+    b.register("dst", np.zeros(50, np.uint8))
+    with pytest.raises(RegionError, match="outside region 'src'"):
+        a.write(b.name, "src", 90, "dst", 0, 11)
+    with pytest.raises(RegionError, match="outside"):
+        a.write(b.name, "src", 0, "dst", 40, 11)
+    with pytest.raises(RegionError, match="outside"):
+        a.write(b.name, "src", -1, "dst", 0, 1)
+    with pytest.raises(RegionError, match="outside"):
+        a.read(b.name, "src", 0, "dst", 49, 2)
+    with pytest.raises(RegionError, match="'nope'"):
+        a.write(b.name, "src", 0, "nope", 0, 1)
+    with pytest.raises(RegionError, match="'nope'"):
+        a.write(b.name, "nope", 0, "dst", 0, 1)
+    with pytest.raises(ValueError, match="priority"):
+        a.write(b.name, "src", 0, "dst", 0, 1, priority="urgent")
+    # the endpoints still work after the refused requests
+    assert a.write(b.name, "src", 0, "dst", 0, 50).result(10) == 50
+
+
+def test_many_concurrent_transfers(pair):
+    a, b = pair
+    n, k = 4096, 256
+    src = np.random.default_rng(0).integers(0, 256, n * k, dtype=np.uint8)
+    dst = np.zeros(n * k, np.uint8)
+    back = np.zeros(n * k, np.uint8)
+    a.register("src", src)
+    a.register("back", back)
+    b.register("dst", dst)
+    futs = [a.write(b.name, "src", i * n, "dst", (k - 1 - i) * n, n, priority=("high", "low")[i % 2]) for i in range(k)]
+    assert all(f.result(30) == n for f in futs)
+    np.testing.assert_array_equal(dst.reshape(k, n), src.reshape(k, n)[::-1])
+    # concurrent reads from several threads at once
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        subs = list(pool.map(lambda i: a.read(b.name, "back", i * n, "dst", i * n, n), range(k)))
+    assert all(f.result(30) == n for f in subs)
+    np.testing.assert_array_equal(back, dst)
+
+
+def test_notifications(pair):
+    a, b = pair
+    src = np.arange(256, dtype=np.uint8)
+    dst = np.zeros(256, np.uint8)
+    a.register("src", src)
+    b.register("dst", dst)
+    futs = [a.write(b.name, "src", 16 * t, "dst", 16 * t, 16, notify=100 + t) for t in range(16)]
+    for f in futs:
+        f.result(10)
+    # a specific tag can be waited for out of order; the bytes are there when it is delivered
+    n = b.wait_notification(tag=107, timeout=5)
+    assert (n.peer, n.tag, n.region, n.offset, n.length) == (a.name, 107, "dst", 112, 16)
+    np.testing.assert_array_equal(dst[112:128], src[112:128])
+    got = {b.wait_notification(peer=a.name, timeout=5).tag for _ in range(15)}
+    assert got == {100 + t for t in range(16)} - {107}
+    with pytest.raises(TimeoutError):
+        b.wait_notification(tag=107, timeout=0.05)
+    # a write without notify produces none
+    a.write(b.name, "src", 0, "dst", 0, 1).result(10)
+    with pytest.raises(TimeoutError):
+        b.wait_notification(timeout=0.05)
+
+
+def test_control_messages(pair):
+    a, b = pair
+    for i in range(20):
+        a.send(b.name, f"m{i}".encode()).result(10)
+    b.send(a.name, b"").result(10)
+    assert [b.recv(timeout=5) for _ in range(20)] == [(a.name, f"m{i}".encode()) for i in range(20)]
+    assert a.recv(peer=b.name, timeout=5) == (b.name, b"")
+    with pytest.raises(TimeoutError):
+        a.recv(timeout=0.05)
+    with pytest.raises(TypeError):
+        a.send(b.name, "not bytes")
+
+
+@pytest.mark.parametrize("backend", ["inproc", "tcp"])
+def test_priorities_high_overtakes_low(backend):
+    """With the sender's CNIC paced (99:1), a small high-priority write finishes while a big low-priority
+    write is still in flight: the backend keeps the classes in separate queues."""
+    link = Link("cnic/engine0", 40e6, {"high": 99, "low": 1}, per_class_names=True)
+    a, b = make_pair(backend, pacer=Pacer([link]))
+    try:
+        big, small = 8 << 20, 256 << 10  # 0.2 s and ~6 ms at 40 MB/s
+        a.register("src", np.ones(big, np.uint8))
+        b.register("dst", np.zeros(big, np.uint8))
+        b.register("dst2", np.zeros(small, np.uint8))
+        low = a.write(b.name, "src", 0, "dst", 0, big, priority="low")
+        time.sleep(0.03)
+        t0 = time.monotonic()
+        high = a.write(b.name, "src", 0, "dst2", 0, small, priority="high")
+        high.result(10)
+        t_high = time.monotonic() - t0
+        assert not low.done(), "the low-priority write should still be in flight"
+        assert t_high < 0.1, f"high-priority write took {t_high:.3f} s behind a low one"
+        low.result(30)
+        assert link.bytes_by_class["high"] == small and link.bytes_by_class["low"] == big
+    finally:
+        a.close()
+        b.close()
+
+
+def _fails(fn, timeout=10.0) -> BaseException:
+    """Run fn (which may raise at once or return a future that fails); return the error; never hang."""
+    t0 = time.monotonic()
+    try:
+        r = fn()
+        if isinstance(r, concurrent.futures.Future):
+            r.result(timeout)
+    except BaseException as e:  # noqa: BLE001
+        assert time.monotonic() - t0 < timeout
+        return e
+    raise AssertionError("expected a failure")
+
+
+def test_close_semantics(backend):
+    a, b = make_pair(backend)
+    a.register("src", np.zeros(64, np.uint8))
+    b.register("dst", np.zeros(64, np.uint8))
+    a.write(b.name, "src", 0, "dst", 0, 64).result(10)
+    b.close()
+    b.close()  # idempotent
+    assert b.closed
+    with pytest.raises(TransportClosedError):
+        b.write(a.name, "dst", 0, "src", 0, 1)
+    with pytest.raises(TransportClosedError):
+        b.register("x", np.zeros(1, np.uint8))
+    with pytest.raises(TransportClosedError):
+        b.wait_notification(timeout=1)
+    with pytest.raises(TransportClosedError):
+        b.recv(timeout=1)
+    # the survivor's transfers to the closed peer fail (PeerLostError) instead of hanging
+    err = _fails(lambda: a.write(b.name, "src", 0, "dst", 0, 64))
+    assert isinstance(err, (PeerLostError, TransportError)), err
+    err = _fails(lambda: a.send(b.name, b"hello?"))
+    assert isinstance(err, TransportError), err
+    a.close()
+
+
+def test_close_fails_pending_transfers(backend):
+    """Closing an endpoint with paced transfers still queued fails them instead of leaving them hanging."""
+    link = Link("cnic/engine0", 20e6, {"high": 99, "low": 1})
+    a, b = make_pair(backend, pacer=Pacer([link]))
+    a.register("src", np.zeros(4 << 20, np.uint8))
+    b.register("dst", np.zeros(4 << 20, np.uint8))
+    futs = [a.write(b.name, "src", 0, "dst", 0, 4 << 20) for _ in range(8)]  # ~1.6 s of paced traffic
+    time.sleep(0.05)
+    a.close()
+    _, not_done = concurrent.futures.wait(futs, timeout=10)
+    assert not not_done, "transfers still pending 10 s after close"
+    assert any(f.exception() is not None for f in futs)
+    for f in futs:
+        if f.exception() is not None:
+            assert isinstance(f.exception(), TransportError)
+    b.close()

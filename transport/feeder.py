@@ -1,0 +1,483 @@
+"""The layer feeder: per-layer host -> device feeding with prefetch, and device -> host saves of new KV.
+
+Layerwise prefill (DESIGN.md "Data paths") keeps one layer's KV of the batch in device memory: while layer
+l computes, layer l+1's KV is being read from storage or received from a decode engine, then copied to the
+device. The feeder is that pipeline, with the hooks of vLLM's KV connector:
+
+    feeder.start_load()                 # kick off loads of the first layers
+    for l in range(L):
+        kv_l = feeder.wait_for_layer(l) # device array of layer l (loads of l+1.. run meanwhile)
+        kv_l, hidden = layer_step(params, kv_l, hidden, meta)
+        feeder.save_layer(l, kv_l)      # device -> host of the new KV, sent on in the background
+    feeder.wait_for_save()
+
+It is generic over where bytes come from and go to:
+
+- a **source** fills a host staging buffer with layer l's bytes: `source(layer, out) -> array`. It may
+  fill `out` and return it, or return a view of memory it owns (bytes a transport already wrote into a
+  registered region). `StoreLayerSource` reads the Layer Blocks of a request's hit blocks from the KV
+  store (PE path: store -> PE buffer -> device); `TransportLayerSource` waits for the notification "layer
+  l arrived" and returns the view of the region it landed in (DE path: store -> DE buffer -> transport ->
+  PE). A source raises on failure (a store miss, a lost peer); the feeder surfaces it as
+  `LayerLoadError` from `wait_for_layer`, never as garbage KV.
+- the **sink** moves a host array to the device (default `jax.device_put` + `block_until_ready`, so the
+  staging buffer can be reused);
+- a **saver** takes layer l's new KV as a host array: `saver(layer, host) -> Future | None` (e.g.
+  `TransportSaver`: write it into the DE buffer with a notification).
+
+At most `prefetch` layers beyond the one being computed are loading or loaded, so device memory holds at
+most `prefetch + 1` layers of KV of this feed; `prefetch + 1` host staging buffers are preallocated and
+reused (no per-layer allocation).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol, Self
+
+import numpy as np
+
+
+class LayerLoadError(RuntimeError):
+    """Layer l's KV could not be loaded (store miss or corruption, lost peer, timeout)."""
+
+
+class LayerSaveError(RuntimeError):
+    """Saving layer l's new KV failed."""
+
+
+class KVMissError(LookupError):
+    """The store has no valid copy of a block (missing, truncated or checksum failure)."""
+
+
+class LayerSource(Protocol):
+    def __call__(self, layer: int, out: np.ndarray) -> np.ndarray:
+        """Put layer `layer`'s bytes into `out` (uint8, `layer_nbytes`) and return it, or return a view of
+        other host memory holding them; raise on failure."""
+
+
+LayerSaver = Callable[[int, np.ndarray], "Future | None"]
+
+
+def default_to_device(host: np.ndarray) -> Any:
+    """Copy a host array to the default device and wait, so its staging buffer may be reused.
+
+    XLA:CPU may alias a suitably aligned numpy buffer instead of copying it (zero-copy `device_put`, even
+    with may_alias=False, measured with jax 0.10.2), which would let the next layer's bytes overwrite this
+    layer's "device" array; on CPU the bytes are therefore copied first. Accelerators copy H2D anyway.
+    """
+    import jax
+
+    if jax.default_backend() == "cpu":
+        host = np.array(host, copy=True)
+    x = jax.device_put(host)
+    x.block_until_ready()
+    return x
+
+
+def aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
+    """An uninitialised uint8 buffer whose first byte is `align`-aligned (page-aligned staging for O_DIRECT
+    reads and RDMA registration)."""
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + nbytes]
+
+
+def layer_tag(request_id: int, layer: int) -> int:
+    """The notification tag of "layer `layer` of request `request_id` arrived" (fits RDMA's 32-bit imm for
+    request ids < 2**20)."""
+    if not 0 <= layer < 4096:
+        raise ValueError(f"layer {layer} out of range for a layer tag (0..4095)")
+    return (int(request_id) << 12) | int(layer)
+
+
+class LayerFeeder:
+    """Prefetching per-layer loader (host -> device) and background saver (device -> host).
+
+    Args:
+      num_layers: L, layers to feed, in order 0..L-1.
+      source: `source(layer, out) -> host array` (see the module docstring).
+      layer_nbytes: bytes of one layer's KV for this feed (size of each staging buffer).
+      prefetch: layers loaded ahead of the one being computed (>= 1 for overlap; 0 = no overlap).
+      host_view: optional `host array -> array` applied before the sink (e.g. reshape/bitcast to the
+        model's KV dtype and shape; must be a view, not a copy).
+      to_device: the sink (default `default_to_device`); must not keep a reference to the staging buffer.
+      saver: where `save_layer` sends new KV; None = saving is an error.
+      timeout_s: how long `wait_for_layer` waits before failing (None = forever).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        source: LayerSource,
+        layer_nbytes: int,
+        *,
+        prefetch: int = 1,
+        host_view: Callable[[np.ndarray], np.ndarray] | None = None,
+        to_device: Callable[[np.ndarray], Any] | None = None,
+        saver: LayerSaver | None = None,
+        timeout_s: float | None = 60.0,
+        name: str = "feed",
+    ):
+        if num_layers <= 0:
+            raise ValueError(f"num_layers must be > 0, got {num_layers}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        if layer_nbytes < 0:
+            raise ValueError(f"layer_nbytes must be >= 0, got {layer_nbytes}")
+        self.num_layers, self.source, self.layer_nbytes = num_layers, source, int(layer_nbytes)
+        self.prefetch, self.host_view, self.saver = prefetch, host_view, saver
+        self.to_device = to_device or default_to_device
+        self.timeout_s, self.name = timeout_s, name
+        self._staging = [aligned_empty(self.layer_nbytes) for _ in range(prefetch + 1)]
+        self._results: list[Future] = [Future() for _ in range(num_layers)]
+        self._tokens = threading.Semaphore(prefetch + 1)  # layers loading, loaded or being computed
+        self._released = 0  # layers whose token went back (consumer moved past them)
+        self._lock = threading.Lock()
+        self._loader: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._saves: list[tuple[int, Future]] = []
+        self._save_pool: ThreadPoolExecutor | None = None
+        # per-layer timing (monotonic s): load start/end, consumer wait start/end (for overlap checks)
+        self.load_times: list[tuple[float, float]] = [(np.nan, np.nan)] * num_layers
+        self.wait_times: list[tuple[float, float]] = [(np.nan, np.nan)] * num_layers
+
+    # ---- loading --------------------------------------------------------------------------------------
+    def start_load(self) -> None:
+        """Start the background loader (idempotent)."""
+        with self._lock:
+            if self._loader is not None:
+                return
+            self._loader = threading.Thread(target=self._load_loop, name=f"feeder-{self.name}", daemon=True)
+            self._loader.start()
+
+    def _load_loop(self) -> None:
+        for layer in range(self.num_layers):
+            while not self._tokens.acquire(timeout=0.1):
+                if self._stop.is_set():
+                    return
+            if self._stop.is_set():
+                return
+            fut = self._results[layer]
+            t0 = time.monotonic()
+            try:
+                out = self._staging[layer % len(self._staging)]
+                host = self.source(layer, out)
+                host = out if host is None else host
+                if not isinstance(host, np.ndarray):
+                    host = np.frombuffer(host, dtype=np.uint8)
+                if host.nbytes != self.layer_nbytes:
+                    raise LayerLoadError(
+                        f"{self.name}: source gave {host.nbytes} bytes for layer {layer}, expected {self.layer_nbytes}"
+                    )
+                if self.host_view is not None:
+                    host = self.host_view(host)
+                fut.set_result(self.to_device(host))
+                self.load_times[layer] = (t0, time.monotonic())
+            except BaseException as e:  # noqa: BLE001 - surfaced by wait_for_layer
+                if isinstance(e, LayerLoadError):
+                    err = e
+                else:
+                    err = LayerLoadError(f"{self.name}: loading layer {layer} failed: {type(e).__name__}: {e}")
+                    err.__cause__ = e
+                for f in self._results[layer:]:  # this layer and all later ones fail: no hang, no garbage
+                    if not f.done():
+                        f.set_exception(err)
+                return
+
+    def wait_for_layer(self, layer: int) -> Any:
+        """Block until layer `layer` is on the device and return it; raises `LayerLoadError` on failure.
+
+        Calling it for layer l also tells the feeder that layers < l are done (their slots are reused).
+        """
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"{self.name}: layer {layer} out of range 0..{self.num_layers - 1}")
+        self.start_load()
+        with self._lock:
+            while self._released < layer:
+                self._released += 1
+                self._tokens.release()
+        t0 = time.monotonic()
+        try:
+            x = self._results[layer].result(timeout=self.timeout_s)
+        except TimeoutError:
+            raise LayerLoadError(f"{self.name}: layer {layer} not loaded within {self.timeout_s} s") from None
+        self.wait_times[layer] = (t0, time.monotonic())
+        return x
+
+    # ---- saving ---------------------------------------------------------------------------------------
+    def save_layer(self, layer: int, kv: Any) -> None:
+        """Copy layer `layer`'s new KV device -> host and hand it to the saver, in the background, in order."""
+        if self.saver is None:
+            raise RuntimeError(f"{self.name}: save_layer needs a saver")
+        with self._lock:
+            if self._save_pool is None:
+                self._save_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"feeder-{self.name}-save")
+
+        def run() -> Any:
+            host = np.asarray(kv)  # D2H (a copy for device arrays)
+            r = self.saver(layer, host)
+            return r.result() if isinstance(r, Future) else r
+
+        self._saves.append((layer, self._save_pool.submit(run)))
+
+    def wait_for_save(self, timeout: float | None = None) -> None:
+        """Wait for every `save_layer` so far; raises `LayerSaveError` naming the first failed layer."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        saves, self._saves = self._saves, []
+        first: tuple[int, BaseException] | None = None
+        for layer, fut in saves:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                fut.result(timeout=remaining)
+            except BaseException as e:  # noqa: BLE001
+                if first is None:
+                    first = (layer, e)
+        if first is not None:
+            layer, e = first
+            raise LayerSaveError(f"{self.name}: saving layer {layer} failed: {type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        """Stop loading (pending layers fail) and the save worker (after queued saves)."""
+        self._stop.set()
+        for f in self._results:
+            if not f.done():
+                f.set_exception(LayerLoadError(f"{self.name}: feeder closed"))
+        if self._loader is not None:
+            self._loader.join(timeout=5)
+        if self._save_pool is not None:
+            self._save_pool.shutdown(wait=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- sources ------------------------------------------------------------------------------------------
+
+
+class StoreLayerSource:
+    """PE/DE-side reads: layer l of each hit block, from the KV store into the staging buffer.
+
+    `out` is viewed as `[len(keys), block_tokens, bytes_per_token_per_layer]`; row i receives Layer Block l
+    of `keys[i]` via `store.read(key, out_row, layers=[l])`. A read that reports a miss (returns False/None
+    or raises) fails the layer with `KVMissError`. `pacer` (optional) paces the bytes over an emulated SNIC.
+    """
+
+    def __init__(self, store: Any, keys: Sequence[Any], layout: Any, pacer: Any = None, parallel: bool = True):
+        self.store, self.keys, self.layout, self.pacer = store, list(keys), layout, pacer
+        self.layer_nbytes = len(self.keys) * layout.layer_block_nbytes
+        # the store's own I/O pool reads the blocks of one layer in parallel
+        self.parallel = parallel and hasattr(store, "submit_read")
+
+    def __call__(self, layer: int, out: np.ndarray) -> np.ndarray:
+        rows = out.reshape(len(self.keys), self.layout.block_tokens, self.layout.bytes_per_token_per_layer)
+        results: list[Any] = []
+        for i, key in enumerate(self.keys):
+            if self.pacer is not None:
+                self.pacer.pace(self.layout.layer_block_nbytes, "low")
+            try:
+                results.append(
+                    self.store.submit_read(key, rows[i], layers=[layer])
+                    if self.parallel
+                    else self.store.read(key, rows[i], layers=[layer])
+                )
+            except Exception as e:
+                raise KVMissError(f"block {i} ({key!r}), layer {layer}: read failed: {e}") from e
+        for i, r in enumerate(results):
+            try:
+                ok = r.result() if isinstance(r, Future) else r
+            except Exception as e:
+                raise KVMissError(f"block {i} ({self.keys[i]!r}), layer {layer}: read failed: {e}") from e
+            if not ok:
+                raise KVMissError(f"block {i} ({self.keys[i]!r}), layer {layer}: not in the store or corrupt (miss)")
+        return out
+
+
+class TransportLayerSource:
+    """PE side of the DE path: wait until layer l's bytes were written into `region` (by the DE, with
+    notification tag `tag_fn(l)`), and return the view of where they landed (no extra host copy).
+
+    `offset_fn(l)` is the byte offset of layer l's bytes in the region; each layer is `layer_nbytes` long.
+    """
+
+    def __init__(
+        self,
+        transport: Any,
+        region: str,
+        offset_fn: Callable[[int], int],
+        layer_nbytes: int,
+        tag_fn: Callable[[int], int],
+        peer: str | None = None,
+        timeout_s: float | None = 60.0,
+    ):
+        self.transport, self.region, self.offset_fn = transport, region, offset_fn
+        self.layer_nbytes, self.tag_fn, self.peer, self.timeout_s = layer_nbytes, tag_fn, peer, timeout_s
+
+    def __call__(self, layer: int, out: np.ndarray) -> np.ndarray:
+        n = self.transport.wait_notification(tag=self.tag_fn(layer), peer=self.peer, timeout=self.timeout_s)
+        off = self.offset_fn(layer)
+        if n.length == 0 and self.layer_nbytes > 0:  # the sender's failure signal (see LayerForwarder)
+            raise KVMissError(f"layer {layer}: the sender {n.peer!r} could not load it (miss or read error)")
+        if n.region != self.region or n.offset != off or n.length != self.layer_nbytes:
+            raise LayerLoadError(
+                f"layer {layer}: notification for {n.region}[{n.offset}:+{n.length}] does not match the expected "
+                f"{self.region}[{off}:+{self.layer_nbytes}]"
+            )
+        view = self.transport.region(self.region).view
+        return np.frombuffer(view, dtype=np.uint8, count=self.layer_nbytes, offset=off)
+
+
+# ---- savers -------------------------------------------------------------------------------------------
+
+
+class TransportSaver:
+    """Send each saved layer to a peer's region: stage it into a registered local region, then one-sided
+    write with notification `tag_fn(l)` (PE path: hit+miss KV to the DE buffer; DE path: miss KV back)."""
+
+    def __init__(
+        self,
+        transport: Any,
+        peer: str,
+        local_region: str,
+        local_offset_fn: Callable[[int], int],
+        remote_region: str,
+        remote_offset_fn: Callable[[int], int],
+        tag_fn: Callable[[int], int] | None = None,
+        priority: str = "low",
+    ):
+        self.transport, self.peer = transport, peer
+        self.local_region, self.local_offset_fn = local_region, local_offset_fn
+        self.remote_region, self.remote_offset_fn = remote_region, remote_offset_fn
+        self.tag_fn, self.priority = tag_fn, priority
+
+    def __call__(self, layer: int, host: np.ndarray) -> Future:
+        data = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+        lo = self.local_offset_fn(layer)
+        region = self.transport.region(self.local_region)
+        region.check(lo, data.nbytes, f"stage layer {layer}")
+        np.frombuffer(region.view, dtype=np.uint8, count=data.nbytes, offset=lo)[:] = data
+        return self.transport.write(
+            self.peer,
+            self.local_region,
+            lo,
+            self.remote_region,
+            self.remote_offset_fn(layer),
+            data.nbytes,
+            priority=self.priority,
+            notify=None if self.tag_fn is None else self.tag_fn(layer),
+        )
+
+
+class BufferSaver:
+    """Copy each saved layer into a host buffer at `offset_fn(l)` (e.g. the local DE buffer)."""
+
+    def __init__(self, buffer: np.ndarray, offset_fn: Callable[[int], int]):
+        self.buffer, self.offset_fn = buffer.reshape(-1).view(np.uint8), offset_fn
+
+    def __call__(self, layer: int, host: np.ndarray) -> None:
+        data = np.ascontiguousarray(host).reshape(-1).view(np.uint8)
+        off = self.offset_fn(layer)
+        if off < 0 or off + data.nbytes > self.buffer.nbytes:
+            raise LayerSaveError(
+                f"layer {layer}: [{off}, {off + data.nbytes}) outside the {self.buffer.nbytes}-byte buffer"
+            )
+        self.buffer[off : off + data.nbytes] = data
+
+
+# ---- DE side of the DE path -----------------------------------------------------------------------------
+
+
+class LayerForwarder:
+    """DE side of the DE path: per layer, read the hit blocks' Layer Blocks from storage into the DE buffer
+    (a registered region) and write them to the PE's region with notification `tag_fn(l)`. Reading layer
+    l+1 overlaps sending layer l; at most `prefetch + 1` layers of staging are used (ring in the region).
+
+    `source(l, out)` reads layer l (e.g. a `StoreLayerSource`); the DE buffer slot of layer l is
+    `local_offset + (l % (prefetch + 1)) * layer_nbytes`; the PE offset is `remote_offset_fn(l)`.
+    A failed read is never forwarded as bytes: for the failed layer and every later one the PE gets a
+    0-byte notifying write with that layer's tag, which `TransportLayerSource` turns into a miss error at
+    once (instead of a timeout).
+    """
+
+    def __init__(
+        self,
+        transport: Any,
+        peer: str,
+        source: LayerSource,
+        num_layers: int,
+        layer_nbytes: int,
+        local_region: str,
+        local_offset: int,
+        remote_region: str,
+        remote_offset_fn: Callable[[int], int],
+        tag_fn: Callable[[int], int],
+        prefetch: int = 1,
+        priority: str = "low",
+    ):
+        self.transport, self.peer, self.source = transport, peer, source
+        self.num_layers, self.layer_nbytes, self.prefetch = num_layers, layer_nbytes, prefetch
+        self.local_region, self.local_offset = local_region, local_offset
+        self.remote_region, self.remote_offset_fn, self.tag_fn = remote_region, remote_offset_fn, tag_fn
+        self.priority = priority
+        transport.region(local_region).check(local_offset, (prefetch + 1) * layer_nbytes, "forwarder staging")
+        self.done: Future = Future()
+        self._thread = threading.Thread(target=self._run, name=f"forwarder-{peer}", daemon=True)
+
+    def start(self) -> Future:
+        self._thread.start()
+        return self.done
+
+    def _run(self) -> None:
+        region = self.transport.region(self.local_region)
+        inflight: list[Future] = []
+        layer = 0
+        try:
+            for layer in range(self.num_layers):
+                slot = layer % (self.prefetch + 1)
+                off = self.local_offset + slot * self.layer_nbytes
+                if len(inflight) > self.prefetch:  # the slot we are about to overwrite must have been sent
+                    inflight.pop(0).result()
+                out = np.frombuffer(region.view, dtype=np.uint8, count=self.layer_nbytes, offset=off)
+                host = self.source(layer, out)
+                if host is not None and host is not out:
+                    out[:] = np.asarray(host).reshape(-1).view(np.uint8)
+                inflight.append(
+                    self.transport.write(
+                        self.peer,
+                        self.local_region,
+                        off,
+                        self.remote_region,
+                        self.remote_offset_fn(layer),
+                        self.layer_nbytes,
+                        priority=self.priority,
+                        notify=self.tag_fn(layer),
+                    )
+                )
+            for f in inflight:
+                f.result()
+            self.done.set_result(self.num_layers)
+        except BaseException as e:  # noqa: BLE001
+            self._signal_failure(layer)
+            self.done.set_exception(e)
+
+    def _signal_failure(self, first_failed: int) -> None:
+        for layer in range(first_failed, self.num_layers):
+            try:
+                self.transport.write(
+                    self.peer,
+                    self.local_region,
+                    self.local_offset,
+                    self.remote_region,
+                    self.remote_offset_fn(layer),
+                    0,
+                    priority=self.priority,
+                    notify=self.tag_fn(layer),
+                ).result(10)
+            except Exception:  # noqa: BLE001 - best effort: the PE then times out instead
+                return

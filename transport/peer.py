@@ -1,0 +1,130 @@
+"""A transport endpoint in its own process, driven by control messages (cross-process tests and benchmarks).
+
+`spawn_peer(config, regions)` starts a process (multiprocessing "spawn") that builds the transport from
+`config`, registers zero-filled regions `{name: nbytes}`, reports its address, connects back when told,
+and serves JSON control messages until "quit":
+
+    {"op": "fill", "region": r, "seed": s}                   fill with `pattern(nbytes, seed)`
+    {"op": "digest", "region": r, "offset": o, "length": n}  reply {"sha256": ...}
+    {"op": "write", "peer": p, "local": r, "offset": o, "remote": r2, "remote_offset": o2, "length": n,
+     "priority": "low", "notify": tag, "count": k}           k one-sided writes back; reply when all landed
+    {"op": "quit"}
+
+Every reply is a JSON message `{"ok": true, ...}` or `{"ok": false, "error": ...}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+from typing import Any
+
+import numpy as np
+
+
+def pattern(nbytes: int, seed: int) -> np.ndarray:
+    """Deterministic bytes for checking transfers end to end."""
+    return np.random.default_rng(seed).integers(0, 256, size=nbytes, dtype=np.uint8)
+
+
+def _serve(config: dict, regions: dict[str, int], conn: Any) -> None:
+    from transport.base import make_transport
+
+    ep = make_transport(config)
+    bufs = {name: np.zeros(n, np.uint8) for name, n in regions.items()}
+    for name, buf in bufs.items():
+        ep.register(name, buf)
+    conn.send(ep.address)
+    # the parent tells us whom to connect to (or nothing: it connects to us)
+    target = conn.recv()
+    if target is not None:
+        ep.connect(target[0], tuple(target[1]) if isinstance(target[1], list) else target[1])
+    conn.send("ready")
+    try:
+        while True:
+            peer, payload = ep.recv()
+            msg = json.loads(payload)
+            op = msg.get("op")
+            try:
+                if op == "quit":
+                    ep.send(peer, json.dumps({"ok": True}).encode()).result(10)
+                    break
+                if op == "fill":
+                    buf = bufs[msg["region"]]
+                    buf[:] = pattern(buf.nbytes, msg["seed"])
+                    reply = {"ok": True}
+                elif op == "digest":
+                    buf = bufs[msg["region"]]
+                    o, n = msg["offset"], msg["length"]
+                    reply = {"ok": True, "sha256": hashlib.sha256(buf[o : o + n].tobytes()).hexdigest()}
+                elif op == "write":
+                    futs = [
+                        ep.write(
+                            msg["peer"],
+                            msg["local"],
+                            msg["offset"],
+                            msg["remote"],
+                            msg["remote_offset"],
+                            msg["length"],
+                            priority=msg.get("priority", "low"),
+                            notify=msg.get("notify"),
+                        )
+                        for _ in range(msg.get("count", 1))
+                    ]
+                    for f in futs:
+                        f.result(60)
+                    reply = {"ok": True}
+                else:
+                    reply = {"ok": False, "error": f"unknown op {op!r}"}
+            except Exception as e:  # noqa: BLE001 - reported to the driver
+                reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            ep.send(peer, json.dumps(reply).encode()).result(10)
+    finally:
+        ep.close()
+
+
+class PeerProcess:
+    """Handle of a spawned peer: its address, `call` (send a control message, wait for the reply), `kill`."""
+
+    def __init__(self, proc: mp.Process, conn: Any, address: Any, name: str):
+        self.proc, self.conn, self.address, self.name = proc, conn, address, name
+
+    def start(self, connect_to: tuple[str, Any] | None = None, timeout: float = 30.0) -> None:
+        """Tell the peer to connect to `(name, address)` (or wait for us to connect) and wait until ready."""
+        self.conn.send(connect_to)
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"peer {self.name} not ready within {timeout} s")
+        assert self.conn.recv() == "ready"
+
+    @staticmethod
+    def call(ep: Any, peer: str, msg: dict, timeout: float = 60.0) -> dict:
+        ep.send(peer, json.dumps(msg).encode()).result(timeout)
+        _, payload = ep.recv(peer=peer, timeout=timeout)
+        reply = json.loads(payload)
+        if not reply.get("ok"):
+            raise RuntimeError(f"peer {peer} failed {msg.get('op')}: {reply.get('error')}")
+        return reply
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(10)
+
+    def join(self, timeout: float = 10.0) -> None:
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.kill()
+
+
+def spawn_peer(config: dict, regions: dict[str, int], timeout: float = 60.0) -> PeerProcess:
+    """Start a peer process; returns once it listens (its `address` is known)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(dict(config), dict(regions), child), daemon=True)
+    proc.start()
+    if not parent.poll(timeout):
+        proc.kill()
+        raise TimeoutError(f"peer process {config.get('name')} did not start within {timeout} s")
+    address = parent.recv()
+    return PeerProcess(proc, parent, address, config["name"])

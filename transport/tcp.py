@@ -1,0 +1,882 @@
+"""TCP transport: engines in separate processes or hosts.
+
+One *connection set* per peer pair: one TCP connection per priority class ("high" for model traffic, "low"
+for KV), so a 64 MB KV write never sits in front of a small high-priority message. Each connection has a
+reader thread (receives frames; payloads go with `recv_into` straight into the registered region at the
+frame's offset) and a sender thread (sends queued frames; payloads with `sendall` on memoryviews of the
+region, no copies), so any number of transfers can be in flight and a reader never blocks on a send.
+
+Frame = fixed 48-byte header + payload:
+
+    magic "DPKV" | version u8 | op u8 | flags u8 | pad | region id u32 | offset u64 | length u64
+    | tag i64 | request id u64 | crc32 of the preceding 44 header bytes u32
+
+Everything a peer sends is validated (magic, version, header checksum, op, region id, bounds against the
+registered region's size, message size limits); a bad frame closes *that* connection set with a logged
+error and fails its pending transfers, while the endpoint keeps serving its other peers.
+
+Security: the endpoint binds 127.0.0.1 unless told otherwise; binding any non-loopback address requires a
+shared `secret`, and every connection then runs a mutual HMAC-SHA256 challenge-response (each side proves it
+knows the secret for a fresh nonce of the other side; `hmac.compare_digest`). Only authenticated
+connections reach the data path.
+
+Liveness: a peer that dies (its sockets reset or close) fails the pending transfers at once with
+`PeerLostError`; a peer that stops answering without closing (host down) fails them after `timeout_s` without
+progress (a watchdog thread, plus TCP keepalive).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import itertools
+import json
+import logging
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from typing import Any
+
+from transport.base import (
+    TRANSPORTS,
+    MemoryRegion,
+    Notification,
+    Pacer,
+    PeerLostError,
+    RegionError,
+    Transport,
+    TransportClosedError,
+    TransportError,
+    check_priority,
+)
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DPKV"
+VERSION = 1
+HEADER = struct.Struct("!4sBBBxIQQqQI")  # see the module docstring; 48 bytes
+assert HEADER.size == 48
+
+# ops
+OP_HELLO, OP_HELLO_ACK, OP_AUTH, OP_AUTH_OK = 1, 2, 3, 4
+OP_WRITE, OP_WRITE_ACK, OP_READ, OP_READ_RESP = 10, 11, 12, 13
+OP_MSG, OP_REGION_QUERY, OP_REGION_INFO = 14, 15, 16
+OPS = {
+    OP_HELLO,
+    OP_HELLO_ACK,
+    OP_AUTH,
+    OP_AUTH_OK,
+    OP_WRITE,
+    OP_WRITE_ACK,
+    OP_READ,
+    OP_READ_RESP,
+    OP_MSG,
+    OP_REGION_QUERY,
+    OP_REGION_INFO,
+}
+FLAG_NOTIFY = 1
+
+STREAMS = ("high", "low")  # connection index per priority class
+HANDSHAKE_MAX = 4096  # bytes of a handshake payload
+REGION_NAME_MAX = 1024
+SEND_CHUNK = 4 << 20  # unpaced sends go out in chunks this big (progress bookkeeping for the watchdog)
+PACE_CHUNK = 1 << 20  # paced sends ask the pacer for this many bytes at a time
+SMALL = 64 << 10  # header + payload up to this size go out in one sendmsg
+MAX_PENDING_HANDSHAKES = 64  # concurrent unauthenticated connections per endpoint
+
+
+class ProtocolError(TransportError):
+    """The peer sent a frame that violates the protocol (the connection set is closed)."""
+
+
+class _CleanEOF(PeerLostError):
+    """The peer closed the connection at a frame boundary."""
+
+
+def pack_header(
+    op: int, flags: int = 0, region: int = 0, offset: int = 0, length: int = 0, tag: int = 0, req: int = 0
+) -> bytes:
+    body = HEADER.pack(MAGIC, VERSION, op, flags, region, offset, length, tag, req, 0)[:-4]
+    return body + struct.pack("!I", zlib.crc32(body))
+
+
+def unpack_header(data: bytes) -> tuple[int, int, int, int, int, int, int]:
+    """(op, flags, region, offset, length, tag, req); raises ProtocolError for a malformed header."""
+    magic, version, op, flags, region, offset, length, tag, req, crc = HEADER.unpack(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r}")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (speak {VERSION})")
+    if zlib.crc32(data[:-4]) != crc:
+        raise ProtocolError("header checksum mismatch")
+    if op not in OPS:
+        raise ProtocolError(f"unknown op {op}")
+    return op, flags, region, offset, length, tag, req
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _recv_exact_into(sock: socket.socket, view: memoryview, on_progress=None) -> None:
+    pos, n = 0, view.nbytes
+    while pos < n:
+        got = sock.recv_into(view[pos:], min(n - pos, 16 << 20))
+        if got == 0:
+            if pos == 0 and on_progress is None:
+                raise _CleanEOF("connection closed by peer")
+            raise PeerLostError(f"connection closed by peer after {pos} of {n} bytes of a frame")
+        pos += got
+        if on_progress is not None:
+            on_progress()
+
+
+class _BufferedReceiver:
+    """Receives frames through a 256 KiB buffer, so a small frame (header + payload) costs one recv; large
+    payloads (>= 64 KiB still missing) go with recv_into straight to their destination."""
+
+    SIZE = 256 << 10
+    DIRECT = 64 << 10
+
+    def __init__(self, sock: socket.socket, on_progress) -> None:
+        self.sock, self.on_progress = sock, on_progress
+        self.buf = bytearray(self.SIZE)
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+
+    def read_into(self, dst: memoryview, frame_start: bool = False) -> None:
+        n = dst.nbytes
+        take = min(n, self.end - self.start)
+        if take:
+            dst[:take] = self.view[self.start : self.start + take]
+            self.start += take
+        pos = take
+        while pos < n:
+            if n - pos >= self.DIRECT:
+                got = self.sock.recv_into(dst[pos:], min(n - pos, 16 << 20))
+                if got == 0:
+                    raise PeerLostError(f"connection closed by peer after {pos} of {n} bytes of a frame")
+                pos += got
+            else:
+                self.start = self.end = 0
+                got = self.sock.recv_into(self.view, self.SIZE)
+                if got == 0:
+                    if pos == 0 and frame_start:
+                        raise _CleanEOF("connection closed by peer")
+                    raise PeerLostError(f"connection closed by peer after {pos} of {n} bytes of a frame")
+                self.end = got
+                take = min(n - pos, got)
+                dst[pos : pos + take] = self.view[:take]
+                self.start = take
+                pos += take
+            self.on_progress()
+
+    def read(self, n: int) -> bytes:
+        out = bytearray(n)
+        self.read_into(memoryview(out))
+        return bytes(out)
+
+
+def _recv_exact(sock: socket.socket, n: int, on_progress=None) -> bytes:
+    buf = bytearray(n)
+    _recv_exact_into(sock, memoryview(buf), on_progress)
+    return bytes(buf)
+
+
+def _proof(secret: bytes, role: bytes, nonce_a: bytes, nonce_b: bytes, name_a: str, name_b: str) -> str:
+    msg = b"|".join([b"dualpath-tcp-v1", role, nonce_a, nonce_b, name_a.encode(), name_b.encode()])
+    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
+
+
+# IP TOS (DSCP) per stream, so kernel shaping (tc, experiments/netns_cluster.sh) can tell model traffic from KV.
+STREAM_TOS = {"high": 0xB8, "low": 0x20}  # DSCP EF, DSCP CS1
+
+
+def _set_sockopts(sock: socket.socket, stream: str) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, STREAM_TOS[stream])
+        elif sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, STREAM_TOS[stream])
+    except OSError:
+        pass
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, val in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+
+
+class _Pending:
+    __slots__ = ("fut", "kind", "length", "peer", "view")
+
+    def __init__(self, fut: Future, kind: str, length: int, view: memoryview | None = None):
+        self.fut, self.kind, self.length, self.view = fut, kind, length, view
+
+
+class _Conn:
+    """One TCP connection of a peer's set: a reader thread and a sender thread."""
+
+    def __init__(self, owner: TcpTransport, peer: _Peer, sock: socket.socket, stream: str):
+        self.owner, self.peer, self.sock, self.stream = owner, peer, sock, stream
+        self.sendq: queue.Queue = queue.Queue()
+        self.eof = False
+        self.reader = threading.Thread(
+            target=self._read_loop, name=f"tcp-{owner.name}-{peer.name}-{stream}-rx", daemon=True
+        )
+        self.sender = threading.Thread(
+            target=self._send_loop, name=f"tcp-{owner.name}-{peer.name}-{stream}-tx", daemon=True
+        )
+
+    def start(self) -> None:
+        self.reader.start()
+        self.sender.start()
+
+    def close_sock(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # ---- sending --------------------------------------------------------------------------------------
+    def enqueue(
+        self, header: bytes, payload: memoryview | None = None, fut: Future | None = None, priority: str | None = None
+    ) -> None:
+        """Queue a frame; `priority` names the pacer class of its payload (None = control frame, unpaced)."""
+        self.sendq.put((header, payload, fut, priority))
+
+    def _is_small(self, job: tuple) -> bool:
+        _, payload, _, priority = job
+        n = 0 if payload is None else payload.nbytes
+        return n <= SMALL and (self.owner.pacer is None or n == 0 or priority is None)
+
+    def _send_loop(self) -> None:
+        carry = None  # a job taken while batching that could not join the batch
+        running = True
+        while running:
+            job = carry if carry is not None else self.sendq.get()
+            carry = None
+            if job is None:
+                break
+            batch = [job]
+            if self._is_small(job):
+                # Coalesce queued small frames (acks, Layer Blocks, messages) into one sendmsg: fewer syscalls.
+                nbytes = 0
+                while len(batch) < 64 and nbytes < SMALL * 4:
+                    try:
+                        nxt = self.sendq.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        running = False
+                        break
+                    if not self._is_small(nxt):
+                        carry = nxt
+                        break
+                    batch.append(nxt)
+                    nbytes += 0 if nxt[1] is None else nxt[1].nbytes
+            try:
+                if len(batch) == 1:
+                    self._send_frame(job[0], job[1], job[3])
+                else:
+                    self._send_small_batch(batch)
+                for _, payload, fut, _ in batch:
+                    if fut is not None and not fut.done():
+                        fut.set_result(len(payload) if payload is not None else 0)
+            except BaseException as e:  # noqa: BLE001 - the connection set is dead
+                err = e if isinstance(e, TransportError) else PeerLostError(f"send to {self.peer.name!r} failed: {e}")
+                for _, _, fut, _ in batch:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(err)
+                self.owner._fail_peer(self.peer, err)
+                break
+        # fail whatever is still queued (messages carry futures; transfers are failed via the pending table)
+        leftovers = [carry] if carry is not None else []
+        while True:
+            try:
+                leftovers.append(self.sendq.get_nowait())
+            except queue.Empty:
+                break
+        for job in leftovers:
+            if job is not None and job[2] is not None and not job[2].done():
+                job[2].set_exception(PeerLostError(f"connection to {self.peer.name!r} closed"))
+
+    def _send_small_batch(self, batch: list[tuple]) -> None:
+        bufs: list = []
+        for header, payload, _, _ in batch:
+            bufs.append(header)
+            if payload is not None and payload.nbytes:
+                bufs.append(payload)
+        self._sendmsg_all(bufs)
+        self.peer.touch()
+
+    def _sendmsg_all(self, bufs: list) -> None:
+        """sendmsg of a buffer list, resuming after partial sends."""
+        views = [memoryview(b).cast("B") for b in bufs]
+        while views:
+            k = self.sock.sendmsg(views[:1024])
+            while k > 0 and views:
+                if k >= views[0].nbytes:
+                    k -= views[0].nbytes
+                    views.pop(0)
+                else:
+                    views[0] = views[0][k:]
+                    k = 0
+
+    def _send_frame(self, header: bytes, payload: memoryview | None, priority: str | None) -> None:
+        sock, peer = self.sock, self.peer
+        n = 0 if payload is None else payload.nbytes
+        paced = self.owner.pacer is not None and n > 0 and priority is not None
+        if n <= SMALL and not paced:
+            self._sendmsg_all([header] if n == 0 else [header, payload])
+            peer.touch()
+            return
+        sock.sendall(header)
+        pos = 0
+        steps = (
+            self.owner._paced_chunks(n, priority, PACE_CHUNK)
+            if paced
+            else (min(SEND_CHUNK, n - o) for o in range(0, n, SEND_CHUNK))
+        )
+        for step in steps:
+            sock.sendall(payload[pos : pos + step])
+            pos += step
+            peer.touch()
+
+    # ---- receiving ------------------------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        owner, peer, sock = self.owner, self.peer, self.sock
+        hdr = bytearray(HEADER.size)
+        hv = memoryview(hdr)
+        rx = _BufferedReceiver(sock, peer.touch)
+        try:
+            while True:
+                rx.read_into(hv, frame_start=True)
+                peer.touch()
+                op, flags, rid, offset, length, tag, req = unpack_header(bytes(hdr))
+                if op == OP_WRITE:
+                    region = owner._region_for_frame(rid, offset, length, "WRITE")
+                    rx.read_into(region.view[offset : offset + length])
+                    if flags & FLAG_NOTIFY:
+                        owner.completions.put(Notification(peer.name, tag, region.name, offset, length))
+                    self.enqueue(pack_header(OP_WRITE_ACK, length=length, req=req))
+                elif op == OP_READ:
+                    region = owner._region_for_frame(rid, offset, length, "READ")
+                    self.enqueue(
+                        pack_header(OP_READ_RESP, length=length, req=req),
+                        region.view[offset : offset + length],
+                        priority=self.stream,
+                    )
+                elif op == OP_WRITE_ACK:
+                    p = peer.pop(req, "write", length)
+                    if not p.fut.done():
+                        p.fut.set_result(p.length)
+                elif op == OP_READ_RESP:
+                    p = peer.pop(req, "read", length)
+                    rx.read_into(p.view)
+                    if not p.fut.done():
+                        p.fut.set_result(p.length)
+                elif op == OP_MSG:
+                    if length > owner.max_message_bytes:
+                        raise ProtocolError(f"message of {length} bytes exceeds the {owner.max_message_bytes} limit")
+                    payload = rx.read(length)
+                    if owner.on_message is None or not owner.on_message(peer.name, payload):
+                        owner.messages.put(peer.name, payload)
+                elif op == OP_REGION_QUERY:
+                    if length > REGION_NAME_MAX:
+                        raise ProtocolError(f"region name of {length} bytes")
+                    name = rx.read(length).decode("utf-8", errors="replace")
+                    with owner._lock:
+                        region = owner._regions.get(name)
+                    if region is None:
+                        self.enqueue(pack_header(OP_REGION_INFO, tag=-1, req=req))
+                    else:
+                        self.enqueue(pack_header(OP_REGION_INFO, region=region.region_id, offset=region.size, req=req))
+                elif op == OP_REGION_INFO:
+                    p = peer.pop(req, "query", 0)
+                    if not p.fut.done():
+                        p.fut.set_result(None if tag < 0 else (rid, offset))
+                else:
+                    raise ProtocolError(f"op {op} is not valid after the handshake")
+        except _CleanEOF:
+            if owner.closed or peer.dead:
+                self.close_sock()
+                return
+            # The peer closes all connections of its set; replies may still be arriving on the others.
+            self.eof = True
+            if all(c.eof for c in peer.conns.values()):
+                owner._fail_peer(peer, PeerLostError(f"peer {peer.name!r} closed the connection"))
+        except BaseException as e:  # noqa: BLE001
+            if owner.closed or peer.dead:
+                self.close_sock()
+                return
+            if isinstance(e, (ProtocolError, RegionError)):
+                log.error("%s: closing connection set from %r: %s", owner.name, peer.name, e)
+                err: TransportError = ProtocolError(f"connection to {peer.name!r} closed after a protocol error: {e}")
+            elif isinstance(e, TransportError):
+                err = e
+            else:
+                err = PeerLostError(f"connection to {peer.name!r} lost: {e}")
+            owner._fail_peer(peer, err)
+
+
+class _Peer:
+    """A connected peer: its connection set, pending requests, and a cache of its regions."""
+
+    def __init__(self, owner: TcpTransport, name: str):
+        self.owner, self.name = owner, name
+        self.conns: dict[str, _Conn] = {}
+        self.pending: dict[int, _Pending] = {}
+        self.remote_regions: dict[str, tuple[int, int]] = {}
+        self.lock = threading.Lock()
+        self.dead: BaseException | None = None
+        self.last_activity = time.monotonic()
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def add(self, req: int, p: _Pending) -> None:
+        with self.lock:
+            if self.dead is not None:
+                raise self.dead
+            self.pending[req] = p
+            self.touch()
+
+    def pop(self, req: int, kind: str, length: int) -> _Pending:
+        with self.lock:
+            p = self.pending.get(req)
+            if p is None or p.kind != kind:
+                raise ProtocolError(f"{kind} reply for unknown request {req}")
+            if kind != "query" and p.length != length:
+                raise ProtocolError(f"{kind} reply of {length} bytes for a {p.length}-byte request {req}")
+            del self.pending[req]
+            return p
+
+
+@TRANSPORTS.register("tcp")
+class TcpTransport(Transport):
+    """TCP endpoint. `address` is `(host, port)`; pass it to a peer's `connect`.
+
+    Args:
+      name: this endpoint's name (peers address it by this name).
+      host, port: where to listen (port 0 = any free port). Non-loopback hosts need `secret`.
+      secret: shared secret (str or bytes) every connection must prove (mutual HMAC); required to bind a
+        non-loopback address, optional on loopback. A client with a secret refuses servers without one.
+      pacer: optional `Pacer` that paces outgoing payload bytes (emulated NIC caps).
+      timeout_s: a peer with pending transfers and no progress for this long is declared dead.
+      max_message_bytes: control messages larger than this close the connection.
+    """
+
+    backend = "tcp"
+
+    def __init__(
+        self,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        secret: str | bytes | None = None,
+        pacer: Pacer | None = None,
+        timeout_s: float = 30.0,
+        handshake_timeout_s: float = 5.0,
+        max_message_bytes: int = 16 << 20,
+    ):
+        super().__init__(name, pacer)
+        if not is_loopback(host) and not secret:
+            raise ValueError(
+                f"tcp transport {name!r}: binding non-loopback address {host!r} requires a shared secret "
+                "(pass secret=...); peers must prove it at connect"
+            )
+        self.secret = secret.encode() if isinstance(secret, str) else secret
+        self.timeout_s = float(timeout_s)
+        self.handshake_timeout_s = float(handshake_timeout_s)
+        self.max_message_bytes = int(max_message_bytes)
+        self._req_ids = itertools.count(1)
+        # Optional hook `(peer, payload) -> handled` run by a reader thread on each control message (the RDMA
+        # backend uses this endpoint as its control channel); unhandled messages go to `recv`.
+        self.on_message: Callable[[str, bytes], bool] | None = None
+        self.on_peer_lost: Callable[[str, BaseException], None] | None = None  # called once per lost set
+        self._peers: dict[str, list[_Peer]] = {}
+        self._handshakes = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
+        self._half_open: dict[tuple[str, str], tuple[float, dict[str, socket.socket]]] = {}
+        self._listener = socket.create_server((host, port), backlog=128)
+        self._address = self._listener.getsockname()[:2]
+        self._threads = [
+            threading.Thread(target=self._accept_loop, name=f"tcp-{name}-accept", daemon=True),
+            threading.Thread(target=self._watchdog, name=f"tcp-{name}-watchdog", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return tuple(self._address)
+
+    # ---- connection setup -------------------------------------------------------------------------------
+    def connect(self, peer: str, address: Any, timeout: float = 10.0) -> None:
+        self._check_open()
+        if self._live_peer(peer) is not None:
+            return
+        host, port = address
+        session = os.urandom(8).hex()
+        socks: dict[str, socket.socket] = {}
+        try:
+            for stream in STREAMS:
+                sock = socket.create_connection((host, port), timeout=timeout)
+                socks[stream] = sock
+                self._client_handshake(sock, peer, session, stream, timeout)
+        except BaseException as e:
+            for s in socks.values():
+                s.close()
+            if isinstance(e, TransportError):
+                raise
+            raise PeerLostError(f"{self.name}: cannot connect to {peer!r} at {host}:{port}: {e}") from e
+        self._add_peer(peer, socks)
+
+    def _client_handshake(self, sock: socket.socket, peer: str, session: str, stream: str, timeout: float) -> None:
+        sock.settimeout(timeout)
+        nonce = os.urandom(32)
+        hello = json.dumps(
+            {
+                "name": self.name,
+                "peer": peer,
+                "session": session,
+                "stream": stream,
+                "nonce": nonce.hex(),
+                "auth": self.secret is not None,
+            }
+        ).encode()
+        sock.sendall(pack_header(OP_HELLO, length=len(hello)) + hello)
+        op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size))
+        if op != OP_HELLO_ACK or length > HANDSHAKE_MAX:
+            raise ProtocolError(f"{peer!r} answered the handshake with op {op}")
+        ack = json.loads(_recv_exact(sock, length))
+        if ack.get("error"):
+            raise TransportError(f"{peer!r} refused the connection: {ack['error']}")
+        if ack.get("name") != peer:
+            raise TransportError(f"endpoint at {sock.getpeername()} is {ack.get('name')!r}, expected {peer!r}")
+        if ack.get("auth"):
+            if self.secret is None:
+                raise TransportError(f"{peer!r} requires a shared secret; this endpoint has none")
+            server_nonce = bytes.fromhex(ack["nonce"])
+            expect = _proof(self.secret, b"server", nonce, server_nonce, self.name, peer)
+            if not hmac.compare_digest(expect, str(ack.get("proof", ""))):
+                raise TransportError(f"{peer!r} failed to prove the shared secret")
+            proof = _proof(self.secret, b"client", server_nonce, nonce, self.name, peer).encode()
+            sock.sendall(pack_header(OP_AUTH, length=len(proof)) + proof)
+            op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size))
+            if op != OP_AUTH_OK:
+                raise TransportError(f"{peer!r} rejected our proof of the shared secret")
+        elif self.secret is not None:
+            raise TransportError(f"{peer!r} does not authenticate but this endpoint requires a shared secret")
+        sock.settimeout(None)
+        _set_sockopts(sock, stream)
+
+    def _accept_loop(self) -> None:
+        while not self.closed:
+            try:
+                sock, addr = self._listener.accept()
+            except OSError:
+                return
+            # A flood of connections that never finish the handshake must not grow threads without bound.
+            if not self._handshakes.acquire(blocking=False):
+                log.error("%s: too many pending handshakes; dropping connection from %s", self.name, addr)
+                sock.close()
+                continue
+            threading.Thread(
+                target=self._serve_handshake, args=(sock, addr), daemon=True, name=f"tcp-{self.name}-handshake"
+            ).start()
+
+    def _serve_handshake(self, sock: socket.socket, addr: Any) -> None:
+        try:
+            self._serve_handshake_inner(sock, addr)
+        finally:
+            self._handshakes.release()
+
+    def _serve_handshake_inner(self, sock: socket.socket, addr: Any) -> None:
+        try:
+            sock.settimeout(self.handshake_timeout_s)
+            op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size))
+            if op != OP_HELLO or length > HANDSHAKE_MAX:
+                raise ProtocolError(f"expected HELLO of <= {HANDSHAKE_MAX} bytes, got op {op} length {length}")
+            hello = json.loads(_recv_exact(sock, length))
+            if not isinstance(hello, dict):
+                raise ProtocolError("HELLO payload is not a JSON object")
+            peer, session, stream = str(hello["name"]), str(hello["session"]), str(hello["stream"])
+            if stream not in STREAMS:
+                raise ProtocolError(f"unknown stream {stream!r}")
+            if hello.get("peer") != self.name:
+                self._reply(sock, OP_HELLO_ACK, {"error": f"this is {self.name!r}, not {hello.get('peer')!r}"})
+                raise ProtocolError(f"client expected endpoint {hello.get('peer')!r}")
+            if self.secret is not None:
+                client_nonce, nonce = bytes.fromhex(hello["nonce"]), os.urandom(32)
+                proof = _proof(self.secret, b"server", client_nonce, nonce, peer, self.name)
+                self._reply(sock, OP_HELLO_ACK, {"name": self.name, "auth": True, "nonce": nonce.hex(), "proof": proof})
+                op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size))
+                if op != OP_AUTH or length > HANDSHAKE_MAX:
+                    raise ProtocolError(f"expected AUTH, got op {op}")
+                got = _recv_exact(sock, length).decode("ascii", errors="replace")
+                expect = _proof(self.secret, b"client", nonce, client_nonce, peer, self.name)
+                if not hmac.compare_digest(expect, got):
+                    raise ProtocolError(f"{peer!r} at {addr} failed to prove the shared secret")
+                final = pack_header(OP_AUTH_OK)
+            else:
+                final = None
+                self_ack = {"name": self.name, "auth": False}
+            sock.settimeout(None)
+            _set_sockopts(sock, stream)
+            # Complete the set before the last ack: the client sends data only after all its handshakes.
+            key = (peer, session)
+            with self._lock:
+                _, socks = self._half_open.setdefault(key, (time.monotonic(), {}))
+                if stream in socks:
+                    raise ProtocolError(f"duplicate stream {stream!r} for session {session}")
+                socks[stream] = sock
+                complete = len(socks) == len(STREAMS)
+                if complete:
+                    del self._half_open[key]
+            if complete:
+                self._add_peer(peer, socks)
+            if final is not None:
+                sock.sendall(final)
+            else:
+                self._reply(sock, OP_HELLO_ACK, self_ack)
+        except BaseException as e:  # noqa: BLE001 - one bad client must not stop the server
+            if not self.closed:
+                log.error("%s: rejected connection from %s: %s", self.name, addr, e)
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    @staticmethod
+    def _reply(sock: socket.socket, op: int, obj: dict) -> None:
+        data = json.dumps(obj).encode()
+        sock.sendall(pack_header(op, length=len(data)) + data)
+
+    def _add_peer(self, name: str, socks: dict[str, socket.socket]) -> None:
+        p = _Peer(self, name)
+        for stream, sock in socks.items():
+            p.conns[stream] = _Conn(self, p, sock, stream)
+        with self._lock:
+            if self.closed:
+                for s in socks.values():
+                    s.close()
+                raise TransportClosedError(f"endpoint {self.name!r} is closed")
+            self._peers.setdefault(name, []).append(p)
+        for c in p.conns.values():
+            c.start()
+
+    def _live_peer(self, name: str) -> _Peer | None:
+        with self._lock:
+            for p in self._peers.get(name, ()):
+                if p.dead is None:
+                    return p
+        return None
+
+    def _get_peer(self, name: str) -> _Peer:
+        self._check_open()
+        p = self._live_peer(name)
+        if p is None:
+            raise PeerLostError(f"{self.name}: no live connection to {name!r} (connect first, or it died)")
+        return p
+
+    def peers(self) -> list[str]:
+        with self._lock:
+            return sorted(n for n, ps in self._peers.items() if any(p.dead is None for p in ps))
+
+    def _fail_peer(self, peer: _Peer, err: BaseException, graceful: bool = False) -> None:
+        """Declare `peer`'s connection set dead: fail its pending transfers and close its sockets.
+
+        `graceful` (our own close): send FIN after what the kernel already holds and keep reading until the
+        peer closes too (at most 1 s), so nothing the peer has not read yet is destroyed by a reset.
+        """
+        with peer.lock:
+            if peer.dead is not None:
+                return
+            peer.dead = err
+            pending, peer.pending = list(peer.pending.values()), {}
+        with self._lock:
+            lst = self._peers.get(peer.name, [])
+            if peer in lst:
+                lst.remove(peer)
+            if not lst:
+                self._peers.pop(peer.name, None)
+        for c in peer.conns.values():
+            c.sendq.put(None)
+            try:
+                c.sock.shutdown(socket.SHUT_WR if graceful else socket.SHUT_RDWR)
+            except OSError:
+                pass
+            if not graceful:
+                c.close_sock()
+        if graceful:
+            timer = threading.Timer(1.0, lambda: [c.close_sock() for c in peer.conns.values()])
+            timer.daemon = True
+            timer.start()
+        for p in pending:
+            if not p.fut.done():
+                with contextlib.suppress(InvalidStateError):  # raced with completion
+                    p.fut.set_exception(err)
+        if self.on_peer_lost is not None:
+            try:
+                self.on_peer_lost(peer.name, err)
+            except Exception:
+                log.exception("%s: on_peer_lost hook failed", self.name)
+
+    def _watchdog(self) -> None:
+        period = max(0.05, min(1.0, self.timeout_s / 4))
+        while not self.closed:
+            time.sleep(period)
+            now = time.monotonic()
+            with self._lock:
+                peers = [p for ps in self._peers.values() for p in ps]
+                stale = [k for k, (t, _) in self._half_open.items() if now - t > self.handshake_timeout_s]
+                dropped = [self._half_open.pop(k)[1] for k in stale]
+            for socks in dropped:
+                log.error("%s: dropping half-open connection set (missing streams)", self.name)
+                for s in socks.values():
+                    s.close()
+            for p in peers:
+                if p.pending and now - p.last_activity > self.timeout_s:
+                    self._fail_peer(
+                        p,
+                        PeerLostError(
+                            f"peer {p.name!r} made no progress for {self.timeout_s} s with {len(p.pending)} transfers pending"
+                        ),
+                    )
+
+    # ---- regions ------------------------------------------------------------------------------------------
+    def _region_for_frame(self, rid: int, offset: int, length: int, what: str) -> MemoryRegion:
+        with self._lock:
+            region = self._regions_by_id.get(rid)
+        if region is None:
+            raise ProtocolError(f"{what} frame for unknown region id {rid}")
+        if offset + length > region.size:
+            raise ProtocolError(
+                f"{what} frame [{offset}, {offset + length}) is out of bounds of region {region.name!r} "
+                f"({region.size} bytes)"
+            )
+        return region
+
+    def remote_region(self, peer: str, name: str, timeout: float = 10.0) -> tuple[int, int]:
+        """(region id, size) of the peer's region `name` (asked once, then cached)."""
+        p = self._get_peer(peer)
+        with p.lock:
+            info = p.remote_regions.get(name)
+        if info is not None:
+            return info
+        data = name.encode()
+        if len(data) > REGION_NAME_MAX:
+            raise RegionError(f"region name longer than {REGION_NAME_MAX} bytes")
+        req = next(self._req_ids)
+        fut: Future = Future()
+        p.add(req, _Pending(fut, "query", 0))
+        p.conns["high"].enqueue(pack_header(OP_REGION_QUERY, length=len(data), req=req), memoryview(data))
+        info = fut.result(timeout)
+        if info is None:
+            raise RegionError(f"peer {peer!r} has no region {name!r}")
+        with p.lock:
+            p.remote_regions[name] = info
+        return info
+
+    # ---- transfers --------------------------------------------------------------------------------------
+    def write(
+        self,
+        peer: str,
+        local_region: str,
+        local_offset: int,
+        remote_region: str,
+        remote_offset: int,
+        length: int,
+        priority: str = "low",
+        notify: int | None = None,
+    ) -> Future:
+        check_priority(priority)
+        src = self.region(local_region)
+        src.check(local_offset, length, f"write from {self.name}:{local_region}")
+        rid, size = self.remote_region(peer, remote_region)
+        if remote_offset < 0 or remote_offset + length > size:
+            raise RegionError(
+                f"write to {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
+                f"region of {size} bytes"
+            )
+        p = self._get_peer(peer)
+        req = next(self._req_ids)
+        fut: Future = Future()
+        p.add(req, _Pending(fut, "write", length))
+        flags = FLAG_NOTIFY if notify is not None else 0
+        header = pack_header(OP_WRITE, flags, rid, remote_offset, length, int(notify or 0), req)
+        p.conns[priority].enqueue(header, src.view[local_offset : local_offset + length], priority=priority)
+        return fut
+
+    def read(
+        self,
+        peer: str,
+        local_region: str,
+        local_offset: int,
+        remote_region: str,
+        remote_offset: int,
+        length: int,
+        priority: str = "low",
+    ) -> Future:
+        check_priority(priority)
+        dst = self.region(local_region)
+        dst.check(local_offset, length, f"read into {self.name}:{local_region}")
+        rid, size = self.remote_region(peer, remote_region)
+        if remote_offset < 0 or remote_offset + length > size:
+            raise RegionError(
+                f"read from {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
+                f"region of {size} bytes"
+            )
+        p = self._get_peer(peer)
+        req = next(self._req_ids)
+        fut: Future = Future()
+        p.add(req, _Pending(fut, "read", length, dst.view[local_offset : local_offset + length]))
+        p.conns[priority].enqueue(pack_header(OP_READ, 0, rid, remote_offset, length, 0, req))
+        return fut
+
+    def send(self, peer: str, payload: bytes) -> Future:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise TypeError(f"message payload must be bytes, got {type(payload).__name__}")
+        data = memoryview(bytes(payload))
+        if data.nbytes > self.max_message_bytes:
+            raise ValueError(f"message of {data.nbytes} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        p = self._get_peer(peer)
+        fut: Future = Future()
+        p.conns["high"].enqueue(pack_header(OP_MSG, length=data.nbytes), data, fut)
+        return fut
+
+    def _shutdown(self) -> None:
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            peers = [p for ps in self._peers.values() for p in ps]
+            half = list(self._half_open.values())
+            self._half_open.clear()
+        for _, socks in half:
+            for s in socks.values():
+                s.close()
+        err = TransportClosedError(f"endpoint {self.name!r} closed with the transfer pending")
+        for p in peers:
+            self._fail_peer(p, err, graceful=True)
