@@ -45,9 +45,10 @@ def test_weighted_classes_under_contention():
         if cls == "high":
             low_bytes_when_high_done.append(link.bytes_by_class["low"])
 
+    # high starts first so a loaded machine cannot delay its thread behind low's (low then contends at once)
     threads = [
-        threading.Thread(target=flow, args=("low", 20_000_000)),
         threading.Thread(target=flow, args=("high", 20_000_000)),
+        threading.Thread(target=flow, args=("low", 20_000_000)),
     ]
     for t in threads:
         t.start()
