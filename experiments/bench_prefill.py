@@ -1,0 +1,92 @@
+"""Prefill benchmark: per-layer jitted pipeline vs one jit of the whole model, on the same batch.
+
+    python -m experiments.bench_prefill                       # tiny dense + tiny MoE, CPU, < 1 min
+    python -m experiments.bench_prefill --batch=8 --miss_tokens=128 --cached_tokens=384 --repeats=10
+
+For each model: a batch of `batch` requests, each with `cached_tokens` of cached prefix (KV fed layer by layer
+as Layer Blocks from host memory, like the runtime does) and `miss_tokens` computed. The layerwise pipeline
+(`ModelRunner.prefill_layerwise`: embed step, one jitted step per layer, KV of each layer to host, head step)
+is timed against `ModelRunner.prefill_whole` (one jit of embed + all layers + head over the same inputs, its KV
+also copied to host). Reported: warm step time (median and min of `repeats`, the two paths interleaved so both
+see the same load, after a warm-up, block_until_ready via host copies), ratio layerwise/whole (goal <= 1.15), miss tokens/s, traces (= compiles) per step and bucket,
+and compile time (first call minus warm time). `--no_persistent_cache` measures cold compiles; with the cache
+on, a second run shows cache-load times instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+
+from models.prefill_bench import bench_configs, run_one
+
+_BATCH = flags.DEFINE_integer("batch", 4, "requests per prefill batch")
+_MISS = flags.DEFINE_integer("miss_tokens", 128, "miss (computed) tokens per request")
+_CACHED = flags.DEFINE_integer("cached_tokens", 256, "cached prefix tokens per request (0: no cache)")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "timed repetitions (median reported)")
+_MODELS = flags.DEFINE_list("models", ["dense", "moe"], "which tiny configs: dense, moe")
+_MOE_DISPATCH = flags.DEFINE_enum("moe_dispatch", "dense", ["dense", "ragged"], "MoE expert dispatch")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for MFU (0: not reported)")
+_NO_CACHE = flags.DEFINE_bool("no_persistent_cache", False, "disable JAX's persistent compilation cache")
+_OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: print only)")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    import jax
+
+    from models.jax_cache import enable_persistent_compilation_cache
+
+    if not _NO_CACHE.value:
+        logging.info("persistent compilation cache: %s", enable_persistent_compilation_cache())
+    logging.info(
+        "jax %s, devices %s, python %s",
+        jax.__version__,
+        jax.devices(),
+        platform.python_version(),
+    )
+    configs = bench_configs(_MOE_DISPATCH.value)
+    results = []
+    for name in _MODELS.value:
+        if name not in configs:
+            raise app.UsageError(f"--models: unknown {name!r}; known: {sorted(configs)}")
+        logging.info("config %s: %s", name, configs[name])
+        results.append(
+            run_one(
+                name,
+                configs[name],
+                _BATCH.value,
+                _MISS.value,
+                _CACHED.value,
+                _REPEATS.value,
+            )
+        )
+    print(
+        f"\nprefill, device={jax.devices()[0].platform}, batch={_BATCH.value}, miss={_MISS.value}, cached={_CACHED.value}"
+    )
+    hdr = "| model | layers (kinds) | layerwise ms | whole-jit ms | ratio (median / min) | layerwise tok/s | whole tok/s | traces per step (layerwise) | compile s (layerwise / whole) | layerwise GFLOP/s | max logit diff |"
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r in results:
+        lw, wh = r["layerwise"], r["whole"]
+        mfu = f" (MFU {lw['model_gflops_per_s'] / (_PEAK_TFLOPS.value * 1e3):.1%})" if _PEAK_TFLOPS.value else ""
+        traces = ", ".join(f"{k}:{v}" for k, v in sorted(lw["traces"].items()))
+        print(
+            f"| {r['model']} ({r['arch']}) | {r['layers']} ({r['layer_kinds']}) | {lw['step_s'] * 1e3:.1f} | "
+            f"{wh['step_s'] * 1e3:.1f} | {r['ratio']:.3f} / {r['ratio_min']:.3f} | {lw['tokens_per_s']:.0f} | {wh['tokens_per_s']:.0f} | "
+            f"{traces} | {lw['compile_s']:.2f} / {wh['compile_s']:.2f} | {lw['model_gflops_per_s']:.1f}{mfu} | "
+            f"{r['max_abs_logit_diff']:.1e} |"
+        )
+    if _OUT.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+        with open(_OUT.value, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

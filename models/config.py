@@ -1,0 +1,66 @@
+"""Typed model config base shared by the families (Qwen2/Llama in qwen2.py, DeepSeek in deepseek.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from models.kv import KVLayout
+
+
+def hf_field(d: dict, key: str, where: str = "config.json") -> Any:
+    """A required HF config field, or an error naming it."""
+    if key not in d:
+        raise ValueError(f"{where}: missing required field {key!r}")
+    return d[key]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    architecture: str  # HF architecture name, the registry key
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"  # params, activations and KV ("float32" on CPU, "bfloat16" on GPU)
+    max_position_embeddings: int = 4096
+
+    # Execution choices that change neither the weights' meaning nor the KV bytes' meaning.
+    _NOT_IN_FINGERPRINT = ("moe_dispatch", "mla_prefill")
+
+    # Subclasses: the per-token per-layer KV record shape and its kind.
+    def _kv_record(self) -> tuple[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        kind, shape = self._kv_record()
+        return KVLayout(
+            kind=kind,
+            record_shape=shape,
+            kv_dtype=self.dtype,
+            num_layers=self.num_layers,
+        )
+
+    @property
+    def kv_bytes_per_token_per_layer(self) -> int:
+        return self.kv_layout.bytes_per_token_per_layer
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.kv_bytes_per_token_per_layer * self.num_layers
+
+    def fingerprint(self) -> str:
+        """Stable id of the model architecture and KV format: KV blocks are only valid for a reader with an
+        equal fingerprint (weights are identified separately, see ModelRunner.fingerprint)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NOT_IN_FINGERPRINT}
+        blob = json.dumps(fields, sort_keys=True, default=str).encode()
+        layout = self.kv_layout
+        shape = "x".join(map(str, layout.record_shape))
+        return (
+            f"{self.architecture}/L{self.num_layers}/{layout.kind}[{shape}]/{self.dtype}/"
+            f"{hashlib.sha256(blob).hexdigest()[:16]}"
+        )

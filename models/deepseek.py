@@ -1,0 +1,298 @@
+"""MoE + MLA family: DeepSeek-V2 / V3 style.
+
+HF architectures: ``DeepseekV2ForCausalLM``, ``DeepseekV3ForCausalLM``. Layers ``< first_k_dense_replace``
+(and those off ``moe_layer_freq``) use a dense SwiGLU MLP, the rest ``DeepseekV3MoE`` (routed top-k +
+shared experts). Attention is MLA with the compressed latent cache: KV record per token per layer
+``(kv_lora_rank + qk_rope_head_dim,)`` (see models/kv.py). RoPE is YaRN-scaled when ``rope_scaling`` says
+so, interleaved like HF DeepSeek.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.causal_lm import CausalLM
+from models.config import ModelConfig, hf_field
+from models.layers.attention import MLAAttention
+from models.layers.mlp import SwiGLUMLP
+from models.layers.moe import DeepseekMoE
+from models.layers.rmsnorm import RMSNorm
+from models.layers.rope import RopeConfig
+from models.meta import DecodeMeta, PrefillMeta
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeepseekConfig(ModelConfig):
+    num_attention_heads: int
+    intermediate_size: int  # dense layers
+    moe_intermediate_size: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int
+    first_k_dense_replace: int
+    moe_layer_freq: int = 1
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "softmax"  # V2 softmax, V3 sigmoid
+    topk_method: str = "greedy"  # greedy | group_limited_greedy | noaux_tc
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    q_lora_rank: int | None = None  # None: a plain q_proj (V2-Lite)
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    attention_bias: bool = False
+    rope: RopeConfig
+    moe_dispatch: str = "dense"  # "dense" | "ragged" (models/layers/moe.py); not part of the KV format
+    mla_prefill: str = "auto"  # "auto" | "expanded" | "absorbed" (models/layers/attention.py); idem
+
+    def _kv_record(self):
+        return "mla", (self.kv_lora_rank + self.qk_rope_head_dim,)
+
+    @property
+    def is_v3(self) -> bool:
+        return self.architecture == "DeepseekV3ForCausalLM"
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_routed_experts > 0 and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    @classmethod
+    def from_hf(cls, d: dict, dtype: str = "float32") -> DeepseekConfig:
+        arch = (d.get("architectures") or [None])[0]
+        if arch not in ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"):
+            raise ValueError(f"config.json: architectures={d.get('architectures')!r} is not a DeepSeek-V2/V3 model")
+        v3 = arch == "DeepseekV3ForCausalLM"
+        rope_dim = hf_field(d, "qk_rope_head_dim")
+        return cls(
+            architecture=arch,
+            vocab_size=hf_field(d, "vocab_size"),
+            hidden_size=hf_field(d, "hidden_size"),
+            num_layers=hf_field(d, "num_hidden_layers"),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            dtype=dtype,
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            num_attention_heads=hf_field(d, "num_attention_heads"),
+            intermediate_size=hf_field(d, "intermediate_size"),
+            moe_intermediate_size=hf_field(d, "moe_intermediate_size"),
+            n_routed_experts=d.get("n_routed_experts") or 0,
+            num_experts_per_tok=d.get("num_experts_per_tok") or 1,
+            n_shared_experts=d.get("n_shared_experts") or 0,
+            first_k_dense_replace=d.get("first_k_dense_replace", 0),
+            moe_layer_freq=d.get("moe_layer_freq", 1),
+            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+            scoring_func=d.get("scoring_func", "sigmoid" if v3 else "softmax"),
+            topk_method=d.get("topk_method", "noaux_tc" if v3 else "greedy"),
+            n_group=d.get("n_group") or 1,
+            topk_group=d.get("topk_group") or 1,
+            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+            q_lora_rank=d.get("q_lora_rank"),
+            kv_lora_rank=hf_field(d, "kv_lora_rank"),
+            qk_nope_head_dim=hf_field(d, "qk_nope_head_dim"),
+            qk_rope_head_dim=rope_dim,
+            v_head_dim=hf_field(d, "v_head_dim"),
+            attention_bias=bool(d.get("attention_bias", False)),
+            rope=RopeConfig.from_hf(
+                rope_dim,
+                d.get("rope_theta", 10000.0),
+                d.get("rope_scaling"),
+                interleaved=True,
+            ),
+        )
+
+
+class DeepseekV3MoE(DeepseekMoE):
+    def __init__(self, cfg: DeepseekConfig, rngs: nnx.Rngs):
+        super().__init__(
+            cfg.hidden_size,
+            cfg.moe_intermediate_size,
+            cfg.n_routed_experts,
+            cfg.num_experts_per_tok,
+            cfg.n_shared_experts,
+            cfg.scoring_func,
+            cfg.topk_method,
+            cfg.n_group,
+            cfg.topk_group,
+            cfg.norm_topk_prob,
+            cfg.routed_scaling_factor,
+            cfg.is_v3,
+            jnp.dtype(cfg.dtype),
+            rngs,
+            dispatch=cfg.moe_dispatch,
+        )
+
+
+class DeepseekV3DecoderLayer(nnx.Module):
+    """MLA + (dense MLP | MoE). Two layer kinds -> two step executables, each shared by its layers."""
+
+    def __init__(self, cfg: DeepseekConfig, moe: bool, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = MLAAttention(
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.q_lora_rank,
+            cfg.kv_lora_rank,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            cfg.rms_norm_eps,
+            cfg.attention_bias,
+            cfg.rope,
+            dtype,
+            rngs,
+            prefill_mode=cfg.mla_prefill,
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = DeepseekV3MoE(cfg, rngs) if moe else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+
+    def prefill(self, kv_cached: jax.Array, x: jax.Array, meta: PrefillMeta):
+        kv_new, a = self.self_attn.prefill(kv_cached, self.input_layernorm(x), meta)
+        x = x + a
+        return kv_new, x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, cache, x: jax.Array, meta: DecodeMeta):
+        cache, a = self.self_attn.decode(cache, self.input_layernorm(x), meta)
+        x = x + a
+        return cache, x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3ForCausalLM(CausalLM):
+    def __init__(self, cfg: DeepseekConfig, rngs: nnx.Rngs):
+        super().__init__(cfg, lambda c, i, r: DeepseekV3DecoderLayer(c, c.is_moe_layer(i), r), rngs)
+
+
+DeepseekV2ForCausalLM = DeepseekV3ForCausalLM  # one graph; V2/V3 differ in config (routing, scaling)
+
+
+def hf_tensor_map(cfg: DeepseekConfig) -> dict[tuple, tuple]:
+    """NNX param path -> (HF tensor name(s), transform); "T" transposes a Linear weight, "stackT" stacks
+    per-expert Linear weights [out, in] into [E, in, out]."""
+    m: dict[tuple, tuple] = {("embed_tokens", "embedding"): ("model.embed_tokens.weight", "")}
+    for i in range(cfg.num_layers):
+        p, h = ("layers", i), f"model.layers.{i}."
+        m[p + ("input_layernorm", "weight")] = (h + "input_layernorm.weight", "")
+        m[p + ("post_attention_layernorm", "weight")] = (
+            h + "post_attention_layernorm.weight",
+            "",
+        )
+        a, ha = p + ("self_attn",), h + "self_attn."
+        projs = ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+        projs += ["q_proj"] if cfg.q_lora_rank is None else ["q_a_proj", "q_b_proj"]
+        for proj in projs:
+            m[a + (proj, "kernel")] = (ha + f"{proj}.weight", "T")
+            if cfg.attention_bias and proj in (
+                "q_a_proj",
+                "kv_a_proj_with_mqa",
+                "o_proj",
+            ):
+                m[a + (proj, "bias")] = (ha + f"{proj}.bias", "")
+        m[a + ("kv_a_layernorm", "weight")] = (ha + "kv_a_layernorm.weight", "")
+        if cfg.q_lora_rank is not None:
+            m[a + ("q_a_layernorm", "weight")] = (ha + "q_a_layernorm.weight", "")
+        mp, hm = p + ("mlp",), h + "mlp."
+        if cfg.is_moe_layer(i):
+            m[mp + ("gate_weight",)] = (hm + "gate.weight", "")
+            if cfg.topk_method == "noaux_tc":
+                m[mp + ("e_score_correction_bias",)] = (
+                    hm + "gate.e_score_correction_bias",
+                    "",
+                )
+            for ours, proj in (
+                ("w_gate", "gate_proj"),
+                ("w_up", "up_proj"),
+                ("w_down", "down_proj"),
+            ):
+                names = [hm + f"experts.{e}.{proj}.weight" for e in range(cfg.n_routed_experts)]
+                m[mp + (ours,)] = (names, "stackT")
+            if cfg.n_shared_experts:
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    m[mp + ("shared_experts", proj, "kernel")] = (
+                        hm + f"shared_experts.{proj}.weight",
+                        "T",
+                    )
+        else:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                m[mp + (proj, "kernel")] = (hm + f"{proj}.weight", "T")
+    m[("final", "norm", "weight")] = ("model.norm.weight", "")
+    if not cfg.tie_word_embeddings:
+        m[("final", "lm_head", "kernel")] = ("lm_head.weight", "T")
+    return m
+
+
+def tiny_deepseek(**overrides) -> DeepseekConfig:
+    """A tiny DeepSeek-V3 (MLA with q_lora, sigmoid noaux_tc group routing, YaRN, 1 dense + 2 MoE layers)."""
+    kw = {
+        "architecture": "DeepseekV3ForCausalLM",
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "num_layers": 3,
+        "rms_norm_eps": 1e-6,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "n_group": 4,
+        "topk_group": 2,
+        "norm_topk_prob": True,
+        "q_lora_rank": 32,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "rope": RopeConfig(
+            dim=8,
+            theta=10000.0,
+            kind="yarn",
+            factor=4.0,
+            original_max_position_embeddings=64,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+            interleaved=True,
+        ),
+    }
+    kw.update(overrides)
+    return DeepseekConfig(**kw)
+
+
+def tiny_deepseek_v2(**overrides) -> DeepseekConfig:
+    """A tiny DeepSeek-V2-Lite style model (plain q_proj, softmax greedy routing, default RoPE)."""
+    kw = {
+        "architecture": "DeepseekV2ForCausalLM",
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "num_layers": 3,
+        "rms_norm_eps": 1e-6,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 2,
+        "first_k_dense_replace": 1,
+        "routed_scaling_factor": 1.0,
+        "scoring_func": "softmax",
+        "topk_method": "greedy",
+        "norm_topk_prob": False,
+        "q_lora_rank": None,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "rope": RopeConfig(dim=8, theta=10000.0, interleaved=True),
+    }
+    kw.update(overrides)
+    return DeepseekConfig(**kw)

@@ -1,0 +1,125 @@
+"""Rotary position embedding with the scaling variants the model families use.
+
+- ``default``: inv_freq = theta^(-2i/d) (Qwen2, Llama-2, DeepSeek without scaling).
+- ``llama3``: Llama-3.1 frequency-dependent scaling (factor, low/high_freq_factor, original context).
+- ``yarn``: DeepSeek-V2/V3 YaRN (beta_fast/slow correction range, mscale on cos/sin and on the softmax).
+
+Layouts: ``interleaved=False`` rotates the two halves of the head dim (HF ``rotate_half``, Qwen2/Llama);
+``interleaved=True`` first de-interleaves pairs (x0,x1),(x2,x3).. into halves, as HF DeepSeek does, so the
+output (and the cached k_pe) is in the half layout exactly like HF's modeling code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    dim: int  # rotary dims of one head
+    theta: float = 10000.0
+    kind: str = "default"  # "default" | "llama3" | "yarn"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float = 1.0  # yarn
+    mscale_all_dim: float = 0.0  # yarn
+    interleaved: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ("default", "llama3", "yarn"):
+            raise ValueError(f"rope_scaling type {self.kind!r} is not supported (default, llama3, yarn)")
+        if self.dim % 2:
+            raise ValueError(f"rotary dim must be even, got {self.dim}")
+
+    @classmethod
+    def from_hf(
+        cls,
+        dim: int,
+        theta: float,
+        rope_scaling: dict | None,
+        interleaved: bool = False,
+    ) -> RopeConfig:
+        """Build from HF config fields `rope_theta` and `rope_scaling` (None, or a dict with `type`/`rope_type`)."""
+        if not rope_scaling:
+            return cls(dim=dim, theta=float(theta), interleaved=interleaved)
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in rope_scaling.items() if k in known and k not in ("dim", "theta", "kind")}
+        return cls(dim=dim, theta=float(theta), kind=kind, interleaved=interleaved, **kw)
+
+
+def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def inv_freq(cfg: RopeConfig) -> np.ndarray:
+    """[dim/2] float64 inverse frequencies after scaling (a trace-time constant)."""
+    base = cfg.theta ** (np.arange(0, cfg.dim, 2, dtype=np.float64) / cfg.dim)
+    freq = 1.0 / base
+    if cfg.kind == "llama3":
+        old = cfg.original_max_position_embeddings
+        low_wavelen = old / cfg.low_freq_factor
+        high_wavelen = old / cfg.high_freq_factor
+        wavelen = 2 * math.pi / freq
+        scaled = np.where(wavelen > low_wavelen, freq / cfg.factor, freq)
+        smooth = (old / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        freq = np.where(medium, smoothed, scaled)
+    elif cfg.kind == "yarn":
+
+        def correction_dim(num_rot: float) -> float:
+            return (cfg.dim * math.log(cfg.original_max_position_embeddings / (num_rot * 2 * math.pi))) / (
+                2 * math.log(cfg.theta)
+            )
+
+        low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(cfg.beta_slow)), cfg.dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(cfg.dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extra_mask = 1.0 - ramp
+        freq = (freq / cfg.factor) * (1 - extra_mask) + freq * extra_mask
+    return freq
+
+
+def cos_sin_scale(cfg: RopeConfig) -> float:
+    """Multiplier on cos/sin (YaRN's mscale ratio; 1 otherwise)."""
+    if cfg.kind != "yarn":
+        return 1.0
+    return _yarn_get_mscale(cfg.factor, cfg.mscale) / _yarn_get_mscale(cfg.factor, cfg.mscale_all_dim)
+
+
+def softmax_scale_factor(cfg: RopeConfig) -> float:
+    """Extra factor on the attention softmax scale (DeepSeek YaRN: mscale(factor, mscale_all_dim)^2)."""
+    if cfg.kind != "yarn" or not cfg.mscale_all_dim:
+        return 1.0
+    m = _yarn_get_mscale(cfg.factor, cfg.mscale_all_dim)
+    return m * m
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: RopeConfig) -> jax.Array:
+    """Rotate x [B, T, heads, dim] at integer positions [B, T] (traced int32)."""
+    freq = jnp.asarray(inv_freq(cfg), jnp.float32)  # [dim/2]
+    angles = positions.astype(jnp.float32)[..., None] * freq  # [B, T, dim/2]
+    scale = cos_sin_scale(cfg)
+    cos = (jnp.cos(angles) * scale)[:, :, None, :]  # [B, T, 1, dim/2]
+    sin = (jnp.sin(angles) * scale)[:, :, None, :]
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    if cfg.interleaved:
+        # HF DeepSeek: view(d/2, 2).transpose -> [x0, x2, ..., x1, x3, ...]
+        x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+    half = cfg.dim // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(dtype)

@@ -1,0 +1,171 @@
+"""Dense GQA family: Qwen2 / Qwen2.5 (qkv bias) and Llama-3 style (no bias, llama3 RoPE scaling).
+
+HF architectures: ``Qwen2ForCausalLM``, ``LlamaForCausalLM``. KV record per token per layer:
+``(2, num_key_value_heads, head_dim)`` (see models/kv.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.causal_lm import CausalLM
+from models.config import ModelConfig, hf_field
+from models.layers.attention import GQAAttention
+from models.layers.mlp import SwiGLUMLP
+from models.layers.rmsnorm import RMSNorm
+from models.layers.rope import RopeConfig
+from models.meta import DecodeMeta, PrefillMeta
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Qwen2Config(ModelConfig):
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    qkv_bias: bool  # Qwen2: True; Llama: False
+    rope: RopeConfig
+
+    def _kv_record(self):
+        return "gqa", (2, self.num_key_value_heads, self.head_dim)
+
+    @classmethod
+    def from_hf(cls, d: dict, dtype: str = "float32") -> Qwen2Config:
+        """From an HF config.json dict (Qwen2ForCausalLM or LlamaForCausalLM)."""
+        arch = (d.get("architectures") or [None])[0]
+        if arch not in ("Qwen2ForCausalLM", "LlamaForCausalLM"):
+            raise ValueError(f"config.json: architectures={d.get('architectures')!r} is not a Qwen2/Llama model")
+        if d.get("mlp_bias"):
+            raise ValueError("config.json: mlp_bias=true is not supported")
+        hidden = hf_field(d, "hidden_size")
+        heads = hf_field(d, "num_attention_heads")
+        head_dim = d.get("head_dim") or hidden // heads
+        qwen = arch == "Qwen2ForCausalLM"
+        return cls(
+            architecture=arch,
+            vocab_size=hf_field(d, "vocab_size"),
+            hidden_size=hidden,
+            num_layers=hf_field(d, "num_hidden_layers"),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            dtype=dtype,
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads", heads),
+            head_dim=head_dim,
+            intermediate_size=hf_field(d, "intermediate_size"),
+            qkv_bias=True if qwen else bool(d.get("attention_bias", False)),
+            rope=RopeConfig.from_hf(head_dim, d.get("rope_theta", 10000.0), d.get("rope_scaling")),
+        )
+
+
+class Qwen2DecoderLayer(nnx.Module):
+    """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x)). HF prefix ``model.layers.{i}.``."""
+
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = GQAAttention(
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.qkv_bias,
+            cfg.rope,
+            dtype,
+            rngs,
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+
+    def prefill(self, kv_cached: jax.Array, x: jax.Array, meta: PrefillMeta):
+        kv_new, a = self.self_attn.prefill(kv_cached, self.input_layernorm(x), meta)
+        x = x + a
+        return kv_new, x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, cache, x: jax.Array, meta: DecodeMeta):
+        cache, a = self.self_attn.decode(cache, self.input_layernorm(x), meta)
+        x = x + a
+        return cache, x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2ForCausalLM(CausalLM):
+    def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
+        super().__init__(cfg, lambda c, i, r: Qwen2DecoderLayer(c, r), rngs)
+
+
+LlamaForCausalLM = Qwen2ForCausalLM  # same graph; Llama differs only in config (no bias, llama3 RoPE)
+
+
+def hf_tensor_map(cfg: Qwen2Config) -> dict[tuple, tuple[str, str]]:
+    """NNX param path -> (HF tensor name, transform). Transform "T": HF Linear [out, in] -> kernel [in, out]."""
+    m: dict[tuple, tuple[str, str]] = {("embed_tokens", "embedding"): ("model.embed_tokens.weight", "")}
+    for i in range(cfg.num_layers):
+        p, h = ("layers", i), f"model.layers.{i}."
+        m[p + ("input_layernorm", "weight")] = (h + "input_layernorm.weight", "")
+        m[p + ("post_attention_layernorm", "weight")] = (
+            h + "post_attention_layernorm.weight",
+            "",
+        )
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            m[p + ("self_attn", proj, "kernel")] = (h + f"self_attn.{proj}.weight", "T")
+            if cfg.qkv_bias and proj != "o_proj":
+                m[p + ("self_attn", proj, "bias")] = (h + f"self_attn.{proj}.bias", "")
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            m[p + ("mlp", proj, "kernel")] = (h + f"mlp.{proj}.weight", "T")
+    m[("final", "norm", "weight")] = ("model.norm.weight", "")
+    if not cfg.tie_word_embeddings:
+        m[("final", "lm_head", "kernel")] = ("lm_head.weight", "T")
+    return m
+
+
+def tiny_qwen2(**overrides) -> Qwen2Config:
+    """A tiny Qwen2 (qkv bias, GQA 4q/2kv) for CPU tests; float32."""
+    kw = {
+        "architecture": "Qwen2ForCausalLM",
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "num_layers": 4,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 128,
+        "qkv_bias": True,
+        "rope": RopeConfig(dim=16, theta=10000.0),
+    }
+    kw.update(overrides)
+    return Qwen2Config(**kw)
+
+
+def tiny_llama(**overrides) -> Qwen2Config:
+    """A tiny Llama-3 style model (no bias, llama3 RoPE scaling, tied embeddings) for CPU tests."""
+    kw = {
+        "architecture": "LlamaForCausalLM",
+        "vocab_size": 128,
+        "hidden_size": 64,
+        "num_layers": 3,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "intermediate_size": 96,
+        "qkv_bias": False,
+        "rope": RopeConfig(
+            dim=16,
+            theta=500000.0,
+            kind="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    }
+    kw.update(overrides)
+    return Qwen2Config(**kw)

@@ -1,0 +1,611 @@
+"""ModelRunner: the per-layer jitted prefill/decode engine the runtime drives.
+
+Construction
+    ``ModelRunner(config, params=None, *, seed=0, num_slots=8, capacity=512, max_traces=None,
+    min_token_bucket=16)``; ``params``: an ``nnx.State`` or pure dict of the whole model (from
+    ``load_hf_checkpoint`` / ``restore_params``), or None for a random init from ``seed``.
+    ``ModelRunner.from_hf(checkpoint_dir, **kw)`` loads config.json + *.safetensors.
+    ``runner.layout`` (KVLayout), ``runner.fingerprint()`` (config format + weights digest: equal weights
+    give equal ids however loaded), ``runner.params`` (nnx.State) / ``runner.pure_params()`` (dict, for
+    ``save_params``), ``runner.trace_counts`` (Counter: step name -> traces), ``runner.num_layer_kinds``.
+    Tiny configs by name: ``models.registry.tiny_config("tiny_qwen2" | "tiny_llama" | "tiny_deepseek" |
+    "tiny_deepseek_v2", **overrides)``.
+
+Prefill (PE side)
+    ``prefill_layerwise(requests, cached_kv_provider=None, on_layer_kv=None, *, return_kv=False)
+    -> PrefillResult``
+      * ``requests``: ``Sequence[PrefillRequest(miss_token_ids [m] int, cached_len)]`` (m >= 1; cached
+        lengths may differ per request and be 0).
+      * ``cached_kv_provider(layer) -> Sequence[kv | None]``: called once per layer, in layer order, one
+        step ahead of the compute (layer l+1 is fetched while layer l runs). Per request the cached KV of
+        that layer covering exactly ``cached_len`` tokens, as records ``[c, *record]`` of kv_dtype, or raw
+        bytes uint8 ``[..., bpt]`` (a Layer Block ``[1, c, bpt]``, a stack ``[n, block, bpt]``), or a list
+        of Layer Blocks; None when cached_len == 0. Not needed when every cached_len is 0.
+      * ``on_layer_kv(layer, miss_kv)``: called once per layer with, per request, the miss KV records
+        ``[m, *record]`` (numpy views; ``runner.layout.to_bytes`` gives the Layer Block bytes). Called for
+        layer l after layer l+1 was dispatched, so sending overlaps compute.
+      * ``PrefillResult.next_tokens [B] int32`` (greedy first token), ``last_logits [B, V] float32``,
+        ``miss_kv`` (``[L, m, *record]`` per request when return_kv).
+    ``prefill_whole(requests, cached_kv=None, *, all_logits=False) -> (kv_new, logits, miss_lens)``: the
+        same computation as ONE jit of the whole model (cached_kv: per request records ``[L, c, *record]``);
+        the benchmark baseline. Device arrays ``kv_new [L, B_bucket, T_bucket, *record]``, ``logits
+        [B_bucket, V]`` (``[B_bucket, T_bucket, V]`` with all_logits); ``miss_lens [B_bucket]`` numpy.
+    ``full_prefill(token_ids_batch) -> (logits, kv)``: reference without cache; per request logits
+        ``[n, V]`` float32 and KV records ``[L, n, *record]``.
+
+Decode (DE side; continuous batching over a fixed number of slots, fixed capacity per slot)
+    ``load_prompt_kv(slot, kv)``: kv = records/bytes ``[L, P, ...]`` or a list of Full Blocks (uint8
+        ``[L, tokens, bpt]``); sets the slot's length to P.
+    ``decode_step(slots, last_tokens) -> next_tokens [len(slots)] int32``: one token for each given slot
+        (others idle); appends the KV of ``last_tokens`` at each slot's length, then length += 1. The
+        step always runs over all N slots (one executable whatever joins or leaves); it returns after
+        the step completed. Not thread-safe per runner: one thread drives one runner's decode (a
+        ``copy.copy(runner)`` + ``init_decode`` shares weights and executables with its own cache).
+    ``slot_length(slot)``, ``free_slot(slot)``, ``read_kv(slot, start, num_tokens) -> [L, n, *record]``,
+    ``read_full_block(slot, block_index, block_size) -> uint8 [L, block_size, bpt]`` (write-back).
+
+Steps (all ``jax.jit`` over pure functions of split state; layer index never static)
+    ``embed_step(embed_state, tokens [B, T]) -> hidden [B, T, H]`` (decode uses its own
+    ``decode_embed_step`` / ``decode_head_step`` executables of shape [N, 1]);
+    ``prefill_steps[kind](layer_state, kv_cached [B, C, *record], hidden, PrefillMeta) -> (kv_new, hidden)``;
+    ``decode_steps[kind](layer_state, cache, hidden [N, 1, H], DecodeMeta) -> (cache, hidden)`` (cache
+    donated); ``head_step(embed_state, final_state, hidden, last_idx [B]) -> (logits [B, V], tokens [B])``.
+    ``kind = runner.layer_kind[layer]``, state ``runner.layer_states[layer]``. Identical layers share a
+    kind (equal graphdef) and so one executable per bucket. Buckets: batch and miss-token counts padded to
+    powers of two (tokens >= min_token_bucket), cached length to a power of two >= min_token_bucket (or 0).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import itertools
+from collections.abc import Callable, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import decode_cache
+from models.kv import KVLayout
+from models.meta import DecodeMeta, PrefillMeta
+from models.registry import family
+
+_SERIAL = itertools.count()
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    n = max(int(n), int(minimum), 1)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass
+class PrefillRequest:
+    miss_token_ids: np.ndarray  # [m] int: the tokens prefill computes (m >= 1)
+    cached_len: int = 0  # hit tokens whose KV the provider feeds layer by layer
+
+
+@dataclasses.dataclass
+class PrefillResult:
+    next_tokens: np.ndarray  # [B] int32 greedy token following each prompt
+    last_logits: np.ndarray  # [B, V] float32 logits at each prompt's last token
+    miss_kv: list[np.ndarray] | None = None  # per request [L, m, *record] (return_kv=True)
+
+
+CachedKVProvider = Callable[[int], Sequence[object]]
+MissKVCallback = Callable[[int, list[np.ndarray]], None]
+
+
+# ---- pure step functions (graphdef bound with functools.partial; jitted per runner) ----
+def _embed(graphdef, state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+
+def _head(graphdef, embed_state, state, hidden, last_idx):
+    head = nnx.merge(graphdef, state)
+    x = jnp.take_along_axis(hidden, last_idx[:, None, None], axis=1)[:, 0]  # [B, H]
+    logits = head(x, embed_state["embedding"][...])
+    return logits, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _prefill_layer(graphdef, state, kv_cached, hidden, meta):
+    return nnx.merge(graphdef, state).prefill(kv_cached, hidden, meta)
+
+
+def _decode_layer(graphdef, state, cache, hidden, meta):
+    return nnx.merge(graphdef, state).decode(cache, hidden, meta)
+
+
+class ModelRunner:
+    """Per-layer jitted prefill and decode for one model (see the module docstring for the API)."""
+
+    def __init__(
+        self,
+        config,
+        params=None,
+        *,
+        seed: int = 0,
+        num_slots: int = 8,
+        capacity: int = 512,
+        max_traces: int | None = None,
+        min_token_bucket: int = 16,
+        weights_id: str | None = None,
+    ):
+        self.config = config
+        self.layout: KVLayout = config.kv_layout
+        self.num_layers = config.num_layers
+        self.min_token_bucket = min_token_bucket
+        model_cls = family(config).model_cls
+        abstract = nnx.eval_shape(lambda: model_cls(config, nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        if params is None:
+            nnx.replace_by_pure_dict(state, random_params(nnx.to_pure_dict(state), seed))
+            model = nnx.merge(graphdef, state)
+        else:
+            pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+            expected = nnx.to_pure_dict(state)
+            _check_param_shapes(expected, pure)
+            nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+            # Cast to the config's dtype (e.g. fp32 arrays into a bf16 config), never silently mixed.
+            cast = jax.tree.map(lambda a, e: a.astype(e.dtype), nnx.to_pure_dict(state), expected)
+            nnx.replace_by_pure_dict(state, cast)
+            model = nnx.merge(graphdef, state)
+        self.model = model
+        # Equal weights -> equal id, however they were obtained (seed, HF import, orbax restore).
+        self._weights_id = weights_id or _weights_digest(nnx.to_pure_dict(nnx.state(model)))
+
+        self._serial = next(_SERIAL)
+        self.trace_counts: collections.Counter = collections.Counter()
+        self._max_traces = max_traces
+
+        embed_gd, self.embed_state = nnx.split(model.embed_tokens)
+        head_gd, self.final_state = nnx.split(model.final)
+        self.embed_step = jax.jit(self._counted("embed", functools.partial(_embed, embed_gd)))
+        self.head_step = jax.jit(self._counted("head", functools.partial(_head, head_gd)))
+        # Decode has its own embed/head executables (shape [N, 1]: one bucket, separate from prefill's).
+        self.decode_embed_step = jax.jit(self._counted("decode_embed", functools.partial(_embed, embed_gd)))
+        self.decode_head_step = jax.jit(self._counted("decode_head", functools.partial(_head, head_gd)))
+
+        # Group layers by graphdef: equal graphs share one jitted step (one executable per bucket).
+        self._kind_graphdefs: list = []
+        self.layer_kind: list[int] = []
+        self.layer_states: list = []
+        for layer in model.layers:
+            gd, st = nnx.split(layer)
+            same = [k for k, known in enumerate(self._kind_graphdefs) if known == gd]
+            if same:
+                k = same[0]
+            else:
+                self._kind_graphdefs.append(gd)
+                k = len(self._kind_graphdefs) - 1
+            self.layer_kind.append(k)
+            self.layer_states.append(st)
+        self.prefill_steps = [
+            jax.jit(self._counted(f"prefill_layer{k}", functools.partial(_prefill_layer, gd)))
+            for k, gd in enumerate(self._kind_graphdefs)
+        ]
+        self.decode_steps = [
+            jax.jit(
+                self._counted(f"decode_layer{k}", functools.partial(_decode_layer, gd)),
+                donate_argnums=(1,),
+            )
+            for k, gd in enumerate(self._kind_graphdefs)
+        ]
+        self._whole = jax.jit(self._counted("whole_prefill", self._whole_prefill_fn), static_argnums=(5,))
+        layout = self.layout
+        self._write_kv = jax.jit(
+            self._counted(
+                "write_kv",
+                lambda caches, slot, records: tuple(
+                    decode_cache.write_records(layout, c, slot, jnp.int32(0), records[i]) for i, c in enumerate(caches)
+                ),
+            ),
+            donate_argnums=(0,),
+        )
+        self._read_kv = jax.jit(
+            self._counted(
+                "read_kv",
+                lambda caches, slot, start, n: jnp.stack(
+                    [decode_cache.read_records(layout, c, slot, start, n) for c in caches]
+                ),
+            ),
+            static_argnums=(3,),
+        )
+        self.init_decode(num_slots, capacity)
+
+    # ---- bookkeeping ----
+    def _counted(self, name: str, fn: Callable) -> Callable:
+        """Count traces per step name (benchmarks) and, if max_traces, assert it with chex."""
+
+        def step(*args):
+            self.trace_counts[name] += 1
+            return fn(*args)
+
+        if self._max_traces is not None:
+            # chex keys its counter on the function's name and source: make the name unique per runner.
+            step.__name__ = f"{name}_runner{self._serial}"
+            step = chex.assert_max_traces(step, n=self._max_traces)
+        return step
+
+    @property
+    def num_layer_kinds(self) -> int:
+        return len(self._kind_graphdefs)
+
+    @property
+    def params(self) -> nnx.State:
+        return nnx.state(self.model)
+
+    def pure_params(self) -> dict:
+        """Params as a nested dict of arrays (layer list keys are ints): what save_params/HF export take."""
+        return nnx.to_pure_dict(self.params)
+
+    def fingerprint(self) -> str:
+        """KV format fingerprint + weights id: KV is only reusable by a runner with an equal fingerprint."""
+        return f"{self.config.fingerprint()}/w{self._weights_id}"
+
+    @classmethod
+    def from_hf(cls, checkpoint_dir, *, dtype: str = "float32", **kw) -> ModelRunner:
+        from models.checkpoint import load_hf_checkpoint
+
+        config, params = load_hf_checkpoint(checkpoint_dir, dtype=dtype)
+        return cls(config, params, **kw)
+
+    # ---- prefill ----
+    def _batch(self, requests: Sequence[PrefillRequest]):
+        if not requests:
+            raise ValueError("prefill needs at least one request")
+        miss = [np.asarray(r.miss_token_ids).reshape(-1) for r in requests]
+        for i, (r, m) in enumerate(zip(requests, miss, strict=True)):
+            if m.size == 0:
+                raise ValueError(f"request {i}: no miss tokens (prefill computes at least the last prompt token)")
+            if r.cached_len < 0:
+                raise ValueError(f"request {i}: cached_len={r.cached_len} < 0")
+            if m.min() < 0 or m.max() >= self.config.vocab_size:
+                raise ValueError(f"request {i}: token id out of range [0, {self.config.vocab_size})")
+        b = bucket(len(requests))
+        t = bucket(max(m.size for m in miss), self.min_token_bucket)
+        max_c = max(r.cached_len for r in requests)
+        c = bucket(max_c, self.min_token_bucket) if max_c else 0
+        tokens = np.zeros((b, t), np.int32)
+        cached_lens = np.zeros((b,), np.int32)
+        miss_lens = np.zeros((b,), np.int32)
+        for i, (r, m) in enumerate(zip(requests, miss, strict=True)):
+            tokens[i, : m.size] = m
+            cached_lens[i], miss_lens[i] = r.cached_len, m.size
+        meta = PrefillMeta(jnp.asarray(cached_lens), jnp.asarray(miss_lens))
+        return tokens, meta, miss_lens, c
+
+    def _assemble_cached(self, requests, layer: int, per_request: Sequence[object], c: int) -> np.ndarray:
+        """Per-request cached KV of one layer -> padded records [B_bucket, C, *record] (zeros beyond)."""
+        rec = self.layout.record_shape
+        if len(per_request) != len(requests):
+            raise ValueError(
+                f"layer {layer}: provider gave KV for {len(per_request)} requests, batch has {len(requests)}"
+            )
+        out = np.empty((bucket(len(requests)), c, *rec), self.layout.np_dtype)
+        out[len(requests) :] = 0  # padding requests
+        bpt = self.layout.bytes_per_token_per_layer
+        out_bytes = out.view(np.uint8).reshape(out.shape[0], c, bpt)  # the same memory, as Layer-Block bytes
+        for i, (r, kv) in enumerate(zip(requests, per_request, strict=True)):
+            if r.cached_len and kv is None:
+                raise ValueError(f"layer {layer}, request {i}: cached_len={r.cached_len} but the provider gave None")
+            # One copy per piece straight into the batch buffer (Layer Blocks are not concatenated first).
+            pieces = [] if not r.cached_len else kv if isinstance(kv, (list, tuple)) else [kv]
+            filled = 0
+            for piece in pieces:
+                piece = np.asarray(piece)
+                if piece.dtype == np.uint8 and piece.shape[-1] == bpt:  # bytes: copy them as they are
+                    n = piece.size // bpt
+                    if filled + n <= r.cached_len:
+                        out_bytes[i, filled : filled + n] = piece.reshape(n, bpt)
+                else:
+                    recs = self._as_token_records(piece)
+                    n = recs.shape[0]
+                    if filled + n <= r.cached_len:
+                        out[i, filled : filled + n] = recs
+                filled += n
+            if filled != r.cached_len:
+                raise ValueError(
+                    f"layer {layer}, request {i}: provider gave KV of {filled} tokens, cached_len={r.cached_len}"
+                )
+            out[i, r.cached_len :] = 0  # masked, but must be finite (0 x NaN would poison the softmax sum)
+        return out
+
+    def _as_token_records(self, kv) -> np.ndarray:
+        """Records [n, *record] (a view) from records or bytes uint8 [..., bpt] (e.g. a Layer Block [1, n, bpt])."""
+        recs = self.layout.as_records(np.asarray(kv))
+        return recs.reshape(-1, *self.layout.record_shape)
+
+    def prefill_layerwise(
+        self,
+        requests: Sequence[PrefillRequest],
+        cached_kv_provider: CachedKVProvider | None = None,
+        on_layer_kv: MissKVCallback | None = None,
+        *,
+        return_kv: bool = False,
+    ) -> PrefillResult:
+        """Layer-by-layer prefill of the miss tokens over per-request cached prefixes (module docstring)."""
+        tokens, meta, miss_lens, c = self._batch(requests)
+        if c and cached_kv_provider is None:
+            raise ValueError("requests have cached prefixes but no cached_kv_provider was given")
+        empty = jnp.zeros((tokens.shape[0], 0, *self.layout.record_shape), self.layout.np_dtype)
+
+        def load(layer: int):
+            if not c:
+                return empty
+            return jax.device_put(self._assemble_cached(requests, layer, cached_kv_provider(layer), c))
+
+        collected: list[list[np.ndarray]] = [[] for _ in requests]
+
+        def deliver(layer: int, kv_new: jax.Array):
+            host = np.asarray(kv_new)  # [B_bucket, T, *record]
+            per_request = [host[i, : miss_lens[i]] for i in range(len(requests))]
+            if on_layer_kv is not None:
+                on_layer_kv(layer, per_request)
+            if return_kv:
+                for i, kv in enumerate(per_request):
+                    collected[i].append(kv)
+
+        hidden = self.embed_step(self.embed_state, jnp.asarray(tokens))
+        kv_next = load(0)
+        pending = None
+        for layer in range(self.num_layers):
+            kv_cached = kv_next
+            step = self.prefill_steps[self.layer_kind[layer]]
+            kv_new, hidden = step(self.layer_states[layer], kv_cached, hidden, meta)  # async dispatch
+            kv_new.copy_to_host_async()
+            if layer + 1 < self.num_layers:
+                kv_next = load(layer + 1)  # host-side fetch of layer l+1 overlaps layer l's compute
+            if pending is not None:
+                deliver(*pending)
+            pending = (layer, kv_new)
+        deliver(*pending)
+        logits, next_tokens = self.head_step(
+            self.embed_state,
+            self.final_state,
+            hidden,
+            jnp.asarray(np.maximum(miss_lens - 1, 0)),
+        )
+        n = len(requests)
+        return PrefillResult(
+            next_tokens=np.asarray(next_tokens)[:n],
+            last_logits=np.asarray(logits)[:n],
+            miss_kv=[np.stack(kvs) for kvs in collected] if return_kv else None,
+        )
+
+    def _whole_prefill_fn(
+        self,
+        embed_state,
+        layer_states,
+        final_state,
+        kv_cached,
+        tokens,
+        all_logits,
+        meta,
+    ):
+        hidden = _embed(nnx.graphdef(self.model.embed_tokens), embed_state, tokens)
+        kv_new = []
+        for layer, st in enumerate(layer_states):
+            kv, hidden = _prefill_layer(
+                self._kind_graphdefs[self.layer_kind[layer]],
+                st,
+                kv_cached[layer],
+                hidden,
+                meta,
+            )
+            kv_new.append(kv)
+        head = nnx.merge(nnx.graphdef(self.model.final), final_state)
+        if all_logits:
+            logits = head(hidden, embed_state["embedding"][...])  # [B, T, V]
+        else:
+            last = jnp.maximum(meta.miss_lens - 1, 0)
+            logits = head(
+                jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0],
+                embed_state["embedding"][...],
+            )
+        return jnp.stack(kv_new), logits
+
+    def prefill_whole(
+        self,
+        requests: Sequence[PrefillRequest],
+        cached_kv: Sequence[np.ndarray | None] | None = None,
+        *,
+        all_logits: bool = False,
+    ) -> tuple[jax.Array, jax.Array, np.ndarray]:
+        """One jit of the whole model over the same batch (baseline). cached_kv: per request [L, c, *record]."""
+        tokens, meta, miss_lens, c = self._batch(requests)
+        if c and cached_kv is None:
+            raise ValueError("requests have cached prefixes but no cached_kv was given")
+        per_layer = []
+        for layer in range(self.num_layers):
+            if c:
+                layer_kv = [None if kv is None else np.asarray(kv)[layer] for kv in cached_kv]
+                per_layer.append(self._assemble_cached(requests, layer, layer_kv, c))
+            else:
+                per_layer.append(
+                    np.zeros(
+                        (tokens.shape[0], 0, *self.layout.record_shape),
+                        self.layout.np_dtype,
+                    )
+                )
+        kv_new, logits = self._whole(
+            self.embed_state,
+            tuple(self.layer_states),
+            self.final_state,
+            tuple(per_layer),
+            jnp.asarray(tokens),
+            all_logits,
+            meta,
+        )
+        return kv_new, logits, miss_lens
+
+    def full_prefill(self, token_ids_batch: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Reference prefill without cache: per request logits [n, V] float32 and KV records [L, n, *record]."""
+        requests = [PrefillRequest(np.asarray(t), 0) for t in token_ids_batch]
+        kv_new, logits, miss_lens = self.prefill_whole(requests, all_logits=True)
+        kv_new, logits = (
+            np.asarray(kv_new),
+            np.asarray(logits),
+        )  # [L, B, T, *record], [B, T, V]
+        return (
+            [logits[i, : miss_lens[i]] for i in range(len(requests))],
+            [kv_new[:, i, : miss_lens[i]] for i in range(len(requests))],
+        )
+
+    # ---- decode ----
+    def init_decode(self, num_slots: int, capacity: int) -> None:
+        """(Re)allocate the decode cache: num_slots rows of capacity tokens per layer; all slots empty."""
+        self.num_slots, self.capacity = int(num_slots), int(capacity)
+        self.decode_caches = [
+            decode_cache.init_layer_cache(self.layout, self.num_slots, self.capacity) for _ in range(self.num_layers)
+        ]
+        self.slot_lengths = np.zeros((self.num_slots,), np.int32)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+
+    def load_prompt_kv(self, slot: int, kv) -> None:
+        """Place a prompt's KV (records/bytes [L, P, ...] or a list of Full Blocks) into `slot`; length = P."""
+        self._check_slot(slot)
+        if isinstance(kv, (list, tuple)):
+            kv = (
+                np.concatenate([np.asarray(b) for b in kv], axis=1)
+                if kv
+                else np.zeros(
+                    (self.num_layers, 0, self.layout.bytes_per_token_per_layer),
+                    np.uint8,
+                )
+            )
+        recs = self.layout.as_records(np.asarray(kv))
+        recs = recs.reshape(self.num_layers, -1, *self.layout.record_shape)
+        p = recs.shape[1]
+        if p > self.capacity:
+            raise ValueError(f"prompt of {p} tokens exceeds decode capacity {self.capacity}")
+        pb = min(bucket(p, self.min_token_bucket), self.capacity)
+        padded = np.zeros((self.num_layers, pb, *self.layout.record_shape), self.layout.np_dtype)
+        padded[:, :p] = recs
+        # Padding beyond p is written too (same executable per bucket); it is masked by the length.
+        self.decode_caches = list(self._write_kv(tuple(self.decode_caches), jnp.int32(slot), jnp.asarray(padded)))
+        self.slot_lengths[slot] = p
+
+    def decode_step(self, slots: Sequence[int], last_tokens: Sequence[int]) -> np.ndarray:
+        """One greedy token for each slot in `slots` given its last token; other slots idle."""
+        slots = np.asarray(slots, np.int64).reshape(-1)
+        last_tokens = np.asarray(last_tokens, np.int32).reshape(-1)
+        if slots.size != last_tokens.size:
+            raise ValueError(f"{slots.size} slots but {last_tokens.size} last tokens")
+        if slots.size == 0:
+            return np.zeros((0,), np.int32)
+        if len(set(slots.tolist())) != slots.size:
+            raise ValueError(f"duplicate slots in decode batch: {slots.tolist()}")
+        for s in slots:
+            self._check_slot(int(s))
+            if self.slot_lengths[s] >= self.capacity:
+                raise ValueError(f"slot {s} is full ({self.capacity} tokens)")
+        tokens = np.zeros((self.num_slots, 1), np.int32)
+        tokens[slots, 0] = last_tokens
+        active = np.zeros((self.num_slots,), bool)
+        active[slots] = True
+        # A private copy: on CPU jnp.asarray may alias or transfer the host array asynchronously, and
+        # slot_lengths is incremented in place below (seen by the runtime as off-by-one KV positions).
+        meta = DecodeMeta(jnp.asarray(self.slot_lengths.copy()), jnp.asarray(active))
+        hidden = self.decode_embed_step(self.embed_state, jnp.asarray(tokens))
+        for layer in range(self.num_layers):
+            step = self.decode_steps[self.layer_kind[layer]]
+            # The cache is donated: rebind the result, never reuse the old buffer.
+            self.decode_caches[layer], hidden = step(self.layer_states[layer], self.decode_caches[layer], hidden, meta)
+        _, next_tokens = self.decode_head_step(
+            self.embed_state,
+            self.final_state,
+            hidden,
+            jnp.zeros((self.num_slots,), jnp.int32),
+        )
+        next_tokens = np.asarray(next_tokens)  # waits for the step
+        self.slot_lengths[slots] += 1
+        return next_tokens[slots]
+
+    def slot_length(self, slot: int) -> int:
+        self._check_slot(slot)
+        return int(self.slot_lengths[slot])
+
+    def free_slot(self, slot: int) -> None:
+        """Mark a slot empty (its rows are overwritten by the next load_prompt_kv)."""
+        self._check_slot(slot)
+        self.slot_lengths[slot] = 0
+
+    def read_kv(self, slot: int, start: int, num_tokens: int) -> np.ndarray:
+        """Records [L, num_tokens, *record] of tokens [start, start + num_tokens) of `slot`."""
+        self._check_slot(slot)
+        if start < 0 or num_tokens < 0 or start + num_tokens > self.slot_lengths[slot]:
+            raise ValueError(
+                f"slot {slot}: tokens [{start}, {start + num_tokens}) outside its {self.slot_lengths[slot]} tokens"
+            )
+        return np.asarray(
+            self._read_kv(
+                tuple(self.decode_caches),
+                jnp.int32(slot),
+                jnp.int32(start),
+                int(num_tokens),
+            )
+        )
+
+    def read_full_block(self, slot: int, block_index: int, block_size: int) -> np.ndarray:
+        """Full Block bytes uint8 [L, block_size, bpt] of block `block_index` of `slot` (for write-back)."""
+        return self.layout.to_bytes(self.read_kv(slot, block_index * block_size, block_size))
+
+
+def random_params(abstract: dict, seed: int) -> dict:
+    """Host-side (NumPy) random init for a param tree of ShapeDtypeStructs, deterministic per seed.
+
+    Kernels/embeddings ~ N(0, 1/fan_in); norm weights 1 + 0.1 N(0, 1); biases 0.1 N(0, 1). NumPy instead
+    of the modules' jax initializers: compiling threefry for every param costs seconds on CPU."""
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    out = []
+    for path, leaf in leaves:
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape = tuple(leaf.shape)
+        if name == "weight" and len(shape) == 1:
+            arr = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif len(shape) == 1:
+            arr = 0.1 * rng.standard_normal(shape)
+        else:
+            fan_in = shape[-1] if name in ("embedding", "gate_weight") else shape[-2]
+            arr = rng.standard_normal(shape) / np.sqrt(fan_in)
+        out.append(jnp.asarray(arr, leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_param_shapes(expected: dict, given: dict, path: tuple = ()) -> None:
+    """Every expected param present with its shape; an error names the first mismatch."""
+    for k, v in expected.items():
+        name = "/".join(map(str, path + (k,)))
+        if k not in given and str(k) not in given:
+            raise ValueError(f"params: missing {name}")
+        g = given[k] if k in given else given[str(k)]
+        if isinstance(v, dict):
+            if not isinstance(g, dict):
+                raise TypeError(f"params: {name} should be a subtree, got {type(g).__name__}")
+            _check_param_shapes(v, g, path + (k,))
+        elif tuple(np.shape(g)) != tuple(v.shape):
+            raise ValueError(f"params: {name} has shape {tuple(np.shape(g))}, expected {tuple(v.shape)}")
+
+
+def _weights_digest(pure: dict) -> str:
+    """A cheap stable id of the weights: shapes plus the first 4 KiB of every tensor."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(
+        jax.tree_util.tree_flatten_with_path(pure)[0],
+        key=lambda kv: jax.tree_util.keystr(kv[0]),
+    ):
+        arr = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.reshape(-1)[:1024].tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,250 @@
+"""Weights: HF safetensors import (checkpoints written here in HF naming/layout), orbax round trip, errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors", reason="HF import needs the 'hf' extra (safetensors)")
+from safetensors.numpy import save_file
+
+from models.checkpoint import load_hf_checkpoint, restore_params, save_params
+from models.registry import config_from_hf
+from models.runner import ModelRunner
+
+QWEN2_HF = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 64,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 512,
+    "torch_dtype": "float32",
+}
+LLAMA_HF = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "intermediate_size": 48,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+}
+DEEPSEEK_V3_HF = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "moe_intermediate_size": 16,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "n_group": 2,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "q_lora_rank": 24,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "v_head_dim": 8,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+}
+
+
+def _np(x):
+    return np.asarray(x, np.float32)
+
+
+def hf_tensors(hf_config: dict, params: dict) -> dict[str, np.ndarray]:
+    """Write NNX params with HF names and layouts (Linear weights [out, in]), as transformers saves them."""
+    t = {"model.embed_tokens.weight": _np(params["embed_tokens"]["embedding"])}
+    t["model.norm.weight"] = _np(params["final"]["norm"]["weight"])
+    if not hf_config.get("tie_word_embeddings"):
+        t["lm_head.weight"] = _np(params["final"]["lm_head"]["kernel"]).T
+    deepseek = hf_config["architectures"][0].startswith("Deepseek")
+    for i in range(hf_config["num_hidden_layers"]):
+        lp, pre = params["layers"][i], f"model.layers.{i}."
+        t[pre + "input_layernorm.weight"] = _np(lp["input_layernorm"]["weight"])
+        t[pre + "post_attention_layernorm.weight"] = _np(lp["post_attention_layernorm"]["weight"])
+        attn = lp["self_attn"]
+        linears = [k for k, v in attn.items() if isinstance(v, dict) and "kernel" in v]
+        for name in linears:
+            t[pre + f"self_attn.{name}.weight"] = _np(attn[name]["kernel"]).T
+            if "bias" in attn[name]:
+                t[pre + f"self_attn.{name}.bias"] = _np(attn[name]["bias"])
+        for norm in ("q_a_layernorm", "kv_a_layernorm"):
+            if norm in attn:
+                t[pre + f"self_attn.{norm}.weight"] = _np(attn[norm]["weight"])
+        mlp = lp["mlp"]
+        if deepseek and "w_gate" in mlp:
+            t[pre + "mlp.gate.weight"] = _np(mlp["gate_weight"])
+            t[pre + "mlp.gate.e_score_correction_bias"] = _np(mlp["e_score_correction_bias"])
+            for e in range(hf_config["n_routed_experts"]):
+                t[pre + f"mlp.experts.{e}.gate_proj.weight"] = _np(mlp["w_gate"][e]).T
+                t[pre + f"mlp.experts.{e}.up_proj.weight"] = _np(mlp["w_up"][e]).T
+                t[pre + f"mlp.experts.{e}.down_proj.weight"] = _np(mlp["w_down"][e]).T
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                t[pre + f"mlp.shared_experts.{proj}.weight"] = _np(mlp["shared_experts"][proj]["kernel"]).T
+        else:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                t[pre + f"mlp.{proj}.weight"] = _np(mlp[proj]["kernel"]).T
+    return {k: np.ascontiguousarray(v) for k, v in t.items()}
+
+
+def write_hf_checkpoint(path, hf_config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """config.json + two safetensors shards (plus a buffer HF checkpoints often carry)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config))
+    names = sorted(tensors)
+    tensors = dict(tensors)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+    names.append("model.layers.0.self_attn.rotary_emb.inv_freq")
+    half = len(names) // 2
+    save_file(
+        {n: tensors[n] for n in names[:half]},
+        str(path / "model-00001-of-00002.safetensors"),
+    )
+    save_file(
+        {n: tensors[n] for n in names[half:]},
+        str(path / "model-00002-of-00002.safetensors"),
+    )
+
+
+@pytest.mark.parametrize(
+    "hf_config",
+    [QWEN2_HF, LLAMA_HF, DEEPSEEK_V3_HF],
+    ids=["qwen2", "llama", "deepseek_v3"],
+)
+def test_hf_import_matches_direct_path(tmp_path, hf_config):
+    cfg = config_from_hf(hf_config)
+    direct = ModelRunner(cfg, seed=11, num_slots=1, capacity=32)
+    write_hf_checkpoint(tmp_path, hf_config, hf_tensors(hf_config, direct.pure_params()))
+    loaded = ModelRunner.from_hf(tmp_path, num_slots=1, capacity=32)
+    assert loaded.config == cfg and loaded.fingerprint() == direct.fingerprint()
+    tokens = [np.arange(21) % cfg.vocab_size, (np.arange(9) * 7) % cfg.vocab_size]
+    (a0, a1), kv_a = direct.full_prefill(tokens)
+    (b0, b1), kv_b = loaded.full_prefill(tokens)
+    assert np.abs(a0 - b0).max() == 0 and np.abs(a1 - b1).max() == 0
+    np.testing.assert_array_equal(kv_a[0], kv_b[0])
+
+
+def _qwen_checkpoint(tmp_path):
+    cfg = config_from_hf(QWEN2_HF)
+    runner = ModelRunner(cfg, seed=3, num_slots=1, capacity=16)
+    return cfg, hf_tensors(QWEN2_HF, runner.pure_params())
+
+
+def test_hf_missing_tensor_is_named(tmp_path):
+    _, tensors = _qwen_checkpoint(tmp_path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    write_hf_checkpoint(tmp_path, QWEN2_HF, tensors)
+    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_hf_wrong_shape_is_named(tmp_path):
+    _, tensors = _qwen_checkpoint(tmp_path)
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((32, 32), np.float32)
+    write_hf_checkpoint(tmp_path, QWEN2_HF, tensors)
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape \(32, 32\)",
+    ):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_hf_bad_config_is_named(tmp_path):
+    _, tensors = _qwen_checkpoint(tmp_path)
+    write_hf_checkpoint(tmp_path, dict(QWEN2_HF, architectures=["MistralForCausalLM"]), tensors)
+    with pytest.raises(ValueError, match=r"'MistralForCausalLM'.*known: DeepseekV2ForCausalLM"):
+        load_hf_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in QWEN2_HF.items() if k != "intermediate_size"}))
+    with pytest.raises(ValueError, match=r"missing required field 'intermediate_size'"):
+        load_hf_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text('{\n  "architectures": ["Qwen2ForCausalLM"],\n  "vocab_size": ,\n}')
+    with pytest.raises(ValueError, match=r"config.json: line 3"):
+        load_hf_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="no config.json"):
+        load_hf_checkpoint(tmp_path / "nowhere")
+
+
+def test_orbax_round_trip(tmp_path):
+    cfg = config_from_hf(DEEPSEEK_V3_HF)
+    runner = ModelRunner(cfg, seed=4, num_slots=1, capacity=16)
+    save_params(tmp_path / "ckpt", runner.params)
+    restored = restore_params(tmp_path / "ckpt", cfg)
+    jax.tree.map(np.testing.assert_array_equal, runner.pure_params(), restored)
+    again = ModelRunner(cfg, restored, num_slots=1, capacity=16)
+    tokens = [np.arange(13) % cfg.vocab_size]
+    assert np.abs(runner.full_prefill(tokens)[0][0] - again.full_prefill(tokens)[0][0]).max() == 0
+    assert again.fingerprint() == runner.fingerprint()
+    other = config_from_hf(dict(DEEPSEEK_V3_HF, num_hidden_layers=3))
+    with pytest.raises(ValueError, match="checkpoint does not match"):
+        restore_params(tmp_path / "ckpt", other)
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        restore_params(tmp_path / "missing", cfg)
+
+
+def test_runner_rejects_params_of_another_shape():
+    cfg = config_from_hf(QWEN2_HF)
+    params = ModelRunner(cfg, seed=0, num_slots=1, capacity=16).pure_params()
+    params["layers"][1]["mlp"]["up_proj"]["kernel"] = np.zeros((32, 65), np.float32)
+    with pytest.raises(ValueError, match=r"layers/1/mlp/up_proj/kernel has shape \(32, 65\)"):
+        ModelRunner(cfg, params)
+
+
+def test_hf_bf16_tensors_load_as_config_dtype(tmp_path):
+    """Real HF checkpoints are mostly bf16: tensors load into a bf16 config bit-exactly, or upcast to fp32."""
+    import ml_dtypes
+
+    cfg, tensors = _qwen_checkpoint(tmp_path)
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    write_hf_checkpoint(tmp_path, QWEN2_HF, bf16)
+    cfg16, params16 = load_hf_checkpoint(tmp_path, dtype="bfloat16")
+    assert cfg16.dtype == "bfloat16" and cfg16.kv_bytes_per_token_per_layer == cfg.kv_bytes_per_token_per_layer // 2
+    k = params16["layers"][1]["self_attn"]["k_proj"]["kernel"]
+    assert k.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(k, bf16["model.layers.1.self_attn.k_proj.weight"].T)
+    _, params32 = load_hf_checkpoint(tmp_path)
+    np.testing.assert_array_equal(params32["final"]["lm_head"]["kernel"], bf16["lm_head.weight"].T.astype(np.float32))
