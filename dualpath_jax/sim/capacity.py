@@ -1,0 +1,58 @@
+"""Online capacity: the largest APS whose turns meet the SLO (TTFT <= 4 s, TPOT <= 50 ms), by bisection.
+
+Each probe simulates Poisson agent arrivals at one APS over `duration_s`; turns that arrive in
+[warmup_s, duration_s) are judged (the SLO percentile of TTFT and of TPOT within bounds), and the clock
+stops `drain_s` after the last arrival (turns still decoding then are judged on TTFT only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from dualpath_jax.sim import runner
+from dualpath_jax.sim.config import SimConfig
+
+
+def probe(cfg: SimConfig, aps: float, drain_s: float = 120.0) -> dict:
+    """Simulate `cfg` online at `aps`; returns the SLO summary (slo_met, percentiles, attainment)."""
+    w = dataclasses.replace(cfg.workload, kind="online", aps=aps)
+    c = dataclasses.replace(cfg, workload=w)
+    res = runner.run(c, max_time=w.duration_s + drain_s)
+    recs = [r for r in res.records if r.arrival < w.duration_s]
+    s = runner.slo_summary(c, recs)
+    s["aps"] = aps
+    s["turns_per_s_wall"] = res.stats["turns_per_s"]
+    return s
+
+
+def capacity_search(cfg: SimConfig, lo: float, hi: float, iters: int = 5, drain_s: float = 120.0) -> dict:
+    """Bisection for the max APS meeting the SLO in [lo, hi] (lo assumed feasible, checked first).
+
+    Returns {"capacity_aps", "probes": [...]}. capacity_aps is 0 when even `lo` misses the SLO, and `hi`
+    when `hi` meets it.
+    """
+    if not 0 < lo < hi:
+        raise ValueError(f"capacity_search needs 0 < lo < hi, got lo={lo}, hi={hi}")
+    probes = []
+    p = probe(cfg, lo, drain_s)
+    probes.append(p)
+    if not p["slo_met"]:
+        return {"capacity_aps": 0.0, "probes": probes}
+    p = probe(cfg, hi, drain_s)
+    probes.append(p)
+    if p["slo_met"]:
+        return {"capacity_aps": hi, "probes": probes}
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        p = probe(cfg, mid, drain_s)
+        probes.append(p)
+        if p["slo_met"]:
+            lo = mid
+        else:
+            hi = mid
+    return {"capacity_aps": lo, "probes": probes, "upper_aps": hi}
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan

@@ -1,0 +1,121 @@
+"""Typed simulator configuration, built from the ml_collections configs in configs/paper_*.py."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+GB = 1e9
+
+
+@dataclasses.dataclass
+class ClusterConfig:
+    """Hardware and system knobs. Bandwidths in GB/s (1e9 bytes/s), capacities in GB."""
+
+    model: str = "ds660b"  # key of schedulers.cost_model.MODEL_SHAPES
+    hardware: str = "h800"  # key of schedulers.cost_model.HARDWARE
+    prefill_nodes: int = 2  # P
+    decode_nodes: int = 4  # D
+    gpus_per_node: int = 8  # g: engines per node
+    snic_gbps: float = 50.0  # s*B: one 400 Gbps storage NIC per node
+    cnic_gbps: float = 50.0  # B: one 400 Gbps compute NIC per GPU
+    dram_gbps: float = 500.0  # M: host memory bandwidth per node
+    storage_gbps: float = 0.0  # aggregate storage-cluster cap; 0 = none
+    storage_efficiency: float = 1.0  # fraction of the SNIC line rate storage reads reach [calibrated]
+    host_buffer_gb: float = 80.0  # DRAM buffer per node for Full Blocks
+    pe_hbm_kv_gb: float = 20.0  # PE HBM for whole-prompt KV when not layerwise (basic) [calibrated]
+    de_hbm_kv_gb: float = 40.0  # DE HBM for decode KV (prompt + generated)
+    block_size: int = 64
+    kv_bytes_per_token: float = 0.0  # 0: from the cost model's ModelShape
+    collective_bytes_per_token: float = 0.0  # high-priority CNIC bytes per prefilled token (EP all-to-all)
+    high_share: float = 0.99  # the high class's share of a CNIC under contention (InfiniBand VL arbitration)
+    pe_time_scale: float = 1.0  # multiplies the cost model's prefill times [calibrated]
+    de_time_scale: float = 1.0  # multiplies the cost model's decode step times [calibrated]
+    max_reads_per_node: int = 8  # concurrent storage reads per node (requests in flight on one SNIC) [calibrated]
+    read_stream_gbps: float = 0.0  # cap on one request's read stream from storage; 0 = none [calibrated]
+    fetch_interval_s: float = 0.1  # each group fetches from the global scheduler this often
+    fetch_scope: str = "node"  # "node": a group's fetch places on its own engines (paper); "global": on all
+    fetch_window: int = 1024  # a fetch shows the policy at most this many queued requests (FIFO head)
+    layerwise: bool = True  # layerwise prefill (False: the whole prompt KV must be in PE HBM first)
+    io_free: bool = False  # oracle: storage reads, H2D/D2H and P->D transfers cost nothing
+    writeback: bool = True  # DE persists filled blocks during decode (bytes on the DE SNIC)
+    bucket_s: float = 10.0  # width of the per-link bytes-over-time buckets
+
+
+@dataclasses.dataclass
+class WorkloadConfig:
+    kind: str = "offline"  # offline | online | trace
+    dataset: str = "64K"  # synthetic dataset (paper Table 2): 32K | 48K | 64K
+    n_agents: int = 2048
+    aps: float = 0.2  # online: Poisson agent arrivals per second
+    duration_s: float = 3600.0  # online: arrivals in [0, duration_s)
+    trace_path: str = ""  # trace mode: a trace file for the shared loaders
+    max_turns: int = 0  # >0: truncate every trajectory (fast tests)
+
+
+@dataclasses.dataclass
+class SimConfig:
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    workload: WorkloadConfig = dataclasses.field(default_factory=WorkloadConfig)
+    policy: str = "dualpath"
+    policy_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    batcher: str = "compute_quota"
+    batcher_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    slo_ttft_s: float = 4.0
+    slo_tpot_s: float = 0.050
+    slo_percentile: float = 90.0  # the SLO is met when this percentile of TTFT and of TPOT is within bounds
+    warmup_s: float = 0.0  # online: turns that arrive before this are left out of the SLO metrics
+
+
+# Modes: named bundles over (layerwise, policy, io_free); any registered policy name is also a mode.
+MODES: dict[str, dict[str, Any]] = {
+    "basic": dict(layerwise=False, policy="basic"),
+    "layerwise": dict(layerwise=True, policy="basic"),  # ablation step 1: + layerwise prefill
+    # Step 2: + dual path with round-robin assignment. Round-robin is global (every fetch may place on all
+    # engines): under per-group fetching it would pile each PE group's fetch onto that group's own PEs.
+    "dualpath_rr": dict(layerwise=True, policy="round_robin", fetch_scope="global"),
+    "dualpath": dict(layerwise=True, policy="dualpath"),  # step 3: + scheduler
+    "oracle": dict(layerwise=True, policy="dualpath", io_free=True),
+}
+
+
+def _fill(dc_type, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(dc_type)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return dc_type(**d)
+
+
+def sim_config_from_dict(cfg: dict) -> SimConfig:
+    """Build a SimConfig from a (ConfigDict.to_dict()) mapping; `mode` picks a bundle from MODES."""
+    cfg = dict(cfg)
+    cluster = dict(cfg.pop("cluster", {}))
+    workload = dict(cfg.pop("workload", {}))
+    sched = dict(cfg.pop("scheduler", {}))
+    batcher = dict(cfg.pop("batcher", {}))
+    mode = cfg.pop("mode", "")
+    for k in ("name", "output_dir", "description"):
+        cfg.pop(k, None)
+    policy = sched.pop("name", "dualpath")
+    policy_kwargs = dict(sched.pop("kwargs", {}))
+    if sched:
+        raise ValueError(f"config.scheduler: unknown field(s) {sorted(sched)}; known: name, kwargs")
+    if mode:
+        if mode in MODES:
+            bundle = dict(MODES[mode])
+            policy = bundle.pop("policy")
+            cluster.update(bundle)
+        else:
+            policy = mode  # any registered policy, layerwise, I/O as configured
+    sc = _fill(SimConfig, {k: v for k, v in cfg.items()}, "config")
+    sc.cluster = _fill(ClusterConfig, cluster, "config.cluster")
+    sc.workload = _fill(WorkloadConfig, workload, "config.workload")
+    sc.policy = policy
+    sc.policy_kwargs = policy_kwargs
+    sc.batcher = batcher.pop("name", "compute_quota")
+    sc.batcher_kwargs = dict(batcher.pop("kwargs", {}))
+    if batcher:
+        raise ValueError(f"config.batcher: unknown field(s) {sorted(batcher)}; known: name, kwargs")
+    return sc

@@ -1,0 +1,390 @@
+"""Flow-level network: links with capacities, flows over paths, max-min fair rates.
+
+Bandwidth is shared max-min fairly among the active flows (progressive filling / water-filling). A change
+(a flow starts or ends, a link's high-priority load changes) re-solves only the connected component of
+links and flows it touches, never the whole network. Each link has two priority classes: a high class
+(model collectives, a rate demand set with `set_high_load`) that takes up to `high_share` of the capacity,
+and the low class (KV flows) that shares what is left (work-conserving: an idle high class leaves all of it).
+
+Bytes are accounted per link into time buckets as they move, so per-link bytes over time come out exactly
+(byte conservation: each link's buckets sum to the bytes of the flows that crossed it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Sequence
+
+_EPS_BYTES = 1e-3  # a flow with less than this left is done (float rounding)
+
+
+class Flow:
+    """One transfer of `size` bytes over `path` (link ids). `max_rate` caps it (e.g. a paced write-back)."""
+
+    __slots__ = ("fid", "path", "remaining", "rate", "t_last", "max_rate", "on_done", "version", "size", "event_t")
+
+    def __init__(self, fid: int, path: tuple[int, ...], size: float, now: float, max_rate: float, on_done):
+        self.fid = fid
+        self.path = path
+        self.size = size
+        self.remaining = size
+        self.rate = 0.0
+        self.t_last = now
+        self.max_rate = max_rate
+        self.on_done = on_done
+        self.version = 0
+        self.event_t = math.inf  # time of its pending completion event (inf: none)
+
+
+def max_min_rates(
+    capacities: Sequence[float], paths: Sequence[Sequence[int]], max_rates: Sequence[float] | None = None
+) -> list[float]:
+    """Max-min fair rates by progressive filling (reference form, also used by the network on components).
+
+    capacities: [links] bytes/s; paths: per flow the link ids it crosses; max_rates: per-flow cap (inf: none).
+    Repeatedly find the most constrained link (smallest fair share of its remaining capacity among its
+    unfrozen flows, or a flow's own cap), freeze those flows at that share, and subtract.
+    """
+    n = len(paths)
+    rates = [0.0] * n
+    caps = max_rates if max_rates is not None else [math.inf] * n
+    remaining = {}
+    members: dict[int, list[int]] = {}
+    for i, p in enumerate(paths):
+        for link in p:
+            members.setdefault(link, []).append(i)
+    for link in members:
+        remaining[link] = float(capacities[link])
+    active_count = {link: len(m) for link, m in members.items()}
+    frozen = [False] * n
+    left = n
+    while left:
+        best_share = math.inf
+        best_link = -1
+        for link, cnt in active_count.items():
+            if cnt:
+                share = remaining[link] / cnt
+                if share < best_share:
+                    best_share, best_link = share, link
+        # A flow whose own cap is below every link's share is frozen at its cap first.
+        best_flow = -1
+        for i in range(n):
+            if not frozen[i] and caps[i] < best_share:
+                best_share, best_flow = caps[i], i
+        if best_flow >= 0:
+            to_freeze = [best_flow]
+        elif best_link >= 0:
+            to_freeze = [i for i in members[best_link] if not frozen[i]]
+        else:  # flows with empty paths: unconstrained
+            to_freeze = [i for i in range(n) if not frozen[i]]
+            best_share = math.inf
+        share = max(best_share, 0.0)
+        for i in to_freeze:
+            frozen[i] = True
+            rates[i] = share
+            left -= 1
+            for link in paths[i]:
+                remaining[link] -= share
+                active_count[link] -= 1
+    return rates
+
+
+class FlowNetwork:
+    """Links + active flows; the simulator asks it for the next flow completion and advances it.
+
+    `scheduler(time, flow, version)` is the event-queue hook. A flow keeps at most one live completion
+    event: a re-solve that makes it finish earlier pushes a new one (the old one goes stale: its version
+    no longer matches); one that makes it finish later pushes nothing, and the early event re-checks and
+    re-arms itself (`handle_event`). That keeps heap traffic low when many flows slow down at once.
+
+    Speed: a solve touches only the component of the change; within it, progressive filling runs over a
+    heap of link shares (shares only grow as flows freeze, so stale heap entries are re-pushed lazily);
+    a flow whose rate is unchanged is not touched; bytes are accounted per link from the link's aggregate
+    rate (one update per link whose aggregate changed), not per flow.
+    """
+
+    def __init__(self, bucket_s: float = 10.0):
+        self.names: list[str] = []
+        self.capacity: list[float] = []  # bytes/s
+        self.high_load: list[float] = []  # bytes/s demanded by the high-priority class now
+        self.high_share: list[float] = []  # fraction of capacity the high class may take under contention
+        self.reserved: list[float] = []  # bytes/s held by fixed-rate reservations (paced write-backs)
+        self.link_flows: list[set] = []
+        self.flows: dict[int, Flow] = {}
+        self._next_fid = 0
+        self.bucket_s = bucket_s
+        self.buckets: list[dict[int, float]] = []  # per link: bucket index -> bytes (low class)
+        self.high_bytes: list[dict[int, float]] = []  # per link: bucket index -> high-class bytes
+        self._high_t: list[float] = []
+        self.link_rate: list[float] = []  # aggregate low-class flow rate now
+        self._link_t: list[float] = []  # when link_rate was last accounted
+        self.link_total: list[float] = []
+        self.solves = 0
+        self.solved_flows = 0
+        self.scheduler: Callable[[float, Flow, int], None] | None = None
+
+    # ---- topology -------------------------------------------------------------------------------------
+    def add_link(self, name: str, capacity: float, high_share: float = 0.99) -> int:
+        if not capacity > 0:
+            raise ValueError(f"link {name!r} needs a positive capacity (bytes/s), got {capacity}")
+        self.names.append(name)
+        self.capacity.append(float(capacity))
+        self.high_load.append(0.0)
+        self.high_share.append(high_share)
+        self.reserved.append(0.0)
+        self.link_flows.append(set())
+        self.buckets.append({})
+        self.high_bytes.append({})
+        self._high_t.append(0.0)
+        self.link_rate.append(0.0)
+        self._link_t.append(0.0)
+        self.link_total.append(0.0)
+        return len(self.names) - 1
+
+    def low_capacity(self, link: int) -> float:
+        cap = self.capacity[link]
+        return max(cap - min(self.high_load[link], self.high_share[link] * cap) - self.reserved[link], 0.0)
+
+    # ---- byte accounting ------------------------------------------------------------------------------
+    def _account(self, link: int, t0: float, t1: float, nbytes: float, table: list[dict[int, float]]) -> None:
+        if nbytes <= 0.0:
+            return
+        b = self.bucket_s
+        k0 = int(t0 // b)
+        k1 = int(t1 // b)
+        d = table[link]
+        if k0 == k1 or t1 <= t0:
+            d[k0] = d.get(k0, 0.0) + nbytes
+            return
+        rate = nbytes / (t1 - t0)
+        for k in range(k0, k1 + 1):
+            lo = max(t0, k * b)
+            hi = min(t1, (k + 1) * b)
+            if hi > lo:
+                d[k] = d.get(k, 0.0) + rate * (hi - lo)
+
+    def _account_link(self, link: int, now: float, new_rate: float) -> None:
+        r = self.link_rate[link]
+        t0 = self._link_t[link]
+        if r > 0.0 and now > t0:
+            nb = r * (now - t0)
+            self._account(link, t0, now, nb, self.buckets)
+            self.link_total[link] += nb
+        self._link_t[link] = now
+        self.link_rate[link] = new_rate
+
+    # ---- flows ----------------------------------------------------------------------------------------
+    def start_flow(self, path: Sequence[int], nbytes: float, now: float, on_done, max_rate: float = math.inf) -> Flow:
+        """Start a flow; `on_done()` is called (through the event queue) when its last byte arrives."""
+        if not path:
+            raise ValueError("a flow needs at least one link in its path")
+        if not nbytes > 0:
+            raise ValueError(f"a flow needs a positive size in bytes, got {nbytes}")
+        f = Flow(self._next_fid, tuple(path), float(nbytes), now, max_rate, on_done)
+        self._next_fid += 1
+        self.flows[f.fid] = f
+        for link in f.path:
+            self.link_flows[link].add(f)
+        self._resolve(f.path, now)
+        return f
+
+    def start_flows(self, specs: Sequence[tuple[Sequence[int], float, object, float]], now: float) -> list[Flow]:
+        """Start several flows at once [(path, nbytes, on_done, max_rate)] with one solve over the union of
+        their components (same rates as starting them one by one; one solve instead of len(specs))."""
+        flows = []
+        seeds: set[int] = set()
+        for path, nbytes, on_done, max_rate in specs:
+            if not path:
+                raise ValueError("a flow needs at least one link in its path")
+            if not nbytes > 0:
+                raise ValueError(f"a flow needs a positive size in bytes, got {nbytes}")
+            f = Flow(self._next_fid, tuple(path), float(nbytes), now, max_rate, on_done)
+            self._next_fid += 1
+            self.flows[f.fid] = f
+            for link in f.path:
+                self.link_flows[link].add(f)
+            seeds.update(f.path)
+            flows.append(f)
+        if flows:
+            self._resolve(list(seeds), now)
+        return flows
+
+    def handle_event(self, f: Flow, version: int, now: float) -> bool:
+        """A completion event fired: True (and the flow is finished) if its last byte has arrived."""
+        if f.version != version or f.fid not in self.flows:
+            return False  # stale
+        f.event_t = math.inf
+        rem = f.remaining - f.rate * (now - f.t_last)
+        if rem > 1e-9 * f.size + _EPS_BYTES:
+            if f.rate <= 0.0:
+                return False  # stalled: the re-solve that gives it bandwidth again pushes a new event
+            t = now + rem / f.rate
+            if t > now + 8.0 * math.ulp(now):  # it slowed down since this event was pushed: re-arm
+                f.event_t = t
+                f.version += 1
+                self.scheduler(t, f, f.version)
+                return False
+            # else: less than a few ulps of the clock are left; finishing now avoids an event at `now` forever
+        self.finish_flow(f, now)
+        return True
+
+    def finish_flow(self, f: Flow, now: float) -> None:
+        """Called by the simulator when a flow's completion event fires (and is current)."""
+        f.remaining = 0.0
+        f.t_last = now
+        del self.flows[f.fid]
+        for link in f.path:
+            self.link_flows[link].discard(f)
+        self._resolve(f.path, now)
+
+    def reserve(self, path: Sequence[int], nbytes: float, rate: float, now: float) -> float:
+        """A fixed-rate transfer (a paced write-back far below link capacity): holds `rate` on every link
+        of `path` until the returned end time, when the caller must `release` it. Its bytes are accounted
+        at once over [now, end]. Solves are not re-run for it (its rate is a small, known share; the next
+        solve of the component sees the reduced capacity)."""
+        if not nbytes > 0 or not rate > 0:
+            raise ValueError(f"a reservation needs positive bytes and rate, got {nbytes}, {rate}")
+        end = now + nbytes / rate
+        for link in path:
+            self.reserved[link] += rate
+            self._account(link, now, end, nbytes, self.buckets)
+            self.link_total[link] += nbytes
+        return end
+
+    def release(self, path: Sequence[int], rate: float) -> None:
+        for link in path:
+            self.reserved[link] = max(self.reserved[link] - rate, 0.0)
+
+    def set_high_load(self, link: int, rate: float, now: float) -> None:
+        """Set the high-priority (collective) demand on a link; re-solve the KV flows crossing it."""
+        old = self.high_load[link]
+        if old > 0.0:
+            dt = now - self._high_t[link]
+            if dt > 0:
+                moved = min(old, self.high_share[link] * self.capacity[link]) * dt
+                self._account(link, self._high_t[link], now, moved, self.high_bytes)
+        self._high_t[link] = now
+        self.high_load[link] = rate
+        if self.link_flows[link]:
+            self._resolve((link,), now)
+
+    # ---- the incremental solve ------------------------------------------------------------------------
+    def _component(self, seed_links: Sequence[int]) -> tuple[list[int], list[Flow]]:
+        seen_links = set(seed_links)
+        stack = list(seed_links)
+        flows: dict[int, Flow] = {}
+        link_flows = self.link_flows
+        while stack:
+            link = stack.pop()
+            for f in link_flows[link]:
+                if f.fid not in flows:
+                    flows[f.fid] = f
+                    for l2 in f.path:
+                        if l2 not in seen_links:
+                            seen_links.add(l2)
+                            stack.append(l2)
+        return list(seen_links), list(flows.values())
+
+    def _resolve(self, seed_links: Sequence[int], now: float) -> None:
+        links, flows = self._component(seed_links)
+        if not flows:
+            for link in links:
+                if self.link_rate[link] != 0.0:
+                    self._account_link(link, now, 0.0)
+            return
+        self.solves += 1
+        self.solved_flows += len(flows)
+        # Progressive filling over the component with a heap of link shares.
+        link_flows = self.link_flows
+        remaining = {}
+        count = {}
+        heap = []
+        for link in links:
+            n = len(link_flows[link])
+            if n:
+                rem = self.low_capacity(link)
+                remaining[link] = rem
+                count[link] = n
+                heap.append((rem / n, link))
+        heapq.heapify(heap)
+        new_rate: dict[int, float] = {}
+        agg = dict.fromkeys(links, 0.0)
+        capped = [f for f in flows if f.max_rate < math.inf]
+        if capped:
+            capped.sort(key=lambda f: f.max_rate)
+        ci = 0
+        left = len(flows)
+        while left:
+            while ci < len(capped) and capped[ci].fid in new_rate:
+                ci += 1
+            share = math.inf
+            link = -1
+            while heap:
+                s0, l0 = heap[0]
+                n = count[l0]
+                if n == 0:
+                    heapq.heappop(heap)
+                    continue
+                cur = remaining[l0] / n
+                if cur > s0 + 1e-12 * (abs(s0) + 1.0):
+                    heapq.heapreplace(heap, (cur, l0))
+                    continue
+                share, link = cur, l0
+                break
+            if ci < len(capped) and capped[ci].max_rate < share:
+                to_freeze = (capped[ci],)
+                share = capped[ci].max_rate
+            else:
+                to_freeze = [f for f in link_flows[link] if f.fid not in new_rate]
+            if share < 0.0:
+                share = 0.0
+            for f in to_freeze:
+                new_rate[f.fid] = share
+                left -= 1
+                for l2 in f.path:
+                    remaining[l2] -= share
+                    count[l2] -= 1
+                    agg[l2] += share
+        sched = self.scheduler
+        for f in flows:
+            r = new_rate[f.fid]
+            if r != f.rate or f.version == 0:
+                dt = now - f.t_last
+                if dt > 0.0 and f.rate > 0.0:
+                    f.remaining = max(f.remaining - f.rate * dt, 0.0)
+                f.t_last = now
+                f.rate = r
+                if r > 0.0:
+                    t = now + f.remaining / r
+                    if t < f.event_t:
+                        f.event_t = t
+                        f.version += 1
+                        sched(t, f, f.version)
+        for link in links:
+            a = agg[link]
+            if a != self.link_rate[link]:
+                self._account_link(link, now, a)
+
+    # ---- outputs --------------------------------------------------------------------------------------
+    def flush(self, now: float) -> None:
+        """Account bytes of active flows and high-class loads up to `now` (before reading buckets)."""
+        for link in range(len(self.names)):
+            self._account_link(link, now, self.link_rate[link])
+            if self.high_load[link] > 0.0:
+                old_solves = self.solves
+                self.set_high_load(link, self.high_load[link], now)
+                self.solves = old_solves
+
+    def link_bytes(self, prefixes: Sequence[str] = ("",)) -> list[tuple[str, float, float, float]]:
+        """(link name, t0, t1, bytes) per non-empty bucket, low class; high class as '<name>/high'."""
+        out = []
+        b = self.bucket_s
+        for link, name in enumerate(self.names):
+            if not any(name.startswith(p) for p in prefixes):
+                continue
+            for k in sorted(self.buckets[link]):
+                out.append((name, k * b, (k + 1) * b, self.buckets[link][k]))
+            for k in sorted(self.high_bytes[link]):
+                out.append((name + "/high", k * b, (k + 1) * b, self.high_bytes[link][k]))
+        return out

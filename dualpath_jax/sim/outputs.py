@@ -1,0 +1,85 @@
+"""Write a simulation's results: summary JSON, per-turn CSV, per-link CSV, and a plot (matplotlib, lazy)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from dualpath_jax.sim.runner import SimResult
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def write_results(result: SimResult, output_dir: str, config: dict, plot: bool = True) -> dict[str, str]:
+    """Write summary.json, turns.csv, links.csv (and plot.png) under `output_dir`; returns their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {}
+    stats = {k: v for k, v in result.stats.items() if k != "link_totals"}
+    summary = {"summary": result.summary, "stats": stats, "link_totals": result.stats["link_totals"], "config": config}
+    p = os.path.join(output_dir, "summary.json")
+    with open(p, "w") as f:
+        json.dump(_clean(summary), f, indent=1, default=str)
+    paths["summary"] = p
+    p = os.path.join(output_dir, "turns.csv")
+    with open(p, "w", newline="") as f:
+        fields = [fl.name for fl in dataclasses.fields(result.records[0])] if result.records else []
+        w = csv.writer(f)
+        w.writerow(fields)
+        for r in result.records:
+            w.writerow([getattr(r, k) for k in fields])
+    paths["turns"] = p
+    p = os.path.join(output_dir, "links.csv")
+    with open(p, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["link", "t0", "t1", "nbytes"])
+        for s in result.links:
+            w.writerow([s.link, s.t0, s.t1, s.nbytes])
+    paths["links"] = p
+    if plot:
+        paths["plot"] = plot_result(result, os.path.join(output_dir, "plot.png"))
+    return paths
+
+
+def plot_result(result: SimResult, path: str) -> str:
+    """Storage-NIC traffic over time per node, and the TTFT CDF."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    per_link: dict[str, dict[float, float]] = {}
+    for s in result.links:
+        if s.link.startswith("snic/"):
+            d = per_link.setdefault(s.link, {})
+            d[s.t0] = d.get(s.t0, 0.0) + s.nbytes / max(s.t1 - s.t0, 1e-9) / 1e9
+    for name in sorted(per_link, key=lambda n: int(n.split("node")[-1])):
+        d = per_link[name]
+        ts = sorted(d)
+        ax1.plot(ts, [d[t] for t in ts], label=name, lw=0.8)
+    ax1.set_xlabel("time (s)")
+    ax1.set_ylabel("storage NIC traffic (GB/s)")
+    ax1.legend(fontsize=6, ncol=2)
+    ttft = np.sort([r.ttft for r in result.records if not math.isnan(r.first_token)])
+    if ttft.size:
+        ax2.plot(ttft, np.arange(1, ttft.size + 1) / ttft.size)
+    ax2.set_xscale("log")
+    ax2.set_xlabel("TTFT (s)")
+    ax2.set_ylabel("CDF")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,211 @@
+"""Build a simulator from a SimConfig (registered policy, batcher, cost model, shared workloads) and run it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from dualpath_jax import metrics
+from dualpath_jax.sim.config import GB, SimConfig
+from dualpath_jax.sim.simulator import Simulator
+from dualpath_jax.workloads.types import Trajectory
+
+
+@dataclasses.dataclass
+class SimResult:
+    records: list  # [turns] metrics.TurnRecord
+    links: list  # metrics.LinkBytes samples (bucketed per link)
+    stats: dict  # events, wall time, events/s, turns/s, ...
+    summary: dict  # metrics.summarize + TTFT breakdown + SLO + storage-NIC balance
+
+
+def make_cost_model(cfg: SimConfig, role: str):
+    """The shared cost model (schedulers.cost_model) for one engine of `role` ("prefill"/"decode")."""
+    from schedulers import cost_model as cm
+
+    c = cfg.cluster
+    nodes = c.prefill_nodes if role == "prefill" else c.decode_nodes
+    shape = cm.MODEL_SHAPES.get(c.model)
+    # MoE engines of one role form one EP group (PAPER.md "Models": DS uses EP + DP); dense: DP only.
+    ep = nodes * c.gpus_per_node if shape.is_moe else 1
+    return cm.CostModel(shape, c.hardware, ep=ep)
+
+
+def de_hbm_kv_bytes(cfg: SimConfig, decode_cost) -> float:
+    """DE HBM left for KV: configured, else HBM * usable fraction - the engine's weights."""
+    c = cfg.cluster
+    if c.de_hbm_kv_gb > 0:
+        return c.de_hbm_kv_gb * GB
+    free = decode_cost.hw.hbm_bytes * 0.9 - decode_cost.weight_bytes_per_engine()
+    if free <= 0:
+        raise ValueError(
+            f"config.cluster: {c.model} weights ({decode_cost.weight_bytes_per_engine() / GB:.1f} GB per DE) "
+            f"leave no HBM for KV on {c.hardware}; set config.cluster.de_hbm_kv_gb"
+        )
+    return free
+
+
+class _SplitCost:
+    """Prefill times from the PE-side cost model, decode steps from the DE-side one (different EP groups)."""
+
+    def __init__(self, prefill, decode):
+        self.prefill = prefill
+        self.decode = decode
+
+    def batch_prefill_time(self, items):
+        return self.prefill.batch_prefill_time(items)
+
+    def decode_step_time(self, batch_size, total_context_tokens):
+        return self.decode.decode_step_time(batch_size, total_context_tokens)
+
+
+def make_trajectories(cfg: SimConfig):
+    """Agents and their arrival model from the shared workload module (dualpath_jax.workloads):
+    offline (all at t = 0), online (Poisson at APS, aps * duration_s agents), trace (a trace file's times)."""
+    from dualpath_jax.workloads import arrivals, synthetic
+
+    w = cfg.workload
+    if w.kind == "offline":
+        model = arrivals.make_arrivals("offline")
+        trajs = synthetic.make_agents(w.dataset, w.n_agents, seed=cfg.seed)
+    elif w.kind == "online":
+        if not w.aps > 0 or not w.duration_s > 0:
+            raise ValueError(f"config.workload: online needs aps > 0 and duration_s > 0, got {w.aps}, {w.duration_s}")
+        model = arrivals.make_arrivals("online", aps=w.aps, seed=cfg.seed)
+        trajs = synthetic.make_agents(w.dataset, max(1, int(round(w.aps * w.duration_s))), seed=cfg.seed)
+    elif w.kind == "trace":
+        from dualpath_jax.workloads import traces
+
+        if not w.trace_path:
+            raise ValueError("config.workload.trace_path is required for kind='trace'")
+        model = arrivals.make_arrivals("trace")
+        trajs = traces.load_trace(w.trace_path)
+    else:
+        raise ValueError(f"config.workload.kind must be offline | online | trace, got {w.kind!r}")
+    if w.max_turns > 0:
+        trajs = [dataclasses.replace(t, turns=list(t.turns)[: w.max_turns]) for t in trajs]
+    return model.with_arrivals(trajs), model
+
+
+def build_simulator(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = None) -> Simulator:
+    from schedulers import make_batcher, make_policy
+
+    pre = make_cost_model(cfg, "prefill")
+    dec = make_cost_model(cfg, "decode")
+    c = cfg.cluster
+    b = c.kv_bytes_per_token or pre.model.kv_bytes_per_token
+    if c.de_hbm_kv_gb <= 0:
+        c = dataclasses.replace(c, de_hbm_kv_gb=de_hbm_kv_bytes(cfg, dec) / GB)
+        cfg = dataclasses.replace(cfg, cluster=c)
+    policy = make_policy(cfg.policy, **_policy_kwargs(cfg, pre, b))
+    batcher = make_batcher(cfg.batcher, **_batcher_kwargs(cfg, pre))
+    arrival_model = None
+    if trajectories is None:
+        trajectories, arrival_model = make_trajectories(cfg)
+    return Simulator(
+        cfg, trajectories, policy, batcher, _SplitCost(pre, dec), b, pre.model.layers, arrival_model=arrival_model
+    )
+
+
+# Mean context and append per turn of the paper's datasets (PAPER.md Table 2): the turn shape at which
+# the policies' thresholds are "profiled".
+DATASET_SHAPE = {"32K": (17_183, 608), "48K": (25_120, 474), "64K": (32_721, 429)}
+READ_WINDOW_S = 3.0  # α: tokens one node reads in 3 s
+COMPUTE_WINDOW_S = 5.0  # β: tokens one GPU processes in 5 s
+
+
+def _policy_kwargs(cfg: SimConfig, pre, kv_bytes_per_token: float) -> dict:
+    """Fill α/β (when the policy takes them and the config leaves them unset) from the simulated hardware."""
+    import dataclasses as dc
+
+    from schedulers import POLICIES
+
+    kw = dict(cfg.policy_kwargs)
+    fields = {f.name for f in dc.fields(POLICIES.get(cfg.policy).Config)}
+    c = cfg.cluster
+    context, append = DATASET_SHAPE.get(cfg.workload.dataset, DATASET_SHAPE["64K"])
+    if "alpha_tokens" in fields and not kw.get("alpha_tokens"):
+        read_bps = c.snic_gbps * GB * c.storage_efficiency
+        kw["alpha_tokens"] = max(1, int(READ_WINDOW_S * read_bps / kv_bytes_per_token))
+    if "beta_tokens" in fields and not kw.get("beta_tokens"):
+        per_s = (context + append) / (pre.prefill_time(context, append) * c.pe_time_scale)
+        kw["beta_tokens"] = max(1, int(COMPUTE_WINDOW_S * per_s))
+    if "block_size" in fields and "block_size" not in kw:
+        kw["block_size"] = c.block_size
+    if "seed" in fields and "seed" not in kw:
+        kw["seed"] = cfg.seed
+    return kw
+
+
+def _batcher_kwargs(cfg: SimConfig, pre) -> dict:
+    import dataclasses as dc
+
+    from schedulers import BATCHERS
+
+    kw = dict(cfg.batcher_kwargs)
+    fields = {f.name for f in dc.fields(BATCHERS.get(cfg.batcher).Config)}
+    if "cost_model" in fields and "cost_model" not in kw:
+        kw["cost_model"] = pre
+    return kw
+
+
+def ttft_breakdown(records: Sequence[metrics.TurnRecord]) -> dict:
+    """Mean TTFT parts: queue (arrival->scheduled), allocation (scheduled->read start), read, prefill."""
+    parts = {"queue": [], "allocation": [], "read": [], "prefill": []}
+    for r in records:
+        if math.isnan(r.first_token):
+            continue
+        parts["queue"].append(r.scheduled - r.arrival)
+        parts["allocation"].append(r.read_start - r.scheduled)
+        parts["read"].append(r.read_end - r.read_start)
+        parts["prefill"].append(r.first_token - r.read_end)
+    return {f"ttft_{k}_mean_s": float(np.mean(v)) if v else math.nan for k, v in parts.items()}
+
+
+def slo_summary(cfg: SimConfig, records: Sequence[metrics.TurnRecord]) -> dict:
+    recs = [r for r in records if r.arrival >= cfg.warmup_s]
+    done = [r for r in recs if not math.isnan(r.finished)]
+    if not recs:
+        return {"slo_turns": 0, "slo_met": False}
+    ttft = [r.ttft if not math.isnan(r.first_token) else 1e9 for r in recs]  # no first token yet: a miss
+    tpot = [r.tpot for r in done if r.gen_tokens > 1]
+    ttft_q = float(np.percentile(ttft, cfg.slo_percentile))
+    tpot_q = float(np.percentile(tpot, cfg.slo_percentile)) if tpot else math.nan
+    # A turn still decoding when the clock stops is judged on its TTFT only.
+    ok = [
+        (not math.isnan(r.first_token))
+        and r.ttft <= cfg.slo_ttft_s
+        and (r.gen_tokens <= 1 or math.isnan(r.finished) or r.tpot <= cfg.slo_tpot_s)
+        for r in recs
+    ]
+    return {
+        "slo_turns": len(recs),
+        "slo_attainment": float(np.mean(ok)),
+        f"ttft_p{cfg.slo_percentile:g}_s": ttft_q,
+        f"tpot_p{cfg.slo_percentile:g}_s": tpot_q,
+        "ttst_p50_s": metrics.percentile([r.ttst for r in recs], 50),
+        "slo_met": bool(ttft_q <= cfg.slo_ttft_s and (math.isnan(tpot_q) or tpot_q <= cfg.slo_tpot_s)),
+    }
+
+
+def summarize(cfg: SimConfig, records, links, stats) -> dict:
+    s = metrics.summarize(records, links)
+    s.update(ttft_breakdown(records))
+    totals = stats["link_totals"]
+    snic = np.array([v for k, v in totals.items() if k.startswith("snic/")])
+    s["snic_max_over_avg"] = float(snic.max() / snic.mean()) if snic.size and snic.mean() > 0 else math.nan
+    s["snic_bytes_total"] = float(snic.sum()) if snic.size else 0.0
+    s["unfinished_turns"] = stats["unfinished_turns"]
+    if cfg.workload.kind != "offline":
+        s.update(slo_summary(cfg, records))
+    return s
+
+
+def run(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = None, max_time: float = math.inf) -> SimResult:
+    """Simulate `cfg` once; deterministic for a given cfg (seed included)."""
+    sim = build_simulator(cfg, trajectories)
+    records, links, stats = sim.run(max_time=max_time)
+    return SimResult(records, links, stats, summarize(cfg, records, links, stats))

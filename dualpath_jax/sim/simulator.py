@@ -1,0 +1,763 @@
+"""Discrete-event cluster simulator: PE/DE engines, storage and compute networks, the registered policies.
+
+Time advances through a heapq of events (time, seq, callback, arg). Engines and requests are plain
+Python objects with __slots__; every transfer is a flow on `network.FlowNetwork`, so the storage NICs
+(SNIC, shared by PE reads, DE reads and DE write-backs), the per-GPU compute NICs (CNIC, KV in the low
+class under model collectives in the high class) and host DRAM share bandwidth max-min fairly.
+
+Per request (DESIGN.md "Data paths"):
+  arrival -> global queue -> a group's periodic fetch runs the policy -> (PE, DE, read side)
+  -> storage read of the hit KV into the reading node's host buffer (SNIC + DRAM; FIFO per node, gated by
+     buffer space and a per-node read concurrency)
+  -> PE batch (intra-engine batcher from the registry):
+       layerwise: per layer the Layer Blocks go to PE HBM (PE side: DRAM->PE CNIC; DE side: DE DRAM->DE
+       CNIC->PE CNIC) while the previous layer computes; the outputs go PE CNIC->DE CNIC->DE DRAM.
+       The per-layer pipeline is solved in closed form per batch: the batch ends when its compute
+       (time from the cost model, plus one layer of pipeline fill) and all its KV flows are done, i.e.
+       max(compute, transfers) + compute/L. Per-layer events would be L (61) times more events for a
+       difference below one layer's time.
+       basic (not layerwise): the whole prompt KV must be in PE HBM before prefill: PE HBM is reserved
+       before the read starts, the hit KV is copied DRAM->CNIC->HBM, then the batch computes, then the
+       KV (hit + miss) goes to the DE.
+  -> DE: H2D of the prompt KV (DE DRAM->DE CNIC), join the continuous decode batch
+  -> decode: events only when the batch changes (join/leave); the DE write-back of the filled blocks is
+     a paced flow over DE CNIC -> DE DRAM -> DE SNIC.
+  -> the agent's next turn arrives when decode and write-back are done (+ the turn gap).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time as _time
+from collections import deque
+from collections.abc import Sequence
+
+from dualpath_jax.metrics import LinkBytes, TurnRecord
+from dualpath_jax.sim.config import GB, SimConfig
+from dualpath_jax.sim.network import Flow, FlowNetwork
+from dualpath_jax.workloads.types import Trajectory
+from schedulers.api import (
+    Assignment,
+    ClusterSnapshot,
+    EngineState,
+    NodeState,
+    PendingRequest,
+    PrefillWork,
+)
+
+
+class Request:
+    """One turn in flight."""
+
+    __slots__ = (
+        "rid",
+        "traj",
+        "turn",
+        "rec",
+        "pending",
+        "prompt",
+        "hit",
+        "miss",
+        "gen",
+        "pe",
+        "de",
+        "frac",
+        "hit_pe",
+        "hit_de",
+        "reads_left",
+        "cached",
+        "remaining",
+        "wb_done",
+        "decode_done",
+        "target",
+        "vjoin",
+    )
+
+    def __init__(self, rid: int, traj: Trajectory, turn: int, rec: TurnRecord, pending: PendingRequest):
+        self.rid = rid
+        self.traj = traj
+        self.turn = turn
+        self.rec = rec
+        self.pending = pending
+        self.prompt = pending.prompt_tokens
+        self.hit = pending.hit_tokens
+        self.miss = pending.miss_tokens
+        self.gen = pending.gen_tokens
+        self.pe = self.de = None
+        self.frac = 0.0
+        self.hit_pe = self.hit_de = 0  # hit tokens read on the PE / DE side
+        self.reads_left = 0
+        self.cached = self.hit
+        self.remaining = self.miss
+        self.wb_done = True
+        self.decode_done = False
+        self.target = 0.0
+        self.vjoin = 0.0
+
+
+class Node:
+    __slots__ = ("nid", "role", "snic", "dram", "buffer_free", "read_queue", "reads_active", "state", "engines")
+
+    def __init__(self, nid: int, role: str, snic: int, dram: int, buffer_bytes: float, state: NodeState):
+        self.nid = nid
+        self.role = role
+        self.snic = snic
+        self.dram = dram
+        self.buffer_free = buffer_bytes
+        self.read_queue: deque = deque()  # (request, tokens, side)
+        self.reads_active = 0
+        self.state = state
+        self.engines: list = []
+
+
+class PrefillEngine:
+    __slots__ = ("eid", "node", "cnic", "queue", "busy", "hbm_free", "admit_queue", "state")
+
+    def __init__(self, eid: int, node: Node, cnic: int, hbm_bytes: float, state: EngineState):
+        self.eid = eid
+        self.node = node
+        self.cnic = cnic
+        self.queue: list[Request] = []  # requests whose hit KV is readable, FIFO (intra-engine queue)
+        self.busy = False
+        self.hbm_free = hbm_bytes  # basic mode: HBM for whole-prompt KV
+        self.admit_queue: deque = deque()  # basic mode: waiting for HBM before their read may start
+        self.state = state
+
+
+class DecodeEngine:
+    __slots__ = (
+        "eid",
+        "node",
+        "cnic",
+        "active",
+        "v",
+        "tv",
+        "step",
+        "version",
+        "finish_heap",
+        "sum_prompt",
+        "sum_vjoin",
+        "state",
+    )
+
+    def __init__(self, eid: int, node: Node, cnic: int, state: EngineState):
+        self.eid = eid
+        self.node = node
+        self.cnic = cnic
+        self.active: dict[int, Request] = {}
+        self.v = 0.0  # tokens generated per running request since the engine started (virtual clock)
+        self.tv = 0.0
+        self.step = 0.0  # current decode step time (s/token)
+        self.version = 0
+        self.finish_heap: list = []  # (target v, rid)
+        self.sum_prompt = 0
+        self.sum_vjoin = 0.0
+        self.state = state
+
+
+class _Batch:
+    __slots__ = ("pe", "items", "left", "reqs", "t0")
+
+    def __init__(self, pe, items, reqs, t0):
+        self.pe = pe
+        self.items = items
+        self.reqs = reqs
+        self.left = 0
+        self.t0 = t0
+
+
+class Simulator:
+    """Simulates one run. `run()` returns (turn records, link byte samples, stats dict)."""
+
+    def __init__(
+        self,
+        cfg: SimConfig,
+        trajectories: Sequence[Trajectory],
+        policy,
+        batcher,
+        cost_model,
+        kv_bytes_per_token: float,
+        n_layers: int,
+        arrival_model=None,
+    ):
+        self.cfg = cfg
+        c = cfg.cluster
+        self.c = c
+        self.policy = policy
+        self.batcher = batcher
+        self.cost = cost_model
+        self.b = float(kv_bytes_per_token)
+        self.L = int(n_layers)
+        self.trajectories = list(trajectories)
+        self.arrival_model = arrival_model  # workloads.arrivals model: when turn i+1 is ready (None: + gap)
+        self._shapes: dict[int, list] = {}  # trajectory id -> [(prompt, hit, gen)] per turn
+        self.now = 0.0
+        self.events: list = []
+        self._seq = 0
+        self.n_events = 0
+        self.net = FlowNetwork(bucket_s=c.bucket_s)
+        self.net.scheduler = self._schedule_flow
+        self.queue: deque[PendingRequest] = deque()  # the global FIFO queue
+        self.requests: dict[int, Request] = {}
+        self.records: list[TurnRecord] = []
+        self._next_rid = 0
+        self.fetch_running = False
+        self._fetch_rr = 0
+        self.n_fetches = 0
+        self._build()
+
+    # ---- construction ---------------------------------------------------------------------------------
+    def _build(self) -> None:
+        c = self.c
+        net = self.net
+        self.storage_link = net.add_link("storage", c.storage_gbps * GB) if c.storage_gbps > 0 else None
+        engines: dict[int, EngineState] = {}
+        nodes: dict[int, NodeState] = {}
+        self.nodes: list[Node] = []
+        self.pes: dict[int, PrefillEngine] = {}
+        self.des: dict[int, DecodeEngine] = {}
+        eid = 0
+        de_hbm_tokens = int(c.de_hbm_kv_gb * GB / self.b)
+        for nid in range(c.prefill_nodes + c.decode_nodes):
+            role = "prefill" if nid < c.prefill_nodes else "decode"
+            snic = net.add_link(f"snic/node{nid}", c.snic_gbps * GB * c.storage_efficiency)
+            dram = net.add_link(f"dram/node{nid}", c.dram_gbps * GB)
+            ns = NodeState(node_id=nid, role=role)
+            nodes[nid] = ns
+            node = Node(nid, role, snic, dram, c.host_buffer_gb * GB, ns)
+            self.nodes.append(node)
+            for _ in range(c.gpus_per_node):
+                cnic = net.add_link(f"cnic/engine{eid}", c.cnic_gbps * GB, high_share=c.high_share)
+                es = EngineState(engine_id=eid, role=role, node_id=nid)
+                if role == "prefill":
+                    es.free_hbm_tokens = int(c.pe_hbm_kv_gb * GB / self.b)
+                    eng = PrefillEngine(eid, node, cnic, c.pe_hbm_kv_gb * GB, es)
+                    self.pes[eid] = eng
+                else:
+                    es.free_hbm_tokens = de_hbm_tokens
+                    eng = DecodeEngine(eid, node, cnic, es)
+                    self.des[eid] = eng
+                engines[eid] = es
+                node.engines.append(eng)
+                eid += 1
+        self.snapshot = ClusterSnapshot(now=0.0, engines=engines, nodes=nodes)
+        # Every flow through a node's DRAM also crosses that node's SNIC or one of its CNICs, so when
+        # M >= SNIC + g * CNIC the DRAM can never be a bottleneck and is left out of the paths (smaller
+        # components, same rates). The paper's hardware: 500 >= 27.5 + 8 * 50.
+        if c.fetch_scope not in ("node", "global"):
+            raise ValueError(f"config.cluster.fetch_scope must be 'node' or 'global', got {c.fetch_scope!r}")
+        self.read_cap = c.read_stream_gbps * GB if c.read_stream_gbps > 0 else math.inf
+        self.dram_binds = c.dram_gbps < c.snic_gbps * c.storage_efficiency + c.gpus_per_node * c.cnic_gbps
+
+    # ---- event queue ----------------------------------------------------------------------------------
+    def at(self, t: float, fn, arg=None) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (t, self._seq, fn, arg))
+
+    def _dram(self, node: Node) -> tuple:
+        """The node's DRAM link, or () when it cannot bind (see _build)."""
+        return (node.dram,) if self.dram_binds else ()
+
+    def _schedule_flow(self, t: float, f: Flow, version: int) -> None:
+        self._seq += 1
+        heapq.heappush(self.events, (t, self._seq, self._flow_event, (f, version)))
+
+    def _flow_event(self, arg) -> None:
+        f, version = arg
+        if self.net.handle_event(f, version, self.now):
+            f.on_done()
+
+    def _flow(self, path, nbytes: float, on_done, max_rate: float = math.inf) -> bool:
+        """Start a flow unless it is empty; returns whether `on_done` will be called later."""
+        if nbytes <= 0.0:
+            return False
+        self.net.start_flow(path, nbytes, self.now, on_done, max_rate)
+        return True
+
+    # ---- workload -------------------------------------------------------------------------------------
+    def _turn_arrival(self, arg) -> None:
+        traj, i = arg
+        shapes = self._shapes.get(traj.trajectory_id)
+        if shapes is None:
+            shapes = self._shapes[traj.trajectory_id] = traj.turn_shapes(self.c.block_size)
+        prompt, hit, gen = shapes[i]
+        rid = self._next_rid
+        self._next_rid += 1
+        pending = PendingRequest(
+            request_id=rid,
+            trajectory_id=traj.trajectory_id,
+            turn_index=i,
+            prompt_tokens=prompt,
+            hit_tokens=hit,
+            gen_tokens=gen,
+            arrival_time=self.now,
+        )
+        rec = TurnRecord(
+            trajectory_id=traj.trajectory_id,
+            turn_index=i,
+            prompt_tokens=prompt,
+            hit_tokens=hit,
+            gen_tokens=gen,
+            arrival=self.now,
+        )
+        self.records.append(rec)
+        self.requests[rid] = Request(rid, traj, i, rec, pending)
+        self.queue.append(pending)
+        if not self.fetch_running:
+            self.fetch_running = True
+            self.at(self.now, self._fetch)
+
+    # ---- global scheduler: groups fetch periodically ----------------------------------------------------
+    def _fetch(self, _arg) -> None:
+        if not self.queue:
+            self.fetch_running = False
+            return
+        n_nodes = len(self.nodes)
+        node = self._fetch_rr
+        self._fetch_rr = (node + 1) % n_nodes
+        self.n_fetches += 1
+        self.snapshot.now = self.now
+        # Policies place a FIFO prefix (schedulers/policies.py), so they see at most fetch_window requests;
+        # a fetch that places the whole window is repeated at once, so the window never limits placements.
+        k = self.c.fetch_window
+        window = list(itertools.islice(self.queue, k)) if len(self.queue) > k else list(self.queue)
+        scope = node if self.c.fetch_scope == "node" else None
+        assignments = self.policy.schedule(self.snapshot, window, fetching_node=scope)
+        if assignments:
+            placed = set()
+            for a in assignments:
+                if a.request_id in placed:
+                    raise RuntimeError(f"policy {self.cfg.policy!r} placed request {a.request_id} twice")
+                placed.add(a.request_id)
+                self._assign(a)
+            q = self.queue
+            n = len(placed)
+            while n and q and q[0].request_id in placed:
+                q.popleft()
+                n -= 1
+            if n:  # not a prefix: remove the rest wherever they are
+                self.queue = deque(p for p in q if p.request_id not in placed)
+            if len(assignments) == len(window) == k:
+                self._fetch_rr = node
+                self.at(self.now, self._fetch)
+                return
+        # Each node fetches once per fetch_interval_s: consecutive nodes are staggered evenly.
+        self.at(self.now + self.c.fetch_interval_s / n_nodes, self._fetch)
+
+    def _assign(self, a: Assignment) -> None:
+        r = self.requests[a.request_id]
+        pe = self.pes.get(a.prefill_engine)
+        de = self.des.get(a.decode_engine)
+        if pe is None or de is None:
+            raise RuntimeError(
+                f"policy {self.cfg.policy!r} returned PE {a.prefill_engine} / DE {a.decode_engine} for request "
+                f"{a.request_id}; PEs are {min(self.pes)}..{max(self.pes)}, DEs {min(self.des)}..{max(self.des)}"
+            )
+        r.pe, r.de, r.frac = pe, de, a.de_read_fraction
+        rec = r.rec
+        rec.scheduled = self.now
+        rec.prefill_engine = pe.eid
+        rec.decode_engine = de.eid
+        rec.read_side = a.read_side
+        bs = self.c.block_size
+        # Split reads whole blocks on each side.
+        hit_de = int(round(r.hit * r.frac / bs)) * bs if 0.0 < r.frac < 1.0 else int(r.hit * r.frac)
+        r.hit_de = min(hit_de, r.hit)
+        r.hit_pe = r.hit - r.hit_de
+        if not self.c.layerwise:  # basic: only PE reads
+            r.hit_pe, r.hit_de = r.hit, 0
+        rec.pe_read_bytes = int(r.hit_pe * self.b)
+        rec.de_read_bytes = int(r.hit_de * self.b)
+        ps, ds = pe.state, de.state
+        ps.seq += 1
+        ps.tok += r.prompt
+        ds.seq += 1
+        ds.tok += r.prompt + r.gen
+        ds.free_hbm_tokens -= r.prompt + r.gen
+        if self.c.io_free:
+            rec.read_start = rec.read_end = self.now
+            self._enqueue_prefill(r)
+            return
+        if self.c.layerwise:
+            self._submit_reads(r)
+        else:
+            pe.admit_queue.append(r)
+            self._admit_basic(pe)
+
+    # ---- storage reads --------------------------------------------------------------------------------
+    def _submit_reads(self, r: Request) -> None:
+        r.reads_left = 0
+        for node, tokens, side in ((r.pe.node, r.hit_pe, "pe"), (r.de.node, r.hit_de, "de")):
+            if tokens > 0:
+                r.reads_left += 1
+                node.state.read_queue_tokens += tokens
+                node.read_queue.append((r, tokens, side))
+        if r.reads_left == 0:
+            r.rec.read_start = r.rec.read_end = self.now
+            self._reads_done(r)
+            return
+        for node in {r.pe.node, r.de.node}:
+            self._pump_reads(node)
+
+    def _pump_reads(self, node: Node) -> None:
+        c = self.c
+        q = node.read_queue
+        while q and node.reads_active < c.max_reads_per_node:
+            r, tokens, side = q[0]
+            nbytes = tokens * self.b
+            if node.buffer_free < nbytes and node.reads_active > 0:
+                break  # wait for buffer space (a read larger than the whole buffer still runs alone)
+            q.popleft()
+            node.buffer_free -= nbytes
+            node.reads_active += 1
+            if math.isnan(r.rec.read_start):
+                r.rec.read_start = self.now
+            path = (node.snic,) + self._dram(node)
+            if self.storage_link is not None:
+                path = (self.storage_link,) + path
+            self.net.start_flow(path, nbytes, self.now, _ReadDone(self, r, node, tokens), self.read_cap)
+
+    def _read_done(self, r: Request, node: Node, tokens: int) -> None:
+        node.reads_active -= 1
+        node.state.read_queue_tokens -= tokens
+        r.reads_left -= 1
+        if r.reads_left == 0:
+            r.rec.read_end = self.now
+            if self.c.layerwise:
+                self._reads_done(r)
+            else:
+                self._h2d_basic(r)
+        self._pump_reads(node)
+
+    def _reads_done(self, r: Request) -> None:
+        self._enqueue_prefill(r)
+
+    # ---- basic (not layerwise): whole prompt KV in PE HBM ---------------------------------------------------
+    def _admit_basic(self, pe: PrefillEngine) -> None:
+        q = pe.admit_queue
+        while q:
+            r = q[0]
+            need = r.prompt * self.b
+            if pe.hbm_free < need and pe.hbm_free < self.c.pe_hbm_kv_gb * GB:
+                break  # wait for HBM (a prompt larger than all of it runs alone)
+            q.popleft()
+            pe.hbm_free -= need
+            pe.state.free_hbm_tokens -= r.prompt
+            self._submit_reads(r)
+
+    def _h2d_basic(self, r: Request) -> None:
+        node = r.pe.node
+        nbytes = r.hit * self.b
+        # The hit KV leaves the host buffer into PE HBM (through the PE's CNIC, see PAPER.md).
+        if not self._flow(self._dram(node) + (r.pe.cnic,), nbytes, _Call(self._h2d_basic_done, r)):
+            self._h2d_basic_done(r)
+
+    def _h2d_basic_done(self, r: Request) -> None:
+        r.pe.node.buffer_free += r.hit * self.b
+        self._pump_reads(r.pe.node)
+        self._enqueue_prefill(r)
+
+    # ---- prefill engine -----------------------------------------------------------------------------------
+    def _enqueue_prefill(self, r: Request) -> None:
+        pe = r.pe
+        pe.queue.append(r)
+        if not pe.busy:
+            self._start_batch(pe)
+
+    def _start_batch(self, pe: PrefillEngine) -> None:
+        if not pe.queue:
+            pe.busy = False
+            return
+        work = [PrefillWork(r.rid, r.cached, r.remaining) for r in pe.queue]
+        items = self.batcher.form_batch(work)
+        if not items:
+            raise RuntimeError(f"batcher {self.cfg.batcher!r} formed an empty batch from {len(work)} requests")
+        pe.busy = True
+        byid = {r.rid: r for r in pe.queue}
+        reqs = []
+        for it in items:
+            r = byid.get(it.request_id)
+            if r is None or it.bsz <= 0 or it.bsz > r.remaining:
+                raise RuntimeError(f"batcher {self.cfg.batcher!r} returned a bad item {it}")
+            reqs.append(r)
+        batch = _Batch(pe, items, reqs, self.now)
+        compute = self.cost.batch_prefill_time([(it.cached, it.bsz) for it in items]) * self.c.pe_time_scale
+        for r in reqs:
+            if math.isnan(r.rec.prefill_start):
+                r.rec.prefill_start = self.now
+        c = self.c
+        b = self.b
+        if not c.io_free and c.layerwise:
+            specs = []
+            part = _BatchPart(self, batch)
+            inf = math.inf
+            for it, r in zip(items, reqs, strict=True):
+                first = it.cached == r.hit
+                # Loads per layer into PE HBM: the PE-side hit from the PE buffer, the DE-side hit (and any
+                # earlier chunks, which went to the DE buffer) from the DE buffer over the compute network.
+                if r.hit_pe > 0:
+                    specs.append((self._dram(pe.node) + (pe.cnic,), r.hit_pe * b, part, inf))
+                de_side = (it.cached - r.hit_pe) * b
+                if de_side > 0:
+                    specs.append((self._dram(r.de.node) + (r.de.cnic, pe.cnic), de_side, part, inf))
+                # Outputs to the DE buffer: the new KV, plus the PE-side hit on the first chunk.
+                out = (it.bsz + (r.hit_pe if first else 0)) * b
+                specs.append(((pe.cnic, r.de.cnic) + self._dram(r.de.node), out, part, inf))
+            batch.left += len(specs)
+            self.net.start_flows(specs, self.now)
+        batch.left += 1
+        # Layerwise: one extra layer of pipeline fill/drain on top of the compute.
+        tail = compute / self.L if (c.layerwise and not c.io_free) else 0.0
+        coll = c.collective_bytes_per_token
+        if coll > 0 and compute > 0 and not c.io_free:
+            tokens = sum(it.bsz for it in items)
+            self.net.set_high_load(pe.cnic, tokens * coll / compute, self.now)
+        self.at(self.now + compute + tail, self._compute_done, batch)
+
+    def _compute_done(self, batch: _Batch) -> None:
+        if self.c.collective_bytes_per_token > 0 and not self.c.io_free:
+            self.net.set_high_load(batch.pe.cnic, 0.0, self.now)
+        self._batch_part_done(batch)
+
+    def _batch_part_done(self, batch: _Batch) -> None:
+        batch.left -= 1
+        if batch.left:
+            return
+        pe = batch.pe
+        done_ids = set()
+        for it, r in zip(batch.items, batch.reqs, strict=False):
+            r.cached += it.bsz
+            r.remaining -= it.bsz
+            if r.remaining <= 0:
+                done_ids.add(r.rid)
+        if done_ids:
+            pe.queue = [r for r in pe.queue if r.rid not in done_ids]
+            for r in batch.reqs:
+                if r.rid in done_ids:
+                    done_ids.discard(r.rid)
+                    self._prefill_done(r)
+        self._start_batch(pe)
+
+    def _prefill_done(self, r: Request) -> None:
+        pe = r.pe
+        pe.state.seq -= 1
+        pe.state.tok -= r.prompt
+        c = self.c
+        if c.io_free:
+            self._de_join(r)
+            return
+        if c.layerwise:
+            pe.node.buffer_free += r.hit_pe * self.b
+            self._pump_reads(pe.node)
+            self._de_h2d(r)
+        else:
+            # basic: the whole prompt KV (hit + miss) goes PE HBM -> DE buffer after the prefill.
+            nbytes = r.prompt * self.b
+            if not self._flow((pe.cnic, r.de.cnic) + self._dram(r.de.node), nbytes, _Call(self._basic_sent, r)):
+                self._basic_sent(r)
+
+    def _basic_sent(self, r: Request) -> None:
+        pe = r.pe
+        pe.hbm_free += r.prompt * self.b
+        pe.state.free_hbm_tokens += r.prompt
+        self._admit_basic(pe)
+        self._de_h2d(r)
+
+    # ---- decode engine ----------------------------------------------------------------------------------
+    def _de_h2d(self, r: Request) -> None:
+        r.rec.prefill_end = self.now
+        node = r.de.node
+        # The DE-side hit KV sits in the DE buffer since its read; it is freed once in HBM.
+        if not self._flow(self._dram(node) + (r.de.cnic,), r.prompt * self.b, _Call(self._de_h2d_done, r)):
+            self._de_h2d_done(r)
+
+    def _de_h2d_done(self, r: Request) -> None:
+        node = r.de.node
+        node.buffer_free += r.hit_de * self.b
+        self._pump_reads(node)
+        self._de_join(r)
+
+    def _de_sync(self, de: DecodeEngine) -> None:
+        if de.step > 0.0:
+            de.v += (self.now - de.tv) / de.step
+        de.tv = self.now
+
+    def _de_reschedule(self, de: DecodeEngine) -> None:
+        n = len(de.active)
+        de.version += 1
+        if n == 0:
+            de.step = 0.0
+            return
+        context = de.sum_prompt + n * de.v - de.sum_vjoin
+        de.step = self.cost.decode_step_time(n, int(context)) * self.c.de_time_scale
+        while de.finish_heap and de.finish_heap[0][1] not in de.active:
+            heapq.heappop(de.finish_heap)
+        target = de.finish_heap[0][0]
+        self.at(self.now + max(target - de.v, 0.0) * de.step, self._de_finish, (de, de.version))
+
+    def _de_join(self, r: Request) -> None:
+        de = r.de
+        rec = r.rec
+        if math.isnan(rec.prefill_end):
+            rec.prefill_end = self.now
+        self._de_sync(de)
+        rec.first_token = self.now  # the prefill produced it; it is out once the request runs on the DE
+        if r.gen <= 1:
+            rec.second_token = self.now
+            self._start_writeback(r, 0.0)
+            self._turn_done_decode(r)
+            return
+        r.vjoin = de.v
+        r.target = de.v + (r.gen - 1)
+        de.active[r.rid] = r
+        de.sum_prompt += r.prompt
+        de.sum_vjoin += de.v
+        heapq.heappush(de.finish_heap, (r.target, r.rid))
+        self._de_reschedule(de)
+        rec.second_token = self.now + de.step
+        self._start_writeback(r, (r.gen - 1) * de.step)
+
+    def _start_writeback(self, r: Request, decode_s: float) -> None:
+        """The DE persists every newly filled block (prompt miss + generated) during decode."""
+        if not self.c.writeback or self.c.io_free:
+            return
+        bs = self.c.block_size
+        new_blocks_tokens = ((r.prompt + r.gen) // bs) * bs - r.hit
+        if new_blocks_tokens <= 0:
+            return
+        r.wb_done = False
+        de = r.de
+        # Paced: blocks fill at the decode rate, so the write-back spreads over the expected decode time.
+        # Far below every link's capacity it is a fixed-rate reservation (no re-solve); otherwise an
+        # ordinary flow capped at that pace.
+        nbytes = new_blocks_tokens * self.b
+        pace = nbytes / max(decode_s, 1e-6)
+        node = de.node
+        path = (de.cnic,) + self._dram(node) + (node.snic,)
+        if self.storage_link is not None:
+            path = path + (self.storage_link,)
+        if pace <= 0.01 * min(self.net.capacity[k] for k in path):
+            end = self.net.reserve(path, nbytes, pace, self.now)
+            self.at(end, self._wb_release, (r, path, pace))
+        else:
+            self.net.start_flow(path, nbytes, self.now, _Call(self._wb_done, r), pace)
+
+    def _wb_release(self, arg) -> None:
+        r, path, pace = arg
+        self.net.release(path, pace)
+        self._wb_done(r)
+
+    def _de_finish(self, arg) -> None:
+        de, version = arg
+        if version != de.version:
+            return
+        self._de_sync(de)
+        h = de.finish_heap
+        eps = 1e-6
+        while h and (h[0][1] not in de.active or h[0][0] <= de.v + eps):
+            _, rid = heapq.heappop(h)
+            r = de.active.pop(rid, None)
+            if r is None:
+                continue
+            de.sum_prompt -= r.prompt
+            de.sum_vjoin -= r.vjoin
+            self._turn_done_decode(r)
+        self._de_reschedule(de)
+
+    def _wb_done(self, r: Request) -> None:
+        r.wb_done = True
+        if r.decode_done:
+            self._turn_complete(r)
+
+    def _turn_done_decode(self, r: Request) -> None:
+        r.decode_done = True
+        r.rec.finished = self.now
+        ds = r.de.state
+        ds.seq -= 1
+        ds.tok -= r.prompt + r.gen
+        ds.free_hbm_tokens += r.prompt + r.gen
+        if r.wb_done:
+            self._turn_complete(r)
+
+    def _turn_complete(self, r: Request) -> None:
+        del self.requests[r.rid]
+        nxt = r.turn + 1
+        if nxt < len(r.traj.turns):
+            if self.arrival_model is not None:
+                t = max(self.arrival_model.turn_ready(r.traj, nxt, self.now), self.now)
+            else:
+                t = self.now + r.traj.turns[r.turn].gap_s
+            self.at(t, self._turn_arrival, (r.traj, nxt))
+        else:
+            self._shapes.pop(r.traj.trajectory_id, None)
+
+    # ---- run --------------------------------------------------------------------------------------------
+    def run(self, max_time: float = math.inf) -> tuple[list[TurnRecord], list[LinkBytes], dict]:
+        for traj in self.trajectories:
+            if traj.turns:
+                self.at(traj.arrival_time, self._turn_arrival, (traj, 0))
+        t_wall = _time.perf_counter()
+        events = self.events
+        pop = heapq.heappop
+        n = 0
+        while events:
+            t, _, fn, arg = pop(events)
+            if t > max_time:
+                heapq.heappush(events, (t, 0, fn, arg))
+                break
+            self.now = t
+            fn(arg)
+            n += 1
+        self.n_events = n
+        wall = _time.perf_counter() - t_wall
+        self.net.flush(self.now)
+        links = [LinkBytes(name, t0, t1, int(nb)) for name, t0, t1, nb in self.net.link_bytes()]
+        unfinished = sum(1 for r in self.records if math.isnan(r.finished))
+        stats = {
+            "events": n,
+            "wall_s": wall,
+            "events_per_s": n / wall if wall > 0 else math.nan,
+            "turns_per_s": (len(self.records) - unfinished) / wall if wall > 0 else math.nan,
+            "fetches": self.n_fetches,
+            "flow_solves": self.net.solves,
+            "mean_component_flows": self.net.solved_flows / max(self.net.solves, 1),
+            "unfinished_turns": unfinished,
+            "sim_end_s": self.now,
+            "link_totals": {name: tot for name, tot in zip(self.net.names, self.net.link_total, strict=False)},
+        }
+        return self.records, links, stats
+
+
+class _Call:
+    """A bound callback without closures (cheaper, and picklable for debugging)."""
+
+    __slots__ = ("fn", "arg")
+
+    def __init__(self, fn, arg):
+        self.fn = fn
+        self.arg = arg
+
+    def __call__(self):
+        self.fn(self.arg)
+
+
+class _ReadDone:
+    __slots__ = ("sim", "r", "node", "tokens")
+
+    def __init__(self, sim, r, node, tokens):
+        self.sim, self.r, self.node, self.tokens = sim, r, node, tokens
+
+    def __call__(self):
+        self.sim._read_done(self.r, self.node, self.tokens)
+
+
+class _BatchPart:
+    __slots__ = ("sim", "batch")
+
+    def __init__(self, sim, batch):
+        self.sim, self.batch = sim, batch
+
+    def __call__(self):
+        self.sim._batch_part_done(self.batch)

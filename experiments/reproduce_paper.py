@@ -1,0 +1,216 @@
+"""Run the simulator on the paper's headline experiments and write a report beside the paper's numbers.
+
+  python -m experiments.reproduce_paper --workers=2                       # offline headline + ablation
+  python -m experiments.reproduce_paper --online --workers=2              # + online capacity (slow)
+  python -m experiments.reproduce_paper --table=512,1024 --workers=2      # + rows of the DS 660B table
+
+Writes <output_dir>/report.md and report.json: each metric with the paper's value (PAPER.md), the
+simulator's, and sim/paper.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import time
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.")
+_AGENTS = flags.DEFINE_integer("agents", 2048, "Agents of the headline offline run (paper: 2048).")
+_DATASET = flags.DEFINE_string("dataset", "64K", "Dataset of the headline offline run (paper: 64K).")
+_ONLINE = flags.DEFINE_bool("online", False, "Also search the online capacity (DS 660B, DS 27B).")
+_ONLINE_DURATION = flags.DEFINE_float("online_duration_s", 2400.0, "Arrival window of each online probe.")
+_ONLINE_WARMUP = flags.DEFINE_float("online_warmup_s", 1200.0, "Turns arriving before this are not judged.")
+_ONLINE_ITERS = flags.DEFINE_integer("online_iters", 3, "Bisection steps of each capacity search.")
+_TABLE = flags.DEFINE_list("table", [], "Agent counts of the DS 660B calibration table to run (all datasets).")
+
+DS660B = "configs/paper_ds660b.py"
+DS27B = "configs/paper_ds27b.py"
+
+# PAPER.md headline results.
+PAPER = {
+    "speedup_basic_to_dualpath": 1.87,
+    "ablation_layerwise_pct": -17.21,
+    "ablation_dual_path_pct": -38.19,
+    "ablation_scheduler_pct": -45.62,
+    "snic_max_over_avg_round_robin": 1.53,
+    "snic_max_over_avg_dualpath": 1.18,
+    "online_capacity_gain_ds660b": 2.25,
+    "online_capacity_gain_ds27b": 1.67,
+    "online_capacity_ds660b_basic_aps": 0.2,
+    "online_capacity_ds660b_dualpath_aps": 0.45,
+    "online_capacity_ds27b_basic_aps": 0.3,
+    "online_capacity_ds27b_dualpath_aps": 0.5,
+}
+# PAPER.md calibration table: (agents, dataset) -> (oracle, dualpath, basic) JCT seconds.
+TABLE = {
+    (512, "32K"): (848, 848, 949),
+    (512, "48K"): (1348, 1348, 1739),
+    (512, "64K"): (1875, 1979, 2813),
+    (1024, "32K"): (1071, 1071, 1495),
+    (1024, "48K"): (1696, 1783, 3000),
+    (1024, "64K"): (2604, 2865, 5313),
+    (2048, "32K"): (1657, 1616, 2525),
+    (2048, "48K"): (2957, 3087, 5435),
+    (2048, "64K"): (4844, 5313, 10000),
+    (4096, "32K"): (2990, 2869, 4687),
+    (4096, "48K"): (5565, 5870, 10348),
+    (4096, "64K"): (9271, 10260, 19280),
+}
+
+
+def _offline(spec: str) -> dict:
+    from dualpath_jax.sim import load_sim_config, run
+
+    t0 = time.perf_counter()
+    res = run(load_sim_config(spec))
+    s = res.summary
+    return {
+        "spec": spec,
+        "jct_s": s["jct_s"],
+        "snic_max_over_avg": s["snic_max_over_avg"],
+        "unfinished": s["unfinished_turns"],
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def _capacity(args: tuple[str, str, float, float, float, float, int]) -> dict:
+    from dualpath_jax.sim import load_sim_config
+    from dualpath_jax.sim.capacity import capacity_search
+
+    setup, mode, lo, hi, duration, warmup, iters = args
+    cfg = load_sim_config(f"{setup}:{mode},duration={duration},warmup={warmup},aps={lo}")
+    out = capacity_search(cfg, lo, hi, iters=iters)
+    out["setup"], out["mode"] = setup, mode
+    return out
+
+
+def _job(job):
+    kind, arg = job
+    return (kind, arg, _offline(arg) if kind == "offline" else _capacity(arg))
+
+
+def _row(name: str, paper: float, sim: float, unit: str = "") -> str:
+    ratio = sim / paper if paper else float("nan")
+    return f"| {name} | {paper:g}{unit} | {sim:.4g}{unit} | {ratio:.3f} |"
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    import numpy
+
+    logging.info("python %s, numpy %s", platform.python_version(), numpy.__version__)
+    logging.info("flags: %s", {f: flags.FLAGS[f].value for f in ("agents", "dataset", "online", "table", "workers")})
+    base = f"dataset={_DATASET.value},agents={_AGENTS.value}"
+    modes = ["basic", "layerwise", "dualpath_rr", "dualpath", "oracle"]
+    jobs = [("offline", f"{DS660B}:{m},{base}") for m in modes]
+    for a in _TABLE.value:
+        for ds in ("32K", "48K", "64K"):
+            for m in ("oracle", "dualpath", "basic"):
+                jobs.append(("offline", f"{DS660B}:{m},dataset={ds},agents={int(a)}"))
+    if _ONLINE.value:
+        d, w, it = _ONLINE_DURATION.value, _ONLINE_WARMUP.value, _ONLINE_ITERS.value
+        jobs += [
+            ("capacity", (DS660B, "basic", 0.05, 0.8, d, w, it)),
+            ("capacity", (DS660B, "dualpath", 0.05, 0.8, d, w, it)),
+            ("capacity", (DS27B, "basic", 0.05, 1.0, d, w, it)),
+            ("capacity", (DS27B, "dualpath", 0.05, 1.0, d, w, it)),
+        ]
+    jobs = list(dict.fromkeys(jobs))
+    from tqdm import tqdm
+
+    results = {}
+    if _WORKERS.value <= 1:
+        it_ = map(_job, jobs)
+    else:
+        pool = mp.get_context("spawn").Pool(_WORKERS.value)
+        it_ = pool.imap_unordered(_job, jobs)
+    for kind, arg, out in tqdm(it_, total=len(jobs), desc="reproduce"):
+        results[(kind, arg if isinstance(arg, str) else arg[:2])] = out
+    if _WORKERS.value > 1:
+        pool.close()
+
+    jct = {m: results[("offline", f"{DS660B}:{m},{base}")]["jct_s"] for m in modes}
+    snic = {m: results[("offline", f"{DS660B}:{m},{base}")]["snic_max_over_avg"] for m in modes}
+    lines = [
+        "# Simulator vs paper (DualPath, arXiv 2602.21548)",
+        "",
+        f"Offline DS 660B 2P4D, {_DATASET.value} dataset, {_AGENTS.value} agents. Generated by "
+        "`python -m experiments.reproduce_paper` on " + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + ".",
+        "",
+        "| mode | JCT (s) | storage-NIC max/avg |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {m} | {jct[m]:.0f} | {snic[m]:.3f} |" for m in modes]
+    pct = lambda m: 100.0 * (jct[m] / jct["basic"] - 1.0)  # noqa: E731
+    lines += [
+        "",
+        "| metric | paper | simulator | sim/paper |",
+        "| --- | --- | --- | --- |",
+        _row(
+            "offline speedup Basic -> DualPath", PAPER["speedup_basic_to_dualpath"], jct["basic"] / jct["dualpath"], "x"
+        ),
+        _row("ablation: + layerwise (JCT %)", PAPER["ablation_layerwise_pct"], pct("layerwise")),
+        _row("ablation: + dual path, round-robin (JCT %)", PAPER["ablation_dual_path_pct"], pct("dualpath_rr")),
+        _row("ablation: + scheduler (JCT %)", PAPER["ablation_scheduler_pct"], pct("dualpath")),
+        _row("storage-NIC max/avg, round-robin", PAPER["snic_max_over_avg_round_robin"], snic["dualpath_rr"]),
+        _row("storage-NIC max/avg, scheduler", PAPER["snic_max_over_avg_dualpath"], snic["dualpath"]),
+    ]
+    if _ONLINE.value:
+        cap = {}
+        for (kind, key), v in results.items():
+            if kind == "capacity":
+                cap[(os.path.basename(key[0]), key[1])] = v["capacity_aps"]
+        c6b, c6d = cap[("paper_ds660b.py", "basic")], cap[("paper_ds660b.py", "dualpath")]
+        c2b, c2d = cap[("paper_ds27b.py", "basic")], cap[("paper_ds27b.py", "dualpath")]
+        lines += [
+            _row("online capacity DS 660B basic (APS)", PAPER["online_capacity_ds660b_basic_aps"], c6b),
+            _row("online capacity DS 660B DualPath (APS)", PAPER["online_capacity_ds660b_dualpath_aps"], c6d),
+            _row(
+                "online capacity gain DS 660B",
+                PAPER["online_capacity_gain_ds660b"],
+                c6d / c6b if c6b else float("nan"),
+                "x",
+            ),
+            _row("online capacity DS 27B basic (APS)", PAPER["online_capacity_ds27b_basic_aps"], c2b),
+            _row("online capacity DS 27B DualPath (APS)", PAPER["online_capacity_ds27b_dualpath_aps"], c2d),
+            _row(
+                "online capacity gain DS 27B",
+                PAPER["online_capacity_gain_ds27b"],
+                c2d / c2b if c2b else float("nan"),
+                "x",
+            ),
+        ]
+    if _TABLE.value:
+        lines += [
+            "",
+            "DS 660B 2P4D offline JCT (s), paper / simulator (sim/paper):",
+            "",
+            "| agents | dataset | oracle | dualpath | basic |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for a in _TABLE.value:
+            for ds in ("32K", "48K", "64K"):
+                cells = []
+                for m, p in zip(("oracle", "dualpath", "basic"), TABLE[(int(a), ds)], strict=False):
+                    s = results[("offline", f"{DS660B}:{m},dataset={ds},agents={int(a)}")]["jct_s"]
+                    cells.append(f"{p} / {s:.0f} ({s / p:.2f})")
+                lines.append(f"| {a} | {ds} | " + " | ".join(cells) + " |")
+    os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
+    path = os.path.join(_OUTPUT_DIR.value, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:
+        json.dump({f"{kind} {key}": v for (kind, key), v in results.items()}, f, indent=1, default=str)
+    print("\n".join(lines))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    app.run(main)

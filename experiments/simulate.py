@@ -1,0 +1,102 @@
+"""Simulate one cluster setup: prints a table, writes summary.json / turns.csv / links.csv / plot.png.
+
+  python -m experiments.simulate --config=configs/paper_ds660b.py --config.scheduler.name=dualpath
+  python -m experiments.simulate --config=configs/paper_ds660b.py:basic,dataset=48K,agents=1024
+  python -m experiments.simulate --config=configs/sim_tiny.py --noplot
+
+Results go to the config's `output_dir` (under results/, which git ignores) unless --output_dir is given.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A simulator config file (configs/paper_*.py).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write results (default: config.output_dir).")
+_PLOT = flags.DEFINE_bool("plot", True, "Write plot.png (matplotlib).")
+_MAX_TIME = flags.DEFINE_float("max_time", math.inf, "Stop the simulated clock here (seconds).")
+
+
+def log_versions() -> None:
+    import numpy
+
+    import dualpath_jax
+
+    logging.info(
+        "python %s, numpy %s, dualpath_jax %s, platform %s",
+        platform.python_version(),
+        numpy.__version__,
+        getattr(dualpath_jax, "__version__", "?"),
+        platform.platform(),
+    )
+
+
+def format_table(rows: list[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    out = []
+    for k, v in rows:
+        if isinstance(v, float):
+            v = f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        out.append(f"{k:<{width}}  {v}")
+    return "\n".join(out)
+
+
+SUMMARY_KEYS = [
+    "turns",
+    "unfinished_turns",
+    "jct_s",
+    "gen_tokens_per_s",
+    "prompt_tokens_per_s",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "tpot_p50_s",
+    "tpot_p99_s",
+    "ttft_queue_mean_s",
+    "ttft_allocation_mean_s",
+    "ttft_read_mean_s",
+    "ttft_prefill_mean_s",
+    "snic_max_over_avg",
+    "pe_read_bytes",
+    "de_read_bytes",
+    "slo_attainment",
+    "slo_met",
+    "ttft_p90_s",
+    "tpot_p90_s",
+    "ttst_p50_s",
+]
+STAT_KEYS = ["events", "wall_s", "events_per_s", "turns_per_s", "fetches", "flow_solves", "mean_component_flows"]
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    from dualpath_jax.sim import config as sim_config
+    from dualpath_jax.sim import outputs, runner
+
+    log_versions()
+    cfg_dict = _CONFIG.value.to_dict()
+    logging.info("resolved config:\n%s", _CONFIG.value)
+    sc = sim_config.sim_config_from_dict(cfg_dict)
+    logging.info("sim config: %s", sc)
+    result = runner.run(sc, max_time=_MAX_TIME.value)
+    rows = [
+        (
+            "setup",
+            f"{cfg_dict.get('name')} policy={sc.policy} layerwise={sc.cluster.layerwise} io_free={sc.cluster.io_free}",
+        )
+    ]
+    rows += [(k, result.summary[k]) for k in SUMMARY_KEYS if k in result.summary]
+    rows += [(k, result.stats[k]) for k in STAT_KEYS]
+    print(format_table(rows))
+    out = _OUTPUT_DIR.value or cfg_dict["output_dir"]
+    paths = outputs.write_results(result, out, cfg_dict, plot=_PLOT.value)
+    print("wrote", ", ".join(paths.values()))
+
+
+if __name__ == "__main__":
+    app.run(main)

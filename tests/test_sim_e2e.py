@@ -1,0 +1,248 @@
+"""End-to-end simulator checks on small clusters: every mode runs offline and online, timestamps are
+ordered, bytes are conserved on the storage NICs, runs are deterministic per seed, closed forms hold."""
+
+import dataclasses
+import math
+
+import pytest
+
+from dualpath_jax.sim import MODES, load_sim_config, run
+from dualpath_jax.sim.config import GB
+from dualpath_jax.workloads.types import Trajectory, Turn
+
+TINY = "configs/sim_tiny.py"
+
+
+def _cfg(variant="", **cluster):
+    cfg = load_sim_config(f"{TINY}:{variant}" if variant else TINY)
+    if cluster:
+        cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, **cluster))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def offline_results():
+    return {m: run(_cfg(f"{m},agents=12,turns=8")) for m in MODES}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_offline_mode_completes_with_ordered_timestamps(offline_results, mode):
+    res = offline_results[mode]
+    assert res.summary["unfinished_turns"] == 0
+    assert res.summary["turns"] == len(res.records) > 0
+    for r in res.records:
+        chain = [
+            r.arrival,
+            r.scheduled,
+            r.read_start,
+            r.read_end,
+            r.prefill_start,
+            r.prefill_end,
+            r.first_token,
+            r.second_token,
+            r.finished,
+        ]
+        assert not any(math.isnan(x) for x in chain), r
+        assert all(a <= b + 1e-9 for a, b in zip(chain, chain[1:], strict=False)), (mode, r)
+        assert r.pe_read_bytes + r.de_read_bytes == pytest.approx(r.hit_tokens * _kv_bytes(), abs=_kv_bytes() * 64)
+
+
+def _kv_bytes():
+    from schedulers.cost_model import MODEL_SHAPES
+
+    return MODEL_SHAPES.get("ds27b").kv_bytes_per_token
+
+
+def test_read_sides_per_mode(offline_results):
+    assert offline_results["basic"].summary["de_read_bytes"] == 0
+    assert offline_results["layerwise"].summary["de_read_bytes"] == 0
+    assert offline_results["dualpath_rr"].summary["de_read_bytes"] > 0
+    assert offline_results["dualpath_rr"].summary["pe_read_bytes"] > 0
+    oracle = offline_results["oracle"]
+    assert sum(v for k, v in oracle.stats["link_totals"].items()) == 0  # no I/O at all
+
+
+def test_oracle_is_an_upper_bound(offline_results):
+    jct = {m: r.summary["jct_s"] for m, r in offline_results.items()}
+    for m in ("basic", "layerwise", "dualpath_rr", "dualpath"):
+        assert jct["oracle"] <= jct[m] * 1.001, jct
+
+
+def test_storage_nic_byte_conservation(offline_results):
+    # SNIC bytes = storage reads on the node + the DE's write-back of newly filled blocks.
+    b = _kv_bytes()
+    bs = 64
+    for mode in ("basic", "dualpath"):
+        res = offline_results[mode]
+        reads = sum(r.pe_read_bytes + r.de_read_bytes for r in res.records)
+        writes = sum((((r.prompt_tokens + r.gen_tokens) // bs) * bs - r.hit_tokens) * b for r in res.records)
+        snic = sum(v for k, v in res.stats["link_totals"].items() if k.startswith("snic/"))
+        assert snic == pytest.approx(reads + writes, rel=1e-6)
+        bucketed = sum(s.nbytes for s in res.links if s.link.startswith("snic/"))
+        assert bucketed == pytest.approx(snic, rel=1e-6, abs=len(res.links))
+
+
+def test_seed_determinism():
+    a = run(_cfg("dualpath,agents=10,turns=6,seed=3"))
+    b = run(_cfg("dualpath,agents=10,turns=6,seed=3"))
+    c = run(_cfg("dualpath,agents=10,turns=6,seed=4"))
+    key = lambda res: [dataclasses.astuple(r) for r in res.records]  # noqa: E731
+    assert key(a) == key(b)
+    assert [s for s in a.links] == [s for s in b.links]
+    assert key(a) != key(c)
+
+
+@pytest.mark.parametrize("mode", ["basic", "dualpath", "oracle"])
+def test_online_mode_reports_slo(mode):
+    res = run(_cfg(f"{mode},aps=0.5,duration=20,turns=4"))
+    s = res.summary
+    assert s["turns"] > 0 and s["unfinished_turns"] == 0
+    assert 0.0 <= s["slo_attainment"] <= 1.0
+    assert "ttft_p90_s" in s and "ttst_p50_s" in s
+    assert len({r.arrival for r in res.records if r.turn_index == 0}) > 1  # Poisson, not all at t=0
+
+
+def test_more_storage_bandwidth_is_never_slower():
+    slow = run(_cfg("basic,agents=12,turns=8", snic_gbps=5.0))
+    fast = run(_cfg("basic,agents=12,turns=8", snic_gbps=20.0))
+    assert fast.summary["jct_s"] <= slow.summary["jct_s"] * 1.001
+
+
+def _one_agent(prompt_first=640, gen=5, turns=1):
+    return [Trajectory(0, [Turn(prompt_first, gen) for _ in range(turns)])]
+
+
+def test_single_request_closed_form_oracle():
+    # Alone, oracle: JCT = one prefill forward (+ fetch wait 0) + (gen - 1) decode steps at join-time context.
+    from dualpath_jax.sim.runner import build_simulator
+
+    cfg = _cfg("oracle")
+    sim = build_simulator(cfg, _one_agent())
+    records, _, _ = sim.run()
+    r = records[0]
+    c = cfg.cluster
+    prefill = sim.cost.batch_prefill_time([(0, 640)]) * c.pe_time_scale
+    step = sim.cost.decode_step_time(1, 640) * c.de_time_scale
+    assert r.first_token - r.scheduled == pytest.approx(prefill, rel=1e-9)
+    assert r.finished - r.first_token == pytest.approx(4 * step, rel=1e-9)
+    assert r.tpot == pytest.approx(step, rel=1e-9)
+
+
+def test_single_read_closed_form():
+    # Turn 2 of one agent reads its hit alone on the PE node's SNIC: hit bytes / min(SNIC, read stream cap).
+    from dualpath_jax.sim.runner import build_simulator
+
+    cfg = _cfg("basic")
+    sim = build_simulator(cfg, _one_agent(prompt_first=3000, gen=100, turns=2))
+    records, _, _ = sim.run()
+    r = records[1]
+    c = cfg.cluster
+    rate = min(c.snic_gbps * c.storage_efficiency, c.read_stream_gbps or math.inf) * GB
+    assert r.hit_tokens == (3100 // 64) * 64
+    assert r.read_end - r.read_start == pytest.approx(r.hit_tokens * sim.b / rate, rel=1e-9)
+
+
+def test_unknown_config_fields_are_named():
+    from dualpath_jax.sim.config import sim_config_from_dict
+
+    d = load_sim_config(TINY)
+    with pytest.raises(ValueError, match="config.cluster: unknown field"):
+        sim_config_from_dict({"cluster": {"snic_gbs": 1.0}})
+    with pytest.raises(ValueError, match="unknown key 'agentz'"):
+        load_sim_config(f"{TINY}:agentz=3")
+    assert d.cluster.model == "ds27b"
+
+
+def test_every_registered_policy_runs():
+    from schedulers import POLICIES
+
+    for name in POLICIES.names():
+        res = run(_cfg(f"{name},agents=6,turns=4"))
+        assert res.summary["unfinished_turns"] == 0, name
+
+
+def test_capacity_search_brackets_the_slo():
+    from dualpath_jax.sim.capacity import capacity_search
+
+    cfg = _cfg("dualpath,duration=30,turns=3")
+    out = capacity_search(cfg, 0.05, 50.0, iters=3, drain_s=30.0)
+    assert out["probes"][0]["slo_met"]  # a trickle of agents meets the SLO
+    assert not out["probes"][1]["slo_met"]  # 50 agents/s on 4 GPUs does not
+    assert 0.05 <= out["capacity_aps"] < out["upper_aps"] <= 50.0
+
+
+def test_simulate_launcher_writes_results(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.simulate",
+        "--config=configs/sim_tiny.py:agents=4,turns=3",
+        "--config.scheduler.name=dualpath",
+        f"--output_dir={tmp_path}",
+        "--noplot",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "jct_s" in out.stdout
+    for f in ("summary.json", "turns.csv", "links.csv"):
+        assert (tmp_path / f).stat().st_size > 0
+    bad = subprocess.run(cmd + ["stray"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown arguments" in bad.stderr
+
+
+def test_sweep_launcher_runs_a_grid(tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.sweep",
+        "--setups=configs/sim_tiny.py",
+        "--modes=basic,dualpath",
+        "--loads=agents=4",
+        "--extra=turns=3",
+        "--workers=1",
+        f"--output_dir={tmp_path}",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    assert [r["mode"] for r in rows] == ["basic", "dualpath"]
+    assert all(float(r["jct_s"]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "configs/paper_ds660b.py",
+        "configs/paper_ds660b.py:basic,dataset=48K,agents=1024",
+        "configs/paper_ds27b.py:oracle,pd=2P1D",
+        "configs/paper_qwen32b.py:dualpath_rr",
+        "configs/paper_scale.py",
+    ],
+)
+def test_paper_configs_build_and_run_one_agent(spec):
+    from dualpath_jax.sim.runner import build_simulator
+
+    cfg = load_sim_config(spec)
+    sim = build_simulator(cfg, _one_agent(prompt_first=500, gen=20, turns=3))
+    records, _, stats = sim.run()
+    assert stats["unfinished_turns"] == 0 and len(records) == 3
+    c = cfg.cluster
+    assert len(sim.pes) == c.prefill_nodes * c.gpus_per_node and len(sim.des) == c.decode_nodes * c.gpus_per_node
+
+
+@pytest.mark.slow
+def test_ds660b_512_agents_dualpath_beats_basic_and_tracks_oracle():
+    # Paper (64K, 512 agents): oracle 1875 s, DualPath 1979 s, basic 2813 s.
+    jct = {
+        m: run(load_sim_config(f"configs/paper_ds660b.py:{m},agents=512")).summary["jct_s"]
+        for m in ("basic", "dualpath", "oracle")
+    }
+    assert jct["basic"] / jct["dualpath"] > 1.25
+    assert jct["dualpath"] / jct["oracle"] < 1.15
