@@ -1,0 +1,245 @@
+"""Typed configuration of a runtime run (what the code consumes; `configs/tiny_runtime.py` builds it).
+
+`RuntimeConfig.from_config_dict(cfg)` turns an `ml_collections.ConfigDict` into these frozen dataclasses and
+`validate()` rejects bad settings with an error naming the field *before* any engine starts: unknown policy,
+batcher, transport, launcher or model; a host buffer that cannot hold one request's prompt KV; a decode slot
+too short for the longest trajectory. A P/D ratio outside the paper's bottleneck-free range only warns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LAUNCHERS = ("inprocess", "local", "ray")
+TRANSPORT_NAMES = ("inproc", "tcp")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    prefill_nodes: int = 1  # P: all-prefill nodes
+    decode_nodes: int = 2  # D: all-decode nodes
+    engines_per_node: int = 1  # g: engines (GPUs) per node; each engine has its own CNIC
+    decode_slots: int = 8  # requests one DE decodes together (fixed-capacity batch cache)
+    max_seq_len: int = 1024  # KV capacity of one decode slot, in tokens
+    prefill_token_budget: int = 512  # most new tokens one prefill batch computes (fifo batcher; longer prompts chunk)
+    prefill_max_batch: int = 8  # most requests in one prefill batch (fifo batcher)
+    precompile: bool = False  # compile every prefill/decode bucket at engine start (before the run's clock)
+
+
+@dataclasses.dataclass(frozen=True)
+class NicConfig:
+    """Bandwidth caps that let one machine emulate a cluster's NIC ratios (PAPER.md "Hardware")."""
+
+    snic_bytes_per_s: float = 4e6  # one storage NIC per node (s*B), shared by reads and write-backs
+    cnic_bytes_per_s: float = 32e6  # one compute NIC per engine (B); KV is low priority
+    high_priority_share: float = 0.99  # share of a CNIC model traffic gets under contention
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferConfig:
+    pe_buffer_bytes: int = 64 << 20  # host DRAM buffer of one PE node (hit KV read on the PE path, DE-path layers)
+    de_buffer_bytes: int = 64 << 20  # host DRAM buffer of one DE node (prompt KV until it is loaded to device)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    name: str = "dualpath"  # inter-engine policy (schedulers.make_policy)
+    batcher: str = "fifo"  # intra-engine policy (schedulers.make_batcher)
+    policy_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    batcher_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    fetch_interval_s: float = 0.005  # how often an engine group fetches work / reports (its heartbeat)
+    heartbeat_timeout_s: float = 3.0  # a group silent this long is dead; its requests are re-queued
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadConfig:
+    kind: str = "tiny"  # "tiny" (seeded short agents), "synthetic" (paper Table 2, scaled) or "trace"
+    trace: str = ""  # kind="trace": a trace file/directory for dualpath_jax.workloads.traces.load_trace
+    agents: int = 24  # tiny/synthetic: agents; trace: at most this many (0 = all)
+    turns: int = 5  # turns per agent (tiny: exact; synthetic: capped)
+    append_tokens: int = 48  # mean append per turn (tiny)
+    gen_tokens: int = 8  # mean generated tokens per turn (tiny)
+    first_append_tokens: int = 160  # the first turn's append (the system prompt / task)
+    gap_s: float = 0.0  # think/tool time between turns
+    arrival: str = "offline"  # offline (all at t=0), online (Poisson at aps) or trace (its timestamps)
+    aps: float = 1.0  # agents per second (online)
+    seed: int = 0
+    dataset: str = "32k"  # synthetic: which Table 2 row
+    scale: float = 0.02  # synthetic/trace: token lengths are multiplied by this to fit a tiny model
+    time_scale: float = 1.0  # synthetic/trace: gaps and timestamps are multiplied by this
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    model: str = "tiny_qwen2"
+    model_seed: int = 0
+    block_size: int = 16  # tokens per stored block (paper: 64; small for tiny runs)
+    transport: str = "tcp"
+    launcher: str = "local"
+    store_dir: str = ""  # "" -> a fresh temporary directory per run
+    cluster: ClusterConfig = ClusterConfig()
+    nics: NicConfig = NicConfig()
+    buffers: BufferConfig = BufferConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    workload: WorkloadConfig = WorkloadConfig()
+    run_timeout_s: float = 600.0  # the driver gives up (error) after this long
+
+    @staticmethod
+    def from_config_dict(cfg: Any) -> RuntimeConfig:
+        """Build from an ml_collections ConfigDict (or nested dicts); unknown keys are an error."""
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        return _build(RuntimeConfig, d, "config")
+
+    def replace(self, **kw) -> RuntimeConfig:
+        """dataclasses.replace with dotted sub-fields: replace(**{"scheduler.name": "basic"})."""
+        out = self
+        for key, value in kw.items():
+            parts = key.split(".")
+            out = _replace_path(out, parts, value)
+        return out
+
+    @property
+    def num_prefill_engines(self) -> int:
+        return self.cluster.prefill_nodes * self.cluster.engines_per_node
+
+    @property
+    def num_decode_engines(self) -> int:
+        return self.cluster.decode_nodes * self.cluster.engines_per_node
+
+
+def _replace_path(obj, parts, value):
+    if len(parts) == 1:
+        return dataclasses.replace(obj, **{parts[0]: value})
+    return dataclasses.replace(obj, **{parts[0]: _replace_path(getattr(obj, parts[0]), parts[1:], value)})
+
+
+def _build(cls, d: Mapping[str, Any], where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    kw = {}
+    for name, value in d.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}.{name} must be a mapping, got {type(value).__name__}")
+            kw[name] = _build(type(default), value, f"{where}.{name}")
+        elif isinstance(default, Mapping):
+            kw[name] = dict(value)
+        else:
+            kw[name] = _coerce(value, default, f"{where}.{name}")
+    return cls(**kw)
+
+
+def _coerce(value, default, where):
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be a bool, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def validate(cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prompt_tokens: int | None = None) -> None:
+    """Reject a configuration that cannot run, before anything starts (errors name the field).
+
+    kv_bytes_per_token: all layers' KV bytes of one token (from the model config).
+    max_prompt_tokens / longest total: from the workload, to check buffers and decode slots.
+    """
+    import schedulers  # the registries (no jax)
+
+    c = cfg.cluster
+    for name in ("prefill_nodes", "decode_nodes", "engines_per_node", "decode_slots", "max_seq_len"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"config.cluster.{name} must be >= 1, got {getattr(c, name)}")
+    if cfg.block_size < 1:
+        raise ConfigError(f"config.block_size must be >= 1, got {cfg.block_size}")
+    if cfg.launcher not in LAUNCHERS:
+        raise ConfigError(f"config.launcher {cfg.launcher!r} unknown; known: {', '.join(LAUNCHERS)}")
+    if cfg.transport not in TRANSPORT_NAMES:
+        raise ConfigError(f"config.transport {cfg.transport!r} unknown; known: {', '.join(TRANSPORT_NAMES)}")
+    if cfg.launcher == "inprocess" and cfg.transport not in ("inproc", "tcp"):
+        raise ConfigError(f"config.transport {cfg.transport!r} cannot run in-process")
+    if cfg.launcher != "inprocess" and cfg.transport == "inproc":
+        raise ConfigError("config.transport 'inproc' needs config.launcher='inprocess' (engines in one process)")
+    try:
+        schedulers.make_policy(cfg.scheduler.name, **dict(cfg.scheduler.policy_kwargs))
+    except KeyError as e:
+        raise ConfigError(f"config.scheduler.name: {e.args[0]}") from None
+    try:
+        schedulers.make_batcher(cfg.scheduler.batcher, **dict(cfg.scheduler.batcher_kwargs))
+    except KeyError as e:
+        raise ConfigError(f"config.scheduler.batcher: {e.args[0]}") from None
+    for name in ("snic_bytes_per_s", "cnic_bytes_per_s"):
+        if getattr(cfg.nics, name) <= 0:
+            raise ConfigError(f"config.nics.{name} must be > 0, got {getattr(cfg.nics, name)}")
+    _warn_pd_range(cfg)
+    if kv_bytes_per_token is not None and max_prompt_tokens is not None:
+        need = kv_bytes_per_token * max_prompt_tokens
+        g = cfg.cluster.engines_per_node
+        for name in ("pe_buffer_bytes", "de_buffer_bytes"):
+            have = getattr(cfg.buffers, name)
+            if have // g < need:  # each engine of a node gets an equal share of the node's buffer
+                raise ConfigError(
+                    f"config.buffers.{name}={have} B cannot hold one request's prompt KV: the longest prompt has "
+                    f"{max_prompt_tokens} tokens x {kv_bytes_per_token} B/token = {need} B per engine "
+                    f"({g} engine(s) per node share the node's buffer)"
+                )
+    if max_prompt_tokens is not None and max_prompt_tokens > c.max_seq_len:
+        raise ConfigError(
+            f"config.cluster.max_seq_len={c.max_seq_len} is shorter than the longest prompt ({max_prompt_tokens} tokens)"
+        )
+
+
+_WARNED: set = set()
+UNPACED_BYTES_PER_S = 1e11  # NIC caps at or above this are "unpaced" (no emulated ratio)
+
+
+def _warn_pd_range(cfg: RuntimeConfig) -> None:
+    """PAPER.md "Bottleneck-free P/D range": outside it one link saturates first (a warning, not an error)."""
+    if min(cfg.nics.snic_bytes_per_s, cfg.nics.cnic_bytes_per_s) >= UNPACED_BYTES_PER_S:
+        return  # links not emulated (warm-up runs, real NICs): no ratio to check
+    g = cfg.cluster.engines_per_node
+    s = cfg.nics.snic_bytes_per_s / cfg.nics.cnic_bytes_per_s
+    ratio = cfg.cluster.prefill_nodes / cfg.cluster.decode_nodes
+    lo = s / (g - s) if g > s else float("inf")
+    hi = min((g - 2 * s) / s, (g - s) / (2 * s))
+    try:  # the shared implementation, when it exists
+        from schedulers import pd_bounds
+
+        lo, hi = pd_bounds.pd_ratio_range(g=g, s=s, mem_over_bs=10.0)
+    except Exception:  # noqa: BLE001 -- fall back to the closed form above
+        pass
+    key = (cfg.cluster.prefill_nodes, cfg.cluster.decode_nodes, g, s)
+    if not lo <= ratio <= hi and key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(
+            "P/D = %d/%d = %.3f is outside the bottleneck-free range [%.3f, %.3f] for g=%d, s=%.3f "
+            "(PAPER.md): a NIC saturates before the GPUs",
+            cfg.cluster.prefill_nodes,
+            cfg.cluster.decode_nodes,
+            ratio,
+            lo,
+            hi,
+            g,
+            s,
+        )

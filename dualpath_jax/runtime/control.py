@@ -1,0 +1,163 @@
+"""Control-plane messages between engine groups and the global scheduler service, and the channel carrying them.
+
+An engine group's leader calls `fetch(GroupReport) -> GroupReply` every `fetch_interval_s`: the report
+carries the group's events (reads done, prefill done, tokens, link bytes) and doubles as its heartbeat; the
+reply carries new tasks for its engines, cancellations and the engine directory. In one process the call
+goes straight to the service (`LocalControlClient`); across processes and hosts it is a request/reply over
+`multiprocessing.connection` with an auth key (`SocketControlClient` / `ControlServer`). The service never
+calls an engine: groups pull, as in the paper's fetch model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Client, Connection, Listener
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TurnTask:
+    """One placed request, sent to both its PE and its DE."""
+
+    request_id: int
+    attempt: int  # bumped when the request is re-run after an engine died; stale work is dropped
+    trajectory_id: int
+    turn_index: int
+    prompt_ids: np.ndarray  # [prompt_tokens] int32
+    gen_tokens: int
+    block_keys: list  # keys of the prompt's whole blocks, in order (lookups, reads and write-back)
+    hit_blocks: int  # blocks [0, hit_blocks) are loaded from storage
+    pe_read_blocks: int  # blocks [0, pe_read_blocks) are read on the PE side, [pe_read_blocks, hit_blocks) on the DE
+    prefill_engine: int
+    decode_engine: int
+    read_side: str
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+
+@dataclasses.dataclass
+class Cancel:
+    request_id: int
+    attempt: int
+
+
+@dataclasses.dataclass
+class Event:
+    """Something an engine did. kind: read_done | prefill_start | prefill_end | first_token | second_token |
+    turn_done | error."""
+
+    kind: str
+    request_id: int
+    attempt: int
+    t: float
+    data: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class GroupReport:
+    node_id: int
+    role: str
+    engine_ids: list
+    address: Any = None  # this group's transport endpoint (engines of one group share it)
+    events: list = dataclasses.field(default_factory=list)
+    link_bytes: list = dataclasses.field(default_factory=list)  # LinkBytes since the last report
+    stats: dict = dataclasses.field(default_factory=dict)  # free buffer bytes, decode slots in use, ...
+
+
+@dataclasses.dataclass
+class GroupReply:
+    tasks: list = dataclasses.field(default_factory=list)  # TurnTask
+    cancels: list = dataclasses.field(default_factory=list)  # Cancel
+    directory: dict | None = None  # engine_id -> (node_id, address), once every group registered
+    shutdown: bool = False
+
+
+class LocalControlClient:
+    """In-process: the group calls the service directly."""
+
+    def __init__(self, service):
+        self._service = service
+
+    def fetch(self, report: GroupReport) -> GroupReply:
+        return self._service.fetch(report)
+
+    def close(self) -> None:
+        pass
+
+
+class SocketControlClient:
+    """Across processes/hosts: one connection per group, request/reply with an auth key."""
+
+    def __init__(self, address, authkey: bytes, timeout_s: float = 30.0):
+        self._conn: Connection = Client(address, authkey=authkey)
+        self._lock = threading.Lock()
+        self._timeout_s = timeout_s
+
+    def fetch(self, report: GroupReport) -> GroupReply:
+        with self._lock:
+            self._conn.send(report)
+            if not self._conn.poll(self._timeout_s):
+                raise TimeoutError(f"global scheduler did not answer within {self._timeout_s} s")
+            return self._conn.recv()
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+
+
+class ControlServer:
+    """Serves `fetch` for groups in other processes: one thread per connected group."""
+
+    def __init__(self, handler: Callable[[GroupReport], GroupReply], authkey: bytes, host: str = "127.0.0.1"):
+        self._handler = handler
+        self._listener = Listener((host, 0), authkey=authkey)
+        self.address = self._listener.address
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._accept = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
+        self._accept.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn = self._listener.accept()
+            except Exception as e:  # noqa: BLE001 -- closed listener or a peer failing authentication
+                if self._closed:
+                    return
+                log.warning("control server: rejected a connection: %s", e)
+                continue
+            t = threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _serve(self, conn: Connection) -> None:
+        try:
+            while not self._closed:
+                try:
+                    report = conn.recv()
+                except (EOFError, OSError):
+                    return  # the group went away; its heartbeat stops and the service notices
+                if not isinstance(report, GroupReport):
+                    log.error("control server: dropping a connection that sent %s", type(report).__name__)
+                    return
+                conn.send(self._handler(report))
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._listener.close()
+        except OSError:
+            pass

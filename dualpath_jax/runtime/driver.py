@@ -1,0 +1,328 @@
+"""Drivers: run a workload (offline rollout or online serving) through the runtime and collect the metrics.
+
+    result = run(cfg)                                   # cfg: RuntimeConfig
+    result.summary["jct_s"], result.tokens[(traj, turn)], result.records, result.links
+
+Offline: every agent starts at t=0, each next turn right after the previous one's last token (+ gap); JCT
+is when the last agent finishes. Online: agents arrive as a Poisson process (`workload.aps`), or at their
+trace timestamps; TTFT/TPOT percentiles are the figures of merit. The driver owns the global scheduler
+service; the launcher decides where the engine groups run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from dualpath_jax.metrics import LinkBytes, TurnRecord, summarize
+from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, validate
+from dualpath_jax.runtime.lifecycle import ConversationBook, tiny_trajectories
+from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec, RunFailed
+from dualpath_jax.workloads.types import Trajectory
+
+log = logging.getLogger(__name__)
+
+DUALPATH_FAMILY = ("dualpath", "de_only", "pe_only", "split")
+
+
+@dataclasses.dataclass
+class RunResult:
+    policy: str
+    records: list[TurnRecord]
+    links: list[LinkBytes]
+    summary: dict
+    tokens: dict  # (trajectory_id, turn_index) -> generated token ids, int32 [gen]
+    node_stats: dict  # node_id -> the group's last reported stats
+    requeued: int  # requests re-run after an engine died
+    schedule_time_s: float  # wall time inside the policy
+    schedule_calls: int
+    wall_s: float
+    startup_s: float  # launch until every group registered (model build, compile cache, connects)
+
+
+def make_trajectories(cfg: RuntimeConfig) -> list[Trajectory]:
+    """The configured workload: "tiny" (seeded short agents), "synthetic" (the shared Table-2 generator) or
+    "trace" (a real trace via the shared loaders); synthetic and trace lengths are scaled by `workload.scale`
+    and cut to `workload.turns` turns so the tiny model can run them."""
+    w = cfg.workload
+    if w.kind == "tiny":
+        return tiny_trajectories(
+            w.agents, w.turns, w.append_tokens, w.gen_tokens, w.first_append_tokens, w.gap_s, w.seed
+        )
+    if w.kind == "synthetic":
+        from dualpath_jax.workloads import synthetic
+
+        return _scaled(synthetic.make_agents(w.dataset, w.agents, seed=w.seed), w)
+    if w.kind == "trace":
+        from dualpath_jax.workloads import traces
+
+        if not w.trace:
+            raise ConfigError("config.workload.trace must name a trace file or directory for kind='trace'")
+        return _scaled(traces.load_trace(w.trace, limit=w.agents or None), w)
+    raise ConfigError(f"config.workload.kind {w.kind!r} unknown; known: tiny, synthetic, trace")
+
+
+def _scaled(trajs: Sequence[Trajectory], w) -> list[Trajectory]:
+    """Token lengths x `scale`, gaps and timestamps x `time_scale`, at most `turns` turns. A trace's stated re-read context is dropped: the runtime
+    rebuilds every prompt from the real tokens (earlier appends + generations), so prompts grow by
+    append + gen."""
+    from dualpath_jax.workloads.types import Turn
+
+    out = []
+    for t in trajs:
+        turns = [
+            Turn(
+                max(1, round(x.append_tokens * w.scale)),
+                max(1, round(x.gen_tokens * w.scale)),
+                x.gap_s * w.time_scale,
+                arrival_offset_s=None if x.arrival_offset_s is None else x.arrival_offset_s * w.time_scale,
+            )
+            for x in list(t.turns)[: w.turns]
+        ]
+        out.append(Trajectory(t.trajectory_id, turns, t.arrival_time * w.time_scale, f"{t.source}*{w.scale}"))
+    return out
+
+
+def make_arrival_model(cfg: RuntimeConfig):
+    """Offline (all agents at 0), online (Poisson at `workload.aps`) or trace timestamps (shared models)."""
+    from dualpath_jax.workloads.arrivals import make_arrivals
+
+    w = cfg.workload
+    if w.arrival == "offline":
+        return make_arrivals("offline")
+    if w.arrival == "online":
+        return make_arrivals("online", aps=w.aps, seed=w.seed)
+    if w.arrival == "trace":
+        return make_arrivals("trace")
+    raise ConfigError(f"config.workload.arrival {w.arrival!r} unknown; known: offline, online, trace")
+
+
+def policy_kwargs(cfg: RuntimeConfig, kv_bytes_per_token: int, prefill_tokens_per_s: float | None = None) -> dict:
+    """The policy's config, with DualPath's α/β profiled for this emulated cluster when not given.
+
+    α = tokens one node reads in 3 s through its SNIC; β = prompt tokens one PE processes in 5 s.
+    """
+    kw = dict(cfg.scheduler.policy_kwargs)
+    if cfg.scheduler.name in DUALPATH_FAMILY:
+        snic_tokens_per_s = cfg.nics.snic_bytes_per_s / kv_bytes_per_token
+        kw.setdefault("alpha_tokens", max(1, int(3.0 * snic_tokens_per_s)))
+        kw.setdefault("beta_tokens", max(1, int(5.0 * (prefill_tokens_per_s or 20_000.0))))
+        kw.setdefault("block_size", cfg.block_size)
+    return kw
+
+
+def layout_groups(cfg: RuntimeConfig) -> list[GroupSpec]:
+    """Nodes 0..P-1 prefill, P..P+D-1 decode; engines numbered node by node."""
+    c = cfg.cluster
+    groups, e = [], 0
+    for n in range(c.prefill_nodes + c.decode_nodes):
+        role = "prefill" if n < c.prefill_nodes else "decode"
+        groups.append(GroupSpec(n, role, list(range(e, e + c.engines_per_node))))
+        e += c.engines_per_node
+    return groups
+
+
+def make_launcher(cfg: RuntimeConfig, model_ops=None):
+    if cfg.launcher == "inprocess":
+        from dualpath_jax.runtime.launcher import InProcessLauncher
+
+        return InProcessLauncher(cfg, model_ops)
+    if cfg.launcher == "local":
+        from dualpath_jax.runtime.launcher import LocalProcessLauncher
+
+        return LocalProcessLauncher(cfg)
+    if cfg.launcher == "ray":
+        from dualpath_jax.runtime.ray_launcher import RayLauncher
+
+        return RayLauncher(cfg)
+    raise ConfigError(f"config.launcher {cfg.launcher!r} unknown")
+
+
+def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None, model_ops=None):
+    """Everything checked before any engine starts: the model, the workload, the config against both."""
+    from dualpath_jax.runtime.model_ops import ModelOps, model_config
+
+    try:
+        mcfg = model_config(cfg.model)
+    except KeyError as e:
+        raise ConfigError(f"config.model: {e.args[0]}") from None
+    make_arrival_model(cfg)  # an unknown arrival model is a config error before anything starts
+    trajs = list(trajectories) if trajectories is not None else make_trajectories(cfg)
+    if not trajs:
+        raise ConfigError("the workload has no trajectories")
+    max_prompt = max(t.prompt_tokens(i) for t in trajs for i in range(len(t.turns)))
+    max_total = max(t.prompt_tokens(i) + t.turns[i].gen_tokens for t in trajs for i in range(len(t.turns)))
+    validate(cfg, mcfg.kv_bytes_per_token, max_prompt)
+    if max_total > cfg.cluster.max_seq_len:
+        raise ConfigError(
+            f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the longest turn "
+            f"(prompt + generation = {max_total} tokens)"
+        )
+    ops = model_ops or ModelOps(cfg.model, cfg.model_seed)
+    return trajs, ops
+
+
+def run(
+    cfg: RuntimeConfig,
+    trajectories: Sequence[Trajectory] | None = None,
+    *,
+    model_ops=None,
+    on_progress: Callable[[int, int], None] | None = None,
+    fault: Callable[[GlobalScheduler, object], None] | None = None,
+    prefill_tokens_per_s: float | None = None,
+    launcher=None,
+) -> RunResult:
+    """Run the workload on a fresh cluster (launcher per `cfg.launcher`) and return its metrics.
+
+    `fault(service, launcher)` is called every poll (failure tests kill nodes from it). `launcher`: e.g. a
+    `LocalCluster(...).launcher(cfg)` to reuse node processes across runs.
+    """
+    trajs, ops = prepare(cfg, trajectories, model_ops)  # a bad config fails here, before anything exists
+    if cfg.store_dir:
+        return _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher)
+    tmp = tempfile.mkdtemp(prefix="dualpath_store_")
+    try:
+        return _run(cfg.replace(store_dir=tmp), trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher)
+    finally:
+        cleanup_store(tmp)
+
+
+def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) -> RunResult:
+    import schedulers
+    from dualpath_jax.block_keys import block_keys
+    from dualpath_jax.runtime.launcher import open_store
+    from dualpath_jax.runtime.node import block_layout
+
+    policy = schedulers.make_policy(
+        cfg.scheduler.name, **policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tokens_per_s)
+    )
+    book = ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed, arrivals=make_arrival_model(cfg))
+    store = open_store(cfg, block_layout(cfg, ops))
+    groups = layout_groups(cfg)
+    service = GlobalScheduler(
+        groups,
+        policy,
+        book,
+        lookup_hit_blocks=store.lookup,
+        block_keys_of=lambda ids: block_keys(ids, cfg.block_size),
+        block_size=cfg.block_size,
+        hbm_tokens_per_decode_engine=cfg.cluster.decode_slots * cfg.cluster.max_seq_len,
+        heartbeat_timeout_s=cfg.scheduler.heartbeat_timeout_s,
+    )
+    launcher = launcher or make_launcher(cfg, ops)
+    launcher.cfg = cfg  # the run's own config (store directory included)
+    t_launch = time.time()
+    launcher.start(groups, service)
+    startup_s = math.nan
+    try:
+        # The run's clock starts when every group has registered (model built, endpoints up).
+        while not service.started:
+            _check_launcher(service, launcher, groups)
+            if time.time() - t_launch > cfg.run_timeout_s:
+                raise RunFailed(f"engine groups did not all start within {cfg.run_timeout_s} s")
+            time.sleep(0.02)
+        startup_s = time.time() - t_launch
+        deadline = time.time() + cfg.run_timeout_s
+        last = -1
+        while True:
+            done, total = service.progress()
+            if on_progress is not None and done != last:
+                on_progress(done, total)
+                last = done
+            if done == total:
+                break
+            if service.failure:
+                raise RunFailed(service.failure)
+            if fault is not None:
+                fault(service, launcher)
+            service.check_heartbeats()
+            _check_launcher(service, launcher, groups)
+            if time.time() > deadline:
+                raise RunFailed(f"run did not finish within {cfg.run_timeout_s} s ({done}/{total} turns)")
+            time.sleep(0.02)
+        wall = service.now()
+        # Let every live group see the shutdown and send its final report (link bytes).
+        launcher.join(timeout=15.0)
+    finally:
+        launcher.shutdown()
+        store.close()
+    records = service.finished_records()
+    links = sorted(service.links, key=lambda s: (s.t0, s.link))
+    summary = summarize(records, links)
+    summary.update(_link_summary(links))
+    return RunResult(
+        policy=cfg.scheduler.name,
+        records=records,
+        links=links,
+        summary=summary,
+        tokens={k: v for k, v in book.generated.items()},
+        node_stats=dict(service.stats),
+        requeued=service.requeued,
+        schedule_time_s=service.schedule_time_s,
+        schedule_calls=service.schedule_calls,
+        wall_s=wall,
+        startup_s=startup_s,
+    )
+
+
+def _check_launcher(service: GlobalScheduler, launcher, groups) -> None:
+    """A node whose process/thread ended before the run finished is dead now (no need to wait for the timeout)."""
+    errors = getattr(launcher, "errors", {})
+    if errors:
+        node, err = next(iter(errors.items()))
+        raise RunFailed(f"node {node} failed: {err!r}")
+    for g in groups:
+        if g.node_id not in service.dead_nodes and not launcher.alive(g.node_id) and not service.book.done:
+            service.declare_dead(g.node_id)
+
+
+def _link_summary(links: Sequence[LinkBytes]) -> dict:
+    """Bytes per link kind: storage reads+writes per SNIC, KV over CNICs."""
+    per: dict[str, int] = {}
+    for s in links:
+        per[s.link] = per.get(s.link, 0) + s.nbytes
+    snic = {k: v for k, v in per.items() if k.startswith("snic/")}
+    out = {"link_bytes": per}
+    if snic:
+        vals = np.array(list(snic.values()), np.float64)
+        out["snic_total_bytes"] = int(vals.sum())
+        out["snic_max_bytes"] = int(vals.max())
+    out["cnic_kv_bytes"] = int(sum(v for k, v in per.items() if k.startswith("cnic/") and k.endswith("/low")))
+    return out
+
+
+def cleanup_store(path: str) -> None:
+    import shutil
+
+    if path and os.path.isdir(path) and os.path.basename(path).startswith("dualpath_store_"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def measure_prefill_tokens_per_s(ops, cfg: RuntimeConfig, repeats: int = 3) -> float:
+    """Prefill throughput of this machine on a turn shaped like the workload's (for DualPath's β)."""
+    w = cfg.workload
+    cached = min(cfg.cluster.max_seq_len // 2, w.first_append_tokens + 2 * (w.append_tokens + w.gen_tokens))
+    cached = max(cfg.block_size, (cached // cfg.block_size) * cfg.block_size)
+    miss = max(1, w.append_tokens)
+    rng = np.random.default_rng(0)
+    batch = 4
+    bpt = ops.kv_layout.bytes_per_token_per_layer
+    kv = rng.standard_normal((cached, bpt // 4)).astype(np.float32).view(np.uint8)  # [cached, bpt] bytes
+    ids = [rng.integers(0, ops.vocab_size, miss, dtype=np.int32) for _ in range(batch)]
+
+    def once():
+        ops.prefill(ids, [cached] * batch, lambda layer: [kv] * batch, lambda layer, new: None)
+
+    once()  # compile
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    dt = (time.perf_counter() - t0) / repeats
+    return batch * (cached + miss) / dt

@@ -1,0 +1,751 @@
+"""Prefill engine (PE) and decode engine (DE): real model steps over real KV bytes, both read paths.
+
+Per request (DESIGN.md "Data paths"), with H hit tokens split at `pe_read_blocks` (PE side reads blocks
+[0, p), the DE side [p, hit)) and a layer-major host-buffer area `[L, prompt_tokens, bpt]` on each engine:
+
+1. Both engines get the same `TurnTask`. Each takes an area from its node's host buffer pool and tells the
+   peer its offset (control message), so the peer can write into it one-sidedly.
+2. PE side: the PE node's SNIC reads blocks [0, p) from the store into the PE area. DE side: the DE node's
+   SNIC reads [p, hit) into the DE area, the DE tells the PE how far it got (`de_read_done`) and then, layer
+   by layer, writes those tokens' Layer Blocks into the PE area with a notification per layer.
+3. The PE forms batches with the intra-engine policy and runs layerwise prefill: layer l waits only for
+   layer l's DE-side KV (the loads of later layers overlap the compute of earlier ones); after each layer
+   it writes to the DE what the DE does not hold: the PE-read hit and the new miss KV (PE path: hit+miss;
+   DE path: miss only). After the last layer the first token goes to the DE (`prefill_done`).
+4. The DE now holds the whole prompt KV in its area: it persists the prompt's new whole blocks, loads the
+   area into a slot of its device batch cache (continuous batching), frees the area and decodes; every
+   block filled while decoding is read back and persisted (write-back through the DE node's SNIC).
+A block that fails to read (missing/corrupt) cuts the hit there: those tokens are recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pickle
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from dualpath_jax.block_keys import extend_block_keys
+from dualpath_jax.host_buffers import BufferBudgetExceeded, HostBufferPool
+from dualpath_jax.runtime.control import Cancel, Event, TurnTask
+from dualpath_jax.runtime.storage_nic import ReadJob, StorageNIC, WriteJob
+from schedulers.api import PrefillWork
+from transport.base import failed_future
+
+log = logging.getLogger(__name__)
+
+REGION = "buf"  # every engine registers its host-buffer arena under this name
+WAIT_POLL_S = 0.05  # how often a waiting engine re-checks for cancellation / shutdown
+PEER_TIMEOUT_S = 30.0
+STEP_LOG_MAX = 20_000  # measured steps kept per engine (calibration of the simulator's cost model)  # a layer that does not arrive within this long fails the request (peer presumed dead)
+
+
+def engine_endpoint(engine_id: int) -> str:
+    """The transport endpoint name of an engine (its CNIC)."""
+    return f"engine{engine_id}"
+
+
+def layer_tag(request_id: int, attempt: int, layer: int) -> int:
+    """Notification tag of "layer `layer` of request `request_id` (attempt) has landed"."""
+    return (request_id << 24) | ((attempt & 0xFF) << 16) | (layer & 0xFFFF)
+
+
+def split_tag(tag: int) -> tuple[int, int, int]:
+    return tag >> 24, (tag >> 16) & 0xFF, tag & 0xFFFF
+
+
+class _Inbox:
+    """Everything an engine thread reacts to, in arrival order: tasks, cancels, peer messages, notifications."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+
+    def put(self, kind: str, item) -> None:
+        self.q.put((kind, item))
+
+    def get(self, timeout: float):
+        try:
+            return self.q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+class EngineBase:
+    """What PE and DE share: a transport endpoint (the engine's CNIC), a host buffer area pool, an inbox."""
+
+    role = "?"
+
+    def __init__(
+        self,
+        engine_id: int,
+        node_id: int,
+        ctx,  # runtime.node.NodeContext: cfg, model ops, store, block layout, events sink
+        transport,
+        buffer_pool: HostBufferPool,
+        snic: StorageNIC,
+    ):
+        self.engine_id = engine_id
+        self.node_id = node_id
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.model = ctx.model
+        self.transport = transport
+        self.pool = buffer_pool
+        self.snic = snic
+        self.bpt = ctx.model.kv_layout.bytes_per_token_per_layer
+        self.num_layers = ctx.model.kv_layout.num_layers
+        self.bs = ctx.cfg.block_size
+        self.inbox = _Inbox()
+        self.directory: dict[int, tuple] = {}
+        self._connected: set[int] = set()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self.busy_s = 0.0  # time spent in model compute (runtime overhead figure)
+        self.wait_s = 0.0  # time a PE waited for DE-side layers inside a batch
+        # Measured steps for the cost-model fit: PE ([(cached, bsz)], s), DE (batch, context tokens, s).
+        self.step_log: list = []
+        transport.register(REGION, buffer_pool.arena)
+        self._threads = [
+            threading.Thread(target=self._main, name=f"{self.role}{engine_id}", daemon=True),
+            threading.Thread(target=self._pump_messages, name=f"{self.role}{engine_id}-msg", daemon=True),
+            threading.Thread(target=self._pump_notifications, name=f"{self.role}{engine_id}-cq", daemon=True),
+        ]
+
+    # ------------------------------------------------------------------ plumbing
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float = 5.0) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+    def set_directory(self, directory: dict) -> None:
+        self.inbox.put("directory", dict(directory))
+
+    def submit(self, task: TurnTask) -> None:
+        self.inbox.put("task", task)
+
+    def cancel(self, c: Cancel) -> None:
+        self.inbox.put("cancel", c)
+
+    def emit(self, kind: str, request_id: int, attempt: int, **data) -> None:
+        self.ctx.emit(Event(kind, request_id, attempt, time.time(), data))
+
+    def _pump_messages(self) -> None:
+        while not self._stop.is_set():
+            try:
+                _peer, payload = self.transport.recv(timeout=WAIT_POLL_S)
+            except TimeoutError:
+                continue
+            except Exception:  # noqa: BLE001 -- endpoint closed
+                return
+            self.inbox.put("msg", pickle.loads(payload))
+
+    def _pump_notifications(self) -> None:
+        while not self._stop.is_set():
+            try:
+                n = self.transport.wait_notification(timeout=WAIT_POLL_S)
+            except TimeoutError:
+                continue
+            except Exception:  # noqa: BLE001 -- endpoint closed
+                return
+            self.inbox.put("layer", split_tag(n.tag))
+
+    def _peer(self, engine_id: int) -> str:
+        name = engine_endpoint(engine_id)
+        if engine_id not in self._connected and name not in self.transport.peers():
+            _node, address = self.directory[engine_id]
+            try:
+                self.transport.connect(name, address)
+            except Exception:  # noqa: BLE001 -- the peer may have connected to us meanwhile
+                if name not in self.transport.peers():
+                    raise
+        self._connected.add(engine_id)
+        return name
+
+    def write_to(self, engine_id: int, local_offset: int, remote_offset: int, nbytes: int, notify: int | None = None):
+        """One-sided KV write into a peer engine's buffer (low priority). Never raises: a dead or unreachable
+        peer gives a failed future (the scheduler re-runs the request elsewhere)."""
+        try:
+            return self.transport.write(
+                self._peer(engine_id),
+                REGION,
+                local_offset,
+                REGION,
+                remote_offset,
+                nbytes,
+                priority="low",
+                notify=notify,
+            )
+        except Exception as e:  # noqa: BLE001 -- PeerLostError, connect failures, closed endpoint
+            return failed_future(e)
+
+    def send_msg(self, engine_id: int, msg: dict) -> None:
+        try:
+            self.transport.send(self._peer(engine_id), pickle.dumps(msg))
+        except Exception as e:  # noqa: BLE001 -- a dead peer: the scheduler re-runs the request
+            log.warning("%s%d: message to engine %d failed: %s", self.role, self.engine_id, engine_id, e)
+
+    def _alloc_area(self, prompt_tokens: int):
+        """A layer-major area [L, prompt_tokens, bpt] in the host buffer, or None when the budget is full now."""
+        nbytes = self.num_layers * prompt_tokens * self.bpt
+        try:
+            h = self.pool.acquire(nbytes, timeout=0, contiguous=True)
+        except BufferBudgetExceeded:
+            return None
+        view = h.contiguous_view()[:nbytes].reshape(self.num_layers, prompt_tokens, self.bpt)
+        return h, view, h.offsets[0]
+
+    def area_offset(self, base: int, prompt_tokens: int, layer: int, token: int) -> int:
+        return base + (layer * prompt_tokens + token) * self.bpt
+
+    def _main(self) -> None:
+        try:
+            self.run()
+        except BaseException as e:  # noqa: BLE001 -- reported to the scheduler, which fails the run clearly
+            self.error = e
+            log.exception("%s engine %d crashed", self.role, self.engine_id)
+            self.ctx.emit(Event("error", -1, 0, time.time(), {"message": f"{self.role} {self.engine_id}: {e!r}"}))
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+# ====================================================================================================== PE
+@dataclasses.dataclass(eq=False)
+class _PrefillReq:
+    task: TurnTask
+    handle: object = None
+    area: np.ndarray | None = None  # uint8 [L, P, bpt]
+    area_off: int = 0
+    pe_read_done: bool = False
+    pe_ok_blocks: int = 0
+    de_read_done: bool = False
+    de_end_blocks: int = 0  # DE side read blocks [pe_read_blocks, de_end_blocks)
+    de_area_off: int | None = None
+    final_hit: int = -1  # tokens
+    cached: int = 0  # tokens whose KV is in the area (hit + prefilled chunks)
+    layers_from_de: set = dataclasses.field(default_factory=set)
+    first_token: int = -1
+    futures: list = dataclasses.field(default_factory=list)
+    started: bool = False
+    cancelled: bool = False
+    t_arrived: float = 0.0
+
+    @property
+    def key(self):
+        return (self.task.request_id, self.task.attempt)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.task.prompt_tokens
+
+    @property
+    def pe_hit_end(self) -> int:
+        """End of the hit read on the PE side (after the final cut): the DE lacks tokens [0, pe_hit_end)."""
+        return min(self.bs * self.pe_ok_blocks, self.final_hit)
+
+    bs: int = 0
+
+
+class PrefillEngine(EngineBase):
+    role = "pe"
+
+    def __init__(self, *a, batcher, **kw):
+        super().__init__(*a, **kw)
+        self.batcher = batcher
+        self.reqs: dict[tuple, _PrefillReq] = {}
+        self.early: dict[tuple, list] = {}  # messages/layers that arrived before the task
+        self.order: list[tuple] = []  # FIFO of request keys
+
+    # ---------------------------------------------------------------- inbox
+    def _drain(self, timeout: float) -> None:
+        item = self.inbox.get(timeout)
+        while item is not None:
+            self._handle(*item)
+            item = self.inbox.get(0)
+
+    def _handle(self, kind: str, item) -> None:
+        if kind == "directory":
+            self.directory = item
+        elif kind == "task":
+            r = _PrefillReq(task=item, t_arrived=time.time(), bs=self.bs)
+            r.de_read_done = item.pe_read_blocks >= item.hit_blocks
+            self.reqs[r.key] = r
+            self.order.append(r.key)
+            for k, v in self.early.pop(r.key, []):
+                self._handle(k, v)
+        elif kind == "cancel":
+            self.early.pop((item.request_id, item.attempt), None)
+            r = self.reqs.get((item.request_id, item.attempt))
+            if r is not None:
+                r.cancelled = True
+                if not r.started:
+                    self._finish(r)
+        elif kind == "msg":
+            key = (item["request_id"], item["attempt"])
+            r = self.reqs.get(key)
+            if r is None:
+                self.early.setdefault(key, []).append((kind, item))
+                return
+            if item["kind"] == "de_area":
+                r.de_area_off = item["offset"]
+            elif item["kind"] == "de_read_done":
+                r.de_read_done = True
+                r.de_end_blocks = item["end_blocks"]
+        elif kind == "layer":
+            rid, attempt, layer = item
+            r = self.reqs.get((rid, attempt))
+            if r is None:
+                self.early.setdefault((rid, attempt), []).append((kind, item))
+                return
+            r.layers_from_de.add(layer)
+        elif kind == "read_done":
+            job, ok, nbytes, t0, t1 = item
+            r = self.reqs.get((job.request_id, job.attempt))
+            if r is not None:
+                r.pe_read_done = True
+                r.pe_ok_blocks = ok
+                self.emit("read_done", job.request_id, job.attempt, side="pe", nbytes=nbytes, t_start=t0)
+        else:
+            raise RuntimeError(f"unknown inbox item {kind!r}")
+
+    # ---------------------------------------------------------------- lifecycle
+    def _prepare(self) -> None:
+        """Give areas to new requests (FIFO while the buffer lasts) and start their PE-side reads."""
+        for key in self.order:
+            r = self.reqs[key]
+            if r.area is not None or r.cancelled:
+                continue
+            got = self._alloc_area(r.prompt_tokens)
+            if got is None:
+                return  # FIFO: later requests wait behind this one
+            r.handle, r.area, r.area_off = got
+            t = r.task
+            if t.pe_read_blocks < t.hit_blocks:
+                self.send_msg(
+                    t.decode_engine,
+                    {"kind": "pe_area", "request_id": t.request_id, "attempt": t.attempt, "offset": r.area_off},
+                )
+            if t.pe_read_blocks > 0:
+                self.snic.submit_read(
+                    ReadJob(
+                        t.request_id,
+                        t.attempt,
+                        t.block_keys[: t.pe_read_blocks],
+                        0,
+                        r.area,
+                        lambda job, ok, nb, t0, t1: self.inbox.put("read_done", (job, ok, nb, t0, t1)),
+                    )
+                )
+            else:
+                r.pe_read_done = True
+
+    def _ready(self, r: _PrefillReq) -> bool:
+        if r.cancelled or r.area is None or not r.pe_read_done or not r.de_read_done or r.de_area_off is None:
+            return False
+        if r.final_hit < 0:
+            t = r.task
+            pe_ok = r.pe_ok_blocks
+            if pe_ok < t.pe_read_blocks:  # a PE-side block failed: the hit ends there
+                hit_blocks = pe_ok
+            else:
+                hit_blocks = max(t.pe_read_blocks, min(r.de_end_blocks, t.hit_blocks))
+            r.final_hit = hit_blocks * self.bs
+            r.cached = r.final_hit
+        return True
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self._drain(WAIT_POLL_S if not self._has_ready() else 0)
+            self._prepare()
+            ready = [self.reqs[k] for k in self.order if self._ready(self.reqs[k])]
+            if not ready:
+                continue
+            work = [PrefillWork(r.task.request_id, r.cached, r.prompt_tokens - r.cached) for r in ready]
+            batch = self.batcher.form_batch(work)
+            if not batch:
+                raise RuntimeError(f"batcher {self.batcher.name!r} formed an empty batch from {len(work)} requests")
+            by_rid = {r.task.request_id: r for r in ready}
+            self._run_batch([(by_rid[b.request_id], b.cached, b.bsz) for b in batch])
+
+    def _has_ready(self) -> bool:
+        return any(self._ready(self.reqs[k]) for k in self.order)
+
+    def _run_batch(self, items: list) -> None:
+        """Layerwise prefill of one batch: items (request, cached, bsz) compute tokens [cached, cached+bsz)."""
+        t_start = time.time()
+        for r, _, _ in items:
+            if not r.started:
+                r.started = True
+                self.emit("prefill_start", r.task.request_id, r.task.attempt, t=t_start)
+        token_ids = [r.task.prompt_ids[c0 : c0 + n] for r, c0, n in items]
+        cached = [c0 for _, c0, _ in items]
+
+        def cached_layer(layer: int) -> list:
+            # Wait only for this layer's DE-side KV: later layers keep streaming while we compute.
+            for r, c0, _ in items:
+                if r.pe_hit_end < r.final_hit and c0 == r.final_hit:
+                    self._wait(lambda r=r: layer in r.layers_from_de or r.cancelled, f"layer {layer} of {r.key}")
+            return [r.area[layer, :c0] for r, c0, _ in items]  # uint8 [c0, bpt] each
+
+        def on_layer(layer: int, new_kv: list) -> None:
+            for (r, c0, n), kv in zip(items, new_kv, strict=True):
+                r.area[layer, c0 : c0 + n] = kv  # uint8 [n, bpt]
+                if r.cancelled:
+                    continue
+                self._send_layer(r, layer, c0, n)
+
+        t0 = time.perf_counter()
+        wait0 = self.wait_s
+        first_tokens = self.model.prefill(token_ids, cached, cached_layer, on_layer)
+        # Compute only: time spent waiting for DE-side layers inside the layer loop is not model time.
+        compute = time.perf_counter() - t0 - (self.wait_s - wait0)
+        self.busy_s += compute
+        if len(self.step_log) < STEP_LOG_MAX:
+            self.step_log.append(([(c0, n) for _, c0, n in items], compute))
+        for (r, c0, n), tok in zip(items, first_tokens, strict=True):
+            r.cached = c0 + n
+            if r.cancelled:  # its DE died mid-batch: the scheduler re-runs it elsewhere
+                self._finish(r)
+            elif r.cached == r.prompt_tokens:
+                r.first_token = int(tok)
+                self._complete(r)
+
+    def _send_layer(self, r: _PrefillReq, layer: int, c0: int, n: int) -> None:
+        """Write what the DE lacks of this layer: the PE-read hit (first chunk only) and the new tokens."""
+        t = r.task
+        ranges = [(c0, c0 + n)]
+        if c0 == r.final_hit and r.pe_hit_end > 0:
+            ranges = [(0, r.pe_hit_end)] + ranges if r.pe_hit_end < c0 else [(0, c0 + n)]
+        for a, b in ranges:
+            r.futures.append(
+                self.write_to(
+                    t.decode_engine,
+                    self.area_offset(r.area_off, r.prompt_tokens, layer, a),
+                    self.area_offset(r.de_area_off, r.prompt_tokens, layer, a),
+                    (b - a) * self.bpt,
+                )
+            )
+
+    def _complete(self, r: _PrefillReq) -> None:
+        """All layers computed: wait for the KV to land on the DE, then hand over the first token."""
+        t = r.task
+        try:
+            for f in r.futures:
+                f.result(timeout=PEER_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 -- DE gone: the scheduler re-runs the request elsewhere
+            log.warning("pe%d: KV of request %s did not reach DE %d: %s", self.engine_id, r.key, t.decode_engine, e)
+            self._finish(r)
+            return
+        self.send_msg(
+            t.decode_engine,
+            {
+                "kind": "prefill_done",
+                "request_id": t.request_id,
+                "attempt": t.attempt,
+                "hit_tokens": r.final_hit,
+                "first_token": r.first_token,
+            },
+        )
+        self.emit("prefill_end", t.request_id, t.attempt, hit_tokens=r.final_hit)
+        self._finish(r)
+
+    def _finish(self, r: _PrefillReq) -> None:
+        self.reqs.pop(r.key, None)
+        if r.key in self.order:
+            self.order.remove(r.key)
+        if r.handle is not None and not r.handle.released:
+            r.handle.release()
+
+    def _wait(self, pred: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + PEER_TIMEOUT_S
+        t0 = time.perf_counter()
+        try:
+            self._wait_loop(pred, what, deadline)
+        finally:
+            self.wait_s += time.perf_counter() - t0
+
+    def _wait_loop(self, pred: Callable[[], bool], what: str, deadline: float) -> None:
+        while not pred():
+            if self._stop.is_set():
+                raise RuntimeError(f"pe{self.engine_id} stopped while waiting for {what}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pe{self.engine_id}: {what} did not arrive within {PEER_TIMEOUT_S} s")
+            item = self.inbox.get(WAIT_POLL_S)
+            if item is not None:
+                self._handle(*item)
+
+
+# ====================================================================================================== DE
+@dataclasses.dataclass(eq=False)
+class _DecodeReq:
+    task: TurnTask
+    handle: object = None
+    area: np.ndarray | None = None
+    area_off: int = 0
+    pe_area_off: int | None = None
+    de_read_state: str = "none"  # none | reading | done
+    de_end_blocks: int = 0
+    de_read_sent: bool = False
+    forward_futures: list = dataclasses.field(default_factory=list)
+    prefill_done: bool = False
+    final_hit: int = 0
+    tokens: list = dataclasses.field(default_factory=list)  # generated token ids
+    stage: str = "new"  # new -> buffered (area taken) -> decoding (in a slot) -> finishing -> gone
+    slot: int = -1
+    length: int = 0  # tokens whose KV is in the slot
+    writes_pending: int = 0
+    done_at: float = 0.0
+    cancelled: bool = False
+
+    @property
+    def key(self):
+        return (self.task.request_id, self.task.attempt)
+
+
+class DecodeEngine(EngineBase):
+    role = "de"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        c = self.cfg.cluster
+        self.slots = c.decode_slots
+        self.batch = self.model.new_decode_batch(c.decode_slots, c.max_seq_len)
+        self.slot_req: list[_DecodeReq | None] = [None] * c.decode_slots
+        self.reqs: dict[tuple, _DecodeReq] = {}
+        self.order: list[tuple] = []
+        self.early: dict[tuple, list] = {}
+        self.finishing: list[_DecodeReq] = []  # tokens done, write-backs in flight
+        self.decode_steps = 0
+
+    def _handle(self, kind: str, item) -> None:
+        if kind == "directory":
+            self.directory = item
+        elif kind == "task":
+            r = _DecodeReq(task=item)
+            self.reqs[r.key] = r
+            self.order.append(r.key)
+            for k, v in self.early.pop(r.key, []):
+                self._handle(k, v)
+        elif kind == "cancel":
+            self.early.pop((item.request_id, item.attempt), None)
+            r = self.reqs.get((item.request_id, item.attempt))
+            if r is not None:
+                r.cancelled = True
+                self._drop(r)
+        elif kind == "msg":
+            key = (item["request_id"], item["attempt"])
+            r = self.reqs.get(key)
+            if r is None:
+                self.early.setdefault(key, []).append((kind, item))
+                return
+            if item["kind"] == "pe_area":
+                r.pe_area_off = item["offset"]
+            elif item["kind"] == "prefill_done":
+                r.prefill_done = True
+                r.final_hit = item["hit_tokens"]
+                r.tokens = [item["first_token"]]
+                self.emit("first_token", r.task.request_id, r.task.attempt)
+        elif kind == "read_done":
+            job, ok, nbytes, t0, t1 = item
+            r = self.reqs.get((job.request_id, job.attempt))
+            if r is not None:
+                r.de_read_state = "done"
+                r.de_end_blocks = r.task.pe_read_blocks + ok
+                self.emit("read_done", job.request_id, job.attempt, side="de", nbytes=nbytes, t_start=t0)
+        elif kind == "write_done":
+            r = item
+            r.writes_pending -= 1
+        elif kind == "layer":
+            pass  # DEs receive no notifying writes
+        else:
+            raise RuntimeError(f"unknown inbox item {kind!r}")
+
+    def _prepare(self) -> None:
+        for key in self.order:
+            r = self.reqs[key]
+            if r.cancelled:
+                continue
+            t = r.task
+            if r.stage == "new":
+                got = self._alloc_area(t.prompt_tokens)
+                if got is None:
+                    break  # FIFO behind the buffer budget
+                r.handle, r.area, r.area_off = got
+                r.stage = "buffered"
+                self.send_msg(
+                    t.prefill_engine,
+                    {"kind": "de_area", "request_id": t.request_id, "attempt": t.attempt, "offset": r.area_off},
+                )
+                if t.pe_read_blocks < t.hit_blocks:
+                    r.de_read_state = "reading"
+                    self.snic.submit_read(
+                        ReadJob(
+                            t.request_id,
+                            t.attempt,
+                            t.block_keys[t.pe_read_blocks : t.hit_blocks],
+                            t.pe_read_blocks,
+                            r.area,
+                            lambda job, ok, nb, t0, t1: self.inbox.put("read_done", (job, ok, nb, t0, t1)),
+                        )
+                    )
+            if r.de_read_state == "done" and not r.de_read_sent and r.pe_area_off is not None:
+                self._forward_to_pe(r)
+
+    def _forward_to_pe(self, r: _DecodeReq) -> None:
+        """DE path: tell the PE how much was read, then stream it layer by layer (one notifying write each)."""
+        t = r.task
+        r.de_read_sent = True
+        self.send_msg(
+            t.prefill_engine,
+            {"kind": "de_read_done", "request_id": t.request_id, "attempt": t.attempt, "end_blocks": r.de_end_blocks},
+        )
+        a, b = t.pe_read_blocks * self.bs, r.de_end_blocks * self.bs
+        if b <= a:
+            return
+        for layer in range(self.num_layers):
+            r.forward_futures.append(
+                self.write_to(
+                    t.prefill_engine,
+                    self.area_offset(r.area_off, t.prompt_tokens, layer, a),
+                    self.area_offset(r.pe_area_off, t.prompt_tokens, layer, a),
+                    (b - a) * self.bpt,
+                    notify=layer_tag(t.request_id, t.attempt, layer),
+                )
+            )
+
+    def _admit(self) -> None:
+        """Move prompts whose KV is complete into free decode slots (continuous batching)."""
+        for key in list(self.order):
+            r = self.reqs.get(key)
+            if r is None or not r.prefill_done or r.stage != "buffered" or r.cancelled:
+                continue
+            free = [i for i, s in enumerate(self.slot_req) if s is None]
+            if not free:
+                return
+            t = r.task
+            for f in r.forward_futures:  # our writes out of the area must be over before it is reused
+                try:
+                    f.result(timeout=PEER_TIMEOUT_S)
+                except Exception:  # noqa: BLE001 -- the PE finished without them (it had them or cut the hit)
+                    pass
+            # Write-back of the prompt's new whole blocks (the hit blocks are already stored).
+            n_whole = t.prompt_tokens // self.bs
+            first_new = r.final_hit // self.bs
+            if n_whole > first_new:
+                blocks = [
+                    np.ascontiguousarray(r.area[:, j * self.bs : (j + 1) * self.bs]) for j in range(first_new, n_whole)
+                ]
+                self._write_back(r, t.block_keys[first_new:n_whole], blocks)
+            slot = free[0]
+            t0 = time.perf_counter()
+            self.batch.load(slot, r.area, t.prompt_tokens)
+            self.busy_s += time.perf_counter() - t0
+            r.handle.release()
+            r.area = None
+            r.slot = slot
+            r.stage = "decoding"
+            r.length = t.prompt_tokens
+            self.slot_req[slot] = r
+            if len(r.tokens) >= t.gen_tokens:
+                self._finish_tokens(r)
+
+    def _write_back(self, r: _DecodeReq, keys: list, blocks: list) -> None:
+        r.writes_pending += 1
+        self.snic.submit_write(WriteJob(keys, blocks, lambda _n, r=r: self.inbox.put("write_done", r)))
+
+    def _step(self) -> None:
+        active = [r for r in self.slot_req if r is not None and len(r.tokens) < r.task.gen_tokens]
+        if not active:
+            return
+        n = self.slots
+        tokens = np.zeros((n,), np.int32)
+        lengths = np.zeros((n,), np.int32)
+        mask = np.zeros((n,), bool)
+        for r in active:
+            tokens[r.slot] = r.tokens[-1]
+            lengths[r.slot] = r.length
+            mask[r.slot] = True
+        t0 = time.perf_counter()
+        nxt = self.batch.step(tokens, lengths, mask)  # [N] int32 greedy next tokens
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        if len(self.step_log) < STEP_LOG_MAX:
+            self.step_log.append((len(active), int(sum(r.length for r in active)), dt))
+        self.decode_steps += 1
+        for r in active:
+            r.length += 1
+            r.tokens.append(int(nxt[r.slot]))
+            if len(r.tokens) == 2:
+                self.emit("second_token", r.task.request_id, r.task.attempt)
+            if r.length % self.bs == 0:  # a block just filled: persist it while decoding
+                j = r.length // self.bs - 1
+                seq = np.concatenate([r.task.prompt_ids, np.asarray(r.tokens[:-1], np.int32)])
+                keys = extend_block_keys(r.task.block_keys, seq[: r.length], self.bs)
+                self._write_back(r, [keys[j]], [self.batch.read_block(r.slot, j * self.bs, self.bs)])
+            if len(r.tokens) >= r.task.gen_tokens:
+                self._finish_tokens(r)
+
+    def _finish_tokens(self, r: _DecodeReq) -> None:
+        """Tokens complete: free the slot; report the turn once its write-backs are stored."""
+        self.slot_req[r.slot] = None
+        self.batch.free(r.slot)
+        r.slot = -1
+        r.stage = "finishing"
+        r.done_at = time.time()
+        self.finishing.append(r)
+
+    def _report_finished(self) -> None:
+        for r in list(self.finishing):
+            if r.writes_pending > 0 and not r.cancelled:
+                continue
+            self.finishing.remove(r)
+            if not r.cancelled:
+                # The turn ends at its last token; the next turn's lookup sees every block written back.
+                self.ctx.emit(
+                    Event(
+                        "turn_done",
+                        r.task.request_id,
+                        r.task.attempt,
+                        r.done_at,
+                        {"tokens": np.asarray(r.tokens, np.int32)},
+                    )
+                )
+            self._forget(r)
+
+    def _drop(self, r: _DecodeReq) -> None:
+        if r.slot >= 0:
+            self.slot_req[r.slot] = None
+            self.batch.free(r.slot)
+        if r in self.finishing:
+            self.finishing.remove(r)
+        self._forget(r)
+
+    def _forget(self, r: _DecodeReq) -> None:
+        self.reqs.pop(r.key, None)
+        if r.key in self.order:
+            self.order.remove(r.key)
+        if r.handle is not None and not r.handle.released:
+            r.handle.release()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            busy = any(s is not None for s in self.slot_req)
+            item = self.inbox.get(0 if busy else WAIT_POLL_S)
+            while item is not None:
+                self._handle(*item)
+                item = self.inbox.get(0)
+            self._prepare()
+            self._admit()
+            self._step()
+            self._report_finished()

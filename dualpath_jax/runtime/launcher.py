@@ -1,0 +1,357 @@
+"""Launchers: where the engine groups run. All three run the same `EngineGroup` code.
+
+- `InProcessLauncher`: every group in a thread of the driver process (tests; "inproc" or "tcp" transport);
+  one `ModelOps` (weights + jitted steps) shared by all engines, so a test compiles once.
+- `LocalProcessLauncher`: one OS process per node (the default main job): each builds its own model,
+  opens the shared store directory, paces its own NICs, talks TCP to the other nodes and to the global
+  scheduler (multiprocessing.connection with an auth key). A node can be killed (`kill(node_id)`) to
+  exercise failure handling.
+- `RayLauncher` (runtime/ray_launcher.py): one Ray actor per node, placed on cluster nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+
+from dualpath_jax.runtime.config import RuntimeConfig
+from dualpath_jax.runtime.control import ControlServer, LocalControlClient, SocketControlClient
+from dualpath_jax.runtime.scheduler_service import GroupSpec
+
+log = logging.getLogger(__name__)
+
+
+def build_batcher_factory(cfg: RuntimeConfig, model_ops=None):
+    """The PE's intra-engine policy: `fifo` capped by the cluster's prefill budget/batch, or `compute_quota`
+    with a cost model of the runtime's model on this CPU (the same buckets cap its new tokens)."""
+    import schedulers
+
+    kw = dict(cfg.scheduler.batcher_kwargs)
+    if cfg.scheduler.batcher == "fifo":
+        kw.setdefault("token_budget", cfg.cluster.prefill_token_budget)
+        kw.setdefault("max_requests", cfg.cluster.prefill_max_batch)
+    elif cfg.scheduler.batcher == "compute_quota":
+        kw.setdefault("token_budget", cfg.cluster.prefill_token_budget)
+        if model_ops is not None and "cost_model" not in kw:
+            from dualpath_jax.runtime.model_ops import cost_model_shape
+            from schedulers.cost_model import CostModel
+
+            kw["cost_model"] = CostModel(cost_model_shape(model_ops), "cpu")
+    return lambda: schedulers.make_batcher(cfg.scheduler.batcher, **kw)
+
+
+def open_store(cfg: RuntimeConfig, layout):
+    from dualpath_jax.kv_store import LocalDirStore
+
+    return LocalDirStore(cfg.store_dir, layout)
+
+
+class InProcessLauncher:
+    """Engine groups as threads of this process."""
+
+    name = "inprocess"
+
+    def __init__(self, cfg: RuntimeConfig, model_ops=None):
+        self.cfg = cfg
+        self.model_ops = model_ops
+        self.groups: dict[int, object] = {}
+        self.threads: dict[int, threading.Thread] = {}
+        self.errors: dict[int, BaseException] = {}
+
+    def start(self, groups: Sequence[GroupSpec], service) -> None:
+        from dualpath_jax.runtime.model_ops import ModelOps
+        from dualpath_jax.runtime.node import EngineGroup, block_layout
+        from dualpath_jax.traffic import TrafficManager
+
+        cfg = self.cfg
+        ops = self.model_ops or ModelOps(cfg.model, cfg.model_seed)
+        self.model_ops = ops
+        store = open_store(cfg, block_layout(cfg, ops))
+        self.store = store
+        traffic = TrafficManager()
+        self.traffic = traffic
+        make_transport = _transport_factory(cfg)
+        batchers = build_batcher_factory(cfg, ops)
+        for g in groups:
+            group = EngineGroup(
+                g.node_id,
+                g.role,
+                g.engine_ids,
+                cfg,
+                ops,
+                store,
+                LocalControlClient(service),
+                make_transport,
+                traffic,
+                batchers,
+            )
+            self.groups[g.node_id] = group
+        for node_id, group in self.groups.items():
+            t = threading.Thread(target=self._run, args=(node_id, group), name=f"node{node_id}", daemon=True)
+            self.threads[node_id] = t
+            t.start()
+
+    def _run(self, node_id, group) -> None:
+        try:
+            group.run()
+        except BaseException as e:  # noqa: BLE001 -- surfaced by the driver
+            log.exception("node %d failed", node_id)
+            self.errors[node_id] = e
+
+    def alive(self, node_id: int) -> bool:
+        return self.threads[node_id].is_alive()
+
+    def kill(self, node_id: int) -> None:
+        """Stop a node abruptly: its leader stops fetching (heartbeat lost) and its engines stop."""
+        self.groups[node_id].kill()
+
+    def join(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self.threads.values():
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def shutdown(self) -> None:
+        for g in self.groups.values():
+            g.stop()
+        self.join(5.0)
+        self.store.close()
+
+
+def _transport_factory(cfg: RuntimeConfig):
+    from transport import make_transport
+
+    if cfg.transport == "inproc":
+        from transport.inproc import InProcFabric
+
+        fabric = InProcFabric()  # one fabric per run: endpoint names never clash across runs
+
+        return lambda name, pacer: make_transport({"backend": "inproc", "name": name, "fabric": fabric}, pacer=pacer)
+    return lambda name, pacer: make_transport({"backend": "tcp", "name": name}, pacer=pacer)
+
+
+# ------------------------------------------------------------------------------------------------- local
+def _node_main(spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, log_level: int) -> None:
+    """Entry point of one node process."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
+    from dualpath_jax.runtime.model_ops import ModelOps
+    from dualpath_jax.runtime.node import EngineGroup, block_layout
+    from dualpath_jax.traffic import TrafficManager
+
+    enable_compilation_cache()
+    ops = ModelOps(cfg.model, cfg.model_seed)
+    store = open_store(cfg, block_layout(cfg, ops))
+    control = SocketControlClient(control_address, authkey)
+    group = EngineGroup(
+        spec.node_id,
+        spec.role,
+        spec.engine_ids,
+        cfg,
+        ops,
+        store,
+        control,
+        _transport_factory(cfg),
+        TrafficManager(),
+        build_batcher_factory(cfg, ops),
+    )
+    try:
+        group.run()
+    finally:
+        control.close()
+        store.close()
+
+
+def enable_compilation_cache(path: str | None = None) -> None:
+    """JAX's persistent compilation cache, so node processes and reruns skip recompiling the same steps."""
+    import jax
+
+    path = path or os.environ.get("DUALPATH_JAX_CACHE", os.path.expanduser("~/.cache/dualpath_jax/jax"))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _node_session_main(spec: GroupSpec, conn, log_level: int) -> None:
+    """Entry point of a node process that serves several runs (a `LocalCluster` session): the model and its
+    compiled steps stay in memory between runs; everything else (store, transports, NIC pacing) is per run."""
+    logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
+    from dualpath_jax.runtime.model_ops import ModelOps
+    from dualpath_jax.runtime.node import EngineGroup, block_layout
+    from dualpath_jax.traffic import TrafficManager
+
+    enable_compilation_cache()
+    ops = None
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        cfg, control_address, authkey = msg
+        if ops is None or (ops.name, ops.seed) != (cfg.model, cfg.model_seed):
+            ops = ModelOps(cfg.model, cfg.model_seed)
+        store = open_store(cfg, block_layout(cfg, ops))
+        control = SocketControlClient(control_address, authkey)
+        try:
+            EngineGroup(
+                spec.node_id,
+                spec.role,
+                spec.engine_ids,
+                cfg,
+                ops,
+                store,
+                control,
+                _transport_factory(cfg),
+                TrafficManager(),
+                build_batcher_factory(cfg, ops),
+            ).run()
+        finally:
+            control.close()
+            store.close()
+        conn.send("done")
+
+
+class LocalProcessLauncher:
+    """One OS process per node on this machine (spawned, so each has its own JAX runtime).
+
+    Alone it spawns fresh processes for one run. Made by a `LocalCluster`, it reuses that session's node
+    processes (their models stay compiled between runs, so runs compare policies, not compile times).
+    """
+
+    name = "local"
+
+    def __init__(self, cfg: RuntimeConfig, session: LocalCluster | None = None):
+        self.cfg = cfg
+        self.session = session
+        self.procs: dict[int, mp.Process] = {}
+        self.server: ControlServer | None = None
+
+    def start(self, groups: Sequence[GroupSpec], service) -> None:
+        authkey = secrets.token_bytes(16)
+        self.server = ControlServer(service.fetch, authkey)
+        if self.session is not None:
+            self.procs = self.session.procs
+            self.session.begin(groups, (self.cfg, self.server.address, authkey))
+            return
+        ctx = mp.get_context("spawn")
+        level = logging.getLogger().getEffectiveLevel()
+        for g in groups:
+            p = ctx.Process(
+                target=_node_main,
+                args=(g, self.cfg, self.server.address, authkey, level),
+                name=f"node{g.node_id}",
+                daemon=True,
+            )
+            p.start()
+            self.procs[g.node_id] = p
+
+    def alive(self, node_id: int) -> bool:
+        if self.session is not None:
+            return self.procs[node_id].is_alive() and not self.session.finished(node_id)
+        return self.procs[node_id].is_alive()
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL the node's process (no goodbye: the scheduler finds out by the lost heartbeat / exit)."""
+        self.procs[node_id].kill()
+
+    def join(self, timeout: float = 10.0) -> None:
+        if self.session is not None:
+            self.session.wait_done(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+
+    def shutdown(self) -> None:
+        if self.session is not None:
+            self.session.end()
+            if self.server is not None:
+                self.server.close()
+            return
+        self.join(10.0)
+        for p in self.procs.values():
+            if p.is_alive():
+                p.kill()
+                p.join(2.0)
+        if self.server is not None:
+            self.server.close()
+
+
+class LocalCluster:
+    """Node processes that serve several runs, one after the other (the main job and the benchmarks).
+
+        with LocalCluster(layout_groups(cfg)) as cluster:
+            for policy in ("basic", "dualpath"):
+                driver.run(cfg_for(policy), launcher=cluster.launcher(cfg_for(policy)))
+
+    Every run has its own global scheduler, store directory, transports and NIC pacing; only the processes
+    and their compiled model steps are shared. The node layout must stay the same across runs.
+    """
+
+    def __init__(self, groups: Sequence[GroupSpec]):
+        self.groups = list(groups)
+        self.procs: dict[int, mp.Process] = {}
+        self.conns: dict[int, object] = {}
+        self._busy: set[int] = set()
+        ctx = mp.get_context("spawn")
+        level = logging.getLogger().getEffectiveLevel()
+        for g in self.groups:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_node_session_main, args=(g, child, level), name=f"node{g.node_id}", daemon=True)
+            p.start()
+            self.procs[g.node_id] = p
+            self.conns[g.node_id] = parent
+
+    def launcher(self, cfg: RuntimeConfig) -> LocalProcessLauncher:
+        return LocalProcessLauncher(cfg, session=self)
+
+    def begin(self, groups: Sequence[GroupSpec], msg) -> None:
+        if [(g.node_id, g.role, list(g.engine_ids)) for g in groups] != [
+            (g.node_id, g.role, list(g.engine_ids)) for g in self.groups
+        ]:
+            raise ValueError("a LocalCluster session runs one node layout; start a new session for another")
+        for n, conn in self.conns.items():
+            conn.send(msg)
+            self._busy.add(n)
+
+    def finished(self, node_id: int) -> bool:
+        conn = self.conns[node_id]
+        if node_id in self._busy and conn.poll():
+            conn.recv()
+            self._busy.discard(node_id)
+        return node_id not in self._busy
+
+    def wait_done(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self._busy and time.monotonic() < deadline:
+            for n in list(self._busy):
+                if not self.procs[n].is_alive():
+                    self._busy.discard(n)
+                else:
+                    self.finished(n)
+            time.sleep(0.01)
+
+    def end(self) -> None:
+        self.wait_done(15.0)
+        if self._busy:
+            raise RuntimeError(f"node(s) {sorted(self._busy)} did not finish their run")
+
+    def close(self) -> None:
+        for conn in self.conns.values():
+            try:
+                conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        for p in self.procs.values():
+            p.join(5.0)
+            if p.is_alive():
+                p.kill()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

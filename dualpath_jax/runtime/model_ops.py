@@ -1,0 +1,230 @@
+"""The engines' view of a model: `models.runner.ModelRunner` adapted to host-buffer KV bytes.
+
+`ModelOps.prefill` feeds each layer's cached KV as Layer-Block bytes (views of a host-buffer area) and hands
+back each layer's new KV as bytes `[m, bpt]`; `DecodeBatch` is one decode engine's fixed-capacity batch
+cache (its own slots; the jitted steps and weights are shared with every other engine of the process, so
+identical layers compile once per process). `reference_generate` is the single-process reference run:
+full prefill of the whole prompt + greedy decode, no store, no transport.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from models.kv import KVLayout
+
+
+def model_config(name: str):
+    """A tiny model config by name (models.qwen2.tiny_qwen2 / tiny_llama, models.deepseek.tiny_deepseek)."""
+    from models import deepseek, qwen2
+
+    makers = {"tiny_qwen2": qwen2.tiny_qwen2, "tiny_llama": qwen2.tiny_llama}
+    if hasattr(deepseek, "tiny_deepseek"):
+        makers["tiny_deepseek"] = deepseek.tiny_deepseek
+    if name not in makers:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(makers))}")
+    return makers[name]()
+
+
+class ModelOps:
+    """One process's model: weights and jitted steps, shared by its engines (thread-safe prefill)."""
+
+    def __init__(self, name: str, seed: int = 0, min_token_bucket: int = 64):
+        from models.runner import ModelRunner
+
+        self.name = name
+        self.seed = seed
+        self.config = model_config(name)
+        # min_token_bucket 64: fewer (batch, tokens, cached) buckets -> fewer compiles per process; the padding
+        # costs little on a tiny model. The prefill runner's own decode cache is never used: one tiny slot.
+        self.runner = ModelRunner(self.config, seed=seed, num_slots=1, capacity=16, min_token_bucket=min_token_bucket)
+        self.kv_layout: KVLayout = self.runner.layout
+        self.fingerprint = self.runner.fingerprint()
+        self.vocab_size = self.config.vocab_size
+        self._prefill_lock = threading.Lock()
+        self._precompiled: set = set()
+
+    def prefill(
+        self,
+        token_ids: Sequence[np.ndarray],
+        cached: Sequence[int],
+        cached_layer: Callable[[int], list],
+        on_layer: Callable[[int, list], None],
+    ) -> np.ndarray:
+        """Layerwise prefill of a batch. token_ids[i]: the tokens computed now ([m_i] int32) on top of cached[i]
+        tokens whose KV `cached_layer(l)[i]` gives (uint8 [cached_i, bpt]); `on_layer(l, [uint8 [m_i, bpt]])`
+        receives each layer's new KV. Returns [B] int32 greedy next tokens (meaningful for a prompt's last chunk)."""
+        from models.runner import PrefillRequest
+
+        reqs = [PrefillRequest(np.asarray(t, np.int32), int(c)) for t, c in zip(token_ids, cached, strict=True)]
+        to_bytes = self.kv_layout.to_bytes
+
+        def provider(layer: int):
+            return [kv if c else None for kv, c in zip(cached_layer(layer), cached, strict=True)]
+
+        def callback(layer: int, miss_kv: list) -> None:
+            on_layer(layer, [to_bytes(kv) for kv in miss_kv])
+
+        with self._prefill_lock:
+            res = self.runner.prefill_layerwise(reqs, provider if any(cached) else None, callback)
+        return res.next_tokens
+
+    def precompile(self, max_batch: int, max_tokens: int, max_cached: int) -> int:
+        """Compile the prefill step for every (batch, tokens, cached) bucket a PE can meet, before serving.
+
+        The runner pads batch size, new tokens and cached length to power-of-two buckets; a bucket first met
+        mid-run costs a compile (~1 s on this CPU) inside some turn's latency. Returns the buckets compiled.
+        """
+        from models.runner import bucket
+
+        key = (max_batch, max_tokens, max_cached)
+        if key in self._precompiled:
+            return 0  # this process's jit caches already hold them (a LocalCluster session's later runs)
+        self._precompiled.add(key)
+        mb = self.runner.min_token_bucket
+        bs = [1 << i for i in range(bucket(max_batch).bit_length())]
+        ts = [t for t in (1 << i for i in range(bucket(max_tokens, mb).bit_length())) if t >= mb]
+        cs = [0] + [c for c in (1 << i for i in range(bucket(max_cached, mb).bit_length())) if c >= mb]
+        bpt = self.kv_layout.bytes_per_token_per_layer
+        n = 0
+        for b in bs:
+            for t in ts:
+                for c in cs:
+                    kv = np.zeros((c, bpt), np.uint8)
+                    ids = [np.zeros((t,), np.int32)] * b
+                    self.prefill(ids, [c] * b, lambda layer, b=b, kv=kv: [kv] * b, lambda layer, new: None)
+                    n += 1
+        return n
+
+    def new_decode_batch(self, num_slots: int, capacity: int) -> DecodeBatch:
+        return DecodeBatch(self, num_slots, capacity)
+
+
+class DecodeBatch:
+    """One DE's device batch cache: `num_slots` requests of up to `capacity` tokens each."""
+
+    def __init__(self, ops: ModelOps, num_slots: int, capacity: int):
+        # A shallow copy shares weights and jitted steps; init_decode gives this copy its own cache arrays.
+        self.runner = copy.copy(ops.runner)
+        self.runner.init_decode(num_slots, capacity)
+        self.layout = ops.kv_layout
+
+    def load(self, slot: int, area: np.ndarray, prompt_tokens: int) -> None:
+        """H2D of a prompt's KV (uint8 [L, P, bpt], the DE buffer area) into `slot`."""
+        self.runner.load_prompt_kv(slot, area[:, :prompt_tokens])
+
+    def step(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """One greedy decode step for the active slots; returns [N] int32 (inactive entries 0)."""
+        slots = np.nonzero(active)[0]
+        for s in slots:
+            if self.runner.slot_length(int(s)) != lengths[s]:
+                raise RuntimeError(
+                    f"slot {s}: engine length {lengths[s]} != cache length {self.runner.slot_length(int(s))}"
+                )
+        out = np.zeros(tokens.shape, np.int32)
+        out[slots] = self.decode(slots, tokens[slots])
+        return out
+
+    def decode(self, slots: np.ndarray, last_tokens: np.ndarray) -> np.ndarray:
+        """One greedy decode step for `slots` given their last tokens -> [len(slots)] int32 next tokens."""
+        return self.runner.decode_step(slots, last_tokens)
+
+    def precompile(self, block_size: int) -> None:
+        """Compile the prompt loads of every length bucket, one decode step and the block read-back."""
+        from models.runner import bucket
+
+        r = self.runner
+        mb = r.min_token_bucket
+        bpt = self.layout.bytes_per_token_per_layer
+        p = mb
+        while True:
+            p = min(p, r.capacity)
+            self.runner.load_prompt_kv(0, np.zeros((r.num_layers, p, bpt), np.uint8))
+            if p >= r.capacity or bucket(p, mb) >= r.capacity:
+                break
+            p *= 2
+        self.runner.free_slot(0)
+        self.runner.load_prompt_kv(0, np.zeros((r.num_layers, block_size, bpt), np.uint8))
+        self.decode(np.array([0]), np.array([0]))
+        self.read_block(0, 0, block_size)
+        self.runner.free_slot(0)
+
+    def read_block(self, slot: int, start: int, block_size: int) -> np.ndarray:
+        """Full Block bytes uint8 [L, block_size, bpt] of tokens [start, start + block_size) (write-back)."""
+        return self.runner.read_full_block(slot, start // block_size, block_size)
+
+    def free(self, slot: int) -> None:
+        self.runner.free_slot(slot)
+
+
+def reference_generate(
+    ops: ModelOps, prompts_and_gens: Sequence[tuple[np.ndarray, int]], capacity: int
+) -> list[np.ndarray]:
+    """Reference: for each (prompt ids, gen), full prefill of the whole prompt (no cache) + greedy decode."""
+    batch = DecodeBatch(ops, 1, capacity)
+    out = []
+    for prompt, gen in prompts_and_gens:
+        logits, kv = ops.runner.full_prefill([np.asarray(prompt, np.int32)])
+        tokens = [int(np.argmax(logits[0][-1]))]
+        batch.runner.load_prompt_kv(0, kv[0])
+        while len(tokens) < gen:
+            tokens.append(int(batch.decode(np.array([0]), np.array([tokens[-1]]))[0]))
+        batch.free(0)
+        out.append(np.asarray(tokens, np.int32))
+    return out
+
+
+def reference_conversations(ops: ModelOps, book_factory, capacity: int) -> dict:
+    """Run every trajectory turn by turn with `reference_generate` (the next prompt uses these tokens).
+
+    `book_factory()` returns a fresh `ConversationBook` over the same trajectories. Returns
+    {(trajectory_id, turn_index): tokens}.
+    """
+    book = book_factory()
+    while not book.done:
+        due = book.pop_due(float("inf"))
+        if not due:
+            raise RuntimeError("reference run stalled: no turn due but the book is not done")
+        toks = reference_generate(ops, [(t.prompt_ids, t.gen_tokens) for t in due], capacity)
+        for t, g in zip(due, toks, strict=True):
+            book.complete(t.request_id, g, 0.0)
+    return dict(book.generated)
+
+
+def cost_model_shape(ops: ModelOps):
+    """The runtime model as a `schedulers.cost_model.ModelShape` (registered once as "runtime:<name>"), for the
+    compute-quota batcher and the simulator's calibration."""
+    from schedulers.cost_model import MODEL_SHAPES, ModelShape
+
+    name = f"runtime:{ops.name}"
+    if name in MODEL_SHAPES:
+        return MODEL_SHAPES.get(name)
+    c = ops.config
+    if not hasattr(c, "num_key_value_heads"):
+        raise NotImplementedError(f"no cost-model shape for {ops.name} (dense GQA models only)")
+    itemsize = ops.kv_layout.np_dtype.itemsize
+    shape = ModelShape(
+        name=name,
+        layers=c.num_layers,
+        hidden=c.hidden_size,
+        heads=c.num_attention_heads,
+        kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        intermediate=c.intermediate_size,
+        vocab=c.vocab_size,
+        qkv_bias=getattr(c, "qkv_bias", False),
+        tied_embeddings=c.tie_word_embeddings,
+        weight_bytes=itemsize,
+        kv_dtype_bytes=itemsize,
+    )
+    if shape.kv_bytes_per_token != c.kv_bytes_per_token:
+        raise ValueError(f"cost-model KV bytes {shape.kv_bytes_per_token} != the model's {c.kv_bytes_per_token}")
+    try:
+        MODEL_SHAPES.add(name, shape)
+    except ValueError:  # registered meanwhile by another thread
+        return MODEL_SHAPES.get(name)
+    return shape

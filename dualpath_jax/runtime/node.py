@@ -1,0 +1,207 @@
+"""One node (engine group): its engines, its SNIC, its host buffer pool, and the leader's fetch loop.
+
+A node is all-prefill or all-decode (DESIGN.md). Its engines share the node's storage NIC and host buffer
+budget; each engine has its own CNIC (its transport endpoint, paced as the engine's compute NIC, KV at low
+priority). The group leader fetches from the global scheduler every `fetch_interval_s`, sending the
+group's events and getting tasks, cancellations and the engine directory back. The same class runs in a
+thread (in-process launcher), in its own process (local launcher) or in a Ray actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from dualpath_jax.host_buffers import HostBufferPool
+from dualpath_jax.kv_layout import BlockLayout
+from dualpath_jax.runtime.config import RuntimeConfig
+from dualpath_jax.runtime.control import Event, GroupReply, GroupReport
+from dualpath_jax.runtime.engines import DecodeEngine, PrefillEngine, engine_endpoint
+from dualpath_jax.runtime.storage_nic import StorageNIC
+
+log = logging.getLogger(__name__)
+
+
+class NodeContext:
+    """What engines of one node share: config, model ops, store and the node's event sink."""
+
+    def __init__(self, cfg: RuntimeConfig, model, store):
+        self.cfg = cfg
+        self.model = model
+        self.store = store
+        self._events: list[Event] = []
+        self._lock = threading.Lock()
+        self.wake = threading.Event()  # set by every event: the leader reports it without waiting a full interval
+
+    def emit(self, ev: Event) -> None:
+        with self._lock:
+            self._events.append(ev)
+        self.wake.set()
+
+    def take_events(self) -> list[Event]:
+        with self._lock:
+            out, self._events = self._events, []
+            return out
+
+
+def block_layout(cfg: RuntimeConfig, model) -> BlockLayout:
+    kv = model.kv_layout
+    return BlockLayout(kv.num_layers, cfg.block_size, kv.bytes_per_token_per_layer, model.fingerprint)
+
+
+class EngineGroup:
+    """A node's engines plus its leader loop. `run()` blocks until the scheduler says shutdown."""
+
+    def __init__(
+        self,
+        node_id: int,
+        role: str,
+        engine_ids: list,
+        cfg: RuntimeConfig,
+        model,
+        store,
+        control,  # LocalControlClient | SocketControlClient
+        make_transport: Callable[[str, object], object],  # (endpoint name, pacer) -> Transport
+        traffic,  # dualpath_jax.traffic.TrafficManager of this process
+        batcher_factory: Callable[[], object] | None = None,
+    ):
+        self.node_id = node_id
+        self.role = role
+        self.engine_ids = list(engine_ids)
+        self.cfg = cfg
+        self.control = control
+        self.traffic = traffic
+        self.ctx = NodeContext(cfg, model, store)
+        self.wall_origin = time.time() - (time.monotonic() - traffic.clock_origin)
+        traffic.add_snic(node_id, cfg.nics.snic_bytes_per_s)
+        snic_pacer = traffic.pacer(f"snic/node{node_id}")
+        self.snic = StorageNIC(node_id, store, cfg.block_size, lambda n: snic_pacer.pace(n, "low"))
+        layout = block_layout(cfg, model)
+        budget = cfg.buffers.pe_buffer_bytes if role == "prefill" else cfg.buffers.de_buffer_bytes
+        per_engine = budget // len(self.engine_ids)
+        self.engines = {}
+        for e in self.engine_ids:
+            traffic.add_cnic(
+                e,
+                cfg.nics.cnic_bytes_per_s,
+                {"high": cfg.nics.high_priority_share, "low": 1.0 - cfg.nics.high_priority_share},
+            )
+            transport = make_transport(engine_endpoint(e), traffic.pacer(f"cnic/engine{e}"))
+            pool = HostBufferPool(
+                slot_nbytes=layout.layer_block_nbytes, budget_bytes=per_engine, name=f"{role}{e}", prefault=False
+            )
+            if role == "prefill":
+                eng = PrefillEngine(e, node_id, self.ctx, transport, pool, self.snic, batcher=batcher_factory())
+            else:
+                eng = DecodeEngine(e, node_id, self.ctx, transport, pool, self.snic)
+            self.engines[e] = eng
+        self.address = {e: eng.transport.address for e, eng in self.engines.items()}
+        if cfg.cluster.precompile:
+            t0 = time.time()
+            if role == "prefill":
+                c = cfg.cluster
+                n = model.precompile(c.prefill_max_batch, c.prefill_token_budget, c.max_seq_len)
+                log.info("node %d: compiled %d prefill buckets in %.1f s", node_id, n, time.time() - t0)
+            else:
+                for eng in self.engines.values():
+                    eng.batch.precompile(cfg.block_size)
+                log.info("node %d: compiled decode buckets in %.1f s", node_id, time.time() - t0)
+        self._stop = threading.Event()
+        self._killed = False
+        self.fetches = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.ctx.wake.set()
+
+    def kill(self) -> None:
+        """Die without a goodbye (failure tests): no final report, engines and transports closed."""
+        self._killed = True
+        self._stop.set()
+        self.close()
+
+    def _report(self, final: bool = False) -> GroupReport:
+        links = []
+        if final:
+            o = self.wall_origin
+            from dualpath_jax.metrics import LinkBytes
+
+            # An idle SNIC still counts in the storage-NIC balance: give it a zero-byte sample.
+            links = [LinkBytes(f"snic/node{self.node_id}", o, o, 0)] + [
+                LinkBytes(s.link, s.t0 + o, s.t1 + o, s.nbytes)
+                for s in self.traffic.samples()
+                if s.link == f"snic/node{self.node_id}"
+                or any(s.link.startswith(f"cnic/engine{e}/") for e in self.engine_ids)
+            ]
+        stats = {
+            "read_queue_tokens": self.snic.read_queue_tokens,
+            "pending_writes": self.snic.pending_writes,
+            "snic_bytes_read": self.snic.bytes_read,
+            "snic_bytes_written": self.snic.bytes_written,
+            "failed_reads": self.snic.failed_reads,
+            "busy_s": {e: eng.busy_s for e, eng in self.engines.items()},
+            "free_buffer_bytes": {e: eng.pool.free_slots * eng.pool.slot_nbytes for e, eng in self.engines.items()},
+        }
+        if self.role == "decode":
+            stats["decode_steps"] = {e: eng.decode_steps for e, eng in self.engines.items()}
+        if final:
+            stats["step_log"] = {e: list(eng.step_log) for e, eng in self.engines.items()}
+            stats["wait_s"] = {e: eng.wait_s for e, eng in self.engines.items()}
+        return GroupReport(
+            node_id=self.node_id,
+            role=self.role,
+            engine_ids=self.engine_ids,
+            address=self.address,
+            events=self.ctx.take_events(),
+            link_bytes=links,
+            stats=stats,
+        )
+
+    def _apply(self, reply: GroupReply) -> None:
+        if reply.directory is not None:
+            for eng in self.engines.values():
+                if eng.directory != reply.directory:
+                    eng.set_directory(reply.directory)
+                    eng.directory = reply.directory
+        for task in reply.tasks:
+            e = task.prefill_engine if self.role == "prefill" else task.decode_engine
+            self.engines[e].submit(task)
+        for c in reply.cancels:
+            for eng in self.engines.values():
+                eng.cancel(c)
+
+    def run(self) -> None:
+        """Start the engines and fetch until shutdown; then send the final report (link bytes)."""
+        for eng in self.engines.values():
+            eng.start()
+        interval = self.cfg.scheduler.fetch_interval_s
+        try:
+            while not self._stop.is_set():
+                reply = self.control.fetch(self._report())
+                self.fetches += 1
+                self._apply(reply)
+                if reply.shutdown:
+                    break
+                # Fetch again after the interval (the heartbeat), or at once when an engine has news.
+                self.ctx.wake.wait(interval)
+                self.ctx.wake.clear()
+            try:
+                if not self._killed:
+                    self.control.fetch(self._report(final=True))
+            except Exception:  # noqa: BLE001 -- the driver may already be gone
+                pass
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for eng in self.engines.values():
+            eng.stop()
+        for eng in self.engines.values():
+            eng.join(2.0)
+            try:
+                eng.transport.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.snic.close()

@@ -1,0 +1,392 @@
+"""The global scheduler service: request queue, cluster view, the configured policy, heartbeats.
+
+Engine groups (nodes) fetch through `fetch(GroupReport)`. Each fetch:
+1. refreshes the group's heartbeat and applies its events (reads done, prefill done, tokens, finished turns);
+2. admits turns that became due (the lifecycle's previous turn finished + gap), looking up their hit prefix
+   in the store (whole blocks, by prefix-chained block keys);
+3. when a PE group fetches, runs the registered inter-engine policy on a `ClusterSnapshot` built from the service's own accounting
+   (per engine: unfinished requests seq_e, their tokens tok_e, free HBM tokens; per node: hit tokens queued
+   for storage reads), exactly the view the simulator builds;
+4. returns the tasks queued for this group's engines.
+`check_heartbeats()` declares a group dead when it has not fetched for `heartbeat_timeout_s`: every request
+placed on one of its engines is cancelled on its peer and re-queued with a new attempt number (re-looked up,
+since the dead DE may have written some blocks already), so each turn still completes exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from dualpath_jax.metrics import LinkBytes, TurnRecord
+from dualpath_jax.runtime.control import Cancel, Event, GroupReply, GroupReport, TurnTask
+from dualpath_jax.runtime.lifecycle import ConversationBook, TurnRequest
+from schedulers.api import Assignment, ClusterSnapshot, EngineState, InterEnginePolicy, NodeState, PendingRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GroupSpec:
+    node_id: int
+    role: str  # "prefill" | "decode"
+    engine_ids: list
+
+
+@dataclasses.dataclass
+class _InFlight:
+    turn: TurnRequest
+    keys: list  # block keys of the prompt's whole blocks
+    attempt: int
+    pending: PendingRequest
+    assignment: Assignment | None = None
+    task: TurnTask | None = None
+    pe_read_tokens: int = 0  # queued on the PE node's read queue, not yet read
+    de_read_tokens: int = 0
+    prefill_done: bool = False
+
+
+class RunFailed(RuntimeError):
+    """An engine reported an error or the cluster can no longer run (no live PE or DE)."""
+
+
+class GlobalScheduler:
+    """Owns the queue, the cluster view and the policy. Thread-safe (one lock; fetches are short)."""
+
+    def __init__(
+        self,
+        groups: Sequence[GroupSpec],
+        policy: InterEnginePolicy,
+        book: ConversationBook,
+        lookup_hit_blocks: Callable[[list], int],
+        block_keys_of: Callable[[np.ndarray], list],
+        block_size: int,
+        hbm_tokens_per_decode_engine: int,
+        heartbeat_timeout_s: float,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.policy = policy
+        self.book = book
+        self._lookup = lookup_hit_blocks
+        self._keys_of = block_keys_of
+        self.block_size = block_size
+        self.hbm_tokens = hbm_tokens_per_decode_engine
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.clock = clock
+        self.t0 = clock()
+        self.groups = {g.node_id: g for g in groups}
+        self.engine_node = {e: g.node_id for g in groups for e in g.engine_ids}
+        self.engine_role = {e: g.role for g in groups for e in g.engine_ids}
+        self._lock = threading.Lock()
+        self._last_seen: dict[int, float] = {}
+        self._addresses: dict[int, object] = {}
+        self.dead_nodes: set[int] = set()
+        self._queue: deque[int] = deque()  # request ids, FIFO
+        self._inflight: dict[int, _InFlight] = {}
+        self._outbox: dict[int, GroupReply] = {g.node_id: GroupReply() for g in groups}
+        self.records: dict[int, TurnRecord] = {}
+        self.links: list[LinkBytes] = []
+        self.events_seen = 0
+        self.requeued = 0
+        self.failure: str | None = None
+        self.schedule_time_s = 0.0  # wall time spent inside the policy (runtime overhead figure)
+        self.schedule_calls = 0
+        self.stats: dict[int, dict] = {}
+        self.started = False
+
+    # ---------------------------------------------------------------- time
+    def now(self) -> float:
+        """Seconds since the run started (the TurnRecord time base)."""
+        return self.clock() - self.t0
+
+    # ---------------------------------------------------------------- fetch
+    def fetch(self, report: GroupReport) -> GroupReply:
+        with self._lock:
+            node = report.node_id
+            if node not in self.groups:
+                raise RunFailed(f"fetch from unknown node {node}")
+            if node in self.dead_nodes:
+                # A group declared dead must not come back with stale work: tell it to stop.
+                return GroupReply(shutdown=True)
+            self._last_seen[node] = self.clock()
+            if report.address is not None:
+                self._addresses[node] = report.address
+            self.stats[node] = report.stats
+            for s in report.link_bytes:
+                self.links.append(
+                    LinkBytes(s.link, s.t0 - self.t0, s.t1 - self.t0, s.nbytes) if self._absolute(s) else s
+                )
+            for ev in report.events:
+                self._apply(node, ev)
+            if not self.started and self._all_registered():
+                # The run's clock starts when every group is up (models built, endpoints listening).
+                self.started = True
+                self.t0 = self.clock()
+            if self.started:
+                self._admit_due()
+                if self.groups[node].role == "prefill":
+                    # As in the paper, placement runs when a PE group fetches: its PEs (Algorithm 1) and, for
+                    # each request, a DE among all DE groups (two-phase) and the read side. DE groups fetch
+                    # only to pick up their tasks: placing on a DE group's fetch would favour whichever
+                    # group happens to fetch right after a turn arrives.
+                    self._schedule(node)
+            reply = self._outbox[node]
+            self._outbox[node] = GroupReply()
+            if self._all_registered():
+                reply.directory = {
+                    e: (self.engine_node[e], self._addresses[self.engine_node[e]][e])
+                    for e in self.engine_node
+                    if self.engine_node[e] not in self.dead_nodes
+                }
+            reply.shutdown = self.book.done or self.failure is not None
+            return reply
+
+    def _absolute(self, s: LinkBytes) -> bool:
+        # Engines record wall-clock times; convert to run-relative on arrival (one machine or synced clocks).
+        return s.t0 > 1e9
+
+    def _all_registered(self) -> bool:
+        return all(n in self._addresses or n in self.dead_nodes for n in self.groups)
+
+    # ---------------------------------------------------------------- lifecycle
+    def _admit_due(self) -> None:
+        for turn in self.book.pop_due(self.now()):
+            keys = self._keys_of(turn.prompt_ids)
+            rec = TurnRecord(
+                trajectory_id=turn.trajectory_id,
+                turn_index=turn.turn_index,
+                prompt_tokens=int(turn.prompt_ids.shape[0]),
+                hit_tokens=0,
+                gen_tokens=turn.gen_tokens,
+                arrival=turn.arrival,
+            )
+            self.records[turn.request_id] = rec
+            inf = _InFlight(turn=turn, keys=keys, attempt=0, pending=None)  # type: ignore[arg-type]
+            self._inflight[turn.request_id] = inf
+            self._requeue_lookup(inf)
+            self._queue.append(turn.request_id)
+
+    def _requeue_lookup(self, inf: _InFlight) -> None:
+        """(Re)compute the hit prefix: whole stored blocks, leaving at least one token to prefill."""
+        prompt = int(inf.turn.prompt_ids.shape[0])
+        usable = (prompt - 1) // self.block_size  # the last token must be computed to get logits
+        hit_blocks = min(self._lookup(inf.keys[:usable]), usable) if usable > 0 else 0
+        inf.pending = PendingRequest(
+            request_id=inf.turn.request_id,
+            trajectory_id=inf.turn.trajectory_id,
+            turn_index=inf.turn.turn_index,
+            prompt_tokens=prompt,
+            hit_tokens=hit_blocks * self.block_size,
+            gen_tokens=inf.turn.gen_tokens,
+            arrival_time=inf.turn.arrival,
+        )
+        self.records[inf.turn.request_id].hit_tokens = inf.pending.hit_tokens
+
+    # ---------------------------------------------------------------- policy
+    def snapshot(self) -> ClusterSnapshot:
+        engines: dict[int, EngineState] = {}
+        for e, node in self.engine_node.items():
+            if node in self.dead_nodes:
+                continue
+            role = self.engine_role[e]
+            engines[e] = EngineState(
+                engine_id=e, role=role, node_id=node, free_hbm_tokens=self.hbm_tokens if role == "decode" else 1 << 40
+            )
+        nodes = {n: NodeState(node_id=n, role=g.role) for n, g in self.groups.items() if n not in self.dead_nodes}
+        for inf in self._inflight.values():
+            a = inf.assignment
+            if a is None:
+                continue
+            p = inf.pending
+            if not inf.prefill_done and a.prefill_engine in engines:
+                engines[a.prefill_engine].seq += 1
+                engines[a.prefill_engine].tok += p.prompt_tokens
+            if a.decode_engine in engines:
+                d = engines[a.decode_engine]
+                d.seq += 1
+                d.tok += p.total_tokens
+                d.free_hbm_tokens -= p.total_tokens
+            for eng, toks in ((a.prefill_engine, inf.pe_read_tokens), (a.decode_engine, inf.de_read_tokens)):
+                n = self.engine_node[eng]
+                if n in nodes:
+                    nodes[n].read_queue_tokens += toks
+        return ClusterSnapshot(now=self.now(), engines=engines, nodes=nodes)
+
+    def _schedule(self, fetching_node: int) -> None:
+        if not self._queue:
+            return
+        snap = self.snapshot()
+        if not snap.engines_of("prefill") or not snap.engines_of("decode"):
+            self.failure = "no live prefill or decode engine left"
+            return
+        queue = [self._inflight[r].pending for r in self._queue]
+        t = time.perf_counter()
+        assignments = self.policy.schedule(snap, queue, fetching_node=fetching_node)
+        self.schedule_time_s += time.perf_counter() - t
+        self.schedule_calls += 1
+        placed = set()
+        for a in assignments:
+            inf = self._inflight.get(a.request_id)
+            if inf is None or inf.assignment is not None or a.request_id in placed:
+                raise RunFailed(f"policy {self.policy.name!r} returned an invalid assignment {a}")
+            if a.prefill_engine not in snap.engines or a.decode_engine not in snap.engines:
+                raise RunFailed(f"policy {self.policy.name!r} assigned a dead or unknown engine: {a}")
+            placed.add(a.request_id)
+            self._place(inf, a)
+        if placed:
+            self._queue = deque(r for r in self._queue if r not in placed)
+
+    def _place(self, inf: _InFlight, a: Assignment) -> None:
+        p = inf.pending
+        hit_blocks = p.hit_tokens // self.block_size
+        de_blocks = int(round(a.de_read_fraction * hit_blocks))
+        pe_blocks = hit_blocks - de_blocks
+        inf.assignment = a
+        inf.pe_read_tokens = pe_blocks * self.block_size
+        inf.de_read_tokens = de_blocks * self.block_size
+        inf.prefill_done = False
+        task = TurnTask(
+            request_id=p.request_id,
+            attempt=inf.attempt,
+            trajectory_id=p.trajectory_id,
+            turn_index=p.turn_index,
+            prompt_ids=inf.turn.prompt_ids,
+            gen_tokens=p.gen_tokens,
+            block_keys=inf.keys,
+            hit_blocks=hit_blocks,
+            pe_read_blocks=pe_blocks,
+            prefill_engine=a.prefill_engine,
+            decode_engine=a.decode_engine,
+            read_side=a.read_side,
+        )
+        inf.task = task
+        rec = self.records[p.request_id]
+        rec.scheduled = self.now()
+        rec.prefill_engine, rec.decode_engine, rec.read_side = a.prefill_engine, a.decode_engine, a.read_side
+        rec.hit_tokens = p.hit_tokens
+        pe_node, de_node = self.engine_node[a.prefill_engine], self.engine_node[a.decode_engine]
+        self._outbox[pe_node].tasks.append(task)
+        if de_node != pe_node:
+            self._outbox[de_node].tasks.append(task)
+
+    # ---------------------------------------------------------------- events
+    def _apply(self, node: int, ev: Event) -> None:
+        self.events_seen += 1
+        if ev.kind == "error":
+            self.failure = f"node {node}: {ev.data.get('message')}"
+            log.error("engine error on node %d: %s", node, ev.data.get("message"))
+            return
+        inf = self._inflight.get(ev.request_id)
+        if inf is None or inf.attempt != ev.attempt:
+            return  # a finished request or a stale attempt (re-run elsewhere): ignore
+        rec = self.records[ev.request_id]
+        t = ev.t - self.t0
+        if ev.kind == "read_done":
+            side = ev.data["side"]
+            if side == "pe":
+                inf.pe_read_tokens = 0
+                rec.pe_read_bytes += ev.data["nbytes"]
+            else:
+                inf.de_read_tokens = 0
+                rec.de_read_bytes += ev.data["nbytes"]
+            rec.read_start = (
+                min(rec.read_start, ev.data["t_start"] - self.t0)
+                if not math.isnan(rec.read_start)
+                else ev.data["t_start"] - self.t0
+            )
+            rec.read_end = t if math.isnan(rec.read_end) else max(rec.read_end, t)
+        elif ev.kind == "prefill_start":
+            rec.prefill_start = t
+        elif ev.kind == "prefill_end":
+            inf.prefill_done = True
+            inf.pe_read_tokens = 0
+            rec.prefill_end = t
+            rec.hit_tokens = ev.data["hit_tokens"]  # a corrupt/missing block shortens the hit (recomputed)
+        elif ev.kind == "first_token":
+            rec.first_token = t
+        elif ev.kind == "second_token":
+            rec.second_token = t
+        elif ev.kind == "turn_done":
+            rec.finished = t
+            if math.isnan(rec.prefill_end):
+                rec.prefill_end = t
+            del self._inflight[ev.request_id]
+            self.book.complete(ev.request_id, ev.data["tokens"], t)
+        else:
+            raise RunFailed(f"unknown event kind {ev.kind!r} from node {node}")
+
+    # ---------------------------------------------------------------- failures
+    def check_heartbeats(self) -> list[int]:
+        """Declare silent groups dead and re-queue their requests. Returns the nodes newly declared dead."""
+        newly = []
+        with self._lock:
+            now = self.clock()
+            for n in self.groups:
+                if n in self.dead_nodes:
+                    continue
+                seen = self._last_seen.get(n)
+                if seen is not None and now - seen > self.heartbeat_timeout_s:
+                    newly.append(n)
+            for n in newly:
+                self._declare_dead(n)
+        return newly
+
+    def declare_dead(self, node: int) -> None:
+        """A launcher saw the group's process exit: no need to wait for the heartbeat timeout."""
+        with self._lock:
+            if node not in self.dead_nodes:
+                self._declare_dead(node)
+
+    def _declare_dead(self, node: int) -> None:
+        log.warning("node %d (%s) is dead: re-queueing its requests", node, self.groups[node].role)
+        self.dead_nodes.add(node)
+        rerun = []
+        for rid, inf in self._inflight.items():
+            a = inf.assignment
+            if a is None:
+                continue
+            nodes = {self.engine_node[a.prefill_engine], self.engine_node[a.decode_engine]}
+            if node not in nodes:
+                continue
+            for other in nodes - {node}:
+                self._outbox[other].cancels.append(Cancel(rid, inf.attempt))
+            rerun.append(rid)
+        for rid in rerun:
+            inf = self._inflight[rid]
+            inf.attempt += 1
+            inf.assignment = None
+            inf.task = None
+            inf.pe_read_tokens = inf.de_read_tokens = 0
+            inf.prefill_done = False
+            self._requeue_lookup(inf)
+            rec = self.records[rid]
+            for f in (
+                "scheduled",
+                "read_start",
+                "read_end",
+                "prefill_start",
+                "prefill_end",
+                "first_token",
+                "second_token",
+            ):
+                setattr(rec, f, math.nan)
+            rec.pe_read_bytes = rec.de_read_bytes = 0
+            self.requeued += 1
+        # Re-run requests go to the front, oldest first (they were admitted before anything still queued).
+        self._queue = deque(sorted(rerun, key=lambda r: self._inflight[r].turn.arrival) + list(self._queue))
+
+    # ---------------------------------------------------------------- results
+    def progress(self) -> tuple[int, int]:
+        with self._lock:
+            return self.book.completed_turns, self.book.total_turns
+
+    def finished_records(self) -> list[TurnRecord]:
+        with self._lock:
+            return [self.records[r] for r in sorted(self.records) if not math.isnan(self.records[r].finished)]

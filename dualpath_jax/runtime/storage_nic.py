@@ -1,0 +1,150 @@
+"""A node's storage NIC (SNIC): its read queue (hit KV loads) and its write-back queue, paced by the node's link.
+
+Reads are served FIFO by one thread: a read job loads consecutive Full Blocks from the store into a request's
+host-buffer area (layer-major `[L, prompt_tokens, bpt]`), each block's bytes paced through the SNIC, and
+stops at the first missing or corrupt block (the hit shrinks; the rest is recomputed, never wrong KV).
+`read_queue_tokens` is the node's read_q of the paper. Write-backs (a DE persisting filled blocks) go
+through the same SNIC link from a second thread, so reads and writes share the emulated bandwidth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ReadJob:
+    request_id: int
+    attempt: int
+    keys: list  # block keys to read, in order
+    first_block: int  # index of keys[0] in the prompt (its tokens start at first_block * block_size)
+    area: np.ndarray  # uint8 [L, prompt_tokens, bpt]: the request's host-buffer area
+    on_done: Callable[[ReadJob, int, int, float, float], None]  # (job, ok_blocks, nbytes, t_start, t_end)
+    cancelled: bool = False
+
+
+@dataclasses.dataclass
+class WriteJob:
+    keys: list
+    blocks: list  # uint8 [L, block_size, bpt] each (owned copies)
+    on_done: Callable[[int], None] | None = None  # (blocks written)
+
+
+class StorageNIC:
+    """One node's SNIC: FIFO read queue and write-back queue over a shared paced link."""
+
+    def __init__(self, node_id: int, store, block_size: int, pace: Callable[[int], None], name: str = ""):
+        self.node_id = node_id
+        self.store = store
+        self.block_size = block_size
+        self._pace = pace
+        self._reads: queue.Queue = queue.Queue()
+        self._writes: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._queued_read_tokens = 0
+        self._pending_writes = 0
+        self._stop = threading.Event()
+        full = store.layout.full_block_shape
+        self._read_staging = np.zeros(full, np.uint8)  # [L, block_size, bpt]: one Full Block in flight
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.failed_reads = 0
+        self._threads = [
+            threading.Thread(target=self._read_loop, name=f"snic{node_id}-read{name}", daemon=True),
+            threading.Thread(target=self._write_loop, name=f"snic{node_id}-write{name}", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def read_queue_tokens(self) -> int:
+        with self._lock:
+            return self._queued_read_tokens
+
+    @property
+    def pending_writes(self) -> int:
+        with self._lock:
+            return self._pending_writes
+
+    def submit_read(self, job: ReadJob) -> None:
+        with self._lock:
+            self._queued_read_tokens += len(job.keys) * self.block_size
+        self._reads.put(job)
+
+    def submit_write(self, job: WriteJob) -> None:
+        with self._lock:
+            self._pending_writes += len(job.keys)
+        self._writes.put(job)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reads.put(None)
+        self._writes.put(None)
+
+    def _read_loop(self) -> None:
+        bs = self.block_size
+        nbytes_block = self.store.layout.full_block_nbytes
+        while not self._stop.is_set():
+            job = self._reads.get()
+            if job is None:
+                return
+            t_start = time.time()
+            ok = 0
+            nbytes = 0
+            try:
+                for j, key in enumerate(job.keys):
+                    if job.cancelled:
+                        break
+                    self._pace(nbytes_block)
+                    if not self.store.read(key, self._read_staging):
+                        self.failed_reads += 1
+                        log.warning(
+                            "node %d: block %d of request %d is missing or corrupt: recomputed as a miss",
+                            self.node_id,
+                            job.first_block + j,
+                            job.request_id,
+                        )
+                        break
+                    t0 = (job.first_block + j) * bs
+                    job.area[:, t0 : t0 + bs] = self._read_staging  # Full Block -> layer-major area
+                    ok += 1
+                    nbytes += nbytes_block
+            except Exception:  # noqa: BLE001 -- an I/O error is a miss for the rest of the job
+                log.exception("node %d: read of request %d failed", self.node_id, job.request_id)
+            finally:
+                with self._lock:
+                    self._queued_read_tokens -= len(job.keys) * bs
+                self.bytes_read += nbytes
+            job.on_done(job, ok, nbytes, t_start, time.time())
+
+    def _write_loop(self) -> None:
+        nbytes_block = self.store.layout.full_block_nbytes
+        while not self._stop.is_set():
+            job = self._writes.get()
+            if job is None:
+                return
+            written = 0
+            for key, block in zip(job.keys, job.blocks, strict=True):
+                try:
+                    if self.store.contains(key):
+                        written += 1
+                        continue
+                    self._pace(nbytes_block)
+                    if self.store.write(key, block):
+                        written += 1
+                        self.bytes_written += nbytes_block
+                except Exception:  # noqa: BLE001 -- a failed write-back only costs a future miss
+                    log.exception("node %d: write-back failed", self.node_id)
+            with self._lock:
+                self._pending_writes -= len(job.keys)
+            if job.on_done is not None:
+                job.on_done(written)

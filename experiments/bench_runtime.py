@@ -1,0 +1,285 @@
+"""Runtime figures: DualPath vs Basic on the emulated 1P2D I/O-bound setup, the simulator's prediction for the
+same setup, and the runtime's per-turn overhead against model compute alone.
+
+    python -m experiments.bench_runtime                       # configs/tiny_runtime.py (local processes)
+    python -m experiments.bench_runtime --config.runtime.workload.agents=48
+    python -m experiments.bench_runtime --config=configs/tiny_runtime.py:test --skip_overhead   # quick look
+
+1. Speedup: one session of node processes (compiled once, then a warm-up run at unpaced NIC speed), then
+   `basic` and `dualpath` on the same conversations with the configured NIC caps. JCT speedup measured in
+   this run.
+2. Simulator: `dualpath_jax.sim.Simulator` on the same trajectories, the same 1P2D layout, NIC caps, block
+   size, buffers, decode slots, fetch interval and policies, with a cost model fitted (least squares,
+   `schedulers.cost_model.CostModel.from_fit`) to the prefill batches and decode steps the runtime measured
+   in step 1 on this machine. Its predicted speedup is printed beside the measured one.
+3. Overhead: one agent at a time (no queueing), NICs unpaced: per-turn wall time of the runtime (scheduler
+   fetches, store reads/writes, transfers, buffers) against the model compute of the same turns (prefill
+   + decode steps measured inside the engines).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_runtime.py"), "Runtime configuration."
+)
+_SKIP_SIM = flags.DEFINE_bool("skip_sim", False, "Do not run the simulator comparison.")
+_SKIP_OVERHEAD = flags.DEFINE_bool("skip_overhead", False, "Do not measure the per-turn overhead.")
+_OVERHEAD_TURNS = flags.DEFINE_integer("overhead_turns", 8, "Turns of the single agent of the overhead figure.")
+
+
+def step_measurements(results) -> list:
+    """The prefill batches and decode steps the engines timed, as cost-model measurements."""
+    from schedulers.cost_model import DecodeMeasurement, PrefillMeasurement
+
+    out = []
+    for res in results:
+        for st in res.node_stats.values():
+            for log in st.get("step_log", {}).values():
+                for entry in log:
+                    if len(entry) == 2:
+                        items, s = entry
+                        if s > 0:
+                            out.append(PrefillMeasurement(tuple(tuple(x) for x in items), s))
+                    else:
+                        b, ctx, s = entry
+                        if s > 0:
+                            out.append(DecodeMeasurement(b, ctx, s))
+    return out
+
+
+class _FittedCost:
+    """What the simulator asks of a cost model, from one model fitted to this machine's measured steps."""
+
+    def __init__(self, cost):
+        self.cost = cost
+
+    def batch_prefill_time(self, items):
+        return self.cost.batch_prefill_time(items)
+
+    def decode_step_time(self, batch_size, total_context_tokens):
+        return self.cost.decode_step_time(batch_size, total_context_tokens)
+
+
+def simulate(cfg, trajs, cost, policy_kwargs: dict) -> dict:
+    """The simulator on the runtime's emulated cluster; returns its summary (JCT, SNIC balance, ...)."""
+    import schedulers
+    from dualpath_jax.sim import ClusterConfig, SimConfig, Simulator, WorkloadConfig
+    from dualpath_jax.sim.runner import summarize
+
+    c = cfg.cluster
+    kvb = cost.model.kv_bytes_per_token
+    cluster = ClusterConfig(
+        model=cost.model.name,
+        hardware="cpu",
+        prefill_nodes=c.prefill_nodes,
+        decode_nodes=c.decode_nodes,
+        gpus_per_node=c.engines_per_node,
+        snic_gbps=cfg.nics.snic_bytes_per_s / 1e9,
+        cnic_gbps=cfg.nics.cnic_bytes_per_s / 1e9,
+        dram_gbps=33.0,
+        host_buffer_gb=cfg.buffers.pe_buffer_bytes / 1e9,
+        pe_hbm_kv_gb=1.0,
+        de_hbm_kv_gb=c.decode_slots * c.max_seq_len * kvb / 1e9,
+        block_size=cfg.block_size,
+        kv_bytes_per_token=kvb,
+        high_share=cfg.nics.high_priority_share,
+        max_reads_per_node=1,  # the runtime's SNIC serves its read queue one request at a time (FIFO)
+        fetch_interval_s=cfg.scheduler.fetch_interval_s,
+        layerwise=True,  # the runtime's basic also prefills layer by layer; it differs in reads and placement
+        writeback=True,
+    )
+    sim_cfg = SimConfig(
+        cluster=cluster,
+        workload=WorkloadConfig(kind="offline", n_agents=len(trajs)),
+        policy=cfg.scheduler.name,
+        policy_kwargs=policy_kwargs,
+        batcher=cfg.scheduler.batcher,
+        batcher_kwargs={"token_budget": c.prefill_token_budget} if cfg.scheduler.batcher == "fifo" else {},
+    )
+    policy = schedulers.make_policy(sim_cfg.policy, **policy_kwargs)
+    batcher = schedulers.make_batcher(sim_cfg.batcher, **sim_cfg.batcher_kwargs)
+    sim = Simulator(sim_cfg, trajs, policy, batcher, _FittedCost(cost), kvb, cost.model.layers)
+    records, links, stats = sim.run()
+    return summarize(sim_cfg, records, links, stats)
+
+
+def _plot(out: dict, path: str) -> None:
+    """JCT measured vs simulated per policy, and the per-turn time split; skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.info("matplotlib is not installed: skipping the plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    pols = list(out.get("measured", {}))
+    x = range(len(pols))
+    axes[0].bar([i - 0.2 for i in x], [out["measured"][p]["jct_s"] for p in pols], 0.4, label="runtime (measured)")
+    if "simulated" in out:
+        axes[0].bar([i + 0.2 for i in x], [out["simulated"][p]["jct_s"] for p in pols], 0.4, label="simulator")
+    axes[0].set_xticks(list(x), pols)
+    axes[0].set_ylabel("JCT (s)")
+    axes[0].set_title(f"1P2D I/O-bound: speedup {out.get('measured_speedup', math.nan):.2f}x")
+    axes[0].legend()
+    o = out.get("overhead_per_turn")
+    if o:
+        axes[1].bar(["per turn"], [o["model_compute_ms"]], label="model compute")
+        axes[1].bar(["per turn"], [o["overhead_ms"]], bottom=[o["model_compute_ms"]], label="runtime overhead")
+        axes[1].set_ylabel("ms")
+        axes[1].set_title("1 agent, unpaced NICs")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    from dualpath_jax.runtime import driver
+    from dualpath_jax.runtime.config import RuntimeConfig
+    from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
+    from dualpath_jax.runtime.model_ops import cost_model_shape
+    from schedulers.cost_model import CostModel
+
+    enable_compilation_cache()
+    config = _CONFIG.value
+    base = RuntimeConfig.from_config_dict(config.runtime)
+    trajs, ops = driver.prepare(base)
+    prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
+    session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
+    out = {"config": config.to_dict(), "prefill_tokens_per_s": prefill_tps}
+    try:
+
+        def run(cfg, ts=trajs):
+            return driver.run(
+                cfg,
+                ts,
+                model_ops=ops,
+                prefill_tokens_per_s=prefill_tps,
+                launcher=session.launcher(cfg) if session else None,
+            )
+
+        unpaced = {"nics.snic_bytes_per_s": 1e12, "nics.cnic_bytes_per_s": 1e12}
+        t0 = time.time()
+        run(base.replace(**{"scheduler.name": "basic", **unpaced}), trajs[: max(1, len(trajs) // 8)])
+        logging.info("warm-up (unpaced NICs): %.1f s", time.time() - t0)
+        measured = {p: run(base.replace(**{"scheduler.name": p})) for p in ("basic", "dualpath")}
+        jct = {p: r.summary["jct_s"] for p, r in measured.items()}
+        speedup = jct["basic"] / jct["dualpath"]
+        print("\n== DualPath vs Basic, emulated 1P2D I/O-bound setup (measured in one run) ==")
+        for p, r in measured.items():
+            s = r.summary
+            print(
+                f"{p:>9}: JCT {s['jct_s']:.2f} s   PE-read {s['pe_read_bytes'] / 1e6:.1f} MB   "
+                f"DE-read {s['de_read_bytes'] / 1e6:.1f} MB   SNIC max/avg {s['snic_max_over_avg']:.2f}"
+            )
+        print(f"  speedup basic -> dualpath: {speedup:.2f}x")
+        out["measured"] = {p: r.summary for p, r in measured.items()}
+        out["measured_speedup"] = speedup
+
+        if not _SKIP_SIM.value:
+            shape = cost_model_shape(ops)
+            meas = step_measurements(measured.values())
+            cost = CostModel.from_fit(shape, "cpu", meas)
+            logging.info(
+                "fitted cost model on %d measured steps: %s / %s", len(meas), cost.prefill_fit, cost.decode_fit
+            )
+            predicted = {}
+            for p in ("basic", "dualpath"):
+                cfg = base.replace(**{"scheduler.name": p})
+                kw = driver.policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tps)
+                t0 = time.time()
+                predicted[p] = simulate(cfg, trajs, cost, kw)
+                logging.info("simulated %s in %.2f s", p, time.time() - t0)
+            sim_speedup = predicted["basic"]["jct_s"] / predicted["dualpath"]["jct_s"]
+            print("\n== Simulator prediction for the same setup (cost model fitted to this machine's steps) ==")
+            print(f"{'':>9}  {'runtime JCT':>12}  {'sim JCT':>8}  {'sim/runtime':>11}")
+            for p in ("basic", "dualpath"):
+                print(
+                    f"{p:>9}  {jct[p]:>12.2f}  {predicted[p]['jct_s']:>8.2f}  {predicted[p]['jct_s'] / jct[p]:>11.2f}"
+                )
+            err = sim_speedup / speedup - 1.0
+            print(f"  speedup: runtime {speedup:.2f}x, simulator {sim_speedup:.2f}x ({100 * err:+.1f}%)")
+            out["simulated"] = predicted
+            out["simulated_speedup"] = sim_speedup
+            out["fit"] = {
+                "prefill": dataclasses.asdict(cost.prefill_fit),
+                "decode": dataclasses.asdict(cost.decode_fit),
+            }
+
+        if not _SKIP_OVERHEAD.value:
+            one = base.replace(
+                **{
+                    "scheduler.name": "dualpath",
+                    "workload.agents": 1,
+                    "workload.turns": _OVERHEAD_TURNS.value,
+                    **unpaced,
+                }
+            )
+            one_trajs = driver.make_trajectories(one)
+            run(one, one_trajs)  # compile this shape mix first
+            res = run(one, one_trajs)
+            turns = len(res.records)
+            compute = sum(sum(st.get("busy_s", {}).values()) for st in res.node_stats.values())
+            wall = res.summary["jct_s"]
+            per_turn = {
+                "wall_ms": 1e3 * wall / turns,
+                "model_compute_ms": 1e3 * compute / turns,
+                "overhead_ms": 1e3 * (wall - compute) / turns,
+                "scheduler_ms_per_call": 1e3 * res.schedule_time_s / max(1, res.schedule_calls),
+                "ttft_p50_ms": 1e3 * res.summary["ttft_p50_s"],
+            }
+            print("\n== Per-turn runtime overhead (1 agent, unpaced NICs, turns one after another) ==")
+            print(
+                f"  wall {per_turn['wall_ms']:.1f} ms/turn = model compute {per_turn['model_compute_ms']:.1f} ms "
+                f"+ overhead {per_turn['overhead_ms']:.1f} ms ({100 * (wall - compute) / wall:.0f}%: scheduler fetch "
+                f"interval, store reads/writes, transfers, buffers); policy {per_turn['scheduler_ms_per_call']:.3f} ms/call"
+            )
+            # Where a turn's wall time goes (means over turns, ms): the runtime's own steps between the model's.
+            import numpy as np
+
+            recs = sorted(res.records, key=lambda r: r.turn_index)
+            parts = {
+                "wait for a PE fetch (arrival->scheduled)": [r.scheduled - r.arrival for r in recs],
+                "task pickup, buffer handshake, store reads (scheduled->prefill start)": [
+                    r.prefill_start - r.scheduled for r in recs
+                ],
+                "prefill incl. KV sends to the DE": [r.prefill_end - r.prefill_start for r in recs],
+                "hand-off to the DE (prefill end->first token)": [r.first_token - r.prefill_end for r in recs],
+                "decode incl. write-back": [r.finished - r.first_token for r in recs],
+                "turn-done report -> next turn due": [
+                    b.arrival - a.finished for a, b in zip(recs, recs[1:], strict=False)
+                ],
+            }
+            per_turn["breakdown_ms"] = {k: 1e3 * float(np.mean(v)) for k, v in parts.items() if v}
+            for k, v in per_turn["breakdown_ms"].items():
+                print(f"    {v:7.1f} ms  {k}")
+            out["overhead_per_turn"] = per_turn
+    finally:
+        if session is not None:
+            session.close()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = os.path.join(config.results_dir, f"bench_runtime-{stamp}")
+    os.makedirs(out_dir, exist_ok=True)
+    _plot(out, os.path.join(out_dir, "bench_runtime.png"))
+    with open(os.path.join(out_dir, "bench_runtime.json"), "w") as f:
+        json.dump(out, f, indent=1, default=lambda x: float(x) if isinstance(x, (int, float)) else str(x))
+    logging.info("results written to %s", out_dir)
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    app.run(main)

@@ -1,0 +1,206 @@
+"""The main job: the DualPath runtime on embedded defaults, `basic` and `dualpath` side by side.
+
+    python -m experiments.run
+    python -m experiments.run --config.policies=basic,dualpath,round_robin --config.runtime.workload.agents=48
+    python -m experiments.run --config=configs/tiny_runtime.py:test    # small, in-process
+
+A tiny model, 1 PE node and 2 DE nodes as local processes, a local directory store, NIC caps that make storage
+the bottleneck, a few dozen multi-turn agents (configs/tiny_runtime.py). Each policy runs on a fresh cluster
+and a fresh store with the same conversations; the job prints JCT, throughput, TTFT/TPOT percentiles, bytes
+per read path and the storage-NIC max/avg, and writes JSON + a plot into results/<timestamp>/.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+from absl import app, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_runtime.py"), "Run configuration."
+)
+
+COLUMNS = [
+    ("jct_s", "JCT s", "{:.2f}"),
+    ("gen_tokens_per_s", "gen tok/s", "{:.1f}"),
+    ("prompt_tokens_per_s", "prompt tok/s", "{:.0f}"),
+    ("ttft_p50_s", "TTFT p50", "{:.3f}"),
+    ("ttft_p99_s", "TTFT p99", "{:.3f}"),
+    ("tpot_p50_s", "TPOT p50", "{:.4f}"),
+    ("tpot_p99_s", "TPOT p99", "{:.4f}"),
+    ("pe_read_bytes", "PE-read MB", "mb"),
+    ("de_read_bytes", "DE-read MB", "mb"),
+    ("snic_max_over_avg", "SNIC max/avg", "{:.2f}"),
+]
+
+
+def format_table(results: dict) -> str:
+    """One row per policy plus the JCT speedup over the first policy (the baseline of the same run)."""
+    names = list(results)
+    header = ["policy"] + [c[1] for c in COLUMNS] + [f"speedup vs {names[0]}"]
+    rows = []
+    base = results[names[0]].summary["jct_s"]
+    for n in names:
+        s = results[n].summary
+        row = [n]
+        for key, _, fmt in COLUMNS:
+            v = s.get(key, math.nan)
+            row.append(f"{v / 1e6:.2f}" if fmt == "mb" else fmt.format(v))
+        row.append(f"{base / s['jct_s']:.2f}x")
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(r, widths, strict=True)) for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> bool:
+    """JCT per policy and bytes per storage NIC per policy; skipped (logged) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.info("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return False
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].bar(names, [results[n].summary["jct_s"] for n in names], color="tab:blue")
+    axes[0].set_ylabel("JCT (s)")
+    axes[0].set_title("offline rollout JCT")
+    links = sorted({k for n in names for k in results[n].summary.get("link_bytes", {}) if k.startswith("snic/")})
+    width = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        lb = results[n].summary.get("link_bytes", {})
+        axes[1].bar([j + i * width for j in range(len(links))], [lb.get(k, 0) / 1e6 for k in links], width, label=n)
+    axes[1].set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(links))], links, rotation=20)
+    axes[1].set_ylabel("MB (reads + write-backs)")
+    axes[1].set_title("bytes per storage NIC")
+    axes[1].legend()
+    for n in names:
+        recs = sorted(results[n].records, key=lambda r: r.finished)
+        axes[2].plot([r.finished for r in recs], range(1, len(recs) + 1), label=n)
+    axes[2].set_xlabel("time (s)")
+    axes[2].set_ylabel("turns finished")
+    axes[2].set_title("progress")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    import jax
+    from tqdm import tqdm
+
+    from dualpath_jax import metrics
+    from dualpath_jax.runtime import driver
+    from dualpath_jax.runtime.config import RuntimeConfig
+    from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
+
+    config = _CONFIG.value
+    enable_compilation_cache()
+    import flax
+    import numpy as np
+
+    logging.info(
+        "python %s, jax %s, flax %s, numpy %s, devices %s",
+        platform.python_version(),
+        jax.__version__,
+        flax.__version__,
+        np.__version__,
+        jax.devices(),
+    )
+    logging.info("resolved config:\n%s", config)
+    base = RuntimeConfig.from_config_dict(config.runtime)
+    policies = [p.strip() for p in str(config.policies).split(",") if p.strip()]
+    if not policies:
+        raise app.UsageError("--config.policies is empty")
+    # Everything is checked before anything starts: each policy's config, the model, the workload.
+    trajs, ops = driver.prepare(base)
+    for p in policies:
+        driver.prepare(base.replace(**{"scheduler.name": p}), trajs, ops)
+    prefill_tps = None
+    if config.calibrate:
+        prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
+        logging.info("measured prefill throughput on this machine: %.0f tokens/s (DualPath's beta)", prefill_tps)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = os.path.join(config.results_dir, stamp)
+    os.makedirs(out_dir, exist_ok=True)
+    results = {}
+    session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
+    try:
+
+        def one(cfg, label, ts=trajs):
+            with tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr) as bar:
+
+                def progress(done, total):
+                    bar.update(done - bar.n)
+
+                return driver.run(
+                    cfg,
+                    ts,
+                    model_ops=ops,
+                    on_progress=progress,
+                    prefill_tokens_per_s=prefill_tps,
+                    launcher=session.launcher(cfg) if session else None,
+                )
+
+        if config.warmup:
+            # A few of the conversations at unpaced NIC speed: every code path runs once in the session's node
+            # processes (connections, buffers, any step not precompiled) before the measured runs.
+            fast = base.replace(
+                **{"scheduler.name": policies[0], "nics.snic_bytes_per_s": 1e12, "nics.cnic_bytes_per_s": 1e12}
+            )
+            t0 = time.time()
+            one(fast, "warm-up", trajs[: max(1, len(trajs) // 8)])
+            logging.info("warm-up run (unpaced NICs): %.1f s", time.time() - t0)
+        for p in policies:
+            cfg = base.replace(**{"scheduler.name": p})
+            t0 = time.time()
+            res = one(cfg, p)
+            logging.info(
+                "%s: %d turns in %.1f s wall (startup %.1f s)", p, len(res.records), time.time() - t0, res.startup_s
+            )
+            results[p] = res
+            metrics.write_json(os.path.join(out_dir, f"turns_{p}.json"), res.records, res.links, policy=p)
+    finally:
+        if session is not None:
+            session.close()
+    table = format_table(results)
+    print(table)
+    summary = {
+        "config": config.to_dict(),
+        "prefill_tokens_per_s": prefill_tps,
+        "results": {p: r.summary for p, r in results.items()},
+        "requeued": {p: r.requeued for p, r in results.items()},
+        "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},
+        "node_stats": {
+            p: {n: {k: v for k, v in st.items() if k != "step_log"} for n, st in r.node_stats.items()}
+            for p, r in results.items()
+        },
+        "speedup_vs_first": {p: results[policies[0]].summary["jct_s"] / r.summary["jct_s"] for p, r in results.items()},
+    }
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=float)
+    with open(os.path.join(out_dir, "table.txt"), "w") as f:
+        f.write(table + "\n")
+    if config.plot and plot(results, os.path.join(out_dir, "run.png")):
+        logging.info("plot: %s", os.path.join(out_dir, "run.png"))
+    logging.info("results written to %s", out_dir)
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    app.run(main)

@@ -1,0 +1,390 @@
+"""The DualPath runtime end to end: real tiny model, real store, real transports, registered policies.
+
+Ground truth is a single-process reference run of the same conversations (full prefill of every prompt +
+greedy decode, no store, no transport). Every runtime run must reproduce its tokens exactly, whatever the
+policy, read path or transport, and complete every turn exactly once, also when a block is corrupted or a
+decode engine dies mid-run.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from configs.tiny_runtime import get_config
+from dualpath_jax.runtime import driver
+from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
+from dualpath_jax.runtime.lifecycle import ConversationBook
+from dualpath_jax.runtime.model_ops import ModelOps, reference_conversations
+
+
+@pytest.fixture(scope="module")
+def base() -> RuntimeConfig:
+    return RuntimeConfig.from_config_dict(get_config("test").runtime)
+
+
+@pytest.fixture(scope="module")
+def ops(base) -> ModelOps:
+    return ModelOps(base.model, base.model_seed)
+
+
+@pytest.fixture(scope="module")
+def trajs(base):
+    return driver.make_trajectories(base)
+
+
+@pytest.fixture(scope="module")
+def reference(base, ops, trajs) -> dict:
+    return reference_conversations(
+        ops, lambda: ConversationBook(trajs, ops.vocab_size, seed=base.workload.seed), base.cluster.max_seq_len
+    )
+
+
+def assert_matches_reference(res: driver.RunResult, reference: dict, trajs) -> None:
+    total = sum(len(t.turns) for t in trajs)
+    keys = [(r.trajectory_id, r.turn_index) for r in res.records]
+    assert len(keys) == total and len(set(keys)) == total, "every turn must complete exactly once"
+    assert set(res.tokens) == set(reference)
+    bad = [k for k in reference if not np.array_equal(reference[k], res.tokens[k])]
+    assert not bad, f"turns whose tokens differ from the reference: {bad}"
+    for r in res.records:
+        assert r.first_token <= r.finished and r.arrival <= r.scheduled <= r.prefill_end
+
+
+def expected_hit(traj, i: int, block_size: int) -> int:
+    """Blocks persisted by turn i-1 (its prompt's whole blocks + blocks filled while decoding), capped so at
+    least one prompt token is computed."""
+    if i == 0:
+        return 0
+    prev_prompt = traj.prompt_tokens(i - 1)
+    kv_tokens = prev_prompt + traj.turns[i - 1].gen_tokens - 1  # the last generated token is never fed
+    stored = (kv_tokens // block_size) * block_size
+    return min(stored, ((traj.prompt_tokens(i) - 1) // block_size) * block_size)
+
+
+@pytest.mark.parametrize(
+    "policy,transport",
+    [
+        ("basic", "inproc"),  # PE path only
+        ("de_only", "inproc"),  # DE path only
+        ("dualpath", "tcp"),
+        ("round_robin", "tcp"),
+        ("split", "inproc"),  # one request's blocks read on both sides
+    ],
+)
+def test_tokens_equal_reference(base, ops, trajs, reference, policy, transport):
+    cfg = base.replace(**{"scheduler.name": policy, "transport": transport})
+    res = driver.run(cfg, trajs, model_ops=ops)
+    assert_matches_reference(res, reference, trajs)
+    sides = {r.read_side for r in res.records if r.hit_tokens}
+    if policy == "basic":
+        assert sides == {"pe"} and res.summary["de_read_bytes"] == 0
+    if policy == "de_only":
+        assert sides == {"de"} and res.summary["pe_read_bytes"] == 0
+    # Hits come from the store: every block the previous turn persisted (prompt + decode write-back).
+    by_traj = {t.trajectory_id: t for t in trajs}
+    for r in res.records:
+        assert r.hit_tokens == expected_hit(by_traj[r.trajectory_id], r.turn_index, cfg.block_size), r
+    hit_bytes = sum(r.hit_tokens for r in res.records) * ops.config.kv_bytes_per_token
+    assert res.summary["pe_read_bytes"] + res.summary["de_read_bytes"] == hit_bytes
+
+
+def test_chunked_prefill_and_small_buffers(base, ops, trajs, reference):
+    """A tiny prefill token budget forces chunked prefill; small host buffers make requests wait for space."""
+    cfg = base.replace(
+        **{
+            "scheduler.name": "dualpath",
+            "cluster.prefill_token_budget": 8,
+            "buffers.pe_buffer_bytes": 160 * 1024,
+            "buffers.de_buffer_bytes": 160 * 1024,
+        }
+    )
+    res = driver.run(cfg, trajs, model_ops=ops)
+    assert_matches_reference(res, reference, trajs)
+
+
+def test_mla_moe_model_both_paths(base):
+    """A DeepSeek-style model (MLA latent KV, MoE): the runtime moves its KV bytes unchanged on both paths."""
+    cfg = base.replace(model="tiny_deepseek", **{"scheduler.name": "split", "transport": "tcp"})
+    ts, ds_ops = driver.prepare(cfg)
+    ref = reference_conversations(
+        ds_ops, lambda: ConversationBook(ts, ds_ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len
+    )
+    res = driver.run(cfg, ts, model_ops=ds_ops)
+    assert_matches_reference(res, ref, ts)
+    assert res.summary["pe_read_bytes"] > 0 and res.summary["de_read_bytes"] > 0
+
+
+def test_two_engines_per_node(base, ops, trajs, reference):
+    """g = 2: the engines of a node share its SNIC and host buffer budget; each has its own CNIC/endpoint."""
+    cfg = base.replace(**{"scheduler.name": "dualpath", "cluster.engines_per_node": 2, "transport": "tcp"})
+    res = driver.run(cfg, trajs, model_ops=ops)
+    assert_matches_reference(res, reference, trajs)
+    assert {r.prefill_engine for r in res.records} <= {0, 1} and {r.decode_engine for r in res.records} <= {2, 3, 4, 5}
+
+
+def test_compute_quota_batcher(base, ops, trajs, reference):
+    """The paper's intra-engine policy: a quota small enough to chunk most requests (cost model of this CPU)."""
+    cfg = base.replace(**{"scheduler.name": "dualpath", "scheduler.batcher": "compute_quota"})
+    cfg = cfg.replace(**{"scheduler.batcher_kwargs": {"quota_s": 5e-5}})
+    res = driver.run(cfg, trajs, model_ops=ops)
+    assert_matches_reference(res, reference, trajs)
+    chunks = sum(len(items) for items, _ in res.node_stats[0]["step_log"][0])
+    assert chunks > len(res.records), "the quota must have chunk-prefilled some requests"
+
+
+def test_corrupt_block_is_recomputed(base, ops, trajs, reference, tmp_path):
+    """Corrupt every stored block once the first turns are done: reads miss, the KV is recomputed, and the
+    tokens stay identical."""
+    store = tmp_path / "store"
+    cfg = base.replace(**{"scheduler.name": "round_robin", "store_dir": str(store)})
+    corrupted = []
+
+    def fault(service, launcher):
+        done, _ = service.progress()
+        if done >= len(trajs) and not corrupted:
+            for path in glob.glob(str(store / "blocks" / "*" / "*.kvb")):
+                with open(path, "r+b") as f:
+                    f.seek(-7, os.SEEK_END)
+                    b = f.read(1)
+                    f.seek(-7, os.SEEK_END)
+                    f.write(bytes([b[0] ^ 0xFF]))
+                corrupted.append(path)
+
+    res = driver.run(cfg, trajs, model_ops=ops, fault=fault)
+    assert corrupted, "the test must have corrupted stored blocks"
+    assert_matches_reference(res, reference, trajs)
+    failed = sum(s.get("failed_reads", 0) for s in res.node_stats.values())
+    assert failed > 0, "corrupt blocks must have been detected on read"
+    by_traj = {t.trajectory_id: t for t in trajs}
+    short = [
+        r for r in res.records if r.hit_tokens < expected_hit(by_traj[r.trajectory_id], r.turn_index, cfg.block_size)
+    ]
+    assert short, "some hit must have been cut by a corrupt block"
+
+
+def test_killed_decode_node_loses_nothing(base, ops, trajs, reference):
+    """Kill a DE node while it holds requests: they are re-queued and re-run on the other DE."""
+    cfg = base.replace(**{"scheduler.name": "round_robin", "workload.agents": 6, "scheduler.heartbeat_timeout_s": 1.0})
+    trajs6 = driver.make_trajectories(cfg)
+    ref6 = reference_conversations(
+        ops, lambda: ConversationBook(trajs6, ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len
+    )
+    killed = []
+
+    def fault(service, launcher):
+        if killed:
+            return
+        with service._lock:
+            busy = any(
+                inf.assignment is not None and service.engine_node[inf.assignment.decode_engine] == 2
+                for inf in service._inflight.values()
+            )
+        if busy and service.progress()[0] >= 2:
+            launcher.kill(2)
+            killed.append(2)
+
+    res = driver.run(cfg, trajs6, model_ops=ops, fault=fault)
+    assert killed
+    assert res.requeued > 0
+    assert_matches_reference(res, ref6, trajs6)
+
+
+def test_local_process_launcher_matches_reference(base, ops, trajs, reference):
+    """The default main job's launcher: one OS process per node, TCP between them."""
+    cfg = base.replace(**{"scheduler.name": "dualpath", "launcher": "local", "transport": "tcp"})
+    res = driver.run(cfg, trajs, model_ops=ops)
+    assert_matches_reference(res, reference, trajs)
+    assert any(s.link.startswith("snic/") for s in res.links)
+
+
+def test_local_process_kill_decode_node(base, ops):
+    """SIGKILL a DE process mid-run: the scheduler notices (exit / heartbeat) and re-runs its requests."""
+    cfg = base.replace(
+        **{
+            "scheduler.name": "round_robin",
+            "launcher": "local",
+            "transport": "tcp",
+            "workload.agents": 6,
+            "scheduler.heartbeat_timeout_s": 1.0,
+        }
+    )
+    trajs6 = driver.make_trajectories(cfg)
+    ref6 = reference_conversations(
+        ops, lambda: ConversationBook(trajs6, ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len
+    )
+    killed = []
+
+    def fault(service, launcher):
+        if killed:
+            return
+        with service._lock:
+            busy = any(
+                inf.assignment is not None and service.engine_node[inf.assignment.decode_engine] == 2
+                for inf in service._inflight.values()
+            )
+        if busy and service.progress()[0] >= 2:
+            launcher.kill(2)
+            killed.append(2)
+
+    res = driver.run(cfg, trajs6, model_ops=ops, fault=fault)
+    assert killed and res.requeued > 0
+    assert_matches_reference(res, ref6, trajs6)
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_unknown_policy_is_rejected_before_start(base, ops):
+    cfg = base.replace(**{"scheduler.name": "dualpth"})
+    with pytest.raises(ConfigError, match=r"config.scheduler.name.*dualpth.*known: .*dualpath"):
+        driver.run(cfg, model_ops=ops)
+
+
+def test_impossible_buffer_budget_is_rejected(base, ops):
+    cfg = base.replace(**{"buffers.de_buffer_bytes": 4096})
+    with pytest.raises(ConfigError, match=r"config.buffers.de_buffer_bytes=4096 B cannot hold one request"):
+        driver.run(cfg, model_ops=ops)
+
+
+def test_short_decode_slot_is_rejected(base, ops):
+    with pytest.raises(ConfigError, match=r"config.cluster.max_seq_len"):
+        driver.run(base.replace(**{"cluster.max_seq_len": 64}), model_ops=ops)
+
+
+def test_unknown_fields_and_values(base):
+    d = get_config("test").runtime.to_dict()
+    d["cluster"]["prefil_nodes"] = 1
+    with pytest.raises(ConfigError, match=r"config.cluster: unknown field\(s\) \['prefil_nodes'\]"):
+        RuntimeConfig.from_config_dict(d)
+    with pytest.raises(ConfigError, match=r"config.launcher 'mpi' unknown"):
+        driver.prepare(base.replace(launcher="mpi"))
+    with pytest.raises(ConfigError, match=r"config.model: unknown model 'gpt5'"):
+        driver.prepare(base.replace(model="gpt5"))
+
+
+def test_pd_outside_range_warns(base, caplog):
+    cfg = base.replace(**{"cluster.prefill_nodes": 9, "nics.snic_bytes_per_s": 1e6, "nics.cnic_bytes_per_s": 8e6})
+    with caplog.at_level(logging.WARNING):
+        driver.prepare(cfg)
+    assert any("outside the bottleneck-free range" in r.message for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_ray_launcher_matches_reference(base, ops, trajs, reference):
+    """The Ray launcher on a local Ray instance (one actor per node)."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (optional extra: pip install -e '.[ray]')")
+    ray.init(num_cpus=4, ignore_reinit_error=True)
+    try:
+        cfg = base.replace(**{"scheduler.name": "dualpath", "launcher": "ray", "transport": "tcp"})
+        res = driver.run(cfg, trajs, model_ops=ops)
+        assert_matches_reference(res, reference, trajs)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize(
+    "workload",
+    [
+        {"workload.arrival": "online", "workload.aps": 20.0, "workload.gap_s": 0.05},
+        {
+            "workload.kind": "synthetic",
+            "workload.dataset": "32K",
+            "workload.scale": 0.02,
+            "workload.turns": 3,
+            "cluster.max_seq_len": 512,
+        },
+        {
+            "workload.kind": "trace",
+            "workload.trace": "kvcache_tester",
+            "workload.agents": 2,
+            "workload.turns": 3,
+            "workload.scale": 0.002,
+            "workload.time_scale": 0.002,
+            "workload.arrival": "trace",
+        },
+    ],
+    ids=["online", "synthetic", "trace"],
+)
+def test_drivers_over_shared_workloads(base, ops, workload):
+    """Online arrivals (Poisson, gaps) and the shared synthetic / real-trace workloads run to completion with the
+    reference's tokens; no turn starts before it is due."""
+    cfg = base.replace(**{"scheduler.name": "dualpath", **workload})
+    ts = driver.make_trajectories(cfg)
+    ref = reference_conversations(
+        ops, lambda: ConversationBook(ts, ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len
+    )
+    res = driver.run(cfg, ts, model_ops=ops)
+    assert_matches_reference(res, ref, ts)
+    recs = {(r.trajectory_id, r.turn_index): r for r in res.records}
+    arrivals = driver.make_arrival_model(cfg).agent_arrivals(ts)
+    for t, a in zip(ts, arrivals, strict=True):
+        assert recs[(t.trajectory_id, 0)].arrival == pytest.approx(a)
+        for i in range(1, len(t.turns)):
+            prev, cur = recs[(t.trajectory_id, i - 1)], recs[(t.trajectory_id, i)]
+            assert cur.arrival >= prev.finished + t.turns[i - 1].gap_s - 1e-6
+
+
+def test_main_job_command(tmp_path):
+    """README command 1 on the small in-process variant: prints the table, writes JSON + turns + plot."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "--config=configs/tiny_runtime.py:test",
+            f"--config.results_dir={tmp_path}",
+            "--config.plot=True",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "speedup vs basic" in out.stdout and "dualpath" in out.stdout
+    (run_dir,) = list(tmp_path.iterdir())
+    res = json.loads((run_dir / "results.json").read_text())
+    assert set(res["results"]) == {"basic", "dualpath"} and res["results"]["basic"]["turns"] == 12
+    assert (run_dir / "turns_dualpath.json").exists() and (run_dir / "run.png").exists()
+
+
+def test_unknown_argument_and_bad_override_fail_before_start(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "--config=configs/tiny_runtime.py:test",
+            "--config.policies=basic,nope",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "config.scheduler.name" in out.stderr and "'nope'" in out.stderr
+
+
+def test_ray_launcher_without_ray_says_how_to_install(base):
+    try:
+        import ray  # noqa: F401
+
+        pytest.skip("ray is installed: the slow Ray test covers the launcher")
+    except ImportError:
+        pass
+    from dualpath_jax.runtime.ray_launcher import RayLauncher
+
+    with pytest.raises(ImportError, match=r"pip install -e '.\[ray\]'"):
+        RayLauncher(base.replace(launcher="ray"))

@@ -1,0 +1,141 @@
+"""The global scheduler service on its own (no jax): hits from the store, placement on PE fetches, heartbeats,
+re-queue with a new attempt, stale events ignored, every turn completed exactly once.
+
+The test plays the engine groups: it calls `fetch` with `GroupReport`s exactly as a group leader does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import schedulers
+from dualpath_jax.block_keys import block_keys
+from dualpath_jax.kv_layout import BlockLayout
+from dualpath_jax.kv_store import LocalDirStore
+from dualpath_jax.runtime.control import Event, GroupReport
+from dualpath_jax.runtime.lifecycle import ConversationBook
+from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec, RunFailed
+from dualpath_jax.workloads.types import Trajectory, Turn
+
+BS = 4
+GROUPS = [GroupSpec(0, "prefill", [0]), GroupSpec(1, "decode", [1]), GroupSpec(2, "decode", [2])]
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = LocalDirStore(tmp_path / "kv", BlockLayout(2, BS, 8, "test-model"))
+    yield s
+    s.close()
+
+
+def make_service(store, trajs, clock, policy="round_robin", timeout=1.0):
+    book = ConversationBook(trajs, vocab_size=50, seed=0)
+    return GlobalScheduler(
+        GROUPS,
+        schedulers.make_policy(policy),
+        book,
+        lookup_hit_blocks=store.lookup,
+        block_keys_of=lambda ids: block_keys(ids, BS),
+        block_size=BS,
+        hbm_tokens_per_decode_engine=4096,
+        heartbeat_timeout_s=timeout,
+        clock=clock,
+    )
+
+
+def fetch(svc, node, events=()):
+    g = GROUPS[node]
+    return svc.fetch(
+        GroupReport(node, g.role, g.engine_ids, address={e: f"addr{e}" for e in g.engine_ids}, events=list(events))
+    )
+
+
+def done_event(svc, task, t, tokens=None):
+    toks = np.arange(task.gen_tokens, dtype=np.int32) if tokens is None else tokens
+    return Event("turn_done", task.request_id, task.attempt, svc.t0 + min(t, svc.now()), {"tokens": toks})
+
+
+def test_hit_is_the_stored_prefix_and_placement_happens_on_pe_fetch(store):
+    trajs = [Trajectory(0, [Turn(10, 2), Turn(3, 2)]), Trajectory(1, [Turn(9, 1)])]
+    clock = Clock()
+    svc = make_service(store, trajs, clock)
+    assert fetch(svc, 1).tasks == [] and not svc.started  # not every group registered yet
+    fetch(svc, 2)
+    assert fetch(svc, 1).tasks == []  # a DE fetch never places
+    pe = fetch(svc, 0)
+    assert svc.started and len(pe.tasks) == 2 and pe.directory[2] == (2, "addr2")
+    for t in pe.tasks:
+        assert t.hit_blocks == 0 and t.prefill_engine == 0 and t.decode_engine in (1, 2)
+    de_tasks = fetch(svc, 1).tasks + fetch(svc, 2).tasks
+    assert sorted(t.request_id for t in de_tasks) == sorted(t.request_id for t in pe.tasks)
+    # Turn 0 of trajectory 0 finishes; its prompt + generation are persisted: turn 1's hit is the stored prefix.
+    t0 = next(t for t in pe.tasks if t.trajectory_id == 0)
+    gen = np.array([7, 8], np.int32)
+    full = np.concatenate([t0.prompt_ids, gen[:-1]])  # the last generated token's KV is never computed
+    for k in block_keys(full, BS):
+        store.write(k, np.zeros(store.layout.full_block_shape, np.uint8))
+    fetch(svc, t0.decode_engine, [done_event(svc, t0, 0.5, gen)])
+    nxt = fetch(svc, 0).tasks
+    assert len(nxt) == 1 and nxt[0].turn_index == 1
+    assert nxt[0].prompt_tokens == 10 + 2 + 3
+    assert nxt[0].hit_blocks == 11 // BS  # blocks of the 11 tokens with KV; the prompt's tail is computed
+    np.testing.assert_array_equal(nxt[0].prompt_ids[10:12], gen)  # real generated tokens in the next prompt
+
+
+def test_dead_decode_node_requests_rerun_exactly_once(store):
+    trajs = [Trajectory(i, [Turn(6, 2), Turn(2, 2)]) for i in range(4)]
+    clock = Clock()
+    svc = make_service(store, trajs, clock, timeout=1.0)
+    fetch(svc, 1), fetch(svc, 2)
+    tasks = fetch(svc, 0).tasks
+    on2 = [t for t in tasks if t.decode_engine == 2]
+    assert on2, "round robin must place something on DE 2"
+    # Node 2 falls silent; the others keep fetching.
+    clock.t += 0.6
+    fetch(svc, 0), fetch(svc, 1)
+    clock.t += 0.6
+    fetch(svc, 0), fetch(svc, 1)
+    assert svc.check_heartbeats() == [2]
+    assert fetch(svc, 2).shutdown  # a dead group that comes back is told to stop
+    rerun = fetch(svc, 0)
+    assert {c.request_id for c in rerun.cancels} == {t.request_id for t in on2}
+    again = {t.request_id: t for t in rerun.tasks}
+    assert set(again) == {t.request_id for t in on2}
+    assert all(t.attempt == 1 and t.decode_engine == 1 for t in again.values())
+    # The dead DE's late completion (attempt 0) is ignored; the re-run's completes the turn once.
+    stale = on2[0]
+    fetch(svc, 1, [done_event(svc, stale, 1.5)])
+    assert svc.progress()[0] == 0
+    live = [t for t in tasks if t.decode_engine == 1] + list(again.values())
+    fetch(svc, 1, [done_event(svc, t, 2.0) for t in live])
+    assert svc.progress() == (4, 8)
+    fetch(svc, 1, [done_event(svc, again[stale.request_id], 2.1)])  # a duplicate report changes nothing
+    assert svc.progress() == (4, 8) and svc.requeued == len(on2)
+    # Second turns: only DE 1 is left.
+    for _ in range(3):
+        for t in fetch(svc, 0).tasks:
+            assert t.decode_engine == 1
+            fetch(svc, 1, [done_event(svc, t, 3.0)])
+    assert svc.book.done and len(svc.finished_records()) == 8
+
+
+def test_unknown_event_and_bad_fetch_fail_clearly(store):
+    trajs = [Trajectory(0, [Turn(6, 2)])]
+    svc = make_service(store, trajs, Clock())
+    fetch(svc, 1), fetch(svc, 2)
+    task = fetch(svc, 0).tasks[0]
+    with pytest.raises(RunFailed, match="unknown event kind 'teleported'"):
+        fetch(svc, 1, [Event("teleported", task.request_id, 0, svc.t0)])
+    with pytest.raises(RunFailed, match="fetch from unknown node 7"):
+        svc.fetch(GroupReport(7, "decode", [9]))
+    fetch(svc, 1, [Event("error", -1, 0, svc.t0, {"message": "boom"})])
+    assert "boom" in svc.failure
