@@ -10,15 +10,23 @@ Units every runner must report (the simulator and the runtime build the same sna
 Every policy places a FIFO prefix of the queue (it stops at the first request it cannot place), never
 places a request twice, never over-fills a DE's HBM, and updates a private scratch copy of the loads as
 it goes (tok, seq, free HBM, read queues) so later decisions of the same fetch see earlier ones. The
-snapshot itself is never mutated. Cost per fetch: O(placed · candidate engines) plus a heap over the DE
-groups; pass `fetching_node` (the paper's per-group fetch) to keep the candidate set to one group.
+snapshot itself is never mutated.
 
-`fetching_node` restricts the candidates of its role to that node's engines (a PE group's fetch picks
-PEs of that group; a DE group's fetch picks DEs of that group); the other role considers every node.
+`fetching_node` (the paper's per-group fetch; None: consider all) restricts one thing only, so that no
+fetch biases placement toward the node that happened to fetch:
+  - a PE group's fetch runs Algorithm 1 over that group's PEs (`basic`, `dualpath` and its variants):
+    β caps how much one group takes, later groups' fetches take the rest;
+  - a DE group's fetch restricts nothing: DE phase 1 drains the queue over ALL DE groups (the smallest
+    Σ tok_e, not necessarily the fetching one), phase 2 picks the DE within the chosen group, and the PE
+    is chosen among all PEs;
+  - `round_robin` and `random` (assignment without scheduling) ignore which node fetched: they rotate
+    over / draw from every engine of each role, and a fetch only decides when placement happens.
+Cost per fetch: O(placed · (candidate PEs + DEs of one group)) plus a heap over the DE groups.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import random
@@ -47,22 +55,17 @@ class _Scratch:
 
     __slots__ = ("de_groups", "free", "node_of", "pes", "read_q", "seq", "tok")
 
-    def __init__(self, snapshot: ClusterSnapshot, fetching_node: int | None):
+    def __init__(self, snapshot: ClusterSnapshot, pe_node: int | None):
+        """`pe_node`: keep only this node's PEs as candidates (a PE group's fetch); None: every PE.
+        Every DE is always a candidate (DE phase 1 runs over all DE groups)."""
         self.tok: dict[int, int] = {}
         self.seq: dict[int, int] = {}
         self.free: dict[int, int] = {}
         self.node_of: dict[int, int] = {}
-        fetch_role = None
-        if fetching_node is not None:
-            if fetching_node not in snapshot.nodes:
-                raise KeyError(
-                    f"fetching_node {fetching_node} is not in the snapshot (nodes: {sorted(snapshot.nodes)})"
-                )
-            fetch_role = snapshot.nodes[fetching_node].role
         self.pes: list[int] = []
         self.de_groups: dict[int, list[int]] = {}
         for e in snapshot.engines.values():
-            if fetch_role == e.role and e.node_id != fetching_node:
+            if e.role == "prefill" and pe_node is not None and e.node_id != pe_node:
                 continue
             self.tok[e.engine_id] = e.tok
             self.seq[e.engine_id] = e.seq
@@ -100,10 +103,38 @@ def _check_unique(queue: Sequence[PendingRequest]) -> None:
         raise ValueError("queue holds the same request_id twice")
 
 
+def _fetch_role(snapshot: ClusterSnapshot, fetching_node: int | None) -> str | None:
+    """The fetching node's role (None for `fetching_node=None`); an unknown node is an error."""
+    if fetching_node is None:
+        return None
+    node = snapshot.nodes.get(fetching_node)
+    if node is None:
+        raise KeyError(f"fetching_node {fetching_node} is not in the snapshot (nodes: {sorted(snapshot.nodes)})")
+    return node.role
+
+
+def _pe_scope(snapshot: ClusterSnapshot, fetching_node: int | None) -> int | None:
+    """The PE group a fetch restricts PE placement to: the fetching node if it is a PE group, else None."""
+    return fetching_node if _fetch_role(snapshot, fetching_node) == "prefill" else None
+
+
+def _next_after(ids: list[int], last: int | None) -> int:
+    """Rotation over sorted engine ids: the index of the first id after `last` (wrapping around). Keyed on
+    the id, not a position, so the rotation survives engines joining or dying between fetches."""
+    if last is None:
+        return 0
+    i = bisect.bisect_right(ids, last)
+    return 0 if i == len(ids) else i
+
+
 # ---------------------------------------------------------------------------------------------------------
 @POLICIES.register("basic")
 class BasicPolicy(InterEnginePolicy):
-    """The paper's baseline: PE-side reads only; least-loaded PE (tok_e) and least-loaded DE with room."""
+    """The paper's baseline: PE-side reads only; least-loaded PE (tok_e) and least-loaded DE with room.
+
+    Same fetch scope as `dualpath`: a PE group's fetch picks among that group's PEs, every DE is a
+    candidate. Without `max_pe_tokens` (its β) one PE group's fetch takes the whole queue it is shown.
+    """
 
     name = "basic"
 
@@ -118,7 +149,7 @@ class BasicPolicy(InterEnginePolicy):
         self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
     ) -> list[Assignment]:
         _check_unique(queue)
-        s = _Scratch(snapshot, fetching_node)
+        s = _Scratch(snapshot, _pe_scope(snapshot, fetching_node))
         cap = self.config.max_pe_tokens
         # least-loaded picks through heaps of (tok, id): O(log engines) per request
         pe_heap = [(s.tok[e], e) for e in s.pes]
@@ -149,7 +180,12 @@ class BasicPolicy(InterEnginePolicy):
 
 @POLICIES.register("round_robin")
 class RoundRobinPolicy(InterEnginePolicy):
-    """DualPath without scheduling: PEs and DEs in turn (DEs without room skipped), read side alternating."""
+    """DualPath without scheduling: PEs and DEs in turn (DEs without room skipped), read side alternating.
+
+    The rotation is global: PEs and DEs each cycle over every engine of their role in engine-id order,
+    whichever node fetched (a fetch only decides when placement happens, not where), and it carries over
+    from one fetch to the next.
+    """
 
     name = "round_robin"
 
@@ -163,31 +199,33 @@ class RoundRobinPolicy(InterEnginePolicy):
 
     def __init__(self, config: RoundRobinPolicy.Config | None = None):
         self.config = config or self.Config()
-        self._next_pe = 0
-        self._next_de = 0
+        self._last_pe: int | None = None  # engine id of the last PE / DE given a request
+        self._last_de: int | None = None
         self._next_side = 0
 
     def schedule(
         self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
     ) -> list[Assignment]:
         _check_unique(queue)
-        s = _Scratch(snapshot, fetching_node)
-        pes, des = s.pes, s.des
+        _fetch_role(snapshot, fetching_node)  # validated only: the rotation ignores who fetched
+        s = _Scratch(snapshot, None)
+        pes = s.pes
+        des = sorted(e for g in s.de_groups.values() for e in g)  # engine-id order across DE groups
         out = []
         if not pes or not des:
             return out
         for r in queue:
+            start = _next_after(des, self._last_de)
             de = None
             for k in range(len(des)):
-                cand = des[(self._next_de + k) % len(des)]
+                cand = des[(start + k) % len(des)]
                 if s.free[cand] >= r.total_tokens:
                     de = cand
-                    self._next_de = (self._next_de + k + 1) % len(des)
                     break
             if de is None:
                 break
-            pe = pes[self._next_pe % len(pes)]
-            self._next_pe = (self._next_pe + 1) % len(pes)
+            pe = pes[_next_after(pes, self._last_pe)]
+            self._last_pe, self._last_de = pe, de
             if self.config.read_side == "alternate":
                 side = "pe" if self._next_side % 2 == 0 else "de"
                 self._next_side += 1
@@ -215,7 +253,8 @@ class RandomPolicy(InterEnginePolicy):
         self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
     ) -> list[Assignment]:
         _check_unique(queue)
-        s = _Scratch(snapshot, fetching_node)
+        _fetch_role(snapshot, fetching_node)  # validated only: random ignores who fetched
+        s = _Scratch(snapshot, None)
         pes, des = s.pes, s.des
         out = []
         rng = self._rng
@@ -294,8 +333,10 @@ class DualPathPolicy(InterEnginePolicy):
     """DualPath's scheduler: Algorithm 1 for the PE, two-phase DE choice, read from the shorter queue.
 
     PE (Algorithm 1): engines with tok_e > β get nothing; prefer engines whose node has read_q ≤ α
-    (lowest tok_e), else read_q > α (lowest tok_e), else stop the fetch.
-    DE phase 1: each request goes to the DE group with the smallest Σ tok_e (a heap over groups).
+    (lowest tok_e), else read_q > α (lowest tok_e), else stop the fetch. On a PE group's fetch the
+    candidates are that group's PEs; otherwise every PE.
+    DE phase 1: each request goes to the DE group with the smallest Σ tok_e among ALL DE groups (a heap
+    over groups), also on a DE group's fetch: the fetching group is not favoured.
     DE phase 2 (in the group): R = the group's queue prefix fitting its free HBM, Z = slack·(Σ_R len_r +
     Σ_e tok_e)/|E|; among DEs with room prefer tok_e + len_r ≤ Z with the fewest seq_e, else the lowest
     tok_e; none with room: stop. Read side: the node with the shorter read queue (ties: PE side).
@@ -361,7 +402,7 @@ class DualPathPolicy(InterEnginePolicy):
         self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
     ) -> list[Assignment]:
         _check_unique(queue)
-        s = _Scratch(snapshot, fetching_node)
+        s = _Scratch(snapshot, _pe_scope(snapshot, fetching_node))
         if not s.pes or not s.de_groups:
             return []
         # Phase 1 (lazy): group of each request by the smallest Σ tok_e, and each group's R and Z.

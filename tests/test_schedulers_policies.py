@@ -234,15 +234,62 @@ def test_snapshot_not_mutated():
     assert dataclasses.asdict(snap) == before
 
 
-def test_fetching_node_restricts_its_role():
+def test_pe_group_fetch_restricts_pes_only():
     snap = snapshot(
         {0: (0, [{"id": 0, "tok": 0}]), 1: (0, [{"id": 1, "tok": 10}])},
         {10: (0, [{"id": 100, "tok": 0}]), 11: (0, [{"id": 110, "tok": 50}])},
     )
-    assert dualpath().schedule(snap, [req(0)], fetching_node=1)[0].prefill_engine == 1
-    assert dualpath().schedule(snap, [req(0)], fetching_node=11)[0].decode_engine == 110
+    # PE group 1 fetches: Algorithm 1 over its own PEs (e1, though e0 is idler); DE phase 1 still picks the
+    # least-loaded DE group (10), which is not tied to the fetching node.
+    a = dualpath().schedule(snap, [req(0)], fetching_node=1)[0]
+    assert (a.prefill_engine, a.decode_engine) == (1, 100)
+    for name in ("basic", "de_only", "pe_only", "split"):
+        kw = {"alpha_tokens": ALPHA, "beta_tokens": BETA} if name != "basic" else {}
+        assert make_policy(name, **kw).schedule(snap, [req(0)], fetching_node=1)[0].prefill_engine == 1
     with pytest.raises(KeyError, match="fetching_node 7"):
         dualpath().schedule(snap, [req(0)], fetching_node=7)
+    for name in POLICIES.names():  # every policy rejects an unknown fetching node
+        with pytest.raises(KeyError, match="fetching_node 7"):
+            make_policy(name).schedule(snap, [req(0)], fetching_node=7)
+
+
+def test_de_group_fetch_places_on_the_less_loaded_other_group():
+    """PAPER.md: on a DE group's fetch phase 1 drains the queue over ALL DE groups by Σ tok_e. Group 11
+    fetches, but group 10 is less loaded: the requests go to group 10 until it is no longer the smaller."""
+    snap = snapshot(
+        {0: (0, [{"id": 0, "tok": 0}]), 1: (0, [{"id": 1, "tok": 10}])},
+        {
+            10: (0, [{"id": 100, "tok": 0}, {"id": 101, "tok": 0}]),
+            11: (0, [{"id": 110, "tok": 1500}, {"id": 111, "tok": 1500}]),
+        },
+    )
+    queue = [req(i, prompt=1000, hit=0, gen=0) for i in range(5)]  # len_r = 1000 each
+    for fetch in (11, None):  # a DE group's fetch means the same as "consider all"
+        out = dualpath().schedule(snap, queue, fetching_node=fetch)
+        # Σ tok of g10: 0, 1000, 2000, then 3000 ties g11's 3000 (lower group id wins), then g10 = 4000 > 3000
+        assert [snap.engines[a.decode_engine].node_id for a in out] == [10, 10, 10, 10, 11]
+        # phase 2 inside group 10 alternates its two DEs (fewest seq under Z = 1.05·4000/2); the PE is chosen
+        # among all PEs (the idler e0 first)
+        assert [a.decode_engine for a in out] == [100, 101, 100, 101, 110]
+        assert out[0].prefill_engine == 0
+    # basic on a DE group's fetch: least-loaded DE over every group too
+    out = make_policy("basic").schedule(snap, queue[:1], fetching_node=11)
+    assert out[0].decode_engine == 100
+
+
+def test_de_group_fetch_spreads_like_a_global_fetch():
+    """Successive DE-group fetches, each placing one request and applying it, end up balanced over the DE
+    groups, whichever group fetches (the old per-group scope piled each fetch onto the fetching group)."""
+    pe = {0: (0, [{"id": 0}, {"id": 1}])}
+    de = {10: (0, [{"id": 100}, {"id": 101}]), 11: (0, [{"id": 110}, {"id": 111}])}
+    snap = snapshot(pe, de)
+    policy = dualpath(beta_tokens=10**9)
+    for i in range(8):  # group 11 fetches every time
+        (a,) = policy.schedule(snap, [req(i, prompt=1000, hit=0, gen=0)], fetching_node=11)
+        snap.engines[a.prefill_engine].tok += 1000
+        snap.engines[a.decode_engine].tok += 1000
+        snap.engines[a.decode_engine].seq += 1
+    assert {e: snap.engines[e].tok for e in (100, 101, 110, 111)} == dict.fromkeys((100, 101, 110, 111), 2000)
 
 
 def test_duplicate_request_ids_rejected():
@@ -269,13 +316,47 @@ def test_de_only_and_pe_only_sides():
 
 
 def test_round_robin_cycles_and_alternates():
-    snap = snapshot(
-        {0: (0, [{"id": 0}, {"id": 1}])}, {10: (0, [{"id": 100}, {"id": 101, "free": 0}, {"id": 102}])}
-    )
+    snap = snapshot({0: (0, [{"id": 0}, {"id": 1}])}, {10: (0, [{"id": 100}, {"id": 101, "free": 0}, {"id": 102}])})
     out = make_policy("round_robin").schedule(snap, [req(i) for i in range(4)])
     assert [a.prefill_engine for a in out] == [0, 1, 0, 1]
     assert [a.decode_engine for a in out] == [100, 102, 100, 102]  # 101 has no room
     assert [a.read_side for a in out] == ["pe", "de", "pe", "de"]
+
+
+def test_round_robin_rotates_globally_over_fetches_of_different_nodes():
+    snap = snapshot(
+        {0: (0, [{"id": 0}, {"id": 1}]), 1: (0, [{"id": 2}, {"id": 3}])},
+        {10: (0, [{"id": 100}, {"id": 101}]), 11: (0, [{"id": 110}, {"id": 111}, {"id": 112}])},
+    )
+    rr = make_policy("round_robin")
+    got, rid = [], 0
+    for fetch in [0, 1, 10, 11, 1, 0, 11]:  # one request per fetch, nodes of both roles fetching in turn
+        (a,) = rr.schedule(snap, [req(rid)], fetching_node=fetch)
+        got.append((a.prefill_engine, a.decode_engine))
+        rid += 1
+    assert [p for p, _ in got] == [0, 1, 2, 3, 0, 1, 2]
+    assert [d for _, d in got] == [100, 101, 110, 111, 112, 100, 101]
+    # one PE group's fetch of 5 requests still spreads over every PE (not just its own 2)
+    out = make_policy("round_robin").schedule(snap, [req(i) for i in range(5)], fetching_node=1)
+    assert [a.prefill_engine for a in out] == [0, 1, 2, 3, 0]
+    assert [a.decode_engine for a in out] == [100, 101, 110, 111, 112]
+
+
+def test_round_robin_rotation_survives_a_dead_node():
+    pe = {0: (0, [{"id": 0}, {"id": 1}]), 1: (0, [{"id": 2}, {"id": 3}]), 2: (0, [{"id": 4}, {"id": 5}])}
+    rr = make_policy("round_robin")
+    out = rr.schedule(snapshot(pe, ONE_DE), [req(0), req(1), req(2)], fetching_node=0)
+    assert [a.prefill_engine for a in out] == [0, 1, 2]
+    del pe[0]  # node 0 died: the rotation goes on after engine 2 (a position index would jump to engine 5)
+    out = rr.schedule(snapshot(pe, ONE_DE), [req(3), req(4), req(5), req(6)], fetching_node=2)
+    assert [a.prefill_engine for a in out] == [3, 4, 5, 2]
+
+
+def test_random_ignores_the_fetching_node():
+    snap = snapshot({0: (0, [{"id": 0}, {"id": 1}]), 1: (0, [{"id": 2}, {"id": 3}])}, ONE_DE)
+    a = make_policy("random", seed=1).schedule(snap, [req(i) for i in range(40)], fetching_node=0)
+    b = make_policy("random", seed=1).schedule(snap, [req(i) for i in range(40)], fetching_node=None)
+    assert a == b and {x.prefill_engine for x in a} == {0, 1, 2, 3}
 
 
 def test_random_is_seeded_and_respects_room():
@@ -338,18 +419,12 @@ def cluster_and_queue(draw):
     return snapshot(pe, de), queue, fetch
 
 
-@pytest.mark.parametrize(
-    "name", ["basic", "round_robin", "dualpath", "de_only", "pe_only", "random", "split"]
-)
+@pytest.mark.parametrize("name", ["basic", "round_robin", "dualpath", "de_only", "pe_only", "random", "split"])
 @settings(max_examples=60, deadline=None)
 @given(data=cluster_and_queue())
 def test_policy_invariants(name, data):
     snap, queue, fetch = data
-    kw = (
-        {"alpha_tokens": ALPHA, "beta_tokens": BETA}
-        if name in ("dualpath", "de_only", "pe_only", "split")
-        else {}
-    )
+    kw = {"alpha_tokens": ALPHA, "beta_tokens": BETA} if name in ("dualpath", "de_only", "pe_only", "split") else {}
     before = dataclasses.asdict(snap)
     out = make_policy(name, **kw).schedule(snap, queue, fetching_node=fetch)
     assert dataclasses.asdict(snap) == before
@@ -361,10 +436,9 @@ def test_policy_invariants(name, data):
     for a in out:
         pe, de = snap.engines[a.prefill_engine], snap.engines[a.decode_engine]
         assert pe.role == "prefill" and de.role == "decode"
-        if fetch is not None and snap.nodes[fetch].role == "prefill":
+        # only a PE group's fetch restricts anything: its PEs, for the policies that run Algorithm 1 / basic
+        if fetch is not None and snap.nodes[fetch].role == "prefill" and name not in ("round_robin", "random"):
             assert pe.node_id == fetch
-        if fetch is not None and snap.nodes[fetch].role == "decode":
-            assert de.node_id == fetch
         used[de.engine_id] = used.get(de.engine_id, 0) + by_id[a.request_id].total_tokens
         assert used[de.engine_id] <= de.free_hbm_tokens  # DE HBM respected
     if name in ("dualpath", "de_only", "pe_only", "split"):
@@ -377,10 +451,7 @@ def test_policy_invariants(name, data):
 def test_paper_scale_group_fetch():
     """A 1,152-GPU cluster (48 PE + 96 DE nodes of 8), 5,000 waiting: one PE group's fetch fills each of its
     PEs up to β and nothing else (the fetch cost is measured by `python -m schedulers.bench`)."""
-    pe = {
-        n: (n * 1000, [{"id": n * 8 + k, "tok": (n * 8 + k) * 37 % 20_000} for k in range(8)])
-        for n in range(48)
-    }
+    pe = {n: (n * 1000, [{"id": n * 8 + k, "tok": (n * 8 + k) * 37 % 20_000} for k in range(8)]) for n in range(48)}
     de = {n: (0, [{"id": n * 8 + k, "tok": 0, "free": 400_000} for k in range(8)]) for n in range(48, 144)}
     snap = snapshot(pe, de)
     queue = [req(i, prompt=33_000, hit=32_500, gen=176) for i in range(5000)]
@@ -397,8 +468,11 @@ def test_paper_scale_group_fetch():
 
 def reference_dualpath(snap, queue, alpha, beta, slack, fetch):
     """A direct, slow transcription of PAPER.md "Scheduler" to check the optimised policy against."""
-    fetch_role = snap.nodes[fetch].role if fetch is not None else None
-    engines = [e for e in snap.engines.values() if not (fetch_role == e.role and e.node_id != fetch)]
+    pe_node = fetch if fetch is not None and snap.nodes[fetch].role == "prefill" else None
+    # a PE group's fetch: that group's PEs; every DE group always (phase 1 over all groups)
+    engines = [
+        e for e in snap.engines.values() if not (e.role == "prefill" and pe_node is not None and e.node_id != pe_node)
+    ]
     tok = {e.engine_id: e.tok for e in engines}
     seq = {e.engine_id: e.seq for e in engines}
     free = {e.engine_id: e.free_hbm_tokens for e in engines}
@@ -428,7 +502,7 @@ def reference_dualpath(snap, queue, alpha, beta, slack, fetch):
             used += r.total_tokens
         z[g] = slack * (used + sum(tok[e] for e in es)) / len(es)
     out = []
-    for r, g in zip(queue, group_of):
+    for r, g in zip(queue, group_of, strict=True):
         ok = [e for e in pes if tok[e] <= beta]
         short = [e for e in ok if rq[node[e]] <= alpha]
         pool = short or ok
