@@ -291,3 +291,30 @@ def test_close_fails_pending_transfers(backend):
         if f.exception() is not None:
             assert isinstance(f.exception(), TransportError)
     b.close()
+
+
+def test_write_completes_only_after_its_bytes_landed(pair):
+    """Each write's future completes only once its bytes are in the peer's region, also when many small
+    writes are in flight and acknowledged together (checked in each future's completion callback)."""
+    a, b = pair
+    size, count = 3000, 300
+    src = np.stack([np.full(size, i % 251 + 1, np.uint8) for i in range(count)])
+    a.register("src", src)
+    dst = np.zeros(count * size, np.uint8)
+    b.register("dst", dst)
+    landed_early: list[int] = []
+
+    def check(i):
+        def cb(f):
+            if f.exception() is None and not (dst[i * size : (i + 1) * size] == i % 251 + 1).all():
+                landed_early.append(i)
+
+        return cb
+
+    futs = []
+    for i in range(count):
+        f = a.write(b.name, "src", i * size, "dst", i * size, size)
+        f.add_done_callback(check(i))
+        futs.append(f)
+    assert [f.result(30) for f in futs] == [size] * count
+    assert not landed_early, f"writes {landed_early[:5]} completed before their bytes landed"

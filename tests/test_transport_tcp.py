@@ -339,3 +339,109 @@ def test_handshake_flood_is_bounded(caplog):
         for s in idle:
             s.close()
         srv.close()
+
+
+# ---- batched acknowledgements and inline sends -----------------------------------------------------------
+
+
+def _read_frame(s: socket.socket) -> tuple[tuple, bytes]:
+    hdr = unpack_header(tcpmod._recv_exact(s, HEADER.size))
+    op, length = hdr[0], hdr[4]
+    body = tcpmod._recv_exact(s, length) if op in (OP_WRITE, tcpmod.OP_REGION_QUERY, tcpmod.OP_MSG) else b""
+    return hdr, body
+
+
+def _writes_to_raw_peer(server, n: int) -> tuple[list[socket.socket], list, list[tuple[int, int]]]:
+    """The server writes n frames to a hand-driven peer "evil": returns its sockets, the futures and the
+    (request id, length) of each WRITE frame it received (it answers the region query itself)."""
+    socks = _raw_handshake(server)
+    server.wait_for_peer("evil")
+    results: list = []
+
+    def answer_query():
+        (op, *_rest, req), body = _read_frame(socks[0])
+        assert op == tcpmod.OP_REGION_QUERY and body == b"evil_dst"
+        socks[0].sendall(pack_header(tcpmod.OP_REGION_INFO, region=5, offset=1 << 16, req=req))
+
+    t = threading.Thread(target=answer_query)
+    t.start()
+    src = server.region("dst")
+    src.obj[:] = np.arange(1 << 16, dtype=np.uint64).astype(np.uint8)
+    futs = [server.write("evil", "dst", 0, "evil_dst", 0, 100 + i) for i in range(n)]
+    t.join(5)
+    for _ in range(n):
+        (op, _, rid, _, length, _, req), body = _read_frame(socks[1])
+        assert op == OP_WRITE and rid == 5 and body == bytes(src.obj[:length])
+        results.append((req, length))
+    return socks, futs, results
+
+
+def test_one_ack_batch_completes_many_writes(server):
+    socks, futs, frames = _writes_to_raw_peer(server, 5)
+    try:
+        assert not any(f.done() for f in futs), "a write must not complete before its acknowledgement"
+        payload = b"".join(tcpmod.ACK_ENTRY.pack(req, n) for req, n in reversed(frames))  # any order
+        socks[1].sendall(pack_header(tcpmod.OP_WRITE_ACKS, length=len(payload)) + payload)
+        assert [f.result(5) for f in futs] == [n for _, n in frames]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.parametrize("bad", ["wrong_length", "unknown_request", "duplicate", "ragged", "empty"])
+def test_bad_ack_batch_fails_every_pending_write_and_closes_that_set(server, caplog, bad):
+    caplog.set_level(logging.ERROR, logger="transport.tcp")
+    other = _connect_client(server, "bystander")
+    socks, futs, frames = _writes_to_raw_peer(server, 3)
+    try:
+        entries = list(frames)
+        if bad == "wrong_length":
+            entries[2] = (entries[2][0], entries[2][1] + 1)
+        elif bad == "unknown_request":
+            entries[2] = (987654321, entries[2][1])
+        elif bad == "duplicate":
+            entries[2] = entries[0]
+        payload = b"".join(tcpmod.ACK_ENTRY.pack(*e) for e in entries)
+        if bad == "ragged":
+            payload = payload[:-3]
+        elif bad == "empty":
+            payload = b""
+        socks[1].sendall(pack_header(tcpmod.OP_WRITE_ACKS, length=len(payload)) + payload)
+        # a bad batch completes none of its writes: all fail, none hangs
+        for f in futs:
+            with pytest.raises(TransportError):
+                f.result(5)
+        assert _closed_by_server(socks[0]) and _closed_by_server(socks[1])
+        assert "closing connection set" in caplog.text
+        assert other.write(server.name, "src", 0, "dst", 0, 100).result(5) == 100
+    finally:
+        other.close()
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.parametrize("size, count, sndbuf", [(60 * 1024 + 13, 400, 4096), (700 * 1024 + 13, 60, 64 * 1024)])
+def test_small_writes_stay_in_order_when_the_socket_is_full(size, count, sndbuf):
+    """With a tiny kernel send buffer, inline sends of small frames only partly go out; the rest is sent
+    by the sender thread before anything queued later: the last write to a spot wins, notifications
+    arrive in the order written, every write completes with its length."""
+    a, b = TcpTransport("fill-a"), TcpTransport("fill-b")
+    srcs = np.stack([pattern(size, seed=i) for i in range(4)])  # 4 contents, written in turn
+    a.register("src", srcs)
+    b.register("dst", np.zeros(size + 7, np.uint8))
+    try:
+        a.connect("fill-b", b.address)
+        for c in a._live_peer("fill-b").conns.values():
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)  # smaller than a frame
+        futs = [a.write("fill-b", "src", (i % 4) * size, "dst", 7, size, notify=i) for i in range(count)]
+        assert [f.result(30) for f in futs] == [size] * count
+        tags = [b.wait_notification(timeout=5).tag for _ in range(count)]
+        assert tags == list(range(count))
+        np.testing.assert_array_equal(b.region("dst").obj[7:], srcs[(count - 1) % 4])
+        # control messages interleaved with writes on a full socket, too
+        for i in range(50):
+            a.send("fill-b", b"m%d" % i)
+        assert [b.recv(timeout=5)[1] for _ in range(50)] == [b"m%d" % i for i in range(50)]
+    finally:
+        a.close()
+        b.close()

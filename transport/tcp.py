@@ -6,6 +6,13 @@ reader thread (receives frames; payloads go with `recv_into` straight into the r
 frame's offset) and a sender thread (sends queued frames; payloads with `sendall` on memoryviews of the
 region, no copies), so any number of transfers can be in flight and a reader never blocks on a send.
 
+Small transfers are kept cheap: a small frame is sent by the thread that queues it when the connection is
+idle (non-blocking; the sender thread takes over what the socket does not accept at once, keeping frame
+order), queued small frames are coalesced into one `sendmsg`, small frames are received through a buffer
+(one `recv` for several), and the receiver acknowledges writes in batches: one OP_WRITE_ACKS frame lists the
+(request id, length) of every write that landed since the last one and goes out when its socket has no more
+data to read (or 128 writes landed), so a write still completes only after its bytes are in the region.
+
 Frame = fixed 48-byte header + payload:
 
     magic "DPKV" | version u8 | op u8 | flags u8 | pad | region id u32 | offset u64 | length u64
@@ -27,6 +34,7 @@ progress (a watchdog thread, plus TCP keepalive).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -35,7 +43,6 @@ import itertools
 import json
 import logging
 import os
-import queue
 import socket
 import struct
 import threading
@@ -61,7 +68,7 @@ from transport.base import (
 log = logging.getLogger(__name__)
 
 MAGIC = b"DPKV"
-VERSION = 1
+VERSION = 2  # 2: batched write acknowledgements (OP_WRITE_ACKS)
 HEADER = struct.Struct("!4sBBBxIQQqQI")  # see the module docstring; 48 bytes
 assert HEADER.size == 48
 
@@ -69,6 +76,7 @@ assert HEADER.size == 48
 OP_HELLO, OP_HELLO_ACK, OP_AUTH, OP_AUTH_OK = 1, 2, 3, 4
 OP_WRITE, OP_WRITE_ACK, OP_READ, OP_READ_RESP = 10, 11, 12, 13
 OP_MSG, OP_REGION_QUERY, OP_REGION_INFO = 14, 15, 16
+OP_WRITE_ACKS = 17  # payload: count x (request id u64, length u64) of writes that landed, in arrival order
 OPS = {
     OP_HELLO,
     OP_HELLO_ACK,
@@ -81,6 +89,7 @@ OPS = {
     OP_MSG,
     OP_REGION_QUERY,
     OP_REGION_INFO,
+    OP_WRITE_ACKS,
 }
 FLAG_NOTIFY = 1
 
@@ -90,6 +99,9 @@ REGION_NAME_MAX = 1024
 SEND_CHUNK = 4 << 20  # unpaced sends go out in chunks this big (progress bookkeeping for the watchdog)
 PACE_CHUNK = 1 << 20  # paced sends ask the pacer for this many bytes at a time
 SMALL = 64 << 10  # header + payload up to this size go out in one sendmsg
+INLINE_MAX = 1 << 20  # unpaced frames up to this size may be sent by the queuing thread (never blocking)
+ACK_ENTRY = struct.Struct("!QQ")  # (request id, length) of one landed write in an OP_WRITE_ACKS payload
+ACK_BATCH = 128  # acknowledgements held back at most (they go out when the socket drains, or at this count)
 MAX_PENDING_HANDSHAKES = 64  # concurrent unauthenticated connections per endpoint
 
 
@@ -101,11 +113,15 @@ class _CleanEOF(PeerLostError):
     """The peer closed the connection at a frame boundary."""
 
 
+_HEADER_BODY = struct.Struct(HEADER.format[:-1])  # the 44 bytes the checksum covers
+_CRC = struct.Struct("!I")
+
+
 def pack_header(
     op: int, flags: int = 0, region: int = 0, offset: int = 0, length: int = 0, tag: int = 0, req: int = 0
 ) -> bytes:
-    body = HEADER.pack(MAGIC, VERSION, op, flags, region, offset, length, tag, req, 0)[:-4]
-    return body + struct.pack("!I", zlib.crc32(body))
+    body = _HEADER_BODY.pack(MAGIC, VERSION, op, flags, region, offset, length, tag, req)
+    return body + _CRC.pack(zlib.crc32(body))
 
 
 def unpack_header(data: bytes) -> tuple[int, int, int, int, int, int, int]:
@@ -146,16 +162,33 @@ def _recv_exact_into(sock: socket.socket, view: memoryview, on_progress=None) ->
 
 class _BufferedReceiver:
     """Receives frames through a 256 KiB buffer, so a small frame (header + payload) costs one recv; large
-    payloads (>= 64 KiB still missing) go with recv_into straight to their destination."""
+    payloads (>= 64 KiB still missing) go with recv_into straight to their destination.
+
+    While `idle` has work (held-back acknowledgements), every recv first tries not to block: only when the
+    socket is drained is `idle()` run (it sends the acknowledgements) before the blocking recv. So one ack
+    frame covers everything that arrived back to back, and none waits while this side sits idle.
+    """
 
     SIZE = 256 << 10
     DIRECT = 64 << 10
 
-    def __init__(self, sock: socket.socket, on_progress) -> None:
+    def __init__(self, sock: socket.socket, on_progress, idle=None, busy=None) -> None:
         self.sock, self.on_progress = sock, on_progress
+        self.idle, self.busy = idle, busy  # busy() -> bool: idle() has work
         self.buf = bytearray(self.SIZE)
         self.view = memoryview(self.buf)
         self.start = self.end = 0
+        # Set after a large payload: the next frame is likely large too, so refill the buffer only up to the
+        # bytes asked for (its header) instead of pulling the next payload through the buffer (a second copy).
+        self.exact = False
+
+    def _recv(self, dst: memoryview, n: int) -> int:
+        if self.busy is not None and self.busy():
+            try:
+                return self.sock.recv_into(dst, n, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                self.idle()
+        return self.sock.recv_into(dst, n)
 
     def read_into(self, dst: memoryview, frame_start: bool = False) -> None:
         n = dst.nbytes
@@ -166,13 +199,13 @@ class _BufferedReceiver:
         pos = take
         while pos < n:
             if n - pos >= self.DIRECT:
-                got = self.sock.recv_into(dst[pos:], min(n - pos, 16 << 20))
+                got = self._recv(dst[pos:], min(n - pos, 16 << 20))
                 if got == 0:
                     raise PeerLostError(f"connection closed by peer after {pos} of {n} bytes of a frame")
                 pos += got
             else:
                 self.start = self.end = 0
-                got = self.sock.recv_into(self.view, self.SIZE)
+                got = self._recv(self.view, n - pos if self.exact else self.SIZE)
                 if got == 0:
                     if pos == 0 and frame_start:
                         raise _CleanEOF("connection closed by peer")
@@ -225,6 +258,18 @@ def _set_sockopts(sock: socket.socket, stream: str) -> None:
             pass
 
 
+def _advance(views: list[memoryview], k: int) -> list[memoryview]:
+    """What is left of `views` after the first `k` bytes were sent."""
+    i = 0
+    while i < len(views) and k >= views[i].nbytes:
+        k -= views[i].nbytes
+        i += 1
+    rest = views[i:]
+    if k and rest:
+        rest[0] = rest[0][k:]
+    return rest
+
+
 class _Pending:
     __slots__ = ("fut", "kind", "length", "peer", "view")
 
@@ -233,11 +278,23 @@ class _Pending:
 
 
 class _Conn:
-    """One TCP connection of a peer's set: a reader thread and a sender thread."""
+    """One TCP connection of a peer's set: a reader thread and a sender thread.
+
+    A small unpaced frame (an acknowledgement, a Layer Block, a control message) is sent by the thread that
+    queues it, without blocking (MSG_DONTWAIT), when nothing is queued before it and no thread is sending:
+    no hand-off to the sender thread. Whatever the socket does not take at once goes to the front of the
+    queue for the sender thread, so frames always leave in the order they were queued and a reader thread
+    never blocks on a send.
+    """
 
     def __init__(self, owner: TcpTransport, peer: _Peer, sock: socket.socket, stream: str):
         self.owner, self.peer, self.sock, self.stream = owner, peer, sock, stream
-        self.sendq: queue.Queue = queue.Queue()
+        # Queued jobs: (header, payload, future, priority); a partly sent frame is (views left, payload, future,
+        # None). `busy`: a thread is writing to the socket. Both guarded by `cv`.
+        self.jobs: collections.deque[tuple] = collections.deque()
+        self.cv = threading.Condition(threading.Lock())
+        self.busy = False
+        self.stopped = False
         self.eof = False
         self.reader = threading.Thread(
             target=self._read_loop, name=f"tcp-{owner.name}-{peer.name}-{stream}-rx", daemon=True
@@ -250,6 +307,12 @@ class _Conn:
         self.reader.start()
         self.sender.start()
 
+    def stop(self) -> None:
+        """Stop the sender thread (after the frame it is sending); queued messages fail."""
+        with self.cv:
+            self.stopped = True
+            self.cv.notify_all()
+
     def close_sock(self) -> None:
         try:
             self.sock.close()
@@ -261,67 +324,115 @@ class _Conn:
         self, header: bytes, payload: memoryview | None = None, fut: Future | None = None, priority: str | None = None
     ) -> None:
         """Queue a frame; `priority` names the pacer class of its payload (None = control frame, unpaced)."""
-        self.sendq.put((header, payload, fut, priority))
+        job = (header, payload, fut, priority)
+        with self.cv:
+            inline = not self.jobs and not self.busy and not self.stopped and self._inline_ok(job)
+            if inline:
+                self.busy = True
+            else:
+                self.jobs.append(job)
+                self.cv.notify()
+        if inline:
+            self._send_inline(job)
 
     def _is_small(self, job: tuple) -> bool:
         _, payload, _, priority = job
         n = 0 if payload is None else payload.nbytes
         return n <= SMALL and (self.owner.pacer is None or n == 0 or priority is None)
 
-    def _send_loop(self) -> None:
-        carry = None  # a job taken while batching that could not join the batch
-        running = True
-        while running:
-            job = carry if carry is not None else self.sendq.get()
-            carry = None
-            if job is None:
-                break
+    def _inline_ok(self, job: tuple) -> bool:
+        _, payload, _, priority = job
+        n = 0 if payload is None else payload.nbytes
+        return n <= INLINE_MAX and (self.owner.pacer is None or n == 0 or priority is None)
+
+    def _send_inline(self, job: tuple) -> None:
+        header, payload, fut, _ = job
+        views = [memoryview(header)] if payload is None or not payload.nbytes else [memoryview(header), payload]
+        try:
+            try:
+                k = self.sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                k = 0
+            rest = _advance(views, k)
+        except BaseException as e:  # noqa: BLE001 - the connection set is dead
+            with self.cv:
+                self.busy = False
+            err = e if isinstance(e, TransportError) else PeerLostError(f"send to {self.peer.name!r} failed: {e}")
+            if fut is not None and not fut.done():
+                fut.set_exception(err)
+            self.owner._fail_peer(self.peer, err)
+            return
+        if k:
+            self.peer.touch()
+        with self.cv:
+            self.busy = False
+            if rest:  # the socket is full: the sender thread sends the rest before anything queued later
+                self.jobs.appendleft((rest, payload, fut, None))
+                fut = None
+            if self.jobs:
+                self.cv.notify()
+        if fut is not None and not fut.done():
+            fut.set_result(len(payload) if payload is not None else 0)
+
+    def _take(self) -> list[tuple] | None:
+        """The next job, or a batch of small ones to go out in one sendmsg; None once stopped."""
+        with self.cv:
+            while (not self.jobs or self.busy) and not self.stopped:
+                self.cv.wait()
+            if self.stopped:
+                return None
+            job = self.jobs.popleft()
             batch = [job]
             if self._is_small(job):
                 # Coalesce queued small frames (acks, Layer Blocks, messages) into one sendmsg: fewer syscalls.
                 nbytes = 0
-                while len(batch) < 64 and nbytes < SMALL * 4:
-                    try:
-                        nxt = self.sendq.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        running = False
-                        break
-                    if not self._is_small(nxt):
-                        carry = nxt
-                        break
+                while self.jobs and len(batch) < 64 and nbytes < SMALL * 4 and self._is_small(self.jobs[0]):
+                    nxt = self.jobs.popleft()
                     batch.append(nxt)
                     nbytes += 0 if nxt[1] is None else nxt[1].nbytes
+            self.busy = True
+            return batch
+
+    def _send_loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                break
+            job = batch[0]
             try:
-                if len(batch) == 1:
+                if len(batch) == 1 and not isinstance(job[0], list):
                     self._send_frame(job[0], job[1], job[3])
                 else:
                     self._send_small_batch(batch)
-                for _, payload, fut, _ in batch:
-                    if fut is not None and not fut.done():
-                        fut.set_result(len(payload) if payload is not None else 0)
             except BaseException as e:  # noqa: BLE001 - the connection set is dead
+                with self.cv:
+                    self.busy = False
                 err = e if isinstance(e, TransportError) else PeerLostError(f"send to {self.peer.name!r} failed: {e}")
                 for _, _, fut, _ in batch:
                     if fut is not None and not fut.done():
                         fut.set_exception(err)
                 self.owner._fail_peer(self.peer, err)
                 break
+            with self.cv:
+                self.busy = False
+            for _, payload, fut, _ in batch:
+                if fut is not None and not fut.done():
+                    fut.set_result(len(payload) if payload is not None else 0)
         # fail whatever is still queued (messages carry futures; transfers are failed via the pending table)
-        leftovers = [carry] if carry is not None else []
-        while True:
-            try:
-                leftovers.append(self.sendq.get_nowait())
-            except queue.Empty:
-                break
+        with self.cv:
+            self.stopped = True
+            leftovers = list(self.jobs)
+            self.jobs.clear()
         for job in leftovers:
-            if job is not None and job[2] is not None and not job[2].done():
+            if job[2] is not None and not job[2].done():
                 job[2].set_exception(PeerLostError(f"connection to {self.peer.name!r} closed"))
 
     def _send_small_batch(self, batch: list[tuple]) -> None:
         bufs: list = []
         for header, payload, _, _ in batch:
+            if isinstance(header, list):  # the rest of a frame an inline send left
+                bufs.extend(header)
+                continue
             bufs.append(header)
             if payload is not None and payload.nbytes:
                 bufs.append(payload)
@@ -332,14 +443,7 @@ class _Conn:
         """sendmsg of a buffer list, resuming after partial sends."""
         views = [memoryview(b).cast("B") for b in bufs]
         while views:
-            k = self.sock.sendmsg(views[:1024])
-            while k > 0 and views:
-                if k >= views[0].nbytes:
-                    k -= views[0].nbytes
-                    views.pop(0)
-                else:
-                    views[0] = views[0][k:]
-                    k = 0
+            views = _advance(views, self.sock.sendmsg(views[:1024]))
 
     def _send_frame(self, header: bytes, payload: memoryview | None, priority: str | None) -> None:
         sock, peer = self.sock, self.peer
@@ -366,7 +470,14 @@ class _Conn:
         owner, peer, sock = self.owner, self.peer, self.sock
         hdr = bytearray(HEADER.size)
         hv = memoryview(hdr)
-        rx = _BufferedReceiver(sock, peer.touch)
+        acks = bytearray()  # held-back acknowledgements: ACK_ENTRY records of writes that landed
+
+        def send_acks() -> None:
+            self.enqueue(pack_header(OP_WRITE_ACKS, length=len(acks)), memoryview(bytes(acks)))
+            acks.clear()
+
+        rx = _BufferedReceiver(sock, peer.touch, idle=send_acks, busy=lambda: bool(acks))
+        ack_max = ACK_BATCH * ACK_ENTRY.size
         try:
             while True:
                 rx.read_into(hv, frame_start=True)
@@ -375,9 +486,13 @@ class _Conn:
                 if op == OP_WRITE:
                     region = owner._region_for_frame(rid, offset, length, "WRITE")
                     rx.read_into(region.view[offset : offset + length])
+                    rx.exact = length >= rx.DIRECT
                     if flags & FLAG_NOTIFY:
                         owner.completions.put(Notification(peer.name, tag, region.name, offset, length))
-                    self.enqueue(pack_header(OP_WRITE_ACK, length=length, req=req))
+                    # The ack goes out with the others once the socket drains (or the batch is full).
+                    acks += ACK_ENTRY.pack(req, length)
+                    if len(acks) >= ack_max:
+                        send_acks()
                 elif op == OP_READ:
                     region = owner._region_for_frame(rid, offset, length, "READ")
                     self.enqueue(
@@ -385,6 +500,12 @@ class _Conn:
                         region.view[offset : offset + length],
                         priority=self.stream,
                     )
+                elif op == OP_WRITE_ACKS:
+                    if length % ACK_ENTRY.size or not 0 < length <= ack_max:
+                        raise ProtocolError(f"write acknowledgement batch of {length} bytes")
+                    for p in peer.pop_acks(rx.read(length)):
+                        if not p.fut.done():
+                            p.fut.set_result(p.length)
                 elif op == OP_WRITE_ACK:
                     p = peer.pop(req, "write", length)
                     if not p.fut.done():
@@ -398,6 +519,8 @@ class _Conn:
                     if length > owner.max_message_bytes:
                         raise ProtocolError(f"message of {length} bytes exceeds the {owner.max_message_bytes} limit")
                     payload = rx.read(length)
+                    if acks and owner.on_message is not None:
+                        send_acks()  # a hook may take its time; landed writes must not wait for it
                     if owner.on_message is None or not owner.on_message(peer.name, payload):
                         owner.messages.put(peer.name, payload)
                 elif op == OP_REGION_QUERY:
@@ -469,6 +592,21 @@ class _Peer:
                 raise ProtocolError(f"{kind} reply of {length} bytes for a {p.length}-byte request {req}")
             del self.pending[req]
             return p
+
+    def pop_acks(self, payload: bytes) -> list[_Pending]:
+        """The pending writes acknowledged by an OP_WRITE_ACKS payload (all checked before any completes)."""
+        done: dict[int, _Pending] = {}
+        with self.lock:
+            for req, length in ACK_ENTRY.iter_unpack(payload):
+                p = self.pending.pop(req, None)
+                if p is None or p.kind != "write" or p.length != length:
+                    self.pending.update(done)  # a bad batch completes nothing; _fail_peer fails them all
+                    if p is not None:
+                        self.pending[req] = p
+                        raise ProtocolError(f"write reply of {length} bytes for {p.kind} request {req} of {p.length}")
+                    raise ProtocolError(f"write reply for unknown request {req}")
+                done[req] = p
+        return list(done.values())
 
 
 @TRANSPORTS.register("tcp")
@@ -720,7 +858,7 @@ class TcpTransport(Transport):
             if not lst:
                 self._peers.pop(peer.name, None)
         for c in peer.conns.values():
-            c.sendq.put(None)
+            c.stop()
             try:
                 c.sock.shutdown(socket.SHUT_WR if graceful else socket.SHUT_RDWR)
             except OSError:
@@ -765,8 +903,7 @@ class TcpTransport(Transport):
 
     # ---- regions ------------------------------------------------------------------------------------------
     def _region_for_frame(self, rid: int, offset: int, length: int, what: str) -> MemoryRegion:
-        with self._lock:
-            region = self._regions_by_id.get(rid)
+        region = self._regions_by_id.get(rid)  # atomic dict lookup: no lock per frame
         if region is None:
             raise ProtocolError(f"{what} frame for unknown region id {rid}")
         if offset + length > region.size:
@@ -778,11 +915,13 @@ class TcpTransport(Transport):
 
     def remote_region(self, peer: str, name: str, timeout: float = 10.0) -> tuple[int, int]:
         """(region id, size) of the peer's region `name` (asked once, then cached)."""
-        p = self._get_peer(peer)
-        with p.lock:
-            info = p.remote_regions.get(name)
+        return self._remote_region_of(self._get_peer(peer), name, timeout)
+
+    def _remote_region_of(self, p: _Peer, name: str, timeout: float = 10.0) -> tuple[int, int]:
+        info = p.remote_regions.get(name)  # a dict lookup is atomic; entries are only ever added
         if info is not None:
             return info
+        peer = p.name
         data = name.encode()
         if len(data) > REGION_NAME_MAX:
             raise RegionError(f"region name longer than {REGION_NAME_MAX} bytes")
@@ -810,15 +949,15 @@ class TcpTransport(Transport):
         notify: int | None = None,
     ) -> Future:
         check_priority(priority)
-        src = self.region(local_region)
+        src = self._regions.get(local_region) or self.region(local_region)  # lock-free when registered
         src.check(local_offset, length, f"write from {self.name}:{local_region}")
-        rid, size = self.remote_region(peer, remote_region)
+        p = self._get_peer(peer)
+        rid, size = self._remote_region_of(p, remote_region)
         if remote_offset < 0 or remote_offset + length > size:
             raise RegionError(
                 f"write to {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
                 f"region of {size} bytes"
             )
-        p = self._get_peer(peer)
         req = next(self._req_ids)
         fut: Future = Future()
         p.add(req, _Pending(fut, "write", length))
@@ -838,15 +977,15 @@ class TcpTransport(Transport):
         priority: str = "low",
     ) -> Future:
         check_priority(priority)
-        dst = self.region(local_region)
+        dst = self._regions.get(local_region) or self.region(local_region)
         dst.check(local_offset, length, f"read into {self.name}:{local_region}")
-        rid, size = self.remote_region(peer, remote_region)
+        p = self._get_peer(peer)
+        rid, size = self._remote_region_of(p, remote_region)
         if remote_offset < 0 or remote_offset + length > size:
             raise RegionError(
                 f"read from {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
                 f"region of {size} bytes"
             )
-        p = self._get_peer(peer)
         req = next(self._req_ids)
         fut: Future = Future()
         p.add(req, _Pending(fut, "read", length, dst.view[local_offset : local_offset + length]))
