@@ -19,6 +19,7 @@ class ClusterConfig:
     gpus_per_node: int = 8  # g: engines per node
     snic_gbps: float = 50.0  # s*B: one 400 Gbps storage NIC per node
     cnic_gbps: float = 50.0  # B: one 400 Gbps compute NIC per GPU
+    cnic_duplex: bool = True  # full-duplex CNICs: separate inbound/outbound links of cnic_gbps each
     dram_gbps: float = 500.0  # M: host memory bandwidth per node
     storage_gbps: float = 0.0  # aggregate storage-cluster cap; 0 = none
     storage_efficiency: float = 1.0  # fraction of the SNIC line rate storage reads reach [calibrated]
@@ -40,6 +41,7 @@ class ClusterConfig:
     io_free: bool = False  # oracle: storage reads, H2D/D2H and P->D transfers cost nothing
     writeback: bool = True  # DE persists filled blocks during decode (bytes on the DE SNIC)
     bucket_s: float = 10.0  # width of the per-link bytes-over-time buckets
+    flow_coalesce_s: float = 1e-3  # flows finishing within this of one another finish together (one solve)
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 
 _EPS_BYTES = 1e-3  # a flow with less than this left is done (float rounding)
+COALESCE_MIN_FLOWS = 256  # active flows from which group checks coalesce completions (`coalesce_s`)
 
 
 class Flow:
@@ -101,7 +102,9 @@ class FlowNetwork:
     Speed: a solve touches only the component of the change; within it, progressive filling runs over a
     heap of link shares (shares only grow as flows freeze, so stale heap entries are re-pushed lazily);
     a flow whose rate is unchanged is not touched; bytes are accounted per link from the link's aggregate
-    rate (one update per link whose aggregate changed), not per flow.
+    rate (one update per link whose aggregate changed), not per flow. With `group_scheduler` set (the
+    simulator), a solve pushes one check event for all the flows it made finish earlier, and in a busy
+    network completions within `coalesce_s` of a check finish together with one solve (`handle_group`).
     """
 
     def __init__(self, bucket_s: float = 10.0):
@@ -123,6 +126,13 @@ class FlowNetwork:
         self.solves = 0
         self.solved_flows = 0
         self.scheduler: Callable[[float, Flow, int], None] | None = None
+        # Optional: `group_scheduler(time, [(flow, version), ...])` schedules one check event for all the
+        # flows a solve made finish earlier (see `handle_group`); without it, one event per flow.
+        self.group_scheduler: Callable[[float, list], None] | None = None
+        # With group events and at least COALESCE_MIN_FLOWS active flows: a flow that would finish within
+        # `coalesce_s` after a group check is finished at that check (its last bytes are accounted there),
+        # so near-simultaneous completions cost one solve instead of one each. 0: exact completion times.
+        self.coalesce_s = 0.0
 
     # ---- topology -------------------------------------------------------------------------------------
     def add_link(self, name: str, capacity: float, high_share: float = 0.99) -> int:
@@ -229,6 +239,66 @@ class FlowNetwork:
         self.finish_flow(f, now)
         return True
 
+    def handle_group(self, group: list, now: float) -> list[Flow]:
+        """A group check event fired (`group_scheduler`): returns the flows of `group` whose last byte has
+        arrived (the caller finishes them with `finish_flows`, then calls their `on_done`); the others still
+        current are re-armed together, as one new group event at the earliest of their completion times.
+
+        One event per solve instead of one per flow that sped up: when flows finish one by one in a large
+        component, each finish speeds up the rest, and per-flow events left ~20 stale heap entries per flow.
+        """
+        done = []
+        rearm = []
+        t_min = math.inf
+        flows = self.flows
+        # Coalesce only in a busy network, where solves are large; small networks stay exact.
+        horizon = now + self.coalesce_s if len(flows) >= COALESCE_MIN_FLOWS else now
+        for f, version in group:
+            if f.version != version or f.fid not in flows:
+                continue  # covered by a newer event, or finished
+            f.event_t = math.inf
+            rem = f.remaining - f.rate * (now - f.t_last)
+            if rem > 1e-9 * f.size + _EPS_BYTES:
+                if f.rate <= 0.0:
+                    continue  # stalled: the re-solve that gives it bandwidth again schedules it
+                t = now + rem / f.rate
+                if t > now + 8.0 * math.ulp(now) and t > horizon:  # it slowed down since: re-arm
+                    rearm.append(f)
+                    if t < t_min:
+                        t_min = t
+                    continue
+            done.append(f)
+        if rearm:
+            self._push_group(rearm, t_min)
+        return done
+
+    def _push_group(self, fl: list[Flow], t: float) -> None:
+        group = []
+        for f in fl:
+            f.event_t = t
+            f.version += 1
+            group.append((f, f.version))
+        self.group_scheduler(t, group)
+
+    def finish_flows(self, fl: Sequence[Flow], now: float) -> None:
+        """Finish several flows at `now` with one solve over the union of their components. Bytes a flow
+        had left (it was finished up to `coalesce_s` early) are accounted at `now` on its path."""
+        seeds: set[int] = set()
+        for f in fl:
+            rem = f.remaining - f.rate * (now - f.t_last)
+            if rem > 0.0:
+                for link in f.path:
+                    self._account(link, now, now, rem, self.buckets)
+                    self.link_total[link] += rem
+            f.remaining = 0.0
+            f.t_last = now
+            del self.flows[f.fid]
+            for link in f.path:
+                self.link_flows[link].discard(f)
+            seeds.update(f.path)
+        if seeds:
+            self._resolve(list(seeds), now)
+
     def finish_flow(self, f: Flow, now: float) -> None:
         """Called by the simulator when a flow's completion event fires (and is current)."""
         f.remaining = 0.0
@@ -273,97 +343,121 @@ class FlowNetwork:
     def _component(self, seed_links: Sequence[int]) -> tuple[list[int], list[Flow]]:
         seen_links = set(seed_links)
         stack = list(seed_links)
-        flows: dict[int, Flow] = {}
+        seen: set[Flow] = set()
+        flows: list[Flow] = []
         link_flows = self.link_flows
         while stack:
-            link = stack.pop()
-            for f in link_flows[link]:
-                if f.fid not in flows:
-                    flows[f.fid] = f
+            for f in link_flows[stack.pop()]:
+                if f not in seen:
+                    seen.add(f)
+                    flows.append(f)
                     for l2 in f.path:
                         if l2 not in seen_links:
                             seen_links.add(l2)
                             stack.append(l2)
-        return list(seen_links), list(flows.values())
+        return list(seen_links), flows
 
     def _resolve(self, seed_links: Sequence[int], now: float) -> None:
         links, flows = self._component(seed_links)
+        link_rate = self.link_rate
         if not flows:
             for link in links:
-                if self.link_rate[link] != 0.0:
+                if link_rate[link] != 0.0:
                     self._account_link(link, now, 0.0)
             return
         self.solves += 1
         self.solved_flows += len(flows)
         # Progressive filling over the component with a heap of link shares.
         link_flows = self.link_flows
+        cap, high, hshare, reserved = self.capacity, self.high_load, self.high_share, self.reserved
         remaining = {}
         count = {}
         heap = []
         for link in links:
             n = len(link_flows[link])
             if n:
-                rem = self.low_capacity(link)
+                c = cap[link]
+                h = high[link]
+                if h > 0.0:
+                    hs = hshare[link] * c
+                    rem = c - (h if h < hs else hs) - reserved[link]
+                else:
+                    rem = c - reserved[link]
+                if rem < 0.0:
+                    rem = 0.0
                 remaining[link] = rem
                 count[link] = n
                 heap.append((rem / n, link))
         heapq.heapify(heap)
-        new_rate: dict[int, float] = {}
+        new_rate: dict[Flow, float] = {}
         agg = dict.fromkeys(links, 0.0)
-        capped = [f for f in flows if f.max_rate < math.inf]
+        inf = math.inf
+        capped = [f for f in flows if f.max_rate < inf]
         if capped:
             capped.sort(key=lambda f: f.max_rate)
+        n_capped = len(capped)
         ci = 0
         left = len(flows)
+        heappop, heapreplace = heapq.heappop, heapq.heapreplace
         while left:
-            while ci < len(capped) and capped[ci].fid in new_rate:
+            while ci < n_capped and capped[ci] in new_rate:
                 ci += 1
-            share = math.inf
+            share = inf
             link = -1
             while heap:
                 s0, l0 = heap[0]
                 n = count[l0]
                 if n == 0:
-                    heapq.heappop(heap)
+                    heappop(heap)
                     continue
                 cur = remaining[l0] / n
                 if cur > s0 + 1e-12 * (abs(s0) + 1.0):
-                    heapq.heapreplace(heap, (cur, l0))
+                    heapreplace(heap, (cur, l0))
                     continue
                 share, link = cur, l0
                 break
-            if ci < len(capped) and capped[ci].max_rate < share:
+            if ci < n_capped and capped[ci].max_rate < share:
                 to_freeze = (capped[ci],)
                 share = capped[ci].max_rate
             else:
-                to_freeze = [f for f in link_flows[link] if f.fid not in new_rate]
+                to_freeze = [f for f in link_flows[link] if f not in new_rate]
             if share < 0.0:
                 share = 0.0
             for f in to_freeze:
-                new_rate[f.fid] = share
+                new_rate[f] = share
                 left -= 1
                 for l2 in f.path:
                     remaining[l2] -= share
                     count[l2] -= 1
                     agg[l2] += share
         sched = self.scheduler
+        group = None if self.group_scheduler is None else []
+        t_min = inf
         for f in flows:
-            r = new_rate[f.fid]
+            r = new_rate[f]
             if r != f.rate or f.version == 0:
                 dt = now - f.t_last
                 if dt > 0.0 and f.rate > 0.0:
-                    f.remaining = max(f.remaining - f.rate * dt, 0.0)
+                    rem = f.remaining - f.rate * dt
+                    f.remaining = rem if rem > 0.0 else 0.0
                 f.t_last = now
                 f.rate = r
                 if r > 0.0:
                     t = now + f.remaining / r
                     if t < f.event_t:
-                        f.event_t = t
-                        f.version += 1
-                        sched(t, f, f.version)
+                        if group is None:
+                            f.event_t = t
+                            f.version += 1
+                            sched(t, f, f.version)
+                        else:
+                            group.append(f)
+                            if t < t_min:
+                                t_min = t
+        if group:
+            self._push_group(group, t_min)
         for link in links:
             a = agg[link]
-            if a != self.link_rate[link]:
+            if a != link_rate[link]:
                 self._account_link(link, now, a)
 
     # ---- outputs --------------------------------------------------------------------------------------
