@@ -37,6 +37,14 @@ class Flow:
         self.version = 0
         self.event_t = math.inf  # time of its pending completion event (inf: none)
 
+    # Hash by flow id, not by address: sets of flows then iterate in the same order in every process, so a
+    # run is deterministic per seed across processes (address-ordered sets changed float summation order).
+    def __hash__(self) -> int:
+        return self.fid
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
 
 def max_min_rates(
     capacities: Sequence[float], paths: Sequence[Sequence[int]], max_rates: Sequence[float] | None = None
