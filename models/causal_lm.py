@@ -17,6 +17,25 @@ from models.config import ModelConfig
 from models.layers.rmsnorm import RMSNorm
 
 
+class PreNormDecoderLayer(nnx.Module):
+    """The pre-norm residual block both families share: x + attn(norm(x)), then + mlp(norm(x)).
+
+    Subclasses set `input_layernorm`, `self_attn` (with `prefill`/`decode` over their KV), the
+    `post_attention_layernorm` and `mlp` (dense SwiGLU or MoE). This is the layer contract of DESIGN.md:
+    `(kv, hidden, meta) -> (kv, hidden)`.
+    """
+
+    def prefill(self, kv_cached: jax.Array, x: jax.Array, meta):
+        kv_new, a = self.self_attn.prefill(kv_cached, self.input_layernorm(x), meta)
+        x = x + a
+        return kv_new, x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, cache, x: jax.Array, meta):
+        cache, a = self.self_attn.decode(cache, self.input_layernorm(x), meta)
+        x = x + a
+        return cache, x + self.mlp(self.post_attention_layernorm(x))
+
+
 class LMHead(nnx.Module):
     """Final RMSNorm + vocabulary projection (tied to the embedding when the config says so)."""
 

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.causal_lm import CausalLM
+from models.causal_lm import CausalLM, PreNormDecoderLayer
 from models.config import ModelConfig, hf_field
 from models.layers.attention import MLAAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.moe import DeepseekMoE
 from models.layers.rmsnorm import RMSNorm
 from models.layers.rope import RopeConfig
-from models.meta import DecodeMeta, PrefillMeta
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,7 +125,7 @@ class DeepseekV3MoE(DeepseekMoE):
         )
 
 
-class DeepseekV3DecoderLayer(nnx.Module):
+class DeepseekV3DecoderLayer(PreNormDecoderLayer):
     """MLA + (dense MLP | MoE). Two layer kinds -> two step executables, each shared by its layers."""
 
     def __init__(self, cfg: DeepseekConfig, moe: bool, rngs: nnx.Rngs):
@@ -150,16 +148,6 @@ class DeepseekV3DecoderLayer(nnx.Module):
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = DeepseekV3MoE(cfg, rngs) if moe else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
-
-    def prefill(self, kv_cached: jax.Array, x: jax.Array, meta: PrefillMeta):
-        kv_new, a = self.self_attn.prefill(kv_cached, self.input_layernorm(x), meta)
-        x = x + a
-        return kv_new, x + self.mlp(self.post_attention_layernorm(x))
-
-    def decode(self, cache, x: jax.Array, meta: DecodeMeta):
-        cache, a = self.self_attn.decode(cache, self.input_layernorm(x), meta)
-        x = x + a
-        return cache, x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DeepseekV3ForCausalLM(CausalLM):

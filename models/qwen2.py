@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.causal_lm import CausalLM
+from models.causal_lm import CausalLM, PreNormDecoderLayer
 from models.config import ModelConfig, hf_field
 from models.layers.attention import GQAAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.rmsnorm import RMSNorm
 from models.layers.rope import RopeConfig
-from models.meta import DecodeMeta, PrefillMeta
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,7 +61,7 @@ class Qwen2Config(ModelConfig):
         )
 
 
-class Qwen2DecoderLayer(nnx.Module):
+class Qwen2DecoderLayer(PreNormDecoderLayer):
     """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x)). HF prefix ``model.layers.{i}.``."""
 
     def __init__(self, cfg: Qwen2Config, rngs: nnx.Rngs):
@@ -81,16 +79,6 @@ class Qwen2DecoderLayer(nnx.Module):
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
-
-    def prefill(self, kv_cached: jax.Array, x: jax.Array, meta: PrefillMeta):
-        kv_new, a = self.self_attn.prefill(kv_cached, self.input_layernorm(x), meta)
-        x = x + a
-        return kv_new, x + self.mlp(self.post_attention_layernorm(x))
-
-    def decode(self, cache, x: jax.Array, meta: DecodeMeta):
-        cache, a = self.self_attn.decode(cache, self.input_layernorm(x), meta)
-        x = x + a
-        return cache, x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen2ForCausalLM(CausalLM):
