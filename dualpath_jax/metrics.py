@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 from collections import defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -68,9 +68,17 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(vals, q)) if vals else math.nan
 
 
-def snic_max_over_avg(samples: Iterable[LinkBytes], prefix: str = "snic/") -> float:
-    """Storage-NIC load balance: max over nodes of bytes moved / mean over nodes (1.0 = perfect)."""
+def snic_max_over_avg(samples: Iterable[LinkBytes], prefix: str = "snic/", links: Iterable[str] = ()) -> float:
+    """Storage-NIC load balance: max over nodes of bytes moved / mean over nodes (1.0 = perfect).
+
+    `links` names every SNIC of the cluster: a node that moved no bytes has no samples, yet it counts in the
+    mean as 0 (without it, only the SNICs seen in `samples` are averaged).
+    """
     per_link: dict[str, int] = defaultdict(int)
+    for name in links:
+        if not name.startswith(prefix):
+            raise ValueError(f"SNIC link {name!r} does not start with {prefix!r}")
+        per_link[name] += 0
     for s in samples:
         if s.link.startswith(prefix):
             per_link[s.link] += s.nbytes

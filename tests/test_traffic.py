@@ -99,6 +99,10 @@ def test_samples_and_link_names():
     }
     assert all(x.t1 - x.t0 == pytest.approx(0.05) and x.t0 >= 0 for x in s)
     assert snic_max_over_avg(s) == pytest.approx(20 / 11)
+    # an idle third SNIC counts in the mean when the cluster's SNICs are named
+    assert snic_max_over_avg(s, links=["snic/node0", "snic/node1", "snic/node2"]) == pytest.approx(20 / (22 / 3))
+    with pytest.raises(ValueError, match="cnic/engine2/high"):
+        snic_max_over_avg(s, links=["cnic/engine2/high"])
     # bins reflect the pacing: no 50 ms bin of snic/node0 holds much more than 50 ms worth of bytes
     worst = max(x.nbytes for x in s if x.link == "snic/node0")
     assert worst <= 200e6 * 0.05 * 1.6
