@@ -4,12 +4,18 @@
     python -m experiments.bench_store --total_mb=512 --repeats=5 --root=/mnt/3fs/bench --out=/tmp/store.json
 
 Measures, per layout, with a warm page cache (the store's own overhead, not the disk's speed):
-- Full Block reads, one thread: LocalDirStore.read (header + payload in one preadv, checksums verified, and
-  with verify=False) vs raw `open + os.preadv + close` of the same payload bytes (goal >= 0.9x);
+- Full Block reads, one thread: LocalDirStore.read with the default checksum (xxh3) verified in chunks of
+  `read_chunk_bytes`, the same read-all-then-check (read_chunk_bytes=0), verify=False (header checks only), and
+  the old default (wsum64, read-all-then-check) and crc32 as same-run references, vs raw
+  `open + os.preadv + close` of the same payload bytes (goal >= 0.9x); also a sweep of read_chunk_bytes;
 - the same with the store's I/O pool (`read_many`, --threads) vs raw preadv from a pool of as many threads;
 - Layer-Block reads (each layer of each block read on its own, the layerwise pattern) vs Full-Block reads;
 - writes (atomic: temp file + rename, not durable) vs raw `open + writev + close` of the same bytes;
 - the checksum algorithms alone.
+The "1 thread" rows read each block by every variant back to back into one reused buffer (paired in time, but
+the block's bytes are then cache-resident for all but the first variant: the cost of the checksum pass shows
+fully); the "streaming" rows (and the pool rows) time whole passes over all blocks into one buffer per block,
+so source and destination come from DRAM as in serving (the regime the chunked checks are for).
 `run_store_bench(...)` returns the rows (list of dicts) for experiments/bench_io.py to include.
 """
 
@@ -65,6 +71,17 @@ def _paired(variants: dict, n_items: int, repeats: int) -> dict[str, float]:
     return {name: sum(v) for name, v in best.items()}
 
 
+def _passes(variants: dict, repeats: int) -> dict:
+    """Best-of-`repeats` seconds of each variant's fn(), the variants' order rotating between repeats."""
+    best = {name: float("inf") for name in variants}
+    names = list(variants)
+    for r in range(repeats):
+        for k in range(len(names)):
+            name = names[(k + r) % len(names)]
+            best[name] = min(best[name], _best(variants[name], 1))
+    return best
+
+
 def _row(layout_name, op, variant, nbytes, seconds, baseline_s=None, baseline=None, **extra) -> dict:
     row = {
         "layout": layout_name,
@@ -100,12 +117,15 @@ def bench_layout(
     src = np.random.default_rng(0).integers(0, 256, size=fb, dtype=np.uint8)
     keys = keys_from_hash_ids(range(n_blocks), parent=root_key(layout.fingerprint))
     store_dir = os.path.join(root, layout_name)
-    shutil.rmtree(store_dir, ignore_errors=True)
-    shutil.rmtree(store_dir + "-crc32", ignore_errors=True)
-    store = LocalDirStore(store_dir, layout, io_threads=threads)
+    for suffix in ("", "-crc32", "-wsum64"):
+        shutil.rmtree(store_dir + suffix, ignore_errors=True)
+    store = LocalDirStore(store_dir, layout, io_threads=threads)  # defaults: xxh3, verified, chunked
     crc_store = LocalDirStore(store_dir + "-crc32", layout, checksum="crc32")
+    # The old default: wsum64, the whole block read then checked.
+    wsum_store = LocalDirStore(store_dir + "-wsum64", layout, checksum="wsum64", read_chunk_bytes=0, io_threads=threads)
     hdr = store.header_nbytes
     algo = store.checksum
+    chunk_kib = store.read_chunk_bytes >> 10
 
     # ---- writes: store (atomic: temp file + rename) vs raw writev of the same bytes into same-size files --
     raw_dir = os.path.join(root, layout_name + "-raw")
@@ -124,11 +144,13 @@ def bench_layout(
             "raw": raw_write,
             "store": lambda i: store.write(keys[i], src, overwrite=True),
             "crc32": lambda i: crc_store.write(keys[i], src, overwrite=True),
+            "wsum64": lambda i: wsum_store.write(keys[i], src, overwrite=True),
         },
         n_blocks,
         repeats,
     )
     rows.append(_row(layout_name, "write", f"store atomic, {algo}", total, w["store"], w["raw"], "raw writev"))
+    rows.append(_row(layout_name, "write", "store atomic, wsum64", total, w["wsum64"], w["raw"], "raw writev"))
     rows.append(_row(layout_name, "write", "store atomic, crc32", total, w["crc32"], w["raw"], "raw writev"))
     n_dur = min(n_blocks, 8)  # fsync of block and directory: the disk's speed, a few blocks suffice
     d = _paired(
@@ -147,7 +169,11 @@ def bench_layout(
     paths = [store.path_of(k) for k in keys]
     buf = np.empty(fb, np.uint8)
     for k in keys:  # warm the page cache and check the data
-        assert store.read(k, buf) and (buf == src).all() and crc_store.read(k, buf)
+        assert store.read(k, buf) and (buf == src).all() and crc_store.read(k, buf) and wsum_store.read(k, buf)
+    # Other views of the default store's directory: read-all-then-check, and the chunk sizes of the sweep.
+    whole = LocalDirStore(store_dir, layout, read_chunk_bytes=0)
+    chunk_sizes = [0, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20]
+    sweep = {c: LocalDirStore(store_dir, layout, read_chunk_bytes=c) for c in chunk_sizes}
 
     def must(ok: bool) -> None:
         if not ok:
@@ -158,15 +184,47 @@ def bench_layout(
         {
             "raw": lambda i: _raw_read(paths[i], buf, hdr),
             "verify": lambda i: must(store.read(keys[i], buf)),
+            "whole": lambda i: must(whole.read(keys[i], buf)),
             "noverify": lambda i: must(store.read(keys[i], buf, verify=False)),
+            "wsum64": lambda i: must(wsum_store.read(keys[i], buf)),
             "crc32": lambda i: must(crc_store.read(keys[i], buf)),
         },
         n_blocks,
         repeats,
     )
-    for name, label in (("verify", f"store, verify {algo}"), ("noverify", "store, verify=False (header checks)"),
+    for name, label in (("verify", f"store, verify {algo} (default, {chunk_kib} KiB chunks)"),
+                        ("whole", f"store, verify {algo}, read all then check"),
+                        ("noverify", "store, verify=False (header checks)"),
+                        ("wsum64", "store, verify wsum64, read all then check (old default)"),
                         ("crc32", "store, verify crc32")):  # fmt: skip
         rows.append(_row(layout_name, "full read 1 thread", label, total, r[name], r["raw"], "raw preadv"))
+
+    # ---- Full Block reads, one thread, streaming: whole passes over all blocks, one destination buffer per block
+    # (like host-buffer slots), so neither the page-cache source nor the destination is cache-resident when read.
+    pool_bufs = [np.empty(fb, np.uint8) for _ in range(n_blocks)]
+    for b in pool_bufs:
+        b.fill(1)  # prefault
+
+    def stream(read):
+        return lambda: [read(i) for i in range(n_blocks)]
+
+    streaming = {
+        "raw": stream(lambda i: _raw_read(paths[i], pool_bufs[i], hdr)),
+        "noverify": stream(lambda i: must(store.read(keys[i], pool_bufs[i], verify=False))),
+        "wsum64": stream(lambda i: must(wsum_store.read(keys[i], pool_bufs[i]))),
+    } | {c: stream(lambda i, s=s: must(s.read(keys[i], pool_bufs[i]))) for c, s in sweep.items()}
+    t_st = _passes(streaming, repeats)
+    for c in chunk_sizes:
+        label = f"store, verify {algo}, " + (f"{c >> 10} KiB chunks" if c else "read all then check")
+        label += " (default)" if c == store.read_chunk_bytes else ""
+        rows.append(
+            _row(layout_name, "full read 1 thread, streaming", label, total, t_st[c], t_st["raw"], "raw preadv",
+                 read_chunk_bytes=c)
+        )  # fmt: skip
+    for name, label in (("noverify", "store, verify=False (header checks)"),
+                        ("wsum64", "store, verify wsum64, read all then check (old default)")):  # fmt: skip
+        rows.append(_row(layout_name, "full read 1 thread, streaming", label, total, t_st[name], t_st["raw"],
+                         "raw preadv"))  # fmt: skip
 
     # ---- Full Block reads from the disk: each file's pages dropped from the page cache before its read -------
     if cold_blocks and hasattr(os, "posix_fadvise"):
@@ -201,24 +259,28 @@ def bench_layout(
             )  # fmt: skip
 
     # ---- Full Block reads, thread pool (whole batches, interleaved) -------------------------------------
-    pool_bufs = [np.empty(fb, np.uint8) for _ in range(n_blocks)]
     raw_pool = ThreadPoolExecutor(threads)
 
     def raw_parallel():
         list(raw_pool.map(lambda i: _raw_read(paths[i], pool_bufs[i], hdr), range(n_blocks)))
 
-    def store_parallel():
-        must(all(store.read_many(keys, pool_bufs)))
-
-    t_rp, t_sp = [], []
-    for _ in range(repeats):
-        t_rp.append(_best(raw_parallel, 1))
-        t_sp.append(_best(store_parallel, 1))
-    rows.append(
-        _row(layout_name, f"full read {threads} threads", f"store read_many, verify {algo}", total, min(t_sp),
-             min(t_rp), f"raw preadv x{threads} threads")
-    )  # fmt: skip
+    noverify_store = LocalDirStore(store_dir, layout, verify=False, io_threads=threads)
+    parallel = {
+        "raw": raw_parallel,
+        "verify": lambda: must(all(store.read_many(keys, pool_bufs))),
+        "noverify": lambda: must(all(noverify_store.read_many(keys, pool_bufs))),
+        "wsum64": lambda: must(all(wsum_store.read_many(keys, pool_bufs))),
+    }
+    t_par = _passes(parallel, repeats)
+    for name, label in (("verify", f"store read_many, verify {algo} (default, {chunk_kib} KiB chunks)"),
+                        ("noverify", "store read_many, verify=False (header checks)"),
+                        ("wsum64", "store read_many, verify wsum64, read all then check (old default)")):  # fmt: skip
+        rows.append(
+            _row(layout_name, f"full read {threads} threads", label, total, t_par[name], t_par["raw"],
+                 f"raw preadv x{threads} threads")
+        )  # fmt: skip
     raw_pool.shutdown()
+    noverify_store.close()
 
     # ---- Layer-Block reads (each layer of a block read on its own) vs one Full-Block read of it ----------
     lb_out = np.empty(lbn, np.uint8)
@@ -251,16 +313,16 @@ def bench_layout(
 
     # ---- checksums alone ---------------------------------------------------------------------------------
     blocks2d = src.reshape(L, lbn)
-    for name in ("wsum64", "crc32"):
+    for name in ("xxh3", "wsum64", "crc32"):
         t = _best(lambda name=name: block_file.layer_checksums(blocks2d, name), max(5, repeats))
         rows.append(_row(layout_name, "checksum", f"{name} of {L} Layer Blocks", fb, t))
     t = _best(lambda: np.copyto(buf, src), max(5, repeats))
     rows.append(_row(layout_name, "memcpy", "np.copyto of one Full Block", fb, t))
 
-    store.close()
-    crc_store.close()
-    shutil.rmtree(store_dir, ignore_errors=True)
-    shutil.rmtree(store_dir + "-crc32", ignore_errors=True)
+    for s in (store, crc_store, wsum_store, whole, *sweep.values()):
+        s.close()
+    for suffix in ("", "-crc32", "-wsum64"):
+        shutil.rmtree(store_dir + suffix, ignore_errors=True)
     return rows
 
 

@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -173,7 +174,7 @@ def test_read_many_and_misses(store):
         store.write(k, content(k))
     outs = [np.zeros(LAYOUT.full_block_nbytes, np.uint8) for _ in keys]
     assert store.read_many(keys, outs) == [True, True, True, False]
-    for k, o in zip(keys[:3], outs):
+    for k, o in zip(keys[:3], outs[:3], strict=True):
         np.testing.assert_array_equal(o, content(k))
     layer_outs = [np.zeros(LBN, np.uint8) for _ in keys]
     assert store.read_many(keys, layer_outs, layers=[3]) == [True, True, True, False]
@@ -204,7 +205,7 @@ def test_crc32_blocks_are_readable_by_any_store(tmp_path):
     w = LocalDirStore(tmp_path / "kv", LAYOUT, checksum="crc32")
     for k in keys:
         w.write(k, content(k))
-    r = LocalDirStore(tmp_path / "kv", LAYOUT)  # writes wsum64, reads whatever the header says
+    r = LocalDirStore(tmp_path / "kv", LAYOUT)  # writes xxh3, reads whatever the header says
     out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
     assert r.read(keys[0], out)
     np.testing.assert_array_equal(out, content(keys[0]))
@@ -389,6 +390,170 @@ def test_odd_layer_block_size_round_trip(tmp_path):
     s.close()
 
 
+# ---- xxh3 (the default checksum) and chunked verified reads -------------------------------------------------
+def _algo_id(path) -> int:
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(20)[16:20], "little")  # after magic, version, header size
+
+
+def test_xxh3_is_the_default_and_matches_the_xxhash_reference(store):
+    import xxhash
+
+    assert store.checksum == "xxh3"
+    (k,) = make_keys(1)
+    assert store.write(k, content(k))
+    assert _algo_id(store.path_of(k)) == block_file.CHECKSUM_ALGOS["xxh3"] == 3
+    blocks = content(k).reshape(LAYOUT.num_layers, LBN)
+    want = [xxhash.xxh3_64_intdigest(blocks[i].tobytes()) for i in range(LAYOUT.num_layers)]
+    assert block_file.layer_checksums(blocks, "xxh3").tolist() == want
+    with open(store.path_of(k), "rb") as f:  # the header holds exactly these sums
+        _, stored = block_file.parse_header(
+            f.read(store.header_nbytes), LAYOUT, k, block_file.fingerprint_digest(LAYOUT.fingerprint)
+        )
+    assert stored.tolist() == want
+    for algo in block_file.CHECKSUM_ALGOS:  # the read path's list form agrees with the array form
+        assert (
+            block_file.layer_checksum_list(blocks.reshape(-1), LBN, algo)
+            == block_file.layer_checksums(blocks, algo).tolist()
+        )
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    assert store.read(k, out)
+    np.testing.assert_array_equal(out, content(k))
+
+
+# read_chunk_bytes: 0 = read all then check; 1 and LBN-1 round up to one Layer Block; 2*LBN+7 is not a multiple of
+# a Layer Block (2 per chunk, the last chunk shorter); 3*LBN leaves a 1-layer tail; 1 MiB covers the block.
+CHUNKS = [0, 1, LBN - 1, LBN, 2 * LBN + 7, 3 * LBN, 1 << 20]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_chunked_reads_round_trip(tmp_path, chunk):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=chunk)
+    keys = make_keys(3)
+    for k in keys:
+        assert s.write(k, content(k))
+    for k in keys:
+        full = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+        assert s.read(k, full)
+        np.testing.assert_array_equal(full, content(k))
+        ref = content(k).reshape(LAYOUT.num_layers, LBN)
+        for layers in ([0, 1, 2, 3], [3, 0, 1], [1, 2], [2]):
+            packed = np.zeros((len(layers), LBN), np.uint8)
+            assert s.read(k, packed, layers=layers)
+            np.testing.assert_array_equal(packed, ref[layers])
+            inplace = np.zeros((LAYOUT.num_layers, LBN), np.uint8)
+            assert s.read(k, inplace, layers=layers)
+            np.testing.assert_array_equal(inplace[layers], ref[layers])
+    assert s.stats().read_hits == 3 * 9 and s.stats().read_corrupt == 0
+    s.close()
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("algo", ["xxh3", "wsum64", "crc32"])
+def test_damage_in_any_single_layer_block_is_caught_by_chunked_reads(tmp_path, chunk, algo):
+    """Flip the first, a middle and the last byte of each Layer Block in turn: full reads and every layer read
+    that includes the damaged layer miss (naming it); layer reads that exclude it return good KV."""
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, checksum=algo, read_chunk_bytes=chunk)
+    (k,) = make_keys(1)
+    ref = content(k).reshape(LAYOUT.num_layers, LBN)
+    misses = 0
+    for layer in range(LAYOUT.num_layers):
+        for pos in (0, LBN // 2, LBN - 1):
+            for layers in (None, [layer], [0, 1, 2, 3], [3, 2, 1, 0], [x for x in range(4) if x != layer]):
+                assert s.write(k, content(k), overwrite=True)
+                _flip(s.path_of(k), s.header_nbytes + layer * LBN + pos)
+                n = LAYOUT.num_layers if layers is None else len(layers)
+                out = np.zeros((n, LBN), np.uint8)
+                if layers is not None and layer not in layers:
+                    assert s.read(k, out, layers=layers), (layer, pos, layers)
+                    np.testing.assert_array_equal(out, ref[layers])
+                    continue
+                assert not s.read(k, out, layers=layers), (layer, pos, layers)
+                assert not os.path.exists(s.path_of(k))
+                misses += 1
+    st = s.stats()
+    assert st.read_corrupt == misses == st.corrupt_blocks and misses == LAYOUT.num_layers * 3 * 4
+    s.close()
+
+
+def test_chunked_read_names_the_damaged_layer(tmp_path, caplog):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN)
+    (k,) = make_keys(1)
+    s.write(k, content(k))
+    _flip(s.path_of(k), s.header_nbytes + 3 * LBN + 5)  # the last chunk
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.store.local_dir"):
+        assert not s.read(k, np.zeros(LAYOUT.full_block_nbytes, np.uint8))
+    assert "checksum mismatch in Layer Block(s) [3]" in caplog.text
+    s.close()
+
+
+@pytest.mark.parametrize("chunk", [LBN, 2 * LBN + 7, 0])
+def test_truncation_past_the_first_chunk_is_a_miss(tmp_path, caplog, chunk):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=chunk)
+    keys = make_keys(2)
+    for k in keys:
+        s.write(k, content(k))
+    os.truncate(s.path_of(keys[0]), s.header_nbytes + 3 * LBN + 10)  # in the last Layer Block
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.store.local_dir"):
+        assert not s.read(keys[0], out)
+    assert "truncated" in caplog.text
+    for verify in (True, False):
+        assert s.read(keys[1], out, verify=verify)
+        np.testing.assert_array_equal(out, content(keys[1]))
+    assert s.stats().read_corrupt == 1 and not os.path.exists(s.path_of(keys[0]))
+    s.close()
+
+
+@pytest.mark.parametrize("old", ["wsum64", "crc32"])
+def test_blocks_of_older_algos_are_read_and_verified_by_the_default_store(tmp_path, old):
+    keys = make_keys(3)
+    w = LocalDirStore(tmp_path / "kv", LAYOUT, checksum=old)
+    for k in keys:
+        w.write(k, content(k))
+    w.close()
+    r = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN)  # writes xxh3, reads what each header says
+    assert r.checksum == "xxh3" and _algo_id(r.path_of(keys[0])) == block_file.CHECKSUM_ALGOS[old]
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    assert r.read(keys[0], out)
+    np.testing.assert_array_equal(out, content(keys[0]))
+    lb = np.zeros(LBN, np.uint8)
+    assert r.read(keys[0], lb, layers=[2])
+    np.testing.assert_array_equal(lb, content(keys[0]).reshape(4, LBN)[2])
+    _flip(r.path_of(keys[1]), r.header_nbytes + LBN + 3)
+    assert not r.read(keys[1], out)
+    _flip(r.path_of(keys[2]), r.header_nbytes + 2 * LBN + 3)
+    assert r.read(keys[2], lb, layers=[1]) and not r.read(keys[2], lb, layers=[2])
+    assert r.stats().read_corrupt == 2
+    new = make_keys(1, seed=5)[0]
+    r.write(new, content(new))
+    assert _algo_id(r.path_of(new)) == block_file.CHECKSUM_ALGOS["xxh3"]
+    r.close()
+
+
+def test_unknown_checksum_algo_in_a_header_is_rejected(store, caplog):
+    (k,) = make_keys(1)
+    store.write(k, content(k))
+    path = store.path_of(k)
+    with open(path, "rb") as f:
+        hdr = bytearray(f.read(store.header_nbytes))
+    hdr[16:20] = (99).to_bytes(4, "little")  # an algo id this code does not know, with a valid header crc
+    table_end = block_file._FIXED.size + 8 * LAYOUT.num_layers
+    hdr[table_end : table_end + 4] = zlib.crc32(bytes(hdr[:table_end])).to_bytes(4, "little")
+    with pytest.raises(block_file.BlockFormatError, match="unknown checksum algo id 99"):
+        block_file.parse_header(hdr, LAYOUT, k, block_file.fingerprint_digest(LAYOUT.fingerprint))
+    for layers, verify in ((None, True), ([1], True), (None, False)):
+        assert store.write(k, content(k), overwrite=True)
+        with open(path, "r+b") as f:
+            f.write(hdr)
+        out = np.zeros(LAYOUT.full_block_nbytes if layers is None else LBN, np.uint8)
+        with caplog.at_level(logging.WARNING, logger="dualpath_jax.store.local_dir"):
+            assert not store.read(k, out, layers=layers, verify=verify)  # never trusted, even with verify=False
+        assert "unknown checksum algo id 99" in caplog.text
+        assert not os.path.exists(path)
+    assert store.stats().read_corrupt == 3
+
+
 # ---- configuration and bad arguments ------------------------------------------------------------------
 def test_factory_builds_registered_store(tmp_path):
     assert "local_dir" in STORES
@@ -420,6 +585,9 @@ def test_bad_constructor_arguments(tmp_path):
         LocalDirStore(tmp_path / "a", {"num_layers": 4})
     with pytest.raises(ValueError, match="io_threads"):
         LocalDirStore(tmp_path / "a", LAYOUT, io_threads=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="read_chunk_bytes must be an int >= 0"):
+            LocalDirStore(tmp_path / "a", LAYOUT, read_chunk_bytes=bad)
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):
         LocalDirStore(tmp_path / "file", LAYOUT)
@@ -507,7 +675,7 @@ def test_reads_into_host_buffer_pool_slots(store):
     pool = HostBufferPool(slot_nbytes=LAYOUT.full_block_nbytes, num_slots=8, name="pe0")
     with pool.acquire(nslots=len(keys)) as buf:
         assert store.read_many(keys, buf.views) == [True] * 5
-        for k, off in zip(keys, buf.offsets):  # the bytes sit where a transport would address them
+        for k, off in zip(keys, buf.offsets, strict=True):  # the bytes sit where a transport would address them
             np.testing.assert_array_equal(pool.arena[off : off + LAYOUT.full_block_nbytes], content(k))
 
 
@@ -608,7 +776,7 @@ def test_read_many_with_one_layer_index(store):
         store.write(k, content(k))
     outs = [np.zeros(LBN, np.uint8) for _ in keys]
     assert store.read_many(keys, outs, layers=3) == [True, True]
-    for k, o in zip(keys, outs):
+    for k, o in zip(keys, outs, strict=True):
         np.testing.assert_array_equal(o, content(k).reshape(4, LBN)[3])
 
 
@@ -683,12 +851,12 @@ def test_corrupt_open_file_replaced_by_a_good_block_is_not_deleted(store):
 def test_submit_write_in_the_background(store):
     keys = make_keys(4)
     blocks = [content(k) for k in keys]
-    futures = [store.submit_write(k, b) for k, b in zip(keys, blocks)]
+    futures = [store.submit_write(k, b) for k, b in zip(keys, blocks, strict=True)]
     assert [f.result(10) for f in futures] == [True] * 4
     assert store.lookup(keys) == 4
     outs = [np.zeros(LAYOUT.full_block_nbytes, np.uint8) for _ in keys]
     assert store.read_many(keys, outs) == [True] * 4
-    for o, b in zip(outs, blocks):
+    for o, b in zip(outs, blocks, strict=True):
         np.testing.assert_array_equal(o, b)
     with pytest.raises(ValueError, match="full_block holds 3 B"):
         store.submit_write(keys[0], np.zeros(3, np.uint8))

@@ -16,9 +16,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from dualpath_jax.block_keys import keys_from_hash_ids, root_key
-from dualpath_jax.kv_layout import BlockLayout
-from dualpath_jax.store import LocalDirStore
+# (noqa E402: child processes run this file as a script, so the repo goes on sys.path first)
+from dualpath_jax.block_keys import keys_from_hash_ids, root_key  # noqa: E402
+from dualpath_jax.kv_layout import BlockLayout  # noqa: E402
+from dualpath_jax.store import LocalDirStore  # noqa: E402
 
 # Big blocks (4 MiB) so that a kill lands mid-write often.
 BIG = BlockLayout(num_layers=16, block_tokens=64, bytes_per_token_per_layer=4096, fingerprint="procs-test/big")

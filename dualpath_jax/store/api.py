@@ -89,7 +89,7 @@ class KVStore(abc.ABC):
         if len(keys) != len(outs):
             raise ValueError(f"read_many got {len(keys)} keys but {len(outs)} output buffers")
         layers = layers if layers is None or isinstance(layers, int) else list(layers)  # one pass per key
-        futures = [self.submit_read(k, o, layers) for k, o in zip(keys, outs)]
+        futures = [self.submit_read(k, o, layers) for k, o in zip(keys, outs, strict=True)]
         return [f.result() for f in futures]
 
     @abc.abstractmethod

@@ -22,6 +22,14 @@ layer): such a file still holds this key's KV even if another process has evicte
 goes through every check; its disk space is freed when the entry leaves the cache. Capacity and LRU order
 are per process: each process evicts from its own view, which is approximate when several processes write
 to one directory (documented limitation).
+
+Reads verify by default: new blocks carry one xxh3 checksum per Layer Block (block_file.py; blocks written
+with wsum64 or crc32 still read and verify, the algo is in each header). A verified read is chunked: each
+`preadv` fills `read_chunk_bytes` (rounded down to whole Layer Blocks) and those Layer Blocks are checked
+before the next chunk is read, so the check runs on bytes the copy just touched; a Full-Block read gets the
+header with its first chunk; a Layer-Block read checks exactly the layers it read. A mismatch, a short read or
+a bad header makes the read a miss: logged, counted (`read_corrupt`) and the block removed, never wrong KV.
+`verify=False` (store option or per read) keeps every header check and skips the payload checksums.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ log = logging.getLogger(__name__)
 _SUFFIX = ".kvb"
 _TMP_PREFIX = ".tmp."
 _META = "STORE.json"
+# Verified reads preadv and check this many bytes (rounded down to whole Layer Blocks) at a time; chosen with
+# experiments/bench_store.py (see the README's KV store section).
+DEFAULT_READ_CHUNK_BYTES = 1 << 20
 
 
 def _as_u8(buf: Any, name: str, writable: bool) -> np.ndarray:
@@ -80,15 +91,16 @@ class _OpenBlock:
         self.fd = fd
         self.refs = 1
         self.cached = False
-        self.header: tuple[str, np.ndarray] | None = None
+        self.header: tuple[str, list[int]] | None = None  # (checksum algo, per-layer sums)
 
 
 @dataclasses.dataclass(frozen=True)
 class LocalDirStoreConfig:
     root: str  # the store directory (created if missing and create=True)
     capacity_bytes: int | None = None  # file bytes kept before LRU eviction; None = unlimited
-    checksum: str = "wsum64"  # per-Layer-Block checksum of new blocks: "wsum64" (fast) or "crc32"
+    checksum: str = "xxh3"  # per-Layer-Block checksum of new blocks: "xxh3" (fastest), "wsum64" or "crc32"
     verify: bool = True  # verify checksums of what is read (header checks always happen)
+    read_chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES  # verified reads: preadv + check this much at a time; 0: all
     durable: bool = False  # default of write(durable=None): fsync block and directory
     io_threads: int = 4  # threads of submit_read / read_many
     write_threads: int = 1  # threads of submit_write (apart from the readers, so write-back never delays loads)
@@ -120,8 +132,9 @@ class LocalDirStore(KVStore):
         layout: BlockLayout,
         capacity_bytes: int | None = None,
         *,
-        checksum: str = "wsum64",
+        checksum: str = "xxh3",
         verify: bool = True,
+        read_chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES,
         durable: bool = False,
         io_threads: int = 4,
         write_threads: int = 1,
@@ -151,6 +164,8 @@ class LocalDirStore(KVStore):
                     f"capacity_bytes={capacity_bytes} cannot hold one block ({self.file_nbytes} B with its header "
                     f"for layout {layout})"
                 )
+        if isinstance(read_chunk_bytes, bool) or not isinstance(read_chunk_bytes, int) or read_chunk_bytes < 0:
+            raise ValueError(f"read_chunk_bytes must be an int >= 0 (0: no chunking), got {read_chunk_bytes!r}")
         if isinstance(fd_cache, bool) or not isinstance(fd_cache, int) or fd_cache < 0:
             raise ValueError(f"fd_cache must be an int >= 0, got {fd_cache!r}")
         if stale_temp_s < 0:
@@ -159,6 +174,9 @@ class LocalDirStore(KVStore):
         self.capacity_bytes = None if capacity_bytes is None else int(capacity_bytes)
         self.checksum = checksum
         self.verify = bool(verify)
+        self.read_chunk_bytes = read_chunk_bytes
+        # Layer Blocks per verified preadv (at least one; 0: the whole read, then the checks).
+        self._chunk_layers = max(1, read_chunk_bytes // layout.layer_block_nbytes) if read_chunk_bytes else 0
         self.durable = bool(durable)
         self.stat_on_hit = bool(stat_on_hit)
         self.stale_temp_s = float(stale_temp_s)
@@ -424,7 +442,7 @@ class LocalDirStore(KVStore):
                 f"(packed) or a Full Block of {lay.full_block_nbytes} B"
             )
         runs: list[list[int]] = []
-        for layer, o in zip(layer_list, out_offsets):
+        for layer, o in zip(layer_list, out_offsets, strict=True):
             f = self.header_nbytes + layer * lbn
             if runs and runs[-1][0] + runs[-1][2] == f and runs[-1][1] + runs[-1][2] == o:
                 runs[-1][2] += lbn
@@ -537,14 +555,25 @@ class LocalDirStore(KVStore):
                     del self._pins[key]
 
     def _read_fd(self, ent: _OpenBlock, key: bytes, dst: np.ndarray, layer_list, runs, verify: bool) -> str | None:
-        """Read and check; None if `dst` now holds the verified bytes, else why the block is corrupt."""
+        """Read and check; None if `dst` now holds the verified bytes, else why the block is corrupt.
+
+        Verified reads are chunked: each `preadv` fills a chunk of whole Layer Blocks (`read_chunk_bytes`,
+        rounded down to Layer Blocks, at least one) and that chunk is checked against the header's sums of
+        exactly its layers before the next is read; the first bad chunk ends the read (a miss). A Full-Block
+        read gets the header with its first chunk (one syscall when the chunk covers the block).
+        """
         fd = ent.fd
-        hdr = self._header_buf()
+        lay = self.layout
+        lbn = lay.layer_block_nbytes
+        hdr_n = self.header_nbytes
+        step = self._chunk_layers * lbn if verify and self._chunk_layers else lay.full_block_nbytes
         if layer_list is None:
-            want = self.header_nbytes + dst.nbytes
-            got = os.preadv(fd, [hdr, dst], 0)  # header + Full Block in one syscall
+            hdr = self._header_buf()
+            n0 = min(step, dst.nbytes)
+            want = hdr_n + n0
+            got = os.preadv(fd, [hdr, dst[:n0]], 0)  # header + the first chunk in one syscall
             if got != want:
-                if got >= self.header_nbytes:  # name the real problem if the header already tells it
+                if got >= hdr_n:  # name the real problem if the header already tells it
                     try:
                         block_file.parse_header(hdr, self.layout, key, self._fp_digest)
                     except block_file.BlockFormatError as e:
@@ -554,13 +583,17 @@ class LocalDirStore(KVStore):
                 algo, stored = block_file.parse_header(hdr, self.layout, key, self._fp_digest)
             except block_file.BlockFormatError as e:
                 return str(e)
+            stored = stored.tolist()
+            segments = [(hdr_n, 0, dst.nbytes, 0)]  # (file offset, out offset, nbytes, first layer)
+            done = n0  # bytes of the (only) segment already read
         else:
             if ent.header is not None:  # checked when this fd first read the block
                 algo, stored = ent.header
             else:
+                hdr = self._header_buf()
                 got = os.preadv(fd, [hdr], 0)
-                if got != self.header_nbytes:
-                    return f"truncated: header is {got} of {self.header_nbytes} B"
+                if got != hdr_n:
+                    return f"truncated: header is {got} of {hdr_n} B"
                 try:
                     algo, stored = block_file.parse_header(hdr, self.layout, key, self._fp_digest)
                 except block_file.BlockFormatError as e:
@@ -568,31 +601,33 @@ class LocalDirStore(KVStore):
                 size = os.fstat(fd).st_size  # a layer read must not pass on a block truncated elsewhere
                 if size != self.file_nbytes:
                     return f"truncated: file is {size} B, expected {self.file_nbytes}"
-                ent.header = (algo, stored.copy())  # `hdr` is this thread's scratch buffer
-            for file_off, out_off, n in runs:
-                got = os.preadv(fd, [dst[out_off : out_off + n]], file_off)
-                if got != n:
-                    return f"truncated: read {got} of {n} B at offset {file_off}"
-        if not verify:
-            return None
-        lay = self.layout
-        lbn = lay.layer_block_nbytes
-        if layer_list is None:
-            got_sums = block_file.layer_checksums(dst.reshape(lay.num_layers, lbn), algo)
-            if got_sums.tolist() != stored.tolist():
-                return f"checksum mismatch in Layer Block(s) {np.nonzero(got_sums != stored)[0].tolist()}"
-            return None
-        # Verify each run as [n_layers_in_run, lbn] against the stored sums of its layers.
-        bad = []
-        i = 0
-        for _, out_off, n in runs:
-            k = n // lbn
-            got_sums = block_file.layer_checksums(dst[out_off : out_off + n].reshape(k, lbn), algo)
-            want_sums = stored[layer_list[i] : layer_list[i] + k]  # a run is consecutive layers
-            if got_sums.tolist() != want_sums.tolist():
-                bad += [layer_list[i + j] for j in np.nonzero(got_sums != want_sums)[0]]
-            i += k
-        return f"checksum mismatch in Layer Block(s) {bad}" if bad else None
+                stored = stored.tolist()  # ints: `hdr` is this thread's scratch buffer
+                ent.header = (algo, stored)
+            segments = []
+            i = 0
+            for file_off, out_off, n in runs:  # a run is consecutive layers
+                segments.append((file_off, out_off, n, layer_list[i]))
+                i += n // lbn
+            done = 0
+        for file_off, out_off, n, layer0 in segments:
+            off = 0
+            while off < n:
+                m = min(step, n - off)
+                piece = dst[out_off + off : out_off + off + m]
+                if off >= done:  # (the first chunk of a Full Block came with the header)
+                    got = os.preadv(fd, [piece], file_off + off)
+                    if got != m:
+                        return f"truncated: read {got} of {m} B at offset {file_off + off}"
+                if verify:
+                    first = layer0 + off // lbn
+                    want_sums = stored[first : first + m // lbn]
+                    got_sums = block_file.layer_checksum_list(piece, lbn, algo)
+                    if got_sums != want_sums:
+                        bad = [first + j for j, (a, b) in enumerate(zip(got_sums, want_sums, strict=True)) if a != b]
+                        return f"checksum mismatch in Layer Block(s) {bad}"
+                off += m
+            done = 0
+        return None
 
     def _remove_corrupt(self, key: bytes, path: str, reason: str, fd: int | None = None) -> None:
         """Log, count and delete a corrupt block (only if `path` is still the file we judged)."""
