@@ -9,6 +9,9 @@ Sections:
   tcp      TCP transport GB/s vs raw socket sendall/recv_into of the same sizes between two processes on
            loopback (goal >= 0.8x). The transport does one-sided writes into a registered region of the
            peer process, each acknowledged; the raw baseline streams the same bytes with one ack per batch.
+           Then small transfers (--tcp_small_sizes: a DS-V3 Layer Block of 64 tokens, 64 KiB): single writes
+           (64 in flight) and write_many batches (--tcp_batches entries each, max(2, 64/entries) in flight) vs raw
+           messages of the same size: transfers/s, ratio, and CPU per transfer of both processes.
   small    Layer Blocks of 64 tokens (DeepSeek-V3 FP8: 41 KiB, Qwen2.5-32B fp16: 256 KiB): transport
            writes/s with a window of in-flight writes vs raw socket messages/s of the same size.
   shaped   Traffic-manager accuracy: configured vs achieved rate of the high and low classes of a paced
@@ -40,6 +43,11 @@ flags.DEFINE_list("sections", ["store", "tcp", "small", "shaped", "overlap"], "s
 flags.DEFINE_integer("repeats", 3, "interleaved repeats; the best of each is reported")
 flags.DEFINE_list("tcp_sizes", ["65536", "1048576", "16777216", "67108864"], "transfer sizes (bytes)")
 flags.DEFINE_integer("tcp_total_mb", 256, "MB moved per size and repeat")
+flags.DEFINE_list(
+    "tcp_small_sizes", ["41984", "65536"], "small-transfer sizes in the tcp section (DS-V3 FP8 Layer Block, 64 KiB)"
+)
+flags.DEFINE_integer("tcp_small_count", 4096, "transfers per small-transfer measurement in the tcp section")
+flags.DEFINE_list("tcp_batches", ["16", "64"], "write_many batch sizes in the tcp section")
 flags.DEFINE_integer("small_count", 2000, "transfers per small-transfer measurement")
 flags.DEFINE_integer("small_window", 64, "small transfers in flight")
 flags.DEFINE_integer("store_mb", 64, "MB of blocks per layout in the store section")
@@ -160,9 +168,79 @@ def _transport_round(me, size: int, count: int, window: int) -> float:
     return time.perf_counter() - t0
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _transport_batch_round(me, size: int, count: int, per_batch: int, window: int) -> float:
+    """Seconds for `count` writes of `size` bytes posted as write_many batches of `per_batch`, at most `window`
+    batches in flight. Every entry moves the same bytes (src 0 -> sink 0), like the single writes and the raw
+    baseline, so no mode touches more memory than another."""
+    entries = [("src", 0, size, "sink", 0)] * per_batch
+    t0 = time.perf_counter()
+    inflight = []
+    for _ in range(count // per_batch):
+        if len(inflight) >= window:
+            inflight.pop(0).result(60)
+        inflight.append(me.write_many("bench-sink", entries))
+    for f in inflight:
+        f.result(60)
+    return time.perf_counter() - t0
+
+
+def _timed(fn, pid: int) -> tuple[float, float, float]:
+    """(wall s, this process's CPU s, process `pid`'s CPU s) of fn()."""
+    c0, p0 = time.process_time(), _proc_cpu_s(pid)
+    wall = fn()
+    return wall, time.process_time() - c0, _proc_cpu_s(pid) - p0
+
+
+def bench_tcp_small(me, peer, raw, src) -> list[dict]:
+    """Small transfers: single writes and write_many batches vs raw messages of the same size, interleaved."""
+    count, window = FLAGS.tcp_small_count, 64
+    batches = [int(b) for b in FLAGS.tcp_batches]
+    rows = []
+    for size in [int(s) for s in FLAGS.tcp_small_sizes]:
+        cases = {"raw socket": lambda size=size: _timed(lambda: raw.round(src, size, count), raw.proc.pid)}
+        cases["write"] = lambda size=size: _timed(lambda: _transport_round(me, size, count, window), peer.proc.pid)
+        for b in batches:
+            cases[f"write_many x{b}"] = lambda size=size, b=b: _timed(
+                lambda: _transport_batch_round(me, size, count, b, max(2, window // b)), peer.proc.pid
+            )
+        for fn in cases.values():  # warm up
+            fn()
+        best: dict[str, tuple[float, float, float]] = {}
+        for r in range(FLAGS.repeats):
+            names = list(cases) if r % 2 == 0 else list(cases)[::-1]  # alternate the order: load hits all
+            for name in names:
+                got = cases[name]()
+                if name not in best or got[0] < best[name][0]:
+                    best[name] = got
+        raw_t = best["raw socket"][0]
+        for name, (t, cpu, peer_cpu) in best.items():
+            rows.append(
+                {
+                    "section": "tcp_small",
+                    "size": size,
+                    "mode": name,
+                    "count": count,
+                    "per_s": count / t,
+                    "GBps": size * count / t / 1e9,
+                    "ratio": raw_t / t,
+                    "sender_cpu_us": cpu / count * 1e6,
+                    "receiver_cpu_us": peer_cpu / count * 1e6,
+                }
+            )
+    return rows
+
+
 def bench_tcp() -> list[dict]:
     sizes = [int(s) for s in FLAGS.tcp_sizes]
-    biggest = max(sizes)
+    small = [int(s) for s in FLAGS.tcp_small_sizes]
+    biggest = max(sizes + small)
     src = np.random.default_rng(0).integers(0, 256, biggest, dtype=np.uint8)
     me, peer = _transport_pair(biggest)
     me.register("src", src)
@@ -194,6 +272,7 @@ def bench_tcp() -> list[dict]:
                     "ratio": gbs_t / gbs_r,
                 }
             )
+        small_rows = bench_tcp_small(me, peer, raw, src) if small else []
     finally:
         raw.close()
         from transport.peer import PeerProcess
@@ -209,7 +288,20 @@ def bench_tcp() -> list[dict]:
             f"| {_fmt_size(r['size'])} | {r['count']} | {r['transport_GBps']:.2f} | {r['raw_GBps']:.2f} | "
             f"{r['ratio']:.2f} |"
         )
-    return rows
+    if small_rows:
+        print(
+            f"\n## TCP small transfers vs raw socket messages of the same size ({FLAGS.tcp_small_count} transfers, "
+            "64 writes or max(2, 64/B) batches of B in flight; CPU per transfer of the sending and the receiving "
+            "process)\n"
+        )
+        print("| size | mode | transfers/s | GB/s | ratio to raw | sender CPU us | receiver CPU us |")
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+        for r in small_rows:
+            print(
+                f"| {r['size']} | {r['mode']} | {r['per_s']:.0f} | {r['GBps']:.2f} | {r['ratio']:.2f} | "
+                f"{r['sender_cpu_us']:.1f} | {r['receiver_cpu_us']:.1f} |"
+            )
+    return rows + small_rows
 
 
 def bench_small() -> list[dict]:
@@ -499,6 +591,9 @@ def main(argv: list[str]) -> None:
                 "repeats",
                 "tcp_sizes",
                 "tcp_total_mb",
+                "tcp_small_sizes",
+                "tcp_small_count",
+                "tcp_batches",
                 "small_count",
                 "store_mb",
                 "layers",

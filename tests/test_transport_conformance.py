@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import threading
 import time
 
 import numpy as np
@@ -18,8 +19,10 @@ from transport import TRANSPORTS, make_transport
 from transport.base import (
     PeerLostError,
     RegionError,
+    TransferFuture,
     TransportClosedError,
     TransportError,
+    combine_futures,
 )
 
 BACKENDS = ["inproc", "tcp", "rdma"]
@@ -318,3 +321,254 @@ def test_write_completes_only_after_its_bytes_landed(pair):
         futs.append(f)
     assert [f.result(30) for f in futs] == [size] * count
     assert not landed_early, f"writes {landed_early[:5]} completed before their bytes landed"
+
+
+# ---- write_many: a batch of one-sided writes with one completion --------------------------------------------
+
+# Backends that check every entry's remote range before posting any (the base default, used by rdma, checks the
+# local ranges up front and the remote ones as it posts each write).
+REMOTE_CHECKED_UP_FRONT = {"inproc", "tcp"}
+
+
+def test_write_many_lands_every_entry(pair):
+    a, b = pair
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    src2 = rng.integers(0, 256, 5000, dtype=np.uint8)
+    dst, dst2 = np.zeros(1 << 20, np.uint8), np.zeros(70000, np.uint8)
+    a.register("src", src)
+    a.register("src2", src2)
+    b.register("dst", dst)
+    b.register("dst2", dst2)
+    # (local region, local offset, length, remote region, remote offset): sizes 0 B .. 256 KiB, unaligned
+    entries = [
+        ("src", 3, 41984, "dst", 5),
+        ("src2", 1, 4999, "dst2", 0),
+        ("src", 100000, 0, "dst", 7),
+        ("src", 200001, 65536, "dst2", 4000),
+        ("src", 500000, 262144, "dst", 700001),
+        ("src2", 0, 1, "dst", (1 << 20) - 1),
+    ]
+    assert a.write_many(b.name, entries).result(10) == sum(e[2] for e in entries)
+    expect, expect2 = np.zeros_like(dst), np.zeros_like(dst2)
+    local = {"src": src, "src2": src2}
+    for lr, lo, n, rr, ro in entries:
+        (expect if rr == "dst" else expect2)[ro : ro + n] = local[lr][lo : lo + n]
+    np.testing.assert_array_equal(dst, expect)  # every entry landed, nothing outside them
+    np.testing.assert_array_equal(dst2, expect2)
+    # a one-entry batch, a high-priority batch, a generator of entries, an empty batch
+    assert a.write_many(b.name, [("src", 0, 10, "dst", 0)]).result(10) == 10
+    assert a.write_many(b.name, (("src", 10, 20, "dst", 30) for _ in range(3)), priority="high").result(10) == 60
+    np.testing.assert_array_equal(dst[:10], src[:10])
+    np.testing.assert_array_equal(dst[30:50], src[10:30])
+    assert a.write_many(b.name, []).result(10) == 0
+
+
+def test_write_many_notifies_once_after_every_entry_landed(pair):
+    a, b = pair
+    n, k = 3000, 12
+    src = np.stack([np.full(n, i + 1, np.uint8) for i in range(k)])
+    dst = np.zeros(n * k, np.uint8)
+    a.register("src", src)
+    b.register("dst", dst)
+    entries = [("src", i * n, n, "dst", i * n) for i in range(k)]
+    fut = a.write_many(b.name, entries, notify=42)
+    note = b.wait_notification(tag=42, timeout=10)
+    # when the notification arrives, every entry's bytes are already there
+    np.testing.assert_array_equal(dst, src.reshape(-1))
+    assert (note.peer, note.tag, note.region, note.offset, note.length) == (a.name, 42, "dst", (k - 1) * n, n)
+    assert fut.result(10) == n * k
+    with pytest.raises(TimeoutError):  # one notification per batch
+        b.wait_notification(timeout=0.05)
+    with pytest.raises(ValueError, match="notify"):
+        a.write_many(b.name, [], notify=1)
+
+
+def test_write_many_completes_only_after_its_bytes_landed(pair):
+    """Many batches in flight: each batch's future completes only once all its entries are in the peer's
+    region (checked in the completion callback)."""
+    a, b = pair
+    size, per, batches = 2000, 16, 40
+    count = per * batches
+    src = np.stack([np.full(size, i % 251 + 1, np.uint8) for i in range(count)])
+    a.register("src", src)
+    dst = np.zeros(count * size, np.uint8)
+    b.register("dst", dst)
+    early: list[int] = []
+
+    def check(j):
+        def cb(f):
+            lo, hi = j * per * size, (j + 1) * per * size
+            if f.exception() is None and not np.array_equal(dst[lo:hi], src.reshape(-1)[lo:hi]):
+                early.append(j)
+
+        return cb
+
+    futs = []
+    for j in range(batches):
+        entries = [("src", i * size, size, "dst", i * size) for i in range(j * per, (j + 1) * per)]
+        f = a.write_many(b.name, entries, priority=("high", "low")[j % 2])
+        f.add_done_callback(check(j))
+        futs.append(f)
+    assert [f.result(30) for f in futs] == [per * size] * batches
+    assert not early, f"batches {early[:5]} completed before their bytes landed"
+    np.testing.assert_array_equal(dst, src.reshape(-1))
+
+
+def test_write_many_bad_entries_name_the_entry(pair, backend):
+    a, b = pair
+    a.register("src", np.arange(100, dtype=np.uint8))
+    dst = np.zeros(50, np.uint8)
+    b.register("dst", dst)
+    ok = ("src", 0, 10, "dst", 0)
+    local_cases = [
+        ([ok, ("nope", 0, 1, "dst", 0)], RegionError, r"entry 1: .*'nope'"),
+        ([ok, ok, ("src", 95, 6, "dst", 0)], RegionError, r"entry 2: .*\[95, 101\) is outside region 'src'"),
+        ([ok, ("src", -1, 1, "dst", 0)], RegionError, r"entry 1: .*outside"),
+        ([ok, ("src", 0.5, 1, "dst", 0)], RegionError, r"entry 1: .*must be ints"),
+        ([("src", 0, 1, "dst")], TypeError, r"entry 0: expected \(local_region"),
+        ([ok, "src"], TypeError, "entry 1"),
+    ]
+    remote_cases = [
+        ([ok, ("src", 0, 1, "nope", 0)], RegionError, r"entry 1: .*'nope'"),
+        ([ok, ok, ok, ("src", 0, 11, "dst", 40)], RegionError, r"entry 3: .*outside"),
+    ]
+    for entries, err, match in local_cases + remote_cases:
+        with pytest.raises(err, match=match):
+            a.write_many(b.name, entries).result(10)
+        if (entries, err, match) in local_cases or backend in REMOTE_CHECKED_UP_FRONT:
+            assert not dst.any(), f"{entries}: an entry was written although the batch was refused"
+    with pytest.raises(TypeError, match="sequence of 5-tuples"):
+        a.write_many(b.name, "src")
+    with pytest.raises(ValueError, match="priority"):
+        a.write_many(b.name, [ok], priority="urgent")
+    # the endpoints still work after the refused batches
+    assert a.write_many(b.name, [ok, ("src", 10, 40, "dst", 10)]).result(10) == 50
+    np.testing.assert_array_equal(dst, np.arange(50, dtype=np.uint8))
+
+
+def test_write_many_to_a_lost_peer_fails(backend):
+    """A batch to a closed peer fails at once; a batch in flight when the peer goes fails within the timeout;
+    a batch on a closed endpoint raises."""
+    link = Link("cnic/engine0", 20e6, {"high": 99, "low": 1})
+    a, b = make_pair(backend, pacer=Pacer([link]), **({"timeout_s": 5.0} if backend == "tcp" else {}))
+    try:
+        a.register("src", np.ones(4 << 20, np.uint8))
+        b.register("dst", np.zeros(4 << 20, np.uint8))
+        assert a.write_many(b.name, [("src", 0, 64, "dst", 0)] * 2).result(10) == 128
+        pending = a.write_many(b.name, [("src", 0, 4 << 20, "dst", 0)] * 8)  # ~1.6 s of paced traffic
+        time.sleep(0.05)
+        b.close()
+        t0 = time.monotonic()
+        with pytest.raises(TransportError):
+            pending.result(10)
+        assert time.monotonic() - t0 < 8
+        err = _fails(lambda: a.write_many(b.name, [("src", 0, 64, "dst", 0)]))
+        assert isinstance(err, TransportError), err
+    finally:
+        a.close()
+        b.close()
+    with pytest.raises(TransportClosedError):
+        a.write_many(b.name, [("src", 0, 64, "dst", 0)])
+
+
+# ---- TransferFuture: the cheaper Future the TCP backend completes transfers with ------------------------------
+
+
+def test_transfer_future_behaves_like_a_future():
+    f = TransferFuture()
+    assert isinstance(f, concurrent.futures.Future) and not f.done()
+    with pytest.raises(concurrent.futures.TimeoutError):
+        f.result(timeout=0.01)
+    f.set_result(7)
+    assert f.done() and f.result() == 7 and f.exception() is None and not f.cancelled()
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        f.set_result(8)
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        f.set_exception(PeerLostError("late"))
+    seen = []
+    f.add_done_callback(lambda g: seen.append(g.result()))  # after completion: runs at once
+    assert seen == [7]
+    g = TransferFuture()
+    g.add_done_callback(lambda h: seen.append(type(h.exception()).__name__))  # before completion
+    g.set_exception(PeerLostError("gone"))
+    assert seen == [7, "PeerLostError"]
+    with pytest.raises(PeerLostError, match="gone"):
+        g.result()
+    c = TransferFuture()
+    assert c.cancel() and c.cancelled() and c.done()
+    with pytest.raises(concurrent.futures.InvalidStateError):
+        c.set_result(1)
+    assert "finished" in repr(f) or "FINISHED" in repr(f)
+
+
+def test_transfer_future_wakes_waiters_and_wait():
+    futs = [TransferFuture() for _ in range(6)]
+    futs[0].set_result(0)  # completed before anyone waits
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(futs[1].result(10)))
+    waiter.start()
+    time.sleep(0.02)
+
+    def complete():
+        time.sleep(0.05)
+        for i, f in enumerate(futs[1:], 1):
+            f.set_result(i)
+
+    threading.Thread(target=complete).start()
+    done, not_done = concurrent.futures.wait(futs, timeout=10)
+    assert not not_done and len(done) == 6
+    waiter.join(10)
+    assert got == [1]
+    assert sorted(f.result() for f in concurrent.futures.as_completed(futs, timeout=10)) == list(range(6))
+
+
+def test_transfer_future_completion_races_with_callbacks_and_waits():
+    """Completing thread vs. threads adding callbacks / blocking in result(): every callback runs exactly once,
+    no waiter misses its wake-up."""
+    n = 3000
+    futs = [TransferFuture() for _ in range(n)]
+    calls = [0] * n
+    results: list = []
+
+    def add_callbacks():
+        for i, f in enumerate(futs):
+            f.add_done_callback(lambda _f, i=i: calls.__setitem__(i, calls[i] + 1))
+
+    def wait_all():
+        results.append(sum(f.result(10) for f in futs[::7]))
+
+    threads = [threading.Thread(target=add_callbacks), threading.Thread(target=wait_all)]
+    for t in threads:
+        t.start()
+    for i, f in enumerate(futs):
+        f.set_result(i)
+    for t in threads:
+        t.join(30)
+    assert calls == [1] * n
+    assert results == [sum(range(0, n, 7))]
+
+
+def test_combine_futures_completes_after_all_and_fails_on_the_first_failure():
+    parts = [TransferFuture() for _ in range(3)]
+    both = combine_futures(parts, 42)
+    parts[0].set_result(1)
+    parts[2].set_result(1)
+    assert not both.done()
+    parts[1].set_result(1)
+    assert both.result(1) == 42
+    parts = [TransferFuture() for _ in range(3)]
+    failed = combine_futures(parts, 42)
+    parts[1].set_exception(PeerLostError("peer died"))
+    with pytest.raises(PeerLostError, match="peer died"):  # at once, without waiting for the others
+        failed.result(1)
+    parts[0].set_result(1)  # later completions change nothing
+    parts[2].set_exception(PeerLostError("second"))
+    with pytest.raises(PeerLostError, match="peer died"):
+        failed.result(1)
+    parts = [TransferFuture() for _ in range(2)]
+    cancelled = combine_futures(parts, 42)
+    assert parts[0].cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        cancelled.result(1)
+    assert combine_futures([], 7).result(1) == 7

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -198,7 +199,17 @@ def test_garbage_and_truncated_frames_are_rejected(server, caplog):
 
 @pytest.mark.parametrize(
     "frame",
-    ["out_of_bounds", "unknown_region", "bad_magic", "oversized_message", "truncated_payload", "unsolicited_ack"],
+    [
+        "out_of_bounds",
+        "unknown_region",
+        "bad_magic",
+        "old_version",
+        "oversized_message",
+        "truncated_payload",
+        "unsolicited_ack",
+        "write_inside_a_batch",
+        "batch_inside_a_batch",
+    ],
 )
 def test_malformed_frames_after_handshake_close_that_connection(server, caplog, frame):
     caplog.set_level(logging.ERROR, logger="transport.tcp")
@@ -221,6 +232,14 @@ def test_malformed_frames_after_handshake_close_that_connection(server, caplog, 
             s.shutdown(socket.SHUT_WR)
         elif frame == "unsolicited_ack":
             s.sendall(pack_header(tcpmod.OP_WRITE_ACK, length=0, req=12345))
+        elif frame == "old_version":  # a well-formed protocol-2 frame (before write batches)
+            body = tcpmod._HEADER_BODY.pack(tcpmod.MAGIC, 2, OP_WRITE, 0, rid, 0, 4, 0, 1)
+            s.sendall(body + tcpmod._CRC.pack(zlib.crc32(body)) + b"abcd")
+        elif frame in ("write_inside_a_batch", "batch_inside_a_batch"):
+            # the first frame of batch 1 (FLAG_CHAIN), then a frame of another request before batch 1 ended
+            s.sendall(pack_header(OP_WRITE, tcpmod.FLAG_CHAIN, region=rid, offset=0, length=4, req=1) + b"abcd")
+            flags = tcpmod.FLAG_CHAIN if frame == "batch_inside_a_batch" else 0
+            s.sendall(pack_header(OP_WRITE, flags, region=rid, offset=4, length=4, req=2) + b"efgh")
         assert _closed_by_server(socks[0]) and _closed_by_server(socks[1])
         assert not server.region("dst").obj[-8:].any(), "out-of-bounds bytes must never land"
         deadline = time.monotonic() + 5
@@ -442,6 +461,179 @@ def test_small_writes_stay_in_order_when_the_socket_is_full(size, count, sndbuf)
         for i in range(50):
             a.send("fill-b", b"m%d" % i)
         assert [b.recv(timeout=5)[1] for _ in range(50)] == [b"m%d" % i for i in range(50)]
+    finally:
+        a.close()
+        b.close()
+
+
+def _batch_to_raw_peer(server, entries, notify=None):
+    """The server posts one write_many to the hand-driven peer "evil": returns its sockets, the future and the
+    frames it received ((op, flags, region, offset, length, tag, req), payload)."""
+    socks = _raw_handshake(server)
+    server.wait_for_peer("evil")
+
+    def answer_query():
+        (op, *_rest, req), body = _read_frame(socks[0])
+        assert op == tcpmod.OP_REGION_QUERY and body == b"evil_dst"
+        socks[0].sendall(pack_header(tcpmod.OP_REGION_INFO, region=5, offset=1 << 16, req=req))
+
+    t = threading.Thread(target=answer_query)
+    t.start()
+    server.region("dst").obj[:] = np.arange(1 << 16, dtype=np.uint64).astype(np.uint8)
+    fut = server.write_many("evil", entries, notify=notify)
+    t.join(5)
+    return socks, fut, [_read_frame(socks[1]) for _ in entries]
+
+
+def test_write_many_is_one_request_acknowledged_once(server):
+    entries = [("dst", 10 * i, 100 + i, "evil_dst", 1000 * i) for i in range(5)]
+    socks, fut, frames = _batch_to_raw_peer(server, entries, notify=77)
+    try:
+        src = server.region("dst").obj
+        reqs = {hdr[6] for hdr, _ in frames}
+        assert len(reqs) == 1, "one request id for the whole batch"
+        for (hdr, body), (_, lo, n, _, ro) in zip(frames, entries, strict=True):
+            op, flags, rid, offset, length, tag, _ = hdr
+            assert (op, rid, offset, length, body) == (OP_WRITE, 5, ro, n, bytes(src[lo : lo + n]))
+        assert [hdr[1] for hdr, _ in frames] == [tcpmod.FLAG_CHAIN] * 4 + [tcpmod.FLAG_NOTIFY]
+        assert frames[-1][0][5] == 77  # the notification tag rides on the last frame
+        time.sleep(0.05)
+        assert not fut.done(), "a batch must not complete before its acknowledgement"
+        total = sum(e[2] for e in entries)
+        ack = tcpmod.ACK_ENTRY.pack(reqs.pop(), total)
+        socks[1].sendall(pack_header(tcpmod.OP_WRITE_ACKS, length=len(ack)) + ack)
+        assert fut.result(5) == total
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_write_many_acknowledged_per_frame_fails_and_closes_that_set(server, caplog):
+    """A peer that acknowledges a batch's first frame alone (its length, not the batch's) breaks the protocol:
+    the batch fails and only that connection set closes."""
+    caplog.set_level(logging.ERROR, logger="transport.tcp")
+    other = _connect_client(server, "bystander")
+    socks, fut, frames = _batch_to_raw_peer(server, [("dst", 0, 100, "evil_dst", 0), ("dst", 0, 200, "evil_dst", 0)])
+    try:
+        ack = tcpmod.ACK_ENTRY.pack(frames[0][0][6], 100)
+        socks[1].sendall(pack_header(tcpmod.OP_WRITE_ACKS, length=len(ack)) + ack)
+        with pytest.raises(TransportError):
+            fut.result(5)
+        assert _closed_by_server(socks[0]) and _closed_by_server(socks[1])
+        assert "closing connection set" in caplog.text
+        assert other.write_many(server.name, [("src", 0, 100, "dst", 0)]).result(5) == 100
+    finally:
+        other.close()
+        for s in socks:
+            s.close()
+
+
+def test_peer_killed_mid_batch_fails_it():
+    """kill -9 of the peer while a write_many is in flight: the batch fails with a TransportError in time."""
+    link = Link("cnic/engine0", 20e6, {"high": 99, "low": 1})
+    me = TcpTransport("driver", pacer=Pacer([link]), timeout_s=5)
+    peer = spawn_peer({"backend": "tcp", "name": "victim"}, {"buf": 16 * MB})
+    try:
+        me.register("src", np.ones(16 * MB, np.uint8))
+        me.connect("victim", peer.address)
+        peer.start()
+        batch = me.write_many("victim", [("src", i * MB, 4 * MB, "buf", i * MB) for i in range(4)])  # ~0.8 s
+        time.sleep(0.1)
+        peer.kill()
+        t0 = time.monotonic()
+        with pytest.raises(TransportError):
+            batch.result(10)
+        assert time.monotonic() - t0 < 6
+        with pytest.raises(PeerLostError):
+            me.write_many("victim", [("src", 0, 1, "buf", 0)])
+    finally:
+        peer.kill()
+        me.close()
+
+
+@pytest.mark.parametrize("size, per, sndbuf", [(20 * 1024 + 5, 8, 4096), (300 * 1024 + 5, 3, 64 * 1024)])
+def test_batches_stay_in_order_when_the_socket_is_full(size, per, sndbuf):
+    """With a tiny kernel send buffer, a batch's vectored inline send only partly goes out; the rest goes
+    before anything queued later, batches and single writes interleave in posting order (the last write to a
+    spot wins), every batch is acknowledged with its total, notifications arrive in order."""
+    a, b = TcpTransport("fill-a"), TcpTransport("fill-b")
+    srcs = np.stack([pattern(size, seed=i) for i in range(4)])
+    a.register("src", srcs)
+    b.register("dst", np.zeros(per * size, np.uint8))
+    try:
+        a.connect("fill-b", b.address)
+        for c in a._live_peer("fill-b").conns.values():
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        futs, expect = [], []
+        for i in range(60):
+            if i % 3 == 2:  # a single write between batches
+                futs.append(a.write("fill-b", "src", (i % 4) * size, "dst", 0, size, notify=i))
+                expect.append(size)
+            else:
+                entries = [("src", ((i + j) % 4) * size, size, "dst", j * size) for j in range(per)]
+                futs.append(a.write_many("fill-b", entries, notify=i))
+                expect.append(per * size)
+        assert [f.result(30) for f in futs] == expect
+        assert [b.wait_notification(timeout=5).tag for _ in range(60)] == list(range(60))
+        dst = b.region("dst").obj
+        np.testing.assert_array_equal(dst[:size], srcs[59 % 4])  # the last single write (i = 59) wins at 0
+        for j in range(1, per):  # the last batch (i = 58) wins elsewhere
+            np.testing.assert_array_equal(dst[j * size : (j + 1) * size], srcs[(58 + j) % 4])
+    finally:
+        a.close()
+        b.close()
+
+
+def test_concurrent_posters_keep_frames_whole():
+    """Several threads post writes, batches and messages at once (small send buffers) while the peer writes back
+    (so acknowledgements are queued on the same connections by the reader threads): frames are never
+    interleaved (a broken stream would close the set), everything completes, every byte lands."""
+    a, b = TcpTransport("mt-a"), TcpTransport("mt-b")
+    size, threads, rounds = 30 * 1024 + 3, 4, 40
+    src = pattern(threads * size, seed=5)
+    a.register("src", src)
+    b.register("src", src.copy())
+    a.register("dst", np.zeros(threads * size, np.uint8))
+    b.register("dst", np.zeros(threads * size, np.uint8))
+    try:
+        a.connect("mt-b", b.address)
+        b.wait_for_peer("mt-a")
+        for ep, peer in ((a, "mt-b"), (b, "mt-a")):
+            for c in ep._live_peer(peer).conns.values():
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        errors: list = []
+
+        def post(ep, peer, t):
+            try:
+                o = t * size
+                futs = []
+                for i in range(rounds):
+                    if i % 3 == 0:
+                        futs.append(ep.write(peer, "src", o, "dst", o, size, priority="high"))
+                    elif i % 3 == 1:
+                        half = size // 2
+                        futs.append(
+                            ep.write_many(
+                                peer, [("src", o, half, "dst", o), ("src", o + half, size - half, "dst", o + half)]
+                            )
+                        )
+                    else:
+                        futs.append(ep.send(peer, b"m%d" % i))
+                for f in futs:
+                    f.result(30)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        workers = [threading.Thread(target=post, args=(a, "mt-b", t)) for t in range(threads)]
+        workers += [threading.Thread(target=post, args=(b, "mt-a", t)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        assert not errors, errors[:3]
+        np.testing.assert_array_equal(b.region("dst").obj, src)
+        np.testing.assert_array_equal(a.region("dst").obj, src)
+        assert "mt-b" in a.peers() and "mt-a" in b.peers()
     finally:
         a.close()
         b.close()

@@ -13,8 +13,10 @@ from transport.base import (  # noqa: F401
     Notification,
     PeerLostError,
     RegionError,
+    TransferFuture,
     Transport,
     TransportClosedError,
     TransportError,
+    combine_futures,
     make_transport,
 )

@@ -9,7 +9,8 @@ A transport is one endpoint of the compute network (one engine's CNIC). It owns:
 - **one-sided transfers**: `write` pushes local bytes into a peer's region, `read` pulls a peer's bytes into
   a local region. Both return a `concurrent.futures.Future` that resolves (to the byte count) once the bytes
   have landed on the destination side, or fails with a `TransportError` (a peer that dies makes its pending
-  transfers fail within the transport's timeout; nothing hangs).
+  transfers fail within the transport's timeout; nothing hangs). `write_many` posts a batch of writes with
+  one future (a chain of work requests with one signaled completion).
 - **a priority class per transfer**: "high" is model traffic (collectives, activations), "low" is KV. Backends
   keep the classes apart (separate queues/connections) and a pacer (`dualpath_jax.traffic`) can weight them
   ~99:1 under contention, like InfiniBand virtual lanes.
@@ -26,17 +27,21 @@ from __future__ import annotations
 
 import abc
 import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Literal, Protocol, Self
 
 from dualpath_jax.registry import Registry
 
 Priority = Literal["high", "low"]
 PRIORITIES: tuple[str, ...] = ("high", "low")
+#: One entry of `Transport.write_many`: (local_region, local_offset, length, remote_region, remote_offset).
+WriteEntry = tuple[str, int, int, str, int]
 
 TRANSPORTS: Registry[type[Transport]] = Registry("transport")
 
@@ -317,6 +322,84 @@ class Transport(abc.ABC):
         backend knows the remote size (all backends here do) and never writes outside the region.
         """
 
+    def write_many(
+        self,
+        peer: str,
+        entries: Sequence[WriteEntry],
+        priority: Priority = "low",
+        notify: int | None = None,
+    ) -> Future:
+        """Post a batch of one-sided writes to `peer`, like a chain of RDMA work requests with one doorbell and
+        one signaled completion: `entries` are `(local_region, local_offset, length, remote_region,
+        remote_offset)`. The future resolves to the total byte count once every entry landed, or fails as soon
+        as one fails. Entries are checked before any is posted (`RegionError`/`TypeError` naming the entry and
+        what is wrong): local ranges always, remote ranges where the backend knows the peer's regions up front
+        (inproc, tcp; elsewhere `write` checks them as it posts). An empty batch resolves to 0 at once.
+
+        With `notify`, the peer gets one `Notification` (describing the last entry) after all entries landed.
+
+        This default posts one `write` per entry and combines their futures (with `notify`, the last entry is
+        written after the others completed); backends override it with a cheaper path (TCP: one vectored send,
+        one acknowledgement).
+        """
+        check_priority(priority)
+        self._check_open()
+        batch = self._check_write_batch(peer, entries, notify)
+        if not batch:
+            return completed_future(0)
+        total = sum(e[2] for e in batch)
+        if notify is None:
+            return combine_futures(
+                [self.write(peer, lr, lo, rr, ro, n, priority) for lr, lo, n, rr, ro in batch], total
+            )
+        *head, (lr, lo, n, rr, ro) = batch
+        done: Future = Future()
+
+        def post_last(head_done: Future) -> None:
+            if _error_of(head_done) is not None:
+                _fail(done, _error_of(head_done))
+                return
+            try:
+                f = self.write(peer, lr, lo, rr, ro, n, priority, notify=notify)
+            except BaseException as e:  # noqa: BLE001 - surfaced through the future
+                _fail(done, e)
+                return
+            combine_futures([f], total, done)
+
+        combine_futures([self.write(peer, a, b, c, d, m, priority) for a, b, m, c, d in head], None).add_done_callback(
+            post_last
+        )
+        return done
+
+    def _check_write_batch(
+        self, peer: str, entries: Sequence[WriteEntry], notify: int | None
+    ) -> list[tuple[str, int, int, str, int]]:
+        """The entries of a `write_many` as tuples, every local range (and, where the backend knows the peer's
+        regions, every remote range) checked; errors name the entry."""
+        if isinstance(entries, (str, bytes)) or not hasattr(entries, "__iter__"):
+            raise TypeError(f"write_many: entries must be a sequence of 5-tuples, got {type(entries).__name__}")
+        batch = []
+        for i, e in enumerate(entries):
+            if not isinstance(e, (tuple, list)) or len(e) != 5:
+                raise TypeError(
+                    f"write_many entry {i}: expected (local_region, local_offset, length, remote_region, "
+                    f"remote_offset), got {e!r}"
+                )
+            lr, lo, n, rr, ro = e
+            try:
+                self.region(lr).check(lo, n, f"write from {self.name}:{lr}")
+                self._check_remote_range(peer, rr, ro, n)
+            except RegionError as err:
+                raise RegionError(f"write_many entry {i}: {err}") from err
+            batch.append((lr, lo, n, rr, ro))
+        if notify is not None and not batch:
+            raise ValueError("write_many: notify needs at least one entry to carry it")
+        return batch
+
+    def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:  # noqa: B027
+        """Raise `RegionError` if [offset, offset+length) is not inside the peer's `region`, where the backend
+        knows it before posting (default: nothing; `write` still checks)."""
+
     @abc.abstractmethod
     def read(
         self,
@@ -390,10 +473,125 @@ class Transport(abc.ABC):
                 yield n
 
 
+_FINISHED = concurrent.futures._base.FINISHED
+_DONE = frozenset((concurrent.futures._base.CANCELLED, concurrent.futures._base.CANCELLED_AND_NOTIFIED, _FINISHED))
+_MAKE_CONDITION = threading.Lock()
+
+
+class TransferFuture(Future):
+    """A `concurrent.futures.Future` that is cheap when nobody waits on it before it completes (a transfer
+    acknowledged in a batch): its Condition is made on first use (a blocking `result`, a callback,
+    `concurrent.futures.wait`), so making one, completing it and reading a completed result skip the
+    Condition. Everything else is `Future`'s own code.
+
+    Correctness: the Condition is made under a module lock, and a completion without a Condition happens under
+    that lock too, so a waiter/callback either sees the finished state or is notified by the normal path.
+    """
+
+    def __init__(self) -> None:  # Future.__init__ would make the Condition at once
+        self._state = concurrent.futures._base.PENDING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks = []
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        c = self.__dict__.get("_cond")
+        if c is None:
+            with _MAKE_CONDITION:
+                c = self.__dict__.get("_cond")
+                if c is None:
+                    c = self.__dict__["_cond"] = threading.Condition()
+        return c
+
+    def _finish_quietly(self, result: Any, error: BaseException | None) -> bool:
+        """Complete without a Condition if none exists (so nobody waits and no callback is registered)."""
+        if "_cond" in self.__dict__:
+            return False
+        with _MAKE_CONDITION:
+            if "_cond" in self.__dict__:
+                return False
+            if self._state in _DONE:
+                raise InvalidStateError(f"{self._state}: {self!r}")
+            self._result, self._exception = result, error
+            self._state = _FINISHED
+        return True
+
+    def set_result(self, result: Any) -> None:
+        if not self._finish_quietly(result, None):
+            super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        if not self._finish_quietly(None, exception):
+            super().set_exception(exception)
+
+    def done(self) -> bool:
+        return self._state in _DONE
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._state == _FINISHED and self._exception is None:
+            return self._result
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._state == _FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
+
 def failed_future(error: BaseException) -> Future:
     f: Future = Future()
     f.set_exception(error)
     return f
+
+
+def completed_future(result: Any) -> Future:
+    f: Future = Future()
+    f.set_result(result)
+    return f
+
+
+def _fail(f: Future, error: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):  # already failed by another part, or completed
+        f.set_exception(error)
+
+
+def _complete(f: Future, result: Any) -> None:
+    with contextlib.suppress(InvalidStateError):
+        f.set_result(result)
+
+
+def _error_of(f: Future) -> BaseException | None:
+    """The exception of a done future (a cancelled one counts as failed)."""
+    if f.cancelled():
+        return concurrent.futures.CancelledError("a part of the batch was cancelled")
+    return f.exception()
+
+
+def combine_futures(futs: Sequence[Future], result: Any, into: Future | None = None) -> Future:
+    """A future that resolves to `result` once all `futs` succeeded, or fails with the first failure."""
+    out: Future = Future() if into is None else into
+    if not futs:
+        _complete(out, result)
+        return out
+    left = [len(futs)]
+    lock = threading.Lock()
+
+    def on_done(f: Future) -> None:
+        err = _error_of(f)
+        if err is not None:
+            _fail(out, err)
+            return
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            _complete(out, result)
+
+    for f in futs:
+        f.add_done_callback(on_done)
+    return out
 
 
 def make_transport(config: Mapping[str, Any] | Any, **overrides: Any) -> Transport:

@@ -175,6 +175,9 @@ class InProcTransport(Transport):
 
         return self._submit(priority, run)
 
+    def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
+        self._peer(peer).region(region).check(offset, length, f"write to {peer}:{region}")
+
     def read(
         self,
         peer: str,

@@ -11,12 +11,21 @@ idle (non-blocking; the sender thread takes over what the socket does not accept
 order), queued small frames are coalesced into one `sendmsg`, small frames are received through a buffer
 (one `recv` for several), and the receiver acknowledges writes in batches: one OP_WRITE_ACKS frame lists the
 (request id, length) of every write that landed since the last one and goes out when its socket has no more
-data to read (or 128 writes landed), so a write still completes only after its bytes are in the region.
+data to read (or 128 writes or 32 write frames landed), so a write still completes only after its bytes are in
+the region.
+
+`write_many` (a chain of work requests with one signaled completion) is one request: its frames go back to back
+on the class's connection (one vectored send when the batch is small and the connection idle), every frame but
+the last flagged FLAG_CHAIN; the receiver acknowledges the batch once, with its total length, after the last
+frame landed (frames of a connection land in order). Transfers complete `TransferFuture`s (no Condition unless
+someone waits before completion).
 
 Frame = fixed 48-byte header + payload:
 
     magic "DPKV" | version u8 | op u8 | flags u8 | pad | region id u32 | offset u64 | length u64
     | tag i64 | request id u64 | crc32 of the preceding 44 header bytes u32
+
+Protocol version 3 (2 added batched acknowledgements, 3 write batches); peers of another version are refused.
 
 Everything a peer sends is validated (magic, version, header checksum, op, region id, bounds against the
 registered region's size, message size limits); a bad frame closes *that* connection set with a logged
@@ -48,7 +57,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
@@ -59,16 +68,18 @@ from transport.base import (
     Pacer,
     PeerLostError,
     RegionError,
+    TransferFuture,
     Transport,
     TransportClosedError,
     TransportError,
+    WriteEntry,
     check_priority,
 )
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"DPKV"
-VERSION = 2  # 2: batched write acknowledgements (OP_WRITE_ACKS)
+VERSION = 3  # 2: batched write acknowledgements (OP_WRITE_ACKS); 3: write batches (FLAG_CHAIN)
 HEADER = struct.Struct("!4sBBBxIQQqQI")  # see the module docstring; 48 bytes
 assert HEADER.size == 48
 
@@ -92,6 +103,7 @@ OPS = {
     OP_WRITE_ACKS,
 }
 FLAG_NOTIFY = 1
+FLAG_CHAIN = 2  # OP_WRITE of a write_many batch, not its last frame: acknowledged with the batch's last frame
 
 STREAMS = ("high", "low")  # connection index per priority class
 HANDSHAKE_MAX = 4096  # bytes of a handshake payload
@@ -100,8 +112,10 @@ SEND_CHUNK = 4 << 20  # unpaced sends go out in chunks this big (progress bookke
 PACE_CHUNK = 1 << 20  # paced sends ask the pacer for this many bytes at a time
 SMALL = 64 << 10  # header + payload up to this size go out in one sendmsg
 INLINE_MAX = 1 << 20  # unpaced frames up to this size may be sent by the queuing thread (never blocking)
+BATCH_INLINE_MAX = 8 << 20  # the same for the frames of one write_many together
 ACK_ENTRY = struct.Struct("!QQ")  # (request id, length) of one landed write in an OP_WRITE_ACKS payload
 ACK_BATCH = 128  # acknowledgements held back at most (they go out when the socket drains, or at this count)
+ACK_FRAMES = 32  # ... or once this many write frames landed (write_many frames count one each)
 MAX_PENDING_HANDSHAKES = 64  # concurrent unauthenticated connections per endpoint
 
 
@@ -292,7 +306,8 @@ class _Conn:
         # Queued jobs: (header, payload, future, priority); a partly sent frame is (views left, payload, future,
         # None). `busy`: a thread is writing to the socket. Both guarded by `cv`.
         self.jobs: collections.deque[tuple] = collections.deque()
-        self.cv = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()  # `with self.lock` is cheaper than entering the Condition
+        self.cv = threading.Condition(self.lock)
         self.busy = False
         self.stopped = False
         self.eof = False
@@ -325,37 +340,58 @@ class _Conn:
     ) -> None:
         """Queue a frame; `priority` names the pacer class of its payload (None = control frame, unpaced)."""
         job = (header, payload, fut, priority)
-        with self.cv:
-            inline = not self.jobs and not self.busy and not self.stopped and self._inline_ok(job)
+        n = 0 if payload is None else payload.nbytes
+        with self.lock:
+            inline = (
+                not self.jobs
+                and not self.busy
+                and not self.stopped
+                and n <= INLINE_MAX
+                and (n == 0 or priority is None or self.owner.pacer is None)
+            )
             if inline:
                 self.busy = True
             else:
                 self.jobs.append(job)
                 self.cv.notify()
         if inline:
-            self._send_inline(job)
+            self._send_inline([header] if n == 0 else [header, payload], HEADER.size + n, fut, payload)
 
-    def _is_small(self, job: tuple) -> bool:
-        _, payload, _, priority = job
-        n = 0 if payload is None else payload.nbytes
-        return n <= SMALL and (self.owner.pacer is None or n == 0 or priority is None)
+    def enqueue_batch(self, frames: list[tuple[bytes, memoryview]], nbytes: int, priority: str) -> None:
+        """Queue the frames of a `write_many` back to back (no other frame between them); `nbytes` = payload
+        bytes. Sent inline in one vectored send when the connection is idle and the batch is unpaced and at most
+        BATCH_INLINE_MAX (what the socket does not take goes to the sender thread, as for one frame)."""
+        with self.lock:
+            inline = (
+                not self.jobs
+                and not self.busy
+                and not self.stopped
+                and nbytes <= BATCH_INLINE_MAX
+                and (nbytes == 0 or self.owner.pacer is None)
+            )
+            if inline:
+                self.busy = True
+            else:
+                self.jobs.extend((h, v, None, priority) for h, v in frames)
+                self.cv.notify()
+        if inline:
+            views: list = []
+            for h, v in frames:
+                views.append(h)
+                if v.nbytes:
+                    views.append(v)
+            self._send_inline(views, HEADER.size * len(frames) + nbytes, None, None)
 
-    def _inline_ok(self, job: tuple) -> bool:
-        _, payload, _, priority = job
-        n = 0 if payload is None else payload.nbytes
-        return n <= INLINE_MAX and (self.owner.pacer is None or n == 0 or priority is None)
-
-    def _send_inline(self, job: tuple) -> None:
-        header, payload, fut, _ = job
-        views = [memoryview(header)] if payload is None or not payload.nbytes else [memoryview(header), payload]
+    def _send_inline(self, views: list, total: int, fut: Future | None, payload: memoryview | None) -> None:
+        """Send `views` (`total` bytes) from the calling thread without blocking; what the socket does not take
+        goes to the front of the queue for the sender thread. The caller set `busy`."""
         try:
             try:
-                k = self.sock.sendmsg(views, [], socket.MSG_DONTWAIT)
+                k = self.sock.sendmsg(views if len(views) <= 1024 else views[:1024], [], socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 k = 0
-            rest = _advance(views, k)
         except BaseException as e:  # noqa: BLE001 - the connection set is dead
-            with self.cv:
+            with self.lock:
                 self.busy = False
             err = e if isinstance(e, TransportError) else PeerLostError(f"send to {self.peer.name!r} failed: {e}")
             if fut is not None and not fut.done():
@@ -363,16 +399,28 @@ class _Conn:
             self.owner._fail_peer(self.peer, err)
             return
         if k:
-            self.peer.touch()
-        with self.cv:
+            self.peer.last_activity = time.monotonic()
+        if k == total:
+            # Done: no lock needed to go idle, but a frame queued meanwhile must wake the sender thread (it saw
+            # `busy` and went back to waiting; it re-checks both under the lock once notified).
             self.busy = False
-            if rest:  # the socket is full: the sender thread sends the rest before anything queued later
-                self.jobs.appendleft((rest, payload, fut, None))
-                fut = None
             if self.jobs:
+                with self.lock:
+                    self.cv.notify()
+        else:  # the socket is full: the sender thread sends the rest before anything queued later
+            rest = _advance([memoryview(v).cast("B") for v in views], k)
+            with self.lock:
+                self.busy = False
+                self.jobs.appendleft((rest, payload, fut, None))
                 self.cv.notify()
+            return
         if fut is not None and not fut.done():
-            fut.set_result(len(payload) if payload is not None else 0)
+            fut.set_result(0 if payload is None else payload.nbytes)
+
+    def _is_small(self, job: tuple) -> bool:
+        _, payload, _, priority = job
+        n = 0 if payload is None else payload.nbytes
+        return n <= SMALL and (self.owner.pacer is None or n == 0 or priority is None)
 
     def _take(self) -> list[tuple] | None:
         """The next job, or a batch of small ones to go out in one sendmsg; None once stopped."""
@@ -471,13 +519,17 @@ class _Conn:
         hdr = bytearray(HEADER.size)
         hv = memoryview(hdr)
         acks = bytearray()  # held-back acknowledgements: ACK_ENTRY records of writes that landed
+        held = 0  # write frames landed since the last acknowledgement frame
 
         def send_acks() -> None:
+            nonlocal held
             self.enqueue(pack_header(OP_WRITE_ACKS, length=len(acks)), memoryview(bytes(acks)))
             acks.clear()
+            held = 0
 
         rx = _BufferedReceiver(sock, peer.touch, idle=send_acks, busy=lambda: bool(acks))
         ack_max = ACK_BATCH * ACK_ENTRY.size
+        chain_req, chain_bytes = None, 0  # the write_many batch being received (FLAG_CHAIN frames so far)
         try:
             while True:
                 rx.read_into(hv, frame_start=True)
@@ -489,9 +541,23 @@ class _Conn:
                     rx.exact = length >= rx.DIRECT
                     if flags & FLAG_NOTIFY:
                         owner.completions.put(Notification(peer.name, tag, region.name, offset, length))
-                    # The ack goes out with the others once the socket drains (or the batch is full).
+                    held += 1
+                    if flags & FLAG_CHAIN:  # a write_many frame before its last: acknowledged with the last one
+                        if chain_req is None:
+                            chain_req = req
+                        elif req != chain_req:
+                            raise ProtocolError(f"write batch frame of request {req} inside the batch of {chain_req}")
+                        chain_bytes += length
+                        continue
+                    if chain_req is not None:  # the last frame of a write_many: one ack for the whole batch
+                        if req != chain_req:
+                            raise ProtocolError(f"write of request {req} inside the write batch of {chain_req}")
+                        length += chain_bytes
+                        chain_req, chain_bytes = None, 0
+                    # The ack goes out with the others once the socket drains, or once ACK_BATCH requests or
+                    # ACK_FRAMES frames landed (so a sender with a bounded window of small writes keeps streaming).
                     acks += ACK_ENTRY.pack(req, length)
-                    if len(acks) >= ack_max:
+                    if len(acks) >= ack_max or held >= ACK_FRAMES:
                         send_acks()
                 elif op == OP_READ:
                     region = owner._region_for_frame(rid, offset, length, "READ")
@@ -652,6 +718,7 @@ class TcpTransport(Transport):
         self.on_message: Callable[[str, bytes], bool] | None = None
         self.on_peer_lost: Callable[[str, BaseException], None] | None = None  # called once per lost set
         self._peers: dict[str, list[_Peer]] = {}
+        self._live: dict[str, _Peer] = {}  # name -> a live connection set (read without the lock)
         self._handshakes = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
         self._half_open: dict[tuple[str, str], tuple[float, dict[str, socket.socket]]] = {}
         self._listener = socket.create_server((host, port), backlog=128)
@@ -819,6 +886,9 @@ class TcpTransport(Transport):
                     s.close()
                 raise TransportClosedError(f"endpoint {self.name!r} is closed")
             self._peers.setdefault(name, []).append(p)
+            live = self._live.get(name)
+            if live is None or live.dead is not None:
+                self._live[name] = p
         for c in p.conns.values():
             c.start()
 
@@ -857,6 +927,12 @@ class TcpTransport(Transport):
                 lst.remove(peer)
             if not lst:
                 self._peers.pop(peer.name, None)
+            if self._live.get(peer.name) is peer:
+                self._live.pop(peer.name)
+                for other in lst:
+                    if other.dead is None:
+                        self._live[peer.name] = other
+                        break
         for c in peer.conns.values():
             c.stop()
             try:
@@ -937,6 +1013,12 @@ class TcpTransport(Transport):
         return info
 
     # ---- transfers --------------------------------------------------------------------------------------
+    def _peer_for(self, name: str) -> _Peer:
+        p = self._live.get(name)  # lock-free: a dict lookup is atomic
+        if p is None or p.dead is not None or self._closed:
+            p = self._get_peer(name)
+        return p
+
     def write(
         self,
         peer: str,
@@ -950,21 +1032,98 @@ class TcpTransport(Transport):
     ) -> Future:
         check_priority(priority)
         src = self._regions.get(local_region) or self.region(local_region)  # lock-free when registered
-        src.check(local_offset, length, f"write from {self.name}:{local_region}")
-        p = self._get_peer(peer)
-        rid, size = self._remote_region_of(p, remote_region)
+        if (
+            type(local_offset) is not int
+            or type(length) is not int
+            or length < 0
+            or not 0 <= local_offset <= src.size - length
+        ):
+            src.check(local_offset, length, f"write from {self.name}:{local_region}")
+        p = self._peer_for(peer)
+        rid, size = p.remote_regions.get(remote_region) or self._remote_region_of(p, remote_region)
         if remote_offset < 0 or remote_offset + length > size:
             raise RegionError(
                 f"write to {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
                 f"region of {size} bytes"
             )
         req = next(self._req_ids)
-        fut: Future = Future()
+        fut: Future = TransferFuture()
         p.add(req, _Pending(fut, "write", length))
-        flags = FLAG_NOTIFY if notify is not None else 0
-        header = pack_header(OP_WRITE, flags, rid, remote_offset, length, int(notify or 0), req)
+        header = pack_header(
+            OP_WRITE, 0 if notify is None else FLAG_NOTIFY, rid, remote_offset, length, notify or 0, req
+        )
         p.conns[priority].enqueue(header, src.view[local_offset : local_offset + length], priority=priority)
         return fut
+
+    def write_many(
+        self,
+        peer: str,
+        entries: Sequence[WriteEntry],
+        priority: str = "low",
+        notify: int | None = None,
+    ) -> Future:
+        """One request for the whole batch: its frames go back to back on the class's connection (one vectored
+        send when small and the connection is idle), all but the last flagged FLAG_CHAIN; the receiver
+        acknowledges the batch once, after its last frame landed (frames land in order)."""
+        check_priority(priority)
+        self._check_open()
+        if isinstance(entries, (str, bytes)) or not hasattr(entries, "__iter__"):
+            raise TypeError(f"write_many: entries must be a sequence of 5-tuples, got {type(entries).__name__}")
+        if not isinstance(entries, (list, tuple)):
+            entries = list(entries)
+        if not entries:
+            if notify is not None:
+                raise ValueError("write_many: notify needs at least one entry to carry it")
+            fut: Future = TransferFuture()
+            fut.set_result(0)
+            return fut
+        p = self._peer_for(peer)
+        regions, remote = self._regions, p.remote_regions
+        items = []
+        nbytes = 0
+        for i, e in enumerate(entries):
+            try:
+                lr, lo, n, rr, ro = e
+                src, (rid, size) = regions[lr], remote[rr]
+                ok = type(lo) is int and type(n) is int and type(ro) is int
+                ok = ok and n >= 0 and 0 <= lo <= src.size - n and 0 <= ro <= size - n
+            except (TypeError, ValueError, KeyError):
+                ok = False
+            if not ok:  # the slow path: full checks, an error naming the entry (may ask the peer for a region)
+                src, rid, lr, lo, n, ro = self._batch_entry(p, i, e)
+            items.append((src.view[lo : lo + n], rid, ro, n))
+            nbytes += n
+        req = next(self._req_ids)
+        fut = TransferFuture()
+        p.add(req, _Pending(fut, "write", nbytes))
+        last = len(items) - 1
+        frames = [(pack_header(OP_WRITE, FLAG_CHAIN, rid, ro, n, 0, req), view) for view, rid, ro, n in items[:last]]
+        view, rid, ro, n = items[last]
+        flags = 0 if notify is None else FLAG_NOTIFY
+        frames.append((pack_header(OP_WRITE, flags, rid, ro, n, notify or 0, req), view))
+        p.conns[priority].enqueue_batch(frames, nbytes, priority)
+        return fut
+
+    def _batch_entry(self, p: _Peer, i: int, e: Any) -> tuple[MemoryRegion, int, str, int, int, int]:
+        """Check entry `i` of a write_many in full: (local region, remote region id, name, offset, length,
+        remote offset), or an error naming the entry and what is wrong."""
+        if not isinstance(e, (tuple, list)) or len(e) != 5:
+            raise TypeError(
+                f"write_many entry {i}: expected (local_region, local_offset, length, remote_region, remote_offset), "
+                f"got {e!r}"
+            )
+        lr, lo, n, rr, ro = e
+        try:
+            src = self.region(lr)
+            src.check(lo, n, f"write from {self.name}:{lr}")
+            if not isinstance(ro, int):
+                raise RegionError(f"remote offset must be an int, got {ro!r}")
+            rid, size = self._remote_region_of(p, rr)
+            if ro < 0 or ro + n > size:
+                raise RegionError(f"write to {p.name}:{rr}: [{ro}, {ro + n}) is outside the region of {size} bytes")
+        except RegionError as err:
+            raise RegionError(f"write_many entry {i}: {err}") from err
+        return src, rid, lr, lo, n, ro
 
     def read(
         self,
@@ -987,7 +1146,7 @@ class TcpTransport(Transport):
                 f"region of {size} bytes"
             )
         req = next(self._req_ids)
-        fut: Future = Future()
+        fut: Future = TransferFuture()
         p.add(req, _Pending(fut, "read", length, dst.view[local_offset : local_offset + length]))
         p.conns[priority].enqueue(pack_header(OP_READ, 0, rid, remote_offset, length, 0, req))
         return fut
@@ -999,7 +1158,7 @@ class TcpTransport(Transport):
         if data.nbytes > self.max_message_bytes:
             raise ValueError(f"message of {data.nbytes} bytes exceeds max_message_bytes={self.max_message_bytes}")
         p = self._get_peer(peer)
-        fut: Future = Future()
+        fut: Future = TransferFuture()
         p.conns["high"].enqueue(pack_header(OP_MSG, length=data.nbytes), data, fut)
         return fut
 
