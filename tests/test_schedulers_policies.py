@@ -532,3 +532,77 @@ def test_dualpath_matches_reference_transcription(data, slack):
     got = dualpath(z_slack=slack).schedule(snap, queue, fetching_node=fetch)
     want = reference_dualpath(snap, queue, ALPHA, BETA, slack, fetch)
     assert [(a.request_id, a.prefill_engine, a.decode_engine, a.read_side) for a in got] == want
+
+
+# ------------------------------------------------------------------------- fast paths, same decisions
+def _random_cluster(seed, pe_nodes=6, de_nodes=12, g=4, free_hi=2_000_000, as_float=False):
+    import random
+
+    rng = random.Random(seed)
+    num = float if as_float else int
+    pes = {
+        n: (rng.randrange(0, 3 * ALPHA), [{"id": n * g + i, "tok": num(rng.randrange(0, 2 * BETA))} for i in range(g)])
+        for n in range(pe_nodes)
+    }
+    des = {}
+    for n in range(pe_nodes, pe_nodes + de_nodes):
+        engs = [
+            {
+                "id": n * g + i,
+                "tok": num(rng.randrange(0, 900_000)),
+                "seq": rng.randrange(0, 40),
+                "free": num(rng.randrange(0, free_hi)),
+            }
+            for i in range(g)
+        ]
+        des[n] = (rng.randrange(0, 3 * ALPHA), engs)
+    queue = [
+        req(i, prompt=(p := rng.randrange(1, 40_000)), hit=p // 2, gen=rng.randrange(0, 2_000)) for i in range(300)
+    ]
+    return snapshot(pes, des), queue
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("free_hi", [60_000, 2_000_000])  # small: groups' R close inside the window
+def test_dualpath_phase1_int_fast_path_equals_tuple_path(seed, free_hi):
+    """Integer loads take the packed-int phase 1 (when no group's R closes); the same loads as floats take
+    the (load, gid) tuple loop. Both must place the same requests on the same engines."""
+    snap_i, queue = _random_cluster(seed, free_hi=free_hi)
+    snap_f, _ = _random_cluster(seed, free_hi=free_hi, as_float=True)
+    for name in ("dualpath", "split", "de_only"):
+        pol = make_policy(name, alpha_tokens=ALPHA, beta_tokens=BETA)
+        for fetching in (None, 0, 3, 7, 15):
+            a_i = pol.schedule(snap_i, queue, fetching_node=fetching)
+            a_f = pol.schedule(snap_f, queue, fetching_node=fetching)
+            assert a_i == a_f
+            if fetching is None and free_hi > 10**6:
+                assert a_i  # the case places something
+
+
+def test_dualpath_phase1_fast_path_taken_only_without_closing_groups():
+    from schedulers.policies import DualPathPolicy
+
+    groups = {10: [100], 11: [101]}
+    tok = {10: 0, 11: 5}
+    lens = [4, 4, 4]
+    r_len, keys, gid_of = DualPathPolicy._phase1_fast(groups, tok, {10: 100, 11: 100}, lens)
+    assert r_len == {10: 8, 11: 4} and [gid_of(k) for k in keys] == [10, 10, 11]
+    _, keys, gid_of = DualPathPolicy._phase1_fast(groups, {10: 0, 11: 0}, {10: 100, 11: 100}, lens)
+    assert [gid_of(k) for k in keys] == [10, 11, 10]  # equal loads: the lower gid first
+    assert DualPathPolicy._phase1_fast(groups, tok, {10: 7, 11: 100}, lens)[0] is None  # group 10 closes
+    assert DualPathPolicy._phase1_fast(groups, {10: 0.0, 11: 5}, {10: 100, 11: 100}, lens)[0] is None
+
+
+def test_topology_cache_follows_a_changed_engine_set():
+    pol = dualpath()
+    snap = snapshot({0: (0, [{"id": 0}])}, {10: (0, [{"id": 100, "tok": 10}])})
+    assert [a.decode_engine for a in pol.schedule(snap, [req(0)])] == [100]
+    # same snapshot object, a new idle DE group: the cached topology must not hide it
+    snap.nodes[11] = NodeState(11, "decode")
+    snap.engines[101] = EngineState(101, "decode", 11, free_hbm_tokens=10**9)
+    assert [a.decode_engine for a in pol.schedule(snap, [req(1)])] == [101]
+    # an engine moved to another node (a new EngineState object for the same id)
+    snap.engines[101] = EngineState(101, "decode", 10, tok=10**6, free_hbm_tokens=10**9)
+    snap.nodes.pop(11)
+    out = pol.schedule(snap, [req(2)])
+    assert [a.decode_engine for a in out] == [100]

@@ -23,7 +23,20 @@ COALESCE_MIN_FLOWS = 256  # active flows from which group checks coalesce comple
 class Flow:
     """One transfer of `size` bytes over `path` (link ids). `max_rate` caps it (e.g. a paced write-back)."""
 
-    __slots__ = ("fid", "path", "remaining", "rate", "t_last", "max_rate", "on_done", "version", "size", "event_t")
+    __slots__ = (
+        "fid",
+        "path",
+        "remaining",
+        "rate",
+        "t_last",
+        "max_rate",
+        "on_done",
+        "version",
+        "size",
+        "event_t",
+        "mark",
+        "nr",
+    )
 
     def __init__(self, fid: int, path: tuple[int, ...], size: float, now: float, max_rate: float, on_done):
         self.fid = fid
@@ -36,6 +49,8 @@ class Flow:
         self.on_done = on_done
         self.version = 0
         self.event_t = math.inf  # time of its pending completion event (inf: none)
+        self.mark = 0  # the last solve whose component holds it (FlowNetwork._stamp)
+        self.nr = 0.0  # its rate in that solve (-1: not frozen yet)
 
     # Hash by flow id, not by address: sets of flows then iterate in the same order in every process, so a
     # run is deterministic per seed across processes (address-ordered sets changed float summation order).
@@ -113,6 +128,8 @@ class FlowNetwork:
     rate (one update per link whose aggregate changed), not per flow. With `group_scheduler` set (the
     simulator), a solve pushes one check event for all the flows it made finish earlier, and in a busy
     network completions within `coalesce_s` of a check finish together with one solve (`handle_group`).
+    The component is found by stamping flows and links (no sets); a one-flow component, and one whose
+    flows are all capped below every link's capacity (storage read streams), skip the heap (same rates).
     """
 
     def __init__(self, bucket_s: float = 10.0):
@@ -121,7 +138,9 @@ class FlowNetwork:
         self.high_load: list[float] = []  # bytes/s demanded by the high-priority class now
         self.high_share: list[float] = []  # fraction of capacity the high class may take under contention
         self.reserved: list[float] = []  # bytes/s held by fixed-rate reservations (paced write-backs)
-        self.link_flows: list[set] = []
+        self.link_flows: list[dict[int, Flow]] = []  # per link: fid -> flow (insertion order: deterministic)
+        self._link_mark: list[int] = []  # per link: the last solve whose component holds it
+        self._stamp = 0
         self.flows: dict[int, Flow] = {}
         self._next_fid = 0
         self.bucket_s = bucket_s
@@ -151,7 +170,8 @@ class FlowNetwork:
         self.high_load.append(0.0)
         self.high_share.append(high_share)
         self.reserved.append(0.0)
-        self.link_flows.append(set())
+        self.link_flows.append({})
+        self._link_mark.append(0)
         self.buckets.append({})
         self.high_bytes.append({})
         self._high_t.append(0.0)
@@ -202,8 +222,9 @@ class FlowNetwork:
         f = Flow(self._next_fid, tuple(path), float(nbytes), now, max_rate, on_done)
         self._next_fid += 1
         self.flows[f.fid] = f
+        fid = f.fid
         for link in f.path:
-            self.link_flows[link].add(f)
+            self.link_flows[link][fid] = f
         self._resolve(f.path, now)
         return f
 
@@ -221,7 +242,7 @@ class FlowNetwork:
             self._next_fid += 1
             self.flows[f.fid] = f
             for link in f.path:
-                self.link_flows[link].add(f)
+                self.link_flows[link][f.fid] = f
             seeds.update(f.path)
             flows.append(f)
         if flows:
@@ -302,7 +323,7 @@ class FlowNetwork:
             f.t_last = now
             del self.flows[f.fid]
             for link in f.path:
-                self.link_flows[link].discard(f)
+                self.link_flows[link].pop(f.fid, None)
             seeds.update(f.path)
         if seeds:
             self._resolve(list(seeds), now)
@@ -313,7 +334,7 @@ class FlowNetwork:
         f.t_last = now
         del self.flows[f.fid]
         for link in f.path:
-            self.link_flows[link].discard(f)
+            self.link_flows[link].pop(f.fid, None)
         self._resolve(f.path, now)
 
     def reserve(self, path: Sequence[int], nbytes: float, rate: float, now: float) -> float:
@@ -349,21 +370,31 @@ class FlowNetwork:
 
     # ---- the incremental solve ------------------------------------------------------------------------
     def _component(self, seed_links: Sequence[int]) -> tuple[list[int], list[Flow]]:
-        seen_links = set(seed_links)
-        stack = list(seed_links)
-        seen: set[Flow] = set()
-        flows: list[Flow] = []
+        """The links and flows connected to `seed_links`; marks them with a new solve stamp (no sets:
+        membership is the stamp on the flow / link) and resets each flow's `nr` to -1 (not frozen)."""
+        self._stamp += 1
+        stamp = self._stamp
+        lmark = self._link_mark
         link_flows = self.link_flows
-        while stack:
-            for f in link_flows[stack.pop()]:
-                if f not in seen:
-                    seen.add(f)
+        links = []
+        for link in seed_links:
+            if lmark[link] != stamp:
+                lmark[link] = stamp
+                links.append(link)
+        flows: list[Flow] = []
+        i = 0
+        while i < len(links):
+            for f in link_flows[links[i]].values():
+                if f.mark != stamp:
+                    f.mark = stamp
+                    f.nr = -1.0
                     flows.append(f)
                     for l2 in f.path:
-                        if l2 not in seen_links:
-                            seen_links.add(l2)
-                            stack.append(l2)
-        return list(seen_links), flows
+                        if lmark[l2] != stamp:
+                            lmark[l2] = stamp
+                            links.append(l2)
+            i += 1
+        return links, flows
 
     def _resolve(self, seed_links: Sequence[int], now: float) -> None:
         links, flows = self._component(seed_links)
@@ -375,15 +406,14 @@ class FlowNetwork:
             return
         self.solves += 1
         self.solved_flows += len(flows)
-        # Progressive filling over the component with a heap of link shares.
         link_flows = self.link_flows
         cap, high, hshare, reserved = self.capacity, self.high_load, self.high_share, self.reserved
-        remaining = {}
-        count = {}
-        heap = []
-        for link in links:
-            n = len(link_flows[link])
-            if n:
+        inf = math.inf
+        if len(flows) == 1:
+            # One flow (the common case): it gets the smallest low-class capacity on its path, or its cap.
+            f = flows[0]
+            share = f.max_rate
+            for link in f.path:
                 c = cap[link]
                 h = high[link]
                 if h > 0.0:
@@ -391,58 +421,21 @@ class FlowNetwork:
                     rem = c - (h if h < hs else hs) - reserved[link]
                 else:
                     rem = c - reserved[link]
-                if rem < 0.0:
-                    rem = 0.0
-                remaining[link] = rem
-                count[link] = n
-                heap.append((rem / n, link))
-        heapq.heapify(heap)
-        new_rate: dict[Flow, float] = {}
-        agg = dict.fromkeys(links, 0.0)
-        inf = math.inf
-        capped = [f for f in flows if f.max_rate < inf]
-        if capped:
-            capped.sort(key=lambda f: f.max_rate)
-        n_capped = len(capped)
-        ci = 0
-        left = len(flows)
-        heappop, heapreplace = heapq.heappop, heapq.heapreplace
-        while left:
-            while ci < n_capped and capped[ci] in new_rate:
-                ci += 1
-            share = inf
-            link = -1
-            while heap:
-                s0, l0 = heap[0]
-                n = count[l0]
-                if n == 0:
-                    heappop(heap)
-                    continue
-                cur = remaining[l0] / n
-                if cur > s0 + 1e-12 * (abs(s0) + 1.0):
-                    heapreplace(heap, (cur, l0))
-                    continue
-                share, link = cur, l0
-                break
-            if ci < n_capped and capped[ci].max_rate < share:
-                to_freeze = (capped[ci],)
-                share = capped[ci].max_rate
-            else:
-                to_freeze = [f for f in link_flows[link] if f not in new_rate]
-            if share < 0.0:
-                share = 0.0
-            for f in to_freeze:
-                new_rate[f] = share
-                left -= 1
-                for l2 in f.path:
-                    remaining[l2] -= share
-                    count[l2] -= 1
-                    agg[l2] += share
+                if rem < share:
+                    share = rem
+            f.nr = share if share > 0.0 else 0.0
+            agg = dict.fromkeys(links, 0.0)
+            for link in f.path:
+                agg[link] = f.nr
+        else:
+            agg = self._all_capped(links, flows, cap, high, hshare, reserved)
+            if agg is None:
+                agg = self._fill(links, flows, link_flows, cap, high, hshare, reserved)
         sched = self.scheduler
         group = None if self.group_scheduler is None else []
         t_min = inf
         for f in flows:
-            r = new_rate[f]
+            r = f.nr
             if r != f.rate or f.version == 0:
                 dt = now - f.t_last
                 if dt > 0.0 and f.rate > 0.0:
@@ -467,6 +460,99 @@ class FlowNetwork:
             a = agg[link]
             if a != link_rate[link]:
                 self._account_link(link, now, a)
+
+    @staticmethod
+    def _all_capped(links, flows, cap, high, hshare, reserved) -> dict[int, float] | None:
+        """When every flow has a cap (storage read streams) and the caps fit every link's low-class capacity,
+        max-min gives each flow its cap: set `nr` and return the per-link sums; else None (no change)."""
+        inf = math.inf
+        agg = dict.fromkeys(links, 0.0)
+        for f in flows:
+            m = f.max_rate
+            if m == inf:
+                return None
+            for link in f.path:
+                agg[link] += m
+        for link in links:
+            a = agg[link]
+            if a > 0.0:
+                c = cap[link]
+                h = high[link]
+                if h > 0.0:
+                    hs = hshare[link] * c
+                    rem = c - (h if h < hs else hs) - reserved[link]
+                else:
+                    rem = c - reserved[link]
+                if a > rem:
+                    return None
+        for f in flows:
+            f.nr = f.max_rate
+        return agg
+
+    @staticmethod
+    def _fill(links, flows, link_flows, cap, high, hshare, reserved) -> dict[int, float]:
+        """Progressive filling over a component with a heap of link shares; sets each flow's `nr` and
+        returns the aggregate rate per link."""
+        remaining = {}
+        count = {}
+        heap = []
+        for link in links:
+            n = len(link_flows[link])
+            if n:
+                c = cap[link]
+                h = high[link]
+                if h > 0.0:
+                    hs = hshare[link] * c
+                    rem = c - (h if h < hs else hs) - reserved[link]
+                else:
+                    rem = c - reserved[link]
+                if rem < 0.0:
+                    rem = 0.0
+                remaining[link] = rem
+                count[link] = n
+                heap.append((rem / n, link))
+        heapq.heapify(heap)
+        agg = dict.fromkeys(links, 0.0)
+        inf = math.inf
+        capped = [f for f in flows if f.max_rate < inf]
+        if capped:
+            capped.sort(key=lambda f: f.max_rate)
+        n_capped = len(capped)
+        ci = 0
+        left = len(flows)
+        heappop, heapreplace = heapq.heappop, heapq.heapreplace
+        while left:
+            while ci < n_capped and capped[ci].nr >= 0.0:
+                ci += 1
+            share = inf
+            link = -1
+            while heap:
+                s0, l0 = heap[0]
+                n = count[l0]
+                if n == 0:
+                    heappop(heap)
+                    continue
+                cur = remaining[l0] / n
+                if cur > s0 + 1e-12 * (abs(s0) + 1.0):
+                    heapreplace(heap, (cur, l0))
+                    continue
+                share, link = cur, l0
+                break
+            if ci < n_capped and capped[ci].max_rate < share:
+                to_freeze = (capped[ci],)
+                share = capped[ci].max_rate
+            else:
+                to_freeze = [f for f in link_flows[link].values() if f.nr < 0.0]
+            if share < 0.0:
+                share = 0.0
+            for f in to_freeze:
+                f.nr = share
+                left -= 1
+                for l2 in f.path:
+                    remaining[l2] -= share
+                    count[l2] -= 1
+                    agg[l2] += share
+        return agg
 
     # ---- outputs --------------------------------------------------------------------------------------
     def flush(self, now: float) -> None:
