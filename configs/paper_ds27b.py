@@ -6,7 +6,9 @@ Launch:
   python -m experiments.simulate --config=configs/paper_ds27b.py:dualpath,aps=0.5   # online
 
 Same hardware as configs/paper_ds660b.py and the same calibrated parameters (configs/sim_base.py
-CALIBRATED, fitted on the DS 660B table only); nothing here is fitted to DS 27B results.
+CALIBRATED, fitted on the DS 660B table only); nothing here is fitted to DS 27B results. With the DS 660B
+DE reserve (de_hbm_reserve_gb = 18.5 GB) a DS 27B DE keeps 0.9 * 80 - 5.5 (weights, EP 8) - 18.5 = 48 GB
+for KV, so its DEs rarely bind.
 """
 
 from configs.sim_base import apply_variant, base_config

@@ -10,16 +10,20 @@ node (s = 1), M = 500 GB/s host memory bandwidth, 80 GB DRAM buffer per node. EP
 
 Calibrated parameters (fitted to the DS 660B 2P4D offline JCT table of PAPER.md, nothing else; the same
 values are used by every paper config, see configs/sim_base.py CALIBRATED):
-  pe_time_scale = 4.3: multiplies the analytic prefill time of schedulers.cost_model; the oracle column
-      is prefill-bound (64K, 2048 agents: ~185K turns in 4,844 s on 16 PEs = ~0.42 s of PE time per turn).
-  de_time_scale = 2.2: decode steps -> TPOT ~37 ms (the paper's DS 660B TPOT is 36-39 ms) and the latency
-      floor of the 512-agent column.
+  pe_time_scale = 2.9: multiplies the analytic prefill time of schedulers.cost_model (~0.29 s of PE time
+      per 32K-dataset turn); the oracle column is prefill-bound on the 32K dataset only.
+  de_hbm_reserve_gb = 18.5: DE HBM that holds neither weights nor KV, so the DE KV space is 0.9 * 80 -
+      37.5 (weights per DE at EP 32) - 18.5 = 16 GB (~333K tokens). DE HBM is held from placement to the
+      end of decode: it binds the oracle column on 48K/64K (where the per-turn prefill cost barely grows
+      but the throughput falls from ~50 to ~40 turns/s) and, offline, part of it is held by requests
+      waiting in the PE queues.
+  de_time_scale = 2.2: decode steps -> TPOT ~37 ms (the paper's DS 660B TPOT is 36-39 ms).
   storage_efficiency = 1.0: 3FS saturates a 400 Gbps SNIC (PAPER.md).
   read_stream_gbps = 2.0 and max_reads_per_node = 9: one request's read stream rate and the reads a node
       keeps in flight; basic is storage-bound at ~15 GB/s per PE SNIC in the table (64K, 4096 agents:
       ~580 TB read in 19,280 s over two SNICs), i.e. far below line rate.
-  pe_hbm_kv_gb = 5.0: PE HBM for whole-prompt KV in basic (non-layerwise) prefill; it gates basic's reads
-      in flight and so sets the size of the layerwise ablation step.
+  pe_hbm_kv_gb = 4.0: PE HBM for whole-prompt KV in basic (non-layerwise) prefill; it gates basic's reads
+      in flight (fitted on the basic column) and so sets the size of the layerwise ablation step.
 Variants: see configs/sim_base.py (mode, dataset=, agents=, aps=, pd=, turns=, seed=).
 """
 

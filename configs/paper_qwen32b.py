@@ -20,6 +20,9 @@ def get_config(arg: str | None = None):
     cfg.cluster.prefill_nodes = 1
     cfg.cluster.decode_nodes = 2
     cfg.cluster.host_buffer_gb = 320.0
+    # Dense DP engines (no EP buffers) whose bf16 weights (65 GB) leave ~8 GB of HBM: the DS 660B reserve
+    # (CALIBRATED de_hbm_reserve_gb) would leave nothing, and there is no Qwen data to fit one.
+    cfg.cluster.de_hbm_reserve_gb = 0.0
     cfg.workload.dataset = "32K"
     cfg.workload.n_agents = 512
     return apply_variant(cfg, arg)

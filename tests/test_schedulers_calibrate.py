@@ -8,9 +8,7 @@ import pytest
 from schedulers.calibrate import TINY_DENSE, NumpyPrefill, default_grid, fit_report, time_decode, time_prefill
 from schedulers.cost_model import CostModel, ModelShape
 
-SMALL = ModelShape(
-    "small", layers=1, hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab=512
-)
+SMALL = ModelShape("small", layers=1, hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab=512)
 
 
 def test_numpy_prefill_runs_real_forward_and_fit_is_usable():

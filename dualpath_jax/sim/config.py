@@ -25,7 +25,10 @@ class ClusterConfig:
     storage_efficiency: float = 1.0  # fraction of the SNIC line rate storage reads reach [calibrated]
     host_buffer_gb: float = 80.0  # DRAM buffer per node for Full Blocks
     pe_hbm_kv_gb: float = 20.0  # PE HBM for whole-prompt KV when not layerwise (basic) [calibrated]
-    de_hbm_kv_gb: float = 40.0  # DE HBM for decode KV (prompt + generated)
+    de_hbm_kv_gb: float = 40.0  # DE HBM for decode KV (prompt + generated); <= 0: derived (resolve_de_hbm)
+    # HBM per DE held by what is neither weights nor KV (activations, EP communication buffers, graphs);
+    # subtracted when de_hbm_kv_gb is derived [calibrated]
+    de_hbm_reserve_gb: float = 0.0
     block_size: int = 64
     kv_bytes_per_token: float = 0.0  # 0: from the cost model's ModelShape
     collective_bytes_per_token: float = 0.0  # high-priority CNIC bytes per prefilled token (EP all-to-all)
@@ -120,4 +123,19 @@ def sim_config_from_dict(cfg: dict) -> SimConfig:
     sc.batcher_kwargs = dict(batcher.pop("kwargs", {}))
     if batcher:
         raise ValueError(f"config.batcher: unknown field(s) {sorted(batcher)}; known: name, kwargs")
+    return resolve_de_hbm(sc)
+
+
+def resolve_de_hbm(sc: SimConfig) -> SimConfig:
+    """Fill in the derived DE KV HBM (`de_hbm_kv_gb` <= 0 with a non-KV reserve set) so the config shows what
+    the runner will use: sim.runner.de_hbm_kv_bytes = 0.9 * HBM - weights per DE - `de_hbm_reserve_gb`.
+    Without a reserve it is left to the runner, as before."""
+    c = sc.cluster
+    if c.de_hbm_reserve_gb < 0:
+        raise ValueError(f"config.cluster.de_hbm_reserve_gb must be >= 0, got {c.de_hbm_reserve_gb}")
+    if c.de_hbm_kv_gb > 0 or c.de_hbm_reserve_gb == 0:
+        return sc
+    from dualpath_jax.sim.runner import de_hbm_kv_bytes, make_cost_model  # runner imports this module
+
+    sc.cluster = dataclasses.replace(c, de_hbm_kv_gb=de_hbm_kv_bytes(sc, make_cost_model(sc, "decode")) / GB)
     return sc

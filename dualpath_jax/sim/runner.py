@@ -35,17 +35,26 @@ def make_cost_model(cfg: SimConfig, role: str):
 
 
 def de_hbm_kv_bytes(cfg: SimConfig, decode_cost) -> float:
-    """DE HBM left for KV: configured, else HBM * usable fraction - the engine's weights."""
+    """DE HBM left for KV: configured, else HBM * usable fraction - the engine's weights - the non-KV reserve
+    (`de_hbm_reserve_gb`: activations, EP buffers, graphs; calibrated)."""
     c = cfg.cluster
     if c.de_hbm_kv_gb > 0:
         return c.de_hbm_kv_gb * GB
+    if c.de_hbm_reserve_gb < 0:
+        raise ValueError(f"config.cluster.de_hbm_reserve_gb must be >= 0, got {c.de_hbm_reserve_gb}")
     free = decode_cost.hw.hbm_bytes * 0.9 - decode_cost.weight_bytes_per_engine()
     if free <= 0:
         raise ValueError(
             f"config.cluster: {c.model} weights ({decode_cost.weight_bytes_per_engine() / GB:.1f} GB per DE) "
             f"leave no HBM for KV on {c.hardware}; set config.cluster.de_hbm_kv_gb"
         )
-    return free
+    kv = free - c.de_hbm_reserve_gb * GB
+    if kv <= 0:
+        raise ValueError(
+            f"config.cluster.de_hbm_reserve_gb = {c.de_hbm_reserve_gb} GB leaves no DE HBM for KV on {c.model} "
+            f"({free / GB:.1f} GB after weights); lower it or set config.cluster.de_hbm_kv_gb"
+        )
+    return kv
 
 
 class _SplitCost:
