@@ -76,3 +76,17 @@ def test_runner_applies_the_reserve_to_configs_built_directly():
     bare = load_sim_config("configs/paper_ds660b.py", {"cluster.de_hbm_reserve_gb": 0.0})
     direct = dataclasses.replace(bare, cluster=dataclasses.replace(bare.cluster, de_hbm_reserve_gb=10.0))
     assert _derived_gb(direct) == pytest.approx(_derived_gb(bare) - 10.0)
+
+
+def test_scale_config_keeps_the_2p4d_ep_groups():
+    """48P96D runs EP groups of 2 PE / 4 DE nodes: same weights and DE KV space per engine as 2P4D."""
+    small = load_sim_config("configs/paper_ds660b.py")
+    scale = load_sim_config("configs/paper_scale.py")
+    assert scale.cluster.de_hbm_kv_gb == pytest.approx(small.cluster.de_hbm_kv_gb)
+    for role in ("prefill", "decode"):
+        assert make_cost_model(scale, role).ep == make_cost_model(small, role).ep
+    one_group = load_sim_config("configs/paper_scale.py", {"cluster.decode_ep_nodes": 0})
+    assert make_cost_model(one_group, "decode").ep == 96 * 8
+    assert one_group.cluster.de_hbm_kv_gb > scale.cluster.de_hbm_kv_gb  # fewer weights per GPU in one EP 768
+    with pytest.raises(ValueError, match="decode_ep_nodes must be >= 0"):
+        load_sim_config("configs/paper_scale.py", {"cluster.decode_ep_nodes": -1})

@@ -17,6 +17,11 @@ class ClusterConfig:
     prefill_nodes: int = 2  # P
     decode_nodes: int = 4  # D
     gpus_per_node: int = 8  # g: engines per node
+    # Nodes per expert-parallel (EP) group of MoE engines, per role; 0: all the role's nodes form one group.
+    # A large cluster runs several EP groups (EP cannot exceed the experts to place): it sets the weights per
+    # engine, and so the DE HBM left for KV.
+    prefill_ep_nodes: int = 0
+    decode_ep_nodes: int = 0
     snic_gbps: float = 50.0  # s*B: one 400 Gbps storage NIC per node
     cnic_gbps: float = 50.0  # B: one 400 Gbps compute NIC per GPU
     cnic_duplex: bool = True  # full-duplex CNICs: separate inbound/outbound links of cnic_gbps each

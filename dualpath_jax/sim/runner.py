@@ -27,9 +27,13 @@ def make_cost_model(cfg: SimConfig, role: str):
     from schedulers import cost_model as cm
 
     c = cfg.cluster
-    nodes = c.prefill_nodes if role == "prefill" else c.decode_nodes
+    nodes, group = (c.prefill_nodes, c.prefill_ep_nodes) if role == "prefill" else (c.decode_nodes, c.decode_ep_nodes)
+    if group < 0:
+        raise ValueError(f"config.cluster.{role}_ep_nodes must be >= 0 (0: one EP group of all nodes), got {group}")
+    if group:
+        nodes = min(nodes, group)
     shape = cm.MODEL_SHAPES.get(c.model)
-    # MoE engines of one role form one EP group (PAPER.md "Models": DS uses EP + DP); dense: DP only.
+    # MoE engines of one role form EP groups of `nodes` nodes (PAPER.md "Models": DS uses EP + DP); dense: DP only.
     ep = nodes * c.gpus_per_node if shape.is_moe else 1
     return cm.CostModel(shape, c.hardware, ep=ep)
 
