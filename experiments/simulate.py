@@ -20,6 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A simulator config fi
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write results (default: config.output_dir).")
 _PLOT = flags.DEFINE_bool("plot", True, "Write plot.png (matplotlib).")
 _MAX_TIME = flags.DEFINE_float("max_time", math.inf, "Stop the simulated clock here (seconds).")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar of finished turns (stderr).")
 
 
 def log_versions() -> None:
@@ -83,7 +84,8 @@ def main(argv: Sequence[str]) -> None:
     logging.info("resolved config:\n%s", _CONFIG.value)
     sc = sim_config.sim_config_from_dict(cfg_dict)
     logging.info("sim config: %s", sc)
-    result = runner.run(sc, max_time=_MAX_TIME.value)
+    logging.info("simulating %s (%s, %s agents) ...", sc.policy, sc.workload.kind, sc.workload.n_agents)
+    result = runner.run(sc, max_time=_MAX_TIME.value, progress=_PROGRESS.value)
     rows = [
         (
             "setup",

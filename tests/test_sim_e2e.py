@@ -92,6 +92,21 @@ def test_seed_determinism():
     assert key(a) != key(c)
 
 
+def test_progress_reports_do_not_change_the_run(capsys):
+    """The progress bar sees every finished turn at the end, and the run is the same with and without it."""
+    from dualpath_jax.sim.runner import build_simulator
+
+    cfg = _cfg("dualpath,agents=60,turns=8,seed=3")
+    calls = []
+    sim = build_simulator(cfg)
+    records, _, _ = sim.run(progress=lambda now, done, events: calls.append((now, done, events)))
+    assert calls and calls[-1][1] == len(records) == sum(not math.isnan(r.finished) for r in records)
+    assert calls[-1][2] == sim.n_events and all(a[2] <= b[2] for a, b in zip(calls[:-1], calls[1:], strict=True))
+    with_bar = run(cfg, progress=True)
+    assert "simulating dualpath" in capsys.readouterr().err
+    assert [dataclasses.astuple(r) for r in with_bar.records] == [dataclasses.astuple(r) for r in records]
+
+
 @pytest.mark.parametrize("mode", ["basic", "dualpath", "oracle"])
 def test_online_mode_reports_slo(mode):
     res = run(_cfg(f"{mode},aps=0.5,duration=20,turns=4"))

@@ -217,8 +217,26 @@ def summarize(cfg: SimConfig, records, links, stats) -> dict:
     return s
 
 
-def run(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = None, max_time: float = math.inf) -> SimResult:
-    """Simulate `cfg` once; deterministic for a given cfg (seed included)."""
+def run(
+    cfg: SimConfig,
+    trajectories: Sequence[Trajectory] | None = None,
+    max_time: float = math.inf,
+    progress: bool = False,
+) -> SimResult:
+    """Simulate `cfg` once; deterministic for a given cfg (seed included). `progress`: a tqdm bar of finished
+    turns (offline: of all turns; online/trace: open-ended) with the simulated clock, on stderr."""
     sim = build_simulator(cfg, trajectories)
-    records, links, stats = sim.run(max_time=max_time)
+    if not progress:
+        records, links, stats = sim.run(max_time=max_time)
+    else:
+        from tqdm import tqdm
+
+        total = sum(len(t.turns) for t in sim.trajectories) if cfg.workload.kind == "offline" else None
+        with tqdm(total=total, unit="turn", desc=f"simulating {cfg.policy}", mininterval=2.0) as bar:
+
+            def report(now: float, turns_done: int, events: int) -> None:
+                bar.update(turns_done - bar.n)
+                bar.set_postfix_str(f"sim {now:,.0f} s, {events / 1e6:.1f} M events", refresh=False)
+
+            records, links, stats = sim.run(max_time=max_time, progress=report)
     return SimResult(records, links, stats, summarize(cfg, records, links, stats))

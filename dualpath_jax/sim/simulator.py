@@ -207,6 +207,7 @@ class Simulator:
         self.queue: deque[PendingRequest] = deque()  # the global FIFO queue
         self.requests: dict[int, Request] = {}
         self.records: list[TurnRecord] = []
+        self.turns_done = 0  # turns whose decode finished (for progress reports)
         self._next_rid = 0
         self.fetch_running = False
         self._fetch_rr = 0
@@ -702,6 +703,7 @@ class Simulator:
     def _turn_done_decode(self, r: Request) -> None:
         r.decode_done = True
         r.rec.finished = self.now
+        self.turns_done += 1
         ds = r.de.state
         ds.seq -= 1
         ds.tok -= r.prompt + r.gen
@@ -722,7 +724,9 @@ class Simulator:
             self._shapes.pop(r.traj.trajectory_id, None)
 
     # ---- run --------------------------------------------------------------------------------------------
-    def run(self, max_time: float = math.inf) -> tuple[list[TurnRecord], list[LinkBytes], dict]:
+    def run(self, max_time: float = math.inf, progress=None) -> tuple[list[TurnRecord], list[LinkBytes], dict]:
+        """Run the events up to `max_time`. `progress(now, turns_done, events)`, if given, is called every
+        65,536 events and once at the end (a progress bar; it must not touch the simulator)."""
         for traj in self.trajectories:
             if traj.turns:
                 self.at(traj.arrival_time, self._turn_arrival, (traj, 0))
@@ -738,7 +742,11 @@ class Simulator:
             self.now = t
             fn(arg)
             n += 1
+            if progress is not None and not n & 0xFFFF:
+                progress(t, self.turns_done, n)
         self.n_events = n
+        if progress is not None:
+            progress(self.now, self.turns_done, n)
         wall = _time.perf_counter() - t_wall
         self.net.flush(self.now)
         links = [LinkBytes(name, t0, t1, int(nb)) for name, t0, t1, nb in self.net.link_bytes()]
