@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # slots: millions of records in a paper-scale simulation
 class TurnRecord:
     trajectory_id: int
     turn_index: int

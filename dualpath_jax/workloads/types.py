@@ -8,12 +8,12 @@ the rest is the miss (computed by prefill).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Turn:
     append_tokens: int  # A_i: new prompt tokens of this turn (tool output, user text)
     gen_tokens: int  # G_i: tokens generated (forced to exactly this many)
