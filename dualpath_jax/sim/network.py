@@ -138,6 +138,9 @@ class FlowNetwork:
         self.high_load: list[float] = []  # bytes/s demanded by the high-priority class now
         self.high_share: list[float] = []  # fraction of capacity the high class may take under contention
         self.reserved: list[float] = []  # bytes/s held by fixed-rate reservations (paced write-backs)
+        # what the KV (low) class may use: capacity - min(high_load, high_share * capacity) - reserved, >= 0;
+        # kept up to date by every change of those (the solves read it for every link they touch)
+        self.low_cap: list[float] = []
         self.link_flows: list[dict[int, Flow]] = []  # per link: fid -> flow (insertion order: deterministic)
         self._link_mark: list[int] = []  # per link: the last solve whose component holds it
         self._stamp = 0
@@ -170,6 +173,7 @@ class FlowNetwork:
         self.high_load.append(0.0)
         self.high_share.append(high_share)
         self.reserved.append(0.0)
+        self.low_cap.append(float(capacity))
         self.link_flows.append({})
         self._link_mark.append(0)
         self.buckets.append({})
@@ -181,8 +185,13 @@ class FlowNetwork:
         return len(self.names) - 1
 
     def low_capacity(self, link: int) -> float:
+        return self.low_cap[link]
+
+    def _update_low_cap(self, link: int) -> None:
         cap = self.capacity[link]
-        return max(cap - min(self.high_load[link], self.high_share[link] * cap) - self.reserved[link], 0.0)
+        self.low_cap[link] = max(
+            cap - min(self.high_load[link], self.high_share[link] * cap) - self.reserved[link], 0.0
+        )
 
     # ---- byte accounting ------------------------------------------------------------------------------
     def _account(self, link: int, t0: float, t1: float, nbytes: float, table: list[dict[int, float]]) -> None:
@@ -347,6 +356,7 @@ class FlowNetwork:
         end = now + nbytes / rate
         for link in path:
             self.reserved[link] += rate
+            self._update_low_cap(link)
             self._account(link, now, end, nbytes, self.buckets)
             self.link_total[link] += nbytes
         return end
@@ -354,6 +364,7 @@ class FlowNetwork:
     def release(self, path: Sequence[int], rate: float) -> None:
         for link in path:
             self.reserved[link] = max(self.reserved[link] - rate, 0.0)
+            self._update_low_cap(link)
 
     def set_high_load(self, link: int, rate: float, now: float) -> None:
         """Set the high-priority (collective) demand on a link; re-solve the KV flows crossing it."""
@@ -365,6 +376,7 @@ class FlowNetwork:
                 self._account(link, self._high_t[link], now, moved, self.high_bytes)
         self._high_t[link] = now
         self.high_load[link] = rate
+        self._update_low_cap(link)
         if self.link_flows[link]:
             self._resolve((link,), now)
 
@@ -407,30 +419,24 @@ class FlowNetwork:
         self.solves += 1
         self.solved_flows += len(flows)
         link_flows = self.link_flows
-        cap, high, hshare, reserved = self.capacity, self.high_load, self.high_share, self.reserved
+        low_cap = self.low_cap
         inf = math.inf
         if len(flows) == 1:
             # One flow (the common case): it gets the smallest low-class capacity on its path, or its cap.
             f = flows[0]
             share = f.max_rate
             for link in f.path:
-                c = cap[link]
-                h = high[link]
-                if h > 0.0:
-                    hs = hshare[link] * c
-                    rem = c - (h if h < hs else hs) - reserved[link]
-                else:
-                    rem = c - reserved[link]
+                rem = low_cap[link]
                 if rem < share:
                     share = rem
-            f.nr = share if share > 0.0 else 0.0
+            f.nr = share
             agg = dict.fromkeys(links, 0.0)
             for link in f.path:
                 agg[link] = f.nr
         else:
-            agg = self._all_capped(links, flows, cap, high, hshare, reserved)
+            agg = self._all_capped(links, flows, low_cap)
             if agg is None:
-                agg = self._fill(links, flows, link_flows, cap, high, hshare, reserved)
+                agg = self._fill(links, flows, link_flows, low_cap)
         sched = self.scheduler
         group = None if self.group_scheduler is None else []
         t_min = inf
@@ -462,7 +468,7 @@ class FlowNetwork:
                 self._account_link(link, now, a)
 
     @staticmethod
-    def _all_capped(links, flows, cap, high, hshare, reserved) -> dict[int, float] | None:
+    def _all_capped(links, flows, low_cap) -> dict[int, float] | None:
         """When every flow has a cap (storage read streams) and the caps fit every link's low-class capacity,
         max-min gives each flow its cap: set `nr` and return the per-link sums; else None (no change)."""
         inf = math.inf
@@ -475,22 +481,14 @@ class FlowNetwork:
                 agg[link] += m
         for link in links:
             a = agg[link]
-            if a > 0.0:
-                c = cap[link]
-                h = high[link]
-                if h > 0.0:
-                    hs = hshare[link] * c
-                    rem = c - (h if h < hs else hs) - reserved[link]
-                else:
-                    rem = c - reserved[link]
-                if a > rem:
-                    return None
+            if a > 0.0 and a > low_cap[link]:
+                return None
         for f in flows:
             f.nr = f.max_rate
         return agg
 
     @staticmethod
-    def _fill(links, flows, link_flows, cap, high, hshare, reserved) -> dict[int, float]:
+    def _fill(links, flows, link_flows, low_cap) -> dict[int, float]:
         """Progressive filling over a component with a heap of link shares; sets each flow's `nr` and
         returns the aggregate rate per link."""
         remaining = {}
@@ -499,15 +497,7 @@ class FlowNetwork:
         for link in links:
             n = len(link_flows[link])
             if n:
-                c = cap[link]
-                h = high[link]
-                if h > 0.0:
-                    hs = hshare[link] * c
-                    rem = c - (h if h < hs else hs) - reserved[link]
-                else:
-                    rem = c - reserved[link]
-                if rem < 0.0:
-                    rem = 0.0
+                rem = low_cap[link]
                 remaining[link] = rem
                 count[link] = n
                 heap.append((rem / n, link))
