@@ -376,25 +376,23 @@ class Transport(abc.ABC):
     ) -> list[tuple[str, int, int, str, int]]:
         """The entries of a `write_many` as tuples, every local range (and, where the backend knows the peer's
         regions, every remote range) checked; errors name the entry."""
-        if isinstance(entries, (str, bytes)) or not hasattr(entries, "__iter__"):
-            raise TypeError(f"write_many: entries must be a sequence of 5-tuples, got {type(entries).__name__}")
-        batch = []
-        for i, e in enumerate(entries):
-            if not isinstance(e, (tuple, list)) or len(e) != 5:
-                raise TypeError(
-                    f"write_many entry {i}: expected (local_region, local_offset, length, remote_region, "
-                    f"remote_offset), got {e!r}"
-                )
-            lr, lo, n, rr, ro = e
-            try:
-                self.region(lr).check(lo, n, f"write from {self.name}:{lr}")
-                self._check_remote_range(peer, rr, ro, n)
-            except RegionError as err:
-                raise RegionError(f"write_many entry {i}: {err}") from err
-            batch.append((lr, lo, n, rr, ro))
-        if notify is not None and not batch:
-            raise ValueError("write_many: notify needs at least one entry to carry it")
-        return batch
+        return [self._check_write_entry(peer, i, e) for i, e in enumerate(check_write_entries(entries, notify))]
+
+    def _check_write_entry(self, peer: str, i: int, e: Any) -> tuple[str, int, int, str, int]:
+        """Entry `i` of a `write_many` as a tuple, its local range (and remote range, see
+        `_check_remote_range`) checked; errors name the entry and what is wrong."""
+        if not isinstance(e, (tuple, list)) or len(e) != 5:
+            raise TypeError(
+                f"write_many entry {i}: expected (local_region, local_offset, length, remote_region, "
+                f"remote_offset), got {e!r}"
+            )
+        lr, lo, n, rr, ro = e
+        try:
+            self.region(lr).check(lo, n, f"write from {self.name}:{lr}")
+            self._check_remote_range(peer, rr, ro, n)
+        except RegionError as err:
+            raise RegionError(f"write_many entry {i}: {err}") from err
+        return lr, lo, n, rr, ro
 
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:  # noqa: B027
         """Raise `RegionError` if [offset, offset+length) is not inside the peer's `region`, where the backend
@@ -538,6 +536,18 @@ class TransferFuture(Future):
         if self._state == _FINISHED:
             return self._exception
         return super().exception(timeout)
+
+
+def check_write_entries(entries: Any, notify: int | None) -> Sequence[Any]:
+    """The entries of a `write_many` as a list or tuple (a TypeError for anything that is not a sequence, a
+    ValueError for an empty batch with `notify`)."""
+    if isinstance(entries, (str, bytes)) or not hasattr(entries, "__iter__"):
+        raise TypeError(f"write_many: entries must be a sequence of 5-tuples, got {type(entries).__name__}")
+    if not isinstance(entries, (list, tuple)):
+        entries = list(entries)
+    if notify is not None and not entries:
+        raise ValueError("write_many: notify needs at least one entry to carry it")
+    return entries
 
 
 def failed_future(error: BaseException) -> Future:

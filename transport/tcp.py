@@ -74,6 +74,7 @@ from transport.base import (
     TransportError,
     WriteEntry,
     check_priority,
+    check_write_entries,
 )
 
 log = logging.getLogger(__name__)
@@ -342,13 +343,7 @@ class _Conn:
         job = (header, payload, fut, priority)
         n = 0 if payload is None else payload.nbytes
         with self.lock:
-            inline = (
-                not self.jobs
-                and not self.busy
-                and not self.stopped
-                and n <= INLINE_MAX
-                and (n == 0 or priority is None or self.owner.pacer is None)
-            )
+            inline = self._inline_free_locked(n, INLINE_MAX, paced=priority is not None)
             if inline:
                 self.busy = True
             else:
@@ -357,18 +352,23 @@ class _Conn:
         if inline:
             self._send_inline([header] if n == 0 else [header, payload], HEADER.size + n, fut, payload)
 
+    def _inline_free_locked(self, nbytes: int, limit: int, paced: bool) -> bool:
+        """May the posting thread send `nbytes` of payload itself now (lock held)? Only when nothing is queued or
+        being sent, the payload is at most `limit`, and no pacer has to meter it."""
+        return (
+            not self.jobs
+            and not self.busy
+            and not self.stopped
+            and nbytes <= limit
+            and (nbytes == 0 or not paced or self.owner.pacer is None)
+        )
+
     def enqueue_batch(self, frames: list[tuple[bytes, memoryview]], nbytes: int, priority: str) -> None:
         """Queue the frames of a `write_many` back to back (no other frame between them); `nbytes` = payload
         bytes. Sent inline in one vectored send when the connection is idle and the batch is unpaced and at most
         BATCH_INLINE_MAX (what the socket does not take goes to the sender thread, as for one frame)."""
         with self.lock:
-            inline = (
-                not self.jobs
-                and not self.busy
-                and not self.stopped
-                and nbytes <= BATCH_INLINE_MAX
-                and (nbytes == 0 or self.owner.pacer is None)
-            )
+            inline = self._inline_free_locked(nbytes, BATCH_INLINE_MAX, paced=True)
             if inline:
                 self.busy = True
             else:
@@ -1067,13 +1067,8 @@ class TcpTransport(Transport):
         acknowledges the batch once, after its last frame landed (frames land in order)."""
         check_priority(priority)
         self._check_open()
-        if isinstance(entries, (str, bytes)) or not hasattr(entries, "__iter__"):
-            raise TypeError(f"write_many: entries must be a sequence of 5-tuples, got {type(entries).__name__}")
-        if not isinstance(entries, (list, tuple)):
-            entries = list(entries)
+        entries = check_write_entries(entries, notify)
         if not entries:
-            if notify is not None:
-                raise ValueError("write_many: notify needs at least one entry to carry it")
             fut: Future = TransferFuture()
             fut.set_result(0)
             return fut
@@ -1090,7 +1085,8 @@ class TcpTransport(Transport):
             except (TypeError, ValueError, KeyError):
                 ok = False
             if not ok:  # the slow path: full checks, an error naming the entry (may ask the peer for a region)
-                src, rid, lr, lo, n, ro = self._batch_entry(p, i, e)
+                lr, lo, n, rr, ro = self._check_write_entry(peer, i, e)
+                src, (rid, _) = regions[lr], remote[rr]
             items.append((src.view[lo : lo + n], rid, ro, n))
             nbytes += n
         req = next(self._req_ids)
@@ -1104,26 +1100,15 @@ class TcpTransport(Transport):
         p.conns[priority].enqueue_batch(frames, nbytes, priority)
         return fut
 
-    def _batch_entry(self, p: _Peer, i: int, e: Any) -> tuple[MemoryRegion, int, str, int, int, int]:
-        """Check entry `i` of a write_many in full: (local region, remote region id, name, offset, length,
-        remote offset), or an error naming the entry and what is wrong."""
-        if not isinstance(e, (tuple, list)) or len(e) != 5:
-            raise TypeError(
-                f"write_many entry {i}: expected (local_region, local_offset, length, remote_region, remote_offset), "
-                f"got {e!r}"
+    def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
+        """The peer's region sizes are known here (asked once per region name): check before posting."""
+        if not isinstance(offset, int):
+            raise RegionError(f"remote offset must be an int, got {offset!r}")
+        _, size = self._remote_region_of(self._peer_for(peer), region)
+        if offset < 0 or offset + length > size:
+            raise RegionError(
+                f"write to {peer}:{region}: [{offset}, {offset + length}) is outside the region of {size} bytes"
             )
-        lr, lo, n, rr, ro = e
-        try:
-            src = self.region(lr)
-            src.check(lo, n, f"write from {self.name}:{lr}")
-            if not isinstance(ro, int):
-                raise RegionError(f"remote offset must be an int, got {ro!r}")
-            rid, size = self._remote_region_of(p, rr)
-            if ro < 0 or ro + n > size:
-                raise RegionError(f"write to {p.name}:{rr}: [{ro}, {ro + n}) is outside the region of {size} bytes")
-        except RegionError as err:
-            raise RegionError(f"write_many entry {i}: {err}") from err
-        return src, rid, lr, lo, n, ro
 
     def read(
         self,
