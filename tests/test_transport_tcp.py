@@ -370,12 +370,11 @@ def _read_frame(s: socket.socket) -> tuple[tuple, bytes]:
     return hdr, body
 
 
-def _writes_to_raw_peer(server, n: int) -> tuple[list[socket.socket], list, list[tuple[int, int]]]:
-    """The server writes n frames to a hand-driven peer "evil": returns its sockets, the futures and the
-    (request id, length) of each WRITE frame it received (it answers the region query itself)."""
+def _raw_peer_answering_region_query(server) -> tuple[list[socket.socket], threading.Thread]:
+    """A hand-driven peer "evil" connected to `server`, with a thread that answers the server's one query for
+    region "evil_dst" (id 5, 64 KiB); the server's region "dst" is filled with a known pattern."""
     socks = _raw_handshake(server)
     server.wait_for_peer("evil")
-    results: list = []
 
     def answer_query():
         (op, *_rest, req), body = _read_frame(socks[0])
@@ -384,8 +383,16 @@ def _writes_to_raw_peer(server, n: int) -> tuple[list[socket.socket], list, list
 
     t = threading.Thread(target=answer_query)
     t.start()
+    server.region("dst").obj[:] = np.arange(1 << 16, dtype=np.uint64).astype(np.uint8)
+    return socks, t
+
+
+def _writes_to_raw_peer(server, n: int) -> tuple[list[socket.socket], list, list[tuple[int, int]]]:
+    """The server writes n frames to a hand-driven peer "evil": returns its sockets, the futures and the
+    (request id, length) of each WRITE frame it received (it answers the region query itself)."""
+    socks, t = _raw_peer_answering_region_query(server)
+    results: list = []
     src = server.region("dst")
-    src.obj[:] = np.arange(1 << 16, dtype=np.uint64).astype(np.uint8)
     futs = [server.write("evil", "dst", 0, "evil_dst", 0, 100 + i) for i in range(n)]
     t.join(5)
     for _ in range(n):
@@ -469,17 +476,7 @@ def test_small_writes_stay_in_order_when_the_socket_is_full(size, count, sndbuf)
 def _batch_to_raw_peer(server, entries, notify=None):
     """The server posts one write_many to the hand-driven peer "evil": returns its sockets, the future and the
     frames it received ((op, flags, region, offset, length, tag, req), payload)."""
-    socks = _raw_handshake(server)
-    server.wait_for_peer("evil")
-
-    def answer_query():
-        (op, *_rest, req), body = _read_frame(socks[0])
-        assert op == tcpmod.OP_REGION_QUERY and body == b"evil_dst"
-        socks[0].sendall(pack_header(tcpmod.OP_REGION_INFO, region=5, offset=1 << 16, req=req))
-
-    t = threading.Thread(target=answer_query)
-    t.start()
-    server.region("dst").obj[:] = np.arange(1 << 16, dtype=np.uint64).astype(np.uint8)
+    socks, t = _raw_peer_answering_region_query(server)
     fut = server.write_many("evil", entries, notify=notify)
     t.join(5)
     return socks, fut, [_read_frame(socks[1]) for _ in entries]
