@@ -94,8 +94,7 @@ def layer_checksums(blocks: np.ndarray, algo: str) -> np.ndarray:
     """Checksums of Layer Blocks: `blocks` is uint8 `[n, layer_block_nbytes]` (C-contiguous) -> uint64 `[n]`."""
     n, lbn = blocks.shape
     if algo == "xxh3":
-        mv = memoryview(np.ascontiguousarray(blocks).reshape(-1))
-        return np.array([_xxh3(mv[i * lbn : (i + 1) * lbn]) for i in range(n)], dtype=np.uint64)
+        return np.array(layer_checksum_list(np.ascontiguousarray(blocks).reshape(-1), lbn, algo), dtype=np.uint64)
     if algo == "wsum64":
         nwords, tail = divmod(lbn, 8)
         w = _wsum_weights(nwords + (1 if tail else 0))
