@@ -4,29 +4,37 @@
     python -m experiments.bench_store --total_mb=512 --repeats=5 --root=/mnt/3fs/bench --out=/tmp/store.json
 
 Measures, per layout, with a warm page cache (the store's own overhead, not the disk's speed):
-- Full Block reads, one thread: LocalDirStore.read with the default checksum (xxh3) verified in chunks of
-  `read_chunk_bytes`, the same read-all-then-check (read_chunk_bytes=0), verify=False (header checks only), and
-  the old default (wsum64, read-all-then-check) and crc32 as same-run references, vs raw
-  `open + os.preadv + close` of the same payload bytes (goal >= 0.9x); also a sweep of read_chunk_bytes;
-- the same with the store's I/O pool (`read_many`, --threads) vs raw preadv from a pool of as many threads;
+- Full Block reads, one thread: LocalDirStore.read with the defaults (xxh3; the reader checks each 1 MiB chunk
+  right after copying it), with a helper thread that checks chunk k while the reader copies chunk k+1
+  (verify_threads=1: used when measured faster, and on every read), read-all-then-check (read_chunk_bytes=0),
+  verify=False (header checks only), the old default (wsum64, read-all-then-check) and crc32, and with
+  --compare_tree another source tree's store (e.g. the last commit's), all vs raw `open + os.preadv + close` of
+  the same payload bytes (goal >= 0.9x); also a sweep of read_chunk_bytes for the reader's own checks;
+- the same with the store's I/O pool (`read_many`, --threads) vs raw preadv from a pool of as many threads, and
+  of one more (as many as a store with a helper has);
 - Layer-Block reads (each layer of each block read on its own, the layerwise pattern) vs Full-Block reads;
 - writes (atomic: temp file + rename, not durable) vs raw `open + writev + close` of the same bytes;
 - the checksum algorithms alone.
 The "1 thread" rows read each block by every variant back to back into one reused buffer (paired in time, but
 the block's bytes are then cache-resident for all but the first variant: the cost of the checksum pass shows
-fully); the "streaming" rows (and the pool rows) time whole passes over all blocks into one buffer per block,
-so source and destination come from DRAM as in serving (the regime the chunked checks are for).
+fully); the "streaming" rows read into one buffer per block with the variants interleaved on blocks far apart
+(the pool rows: on batches of blocks), so source and destination come from DRAM as in serving. Times are sums
+over blocks (batches) of each one's best of --repeats, which keeps a shared machine's load spikes out.
+Each row also gives the process CPU time (all threads) per GB, next to the baseline's, and the load average.
 `run_store_bench(...)` returns the rows (list of dicts) for experiments/bench_io.py to include.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
+import types
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,32 +62,88 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def _paired(variants: dict, n_items: int, repeats: int) -> dict[str, float]:
+class Timings(dict):
+    """Seconds per variant (a dict), and `cpu[name]`: the process CPU seconds of the same work (all threads),
+    averaged over the repeats (how many cores' worth the variant used: cpu / seconds)."""
+
+    def __init__(self, seconds: dict, cpu: dict):
+        super().__init__(seconds)
+        self.cpu = cpu
+
+
+def _paired(variants: dict, n_items: int, repeats: int) -> Timings:
     """Seconds per variant: each item i is run by every variant back to back (order rotating), and a variant's
     time is the sum over items of its best time on that item. Pairing in time keeps a shared machine's load
     spikes from landing on one side of a comparison only."""
     best = {name: [float("inf")] * n_items for name in variants}
+    cpu = dict.fromkeys(variants, 0.0)
     names = list(variants)
     for r in range(repeats):
         for i in range(n_items):
             for k in range(len(names)):
                 name = names[(k + r + i) % len(names)]
+                c0 = time.process_time()
                 t0 = time.perf_counter()
                 variants[name](i)
                 dt = time.perf_counter() - t0
+                cpu[name] += time.process_time() - c0
                 best[name][i] = min(best[name][i], dt)
-    return {name: sum(v) for name, v in best.items()}
+    return Timings({name: sum(v) for name, v in best.items()}, {n: c / repeats for n, c in cpu.items()})
 
 
-def _passes(variants: dict, repeats: int) -> dict:
-    """Best-of-`repeats` seconds of each variant's fn(), the variants' order rotating between repeats."""
-    best = {name: float("inf") for name in variants}
+def _paired_streaming(variants: dict, n_items: int, repeats: int) -> Timings:
+    """Like _paired, but at each step the variants read different items, spread over the pass (variant k reads
+    item (i + k * n_items // len(variants)) % n_items), so no variant finds bytes another one just touched: each
+    read's source and destination come from DRAM, as in serving. A variant's time is the sum over items of its
+    best time on that item, so one variant's unlucky moment on a shared machine does not land in its total."""
+    best = {name: [float("inf")] * n_items for name in variants}
+    cpu = dict.fromkeys(variants, 0.0)
     names = list(variants)
+    spread = max(1, n_items // len(names))
     for r in range(repeats):
-        for k in range(len(names)):
-            name = names[(k + r) % len(names)]
-            best[name] = min(best[name], _best(variants[name], 1))
-    return best
+        for i in range(n_items):
+            for k in range(len(names)):
+                name = names[(k + r) % len(names)]
+                item = (i + k * spread) % n_items
+                c0 = time.process_time()
+                t0 = time.perf_counter()
+                variants[name](item)
+                dt = time.perf_counter() - t0
+                cpu[name] += time.process_time() - c0
+                best[name][item] = min(best[name][item], dt)
+    return Timings({name: sum(v) for name, v in best.items()}, {n: c / repeats for n, c in cpu.items()})
+
+
+def load_store_package(tree: str):
+    """The `dualpath_jax/store` package of another source tree (e.g. `git archive HEAD` unpacked), imported under
+    another name beside this tree's, so old and new store code run in one process on the same files."""
+    d = os.path.join(os.path.abspath(tree), "dualpath_jax", "store")
+    if not os.path.isfile(os.path.join(d, "local_dir.py")):
+        raise FileNotFoundError(f"{tree} has no dualpath_jax/store/local_dir.py (pass the root of a source tree)")
+    alias = "_store_of_tree_" + hashlib.blake2b(d.encode(), digest_size=6).hexdigest()
+    if alias in sys.modules:
+        return sys.modules[alias]
+    pkg = types.ModuleType(alias)
+    pkg.__path__ = [d]
+    sys.modules[alias] = pkg
+    # Its intra-store imports point at the alias; everything else (kv_layout, registry) is this tree's.
+    order = ["api", "block_file", "verify", "local_dir"]
+    for name in order:
+        path = os.path.join(d, f"{name}.py")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            src = (
+                f.read()
+                .replace("dualpath_jax.store.", f"{alias}.")
+                .replace("from dualpath_jax.store import", f"from {alias} import")
+            )
+        mod = types.ModuleType(f"{alias}.{name}")
+        mod.__file__ = path
+        sys.modules[mod.__name__] = mod
+        setattr(pkg, name, mod)
+        exec(compile(src, path, "exec"), mod.__dict__)
+    return pkg
 
 
 def _row(layout_name, op, variant, nbytes, seconds, baseline_s=None, baseline=None, **extra) -> dict:
@@ -90,6 +154,7 @@ def _row(layout_name, op, variant, nbytes, seconds, baseline_s=None, baseline=No
         "bytes": nbytes,
         "seconds": seconds,
         "gbps": nbytes / seconds / 1e9,
+        "load_avg_1min": os.getloadavg()[0],
     }
     if baseline_s is not None:
         row["baseline"] = baseline
@@ -108,7 +173,14 @@ def _raw_read(path: str, buf: np.ndarray, offset: int) -> None:
 
 
 def bench_layout(
-    layout_name: str, layout: BlockLayout, root: str, total_mb: int, repeats: int, threads: int, cold_blocks: int = 0
+    layout_name: str,
+    layout: BlockLayout,
+    root: str,
+    total_mb: int,
+    repeats: int,
+    threads: int,
+    cold_blocks: int = 0,
+    compare_tree: str | None = None,
 ) -> list[dict]:
     n_blocks = max(2, (total_mb << 20) // layout.full_block_nbytes)
     fb, lbn, L = layout.full_block_nbytes, layout.layer_block_nbytes, layout.num_layers
@@ -170,61 +242,107 @@ def bench_layout(
     buf = np.empty(fb, np.uint8)
     for k in keys:  # warm the page cache and check the data
         assert store.read(k, buf) and (buf == src).all() and crc_store.read(k, buf) and wsum_store.read(k, buf)
-    # Other views of the default store's directory: read-all-then-check, and the chunk sizes of the sweep.
+    # Other views of the default store's directory: every chunk checked by the reading thread (verify_threads=0),
+    # read-all-then-check, the chunk sizes of the sweep, and (compare_tree) the same store of another source tree.
+    # The sweep of read_chunk_bytes is of the reader's own checks (verify_threads=0); 0: read all, then check.
+    # With a helper thread (verify_threads=1): used when measured faster, and on every read (faster or not).
+    adaptive = LocalDirStore(store_dir, layout, verify_threads=1, io_threads=threads)
+    forced = LocalDirStore(store_dir, layout, verify_threads=1, io_threads=threads)
+    forced.verifier.always_hand_over = True
     whole = LocalDirStore(store_dir, layout, read_chunk_bytes=0)
     chunk_sizes = [0, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20]
-    sweep = {c: LocalDirStore(store_dir, layout, read_chunk_bytes=c) for c in chunk_sizes}
+    sweep = {c: LocalDirStore(store_dir, layout, read_chunk_bytes=c, verify_threads=0) for c in chunk_sizes}
+    base = None
+    if compare_tree:
+        base = load_store_package(compare_tree).local_dir.LocalDirStore(store_dir, layout, io_threads=threads)
+    views = [adaptive, forced, whole, *sweep.values()] + ([base] if base else [])
+    base_label = f"{os.path.basename(os.path.normpath(compare_tree or ''))} tree (before), verify {algo} (its default)"
+    n_helpers = store.verifier.num_threads
+    default = f"{n_helpers} helper thread{'s' if n_helpers > 1 else ''}" if n_helpers else "the reader checks"
 
     def must(ok: bool) -> None:
         if not ok:
             raise RuntimeError("bench read missed")
 
-    # ---- Full Block reads, one thread -----------------------------------------------------------------
-    r = _paired(
-        {
-            "raw": lambda i: _raw_read(paths[i], buf, hdr),
-            "verify": lambda i: must(store.read(keys[i], buf)),
-            "whole": lambda i: must(whole.read(keys[i], buf)),
-            "noverify": lambda i: must(store.read(keys[i], buf, verify=False)),
-            "wsum64": lambda i: must(wsum_store.read(keys[i], buf)),
-            "crc32": lambda i: must(crc_store.read(keys[i], buf)),
-        },
-        n_blocks,
-        repeats,
-    )
-    for name, label in (("verify", f"store, verify {algo} (default, {chunk_kib} KiB chunks)"),
-                        ("whole", f"store, verify {algo}, read all then check"),
-                        ("noverify", "store, verify=False (header checks)"),
-                        ("wsum64", "store, verify wsum64, read all then check (old default)"),
-                        ("crc32", "store, verify crc32")):  # fmt: skip
-        rows.append(_row(layout_name, "full read 1 thread", label, total, r[name], r["raw"], "raw preadv"))
+    def helper_use():
+        v = adaptive.verifier
+        return v.decisions, v.reads
 
-    # ---- Full Block reads, one thread, streaming: whole passes over all blocks, one destination buffer per block
-    # (like host-buffer slots), so neither the page-cache source nor the destination is cache-resident when read.
+    def add(op, labels, t, nbytes, base_name, base_label_, use0=None):
+        for name, label in labels:
+            if name in t:
+                extra = {}
+                if name == "adaptive" and use0 is not None:  # how often that store chose its helper
+                    (d0, r0), (d1, r1) = use0, helper_use()
+                    extra["helper_share"] = (r1 - r0) / max(1, d1 - d0)
+                rows.append(
+                    _row(layout_name, op, label, nbytes, t[name], t[base_name], base_label_, cpu_s=t.cpu[name],
+                         baseline_cpu_s=t.cpu[base_name], **extra)
+                )  # fmt: skip
+
+    # ---- Full Block reads, one thread -----------------------------------------------------------------
+    variants = {
+        "raw": lambda i: _raw_read(paths[i], buf, hdr),
+        "verify": lambda i: must(store.read(keys[i], buf)),
+        "adaptive": lambda i: must(adaptive.read(keys[i], buf)),
+        "forced": lambda i: must(forced.read(keys[i], buf)),
+        "whole": lambda i: must(whole.read(keys[i], buf)),
+        "noverify": lambda i: must(store.read(keys[i], buf, verify=False)),
+        "wsum64": lambda i: must(wsum_store.read(keys[i], buf)),
+        "crc32": lambda i: must(crc_store.read(keys[i], buf)),
+    }
+    if base:
+        variants["base"] = lambda i: must(base.read(keys[i], buf))
+    use0 = helper_use()
+    r = _paired(variants, n_blocks, repeats)
+    add(
+        "full read 1 thread",
+        [("verify", f"store, verify {algo} (default: {default}, {chunk_kib} KiB chunks)"),
+         ("adaptive", f"store, verify {algo}, 1 helper thread when measured faster (verify_threads=1)"),
+         ("forced", f"store, verify {algo}, 1 helper thread on every read (always_hand_over)"),
+         ("whole", f"store, verify {algo}, read all then check (read_chunk_bytes=0)"),
+         ("base", base_label),
+         ("noverify", "store, verify=False (header checks)"),
+         ("wsum64", "store, verify wsum64, read all then check (old default)"),
+         ("crc32", "store, verify crc32")],
+        r, total, "raw", "raw preadv", use0,
+    )  # fmt: skip
+
+    # ---- Full Block reads, one thread, streaming: one destination buffer per block (like host-buffer slots), and
+    # the variants interleaved block by block on blocks far apart, so neither the page-cache source nor the
+    # destination is cache-resident when read.
     pool_bufs = [np.empty(fb, np.uint8) for _ in range(n_blocks)]
     for b in pool_bufs:
         b.fill(1)  # prefault
 
-    def stream(read):
-        return lambda: [read(i) for i in range(n_blocks)]
-
     streaming = {
-        "raw": stream(lambda i: _raw_read(paths[i], pool_bufs[i], hdr)),
-        "noverify": stream(lambda i: must(store.read(keys[i], pool_bufs[i], verify=False))),
-        "wsum64": stream(lambda i: must(wsum_store.read(keys[i], pool_bufs[i]))),
-    } | {c: stream(lambda i, s=s: must(s.read(keys[i], pool_bufs[i]))) for c, s in sweep.items()}
-    t_st = _passes(streaming, repeats)
+        "raw": lambda i: _raw_read(paths[i], pool_bufs[i], hdr),
+        "verify": lambda i: must(store.read(keys[i], pool_bufs[i])),
+        "adaptive": lambda i: must(adaptive.read(keys[i], pool_bufs[i])),
+        "forced": lambda i: must(forced.read(keys[i], pool_bufs[i])),
+        "noverify": lambda i: must(store.read(keys[i], pool_bufs[i], verify=False)),
+        "wsum64": lambda i: must(wsum_store.read(keys[i], pool_bufs[i])),
+    } | {c: lambda i, s=s: must(s.read(keys[i], pool_bufs[i])) for c, s in sweep.items()}
+    if base:
+        streaming["base"] = lambda i: must(base.read(keys[i], pool_bufs[i]))
+    use0 = helper_use()
+    t_st = _paired_streaming(streaming, n_blocks, repeats)
+    sweep_labels = []
     for c in chunk_sizes:
         label = f"store, verify {algo}, " + (f"{c >> 10} KiB chunks" if c else "read all then check")
-        label += " (default)" if c == store.read_chunk_bytes else ""
-        rows.append(
-            _row(layout_name, "full read 1 thread, streaming", label, total, t_st[c], t_st["raw"], "raw preadv",
-                 read_chunk_bytes=c)
-        )  # fmt: skip
-    for name, label in (("noverify", "store, verify=False (header checks)"),
-                        ("wsum64", "store, verify wsum64, read all then check (old default)")):  # fmt: skip
-        rows.append(_row(layout_name, "full read 1 thread, streaming", label, total, t_st[name], t_st["raw"],
-                         "raw preadv"))  # fmt: skip
+        label += ", checked by the reader (verify_threads=0" + (", default chunks)" if c == chunk_kib << 10 else ")")
+        sweep_labels.append((c, label))
+    add(
+        "full read 1 thread, streaming",
+        [("verify", f"store, verify {algo} (default: {default}, {chunk_kib} KiB chunks)"),
+         ("adaptive", f"store, verify {algo}, 1 helper thread when measured faster (verify_threads=1)"),
+         ("forced", f"store, verify {algo}, 1 helper thread on every read (always_hand_over)"),
+         *sweep_labels,
+         ("base", base_label),
+         ("noverify", "store, verify=False (header checks)"),
+         ("wsum64", "store, verify wsum64, read all then check (old default)")],
+        t_st, total, "raw", "raw preadv", use0,
+    )  # fmt: skip
 
     # ---- Full Block reads from the disk: each file's pages dropped from the page cache before its read -------
     if cold_blocks and hasattr(os, "posix_fadvise"):
@@ -252,34 +370,56 @@ def bench_layout(
             n_cold,
             max(1, repeats // 2),
         )
-        for name, label in (("verify", f"store, verify {algo}"), ("noverify", "store, verify=False")):
-            rows.append(
-                _row(layout_name, "full read 1 thread, cold cache", label, n_cold * fb, c[name], c["raw"],
-                     "raw preadv, cold cache")
-            )  # fmt: skip
+        add(
+            "full read 1 thread, cold cache",
+            [("verify", f"store, verify {algo}"), ("noverify", "store, verify=False")],
+            c, n_cold * fb, "raw", "raw preadv, cold cache",
+        )  # fmt: skip
 
-    # ---- Full Block reads, thread pool (whole batches, interleaved) -------------------------------------
-    raw_pool = ThreadPoolExecutor(threads)
+    # ---- Full Block reads, thread pools: batches of 2 x `threads` blocks read in parallel, the variants interleaved
+    # batch by batch as in the streaming rows. The store's read_many uses its `threads` I/O threads (plus a helper
+    # where it has one); raw preadv runs on `threads` threads and on one more.
+    raw_pools = {threads: ThreadPoolExecutor(threads)}
+    n_store_threads = threads + 1  # (the stores with a helper)
+    raw_pools.setdefault(n_store_threads, ThreadPoolExecutor(n_store_threads))
+    batch = 2 * threads
+    n_batches = max(1, n_blocks // batch)
+    batches = [range(b * batch, min(n_blocks, (b + 1) * batch)) for b in range(n_batches)]
+    batch_keys = [[keys[i] for i in r] for r in batches]
+    batch_bufs = [[pool_bufs[i] for i in r] for r in batches]
 
-    def raw_parallel():
-        list(raw_pool.map(lambda i: _raw_read(paths[i], pool_bufs[i], hdr), range(n_blocks)))
+    def raw_parallel(pool):
+        return lambda b: list(pool.map(lambda i: _raw_read(paths[i], pool_bufs[i], hdr), batches[b]))
+
+    def store_parallel(s):
+        return lambda b: must(all(s.read_many(batch_keys[b], batch_bufs[b])))
 
     noverify_store = LocalDirStore(store_dir, layout, verify=False, io_threads=threads)
-    parallel = {
-        "raw": raw_parallel,
-        "verify": lambda: must(all(store.read_many(keys, pool_bufs))),
-        "noverify": lambda: must(all(noverify_store.read_many(keys, pool_bufs))),
-        "wsum64": lambda: must(all(wsum_store.read_many(keys, pool_bufs))),
+    parallel = {f"raw{n}": raw_parallel(p) for n, p in raw_pools.items()} | {
+        "verify": store_parallel(store),
+        "adaptive": store_parallel(adaptive),
+        "forced": store_parallel(forced),
+        "noverify": store_parallel(noverify_store),
+        "wsum64": store_parallel(wsum_store),
     }
-    t_par = _passes(parallel, repeats)
-    for name, label in (("verify", f"store read_many, verify {algo} (default, {chunk_kib} KiB chunks)"),
-                        ("noverify", "store read_many, verify=False (header checks)"),
-                        ("wsum64", "store read_many, verify wsum64, read all then check (old default)")):  # fmt: skip
-        rows.append(
-            _row(layout_name, f"full read {threads} threads", label, total, t_par[name], t_par["raw"],
-                 f"raw preadv x{threads} threads")
+    if base:
+        parallel["base"] = store_parallel(base)
+    use0 = helper_use()
+    t_par = _paired_streaming(parallel, n_batches, repeats)
+    par_bytes = sum(len(r) for r in batches) * fb
+    for n in raw_pools:
+        add(
+            f"full read {threads} threads",
+            [("verify", f"store read_many, verify {algo} (default: {default})"),
+             ("adaptive", f"store read_many, verify {algo}, 1 helper thread when measured faster (verify_threads=1)"),
+             ("forced", f"store read_many, verify {algo}, 1 helper thread whenever free (always_hand_over)"),
+             ("base", "read_many, " + base_label),
+             ("noverify", "store read_many, verify=False (header checks)"),
+             ("wsum64", "store read_many, verify wsum64, read all then check (old default)")],
+            t_par, par_bytes, f"raw{n}", f"raw preadv x{n} threads", use0,
         )  # fmt: skip
-    raw_pool.shutdown()
+    for p in raw_pools.values():
+        p.shutdown()
     noverify_store.close()
 
     # ---- Layer-Block reads (each layer of a block read on its own) vs one Full-Block read of it ----------
@@ -319,7 +459,7 @@ def bench_layout(
     t = _best(lambda: np.copyto(buf, src), max(5, repeats))
     rows.append(_row(layout_name, "memcpy", "np.copyto of one Full Block", fb, t))
 
-    for s in (store, crc_store, wsum_store, whole, *sweep.values()):
+    for s in (store, crc_store, wsum_store, *views):
         s.close()
     for suffix in ("", "-crc32", "-wsum64"):
         shutil.rmtree(store_dir + suffix, ignore_errors=True)
@@ -333,21 +473,26 @@ def run_store_bench(
     repeats: int = 3,
     threads: int = 4,
     cold_blocks: int = 16,
+    compare_tree: str | None = None,
 ) -> list[dict]:
     """Run the store benchmark for the named layouts (keys of LAYOUTS) in `root` (a temp dir by default).
 
     `cold_blocks` blocks are also read with their pages dropped from the page cache first (disk reads).
+    `compare_tree`: the root of another source tree (e.g. `git archive HEAD` unpacked); its store's default
+    verified reads are measured beside this tree's in the same process, on the same files.
     """
     unknown = [n for n in layouts if n not in LAYOUTS]
     if unknown:
         raise ValueError(f"unknown layout(s) {unknown}; known: {sorted(LAYOUTS)}")
+    if compare_tree:
+        load_store_package(compare_tree)  # a bad tree fails here, before any block is written
     own_root = root is None
     root = tempfile.mkdtemp(prefix="bench_store-") if own_root else root
     os.makedirs(root, exist_ok=True)
     try:
         rows = []
         for name in layouts:
-            rows += bench_layout(name, LAYOUTS[name], root, total_mb, repeats, threads, cold_blocks)
+            rows += bench_layout(name, LAYOUTS[name], root, total_mb, repeats, threads, cold_blocks, compare_tree)
         return rows
     finally:
         if own_root:
@@ -355,16 +500,29 @@ def run_store_bench(
 
 
 def format_rows(rows: list[dict]) -> str:
+    """A markdown table; "CPU s/GB" is process CPU time (all threads) per GB read, variant / baseline."""
     lines = [
-        "| layout | op | variant | GB/s | baseline | baseline GB/s | ratio |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: |",
+        "| layout | op | variant | GB/s | baseline | baseline GB/s | ratio | CPU s/GB | load |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         base = (
             (r.get("baseline", ""), f"{r['baseline_gbps']:.2f}", f"{r['ratio']:.2f}x") if "ratio" in r else ("", "", "")
         )
         extra = f" ({r['reads_per_s']:.0f} reads/s)" if "reads_per_s" in r else ""
-        cells = [r["layout"], r["op"], r["variant"] + extra, f"{r['gbps']:.2f}", *base]
+        extra += f" [helper on {r['helper_share']:.0%} of reads]" if "helper_share" in r else ""
+        cpu = ""
+        if "cpu_s" in r:
+            cpu = f"{r['cpu_s'] / r['bytes'] * 1e9:.3f} / {r['baseline_cpu_s'] / r['bytes'] * 1e9:.3f}"
+        cells = [
+            r["layout"],
+            r["op"],
+            r["variant"] + extra,
+            f"{r['gbps']:.2f}",
+            *base,
+            cpu,
+            f"{r['load_avg_1min']:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -383,9 +541,14 @@ def main(argv: Sequence[str]) -> None:
     )
     logging.info(
         "flags: %s",
-        {k: getattr(FLAGS, k) for k in ("layouts", "root", "total_mb", "repeats", "threads", "cold_blocks")},
+        {
+            k: getattr(FLAGS, k)
+            for k in ("layouts", "root", "total_mb", "repeats", "threads", "cold_blocks", "compare_tree")
+        },
     )
-    rows = run_store_bench(FLAGS.layouts, FLAGS.root, FLAGS.total_mb, FLAGS.repeats, FLAGS.threads, FLAGS.cold_blocks)
+    rows = run_store_bench(
+        FLAGS.layouts, FLAGS.root, FLAGS.total_mb, FLAGS.repeats, FLAGS.threads, FLAGS.cold_blocks, FLAGS.compare_tree
+    )
     print(format_rows(rows))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
@@ -403,5 +566,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("threads", 4, "threads for the parallel-read rows")
     flags.DEFINE_integer("cold_blocks", 16, "blocks read with a cold page cache (posix_fadvise DONTNEED); 0: none")
     flags.DEFINE_string("out", None, "also write the rows as JSON here")
+    flags.DEFINE_string(
+        "compare_tree", None, "root of another source tree (e.g. `git archive HEAD` unpacked): its store's verified "
+        "reads run beside this tree's in the same process"
+    )  # fmt: skip
     FLAGS = flags.FLAGS
     app.run(main)

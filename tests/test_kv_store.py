@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 
 from dualpath_jax.block_keys import block_keys, root_key
 from dualpath_jax.kv_layout import BlockLayout
-from dualpath_jax.store import STORES, LocalDirStore, block_file, make_store
+from dualpath_jax.store import STORES, LocalDirStore, block_file, local_dir, make_store
+from dualpath_jax.store import verify as store_verify
 
 LAYOUT = BlockLayout(num_layers=4, block_tokens=16, bytes_per_token_per_layer=40, fingerprint="test-model/bf16")
 LBN = LAYOUT.layer_block_nbytes
@@ -647,6 +649,28 @@ def test_layer_reads_of_open_blocks_still_check_changed_files(store):
     np.testing.assert_array_equal(out, content(keys[0]).reshape(4, LBN)[2])
 
 
+def test_full_reads_of_open_blocks_recheck_a_changed_header(store, caplog):
+    """A full read compares the header it read with the one its open file was checked with; a changed header
+    (another block's file written in place) is parsed and rejected, changed payload still fails its checksum."""
+    keys = make_keys(2)
+    for k in keys:
+        store.write(k, content(k))
+    full = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    for k in keys:
+        assert store.read(k, full) and store.read(k, full)  # files open, headers checked once
+    assert all(store._fds[k].header is not None for k in keys)
+    with open(store.path_of(keys[1]), "rb") as f:
+        other = f.read()
+    with open(store.path_of(keys[0]), "r+b") as f:
+        f.write(other)
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.store.local_dir"):
+        assert not store.read(keys[0], full)
+    assert "key mismatch" in caplog.text
+    _flip(store.path_of(keys[1]), store.header_nbytes + 2 * LBN + 9)
+    assert not store.read(keys[1], full)
+    assert store.stats().read_corrupt == 2
+
+
 def test_fd_cache_is_bounded_and_closed(tmp_path):
     keys = make_keys(6)
     s = LocalDirStore(tmp_path / "kv", LAYOUT, fd_cache=2)
@@ -741,11 +765,19 @@ def test_store_benchmark_runs_small(tmp_path):
     """Smoke test of experiments/bench_store.py (no timing assertions: benchmarks report, tests check)."""
     from experiments.bench_store import format_rows, run_store_bench
 
-    rows = run_store_bench(layouts=["deepseek_v3_fp8"], root=str(tmp_path), total_mb=8, repeats=1, threads=2)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = run_store_bench(
+        layouts=["deepseek_v3_fp8"], root=str(tmp_path), total_mb=8, repeats=1, threads=2, compare_tree=repo
+    )
     ops = {r["op"] for r in rows}
     assert {"write", "full read 1 thread", "full read 2 threads", "layer-block reads 1 thread", "checksum"} <= ops
     assert all(r["gbps"] > 0 for r in rows)
-    assert "raw preadv" in format_rows(rows)
+    assert "raw preadv" in format_rows(rows) and "raw preadv x3 threads" in format_rows(rows)
+    # --compare_tree: the other tree's store (here this one, loaded under another name) runs beside this one
+    assert sum("tree (before)" in r["variant"] for r in rows) == 4  # 1 thread, streaming, 2 pool baselines
+    assert all(0 <= r["helper_share"] <= 1 for r in rows if "helper_share" in r)
+    with pytest.raises(FileNotFoundError, match="no dualpath_jax/store"):
+        run_store_bench(layouts=["deepseek_v3_fp8"], root=str(tmp_path), total_mb=8, compare_tree=str(tmp_path))
     with pytest.raises(ValueError, match="unknown layout"):
         run_store_bench(layouts=["llama"])
 
@@ -780,11 +812,16 @@ def test_read_many_with_one_layer_index(store):
         np.testing.assert_array_equal(o, content(k).reshape(4, LBN)[3])
 
 
-def test_threads_reading_while_others_evict_and_rewrite(tmp_path):
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_threads_reading_while_others_evict_and_rewrite(tmp_path, monkeypatch, pipeline):
     """Concurrent reads (full and layer, through the open-file cache) while blocks are evicted, removed and
-    rewritten: every successful read returns the block's bytes, no read raises."""
+    rewritten: every successful read returns the block's bytes, no read raises. `pipeline`: full reads hand
+    chunks to the helper thread too."""
+    if pipeline:
+        monkeypatch.setattr(local_dir, "PIPELINE_TAIL_BYTES", LBN)
+        monkeypatch.setattr(store_verify.ChunkVerifier, "always_hand_over", True)
     fnb = block_file.file_nbytes(LAYOUT)
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=6 * fnb, fd_cache=3, io_threads=3)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=6 * fnb, fd_cache=3, io_threads=3, verify_threads=1)
     keys = make_keys(12)
     stop = threading.Event()
     errors, ok = [], [0]
@@ -830,6 +867,7 @@ def test_threads_reading_while_others_evict_and_rewrite(tmp_path):
     assert not errors, errors[:5]
     assert ok[0] > 0 and s.stats().evictions > 0 and s.stats().read_corrupt == 0
     assert len(s._fds) <= 3
+    assert (s.verifier.offloaded + s.verifier.taken_back > 0) == pipeline
     s.close()
 
 
@@ -863,3 +901,302 @@ def test_submit_write_in_the_background(store):
     store.close()
     with pytest.raises(RuntimeError, match="closed"):
         store.submit_write(keys[0], blocks[0])
+
+
+# ---- helper threads (verify_threads): chunk k checked on another core while chunk k+1 is copied ---------------
+@pytest.fixture
+def pipelined(monkeypatch):
+    """Pipeline the tiny test blocks too (a Full Block read in chunks of 1, 2 and 1 Layer Blocks), on every read
+    (however the two ways measure on this machine)."""
+    monkeypatch.setattr(local_dir, "PIPELINE_TAIL_BYTES", LBN)
+    monkeypatch.setattr(store_verify.ChunkVerifier, "always_hand_over", True)
+
+
+def test_pipeline_plans():
+    assert local_dir._pipeline_plan(61, 41984) == [25, 24, 12]  # DeepSeek-V3 FP8: 2.4 MiB in 3 chunks
+    assert local_dir._pipeline_plan(64, 256 << 10) == [34, 16, 8, 4, 2]  # Qwen2.5-32B fp16: 16 MiB in 5
+    for layers in (1, 2, 3, 7, 61, 64, 200):
+        for lbn in (640, 41984, 256 << 10, 1 << 20):
+            plan = local_dir._pipeline_plan(layers, lbn)
+            tail = max(1, local_dir.PIPELINE_TAIL_BYTES // lbn)
+            assert sum(plan) == layers and min(plan) >= 1 and plan[-1] == min(layers, tail), (layers, lbn, plan)
+            assert all(a <= local_dir.PIPELINE_GROWTH * b + 1 for a, b in zip(plan[1:-1], plan[2:], strict=True)), plan
+
+
+def _run_until(cond, step, tries=2000):
+    """step() until cond() (a helper thread gets a core sooner or later, even on a loaded machine)."""
+    for _ in range(tries):
+        step()
+        if cond():
+            return
+    raise AssertionError(f"condition not met after {tries} tries")
+
+
+def test_pipelined_reads_hand_chunks_to_a_helper_and_round_trip(tmp_path, pipelined):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, verify_threads=1)
+    assert s._offload_plan == [LBN, 2 * LBN, LBN] and s.verifier.num_threads == 1
+    keys = make_keys(3)
+    for k in keys:
+        assert s.write(k, content(k))
+    full = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    reads = [0]
+
+    def read_all():
+        for k in keys:
+            ref = content(k).reshape(LAYOUT.num_layers, LBN)
+            full[:] = 0
+            assert s.read(k, full)
+            np.testing.assert_array_equal(full, content(k))
+            for layers in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 2]):  # runs of several chunks: handed over as well
+                packed = np.zeros((len(layers), LBN), np.uint8)
+                assert s.read(k, packed, layers=layers)
+                np.testing.assert_array_equal(packed, ref[layers])
+            reads[0] += 4
+
+    _run_until(lambda: s.verifier.offloaded > 0, read_all)
+    assert any(t.name.startswith("kvstore-verify") for t in threading.enumerate())
+    st = s.stats()
+    assert st.read_hits == reads[0] and st.read_corrupt == 0
+    outs = [np.zeros(LAYOUT.full_block_nbytes, np.uint8) for _ in keys]
+    assert s.read_many(keys, outs) == [True] * 3  # the I/O pool's readers share the helper
+    for o, k in zip(outs, keys, strict=True):
+        np.testing.assert_array_equal(o, content(k))
+    s.close()
+    assert not any(t.name.startswith("kvstore-verify") for t in threading.enumerate())
+    assert s.read(keys[0], full) and (full == content(keys[0])).all()  # after close: the reader checks alone
+
+    def helper_of_a_dropped_store():  # a store used, then dropped without close()
+        dropped = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, verify_threads=1)
+        _run_until(lambda: dropped.verifier.offloaded > 0, lambda: dropped.read(keys[1], full))
+        return next(t for t in threading.enumerate() if t.name.startswith("kvstore-verify"))
+
+    helper = helper_of_a_dropped_store()
+    helper.join(10)
+    assert not helper.is_alive()  # its helper thread ends too
+
+
+@pytest.mark.parametrize("algo", ["xxh3", "crc32"])
+def test_damage_in_a_handed_over_chunk_is_a_miss(tmp_path, pipelined, algo):
+    """Damage in any Layer Block, whether a helper or the reader checked it: every read that includes it misses."""
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, checksum=algo, read_chunk_bytes=LBN, verify_threads=1)
+    (k,) = make_keys(1)
+    ref = content(k).reshape(LAYOUT.num_layers, LBN)
+    misses = 0
+    for layer in range(LAYOUT.num_layers):
+        for pos in (0, LBN - 1):
+            for layers in (None, [0, 1, 2, 3], [3, 2, 1, 0], [x for x in range(4) if x != layer]):
+                assert s.write(k, content(k), overwrite=True)
+                _flip(s.path_of(k), s.header_nbytes + layer * LBN + pos)
+                out = np.zeros((4 if layers is None else len(layers), LBN), np.uint8)
+                if layers is not None and layer not in layers:
+                    assert s.read(k, out, layers=layers)
+                    np.testing.assert_array_equal(out, ref[layers])
+                    continue
+                assert not s.read(k, out, layers=layers), (layer, pos, layers)
+                assert not os.path.exists(s.path_of(k))
+                misses += 1
+    assert s.stats().read_corrupt == misses == 4 * 2 * 3
+    assert s.verifier.offloaded + s.verifier.taken_back > 0
+    s.close()
+
+
+def _helper_measured_faster(v):
+    v.record(False, 2.0, 1)
+    v.record(True, 1.0, 1)
+
+
+def _begin(v):
+    """begin() past the one-in-PROBE_EVERY read that goes the slower way."""
+    return v.begin() or v.begin()
+
+
+def test_chunk_verifier_goes_the_way_measured_faster_and_probes_the_other():
+    v = store_verify.ChunkVerifier(1)
+    checks = store_verify.ReadChecks()
+    assert not v.begin()  # nothing measured yet: inline first,
+    v.record(False, 2.0, 1)
+    assert v.begin()  # then pipelined
+    v.wait(checks)
+    v.record(True, 1.0, 1)
+    n = 4 * store_verify.PROBE_EVERY
+    got = []
+    for _ in range(n):
+        got.append(v.begin())
+        if got[-1]:
+            v.wait(checks)
+    assert got.count(False) == 4  # pipelined measured faster: all but the probes
+    for _ in range(40):  # pipelined reads get slower (a busy machine): inline wins
+        v.record(True, 4.0, 1)
+    assert v._cost[1] > v._cost[0]
+    got = []
+    for _ in range(n):
+        got.append(v.begin())
+        if got[-1]:
+            v.wait(checks)
+    assert got.count(True) == 4
+    v._cost = [1.0, 0.97]  # pipelined only a little faster: not worth its extra CPU
+    got = []
+    for _ in range(store_verify.PROBE_EVERY - 1):
+        got.append(v.begin())
+        if got[-1]:
+            v.wait(checks)
+    assert got.count(True) <= 1  # (the probe)
+    c = v._cost[0]
+    v.record(False, 1000.0, 1)  # an outlier (say, a disk read) moves the average by a bounded step
+    assert v._cost[0] == pytest.approx(c + 3 * c * store_verify.EWMA_WEIGHT)
+    v.close()
+    assert not _begin(v)
+
+
+def test_chunk_verifier_checks_on_a_helper_and_names_bad_layers():
+    v = store_verify.ChunkVerifier(1)
+    _helper_measured_faster(v)
+    blocks = content(b"k").reshape(LAYOUT.num_layers, LBN)
+    sums = block_file.layer_checksums(blocks, "xxh3").tolist()
+    bad = blocks.copy()
+    bad[2, 7] ^= 1
+    checks = store_verify.ReadChecks()
+
+    def one_read():
+        assert _begin(v)
+        assert not _begin(v)  # one helper serves one read at a time
+        v.submit(checks, blocks[:2].reshape(-1), LBN, "xxh3", 0, sums[:2])
+        v.submit(checks, bad[2:].reshape(-1), LBN, "xxh3", 2, sums[2:])
+        time.sleep(0.002)  # (the reader's next copy)
+        v.wait(checks)
+        assert checks.pending == 0 and checks.bad == [2] and checks.error is None
+        checks.reset()
+
+    _run_until(lambda: v.offloaded >= 2, one_read)
+    v.close()
+    assert not _begin(v)
+
+
+def test_chunk_verifier_takes_back_queued_chunks():
+    v = store_verify.ChunkVerifier(1)
+    _helper_measured_faster(v)
+    big = np.zeros(256 << 20, np.uint8)  # (zero pages: ~20 ms of hashing, keeps the helper busy)
+    small = content(b"k")[: 2 * LBN]
+    sums = block_file.layer_checksums(small.reshape(2, LBN), "xxh3").tolist()
+    big_sum = block_file.layer_checksum_list(big, big.nbytes, "xxh3")
+    checks = store_verify.ReadChecks()
+
+    def one_read():
+        assert _begin(v)
+        v.submit(checks, big, big.nbytes, "xxh3", 0, big_sum)
+        v.submit(checks, small, LBN, "xxh3", 1, [sums[0], sums[1] ^ 1])  # layer 2's sum is wrong
+        v.wait(checks)  # right away: the small chunk is still queued behind the big one
+        assert checks.pending == 0 and checks.bad == [2] and checks.error is None
+        checks.reset()
+
+    _run_until(lambda: v.taken_back > 0, one_read, tries=50)
+    v.close()
+
+
+def test_chunk_verifier_failures_reach_the_reader_and_close_never_strands_a_chunk(tmp_path, pipelined):
+    v = store_verify.ChunkVerifier(1)
+    _helper_measured_faster(v)
+    checks = store_verify.ReadChecks()
+    assert _begin(v)
+    v.submit(checks, None, LBN, "xxh3", 0, [0])  # hashing fails on whichever thread checks it
+    v.wait(checks)
+    assert isinstance(checks.error, TypeError)
+    checks.reset()
+    v.close()
+    v.submit(checks, content(b"k")[:LBN], LBN, "xxh3", 0, [0])  # after close: taken back by the reader, not lost
+    v.wait(checks)
+    assert checks.bad == [0] and checks.pending == 0
+    with pytest.raises(ValueError, match="verify_threads must be an int >= 0"):
+        LocalDirStore(tmp_path / "kv", LAYOUT, verify_threads=-1)
+
+
+def test_pipelined_reads_in_a_forked_child_start_their_own_helper(tmp_path, pipelined):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, verify_threads=1)
+    keys = make_keys(2)
+    for k in keys:
+        s.write(k, content(k))
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    _run_until(lambda: s.verifier.offloaded > 0, lambda: s.read(keys[0], out))  # the parent's helper runs
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: the parent's helper thread does not exist here
+        ok, before = False, s.verifier.offloaded
+        try:
+            for _ in range(2000):  # (past any backoff inherited from the parent)
+                good = s.read(keys[1], out) and bool((out == content(keys[1])).all())
+                if not good:
+                    break
+                if s.verifier._pid == os.getpid() and s.verifier.offloaded > before:
+                    ok = True  # its own helper started and checked chunks
+                    break
+        finally:
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(w)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            break
+        time.sleep(0.01)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+    s.close()
+
+
+def test_reads_measure_both_ways_and_pick(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_dir, "PIPELINE_TAIL_BYTES", LBN)  # (only the plan: the choice is measured)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, verify_threads=1)
+    (k,) = make_keys(1)
+    s.write(k, content(k))
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    lb = np.zeros(LBN, np.uint8)
+    for _ in range(3 * store_verify.PROBE_EVERY):
+        assert s.read(k, out) and s.read(k, lb, layers=[1])  # (one Layer Block: never a candidate)
+        np.testing.assert_array_equal(out, content(k))
+    inline, pipelined = s.verifier._cost
+    assert inline > 0 and pipelined > 0  # both ways timed
+    assert 3 <= s.verifier.reads <= 3 * store_verify.PROBE_EVERY - 3  # the faster way, and probes of the other
+    s.close()
+
+
+def test_io_error_in_a_pipelined_read_leaves_no_stale_check_behind(tmp_path, pipelined, monkeypatch):
+    """An I/O error after a chunk was handed over (injected: EIO from the second preadv of a read): the read is
+    a counted miss that keeps the block, and what the helper found in that chunk does not leak into the next
+    read on this thread."""
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, verify_threads=1)
+    a, b = make_keys(2)
+    s.write(a, content(a))
+    s.write(b, content(b))
+    _flip(s.path_of(a), s.header_nbytes + 5)  # layer 0: the first chunk, the one handed to the helper
+    real_preadv, calls = os.preadv, [0]
+
+    def preadv_failing_second_call(fd, bufs, offset):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError(5, "Input/output error (injected)")
+        return real_preadv(fd, bufs, offset)
+
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    monkeypatch.setattr(os, "preadv", preadv_failing_second_call)
+    assert not s.read(a, out)
+    monkeypatch.setattr(os, "preadv", real_preadv)
+    assert s.stats().read_errors == 1 and os.path.exists(s.path_of(a))  # an I/O error is no proof of damage
+    assert s.read(b, out)  # (a stale mismatch from a's first chunk would fail this good block)
+    np.testing.assert_array_equal(out, content(b))
+    assert not s.read(a, out) and s.stats().read_corrupt == 1  # read again: the damage itself is caught
+    s.close()
+
+
+def test_default_store_checks_on_the_reader_and_starts_no_helper(tmp_path, monkeypatch):
+    monkeypatch.setattr(local_dir, "PIPELINE_TAIL_BYTES", LBN)  # a block that could be pipelined
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN)
+    assert s.verifier.num_threads == 0
+    (k,) = make_keys(1)
+    s.write(k, content(k))
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    for _ in range(20):
+        assert s.read(k, out)
+    assert s.verifier.decisions == s.verifier.reads == 0 and not s.verifier._threads
+    s.close()

@@ -58,6 +58,11 @@ def header_nbytes(layout: BlockLayout) -> int:
     return -(-raw // HEADER_ALIGN) * HEADER_ALIGN
 
 
+def header_used_nbytes(layout: BlockLayout) -> int:
+    """Bytes of a header that parse_header reads (the rest is zero padding)."""
+    return _FIXED.size + 8 * layout.num_layers + 4
+
+
 def file_nbytes(layout: BlockLayout) -> int:
     """Bytes one block file of `layout` takes: header + Full Block payload."""
     return header_nbytes(layout) + layout.full_block_nbytes
