@@ -23,6 +23,7 @@ from transport.base import (
     TransportClosedError,
     TransportError,
     combine_futures,
+    complete_quietly,
 )
 
 BACKENDS = ["inproc", "tcp", "rdma"]
@@ -547,6 +548,75 @@ def test_transfer_future_completion_races_with_callbacks_and_waits():
         t.join(30)
     assert calls == [1] * n
     assert results == [sum(range(0, n, 7))]
+
+
+def _blocked_result(f: TransferFuture) -> tuple[threading.Thread, list]:
+    """A thread blocked in f.result(10); its list gets the result or the exception's type name."""
+    got: list = []
+
+    def wait() -> None:
+        try:
+            got.append(f.result(10))
+        except BaseException as e:  # noqa: BLE001 - recorded for the test
+            got.append(type(e).__name__)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.05)
+    assert t.is_alive() and not got, "result() must block until the future completes"
+    return t, got
+
+
+@pytest.mark.parametrize("how", ["result", "exception", "cancel", "batch", "callback_after_wait"])
+def test_transfer_future_releases_a_blocked_result(how):
+    """`result` waits on a lock of its own (no Condition): every way of completing releases it."""
+    f, other = TransferFuture(), TransferFuture()
+    t, got = _blocked_result(f)
+    seen: list = []
+    if how == "callback_after_wait":  # a Condition made after the waiter blocked: the normal path releases it
+        f.add_done_callback(lambda g: seen.append(g.result()))
+    if how in ("result", "callback_after_wait"):
+        f.set_result(5)
+    elif how == "exception":
+        f.set_exception(PeerLostError("gone"))
+    elif how == "cancel":
+        assert f.cancel()
+    else:
+        complete_quietly([other, f], [1, 5])
+        assert other.result(0) == 1
+    t.join(5)
+    assert not t.is_alive()
+    assert got == [{"exception": "PeerLostError", "cancel": "CancelledError"}.get(how, 5)]
+    assert seen == ([5] if how == "callback_after_wait" else [])
+
+
+def test_transfer_future_result_timeout_then_completion():
+    f = TransferFuture()
+    t0 = time.monotonic()
+    with pytest.raises(concurrent.futures.TimeoutError):
+        f.result(0.05)
+    assert time.monotonic() - t0 >= 0.04
+    f.set_result(3)  # the timed-out waiter left nothing behind that breaks completion
+    assert f.result(0) == 3 and f.__dict__.get("_light") is None
+
+
+def test_transfer_future_batch_completion_races_with_blocked_waiters():
+    """Batches completed by one thread while others block in result() on them: nobody misses a wake-up."""
+    n, batch = 4000, 16
+    futs = [TransferFuture() for _ in range(n)]
+    totals: list = []
+
+    def wait(k: int) -> None:
+        totals.append(sum(f.result(20) for f in futs[k::4]))
+
+    threads = [threading.Thread(target=wait, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(0, n, batch):
+        complete_quietly(futs[i : i + batch], list(range(i, i + batch)))
+    for t in threads:
+        t.join(30)
+    assert sorted(totals) == sorted(sum(range(k, n, 4)) for k in range(4))
 
 
 def test_combine_futures_completes_after_all_and_fails_on_the_first_failure():

@@ -15,7 +15,7 @@ import pytest
 
 from dualpath_jax.traffic import Link, Pacer
 from transport import tcp as tcpmod
-from transport.base import PeerLostError, TransportError
+from transport.base import PeerLostError, RegionError, TransportError
 from transport.peer import PeerProcess, pattern, spawn_peer
 from transport.tcp import (
     HEADER,
@@ -232,8 +232,8 @@ def test_malformed_frames_after_handshake_close_that_connection(server, caplog, 
             s.shutdown(socket.SHUT_WR)
         elif frame == "unsolicited_ack":
             s.sendall(pack_header(tcpmod.OP_WRITE_ACK, length=0, req=12345))
-        elif frame == "old_version":  # a well-formed protocol-2 frame (before write batches)
-            body = tcpmod._HEADER_BODY.pack(tcpmod.MAGIC, 2, OP_WRITE, 0, rid, 0, 4, 0, 1)
+        elif frame == "old_version":  # a well-formed protocol-3 frame (before FLAG_MORE)
+            body = tcpmod._HEADER_BODY.pack(tcpmod.MAGIC, 3, OP_WRITE, 0, rid, 0, 4, 0, 1)
             s.sendall(body + tcpmod._CRC.pack(zlib.crc32(body)) + b"abcd")
         elif frame in ("write_inside_a_batch", "batch_inside_a_batch"):
             # the first frame of batch 1 (FLAG_CHAIN), then a frame of another request before batch 1 ended
@@ -370,20 +370,27 @@ def _read_frame(s: socket.socket) -> tuple[tuple, bytes]:
     return hdr, body
 
 
-def _raw_peer_answering_region_query(server) -> tuple[list[socket.socket], threading.Thread]:
+def _read_frame_with_payload(s: socket.socket) -> tuple[tuple, bytes]:
+    """The next frame and its whole payload (any op)."""
+    hdr = unpack_header(tcpmod._recv_exact(s, HEADER.size))
+    return hdr, tcpmod._recv_exact(s, hdr[4]) if hdr[4] else b""
+
+
+def _raw_peer_answering_region_query(server, size: int = 1 << 16) -> tuple[list[socket.socket], threading.Thread]:
     """A hand-driven peer "evil" connected to `server`, with a thread that answers the server's one query for
-    region "evil_dst" (id 5, 64 KiB); the server's region "dst" is filled with a known pattern."""
+    region "evil_dst" (id 5, `size` bytes); the server's region "dst" is filled with a known pattern."""
     socks = _raw_handshake(server)
     server.wait_for_peer("evil")
 
     def answer_query():
         (op, *_rest, req), body = _read_frame(socks[0])
         assert op == tcpmod.OP_REGION_QUERY and body == b"evil_dst"
-        socks[0].sendall(pack_header(tcpmod.OP_REGION_INFO, region=5, offset=1 << 16, req=req))
+        socks[0].sendall(pack_header(tcpmod.OP_REGION_INFO, region=5, offset=size, req=req))
 
     t = threading.Thread(target=answer_query)
     t.start()
-    server.region("dst").obj[:] = np.arange(1 << 16, dtype=np.uint64).astype(np.uint8)
+    dst = server.region("dst").obj
+    dst[:] = np.arange(dst.size, dtype=np.uint64).astype(np.uint8)
     return socks, t
 
 
@@ -444,6 +451,119 @@ def test_bad_ack_batch_fails_every_pending_write_and_closes_that_set(server, cap
         other.close()
         for s in socks:
             s.close()
+
+
+def _no_data(s: socket.socket, wait: float = 0.2) -> bool:
+    """Nothing arrives on `s` within `wait` s."""
+    s.settimeout(wait)
+    try:
+        return not s.recv(1, socket.MSG_PEEK)
+    except TimeoutError:
+        return True
+    finally:
+        s.settimeout(None)
+
+
+def test_flag_more_holds_acks_until_a_frame_without_it(server):
+    """A writer's FLAG_MORE frames are not acknowledged when the receiver's socket drains (the writer said
+    another frame follows); the next frame without the flag is, and one ack batch covers them all."""
+    socks = _raw_handshake(server)
+    server.wait_for_peer("evil")
+    rid = server.region("dst").region_id
+    s = socks[1]
+    try:
+        s.sendall(pack_header(OP_WRITE, region=rid, offset=0, length=4, req=10) + b"lone")
+        (op, *_), body = _read_frame_with_payload(s)
+        assert op == tcpmod.OP_WRITE_ACKS and list(tcpmod.ACK_ENTRY.iter_unpack(body)) == [(10, 4)]
+        for i in range(3):
+            s.sendall(pack_header(OP_WRITE, tcpmod.FLAG_MORE, rid, 100 + 4 * i, 4, 0, 20 + i) + b"m%03d" % i)
+        assert _no_data(s), "frames flagged FLAG_MORE must not be acknowledged before their successor lands"
+        assert bytes(server.region("dst").obj[100:112]) == b"m000m001m002"  # landed all the same
+        s.sendall(pack_header(OP_WRITE, region=rid, offset=112, length=4, req=23) + b"last")
+        (op, *_), body = _read_frame_with_payload(s)
+        assert op == tcpmod.OP_WRITE_ACKS
+        assert list(tcpmod.ACK_ENTRY.iter_unpack(body)) == [(20, 4), (21, 4), (22, 4), (23, 4)]
+    finally:
+        for x in socks:
+            x.close()
+
+
+@pytest.mark.parametrize("chunks", ["one_send", "ragged"])
+def test_frames_back_to_back_land_whole(server, chunks):
+    """Large frames (payloads received straight into the region, the next header in the same recvmsg) and small
+    ones (through the buffer), back to back in one send or cut at random places: every frame lands whole, in
+    order (the last write to a spot wins), and every write is acknowledged with its length."""
+    region = server.register("big", np.zeros(1 << 20, np.uint8))
+    socks = _raw_handshake(server)
+    server.wait_for_peer("evil")
+    rng = np.random.default_rng(3)
+    frames, expect, sent = [], np.zeros(1 << 20, np.uint8), []
+    big = (0, 600 * 1024)  # more than the receive buffer holds: most of it goes straight to the region
+    for i, (offset, n) in enumerate([big, big, big, (5, 100), big, (1000, 40000), big, (7, 3), (9, 1 << 16), big]):
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        expect[offset : offset + n] = data
+        frames.append(pack_header(OP_WRITE, 0, region.region_id, offset, n, 0, 100 + i) + data.tobytes())
+        sent.append((100 + i, n))
+    stream = b"".join(frames)
+    try:
+        socks[1].setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if chunks == "one_send":
+            socks[1].sendall(stream)
+        else:
+            pos = 0
+            while pos < len(stream):
+                n = int(rng.integers(1, 100000))
+                socks[1].sendall(stream[pos : pos + n])
+                pos += n
+                time.sleep(0.0005)
+        acked = []
+        while len(acked) < len(sent):
+            (op, *_), body = _read_frame_with_payload(socks[1])
+            assert op == tcpmod.OP_WRITE_ACKS
+            acked += list(tcpmod.ACK_ENTRY.iter_unpack(body))
+        assert acked == sent
+        np.testing.assert_array_equal(region.obj, expect)
+    finally:
+        for x in socks:
+            x.close()
+
+
+@pytest.mark.parametrize("paced", [False, True])
+def test_queued_write_frames_carry_flag_more(paced):
+    """Write frames the sender thread sends with more queued behind them carry FLAG_MORE, never more than half
+    the pending requests in a row, and the last of the burst goes without it; one ack batch completes them. A
+    paced endpoint never sets it (its next frame may wait for the pacer)."""
+    pacer = Pacer([Link("cnic/engine0", 400e6, {"high": 99, "low": 1})]) if paced else None
+    srv = TcpTransport("srv", pacer=pacer)
+    srv.register("dst", np.zeros(4 << 20, np.uint8))
+    n, size = 12, 300 * 1024
+    socks: list[socket.socket] = []
+    try:
+        socks, t = _raw_peer_answering_region_query(srv, size=4 << 20)
+        srv.remote_region("evil", "evil_dst")
+        t.join(5)
+        for c in srv._live_peer("evil").conns.values():
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # frames queue behind the first
+        futs = [srv.write("evil", "dst", 0, "evil_dst", size * i, size) for i in range(n)]
+        frames = [_read_frame(socks[1]) for _ in range(n)]
+        assert [hdr[4] for hdr, _ in frames] == [size] * n
+        flags = [hdr[1] & tcpmod.FLAG_MORE for hdr, _ in frames]
+        if paced:
+            assert not any(flags), flags
+        else:
+            runs, run = [], 0
+            for f in flags:
+                run = run + 1 if f else 0
+                runs.append(run)
+            assert any(flags) and not flags[-1] and max(runs) <= n // 2, flags
+        assert not any(f.done() for f in futs)
+        acks = b"".join(tcpmod.ACK_ENTRY.pack(hdr[6], size) for hdr, _ in frames)
+        socks[1].sendall(pack_header(tcpmod.OP_WRITE_ACKS, length=len(acks)) + acks)
+        assert [f.result(5) for f in futs] == [size] * n
+    finally:
+        for x in socks:
+            x.close()
+        srv.close()
 
 
 @pytest.mark.parametrize("size, count, sndbuf", [(60 * 1024 + 13, 400, 4096), (700 * 1024 + 13, 60, 64 * 1024)])
@@ -579,6 +699,26 @@ def test_batches_stay_in_order_when_the_socket_is_full(size, per, sndbuf):
     finally:
         a.close()
         b.close()
+
+
+def test_bad_remote_offset_or_tag_raises_and_records_nothing(server):
+    """A remote offset or notify tag that is not an integer is refused before anything is recorded or sent
+    (numpy integers are fine); the connection keeps working."""
+    c = _connect_client(server)
+    try:
+        with pytest.raises(RegionError, match="remote offset must be an int"):
+            c.write(server.name, "src", 0, "dst", 1.5, 10)
+        with pytest.raises(TypeError, match="notify tag must be an int"):
+            c.write(server.name, "src", 0, "dst", 0, 10, notify="layer 3")
+        with pytest.raises(TypeError, match="notify tag must be an int"):
+            c.write_many(server.name, [("src", 0, 10, "dst", 0)], notify=2.5)
+        with pytest.raises(RegionError, match="remote offset must be an int"):
+            c.read(server.name, "src", 0, "dst", 2.5, 10)
+        assert not c._live_peer(server.name).pending
+        assert c.write(server.name, "src", 0, "dst", np.int64(100), 10, notify=np.int32(7)).result(5) == 10
+        assert server.wait_notification(tag=7, timeout=5).offset == 100
+    finally:
+        c.close()
 
 
 def test_concurrent_posters_keep_frames_whole():

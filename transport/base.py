@@ -93,10 +93,10 @@ class MemoryRegion:
     region_id: int  # small integer used on the wire instead of the name
     view: memoryview  # format "B", 1-D, writable
     obj: Any  # the caller's buffer object, kept alive while registered
+    size: int = dataclasses.field(init=False)  # bytes (a plain attribute: read on every transfer)
 
-    @property
-    def size(self) -> int:
-        return self.view.nbytes
+    def __post_init__(self) -> None:
+        self.size = self.view.nbytes
 
     def check(self, offset: int, length: int, what: str) -> None:
         """Raise `RegionError` unless [offset, offset+length) lies inside the region."""
@@ -474,24 +474,28 @@ class Transport(abc.ABC):
 _FINISHED = concurrent.futures._base.FINISHED
 _DONE = frozenset((concurrent.futures._base.CANCELLED, concurrent.futures._base.CANCELLED_AND_NOTIFIED, _FINISHED))
 _MAKE_CONDITION = threading.Lock()
+_allocate_lock = threading.Lock
 
 
 class TransferFuture(Future):
-    """A `concurrent.futures.Future` that is cheap when nobody waits on it before it completes (a transfer
-    acknowledged in a batch): its Condition is made on first use (a blocking `result`, a callback,
-    `concurrent.futures.wait`), so making one, completing it and reading a completed result skip the
-    Condition. Everything else is `Future`'s own code.
+    """A `concurrent.futures.Future` that is cheap to make, complete and wait on (a transfer acknowledged in a
+    batch): making one runs no Python code (its state starts as class attributes); completing one that nobody
+    waits on, and reading a completed result, touch no Condition; a blocking `result` waits on a plain lock of
+    its own (released by the completion) instead of making the Future's Condition. The Condition and the
+    waiter and callback lists are made on first use by `Future`'s own code (a callback,
+    `concurrent.futures.wait`, `as_completed`, `exception`), which then works as usual.
 
-    Correctness: the Condition is made under a module lock, and a completion without a Condition happens under
-    that lock too, so a waiter/callback either sees the finished state or is notified by the normal path.
+    Correctness: the Condition is made, and the light waiters (`result`) are registered, under a module lock;
+    a completion without a Condition happens under that lock too, and every completion (quiet or not) releases
+    the light waiters it finds there after setting the state. So a waiter either sees the finished state or is
+    released, and a callback registered concurrently is either run or sees the finished state. The lists are
+    only touched with the Condition held (by `Future`'s code), so making them lazily does not race.
     """
 
-    def __init__(self) -> None:  # Future.__init__ would make the Condition at once
-        self._state = concurrent.futures._base.PENDING
-        self._result = None
-        self._exception = None
-        self._waiters = []
-        self._done_callbacks = []
+    __init__ = object.__init__  # Future.__init__ would make the Condition and the lists at once
+    _state = concurrent.futures._base.PENDING
+    _result = None
+    _exception = None
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]
@@ -503,8 +507,17 @@ class TransferFuture(Future):
                     c = self.__dict__["_cond"] = threading.Condition()
         return c
 
+    @property
+    def _waiters(self) -> list:  # type: ignore[override]
+        return self.__dict__.setdefault("_waiter_list", [])
+
+    @property
+    def _done_callbacks(self) -> list:  # type: ignore[override]
+        return self.__dict__.setdefault("_callback_list", [])
+
     def _finish_quietly(self, result: Any, error: BaseException | None) -> bool:
-        """Complete without a Condition if none exists (so nobody waits and no callback is registered)."""
+        """Complete without a Condition if none exists (so no callback is registered and no `Future`-style
+        waiter); releases the light waiters of `result`."""
         if "_cond" in self.__dict__:
             return False
         with _MAKE_CONDITION:
@@ -514,15 +527,51 @@ class TransferFuture(Future):
                 raise InvalidStateError(f"{self._state}: {self!r}")
             self._result, self._exception = result, error
             self._state = _FINISHED
+            light = self.__dict__.pop("_light", None)
+        if light:
+            for lock in light:
+                lock.release()
         return True
+
+    def _release_light(self) -> None:
+        """Release the light waiters (after a completion through `Future`'s own code)."""
+        with _MAKE_CONDITION:
+            light = self.__dict__.pop("_light", None)
+        if light:
+            for lock in light:
+                lock.release()
+
+    def _wait_light(self, timeout: float | None) -> bool:
+        """Block until done (True) or `timeout` s passed (False) on a lock of this waiter's own."""
+        with _MAKE_CONDITION:
+            if self._state in _DONE:
+                return True
+            lock = _allocate_lock()
+            lock.acquire()
+            self.__dict__.setdefault("_light", []).append(lock)
+        if lock.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            return True
+        with _MAKE_CONDITION:  # timed out: deregister unless a completion took the lock list meanwhile
+            light = self.__dict__.get("_light")
+            if light is not None and lock in light:
+                light.remove(lock)
+        return self._state in _DONE
 
     def set_result(self, result: Any) -> None:
         if not self._finish_quietly(result, None):
             super().set_result(result)
+            self._release_light()
 
     def set_exception(self, exception: BaseException | None) -> None:
         if not self._finish_quietly(None, exception):
             super().set_exception(exception)
+            self._release_light()
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled:
+            self._release_light()
+        return cancelled
 
     def done(self) -> bool:
         return self._state in _DONE
@@ -530,12 +579,38 @@ class TransferFuture(Future):
     def result(self, timeout: float | None = None) -> Any:
         if self._state == _FINISHED and self._exception is None:
             return self._result
+        if self._state not in _DONE and "_cond" not in self.__dict__:
+            if not self._wait_light(timeout):
+                raise concurrent.futures.TimeoutError()
+            if self._state == _FINISHED and self._exception is None:
+                return self._result
+            timeout = 0  # done: Future's code raises the exception or CancelledError
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state == _FINISHED:
             return self._exception
         return super().exception(timeout)
+
+
+def complete_quietly(futs: Sequence[TransferFuture], results: Sequence[Any]) -> None:
+    """Complete a batch of pending `TransferFuture`s (an acknowledgement batch): those without a Condition under
+    one lock acquisition, the others (and any already done, which raise nothing here) one by one."""
+    loud, light = [], []
+    with _MAKE_CONDITION:
+        for f, r in zip(futs, results, strict=True):
+            d = f.__dict__
+            if "_cond" in d or f._state in _DONE:
+                loud.append((f, r))
+            else:
+                f._result, f._state = r, _FINISHED
+                if "_light" in d:
+                    light.extend(d.pop("_light"))
+    for lock in light:
+        lock.release()
+    for f, r in loud:
+        with contextlib.suppress(InvalidStateError):
+            f.set_result(r)
 
 
 def check_write_entries(entries: Any, notify: int | None) -> Sequence[Any]:

@@ -2,9 +2,10 @@
 
 One *connection set* per peer pair: one TCP connection per priority class ("high" for model traffic, "low"
 for KV), so a 64 MB KV write never sits in front of a small high-priority message. Each connection has a
-reader thread (receives frames; payloads go with `recv_into` straight into the registered region at the
-frame's offset) and a sender thread (sends queued frames; payloads with `sendall` on memoryviews of the
-region, no copies), so any number of transfers can be in flight and a reader never blocks on a send.
+reader thread (receives frames; large payloads go with `recvmsg_into` straight into the registered region at
+the frame's offset, the next frame's header in the same call when it is already there) and a sender thread
+(sends queued frames; payloads with `sendmsg` on memoryviews of the region, the header with the first chunk, no
+copies), so any number of transfers can be in flight and a reader never blocks on a send.
 
 Small transfers are kept cheap: a small frame is sent by the thread that queues it when the connection is
 idle (non-blocking; the sender thread takes over what the socket does not accept at once, keeping frame
@@ -17,15 +18,23 @@ the region.
 `write_many` (a chain of work requests with one signaled completion) is one request: its frames go back to back
 on the class's connection (one vectored send when the batch is small and the connection idle), every frame but
 the last flagged FLAG_CHAIN; the receiver acknowledges the batch once, with its total length, after the last
-frame landed (frames of a connection land in order). Transfers complete `TransferFuture`s (no Condition unless
-someone waits before completion).
+frame landed (frames of a connection land in order). Transfers complete `TransferFuture`s (no Condition unless a
+callback or `concurrent.futures.wait` needs one; a blocking `result` waits on a plain lock), and a write is
+checked, recorded and framed with little Python (its pending record is its future).
 
 Frame = fixed 48-byte header + payload:
 
     magic "DPKV" | version u8 | op u8 | flags u8 | pad | region id u32 | offset u64 | length u64
     | tag i64 | request id u64 | crc32 of the preceding 44 header bytes u32
 
-Protocol version 3 (2 added batched acknowledgements, 3 write batches); peers of another version are refused.
+Acknowledgements of a pipelined stream are coalesced further by the sender: a write frame that the sender thread
+sends while more frames are queued behind it on the connection carries FLAG_MORE (at most half of the peer's
+pending requests in a row, and never on a paced endpoint), and the receiver then holds the acknowledgements back
+through that frame and until the next one lands instead of sending them when its socket drains (the next frame is
+already on its way). A lone write, or the last of a burst, is acknowledged as soon as the socket drains.
+
+Protocol version 4 (2 added batched acknowledgements, 3 write batches, 4 FLAG_MORE); peers of another version
+are refused.
 
 Everything a peer sends is validated (magic, version, header checksum, op, region id, bounds against the
 registered region's size, message size limits); a bad frame closes *that* connection set with a logged
@@ -51,6 +60,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import operator
 import os
 import socket
 import struct
@@ -75,12 +85,13 @@ from transport.base import (
     WriteEntry,
     check_priority,
     check_write_entries,
+    complete_quietly,
 )
 
 log = logging.getLogger(__name__)
 
 MAGIC = b"DPKV"
-VERSION = 3  # 2: batched write acknowledgements (OP_WRITE_ACKS); 3: write batches (FLAG_CHAIN)
+VERSION = 4  # 2: batched write acknowledgements (OP_WRITE_ACKS); 3: write batches (FLAG_CHAIN); 4: FLAG_MORE
 HEADER = struct.Struct("!4sBBBxIQQqQI")  # see the module docstring; 48 bytes
 assert HEADER.size == 48
 
@@ -105,6 +116,7 @@ OPS = {
 }
 FLAG_NOTIFY = 1
 FLAG_CHAIN = 2  # OP_WRITE of a write_many batch, not its last frame: acknowledged with the batch's last frame
+FLAG_MORE = 4  # OP_WRITE sent with more frames queued behind it: the receiver may hold acks until the next lands
 
 STREAMS = ("high", "low")  # connection index per priority class
 HANDSHAKE_MAX = 4096  # bytes of a handshake payload
@@ -129,28 +141,39 @@ class _CleanEOF(PeerLostError):
 
 
 _HEADER_BODY = struct.Struct(HEADER.format[:-1])  # the 44 bytes the checksum covers
+_BODY = _HEADER_BODY.size
 _CRC = struct.Struct("!I")
+_crc32 = zlib.crc32
+_unpack_from = HEADER.unpack_from
+_DONTWAIT = socket.MSG_DONTWAIT
+_DIRECT_CHUNK = 16 << 20  # a receive straight into a region asks for at most this much at once
 
 
 def pack_header(
     op: int, flags: int = 0, region: int = 0, offset: int = 0, length: int = 0, tag: int = 0, req: int = 0
 ) -> bytes:
     body = _HEADER_BODY.pack(MAGIC, VERSION, op, flags, region, offset, length, tag, req)
-    return body + _CRC.pack(zlib.crc32(body))
+    return body + _CRC.pack(_crc32(body))
 
 
-def unpack_header(data: bytes) -> tuple[int, int, int, int, int, int, int]:
-    """(op, flags, region, offset, length, tag, req); raises ProtocolError for a malformed header."""
-    magic, version, op, flags, region, offset, length, tag, req, crc = HEADER.unpack(data)
+def _check_header(fields: tuple, body: Any) -> None:
+    """Raise ProtocolError unless the unpacked header `fields` (with `body`, its first 44 bytes) is well formed."""
+    magic, version, op = fields[:3]
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic!r}")
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version} (speak {VERSION})")
-    if zlib.crc32(data[:-4]) != crc:
+    if _crc32(body) != fields[9]:
         raise ProtocolError("header checksum mismatch")
     if op not in OPS:
         raise ProtocolError(f"unknown op {op}")
-    return op, flags, region, offset, length, tag, req
+
+
+def unpack_header(data: bytes) -> tuple[int, int, int, int, int, int, int]:
+    """(op, flags, region, offset, length, tag, req); raises ProtocolError for a malformed header."""
+    fields = HEADER.unpack(data)
+    _check_header(fields, memoryview(data)[:_BODY])
+    return fields[2:9]
 
 
 def is_loopback(host: str) -> bool:
@@ -177,33 +200,74 @@ def _recv_exact_into(sock: socket.socket, view: memoryview, on_progress=None) ->
 
 class _BufferedReceiver:
     """Receives frames through a 256 KiB buffer, so a small frame (header + payload) costs one recv; large
-    payloads (>= 64 KiB still missing) go with recv_into straight to their destination.
+    payloads (>= 64 KiB still missing) go with recv_into straight to their destination. A header already in
+    the buffer is unpacked and checked in place (`header`).
 
-    While `idle` has work (held-back acknowledgements), every recv first tries not to block: only when the
-    socket is drained is `idle()` run (it sends the acknowledgements) before the blocking recv. So one ack
-    frame covers everything that arrived back to back, and none waits while this side sits idle.
+    While `held` (a bytearray of held-back acknowledgements) is not empty, every recv first tries not to block:
+    only when the socket is drained is `idle()` run (it sends the acknowledgements) before the blocking recv.
+    So one ack frame covers everything that arrived back to back, and none waits while this side sits idle
+    (except while `more` is set: the sender announced the next frame, so the recv just waits for it).
     """
 
     SIZE = 256 << 10
     DIRECT = 64 << 10
 
-    def __init__(self, sock: socket.socket, on_progress, idle=None, busy=None) -> None:
+    def __init__(self, sock: socket.socket, on_progress, idle=None, held: bytearray | None = None) -> None:
         self.sock, self.on_progress = sock, on_progress
-        self.idle, self.busy = idle, busy  # busy() -> bool: idle() has work
+        self.idle, self.held = idle, held if held is not None else bytearray()
+        self.more = 0  # the frame being received (or the last one) carried FLAG_MORE: its successor is coming
         self.buf = bytearray(self.SIZE)
         self.view = memoryview(self.buf)
+        self.next_header = self.view[: HEADER.size]  # where `_recv_with_header` puts the next frame's header
+        self.hdr = bytearray(HEADER.size)
+        self.hv = memoryview(self.hdr)
         self.start = self.end = 0
         # Set after a large payload: the next frame is likely large too, so refill the buffer only up to the
         # bytes asked for (its header) instead of pulling the next payload through the buffer (a second copy).
         self.exact = False
 
     def _recv(self, dst: memoryview, n: int) -> int:
-        if self.busy is not None and self.busy():
+        if self.held and not self.more:
             try:
-                return self.sock.recv_into(dst, n, socket.MSG_DONTWAIT)
+                return self.sock.recv_into(dst, n, _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 self.idle()
         return self.sock.recv_into(dst, n)
+
+    def _recv_with_header(self, dst: memoryview) -> int:
+        """recv into `dst` and, in the same call, the next frame's header into the (empty) buffer if it is
+        already there: a frame received straight into its region then costs one recvmsg, not two recvs. Returns
+        the bytes that went to `dst`."""
+        bufs = [dst, self.next_header]
+        if self.held and not self.more:
+            try:
+                got = self.sock.recvmsg_into(bufs, 0, _DONTWAIT)[0]
+            except (BlockingIOError, InterruptedError):
+                self.idle()
+                got = self.sock.recvmsg_into(bufs)[0]
+        else:
+            got = self.sock.recvmsg_into(bufs)[0]
+        n = dst.nbytes
+        if got > n:
+            self.start, self.end = 0, got - n
+            return n
+        return got
+
+    def header(self) -> tuple:
+        """The next frame's header fields (magic, version, op, flags, region, offset, length, tag, req, crc),
+        checked (ProtocolError); `_CleanEOF` if the peer closed at a frame boundary."""
+        s = self.start
+        if self.end - s >= HEADER.size:
+            self.start = s + HEADER.size
+            fields = _unpack_from(self.buf, s)
+            body = self.view[s : s + _BODY]
+        else:
+            self.read_into(self.hv, frame_start=True)
+            fields = _unpack_from(self.hdr)
+            body = self.hv[:_BODY]
+        if fields[0] != MAGIC or fields[1] != VERSION or _crc32(body) != fields[9] or fields[2] not in OPS:
+            _check_header(fields, body)
+        return fields
 
     def read_into(self, dst: memoryview, frame_start: bool = False) -> None:
         n = dst.nbytes
@@ -214,7 +278,10 @@ class _BufferedReceiver:
         pos = take
         while pos < n:
             if n - pos >= self.DIRECT:
-                got = self._recv(dst[pos:], min(n - pos, 16 << 20))
+                if n - pos <= _DIRECT_CHUNK:  # the rest of the payload, and the next header if it is there
+                    got = self._recv_with_header(dst[pos:])
+                else:
+                    got = self._recv(dst[pos:], _DIRECT_CHUNK)
                 if got == 0:
                     raise PeerLostError(f"connection closed by peer after {pos} of {n} bytes of a frame")
                 pos += got
@@ -233,6 +300,10 @@ class _BufferedReceiver:
             self.on_progress()
 
     def read(self, n: int) -> bytes:
+        s = self.start
+        if self.end - s >= n:  # all in the buffer already
+            self.start = s + n
+            return bytes(self.view[s : s + n])
         out = bytearray(n)
         self.read_into(memoryview(out))
         return bytes(out)
@@ -285,11 +356,27 @@ def _advance(views: list[memoryview], k: int) -> list[memoryview]:
     return rest
 
 
-class _Pending:
-    __slots__ = ("fut", "kind", "length", "peer", "view")
+def _as_int(value: Any, what: str, error: type[Exception] = RegionError) -> int:
+    """`value` as an int (anything with __index__, e.g. numpy integers); `error` naming `what` otherwise."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise error(f"{what} must be an int, got {value!r}") from None
 
-    def __init__(self, fut: Future, kind: str, length: int, view: memoryview | None = None):
-        self.fut, self.kind, self.length, self.view = fut, kind, length, view
+
+class _Request(TransferFuture):
+    """A pending request: the future its caller holds, with what the reply must match (kind, length) and, for a
+    read, where the reply's bytes go. Defaults are class attributes, so a write sets only its length."""
+
+    kind = "write"  # "write", "read" or "query"
+    length = 0
+    view: memoryview | None = None
+
+
+def _request(kind: str, length: int, view: memoryview | None = None) -> _Request:
+    r = _Request()
+    r.kind, r.length, r.view = kind, length, view
+    return r
 
 
 class _Conn:
@@ -312,6 +399,7 @@ class _Conn:
         self.busy = False
         self.stopped = False
         self.eof = False
+        self.more_run = 0  # write frames sent with FLAG_MORE in a row (sender thread only)
         self.reader = threading.Thread(
             target=self._read_loop, name=f"tcp-{owner.name}-{peer.name}-{stream}-rx", daemon=True
         )
@@ -340,17 +428,20 @@ class _Conn:
         self, header: bytes, payload: memoryview | None = None, fut: Future | None = None, priority: str | None = None
     ) -> None:
         """Queue a frame; `priority` names the pacer class of its payload (None = control frame, unpaced)."""
-        job = (header, payload, fut, priority)
         n = 0 if payload is None else payload.nbytes
         with self.lock:
-            inline = self._inline_free_locked(n, INLINE_MAX, paced=priority is not None)
-            if inline:
-                self.busy = True
-            else:
-                self.jobs.append(job)
+            if (
+                self.jobs
+                or self.busy
+                or self.stopped
+                or n > INLINE_MAX
+                or (n and priority is not None and self.owner.pacer is not None)
+            ):
+                self.jobs.append((header, payload, fut, priority))
                 self.cv.notify()
-        if inline:
-            self._send_inline([header] if n == 0 else [header, payload], HEADER.size + n, fut, payload)
+                return
+            self.busy = True  # the connection is idle: this thread sends the frame itself
+        self._send_inline([header] if n == 0 else [header, payload], HEADER.size + n, fut, payload)
 
     def _inline_free_locked(self, nbytes: int, limit: int, paced: bool) -> bool:
         """May the posting thread send `nbytes` of payload itself now (lock held)? Only when nothing is queued or
@@ -387,7 +478,7 @@ class _Conn:
         goes to the front of the queue for the sender thread. The caller set `busy`."""
         try:
             try:
-                k = self.sock.sendmsg(views if len(views) <= 1024 else views[:1024], [], socket.MSG_DONTWAIT)
+                k = self.sock.sendmsg(views if len(views) <= 1024 else views[:1024], (), _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 k = 0
         except BaseException as e:  # noqa: BLE001 - the connection set is dead
@@ -449,7 +540,7 @@ class _Conn:
             job = batch[0]
             try:
                 if len(batch) == 1 and not isinstance(job[0], list):
-                    self._send_frame(job[0], job[1], job[3])
+                    self._send_frame(self._flag_more(job[0]), job[1], job[3])
                 else:
                     self._send_small_batch(batch)
             except BaseException as e:  # noqa: BLE001 - the connection set is dead
@@ -474,6 +565,24 @@ class _Conn:
         for job in leftovers:
             if job[2] is not None and not job[2].done():
                 job[2].set_exception(PeerLostError(f"connection to {self.peer.name!r} closed"))
+
+    def _flag_more(self, header: bytes) -> bytes:
+        """`header` with FLAG_MORE set if it is a write frame and more frames are queued behind it (only this
+        thread takes jobs, so they will follow it), on an unpaced endpoint, and fewer than half of the peer's
+        pending requests went out flagged in a row (so a sender waiting for its oldest writes to complete is
+        acknowledged well before its window runs dry)."""
+        if (
+            not self.jobs
+            or header[5] != OP_WRITE
+            or self.owner.pacer is not None
+            or self.more_run >= len(self.peer.pending) // 2
+        ):
+            self.more_run = 0
+            return header
+        self.more_run += 1
+        body = bytearray(header[:_BODY])
+        body[6] |= FLAG_MORE
+        return bytes(body) + _CRC.pack(_crc32(body))
 
     def _send_small_batch(self, batch: list[tuple]) -> None:
         bufs: list = []
@@ -501,7 +610,6 @@ class _Conn:
             self._sendmsg_all([header] if n == 0 else [header, payload])
             peer.touch()
             return
-        sock.sendall(header)
         pos = 0
         steps = (
             self.owner._paced_chunks(n, priority, PACE_CHUNK)
@@ -509,15 +617,16 @@ class _Conn:
             else (min(SEND_CHUNK, n - o) for o in range(0, n, SEND_CHUNK))
         )
         for step in steps:
-            sock.sendall(payload[pos : pos + step])
+            if pos == 0:  # the header goes with the first chunk: one send, no segment of its own
+                self._sendmsg_all([header, payload[:step]])
+            else:
+                sock.sendall(payload[pos : pos + step])
             pos += step
             peer.touch()
 
     # ---- receiving ------------------------------------------------------------------------------------
     def _read_loop(self) -> None:
         owner, peer, sock = self.owner, self.peer, self.sock
-        hdr = bytearray(HEADER.size)
-        hv = memoryview(hdr)
         acks = bytearray()  # held-back acknowledgements: ACK_ENTRY records of writes that landed
         held = 0  # write frames landed since the last acknowledgement frame
 
@@ -527,17 +636,25 @@ class _Conn:
             acks.clear()
             held = 0
 
-        rx = _BufferedReceiver(sock, peer.touch, idle=send_acks, busy=lambda: bool(acks))
+        rx = _BufferedReceiver(sock, peer.touch, idle=send_acks, held=acks)
         ack_max = ACK_BATCH * ACK_ENTRY.size
+        pack_ack = ACK_ENTRY.pack
+        regions = owner._regions_by_id  # changed in place only (register/deregister)
         chain_req, chain_bytes = None, 0  # the write_many batch being received (FLAG_CHAIN frames so far)
         try:
             while True:
-                rx.read_into(hv, frame_start=True)
-                peer.touch()
-                op, flags, rid, offset, length, tag, req = unpack_header(bytes(hdr))
+                _, _, op, flags, rid, offset, length, tag, req, _ = rx.header()
+                rx.more = flags & FLAG_MORE if op == OP_WRITE else 0
                 if op == OP_WRITE:
-                    region = owner._region_for_frame(rid, offset, length, "WRITE")
-                    rx.read_into(region.view[offset : offset + length])
+                    region = regions.get(rid)  # atomic dict lookup: no lock per frame
+                    if region is None or offset + length > region.size:
+                        owner._region_for_frame(rid, offset, length, "WRITE")  # raises, naming what is wrong
+                    at = rx.start
+                    if rx.end - at >= length:  # the whole payload is in the receive buffer: one copy, no recv
+                        region.view[offset : offset + length] = rx.view[at : at + length]
+                        rx.start = at + length
+                    else:
+                        rx.read_into(region.view[offset : offset + length])
                     rx.exact = length >= rx.DIRECT
                     if flags & FLAG_NOTIFY:
                         owner.completions.put(Notification(peer.name, tag, region.name, offset, length))
@@ -556,7 +673,7 @@ class _Conn:
                         chain_req, chain_bytes = None, 0
                     # The ack goes out with the others once the socket drains, or once ACK_BATCH requests or
                     # ACK_FRAMES frames landed (so a sender with a bounded window of small writes keeps streaming).
-                    acks += ACK_ENTRY.pack(req, length)
+                    acks += pack_ack(req, length)
                     if len(acks) >= ack_max or held >= ACK_FRAMES:
                         send_acks()
                 elif op == OP_READ:
@@ -569,18 +686,17 @@ class _Conn:
                 elif op == OP_WRITE_ACKS:
                     if length % ACK_ENTRY.size or not 0 < length <= ack_max:
                         raise ProtocolError(f"write acknowledgement batch of {length} bytes")
-                    for p in peer.pop_acks(rx.read(length)):
-                        if not p.fut.done():
-                            p.fut.set_result(p.length)
+                    done = peer.pop_acks(rx.read(length))
+                    complete_quietly(done, [p.length for p in done])
                 elif op == OP_WRITE_ACK:
                     p = peer.pop(req, "write", length)
-                    if not p.fut.done():
-                        p.fut.set_result(p.length)
+                    if not p.done():
+                        p.set_result(p.length)
                 elif op == OP_READ_RESP:
                     p = peer.pop(req, "read", length)
                     rx.read_into(p.view)
-                    if not p.fut.done():
-                        p.fut.set_result(p.length)
+                    if not p.done():
+                        p.set_result(p.length)
                 elif op == OP_MSG:
                     if length > owner.max_message_bytes:
                         raise ProtocolError(f"message of {length} bytes exceeds the {owner.max_message_bytes} limit")
@@ -601,8 +717,8 @@ class _Conn:
                         self.enqueue(pack_header(OP_REGION_INFO, region=region.region_id, offset=region.size, req=req))
                 elif op == OP_REGION_INFO:
                     p = peer.pop(req, "query", 0)
-                    if not p.fut.done():
-                        p.fut.set_result(None if tag < 0 else (rid, offset))
+                    if not p.done():
+                        p.set_result(None if tag < 0 else (rid, offset))
                 else:
                     raise ProtocolError(f"op {op} is not valid after the handshake")
         except _CleanEOF:
@@ -633,7 +749,7 @@ class _Peer:
     def __init__(self, owner: TcpTransport, name: str):
         self.owner, self.name = owner, name
         self.conns: dict[str, _Conn] = {}
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, _Request] = {}
         self.remote_regions: dict[str, tuple[int, int]] = {}
         self.lock = threading.Lock()
         self.dead: BaseException | None = None
@@ -642,14 +758,16 @@ class _Peer:
     def touch(self) -> None:
         self.last_activity = time.monotonic()
 
-    def add(self, req: int, p: _Pending) -> None:
-        with self.lock:
-            if self.dead is not None:
-                raise self.dead
-            self.pending[req] = p
-            self.touch()
+    def add(self, req: int, p: _Request) -> None:
+        """Record a pending request. No lock: the store is atomic, and `_fail_peer` sets `dead` before it takes
+        the pending table, so a request stored after that is seen here, taken back, and the error raised."""
+        self.pending[req] = p
+        self.last_activity = time.monotonic()
+        if self.dead is not None:
+            self.pending.pop(req, None)
+            raise self.dead
 
-    def pop(self, req: int, kind: str, length: int) -> _Pending:
+    def pop(self, req: int, kind: str, length: int) -> _Request:
         with self.lock:
             p = self.pending.get(req)
             if p is None or p.kind != kind:
@@ -659,9 +777,9 @@ class _Peer:
             del self.pending[req]
             return p
 
-    def pop_acks(self, payload: bytes) -> list[_Pending]:
+    def pop_acks(self, payload: bytes) -> list[_Request]:
         """The pending writes acknowledged by an OP_WRITE_ACKS payload (all checked before any completes)."""
-        done: dict[int, _Pending] = {}
+        done: dict[int, _Request] = {}
         with self.lock:
             for req, length in ACK_ENTRY.iter_unpack(payload):
                 p = self.pending.pop(req, None)
@@ -946,9 +1064,9 @@ class TcpTransport(Transport):
             timer.daemon = True
             timer.start()
         for p in pending:
-            if not p.fut.done():
+            if not p.done():
                 with contextlib.suppress(InvalidStateError):  # raced with completion
-                    p.fut.set_exception(err)
+                    p.set_exception(err)
         if self.on_peer_lost is not None:
             try:
                 self.on_peer_lost(peer.name, err)
@@ -1002,8 +1120,8 @@ class TcpTransport(Transport):
         if len(data) > REGION_NAME_MAX:
             raise RegionError(f"region name longer than {REGION_NAME_MAX} bytes")
         req = next(self._req_ids)
-        fut: Future = Future()
-        p.add(req, _Pending(fut, "query", 0))
+        fut = _request("query", 0)
+        p.add(req, fut)
         p.conns["high"].enqueue(pack_header(OP_REGION_QUERY, length=len(data), req=req), memoryview(data))
         info = fut.result(timeout)
         if info is None:
@@ -1030,7 +1148,10 @@ class TcpTransport(Transport):
         priority: str = "low",
         notify: int | None = None,
     ) -> Future:
-        check_priority(priority)
+        # The hot path of every transfer: checks first (nothing is recorded or sent for a bad write), then one
+        # request record, one header, and the frame goes out from this thread when the connection is idle.
+        if priority not in STREAMS:
+            check_priority(priority)
         src = self._regions.get(local_region) or self.region(local_region)  # lock-free when registered
         if (
             type(local_offset) is not int
@@ -1039,20 +1160,29 @@ class TcpTransport(Transport):
             or not 0 <= local_offset <= src.size - length
         ):
             src.check(local_offset, length, f"write from {self.name}:{local_region}")
-        p = self._peer_for(peer)
+        p = self._live.get(peer)  # lock-free: a dict lookup is atomic
+        if p is None or p.dead is not None or self._closed:
+            p = self._get_peer(peer)
         rid, size = p.remote_regions.get(remote_region) or self._remote_region_of(p, remote_region)
+        if type(remote_offset) is not int:
+            remote_offset = _as_int(remote_offset, "remote offset")
         if remote_offset < 0 or remote_offset + length > size:
             raise RegionError(
                 f"write to {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
                 f"region of {size} bytes"
             )
+        if notify is None:
+            flags = tag = 0
+        else:
+            flags, tag = FLAG_NOTIFY, notify if type(notify) is int else _as_int(notify, "notify tag", TypeError)
         req = next(self._req_ids)
-        fut: Future = TransferFuture()
-        p.add(req, _Pending(fut, "write", length))
-        header = pack_header(
-            OP_WRITE, 0 if notify is None else FLAG_NOTIFY, rid, remote_offset, length, notify or 0, req
+        body = _HEADER_BODY.pack(MAGIC, VERSION, OP_WRITE, flags, rid, remote_offset, length, tag, req)
+        fut = _Request()
+        fut.length = length
+        p.add(req, fut)
+        p.conns[priority].enqueue(
+            body + _CRC.pack(_crc32(body)), src.view[local_offset : local_offset + length], priority=priority
         )
-        p.conns[priority].enqueue(header, src.view[local_offset : local_offset + length], priority=priority)
         return fut
 
     def write_many(
@@ -1090,13 +1220,14 @@ class TcpTransport(Transport):
             items.append((src.view[lo : lo + n], rid, ro, n))
             nbytes += n
         req = next(self._req_ids)
-        fut = TransferFuture()
-        p.add(req, _Pending(fut, "write", nbytes))
         last = len(items) - 1
         frames = [(pack_header(OP_WRITE, FLAG_CHAIN, rid, ro, n, 0, req), view) for view, rid, ro, n in items[:last]]
         view, rid, ro, n = items[last]
         flags = 0 if notify is None else FLAG_NOTIFY
-        frames.append((pack_header(OP_WRITE, flags, rid, ro, n, notify or 0, req), view))
+        tag = 0 if notify is None else _as_int(notify, "notify tag", TypeError)
+        frames.append((pack_header(OP_WRITE, flags, rid, ro, n, tag, req), view))
+        fut = _request("write", nbytes)
+        p.add(req, fut)  # recorded once every frame is packed: a bad batch leaves nothing pending
         p.conns[priority].enqueue_batch(frames, nbytes, priority)
         return fut
 
@@ -1125,15 +1256,18 @@ class TcpTransport(Transport):
         dst.check(local_offset, length, f"read into {self.name}:{local_region}")
         p = self._get_peer(peer)
         rid, size = self._remote_region_of(p, remote_region)
+        if type(remote_offset) is not int:
+            remote_offset = _as_int(remote_offset, "remote offset")
         if remote_offset < 0 or remote_offset + length > size:
             raise RegionError(
                 f"read from {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
                 f"region of {size} bytes"
             )
         req = next(self._req_ids)
-        fut: Future = TransferFuture()
-        p.add(req, _Pending(fut, "read", length, dst.view[local_offset : local_offset + length]))
-        p.conns[priority].enqueue(pack_header(OP_READ, 0, rid, remote_offset, length, 0, req))
+        header = pack_header(OP_READ, 0, rid, remote_offset, length, 0, req)
+        fut = _request("read", length, dst.view[local_offset : local_offset + length])
+        p.add(req, fut)
+        p.conns[priority].enqueue(header)
         return fut
 
     def send(self, peer: str, payload: bytes) -> Future:
