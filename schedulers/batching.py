@@ -36,6 +36,25 @@ def largest_fitting_bsz(cost: Callable[[int], float], budget: float, upper: int)
     return lo
 
 
+def _largest_fitting_chunk(
+    attention_time: Callable[[int, int], float], cached: int, budget: float, upper: int, t_upper: float
+) -> int:
+    """`largest_fitting_bsz` of b -> attention_time(cached, b), given t_upper = attention_time(cached, upper):
+    the same search (same evaluations), without a closure per call."""
+    if upper <= 0 or attention_time(cached, 1) > budget:
+        return 0
+    if t_upper <= budget:
+        return upper
+    lo, hi = 1, upper
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if attention_time(cached, mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def _check_queue(queue: Sequence[PrefillWork]) -> None:
     for w in queue:
         if w.remaining_tokens < 0 or w.cached_tokens < 0:
@@ -111,32 +130,34 @@ class ComputeQuotaBatcher(IntraEnginePolicy):
     def form_batch(self, queue: Sequence[PrefillWork]) -> list[BatchItem]:
         _check_queue(queue)
         c = self.config
+        quota = c.quota_s
         used = 0.0
         tokens_left = c.token_budget if c.token_budget is not None else float("inf")
         out: list[BatchItem] = []
         attention_time = self.cost_model.attention_time
         for w in queue:
-            if w.remaining_tokens == 0:
+            remaining = w.remaining_tokens
+            if remaining == 0:
                 continue
-            upper = int(min(w.remaining_tokens, tokens_left))
+            upper = int(min(remaining, tokens_left))
             if upper <= 0:
                 break
-            t_full = attention_time(w.cached_tokens, upper)
-            if used + t_full <= c.quota_s:
+            cached = w.cached_tokens
+            t = attention_time(cached, upper)
+            if used + t <= quota:
                 take = upper
             else:
-                budget = c.quota_s - used
-                take = largest_fitting_bsz(
-                    lambda b, cached=w.cached_tokens: attention_time(cached, b), budget, upper
-                )
+                take = _largest_fitting_chunk(attention_time, cached, quota - used, upper, t)
                 if not out:
                     take = max(take, min(c.min_chunk_tokens, upper))
-            if take == 0:
-                break
-            out.append(BatchItem(w.request_id, w.cached_tokens, take))
-            used += attention_time(w.cached_tokens, take)
+                if take == 0:
+                    break
+                if take != upper:
+                    t = attention_time(cached, take)
+            out.append(BatchItem(w.request_id, cached, take))
+            used += t
             tokens_left -= take
-            if take < w.remaining_tokens:
+            if take < remaining:
                 break  # the overflowing request was chunked: the batch is full
         return out
 

@@ -92,17 +92,11 @@ class ModelShape:
         if self.layers <= 0 or self.hidden <= 0 or self.heads <= 0:
             raise ValueError(f"ModelShape {self.name!r}: layers, hidden and heads must be > 0")
         if self.n_routed_experts and not (0 < self.top_k <= self.n_routed_experts and self.moe_intermediate):
-            raise ValueError(
-                f"ModelShape {self.name!r}: MoE needs 0 < top_k <= n_routed_experts and moe_intermediate"
-            )
+            raise ValueError(f"ModelShape {self.name!r}: MoE needs 0 < top_k <= n_routed_experts and moe_intermediate")
         if self.index_kv_bytes_per_token_per_layer > self.kv_bytes_per_token_per_layer:
-            raise ValueError(
-                f"ModelShape {self.name!r}: indexer bytes exceed the KV bytes per token per layer"
-            )
+            raise ValueError(f"ModelShape {self.name!r}: indexer bytes exceed the KV bytes per token per layer")
         if self.first_k_dense > self.layers:
-            raise ValueError(
-                f"ModelShape {self.name!r}: first_k_dense {self.first_k_dense} > layers {self.layers}"
-            )
+            raise ValueError(f"ModelShape {self.name!r}: first_k_dense {self.first_k_dense} > layers {self.layers}")
 
     @property
     def is_mla(self) -> bool:
@@ -150,9 +144,7 @@ class ModelShape:
         if self.index_topk:
             # indexer: q from the q latent (or hidden), one shared key head, per-head weights
             q_in = self.q_lora_rank or h
-            p += (
-                q_in * self.index_heads * self.index_head_dim + h * self.index_head_dim + h * self.index_heads
-            )
+            p += q_in * self.index_heads * self.index_head_dim + h * self.index_head_dim + h * self.index_heads
         return p
 
     @property
@@ -180,9 +172,7 @@ class ModelShape:
     def total_params(self) -> int:
         mlp = (self.layers - self.moe_layers) * self.dense_mlp_params
         if self.is_moe:
-            per = (
-                self.n_routed_experts + self.n_shared
-            ) * self.expert_params + self.hidden * self.n_routed_experts
+            per = (self.n_routed_experts + self.n_shared) * self.expert_params + self.hidden * self.n_routed_experts
             mlp += self.moe_layers * per
         return self.layers * self.attention_params + mlp + self.embedding_params
 
@@ -342,7 +332,13 @@ class CostModel:
     `ep` is the expert-parallel degree of the engine's group (an engine then holds 1/ep of the routed
     experts; with DP attention its compute per token is unchanged); `tp` the tensor-parallel degree
     (divides both FLOPs and weight bytes per engine). Per PAPER.md one engine = one GPU.
+
+    The model, hardware, degrees and fits are fixed at construction (read-only attributes): the per-model
+    constants of the formulas are computed once there, and decode steps are memoized per (batch size,
+    context) and per batch size (bounded memos), so the simulator's per-event calls stay cheap.
     """
+
+    MEMO_MAX = 1 << 15  # entries a memo holds before it is cleared
 
     def __init__(
         self,
@@ -353,14 +349,44 @@ class CostModel:
         prefill_fit: FitCoefficients | None = None,
         decode_fit: FitCoefficients | None = None,
     ):
-        self.model = MODEL_SHAPES.get(model) if isinstance(model, str) else model
-        self.hw = HARDWARE.get(hw) if isinstance(hw, str) else hw
+        m = MODEL_SHAPES.get(model) if isinstance(model, str) else model
+        hw = HARDWARE.get(hw) if isinstance(hw, str) else hw
         if tp < 1 or ep < 1:
             raise ValueError(f"tp and ep must be >= 1, got tp={tp} ep={ep}")
-        self.tp = tp
-        self.ep = ep
-        self.prefill_fit = prefill_fit
-        self.decode_fit = decode_fit
+        self._model, self._hw, self._tp, self._ep = m, hw, tp, ep
+        self._prefill_fit, self._decode_fit = prefill_fit, decode_fit
+        # Constants of the formulas (same expressions as the ModelShape properties, evaluated once).
+        self._flops_per_token = 2.0 * m.active_params_per_token  # linear FLOPs of one token, before / tp
+        self._flops_per_request = 2.0 * m.lm_head_params  # LM head of one position
+        self._layers = m.layers
+        self._topk = m.index_topk
+        self._pair_flops = m.attention_flops_per_pair
+        self._index_pair_flops = m.indexer_flops_per_pair
+        self._kv_per_token = m.kv_bytes_per_token
+        self._sparse_kv = bool(m.index_topk and m.index_kv_bytes_per_token_per_layer)
+        self._index_kv = m.index_kv_bytes_per_token_per_layer
+        self._main_kv = m.kv_bytes_per_token_per_layer - m.index_kv_bytes_per_token_per_layer
+        routed = m.routed_expert_params
+        # the input embedding is a gather, not streamed (a tied one is streamed as the LM head)
+        dense = m.total_params - routed - (0 if m.tied_embeddings else m.vocab * m.hidden)
+        self._dense_weights = dense / tp
+        self._routed_weights = routed
+        self._ep_tp = ep * tp
+        self._is_moe = m.is_moe
+        self._expert_skip = 1.0 - m.top_k / m.n_routed_experts if m.is_moe else 1.0  # one token skips an expert
+        self._linear_rate = hw.linear_peak(m.weight_bytes) * hw.mfu  # FLOP/s of the GEMMs
+        self._attention_rate = hw.peak_flops * hw.attention_efficiency  # FLOP/s of prefill attention
+        self._hbm_rate = hw.hbm_bandwidth * hw.hbm_efficiency  # B/s of decode streaming
+        self._decode_by_batch: dict[int, tuple[float, float]] = {}  # batch size -> (linear FLOPs, weight B)
+        self._decode_memo: dict[tuple[int, int], float] = {}  # (batch size, context) -> step seconds
+
+    # read-only: the constants above are derived from these
+    model = property(lambda self: self._model, doc="The ModelShape.")
+    hw = property(lambda self: self._hw, doc="The HardwareProfile.")
+    tp = property(lambda self: self._tp, doc="Tensor-parallel degree.")
+    ep = property(lambda self: self._ep, doc="Expert-parallel degree of the engine's group.")
+    prefill_fit = property(lambda self: self._prefill_fit, doc="Fitted prefill coefficients, or None.")
+    decode_fit = property(lambda self: self._decode_fit, doc="Fitted decode coefficients, or None.")
 
     def __repr__(self) -> str:
         fit = " fitted" if self.prefill_fit or self.decode_fit else ""
@@ -369,7 +395,7 @@ class CostModel:
     # ---- bytes ----
     def kv_bytes(self, tokens: int) -> int:
         """Bytes of the KV cache of `tokens` tokens over all layers."""
-        return tokens * self.model.kv_bytes_per_token
+        return tokens * self._kv_per_token
 
     def weight_bytes_per_engine(self, batch_size: int | None = None) -> float:
         """Weights one engine streams from HBM per decode step: dense part + its share of routed experts.
@@ -379,32 +405,28 @@ class CostModel:
         each picking top_k of n_routed experts uniformly, so an expert is touched with probability
         1 - (1 - top_k/n_routed)^(batch_size * ep). None: every local expert is read.
         """
-        m = self.model
-        routed = m.routed_expert_params
-        # the input embedding is a gather, not streamed (a tied one is streamed as the LM head)
-        dense = m.total_params - routed - (0 if m.tied_embeddings else m.vocab * m.hidden)
         touched = 1.0
-        if batch_size is not None and m.is_moe:
-            touched = 1.0 - (1.0 - m.top_k / m.n_routed_experts) ** (max(batch_size, 0) * self.ep)
-        return (dense / self.tp + touched * routed / (self.ep * self.tp)) * m.weight_bytes
+        if batch_size is not None and self._is_moe:
+            touched = 1.0 - self._expert_skip ** (max(batch_size, 0) * self._ep)
+        return (self._dense_weights + touched * self._routed_weights / self._ep_tp) * self._model.weight_bytes
 
     # ---- FLOPs ----
     def linear_flops(self, tokens: int, requests: int = 1) -> float:
         """GEMM FLOPs of `tokens` tokens through the layers, plus the LM head for `requests` positions."""
-        m = self.model
-        return (2.0 * m.active_params_per_token * tokens + 2.0 * m.lm_head_params * requests) / self.tp
+        return (self._flops_per_token * tokens + self._flops_per_request * requests) / self._tp
 
     def attention_flops(self, cached: int, bsz: int) -> float:
         """Attention FLOPs (all layers) of a chunk of `bsz` tokens after `cached` (main + indexer)."""
-        m = self.model
         if bsz <= 0:
             return 0.0
-        if m.index_topk:
-            main = _sparse_pairs(cached, bsz, m.index_topk)
-            idx = attention_pairs(cached, bsz)
-        else:
-            main, idx = attention_pairs(cached, bsz), 0
-        return m.layers * (main * m.attention_flops_per_pair + idx * m.indexer_flops_per_pair) / self.tp
+        topk = self._topk
+        # attention_pairs and _sparse_pairs, inlined (integer arithmetic: exact)
+        pairs = bsz * cached + bsz * (bsz + 1) // 2
+        if topk:
+            n_dense = max(0, min(bsz, topk - cached))
+            main = n_dense * cached + n_dense * (n_dense + 1) // 2 + (bsz - n_dense) * topk
+            return self._layers * (main * self._pair_flops + pairs * self._index_pair_flops) / self._tp
+        return self._layers * (pairs * self._pair_flops) / self._tp
 
     def prefill_flops(self, cached: int, bsz: int) -> float:
         """All FLOPs of prefilling `bsz` tokens on top of `cached` tokens (one request chunk)."""
@@ -414,20 +436,20 @@ class CostModel:
 
     # ---- times ----
     def _linear_time(self, flops: float) -> float:
-        if self.prefill_fit:
-            return flops * self.prefill_fit.s_per_linear_flop
-        return flops / (self.hw.linear_peak(self.model.weight_bytes) * self.hw.mfu)
+        if self._prefill_fit:
+            return flops * self._prefill_fit.s_per_linear_flop
+        return flops / self._linear_rate
 
     def attention_time(self, cached: int, bsz: int) -> float:
         """Predicted attention time (s) of one chunk: what the compute quota of intra-engine batching bounds."""
         flops = self.attention_flops(cached, bsz)
-        if self.prefill_fit:
-            f = self.prefill_fit
-            return flops * f.s_per_attention_flop + self.kv_bytes(cached + bsz) * f.s_per_byte
-        return flops / (self.hw.peak_flops * self.hw.attention_efficiency)
+        f = self._prefill_fit
+        if f:
+            return flops * f.s_per_attention_flop + (cached + bsz) * self._kv_per_token * f.s_per_byte
+        return flops / self._attention_rate
 
     def _overhead(self, fit: FitCoefficients | None) -> float:
-        return fit.overhead_s if fit else self.hw.step_overhead_s
+        return fit.overhead_s if fit else self._hw.step_overhead_s
 
     def prefill_time(self, cached: int, bsz: int) -> float:
         """Seconds for one forward of one request chunk (bsz new tokens after cached) on one engine."""
@@ -438,41 +460,47 @@ class CostModel:
         items = [(c, b) for c, b in items if b > 0]
         if not items:
             return 0.0
-        tokens = sum(b for _, b in items)
+        attention_time = self.attention_time
+        if len(items) == 1:  # the common case in the simulator
+            tokens = items[0][1]
+            attn = 0.0 + attention_time(*items[0])  # what sum() of one float returns
+        else:
+            tokens = sum(b for _, b in items)
+            attn = sum([attention_time(c, b) for c, b in items])
         lin = self._linear_time(self.linear_flops(tokens, requests=len(items)))
-        attn = sum(self.attention_time(c, b) for c, b in items)
-        return self._overhead(self.prefill_fit) + lin + attn
+        return self._overhead(self._prefill_fit) + lin + attn
 
     def decode_kv_bytes(self, batch_size: int, total_context_tokens: int) -> float:
         """KV bytes one decode step reads from HBM: every token's KV, or with sparse attention (DSA) every
         token's indexer key plus the main KV of at most index_topk tokens per sequence (batch average)."""
-        m = self.model
-        if not (m.index_topk and m.index_kv_bytes_per_token_per_layer) or batch_size <= 0:
-            return self.kv_bytes(total_context_tokens) / self.tp
-        main = m.kv_bytes_per_token_per_layer - m.index_kv_bytes_per_token_per_layer
-        selected = batch_size * min(total_context_tokens / batch_size, m.index_topk)
-        return (
-            m.layers
-            * (total_context_tokens * m.index_kv_bytes_per_token_per_layer + selected * main)
-            / self.tp
-        )
+        if not self._sparse_kv or batch_size <= 0:
+            return total_context_tokens * self._kv_per_token / self._tp
+        selected = batch_size * min(total_context_tokens / batch_size, self._topk)
+        return self._layers * (total_context_tokens * self._index_kv + selected * self._main_kv) / self._tp
+
+    def _decode_batch_terms(self, batch_size: int) -> tuple[float, float]:
+        """(linear FLOPs, weight bytes) of a decode step of `batch_size` sequences (memoized for ints)."""
+        if type(batch_size) is not int:
+            return self.linear_flops(batch_size, requests=batch_size), self.weight_bytes_per_engine(batch_size)
+        terms = self._decode_by_batch.get(batch_size)
+        if terms is None:
+            if len(self._decode_by_batch) >= self.MEMO_MAX:
+                self._decode_by_batch.clear()
+            terms = self.linear_flops(batch_size, requests=batch_size), self.weight_bytes_per_engine(batch_size)
+            self._decode_by_batch[batch_size] = terms
+        return terms
 
     def decode_terms(self, batch_size: int, total_context_tokens: int) -> tuple[float, float, float]:
         """(linear FLOPs, attention FLOPs, HBM bytes) of one decode step: one new token per sequence."""
-        m = self.model
-        lin = self.linear_flops(batch_size, requests=batch_size)
-        if m.index_topk:
+        lin, weights = self._decode_batch_terms(batch_size)
+        if self._topk:
             # each sequence's one query attends to <= topk keys; the indexer scans all keys
-            main_pairs = batch_size * min(total_context_tokens / batch_size, m.index_topk)
-            attn = m.layers * (
-                main_pairs * m.attention_flops_per_pair + total_context_tokens * m.indexer_flops_per_pair
-            )
+            main_pairs = batch_size * min(total_context_tokens / batch_size, self._topk)
+            attn = self._layers * (main_pairs * self._pair_flops + total_context_tokens * self._index_pair_flops)
         else:
-            attn = m.layers * total_context_tokens * m.attention_flops_per_pair
-        nbytes = self.weight_bytes_per_engine(batch_size) + self.decode_kv_bytes(
-            batch_size, total_context_tokens
-        )
-        return lin, attn / self.tp, nbytes
+            attn = self._layers * total_context_tokens * self._pair_flops
+        nbytes = weights + self.decode_kv_bytes(batch_size, total_context_tokens)
+        return lin, attn / self._tp, nbytes
 
     def decode_step_time(self, batch_size: int, total_context_tokens: int) -> float:
         """Seconds of one decode step of `batch_size` sequences holding `total_context_tokens` KV tokens.
@@ -481,22 +509,26 @@ class CostModel:
         """
         if batch_size <= 0:
             return 0.0
-        m = self.model
+        key = None
+        if type(batch_size) is int and type(total_context_tokens) is int:
+            key = (batch_size, total_context_tokens)
+            t = self._decode_memo.get(key)
+            if t is not None:
+                return t
         lin, attn, nbytes = self.decode_terms(batch_size, total_context_tokens)
-        if self.decode_fit:
+        f = self._decode_fit
+        if f:
             # the fitted surrogate is additive (see `fit`): predict with the form that was fitted
-            f = self.decode_fit
-            return (
-                f.overhead_s
-                + lin * f.s_per_linear_flop
-                + attn * f.s_per_attention_flop
-                + nbytes * f.s_per_byte
-            )
-        compute = lin / (self.hw.linear_peak(m.weight_bytes) * self.hw.mfu) + attn / (
-            self.hw.peak_flops * self.hw.attention_efficiency
-        )
-        memory = nbytes / (self.hw.hbm_bandwidth * self.hw.hbm_efficiency)
-        return self.hw.step_overhead_s + max(compute, memory)
+            t = f.overhead_s + lin * f.s_per_linear_flop + attn * f.s_per_attention_flop + nbytes * f.s_per_byte
+        else:
+            compute = lin / self._linear_rate + attn / self._attention_rate
+            memory = nbytes / self._hbm_rate
+            t = self._hw.step_overhead_s + max(compute, memory)
+        if key is not None:
+            if len(self._decode_memo) >= self.MEMO_MAX:
+                self._decode_memo.clear()
+            self._decode_memo[key] = t
+        return t
 
     # ---- ratios ----
     def gb_per_pflop(self, context: int, append: int) -> float:
@@ -534,9 +566,7 @@ class CostModel:
             if isinstance(meas, PrefillMeasurement):
                 items = [(c, b) for c, b in meas.items if b > 0]
                 if not items or meas.seconds <= 0:
-                    raise ValueError(
-                        f"bad prefill measurement {meas}: needs items with bsz > 0 and seconds > 0"
-                    )
+                    raise ValueError(f"bad prefill measurement {meas}: needs items with bsz > 0 and seconds > 0")
                 tokens = sum(b for _, b in items)
                 pre_rows.append(
                     [
@@ -557,14 +587,10 @@ class CostModel:
         pre = dec = None
         if pre_rows:
             c = _nnls(np.array(pre_rows), np.array(pre_t))
-            pre = FitCoefficients(
-                overhead_s=c[0], s_per_linear_flop=c[1], s_per_attention_flop=c[2], s_per_byte=c[3]
-            )
+            pre = FitCoefficients(overhead_s=c[0], s_per_linear_flop=c[1], s_per_attention_flop=c[2], s_per_byte=c[3])
         if dec_rows:
             c = _nnls(np.array(dec_rows), np.array(dec_t))
-            dec = FitCoefficients(
-                overhead_s=c[0], s_per_linear_flop=c[1], s_per_attention_flop=c[2], s_per_byte=c[3]
-            )
+            dec = FitCoefficients(overhead_s=c[0], s_per_linear_flop=c[1], s_per_attention_flop=c[2], s_per_byte=c[3])
         return pre, dec
 
     @classmethod

@@ -100,10 +100,7 @@ def test_decode_step_time_is_max_of_compute_and_memory():
         hw.step_overhead_s
         + max(
             comp
-            + cm.model.layers
-            * 8192
-            * cm.model.attention_flops_per_pair
-            / (hw.peak_flops * hw.attention_efficiency),
+            + cm.model.layers * 8192 * cm.model.attention_flops_per_pair / (hw.peak_flops * hw.attention_efficiency),
             (cm.weight_bytes_per_engine() + cm.kv_bytes(8192)) / (hw.hbm_bandwidth * hw.hbm_efficiency),
         )
     )
@@ -124,9 +121,7 @@ def test_ep_shards_routed_experts_in_decode():
     one = CostModel("ds660b", "h800", ep=1)
     many = CostModel("ds660b", "h800", ep=32)
     routed = one.model.routed_expert_params * one.model.weight_bytes
-    assert one.weight_bytes_per_engine() - many.weight_bytes_per_engine() == pytest.approx(
-        routed * (1 - 1 / 32)
-    )
+    assert one.weight_bytes_per_engine() - many.weight_bytes_per_engine() == pytest.approx(routed * (1 - 1 / 32))
     with pytest.raises(ValueError):
         CostModel("ds660b", "h800", ep=0)
     # a batch of 1 on EP32 touches 1 - (1 - 8/256)^32 of the local experts; a large batch all of them
@@ -157,9 +152,7 @@ def test_fit_recovers_known_coefficients():
     rng = np.random.default_rng(0)
     meas = []
     for _ in range(40):
-        items = tuple(
-            (int(rng.integers(0, 20_000)), int(rng.integers(1, 800))) for _ in range(int(rng.integers(1, 4)))
-        )
+        items = tuple((int(rng.integers(0, 20_000)), int(rng.integers(1, 800))) for _ in range(int(rng.integers(1, 4))))
         tokens = sum(b for _, b in items)
         t = (
             true.overhead_s
@@ -169,9 +162,7 @@ def test_fit_recovers_known_coefficients():
         meas.append(PrefillMeasurement(items, t + 1e-4 * rng.standard_normal()))  # 0.1 ms timer noise
     for _ in range(20):
         b, ctx = int(rng.integers(1, 64)), int(rng.integers(1, 200_000))
-        meas.append(
-            DecodeMeasurement(b, ctx, 0.002 + 1e-10 * (cm.weight_bytes_per_engine() + cm.kv_bytes(ctx)))
-        )
+        meas.append(DecodeMeasurement(b, ctx, 0.002 + 1e-10 * (cm.weight_bytes_per_engine() + cm.kv_bytes(ctx))))
     pre, dec = cm.fit(meas)
     assert pre.s_per_linear_flop == pytest.approx(true.s_per_linear_flop, rel=0.05)
     assert pre.s_per_attention_flop == pytest.approx(true.s_per_attention_flop, rel=0.05)
@@ -203,11 +194,7 @@ def test_fit_is_nonnegative():
 def test_hardware_registry_and_validation():
     assert {"h800", "h100", "h200", "cpu"} <= set(HARDWARE.names())
     h = HARDWARE.get("h800")
-    assert (
-        h.snic_bandwidth == pytest.approx(50e9)
-        and h.cnic_bandwidth == pytest.approx(50e9)
-        and h.gpus_per_node == 8
-    )
+    assert h.snic_bandwidth == pytest.approx(50e9) and h.cnic_bandwidth == pytest.approx(50e9) and h.gpus_per_node == 8
     assert HARDWARE.get("h200").hbm_bytes > HARDWARE.get("h100").hbm_bytes
     with pytest.raises(ValueError, match="must be >= 0"):
         HardwareProfile("bad", -1, 1, 1, 1, 1, 1, 1, 1)
@@ -232,3 +219,146 @@ def test_model_shape_validation():
         )
     with pytest.raises(ValueError, match=">= 0"):
         ModelShape("bad", layers=2, hidden=8, heads=2, kv_heads=-1, head_dim=4, intermediate=16, vocab=10)
+
+
+class _ReferenceCost:
+    """The cost model's formulas as they were before the constants were precomputed and the decode steps
+    memoized, evaluated from the ModelShape properties on every call: the new code must match it bit for bit."""
+
+    def __init__(self, model, hw, tp=1, ep=1, prefill_fit=None, decode_fit=None):
+        self.model, self.hw, self.tp, self.ep = model, hw, tp, ep
+        self.prefill_fit, self.decode_fit = prefill_fit, decode_fit
+
+    def kv_bytes(self, tokens):
+        return tokens * self.model.kv_bytes_per_token
+
+    def weight_bytes_per_engine(self, batch_size=None):
+        m = self.model
+        routed = m.routed_expert_params
+        dense = m.total_params - routed - (0 if m.tied_embeddings else m.vocab * m.hidden)
+        touched = 1.0
+        if batch_size is not None and m.is_moe:
+            touched = 1.0 - (1.0 - m.top_k / m.n_routed_experts) ** (max(batch_size, 0) * self.ep)
+        return (dense / self.tp + touched * routed / (self.ep * self.tp)) * m.weight_bytes
+
+    def linear_flops(self, tokens, requests=1):
+        m = self.model
+        return (2.0 * m.active_params_per_token * tokens + 2.0 * m.lm_head_params * requests) / self.tp
+
+    def attention_flops(self, cached, bsz):
+        m = self.model
+        if bsz <= 0:
+            return 0.0
+        if m.index_topk:
+            main = _sparse_pairs(cached, bsz, m.index_topk)
+            idx = attention_pairs(cached, bsz)
+        else:
+            main, idx = attention_pairs(cached, bsz), 0
+        return m.layers * (main * m.attention_flops_per_pair + idx * m.indexer_flops_per_pair) / self.tp
+
+    def attention_time(self, cached, bsz):
+        flops = self.attention_flops(cached, bsz)
+        if self.prefill_fit:
+            f = self.prefill_fit
+            return flops * f.s_per_attention_flop + self.kv_bytes(cached + bsz) * f.s_per_byte
+        return flops / (self.hw.peak_flops * self.hw.attention_efficiency)
+
+    def batch_prefill_time(self, items):
+        items = [(c, b) for c, b in items if b > 0]
+        if not items:
+            return 0.0
+        tokens = sum(b for _, b in items)
+        flops = self.linear_flops(tokens, requests=len(items))
+        if self.prefill_fit:
+            lin = flops * self.prefill_fit.s_per_linear_flop
+        else:
+            lin = flops / (self.hw.linear_peak(self.model.weight_bytes) * self.hw.mfu)
+        attn = sum(self.attention_time(c, b) for c, b in items)
+        overhead = self.prefill_fit.overhead_s if self.prefill_fit else self.hw.step_overhead_s
+        return overhead + lin + attn
+
+    def decode_kv_bytes(self, batch_size, total_context_tokens):
+        m = self.model
+        if not (m.index_topk and m.index_kv_bytes_per_token_per_layer) or batch_size <= 0:
+            return self.kv_bytes(total_context_tokens) / self.tp
+        main = m.kv_bytes_per_token_per_layer - m.index_kv_bytes_per_token_per_layer
+        selected = batch_size * min(total_context_tokens / batch_size, m.index_topk)
+        return m.layers * (total_context_tokens * m.index_kv_bytes_per_token_per_layer + selected * main) / self.tp
+
+    def decode_terms(self, batch_size, total_context_tokens):
+        m = self.model
+        lin = self.linear_flops(batch_size, requests=batch_size)
+        if m.index_topk:
+            main_pairs = batch_size * min(total_context_tokens / batch_size, m.index_topk)
+            attn = m.layers * (
+                main_pairs * m.attention_flops_per_pair + total_context_tokens * m.indexer_flops_per_pair
+            )
+        else:
+            attn = m.layers * total_context_tokens * m.attention_flops_per_pair
+        nbytes = self.weight_bytes_per_engine(batch_size) + self.decode_kv_bytes(batch_size, total_context_tokens)
+        return lin, attn / self.tp, nbytes
+
+    def decode_step_time(self, batch_size, total_context_tokens):
+        if batch_size <= 0:
+            return 0.0
+        m = self.model
+        lin, attn, nbytes = self.decode_terms(batch_size, total_context_tokens)
+        if self.decode_fit:
+            f = self.decode_fit
+            return f.overhead_s + lin * f.s_per_linear_flop + attn * f.s_per_attention_flop + nbytes * f.s_per_byte
+        compute = lin / (self.hw.linear_peak(m.weight_bytes) * self.hw.mfu) + attn / (
+            self.hw.peak_flops * self.hw.attention_efficiency
+        )
+        memory = nbytes / (self.hw.hbm_bandwidth * self.hw.hbm_efficiency)
+        return self.hw.step_overhead_s + max(compute, memory)
+
+
+_FIT = FitCoefficients(overhead_s=0.003, s_per_linear_flop=1.3e-15, s_per_attention_flop=2.7e-15, s_per_byte=1.1e-12)
+
+
+@pytest.mark.parametrize("name", ["ds660b", "ds27b", "qwen2.5-32b"])
+@pytest.mark.parametrize("hw", ["h800", "cpu"])
+@pytest.mark.parametrize("tp,ep,fit", [(1, 1, None), (1, 16, None), (2, 32, _FIT), (3, 768, None), (1, 7, _FIT)])
+def test_times_bit_identical_to_reference_formulas(name, hw, tp, ep, fit):
+    """Precomputed constants and memos change no returned value: exact float equality on random inputs."""
+    cm = CostModel(name, hw, tp=tp, ep=ep, prefill_fit=fit, decode_fit=fit)
+    ref = _ReferenceCost(MODEL_SHAPES.get(name), HARDWARE.get(hw), tp, ep, fit, fit)
+    cm.MEMO_MAX = 64  # small memos: the clearing path runs too
+    rng = np.random.default_rng(hash((name, hw, tp, ep)) % 2**32)
+    for _ in range(150):
+        cached = int(rng.choice([0, 1, rng.integers(0, 3000), rng.integers(0, 200_000)]))
+        bsz = int(rng.choice([0, 1, 2, rng.integers(-2, 5000)]))
+        assert cm.attention_flops(cached, bsz) == ref.attention_flops(cached, bsz)
+        assert cm.attention_time(cached, bsz) == ref.attention_time(cached, bsz)
+        assert cm.prefill_time(cached, bsz) == ref.batch_prefill_time([(cached, bsz)])
+        assert cm.linear_flops(bsz, cached) == ref.linear_flops(bsz, cached)
+        items = [(int(rng.integers(0, 100_000)), int(rng.integers(-1, 3000))) for _ in range(rng.integers(0, 6))]
+        assert cm.batch_prefill_time(items) == ref.batch_prefill_time(items)
+        # decode: few batch sizes and repeated contexts, so the memos hit as in the simulator
+        n = int(rng.choice([0, 1, rng.integers(1, 10), rng.integers(1, 600)]))
+        ctx = int(rng.choice([0, 12_345, rng.integers(0, 10**6), rng.integers(0, 10**8)]))
+        want = ref.decode_step_time(n, ctx)
+        assert cm.decode_step_time(n, ctx) == want and cm.decode_step_time(n, ctx) == want
+        assert cm.decode_kv_bytes(n, ctx) == ref.decode_kv_bytes(n, ctx)
+        assert cm.weight_bytes_per_engine(n) == ref.weight_bytes_per_engine(n)
+        if n > 0:
+            assert cm.decode_terms(n, ctx) == ref.decode_terms(n, ctx)
+        # non-int inputs skip the memos and give the formulas' own values
+        assert cm.decode_step_time(n, ctx + 0.5) == ref.decode_step_time(n, ctx + 0.5)
+        assert cm.decode_step_time(np.int64(n), ctx) == ref.decode_step_time(np.int64(n), ctx)
+    assert cm.weight_bytes_per_engine() == ref.weight_bytes_per_engine()
+    assert cm.gb_per_pflop(16_000, 429) == (ref.kv_bytes(16_000) / 1e9) / (
+        (ref.linear_flops(429) + ref.attention_flops(16_000, 429)) / 1e15
+    )
+    assert len(cm._decode_memo) <= 64 and len(cm._decode_by_batch) <= 64
+
+
+def test_cost_model_parameters_are_read_only():
+    """The precomputed constants derive from model/hw/tp/ep/fits: changing one afterwards must fail loudly."""
+    cm = CostModel("ds27b", "h800", ep=8)
+    for attr, value in [("tp", 2), ("ep", 1), ("model", MODEL_SHAPES.get("ds660b")), ("hw", HARDWARE.get("cpu"))]:
+        with pytest.raises(AttributeError):
+            setattr(cm, attr, value)
+    with pytest.raises(AttributeError):
+        cm.decode_fit = _FIT
+    assert cm.ep == 8 and cm.model.name == "ds27b" and cm.hw.name == "h800" and cm.prefill_fit is None
