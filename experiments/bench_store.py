@@ -4,15 +4,14 @@
     python -m experiments.bench_store --total_mb=512 --repeats=5 --root=/mnt/3fs/bench --out=/tmp/store.json
 
 Measures, per layout, with a warm page cache (the store's own overhead, not the disk's speed):
-- Full Block reads, one thread: LocalDirStore.read with the defaults (xxh3; the reader checks each 1 MiB chunk
-  right after copying it), with a helper thread that checks chunk k while the reader copies chunk k+1
-  (verify_threads=1: used when measured faster, and on every read), read-all-then-check (read_chunk_bytes=0),
-  verify=False (header checks only), the old default (wsum64, read-all-then-check) and crc32, and with
+- Full Block reads, one thread: LocalDirStore.read with the defaults (xxh3, read_method="mmap": each 4 MiB chunk
+  hashed through a mapping of the file, then copied), with read_method="preadv" (each chunk preadv'ed, then
+  hashed), verify=False (header checks only), the old default (wsum64, read-all-then-check) and crc32, and with
   --compare_tree another source tree's store (e.g. the last commit's), all vs raw `open + os.preadv + close` of
-  the same payload bytes (goal >= 0.9x); also a sweep of read_chunk_bytes for the reader's own checks;
-- the same with the store's I/O pool (`read_many`, --threads) vs raw preadv from a pool of as many threads, and
-  of one more (as many as a store with a helper has);
-- Layer-Block reads (each layer of each block read on its own, the layerwise pattern) vs Full-Block reads;
+  the same payload bytes (goal >= 0.9x); also a sweep of read_chunk_bytes of the mmap reads;
+- the same with the store's I/O pool (`read_many`, --threads) vs raw preadv from a pool of as many threads;
+- Layer-Block reads (each layer of each block read on its own, the layerwise pattern) vs Full-Block reads, with
+  both read methods and with every verified read mapped (mmap_min_bytes=0), which sets where mapping starts;
 - writes (atomic: temp file + rename, not durable) vs raw `open + writev + close` of the same bytes;
 - the checksum algorithms alone.
 The "1 thread" rows read each block by every variant back to back into one reused buffer (paired in time, but
@@ -242,70 +241,60 @@ def bench_layout(
     buf = np.empty(fb, np.uint8)
     for k in keys:  # warm the page cache and check the data
         assert store.read(k, buf) and (buf == src).all() and crc_store.read(k, buf) and wsum_store.read(k, buf)
-    # Other views of the default store's directory: every chunk checked by the reading thread (verify_threads=0),
-    # read-all-then-check, the chunk sizes of the sweep, and (compare_tree) the same store of another source tree.
-    # The sweep of read_chunk_bytes is of the reader's own checks (verify_threads=0); 0: read all, then check.
-    # With a helper thread (verify_threads=1): used when measured faster, and on every read (faster or not).
-    adaptive = LocalDirStore(store_dir, layout, verify_threads=1, io_threads=threads)
-    forced = LocalDirStore(store_dir, layout, verify_threads=1, io_threads=threads)
-    forced.verifier.always_hand_over = True
-    whole = LocalDirStore(store_dir, layout, read_chunk_bytes=0)
-    chunk_sizes = [0, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20]
-    sweep = {c: LocalDirStore(store_dir, layout, read_chunk_bytes=c, verify_threads=0) for c in chunk_sizes}
+    # Other views of the default store's directory: read_method="preadv", the chunk sizes of the sweep (mmap), and
+    # (compare_tree) the same store of another source tree.
+    pre = LocalDirStore(store_dir, layout, read_method="preadv", io_threads=threads)
+    chunk_sizes = [0, 256 << 10, 1 << 20]  # (and the default's 4 MiB); 0: check all, then copy
+    # (every file kept open and mapped, like `kept` below, so that the sweep measures mapped reads)
+    sweep = {c: LocalDirStore(store_dir, layout, read_chunk_bytes=c, fd_cache=n_blocks + 1) for c in chunk_sizes}
     base = None
     if compare_tree:
         base = load_store_package(compare_tree).local_dir.LocalDirStore(store_dir, layout, io_threads=threads)
-    views = [adaptive, forced, whole, *sweep.values()] + ([base] if base else [])
+    # The default store keeps fd_cache (64) files open and mapped; with more blocks than that, a pass over all of
+    # them opens and maps each file anew. `kept` keeps every block's file open and mapped (re-reads of hot blocks).
+    kept = LocalDirStore(store_dir, layout, fd_cache=n_blocks + 1, io_threads=threads)
+    # `fresh` maps a file on its first read (mmap_after_reads=0) instead of the second.
+    fresh = LocalDirStore(store_dir, layout, mmap_after_reads=0, io_threads=threads)
+    views = [pre, kept, fresh, *sweep.values()] + ([base] if base else [])
+    kept_label = f"store, verify {algo}, mmap, every file kept open and mapped (fd_cache={n_blocks + 1})"
+    fresh_label = f"store, verify {algo}, mmap from the first read of an open file (mmap_after_reads=0)"
     base_label = f"{os.path.basename(os.path.normpath(compare_tree or ''))} tree (before), verify {algo} (its default)"
-    n_helpers = store.verifier.num_threads
-    default = f"{n_helpers} helper thread{'s' if n_helpers > 1 else ''}" if n_helpers else "the reader checks"
+    default = f"default: {store.read_method} from the 2nd read of an open file, {chunk_kib} KiB chunks"
+    pre_label = f"store, verify {algo}, read_method=preadv ({pre.read_chunk_bytes >> 10} KiB chunks: preadv, then hash)"
 
     def must(ok: bool) -> None:
         if not ok:
             raise RuntimeError("bench read missed")
 
-    def helper_use():
-        v = adaptive.verifier
-        return v.decisions, v.reads
-
-    def add(op, labels, t, nbytes, base_name, base_label_, use0=None):
+    def add(op, labels, t, nbytes, base_name, base_label_):
         for name, label in labels:
             if name in t:
-                extra = {}
-                if name == "adaptive" and use0 is not None:  # how often that store chose its helper
-                    (d0, r0), (d1, r1) = use0, helper_use()
-                    extra["helper_share"] = (r1 - r0) / max(1, d1 - d0)
                 rows.append(
                     _row(layout_name, op, label, nbytes, t[name], t[base_name], base_label_, cpu_s=t.cpu[name],
-                         baseline_cpu_s=t.cpu[base_name], **extra)
+                         baseline_cpu_s=t.cpu[base_name])
                 )  # fmt: skip
 
     # ---- Full Block reads, one thread -----------------------------------------------------------------
     variants = {
         "raw": lambda i: _raw_read(paths[i], buf, hdr),
         "verify": lambda i: must(store.read(keys[i], buf)),
-        "adaptive": lambda i: must(adaptive.read(keys[i], buf)),
-        "forced": lambda i: must(forced.read(keys[i], buf)),
-        "whole": lambda i: must(whole.read(keys[i], buf)),
+        "preadv": lambda i: must(pre.read(keys[i], buf)),
         "noverify": lambda i: must(store.read(keys[i], buf, verify=False)),
         "wsum64": lambda i: must(wsum_store.read(keys[i], buf)),
         "crc32": lambda i: must(crc_store.read(keys[i], buf)),
     }
     if base:
         variants["base"] = lambda i: must(base.read(keys[i], buf))
-    use0 = helper_use()
     r = _paired(variants, n_blocks, repeats)
     add(
         "full read 1 thread",
-        [("verify", f"store, verify {algo} (default: {default}, {chunk_kib} KiB chunks)"),
-         ("adaptive", f"store, verify {algo}, 1 helper thread when measured faster (verify_threads=1)"),
-         ("forced", f"store, verify {algo}, 1 helper thread on every read (always_hand_over)"),
-         ("whole", f"store, verify {algo}, read all then check (read_chunk_bytes=0)"),
+        [("verify", f"store, verify {algo} ({default})"),
+         ("preadv", pre_label),
          ("base", base_label),
-         ("noverify", "store, verify=False (header checks)"),
+         ("noverify", "store, verify=False (header checks, preadv)"),
          ("wsum64", "store, verify wsum64, read all then check (old default)"),
          ("crc32", "store, verify crc32")],
-        r, total, "raw", "raw preadv", use0,
+        r, total, "raw", "raw preadv",
     )  # fmt: skip
 
     # ---- Full Block reads, one thread, streaming: one destination buffer per block (like host-buffer slots), and
@@ -318,30 +307,30 @@ def bench_layout(
     streaming = {
         "raw": lambda i: _raw_read(paths[i], pool_bufs[i], hdr),
         "verify": lambda i: must(store.read(keys[i], pool_bufs[i])),
-        "adaptive": lambda i: must(adaptive.read(keys[i], pool_bufs[i])),
-        "forced": lambda i: must(forced.read(keys[i], pool_bufs[i])),
+        "preadv": lambda i: must(pre.read(keys[i], pool_bufs[i])),
+        "kept": lambda i: must(kept.read(keys[i], pool_bufs[i])),
+        "fresh": lambda i: must(fresh.read(keys[i], pool_bufs[i])),
         "noverify": lambda i: must(store.read(keys[i], pool_bufs[i], verify=False)),
         "wsum64": lambda i: must(wsum_store.read(keys[i], pool_bufs[i])),
     } | {c: lambda i, s=s: must(s.read(keys[i], pool_bufs[i])) for c, s in sweep.items()}
     if base:
         streaming["base"] = lambda i: must(base.read(keys[i], pool_bufs[i]))
-    use0 = helper_use()
     t_st = _paired_streaming(streaming, n_blocks, repeats)
-    sweep_labels = []
-    for c in chunk_sizes:
-        label = f"store, verify {algo}, " + (f"{c >> 10} KiB chunks" if c else "read all then check")
-        label += ", checked by the reader (verify_threads=0" + (", default chunks)" if c == chunk_kib << 10 else ")")
-        sweep_labels.append((c, label))
+    sweep_labels = [
+        (c, f"store, verify {algo}, mmap, kept, " + (f"{c >> 10} KiB chunks" if c else "check all, then copy"))
+        for c in chunk_sizes
+    ]
     add(
         "full read 1 thread, streaming",
-        [("verify", f"store, verify {algo} (default: {default}, {chunk_kib} KiB chunks)"),
-         ("adaptive", f"store, verify {algo}, 1 helper thread when measured faster (verify_threads=1)"),
-         ("forced", f"store, verify {algo}, 1 helper thread on every read (always_hand_over)"),
+        [("verify", f"store, verify {algo} ({default})"),
+         ("preadv", pre_label),
+         ("kept", kept_label),
+         ("fresh", fresh_label),
          *sweep_labels,
          ("base", base_label),
-         ("noverify", "store, verify=False (header checks)"),
+         ("noverify", "store, verify=False (header checks, preadv)"),
          ("wsum64", "store, verify wsum64, read all then check (old default)")],
-        t_st, total, "raw", "raw preadv", use0,
+        t_st, total, "raw", "raw preadv",
     )  # fmt: skip
 
     # ---- Full Block reads from the disk: each file's pages dropped from the page cache before its read -------
@@ -365,6 +354,7 @@ def bench_layout(
             {
                 "raw": cold(lambda i: _raw_read(paths[i], buf, hdr)),
                 "verify": cold(lambda i: must(store.read(keys[i], buf))),
+                "preadv": cold(lambda i: must(pre.read(keys[i], buf))),
                 "noverify": cold(lambda i: must(store.read(keys[i], buf, verify=False))),
             },
             n_cold,
@@ -372,16 +362,15 @@ def bench_layout(
         )
         add(
             "full read 1 thread, cold cache",
-            [("verify", f"store, verify {algo}"), ("noverify", "store, verify=False")],
+            [("verify", f"store, verify {algo} ({default})"), ("preadv", pre_label),
+             ("noverify", "store, verify=False")],
             c, n_cold * fb, "raw", "raw preadv, cold cache",
         )  # fmt: skip
 
     # ---- Full Block reads, thread pools: batches of 2 x `threads` blocks read in parallel, the variants interleaved
-    # batch by batch as in the streaming rows. The store's read_many uses its `threads` I/O threads (plus a helper
-    # where it has one); raw preadv runs on `threads` threads and on one more.
+    # batch by batch as in the streaming rows. The store's read_many uses its `threads` I/O threads; raw preadv
+    # runs on as many.
     raw_pools = {threads: ThreadPoolExecutor(threads)}
-    n_store_threads = threads + 1  # (the stores with a helper)
-    raw_pools.setdefault(n_store_threads, ThreadPoolExecutor(n_store_threads))
     batch = 2 * threads
     n_batches = max(1, n_blocks // batch)
     batches = [range(b * batch, min(n_blocks, (b + 1) * batch)) for b in range(n_batches)]
@@ -397,26 +386,27 @@ def bench_layout(
     noverify_store = LocalDirStore(store_dir, layout, verify=False, io_threads=threads)
     parallel = {f"raw{n}": raw_parallel(p) for n, p in raw_pools.items()} | {
         "verify": store_parallel(store),
-        "adaptive": store_parallel(adaptive),
-        "forced": store_parallel(forced),
+        "preadv": store_parallel(pre),
+        "kept": store_parallel(kept),
+        "fresh": store_parallel(fresh),
         "noverify": store_parallel(noverify_store),
         "wsum64": store_parallel(wsum_store),
     }
     if base:
         parallel["base"] = store_parallel(base)
-    use0 = helper_use()
     t_par = _paired_streaming(parallel, n_batches, repeats)
     par_bytes = sum(len(r) for r in batches) * fb
     for n in raw_pools:
         add(
             f"full read {threads} threads",
-            [("verify", f"store read_many, verify {algo} (default: {default})"),
-             ("adaptive", f"store read_many, verify {algo}, 1 helper thread when measured faster (verify_threads=1)"),
-             ("forced", f"store read_many, verify {algo}, 1 helper thread whenever free (always_hand_over)"),
+            [("verify", f"store read_many, verify {algo} ({default})"),
+             ("preadv", f"store read_many, verify {algo}, read_method=preadv"),
+             ("kept", "read_many, " + kept_label[7:]),
+             ("fresh", "read_many, " + fresh_label[7:]),
              ("base", "read_many, " + base_label),
              ("noverify", "store read_many, verify=False (header checks)"),
              ("wsum64", "store read_many, verify wsum64, read all then check (old default)")],
-            t_par, par_bytes, f"raw{n}", f"raw preadv x{n} threads", use0,
+            t_par, par_bytes, f"raw{n}", f"raw preadv x{n} threads",
         )  # fmt: skip
     for p in raw_pools.values():
         p.shutdown()
@@ -426,9 +416,12 @@ def bench_layout(
     lb_out = np.empty(lbn, np.uint8)
     n_lb = max(1, n_blocks // 4)  # fewer blocks: L reads each
 
-    def layers(i, verify):
+    mapped = LocalDirStore(store_dir, layout, mmap_min_bytes=0)  # every verified read mapped, however small
+    views.append(mapped)
+
+    def layers(i, verify, s=store):
         for layer in range(L):
-            must(store.read(keys[i], lb_out, layers=[layer], verify=verify))
+            must(s.read(keys[i], lb_out, layers=[layer], verify=verify))
 
     def raw_layers(i):
         for layer in range(L):
@@ -439,13 +432,18 @@ def bench_layout(
             "full": lambda i: must(store.read(keys[i], buf)),
             "verify": lambda i: layers(i, True),
             "noverify": lambda i: layers(i, False),
+            "preadv": lambda i: layers(i, True, pre),
+            "mapped": lambda i: layers(i, True, mapped),
             "raw": raw_layers,
         },
         n_lb,
         repeats,
     )
-    for name, label in (("verify", f"store, verify {algo}"), ("noverify", "store, verify=False"),
-                        ("raw", "raw preadv per Layer Block")):  # fmt: skip
+    below = f"{store.mmap_min_bytes >> 10} KiB"
+    for name, label in (("verify", f"store, verify {algo} ({default}: preadv below {below})"),
+                        ("preadv", f"store, verify {algo}, read_method=preadv"),
+                        ("mapped", f"store, verify {algo}, mmap also below {below} (mmap_min_bytes=0)"),
+                        ("noverify", "store, verify=False"), ("raw", "raw preadv per Layer Block")):  # fmt: skip
         rows.append(
             _row(layout_name, "layer-block reads 1 thread", label, n_lb * fb, lr[name], lr["full"],
                  f"store full-block reads, verify {algo}", reads_per_s=n_lb * L / lr[name])
@@ -510,7 +508,6 @@ def format_rows(rows: list[dict]) -> str:
             (r.get("baseline", ""), f"{r['baseline_gbps']:.2f}", f"{r['ratio']:.2f}x") if "ratio" in r else ("", "", "")
         )
         extra = f" ({r['reads_per_s']:.0f} reads/s)" if "reads_per_s" in r else ""
-        extra += f" [helper on {r['helper_share']:.0%} of reads]" if "helper_share" in r else ""
         cpu = ""
         if "cpu_s" in r:
             cpu = f"{r['cpu_s'] / r['bytes'] * 1e9:.3f} / {r['baseline_cpu_s'] / r['bytes'] * 1e9:.3f}"

@@ -4,7 +4,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 import zlib
 
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 from dualpath_jax.block_keys import block_keys, root_key
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import STORES, LocalDirStore, block_file, local_dir, make_store
-from dualpath_jax.store import verify as store_verify
 
 LAYOUT = BlockLayout(num_layers=4, block_tokens=16, bytes_per_token_per_layer=40, fingerprint="test-model/bf16")
 LBN = LAYOUT.layer_block_nbytes
@@ -30,9 +28,21 @@ def make_keys(n: int, seed: int = 0) -> list[bytes]:
     return block_keys(ids, LAYOUT.block_tokens, parent=root_key(LAYOUT.fingerprint))
 
 
+# Both read methods; with mmap every verified read is mapped, from the first read of a file on (by default only
+# reads of >= 256 KiB are, from the second read of an open file on).
+MMAP_ALL = {"read_method": "mmap", "mmap_min_bytes": 0, "mmap_after_reads": 0}
+READ_METHODS = {"mmap": MMAP_ALL, "preadv": {"read_method": "preadv"}}
+
+
+@pytest.fixture(params=sorted(READ_METHODS))
+def rm(request):
+    """Store options of one read method."""
+    return READ_METHODS[request.param]
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = LocalDirStore(tmp_path / "kv", LAYOUT)
+def store(tmp_path, rm):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, **rm)
     yield s
     s.close()
 
@@ -101,9 +111,9 @@ def test_lookup_counts_the_leading_stored_blocks(tmp_path, store):
     other.close()
 
 
-def test_lru_eviction_order(tmp_path):
+def test_lru_eviction_order(tmp_path, rm):
     fnb = block_file.file_nbytes(LAYOUT)
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=3 * fnb)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=3 * fnb, **rm)
     a, b, c, d, e = make_keys(5)
     for k in (a, b, c):
         s.write(k, content(k))
@@ -119,9 +129,9 @@ def test_lru_eviction_order(tmp_path):
     s.close()
 
 
-def test_pinned_blocks_are_not_evicted(tmp_path):
+def test_pinned_blocks_are_not_evicted(tmp_path, rm):
     fnb = block_file.file_nbytes(LAYOUT)
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=2 * fnb)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=2 * fnb, **rm)
     a, b, c, d = make_keys(4)
     s.write(a, content(a))
     s.write(b, content(b))
@@ -429,8 +439,8 @@ CHUNKS = [0, 1, LBN - 1, LBN, 2 * LBN + 7, 3 * LBN, 1 << 20]
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
-def test_chunked_reads_round_trip(tmp_path, chunk):
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=chunk)
+def test_chunked_reads_round_trip(tmp_path, chunk, rm):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=chunk, **rm)
     keys = make_keys(3)
     for k in keys:
         assert s.write(k, content(k))
@@ -452,10 +462,10 @@ def test_chunked_reads_round_trip(tmp_path, chunk):
 
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("algo", ["xxh3", "wsum64", "crc32"])
-def test_damage_in_any_single_layer_block_is_caught_by_chunked_reads(tmp_path, chunk, algo):
+def test_damage_in_any_single_layer_block_is_caught_by_chunked_reads(tmp_path, chunk, algo, rm):
     """Flip the first, a middle and the last byte of each Layer Block in turn: full reads and every layer read
     that includes the damaged layer miss (naming it); layer reads that exclude it return good KV."""
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, checksum=algo, read_chunk_bytes=chunk)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, checksum=algo, read_chunk_bytes=chunk, **rm)
     (k,) = make_keys(1)
     ref = content(k).reshape(LAYOUT.num_layers, LBN)
     misses = 0
@@ -478,8 +488,8 @@ def test_damage_in_any_single_layer_block_is_caught_by_chunked_reads(tmp_path, c
     s.close()
 
 
-def test_chunked_read_names_the_damaged_layer(tmp_path, caplog):
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN)
+def test_chunked_read_names_the_damaged_layer(tmp_path, caplog, rm):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, **rm)
     (k,) = make_keys(1)
     s.write(k, content(k))
     _flip(s.path_of(k), s.header_nbytes + 3 * LBN + 5)  # the last chunk
@@ -490,8 +500,8 @@ def test_chunked_read_names_the_damaged_layer(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("chunk", [LBN, 2 * LBN + 7, 0])
-def test_truncation_past_the_first_chunk_is_a_miss(tmp_path, caplog, chunk):
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=chunk)
+def test_truncation_past_the_first_chunk_is_a_miss(tmp_path, caplog, chunk, rm):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=chunk, **rm)
     keys = make_keys(2)
     for k in keys:
         s.write(k, content(k))
@@ -508,13 +518,13 @@ def test_truncation_past_the_first_chunk_is_a_miss(tmp_path, caplog, chunk):
 
 
 @pytest.mark.parametrize("old", ["wsum64", "crc32"])
-def test_blocks_of_older_algos_are_read_and_verified_by_the_default_store(tmp_path, old):
+def test_blocks_of_older_algos_are_read_and_verified_by_the_default_store(tmp_path, old, rm):
     keys = make_keys(3)
     w = LocalDirStore(tmp_path / "kv", LAYOUT, checksum=old)
     for k in keys:
         w.write(k, content(k))
     w.close()
-    r = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN)  # writes xxh3, reads what each header says
+    r = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, **rm)  # writes xxh3, reads what each header says
     assert r.checksum == "xxh3" and _algo_id(r.path_of(keys[0])) == block_file.CHECKSUM_ALGOS[old]
     out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
     assert r.read(keys[0], out)
@@ -590,6 +600,13 @@ def test_bad_constructor_arguments(tmp_path):
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="read_chunk_bytes must be an int >= 0"):
             LocalDirStore(tmp_path / "a", LAYOUT, read_chunk_bytes=bad)
+    with pytest.raises(ValueError, match="read_method must be one of"):
+        LocalDirStore(tmp_path / "a", LAYOUT, read_method="pread")
+    for bad in (-1, 0.5, None):
+        with pytest.raises(ValueError, match="mmap_min_bytes must be an int >= 0"):
+            LocalDirStore(tmp_path / "a", LAYOUT, mmap_min_bytes=bad)
+        with pytest.raises(ValueError, match="mmap_after_reads must be an int >= 0"):
+            LocalDirStore(tmp_path / "a", LAYOUT, mmap_after_reads=bad)
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):
         LocalDirStore(tmp_path / "file", LAYOUT)
@@ -671,21 +688,34 @@ def test_full_reads_of_open_blocks_recheck_a_changed_header(store, caplog):
     assert store.stats().read_corrupt == 2
 
 
-def test_fd_cache_is_bounded_and_closed(tmp_path):
+def _mapped_blocks(root) -> int:
+    """Block-file mappings of this process (lines of /proc/self/maps naming a file under `root`)."""
+    with open("/proc/self/maps") as f:
+        return sum(f"{root}/blocks/" in line for line in f)
+
+
+def test_fd_cache_is_bounded_and_closed(tmp_path, rm):
+    """At most fd_cache files stay open (and, with mmap, mapped); a removed or evicted entry and close() unmap
+    and close them; without the cache nothing stays open or mapped after a read."""
     keys = make_keys(6)
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, fd_cache=2)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, fd_cache=2, **rm)
+    mapped = rm["read_method"] == "mmap"
     for k in keys:
         s.write(k, content(k))
     out = np.zeros(LBN, np.uint8)
+    full = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
     for k in keys:
-        assert s.read(k, out, layers=[1])
+        assert s.read(k, out, layers=[1]) and s.read(k, full)
     assert list(s._fds) == keys[-2:]
+    assert _mapped_blocks(s.root) == (2 if mapped else 0)
     s.remove(keys[-1])
     assert list(s._fds) == keys[-2:-1]
+    assert _mapped_blocks(s.root) == (1 if mapped else 0)
     s.close()
-    assert not s._fds
-    nocache = LocalDirStore(tmp_path / "kv", LAYOUT, fd_cache=0)
-    assert nocache.read(keys[0], out, layers=[1]) and not nocache._fds
+    assert not s._fds and _mapped_blocks(s.root) == 0
+    nocache = LocalDirStore(tmp_path / "kv", LAYOUT, fd_cache=0, **rm)
+    assert nocache.read(keys[0], out, layers=[1]) and nocache.read(keys[0], full) and not nocache._fds
+    assert _mapped_blocks(s.root) == 0
     with pytest.raises(ValueError, match="fd_cache"):
         LocalDirStore(tmp_path / "kv", LAYOUT, fd_cache=-1)
 
@@ -721,13 +751,13 @@ def test_freshness_across_store_objects_on_one_directory(tmp_path):
         s.close()
 
 
-def test_random_operations_match_an_lru_model(tmp_path):
+def test_random_operations_match_an_lru_model(tmp_path, rm):
     """Writes, reads, lookups and removes in random order against a plain OrderedDict model of LRU."""
     import collections
 
     fnb = block_file.file_nbytes(LAYOUT)
     cap = 5
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=cap * fnb)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=cap * fnb, **rm)
     keys = make_keys(12)
     model: collections.OrderedDict[bytes, None] = collections.OrderedDict()
     rng = np.random.default_rng(7)
@@ -772,10 +802,15 @@ def test_store_benchmark_runs_small(tmp_path):
     ops = {r["op"] for r in rows}
     assert {"write", "full read 1 thread", "full read 2 threads", "layer-block reads 1 thread", "checksum"} <= ops
     assert all(r["gbps"] > 0 for r in rows)
-    assert "raw preadv" in format_rows(rows) and "raw preadv x3 threads" in format_rows(rows)
+    assert "raw preadv" in format_rows(rows) and "raw preadv x2 threads" in format_rows(rows)
+    # Both read methods in every read group (and every Layer-Block read mapped, to show the threshold).
+    reads = ["full read 1 thread", "full read 1 thread, streaming", "full read 2 threads", "layer-block reads 1 thread"]
+    for op in [*reads, "full read 1 thread, cold cache"][: 5 if "full read 1 thread, cold cache" in ops else 4]:
+        assert sum("read_method=preadv" in r["variant"] and r["op"] == op for r in rows) == 1, op
+        assert sum("default: mmap" in r["variant"] and r["op"] == op for r in rows) == 1, op
+    assert any("mmap_min_bytes=0" in r["variant"] for r in rows)
     # --compare_tree: the other tree's store (here this one, loaded under another name) runs beside this one
-    assert sum("tree (before)" in r["variant"] for r in rows) == 4  # 1 thread, streaming, 2 pool baselines
-    assert all(0 <= r["helper_share"] <= 1 for r in rows if "helper_share" in r)
+    assert sum("tree (before)" in r["variant"] for r in rows) == 3  # 1 thread, streaming, pool
     with pytest.raises(FileNotFoundError, match="no dualpath_jax/store"):
         run_store_bench(layouts=["deepseek_v3_fp8"], root=str(tmp_path), total_mb=8, compare_tree=str(tmp_path))
     with pytest.raises(ValueError, match="unknown layout"):
@@ -812,16 +847,12 @@ def test_read_many_with_one_layer_index(store):
         np.testing.assert_array_equal(o, content(k).reshape(4, LBN)[3])
 
 
-@pytest.mark.parametrize("pipeline", [False, True])
-def test_threads_reading_while_others_evict_and_rewrite(tmp_path, monkeypatch, pipeline):
-    """Concurrent reads (full and layer, through the open-file cache) while blocks are evicted, removed and
-    rewritten: every successful read returns the block's bytes, no read raises. `pipeline`: full reads hand
-    chunks to the helper thread too."""
-    if pipeline:
-        monkeypatch.setattr(local_dir, "PIPELINE_TAIL_BYTES", LBN)
-        monkeypatch.setattr(store_verify.ChunkVerifier, "always_hand_over", True)
+def test_threads_reading_while_others_evict_and_rewrite(tmp_path, rm):
+    """Concurrent reads (full and layer, through the open-file cache: with mmap, through mappings of files that
+    other threads unlink or replace meanwhile) while blocks are evicted, removed and rewritten: every successful
+    read returns the block's bytes, no read raises."""
     fnb = block_file.file_nbytes(LAYOUT)
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=6 * fnb, fd_cache=3, io_threads=3, verify_threads=1)
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=6 * fnb, fd_cache=3, io_threads=3, **rm)
     keys = make_keys(12)
     stop = threading.Event()
     errors, ok = [], [0]
@@ -867,17 +898,16 @@ def test_threads_reading_while_others_evict_and_rewrite(tmp_path, monkeypatch, p
     assert not errors, errors[:5]
     assert ok[0] > 0 and s.stats().evictions > 0 and s.stats().read_corrupt == 0
     assert len(s._fds) <= 3
-    assert (s.verifier.offloaded + s.verifier.taken_back > 0) == pipeline
     s.close()
 
 
-def test_corrupt_open_file_replaced_by_a_good_block_is_not_deleted(store):
+def test_corrupt_open_file_replaced_by_a_good_block_is_not_deleted(store, rm):
     (k,) = make_keys(1)
     store.write(k, content(k))
     out = np.zeros(LBN, np.uint8)
     assert store.read(k, out, layers=[0])  # the file is open (cached)
     _corrupt_payload(store, k)  # the open file goes bad...
-    other = LocalDirStore(store.root, LAYOUT)
+    other = LocalDirStore(store.root, LAYOUT, **rm)
     assert other.write(k, content(k), overwrite=True)  # ...and another writer replaces it with a good block
     assert not store.read(k, out, layers=[2])  # the bad bytes in the open file are still caught
     assert os.path.exists(store.path_of(k))  # but the new, good file is kept
@@ -903,300 +933,110 @@ def test_submit_write_in_the_background(store):
         store.submit_write(keys[0], blocks[0])
 
 
-# ---- helper threads (verify_threads): chunk k checked on another core while chunk k+1 is copied ---------------
-@pytest.fixture
-def pipelined(monkeypatch):
-    """Pipeline the tiny test blocks too (a Full Block read in chunks of 1, 2 and 1 Layer Blocks), on every read
-    (however the two ways measure on this machine)."""
-    monkeypatch.setattr(local_dir, "PIPELINE_TAIL_BYTES", LBN)
-    monkeypatch.setattr(store_verify.ChunkVerifier, "always_hand_over", True)
-
-
-def test_pipeline_plans():
-    assert local_dir._pipeline_plan(61, 41984) == [25, 24, 12]  # DeepSeek-V3 FP8: 2.4 MiB in 3 chunks
-    assert local_dir._pipeline_plan(64, 256 << 10) == [34, 16, 8, 4, 2]  # Qwen2.5-32B fp16: 16 MiB in 5
-    for layers in (1, 2, 3, 7, 61, 64, 200):
-        for lbn in (640, 41984, 256 << 10, 1 << 20):
-            plan = local_dir._pipeline_plan(layers, lbn)
-            tail = max(1, local_dir.PIPELINE_TAIL_BYTES // lbn)
-            assert sum(plan) == layers and min(plan) >= 1 and plan[-1] == min(layers, tail), (layers, lbn, plan)
-            assert all(a <= local_dir.PIPELINE_GROWTH * b + 1 for a, b in zip(plan[1:-1], plan[2:], strict=True)), plan
-
-
-def _run_until(cond, step, tries=2000):
-    """step() until cond() (a helper thread gets a core sooner or later, even on a loaded machine)."""
-    for _ in range(tries):
-        step()
-        if cond():
-            return
-    raise AssertionError(f"condition not met after {tries} tries")
-
-
-def test_pipelined_reads_hand_chunks_to_a_helper_and_round_trip(tmp_path, pipelined):
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, verify_threads=1)
-    assert s._offload_plan == [LBN, 2 * LBN, LBN] and s.verifier.num_threads == 1
-    keys = make_keys(3)
-    for k in keys:
-        assert s.write(k, content(k))
-    full = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
-    reads = [0]
-
-    def read_all():
-        for k in keys:
-            ref = content(k).reshape(LAYOUT.num_layers, LBN)
-            full[:] = 0
-            assert s.read(k, full)
-            np.testing.assert_array_equal(full, content(k))
-            for layers in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 2]):  # runs of several chunks: handed over as well
-                packed = np.zeros((len(layers), LBN), np.uint8)
-                assert s.read(k, packed, layers=layers)
-                np.testing.assert_array_equal(packed, ref[layers])
-            reads[0] += 4
-
-    _run_until(lambda: s.verifier.offloaded > 0, read_all)
-    assert any(t.name.startswith("kvstore-verify") for t in threading.enumerate())
-    st = s.stats()
-    assert st.read_hits == reads[0] and st.read_corrupt == 0
-    outs = [np.zeros(LAYOUT.full_block_nbytes, np.uint8) for _ in keys]
-    assert s.read_many(keys, outs) == [True] * 3  # the I/O pool's readers share the helper
-    for o, k in zip(outs, keys, strict=True):
-        np.testing.assert_array_equal(o, content(k))
-    s.close()
-    assert not any(t.name.startswith("kvstore-verify") for t in threading.enumerate())
-    assert s.read(keys[0], full) and (full == content(keys[0])).all()  # after close: the reader checks alone
-
-    def helper_of_a_dropped_store():  # a store used, then dropped without close()
-        dropped = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, verify_threads=1)
-        _run_until(lambda: dropped.verifier.offloaded > 0, lambda: dropped.read(keys[1], full))
-        return next(t for t in threading.enumerate() if t.name.startswith("kvstore-verify"))
-
-    helper = helper_of_a_dropped_store()
-    helper.join(10)
-    assert not helper.is_alive()  # its helper thread ends too
-
-
-@pytest.mark.parametrize("algo", ["xxh3", "crc32"])
-def test_damage_in_a_handed_over_chunk_is_a_miss(tmp_path, pipelined, algo):
-    """Damage in any Layer Block, whether a helper or the reader checked it: every read that includes it misses."""
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, checksum=algo, read_chunk_bytes=LBN, verify_threads=1)
-    (k,) = make_keys(1)
-    ref = content(k).reshape(LAYOUT.num_layers, LBN)
-    misses = 0
-    for layer in range(LAYOUT.num_layers):
-        for pos in (0, LBN - 1):
-            for layers in (None, [0, 1, 2, 3], [3, 2, 1, 0], [x for x in range(4) if x != layer]):
-                assert s.write(k, content(k), overwrite=True)
-                _flip(s.path_of(k), s.header_nbytes + layer * LBN + pos)
-                out = np.zeros((4 if layers is None else len(layers), LBN), np.uint8)
-                if layers is not None and layer not in layers:
-                    assert s.read(k, out, layers=layers)
-                    np.testing.assert_array_equal(out, ref[layers])
-                    continue
-                assert not s.read(k, out, layers=layers), (layer, pos, layers)
-                assert not os.path.exists(s.path_of(k))
-                misses += 1
-    assert s.stats().read_corrupt == misses == 4 * 2 * 3
-    assert s.verifier.offloaded + s.verifier.taken_back > 0
-    s.close()
-
-
-def _helper_measured_faster(v):
-    v.record(False, 2.0, 1)
-    v.record(True, 1.0, 1)
-
-
-def _begin(v):
-    """begin() past the one-in-PROBE_EVERY read that goes the slower way."""
-    return v.begin() or v.begin()
-
-
-def test_chunk_verifier_goes_the_way_measured_faster_and_probes_the_other():
-    v = store_verify.ChunkVerifier(1)
-    checks = store_verify.ReadChecks()
-    assert not v.begin()  # nothing measured yet: inline first,
-    v.record(False, 2.0, 1)
-    assert v.begin()  # then pipelined
-    v.wait(checks)
-    v.record(True, 1.0, 1)
-    n = 4 * store_verify.PROBE_EVERY
-    got = []
-    for _ in range(n):
-        got.append(v.begin())
-        if got[-1]:
-            v.wait(checks)
-    assert got.count(False) == 4  # pipelined measured faster: all but the probes
-    for _ in range(40):  # pipelined reads get slower (a busy machine): inline wins
-        v.record(True, 4.0, 1)
-    assert v._cost[1] > v._cost[0]
-    got = []
-    for _ in range(n):
-        got.append(v.begin())
-        if got[-1]:
-            v.wait(checks)
-    assert got.count(True) == 4
-    v._cost = [1.0, 0.97]  # pipelined only a little faster: not worth its extra CPU
-    got = []
-    for _ in range(store_verify.PROBE_EVERY - 1):
-        got.append(v.begin())
-        if got[-1]:
-            v.wait(checks)
-    assert got.count(True) <= 1  # (the probe)
-    c = v._cost[0]
-    v.record(False, 1000.0, 1)  # an outlier (say, a disk read) moves the average by a bounded step
-    assert v._cost[0] == pytest.approx(c + 3 * c * store_verify.EWMA_WEIGHT)
-    v.close()
-    assert not _begin(v)
-
-
-def test_chunk_verifier_checks_on_a_helper_and_names_bad_layers():
-    v = store_verify.ChunkVerifier(1)
-    _helper_measured_faster(v)
-    blocks = content(b"k").reshape(LAYOUT.num_layers, LBN)
-    sums = block_file.layer_checksums(blocks, "xxh3").tolist()
-    bad = blocks.copy()
-    bad[2, 7] ^= 1
-    checks = store_verify.ReadChecks()
-
-    def one_read():
-        assert _begin(v)
-        assert not _begin(v)  # one helper serves one read at a time
-        v.submit(checks, blocks[:2].reshape(-1), LBN, "xxh3", 0, sums[:2])
-        v.submit(checks, bad[2:].reshape(-1), LBN, "xxh3", 2, sums[2:])
-        time.sleep(0.002)  # (the reader's next copy)
-        v.wait(checks)
-        assert checks.pending == 0 and checks.bad == [2] and checks.error is None
-        checks.reset()
-
-    _run_until(lambda: v.offloaded >= 2, one_read)
-    v.close()
-    assert not _begin(v)
-
-
-def test_chunk_verifier_takes_back_queued_chunks():
-    v = store_verify.ChunkVerifier(1)
-    _helper_measured_faster(v)
-    big = np.zeros(256 << 20, np.uint8)  # (zero pages: ~20 ms of hashing, keeps the helper busy)
-    small = content(b"k")[: 2 * LBN]
-    sums = block_file.layer_checksums(small.reshape(2, LBN), "xxh3").tolist()
-    big_sum = block_file.layer_checksum_list(big, big.nbytes, "xxh3")
-    checks = store_verify.ReadChecks()
-
-    def one_read():
-        assert _begin(v)
-        v.submit(checks, big, big.nbytes, "xxh3", 0, big_sum)
-        v.submit(checks, small, LBN, "xxh3", 1, [sums[0], sums[1] ^ 1])  # layer 2's sum is wrong
-        v.wait(checks)  # right away: the small chunk is still queued behind the big one
-        assert checks.pending == 0 and checks.bad == [2] and checks.error is None
-        checks.reset()
-
-    _run_until(lambda: v.taken_back > 0, one_read, tries=50)
-    v.close()
-
-
-def test_chunk_verifier_failures_reach_the_reader_and_close_never_strands_a_chunk(tmp_path, pipelined):
-    v = store_verify.ChunkVerifier(1)
-    _helper_measured_faster(v)
-    checks = store_verify.ReadChecks()
-    assert _begin(v)
-    v.submit(checks, None, LBN, "xxh3", 0, [0])  # hashing fails on whichever thread checks it
-    v.wait(checks)
-    assert isinstance(checks.error, TypeError)
-    checks.reset()
-    v.close()
-    v.submit(checks, content(b"k")[:LBN], LBN, "xxh3", 0, [0])  # after close: taken back by the reader, not lost
-    v.wait(checks)
-    assert checks.bad == [0] and checks.pending == 0
-    with pytest.raises(ValueError, match="verify_threads must be an int >= 0"):
-        LocalDirStore(tmp_path / "kv", LAYOUT, verify_threads=-1)
-
-
-def test_pipelined_reads_in_a_forked_child_start_their_own_helper(tmp_path, pipelined):
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, verify_threads=1)
+# ---- read methods: mmap (hash in the page cache, then copy) and preadv ------------------------------------
+@pytest.mark.parametrize("size", ["empty", "header only", "mid layer 1", "last byte short", "one byte long"])
+def test_file_truncated_in_place_after_reads_is_a_miss_not_sigbus(store, size):
+    """A block file truncated (or extended) in place under an open, cached file: no read crashes (touching a
+    mapping past the end of its file would kill this process with SIGBUS) or returns wrong KV. Mapped reads check
+    the file's size first, so each is a miss; a preadv read misses when it reaches past the new end (or the
+    header, read with a Full Block, is gone) and otherwise returns bytes that passed their checksums."""
     keys = make_keys(2)
     for k in keys:
-        s.write(k, content(k))
-    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
-    _run_until(lambda: s.verifier.offloaded > 0, lambda: s.read(keys[0], out))  # the parent's helper runs
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: the parent's helper thread does not exist here
-        ok, before = False, s.verifier.offloaded
-        try:
-            for _ in range(2000):  # (past any backoff inherited from the parent)
-                good = s.read(keys[1], out) and bool((out == content(keys[1])).all())
-                if not good:
-                    break
-                if s.verifier._pid == os.getpid() and s.verifier.offloaded > before:
-                    ok = True  # its own helper started and checked chunks
-                    break
-        finally:
-            os.write(w, b"1" if ok else b"0")
-            os._exit(0)
-    os.close(w)
-    deadline = time.monotonic() + 60
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            break
-        time.sleep(0.01)
-    assert os.read(r, 1) == b"1"
-    os.close(r)
-    s.close()
+        store.write(k, content(k))
+    k = keys[0]
+    ref = content(k).reshape(LAYOUT.num_layers, LBN)
+    full = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    one = np.zeros(LBN, np.uint8)
+    hdr, fnb = store.header_nbytes, block_file.file_nbytes(LAYOUT)
+    new = {"empty": 0, "header only": hdr, "mid layer 1": hdr + LBN + 7, "last byte short": fnb - 1}.get(size)
+    misses = 0
+    for layers in (None, [3], [0], [0, 1, 2, 3], [1, 0]):
+        assert store.write(k, content(k), overwrite=True)  # a new file: open it, then break it
+        assert store.read(k, full) and store.read(k, one, layers=[3])  # open (cached), its header checked
+        if new is None:
+            with open(store.path_of(k), "ab") as f:
+                f.write(b"\0")
+        else:
+            os.truncate(store.path_of(k), new)
+        n = LAYOUT.num_layers if layers is None else len(layers)
+        out = np.zeros((n, LBN), np.uint8)
+        ok = store.read(k, out, layers=layers)
+        end = hdr + LBN * (1 + max(layers if layers else [LAYOUT.num_layers - 1]))
+        if store.read_method == "mmap" or (new is not None and end > new) or (layers is None and new is not None):
+            assert not ok, (size, layers)
+            misses += 1
+        if ok:
+            np.testing.assert_array_equal(out, ref[layers if layers else slice(None)])
+    assert store.stats().read_corrupt == misses  # (a preadv store reads a file one byte long right)
+    assert store.read(keys[1], full)  # the other block is untouched
+    np.testing.assert_array_equal(full, content(keys[1]))
 
 
-def test_reads_measure_both_ways_and_pick(tmp_path, monkeypatch):
-    monkeypatch.setattr(local_dir, "PIPELINE_TAIL_BYTES", LBN)  # (only the plan: the choice is measured)
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, verify_threads=1)
+def test_blocks_unlinked_or_replaced_under_an_open_file_read_right(store):
+    """A cached open file keeps serving its inode through new mappings after another store object removes or
+    replaces the block (eviction elsewhere), and a store without the file open misses or reads the new one."""
+    keys = make_keys(2)
+    for k in keys:
+        store.write(k, content(k))
+    full = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    assert store.read(keys[0], full) and store.read(keys[1], full)
+    other = LocalDirStore(store.root, LAYOUT)
+    assert other.remove(keys[0]) and not os.path.exists(store.path_of(keys[0]))
+    assert other.write(keys[1], content(keys[1]), overwrite=True)  # a new inode under the same name
+    for k in keys:
+        for layers in (None, [2], [3, 1], [0, 1, 2, 3]):
+            n = LAYOUT.num_layers if layers is None else len(layers)
+            out = np.zeros((n, LBN), np.uint8)
+            assert store.read(k, out, layers=layers), (k, layers)
+            np.testing.assert_array_equal(out, content(k).reshape(-1, LBN)[layers if layers else slice(None)])
+    assert not other.read(keys[0], full)  # not open there: the block is gone
+    other.close()
+
+
+def test_mmap_reads_only_ever_copy_checked_bytes(tmp_path):
+    """A read through the mapping fills `out` chunk by chunk, each chunk only after its check: damage in Layer
+    Block 2 leaves Layer Blocks 0-1 copied and 2-3 untouched (never the bad bytes)."""
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, **MMAP_ALL)
     (k,) = make_keys(1)
     s.write(k, content(k))
-    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
-    lb = np.zeros(LBN, np.uint8)
-    for _ in range(3 * store_verify.PROBE_EVERY):
-        assert s.read(k, out) and s.read(k, lb, layers=[1])  # (one Layer Block: never a candidate)
-        np.testing.assert_array_equal(out, content(k))
-    inline, pipelined = s.verifier._cost
-    assert inline > 0 and pipelined > 0  # both ways timed
-    assert 3 <= s.verifier.reads <= 3 * store_verify.PROBE_EVERY - 3  # the faster way, and probes of the other
+    _corrupt_payload(s, k)
+    out = np.full((LAYOUT.num_layers, LBN), 7, np.uint8)
+    assert not s.read(k, out)
+    np.testing.assert_array_equal(out[:2], content(k).reshape(-1, LBN)[:2])
+    assert (out[2:] == 7).all()
     s.close()
 
 
-def test_io_error_in_a_pipelined_read_leaves_no_stale_check_behind(tmp_path, pipelined, monkeypatch):
-    """An I/O error after a chunk was handed over (injected: EIO from the second preadv of a read): the read is
-    a counted miss that keeps the block, and what the helper found in that chunk does not leak into the next
-    read on this thread."""
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, verify_threads=1)
-    a, b = make_keys(2)
-    s.write(a, content(a))
-    s.write(b, content(b))
-    _flip(s.path_of(a), s.header_nbytes + 5)  # layer 0: the first chunk, the one handed to the helper
-    real_preadv, calls = os.preadv, [0]
-
-    def preadv_failing_second_call(fd, bufs, offset):
-        calls[0] += 1
-        if calls[0] == 2:
-            raise OSError(5, "Input/output error (injected)")
-        return real_preadv(fd, bufs, offset)
-
-    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
-    monkeypatch.setattr(os, "preadv", preadv_failing_second_call)
-    assert not s.read(a, out)
-    monkeypatch.setattr(os, "preadv", real_preadv)
-    assert s.stats().read_errors == 1 and os.path.exists(s.path_of(a))  # an I/O error is no proof of damage
-    assert s.read(b, out)  # (a stale mismatch from a's first chunk would fail this good block)
-    np.testing.assert_array_equal(out, content(b))
-    assert not s.read(a, out) and s.stats().read_corrupt == 1  # read again: the damage itself is caught
-    s.close()
-
-
-def test_default_store_checks_on_the_reader_and_starts_no_helper(tmp_path, monkeypatch):
-    monkeypatch.setattr(local_dir, "PIPELINE_TAIL_BYTES", LBN)  # a block that could be pipelined
-    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN)
-    assert s.verifier.num_threads == 0
+def test_default_store_maps_big_reads_and_preadvs_small_ones(tmp_path):
+    """The defaults: read_method="mmap" for verified reads of >= 256 KiB (a 1 MiB Full Block here), preadv for
+    Layer Blocks; both round-trip and catch a flipped byte in the first, a middle and the last Layer Block."""
+    big = BlockLayout(num_layers=8, block_tokens=64, bytes_per_token_per_layer=2048, fingerprint="test-model/big")
+    lbn = big.layer_block_nbytes
+    s = LocalDirStore(tmp_path / "kv", big)
+    assert s.read_method == "mmap" and s.mmap_min_bytes == local_dir.MMAP_MIN_BYTES == 256 << 10 > lbn
     (k,) = make_keys(1)
-    s.write(k, content(k))
-    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
-    for _ in range(20):
-        assert s.read(k, out)
-    assert s.verifier.decisions == s.verifier.reads == 0 and not s.verifier._threads
+    s.write(k, content(k, big))
+    full = np.zeros(big.full_block_nbytes, np.uint8)
+    one = np.zeros(lbn, np.uint8)
+    assert s.read(k, one, layers=[1]) and s.read(k, one, layers=[2]) and _mapped_blocks(s.root) == 0  # small: preadv
+    assert s.read(k, full) and _mapped_blocks(s.root) == 0  # the first big read of the open file: preadv
+    assert s.read(k, full) and _mapped_blocks(s.root) == 1  # the second: mapped, and the mapping kept
+    np.testing.assert_array_equal(full, content(k, big))
+    assert s.read(k, full, layers=range(8)) and _mapped_blocks(s.root) == 1
+    np.testing.assert_array_equal(full, content(k, big))
+    ref = content(k, big).reshape(big.num_layers, lbn)
+    misses = 0
+    for layer in (0, 3, 7):
+        for pos in (0, lbn // 2, lbn - 1):
+            assert s.write(k, content(k, big), overwrite=True)
+            assert s.read(k, full) and s.read(k, full) and s.read(k, one, layers=[layer])  # (now mapped)
+            np.testing.assert_array_equal(full, ref.reshape(-1))
+            np.testing.assert_array_equal(one, ref[layer])
+            _flip(s.path_of(k), s.header_nbytes + layer * lbn + pos)
+            assert not s.read(k, full)
+            assert s.write(k, content(k, big), overwrite=True)
+            _flip(s.path_of(k), s.header_nbytes + layer * lbn + pos)
+            assert not s.read(k, one, layers=[layer])
+            misses += 2
+    assert s.stats().read_corrupt == misses
     s.close()

@@ -1,4 +1,5 @@
-"""LocalDirStore across processes: a writer killed with SIGKILL mid-write, two processes on one directory.
+"""LocalDirStore across processes: a writer killed with SIGKILL mid-write, two processes on one directory, a fork
+after reads; with both read methods (mmap: every verified read mapped, however small, from the first on; preadv).
 
 The child processes run this file as a script (`python tests/test_kv_store_procs.py MODE ...`).
 """
@@ -11,6 +12,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -24,6 +26,10 @@ from dualpath_jax.store import LocalDirStore  # noqa: E402
 # Big blocks (4 MiB) so that a kill lands mid-write often.
 BIG = BlockLayout(num_layers=16, block_tokens=64, bytes_per_token_per_layer=4096, fingerprint="procs-test/big")
 SMALL = BlockLayout(num_layers=8, block_tokens=16, bytes_per_token_per_layer=256, fingerprint="procs-test/small")
+METHODS = {
+    "mmap": {"read_method": "mmap", "mmap_min_bytes": 0, "mmap_after_reads": 0},
+    "preadv": {"read_method": "preadv"},
+}
 
 
 def content(key: bytes, layout: BlockLayout) -> np.ndarray:
@@ -52,9 +58,9 @@ def _writer_main(root: str, owner: int) -> None:
         print(i, flush=True)
 
 
-def _mixed_main(root: str, me: int, other: int, n: int) -> None:
+def _mixed_main(root: str, me: int, other: int, n: int, method: str) -> None:
     """Write my blocks and shared ones while reading and checking the other process's blocks as they appear."""
-    store = LocalDirStore(root, SMALL, io_threads=2)
+    store = LocalDirStore(root, SMALL, io_threads=2, **METHODS[method])
     mine, theirs, shared = keys_of(me, n, SMALL), keys_of(other, n, SMALL), keys_of(7, n, SMALL)
     verified, bad = set(), 0
     out = np.zeros(SMALL.full_block_nbytes, np.uint8)
@@ -81,12 +87,13 @@ def _mixed_main(root: str, me: int, other: int, n: int) -> None:
     print(json.dumps({"verified": len(verified), "bad": bad, "corrupt": st.read_corrupt}), flush=True)
 
 
-def _churn_main(root: str, me: int, n: int, capacity_blocks: int) -> None:
+def _churn_main(root: str, me: int, n: int, capacity_blocks: int, method: str) -> None:
     """Write, look up, read and evict blocks of a shared key set under a small capacity: every read that
     succeeds must return exactly the block's bytes (other processes evict and rewrite them meanwhile)."""
     from dualpath_jax.store import block_file
 
-    store = LocalDirStore(root, SMALL, capacity_bytes=capacity_blocks * block_file.file_nbytes(SMALL))
+    cap = capacity_blocks * block_file.file_nbytes(SMALL)
+    store = LocalDirStore(root, SMALL, capacity_bytes=cap, **METHODS[method])
     keys = keys_of(3, n, SMALL)
     rng = np.random.default_rng(me)
     out = np.zeros(SMALL.full_block_nbytes, np.uint8)
@@ -122,7 +129,8 @@ def _temp_files(root: str) -> list[str]:
     return out
 
 
-def test_writer_killed_mid_write_leaves_the_store_consistent(tmp_path):
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_writer_killed_mid_write_leaves_the_store_consistent(tmp_path, method):
     root = str(tmp_path / "kv")
     LocalDirStore(root, BIG).close()
     partial_kills = kills = 0
@@ -146,7 +154,7 @@ def test_writer_killed_mid_write_leaves_the_store_consistent(tmp_path):
         last_leftovers = len(_temp_files(root))
         partial_kills += last_leftovers > 0
     assert partial_kills >= 1, f"none of {kills} kills landed mid-write"
-    store = LocalDirStore(root, BIG)
+    store = LocalDirStore(root, BIG, **METHODS[method])
     assert store.stats().temp_files_removed == last_leftovers, "temp files of dead writers are removed at open"
     assert not _temp_files(root)
     keys = store.keys()
@@ -160,11 +168,12 @@ def test_writer_killed_mid_write_leaves_the_store_consistent(tmp_path):
     store.close()
 
 
-def test_two_processes_read_and_write_one_directory(tmp_path):
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_processes_read_and_write_one_directory(tmp_path, method):
     root = str(tmp_path / "kv")
     n = 40
-    a = _child("mixed", root, "1", "2", str(n))
-    b = _child("mixed", root, "2", "1", str(n))
+    a = _child("mixed", root, "1", "2", str(n), method)
+    b = _child("mixed", root, "2", "1", str(n), method)
     results = []
     for p in (a, b):
         out, _ = p.communicate(timeout=120)
@@ -172,7 +181,7 @@ def test_two_processes_read_and_write_one_directory(tmp_path):
         results.append(json.loads(out.strip().splitlines()[-1]))
     for r in results:
         assert r == {"verified": n, "bad": 0, "corrupt": 0}
-    store = LocalDirStore(root, SMALL)
+    store = LocalDirStore(root, SMALL, **METHODS[method])
     assert len(store.keys()) == 3 * n
     out = np.zeros(SMALL.full_block_nbytes, np.uint8)
     for owner in (1, 2, 7):
@@ -184,10 +193,11 @@ def test_two_processes_read_and_write_one_directory(tmp_path):
     store.close()
 
 
-def test_processes_evicting_and_rewriting_shared_blocks_never_read_wrong_kv(tmp_path):
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_processes_evicting_and_rewriting_shared_blocks_never_read_wrong_kv(tmp_path, method):
     root = str(tmp_path / "kv")
     LocalDirStore(root, SMALL).close()
-    procs = [_child("churn", root, str(me), "24", "6") for me in range(3)]
+    procs = [_child("churn", root, str(me), "24", "6", method) for me in range(3)]
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=120)
@@ -198,13 +208,60 @@ def test_processes_evicting_and_rewriting_shared_blocks_never_read_wrong_kv(tmp_
     assert sum(r["ok"] for r in results) > 0 and sum(r["evictions"] for r in results) > 0
 
 
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_fork_after_reads(tmp_path, method):
+    """A child forked after reads (open files cached, blocks mapped, the I/O pool's threads started) reads, writes
+    and detects damage with the inherited store, also through read_many and submit_write (pools of its own); the
+    parent keeps reading right afterwards."""
+    store = LocalDirStore(str(tmp_path / "kv"), SMALL, **METHODS[method])
+    keys = keys_of(5, 6, SMALL)
+    out = np.zeros(SMALL.full_block_nbytes, np.uint8)
+    layer = np.zeros(SMALL.layer_block_nbytes, np.uint8)
+    for k in keys[:4]:
+        assert store.write(k, content(k, SMALL))
+        assert store.read(k, out) and store.read(k, layer, layers=[3])
+    assert store.read_many(keys[:2], [out, np.zeros_like(out)]) == [True, True]  # the I/O pool's threads run
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if everything checks out (no pytest machinery here)
+        code = 1
+        signal.alarm(30)  # a hang (e.g. on the parent's pool threads, which do not exist here) fails the test
+        try:
+            good = all(store.read(k, out) and (out == content(k, SMALL)).all() for k in keys[:4])
+            off = SMALL.layer_offset(5)
+            good &= (
+                store.read(keys[0], layer, layers=[5]) and (layer == content(keys[0], SMALL)[off:][: len(layer)]).all()
+            )
+            good &= store.write(keys[4], content(keys[4], SMALL)) and store.read(keys[4], out)
+            good &= (out == content(keys[4], SMALL)).all()
+            with open(store.path_of(keys[1]), "r+b") as f:  # damage one block: the child's read must miss
+                f.seek(store.header_nbytes + 7)
+                f.write(b"\xff\x00\xff")
+            good &= not store.read(keys[1], out)
+            # The child's own I/O pool: the parent's idle pool threads are gone here (one read would wait on them).
+            good &= store.read_many([keys[2]], [out]) == [True] and (out == content(keys[2], SMALL)).all()
+            outs = [np.zeros_like(out) for _ in range(3)]
+            good &= store.read_many([keys[0], keys[2], keys[3]], outs) == [True] * 3
+            good &= all((o == content(k, SMALL)).all() for o, k in zip(outs, [keys[0], keys[2], keys[3]], strict=True))
+            good &= store.submit_write(keys[5], content(keys[5], SMALL)).result(10)
+            code = 0 if good else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    for k in (keys[0], keys[2], keys[3], keys[4]):  # the child's block too (a lookup adopts it)
+        assert store.lookup([k]) == 1 and store.read(k, out)
+        np.testing.assert_array_equal(out, content(k, SMALL))
+    assert not store.read(keys[1], out)  # the block the child damaged (and removed) is a miss here too
+    store.close()
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "writer":
         _writer_main(sys.argv[2], int(sys.argv[3]))
     elif mode == "churn":
-        _churn_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        _churn_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     elif mode == "mixed":
-        _mixed_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        _mixed_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     else:
         raise SystemExit(f"unknown mode {mode!r}")

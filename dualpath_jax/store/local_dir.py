@@ -24,17 +24,30 @@ are per process: each process evicts from its own view, which is approximate whe
 to one directory (documented limitation).
 
 Reads verify by default: new blocks carry one xxh3 checksum per Layer Block (block_file.py; blocks written
-with wsum64 or crc32 still read and verify, the algo is in each header). A verified read is chunked: each
-`preadv` fills a chunk of whole Layer Blocks, and each chunk is checked against the header's sums of exactly its
-layers. The reader checks a chunk right after copying it (chunks of `read_chunk_bytes`, rounded down to whole
-Layer Blocks, so that the check finds the bytes in cache), or, with a helper thread (`verify_threads=1`, verify.py),
-a Full Block is read in a few chunks of decreasing size and the helper checks chunk k on another core while the
-reader copies chunk k+1 (python-xxhash and preadv both release the GIL); the reader checks the small last chunk
-and waits for the helper, so no block is returned before all its bytes are checked. Reads time themselves and
-use the helper only while that measures faster (on a machine with no core to spare it does not). A Full-Block
-read gets the header with its first chunk; a Layer-Block read checks exactly the layers it read. A mismatch, a
-short read or a bad header makes the read a miss: logged, counted (`read_corrupt`) and the block removed, never
-wrong KV. `verify=False` (store option or per read) keeps every header check and skips the payload checksums.
+with wsum64 or crc32 still read and verify, the algo is in each header). A verified read is chunked: each chunk of
+whole Layer Blocks (`read_chunk_bytes`, rounded down; default 4 MiB with mmap, 1 MiB with preadv) is checked
+against the header's sums of exactly its layers.
+`read_method="mmap"` (the default) maps the open block file read-only, hashes each chunk in the page cache
+through the mapping (the one pass over DRAM) and then copies it into the caller's buffer (from cache), so `out`
+only ever receives bytes that were just checked. The mapping lives as long as the open file (the fd cache, LRU of
+`fd_cache`): faulting in a fresh mapping's pages costs about what hashing in the page cache saves (~100 us for a
+2.4 MiB block here), so the first read of an open file is a preadv read and later ones are mapped
+(`mmap_after_reads`, default 1; with `fd_cache=0` every read is thus a preadv read). `read_method="preadv"` (for
+file systems where mmap is unsuitable) `preadv`s each chunk into `out` and hashes it there (two passes). Reads of
+less than `mmap_min_bytes` (default 256 KiB: small Layer Blocks of layerwise loading) and unverified reads use
+`preadv` under both methods: mapping does not pay there (measured, see the README). A Full-Block read gets the
+header with the payload; a Layer-Block read checks exactly the layers it read. A mismatch, a short read or file,
+or a bad header makes the read a miss: logged, counted (`read_corrupt`) and the block removed, never wrong KV
+(`out` may then hold part of the block: the read returned False). `verify=False` (store option or per read) keeps
+every header check and skips the payload checksums.
+
+mmap and its residual risk: before every mapped read, the open file must be exactly `file_nbytes` (`fstat`),
+else the read is a "truncated" miss, because touching a mapping past the end of its file kills the process with
+SIGBUS. The store never truncates a block in place (blocks are written to temp files and renamed, eviction
+unlinks), and a mapping of an unlinked or replaced file keeps reading the inode it mapped. What remains: a file
+truncated in place by something other than the store *during* a read, or a disk I/O error on a page that was not
+cached, is SIGBUS with mmap where `preadv` would return a short read or EIO (a miss). Where that can happen (a
+shared mount with foreign writers, flaky disks), use `read_method="preadv"`.
 """
 
 from __future__ import annotations
@@ -43,30 +56,42 @@ import collections
 import dataclasses
 import json
 import logging
+import mmap
 import os
 import secrets
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import block_file
 from dualpath_jax.store.api import STORES, KVStore, StoreStats
-from dualpath_jax.store.verify import ChunkVerifier, ReadChecks
 
 log = logging.getLogger(__name__)
+_xxh3 = xxhash.xxh3_64_intdigest
 
 _SUFFIX = ".kvb"
 _TMP_PREFIX = ".tmp."
 _META = "STORE.json"
 # Verified reads preadv and check this many bytes (rounded down to whole Layer Blocks) at a time; chosen with
 # experiments/bench_store.py (see the README's KV store section).
-DEFAULT_READ_CHUNK_BYTES = 1 << 20
+DEFAULT_READ_CHUNK_BYTES = 1 << 20  # read_method="preadv": the chunk is hashed in the reader's L2 after its copy
+# read_method="mmap": the chunk is hashed from the page cache, then copied (from L3). Measured (bench_store.py,
+# streaming, kept mappings): DeepSeek-V3 0.79-0.82x of raw preadv with 4 MiB chunks (its whole 2.4 MiB block) vs
+# 0.69-0.71x with 1 MiB; Qwen2.5-32B 0.95-0.99x with 1 or 4 MiB, 0.82-0.86x with its whole 16 MiB block.
+MMAP_READ_CHUNK_BYTES = 4 << 20
+READ_METHODS = ("mmap", "preadv")
+# Verified reads of at least this many bytes go through the mapping with read_method="mmap"; smaller ones preadv.
+# Measured (experiments/bench_store.py, Layer-Block reads of open, mapped files): 256 KiB Layer Blocks (Qwen2.5-32B)
+# +15-30% mapped, 41 KiB ones (DeepSeek-V3) equal within noise, and a mapping's pages must be faulted in once.
+MMAP_MIN_BYTES = 256 << 10
 
 
 def _as_u8(buf: Any, name: str, writable: bool) -> np.ndarray:
@@ -89,9 +114,10 @@ def _as_u8(buf: Any, name: str, writable: bool) -> np.ndarray:
 
 
 class _OpenBlock:
-    """A block file open for reading: shared by concurrent reads (refs), cached or not, with its checked header."""
+    """A block file open for reading: shared by concurrent reads (refs), cached or not, with its checked header
+    and (read_method="mmap") its read-only mapping, which lives as long as the fd."""
 
-    __slots__ = ("cached", "fd", "header", "refs")
+    __slots__ = ("cached", "fd", "header", "mapping", "preadv_reads", "refs")
 
     def __init__(self, fd: int):
         self.fd = fd
@@ -99,6 +125,18 @@ class _OpenBlock:
         self.cached = False
         # (checksum algo, per-layer sums, the header bytes they were parsed from) once a read checked the header
         self.header: tuple[str, list[int], bytes] | None = None
+        self.mapping: mmap.mmap | None = None
+        self.preadv_reads = 0  # reads that could have been mapped, done by preadv (mmap_after_reads of them)
+
+    def close(self) -> None:
+        """Unmap and close (no read uses it: refs is 0, so no read holds a view of the mapping)."""
+        if self.mapping is not None:
+            try:
+                self.mapping.close()
+            except BufferError:  # a view still referenced (by an exception's traceback): unmapped when collected
+                pass
+            self.mapping = None
+        os.close(self.fd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,11 +145,11 @@ class LocalDirStoreConfig:
     capacity_bytes: int | None = None  # file bytes kept before LRU eviction; None = unlimited
     checksum: str = "xxh3"  # per-Layer-Block checksum of new blocks: "xxh3" (fastest), "wsum64" or "crc32"
     verify: bool = True  # verify checksums of what is read (header checks always happen)
-    read_chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES  # reader's own checks: preadv + check this much at a time
-    # (0: read all, then check, no helper either)
-    verify_threads: int = 0  # helper threads checking a read's chunk k while it copies chunk k+1 (0: none; see
-    # verify.py: measured here, a helper did not pay: no spare core, and hashing bytes another core just wrote
-    # runs at ~16 GB/s instead of ~41 GB/s)
+    read_chunk_bytes: int | None = None  # verified reads check this much at a time (0: the whole read at once;
+    # None: MMAP_READ_CHUNK_BYTES with mmap, DEFAULT_READ_CHUNK_BYTES with preadv)
+    read_method: str = "mmap"  # "mmap": hash in the page cache, then copy; "preadv": copy, then hash
+    mmap_min_bytes: int = MMAP_MIN_BYTES  # read_method="mmap": smaller (verified) reads preadv
+    mmap_after_reads: int = 1  # read_method="mmap": reads of an open file done by preadv before it is mapped
     durable: bool = False  # default of write(durable=None): fsync block and directory
     io_threads: int = 4  # threads of submit_read / read_many
     write_threads: int = 1  # threads of submit_write (apart from the readers, so write-back never delays loads)
@@ -145,8 +183,10 @@ class LocalDirStore(KVStore):
         *,
         checksum: str = "xxh3",
         verify: bool = True,
-        read_chunk_bytes: int = DEFAULT_READ_CHUNK_BYTES,
-        verify_threads: int = 0,
+        read_chunk_bytes: int | None = None,
+        read_method: str = "mmap",
+        mmap_min_bytes: int = MMAP_MIN_BYTES,
+        mmap_after_reads: int = 1,
         durable: bool = False,
         io_threads: int = 4,
         write_threads: int = 1,
@@ -176,12 +216,16 @@ class LocalDirStore(KVStore):
                     f"capacity_bytes={capacity_bytes} cannot hold one block ({self.file_nbytes} B with its header "
                     f"for layout {layout})"
                 )
+        if read_chunk_bytes is None:
+            read_chunk_bytes = MMAP_READ_CHUNK_BYTES if read_method == "mmap" else DEFAULT_READ_CHUNK_BYTES
         if isinstance(read_chunk_bytes, bool) or not isinstance(read_chunk_bytes, int) or read_chunk_bytes < 0:
             raise ValueError(f"read_chunk_bytes must be an int >= 0 (0: no chunking), got {read_chunk_bytes!r}")
-        if isinstance(verify_threads, bool) or not isinstance(verify_threads, int) or verify_threads < 0:
-            raise ValueError(
-                f"verify_threads must be an int >= 0 (0: the reader checks every chunk), got {verify_threads!r}"
-            )
+        if read_method not in READ_METHODS:
+            raise ValueError(f"read_method must be one of {list(READ_METHODS)}, got {read_method!r}")
+        if isinstance(mmap_min_bytes, bool) or not isinstance(mmap_min_bytes, int) or mmap_min_bytes < 0:
+            raise ValueError(f"mmap_min_bytes must be an int >= 0, got {mmap_min_bytes!r}")
+        if isinstance(mmap_after_reads, bool) or not isinstance(mmap_after_reads, int) or mmap_after_reads < 0:
+            raise ValueError(f"mmap_after_reads must be an int >= 0, got {mmap_after_reads!r}")
         if isinstance(fd_cache, bool) or not isinstance(fd_cache, int) or fd_cache < 0:
             raise ValueError(f"fd_cache must be an int >= 0, got {fd_cache!r}")
         if stale_temp_s < 0:
@@ -193,15 +237,14 @@ class LocalDirStore(KVStore):
         self.read_chunk_bytes = read_chunk_bytes
         # Layer Blocks per verified preadv (at least one; 0: the whole read, then the checks).
         self._chunk_layers = max(1, read_chunk_bytes // layout.layer_block_nbytes) if read_chunk_bytes else 0
-        # Chunk sizes (bytes) of a Full Block read: unverified (one preadv), checked by the reader, pipelined.
         self._lbn = lbn = layout.layer_block_nbytes  # (BlockLayout computes these on every access)
         self._fb = fb = layout.full_block_nbytes
         self._hdr_used = block_file.header_used_nbytes(layout)  # header bytes that parse_header reads
-        self._whole_plan = [fb]
-        self._step = step = self._chunk_layers * lbn or fb  # bytes per chunk checked by the reader
-        self._fixed_plan = [step] * (fb // step) + ([fb % step] if fb % step else [])
-        # (read_chunk_bytes=0: one preadv, then the checks, on the reader: no pipeline either)
-        self._offload_plan = [n * lbn for n in _pipeline_plan(layout.num_layers, lbn)] if read_chunk_bytes else [fb]
+        self._step = min(self._chunk_layers * lbn or fb, fb)  # bytes per verified chunk
+        self.read_method = read_method
+        self.mmap_min_bytes = mmap_min_bytes
+        self.mmap_after_reads = mmap_after_reads
+        self._mmap_min = mmap_min_bytes if read_method == "mmap" else None  # reads of this many bytes are mapped
         self.durable = bool(durable)
         self.stat_on_hit = bool(stat_on_hit)
         self.stale_temp_s = float(stale_temp_s)
@@ -228,11 +271,15 @@ class LocalDirStore(KVStore):
         self._fd_cache = int(fd_cache)
         self._host = _host_id()
         self._scan()
-        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvstore-io")
-        self.verifier = ChunkVerifier(verify_threads)  # threads start on the first chunk handed over
-        self._pipelines = verify_threads > 0 and len(self._offload_plan) > 1  # a helper may check Full-Block chunks
-        self._write_pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="kvstore-write")
+        self._threads = (io_threads, write_threads)
         self._closed = False
+        self._new_pools()
+        _STORES_OPEN.add(self)  # (a forked child gets pools of its own: see _after_fork_in_child)
+
+    def _new_pools(self) -> None:
+        io_threads, write_threads = self._threads
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="kvstore-io")
+        self._write_pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="kvstore-write")
 
     # ---- directory ------------------------------------------------------------------------------------
     def _meta(self) -> dict:
@@ -520,7 +567,7 @@ class LocalDirStore(KVStore):
                     _, old = self._fds.popitem(last=False)
                     old.cached = False
                     if not old.refs:
-                        os.close(old.fd)
+                        old.close()
         if other is not None:
             os.close(fd)
             return other
@@ -531,7 +578,7 @@ class LocalDirStore(KVStore):
             ent.refs -= 1
             if ent.refs or ent.cached:
                 return
-        os.close(ent.fd)
+        ent.close()
 
     def _forget_fd_locked(self, key: bytes) -> None:
         """Drop a cached fd (its block was removed, evicted or found corrupt); closed once no read uses it."""
@@ -539,7 +586,7 @@ class LocalDirStore(KVStore):
         if ent is not None:
             ent.cached = False
             if not ent.refs:
-                os.close(ent.fd)
+                ent.close()
 
     def _read_planned(self, key: bytes, dst: np.ndarray, layer_list, runs, verify: bool) -> bool:
         path = self.path_of(key)
@@ -555,11 +602,16 @@ class LocalDirStore(KVStore):
                     self._stats.read_absent += 1
                 return False
             try:
-                # A verified read of several chunks may hand chunks to a helper thread (not one Layer Block).
-                if verify and self._pipelines and (layer_list is None or len(runs) > 1 or runs[0][2] > self._step):
-                    reason = self._read_fd_pipelined(ent, key, dst, layer_list, runs)
+                if verify and self._mmap_min is not None and dst.nbytes >= self._mmap_min:
+                    # The first such read(s) of an open file preadv, later ones map it (and keep the mapping):
+                    # faulting in a fresh mapping's pages costs about what hashing in the page cache saves.
+                    if ent.mapping is not None or ent.preadv_reads >= self.mmap_after_reads:
+                        reason = self._read_mapped(ent, key, dst, layer_list, runs)
+                    else:
+                        ent.preadv_reads += 1
+                        reason = self._read_fd(ent, key, dst, layer_list, runs, verify)
                 else:
-                    reason = self._read_fd(ent, key, dst, layer_list, runs, verify, None)
+                    reason = self._read_fd(ent, key, dst, layer_list, runs, verify)
                 if reason is not None:
                     self._remove_corrupt(key, path, reason, fd=ent.fd)
                     with self._lock:
@@ -585,131 +637,156 @@ class LocalDirStore(KVStore):
                 if not self._pins[key]:
                     del self._pins[key]
 
-    def _read_fd_pipelined(self, ent: _OpenBlock, key: bytes, dst, layer_list, runs) -> str | None:
-        """_read_fd for a verified read of several chunks: with a helper thread if one is free and handing over
-        measures faster here (verify.py); the read is timed for that measure."""
-        t0 = time.perf_counter()
-        if not self.verifier.begin():
-            reason = self._read_fd(ent, key, dst, layer_list, runs, True, None)
-            if reason is None:
-                self.verifier.record(False, time.perf_counter() - t0, sum(r[2] for r in runs))
-            return reason
-        checks = self._read_checks()
+    def _check_header(self, ent: _OpenBlock, key: bytes, hdr) -> tuple[str, list[int]] | str:
+        """(algo, per-layer sums) of header bytes `hdr` (header_nbytes of them), or why they are not this block's.
+
+        Bytes equal to those an earlier read of this open file checked are not parsed again (a file changed in
+        place is still caught: its bytes differ)."""
+        raw = bytes(hdr[: self._hdr_used])
+        if ent.header is not None and ent.header[2] == raw:
+            return ent.header[0], ent.header[1]
         try:
-            reason = self._read_fd(ent, key, dst, layer_list, runs, True, checks)
-        except BaseException:  # an I/O error: no helper may touch `dst` after the read returns, nor leave a result
-            self.verifier.wait(checks)
-            checks.reset()
-            raise
-        self.verifier.wait(checks)
-        if checks.bad or checks.error is not None:
-            bad, error = sorted(checks.bad), checks.error
-            checks.reset()
-            if error is not None:
-                raise RuntimeError(f"checking block {key.hex()} failed on a helper thread") from error
-            return f"checksum mismatch in Layer Block(s) {bad}"
-        if reason is None:
-            self.verifier.record(True, time.perf_counter() - t0, sum(r[2] for r in runs))
-        return reason
+            algo, stored = block_file.parse_header(hdr, self.layout, key, self._fp_digest)
+        except block_file.BlockFormatError as e:
+            return str(e)
+        stored = stored.tolist()  # ints, not a view of `hdr` (a scratch buffer or a mapping)
+        ent.header = (algo, stored, raw)
+        return algo, stored
 
-    def _read_fd(self, ent: _OpenBlock, key: bytes, dst, layer_list, runs, verify: bool, checks) -> str | None:
-        """Read and check; None if `dst` now holds the verified bytes, else why the block is corrupt.
+    def _layer_header(self, ent: _OpenBlock, key: bytes) -> tuple[str, list[int]] | str:
+        """The checked header of a Layer-Block read: cached with the open file, else preadv'ed and checked."""
+        if ent.header is not None:  # checked when this fd first read the block
+            return ent.header[0], ent.header[1]
+        hdr = self._header_buf()
+        got = os.preadv(ent.fd, [hdr], 0)
+        if got != self.header_nbytes:
+            return f"truncated: header is {got} of {self.header_nbytes} B"
+        checked = self._check_header(ent, key, hdr)
+        if isinstance(checked, str):
+            return checked
+        size = os.fstat(ent.fd).st_size  # a layer read must not pass on a block truncated elsewhere
+        if size != self.file_nbytes:
+            return f"truncated: file is {size} B, expected {self.file_nbytes}"
+        return checked
 
-        Verified reads are chunked: each `preadv` fills a chunk of whole Layer Blocks and that chunk is checked
-        against the header's sums of exactly its layers; the first bad chunk ends the read (a miss). Without a
-        helper (`checks` None) the reader checks each chunk (`read_chunk_bytes`, rounded down to Layer Blocks, at
-        least one) right after copying it; with one, a Full Block is read in a few chunks of decreasing size
-        (`_pipeline_plan`) and every chunk but the last is handed to the helper (recorded in `checks`), which
-        checks it while the reader copies the next. A Full-Block read gets the header with its first chunk.
+    def _segments(self, layer_list, runs) -> list[tuple[int, int, int, int]]:
+        """(file offset, out offset, nbytes, first layer) of each run of consecutive layers."""
+        if layer_list is None:
+            return [(self.header_nbytes, 0, self._fb, 0)]
+        if len(runs) == 1:
+            return [(*runs[0], layer_list[0])]
+        segments = []
+        i = 0
+        for file_off, out_off, n in runs:
+            segments.append((file_off, out_off, n, layer_list[i]))
+            i += n // self._lbn
+        return segments
+
+    def _read_fd(self, ent: _OpenBlock, key: bytes, dst, layer_list, runs, verify: bool) -> str | None:
+        """Read with preadv; None if `dst` now holds the verified bytes, else why the block is corrupt.
+
+        Verified reads are chunked: each `preadv` fills a chunk of whole Layer Blocks (`read_chunk_bytes`, rounded
+        down, at least one) and that chunk is checked right after the copy (while the bytes are in cache) against
+        the header's sums of exactly its layers; the first bad chunk ends the read (a miss). A Full-Block read
+        gets the header with its first chunk (unverified: with the whole block, in one syscall).
         """
         fd = ent.fd
         lbn = self._lbn
         hdr_n = self.header_nbytes
-        step = self._step if verify else self._fb
-        plan = None
+        step = self._step
         if layer_list is None:
-            plan = self._fixed_plan if checks is None else self._offload_plan
-            if not verify:
-                plan = self._whole_plan
+            n0 = step if verify else self._fb
             hdr = self._header_buf()
-            n0 = plan[0]
             want = hdr_n + n0
             got = os.preadv(fd, [hdr, dst[:n0]], 0)  # header + the first chunk in one syscall
             if got != want:
                 if got >= hdr_n:  # name the real problem if the header already tells it
-                    try:
-                        block_file.parse_header(hdr, self.layout, key, self._fp_digest)
-                    except block_file.BlockFormatError as e:
-                        return str(e)
+                    checked = self._check_header(ent, key, hdr)
+                    if isinstance(checked, str):
+                        return checked
                 return f"truncated: read {got} of {want} B"
-            raw = hdr[: self._hdr_used].tobytes()
-            if ent.header is not None and ent.header[2] == raw:  # the bytes an earlier read of this fd checked
-                algo, stored, _ = ent.header
-            else:
-                try:
-                    algo, stored = block_file.parse_header(hdr, self.layout, key, self._fp_digest)
-                except block_file.BlockFormatError as e:
-                    return str(e)
-                stored = stored.tolist()
-                ent.header = (algo, stored, raw)
-            segments = [(hdr_n, 0, dst.nbytes, 0)]  # (file offset, out offset, nbytes, first layer)
+            checked = self._check_header(ent, key, hdr)
         else:
-            if ent.header is not None:  # checked when this fd first read the block
-                algo, stored, _ = ent.header
-            else:
-                hdr = self._header_buf()
-                got = os.preadv(fd, [hdr], 0)
-                if got != hdr_n:
-                    return f"truncated: header is {got} of {hdr_n} B"
-                try:
-                    algo, stored = block_file.parse_header(hdr, self.layout, key, self._fp_digest)
-                except block_file.BlockFormatError as e:
-                    return str(e)
-                size = os.fstat(fd).st_size  # a layer read must not pass on a block truncated elsewhere
-                if size != self.file_nbytes:
-                    return f"truncated: file is {size} B, expected {self.file_nbytes}"
-                stored = stored.tolist()  # ints: `hdr` is this thread's scratch buffer
-                ent.header = (algo, stored, hdr[: self._hdr_used].tobytes())
-            if len(runs) == 1:
-                segments = [(*runs[0], layer_list[0])]
-            else:
-                segments = []
-                i = 0
-                for file_off, out_off, n in runs:  # a run is consecutive layers
-                    segments.append((file_off, out_off, n, layer_list[i]))
-                    i += n // lbn
-        last_seg = len(segments) - 1
-        for s, (file_off, out_off, n, layer0) in enumerate(segments):
-            off = 0
-            k = 0
-            while off < n:
-                if checks is not None and checks.bad:
-                    return None  # a helper found a bad chunk: stop reading (the caller reports it)
-                m = plan[k] if plan is not None else min(step, n - off)
+            checked = self._layer_header(ent, key)
+        if isinstance(checked, str):
+            return checked
+        if not verify and layer_list is None:
+            return None
+        algo, stored = checked
+        for file_off, out_off, n, layer0 in self._segments(layer_list, runs):
+            for off in range(0, n, step if verify else n):
+                m = min(step, n - off) if verify else n
                 piece = dst[out_off + off : out_off + off + m]
-                if k or plan is None:  # (a Full Block's first chunk came with the header)
+                if layer_list is not None or off:  # (a Full Block's first chunk came with the header)
                     got = os.preadv(fd, [piece], file_off + off)
                     if got != m:
                         return f"truncated: read {got} of {m} B at offset {file_off + off}"
-                off += m
-                k += 1
                 if verify:
-                    first = layer0 + (off - m) // lbn
+                    first = layer0 + off // lbn
                     want_sums = stored[first : first + m // lbn]
-                    if checks is not None and (off < n or s < last_seg):  # the reader checks the last chunk
-                        self.verifier.submit(checks, piece, lbn, algo, first, want_sums)
-                        continue
                     got_sums = block_file.layer_checksum_list(piece, lbn, algo)
                     if got_sums != want_sums:
                         bad = [first + j for j, (a, b) in enumerate(zip(got_sums, want_sums, strict=True)) if a != b]
                         return f"checksum mismatch in Layer Block(s) {bad}"
         return None
 
-    def _read_checks(self) -> ReadChecks:
-        checks = getattr(self._tls, "checks", None)
-        if checks is None:
-            checks = self._tls.checks = ReadChecks()
-        return checks
+    def _read_mapped(self, ent: _OpenBlock, key: bytes, dst, layer_list, runs) -> str | None:
+        """A verified read through a read-only mapping of the block file (read_method="mmap"); as _read_fd.
+
+        Each chunk is hashed in the page cache through the mapping, compared, and only then copied into `dst`
+        (from cache), so `dst` only receives checked bytes. The open file is mapped once (with its fd, so that
+        re-reads fault in no pages: a fresh mapping of a 2.4 MiB block cost ~100 us of page faults here), and
+        only while it is exactly `file_nbytes` (checked on every read): touching a mapping past the end of its
+        file is SIGBUS (see the module docstring).
+        """
+        size = os.fstat(ent.fd).st_size
+        if size != self.file_nbytes:
+            hdr = self._header_buf()
+            if size >= self.header_nbytes and os.preadv(ent.fd, [hdr], 0) == self.header_nbytes:
+                checked = self._check_header(ent, key, hdr)  # name the real problem if the header tells it
+                if isinstance(checked, str):
+                    return checked
+            return f"truncated: file is {size} B, expected {self.file_nbytes}"
+        mapping = ent.mapping
+        if mapping is None:  # first mapped read of this open file: map it for as long as the fd lives
+            try:
+                mapping = mmap.mmap(ent.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            except ValueError as e:  # (mmap checks the size again: the file shrank since the fstat above)
+                return f"truncated: {e}"
+            with self._lock:
+                mine, mapping = mapping, ent.mapping or mapping  # another reader may have mapped it meanwhile
+                ent.mapping = mapping
+            if mine is not mapping:
+                mine.close()
+        src = memoryview(mapping)
+        out = memoryview(dst)
+        try:
+            if layer_list is None:
+                checked = self._check_header(ent, key, src[: self.header_nbytes])
+            else:
+                checked = self._layer_header(ent, key)
+            if isinstance(checked, str):
+                return checked
+            algo, stored = checked
+            lbn, step = self._lbn, self._step
+            for file_off, out_off, n, layer0 in self._segments(layer_list, runs):
+                for off in range(0, n, step):
+                    m = min(step, n - off)
+                    a = file_off + off
+                    first = layer0 + off // lbn
+                    want_sums = stored[first : first + m // lbn]
+                    if algo == "xxh3":
+                        got_sums = [_xxh3(src[o : o + lbn]) for o in range(a, a + m, lbn)]
+                    else:
+                        got_sums = block_file.layer_checksum_list(np.frombuffer(src[a : a + m], np.uint8), lbn, algo)
+                    if got_sums != want_sums:
+                        bad = [first + j for j, (x, y) in enumerate(zip(got_sums, want_sums, strict=True)) if x != y]
+                        return f"checksum mismatch in Layer Block(s) {bad}"
+                    out[out_off + off : out_off + off + m] = src[a : a + m]
+            return None
+        finally:
+            out.release()
+            src.release()
 
     def _remove_corrupt(self, key: bytes, path: str, reason: str, fd: int | None = None) -> None:
         """Log, count and delete a corrupt block (only if `path` is still the file we judged)."""
@@ -849,7 +926,6 @@ class LocalDirStore(KVStore):
             self._closed = True
             self._pool.shutdown(wait=True)
             self._write_pool.shutdown(wait=True)  # pending write-backs finish first
-            self.verifier.close()
         with self._lock:
             for key in list(self._fds):
                 self._forget_fd_locked(key)
@@ -858,41 +934,27 @@ class LocalDirStore(KVStore):
         for ent in getattr(self, "_fds", {}).values():  # a store dropped without close(): free its files
             if not ent.refs:
                 try:
-                    os.close(ent.fd)
+                    ent.close()
                 except OSError:
                     pass
-        verifier = getattr(self, "verifier", None)
-        if verifier is not None:
-            verifier.close(join=False)  # and let its helper threads end
 
     def __repr__(self) -> str:
         return f"LocalDirStore({self.root!r}, {self.layout}, capacity_bytes={self.capacity_bytes})"
 
 
-# A pipelined read (a helper checks chunk k while the reader copies chunk k+1) ends with a chunk of about
-# PIPELINE_TAIL_BYTES that the reader checks itself (its hash is what the read adds to the copies); going back
-# from it, each chunk is up to PIPELINE_GROWTH times the next: a helper hashes ~2-5x faster than the reader copies,
-# so it finishes a chunk while the next one is copied, with a margin for its wake-up. Each handover costs a lock
-# and a futex wake on both threads (~15 us measured on the loaded 2-core box), hence few, large chunks: a 2.4 MiB
-# DeepSeek-V3 block is read in 3 chunks, a 16 MiB Qwen2.5-32B block in 5.
-PIPELINE_TAIL_BYTES = 512 << 10
-PIPELINE_GROWTH = 2.0
+# A forked child inherits the stores' executors but not their threads: an executor whose threads were started in
+# the parent would queue the child's submit_read/read_many forever. The child gets fresh pools right after fork.
+_STORES_OPEN: weakref.WeakSet[LocalDirStore] = weakref.WeakSet()
 
 
-def _pipeline_plan(num_layers: int, layer_block_nbytes: int) -> list[int]:
-    """Layer Blocks per chunk of a pipelined Full-Block read, first chunk first (sums to num_layers)."""
-    sizes = []  # from the last chunk back
-    size = max(1, PIPELINE_TAIL_BYTES // layer_block_nbytes)
-    rest = num_layers
-    while rest:
-        take = min(rest, size)
-        sizes.append(take)
-        rest -= take
-        size = max(size + 1, int(size * PIPELINE_GROWTH))
-    if len(sizes) > 2 and sizes[-1] * PIPELINE_GROWTH < sizes[-2]:  # a small first chunk: one syscall less
-        first = sizes.pop()
-        sizes[-1] += first
-    return sizes[::-1]
+def _after_fork_in_child() -> None:
+    for store in list(_STORES_OPEN):
+        if not store._closed:
+            store._new_pools()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _host_id() -> str:
