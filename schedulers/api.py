@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 Role = Literal["prefill", "decode"]
 # Which side loads the hit KV from storage: the PE's node ("pe"), the DE's node ("de"), or both ("split",
@@ -38,6 +39,10 @@ class NodeState:
     node_id: int
     role: Role
     read_queue_tokens: int = 0  # read_q: hit tokens queued for storage reads on this node's SNIC
+    # Optional, for a runner that keeps them up to date as its engines' loads change (the simulator):
+    # Σ tok_e and Σ free_hbm_tokens of the node's engines. None (the default): policies sum the engines.
+    engine_tok: int | None = None
+    engine_free_hbm_tokens: int | None = None
 
 
 @dataclasses.dataclass
@@ -47,15 +52,16 @@ class ClusterSnapshot:
     now: float
     engines: dict[int, EngineState]
     nodes: dict[int, NodeState]
+    # Optional: a runner that keeps one engine set (this very dict, holding the same EngineState objects,
+    # whose engine_id/role/node_id never change in place) sets a key and changes it whenever the set
+    # changes; policies then reuse what they derived from the set without re-checking every engine each
+    # fetch. None (the default): checked every fetch. A copy() gets None (its EngineStates are new objects).
+    engine_set_key: int | None = None
 
     def engines_of(self, role: Role, node_id: int | None = None) -> list[EngineState]:
-        return [
-            e
-            for e in self.engines.values()
-            if e.role == role and (node_id is None or e.node_id == node_id)
-        ]
+        return [e for e in self.engines.values() if e.role == role and (node_id is None or e.node_id == node_id)]
 
-    def copy(self) -> "ClusterSnapshot":
+    def copy(self) -> ClusterSnapshot:
         return ClusterSnapshot(
             now=self.now,
             engines={k: dataclasses.replace(v) for k, v in self.engines.items()},
@@ -83,6 +89,25 @@ class PendingRequest:
     def total_tokens(self) -> int:
         """len_r: KV tokens the request will hold on its DE by the end of decode."""
         return self.prompt_tokens + self.gen_tokens
+
+
+class QueueWindow(list):
+    """A FIFO window of `PendingRequest`s that also carries each one's `request_id` and len_r
+    (`total_tokens`) in plain int lists, index for index (optional: a runner that keeps them beside its
+    queue passes this instead of a list, so a fetch need not read every request object; same decisions).
+    The caller guarantees `request_ids[i] == self[i].request_id` and `total_tokens[i] == self[i].total_tokens`."""
+
+    __slots__ = ("request_ids", "total_tokens")
+
+    def __init__(self, requests: Sequence[PendingRequest], request_ids: list[int], total_tokens: list[int]):
+        super().__init__(requests)
+        if not len(request_ids) == len(total_tokens) == len(self):
+            raise ValueError(
+                f"QueueWindow needs one request_id and one total_tokens per request: got {len(self)} requests, "
+                f"{len(request_ids)} ids, {len(total_tokens)} lengths"
+            )
+        self.request_ids = request_ids
+        self.total_tokens = total_tokens
 
 
 @dataclasses.dataclass(frozen=True)

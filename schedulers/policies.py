@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import heapq
+import itertools
 import operator
 import random
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from schedulers.api import (
     ClusterSnapshot,
     InterEnginePolicy,
     PendingRequest,
+    QueueWindow,
     ReadSide,
 )
 from schedulers.cost_model import CostModel
@@ -65,6 +67,8 @@ class _Topology:
         "de_groups",
         "de_ids",
         "de_states",
+        "engines",
+        "key",
         "node_of",
         "pe_states",
         "pe_states_of_node",
@@ -76,6 +80,8 @@ class _Topology:
 
     def __init__(self, states: tuple):
         self.states = states
+        self.engines = None  # the snapshot's engines dict and engine_set_key last checked against it
+        self.key = None
         self.state_of = {e.engine_id: e for e in states}
         self.node_of = {e.engine_id: e.node_id for e in states}
         pes_of_node: dict[int, list[int]] = {}
@@ -106,13 +112,15 @@ def _topology(snapshot: ClusterSnapshot) -> _Topology:
     """The cached topology when the snapshot holds the very same EngineState objects in the same order (the
     simulator keeps one set; an engine's engine_id/role/node_id is never changed in place: a moved or new
     engine is a new EngineState object), else a new one (the runtime builds new objects per fetch)."""
-    states = tuple(snapshot.engines.values())
-    if _TOPOLOGY_CACHE:
-        topo = _TOPOLOGY_CACHE[0]
-        if len(topo.states) == len(states) and all(map(operator.is_, topo.states, states)):
-            return topo
-    topo = _Topology(states)
-    _TOPOLOGY_CACHE[:] = [topo]
+    engines, key = snapshot.engines, snapshot.engine_set_key
+    topo = _TOPOLOGY_CACHE[0] if _TOPOLOGY_CACHE else None
+    if topo is not None and key is not None and topo.key == key and topo.engines is engines:
+        return topo  # the runner vouches for its engine set (ClusterSnapshot.engine_set_key)
+    states = tuple(engines.values())
+    if topo is None or len(topo.states) != len(states) or not all(map(operator.is_, topo.states, states)):
+        topo = _Topology(states)
+        _TOPOLOGY_CACHE[:] = [topo]
+    topo.engines, topo.key = engines, key
     return topo
 
 
@@ -133,32 +141,72 @@ class _Loads(dict):
         return value
 
 
+class _NodeLoads(dict):
+    """node id -> read_queue_tokens, copied from the snapshot on first read."""
+
+    __slots__ = ("nodes",)
+
+    def __init__(self, nodes: dict):
+        super().__init__()
+        self.nodes = nodes
+
+    def __missing__(self, node_id: int) -> int:
+        value = self.nodes[node_id].read_queue_tokens
+        self[node_id] = value
+        return value
+
+
 class _Scratch:
     """Mutable per-fetch copy of the loads a policy reads and updates (ints in dicts, no deep copies).
 
     Speed (a fetch at 1,152 engines runs ~60 times per simulated second): the engine set's structure is
-    cached (`_topology`), DE tok/free and the candidate PEs' tok are copied in bulk (C-level map/zip),
-    every other load on first read. Same values as a full copy: the snapshot does not change during a fetch."""
+    cached (`_topology`), the candidate PEs' tok (and, unless `group_sums` are used, DE tok/free) are copied
+    in bulk (C-level map/zip), every other load on first read. Same values as a full copy: the snapshot
+    does not change during a fetch."""
 
-    __slots__ = ("de_groups", "free", "node_of", "pes", "read_q", "seq", "tok")
+    __slots__ = ("de_groups", "free", "group_free", "group_tok", "node_of", "pe_nodes", "pes", "read_q", "seq", "tok")
 
-    def __init__(self, snapshot: ClusterSnapshot, pe_node: int | None):
+    def __init__(self, snapshot: ClusterSnapshot, pe_node: int | None, group_sums: bool = False):
         """`pe_node`: keep only this node's PEs as candidates (a PE group's fetch); None: every PE.
-        Every DE is always a candidate (DE phase 1 runs over all DE groups)."""
+        Every DE is always a candidate (DE phase 1 runs over all DE groups). `group_sums`: the policy needs
+        Σ tok_e / Σ free_hbm_tokens per DE group (`group_sums()`); when the runner keeps them on every DE
+        node (`NodeState.engine_tok` / `engine_free_hbm_tokens`) they are taken from there and the DEs'
+        own loads are read only when first used."""
         topo = _topology(snapshot)
         if pe_node is None:
             pes, pe_states = topo.pes, topo.pe_states
+            self.pe_nodes: dict[int, list[int]] = topo.pes_of_node  # shared, read-only: node -> its PEs (sorted)
         else:
             pes, pe_states = topo.pes_of_node.get(pe_node, []), topo.pe_states_of_node.get(pe_node, [])
-        self.tok = _Loads(topo.state_of, _TOK, topo.de_ids, topo.de_states)
-        self.tok.update(zip(pes, map(_TOK, pe_states), strict=True))
-        self.free = _Loads(topo.state_of, _FREE, topo.de_ids, topo.de_states)
+            self.pe_nodes = {pe_node: pes} if pes else {}
+        self.de_groups: dict[int, list[int]] = topo.de_groups  # shared, read-only
+        self.group_tok = self.group_free = None
+        if group_sums:
+            nodes = snapshot.nodes
+            group_tok = {gid: getattr(nodes.get(gid), "engine_tok", None) for gid in self.de_groups}
+            group_free = {gid: getattr(nodes.get(gid), "engine_free_hbm_tokens", None) for gid in self.de_groups}
+            if None not in group_tok.values() and None not in group_free.values():
+                self.group_tok, self.group_free = group_tok, group_free
+        if self.group_tok is not None:
+            self.tok = _Loads(topo.state_of, _TOK, pes, pe_states)
+            self.free = _Loads(topo.state_of, _FREE)
+        else:
+            self.tok = _Loads(topo.state_of, _TOK, topo.de_ids, topo.de_states)
+            self.tok.update(zip(pes, map(_TOK, pe_states), strict=True))
+            self.free = _Loads(topo.state_of, _FREE, topo.de_ids, topo.de_states)
         self.seq = _Loads(topo.state_of, _SEQ)
         self.node_of: dict[int, int] = topo.node_of  # shared, read-only
-        # Shared, read-only lists (policies never mutate them).
-        self.pes: list[int] = pes
-        self.de_groups: dict[int, list[int]] = topo.de_groups
-        self.read_q: dict[int, int] = {n.node_id: n.read_queue_tokens for n in snapshot.nodes.values()}
+        self.pes: list[int] = pes  # shared, read-only
+        self.read_q: dict[int, int] = _NodeLoads(snapshot.nodes)
+
+    def group_sums(self) -> tuple[dict[int, int], dict[int, int]]:
+        """(Σ tok_e, Σ free_hbm_tokens) per DE group before this fetch's placements, in de_groups order."""
+        if self.group_tok is not None:
+            return self.group_tok, self.group_free
+        tok, free = self.tok, self.free
+        group_tok = {gid: sum(map(tok.__getitem__, g)) for gid, g in self.de_groups.items()}
+        group_free = {gid: sum(map(free.__getitem__, g)) for gid, g in self.de_groups.items()}
+        return group_tok, group_free
 
     @property
     def des(self) -> list[int]:
@@ -178,8 +226,16 @@ class _Scratch:
 
 
 def _check_unique(queue: Sequence[PendingRequest]) -> None:
-    if len(set(map(_REQUEST_ID, queue))) != len(queue):
+    ids = queue.request_ids if isinstance(queue, QueueWindow) else map(_REQUEST_ID, queue)
+    if len(set(ids)) != len(queue):
         raise ValueError("queue holds the same request_id twice")
+
+
+def _lens(queue: Sequence[PendingRequest]) -> list[int]:
+    """len_r (= PendingRequest.total_tokens) of each request, from a QueueWindow's list when it has one."""
+    if isinstance(queue, QueueWindow):
+        return queue.total_tokens
+    return [r.prompt_tokens + r.gen_tokens for r in queue]
 
 
 def _fetch_role(snapshot: ClusterSnapshot, fetching_node: int | None) -> str | None:
@@ -489,7 +545,7 @@ class DualPathPolicy(InterEnginePolicy):
         mask = (1 << shift) - 1
         try:
             heap = [(group_tok[g] << shift) | i for i, g in enumerate(gids)]
-            steps = [x << shift for x in lens]
+            steps = list(map(operator.lshift, lens, itertools.repeat(shift, len(lens))))
         except TypeError:  # float loads: the tuple path
             return None, None, None
         if min(lens) < 0:
@@ -499,9 +555,7 @@ class DualPathPolicy(InterEnginePolicy):
         keys: list[int] = []
         append = keys.append
         for step in steps:
-            k = heap[0]
-            heapreplace(heap, k + step)
-            append(k)
+            append(heapreplace(heap, heap[0] + step))  # returns the key it replaced: the group's (load, rank)
         r_len = {}
         for k in heap:
             g = gids[k & mask]
@@ -515,28 +569,20 @@ class DualPathPolicy(InterEnginePolicy):
         self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
     ) -> list[Assignment]:
         _check_unique(queue)
-        s = _Scratch(snapshot, _pe_scope(snapshot, fetching_node))
+        s = _Scratch(snapshot, _pe_scope(snapshot, fetching_node), group_sums=True)
         if not s.pes or not s.de_groups:
             return []
-        pe_nodes: dict[int, list[int]] = {}
-        for e in s.pes:
-            pe_nodes.setdefault(s.node_of[e], []).append(e)
+        pe_nodes = s.pe_nodes
         node_min = {n: self._node_min(s, engs) for n, engs in pe_nodes.items()}
         if not queue or self._choose_pe(s, node_min) is None:
             return []  # no PE may take work: nothing is placed, so phase 1 is skipped (same result)
 
         # Phase 1 (lazy): group of each request by the smallest Σ tok_e, and each group's R and Z.
-        tok, free, de_groups = s.tok, s.free, s.de_groups
-        group_tok: dict[int, int] = {}
-        group_free: dict[int, int] = {}
-        heap = []
-        for gid, g in de_groups.items():
-            t = sum(map(tok.__getitem__, g))
-            group_tok[gid] = t
-            group_free[gid] = sum(map(free.__getitem__, g))
-            heap.append((t, gid))
-        lens = [r.prompt_tokens + r.gen_tokens for r in queue]  # len_r (= PendingRequest.total_tokens)
+        de_groups = s.de_groups
+        group_tok, group_free = s.group_sums()
+        lens = _lens(queue)
         r_len, group_of, gid_of_key = self._phase1_fast(de_groups, group_tok, group_free, lens)
+        heap = [(t, gid) for gid, t in group_tok.items()]
         if r_len is None:
             heapq.heapify(heap)
             r_len = dict.fromkeys(de_groups, 0)  # Σ_{r∈R} len_r so far

@@ -606,3 +606,78 @@ def test_topology_cache_follows_a_changed_engine_set():
     snap.nodes.pop(11)
     out = pol.schedule(snap, [req(2)])
     assert [a.decode_engine for a in out] == [100]
+
+
+# ------------------------------------------------- optional runner-kept fields: same decisions, fewer reads
+def _with_runner_fields(snap):
+    """The snapshot as the simulator keeps it: per-node engine sums and an engine-set key."""
+    for n in snap.nodes.values():
+        engs = [e for e in snap.engines.values() if e.node_id == n.node_id]
+        n.engine_tok = sum(e.tok for e in engs)
+        n.engine_free_hbm_tokens = sum(e.free_hbm_tokens for e in engs)
+    snap.engine_set_key = 7
+    return snap
+
+
+def _window(queue):
+    from schedulers.api import QueueWindow
+
+    return QueueWindow(queue, [r.request_id for r in queue], [r.total_tokens for r in queue])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("free_hi", [60_000, 2_000_000])
+def test_runner_kept_sums_and_queue_window_give_the_same_decisions(seed, free_hi):
+    snap, queue = _random_cluster(seed, free_hi=free_hi)
+    kept, _ = _random_cluster(seed, free_hi=free_hi)
+    kept = _with_runner_fields(kept)
+    for name in ("dualpath", "split", "de_only", "pe_only", "basic", "round_robin", "random"):
+        kw = {"alpha_tokens": ALPHA, "beta_tokens": BETA} if name not in ("basic", "round_robin", "random") else {}
+        plain, fast = make_policy(name, **kw), make_policy(name, **kw)
+        for fetching in (None, 0, 3, 7, 15, 0):
+            assert plain.schedule(snap, queue, fetching_node=fetching) == fast.schedule(
+                kept, _window(queue), fetching_node=fetching
+            )
+
+
+def test_runner_kept_sums_are_what_phase1_uses():
+    """With sums on the nodes, DE phase 1 takes them as they are (a runner that lets them drift from its
+    engines' loads gets other decisions: the test that the simulator keeps them exact lives in test_sim_e2e)."""
+    snap = snapshot({0: (0, [{"id": 0}])}, {10: (0, [{"id": 100, "tok": 10}]), 11: (0, [{"id": 101, "tok": 20}])})
+    assert [a.decode_engine for a in dualpath().schedule(snap, [req(0)])] == [100]
+    _with_runner_fields(snap)
+    snap.nodes[10].engine_tok = 30  # says group 10 is the busier one
+    assert [a.decode_engine for a in dualpath().schedule(snap, [req(0)])] == [101]
+    snap.nodes[10].engine_tok = None  # one node without sums: every group is summed from its engines
+    assert [a.decode_engine for a in dualpath().schedule(snap, [req(0)])] == [100]
+
+
+def test_queue_window_checks_lengths_and_duplicates():
+    from schedulers.api import QueueWindow
+
+    q = [req(0), req(1)]
+    with pytest.raises(ValueError, match="one request_id and one total_tokens"):
+        QueueWindow(q, [0], [1100, 1100])
+    with pytest.raises(ValueError, match="same request_id twice"):
+        dualpath().schedule(snapshot({0: (0, [{"id": 0}])}, ONE_DE), QueueWindow(q, [0, 0], [1100, 1100]))
+
+
+def test_engine_set_key_reuses_the_topology_and_copy_drops_it():
+    from schedulers import policies
+
+    pol = dualpath()
+    snap = _with_runner_fields(snapshot({0: (0, [{"id": 0}])}, {10: (0, [{"id": 100}])}))
+    pol.schedule(snap, [req(0)])
+    topo = policies._TOPOLOGY_CACHE[0]
+    pol.schedule(snap, [req(1)])
+    assert policies._TOPOLOGY_CACHE[0] is topo and topo.key == 7
+    cp = snap.copy()
+    assert cp.engine_set_key is None and cp.nodes[10].engine_tok == snap.nodes[10].engine_tok
+    # the copy holds new EngineState objects: its loads are read, not the cached objects'
+    cp.engines[100].free_hbm_tokens = 0
+    cp.nodes[10].engine_free_hbm_tokens = 0
+    assert pol.schedule(cp, [req(2)]) == []
+    # a new key on the same dict: re-checked (same objects: the same topology is kept)
+    snap.engine_set_key = 8
+    pol.schedule(snap, [req(3)])
+    assert policies._TOPOLOGY_CACHE[0] is not topo or topo.key == 8

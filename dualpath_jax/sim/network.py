@@ -418,28 +418,24 @@ class FlowNetwork:
             return
         self.solves += 1
         self.solved_flows += len(flows)
-        link_flows = self.link_flows
         low_cap = self.low_cap
-        inf = math.inf
         if len(flows) == 1:
             # One flow (the common case): it gets the smallest low-class capacity on its path, or its cap.
             f = flows[0]
             share = f.max_rate
-            for link in f.path:
+            path = f.path
+            for link in path:
                 rem = low_cap[link]
                 if rem < share:
                     share = rem
             f.nr = share
-            agg = dict.fromkeys(links, 0.0)
-            for link in f.path:
-                agg[link] = f.nr
+            agg = None
         else:
             agg = self._all_capped(links, flows, low_cap)
             if agg is None:
-                agg = self._fill(links, flows, link_flows, low_cap)
-        sched = self.scheduler
+                agg = self._fill(links, flows, self.link_flows, low_cap)
         group = None if self.group_scheduler is None else []
-        t_min = inf
+        t_min = math.inf
         for f in flows:
             r = f.nr
             if r != f.rate or f.version == 0:
@@ -455,17 +451,38 @@ class FlowNetwork:
                         if group is None:
                             f.event_t = t
                             f.version += 1
-                            sched(t, f, f.version)
+                            self.scheduler(t, f, f.version)
                         else:
                             group.append(f)
                             if t < t_min:
                                 t_min = t
         if group:
             self._push_group(group, t_min)
+        # Per-link aggregate rates: bytes moved at the old rate are accounted up to now (_account_link,
+        # its one-bucket case inline).
+        link_t = self._link_t
+        bucket_s = self.bucket_s
+        buckets = self.buckets
+        link_total = self.link_total
         for link in links:
-            a = agg[link]
-            if a != link_rate[link]:
-                self._account_link(link, now, a)
+            if agg is None:
+                a = share if link in path else 0.0
+            else:
+                a = agg[link]
+            r = link_rate[link]
+            if a != r:
+                t0 = link_t[link]
+                if r > 0.0 and now > t0:
+                    nb = r * (now - t0)
+                    k0 = int(t0 // bucket_s)
+                    if k0 == int(now // bucket_s):
+                        d = buckets[link]
+                        d[k0] = d.get(k0, 0.0) + nb
+                    else:
+                        self._account(link, t0, now, nb, buckets)
+                    link_total[link] += nb
+                link_t[link] = now
+                link_rate[link] = a
 
     @staticmethod
     def _all_capped(links, flows, low_cap) -> dict[int, float] | None:
