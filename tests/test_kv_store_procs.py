@@ -212,8 +212,17 @@ def test_processes_evicting_and_rewriting_shared_blocks_never_read_wrong_kv(tmp_
 def test_fork_after_reads(tmp_path, method):
     """A child forked after reads (open files cached, blocks mapped, the I/O pool's threads started) reads, writes
     and detects damage with the inherited store, also through read_many and submit_write (pools of its own); the
-    parent keeps reading right afterwards."""
-    store = LocalDirStore(str(tmp_path / "kv"), SMALL, **METHODS[method])
+    parent keeps reading right afterwards. The forking process is a fresh interpreter (this test process has JAX's
+    threads, which make os.fork() unsafe here)."""
+    p = _child("fork", str(tmp_path / "kv"), method)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    assert out.strip().splitlines()[-1] == "fork ok", out
+
+
+def _fork_main(root: str, method: str) -> None:
+    """test_fork_after_reads, in a fresh interpreter; prints "fork ok" when every check passed."""
+    store = LocalDirStore(root, SMALL, **METHODS[method])
     keys = keys_of(5, 6, SMALL)
     out = np.zeros(SMALL.full_block_nbytes, np.uint8)
     layer = np.zeros(SMALL.layer_block_nbytes, np.uint8)
@@ -247,12 +256,13 @@ def test_fork_after_reads(tmp_path, method):
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"forked child: {status}"
     for k in (keys[0], keys[2], keys[3], keys[4]):  # the child's block too (a lookup adopts it)
         assert store.lookup([k]) == 1 and store.read(k, out)
         np.testing.assert_array_equal(out, content(k, SMALL))
     assert not store.read(keys[1], out)  # the block the child damaged (and removed) is a miss here too
     store.close()
+    print("fork ok", flush=True)
 
 
 if __name__ == "__main__":
@@ -261,6 +271,8 @@ if __name__ == "__main__":
         _writer_main(sys.argv[2], int(sys.argv[3]))
     elif mode == "churn":
         _churn_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+    elif mode == "fork":
+        _fork_main(sys.argv[2], sys.argv[3])
     elif mode == "mixed":
         _mixed_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
     else:
