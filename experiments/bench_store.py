@@ -74,20 +74,7 @@ def _paired(variants: dict, n_items: int, repeats: int) -> Timings:
     """Seconds per variant: each item i is run by every variant back to back (order rotating), and a variant's
     time is the sum over items of its best time on that item. Pairing in time keeps a shared machine's load
     spikes from landing on one side of a comparison only."""
-    best = {name: [float("inf")] * n_items for name in variants}
-    cpu = dict.fromkeys(variants, 0.0)
-    names = list(variants)
-    for r in range(repeats):
-        for i in range(n_items):
-            for k in range(len(names)):
-                name = names[(k + r + i) % len(names)]
-                c0 = time.process_time()
-                t0 = time.perf_counter()
-                variants[name](i)
-                dt = time.perf_counter() - t0
-                cpu[name] += time.process_time() - c0
-                best[name][i] = min(best[name][i], dt)
-    return Timings({name: sum(v) for name, v in best.items()}, {n: c / repeats for n, c in cpu.items()})
+    return _interleaved(variants, n_items, repeats, spread=0)
 
 
 def _paired_streaming(variants: dict, n_items: int, repeats: int) -> Timings:
@@ -95,14 +82,19 @@ def _paired_streaming(variants: dict, n_items: int, repeats: int) -> Timings:
     item (i + k * n_items // len(variants)) % n_items), so no variant finds bytes another one just touched: each
     read's source and destination come from DRAM, as in serving. A variant's time is the sum over items of its
     best time on that item, so one variant's unlucky moment on a shared machine does not land in its total."""
+    return _interleaved(variants, n_items, repeats, spread=max(1, n_items // len(variants)))
+
+
+def _interleaved(variants: dict, n_items: int, repeats: int, spread: int) -> Timings:
+    """The timing loop of _paired (spread 0: all variants on item i, order rotating with i) and
+    _paired_streaming (variant k on item i + k * spread)."""
     best = {name: [float("inf")] * n_items for name in variants}
     cpu = dict.fromkeys(variants, 0.0)
     names = list(variants)
-    spread = max(1, n_items // len(names))
     for r in range(repeats):
         for i in range(n_items):
             for k in range(len(names)):
-                name = names[(k + r) % len(names)]
+                name = names[(k + r + (0 if spread else i)) % len(names)]
                 item = (i + k * spread) % n_items
                 c0 = time.process_time()
                 t0 = time.perf_counter()
