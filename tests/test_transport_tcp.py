@@ -703,7 +703,7 @@ def test_batches_stay_in_order_when_the_socket_is_full(size, per, sndbuf):
 
 def test_bad_remote_offset_or_tag_raises_and_records_nothing(server):
     """A remote offset or notify tag that is not an integer is refused before anything is recorded or sent
-    (numpy integers are fine); the connection keeps working."""
+    (numpy integers are fine, in `write` and in `write_many` entries); the connection keeps working."""
     c = _connect_client(server)
     try:
         with pytest.raises(RegionError, match="remote offset must be an int"):
@@ -717,6 +717,12 @@ def test_bad_remote_offset_or_tag_raises_and_records_nothing(server):
         assert not c._live_peer(server.name).pending
         assert c.write(server.name, "src", 0, "dst", np.int64(100), 10, notify=np.int32(7)).result(5) == 10
         assert server.wait_notification(tag=7, timeout=5).offset == 100
+        with pytest.raises(RegionError, match="remote offset must be an int"):
+            c.write_many(server.name, [("src", 0, 10, "dst", 0), ("src", 0, 10, "dst", 2.5)])
+        assert not c._live_peer(server.name).pending
+        entries = [("src", 0, 10, "dst", np.int64(200)), ("src", 10, 10, "dst", np.uint32(300))]
+        assert c.write_many(server.name, entries, notify=np.int64(8)).result(5) == 20
+        assert server.wait_notification(tag=8, timeout=5).offset == 300
     finally:
         c.close()
 

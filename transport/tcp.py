@@ -1233,8 +1233,7 @@ class TcpTransport(Transport):
 
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
         """The peer's region sizes are known here (asked once per region name): check before posting."""
-        if not isinstance(offset, int):
-            raise RegionError(f"remote offset must be an int, got {offset!r}")
+        offset = _as_int(offset, "remote offset")  # numpy integers are fine, as in `write`
         _, size = self._remote_region_of(self._peer_for(peer), region)
         if offset < 0 or offset + length > size:
             raise RegionError(
