@@ -33,7 +33,7 @@ def test_equal_prefixes_share_keys_and_a_changed_token_changes_all_later_keys():
     b[64 * 2 + 7] += 1  # change one token in block 2
     ka, kb = block_keys(a, 64), block_keys(b, 64)
     assert ka[:2] == kb[:2]
-    assert all(x != y for x, y in zip(ka[2:], kb[2:]))
+    assert all(x != y for x, y in zip(ka[2:], kb[2:], strict=True))
 
 
 def test_list_and_array_dtypes_give_the_same_keys():

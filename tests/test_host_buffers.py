@@ -18,7 +18,7 @@ def test_slots_are_disjoint_writable_views_of_one_aligned_arena():
     assert not set(a.slots) & set(b.slots)
     for i, v in enumerate(a.views + b.views):
         v[:] = i + 1
-    for off, v in zip(a.offsets + b.offsets, a.views + b.views):
+    for off, v in zip(a.offsets + b.offsets, a.views + b.views, strict=True):
         np.testing.assert_array_equal(pool.arena[off : off + 1000], v)  # offsets address the arena
         assert np.shares_memory(v, pool.arena)
     assert pool.stats().bytes_in_use == 5000 and pool.free_slots == 1

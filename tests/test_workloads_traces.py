@@ -260,5 +260,5 @@ def test_all_real_traces_load_consistently():
         assert sum(len(t.turns) for t in trajs) == lines
         sessions = sessions + trajs
     for t in sessions:
-        for (prompt, hit, _), turn in zip(t.turn_shapes(64), t.turns):
+        for (prompt, hit, _), turn in zip(t.turn_shapes(64), t.turns, strict=True):
             assert 0 <= hit < prompt and turn.context_tokens < prompt

@@ -42,7 +42,7 @@ class ArrivalModel(abc.ABC):
     def with_arrivals(self, trajectories: Sequence[Trajectory]) -> list[Trajectory]:
         """Copies of `trajectories` whose arrival_time is this model's agent arrival."""
         times = self.agent_arrivals(trajectories)
-        return [dataclasses.replace(t, arrival_time=float(a)) for t, a in zip(trajectories, times)]
+        return [dataclasses.replace(t, arrival_time=float(a)) for t, a in zip(trajectories, times, strict=True)]
 
 
 @ARRIVALS.register("offline")

@@ -66,7 +66,7 @@ def summarize(trajectories: Sequence[Trajectory], block_size: int = 64) -> Workl
     prompts, hits, appends, gens, gaps, totals, nturns = [], [], [], [], [], [], []
     for t in trajs:
         shapes = t.turn_shapes(block_size)
-        for (prompt, hit, gen), turn in zip(shapes, t.turns):
+        for (prompt, hit, gen), turn in zip(shapes, t.turns, strict=True):
             prompts.append(prompt)
             hits.append(hit)
             appends.append(turn.append_tokens)

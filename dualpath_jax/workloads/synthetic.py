@@ -156,7 +156,7 @@ def generate_trajectory(
         g = np.maximum(1, np.rint(_lognormal(rng, spec.gen_mean, spec.gen_sigma, chunk))).astype(np.int64)
         cum = total + np.cumsum(a + g)
         fit = int(np.searchsorted(cum, limit, side="right"))  # turns that keep total <= limit
-        turns.extend(Turn(int(x), int(y)) for x, y in zip(a[:fit], g[:fit]))
+        turns.extend(Turn(int(x), int(y)) for x, y in zip(a[:fit], g[:fit], strict=True))
         if fit < chunk:
             break
         total = int(cum[-1])
@@ -204,7 +204,7 @@ def make_agents(
     picks = rng.integers(0, len(base), n_agents)
     prefix_lens = rng.integers(1, prefix_max_tokens + 1, n_agents)
     agents = []
-    for agent_id, (b, p) in enumerate(zip(picks, prefix_lens)):
+    for agent_id, (b, p) in enumerate(zip(picks, prefix_lens, strict=True)):
         src = base[int(b)]
         turns = [Turn(int(p), 1)] + list(src.turns)
         if with_token_ids:
