@@ -55,12 +55,12 @@ def _largest_fitting_chunk(
     return lo
 
 
-def _check_queue(queue: Sequence[PrefillWork]) -> None:
-    for w in queue:
-        if w.remaining_tokens < 0 or w.cached_tokens < 0:
-            raise ValueError(
-                f"prefill work {w.request_id}: negative tokens (cached={w.cached_tokens}, remaining={w.remaining_tokens})"
-            )
+def _check_work(w: PrefillWork) -> None:
+    """Checked as a batcher reaches each request (batchers read a FIFO prefix, not the whole queue)."""
+    if w.remaining_tokens < 0 or w.cached_tokens < 0:
+        raise ValueError(
+            f"prefill work {w.request_id}: negative tokens (cached={w.cached_tokens}, remaining={w.remaining_tokens})"
+        )
 
 
 @BATCHERS.register("fifo")
@@ -83,12 +83,13 @@ class FifoBatcher(IntraEnginePolicy):
         self.config = config or self.Config()
 
     def form_batch(self, queue: Sequence[PrefillWork]) -> list[BatchItem]:
-        _check_queue(queue)
         left = self.config.token_budget
         out: list[BatchItem] = []
         for w in queue:
             if self.config.max_requests is not None and len(out) >= self.config.max_requests:
                 break
+            if w.remaining_tokens <= 0 or w.cached_tokens < 0:
+                _check_work(w)
             if w.remaining_tokens == 0:
                 continue
             take = min(w.remaining_tokens, left)
@@ -128,7 +129,6 @@ class ComputeQuotaBatcher(IntraEnginePolicy):
         self.cost_model = c.cost_model if c.cost_model is not None else CostModel(c.model, c.hardware)
 
     def form_batch(self, queue: Sequence[PrefillWork]) -> list[BatchItem]:
-        _check_queue(queue)
         c = self.config
         quota = c.quota_s
         used = 0.0
@@ -137,8 +137,10 @@ class ComputeQuotaBatcher(IntraEnginePolicy):
         attention_time = self.cost_model.attention_time
         for w in queue:
             remaining = w.remaining_tokens
-            if remaining == 0:
-                continue
+            if remaining <= 0 or w.cached_tokens < 0:
+                _check_work(w)
+                if remaining == 0:
+                    continue
             upper = int(min(remaining, tokens_left))
             if upper <= 0:
                 break

@@ -35,6 +35,15 @@ def test_fifo_skips_finished_and_rejects_negative():
         b.form_batch([work(1, 0, -1)])
 
 
+def test_compute_quota_rejects_negative_work_it_reaches():
+    b = make_batcher("compute_quota")
+    with pytest.raises(ValueError, match="negative"):
+        b.form_batch([work(1, -5, 10)])
+    with pytest.raises(ValueError, match="negative"):
+        b.form_batch([work(1, 0, 0), work(2, 0, -1)])
+    assert [x.request_id for x in b.form_batch([work(1, 0, 0), work(2, 0, 5)])] == [2]
+
+
 def test_largest_fitting_bsz_matches_brute_force():
     for cached in (0, 100, 5000, 60_000):
 

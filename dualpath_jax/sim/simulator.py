@@ -525,7 +525,7 @@ class Simulator:
         if not pe.queue:
             pe.busy = False
             return
-        work = [r.work for r in pe.queue]
+        work = _WorkView(pe.queue)  # batchers read a FIFO prefix: no PrefillWork list of the whole queue
         items = self.batcher.form_batch(work)
         if not items:
             raise RuntimeError(f"batcher {self.cfg.batcher!r} formed an empty batch from {len(work)} requests")
@@ -607,7 +607,12 @@ class Simulator:
             else:
                 r.work = PrefillWork(r.rid, r.cached, r.remaining)
         if done_ids:
-            pe.queue = [r for r in pe.queue if r.rid not in done_ids]
+            q = pe.queue
+            k = len(done_ids)
+            if all(q[i].rid in done_ids for i in range(k)):  # the usual case: the finished requests lead the queue
+                del q[:k]
+            else:
+                pe.queue = [r for r in q if r.rid not in done_ids]
             for r in batch.reqs:
                 if r.rid in done_ids:
                     done_ids.discard(r.rid)
@@ -824,6 +829,27 @@ class Simulator:
             "link_totals": {name: tot for name, tot in zip(self.net.names, self.net.link_total, strict=False)},
         }
         return self.records, links, stats
+
+
+class _WorkView(Sequence):
+    """The PrefillWork of a PE's queued requests, read lazily (batchers stop after a FIFO prefix)."""
+
+    __slots__ = ("_q",)
+
+    def __init__(self, queue: list):
+        self._q = queue
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [r.work for r in self._q[i]]
+        return self._q[i].work
+
+    def __iter__(self):
+        for r in self._q:
+            yield r.work
 
 
 class _Call:
