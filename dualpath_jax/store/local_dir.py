@@ -68,14 +68,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import block_file
 from dualpath_jax.store.api import STORES, KVStore, StoreStats
 
 log = logging.getLogger(__name__)
-_xxh3 = xxhash.xxh3_64_intdigest
 
 _SUFFIX = ".kvb"
 _TMP_PREFIX = ".tmp."
@@ -722,13 +720,19 @@ class LocalDirStore(KVStore):
                     if got != m:
                         return f"truncated: read {got} of {m} B at offset {file_off + off}"
                 if verify:
-                    first = layer0 + off // lbn
-                    want_sums = stored[first : first + m // lbn]
-                    got_sums = block_file.layer_checksum_list(piece, lbn, algo)
-                    if got_sums != want_sums:
-                        bad = [first + j for j, (a, b) in enumerate(zip(got_sums, want_sums, strict=True)) if a != b]
-                        return f"checksum mismatch in Layer Block(s) {bad}"
+                    reason = self._check_chunk(piece, layer0 + off // lbn, algo, stored)
+                    if reason is not None:
+                        return reason
         return None
+
+    def _check_chunk(self, chunk: np.ndarray, first: int, algo: str, stored: list[int]) -> str | None:
+        """None if the Layer Blocks packed in `chunk` (layers first, first+1, ...) match their header sums."""
+        got_sums = block_file.layer_checksum_list(chunk, self._lbn, algo)
+        want_sums = stored[first : first + len(got_sums)]
+        if got_sums == want_sums:
+            return None
+        bad = [first + j for j, (a, b) in enumerate(zip(got_sums, want_sums, strict=True)) if a != b]
+        return f"checksum mismatch in Layer Block(s) {bad}"
 
     def _read_mapped(self, ent: _OpenBlock, key: bytes, dst, layer_list, runs) -> str | None:
         """A verified read through a read-only mapping of the block file (read_method="mmap"); as _read_fd.
@@ -773,15 +777,11 @@ class LocalDirStore(KVStore):
                 for off in range(0, n, step):
                     m = min(step, n - off)
                     a = file_off + off
-                    first = layer0 + off // lbn
-                    want_sums = stored[first : first + m // lbn]
-                    if algo == "xxh3":
-                        got_sums = [_xxh3(src[o : o + lbn]) for o in range(a, a + m, lbn)]
-                    else:
-                        got_sums = block_file.layer_checksum_list(np.frombuffer(src[a : a + m], np.uint8), lbn, algo)
-                    if got_sums != want_sums:
-                        bad = [first + j for j, (x, y) in enumerate(zip(got_sums, want_sums, strict=True)) if x != y]
-                        return f"checksum mismatch in Layer Block(s) {bad}"
+                    reason = self._check_chunk(
+                        np.frombuffer(src[a : a + m], np.uint8), layer0 + off // lbn, algo, stored
+                    )
+                    if reason is not None:
+                        return reason
                     out[out_off + off : out_off + off + m] = src[a : a + m]
             return None
         finally:
