@@ -430,13 +430,7 @@ class _Conn:
         """Queue a frame; `priority` names the pacer class of its payload (None = control frame, unpaced)."""
         n = 0 if payload is None else payload.nbytes
         with self.lock:
-            if (
-                self.jobs
-                or self.busy
-                or self.stopped
-                or n > INLINE_MAX
-                or (n and priority is not None and self.owner.pacer is not None)
-            ):
+            if not self._inline_free_locked(n, INLINE_MAX, paced=priority is not None):
                 self.jobs.append((header, payload, fut, priority))
                 self.cv.notify()
                 return
@@ -1160,9 +1154,7 @@ class TcpTransport(Transport):
             or not 0 <= local_offset <= src.size - length
         ):
             src.check(local_offset, length, f"write from {self.name}:{local_region}")
-        p = self._live.get(peer)  # lock-free: a dict lookup is atomic
-        if p is None or p.dead is not None or self._closed:
-            p = self._get_peer(peer)
+        p = self._peer_for(peer)
         rid, size = p.remote_regions.get(remote_region) or self._remote_region_of(p, remote_region)
         if type(remote_offset) is not int:
             remote_offset = _as_int(remote_offset, "remote offset")
@@ -1176,13 +1168,11 @@ class TcpTransport(Transport):
         else:
             flags, tag = FLAG_NOTIFY, notify if type(notify) is int else _as_int(notify, "notify tag", TypeError)
         req = next(self._req_ids)
-        body = _HEADER_BODY.pack(MAGIC, VERSION, OP_WRITE, flags, rid, remote_offset, length, tag, req)
+        header = pack_header(OP_WRITE, flags, rid, remote_offset, length, tag, req)
         fut = _Request()
         fut.length = length
         p.add(req, fut)
-        p.conns[priority].enqueue(
-            body + _CRC.pack(_crc32(body)), src.view[local_offset : local_offset + length], priority=priority
-        )
+        p.conns[priority].enqueue(header, src.view[local_offset : local_offset + length], priority=priority)
         return fut
 
     def write_many(
