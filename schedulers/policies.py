@@ -57,6 +57,7 @@ _TOK = operator.attrgetter("tok")
 _SEQ = operator.attrgetter("seq")
 _FREE = operator.attrgetter("free_hbm_tokens")
 _REQUEST_ID = operator.attrgetter("request_id")
+_READ_Q = operator.attrgetter("read_queue_tokens")
 
 
 class _Topology:
@@ -125,7 +126,7 @@ def _topology(snapshot: ClusterSnapshot) -> _Topology:
 
 
 class _Loads(dict):
-    """engine id -> one load field: filled in bulk for the engines every fetch reads, and on first read
+    """engine (or node) id -> one load field: filled in bulk for the engines every fetch reads, and on first read
     (`__missing__`) from the snapshot for the others (copy on read; lookups of present keys stay C-fast)."""
 
     __slots__ = ("getter", "state_of")
@@ -138,21 +139,6 @@ class _Loads(dict):
     def __missing__(self, engine_id: int) -> int:
         value = self.getter(self.state_of[engine_id])
         self[engine_id] = value
-        return value
-
-
-class _NodeLoads(dict):
-    """node id -> read_queue_tokens, copied from the snapshot on first read."""
-
-    __slots__ = ("nodes",)
-
-    def __init__(self, nodes: dict):
-        super().__init__()
-        self.nodes = nodes
-
-    def __missing__(self, node_id: int) -> int:
-        value = self.nodes[node_id].read_queue_tokens
-        self[node_id] = value
         return value
 
 
@@ -197,7 +183,7 @@ class _Scratch:
         self.seq = _Loads(topo.state_of, _SEQ)
         self.node_of: dict[int, int] = topo.node_of  # shared, read-only
         self.pes: list[int] = pes  # shared, read-only
-        self.read_q: dict[int, int] = _NodeLoads(snapshot.nodes)
+        self.read_q: dict[int, int] = _Loads(snapshot.nodes, _READ_Q)  # node id -> read_q, on first read
 
     def group_sums(self) -> tuple[dict[int, int], dict[int, int]]:
         """(Σ tok_e, Σ free_hbm_tokens) per DE group before this fetch's placements, in de_groups order."""
