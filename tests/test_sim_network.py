@@ -12,13 +12,20 @@ from dualpath_jax.sim.network import FlowNetwork, max_min_rates
 class _Loop:
     """A minimal event loop driving a FlowNetwork (the simulator's loop, without engines)."""
 
-    def __init__(self, bucket_s=1.0):
+    def __init__(self, bucket_s=1.0, defer=False, wake=False):
         self.net = FlowNetwork(bucket_s=bucket_s)
+        self.net.defer = defer  # True: one settle per instant, as the simulator's loop does
         self.events = []
         self.seq = 0
         self.now = 0.0
         self.done = {}
         self.net.scheduler = self._sched
+        if wake:  # the simulator's way: the network's own completion heap, one check event at its earliest
+            self.net.wake = lambda t: self._push(t, "check", t)
+
+    def _push(self, t, kind, arg):
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, arg))
 
     def _sched(self, t, f, version):
         self.seq += 1
@@ -41,10 +48,17 @@ class _Loop:
                 self.net.start_flow(path, size, t, lambda name=name: self.done.__setitem__(name, self.now), max_rate)
             elif kind == "high":
                 self.net.set_high_load(arg[0], arg[1], t)
+            elif kind == "check":
+                done = self.net.check_due(t)
+                self.net.finish_flows(done, t)
+                for f in done:
+                    f.on_done()
             else:
                 f, version = arg
                 if self.net.handle_event(f, version, t):
                     f.on_done()
+            if not self.events or self.events[0][0] > t:
+                self.net.settle(t)
         self.net.flush(self.now)
         return self.done
 
@@ -153,9 +167,9 @@ def test_incremental_solve_touches_only_the_component():
     assert fa.rate == pytest.approx(0.5)
 
 
-def _random_scenario(seed, scale=1.0):
+def _random_scenario(seed, scale=1.0, defer=False, wake=False):
     rng = random.Random(seed)
-    lp = _Loop(bucket_s=0.7)
+    lp = _Loop(bucket_s=0.7, defer=defer, wake=wake)
     n_links = rng.randint(2, 5)
     links = [lp.net.add_link(f"l{k}", rng.uniform(1, 10) * scale) for k in range(n_links)]
     sizes = []
@@ -242,3 +256,67 @@ def test_incremental_rates_equal_reference_as_flows_start_and_finish(seed, cappe
             cap = rng.uniform(0.05, 4.0) if rng.random() < capped_share else math.inf
             active.append(net.start_flow(path, 1e9, float(step), None, cap))
         check()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_deferred_solves_give_the_reference_rates(seed):
+    """Defer mode (the simulator): several starts, finishes and high-class changes at one instant, then one
+    settle; the rates equal the reference solver on the active set, and nothing is solved before the settle."""
+    rng = random.Random(seed)
+    n_links = rng.randint(1, 6)
+    caps = [rng.uniform(1, 10) for _ in range(n_links)]
+    net = FlowNetwork()
+    for k, c in enumerate(caps):
+        net.add_link(f"l{k}", c, high_share=0.5)
+    net.scheduler = lambda t, f, v: None
+    net.defer = True
+    active = []
+    high = [0.0] * n_links
+    for step in range(8):
+        now = float(step)
+        for _ in range(rng.randint(1, 5)):
+            u = rng.random()
+            if active and u < 0.35:
+                net.finish_flow(active.pop(rng.randrange(len(active))), now)
+            elif u < 0.5:
+                link = rng.randrange(n_links)
+                high[link] = rng.choice([0.0, rng.uniform(0.1, 8.0)])
+                net.set_high_load(link, high[link], now)
+            else:
+                path = tuple(rng.sample(range(n_links), rng.randint(1, min(3, n_links))))
+                cap = rng.uniform(0.05, 4.0) if rng.random() < 0.3 else math.inf
+                f = net.start_flow(path, 1e9, now, None, cap)
+                assert f.rate == 0.0  # not solved before the settle
+                active.append(f)
+        solves = net.solves
+        net.settle(now)
+        assert net.solves <= solves + 1  # one solve for the whole instant
+        low = [c - min(h, 0.5 * c) for c, h in zip(caps, high, strict=True)]
+        ref = max_min_rates(low, [f.path for f in active], [f.max_rate for f in active])
+        assert [f.rate for f in active] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_deferred_solves_finish_flows_at_the_same_times(seed):
+    exact, _, _ = _random_scenario(seed)
+    deferred, links, sizes = _random_scenario(seed, defer=True)
+    t_exact, t_deferred = exact.run(), deferred.run()
+    assert t_deferred == pytest.approx(t_exact, rel=1e-9)
+    for link in links:  # byte conservation holds in defer mode too
+        assert sum(deferred.net.buckets[link].values()) == pytest.approx(sum(s for p, s in sizes if link in p))
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_completion_heap_finishes_flows_at_the_per_flow_event_times(seed):
+    """`wake` mode (one check event at the earliest projected completion) gives exactly the completion
+    times of one event per flow, deferred solves or not (no coalescing below COALESCE_MIN_FLOWS flows)."""
+    per_flow, _, _ = _random_scenario(seed)
+    expected = per_flow.run()
+    for defer in (False, True):
+        heap_mode, links, sizes = _random_scenario(seed, defer=defer, wake=True)
+        got = heap_mode.run()
+        assert got.keys() == expected.keys()
+        assert [got[k] for k in sorted(got)] == pytest.approx([expected[k] for k in sorted(expected)], rel=1e-9)
+        assert heap_mode.net._due == [] or all(f.fid not in heap_mode.net.flows for _, _, _, f in heap_mode.net._due)
+        for link in links:
+            assert sum(heap_mode.net.buckets[link].values()) == pytest.approx(sum(s for p, s in sizes if link in p))

@@ -125,11 +125,12 @@ class FlowNetwork:
     Speed: a solve touches only the component of the change; within it, progressive filling runs over a
     heap of link shares (shares only grow as flows freeze, so stale heap entries are re-pushed lazily);
     a flow whose rate is unchanged is not touched; bytes are accounted per link from the link's aggregate
-    rate (one update per link whose aggregate changed), not per flow. With `group_scheduler` set (the
-    simulator), a solve pushes one check event for all the flows it made finish earlier, and in a busy
-    network completions within `coalesce_s` of a check finish together with one solve (`handle_group`).
-    The component is found by stamping flows and links (no sets); a one-flow component, and one whose
-    flows are all capped below every link's capacity (storage read streams), skip the heap (same rates).
+    rate (one update per link whose aggregate changed), not per flow. With `wake` set (the simulator), the
+    network keeps its own heap of projected completions and asks the simulator for one check event at the
+    earliest of them (`check_due`); in a busy network completions within `coalesce_s` of a check finish
+    together with one solve. The component is found by stamping flows and links (no sets); a one-flow
+    component, and one whose flows are all capped below every link's capacity (storage read streams), skip
+    the heap (same rates).
     """
 
     def __init__(self, bucket_s: float = 10.0):
@@ -156,13 +157,23 @@ class FlowNetwork:
         self.solves = 0
         self.solved_flows = 0
         self.scheduler: Callable[[float, Flow, int], None] | None = None
-        # Optional: `group_scheduler(time, [(flow, version), ...])` schedules one check event for all the
-        # flows a solve made finish earlier (see `handle_group`); without it, one event per flow.
-        self.group_scheduler: Callable[[float, list], None] | None = None
-        # With group events and at least COALESCE_MIN_FLOWS active flows: a flow that would finish within
-        # `coalesce_s` after a group check is finished at that check (its last bytes are accounted there),
+        # Optional: `wake(time)` schedules one network check event (`check_due`) at `time`. With it, projected
+        # completions go to the network's own heap `_due` of (time, fid, version, flow), and the simulator
+        # holds one event for the earliest of them instead of one event per flow; without it, `scheduler`.
+        self.wake: Callable[[float], None] | None = None
+        self._due: list = []
+        self._wake_t = math.inf  # the earliest check asked of `wake` and not yet run
+        self._asked: set[float] = set()  # times of the check events asked for and not yet run
+        # With `wake` and at least COALESCE_MIN_FLOWS active flows: a flow that would finish within
+        # `coalesce_s` after a check is finished at that check (its last bytes are accounted there),
         # so near-simultaneous completions cost one solve instead of one each. 0: exact completion times.
         self.coalesce_s = 0.0
+        # Deferred solves (`defer = True`, the simulator): changes only record their links, and one `settle`
+        # re-solves them all before time moves on. Rates matter only over positive time, so every change at
+        # one instant (a batch's flows ending, its requests' next flows and the next batch starting) costs
+        # one solve of their union instead of one each; the rates are the same max-min solution.
+        self.defer = False
+        self._pending: list[int] = []  # seed links of the changes not solved yet (defer mode)
 
     # ---- topology -------------------------------------------------------------------------------------
     def add_link(self, name: str, capacity: float, high_share: float = 0.99) -> int:
@@ -234,7 +245,10 @@ class FlowNetwork:
         fid = f.fid
         for link in f.path:
             self.link_flows[link][fid] = f
-        self._resolve(f.path, now)
+        if self.defer:
+            self._pending.extend(f.path)
+        else:
+            self._resolve(f.path, now)
         return f
 
     def start_flows(self, specs: Sequence[tuple[Sequence[int], float, object, float]], now: float) -> list[Flow]:
@@ -255,7 +269,10 @@ class FlowNetwork:
             seeds.update(f.path)
             flows.append(f)
         if flows:
-            self._resolve(list(seeds), now)
+            if self.defer:
+                self._pending.extend(seeds)
+            else:
+                self._resolve(list(seeds), now)
         return flows
 
     def handle_event(self, f: Flow, version: int, now: float) -> bool:
@@ -277,46 +294,47 @@ class FlowNetwork:
         self.finish_flow(f, now)
         return True
 
-    def handle_group(self, group: list, now: float) -> list[Flow]:
-        """A group check event fired (`group_scheduler`): returns the flows of `group` whose last byte has
-        arrived (the caller finishes them with `finish_flows`, then calls their `on_done`); the others still
-        current are re-armed together, as one new group event at the earliest of their completion times.
+    def check_due(self, now: float) -> list[Flow]:
+        """The check event that `wake(now)` asked for fired: returns the flows whose last byte has arrived
+        (the caller finishes them with `finish_flows`, then calls their `on_done`), in (projected time, fid)
+        order, or [] when an earlier check was asked for since (it ran first). Flows that slowed down since
+        their entry was pushed are re-pushed at their new time; then the next check is asked for at the
+        earliest entry left.
 
-        One event per solve instead of one per flow that sped up: when flows finish one by one in a large
-        component, each finish speeds up the rest, and per-flow events left ~20 stale heap entries per flow.
+        One heap for all completions: a solve that speeds up many flows pushes one entry each (C heap ops),
+        and a check pops only the entries that are due, instead of walking every flow a solve touched.
         """
-        done = []
-        rearm = []
-        t_min = math.inf
+        self._asked.discard(now)
+        if now != self._wake_t:
+            return []
+        self._wake_t = math.inf
+        due = self._due
         flows = self.flows
+        done = []
         # Coalesce only in a busy network, where solves are large; small networks stay exact.
         horizon = now + self.coalesce_s if len(flows) >= COALESCE_MIN_FLOWS else now
-        for f, version in group:
-            if f.version != version or f.fid not in flows:
-                continue  # covered by a newer event, or finished
+        while due and due[0][0] <= horizon:
+            _, fid, version, f = heapq.heappop(due)
+            if f.version != version or fid not in flows:
+                continue  # covered by a newer entry, or finished
             f.event_t = math.inf
             rem = f.remaining - f.rate * (now - f.t_last)
             if rem > 1e-9 * f.size + _EPS_BYTES:
                 if f.rate <= 0.0:
-                    continue  # stalled: the re-solve that gives it bandwidth again schedules it
+                    continue  # stalled: the re-solve that gives it bandwidth again pushes a new entry
                 t = now + rem / f.rate
-                if t > now + 8.0 * math.ulp(now) and t > horizon:  # it slowed down since: re-arm
-                    rearm.append(f)
-                    if t < t_min:
-                        t_min = t
+                if t > now + 8.0 * math.ulp(now) and t > horizon:  # it slowed down since: re-push
+                    f.event_t = t
+                    f.version += 1
+                    heapq.heappush(due, (t, fid, f.version, f))
                     continue
             done.append(f)
-        if rearm:
-            self._push_group(rearm, t_min)
+        if due:
+            t = self._wake_t = due[0][0]
+            if t not in self._asked:  # an event asked for earlier at that time serves
+                self._asked.add(t)
+                self.wake(t)
         return done
-
-    def _push_group(self, fl: list[Flow], t: float) -> None:
-        group = []
-        for f in fl:
-            f.event_t = t
-            f.version += 1
-            group.append((f, f.version))
-        self.group_scheduler(t, group)
 
     def finish_flows(self, fl: Sequence[Flow], now: float) -> None:
         """Finish several flows at `now` with one solve over the union of their components. Bytes a flow
@@ -335,7 +353,10 @@ class FlowNetwork:
                 self.link_flows[link].pop(f.fid, None)
             seeds.update(f.path)
         if seeds:
-            self._resolve(list(seeds), now)
+            if self.defer:
+                self._pending.extend(seeds)
+            else:
+                self._resolve(list(seeds), now)
 
     def finish_flow(self, f: Flow, now: float) -> None:
         """Called by the simulator when a flow's completion event fires (and is current)."""
@@ -344,7 +365,19 @@ class FlowNetwork:
         del self.flows[f.fid]
         for link in f.path:
             self.link_flows[link].pop(f.fid, None)
-        self._resolve(f.path, now)
+        if self.defer:
+            self._pending.extend(f.path)
+        else:
+            self._resolve(f.path, now)
+
+    def settle(self, now: float) -> None:
+        """Defer mode: solve the union of the components changed since the last settle (call it before the
+        clock moves past `now`)."""
+        pending = self._pending  # the same list object for the whole run (the simulator's loop holds it)
+        if pending:
+            seeds = pending[:]
+            pending.clear()
+            self._resolve(seeds, now)
 
     def reserve(self, path: Sequence[int], nbytes: float, rate: float, now: float) -> float:
         """A fixed-rate transfer (a paced write-back far below link capacity): holds `rate` on every link
@@ -378,7 +411,10 @@ class FlowNetwork:
         self.high_load[link] = rate
         self._update_low_cap(link)
         if self.link_flows[link]:
-            self._resolve((link,), now)
+            if self.defer:
+                self._pending.append(link)
+            else:
+                self._resolve((link,), now)
 
     # ---- the incremental solve ------------------------------------------------------------------------
     def _component(self, seed_links: Sequence[int]) -> tuple[list[int], list[Flow]]:
@@ -434,7 +470,7 @@ class FlowNetwork:
             agg = self._all_capped(links, flows, low_cap)
             if agg is None:
                 agg = self._fill(links, flows, self.link_flows, low_cap)
-        group = None if self.group_scheduler is None else []
+        due = None if self.wake is None else self._due
         t_min = math.inf
         for f in flows:
             r = f.nr
@@ -448,16 +484,19 @@ class FlowNetwork:
                 if r > 0.0:
                     t = now + f.remaining / r
                     if t < f.event_t:
-                        if group is None:
-                            f.event_t = t
-                            f.version += 1
+                        f.event_t = t
+                        f.version += 1
+                        if due is None:
                             self.scheduler(t, f, f.version)
                         else:
-                            group.append(f)
+                            heapq.heappush(due, (t, f.fid, f.version, f))
                             if t < t_min:
                                 t_min = t
-        if group:
-            self._push_group(group, t_min)
+        if t_min < self._wake_t:
+            self._wake_t = t_min
+            if t_min not in self._asked:
+                self._asked.add(t_min)
+                self.wake(t_min)
         # Per-link aggregate rates: bytes moved at the old rate are accounted up to now (_account_link,
         # its one-bucket case inline).
         link_t = self._link_t
@@ -564,12 +603,14 @@ class FlowNetwork:
     # ---- outputs --------------------------------------------------------------------------------------
     def flush(self, now: float) -> None:
         """Account bytes of active flows and high-class loads up to `now` (before reading buckets)."""
+        self.settle(now)
         for link in range(len(self.names)):
             self._account_link(link, now, self.link_rate[link])
             if self.high_load[link] > 0.0:
                 old_solves = self.solves
                 self.set_high_load(link, self.high_load[link], now)
                 self.solves = old_solves
+        self._pending.clear()  # defer mode: set_high_load above left the same loads (nothing to re-solve)
 
     def link_bytes(self, prefixes: Sequence[str] = ("",)) -> list[tuple[str, float, float, float]]:
         """(link name, t0, t1, bytes) per non-empty bucket, low class; high class as '<name>/high'."""

@@ -206,8 +206,9 @@ class Simulator:
         self.n_events = 0
         self.net = FlowNetwork(bucket_s=c.bucket_s)
         self.net.scheduler = self._schedule_flow
-        self.net.group_scheduler = self._schedule_group
+        self.net.wake = self._schedule_check
         self.net.coalesce_s = c.flow_coalesce_s
+        self.net.defer = True  # one solve per instant: the event loop settles before the clock moves on
         self.queue: deque[PendingRequest] = deque()  # the global FIFO queue
         # beside it, index for index: request ids and len_r (passed to the policy as a QueueWindow)
         self._qids: deque[int] = deque()
@@ -287,14 +288,14 @@ class Simulator:
         self._seq += 1
         heapq.heappush(self.events, (t, self._seq, self._flow_event, (f, version)))
 
-    def _schedule_group(self, t: float, group: list) -> None:
+    def _schedule_check(self, t: float) -> None:
         self._seq += 1
-        heapq.heappush(self.events, (t, self._seq, self._group_event, group))
+        heapq.heappush(self.events, (t, self._seq, self._check_event, None))
 
-    def _group_event(self, group: list) -> None:
+    def _check_event(self, _arg) -> None:
         net = self.net
         now = self.now
-        done = net.handle_group(group, now)
+        done = net.check_due(now)
         if done:
             net.finish_flows(done, now)  # one solve for all of them
             for f in done:
@@ -789,6 +790,8 @@ class Simulator:
         t_wall = _time.perf_counter()
         events = self.events
         pop = heapq.heappop
+        net = self.net
+        pending = net._pending  # changes not solved yet; settled once per instant, before time moves on
         n = 0
         # The event loop creates no reference cycles (tests/test_sim_e2e.py checks it), so the cyclic
         # collector would only re-scan the millions of live objects of a large run (~20% of its CPU at
@@ -803,6 +806,8 @@ class Simulator:
                     break
                 self.now = t
                 fn(arg)
+                if pending and (not events or events[0][0] > t):
+                    net.settle(t)
                 n += 1
                 if progress is not None and not n & 0xFFFF:
                     progress(t, self.turns_done, n)
