@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -91,23 +92,44 @@ class PendingRequest:
         return self.prompt_tokens + self.gen_tokens
 
 
-class QueueWindow(list):
-    """A FIFO window of `PendingRequest`s that also carries each one's `request_id` and len_r
-    (`total_tokens`) in plain int lists, index for index (optional: a runner that keeps them beside its
-    queue passes this instead of a list, so a fetch need not read every request object; same decisions).
-    The caller guarantees `request_ids[i] == self[i].request_id` and `total_tokens[i] == self[i].total_tokens`."""
+class QueueWindow(Sequence):
+    """The first `len(request_ids)` requests of a FIFO queue, with each one's `request_id` and len_r
+    (`total_tokens`) in int sequences (lists or `array('q')`), index for index. Optional: a runner that
+    keeps them beside its queue passes this instead of a list, so a fetch need not read every request
+    object (same decisions).
 
-    __slots__ = ("request_ids", "total_tokens")
+    `requests` is not copied and may be longer than the window (a runner's live deque: a fetch at 48P96D
+    would otherwise copy 1,024 references, touching every request object, ~60 times per simulated second);
+    it must not change while a policy reads the window. The caller guarantees
+    `request_ids[i] == requests[i].request_id` and `total_tokens[i] == requests[i].total_tokens`."""
 
-    def __init__(self, requests: Sequence[PendingRequest], request_ids: list[int], total_tokens: list[int]):
-        super().__init__(requests)
-        if not len(request_ids) == len(total_tokens) == len(self):
+    __slots__ = ("requests", "request_ids", "total_tokens")
+
+    def __init__(self, requests: Sequence[PendingRequest], request_ids: Sequence[int], total_tokens: Sequence[int]):
+        if not len(request_ids) == len(total_tokens) <= len(requests):
             raise ValueError(
-                f"QueueWindow needs one request_id and one total_tokens per request: got {len(self)} requests, "
+                f"QueueWindow needs one request_id and one total_tokens per request: got {len(requests)} requests, "
                 f"{len(request_ids)} ids, {len(total_tokens)} lengths"
             )
+        self.requests = requests
         self.request_ids = request_ids
         self.total_tokens = total_tokens
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def __iter__(self):
+        return itertools.islice(self.requests, len(self.request_ids))
+
+    def __getitem__(self, i):
+        n = len(self.request_ids)
+        if isinstance(i, slice):
+            return list(itertools.islice(self.requests, *i.indices(n))) if i.step in (None, 1) else list(self)[i]
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"QueueWindow index {i} out of range (window of {n})")
+        return self.requests[i]
 
 
 @dataclasses.dataclass(frozen=True)

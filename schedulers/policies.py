@@ -468,6 +468,7 @@ class DualPathPolicy(InterEnginePolicy):
 
     def __init__(self, config: DualPathConfig | None = None):
         self.config = config or DualPathConfig()
+        self._closed_last = False  # the last fetch's phase 1 closed a group's R (only picks the faster loop)
 
     # -- PE: Algorithm 1 --
     def _node_min(self, s: _Scratch, engines: Sequence[int]) -> tuple[int, int] | None:
@@ -520,36 +521,63 @@ class DualPathPolicy(InterEnginePolicy):
         return "pe", 0.0
 
     @staticmethod
-    def _phase1_fast(de_groups, group_tok, group_free, lens):
-        """DE phase 1 when no group's R closes within the queue window (the usual case): the heap holds
-        ints (load << S) | rank(gid), which order exactly as the (load, gid) tuples, and the loop only
-        assigns; R of a group is then all it got (Σ len_r = final load - initial load), valid when that
-        fits its free HBM for every group (len_r >= 0, so no prefix overflowed). Returns (r_len,
-        group_of keys, key -> gid), or (None, None, None) when that does not hold (integer loads only)."""
+    def _phase1_ints(de_groups, group_tok, group_free, lens, try_fast: bool):
+        """DE phase 1 on packed ints: the heap holds (load << S) | rank(gid), which order exactly as the
+        (load, gid) tuples. Returns (r_len, keys, heap, gids, shift, closed): keys[i] is the packed key that
+        request i was given (gid = gids[key & mask]); heap is the state after the last key, so later
+        requests' groups follow lazily; closed: some group's R closed in the window. None for non-int loads.
+
+        `try_fast` first runs a loop that only assigns: when no group's R closes inside the window (the
+        usual case while DE HBM is plentiful), R of a group is all it got (Σ len_r = final - initial
+        load), valid when that fits its free HBM for every group (len_r >= 0, so no prefix overflowed).
+        Otherwise the loop that closes groups runs (the paper's phase 1, exactly as the tuple loop)."""
         gids = sorted(de_groups)
         shift = len(gids).bit_length()
         mask = (1 << shift) - 1
         try:
-            heap = [(group_tok[g] << shift) | i for i, g in enumerate(gids)]
+            start = [(group_tok[g] << shift) | i for i, g in enumerate(gids)]
             steps = list(map(operator.lshift, lens, itertools.repeat(shift, len(lens))))
         except TypeError:  # float loads: the tuple path
-            return None, None, None
-        if min(lens) < 0:
-            return None, None, None
-        heapq.heapify(heap)
+            return None
+        heapq.heapify(start)
         heapreplace = heapq.heapreplace
-        keys: list[int] = []
+        if try_fast and min(lens, default=0) >= 0:
+            heap = start[:]
+            keys: list[int] = []
+            append = keys.append
+            for step in steps:
+                append(heapreplace(heap, heap[0] + step))  # returns the key it replaced: the group's (load, rank)
+            r_len = {}
+            for k in heap:
+                g = gids[k & mask]
+                got = (k >> shift) - group_tok[g]
+                if got > group_free[g]:
+                    break  # some group's R closed: the closing loop decides
+                r_len[g] = got
+            else:
+                return r_len, keys, heap, gids, shift, False
+        heap = start
+        free = [group_free[g] for g in gids]
+        rl = [0] * len(gids)
+        is_open = [True] * len(gids)
+        n_open = len(gids)
+        keys = []
         append = keys.append
-        for step in steps:
-            append(heapreplace(heap, heap[0] + step))  # returns the key it replaced: the group's (load, rank)
-        r_len = {}
-        for k in heap:
-            g = gids[k & mask]
-            got = (k >> shift) - group_tok[g]
-            if got > group_free[g]:
-                return None, None, None  # some group's R closed: the exact loop decides where
-            r_len[g] = got
-        return r_len, keys, lambda k: gids[k & mask]
+        for ln, step in zip(lens, steps, strict=True):
+            k = heap[0]
+            heapreplace(heap, k + step)
+            append(k)
+            i = k & mask
+            if is_open[i]:
+                x = rl[i] + ln
+                if x <= free[i]:
+                    rl[i] = x
+                else:
+                    is_open[i] = False
+                    n_open -= 1
+                    if not n_open:
+                        break
+        return dict(zip(gids, rl, strict=True)), keys, heap, gids, shift, n_open < len(gids)
 
     def schedule(
         self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
@@ -567,9 +595,19 @@ class DualPathPolicy(InterEnginePolicy):
         de_groups = s.de_groups
         group_tok, group_free = s.group_sums()
         lens = _lens(queue)
-        r_len, group_of, gid_of_key = self._phase1_fast(de_groups, group_tok, group_free, lens)
-        heap = [(t, gid) for gid, t in group_tok.items()]
-        if r_len is None:
+        ints = self._phase1_ints(de_groups, group_tok, group_free, lens, not self._closed_last)
+        if ints is not None:
+            r_len, group_of, pheap, gids, shift, self._closed_last = ints
+            mask = (1 << shift) - 1  # group_of holds packed keys: gid = gids[key & mask]
+
+            def assign_group(i: int) -> None:  # after every group's R closed: groups of the rest, lazily
+                k = pheap[0]
+                heapq.heapreplace(pheap, k + (lens[i] << shift))
+                group_of.append(k)
+
+        else:  # non-int loads: the same loop on (load, gid) tuples
+            mask = None  # group_of holds gids
+            heap = [(t, gid) for gid, t in group_tok.items()]
             heapq.heapify(heap)
             r_len = dict.fromkeys(de_groups, 0)  # Σ_{r∈R} len_r so far
             open_groups = set(de_groups)  # groups whose R is still growing
@@ -590,13 +628,14 @@ class DualPathPolicy(InterEnginePolicy):
                     else:
                         open_groups.discard(gid)
                 i += 1
-        slack = self.config.z_slack
-        z = {gid: slack * (r_len[gid] + group_tok[gid]) / len(g) for gid, g in de_groups.items()}
 
-        def assign_group(i: int) -> None:  # after every group's R closed: groups of the rest, lazily
-            load, gid = heap[0]
-            heapq.heapreplace(heap, (load + lens[i], gid))
-            group_of.append(gid)
+            def assign_group(i: int) -> None:  # after every group's R closed: groups of the rest, lazily
+                load, gid = heap[0]
+                heapq.heapreplace(heap, (load + lens[i], gid))
+                group_of.append(gid)
+
+        slack = self.config.z_slack
+        z = {}  # Z per group, for the groups this fetch reaches
 
         out = []
         for k, r in enumerate(queue):
@@ -605,8 +644,11 @@ class DualPathPolicy(InterEnginePolicy):
             pe = self._choose_pe(s, node_min)
             if pe is None:
                 break
-            gid = group_of[k] if gid_of_key is None else gid_of_key(group_of[k])
-            de = self._choose_de(s, r, de_groups[gid], z[gid])
+            gid = group_of[k] if mask is None else gids[group_of[k] & mask]
+            zg = z.get(gid)
+            if zg is None:
+                zg = z[gid] = slack * (r_len[gid] + group_tok[gid]) / len(de_groups[gid])
+            de = self._choose_de(s, r, de_groups[gid], zg)
             if de is None:
                 break
             side, frac = self._read_side(s, r, pe, de)

@@ -579,18 +579,27 @@ def test_dualpath_phase1_int_fast_path_equals_tuple_path(seed, free_hi):
                 assert a_i  # the case places something
 
 
-def test_dualpath_phase1_fast_path_taken_only_without_closing_groups():
+def test_dualpath_phase1_on_packed_ints_closes_groups_like_the_tuple_loop():
     from schedulers.policies import DualPathPolicy
 
     groups = {10: [100], 11: [101]}
     tok = {10: 0, 11: 5}
     lens = [4, 4, 4]
-    r_len, keys, gid_of = DualPathPolicy._phase1_fast(groups, tok, {10: 100, 11: 100}, lens)
-    assert r_len == {10: 8, 11: 4} and [gid_of(k) for k in keys] == [10, 10, 11]
-    _, keys, gid_of = DualPathPolicy._phase1_fast(groups, {10: 0, 11: 0}, {10: 100, 11: 100}, lens)
-    assert [gid_of(k) for k in keys] == [10, 11, 10]  # equal loads: the lower gid first
-    assert DualPathPolicy._phase1_fast(groups, tok, {10: 7, 11: 100}, lens)[0] is None  # group 10 closes
-    assert DualPathPolicy._phase1_fast(groups, {10: 0.0, 11: 5}, {10: 100, 11: 100}, lens)[0] is None
+    phase1 = DualPathPolicy._phase1_ints
+
+    def gids_of(res):
+        r_len, keys, _, gids, shift, closed = res
+        return r_len, [gids[k & ((1 << shift) - 1)] for k in keys], closed
+
+    for fast in (True, False):  # the assign-only loop and the closing loop agree when nothing closes
+        assert gids_of(phase1(groups, tok, {10: 100, 11: 100}, lens, fast)) == ({10: 8, 11: 4}, [10, 10, 11], False)
+        # equal loads: the lower gid first
+        assert gids_of(phase1(groups, {10: 0, 11: 0}, {10: 100, 11: 100}, lens, fast))[1] == [10, 11, 10]
+        # group 10's R closes at its second request (4 + 4 > 7): R = the first one; then 11 closes too
+        # (4 + 4 > 6) and phase 1 stops there: later requests get their group lazily from the heap
+        r_len, got, closed = gids_of(phase1(groups, tok, {10: 7, 11: 6}, lens + [4, 4], fast))
+        assert (r_len, got, closed) == ({10: 4, 11: 4}, [10, 10, 11, 10, 11], True)
+    assert phase1(groups, {10: 0.0, 11: 5}, {10: 100, 11: 100}, lens, True) is None  # float loads: tuple loop
 
 
 def test_topology_cache_follows_a_changed_engine_set():
@@ -660,6 +669,27 @@ def test_queue_window_checks_lengths_and_duplicates():
         QueueWindow(q, [0], [1100, 1100])
     with pytest.raises(ValueError, match="same request_id twice"):
         dualpath().schedule(snapshot({0: (0, [{"id": 0}])}, ONE_DE), QueueWindow(q, [0, 0], [1100, 1100]))
+
+
+def test_queue_window_over_a_longer_live_queue():
+    """A runner passes its live deque (longer than the window) and int arrays: the window shows only its first
+    len(request_ids) requests, and every policy places the same as with a plain list of them."""
+    from array import array
+    from collections import deque
+
+    from schedulers.api import QueueWindow
+
+    queue = [req(i) for i in range(6)]
+    w = QueueWindow(deque(queue), array("q", [r.request_id for r in queue[:4]]), array("q", [1100] * 4))
+    assert len(w) == 4 and list(w) == queue[:4] and w[-1] is queue[3] and w[1:3] == queue[1:3]
+    with pytest.raises(IndexError, match="out of range"):
+        w[4]
+    with pytest.raises(ValueError, match="one request_id and one total_tokens"):
+        QueueWindow(deque(queue[:2]), [0, 1, 2], [1, 1, 1])  # a window longer than the queue
+    snap = snapshot({0: (0, [{"id": 0}, {"id": 1}])}, {10: (0, [{"id": 100}, {"id": 101}])})
+    for name in ("basic", "round_robin", "dualpath"):
+        expected = make_policy(name).schedule(snap, queue[:4])
+        assert make_policy(name).schedule(snap, w) == expected
 
 
 def test_engine_set_key_reuses_the_topology_and_copy_drops_it():

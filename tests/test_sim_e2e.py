@@ -136,8 +136,9 @@ def test_fetches_see_exact_node_sums_and_queue_window(mode):
 
     def checked(snapshot, queue, fetching_node=None):
         assert isinstance(queue, QueueWindow) and snapshot.engine_set_key is not None
-        assert queue.request_ids == [r.request_id for r in queue]
-        assert queue.total_tokens == [r.total_tokens for r in queue]
+        assert list(queue.request_ids) == [r.request_id for r in queue]
+        assert list(queue.total_tokens) == [r.total_tokens for r in queue]
+        assert len(queue) == min(len(sim.queue), sim.c.fetch_window)
         for n in snapshot.nodes.values():
             engs = [e for e in snapshot.engines.values() if e.node_id == n.node_id]
             assert n.engine_tok == sum(e.tok for e in engs)

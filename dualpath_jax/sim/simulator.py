@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import gc
 import heapq
-import itertools
 import math
 import time as _time
+from array import array
 from collections import deque
 from collections.abc import Sequence
 
@@ -210,9 +210,10 @@ class Simulator:
         self.net.coalesce_s = c.flow_coalesce_s
         self.net.defer = True  # one solve per instant: the event loop settles before the clock moves on
         self.queue: deque[PendingRequest] = deque()  # the global FIFO queue
-        # beside it, index for index: request ids and len_r (passed to the policy as a QueueWindow)
-        self._qids: deque[int] = deque()
-        self._qlens: deque[int] = deque()
+        # beside it, index for index: request ids and len_r (passed to the policy as a QueueWindow); int
+        # arrays, so a fetch's window of them is one memcpy (no per-object reference counting)
+        self._qids = array("q")
+        self._qlens = array("q")
         self.requests: dict[int, Request] = {}
         self.records: list[TurnRecord] = []
         self.turns_done = 0  # turns whose decode finished (for progress reports)
@@ -362,12 +363,7 @@ class Simulator:
         # a fetch that places the whole window is repeated at once, so the window never limits placements.
         k = self.c.fetch_window
         q, qids, qlens = self.queue, self._qids, self._qlens
-        if len(q) > k:
-            window = QueueWindow(
-                itertools.islice(q, k), list(itertools.islice(qids, k)), list(itertools.islice(qlens, k))
-            )
-        else:
-            window = QueueWindow(q, list(qids), list(qlens))
+        window = QueueWindow(q, qids[:k], qlens[:k])  # the live deque, not a copy: placed below, after the policy
         scope = node if self.c.fetch_scope == "node" else None
         assignments = self.policy.schedule(self.snapshot, window, fetching_node=scope)
         if assignments:
@@ -378,16 +374,18 @@ class Simulator:
                 placed.add(a.request_id)
                 self._assign(a)
             n = len(placed)
-            while n and qids and qids[0] in placed:
+            j = 0
+            while j < n and j < len(qids) and qids[j] in placed:
+                j += 1
+            for _ in range(j):
                 q.popleft()
-                qids.popleft()
-                qlens.popleft()
-                n -= 1
-            if n:  # not a prefix: remove the rest wherever they are
+            del qids[:j]
+            del qlens[:j]
+            if j < n:  # not a prefix: remove the rest wherever they are
                 keep = [x for x in zip(q, qids, qlens, strict=True) if x[1] not in placed]
                 self.queue = deque(x[0] for x in keep)
-                self._qids = deque(x[1] for x in keep)
-                self._qlens = deque(x[2] for x in keep)
+                self._qids = array("q", (x[1] for x in keep))
+                self._qlens = array("q", (x[2] for x in keep))
             if len(assignments) == len(window) == k:
                 self._fetch_rr = node
                 self.at(self.now, self._fetch)
