@@ -154,6 +154,11 @@ class FlowNetwork:
         self.link_rate: list[float] = []  # aggregate low-class flow rate now
         self._link_t: list[float] = []  # when link_rate was last accounted
         self.link_total: list[float] = []
+        # scratch per link for the solves (_fill, _all_capped): low-class capacity left, unfrozen flows, and
+        # the aggregate rate; only the entries of the component being solved are meaningful
+        self._rem: list[float] = []
+        self._cnt: list[int] = []
+        self._agg: list[float] = []
         self.solves = 0
         self.solved_flows = 0
         self.scheduler: Callable[[float, Flow, int], None] | None = None
@@ -193,6 +198,9 @@ class FlowNetwork:
         self.link_rate.append(0.0)
         self._link_t.append(0.0)
         self.link_total.append(0.0)
+        self._rem.append(0.0)
+        self._cnt.append(0)
+        self._agg.append(0.0)
         return len(self.names) - 1
 
     def low_capacity(self, link: int) -> float:
@@ -523,16 +531,19 @@ class FlowNetwork:
                 link_t[link] = now
                 link_rate[link] = a
 
-    @staticmethod
-    def _all_capped(links, flows, low_cap) -> dict[int, float] | None:
+    def _all_capped(self, links, flows, low_cap) -> list[float] | None:
         """When every flow has a cap (storage read streams) and the caps fit every link's low-class capacity,
-        max-min gives each flow its cap: set `nr` and return the per-link sums; else None (no change)."""
+        max-min gives each flow its cap: set `nr` and return the per-link sums (`_agg`, valid for `links`);
+        else None (no change)."""
         inf = math.inf
-        agg = dict.fromkeys(links, 0.0)
+        for f in flows:
+            if f.max_rate == inf:
+                return None
+        agg = self._agg
+        for link in links:
+            agg[link] = 0.0
         for f in flows:
             m = f.max_rate
-            if m == inf:
-                return None
             for link in f.path:
                 agg[link] += m
         for link in links:
@@ -543,22 +554,23 @@ class FlowNetwork:
             f.nr = f.max_rate
         return agg
 
-    @staticmethod
-    def _fill(links, flows, link_flows, low_cap) -> dict[int, float]:
+    def _fill(self, links, flows, link_flows, low_cap) -> list[float]:
         """Progressive filling over a component with a heap of link shares; sets each flow's `nr` and
-        returns the aggregate rate per link."""
-        remaining = {}
-        count = {}
+        returns the aggregate rate per link (`_agg`, valid for `links`). Per-link state lives in lists
+        indexed by link id, reused by every solve (cheaper than dicts)."""
+        remaining = self._rem
+        count = self._cnt
+        agg = self._agg
         heap = []
         for link in links:
+            agg[link] = 0.0
             n = len(link_flows[link])
+            count[link] = n
             if n:
                 rem = low_cap[link]
                 remaining[link] = rem
-                count[link] = n
                 heap.append((rem / n, link))
         heapq.heapify(heap)
-        agg = dict.fromkeys(links, 0.0)
         inf = math.inf
         capped = [f for f in flows if f.max_rate < inf]
         if capped:
