@@ -348,12 +348,15 @@ class FlowNetwork:
         """Finish several flows at `now` with one solve over the union of their components. Bytes a flow
         had left (it was finished up to `coalesce_s` early) are accounted at `now` on its path."""
         seeds: set[int] = set()
+        buckets, link_total = self.buckets, self.link_total
+        k = int(now // self.bucket_s)  # the bucket of `now` (_account's one-bucket case, inline)
         for f in fl:
             rem = f.remaining - f.rate * (now - f.t_last)
             if rem > 0.0:
                 for link in f.path:
-                    self._account(link, now, now, rem, self.buckets)
-                    self.link_total[link] += rem
+                    d = buckets[link]
+                    d[k] = d.get(k, 0.0) + rem
+                    link_total[link] += rem
             f.remaining = 0.0
             f.t_last = now
             del self.flows[f.fid]
@@ -395,17 +398,23 @@ class FlowNetwork:
         if not nbytes > 0 or not rate > 0:
             raise ValueError(f"a reservation needs positive bytes and rate, got {nbytes}, {rate}")
         end = now + nbytes / rate
+        reserved, low_cap = self.reserved, self.low_cap
+        cap, high, high_share = self.capacity, self.high_load, self.high_share
         for link in path:
-            self.reserved[link] += rate
-            self._update_low_cap(link)
+            reserved[link] += rate
+            c = cap[link]  # _update_low_cap, inline
+            low_cap[link] = max(c - min(high[link], high_share[link] * c) - reserved[link], 0.0)
             self._account(link, now, end, nbytes, self.buckets)
             self.link_total[link] += nbytes
         return end
 
     def release(self, path: Sequence[int], rate: float) -> None:
+        reserved, low_cap = self.reserved, self.low_cap
+        cap, high, high_share = self.capacity, self.high_load, self.high_share
         for link in path:
-            self.reserved[link] = max(self.reserved[link] - rate, 0.0)
-            self._update_low_cap(link)
+            reserved[link] = max(reserved[link] - rate, 0.0)
+            c = cap[link]  # _update_low_cap, inline
+            low_cap[link] = max(c - min(high[link], high_share[link] * c) - reserved[link], 0.0)
 
     def set_high_load(self, link: int, rate: float, now: float) -> None:
         """Set the high-priority (collective) demand on a link; re-solve the KV flows crossing it."""

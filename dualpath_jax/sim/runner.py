@@ -67,12 +67,9 @@ class _SplitCost:
     def __init__(self, prefill, decode):
         self.prefill = prefill
         self.decode = decode
-
-    def batch_prefill_time(self, items):
-        return self.prefill.batch_prefill_time(items)
-
-    def decode_step_time(self, batch_size, total_context_tokens):
-        return self.decode.decode_step_time(batch_size, total_context_tokens)
+        # the two models' own bound methods (no extra call layer per event)
+        self.batch_prefill_time = prefill.batch_prefill_time
+        self.decode_step_time = decode.decode_step_time
 
 
 def make_trajectories(cfg: SimConfig):
