@@ -124,7 +124,7 @@ class QueueWindow(Sequence):
     def __getitem__(self, i):
         n = len(self.request_ids)
         if isinstance(i, slice):
-            return list(itertools.islice(self.requests, *i.indices(n))) if i.step in (None, 1) else list(self)[i]
+            return list(self)[i]
         if i < 0:
             i += n
         if not 0 <= i < n:

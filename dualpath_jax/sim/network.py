@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 _EPS_BYTES = 1e-3  # a flow with less than this left is done (float rounding)
 COALESCE_MIN_FLOWS = 256  # active flows from which group checks coalesce completions (`coalesce_s`)
@@ -253,10 +253,7 @@ class FlowNetwork:
         fid = f.fid
         for link in f.path:
             self.link_flows[link][fid] = f
-        if self.defer:
-            self._pending.extend(f.path)
-        else:
-            self._resolve(f.path, now)
+        self._changed(f.path, now)
         return f
 
     def start_flows(self, specs: Sequence[tuple[Sequence[int], float, object, float]], now: float) -> list[Flow]:
@@ -277,10 +274,7 @@ class FlowNetwork:
             seeds.update(f.path)
             flows.append(f)
         if flows:
-            if self.defer:
-                self._pending.extend(seeds)
-            else:
-                self._resolve(list(seeds), now)
+            self._changed(seeds, now)
         return flows
 
     def handle_event(self, f: Flow, version: int, now: float) -> bool:
@@ -338,25 +332,26 @@ class FlowNetwork:
                     continue
             done.append(f)
         if due:
-            t = self._wake_t = due[0][0]
-            if t not in self._asked:  # an event asked for earlier at that time serves
-                self._asked.add(t)
-                self.wake(t)
+            self._wake_t = due[0][0]
+            self._ask(due[0][0])
         return done
+
+    def _ask(self, t: float) -> None:
+        """Ask `wake` for a check event at `t`, unless one asked for earlier at that time is still to run."""
+        if t not in self._asked:
+            self._asked.add(t)
+            self.wake(t)
 
     def finish_flows(self, fl: Sequence[Flow], now: float) -> None:
         """Finish several flows at `now` with one solve over the union of their components. Bytes a flow
         had left (it was finished up to `coalesce_s` early) are accounted at `now` on its path."""
         seeds: set[int] = set()
-        buckets, link_total = self.buckets, self.link_total
-        k = int(now // self.bucket_s)  # the bucket of `now` (_account's one-bucket case, inline)
         for f in fl:
             rem = f.remaining - f.rate * (now - f.t_last)
             if rem > 0.0:
                 for link in f.path:
-                    d = buckets[link]
-                    d[k] = d.get(k, 0.0) + rem
-                    link_total[link] += rem
+                    self._account(link, now, now, rem, self.buckets)
+                    self.link_total[link] += rem
             f.remaining = 0.0
             f.t_last = now
             del self.flows[f.fid]
@@ -364,10 +359,7 @@ class FlowNetwork:
                 self.link_flows[link].pop(f.fid, None)
             seeds.update(f.path)
         if seeds:
-            if self.defer:
-                self._pending.extend(seeds)
-            else:
-                self._resolve(list(seeds), now)
+            self._changed(seeds, now)
 
     def finish_flow(self, f: Flow, now: float) -> None:
         """Called by the simulator when a flow's completion event fires (and is current)."""
@@ -376,10 +368,15 @@ class FlowNetwork:
         del self.flows[f.fid]
         for link in f.path:
             self.link_flows[link].pop(f.fid, None)
+        self._changed(f.path, now)
+
+    def _changed(self, seed_links: Iterable[int], now: float) -> None:
+        """A change touched these links: re-solve their component now, or (defer mode) at the instant's
+        `settle`."""
         if self.defer:
-            self._pending.extend(f.path)
+            self._pending.extend(seed_links)
         else:
-            self._resolve(f.path, now)
+            self._resolve(list(seed_links), now)
 
     def settle(self, now: float) -> None:
         """Defer mode: solve the union of the components changed since the last settle (call it before the
@@ -398,23 +395,17 @@ class FlowNetwork:
         if not nbytes > 0 or not rate > 0:
             raise ValueError(f"a reservation needs positive bytes and rate, got {nbytes}, {rate}")
         end = now + nbytes / rate
-        reserved, low_cap = self.reserved, self.low_cap
-        cap, high, high_share = self.capacity, self.high_load, self.high_share
         for link in path:
-            reserved[link] += rate
-            c = cap[link]  # _update_low_cap, inline
-            low_cap[link] = max(c - min(high[link], high_share[link] * c) - reserved[link], 0.0)
+            self.reserved[link] += rate
+            self._update_low_cap(link)
             self._account(link, now, end, nbytes, self.buckets)
             self.link_total[link] += nbytes
         return end
 
     def release(self, path: Sequence[int], rate: float) -> None:
-        reserved, low_cap = self.reserved, self.low_cap
-        cap, high, high_share = self.capacity, self.high_load, self.high_share
         for link in path:
-            reserved[link] = max(reserved[link] - rate, 0.0)
-            c = cap[link]  # _update_low_cap, inline
-            low_cap[link] = max(c - min(high[link], high_share[link] * c) - reserved[link], 0.0)
+            self.reserved[link] = max(self.reserved[link] - rate, 0.0)
+            self._update_low_cap(link)
 
     def set_high_load(self, link: int, rate: float, now: float) -> None:
         """Set the high-priority (collective) demand on a link; re-solve the KV flows crossing it."""
@@ -428,10 +419,7 @@ class FlowNetwork:
         self.high_load[link] = rate
         self._update_low_cap(link)
         if self.link_flows[link]:
-            if self.defer:
-                self._pending.append(link)
-            else:
-                self._resolve((link,), now)
+            self._changed((link,), now)
 
     # ---- the incremental solve ------------------------------------------------------------------------
     def _component(self, seed_links: Sequence[int]) -> tuple[list[int], list[Flow]]:
@@ -511,9 +499,7 @@ class FlowNetwork:
                                 t_min = t
         if t_min < self._wake_t:
             self._wake_t = t_min
-            if t_min not in self._asked:
-                self._asked.add(t_min)
-                self.wake(t_min)
+            self._ask(t_min)
         # Per-link aggregate rates: bytes moved at the old rate are accounted up to now (_account_link,
         # its one-bucket case inline).
         link_t = self._link_t

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 from dualpath_jax.metrics import LinkBytes, TurnRecord
 from dualpath_jax.sim.config import GB, SimConfig
-from dualpath_jax.sim.network import Flow, FlowNetwork
+from dualpath_jax.sim.network import FlowNetwork
 from dualpath_jax.workloads.types import Trajectory
 from schedulers.api import (
     Assignment,
@@ -205,7 +205,6 @@ class Simulator:
         self._seq = 0
         self.n_events = 0
         self.net = FlowNetwork(bucket_s=c.bucket_s)
-        self.net.scheduler = self._schedule_flow
         self.net.wake = self._schedule_check
         self.net.coalesce_s = c.flow_coalesce_s
         self.net.defer = True  # one solve per instant: the event loop settles before the clock moves on
@@ -285,10 +284,6 @@ class Simulator:
         """The node's DRAM link, or () when it cannot bind (see _build)."""
         return (node.dram,) if self.dram_binds else ()
 
-    def _schedule_flow(self, t: float, f: Flow, version: int) -> None:
-        self._seq += 1
-        heapq.heappush(self.events, (t, self._seq, self._flow_event, (f, version)))
-
     def _schedule_check(self, t: float) -> None:
         self._seq += 1
         heapq.heappush(self.events, (t, self._seq, self._check_event, None))
@@ -301,11 +296,6 @@ class Simulator:
             net.finish_flows(done, now)  # one solve for all of them
             for f in done:
                 f.on_done()
-
-    def _flow_event(self, arg) -> None:
-        f, version = arg
-        if self.net.handle_event(f, version, self.now):
-            f.on_done()
 
     def _flow(self, path, nbytes: float, on_done, max_rate: float = math.inf) -> bool:
         """Start a flow unless it is empty; returns whether `on_done` will be called later."""
