@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import platform
+import time
 from collections.abc import Sequence
 
 from absl import app, flags, logging
@@ -70,12 +71,22 @@ SUMMARY_KEYS = [
     "tpot_p90_s",
     "ttst_p50_s",
 ]
-STAT_KEYS = ["events", "wall_s", "events_per_s", "turns_per_s", "fetches", "flow_solves", "mean_component_flows"]
+STAT_KEYS = [
+    "events",
+    "wall_s",
+    "events_per_s",
+    "turns_per_s",
+    "fetches",
+    "flow_solves",
+    "mean_component_flows",
+    "compiled",
+]
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    from dualpath_jax import compiled
     from dualpath_jax.sim import config as sim_config
     from dualpath_jax.sim import outputs, runner
 
@@ -85,7 +96,16 @@ def main(argv: Sequence[str]) -> None:
     sc = sim_config.sim_config_from_dict(cfg_dict)
     logging.info("sim config: %s", sc)
     logging.info("simulating %s (%s, %s agents) ...", sc.policy, sc.workload.kind, sc.workload.n_agents)
+    logging.info("compiled hot paths (False: Python twin; DUALPATH_PURE_PYTHON=1 turns all off): %s", compiled.status())
+    cpu0 = time.process_time()
     result = runner.run(sc, max_time=_MAX_TIME.value, progress=_PROGRESS.value)
+    cpu1 = time.process_time()
+    logging.info(
+        "simulated in %.1f CPU-s (event loop %.1f s wall, %d events)",
+        cpu1 - cpu0,
+        result.stats["wall_s"],
+        result.stats["events"],
+    )
     rows = [
         (
             "setup",
@@ -97,6 +117,9 @@ def main(argv: Sequence[str]) -> None:
     print(format_table(rows))
     out = _OUTPUT_DIR.value or cfg_dict["output_dir"]
     paths = outputs.write_results(result, out, cfg_dict, plot=_PLOT.value)
+    logging.info(
+        "results written in %.1f CPU-s; process CPU so far %.1f s", time.process_time() - cpu1, time.process_time()
+    )
     print("wrote", ", ".join(paths.values()))
 
 

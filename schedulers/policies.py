@@ -34,6 +34,7 @@ import operator
 import random
 from collections.abc import Sequence
 
+from dualpath_jax.compiled import PURE_PYTHON
 from schedulers.api import (
     Assignment,
     ClusterSnapshot,
@@ -44,6 +45,13 @@ from schedulers.api import (
 )
 from schedulers.cost_model import CostModel
 from schedulers.registry import POLICIES
+
+try:  # DE phase 1's assignment loop in C (schedulers/_phase1.pyx, built by setup.py); else the Python loop
+    if PURE_PYTHON:
+        raise ImportError("DUALPATH_PURE_PYTHON is set")
+    from schedulers._phase1 import heapreplace_run as _heapreplace_run
+except ImportError:
+    _heapreplace_run = None
 
 # Paper defaults (PAPER.md: α = tokens one node reads in 3 s, β = tokens one GPU processes in 5 s).
 READ_WINDOW_S = 3.0
@@ -140,6 +148,11 @@ class _Loads(dict):
         value = self.getter(self.state_of[engine_id])
         self[engine_id] = value
         return value
+
+    def fill(self, ids: Sequence[int]) -> None:
+        """Read these engines' loads now, in bulk (C-level map), where each would be read on first use. Only
+        for ids this fetch has not changed yet: their entries are (re)set to the snapshot's values."""
+        self.update(zip(ids, map(self.getter, map(self.state_of.__getitem__, ids)), strict=True))
 
 
 class _Scratch:
@@ -543,10 +556,17 @@ class DualPathPolicy(InterEnginePolicy):
         heapreplace = heapq.heapreplace
         if try_fast and min(lens, default=0) >= 0:
             heap = start[:]
-            keys: list[int] = []
-            append = keys.append
-            for step in steps:
-                append(heapreplace(heap, heap[0] + step))  # returns the key it replaced: the group's (load, rank)
+            keys: list[int] | None = None
+            if _heapreplace_run is not None:
+                try:
+                    keys = _heapreplace_run(heap, steps)  # the loop below in C, same keys and heap
+                except OverflowError:  # loads beyond int64: the Python loop
+                    heap = start[:]
+            if keys is None:
+                keys = []
+                append = keys.append
+                for step in steps:
+                    append(heapreplace(heap, heap[0] + step))  # returns the key it replaced: (load, rank)
             r_len = {}
             for k in heap:
                 g = gids[k & mask]
@@ -646,8 +666,12 @@ class DualPathPolicy(InterEnginePolicy):
                 break
             gid = group_of[k] if mask is None else gids[group_of[k] & mask]
             zg = z.get(gid)
-            if zg is None:
+            if zg is None:  # the fetch's first placement in this group: none of its DEs was changed yet
                 zg = z[gid] = slack * (r_len[gid] + group_tok[gid]) / len(de_groups[gid])
+                group = de_groups[gid]
+                s.free.fill(group)  # phase 2 reads these for every DE of the group: one bulk read each
+                s.tok.fill(group)
+                s.seq.fill(group)
             de = self._choose_de(s, r, de_groups[gid], zg)
             if de is None:
                 break

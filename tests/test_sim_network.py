@@ -317,6 +317,6 @@ def test_completion_heap_finishes_flows_at_the_per_flow_event_times(seed):
         got = heap_mode.run()
         assert got.keys() == expected.keys()
         assert [got[k] for k in sorted(got)] == pytest.approx([expected[k] for k in sorted(expected)], rel=1e-9)
-        assert heap_mode.net._due == [] or all(f.fid not in heap_mode.net.flows for _, _, _, f in heap_mode.net._due)
+        assert all(f.fid not in heap_mode.net.flows for _, _, _, f, _ in heap_mode.net._due.entries())
         for link in links:
             assert sum(heap_mode.net.buckets[link].values()) == pytest.approx(sum(s for p, s in sizes if link in p))

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
+
+from dualpath_jax.sim.heap import TimeHeap
 
 _EPS_BYTES = 1e-3  # a flow with less than this left is done (float rounding)
 COALESCE_MIN_FLOWS = 256  # active flows from which group checks coalesce completions (`coalesce_s`)
+_by_max_rate = operator.attrgetter("max_rate")  # a sort key (not a lambda: the compiled module has no closures)
 
 
 class Flow:
@@ -166,7 +170,7 @@ class FlowNetwork:
         # completions go to the network's own heap `_due` of (time, fid, version, flow), and the simulator
         # holds one event for the earliest of them instead of one event per flow; without it, `scheduler`.
         self.wake: Callable[[float], None] | None = None
-        self._due: list = []
+        self._due = TimeHeap()  # (time, fid, version, flow, None)
         self._wake_t = math.inf  # the earliest check asked of `wake` and not yet run
         self._asked: set[float] = set()  # times of the check events asked for and not yet run
         # With `wake` and at least COALESCE_MIN_FLOWS active flows: a flow that would finish within
@@ -315,8 +319,8 @@ class FlowNetwork:
         done = []
         # Coalesce only in a busy network, where solves are large; small networks stay exact.
         horizon = now + self.coalesce_s if len(flows) >= COALESCE_MIN_FLOWS else now
-        while due and due[0][0] <= horizon:
-            _, fid, version, f = heapq.heappop(due)
+        while due and due.top_t() <= horizon:
+            _, fid, version, f, _ = due.pop()
             if f.version != version or fid not in flows:
                 continue  # covered by a newer entry, or finished
             f.event_t = math.inf
@@ -328,12 +332,13 @@ class FlowNetwork:
                 if t > now + 8.0 * math.ulp(now) and t > horizon:  # it slowed down since: re-push
                     f.event_t = t
                     f.version += 1
-                    heapq.heappush(due, (t, fid, f.version, f))
+                    due.push(t, fid, f.version, f, None)
                     continue
             done.append(f)
         if due:
-            self._wake_t = due[0][0]
-            self._ask(due[0][0])
+            t = due.top_t()
+            self._wake_t = t
+            self._ask(t)
         return done
 
     def _ask(self, t: float) -> None:
@@ -460,6 +465,8 @@ class FlowNetwork:
         self.solves += 1
         self.solved_flows += len(flows)
         low_cap = self.low_cap
+        share = 0.0
+        path = ()
         if len(flows) == 1:
             # One flow (the common case): it gets the smallest low-class capacity on its path, or its cap.
             f = flows[0]
@@ -494,7 +501,7 @@ class FlowNetwork:
                         if due is None:
                             self.scheduler(t, f, f.version)
                         else:
-                            heapq.heappush(due, (t, f.fid, f.version, f))
+                            due.push(t, f.fid, f.version, f, None)
                             if t < t_min:
                                 t_min = t
         if t_min < self._wake_t:
@@ -569,7 +576,7 @@ class FlowNetwork:
         inf = math.inf
         capped = [f for f in flows if f.max_rate < inf]
         if capped:
-            capped.sort(key=lambda f: f.max_rate)
+            capped.sort(key=_by_max_rate)
         n_capped = len(capped)
         ci = 0
         left = len(flows)

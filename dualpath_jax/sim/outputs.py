@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import operator
 import os
 from typing import Any
 
@@ -37,15 +38,14 @@ def write_results(result: SimResult, output_dir: str, config: dict, plot: bool =
         fields = [fl.name for fl in dataclasses.fields(result.records[0])] if result.records else []
         w = csv.writer(f)
         w.writerow(fields)
-        for r in result.records:
-            w.writerow([getattr(r, k) for k in fields])
+        if fields:
+            w.writerows(map(operator.attrgetter(*fields), result.records))  # one C-level tuple per turn
     paths["turns"] = p
     p = os.path.join(output_dir, "links.csv")
     with open(p, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["link", "t0", "t1", "nbytes"])
-        for s in result.links:
-            w.writerow([s.link, s.t0, s.t1, s.nbytes])
+        w.writerows(map(operator.attrgetter("link", "t0", "t1", "nbytes"), result.links))
     paths["links"] = p
     if plot:
         paths["plot"] = plot_result(result, os.path.join(output_dir, "plot.png"))

@@ -1,6 +1,6 @@
 """Discrete-event cluster simulator: PE/DE engines, storage and compute networks, the registered policies.
 
-Time advances through a heapq of events (time, seq, callback, arg). Engines and requests are plain
+Time advances through a heap of events (time, seq, 0, callback, arg) (`heap.TimeHeap`, in C when built). Engines and requests are plain
 Python objects with __slots__; every transfer is a flow on `network.FlowNetwork`, so the storage NICs
 (SNIC, shared by PE reads, DE reads and DE write-backs), the per-GPU compute NICs (CNIC, KV in the low
 class under model collectives in the high class) and host DRAM share bandwidth max-min fairly.
@@ -35,9 +35,10 @@ from array import array
 from collections import deque
 from collections.abc import Sequence
 
+from dualpath_jax import compiled
 from dualpath_jax.metrics import LinkBytes, TurnRecord
 from dualpath_jax.sim.config import GB, SimConfig
-from dualpath_jax.sim.network import FlowNetwork
+from dualpath_jax.sim.heap import TimeHeap
 from dualpath_jax.workloads.types import Trajectory
 from schedulers.api import (
     Assignment,
@@ -201,10 +202,11 @@ class Simulator:
         self.arrival_model = arrival_model  # workloads.arrivals model: when turn i+1 is ready (None: + gap)
         self._shapes: dict[int, list] = {}  # trajectory id -> [(prompt, hit, gen)] per turn
         self.now = 0.0
-        self.events: list = []
+        self.events = TimeHeap()  # (time, seq, 0, callback, arg), earliest first (compiled when built)
         self._seq = 0
         self.n_events = 0
-        self.net = FlowNetwork(bucket_s=c.bucket_s)
+        # network.py, compiled when built (dualpath_jax/compiled.py; DUALPATH_PURE_PYTHON=1: its Python source)
+        self.net = compiled.load("dualpath_jax.sim.network").FlowNetwork(bucket_s=c.bucket_s)
         self.net.wake = self._schedule_check
         self.net.coalesce_s = c.flow_coalesce_s
         self.net.defer = True  # one solve per instant: the event loop settles before the clock moves on
@@ -278,7 +280,7 @@ class Simulator:
     # ---- event queue ----------------------------------------------------------------------------------
     def at(self, t: float, fn, arg=None) -> None:
         self._seq += 1
-        heapq.heappush(self.events, (t, self._seq, fn, arg))
+        self.events.push(t, self._seq, 0, fn, arg)
 
     def _dram(self, node: Node) -> tuple:
         """The node's DRAM link, or () when it cannot bind (see _build)."""
@@ -286,7 +288,7 @@ class Simulator:
 
     def _schedule_check(self, t: float) -> None:
         self._seq += 1
-        heapq.heappush(self.events, (t, self._seq, self._check_event, None))
+        self.events.push(t, self._seq, 0, self._check_event, None)
 
     def _check_event(self, _arg) -> None:
         net = self.net
@@ -777,7 +779,8 @@ class Simulator:
                 self.at(traj.arrival_time, self._turn_arrival, (traj, 0))
         t_wall = _time.perf_counter()
         events = self.events
-        pop = heapq.heappop
+        pop = events.pop
+        top_t = events.top_t
         net = self.net
         pending = net._pending  # changes not solved yet; settled once per instant, before time moves on
         n = 0
@@ -788,13 +791,13 @@ class Simulator:
         gc.disable()
         try:
             while events:
-                t, _, fn, arg = pop(events)
+                t, _, _, fn, arg = pop()
                 if t > max_time:
-                    heapq.heappush(events, (t, 0, fn, arg))
+                    events.push(t, 0, 0, fn, arg)
                     break
                 self.now = t
                 fn(arg)
-                if pending and (not events or events[0][0] > t):
+                if pending and top_t() > t:  # top_t: inf when empty
                     net.settle(t)
                 n += 1
                 if progress is not None and not n & 0xFFFF:
@@ -820,6 +823,7 @@ class Simulator:
             "unfinished_turns": unfinished,
             "sim_end_s": self.now,
             "link_totals": {name: tot for name, tot in zip(self.net.names, self.net.link_total, strict=False)},
+            "compiled": compiled.status(),  # which hot paths ran compiled (False: their Python twins)
         }
         return self.records, links, stats
 

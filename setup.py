@@ -1,0 +1,23 @@
+"""Builds the simulator's compiled hot paths with Cython; the package metadata is in setup.cfg.
+
+- `dualpath_jax/sim/network.py` compiled in Cython's pure Python mode with the types of `network.pxd`
+  (the same source runs as plain Python where the extension is missing);
+- `dualpath_jax/sim/_heap.pyx`, the event and completion heaps in C (fallback: `heap.PyTimeHeap`);
+- `schedulers/_phase1.pyx`, DualPath DE phase 1's assignment loop on int64 (fallback: the same loop on heapq).
+
+Both are optional: a machine without a C compiler installs the pure-Python package (a warning says so).
+`-ffp-contract=off` keeps a*b+c from becoming one rounded FMA, so compiled and Python results are equal.
+"""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+_ARGS = ["-O2", "-ffp-contract=off"]
+_EXTENSIONS = [
+    Extension("dualpath_jax.sim.network", ["dualpath_jax/sim/network.py"], extra_compile_args=_ARGS, optional=True),
+    Extension("dualpath_jax.sim._heap", ["dualpath_jax/sim/_heap.pyx"], extra_compile_args=_ARGS, optional=True),
+    Extension("schedulers._phase1", ["schedulers/_phase1.pyx"], extra_compile_args=_ARGS, optional=True),
+]
+_DIRECTIVES = {"language_level": 3, "annotation_typing": False, "boundscheck": False, "wraparound": False}
+
+setup(ext_modules=cythonize(_EXTENSIONS, compiler_directives=_DIRECTIVES))

@@ -1,0 +1,233 @@
+"""The compiled hot paths (setup.py, Cython) give exactly what their Python twins give.
+
+- `heap.TimeHeap` (C) pops in the same order as `heap.PyTimeHeap` (heapq) and releases what it held;
+- network.py compiled gives bit-identical completion times, link buckets and totals to network.py run as
+  Python source, on random mixes of flows, caps, high-priority loads and reservations;
+- `schedulers._phase1.heapreplace_run` equals the heapq loop it replaces (keys and the heap's array order);
+- a whole simulation with DUALPATH_PURE_PYTHON=1 (every Python twin) gives the same records and link bytes.
+"""
+
+import dataclasses
+import hashlib
+import heapq
+import importlib.util
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import weakref
+
+import pytest
+
+from dualpath_jax import compiled
+from dualpath_jax.sim import heap as heap_mod
+from dualpath_jax.sim import network as network_mod
+
+_HAVE_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
+
+
+def test_compiled_paths_are_built_where_a_compiler_exists():
+    """`pip install -e .` builds them (setup.py); a silent fallback to Python would only make runs slower."""
+    if compiled.PURE_PYTHON:
+        pytest.skip("DUALPATH_PURE_PYTHON is set: the Python twins run on purpose")
+    if not _HAVE_CC:
+        pytest.skip("no C compiler here: the package installs as pure Python (same results, slower)")
+    assert compiled.status() == {"network": True, "heap": True, "phase1": True}, (
+        "the compiled extensions are missing: reinstall with `pip install -e .` (setup.py builds them)"
+    )
+
+
+def _python_network():
+    """network.py loaded from its source as a separate module, with the heapq-based completion heap."""
+    path = os.path.join(os.path.dirname(network_mod.__file__), "network.py")
+    spec = importlib.util.spec_from_file_location("_network_source_for_tests", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.TimeHeap = heap_mod.PyTimeHeap
+    return mod
+
+
+# ---- the heap -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(20))
+def test_time_heap_pops_in_the_same_order_as_heapq(seed):
+    rng = random.Random(seed)
+    fast, ref = heap_mod.TimeHeap(), heap_mod.PyTimeHeap()
+    seq = 0
+    times = [rng.uniform(0, 10) for _ in range(8)] + [0.0, math.inf]  # repeated times: ties on (k1, k2)
+    for _ in range(rng.randint(50, 3000)):
+        if rng.random() < 0.55 or not ref:
+            seq += 1
+            t = rng.choice(times) if rng.random() < 0.5 else rng.uniform(-5, 20)
+            k1 = rng.randint(0, 50)
+            entry = (t, k1, seq, object(), ("payload", seq))
+            fast.push(*entry)
+            ref.push(*entry)
+        else:
+            assert fast.top_t() == ref.top_t()
+            assert fast.pop() == ref.pop()
+        assert len(fast) == len(ref) and bool(fast) == bool(ref)
+    while ref:
+        assert fast.pop() == ref.pop()
+    assert fast.top_t() == math.inf and not fast
+    with pytest.raises(IndexError):
+        fast.pop()
+
+
+def test_time_heap_releases_its_references():
+    class Payload:
+        pass
+
+    h = heap_mod.TimeHeap()
+    objs = [Payload() for _ in range(600)]  # more than the first allocation: the array grows
+    refs = [weakref.ref(o) for o in objs]
+    for i in range(len(objs)):
+        h.push(float(i % 7), i, 0, objs[i], objs[i])
+    sorted_entries = sorted(h.entries(), key=lambda e: (e[0], e[1], e[2]))
+    del objs
+    assert all(r() is not None for r in refs)  # the heap keeps them alive
+    for i in range(300):
+        assert h.pop()[:3] == sorted_entries[i][:3]
+    del sorted_entries
+    assert sum(r() is None for r in refs) == 300  # popped and dropped: freed
+    del h
+    assert all(r() is None for r in refs)  # the heap's own references go with it
+
+
+# ---- the network ----------------------------------------------------------------------------------------
+def _drive(mod, seed, n_flows, defer, coalesce):
+    """Random flows (some capped), high-priority loads and reservations on a small topology, run by the
+    simulator's loop (wake + check_due, settle per instant). Returns the exact outcome."""
+    rng = random.Random(seed)
+    net = mod.FlowNetwork(bucket_s=0.7)
+    net.defer = defer
+    net.coalesce_s = coalesce
+    events = []
+    seq = [0]
+
+    def push(t, kind, arg):
+        seq[0] += 1
+        heapq.heappush(events, (t, seq[0], kind, arg))
+
+    net.wake = lambda t: push(t, "check", None)
+    links = [net.add_link(f"l{k}", rng.uniform(1, 10), high_share=rng.choice((0.99, 0.5))) for k in range(6)]
+    for i in range(n_flows):
+        path = tuple(rng.sample(links, rng.randint(1, 3)))
+        cap = rng.choice((math.inf, math.inf, rng.uniform(0.2, 3)))
+        push(rng.uniform(0, 6), "start", (i, path, rng.uniform(1, 30), cap))
+    for _ in range(6):
+        push(rng.uniform(0, 8), "high", (rng.choice(links), rng.choice((0.0, rng.uniform(0, 12)))))
+    for _ in range(4):
+        # paced write-backs hold little (the simulator reserves <= 1% of a link), so no flow stalls for good
+        push(
+            rng.uniform(0, 8),
+            "reserve",
+            (tuple(rng.sample(links, 2)), rng.uniform(0.005, 0.02), rng.uniform(0.001, 0.005)),
+        )
+    done = {}
+    clock = [0.0]  # the time now, read by the completion callbacks
+    while events:
+        t, _, kind, arg = heapq.heappop(events)
+        clock[0] = t
+        if kind == "start":
+            i, path, size, cap = arg
+            net.start_flow(path, size, t, lambda i=i: done.__setitem__(i, clock[0]), cap)
+        elif kind == "high":
+            net.set_high_load(arg[0], arg[1], t)
+        elif kind == "reserve":
+            path, nbytes, rate = arg
+            push(net.reserve(path, nbytes, rate, t), "release", (path, rate))
+        elif kind == "release":
+            net.release(*arg)
+        else:
+            fl = net.check_due(t)
+            net.finish_flows(fl, t)
+            for f in fl:
+                f.on_done()
+        if not events or events[0][0] > t:
+            net.settle(t)
+    net.flush(clock[0])
+    return done, [dict(b) for b in net.buckets], [dict(b) for b in net.high_bytes], list(net.link_total), net.solves
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("defer,coalesce,n_flows", [(True, 0.0, 40), (False, 0.0, 25), (True, 0.05, 300)])
+def test_compiled_network_is_bit_identical_to_its_source(seed, defer, coalesce, n_flows):
+    if not compiled.status()["network"]:
+        pytest.skip("network.py is not compiled in this install (pure-Python package or DUALPATH_PURE_PYTHON)")
+    fast = _drive(network_mod, seed, n_flows, defer, coalesce)
+    ref = _drive(_python_network(), seed, n_flows, defer, coalesce)
+    assert len(fast[0]) == n_flows
+    assert fast == ref  # exact: same completion times, buckets, totals and solve count
+
+
+def test_compiled_network_keeps_the_python_api():
+    net = network_mod.FlowNetwork(bucket_s=1.0)
+    a = net.add_link("a", 10.0)
+    net.scheduler = lambda t, f, v: None
+    f = net.start_flow((a,), 5.0, 0.0, None)
+    assert (f.fid, f.path, f.size, f.rate) == (0, (a,), 5.0, 10.0)
+    with pytest.raises(ValueError, match="positive size"):
+        net.start_flow((a,), 0.0, 0.0, None)
+    if compiled.status()["network"]:
+        with pytest.raises(AttributeError):
+            net.no_such_attribute = 1  # compiled: a fixed set of attributes, like __slots__
+
+
+# ---- DualPath phase 1 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(30))
+def test_phase1_loop_in_c_equals_heapq(seed):
+    from schedulers import policies
+
+    if policies._heapreplace_run is None:
+        pytest.skip("schedulers._phase1 is not built in this install")
+    rng = random.Random(seed)
+    n = rng.randint(1, 120)
+    shift = n.bit_length()
+    heap = [(rng.randint(0, 10**12) << shift) | i for i in range(n)]
+    heapq.heapify(heap)
+    steps = [rng.randint(0, 70000) << shift for _ in range(rng.randint(0, 3000))]
+    ref_heap, ref_keys = heap[:], []
+    for s in steps:
+        ref_keys.append(heapq.heapreplace(ref_heap, ref_heap[0] + s))
+    got_heap = heap[:]
+    assert policies._heapreplace_run(got_heap, steps) == ref_keys
+    assert got_heap == ref_heap  # same array order, not only the same multiset
+
+
+def test_phase1_loop_in_c_refuses_keys_beyond_int64():
+    from schedulers import policies
+
+    if policies._heapreplace_run is None:
+        pytest.skip("schedulers._phase1 is not built in this install")
+    with pytest.raises(OverflowError):
+        policies._heapreplace_run([2**62], [2**62])
+    with pytest.raises(OverflowError):
+        policies._heapreplace_run([2**64], [1])
+
+
+# ---- a whole run ----------------------------------------------------------------------------------------
+_DIGEST = """
+import dataclasses, hashlib
+from dualpath_jax import compiled
+from dualpath_jax.sim import load_sim_config, run
+res = run(load_sim_config("configs/sim_tiny.py:dualpath,agents=60,turns=8,seed=5"))
+rows = repr([dataclasses.astuple(r) for r in res.records]) + repr(list(res.links))
+print(compiled.status()["network"], hashlib.sha256(rows.encode()).hexdigest())
+"""
+
+
+def test_whole_run_is_identical_with_the_python_twins():
+    from dualpath_jax.sim import load_sim_config, run
+
+    res = run(load_sim_config("configs/sim_tiny.py:dualpath,agents=60,turns=8,seed=5"))
+    here = hashlib.sha256((repr([dataclasses.astuple(r) for r in res.records]) + repr(list(res.links))).encode())
+    env = {**os.environ, "DUALPATH_PURE_PYTHON": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _DIGEST], env=env, capture_output=True, text=True, timeout=300, check=True
+    )
+    twin_compiled, twin_digest = out.stdout.strip().splitlines()[-1].split()
+    assert twin_compiled == "False"  # the subprocess really ran network.py as Python
+    assert res.stats["compiled"] == compiled.status()
+    assert twin_digest == here.hexdigest()
