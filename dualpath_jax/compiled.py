@@ -7,6 +7,10 @@ Compiled when the package is installed with its build (`pip install -e .` on a m
 Each has a Python twin that gives the same results (tests/test_compiled.py checks it). Set the environment
 variable DUALPATH_PURE_PYTHON=1 to run the Python twins (debugging, or the same-run baseline of a speed
 benchmark); `status()` says which of them run.
+
+A compiled module whose source was edited after the build (network.py or network.pxd newer than the built
+file) would run the old code: `load` then runs the Python source instead and logs a warning saying to
+rebuild (`pip install -e .`, or `python setup.py build_ext --inplace`).
 """
 
 from __future__ import annotations
@@ -16,15 +20,60 @@ import importlib.util
 import os
 import sys
 
+from absl import logging
+
 PURE_PYTHON = os.environ.get("DUALPATH_PURE_PYTHON", "0").strip() not in ("", "0")
 
 
+def _sources(built: str, module_name: str) -> list[str]:
+    """The source files a compiled module is built from (those that exist next to it)."""
+    base = os.path.join(os.path.dirname(built), module_name.rsplit(".", 1)[-1])
+    return [p for p in (base + ".py", base + ".pxd", base + ".pyx") if os.path.exists(p)]
+
+
+def stale(module_name: str) -> bool:
+    """True when the module is compiled and one of its sources is newer than the built file."""
+    path = getattr(importlib.import_module(module_name), "__file__", "") or ""
+    if path.endswith(".py") or not path:
+        return False
+    built = os.path.getmtime(path)
+    # 5 s of slack: an installer may write the sources a moment after the built file (a wheel's extraction)
+    return any(os.path.getmtime(p) > built + 5.0 for p in _sources(path, module_name))
+
+
+_WARNED: set[str] = set()
+
+
+def use(module_name: str) -> bool:
+    """Whether to run the compiled module `module_name` (importable, compiled, DUALPATH_PURE_PYTHON unset,
+    not older than its source); a stale one is refused with a warning saying to rebuild."""
+    if PURE_PYTHON:
+        return False
+    try:
+        path = getattr(importlib.import_module(module_name), "__file__", "") or ""
+    except ImportError:
+        return False
+    if path.endswith(".py"):
+        return False
+    if stale(module_name):
+        if module_name not in _WARNED:
+            _WARNED.add(module_name)
+            logging.warning(
+                "%s: its source is newer than the compiled %s, so the Python twin runs instead (slower); "
+                "rebuild with `pip install -e .` or `python setup.py build_ext --inplace`",
+                module_name,
+                path,
+            )
+        return False
+    return True
+
+
 def load(module_name: str):
-    """The module `module_name`; with DUALPATH_PURE_PYTHON set and the module compiled, its Python source
-    instead, loaded once as `<module_name>_py`."""
+    """The module `module_name`, or its Python source loaded once as `<module_name>_py` where `use` says
+    not to run the compiled one (DUALPATH_PURE_PYTHON, or a stale build)."""
     mod = importlib.import_module(module_name)
     path = getattr(mod, "__file__", "") or ""
-    if not PURE_PYTHON or path.endswith(".py"):
+    if path.endswith(".py") or use(module_name):
         return mod
     name = module_name + "_py"
     if name not in sys.modules:

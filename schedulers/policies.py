@@ -34,7 +34,7 @@ import operator
 import random
 from collections.abc import Sequence
 
-from dualpath_jax.compiled import PURE_PYTHON
+from dualpath_jax.compiled import use as use_compiled
 from schedulers.api import (
     Assignment,
     ClusterSnapshot,
@@ -46,11 +46,11 @@ from schedulers.api import (
 from schedulers.cost_model import CostModel
 from schedulers.registry import POLICIES
 
-try:  # DE phase 1's assignment loop in C (schedulers/_phase1.pyx, built by setup.py); else the Python loop
-    if PURE_PYTHON:
-        raise ImportError("DUALPATH_PURE_PYTHON is set")
+# DE phase 1's assignment loop in C (schedulers/_phase1.pyx, built by setup.py; dualpath_jax/compiled.py says
+# when it is not used); None: the Python loop
+if use_compiled("schedulers._phase1"):
     from schedulers._phase1 import heapreplace_run as _heapreplace_run
-except ImportError:
+else:
     _heapreplace_run = None
 
 # Paper defaults (PAPER.md: α = tokens one node reads in 3 s, β = tokens one GPU processes in 5 s).

@@ -231,3 +231,21 @@ def test_whole_run_is_identical_with_the_python_twins():
     assert twin_compiled == "False"  # the subprocess really ran network.py as Python
     assert res.stats["compiled"] == compiled.status()
     assert twin_digest == here.hexdigest()
+
+
+def test_a_stale_build_runs_the_python_source(monkeypatch):
+    """network.py edited after the build: the simulator runs the edited source, not the old compiled code."""
+    if not compiled.status()["network"]:
+        pytest.skip("network.py is not compiled in this install")
+    real_mtime = os.path.getmtime
+
+    def mtime(path):  # the sources look edited after the build
+        return real_mtime(path) + (1e6 if path.endswith((".py", ".pxd")) else 0.0)
+
+    monkeypatch.setattr(os.path, "getmtime", mtime)
+    assert compiled.stale("dualpath_jax.sim.network")
+    assert not compiled.use("dualpath_jax.sim.network")
+    mod = compiled.load("dualpath_jax.sim.network")
+    assert mod.__file__.endswith("network.py") and mod.__name__ == "dualpath_jax.sim.network_py"
+    monkeypatch.setattr(os.path, "getmtime", real_mtime)
+    assert compiled.use("dualpath_jax.sim.network")  # rebuilt (here: real times again): compiled again

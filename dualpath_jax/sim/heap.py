@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 import math
 
-from dualpath_jax.compiled import PURE_PYTHON
+from dualpath_jax.compiled import use
 
 
 class PyTimeHeap:
@@ -41,12 +41,8 @@ class PyTimeHeap:
         return list(self._h)
 
 
-try:
-    if PURE_PYTHON:
-        raise ImportError("DUALPATH_PURE_PYTHON is set")
+COMPILED = use("dualpath_jax.sim._heap")  # False: not built, DUALPATH_PURE_PYTHON, or older than _heap.pyx
+if COMPILED:
     from dualpath_jax.sim._heap import TimeHeap
-
-    COMPILED = True
-except ImportError:  # the extension was not built (or is switched off): the same heap in Python
+else:  # the same heap in Python
     TimeHeap = PyTimeHeap
-    COMPILED = False
