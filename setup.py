@@ -14,10 +14,14 @@ from setuptools import Extension, setup
 
 _ARGS = ["-O2", "-ffp-contract=off"]
 _EXTENSIONS = [
-    Extension("dualpath_jax.sim.network", ["dualpath_jax/sim/network.py"], extra_compile_args=_ARGS, optional=True),
-    Extension("dualpath_jax.sim._heap", ["dualpath_jax/sim/_heap.pyx"], extra_compile_args=_ARGS, optional=True),
-    Extension("schedulers._phase1", ["schedulers/_phase1.pyx"], extra_compile_args=_ARGS, optional=True),
+    Extension("dualpath_jax.sim.network", ["dualpath_jax/sim/network.py"], extra_compile_args=_ARGS),
+    Extension("dualpath_jax.sim._heap", ["dualpath_jax/sim/_heap.pyx"], extra_compile_args=_ARGS),
+    Extension("schedulers._phase1", ["schedulers/_phase1.pyx"], extra_compile_args=_ARGS),
 ]
 _DIRECTIVES = {"language_level": 3, "annotation_typing": False, "boundscheck": False, "wraparound": False}
 
-setup(ext_modules=cythonize(_EXTENSIONS, compiler_directives=_DIRECTIVES))
+_MODULES = cythonize(_EXTENSIONS, compiler_directives=_DIRECTIVES)
+for _ext in _MODULES:  # cythonize makes new Extension objects and drops `optional`: set it again
+    _ext.optional = True
+
+setup(ext_modules=_MODULES)
