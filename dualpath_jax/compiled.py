@@ -25,20 +25,28 @@ from absl import logging
 PURE_PYTHON = os.environ.get("DUALPATH_PURE_PYTHON", "0").strip() not in ("", "0")
 
 
-def _sources(built: str, module_name: str) -> list[str]:
-    """The source files a compiled module is built from (those that exist next to it)."""
-    base = os.path.join(os.path.dirname(built), module_name.rsplit(".", 1)[-1])
-    return [p for p in (base + ".py", base + ".pxd", base + ".pyx") if os.path.exists(p)]
+def _built_file(module_name: str) -> str:
+    """The compiled file the module was imported from; '' when it is not importable or is a .py file."""
+    try:
+        path = getattr(importlib.import_module(module_name), "__file__", "") or ""
+    except ImportError:
+        return ""
+    return "" if path.endswith(".py") else path
+
+
+def _source(built: str, module_name: str, suffix: str) -> str:
+    """The source file `<module>.<suffix>` next to the compiled file."""
+    return os.path.join(os.path.dirname(built), module_name.rsplit(".", 1)[-1] + suffix)
 
 
 def stale(module_name: str) -> bool:
-    """True when the module is compiled and one of its sources is newer than the built file."""
-    path = getattr(importlib.import_module(module_name), "__file__", "") or ""
-    if path.endswith(".py") or not path:
+    """True when the module is compiled and one of its sources (.py, .pxd, .pyx) is newer than the built file."""
+    built = _built_file(module_name)
+    if not built:
         return False
-    built = os.path.getmtime(path)
+    sources = [p for p in (_source(built, module_name, s) for s in (".py", ".pxd", ".pyx")) if os.path.exists(p)]
     # 5 s of slack: an installer may write the sources a moment after the built file (a wheel's extraction)
-    return any(os.path.getmtime(p) > built + 5.0 for p in _sources(path, module_name))
+    return any(os.path.getmtime(p) > os.path.getmtime(built) + 5.0 for p in sources)
 
 
 _WARNED: set[str] = set()
@@ -49,11 +57,8 @@ def use(module_name: str) -> bool:
     not older than its source); a stale one is refused with a warning saying to rebuild."""
     if PURE_PYTHON:
         return False
-    try:
-        path = getattr(importlib.import_module(module_name), "__file__", "") or ""
-    except ImportError:
-        return False
-    if path.endswith(".py"):
+    path = _built_file(module_name)
+    if not path:
         return False
     if stale(module_name):
         if module_name not in _WARNED:
@@ -72,13 +77,12 @@ def load(module_name: str):
     """The module `module_name`, or its Python source loaded once as `<module_name>_py` where `use` says
     not to run the compiled one (DUALPATH_PURE_PYTHON, or a stale build)."""
     mod = importlib.import_module(module_name)
-    path = getattr(mod, "__file__", "") or ""
-    if path.endswith(".py") or use(module_name):
+    built = _built_file(module_name)
+    if not built or use(module_name):
         return mod
     name = module_name + "_py"
     if name not in sys.modules:
-        source = os.path.join(os.path.dirname(path), module_name.rsplit(".", 1)[-1] + ".py")
-        spec = importlib.util.spec_from_file_location(name, source)
+        spec = importlib.util.spec_from_file_location(name, _source(built, module_name, ".py"))
         py_mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = py_mod
         spec.loader.exec_module(py_mod)

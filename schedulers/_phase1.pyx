@@ -8,7 +8,8 @@
         keys.append(heapq.heapreplace(heap, heap[0] + step))
 
 with CPython's own heapreplace algorithm (bottom-up sift), so `heap` ends in the same array order as the
-Python loop leaves it. A key outside int64 raises OverflowError (the caller then runs the Python loop).
+Python loop leaves it. A key outside int64 raises OverflowError and leaves `heap` as it was (the caller
+then runs the Python loop).
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -24,7 +25,6 @@ cdef inline void _siftup(long long *h, Py_ssize_t n, Py_ssize_t pos) noexcept no
         h[pos] = h[child]
         pos = child
         child = 2 * pos + 1
-    h[pos] = item
     while pos > start:
         parent = (pos - 1) >> 1
         if item < h[parent]:

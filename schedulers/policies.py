@@ -560,8 +560,8 @@ class DualPathPolicy(InterEnginePolicy):
             if _heapreplace_run is not None:
                 try:
                     keys = _heapreplace_run(heap, steps)  # the loop below in C, same keys and heap
-                except OverflowError:  # loads beyond int64: the Python loop
-                    heap = start[:]
+                except OverflowError:  # loads beyond int64 (heap left as it was): the Python loop
+                    pass
             if keys is None:
                 keys = []
                 append = keys.append

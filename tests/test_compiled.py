@@ -201,8 +201,10 @@ def test_phase1_loop_in_c_refuses_keys_beyond_int64():
 
     if policies._heapreplace_run is None:
         pytest.skip("schedulers._phase1 is not built in this install")
+    heap = [5, 2**62]
     with pytest.raises(OverflowError):
-        policies._heapreplace_run([2**62], [2**62])
+        policies._heapreplace_run(heap, [1, 2**62 - 1, 2**62])  # the third step leaves int64
+    assert heap == [5, 2**62]  # left as it was: the caller runs the Python loop on it
     with pytest.raises(OverflowError):
         policies._heapreplace_run([2**64], [1])
 

@@ -167,7 +167,7 @@ class FlowNetwork:
         self.solved_flows = 0
         self.scheduler: Callable[[float, Flow, int], None] | None = None
         # Optional: `wake(time)` schedules one network check event (`check_due`) at `time`. With it, projected
-        # completions go to the network's own heap `_due` of (time, fid, version, flow), and the simulator
+        # completions go to the network's own heap `_due` (a `heap.TimeHeap`), and the simulator
         # holds one event for the earliest of them instead of one event per flow; without it, `scheduler`.
         self.wake: Callable[[float], None] | None = None
         self._due = TimeHeap()  # (time, fid, version, flow, None)

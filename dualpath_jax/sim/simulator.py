@@ -1,9 +1,10 @@
 """Discrete-event cluster simulator: PE/DE engines, storage and compute networks, the registered policies.
 
-Time advances through a heap of events (time, seq, 0, callback, arg) (`heap.TimeHeap`, in C when built). Engines and requests are plain
-Python objects with __slots__; every transfer is a flow on `network.FlowNetwork`, so the storage NICs
-(SNIC, shared by PE reads, DE reads and DE write-backs), the per-GPU compute NICs (CNIC, KV in the low
-class under model collectives in the high class) and host DRAM share bandwidth max-min fairly.
+Time advances through a heap of events (time, seq, 0, callback, arg) (`heap.TimeHeap`, in C when built).
+Engines and requests are plain Python objects with __slots__; every transfer is a flow on
+`network.FlowNetwork`, so the storage NICs (SNIC, shared by PE reads, DE reads and DE write-backs), the
+per-GPU compute NICs (CNIC, KV in the low class under model collectives in the high class) and host DRAM
+share bandwidth max-min fairly.
 
 Per request (DESIGN.md "Data paths"):
   arrival -> global queue -> a group's periodic fetch runs the policy -> (PE, DE, read side)
