@@ -3,9 +3,10 @@
 - `dualpath_jax/sim/network.py` compiled in Cython's pure Python mode with the types of `network.pxd`
   (the same source runs as plain Python where the extension is missing);
 - `dualpath_jax/sim/_heap.pyx`, the event and completion heaps in C (fallback: `heap.PyTimeHeap`);
-- `schedulers/_phase1.pyx`, DualPath DE phase 1's assignment loop on int64 (fallback: the same loop on heapq).
+- `schedulers/_dualpath.pyx`, the DualPath policy's inner loops (DE phase 1, the PE choice) on int64 (fallback:
+  the same loops in Python).
 
-Both are optional: a machine without a C compiler installs the pure-Python package (a warning says so).
+All are optional: a machine without a C compiler installs the pure-Python package (a warning says so).
 `-ffp-contract=off` keeps a*b+c from becoming one rounded FMA, so compiled and Python results are equal.
 """
 
@@ -16,7 +17,7 @@ _ARGS = ["-O2", "-ffp-contract=off"]
 _EXTENSIONS = [
     Extension("dualpath_jax.sim.network", ["dualpath_jax/sim/network.py"], extra_compile_args=_ARGS),
     Extension("dualpath_jax.sim._heap", ["dualpath_jax/sim/_heap.pyx"], extra_compile_args=_ARGS),
-    Extension("schedulers._phase1", ["schedulers/_phase1.pyx"], extra_compile_args=_ARGS),
+    Extension("schedulers._dualpath", ["schedulers/_dualpath.pyx"], extra_compile_args=_ARGS),
 ]
 _DIRECTIVES = {"language_level": 3, "annotation_typing": False, "boundscheck": False, "wraparound": False}
 

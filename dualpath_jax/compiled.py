@@ -3,7 +3,8 @@
 Compiled when the package is installed with its build (`pip install -e .` on a machine with a C compiler):
 - `dualpath_jax.sim.network`: network.py itself, compiled in Cython's pure Python mode (types in network.pxd);
 - `dualpath_jax.sim._heap`: the simulator's event queue and the network's completion heap (`heap.TimeHeap`);
-- `schedulers._phase1`: DualPath DE phase 1's assignment loop (`DualPathPolicy._phase1_ints`).
+- `schedulers._dualpath`: the DualPath policy's inner loops (DE phase 1 in `DualPathPolicy._phase1_ints`, the PE
+  choice in `_choose_pe`).
 Each has a Python twin that gives the same results (tests/test_compiled.py checks it). Set the environment
 variable DUALPATH_PURE_PYTHON=1 to run the Python twins (debugging, or the same-run baseline of a speed
 benchmark); `status()` says which of them run.
@@ -98,5 +99,5 @@ def status() -> dict[str, bool]:
     return {
         "network": not (getattr(network, "__file__", "") or "").endswith(".py"),
         "heap": heap.COMPILED,
-        "phase1": policies._heapreplace_run is not None,
+        "policy": policies._dualpath_c is not None,
     }

@@ -46,12 +46,12 @@ from schedulers.api import (
 from schedulers.cost_model import CostModel
 from schedulers.registry import POLICIES
 
-# DE phase 1's assignment loop in C (schedulers/_phase1.pyx, built by setup.py; dualpath_jax/compiled.py says
-# when it is not used); None: the Python loop
-if use_compiled("schedulers._phase1"):
-    from schedulers._phase1 import heapreplace_run as _heapreplace_run
+# DualPath's inner loops in C (schedulers/_dualpath.pyx, built by setup.py; dualpath_jax/compiled.py says when
+# it is not used); None: the Python loops
+if use_compiled("schedulers._dualpath"):
+    from schedulers import _dualpath as _dualpath_c
 else:
-    _heapreplace_run = None
+    _dualpath_c = None
 
 # Paper defaults (PAPER.md: α = tokens one node reads in 3 s, β = tokens one GPU processes in 5 s).
 READ_WINDOW_S = 3.0
@@ -235,6 +235,20 @@ def _lens(queue: Sequence[PendingRequest]) -> list[int]:
     if isinstance(queue, QueueWindow):
         return queue.total_tokens
     return [r.prompt_tokens + r.gen_tokens for r in queue]
+
+
+def _fast_r_len(heap: list[int], gids: list[int], shift: int, group_tok, group_free) -> dict[int, int] | None:
+    """DE phase 1's assign-only loop left `heap`: each group's R is all it got, when that fits its free HBM
+    for every group; None when some group's R closed (the closing loop decides)."""
+    mask = (1 << shift) - 1
+    r_len = {}
+    for k in heap:
+        g = gids[k & mask]
+        got = (k >> shift) - group_tok[g]
+        if got > group_free[g]:
+            return None
+        r_len[g] = got
+    return r_len
 
 
 def _fetch_role(snapshot: ClusterSnapshot, fetching_node: int | None) -> str | None:
@@ -498,6 +512,11 @@ class DualPathPolicy(InterEnginePolicy):
         """Algorithm 1 over per-node minima (O(PE nodes) per request): lowest tok_e on nodes with
         read_q <= α, else lowest tok_e on the other nodes; engines above β were dropped in _node_min."""
         alpha = self.config.alpha_tokens
+        if _dualpath_c is not None:
+            try:
+                return _dualpath_c.choose_pe(node_min, s.read_q, alpha)  # this loop in C
+            except (OverflowError, TypeError):  # values beyond int64 or not ints: the loop below
+                pass
         best_short = best_long = None
         for node, m in node_min.items():
             if m is None:
@@ -543,41 +562,45 @@ class DualPathPolicy(InterEnginePolicy):
         `try_fast` first runs a loop that only assigns: when no group's R closes inside the window (the
         usual case while DE HBM is plentiful), R of a group is all it got (Σ len_r = final - initial
         load), valid when that fits its free HBM for every group (len_r >= 0, so no prefix overflowed).
-        Otherwise the loop that closes groups runs (the paper's phase 1, exactly as the tuple loop)."""
+        Otherwise the loop that closes groups runs (the paper's phase 1, exactly as the tuple loop).
+        Both loops run in C where it is built (schedulers/_dualpath.pyx), the same loops in Python else."""
         gids = sorted(de_groups)
         shift = len(gids).bit_length()
-        mask = (1 << shift) - 1
         try:
             start = [(group_tok[g] << shift) | i for i, g in enumerate(gids)]
-            steps = list(map(operator.lshift, lens, itertools.repeat(shift, len(lens))))
         except TypeError:  # float loads: the tuple path
             return None
         heapq.heapify(start)
+        fast = try_fast and min(lens, default=0) >= 0
+        free = [group_free[g] for g in gids]
+        if _dualpath_c is not None:
+            try:  # the loops below in C: same keys, same heap (array order too)
+                if fast:
+                    heap = start[:]
+                    keys = _dualpath_c.heapreplace_run(heap, lens, shift)
+                    r_len = _fast_r_len(heap, gids, shift, group_tok, group_free)
+                    if r_len is not None:
+                        return r_len, keys, heap, gids, shift, False
+                rl, keys, n_open = _dualpath_c.phase1_closing(start, lens, shift, free)
+                return dict(zip(gids, rl, strict=True)), keys, start, gids, shift, n_open < len(gids)
+            except (OverflowError, TypeError):  # beyond int64 or not ints (`start` left as it was): Python
+                pass
+        mask = (1 << shift) - 1
+        try:
+            steps = list(map(operator.lshift, lens, itertools.repeat(shift, len(lens))))
+        except TypeError:  # float lengths: the tuple path
+            return None
         heapreplace = heapq.heapreplace
-        if try_fast and min(lens, default=0) >= 0:
+        if fast:
             heap = start[:]
-            keys: list[int] | None = None
-            if _heapreplace_run is not None:
-                try:
-                    keys = _heapreplace_run(heap, steps)  # the loop below in C, same keys and heap
-                except OverflowError:  # loads beyond int64 (heap left as it was): the Python loop
-                    pass
-            if keys is None:
-                keys = []
-                append = keys.append
-                for step in steps:
-                    append(heapreplace(heap, heap[0] + step))  # returns the key it replaced: (load, rank)
-            r_len = {}
-            for k in heap:
-                g = gids[k & mask]
-                got = (k >> shift) - group_tok[g]
-                if got > group_free[g]:
-                    break  # some group's R closed: the closing loop decides
-                r_len[g] = got
-            else:
+            keys = []
+            append = keys.append
+            for step in steps:
+                append(heapreplace(heap, heap[0] + step))  # returns the key it replaced: (load, rank)
+            r_len = _fast_r_len(heap, gids, shift, group_tok, group_free)
+            if r_len is not None:
                 return r_len, keys, heap, gids, shift, False
         heap = start
-        free = [group_free[g] for g in gids]
         rl = [0] * len(gids)
         is_open = [True] * len(gids)
         n_open = len(gids)

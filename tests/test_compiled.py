@@ -3,10 +3,12 @@
 - `heap.TimeHeap` (C) pops in the same order as `heap.PyTimeHeap` (heapq) and releases what it held;
 - network.py compiled gives bit-identical completion times, link buckets and totals to network.py run as
   Python source, on random mixes of flows, caps, high-priority loads and reservations;
-- `schedulers._phase1.heapreplace_run` equals the heapq loop it replaces (keys and the heap's array order);
+- `schedulers._dualpath`: DE phase 1's two loops equal their heapq loops (keys, R per group and the heap's array
+  order), and the PE choice equals the Python one; whole DualPath fetches are the same with and without it;
 - a whole simulation with DUALPATH_PURE_PYTHON=1 (every Python twin) gives the same records and link bytes.
 """
 
+import array
 import dataclasses
 import hashlib
 import heapq
@@ -34,7 +36,7 @@ def test_compiled_paths_are_built_where_a_compiler_exists():
         pytest.skip("DUALPATH_PURE_PYTHON is set: the Python twins run on purpose")
     if not _HAVE_CC:
         pytest.skip("no C compiler here: the package installs as pure Python (same results, slower)")
-    assert compiled.status() == {"network": True, "heap": True, "phase1": True}, (
+    assert compiled.status() == {"network": True, "heap": True, "policy": True}, (
         "the compiled extensions are missing: reinstall with `pip install -e .` (setup.py builds them)"
     )
 
@@ -175,38 +177,156 @@ def test_compiled_network_keeps_the_python_api():
             net.no_such_attribute = 1  # compiled: a fixed set of attributes, like __slots__
 
 
-# ---- DualPath phase 1 -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("seed", range(30))
-def test_phase1_loop_in_c_equals_heapq(seed):
+# ---- the DualPath policy's loops -------------------------------------------------------------------------
+def _dualpath_c():
     from schedulers import policies
 
-    if policies._heapreplace_run is None:
-        pytest.skip("schedulers._phase1 is not built in this install")
-    rng = random.Random(seed)
+    if policies._dualpath_c is None:
+        pytest.skip("schedulers._dualpath is not built in this install")
+    return policies._dualpath_c
+
+
+def _phase1_case(rng):
     n = rng.randint(1, 120)
     shift = n.bit_length()
     heap = [(rng.randint(0, 10**12) << shift) | i for i in range(n)]
     heapq.heapify(heap)
-    steps = [rng.randint(0, 70000) << shift for _ in range(rng.randint(0, 3000))]
+    lens = [rng.randint(0, 70000) for _ in range(rng.choice([0, 1, rng.randint(2, 3000)]))]
+    return heap, lens, shift
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_phase1_assign_loop_in_c_equals_heapq(seed):
+    c = _dualpath_c()
+    heap, lens, shift = _phase1_case(random.Random(seed))
     ref_heap, ref_keys = heap[:], []
-    for s in steps:
-        ref_keys.append(heapq.heapreplace(ref_heap, ref_heap[0] + s))
-    got_heap = heap[:]
-    assert policies._heapreplace_run(got_heap, steps) == ref_keys
-    assert got_heap == ref_heap  # same array order, not only the same multiset
+    for ln in lens:
+        ref_keys.append(heapq.heapreplace(ref_heap, ref_heap[0] + (ln << shift)))
+    for form in (list, lambda x: array.array("q", x)):  # a list, or a QueueWindow's array('q')
+        got_heap = heap[:]
+        assert c.heapreplace_run(got_heap, form(lens), shift) == ref_keys
+        assert got_heap == ref_heap  # same array order, not only the same multiset
 
 
-def test_phase1_loop_in_c_refuses_keys_beyond_int64():
+@pytest.mark.parametrize("seed", range(30))
+def test_phase1_closing_loop_in_c_equals_python(seed):
+    c = _dualpath_c()
+    rng = random.Random(1000 + seed)
+    heap, lens, shift = _phase1_case(rng)
+    free = [rng.choice([0, rng.randint(0, 200_000), rng.randint(0, 10**7)]) for _ in heap]
+    # the reference: the Python loop of DualPathPolicy._phase1_ints
+    mask = (1 << shift) - 1
+    ref_heap, ref_keys = heap[:], []
+    rl, is_open, n_open = [0] * len(heap), [True] * len(heap), len(heap)
+    for ln in lens:
+        k = ref_heap[0]
+        heapq.heapreplace(ref_heap, k + (ln << shift))
+        ref_keys.append(k)
+        i = k & mask
+        if is_open[i]:
+            if rl[i] + ln <= free[i]:
+                rl[i] += ln
+            else:
+                is_open[i] = False
+                n_open -= 1
+                if not n_open:
+                    break
+    for form in (list, lambda x: array.array("q", x)):
+        got_heap = heap[:]
+        assert c.phase1_closing(got_heap, form(lens), shift, free) == (rl, ref_keys, n_open)
+        assert got_heap == ref_heap
+
+
+def test_phase1_loops_in_c_refuse_what_leaves_int64():
+    c = _dualpath_c()
+    for run in (lambda h, ln: c.heapreplace_run(h, ln, 1), lambda h, ln: c.phase1_closing(h, ln, 1, [10**6] * 2)):
+        heap = [5, 2**62]
+        with pytest.raises(OverflowError):
+            run(heap, [1, 2**61 - 1, 2**61])  # the third key leaves int64
+        assert heap == [5, 2**62]  # left as it was: the caller runs the Python loop on it
+        with pytest.raises(OverflowError):
+            run(heap, [2**62])  # the step itself
+        with pytest.raises(TypeError):
+            run(heap, [1.5])  # float lengths: the caller's tuple path
+        assert heap == [5, 2**62]
+    with pytest.raises(OverflowError):
+        c.heapreplace_run([2**64], [1], 1)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pe_choice_in_c_equals_python(seed, monkeypatch):
     from schedulers import policies
 
-    if policies._heapreplace_run is None:
-        pytest.skip("schedulers._phase1 is not built in this install")
-    heap = [5, 2**62]
+    c = _dualpath_c()
+    rng = random.Random(seed)
+    nodes = rng.sample(range(200), rng.randint(0, 50))
+    pool = [rng.randint(0, 10**6) for _ in range(8)]  # repeated loads: ties broken by engine id
+    node_min = {n: rng.choice([None, (rng.choice(pool), rng.randint(0, 2000))]) for n in nodes}
+    read_q = {n: rng.choice([0, rng.randint(0, 5 * 10**6)]) for n in nodes}
+    alpha = rng.choice([0, 3_000_000, 10**9])
+    pol = policies.DualPathPolicy(policies.DualPathConfig(alpha_tokens=alpha, beta_tokens=1))
+    s = policies._Scratch.__new__(policies._Scratch)
+    s.read_q = read_q
+    got = pol._choose_pe(s, node_min)
+    assert got == c.choose_pe(node_min, read_q, alpha)
+    monkeypatch.setattr(policies, "_dualpath_c", None)
+    assert pol._choose_pe(s, node_min) == got
+
+
+def test_pe_choice_in_c_refuses_floats_and_huge_ints():
+    c = _dualpath_c()
+    with pytest.raises(TypeError):
+        c.choose_pe({0: (1.5, 3)}, {0: 0}, 10)
+    with pytest.raises(TypeError):
+        c.choose_pe({0: (1, 3)}, {0: 0.5}, 10)
     with pytest.raises(OverflowError):
-        policies._heapreplace_run(heap, [1, 2**62 - 1, 2**62])  # the third step leaves int64
-    assert heap == [5, 2**62]  # left as it was: the caller runs the Python loop on it
-    with pytest.raises(OverflowError):
-        policies._heapreplace_run([2**64], [1])
+        c.choose_pe({0: (2**70, 3)}, {0: 0}, 10)
+
+
+def _random_snapshot(rng):
+    from schedulers import ClusterSnapshot, EngineState, NodeState, PendingRequest
+
+    pn, dn, g = rng.choice([(1, 1, 1), (2, 4, 8), (3, 5, 2), (12, 24, 8)])
+    engines, nodes, eid = {}, {}, 0
+    for nid in range(pn + dn):
+        role = "prefill" if nid < pn else "decode"
+        nodes[nid] = NodeState(nid, role, read_queue_tokens=rng.choice([0, rng.randrange(0, 6_000_000)]))
+        for _ in range(g):
+            engines[eid] = EngineState(
+                eid,
+                role,
+                nid,
+                seq=rng.randrange(0, 60),
+                tok=rng.choice([0, rng.randrange(0, 800_000)]),
+                free_hbm_tokens=rng.choice([rng.randrange(0, 100_000), rng.randrange(0, 2_000_000)]),
+            )
+            eid += 1
+    queue = [
+        PendingRequest(i, i, 0, (p := rng.randrange(1, 60_000)), rng.randrange(0, p + 1) // 64 * 64, rng.randrange(0, 3000))
+        for i in range(rng.choice([0, 1, 5, 300, 1024]))
+    ]
+    return ClusterSnapshot(0.0, engines, nodes), queue, pn + dn
+
+
+@pytest.mark.parametrize("seed", range(25))
+@pytest.mark.parametrize("name", ["dualpath", "de_only", "pe_only"])
+def test_dualpath_fetches_are_the_same_without_the_c_loops(seed, name, monkeypatch):
+    """Whole fetches (phase 1 closing or not, every PE choice) place the same requests the same way."""
+    from schedulers import make_policy, policies
+
+    _dualpath_c()
+    rng = random.Random(seed)
+    snapshot, queue, n_nodes = _random_snapshot(rng)
+    kw = {"alpha_tokens": rng.choice([1, 3_000_000]), "beta_tokens": rng.choice([1, 300_000, 10_000_000])}
+    runs = []
+    for c in (policies._dualpath_c, None):
+        monkeypatch.setattr(policies, "_dualpath_c", c)
+        pol = make_policy(name, **kw)
+        out = []
+        for node in (None, 0, n_nodes - 1, 0, None):  # consecutive fetches: the fast loop is tried again
+            out.append(pol.schedule(snapshot, queue, fetching_node=node))
+        runs.append(out)
+    assert runs[0] == runs[1]
 
 
 # ---- a whole run ----------------------------------------------------------------------------------------
