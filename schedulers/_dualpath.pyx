@@ -13,7 +13,9 @@ order as the Python loop leaves it.
 
 - `phase1_closing(heap, lens, shift, free)`: DE phase 1 with each group's R closing at its free HBM (the
   loop at the end of `DualPathPolicy._phase1_ints`);
-- `choose_pe(node_min, read_q, alpha)`: Algorithm 1 over per-node minima (`DualPathPolicy._choose_pe`).
+- `choose_pe(node_min, read_q, alpha)`: Algorithm 1 over per-node minima (`DualPathPolicy._choose_pe`);
+- `node_min(tok, engines, beta)`: a node's least-loaded PE under beta (`DualPathPolicy._node_min`);
+- `choose_de(free, tok, seq, group, need, z)`: DE phase 2's choice in a group (`DualPathPolicy._choose_de`).
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -183,4 +185,46 @@ def choose_pe(dict node_min, read_q, alpha_tokens):
         return bs_e
     if long_:
         return bl_e
+    return None
+
+
+def node_min(tok, engines, beta_tokens):
+    """(tok, id) of the lowest (tok, id) among `engines` with tok <= beta, or None (`DualPathPolicy._node_min`)."""
+    cdef long long t, e, bt = 0, be = 0, beta = _int(beta_tokens)
+    cdef bint found = False
+    for eo in engines:
+        e = _int(eo)
+        t = _int(tok[eo])
+        if t <= beta and (not found or t < bt or (t == bt and e < be)):
+            bt, be, found = t, e, True
+    return (bt, be) if found else None
+
+
+cdef long long _EXACT = 1LL << 53  # ints below this convert to double exactly
+
+
+def choose_de(free, tok, seq, group, need_tokens, double z):
+    """DE phase 2's choice in a group (`DualPathPolicy._choose_de`): among DEs with free >= need, the fewest
+    (seq, tok) with tok + need <= z, else the lowest tok; None when no DE has room."""
+    cdef long long need = _int(need_tokens), t, f, q, e
+    cdef long long in_e = 0, in_q = 0, in_t = 0, out_e = 0, out_t = 0
+    cdef bint have_in = False, have_out = False
+    for eo in group:
+        e = _int(eo)
+        f = _int(free[eo])
+        if f < need:
+            continue
+        t = _int(tok[eo])
+        if t + need >= _EXACT or t + need <= -_EXACT:
+            raise OverflowError("load beyond 2**53: compared with Z as a float")
+        if <double> (t + need) <= z:
+            q = _int(seq[eo])
+            if not have_in or q < in_q or (q == in_q and t < in_t):
+                in_e, in_q, in_t, have_in = e, q, t, True
+        elif not have_out or t < out_t:
+            out_e, out_t, have_out = e, t, True
+    if have_in:
+        return in_e
+    if have_out:
+        return out_e
     return None

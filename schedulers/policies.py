@@ -501,6 +501,11 @@ class DualPathPolicy(InterEnginePolicy):
     def _node_min(self, s: _Scratch, engines: Sequence[int]) -> tuple[int, int] | None:
         """(tok, id) of the node's least-loaded PE with tok <= β, or None."""
         beta = self.config.beta_tokens
+        if _dualpath_c is not None:
+            try:
+                return _dualpath_c.node_min(s.tok, engines, beta)  # this loop in C
+            except (OverflowError, TypeError):  # values beyond int64 or not ints: the loop below
+                pass
         best = None
         for e in engines:
             t = s.tok[e]
@@ -533,6 +538,11 @@ class DualPathPolicy(InterEnginePolicy):
     @staticmethod
     def _choose_de(s: _Scratch, r: PendingRequest, group: Sequence[int], z: float) -> int | None:
         need = r.total_tokens
+        if _dualpath_c is not None:
+            try:
+                return _dualpath_c.choose_de(s.free, s.tok, s.seq, group, need, z)  # this loop in C
+            except (OverflowError, TypeError):  # values beyond 2**53 or not ints: the loop below
+                pass
         best_in = best_out = None
         key_in = key_out = None
         for e in group:

@@ -4,7 +4,7 @@
 - network.py compiled gives bit-identical completion times, link buckets and totals to network.py run as
   Python source, on random mixes of flows, caps, high-priority loads and reservations;
 - `schedulers._dualpath`: DE phase 1's two loops equal their heapq loops (keys, R per group and the heap's array
-  order), and the PE choice equals the Python one; whole DualPath fetches are the same with and without it;
+  order), and the PE choice, a node's PE minimum and the DE choice equal the Python ones; whole DualPath fetches are the same with and without it;
 - a whole simulation with DUALPATH_PURE_PYTHON=1 (every Python twin) gives the same records and link bytes.
 """
 
@@ -268,7 +268,7 @@ def test_pe_choice_in_c_equals_python(seed, monkeypatch):
     s = policies._Scratch.__new__(policies._Scratch)
     s.read_q = read_q
     got = pol._choose_pe(s, node_min)
-    assert got == c.choose_pe(node_min, read_q, alpha)
+    assert got == c.choose_pe(node_min, read_q, pol.config.alpha_tokens)  # 0 means "derive"
     monkeypatch.setattr(policies, "_dualpath_c", None)
     assert pol._choose_pe(s, node_min) == got
 
@@ -281,6 +281,41 @@ def test_pe_choice_in_c_refuses_floats_and_huge_ints():
         c.choose_pe({0: (1, 3)}, {0: 0.5}, 10)
     with pytest.raises(OverflowError):
         c.choose_pe({0: (2**70, 3)}, {0: 0}, 10)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_node_min_and_de_choice_in_c_equal_python(seed, monkeypatch):
+    from schedulers import PendingRequest, policies
+
+    c = _dualpath_c()
+    rng = random.Random(seed)
+    engines = rng.sample(range(500), rng.randint(0, 12))
+    pool = [rng.randint(0, 10**6) for _ in range(4)]  # repeated loads: ties broken by seq, then engine order
+    tok = {e: rng.choice(pool) for e in engines}
+    seq = {e: rng.randint(0, 3) for e in engines}
+    free = {e: rng.choice([0, rng.randint(0, 2 * 10**6)]) for e in engines}
+    beta = rng.choice([0, 500_000, 10**7])
+    need = rng.randint(1, 200_000)
+    z = rng.choice([0.0, rng.uniform(0, 2 * 10**6), float(max(pool) + need), math.inf])
+    pol = policies.DualPathPolicy(policies.DualPathConfig(alpha_tokens=1, beta_tokens=beta))
+    s = policies._Scratch.__new__(policies._Scratch)
+    s.tok, s.seq, s.free = tok, seq, free
+    r = PendingRequest(0, 0, 0, need, 0, 0)
+    got = (pol._node_min(s, engines), pol._choose_de(s, r, engines, z))
+    beta = pol.config.beta_tokens  # 0 means "derive": the config holds the value used
+    assert got == (c.node_min(tok, engines, beta), c.choose_de(free, tok, seq, engines, need, z))
+    monkeypatch.setattr(policies, "_dualpath_c", None)
+    assert (pol._node_min(s, engines), pol._choose_de(s, r, engines, z)) == got
+
+
+def test_node_min_and_de_choice_in_c_refuse_what_c_cannot_compare():
+    c = _dualpath_c()
+    with pytest.raises(TypeError):
+        c.node_min({1: 2.5}, [1], 10)
+    with pytest.raises(TypeError):
+        c.choose_de({1: 10}, {1: 0.5}, {1: 0}, [1], 1, 5.0)
+    with pytest.raises(OverflowError):  # compared with Z as a double: exact only below 2**53
+        c.choose_de({1: 2**60}, {1: 2**53}, {1: 0}, [1], 1, 5.0)
 
 
 def _random_snapshot(rng):

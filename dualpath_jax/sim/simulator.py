@@ -148,6 +148,7 @@ class DecodeEngine:
         "sum_prompt",
         "sum_vjoin",
         "state",
+        "wb",
     )
 
     def __init__(self, eid: int, node: Node, cnic: int, cnic_in: int, state: EngineState):
@@ -164,6 +165,7 @@ class DecodeEngine:
         self.sum_prompt = 0
         self.sum_vjoin = 0.0
         self.state = state
+        self.wb = None  # (write-back path, its smallest link capacity), set at its first write-back
 
 
 class _Batch:
@@ -707,11 +709,14 @@ class Simulator:
         # ordinary flow capped at that pace.
         nbytes = new_blocks_tokens * self.b
         pace = nbytes / max(decode_s, 1e-6)
-        node = de.node
-        path = (de.cnic,) + self._dram(node) + (node.snic,)
-        if self.storage_link is not None:
-            path = path + (self.storage_link,)
-        if pace <= 0.01 * min(self.net.capacity[k] for k in path):
+        if de.wb is None:  # the same path every time (capacities are fixed)
+            node = de.node
+            path = (de.cnic,) + self._dram(node) + (node.snic,)
+            if self.storage_link is not None:
+                path = path + (self.storage_link,)
+            de.wb = path, min(self.net.capacity[k] for k in path)
+        path, min_capacity = de.wb
+        if pace <= 0.01 * min_capacity:
             end = self.net.reserve(path, nbytes, pace, self.now)
             self.at(end, self._wb_release, (r, path, pace))
         else:
