@@ -15,7 +15,8 @@ order as the Python loop leaves it.
   loop at the end of `DualPathPolicy._phase1_ints`);
 - `choose_pe(node_min, read_q, alpha)`: Algorithm 1 over per-node minima (`DualPathPolicy._choose_pe`);
 - `node_min(tok, engines, beta)`: a node's least-loaded PE under beta (`DualPathPolicy._node_min`);
-- `choose_de(free, tok, seq, group, need, z)`: DE phase 2's choice in a group (`DualPathPolicy._choose_de`).
+- `choose_de(free, tok, seq, group, need, z)`: DE phase 2's choice in a group (`DualPathPolicy._choose_de`);
+- `has_duplicates(ids)`: every policy's check that a QueueWindow's request ids are unique (`_check_unique`).
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -228,3 +229,36 @@ def choose_de(free, tok, seq, group, need_tokens, double z):
     if have_out:
         return out_e
     return None
+
+
+def has_duplicates(const long long[::1] ids):
+    """Whether an int64 buffer (a QueueWindow's array('q') of request ids) holds a value twice (`_check_unique`):
+    an open-addressing hash set in C instead of a Python set of 1,024 int objects per fetch."""
+    cdef Py_ssize_t n = ids.shape[0], i
+    cdef int bits = 1
+    while (1 << bits) < 2 * n:
+        bits += 1
+    cdef size_t cap = 1 << bits, mask = cap - 1, h
+    cdef unsigned long long x
+    cdef unsigned long long *keys = <unsigned long long *> PyMem_Malloc(cap * sizeof(unsigned long long))
+    cdef unsigned char *used = <unsigned char *> PyMem_Malloc(cap)
+    if keys == NULL or used == NULL:
+        PyMem_Free(keys)
+        PyMem_Free(used)
+        raise MemoryError()
+    try:
+        for i in range(<Py_ssize_t> cap):
+            used[i] = 0
+        for i in range(n):
+            x = <unsigned long long> ids[i]
+            h = <size_t> ((x * 0x9E3779B97F4A7C15ULL) >> (64 - bits)) if bits < 64 else <size_t> x
+            while used[h]:
+                if keys[h] == x:
+                    return True
+                h = (h + 1) & mask
+            used[h] = 1
+            keys[h] = x
+        return False
+    finally:
+        PyMem_Free(keys)
+        PyMem_Free(used)

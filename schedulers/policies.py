@@ -26,6 +26,7 @@ Cost per fetch: O(placed · (candidate PEs + DEs of one group)) plus a heap over
 
 from __future__ import annotations
 
+import array
 import bisect
 import dataclasses
 import heapq
@@ -66,6 +67,8 @@ _SEQ = operator.attrgetter("seq")
 _FREE = operator.attrgetter("free_hbm_tokens")
 _REQUEST_ID = operator.attrgetter("request_id")
 _READ_Q = operator.attrgetter("read_queue_tokens")
+_ENGINE_TOK = operator.attrgetter("engine_tok")
+_ENGINE_FREE = operator.attrgetter("engine_free_hbm_tokens")
 
 
 class _Topology:
@@ -182,9 +185,14 @@ class _Scratch:
         self.group_tok = self.group_free = None
         if group_sums:
             nodes = snapshot.nodes
-            group_tok = {gid: getattr(nodes.get(gid), "engine_tok", None) for gid in self.de_groups}
-            group_free = {gid: getattr(nodes.get(gid), "engine_free_hbm_tokens", None) for gid in self.de_groups}
-            if None not in group_tok.values() and None not in group_free.values():
+            gids = self.de_groups
+            try:  # C-level maps over the group nodes (a fetch at 48P96D reads 96 groups)
+                states = list(map(nodes.__getitem__, gids))
+                group_tok = dict(zip(gids, map(_ENGINE_TOK, states), strict=True))
+                group_free = dict(zip(gids, map(_ENGINE_FREE, states), strict=True))
+            except (KeyError, AttributeError):  # a group without a node state: the sums come from its engines
+                group_tok = group_free = None
+            if group_tok is not None and None not in group_tok.values() and None not in group_free.values():
                 self.group_tok, self.group_free = group_tok, group_free
         if self.group_tok is not None:
             self.tok = _Loads(topo.state_of, _TOK, pes, pe_states)
@@ -225,7 +233,14 @@ class _Scratch:
 
 
 def _check_unique(queue: Sequence[PendingRequest]) -> None:
-    ids = queue.request_ids if isinstance(queue, QueueWindow) else map(_REQUEST_ID, queue)
+    if isinstance(queue, QueueWindow):
+        ids = queue.request_ids
+        if _dualpath_c is not None and isinstance(ids, array.array) and ids.typecode == "q":
+            if _dualpath_c.has_duplicates(ids):  # a hash set in C (a runner's array of ids)
+                raise ValueError("queue holds the same request_id twice")
+            return
+    else:
+        ids = map(_REQUEST_ID, queue)
     if len(set(ids)) != len(queue):
         raise ValueError("queue holds the same request_id twice")
 

@@ -4,7 +4,7 @@
 - network.py compiled gives bit-identical completion times, link buckets and totals to network.py run as
   Python source, on random mixes of flows, caps, high-priority loads and reservations;
 - `schedulers._dualpath`: DE phase 1's two loops equal their heapq loops (keys, R per group and the heap's array
-  order), and the PE choice, a node's PE minimum and the DE choice equal the Python ones; whole DualPath fetches are the same with and without it;
+  order), and the PE choice, a node's PE minimum, the DE choice and the duplicate-id check equal the Python ones; whole DualPath fetches are the same with and without it;
 - a whole simulation with DUALPATH_PURE_PYTHON=1 (every Python twin) gives the same records and link bytes.
 """
 
@@ -316,6 +316,30 @@ def test_node_min_and_de_choice_in_c_refuse_what_c_cannot_compare():
         c.choose_de({1: 10}, {1: 0.5}, {1: 0}, [1], 1, 5.0)
     with pytest.raises(OverflowError):  # compared with Z as a double: exact only below 2**53
         c.choose_de({1: 2**60}, {1: 2**53}, {1: 0}, [1], 1, 5.0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_duplicate_ids_check_in_c_equals_a_set(seed, monkeypatch):
+    from schedulers import PendingRequest, policies
+    from schedulers.api import QueueWindow
+
+    c = _dualpath_c()
+    rng = random.Random(seed)
+    n = rng.choice([0, 1, 2, 7, 1024, 5000])
+    ids = [rng.randrange(-(2**62), 2**62) for _ in range(n)]
+    if n > 1 and seed % 2:
+        ids[rng.randrange(n)] = ids[rng.randrange(n)]
+    dup = len(set(ids)) != n
+    assert c.has_duplicates(array.array("q", ids)) == dup
+    reqs = [PendingRequest(i, 0, 0, 1, 0, 0) for i in ids]
+    window = QueueWindow(reqs, array.array("q", ids), array.array("q", [1] * n))
+    for mod in (c, None):  # _check_unique with and without the C set
+        monkeypatch.setattr(policies, "_dualpath_c", mod)
+        if dup:
+            with pytest.raises(ValueError, match="same request_id twice"):
+                policies._check_unique(window)
+        else:
+            policies._check_unique(window)
 
 
 def _random_snapshot(rng):
