@@ -1,7 +1,8 @@
 """Builds the simulator's compiled hot paths with Cython; the package metadata is in setup.cfg.
 
-- `dualpath_jax/sim/network.py` compiled in Cython's pure Python mode with the types of `network.pxd`
-  (the same source runs as plain Python where the extension is missing);
+- `dualpath_jax/sim/simulator.py` and `dualpath_jax/sim/network.py` compiled in Cython's pure Python mode with
+  the types of `simulator.pxd` / `network.pxd` (the same sources run as plain Python where the extensions are
+  missing);
 - `dualpath_jax/sim/_heap.pyx`, the event and completion heaps in C (fallback: `heap.PyTimeHeap`);
 - `schedulers/_dualpath.pyx`, the DualPath policy's inner loops (DE phase 1, the PE choice) on int64 (fallback:
   the same loops in Python).
@@ -16,6 +17,7 @@ from setuptools import Extension, setup
 _ARGS = ["-O2", "-ffp-contract=off"]
 _EXTENSIONS = [
     Extension("dualpath_jax.sim.network", ["dualpath_jax/sim/network.py"], extra_compile_args=_ARGS),
+    Extension("dualpath_jax.sim.simulator", ["dualpath_jax/sim/simulator.py"], extra_compile_args=_ARGS),
     Extension("dualpath_jax.sim._heap", ["dualpath_jax/sim/_heap.pyx"], extra_compile_args=_ARGS),
     Extension("schedulers._dualpath", ["schedulers/_dualpath.pyx"], extra_compile_args=_ARGS),
 ]

@@ -1,6 +1,8 @@
 """The optional compiled hot paths (setup.py builds them with Cython) and the switch to run without them.
 
 Compiled when the package is installed with its build (`pip install -e .` on a machine with a C compiler):
+- `dualpath_jax.sim.simulator`: simulator.py itself, compiled in Cython's pure Python mode (types in
+  simulator.pxd: the engines, requests and the simulator become extension types);
 - `dualpath_jax.sim.network`: network.py itself, compiled in Cython's pure Python mode (types in network.pxd);
 - `dualpath_jax.sim._heap`: the simulator's event queue and the network's completion heap (`heap.TimeHeap`);
 - `schedulers._dualpath`: the DualPath policy's inner loops (DE phase 1 in `DualPathPolicy._phase1_ints`, the PE
@@ -96,7 +98,9 @@ def status() -> dict[str, bool]:
     from schedulers import policies
 
     network = load("dualpath_jax.sim.network")
+    simulator = load("dualpath_jax.sim.simulator")
     return {
+        "simulator": not (getattr(simulator, "__file__", "") or "").endswith(".py"),
         "network": not (getattr(network, "__file__", "") or "").endswith(".py"),
         "heap": heap.COMPILED,
         "policy": policies._dualpath_c is not None,

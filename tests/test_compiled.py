@@ -36,7 +36,7 @@ def test_compiled_paths_are_built_where_a_compiler_exists():
         pytest.skip("DUALPATH_PURE_PYTHON is set: the Python twins run on purpose")
     if not _HAVE_CC:
         pytest.skip("no C compiler here: the package installs as pure Python (same results, slower)")
-    assert compiled.status() == {"network": True, "heap": True, "policy": True}, (
+    assert compiled.status() == {"simulator": True, "network": True, "heap": True, "policy": True}, (
         "the compiled extensions are missing: reinstall with `pip install -e .` (setup.py builds them)"
     )
 
@@ -361,7 +361,9 @@ def _random_snapshot(rng):
             )
             eid += 1
     queue = [
-        PendingRequest(i, i, 0, (p := rng.randrange(1, 60_000)), rng.randrange(0, p + 1) // 64 * 64, rng.randrange(0, 3000))
+        PendingRequest(
+            i, i, 0, (p := rng.randrange(1, 60_000)), rng.randrange(0, p + 1) // 64 * 64, rng.randrange(0, 3000)
+        )
         for i in range(rng.choice([0, 1, 5, 300, 1024]))
     ]
     return ClusterSnapshot(0.0, engines, nodes), queue, pn + dn

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dualpath_jax import metrics
+from dualpath_jax import compiled, metrics
 from dualpath_jax.sim.config import GB, SimConfig
 from dualpath_jax.sim.simulator import Simulator
 from dualpath_jax.workloads.types import Trajectory
@@ -115,7 +115,9 @@ def build_simulator(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = 
     arrival_model = None
     if trajectories is None:
         trajectories, arrival_model = make_trajectories(cfg)
-    return Simulator(
+    # simulator.py, compiled when built (dualpath_jax/compiled.py; DUALPATH_PURE_PYTHON=1: its Python source)
+    simulator = compiled.load("dualpath_jax.sim.simulator").Simulator
+    return simulator(
         cfg, trajectories, policy, batcher, _SplitCost(pre, dec), b, pre.model.layers, arrival_model=arrival_model
     )
 

@@ -1,7 +1,9 @@
 """Discrete-event cluster simulator: PE/DE engines, storage and compute networks, the registered policies.
 
 Time advances through a heap of events (time, seq, 0, callback, arg) (`heap.TimeHeap`, in C when built).
-Engines and requests are plain Python objects with __slots__; every transfer is a flow on
+Engines and requests are plain Python objects with __slots__ (extension types with C fields where setup.py
+compiled this module with the types of simulator.pxd; runner.py loads it through dualpath_jax/compiled.py,
+so DUALPATH_PURE_PYTHON=1 runs this source as Python, with the same results); every transfer is a flow on
 `network.FlowNetwork`, so the storage NICs (SNIC, shared by PE reads, DE reads and DE write-backs), the
 per-GPU compute NICs (CNIC, KV in the low class under model collectives in the high class) and host DRAM
 share bandwidth max-min fairly.
@@ -574,7 +576,7 @@ class Simulator:
         tail = compute / self.L if (c.layerwise and not c.io_free) else 0.0
         coll = c.collective_bytes_per_token
         if coll > 0 and compute > 0 and not c.io_free:
-            tokens = sum(it.bsz for it in items)
+            tokens = sum([it.bsz for it in items])  # (lists, not generators: no closures when compiled)
             self.net.set_high_load(pe.cnic, tokens * coll / compute, self.now)
             if pe.cnic_in != pe.cnic:
                 self.net.set_high_load(pe.cnic_in, tokens * coll / compute, self.now)
@@ -603,7 +605,7 @@ class Simulator:
         if done_ids:
             q = pe.queue
             k = len(done_ids)
-            if all(q[i].rid in done_ids for i in range(k)):  # the usual case: the finished requests lead the queue
+            if all([q[i].rid in done_ids for i in range(k)]):  # the usual case: the finished requests lead the queue
                 del q[:k]
             else:
                 pe.queue = [r for r in q if r.rid not in done_ids]
@@ -714,7 +716,7 @@ class Simulator:
             path = (de.cnic,) + self._dram(node) + (node.snic,)
             if self.storage_link is not None:
                 path = path + (self.storage_link,)
-            de.wb = path, min(self.net.capacity[k] for k in path)
+            de.wb = path, min([self.net.capacity[k] for k in path])
         path, min_capacity = de.wb
         if pace <= 0.01 * min_capacity:
             end = self.net.reserve(path, nbytes, pace, self.now)
@@ -817,7 +819,7 @@ class Simulator:
         wall = _time.perf_counter() - t_wall
         self.net.flush(self.now)
         links = [LinkBytes(name, t0, t1, int(nb)) for name, t0, t1, nb in self.net.link_bytes()]
-        unfinished = sum(1 for r in self.records if math.isnan(r.finished))
+        unfinished = sum([1 for r in self.records if math.isnan(r.finished)])
         stats = {
             "events": n,
             "wall_s": wall,

@@ -1,0 +1,157 @@
+# Types for compiling simulator.py with Cython in pure Python mode (setup.py; the build is optional):
+# simulator.py stays the one source and runs as plain Python when the extension is not built. The engines,
+# requests and the simulator become extension types with C fields, so the event handlers read and write
+# them without attribute lookups and call each other as C functions. Token counts stay Python ints (objects):
+# a C integer would silently truncate a float that a workload might pass. Times and rates are C doubles,
+# the same IEEE operations as Python floats (`-ffp-contract=off` in setup.py).
+cimport cython
+
+
+cdef class Request:
+    cdef public object rid, traj, turn, rec, pending, prompt, hit, miss, gen, hit_pe, hit_de, cached, remaining
+    cdef public object work
+    cdef public PrefillEngine pe
+    cdef public DecodeEngine de
+    cdef public double frac, target, vjoin
+    cdef public long long reads_left
+    cdef public bint wb_done, decode_done
+
+
+cdef class Node:
+    cdef public object nid, role, snic, dram, read_queue, state
+    cdef public double buffer_free
+    cdef public long long reads_active
+    cdef public list engines
+
+
+cdef class PrefillEngine:
+    cdef public object eid, cnic, cnic_in, admit_queue, state
+    cdef public Node node
+    cdef public list queue
+    cdef public bint busy
+    cdef public double hbm_free
+
+
+cdef class DecodeEngine:
+    cdef public object eid, cnic, cnic_in, sum_prompt, state, wb
+    cdef public Node node
+    cdef public dict active
+    cdef public double v, tv, step, sum_vjoin
+    cdef public long long version
+    cdef public list finish_heap
+
+
+cdef class _Batch:
+    cdef public PrefillEngine pe
+    cdef public list items, reqs
+    cdef public long long left
+    cdef public double t0
+
+
+cdef class Simulator:
+    cdef public object cfg, c, policy, batcher, cost, trajectories, arrival_model, events, net, queue
+    cdef public object _qids, _qlens, storage_link, snapshot
+    cdef public dict _shapes, requests, pes, des
+    cdef public list records, nodes
+    cdef public double now, b, read_cap
+    cdef public long long L, _seq, n_events, turns_done, _next_rid, _fetch_rr, n_fetches
+    cdef public bint fetch_running, dram_binds
+
+    cpdef at(self, double t, fn, arg=*)
+    cpdef tuple _dram(self, Node node)
+    cpdef _schedule_check(self, double t)
+    cpdef _check_event(self, _arg)
+    cpdef bint _flow(self, path, double nbytes, on_done, double max_rate=*)
+
+    @cython.locals(r=Request)
+    cpdef _turn_arrival(self, arg)
+
+    @cython.locals(r=Request, pe=PrefillEngine, de=DecodeEngine, ns=object, ps=object, ds=object)
+    cpdef _assign(self, a)
+
+    @cython.locals(node=Node)
+    cpdef _submit_reads(self, Request r)
+
+    @cython.locals(r=Request, nbytes=cython.double)
+    cpdef _pump_reads(self, Node node)
+
+    cpdef _read_done(self, Request r, Node node, tokens)
+    cpdef _reads_done(self, Request r)
+
+    @cython.locals(r=Request, need=cython.double)
+    cpdef _admit_basic(self, PrefillEngine pe)
+
+    @cython.locals(node=Node, nbytes=cython.double)
+    cpdef _h2d_basic(self, Request r)
+
+    cpdef _h2d_basic_done(self, Request r)
+
+    @cython.locals(pe=PrefillEngine)
+    cpdef _enqueue_prefill(self, Request r)
+
+    @cython.locals(r=Request, batch=_Batch, compute=cython.double, b=cython.double, tail=cython.double,
+                   inf=cython.double, n=cython.Py_ssize_t, j=cython.Py_ssize_t, queue=list, reqs=list,
+                   specs=list, de_side=cython.double, out=cython.double, first=cython.bint)
+    cpdef _start_batch(self, PrefillEngine pe)
+
+    cpdef _compute_done(self, _Batch batch)
+
+    @cython.locals(pe=PrefillEngine, r=Request, done_ids=set, q=list, k=cython.Py_ssize_t)
+    cpdef _batch_part_done(self, _Batch batch)
+
+    @cython.locals(pe=PrefillEngine, nbytes=cython.double)
+    cpdef _prefill_done(self, Request r)
+
+    @cython.locals(pe=PrefillEngine)
+    cpdef _basic_sent(self, Request r)
+
+    @cython.locals(node=Node)
+    cpdef _de_h2d(self, Request r)
+
+    @cython.locals(node=Node)
+    cpdef _de_h2d_done(self, Request r)
+
+    cpdef _de_sync(self, DecodeEngine de)
+
+    @cython.locals(n=cython.Py_ssize_t, context=cython.double, target=cython.double)
+    cpdef _de_reschedule(self, DecodeEngine de)
+
+    @cython.locals(de=DecodeEngine)
+    cpdef _de_join(self, Request r)
+
+    @cython.locals(de=DecodeEngine, nbytes=cython.double, pace=cython.double, min_capacity=cython.double,
+                   end=cython.double, node=Node)
+    cpdef _start_writeback(self, Request r, double decode_s)
+
+    @cython.locals(r=Request, pace=cython.double)
+    cpdef _wb_release(self, arg)
+
+    @cython.locals(de=DecodeEngine, r=Request, version=cython.longlong, h=list, eps=cython.double)
+    cpdef _de_finish(self, arg)
+
+    cpdef _wb_done(self, Request r)
+
+    @cython.locals(ds=object, ns=object)
+    cpdef _turn_done_decode(self, Request r)
+
+    @cython.locals(t=cython.double)
+    cpdef _turn_complete(self, Request r)
+
+    @cython.locals(n=cython.longlong, t=cython.double)
+    cpdef tuple run(self, double max_time=*, progress=*)
+
+
+cdef class _Call:
+    cdef public object fn, arg
+
+
+cdef class _ReadDone:
+    cdef public Simulator sim
+    cdef public Request r
+    cdef public Node node
+    cdef public object tokens
+
+
+cdef class _BatchPart:
+    cdef public Simulator sim
+    cdef public _Batch batch
