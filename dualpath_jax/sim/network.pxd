@@ -24,11 +24,28 @@ cdef class FlowNetwork:
     cdef public set _asked
     cdef public bint defer
 
+    @cython.locals(f=Flow, fid=cython.longlong, link=cython.Py_ssize_t)
+    cpdef Flow start_flow(self, path, nbytes, now, on_done, max_rate=*)
+
+    @cython.locals(f=Flow, flows=list, seeds=set, link=cython.Py_ssize_t)
+    cpdef list start_flows(self, specs, now)
+
+    @cython.locals(link=cython.Py_ssize_t)
+    cpdef finish_flow(self, Flow f, now)
+
+    cpdef _update_low_cap(self, Py_ssize_t link)
+
+    @cython.locals(link=cython.Py_ssize_t)
+    cpdef double reserve(self, path, nbytes, rate, now) except? -1.0
+
+    @cython.locals(link=cython.Py_ssize_t)
+    cpdef release(self, path, rate)
+
     @cython.locals(f=Flow, horizon=cython.double, rem=cython.double, t=cython.double, version=cython.longlong,
                    flows=dict, done=list)
     cpdef list check_due(self, double now)
 
-    @cython.locals(f=Flow, rem=cython.double, seeds=set)
+    @cython.locals(f=Flow, rem=cython.double, seeds=set, link=cython.Py_ssize_t)
     cpdef finish_flows(self, fl, double now)
 
     @cython.locals(stamp=cython.longlong, f=Flow, i=cython.Py_ssize_t, link=cython.Py_ssize_t,

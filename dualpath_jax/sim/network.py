@@ -442,7 +442,8 @@ class FlowNetwork:
         flows: list[Flow] = []
         i = 0
         while i < len(links):
-            for f in link_flows[links[i]].values():
+            link = links[i]
+            for f in link_flows[link].values():
                 if f.mark != stamp:
                     f.mark = stamp
                     f.nr = -1.0
