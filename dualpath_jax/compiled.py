@@ -6,13 +6,13 @@ Compiled when the package is installed with its build (`pip install -e .` on a m
 - `dualpath_jax.sim.network`: network.py itself, compiled in Cython's pure Python mode (types in network.pxd);
 - `dualpath_jax.sim._heap`: the simulator's event queue and the network's completion heap (`heap.TimeHeap`);
 - `schedulers._dualpath`: the DualPath policy's inner loops (DE phase 1 in `DualPathPolicy._phase1_ints`, the PE
-  choice in `_choose_pe`).
+  and DE choices, a node's least-loaded PE) and every policy's duplicate-id check of a QueueWindow.
 Each has a Python twin that gives the same results (tests/test_compiled.py checks it). Set the environment
 variable DUALPATH_PURE_PYTHON=1 to run the Python twins (debugging, or the same-run baseline of a speed
 benchmark); `status()` says which of them run.
 
-A compiled module whose source was edited after the build (network.py or network.pxd newer than the built
-file) would run the old code: `load` then runs the Python source instead and logs a warning saying to
+A compiled module whose source was edited after the build (its .py, .pxd or .pyx newer than the built file)
+would run the old code: `load` then runs the Python source instead and logs a warning saying to
 rebuild (`pip install -e .`, or `python setup.py build_ext --inplace`).
 """
 
@@ -97,11 +97,12 @@ def status() -> dict[str, bool]:
     from dualpath_jax.sim import heap
     from schedulers import policies
 
-    network = load("dualpath_jax.sim.network")
-    simulator = load("dualpath_jax.sim.simulator")
+    def runs_compiled(module_name: str) -> bool:
+        return not (getattr(load(module_name), "__file__", "") or "").endswith(".py")
+
     return {
-        "simulator": not (getattr(simulator, "__file__", "") or "").endswith(".py"),
-        "network": not (getattr(network, "__file__", "") or "").endswith(".py"),
+        "simulator": runs_compiled("dualpath_jax.sim.simulator"),
+        "network": runs_compiled("dualpath_jax.sim.network"),
         "heap": heap.COMPILED,
         "policy": policies._dualpath_c is not None,
     }

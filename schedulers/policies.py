@@ -597,7 +597,6 @@ class DualPathPolicy(InterEnginePolicy):
             return None
         heapq.heapify(start)
         fast = try_fast and min(lens, default=0) >= 0
-        free = [group_free[g] for g in gids]
         if _dualpath_c is not None:
             try:  # the loops below in C: same keys, same heap (array order too)
                 if fast:
@@ -606,7 +605,7 @@ class DualPathPolicy(InterEnginePolicy):
                     r_len = _fast_r_len(heap, gids, shift, group_tok, group_free)
                     if r_len is not None:
                         return r_len, keys, heap, gids, shift, False
-                rl, keys, n_open = _dualpath_c.phase1_closing(start, lens, shift, free)
+                rl, keys, n_open = _dualpath_c.phase1_closing(start, lens, shift, [group_free[g] for g in gids])
                 return dict(zip(gids, rl, strict=True)), keys, start, gids, shift, n_open < len(gids)
             except (OverflowError, TypeError):  # beyond int64 or not ints (`start` left as it was): Python
                 pass
@@ -626,6 +625,7 @@ class DualPathPolicy(InterEnginePolicy):
             if r_len is not None:
                 return r_len, keys, heap, gids, shift, False
         heap = start
+        free = [group_free[g] for g in gids]
         rl = [0] * len(gids)
         is_open = [True] * len(gids)
         n_open = len(gids)

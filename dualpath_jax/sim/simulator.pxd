@@ -66,7 +66,7 @@ cdef class Simulator:
     @cython.locals(r=Request)
     cpdef _turn_arrival(self, arg)
 
-    @cython.locals(r=Request, pe=PrefillEngine, de=DecodeEngine, ns=object, ps=object, ds=object)
+    @cython.locals(r=Request, pe=PrefillEngine, de=DecodeEngine)
     cpdef _assign(self, a)
 
     @cython.locals(node=Node)
@@ -131,7 +131,6 @@ cdef class Simulator:
 
     cpdef _wb_done(self, Request r)
 
-    @cython.locals(ds=object, ns=object)
     cpdef _turn_done_decode(self, Request r)
 
     @cython.locals(t=cython.double)
