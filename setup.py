@@ -20,6 +20,7 @@ _EXTENSIONS = [
     Extension("dualpath_jax.sim.simulator", ["dualpath_jax/sim/simulator.py"], extra_compile_args=_ARGS),
     Extension("dualpath_jax.sim._heap", ["dualpath_jax/sim/_heap.pyx"], extra_compile_args=_ARGS),
     Extension("schedulers._dualpath", ["schedulers/_dualpath.pyx"], extra_compile_args=_ARGS),
+    Extension("dualpath_jax.sim._csvrows", ["dualpath_jax/sim/_csvrows.pyx"], extra_compile_args=_ARGS),
 ]
 _DIRECTIVES = {"language_level": 3, "annotation_typing": False, "boundscheck": False, "wraparound": False}
 

@@ -6,7 +6,8 @@ Compiled when the package is installed with its build (`pip install -e .` on a m
 - `dualpath_jax.sim.network`: network.py itself, compiled in Cython's pure Python mode (types in network.pxd);
 - `dualpath_jax.sim._heap`: the simulator's event queue and the network's completion heap (`heap.TimeHeap`);
 - `schedulers._dualpath`: the DualPath policy's inner loops (DE phase 1 in `DualPathPolicy._phase1_ints`, the PE
-  and DE choices, a node's least-loaded PE) and every policy's duplicate-id check of a QueueWindow.
+  and DE choices, a node's least-loaded PE) and every policy's duplicate-id check of a QueueWindow;
+- `dualpath_jax.sim._csvrows`: the results' CSV rows (turns.csv, links.csv) formatted in C.
 Each has a Python twin that gives the same results (tests/test_compiled.py checks it). Set the environment
 variable DUALPATH_PURE_PYTHON=1 to run the Python twins (debugging, or the same-run baseline of a speed
 benchmark); `status()` says which of them run.
@@ -105,4 +106,5 @@ def status() -> dict[str, bool]:
         "network": runs_compiled("dualpath_jax.sim.network"),
         "heap": heap.COMPILED,
         "policy": policies._dualpath_c is not None,
+        "csv": use("dualpath_jax.sim._csvrows"),
     }

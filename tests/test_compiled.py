@@ -5,6 +5,7 @@
   Python source, on random mixes of flows, caps, high-priority loads and reservations;
 - `schedulers._dualpath`: DE phase 1's two loops equal their heapq loops (keys, R per group and the heap's array
   order), and the PE choice, a node's PE minimum, the DE choice and the duplicate-id check equal the Python ones; whole DualPath fetches are the same with and without it;
+- `_csvrows.write_rows` writes the bytes `csv.writer` writes, on awkward fields and on a simulation's results;
 - a whole simulation with DUALPATH_PURE_PYTHON=1 (every Python twin) gives the same records and link bytes.
 """
 
@@ -36,7 +37,13 @@ def test_compiled_paths_are_built_where_a_compiler_exists():
         pytest.skip("DUALPATH_PURE_PYTHON is set: the Python twins run on purpose")
     if not _HAVE_CC:
         pytest.skip("no C compiler here: the package installs as pure Python (same results, slower)")
-    assert compiled.status() == {"simulator": True, "network": True, "heap": True, "policy": True}, (
+    assert compiled.status() == {
+        "simulator": True,
+        "network": True,
+        "heap": True,
+        "policy": True,
+        "csv": True,
+    }, (
         "the compiled extensions are missing: reinstall with `pip install -e .` (setup.py builds them)"
     )
 
@@ -432,3 +439,65 @@ def test_a_stale_build_runs_the_python_source(monkeypatch):
     assert mod.__file__.endswith("network.py") and mod.__name__ == "dualpath_jax.sim.network_py"
     monkeypatch.setattr(os.path, "getmtime", real_mtime)
     assert compiled.use("dualpath_jax.sim.network")  # rebuilt (here: real times again): compiled again
+
+
+# ---- the CSV writer -------------------------------------------------------------------------------------
+def _csv_writer_bytes(rows) -> bytes:
+    import csv
+    import io
+
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue().encode("utf-8")
+
+
+def _c_writer_bytes(rows) -> bytes:
+    import io
+
+    from dualpath_jax.sim._csvrows import write_rows
+
+    buf = io.BytesIO()
+    assert write_rows(buf, rows) == len(rows)
+    return buf.getvalue()
+
+
+class _FloatKind(float):
+    def __str__(self):
+        return "custom"
+
+
+@pytest.mark.skipif(not compiled.use("dualpath_jax.sim._csvrows"), reason="_csvrows is not built here")
+def test_csv_rows_in_c_equal_csv_writer_on_awkward_fields():
+    import numpy as np
+
+    rows = [
+        (),
+        ("",),
+        (None,),
+        ("", ""),
+        (None, None, 1),
+        (0.0, -0.0, 0.0, -0.0, math.nan, -math.nan, math.inf, -math.inf, math.nan),
+        (1e16, 1e15, 1e-4, 1e-5, 1e22, 5e-324, 1.7976931348623157e308, 0.1 + 0.2, 0.30000000000000004, 2.5),
+        (0, -1, 2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 10**40, -(10**40)),
+        (True, False, np.float64(0.1), np.float32(0.1), np.int64(-7), _FloatKind(1.0)),
+        ("a,b", 'say "hi"', "line\nbreak", "cr\rhere", "plain", "ünïcödé €", " lead", "trail "),
+        ("pe", "de", "", "x"),
+        (b"bytes", [1, 2], {"k": 1}),
+    ]
+    rows += [tuple(random.Random(s).uniform(-1e6, 1e6) for _ in range(7)) for s in range(200)]
+    rows.append(["a", "list", "row", 1.5])
+    assert _c_writer_bytes(rows) == _csv_writer_bytes(rows)
+
+
+@pytest.mark.skipif(not compiled.use("dualpath_jax.sim._csvrows"), reason="_csvrows is not built here")
+def test_simulation_outputs_are_the_same_with_the_c_csv_writer(tmp_path, monkeypatch):
+    from dualpath_jax.sim import load_sim_config, outputs, run
+
+    res = run(load_sim_config("configs/sim_tiny.py:dualpath,agents=40,turns=6,seed=3"))
+    c_paths = outputs.write_results(res, str(tmp_path / "c"), {}, plot=False)
+    monkeypatch.setattr(outputs, "_write_rows_c", None)
+    py_paths = outputs.write_results(res, str(tmp_path / "py"), {}, plot=False)
+    for kind in ("turns", "links"):
+        with open(c_paths[kind], "rb") as a, open(py_paths[kind], "rb") as b:
+            assert a.read() == b.read(), kind
+    assert sum(1 for _ in open(c_paths["turns"])) == len(res.records) + 1

@@ -10,7 +10,28 @@ import operator
 import os
 from typing import Any
 
+from dualpath_jax.compiled import use
 from dualpath_jax.sim.runner import SimResult
+
+if use("dualpath_jax.sim._csvrows"):
+    from dualpath_jax.sim._csvrows import write_rows as _write_rows_c
+else:  # not built, DUALPATH_PURE_PYTHON, or older than _csvrows.pyx
+    _write_rows_c = None
+
+
+def write_csv(path: str, header: list[str], rows) -> None:
+    """Write `header` and `rows` (sequences of fields) as CSV in the excel dialect (UTF-8, "\\r\\n"): with the
+    C writer where it is built (`_csvrows.pyx`, about 3x faster on the 3.3 M turns of a paper-scale run), else
+    with `csv.writer`; both write the same bytes."""
+    if _write_rows_c is not None:
+        with open(path, "wb") as f:
+            _write_rows_c(f, [header])
+            _write_rows_c(f, rows)
+        return
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def _clean(v: Any) -> Any:
@@ -34,18 +55,12 @@ def write_results(result: SimResult, output_dir: str, config: dict, plot: bool =
         json.dump(_clean(summary), f, indent=1, default=str)
     paths["summary"] = p
     p = os.path.join(output_dir, "turns.csv")
-    with open(p, "w", newline="") as f:
-        fields = [fl.name for fl in dataclasses.fields(result.records[0])] if result.records else []
-        w = csv.writer(f)
-        w.writerow(fields)
-        if fields:
-            w.writerows(map(operator.attrgetter(*fields), result.records))  # one C-level tuple per turn
+    fields = [fl.name for fl in dataclasses.fields(result.records[0])] if result.records else []
+    # one C-level tuple per turn
+    write_csv(p, fields, map(operator.attrgetter(*fields), result.records) if fields else ())
     paths["turns"] = p
     p = os.path.join(output_dir, "links.csv")
-    with open(p, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["link", "t0", "t1", "nbytes"])
-        w.writerows(map(operator.attrgetter("link", "t0", "t1", "nbytes"), result.links))
+    write_csv(p, ["link", "t0", "t1", "nbytes"], map(operator.attrgetter("link", "t0", "t1", "nbytes"), result.links))
     paths["links"] = p
     if plot:
         paths["plot"] = plot_result(result, os.path.join(output_dir, "plot.png"))
