@@ -43,9 +43,7 @@ def test_compiled_paths_are_built_where_a_compiler_exists():
         "heap": True,
         "policy": True,
         "csv": True,
-    }, (
-        "the compiled extensions are missing: reinstall with `pip install -e .` (setup.py builds them)"
-    )
+    }, "the compiled extensions are missing: reinstall with `pip install -e .` (setup.py builds them)"
 
 
 def _python_network():
