@@ -512,6 +512,18 @@ class DualPathPolicy(InterEnginePolicy):
         self.config = config or DualPathConfig()
         self._closed_last = False  # the last fetch's phase 1 closed a group's R (only picks the faster loop)
 
+    def _c_side_mode(self) -> int | None:
+        """The read-side rule as `_dualpath.place` numbers it (0: shorter read queue, 1: DE, 2: PE), or None
+        when a subclass changed a step of the loop (then the Python loop runs)."""
+        cls = type(self)
+        if (cls._node_min, cls._choose_pe, cls._choose_de) != (
+            DualPathPolicy._node_min,
+            DualPathPolicy._choose_pe,
+            DualPathPolicy._choose_de,
+        ):
+            return None
+        return _C_SIDE_MODES.get(cls._read_side)
+
     # -- PE: Algorithm 1 --
     def _node_min(self, s: _Scratch, engines: Sequence[int]) -> tuple[int, int] | None:
         """(tok, id) of the node's least-loaded PE with tok <= β, or None."""
@@ -703,6 +715,16 @@ class DualPathPolicy(InterEnginePolicy):
                 group_of.append(gid)
 
         slack = self.config.z_slack
+        mode = self._c_side_mode() if mask is not None and _dualpath_c is not None else None
+        if mode is not None:
+            try:  # the loop below in C (schedulers/_dualpath.pyx): the same Assignments
+                return _dualpath_c.place(
+                    queue, lens, group_of, pheap, shift, gids, r_len, group_tok, de_groups, s.free.state_of,
+                    s.node_of, pe_nodes, s.tok, snapshot.nodes, self.config.alpha_tokens,
+                    self.config.beta_tokens, slack, mode, Assignment,
+                )  # fmt: skip
+            except (OverflowError, TypeError):  # loads C cannot hold exactly: the loop below (the scratch is
+                pass  # untouched; group_of/pheap may have grown, by the keys assign_group would give)
         z = {}  # Z per group, for the groups this fetch reaches
 
         out = []
@@ -774,6 +796,9 @@ class SplitPolicy(DualPathPolicy):
             return "de", 1.0
         return "split", min(1.0, x_blocks * bs / h)
 
+
+# The read-side rules `_dualpath.place` runs in C (SplitPolicy's split fractions run in Python).
+_C_SIDE_MODES = {DualPathPolicy._read_side: 0, DeOnlyPolicy._read_side: 1, PeOnlyPolicy._read_side: 2}
 
 __all__ = [
     "BasicPolicy",

@@ -4,7 +4,8 @@
 - network.py compiled gives bit-identical completion times, link buckets and totals to network.py run as
   Python source, on random mixes of flows, caps, high-priority loads and reservations;
 - `schedulers._dualpath`: DE phase 1's two loops equal their heapq loops (keys, R per group and the heap's array
-  order), and the PE choice, a node's PE minimum, the DE choice and the duplicate-id check equal the Python ones; whole DualPath fetches are the same with and without it;
+  order), and the PE choice, a node's PE minimum, the DE choice and the duplicate-id check equal the Python ones; whole DualPath fetches (`place`: the placement loop in C, its lazy groups and its hand-over to
+  Python) are the same with and without it;
 - `_csvrows.write_rows` writes the bytes `csv.writer` writes, on awkward fields and on a simulation's results;
 - a whole simulation with DUALPATH_PURE_PYTHON=1 (every Python twin) gives the same records and link bytes.
 """
@@ -393,6 +394,101 @@ def test_dualpath_fetches_are_the_same_without_the_c_loops(seed, name, monkeypat
             out.append(pol.schedule(snapshot, queue, fetching_node=node))
         runs.append(out)
     assert runs[0] == runs[1]
+
+
+def _place_calls(monkeypatch, c):
+    """Wrap `_dualpath.place` to record each call's outcome ('ok' or the exception's name)."""
+    from schedulers import policies
+
+    calls = []
+
+    class _Wrapped:
+        def __getattr__(self, name):
+            return getattr(c, name)
+
+        def place(self, *args):
+            try:
+                out = c.place(*args)
+            except Exception as e:
+                calls.append(type(e).__name__)
+                raise
+            calls.append("ok")
+            return out
+
+    monkeypatch.setattr(policies, "_dualpath_c", _Wrapped())
+    return calls
+
+
+@pytest.mark.parametrize("name", ["dualpath", "de_only", "pe_only"])
+def test_place_in_c_continues_groups_lazily_like_python(name, monkeypatch):
+    """Node sums below their engines' free HBM (a runtime snapshot): phase 1 closes every group early, and
+    the placement loop extends the groups lazily (`assign_group`) past phase 1's keys, in C as in Python."""
+    from schedulers import ClusterSnapshot, EngineState, NodeState, PendingRequest, make_policy, policies
+
+    c = _dualpath_c()
+    engines = {0: EngineState(0, "prefill", 0), 1: EngineState(1, "prefill", 0)}
+    nodes = {0: NodeState(0, "prefill", read_queue_tokens=5)}
+    for nid in (1, 2):
+        nodes[nid] = NodeState(nid, "decode", engine_tok=0, engine_free_hbm_tokens=150, read_queue_tokens=nid)
+        for _ in range(2):
+            eid = len(engines)
+            engines[eid] = EngineState(eid, "decode", nid, tok=eid, free_hbm_tokens=10**6)
+    snapshot = ClusterSnapshot(0.0, engines, nodes)
+    queue = [PendingRequest(i, i, 0, 100 + i, 64 * (i % 2), 5) for i in range(40)]
+    calls = _place_calls(monkeypatch, c)
+    runs = [make_policy(name, alpha_tokens=10, beta_tokens=10**9).schedule(snapshot, queue)]
+    monkeypatch.setattr(policies, "_dualpath_c", None)
+    runs.append(make_policy(name, alpha_tokens=10, beta_tokens=10**9).schedule(snapshot, queue))
+    assert calls == ["ok"]
+    assert len(runs[0]) == 40  # far beyond phase 1's few keys
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name", ["dualpath", "de_only", "pe_only"])
+def test_place_in_c_hands_over_to_python_on_loads_beyond_int64(name, monkeypatch):
+    """A request whose tokens C cannot hold exactly, in the middle of the window: `place` refuses it and the
+    Python loop places the whole window again, giving the same Assignments as without C."""
+    from schedulers import ClusterSnapshot, EngineState, NodeState, PendingRequest, make_policy, policies
+
+    c = _dualpath_c()
+    engines, nodes = {}, {}
+    for nid, role in enumerate(("prefill", "decode", "decode")):
+        nodes[nid] = NodeState(nid, role, engine_tok=0, engine_free_hbm_tokens=2 * 2**62, read_queue_tokens=nid)
+        for _ in range(2):
+            eid = len(engines)
+            engines[eid] = EngineState(eid, role, nid, free_hbm_tokens=2**62 if role == "decode" else 0)
+    snapshot = ClusterSnapshot(0.0, engines, nodes)
+    queue = [PendingRequest(i, i, 0, 1000, 512, 10) for i in range(10)]
+    queue.append(PendingRequest(10, 10, 0, 2**61, 2**61, 0))  # placed by Python only
+    queue += [PendingRequest(i, i, 0, 700, 64, 3) for i in range(11, 20)]
+    calls = _place_calls(monkeypatch, c)
+    runs = [make_policy(name, alpha_tokens=10, beta_tokens=2**62).schedule(snapshot, queue)]
+    monkeypatch.setattr(policies, "_dualpath_c", None)
+    runs.append(make_policy(name, alpha_tokens=10, beta_tokens=2**62).schedule(snapshot, queue))
+    assert calls == ["OverflowError"]
+    assert len(runs[0]) > 11
+    assert runs[0] == runs[1]
+
+
+def test_place_in_c_is_not_used_by_a_subclass_that_changes_a_step(monkeypatch):
+    """A policy overriding a step of the loop (here the DE choice) runs its own Python step, not the C loop."""
+    from schedulers import make_policy, policies
+
+    c = _dualpath_c()
+
+    class _FirstDe(policies.DualPathPolicy):
+        @staticmethod
+        def _choose_de(s, r, group, z):
+            return next((e for e in group if s.free[e] >= r.total_tokens), None)
+
+    assert _FirstDe()._c_side_mode() is None
+    assert policies.SplitPolicy()._c_side_mode() is None
+    assert [make_policy(n)._c_side_mode() for n in ("dualpath", "de_only", "pe_only")] == [0, 1, 2]
+    rng = random.Random(3)
+    snapshot, queue, _ = _random_snapshot(rng)
+    calls = _place_calls(monkeypatch, c)
+    _FirstDe(policies.DualPathConfig(alpha_tokens=3_000_000, beta_tokens=10_000_000)).schedule(snapshot, queue)
+    assert calls == []
 
 
 # ---- a whole run ----------------------------------------------------------------------------------------
