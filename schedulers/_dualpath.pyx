@@ -16,7 +16,9 @@ order as the Python loop leaves it.
 - `choose_pe(node_min, read_q, alpha)`: Algorithm 1 over per-node minima (`DualPathPolicy._choose_pe`);
 - `node_min(tok, engines, beta)`: a node's least-loaded PE under beta (`DualPathPolicy._node_min`);
 - `choose_de(free, tok, seq, group, need, z)`: DE phase 2's choice in a group (`DualPathPolicy._choose_de`);
-- `has_duplicates(ids)`: every policy's check that a QueueWindow's request ids are unique (`_check_unique`).
+- `has_duplicates(ids)`: every policy's check that a QueueWindow's request ids are unique (`_check_unique`);
+- `Placement`: a whole fetch's placement loop after phase 1 (the PE, the DE, the read side and the loads of
+  each request in turn), on C arrays (`DualPathPolicy.schedule`).
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -273,9 +275,26 @@ cdef inline long long _add_checked(long long a, long long b) except? -1:
     return a + b
 
 
-cdef class _Place:
-    """The C arrays of one `place` call (freed with it)."""
+cdef void *_alloc(Py_ssize_t n, size_t size) except NULL:
+    cdef void *p = PyMem_Malloc((n if n > 0 else 1) * size)
+    if p == NULL:
+        raise MemoryError()
+    return p
 
+
+cdef class Placement:
+    """One DualPath fetch's placement loop in C (`DualPathPolicy.schedule` after phase 1), on C arrays.
+
+    `Placement(pe_nodes, pe_states, beta)` reads the candidate PEs' tok_e (node by node: `pe_nodes` maps a
+    node to its PE ids, `pe_states` to their EngineStates, same order) and each node's least-loaded PE under
+    beta; `any_pe()` says whether some PE may take work (the fetch's early stop, before phase 1); `place(...)`
+    runs the loop and returns the Assignments, the same as the Python loop. Values C cannot hold exactly
+    raise OverflowError/TypeError; nothing the caller sees changes except `group_of`/`pheap` (extended
+    exactly as the Python loop's `assign_group` would)."""
+
+    cdef Py_ssize_t n_pn, n_pe
+    cdef long long beta
+    cdef list pe_node_ids
     cdef long long *pe_id
     cdef long long *pe_tok
     cdef Py_ssize_t *pe_off  # node j's PEs: pe_off[j] .. pe_off[j + 1]
@@ -293,6 +312,35 @@ cdef class _Place:
     cdef Py_ssize_t *de_node  # dense node index of each DE
     cdef char *g_ok  # the group's DEs are loaded and its Z computed
     cdef double *z
+
+    def __cinit__(self, dict pe_nodes, dict pe_states, beta_tokens):
+        cdef Py_ssize_t j, x = 0
+        self.beta = _int(beta_tokens)
+        self.pe_node_ids = list(pe_nodes)
+        self.n_pn = len(self.pe_node_ids)
+        self.n_pe = 0
+        for nid in self.pe_node_ids:
+            self.n_pe += len(pe_nodes[nid])
+        self.pe_id = <long long *> _alloc(self.n_pe, sizeof(long long))
+        self.pe_tok = <long long *> _alloc(self.n_pe, sizeof(long long))
+        self.pe_off = <Py_ssize_t *> _alloc(self.n_pn + 1, sizeof(Py_ssize_t))
+        self.nm_t = <long long *> _alloc(self.n_pn, sizeof(long long))
+        self.nm_e = <long long *> _alloc(self.n_pn, sizeof(long long))
+        self.nm_i = <Py_ssize_t *> _alloc(self.n_pn, sizeof(Py_ssize_t))
+        self.nm_ok = <char *> _alloc(self.n_pn, 1)
+        for j in range(self.n_pn):
+            nid = self.pe_node_ids[j]
+            ids = pe_nodes[nid]
+            states = pe_states[nid]
+            if len(ids) != len(states):
+                raise ValueError("one EngineState per PE id")
+            self.pe_off[j] = x
+            for i in range(len(ids)):
+                self.pe_id[x] = _int(ids[i])
+                self.pe_tok[x] = _int(states[i].tok)
+                x += 1
+            self.pe_off[j + 1] = x
+            self._node_min(j)
 
     def __dealloc__(self):
         PyMem_Free(self.pe_id)
@@ -313,182 +361,157 @@ cdef class _Place:
         PyMem_Free(self.g_ok)
         PyMem_Free(self.z)
 
+    cdef void _node_min(self, Py_ssize_t j) noexcept:
+        cdef Py_ssize_t i
+        cdef long long t, e
+        self.nm_ok[j] = 0
+        for i in range(self.pe_off[j], self.pe_off[j + 1]):
+            t = self.pe_tok[i]
+            e = self.pe_id[i]
+            if t <= self.beta and (not self.nm_ok[j] or t < self.nm_t[j] or (t == self.nm_t[j] and e < self.nm_e[j])):
+                self.nm_t[j], self.nm_e[j], self.nm_i[j], self.nm_ok[j] = t, e, i, 1
 
-cdef void *_alloc(Py_ssize_t n, size_t size) except NULL:
-    cdef void *p = PyMem_Malloc((n if n > 0 else 1) * size)
-    if p == NULL:
-        raise MemoryError()
-    return p
+    def any_pe(self):
+        """Whether some candidate PE has tok_e <= beta (else Algorithm 1 places nothing)."""
+        cdef Py_ssize_t j
+        for j in range(self.n_pn):
+            if self.nm_ok[j]:
+                return True
+        return False
 
-
-cdef inline void _node_min_c(_Place w, Py_ssize_t j, long long beta) noexcept:
-    cdef Py_ssize_t i
-    cdef long long t, e
-    w.nm_ok[j] = 0
-    for i in range(w.pe_off[j], w.pe_off[j + 1]):
-        t = w.pe_tok[i]
-        e = w.pe_id[i]
-        if t <= beta and (not w.nm_ok[j] or t < w.nm_t[j] or (t == w.nm_t[j] and e < w.nm_e[j])):
-            w.nm_t[j], w.nm_e[j], w.nm_i[j], w.nm_ok[j] = t, e, i, 1
-
-
-def place(queue, lens, list group_of, list pheap, int shift, list gids, dict r_len, dict group_tok,
-          dict de_groups, dict state_of, dict node_of, dict pe_nodes, tok, dict nodes, alpha_tokens,
-          beta_tokens, double slack, int side_mode, assignment):
-    """DE phase 2 and the PE choice for every request of a fetch, in C (`DualPathPolicy.schedule`'s loop after
-    phase 1): returns the Assignments, the same as the Python loop.
-
-    Per request in FIFO order: the PE by Algorithm 1 over the nodes' least-loaded PEs under beta (stop when
-    none); its DE group from phase 1 (`group_of` packed keys, extended lazily from `pheap` like
-    `assign_group`), Z of the group at its first placement (slack * (R + Σ tok_e) / |E|, the group's DE loads
-    read then from `state_of`); the DE as `choose_de` (stop when none has room); the read side by
-    `side_mode` (0: the node with the shorter read queue, ties PE; 1: DE; 2: PE); then the loads are updated
-    as `_Scratch.commit` does. PE loads come from `tok` (the scratch), read queues from `nodes`
-    (NodeState.read_queue_tokens) on first use. Values C cannot hold exactly raise OverflowError/TypeError
-    before anything visible changes except `group_of`/`pheap` (extended exactly as the Python loop would)."""
-    cdef _Place w = _Place()
-    cdef Py_ssize_t n_pn = len(pe_nodes), n_g = len(gids), n_pe = 0, n_de = 0, i, j, k, gi, a, b, x
-    cdef long long alpha = _int(alpha_tokens), beta = _int(beta_tokens)
-    cdef long long mask = (1 << shift) - 1, t, e, prompt, hit, need, de_hit, best_t = 0, best_e = 0
-    cdef long long in_q = 0, in_t = 0, out_t = 0, q
-    cdef Py_ssize_t best_j = 0, in_i = 0, out_i = 0, de_i, n_nodes = 0
-    cdef bint short, have, have_in, have_out
-    cdef dict dense = {}  # node id -> dense index
-    cdef list out = []
-    cdef list pe_node_ids = list(pe_nodes)
-    for nid in pe_node_ids:
-        n_pe += len(pe_nodes[nid])
-    for g in gids:
-        n_de += len(de_groups[g])
-    w.pe_id = <long long *> _alloc(n_pe, sizeof(long long))
-    w.pe_tok = <long long *> _alloc(n_pe, sizeof(long long))
-    w.pe_off = <Py_ssize_t *> _alloc(n_pn + 1, sizeof(Py_ssize_t))
-    w.nm_t = <long long *> _alloc(n_pn, sizeof(long long))
-    w.nm_e = <long long *> _alloc(n_pn, sizeof(long long))
-    w.nm_i = <Py_ssize_t *> _alloc(n_pn, sizeof(Py_ssize_t))
-    w.nm_ok = <char *> _alloc(n_pn, 1)
-    w.rq = <long long *> _alloc(n_pn + n_de, sizeof(long long))
-    w.rq_ok = <char *> _alloc(n_pn + n_de, 1)
-    w.de_off = <Py_ssize_t *> _alloc(n_g + 1, sizeof(Py_ssize_t))
-    w.de_id = <long long *> _alloc(n_de, sizeof(long long))
-    w.de_tok = <long long *> _alloc(n_de, sizeof(long long))
-    w.de_seq = <long long *> _alloc(n_de, sizeof(long long))
-    w.de_free = <long long *> _alloc(n_de, sizeof(long long))
-    w.de_node = <Py_ssize_t *> _alloc(n_de, sizeof(Py_ssize_t))
-    w.g_ok = <char *> _alloc(n_g, 1)
-    w.z = <double *> _alloc(n_g, sizeof(double))
-    for i in range(n_pn + n_de):
-        w.rq_ok[i] = 0
-    # PE candidates: ids and scratch loads, node by node (node j has dense index j)
-    x = 0
-    for j in range(n_pn):
-        nid = pe_node_ids[j]
-        dense[nid] = j
-        w.pe_off[j] = x
-        for eo in pe_nodes[nid]:
-            w.pe_id[x] = _int(eo)
-            w.pe_tok[x] = _int(tok[eo])
-            x += 1
-        w.pe_off[j + 1] = x
-        _node_min_c(w, j, beta)
-    n_nodes = n_pn
-    x = 0
-    for i in range(n_g):
-        w.g_ok[i] = 0
-        w.de_off[i] = x
-        x += len(de_groups[gids[i]])
-        w.de_off[i + 1] = x
-
-    cdef Py_ssize_t n_keys = len(group_of)
-    k = -1
-    for r in queue:
-        k += 1
-        if k >= n_keys:  # every group's R closed in phase 1: this request's group, lazily (`assign_group`)
-            k0 = pheap[0]
-            _heapreplace(pheap, k0 + (lens[k] << shift))
-            group_of.append(k0)
-            n_keys += 1
-        # the PE: Algorithm 1 over the nodes' minima (read_q <= alpha first)
-        have = short = False
+    def place(self, queue, lens, list group_of, list pheap, int shift, list gids, dict r_len, dict group_tok,
+              dict de_groups, dict state_of, dict node_of, dict nodes, alpha_tokens, double slack,
+              int side_mode, assignment):
+        """Per request in FIFO order: the PE by Algorithm 1 over the nodes' least-loaded PEs under beta (stop
+        when none); its DE group from phase 1 (`group_of` packed keys, extended lazily from `pheap`), Z of
+        the group at its first placement (slack * (R + Σ tok_e) / |E|, the group's DE loads read then from
+        `state_of`); the DE as `choose_de` (stop when none has room); the read side by `side_mode` (0: the
+        node with the shorter read queue, ties PE; 1: DE; 2: PE); then the loads as `_Scratch.commit`
+        updates them. Read queues come from `nodes` (NodeState.read_queue_tokens) on first use. Call once."""
+        if self.de_off != NULL:
+            raise RuntimeError("Placement.place runs once")
+        cdef Py_ssize_t n_pn = self.n_pn, n_g = len(gids), n_de = 0, i, j, k, gi, a, x
+        cdef long long alpha = _int(alpha_tokens)
+        cdef long long mask = (1 << shift) - 1, t, e, prompt, hit, need, de_hit, best_t = 0, best_e = 0
+        cdef long long in_q = 0, in_t = 0, out_t = 0, q
+        cdef Py_ssize_t best_j = 0, in_i = 0, out_i = 0, de_i, n_nodes = n_pn
+        cdef bint short, have, have_in, have_out
+        cdef dict dense = {}  # node id -> dense index (PE node j is j)
+        cdef list out = []
+        cdef list pe_node_ids = self.pe_node_ids
+        for g in gids:
+            n_de += len(de_groups[g])
+        self.rq = <long long *> _alloc(n_pn + n_de, sizeof(long long))
+        self.rq_ok = <char *> _alloc(n_pn + n_de, 1)
+        self.de_off = <Py_ssize_t *> _alloc(n_g + 1, sizeof(Py_ssize_t))
+        self.de_id = <long long *> _alloc(n_de, sizeof(long long))
+        self.de_tok = <long long *> _alloc(n_de, sizeof(long long))
+        self.de_seq = <long long *> _alloc(n_de, sizeof(long long))
+        self.de_free = <long long *> _alloc(n_de, sizeof(long long))
+        self.de_node = <Py_ssize_t *> _alloc(n_de, sizeof(Py_ssize_t))
+        self.g_ok = <char *> _alloc(n_g, 1)
+        self.z = <double *> _alloc(n_g, sizeof(double))
+        for i in range(n_pn + n_de):
+            self.rq_ok[i] = 0
         for j in range(n_pn):
-            if not w.nm_ok[j]:
-                continue
-            if not w.rq_ok[j]:
-                w.rq[j] = _int(nodes[pe_node_ids[j]].read_queue_tokens)
-                w.rq_ok[j] = 1
-            t, e = w.nm_t[j], w.nm_e[j]
-            if w.rq[j] <= alpha:
-                if not short or t < best_t or (t == best_t and e < best_e):
-                    best_t, best_e, best_j, short, have = t, e, j, True, True
-            elif not short and (not have or t < best_t or (t == best_t and e < best_e)):
-                best_t, best_e, best_j, have = t, e, j, True
-        if not have:
-            break
-        gi = _int(group_of[k]) & mask
-        if not w.g_ok[gi]:  # the fetch's first placement in this group: its DEs as the snapshot has them
-            g = gids[gi]
-            a = w.de_off[gi]
-            for eo in de_groups[g]:
-                st = state_of[eo]
-                w.de_id[a] = _int(eo)
-                w.de_tok[a] = _int(st.tok)
-                w.de_seq[a] = _int(st.seq)
-                w.de_free[a] = _int(st.free_hbm_tokens)
-                nid = node_of[eo]
-                x = dense.get(nid, -1)
-                if x < 0:
-                    x = dense[nid] = n_nodes
-                    n_nodes += 1
-                w.de_node[a] = x
-                a += 1
-            t = _add_checked(_int(r_len[g]), _int(group_tok[g]))
-            if t >= _EXACT or t <= -_EXACT:
-                raise OverflowError("a group load beyond 2**53: Z is computed as a float")
-            w.z[gi] = slack * <double> t / <double> (w.de_off[gi + 1] - w.de_off[gi])
-            w.g_ok[gi] = 1
-        # the DE in the group (`choose_de`)
-        prompt = _int(r.prompt_tokens)
-        hit = _int(r.hit_tokens)
-        need = _int(r.total_tokens)
-        have_in = have_out = False
-        for de_i in range(w.de_off[gi], w.de_off[gi + 1]):
-            if w.de_free[de_i] < need:
-                continue
-            t = w.de_tok[de_i]
-            if t + need >= _EXACT or t + need <= -_EXACT:
-                raise OverflowError("load beyond 2**53: compared with Z as a float")
-            if <double> (t + need) <= w.z[gi]:
-                q = w.de_seq[de_i]
-                if not have_in or q < in_q or (q == in_q and t < in_t):
-                    in_i, in_q, in_t, have_in = de_i, q, t, True
-            elif not have_out or t < out_t:
-                out_i, out_t, have_out = de_i, t, True
-        if have_in:
-            de_i = in_i
-        elif have_out:
-            de_i = out_i
-        else:
-            break
-        # the read side, then the loads (`_Scratch.commit`)
-        x = w.de_node[de_i]
-        if not w.rq_ok[x]:
-            w.rq[x] = _int(nodes[node_of[w.de_id[de_i]]].read_queue_tokens)
-            w.rq_ok[x] = 1
-        if side_mode == 1 or (side_mode == 0 and w.rq[x] < w.rq[best_j]):
-            side, frac = "de", 1.0
-            if hit >= _EXACT or hit <= -_EXACT:
-                raise OverflowError("hit tokens beyond 2**53: round(hit * 1.0) is not exact")
-            de_hit = hit
-        else:
-            side, frac = "pe", 0.0
-            de_hit = 0
-        a = w.nm_i[best_j]
-        w.pe_tok[a] = _add_checked(w.pe_tok[a], prompt)
-        w.de_tok[de_i] = _add_checked(w.de_tok[de_i], need)
-        w.de_seq[de_i] = _add_checked(w.de_seq[de_i], 1)
-        w.de_free[de_i] = _add_checked(w.de_free[de_i], -need)
-        w.rq[best_j] = _add_checked(w.rq[best_j], hit - de_hit)
-        w.rq[x] = _add_checked(w.rq[x], de_hit)
-        out.append(assignment(r.request_id, best_e, w.de_id[de_i], side, frac))
-        _node_min_c(w, best_j, beta)
-    return out
+            dense[pe_node_ids[j]] = j
+        x = 0
+        for i in range(n_g):
+            self.g_ok[i] = 0
+            self.de_off[i] = x
+            x += len(de_groups[gids[i]])
+            self.de_off[i + 1] = x
+
+        cdef Py_ssize_t n_keys = len(group_of)
+        k = -1
+        for r in queue:
+            k += 1
+            if k >= n_keys:  # every group's R closed in phase 1: this request's group, lazily (`assign_group`)
+                k0 = pheap[0]
+                _heapreplace(pheap, k0 + (lens[k] << shift))
+                group_of.append(k0)
+                n_keys += 1
+            # the PE: Algorithm 1 over the nodes' minima (read_q <= alpha first)
+            have = short = False
+            for j in range(n_pn):
+                if not self.nm_ok[j]:
+                    continue
+                if not self.rq_ok[j]:
+                    self.rq[j] = _int(nodes[pe_node_ids[j]].read_queue_tokens)
+                    self.rq_ok[j] = 1
+                t, e = self.nm_t[j], self.nm_e[j]
+                if self.rq[j] <= alpha:
+                    if not short or t < best_t or (t == best_t and e < best_e):
+                        best_t, best_e, best_j, short, have = t, e, j, True, True
+                elif not short and (not have or t < best_t or (t == best_t and e < best_e)):
+                    best_t, best_e, best_j, have = t, e, j, True
+            if not have:
+                break
+            gi = _int(group_of[k]) & mask
+            if not self.g_ok[gi]:  # the fetch's first placement in this group: its DEs as the snapshot has them
+                g = gids[gi]
+                a = self.de_off[gi]
+                for eo in de_groups[g]:
+                    st = state_of[eo]
+                    self.de_id[a] = _int(eo)
+                    self.de_tok[a] = _int(st.tok)
+                    self.de_seq[a] = _int(st.seq)
+                    self.de_free[a] = _int(st.free_hbm_tokens)
+                    nid = node_of[eo]
+                    x = dense.get(nid, -1)
+                    if x < 0:
+                        x = dense[nid] = n_nodes
+                        n_nodes += 1
+                    self.de_node[a] = x
+                    a += 1
+                t = _add_checked(_int(r_len[g]), _int(group_tok[g]))
+                if t >= _EXACT or t <= -_EXACT:
+                    raise OverflowError("a group load beyond 2**53: Z is computed as a float")
+                self.z[gi] = slack * <double> t / <double> (self.de_off[gi + 1] - self.de_off[gi])
+                self.g_ok[gi] = 1
+            # the DE in the group (`choose_de`)
+            prompt = _int(r.prompt_tokens)
+            hit = _int(r.hit_tokens)
+            need = _int(r.total_tokens)
+            have_in = have_out = False
+            for de_i in range(self.de_off[gi], self.de_off[gi + 1]):
+                if self.de_free[de_i] < need:
+                    continue
+                t = self.de_tok[de_i]
+                if t + need >= _EXACT or t + need <= -_EXACT:
+                    raise OverflowError("load beyond 2**53: compared with Z as a float")
+                if <double> (t + need) <= self.z[gi]:
+                    q = self.de_seq[de_i]
+                    if not have_in or q < in_q or (q == in_q and t < in_t):
+                        in_i, in_q, in_t, have_in = de_i, q, t, True
+                elif not have_out or t < out_t:
+                    out_i, out_t, have_out = de_i, t, True
+            if have_in:
+                de_i = in_i
+            elif have_out:
+                de_i = out_i
+            else:
+                break
+            # the read side, then the loads (`_Scratch.commit`)
+            x = self.de_node[de_i]
+            if not self.rq_ok[x]:
+                self.rq[x] = _int(nodes[node_of[self.de_id[de_i]]].read_queue_tokens)
+                self.rq_ok[x] = 1
+            if side_mode == 1 or (side_mode == 0 and self.rq[x] < self.rq[best_j]):
+                side, frac = "de", 1.0
+                if hit >= _EXACT or hit <= -_EXACT:
+                    raise OverflowError("hit tokens beyond 2**53: round(hit * 1.0) is not exact")
+                de_hit = hit
+            else:
+                side, frac = "pe", 0.0
+                de_hit = 0
+            a = self.nm_i[best_j]
+            self.pe_tok[a] = _add_checked(self.pe_tok[a], prompt)
+            self.de_tok[de_i] = _add_checked(self.de_tok[de_i], need)
+            self.de_seq[de_i] = _add_checked(self.de_seq[de_i], 1)
+            self.de_free[de_i] = _add_checked(self.de_free[de_i], -need)
+            self.rq[best_j] = _add_checked(self.rq[best_j], hit - de_hit)
+            self.rq[x] = _add_checked(self.rq[x], de_hit)
+            out.append(assignment(r.request_id, best_e, self.de_id[de_i], side, frac))
+            self._node_min(best_j)
+        return out

@@ -166,21 +166,38 @@ class _Scratch:
     in bulk (C-level map/zip), every other load on first read. Same values as a full copy: the snapshot
     does not change during a fetch."""
 
-    __slots__ = ("de_groups", "free", "group_free", "group_tok", "node_of", "pe_nodes", "pes", "read_q", "seq", "tok")
+    __slots__ = (
+        "de_groups",
+        "free",
+        "group_free",
+        "group_tok",
+        "node_of",
+        "pe_nodes",
+        "pe_states_of_node",
+        "pes",
+        "read_q",
+        "seq",
+        "tok",
+    )
 
-    def __init__(self, snapshot: ClusterSnapshot, pe_node: int | None, group_sums: bool = False):
+    def __init__(self, snapshot: ClusterSnapshot, pe_node: int | None, group_sums: bool = False, pe_loads=True):
         """`pe_node`: keep only this node's PEs as candidates (a PE group's fetch); None: every PE.
         Every DE is always a candidate (DE phase 1 runs over all DE groups). `group_sums`: the policy needs
         Σ tok_e / Σ free_hbm_tokens per DE group (`group_sums()`); when the runner keeps them on every DE
         node (`NodeState.engine_tok` / `engine_free_hbm_tokens`) they are taken from there and the DEs'
-        own loads are read only when first used."""
+        own loads are read only when first used. `pe_loads=False`: the candidate PEs' tok are read on first use
+        too (a caller that reads them from `pe_states_of_node` itself)."""
         topo = _topology(snapshot)
         if pe_node is None:
             pes, pe_states = topo.pes, topo.pe_states
             self.pe_nodes: dict[int, list[int]] = topo.pes_of_node  # shared, read-only: node -> its PEs (sorted)
+            self.pe_states_of_node: dict[int, list] = topo.pe_states_of_node  # their EngineStates, same order
         else:
             pes, pe_states = topo.pes_of_node.get(pe_node, []), topo.pe_states_of_node.get(pe_node, [])
             self.pe_nodes = {pe_node: pes} if pes else {}
+            self.pe_states_of_node = {pe_node: pe_states} if pes else {}
+        if not pe_loads:
+            pe_states = pes = ()
         self.de_groups: dict[int, list[int]] = topo.de_groups  # shared, read-only
         self.group_tok = self.group_free = None
         if group_sums:
@@ -203,7 +220,7 @@ class _Scratch:
             self.free = _Loads(topo.state_of, _FREE, topo.de_ids, topo.de_states)
         self.seq = _Loads(topo.state_of, _SEQ)
         self.node_of: dict[int, int] = topo.node_of  # shared, read-only
-        self.pes: list[int] = pes  # shared, read-only
+        self.pes: list[int] = topo.pes if pe_node is None else topo.pes_of_node.get(pe_node, [])  # read-only
         self.read_q: dict[int, int] = _Loads(snapshot.nodes, _READ_Q)  # node id -> read_q, on first read
 
     def group_sums(self) -> tuple[dict[int, int], dict[int, int]]:
@@ -663,13 +680,24 @@ class DualPathPolicy(InterEnginePolicy):
         self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
     ) -> list[Assignment]:
         _check_unique(queue)
-        s = _Scratch(snapshot, _pe_scope(snapshot, fetching_node), group_sums=True)
+        mode = self._c_side_mode() if _dualpath_c is not None else None  # None: the loop runs in Python
+        s = _Scratch(snapshot, _pe_scope(snapshot, fetching_node), group_sums=True, pe_loads=mode is None)
         if not s.pes or not s.de_groups:
             return []
         pe_nodes = s.pe_nodes
-        node_min = {n: self._node_min(s, engs) for n, engs in pe_nodes.items()}
-        if not queue or self._choose_pe(s, node_min) is None:
-            return []  # no PE may take work: nothing is placed, so phase 1 is skipped (same result)
+        node_min = placement = None
+        if mode is not None:
+            try:  # the candidate PEs' loads and per-node minima in C (schedulers/_dualpath.pyx)
+                placement = _dualpath_c.Placement(pe_nodes, s.pe_states_of_node, self.config.beta_tokens)
+            except (OverflowError, TypeError):  # loads C cannot hold exactly: the Python loop
+                pass
+        if placement is not None:
+            if not queue or not placement.any_pe():
+                return []  # no PE may take work (tok_e > β everywhere): nothing is placed, phase 1 is skipped
+        else:
+            node_min = {n: self._node_min(s, engs) for n, engs in pe_nodes.items()}
+            if not queue or self._choose_pe(s, node_min) is None:
+                return []  # no PE may take work: nothing is placed, so phase 1 is skipped (same result)
 
         # Phase 1 (lazy): group of each request by the smallest Σ tok_e, and each group's R and Z.
         de_groups = s.de_groups
@@ -715,16 +743,16 @@ class DualPathPolicy(InterEnginePolicy):
                 group_of.append(gid)
 
         slack = self.config.z_slack
-        mode = self._c_side_mode() if mask is not None and _dualpath_c is not None else None
-        if mode is not None:
-            try:  # the loop below in C (schedulers/_dualpath.pyx): the same Assignments
-                return _dualpath_c.place(
+        if placement is not None and mask is not None:
+            try:  # the loop below in C: the same Assignments
+                return placement.place(
                     queue, lens, group_of, pheap, shift, gids, r_len, group_tok, de_groups, s.free.state_of,
-                    s.node_of, pe_nodes, s.tok, snapshot.nodes, self.config.alpha_tokens,
-                    self.config.beta_tokens, slack, mode, Assignment,
+                    s.node_of, snapshot.nodes, self.config.alpha_tokens, slack, mode, Assignment,
                 )  # fmt: skip
             except (OverflowError, TypeError):  # loads C cannot hold exactly: the loop below (the scratch is
                 pass  # untouched; group_of/pheap may have grown, by the keys assign_group would give)
+        if node_min is None:
+            node_min = {n: self._node_min(s, engs) for n, engs in pe_nodes.items()}
         z = {}  # Z per group, for the groups this fetch reaches
 
         out = []

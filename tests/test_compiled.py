@@ -397,23 +397,32 @@ def test_dualpath_fetches_are_the_same_without_the_c_loops(seed, name, monkeypat
 
 
 def _place_calls(monkeypatch, c):
-    """Wrap `_dualpath.place` to record each call's outcome ('ok' or the exception's name)."""
+    """Wrap `_dualpath.Placement` to record each `place` call's outcome ('ok' or the exception's name)."""
     from schedulers import policies
 
     calls = []
 
-    class _Wrapped:
-        def __getattr__(self, name):
-            return getattr(c, name)
+    class _Placement:
+        def __init__(self, *args):
+            self._p = c.Placement(*args)
+
+        def any_pe(self):
+            return self._p.any_pe()
 
         def place(self, *args):
             try:
-                out = c.place(*args)
+                out = self._p.place(*args)
             except Exception as e:
                 calls.append(type(e).__name__)
                 raise
             calls.append("ok")
             return out
+
+    class _Wrapped:
+        Placement = _Placement
+
+        def __getattr__(self, name):
+            return getattr(c, name)
 
     monkeypatch.setattr(policies, "_dualpath_c", _Wrapped())
     return calls
@@ -468,6 +477,33 @@ def test_place_in_c_hands_over_to_python_on_loads_beyond_int64(name, monkeypatch
     assert calls == ["OverflowError"]
     assert len(runs[0]) > 11
     assert runs[0] == runs[1]
+
+
+def test_placement_in_c_refuses_pe_loads_beyond_int64(monkeypatch):
+    """A PE load beyond int64: `Placement` refuses it before anything is placed, the Python loop places the
+    window, the same as without C; a Placement places once."""
+    from schedulers import ClusterSnapshot, EngineState, NodeState, PendingRequest, make_policy, policies
+
+    c = _dualpath_c()
+    engines = {0: EngineState(0, "prefill", 0, tok=2**70), 1: EngineState(1, "prefill", 0, tok=5)}
+    nodes = {0: NodeState(0, "prefill"), 1: NodeState(1, "decode", engine_tok=0, engine_free_hbm_tokens=10**6)}
+    engines[2] = EngineState(2, "decode", 1, free_hbm_tokens=10**6)
+    snapshot = ClusterSnapshot(0.0, engines, nodes)
+    queue = [PendingRequest(i, i, 0, 100, 64, 5) for i in range(5)]
+    with pytest.raises(OverflowError):
+        c.Placement({0: [0, 1]}, {0: [engines[0], engines[1]]}, 10**9)
+    runs = []
+    for mod in (c, None):
+        monkeypatch.setattr(policies, "_dualpath_c", mod)
+        runs.append(make_policy("dualpath", alpha_tokens=10, beta_tokens=10**9).schedule(snapshot, queue))
+    assert len(runs[0]) == 5 and runs[0] == runs[1]
+    p = c.Placement({0: [1]}, {0: [engines[1]]}, 10**9)
+    assert p.any_pe()
+    args = (queue, [105] * 5, [1] * 5, [1], 0, [1], {1: 0}, {1: 0}, {1: [2]}, {2: engines[2]}, {2: 1}, nodes, 10)
+    assert len(p.place(*args, 1.0, 0, policies.Assignment)) == 5
+    with pytest.raises(RuntimeError, match="once"):
+        p.place(*args, 1.0, 0, policies.Assignment)
+    assert not c.Placement({0: [1]}, {0: [engines[1]]}, 4).any_pe()
 
 
 def test_place_in_c_is_not_used_by_a_subclass_that_changes_a_step(monkeypatch):
