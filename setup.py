@@ -4,8 +4,9 @@
   the types of `simulator.pxd` / `network.pxd` (the same sources run as plain Python where the extensions are
   missing);
 - `dualpath_jax/sim/_heap.pyx`, the event and completion heaps in C (fallback: `heap.PyTimeHeap`);
-- `schedulers/_dualpath.pyx`, the DualPath policy's inner loops (DE phase 1, the PE and DE choices) and the
-  policies' duplicate-id check, on int64 (fallback: the same loops in Python).
+- `schedulers/_dualpath.pyx`, the DualPath policy's inner loops (DE phase 1, the placement loop with the PE and
+  DE choices) and the policies' duplicate-id check, on int64 (fallback: the same loops in Python);
+- `dualpath_jax/sim/_csvrows.pyx`, the results' CSV rows formatted in C (fallback: `csv.writer`, the same bytes).
 
 All are optional: a machine without a C compiler installs the pure-Python package (a warning says so).
 `-ffp-contract=off` keeps a*b+c from becoming one rounded FMA, so compiled and Python results are equal.

@@ -180,7 +180,7 @@ class _Scratch:
         "tok",
     )
 
-    def __init__(self, snapshot: ClusterSnapshot, pe_node: int | None, group_sums: bool = False, pe_loads=True):
+    def __init__(self, snapshot: ClusterSnapshot, pe_node: int | None, group_sums: bool = False, pe_loads: bool = True):
         """`pe_node`: keep only this node's PEs as candidates (a PE group's fetch); None: every PE.
         Every DE is always a candidate (DE phase 1 runs over all DE groups). `group_sums`: the policy needs
         Σ tok_e / Σ free_hbm_tokens per DE group (`group_sums()`); when the runner keeps them on every DE
@@ -530,8 +530,8 @@ class DualPathPolicy(InterEnginePolicy):
         self._closed_last = False  # the last fetch's phase 1 closed a group's R (only picks the faster loop)
 
     def _c_side_mode(self) -> int | None:
-        """The read-side rule as `_dualpath.place` numbers it (0: shorter read queue, 1: DE, 2: PE), or None
-        when a subclass changed a step of the loop (then the Python loop runs)."""
+        """The read-side rule as `_dualpath.Placement.place` numbers it (0: shorter read queue, 1: DE, 2: PE),
+        or None when a subclass changed a step of the loop (then the Python loop runs)."""
         cls = type(self)
         if (cls._node_min, cls._choose_pe, cls._choose_de) != (
             DualPathPolicy._node_min,
@@ -825,7 +825,7 @@ class SplitPolicy(DualPathPolicy):
         return "split", min(1.0, x_blocks * bs / h)
 
 
-# The read-side rules `_dualpath.place` runs in C (SplitPolicy's split fractions run in Python).
+# The read-side rules `_dualpath.Placement.place` runs in C (SplitPolicy's split fractions run in Python).
 _C_SIDE_MODES = {DualPathPolicy._read_side: 0, DeOnlyPolicy._read_side: 1, PeOnlyPolicy._read_side: 2}
 
 __all__ = [
