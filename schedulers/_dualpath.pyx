@@ -448,10 +448,15 @@ cdef class Placement:
             if not have:
                 break
             gi = _int(group_of[k]) & mask
+            if gi >= n_g:
+                raise IndexError(f"phase-1 key {group_of[k]} names group rank {gi} of {n_g}")
             if not self.g_ok[gi]:  # the fetch's first placement in this group: its DEs as the snapshot has them
                 g = gids[gi]
                 a = self.de_off[gi]
-                for eo in de_groups[g]:
+                group = de_groups[g]
+                if len(group) != self.de_off[gi + 1] - a:
+                    raise RuntimeError(f"DE group {g} changed size during the fetch")
+                for eo in group:
                     st = state_of[eo]
                     self.de_id[a] = _int(eo)
                     self.de_tok[a] = _int(st.tok)
