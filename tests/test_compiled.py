@@ -504,6 +504,9 @@ def test_placement_in_c_refuses_pe_loads_beyond_int64(monkeypatch):
     with pytest.raises(RuntimeError, match="once"):
         p.place(*args, 1.0, 0, policies.Assignment)
     assert not c.Placement({0: [1]}, {0: [engines[1]]}, 4).any_pe()
+    bad_key = (queue, [105] * 5, [3] * 5, [3], 2, [1], {1: 0}, {1: 0}, {1: [2]}, {2: engines[2]}, {2: 1}, nodes, 10)
+    with pytest.raises(IndexError, match="group rank"):  # a key naming a group that does not exist
+        c.Placement({0: [1]}, {0: [engines[1]]}, 10**9).place(*bad_key, 1.0, 0, policies.Assignment)
 
 
 def test_place_in_c_is_not_used_by_a_subclass_that_changes_a_step(monkeypatch):
