@@ -21,7 +21,12 @@ order as the Python loop leaves it.
   each request in turn), on C arrays (`DualPathPolicy.schedule`).
 """
 
+from cpython cimport array
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+
+import array as _array_mod
+
+cdef array.array _KEYS = _array_mod.array("q")  # the type of the key arrays the phase-1 loops return
 
 cdef long long _I64_MAX = 0x7FFFFFFFFFFFFFFF
 
@@ -83,29 +88,31 @@ cdef long long *_load_heap(list heap) except NULL:
 
 
 def heapreplace_run(list heap, lens, int shift):
-    """Returns the list of keys replaced (one per request); updates `heap` in place. See the module docstring."""
+    """Returns the keys replaced (one per request, an array('q'): no int object each); updates `heap` in place.
+    See the module docstring."""
     cdef Py_ssize_t n = len(heap), i, m
     cdef long long k
     cdef long long *h = _load_heap(heap)
     cdef const long long[::1] ln_view
     cdef list ln_list
+    cdef array.array keys
     try:
         m = len(lens)
-        keys = [None] * m
+        keys = array.clone(_KEYS, m, zero=False)
         if isinstance(lens, list):
             ln_list = lens
             for i in range(m):
                 k = h[0]
                 h[0] = _add(k, _step(_int(ln_list[i]), shift))
                 _siftup(h, n, 0)
-                keys[i] = k
+                keys.data.as_longlongs[i] = k
         else:  # array('q') (a QueueWindow's lengths): read in place
             ln_view = lens
             for i in range(m):
                 k = h[0]
                 h[0] = _add(k, _step(ln_view[i], shift))
                 _siftup(h, n, 0)
-                keys[i] = k
+                keys.data.as_longlongs[i] = k
         for i in range(n):
             heap[i] = h[i]
     finally:
@@ -115,7 +122,8 @@ def heapreplace_run(list heap, lens, int shift):
 
 def phase1_closing(list heap, lens, int shift, list free):
     """DE phase 1 until every group's R closed (or the requests run out): returns (rl, keys, n_open), rl[i] =
-    Σ len_r of R of the group of rank i, keys the packed key each request was given; updates `heap` in place.
+    Σ len_r of R of the group of rank i, keys the packed key each request was given (an array('q')); updates
+    `heap` in place.
 
     As the Python loop: for each request take the least-loaded group (heap top), add len_r to its load; while
     the group's R is open, add len_r to it if it still fits the group's free HBM, else close the group."""
@@ -131,19 +139,22 @@ def phase1_closing(list heap, lens, int shift, list free):
         raise MemoryError()
     cdef long long *rl = fr + g
     cdef long long *is_open = fr + 2 * g
-    cdef list keys = []
+    cdef array.array keys
+    cdef Py_ssize_t n_keys = 0
     try:
         for i in range(g):
             fr[i] = _int(free[i])
             rl[i] = 0
             is_open[i] = 1
         m = len(lens)
+        keys = array.clone(_KEYS, m, zero=False)
         for i in range(m):
             ln = _int(lens[i])
             k = h[0]
             h[0] = _add(k, _step(ln, shift))
             _siftup(h, n, 0)
-            keys.append(k)
+            keys.data.as_longlongs[n_keys] = k
+            n_keys += 1
             gi = k & mask
             if is_open[gi]:
                 x = rl[gi] + ln
@@ -154,6 +165,7 @@ def phase1_closing(list heap, lens, int shift, list free):
                     n_open -= 1
                     if not n_open:
                         break
+        array.resize(keys, n_keys)
         for i in range(n):
             heap[i] = h[i]
         out = [rl[i] for i in range(g)]
@@ -379,7 +391,7 @@ cdef class Placement:
                 return True
         return False
 
-    def place(self, queue, lens, list group_of, list pheap, int shift, list gids, dict r_len, dict group_tok,
+    def place(self, queue, lens, group_of, list pheap, int shift, list gids, dict r_len, dict group_tok,
               dict de_groups, dict state_of, dict node_of, dict nodes, alpha_tokens, double slack,
               int side_mode, assignment):
         """Per request in FIFO order: the PE by Algorithm 1 over the nodes' least-loaded PEs under beta (stop

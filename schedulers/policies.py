@@ -753,6 +753,8 @@ class DualPathPolicy(InterEnginePolicy):
                 pass  # untouched; group_of/pheap may have grown, by the keys assign_group would give)
         if node_min is None:
             node_min = {n: self._node_min(s, engs) for n, engs in pe_nodes.items()}
+        if not isinstance(group_of, list):  # the C loops' array('q'): Python ints from here (they may grow)
+            group_of = list(group_of)  # (assign_group sees this list: it reads the variable, not a copy)
         z = {}  # Z per group, for the groups this fetch reaches
 
         out = []
