@@ -58,6 +58,8 @@ _ARRIVAL = operator.attrgetter("arrival")
 _FINISHED = operator.attrgetter("finished")
 _GEN_TOKENS = operator.attrgetter("gen_tokens")
 _PROMPT_TOKENS = operator.attrgetter("prompt_tokens")
+_PE_READ_BYTES = operator.attrgetter("pe_read_bytes")
+_DE_READ_BYTES = operator.attrgetter("de_read_bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +135,8 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = ()) ->
         "ttft_p99_s": percentile(ttft, 99),
         "tpot_p50_s": percentile(tpot, 50),
         "tpot_p99_s": percentile(tpot, 99),
-        "pe_read_bytes": sum(r.pe_read_bytes for r in records),
-        "de_read_bytes": sum(r.de_read_bytes for r in records),
+        "pe_read_bytes": sum(map(_PE_READ_BYTES, records)),
+        "de_read_bytes": sum(map(_DE_READ_BYTES, records)),
         "snic_max_over_avg": snic_max_over_avg(links),
     }
 
