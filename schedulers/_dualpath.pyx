@@ -66,9 +66,58 @@ cdef long long _step(long long ln, int shift) except? -1:
 
 
 cdef inline long long _add(long long k, long long s) except? -1:
+    """k + s, refusing what leaves int64 (phase-1 keys, loads)."""
     if (s > 0 and k > _I64_MAX - s) or (s < 0 and k < -_I64_MAX - 1 - s):
-        raise OverflowError("phase-1 key outside int64")
+        raise OverflowError("a key or load outside int64")
     return k + s
+
+
+# ---- the policy's rules, each written once (the dict-based functions below and `Placement` both use them) ----
+cdef long long _EXACT = 1LL << 53  # ints below this convert to double exactly
+
+
+cdef inline bint _lower(long long a, long long b, bint have, long long ba, long long bb) noexcept nogil:
+    """(a, b) < (ba, bb) as a pair, or True when nothing is held yet."""
+    return not have or a < ba or (a == ba and b < bb)
+
+
+cdef struct _PeBest:  # Algorithm 1 so far: the lowest (tok, id) on a node with read_q <= alpha, else on any node
+    long long t, e, j
+    bint have, short
+
+
+cdef inline void _pe_offer(_PeBest *b, long long t, long long e, long long j, bint short) noexcept nogil:
+    """Offer a node's least-loaded PE (tok t, id e; j: the caller's node index); `short`: read_q <= alpha."""
+    if short:
+        if not b.short or _lower(t, e, True, b.t, b.e):
+            b.t, b.e, b.j, b.short, b.have = t, e, j, True, True
+    elif not b.short and _lower(t, e, b.have, b.t, b.e):
+        b.t, b.e, b.j, b.have = t, e, j, True
+
+
+cdef struct _DeBest:  # DE phase 2 so far: the fewest (seq, tok) within Z, else the lowest tok
+    long long in_q, in_t, in_k, out_t, out_k
+    bint have_in, have_out
+
+
+cdef inline bint _in_z(long long t, long long need, double z) except -1:
+    """tok + need <= Z, compared as doubles (exact below 2**53; refused from there)."""
+    cdef long long x = _add(t, need)
+    if x >= _EXACT or x <= -_EXACT:
+        raise OverflowError("load beyond 2**53: compared with Z as a float")
+    return <double> x <= z
+
+
+cdef inline void _de_offer_in(_DeBest *b, long long k, long long q, long long t) noexcept nogil:
+    """Offer a DE with room within Z (seq q, tok t; k: the caller's key for it)."""
+    if _lower(q, t, b.have_in, b.in_q, b.in_t):
+        b.in_k, b.in_q, b.in_t, b.have_in = k, q, t, True
+
+
+cdef inline void _de_offer_out(_DeBest *b, long long k, long long t) noexcept nogil:
+    """Offer a DE with room beyond Z (tok t)."""
+    if not b.have_out or t < b.out_t:
+        b.out_k, b.out_t, b.have_out = k, t, True
 
 
 cdef long long *_load_heap(list heap) except NULL:
@@ -178,10 +227,9 @@ def phase1_closing(list heap, lens, int shift, list free):
 def choose_pe(dict node_min, read_q, alpha_tokens):
     """The PE of the lowest (tok, id) among nodes with read_q <= alpha, else among the other nodes; None when
     no node has a candidate (node_min: node -> (tok, id) or None)."""
-    cdef long long t, e, bs_t = 0, bs_e = 0, bl_t = 0, bl_e = 0
-    cdef bint short = False, long_ = False
+    cdef _PeBest best = _PeBest(0, 0, 0, False, False)
     cdef tuple mt
-    cdef long long rq, alpha = _int(alpha_tokens)
+    cdef long long t, e, alpha = _int(alpha_tokens)
     for node, m in node_min.items():
         if m is None:
             continue
@@ -190,17 +238,8 @@ def choose_pe(dict node_min, read_q, alpha_tokens):
             raise TypeError(f"node_min values are (tok, id) pairs, got {m!r}")
         t = _int(mt[0])
         e = _int(mt[1])
-        rq = _int(read_q[node])
-        if rq <= alpha:
-            if not short or t < bs_t or (t == bs_t and e < bs_e):
-                bs_t, bs_e, short = t, e, True
-        elif not long_ or t < bl_t or (t == bl_t and e < bl_e):
-            bl_t, bl_e, long_ = t, e, True
-    if short:
-        return bs_e
-    if long_:
-        return bl_e
-    return None
+        _pe_offer(&best, t, e, 0, _int(read_q[node]) <= alpha)
+    return best.e if best.have else None
 
 
 def node_min(tok, engines, beta_tokens):
@@ -210,38 +249,29 @@ def node_min(tok, engines, beta_tokens):
     for eo in engines:
         e = _int(eo)
         t = _int(tok[eo])
-        if t <= beta and (not found or t < bt or (t == bt and e < be)):
+        if t <= beta and _lower(t, e, found, bt, be):
             bt, be, found = t, e, True
     return (bt, be) if found else None
-
-
-cdef long long _EXACT = 1LL << 53  # ints below this convert to double exactly
 
 
 def choose_de(free, tok, seq, group, need_tokens, double z):
     """DE phase 2's choice in a group (`DualPathPolicy._choose_de`): among DEs with free >= need, the fewest
     (seq, tok) with tok + need <= z, else the lowest tok; None when no DE has room."""
-    cdef long long need = _int(need_tokens), t, f, q, e
-    cdef long long in_e = 0, in_q = 0, in_t = 0, out_e = 0, out_t = 0
-    cdef bint have_in = False, have_out = False
+    cdef long long need = _int(need_tokens), t, e
+    cdef _DeBest best = _DeBest(0, 0, 0, 0, 0, False, False)
     for eo in group:
         e = _int(eo)
-        f = _int(free[eo])
-        if f < need:
+        if _int(free[eo]) < need:
             continue
         t = _int(tok[eo])
-        if t + need >= _EXACT or t + need <= -_EXACT:
-            raise OverflowError("load beyond 2**53: compared with Z as a float")
-        if <double> (t + need) <= z:
-            q = _int(seq[eo])
-            if not have_in or q < in_q or (q == in_q and t < in_t):
-                in_e, in_q, in_t, have_in = e, q, t, True
-        elif not have_out or t < out_t:
-            out_e, out_t, have_out = e, t, True
-    if have_in:
-        return in_e
-    if have_out:
-        return out_e
+        if _in_z(t, need, z):
+            _de_offer_in(&best, e, _int(seq[eo]), t)
+        else:
+            _de_offer_out(&best, e, t)
+    if best.have_in:
+        return best.in_k
+    if best.have_out:
+        return best.out_k
     return None
 
 
@@ -279,12 +309,6 @@ def has_duplicates(const long long[::1] ids):
 
 
 cdef object _heapreplace = __import__("heapq").heapreplace
-
-
-cdef inline long long _add_checked(long long a, long long b) except? -1:
-    if (b > 0 and a > _I64_MAX - b) or (b < 0 and a < -_I64_MAX - 1 - b):
-        raise OverflowError("a load outside int64")
-    return a + b
 
 
 cdef void *_alloc(Py_ssize_t n, size_t size) except NULL:
@@ -380,7 +404,7 @@ cdef class Placement:
         for i in range(self.pe_off[j], self.pe_off[j + 1]):
             t = self.pe_tok[i]
             e = self.pe_id[i]
-            if t <= self.beta and (not self.nm_ok[j] or t < self.nm_t[j] or (t == self.nm_t[j] and e < self.nm_e[j])):
+            if t <= self.beta and _lower(t, e, self.nm_ok[j], self.nm_t[j], self.nm_e[j]):
                 self.nm_t[j], self.nm_e[j], self.nm_i[j], self.nm_ok[j] = t, e, i, 1
 
     def any_pe(self):
@@ -404,10 +428,10 @@ cdef class Placement:
             raise RuntimeError("Placement.place runs once")
         cdef Py_ssize_t n_pn = self.n_pn, n_g = len(gids), n_de = 0, i, j, k, gi, a, x
         cdef long long alpha = _int(alpha_tokens)
-        cdef long long mask = (1 << shift) - 1, t, e, prompt, hit, need, de_hit, best_t = 0, best_e = 0
-        cdef long long in_q = 0, in_t = 0, out_t = 0, q
-        cdef Py_ssize_t best_j = 0, in_i = 0, out_i = 0, de_i, n_nodes = n_pn
-        cdef bint short, have, have_in, have_out
+        cdef long long mask = (1 << shift) - 1, t, prompt, hit, need, de_hit
+        cdef Py_ssize_t best_j, de_i, n_nodes = n_pn
+        cdef _PeBest pe
+        cdef _DeBest de
         cdef dict dense = {}  # node id -> dense index (PE node j is j)
         cdef list out = []
         cdef list pe_node_ids = self.pe_node_ids
@@ -444,21 +468,17 @@ cdef class Placement:
                 group_of.append(k0)
                 n_keys += 1
             # the PE: Algorithm 1 over the nodes' minima (read_q <= alpha first)
-            have = short = False
+            pe = _PeBest(0, 0, 0, False, False)
             for j in range(n_pn):
                 if not self.nm_ok[j]:
                     continue
                 if not self.rq_ok[j]:
                     self.rq[j] = _int(nodes[pe_node_ids[j]].read_queue_tokens)
                     self.rq_ok[j] = 1
-                t, e = self.nm_t[j], self.nm_e[j]
-                if self.rq[j] <= alpha:
-                    if not short or t < best_t or (t == best_t and e < best_e):
-                        best_t, best_e, best_j, short, have = t, e, j, True, True
-                elif not short and (not have or t < best_t or (t == best_t and e < best_e)):
-                    best_t, best_e, best_j, have = t, e, j, True
-            if not have:
+                _pe_offer(&pe, self.nm_t[j], self.nm_e[j], j, self.rq[j] <= alpha)
+            if not pe.have:
                 break
+            best_j = pe.j
             gi = _int(group_of[k]) & mask
             if gi >= n_g:
                 raise IndexError(f"phase-1 key {group_of[k]} names group rank {gi} of {n_g}")
@@ -481,7 +501,7 @@ cdef class Placement:
                         n_nodes += 1
                     self.de_node[a] = x
                     a += 1
-                t = _add_checked(_int(r_len[g]), _int(group_tok[g]))
+                t = _add(_int(r_len[g]), _int(group_tok[g]))
                 if t >= _EXACT or t <= -_EXACT:
                     raise OverflowError("a group load beyond 2**53: Z is computed as a float")
                 self.z[gi] = slack * <double> t / <double> (self.de_off[gi + 1] - self.de_off[gi])
@@ -490,23 +510,19 @@ cdef class Placement:
             prompt = _int(r.prompt_tokens)
             hit = _int(r.hit_tokens)
             need = _int(r.total_tokens)
-            have_in = have_out = False
+            de = _DeBest(0, 0, 0, 0, 0, False, False)
             for de_i in range(self.de_off[gi], self.de_off[gi + 1]):
                 if self.de_free[de_i] < need:
                     continue
                 t = self.de_tok[de_i]
-                if t + need >= _EXACT or t + need <= -_EXACT:
-                    raise OverflowError("load beyond 2**53: compared with Z as a float")
-                if <double> (t + need) <= self.z[gi]:
-                    q = self.de_seq[de_i]
-                    if not have_in or q < in_q or (q == in_q and t < in_t):
-                        in_i, in_q, in_t, have_in = de_i, q, t, True
-                elif not have_out or t < out_t:
-                    out_i, out_t, have_out = de_i, t, True
-            if have_in:
-                de_i = in_i
-            elif have_out:
-                de_i = out_i
+                if _in_z(t, need, self.z[gi]):
+                    _de_offer_in(&de, de_i, self.de_seq[de_i], t)
+                else:
+                    _de_offer_out(&de, de_i, t)
+            if de.have_in:
+                de_i = de.in_k
+            elif de.have_out:
+                de_i = de.out_k
             else:
                 break
             # the read side, then the loads (`_Scratch.commit`)
@@ -523,12 +539,12 @@ cdef class Placement:
                 side, frac = "pe", 0.0
                 de_hit = 0
             a = self.nm_i[best_j]
-            self.pe_tok[a] = _add_checked(self.pe_tok[a], prompt)
-            self.de_tok[de_i] = _add_checked(self.de_tok[de_i], need)
-            self.de_seq[de_i] = _add_checked(self.de_seq[de_i], 1)
-            self.de_free[de_i] = _add_checked(self.de_free[de_i], -need)
-            self.rq[best_j] = _add_checked(self.rq[best_j], hit - de_hit)
-            self.rq[x] = _add_checked(self.rq[x], de_hit)
-            out.append(assignment(r.request_id, best_e, self.de_id[de_i], side, frac))
+            self.pe_tok[a] = _add(self.pe_tok[a], prompt)
+            self.de_tok[de_i] = _add(self.de_tok[de_i], need)
+            self.de_seq[de_i] = _add(self.de_seq[de_i], 1)
+            self.de_free[de_i] = _add(self.de_free[de_i], -need)
+            self.rq[best_j] = _add(self.rq[best_j], hit - de_hit)
+            self.rq[x] = _add(self.rq[x], de_hit)
+            out.append(assignment(r.request_id, pe.e, self.de_id[de_i], side, frac))
             self._node_min(best_j)
         return out
