@@ -101,31 +101,37 @@ def snic_max_over_avg(samples: Iterable[LinkBytes], prefix: str = "snic/", links
     return float(vals.max() / vals.mean()) if vals.mean() > 0 else math.nan
 
 
-def column(records: Sequence[TurnRecord], name: str) -> np.ndarray:
-    """One field of every record as float64 (a C-level map: a paper-scale simulation has millions of turns)."""
-    return np.fromiter(map(operator.attrgetter(name), records), dtype=np.float64, count=len(records))
+def column(records: Sequence[TurnRecord], name: str, cache: dict | None = None) -> np.ndarray:
+    """One field of every record as float64 (a C-level map: a paper-scale simulation has millions of turns).
+    `cache`: a dict the caller keeps for one list of records, so each field is read once across summaries."""
+    if cache is not None and name in cache:
+        return cache[name]
+    col = np.fromiter(map(operator.attrgetter(name), records), dtype=np.float64, count=len(records))
+    if cache is not None:
+        cache[name] = col
+    return col
 
 
-def ttft_tpot(records: Sequence[TurnRecord]) -> tuple[np.ndarray, np.ndarray]:
+def ttft_tpot(records: Sequence[TurnRecord], cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`TurnRecord.ttft` and `.tpot` of every record, computed column-wise with the same IEEE operations."""
-    first = column(records, "first_token")
-    ttft = first - column(records, "arrival")
+    first = column(records, "first_token", cache)
+    ttft = first - column(records, "arrival", cache)
     gen = np.fromiter(map(_GEN_TOKENS, records), dtype=np.int64, count=len(records))
     tpot = np.full(len(records), math.nan)
     m = gen > 1
-    tpot[m] = (column(records, "finished")[m] - first[m]) / (gen[m] - 1)
+    tpot[m] = (column(records, "finished", cache)[m] - first[m]) / (gen[m] - 1)
     return ttft, tpot
 
 
-def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = ()) -> dict:
-    """The headline numbers every report prints."""
+def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), cache: dict | None = None) -> dict:
+    """The headline numbers every report prints (`cache`: see `column`)."""
     if not records:
         return {"turns": 0}
     start = min(map(_ARRIVAL, records))  # Python's min/max (their NaN rules), without a generator
     end = max(map(_FINISHED, records))
     gen = sum(map(_GEN_TOKENS, records))
     prompt = sum(map(_PROMPT_TOKENS, records))
-    ttft, tpot = ttft_tpot(records)
+    ttft, tpot = ttft_tpot(records, cache)
     return {
         "turns": len(records),
         "jct_s": end - start,
