@@ -196,8 +196,9 @@ class _Scratch:
             pes, pe_states = topo.pes_of_node.get(pe_node, []), topo.pe_states_of_node.get(pe_node, [])
             self.pe_nodes = {pe_node: pes} if pes else {}
             self.pe_states_of_node = {pe_node: pe_states} if pes else {}
-        if not pe_loads:
-            pe_states = pes = ()
+        self.pes: list[int] = pes  # shared, read-only
+        if not pe_loads:  # the PEs' tok are read on first use (`_Loads.__missing__`), not in bulk here
+            pes, pe_states = (), ()
         self.de_groups: dict[int, list[int]] = topo.de_groups  # shared, read-only
         self.group_tok = self.group_free = None
         if group_sums:
@@ -220,7 +221,6 @@ class _Scratch:
             self.free = _Loads(topo.state_of, _FREE, topo.de_ids, topo.de_states)
         self.seq = _Loads(topo.state_of, _SEQ)
         self.node_of: dict[int, int] = topo.node_of  # shared, read-only
-        self.pes: list[int] = topo.pes if pe_node is None else topo.pes_of_node.get(pe_node, [])  # read-only
         self.read_q: dict[int, int] = _Loads(snapshot.nodes, _READ_Q)  # node id -> read_q, on first read
 
     def group_sums(self) -> tuple[dict[int, int], dict[int, int]]:
