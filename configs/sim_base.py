@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.gpus_per_node = 8  # g
     c.prefill_ep_nodes = 0  # nodes per EP group of the PEs / DEs (0: all the role's nodes form one group)
     c.decode_ep_nodes = 0
+    c.decode_lockstep = False  # MoE DEs of one EP group step together (the slowest member's step time)
     c.snic_gbps = 50.0  # s*B: 400 Gbps
     c.cnic_gbps = 50.0  # B: 400 Gbps
     c.dram_gbps = 500.0  # M

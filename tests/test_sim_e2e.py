@@ -390,3 +390,47 @@ def test_column_wise_summary_equals_the_per_record_loops(seed):
     got.update(runner.ttft_breakdown(records))
     for k, v in want.items():
         assert repr(got[k]) == repr(v), k  # repr: equal bits, and NaN equals NaN
+
+
+def _three_agents_on_two_des(decode_lockstep: bool, model: str = "ds27b"):
+    """Oracle, round-robin over sim_tiny's 2 PEs and 2 DEs (one decode node): agents 0 and 2 share a DE,
+    agent 1 decodes alone on the other."""
+    from dualpath_jax.sim.runner import build_simulator
+
+    cfg = _cfg("oracle", decode_lockstep=decode_lockstep, model=model)
+    cfg = dataclasses.replace(cfg, policy="round_robin")
+    sim = build_simulator(cfg, [Trajectory(i, [Turn(640, 200)]) for i in range(3)])
+    records, _, _ = sim.run()
+    return sim, sorted(records, key=lambda r: r.trajectory_id)
+
+
+def test_decode_lockstep_steps_at_the_slowest_member():
+    # MoE DEs of one EP group step together: agent 1, alone on its DE, decodes at the step of the DE that
+    # holds two requests once both have joined.
+    sim_off, recs_off = _three_agents_on_two_des(False)
+    sim_on, recs_on = _three_agents_on_two_des(True)
+    assert [len(g.members) for g in sim_off.de_groups] == [1, 1]
+    assert [len(g.members) for g in sim_on.de_groups] == [2]  # EP over the decode node's 2 GPUs
+    a0, a1, a2 = recs_on
+    assert a0.decode_engine == a2.decode_engine != a1.decode_engine
+    # the two-request DE is the slower member throughout: its records are unchanged
+    for i in (0, 2):
+        assert dataclasses.astuple(recs_on[i]) == dataclasses.astuple(recs_off[i])
+    scale = sim_on.c.de_time_scale
+    s1 = sim_on.cost.decode_step_time(1, 640) * scale  # one request of 640 tokens, at its join
+    t1, t0, t2 = a1.first_token, a0.first_token, a2.first_token
+    assert t1 <= t0 < t2 < t1 + 199 * s1  # agent 2 (second on its PE) joins while agent 1 still decodes
+    # until t2 both DEs run one 640-token request (step s1); from t2 agents 0 and 2 share a DE, whose step
+    # uses the context then: 2 x 640 + the (t2 - t0) / s1 tokens agent 0 generated so far
+    s2 = sim_on.cost.decode_step_time(2, int(1280 + (t2 - t0) / s1)) * scale
+    assert s2 > s1
+    assert recs_off[1].finished == pytest.approx(t1 + 199 * s1, rel=1e-12)
+    assert a1.finished == pytest.approx(t2 + (199 - (t2 - t1) / s1) * s2, rel=1e-12)
+
+
+def test_decode_lockstep_leaves_dense_models_alone():
+    # A dense model is DP only: lockstep changes nothing (every DE is a group of one).
+    sim_off, recs_off = _three_agents_on_two_des(False, model="qwen2.5-32b")
+    sim_on, recs_on = _three_agents_on_two_des(True, model="qwen2.5-32b")
+    assert [len(g.members) for g in sim_on.de_groups] == [1, 1]
+    assert [dataclasses.astuple(r) for r in recs_on] == [dataclasses.astuple(r) for r in recs_off]

@@ -22,6 +22,9 @@ class ClusterConfig:
     # engine, and so the DE HBM left for KV.
     prefill_ep_nodes: int = 0
     decode_ep_nodes: int = 0
+    # MoE DEs of one EP group decode in lockstep: each step runs the group's all-to-all, so it takes the
+    # slowest member's time (sim.simulator.DecodeGroup). Dense models (DP only) never lock.
+    decode_lockstep: bool = False
     snic_gbps: float = 50.0  # s*B: one 400 Gbps storage NIC per node
     cnic_gbps: float = 50.0  # B: one 400 Gbps compute NIC per GPU
     cnic_duplex: bool = True  # full-duplex CNICs: separate inbound/outbound links of cnic_gbps each

@@ -22,8 +22,9 @@ class SimResult:
     summary: dict  # metrics.summarize + TTFT breakdown + SLO + storage-NIC balance
 
 
-def make_cost_model(cfg: SimConfig, role: str):
-    """The shared cost model (schedulers.cost_model) for one engine of `role` ("prefill"/"decode")."""
+def ep_engines(cfg: SimConfig, role: str) -> int:
+    """Engines per EP group of `role` ("prefill"/"decode"): MoE engines of one role form EP groups of
+    `{role}_ep_nodes` nodes (0: all the role's nodes; PAPER.md "Models": DS uses EP + DP); dense: 1 (DP only)."""
     from schedulers import cost_model as cm
 
     c = cfg.cluster
@@ -32,10 +33,14 @@ def make_cost_model(cfg: SimConfig, role: str):
         raise ValueError(f"config.cluster.{role}_ep_nodes must be >= 0 (0: one EP group of all nodes), got {group}")
     if group:
         nodes = min(nodes, group)
-    shape = cm.MODEL_SHAPES.get(c.model)
-    # MoE engines of one role form EP groups of `nodes` nodes (PAPER.md "Models": DS uses EP + DP); dense: DP only.
-    ep = nodes * c.gpus_per_node if shape.is_moe else 1
-    return cm.CostModel(shape, c.hardware, ep=ep)
+    return nodes * c.gpus_per_node if cm.MODEL_SHAPES.get(c.model).is_moe else 1
+
+
+def make_cost_model(cfg: SimConfig, role: str):
+    """The shared cost model (schedulers.cost_model) for one engine of `role` ("prefill"/"decode")."""
+    from schedulers import cost_model as cm
+
+    return cm.CostModel(cm.MODEL_SHAPES.get(cfg.cluster.model), cfg.cluster.hardware, ep=ep_engines(cfg, role))
 
 
 def de_hbm_kv_bytes(cfg: SimConfig, decode_cost) -> float:
@@ -117,8 +122,17 @@ def build_simulator(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = 
         trajectories, arrival_model = make_trajectories(cfg)
     # simulator.py, compiled when built (dualpath_jax/compiled.py; DUALPATH_PURE_PYTHON=1: its Python source)
     simulator = compiled.load("dualpath_jax.sim.simulator").Simulator
+    de_group = ep_engines(cfg, "decode") if c.decode_lockstep else 1
     return simulator(
-        cfg, trajectories, policy, batcher, _SplitCost(pre, dec), b, pre.model.layers, arrival_model=arrival_model
+        cfg,
+        trajectories,
+        policy,
+        batcher,
+        _SplitCost(pre, dec),
+        b,
+        pre.model.layers,
+        arrival_model=arrival_model,
+        de_group_engines=de_group,
     )
 
 

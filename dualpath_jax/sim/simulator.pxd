@@ -32,13 +32,18 @@ cdef class PrefillEngine:
     cdef public double hbm_free
 
 
+cdef class DecodeGroup:
+    cdef public list members, finish_heap
+    cdef public double v, tv, step
+    cdef public long long version
+
+
 cdef class DecodeEngine:
     cdef public object eid, cnic, cnic_in, sum_prompt, state, wb
     cdef public Node node
     cdef public dict active
-    cdef public double v, tv, step, sum_vjoin
-    cdef public long long version
-    cdef public list finish_heap
+    cdef public DecodeGroup group
+    cdef public double step, sum_vjoin
 
 
 cdef class _Batch:
@@ -52,9 +57,9 @@ cdef class Simulator:
     cdef public object cfg, c, policy, batcher, cost, trajectories, arrival_model, events, net, queue
     cdef public object _qids, _qlens, storage_link, snapshot
     cdef public dict _shapes, requests, pes, des
-    cdef public list records, nodes
+    cdef public list records, nodes, de_groups
     cdef public double now, b, read_cap
-    cdef public long long L, _seq, n_events, turns_done, _next_rid, _fetch_rr, n_fetches
+    cdef public long long L, _seq, n_events, turns_done, _next_rid, _fetch_rr, n_fetches, de_group_engines
     cdef public bint fetch_running, dram_binds
 
     cpdef at(self, double t, fn, arg=*)
@@ -111,12 +116,15 @@ cdef class Simulator:
     @cython.locals(node=Node)
     cpdef _de_h2d_done(self, Request r)
 
-    cpdef _de_sync(self, DecodeEngine de)
+    cpdef _de_sync(self, DecodeGroup g)
 
-    @cython.locals(n=cython.Py_ssize_t, context=cython.double, target=cython.double)
-    cpdef _de_reschedule(self, DecodeEngine de)
+    @cython.locals(n=cython.Py_ssize_t, context=cython.double)
+    cpdef _de_step(self, DecodeEngine de)
 
-    @cython.locals(de=DecodeEngine)
+    @cython.locals(m=DecodeEngine, step=cython.double, target=cython.double, h=list)
+    cpdef _de_reschedule(self, DecodeGroup g)
+
+    @cython.locals(de=DecodeEngine, g=DecodeGroup)
     cpdef _de_join(self, Request r)
 
     @cython.locals(de=DecodeEngine, nbytes=cython.double, pace=cython.double, min_capacity=cython.double,
@@ -126,7 +134,8 @@ cdef class Simulator:
     @cython.locals(r=Request, pace=cython.double)
     cpdef _wb_release(self, arg)
 
-    @cython.locals(de=DecodeEngine, r=Request, version=cython.longlong, h=list, eps=cython.double)
+    @cython.locals(g=DecodeGroup, de=DecodeEngine, r=Request, version=cython.longlong, h=list, eps=cython.double,
+                   changed=list, last=DecodeEngine)
     cpdef _de_finish(self, arg)
 
     cpdef _wb_done(self, Request r)

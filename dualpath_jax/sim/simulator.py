@@ -135,6 +135,24 @@ class PrefillEngine:
         self.state = state
 
 
+class DecodeGroup:
+    """DEs that decode in lockstep: the DEs of one EP group of a MoE model (`cluster.decode_lockstep`). Every
+    decode step runs the MoE layers' all-to-all over the whole group, so each step takes its slowest member's
+    time and all members generate at one rate: one virtual clock `v` (tokens generated per running request)
+    and one finish heap per group. A DE of a dense model (DP only), or any DE with lockstep off, is a group
+    of one (then exactly the old per-DE clock)."""
+
+    __slots__ = ("members", "v", "tv", "step", "version", "finish_heap")
+
+    def __init__(self):
+        self.members: list[DecodeEngine] = []
+        self.v = 0.0  # tokens generated per running request since the group started (virtual clock)
+        self.tv = 0.0
+        self.step = 0.0  # current step time (s/token): the slowest member's
+        self.version = 0
+        self.finish_heap: list = []  # (target v, rid, DE)
+
+
 class DecodeEngine:
     __slots__ = (
         "eid",
@@ -142,28 +160,23 @@ class DecodeEngine:
         "cnic",
         "cnic_in",
         "active",
-        "v",
-        "tv",
+        "group",
         "step",
-        "version",
-        "finish_heap",
         "sum_prompt",
         "sum_vjoin",
         "state",
         "wb",
     )
 
-    def __init__(self, eid: int, node: Node, cnic: int, cnic_in: int, state: EngineState):
+    def __init__(self, eid: int, node: Node, cnic: int, cnic_in: int, state: EngineState, group: DecodeGroup):
         self.eid = eid
         self.node = node
         self.cnic = cnic  # outbound CNIC link (the only one when not full duplex)
         self.cnic_in = cnic_in  # inbound CNIC link
         self.active: dict[int, Request] = {}
-        self.v = 0.0  # tokens generated per running request since the engine started (virtual clock)
-        self.tv = 0.0
-        self.step = 0.0  # current decode step time (s/token)
-        self.version = 0
-        self.finish_heap: list = []  # (target v, rid)
+        self.group = group  # its lockstep group (of one unless decode_lockstep)
+        group.members.append(self)
+        self.step = 0.0  # the step time of this DE's own batch (s/token); 0 when idle
         self.sum_prompt = 0
         self.sum_vjoin = 0.0
         self.state = state
@@ -194,6 +207,7 @@ class Simulator:
         kv_bytes_per_token: float,
         n_layers: int,
         arrival_model=None,
+        de_group_engines: int = 1,
     ):
         self.cfg = cfg
         c = cfg.cluster
@@ -205,6 +219,9 @@ class Simulator:
         self.L = int(n_layers)
         self.trajectories = list(trajectories)
         self.arrival_model = arrival_model  # workloads.arrivals model: when turn i+1 is ready (None: + gap)
+        if int(de_group_engines) < 1:
+            raise ValueError(f"de_group_engines must be >= 1, got {de_group_engines}")
+        self.de_group_engines = int(de_group_engines)  # DEs per lockstep group (consecutive engine ids)
         self._shapes: dict[int, list] = {}  # trajectory id -> [(prompt, hit, gen)] per turn
         self.now = 0.0
         self.events = TimeHeap()  # (time, seq, 0, callback, arg), earliest first (compiled when built)
@@ -241,6 +258,7 @@ class Simulator:
         self.des: dict[int, DecodeEngine] = {}
         eid = 0
         de_hbm_tokens = int(c.de_hbm_kv_gb * GB / self.b)
+        self.de_groups: list[DecodeGroup] = []
         for nid in range(c.prefill_nodes + c.decode_nodes):
             role = "prefill" if nid < c.prefill_nodes else "decode"
             snic = net.add_link(f"snic/node{nid}", c.snic_gbps * GB * c.storage_efficiency)
@@ -264,7 +282,10 @@ class Simulator:
                     self.pes[eid] = eng
                 else:
                     es.free_hbm_tokens = de_hbm_tokens
-                    eng = DecodeEngine(eid, node, cnic, cnic_in, es)
+                    if len(self.des) % self.de_group_engines == 0:
+                        de_group = DecodeGroup()
+                        self.de_groups.append(de_group)
+                    eng = DecodeEngine(eid, node, cnic, cnic_in, es, de_group)
                     self.des[eid] = eng
                 engines[eid] = es
                 ns.engine_free_hbm_tokens += es.free_hbm_tokens
@@ -656,45 +677,59 @@ class Simulator:
         self._pump_reads(node)
         self._de_join(r)
 
-    def _de_sync(self, de: DecodeEngine) -> None:
-        if de.step > 0.0:
-            de.v += (self.now - de.tv) / de.step
-        de.tv = self.now
+    def _de_sync(self, g: DecodeGroup) -> None:
+        if g.step > 0.0:
+            g.v += (self.now - g.tv) / g.step
+        g.tv = self.now
 
-    def _de_reschedule(self, de: DecodeEngine) -> None:
+    def _de_step(self, de: DecodeEngine) -> None:
+        """This DE's own step time from its batch now (the group's clock must be synced)."""
         n = len(de.active)
-        de.version += 1
         if n == 0:
             de.step = 0.0
             return
-        context = de.sum_prompt + n * de.v - de.sum_vjoin
+        context = de.sum_prompt + n * de.group.v - de.sum_vjoin
         de.step = self.cost.decode_step_time(n, int(context)) * self.c.de_time_scale
-        while de.finish_heap and de.finish_heap[0][1] not in de.active:
-            heapq.heappop(de.finish_heap)
-        target = de.finish_heap[0][0]
-        self.at(self.now + max(target - de.v, 0.0) * de.step, self._de_finish, (de, de.version))
+
+    def _de_reschedule(self, g: DecodeGroup) -> None:
+        """The group steps at its slowest member's time; (re)schedule its next finish."""
+        g.version += 1
+        step = 0.0
+        for m in g.members:
+            if m.step > step:
+                step = m.step
+        g.step = step
+        if step == 0.0:
+            return
+        h = g.finish_heap
+        while h and h[0][1] not in h[0][2].active:
+            heapq.heappop(h)
+        target = h[0][0]
+        self.at(self.now + max(target - g.v, 0.0) * step, self._de_finish, (g, g.version))
 
     def _de_join(self, r: Request) -> None:
         de = r.de
+        g = de.group
         rec = r.rec
         if math.isnan(rec.prefill_end):
             rec.prefill_end = self.now
-        self._de_sync(de)
+        self._de_sync(g)
         rec.first_token = self.now  # the prefill produced it; it is out once the request runs on the DE
         if r.gen <= 1:
             rec.second_token = self.now
             self._start_writeback(r, 0.0)
             self._turn_done_decode(r)
             return
-        r.vjoin = de.v
-        r.target = de.v + (r.gen - 1)
+        r.vjoin = g.v
+        r.target = g.v + (r.gen - 1)
         de.active[r.rid] = r
         de.sum_prompt += r.prompt
-        de.sum_vjoin += de.v
-        heapq.heappush(de.finish_heap, (r.target, r.rid))
-        self._de_reschedule(de)
-        rec.second_token = self.now + de.step
-        self._start_writeback(r, (r.gen - 1) * de.step)
+        de.sum_vjoin += g.v
+        heapq.heappush(g.finish_heap, (r.target, r.rid, de))
+        self._de_step(de)
+        self._de_reschedule(g)
+        rec.second_token = self.now + g.step
+        self._start_writeback(r, (r.gen - 1) * g.step)
 
     def _start_writeback(self, r: Request, decode_s: float) -> None:
         """The DE persists every newly filled block (prompt miss + generated) during decode."""
@@ -730,21 +765,29 @@ class Simulator:
         self._wb_done(r)
 
     def _de_finish(self, arg) -> None:
-        de, version = arg
-        if version != de.version:
+        g, version = arg
+        if version != g.version:
             return
-        self._de_sync(de)
-        h = de.finish_heap
+        self._de_sync(g)
+        h = g.finish_heap
         eps = 1e-6
-        while h and (h[0][1] not in de.active or h[0][0] <= de.v + eps):
-            _, rid = heapq.heappop(h)
+        changed = []
+        last = None
+        while h and (h[0][1] not in h[0][2].active or h[0][0] <= g.v + eps):
+            _, rid, de = heapq.heappop(h)
             r = de.active.pop(rid, None)
             if r is None:
                 continue
             de.sum_prompt -= r.prompt
             de.sum_vjoin -= r.vjoin
+            if de is not last:
+                changed.append(de)
+                last = de
             self._turn_done_decode(r)
-        self._de_reschedule(de)
+        # New step times for the members whose batch changed (all of them if none did: the clock moved)
+        for de in changed or g.members:
+            self._de_step(de)
+        self._de_reschedule(g)
 
     def _wb_done(self, r: Request) -> None:
         r.wb_done = True
