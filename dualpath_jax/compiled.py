@@ -8,7 +8,9 @@ Compiled when the package is installed with its build (`pip install -e .` on a m
 - `schedulers._dualpath`: the DualPath policy's inner loops (DE phase 1 in `DualPathPolicy._phase1_ints`, the
   placement loop after it (`Placement`), the PE and DE choices, a node's least-loaded PE) and every policy's
   duplicate-id check of a QueueWindow;
-- `dualpath_jax.sim._csvrows`: the results' CSV rows (turns.csv, links.csv) formatted in C.
+- `dualpath_jax.sim._csvrows`: the results' CSV rows (turns.csv, links.csv) formatted in C;
+- `dualpath_jax.store._verify`: the KV store's verified reads of xxh3 blocks (read or copy, then hash each Layer
+  Block while it is in cache) with the GIL released.
 Each has a Python twin that gives the same results (tests/test_compiled.py checks it). Set the environment
 variable DUALPATH_PURE_PYTHON=1 to run the Python twins (debugging, or the same-run baseline of a speed
 benchmark); `status()` says which of them run.
@@ -108,4 +110,5 @@ def status() -> dict[str, bool]:
         "heap": heap.COMPILED,
         "policy": policies._dualpath_c is not None,
         "csv": use("dualpath_jax.sim._csvrows"),
+        "store_verify": use("dualpath_jax.store._verify"),
     }

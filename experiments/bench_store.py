@@ -4,21 +4,25 @@
     python -m experiments.bench_store --total_mb=512 --repeats=5 --root=/mnt/3fs/bench --out=/tmp/store.json
 
 Measures, per layout, with a warm page cache (the store's own overhead, not the disk's speed):
-- Full Block reads, one thread: LocalDirStore.read with the defaults (xxh3, read_method="mmap": each 4 MiB chunk
-  hashed through a mapping of the file, then copied), with read_method="preadv" (each chunk preadv'ed, then
-  hashed), verify=False (header checks only), the old default (wsum64, read-all-then-check) and crc32, and with
-  --compare_tree another source tree's store (e.g. the last commit's), all vs raw `open + os.preadv + close` of
-  the same payload bytes (goal >= 0.9x); also a sweep of read_chunk_bytes of the mmap reads;
+- Full Block reads, one thread: LocalDirStore.read with the defaults (xxh3, read_method="mmap": with the compiled
+  loops each Layer Block hashed through a mapping of the file, then copied with non-temporal stores), with
+  read_method="preadv" (each 256 KiB chunk preadv'ed, then hashed), the same two with the Python loops
+  (native_verify=False: the previous code), verify=False (header checks only), the old default (wsum64,
+  read-all-then-check) and crc32, and with --compare_tree another source tree's store (e.g. the last commit's),
+  all vs raw `open + os.preadv + close` of the same payload bytes (goal >= 0.9x); also a sweep of
+  read_chunk_bytes of the Python loops' mmap reads;
 - the same with the store's I/O pool (`read_many`, --threads) vs raw preadv from a pool of as many threads;
 - Layer-Block reads (each layer of each block read on its own, the layerwise pattern) vs Full-Block reads, with
   both read methods and with every verified read mapped (mmap_min_bytes=0), which sets where mapping starts;
 - writes (atomic: temp file + rename, not durable) vs raw `open + writev + close` of the same bytes;
 - the checksum algorithms alone.
-The "1 thread" rows read each block by every variant back to back into one reused buffer (paired in time, but
-the block's bytes are then cache-resident for all but the first variant: the cost of the checksum pass shows
-fully); the "streaming" rows read into one buffer per block with the variants interleaved on blocks far apart
+The "1 thread" rows read each block by every variant back to back, each into a reused buffer of its own (paired
+in time, but the block's bytes are then cache-resident for all but the first variant: the cost of the checksum
+pass shows fully); the "streaming" rows read into one buffer per block with the variants interleaved on blocks far apart
 (the pool rows: on batches of blocks), so source and destination come from DRAM as in serving. Times are sums
-over blocks (batches) of each one's best of --repeats, which keeps a shared machine's load spikes out.
+over blocks (batches) of each one's best of --repeats, which keeps a shared machine's load spikes out; the
+"ratio of means" column counts every repeat (raw preadv's own speed varies ~2x between processes here, so
+read both).
 Each row also gives the process CPU time (all threads) per GB, next to the baseline's, and the load average.
 `run_store_bench(...)` returns the rows (list of dicts) for experiments/bench_io.py to include.
 """
@@ -41,7 +45,7 @@ import numpy as np
 
 from dualpath_jax.block_keys import keys_from_hash_ids, root_key
 from dualpath_jax.kv_layout import BlockLayout
-from dualpath_jax.store import LocalDirStore, block_file
+from dualpath_jax.store import LocalDirStore, block_file, local_dir
 
 # DeepSeek-V3 MLA cache in FP8 (PAPER.md: ~656 B/token/layer, 61 layers): 2.4 MiB Full Blocks, 41 KiB Layer
 # Blocks. Qwen2.5-32B fp16 (64 layers x 8 kv heads x 128 x 2 x 2 B = 4 KiB/token/layer): 16 MiB Full Blocks.
@@ -62,12 +66,14 @@ def _best(fn, repeats: int) -> float:
 
 
 class Timings(dict):
-    """Seconds per variant (a dict), and `cpu[name]`: the process CPU seconds of the same work (all threads),
-    averaged over the repeats (how many cores' worth the variant used: cpu / seconds)."""
+    """Seconds per variant (a dict: sums over items of each one's best time), `mean[name]`: the same work's mean
+    seconds per pass (every repeat counted), and `cpu[name]`: its process CPU seconds (all threads), averaged
+    over the repeats (how many cores' worth the variant used: cpu / seconds)."""
 
-    def __init__(self, seconds: dict, cpu: dict):
+    def __init__(self, seconds: dict, cpu: dict, mean: dict | None = None):
         super().__init__(seconds)
         self.cpu = cpu
+        self.mean = mean or {}
 
 
 def _paired(variants: dict, n_items: int, repeats: int) -> Timings:
@@ -90,6 +96,7 @@ def _interleaved(variants: dict, n_items: int, repeats: int, spread: int) -> Tim
     _paired_streaming (variant k on item i + k * spread)."""
     best = {name: [float("inf")] * n_items for name in variants}
     cpu = dict.fromkeys(variants, 0.0)
+    total = dict.fromkeys(variants, 0.0)
     names = list(variants)
     for r in range(repeats):
         for i in range(n_items):
@@ -101,8 +108,13 @@ def _interleaved(variants: dict, n_items: int, repeats: int, spread: int) -> Tim
                 variants[name](item)
                 dt = time.perf_counter() - t0
                 cpu[name] += time.process_time() - c0
+                total[name] += dt
                 best[name][item] = min(best[name][item], dt)
-    return Timings({name: sum(v) for name, v in best.items()}, {n: c / repeats for n, c in cpu.items()})
+    return Timings(
+        {name: sum(v) for name, v in best.items()},
+        {n: c / repeats for n, c in cpu.items()},
+        {n: t / repeats for n, t in total.items()},
+    )
 
 
 def load_store_package(tree: str):
@@ -237,21 +249,36 @@ def bench_layout(
     # (compare_tree) the same store of another source tree.
     pre = LocalDirStore(store_dir, layout, read_method="preadv", io_threads=threads)
     chunk_sizes = [0, 256 << 10, 1 << 20]  # (and the default's 4 MiB); 0: check all, then copy
-    # (every file kept open and mapped, like `kept` below, so that the sweep measures mapped reads)
-    sweep = {c: LocalDirStore(store_dir, layout, read_chunk_bytes=c, fd_cache=n_blocks + 1) for c in chunk_sizes}
+    # (every file kept open and mapped, like `kept` below, so that the sweep measures mapped reads; the Python
+    # loops: the compiled ones copy each Layer Block right after its hash, whatever the chunk size)
+    sweep = {
+        c: LocalDirStore(store_dir, layout, read_chunk_bytes=c, fd_cache=n_blocks + 1, native_verify=False)
+        for c in chunk_sizes
+    }
     base = None
     if compare_tree:
         base = load_store_package(compare_tree).local_dir.LocalDirStore(store_dir, layout, io_threads=threads)
     # The default store keeps fd_cache (64) files open and mapped; with more blocks than that, a pass over all of
     # them opens and maps each file anew. `kept` keeps every block's file open and mapped (re-reads of hot blocks).
     kept = LocalDirStore(store_dir, layout, fd_cache=n_blocks + 1, io_threads=threads)
-    # `fresh` maps a file on its first read (mmap_after_reads=0) instead of the second.
-    fresh = LocalDirStore(store_dir, layout, mmap_after_reads=0, io_threads=threads)
-    views = [pre, kept, fresh, *sweep.values()] + ([base] if base else [])
+    # `second` maps a file from its second read (mmap_after_reads=1: the default with the Python loops).
+    second = LocalDirStore(store_dir, layout, mmap_after_reads=1, io_threads=threads)
+    # The Python loops (native_verify=False: as before the compiled loops), both read methods, their defaults.
+    py = LocalDirStore(store_dir, layout, native_verify=False, io_threads=threads)
+    py_pre = LocalDirStore(store_dir, layout, read_method="preadv", native_verify=False, io_threads=threads)
+    views = [pre, kept, second, py, py_pre, *sweep.values()] + ([base] if base else [])
+    loops = "C loops" if store.native_verify and local_dir.native_verify_available() else "Python loops"
     kept_label = f"store, verify {algo}, mmap, every file kept open and mapped (fd_cache={n_blocks + 1})"
-    fresh_label = f"store, verify {algo}, mmap from the first read of an open file (mmap_after_reads=0)"
+    second_label = f"store, verify {algo}, mmap from the 2nd read of an open file (mmap_after_reads=1)"
+    py_label = (
+        f"store, verify {algo}, Python loops (native_verify=False; mmap from the 2nd read, {chunk_kib} KiB chunks)"
+    )
+    py_pre_label = (
+        f"store, verify {algo}, Python loops, read_method=preadv ({py_pre.read_chunk_bytes >> 10} KiB chunks)"
+    )
     base_label = f"{os.path.basename(os.path.normpath(compare_tree or ''))} tree (before), verify {algo} (its default)"
-    default = f"default: {store.read_method} from the 2nd read of an open file, {chunk_kib} KiB chunks"
+    nth = "first" if store.mmap_after_reads == 0 else f"read {store.mmap_after_reads + 1}"
+    default = f"default: {store.read_method} from the {nth} read of an open file, {loops}"
     pre_label = f"store, verify {algo}, read_method=preadv ({pre.read_chunk_bytes >> 10} KiB chunks: preadv, then hash)"
 
     def must(ok: bool) -> None:
@@ -263,25 +290,33 @@ def bench_layout(
             if name in t:
                 rows.append(
                     _row(layout_name, op, label, nbytes, t[name], t[base_name], base_label_, cpu_s=t.cpu[name],
-                         baseline_cpu_s=t.cpu[base_name])
+                         baseline_cpu_s=t.cpu[base_name], mean_ratio=t.mean[base_name] / t.mean[name])
                 )  # fmt: skip
 
     # ---- Full Block reads, one thread -----------------------------------------------------------------
-    variants = {
-        "raw": lambda i: _raw_read(paths[i], buf, hdr),
-        "verify": lambda i: must(store.read(keys[i], buf)),
-        "preadv": lambda i: must(pre.read(keys[i], buf)),
-        "noverify": lambda i: must(store.read(keys[i], buf, verify=False)),
-        "wsum64": lambda i: must(wsum_store.read(keys[i], buf)),
-        "crc32": lambda i: must(crc_store.read(keys[i], buf)),
+    # Each variant reads into a buffer of its own, reused: the default's non-temporal stores leave its buffer out
+    # of the cache, which must not slow the variant that runs next into a shared one.
+    reads = {
+        "raw": lambda i, b: _raw_read(paths[i], b, hdr),
+        "verify": lambda i, b: must(store.read(keys[i], b)),
+        "preadv": lambda i, b: must(pre.read(keys[i], b)),
+        "py": lambda i, b: must(py.read(keys[i], b)),
+        "py_pre": lambda i, b: must(py_pre.read(keys[i], b)),
+        "noverify": lambda i, b: must(store.read(keys[i], b, verify=False)),
+        "wsum64": lambda i, b: must(wsum_store.read(keys[i], b)),
+        "crc32": lambda i, b: must(crc_store.read(keys[i], b)),
     }
     if base:
-        variants["base"] = lambda i: must(base.read(keys[i], buf))
+        reads["base"] = lambda i, b: must(base.read(keys[i], b))
+    own = {name: np.ones(fb, np.uint8) for name in reads}  # (prefaulted)
+    variants = {name: (lambda i, f=f, b=own[name]: f(i, b)) for name, f in reads.items()}
     r = _paired(variants, n_blocks, repeats)
     add(
         "full read 1 thread",
         [("verify", f"store, verify {algo} ({default})"),
          ("preadv", pre_label),
+         ("py", py_label),
+         ("py_pre", py_pre_label),
          ("base", base_label),
          ("noverify", "store, verify=False (header checks, preadv)"),
          ("wsum64", "store, verify wsum64, read all then check (old default)"),
@@ -301,7 +336,9 @@ def bench_layout(
         "verify": lambda i: must(store.read(keys[i], pool_bufs[i])),
         "preadv": lambda i: must(pre.read(keys[i], pool_bufs[i])),
         "kept": lambda i: must(kept.read(keys[i], pool_bufs[i])),
-        "fresh": lambda i: must(fresh.read(keys[i], pool_bufs[i])),
+        "second": lambda i: must(second.read(keys[i], pool_bufs[i])),
+        "py": lambda i: must(py.read(keys[i], pool_bufs[i])),
+        "py_pre": lambda i: must(py_pre.read(keys[i], pool_bufs[i])),
         "noverify": lambda i: must(store.read(keys[i], pool_bufs[i], verify=False)),
         "wsum64": lambda i: must(wsum_store.read(keys[i], pool_bufs[i])),
     } | {c: lambda i, s=s: must(s.read(keys[i], pool_bufs[i])) for c, s in sweep.items()}
@@ -309,7 +346,11 @@ def bench_layout(
         streaming["base"] = lambda i: must(base.read(keys[i], pool_bufs[i]))
     t_st = _paired_streaming(streaming, n_blocks, repeats)
     sweep_labels = [
-        (c, f"store, verify {algo}, mmap, kept, " + (f"{c >> 10} KiB chunks" if c else "check all, then copy"))
+        (
+            c,
+            f"store, verify {algo}, Python loops, mmap, kept, "
+            + (f"{c >> 10} KiB chunks" if c else "check all, then copy"),
+        )
         for c in chunk_sizes
     ]
     add(
@@ -317,7 +358,9 @@ def bench_layout(
         [("verify", f"store, verify {algo} ({default})"),
          ("preadv", pre_label),
          ("kept", kept_label),
-         ("fresh", fresh_label),
+         ("second", second_label),
+         ("py", py_label),
+         ("py_pre", py_pre_label),
          *sweep_labels,
          ("base", base_label),
          ("noverify", "store, verify=False (header checks, preadv)"),
@@ -380,7 +423,9 @@ def bench_layout(
         "verify": store_parallel(store),
         "preadv": store_parallel(pre),
         "kept": store_parallel(kept),
-        "fresh": store_parallel(fresh),
+        "second": store_parallel(second),
+        "py": store_parallel(py),
+        "py_pre": store_parallel(py_pre),
         "noverify": store_parallel(noverify_store),
         "wsum64": store_parallel(wsum_store),
     }
@@ -394,7 +439,9 @@ def bench_layout(
             [("verify", f"store read_many, verify {algo} ({default})"),
              ("preadv", f"store read_many, verify {algo}, read_method=preadv"),
              ("kept", "read_many, " + kept_label[7:]),
-             ("fresh", "read_many, " + fresh_label[7:]),
+             ("second", "read_many, " + second_label[7:]),
+             ("py", "read_many, " + py_label[7:]),
+             ("py_pre", "read_many, " + py_pre_label[7:]),
              ("base", "read_many, " + base_label),
              ("noverify", "store read_many, verify=False (header checks)"),
              ("wsum64", "store read_many, verify wsum64, read all then check (old default)")],
@@ -492,14 +539,15 @@ def run_store_bench(
 def format_rows(rows: list[dict]) -> str:
     """A markdown table; "CPU s/GB" is process CPU time (all threads) per GB read, variant / baseline."""
     lines = [
-        "| layout | op | variant | GB/s | baseline | baseline GB/s | ratio | CPU s/GB | load |",
-        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| layout | op | variant | GB/s | baseline | baseline GB/s | ratio | ratio of means | CPU s/GB | load |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         base = (
             (r.get("baseline", ""), f"{r['baseline_gbps']:.2f}", f"{r['ratio']:.2f}x") if "ratio" in r else ("", "", "")
         )
         extra = f" ({r['reads_per_s']:.0f} reads/s)" if "reads_per_s" in r else ""
+        mean = f"{r['mean_ratio']:.2f}x" if "mean_ratio" in r else ""
         cpu = ""
         if "cpu_s" in r:
             cpu = f"{r['cpu_s'] / r['bytes'] * 1e9:.3f} / {r['baseline_cpu_s'] / r['bytes'] * 1e9:.3f}"
@@ -509,6 +557,7 @@ def format_rows(rows: list[dict]) -> str:
             r["variant"] + extra,
             f"{r['gbps']:.2f}",
             *base,
+            mean,
             cpu,
             f"{r['load_avg_1min']:.1f}",
         ]

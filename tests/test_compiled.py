@@ -44,6 +44,7 @@ def test_compiled_paths_are_built_where_a_compiler_exists():
         "heap": True,
         "policy": True,
         "csv": True,
+        "store_verify": True,
     }, "the compiled extensions are missing: reinstall with `pip install -e .` (setup.py builds them)"
 
 

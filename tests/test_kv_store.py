@@ -29,9 +29,15 @@ def make_keys(n: int, seed: int = 0) -> list[bytes]:
 
 
 # Both read methods; with mmap every verified read is mapped, from the first read of a file on (by default only
-# reads of >= 256 KiB are, from the second read of an open file on).
+# reads of >= 256 KiB are, from the second read of an open file on). Each with the compiled verified-read loops
+# (store/_verify.pyx, where built) and with the Python loops ("-py").
 MMAP_ALL = {"read_method": "mmap", "mmap_min_bytes": 0, "mmap_after_reads": 0}
-READ_METHODS = {"mmap": MMAP_ALL, "preadv": {"read_method": "preadv"}}
+READ_METHODS = {
+    "mmap": MMAP_ALL,
+    "preadv": {"read_method": "preadv"},
+    "mmap-py": {**MMAP_ALL, "native_verify": False},
+    "preadv-py": {"read_method": "preadv", "native_verify": False},
+}
 
 
 @pytest.fixture(params=sorted(READ_METHODS))
@@ -605,6 +611,7 @@ def test_bad_constructor_arguments(tmp_path):
     for bad in (-1, 0.5, None):
         with pytest.raises(ValueError, match="mmap_min_bytes must be an int >= 0"):
             LocalDirStore(tmp_path / "a", LAYOUT, mmap_min_bytes=bad)
+    for bad in (-1, 0.5, True):  # (None: the default for the loops in use)
         with pytest.raises(ValueError, match="mmap_after_reads must be an int >= 0"):
             LocalDirStore(tmp_path / "a", LAYOUT, mmap_after_reads=bad)
     (tmp_path / "file").write_text("x")
@@ -803,11 +810,16 @@ def test_store_benchmark_runs_small(tmp_path):
     assert {"write", "full read 1 thread", "full read 2 threads", "layer-block reads 1 thread", "checksum"} <= ops
     assert all(r["gbps"] > 0 for r in rows)
     assert "raw preadv" in format_rows(rows) and "raw preadv x2 threads" in format_rows(rows)
-    # Both read methods in every read group (and every Layer-Block read mapped, to show the threshold).
+    # Both read methods in every read group (and every Layer-Block read mapped, to show the threshold); the full
+    # reads also with the Python loops (the same-run baseline of the compiled ones), and a ratio of means.
     reads = ["full read 1 thread", "full read 1 thread, streaming", "full read 2 threads", "layer-block reads 1 thread"]
     for op in [*reads, "full read 1 thread, cold cache"][: 5 if "full read 1 thread, cold cache" in ops else 4]:
-        assert sum("read_method=preadv" in r["variant"] and r["op"] == op for r in rows) == 1, op
+        n_pre = 2 if op in reads[:3] else 1  # (C and Python loops)
+        assert sum("read_method=preadv" in r["variant"] and r["op"] == op for r in rows) == n_pre, op
         assert sum("default: mmap" in r["variant"] and r["op"] == op for r in rows) == 1, op
+    for op in reads[:3]:
+        assert sum("Python loops (native_verify=False" in r["variant"] and r["op"] == op for r in rows) == 1, op
+        assert all(r["mean_ratio"] > 0 for r in rows if r["op"] == op)
     assert any("mmap_min_bytes=0" in r["variant"] for r in rows)
     # --compare_tree: the other tree's store (here this one, loaded under another name) runs beside this one
     assert sum("tree (before)" in r["variant"] for r in rows) == 3  # 1 thread, streaming, pool
@@ -1007,20 +1019,26 @@ def test_mmap_reads_only_ever_copy_checked_bytes(tmp_path):
     s.close()
 
 
-def test_default_store_maps_big_reads_and_preadvs_small_ones(tmp_path):
+@pytest.mark.parametrize("native", [True, False])
+def test_default_store_maps_big_reads_and_preadvs_small_ones(tmp_path, native):
     """The defaults: read_method="mmap" for verified reads of >= 256 KiB (a 1 MiB Full Block here), preadv for
-    Layer Blocks; both round-trip and catch a flipped byte in the first, a middle and the last Layer Block."""
+    Layer Blocks; both round-trip and catch a flipped byte in the first, a middle and the last Layer Block.
+    With the compiled loops a big read maps from the first read of an open file on, with the Python ones
+    from the second."""
     big = BlockLayout(num_layers=8, block_tokens=64, bytes_per_token_per_layer=2048, fingerprint="test-model/big")
     lbn = big.layer_block_nbytes
-    s = LocalDirStore(tmp_path / "kv", big)
+    s = LocalDirStore(tmp_path / "kv", big, native_verify=native)
     assert s.read_method == "mmap" and s.mmap_min_bytes == local_dir.MMAP_MIN_BYTES == 256 << 10 > lbn
+    first_mapped = native and local_dir.native_verify_available()
+    assert s.mmap_after_reads == (0 if first_mapped else 1)
     (k,) = make_keys(1)
     s.write(k, content(k, big))
     full = np.zeros(big.full_block_nbytes, np.uint8)
     one = np.zeros(lbn, np.uint8)
     assert s.read(k, one, layers=[1]) and s.read(k, one, layers=[2]) and _mapped_blocks(s.root) == 0  # small: preadv
-    assert s.read(k, full) and _mapped_blocks(s.root) == 0  # the first big read of the open file: preadv
-    assert s.read(k, full) and _mapped_blocks(s.root) == 1  # the second: mapped, and the mapping kept
+    # the first big read of the open file: mapped with the compiled loops, else preadv
+    assert s.read(k, full) and _mapped_blocks(s.root) == int(first_mapped)
+    assert s.read(k, full) and _mapped_blocks(s.root) == 1  # (mapped by now), and the mapping kept
     np.testing.assert_array_equal(full, content(k, big))
     assert s.read(k, full, layers=range(8)) and _mapped_blocks(s.root) == 1
     np.testing.assert_array_equal(full, content(k, big))
@@ -1040,3 +1058,123 @@ def test_default_store_maps_big_reads_and_preadvs_small_ones(tmp_path):
             misses += 2
     assert s.stats().read_corrupt == misses
     s.close()
+
+
+# ---- the compiled verified-read loops (store/_verify.pyx) against python-xxhash --------------------------
+needs_native = pytest.mark.skipif(
+    not local_dir.native_verify_available(), reason="dualpath_jax/store/_verify.pyx is not built (no C compiler)"
+)
+
+
+def _layer_blocks(n=8, lbn=4160, seed=0):
+    import xxhash
+
+    blocks = np.random.default_rng(seed).integers(0, 256, (n, lbn), dtype=np.uint8)
+    sums = np.array([xxhash.xxh3_64_intdigest(b) for b in blocks], np.uint64)
+    return blocks.reshape(-1), sums, lbn
+
+
+@needs_native
+def test_native_xxh3_equals_python_xxhash_at_every_size_class():
+    import xxhash
+
+    from dualpath_jax.store import _verify
+
+    buf = np.random.default_rng(1).integers(0, 256, 70_000, dtype=np.uint8)
+    # XXH3 has separate code for 0, 1-3, 4-8, 9-16, 17-128, 129-240 and longer inputs (stripes, blocks)
+    for n in (0, 1, 3, 4, 8, 9, 16, 17, 128, 129, 240, 241, 1024, 1025, 4160, 65_536, 70_000):
+        assert _verify.xxh3_64(buf[:n]) == xxhash.xxh3_64_intdigest(buf[:n].tobytes()), n
+
+
+@needs_native
+def test_native_bad_layers_and_copy_verified():
+    from dualpath_jax.store import _verify
+
+    flat, sums, lbn = _layer_blocks()
+    assert _verify.bad_layers(flat, lbn, sums, 0) == []
+    assert _verify.bad_layers(flat[2 * lbn : 5 * lbn], lbn, sums, 2) == []
+    assert _verify.bad_layers(flat[2 * lbn : 5 * lbn], lbn, sums, 3) == [3, 4, 5]  # the wrong layers' sums
+    bad = flat.copy()
+    bad[2 * lbn + 17] ^= 1
+    bad[6 * lbn - 1] ^= 0x80
+    assert _verify.bad_layers(bad, lbn, sums, 0) == [2, 5]
+    for nontemporal in (True, False):  # (non-temporal stores or memcpy)
+        dst = np.zeros_like(flat)
+        assert _verify.copy_verified(flat, dst, lbn, sums, 0, nontemporal) == []
+        np.testing.assert_array_equal(dst, flat)
+        dst[:] = 7
+        assert _verify.copy_verified(bad, dst, lbn, sums, 0, nontemporal) == [2]  # stops at the first bad one
+        np.testing.assert_array_equal(dst[: 2 * lbn], flat[: 2 * lbn])
+        assert (dst[2 * lbn :] == 7).all()  # it and the rest never reach dst
+        odd = np.zeros(flat.nbytes + 3, np.uint8)[3:]  # an unaligned destination
+        assert _verify.copy_verified(flat, odd, lbn, sums, 0, nontemporal) == []
+        np.testing.assert_array_equal(odd, flat)
+    ro = np.frombuffer(flat.tobytes(), np.uint8)  # a read-only source (a mapping is one)
+    assert _verify.copy_verified(ro[lbn : 3 * lbn], dst[lbn : 3 * lbn], lbn, sums, 1) == []
+    with pytest.raises(ValueError, match="whole Layer Blocks"):
+        _verify.bad_layers(flat[:-1], lbn, sums, 0)
+    with pytest.raises(ValueError, match="beyond the 8 checksums"):
+        _verify.bad_layers(flat[: 2 * lbn], lbn, sums, 7)
+    with pytest.raises(ValueError, match="differ in size"):
+        _verify.copy_verified(flat, dst[:lbn], lbn, sums, 0)
+    with pytest.raises(ValueError):  # dst must be writable
+        _verify.copy_verified(flat, ro, lbn, sums, 0)
+
+
+@needs_native
+@pytest.mark.parametrize("chunk_blocks", [0, 1, 3, 8, 100])
+def test_native_pread_verified(tmp_path, chunk_blocks):
+    from dualpath_jax.store import _verify
+
+    flat, sums, lbn = _layer_blocks()
+    path = tmp_path / "blk"
+    path.write_bytes(b"H" * 100 + flat.tobytes())
+    chunk = chunk_blocks * lbn
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        dst = np.zeros_like(flat)
+        assert _verify.pread_verified(fd, dst, 100, lbn, sums, 0, chunk) == (flat.nbytes, [])
+        np.testing.assert_array_equal(dst, flat)
+        part = np.zeros(3 * lbn, np.uint8)  # layers 4..6 only
+        assert _verify.pread_verified(fd, part, 100 + 4 * lbn, lbn, sums, 4, chunk) == (3 * lbn, [])
+        np.testing.assert_array_equal(part, flat[4 * lbn : 7 * lbn])
+    finally:
+        os.close(fd)
+    per = max(1, chunk_blocks)
+    # damage in layers 5 and 6: the read stops at the chunk that holds layer 5 and names its bad layers
+    bad = flat.copy()
+    bad[5 * lbn] ^= 1
+    bad[6 * lbn + 3] ^= 1
+    path.write_bytes(b"H" * 100 + bad.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = (5 // per) * per
+        want = [x for x in (5, 6) if x < start + per]
+        assert _verify.pread_verified(fd, dst, 100, lbn, sums, 0, chunk) == (start * lbn, want)
+    finally:
+        os.close(fd)
+    # a truncated file: the bytes read before its end, no bad layer
+    path.write_bytes(b"H" * 100 + flat.tobytes()[: 4 * lbn + 10])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert _verify.pread_verified(fd, dst, 100, lbn, sums, 0, chunk) == (4 * lbn + 10, [])
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError):
+        _verify.pread_verified(fd, dst, 100, lbn, sums, 0, chunk)  # closed fd: EBADF
+
+
+def test_native_verify_option_and_status(tmp_path):
+    from dualpath_jax import compiled
+
+    assert compiled.status()["store_verify"] == local_dir.native_verify_available()
+    native = LocalDirStore(tmp_path / "a", LAYOUT, read_method="preadv")
+    python = LocalDirStore(tmp_path / "b", LAYOUT, read_method="preadv", native_verify=False)
+    try:
+        assert (native._native is not None) == local_dir.native_verify_available() and python._native is None
+        # verified preadv reads pread 256 KiB at a time in C, 1 MiB in Python (whole Layer Blocks)
+        want = local_dir.NATIVE_PREAD_CHUNK_BYTES if native._native else local_dir.DEFAULT_READ_CHUNK_BYTES
+        assert native.read_chunk_bytes == want and python.read_chunk_bytes == local_dir.DEFAULT_READ_CHUNK_BYTES
+    finally:
+        native.close()
+        python.close()

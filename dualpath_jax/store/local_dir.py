@@ -24,22 +24,26 @@ are per process: each process evicts from its own view, which is approximate whe
 to one directory (documented limitation).
 
 Reads verify by default: new blocks carry one xxh3 checksum per Layer Block (block_file.py; blocks written
-with wsum64 or crc32 still read and verify, the algo is in each header). A verified read is chunked: each chunk of
-whole Layer Blocks (`read_chunk_bytes`, rounded down; default 4 MiB with mmap, 1 MiB with preadv) is checked
-against the header's sums of exactly its layers.
-`read_method="mmap"` (the default) maps the open block file read-only, hashes each chunk in the page cache
-through the mapping (the one pass over DRAM) and then copies it into the caller's buffer (from cache), so `out`
-only ever receives bytes that were just checked. The mapping lives as long as the open file (the fd cache, LRU of
-`fd_cache`): faulting in a fresh mapping's pages costs about what hashing in the page cache saves (~100 us for a
-2.4 MiB block here), so the first read of an open file is a preadv read and later ones are mapped
-(`mmap_after_reads`, default 1; with `fd_cache=0` every read is thus a preadv read). `read_method="preadv"` (for
-file systems where mmap is unsuitable) `preadv`s each chunk into `out` and hashes it there (two passes). Reads of
-less than `mmap_min_bytes` (default 256 KiB: small Layer Blocks of layerwise loading) and unverified reads use
-`preadv` under both methods: mapping does not pay there (measured, see the README). A Full-Block read gets the
-header with the payload; a Layer-Block read checks exactly the layers it read. A mismatch, a short read or file,
-or a bad header makes the read a miss: logged, counted (`read_corrupt`) and the block removed, never wrong KV
-(`out` may then hold part of the block: the read returned False). `verify=False` (store option or per read) keeps
-every header check and skips the payload checksums.
+with wsum64 or crc32 still read and verify, the algo is in each header). A verified read checks whole Layer Blocks
+against the header's sums of exactly those layers, and the first bad one ends the read (a miss).
+Where the package was built with its C extension (`_verify.pyx`, setup.py; `native_verify=True`, the default),
+verified reads of xxh3 blocks run in C with the GIL released and hash each Layer Block while it is in cache:
+- `read_method="mmap"` (the default) maps the open block file read-only and, Layer Block by Layer Block, hashes
+  it in the page cache through the mapping (the one pass over DRAM), then copies it into the caller's buffer
+  (from cache) with non-temporal stores for reads of >= 1 MiB (no read of the destination's lines first; memcpy
+  below that), so `out` only ever receives bytes that were just checked. The mapping lives as long as the open
+  file (the fd cache, LRU of `fd_cache`); files are mapped from their first read (`mmap_after_reads=0`).
+- `read_method="preadv"` (for file systems where mmap is unsuitable) `pread`s 256 KiB chunks of whole Layer
+  Blocks into `out` and hashes each right after its copy (in the reader's L2).
+Without the extension (or `native_verify=False`) the same checks run in Python over python-xxhash, in chunks of
+whole Layer Blocks (`read_chunk_bytes`, rounded down; default 4 MiB with mmap, hashed in the page cache, then
+copied; 1 MiB with preadv), and a file is mapped from its second read (`mmap_after_reads=1`: there a fresh
+mapping's page faults cost about what hashing in the page cache saves). Reads of less than `mmap_min_bytes`
+(default 256 KiB: small Layer Blocks of layerwise loading) and unverified reads use `preadv` under both methods
+(measured, see the README). A Full-Block read gets the header with the payload; a Layer-Block read checks exactly
+the layers it read. A mismatch, a short read or file, or a bad header makes the read a miss: logged, counted
+(`read_corrupt`) and the block removed, never wrong KV (`out` may then hold part of the block: the read returned
+False). `verify=False` (store option or per read) keeps every header check and skips the payload checksums.
 
 mmap and its residual risk: before every mapped read, the open file must be exactly `file_nbytes` (`fstat`),
 else the read is a "truncated" miss, because touching a mapping past the end of its file kills the process with
@@ -69,6 +73,7 @@ from typing import Any
 
 import numpy as np
 
+from dualpath_jax import compiled
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import block_file
 from dualpath_jax.store.api import STORES, KVStore, StoreStats
@@ -78,8 +83,8 @@ log = logging.getLogger(__name__)
 _SUFFIX = ".kvb"
 _TMP_PREFIX = ".tmp."
 _META = "STORE.json"
-# Verified reads preadv and check this many bytes (rounded down to whole Layer Blocks) at a time; chosen with
-# experiments/bench_store.py (see the README's KV store section).
+# The Python loops' chunks (rounded down to whole Layer Blocks; the compiled loops: NATIVE_PREAD_CHUNK_BYTES below,
+# mapped reads Layer Block by Layer Block); chosen with experiments/bench_store.py (see the README's KV store section).
 DEFAULT_READ_CHUNK_BYTES = 1 << 20  # read_method="preadv": the chunk is hashed in the reader's L2 after its copy
 # read_method="mmap": the chunk is hashed from the page cache, then copied (from L3). Measured (bench_store.py,
 # streaming, kept mappings): DeepSeek-V3 0.79-0.82x of raw preadv with 4 MiB chunks (its whole 2.4 MiB block) vs
@@ -90,6 +95,28 @@ READ_METHODS = ("mmap", "preadv")
 # Measured (experiments/bench_store.py, Layer-Block reads of open, mapped files): 256 KiB Layer Blocks (Qwen2.5-32B)
 # +15-30% mapped, 41 KiB ones (DeepSeek-V3) equal within noise, and a mapping's pages must be faulted in once.
 MMAP_MIN_BYTES = 256 << 10
+
+
+# Verified reads of xxh3 blocks in C (_verify.pyx, built by setup.py): each Layer Block hashed while it is in
+# cache, with the GIL released; the Python loops below are the fallback (no build, DUALPATH_PURE_PYTHON=1, or
+# native_verify=False). With them a verified preadv read preads this many bytes (whole Layer Blocks) at a time,
+# so the hash reads the chunk from the reader's L2 right after the copy (measured, see the README).
+_VERIFY_C = None
+if compiled.use("dualpath_jax.store._verify"):
+    from dualpath_jax.store import _verify as _VERIFY_C
+NATIVE_PREAD_CHUNK_BYTES = 256 << 10
+# Mapped reads of at least this many bytes copy with non-temporal stores (no read-for-ownership of the destination,
+# which is left out of the cache); smaller ones memcpy: their destination may be reused while in cache (Layer-Block
+# reads into one buffer: 256 KiB reads ran at 0.75x of raw preadv with non-temporal stores, measured).
+NONTEMPORAL_MIN_BYTES = 1 << 20
+# The mapped reads' copy in C uses non-temporal stores, which makes a first mapped read of an open file (600 page
+# faults for a 2.4 MiB block) faster than preadv, so `mmap_after_reads` defaults to 0 with the compiled loops and
+# to 1 with the Python ones (where the faults cost about what hashing in the page cache saves).
+
+
+def native_verify_available() -> bool:
+    """Whether verified reads of xxh3 blocks can run the compiled loops (see `LocalDirStore(native_verify=)`)."""
+    return _VERIFY_C is not None
 
 
 def _as_u8(buf: Any, name: str, writable: bool) -> np.ndarray:
@@ -115,7 +142,7 @@ class _OpenBlock:
     """A block file open for reading: shared by concurrent reads (refs), cached or not, with its checked header
     and (read_method="mmap") its read-only mapping, which lives as long as the fd."""
 
-    __slots__ = ("cached", "fd", "header", "mapping", "preadv_reads", "refs")
+    __slots__ = ("cached", "fd", "header", "mapping", "preadv_reads", "refs", "sums")
 
     def __init__(self, fd: int):
         self.fd = fd
@@ -123,6 +150,7 @@ class _OpenBlock:
         self.cached = False
         # (checksum algo, per-layer sums, the header bytes they were parsed from) once a read checked the header
         self.header: tuple[str, list[int], bytes] | None = None
+        self.sums: np.ndarray | None = None  # the same sums as uint64 (xxh3 blocks: for the compiled loops)
         self.mapping: mmap.mmap | None = None
         self.preadv_reads = 0  # reads that could have been mapped, done by preadv (mmap_after_reads of them)
 
@@ -147,7 +175,9 @@ class LocalDirStoreConfig:
     # None: MMAP_READ_CHUNK_BYTES with mmap, DEFAULT_READ_CHUNK_BYTES with preadv)
     read_method: str = "mmap"  # "mmap": hash in the page cache, then copy; "preadv": copy, then hash
     mmap_min_bytes: int = MMAP_MIN_BYTES  # read_method="mmap": smaller (verified) reads preadv
-    mmap_after_reads: int = 1  # read_method="mmap": reads of an open file done by preadv before it is mapped
+    # read_method="mmap": reads of an open file done by preadv before it is mapped (None: 0 with the compiled
+    # loops, 1 without)
+    mmap_after_reads: int | None = None
     durable: bool = False  # default of write(durable=None): fsync block and directory
     io_threads: int = 4  # threads of submit_read / read_many
     write_threads: int = 1  # threads of submit_write (apart from the readers, so write-back never delays loads)
@@ -155,6 +185,7 @@ class LocalDirStoreConfig:
     stale_temp_s: float = 3600.0  # temp files of other hosts older than this are removed at open
     create: bool = True  # create the directory if missing
     fd_cache: int = 64  # block files kept open for repeated (layerwise) reads; 0: open per read
+    native_verify: bool = True  # verified reads of xxh3 blocks run the compiled loops when built (False: Python)
 
 
 @STORES.register("local_dir")
@@ -184,7 +215,7 @@ class LocalDirStore(KVStore):
         read_chunk_bytes: int | None = None,
         read_method: str = "mmap",
         mmap_min_bytes: int = MMAP_MIN_BYTES,
-        mmap_after_reads: int = 1,
+        mmap_after_reads: int | None = None,
         durable: bool = False,
         io_threads: int = 4,
         write_threads: int = 1,
@@ -192,6 +223,7 @@ class LocalDirStore(KVStore):
         stale_temp_s: float = 3600.0,
         create: bool = True,
         fd_cache: int = 64,
+        native_verify: bool = True,
     ):
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
@@ -214,14 +246,21 @@ class LocalDirStore(KVStore):
                     f"capacity_bytes={capacity_bytes} cannot hold one block ({self.file_nbytes} B with its header "
                     f"for layout {layout})"
                 )
+        self.native_verify = bool(native_verify)
+        self._native = _VERIFY_C if native_verify else None
         if read_chunk_bytes is None:
-            read_chunk_bytes = MMAP_READ_CHUNK_BYTES if read_method == "mmap" else DEFAULT_READ_CHUNK_BYTES
+            if read_method == "mmap":
+                read_chunk_bytes = MMAP_READ_CHUNK_BYTES
+            else:
+                read_chunk_bytes = DEFAULT_READ_CHUNK_BYTES if self._native is None else NATIVE_PREAD_CHUNK_BYTES
         if isinstance(read_chunk_bytes, bool) or not isinstance(read_chunk_bytes, int) or read_chunk_bytes < 0:
             raise ValueError(f"read_chunk_bytes must be an int >= 0 (0: no chunking), got {read_chunk_bytes!r}")
         if read_method not in READ_METHODS:
             raise ValueError(f"read_method must be one of {list(READ_METHODS)}, got {read_method!r}")
         if isinstance(mmap_min_bytes, bool) or not isinstance(mmap_min_bytes, int) or mmap_min_bytes < 0:
             raise ValueError(f"mmap_min_bytes must be an int >= 0, got {mmap_min_bytes!r}")
+        if mmap_after_reads is None:  # a fresh mapping's page faults cost less than they save with the C copy
+            mmap_after_reads = 0 if self._native is not None else 1
         if isinstance(mmap_after_reads, bool) or not isinstance(mmap_after_reads, int) or mmap_after_reads < 0:
             raise ValueError(f"mmap_after_reads must be an int >= 0, got {mmap_after_reads!r}")
         if isinstance(fd_cache, bool) or not isinstance(fd_cache, int) or fd_cache < 0:
@@ -647,6 +686,7 @@ class LocalDirStore(KVStore):
             algo, stored = block_file.parse_header(hdr, self.layout, key, self._fp_digest)
         except block_file.BlockFormatError as e:
             return str(e)
+        ent.sums = np.array(stored, dtype=np.uint64) if algo == "xxh3" else None  # a copy, as below
         stored = stored.tolist()  # ints, not a view of `hdr` (a scratch buffer or a mapping)
         ent.header = (algo, stored, raw)
         return algo, stored
@@ -711,7 +751,24 @@ class LocalDirStore(KVStore):
         if not verify and layer_list is None:
             return None
         algo, stored = checked
+        native = self._native if verify and algo == "xxh3" else None
         for file_off, out_off, n, layer0 in self._segments(layer_list, runs):
+            if native is not None:  # the same chunks, read and hashed in C
+                start = step if layer_list is None else 0  # (a Full Block's first chunk came with the header)
+                if start:
+                    bad = native.bad_layers(dst[out_off : out_off + start], lbn, ent.sums, layer0)
+                    if bad:
+                        return f"checksum mismatch in Layer Block(s) {bad}"
+                if start < n:
+                    piece = dst[out_off + start : out_off + n]
+                    got, bad = native.pread_verified(
+                        fd, piece, file_off + start, lbn, ent.sums, layer0 + start // lbn, step
+                    )
+                    if bad:
+                        return f"checksum mismatch in Layer Block(s) {bad}"
+                    if got != n - start:
+                        return f"truncated: read {got} of {n - start} B at offset {file_off + start}"
+                continue
             for off in range(0, n, step if verify else n):
                 m = min(step, n - off) if verify else n
                 piece = dst[out_off + off : out_off + off + m]
@@ -773,7 +830,16 @@ class LocalDirStore(KVStore):
                 return checked
             algo, stored = checked
             lbn, step = self._lbn, self._step
+            native = self._native if algo == "xxh3" else None
+            nt = dst.nbytes >= NONTEMPORAL_MIN_BYTES
             for file_off, out_off, n, layer0 in self._segments(layer_list, runs):
+                if native is not None:  # each Layer Block hashed in the page cache, then copied, in C
+                    bad = native.copy_verified(
+                        src[file_off : file_off + n], out[out_off : out_off + n], lbn, ent.sums, layer0, nt
+                    )
+                    if bad:
+                        return f"checksum mismatch in Layer Block(s) {bad}"
+                    continue
                 for off in range(0, n, step):
                     m = min(step, n - off)
                     a = file_off + off
