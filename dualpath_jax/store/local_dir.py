@@ -142,15 +142,15 @@ class _OpenBlock:
     """A block file open for reading: shared by concurrent reads (refs), cached or not, with its checked header
     and (read_method="mmap") its read-only mapping, which lives as long as the fd."""
 
-    __slots__ = ("cached", "fd", "header", "mapping", "preadv_reads", "refs", "sums")
+    __slots__ = ("cached", "fd", "header", "mapping", "preadv_reads", "refs")
 
     def __init__(self, fd: int):
         self.fd = fd
         self.refs = 1
         self.cached = False
-        # (checksum algo, per-layer sums, the header bytes they were parsed from) once a read checked the header
-        self.header: tuple[str, list[int], bytes] | None = None
-        self.sums: np.ndarray | None = None  # the same sums as uint64 (xxh3 blocks: for the compiled loops)
+        # (checksum algo, per-layer sums, the header bytes they were parsed from, the sums as uint64 for the
+        # compiled loops (xxh3 blocks; else None)) once a read checked the header
+        self.header: tuple[str, list[int], bytes, np.ndarray | None] | None = None
         self.mapping: mmap.mmap | None = None
         self.preadv_reads = 0  # reads that could have been mapped, done by preadv (mmap_after_reads of them)
 
@@ -674,27 +674,30 @@ class LocalDirStore(KVStore):
                 if not self._pins[key]:
                     del self._pins[key]
 
-    def _check_header(self, ent: _OpenBlock, key: bytes, hdr) -> tuple[str, list[int]] | str:
-        """(algo, per-layer sums) of header bytes `hdr` (header_nbytes of them), or why they are not this block's.
+    def _check_header(self, ent: _OpenBlock, key: bytes, hdr) -> tuple[str, list[int], np.ndarray | None] | str:
+        """(algo, per-layer sums, the sums as uint64 for the compiled loops (xxh3 only)) of header bytes `hdr`
+        (header_nbytes of them), or why they are not this block's.
 
         Bytes equal to those an earlier read of this open file checked are not parsed again (a file changed in
         place is still caught: its bytes differ)."""
         raw = bytes(hdr[: self._hdr_used])
-        if ent.header is not None and ent.header[2] == raw:
-            return ent.header[0], ent.header[1]
+        h = ent.header  # (read once: another reader of this file may replace it)
+        if h is not None and h[2] == raw:
+            return h[0], h[1], h[3]
         try:
             algo, stored = block_file.parse_header(hdr, self.layout, key, self._fp_digest)
         except block_file.BlockFormatError as e:
             return str(e)
-        ent.sums = np.array(stored, dtype=np.uint64) if algo == "xxh3" else None  # a copy, as below
+        sums = np.array(stored, dtype=np.uint64) if algo == "xxh3" else None  # a copy, as below
         stored = stored.tolist()  # ints, not a view of `hdr` (a scratch buffer or a mapping)
-        ent.header = (algo, stored, raw)
-        return algo, stored
+        ent.header = (algo, stored, raw, sums)  # one tuple: a reader never pairs one header's sums with another's
+        return algo, stored, sums
 
-    def _layer_header(self, ent: _OpenBlock, key: bytes) -> tuple[str, list[int]] | str:
+    def _layer_header(self, ent: _OpenBlock, key: bytes) -> tuple[str, list[int], np.ndarray | None] | str:
         """The checked header of a Layer-Block read: cached with the open file, else preadv'ed and checked."""
-        if ent.header is not None:  # checked when this fd first read the block
-            return ent.header[0], ent.header[1]
+        h = ent.header
+        if h is not None:  # checked when this fd first read the block
+            return h[0], h[1], h[3]
         hdr = self._header_buf()
         got = os.preadv(ent.fd, [hdr], 0)
         if got != self.header_nbytes:
@@ -750,19 +753,19 @@ class LocalDirStore(KVStore):
             return checked
         if not verify and layer_list is None:
             return None
-        algo, stored = checked
+        algo, stored, sums = checked
         native = self._native if verify and algo == "xxh3" else None
         for file_off, out_off, n, layer0 in self._segments(layer_list, runs):
             if native is not None:  # the same chunks, read and hashed in C
                 start = step if layer_list is None else 0  # (a Full Block's first chunk came with the header)
                 if start:
-                    bad = native.bad_layers(dst[out_off : out_off + start], lbn, ent.sums, layer0)
+                    bad = native.bad_layers(dst[out_off : out_off + start], lbn, sums, layer0)
                     if bad:
                         return f"checksum mismatch in Layer Block(s) {bad}"
                 if start < n:
                     piece = dst[out_off + start : out_off + n]
                     got, bad = native.pread_verified(
-                        fd, piece, file_off + start, lbn, ent.sums, layer0 + start // lbn, step
+                        fd, piece, file_off + start, lbn, sums, layer0 + start // lbn, step
                     )
                     if bad:
                         return f"checksum mismatch in Layer Block(s) {bad}"
@@ -828,14 +831,14 @@ class LocalDirStore(KVStore):
                 checked = self._layer_header(ent, key)
             if isinstance(checked, str):
                 return checked
-            algo, stored = checked
+            algo, stored, sums = checked
             lbn, step = self._lbn, self._step
             native = self._native if algo == "xxh3" else None
             nt = dst.nbytes >= NONTEMPORAL_MIN_BYTES
             for file_off, out_off, n, layer0 in self._segments(layer_list, runs):
                 if native is not None:  # each Layer Block hashed in the page cache, then copied, in C
                     bad = native.copy_verified(
-                        src[file_off : file_off + n], out[out_off : out_off + n], lbn, ent.sums, layer0, nt
+                        src[file_off : file_off + n], out[out_off : out_off + n], lbn, sums, layer0, nt
                     )
                     if bad:
                         return f"checksum mismatch in Layer Block(s) {bad}"
