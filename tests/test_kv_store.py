@@ -614,6 +614,8 @@ def test_bad_constructor_arguments(tmp_path):
     for bad in (-1, 0.5, True):  # (None: the default for the loops in use)
         with pytest.raises(ValueError, match="mmap_after_reads must be an int >= 0"):
             LocalDirStore(tmp_path / "a", LAYOUT, mmap_after_reads=bad)
+        with pytest.raises(ValueError, match="nontemporal_min_bytes must be an int >= 0 or None"):
+            LocalDirStore(tmp_path / "a", LAYOUT, nontemporal_min_bytes=bad)
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a directory"):
         LocalDirStore(tmp_path / "file", LAYOUT)
@@ -1162,6 +1164,24 @@ def test_native_pread_verified(tmp_path, chunk_blocks):
         os.close(fd)
     with pytest.raises(OSError):
         _verify.pread_verified(fd, dst, 100, lbn, sums, 0, chunk)  # closed fd: EBADF
+
+
+@pytest.mark.parametrize("nt_min", [None, 0, 1 << 40])
+def test_mapped_reads_with_and_without_nontemporal_copies(tmp_path, nt_min):
+    # every mapped read non-temporal (0), none (None, or a bound above every read): the same bytes, the same misses
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, nontemporal_min_bytes=nt_min, **MMAP_ALL)
+    keys = make_keys(3)
+    for k in keys:
+        assert s.write(k, content(k))
+    full = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    one = np.zeros(LBN, np.uint8)
+    for k in keys:
+        assert s.read(k, full) and s.read(k, one, layers=[2])
+        np.testing.assert_array_equal(full, content(k))
+        np.testing.assert_array_equal(one, content(k).reshape(LAYOUT.num_layers, LBN)[2])
+    _flip(s.path_of(keys[1]), s.header_nbytes + 3 * LBN + 5)
+    assert not s.read(keys[1], full) and s.stats().read_corrupt == 1
+    s.close()
 
 
 def test_native_verify_option_and_status(tmp_path):

@@ -107,7 +107,9 @@ if compiled.use("dualpath_jax.store._verify"):
 NATIVE_PREAD_CHUNK_BYTES = 256 << 10
 # Mapped reads of at least this many bytes copy with non-temporal stores (no read-for-ownership of the destination,
 # which is left out of the cache); smaller ones memcpy: their destination may be reused while in cache (Layer-Block
-# reads into one buffer: 256 KiB reads ran at 0.75x of raw preadv with non-temporal stores, measured).
+# reads into one buffer: 256 KiB reads ran at 0.75x of raw preadv with non-temporal stores, measured). Right for a
+# buffer that a device or NIC transfer reads next; a caller that copies the buffer on with the CPU at once sets
+# `nontemporal_min_bytes=None` (the runtime's storage NIC does).
 NONTEMPORAL_MIN_BYTES = 1 << 20
 # The mapped reads' copy in C uses non-temporal stores, which makes a first mapped read of an open file (600 page
 # faults for a 2.4 MiB block) faster than preadv, so `mmap_after_reads` defaults to 0 with the compiled loops and
@@ -186,6 +188,9 @@ class LocalDirStoreConfig:
     create: bool = True  # create the directory if missing
     fd_cache: int = 64  # block files kept open for repeated (layerwise) reads; 0: open per read
     native_verify: bool = True  # verified reads of xxh3 blocks run the compiled loops when built (False: Python)
+    # compiled mapped reads of at least this many bytes copy with non-temporal stores (None: never; for callers
+    # that read into a reused buffer and copy it on at once, which then comes from DRAM instead of cache)
+    nontemporal_min_bytes: int | None = NONTEMPORAL_MIN_BYTES
 
 
 @STORES.register("local_dir")
@@ -224,6 +229,7 @@ class LocalDirStore(KVStore):
         create: bool = True,
         fd_cache: int = 64,
         native_verify: bool = True,
+        nontemporal_min_bytes: int | None = NONTEMPORAL_MIN_BYTES,
     ):
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
@@ -247,6 +253,15 @@ class LocalDirStore(KVStore):
                     f"for layout {layout})"
                 )
         self.native_verify = bool(native_verify)
+        if nontemporal_min_bytes is not None and (
+            isinstance(nontemporal_min_bytes, bool)
+            or not isinstance(nontemporal_min_bytes, int)
+            or nontemporal_min_bytes < 0
+        ):
+            raise ValueError(
+                f"nontemporal_min_bytes must be an int >= 0 or None (never), got {nontemporal_min_bytes!r}"
+            )
+        self.nontemporal_min_bytes = nontemporal_min_bytes
         self._native = _VERIFY_C if native_verify else None
         if read_chunk_bytes is None:
             if read_method == "mmap":
@@ -834,7 +849,7 @@ class LocalDirStore(KVStore):
             algo, stored, sums = checked
             lbn, step = self._lbn, self._step
             native = self._native if algo == "xxh3" else None
-            nt = dst.nbytes >= NONTEMPORAL_MIN_BYTES
+            nt = self.nontemporal_min_bytes is not None and dst.nbytes >= self.nontemporal_min_bytes
             for file_off, out_off, n, layer0 in self._segments(layer_list, runs):
                 if native is not None:  # each Layer Block hashed in the page cache, then copied, in C
                     bad = native.copy_verified(
