@@ -70,10 +70,10 @@ class Timings(dict):
     seconds per pass (every repeat counted), and `cpu[name]`: its process CPU seconds (all threads), averaged
     over the repeats (how many cores' worth the variant used: cpu / seconds)."""
 
-    def __init__(self, seconds: dict, cpu: dict, mean: dict | None = None):
+    def __init__(self, seconds: dict, cpu: dict, mean: dict):
         super().__init__(seconds)
         self.cpu = cpu
-        self.mean = mean or {}
+        self.mean = mean
 
 
 def _paired(variants: dict, n_items: int, repeats: int) -> Timings:
@@ -294,22 +294,28 @@ def bench_layout(
                 )  # fmt: skip
 
     # ---- Full Block reads, one thread -----------------------------------------------------------------
-    # Each variant reads into a buffer of its own, reused: the default's non-temporal stores leave its buffer out
-    # of the cache, which must not slow the variant that runs next into a shared one.
+    # Every variant of the read groups below, as fn(block index, destination buffer).
     reads = {
         "raw": lambda i, b: _raw_read(paths[i], b, hdr),
         "verify": lambda i, b: must(store.read(keys[i], b)),
         "preadv": lambda i, b: must(pre.read(keys[i], b)),
+        "kept": lambda i, b: must(kept.read(keys[i], b)),
+        "second": lambda i, b: must(second.read(keys[i], b)),
         "py": lambda i, b: must(py.read(keys[i], b)),
         "py_pre": lambda i, b: must(py_pre.read(keys[i], b)),
         "noverify": lambda i, b: must(store.read(keys[i], b, verify=False)),
         "wsum64": lambda i, b: must(wsum_store.read(keys[i], b)),
         "crc32": lambda i, b: must(crc_store.read(keys[i], b)),
-    }
+    } | {c: lambda i, b, s=s: must(s.read(keys[i], b)) for c, s in sweep.items()}
     if base:
         reads["base"] = lambda i, b: must(base.read(keys[i], b))
-    own = {name: np.ones(fb, np.uint8) for name in reads}  # (prefaulted)
-    variants = {name: (lambda i, f=f, b=own[name]: f(i, b)) for name, f in reads.items()}
+    # Each variant reads into a buffer of its own, reused: the default's non-temporal stores leave its buffer out
+    # of the cache, which must not slow the variant that runs next into a shared one.
+    paired = [
+        n for n in ("raw", "verify", "preadv", "py", "py_pre", "noverify", "wsum64", "crc32", "base") if n in reads
+    ]
+    own = {name: np.ones(fb, np.uint8) for name in paired}  # (prefaulted)
+    variants = {name: (lambda i, f=reads[name], b=own[name]: f(i, b)) for name in paired}
     r = _paired(variants, n_blocks, repeats)
     add(
         "full read 1 thread",
@@ -331,19 +337,7 @@ def bench_layout(
     for b in pool_bufs:
         b.fill(1)  # prefault
 
-    streaming = {
-        "raw": lambda i: _raw_read(paths[i], pool_bufs[i], hdr),
-        "verify": lambda i: must(store.read(keys[i], pool_bufs[i])),
-        "preadv": lambda i: must(pre.read(keys[i], pool_bufs[i])),
-        "kept": lambda i: must(kept.read(keys[i], pool_bufs[i])),
-        "second": lambda i: must(second.read(keys[i], pool_bufs[i])),
-        "py": lambda i: must(py.read(keys[i], pool_bufs[i])),
-        "py_pre": lambda i: must(py_pre.read(keys[i], pool_bufs[i])),
-        "noverify": lambda i: must(store.read(keys[i], pool_bufs[i], verify=False)),
-        "wsum64": lambda i: must(wsum_store.read(keys[i], pool_bufs[i])),
-    } | {c: lambda i, s=s: must(s.read(keys[i], pool_bufs[i])) for c, s in sweep.items()}
-    if base:
-        streaming["base"] = lambda i: must(base.read(keys[i], pool_bufs[i]))
+    streaming = {name: (lambda i, f=f: f(i, pool_bufs[i])) for name, f in reads.items() if name != "crc32"}
     t_st = _paired_streaming(streaming, n_blocks, repeats)
     sweep_labels = [
         (
