@@ -2,8 +2,10 @@
 
 A variant string after the config file (`configs/paper_ds660b.py:VARIANT`) is a comma-separated list of
 items: a mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or any registered policy), or
-`key=value` with key one of dataset, agents, aps, duration, pd (e.g. 1P2D), turns, seed, kind. Example:
-`configs/paper_ds660b.py:basic,dataset=48K,agents=1024`.
+`key=value` with key one of dataset, agents, aps, duration, pd (e.g. 1P2D), turns, seed, kind, warmup, or
+`policy.NAME=value`: a field of the policy's Config (`config.scheduler.kwargs`; ints, floats, true/false and
+strings are told apart). Examples: `configs/paper_ds660b.py:basic,dataset=48K,agents=1024`,
+`configs/paper_ds660b.py:dualpath_rr,policy.full_de=wait`.
 """
 
 from __future__ import annotations
@@ -99,6 +101,19 @@ def base_config() -> ml_collections.ConfigDict:
 _KEYS = {"dataset", "agents", "aps", "duration", "pd", "turns", "seed", "kind", "warmup"}
 
 
+def _scalar(text: str):
+    """A variant value as int, float or bool when it reads as one, else the string itself."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Apply a variant string (see module docstring); unknown items are an error naming them."""
     if not arg:
@@ -111,6 +126,9 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
             cfg.mode = item
             continue
         key, value = item.split("=", 1)
+        if key.startswith("policy.") and len(key) > len("policy."):
+            cfg.scheduler.kwargs[key[len("policy.") :]] = _scalar(value)
+            continue
         if key not in _KEYS:
             raise ValueError(f"config variant item {item!r}: unknown key {key!r}; known: {sorted(_KEYS)}")
         if key == "dataset":

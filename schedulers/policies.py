@@ -360,11 +360,14 @@ class BasicPolicy(InterEnginePolicy):
 
 @POLICIES.register("round_robin")
 class RoundRobinPolicy(InterEnginePolicy):
-    """DualPath without scheduling: PEs and DEs in turn (DEs without room skipped), read side alternating.
+    """DualPath without scheduling: PEs and DEs in turn, read side alternating.
 
     The rotation is global: PEs and DEs each cycle over every engine of their role in engine-id order,
     whichever node fetched (a fetch only decides when placement happens, not where), and it carries over
-    from one fetch to the next.
+    from one fetch to the next. `full_de` says what happens when the DE whose turn it is has too little free
+    HBM for the head request: "skip" (default) gives it to the next DE in the rotation with room (a little
+    scheduling: free HBM is looked at); "wait" stops the fetch, so the request stays queued until that DE
+    has room (strict rotation, no load information used at all).
     """
 
     name = "round_robin"
@@ -372,10 +375,13 @@ class RoundRobinPolicy(InterEnginePolicy):
     @dataclasses.dataclass(frozen=True)
     class Config:
         read_side: str = "alternate"  # "alternate" (pe, de, pe, ...), "pe" or "de"
+        full_de: str = "skip"  # "skip": the next DE with room; "wait": stop until the DE in turn has room
 
         def __post_init__(self):
             if self.read_side not in ("alternate", "pe", "de"):
                 raise ValueError(f"round_robin read_side must be alternate/pe/de, got {self.read_side!r}")
+            if self.full_de not in ("skip", "wait"):
+                raise ValueError(f"round_robin full_de must be skip/wait, got {self.full_de!r}")
 
     def __init__(self, config: RoundRobinPolicy.Config | None = None):
         self.config = config or self.Config()
@@ -394,10 +400,11 @@ class RoundRobinPolicy(InterEnginePolicy):
         out = []
         if not pes or not des:
             return out
+        tries = 1 if self.config.full_de == "wait" else len(des)
         for r in queue:
             start = _next_after(des, self._last_de)
             de = None
-            for k in range(len(des)):
+            for k in range(tries):
                 cand = des[(start + k) % len(des)]
                 if s.free[cand] >= r.total_tokens:
                     de = cand

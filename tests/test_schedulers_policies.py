@@ -323,6 +323,22 @@ def test_round_robin_cycles_and_alternates():
     assert [a.read_side for a in out] == ["pe", "de", "pe", "de"]
 
 
+def test_round_robin_full_de_wait_stops_at_the_de_in_turn():
+    de = {10: (0, [{"id": 100}, {"id": 101, "free": 1500}, {"id": 102}])}
+    snap = snapshot({0: (0, [{"id": 0}, {"id": 1}])}, de)
+    rr = make_policy("round_robin", full_de="wait")
+    out = rr.schedule(snap, [req(i) for i in range(4)])  # 1100 tokens each: 101 takes one, then is full
+    assert [a.decode_engine for a in out] == [100, 101, 102, 100]
+    out = rr.schedule(snap, [req(4, prompt=2000)])  # 101's turn, too small (the snapshot is unchanged): stop
+    assert out == []
+    out = rr.schedule(snap, [req(4, prompt=1000), req(5)])  # the rotation did not move: 101 again, then 102
+    assert [a.decode_engine for a in out] == [101, 102]
+    skip = make_policy("round_robin").schedule(snap, [req(i, prompt=2000) for i in range(3)])
+    assert [a.decode_engine for a in skip] == [100, 102, 100]  # "skip" (default) passes over 101
+    with pytest.raises(ValueError, match="full_de must be skip/wait"):
+        make_policy("round_robin", full_de="block")
+
+
 def test_round_robin_rotates_globally_over_fetches_of_different_nodes():
     snap = snapshot(
         {0: (0, [{"id": 0}, {"id": 1}]), 1: (0, [{"id": 2}, {"id": 3}])},

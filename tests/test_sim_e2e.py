@@ -218,6 +218,18 @@ def test_unknown_config_fields_are_named():
     assert d.cluster.model == "ds27b"
 
 
+def test_policy_fields_from_the_variant_string():
+    cfg = load_sim_config(f"{TINY}:dualpath_rr,policy.full_de=wait,policy.read_side=de,agents=6,turns=4")
+    assert cfg.policy == "round_robin" and cfg.policy_kwargs == {"full_de": "wait", "read_side": "de"}
+    cfg = load_sim_config(f"{TINY}:dualpath,policy.alpha_tokens=5000,policy.x=1.5,policy.y=True")
+    assert cfg.policy_kwargs == {"alpha_tokens": 5000, "x": 1.5, "y": True}
+    res = run(_cfg("dualpath_rr,policy.full_de=wait,agents=6,turns=4"))
+    assert res.summary["unfinished_turns"] == 0
+    assert {r.read_side for r in res.records} == {"pe", "de"}
+    with pytest.raises(TypeError, match=r"'dualpath' does not take \['x', 'y'\]"):
+        run(cfg)
+
+
 def test_every_registered_policy_runs():
     from schedulers import POLICIES
 
