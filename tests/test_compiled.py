@@ -636,3 +636,58 @@ def test_simulation_outputs_are_the_same_with_the_c_csv_writer(tmp_path, monkeyp
         with open(c_paths[kind], "rb") as a, open(py_paths[kind], "rb") as b:
             assert a.read() == b.read(), kind
     assert sum(1 for _ in open(c_paths["turns"])) == len(res.records) + 1
+
+
+def _python_simulator():
+    """simulator.py loaded from its source as a separate module (the Python twin of the compiled one)."""
+    from dualpath_jax.sim import simulator as sim_mod
+
+    path = os.path.join(os.path.dirname(sim_mod.__file__), "simulator.py")
+    spec = importlib.util.spec_from_file_location("_simulator_source_for_tests", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("which", ["loaded", "source"])
+def test_decode_time_mirror_equals_the_cost_model_bit_for_bit(which):
+    """`simulator._DecodeTime` computes `decode_step_time * de_time_scale` in doubles (compiled) or Python floats
+    (twin): the same bits as the cost model for every paper model, EP degree, fitted or not, on batch sizes and
+    contexts across the dense/sparse (index_topk) switch; what it cannot do exactly it asks the model."""
+    from schedulers.cost_model import MODEL_SHAPES, CostModel, FitCoefficients
+
+    mod = compiled.load("dualpath_jax.sim.simulator") if which == "loaded" else _python_simulator()
+    rng = random.Random(7)
+    fit = FitCoefficients(overhead_s=0.004, s_per_linear_flop=3.1e-15, s_per_attention_flop=7.7e-15, s_per_byte=2.9e-13)
+    checked = 0
+    for name in MODEL_SHAPES.names():
+        for ep, decode_fit in ((1, None), (32, None), (8, fit)):
+            cm = CostModel(name, "h800", ep=ep, decode_fit=decode_fit)
+            dt = mod._DecodeTime(cm, 2.2)
+            assert dt.native, (name, ep)
+            topk = cm.model.index_topk or 2048
+            for _ in range(1500):
+                n = rng.randint(1, 700)
+                ctx = rng.choice([rng.randint(0, n * topk), rng.randint(n * topk, n * 70_000), rng.randint(0, 10**8)])
+                assert dt.time(n, ctx) == cm.decode_step_time(n, ctx) * 2.2, (name, ep, n, ctx)
+                checked += 1
+            assert dt.time(0, 5) == 0.0
+            # beyond the exact range: the model itself is asked (same value)
+            big = int(dt.ctx_max) + 12345
+            assert dt.time(3, big) == cm.decode_step_time(3, big) * 2.2
+    assert checked == 1500 * 3 * len(MODEL_SHAPES.names())
+
+    class Tweaked(CostModel):  # a subclass may change the formula: never mirrored
+        def decode_step_time(self, batch_size, total_context_tokens):
+            return 1.0
+
+    dt = mod._DecodeTime(Tweaked("ds660b", "h800"), 3.0)
+    assert not dt.native and dt.time(4, 1000) == 3.0
+
+    class Split:  # the runner's split cost object: the decode model's own bound method
+        def __init__(self, decode):
+            self.decode_step_time = decode.decode_step_time
+
+    cm = CostModel("ds660b", "h800", ep=32)
+    dt = mod._DecodeTime(Split(cm), 2.2)
+    assert dt.native and dt.time(64, 2_000_000) == cm.decode_step_time(64, 2_000_000) * 2.2

@@ -54,6 +54,7 @@ cdef class _Batch:
 
 
 cdef class Simulator:
+    cdef public _DecodeTime decode_time
     cdef public object cfg, c, policy, batcher, cost, trajectories, arrival_model, events, net, queue
     cdef public object _qids, _qlens, storage_link, snapshot
     cdef public dict _shapes, requests, pes, des
@@ -147,6 +148,21 @@ cdef class Simulator:
 
     @cython.locals(n=cython.longlong, t=cython.double)
     cpdef tuple run(self, double max_time=*, progress=*)
+
+
+cdef class _DecodeTime:
+    cdef public object cost
+    cdef public list by_n
+    cdef public double scale, topk, pf, ipf, layers, tp, kv_tok, index_kv, main_kv, overhead, a_lin, a_attn, a_byte
+    cdef public double linear_rate, attention_rate, hbm_rate, ctx_max
+    cdef public bint native, sparse_kv, fit
+
+    cpdef object _terms(self, Py_ssize_t n)
+
+    @cython.locals(lin=cython.double, weights=cython.double, c=cython.double, layers=cython.double,
+                   sel=cython.double, main_pairs=cython.double, attn=cython.double, kv=cython.double,
+                   nbytes=cython.double, t=cython.double, compute=cython.double, memory=cython.double, terms=tuple)
+    cpdef double time(self, long long n, long long ctx) except? -1.0
 
 
 cdef class _Call:

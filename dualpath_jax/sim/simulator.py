@@ -215,6 +215,7 @@ class Simulator:
         self.policy = policy
         self.batcher = batcher
         self.cost = cost_model
+        self.decode_time = _DecodeTime(cost_model, c.de_time_scale)  # its decode_step_time * de_time_scale
         self.b = float(kv_bytes_per_token)
         self.L = int(n_layers)
         self.trajectories = list(trajectories)
@@ -689,7 +690,7 @@ class Simulator:
             de.step = 0.0
             return
         context = de.sum_prompt + n * de.group.v - de.sum_vjoin
-        de.step = self.cost.decode_step_time(n, int(context)) * self.c.de_time_scale
+        de.step = self.decode_time.time(n, int(context))
 
     def _de_reschedule(self, g: DecodeGroup) -> None:
         """The group steps at its slowest member's time; (re)schedule its next finish."""
@@ -898,6 +899,128 @@ class _WorkView(Sequence):
     def __iter__(self):
         for r in self._q:
             yield r.work
+
+
+_EXACT = float(1 << 53)  # integers below this are exact in a double, and so are their sums and products
+
+
+def _exact_double(v) -> bool:
+    """A float, or an int that a double holds exactly."""
+    return type(v) is float or (type(v) is int and -_EXACT < v < _EXACT)
+
+
+class _DecodeTime:
+    """`cost.decode_step_time(n, ctx) * scale`, bit for bit, in C doubles (a decode step is timed on every batch
+    change of every DE: ~7M times at 48P96D, ~5% of the run as Python). The cost model computes with Python
+    ints where it can (exact) and floats elsewhere; every int that this mirror turns into a double, and every
+    int sum or product it forms in doubles, is below 2**53 (checked: `ctx_max`, and per batch size), so
+    doubles give the same values, and the float operations run in the same order. Any other cost model
+    (a subclass, a fitted one with non-float coefficients), or a context beyond `ctx_max`, is asked itself.
+    `cost`: anything whose `decode_step_time` is a CostModel's bound method (a CostModel, the runner's split
+    prefill / decode cost object)."""
+
+    __slots__ = (
+        "cost", "scale", "native", "topk", "pf", "ipf", "layers", "tp", "kv_tok", "index_kv", "main_kv",
+        "sparse_kv", "fit", "overhead", "a_lin", "a_attn", "a_byte", "linear_rate", "attention_rate",
+        "hbm_rate", "ctx_max", "by_n",
+    )  # fmt: skip
+
+    def __init__(self, cost, scale: float):
+        from schedulers.cost_model import CostModel
+
+        self.cost = cost
+        self.scale = float(scale)
+        self.by_n = []  # batch size -> (linear FLOPs, weight bytes) as doubles, or None: ask the cost model
+        self.native = False
+        # The runner's cost object hands out a CostModel's own bound method (sim/runner.py `_SplitCost`)
+        owner = getattr(cost.decode_step_time, "__self__", None)
+        if type(owner) is not CostModel:
+            return
+        self.cost = cost = owner  # the same decode_step_time: the fall-back asks it directly
+        ints = (cost._topk, cost._pair_flops, cost._index_pair_flops, cost._layers, cost._tp, cost._kv_per_token)
+        ints += (cost._index_kv, cost._main_kv)
+        if any(type(v) is not int or v < 0 for v in ints):
+            return
+        f = cost._decode_fit
+        if f is not None:
+            coef = (f.overhead_s, f.s_per_linear_flop, f.s_per_attention_flop, f.s_per_byte)
+            if any(type(v) is not float for v in coef):
+                return
+            self.overhead, self.a_lin, self.a_attn, self.a_byte = coef
+        else:
+            self.overhead = cost._hw.step_overhead_s
+            if type(self.overhead) is not float:
+                return
+            self.a_lin = self.a_attn = self.a_byte = 0.0
+        self.fit = f is not None
+        self.topk, self.pf, self.ipf = float(cost._topk), float(cost._pair_flops), float(cost._index_pair_flops)
+        self.layers, self.tp, self.kv_tok = float(cost._layers), float(cost._tp), float(cost._kv_per_token)
+        self.index_kv, self.main_kv = float(cost._index_kv), float(cost._main_kv)
+        self.sparse_kv = bool(cost._sparse_kv)
+        self.linear_rate = float(cost._linear_rate)
+        self.attention_rate = float(cost._attention_rate)
+        self.hbm_rate = float(cost._hbm_rate)
+        # Every int the cost model forms is at most layers * ctx * (per-pair or per-token-per-layer size), as the
+        # selected / main pairs never exceed ctx: keep that below 2**53.
+        per = max(
+            cost._pair_flops + cost._index_pair_flops,
+            cost._index_kv + cost._main_kv,
+            cost._kv_per_token,
+            cost._topk,
+            1,
+        )
+        self.ctx_max = float((1 << 53) // (max(cost._layers, 1) * per)) - 1.0
+        self.native = True
+
+    def _terms(self, n: int):
+        """(linear FLOPs, weight bytes) of batch size n as doubles, or None when one is not exact as a double."""
+        by_n = self.by_n
+        while len(by_n) <= n:
+            by_n.append(False)  # not looked up yet
+        t = by_n[n]
+        if t is False:
+            lin, weights = self.cost._decode_batch_terms(n)
+            t = (float(lin), float(weights)) if _exact_double(lin) and _exact_double(weights) else None
+            by_n[n] = t
+        return t
+
+    def time(self, n: int, ctx: int) -> float:
+        if n <= 0:
+            return 0.0
+        if not self.native or ctx < 0 or ctx > self.ctx_max:
+            return self.cost.decode_step_time(n, ctx) * self.scale
+        terms = self._terms(n)
+        if terms is None:
+            return self.cost.decode_step_time(n, ctx) * self.scale
+        lin = terms[0]
+        weights = terms[1]
+        c = float(ctx)
+        layers = self.layers
+        if self.topk > 0.0:
+            # min(ctx / n, topk): the quotient (a float), or topk itself when it is smaller
+            sel = c / n
+            if self.topk < sel:
+                sel = self.topk
+            main_pairs = n * sel
+            attn = layers * (main_pairs * self.pf + c * self.ipf)
+        else:
+            attn = layers * c * self.pf
+        attn = attn / self.tp
+        if self.sparse_kv:
+            sel = c / n
+            if self.topk < sel:
+                sel = self.topk
+            kv = layers * (c * self.index_kv + (n * sel) * self.main_kv) / self.tp
+        else:
+            kv = (c * self.kv_tok) / self.tp
+        nbytes = weights + kv
+        if self.fit:
+            t = self.overhead + lin * self.a_lin + attn * self.a_attn + nbytes * self.a_byte
+        else:
+            compute = lin / self.linear_rate + attn / self.attention_rate
+            memory = nbytes / self.hbm_rate
+            t = self.overhead + (memory if memory > compute else compute)
+        return t * self.scale
 
 
 class _Call:
