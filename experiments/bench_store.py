@@ -482,6 +482,53 @@ def bench_layout(
                  f"store full-block reads, verify {algo}", reads_per_s=n_lb * L / lr[name])
         )  # fmt: skip
 
+    # ---- the runtime storage NIC: a request's blocks into its layer-major area [L, tokens, bpt] ------------
+    # (runtime/storage_nic.py) Each Full Block read into one staging buffer and copied into its rows of the area
+    # (the runtime before row-strided reads, and still the path of a store without them), vs read straight into
+    # its rows (`out` = area[:, t0 : t0 + block_tokens]).
+    bs, bpt = layout.block_tokens, layout.bytes_per_token_per_layer
+    area = np.empty((L, n_blocks * bs, bpt), np.uint8)
+    area.fill(1)  # its pages exist before the timing
+    staging = np.zeros(layout.full_block_shape, np.uint8)
+    cached_copy = LocalDirStore(store_dir, layout, nontemporal_min_bytes=None)  # memcpy, as the old runtime's
+    views.append(cached_copy)
+
+    def rows_of(i):
+        return area[:, i * bs : (i + 1) * bs]
+
+    def staged(i):
+        must(cached_copy.read(keys[i], staging))
+        rows_of(i)[...] = staging
+
+    def raw_rows(i):  # unverified: one preadv of the header and the block's L rows
+        fd = os.open(paths[i], os.O_RDONLY)
+        try:
+            rows = rows_of(i)
+            os.preadv(fd, [header_buf, *(rows[layer] for layer in range(L))], 0)
+        finally:
+            os.close(fd)
+
+    header_buf = np.empty(hdr, np.uint8)
+    ar = _paired_streaming(
+        {
+            "staged": staged,
+            "inplace": lambda i: must(store.read(keys[i], rows_of(i))),
+            "inplace_memcpy": lambda i: must(cached_copy.read(keys[i], rows_of(i))),
+            "inplace_preadv": lambda i: must(pre.read(keys[i], rows_of(i))),
+            "raw": raw_rows,
+        },
+        n_blocks,
+        repeats,
+    )
+    add(
+        "storage NIC into a layer-major area",
+        [("inplace", f"in place: out = the block's rows ({default})"),
+         ("inplace_memcpy", "in place, nontemporal_min_bytes=None"),
+         ("inplace_preadv", "in place, read_method=preadv (one iovec a row)"),
+         ("raw", "raw preadv of the header and the rows, unverified")],
+        ar, total, "staged", "staging buffer + copy into the rows (nontemporal_min_bytes=None)",
+    )  # fmt: skip
+
     # ---- checksums alone ---------------------------------------------------------------------------------
     blocks2d = src.reshape(L, lbn)
     for name in ("xxh3", "wsum64", "crc32"):

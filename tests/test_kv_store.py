@@ -466,6 +466,93 @@ def test_chunked_reads_round_trip(tmp_path, chunk, rm):
     s.close()
 
 
+def _area(n_blocks: int, fill: int = 7) -> np.ndarray:
+    """A request's layer-major host area [L, n_blocks * block_tokens, bpt] (what the storage NIC fills)."""
+    return np.full(
+        (LAYOUT.num_layers, n_blocks * LAYOUT.block_tokens, LAYOUT.bytes_per_token_per_layer), fill, np.uint8
+    )
+
+
+def _rows_of(area: np.ndarray, j: int) -> np.ndarray:
+    bs = LAYOUT.block_tokens
+    return area[:, j * bs : (j + 1) * bs]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_row_strided_reads_fill_a_layer_major_area_in_place(tmp_path, chunk, rm):
+    """`out` may be one block's rows of a layer-major area (`area[:, t0 : t0 + bs]`): each Layer Block lands in
+    its row, nothing outside the block's rows is written, with every read method, loop and chunk size."""
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=chunk, **rm)
+    assert s.strided_out
+    keys = make_keys(5)
+    for k in keys:
+        assert s.write(k, content(k))
+    area = _area(5)
+    for j in (0, 2, 4, 1, 3):
+        assert s.read(keys[j], _rows_of(area, j))
+    want = np.concatenate([content(k).reshape(LAYOUT.full_block_shape) for k in keys], axis=1)
+    np.testing.assert_array_equal(area, want)
+    # some layers of one block, in place in its rows; the other rows and blocks untouched
+    area = _area(5)
+    assert s.read(keys[3], _rows_of(area, 3), layers=[3, 1])
+    ref = content(keys[3]).reshape(LAYOUT.full_block_shape)
+    np.testing.assert_array_equal(_rows_of(area, 3)[[1, 3]], ref[[1, 3]])
+    assert (_rows_of(area, 3)[[0, 2]] == 7).all()
+    mask = np.ones(area.shape, bool)
+    mask[[1, 3], 3 * LAYOUT.block_tokens : 4 * LAYOUT.block_tokens] = False
+    assert (area[mask] == 7).all()
+    # the same through the thread pool and read_many
+    area = _area(5)
+    assert s.submit_read(keys[2], _rows_of(area, 2)).result()
+    assert s.read_many(keys[:2], [_rows_of(area, 0), _rows_of(area, 1)]) == [True, True]
+    np.testing.assert_array_equal(area[:, : 3 * LAYOUT.block_tokens], want[:, : 3 * LAYOUT.block_tokens])
+    assert s.stats().bytes_read == LAYOUT.full_block_nbytes * (5 + 3) + 2 * LBN
+    s.close()
+
+
+@pytest.mark.parametrize("damaged_layer", [0, 2, 3])
+def test_row_strided_read_of_a_damaged_block_is_a_miss_that_stays_in_its_rows(tmp_path, rm, damaged_layer):
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_chunk_bytes=LBN, **rm)
+    keys = make_keys(3)
+    for k in keys:
+        s.write(k, content(k))
+    path = s.path_of(keys[1])
+    raw = bytearray(open(path, "rb").read())
+    raw[s.header_nbytes + damaged_layer * LBN + 5] ^= 0x40
+    with open(path, "wb") as f:
+        f.write(raw)
+    area = _area(3)
+    assert s.read(keys[0], _rows_of(area, 0))
+    assert not s.read(keys[1], _rows_of(area, 1))  # a miss: counted, removed
+    assert s.stats().read_corrupt == 1 and not s.contains(keys[1])
+    assert (_rows_of(area, 2) == 7).all()  # the next block's rows are untouched
+    np.testing.assert_array_equal(_rows_of(area, 0), content(keys[0]).reshape(LAYOUT.full_block_shape))
+    if rm.get("read_method") == "mmap":  # mapped reads copy only checked Layer Blocks
+        ref = content(keys[1]).reshape(LAYOUT.full_block_shape)
+        np.testing.assert_array_equal(_rows_of(area, 1)[:damaged_layer], ref[:damaged_layer])
+        assert (_rows_of(area, 1)[damaged_layer:] == 7).all()
+    s.close()
+
+
+def test_row_strided_out_argument_errors(store):
+    (k,) = make_keys(1)
+    store.write(k, content(k))
+    area = _area(3)
+    with pytest.raises(ValueError, match="writable"):
+        ro = area.copy()
+        ro.flags.writeable = False
+        store.read(k, _rows_of(ro, 1))
+    wide = np.zeros((LAYOUT.num_layers, LAYOUT.block_tokens, 2 * LAYOUT.bytes_per_token_per_layer), np.uint8)
+    with pytest.raises(ValueError, match="C-contiguous"):  # rows with gaps inside them: not one Layer Block each
+        store.read(k, wide[:, :, : LAYOUT.bytes_per_token_per_layer])
+    with pytest.raises(ValueError, match="C-contiguous"):  # float rows are not a uint8 Full Block
+        store.read(k, np.zeros((LAYOUT.num_layers, 3 * LAYOUT.block_tokens, 10), np.float32)[:, : LAYOUT.block_tokens])
+    # a one-block area is contiguous: the plain path
+    one = _area(1)
+    assert store.read(k, _rows_of(one, 0))
+    np.testing.assert_array_equal(one.reshape(-1), content(k))
+
+
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("algo", ["xxh3", "wsum64", "crc32"])
 def test_damage_in_any_single_layer_block_is_caught_by_chunked_reads(tmp_path, chunk, algo, rm):
@@ -823,6 +910,10 @@ def test_store_benchmark_runs_small(tmp_path):
         assert sum("Python loops (native_verify=False" in r["variant"] and r["op"] == op for r in rows) == 1, op
         assert all(r["mean_ratio"] > 0 for r in rows if r["op"] == op)
     assert any("mmap_min_bytes=0" in r["variant"] for r in rows)
+    # the runtime storage NIC's reads into a layer-major area: in place (4 ways) against the staging copy
+    area = [r for r in rows if r["op"] == "storage NIC into a layer-major area"]
+    assert len(area) == 4 and all(r["baseline"].startswith("staging buffer + copy") for r in area)
+    assert any(r["variant"].startswith("in place: out = the block's rows (default") for r in area)
     # --compare_tree: the other tree's store (here this one, loaded under another name) runs beside this one
     assert sum("tree (before)" in r["variant"] for r in rows) == 3  # 1 thread, streaming, pool
     with pytest.raises(FileNotFoundError, match="no dualpath_jax/store"):
@@ -1164,6 +1255,85 @@ def test_native_pread_verified(tmp_path, chunk_blocks):
         os.close(fd)
     with pytest.raises(OSError):
         _verify.pread_verified(fd, dst, 100, lbn, sums, 0, chunk)  # closed fd: EBADF
+
+
+@needs_native
+@pytest.mark.parametrize("chunk_blocks", [0, 1, 3, 8, 100])
+def test_native_loops_into_row_strided_destinations(tmp_path, chunk_blocks):
+    """`dst_stride`: Layer Block j goes to dst[j * stride:][:lbn]; the gaps between rows are never written."""
+    from dualpath_jax.store import _verify
+
+    flat, sums, lbn = _layer_blocks()
+    blocks = flat.reshape(8, lbn)
+    stride = 3 * lbn + 5
+    span = 7 * stride + lbn
+
+    def fresh():
+        return np.full(span, 7, np.uint8)
+
+    def rows(dst, k=8):
+        return np.stack([dst[j * stride : j * stride + lbn] for j in range(k)])
+
+    gaps = np.ones(span, bool)
+    for j in range(8):
+        gaps[j * stride : j * stride + lbn] = False
+    for nontemporal in (True, False):
+        dst = fresh()
+        assert _verify.copy_verified(flat, dst, lbn, sums, 0, nontemporal, stride) == []
+        np.testing.assert_array_equal(rows(dst), blocks)
+        assert (dst[gaps] == 7).all()
+        bad = flat.copy()
+        bad[3 * lbn + 1] ^= 1
+        dst = fresh()
+        assert _verify.copy_verified(bad, dst, lbn, sums, 0, nontemporal, stride) == [3]
+        np.testing.assert_array_equal(rows(dst, 3), blocks[:3])
+        assert (dst[3 * stride :] == 7).all()
+    assert _verify.bad_layers(dst[: 2 * stride + lbn], lbn, sums, 0, 3, stride) == []
+    dst2 = fresh()
+    _verify.copy_verified(flat, dst2, lbn, sums, 0, False, stride)
+    dst2[stride + 9] ^= 1
+    assert _verify.bad_layers(dst2, lbn, sums, 0, 8, stride) == [1]
+    path = tmp_path / "blk"
+    path.write_bytes(b"H" * 100 + flat.tobytes())
+    chunk = chunk_blocks * lbn
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        dst = fresh()
+        assert _verify.pread_verified(fd, dst, 100, lbn, sums, 0, chunk, 8, stride) == (flat.nbytes, [])
+        np.testing.assert_array_equal(rows(dst), blocks)
+        assert (dst[gaps] == 7).all()
+        part = np.full(2 * stride + lbn, 7, np.uint8)  # layers 4..6 into 3 rows
+        assert _verify.pread_verified(fd, part, 100 + 4 * lbn, lbn, sums, 4, chunk, 3, stride) == (3 * lbn, [])
+        np.testing.assert_array_equal(rows(part, 3), blocks[4:7])
+    finally:
+        os.close(fd)
+    per = max(1, chunk_blocks)
+    bad = flat.copy()
+    bad[5 * lbn] ^= 1
+    path.write_bytes(b"H" * 100 + bad.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        start = (5 // per) * per
+        assert _verify.pread_verified(fd, fresh(), 100, lbn, sums, 0, chunk, 8, stride) == (start * lbn, [5])
+    finally:
+        os.close(fd)
+    path.write_bytes(b"H" * 100 + flat.tobytes()[: 4 * lbn + 10])  # truncated inside row 4
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        dst = fresh()
+        assert _verify.pread_verified(fd, dst, 100, lbn, sums, 0, chunk, 8, stride) == (4 * lbn + 10, [])
+        np.testing.assert_array_equal(dst[4 * stride : 4 * stride + 10], flat[4 * lbn : 4 * lbn + 10])
+        assert (dst[gaps] == 7).all()
+    finally:
+        os.close(fd)
+    with pytest.raises(ValueError, match="at least a Layer Block"):
+        _verify.copy_verified(flat, fresh(), lbn, sums, 0, True, lbn - 1)
+    with pytest.raises(ValueError, match="must span 8 Layer Blocks"):
+        _verify.copy_verified(flat, fresh()[:-1], lbn, sums, 0, True, stride)
+    with pytest.raises(ValueError, match="needs n_blocks"):
+        _verify.pread_verified(0, fresh(), 100, lbn, sums, 0, chunk, -1, stride)
+    with pytest.raises(ValueError, match="needs n_blocks"):
+        _verify.bad_layers(fresh(), lbn, sums, 0, -1, stride)
 
 
 @pytest.mark.parametrize("nt_min", [None, 0, 1 << 40])

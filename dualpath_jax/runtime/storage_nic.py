@@ -1,8 +1,10 @@
 """A node's storage NIC (SNIC): its read queue (hit KV loads) and its write-back queue, paced by the node's link.
 
 Reads are served FIFO by one thread: a read job loads consecutive Full Blocks from the store into a request's
-host-buffer area (layer-major `[L, prompt_tokens, bpt]`), each block's bytes paced through the SNIC, and
-stops at the first missing or corrupt block (the hit shrinks; the rest is recomputed, never wrong KV).
+host-buffer area (layer-major `[L, prompt_tokens, bpt]`; straight into the block's rows where the store takes a
+row-strided `out`, else through a staging buffer), each block's bytes paced through the SNIC, and stops at the
+first missing or corrupt block (the hit shrinks; the rest is recomputed, never wrong KV; the failed block's
+rows may hold bytes, but they lie past the hit and are never used as cached KV).
 `read_queue_tokens` is the node's read_q of the paper. Write-backs (a DE persisting filled blocks) go
 through the same SNIC link from a second thread, so reads and writes share the emulated bandwidth.
 """
@@ -53,8 +55,11 @@ class StorageNIC:
         self._queued_read_tokens = 0
         self._pending_writes = 0
         self._stop = threading.Event()
+        # A store that reads into a row-strided Full Block fills the request's area in place; any other reads
+        # each block into one staging buffer, copied into the area.
+        self._direct = bool(getattr(store, "strided_out", False))
         full = store.layout.full_block_shape
-        self._read_staging = np.zeros(full, np.uint8)  # [L, block_size, bpt]: one Full Block in flight
+        self._read_staging = None if self._direct else np.zeros(full, np.uint8)  # [L, block_size, bpt]
         self.bytes_read = 0
         self.bytes_written = 0
         self.failed_reads = 0
@@ -105,7 +110,9 @@ class StorageNIC:
                     if job.cancelled:
                         break
                     self._pace(nbytes_block)
-                    if not self.store.read(key, self._read_staging):
+                    t0 = (job.first_block + j) * bs
+                    rows = job.area[:, t0 : t0 + bs]  # this block's rows of the layer-major area
+                    if not self.store.read(key, rows if self._direct else self._read_staging):
                         self.failed_reads += 1
                         log.warning(
                             "node %d: block %d of request %d is missing or corrupt: recomputed as a miss",
@@ -114,8 +121,8 @@ class StorageNIC:
                             job.request_id,
                         )
                         break
-                    t0 = (job.first_block + j) * bs
-                    job.area[:, t0 : t0 + bs] = self._read_staging  # Full Block -> layer-major area
+                    if not self._direct:
+                        rows[...] = self._read_staging  # Full Block -> layer-major area
                     ok += 1
                     nbytes += nbytes_block
             except Exception:  # noqa: BLE001 -- an I/O error is a miss for the rest of the job

@@ -60,6 +60,9 @@ class KVStore(abc.ABC):
     """
 
     layout: BlockLayout
+    # Whether `read` also takes a row-strided Full Block as `out` (see `read`); callers fall back to a staging
+    # buffer and a copy where it is False.
+    strided_out: bool = False
 
     @abc.abstractmethod
     def lookup(self, keys: Sequence[bytes]) -> int:
@@ -75,7 +78,10 @@ class KVStore(abc.ABC):
 
         `out` is a writable C-contiguous buffer (numpy array, memoryview): for `layers=None` exactly one
         Full Block; otherwise either `len(layers)` Layer Blocks packed in the order given, or a whole Full
-        Block whose slots of the named layers are filled (others untouched).
+        Block whose slots of the named layers are filled (others untouched). Where `strided_out` is True it
+        may also be a row-strided Full Block: a uint8 array of shape `layout.full_block_shape` whose layer
+        rows are each contiguous but further apart, inside one array, e.g. `area[:, t0 : t0 + block_size]` of
+        a layer-major [L, tokens, bpt] host buffer (read in place, no staging copy).
         """
 
     @abc.abstractmethod

@@ -142,6 +142,45 @@ def _as_u8(buf: Any, name: str, writable: bool) -> np.ndarray:
     return np.frombuffer(mv.cast("B"), dtype=np.uint8) if mv.nbytes else np.zeros((0,), np.uint8)
 
 
+def _row_strided(out: Any, layout) -> tuple[np.ndarray, int] | None:
+    """(flat uint8 view from out's first byte to its last, row stride) when `out` is a row-strided Full Block:
+    a writable uint8 array of the Full Block's shape [L, block_size, bpt] whose layer rows are each contiguous
+    but lie `stride` > Layer-Block bytes apart, inside one array (e.g. `area[:, t0 : t0 + block_size]` of a
+    layer-major [L, tokens, bpt] buffer); None for anything else."""
+    if type(out) is not np.ndarray or out.dtype != np.uint8 or out.ndim != 3:
+        return None
+    L, bs, bpt = layout.full_block_shape
+    lbn = bs * bpt
+    if out.shape != (L, bs, bpt) or out.strides[2] != 1 or out.strides[1] != bpt or out.strides[0] <= lbn:
+        return None
+    if not out.flags.writeable:
+        raise ValueError("out must be writable")
+    stride = out.strides[0]
+    span = (L - 1) * stride + lbn
+    root = out
+    while isinstance(root.base, np.ndarray):  # the outermost array over the same memory: the span must lie in it
+        root = root.base
+    lo, hi = np.lib.array_utils.byte_bounds(root)
+    start = out.__array_interface__["data"][0]
+    if not (lo <= start and start + span <= hi):
+        raise ValueError(f"out's rows (stride {stride}) are not inside one array")
+    return np.lib.stride_tricks.as_strided(out, shape=(span,), strides=(1,)), stride
+
+
+def _rows(dst: np.ndarray, out_off: int, nbytes: int, stride: int, lbn: int) -> list[np.ndarray]:
+    """The destination pieces of `nbytes` of whole Layer Blocks at `out_off`: one slice when packed (stride ==
+    lbn), else one row per Layer Block."""
+    if stride == lbn:
+        return [dst[out_off : out_off + nbytes]]
+    return [dst[out_off + i * stride : out_off + i * stride + lbn] for i in range(nbytes // lbn)]
+
+
+def _span(dst: np.ndarray, out_off: int, nbytes: int, stride: int, lbn: int) -> np.ndarray:
+    """dst from the first of the Layer Blocks at `out_off` (every `stride` bytes) to the end of the last."""
+    k = nbytes // lbn
+    return dst[out_off : out_off + (k - 1) * stride + lbn] if k else dst[out_off:out_off]
+
+
 class _OpenBlock:
     """A block file open for reading: shared by concurrent reads (refs), cached or not, with its checked header
     and (read_method="mmap") its read-only mapping, which lives as long as the fd."""
@@ -200,6 +239,7 @@ class LocalDirStore(KVStore):
     """Full Blocks as checksummed files in one directory; see the module docstring."""
 
     Config = LocalDirStoreConfig
+    strided_out = True  # `read` fills a row-strided Full Block in place (both read methods, C and Python)
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], layout: BlockLayout) -> LocalDirStore:
@@ -539,8 +579,10 @@ class LocalDirStore(KVStore):
             buf = self._tls.hdr = np.zeros((self.header_nbytes,), dtype=np.uint8)
         return buf
 
-    def _plan(self, out: Any, layers) -> tuple[np.ndarray, list[int] | None, list[tuple[int, int, int]]]:
-        """Validate `out`/`layers`; runs of (file offset, out offset, nbytes) to read, merged when adjacent."""
+    def _plan(self, out: Any, layers) -> tuple[np.ndarray, list[int] | None, list[tuple[int, int, int]], int]:
+        """Validate `out`/`layers`; runs of (file offset, out offset, nbytes) to read, merged when adjacent, and
+        the stride of the Layer Blocks in `dst` (Layer-Block bytes when packed; larger for a row-strided `out`:
+        the run's Layer Blocks lie that many bytes apart in `dst`)."""
         lay = self.layout
         lbn, fb = self._lbn, self._fb
         # Fast path of layerwise loading: one layer into a flat uint8 array of one Layer Block.
@@ -556,13 +598,35 @@ class LocalDirStore(KVStore):
             and 0 <= layers[0] < lay.num_layers
         ):
             layer = layers[0]
-            return out.reshape(-1), [layer], [(self.header_nbytes + layer * lbn, 0, lbn)]
-        dst = _as_u8(out, "out", writable=True)
-        if layers is None:
-            if dst.nbytes != fb:
-                raise ValueError(f"out holds {dst.nbytes} B; a Full Block of {lay} is {fb} B")
-            return dst, None, [(self.header_nbytes, 0, fb)]
-        layer_list = lay.normalize_layers(layers)
+            return out.reshape(-1), [layer], [(self.header_nbytes + layer * lbn, 0, lbn)], lbn
+        strided = _row_strided(out, lay)
+        if strided is not None:  # a Full Block's rows inside a larger buffer: read in place, no staging copy
+            dst, stride = strided
+            if layers is None:
+                return dst, None, [(self.header_nbytes, 0, fb)], stride
+            layer_list = lay.normalize_layers(layers)
+            out_offsets = [layer * stride for layer in layer_list]
+        else:
+            stride = lbn
+            dst = _as_u8(out, "out", writable=True)
+            if layers is None:
+                if dst.nbytes != fb:
+                    raise ValueError(f"out holds {dst.nbytes} B; a Full Block of {lay} is {fb} B")
+                return dst, None, [(self.header_nbytes, 0, fb)], lbn
+            layer_list = lay.normalize_layers(layers)
+            out_offsets = self._packed_offsets(dst, layer_list)
+        runs: list[list[int]] = []
+        for layer, o in zip(layer_list, out_offsets, strict=True):
+            f = self.header_nbytes + layer * lbn
+            if runs and runs[-1][0] + runs[-1][2] == f and runs[-1][1] + runs[-1][2] // lbn * stride == o:
+                runs[-1][2] += lbn
+            else:
+                runs.append([f, o, lbn])
+        return dst, layer_list, [tuple(r) for r in runs], stride
+
+    def _packed_offsets(self, dst: np.ndarray, layer_list: list[int]) -> list[int]:
+        """Where each layer goes in a contiguous `out`: packed in the order given, or in place in a Full Block."""
+        lbn, fb = self._lbn, self._fb
         if dst.nbytes == len(layer_list) * lbn:
             out_offsets = [i * lbn for i in range(len(layer_list))]  # packed in the order given
         elif dst.nbytes == fb:
@@ -572,19 +636,12 @@ class LocalDirStore(KVStore):
                 f"out holds {dst.nbytes} B; reading {len(layer_list)} Layer Blocks needs {len(layer_list) * lbn} B "
                 f"(packed) or a Full Block of {fb} B"
             )
-        runs: list[list[int]] = []
-        for layer, o in zip(layer_list, out_offsets, strict=True):
-            f = self.header_nbytes + layer * lbn
-            if runs and runs[-1][0] + runs[-1][2] == f and runs[-1][1] + runs[-1][2] == o:
-                runs[-1][2] += lbn
-            else:
-                runs.append([f, o, lbn])
-        return dst, layer_list, [tuple(r) for r in runs]
+        return out_offsets
 
     def read(self, key: bytes, out: Any, layers: Iterable[int] | int | None = None, verify: bool | None = None) -> bool:
         _check_key(key)
-        dst, layer_list, runs = self._plan(out, layers)
-        return self._read_planned(key, dst, layer_list, runs, self.verify if verify is None else verify)
+        dst, layer_list, runs, stride = self._plan(out, layers)
+        return self._read_planned(key, dst, layer_list, runs, self.verify if verify is None else verify, stride)
 
     def submit_read(
         self, key: bytes, out: Any, layers: Iterable[int] | int | None = None, verify: bool | None = None
@@ -592,9 +649,9 @@ class LocalDirStore(KVStore):
         _check_key(key)
         if self._closed:
             raise RuntimeError(f"kv store {self.root} is closed")
-        dst, layer_list, runs = self._plan(out, layers)  # bad arguments raise here, in the caller's thread
+        dst, layer_list, runs, stride = self._plan(out, layers)  # bad arguments raise here, in the caller's thread
         return self._pool.submit(
-            self._read_planned, key, dst, layer_list, runs, self.verify if verify is None else verify
+            self._read_planned, key, dst, layer_list, runs, self.verify if verify is None else verify, stride
         )
 
     # Open block files are cached (`fd_cache` of them, LRU): layerwise loading reads each block L times, and an
@@ -645,7 +702,8 @@ class LocalDirStore(KVStore):
             if not ent.refs:
                 ent.close()
 
-    def _read_planned(self, key: bytes, dst: np.ndarray, layer_list, runs, verify: bool) -> bool:
+    def _read_planned(self, key: bytes, dst: np.ndarray, layer_list, runs, verify: bool, stride: int = 0) -> bool:
+        stride = stride or self._lbn
         path = self.path_of(key)
         with self._lock:
             self._pins[key] += 1
@@ -659,16 +717,17 @@ class LocalDirStore(KVStore):
                     self._stats.read_absent += 1
                 return False
             try:
-                if verify and self._mmap_min is not None and dst.nbytes >= self._mmap_min:
+                size = dst.nbytes if stride == self._lbn else sum(r[2] for r in runs)
+                if verify and self._mmap_min is not None and size >= self._mmap_min:
                     # The first such read(s) of an open file preadv, later ones map it (and keep the mapping):
                     # faulting in a fresh mapping's pages costs about what hashing in the page cache saves.
                     if ent.mapping is not None or ent.preadv_reads >= self.mmap_after_reads:
-                        reason = self._read_mapped(ent, key, dst, layer_list, runs)
+                        reason = self._read_mapped(ent, key, dst, layer_list, runs, stride)
                     else:
                         ent.preadv_reads += 1
-                        reason = self._read_fd(ent, key, dst, layer_list, runs, verify)
+                        reason = self._read_fd(ent, key, dst, layer_list, runs, verify, stride)
                 else:
-                    reason = self._read_fd(ent, key, dst, layer_list, runs, verify)
+                    reason = self._read_fd(ent, key, dst, layer_list, runs, verify, stride)
                 if reason is not None:
                     self._remove_corrupt(key, path, reason, fd=ent.fd)
                     with self._lock:
@@ -743,23 +802,25 @@ class LocalDirStore(KVStore):
             i += n // self._lbn
         return segments
 
-    def _read_fd(self, ent: _OpenBlock, key: bytes, dst, layer_list, runs, verify: bool) -> str | None:
+    def _read_fd(self, ent: _OpenBlock, key: bytes, dst, layer_list, runs, verify: bool, stride: int = 0) -> str | None:
         """Read with preadv; None if `dst` now holds the verified bytes, else why the block is corrupt.
 
         Verified reads are chunked: each `preadv` fills a chunk of whole Layer Blocks (`read_chunk_bytes`, rounded
         down, at least one) and that chunk is checked right after the copy (while the bytes are in cache) against
         the header's sums of exactly its layers; the first bad chunk ends the read (a miss). A Full-Block read
-        gets the header with its first chunk (unverified: with the whole block, in one syscall).
+        gets the header with its first chunk (unverified: with the whole block, in one syscall). A row-strided
+        `dst` (`stride` > Layer-Block bytes) gets one iovec per Layer Block of a chunk.
         """
         fd = ent.fd
         lbn = self._lbn
+        stride = stride or lbn
         hdr_n = self.header_nbytes
         step = self._step
         if layer_list is None:
             n0 = step if verify else self._fb
             hdr = self._header_buf()
             want = hdr_n + n0
-            got = os.preadv(fd, [hdr, dst[:n0]], 0)  # header + the first chunk in one syscall
+            got = os.preadv(fd, [hdr, *_rows(dst, 0, n0, stride, lbn)], 0)  # header + first chunk, one syscall
             if got != want:
                 if got >= hdr_n:  # name the real problem if the header already tells it
                     checked = self._check_header(ent, key, hdr)
@@ -779,14 +840,16 @@ class LocalDirStore(KVStore):
             if native is not None:  # the same chunks, read and hashed in C
                 start = step if layer_list is None else 0  # (a Full Block's first chunk came with the header)
                 if start:
-                    bad = native.bad_layers(dst[out_off : out_off + start], lbn, sums, layer0)
+                    bad = native.bad_layers(
+                        _span(dst, out_off, start, stride, lbn), lbn, sums, layer0, start // lbn, stride
+                    )
                     if bad:
                         return _mismatch(bad)
                 if start < n:
-                    piece = dst[out_off + start : out_off + n]
+                    piece = _span(dst, out_off + start // lbn * stride, n - start, stride, lbn)
                     got, bad = native.pread_verified(
-                        fd, piece, file_off + start, lbn, sums, layer0 + start // lbn, step
-                    )
+                        fd, piece, file_off + start, lbn, sums, layer0 + start // lbn, step, (n - start) // lbn, stride
+                    )  # fmt: skip
                     if bad:
                         return _mismatch(bad)
                     if got != n - start:
@@ -794,27 +857,30 @@ class LocalDirStore(KVStore):
                 continue
             for off in range(0, n, step if verify else n):
                 m = min(step, n - off) if verify else n
-                piece = dst[out_off + off : out_off + off + m]
+                pieces = _rows(dst, out_off + off // lbn * stride, m, stride, lbn)
                 if layer_list is not None or off:  # (a Full Block's first chunk came with the header)
-                    got = os.preadv(fd, [piece], file_off + off)
+                    got = os.preadv(fd, pieces, file_off + off)
                     if got != m:
                         return f"truncated: read {got} of {m} B at offset {file_off + off}"
                 if verify:
-                    reason = self._check_chunk(piece, layer0 + off // lbn, algo, stored)
+                    reason = self._check_chunk(pieces, layer0 + off // lbn, algo, stored)
                     if reason is not None:
                         return reason
         return None
 
-    def _check_chunk(self, chunk: np.ndarray, first: int, algo: str, stored: list[int]) -> str | None:
-        """None if the Layer Blocks packed in `chunk` (layers first, first+1, ...) match their header sums."""
-        got_sums = block_file.layer_checksum_list(chunk, self._lbn, algo)
+    def _check_chunk(self, pieces: list[np.ndarray], first: int, algo: str, stored: list[int]) -> str | None:
+        """None if the Layer Blocks in `pieces` (each of whole Layer Blocks; layers first, first+1, ... in order)
+        match their header sums."""
+        got_sums = []
+        for piece in pieces:
+            got_sums += block_file.layer_checksum_list(piece, self._lbn, algo)
         want_sums = stored[first : first + len(got_sums)]
         if got_sums == want_sums:
             return None
         bad = [first + j for j, (a, b) in enumerate(zip(got_sums, want_sums, strict=True)) if a != b]
         return _mismatch(bad)
 
-    def _read_mapped(self, ent: _OpenBlock, key: bytes, dst, layer_list, runs) -> str | None:
+    def _read_mapped(self, ent: _OpenBlock, key: bytes, dst, layer_list, runs, stride: int = 0) -> str | None:
         """A verified read through a read-only mapping of the block file (read_method="mmap"); as _read_fd.
 
         Each chunk is hashed in the page cache through the mapping, compared, and only then copied into `dst`
@@ -853,13 +919,14 @@ class LocalDirStore(KVStore):
                 return checked
             algo, stored, sums = checked
             lbn, step = self._lbn, self._step
+            stride = stride or lbn
             native = self._native if algo == "xxh3" else None
-            nt = self.nontemporal_min_bytes is not None and dst.nbytes >= self.nontemporal_min_bytes
+            size = dst.nbytes if stride == lbn else sum(r[2] for r in runs)
+            nt = self.nontemporal_min_bytes is not None and size >= self.nontemporal_min_bytes
             for file_off, out_off, n, layer0 in self._segments(layer_list, runs):
                 if native is not None:  # each Layer Block hashed in the page cache, then copied, in C
-                    bad = native.copy_verified(
-                        src[file_off : file_off + n], out[out_off : out_off + n], lbn, sums, layer0, nt
-                    )
+                    span = out[out_off : out_off + (n // lbn - 1) * stride + lbn]
+                    bad = native.copy_verified(src[file_off : file_off + n], span, lbn, sums, layer0, nt, stride)
                     if bad:
                         return _mismatch(bad)
                     continue
@@ -867,11 +934,16 @@ class LocalDirStore(KVStore):
                     m = min(step, n - off)
                     a = file_off + off
                     reason = self._check_chunk(
-                        np.frombuffer(src[a : a + m], np.uint8), layer0 + off // lbn, algo, stored
+                        [np.frombuffer(src[a : a + m], np.uint8)], layer0 + off // lbn, algo, stored
                     )
                     if reason is not None:
                         return reason
-                    out[out_off + off : out_off + off + m] = src[a : a + m]
+                    if stride == lbn:
+                        out[out_off + off : out_off + off + m] = src[a : a + m]
+                    else:
+                        o = out_off + off // lbn * stride
+                        for i in range(m // lbn):
+                            out[o + i * stride : o + i * stride + lbn] = src[a + i * lbn : a + (i + 1) * lbn]
             return None
         finally:
             out.release()
