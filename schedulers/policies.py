@@ -367,7 +367,8 @@ class RoundRobinPolicy(InterEnginePolicy):
     from one fetch to the next. `full_de` says what happens when the DE whose turn it is has too little free
     HBM for the head request: "skip" (default) gives it to the next DE in the rotation with room (a little
     scheduling: free HBM is looked at); "wait" stops the fetch, so the request stays queued until that DE
-    has room (strict rotation, no load information used at all).
+    has room; "queue" gives it to that DE anyway, where it waits for the HBM (the simulator's DE allocation
+    queue, FIFO per DE; its reads start once allocated). "wait" and "queue" use no load information at all.
     """
 
     name = "round_robin"
@@ -375,13 +376,15 @@ class RoundRobinPolicy(InterEnginePolicy):
     @dataclasses.dataclass(frozen=True)
     class Config:
         read_side: str = "alternate"  # "alternate" (pe, de, pe, ...), "pe" or "de"
-        full_de: str = "skip"  # "skip": the next DE with room; "wait": stop until the DE in turn has room
+        # "skip": the next DE with room; "wait": stop until the DE in turn has room; "queue": the DE in turn,
+        # room or not (it waits at the DE)
+        full_de: str = "skip"
 
         def __post_init__(self):
             if self.read_side not in ("alternate", "pe", "de"):
                 raise ValueError(f"round_robin read_side must be alternate/pe/de, got {self.read_side!r}")
-            if self.full_de not in ("skip", "wait"):
-                raise ValueError(f"round_robin full_de must be skip/wait, got {self.full_de!r}")
+            if self.full_de not in ("skip", "wait", "queue"):
+                raise ValueError(f"round_robin full_de must be skip/wait/queue, got {self.full_de!r}")
 
     def __init__(self, config: RoundRobinPolicy.Config | None = None):
         self.config = config or self.Config()
@@ -401,12 +404,13 @@ class RoundRobinPolicy(InterEnginePolicy):
         if not pes or not des:
             return out
         tries = 1 if self.config.full_de == "wait" else len(des)
+        anyway = self.config.full_de == "queue"
         for r in queue:
             start = _next_after(des, self._last_de)
             de = None
             for k in range(tries):
                 cand = des[(start + k) % len(des)]
-                if s.free[cand] >= r.total_tokens:
+                if anyway or s.free[cand] >= r.total_tokens:
                     de = cand
                     break
             if de is None:

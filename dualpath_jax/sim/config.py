@@ -86,8 +86,9 @@ MODES: dict[str, dict[str, Any]] = {
     "basic": dict(layerwise=False, policy="basic"),
     "layerwise": dict(layerwise=True, policy="basic"),  # ablation step 1: + layerwise prefill
     # Step 2: + dual path with round-robin assignment. Round-robin is global (every fetch may place on all
-    # engines): under per-group fetching it would pile each PE group's fetch onto that group's own PEs.
-    "dualpath_rr": dict(layerwise=True, policy="round_robin", fetch_scope="global"),
+    # engines): under per-group fetching it would pile each PE group's fetch onto that group's own PEs. It
+    # uses no load information: a request goes to the DE in turn and waits there for HBM (full_de="queue").
+    "dualpath_rr": dict(layerwise=True, policy="round_robin", fetch_scope="global", policy_kwargs={"full_de": "queue"}),
     "dualpath": dict(layerwise=True, policy="dualpath"),  # step 3: + scheduler
     "oracle": dict(layerwise=True, policy="dualpath", io_free=True),
 }
@@ -119,6 +120,7 @@ def sim_config_from_dict(cfg: dict) -> SimConfig:
         if mode in MODES:
             bundle = dict(MODES[mode])
             policy = bundle.pop("policy")
+            policy_kwargs = {**bundle.pop("policy_kwargs", {}), **policy_kwargs}  # the config's own win
             cluster.update(bundle)
         else:
             policy = mode  # any registered policy, layerwise, I/O as configured

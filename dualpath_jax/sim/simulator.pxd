@@ -39,7 +39,7 @@ cdef class DecodeGroup:
 
 
 cdef class DecodeEngine:
-    cdef public object eid, cnic, cnic_in, sum_prompt, state, wb
+    cdef public object eid, cnic, cnic_in, sum_prompt, state, wb, hbm_free, alloc_queue
     cdef public Node node
     cdef public dict active
     cdef public DecodeGroup group
@@ -141,7 +141,10 @@ cdef class Simulator:
 
     cpdef _wb_done(self, Request r)
 
+    @cython.locals(de=DecodeEngine, w=Request)
     cpdef _turn_done_decode(self, Request r)
+
+    cpdef _allocated(self, Request r)
 
     @cython.locals(t=cython.double)
     cpdef _turn_complete(self, Request r)

@@ -166,6 +166,8 @@ class DecodeEngine:
         "sum_vjoin",
         "state",
         "wb",
+        "hbm_free",
+        "alloc_queue",
     )
 
     def __init__(self, eid: int, node: Node, cnic: int, cnic_in: int, state: EngineState, group: DecodeGroup):
@@ -181,6 +183,11 @@ class DecodeEngine:
         self.sum_vjoin = 0.0
         self.state = state
         self.wb = None  # (write-back path, its smallest link capacity), set at its first write-back
+        # KV tokens of HBM not held by a request. A policy that places only where there is room never waits
+        # here; one that places regardless (round_robin full_de="queue") leaves a request in `alloc_queue`
+        # (FIFO) until the tokens of the one at its head are free: its allocation wait, before its reads.
+        self.hbm_free = state.free_hbm_tokens
+        self.alloc_queue: deque = deque()
 
 
 class _Batch:
@@ -447,15 +454,23 @@ class Simulator:
         ns = de.node.state
         ns.engine_tok += ln
         ns.engine_free_hbm_tokens -= ln
+        if de.alloc_queue or de.hbm_free < ln:  # the DE has no room for it yet: it waits there, FIFO
+            de.alloc_queue.append(r)
+            return
+        de.hbm_free -= ln
+        self._allocated(r)
+
+    def _allocated(self, r: Request) -> None:
+        """The request holds its DE's HBM: its reads (or, basic, its PE admission) start."""
         if self.c.io_free:
-            rec.read_start = rec.read_end = self.now
+            r.rec.read_start = r.rec.read_end = self.now
             self._enqueue_prefill(r)
             return
         if self.c.layerwise:
             self._submit_reads(r)
         else:
-            pe.admit_queue.append(r)
-            self._admit_basic(pe)
+            r.pe.admit_queue.append(r)
+            self._admit_basic(r.pe)
 
     # ---- storage reads --------------------------------------------------------------------------------
     def _submit_reads(self, r: Request) -> None:
@@ -807,6 +822,17 @@ class Simulator:
         ns = r.de.node.state
         ns.engine_tok -= ln
         ns.engine_free_hbm_tokens += ln
+        de = r.de
+        de.hbm_free += ln
+        q = de.alloc_queue
+        while q:
+            w = q[0]
+            need = w.prompt + w.gen
+            if de.hbm_free < need:
+                break
+            q.popleft()
+            de.hbm_free -= need
+            self._allocated(w)
         if r.wb_done:
             self._turn_complete(r)
 
