@@ -167,10 +167,11 @@ def _row(layout_name, op, variant, nbytes, seconds, baseline_s=None, baseline=No
     return row
 
 
-def _raw_read(path: str, buf: np.ndarray, offset: int) -> None:
+def _raw_read(path: str, buf: np.ndarray | list, offset: int) -> None:
+    """Open, one preadv into `buf` (or a list of buffers) at `offset`, close."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.preadv(fd, [buf], offset)
+        os.preadv(fd, buf if isinstance(buf, list) else [buf], offset)
     finally:
         os.close(fd)
 
@@ -500,15 +501,11 @@ def bench_layout(
         must(cached_copy.read(keys[i], staging))
         rows_of(i)[...] = staging
 
-    def raw_rows(i):  # unverified: one preadv of the header and the block's L rows
-        fd = os.open(paths[i], os.O_RDONLY)
-        try:
-            rows = rows_of(i)
-            os.preadv(fd, [header_buf, *(rows[layer] for layer in range(L))], 0)
-        finally:
-            os.close(fd)
-
     header_buf = np.empty(hdr, np.uint8)
+
+    def raw_rows(i):  # unverified: one preadv of the header and the block's L rows
+        _raw_read(paths[i], [header_buf, *rows_of(i)], 0)
+
     ar = _paired_streaming(
         {
             "staged": staged,

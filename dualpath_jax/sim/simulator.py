@@ -1022,8 +1022,9 @@ class _DecodeTime:
         weights = terms[1]
         c = float(ctx)
         layers = self.layers
+        main_pairs = 0.0
         if self.topk > 0.0:
-            # min(ctx / n, topk): the quotient (a float), or topk itself when it is smaller
+            # n * min(ctx / n, topk): per sequence the quotient (a float), or topk itself when it is smaller
             sel = c / n
             if self.topk < sel:
                 sel = self.topk
@@ -1032,11 +1033,8 @@ class _DecodeTime:
         else:
             attn = layers * c * self.pf
         attn = attn / self.tp
-        if self.sparse_kv:
-            sel = c / n
-            if self.topk < sel:
-                sel = self.topk
-            kv = layers * (c * self.index_kv + (n * sel) * self.main_kv) / self.tp
+        if self.sparse_kv:  # (only with topk: the same selected pairs as the attention's)
+            kv = layers * (c * self.index_kv + main_pairs * self.main_kv) / self.tp
         else:
             kv = (c * self.kv_tok) / self.tp
         nbytes = weights + kv

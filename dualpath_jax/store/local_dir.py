@@ -717,8 +717,7 @@ class LocalDirStore(KVStore):
                     self._stats.read_absent += 1
                 return False
             try:
-                size = dst.nbytes if stride == self._lbn else sum(r[2] for r in runs)
-                if verify and self._mmap_min is not None and size >= self._mmap_min:
+                if verify and self._mmap_min is not None and self._read_size(dst, runs, stride) >= self._mmap_min:
                     # The first such read(s) of an open file preadv, later ones map it (and keep the mapping):
                     # faulting in a fresh mapping's pages costs about what hashing in the page cache saves.
                     if ent.mapping is not None or ent.preadv_reads >= self.mmap_after_reads:
@@ -752,6 +751,11 @@ class LocalDirStore(KVStore):
                 self._pins[key] -= 1
                 if not self._pins[key]:
                     del self._pins[key]
+
+    def _read_size(self, dst: np.ndarray, runs, stride: int) -> int:
+        """The bytes the mmap and non-temporal thresholds judge a read by: the destination's for a contiguous
+        `out` (as before row-strided reads), the bytes read for a row-strided one (its span holds other rows)."""
+        return dst.nbytes if stride == self._lbn else sum(r[2] for r in runs)
 
     def _check_header(self, ent: _OpenBlock, key: bytes, hdr) -> tuple[str, list[int], np.ndarray | None] | str:
         """(algo, per-layer sums, the sums as uint64 for the compiled loops (xxh3 only)) of header bytes `hdr`
@@ -921,8 +925,10 @@ class LocalDirStore(KVStore):
             lbn, step = self._lbn, self._step
             stride = stride or lbn
             native = self._native if algo == "xxh3" else None
-            size = dst.nbytes if stride == lbn else sum(r[2] for r in runs)
-            nt = self.nontemporal_min_bytes is not None and size >= self.nontemporal_min_bytes
+            nt = (
+                self.nontemporal_min_bytes is not None
+                and self._read_size(dst, runs, stride) >= self.nontemporal_min_bytes
+            )
             for file_off, out_off, n, layer0 in self._segments(layer_list, runs):
                 if native is not None:  # each Layer Block hashed in the page cache, then copied, in C
                     span = out[out_off : out_off + (n // lbn - 1) * stride + lbn]
