@@ -188,11 +188,29 @@ def main(argv: Sequence[str]) -> None:
         _row("storage-NIC max/avg, round-robin", PAPER["snic_max_over_avg_round_robin"], snic["dualpath_rr"]),
         _row("storage-NIC max/avg, scheduler", PAPER["snic_max_over_avg_dualpath"], snic["dualpath"]),
     ]
+    online_note = []
     if _ONLINE.value:
-        cap = {}
+        cap, brackets = {}, []
         for (kind, key), v in results.items():
             if kind == "capacity":
                 cap[(os.path.basename(key[0]), key[1])] = v["capacity_aps"]
+                upper = v.get("upper_aps")
+                brackets.append(
+                    f"{os.path.basename(key[0])} {key[1]} "
+                    + (
+                        f"[{v['capacity_aps']:.4g}, {upper:.4g})"
+                        if upper
+                        else f"{v['capacity_aps']:.4g} (a search bound)"
+                    )
+                )
+        dataset = _ONLINE_DATASET.value or "the configs' 64K"
+        online_note = [
+            "",
+            f"Online probes: {dataset} dataset, Poisson arrivals over "
+            f"{_ONLINE_DURATION.value:g} s, turns arriving before {_ONLINE_WARMUP.value:g} s not judged, "
+            f"{_ONLINE_ITERS.value} bisection steps. Capacity = the highest passing APS, [it, the lowest failing "
+            "one above): " + "; ".join(sorted(brackets)) + ".",
+        ]
         c6b, c6d = cap[("paper_ds660b.py", "basic")], cap[("paper_ds660b.py", "dualpath")]
         c2b, c2d = cap[("paper_ds27b.py", "basic")], cap[("paper_ds27b.py", "dualpath")]
         lines += [
@@ -213,6 +231,7 @@ def main(argv: Sequence[str]) -> None:
                 "x",
             ),
         ]
+    lines += online_note
     if _TABLE.value:
         lines += [
             "",

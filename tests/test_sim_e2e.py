@@ -308,6 +308,46 @@ def test_simulate_launcher_writes_results(tmp_path):
     assert bad.returncode != 0 and "unknown arguments" in bad.stderr
 
 
+def test_reproduce_paper_launcher_writes_the_report(tmp_path):
+    """The paper report end to end on a small load: every headline row beside the paper's value, the online
+    probes' dataset and capacity brackets named, the raw results in report.json."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.reproduce_paper",
+        "--agents=16",
+        "--online",
+        "--online_dataset=32K",
+        "--online_duration_s=300",
+        "--online_warmup_s=100",
+        "--online_iters=1",
+        f"--output_dir={tmp_path}",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = (tmp_path / "report.md").read_text()
+    for row, paper in [
+        ("offline speedup Basic -> DualPath", "1.87x"),
+        ("ablation: + dual path, round-robin (JCT %)", "-38.19"),
+        ("storage-NIC max/avg, scheduler", "1.18"),
+        ("online capacity gain DS 660B", "2.25x"),
+        ("online capacity DS 27B basic (APS)", "0.3"),
+    ]:
+        assert f"| {row} | {paper} |" in report, row
+    assert "Online probes: 32K dataset, Poisson arrivals over 300 s" in report
+    assert "paper_ds660b.py basic" in report and "paper_ds27b.py dualpath" in report
+    results = json.loads((tmp_path / "report.json").read_text())
+    assert sum(k.startswith("offline ") for k in results) == 5
+    caps = [v for k, v in results.items() if k.startswith("capacity ")]
+    assert len(caps) == 4 and all(0 <= c["capacity_aps"] <= 1.0 and c["probes"] for c in caps)
+    bad = subprocess.run(cmd + ["stray"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "unknown arguments" in bad.stderr
+
+
 def test_sweep_launcher_runs_a_grid(tmp_path):
     import csv
     import subprocess
