@@ -86,9 +86,7 @@ def main(argv) -> None:
         f"{args.pe_nodes}P{args.de_nodes}D x {args.g} = {(args.pe_nodes + args.de_nodes) * args.g} engines, "
         f"{args.queue} waiting; alpha={cfg.alpha_tokens:,} beta={cfg.beta_tokens:,} tokens (DS 660B, H800)"
     )
-    header = (
-        f"{'policy':<12}{'group fetch ms':>16}{'placed':>8}{'us/req':>8}{'global fetch ms':>17}{'placed':>8}"
-    )
+    header = f"{'policy':<12}{'group fetch ms':>16}{'placed':>8}{'us/req':>8}{'global fetch ms':>17}{'placed':>8}"
     print(header + f"{'SNIC max/avg':>14}")
     for name in ["basic", "round_robin", "random", "dualpath", "de_only", "split"]:
         kw = {"config": cfg} if name in ("dualpath", "de_only", "split") else {}
@@ -117,9 +115,7 @@ def main(argv) -> None:
         mean = sum(final) / len(final)
         balance = max(final) / mean if mean else float("nan")
         us = 1e6 * tg / max(1, len(out_g))
-        print(
-            f"{name:<12}{1e3 * tg:>16.2f}{len(out_g):>8}{us:>8.1f}{1e3 * ta:>17.2f}{len(out_all):>8}{balance:>14.2f}"
-        )
+        print(f"{name:<12}{1e3 * tg:>16.2f}{len(out_g):>8}{us:>8.1f}{1e3 * ta:>17.2f}{len(out_all):>8}{balance:>14.2f}")
 
 
 if __name__ == "__main__":

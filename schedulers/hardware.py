@@ -134,8 +134,6 @@ def measure_cpu_profile(repeats: int = 3) -> dict[str, float]:
 
 if __name__ == "__main__":
     m = measure_cpu_profile()
-    print(
-        f"cpu GEMM: {m['peak_flops'] / 1e9:.1f} GFLOP/s   copy bandwidth: {m['mem_bandwidth'] / 1e9:.2f} GB/s"
-    )
+    print(f"cpu GEMM: {m['peak_flops'] / 1e9:.1f} GFLOP/s   copy bandwidth: {m['mem_bandwidth'] / 1e9:.2f} GB/s")
     p = HARDWARE.get("cpu")
     print(f"registered cpu profile: {p.peak_flops / 1e9:.1f} GFLOP/s, {p.hbm_bandwidth / 1e9:.2f} GB/s")

@@ -40,13 +40,9 @@ def pd_ratio_constraints(g: int, s: float, B: float, M: float) -> list[PDConstra
         raise ValueError(f"the PE-CNIC read constraint 2s/g <= 1 needs s <= g/2, got s={s} g={g}")
     m = M / (B * s)
     return [
-        PDConstraint(
-            "pe_cnic_in", "lower", s / (g - s), "PE CNIC inbound: own PE-path reads + DE-path layer blocks"
-        ),
+        PDConstraint("pe_cnic_in", "lower", s / (g - s), "PE CNIC inbound: own PE-path reads + DE-path layer blocks"),
         PDConstraint("de_cnic", "upper", (g - 2 * s) / s, "DE CNIC (PAPER.md's (g-2s)/s)"),
-        PDConstraint(
-            "de_cnic_in", "upper", (g - s) / (2 * s), "DE CNIC inbound: PE-path KV + H2D of every prompt"
-        ),
+        PDConstraint("de_cnic_in", "upper", (g - s) / (2 * s), "DE CNIC inbound: PE-path KV + H2D of every prompt"),
         PDConstraint("de_host_mem", "upper", (m - 3) / 2, "DE host memory: s*B*(3 + 2P/D) <= M"),
     ]
 
@@ -66,9 +62,7 @@ def pd_ratio_range(g: int, s: float, mem_over_bs: float) -> tuple[float, float]:
     return pd_ratio_bounds(g, s, 1.0, mem_over_bs * s)
 
 
-def binding_constraints(
-    g: int, s: float, B: float, M: float, rel_tol: float = 1e-9
-) -> tuple[list[str], list[str]]:
+def binding_constraints(g: int, s: float, B: float, M: float, rel_tol: float = 1e-9) -> tuple[list[str], list[str]]:
     """Names of the constraints that set the lower and the upper bound (ties: all of them)."""
     cs = pd_ratio_constraints(g, s, B, M)
     lo, hi = pd_ratio_bounds(g, s, B, M)

@@ -86,9 +86,7 @@ def test_turn_context_override_and_shapes():
         1, [Turn(100, 10, context_tokens=0), Turn(50, 5, context_tokens=110), Turn(30, 3, context_tokens=120)]
     )
     assert tr.context_before(2) == 120 and tr.prompt_tokens(2) == 150 and tr.hit_tokens(2, 64) == 64
-    assert tr.turn_shapes(64) == [
-        (tr.prompt_tokens(i), tr.hit_tokens(i, 64), tr.turns[i].gen_tokens) for i in range(3)
-    ]
+    assert tr.turn_shapes(64) == [(tr.prompt_tokens(i), tr.hit_tokens(i, 64), tr.turns[i].gen_tokens) for i in range(3)]
     assert tr.total_tokens == 153
     with pytest.raises(ValueError, match="context_tokens"):
         Turn(1, 1, context_tokens=-1)

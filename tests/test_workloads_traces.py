@@ -41,10 +41,7 @@ def test_mooncake_real_sessions():
     assert any(len(t.turns) > 1 for t in trajs)  # sessions were inferred
     # every turn keeps its request's prompt, output and arrival; turns of a session come in time order
     by_ts = sorted(
-        (
-            (t.arrival_time + t.turns[i].arrival_offset_s, t.prompt_tokens(i), t.turns[i].gen_tokens)
-            for t, i in turns
-        )
+        ((t.arrival_time + t.turns[i].arrival_offset_s, t.prompt_tokens(i), t.turns[i].gen_tokens) for t, i in turns)
     )
     assert by_ts == sorted((r["timestamp"] / 1000, r["input_length"], r["output_length"]) for r in raw)
     for t in trajs:
@@ -99,9 +96,7 @@ def test_load_trace_dispatch_and_lookup():
 
 def test_env_var_moves_traces_dir(tmp_path, monkeypatch):
     p = tmp_path / "x.jsonl"
-    p.write_text(
-        json.dumps({"timestamp": 0, "input_length": 600, "output_length": 3, "hash_ids": [1, 2]}) + "\n"
-    )
+    p.write_text(json.dumps({"timestamp": 0, "input_length": 600, "output_length": 3, "hash_ids": [1, 2]}) + "\n")
     monkeypatch.setenv(TRACES_ENV, str(tmp_path))
     assert traces_dir() == tmp_path
     trajs = load_trace("x.jsonl")

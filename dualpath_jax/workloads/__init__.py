@@ -19,9 +19,7 @@ from dualpath_jax.workloads.traces import (  # noqa: F401
 from dualpath_jax.workloads.types import Trajectory, Turn  # noqa: F401
 
 
-def load_workload(
-    spec: str, n_agents: int | None = None, seed: int = 0, limit: int | None = None
-) -> list[Trajectory]:
+def load_workload(spec: str, n_agents: int | None = None, seed: int = 0, limit: int | None = None) -> list[Trajectory]:
     """A synthetic dataset by name ("32K", "48K", "64K": `n_agents` agents, default 500) or a trace path."""
     if spec in DATASETS:
         return make_agents(spec, 500 if n_agents is None else n_agents, seed=seed)

@@ -141,18 +141,16 @@ def generate_trajectory(
         int(_lognormal(rng, spec.length_median * math.exp(spec.length_sigma**2 / 2), spec.length_sigma)),
     )
     # Draw turn lengths in chunks (vectorised) until the limit is hit.
-    first_a = max(
-        1, int(np.rint(_lognormal(rng, spec.first_append_mean, spec.first_append_sigma) * append_scale))
-    )
+    first_a = max(1, int(np.rint(_lognormal(rng, spec.first_append_mean, spec.first_append_sigma) * append_scale)))
     first_g = max(1, int(np.rint(_lognormal(rng, spec.gen_mean, spec.gen_sigma))))
     first_a = min(first_a, spec.max_len - first_g)
     turns = [Turn(first_a, first_g)]
     total = first_a + first_g
     chunk = 64
     while True:
-        a = np.maximum(
-            1, np.rint(_lognormal(rng, spec.append_mean, spec.append_sigma, chunk) * append_scale)
-        ).astype(np.int64)
+        a = np.maximum(1, np.rint(_lognormal(rng, spec.append_mean, spec.append_sigma, chunk) * append_scale)).astype(
+            np.int64
+        )
         g = np.maximum(1, np.rint(_lognormal(rng, spec.gen_mean, spec.gen_sigma, chunk))).astype(np.int64)
         cum = total + np.cumsum(a + g)
         fit = int(np.searchsorted(cum, limit, side="right"))  # turns that keep total <= limit
@@ -209,9 +207,7 @@ def make_agents(
         turns = [Turn(int(p), 1)] + list(src.turns)
         if with_token_ids:
             turns = [
-                dataclasses.replace(
-                    t, append_token_ids=rng.integers(0, vocab_size, t.append_tokens, dtype=np.int32)
-                )
+                dataclasses.replace(t, append_token_ids=rng.integers(0, vocab_size, t.append_tokens, dtype=np.int32))
                 for t in turns
             ]
         agents.append(Trajectory(trajectory_id=agent_id, turns=turns, source=f"{src.source}#base{int(b)}"))

@@ -324,11 +324,7 @@ def load_kvcache_tester(
     out: list[Trajectory] = []
     for f in files:
         for t in load_kvcache_session(f):
-            out.append(
-                Trajectory(
-                    trajectory_id=len(out), turns=t.turns, arrival_time=t.arrival_time, source=t.source
-                )
-            )
+            out.append(Trajectory(trajectory_id=len(out), turns=t.turns, arrival_time=t.arrival_time, source=t.source))
     return out
 
 
@@ -343,9 +339,7 @@ def load_trace(path: str | os.PathLike, limit: int | None = None) -> list[Trajec
         return load_mooncake(p, max_requests=limit)
     if name.endswith(".json"):
         return load_kvcache_tester([p])
-    raise TraceFormatError(
-        f"{p}: unknown trace format (expected *.jsonl[.gz] Mooncake or *.json[.gz] sessions)"
-    )
+    raise TraceFormatError(f"{p}: unknown trace format (expected *.jsonl[.gz] Mooncake or *.json[.gz] sessions)")
 
 
 load = load_trace  # short name used by the simulator's config (`traces.load(path)`)
