@@ -421,6 +421,50 @@ def test_one_ack_batch_completes_many_writes(server):
             s.close()
 
 
+def test_writes_behind_a_deep_pipeline_go_to_the_sender_thread(server, monkeypatch):
+    """A write posted while more than QUEUE_AFTER_PENDING requests are pending to its peer is left to the sender
+    thread even though the connection is idle (the thread sends what queued up meanwhile in one sendmsg); the
+    ones before it go out from the posting thread. Every frame lands whole and in order either way, and one ack
+    batch completes them all."""
+    sent_by: dict[str, int] = {"poster": 0, "sender thread": 0}
+    real_inline, real_frame, real_batch = (
+        tcpmod._Conn._send_inline,
+        tcpmod._Conn._send_frame,
+        tcpmod._Conn._send_small_batch,
+    )
+
+    def writes(headers) -> int:
+        return sum(1 for h in headers if not isinstance(h, list) and h[5] == OP_WRITE)
+
+    def send_inline(self, views, total, fut, payload):
+        sent_by["poster"] += writes(views[:1])
+        return real_inline(self, views, total, fut, payload)
+
+    def send_frame(self, header, payload, priority):
+        sent_by["sender thread"] += writes([header])
+        return real_frame(self, header, payload, priority)
+
+    def send_small_batch(self, batch):
+        sent_by["sender thread"] += writes([job[0] for job in batch])
+        return real_batch(self, batch)
+
+    monkeypatch.setattr(tcpmod._Conn, "_send_inline", send_inline)
+    monkeypatch.setattr(tcpmod._Conn, "_send_frame", send_frame)
+    monkeypatch.setattr(tcpmod._Conn, "_send_small_batch", send_small_batch)
+    n = tcpmod.QUEUE_AFTER_PENDING + 48
+    socks, futs, frames = _writes_to_raw_peer(server, n)  # the peer acknowledges nothing yet: all stay pending
+    try:
+        assert [length for _, length in frames] == [100 + i for i in range(n)]  # whole and in order
+        assert sent_by == {"poster": tcpmod.QUEUE_AFTER_PENDING, "sender thread": 48}
+        assert not any(f.done() for f in futs)
+        payload = b"".join(tcpmod.ACK_ENTRY.pack(req, length) for req, length in frames)
+        socks[1].sendall(pack_header(tcpmod.OP_WRITE_ACKS, length=len(payload)) + payload)
+        assert [f.result(5) for f in futs] == [100 + i for i in range(n)]
+    finally:
+        for s in socks:
+            s.close()
+
+
 @pytest.mark.parametrize("bad", ["wrong_length", "unknown_request", "duplicate", "ragged", "empty"])
 def test_bad_ack_batch_fails_every_pending_write_and_closes_that_set(server, caplog, bad):
     caplog.set_level(logging.ERROR, logger="transport.tcp")

@@ -9,7 +9,9 @@ copies), so any number of transfers can be in flight and a reader never blocks o
 
 Small transfers are kept cheap: a small frame is sent by the thread that queues it when the connection is
 idle (non-blocking; the sender thread takes over what the socket does not accept at once, keeping frame
-order), queued small frames are coalesced into one `sendmsg`, small frames are received through a buffer
+order), queued small frames are coalesced into one `sendmsg` (a write posted while more than
+QUEUE_AFTER_PENDING requests to its peer are pending is always queued, so a deep pipeline of small writes goes
+out in such bursts: fewer syscalls, TCP segments and acknowledgements than one send per write), small frames are received through a buffer
 (one `recv` for several), and the receiver acknowledges writes in batches: one OP_WRITE_ACKS frame lists the
 (request id, length) of every write that landed since the last one and goes out when its socket has no more
 data to read (or 128 writes or 32 write frames landed), so a write still completes only after its bytes are in
@@ -126,6 +128,11 @@ PACE_CHUNK = 1 << 20  # paced sends ask the pacer for this many bytes at a time
 SMALL = 64 << 10  # header + payload up to this size go out in one sendmsg
 INLINE_MAX = 1 << 20  # unpaced frames up to this size may be sent by the queuing thread (never blocking)
 BATCH_INLINE_MAX = 8 << 20  # the same for the frames of one write_many together
+# A write posted while more requests than this are pending to its peer is queued for the sender thread even when
+# the connection is idle: behind a deep pipeline it goes out with the others queued meanwhile in one sendmsg.
+# (Measured on loopback, 2 vCPUs: 64 in flight, 64 KiB writes +35%, 41 KiB +20-30%; 16 in flight unchanged,
+# while queueing from 8 pending made 16 in flight 20% slower: the bursts then starve the pipeline.)
+QUEUE_AFTER_PENDING = 16
 ACK_ENTRY = struct.Struct("!QQ")  # (request id, length) of one landed write in an OP_WRITE_ACKS payload
 ACK_BATCH = 128  # acknowledgements held back at most (they go out when the socket drains, or at this count)
 ACK_FRAMES = 32  # ... or once this many write frames landed (write_many frames count one each)
@@ -425,12 +432,19 @@ class _Conn:
 
     # ---- sending --------------------------------------------------------------------------------------
     def enqueue(
-        self, header: bytes, payload: memoryview | None = None, fut: Future | None = None, priority: str | None = None
+        self,
+        header: bytes,
+        payload: memoryview | None = None,
+        fut: Future | None = None,
+        priority: str | None = None,
+        queue: bool = False,
     ) -> None:
-        """Queue a frame; `priority` names the pacer class of its payload (None = control frame, unpaced)."""
+        """Queue a frame; `priority` names the pacer class of its payload (None = control frame, unpaced). `queue`:
+        leave it to the sender thread even if this thread could send it now (a deep pipeline: see
+        QUEUE_AFTER_PENDING)."""
         n = 0 if payload is None else payload.nbytes
         with self.lock:
-            if not self._inline_free_locked(n, INLINE_MAX, paced=priority is not None):
+            if queue or not self._inline_free_locked(n, INLINE_MAX, paced=priority is not None):
                 self.jobs.append((header, payload, fut, priority))
                 self.cv.notify()
                 return
@@ -1172,7 +1186,8 @@ class TcpTransport(Transport):
         fut = _Request()
         fut.length = length
         p.add(req, fut)
-        p.conns[priority].enqueue(header, src.view[local_offset : local_offset + length], priority=priority)
+        view = src.view[local_offset : local_offset + length]
+        p.conns[priority].enqueue(header, view, priority=priority, queue=len(p.pending) > QUEUE_AFTER_PENDING)
         return fut
 
     def write_many(
