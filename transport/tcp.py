@@ -10,9 +10,9 @@ copies), so any number of transfers can be in flight and a reader never blocks o
 Small transfers are kept cheap: a small frame is sent by the thread that queues it when the connection is
 idle (non-blocking; the sender thread takes over what the socket does not accept at once, keeping frame
 order), queued small frames are coalesced into one `sendmsg` (a write posted while more than
-QUEUE_AFTER_PENDING requests to its peer are pending is always queued, so a deep pipeline of small writes goes
-out in such bursts: fewer syscalls, TCP segments and acknowledgements than one send per write), small frames are received through a buffer
-(one `recv` for several), and the receiver acknowledges writes in batches: one OP_WRITE_ACKS frame lists the
+QUEUE_AFTER_PENDING requests to its peer are pending is always queued, so a deep pipeline of small writes
+goes out in such bursts: fewer syscalls, TCP segments and acknowledgements than one send per write), small
+frames are received through a buffer (one `recv` for several), and the receiver acknowledges writes in batches: one OP_WRITE_ACKS frame lists the
 (request id, length) of every write that landed since the last one and goes out when its socket has no more
 data to read (or 128 writes or 32 write frames landed), so a write still completes only after its bytes are in
 the region.
