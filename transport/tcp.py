@@ -12,10 +12,10 @@ idle (non-blocking; the sender thread takes over what the socket does not accept
 order), queued small frames are coalesced into one `sendmsg` (a write posted while more than
 QUEUE_AFTER_PENDING requests to its peer are pending is always queued, so a deep pipeline of small writes
 goes out in such bursts: fewer syscalls, TCP segments and acknowledgements than one send per write), small
-frames are received through a buffer (one `recv` for several), and the receiver acknowledges writes in batches: one OP_WRITE_ACKS frame lists the
-(request id, length) of every write that landed since the last one and goes out when its socket has no more
-data to read (or 128 writes or 32 write frames landed), so a write still completes only after its bytes are in
-the region.
+frames are received through a buffer (one `recv` for several), and the receiver acknowledges writes in
+batches: one OP_WRITE_ACKS frame lists the (request id, length) of every write that landed since the last one
+and goes out when its socket has no more data to read (or 128 writes or 32 write frames landed), so a write
+still completes only after its bytes are in the region.
 
 `write_many` (a chain of work requests with one signaled completion) is one request: its frames go back to back
 on the class's connection (one vectored send when the batch is small and the connection idle), every frame but
