@@ -25,18 +25,28 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.")
-_WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.")
-_AGENTS = flags.DEFINE_integer("agents", 2048, "Agents of the headline offline run (paper: 2048).")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1)
+_AGENTS = flags.DEFINE_integer("agents", 2048, "Agents of the headline offline run (paper: 2048).", lower_bound=1)
 _DATASET = flags.DEFINE_string("dataset", "64K", "Dataset of the headline offline run (paper: 64K).")
 _ONLINE = flags.DEFINE_bool("online", False, "Also search the online capacity (DS 660B, DS 27B).")
 _ONLINE_DURATION = flags.DEFINE_float(
     "online_duration_s", 4800.0, "Arrival window of each online probe (2400 s is not steady state for DS 660B)."
 )
 _ONLINE_WARMUP = flags.DEFINE_float("online_warmup_s", 2400.0, "Turns arriving before this are not judged.")
-_ONLINE_ITERS = flags.DEFINE_integer("online_iters", 3, "Bisection steps of each capacity search.")
+_ONLINE_ITERS = flags.DEFINE_integer("online_iters", 3, "Bisection steps of each capacity search.", lower_bound=0)
 _TABLE = flags.DEFINE_list("table", [], "Agent counts of the DS 660B calibration table to run (all datasets).")
 _ONLINE_DATASET = flags.DEFINE_string(
     "online_dataset", "", "Dataset of the online probes ('' = the configs' 64K; PAPER.md does not name it)."
+)
+flags.register_validator(
+    "table",
+    lambda v: all(a.isdigit() and int(a) > 0 for a in v),
+    message="--table takes positive agent counts, e.g. --table=512,1024",
+)
+flags.register_multi_flags_validator(
+    ["online_duration_s", "online_warmup_s"],
+    lambda f: f["online_duration_s"] > 0 and 0 <= f["online_warmup_s"] < f["online_duration_s"],
+    message="--online_duration_s must be > 0 and --online_warmup_s in [0, online_duration_s)",
 )
 
 DS660B = "configs/paper_ds660b.py"

@@ -3,6 +3,7 @@ ordered, bytes are conserved on the storage NICs, runs are deterministic per see
 
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -286,6 +287,50 @@ def test_capacity_search_brackets_the_slo():
     assert 0.05 <= out["capacity_aps"] < out["upper_aps"] <= 50.0
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("cluster.fetch_interval_s", 0.0, "config.cluster.fetch_interval_s must be > 0, got 0.0"),
+        ("cluster.max_reads_per_node", 0, "config.cluster.max_reads_per_node must be >= 1, got 0"),
+        ("cluster.gpus_per_node", 0, "config.cluster.gpus_per_node must be >= 1, got 0"),
+        ("cluster.snic_gbps", -1.0, "config.cluster.snic_gbps must be > 0, got -1.0"),
+        ("cluster.host_buffer_gb", -1.0, "config.cluster.host_buffer_gb must be > 0"),
+        ("cluster.storage_efficiency", 1.5, "config.cluster.storage_efficiency must be > 0 and <= 1, got 1.5"),
+        ("cluster.high_share", 1.0, "config.cluster.high_share must be below 1"),
+        ("cluster.bucket_s", 0.0, "config.cluster.bucket_s must be > 0"),
+        ("cluster.pe_time_scale", 0.0, "config.cluster.pe_time_scale must be > 0"),
+        ("cluster.read_stream_gbps", -2.0, "config.cluster.read_stream_gbps must be >= 0"),
+        ("cluster.fetch_window", 0, "config.cluster.fetch_window must be >= 1"),
+        ("workload.n_agents", 0, "config.workload.n_agents must be >= 1, got 0"),
+        ("slo_percentile", 150.0, "config.slo_percentile must be > 0 and <= 100, got 150.0"),
+        ("warmup_s", -1.0, "config.warmup_s must be >= 0"),
+    ],
+)
+def test_out_of_range_config_values_are_errors_naming_the_field(key, value, message):
+    """Each of these used to run quietly (no reads, an empty workload, a percentile above 100) or fail deep
+    inside (a division by zero, a link of no capacity): now the config is refused, naming the field."""
+    from dualpath_jax.sim.runner import build_simulator
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_sim_config(f"{TINY}:agents=2,turns=2", {key: value})
+    cfg = load_sim_config(f"{TINY}:agents=2,turns=2")  # a SimConfig changed in code is checked when built
+    section, _, field = key.rpartition(".")
+    if section:
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{field: value})})
+    else:
+        cfg = dataclasses.replace(cfg, **{field: value})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_simulator(cfg)
+
+
+def test_every_paper_config_passes_the_checks():
+    from dualpath_jax.sim.config import check_sim_config
+
+    for spec in ("paper_ds660b.py", "paper_ds27b.py", "paper_qwen32b.py", "paper_scale.py", "sim_tiny.py"):
+        for variant in ("basic", "dualpath_rr", "dualpath", "oracle"):
+            check_sim_config(load_sim_config(f"configs/{spec}:{variant}"))
+
+
 def test_simulate_launcher_writes_results(tmp_path):
     import subprocess
     import sys
@@ -346,6 +391,14 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
     assert len(caps) == 4 and all(0 <= c["capacity_aps"] <= 1.0 and c["probes"] for c in caps)
     bad = subprocess.run(cmd + ["stray"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown arguments" in bad.stderr
+    for flag, says in [
+        ("--agents=0", "0 is not a positive integer"),
+        ("--online_iters=-1", "-1 is not a non-negative integer"),
+        ("--table=512,abc", "--table takes positive agent counts"),
+        ("--online_warmup_s=5000", "--online_warmup_s in [0, online_duration_s)"),
+    ]:
+        bad = subprocess.run(cmd[:3] + [flag], capture_output=True, text=True, timeout=120)
+        assert bad.returncode != 0 and says in bad.stderr, (flag, bad.stderr[-500:])
 
 
 def test_sweep_launcher_runs_a_grid(tmp_path):

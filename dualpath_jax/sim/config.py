@@ -81,6 +81,68 @@ class SimConfig:
     warmup_s: float = 0.0  # online: turns that arrive before this are left out of the SLO metrics
 
 
+# What each number of the config may be (field: (lowest, lowest allowed itself?, highest or None)); checked by
+# check_sim_config before a simulator is built, so a bad value is an error naming its field instead of a
+# division by zero, a link of no capacity or a run that quietly does nothing.
+_CLUSTER_BOUNDS: dict[str, tuple[float, bool, float | None]] = {
+    "prefill_nodes": (1, True, None),
+    "decode_nodes": (1, True, None),
+    "gpus_per_node": (1, True, None),
+    "prefill_ep_nodes": (0, True, None),
+    "decode_ep_nodes": (0, True, None),
+    "snic_gbps": (0, False, None),
+    "cnic_gbps": (0, False, None),
+    "dram_gbps": (0, False, None),
+    "storage_gbps": (0, True, None),  # 0: no cap
+    "storage_efficiency": (0, False, 1.0),
+    "host_buffer_gb": (0, False, None),
+    "pe_hbm_kv_gb": (0, False, None),
+    "de_hbm_reserve_gb": (0, True, None),
+    "block_size": (1, True, None),
+    "kv_bytes_per_token": (0, True, None),  # 0: from the model
+    "collective_bytes_per_token": (0, True, None),
+    "high_share": (0, False, None),  # below 1 too: the low class must keep a share (checked below)
+    "pe_time_scale": (0, False, None),
+    "de_time_scale": (0, False, None),
+    "max_reads_per_node": (1, True, None),
+    "read_stream_gbps": (0, True, None),  # 0: no cap
+    "fetch_interval_s": (0, False, None),
+    "fetch_window": (1, True, None),
+    "bucket_s": (0, False, None),
+    "flow_coalesce_s": (0, True, None),
+}
+_TOP_BOUNDS: dict[str, tuple[float, bool, float | None]] = {
+    "slo_ttft_s": (0, False, None),
+    "slo_tpot_s": (0, False, None),
+    "slo_percentile": (0, False, 100.0),
+    "warmup_s": (0, True, None),
+}
+
+
+def _check_number(where: str, value: Any, low: float, low_ok: bool, high: float | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    if value < low or (value == low and not low_ok) or (high is not None and value > high):
+        bound = f"{'>=' if low_ok else '>'} {low:g}" + ("" if high is None else f" and <= {high:g}")
+        raise ValueError(f"{where} must be {bound}, got {value!r}")
+
+
+def check_sim_config(sc: SimConfig) -> None:
+    """Raise ValueError naming the first field of `sc` whose value is out of range (see _CLUSTER_BOUNDS)."""
+    for name, (low, low_ok, high) in _CLUSTER_BOUNDS.items():
+        _check_number(f"config.cluster.{name}", getattr(sc.cluster, name), low, low_ok, high)
+    if not sc.cluster.high_share < 1:
+        raise ValueError(
+            f"config.cluster.high_share must be below 1 (the low class keeps a share), got {sc.cluster.high_share}"
+        )
+    for name, (low, low_ok, high) in _TOP_BOUNDS.items():
+        _check_number(f"config.{name}", getattr(sc, name), low, low_ok, high)
+    w = sc.workload
+    _check_number("config.workload.max_turns", w.max_turns, 0, True, None)
+    if w.kind == "offline":
+        _check_number("config.workload.n_agents", w.n_agents, 1, True, None)
+
+
 # Modes: named bundles over (layerwise, policy, io_free); any registered policy name is also a mode.
 MODES: dict[str, dict[str, Any]] = {
     "basic": dict(layerwise=False, policy="basic"),
@@ -133,6 +195,7 @@ def sim_config_from_dict(cfg: dict) -> SimConfig:
     sc.batcher_kwargs = dict(batcher.pop("kwargs", {}))
     if batcher:
         raise ValueError(f"config.batcher: unknown field(s) {sorted(batcher)}; known: name, kwargs")
+    check_sim_config(sc)
     return resolve_de_hbm(sc)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dualpath_jax import compiled, metrics
-from dualpath_jax.sim.config import GB, SimConfig
+from dualpath_jax.sim.config import GB, SimConfig, check_sim_config
 from dualpath_jax.sim.simulator import Simulator
 from dualpath_jax.workloads.types import Trajectory
 
@@ -108,6 +108,7 @@ def make_trajectories(cfg: SimConfig):
 def build_simulator(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = None) -> Simulator:
     from schedulers import make_batcher, make_policy
 
+    check_sim_config(cfg)
     pre = make_cost_model(cfg, "prefill")
     dec = make_cost_model(cfg, "decode")
     c = cfg.cluster
