@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -238,6 +239,26 @@ def test_unknown_fields_and_values(base):
         driver.prepare(base.replace(launcher="mpi"))
     with pytest.raises(ConfigError, match=r"config.model: unknown model 'gpt5'"):
         driver.prepare(base.replace(model="gpt5"))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("nics.high_priority_share", 1.0, "config.nics.high_priority_share must be > 0 and < 1"),
+        ("cluster.prefill_token_budget", 0, "config.cluster.prefill_token_budget must be >= 1, got 0"),
+        ("cluster.prefill_max_batch", 0, "config.cluster.prefill_max_batch must be >= 1, got 0"),
+        ("scheduler.fetch_interval_s", 0.0, "config.scheduler.fetch_interval_s must be > 0, got 0.0"),
+        ("scheduler.heartbeat_timeout_s", 0.001, "config.scheduler.heartbeat_timeout_s (0.001) must exceed"),
+        ("run_timeout_s", 0.0, "config.run_timeout_s must be > 0"),
+        ("workload.agents", 0, "config.workload.agents must be >= 1, got 0"),
+        ("workload.turns", 0, "config.workload.turns must be >= 1, got 0"),
+        ("workload.scale", 0.0, "config.workload.scale must be > 0"),
+        ("workload.gap_s", -1.0, "config.workload.gap_s must be >= 0"),
+    ],
+)
+def test_out_of_range_values_are_rejected_before_start(base, key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        driver.prepare(base.replace(**{key: value}))
 
 
 def test_pd_outside_range_warns(base, caplog):

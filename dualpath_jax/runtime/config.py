@@ -159,6 +159,20 @@ def _coerce(value, default, where):
     return value
 
 
+def validate_workload(cfg: RuntimeConfig) -> None:
+    """The workload's numbers, checked before the trajectories are made from them (errors name the field)."""
+    w = cfg.workload
+    least = {"agents": 0 if w.kind == "trace" else 1, "turns": 1}  # a trace's agents=0 means all of them
+    for name, low in least.items():
+        if getattr(w, name) < low:
+            raise ConfigError(f"config.workload.{name} must be >= {low}, got {getattr(w, name)}")
+    for name in ("scale", "time_scale"):
+        if not getattr(w, name) > 0:
+            raise ConfigError(f"config.workload.{name} must be > 0, got {getattr(w, name)}")
+    if w.gap_s < 0:
+        raise ConfigError(f"config.workload.gap_s must be >= 0, got {w.gap_s}")
+
+
 def validate(cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prompt_tokens: int | None = None) -> None:
     """Reject a configuration that cannot run, before anything starts (errors name the field).
 
@@ -192,6 +206,21 @@ def validate(cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prom
     for name in ("snic_bytes_per_s", "cnic_bytes_per_s"):
         if getattr(cfg.nics, name) <= 0:
             raise ConfigError(f"config.nics.{name} must be > 0, got {getattr(cfg.nics, name)}")
+    if not 0 < cfg.nics.high_priority_share < 1:  # the low class (KV) must keep a share of a contended CNIC
+        raise ConfigError(f"config.nics.high_priority_share must be > 0 and < 1, got {cfg.nics.high_priority_share}")
+    for name in ("prefill_token_budget", "prefill_max_batch"):
+        if getattr(c, name) < 1:
+            raise ConfigError(f"config.cluster.{name} must be >= 1, got {getattr(c, name)}")
+    s = cfg.scheduler
+    if not s.fetch_interval_s > 0:
+        raise ConfigError(f"config.scheduler.fetch_interval_s must be > 0, got {s.fetch_interval_s}")
+    if not s.heartbeat_timeout_s > s.fetch_interval_s:  # a group reports once per fetch
+        raise ConfigError(
+            f"config.scheduler.heartbeat_timeout_s ({s.heartbeat_timeout_s}) must exceed fetch_interval_s "
+            f"({s.fetch_interval_s}): a group reports once per fetch"
+        )
+    if not cfg.run_timeout_s > 0:
+        raise ConfigError(f"config.run_timeout_s must be > 0, got {cfg.run_timeout_s}")
     _warn_pd_range(cfg)
     if kv_bytes_per_token is not None and max_prompt_tokens is not None:
         need = kv_bytes_per_token * max_prompt_tokens

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from dualpath_jax.metrics import LinkBytes, TurnRecord, summarize
-from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, validate
+from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, validate, validate_workload
 from dualpath_jax.runtime.lifecycle import ConversationBook, tiny_trajectories
 from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec, RunFailed
 from dualpath_jax.workloads.types import Trajectory
@@ -154,6 +154,7 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     except KeyError as e:
         raise ConfigError(f"config.model: {e.args[0]}") from None
     make_arrival_model(cfg)  # an unknown arrival model is a config error before anything starts
+    validate_workload(cfg)
     trajs = list(trajectories) if trajectories is not None else make_trajectories(cfg)
     if not trajs:
         raise ConfigError("the workload has no trajectories")
