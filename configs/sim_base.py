@@ -99,6 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 _KEYS = {"dataset", "agents", "aps", "duration", "pd", "turns", "seed", "kind", "warmup"}
+_NUMBER_KEYS = {"agents": int, "aps": float, "duration": float, "turns": int, "seed": int, "warmup": float}
+_KIND_NAME = {int: "an integer", float: "a number"}
 
 
 def _scalar(text: str):
@@ -131,23 +133,29 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
             continue
         if key not in _KEYS:
             raise ValueError(f"config variant item {item!r}: unknown key {key!r}; known: {sorted(_KEYS)}")
+        if key in _NUMBER_KEYS:
+            kind = _NUMBER_KEYS[key]
+            try:
+                number = kind(value)
+            except ValueError:
+                raise ValueError(f"config variant item {item!r}: {key} must be {_KIND_NAME[kind]}") from None
         if key == "dataset":
             cfg.workload.dataset = value
         elif key == "agents":
-            cfg.workload.n_agents = int(value)
+            cfg.workload.n_agents = number
         elif key == "aps":
-            cfg.workload.aps = float(value)
+            cfg.workload.aps = number
             cfg.workload.kind = "online"
         elif key == "duration":
-            cfg.workload.duration_s = float(value)
+            cfg.workload.duration_s = number
         elif key == "turns":
-            cfg.workload.max_turns = int(value)
+            cfg.workload.max_turns = number
         elif key == "seed":
-            cfg.seed = int(value)
+            cfg.seed = number
         elif key == "kind":
             cfg.workload.kind = value
         elif key == "warmup":
-            cfg.warmup_s = float(value)
+            cfg.warmup_s = number
         elif key == "pd":
             m = re.fullmatch(r"(\d+)P(\d+)D", value)
             if not m:

@@ -43,17 +43,19 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["store", "tcp", "small", "shaped", "overlap"], "sections to run")
-flags.DEFINE_integer("repeats", 3, "interleaved repeats; the best of each is reported")
+flags.DEFINE_integer("repeats", 3, "interleaved repeats; the best of each is reported", lower_bound=1)
 flags.DEFINE_list("tcp_sizes", ["65536", "1048576", "16777216", "67108864"], "transfer sizes (bytes)")
-flags.DEFINE_integer("tcp_total_mb", 256, "MB moved per size and repeat")
+flags.DEFINE_integer("tcp_total_mb", 256, "MB moved per size and repeat", lower_bound=1)
 flags.DEFINE_list(
     "tcp_small_sizes", ["41984", "65536"], "small-transfer sizes in the tcp section (DS-V3 FP8 Layer Block, 64 KiB)"
 )
-flags.DEFINE_integer("tcp_small_count", 4096, "transfers per small-transfer measurement in the tcp section")
+flags.DEFINE_integer(
+    "tcp_small_count", 4096, "transfers per small-transfer measurement in the tcp section", lower_bound=1
+)
 flags.DEFINE_list("tcp_batches", ["16", "64"], "write_many batch sizes in the tcp section")
-flags.DEFINE_integer("small_count", 2000, "transfers per small-transfer measurement")
-flags.DEFINE_integer("small_window", 64, "small transfers in flight")
-flags.DEFINE_integer("store_mb", 64, "MB of blocks per layout in the store section")
+flags.DEFINE_integer("small_count", 2000, "transfers per small-transfer measurement", lower_bound=1)
+flags.DEFINE_integer("small_window", 64, "small transfers in flight", lower_bound=1)
+flags.DEFINE_integer("store_mb", 64, "MB of blocks per layout in the store section", lower_bound=1)
 flags.DEFINE_list("shaped_rates_mb", ["100", "1000"], "link rates (MB/s) for the shaped section")
 flags.DEFINE_float("shaped_seconds", 3.0, "seconds per shaped scenario")
 flags.DEFINE_float(
@@ -62,9 +64,11 @@ flags.DEFINE_float(
     "link quantum (ms of its rate) in the shaped section: the low class "
     "gets one quantum per 99 of high, so a finer quantum measures its 1% share more precisely",
 )
-flags.DEFINE_integer("layers", 16, "layers in the overlap section")
+flags.DEFINE_integer("layers", 16, "layers in the overlap section", lower_bound=1)
 flags.DEFINE_float("layer_ms", 25.0, "target per-layer load and compute time (ms) in the overlap section")
 flags.DEFINE_string("out", None, "also write all rows as JSON here")
+for _name in ("shaped_seconds", "shaped_quantum_ms", "layer_ms"):
+    flags.register_validator(_name, lambda v: v > 0, message=f"--{_name} must be > 0")
 
 MB = 1 << 20
 

@@ -24,13 +24,13 @@ from absl import app, flags, logging
 
 from models.prefill_bench import bench_configs, run_one
 
-_BATCH = flags.DEFINE_integer("batch", 4, "requests per prefill batch")
-_MISS = flags.DEFINE_integer("miss_tokens", 128, "miss (computed) tokens per request")
-_CACHED = flags.DEFINE_integer("cached_tokens", 256, "cached prefix tokens per request (0: no cache)")
-_REPEATS = flags.DEFINE_integer("repeats", 7, "timed repetitions (median reported)")
+_BATCH = flags.DEFINE_integer("batch", 4, "requests per prefill batch", lower_bound=1)
+_MISS = flags.DEFINE_integer("miss_tokens", 128, "miss (computed) tokens per request", lower_bound=1)
+_CACHED = flags.DEFINE_integer("cached_tokens", 256, "cached prefix tokens per request (0: no cache)", lower_bound=0)
+_REPEATS = flags.DEFINE_integer("repeats", 7, "timed repetitions (median reported)", lower_bound=1)
 _MODELS = flags.DEFINE_list("models", ["dense", "moe"], "which tiny configs: dense, moe")
 _MOE_DISPATCH = flags.DEFINE_enum("moe_dispatch", "dense", ["dense", "ragged"], "MoE expert dispatch")
-_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for MFU (0: not reported)")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for MFU (0: not reported)", lower_bound=0.0)
 _NO_CACHE = flags.DEFINE_bool("no_persistent_cache", False, "disable JAX's persistent compilation cache")
 _OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: print only)")
 

@@ -34,7 +34,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _SKIP_SIM = flags.DEFINE_bool("skip_sim", False, "Do not run the simulator comparison.")
 _SKIP_OVERHEAD = flags.DEFINE_bool("skip_overhead", False, "Do not measure the per-turn overhead.")
-_OVERHEAD_TURNS = flags.DEFINE_integer("overhead_turns", 8, "Turns of the single agent of the overhead figure.")
+_OVERHEAD_TURNS = flags.DEFINE_integer(
+    "overhead_turns", 8, "Turns of the single agent of the overhead figure.", lower_bound=1
+)
 
 
 def step_measurements(results) -> list:

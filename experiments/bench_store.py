@@ -637,10 +637,12 @@ if __name__ == "__main__":
 
     flags.DEFINE_list("layouts", list(LAYOUTS), f"layouts to run, of {sorted(LAYOUTS)}")
     flags.DEFINE_string("root", None, "directory for the store (a temp dir by default; a mount point to test it)")
-    flags.DEFINE_integer("total_mb", 256, "MB of blocks per layout")
-    flags.DEFINE_integer("repeats", 3, "interleaved repeats; the best of each is reported")
-    flags.DEFINE_integer("threads", 4, "threads for the parallel-read rows")
-    flags.DEFINE_integer("cold_blocks", 16, "blocks read with a cold page cache (posix_fadvise DONTNEED); 0: none")
+    flags.DEFINE_integer("total_mb", 256, "MB of blocks per layout", lower_bound=1)
+    flags.DEFINE_integer("repeats", 3, "interleaved repeats; the best of each is reported", lower_bound=1)
+    flags.DEFINE_integer("threads", 4, "threads for the parallel-read rows", lower_bound=1)
+    flags.DEFINE_integer(
+        "cold_blocks", 16, "blocks read with a cold page cache (posix_fadvise DONTNEED); 0: none", lower_bound=0
+    )
     flags.DEFINE_string("out", None, "also write the rows as JSON here")
     flags.DEFINE_string(
         "compare_tree", None, "root of another source tree (e.g. `git archive HEAD` unpacked): its store's verified "

@@ -21,11 +21,13 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 _MODEL = flags.DEFINE_enum("model", "qwen2", ["qwen2", "llama", "deepseek", "deepseek_v2"], "tiny model family")
-_AGENTS = flags.DEFINE_integer("agents", 3, "conversations run side by side (batched prefill and decode)")
-_TURNS = flags.DEFINE_integer("turns", 4, "turns per conversation")
-_APPEND = flags.DEFINE_integer("append_tokens", 48, "tokens appended per turn")
-_GEN = flags.DEFINE_integer("gen_tokens", 16, "tokens generated per turn")
-_BLOCK = flags.DEFINE_integer("block_size", 16, "tokens per KV block")
+_AGENTS = flags.DEFINE_integer(
+    "agents", 3, "conversations run side by side (batched prefill and decode)", lower_bound=1
+)
+_TURNS = flags.DEFINE_integer("turns", 4, "turns per conversation", lower_bound=1)
+_APPEND = flags.DEFINE_integer("append_tokens", 48, "tokens appended per turn", lower_bound=1)
+_GEN = flags.DEFINE_integer("gen_tokens", 16, "tokens generated per turn", lower_bound=1)
+_BLOCK = flags.DEFINE_integer("block_size", 16, "tokens per KV block", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "weights and token seed")
 _WARMUP = flags.DEFINE_bool("warmup", True, "run one unmeasured conversation first (compiles all buckets)")
 _CHECK = flags.DEFINE_bool("check", True, "compare each turn with a full prefill of the whole prompt")

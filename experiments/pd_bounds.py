@@ -10,10 +10,12 @@ from absl import app, flags
 
 from schedulers.pd_bounds import as_fraction, binding_constraints, pd_ratio_bounds, pd_ratio_constraints
 
-FLAGS = flags.DEFINE_integer("g", 8, "GPUs (engines) per node")
+FLAGS = flags.DEFINE_integer("g", 8, "GPUs (engines) per node", lower_bound=1)
 flags.DEFINE_float("s", 1.0, "SNIC bandwidth per node as a multiple of one CNIC's bandwidth B")
 flags.DEFINE_float("B_GBps", 50.0, "CNIC bandwidth per GPU, GB/s (400 Gbps = 50)")
 flags.DEFINE_float("M_GBps", 500.0, "host memory bandwidth per node, GB/s")
+for _name in ("s", "B_GBps", "M_GBps"):
+    flags.register_validator(_name, lambda v: v > 0, message=f"--{_name} must be > 0")
 
 
 def main(argv):

@@ -22,6 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A simulator config fi
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write results (default: config.output_dir).")
 _PLOT = flags.DEFINE_bool("plot", True, "Write plot.png (matplotlib).")
 _MAX_TIME = flags.DEFINE_float("max_time", math.inf, "Stop the simulated clock here (seconds).")
+flags.register_validator("max_time", lambda v: v > 0, message="--max_time must be > 0")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar of finished turns (stderr).")
 
 

@@ -24,7 +24,7 @@ _SETUPS = flags.DEFINE_list("setups", ["configs/sim_tiny.py"], "Config files (co
 _MODES = flags.DEFINE_list("modes", ["basic", "dualpath"], "Modes or registered policy names.")
 _LOADS = flags.DEFINE_list("loads", [""], "Load variants: agents=N (offline) or aps=X (online); '' = default.")
 _EXTRA = flags.DEFINE_string("extra", "", "Extra variant items appended to every cell (e.g. dataset=48K).")
-_WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.")
+_WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/sweep", "Where sweep.csv / sweep.json go.")
 
 COLUMNS = [

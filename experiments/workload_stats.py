@@ -16,10 +16,10 @@ from absl import app, flags
 from dualpath_jax.workloads import DATASETS, load_workload, summarize
 
 flags.DEFINE_string("workload", "64K", "synthetic dataset (32K, 48K, 64K) or a trace path / name")
-flags.DEFINE_integer("n_agents", 500, "synthetic: agents to generate")
+flags.DEFINE_integer("n_agents", 500, "synthetic: agents to generate", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "synthetic: sampling seed")
-flags.DEFINE_integer("limit", None, "traces: first N lines (Mooncake) or files (kv-cache-tester)")
-flags.DEFINE_integer("block_size", 64, "block size (tokens) for the hit rate")
+flags.DEFINE_integer("limit", None, "traces: first N lines (Mooncake) or files (kv-cache-tester)", lower_bound=1)
+flags.DEFINE_integer("block_size", 64, "block size (tokens) for the hit rate", lower_bound=1)
 
 
 def main(argv):

@@ -401,6 +401,30 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         assert bad.returncode != 0 and says in bad.stderr, (flag, bad.stderr[-500:])
 
 
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["experiments.sweep", "--setups=configs/sim_tiny.py", "--workers=0"], "0 is not a positive integer"),
+        (["experiments.simulate", "--config=configs/sim_tiny.py", "--max_time=0"], "--max_time must be > 0"),
+        (["experiments.bench_store", "--repeats=0"], "0 is not a positive integer"),
+        (["experiments.pd_bounds", "--s=0"], "--s must be > 0"),
+    ],
+)
+def test_launchers_refuse_out_of_range_flags(argv, says):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Flags parsing error" in out.stderr and says in out.stderr, out.stderr[-500:]
+
+
+def test_variant_numbers_that_do_not_parse_name_the_item():
+    with pytest.raises(ValueError, match=re.escape("config variant item 'agents=abc': agents must be an integer")):
+        load_sim_config(f"{TINY}:agents=abc")
+    with pytest.raises(ValueError, match=re.escape("config variant item 'aps=fast': aps must be a number")):
+        load_sim_config(f"{TINY}:aps=fast")
+
+
 def test_sweep_launcher_runs_a_grid(tmp_path):
     import csv
     import subprocess
