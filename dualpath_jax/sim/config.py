@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 GB = 1e9
@@ -120,7 +121,7 @@ _TOP_BOUNDS: dict[str, tuple[float, bool, float | None]] = {
 
 
 def _check_number(where: str, value: Any, low: float, low_ok: bool, high: float | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:  # numpy scalars too
         raise ValueError(f"{where} must be a number, got {value!r}")
     if value < low or (value == low and not low_ok) or (high is not None and value > high):
         bound = f"{'>=' if low_ok else '>'} {low:g}" + ("" if high is None else f" and <= {high:g}")
