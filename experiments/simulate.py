@@ -95,7 +95,10 @@ def main(argv: Sequence[str]) -> None:
     log_versions()
     cfg_dict = _CONFIG.value.to_dict()
     logging.info("resolved config:\n%s", _CONFIG.value)
-    sc = sim_config.sim_config_from_dict(cfg_dict)
+    try:
+        sc = sim_config.sim_config_from_dict(cfg_dict)
+    except ValueError as e:  # a bad config: its message names the field; no traceback, no flag listing
+        raise SystemExit(f"bad config: {e}") from None
     logging.info("sim config: %s", sc)
     logging.info("simulating %s (%s, %s agents) ...", sc.policy, sc.workload.kind, sc.workload.n_agents)
     logging.info("compiled hot paths (False: Python twin; DUALPATH_PURE_PYTHON=1 turns all off): %s", compiled.status())

@@ -418,6 +418,25 @@ def test_launchers_refuse_out_of_range_flags(argv, says):
     assert out.returncode != 0 and "Flags parsing error" in out.stderr and says in out.stderr, out.stderr[-500:]
 
 
+def test_unknown_mode_policy_or_batcher_is_a_config_error():
+    import subprocess
+    import sys
+
+    with pytest.raises(
+        ValueError, match=r"config.mode 'bogus' is neither a mode \(basic, .*\) nor a registered policy"
+    ):
+        load_sim_config(f"{TINY}:bogus")
+    with pytest.raises(ValueError, match=r"config.scheduler.name 'dualpth' is neither a mode"):
+        load_sim_config(TINY, {"scheduler.name": "dualpth"})
+    with pytest.raises(ValueError, match=r"config.batcher.name 'nope' unknown; known: compute_quota, fifo"):
+        load_sim_config(TINY, {"batcher.name": "nope"})
+    assert load_sim_config(f"{TINY}:round_robin").policy == "round_robin"  # a policy name is a mode too
+    cmd = [sys.executable, "-m", "experiments.simulate", f"--config={TINY}:bogus", "--noplot"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "bad config: config.mode 'bogus'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_variant_numbers_that_do_not_parse_name_the_item():
     with pytest.raises(ValueError, match=re.escape("config variant item 'agents=abc': agents must be an integer")):
         load_sim_config(f"{TINY}:agents=abc")

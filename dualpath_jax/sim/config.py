@@ -196,6 +196,15 @@ def sim_config_from_dict(cfg: dict) -> SimConfig:
     sc.batcher_kwargs = dict(batcher.pop("kwargs", {}))
     if batcher:
         raise ValueError(f"config.batcher: unknown field(s) {sorted(batcher)}; known: name, kwargs")
+    from schedulers import BATCHERS, POLICIES  # no jax
+
+    if policy not in POLICIES:
+        where = f"config.mode {mode!r}" if mode else f"config.scheduler.name {policy!r}"
+        raise ValueError(
+            f"{where} is neither a mode ({', '.join(MODES)}) nor a registered policy ({', '.join(POLICIES.names())})"
+        )
+    if sc.batcher not in BATCHERS:
+        raise ValueError(f"config.batcher.name {sc.batcher!r} unknown; known: {', '.join(BATCHERS.names())}")
     check_sim_config(sc)
     return resolve_de_hbm(sc)
 
