@@ -104,6 +104,13 @@ def main(argv: Sequence[str]) -> None:
         if not os.path.isfile(s):
             raise app.UsageError(f"--setups: config file {s!r} does not exist")
     cells = [(s, m, ld, _EXTRA.value) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value]
+    from dualpath_jax.sim import load_sim_config
+
+    for c in cells:  # every cell's config is built here first: a bad one stops the sweep before anything runs
+        try:
+            load_sim_config(cell_spec(*c))
+        except (ValueError, KeyError) as e:
+            raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {e.args[0] if e.args else e}") from None
     rows = run_grid(cells, _WORKERS.value)
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     with open(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), "w", newline="") as f:

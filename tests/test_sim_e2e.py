@@ -430,6 +430,8 @@ def test_unknown_mode_policy_or_batcher_is_a_config_error():
         load_sim_config(TINY, {"scheduler.name": "dualpth"})
     with pytest.raises(ValueError, match=r"config.batcher.name 'nope' unknown; known: compute_quota, fifo"):
         load_sim_config(TINY, {"batcher.name": "nope"})
+    with pytest.raises(ValueError, match=r"config.workload.dataset '99K' unknown; known: 32K, 48K, 64K"):
+        load_sim_config(f"{TINY}:dataset=99K")
     assert load_sim_config(f"{TINY}:round_robin").policy == "round_robin"  # a policy name is a mode too
     cmd = [sys.executable, "-m", "experiments.simulate", f"--config={TINY}:bogus", "--noplot"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -442,6 +444,16 @@ def test_variant_numbers_that_do_not_parse_name_the_item():
         load_sim_config(f"{TINY}:agents=abc")
     with pytest.raises(ValueError, match=re.escape("config variant item 'aps=fast': aps must be a number")):
         load_sim_config(f"{TINY}:aps=fast")
+
+
+def test_sweep_refuses_a_bad_cell_before_running_any():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "experiments.sweep", f"--setups={TINY}", "--modes=basic,bogus", "--workers=1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and f"bad sweep cell '{TINY}:bogus': config.mode 'bogus'" in out.stderr
+    assert "sweep:" not in out.stderr  # no progress bar: nothing ran
 
 
 def test_sweep_launcher_runs_a_grid(tmp_path):

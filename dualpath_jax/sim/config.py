@@ -140,6 +140,11 @@ def check_sim_config(sc: SimConfig) -> None:
         _check_number(f"config.{name}", getattr(sc, name), low, low_ok, high)
     w = sc.workload
     _check_number("config.workload.max_turns", w.max_turns, 0, True, None)
+    if w.kind != "trace":
+        from dualpath_jax.workloads.synthetic import DATASETS  # no jax
+
+        if w.dataset not in DATASETS:
+            raise ValueError(f"config.workload.dataset {w.dataset!r} unknown; known: {', '.join(DATASETS.names())}")
     if w.kind == "offline":
         _check_number("config.workload.n_agents", w.n_agents, 1, True, None)
 
