@@ -151,15 +151,18 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     from dualpath_jax.runtime import driver
-    from dualpath_jax.runtime.config import RuntimeConfig
+    from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
     from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
     from dualpath_jax.runtime.model_ops import cost_model_shape
     from schedulers.cost_model import CostModel
 
     enable_compilation_cache()
     config = _CONFIG.value
-    base = RuntimeConfig.from_config_dict(config.runtime)
-    trajs, ops = driver.prepare(base)
+    try:  # everything checked before anything starts; a bad config is one line naming the field
+        base = RuntimeConfig.from_config_dict(config.runtime)
+        trajs, ops = driver.prepare(base)
+    except ConfigError as e:
+        raise SystemExit(f"bad config: {e}") from None
     prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
     session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
     out = {"config": config.to_dict(), "prefill_tokens_per_s": prefill_tps}

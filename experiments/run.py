@@ -106,7 +106,7 @@ def main(argv):
 
     from dualpath_jax import metrics
     from dualpath_jax.runtime import driver
-    from dualpath_jax.runtime.config import RuntimeConfig
+    from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
     from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
 
     config = _CONFIG.value
@@ -123,14 +123,18 @@ def main(argv):
         jax.devices(),
     )
     logging.info("resolved config:\n%s", config)
-    base = RuntimeConfig.from_config_dict(config.runtime)
     policies = [p.strip() for p in str(config.policies).split(",") if p.strip()]
     if not policies:
         raise app.UsageError("--config.policies is empty")
-    # Everything is checked before anything starts: each policy's config, the model, the workload.
-    trajs, ops = driver.prepare(base)
-    for p in policies:
-        driver.prepare(base.replace(**{"scheduler.name": p}), trajs, ops)
+    # Everything is checked before anything starts: each policy's config, the model, the workload. A bad
+    # config is one line naming the field (no traceback).
+    try:
+        base = RuntimeConfig.from_config_dict(config.runtime)
+        trajs, ops = driver.prepare(base)
+        for p in policies:
+            driver.prepare(base.replace(**{"scheduler.name": p}), trajs, ops)
+    except ConfigError as e:
+        raise SystemExit(f"bad config: {e}") from None
     prefill_tps = None
     if config.calibrate:
         prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)

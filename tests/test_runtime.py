@@ -261,6 +261,16 @@ def test_out_of_range_values_are_rejected_before_start(base, key, value, message
         driver.prepare(base.replace(**{key: value}))
 
 
+def test_run_launcher_prints_a_bad_config_as_one_line():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "experiments.run", "--config.runtime.workload.turns=0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "bad config: config.workload.turns must be >= 1, got 0" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_pd_outside_range_warns(base, caplog):
     cfg = base.replace(**{"cluster.prefill_nodes": 9, "nics.snic_bytes_per_s": 1e6, "nics.cnic_bytes_per_s": 8e6})
     with caplog.at_level(logging.WARNING):
