@@ -69,6 +69,10 @@ flags.DEFINE_float("layer_ms", 25.0, "target per-layer load and compute time (ms
 flags.DEFINE_string("out", None, "also write all rows as JSON here")
 for _name in ("shaped_seconds", "shaped_quantum_ms", "layer_ms"):
     flags.register_validator(_name, lambda v: v > 0, message=f"--{_name} must be > 0")
+for _name in ("tcp_sizes", "tcp_small_sizes", "tcp_batches", "shaped_rates_mb"):
+    flags.register_validator(
+        _name, lambda v: all(x.isdigit() and int(x) > 0 for x in v), message=f"--{_name} takes positive integers"
+    )
 
 MB = 1 << 20
 

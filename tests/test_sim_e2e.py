@@ -408,6 +408,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         (["experiments.simulate", "--config=configs/sim_tiny.py", "--max_time=0"], "--max_time must be > 0"),
         (["experiments.bench_store", "--repeats=0"], "0 is not a positive integer"),
         (["experiments.pd_bounds", "--s=0"], "--s must be > 0"),
+        (["experiments.bench_io", "--tcp_sizes=64K"], "--tcp_sizes takes positive integers"),
     ],
 )
 def test_launchers_refuse_out_of_range_flags(argv, says):
