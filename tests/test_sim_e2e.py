@@ -365,6 +365,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         "-m",
         "experiments.reproduce_paper",
         "--agents=16",
+        "--seeds=0,1",
         "--online",
         "--online_dataset=32K",
         "--online_duration_s=300",
@@ -384,9 +385,11 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
     ]:
         assert f"| {row} | {paper} |" in report, row
     assert "Online probes: 32K dataset, Poisson arrivals over 300 s" in report
+    assert "16 agents, seeds 0, 1 (mean [min, max] over them)" in report
+    assert re.search(r"\| storage-NIC max/avg, round-robin \| 1.53 \| [0-9.]+ \[[0-9.]+, [0-9.]+\] \|", report)
     assert "paper_ds660b.py basic" in report and "paper_ds27b.py dualpath" in report
     results = json.loads((tmp_path / "report.json").read_text())
-    assert sum(k.startswith("offline ") for k in results) == 5
+    assert sum(k.startswith("offline ") for k in results) == 10  # 5 modes x 2 seeds
     caps = [v for k, v in results.items() if k.startswith("capacity ")]
     assert len(caps) == 4 and all(0 <= c["capacity_aps"] <= 1.0 and c["probes"] for c in caps)
     bad = subprocess.run(cmd + ["stray"], capture_output=True, text=True, timeout=120)
@@ -396,6 +399,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         ("--online_iters=-1", "-1 is not a non-negative integer"),
         ("--table=512,abc", "--table takes positive agent counts"),
         ("--online_warmup_s=5000", "--online_warmup_s in [0, online_duration_s)"),
+        ("--seeds=0,x", "--seeds takes integers >= 0"),
     ]:
         bad = subprocess.run(cmd[:3] + [flag], capture_output=True, text=True, timeout=120)
         assert bad.returncode != 0 and says in bad.stderr, (flag, bad.stderr[-500:])
