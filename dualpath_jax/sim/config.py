@@ -218,9 +218,7 @@ def resolve_de_hbm(sc: SimConfig) -> SimConfig:
     """Fill in the derived DE KV HBM (`de_hbm_kv_gb` <= 0 with a non-KV reserve set) so the config shows what
     the runner will use: sim.runner.de_hbm_kv_bytes = 0.9 * HBM - weights per DE - `de_hbm_reserve_gb`.
     Without a reserve it is left to the runner, as before."""
-    c = sc.cluster
-    if c.de_hbm_reserve_gb < 0:
-        raise ValueError(f"config.cluster.de_hbm_reserve_gb must be >= 0, got {c.de_hbm_reserve_gb}")
+    c = sc.cluster  # (a negative reserve was refused by check_sim_config before this)
     if c.de_hbm_kv_gb > 0 or c.de_hbm_reserve_gb == 0:
         return sc
     from dualpath_jax.sim.runner import de_hbm_kv_bytes, make_cost_model  # runner imports this module
