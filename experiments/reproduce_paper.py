@@ -141,18 +141,22 @@ def table_fit(fit: dict[str, list[float]]) -> str:
     return ", ".join(parts + [f"all {rms_log(every):.3f} ({len(every)} cells)"])
 
 
+def _spread(values: Sequence[float], fmt: str) -> tuple[float, str]:
+    """(mean of `values`, " [min, max]" in `fmt` when there are several, else "")."""
+    mean = sum(values) / len(values)
+    return mean, (f" [{min(values):{fmt}}, {max(values):{fmt}}]" if len(values) > 1 else "")
+
+
 def _row(name: str, paper: float, sim: float | Sequence[float], unit: str = "") -> str:
     """A report row; `sim` may be one value per seed: then their mean, with [min, max] beside it."""
-    values = [sim] if isinstance(sim, (int, float)) else list(sim)
-    mean = sum(values) / len(values)
-    spread = f" [{min(values):.4g}, {max(values):.4g}]" if len(values) > 1 else ""
+    mean, spread = _spread([sim] if isinstance(sim, (int, float)) else list(sim), ".4g")
     ratio = mean / paper if paper else float("nan")
     return f"| {name} | {paper:g}{unit} | {mean:.4g}{unit}{spread} | {ratio:.3f} |"
 
 
 def _mean_range(values: Sequence[float], fmt: str) -> str:
-    mean = sum(values) / len(values)
-    return format(mean, fmt) + (f" [{min(values):{fmt}}, {max(values):{fmt}}]" if len(values) > 1 else "")
+    mean, spread = _spread(values, fmt)
+    return format(mean, fmt) + spread
 
 
 def main(argv: Sequence[str]) -> None:
