@@ -331,25 +331,27 @@ def test_every_paper_config_passes_the_checks():
             check_sim_config(load_sim_config(f"configs/{spec}:{variant}"))
 
 
-def test_simulate_launcher_writes_results(tmp_path):
+def _launch(module: str, *args: str, timeout: float = 120):
+    """`python -m module args...` in a child process, its output captured as text."""
     import subprocess
     import sys
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.simulate",
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_simulate_launcher_writes_results(tmp_path):
+    args = [
         "--config=configs/sim_tiny.py:agents=4,turns=3",
         "--config.scheduler.name=dualpath",
         f"--output_dir={tmp_path}",
         "--noplot",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = _launch("experiments.simulate", *args)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "jct_s" in out.stdout
     for f in ("summary.json", "turns.csv", "links.csv"):
         assert (tmp_path / f).stat().st_size > 0
-    bad = subprocess.run(cmd + ["stray"], capture_output=True, text=True, timeout=120)
+    bad = _launch("experiments.simulate", *args, "stray")
     assert bad.returncode != 0 and "unknown arguments" in bad.stderr
 
 
@@ -357,13 +359,8 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
     """The paper report end to end on a small load: every headline row beside the paper's value, the online
     probes' dataset and capacity brackets named, the raw results in report.json."""
     import json
-    import subprocess
-    import sys
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.reproduce_paper",
+    args = [
         "--agents=16",
         "--seeds=0,1",
         "--online",
@@ -373,7 +370,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         "--online_iters=1",
         f"--output_dir={tmp_path}",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = _launch("experiments.reproduce_paper", *args, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     report = (tmp_path / "report.md").read_text()
     for row, paper in [
@@ -392,7 +389,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
     assert sum(k.startswith("offline ") for k in results) == 10  # 5 modes x 2 seeds
     caps = [v for k, v in results.items() if k.startswith("capacity ")]
     assert len(caps) == 4 and all(0 <= c["capacity_aps"] <= 1.0 and c["probes"] for c in caps)
-    bad = subprocess.run(cmd + ["stray"], capture_output=True, text=True, timeout=120)
+    bad = _launch("experiments.reproduce_paper", *args, "stray")
     assert bad.returncode != 0 and "unknown arguments" in bad.stderr
     for flag, says in [
         ("--agents=0", "0 is not a positive integer"),
@@ -401,7 +398,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         ("--online_warmup_s=5000", "--online_warmup_s in [0, online_duration_s)"),
         ("--seeds=0,x", "--seeds takes integers >= 0"),
     ]:
-        bad = subprocess.run(cmd[:3] + [flag], capture_output=True, text=True, timeout=120)
+        bad = _launch("experiments.reproduce_paper", flag)
         assert bad.returncode != 0 and says in bad.stderr, (flag, bad.stderr[-500:])
 
 
@@ -416,17 +413,11 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
     ],
 )
 def test_launchers_refuse_out_of_range_flags(argv, says):
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120)
+    out = _launch(*argv)
     assert out.returncode != 0 and "Flags parsing error" in out.stderr and says in out.stderr, out.stderr[-500:]
 
 
 def test_unknown_mode_policy_or_batcher_is_a_config_error():
-    import subprocess
-    import sys
-
     with pytest.raises(
         ValueError, match=r"config.mode 'bogus' is neither a mode \(basic, .*\) nor a registered policy"
     ):
@@ -438,8 +429,7 @@ def test_unknown_mode_policy_or_batcher_is_a_config_error():
     with pytest.raises(ValueError, match=r"config.workload.dataset '99K' unknown; known: 32K, 48K, 64K"):
         load_sim_config(f"{TINY}:dataset=99K")
     assert load_sim_config(f"{TINY}:round_robin").policy == "round_robin"  # a policy name is a mode too
-    cmd = [sys.executable, "-m", "experiments.simulate", f"--config={TINY}:bogus", "--noplot"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = _launch("experiments.simulate", f"--config={TINY}:bogus", "--noplot")
     assert out.returncode != 0 and "bad config: config.mode 'bogus'" in out.stderr
     assert "Traceback" not in out.stderr
 
@@ -452,23 +442,15 @@ def test_variant_numbers_that_do_not_parse_name_the_item():
 
 
 def test_sweep_refuses_a_bad_cell_before_running_any():
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "experiments.sweep", f"--setups={TINY}", "--modes=basic,bogus", "--workers=1"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = _launch("experiments.sweep", f"--setups={TINY}", "--modes=basic,bogus", "--workers=1")
     assert out.returncode != 0 and f"bad sweep cell '{TINY}:bogus': config.mode 'bogus'" in out.stderr
     assert "sweep:" not in out.stderr  # no progress bar: nothing ran
 
 
 def test_sweep_launcher_runs_a_grid(tmp_path):
     import csv
-    import subprocess
-    import sys
 
-    cmd = [
-        sys.executable,
-        "-m",
+    out = _launch(
         "experiments.sweep",
         "--setups=configs/sim_tiny.py",
         "--modes=basic,dualpath",
@@ -476,8 +458,7 @@ def test_sweep_launcher_runs_a_grid(tmp_path):
         "--extra=turns=3",
         "--workers=1",
         f"--output_dir={tmp_path}",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
     assert [r["mode"] for r in rows] == ["basic", "dualpath"]
