@@ -167,6 +167,16 @@ def _row(layout_name, op, variant, nbytes, seconds, baseline_s=None, baseline=No
     return row
 
 
+def _close_files(store) -> None:
+    """A store's open (and mapped) block files closed; a store of an older tree without `close_files` too."""
+    if hasattr(store, "close_files"):
+        store.close_files()
+    else:
+        with store._lock:
+            for key in list(store._fds):
+                store._forget_fd_locked(key)
+
+
 def _raw_read(path: str, buf: np.ndarray | list, offset: int) -> None:
     """Open, one preadv into `buf` (or a list of buffers) at `offset`, close."""
     fd = os.open(path, os.O_RDONLY)
@@ -366,6 +376,18 @@ def bench_layout(
     # ---- Full Block reads from the disk: each file's pages dropped from the page cache before its read -------
     if cold_blocks and hasattr(os, "posix_fadvise"):
         n_cold = min(n_blocks, cold_blocks)
+        # The page cache keeps pages that a mapping holds: every store's open (mapped) files are closed first, and
+        # the stores read here keep no file open (fd_cache=0: otherwise a block mapped by its first cold read would
+        # stay in the cache through the next drop).
+        for s in (store, crc_store, wsum_store, *views):
+            _close_files(s)
+        fresh = {
+            "verify": LocalDirStore(store_dir, layout, fd_cache=0),
+            "preadv": LocalDirStore(store_dir, layout, read_method="preadv", fd_cache=0),
+        }
+        if compare_tree:
+            fresh["base"] = load_store_package(compare_tree).local_dir.LocalDirStore(store_dir, layout, fd_cache=0)
+        views.extend(fresh.values())
 
         def drop(i):
             fd = os.open(paths[i], os.O_RDONLY)
@@ -383,19 +405,58 @@ def bench_layout(
         c = _paired(
             {
                 "raw": cold(lambda i: _raw_read(paths[i], buf, hdr)),
-                "verify": cold(lambda i: must(store.read(keys[i], buf))),
-                "preadv": cold(lambda i: must(pre.read(keys[i], buf))),
-                "noverify": cold(lambda i: must(store.read(keys[i], buf, verify=False))),
-            },
+                "verify": cold(lambda i: must(fresh["verify"].read(keys[i], buf))),
+                "preadv": cold(lambda i: must(fresh["preadv"].read(keys[i], buf))),
+                "noverify": cold(lambda i: must(fresh["verify"].read(keys[i], buf, verify=False))),
+            }
+            | ({"base": cold(lambda i: must(fresh["base"].read(keys[i], buf)))} if "base" in fresh else {}),
             n_cold,
             max(1, repeats // 2),
         )
         add(
             "full read 1 thread, cold cache",
-            [("verify", f"store, verify {algo} ({default})"), ("preadv", pre_label),
+            [("verify", f"store, verify {algo} ({default})"), ("preadv", pre_label), ("base", base_label),
              ("noverify", "store, verify=False")],
             c, n_cold * fb, "raw", "raw preadv, cold cache",
         )  # fmt: skip
+
+        # ---- Re-reads of blocks whose pages came back from the disk: how a cold read brings the pages into the
+        # page cache (2 MiB folios through an advised mapping, 4 KiB ones through read/preadv) decides what a later
+        # fresh mapping of them costs. Each case drops the blocks' pages, reads them back once its own way (timed:
+        # "its cold pass"), then re-reads them with fresh opens (fd_cache=0: a working set larger than the fd
+        # cache), streaming beside a raw preadv of the same, now cached, pages.
+        cases = [  # (label, who reads the pages back from the disk, who re-reads them)
+            (f"default store ({default}), pages read back by its own mapped read", "verify", "verify"),
+            ("store, read_method=preadv, pages read back by its own preadv", "preadv", "preadv"),
+            (f"{base_label}, pages read back by its own read", "base", "base"),
+            (f"default store ({default}), pages read back by a raw preadv (4 KiB folios)", "raw", "verify"),
+        ]
+        for label, cold_by, reader in cases:
+            if reader not in fresh:
+                continue
+            for i in range(n_cold):
+                drop(i)
+            t0 = time.perf_counter()
+            for i in range(n_cold):
+                if cold_by == "raw":
+                    _raw_read(paths[i], buf, hdr)
+                else:
+                    must(fresh[cold_by].read(keys[i], buf))
+            cold_s = time.perf_counter() - t0
+            t = _paired_streaming(  # (raw and the store read blocks n_cold / 2 apart, each into its own buffer)
+                {
+                    "raw": lambda i: _raw_read(paths[i], pool_bufs[i], hdr),
+                    "store": lambda i, s=fresh[reader]: must(s.read(keys[i], pool_bufs[i])),
+                },
+                n_cold,
+                repeats,
+            )
+            rows.append(
+                _row(layout_name, "full read 1 thread, re-read after a cold read", label, n_cold * fb, t["store"],
+                     t["raw"], "raw preadv of the same cached pages", cpu_s=t.cpu["store"],
+                     baseline_cpu_s=t.cpu["raw"], mean_ratio=t.mean["raw"] / t.mean["store"],
+                     cold_gbps=n_cold * fb / cold_s / 1e9)
+            )  # fmt: skip
 
     # ---- Full Block reads, thread pools: batches of 2 x `threads` blocks read in parallel, the variants interleaved
     # batch by batch as in the streaming rows. The store's read_many uses its `threads` I/O threads; raw preadv
@@ -585,6 +646,8 @@ def format_rows(rows: list[dict]) -> str:
             (r.get("baseline", ""), f"{r['baseline_gbps']:.2f}", f"{r['ratio']:.2f}x") if "ratio" in r else ("", "", "")
         )
         extra = f" ({r['reads_per_s']:.0f} reads/s)" if "reads_per_s" in r else ""
+        if "cold_gbps" in r:
+            extra += f" (its cold pass {r['cold_gbps']:.2f} GB/s)"
         mean = f"{r['mean_ratio']:.2f}x" if "mean_ratio" in r else ""
         cpu = ""
         if "cpu_s" in r:
