@@ -3,7 +3,7 @@
     python -m experiments.bench_store                      # DeepSeek-V3-like and Qwen2.5-32B-like layouts
     python -m experiments.bench_store --total_mb=512 --repeats=5 --root=/mnt/3fs/bench --out=/tmp/store.json
 
-Measures, per layout, with a warm page cache (the store's own overhead, not the disk's speed):
+Measures, per layout, with a warm page cache unless said (the store's own overhead, not the disk's speed):
 - Full Block reads, one thread: LocalDirStore.read with the defaults (xxh3, read_method="mmap": with the compiled
   loops each Layer Block hashed through a mapping of the file, then copied with non-temporal stores), with
   read_method="preadv" (each 256 KiB chunk preadv'ed, then hashed), the same two with the Python loops
@@ -11,6 +11,11 @@ Measures, per layout, with a warm page cache (the store's own overhead, not the 
   read-all-then-check) and crc32, and with --compare_tree another source tree's store (e.g. the last commit's),
   all vs raw `open + os.preadv + close` of the same payload bytes (goal >= 0.9x); also a sweep of
   read_chunk_bytes of the Python loops' mmap reads;
+- the first read of a freshly opened file: each store with fd_cache=0 streaming over all blocks beside raw preadv,
+  one pair at a time ("in pairs": no kept mapping, no third variant's reads in between);
+- with --cold_blocks, reads from the disk (pages dropped first; every store's open files closed, since mapped pages
+  are not dropped) and re-reads of the blocks after each variant's own cold read (through fresh mappings, vs raw
+  preadv of the same cached pages): how a cold read brings pages in decides what later mappings cost;
 - the same with the store's I/O pool (`read_many`, --threads) vs raw preadv from a pool of as many threads;
 - Layer-Block reads (each layer of each block read on its own, the layerwise pattern) vs Full-Block reads, with
   both read methods and with every verified read mapped (mmap_min_bytes=0), which sets where mapping starts;
@@ -372,6 +377,34 @@ def bench_layout(
          ("wsum64", "store, verify wsum64, read all then check (old default)")],
         t_st, total, "raw", "raw preadv",
     )  # fmt: skip
+
+    # ---- The first read of a freshly opened file, each variant alone beside raw preadv: stores that keep no file
+    # open (fd_cache=0, so no read finds a kept mapping, which the fd cache's LRU otherwise gives some reads of the
+    # rows above when passes start at different blocks), streaming over all blocks, one pair at a time (no third
+    # variant's reads in between).
+    alone = {  # (label, store)
+        "verify": (f"store, verify {algo} ({default}), fd_cache=0", LocalDirStore(store_dir, layout, fd_cache=0)),
+        "preadv": (pre_label + ", fd_cache=0", LocalDirStore(store_dir, layout, read_method="preadv", fd_cache=0)),
+        "noverify": ("store, verify=False, fd_cache=0", LocalDirStore(store_dir, layout, verify=False, fd_cache=0)),
+    }
+    if compare_tree:
+        old = load_store_package(compare_tree).local_dir.LocalDirStore(store_dir, layout, fd_cache=0)
+        alone["base"] = (base_label + ", fd_cache=0", old)
+    for label, s in alone.values():
+        views.append(s)
+        t = _paired_streaming(
+            {
+                "raw": lambda i: _raw_read(paths[i], pool_bufs[i], hdr),
+                "store": lambda i, s=s: must(s.read(keys[i], pool_bufs[i])),
+            },
+            n_blocks,
+            repeats,
+        )
+        rows.append(
+            _row(layout_name, "full read 1 thread, fresh open per read, in pairs", label, total, t["store"], t["raw"],
+                 "raw preadv (the pair's own)", cpu_s=t.cpu["store"], baseline_cpu_s=t.cpu["raw"],
+                 mean_ratio=t.mean["raw"] / t.mean["store"])
+        )  # fmt: skip
 
     # ---- Full Block reads from the disk: each file's pages dropped from the page cache before its read -------
     if cold_blocks and hasattr(os, "posix_fadvise"):

@@ -926,8 +926,11 @@ def test_store_benchmark_runs_small(tmp_path):
     assert sum("pages read back by a raw preadv" in r["variant"] for r in again) == (1 if cold else 0)
     assert "its cold pass" in format_rows(again)
     # --compare_tree: the other tree's store (here this one, loaded under another name) runs beside this one
-    # (1 thread, streaming, pool; with a cold cache also the cold read and the re-read)
-    assert sum("tree (before)" in r["variant"] for r in rows) == 3 + 2 * cold
+    # the first read of a freshly opened file, each store beside raw preadv alone (default, preadv, verify=False, other)
+    pairs = [r for r in rows if r["op"] == "full read 1 thread, fresh open per read, in pairs"]
+    assert len(pairs) == 4 and all(r["variant"].endswith("fd_cache=0") and r["mean_ratio"] > 0 for r in pairs)
+    # (1 thread, streaming, pool, in pairs; with a cold cache also the cold read and the re-read)
+    assert sum("tree (before)" in r["variant"] for r in rows) == 4 + 2 * cold
     with pytest.raises(FileNotFoundError, match="no dualpath_jax/store"):
         run_store_bench(layouts=["deepseek_v3_fp8"], root=str(tmp_path), total_mb=8, compare_tree=str(tmp_path))
     with pytest.raises(ValueError, match="unknown layout"):
