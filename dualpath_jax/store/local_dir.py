@@ -681,6 +681,7 @@ class LocalDirStore(KVStore):
         ent = _OpenBlock(fd)
         if not self._fd_cache:
             return ent
+        evicted = []
         with self._lock:
             other = self._fds.get(key)
             if other is not None:  # another thread opened it meanwhile: use theirs
@@ -693,7 +694,9 @@ class LocalDirStore(KVStore):
                     _, old = self._fds.popitem(last=False)
                     old.cached = False
                     if not old.refs:
-                        old.close()
+                        evicted.append(old)
+        for old in evicted:  # unmapped and closed outside the lock: no read can reach them any more
+            old.close()
         if other is not None:
             os.close(fd)
             return other
