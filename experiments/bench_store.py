@@ -414,13 +414,7 @@ def bench_layout(
         # stay in the cache through the next drop).
         for s in (store, crc_store, wsum_store, *views):
             _close_files(s)
-        fresh = {
-            "verify": LocalDirStore(store_dir, layout, fd_cache=0),
-            "preadv": LocalDirStore(store_dir, layout, read_method="preadv", fd_cache=0),
-        }
-        if compare_tree:
-            fresh["base"] = load_store_package(compare_tree).local_dir.LocalDirStore(store_dir, layout, fd_cache=0)
-        views.extend(fresh.values())
+        fresh = {name: alone[name][1] for name in ("verify", "preadv", "base") if name in alone}  # (fd_cache=0)
 
         def drop(i):
             fd = os.open(paths[i], os.O_RDONLY)
