@@ -390,21 +390,23 @@ def bench_layout(
     if compare_tree:
         old = load_store_package(compare_tree).local_dir.LocalDirStore(store_dir, layout, fd_cache=0)
         alone["base"] = (base_label + ", fd_cache=0", old)
-    for label, s in alone.values():
-        views.append(s)
-        t = _paired_streaming(
+
+    def beside_raw(s, n: int) -> Timings:
+        """`s` reading blocks 0..n-1 streaming beside raw preadv alone (n / 2 blocks apart, each into its own
+        buffer)."""
+        return _paired_streaming(
             {
                 "raw": lambda i: _raw_read(paths[i], pool_bufs[i], hdr),
-                "store": lambda i, s=s: must(s.read(keys[i], pool_bufs[i])),
+                "store": lambda i: must(s.read(keys[i], pool_bufs[i])),
             },
-            n_blocks,
+            n,
             repeats,
         )
-        rows.append(
-            _row(layout_name, "full read 1 thread, fresh open per read, in pairs", label, total, t["store"], t["raw"],
-                 "raw preadv (the pair's own)", cpu_s=t.cpu["store"], baseline_cpu_s=t.cpu["raw"],
-                 mean_ratio=t.mean["raw"] / t.mean["store"])
-        )  # fmt: skip
+
+    for label, s in alone.values():
+        views.append(s)
+        add("full read 1 thread, fresh open per read, in pairs", [("store", label)], beside_raw(s, n_blocks), total,
+            "raw", "raw preadv (the pair's own)")  # fmt: skip
 
     # ---- Full Block reads from the disk: each file's pages dropped from the page cache before its read -------
     if cold_blocks and hasattr(os, "posix_fadvise"):
@@ -470,20 +472,9 @@ def bench_layout(
                 else:
                     must(fresh[cold_by].read(keys[i], buf))
             cold_s = time.perf_counter() - t0
-            t = _paired_streaming(  # (raw and the store read blocks n_cold / 2 apart, each into its own buffer)
-                {
-                    "raw": lambda i: _raw_read(paths[i], pool_bufs[i], hdr),
-                    "store": lambda i, s=fresh[reader]: must(s.read(keys[i], pool_bufs[i])),
-                },
-                n_cold,
-                repeats,
-            )
-            rows.append(
-                _row(layout_name, "full read 1 thread, re-read after a cold read", label, n_cold * fb, t["store"],
-                     t["raw"], "raw preadv of the same cached pages", cpu_s=t.cpu["store"],
-                     baseline_cpu_s=t.cpu["raw"], mean_ratio=t.mean["raw"] / t.mean["store"],
-                     cold_gbps=n_cold * fb / cold_s / 1e9)
-            )  # fmt: skip
+            add("full read 1 thread, re-read after a cold read", [("store", label)], beside_raw(fresh[reader], n_cold),
+                n_cold * fb, "raw", "raw preadv of the same cached pages")  # fmt: skip
+            rows[-1]["cold_gbps"] = n_cold * fb / cold_s / 1e9
 
     # ---- Full Block reads, thread pools: batches of 2 x `threads` blocks read in parallel, the variants interleaved
     # batch by batch as in the streaming rows. The store's read_many uses its `threads` I/O threads; raw preadv

@@ -1,6 +1,7 @@
 """LocalDirStore in one process: round trips, lookup, eviction and pinning, corruption, bad arguments."""
 
 import logging
+import mmap
 import os
 import shutil
 import threading
@@ -1185,7 +1186,7 @@ def _smaps_of(fragment: str) -> list[dict[str, str]]:
 
 
 needs_thp = pytest.mark.skipif(
-    getattr(__import__("mmap"), "MADV_HUGEPAGE", None) is None
+    getattr(mmap, "MADV_HUGEPAGE", None) is None
     or not os.path.exists("/sys/kernel/mm/transparent_hugepage")
     or not os.path.exists("/proc/self/smaps"),
     reason="no transparent huge pages (MADV_HUGEPAGE) on this platform",
@@ -1197,8 +1198,6 @@ needs_thp = pytest.mark.skipif(
 def test_block_mappings_are_advised_huge_pages(tmp_path, native):
     """Every block mapping is advised MADV_HUGEPAGE ("hg" in its VmFlags), the compiled and the Python loops.
     Skips where the kernel does not record the advice on a plain file mapping either."""
-    import mmap
-
     probe = tmp_path / "probe.bin"
     probe.write_bytes(b"\1" * 4096)
     with open(probe, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
@@ -1238,8 +1237,6 @@ def test_a_cold_mapped_read_brings_the_block_back_in_large_folios(tmp_path):
     (mapped by PMD), as the advice asks, not in 4 KiB pages that every later fresh mapping would fault in one by
     one (a re-read at ~0.5x of raw preadv, see the README). Skips where the file system or kernel keeps no 2 MiB
     folios in the page cache (checked first on a plain file, read back the same way)."""
-    import mmap
-
     probe = tmp_path / "probe.bin"
     with open(probe, "wb") as f:
         f.write(b"\1" * (4 << 20))
