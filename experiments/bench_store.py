@@ -15,7 +15,8 @@ Measures, per layout, with a warm page cache unless said (the store's own overhe
   one pair at a time ("in pairs": no kept mapping, no third variant's reads in between);
 - with --cold_blocks, reads from the disk (pages dropped first; every store's open files closed, since mapped pages
   are not dropped) and re-reads of the blocks after each variant's own cold read (through fresh mappings, vs raw
-  preadv of the same cached pages): how a cold read brings pages in decides what later mappings cost;
+  preadv of the same cached pages): how a cold read brings pages in decides what later mappings cost (the preadv
+  store with and without `populate_cold`, which brings a cold block in through a huge-page-advised mapping);
 - the same with the store's I/O pool (`read_many`, --threads) vs raw preadv from a pool of as many threads;
 - Layer-Block reads (each layer of each block read on its own, the layerwise pattern) vs Full-Block reads, with
   both read methods and with every verified read mapped (mmap_min_bytes=0), which sets where mapping starts;
@@ -417,6 +418,10 @@ def bench_layout(
         for s in (store, crc_store, wsum_store, *views):
             _close_files(s)
         fresh = {name: alone[name][1] for name in ("verify", "preadv", "base") if name in alone}  # (fd_cache=0)
+        # the preadv store as it read cold blocks before populate_cold: the kernel's readahead, 4 KiB folios
+        fresh["preadv_ra"] = LocalDirStore(store_dir, layout, read_method="preadv", fd_cache=0, populate_cold=False)
+        views.append(fresh["preadv_ra"])
+        ra_label = "store, read_method=preadv, populate_cold=False (readahead)"
 
         def drop(i):
             fd = os.open(paths[i], os.O_RDONLY)
@@ -436,6 +441,7 @@ def bench_layout(
                 "raw": cold(lambda i: _raw_read(paths[i], buf, hdr)),
                 "verify": cold(lambda i: must(fresh["verify"].read(keys[i], buf))),
                 "preadv": cold(lambda i: must(fresh["preadv"].read(keys[i], buf))),
+                "preadv_ra": cold(lambda i: must(fresh["preadv_ra"].read(keys[i], buf))),
                 "noverify": cold(lambda i: must(fresh["verify"].read(keys[i], buf, verify=False))),
             }
             | ({"base": cold(lambda i: must(fresh["base"].read(keys[i], buf)))} if "base" in fresh else {}),
@@ -444,8 +450,8 @@ def bench_layout(
         )
         add(
             "full read 1 thread, cold cache",
-            [("verify", f"store, verify {algo} ({default})"), ("preadv", pre_label), ("base", base_label),
-             ("noverify", "store, verify=False")],
+            [("verify", f"store, verify {algo} ({default})"), ("preadv", pre_label), ("preadv_ra", ra_label),
+             ("base", base_label), ("noverify", "store, verify=False (preadv)")],
             c, n_cold * fb, "raw", "raw preadv, cold cache",
         )  # fmt: skip
 
@@ -457,8 +463,15 @@ def bench_layout(
         cases = [  # (label, who reads the pages back from the disk, who re-reads them)
             (f"default store ({default}), pages read back by its own mapped read", "verify", "verify"),
             ("store, read_method=preadv, pages read back by its own preadv", "preadv", "preadv"),
+            (f"{ra_label}, pages read back by its own preadv", "preadv_ra", "preadv_ra"),
             (f"{base_label}, pages read back by its own read", "base", "base"),
             (f"default store ({default}), pages read back by a raw preadv (4 KiB folios)", "raw", "verify"),
+            (f"default store ({default}), pages read back by the preadv store", "preadv", "verify"),
+            (
+                f"default store ({default}), pages read back by the preadv store, populate_cold=False",
+                "preadv_ra",
+                "verify",
+            ),
         ]
         for label, cold_by, reader in cases:
             if reader not in fresh:

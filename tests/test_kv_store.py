@@ -1,5 +1,6 @@
 """LocalDirStore in one process: round trips, lookup, eviction and pinning, corruption, bad arguments."""
 
+import errno
 import logging
 import mmap
 import os
@@ -908,7 +909,8 @@ def test_store_benchmark_runs_small(tmp_path):
     # reads also with the Python loops (the same-run baseline of the compiled ones), and a ratio of means.
     reads = ["full read 1 thread", "full read 1 thread, streaming", "full read 2 threads", "layer-block reads 1 thread"]
     for op in [*reads, "full read 1 thread, cold cache"][: 5 if "full read 1 thread, cold cache" in ops else 4]:
-        n_pre = 2 if op in reads[:3] else 1  # (C and Python loops)
+        # (C and Python loops; the cold reads: with and without populate_cold)
+        n_pre = 2 if op in reads[:3] or op == "full read 1 thread, cold cache" else 1
         assert sum("read_method=preadv" in r["variant"] and r["op"] == op for r in rows) == n_pre, op
         assert sum("default: mmap" in r["variant"] and r["op"] == op for r in rows) == 1, op
     for op in reads[:3]:
@@ -922,9 +924,10 @@ def test_store_benchmark_runs_small(tmp_path):
     # re-reads after a cold read: each case reads the pages back its own way, then re-reads them with fresh opens
     cold = "full read 1 thread, cold cache" in ops
     again = [r for r in rows if r["op"] == "full read 1 thread, re-read after a cold read"]
-    assert len(again) == (4 if cold else 0)
+    assert len(again) == (7 if cold else 0)
     assert all(r["cold_gbps"] > 0 and r["baseline"] == "raw preadv of the same cached pages" for r in again)
     assert sum("pages read back by a raw preadv" in r["variant"] for r in again) == (1 if cold else 0)
+    assert sum("populate_cold=False" in r["variant"] for r in again) == (2 if cold else 0)
     assert "its cold pass" in format_rows(again)
     # --compare_tree: the other tree's store (here this one, loaded under another name) runs beside this one
     # the first read of a freshly opened file, each store beside raw preadv alone (default, preadv, verify=False, other)
@@ -1231,12 +1234,9 @@ def _pmd_mapped_kib(fragment: str) -> int:
     return sum(int(e.get("FilePmdMapped", "0 kB").split()[0]) for e in _smaps_of(fragment))
 
 
-@needs_thp
-def test_a_cold_mapped_read_brings_the_block_back_in_large_folios(tmp_path):
-    """A Full Block read back from the disk through the store's mapping comes into the page cache in 2 MiB folios
-    (mapped by PMD), as the advice asks, not in 4 KiB pages that every later fresh mapping would fault in one by
-    one (a re-read at ~0.5x of raw preadv, see the README). Skips where the file system or kernel keeps no 2 MiB
-    folios in the page cache (checked first on a plain file, read back the same way)."""
+def _skip_without_large_folios(tmp_path) -> None:
+    """Skip where the file system or kernel keeps no 2 MiB folios in the page cache (a plain 4 MiB file, dropped
+    and read back through a huge-page-advised mapping, is then not PMD-mapped)."""
     probe = tmp_path / "probe.bin"
     with open(probe, "wb") as f:
         f.write(b"\1" * (4 << 20))
@@ -1249,7 +1249,19 @@ def test_a_cold_mapped_read_brings_the_block_back_in_large_folios(tmp_path):
         m.close()
     if probe_kib == 0:
         pytest.skip(f"the file system under {tmp_path} (or this kernel) keeps no 2 MiB folios in the page cache")
-    big = BlockLayout(num_layers=8, block_tokens=64, bytes_per_token_per_layer=8192, fingerprint="test-model/4mib")
+
+
+BIG = BlockLayout(num_layers=8, block_tokens=64, bytes_per_token_per_layer=8192, fingerprint="test-model/4mib")
+
+
+@needs_thp
+def test_a_cold_mapped_read_brings_the_block_back_in_large_folios(tmp_path):
+    """A Full Block read back from the disk through the store's mapping comes into the page cache in 2 MiB folios
+    (mapped by PMD), as the advice asks, not in 4 KiB pages that every later fresh mapping would fault in one by
+    one (a re-read at ~0.5x of raw preadv, see the README). Skips where the file system or kernel keeps no 2 MiB
+    folios in the page cache (checked first on a plain file, read back the same way)."""
+    _skip_without_large_folios(tmp_path)
+    big = BIG
     writer = LocalDirStore(tmp_path / "kv", big)
     (k,) = make_keys(1)
     assert writer.write(k, content(k, big))
@@ -1260,6 +1272,122 @@ def test_a_cold_mapped_read_brings_the_block_back_in_large_folios(tmp_path):
     assert s.read(k, full)
     np.testing.assert_array_equal(full, content(k, big))
     assert _pmd_mapped_kib(f"{s.root}/blocks/") >= 2048
+    s.close()
+
+
+PREADV_READS = {  # store options and a read, each done by preadv
+    "preadv, verified": ({"read_method": "preadv"}, None),
+    "preadv, verify=False": ({"read_method": "preadv", "verify": False}, None),
+}
+
+
+@needs_thp
+@pytest.mark.parametrize("case", list(PREADV_READS))
+def test_a_cold_preadv_read_brings_the_block_back_in_large_folios(tmp_path, case):
+    """A Full-Block preadv read of a block that is not in the page cache brings the whole block in through a
+    huge-page-advised mapping first (2 MiB folios, so a later mapped read maps it by PMD), where readahead would
+    bring 4 KiB pages; the bytes read are the block's. A warm block is read without it, and so is a cold block's
+    Layer Block (readahead streams the layers as they are read)."""
+    _skip_without_large_folios(tmp_path)
+    options, layers = PREADV_READS[case]
+    writer = LocalDirStore(tmp_path / "kv", BIG)
+    k, warm = make_keys(2)
+    assert writer.write(k, content(k, BIG)) and writer.write(warm, content(warm, BIG))
+    _drop_pages(writer.path_of(k))
+    writer.close()
+    s = LocalDirStore(tmp_path / "kv", BIG, **options)
+    lbn = BIG.layer_block_nbytes
+    want = (
+        content(k, BIG)
+        if layers is None
+        else np.concatenate([content(k, BIG)[i * lbn : (i + 1) * lbn] for i in layers])
+    )
+    out = np.zeros(want.nbytes, np.uint8)
+    assert s.read(k, out, layers=layers)
+    np.testing.assert_array_equal(out, want)
+    assert s.stats().cold_populated == 1
+    assert s.read(warm, np.zeros(BIG.full_block_nbytes, np.uint8))  # in the page cache since its write
+    _drop_pages(s.path_of(warm))
+    layer = np.zeros(lbn, np.uint8)
+    for read_method in ("preadv", "mmap"):  # (mmap: a Layer Block below mmap_min_bytes is a preadv read too)
+        r = LocalDirStore(tmp_path / "kv", BIG, read_method=read_method, fd_cache=0)
+        assert r.read(warm, layer, layers=[3])
+        np.testing.assert_array_equal(layer, content(warm, BIG)[3 * lbn : 4 * lbn])
+        assert r.stats().cold_populated == 0
+        r.close()
+    assert s.stats().cold_populated == 1
+    s.close()
+    m = LocalDirStore(tmp_path / "kv", BIG)  # a mapped read of the block now maps 2 MiB folios
+    full = np.zeros(BIG.full_block_nbytes, np.uint8)
+    assert m.read(k, full)
+    np.testing.assert_array_equal(full, content(k, BIG))
+    assert _pmd_mapped_kib(os.path.basename(m.path_of(k))) >= 2048
+    m.close()
+
+
+def test_a_cold_block_truncated_in_place_is_a_miss(tmp_path, caplog):
+    """A cold block that was truncated in place: populating it stops at the file's end (an error, not SIGBUS) and
+    the read is a truncated miss; the block is removed."""
+    writer = LocalDirStore(tmp_path / "kv", BIG)
+    (k,) = make_keys(1)
+    assert writer.write(k, content(k, BIG))
+    path = writer.path_of(k)
+    writer.close()
+    s = LocalDirStore(tmp_path / "kv", BIG, read_method="preadv")  # (opened first: its scan would catch the size)
+    os.truncate(path, writer.header_nbytes + 3 * BIG.layer_block_nbytes + 10)
+    _drop_pages(path)
+    with caplog.at_level(logging.WARNING):
+        assert not s.read(k, np.zeros(BIG.full_block_nbytes, np.uint8))
+    assert "truncated" in caplog.text
+    assert s.stats().read_corrupt == 1 and s.stats().cold_populated == 1 and not os.path.exists(path)
+    s.close()
+
+
+@pytest.mark.parametrize(
+    "missing, patch, log_line",
+    [
+        ("cachestat", ("_cached_pages", lambda fd: None), "no cachestat here"),
+        ("mmap", ("_populate_huge", lambda fd, size: errno.ENODEV), "cannot populate block files"),
+        ("MADV_POPULATE_READ", ("_populate_huge", lambda fd, size: errno.EINVAL), "cannot populate block files"),
+    ],
+)
+def test_without_cachestat_or_populate_cold_reads_fall_back_to_readahead(
+    tmp_path, monkeypatch, caplog, missing, patch, log_line
+):
+    """A kernel without cachestat(2) or MADV_POPULATE_READ, a sandbox refusing them, or a file system that cannot
+    map block files turns the populating off for the store, once, with a log line; cold reads go on as plain
+    preadv reads."""
+    writer = LocalDirStore(tmp_path / "kv", BIG)
+    keys = make_keys(2)
+    for k in keys:
+        assert writer.write(k, content(k, BIG))
+        _drop_pages(writer.path_of(k))
+    writer.close()
+    name, fake = patch
+    calls = []
+    monkeypatch.setattr(local_dir, name, lambda *a: calls.append(a) or fake(*a))
+    s = LocalDirStore(tmp_path / "kv", BIG, read_method="preadv")
+    with caplog.at_level(logging.INFO, logger="dualpath_jax.store.local_dir"):
+        for k in keys:
+            out = np.zeros(BIG.full_block_nbytes, np.uint8)
+            assert s.read(k, out)
+            np.testing.assert_array_equal(out, content(k, BIG))
+    assert len(calls) == 1 and s.stats().cold_populated == 0, missing
+    assert caplog.text.count(log_line) == 1
+    s.close()
+
+
+def test_populate_cold_false_reads_cold_blocks_without_it(tmp_path):
+    writer = LocalDirStore(tmp_path / "kv", BIG)
+    (k,) = make_keys(1)
+    assert writer.write(k, content(k, BIG))
+    _drop_pages(writer.path_of(k))
+    writer.close()
+    s = LocalDirStore(tmp_path / "kv", BIG, read_method="preadv", populate_cold=False)
+    out = np.zeros(BIG.full_block_nbytes, np.uint8)
+    assert s.read(k, out)
+    np.testing.assert_array_equal(out, content(k, BIG))
+    assert s.stats().cold_populated == 0
     s.close()
 
 

@@ -42,6 +42,7 @@ class StoreStats:
     bytes_evicted: int = 0
     corrupt_blocks: int = 0  # corrupt block files found and removed (on read or when opening the store)
     temp_files_removed: int = 0  # leftovers of killed writers removed
+    cold_populated: int = 0  # blocks a Full-Block preadv read found out of the page cache, brought in by a mapping
 
     @property
     def hits(self) -> int:

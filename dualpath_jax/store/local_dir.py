@@ -35,7 +35,8 @@ verified reads of xxh3 blocks run in C with the GIL released and hash each Layer
   file (the fd cache, LRU of `fd_cache`); files are mapped from their first read (`mmap_after_reads=0`). Mappings
   are advised MADV_HUGEPAGE, so pages a mapped read brings back from the disk come in large folios (where the file
   system has them): a later fresh mapping of a block in 4 KiB pages costs more than reading it (see
-  `_MADV_HUGEPAGE`). Pages brought in by `read`/`preadv` (another reader's, or this store's own preadv reads below)
+  `_MADV_HUGEPAGE`). The store's own Full-Block preadv reads (below) of a block not in the page cache bring it in the
+  same way first (`populate_cold`, see `_MADV_POPULATE_READ`). Pages that another reader brought in with `read`/`preadv`
   stay in 4 KiB folios; for a store whose blocks are mostly read that way first, `read_method="preadv"` is faster.
 - `read_method="preadv"` (for file systems where mmap is unsuitable) `pread`s 256 KiB chunks of whole Layer
   Blocks into `out` and hashes each right after its copy (in the reader's L2).
@@ -61,13 +62,17 @@ shared mount with foreign writers, flaky disks), use `read_method="preadv"`.
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
+import errno
 import json
 import logging
 import mmap
 import os
+import platform
 import secrets
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -123,6 +128,81 @@ NONTEMPORAL_MIN_BYTES = 1 << 20
 # DeepSeek-V3 0.41-0.49x -> 0.65-0.67x, Qwen2.5-32B 0.48x -> 0.82-0.86x; the cold reads themselves 1.6x faster).
 # None where the platform has no such advice (the mapping then works as before).
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
+# A preadv read brings pages back from the disk in 4 KiB folios (readahead allocates small ones), and every later
+# read of them pays for it: a fresh mapping faults them one by one (0.46-0.49x of raw preadv) and even a raw preadv
+# of them is slower. So a Full-Block preadv read first asks cachestat(2) (Linux 6.5; ~1 us)
+# how much of the file is in the page cache (Full-Block reads; Layer-Block reads are left to readahead, see
+# `_bring_in_if_cold`); if not all of it, the store brings the block in through a mapping
+# advised MADV_HUGEPAGE and populated with MADV_POPULATE_READ (Linux 5.14; an error instead of SIGBUS if the file
+# is short or unreadable), so its pages come in 2 MiB folios as a mapped read's do, then reads it as usual
+# (`populate_cold`; experiments/bench_store.py, "cold reads"). (A preadv with RWF_NOWAIT cannot ask instead: on a
+# cold file it starts readahead of 4 KiB pages before it returns EAGAIN.)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")
+    ]
+
+
+_NR_CACHESTAT = 451  # the same on every Linux architecture but alpha (new system calls share one table)
+_WHOLE_FILE = ctypes.byref(_CachestatRange(0, 0))  # len 0: to the end of the file
+_cachestat_out = threading.local()  # per thread: the kernel writes it
+# libc through ctypes, which releases the GIL around each call (a populate waits for the disk; Python's
+# mmap.madvise would hold the GIL meanwhile)
+_libc = None
+if sys.platform.startswith("linux") and platform.machine().lower() != "alpha":
+    try:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
+        _libc.mmap.restype = ctypes.c_void_p
+        _libc.mmap.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_long,
+        ]
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        _libc = None
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _cached_pages(fd: int) -> int | None:
+    """Pages of file `fd` in the page cache (cachestat(2)), or None where the system call is missing or refused."""
+    ref = getattr(_cachestat_out, "ref", None)
+    if ref is None:
+        out = _cachestat_out.out = _Cachestat()
+        ref = _cachestat_out.ref = ctypes.byref(out)
+    if _libc.syscall(_NR_CACHESTAT, fd, _WHOLE_FILE, ref, 0) != 0:
+        return None
+    return _cachestat_out.out.nr_cache
+
+
+def _populate_huge(fd: int, size: int) -> int:
+    """Map `size` bytes of file `fd`, advise MADV_HUGEPAGE (where there is such advice), MADV_POPULATE_READ them
+    and unmap; 0, or the errno of the step that failed (the mmap's, or the populate's: a short or unreadable file is
+    an error there, not SIGBUS)."""
+    addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        return ctypes.get_errno() or errno.EINVAL
+    try:
+        if _MADV_HUGEPAGE is not None:
+            _libc.madvise(addr, size, _MADV_HUGEPAGE)  # (refused without transparent huge pages: populate anyway)
+        if _libc.madvise(addr, size, _MADV_POPULATE_READ) != 0:
+            return ctypes.get_errno() or errno.EIO
+        return 0
+    finally:
+        _libc.munmap(addr, size)
 
 
 def _mismatch(bad_layers: list[int]) -> str:
@@ -244,6 +324,9 @@ class LocalDirStoreConfig:
     # compiled mapped reads of at least this many bytes copy with non-temporal stores (None: never; for callers
     # that read into a reused buffer and copy it on at once, which then comes from DRAM instead of cache)
     nontemporal_min_bytes: int | None = NONTEMPORAL_MIN_BYTES
+    # a Full-Block preadv read of a block not in the page cache first brings it in through a huge-page-advised,
+    # populated mapping (2 MiB folios; see _MADV_POPULATE_READ); False: the kernel's readahead (4 KiB folios)
+    populate_cold: bool = True
 
 
 @STORES.register("local_dir")
@@ -284,6 +367,7 @@ class LocalDirStore(KVStore):
         fd_cache: int = 64,
         native_verify: bool = True,
         nontemporal_min_bytes: int | None = NONTEMPORAL_MIN_BYTES,
+        populate_cold: bool = True,
     ):
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
@@ -316,6 +400,10 @@ class LocalDirStore(KVStore):
                 f"nontemporal_min_bytes must be an int >= 0 or None (never), got {nontemporal_min_bytes!r}"
             )
         self.nontemporal_min_bytes = nontemporal_min_bytes
+        self.populate_cold = bool(populate_cold)
+        # (turned off for good if this file system or kernel refuses cachestat, mmap or MADV_POPULATE_READ)
+        self._populate = self.populate_cold and _libc is not None and _MADV_POPULATE_READ is not None
+        self._file_pages = -(-self.file_nbytes // mmap.PAGESIZE)
         self._native = _VERIFY_C if native_verify else None
         if read_chunk_bytes is None:
             if read_method == "mmap":
@@ -808,6 +896,39 @@ class LocalDirStore(KVStore):
             return f"truncated: file is {size} B, expected {self.file_nbytes}"
         return checked
 
+    def _bring_in_if_cold(self, fd: int) -> None:
+        """With `populate_cold`: if the block file is not all in the page cache, bring it in through a
+        huge-page-advised mapping (`_populate_block`). Called by Full-Block preadv reads only: a Layer-Block read
+        of a cold block would wait for the whole block (a 16 MiB Qwen2.5-32B block: its first layer 6 ms instead of
+        0.5 ms, and all its layers read one by one no sooner), where readahead streams the layers as they are read."""
+        if not self._populate:
+            return
+        cached = _cached_pages(fd)
+        if cached is None:
+            self._populate = False
+            err = ctypes.get_errno()
+            log.info("kv store %s: no cachestat here (%s): cold blocks use readahead", self.root, os.strerror(err))
+        elif cached < self._file_pages:
+            self._populate_block(fd)
+
+    def _populate_block(self, fd: int) -> None:
+        """Bring a block file's pages into the page cache through a mapping advised MADV_HUGEPAGE (2 MiB folios where
+        the file system has them) and populated (`_populate_huge`). A short or unreadable file is left to the
+        preadv that follows, which reports it."""
+        size = min(os.fstat(fd).st_size, self.file_nbytes)
+        if size <= 0:
+            return
+        err = _populate_huge(fd, size)
+        if not err:
+            with self._lock:
+                self._stats.cold_populated += 1
+        elif err in (errno.ENODEV, errno.EACCES, errno.EINVAL, errno.ENOSYS, errno.EPERM):
+            # a file system that cannot map block files, or a kernel before 5.14 (no MADV_POPULATE_READ)
+            self._populate = False
+            log.info(
+                "kv store %s: cannot populate block files (%s): cold blocks use readahead", self.root, os.strerror(err)
+            )
+
     def _segments(self, layer_list, runs) -> list[tuple[int, int, int, int]]:
         """(file offset, out offset, nbytes, first layer) of each run of consecutive layers."""
         if layer_list is None:
@@ -839,6 +960,7 @@ class LocalDirStore(KVStore):
             n0 = step if verify else self._fb
             hdr = self._header_buf()
             want = hdr_n + n0
+            self._bring_in_if_cold(fd)
             got = os.preadv(fd, [hdr, *_rows(dst, 0, n0, stride, lbn)], 0)  # header + first chunk, one syscall
             if got != want:
                 if got >= hdr_n:  # name the real problem if the header already tells it
