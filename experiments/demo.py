@@ -157,9 +157,10 @@ def main(argv: Sequence[str]) -> None:
         # A first conversation with other tokens compiles every bucket the measured one will use.
         conversation(_SEED.value + 1, verbose=False)
     rows, store = conversation(_SEED.value, verbose=True)
+    warm = "after a warm-up conversation" if _WARMUP.value else "no warm-up (--nowarmup): compiles are timed too"
     print(
         f"\n{agents} agents x {_TURNS.value} turns, append {_APPEND.value}, gen {_GEN.value}, block {block} "
-        f"(after a warm-up conversation: new traces = compiles during this one)"
+        f"({warm}; new traces = compiles during this one)"
     )
     print(
         "| turn | prompt tok | hit tok | miss tok | prefill ms | prefill tok/s | decode tok/s | max diff vs full | new traces | first tokens |"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import numpy as np
 import pytest
@@ -258,3 +260,25 @@ def test_mla_short_append_uses_absorbed_prefill_and_matches_full():
     logits, kv = runner.full_prefill([prompt])
     res = runner.prefill_layerwise([PrefillRequest(prompt[128:], 128)], lambda layer: [kv[0][layer, :128]])
     assert np.abs(res.last_logits[0] - logits[0][-1]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("model", ["qwen2", "deepseek"])
+def test_demo_launcher_runs_and_matches_full_prefill(model):
+    """experiments.demo end to end (tiny, no warm-up): every turn's layerwise prefill from stored Full Blocks agrees
+    with a full prefill of the whole prompt (its --check column), and the later turns hit the stored blocks."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "experiments.demo", f"--model={model}", "--agents=2", "--turns=2",
+        "--append_tokens=16", "--gen_tokens=4", "--nowarmup", "--no_persistent_cache",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no warm-up (--nowarmup)" in out.stdout
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [int(r[0]) for r in rows] == [0, 1]
+    hits = [int(r[2]) for r in rows]
+    assert hits[0] == 0 and hits[1] > 0
+    assert all(float(r[7]) < 1e-3 for r in rows), rows  # max |logit diff| vs a full prefill
+    assert re.search(r"store: [1-9]\d* Full Blocks", out.stdout)

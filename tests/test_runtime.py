@@ -278,6 +278,19 @@ def test_pd_outside_range_warns(base, caplog):
     assert any("outside the bottleneck-free range" in r.message for r in caplog.records)
 
 
+def test_pd_warning_says_when_no_ratio_is_bottleneck_free(base, caplog):
+    """s > g/2 (one engine per node, SNIC = CNIC): PAPER.md's range is empty; the warning says so, not a range
+    like [inf, -1]."""
+    cfg = base.replace(
+        **{"cluster.engines_per_node": 1, "cluster.prefill_nodes": 3, "nics.snic_bytes_per_s": 2e6,
+           "nics.cnic_bytes_per_s": 2e6}
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        driver.prepare(cfg)
+    (msg,) = [r.getMessage() for r in caplog.records if "bottleneck-free" in r.getMessage()]
+    assert "there is none when s > g/2" in msg and "inf" not in msg
+
+
 @pytest.mark.slow
 def test_ray_launcher_matches_reference(base, ops, trajs, reference):
     """The Ray launcher on a local Ray instance (one actor per node)."""
@@ -394,3 +407,24 @@ def test_ray_launcher_without_ray_says_how_to_install(base):
 
     with pytest.raises(ImportError, match=r"pip install -e '.\[ray\]'"):
         RayLauncher(base.replace(launcher="ray"))
+
+
+def test_bench_runtime_launcher_runs_small(tmp_path):
+    """experiments.bench_runtime end to end on the small in-process config: the measured speedup, the simulator's
+    prediction beside it, the per-turn overhead breakdown, and its results (JSON and plot) written."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "experiments.bench_runtime", "--config=configs/tiny_runtime.py:test",
+        "--overhead_turns=2", f"--config.results_dir={tmp_path}",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for section in ("== DualPath vs Basic", "== Simulator prediction", "== Per-turn runtime overhead"):
+        assert section in out.stdout
+    (run_dir,) = list(tmp_path.glob("bench_runtime-*"))
+    res = json.loads((run_dir / "bench_runtime.json").read_text())
+    assert res["measured_speedup"] > 0 and res["simulated_speedup"] > 0
+    assert res["overhead_per_turn"]["wall_ms"] > 0 and (run_dir / "bench_runtime.png").exists()

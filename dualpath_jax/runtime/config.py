@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -247,28 +248,28 @@ def _warn_pd_range(cfg: RuntimeConfig) -> None:
     """PAPER.md "Bottleneck-free P/D range": outside it one link saturates first (a warning, not an error)."""
     if min(cfg.nics.snic_bytes_per_s, cfg.nics.cnic_bytes_per_s) >= UNPACED_BYTES_PER_S:
         return  # links not emulated (warm-up runs, real NICs): no ratio to check
+    from schedulers import pd_bounds
+
     g = cfg.cluster.engines_per_node
     s = cfg.nics.snic_bytes_per_s / cfg.nics.cnic_bytes_per_s
     ratio = cfg.cluster.prefill_nodes / cfg.cluster.decode_nodes
-    lo = s / (g - s) if g > s else float("inf")
-    hi = min((g - 2 * s) / s, (g - s) / (2 * s))
-    try:  # the shared implementation, when it exists
-        from schedulers import pd_bounds
-
-        lo, hi = pd_bounds.pd_ratio_range(g=g, s=s, mem_over_bs=10.0)
-    except Exception:  # noqa: BLE001 -- fall back to the closed form above
-        pass
+    # (the PE-CNIC read constraint 2s/g <= 1 leaves no range at all when s > g/2)
+    lo, hi = pd_bounds.pd_ratio_range(g=g, s=s, mem_over_bs=10.0) if 2 * s <= g else (math.inf, -math.inf)
     key = (cfg.cluster.prefill_nodes, cfg.cluster.decode_nodes, g, s)
     if not lo <= ratio <= hi and key not in _WARNED:
         _WARNED.add(key)
+        if lo <= hi:
+            where = f"the bottleneck-free range [{lo:.3f}, {hi:.3f}]"
+        elif 2 * s > g:
+            where = "any bottleneck-free range: there is none when s > g/2"
+        else:
+            where = "any bottleneck-free range: there is none for this g and s"
         log.warning(
-            "P/D = %d/%d = %.3f is outside the bottleneck-free range [%.3f, %.3f] for g=%d, s=%.3f "
-            "(PAPER.md): a NIC saturates before the GPUs",
+            "P/D = %d/%d = %.3f is outside %s for g=%d, s=%.3f (PAPER.md): a NIC saturates before the GPUs",
             cfg.cluster.prefill_nodes,
             cfg.cluster.decode_nodes,
             ratio,
-            lo,
-            hi,
+            where,
             g,
             s,
         )
