@@ -362,3 +362,18 @@ def test_cost_model_parameters_are_read_only():
     with pytest.raises(AttributeError):
         cm.decode_fit = _FIT
     assert cm.ep == 8 and cm.model.name == "ds27b" and cm.hw.name == "h800" and cm.prefill_fit is None
+
+
+def test_measure_cpu_profile_reports_this_hosts_gemm_and_copy_rates():
+    """`python -m schedulers.hardware` measures the host (numpy GEMM FLOP/s, copy bandwidth) beside the registered
+    cpu profile; the measurement itself returns positive rates of a sane magnitude."""
+    import subprocess
+    import sys
+
+    from schedulers.hardware import measure_cpu_profile
+
+    m = measure_cpu_profile(repeats=1)
+    assert 1e8 < m["peak_flops"] < 1e15 and 1e8 < m["mem_bandwidth"] < 1e13
+    out = subprocess.run([sys.executable, "-m", "schedulers.hardware"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cpu GEMM:" in out.stdout and "registered cpu profile:" in out.stdout

@@ -282,3 +282,23 @@ def test_demo_launcher_runs_and_matches_full_prefill(model):
     assert hits[0] == 0 and hits[1] > 0
     assert all(float(r[7]) < 1e-3 for r in rows), rows  # max |logit diff| vs a full prefill
     assert re.search(r"store: [1-9]\d* Full Blocks", out.stdout)
+
+
+def test_bench_prefill_launcher_runs_small(tmp_path):
+    """experiments.bench_prefill end to end (tiny dense model, one repeat): its table and JSON, with the layerwise
+    pipeline's logits equal to one jit of the whole model and each identical layer traced once."""
+    import json
+    import subprocess
+    import sys
+
+    out_json = tmp_path / "prefill.json"
+    cmd = [
+        sys.executable, "-m", "experiments.bench_prefill", "--batch=1", "--miss_tokens=8", "--cached_tokens=16",
+        "--repeats=1", "--models=dense", "--no_persistent_cache", f"--out={out_json}",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| dense (" in out.stdout
+    (res,) = json.loads(out_json.read_text())
+    assert res["model"] == "dense" and res["max_abs_logit_diff"] < 1e-4 and res["ratio"] > 0
+    assert "prefill_layer0:1" in out.stdout  # one trace for all identical layers

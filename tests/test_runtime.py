@@ -428,3 +428,30 @@ def test_bench_runtime_launcher_runs_small(tmp_path):
     res = json.loads((run_dir / "bench_runtime.json").read_text())
     assert res["measured_speedup"] > 0 and res["simulated_speedup"] > 0
     assert res["overhead_per_turn"]["wall_ms"] > 0 and (run_dir / "bench_runtime.png").exists()
+
+
+def test_compilation_cache_is_one_setting_for_every_launcher(tmp_path, monkeypatch):
+    """The runtime's node processes and the model launchers share one persistent compilation cache: the directory
+    from the argument, else $DUALPATH_JAX_CACHE; every executable is cached (tiny steps compile fast)."""
+    import jax
+
+    from dualpath_jax.runtime.launcher import enable_compilation_cache
+    from models.jax_cache import enable_persistent_compilation_cache
+
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    before = {k: getattr(jax.config, k) for k in keys}
+    try:
+        monkeypatch.setenv("DUALPATH_JAX_CACHE", str(tmp_path / "env"))
+        assert enable_persistent_compilation_cache() == str(tmp_path / "env")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env") and (tmp_path / "env").is_dir()
+        enable_compilation_cache(str(tmp_path / "arg"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "arg")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        assert jax.config.jax_persistent_cache_min_entry_size_bytes == 0
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)

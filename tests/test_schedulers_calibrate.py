@@ -51,3 +51,19 @@ def test_fit_predicts_held_out_forwards():
     fitted = CostModel.from_fit(TINY_DENSE, "cpu", time_prefill(step, fit_grid, repeats=5))
     held_m = time_prefill(step, held, repeats=5)
     assert fit_report(fitted, held_m).median_rel_error < 0.5
+
+
+def test_calibrate_launcher_runs():
+    """`python -m schedulers.calibrate` end to end: NumPy forwards timed, a fit printed with the held-out batches
+    (measured, fitted and analytic times) and the error summary."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "schedulers.calibrate", "--repeats=1"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "NumPy forwards of tiny-dense" in out.stdout and "fit: overhead" in out.stdout
+    held = [line for line in out.stdout.splitlines() if line.startswith("[(")]
+    assert len(held) == 5 and all(len(line.split()) >= 3 for line in held)
+    assert "median / max relative error: fitted" in out.stdout

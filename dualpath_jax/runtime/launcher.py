@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import secrets
 import threading
 import time
@@ -171,14 +170,11 @@ def _node_main(spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: by
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
-    """JAX's persistent compilation cache, so node processes and reruns skip recompiling the same steps."""
-    import jax
+    """JAX's persistent compilation cache, so node processes and reruns skip recompiling the same steps (the one
+    the model launchers use: `models.jax_cache`, default ~/.cache/dualpath_jax/xla or $DUALPATH_JAX_CACHE)."""
+    from models.jax_cache import enable_persistent_compilation_cache
 
-    path = path or os.environ.get("DUALPATH_JAX_CACHE", os.path.expanduser("~/.cache/dualpath_jax/jax"))
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    enable_persistent_compilation_cache(path)
 
 
 def _node_session_main(spec: GroupSpec, conn, log_level: int) -> None:
