@@ -12,6 +12,7 @@ import glob
 import logging
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -210,6 +211,34 @@ def test_killed_decode_node_loses_nothing(base, ops, launch):
     res = driver.run(cfg, trajs6, model_ops=ops, fault=fault)
     assert killed and res.requeued > 0
     assert_matches_reference(res, ref6, trajs6)
+
+
+def test_a_run_with_no_decode_engine_left_fails_clearly(base, ops, trajs):
+    """Both DE nodes killed: nothing can finish, so the run stops at once with the scheduler's reason (not a
+    hang until the run timeout)."""
+    from dualpath_jax.runtime.scheduler_service import RunFailed
+
+    cfg = base.replace(**{"scheduler.name": "round_robin", "scheduler.heartbeat_timeout_s": 1.0})
+    killed = []
+
+    def fault(service, launcher):
+        if not killed and service.progress()[0] >= 1:
+            for node in (1, 2):
+                launcher.kill(node)
+                killed.append(node)
+
+    t0 = time.monotonic()
+    with pytest.raises(RunFailed, match="no live prefill or decode engine left"):
+        driver.run(cfg, trajs, model_ops=ops, fault=fault)
+    assert killed == [1, 2] and time.monotonic() - t0 < cfg.run_timeout_s
+
+
+def test_a_run_past_its_timeout_fails_naming_it(base, ops, trajs):
+    from dualpath_jax.runtime.scheduler_service import RunFailed
+
+    cfg = base.replace(**{"run_timeout_s": 0.05})
+    with pytest.raises(RunFailed, match=r"within 0\.05 s"):
+        driver.run(cfg, trajs, model_ops=ops)
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -1,0 +1,94 @@
+"""The control channel between engine groups and the global scheduler (dualpath_jax/runtime/control.py), over real
+sockets: authentication, bad messages and an unanswered fetch fail clearly, and the server keeps serving the others."""
+
+import logging
+import threading
+import time
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
+
+import pytest
+
+from dualpath_jax.runtime.control import ControlServer, GroupReply, GroupReport, SocketControlClient
+
+KEY = b"control-test-key"
+
+
+def _report(node: int) -> GroupReport:
+    return GroupReport(node_id=node, role="prefill", engine_ids=[node])
+
+
+@pytest.fixture
+def server():
+    seen = []
+
+    def handler(report: GroupReport) -> GroupReply:
+        seen.append(report.node_id)
+        return GroupReply(directory={report.node_id: (report.node_id, None)})
+
+    srv = ControlServer(handler, KEY)
+    srv.seen = seen
+    yield srv
+    srv.close()
+
+
+def test_groups_fetch_over_the_socket(server):
+    clients = [SocketControlClient(server.address, KEY) for _ in range(3)]
+    try:
+        for node, c in enumerate(clients):
+            for _ in range(2):
+                assert c.fetch(_report(node)).directory == {node: (node, None)}
+    finally:
+        for c in clients:
+            c.close()
+    assert sorted(server.seen) == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_wrong_key_is_rejected_and_the_server_keeps_serving(server, caplog):
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.runtime.control"):
+        with pytest.raises(AuthenticationError):
+            Client(server.address, authkey=b"not-the-key")
+        deadline = time.monotonic() + 5
+        while "rejected a connection" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert "rejected a connection" in caplog.text
+    good = SocketControlClient(server.address, KEY)
+    try:
+        assert good.fetch(_report(7)).directory == {7: (7, None)}
+    finally:
+        good.close()
+
+
+def test_a_message_that_is_not_a_report_drops_only_that_connection(server, caplog):
+    bad = Client(server.address, authkey=KEY)
+    good = SocketControlClient(server.address, KEY)
+    try:
+        with caplog.at_level(logging.ERROR, logger="dualpath_jax.runtime.control"):
+            bad.send({"node_id": 1})  # a dict, not a GroupReport
+            with pytest.raises(EOFError):
+                bad.recv()  # the server closed this connection
+        assert "dropping a connection that sent dict" in caplog.text
+        assert good.fetch(_report(2)).directory == {2: (2, None)}
+    finally:
+        bad.close()
+        good.close()
+
+
+def test_an_unanswered_fetch_times_out_naming_the_scheduler():
+    release = threading.Event()
+
+    def slow(report: GroupReport) -> GroupReply:
+        release.wait(10)
+        return GroupReply()
+
+    srv = ControlServer(slow, KEY)
+    client = SocketControlClient(srv.address, KEY, timeout_s=0.2)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="global scheduler did not answer within 0.2 s"):
+            client.fetch(_report(0))
+        assert time.monotonic() - t0 < 5
+    finally:
+        release.set()
+        client.close()
+        srv.close()
