@@ -197,6 +197,67 @@ def test_garbage_and_truncated_frames_are_rejected(server, caplog):
     assert "rejected connection" in caplog.text
 
 
+def _hello(server, body) -> socket.socket:
+    s = _raw(server)
+    payload = json.dumps(body).encode()
+    s.sendall(pack_header(OP_HELLO, length=len(payload)) + payload)
+    return s
+
+
+@pytest.mark.parametrize(
+    "body, logged",
+    [
+        (["not", "an", "object"], "HELLO payload is not a JSON object"),
+        ({"name": "evil", "peer": "srv", "session": "s", "stream": "medium"}, "unknown stream 'medium'"),
+        ({"peer": "srv", "session": "s", "stream": "low"}, "'name'"),  # a missing field
+    ],
+    ids=["not_an_object", "unknown_stream", "missing_field"],
+)
+def test_malformed_hello_is_rejected_and_the_server_keeps_serving(server, caplog, body, logged):
+    caplog.set_level(logging.ERROR, logger="transport.tcp")
+    s = _hello(server, body)
+    assert _closed_by_server(s), "server kept a connection with a malformed HELLO open"
+    s.close()
+    assert "rejected connection" in caplog.text and logged in caplog.text
+    _assert_serving(server, "good-after-hello")
+
+
+def test_a_duplicate_stream_of_one_session_is_rejected(server, caplog):
+    caplog.set_level(logging.ERROR, logger="transport.tcp")
+    body = {"name": "evil", "peer": server.name, "session": "dup", "stream": "high", "nonce": os.urandom(32).hex()}
+    first = _hello(server, body)
+    op, _, _, _, length, _, _ = unpack_header(tcpmod._recv_exact(first, HEADER.size))
+    assert op == OP_HELLO_ACK
+    tcpmod._recv_exact(first, length)
+    second = _hello(server, body)  # the same stream of the same session again
+    assert _closed_by_server(second)
+    assert "duplicate stream 'high' for session dup" in caplog.text
+    first.close()
+    second.close()
+    _assert_serving(server, "good-after-dup")
+
+
+def test_a_half_open_connection_set_is_dropped_after_the_handshake_timeout(caplog):
+    """A client that opens only one stream of its set holds a socket on the server until the handshake timeout;
+    then the server drops it (logged) and keeps serving."""
+    caplog.set_level(logging.ERROR, logger="transport.tcp")
+    srv = TcpTransport("srv", timeout_s=0.4, handshake_timeout_s=0.3)
+    srv.register("dst", np.zeros(1 << 16, np.uint8))
+    try:
+        body = {"name": "half", "peer": "srv", "session": "h", "stream": "high", "nonce": os.urandom(32).hex()}
+        s = _hello(srv, body)
+        op, _, _, _, length, _, _ = unpack_header(tcpmod._recv_exact(s, HEADER.size))
+        assert op == OP_HELLO_ACK
+        tcpmod._recv_exact(s, length)
+        assert _closed_by_server(s, timeout=10), "the half-open set was never dropped"
+        s.close()
+        assert "dropping half-open connection set" in caplog.text
+        assert "half" not in srv.peers()
+        _assert_serving(srv, "good-after-half")
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize(
     "frame",
     [
