@@ -961,6 +961,64 @@ def test_write_errors_are_logged_counted_misses_not_crashes(store, caplog):
     assert store.lookup(keys) == 1 and store.used_bytes == block_file.file_nbytes(LAYOUT)
 
 
+def test_a_write_failing_mid_file_leaves_no_temp_file_and_keeps_the_old_block(store, monkeypatch, caplog):
+    """A full disk (ENOSPC) while the block's bytes are written: the write is a logged, counted failure, its temp
+    file is removed, and an earlier copy of the block (an overwrite) is still there, whole."""
+    (k,) = make_keys(1)
+    assert store.write(k, content(k))
+    old = open(store.path_of(k), "rb").read()
+
+    def full_disk(fd, bufs):
+        os.write(fd, bytes(bufs[0])[:100])  # part of it lands, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local_dir, "_write_all", full_disk)
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.store.local_dir"):
+        assert not store.write(k, content(k)[::-1].copy(), overwrite=True)
+    assert "No space left on device" in caplog.text
+    d = os.path.dirname(store.path_of(k))
+    assert not [n for n in os.listdir(d) if n.startswith(".tmp.")]
+    assert open(store.path_of(k), "rb").read() == old and store.stats().write_errors == 1
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    assert store.read(k, out)
+    np.testing.assert_array_equal(out, content(k))
+
+
+@pytest.mark.parametrize("read_method", ["mmap", "preadv"])
+def test_a_read_io_error_is_a_counted_miss_and_the_block_stays(tmp_path, monkeypatch, caplog, read_method):
+    """An I/O error reading a block (EIO from the disk) is a miss, logged and counted as a read error; the block is
+    not removed (it may read fine later), and it does."""
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, read_method=read_method, mmap_min_bytes=0, fd_cache=0)
+    (k,) = make_keys(1)
+    assert s.write(k, content(k))
+    real = os.preadv
+    failing = [True]
+
+    def preadv(fd, bufs, offset, *flags):
+        if failing[0]:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, bufs, offset, *flags)
+
+    def fstat_eio(fd):  # (a mapped read checks the file's size first)
+        if failing[0]:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fstat(fd)
+
+    real_fstat = os.fstat
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "fstat", fstat_eio)
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.store.local_dir"):
+        assert not s.read(k, out)
+    assert "I/O error reading block" in caplog.text
+    st = s.stats()
+    assert st.read_errors == 1 and st.read_corrupt == 0 and os.path.exists(s.path_of(k))
+    failing[0] = False
+    assert s.read(k, out)
+    np.testing.assert_array_equal(out, content(k))
+    s.close()
+
+
 def test_read_many_with_one_layer_index(store):
     keys = make_keys(2)
     for k in keys:
