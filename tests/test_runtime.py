@@ -233,6 +233,28 @@ def test_a_run_with_no_decode_engine_left_fails_clearly(base, ops, trajs):
     assert killed == [1, 2] and time.monotonic() - t0 < cfg.run_timeout_s
 
 
+def test_a_crashing_engine_fails_the_run_with_its_error(base, ops, trajs, monkeypatch, caplog):
+    """A prefill engine whose model step raises: the engine reports the error, and the run stops with it (the
+    engine and the exception named), not a hang until the run timeout."""
+    from dualpath_jax.runtime.scheduler_service import RunFailed
+
+    calls = []
+
+    def broken_prefill(*args, **kwargs):
+        calls.append(1)
+        raise FloatingPointError("NaN in layer 3 (injected)")
+
+    monkeypatch.setattr(ops, "prefill", broken_prefill)
+    t0 = time.monotonic()
+    with (
+        caplog.at_level(logging.ERROR),
+        pytest.raises(RunFailed, match=r"node 0: pe 0: FloatingPointError\('NaN in layer 3"),
+    ):
+        driver.run(base, trajs, model_ops=ops)
+    assert calls and time.monotonic() - t0 < base.run_timeout_s
+    assert "engine" in caplog.text and "crashed" in caplog.text
+
+
 def test_a_run_past_its_timeout_fails_naming_it(base, ops, trajs):
     from dualpath_jax.runtime.scheduler_service import RunFailed
 
