@@ -312,3 +312,42 @@ def test_de_path_sender_miss_fails_fast(store):
     finally:
         de.close()
         pe.close()
+
+
+def _source(layer, out):
+    out[:] = layer_bytes(layer, out.nbytes)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"num_layers": 0}, ValueError, "num_layers must be > 0, got 0"),
+        ({"prefetch": -1}, ValueError, "prefetch must be >= 0, got -1"),
+        ({"layer_nbytes": -8}, ValueError, "layer_nbytes must be >= 0, got -8"),
+    ],
+)
+def test_bad_feeder_arguments_are_named(kwargs, error, match):
+    args = {"num_layers": L, "source": _source, "layer_nbytes": NBYTES} | kwargs
+    with pytest.raises(error, match=match):
+        LayerFeeder(**args)
+
+
+def test_misuse_of_a_feeder_is_a_clear_error():
+    """A layer outside 0..L-1, or saving through a feeder built without a saver, names what is wrong."""
+    with LayerFeeder(L, _source, NBYTES, name="pe3") as feed:
+        with pytest.raises(IndexError, match=r"pe3: layer 6 out of range 0\.\.5"):
+            feed.wait_for_layer(L)
+        with pytest.raises(IndexError, match="out of range"):
+            feed.wait_for_layer(-1)
+        with pytest.raises(RuntimeError, match="pe3: save_layer needs a saver"):
+            feed.save_layer(0, np.zeros(NBYTES, np.uint8))
+        np.testing.assert_array_equal(np.asarray(feed.wait_for_layer(0)).reshape(-1).view(np.uint8), layer_bytes(0))
+    with pytest.raises(ValueError, match="layer 4096 out of range for a layer tag"):
+        layer_tag(1, 4096)
+
+
+def test_buffer_saver_refuses_a_layer_outside_its_buffer():
+    saver = BufferSaver(np.zeros(2 * NBYTES, np.uint8), offset_fn=lambda layer: layer * NBYTES)
+    saver(1, np.ones(NBYTES, np.uint8))  # fits: [4096, 8192)
+    with pytest.raises(LayerSaveError, match=r"layer 2: \[8192, 12288\) outside the 8192-byte buffer"):
+        saver(2, np.ones(NBYTES, np.uint8))
