@@ -81,6 +81,19 @@ def test_backends_registered():
         ep.close()
 
 
+@pytest.mark.parametrize("backend", ["inproc", "tcp"])
+def test_endpoint_names_and_waiting_for_a_peer(backend):
+    """An endpoint needs a non-empty name; waiting for a peer that never connects times out naming it."""
+    with pytest.raises(ValueError, match="transport endpoint name must be a non-empty string"):
+        make_transport({"backend": backend, "name": ""})
+    ep = make_transport({"backend": backend, "name": f"lonely-{backend}"})
+    try:
+        with pytest.raises(TimeoutError, match="peer 'nobody' did not connect within 0.05 s"):
+            ep.wait_for_peer("nobody", timeout=0.05)
+    finally:
+        ep.close()
+
+
 def test_registration(pair):
     a, _ = pair
     buf = np.zeros(100, np.uint8)
@@ -92,6 +105,8 @@ def test_registration(pair):
         a.register("ro", b"immutable")
     with pytest.raises(RegionError, match="contiguous"):
         a.register("strided", np.zeros((10, 10), np.uint8)[:, ::2])
+    with pytest.raises(RegionError, match="region 'obj': object does not expose a buffer"):
+        a.register("obj", object())
     # any writable contiguous buffer works, viewed as bytes
     assert a.register("f32", np.zeros((4, 8), np.float32)).size == 128
     assert a.register("ba", bytearray(33)).size == 33
