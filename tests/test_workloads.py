@@ -157,3 +157,25 @@ def test_load_workload_and_cli():
         cwd=REPO,
     )
     assert "append (mean)" in out.stdout and "608" in out.stdout and "hit rate" in out.stdout
+
+
+def test_tune_spec_brings_a_detuned_spec_back_to_its_table_2_targets():
+    """tune_spec (how DATASETS was set, offline) from a spec whose gen and append means are 60% off: its generated
+    trajectories come back to the 32K dataset's targets (mean append, gen, total and context within 2%)."""
+    import dataclasses
+
+    from dualpath_jax.workloads import synthetic
+    from dualpath_jax.workloads.stats import summarize
+
+    spec = synthetic.DATASETS.get("32K")
+    off = dataclasses.replace(spec, gen_mean=spec.gen_mean * 1.6, append_mean=spec.append_mean * 0.6)
+    before = summarize(synthetic.generate_trajectories(off, 300, 0))
+    assert abs(before.mean_gen / spec.target_gen - 1) > 0.3
+    st = summarize(synthetic.generate_trajectories(synthetic.tune_spec(off, seed=0, n=300, rounds=6), 300, 0))
+    for got, want in [
+        (st.mean_gen, spec.target_gen),
+        (st.mean_append, spec.target_append),
+        (st.mean_total, spec.target_total),
+        (st.mean_context, spec.target_context),
+    ]:
+        assert abs(got / want - 1) < 0.02, (got, want)
