@@ -322,6 +322,20 @@ def test_run_launcher_prints_a_bad_config_as_one_line():
     assert "Traceback" not in out.stderr
 
 
+def test_workload_token_ids_outside_the_vocabulary_are_a_config_error(base, trajs):
+    """A trace's own token ids beyond the model's vocabulary fail before any engine starts, naming the turn."""
+    import dataclasses
+
+    t = trajs[1]
+    first = t.turns[0]
+    bad_turn = dataclasses.replace(first, append_token_ids=np.full(first.append_tokens, 10**6, np.int32))
+    bad = [trajs[0], dataclasses.replace(t, turns=[bad_turn, *t.turns[1:]]), *trajs[2:]]
+    with pytest.raises(
+        ConfigError, match=rf"trajectory {t.trajectory_id} turn 0 has token ids in \[1000000, 1000000\]"
+    ):
+        driver.prepare(base, trajectories=bad)
+
+
 def test_pd_outside_range_warns(base, caplog):
     cfg = base.replace(**{"cluster.prefill_nodes": 9, "nics.snic_bytes_per_s": 1e6, "nics.cnic_bytes_per_s": 8e6})
     with caplog.at_level(logging.WARNING):

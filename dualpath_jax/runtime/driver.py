@@ -161,6 +161,7 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     max_prompt = max(t.prompt_tokens(i) for t in trajs for i in range(len(t.turns)))
     max_total = max(t.prompt_tokens(i) + t.turns[i].gen_tokens for t in trajs for i in range(len(t.turns)))
     validate(cfg, mcfg.kv_bytes_per_token, max_prompt)
+    _check_token_ids(trajs, mcfg.vocab_size)
     if max_total > cfg.cluster.max_seq_len:
         raise ConfigError(
             f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the longest turn "
@@ -168,6 +169,19 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         )
     ops = model_ops or ModelOps(cfg.model, cfg.model_seed)
     return trajs, ops
+
+
+def _check_token_ids(trajs: Sequence[Trajectory], vocab_size: int) -> None:
+    """A workload's own token ids (traces that carry them) must be ids of the model's vocabulary: checked before
+    any engine starts, not when an engine first embeds them."""
+    for t in trajs:
+        for i, turn in enumerate(t.turns):
+            ids = turn.append_token_ids
+            if ids is not None and len(ids) and (int(np.min(ids)) < 0 or int(np.max(ids)) >= vocab_size):
+                raise ConfigError(
+                    f"the workload's trajectory {t.trajectory_id} turn {i} has token ids in "
+                    f"[{int(np.min(ids))}, {int(np.max(ids))}], outside the model's vocabulary [0, {vocab_size})"
+                )
 
 
 def run(
