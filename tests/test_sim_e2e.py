@@ -618,3 +618,30 @@ def test_decode_lockstep_leaves_dense_models_alone():
     sim_on, recs_on = _three_agents_on_two_des(True, model="qwen2.5-32b")
     assert [len(g.members) for g in sim_on.de_groups] == [1, 1]
     assert [dataclasses.astuple(r) for r in recs_on] == [dataclasses.astuple(r) for r in recs_off]
+
+
+@pytest.mark.parametrize("policy", ["basic", "dualpath"])
+def test_simulator_replays_a_real_trace_with_its_timestamps(policy):
+    """workload.kind='trace' on the real Mooncake conversation trace (../shared/traces): every turn of every session
+    finishes, each session's first turn arrives at its trace time, later turns hit the session's own earlier KV, and
+    the run is deterministic."""
+    from dualpath_jax.sim.runner import make_trajectories
+    from dualpath_jax.workloads.traces import traces_dir
+
+    name = "mooncake_conversation_trace.jsonl.gz"
+    if not (traces_dir() / name).exists():
+        pytest.skip(f"real traces not found at {traces_dir()}")
+    cfg = load_sim_config(
+        "configs/sim_tiny.py",
+        {"workload.kind": "trace", "workload.trace_path": name, "workload.max_turns": 4, "scheduler.name": policy},
+    )
+    res = run(cfg)
+    trajs, _ = make_trajectories(cfg)
+    assert len(res.records) == sum(len(t.turns) for t in trajs) and res.summary["unfinished_turns"] == 0
+    start = {t.trajectory_id: t.arrival_time for t in trajs}
+    firsts = [r for r in res.records if r.turn_index == 0]
+    assert len(firsts) == len(trajs)
+    assert all(math.isclose(r.arrival, start[r.trajectory_id], abs_tol=1e-9) for r in firsts)
+    assert any(r.hit_tokens > 0 for r in res.records if r.turn_index > 0)
+    assert all(r.hit_tokens == 0 for r in firsts)
+    assert run(cfg).summary == res.summary
