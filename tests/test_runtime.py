@@ -336,6 +336,16 @@ def test_workload_token_ids_outside_the_vocabulary_are_a_config_error(base, traj
         driver.prepare(base, trajectories=bad)
 
 
+def test_ray_launcher_without_ray_is_a_config_error(base):
+    """launcher='ray' where ray is not installed: one ConfigError naming the extra, before anything starts."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("ray is installed here")
+    with pytest.raises(ConfigError, match=r"config.launcher='ray' needs ray, which is not installed: pip install"):
+        driver.prepare(base.replace(**{"launcher": "ray", "transport": "tcp"}))
+
+
 def test_pd_outside_range_warns(base, caplog):
     cfg = base.replace(**{"cluster.prefill_nodes": 9, "nics.snic_bytes_per_s": 1e6, "nics.cnic_bytes_per_s": 8e6})
     with caplog.at_level(logging.WARNING):

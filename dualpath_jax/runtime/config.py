@@ -9,6 +9,7 @@ too short for the longest trajectory. A P/D ratio outside the paper's bottleneck
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import math
 from collections.abc import Mapping
@@ -196,6 +197,8 @@ def validate(cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prom
         raise ConfigError(f"config.transport {cfg.transport!r} cannot run in-process")
     if cfg.launcher != "inprocess" and cfg.transport == "inproc":
         raise ConfigError("config.transport 'inproc' needs config.launcher='inprocess' (engines in one process)")
+    if cfg.launcher == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("config.launcher='ray' needs ray, which is not installed: pip install -e '.[ray]'")
     try:
         schedulers.make_policy(cfg.scheduler.name, **dict(cfg.scheduler.policy_kwargs))
     except KeyError as e:
