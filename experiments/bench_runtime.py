@@ -29,6 +29,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import config_or_exit
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_runtime.py"), "Runtime configuration."
 )
@@ -157,7 +159,7 @@ def main(argv):
     from schedulers.cost_model import CostModel
 
     enable_compilation_cache()
-    config = _CONFIG.value
+    config = config_or_exit(_CONFIG)
     try:  # everything checked before anything starts; a bad config is one line naming the field
         base = RuntimeConfig.from_config_dict(config.runtime)
         trajs, ops = driver.prepare(base)

@@ -23,6 +23,8 @@ import time
 from absl import app, logging
 from ml_collections import config_flags
 
+from experiments import config_or_exit
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_runtime.py"), "Run configuration."
 )
@@ -109,7 +111,7 @@ def main(argv):
     from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
     from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
 
-    config = _CONFIG.value
+    config = config_or_exit(_CONFIG)
     enable_compilation_cache()
     import flax
     import numpy as np

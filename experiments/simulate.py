@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import config_or_exit
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A simulator config file (configs/paper_*.py).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write results (default: config.output_dir).")
 _PLOT = flags.DEFINE_bool("plot", True, "Write plot.png (matplotlib).")
@@ -91,10 +93,12 @@ def main(argv: Sequence[str]) -> None:
     from dualpath_jax import compiled
     from dualpath_jax.sim import config as sim_config
     from dualpath_jax.sim import outputs, runner
+    from dualpath_jax.workloads.traces import TraceFormatError
 
     log_versions()
-    cfg_dict = _CONFIG.value.to_dict()
-    logging.info("resolved config:\n%s", _CONFIG.value)
+    config = config_or_exit(_CONFIG)
+    cfg_dict = config.to_dict()
+    logging.info("resolved config:\n%s", config)
     try:
         sc = sim_config.sim_config_from_dict(cfg_dict)
     except ValueError as e:  # a bad config: its message names the field; no traceback, no flag listing
@@ -107,7 +111,10 @@ def main(argv: Sequence[str]) -> None:
     # the run's millions of live objects while the records are summarised and written (~14 CPU-s at 48P96D).
     gc.disable()
     cpu0 = time.process_time()
-    result = runner.run(sc, max_time=_MAX_TIME.value, progress=_PROGRESS.value)
+    try:
+        result = runner.run(sc, max_time=_MAX_TIME.value, progress=_PROGRESS.value)
+    except (FileNotFoundError, TraceFormatError) as e:  # workload.kind='trace': a missing or malformed trace file
+        raise SystemExit(f"bad workload: {e}") from None
     cpu1 = time.process_time()
     logging.info(
         "simulated in %.1f CPU-s (event loop %.1f s wall, %d events)",

@@ -312,13 +312,21 @@ def test_out_of_range_values_are_rejected_before_start(base, key, value, message
         driver.prepare(base.replace(**{key: value}))
 
 
-def test_run_launcher_prints_a_bad_config_as_one_line():
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.runtime.workload.turns=0"], "bad config: config.workload.turns must be >= 1, got 0"),
+        (["--config=configs/no_such_runtime.py"], "bad config: OSError: Failed loading config file"),
+    ],
+    ids=["bad_field", "missing_config_file"],
+)
+def test_run_launcher_prints_a_bad_config_as_one_line(args, message):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "experiments.run", "--config.runtime.workload.turns=0"]
+    cmd = [sys.executable, "-m", "experiments.run", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "bad config: config.workload.turns must be >= 1, got 0" in out.stderr
+    assert out.returncode != 0 and message in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -645,3 +645,24 @@ def test_simulator_replays_a_real_trace_with_its_timestamps(policy):
     assert any(r.hit_tokens > 0 for r in res.records if r.turn_index > 0)
     assert all(r.hit_tokens == 0 for r in firsts)
     assert run(cfg).summary == res.summary
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config=configs/no_such_setup.py"], "bad config: OSError: Failed loading config file"),
+        (
+            ["--config=configs/sim_tiny.py", "--config.workload.kind=trace", "--config.workload.trace_path=/no/trace"],
+            "bad workload: trace '/no/trace' not found",
+        ),
+    ],
+    ids=["missing_config_file", "missing_trace"],
+)
+def test_simulate_launcher_reports_a_bad_config_or_workload_in_one_line(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "experiments.simulate", *args, f"--output_dir={tmp_path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and message in out.stderr
+    assert "Traceback" not in out.stderr
