@@ -50,8 +50,22 @@ flags.register_validator(
 )
 flags.register_validator(
     "table",
-    lambda v: all(a.isdigit() and int(a) > 0 for a in v),
-    message="--table takes positive agent counts, e.g. --table=512,1024",
+    lambda v: all(a.isdigit() and (int(a), "64K") in TABLE for a in v),  # (TABLE: below; checked at parse time)
+    message="--table takes agent counts of the paper's DS 660B table (512, 1024, 2048, 4096), e.g. --table=512,1024",
+)
+
+
+def _known_dataset(name: str) -> bool:
+    from dualpath_jax.workloads import synthetic
+
+    return name in synthetic.DATASETS.names()
+
+
+flags.register_validator("dataset", _known_dataset, message="--dataset must be one of 32K, 48K, 64K")
+flags.register_validator(
+    "online_dataset",
+    lambda v: v == "" or _known_dataset(v),
+    message="--online_dataset must be '' (the configs' 64K) or one of 32K, 48K, 64K",
 )
 flags.register_multi_flags_validator(
     ["online_duration_s", "online_warmup_s"],
