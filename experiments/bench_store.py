@@ -730,6 +730,9 @@ if __name__ == "__main__":
     from absl import app, flags
 
     flags.DEFINE_list("layouts", list(LAYOUTS), f"layouts to run, of {sorted(LAYOUTS)}")
+    flags.register_validator(
+        "layouts", lambda v: bool(v) and set(v) <= set(LAYOUTS), message=f"--layouts takes names of {sorted(LAYOUTS)}"
+    )
     flags.DEFINE_string("root", None, "directory for the store (a temp dir by default; a mount point to test it)")
     flags.DEFINE_integer("total_mb", 256, "MB of blocks per layout", lower_bound=1)
     flags.DEFINE_integer("repeats", 3, "interleaved repeats; the best of each is reported", lower_bound=1)

@@ -939,6 +939,13 @@ def test_store_benchmark_runs_small(tmp_path):
         run_store_bench(layouts=["deepseek_v3_fp8"], root=str(tmp_path), total_mb=8, compare_tree=str(tmp_path))
     with pytest.raises(ValueError, match="unknown layout"):
         run_store_bench(layouts=["llama"])
+    import subprocess
+    import sys
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_store", "--layouts=llama"], capture_output=True, text=True, timeout=60
+    )
+    assert cli.returncode != 0 and "--layouts takes names of" in cli.stderr and "Traceback" not in cli.stderr
 
 
 def test_write_errors_are_logged_counted_misses_not_crashes(store, caplog):
