@@ -344,6 +344,32 @@ def test_workload_token_ids_outside_the_vocabulary_are_a_config_error(base, traj
         driver.prepare(base, trajectories=bad)
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"workload.kind": "trace", "workload.trace": "/no/such/trace.jsonl"},
+            "config.workload.trace: trace '/no/such",
+        ),
+        ({"workload.kind": "synthetic", "workload.dataset": "99K"}, "unknown synthetic dataset '99K'"),
+        ({"store_dir": "/proc/no_store_here"}, "config.store_dir '/proc/no_store_here' cannot be created"),
+    ],
+    ids=["missing_trace", "unknown_dataset", "unusable_store_dir"],
+)
+def test_workload_and_store_dir_errors_are_config_errors(base, fields, message):
+    """A missing trace, an unknown synthetic dataset or a store directory that cannot be made: one ConfigError
+    from prepare (before any engine starts), not a traceback from inside the run."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        driver.prepare(base.replace(**fields))
+
+
+def test_a_malformed_trace_is_a_config_error_naming_the_line(base, tmp_path):
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text('{"timestamp": 0, "input_length": "x"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: field 'input_length' must be an integer"):
+        driver.prepare(base.replace(**{"workload.kind": "trace", "workload.trace": str(trace)}))
+
+
 def test_ray_launcher_without_ray_is_a_config_error(base):
     """launcher='ray' where ray is not installed: one ConfigError naming the extra, before anything starts."""
     import importlib.util

@@ -155,13 +155,29 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         raise ConfigError(f"config.model: {e.args[0]}") from None
     make_arrival_model(cfg)  # an unknown arrival model is a config error before anything starts
     validate_workload(cfg)
-    trajs = list(trajectories) if trajectories is not None else make_trajectories(cfg)
+    from dualpath_jax.workloads.traces import TraceFormatError
+
+    try:
+        trajs = list(trajectories) if trajectories is not None else make_trajectories(cfg)
+    except (FileNotFoundError, TraceFormatError) as e:  # kind='trace': a missing or malformed trace file
+        raise ConfigError(f"config.workload.trace: {e}") from None
+    except KeyError as e:  # an unknown synthetic dataset (the registry names the known ones)
+        if cfg.workload.kind != "synthetic":
+            raise
+        raise ConfigError(f"config.workload.dataset: {e.args[0]}") from None
     if not trajs:
         raise ConfigError("the workload has no trajectories")
     max_prompt = max(t.prompt_tokens(i) for t in trajs for i in range(len(t.turns)))
     max_total = max(t.prompt_tokens(i) + t.turns[i].gen_tokens for t in trajs for i in range(len(t.turns)))
     validate(cfg, mcfg.kv_bytes_per_token, max_prompt)
     _check_token_ids(trajs, mcfg.vocab_size)
+    if cfg.store_dir:  # the KV store's directory: made now, so an unusable path fails before any engine starts
+        try:
+            os.makedirs(cfg.store_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"config.store_dir {cfg.store_dir!r} cannot be created: {e.strerror}") from None
+        if not os.access(cfg.store_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"config.store_dir {cfg.store_dir!r} is not writable")
     if max_total > cfg.cluster.max_seq_len:
         raise ConfigError(
             f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the longest turn "
