@@ -6,6 +6,8 @@ def config_or_exit(config_flag):
     file is missing or its `get_config` failed (an unknown variant, an error in the file), instead of the
     library's two chained tracebacks on first use."""
     config = config_flag.value
+    if config is None:
+        raise SystemExit(f"bad config: --{config_flag.name} is required (a config file, e.g. configs/sim_tiny.py)")
     try:
         config.to_dict  # noqa: B018 - a failed load is a placeholder that raises its load error on any attribute
     except Exception as e:  # noqa: BLE001

@@ -655,12 +655,13 @@ def test_simulator_replays_a_real_trace_with_its_timestamps(policy):
     "args, message",
     [
         (["--config=configs/no_such_setup.py"], "bad config: OSError: Failed loading config file"),
+        ([], "bad config: --config is required"),
         (
             ["--config=configs/sim_tiny.py", "--config.workload.kind=trace", "--config.workload.trace_path=/no/trace"],
             "bad workload: trace '/no/trace' not found",
         ),
     ],
-    ids=["missing_config_file", "missing_trace"],
+    ids=["missing_config_file", "no_config", "missing_trace"],
 )
 def test_simulate_launcher_reports_a_bad_config_or_workload_in_one_line(tmp_path, args, message):
     import subprocess
