@@ -14,6 +14,7 @@ import time
 from absl import app, flags
 
 from dualpath_jax.workloads import DATASETS, load_workload, summarize
+from dualpath_jax.workloads.traces import TraceFormatError
 
 flags.DEFINE_string("workload", "64K", "synthetic dataset (32K, 48K, 64K) or a trace path / name")
 flags.DEFINE_integer("n_agents", 500, "synthetic: agents to generate", lower_bound=1)
@@ -27,7 +28,10 @@ def main(argv):
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     f = flags.FLAGS
     t0 = time.perf_counter()
-    trajs = load_workload(f.workload, n_agents=f.n_agents, seed=f.seed, limit=f.limit)
+    try:
+        trajs = load_workload(f.workload, n_agents=f.n_agents, seed=f.seed, limit=f.limit)
+    except (FileNotFoundError, TraceFormatError) as e:  # neither a dataset name nor a readable trace
+        raise SystemExit(f"bad --workload: {e} (synthetic datasets: {', '.join(DATASETS.names())})") from None
     st = summarize(trajs, block_size=f.block_size)
     print(f"workload {f.workload}: loaded in {time.perf_counter() - t0:.2f} s")
     paper = {}

@@ -157,6 +157,11 @@ def test_load_workload_and_cli():
         cwd=REPO,
     )
     assert "append (mean)" in out.stdout and "608" in out.stdout and "hit rate" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "experiments.workload_stats", "--workload=99K"], capture_output=True, text=True, cwd=REPO
+    )
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "bad --workload: trace '99K' not found" in bad.stderr and "synthetic datasets: 32K, 48K, 64K" in bad.stderr
 
 
 def test_tune_spec_brings_a_detuned_spec_back_to_its_table_2_targets():
