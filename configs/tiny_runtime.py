@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         arrival="offline",
         aps=1.0,
         seed=0,
-        dataset="32k",
+        dataset="32K",
         scale=0.02,
         time_scale=1.0,
     )

@@ -351,7 +351,7 @@ def test_workload_token_ids_outside_the_vocabulary_are_a_config_error(base, traj
             {"workload.kind": "trace", "workload.trace": "/no/such/trace.jsonl"},
             "config.workload.trace: trace '/no/such",
         ),
-        ({"workload.kind": "synthetic", "workload.dataset": "99K"}, "unknown synthetic dataset '99K'"),
+        ({"workload.kind": "synthetic", "workload.dataset": "99K"}, "config.workload.dataset '99K' unknown"),
         ({"store_dir": "/proc/no_store_here"}, "config.store_dir '/proc/no_store_here' cannot be created"),
     ],
     ids=["missing_trace", "unknown_dataset", "unusable_store_dir"],
@@ -361,6 +361,13 @@ def test_workload_and_store_dir_errors_are_config_errors(base, fields, message):
     from prepare (before any engine starts), not a traceback from inside the run."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         driver.prepare(base.replace(**fields))
+
+
+def test_synthetic_workload_with_the_default_dataset_prepares(base):
+    """`--config.runtime.workload.kind=synthetic` alone (as the README shows): the default dataset is a Table 2
+    name (it was "32k", which no dataset is called)."""
+    trajs, _ = driver.prepare(base.replace(**{"workload.kind": "synthetic"}))
+    assert base.workload.dataset == "32K" and trajs and all(t.source.startswith("synthetic:32K") for t in trajs)
 
 
 def test_a_malformed_trace_is_a_config_error_naming_the_line(base, tmp_path):

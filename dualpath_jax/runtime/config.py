@@ -75,7 +75,7 @@ class WorkloadConfig:
     arrival: str = "offline"  # offline (all at t=0), online (Poisson at aps) or trace (its timestamps)
     aps: float = 1.0  # agents per second (online)
     seed: int = 0
-    dataset: str = "32k"  # synthetic: which Table 2 row
+    dataset: str = "32K"  # synthetic: which Table 2 row
     scale: float = 0.02  # synthetic/trace: token lengths are multiplied by this to fit a tiny model
     time_scale: float = 1.0  # synthetic/trace: gaps and timestamps are multiplied by this
 
@@ -173,6 +173,11 @@ def validate_workload(cfg: RuntimeConfig) -> None:
             raise ConfigError(f"config.workload.{name} must be > 0, got {getattr(w, name)}")
     if w.gap_s < 0:
         raise ConfigError(f"config.workload.gap_s must be >= 0, got {w.gap_s}")
+    if w.kind == "synthetic":  # (as the simulator's check_sim_config does)
+        from dualpath_jax.workloads.synthetic import DATASETS
+
+        if w.dataset not in DATASETS:
+            raise ConfigError(f"config.workload.dataset {w.dataset!r} unknown; known: {', '.join(DATASETS.names())}")
 
 
 def validate(cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prompt_tokens: int | None = None) -> None:

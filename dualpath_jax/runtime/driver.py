@@ -161,10 +161,6 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         trajs = list(trajectories) if trajectories is not None else make_trajectories(cfg)
     except (FileNotFoundError, TraceFormatError) as e:  # kind='trace': a missing or malformed trace file
         raise ConfigError(f"config.workload.trace: {e}") from None
-    except KeyError as e:  # an unknown synthetic dataset (the registry names the known ones)
-        if cfg.workload.kind != "synthetic":
-            raise
-        raise ConfigError(f"config.workload.dataset: {e.args[0]}") from None
     if not trajs:
         raise ConfigError("the workload has no trajectories")
     max_prompt = max(t.prompt_tokens(i) for t in trajs for i in range(len(t.turns)))
