@@ -664,10 +664,6 @@ def test_simulator_replays_a_real_trace_with_its_timestamps(policy):
     ids=["missing_config_file", "no_config", "missing_trace"],
 )
 def test_simulate_launcher_reports_a_bad_config_or_workload_in_one_line(tmp_path, args, message):
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "experiments.simulate", *args, f"--output_dir={tmp_path}"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = _launch("experiments.simulate", *args, f"--output_dir={tmp_path}")
     assert out.returncode != 0 and message in out.stderr
     assert "Traceback" not in out.stderr

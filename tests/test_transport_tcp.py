@@ -59,20 +59,33 @@ def _assert_serving(server, name):
         c.close()
 
 
+def _hello(server, body) -> socket.socket:
+    """A raw connection that has sent a HELLO frame with JSON payload `body`."""
+    s = _raw(server)
+    payload = json.dumps(body).encode()
+    s.sendall(pack_header(OP_HELLO, length=len(payload)) + payload)
+    return s
+
+
+def _acked(s: socket.socket) -> socket.socket:
+    """`s` after reading the server's HELLO_ACK (asserted)."""
+    op, _, _, _, length, _, _ = unpack_header(tcpmod._recv_exact(s, HEADER.size))
+    assert op == OP_HELLO_ACK
+    tcpmod._recv_exact(s, length)
+    return s
+
+
 def _raw_handshake(server, session="s1") -> list[socket.socket]:
     """Open a complete connection set by hand (loopback, no secret) to send crafted frames afterwards."""
-    socks = []
-    for stream in ("high", "low"):
-        s = _raw(server)
-        hello = json.dumps(
-            {"name": "evil", "peer": server.name, "session": session, "stream": stream, "nonce": os.urandom(32).hex()}
-        ).encode()
-        s.sendall(pack_header(OP_HELLO, length=len(hello)) + hello)
-        op, _, _, _, length, _, _ = unpack_header(tcpmod._recv_exact(s, HEADER.size))
-        assert op == OP_HELLO_ACK
-        tcpmod._recv_exact(s, length)
-        socks.append(s)
-    return socks
+    return [
+        _acked(
+            _hello(
+                server,
+                {"name": "evil", "peer": server.name, "session": session, "stream": st, "nonce": os.urandom(32).hex()},
+            )
+        )
+        for st in ("high", "low")
+    ]
 
 
 def _closed_by_server(s: socket.socket, timeout=5.0) -> bool:
@@ -197,13 +210,6 @@ def test_garbage_and_truncated_frames_are_rejected(server, caplog):
     assert "rejected connection" in caplog.text
 
 
-def _hello(server, body) -> socket.socket:
-    s = _raw(server)
-    payload = json.dumps(body).encode()
-    s.sendall(pack_header(OP_HELLO, length=len(payload)) + payload)
-    return s
-
-
 @pytest.mark.parametrize(
     "body, logged",
     [
@@ -225,10 +231,7 @@ def test_malformed_hello_is_rejected_and_the_server_keeps_serving(server, caplog
 def test_a_duplicate_stream_of_one_session_is_rejected(server, caplog):
     caplog.set_level(logging.ERROR, logger="transport.tcp")
     body = {"name": "evil", "peer": server.name, "session": "dup", "stream": "high", "nonce": os.urandom(32).hex()}
-    first = _hello(server, body)
-    op, _, _, _, length, _, _ = unpack_header(tcpmod._recv_exact(first, HEADER.size))
-    assert op == OP_HELLO_ACK
-    tcpmod._recv_exact(first, length)
+    first = _acked(_hello(server, body))
     second = _hello(server, body)  # the same stream of the same session again
     assert _closed_by_server(second)
     assert "duplicate stream 'high' for session dup" in caplog.text
@@ -245,10 +248,7 @@ def test_a_half_open_connection_set_is_dropped_after_the_handshake_timeout(caplo
     srv.register("dst", np.zeros(1 << 16, np.uint8))
     try:
         body = {"name": "half", "peer": "srv", "session": "h", "stream": "high", "nonce": os.urandom(32).hex()}
-        s = _hello(srv, body)
-        op, _, _, _, length, _, _ = unpack_header(tcpmod._recv_exact(s, HEADER.size))
-        assert op == OP_HELLO_ACK
-        tcpmod._recv_exact(s, length)
+        s = _acked(_hello(srv, body))
         assert _closed_by_server(s, timeout=10), "the half-open set was never dropped"
         s.close()
         assert "dropping half-open connection set" in caplog.text
