@@ -185,6 +185,13 @@ def main(argv):
         if session is not None:
             session.close()
     table = format_table(results)
+    if not config.warmup and len(policies) > 1:
+        # Without the warm-up, whatever the first policy compiles (buckets not precompiled, first connections)
+        # is in its JCT: the speedups compare a cold run with warm ones.
+        table += (
+            f"\nnote: --config.warmup=False, so {policies[0]}'s JCT includes what it compiled first; the speedups"
+            " are not a fair comparison (the default config warms up before measuring)"
+        )
     print(table)
     summary = {
         "config": config.to_dict(),
