@@ -2,10 +2,17 @@
 
 Launch:
   python -m experiments.simulate --config=configs/paper_qwen32b.py --config.scheduler.name=dualpath
-  python -m experiments.simulate --config=configs/paper_qwen32b.py:basic,dataset=32K,agents=512
+  python -m experiments.simulate --config=configs/paper_qwen32b.py:basic,agents=256
 
 Same hardware and calibrated parameters as configs/paper_ds660b.py (configs/sim_base.py CALIBRATED);
 the buffer is 320 GB per node (PAPER.md).
+
+DE HBM (an assumption; PAPER.md gives no memory settings for Qwen): a DP engine holds all 64.0 GB of bf16
+weights, so at the default 0.9 usable fraction its KV room is 8.0 GB (30.6K tokens), less than the 32K
+dataset's longest turns (32.8K tokens of prompt + generation): those could never be placed, and the
+simulator refuses such a run. The config uses 0.95 of the HBM (12.0 GB, 45.8K tokens), a common serving
+setting for a model that nearly fills its GPU. The 48K and 64K datasets (turns up to 49K / 66K tokens,
+12.9 / 17.2 GB) do not fit one 80 GB GPU next to these weights at all; the simulator says so.
 """
 
 from configs.sim_base import apply_variant, base_config
@@ -23,6 +30,7 @@ def get_config(arg: str | None = None):
     # Dense DP engines (no EP buffers) whose bf16 weights (65 GB) leave ~8 GB of HBM: the DS 660B reserve
     # (CALIBRATED de_hbm_reserve_gb) would leave nothing, and there is no Qwen data to fit one.
     cfg.cluster.de_hbm_reserve_gb = 0.0
+    cfg.cluster.hbm_usable_fraction = 0.95  # room for the 32K dataset's longest turn (docstring)
     cfg.workload.dataset = "32K"
     cfg.workload.n_agents = 512
     return apply_variant(cfg, arg)

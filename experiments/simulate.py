@@ -115,6 +115,8 @@ def main(argv: Sequence[str]) -> None:
         result = runner.run(sc, max_time=_MAX_TIME.value, progress=_PROGRESS.value)
     except (FileNotFoundError, TraceFormatError) as e:  # workload.kind='trace': a missing or malformed trace file
         raise SystemExit(f"bad workload: {e}") from None
+    except sim_config.SimConfigError as e:  # e.g. a turn no DE has room for: one line, before anything ran
+        raise SystemExit(f"bad config: {e}") from None
     cpu1 = time.process_time()
     logging.info(
         "simulated in %.1f CPU-s (event loop %.1f s wall, %d events)",

@@ -105,10 +105,13 @@ def main(argv: Sequence[str]) -> None:
             raise app.UsageError(f"--setups: config file {s!r} does not exist")
     cells = [(s, m, ld, _EXTRA.value) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value]
     from dualpath_jax.sim import load_sim_config
+    from dualpath_jax.sim.runner import build_simulator
 
-    for c in cells:  # every cell's config is built here first: a bad one stops the sweep before anything runs
+    # Every cell's simulator is built here first (config, workload, and the check that every turn fits a DE):
+    # a bad cell stops the sweep before anything runs.
+    for c in cells:
         try:
-            load_sim_config(cell_spec(*c))
+            build_simulator(load_sim_config(cell_spec(*c)))
         except (ValueError, KeyError) as e:
             raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {e.args[0] if e.args else e}") from None
     rows = run_grid(cells, _WORKERS.value)

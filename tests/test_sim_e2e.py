@@ -301,6 +301,8 @@ def test_capacity_search_brackets_the_slo():
         ("cluster.pe_time_scale", 0.0, "config.cluster.pe_time_scale must be > 0"),
         ("cluster.read_stream_gbps", -2.0, "config.cluster.read_stream_gbps must be >= 0"),
         ("cluster.fetch_window", 0, "config.cluster.fetch_window must be >= 1"),
+        ("cluster.hbm_usable_fraction", 0.0, "config.cluster.hbm_usable_fraction must be > 0 and <= 1, got 0.0"),
+        ("cluster.hbm_usable_fraction", 1.2, "config.cluster.hbm_usable_fraction must be > 0 and <= 1, got 1.2"),
         ("workload.n_agents", 0, "config.workload.n_agents must be >= 1, got 0"),
         ("slo_percentile", 150.0, "config.slo_percentile must be > 0 and <= 100, got 150.0"),
         ("warmup_s", -1.0, "config.warmup_s must be >= 0"),
@@ -321,6 +323,52 @@ def test_out_of_range_config_values_are_errors_naming_the_field(key, value, mess
         cfg = dataclasses.replace(cfg, **{field: value})
     with pytest.raises(ValueError, match=re.escape(message)):
         build_simulator(cfg)
+
+
+@pytest.mark.parametrize("mode", ["basic", "dualpath_rr", "dualpath"])
+def test_a_turn_larger_than_a_decode_engine_is_refused_before_the_run(mode):
+    """A turn holds its prompt + generation in one DE's HBM from placement to the end of its decode. One larger
+    than a whole DE could never be placed, and the run used to spin on its periodic fetches forever (found on
+    configs/paper_qwen32b.py, whose DEs held 30.6K tokens, with the 32K dataset). Now the simulator refuses the
+    workload when it is built, naming the turn; a turn of exactly the DE's room still runs to the end."""
+    from dualpath_jax.sim.config import SimConfigError
+    from dualpath_jax.sim.runner import build_simulator
+
+    cfg = _cfg(mode)
+    probe = build_simulator(cfg, _one_agent())
+    cap = int(probe.c.de_hbm_kv_gb * GB / probe.b)  # tokens one DE holds
+
+    def agents(last_turn_tokens):  # agent 1's second turn holds `last_turn_tokens` (context 600 + append + 10)
+        return [
+            Trajectory(0, [Turn(500, 5), Turn(40, 5)]),
+            Trajectory(1, [Turn(590, 10), Turn(last_turn_tokens - 610, 10)]),
+        ]
+
+    with pytest.raises(SimConfigError, match=re.escape(f"turn 1 of trajectory 1 holds {cap + 1:,} tokens of KV")) as e:
+        build_simulator(cfg, agents(cap + 1))
+    assert f"({cap:,} tokens: config.cluster.de_hbm_kv_gb" in str(e.value) and "1 of 2 trajectories" in str(e.value)
+    records, _, stats = build_simulator(cfg, agents(cap)).run(max_time=1e6)
+    assert stats["unfinished_turns"] == 0 and len(records) == 4
+
+
+def test_the_paper_configs_default_workloads_fit_their_decode_engines():
+    """Every paper setup's own workload can be placed (the simulator would refuse it when built). Qwen2.5-32B
+    needs 0.95 of the HBM for the 32K dataset (configs/paper_qwen32b.py), and its 48K dataset does not fit
+    one GPU at all: a one-line config error from the launcher, not a run that never ends."""
+    from dualpath_jax.sim.config import SimConfigError
+    from dualpath_jax.sim.runner import build_simulator
+
+    for spec in ("paper_ds660b.py", "paper_ds27b.py", "paper_qwen32b.py", "paper_scale.py"):
+        build_simulator(load_sim_config(f"configs/{spec}"))
+    for spec in ("paper_ds660b.py:agents=4096", "paper_ds27b.py:dataset=64K,agents=4096"):
+        build_simulator(load_sim_config(f"configs/{spec}"))
+    with pytest.raises(SimConfigError, match=r"more than a decode engine's HBM holds \(30,634 tokens"):
+        build_simulator(load_sim_config("configs/paper_qwen32b.py", {"cluster.hbm_usable_fraction": 0.9}))
+    spec = "configs/paper_qwen32b.py:dualpath,dataset=48K,agents=16"
+    out = _launch("experiments.simulate", f"--config={spec}", "--noplot")
+    assert out.returncode != 0 and "bad config: turn " in out.stderr, out.stderr[-800:]
+    assert "Traceback" not in out.stderr
+    assert "more than a decode engine's HBM holds (45,893 tokens" in out.stderr
 
 
 def test_every_paper_config_passes_the_checks():
@@ -449,6 +497,11 @@ def test_sweep_refuses_a_bad_cell_before_running_any():
     out = _launch("experiments.sweep", f"--setups={TINY}", "--modes=basic,bogus", "--workers=1")
     assert out.returncode != 0 and f"bad sweep cell '{TINY}:bogus': config.mode 'bogus'" in out.stderr
     assert "sweep:" not in out.stderr  # no progress bar: nothing ran
+    # a cell whose workload no DE could hold (Qwen2.5-32B, 48K dataset) is refused before anything runs too
+    qwen = "configs/paper_qwen32b.py"
+    out = _launch("experiments.sweep", f"--setups={TINY},{qwen}", "--modes=dualpath", "--extra=dataset=48K,agents=8")
+    assert out.returncode != 0 and f"bad sweep cell '{qwen}:dualpath,dataset=48K,agents=8': turn " in out.stderr
+    assert "sweep:" not in out.stderr and "Traceback" not in out.stderr
 
 
 def test_sweep_launcher_runs_a_grid(tmp_path):

@@ -88,6 +88,10 @@ def test_turn_context_override_and_shapes():
     assert tr.context_before(2) == 120 and tr.prompt_tokens(2) == 150 and tr.hit_tokens(2, 64) == 64
     assert tr.turn_shapes(64) == [(tr.prompt_tokens(i), tr.hit_tokens(i, 64), tr.turns[i].gen_tokens) for i in range(3)]
     assert tr.total_tokens == 153
+    # the turn holding the most KV (prompt + generation): the last one when context grows, an earlier one when
+    # a trace's turn re-reads less than came before (tr: 110, 165, 153 tokens)
+    assert plain.peak_turn() == (2, 198) and tr.peak_turn() == (1, 165)
+    assert Trajectory(2, []).peak_turn() == (-1, 0)
     with pytest.raises(ValueError, match="context_tokens"):
         Turn(1, 1, context_tokens=-1)
     with pytest.raises(ValueError, match="hash_block_size"):

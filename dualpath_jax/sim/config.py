@@ -9,6 +9,10 @@ from typing import Any
 GB = 1e9
 
 
+class SimConfigError(ValueError):
+    """A configuration (or its workload against it) the simulator cannot run; the message names the field."""
+
+
 @dataclasses.dataclass
 class ClusterConfig:
     """Hardware and system knobs. Bandwidths in GB/s (1e9 bytes/s), capacities in GB."""
@@ -38,6 +42,9 @@ class ClusterConfig:
     # HBM per DE held by what is neither weights nor KV (activations, EP communication buffers, graphs);
     # subtracted when de_hbm_kv_gb is derived [calibrated]
     de_hbm_reserve_gb: float = 0.0
+    # fraction of a GPU's HBM the serving engine may use (weights + KV + the rest) when de_hbm_kv_gb is
+    # derived; 0.9 as vLLM's default gpu_memory_utilization
+    hbm_usable_fraction: float = 0.9
     block_size: int = 64
     kv_bytes_per_token: float = 0.0  # 0: from the cost model's ModelShape
     collective_bytes_per_token: float = 0.0  # high-priority CNIC bytes per prefilled token (EP all-to-all)
@@ -99,6 +106,7 @@ _CLUSTER_BOUNDS: dict[str, tuple[float, bool, float | None]] = {
     "host_buffer_gb": (0, False, None),
     "pe_hbm_kv_gb": (0, False, None),
     "de_hbm_reserve_gb": (0, True, None),
+    "hbm_usable_fraction": (0, False, 1.0),
     "block_size": (1, True, None),
     "kv_bytes_per_token": (0, True, None),  # 0: from the model
     "collective_bytes_per_token": (0, True, None),
@@ -216,7 +224,8 @@ def sim_config_from_dict(cfg: dict) -> SimConfig:
 
 def resolve_de_hbm(sc: SimConfig) -> SimConfig:
     """Fill in the derived DE KV HBM (`de_hbm_kv_gb` <= 0 with a non-KV reserve set) so the config shows what
-    the runner will use: sim.runner.de_hbm_kv_bytes = 0.9 * HBM - weights per DE - `de_hbm_reserve_gb`.
+    the runner will use: sim.runner.de_hbm_kv_bytes = `hbm_usable_fraction` * HBM - weights per DE -
+    `de_hbm_reserve_gb`.
     Without a reserve it is left to the runner, as before."""
     c = sc.cluster  # (a negative reserve was refused by check_sim_config before this)
     if c.de_hbm_kv_gb > 0 or c.de_hbm_reserve_gb == 0:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dualpath_jax import compiled, metrics
-from dualpath_jax.sim.config import GB, SimConfig, check_sim_config
+from dualpath_jax.sim.config import GB, SimConfig, SimConfigError, check_sim_config
 from dualpath_jax.sim.simulator import Simulator
 from dualpath_jax.workloads.types import Trajectory
 
@@ -30,7 +30,7 @@ def ep_engines(cfg: SimConfig, role: str) -> int:
     c = cfg.cluster
     nodes, group = (c.prefill_nodes, c.prefill_ep_nodes) if role == "prefill" else (c.decode_nodes, c.decode_ep_nodes)
     if group < 0:
-        raise ValueError(f"config.cluster.{role}_ep_nodes must be >= 0 (0: one EP group of all nodes), got {group}")
+        raise SimConfigError(f"config.cluster.{role}_ep_nodes must be >= 0 (0: one EP group of all nodes), got {group}")
     if group:
         nodes = min(nodes, group)
     return nodes * c.gpus_per_node if cm.MODEL_SHAPES.get(c.model).is_moe else 1
@@ -44,22 +44,22 @@ def make_cost_model(cfg: SimConfig, role: str):
 
 
 def de_hbm_kv_bytes(cfg: SimConfig, decode_cost) -> float:
-    """DE HBM left for KV: configured, else HBM * usable fraction - the engine's weights - the non-KV reserve
+    """DE HBM left for KV: configured, else HBM * `hbm_usable_fraction` - the engine's weights - the non-KV reserve
     (`de_hbm_reserve_gb`: activations, EP buffers, graphs; calibrated)."""
     c = cfg.cluster
     if c.de_hbm_kv_gb > 0:
         return c.de_hbm_kv_gb * GB
     if c.de_hbm_reserve_gb < 0:
-        raise ValueError(f"config.cluster.de_hbm_reserve_gb must be >= 0, got {c.de_hbm_reserve_gb}")
-    free = decode_cost.hw.hbm_bytes * 0.9 - decode_cost.weight_bytes_per_engine()
+        raise SimConfigError(f"config.cluster.de_hbm_reserve_gb must be >= 0, got {c.de_hbm_reserve_gb}")
+    free = decode_cost.hw.hbm_bytes * c.hbm_usable_fraction - decode_cost.weight_bytes_per_engine()
     if free <= 0:
-        raise ValueError(
+        raise SimConfigError(
             f"config.cluster: {c.model} weights ({decode_cost.weight_bytes_per_engine() / GB:.1f} GB per DE) "
             f"leave no HBM for KV on {c.hardware}; set config.cluster.de_hbm_kv_gb"
         )
     kv = free - c.de_hbm_reserve_gb * GB
     if kv <= 0:
-        raise ValueError(
+        raise SimConfigError(
             f"config.cluster.de_hbm_reserve_gb = {c.de_hbm_reserve_gb} GB leaves no DE HBM for KV on {c.model} "
             f"({free / GB:.1f} GB after weights); lower it or set config.cluster.de_hbm_kv_gb"
         )
@@ -88,18 +88,20 @@ def make_trajectories(cfg: SimConfig):
         trajs = synthetic.make_agents(w.dataset, w.n_agents, seed=cfg.seed)
     elif w.kind == "online":
         if not w.aps > 0 or not w.duration_s > 0:
-            raise ValueError(f"config.workload: online needs aps > 0 and duration_s > 0, got {w.aps}, {w.duration_s}")
+            raise SimConfigError(
+                f"config.workload: online needs aps > 0 and duration_s > 0, got {w.aps}, {w.duration_s}"
+            )
         model = arrivals.make_arrivals("online", aps=w.aps, seed=cfg.seed)
         trajs = synthetic.make_agents(w.dataset, max(1, int(round(w.aps * w.duration_s))), seed=cfg.seed)
     elif w.kind == "trace":
         from dualpath_jax.workloads import traces
 
         if not w.trace_path:
-            raise ValueError("config.workload.trace_path is required for kind='trace'")
+            raise SimConfigError("config.workload.trace_path is required for kind='trace'")
         model = arrivals.make_arrivals("trace")
         trajs = traces.load_trace(w.trace_path)
     else:
-        raise ValueError(f"config.workload.kind must be offline | online | trace, got {w.kind!r}")
+        raise SimConfigError(f"config.workload.kind must be offline | online | trace, got {w.kind!r}")
     if w.max_turns > 0:
         trajs = [dataclasses.replace(t, turns=list(t.turns)[: w.max_turns]) for t in trajs]
     return model.with_arrivals(trajs), model

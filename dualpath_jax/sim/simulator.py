@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 from dualpath_jax import compiled
 from dualpath_jax.metrics import LinkBytes, TurnRecord
-from dualpath_jax.sim.config import GB, SimConfig
+from dualpath_jax.sim.config import GB, SimConfig, SimConfigError
 from dualpath_jax.sim.heap import TimeHeap
 from dualpath_jax.workloads.types import Trajectory
 from schedulers.api import (
@@ -253,6 +253,7 @@ class Simulator:
         self._fetch_rr = 0
         self.n_fetches = 0
         self._build()
+        self._check_turns_fit()
 
     # ---- construction ---------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -310,6 +311,29 @@ class Simulator:
             raise ValueError(f"config.cluster.fetch_scope must be 'node' or 'global', got {c.fetch_scope!r}")
         self.read_cap = c.read_stream_gbps * GB if c.read_stream_gbps > 0 else math.inf
         self.dram_binds = c.dram_gbps < c.snic_gbps * c.storage_efficiency + c.gpus_per_node * c.cnic_gbps
+
+    def _check_turns_fit(self) -> None:
+        """A turn holds its prompt + generation in one DE's HBM from placement to the end of its decode, so a
+        turn larger than a whole DE could never be placed: every policy would wait for room that never comes
+        and the run would never end. Refused here, before anything runs, naming the turn and the settings."""
+        if not self.des:
+            return
+        cap = int(self.c.de_hbm_kv_gb * GB / self.b)
+        worst_t, worst_i, worst = None, -1, 0
+        for traj in self.trajectories:
+            i, tokens = traj.peak_turn()
+            if tokens > worst:
+                worst_t, worst_i, worst = traj, i, tokens
+        if worst > cap:
+            over = sum([1 for traj in self.trajectories if traj.peak_turn()[1] > cap])
+            raise SimConfigError(
+                f"turn {worst_i} of trajectory {worst_t.trajectory_id} holds {worst:,} tokens of KV (prompt + "
+                f"generation), more than a decode engine's HBM holds ({cap:,} tokens: config.cluster.de_hbm_kv_gb "
+                f"= {self.c.de_hbm_kv_gb:.2f} GB at {self.b:,.0f} B/token); {over} of {len(self.trajectories)} "
+                "trajectories have such a turn and could never be placed. Give the DEs more KV room "
+                "(config.cluster.de_hbm_kv_gb, or a higher hbm_usable_fraction or lower de_hbm_reserve_gb when it "
+                "is derived) or use a shorter dataset."
+            )
 
     # ---- event queue ----------------------------------------------------------------------------------
     def at(self, t: float, fn, arg=None) -> None:

@@ -86,6 +86,17 @@ class Trajectory:
         """Tokens turn i prefills: its prompt minus the cached whole blocks."""
         return self.prompt_tokens(i) - self.hit_tokens(i, block_size)
 
+    def peak_turn(self) -> tuple[int, int]:
+        """(index, tokens) of the turn whose prompt + generation is the largest: the most KV this agent ever
+        holds at once (a decode engine must have room for it). (-1, 0) without turns."""
+        best_i, best, ctx = -1, 0, 0
+        for i, t in enumerate(self.turns):
+            prompt = (t.context_tokens if t.context_tokens is not None else ctx) + t.append_tokens
+            ctx = prompt + t.gen_tokens
+            if ctx > best or best_i < 0:
+                best_i, best = i, ctx
+        return best_i, best
+
     def turn_shapes(self, block_size: int) -> list[tuple[int, int, int]]:
         """(prompt, hit, gen) tokens of every turn, in one O(turns) pass."""
         out, ctx = [], 0
