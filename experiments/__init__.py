@@ -14,3 +14,48 @@ def config_or_exit(config_flag):
         cause = e.__cause__ or e
         raise SystemExit(f"bad config: {type(cause).__name__}: {cause}".rstrip()) from None
     return config
+
+
+def _bad_override(argv, e: BaseException) -> str:
+    """One line for ml_collections' error on an override of a field the config does not have (a KeyError, or an
+    AttributeError wrapping one, whose message is the quoted key and a did-you-mean line)."""
+    inner = e.args[0] if e.args else e
+    if isinstance(inner, KeyError) and inner.args:  # its message, not its repr
+        inner = inner.args[0]
+    key, _, hint = str(inner).partition("\n")  # "'snic_gbs'" and 'Did you mean "snic_gbps" ...?'
+    key = key.strip("\"'")
+    flag = next((a for a in argv[1:] if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")), None)
+    where = f" {flag}" if flag else ""
+    return f"bad override{where}: the config has no field {key!r}. {hint}".rstrip()
+
+
+def define_config_file(name: str, default: str | None, help_string: str):
+    """`config_flags.DEFINE_config_file`, with an override of a field the config does not have reported as one line.
+    With a default file, ml_collections applies the `--config.*` overrides of sys.argv when the flag is defined
+    (at the launcher's import), before `app.run` and its flags parser."""
+    import sys
+
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_file(name, default, help_string)
+    except (AttributeError, KeyError) as e:
+        raise SystemExit(_bad_override(sys.argv, e)) from None
+
+
+def parse_flags_or_exit(argv):
+    """absl's flag parser (`app.run(main, flags_parser=parse_flags_or_exit)`) for launchers with an ml_collections
+    `--config`: an override of a field the config does not have (`--config.cluster.snic_gbs=1`) is one "bad
+    override" line with the library's did-you-mean, and an override on a config file that failed to load is one
+    "bad config" line, instead of chained tracebacks. Other flag errors stay absl's own one-line messages."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections: no such field
+        raise SystemExit(_bad_override(argv, e)) from None
+    except OSError as e:  # the --config file itself failed to load (the override touched its placeholder)
+        cause = e.__cause__ or e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise SystemExit(f"bad config: {type(cause).__name__}: {cause}".rstrip()) from None

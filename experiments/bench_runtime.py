@@ -27,11 +27,10 @@ import os
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from experiments import config_or_exit
+from experiments import config_or_exit, define_config_file, parse_flags_or_exit
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_runtime.py"), "Runtime configuration."
 )
 _SKIP_SIM = flags.DEFINE_bool("skip_sim", False, "Do not run the simulator comparison.")
@@ -289,4 +288,4 @@ def main(argv):
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

@@ -16,11 +16,10 @@ import time
 from collections.abc import Sequence
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from experiments import config_or_exit
+from experiments import config_or_exit, define_config_file, parse_flags_or_exit
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A simulator config file (configs/paper_*.py).")
+_CONFIG = define_config_file("config", None, "A simulator config file (configs/paper_*.py).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write results (default: config.output_dir).")
 _PLOT = flags.DEFINE_bool("plot", True, "Write plot.png (matplotlib).")
 _MAX_TIME = flags.DEFINE_float("max_time", math.inf, "Stop the simulated clock here (seconds).")
@@ -142,4 +141,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

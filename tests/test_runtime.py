@@ -317,8 +317,13 @@ def test_out_of_range_values_are_rejected_before_start(base, key, value, message
     [
         (["--config.runtime.workload.turns=0"], "bad config: config.workload.turns must be >= 1, got 0"),
         (["--config=configs/no_such_runtime.py"], "bad config: OSError: Failed loading config file"),
+        (
+            ["--config.runtime.workload.agnets=4"],
+            "bad override --config.runtime.workload.agnets=4: the config has no field 'agnets'. Did you mean",
+        ),
+        (["--config=configs/no_such_runtime.py", "--config.policies=basic"], "bad config: OSError: Failed loading"),
     ],
-    ids=["bad_field", "missing_config_file"],
+    ids=["bad_field", "missing_config_file", "unknown_field", "override_on_missing_file"],
 )
 def test_run_launcher_prints_a_bad_config_as_one_line(args, message):
     import subprocess

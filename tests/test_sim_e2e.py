@@ -713,8 +713,22 @@ def test_simulator_replays_a_real_trace_with_its_timestamps(policy):
             ["--config=configs/sim_tiny.py", "--config.workload.kind=trace", "--config.workload.trace_path=/no/trace"],
             "bad workload: trace '/no/trace' not found",
         ),
+        # an override of a field the config does not have: one line with ml_collections' did-you-mean
+        (
+            ["--config=configs/sim_tiny.py", "--config.cluster.snic_gbs=1"],
+            "bad override --config.cluster.snic_gbs=1: the config has no field 'snic_gbs'. Did you mean \"snic_gbps\"",
+        ),
+        (["--config=configs/sim_tiny.py", "--config.workload.arrival=online"], "the config has no field 'arrival'."),
+        (["--config=configs/no_such_setup.py", "--config.seed=1"], "bad config: OSError: Failed loading config file"),
     ],
-    ids=["missing_config_file", "no_config", "missing_trace"],
+    ids=[
+        "missing_config_file",
+        "no_config",
+        "missing_trace",
+        "unknown_field",
+        "unknown_section_field",
+        "override_on_missing_file",
+    ],
 )
 def test_simulate_launcher_reports_a_bad_config_or_workload_in_one_line(tmp_path, args, message):
     out = _launch("experiments.simulate", *args, f"--output_dir={tmp_path}")
