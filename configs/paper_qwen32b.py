@@ -27,7 +27,7 @@ def get_config(arg: str | None = None):
     cfg.cluster.prefill_nodes = 1
     cfg.cluster.decode_nodes = 2
     cfg.cluster.host_buffer_gb = 320.0
-    # Dense DP engines (no EP buffers) whose bf16 weights (65 GB) leave ~8 GB of HBM: the DS 660B reserve
+    # Dense DP engines (no EP buffers) whose bf16 weights (64 GB) leave 8-12 GB of HBM: the DS 660B reserve
     # (CALIBRATED de_hbm_reserve_gb) would leave nothing, and there is no Qwen data to fit one.
     cfg.cluster.de_hbm_reserve_gb = 0.0
     cfg.cluster.hbm_usable_fraction = 0.95  # room for the 32K dataset's longest turn (docstring)
