@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.decode_lockstep = False  # MoE DEs of one EP group step together (the slowest member's step time)
     c.snic_gbps = 50.0  # s*B: 400 Gbps
     c.cnic_gbps = 50.0  # B: 400 Gbps
+    c.cnic_duplex = True  # separate inbound / outbound CNIC links of cnic_gbps each (False: one shared link)
     c.dram_gbps = 500.0  # M
     c.storage_gbps = 0.0  # no aggregate storage cap (3FS saturates every SNIC)
     c.host_buffer_gb = 80.0
@@ -84,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.io_free = False
     c.writeback = True
     c.bucket_s = 10.0
+    c.flow_coalesce_s = 1e-3  # flows finishing within this of one another finish together (one solve)
     for k, v in CALIBRATED.items():
         c[k] = v
     cfg.cluster = c

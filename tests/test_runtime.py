@@ -292,6 +292,26 @@ def test_unknown_fields_and_values(base):
         driver.prepare(base.replace(model="gpt5"))
 
 
+def test_every_runtime_field_can_be_overridden_from_the_command_line():
+    """ml_collections only overrides keys the config has: every RuntimeConfig field, nested ones too, is in
+    configs/tiny_runtime.py, so `--config.runtime.<path>=value` reaches it."""
+    import dataclasses
+
+    from configs.tiny_runtime import get_config
+
+    missing = []
+
+    def walk(cls, section, path):
+        for f in dataclasses.fields(cls):
+            if f.name not in section:
+                missing.append(path + f.name)
+            elif dataclasses.is_dataclass(f.default):
+                walk(type(f.default), section[f.name], f"{path}{f.name}.")
+
+    walk(RuntimeConfig, get_config().runtime, "")
+    assert not missing, f"RuntimeConfig fields missing from configs/tiny_runtime.py: {missing}"
+
+
 @pytest.mark.parametrize(
     "key, value, message",
     [

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from dualpath_jax.sim import MODES, load_sim_config, run
+from configs.sim_base import CALIBRATED
 from dualpath_jax.sim.config import GB
 from dualpath_jax.workloads.types import Trajectory, Turn
 
@@ -369,6 +370,23 @@ def test_the_paper_configs_default_workloads_fit_their_decode_engines():
     assert out.returncode != 0 and "bad config: turn " in out.stderr, out.stderr[-800:]
     assert "Traceback" not in out.stderr
     assert "more than a decode engine's HBM holds (45,893 tokens" in out.stderr
+
+
+def test_every_config_field_can_be_overridden_from_the_command_line():
+    """ml_collections only overrides keys the config has: a ClusterConfig / WorkloadConfig field missing from
+    configs/sim_base.py could not be set with --config.cluster.<field> (cnic_duplex and flow_coalesce_s could not),
+    and its default there must be the dataclass default."""
+    from configs.sim_base import base_config
+    from dualpath_jax.sim.config import ClusterConfig, WorkloadConfig
+
+    base = base_config()
+    for cls, section in ((ClusterConfig, base.cluster), (WorkloadConfig, base.workload)):
+        for f in dataclasses.fields(cls):
+            assert f.name in section, f"{cls.__name__}.{f.name} is not in configs/sim_base.py"
+            if f.name not in CALIBRATED and f.name not in ("de_hbm_kv_gb", "pe_hbm_kv_gb"):
+                assert section[f.name] == f.default, (cls.__name__, f.name, section[f.name], f.default)
+    shared = load_sim_config(TINY, {"cluster.cnic_duplex": False})
+    assert shared.cluster.cnic_duplex is False and load_sim_config(TINY).cluster.cnic_duplex is True
 
 
 def test_every_paper_config_passes_the_checks():
