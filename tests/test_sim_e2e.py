@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from dualpath_jax.sim import MODES, load_sim_config, run
 from configs.sim_base import CALIBRATED
+from dualpath_jax.sim import MODES, load_sim_config, run
 from dualpath_jax.sim.config import GB
 from dualpath_jax.workloads.types import Trajectory, Turn
 
