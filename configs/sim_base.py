@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
     w.duration_s = 3600.0
     w.trace_path = ""
     w.max_turns = 0
+    w.max_context_tokens = 0  # >0: cut each trajectory before its first turn longer than this (e.g. 131072)
     cfg.workload = w
     return cfg
 

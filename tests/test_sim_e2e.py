@@ -348,8 +348,34 @@ def test_a_turn_larger_than_a_decode_engine_is_refused_before_the_run(mode):
     with pytest.raises(SimConfigError, match=re.escape(f"turn 1 of trajectory 1 holds {cap + 1:,} tokens of KV")) as e:
         build_simulator(cfg, agents(cap + 1))
     assert f"({cap:,} tokens: config.cluster.de_hbm_kv_gb" in str(e.value) and "1 of 2 trajectories" in str(e.value)
+    assert "config.workload.max_context_tokens" in str(e.value)  # the way out for a real trace
     records, _, stats = build_simulator(cfg, agents(cap)).run(max_time=1e6)
     assert stats["unfinished_turns"] == 0 and len(records) == 4
+
+
+def test_max_context_tokens_cuts_each_trajectory_before_its_first_longer_turn():
+    """A real trace holds sessions longer than any DE (the kv-cache-tester trace: up to 869K tokens, where a DS 660B
+    DE holds 333K): `workload.max_context_tokens` (a model's context window) cuts each trajectory before its first
+    turn whose prompt + generation exceeds it, drops those left without turns, and the run completes."""
+    from dualpath_jax.sim.runner import make_trajectories
+
+    full, _ = make_trajectories(_cfg("dualpath,agents=6"))
+    limit = sorted(t.peak_turn()[1] for t in full)[2]  # three trajectories stay whole, three are cut
+    cfg = load_sim_config(f"{TINY}:dualpath,agents=6", {"workload.max_context_tokens": limit})
+    cut, _ = make_trajectories(cfg)
+    assert 0 < len(cut) <= len(full) and all(t.peak_turn()[1] <= limit for t in cut)
+    by_id = {t.trajectory_id: t for t in full}
+    for t in cut:  # a prefix of the original: every turn before the first that exceeds the limit
+        whole = by_id[t.trajectory_id]
+        assert list(t.turns) == list(whole.turns)[: len(t.turns)]
+        if len(t.turns) < len(whole.turns):
+            prompt, _, gen = whole.turn_shapes(1)[len(t.turns)]
+            assert prompt + gen > limit
+    assert sum(len(t.turns) == len(by_id[t.trajectory_id].turns) for t in cut) == 3  # peak <= limit: whole
+    res = run(cfg)
+    assert res.stats["unfinished_turns"] == 0 and len(res.records) == sum(len(t.turns) for t in cut)
+    with pytest.raises(ValueError, match="config.workload.max_context_tokens must be >= 0"):
+        load_sim_config(TINY, {"workload.max_context_tokens": -1})
 
 
 def test_the_paper_configs_default_workloads_fit_their_decode_engines():

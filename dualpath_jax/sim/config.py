@@ -72,6 +72,9 @@ class WorkloadConfig:
     duration_s: float = 3600.0  # online: arrivals in [0, duration_s)
     trace_path: str = ""  # trace mode: a trace file for the shared loaders
     max_turns: int = 0  # >0: truncate every trajectory (fast tests)
+    # >0: cut every trajectory before its first turn whose prompt + generation exceeds this many tokens (a
+    # model's context window; real traces hold sessions longer than any DE's HBM)
+    max_context_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -148,6 +151,7 @@ def check_sim_config(sc: SimConfig) -> None:
         _check_number(f"config.{name}", getattr(sc, name), low, low_ok, high)
     w = sc.workload
     _check_number("config.workload.max_turns", w.max_turns, 0, True, None)
+    _check_number("config.workload.max_context_tokens", w.max_context_tokens, 0, True, None)
     if w.kind != "trace":
         from dualpath_jax.workloads.synthetic import DATASETS  # no jax
 

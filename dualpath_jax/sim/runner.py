@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 
@@ -12,6 +13,8 @@ from dualpath_jax import compiled, metrics
 from dualpath_jax.sim.config import GB, SimConfig, SimConfigError, check_sim_config
 from dualpath_jax.sim.simulator import Simulator
 from dualpath_jax.workloads.types import Trajectory
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -77,6 +80,16 @@ class _SplitCost:
         self.decode_step_time = decode.decode_step_time
 
 
+def _cut_at_context(traj: Trajectory, limit: int) -> Trajectory:
+    """`traj` up to (not including) its first turn whose prompt + generation exceeds `limit` tokens."""
+    n = 0
+    for prompt, _, gen in traj.turn_shapes(1):
+        if prompt + gen > limit:
+            break
+        n += 1
+    return traj if n == len(traj.turns) else dataclasses.replace(traj, turns=list(traj.turns)[:n])
+
+
 def make_trajectories(cfg: SimConfig):
     """Agents and their arrival model from the shared workload module (dualpath_jax.workloads):
     offline (all at t = 0), online (Poisson at APS, aps * duration_s agents), trace (a trace file's times)."""
@@ -104,6 +117,19 @@ def make_trajectories(cfg: SimConfig):
         raise SimConfigError(f"config.workload.kind must be offline | online | trace, got {w.kind!r}")
     if w.max_turns > 0:
         trajs = [dataclasses.replace(t, turns=list(t.turns)[: w.max_turns]) for t in trajs]
+    if w.max_context_tokens > 0:
+        cut = [_cut_at_context(t, w.max_context_tokens) for t in trajs]
+        dropped = sum(len(a.turns) - len(b.turns) for a, b in zip(trajs, cut, strict=True))
+        if dropped:
+            log.info(
+                "workload.max_context_tokens=%d: %d of %d turns dropped (%d trajectories cut, %d left without turns)",
+                w.max_context_tokens,
+                dropped,
+                sum(len(t.turns) for t in trajs),
+                sum(len(a.turns) != len(b.turns) for a, b in zip(trajs, cut, strict=True)),
+                sum(not b.turns for b in cut),
+            )
+        trajs = [t for t in cut if t.turns]
     return model.with_arrivals(trajs), model
 
 

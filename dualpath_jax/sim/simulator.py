@@ -332,7 +332,8 @@ class Simulator:
                 f"= {self.c.de_hbm_kv_gb:.2f} GB at {self.b:,.0f} B/token); {over} of {len(self.trajectories)} "
                 "trajectories have such a turn and could never be placed. Give the DEs more KV room "
                 "(config.cluster.de_hbm_kv_gb, or a higher hbm_usable_fraction or lower de_hbm_reserve_gb when it "
-                "is derived) or use a shorter dataset."
+                "is derived), use a shorter dataset, or cut trajectories at a context length with "
+                "config.workload.max_context_tokens."
             )
 
     # ---- event queue ----------------------------------------------------------------------------------
