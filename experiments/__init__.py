@@ -59,3 +59,42 @@ def parse_flags_or_exit(argv):
         while cause.__cause__ is not None:
             cause = cause.__cause__
         raise SystemExit(f"bad config: {type(cause).__name__}: {cause}".rstrip()) from None
+
+
+
+def _cannot_write(directory: str) -> str | None:
+    """Why files cannot be written in `directory` (made if missing), or None when a test file went in and out."""
+    import os
+    import tempfile
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
+def writable_dir_or_exit(path: str, what: str) -> str:
+    """Make the results directory `path` now and prove it takes a file, or SystemExit with one line naming
+    `what` (e.g. "--output_dir"): a launcher checks this before it runs, so no run's results are lost at the end
+    to a directory that cannot be written."""
+    why = _cannot_write(path)
+    if why:
+        raise SystemExit(f"bad {what} {path!r}: cannot write there ({why})")
+    return path
+
+
+def writable_file_or_exit(path: str, what: str) -> str:
+    """`writable_dir_or_exit` for an output file (`--out`): its directory must take files; the file is written
+    later, when there are results."""
+    import os
+
+    if os.path.isdir(path):
+        raise SystemExit(f"bad {what} {path!r}: it is a directory, not a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    why = _cannot_write(parent)
+    if why:
+        raise SystemExit(f"bad {what} {path!r}: cannot write in {parent!r} ({why})")
+    return path

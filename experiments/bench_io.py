@@ -41,6 +41,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import writable_file_or_exit
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["store", "tcp", "small", "shaped", "overlap"], "sections to run")
 flags.DEFINE_integer("repeats", 3, "interleaved repeats; the best of each is reported", lower_bound=1)
@@ -620,6 +622,8 @@ def main(argv: list[str]) -> None:
     unknown = [s for s in FLAGS.sections if s not in SECTIONS]
     if unknown:
         raise app.UsageError(f"unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
+    if FLAGS.out:
+        writable_file_or_exit(FLAGS.out, "--out")  # before the benchmarks, not after
     logging.info(
         "python %s, numpy %s, %s, %d CPUs",
         platform.python_version(),

@@ -16,12 +16,12 @@ on, a second run shows cache-load times instead.
 from __future__ import annotations
 
 import json
-import os
 import platform
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 
+from experiments import writable_file_or_exit
 from models.prefill_bench import bench_configs, run_one
 
 _BATCH = flags.DEFINE_integer("batch", 4, "requests per prefill batch", lower_bound=1)
@@ -38,6 +38,8 @@ _OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: prin
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    if _OUT.value:
+        writable_file_or_exit(_OUT.value, "--out")  # before the benchmark, not after
     import jax
 
     from models.jax_cache import enable_persistent_compilation_cache
@@ -83,7 +85,6 @@ def main(argv: Sequence[str]) -> None:
             f"{r['max_abs_logit_diff']:.1e} |"
         )
     if _OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
         with open(_OUT.value, "w") as f:
             json.dump(results, f, indent=1)
 

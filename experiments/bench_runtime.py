@@ -28,7 +28,7 @@ import time
 
 from absl import app, flags, logging
 
-from experiments import config_or_exit, define_config_file, parse_flags_or_exit
+from experiments import config_or_exit, define_config_file, parse_flags_or_exit, writable_dir_or_exit
 
 _CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_runtime.py"), "Runtime configuration."
@@ -164,6 +164,7 @@ def main(argv):
         trajs, ops = driver.prepare(base)
     except ConfigError as e:
         raise SystemExit(f"bad config: {e}") from None
+    writable_dir_or_exit(config.results_dir, "--config.results_dir")  # before the runs, not after
     prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
     session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
     out = {"config": config.to_dict(), "prefill_tokens_per_s": prefill_tps}

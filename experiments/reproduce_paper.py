@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
+from experiments import writable_dir_or_exit
+
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1)
 _AGENTS = flags.DEFINE_integer("agents", 2048, "Agents of the headline offline run (paper: 2048).", lower_bound=1)
@@ -182,6 +184,7 @@ def main(argv: Sequence[str]) -> None:
     logging.info(
         "flags: %s", {f: flags.FLAGS[f].value for f in ("agents", "dataset", "seeds", "online", "table", "workers")}
     )
+    writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the runs, not after
     seeds = [int(x) for x in dict.fromkeys(_SEEDS.value)]
     bases = {sd: f"dataset={_DATASET.value},agents={_AGENTS.value},seed={sd}" for sd in seeds}
     modes = ["basic", "layerwise", "dualpath_rr", "dualpath", "oracle"]
@@ -313,7 +316,6 @@ def main(argv: Sequence[str]) -> None:
                     fit[m].append(s / p)
                 lines.append(f"| {a} | {ds} | " + " | ".join(cells) + " |")
         lines += ["", "Fit (root mean square of ln(sim/paper), the calibration's loss): " + table_fit(fit)]
-    os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     path = os.path.join(_OUTPUT_DIR.value, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -22,7 +22,7 @@ import time
 
 from absl import app, logging
 
-from experiments import config_or_exit, define_config_file, parse_flags_or_exit
+from experiments import config_or_exit, define_config_file, parse_flags_or_exit, writable_dir_or_exit
 
 _CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_runtime.py"), "Run configuration."
@@ -136,13 +136,13 @@ def main(argv):
             driver.prepare(base.replace(**{"scheduler.name": p}), trajs, ops)
     except ConfigError as e:
         raise SystemExit(f"bad config: {e}") from None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = os.path.join(config.results_dir, stamp)
+    writable_dir_or_exit(out_dir, "--config.results_dir")  # before the runs, not after
     prefill_tps = None
     if config.calibrate:
         prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
         logging.info("measured prefill throughput on this machine: %.0f tokens/s (DualPath's beta)", prefill_tps)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = os.path.join(config.results_dir, stamp)
-    os.makedirs(out_dir, exist_ok=True)
     results = {}
     session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
     try:

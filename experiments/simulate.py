@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import config_or_exit, define_config_file, parse_flags_or_exit
+from experiments import config_or_exit, define_config_file, parse_flags_or_exit, writable_dir_or_exit
 
 _CONFIG = define_config_file("config", None, "A simulator config file (configs/paper_*.py).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write results (default: config.output_dir).")
@@ -103,6 +103,7 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:  # a bad config: its message names the field; no traceback, no flag listing
         raise SystemExit(f"bad config: {e}") from None
     logging.info("sim config: %s", sc)
+    out = writable_dir_or_exit(_OUTPUT_DIR.value or cfg_dict["output_dir"], "--output_dir")  # before the run
     logging.info("simulating %s (%s, %s agents) ...", sc.policy, sc.workload.kind, sc.workload.n_agents)
     logging.info("compiled hot paths (False: Python twin; DUALPATH_PURE_PYTHON=1 turns all off): %s", compiled.status())
     # One run, then exit: the cyclic collector stays off for the rest of this process. The simulator makes no
@@ -132,7 +133,6 @@ def main(argv: Sequence[str]) -> None:
     rows += [(k, result.summary[k]) for k in SUMMARY_KEYS if k in result.summary]
     rows += [(k, result.stats[k]) for k in STAT_KEYS]
     print(format_table(rows))
-    out = _OUTPUT_DIR.value or cfg_dict["output_dir"]
     paths = outputs.write_results(result, out, cfg_dict, plot=_PLOT.value)
     logging.info(
         "results written in %.1f CPU-s; process CPU so far %.1f s", time.process_time() - cpu1, time.process_time()

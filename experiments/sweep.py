@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
+from experiments import writable_dir_or_exit
+
 _SETUPS = flags.DEFINE_list("setups", ["configs/sim_tiny.py"], "Config files (configs/paper_*.py).")
 _MODES = flags.DEFINE_list("modes", ["basic", "dualpath"], "Modes or registered policy names.")
 _LOADS = flags.DEFINE_list("loads", [""], "Load variants: agents=N (offline) or aps=X (online); '' = default.")
@@ -114,8 +116,8 @@ def main(argv: Sequence[str]) -> None:
             build_simulator(load_sim_config(cell_spec(*c)))
         except (ValueError, KeyError) as e:
             raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {e.args[0] if e.args else e}") from None
+    writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the grid runs, not after
     rows = run_grid(cells, _WORKERS.value)
-    os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     with open(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()

@@ -355,6 +355,19 @@ def test_run_launcher_prints_a_bad_config_as_one_line(args, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("module", ["experiments.run", "experiments.bench_runtime"])
+def test_runtime_launchers_refuse_an_unwritable_results_dir_before_running(tmp_path, module):
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cmd = [sys.executable, "-m", module, "--config=configs/tiny_runtime.py:test", f"--config.results_dir={blocker}/r"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "bad --config.results_dir " in out.stderr and "cannot write there" in out.stderr
+    assert "Traceback" not in out.stderr and "turn/s" not in out.stderr  # no policy ran
+
+
 def test_workload_token_ids_outside_the_vocabulary_are_a_config_error(base, trajs):
     """A trace's own token ids beyond the model's vocabulary fail before any engine starts, naming the turn."""
     import dataclasses

@@ -513,6 +513,32 @@ def test_launchers_refuse_out_of_range_flags(argv, says):
     assert out.returncode != 0 and "Flags parsing error" in out.stderr and says in out.stderr, out.stderr[-500:]
 
 
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["experiments.simulate", f"--config={TINY}", "--noplot"], "--output_dir"),
+        (["experiments.sweep", f"--setups={TINY}", "--modes=basic", "--workers=1"], "--output_dir"),
+        (["experiments.reproduce_paper", "--workers=1"], "--output_dir"),
+        (["experiments.bench_io", "--sections=overlap"], "--out"),
+        (["experiments.bench_store", "--total_mb=1"], "--out"),
+        (["experiments.bench_prefill"], "--out"),
+    ],
+    ids=["simulate", "sweep", "reproduce_paper", "bench_io", "bench_store", "bench_prefill"],
+)
+def test_launchers_refuse_an_unwritable_output_before_running(tmp_path, argv, flag):
+    """Results are written at the end: a directory that cannot take them used to fail only then (a sweep after
+    every cell ran). Now each launcher proves the place writable first and stops with one line."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    target = blocker / "sub" / ("out.json" if flag == "--out" else "")  # below a file: never writable, even as root
+    out = _launch(*argv, f"{flag}={str(target).rstrip('/')}")
+    assert out.returncode != 0 and f"bad {flag} " in out.stderr and "cannot write" in out.stderr, out.stderr[-800:]
+    assert "Traceback" not in out.stderr and "sweep:" not in out.stderr  # nothing ran
+    out = _launch(*argv[:1], f"{flag}={tmp_path}") if flag == "--out" else None
+    if out is not None:
+        assert out.returncode != 0 and f"bad --out '{tmp_path}': it is a directory, not a file" in out.stderr
+
+
 def test_unknown_mode_policy_or_batcher_is_a_config_error():
     with pytest.raises(
         ValueError, match=r"config.mode 'bogus' is neither a mode \(basic, .*\) nor a registered policy"
