@@ -61,7 +61,6 @@ def parse_flags_or_exit(argv):
         raise SystemExit(f"bad config: {type(cause).__name__}: {cause}".rstrip()) from None
 
 
-
 def _cannot_write(directory: str) -> str | None:
     """Why files cannot be written in `directory` (made if missing), or None when a test file went in and out."""
     import os
