@@ -109,9 +109,11 @@ def test_chunked_prefill_and_small_buffers(base, ops, trajs, reference):
     assert_matches_reference(res, reference, trajs)
 
 
-def test_mla_moe_model_both_paths(base):
-    """A DeepSeek-style model (MLA latent KV, MoE): the runtime moves its KV bytes unchanged on both paths."""
-    cfg = base.replace(model="tiny_deepseek", **{"scheduler.name": "split", "transport": "tcp"})
+@pytest.mark.parametrize("model", ["tiny_deepseek", "tiny_deepseek_v2"])
+def test_mla_moe_model_both_paths(base, model):
+    """DeepSeek-style models (MLA latent KV, MoE; V3 and V2 routing): the runtime moves their KV bytes unchanged on
+    both paths."""
+    cfg = base.replace(model=model, **{"scheduler.name": "split", "transport": "tcp"})
     ts, ds_ops = driver.prepare(cfg)
     ref = reference_conversations(
         ds_ops, lambda: ConversationBook(ts, ds_ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len
@@ -175,6 +177,39 @@ def test_local_process_launcher_matches_reference(base, ops, trajs, reference):
     res = driver.run(cfg, trajs, model_ops=ops)
     assert_matches_reference(res, reference, trajs)
     assert any(s.link.startswith("snic/") for s in res.links)
+
+
+def test_runtime_serves_a_local_hf_checkpoint(base, tmp_path):
+    """config.runtime.model may name a local HF checkpoint directory (config.json + *.safetensors) instead of a
+    tiny config: every node process loads its weights, and greedy tokens equal the single-process reference of
+    the same weights. A directory that is no checkpoint, or one missing a tensor, is a config error naming it."""
+    pytest.importorskip("safetensors", reason="HF import needs the 'hf' extra (safetensors)")
+    from test_models_checkpoint import QWEN2_HF, hf_tensors, write_hf_checkpoint
+
+    from models.registry import config_from_hf
+    from models.runner import ModelRunner
+
+    ckpt = tmp_path / "tiny-qwen2-hf"
+    direct = ModelRunner(config_from_hf(QWEN2_HF), seed=7, num_slots=1, capacity=16)
+    tensors = hf_tensors(QWEN2_HF, direct.pure_params())
+    write_hf_checkpoint(ckpt, QWEN2_HF, tensors)
+    cfg = base.replace(model=str(ckpt), launcher="local", transport="tcp")
+    trajs, ops = driver.prepare(cfg)
+    assert ops.fingerprint == direct.fingerprint() and ops.vocab_size == QWEN2_HF["vocab_size"]
+    book = lambda: ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed)  # noqa: E731
+    reference = reference_conversations(ops, book, cfg.cluster.max_seq_len)
+    res = driver.run(cfg, trajs, model_ops=ops)  # the node processes load the checkpoint themselves
+    assert_matches_reference(res, reference, trajs)
+    assert sum(r.hit_tokens for r in res.records) > 0  # later turns read the checkpoint model's KV from the store
+
+    with pytest.raises(ConfigError, match=re.escape(f"config.model: HF checkpoint directory {str(tmp_path)!r}")):
+        driver.prepare(base.replace(model=str(tmp_path)))  # a directory without config.json
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    write_hf_checkpoint(tmp_path / "broken", QWEN2_HF, tensors)
+    with pytest.raises(ConfigError, match=r"config.model: .*model.layers.1.mlp.up_proj.weight"):
+        driver.prepare(base.replace(model=str(tmp_path / "broken")))
+    with pytest.raises(ConfigError, match=r"unknown model 'tiny_qwen3'; known: .*tiny_qwen2.*or a local HF checkpoint"):
+        driver.prepare(base.replace(model="tiny_qwen3"))
 
 
 @pytest.mark.parametrize(

@@ -82,7 +82,7 @@ class WorkloadConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
-    model: str = "tiny_qwen2"
+    model: str = "tiny_qwen2"  # a tiny config name (random weights from model_seed) or a local HF checkpoint dir
     model_seed: int = 0
     block_size: int = 16  # tokens per stored block (paper: 64; small for tiny runs)
     transport: str = "tcp"

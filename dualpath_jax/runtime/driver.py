@@ -179,7 +179,10 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
             f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the longest turn "
             f"(prompt + generation = {max_total} tokens)"
         )
-    ops = model_ops or ModelOps(cfg.model, cfg.model_seed)
+    try:
+        ops = model_ops or ModelOps(cfg.model, cfg.model_seed)
+    except ValueError as e:  # a checkpoint whose tensors do not load (missing, wrong shape): named
+        raise ConfigError(f"config.model: {e}") from None
     return trajs, ops
 
 

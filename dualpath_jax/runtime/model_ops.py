@@ -10,6 +10,7 @@ full prefill of the whole prompt + greedy decode, no store, no transport.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from collections.abc import Callable, Sequence
 
@@ -18,30 +19,54 @@ import numpy as np
 from models.kv import KVLayout
 
 
-def model_config(name: str):
-    """A tiny model config by name (models.qwen2.tiny_qwen2 / tiny_llama, models.deepseek.tiny_deepseek)."""
-    from models import deepseek, qwen2
+def is_checkpoint(name: str) -> bool:
+    """A model given as a directory: a local HF checkpoint (config.json + *.safetensors), read by every node."""
+    return os.path.isdir(name)
 
-    makers = {"tiny_qwen2": qwen2.tiny_qwen2, "tiny_llama": qwen2.tiny_llama}
-    if hasattr(deepseek, "tiny_deepseek"):
-        makers["tiny_deepseek"] = deepseek.tiny_deepseek
-    if name not in makers:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(makers))}")
-    return makers[name]()
+
+def model_config(name: str):
+    """The model's typed config: a tiny config by name (`models.registry.tiny_config`: tiny_qwen2, tiny_llama,
+    tiny_deepseek, tiny_deepseek_v2), or the config.json of a local HF checkpoint directory. KeyError naming what
+    is wrong (an unknown name, a directory that is not a checkpoint)."""
+    from models.registry import TINY_CONFIGS, tiny_config
+
+    if is_checkpoint(name):
+        from models.checkpoint import load_hf_config
+
+        try:
+            return load_hf_config(name)
+        except ValueError as e:
+            raise KeyError(f"HF checkpoint directory {name!r}: {e}") from None
+    if name not in TINY_CONFIGS.names():
+        raise KeyError(
+            f"unknown model {name!r}; known: {', '.join(sorted(TINY_CONFIGS.names()))}, or a local HF checkpoint "
+            "directory (config.json + *.safetensors)"
+        )
+    return tiny_config(name)
 
 
 class ModelOps:
     """One process's model: weights and jitted steps, shared by its engines (thread-safe prefill)."""
 
     def __init__(self, name: str, seed: int = 0, min_token_bucket: int = 64):
+        """`name`: a tiny config name (random weights from `seed`) or a local HF checkpoint directory (its
+        weights; `seed` unused). A checkpoint that does not load raises ValueError naming the tensor or field."""
         from models.runner import ModelRunner
 
         self.name = name
         self.seed = seed
-        self.config = model_config(name)
+        params = None
+        if is_checkpoint(name):
+            from models.checkpoint import load_hf_checkpoint
+
+            self.config, params = load_hf_checkpoint(name)
+        else:
+            self.config = model_config(name)
         # min_token_bucket 64: fewer (batch, tokens, cached) buckets -> fewer compiles per process; the padding
         # costs little on a tiny model. The prefill runner's own decode cache is never used: one tiny slot.
-        self.runner = ModelRunner(self.config, seed=seed, num_slots=1, capacity=16, min_token_bucket=min_token_bucket)
+        self.runner = ModelRunner(
+            self.config, params, seed=seed, num_slots=1, capacity=16, min_token_bucket=min_token_bucket
+        )
         self.kv_layout: KVLayout = self.runner.layout
         self.fingerprint = self.runner.fingerprint()
         self.vocab_size = self.config.vocab_size
