@@ -4,8 +4,9 @@
       --modes=basic,dualpath_rr,dualpath,oracle --loads=agents=512,agents=1024 --workers=2
   python -m experiments.sweep --setups=configs/sim_tiny.py --modes=basic,dualpath --loads=aps=0.2,aps=0.5
 
-Each cell is `<setup>:<mode>,<load>` (configs/sim_base.py variant syntax). Writes sweep.csv and
-sweep.json under --output_dir (default results/sweep) and prints the table.
+Each cell is `<setup>:<mode>,<load>` (configs/sim_base.py variant syntax). Writes sweep.csv, sweep.json and
+sweep.png (per setup: JCT, TTFT, storage-NIC max/avg and, online, SLO attainment over the loads, a line per
+mode) under --output_dir (default results/sweep) and prints the table.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ _MODES = flags.DEFINE_list("modes", ["basic", "dualpath"], "Modes or registered 
 _LOADS = flags.DEFINE_list("loads", [""], "Load variants: agents=N (offline) or aps=X (online); '' = default.")
 _EXTRA = flags.DEFINE_string("extra", "", "Extra variant items appended to every cell (e.g. dataset=48K).")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1)
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/sweep", "Where sweep.csv / sweep.json go.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/sweep", "Where sweep.csv / sweep.json / sweep.png go.")
+_PLOT = flags.DEFINE_bool("plot", True, "Write sweep.png (matplotlib): each setup's JCT and metrics over the loads.")
 
 COLUMNS = [
     "setup",
@@ -82,6 +84,49 @@ def run_grid(cells: Sequence[tuple[str, str, str, str]], workers: int) -> list[d
     return rows
 
 
+# What sweep.png shows per setup: (column, axis label); online cells (slo_attainment set) plot their SLO row
+_PLOT_METRICS = [
+    ("jct_s", "JCT (s)"),
+    ("ttft_p50_s", "TTFT p50 (s)"),
+    ("snic_max_over_avg", "storage-NIC max / avg"),
+    ("slo_attainment", "SLO attainment"),
+]
+
+
+def plot_sweep(rows: Sequence[dict], path: str) -> bool:
+    """One row of panels per setup: each metric of `_PLOT_METRICS` the cells have, over the loads (in the order
+    given), one line per mode. Skipped (logged) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.info("matplotlib is not installed: skipping sweep.png (pip install matplotlib)")
+        return False
+    setups = list(dict.fromkeys(r["setup"] for r in rows))
+    metrics = [(k, label) for k, label in _PLOT_METRICS if any(r.get(k) is not None for r in rows)]
+    fig, axes = plt.subplots(len(setups), len(metrics), figsize=(4 * len(metrics), 3 * len(setups)), squeeze=False)
+    for i, setup in enumerate(setups):
+        mine = [r for r in rows if r["setup"] == setup]
+        loads = list(dict.fromkeys(r["load"] for r in mine))
+        for j, (key, label) in enumerate(metrics):
+            ax = axes[i][j]
+            for mode in dict.fromkeys(r["mode"] for r in mine):
+                by_load = {r["load"]: r.get(key) for r in mine if r["mode"] == mode}
+                ys = [by_load.get(ld) for ld in loads]
+                ax.plot(range(len(loads)), [float("nan") if y is None else y for y in ys], marker="o", label=mode)
+            ax.set_xticks(range(len(loads)), [ld or "default" for ld in loads], rotation=20, fontsize=7)
+            ax.set_ylabel(label)
+            ax.set_title(setup, fontsize=8)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -127,6 +172,8 @@ def main(argv: Sequence[str]) -> None:
     print("  ".join(COLUMNS))
     for r in rows:
         print("  ".join(_fmt(r.get(k)) for k in COLUMNS))
+    if _PLOT.value and plot_sweep(rows, os.path.join(_OUTPUT_DIR.value, "sweep.png")):
+        print("wrote", os.path.join(_OUTPUT_DIR.value, "sweep.png"))
     print("wrote", os.path.join(_OUTPUT_DIR.value, "sweep.csv"))
 
 

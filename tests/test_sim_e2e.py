@@ -590,6 +590,7 @@ def test_sweep_launcher_runs_a_grid(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
     assert [r["mode"] for r in rows] == ["basic", "dualpath"]
     assert all(float(r["jct_s"]) > 0 for r in rows)
+    assert (tmp_path / "sweep.png").stat().st_size > 0 and "wrote " + str(tmp_path / "sweep.png") in out.stdout
 
 
 @pytest.mark.parametrize(
