@@ -615,6 +615,7 @@ def test_bench_runtime_launcher_runs_small(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     for section in ("== DualPath vs Basic", "== Simulator prediction", "== Per-turn runtime overhead"):
         assert section in out.stdout
+    assert "cluster.precompile forced on" in out.stderr  # :test turns it off; no measured JCT may hold compiles
     (run_dir,) = list(tmp_path.glob("bench_runtime-*"))
     res = json.loads((run_dir / "bench_runtime.json").read_text())
     assert res["measured_speedup"] > 0 and res["simulated_speedup"] > 0
