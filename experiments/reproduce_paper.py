@@ -37,6 +37,7 @@ _ONLINE_DURATION = flags.DEFINE_float(
 _ONLINE_WARMUP = flags.DEFINE_float("online_warmup_s", 2400.0, "Turns arriving before this are not judged.")
 _ONLINE_ITERS = flags.DEFINE_integer("online_iters", 3, "Bisection steps of each capacity search.", lower_bound=0)
 _TABLE = flags.DEFINE_list("table", [], "Agent counts of the DS 660B calibration table to run (all datasets).")
+_PLOT = flags.DEFINE_bool("plot", True, "Write report.png (matplotlib): the headline figures beside the paper's.")
 _SEEDS = flags.DEFINE_list(
     "seeds",
     ["0"],
@@ -298,6 +299,7 @@ def main(argv: Sequence[str]) -> None:
             ),
         ]
     lines += online_note
+    table_cells: list[tuple[str, float, float]] = []  # (mode, paper JCT, simulator JCT) of the calibration table
     if _TABLE.value:
         lines += [
             "",
@@ -314,6 +316,7 @@ def main(argv: Sequence[str]) -> None:
                     s = results[("offline", f"{DS660B}:{m},dataset={ds},agents={int(a)}")]["jct_s"]
                     cells.append(f"{p} / {s:.0f} ({s / p:.2f})")
                     fit[m].append(s / p)
+                    table_cells.append((m, p, s))
                 lines.append(f"| {a} | {ds} | " + " | ".join(cells) + " |")
         lines += ["", "Fit (root mean square of ln(sim/paper), the calibration's loss): " + table_fit(fit)]
     path = os.path.join(_OUTPUT_DIR.value, "report.md")
@@ -323,6 +326,78 @@ def main(argv: Sequence[str]) -> None:
         json.dump({f"{kind} {key}": v for (kind, key), v in results.items()}, f, indent=1, default=str)
     print("\n".join(lines))
     print("wrote", path)
+    if _PLOT.value:
+        headline = {
+            f"JCT change vs basic, DS 660B {_DATASET.value}, {_AGENTS.value} agents (%)": [
+                ("+ layerwise", PAPER["ablation_layerwise_pct"], pct("layerwise")),
+                ("+ dual path (round-robin)", PAPER["ablation_dual_path_pct"], pct("dualpath_rr")),
+                ("+ scheduler", PAPER["ablation_scheduler_pct"], pct("dualpath")),
+            ],
+            "speedup and storage-NIC max/avg": [
+                (
+                    "speedup basic->DualPath",
+                    PAPER["speedup_basic_to_dualpath"],
+                    [j["basic"] / j["dualpath"] for j in jct],
+                ),
+                ("SNIC max/avg round-robin", PAPER["snic_max_over_avg_round_robin"], [n["dualpath_rr"] for n in snic]),
+                ("SNIC max/avg scheduler", PAPER["snic_max_over_avg_dualpath"], [n["dualpath"] for n in snic]),
+            ],
+        }
+        if _ONLINE.value:
+            headline["online capacity gain under the SLO"] = [
+                ("DS 660B", PAPER["online_capacity_gain_ds660b"], [c6d / c6b if c6b else float("nan")]),
+                ("DS 27B", PAPER["online_capacity_gain_ds27b"], [c2d / c2b if c2b else float("nan")]),
+            ]
+        png = os.path.join(_OUTPUT_DIR.value, "report.png")
+        if plot_report(headline, table_cells, png):
+            print("wrote", png)
+
+
+def plot_report(headline: dict, table_cells: list, path: str) -> bool:
+    """report.png: `headline` = {panel title: [(label, paper, [simulator values over seeds])]}, one bar pair per
+    label (the simulator's bar at its mean, its [min, max] as an error bar), and, with `table_cells` = [(mode,
+    paper JCT, simulator JCT)], the calibration table as simulator vs paper JCT (log axes, y = x and +-15%).
+    Skipped (logged) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.info("matplotlib is not installed: skipping report.png (pip install matplotlib)")
+        return False
+    n = len(headline) + bool(table_cells)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], headline.items(), strict=False):
+        xs = range(len(rows))
+        sims = [sum(v) / len(v) for _, _, v in rows]
+        err = [[m - min(v) for m, (_, _, v) in zip(sims, rows, strict=True)],
+               [max(v) - m for m, (_, _, v) in zip(sims, rows, strict=True)]]  # fmt: skip
+        ax.bar([x - 0.2 for x in xs], [p for _, p, _ in rows], 0.4, label="paper", color="tab:gray")
+        ax.bar([x + 0.2 for x in xs], sims, 0.4, yerr=err, label="simulator", color="tab:blue")
+        ax.set_xticks(list(xs), [label for label, _, _ in rows], rotation=20, fontsize=7)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    if table_cells:
+        ax = axes[0][-1]
+        for mode, marker in (("oracle", "^"), ("dualpath", "o"), ("basic", "s")):
+            pts = [(p, s) for m, p, s in table_cells if m == mode]
+            ax.scatter([p for p, _ in pts], [s for _, s in pts], marker=marker, label=mode, s=18)
+        lo = min(min(p, s) for _, p, s in table_cells) * 0.8
+        hi = max(max(p, s) for _, p, s in table_cells) * 1.25
+        ax.plot([lo, hi], [lo, hi], color="black", lw=0.6)
+        ax.fill_between([lo, hi], [lo * 0.85, hi * 0.85], [lo * 1.15, hi * 1.15], color="gray", alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("paper JCT (s)")
+        ax.set_ylabel("simulator JCT (s)")
+        ax.set_title("DS 660B calibration table (band: +-15%)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

@@ -477,6 +477,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
     assert "16 agents, seeds 0, 1 (mean [min, max] over them)" in report
     assert re.search(r"\| storage-NIC max/avg, round-robin \| 1.53 \| [0-9.]+ \[[0-9.]+, [0-9.]+\] \|", report)
     assert "paper_ds660b.py basic" in report and "paper_ds27b.py dualpath" in report
+    assert (tmp_path / "report.png").stat().st_size > 0 and f"wrote {tmp_path / 'report.png'}" in out.stdout
     results = json.loads((tmp_path / "report.json").read_text())
     assert sum(k.startswith("offline ") for k in results) == 10  # 5 modes x 2 seeds
     caps = [v for k, v in results.items() if k.startswith("capacity ")]
