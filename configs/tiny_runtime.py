@@ -73,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dataset="32K",
         scale=0.02,
         time_scale=1.0,
+        max_context_tokens=0,
     )
     c.runtime = r
     if arg == "test":  # small and in-process: what the tests use

@@ -179,6 +179,24 @@ def test_local_process_launcher_matches_reference(base, ops, trajs, reference):
     assert any(s.link.startswith("snic/") for s in res.links)
 
 
+def test_max_context_tokens_cuts_each_agent_before_its_first_longer_turn(base):
+    """workload.max_context_tokens (e.g. the cluster's max_seq_len) keeps each agent's turns up to the first one
+    whose prompt + generation (after `scale`) exceeds it; agents left without turns are dropped; 0 cuts nothing."""
+    cfg = base.replace(**{"workload.kind": "synthetic", "workload.agents": 6, "workload.turns": 8})
+    full = driver.make_trajectories(cfg)
+    limit = sorted(t.peak_turn()[1] for t in full)[2]
+    cut = driver.make_trajectories(cfg.replace(**{"workload.max_context_tokens": limit}))
+    by_id = {t.trajectory_id: t for t in full}
+    assert 3 <= len(cut) <= len(full) and all(t.peak_turn()[1] <= limit for t in cut)
+    for t in cut:
+        assert list(t.turns) == list(by_id[t.trajectory_id].turns)[: len(t.turns)]
+    assert sum(len(t.turns) == len(by_id[t.trajectory_id].turns) for t in cut) == 3
+    with pytest.raises(ConfigError, match=re.escape("config.workload.max_context_tokens must be >= 0")):
+        driver.prepare(base.replace(**{"workload.max_context_tokens": -1}))
+    with pytest.raises(ConfigError, match="cut the agents there with config.workload.max_context_tokens"):
+        driver.prepare(cfg.replace(**{"cluster.max_seq_len": limit}))  # longer turns than the slots hold
+
+
 def test_runtime_serves_a_local_hf_checkpoint(base, tmp_path):
     """config.runtime.model may name a local HF checkpoint directory (config.json + *.safetensors) instead of a
     tiny config: every node process loads its weights, and greedy tokens equal the single-process reference of

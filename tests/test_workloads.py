@@ -92,6 +92,9 @@ def test_turn_context_override_and_shapes():
     # a trace's turn re-reads less than came before (tr: 110, 165, 153 tokens)
     assert plain.peak_turn() == (2, 198) and tr.peak_turn() == (1, 165)
     assert Trajectory(2, []).peak_turn() == (-1, 0)
+    # cut before the first turn whose prompt + generation exceeds the limit (a context window)
+    assert plain.cut_at_tokens(198) is plain and plain.cut_at_tokens(197).turns == list(plain.turns)[:2]
+    assert plain.cut_at_tokens(109).turns == [] and tr.cut_at_tokens(164).turns == list(tr.turns)[:1]
     with pytest.raises(ValueError, match="context_tokens"):
         Turn(1, 1, context_tokens=-1)
     with pytest.raises(ValueError, match="hash_block_size"):

@@ -78,6 +78,9 @@ class WorkloadConfig:
     dataset: str = "32K"  # synthetic: which Table 2 row
     scale: float = 0.02  # synthetic/trace: token lengths are multiplied by this to fit a tiny model
     time_scale: float = 1.0  # synthetic/trace: gaps and timestamps are multiplied by this
+    # synthetic/trace: > 0 cuts each agent before its first turn whose prompt + generation (after `scale`) exceeds
+    # this many tokens, e.g. the cluster's max_seq_len (real traces hold sessions far longer than the rest)
+    max_context_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +176,8 @@ def validate_workload(cfg: RuntimeConfig) -> None:
             raise ConfigError(f"config.workload.{name} must be > 0, got {getattr(w, name)}")
     if w.gap_s < 0:
         raise ConfigError(f"config.workload.gap_s must be >= 0, got {w.gap_s}")
+    if w.max_context_tokens < 0:
+        raise ConfigError(f"config.workload.max_context_tokens must be >= 0 (0: no cut), got {w.max_context_tokens}")
     if w.kind == "synthetic":  # (as the simulator's check_sim_config does)
         from dualpath_jax.workloads.synthetic import DATASETS
 
@@ -244,7 +249,8 @@ def validate(cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prom
                 )
     if max_prompt_tokens is not None and max_prompt_tokens > c.max_seq_len:
         raise ConfigError(
-            f"config.cluster.max_seq_len={c.max_seq_len} is shorter than the longest prompt ({max_prompt_tokens} tokens)"
+            f"config.cluster.max_seq_len={c.max_seq_len} is shorter than the longest prompt ({max_prompt_tokens} tokens); "
+            "raise it, lower config.workload.scale, or cut the agents there with config.workload.max_context_tokens"
         )
 
 

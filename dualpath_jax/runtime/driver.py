@@ -86,7 +86,16 @@ def _scaled(trajs: Sequence[Trajectory], w) -> list[Trajectory]:
             )
             for x in list(t.turns)[: w.turns]
         ]
-        out.append(Trajectory(t.trajectory_id, turns, t.arrival_time * w.time_scale, f"{t.source}*{w.scale}"))
+        traj = Trajectory(t.trajectory_id, turns, t.arrival_time * w.time_scale, f"{t.source}*{w.scale}")
+        if w.max_context_tokens > 0:
+            traj = traj.cut_at_tokens(w.max_context_tokens)
+        if traj.turns:
+            out.append(traj)
+    dropped = sum(min(len(t.turns), w.turns) for t in trajs) - sum(len(t.turns) for t in out)
+    if dropped:
+        log.info(
+            "workload.max_context_tokens=%d: %d turns dropped (%d agents left)", w.max_context_tokens, dropped, len(out)
+        )
     return out
 
 
@@ -177,7 +186,8 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     if max_total > cfg.cluster.max_seq_len:
         raise ConfigError(
             f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the longest turn "
-            f"(prompt + generation = {max_total} tokens)"
+            f"(prompt + generation = {max_total} tokens); raise it, lower config.workload.scale, or cut the "
+            "agents there with config.workload.max_context_tokens"
         )
     try:
         ops = model_ops or ModelOps(cfg.model, cfg.model_seed)

@@ -80,16 +80,6 @@ class _SplitCost:
         self.decode_step_time = decode.decode_step_time
 
 
-def _cut_at_context(traj: Trajectory, limit: int) -> Trajectory:
-    """`traj` up to (not including) its first turn whose prompt + generation exceeds `limit` tokens."""
-    n = 0
-    for prompt, _, gen in traj.turn_shapes(1):
-        if prompt + gen > limit:
-            break
-        n += 1
-    return traj if n == len(traj.turns) else dataclasses.replace(traj, turns=list(traj.turns)[:n])
-
-
 def make_trajectories(cfg: SimConfig):
     """Agents and their arrival model from the shared workload module (dualpath_jax.workloads):
     offline (all at t = 0), online (Poisson at APS, aps * duration_s agents), trace (a trace file's times)."""
@@ -118,7 +108,7 @@ def make_trajectories(cfg: SimConfig):
     if w.max_turns > 0:
         trajs = [dataclasses.replace(t, turns=list(t.turns)[: w.max_turns]) for t in trajs]
     if w.max_context_tokens > 0:
-        cut = [_cut_at_context(t, w.max_context_tokens) for t in trajs]
+        cut = [t.cut_at_tokens(w.max_context_tokens) for t in trajs]
         dropped = sum(len(a.turns) - len(b.turns) for a, b in zip(trajs, cut, strict=True))
         if dropped:
             log.info(

@@ -97,6 +97,18 @@ class Trajectory:
                 best_i, best = i, ctx
         return best_i, best
 
+    def cut_at_tokens(self, limit: int) -> Trajectory:
+        """This trajectory up to (not including) its first turn whose prompt + generation exceeds `limit` tokens
+        (a model's context window); itself when no turn does."""
+        n, ctx = 0, 0
+        for t in self.turns:
+            prompt = (t.context_tokens if t.context_tokens is not None else ctx) + t.append_tokens
+            ctx = prompt + t.gen_tokens
+            if ctx > limit:
+                break
+            n += 1
+        return self if n == len(self.turns) else dataclasses.replace(self, turns=list(self.turns)[:n])
+
     def turn_shapes(self, block_size: int) -> list[tuple[int, int, int]]:
         """(prompt, hit, gen) tokens of every turn, in one O(turns) pass."""
         out, ctx = [], 0
