@@ -124,6 +124,15 @@ def main(argv: Sequence[str]) -> None:
         result.stats["wall_s"],
         result.stats["events"],
     )
+    unfinished = result.stats["unfinished_turns"]
+    if unfinished and sc.workload.kind == "offline":
+        logging.warning(
+            "%d of %d turns did not finish by the end of the run (--max_time=%g): jct_s and the throughputs count "
+            "the finished turns only (a lower bound of the JCT)",
+            unfinished,
+            len(result.records),
+            _MAX_TIME.value,
+        )
     rows = [
         (
             "setup",

@@ -540,6 +540,17 @@ def test_launchers_refuse_an_unwritable_output_before_running(tmp_path, argv, fl
         assert out.returncode != 0 and f"bad --out '{tmp_path}': it is a directory, not a file" in out.stderr
 
 
+def test_simulate_says_when_max_time_left_turns_unfinished(tmp_path):
+    """An offline run stopped by --max_time reports the JCT of the finished turns only: the launcher says so."""
+    out = _launch(
+        "experiments.simulate", f"--config={TINY}:dualpath", "--max_time=5", "--noplot", f"--output_dir={tmp_path}"
+    )
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert re.search(r"\d+ of \d+ turns did not finish by the end of the run \(--max_time=5\)", out.stderr)
+    full = _launch("experiments.simulate", f"--config={TINY}:dualpath", "--noplot", f"--output_dir={tmp_path}")
+    assert full.returncode == 0 and "did not finish" not in full.stderr
+
+
 def test_unknown_mode_policy_or_batcher_is_a_config_error():
     with pytest.raises(
         ValueError, match=r"config.mode 'bogus' is neither a mode \(basic, .*\) nor a registered policy"
