@@ -109,11 +109,12 @@ def test_chunked_prefill_and_small_buffers(base, ops, trajs, reference):
     assert_matches_reference(res, reference, trajs)
 
 
-@pytest.mark.parametrize("model", ["tiny_deepseek", "tiny_deepseek_v2"])
-def test_mla_moe_model_both_paths(base, model):
+@pytest.mark.parametrize("model, batcher", [("tiny_deepseek", "fifo"), ("tiny_deepseek_v2", "compute_quota")])
+def test_mla_moe_model_both_paths(base, model, batcher):
     """DeepSeek-style models (MLA latent KV, MoE; V3 and V2 routing): the runtime moves their KV bytes unchanged on
-    both paths."""
-    cfg = base.replace(model=model, **{"scheduler.name": "split", "transport": "tcp"})
+    both paths. The compute-quota batcher prices their batches with an MLA + MoE cost-model shape (it raised
+    NotImplementedError for anything but dense GQA models)."""
+    cfg = base.replace(model=model, **{"scheduler.name": "split", "transport": "tcp", "scheduler.batcher": batcher})
     ts, ds_ops = driver.prepare(cfg)
     ref = reference_conversations(
         ds_ops, lambda: ConversationBook(ts, ds_ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len
@@ -195,6 +196,19 @@ def test_max_context_tokens_cuts_each_agent_before_its_first_longer_turn(base):
         driver.prepare(base.replace(**{"workload.max_context_tokens": -1}))
     with pytest.raises(ConfigError, match="cut the agents there with config.workload.max_context_tokens"):
         driver.prepare(cfg.replace(**{"cluster.max_seq_len": limit}))  # longer turns than the slots hold
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen2", "tiny_llama", "tiny_deepseek", "tiny_deepseek_v2"])
+def test_cost_model_shape_of_every_runtime_model(model):
+    """The cost model's view of each servable model: its KV bytes per token are the model's own (checked inside),
+    MLA models count latent KV, MoE models their routed experts."""
+    from dualpath_jax.runtime.model_ops import cost_model_shape
+
+    ops = ModelOps(model)
+    shape = cost_model_shape(ops)
+    assert shape.kv_bytes_per_token == ops.config.kv_bytes_per_token and shape.layers == ops.config.num_layers
+    assert shape.is_mla == model.startswith("tiny_deepseek") and shape.is_moe == model.startswith("tiny_deepseek")
+    assert cost_model_shape(ops) is shape  # registered once per process
 
 
 def test_runtime_serves_a_local_hf_checkpoint(base, tmp_path):

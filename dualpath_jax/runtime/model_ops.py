@@ -229,23 +229,48 @@ def cost_model_shape(ops: ModelOps):
     if name in MODEL_SHAPES:
         return MODEL_SHAPES.get(name)
     c = ops.config
-    if not hasattr(c, "num_key_value_heads"):
-        raise NotImplementedError(f"no cost-model shape for {ops.name} (dense GQA models only)")
     itemsize = ops.kv_layout.np_dtype.itemsize
-    shape = ModelShape(
+    common = dict(
         name=name,
         layers=c.num_layers,
         hidden=c.hidden_size,
         heads=c.num_attention_heads,
-        kv_heads=c.num_key_value_heads,
-        head_dim=c.head_dim,
         intermediate=c.intermediate_size,
         vocab=c.vocab_size,
-        qkv_bias=getattr(c, "qkv_bias", False),
         tied_embeddings=c.tie_word_embeddings,
         weight_bytes=itemsize,
         kv_dtype_bytes=itemsize,
     )
+    if hasattr(c, "num_key_value_heads"):  # dense GQA (Qwen2 / Llama)
+        shape = ModelShape(
+            kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim,
+            qkv_bias=getattr(c, "qkv_bias", False),
+            **common,
+        )
+    elif hasattr(c, "kv_lora_rank"):  # MLA + MoE (DeepSeek-V2 / V3)
+        if getattr(c, "moe_layer_freq", 1) != 1:
+            raise NotImplementedError(
+                f"no cost-model shape for {ops.name}: MoE on every {c.moe_layer_freq}th layer (the cost model has "
+                "every layer after the first dense ones MoE)"
+            )
+        shape = ModelShape(
+            kv_heads=c.num_attention_heads,  # unused for MLA attention
+            head_dim=c.v_head_dim,
+            n_routed_experts=c.n_routed_experts,
+            top_k=c.num_experts_per_tok,
+            n_shared=c.n_shared_experts,
+            moe_intermediate=c.moe_intermediate_size,
+            first_k_dense=c.first_k_dense_replace,
+            kv_lora_rank=c.kv_lora_rank,
+            qk_rope_head_dim=c.qk_rope_head_dim,
+            qk_nope_head_dim=c.qk_nope_head_dim,
+            v_head_dim=c.v_head_dim,
+            q_lora_rank=c.q_lora_rank or 0,
+            **common,
+        )
+    else:
+        raise NotImplementedError(f"no cost-model shape for {ops.name} ({type(c).__name__})")
     if shape.kv_bytes_per_token != c.kv_bytes_per_token:
         raise ValueError(f"cost-model KV bytes {shape.kv_bytes_per_token} != the model's {c.kv_bytes_per_token}")
     try:
