@@ -17,6 +17,16 @@ def hf_field(d: dict, key: str, where: str = "config.json") -> Any:
     return d[key]
 
 
+def check_hf_unsupported(d: dict, where: str = "config.json") -> None:
+    """Refuse HF config settings these models do not implement, which would otherwise be ignored and change the
+    numbers silently: an activation other than SiLU, sliding-window attention."""
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{where}: hidden_act={act!r} is not supported (silu)")
+    if d.get("use_sliding_window"):
+        raise ValueError(f"{where}: use_sliding_window=true is not supported (full attention only)")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     architecture: str  # HF architecture name, the registry key

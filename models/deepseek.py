@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.causal_lm import CausalLM, PreNormDecoderLayer
-from models.config import ModelConfig, hf_field
+from models.config import ModelConfig, check_hf_unsupported, hf_field
 from models.layers.attention import MLAAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.moe import DeepseekMoE
@@ -64,6 +64,7 @@ class DeepseekConfig(ModelConfig):
         arch = (d.get("architectures") or [None])[0]
         if arch not in ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"):
             raise ValueError(f"config.json: architectures={d.get('architectures')!r} is not a DeepSeek-V2/V3 model")
+        check_hf_unsupported(d)
         v3 = arch == "DeepseekV3ForCausalLM"
         rope_dim = hf_field(d, "qk_rope_head_dim")
         return cls(

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.causal_lm import CausalLM, PreNormDecoderLayer
-from models.config import ModelConfig, hf_field
+from models.config import ModelConfig, check_hf_unsupported, hf_field
 from models.layers.attention import GQAAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.rmsnorm import RMSNorm
@@ -39,6 +39,7 @@ class Qwen2Config(ModelConfig):
             raise ValueError(f"config.json: architectures={d.get('architectures')!r} is not a Qwen2/Llama model")
         if d.get("mlp_bias"):
             raise ValueError("config.json: mlp_bias=true is not supported")
+        check_hf_unsupported(d)
         hidden = hf_field(d, "hidden_size")
         heads = hf_field(d, "num_attention_heads")
         head_dim = d.get("head_dim") or hidden // heads

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -207,6 +208,23 @@ def test_hf_bad_config_is_named(tmp_path):
         load_hf_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="no config.json"):
         load_hf_checkpoint(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "hf_config, setting, says",
+    [
+        (QWEN2_HF, {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported (silu)"),
+        (QWEN2_HF, {"use_sliding_window": True, "sliding_window": 32}, "use_sliding_window=true is not supported"),
+        (LLAMA_HF, {"hidden_act": "relu"}, "hidden_act='relu' is not supported"),
+        (DEEPSEEK_V3_HF, {"hidden_act": "gelu_new"}, "hidden_act='gelu_new' is not supported"),
+    ],
+)
+def test_hf_settings_the_models_do_not_implement_are_refused(hf_config, setting, says):
+    """Settings that would otherwise be ignored, changing the numbers silently, are errors naming them; the
+    settings these models do implement (SiLU, full attention) load as before."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        config_from_hf(dict(hf_config, **setting))
+    config_from_hf(dict(hf_config, hidden_act="silu", use_sliding_window=False, sliding_window=4096))
 
 
 def test_orbax_round_trip(tmp_path):
