@@ -198,6 +198,21 @@ def test_max_context_tokens_cuts_each_agent_before_its_first_longer_turn(base):
         driver.prepare(cfg.replace(**{"cluster.max_seq_len": limit}))  # longer turns than the slots hold
 
 
+def test_a_kept_store_of_another_model_is_a_config_error(base, ops, tmp_path):
+    """config.store_dir kept from a run of another model (or block size) is refused before anything starts, naming
+    the store's layout (every node used to fail on it at start, with a traceback); the same model reuses it."""
+    from dualpath_jax.runtime.launcher import open_store
+    from dualpath_jax.runtime.node import block_layout
+
+    store_dir = str(tmp_path / "kv")
+    kept = base.replace(store_dir=store_dir)
+    open_store(kept, block_layout(kept, ops)).close()  # a store of tiny_qwen2 blocks
+    driver.prepare(kept, model_ops=ops)
+    for change in ({"model": "tiny_llama"}, {"block_size": 32}):
+        with pytest.raises(ConfigError, match=re.escape(f"config.store_dir: store {store_dir} holds blocks of")):
+            driver.prepare(kept.replace(**change))
+
+
 @pytest.mark.parametrize("model", ["tiny_qwen2", "tiny_llama", "tiny_deepseek", "tiny_deepseek_v2"])
 def test_cost_model_shape_of_every_runtime_model(model):
     """The cost model's view of each servable model: its KV bytes per token are the model's own (checked inside),

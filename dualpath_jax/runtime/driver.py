@@ -193,6 +193,14 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         ops = model_ops or ModelOps(cfg.model, cfg.model_seed)
     except ValueError as e:  # a checkpoint whose tensors do not load (missing, wrong shape): named
         raise ConfigError(f"config.model: {e}") from None
+    if cfg.store_dir:  # a kept store of another model or block size: refused here, not by every node at start
+        from dualpath_jax.runtime.launcher import open_store
+        from dualpath_jax.runtime.node import block_layout
+
+        try:
+            open_store(cfg, block_layout(cfg, ops)).close()
+        except ValueError as e:
+            raise ConfigError(f"config.store_dir: {e}") from None
     return trajs, ops
 
 
