@@ -133,6 +133,10 @@ def measure_cpu_profile(repeats: int = 3) -> dict[str, float]:
 
 
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) > 1:  # no flags: refuse them rather than ignore them
+        sys.exit(f"python -m schedulers.hardware takes no arguments (it measures this CPU), got {sys.argv[1:]}")
     m = measure_cpu_profile()
     print(f"cpu GEMM: {m['peak_flops'] / 1e9:.1f} GFLOP/s   copy bandwidth: {m['mem_bandwidth'] / 1e9:.2f} GB/s")
     p = HARDWARE.get("cpu")

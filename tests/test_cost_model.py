@@ -377,3 +377,5 @@ def test_measure_cpu_profile_reports_this_hosts_gemm_and_copy_rates():
     out = subprocess.run([sys.executable, "-m", "schedulers.hardware"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "cpu GEMM:" in out.stdout and "registered cpu profile:" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "schedulers.hardware", "--gpu=h100"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "takes no arguments" in bad.stderr  # refused, not ignored
