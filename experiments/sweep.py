@@ -3,6 +3,7 @@
   python -m experiments.sweep --setups=configs/paper_ds660b.py,configs/paper_ds27b.py \\
       --modes=basic,dualpath_rr,dualpath,oracle --loads=agents=512,agents=1024 --workers=2
   python -m experiments.sweep --setups=configs/sim_tiny.py --modes=basic,dualpath --loads=aps=0.2,aps=0.5
+  python -m experiments.sweep --setups=configs/paper_ds660b.py --modes=dualpath_rr,dualpath --seeds=0,1,2,3
 
 Each cell is `<setup>:<mode>,<load>` (configs/sim_base.py variant syntax). Writes sweep.csv, sweep.json and
 sweep.png (per setup: JCT, TTFT, storage-NIC max/avg and, online, SLO attainment over the loads, a line per
@@ -29,12 +30,21 @@ _LOADS = flags.DEFINE_list("loads", [""], "Load variants: agents=N (offline) or 
 _EXTRA = flags.DEFINE_string("extra", "", "Extra variant items appended to every cell (e.g. dataset=48K).")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/sweep", "Where sweep.csv / sweep.json / sweep.png go.")
+_SEEDS = flags.DEFINE_list(
+    "seeds", [], "Run every cell once per seed (seed=N added to its variant); empty: each config's own seed."
+)
+flags.register_validator(
+    "seeds",
+    lambda v: all(x.strip().lstrip("-").isdigit() for x in v) and len(set(v)) == len(v),
+    message="--seeds takes distinct integers, e.g. 0,1,2",
+)
 _PLOT = flags.DEFINE_bool("plot", True, "Write sweep.png (matplotlib): each setup's JCT and metrics over the loads.")
 
 COLUMNS = [
     "setup",
     "mode",
     "load",
+    "seed",
     "turns",
     "unfinished_turns",
     "jct_s",
@@ -50,27 +60,27 @@ COLUMNS = [
 ]
 
 
-def cell_spec(setup: str, mode: str, load: str, extra: str) -> str:
-    items = [x for x in (mode, load, extra) if x]
+def cell_spec(setup: str, mode: str, load: str, extra: str, seed: str = "") -> str:
+    items = [x for x in (mode, load, extra, f"seed={seed}" if seed else "") if x]
     return f"{setup}:{','.join(items)}"
 
 
-def run_cell(args: tuple[str, str, str, str]) -> dict:
+def run_cell(args: tuple[str, str, str, str, str]) -> dict:
     """One simulation (in a worker process); returns one row."""
-    setup, mode, load, extra = args
+    setup, mode, load, extra, seed = args
     from dualpath_jax.sim import load_sim_config, run
 
-    cfg = load_sim_config(cell_spec(setup, mode, load, extra))
+    cfg = load_sim_config(cell_spec(setup, mode, load, extra, seed))
     t0 = time.perf_counter()
     res = run(cfg)
-    row = {"setup": os.path.basename(setup), "mode": mode, "load": load}
+    row = {"setup": os.path.basename(setup), "mode": mode, "load": load, "seed": cfg.seed}
     row.update({k: res.summary.get(k) for k in COLUMNS if k in res.summary})
     row.update({k: res.stats[k] for k in ("events_per_s", "turns_per_s")})
     row["wall_s"] = time.perf_counter() - t0
     return row
 
 
-def run_grid(cells: Sequence[tuple[str, str, str, str]], workers: int) -> list[dict]:
+def run_grid(cells: Sequence[tuple[str, str, str, str, str]], workers: int) -> list[dict]:
     from tqdm import tqdm
 
     rows = []
@@ -95,7 +105,8 @@ _PLOT_METRICS = [
 
 def plot_sweep(rows: Sequence[dict], path: str) -> bool:
     """One row of panels per setup: each metric of `_PLOT_METRICS` the cells have, over the loads (in the order
-    given), one line per mode. Skipped (logged) without matplotlib."""
+    given), one line per mode; with several seeds, the line is their mean and the bars their [min, max]. Skipped
+    (logged) without matplotlib."""
     try:
         import matplotlib
 
@@ -113,9 +124,15 @@ def plot_sweep(rows: Sequence[dict], path: str) -> bool:
         for j, (key, label) in enumerate(metrics):
             ax = axes[i][j]
             for mode in dict.fromkeys(r["mode"] for r in mine):
-                by_load = {r["load"]: r.get(key) for r in mine if r["mode"] == mode}
-                ys = [by_load.get(ld) for ld in loads]
-                ax.plot(range(len(loads)), [float("nan") if y is None else y for y in ys], marker="o", label=mode)
+                by_load: dict[str, list[float]] = {}
+                for r in mine:
+                    if r["mode"] == mode and r.get(key) is not None:
+                        by_load.setdefault(r["load"], []).append(float(r[key]))
+                vals = [by_load.get(ld, [float("nan")]) for ld in loads]
+                mean = [sum(v) / len(v) for v in vals]
+                err = [[m - min(v) for m, v in zip(mean, vals, strict=True)],
+                       [max(v) - m for m, v in zip(mean, vals, strict=True)]]  # fmt: skip
+                ax.errorbar(range(len(loads)), mean, yerr=err, marker="o", capsize=3, label=mode)
             ax.set_xticks(range(len(loads)), [ld or "default" for ld in loads], rotation=20, fontsize=7)
             ax.set_ylabel(label)
             ax.set_title(setup, fontsize=8)
@@ -140,17 +157,23 @@ def main(argv: Sequence[str]) -> None:
 
     logging.info("python %s, numpy %s", platform.python_version(), numpy.__version__)
     logging.info(
-        "setups=%s modes=%s loads=%s extra=%r workers=%d",
+        "setups=%s modes=%s loads=%s extra=%r seeds=%s workers=%d",
         _SETUPS.value,
         _MODES.value,
         _LOADS.value,
         _EXTRA.value,
+        _SEEDS.value,
         _WORKERS.value,
     )
     for s in _SETUPS.value:
         if not os.path.isfile(s):
             raise app.UsageError(f"--setups: config file {s!r} does not exist")
-    cells = [(s, m, ld, _EXTRA.value) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value]
+    seeds = [str(int(x)) for x in _SEEDS.value] or [""]
+    if _SEEDS.value and any(item.strip().startswith("seed=") for item in _EXTRA.value.split(",")):
+        raise app.UsageError("--seeds and a seed= item in --extra both set the seed; use one")
+    cells = [
+        (s, m, ld, _EXTRA.value, sd) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value for sd in seeds
+    ]
     from dualpath_jax.sim import load_sim_config
     from dualpath_jax.sim.runner import build_simulator
 

@@ -586,6 +586,26 @@ def test_sweep_refuses_a_bad_cell_before_running_any():
     assert "sweep:" not in out.stderr and "Traceback" not in out.stderr
 
 
+def test_sweep_runs_every_cell_once_per_seed(tmp_path):
+    """--seeds runs each cell once per seed (seed=N in its variant), one row each; the plot shows their mean and
+    range. A seed set twice (--seeds and --extra=seed=N) or a seed that is not an integer is refused."""
+    import csv
+
+    out = _launch(
+        "experiments.sweep", f"--setups={TINY}", "--modes=dualpath", "--loads=agents=4", "--extra=turns=3",
+        "--seeds=0,1", "--workers=1", f"--output_dir={tmp_path}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "sweep.csv")))
+    assert [(r["mode"], r["seed"]) for r in rows] == [("dualpath", "0"), ("dualpath", "1")]
+    assert rows[0]["jct_s"] != rows[1]["jct_s"]  # different workloads: the seed reached the config
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    both = _launch("experiments.sweep", f"--setups={TINY}", "--seeds=0,1", "--extra=seed=3")
+    assert both.returncode != 0 and "--seeds and a seed= item in --extra both set the seed" in both.stderr
+    bad = _launch("experiments.sweep", f"--setups={TINY}", "--seeds=0,x")
+    assert bad.returncode != 0 and "--seeds takes distinct integers" in bad.stderr
+
+
 def test_sweep_launcher_runs_a_grid(tmp_path):
     import csv
 
