@@ -52,7 +52,7 @@ import numpy as np
 from dualpath_jax.block_keys import keys_from_hash_ids, root_key
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import LocalDirStore, block_file, local_dir
-from experiments import writable_file_or_exit
+from experiments import writable_dir_or_exit, writable_file_or_exit
 
 # DeepSeek-V3 MLA cache in FP8 (PAPER.md: ~656 B/token/layer, 61 layers): 2.4 MiB Full Blocks, 41 KiB Layer
 # Blocks. Qwen2.5-32B fp16 (64 layers x 8 kv heads x 128 x 2 x 2 B = 4 KiB/token/layer): 16 MiB Full Blocks.
@@ -705,6 +705,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     if FLAGS.out:
         writable_file_or_exit(FLAGS.out, "--out")  # before the benchmarks, not after
+    if FLAGS.root:
+        writable_dir_or_exit(FLAGS.root, "--root")  # the store's directory: one line, not a traceback
     logging.info(
         "numpy %s, python %s, %s, %d CPUs",
         np.__version__,

@@ -538,6 +538,9 @@ def test_launchers_refuse_an_unwritable_output_before_running(tmp_path, argv, fl
     out = _launch(*argv[:1], f"{flag}={tmp_path}") if flag == "--out" else None
     if out is not None:
         assert out.returncode != 0 and f"bad --out '{tmp_path}': it is a directory, not a file" in out.stderr
+    if argv[0] == "experiments.bench_store":  # its store directory too
+        out = _launch(*argv, f"--root={blocker}/store")
+        assert out.returncode != 0 and f"bad --root '{blocker}/store': cannot write there" in out.stderr
 
 
 def test_simulate_says_when_max_time_left_turns_unfinished(tmp_path):
