@@ -750,5 +750,10 @@ if __name__ == "__main__":
         "compare_tree", None, "root of another source tree (e.g. `git archive HEAD` unpacked): its store's verified "
         "reads run beside this tree's in the same process"
     )  # fmt: skip
+    flags.register_validator(
+        "compare_tree",
+        lambda v: v is None or os.path.isfile(os.path.join(v, "dualpath_jax", "store", "local_dir.py")),
+        message="--compare_tree must be the root of a source tree (it has no dualpath_jax/store/local_dir.py)",
+    )
     FLAGS = flags.FLAGS
     app.run(main)

@@ -182,6 +182,13 @@ def main() -> None:
 
     flags.DEFINE_integer("repeats", 5, "timed repeats per batch (min)")
     flags.DEFINE_string("hardware", "cpu", "hardware profile of the analytic baseline")
+    from schedulers.hardware import HARDWARE
+
+    flags.register_validator(
+        "hardware",
+        lambda v: v in HARDWARE.names(),
+        message=f"--hardware takes a registered profile: {', '.join(sorted(HARDWARE.names()))}",
+    )
 
     def run(argv):
         if len(argv) > 1:

@@ -507,6 +507,8 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         (["experiments.bench_store", "--repeats=0"], "0 is not a positive integer"),
         (["experiments.pd_bounds", "--s=0"], "--s must be > 0"),
         (["experiments.bench_io", "--tcp_sizes=64K"], "--tcp_sizes takes positive integers"),
+        (["experiments.bench_store", "--compare_tree=/no/tree"], "--compare_tree must be the root of a source tree"),
+        (["schedulers.calibrate", "--hardware=h900"], "--hardware takes a registered profile: cpu, h100"),
     ],
 )
 def test_launchers_refuse_out_of_range_flags(argv, says):
