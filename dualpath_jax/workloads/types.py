@@ -86,25 +86,28 @@ class Trajectory:
         """Tokens turn i prefills: its prompt minus the cached whole blocks."""
         return self.prompt_tokens(i) - self.hit_tokens(i, block_size)
 
+    def _turn_totals(self):
+        """Prompt + generation of each turn, in order (the context as `turn_shapes` counts it)."""
+        ctx = 0
+        for t in self.turns:
+            ctx = (t.context_tokens if t.context_tokens is not None else ctx) + t.append_tokens + t.gen_tokens
+            yield ctx
+
     def peak_turn(self) -> tuple[int, int]:
         """(index, tokens) of the turn whose prompt + generation is the largest: the most KV this agent ever
         holds at once (a decode engine must have room for it). (-1, 0) without turns."""
-        best_i, best, ctx = -1, 0, 0
-        for i, t in enumerate(self.turns):
-            prompt = (t.context_tokens if t.context_tokens is not None else ctx) + t.append_tokens
-            ctx = prompt + t.gen_tokens
-            if ctx > best or best_i < 0:
-                best_i, best = i, ctx
+        best_i, best = -1, 0
+        for i, total in enumerate(self._turn_totals()):
+            if total > best or best_i < 0:
+                best_i, best = i, total
         return best_i, best
 
     def cut_at_tokens(self, limit: int) -> Trajectory:
         """This trajectory up to (not including) its first turn whose prompt + generation exceeds `limit` tokens
         (a model's context window); itself when no turn does."""
-        n, ctx = 0, 0
-        for t in self.turns:
-            prompt = (t.context_tokens if t.context_tokens is not None else ctx) + t.append_tokens
-            ctx = prompt + t.gen_tokens
-            if ctx > limit:
+        n = 0
+        for total in self._turn_totals():
+            if total > limit:
                 break
             n += 1
         return self if n == len(self.turns) else dataclasses.replace(self, turns=list(self.turns)[:n])
