@@ -16,6 +16,22 @@ def config_or_exit(config_flag):
     return config
 
 
+def pyplot_or_none(what: str):
+    """`matplotlib.pyplot` on the Agg backend (files only), or None, logged as `what` skipped, where matplotlib
+    (the `plot` extra) is not installed: the launchers' plots are optional."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from absl import logging
+
+        logging.info("matplotlib is not installed: skipping %s (pip install -e '.[plot]')", what)
+        return None
+    return plt
+
+
 def _bad_override(argv, e: BaseException) -> str:
     """One line for ml_collections' error on an override of a field the config does not have (a KeyError, or an
     AttributeError wrapping one, whose message is the quoted key and a did-you-mean line)."""

@@ -29,7 +29,13 @@ import time
 
 from absl import app, flags, logging
 
-from experiments import config_or_exit, define_config_file, parse_flags_or_exit, writable_dir_or_exit
+from experiments import (
+    config_or_exit,
+    define_config_file,
+    parse_flags_or_exit,
+    pyplot_or_none,
+    writable_dir_or_exit,
+)
 
 _CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_runtime.py"), "Runtime configuration."
@@ -119,13 +125,8 @@ def simulate(cfg, trajs, cost, policy_kwargs: dict) -> dict:
 
 def _plot(out: dict, path: str) -> None:
     """JCT measured vs simulated per policy, and the per-turn time split; skipped without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logging.info("matplotlib is not installed: skipping the plot")
+    plt = pyplot_or_none("bench_runtime.png")
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     pols = list(out.get("measured", {}))

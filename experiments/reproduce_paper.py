@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import writable_dir_or_exit
+from experiments import pyplot_or_none, writable_dir_or_exit
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1)
@@ -358,13 +358,8 @@ def plot_report(headline: dict, table_cells: list, path: str) -> bool:
     label (the simulator's bar at its mean, its [min, max] as an error bar), and, with `table_cells` = [(mode,
     paper JCT, simulator JCT)], the calibration table as simulator vs paper JCT (log axes, y = x and +-15%).
     Skipped (logged) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logging.info("matplotlib is not installed: skipping report.png (pip install matplotlib)")
+    plt = pyplot_or_none("report.png")
+    if plt is None:
         return False
     n = len(headline) + bool(table_cells)
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4), squeeze=False)

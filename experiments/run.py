@@ -22,7 +22,13 @@ import time
 
 from absl import app, logging
 
-from experiments import config_or_exit, define_config_file, parse_flags_or_exit, writable_dir_or_exit
+from experiments import (
+    config_or_exit,
+    define_config_file,
+    parse_flags_or_exit,
+    pyplot_or_none,
+    writable_dir_or_exit,
+)
 
 _CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_runtime.py"), "Run configuration."
@@ -64,13 +70,8 @@ def format_table(results: dict) -> str:
 
 def plot(results: dict, path: str) -> bool:
     """JCT per policy and bytes per storage NIC per policy; skipped (logged) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logging.info("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+    plt = pyplot_or_none("run.png")
+    if plt is None:
         return False
     names = list(results)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))

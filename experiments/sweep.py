@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import writable_dir_or_exit
+from experiments import pyplot_or_none, writable_dir_or_exit
 
 _SETUPS = flags.DEFINE_list("setups", ["configs/sim_tiny.py"], "Config files (configs/paper_*.py).")
 _MODES = flags.DEFINE_list("modes", ["basic", "dualpath"], "Modes or registered policy names.")
@@ -107,13 +107,8 @@ def plot_sweep(rows: Sequence[dict], path: str) -> bool:
     """One row of panels per setup: each metric of `_PLOT_METRICS` the cells have, over the loads (in the order
     given), one line per mode; with several seeds, the line is their mean and the bars their [min, max]. Skipped
     (logged) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logging.info("matplotlib is not installed: skipping sweep.png (pip install matplotlib)")
+    plt = pyplot_or_none("sweep.png")
+    if plt is None:
         return False
     setups = list(dict.fromkeys(r["setup"] for r in rows))
     metrics = [(k, label) for k, label in _PLOT_METRICS if any(r.get(k) is not None for r in rows)]
