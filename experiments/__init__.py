@@ -11,9 +11,16 @@ def config_or_exit(config_flag):
     try:
         config.to_dict  # noqa: B018 - a failed load is a placeholder that raises its load error on any attribute
     except Exception as e:  # noqa: BLE001
-        cause = e.__cause__ or e
-        raise SystemExit(f"bad config: {type(cause).__name__}: {cause}".rstrip()) from None
+        raise SystemExit(_load_failure(e)) from None
     return config
+
+
+def _load_failure(e: BaseException) -> str:
+    """The one "bad config" line for a config file that failed to load: the first error in the chain (the
+    library wraps it in "Configuration is not available ...")."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"bad config: {type(e).__name__}: {e}".rstrip()
 
 
 def pyplot_or_none(what: str):
@@ -71,10 +78,7 @@ def parse_flags_or_exit(argv):
     except (AttributeError, KeyError) as e:  # ml_collections: no such field
         raise SystemExit(_bad_override(argv, e)) from None
     except OSError as e:  # the --config file itself failed to load (the override touched its placeholder)
-        cause = e.__cause__ or e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        raise SystemExit(f"bad config: {type(cause).__name__}: {cause}".rstrip()) from None
+        raise SystemExit(_load_failure(e)) from None
 
 
 def _cannot_write(directory: str) -> str | None:

@@ -176,13 +176,6 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     max_total = max(t.prompt_tokens(i) + t.turns[i].gen_tokens for t in trajs for i in range(len(t.turns)))
     validate(cfg, mcfg.kv_bytes_per_token, max_prompt)
     _check_token_ids(trajs, mcfg.vocab_size)
-    if cfg.store_dir:  # the KV store's directory: made now, so an unusable path fails before any engine starts
-        try:
-            os.makedirs(cfg.store_dir, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"config.store_dir {cfg.store_dir!r} cannot be created: {e.strerror}") from None
-        if not os.access(cfg.store_dir, os.W_OK | os.X_OK):
-            raise ConfigError(f"config.store_dir {cfg.store_dir!r} is not writable")
     if max_total > cfg.cluster.max_seq_len:
         raise ConfigError(
             f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the longest turn "
@@ -193,10 +186,17 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         ops = model_ops or ModelOps(cfg.model, cfg.model_seed)
     except ValueError as e:  # a checkpoint whose tensors do not load (missing, wrong shape): named
         raise ConfigError(f"config.model: {e}") from None
-    if cfg.store_dir:  # a kept store of another model or block size: refused here, not by every node at start
+    if cfg.store_dir:  # the KV store, opened once now: an unusable path or a kept store of another model or
+        # block size fails here, not in every node process at start
         from dualpath_jax.runtime.launcher import open_store
         from dualpath_jax.runtime.node import block_layout
 
+        try:
+            os.makedirs(cfg.store_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"config.store_dir {cfg.store_dir!r} cannot be created: {e.strerror}") from None
+        if not os.access(cfg.store_dir, os.W_OK | os.X_OK):
+            raise ConfigError(f"config.store_dir {cfg.store_dir!r} is not writable")
         try:
             open_store(cfg, block_layout(cfg, ops)).close()
         except ValueError as e:
