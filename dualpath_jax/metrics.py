@@ -55,7 +55,6 @@ class TurnRecord:
 
 
 _ARRIVAL = operator.attrgetter("arrival")
-_FINISHED = operator.attrgetter("finished")
 _GEN_TOKENS = operator.attrgetter("gen_tokens")
 _PROMPT_TOKENS = operator.attrgetter("prompt_tokens")
 _PE_READ_BYTES = operator.attrgetter("pe_read_bytes")
@@ -127,8 +126,12 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
     """The headline numbers every report prints (`cache`: see `column`)."""
     if not records:
         return {"turns": 0}
-    start = min(map(_ARRIVAL, records))  # Python's min/max (their NaN rules), without a generator
-    end = max(map(_FINISHED, records))
+    start = min(map(_ARRIVAL, records))
+    # The span ends at the last *finished* turn: unfinished ones (NaN, a run cut by its max_time) are left out
+    # wherever they sit (Python's max kept a NaN only when it came first, so the JCT hung on record order).
+    finished = column(records, "finished", cache)
+    finished = finished[~np.isnan(finished)]
+    end = float(finished.max()) if finished.size else math.nan
     gen = sum(map(_GEN_TOKENS, records))
     prompt = sum(map(_PROMPT_TOKENS, records))
     ttft, tpot = ttft_tpot(records, cache)

@@ -60,10 +60,16 @@ def define_config_file(name: str, default: str | None, help_string: str):
 
     from ml_collections import config_flags
 
+    from absl import flags
+
     try:
-        return config_flags.DEFINE_config_file(name, default, help_string)
+        holder = config_flags.DEFINE_config_file(name, default, help_string)
     except (AttributeError, KeyError) as e:
         raise SystemExit(_bad_override(sys.argv, e)) from None
+    # A key flag of the launcher that defines it, so `--helpshort` lists it (absl files it under this module).
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller, flags.FLAGS[name])
+    return holder
 
 
 def parse_flags_or_exit(argv):

@@ -16,6 +16,9 @@ flags.DEFINE_float("B_GBps", 50.0, "CNIC bandwidth per GPU, GB/s (400 Gbps = 50)
 flags.DEFINE_float("M_GBps", 500.0, "host memory bandwidth per node, GB/s")
 for _name in ("s", "B_GBps", "M_GBps"):
     flags.register_validator(_name, lambda v: v > 0, message=f"--{_name} must be > 0")
+flags.register_multi_flags_validator(
+    ["g", "s"], lambda f: 2 * f["s"] <= f["g"], message="--s must be <= g/2 (the PE-CNIC read constraint 2s/g <= 1)"
+)
 
 
 def main(argv):
