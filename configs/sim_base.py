@@ -3,9 +3,10 @@
 A variant string after the config file (`configs/paper_ds660b.py:VARIANT`) is a comma-separated list of
 items: a mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or any registered policy), or
 `key=value` with key one of dataset, agents, aps, duration, pd (e.g. 1P2D), turns, seed, kind, warmup, or
-`policy.NAME=value`: a field of the policy's Config (`config.scheduler.kwargs`; ints, floats, true/false and
-strings are told apart). Examples: `configs/paper_ds660b.py:basic,dataset=48K,agents=1024`,
-`configs/paper_ds660b.py:dualpath_rr,policy.full_de=wait`.
+`policy.NAME=value` / `batcher.NAME=value`: a field of the policy's / the batcher's Config
+(`config.scheduler.kwargs` / `config.batcher.kwargs`; ints, floats, true/false and strings are told apart).
+Examples: `configs/paper_ds660b.py:basic,dataset=48K,agents=1024`,
+`configs/paper_ds660b.py:dualpath_rr,policy.full_de=wait`, `configs/paper_ds660b.py:batcher.quota_s=0.2`.
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
         key, value = item.split("=", 1)
         if key.startswith("policy.") and len(key) > len("policy."):
             cfg.scheduler.kwargs[key[len("policy.") :]] = _scalar(value)
+            continue
+        if key.startswith("batcher.") and len(key) > len("batcher."):
+            cfg.batcher.kwargs[key[len("batcher.") :]] = _scalar(value)
             continue
         if key not in _KEYS:
             raise ValueError(f"config variant item {item!r}: unknown key {key!r}; known: {sorted(_KEYS)}")

@@ -372,6 +372,11 @@ def test_unknown_fields_and_values(base):
         driver.prepare(base.replace(launcher="mpi"))
     with pytest.raises(ConfigError, match=r"config.model: unknown model 'gpt5'"):
         driver.prepare(base.replace(model="gpt5"))
+    # the policy's / batcher's own Config refuses a field or a value: a config error, not a TypeError
+    with pytest.raises(ConfigError, match=r"config.scheduler.policy_kwargs: 'round_robin' does not take \['bogus'\]"):
+        driver.prepare(base.replace(**{"scheduler.name": "round_robin", "scheduler.policy_kwargs": {"bogus": 1}}))
+    with pytest.raises(ConfigError, match=r"config.scheduler.batcher_kwargs: fifo token_budget must be >= 1"):
+        driver.prepare(base.replace(**{"scheduler.batcher_kwargs": {"token_budget": 0}}))
 
 
 def test_every_runtime_field_can_be_overridden_from_the_command_line():

@@ -223,13 +223,21 @@ def test_unknown_config_fields_are_named():
 def test_policy_fields_from_the_variant_string():
     cfg = load_sim_config(f"{TINY}:dualpath_rr,policy.full_de=wait,policy.read_side=de,agents=6,turns=4")
     assert cfg.policy == "round_robin" and cfg.policy_kwargs == {"full_de": "wait", "read_side": "de"}
-    cfg = load_sim_config(f"{TINY}:dualpath,policy.alpha_tokens=5000,policy.x=1.5,policy.y=True")
-    assert cfg.policy_kwargs == {"alpha_tokens": 5000, "x": 1.5, "y": True}
+    cfg = load_sim_config(f"{TINY}:dualpath,policy.alpha_tokens=5000,policy.z_slack=1.5,policy.block_size=32")
+    assert cfg.policy_kwargs == {"alpha_tokens": 5000, "z_slack": 1.5, "block_size": 32}
     res = run(_cfg("dualpath_rr,policy.full_de=wait,agents=6,turns=4"))
     assert res.summary["unfinished_turns"] == 0
     assert {r.read_side for r in res.records} == {"pe", "de"}
-    with pytest.raises(TypeError, match=r"'dualpath' does not take \['x', 'y'\]"):
-        run(cfg)
+    # fields the policy does not have, or values its Config refuses: refused when the config loads, not in the run
+    with pytest.raises(ValueError, match=r"config.scheduler.kwargs .*'dualpath' does not take \['x', 'y'\]"):
+        load_sim_config(f"{TINY}:dualpath,policy.x=1.5,policy.y=True")
+    with pytest.raises(ValueError, match=r"config.scheduler.kwargs .*round_robin full_de must be skip/wait/queue"):
+        load_sim_config(f"{TINY}:dualpath_rr,policy.full_de=never")
+    # the batcher's fields the same way (batcher.NAME=value)
+    cfg = load_sim_config(f"{TINY}:dualpath,batcher.quota_s=0.05,agents=4,turns=2")
+    assert cfg.batcher_kwargs == {"quota_s": 0.05} and run(cfg).summary["unfinished_turns"] == 0
+    with pytest.raises(ValueError, match=r"config.batcher.kwargs .*compute_quota quota_s must be > 0, got -1"):
+        load_sim_config(f"{TINY}:batcher.quota_s=-1")
 
 
 @pytest.mark.parametrize("mode", ["dualpath_rr", "round_robin,kind=online,aps=0.5,duration=40"])
@@ -575,6 +583,14 @@ def test_unknown_mode_policy_or_batcher_is_a_config_error():
         load_sim_config(TINY, {"batcher.name": "nope"})
     with pytest.raises(ValueError, match=r"config.workload.dataset '99K' unknown; known: 32K, 48K, 64K"):
         load_sim_config(f"{TINY}:dataset=99K")
+    # cost-model names and the fetch scope: refused when the config loads (they were KeyErrors / ValueErrors
+    # with a traceback from inside the run)
+    with pytest.raises(ValueError, match=r"config.cluster.model 'gpt5' unknown; known: ds27b, ds660b"):
+        load_sim_config(TINY, {"cluster.model": "gpt5"})
+    with pytest.raises(ValueError, match=r"config.cluster.hardware 'h900' unknown; known: cpu, h100"):
+        load_sim_config(TINY, {"cluster.hardware": "h900"})
+    with pytest.raises(ValueError, match=r"config.cluster.fetch_scope must be 'node' or 'global', got 'world'"):
+        load_sim_config(TINY, {"cluster.fetch_scope": "world"})
     assert load_sim_config(f"{TINY}:round_robin").policy == "round_robin"  # a policy name is a mode too
     out = _launch("experiments.simulate", f"--config={TINY}:bogus", "--noplot")
     assert out.returncode != 0 and "bad config: config.mode 'bogus'" in out.stderr

@@ -213,10 +213,14 @@ def validate(cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prom
         schedulers.make_policy(cfg.scheduler.name, **dict(cfg.scheduler.policy_kwargs))
     except KeyError as e:
         raise ConfigError(f"config.scheduler.name: {e.args[0]}") from None
+    except (TypeError, ValueError) as e:  # a field the policy's Config does not have, or a value it refuses
+        raise ConfigError(f"config.scheduler.policy_kwargs: {e}") from None
     try:
         schedulers.make_batcher(cfg.scheduler.batcher, **dict(cfg.scheduler.batcher_kwargs))
     except KeyError as e:
         raise ConfigError(f"config.scheduler.batcher: {e.args[0]}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.scheduler.batcher_kwargs: {e}") from None
     for name in ("snic_bytes_per_s", "cnic_bytes_per_s"):
         if getattr(cfg.nics, name) <= 0:
             raise ConfigError(f"config.nics.{name} must be > 0, got {getattr(cfg.nics, name)}")

@@ -149,6 +149,15 @@ def check_sim_config(sc: SimConfig) -> None:
         )
     for name, (low, low_ok, high) in _TOP_BOUNDS.items():
         _check_number(f"config.{name}", getattr(sc, name), low, low_ok, high)
+    from schedulers.cost_model import HARDWARE, MODEL_SHAPES  # no jax
+
+    for name, registry in (("model", MODEL_SHAPES), ("hardware", HARDWARE)):
+        if getattr(sc.cluster, name) not in registry:
+            raise ValueError(
+                f"config.cluster.{name} {getattr(sc.cluster, name)!r} unknown; known: {', '.join(registry.names())}"
+            )
+    if sc.cluster.fetch_scope not in ("node", "global"):
+        raise ValueError(f"config.cluster.fetch_scope must be 'node' or 'global', got {sc.cluster.fetch_scope!r}")
     w = sc.workload
     _check_number("config.workload.max_turns", w.max_turns, 0, True, None)
     _check_number("config.workload.max_context_tokens", w.max_context_tokens, 0, True, None)
@@ -180,6 +189,16 @@ def _fill(dc_type, d: dict, where: str):
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
     return dc_type(**d)
+
+
+def _check_kwargs(registry, name: str, kwargs: dict, where: str) -> None:
+    """ValueError naming `where` when `kwargs` are not fields of `name`'s Config or its checks refuse them."""
+    from schedulers.registry import build_config
+
+    try:
+        build_config(registry.get(name), name, **kwargs)
+    except (TypeError, ValueError) as e:  # an unknown field, or a value of the wrong type or range
+        raise ValueError(f"{where} {kwargs}: {e}") from None
 
 
 def sim_config_from_dict(cfg: dict) -> SimConfig:
@@ -222,6 +241,9 @@ def sim_config_from_dict(cfg: dict) -> SimConfig:
         )
     if sc.batcher not in BATCHERS:
         raise ValueError(f"config.batcher.name {sc.batcher!r} unknown; known: {', '.join(BATCHERS.names())}")
+    # The policy's and batcher's own Config checks, now rather than when the run builds them
+    _check_kwargs(POLICIES, policy, policy_kwargs, "config.scheduler.kwargs")
+    _check_kwargs(BATCHERS, sc.batcher, sc.batcher_kwargs, "config.batcher.kwargs")
     check_sim_config(sc)
     return resolve_de_hbm(sc)
 
