@@ -140,7 +140,9 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
             cfg.batcher.kwargs[key[len("batcher.") :]] = _scalar(value)
             continue
         if key not in _KEYS:
-            raise ValueError(f"config variant item {item!r}: unknown key {key!r}; known: {sorted(_KEYS)}")
+            raise ValueError(
+                f"config variant item {item!r}: unknown key {key!r}; known: {sorted(_KEYS)}, policy.NAME, batcher.NAME"
+            )
         if key in _NUMBER_KEYS:
             kind = _NUMBER_KEYS[key]
             try:

@@ -58,9 +58,8 @@ def define_config_file(name: str, default: str | None, help_string: str):
     (at the launcher's import), before `app.run` and its flags parser."""
     import sys
 
-    from ml_collections import config_flags
-
     from absl import flags
+    from ml_collections import config_flags
 
     try:
         holder = config_flags.DEFINE_config_file(name, default, help_string)
