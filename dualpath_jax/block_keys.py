@@ -57,10 +57,15 @@ def _token_bytes(token_ids) -> np.ndarray:
     return ids.astype("<u4", copy=False)
 
 
-def block_keys(token_ids, block_size: int, parent: bytes = ROOT) -> list[bytes]:
-    """Keys of the whole blocks of `token_ids` (a partial last block gets none), chained from `parent`."""
+def _check_block_size(block_size) -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return int(block_size)
+
+
+def block_keys(token_ids, block_size: int, parent: bytes = ROOT) -> list[bytes]:
+    """Keys of the whole blocks of `token_ids` (a partial last block gets none), chained from `parent`."""
+    _check_block_size(block_size)
     key = _check_parent(parent)
     ids = _token_bytes(token_ids)
     n_blocks = ids.size // block_size
@@ -78,6 +83,7 @@ def extend_block_keys(prev_keys: Sequence[bytes], token_ids, block_size: int, ro
     `prev_keys` are the keys of an earlier turn of the same trajectory (a prefix of this prompt); only the
     blocks after them are hashed.
     """
+    block_size = _check_block_size(block_size)
     n_prev = len(prev_keys)
     ids = _token_bytes(token_ids)
     if n_prev * block_size > ids.size:
@@ -96,9 +102,7 @@ class BlockKeyChain:
     """
 
     def __init__(self, block_size: int, root: bytes = ROOT):
-        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        self.block_size = int(block_size)
+        self.block_size = _check_block_size(block_size)
         self.keys: list[bytes] = []
         self._root = _check_parent(root)
         self._tail = np.zeros((0,), dtype="<u4")  # tokens of the not-yet-full block

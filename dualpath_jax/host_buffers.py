@@ -158,6 +158,8 @@ class HostBufferPool:
         return self.arena.ctypes.data
 
     def slot_view(self, slot: int) -> np.ndarray:
+        if not 0 <= slot < self.num_slots:  # (a slice past the arena would be an empty view, not an error)
+            raise IndexError(f"slot {slot} out of range for pool {self.name!r} of {self.num_slots} slots")
         return self.arena[slot * self.slot_nbytes : (slot + 1) * self.slot_nbytes]
 
     def slots_for(self, nbytes: int) -> int:
@@ -191,7 +193,7 @@ class HostBufferPool:
                 f"host buffer pool {self.name!r}: request of {nslots} slots ({nslots * self.slot_nbytes} B) can never "
                 f"fit its budget of {self.num_slots} slots x {self.slot_nbytes} B = {self.budget_bytes} B"
             )
-        if timeout is not None and timeout < 0:
+        if timeout is not None and not timeout >= 0:  # (NaN too: it would wait forever)
             raise ValueError(f"timeout must be >= 0 s or None, got {timeout}")
         deadline = None if timeout is None else time.monotonic() + timeout
         ticket = object()

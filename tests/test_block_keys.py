@@ -90,6 +90,15 @@ def test_bad_arguments_are_clear():
         keys_from_hash_ids([1, "x"])
 
 
+def test_extend_block_keys_checks_block_size():
+    """extend_block_keys used `block_size` before checking it: a TypeError about operands or slice indices."""
+    keys = block_keys(np.arange(8), 4)
+    for bad in (None, 2.0, 0, True):
+        with pytest.raises(ValueError, match="block_size must be a positive int"):
+            extend_block_keys(keys[:1], np.arange(8), bad)
+    assert extend_block_keys(keys[:1], np.arange(8), np.int64(4)) == keys
+
+
 def test_block_layout_offsets_and_errors():
     lay = BlockLayout(num_layers=61, block_tokens=64, bytes_per_token_per_layer=656, fingerprint="dsv3-fp8")
     assert lay.layer_block_nbytes == 64 * 656

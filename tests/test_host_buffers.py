@@ -146,3 +146,16 @@ def test_bad_constructor_and_request_arguments():
         pool.acquire(nslots=0)
     with pytest.raises(ValueError, match="timeout"):
         pool.acquire(nslots=1, timeout=-1)
+
+
+def test_nan_timeout_and_out_of_range_slots_are_errors():
+    """A NaN timeout would wait forever (as None does) instead of being refused; a slot index past the arena gave
+    an empty view instead of an error."""
+    pool = HostBufferPool(slot_nbytes=10, num_slots=2, name="p")
+    with pytest.raises(ValueError, match="timeout must be >= 0 s or None, got nan"):
+        pool.acquire(nslots=1, timeout=float("nan"))
+    assert pool.free_slots == 2 and not pool._queue
+    for slot in (-1, 2):
+        with pytest.raises(IndexError, match=f"slot {slot} out of range for pool 'p' of 2 slots"):
+            pool.slot_view(slot)
+    assert pool.slot_view(1).shape == (10,)

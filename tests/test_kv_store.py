@@ -683,6 +683,77 @@ def test_factory_builds_registered_store(tmp_path):
         make_store({"name": "local_dir"}, LAYOUT)
 
 
+def test_pin_and_unpin_check_their_keys(tmp_path):
+    """`pinned(key)` / `pin(key)` with one key (not a list of keys) pinned its bytes as int "keys" and left the block
+    unprotected, evicted by the next write; an unpin that fails part-way changed the pins before it raised."""
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=2 * block_file.file_nbytes(LAYOUT))
+    keys = make_keys(3)
+    for k in keys[:2]:
+        assert s.write(k, content(k))
+    with pytest.raises(TypeError, match="got one key"):
+        s.pin(keys[0])
+    with pytest.raises(TypeError, match="block key must be bytes"):
+        with s.pinned(keys[0]):
+            pass
+    with pytest.raises(TypeError, match="got one key"):
+        s.lookup(keys[0])
+    with pytest.raises(TypeError, match="block key must be bytes"):
+        s.pin(["abc"])
+    assert not s._pins
+    with s.pinned([keys[0]]):
+        assert s.write(keys[2], content(keys[2]))  # evicts keys[1], not the pinned keys[0]
+        assert s.contains(keys[0]) and not s.contains(keys[1])
+        with pytest.raises(ValueError, match=f"unpin of block {keys[1].hex()} that is not pinned"):
+            s.unpin([keys[0], keys[1]])
+        with pytest.raises(ValueError, match="not pinned"):
+            s.unpin([keys[0], keys[0]])
+        assert s._pins == {keys[0]: 1}  # nothing changed
+    assert not s._pins
+    assert s.lookup(iter(keys)) == 1  # (any iterable of keys)
+    s.close()
+
+
+def test_store_metadata_that_is_not_a_json_object_and_bad_factory_configs(tmp_path):
+    """A STORE.json holding valid JSON other than an object raised AttributeError; make_store of a config that is
+    neither a mapping nor an object with attributes raised from vars()."""
+    for text in ("[]", "null", "3"):
+        (tmp_path / "kv").mkdir(exist_ok=True)
+        (tmp_path / "kv" / "STORE.json").write_text(text)
+        with pytest.raises(ValueError, match="STORE.json is unreadable .*not an object"):
+            LocalDirStore(tmp_path / "kv", LAYOUT)
+    for bad in (None, "local_dir"):
+        with pytest.raises(TypeError, match="store config must be a mapping or an object with attributes"):
+            make_store(bad, LAYOUT)
+
+
+def test_a_store_directory_it_cannot_delete_in_still_opens(tmp_path, monkeypatch, caplog):
+    """On a read-only mount a damaged block or a dead writer's temp file cannot be removed: that failed the open
+    (an OSError from the scan); now it is logged, the store opens and the damaged block is a miss."""
+    s = LocalDirStore(tmp_path / "kv", LAYOUT)
+    keys = make_keys(2)
+    for k in keys:
+        assert s.write(k, content(k))
+    s.close()
+    with open(s.path_of(keys[0]), "r+b") as f:
+        f.truncate(100)
+    tmp = os.path.join(os.path.dirname(s.path_of(keys[1])), ".tmp.otherhost.1.abcd." + keys[1].hex())
+    open(tmp, "w").close()
+    os.utime(tmp, (0, 0))  # old: stale
+
+    def read_only_unlink(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(os, "unlink", read_only_unlink)
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.store.local_dir"):
+        s = LocalDirStore(tmp_path / "kv", LAYOUT)
+    assert "could not remove temp file" in caplog.text and "could not remove corrupt block" in caplog.text
+    assert s.keys() == [keys[1]] and os.path.exists(tmp)
+    out = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    assert not s.read(keys[0], out) and s.read(keys[1], out)
+    np.testing.assert_array_equal(out, content(keys[1]))
+    s.close()
+
+
 def test_bad_constructor_arguments(tmp_path):
     with pytest.raises(ValueError, match="cannot hold one block"):
         LocalDirStore(tmp_path / "a", LAYOUT, capacity_bytes=100)
@@ -1024,6 +1095,62 @@ def test_a_read_io_error_is_a_counted_miss_and_the_block_stays(tmp_path, monkeyp
     assert s.read(k, out)
     np.testing.assert_array_equal(out, content(k))
     s.close()
+
+
+@pytest.mark.parametrize("err", [errno.EACCES, errno.EMFILE])
+def test_an_error_opening_a_block_is_a_counted_miss_not_an_exception(store, monkeypatch, caplog, err):
+    """An open(2) error other than "absent" (a permission, too many open files, a stale NFS handle) is a read error
+    like any other: a logged, counted miss, the block left in place; it escaped read() and read_many() before."""
+    keys = make_keys(2)
+    for k in keys:
+        assert store.write(k, content(k))
+    real_open = os.open
+
+    def failing_open(path, flags, *args, **kwargs):
+        if str(path).endswith(".kvb"):
+            raise OSError(err, os.strerror(err), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    outs = [np.zeros(LAYOUT.full_block_nbytes, np.uint8) for _ in keys]
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.store.local_dir"):
+        assert not store.read(keys[0], outs[0])
+        assert store.read_many(keys, outs) == [False, False]
+    assert "I/O error opening block" in caplog.text
+    st = store.stats()
+    assert st.read_errors == 3 and st.read_absent == 0 and st.read_corrupt == 0 and not store._pins
+    monkeypatch.setattr(os, "open", real_open)
+    assert store.lookup(keys) == 2 and store.read_many(keys, outs) == [True, True]
+    for k, o in zip(keys, outs, strict=True):
+        np.testing.assert_array_equal(o, content(k))
+
+
+def test_read_many_that_raises_leaves_no_read_filling_a_buffer(tmp_path):
+    """A bad buffer (or key) further on raised from read_many while the reads submitted before it still ran: they
+    filled the caller's earlier buffers after the exception (a host buffer already handed back or reused)."""
+    s = LocalDirStore(tmp_path / "kv", LAYOUT, io_threads=1)
+    keys = make_keys(2)
+    for k in keys:
+        assert s.write(k, content(k))
+    go = threading.Event()
+    s._pool.submit(go.wait)  # the one I/O thread is busy: the reads read_many submits wait in its queue
+    submitted = []
+    real_submit = s.submit_read
+
+    def submit_read(*args, **kwargs):
+        submitted.append(real_submit(*args, **kwargs))
+        return submitted[-1]
+
+    s.submit_read = submit_read
+    good = np.zeros(LAYOUT.full_block_nbytes, np.uint8)
+    try:
+        with pytest.raises(ValueError, match="out holds 3 B"):
+            s.read_many(keys, [good, np.zeros(3, np.uint8)])
+        assert len(submitted) == 1 and submitted[0].done()
+    finally:
+        go.set()
+        s.close()  # (waits for the I/O thread)
+    assert not good.any()
 
 
 def test_read_many_with_one_layer_index(store):

@@ -12,7 +12,7 @@ import abc
 import contextlib
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 from dualpath_jax.kv_layout import BlockLayout
@@ -96,7 +96,15 @@ class KVStore(abc.ABC):
         if len(keys) != len(outs):
             raise ValueError(f"read_many got {len(keys)} keys but {len(outs)} output buffers")
         layers = layers if layers is None or isinstance(layers, int) else list(layers)  # one pass per key
-        futures = [self.submit_read(k, o, layers) for k, o in zip(keys, outs, strict=True)]
+        futures = []
+        try:
+            for k, o in zip(keys, outs, strict=True):
+                futures.append(self.submit_read(k, o, layers))
+        except BaseException:
+            # A bad key or buffer further on: no read may still fill the earlier buffers once we raise.
+            wait([f for f in futures if not f.cancel()])  # (a cancelled read never runs)
+            raise
+        wait(futures)  # (all done before any result is raised, for the same reason)
         return [f.result() for f in futures]
 
     @abc.abstractmethod
@@ -163,6 +171,8 @@ def make_store(config: Mapping[str, Any] | Any, layout: BlockLayout) -> KVStore:
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     elif not isinstance(config, Mapping):
+        if not hasattr(config, "__dict__"):
+            raise TypeError(f"store config must be a mapping or an object with attributes, got {config!r}")
         config = dict(vars(config))
     options = dict(config)
     if "name" not in options:

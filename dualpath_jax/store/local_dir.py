@@ -498,6 +498,8 @@ class LocalDirStore(KVStore):
         try:
             with open(path) as f:
                 have = json.load(f)
+            if not isinstance(have, dict):
+                raise ValueError(f"a JSON {type(have).__name__}, not an object")
         except FileNotFoundError:
             tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             with open(tmp, "w") as f:
@@ -576,6 +578,8 @@ class LocalDirStore(KVStore):
                 log.info("kv store %s: removed temp file of a dead writer: %s", self.root, entry.path)
             except FileNotFoundError:
                 pass
+            except OSError as e:  # (a read-only mount, say: the store still opens)
+                log.warning("kv store %s: could not remove temp file %s: %s", self.root, entry.path, e)
 
     # ---- index, pins, eviction ------------------------------------------------------------------------
     def _adopt_locked(self, key: bytes, size: int) -> None:
@@ -613,15 +617,18 @@ class LocalDirStore(KVStore):
         return True
 
     def pin(self, keys: Iterable[bytes]) -> None:
+        keys = _key_list(keys)
         with self._lock:
             for key in keys:
                 self._pins[key] += 1
 
     def unpin(self, keys: Iterable[bytes]) -> None:
+        keys = _key_list(keys)
         with self._lock:
-            for key in keys:
-                if self._pins[key] <= 0:
+            for key, n in collections.Counter(keys).items():  # all checked first: a bad unpin changes nothing
+                if self._pins[key] < n:
                     raise ValueError(f"unpin of block {key.hex()} that is not pinned")
+            for key in keys:
                 self._pins[key] -= 1
                 if not self._pins[key]:
                     del self._pins[key]
@@ -635,8 +642,7 @@ class LocalDirStore(KVStore):
         return size if size == self.file_nbytes else None
 
     def lookup(self, keys: Sequence[bytes]) -> int:
-        for key in keys:
-            _check_key(key)
+        keys = _key_list(keys)
         hit = 0
         if not self.stat_on_hit:  # the indexed leading keys, under one lock
             with self._lock:
@@ -818,6 +824,11 @@ class LocalDirStore(KVStore):
                 with self._lock:
                     self._drop_locked(key)
                     self._stats.read_absent += 1
+                return False
+            except OSError as e:  # EACCES, EMFILE, ESTALE, EIO...: a miss like any other I/O error, block left
+                log.warning("kv store %s: I/O error opening block %s: %s (treated as a miss)", self.root, path, e)
+                with self._lock:
+                    self._stats.read_errors += 1
                 return False
             try:
                 if verify and self._mmap_min is not None and self._read_size(dst, runs, stride) >= self._mmap_min:
@@ -1111,6 +1122,8 @@ class LocalDirStore(KVStore):
             os.unlink(path)
         except FileNotFoundError:
             pass
+        except OSError as e:  # (a read-only mount, say: still a counted miss, out of the index; the store opens)
+            log.warning("kv store %s: could not remove corrupt block %s: %s", self.root, path, e)
         with self._lock:
             self._drop_locked(key)
             self._stats.corrupt_blocks += 1
@@ -1287,6 +1300,16 @@ def _host_id() -> str:
 def _check_key(key: Any) -> None:
     if not isinstance(key, bytes) or not 0 < len(key) <= block_file.MAX_KEY_NBYTES:
         raise TypeError(f"block key must be bytes of length 1..{block_file.MAX_KEY_NBYTES}, got {key!r}")
+
+
+def _key_list(keys: Any) -> list[bytes]:
+    """`keys` (an iterable of block keys) as a checked list; one key by itself is an error, not its bytes as keys."""
+    if isinstance(keys, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected an iterable of block keys, got one key {bytes(keys)!r}: pass [key]")
+    keys = list(keys)
+    for key in keys:
+        _check_key(key)
+    return keys
 
 
 def _write_all(fd: int, bufs: list[memoryview]) -> None:
