@@ -87,6 +87,12 @@ class Link:
                 raise ValueError(f"link {name!r}: weight of class {c!r} must be > 0, got {w}")
         if quantum is None:
             quantum = 1 << 20 if math.isinf(self.rate) else int(max(16 << 10, min(8 << 20, self.rate * 0.005)))
+        if not quantum >= 1:  # 0: no chunk ever fits; < 0: nothing would be paced or recorded
+            raise ValueError(f"link {name!r}: quantum must be >= 1 byte, got {quantum}")
+        if not burst_s >= 0:  # < 0 would put every slot beyond the grant horizon: transfers would wait forever
+            raise ValueError(f"link {name!r}: burst_s must be >= 0 s, got {burst_s}")
+        if not sample_interval > 0:
+            raise ValueError(f"link {name!r}: sample_interval must be > 0 s, got {sample_interval}")
         self.quantum = int(quantum)
         self.burst_s = float(burst_s)
         # How far ahead of the link's timeline a slot may be granted: less than one chunk, so a flow that

@@ -332,6 +332,29 @@ def test_bad_feeder_arguments_are_named(kwargs, error, match):
         LayerFeeder(**args)
 
 
+def test_forwarder_refuses_a_negative_prefetch():
+    """prefetch=-1 used to fail the DE's thread with a ZeroDivisionError and tell the PE every layer was a miss."""
+    de = make_transport({"backend": "inproc", "name": "de-prefetch"})
+    try:
+        de.register("de_buffer", np.zeros(NBYTES, np.uint8))
+        with pytest.raises(ValueError, match="prefetch must be >= 0, got -1"):
+            LayerForwarder(
+                de,
+                "pe",
+                _source,
+                L,
+                NBYTES,
+                "de_buffer",
+                0,
+                "pe_buffer",
+                lambda layer: 0,
+                lambda layer: layer,
+                prefetch=-1,
+            )
+    finally:
+        de.close()
+
+
 def test_misuse_of_a_feeder_is_a_clear_error():
     """A layer outside 0..L-1, or saving through a feeder built without a saver, names what is wrong."""
     with LayerFeeder(L, _source, NBYTES, name="pe3") as feed:
@@ -346,8 +369,56 @@ def test_misuse_of_a_feeder_is_a_clear_error():
         layer_tag(1, 4096)
 
 
+def test_save_after_close_is_refused():
+    """A closed feeder takes no more saves (it used to start a fresh save thread if none had run yet, or fail
+    with the executor's "cannot schedule new futures after shutdown")."""
+    saved = []
+    for save_first in (False, True):
+        feed = LayerFeeder(L, _source, NBYTES, saver=lambda layer, host: saved.append(layer), name="pe4")
+        if save_first:
+            feed.save_layer(0, np.zeros(8, np.uint8))
+            feed.wait_for_save(5)
+        feed.close()
+        with pytest.raises(RuntimeError, match="pe4: save_layer after close"):
+            feed.save_layer(1, np.zeros(8, np.uint8))
+        assert feed._save_pool is None or feed._save_pool._shutdown
+    assert saved == [0]
+
+
 def test_buffer_saver_refuses_a_layer_outside_its_buffer():
     saver = BufferSaver(np.zeros(2 * NBYTES, np.uint8), offset_fn=lambda layer: layer * NBYTES)
     saver(1, np.ones(NBYTES, np.uint8))  # fits: [4096, 8192)
     with pytest.raises(LayerSaveError, match=r"layer 2: \[8192, 12288\) outside the 8192-byte buffer"):
         saver(2, np.ones(NBYTES, np.uint8))
+
+
+@pytest.mark.parametrize(
+    "buffer",
+    [
+        np.zeros((8, 2 * NBYTES), np.uint8)[:, ::2],  # strided
+        np.zeros(NBYTES, np.uint8)[::-1],  # reversed
+        np.frombuffer(bytes(NBYTES), np.uint8),  # read-only
+    ],
+)
+def test_buffer_saver_refuses_a_buffer_it_would_not_write_into(buffer):
+    """A non-contiguous buffer would be flattened into a copy, so saved layers would vanish silently; a
+    read-only one would fail every save."""
+    with pytest.raises(ValueError, match="BufferSaver: the buffer must be a writable C-contiguous array"):
+        BufferSaver(buffer, offset_fn=lambda layer: 0)
+
+
+def test_failing_a_layer_the_loader_just_settled_is_not_an_error():
+    """close() and the loader may settle the same layer at once: close() checks done(), the loader sets the result,
+    then close() fails it. The first settlement wins and close() does not raise InvalidStateError."""
+    from concurrent.futures import Future
+
+    from transport.feeder import _fail
+
+    class Raced(Future):
+        def done(self):  # what close() saw just before the loader's set_result
+            return False
+
+    f = Raced()
+    f.set_result("layer 0")
+    _fail(f, RuntimeError("feeder closed"))
+    assert f.result() == "layer 0"

@@ -78,6 +78,25 @@ def test_unknown_class_and_bad_rate():
         link.acquire(10, "high")
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"quantum": 0}, "quantum must be >= 1 byte, got 0"),  # was a ValueError from range() at the first grant
+        ({"quantum": -1}, "quantum must be >= 1 byte, got -1"),  # was silently no pacing, no bytes recorded
+        ({"burst_s": -0.01}, "burst_s must be >= 0 s, got -0.01"),  # was a transfer waiting forever
+        ({"burst_s": math.nan}, "burst_s must be >= 0 s, got nan"),
+        ({"sample_interval": 0}, "sample_interval must be > 0 s, got 0"),  # was a ZeroDivisionError per grant
+        ({"sample_interval": -0.1}, "sample_interval must be > 0 s, got -0.1"),  # was bins with t1 < t0
+    ],
+)
+def test_bad_link_parameters_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=f"link 'cnic/engine0': {match}"):
+        Link("cnic/engine0", 1e9, **kwargs)
+    if "sample_interval" in kwargs:  # the manager's interval reaches every link it makes
+        with pytest.raises(ValueError, match=f"link 'snic/node0': {match}"):
+            TrafficManager(**kwargs).add_snic(0, 1e9)
+
+
 def test_samples_and_link_names():
     tm = TrafficManager.for_cluster(
         {0: [0, 1], 1: [2]}, ClusterLinks(snic_bytes_per_s=200e6, cnic_bytes_per_s=400e6), sample_interval=0.05

@@ -231,6 +231,85 @@ def test_control_messages(pair):
         a.send(b.name, "not bytes")
 
 
+def test_region_names_must_be_strings(pair):
+    """A region name is a non-empty string: anything else is refused at `register`, and a transfer naming a
+    peer's region by a non-string is a `RegionError` (it once was an AttributeError on tcp, and an int name
+    made every later "no region" error a TypeError)."""
+    a, b = pair
+    a.register("src", np.zeros(8, np.uint8))
+    b.register("dst", np.zeros(8, np.uint8))
+    for name in (5, None, ""):
+        with pytest.raises(RegionError, match="region name must be a non-empty string"):
+            a.register(name, np.zeros(4, np.uint8))
+    for name in (5, None, b"dst"):
+        with pytest.raises(RegionError, match=f"no region {name!r}"):
+            a.write(b.name, "src", 0, name, 0, 1)
+        with pytest.raises(RegionError, match=f"no region {name!r}"):
+            a.read(b.name, "src", 0, name, 0, 1)
+    with pytest.raises(RegionError, match="no region 'nope'; registered: src"):
+        a.region("nope")
+    assert a.write(b.name, "src", 0, "dst", 0, 8).result(10) == 8
+
+
+def test_bad_notify_tag_raises_before_anything_is_written(pair):
+    """A notify tag is an integer of the wire's signed 64 bits (numpy integers are fine); anything else raises
+    at once and writes nothing (inproc used to copy the bytes and then fail the future, or truncate 1.5 to 1;
+    tcp raised a struct.error for 2**63)."""
+    a, b = pair
+    a.register("src", np.arange(1, 9, dtype=np.uint8))
+    dst = np.zeros(8, np.uint8)
+    b.register("dst", dst)
+    for tag, err in [("7", TypeError), (1.5, TypeError), (1 << 63, ValueError), (-(1 << 63) - 1, ValueError)]:
+        with pytest.raises(err, match="notify tag"):
+            a.write(b.name, "src", 0, "dst", 0, 8, notify=tag)
+        with pytest.raises(err, match="notify tag"):
+            a.write_many(b.name, [("src", 0, 4, "dst", 0), ("src", 4, 4, "dst", 4)], notify=tag)
+    assert not dst.any(), "a write with a bad notify tag wrote bytes"
+    with pytest.raises(TimeoutError):
+        b.wait_notification(timeout=0.05)
+    for tag in (np.int64((1 << 63) - 1), -(1 << 63)):
+        assert a.write(b.name, "src", 0, "dst", 0, 8, notify=tag).result(10) == 8
+        n = b.wait_notification(timeout=5)
+        assert n.tag == int(tag) and type(n.tag) is int
+    np.testing.assert_array_equal(dst, np.arange(1, 9, dtype=np.uint8))
+
+
+def _raises_within(fn, seconds: float = 5.0) -> BaseException | None:
+    """Run fn in a thread; the exception it raised, or None if it returned; fails if it is still running."""
+    got: list = []
+
+    def run() -> None:
+        try:
+            fn()
+            got.append(None)
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            got.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still waiting after {seconds} s"
+    return got[0]
+
+
+@pytest.mark.parametrize("backend", ["inproc", "tcp"])
+def test_a_nan_timeout_is_refused_not_a_wait_forever(backend):
+    """A NaN timeout never expires (every comparison with it is false): waits refuse it instead of spinning."""
+    ep = make_transport({"backend": backend, "name": f"nan-{backend}"})
+    try:
+        for fn in (
+            lambda: ep.wait_notification(timeout=float("nan")),
+            lambda: ep.recv(timeout=float("nan")),
+            lambda: ep.wait_for_peer("nobody", timeout=float("nan")),
+        ):
+            err = _raises_within(fn)
+            assert isinstance(err, ValueError) and "timeout must be a number of seconds or None, got nan" in str(err)
+        assert isinstance(_raises_within(lambda: ep.wait_notification(timeout=0)), TimeoutError)
+        assert isinstance(_raises_within(lambda: ep.recv(timeout=-1)), TimeoutError)
+    finally:
+        ep.close()  # also ends a wait that ignored the NaN
+
+
 @pytest.mark.parametrize("backend", ["inproc", "tcp"])
 def test_priorities_high_overtakes_low(backend):
     """With the sender's CNIC paced (99:1), a small high-priority write finishes while a big low-priority
@@ -310,6 +389,31 @@ def test_close_fails_pending_transfers(backend):
         if f.exception() is not None:
             assert isinstance(f.exception(), TransportError)
     b.close()
+
+
+@pytest.mark.parametrize("backend", ["inproc", "tcp"])
+@pytest.mark.parametrize("closing", ["sender", "receiver"])
+def test_close_stops_a_paced_transfer_in_flight(backend, closing):
+    """Closing either endpoint in the middle of a paced write fails the write and stops it: no more bytes are
+    paced on the link or land in the peer's region. (inproc's copy used to run to its end: every byte landed
+    after its future had failed, or the write reported success to a peer closed half-way through it.)"""
+    link = Link("cnic/engine0", 10e6, {"high": 99, "low": 1})
+    a, b = make_pair(backend, pacer=Pacer([link]))
+    n = 8 << 20  # ~0.8 s at 10 MB/s
+    try:
+        a.register("src", np.ones(n, np.uint8))
+        dst = np.zeros(n, np.uint8)
+        b.register("dst", dst)
+        fut = a.write(b.name, "src", 0, "dst", 0, n)
+        time.sleep(0.1)
+        (a if closing == "sender" else b).close()
+        with pytest.raises(TransportError):
+            fut.result(10)
+        time.sleep(1.0)  # past the time the whole write would have taken
+        assert link.total_bytes < n // 2 and dst.sum() < n // 2, (link.total_bytes, dst.sum())
+    finally:
+        a.close()
+        b.close()
 
 
 def test_write_completes_only_after_its_bytes_landed(pair):

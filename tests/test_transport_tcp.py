@@ -367,6 +367,31 @@ def test_wrong_peer_name_refused(server):
         c.close()
 
 
+def test_connect_needs_a_host_port_address(server):
+    """Passing a peer's name (the inproc address) or nothing where (host, port) belongs is named as such, not a
+    getaddrinfo error about host 's' and port 'r' or an unpacking TypeError."""
+    c = TcpTransport("cli")
+    try:
+        for address in (server.name, None, ("127.0.0.1",)):
+            with pytest.raises(TypeError, match=r"the address of 'srv' must be \(host, port\), got"):
+                c.connect(server.name, address)
+        c.connect(server.name, list(server.address))  # a list, as JSON hands it back, is fine
+        assert c.peers() == [server.name]
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"timeout_s": 0}, {"timeout_s": -1}, {"timeout_s": float("nan")}, {"handshake_timeout_s": 0}]
+)
+def test_timeouts_must_be_positive(kwargs):
+    """timeout_s=0 would drop every peer with a transfer pending at the watchdog's first look; NaN would never
+    drop a silent one."""
+    ((what, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=f"tcp transport 'ep': {what} must be > 0 seconds, got {value}"):
+        TcpTransport("ep", **kwargs)
+
+
 # ---- silent peers ---------------------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import operator
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -108,6 +109,15 @@ class MemoryRegion:
             )
 
 
+def _deadline(timeout: float | None) -> float | None:
+    """The monotonic deadline of a wait of `timeout` s (None = forever); a NaN timeout would never expire."""
+    if timeout is None:
+        return None
+    if timeout != timeout:
+        raise ValueError(f"timeout must be a number of seconds or None, got {timeout}")
+    return time.monotonic() + timeout
+
+
 def as_region_view(buf: Any, name: str) -> memoryview:
     """A flat writable byte view of `buf`; a clear error if it is read-only or not contiguous."""
     try:
@@ -146,7 +156,7 @@ class CompletionQueue:
 
     def get(self, tag: int | None = None, peer: str | None = None, timeout: float | None = None) -> Notification:
         """Pop the oldest notification matching `tag`/`peer` (None = any); `TimeoutError` after `timeout` s."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         with self._cond:
             while True:
                 for i, n in enumerate(self._items):
@@ -184,7 +194,7 @@ class MessageQueue:
             self._cond.notify_all()
 
     def get(self, peer: str | None = None, timeout: float | None = None) -> tuple[str, bytes]:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         with self._cond:
             while True:
                 for i, (p, payload) in enumerate(self._items):
@@ -197,6 +207,20 @@ class MessageQueue:
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no message from {peer or 'any peer'} within {timeout} s")
                 self._cond.wait(remaining)
+
+
+def check_notify(notify: Any) -> int | None:
+    """A write's notify tag as an int (None = no notification): `TypeError` unless it is an integer (numpy integers
+    are fine), `ValueError` unless it fits the wire's signed 64 bits."""
+    if notify is None or type(notify) is int and -(1 << 63) <= notify < 1 << 63:
+        return notify
+    try:
+        tag = operator.index(notify)
+    except TypeError:
+        raise TypeError(f"notify tag must be an int, got {notify!r}") from None
+    if not -(1 << 63) <= tag < 1 << 63:
+        raise ValueError(f"notify tag {tag} does not fit in a signed 64-bit integer")
+    return tag
 
 
 def check_priority(priority: str) -> str:
@@ -233,10 +257,12 @@ class Transport(abc.ABC):
     def register(self, name: str, buf: Any) -> MemoryRegion:
         """Register a writable contiguous buffer under `name`; peers may then read/write it.
 
-        Raises `RegionError` for a duplicate name or a read-only/non-contiguous buffer. The caller must keep
-        the buffer alive and not resize it while registered.
+        Raises `RegionError` for a duplicate or non-string name or a read-only/non-contiguous buffer. The caller
+        must keep the buffer alive and not resize it while registered.
         """
         self._check_open()
+        if not isinstance(name, str) or not name:
+            raise RegionError(f"region name must be a non-empty string, got {name!r}")
         view = as_region_view(buf, name)
         with self._lock:
             if name in self._regions:
@@ -249,7 +275,8 @@ class Transport(abc.ABC):
         return region
 
     def deregister(self, name: str) -> None:
-        """Forget a region. Only do this when no transfer into or out of it is in flight."""
+        """Forget a region. Only do this when no transfer into or out of it is in flight. Peers cache region ids
+        (tcp, rdma): a peer's later write to it is a remote access error that closes that peer's connection set."""
         with self._lock:
             region = self.region(name)
             self._on_deregister(region)
@@ -294,7 +321,7 @@ class Transport(abc.ABC):
 
     def wait_for_peer(self, peer: str, timeout: float = 10.0) -> None:
         """Block until `peer` has connected to us (the accepting side of `connect`)."""
-        deadline = time.monotonic() + timeout
+        deadline = _deadline(timeout)
         while peer not in self.peers():
             self._check_open()
             if time.monotonic() > deadline:
@@ -615,7 +642,8 @@ def complete_quietly(futs: Sequence[TransferFuture], results: Sequence[Any]) -> 
 
 def check_write_entries(entries: Any, notify: int | None) -> Sequence[Any]:
     """The entries of a `write_many` as a list or tuple (a TypeError for anything that is not a sequence, a
-    ValueError for an empty batch with `notify`)."""
+    ValueError for an empty batch with `notify`; `notify` checked as by `check_notify`)."""
+    check_notify(notify)
     if isinstance(entries, (str, bytes)) or not hasattr(entries, "__iter__"):
         raise TypeError(f"write_many: entries must be a sequence of 5-tuples, got {type(entries).__name__}")
     if not isinstance(entries, (list, tuple)):

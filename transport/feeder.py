@@ -35,10 +35,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, Protocol, Self
 
 import numpy as np
+
+
+def _fail(fut: Future, err: BaseException) -> None:
+    """Fail `fut` unless it is done; the loader and close() may race to settle a layer (the first one wins)."""
+    try:
+        if not fut.done():
+            fut.set_exception(err)
+    except InvalidStateError:
+        pass
 
 
 class LayerLoadError(RuntimeError):
@@ -184,8 +193,7 @@ class LayerFeeder:
                     err = LayerLoadError(f"{self.name}: loading layer {layer} failed: {type(e).__name__}: {e}")
                     err.__cause__ = e
                 for f in self._results[layer:]:  # this layer and all later ones fail: no hang, no garbage
-                    if not f.done():
-                        f.set_exception(err)
+                    _fail(f, err)
                 return
 
     def wait_for_layer(self, layer: int) -> Any:
@@ -213,6 +221,8 @@ class LayerFeeder:
         """Copy layer `layer`'s new KV device -> host and hand it to the saver, in the background, in order."""
         if self.saver is None:
             raise RuntimeError(f"{self.name}: save_layer needs a saver")
+        if self._stop.is_set():
+            raise RuntimeError(f"{self.name}: save_layer after close")
         with self._lock:
             if self._save_pool is None:
                 self._save_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"feeder-{self.name}-save")
@@ -244,8 +254,7 @@ class LayerFeeder:
         """Stop loading (pending layers fail) and the save worker (after queued saves)."""
         self._stop.set()
         for f in self._results:
-            if not f.done():
-                f.set_exception(LayerLoadError(f"{self.name}: feeder closed"))
+            _fail(f, LayerLoadError(f"{self.name}: feeder closed"))
         if self._loader is not None:
             self._loader.join(timeout=5)
         if self._save_pool is not None:
@@ -378,6 +387,9 @@ class BufferSaver:
     """Copy each saved layer into a host buffer at `offset_fn(l)` (e.g. the local DE buffer)."""
 
     def __init__(self, buffer: np.ndarray, offset_fn: Callable[[int], int]):
+        # reshape(-1) of a non-contiguous array is a copy: saved layers would land there and be lost
+        if not buffer.flags.c_contiguous or not buffer.flags.writeable:
+            raise ValueError("BufferSaver: the buffer must be a writable C-contiguous array")
         self.buffer, self.offset_fn = buffer.reshape(-1).view(np.uint8), offset_fn
 
     def __call__(self, layer: int, host: np.ndarray) -> None:
@@ -420,6 +432,8 @@ class LayerForwarder:
         prefetch: int = 1,
         priority: str = "low",
     ):
+        if prefetch < 0:  # the staging ring has prefetch + 1 slots
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.transport, self.peer, self.source = transport, peer, source
         self.num_layers, self.layer_nbytes, self.prefetch = num_layers, layer_nbytes, prefetch
         self.local_region, self.local_offset = local_region, local_offset

@@ -26,6 +26,7 @@ from transport.base import (
     RegionError,
     Transport,
     TransportClosedError,
+    check_notify,
     check_priority,
 )
 
@@ -113,12 +114,19 @@ class InProcTransport(Transport):
             raise PeerLostError(f"{self.name}: peer {peer!r} is gone")
         return ep
 
-    def _copy(self, src: MemoryRegion, so: int, dst: MemoryRegion, do: int, n: int, priority: str) -> None:
+    def _copy(
+        self, src: MemoryRegion, so: int, dst: MemoryRegion, do: int, n: int, priority: str, ep: InProcTransport
+    ) -> None:
         # Views as uint8 arrays: np.copyto releases the GIL for large copies.
         s = np.frombuffer(src.view, dtype=np.uint8, count=n, offset=so) if n else None
         d = np.frombuffer(dst.view, dtype=np.uint8, count=n, offset=do) if n else None
         pos = 0
         for step in self._paced_chunks(n, priority, PACE_CHUNK if self.pacer is not None else max(n, 1)):
+            # Either side closed mid-way (a paced copy): stop moving and pacing bytes, as a closed socket would.
+            if self._closed:
+                raise TransportClosedError(f"endpoint {self.name!r} closed during the transfer")
+            if ep.closed:
+                raise PeerLostError(f"peer {ep.name!r} closed during the transfer")
             np.copyto(d[pos : pos + step], s[pos : pos + step])
             pos += step
 
@@ -159,6 +167,7 @@ class InProcTransport(Transport):
     ) -> Future:
         self._check_open()
         check_priority(priority)
+        tag = check_notify(notify)  # before anything is copied
         ep = self._peer(peer)
         src = self.region(local_region)
         src.check(local_offset, length, f"write from {self.name}:{local_region}")
@@ -168,9 +177,9 @@ class InProcTransport(Transport):
         def run() -> int:
             if ep.closed:
                 raise PeerLostError(f"peer {peer!r} closed before the write ran")
-            self._copy(src, local_offset, dst, remote_offset, length, priority)
-            if notify is not None:
-                ep.completions.put(Notification(self.name, int(notify), remote_region, remote_offset, length))
+            self._copy(src, local_offset, dst, remote_offset, length, priority, ep)
+            if tag is not None:
+                ep.completions.put(Notification(self.name, tag, remote_region, remote_offset, length))
             return length
 
         return self._submit(priority, run)
@@ -199,7 +208,7 @@ class InProcTransport(Transport):
         def run() -> int:
             if ep.closed:
                 raise PeerLostError(f"peer {peer!r} closed before the read ran")
-            self._copy(src, remote_offset, dst, local_offset, length, priority)
+            self._copy(src, remote_offset, dst, local_offset, length, priority, ep)
             return length
 
         return self._submit(priority, run)

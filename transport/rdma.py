@@ -44,6 +44,7 @@ from transport.base import (
     RegionError,
     Transport,
     TransportError,
+    check_notify,
     check_priority,
 )
 
@@ -438,6 +439,7 @@ class RdmaTransport(Transport):
         notify: int | None = None,
     ) -> Future:
         check_priority(priority)
+        notify = check_notify(notify)  # before anything is posted
         src = self.region(local_region)
         src.check(local_offset, length, f"write from {self.name}:{local_region}")
         p = self._peer(peer)

@@ -85,6 +85,7 @@ from transport.base import (
     TransportClosedError,
     TransportError,
     WriteEntry,
+    check_notify,
     check_priority,
     check_write_entries,
     complete_quietly,
@@ -829,6 +830,9 @@ class TcpTransport(Transport):
         max_message_bytes: int = 16 << 20,
     ):
         super().__init__(name, pacer)
+        for what, t in (("timeout_s", timeout_s), ("handshake_timeout_s", handshake_timeout_s)):
+            if not t > 0:  # 0 would drop every peer with a transfer pending; NaN would never time out
+                raise ValueError(f"tcp transport {name!r}: {what} must be > 0 seconds, got {t}")
         if not is_loopback(host) and not secret:
             raise ValueError(
                 f"tcp transport {name!r}: binding non-loopback address {host!r} requires a shared secret "
@@ -865,6 +869,8 @@ class TcpTransport(Transport):
         self._check_open()
         if self._live_peer(peer) is not None:
             return
+        if not isinstance(address, (tuple, list)) or len(address) != 2:
+            raise TypeError(f"{self.name}: the address of {peer!r} must be (host, port), got {address!r}")
         host, port = address
         session = os.urandom(8).hex()
         socks: dict[str, socket.socket] = {}
@@ -1124,6 +1130,8 @@ class TcpTransport(Transport):
         if info is not None:
             return info
         peer = p.name
+        if not isinstance(name, str):
+            raise RegionError(f"peer {peer!r} has no region {name!r} (region names are strings)")
         data = name.encode()
         if len(data) > REGION_NAME_MAX:
             raise RegionError(f"region name longer than {REGION_NAME_MAX} bytes")
@@ -1182,7 +1190,11 @@ class TcpTransport(Transport):
         else:
             flags, tag = FLAG_NOTIFY, notify if type(notify) is int else _as_int(notify, "notify tag", TypeError)
         req = next(self._req_ids)
-        header = pack_header(OP_WRITE, flags, rid, remote_offset, length, tag, req)
+        try:
+            header = pack_header(OP_WRITE, flags, rid, remote_offset, length, tag, req)
+        except struct.error:  # offsets and length are checked: only the tag can be out of range
+            check_notify(tag)  # raises, naming it
+            raise
         fut = _Request()
         fut.length = length
         p.add(req, fut)
