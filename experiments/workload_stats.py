@@ -18,7 +18,7 @@ from dualpath_jax.workloads.traces import TraceFormatError
 
 flags.DEFINE_string("workload", "64K", "synthetic dataset (32K, 48K, 64K) or a trace path / name")
 flags.DEFINE_integer("n_agents", 500, "synthetic: agents to generate", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "synthetic: sampling seed")
+flags.DEFINE_integer("seed", 0, "synthetic: sampling seed", lower_bound=0)
 flags.DEFINE_integer("limit", None, "traces: first N lines (Mooncake) or files (kv-cache-tester)", lower_bound=1)
 flags.DEFINE_integer("block_size", 64, "block size (tokens) for the hit rate", lower_bound=1)
 
@@ -32,6 +32,8 @@ def main(argv):
         trajs = load_workload(f.workload, n_agents=f.n_agents, seed=f.seed, limit=f.limit)
     except (FileNotFoundError, TraceFormatError) as e:  # neither a dataset name nor a readable trace
         raise SystemExit(f"bad --workload: {e} (synthetic datasets: {', '.join(DATASETS.names())})") from None
+    if not any(t.turns for t in trajs):  # e.g. a session file without requests
+        raise SystemExit(f"bad --workload: {f.workload} holds no turn")
     st = summarize(trajs, block_size=f.block_size)
     print(f"workload {f.workload}: loaded in {time.perf_counter() - t0:.2f} s")
     paper = {}

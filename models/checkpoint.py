@@ -3,8 +3,8 @@
 ``load_hf_checkpoint(dir, dtype="float32") -> (config, params)`` maps HF tensor names and layouts (Linear
 weights [out, in] -> NNX kernels [in, out]; per-expert weights stacked into [E, in, out]) onto the NNX
 param tree of the family registered for ``config.json``'s architecture. A missing tensor, a wrong shape or
-an unknown architecture raises ValueError naming the tensor / field. ``safetensors`` is the optional
-``hf`` extra, imported lazily.
+dtype, an unreadable file or an unknown architecture raises ValueError naming the tensor / field / file.
+``safetensors`` is the optional ``hf`` extra, imported lazily.
 
 ``save_params(dir, params)`` / ``restore_params(dir, config) -> params`` use orbax-checkpoint; params are
 an ``nnx.State`` or its pure dict (what ModelRunner accepts and exposes).
@@ -54,11 +54,19 @@ def _read_safetensors(ckpt: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{ckpt}: no *.safetensors files")
     tensors: dict[str, np.ndarray] = {}
     for f in files:
-        for name, arr in load_file(str(f)).items():
+        try:
+            loaded = load_file(str(f))
+        except Exception as e:  # SafetensorError (truncated, not safetensors), OSError, a dtype numpy lacks (float8)
+            raise ValueError(f"{f}: cannot read as safetensors: {e}") from None
+        for name, arr in loaded.items():
             if name in tensors:
                 raise ValueError(f"{f.name}: tensor {name!r} appears in more than one shard")
             tensors[name] = arr
     return tensors
+
+
+# HF weights are floats; anything else (int, bool, a quantized tensor) would be cast to the config dtype silently
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
@@ -77,7 +85,12 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
         for name in names_list:
             if name not in tensors:
                 raise ValueError(f"HF checkpoint: missing tensor {name!r} (for {'/'.join(map(str, path))})")
-            arrays.append(np.asarray(tensors[name]))
+            arr = np.asarray(tensors[name])
+            if arr.dtype.name not in _FLOAT_DTYPES:
+                raise ValueError(
+                    f"HF checkpoint: tensor {name!r} has dtype {arr.dtype}; expected one of {', '.join(_FLOAT_DTYPES)}"
+                )
+            arrays.append(arr)
             used.add(name)
         if transform == "T":
             value = arrays[0].T
@@ -116,9 +129,11 @@ def load_hf_config(checkpoint_dir: str | os.PathLike, dtype: str = "float32"):
     if not path.is_file():
         raise ValueError(f"{checkpoint_dir}: no config.json")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     return config_from_hf(d, dtype=dtype)
 
 
@@ -163,8 +178,16 @@ def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
         raise ValueError(f"{checkpoint_dir}: no such checkpoint")
     target = _str_keys(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params(config)))
     ckptr = ocp.StandardCheckpointer()
+    mismatch = f"{checkpoint_dir}: checkpoint does not match {config.architecture} config"
     try:
         restored = ckptr.restore(path, target)
+    except FileNotFoundError as e:  # a directory without orbax's _METADATA
+        raise ValueError(f"{checkpoint_dir}: not an orbax checkpoint ({e})") from e
     except (ValueError, KeyError) as e:
-        raise ValueError(f"{checkpoint_dir}: checkpoint does not match {config.architecture} config: {e}") from e
+        raise ValueError(f"{mismatch}: {e}") from e
+    # orbax restores the saved shapes, not the target's: a checkpoint of another vocab or width loaded as is
+    for p, want in _flat_paths(target):
+        got = _get(restored, p)
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(f"{mismatch}: {'/'.join(p)} has shape {tuple(got.shape)}; expected {tuple(want.shape)}")
     return _int_keys(jax.tree.map(np.asarray, restored))

@@ -5,16 +5,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any
 
 from models.kv import KVLayout
 
 
-def hf_field(d: dict, key: str, where: str = "config.json") -> Any:
-    """A required HF config field, or an error naming it."""
+def hf_field(d: dict, key: str, where: str = "config.json") -> int:
+    """A required HF config field (a size or a count: an integer >= 1), or an error naming it."""
     if key not in d:
         raise ValueError(f"{where}: missing required field {key!r}")
-    return d[key]
+    v = d[key]
+    # "32", 32.5 or null failed deep in the model build; num_hidden_layers=-1 built a model without layers
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{where}: field {key!r} must be an integer >= 1, got {v!r}")
+    return v
 
 
 def check_hf_unsupported(d: dict, where: str = "config.json") -> None:

@@ -55,9 +55,13 @@ def family(config_or_arch) -> ModelFamily:
 
 def config_from_hf(d: dict, dtype: str = "float32"):
     """HF config.json dict -> typed config of the right family (unknown architecture -> error naming it)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config.json: expected a JSON object, got {type(d).__name__}")
     archs = d.get("architectures")
     if not archs:
         raise ValueError("config.json: missing field 'architectures'")
+    if not isinstance(archs, list) or not isinstance(archs[0], str):  # a bare string would give archs[0] = "Q"
+        raise ValueError(f"config.json: 'architectures' must be a list of names, got {archs!r}")
     try:
         fam = MODELS.get(archs[0])
     except KeyError as e:

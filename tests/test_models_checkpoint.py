@@ -211,6 +211,57 @@ def test_hf_bad_config_is_named(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "config_text, says",
+    [
+        ("[1, 2]", "config.json: expected a JSON object, got list"),  # was AttributeError: 'list' has no 'get'
+        (
+            json.dumps(dict(QWEN2_HF, architectures="Qwen2ForCausalLM")),  # was "architectures[0]='Q'"
+            "'architectures' must be a list of names, got 'Qwen2ForCausalLM'",
+        ),
+        # these were TypeErrors from the model build; num_hidden_layers=-1 loaded a model without layers
+        (json.dumps(dict(QWEN2_HF, hidden_size="32")), "field 'hidden_size' must be an integer >= 1, got '32'"),
+        (json.dumps(dict(QWEN2_HF, vocab_size=None)), "field 'vocab_size' must be an integer >= 1, got None"),
+        (json.dumps(dict(QWEN2_HF, num_hidden_layers=-1)), "field 'num_hidden_layers' must be an integer >= 1"),
+        (json.dumps(dict(DEEPSEEK_V3_HF, kv_lora_rank=16.5)), "field 'kv_lora_rank' must be an integer >= 1, got 16.5"),
+    ],
+)
+def test_hf_config_of_wrong_shape_or_types_is_named(tmp_path, config_text, says):
+    (tmp_path / "config.json").write_text(config_text)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_hf_config_not_utf8_is_named(tmp_path):
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=r"config.json: not UTF-8 text"):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_hf_unreadable_safetensors_is_named(tmp_path):
+    """A truncated shard (an interrupted download) or a file that is not safetensors names the file (it was a
+    SafetensorError from inside safetensors)."""
+    _, tensors = _qwen_checkpoint(tmp_path)
+    write_hf_checkpoint(tmp_path, QWEN2_HF, tensors)
+    shard = tmp_path / "model-00002-of-00002.safetensors"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"model-00002-of-00002.safetensors: cannot read as safetensors"):
+        load_hf_checkpoint(tmp_path)
+    shard.write_bytes(b"<html>not found</html>")
+    with pytest.raises(ValueError, match=r"model-00002-of-00002.safetensors: cannot read as safetensors"):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_hf_tensor_of_non_float_dtype_is_named(tmp_path):
+    """An int or bool tensor (another tensor, a quantized weight) was cast to the config dtype silently."""
+    _, tensors = _qwen_checkpoint(tmp_path)
+    tensors["model.layers.1.self_attn.k_proj.weight"] = np.ones((16, 32), np.int32)
+    write_hf_checkpoint(tmp_path, QWEN2_HF, tensors)
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.1.self_attn.k_proj.weight' has dtype int32"):
+        load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
     "hf_config, setting, says",
     [
         (QWEN2_HF, {"hidden_act": "gelu"}, "hidden_act='gelu' is not supported (silu)"),
@@ -242,6 +293,21 @@ def test_orbax_round_trip(tmp_path):
         restore_params(tmp_path / "ckpt", other)
     with pytest.raises(ValueError, match="no such checkpoint"):
         restore_params(tmp_path / "missing", cfg)
+
+
+def test_orbax_restore_refuses_other_shapes(tmp_path):
+    """orbax restores the saved shapes whatever the target says: a checkpoint of a model with another vocab or
+    MLP width loaded as is (wrong shapes, found only later). It is an error naming the param now; so is a directory
+    that is no orbax checkpoint (it was orbax's FileNotFoundError)."""
+    cfg = config_from_hf(QWEN2_HF)
+    save_params(tmp_path / "ckpt", ModelRunner(cfg, seed=4, num_slots=1, capacity=16).params)
+    with pytest.raises(ValueError, match=r"embed_tokens/embedding has shape \(96, 32\); expected \(128, 32\)"):
+        restore_params(tmp_path / "ckpt", config_from_hf(dict(QWEN2_HF, vocab_size=128)))
+    with pytest.raises(ValueError, match=r"checkpoint does not match .*/mlp/down_proj/kernel has shape \(64, 32\)"):
+        restore_params(tmp_path / "ckpt", config_from_hf(dict(QWEN2_HF, intermediate_size=48)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: not an orbax checkpoint"):
+        restore_params(tmp_path / "empty", cfg)
 
 
 def test_runner_rejects_params_of_another_shape():

@@ -56,6 +56,31 @@ def test_synthetic_is_seeded():
         generate_trajectories("128K", 1)
 
 
+def test_generator_arguments_out_of_range_name_the_argument():
+    """A negative seed was numpy's 'expected non-negative integer' (no argument named); a nan / inf append_scale an
+    int() error; a negative base_trajectories said 'n must be >= 0'; vocab_size 0 numpy's 'high <= 0'."""
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        generate_trajectories("32K", 2, seed=-1)
+    with pytest.raises(ValueError, match="seed and base_seed must be >= 0, got -1 and 0"):
+        make_agents("32K", 2, seed=-1, base_trajectories=3)
+    with pytest.raises(ValueError, match="seed and base_seed must be >= 0, got 0 and -2"):
+        make_agents("32K", 2, base_seed=-2, base_trajectories=3)
+    for scale in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="append_scale must be > 0 and finite"):
+            make_agents("32K", 2, base_trajectories=3, append_scale=scale)
+    with pytest.raises(ValueError, match="base_trajectories must be >= 1, got -1"):
+        make_agents("32K", 2, base_trajectories=-1)
+    with pytest.raises(ValueError, match="vocab_size must be >= 1, got 0"):
+        make_agents("32K", 2, base_trajectories=3, with_token_ids=True, vocab_size=0)
+    with pytest.raises(ValueError, match="online arrivals need seed >= 0, got -1"):
+        make_arrivals("online", aps=1.0, seed=-1)
+    # a nan gap or trace offset slipped past `< 0` into every later arrival time
+    with pytest.raises(ValueError, match="turn gap must be >= 0 s, got nan"):
+        Turn(1, 1, gap_s=float("nan"))
+    with pytest.raises(ValueError, match="arrival_offset_s must be >= 0, got nan"):
+        Turn(1, 1, arrival_offset_s=float("nan"))
+
+
 def test_make_agents_prepends_random_first_turn():
     base = generate_trajectories("48K", 30, seed=0)
     agents = make_agents("48K", 100, seed=3, base_trajectories=30)
@@ -169,6 +194,20 @@ def test_load_workload_and_cli():
     )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "bad --workload: trace '99K' not found" in bad.stderr and "synthetic datasets: 32K, 48K, 64K" in bad.stderr
+
+
+def test_workload_stats_cli_bad_seed_and_turnless_trace(tmp_path):
+    """A negative --seed and a trace without turns (a session file without requests) were tracebacks."""
+    empty = tmp_path / "trace_empty.json"
+    empty.write_text('{"id": "e", "block_size": 64, "requests": []}')
+    for args, says in [
+        (["--workload=32K", "--seed=-1"], "flag --seed=-1: -1 is not a non-negative integer"),
+        ([f"--workload={empty}"], f"bad --workload: {empty} holds no turn"),
+    ]:
+        out = subprocess.run(
+            [sys.executable, "-m", "experiments.workload_stats", *args], capture_output=True, text=True, cwd=REPO
+        )
+        assert out.returncode != 0 and "Traceback" not in out.stderr and says in out.stderr, out.stderr
 
 
 def test_tune_spec_brings_a_detuned_spec_back_to_its_table_2_targets():

@@ -131,6 +131,19 @@ GOOD = {"timestamp": 0, "input_length": 600, "output_length": 3, "hash_ids": [1,
             r":3: field 'timestamp'",
         ),
         ("[1, 2]", r":3: expected a JSON object"),
+        # JSON's NaN / Infinity (1e999 parses as inf) were int() errors naming no file
+        (
+            '{"timestamp": 5, "input_length": 1e999, "output_length": 3, "hash_ids": [1, 2]}',
+            r":3: field 'input_length' must be an integer >= 1, got inf",
+        ),
+        (
+            '{"timestamp": 5, "input_length": 600, "output_length": NaN, "hash_ids": [1, 2]}',
+            r":3: field 'output_length' must be an integer >= 0, got nan",
+        ),
+        (
+            {"timestamp": 5, "input_length": 600, "output_length": 3, "hash_ids": [1, 2**64]},
+            r":3: field 'hash_ids' holds an id outside the int64 range",
+        ),
     ],
 )
 def test_mooncake_malformed_line_names_file_and_line(tmp_path, bad, match):
@@ -157,6 +170,49 @@ def test_corrupt_gzip_names_file(tmp_path):
     p.write_bytes(b"\x1f\x8b\x08\x00garbage")
     with pytest.raises(TraceFormatError, match="broken.jsonl.gz: cannot read as gzipped text"):
         load_mooncake(p)
+
+
+def test_gzip_with_corrupt_data_names_file(tmp_path):
+    """A gzip whose header is fine but whose deflate data is damaged (zlib.error, not an OSError) names the file."""
+    rows = "".join(json.dumps(dict(GOOD, timestamp=k, input_length=600 + k)) + "\n" for k in range(2000))
+    raw = bytearray(gzip.compress(rows.encode(), mtime=0))
+    raw[100:200] = bytes(b ^ 0xFF for b in raw[100:200])
+    p = tmp_path / "damaged.jsonl.gz"
+    p.write_bytes(bytes(raw))
+    with pytest.raises(TraceFormatError, match="damaged.jsonl.gz: cannot read as gzipped text"):
+        load_mooncake(p)
+    s = tmp_path / "trace_damaged.json.gz"
+    s.write_bytes(bytes(raw))
+    with pytest.raises(TraceFormatError, match="trace_damaged.json.gz: cannot read as gzipped text"):
+        load_kvcache_session(s)
+
+
+def test_loader_arguments_out_of_range_are_refused(tmp_path):
+    """min_shared_blocks 0 matched a session by its partial last block (ids[-1]); a negative limit dropped the
+    last session files (files[:-1]); block_size 0 was a ZeroDivisionError."""
+    p = tmp_path / "x.jsonl"
+    _write_jsonl(
+        p, [dict(GOOD, input_length=100, hash_ids=[5]), dict(GOOD, timestamp=1, input_length=100, hash_ids=[5])]
+    )
+    assert len(load_mooncake(p)) == 2
+    for kw in ({"min_shared_blocks": 0}, {"min_shared_blocks": -1}, {"block_size": 0}):
+        with pytest.raises(ValueError, match="min_shared_blocks and block_size must be >= 1"):
+            load_mooncake(p, **kw)
+    with pytest.raises(ValueError, match="max_requests must be >= 0, got -1"):
+        load_mooncake(p, max_requests=-1)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "trace_1.json").write_text(json.dumps(_session([REQ])))
+    with pytest.raises(ValueError, match="limit must be >= 0, got -1"):
+        load_kvcache_tester(tmp_path / "s", limit=-1)
+
+
+def test_session_directory_reads_only_json_and_json_gz(tmp_path):
+    """A Mooncake *.jsonl or a leftover *.json.gz.part beside the sessions is not read as a session."""
+    (tmp_path / "trace_1.json").write_text(json.dumps(_session([REQ])))
+    (tmp_path / "trace_2.json.gz").write_bytes(gzip.compress(json.dumps(_session([REQ], id="s2")).encode()))
+    (tmp_path / "trace_3.json.gz.part").write_bytes(b"\x1f\x8b")
+    _write_jsonl(tmp_path / "mooncake.jsonl", [GOOD])
+    assert [t.source for t in load_trace(tmp_path)] == ["trace_1.json", "trace_2.json.gz"]
 
 
 def _session(requests, **kw):

@@ -64,6 +64,8 @@ class OnlineArrivals(ArrivalModel):
     def __init__(self, aps: float, seed: int = 0, use_gaps: bool = True):
         if not aps > 0:
             raise ValueError(f"online arrivals need aps > 0 agents/s, got {aps}")
+        if seed < 0:  # numpy's own error names no argument
+            raise ValueError(f"online arrivals need seed >= 0, got {seed}")
         self.aps = float(aps)
         self.seed = seed
         self.use_gaps = use_gaps

@@ -167,8 +167,10 @@ def generate_trajectories(
     """`n` base trajectories of a Table 2 dataset ("32K", "48K", "64K" or a custom spec), seeded."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if append_scale <= 0:
-        raise ValueError(f"append_scale must be > 0, got {append_scale}")
+    if not 0 < append_scale < math.inf:  # nan / inf would reach int()
+        raise ValueError(f"append_scale must be > 0 and finite, got {append_scale}")
+    if seed < 0:  # numpy's own error names no argument
+        raise ValueError(f"seed must be >= 0, got {seed}")
     spec = _get_spec(dataset)
     rng = np.random.default_rng(seed)
     return [generate_trajectory(spec, rng, i, append_scale) for i in range(n)]
@@ -195,9 +197,13 @@ def make_agents(
         raise ValueError(f"n_agents must be >= 0, got {n_agents}")
     if prefix_max_tokens < 1:
         raise ValueError(f"prefix_max_tokens must be >= 1, got {prefix_max_tokens}")
+    if base_trajectories < 1:
+        raise ValueError(f"base_trajectories must be >= 1, got {base_trajectories}")
+    if seed < 0 or base_seed < 0:
+        raise ValueError(f"seed and base_seed must be >= 0, got {seed} and {base_seed}")
+    if with_token_ids and vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     base = generate_trajectories(dataset, base_trajectories, seed=base_seed, append_scale=append_scale)
-    if not base:
-        raise ValueError("base_trajectories must be >= 1")
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(base), n_agents)
     prefix_lens = rng.integers(1, prefix_max_tokens + 1, n_agents)

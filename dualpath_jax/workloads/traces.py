@@ -84,7 +84,9 @@ def _int_field(obj: dict, key: str, where: str, minimum: int = 0) -> int:
     if key not in obj:
         raise TraceFormatError(f"{where}: missing field {key!r}")
     v = obj[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < minimum:
+    # is_integer() is False for inf / nan (int() would raise on them)
+    whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+    if isinstance(v, bool) or not whole or v < minimum:
         raise TraceFormatError(f"{where}: field {key!r} must be an integer >= {minimum}, got {v!r}")
     return int(v)
 
@@ -107,6 +109,8 @@ def _hash_ids(obj: dict, key: str, where: str, input_len: int, block: int, parti
     ids = obj[key]
     if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
         raise TraceFormatError(f"{where}: field {key!r} must be a list of integers")
+    if ids and not (-(2**63) <= min(ids) and max(ids) < 2**63):
+        raise TraceFormatError(f"{where}: field {key!r} holds an id outside the int64 range")
     expect = -(-input_len // block) if partial_block else input_len // block
     if len(ids) != expect:
         rule = "ceil" if partial_block else "floor"
@@ -179,7 +183,7 @@ def _mooncake_rows(path: Path, max_requests: int | None) -> Iterator[tuple[int, 
                 if not isinstance(row, dict):
                     raise TraceFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
                 yield lineno, row
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise _unreadable(path, e) from None
@@ -192,6 +196,10 @@ def load_mooncake(
     block_size: int = MOONCAKE_BLOCK,
 ) -> list[Trajectory]:
     """Sessions of a Mooncake JSONL trace as trajectories (first `max_requests` lines if given)."""
+    if max_requests is not None and max_requests < 0:
+        raise ValueError(f"max_requests must be >= 0, got {max_requests}")
+    if min_shared_blocks < 1 or block_size < 1:  # block -1 would be the last one (the search runs backwards)
+        raise ValueError(f"min_shared_blocks and block_size must be >= 1, got {min_shared_blocks} and {block_size}")
     p = resolve_trace_path(path)
     sessions: list[dict[str, Any]] = []  # {t0, turns, tracker}
     tails: dict[int, int] = {}  # last full block id of a session's latest prompt -> session index
@@ -238,7 +246,7 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise TraceFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         if isinstance(e, FileNotFoundError):
             raise
         raise _unreadable(path, e) from None
@@ -312,9 +320,12 @@ def load_kvcache_tester(
     paths: str | os.PathLike | Sequence[str | os.PathLike] = "kvcache_tester", limit: int | None = None
 ) -> list[Trajectory]:
     """Sessions from a directory of trace_*.json.gz (sorted, first `limit`) or a list of files."""
+    if limit is not None and limit < 0:  # files[:-1] would drop the last file
+        raise ValueError(f"limit must be >= 0, got {limit}")
     if isinstance(paths, (str, os.PathLike)):
         p = resolve_trace_path(paths)
-        files = sorted(p.glob("*.json*")) if p.is_dir() else [p]
+        # *.json and *.json.gz only: not *.jsonl (Mooncake) nor leftovers such as *.json.gz.part
+        files = sorted(f for f in p.glob("*.json*") if f.name.endswith((".json", ".json.gz"))) if p.is_dir() else [p]
         if p.is_dir() and not files:
             raise TraceFormatError(f"{p}: no *.json / *.json.gz session file")
     else:
