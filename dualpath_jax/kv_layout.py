@@ -70,7 +70,10 @@ class BlockLayout:
             self.layer_offset(layers)
             return [int(layers)]
         if isinstance(layers, slice):
-            return list(range(self.num_layers))[layers]
+            out = list(range(self.num_layers))[layers]
+            if not out:  # slice(2, 2) read nothing and reported a hit
+                raise ValueError(f"layers {layers} names no layer of {self.num_layers}")
+            return out
         out = []
         for layer in layers:
             self.layer_offset(layer)  # validates type and range

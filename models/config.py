@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 
 from models.kv import KVLayout
 
@@ -18,6 +19,26 @@ def hf_field(d: dict, key: str, where: str = "config.json") -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{where}: field {key!r} must be an integer >= 1, got {v!r}")
     return v
+
+
+def hf_int(d: dict, key: str, default, low: int = 0, where: str = "config.json"):
+    """An optional integer HF config field: `default` when absent or null, else an integer >= `low`."""
+    v = d.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:  # "2" or 2.5 failed deep in the model build
+        raise ValueError(f"{where}: field {key!r} must be an integer >= {low}, got {v!r}")
+    return v
+
+
+def hf_float(d: dict, key: str, default: float, where: str = "config.json") -> float:
+    """An optional real HF config field (`default` when absent or null): a finite number."""
+    v = d.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{where}: field {key!r} must be a finite number, got {v!r}")
+    return float(v)
 
 
 def check_hf_unsupported(d: dict, where: str = "config.json") -> None:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.causal_lm import CausalLM, PreNormDecoderLayer
-from models.config import ModelConfig, check_hf_unsupported, hf_field
+from models.config import ModelConfig, check_hf_unsupported, hf_field, hf_float, hf_int
 from models.layers.attention import MLAAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.moe import DeepseekMoE
@@ -72,25 +72,25 @@ class DeepseekConfig(ModelConfig):
             vocab_size=hf_field(d, "vocab_size"),
             hidden_size=hf_field(d, "hidden_size"),
             num_layers=hf_field(d, "num_hidden_layers"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=hf_float(d, "rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             dtype=dtype,
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=hf_int(d, "max_position_embeddings", 4096, low=1),
             num_attention_heads=hf_field(d, "num_attention_heads"),
             intermediate_size=hf_field(d, "intermediate_size"),
             moe_intermediate_size=hf_field(d, "moe_intermediate_size"),
-            n_routed_experts=d.get("n_routed_experts") or 0,
-            num_experts_per_tok=d.get("num_experts_per_tok") or 1,
-            n_shared_experts=d.get("n_shared_experts") or 0,
-            first_k_dense_replace=d.get("first_k_dense_replace", 0),
-            moe_layer_freq=d.get("moe_layer_freq", 1),
-            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+            n_routed_experts=hf_int(d, "n_routed_experts", 0),
+            num_experts_per_tok=hf_int(d, "num_experts_per_tok", 0) or 1,
+            n_shared_experts=hf_int(d, "n_shared_experts", 0),
+            first_k_dense_replace=hf_int(d, "first_k_dense_replace", 0),
+            moe_layer_freq=hf_int(d, "moe_layer_freq", 1, low=1),
+            routed_scaling_factor=hf_float(d, "routed_scaling_factor", 1.0),
             scoring_func=d.get("scoring_func", "sigmoid" if v3 else "softmax"),
             topk_method=d.get("topk_method", "noaux_tc" if v3 else "greedy"),
-            n_group=d.get("n_group") or 1,
-            topk_group=d.get("topk_group") or 1,
+            n_group=hf_int(d, "n_group", 0) or 1,
+            topk_group=hf_int(d, "topk_group", 0) or 1,
             norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-            q_lora_rank=d.get("q_lora_rank"),
+            q_lora_rank=hf_int(d, "q_lora_rank", None, low=1),
             kv_lora_rank=hf_field(d, "kv_lora_rank"),
             qk_nope_head_dim=hf_field(d, "qk_nope_head_dim"),
             qk_rope_head_dim=rope_dim,
@@ -98,7 +98,7 @@ class DeepseekConfig(ModelConfig):
             attention_bias=bool(d.get("attention_bias", False)),
             rope=RopeConfig.from_hf(
                 rope_dim,
-                d.get("rope_theta", 10000.0),
+                hf_float(d, "rope_theta", 10000.0),
                 d.get("rope_scaling"),
                 interleaved=True,
             ),

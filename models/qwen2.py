@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.causal_lm import CausalLM, PreNormDecoderLayer
-from models.config import ModelConfig, check_hf_unsupported, hf_field
+from models.config import ModelConfig, check_hf_unsupported, hf_field, hf_float, hf_int
 from models.layers.attention import GQAAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.rmsnorm import RMSNorm
@@ -42,23 +42,23 @@ class Qwen2Config(ModelConfig):
         check_hf_unsupported(d)
         hidden = hf_field(d, "hidden_size")
         heads = hf_field(d, "num_attention_heads")
-        head_dim = d.get("head_dim") or hidden // heads
+        head_dim = hf_int(d, "head_dim", 0) or hidden // heads
         qwen = arch == "Qwen2ForCausalLM"
         return cls(
             architecture=arch,
             vocab_size=hf_field(d, "vocab_size"),
             hidden_size=hidden,
             num_layers=hf_field(d, "num_hidden_layers"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=hf_float(d, "rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             dtype=dtype,
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=hf_int(d, "max_position_embeddings", 4096, low=1),
             num_attention_heads=heads,
-            num_key_value_heads=d.get("num_key_value_heads", heads),
+            num_key_value_heads=hf_int(d, "num_key_value_heads", heads, low=1),
             head_dim=head_dim,
             intermediate_size=hf_field(d, "intermediate_size"),
             qkv_bias=True if qwen else bool(d.get("attention_bias", False)),
-            rope=RopeConfig.from_hf(head_dim, d.get("rope_theta", 10000.0), d.get("rope_scaling")),
+            rope=RopeConfig.from_hf(head_dim, hf_float(d, "rope_theta", 10000.0), d.get("rope_scaling")),
         )
 
 

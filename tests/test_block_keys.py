@@ -114,6 +114,8 @@ def test_block_layout_offsets_and_errors():
     assert lay.normalize_layers(5) == [5] and lay.normalize_layers(None) == list(range(61))
     with pytest.raises(ValueError, match="at least one layer"):
         lay.normalize_layers([])
+    with pytest.raises(ValueError, match="names no layer of 61"):  # a store read of it reported a hit, read nothing
+        lay.normalize_layers(slice(2, 2))
     with pytest.raises(IndexError, match="layer 61"):
         lay.layer_offset(61)
     with pytest.raises(ValueError, match="num_layers"):
