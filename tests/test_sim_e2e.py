@@ -334,6 +334,16 @@ def test_out_of_range_config_values_are_errors_naming_the_field(key, value, mess
         build_simulator(cfg)
 
 
+def test_duplicate_trajectory_ids_are_refused():
+    # turn records, turns.csv and the arrival model are keyed by trajectory id: two agents under one id ran and
+    # wrote rows no one could tell apart
+    from dualpath_jax.sim.config import SimConfigError
+    from dualpath_jax.sim.runner import build_simulator
+
+    with pytest.raises(SimConfigError, match=r"trajectory id 7 appears more than once among the 3 trajectories"):
+        build_simulator(_cfg("dualpath"), [Trajectory(i, [Turn(100, 5)]) for i in (7, 3, 7)])
+
+
 @pytest.mark.parametrize("mode", ["basic", "dualpath_rr", "dualpath"])
 def test_a_turn_larger_than_a_decode_engine_is_refused_before_the_run(mode):
     """A turn holds its prompt + generation in one DE's HBM from placement to the end of its decode. One larger

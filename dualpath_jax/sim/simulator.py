@@ -316,6 +316,11 @@ class Simulator:
         """A turn holds its prompt + generation in one DE's HBM from placement to the end of its decode, so a
         turn larger than a whole DE could never be placed: every policy would wait for room that never comes
         and the run would never end. Refused here, before anything runs, naming the turn and the settings."""
+        ids = [traj.trajectory_id for traj in self.trajectories]
+        if len(set(ids)) != len(ids):  # records, outputs and the arrival model are keyed by it
+            seen: set = set()
+            dup = next(i for i in ids if i in seen or seen.add(i))
+            raise SimConfigError(f"trajectory id {dup} appears more than once among the {len(ids)} trajectories")
         if not self.des:
             return
         cap = int(self.c.de_hbm_kv_gb * GB / self.b)
