@@ -533,6 +533,8 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         (["experiments.pd_bounds", "--s=0"], "--s must be > 0"),
         (["experiments.pd_bounds", "--s=5"], "--s must be <= g/2"),
         (["experiments.bench_io", "--tcp_sizes=64K"], "--tcp_sizes takes positive integers"),
+        (["experiments.bench_io", "--sections="], "--sections takes one or more of store, tcp"),
+        (["experiments.bench_io", "--sections=tcp,bogus"], "--sections takes one or more of store, tcp"),
         (["experiments.bench_store", "--compare_tree=/no/tree"], "--compare_tree must be the root of a source tree"),
         (["schedulers.calibrate", "--hardware=h900"], "--hardware takes a registered profile: cpu, h100"),
     ],
