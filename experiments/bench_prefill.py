@@ -29,6 +29,9 @@ _MISS = flags.DEFINE_integer("miss_tokens", 128, "miss (computed) tokens per req
 _CACHED = flags.DEFINE_integer("cached_tokens", 256, "cached prefix tokens per request (0: no cache)", lower_bound=0)
 _REPEATS = flags.DEFINE_integer("repeats", 7, "timed repetitions (median reported)", lower_bound=1)
 _MODELS = flags.DEFINE_list("models", ["dense", "moe"], "which tiny configs: dense, moe")
+flags.register_validator(  # (an empty --models= printed an empty table)
+    "models", lambda v: bool(v) and set(v) <= {"dense", "moe"}, message="--models takes one or more of dense, moe"
+)
 _MOE_DISPATCH = flags.DEFINE_enum("moe_dispatch", "dense", ["dense", "ragged"], "MoE expert dispatch")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for MFU (0: not reported)", lower_bound=0.0)
 _NO_CACHE = flags.DEFINE_bool("no_persistent_cache", False, "disable JAX's persistent compilation cache")

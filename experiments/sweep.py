@@ -38,6 +38,8 @@ flags.register_validator(
     lambda v: all(x.strip().lstrip("-").isdigit() for x in v) and len(set(v)) == len(v),
     message="--seeds takes distinct integers, e.g. 0,1,2",
 )
+for _name in ("setups", "modes", "loads"):  # an empty list made an empty grid (a traceback from the progress bar)
+    flags.register_validator(_name, bool, message=f"--{_name} needs at least one item")
 _PLOT = flags.DEFINE_bool("plot", True, "Write sweep.png (matplotlib): each setup's JCT and metrics over the loads.")
 
 COLUMNS = [
