@@ -76,6 +76,9 @@ class KVLayout:
             return self.from_bytes(kv)
         if kv.dtype != self.np_dtype:
             raise ValueError(f"KV dtype {kv.dtype} != layout kv_dtype {self.kv_dtype}")
+        rec = self.record_shape
+        if kv.shape[-len(rec) :] != rec:  # e.g. [c, Hkv, 2, Dh] would be silently reinterpreted by a reshape
+            raise ValueError(f"KV records have shape {kv.shape}, layout expects [..., *{rec}]")
         return kv
 
 
@@ -87,6 +90,8 @@ def request_kv_to_full_blocks(
     Returns one uint8 [L, block_size, bpt] array per whole block (block i covers tokens
     [i*block_size, (i+1)*block_size)); with include_partial the tail block is returned shorter.
     """
+    if block_size < 1:  # a negative step gave no blocks at all, silently
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
     kv = layout.as_records(kv)
     if kv.ndim != 2 + len(layout.record_shape) or kv.shape[0] != layout.num_layers:
         raise ValueError(f"KV has shape {kv.shape}, expected [{layout.num_layers}, tokens, *{layout.record_shape}]")
@@ -118,6 +123,8 @@ def full_blocks_to_request_kv(layout: KVLayout, blocks: Sequence[np.ndarray]) ->
 
 def layer_block(full_block: np.ndarray, layer: int) -> np.ndarray:
     """Layer `layer` of a Full Block as a Layer Block uint8 [1, tokens, bpt] (a view, no copy)."""
+    if not 0 <= layer < full_block.shape[0]:  # the slice would be an empty block, silently
+        raise ValueError(f"layer {layer} out of range [0, {full_block.shape[0]}) of the Full Block")
     return full_block[layer : layer + 1]
 
 
@@ -125,6 +132,11 @@ def layer_blocks_to_records(layout: KVLayout, layer_blocks: Sequence[np.ndarray]
     """Layer Blocks of one layer (uint8 [1, tokens, bpt] each, in token order) -> records [T, *record]."""
     if not layer_blocks:
         return np.zeros((0, *layout.record_shape), layout.np_dtype)
+    for i, b in enumerate(layer_blocks):
+        if np.ndim(b) == 3 and np.shape(b)[0] != 1:  # a Full Block would be read as L x tokens tokens
+            raise ValueError(
+                f"Layer Block {i} has shape {np.shape(b)}, expected [1, tokens, {layout.bytes_per_token_per_layer}]"
+            )
     data = np.concatenate(
         [np.asarray(b).reshape(-1, layout.bytes_per_token_per_layer) for b in layer_blocks],
         0,

@@ -265,6 +265,8 @@ class ModelRunner:
                 raise ValueError(f"request {i}: no miss tokens (prefill computes at least the last prompt token)")
             if r.cached_len < 0:
                 raise ValueError(f"request {i}: cached_len={r.cached_len} < 0")
+            if not np.issubdtype(m.dtype, np.integer):  # 3.7 was silently cast to token 3
+                raise ValueError(f"request {i}: token ids must be integers, got {m.dtype}")
             if m.min() < 0 or m.max() >= self.config.vocab_size:
                 raise ValueError(f"request {i}: token id out of range [0, {self.config.vocab_size})")
         b = bucket(len(requests))
@@ -295,16 +297,20 @@ class ModelRunner:
             if r.cached_len and kv is None:
                 raise ValueError(f"layer {layer}, request {i}: cached_len={r.cached_len} but the provider gave None")
             # One copy per piece straight into the batch buffer (Layer Blocks are not concatenated first).
-            pieces = [] if not r.cached_len else kv if isinstance(kv, (list, tuple)) else [kv]
+            # KV given for cached_len 0 is counted too: a mismatch, never silently ignored.
+            pieces = [] if kv is None else kv if isinstance(kv, (list, tuple)) else [kv]
             filled = 0
             for piece in pieces:
                 piece = np.asarray(piece)
-                if piece.dtype == np.uint8 and piece.shape[-1] == bpt:  # bytes: copy them as they are
+                if piece.dtype == np.uint8 and piece.shape[-1:] == (bpt,):  # bytes: copy them as they are
                     n = piece.size // bpt
                     if filled + n <= r.cached_len:
                         out_bytes[i, filled : filled + n] = piece.reshape(n, bpt)
                 else:
-                    recs = self._as_token_records(piece)
+                    try:
+                        recs = self._as_token_records(piece)
+                    except ValueError as e:
+                        raise ValueError(f"layer {layer}, request {i}: {e}") from None
                     n = recs.shape[0]
                     if filled + n <= r.cached_len:
                         out[i, filled : filled + n] = recs
@@ -421,10 +427,19 @@ class ModelRunner:
         tokens, meta, miss_lens, c = self._batch(requests)
         if c and cached_kv is None:
             raise ValueError("requests have cached prefixes but no cached_kv was given")
+        if c:
+            if len(cached_kv) != len(requests):
+                raise ValueError(f"cached_kv for {len(cached_kv)} requests, batch has {len(requests)}")
+            cached_kv = [None if kv is None else np.asarray(kv) for kv in cached_kv]
+            for i, kv in enumerate(cached_kv):
+                if kv is not None and (kv.ndim < 2 or kv.shape[0] != self.num_layers):
+                    raise ValueError(
+                        f"request {i}: cached_kv has shape {kv.shape}, expected [{self.num_layers}, tokens, ...]"
+                    )
         per_layer = []
         for layer in range(self.num_layers):
             if c:
-                layer_kv = [None if kv is None else np.asarray(kv)[layer] for kv in cached_kv]
+                layer_kv = [None if kv is None else kv[layer] for kv in cached_kv]
                 per_layer.append(self._assemble_cached(requests, layer, layer_kv, c))
             else:
                 per_layer.append(
@@ -460,6 +475,8 @@ class ModelRunner:
     # ---- decode ----
     def init_decode(self, num_slots: int, capacity: int) -> None:
         """(Re)allocate the decode cache: num_slots rows of capacity tokens per layer; all slots empty."""
+        if num_slots < 0 or capacity < 0:
+            raise ValueError(f"decode cache of num_slots={num_slots}, capacity={capacity}: both must be >= 0")
         self.num_slots, self.capacity = int(num_slots), int(capacity)
         self.decode_caches = [
             decode_cache.init_layer_cache(self.layout, self.num_slots, self.capacity) for _ in range(self.num_layers)
@@ -467,7 +484,7 @@ class ModelRunner:
         self.slot_lengths = np.zeros((self.num_slots,), np.int32)
 
     def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.num_slots:
+        if not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.num_slots:  # slot 0.5 wrote slot 0
             raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
 
     def load_prompt_kv(self, slot: int, kv) -> None:
@@ -482,8 +499,16 @@ class ModelRunner:
                     np.uint8,
                 )
             )
-        recs = self.layout.as_records(np.asarray(kv))
-        recs = recs.reshape(self.num_layers, -1, *self.layout.record_shape)
+        try:
+            recs = self.layout.as_records(np.asarray(kv))
+        except ValueError as e:
+            raise ValueError(f"slot {slot}: {e}") from None
+        rec = self.layout.record_shape
+        if recs.shape[:1] != (self.num_layers,) or recs.ndim != 2 + len(rec):  # a reshape mixed layers and tokens
+            raise ValueError(
+                f"slot {slot}: prompt KV has shape {np.shape(kv)}, expected [{self.num_layers}, tokens, *{rec}] "
+                f"or bytes [{self.num_layers}, tokens, {self.layout.bytes_per_token_per_layer}]"
+            )
         p = recs.shape[1]
         if p > self.capacity:
             raise ValueError(f"prompt of {p} tokens exceeds decode capacity {self.capacity}")
@@ -496,12 +521,20 @@ class ModelRunner:
 
     def decode_step(self, slots: Sequence[int], last_tokens: Sequence[int]) -> np.ndarray:
         """One greedy token for each slot in `slots` given its last token; other slots idle."""
-        slots = np.asarray(slots, np.int64).reshape(-1)
-        last_tokens = np.asarray(last_tokens, np.int32).reshape(-1)
+        slots = np.asarray(slots).reshape(-1)
+        last_tokens = np.asarray(last_tokens).reshape(-1)
         if slots.size != last_tokens.size:
             raise ValueError(f"{slots.size} slots but {last_tokens.size} last tokens")
         if slots.size == 0:
             return np.zeros((0,), np.int32)
+        if not (np.issubdtype(slots.dtype, np.integer) and np.issubdtype(last_tokens.dtype, np.integer)):
+            raise ValueError(f"slots and last tokens must be integers, got {slots.dtype} and {last_tokens.dtype}")
+        # Checked here: on device an id outside the vocabulary embeds as NaN (or wraps) and poisons the slot's KV.
+        bad = (last_tokens < 0) | (last_tokens >= self.config.vocab_size)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(f"slot {slots[i]}: last token {last_tokens[i]} out of range [0, {self.config.vocab_size})")
+        slots, last_tokens = slots.astype(np.int64), last_tokens.astype(np.int32)
         if len(set(slots.tolist())) != slots.size:
             raise ValueError(f"duplicate slots in decode batch: {slots.tolist()}")
         for s in slots:
@@ -542,6 +575,8 @@ class ModelRunner:
     def read_kv(self, slot: int, start: int, num_tokens: int) -> np.ndarray:
         """Records [L, num_tokens, *record] of tokens [start, start + num_tokens) of `slot`."""
         self._check_slot(slot)
+        if not isinstance(start, (int, np.integer)) or not isinstance(num_tokens, (int, np.integer)):
+            raise ValueError(f"slot {slot}: start={start!r} and num_tokens={num_tokens!r} must be integers")  # 1.5 -> 1
         if start < 0 or num_tokens < 0 or start + num_tokens > self.slot_lengths[slot]:
             raise ValueError(
                 f"slot {slot}: tokens [{start}, {start + num_tokens}) outside its {self.slot_lengths[slot]} tokens"

@@ -229,6 +229,53 @@ def test_bad_prefill_inputs():
         runner.read_kv(1, 0, 4)
 
 
+def test_bad_kv_and_token_inputs_are_named_not_reinterpreted():
+    """Caller mistakes that used to pass silently (a token id clamped or NaN-embedded on device, KV reshaped into
+    other layers/tokens/heads, KV ignored) raise an error naming the slot / layer / request, before any step."""
+    runner = ModelRunner(tiny_qwen2(num_layers=2), seed=0, num_slots=2, capacity=32)
+    rec, bpt, vocab = runner.layout.record_shape, runner.layout.bytes_per_token_per_layer, runner.config.vocab_size
+    one = [PrefillRequest(np.ones(3, np.int32), 4)]
+    # Prefill: float token ids; KV for a request with cached_len 0; records of another shape or dtype; no layer axis.
+    with pytest.raises(ValueError, match="request 0: token ids must be integers"):
+        runner.prefill_layerwise([PrefillRequest(np.array([1.7, 2.0]), 0)])
+    with pytest.raises(ValueError, match="layer 0, request 0: provider gave KV of 4 tokens, cached_len=0"):
+        runner.prefill_layerwise(
+            [PrefillRequest(np.ones(3, np.int32), 0)] + one, lambda layer: [np.zeros((4, *rec), np.float32)] * 2
+        )
+    with pytest.raises(ValueError, match=r"layer 0, request 0: KV records have shape \(4, 2, 16, 2\)"):
+        runner.prefill_layerwise(one, lambda layer: [np.zeros((4, rec[0], rec[2], rec[1]), np.float32)])
+    with pytest.raises(ValueError, match="layer 0, request 0: KV dtype float64"):
+        runner.prefill_layerwise(one, lambda layer: [np.zeros((4, *rec), np.float64)])
+    with pytest.raises(ValueError, match=r"request 0: cached_kv has shape \(4, 2, 2, 16\), expected \[2, tokens"):
+        runner.prefill_whole(one, [np.zeros((4, *rec), np.float32)])  # one layer's records, not [L, c, ...]
+    # Decode cache: KV of the wrong layer count or record shape is not reshaped into [L, P, *record].
+    for bad in (
+        np.zeros((4, *rec), np.float32),  # one layer: was read as 2 layers of 2 tokens
+        np.zeros((4, 4, bpt), np.uint8),  # bytes of 4 layers: was read as 2 layers of 8 tokens
+        [np.zeros((1, 4, bpt), np.uint8)] * 2,  # Layer Blocks instead of Full Blocks
+        np.zeros((2, 4, rec[0], rec[2], rec[1]), np.float32),
+    ):
+        with pytest.raises(ValueError, match="slot 1: "):
+            runner.load_prompt_kv(1, bad)
+        assert runner.slot_length(1) == 0
+    with pytest.raises(ValueError, match="slot 0.5 out of range"):
+        runner.load_prompt_kv(0.5, np.zeros((2, 4, *rec), np.float32))
+    runner.load_prompt_kv(0, np.zeros((2, 4, *rec), np.float32))
+    # Decode: a token id outside the vocabulary (NaN or wrapped on device, written into the slot's KV); floats.
+    for tok in (-1, vocab, 2**40):
+        with pytest.raises(ValueError, match=f"slot 0: last token {tok} out of range \\[0, {vocab}\\)"):
+            runner.decode_step([0], [tok])
+    with pytest.raises(ValueError, match="must be integers"):
+        runner.decode_step([0], [1.7])
+    with pytest.raises(ValueError, match="must be integers"):
+        runner.decode_step([0.5], [1])
+    assert runner.slot_length(0) == 4  # nothing was written
+    with pytest.raises(ValueError, match="must be integers"):  # block 0.5 read tokens [1, 3), not a block
+        runner.read_full_block(0, 0.5, 2)
+    with pytest.raises(ValueError, match="num_slots=-1"):
+        runner.init_decode(-1, 16)
+
+
 @pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_deepseek"])
 def test_bench_paths_agree(name):
     """The benchmark's two paths (layerwise with Layer Blocks, one whole-model jit with cached KV) agree."""

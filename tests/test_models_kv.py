@@ -94,3 +94,23 @@ def test_layout_rejects_wrong_dtype_and_shape():
         full_blocks_to_request_kv(layout, [np.zeros((3, 4, 160), np.uint8), np.zeros((2, 4, 160), np.uint8)])
     with pytest.raises(ValueError, match="expected \\[3, tokens"):
         request_kv_to_full_blocks(layout, np.zeros((2, 4, 40), np.float32), 4)
+
+
+def test_kv_helpers_reject_silent_misuse():
+    """Misuse that returned wrong-sized KV silently (no blocks, an empty Layer Block, layers read as tokens,
+    records of another shape reinterpreted) raises naming the argument."""
+    layout = tiny_qwen2().kv_layout
+    kv = _random_kv(layout, 32, seed=2)
+    for bs in (0, -4):  # -4 gave no blocks at all
+        with pytest.raises(ValueError, match=f"block_size must be >= 1, got {bs}"):
+            request_kv_to_full_blocks(layout, kv, bs)
+    full = request_kv_to_full_blocks(layout, kv, 16)
+    for layer in (layout.num_layers, -1):  # an empty [0, 16, bpt] slice
+        with pytest.raises(ValueError, match=f"layer {layer} out of range"):
+            layer_block(full[0], layer)
+    with pytest.raises(ValueError, match="Layer Block 0 has shape"):  # a Full Block read as L x 16 tokens
+        layer_blocks_to_records(layout, [full[0]])
+    flat = kv.reshape(layout.num_layers, 32, -1)  # records flattened: reinterpreted by a reshape before
+    with pytest.raises(ValueError, match="KV records have shape"):
+        layout.as_records(flat)
+    np.testing.assert_array_equal(layout.as_records(kv), kv)

@@ -154,6 +154,11 @@ def test_rope_scaling_variants():
     np.testing.assert_allclose(ri[0], np_rope(deint[0], np.arange(5), 10000.0), atol=1e-5)
     with pytest.raises(ValueError, match="rope_scaling type 'dynamic'"):
         RopeConfig.from_hf(8, 10000.0, {"type": "dynamic", "factor": 2.0})
+    # a key no variant here reads was dropped silently (HF's yarn attention_factor replaces the mscale)
+    with pytest.raises(ValueError, match=r"rope_scaling field\(s\) \['attention_factor'\] are not supported"):
+        RopeConfig.from_hf(8, 10000.0, {"rope_type": "yarn", "factor": 4.0, "attention_factor": 1.2})
+    with pytest.raises(ValueError, match="rope_scaling must be an object"):
+        RopeConfig.from_hf(8, 10000.0, ["yarn"])
 
 
 def test_prefill_flops_match_param_count():

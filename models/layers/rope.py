@@ -51,9 +51,16 @@ class RopeConfig:
         """Build from HF config fields `rope_theta` and `rope_scaling` (None, or a dict with `type`/`rope_type`)."""
         if not rope_scaling:
             return cls(dim=dim, theta=float(theta), interleaved=interleaved)
+        if not isinstance(rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be an object, got {rope_scaling!r}")
         kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in rope_scaling.items() if k in known and k not in ("dim", "theta", "kind")}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"dim", "theta", "kind", "interleaved"}
+        # a key these variants do not read (yarn's attention_factor or truncate, say) would change the numbers
+        # silently if dropped
+        unknown = sorted(set(rope_scaling) - fields - {"type", "rope_type"})
+        if unknown:
+            raise ValueError(f"rope_scaling field(s) {unknown} are not supported; known: {sorted(fields)}")
+        kw = {k: v for k, v in rope_scaling.items() if k in fields}
         return cls(dim=dim, theta=float(theta), kind=kind, interleaved=interleaved, **kw)
 
 
