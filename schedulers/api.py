@@ -19,6 +19,7 @@ Role = Literal["prefill", "decode"]
 # Which side loads the hit KV from storage: the PE's node ("pe"), the DE's node ("de"), or both ("split",
 # beyond the paper: a fraction of the hit blocks from each side so both read queues drain together).
 ReadSide = Literal["pe", "de", "split"]
+ROLES = ("prefill", "decode")
 
 
 # The per-fetch records (EngineState, NodeState, PendingRequest) have __slots__: a fetch at 48P96D reads
@@ -35,6 +36,10 @@ class EngineState:
     tok: int = 0  # tok_e: tokens of those requests (load proxy for GPU, disk and network)
     free_hbm_tokens: int = 0  # KV capacity left in HBM, in tokens (what a DE can still admit)
 
+    def __post_init__(self):
+        if self.role not in ROLES:  # any other role would be taken for a DE by the policies
+            raise ValueError(f"engine {self.engine_id}: role must be 'prefill' or 'decode', got {self.role!r}")
+
 
 @dataclasses.dataclass(slots=True)
 class NodeState:
@@ -47,6 +52,10 @@ class NodeState:
     # Σ tok_e and Σ free_hbm_tokens of the node's engines. None (the default): policies sum the engines.
     engine_tok: int | None = None
     engine_free_hbm_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"node {self.node_id}: role must be 'prefill' or 'decode', got {self.role!r}")
 
 
 @dataclasses.dataclass
@@ -84,6 +93,14 @@ class PendingRequest:
     hit_tokens: int  # prefix whose KV is loaded from storage (whole blocks)
     gen_tokens: int  # tokens the turn will generate (for DE HBM admission)
     arrival_time: float = 0.0
+
+    def __post_init__(self):
+        # once per turn, so that no fetch places a negative load (also refuses NaN)
+        if not (0 <= self.hit_tokens <= self.prompt_tokens and self.gen_tokens >= 0):
+            raise ValueError(
+                f"request {self.request_id}: needs 0 <= hit_tokens <= prompt_tokens and gen_tokens >= 0, got "
+                f"prompt={self.prompt_tokens} hit={self.hit_tokens} gen={self.gen_tokens}"
+            )
 
     @property
     def miss_tokens(self) -> int:

@@ -13,6 +13,7 @@ Both always make progress: an empty batch's head request gets at least `min_chun
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Sequence
 
 from schedulers.api import BatchItem, IntraEnginePolicy, PrefillWork
@@ -55,6 +56,11 @@ def _largest_fitting_chunk(
     return lo
 
 
+def _is_count(x) -> bool:
+    """An int >= 1 (a batch's token or request cap: NaN, fractions and 0 are configuration mistakes)."""
+    return isinstance(x, numbers.Integral) and x >= 1
+
+
 def _check_work(w: PrefillWork) -> None:
     """Checked as a batcher reaches each request (batchers read a FIFO prefix, not the whole queue)."""
     if w.remaining_tokens < 0 or w.cached_tokens < 0:
@@ -76,8 +82,10 @@ class FifoBatcher(IntraEnginePolicy):
         chunk: bool = True  # False: a request that does not fit waits for the next forward
 
         def __post_init__(self):
-            if self.token_budget < 1:
-                raise ValueError(f"fifo token_budget must be >= 1, got {self.token_budget}")
+            if not _is_count(self.token_budget):
+                raise ValueError(f"fifo token_budget must be >= 1 (an int), got {self.token_budget!r}")
+            if self.max_requests is not None and not _is_count(self.max_requests):  # 0: no batch would ever form
+                raise ValueError(f"fifo max_requests must be >= 1 (an int) or None, got {self.max_requests!r}")
 
     def __init__(self, config: FifoBatcher.Config | None = None):
         self.config = config or self.Config()
@@ -118,10 +126,12 @@ class ComputeQuotaBatcher(IntraEnginePolicy):
         min_chunk_tokens: int = 1  # progress guarantee for a head request that alone exceeds the quota
 
         def __post_init__(self):
-            if self.quota_s <= 0:
+            if not self.quota_s > 0:  # NaN too (it would cut every batch to one token)
                 raise ValueError(f"compute_quota quota_s must be > 0, got {self.quota_s}")
-            if self.min_chunk_tokens < 1:
-                raise ValueError(f"min_chunk_tokens must be >= 1, got {self.min_chunk_tokens}")
+            if self.token_budget is not None and not _is_count(self.token_budget):  # 0: no batch would ever form
+                raise ValueError(f"compute_quota token_budget must be >= 1 (an int) or None, got {self.token_budget!r}")
+            if not _is_count(self.min_chunk_tokens):
+                raise ValueError(f"min_chunk_tokens must be >= 1 (an int), got {self.min_chunk_tokens!r}")
 
     def __init__(self, config: ComputeQuotaBatcher.Config | None = None):
         self.config = config or self.Config()

@@ -68,11 +68,12 @@ def apply(snap: ClusterSnapshot, queue, assignments):
     return [r for r in queue if r.request_id not in placed]
 
 
-flags.DEFINE_integer("pe_nodes", 48, "prefill nodes")
-flags.DEFINE_integer("de_nodes", 96, "decode nodes")
-flags.DEFINE_integer("g", 8, "engines (GPUs) per node")
-flags.DEFINE_integer("queue", 5000, "waiting requests")
-flags.DEFINE_integer("repeats", 5, "timed fetches per policy (median reported)")
+# bounded: 0 repeats was a StatisticsError after the setup, 0 nodes or engines a table of zeros
+flags.DEFINE_integer("pe_nodes", 48, "prefill nodes", lower_bound=1)
+flags.DEFINE_integer("de_nodes", 96, "decode nodes", lower_bound=1)
+flags.DEFINE_integer("g", 8, "engines (GPUs) per node", lower_bound=1)
+flags.DEFINE_integer("queue", 5000, "waiting requests", lower_bound=0)
+flags.DEFINE_integer("repeats", 5, "timed fetches per policy (median reported)", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "seed of the synthetic cluster state and requests")
 
 

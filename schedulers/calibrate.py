@@ -75,6 +75,9 @@ class FitReport:
 def fit_report(cost_model: CostModel, measurements: Sequence[PrefillMeasurement]) -> FitReport:
     if not measurements:
         raise ValueError("fit_report needs at least one measurement")
+    bad = [m for m in measurements if not m.seconds > 0]  # relative errors divide by the measured time
+    if bad:
+        raise ValueError(f"fit_report needs measured seconds > 0, got {bad[0]}")
     errs = [abs(cost_model.batch_prefill_time(m.items) - m.seconds) / m.seconds for m in measurements]
     return FitReport(float(np.median(errs)), float(np.max(errs)), len(errs))
 

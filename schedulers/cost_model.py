@@ -32,6 +32,7 @@ step (dense part + the routed experts of its 1/ep share that the batch touches, 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -87,12 +88,17 @@ class ModelShape:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not v >= 0:  # NaN too
                 raise ValueError(f"ModelShape {self.name!r}: {f.name} must be >= 0, got {v}")
         if self.layers <= 0 or self.hidden <= 0 or self.heads <= 0:
             raise ValueError(f"ModelShape {self.name!r}: layers, hidden and heads must be > 0")
         if self.n_routed_experts and not (0 < self.top_k <= self.n_routed_experts and self.moe_intermediate):
             raise ValueError(f"ModelShape {self.name!r}: MoE needs 0 < top_k <= n_routed_experts and moe_intermediate")
+        if self.kv_bytes_per_token_per_layer <= 0:  # α divides by it (a ZeroDivisionError far from here)
+            raise ValueError(
+                f"ModelShape {self.name!r}: KV bytes per token per layer must be > 0 (kv_heads, head_dim, "
+                "kv_dtype_bytes or the override)"
+            )
         if self.index_kv_bytes_per_token_per_layer > self.kv_bytes_per_token_per_layer:
             raise ValueError(f"ModelShape {self.name!r}: indexer bytes exceed the KV bytes per token per layer")
         if self.first_k_dense > self.layers:
@@ -351,7 +357,7 @@ class CostModel:
     ):
         m = MODEL_SHAPES.get(model) if isinstance(model, str) else model
         hw = HARDWARE.get(hw) if isinstance(hw, str) else hw
-        if tp < 1 or ep < 1:
+        if not (tp >= 1 and ep >= 1):  # NaN too
             raise ValueError(f"tp and ep must be >= 1, got tp={tp} ep={ep}")
         self._model, self._hw, self._tp, self._ep = m, hw, tp, ep
         self._prefill_fit, self._decode_fit = prefill_fit, decode_fit
@@ -565,8 +571,11 @@ class CostModel:
         for meas in measurements:
             if isinstance(meas, PrefillMeasurement):
                 items = [(c, b) for c, b in meas.items if b > 0]
-                if not items or meas.seconds <= 0:
-                    raise ValueError(f"bad prefill measurement {meas}: needs items with bsz > 0 and seconds > 0")
+                # `not 0 < seconds < inf` refuses NaN and inf too (else NNLS fails deep inside numpy)
+                if not items or not 0 < meas.seconds < math.inf or any(c < 0 for c, _ in items):
+                    raise ValueError(
+                        f"bad prefill measurement {meas}: needs items with bsz > 0, cached >= 0 and finite seconds > 0"
+                    )
                 tokens = sum(b for _, b in items)
                 pre_rows.append(
                     [
@@ -578,8 +587,11 @@ class CostModel:
                 )
                 pre_t.append(meas.seconds)
             elif isinstance(meas, DecodeMeasurement):
-                if meas.batch_size <= 0 or meas.seconds <= 0:
-                    raise ValueError(f"bad decode measurement {meas}: needs batch_size > 0 and seconds > 0")
+                if meas.batch_size <= 0 or meas.total_context_tokens < 0 or not 0 < meas.seconds < math.inf:
+                    raise ValueError(
+                        f"bad decode measurement {meas}: needs batch_size > 0, total_context_tokens >= 0 and "
+                        "finite seconds > 0"
+                    )
                 dec_rows.append([1.0, *self.decode_terms(meas.batch_size, meas.total_context_tokens)])
                 dec_t.append(meas.seconds)
             else:
@@ -610,6 +622,8 @@ class CostModel:
     # ---- throughput summaries used to derive policy thresholds ----
     def prefill_tokens_per_s(self, context: int, append: int) -> float:
         """Prompt tokens (hit + miss) per second one PE sustains on turns of this shape."""
+        if not append > 0:  # a turn with nothing to prefill takes no time
+            raise ValueError(f"append must be > 0 for a prefill rate, got {append}")
         return (context + append) / self.prefill_time(context, append)
 
     def read_tokens_per_s(self) -> float:

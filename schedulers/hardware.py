@@ -13,6 +13,17 @@ import time
 from dualpath_jax.registry import Registry
 
 GBPS = 1e9 / 8  # bytes/s in one Gbit/s
+# Rates and efficiencies the cost model turns FLOPs and bytes into seconds with
+_RATES = (
+    "peak_flops",
+    "hbm_bandwidth",
+    "cnic_bandwidth",
+    "snic_bandwidth",
+    "host_mem_bandwidth",
+    "mfu",
+    "attention_efficiency",
+    "hbm_efficiency",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +55,13 @@ class HardwareProfile:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not v >= 0:  # NaN too
                 raise ValueError(f"HardwareProfile {self.name!r}: {f.name} must be >= 0, got {v}")
         if self.gpus_per_node < 1:
             raise ValueError(f"HardwareProfile {self.name!r}: gpus_per_node must be >= 1")
+        for name in _RATES:  # the cost model divides by these (0: ZeroDivisionError or α of 1 token)
+            if not getattr(self, name) > 0:
+                raise ValueError(f"HardwareProfile {self.name!r}: {name} must be > 0, got {getattr(self, name)}")
 
     def linear_peak(self, weight_bytes: int) -> float:
         """Peak FLOP/s of the linear layers for weights of `weight_bytes` bytes (FP8 GEMMs for 1-byte)."""

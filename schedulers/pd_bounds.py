@@ -32,9 +32,9 @@ class PDConstraint:
 
 def pd_ratio_constraints(g: int, s: float, B: float, M: float) -> list[PDConstraint]:
     """Every link constraint on P/D for node size g, SNIC multiple s, CNIC bandwidth B, host bandwidth M."""
-    if g < 1:
+    if not g >= 1:  # `not x >= ...` / `not x > 0`: NaN too (it would give NaN bounds)
         raise ValueError(f"g (GPUs per node) must be >= 1, got {g}")
-    if s <= 0 or B <= 0 or M <= 0:
+    if not (s > 0 and B > 0 and M > 0):
         raise ValueError(f"s, B and M must be > 0, got s={s} B={B} M={M}")
     if 2 * s > g:
         raise ValueError(f"the PE-CNIC read constraint 2s/g <= 1 needs s <= g/2, got s={s} g={g}")
@@ -57,7 +57,7 @@ def pd_ratio_bounds(g: int, s: float, B: float, M: float) -> tuple[float, float]
 
 def pd_ratio_range(g: int, s: float, mem_over_bs: float) -> tuple[float, float]:
     """(lo, hi) as `pd_ratio_bounds` with M given as a multiple of the SNIC bandwidth: M/(B·s)."""
-    if mem_over_bs <= 0:
+    if not mem_over_bs > 0:
         raise ValueError(f"mem_over_bs = M/(B*s) must be > 0, got {mem_over_bs}")
     return pd_ratio_bounds(g, s, 1.0, mem_over_bs * s)
 

@@ -31,6 +31,7 @@ import bisect
 import dataclasses
 import heapq
 import itertools
+import math
 import operator
 import random
 from collections.abc import Sequence
@@ -120,6 +121,18 @@ class _Topology:
 _TOPOLOGY_CACHE: list[_Topology] = []  # the last one built (a simulator or runtime keeps one engine set)
 
 
+def _check_engine_set(snapshot: ClusterSnapshot, topo: _Topology) -> None:
+    """Each engine under its own engine_id (an Assignment names engine_id: another key would name an engine the
+    runner does not have), on a node the snapshot has (its read queue is read when it is placed on)."""
+    bad = [k for k, e in snapshot.engines.items() if k != e.engine_id]
+    if bad:
+        k = bad[0]
+        raise ValueError(f"snapshot.engines[{k}] holds engine_id {snapshot.engines[k].engine_id}: keys must be the ids")
+    missing = set(topo.node_of.values()).difference(snapshot.nodes)
+    if missing:
+        raise KeyError(f"engines on nodes {sorted(missing)} that are not in snapshot.nodes {sorted(snapshot.nodes)}")
+
+
 def _topology(snapshot: ClusterSnapshot) -> _Topology:
     """The cached topology when the snapshot holds the very same EngineState objects in the same order (the
     simulator keeps one set; an engine's engine_id/role/node_id is never changed in place: a moved or new
@@ -131,6 +144,7 @@ def _topology(snapshot: ClusterSnapshot) -> _Topology:
     states = tuple(engines.values())
     if topo is None or len(topo.states) != len(states) or not all(map(operator.is_, topo.states, states)):
         topo = _Topology(states)
+        _check_engine_set(snapshot, topo)  # once per engine set (what the cache keeps), not per fetch
         _TOPOLOGY_CACHE[:] = [topo]
     topo.engines, topo.key = engines, key
     return topo
@@ -322,6 +336,10 @@ class BasicPolicy(InterEnginePolicy):
     class Config:
         max_pe_tokens: int | None = None  # PEs above this tok_e get nothing (None: no cap)
 
+        def __post_init__(self):
+            if self.max_pe_tokens is not None and not self.max_pe_tokens >= 0:  # NaN too
+                raise ValueError(f"basic max_pe_tokens must be >= 0 or None, got {self.max_pe_tokens}")
+
     def __init__(self, config: BasicPolicy.Config | None = None):
         self.config = config or self.Config()
 
@@ -480,11 +498,12 @@ class DualPathConfig:
     block_size: int = 64  # split policy: DE-side share rounded to whole blocks
 
     def __post_init__(self):
-        if self.alpha_tokens < 0 or self.beta_tokens < 0:
+        # `not x >= ...` refuses NaN too (NaN β would silently place nothing, NaN Z would ignore seq_e)
+        if not (self.alpha_tokens >= 0 and self.beta_tokens >= 0):
             raise ValueError(f"alpha/beta must be >= 0, got {self.alpha_tokens}/{self.beta_tokens}")
-        if self.z_slack < 1.0:
-            raise ValueError(f"z_slack must be >= 1, got {self.z_slack}")
-        if self.block_size < 1:
+        if not 1.0 <= self.z_slack < math.inf:
+            raise ValueError(f"z_slack must be >= 1 and finite, got {self.z_slack}")
+        if not self.block_size >= 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.alpha_tokens == 0 or self.beta_tokens == 0:
             d = _paper_default()
@@ -503,6 +522,8 @@ class DualPathConfig:
     ) -> DualPathConfig:
         """α = read_window_s · SNIC bytes/s / KV bytes per token; β = compute_window_s · prompt tokens/s
         one PE sustains on turns of (context, append) (the "profiled" values of the paper)."""
+        if not (read_window_s > 0 and compute_window_s > 0):  # else α or β would silently become 1 token
+            raise ValueError(f"read_window_s and compute_window_s must be > 0, got {read_window_s}/{compute_window_s}")
         alpha = int(read_window_s * cost_model.read_tokens_per_s())
         beta = int(compute_window_s * cost_model.prefill_tokens_per_s(context, append))
         return cls(alpha_tokens=max(alpha, 1), beta_tokens=max(beta, 1), **kwargs)

@@ -182,6 +182,29 @@ def test_fit_recovers_known_coefficients():
         cm.fit([PrefillMeasurement(((0, 0),), 1.0)])
 
 
+def test_fit_rejects_nan_inf_and_negative_measurements():
+    """NaN or inf seconds failed deep inside numpy ("zero-size array to reduction operation minimum"); a negative
+    cached or context length was fitted silently."""
+    cm = CostModel("ds27b", "cpu")
+    for seconds in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="bad prefill measurement"):
+            cm.fit([PrefillMeasurement(((0, 10),), seconds)])
+        with pytest.raises(ValueError, match="bad decode measurement"):
+            cm.fit([DecodeMeasurement(4, 1000, seconds)])
+    with pytest.raises(ValueError, match="cached >= 0"):
+        cm.fit([PrefillMeasurement(((-10, 10),), 0.01)])
+    with pytest.raises(ValueError, match="total_context_tokens >= 0"):
+        cm.fit([DecodeMeasurement(4, -1000, 0.01)])
+
+
+def test_prefill_rate_needs_an_append():
+    """prefill_tokens_per_s (and so DualPathConfig.from_cost_model) divided by a zero prefill time."""
+    cm = CostModel("ds660b", "h800")
+    with pytest.raises(ValueError, match="append must be > 0"):
+        cm.prefill_tokens_per_s(32_000, 0)
+    assert cm.prefill_tokens_per_s(32_000, 429) > 0
+
+
 def test_fit_is_nonnegative():
     cm = CostModel("ds27b", "cpu")
     # times that do not grow with attention: its coefficient must come out 0, not negative
@@ -219,6 +242,23 @@ def test_model_shape_validation():
         )
     with pytest.raises(ValueError, match=">= 0"):
         ModelShape("bad", layers=2, hidden=8, heads=2, kv_heads=-1, head_dim=4, intermediate=16, vocab=10)
+
+
+def test_hardware_shape_and_degrees_reject_nan_and_zero_rates():
+    """NaN passed the `v < 0` checks (a float ModelShape field skipped its check); a zero rate or zero KV bytes
+    was a ZeroDivisionError deep in the cost model or α (or an α of 1 token, silently)."""
+    with pytest.raises(ValueError, match="peak_flops must be >= 0, got nan"):
+        HardwareProfile("bad", float("nan"), 1, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="peak_flops must be > 0"):
+        HardwareProfile("bad", 0, 1, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="snic_bandwidth must be > 0"):
+        HardwareProfile("bad", 1, 1, 1, 1, 0, 1, 1, 1)
+    with pytest.raises(ValueError, match="tp and ep must be >= 1"):
+        CostModel("ds27b", "h800", tp=float("nan"))
+    with pytest.raises(ValueError, match="hidden must be >= 0, got nan"):
+        ModelShape("bad", layers=2, hidden=float("nan"), heads=2, kv_heads=2, head_dim=4, intermediate=16, vocab=10)
+    with pytest.raises(ValueError, match="KV bytes per token per layer must be > 0"):
+        ModelShape("bad", layers=2, hidden=8, heads=2, kv_heads=0, head_dim=4, intermediate=16, vocab=10)
 
 
 class _ReferenceCost:

@@ -35,6 +35,21 @@ def test_fifo_skips_finished_and_rejects_negative():
         b.form_batch([work(1, 0, -1)])
 
 
+def test_batcher_configs_that_would_stall_or_ignore_their_caps_are_rejected():
+    """max_requests=0 / token_budget=0 formed an empty batch on every forward (no progress, ever); a NaN cap
+    was no cap, a NaN quota cut every batch to one token, a fractional budget gave fractional bsz."""
+    nan = float("nan")
+    for kw in ({"max_requests": 0}, {"max_requests": -1}, {"token_budget": nan}, {"token_budget": 2.5}):
+        with pytest.raises(ValueError, match=r"must be >= 1 \(an int\)"):
+            make_batcher("fifo", **kw)
+    for kw in ({"token_budget": 0}, {"token_budget": nan}, {"min_chunk_tokens": nan}):
+        with pytest.raises(ValueError, match=r"must be >= 1 \(an int\)"):
+            make_batcher("compute_quota", cost_model=CM, **kw)
+    with pytest.raises(ValueError, match="quota_s must be > 0, got nan"):
+        make_batcher("compute_quota", cost_model=CM, quota_s=nan)
+    assert [x.bsz for x in make_batcher("fifo", max_requests=1).form_batch([work(1, 0, 5), work(2, 0, 5)])] == [5]
+
+
 def test_compute_quota_rejects_negative_work_it_reaches():
     b = make_batcher("compute_quota")
     with pytest.raises(ValueError, match="negative"):

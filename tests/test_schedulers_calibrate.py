@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from schedulers.calibrate import TINY_DENSE, NumpyPrefill, default_grid, fit_report, time_decode, time_prefill
-from schedulers.cost_model import CostModel, ModelShape
+from schedulers.cost_model import CostModel, ModelShape, PrefillMeasurement
 
 SMALL = ModelShape("small", layers=1, hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab=512)
 
@@ -67,3 +67,12 @@ def test_calibrate_launcher_runs():
     held = [line for line in out.stdout.splitlines() if line.startswith("[(")]
     assert len(held) == 5 and all(len(line.split()) >= 3 for line in held)
     assert "median / max relative error: fitted" in out.stdout
+
+
+def test_fit_report_rejects_a_zero_measured_time():
+    """The relative error divides by the measured seconds: 0 was a bare ZeroDivisionError."""
+    cm = CostModel(SMALL, "cpu")
+    good = PrefillMeasurement(((0, 8),), 0.01)
+    assert fit_report(cm, [good]).n == 1
+    with pytest.raises(ValueError, match="seconds > 0"):
+        fit_report(cm, [good, PrefillMeasurement(((0, 8),), 0.0)])

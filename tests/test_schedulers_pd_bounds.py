@@ -41,6 +41,15 @@ def test_infeasible_and_bad_input():
         pd_ratio_bounds(8, 5, 50e9, 500e9)
     with pytest.raises(ValueError, match="must be > 0"):
         pd_ratio_bounds(8, 1, 0, 500e9)
+    nan = float("nan")  # passed the `<= 0` checks and gave (nan, nan)
+    with pytest.raises(ValueError, match="must be > 0"):
+        pd_ratio_bounds(8, nan, 50e9, 500e9)
+    with pytest.raises(ValueError, match="must be > 0"):
+        pd_ratio_bounds(8, 1, 50e9, nan)
+    with pytest.raises(ValueError, match="g \\(GPUs per node\\) must be >= 1"):
+        pd_ratio_bounds(nan, 1, 50e9, 500e9)
+    with pytest.raises(ValueError, match="mem_over_bs"):
+        pd_ratio_range(8, 1, nan)
 
 
 def test_cli_prints_range():

@@ -298,6 +298,55 @@ def test_duplicate_request_ids_rejected():
         dualpath().schedule(snap, [req(0), req(0)])
 
 
+def test_configs_reject_nan_and_out_of_range_values():
+    """NaN passed the `x < 0` checks: a NaN β placed nothing, a NaN Z ignored seq_e, all silently."""
+    nan = float("nan")
+    for kw in ({"alpha_tokens": nan}, {"beta_tokens": nan}, {"beta_tokens": -1}):
+        with pytest.raises(ValueError, match="alpha/beta must be >= 0"):
+            DualPathConfig(**kw)
+    for z in (nan, float("inf"), 0.9):
+        with pytest.raises(ValueError, match="z_slack must be >= 1 and finite"):
+            DualPathConfig(alpha_tokens=ALPHA, beta_tokens=BETA, z_slack=z)
+    with pytest.raises(ValueError, match="block_size"):
+        DualPathConfig(alpha_tokens=ALPHA, beta_tokens=BETA, block_size=nan)
+    for cap in (nan, -1):  # NaN: no cap at all; negative: nothing is ever placed
+        with pytest.raises(ValueError, match="max_pe_tokens"):
+            make_policy("basic", max_pe_tokens=cap)
+    for w in ({"read_window_s": 0}, {"compute_window_s": nan}):  # else α or β of 1 token
+        with pytest.raises(ValueError, match="must be > 0"):
+            DualPathConfig.from_cost_model(CostModel("ds660b", "h800"), **w)
+
+
+def test_pending_request_rejects_impossible_token_counts():
+    """A negative or hit > prompt request was placed and put a negative load on its PE or DE."""
+    for prompt, hit, gen in ((-5, 0, 0), (100, 200, 0), (100, -64, 0), (100, 64, -1), (100, float("nan"), 0)):
+        with pytest.raises(ValueError, match="request 7: needs 0 <= hit_tokens <= prompt_tokens"):
+            req(7, prompt=prompt, hit=hit, gen=gen)
+    assert req(7, prompt=0, hit=0, gen=0).total_tokens == 0  # an empty turn is allowed
+    assert req(7, prompt=128, hit=128, gen=0).miss_tokens == 0
+
+
+def test_engine_and_node_roles_are_checked():
+    """A misspelt role made a PE a decode engine (anything but "prefill" was grouped as a DE)."""
+    with pytest.raises(ValueError, match="engine 3: role must be 'prefill' or 'decode', got 'Prefill'"):
+        EngineState(3, "Prefill", 0)
+    with pytest.raises(ValueError, match="node 0: role must be"):
+        NodeState(0, "prefil")
+
+
+@pytest.mark.parametrize("name", ["basic", "round_robin", "random", "dualpath", "split"])
+def test_snapshot_engine_keys_and_nodes_are_checked(name):
+    kw = {"alpha_tokens": ALPHA, "beta_tokens": BETA} if name in ("dualpath", "split") else {}
+    snap = snapshot(PE_IDLE, ONE_DE)
+    snap.engines[99] = snap.engines.pop(0)  # engine 0 under key 99: Assignments would name engine 0
+    with pytest.raises(ValueError, match=r"snapshot.engines\[99\] holds engine_id 0"):
+        make_policy(name, **kw).schedule(snap, [req(0)])
+    snap = snapshot(PE_IDLE, ONE_DE)
+    del snap.nodes[10]  # was a bare KeyError(10) from deep inside the placement loop
+    with pytest.raises(KeyError, match=r"engines on nodes \[10\] that are not in snapshot.nodes"):
+        make_policy(name, **kw).schedule(snap, [req(0)])
+
+
 # ------------------------------------------------------------------------------------ other policies
 def test_basic_reads_pe_side_least_loaded():
     snap = snapshot(
@@ -745,3 +794,14 @@ def test_policy_bench_launcher_runs_small():
     balance = {name: float(cols[-1]) for name, cols in rows.items()}
     assert balance["dualpath"] < balance["round_robin"] < balance["basic"]
     assert all(int(cols[1]) > 0 for cols in rows.values())  # requests placed by a group fetch
+
+
+def test_policy_bench_launcher_refuses_empty_runs():
+    """--repeats=0 failed with a StatisticsError after building the cluster; 0 nodes printed a table of zeros."""
+    import subprocess
+    import sys
+
+    for flag in ("--repeats=0", "--pe_nodes=0", "--g=0"):
+        cmd = [sys.executable, "-m", "schedulers.bench", "--pe_nodes=1", "--de_nodes=1", "--queue=5", flag]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert out.returncode != 0 and "is not a positive integer" in out.stderr, (flag, out.stderr[-2000:])
