@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -176,9 +177,12 @@ def main(argv):
     prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
     session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
     out = {"config": config.to_dict(), "prefill_tokens_per_s": prefill_tps}
+    stamp, runs = datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), itertools.count()
     try:
 
         def run(cfg, ts=trajs):
+            if cfg.store_dir:  # a kept store: each run its own fresh subdirectory (no run hits another's blocks)
+                cfg = cfg.replace(store_dir=os.path.join(cfg.store_dir, f"bench_runtime-{stamp}-{next(runs)}"))
             return driver.run(
                 cfg,
                 ts,

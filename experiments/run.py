@@ -128,6 +128,8 @@ def main(argv):
     policies = [p.strip() for p in str(config.policies).split(",") if p.strip()]
     if not policies:
         raise app.UsageError("--config.policies is empty")
+    if len(set(policies)) != len(policies):  # their result files and store directories would be one another's
+        raise app.UsageError(f"--config.policies names a policy twice: {','.join(policies)}")
     # Everything is checked before anything starts: each policy's config, the model, the workload. A bad
     # config is one line naming the field (no traceback).
     try:
@@ -149,6 +151,8 @@ def main(argv):
     try:
 
         def one(cfg, label, ts=trajs):
+            if cfg.store_dir:  # a kept store: each run its own fresh subdirectory (no policy hits another's blocks)
+                cfg = cfg.replace(store_dir=os.path.join(cfg.store_dir, f"{stamp}-{label}"))
             with tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr) as bar:
 
                 def progress(done, total):

@@ -8,8 +8,10 @@ decode engine dies mid-run.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
+import math
 import os
 import re
 import time
@@ -337,12 +339,39 @@ def test_a_crashing_engine_fails_the_run_with_its_error(base, ops, trajs, monkey
     assert "engine" in caplog.text and "crashed" in caplog.text
 
 
+def test_node_processes_that_exit_at_start_fail_the_run_naming_it(base, ops, trajs):
+    """Every node process gone before registering (a crash at start): the run fails at once saying no engine is
+    left, instead of waiting for the startup timeout with nobody left to register."""
+    from dualpath_jax.runtime.scheduler_service import RunFailed
+
+    class ExitedAtStart:  # a launcher whose node processes all exited before their first fetch
+        cfg = None
+
+        def start(self, groups, service):
+            pass
+
+        def alive(self, node_id):
+            return False
+
+        def join(self, timeout=10.0):
+            pass
+
+        def shutdown(self):
+            pass
+
+    cfg = base.replace(**{"run_timeout_s": 5.0})
+    with pytest.raises(RunFailed, match=r"no live prefill or decode engine left \(dead: \[0\]\)"):
+        driver.run(cfg, trajs, model_ops=ops, launcher=ExitedAtStart())
+
+
 def test_a_run_past_its_timeout_fails_naming_it(base, ops, trajs):
     from dualpath_jax.runtime.scheduler_service import RunFailed
 
     cfg = base.replace(**{"run_timeout_s": 0.05})
+    # 1 s between turns: the run cannot finish within the timeout however fast the machine (it once did in 50 ms)
+    slow = [dataclasses.replace(t, turns=[dataclasses.replace(u, gap_s=1.0) for u in t.turns]) for t in trajs]
     with pytest.raises(RunFailed, match=r"within 0\.05 s"):
-        driver.run(cfg, trajs, model_ops=ops)
+        driver.run(cfg, slow, model_ops=ops)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -412,11 +441,41 @@ def test_every_runtime_field_can_be_overridden_from_the_command_line():
         ("workload.turns", 0, "config.workload.turns must be >= 1, got 0"),
         ("workload.scale", 0.0, "config.workload.scale must be > 0"),
         ("workload.gap_s", -1.0, "config.workload.gap_s must be >= 0"),
+        # a NaN or infinite gap never makes the next turn due (NaN was a ValueError, inf a hang until the timeout)
+        ("workload.gap_s", math.nan, "config.workload.gap_s must be >= 0 and finite, got nan"),
+        ("workload.gap_s", math.inf, "config.workload.gap_s must be >= 0 and finite, got inf"),
+        # the tiny workload made these 1 token silently
+        ("workload.gen_tokens", 0, "config.workload.gen_tokens must be >= 1, got 0"),
+        ("workload.append_tokens", -2, "config.workload.append_tokens must be >= 1, got -2"),
+        ("workload.first_append_tokens", 0, "config.workload.first_append_tokens must be >= 1, got 0"),
+        # NaN passed the check and failed inside the run; inf failed there too (int(inf) for DualPath's alpha)
+        ("nics.snic_bytes_per_s", math.nan, "config.nics.snic_bytes_per_s must be > 0 and finite"),
+        ("nics.cnic_bytes_per_s", math.inf, "config.nics.cnic_bytes_per_s must be > 0 and finite"),
     ],
 )
 def test_out_of_range_values_are_rejected_before_start(base, key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         driver.prepare(base.replace(**{key: value}))
+
+
+@pytest.mark.parametrize("aps", [0.0, -1.0, math.nan])
+def test_online_arrivals_without_a_positive_rate_are_a_config_error(base, aps):
+    """It was the arrival model's ValueError: a traceback from the launchers instead of a `bad config` line."""
+    with pytest.raises(ConfigError, match=r"config.workload.aps must be > 0 and finite for arrival='online'"):
+        driver.prepare(base.replace(**{"workload.arrival": "online", "workload.aps": aps}))
+
+
+def test_a_buffer_of_exactly_the_prompt_kv_bytes_is_rejected(base, ops, trajs):
+    """The host buffer hands out whole Layer Blocks, so the longest prompt's area takes more than its KV bytes: a
+    budget of exactly those bytes passed the check and the run then waited for space until its timeout."""
+    kv = ops.config.kv_bytes_per_token
+    longest = max(t.prompt_tokens(i) for t in trajs for i in range(len(t.turns)))
+    layer_block = base.block_size * ops.kv_layout.bytes_per_token_per_layer
+    assert longest * ops.config.num_layers % base.block_size, "the test needs a prompt that ends mid Layer Block"
+    with pytest.raises(ConfigError, match=r"config.buffers.de_buffer_bytes=\d+ B cannot hold one request"):
+        driver.prepare(base.replace(**{"buffers.de_buffer_bytes": longest * kv}))
+    enough = -(-longest * kv // layer_block) * layer_block
+    driver.prepare(base.replace(**{"buffers.de_buffer_bytes": enough}))
 
 
 @pytest.mark.parametrize(
@@ -429,8 +488,12 @@ def test_out_of_range_values_are_rejected_before_start(base, key, value, message
             "bad override --config.runtime.workload.agnets=4: the config has no field 'agnets'. Did you mean",
         ),
         (["--config=configs/no_such_runtime.py", "--config.policies=basic"], "bad config: OSError: Failed loading"),
+        (
+            ["--config.runtime.workload.arrival=online", "--config.runtime.workload.aps=0"],
+            "bad config: config.workload.aps must be > 0 and finite for arrival='online', got 0.0",
+        ),
     ],
-    ids=["bad_field", "missing_config_file", "unknown_field", "override_on_missing_file"],
+    ids=["bad_field", "missing_config_file", "unknown_field", "override_on_missing_file", "online_without_rate"],
 )
 def test_run_launcher_prints_a_bad_config_as_one_line(args, message):
     import subprocess
@@ -618,6 +681,32 @@ def test_main_job_command(tmp_path):
     assert (run_dir / "turns_dualpath.json").exists() and (run_dir / "run.png").exists()
 
 
+def test_main_job_with_a_kept_store_dir_runs_each_policy_on_a_fresh_store(tmp_path):
+    """With --config.runtime.store_dir the policies used to share one store: the second one hit every block the
+    first had written (even turn 0's prompts), so the side-by-side numbers compared different hit rates."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    store = tmp_path / "kv"
+    cmd = [
+        sys.executable, "-m", "experiments.run", "--config=configs/tiny_runtime.py:test",
+        f"--config.runtime.store_dir={store}", f"--config.results_dir={tmp_path / 'results'}",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = list((tmp_path / "results").iterdir())
+    hits = {}
+    for p in ("basic", "dualpath"):
+        turns = json.loads((run_dir / f"turns_{p}.json").read_text())["turns"]
+        hits[p] = {(t["trajectory_id"], t["turn_index"]): t["hit_tokens"] for t in turns}
+    assert hits["basic"] == hits["dualpath"]
+    assert all(h == 0 for (_, i), h in hits["dualpath"].items() if i == 0)
+    runs = sorted(d.name.rsplit("-", 1)[-1] for d in store.iterdir() if d.is_dir() and d.name != "blocks")
+    assert runs == ["basic", "dualpath"]  # one subdirectory per run, kept
+
+
 def test_unknown_argument_and_bad_override_fail_before_start(tmp_path):
     import subprocess
     import sys
@@ -637,6 +726,20 @@ def test_unknown_argument_and_bad_override_fail_before_start(tmp_path):
         timeout=120,
     )
     assert out.returncode != 0 and "config.scheduler.name" in out.stderr and "'nope'" in out.stderr
+    twice = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "--config=configs/tiny_runtime.py:test",
+            "--config.policies=basic,basic",
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert twice.returncode != 0 and "--config.policies names a policy twice: basic,basic" in twice.stderr
 
 
 def test_ray_launcher_without_ray_says_how_to_install(base):

@@ -92,3 +92,40 @@ def test_an_unanswered_fetch_times_out_naming_the_scheduler():
         release.set()
         client.close()
         srv.close()
+
+
+def test_a_truncated_message_drops_only_that_connection(server, caplog):
+    bad = Client(server.address, authkey=KEY)
+    good = SocketControlClient(server.address, KEY)
+    try:
+        with caplog.at_level(logging.ERROR, logger="dualpath_jax.runtime.control"):
+            bad.send_bytes(b"\x80\x05\x95")  # the start of a pickle, cut off
+            with pytest.raises(EOFError):
+                bad.recv()
+        assert "dropping a connection that sent an unreadable message" in caplog.text
+        assert good.fetch(_report(2)).directory == {2: (2, None)}
+    finally:
+        bad.close()
+        good.close()
+
+
+def test_a_failing_handler_drops_only_that_connection(caplog):
+    """The handler (the scheduler's fetch) raising on one group's report: that connection is dropped, logged with
+    the node and the error, and the server keeps serving the other groups."""
+
+    def handler(report: GroupReport) -> GroupReply:
+        if report.node_id == 1:
+            raise ValueError("bad event data")
+        return GroupReply()
+
+    srv = ControlServer(handler, KEY)
+    bad, good = SocketControlClient(srv.address, KEY), SocketControlClient(srv.address, KEY)
+    try:
+        with caplog.at_level(logging.ERROR, logger="dualpath_jax.runtime.control"), pytest.raises(EOFError):
+            bad.fetch(_report(1))
+        assert "fetch from node 1 failed, dropping its connection: ValueError('bad event data')" in caplog.text
+        assert good.fetch(_report(2)).shutdown is False
+    finally:
+        bad.close()
+        good.close()
+        srv.close()

@@ -139,3 +139,48 @@ def test_unknown_event_and_bad_fetch_fail_clearly(store):
         svc.fetch(GroupReport(7, "decode", [9]))
     fetch(svc, 1, [Event("error", -1, 0, svc.t0, {"message": "boom"})])
     assert "boom" in svc.failure
+
+
+def test_no_live_prefill_node_left_fails_the_run(store):
+    """Placement runs on PE fetches, so with every PE node dead nobody would ever say the run cannot finish: the
+    service fails it when the last PE (or DE) node dies, also before the run started (nodes that exited at start)."""
+    clock = Clock()
+    svc = make_service(store, [Trajectory(0, [Turn(6, 2), Turn(3, 2)])], clock)
+    fetch(svc, 1), fetch(svc, 2)
+    assert fetch(svc, 0).tasks
+    svc.declare_dead(1)
+    assert svc.failure is None  # DE 2 is left
+    svc.declare_dead(0)
+    assert svc.failure == "no live prefill or decode engine left (dead: [0, 1])"
+    assert fetch(svc, 2).shutdown
+    unstarted = make_service(store, [Trajectory(0, [Turn(6, 2)])], Clock())
+    for node in (1, 2):
+        unstarted.declare_dead(node)
+    assert not unstarted.started and "no live prefill or decode engine left" in unstarted.failure
+
+
+def test_a_bad_report_over_the_socket_fails_the_run_naming_it(store, caplog):
+    """A report the service cannot apply (an unknown event kind, an event missing its data) sent through the control
+    server: the group's connection is dropped and the run fails naming the problem (it used to die in the server
+    thread, leaving the run to wait for heartbeats and fail, if at all, without the reason)."""
+    import logging
+
+    from dualpath_jax.runtime.control import ControlServer, SocketControlClient
+
+    for bad, message in [
+        (lambda t: Event("teleported", t.request_id, 0, 0.0), "unknown event kind 'teleported' from node 1"),
+        (lambda t: Event("read_done", t.request_id, 0, 0.0), "fetch from node 1 failed: KeyError('side')"),
+    ]:
+        svc = make_service(store, [Trajectory(0, [Turn(6, 2)])], Clock())
+        fetch(svc, 1), fetch(svc, 2)
+        task = fetch(svc, 0).tasks[0]
+        server = ControlServer(svc.fetch, b"k")
+        client = SocketControlClient(server.address, b"k", timeout_s=10)
+        try:
+            with caplog.at_level(logging.ERROR), pytest.raises(EOFError):
+                client.fetch(GroupReport(1, "decode", [1], events=[bad(task)]))
+            assert svc.failure is not None and message in svc.failure
+            assert "fetch from node 1 failed, dropping its connection" in caplog.text
+        finally:
+            client.close()
+            server.close()

@@ -174,8 +174,14 @@ def validate_workload(cfg: RuntimeConfig) -> None:
     for name in ("scale", "time_scale"):
         if not getattr(w, name) > 0:
             raise ConfigError(f"config.workload.{name} must be > 0, got {getattr(w, name)}")
-    if w.gap_s < 0:
-        raise ConfigError(f"config.workload.gap_s must be >= 0, got {w.gap_s}")
+    if not 0 <= w.gap_s < math.inf:  # (a NaN or infinite gap never makes the next turn due: the run would hang)
+        raise ConfigError(f"config.workload.gap_s must be >= 0 and finite, got {w.gap_s}")
+    if w.kind == "tiny":  # (tiny_trajectories would silently make 0 or less into 1 token)
+        for name in ("append_tokens", "gen_tokens", "first_append_tokens"):
+            if getattr(w, name) < 1:
+                raise ConfigError(f"config.workload.{name} must be >= 1, got {getattr(w, name)}")
+    if w.arrival == "online" and not 0 < w.aps < math.inf:
+        raise ConfigError(f"config.workload.aps must be > 0 and finite for arrival='online', got {w.aps}")
     if w.max_context_tokens < 0:
         raise ConfigError(f"config.workload.max_context_tokens must be >= 0 (0: no cut), got {w.max_context_tokens}")
     if w.kind == "synthetic":  # (as the simulator's check_sim_config does)
@@ -185,10 +191,12 @@ def validate_workload(cfg: RuntimeConfig) -> None:
             raise ConfigError(f"config.workload.dataset {w.dataset!r} unknown; known: {', '.join(DATASETS.names())}")
 
 
-def validate(cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prompt_tokens: int | None = None) -> None:
+def validate(
+    cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prompt_tokens: int | None = None, num_layers: int = 1
+) -> None:
     """Reject a configuration that cannot run, before anything starts (errors name the field).
 
-    kv_bytes_per_token: all layers' KV bytes of one token (from the model config).
+    kv_bytes_per_token: all layers' KV bytes of one token (from the model config), over num_layers layers.
     max_prompt_tokens / longest total: from the workload, to check buffers and decode slots.
     """
     import schedulers  # the registries (no jax)
@@ -222,8 +230,10 @@ def validate(cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prom
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.scheduler.batcher_kwargs: {e}") from None
     for name in ("snic_bytes_per_s", "cnic_bytes_per_s"):
-        if getattr(cfg.nics, name) <= 0:
-            raise ConfigError(f"config.nics.{name} must be > 0, got {getattr(cfg.nics, name)}")
+        if not 0 < getattr(cfg.nics, name) < math.inf:  # (NaN too)
+            raise ConfigError(
+                f"config.nics.{name} must be > 0 and finite (1e12: unpaced), got {getattr(cfg.nics, name)}"
+            )
     if not 0 < cfg.nics.high_priority_share < 1:  # the low class (KV) must keep a share of a contended CNIC
         raise ConfigError(f"config.nics.high_priority_share must be > 0 and < 1, got {cfg.nics.high_priority_share}")
     for name in ("prefill_token_budget", "prefill_max_batch"):
@@ -241,15 +251,17 @@ def validate(cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prom
         raise ConfigError(f"config.run_timeout_s must be > 0, got {cfg.run_timeout_s}")
     _warn_pd_range(cfg)
     if kv_bytes_per_token is not None and max_prompt_tokens is not None:
-        need = kv_bytes_per_token * max_prompt_tokens
+        # A request's area is carved from the buffer in whole Layer Blocks (block_size tokens of one layer).
+        layer_block = cfg.block_size * (kv_bytes_per_token // num_layers)
+        need = -(-kv_bytes_per_token * max_prompt_tokens // layer_block) * layer_block
         g = cfg.cluster.engines_per_node
         for name in ("pe_buffer_bytes", "de_buffer_bytes"):
             have = getattr(cfg.buffers, name)
-            if have // g < need:  # each engine of a node gets an equal share of the node's buffer
+            if have // g // layer_block * layer_block < need:  # each engine gets an equal share of the node's
                 raise ConfigError(
                     f"config.buffers.{name}={have} B cannot hold one request's prompt KV: the longest prompt has "
-                    f"{max_prompt_tokens} tokens x {kv_bytes_per_token} B/token = {need} B per engine "
-                    f"({g} engine(s) per node share the node's buffer)"
+                    f"{max_prompt_tokens} tokens x {kv_bytes_per_token} B/token = {need} B per engine in whole "
+                    f"{layer_block} B Layer Blocks ({g} engine(s) per node share the node's buffer)"
                 )
     if max_prompt_tokens is not None and max_prompt_tokens > c.max_seq_len:
         raise ConfigError(

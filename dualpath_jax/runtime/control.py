@@ -148,10 +148,20 @@ class ControlServer:
                     report = conn.recv()
                 except (EOFError, OSError):
                     return  # the group went away; its heartbeat stops and the service notices
+                except Exception as e:  # noqa: BLE001 -- a truncated or unreadable message
+                    log.error("control server: dropping a connection that sent an unreadable message: %r", e)
+                    return
                 if not isinstance(report, GroupReport):
                     log.error("control server: dropping a connection that sent %s", type(report).__name__)
                     return
-                conn.send(self._handler(report))
+                try:
+                    reply = self._handler(report)
+                except Exception as e:  # noqa: BLE001 -- the handler records why (the scheduler fails the run)
+                    log.error(
+                        "control server: fetch from node %s failed, dropping its connection: %r", report.node_id, e
+                    )
+                    return
+                conn.send(reply)
         finally:
             conn.close()
 

@@ -162,8 +162,8 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         mcfg = model_config(cfg.model)
     except KeyError as e:
         raise ConfigError(f"config.model: {e.args[0]}") from None
-    make_arrival_model(cfg)  # an unknown arrival model is a config error before anything starts
     validate_workload(cfg)
+    make_arrival_model(cfg)  # an unknown arrival model is a config error before anything starts
     from dualpath_jax.workloads.traces import TraceFormatError
 
     try:
@@ -174,7 +174,7 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         raise ConfigError("the workload has no trajectories")
     max_prompt = max(t.prompt_tokens(i) for t in trajs for i in range(len(t.turns)))
     max_total = max(t.prompt_tokens(i) + t.turns[i].gen_tokens for t in trajs for i in range(len(t.turns)))
-    validate(cfg, mcfg.kv_bytes_per_token, max_prompt)
+    validate(cfg, mcfg.kv_bytes_per_token, max_prompt, mcfg.num_layers)
     _check_token_ids(trajs, mcfg.vocab_size)
     if max_total > cfg.cluster.max_seq_len:
         raise ConfigError(
@@ -273,6 +273,8 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
         # The run's clock starts when every group has registered (model built, endpoints up).
         while not service.started:
             _check_launcher(service, launcher, groups)
+            if service.failure:  # e.g. every PE (or DE) exited before registering
+                raise RunFailed(service.failure)
             if time.time() - t_launch > cfg.run_timeout_s:
                 raise RunFailed(f"engine groups did not all start within {cfg.run_timeout_s} s")
             time.sleep(0.02)

@@ -108,6 +108,17 @@ class GlobalScheduler:
 
     # ---------------------------------------------------------------- fetch
     def fetch(self, report: GroupReport) -> GroupReply:
+        try:
+            return self._fetch(report)
+        except Exception as e:
+            # A bad report (unknown node or event, malformed event data) or a bad policy fails the run, also
+            # when the caller is a control-server thread that can only drop the group's connection.
+            why = str(e) if isinstance(e, RunFailed) else f"fetch from node {report.node_id} failed: {e!r}"
+            with self._lock:
+                self.failure = self.failure or why
+            raise
+
+    def _fetch(self, report: GroupReport) -> GroupReply:
         with self._lock:
             node = report.node_id
             if node not in self.groups:
@@ -381,6 +392,9 @@ class GlobalScheduler:
             self.requeued += 1
         # Re-run requests go to the front, oldest first (they were admitted before anything still queued).
         self._queue = deque(sorted(rerun, key=lambda r: self._inflight[r].turn.arrival) + list(self._queue))
+        live = {g.role for n, g in self.groups.items() if n not in self.dead_nodes}
+        if not {"prefill", "decode"} <= live:  # (placement runs on PE fetches: with no PE left, none would say so)
+            self.failure = self.failure or f"no live prefill or decode engine left (dead: {sorted(self.dead_nodes)})"
 
     # ---------------------------------------------------------------- results
     def progress(self) -> tuple[int, int]:
