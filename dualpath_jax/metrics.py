@@ -7,6 +7,7 @@ Both fill `TurnRecord`s (per-turn timestamps, in seconds from the run start) and
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import operator
@@ -130,10 +131,13 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
     # The span ends at the last *finished* turn: unfinished ones (NaN, a run cut by its max_time) are left out
     # wherever they sit (Python's max kept a NaN only when it came first, so the JCT hung on record order).
     finished = column(records, "finished", cache)
-    finished = finished[~np.isnan(finished)]
+    done = ~np.isnan(finished)
+    finished = finished[done]
     end = float(finished.max()) if finished.size else math.nan
-    gen = sum(map(_GEN_TOKENS, records))
-    prompt = sum(map(_PROMPT_TOKENS, records))
+    # the throughputs over that span count the finished turns' tokens only (not those a cut run never made)
+    counted = records if finished.size == len(records) else list(itertools.compress(records, done))
+    gen = sum(map(_GEN_TOKENS, counted))
+    prompt = sum(map(_PROMPT_TOKENS, counted))
     ttft, tpot = ttft_tpot(records, cache)
     return {
         "turns": len(records),
@@ -150,15 +154,30 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
     }
 
 
+def json_safe(v):
+    """`v` with every NaN / infinite float (nested in dicts, lists, tuples) as None: `json.dump` writes them as
+    NaN / Infinity, which is not JSON (strict readers refuse the file); None is `null`."""
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
+
+
 def write_json(path: str, records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), **extra) -> None:
+    """summary, turns and links as JSON; NaN (a turn's unreached timestamps, an undefined figure) as null."""
     with open(path, "w") as f:
         json.dump(
-            {
-                "summary": summarize(records, links),
-                "turns": [dataclasses.asdict(r) for r in records],
-                "links": [dataclasses.asdict(s) for s in links],
-                **extra,
-            },
+            json_safe(
+                {
+                    "summary": summarize(records, links),
+                    "turns": [dataclasses.asdict(r) for r in records],
+                    "links": [dataclasses.asdict(s) for s in links],
+                    **extra,
+                }
+            ),
             f,
             indent=1,
             default=float,

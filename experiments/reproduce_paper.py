@@ -186,7 +186,7 @@ def main(argv: Sequence[str]) -> None:
         "flags: %s", {f: flags.FLAGS[f].value for f in ("agents", "dataset", "seeds", "online", "table", "workers")}
     )
     writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the runs, not after
-    seeds = [int(x) for x in dict.fromkeys(_SEEDS.value)]
+    seeds = list(dict.fromkeys(int(x) for x in _SEEDS.value))  # --seeds=0,00: one seed
     bases = {sd: f"dataset={_DATASET.value},agents={_AGENTS.value},seed={sd}" for sd in seeds}
     modes = ["basic", "layerwise", "dualpath_rr", "dualpath", "oracle"]
     jobs = [("offline", f"{DS660B}:{m},{bases[sd]}") for sd in seeds for m in modes]
@@ -204,6 +204,8 @@ def main(argv: Sequence[str]) -> None:
         ]
     jobs = list(dict.fromkeys(jobs))
     from tqdm import tqdm
+
+    from dualpath_jax.metrics import json_safe
 
     results = {}
     if _WORKERS.value <= 1:
@@ -322,10 +324,11 @@ def main(argv: Sequence[str]) -> None:
     path = os.path.join(_OUTPUT_DIR.value, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:
-        json.dump({f"{kind} {key}": v for (kind, key), v in results.items()}, f, indent=1, default=str)
+    with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:  # NaN (oracle's storage-NIC max/avg): null
+        json.dump(json_safe({f"{kind} {key}": v for (kind, key), v in results.items()}), f, indent=1, default=str)
     print("\n".join(lines))
     print("wrote", path)
+    png, drawn = os.path.join(_OUTPUT_DIR.value, "report.png"), False
     if _PLOT.value:
         headline = {
             f"JCT change vs basic, DS 660B {_DATASET.value}, {_AGENTS.value} agents (%)": [
@@ -348,9 +351,12 @@ def main(argv: Sequence[str]) -> None:
                 ("DS 660B", PAPER["online_capacity_gain_ds660b"], [c6d / c6b if c6b else float("nan")]),
                 ("DS 27B", PAPER["online_capacity_gain_ds27b"], [c2d / c2b if c2b else float("nan")]),
             ]
-        png = os.path.join(_OUTPUT_DIR.value, "report.png")
-        if plot_report(headline, table_cells, png):
-            print("wrote", png)
+        drawn = plot_report(headline, table_cells, png)
+    if drawn:
+        print("wrote", png)
+    elif os.path.exists(png):  # an earlier report's plot would pass for this one's
+        os.remove(png)
+        logging.info("removed %s: an earlier report's plot (none was drawn for this one)", png)
 
 
 def plot_report(headline: dict, table_cells: list, path: str) -> bool:

@@ -35,7 +35,7 @@ _SEEDS = flags.DEFINE_list(
 )
 flags.register_validator(
     "seeds",
-    lambda v: all(x.strip().lstrip("-").isdigit() for x in v) and len(set(v)) == len(v),
+    lambda v: all(x.strip().lstrip("-").isdigit() for x in v) and len({int(x) for x in v}) == len(v),  # 0 = 00
     message="--seeds takes distinct integers, e.g. 0,1,2",
 )
 for _name in ("setups", "modes", "loads"):  # an empty list made an empty grid (a traceback from the progress bar)
@@ -171,6 +171,7 @@ def main(argv: Sequence[str]) -> None:
     cells = [
         (s, m, ld, _EXTRA.value, sd) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value for sd in seeds
     ]
+    from dualpath_jax.metrics import json_safe
     from dualpath_jax.sim import load_sim_config
     from dualpath_jax.sim.runner import build_simulator
 
@@ -188,12 +189,16 @@ def main(argv: Sequence[str]) -> None:
         w.writeheader()
         w.writerows(rows)
     with open(os.path.join(_OUTPUT_DIR.value, "sweep.json"), "w") as f:
-        json.dump(rows, f, indent=1, default=str)
+        json.dump(json_safe(rows), f, indent=1, default=str)  # NaN (e.g. oracle's storage-NIC max/avg): null
     print("  ".join(COLUMNS))
     for r in rows:
         print("  ".join(_fmt(r.get(k)) for k in COLUMNS))
-    if _PLOT.value and plot_sweep(rows, os.path.join(_OUTPUT_DIR.value, "sweep.png")):
-        print("wrote", os.path.join(_OUTPUT_DIR.value, "sweep.png"))
+    png = os.path.join(_OUTPUT_DIR.value, "sweep.png")
+    if _PLOT.value and plot_sweep(rows, png):
+        print("wrote", png)
+    elif os.path.exists(png):  # an earlier sweep's plot would pass for this one's
+        os.remove(png)
+        logging.info("removed %s: an earlier sweep's plot (none was drawn for this one)", png)
     print("wrote", os.path.join(_OUTPUT_DIR.value, "sweep.csv"))
 
 

@@ -3,6 +3,7 @@ ordered, bytes are conserved on the storage NICs, runs are deterministic per see
 
 import dataclasses
 import math
+import os
 import re
 
 import pytest
@@ -885,3 +886,135 @@ def test_simulate_launcher_reports_a_bad_config_or_workload_in_one_line(tmp_path
     out = _launch("experiments.simulate", *args, f"--output_dir={tmp_path}")
     assert out.returncode != 0 and message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _strict_json(path):
+    """json.loads refusing NaN / Infinity (Python's reader takes them; JSON and strict readers do not)."""
+    import json
+
+    def refuse(token):
+        raise AssertionError(f"{path} holds {token}, which is not JSON")
+
+    with open(path) as f:
+        return json.load(f, parse_constant=refuse)
+
+
+def test_a_simulator_runs_once():
+    """A second run() started every trajectory again on the same records: each turn twice, silently (also after a
+    run stopped by max_time)."""
+    from dualpath_jax.sim.runner import build_simulator
+
+    cfg = _cfg("dualpath,agents=3,turns=2")
+    for first in ({}, {"max_time": 0.0}):
+        sim = build_simulator(cfg)
+        records, _, _ = sim.run(**first)
+        n = len(records)
+        with pytest.raises(RuntimeError, match=r"Simulator.run\(\) was already called on this simulator"):
+            sim.run()
+        assert len(sim.records) == n
+
+
+@pytest.mark.parametrize(
+    "trajs, message",
+    [
+        ([Trajectory(0, [Turn(0, 5)])], "turn 0 of trajectory 0 has nothing to prefill: it appends no tokens"),
+        # the whole prompt in cached blocks (54 + 10 = one block of 64): the batcher's "empty batch", mid-run
+        ([Trajectory(3, [Turn(54, 10), Turn(0, 5)])], r"turn 1 of trajectory 3 has nothing to prefill.*\(64 tokens\)"),
+        ([Trajectory(0, [Turn(100, 5)], arrival_time=math.nan)], "trajectory 0 arrives at nan s: it must be finite"),
+        ([Trajectory(0, [Turn(100, 5)], arrival_time=math.inf)], "trajectory 0 arrives at inf s"),  # never arrived
+        ([Trajectory(0, [Turn(100, 5)], arrival_time=-5.0)], r"trajectory 0 arrives at -5.0 s: .* >= 0"),
+    ],
+    ids=["empty_first_prompt", "all_cached", "nan_arrival", "inf_arrival", "negative_arrival"],
+)
+def test_trajectories_the_simulator_cannot_run_are_refused_when_built(trajs, message):
+    from dualpath_jax.sim.config import SimConfigError
+    from dualpath_jax.sim.runner import build_simulator
+
+    with pytest.raises(SimConfigError, match=message):
+        build_simulator(_cfg("dualpath"), trajs)
+    # turns that generate nothing, or restate a longer context, still run
+    odd = [Trajectory(0, [Turn(500, 0), Turn(0, 3), Turn(50, 10, context_tokens=2000)])]
+    records, _, stats = build_simulator(_cfg("dualpath"), odd).run()
+    assert len(records) == 3 and stats["unfinished_turns"] == 0
+
+
+def test_capacity_search_refuses_a_warmup_that_judges_no_turn():
+    """With warmup_s >= duration_s no probe judged a turn, so each "missed" the SLO: capacity 0, silently."""
+    from dualpath_jax.sim.capacity import capacity_search
+
+    cfg = _cfg("dualpath,duration=30,turns=3,warmup=30")
+    with pytest.raises(ValueError, match=r"needs config.warmup_s < config.workload.duration_s .* got 30.0 and 30.0"):
+        capacity_search(cfg, 0.05, 1.0, iters=1, drain_s=30.0)
+
+
+def test_outputs_are_json_with_headers_and_no_earlier_plot(tmp_path, monkeypatch):
+    """summary.json and metrics.write_json are strict JSON (NaN as null); turns.csv has its header with no turn;
+    a run that draws no plot (--noplot, no matplotlib) removes an earlier run's plot.png instead of leaving it
+    beside its own results; without matplotlib the plot is skipped, not a traceback after the run."""
+    import csv
+    import sys
+
+    from dualpath_jax import metrics
+    from dualpath_jax.sim import outputs
+
+    res = run(_cfg("oracle,agents=2,turns=2"))
+    assert math.isnan(res.summary["snic_max_over_avg"])  # oracle reads nothing from storage
+    p = outputs.write_results(res, str(tmp_path), {}, plot=True)
+    assert _strict_json(p["summary"])["summary"]["snic_max_over_avg"] is None
+    assert os.path.exists(p["plot"])
+    assert "plot" not in outputs.write_results(res, str(tmp_path), {}, plot=False)
+    assert not (tmp_path / "plot.png").exists()
+    metrics.write_json(str(tmp_path / "turns.json"), res.records, res.links)
+    assert _strict_json(tmp_path / "turns.json")["summary"]["snic_max_over_avg"] is None
+    unfinished = run(_cfg("dualpath,agents=2,turns=2"), max_time=1e-6)
+    metrics.write_json(str(tmp_path / "cut.json"), unfinished.records)
+    assert all(t["finished"] is None for t in _strict_json(tmp_path / "cut.json")["turns"])
+
+    none = run(_cfg("dualpath,aps=0.5,duration=60,turns=2"), max_time=1e-3)  # no agent arrived yet
+    assert not none.records
+    outputs.write_results(res, str(tmp_path), {}, plot=True)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed (the optional `plot` extra)
+    p = outputs.write_results(none, str(tmp_path), {}, plot=True)
+    assert "plot" not in p and not (tmp_path / "plot.png").exists()
+    assert next(csv.reader(open(p["turns"]))) == [f.name for f in dataclasses.fields(metrics.TurnRecord)]
+
+
+def test_sweep_json_is_json_and_a_noplot_sweep_removes_an_earlier_plot(tmp_path):
+    """sweep.json held NaN (oracle's storage-NIC max/avg), which strict JSON readers refuse; --noplot left an
+    earlier sweep's sweep.png beside the new table; --seeds=0,00 ran every cell twice as seed 0."""
+    (tmp_path / "sweep.png").write_bytes(b"an earlier sweep's plot")
+    out = _launch(
+        "experiments.sweep", f"--setups={TINY}", "--modes=oracle", "--loads=agents=2", "--extra=turns=2",
+        "--workers=1", "--noplot", f"--output_dir={tmp_path}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = _strict_json(tmp_path / "sweep.json")
+    assert row["mode"] == "oracle" and row["snic_max_over_avg"] is None
+    assert not (tmp_path / "sweep.png").exists() and "removed " + str(tmp_path / "sweep.png") in out.stderr
+    dup = _launch("experiments.sweep", f"--setups={TINY}", "--seeds=0,00")
+    assert dup.returncode != 0 and "--seeds takes distinct integers" in dup.stderr
+
+
+def test_reproduce_paper_report_json_is_json_and_noplot_removes_an_earlier_plot(tmp_path):
+    """report.json held NaN (oracle's storage-NIC max/avg); --noplot left an earlier report.png; --seeds=0,00
+    reported one seed as two ("seeds 0, 0")."""
+    (tmp_path / "report.png").write_bytes(b"an earlier report's plot")
+    out = _launch("experiments.reproduce_paper", "--agents=2", "--seeds=0,00", "--noplot", f"--output_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = _strict_json(tmp_path / "report.json")
+    assert sum(k.startswith("offline ") for k in results) == 5  # one seed
+    assert any(k.endswith(":oracle,dataset=64K,agents=2,seed=0") and v["snic_max_over_avg"] is None
+               for k, v in results.items())  # fmt: skip
+    assert "2 agents, seed 0." in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "report.png").exists() and "removed " + str(tmp_path / "report.png") in out.stderr
+
+
+def test_throughputs_of_a_cut_run_count_the_finished_turns_only():
+    """A run stopped by max_time: its JCT spans the finished turns, and so do the token throughputs (they counted
+    the tokens of every arrived turn, ~3x the rate at which tokens were made here), as simulate's warning says."""
+    res = run(_cfg("dualpath"), max_time=5.0)
+    done = [r for r in res.records if not math.isnan(r.finished)]
+    assert 0 < len(done) < len(res.records)
+    s = res.summary
+    assert s["gen_tokens_per_s"] == sum(r.gen_tokens for r in done) / s["jct_s"]
+    assert s["prompt_tokens_per_s"] == sum(r.prompt_tokens for r in done) / s["jct_s"]

@@ -34,6 +34,11 @@ def capacity_search(cfg: SimConfig, lo: float, hi: float, iters: int = 5, drain_
     """
     if not 0 < lo < hi:
         raise ValueError(f"capacity_search needs 0 < lo < hi, got lo={lo}, hi={hi}")
+    if not cfg.warmup_s < cfg.workload.duration_s:  # no turn would be judged: every probe a miss, capacity 0
+        raise ValueError(
+            f"capacity_search needs config.warmup_s < config.workload.duration_s (turns arriving in between are "
+            f"judged), got {cfg.warmup_s} and {cfg.workload.duration_s}"
+        )
     probes = []
     p = probe(cfg, lo, drain_s)
     probes.append(p)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import operator
 import os
-from typing import Any
 
+from dualpath_jax import metrics
 from dualpath_jax.compiled import use
 from dualpath_jax.sim.runner import SimResult
 
@@ -17,6 +18,8 @@ if use("dualpath_jax.sim._csvrows"):
     from dualpath_jax.sim._csvrows import write_rows as _write_rows_c
 else:  # not built, DUALPATH_PURE_PYTHON, or older than _csvrows.pyx
     _write_rows_c = None
+
+log = logging.getLogger(__name__)
 
 
 def write_csv(path: str, header: list[str], rows) -> None:
@@ -34,16 +37,6 @@ def write_csv(path: str, header: list[str], rows) -> None:
         w.writerows(rows)
 
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
-        return None
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    return v
-
-
 def write_results(result: SimResult, output_dir: str, config: dict, plot: bool = True) -> dict[str, str]:
     """Write summary.json, turns.csv, links.csv (and plot.png) under `output_dir`; returns their paths."""
     os.makedirs(output_dir, exist_ok=True)
@@ -52,24 +45,33 @@ def write_results(result: SimResult, output_dir: str, config: dict, plot: bool =
     summary = {"summary": result.summary, "stats": stats, "link_totals": result.stats["link_totals"], "config": config}
     p = os.path.join(output_dir, "summary.json")
     with open(p, "w") as f:
-        json.dump(_clean(summary), f, indent=1, default=str)
+        json.dump(metrics.json_safe(summary), f, indent=1, default=str)
     paths["summary"] = p
     p = os.path.join(output_dir, "turns.csv")
-    fields = [fl.name for fl in dataclasses.fields(result.records[0])] if result.records else []
+    fields = [fl.name for fl in dataclasses.fields(metrics.TurnRecord)]  # the header even when no turn arrived
     # one C-level tuple per turn
-    write_csv(p, fields, map(operator.attrgetter(*fields), result.records) if fields else ())
+    write_csv(p, fields, map(operator.attrgetter(*fields), result.records))
     paths["turns"] = p
     p = os.path.join(output_dir, "links.csv")
     write_csv(p, ["link", "t0", "t1", "nbytes"], map(operator.attrgetter("link", "t0", "t1", "nbytes"), result.links))
     paths["links"] = p
-    if plot:
-        paths["plot"] = plot_result(result, os.path.join(output_dir, "plot.png"))
+    p = os.path.join(output_dir, "plot.png")
+    if plot and plot_result(result, p):
+        paths["plot"] = p
+    elif os.path.exists(p):  # an earlier run's plot would pass for this one's
+        os.remove(p)
+        log.info("removed %s: an earlier run's plot (none was drawn for this one)", p)
     return paths
 
 
-def plot_result(result: SimResult, path: str) -> str:
-    """Storage-NIC traffic over time per node, and the TTFT CDF."""
-    import matplotlib
+def plot_result(result: SimResult, path: str) -> str | None:
+    """Storage-NIC traffic over time per node, and the TTFT CDF; None (logged) without matplotlib (the `plot`
+    extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.info("matplotlib is not installed: skipping %s (pip install -e '.[plot]')", path)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -87,7 +89,8 @@ def plot_result(result: SimResult, path: str) -> str:
         ax1.plot(ts, [d[t] for t in ts], label=name, lw=0.8)
     ax1.set_xlabel("time (s)")
     ax1.set_ylabel("storage NIC traffic (GB/s)")
-    ax1.legend(fontsize=6, ncol=2)
+    if per_link:  # none when nothing was read from storage (oracle): no legend, no matplotlib warning
+        ax1.legend(fontsize=6, ncol=2)
     ttft = np.sort([r.ttft for r in result.records if not math.isnan(r.first_token)])
     if ttft.size:
         ax2.plot(ttft, np.arange(1, ttft.size + 1) / ttft.size)

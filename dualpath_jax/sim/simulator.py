@@ -252,6 +252,7 @@ class Simulator:
         self.fetch_running = False
         self._fetch_rr = 0
         self.n_fetches = 0
+        self._ran = False  # run() once: a second call would start every trajectory again
         self._build()
         self._check_turns_fit()
 
@@ -321,6 +322,20 @@ class Simulator:
             seen: set = set()
             dup = next(i for i in ids if i in seen or seen.add(i))
             raise SimConfigError(f"trajectory id {dup} appears more than once among the {len(ids)} trajectories")
+        bs = self.c.block_size
+        for traj in self.trajectories:
+            if not 0 <= traj.arrival_time < math.inf:  # NaN in the event heap, or an agent that never arrives
+                raise SimConfigError(
+                    f"trajectory {traj.trajectory_id} arrives at {traj.arrival_time} s: it must be finite and >= 0"
+                )
+            if any([not t.append_tokens for t in traj.turns]):  # only then can a whole prompt be cached
+                for i, (prompt, hit, _) in enumerate(traj.turn_shapes(bs)):
+                    if prompt == hit:  # no PE batch could hold it (the batcher's empty batch, mid-run)
+                        raise SimConfigError(
+                            f"turn {i} of trajectory {traj.trajectory_id} has nothing to prefill: it appends no "
+                            f"tokens and its context ({prompt:,} tokens) is all in cached blocks of {bs}; a turn "
+                            "needs at least one new prompt token"
+                        )
         if not self.des:
             return
         cap = int(self.c.de_hbm_kv_gb * GB / self.b)
@@ -881,7 +896,10 @@ class Simulator:
     # ---- run --------------------------------------------------------------------------------------------
     def run(self, max_time: float = math.inf, progress=None) -> tuple[list[TurnRecord], list[LinkBytes], dict]:
         """Run the events up to `max_time`. `progress(now, turns_done, events)`, if given, is called every
-        65,536 events and once at the end (a progress bar; it must not touch the simulator)."""
+        65,536 events and once at the end (a progress bar; it must not touch the simulator). Once per simulator."""
+        if self._ran:
+            raise RuntimeError("Simulator.run() was already called on this simulator: build a new one to run again")
+        self._ran = True
         for traj in self.trajectories:
             if traj.turns:
                 self.at(traj.arrival_time, self._turn_arrival, (traj, 0))
