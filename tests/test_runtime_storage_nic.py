@@ -2,6 +2,7 @@
 (a store that takes row-strided `out`) or through a staging buffer (any other store), with the same bytes."""
 
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -63,5 +64,203 @@ def test_read_jobs_fill_the_area_in_place_or_staged(tmp_path, store_cls, read_me
     assert got["ok"] == 2 and snic.failed_reads == 1
     np.testing.assert_array_equal(area[:, bs : 3 * bs], want[:, : 2 * bs])
     assert (area[:, 4 * bs :] == 9).all()
+    snic.close()
+    store.close()
+
+
+# ------------------------------------------------------------------ engines over the SNIC (no model, no peer)
+class _GatedStore:
+    """A store whose first read blocks until `gate` is set (a slow SNIC read); every block reads as 0xEE."""
+
+    strided_out = True
+
+    def __init__(self, layout):
+        self.layout = layout
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def read(self, key, out):
+        self.entered.set()
+        assert self.gate.wait(30)
+        out[...] = 0xEE
+        return True
+
+
+class _StubBatch:
+    def load(self, slot, area, prompt_tokens):
+        pass
+
+    def free(self, slot):
+        pass
+
+
+def _engine(role, layout, snic, budget_bytes):
+    from dualpath_jax.host_buffers import HostBufferPool
+    from dualpath_jax.runtime.engines import DecodeEngine, PrefillEngine
+
+    kv = types.SimpleNamespace(num_layers=layout.num_layers, bytes_per_token_per_layer=layout.bytes_per_token_per_layer)
+    model = types.SimpleNamespace(kv_layout=kv, new_decode_batch=lambda n, cap: _StubBatch())
+    cfg = types.SimpleNamespace(
+        block_size=layout.block_tokens, cluster=types.SimpleNamespace(decode_slots=1, max_seq_len=256)
+    )
+    ctx = types.SimpleNamespace(cfg=cfg, model=model, emit=lambda ev: None)
+    transport = types.SimpleNamespace(register=lambda name, arena: None)
+    pool = HostBufferPool(slot_nbytes=layout.layer_block_nbytes, budget_bytes=budget_bytes, prefault=False)
+    if role == "pe":
+        return PrefillEngine(0, 0, ctx, transport, pool, snic, batcher=None)
+    return DecodeEngine(1, 1, ctx, transport, pool, snic)
+
+
+def _task(rid, prompt_tokens, bs, hit_blocks, pe_read_blocks, gen_tokens=4):
+    from dualpath_jax.runtime.control import TurnTask
+
+    ids = np.arange(prompt_tokens, dtype=np.int32)
+    keys = block_keys(ids, bs, parent=root_key(LAYOUT.fingerprint))
+    side = "pe" if pe_read_blocks == hit_blocks else "de"
+    return TurnTask(rid, 0, rid, 0, ids, gen_tokens, keys, hit_blocks, pe_read_blocks, 0, 1, side)
+
+
+@pytest.mark.parametrize("role", ["pe", "de"])
+def test_a_dropped_requests_area_is_not_reused_under_its_running_read(role):
+    """A request cancelled (its peer died) while its SNIC read is still running: its host-buffer area must not
+    go to the next request until the read stops writing into it -- else the stale blocks land in that request's
+    KV (written by its peer meanwhile) and it decodes wrong tokens."""
+    from dualpath_jax.runtime.control import Cancel
+
+    bs = LAYOUT.block_tokens
+    store = _GatedStore(LAYOUT)
+    snic = StorageNIC(0, store, bs, pace=lambda n: None)
+    eng = _engine(role, LAYOUT, snic, budget_bytes=LAYOUT.num_layers * 2 * bs * LAYOUT.bytes_per_token_per_layer)
+    pe_read = 2 if role == "pe" else 0
+    eng._handle("task", _task(1, 2 * bs, bs, hit_blocks=2, pe_read_blocks=pe_read))
+    eng._prepare()
+    assert store.entered.wait(30), "the first request's read must have started"
+    eng._handle("cancel", Cancel(1, 0))
+    eng._handle("task", _task(2, 2 * bs, bs, hit_blocks=0, pe_read_blocks=0))
+    r2 = eng.reqs[(2, 0)]
+
+    def prepare_and_fill():  # the new request's KV, as its peer writes it into the area
+        had = r2.area is not None
+        eng._prepare()
+        if not had and r2.area is not None:
+            r2.area[...] = 0x11
+
+    prepare_and_fill()
+    store.gate.set()
+    item = eng.inbox.get(30)
+    assert item is not None and item[0] == "read_done"
+    eng._handle(*item)
+    prepare_and_fill()
+    assert r2.area is not None, "the area must be free once the dropped request's read reported done"
+    assert (r2.area == 0x11).all(), "a dropped request's read wrote into the next request's area"
+    snic.close()
+
+
+def test_prompt_write_back_owns_its_blocks_with_one_layer():
+    """A one-layer model: a prompt block's rows of the DE area are contiguous, and the write-back job must still
+    hold copies -- the area is freed (and reused) right after, before the SNIC writes the blocks."""
+    layout = BlockLayout(num_layers=1, block_tokens=16, bytes_per_token_per_layer=24, fingerprint="snic-test/bf16")
+    bs = layout.block_tokens
+    jobs = []
+    snic = types.SimpleNamespace(submit_write=jobs.append)
+    eng = _engine("de", layout, snic, budget_bytes=2 * bs * layout.bytes_per_token_per_layer)
+    eng._handle("task", _task(1, 2 * bs, bs, hit_blocks=0, pe_read_blocks=0))
+    eng._prepare()
+    r = eng.reqs[(1, 0)]
+    r.area[...] = 0x5A  # the prompt KV the PE wrote
+    eng._handle("msg", {"kind": "prefill_done", "request_id": 1, "attempt": 0, "hit_tokens": 0, "first_token": 7})
+    eng._admit()
+    assert r.stage == "decoding" and r.handle.released
+    eng.pool.arena[...] = 0  # the freed area reused by the next request
+    (job,) = jobs
+    assert len(job.blocks) == 2 and all((b == 0x5A).all() for b in job.blocks), "write-back kept a view of the area"
+
+
+class _MissingStore:
+    """Every block is missing (evicted between lookup and read)."""
+
+    strided_out = True
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def read(self, key, out):
+        return False
+
+
+class _StubModel:
+    """Layerwise prefill stand-in: asks each layer's cached KV, then hands back new KV of 0x33."""
+
+    def __init__(self, bpt, num_layers):
+        self.bpt, self.num_layers = bpt, num_layers
+
+    def prefill(self, token_ids, cached, cached_layer, on_layer):
+        for layer in range(self.num_layers):
+            cached_layer(layer)
+            on_layer(layer, [np.full((len(t), self.bpt), 0x33, np.uint8) for t in token_ids])
+        return np.zeros(len(token_ids), np.int32)
+
+
+def test_a_pe_cut_hit_lets_the_des_forwarded_layers_land_before_freeing_its_area():
+    """Split read, the PE-side block missing: the hit is cut to 0 and everything recomputed, but the DE read its
+    blocks and forwards them into the PE area layer by layer. The PE must let those writes land before it frees
+    the area: a late one would overwrite the KV of the next request holding that area."""
+    bs, bpt, L = LAYOUT.block_tokens, LAYOUT.bytes_per_token_per_layer, LAYOUT.num_layers
+    snic = StorageNIC(0, _MissingStore(LAYOUT), bs, pace=lambda n: None)
+    pe = _engine("pe", LAYOUT, snic, budget_bytes=L * 3 * bs * bpt)
+    pe.model = _StubModel(bpt, L)
+    pe._handle("task", _task(1, 3 * bs, bs, hit_blocks=2, pe_read_blocks=1))
+    pe._prepare()
+    r = pe.reqs[(1, 0)]
+    item = pe.inbox.get(30)
+    assert item is not None and item[0] == "read_done"
+    pe._handle(*item)
+    assert r.pe_ok_blocks == 0
+    pe._handle("msg", {"kind": "de_area", "request_id": 1, "attempt": 0, "offset": 0})
+    pe._handle("msg", {"kind": "de_read_done", "request_id": 1, "attempt": 0, "end_blocks": 2})
+    handle, off = pe._handle, r.area_off
+
+    def handle_landing(kind, it):  # a notifying write: the DE's rows of block 1 land, then the notification
+        if kind == "layer":
+            o = pe.area_offset(off, 3 * bs, it[2], bs)
+            pe.pool.arena[o : o + bs * bpt] = 0xEE
+        handle(kind, it)
+
+    pe._handle = handle_landing
+    for layer in range(L):
+        pe.inbox.put("layer", (1, 0, layer))
+    assert pe._ready(r) and r.final_hit == 0
+    pe._run_batch([(r, 0, 3 * bs)])
+    assert (1, 0) not in pe.reqs and r.handle.released
+    pe._handle("task", _task(2, 3 * bs, bs, hit_blocks=0, pe_read_blocks=0))
+    pe._prepare()
+    r2 = pe.reqs[(2, 0)]
+    r2.area[...] = 0x11  # the next request's KV
+    while (item := pe.inbox.get(0)) is not None:
+        pe._handle(*item)
+    assert (r2.area == 0x11).all(), "the DE's forwarded layers landed in the next request's area"
+    snic.close()
+
+
+def test_a_read_that_raises_is_a_counted_miss(tmp_path):
+    """A store read raising (an I/O error) ends the job there like a corrupt block: the hit is the blocks
+    before it, and the failure shows in `failed_reads` (the node's stats) like any other failed read."""
+    store = LocalDirStore(tmp_path / "kv", LAYOUT)
+    ids = np.random.default_rng(1).integers(0, 1000, 3 * LAYOUT.block_tokens)
+    keys = block_keys(ids, LAYOUT.block_tokens, parent=root_key(LAYOUT.fingerprint))
+    for k in keys:
+        assert store.write(k, _content(k))
+    real_read = store.read
+
+    def read(key, out):
+        if key == keys[1]:
+            raise OSError(5, "Input/output error (injected)")
+        return real_read(key, out)
+
+    store.read = read
+    snic = StorageNIC(0, store, LAYOUT.block_tokens, pace=lambda n: None)
+    area = np.zeros((LAYOUT.num_layers, 3 * LAYOUT.block_tokens, LAYOUT.bytes_per_token_per_layer), np.uint8)
+    got = _run_job(snic, keys, 0, area)
+    assert got == {"ok": 1, "nbytes": LAYOUT.full_block_nbytes} and snic.failed_reads == 1
     snic.close()
     store.close()

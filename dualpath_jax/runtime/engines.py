@@ -105,6 +105,8 @@ class EngineBase:
         self._connected: set[int] = set()
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        # Areas of dropped requests whose SNIC read was still queued or running: freed when it reports done.
+        self._draining: dict[tuple, object] = {}
         self.busy_s = 0.0  # time spent in model compute (runtime overhead figure)
         self.wait_s = 0.0  # time a PE waited for DE-side layers inside a batch
         # Measured steps for the cost-model fit: PE ([(cached, bsz)], s), DE (batch, context tokens, s).
@@ -205,6 +207,39 @@ class EngineBase:
         view = h.contiguous_view()[:nbytes].reshape(self.num_layers, prompt_tokens, self.bpt)
         return h, view, h.offsets[0]
 
+    def _submit_read(self, r, keys: list, first_block: int) -> None:
+        """Queue the SNIC read of `keys` into r's area; its "read_done" comes back through the inbox."""
+        t = r.task
+        r.read_job = ReadJob(
+            t.request_id,
+            t.attempt,
+            keys,
+            first_block,
+            r.area,
+            lambda job, ok, nb, t0, t1: self.inbox.put("read_done", (job, ok, nb, t0, t1)),
+        )
+        self.snic.submit_read(r.read_job)
+
+    def _read_finished(self, job: ReadJob, r) -> None:
+        """A read reported done: its request (None when dropped meanwhile) may now free its area."""
+        if r is not None:
+            r.read_job = None
+        handle = self._draining.pop((job.request_id, job.attempt), None)
+        if handle is not None and not handle.released:
+            handle.release()
+
+    def _release_area(self, r) -> None:
+        """Free a dropped or finished request's area -- never under a running read: a read still queued or in
+        progress is cancelled and the area freed when it reports done (the SNIC would otherwise write stale
+        blocks into a later request's KV)."""
+        if r.handle is None or r.handle.released:
+            return
+        if r.read_job is not None:
+            r.read_job.cancelled = True
+            self._draining[(r.task.request_id, r.task.attempt)] = r.handle
+            return
+        r.handle.release()
+
     def area_offset(self, base: int, prompt_tokens: int, layer: int, token: int) -> int:
         return base + (layer * prompt_tokens + token) * self.bpt
 
@@ -227,6 +262,7 @@ class _PrefillReq:
     handle: object = None
     area: np.ndarray | None = None  # uint8 [L, P, bpt]
     area_off: int = 0
+    read_job: ReadJob | None = None  # the PE-side SNIC read, until it reports done
     pe_read_done: bool = False
     pe_ok_blocks: int = 0
     de_read_done: bool = False
@@ -312,6 +348,7 @@ class PrefillEngine(EngineBase):
         elif kind == "read_done":
             job, ok, nbytes, t0, t1 = item
             r = self.reqs.get((job.request_id, job.attempt))
+            self._read_finished(job, r)
             if r is not None:
                 r.pe_read_done = True
                 r.pe_ok_blocks = ok
@@ -337,16 +374,7 @@ class PrefillEngine(EngineBase):
                     {"kind": "pe_area", "request_id": t.request_id, "attempt": t.attempt, "offset": r.area_off},
                 )
             if t.pe_read_blocks > 0:
-                self.snic.submit_read(
-                    ReadJob(
-                        t.request_id,
-                        t.attempt,
-                        t.block_keys[: t.pe_read_blocks],
-                        0,
-                        r.area,
-                        lambda job, ok, nb, t0, t1: self.inbox.put("read_done", (job, ok, nb, t0, t1)),
-                    )
-                )
+                self._submit_read(r, t.block_keys[: t.pe_read_blocks], 0)
             else:
                 r.pe_read_done = True
 
@@ -392,9 +420,11 @@ class PrefillEngine(EngineBase):
         cached = [c0 for _, c0, _ in items]
 
         def cached_layer(layer: int) -> list:
-            # Wait only for this layer's DE-side KV: later layers keep streaming while we compute.
+            # Wait only for this layer's DE-side KV: later layers keep streaming while we compute. Also when a
+            # PE-side block cut the hit before the DE's blocks: their rows are recomputed, but the DE's write
+            # must land first (not over the recomputed KV, nor into the area once freed for another request).
             for r, c0, _ in items:
-                if r.pe_hit_end < r.final_hit and c0 == r.final_hit:
+                if r.de_end_blocks > r.task.pe_read_blocks and c0 == r.final_hit:
                     self._wait(lambda r=r: layer in r.layers_from_de or r.cancelled, f"layer {layer} of {r.key}")
             return [r.area[layer, :c0] for r, c0, _ in items]  # uint8 [c0, bpt] each
 
@@ -464,8 +494,7 @@ class PrefillEngine(EngineBase):
         self.reqs.pop(r.key, None)
         if r.key in self.order:
             self.order.remove(r.key)
-        if r.handle is not None and not r.handle.released:
-            r.handle.release()
+        self._release_area(r)
 
     def _wait(self, pred: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + PEER_TIMEOUT_S
@@ -494,6 +523,7 @@ class _DecodeReq:
     area: np.ndarray | None = None
     area_off: int = 0
     pe_area_off: int | None = None
+    read_job: ReadJob | None = None  # the DE-side SNIC read, until it reports done
     de_read_state: str = "none"  # none | reading | done
     de_end_blocks: int = 0
     de_read_sent: bool = False
@@ -559,6 +589,7 @@ class DecodeEngine(EngineBase):
         elif kind == "read_done":
             job, ok, nbytes, t0, t1 = item
             r = self.reqs.get((job.request_id, job.attempt))
+            self._read_finished(job, r)
             if r is not None:
                 r.de_read_state = "done"
                 r.de_end_blocks = r.task.pe_read_blocks + ok
@@ -589,16 +620,7 @@ class DecodeEngine(EngineBase):
                 )
                 if t.pe_read_blocks < t.hit_blocks:
                     r.de_read_state = "reading"
-                    self.snic.submit_read(
-                        ReadJob(
-                            t.request_id,
-                            t.attempt,
-                            t.block_keys[t.pe_read_blocks : t.hit_blocks],
-                            t.pe_read_blocks,
-                            r.area,
-                            lambda job, ok, nb, t0, t1: self.inbox.put("read_done", (job, ok, nb, t0, t1)),
-                        )
-                    )
+                    self._submit_read(r, t.block_keys[t.pe_read_blocks : t.hit_blocks], t.pe_read_blocks)
             if r.de_read_state == "done" and not r.de_read_sent and r.pe_area_off is not None:
                 self._forward_to_pe(r)
 
@@ -643,9 +665,9 @@ class DecodeEngine(EngineBase):
             n_whole = t.prompt_tokens // self.bs
             first_new = r.final_hit // self.bs
             if n_whole > first_new:
-                blocks = [
-                    np.ascontiguousarray(r.area[:, j * self.bs : (j + 1) * self.bs]) for j in range(first_new, n_whole)
-                ]
+                # Owned copies (`.copy()`: with one layer the rows are contiguous and ascontiguousarray would
+                # keep a view of an area freed below, persisting a later request's bytes under these keys).
+                blocks = [r.area[:, j * self.bs : (j + 1) * self.bs].copy() for j in range(first_new, n_whole)]
                 self._write_back(r, t.block_keys[first_new:n_whole], blocks)
             slot = free[0]
             t0 = time.perf_counter()
@@ -735,8 +757,7 @@ class DecodeEngine(EngineBase):
         self.reqs.pop(r.key, None)
         if r.key in self.order:
             self.order.remove(r.key)
-        if r.handle is not None and not r.handle.released:
-            r.handle.release()
+        self._release_area(r)
 
     def run(self) -> None:
         while not self._stop.is_set():

@@ -126,6 +126,7 @@ class StorageNIC:
                     ok += 1
                     nbytes += nbytes_block
             except Exception:  # noqa: BLE001 -- an I/O error is a miss for the rest of the job
+                self.failed_reads += 1
                 log.exception("node %d: read of request %d failed", self.node_id, job.request_id)
             finally:
                 with self._lock:
