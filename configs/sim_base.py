@@ -1,7 +1,7 @@
 """Shared pieces of the simulator configs (configs/paper_*.py, configs/sim_*.py).
 
 A variant string after the config file (`configs/paper_ds660b.py:VARIANT`) is a comma-separated list of
-items: a mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or any registered policy), or
+items: one mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or any registered policy), or
 `key=value` with key one of dataset, agents, aps, duration, pd (e.g. 1P2D), turns, seed, kind, warmup, or
 `policy.NAME=value` / `batcher.NAME=value`: a field of the policy's / the batcher's Config
 (`config.scheduler.kwargs` / `config.batcher.kwargs`; ints, floats, true/false and strings are told apart).
@@ -125,12 +125,15 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
     """Apply a variant string (see module docstring); unknown items are an error naming them."""
     if not arg:
         return cfg
+    mode = ""
     for item in arg.split(","):
         item = item.strip()
         if not item:
             continue
         if "=" not in item:
-            cfg.mode = item
+            if mode and item != mode:  # the last one used to win silently
+                raise ValueError(f"config variant {arg!r}: two modes, {mode!r} and {item!r}; give one")
+            cfg.mode = mode = item
             continue
         key, value = item.split("=", 1)
         if key.startswith("policy.") and len(key) > len("policy."):

@@ -13,7 +13,8 @@ Compiled when the package is installed with its build (`pip install -e .` on a m
   Block while it is in cache) with the GIL released.
 Each has a Python twin that gives the same results (tests/test_compiled.py checks it). Set the environment
 variable DUALPATH_PURE_PYTHON=1 to run the Python twins (debugging, or the same-run baseline of a speed
-benchmark); `status()` says which of them run.
+benchmark; 0 or unset: the compiled modules; true/false, yes/no and on/off work too, any other value is an
+error at import); `status()` says which of them run.
 
 A compiled module whose source was edited after the build (its .py, .pxd or .pyx newer than the built file)
 would run the old code: `load` then runs the Python source instead and logs a warning saying to
@@ -29,7 +30,19 @@ import sys
 
 from absl import logging
 
-PURE_PYTHON = os.environ.get("DUALPATH_PURE_PYTHON", "0").strip() not in ("", "0")
+
+def _pure_python(value: str) -> bool:
+    """DUALPATH_PURE_PYTHON: 1/true/yes/on runs the Python twins, ''/0/false/no/off the compiled modules; anything
+    else is an error naming it (`false` and `no` used to turn the compiled modules off, any non-"0" value did)."""
+    low = value.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"DUALPATH_PURE_PYTHON={value!r}: use 1 (run the Python twins) or 0 (the compiled modules)")
+
+
+PURE_PYTHON = _pure_python(os.environ.get("DUALPATH_PURE_PYTHON", ""))
 
 
 def _built_file(module_name: str) -> str:

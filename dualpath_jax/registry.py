@@ -8,7 +8,7 @@ Policies, model families, transports and stores are each registered by name:
     class DualPathPolicy: ...
 
     POLICIES.get("dualpath")      # -> DualPathPolicy
-    POLICIES.get("dualpth")       # KeyError naming the known policies
+    POLICIES.get("dualpth")       # KeyError naming the known policies (and "did you mean 'dualpath'?")
 
 This module imports nothing heavy (no jax), so `schedulers/` and `transport/` may use it while keeping the
 layering of DESIGN.md (policies never import jax).
@@ -16,6 +16,7 @@ layering of DESIGN.md (policies never import jax).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -50,15 +51,17 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         try:
             return self._entries[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: an unhashable name (a list, a dict)
             known = ", ".join(sorted(self._entries)) or "(none registered)"
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            close = difflib.get_close_matches(name, self._entries, n=1) if isinstance(name, str) else []
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise KeyError(f"unknown {self.kind} {name!r}{hint}; known: {known}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return isinstance(name, str) and name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._entries))

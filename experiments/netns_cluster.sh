@@ -14,8 +14,12 @@
 # `TcpTransport(host="10.77.<node>.<g+1>", secret=...)` (non-loopback binds need a shared secret).
 #
 #   experiments/netns_cluster.sh up [NODES] [G] [SNIC_MBIT] [CNIC_MBIT]   # default 2 nodes x 2 engines, 800/1600
-#   experiments/netns_cluster.sh test                                     # measure a shaped CNIC and SNIC
+#   experiments/netns_cluster.sh test                                     # measure a shaped CNIC (NODES >= 2)
+#   experiments/netns_cluster.sh status
 #   experiments/netns_cluster.sh down
+#
+# NODES is 1..254, G 1..255 and the rates whole Mbit/s. `up` refuses while a cluster (or part of one) is up, and
+# removes what it made when it fails or is interrupted.
 #
 # netem is not used (not available here); tbf/htb are. The storage network only matters for a store reached
 # over the network (e.g. an NFS/3FS mount served from the root namespace); the embedded local-directory
@@ -27,6 +31,18 @@ NODES=${2:-2}
 G=${3:-2}
 SNIC_MBIT=${4:-800}
 CNIC_MBIT=${5:-1600}
+
+die() { echo "netns_cluster.sh: $*" >&2; exit 1; }
+
+need_root() { [[ $(id -u) == 0 ]] || die "needs root (network namespaces, tc)"; }
+
+check_int() {  # name value max: a whole number in 1..max (no sign, no leading zero)
+  [[ $2 =~ ^[1-9][0-9]{0,8}$ ]] && (( $2 <= $3 )) || die "$1 must be a whole number in 1..$3, got '$2'"
+}
+
+is_up() {  # any namespace or bridge of a cluster of this script
+  grep -q '^dpj-n[0-9]' <<<"$(ip netns list)" || ip link show dpj-cbr &>/dev/null || ip link show dpj-sbr &>/dev/null
+}
 
 shape_cnic() {  # dev [netns]: HTB root with a high (EF) and a low (CS1) class, 99:1, both may borrow all
   local dev=$1 ns=${2:-} run=()
@@ -49,7 +65,16 @@ shape_snic() {  # dev [netns]: one rate for all storage traffic
 }
 
 up() {
-  [[ $(id -u) == 0 ]] || { echo "netns_cluster.sh: needs root" >&2; exit 1; }
+  need_root
+  check_int NODES "$NODES" 254   # 10.77.<node>.x / 10.78.<node>.1; 10.78.255.254 is the storage side
+  check_int G "$G" 255           # 10.77.<node>.<g+1>
+  check_int SNIC_MBIT "$SNIC_MBIT" 100000000
+  check_int CNIC_MBIT "$CNIC_MBIT" 100000000
+  is_up && die "a cluster is already up (dpj-* namespaces or bridges); run '$0 down' first"
+  # A failure or an interrupt half way left namespaces and bridges behind (and the next `up` failed on them).
+  trap 'set +e; echo "netns_cluster.sh: up did not finish; removing what it made" >&2; down >/dev/null' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM HUP
   for br in dpj-cbr dpj-sbr; do
     ip link add "$br" type bridge
     ip link set "$br" up
@@ -75,17 +100,25 @@ up() {
       shape_cnic "dpj-c$e"        # engine ingress
     done
   done
+  trap - EXIT INT TERM HUP
   echo "up: $NODES nodes x $G engines; SNIC ${SNIC_MBIT} Mbit/s per node, CNIC ${CNIC_MBIT} Mbit/s per engine"
 }
 
 down() {
+  need_root
   for ns in $(ip netns list | awk '/^dpj-n[0-9]+/ {print $1}'); do ip netns del "$ns"; done
   for br in dpj-cbr dpj-sbr; do ip link del "$br" 2>/dev/null || true; done
+  # veth ends left in the root namespace (their peer's namespace is gone with it, so normally none)
+  for dev in $(ip -o link show | awk -F': ' '{sub(/@.*/, "", $2); print $2}' | grep -E '^dpj-[cs][0-9]+$' || true); do
+    ip link del "$dev" 2>/dev/null || true
+  done
   echo "down"
 }
 
 test_cluster() {
   # One TCP transport per side: node 1 engine 0 receives; node 0 engine 0 sends high and low streams.
+  need_root
+  grep -q '^dpj-n1\b' <<<"$(ip netns list)" || die "test needs a cluster of 2 or more nodes; run '$0 up' first"
   local py=${PYTHON:-python}
   local here
   here=$(cd "$(dirname "$0")/.." && pwd)
@@ -97,6 +130,7 @@ ep.register("dst", np.zeros(64 << 20, np.uint8))
 time.sleep(25)
 EOF
   local sink=$!
+  trap "kill $sink 2>/dev/null || true" EXIT  # a failed sender (set -e) left the sink running
   sleep 2
   ip netns exec dpj-n0 env PYTHONPATH="$here" "$py" - <<'EOF'
 import numpy as np, threading, time
@@ -116,7 +150,6 @@ for scenario in (["low"], ["high", "low"]):
     print("streams", scenario, {k: f"{v * 8 / 1e6:.0f} Mbit/s" for k, v in out.items()})
 ep.close()
 EOF
-  kill "$sink" 2>/dev/null || true
 }
 
 case $CMD in
@@ -124,5 +157,9 @@ case $CMD in
   down) down ;;
   test) test_cluster ;;
   status) ip netns list | grep dpj- || true; tc -s class show dev dpj-c0 2>/dev/null | head -20 || true ;;
-  *) sed -n '2,22p' "$0"; exit 2 ;;
+  *)
+    [[ -n $CMD ]] && echo "netns_cluster.sh: unknown command '$CMD' (up, test, status, down)" >&2
+    awk 'NR > 1 && !/^#/ {exit} NR > 1 {print}' "$0" >&2
+    exit 2
+    ;;
 esac

@@ -691,3 +691,38 @@ def test_decode_time_mirror_equals_the_cost_model_bit_for_bit(which):
     cm = CostModel("ds660b", "h800", ep=32)
     dt = mod._DecodeTime(Split(cm), 2.2)
     assert dt.native and dt.time(64, 2_000_000) == cm.decode_step_time(64, 2_000_000) * 2.2
+
+
+# ---- DUALPATH_PURE_PYTHON -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "value, pure",
+    [
+        ("1", True),
+        ("true", True),
+        (" YES ", True),
+        ("on", True),
+        ("", False),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+    ],
+)
+def test_pure_python_switch_reads_the_usual_spellings(value, pure):
+    assert compiled._pure_python(value) is pure  # "false" / "no" / "off" turned the compiled modules off
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "-1", "0.0"])
+def test_pure_python_switch_refuses_other_values_naming_the_variable(value):
+    with pytest.raises(ValueError, match=rf"DUALPATH_PURE_PYTHON={value!r}: use 1 .* or 0"):
+        compiled._pure_python(value)
+
+
+def test_pure_python_false_runs_the_compiled_modules_in_a_process():
+    if compiled.PURE_PYTHON or not compiled.status()["network"]:
+        pytest.skip("network.py is not compiled in this install, or DUALPATH_PURE_PYTHON is set")
+    code = "from dualpath_jax import compiled; print(compiled.PURE_PYTHON, compiled.status()['network'])"
+    env = {**os.environ, "DUALPATH_PURE_PYTHON": "false"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-2:] == ["False", "True"]

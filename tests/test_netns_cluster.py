@@ -73,3 +73,88 @@ def test_netns_cluster_shapes_the_two_classes_of_a_cnic():
     high, low = _mbit(both, "high"), _mbit(both, "low")
     assert 10 * CNIC_MBIT / 100 < low_alone <= 1.1 * CNIC_MBIT
     assert high <= 1.1 * CNIC_MBIT and low < high / 5
+
+
+def _leftovers() -> list[str]:
+    """Namespaces and root-namespace links of the script (dpj-n*, dpj-cbr/sbr, dpj-c*/dpj-s* veth ends)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    return re.findall(r"^dpj-n\d+", listed, re.M) + re.findall(r"^\d+: (dpj-[a-z]+\d*)[@:]", links, re.M)
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["abc"], "NODES"),  # was "abc: unbound variable", after the bridges were made (left behind)
+        (["0"], "NODES"),
+        (["1", "300"], "G"),  # was an ip error half way, 1 namespace and 259 links left behind
+        (["1", "1", "0"], "SNIC_MBIT"),
+        (["1", "1", "400", "1.5"], "CNIC_MBIT"),
+    ],
+)
+def test_netns_cluster_up_refuses_bad_arguments_and_leaves_nothing(args, named):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        up = _run("up", *args)
+        assert up.returncode != 0
+        assert f"{named} must be" in up.stderr, up.stderr
+        assert _leftovers() == []
+    finally:
+        _run("down")
+
+
+def test_netns_cluster_up_twice_refuses_and_keeps_the_first():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        assert _run("up", "1", "1", "400", "800").returncode == 0
+        again = _run("up", "1", "1", "400", "800")  # was "RTNETLINK answers: File exists"
+        assert again.returncode != 0 and "already up" in again.stderr, again.stderr
+        assert "dpj-n0" in _leftovers()  # the failed second `up` did not tear down the first
+    finally:
+        assert _run("down").returncode == 0
+    assert _leftovers() == []
+
+
+def test_netns_cluster_up_cleans_up_when_it_fails_half_way():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    # a device named like engine 1's veth end makes `up` fail after node 0's namespace and engine 0 are made
+    subprocess.run(["ip", "link", "add", "dpj-c1", "type", "bridge"], check=True)
+    try:
+        up = _run("up", "1", "2", "400", "800")
+        assert up.returncode != 0 and "removing what it made" in up.stderr, up.stderr
+        assert _leftovers() == []
+    finally:
+        subprocess.run(["ip", "link", "del", "dpj-c1"], capture_output=True)
+        _run("down")
+
+
+def test_netns_cluster_test_without_a_cluster_says_so():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    out = _run("test")  # was "Cannot open network namespace" twice and exit 255
+    assert out.returncode == 1 and "run" in out.stderr and "up" in out.stderr, out.stderr
+
+
+def test_netns_cluster_unknown_command_names_it():
+    out = _run("upp")
+    assert out.returncode == 2 and "unknown command 'upp'" in out.stderr, out.stderr
+
+
+def test_netns_cluster_refuses_without_root():
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to drop to an unprivileged user")
+    for cmd in ("up", "down", "test"):
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", SCRIPT, cmd],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 1 and "needs root" in out.stderr, (cmd, out.stderr)

@@ -28,3 +28,26 @@ def test_unknown_lists_known():
     reg.add("dualpath", 2)
     with pytest.raises(KeyError, match="known: basic, dualpath"):
         reg.get("dualpth")
+
+
+def test_unknown_suggests_a_near_miss():
+    reg = Registry("policy")
+    for name in ("basic", "dualpath", "round_robin"):
+        reg.add(name, name)
+    with pytest.raises(KeyError, match=r"unknown policy 'dualpth' \(did you mean 'dualpath'\?\); known: basic"):
+        reg.get("dualpth")
+    with pytest.raises(KeyError) as e:
+        reg.get("zzz")
+    assert "did you mean" not in str(e.value)
+
+
+def test_names_of_the_wrong_type():
+    reg = Registry("policy")
+    reg.add("basic", 1)
+    for bad in (None, 3, "", b"basic"):
+        with pytest.raises(ValueError, match="policy name must be a non-empty string"):
+            reg.add(bad, 2)
+    # an unhashable name was a bare "unhashable type: 'list'" TypeError
+    with pytest.raises(KeyError, match=r"unknown policy \['basic'\]; known: basic"):
+        reg.get(["basic"])
+    assert ["basic"] not in reg and 3 not in reg

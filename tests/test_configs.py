@@ -1,0 +1,53 @@
+"""configs/*.py: the variant strings and the commands their docstrings and README.md document."""
+
+import importlib
+import os
+import re
+
+import pytest
+
+from dualpath_jax.sim import load_sim_config
+from dualpath_jax.sim.config import check_sim_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "configs/sim_tiny.py"
+_SIMULATE = re.compile(r"python -m experiments\.simulate --config=(configs/\S+?\.py(?::\S+)?)((?: --config\.\S+=\S+)*)")
+
+
+def _documented_simulate_commands() -> list[tuple[str, dict]]:
+    texts = [open(os.path.join(REPO, "README.md")).read()]
+    for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
+        if name.endswith(".py") and name != "__init__.py":
+            texts.append(importlib.import_module(f"configs.{name[:-3]}").__doc__ or "")
+    found = {}
+    for text in texts:
+        for m in _SIMULATE.finditer(text.replace("`", " ")):
+            overrides = dict(o.split("=", 1) for o in m.group(2).replace("--config.", "").split())
+            found[m.group(1) + m.group(2)] = (m.group(1), overrides)
+    return sorted(found.values(), key=repr)
+
+
+def test_the_docs_name_simulator_commands():
+    specs = {spec.split(":")[0] for spec, _ in _documented_simulate_commands()}
+    assert {"configs/paper_ds660b.py", "configs/paper_scale.py", "configs/sim_tiny.py"} <= specs
+
+
+@pytest.mark.parametrize("spec, overrides", _documented_simulate_commands(), ids=repr)
+def test_every_documented_simulator_config_loads_and_passes_the_checks(spec, overrides):
+    check_sim_config(load_sim_config(spec, overrides))
+
+
+def test_a_variant_with_two_modes_is_an_error():
+    # `:basic,dualpath` ran dualpath (the last mode won, silently)
+    with pytest.raises(ValueError, match=r"config variant 'basic,dualpath': two modes, 'basic' and 'dualpath'"):
+        load_sim_config(f"{TINY}:basic,dualpath")
+    assert load_sim_config(f"{TINY}:dualpath,agents=4,dualpath").policy == "dualpath"  # the same one twice is fine
+
+
+def test_tiny_runtime_variants():
+    from configs import tiny_runtime
+
+    assert tiny_runtime.get_config("test").runtime.launcher == "inprocess"
+    assert tiny_runtime.get_config(None).runtime.launcher == "local"
+    with pytest.raises(ValueError, match=r"configs/tiny_runtime.py: unknown variant 'tset'; known: test"):
+        tiny_runtime.get_config("tset")
