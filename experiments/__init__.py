@@ -76,14 +76,22 @@ def parse_flags_or_exit(argv):
     `--config`: an override of a field the config does not have (`--config.cluster.snic_gbs=1`) is one "bad
     override" line with the library's did-you-mean, and an override on a config file that failed to load is one
     "bad config" line, instead of chained tracebacks. Other flag errors stay absl's own one-line messages."""
-    from absl import app
+    import sys
+
+    from absl import flags
 
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:  # ml_collections: no such field
         raise SystemExit(_bad_override(argv, e)) from None
     except OSError as e:  # the --config file itself failed to load (the override touched its placeholder)
         raise SystemExit(_load_failure(e)) from None
+    except flags.Error as e:  # as absl's parse_flags_with_usage, except for a config file's own error
+        text = str(e)
+        if "Error whilst parsing config file" in text:  # ml_collections embeds the whole traceback: its last line
+            raise SystemExit(f"bad config: {[t for t in text.splitlines() if t.strip()][-1].strip()}") from None
+        sys.stderr.write(f"FATAL Flags parsing error: {text}\nPass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
 
 
 def _cannot_write(directory: str) -> str | None:

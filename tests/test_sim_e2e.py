@@ -450,6 +450,20 @@ def _launch(module: str, *args: str, timeout: float = 120):
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.parametrize(
+    "module, spec, says",
+    [
+        ("experiments.simulate", "configs/sim_tiny.py:agents=abc", "agents must be an integer"),
+        ("experiments.run", "configs/tiny_runtime.py:bogus", "unknown variant 'bogus'"),
+    ],
+)
+def test_an_error_in_a_config_variant_is_one_line(module, spec, says):
+    # ml_collections wraps a get_config error (an explicit --config=FILE:VARIANT) in its whole traceback
+    out = _launch(module, f"--config={spec}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-800:]
+    assert out.stderr.strip().splitlines()[-1].startswith("bad config: ValueError: ") and says in out.stderr
+
+
 @pytest.mark.parametrize("module", ["experiments.run", "experiments.simulate", "experiments.bench_runtime"])
 def test_helpshort_lists_the_config_flag(module):
     # --config is defined in experiments/__init__.py; absl's --helpshort lists only the launcher's own key flags
