@@ -151,10 +151,14 @@ def test_netns_cluster_refuses_without_root():
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to drop to an unprivileged user")
     for cmd in ("up", "down", "test"):
-        out = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", SCRIPT, cmd],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        # the script goes in on stdin: the unprivileged user may not be able to open the checkout (a 0700 temp dir)
+        with open(SCRIPT) as script:
+            out = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-s", cmd],
+                stdin=script,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd="/",
+            )
         assert out.returncode == 1 and "needs root" in out.stderr, (cmd, out.stderr)
