@@ -164,7 +164,8 @@ def main(argv: Sequence[str]) -> None:
     )
     for s in _SETUPS.value:
         if not os.path.isfile(s):
-            raise app.UsageError(f"--setups: config file {s!r} does not exist")
+            hint = " (a setup is a file; variant items go in --modes, --loads or --extra)" if ":" in s else ""
+            raise app.UsageError(f"--setups: config file {s!r} does not exist{hint}")
     seeds = [str(int(x)) for x in _SEEDS.value] or [""]
     if _SEEDS.value and any(item.strip().startswith("seed=") for item in _EXTRA.value.split(",")):
         raise app.UsageError("--seeds and a seed= item in --extra both set the seed; use one")

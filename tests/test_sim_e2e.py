@@ -634,6 +634,11 @@ def test_variant_numbers_that_do_not_parse_name_the_item():
         load_sim_config(f"{TINY}:aps=fast")
 
 
+def test_sweep_says_where_a_setups_variant_goes():
+    out = _launch("experiments.sweep", f"--setups={TINY}:agents=4", "--modes=basic")
+    assert out.returncode != 0 and "variant items go in --modes, --loads or --extra" in out.stderr, out.stderr[-500:]
+
+
 def test_sweep_refuses_a_bad_cell_before_running_any():
     out = _launch("experiments.sweep", f"--setups={TINY}", "--modes=basic,bogus", "--workers=1")
     assert out.returncode != 0 and f"bad sweep cell '{TINY}:bogus': config.mode 'bogus'" in out.stderr
