@@ -264,3 +264,36 @@ def test_a_read_that_raises_is_a_counted_miss(tmp_path):
     assert got == {"ok": 1, "nbytes": LAYOUT.full_block_nbytes} and snic.failed_reads == 1
     snic.close()
     store.close()
+
+
+def test_a_raising_completion_callback_does_not_stop_the_queues(tmp_path, caplog):
+    """A read or write-back whose completion callback raises is logged; the SNIC's threads keep serving the
+    jobs behind it (they used to die with the callback, leaving every later job of the node waiting)."""
+    from dualpath_jax.runtime.storage_nic import WriteJob
+
+    store = LocalDirStore(tmp_path / "kv", LAYOUT)
+    ids = np.random.default_rng(2).integers(0, 1000, 2 * LAYOUT.block_tokens)
+    keys = block_keys(ids, LAYOUT.block_tokens, parent=root_key(LAYOUT.fingerprint))
+    snic = StorageNIC(0, store, LAYOUT.block_tokens, pace=lambda n: None)
+
+    def bad_write_done(n):
+        raise RuntimeError("write callback bug (injected)")
+
+    snic.submit_write(WriteJob(keys[:1], [_content(keys[0])], bad_write_done))
+    written = threading.Event()
+    snic.submit_write(WriteJob(keys[1:], [_content(keys[1])], lambda n: written.set()))
+    assert written.wait(30) and snic.pending_writes == 0
+    with pytest.raises(ValueError, match="1 keys but 2 blocks"):
+        snic.submit_write(WriteJob(keys[:1], [_content(keys[0])] * 2))
+    assert snic.pending_writes == 0
+
+    def bad_read_done(job, ok, nbytes, t0, t1):
+        raise RuntimeError("read callback bug (injected)")
+
+    area = np.zeros((LAYOUT.num_layers, 2 * LAYOUT.block_tokens, LAYOUT.bytes_per_token_per_layer), np.uint8)
+    snic.submit_read(ReadJob(1, 0, keys, 0, area, bad_read_done))
+    got = _run_job(snic, keys, 0, area)
+    assert got == {"ok": 2, "nbytes": 2 * LAYOUT.full_block_nbytes}
+    assert "completion callback raised" in caplog.text
+    snic.close()
+    store.close()

@@ -86,6 +86,8 @@ class StorageNIC:
         self._reads.put(job)
 
     def submit_write(self, job: WriteJob) -> None:
+        if len(job.keys) != len(job.blocks):  # the write thread would die on it, stalling every later write-back
+            raise ValueError(f"write-back job has {len(job.keys)} keys but {len(job.blocks)} blocks")
         with self._lock:
             self._pending_writes += len(job.keys)
         self._writes.put(job)
@@ -132,7 +134,7 @@ class StorageNIC:
                 with self._lock:
                     self._queued_read_tokens -= len(job.keys) * bs
                 self.bytes_read += nbytes
-            job.on_done(job, ok, nbytes, t_start, time.time())
+            self._report(job.on_done, job, ok, nbytes, t_start, time.time())
 
     def _write_loop(self) -> None:
         nbytes_block = self.store.layout.full_block_nbytes
@@ -155,4 +157,12 @@ class StorageNIC:
             with self._lock:
                 self._pending_writes -= len(job.keys)
             if job.on_done is not None:
-                job.on_done(written)
+                self._report(job.on_done, written)
+
+    def _report(self, on_done, *args) -> None:
+        """Call a job's completion callback; one that raises is logged and the queue keeps being served (the
+        thread used to die with it, leaving every later read or write-back of the node waiting forever)."""
+        try:
+            on_done(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("node %d: a storage-NIC completion callback raised", self.node_id)
