@@ -5,6 +5,7 @@ items: one mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or an
 `key=value` with key one of dataset, agents, aps, duration, pd (e.g. 1P2D), turns, seed, kind, warmup, or
 `policy.NAME=value` / `batcher.NAME=value`: a field of the policy's / the batcher's Config
 (`config.scheduler.kwargs` / `config.batcher.kwargs`; ints, floats, true/false and strings are told apart).
+`aps=X` makes the workload online (beside a `kind=` other than online it is an error).
 Examples: `configs/paper_ds660b.py:basic,dataset=48K,agents=1024`,
 `configs/paper_ds660b.py:dualpath_rr,policy.full_de=wait`, `configs/paper_ds660b.py:batcher.quota_s=0.2`.
 """
@@ -126,6 +127,8 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
     if not arg:
         return cfg
     mode = ""
+    # kind= and aps= as given: aps= with kind=offline ran offline or online by the order of the items
+    kind_given = aps = None
     for item in arg.split(","):
         item = item.strip()
         if not item:
@@ -157,8 +160,7 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
         elif key == "agents":
             cfg.workload.n_agents = number
         elif key == "aps":
-            cfg.workload.aps = number
-            cfg.workload.kind = "online"
+            cfg.workload.aps = aps = number
         elif key == "duration":
             cfg.workload.duration_s = number
         elif key == "turns":
@@ -166,7 +168,7 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
         elif key == "seed":
             cfg.seed = number
         elif key == "kind":
-            cfg.workload.kind = value
+            cfg.workload.kind = kind_given = value
         elif key == "warmup":
             cfg.warmup_s = number
         elif key == "pd":
@@ -174,5 +176,9 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
             if not m:
                 raise ValueError(f"config variant item {item!r}: pd must look like 1P2D")
             cfg.cluster.prefill_nodes, cfg.cluster.decode_nodes = int(m.group(1)), int(m.group(2))
+    if aps is not None and kind_given not in (None, "online"):
+        raise ValueError(f"config variant {arg!r}: aps= makes the workload online; it cannot go with kind={kind_given}")
+    if aps is not None:
+        cfg.workload.kind = "online"
     cfg.output_dir = f"{cfg.output_dir}/{arg.replace(',', '_').replace('=', '-')}"
     return cfg

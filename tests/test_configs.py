@@ -44,6 +44,16 @@ def test_a_variant_with_two_modes_is_an_error():
     assert load_sim_config(f"{TINY}:dualpath,agents=4,dualpath").policy == "dualpath"  # the same one twice is fine
 
 
+def test_aps_and_an_offline_kind_in_one_variant_is_an_error():
+    # `kind=offline,aps=0.4` ran online and `aps=0.4,kind=offline` offline: the order of the items decided
+    for variant in ("kind=offline,aps=0.4", "aps=0.4,kind=offline", "aps=0.4,kind=trace"):
+        with pytest.raises(ValueError, match=r"aps= makes the workload online; it cannot go with kind="):
+            load_sim_config(f"{TINY}:dualpath,{variant}")
+    for variant in ("kind=online,aps=0.4", "aps=0.4,kind=online", "aps=0.4"):
+        cfg = load_sim_config(f"{TINY}:dualpath,{variant}")
+        assert cfg.workload.kind == "online" and cfg.workload.aps == 0.4
+
+
 def test_tiny_runtime_variants():
     from configs import tiny_runtime
 
