@@ -118,6 +118,25 @@ def writable_dir_or_exit(path: str, what: str) -> str:
     return path
 
 
+def fresh_dir_or_exit(parent: str, name: str, what: str) -> str:
+    """Make a new directory `parent/name` (`name-2`, `name-3`, ... when that exists) and return its path, or
+    SystemExit naming `what` when `parent` cannot take it. Two runs started in the same second (a sweep of
+    launches) each get their own results (and kept-store) directory instead of writing into one."""
+    import os
+
+    writable_dir_or_exit(parent, what)
+    for i in range(1, 10_000):
+        path = os.path.join(parent, name if i == 1 else f"{name}-{i}")
+        try:
+            os.mkdir(path)  # exclusive: of two runs making the same name, one gets FileExistsError
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise SystemExit(f"bad {what} {parent!r}: cannot make {path!r} ({e.strerror or e})") from None
+    raise SystemExit(f"bad {what} {parent!r}: {name!r} and 9,998 numbered variants of it already exist")
+
+
 def writable_file_or_exit(path: str, what: str) -> str:
     """`writable_dir_or_exit` for an output file (`--out`): its directory must take files; the file is written
     later, when there are results."""

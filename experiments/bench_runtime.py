@@ -33,9 +33,9 @@ from absl import app, flags, logging
 from experiments import (
     config_or_exit,
     define_config_file,
+    fresh_dir_or_exit,
     parse_flags_or_exit,
     pyplot_or_none,
-    writable_dir_or_exit,
 )
 
 _CONFIG = define_config_file(
@@ -173,16 +173,21 @@ def main(argv):
         trajs, ops = driver.prepare(base)
     except ConfigError as e:
         raise SystemExit(f"bad config: {e}") from None
-    writable_dir_or_exit(config.results_dir, "--config.results_dir")  # before the runs, not after
+    # a new directory of its own, before the runs (not after); `stamp` also names the kept stores' subdirectories
+    out_dir = fresh_dir_or_exit(
+        config.results_dir, "bench_runtime-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "--config.results_dir"
+    )
     prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
     session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
     out = {"config": config.to_dict(), "prefill_tokens_per_s": prefill_tps}
-    stamp, runs = datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), itertools.count()
+    stamp, runs = os.path.basename(out_dir), itertools.count()
     try:
 
         def run(cfg, ts=trajs):
             if cfg.store_dir:  # a kept store: each run its own fresh subdirectory (no run hits another's blocks)
-                cfg = cfg.replace(store_dir=os.path.join(cfg.store_dir, f"bench_runtime-{stamp}-{next(runs)}"))
+                cfg = cfg.replace(
+                    store_dir=fresh_dir_or_exit(cfg.store_dir, f"{stamp}-{next(runs)}", "--config.runtime.store_dir")
+                )
             return driver.run(
                 cfg,
                 ts,
@@ -290,9 +295,6 @@ def main(argv):
     finally:
         if session is not None:
             session.close()
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = os.path.join(config.results_dir, f"bench_runtime-{stamp}")
-    os.makedirs(out_dir, exist_ok=True)
     _plot(out, os.path.join(out_dir, "bench_runtime.png"))
     with open(os.path.join(out_dir, "bench_runtime.json"), "w") as f:
         json.dump(out, f, indent=1, default=lambda x: float(x) if isinstance(x, (int, float)) else str(x))

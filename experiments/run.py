@@ -25,9 +25,9 @@ from absl import app, logging
 from experiments import (
     config_or_exit,
     define_config_file,
+    fresh_dir_or_exit,
     parse_flags_or_exit,
     pyplot_or_none,
-    writable_dir_or_exit,
 )
 
 _CONFIG = define_config_file(
@@ -139,9 +139,11 @@ def main(argv):
             driver.prepare(base.replace(**{"scheduler.name": p}), trajs, ops)
     except ConfigError as e:
         raise SystemExit(f"bad config: {e}") from None
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = os.path.join(config.results_dir, stamp)
-    writable_dir_or_exit(out_dir, "--config.results_dir")  # before the runs, not after
+    # a new directory of its own, before the runs (not after); `stamp` also names the kept stores' subdirectories
+    out_dir = fresh_dir_or_exit(
+        config.results_dir, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "--config.results_dir"
+    )
+    stamp = os.path.basename(out_dir)
     prefill_tps = None
     if config.calibrate:
         prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
@@ -152,7 +154,9 @@ def main(argv):
 
         def one(cfg, label, ts=trajs):
             if cfg.store_dir:  # a kept store: each run its own fresh subdirectory (no policy hits another's blocks)
-                cfg = cfg.replace(store_dir=os.path.join(cfg.store_dir, f"{stamp}-{label}"))
+                cfg = cfg.replace(
+                    store_dir=fresh_dir_or_exit(cfg.store_dir, f"{stamp}-{label}", "--config.runtime.store_dir")
+                )
             with tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr) as bar:
 
                 def progress(done, total):

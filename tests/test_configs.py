@@ -61,3 +61,23 @@ def test_tiny_runtime_variants():
     assert tiny_runtime.get_config(None).runtime.launcher == "local"
     with pytest.raises(ValueError, match=r"configs/tiny_runtime.py: unknown variant 'tset'; known: test"):
         tiny_runtime.get_config("tset")
+
+
+def test_runs_started_in_the_same_second_get_directories_of_their_own(tmp_path):
+    """`experiments.run` / `bench_runtime` name their results (and kept-store) directories by the second they
+    start: two launches in one second wrote into one directory (and shared a kept store's subdirectory, so
+    the second run hit the first one's blocks)."""
+    import concurrent.futures
+
+    from experiments import fresh_dir_or_exit
+
+    first = fresh_dir_or_exit(str(tmp_path / "results"), "20261203-031500", "--config.results_dir")
+    second = fresh_dir_or_exit(str(tmp_path / "results"), "20261203-031500", "--config.results_dir")
+    assert os.path.basename(first) == "20261203-031500" and os.path.basename(second) == "20261203-031500-2"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: fresh_dir_or_exit(str(tmp_path / "r"), "same", "--x"), range(16)))
+    assert len(set(made)) == 16 and all(os.path.isdir(p) for p in made)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match=r"bad --config.results_dir .*a-file.*cannot write there"):
+        fresh_dir_or_exit(str(blocker), "20261203-031500", "--config.results_dir")
