@@ -1,7 +1,10 @@
 """Arrival models of the drivers (simulator and runtime): when each agent starts and each turn is ready.
 
   - offline (PAPER.md "offline rollout"): every agent starts at t = 0; turn i+1 is ready right after
-    turn i's last generated token plus turn i's gap (`Turn.gap_s`; 0 for the paper's synthetic data).
+    turn i finished plus turn i's gap (`Turn.gap_s`; 0 for the paper's synthetic data). "Finished" is what
+    the driver passes as `prev_finish`: both drivers pass the later of turn i's last generated token and the
+    end of its blocks' write-back, so turn i+1's lookup sees every block of turn i (its `finished` timestamp
+    stays the last token).
   - online: agents arrive as a Poisson process at `aps` agents/s (seeded); turns as in offline (the
     paper's online runs have no gap between turns; `use_gaps=False` forces that for trace workloads).
   - trace: agents start at their `Trajectory.arrival_time`; turn i is ready at its trace time
