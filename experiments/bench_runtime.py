@@ -214,10 +214,18 @@ def main(argv):
         out["measured"] = {p: r.summary for p, r in measured.items()}
         out["measured_speedup"] = speedup
 
+        cost = None
         if not _SKIP_SIM.value:
             shape = cost_model_shape(ops)
             meas = step_measurements(measured.values())
-            cost = CostModel.from_fit(shape, "cpu", meas)
+            try:  # a run too small to vary its step shapes cannot determine the fit: no prediction, said so
+                cost = CostModel.from_fit(shape, "cpu", meas)
+                if cost.prefill_fit is None or cost.decode_fit is None:
+                    raise ValueError("the runs measured no prefill step or no decode step")
+            except ValueError as e:
+                cost = None
+                print(f"\n(simulator prediction skipped: {e}; run more agents or turns, or pass --skip_sim)")
+        if cost is not None:
             logging.info(
                 "fitted cost model on %d measured steps: %s / %s", len(meas), cost.prefill_fit, cost.decode_fit
             )

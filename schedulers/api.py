@@ -71,6 +71,9 @@ class ClusterSnapshot:
     # fetch. None (the default): checked every fetch. A copy() gets None (its EngineStates are new objects).
     engine_set_key: int | None = None
 
+    def __post_init__(self):
+        _check_loads(self.engines, self.nodes)
+
     def engines_of(self, role: Role, node_id: int | None = None) -> list[EngineState]:
         return [e for e in self.engines.values() if e.role == role and (node_id is None or e.node_id == node_id)]
 
@@ -80,6 +83,38 @@ class ClusterSnapshot:
             engines={k: dataclasses.replace(v) for k, v in self.engines.items()},
             nodes={k: dataclasses.replace(v) for k, v in self.nodes.items()},
         )
+
+
+_INF = float("inf")
+
+
+def _check_loads(engines: dict[int, EngineState], nodes: dict[int, NodeState]) -> None:
+    """The loads a snapshot is built with: tok, seq, read queues and the node sums >= 0, free HBM any finite number
+    (a DE a request waits at is over-committed: round_robin full_de="queue"). A NaN compares false both ways
+    and an inf swamps every sum, so either made the policies' choices meaningless, silently. Once per snapshot
+    built (the runtime builds one per fetch; the simulator one per run and keeps it up to date with int sums)."""
+    for e in engines.values():
+        try:
+            ok = 0 <= e.tok < _INF and 0 <= e.seq < _INF and -_INF < e.free_hbm_tokens < _INF
+        except TypeError:  # not a number
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"engine {e.engine_id}: loads must be numbers, tok and seq >= 0 and finite, free_hbm_tokens finite; "
+                f"got tok={e.tok!r} seq={e.seq!r} free_hbm_tokens={e.free_hbm_tokens!r}"
+            )
+    for n in nodes.values():
+        t, f = n.engine_tok, n.engine_free_hbm_tokens
+        try:
+            ok = 0 <= n.read_queue_tokens < _INF and (t is None or 0 <= t < _INF) and (f is None or -_INF < f < _INF)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"node {n.node_id}: read_queue_tokens and engine_tok must be >= 0 and finite, engine_free_hbm_tokens "
+                f"finite (or None); got read_queue_tokens={n.read_queue_tokens!r} engine_tok={t!r} "
+                f"engine_free_hbm_tokens={f!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,10 +130,11 @@ class PendingRequest:
     arrival_time: float = 0.0
 
     def __post_init__(self):
-        # once per turn, so that no fetch places a negative load (also refuses NaN)
-        if not (0 <= self.hit_tokens <= self.prompt_tokens and self.gen_tokens >= 0):
+        # once per turn, so that no fetch places a negative load (also refuses NaN, and inf: such a request never
+        # fits a DE and would hold the head of the queue forever)
+        if not (0 <= self.hit_tokens <= self.prompt_tokens < _INF and 0 <= self.gen_tokens < _INF):
             raise ValueError(
-                f"request {self.request_id}: needs 0 <= hit_tokens <= prompt_tokens and gen_tokens >= 0, got "
+                f"request {self.request_id}: needs 0 <= hit_tokens <= prompt_tokens and gen_tokens >= 0, all finite, got "
                 f"prompt={self.prompt_tokens} hit={self.hit_tokens} gen={self.gen_tokens}"
             )
 
@@ -165,6 +201,8 @@ class Assignment:
 
     def __post_init__(self):
         expected = {"pe": 0.0, "de": 1.0}.get(self.read_side)
+        if expected is None and self.read_side != "split":  # a custom policy's "PE" was recorded as a read side
+            raise ValueError(f"read_side must be 'pe', 'de' or 'split', got {self.read_side!r}")
         if expected is not None and self.de_read_fraction != expected:
             raise ValueError(
                 f"read_side {self.read_side!r} needs de_read_fraction {expected}, got {self.de_read_fraction}"

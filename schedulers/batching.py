@@ -61,11 +61,16 @@ def _is_count(x) -> bool:
     return isinstance(x, numbers.Integral) and x >= 1
 
 
+_INF = float("inf")
+
+
 def _check_work(w: PrefillWork) -> None:
-    """Checked as a batcher reaches each request (batchers read a FIFO prefix, not the whole queue)."""
-    if w.remaining_tokens < 0 or w.cached_tokens < 0:
+    """Checked as a batcher reaches each request (batchers read a FIFO prefix, not the whole queue): the callers run
+    it for work outside 0 < remaining < inf, 0 <= cached < inf, so it passes only finished work (remaining 0)."""
+    if not (0 <= w.remaining_tokens < _INF and 0 <= w.cached_tokens < _INF):  # NaN too
         raise ValueError(
-            f"prefill work {w.request_id}: negative tokens (cached={w.cached_tokens}, remaining={w.remaining_tokens})"
+            f"prefill work {w.request_id}: negative, NaN or infinite tokens (cached={w.cached_tokens}, "
+            f"remaining={w.remaining_tokens})"
         )
 
 
@@ -96,10 +101,9 @@ class FifoBatcher(IntraEnginePolicy):
         for w in queue:
             if self.config.max_requests is not None and len(out) >= self.config.max_requests:
                 break
-            if w.remaining_tokens <= 0 or w.cached_tokens < 0:
+            if not (0 < w.remaining_tokens < _INF and 0 <= w.cached_tokens < _INF):
                 _check_work(w)
-            if w.remaining_tokens == 0:
-                continue
+                continue  # finished (remaining 0): anything else was refused
             take = min(w.remaining_tokens, left)
             if take < w.remaining_tokens and not self.config.chunk and out:
                 break
@@ -132,6 +136,12 @@ class ComputeQuotaBatcher(IntraEnginePolicy):
                 raise ValueError(f"compute_quota token_budget must be >= 1 (an int) or None, got {self.token_budget!r}")
             if not _is_count(self.min_chunk_tokens):
                 raise ValueError(f"min_chunk_tokens must be >= 1 (an int), got {self.min_chunk_tokens!r}")
+            if self.cost_model is not None and not callable(getattr(self.cost_model, "attention_time", None)):
+                # e.g. a model name from a command line: was an AttributeError at the first batch
+                raise TypeError(
+                    f"compute_quota cost_model must be a CostModel (with attention_time(cached, bsz)), got "
+                    f"{type(self.cost_model).__name__} {self.cost_model!r}; name a registered one with model=/hardware="
+                )
 
     def __init__(self, config: ComputeQuotaBatcher.Config | None = None):
         self.config = config or self.Config()
@@ -147,10 +157,9 @@ class ComputeQuotaBatcher(IntraEnginePolicy):
         attention_time = self.cost_model.attention_time
         for w in queue:
             remaining = w.remaining_tokens
-            if remaining <= 0 or w.cached_tokens < 0:
+            if not (0 < remaining < _INF and 0 <= w.cached_tokens < _INF):
                 _check_work(w)
-                if remaining == 0:
-                    continue
+                continue  # finished (remaining 0): anything else was refused
             upper = int(min(remaining, tokens_left))
             if upper <= 0:
                 break

@@ -17,6 +17,7 @@ under load, 4.8 vs 34.8 GFLOP/s.)
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -75,9 +76,9 @@ class FitReport:
 def fit_report(cost_model: CostModel, measurements: Sequence[PrefillMeasurement]) -> FitReport:
     if not measurements:
         raise ValueError("fit_report needs at least one measurement")
-    bad = [m for m in measurements if not m.seconds > 0]  # relative errors divide by the measured time
-    if bad:
-        raise ValueError(f"fit_report needs measured seconds > 0, got {bad[0]}")
+    bad = [m for m in measurements if not 0 < m.seconds < math.inf]  # relative errors divide by the measured time
+    if bad:  # (an inf made every error NaN)
+        raise ValueError(f"fit_report needs finite measured seconds > 0, got {bad[0]}")
     errs = [abs(cost_model.batch_prefill_time(m.items) - m.seconds) / m.seconds for m in measurements]
     return FitReport(float(np.median(errs)), float(np.max(errs)), len(errs))
 
@@ -143,10 +144,13 @@ class NumpyPrefill:
         return x + ((g / (np.float32(1) + np.exp(-g))) * (x @ p["wu"])) @ p["wd"]
 
     def __call__(self, items: Items) -> np.ndarray:
-        logits = []
-        for cached, bsz in items:
+        for cached, bsz in items:  # all checked before any work
             if cached > self.max_context:
                 raise ValueError(f"cached {cached} exceeds the calibration cache ({self.max_context} tokens)")
+            if not (cached >= 0 and bsz >= 1):  # were numpy shape errors (a negative cached sliced from the end)
+                raise ValueError(f"NumpyPrefill item (cached={cached}, bsz={bsz}): needs cached >= 0 and bsz >= 1")
+        logits = []
+        for cached, bsz in items:
             x = self.rng.standard_normal((bsz, self.shape.hidden), dtype=np.float32)
             for p in self.layers:
                 x = self._layer(p, x, cached)

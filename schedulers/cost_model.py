@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -314,6 +315,12 @@ class FitCoefficients:
     s_per_attention_flop: float
     s_per_byte: float = 0.0
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # a NaN coefficient made every time NaN, a negative one times < 0
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf:
+                raise ValueError(f"FitCoefficients {f.name} must be a finite number >= 0, got {v!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class PrefillMeasurement:
@@ -359,6 +366,9 @@ class CostModel:
         hw = HARDWARE.get(hw) if isinstance(hw, str) else hw
         if not (tp >= 1 and ep >= 1):  # NaN too
             raise ValueError(f"tp and ep must be >= 1, got tp={tp} ep={ep}")
+        for kind, fit in (("prefill_fit", prefill_fit), ("decode_fit", decode_fit)):
+            if fit is not None and not isinstance(fit, FitCoefficients):  # was an AttributeError at the first step
+                raise TypeError(f"{kind} must be FitCoefficients or None, got {type(fit).__name__}")
         self._model, self._hw, self._tp, self._ep = m, hw, tp, ep
         self._prefill_fit, self._decode_fit = prefill_fit, decode_fit
         # Constants of the formulas (same expressions as the ModelShape properties, evaluated once).
@@ -552,6 +562,8 @@ class CostModel:
         """
         if append <= 0:
             raise ValueError(f"append must be > 0 for a GB/PFLOP ratio, got {append}")
+        if not context >= 0:  # NaN too (a negative context gave a negative ratio)
+            raise ValueError(f"context must be >= 0 for a GB/PFLOP ratio, got {context}")
         return (self.kv_bytes(context) / 1e9) / (self.prefill_flops(context, append) / 1e15)
 
     # ---- fitting ----
@@ -566,6 +578,10 @@ class CostModel:
         side dominates the other coefficients fit to ~0; on a CPU compute and memory time add), and
         `decode_step_time` predicts with that same additive form.
         Coefficients are non-negative (a negative cost per FLOP is noise): solved by an active-set NNLS.
+        Measurements that do not determine every independent term of a kind (fewer distinct shapes than terms:
+        4 for prefill, 4 for decode or 3 for a dense model's, whose bytes = weights + KV add no term of their own;
+        or shapes that never vary one of them, e.g. decode steps of one batch size) are refused with a ValueError:
+        the fit would put their time on whichever term NNLS met first. No measurements of a kind: None for it.
         """
         pre_rows, pre_t, dec_rows, dec_t = [], [], [], []
         for meas in measurements:
@@ -576,15 +592,7 @@ class CostModel:
                     raise ValueError(
                         f"bad prefill measurement {meas}: needs items with bsz > 0, cached >= 0 and finite seconds > 0"
                     )
-                tokens = sum(b for _, b in items)
-                pre_rows.append(
-                    [
-                        1.0,
-                        self.linear_flops(tokens, requests=len(items)),
-                        sum(self.attention_flops(c, b) for c, b in items),
-                        sum(self.kv_bytes(c + b) for c, b in items),
-                    ]
-                )
+                pre_rows.append(self._prefill_terms(items))
                 pre_t.append(meas.seconds)
             elif isinstance(meas, DecodeMeasurement):
                 if meas.batch_size <= 0 or meas.total_context_tokens < 0 or not 0 < meas.seconds < math.inf:
@@ -598,12 +606,40 @@ class CostModel:
                 raise TypeError(f"unknown measurement type {type(meas).__name__}")
         pre = dec = None
         if pre_rows:
+            probes = [self._prefill_terms(items) for items in _PREFILL_PROBES]
+            self._check_determined("prefill", pre_rows, probes, "bsz, cached and the number of items per batch")
             c = _nnls(np.array(pre_rows), np.array(pre_t))
             pre = FitCoefficients(overhead_s=c[0], s_per_linear_flop=c[1], s_per_attention_flop=c[2], s_per_byte=c[3])
         if dec_rows:
+            probes = [[1.0, *self.decode_terms(b, ctx)] for b, ctx in _DECODE_PROBES]
+            self._check_determined("decode", dec_rows, probes, "both the batch size and the context")
             c = _nnls(np.array(dec_rows), np.array(dec_t))
             dec = FitCoefficients(overhead_s=c[0], s_per_linear_flop=c[1], s_per_attention_flop=c[2], s_per_byte=c[3])
         return pre, dec
+
+    def _prefill_terms(self, items: Sequence[tuple[int, int]]) -> list[float]:
+        """The prefill fit's terms of one batch: [1, linear FLOPs, attention FLOPs, KV bytes read]."""
+        tokens = sum(b for _, b in items)
+        return [
+            1.0,
+            self.linear_flops(tokens, requests=len(items)),
+            sum(self.attention_flops(c, b) for c, b in items),
+            sum(self.kv_bytes(c + b) for c, b in items),
+        ]
+
+    def _check_determined(self, kind: str, rows: list[list[float]], probes: list[list[float]], vary: str) -> None:
+        """Refuse measurements whose terms span fewer independent directions than the model's terms do over every
+        shape (`probes`): NNLS would put the unexplained part on whichever term it meets first (e.g. a constant),
+        and predictions away from the measured shapes would be arbitrary."""
+        need, got = _rank(probes), _rank(rows)
+        if got < need:
+            n, distinct = len(rows), len(set(map(tuple, rows)))
+            raise ValueError(
+                f"{kind} fit is underdetermined: {n} measurement{'s' * (n != 1)} of {distinct} distinct "
+                f"shape{'s' * (distinct != 1)} determine {got} of the {need} independent terms of "
+                f"{self.model.name}'s {kind} time; it needs at least {need} measurements of distinct shapes that vary "
+                f"{vary}"
+            )
 
     @classmethod
     def from_fit(
@@ -624,11 +660,41 @@ class CostModel:
         """Prompt tokens (hit + miss) per second one PE sustains on turns of this shape."""
         if not append > 0:  # a turn with nothing to prefill takes no time
             raise ValueError(f"append must be > 0 for a prefill rate, got {append}")
+        if not context >= 0:  # NaN too (a negative context gave a wrong β, NaN a bare "cannot convert float NaN")
+            raise ValueError(f"context must be >= 0 for a prefill rate, got {context}")
         return (context + append) / self.prefill_time(context, append)
 
     def read_tokens_per_s(self) -> float:
         """Hit tokens per second one node's SNIC reads from storage."""
         return self.hw.snic_bandwidth / self.model.kv_bytes_per_token
+
+
+# Shapes spanning every regime of the fitted terms (single- and multi-item batches, contexts below and above a
+# sparse-attention top-k, small and large decode batches): their rank is the number of independent terms a fit of
+# this model has (4 for prefill; 3 for a dense model's decode, whose bytes = weights + KV add no independent term).
+_PREFILL_PROBES = (
+    ((0, 1),),
+    ((0, 8),),
+    ((0, 512),),
+    ((100, 3),),
+    ((4096, 64),),
+    ((65_536, 1000),),
+    ((200_000, 7),),
+    ((3, 2), (900, 50)),
+    ((1, 1), (2, 2), (3, 3)),
+    ((10, 300), (50_000, 4000)),
+)
+_DECODE_PROBES = ((1, 1), (1, 100_000), (2, 50), (3, 30), (5, 200_000), (7, 35_000), (16, 24_000), (64, 6400))
+_RANK_RTOL = 1e-9  # singular values below this fraction of the largest (columns scaled to norm 1) count as 0
+
+
+def _rank(rows: list[list[float]]) -> int:
+    """Numerical rank of a fit's design matrix, each column scaled to unit norm (the terms differ by 1e15)."""
+    a = np.array(rows, dtype=float)
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    s = np.linalg.svd(a / scale, compute_uv=False)
+    return int((s > s[0] * _RANK_RTOL).sum()) if s.size and s[0] > 0 else 0
 
 
 def _nnls(a: np.ndarray, b: np.ndarray, iters: int = 100) -> np.ndarray:

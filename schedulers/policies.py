@@ -131,6 +131,16 @@ def _check_engine_set(snapshot: ClusterSnapshot, topo: _Topology) -> None:
     missing = set(topo.node_of.values()).difference(snapshot.nodes)
     if missing:
         raise KeyError(f"engines on nodes {sorted(missing)} that are not in snapshot.nodes {sorted(snapshot.nodes)}")
+    # A node is all-PE or all-DE (NodeState): an engine of the other role was a DE group sharing a PE node's read
+    # queue (its reads always went to the PE side) or a PE a DE node's fetch did not restrict to, silently.
+    nodes = snapshot.nodes
+    wrong = [e for e in topo.states if e.role != nodes[e.node_id].role]
+    if wrong:
+        e = wrong[0]
+        raise ValueError(
+            f"engine {e.engine_id} ({e.role}) is on node {e.node_id} whose role is {nodes[e.node_id].role}: a node's "
+            "engines all have its role"
+        )
 
 
 def _topology(snapshot: ClusterSnapshot) -> _Topology:

@@ -197,12 +197,65 @@ def test_fit_rejects_nan_inf_and_negative_measurements():
         cm.fit([DecodeMeasurement(4, -1000, 0.01)])
 
 
+def test_fit_refuses_measurements_that_do_not_determine_the_coefficients():
+    """Fewer distinct measurements than independent terms (4 for prefill) were fitted silently: NNLS put the time on
+    whichever term it met first (e.g. a constant), so predictions away from the measured shapes were arbitrary.
+    The same for many measurements of one shape, or decode steps that never vary the batch size."""
+    cm = CostModel("ds27b", "cpu")
+    three = [PrefillMeasurement(((c, b),), 0.01 + 1e-5 * b) for c, b in ((0, 64), (1000, 128), (4000, 256))]
+    with pytest.raises(
+        ValueError, match=r"prefill fit is underdetermined: 3 measurements of 3 distinct shapes .* at least 4"
+    ):
+        cm.fit(three)
+    same = [PrefillMeasurement(((512, 64),), 0.01 * (1 + k / 100)) for k in range(20)]  # one shape, 20 times
+    with pytest.raises(ValueError, match="20 measurements of 1 distinct shape determine 1 of the 4"):
+        cm.fit(same)
+    ok = three + [PrefillMeasurement(((0, 64), (2000, 32)), 0.02)]  # a 4th shape that varies independently
+    assert cm.fit(ok)[0] is not None
+    batch_one = [DecodeMeasurement(1, ctx, 0.01 + 1e-8 * ctx) for ctx in (100, 1000, 5000, 20_000, 80_000)]
+    with pytest.raises(ValueError, match="decode fit is underdetermined.*vary both the batch size and the context"):
+        cm.fit(batch_one)  # the batch size never varies: the linear-FLOP term is one more constant
+    # a dense model's decode bytes (weights + KV) add no independent term: 3 distinct shapes determine it
+    dense = CostModel("qwen2.5-32b", "cpu")
+    dec = [DecodeMeasurement(b, ctx, 0.01 + 1e-3 * b + 1e-8 * ctx) for b, ctx in ((1, 1000), (8, 1000), (8, 50_000))]
+    assert dense.fit(dec)[1] is not None
+    with pytest.raises(ValueError, match="2 measurements of 2 distinct shapes determine 2 of the 3 .* at least 3"):
+        dense.fit(dec[:2])
+    assert cm.fit([]) == (None, None)  # nothing measured: nothing fitted (the analytic model stays)
+
+
 def test_prefill_rate_needs_an_append():
     """prefill_tokens_per_s (and so DualPathConfig.from_cost_model) divided by a zero prefill time."""
     cm = CostModel("ds660b", "h800")
     with pytest.raises(ValueError, match="append must be > 0"):
         cm.prefill_tokens_per_s(32_000, 0)
     assert cm.prefill_tokens_per_s(32_000, 429) > 0
+
+
+def test_fit_coefficients_must_be_finite_and_non_negative():
+    """Coefficients given by hand or read back from a JSON: NaN made every predicted time NaN, a negative one
+    negative times, and a dict was an AttributeError at the first step."""
+    for bad in (float("nan"), -1.0, float("inf"), "0.1", True):
+        with pytest.raises(ValueError, match="FitCoefficients overhead_s must be a finite number >= 0"):
+            FitCoefficients(overhead_s=bad, s_per_linear_flop=1e-12, s_per_attention_flop=1e-12)
+    with pytest.raises(ValueError, match="s_per_byte must be"):
+        FitCoefficients(0.001, 1e-12, 1e-12, s_per_byte=float("nan"))
+    assert FitCoefficients(np.float32(0.001), 0, np.float64(1e-12)).s_per_linear_flop == 0
+    for kw in ({"prefill_fit": {"overhead_s": 0.001}}, {"decode_fit": (0.001, 1e-12, 1e-12, 0.0)}):
+        with pytest.raises(TypeError, match="_fit must be FitCoefficients or None, got"):
+            CostModel("ds27b", "cpu", **kw)
+
+
+def test_prefill_rate_and_gb_per_pflop_need_a_context_of_zero_or_more():
+    """A negative context gave a β from a negative prompt (DualPathConfig.from_cost_model(context=-30000) was
+    accepted) and a negative GB/PFLOP; a NaN context failed as "cannot convert float NaN to integer" in β."""
+    cm = CostModel("ds660b", "h800")
+    for context in (-5000, float("nan")):
+        with pytest.raises(ValueError, match="context must be >= 0 for a prefill rate"):
+            cm.prefill_tokens_per_s(context, 429)
+        with pytest.raises(ValueError, match="context must be >= 0 for a GB/PFLOP ratio"):
+            cm.gb_per_pflop(context, 429)
+    assert cm.prefill_tokens_per_s(0, 429) > 0 and cm.gb_per_pflop(0, 429) == 0
 
 
 def test_fit_is_nonnegative():

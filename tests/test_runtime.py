@@ -777,6 +777,28 @@ def test_bench_runtime_launcher_runs_small(tmp_path):
     assert res["overhead_per_turn"]["wall_ms"] > 0 and (run_dir / "bench_runtime.png").exists()
 
 
+def test_bench_runtime_says_when_its_runs_are_too_small_to_fit_the_cost_model(tmp_path):
+    """One agent of one turn measures one prefill shape: the cost-model fit is underdetermined (refused since
+    2026-12-03), so the benchmark prints its measured figures, says why the simulator prediction is skipped and
+    still writes its results (it stopped with a traceback)."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "experiments.bench_runtime", "--config=configs/tiny_runtime.py:test",
+        "--config.runtime.workload.agents=1", "--config.runtime.workload.turns=1", "--skip_overhead",
+        f"--config.results_dir={tmp_path}",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "speedup basic -> dualpath" in out.stdout
+    assert "(simulator prediction skipped: prefill fit is underdetermined" in out.stdout
+    (run_dir,) = list(tmp_path.glob("bench_runtime-*"))
+    res = json.loads((run_dir / "bench_runtime.json").read_text())
+    assert res["measured_speedup"] > 0 and "simulated" not in res
+
+
 def test_compilation_cache_is_one_setting_for_every_launcher(tmp_path, monkeypatch):
     """The runtime's node processes and the model launchers share one persistent compilation cache: the directory
     from the argument, else $DUALPATH_JAX_CACHE; every executable is cached (tiny steps compile fast)."""

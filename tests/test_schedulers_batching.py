@@ -59,6 +59,25 @@ def test_compute_quota_rejects_negative_work_it_reaches():
     assert [x.request_id for x in b.form_batch([work(1, 0, 0), work(2, 0, 5)])] == [2]
 
 
+@pytest.mark.parametrize("name", ["fifo", "compute_quota"])
+def test_batchers_reject_nan_and_infinite_work(name):
+    """NaN or inf token counts passed the `< 0` checks: fifo formed items of bsz NaN or cached inf, compute_quota
+    a one-token chunk on a NaN/inf cache or a bare "cannot convert float NaN/infinity to integer"."""
+    nan, inf = float("nan"), float("inf")
+    b = make_batcher(name, cost_model=CM) if name == "compute_quota" else make_batcher(name)
+    for cached, remaining in ((0, nan), (nan, 10), (0, inf), (inf, 10)):
+        with pytest.raises(ValueError, match="prefill work 2: negative, NaN or infinite tokens"):
+            b.form_batch([work(1, 0, 0), work(2, cached, remaining)])
+    assert [(x.request_id, x.bsz) for x in b.form_batch([work(1, 7, 0), work(2, 0, 5)])] == [(2, 5)]
+
+
+def test_compute_quota_cost_model_must_have_attention_time():
+    """A model name given as cost_model (a command line's string) was an AttributeError at the first batch."""
+    with pytest.raises(TypeError, match="cost_model must be a CostModel .*got str 'ds27b'"):
+        make_batcher("compute_quota", cost_model="ds27b")
+    assert make_batcher("compute_quota", cost_model=CM).cost_model is CM
+
+
 def test_largest_fitting_bsz_matches_brute_force():
     for cached in (0, 100, 5000, 60_000):
 

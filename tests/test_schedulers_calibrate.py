@@ -30,6 +30,16 @@ def test_numpy_prefill_runs_real_forward_and_fit_is_usable():
         NumpyPrefill(CostModel("ds27b", "cpu").model, 16)
 
 
+def test_numpy_prefill_refuses_negative_cached_and_empty_items():
+    """A negative cached sliced the cache from its end and a bsz of 0 or less had no last position: numpy errors
+    about broadcasting, zero-size reductions or negative dimensions."""
+    step = NumpyPrefill(SMALL, max_context=64)
+    for item in ((-5, 8), (0, 0), (0, -3)):
+        with pytest.raises(ValueError, match=r"NumpyPrefill item \(cached=-?\d+, bsz=-?\d+\): needs cached >= 0"):
+            step(((0, 4), item))
+    assert step(((64, 1),)).shape == (1, SMALL.vocab)
+
+
 def test_time_decode_measures_each_pair():
     calls = []
 
@@ -76,3 +86,6 @@ def test_fit_report_rejects_a_zero_measured_time():
     assert fit_report(cm, [good]).n == 1
     with pytest.raises(ValueError, match="seconds > 0"):
         fit_report(cm, [good, PrefillMeasurement(((0, 8),), 0.0)])
+    for seconds in (float("inf"), float("nan")):  # inf made every relative error NaN, silently
+        with pytest.raises(ValueError, match="finite measured seconds > 0"):
+            fit_report(cm, [good, PrefillMeasurement(((0, 8),), seconds)])

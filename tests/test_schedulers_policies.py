@@ -319,7 +319,16 @@ def test_configs_reject_nan_and_out_of_range_values():
 
 def test_pending_request_rejects_impossible_token_counts():
     """A negative or hit > prompt request was placed and put a negative load on its PE or DE."""
-    for prompt, hit, gen in ((-5, 0, 0), (100, 200, 0), (100, -64, 0), (100, 64, -1), (100, float("nan"), 0)):
+    inf = float("inf")  # an infinite request never fits a DE: it held the head of the queue forever, silently
+    for prompt, hit, gen in (
+        (-5, 0, 0),
+        (100, 200, 0),
+        (100, -64, 0),
+        (100, 64, -1),
+        (100, float("nan"), 0),
+        (inf, 0, 0),
+        (100, 0, inf),
+    ):
         with pytest.raises(ValueError, match="request 7: needs 0 <= hit_tokens <= prompt_tokens"):
             req(7, prompt=prompt, hit=hit, gen=gen)
     assert req(7, prompt=0, hit=0, gen=0).total_tokens == 0  # an empty turn is allowed
@@ -334,6 +343,40 @@ def test_engine_and_node_roles_are_checked():
         NodeState(0, "prefil")
 
 
+def test_snapshot_loads_must_be_finite_and_non_negative():
+    """NaN loads compare false both ways, inf swamps every sum and a negative tok_e / read_q looks idle: every policy
+    placed on them silently (dualpath gave a DE with NaN free HBM a request, basic a PE with tok -1e6 both)."""
+    nan, inf = float("nan"), float("inf")
+    for bad in ({"tok": nan}, {"tok": -1_000_000}, {"tok": inf}, {"seq": -1}, {"free": nan}, {"free": -inf}):
+        with pytest.raises(ValueError, match=r"engine 0: loads must be numbers, tok and seq >= 0 .*got"):
+            snapshot({0: (0, [{"id": 0, **bad}])}, ONE_DE)
+    with pytest.raises(ValueError, match="engine 0: loads must be numbers"):
+        snapshot({0: (0, [{"id": 0, "tok": "5"}])}, ONE_DE)  # was "'<=' not supported" deep in a policy
+    for rq in (nan, -1, inf):
+        with pytest.raises(ValueError, match=r"node 0: read_queue_tokens and engine_tok must be >= 0"):
+            snapshot({0: (rq, [{"id": 0}])}, ONE_DE)
+    engines = {100: EngineState(100, "decode", 10)}
+    for kw in ({"engine_tok": nan}, {"engine_tok": -5}, {"engine_free_hbm_tokens": inf}):
+        with pytest.raises(ValueError, match="node 10: read_queue_tokens and engine_tok"):
+            ClusterSnapshot(0.0, engines, {10: NodeState(10, "decode", **kw)})
+    with pytest.raises(ValueError, match="engine 0: loads"):  # a runner that changes loads, then builds the snapshot
+        engines = {0: EngineState(0, "prefill", 0)}
+        engines[0].tok -= 10
+        ClusterSnapshot(0.0, engines, {0: NodeState(0, "prefill")})
+    # an over-committed DE (a request waiting at it for HBM: round_robin full_de="queue") has negative free HBM
+    snap = snapshot(PE_IDLE, {10: (0, [{"id": 100, "free": -500}, {"id": 101}])})
+    assert [a.decode_engine for a in dualpath().schedule(snap, [req(0)])] == [101]
+    assert snap.copy().engines[100].free_hbm_tokens == -500
+
+
+def test_assignment_read_side_is_checked():
+    """A custom policy's misspelt read side ("PE", "both") was accepted and recorded as the turn's read side."""
+    for side in ("PE", "both", ""):
+        with pytest.raises(ValueError, match="read_side must be 'pe', 'de' or 'split', got"):
+            schedulers.Assignment(1, 0, 100, side, 0.0)
+    assert schedulers.Assignment(1, 0, 100, "split", 0.25).de_read_fraction == 0.25
+
+
 @pytest.mark.parametrize("name", ["basic", "round_robin", "random", "dualpath", "split"])
 def test_snapshot_engine_keys_and_nodes_are_checked(name):
     kw = {"alpha_tokens": ALPHA, "beta_tokens": BETA} if name in ("dualpath", "split") else {}
@@ -344,6 +387,11 @@ def test_snapshot_engine_keys_and_nodes_are_checked(name):
     snap = snapshot(PE_IDLE, ONE_DE)
     del snap.nodes[10]  # was a bare KeyError(10) from deep inside the placement loop
     with pytest.raises(KeyError, match=r"engines on nodes \[10\] that are not in snapshot.nodes"):
+        make_policy(name, **kw).schedule(snap, [req(0)])
+    # a DE on a PE node: it shared the PE node's read queue (dualpath read every hit on the PE side), silently
+    snap = snapshot({0: (0, [{"id": 0}, {"id": 1}])}, {10: (50_000, [{"id": 100}])})
+    snap.engines[1] = EngineState(1, "decode", 0, free_hbm_tokens=10**9)
+    with pytest.raises(ValueError, match=r"engine 1 \(decode\) is on node 0 whose role is prefill"):
         make_policy(name, **kw).schedule(snap, [req(0)])
 
 
