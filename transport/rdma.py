@@ -10,7 +10,10 @@ Design:
 - a `TcpTransport` endpoint is the control channel (same address, loopback/secret rules and HMAC auth):
   it carries QP connection info, region lookups (address, rkey, size), notifications and user messages;
 - per peer, one RC QP per priority class ("high", "low"), created on `connect` and moved to RTS with the
-  peer's QP number, PSN, LID and GID exchanged over the control channel;
+  peer's QP number, PSN, LID, GID, active MTU and read depth exchanged over the control channel (both ends use
+  the smaller MTU; reads in flight never exceed what the responder serves). When both sides connect at once
+  (engines connect lazily on their first transfer) each gets its own connected set: a side posts on the first
+  set it connected and keeps the other open for the peer's posts;
 - every registered region is an MR over the caller's buffer (`MR(pd, len, access, address=ptr)`, remote
   read/write allowed), so transfers are zero-copy DMA;
 - `write`/`read` post RDMA WRITE/READ work requests (chunks of `chunk_bytes`, each signaled) and a poller
@@ -28,6 +31,7 @@ import ctypes
 import itertools
 import json
 import logging
+import queue
 import random
 import threading
 import time
@@ -44,6 +48,8 @@ from transport.base import (
     RegionError,
     Transport,
     TransportError,
+    _complete,
+    _fail,
     check_notify,
     check_priority,
 )
@@ -92,8 +98,10 @@ class _Transfer:
 class _RdmaPeer:
     def __init__(self, name: str):
         self.name = name
-        self.qps: dict[str, Any] = {}
+        self.qps: dict[str, Any] = {}  # class -> the QP this side posts on (the first set connected)
         self.slots: dict[str, threading.Semaphore] = {}  # send-queue credits per QP
+        # QP sets connected later (both sides connected at once): kept alive, as the peer may post on them
+        self.spare_qps: list[Any] = []
         self.ready = threading.Event()
         self.remote_regions: dict[str, tuple[int, int, int]] = {}  # name -> (addr, rkey, size)
         self.transfers: set[_Transfer] = set()
@@ -151,11 +159,14 @@ class RdmaTransport(Transport):
         self.gid = self.ctx.query_gid(ib_port, gid_index).gid  # string form, sent to peers
         dev_attr = self.ctx.query_device()
         self._rd_atomic = max(1, min(16, dev_attr.max_qp_rd_atom, dev_attr.max_qp_init_rd_atom))
-        self.cq = CQ(self.ctx, 4 * max_send_wr * 8, None, None, 0)
+        # Every WR is signaled: at most `cqe` may be in flight on this endpoint (all peers), or the CQ overruns.
+        cqe = max(1, min(int(dev_attr.max_cqe), 1 << 16))
+        self.cq = CQ(self.ctx, cqe, None, None, 0)
+        self._cq_credits = threading.Semaphore(cqe)
         self._mrs: dict[str, Any] = {}
         self._peers: dict[str, _RdmaPeer] = {}
         self._wr_ids = itertools.count(1)
-        self._wrs: dict[int, tuple[_Transfer, str, str]] = {}  # wr_id -> (transfer, peer, class)
+        self._wrs: dict[int, tuple[_Transfer, _RdmaPeer, str]] = {}  # wr_id -> (transfer, peer, class)
         self._req_ids = itertools.count(1)
         self._replies: dict[int, Future] = {}
         self.control = TcpTransport(name, host=host, port=port, secret=secret, timeout_s=timeout_s)
@@ -163,6 +174,14 @@ class RdmaTransport(Transport):
         self.control.on_peer_lost = self._on_control_lost
         self._poller = threading.Thread(target=self._poll_loop, name=f"rdma-{name}-cq", daemon=True)
         self._poller.start()
+        # With a pacer, one sender thread per class posts the transfers (`_post`); without, the caller does.
+        self._senders: dict[str, queue.SimpleQueue] = {cls: queue.SimpleQueue() for cls in PRIORITIES} if pacer else {}
+        self._sender_threads = [
+            threading.Thread(target=self._send_loop, args=(cls,), name=f"rdma-{name}-{cls}", daemon=True)
+            for cls in self._senders
+        ]
+        for t in self._sender_threads:
+            t.start()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -191,9 +210,11 @@ class RdmaTransport(Transport):
         req = next(self._req_ids)
         fut: Future = Future()
         self._replies[req] = fut
-        self._ctl(peer, {**msg, "req": req}).result(timeout)
         try:
+            self._ctl(peer, {**msg, "req": req}).result(timeout)
             return fut.result(timeout)
+        except TimeoutError:
+            raise PeerLostError(f"{self.name}: {peer!r} did not answer {msg['op']!r} within {timeout} s") from None
         finally:
             self._replies.pop(req, None)
 
@@ -216,9 +237,14 @@ class RdmaTransport(Transport):
                     fut.set_result(msg)
             elif op == "qp_connect":
                 # Runs on the control reader thread: QP creation is quick and the reply is only queued.
-                info = self._create_qps(peer)
-                self._connect_qps(peer, msg["info"])
-                self._reply(peer, msg["req"], info=info)
+                try:
+                    p, qps, info = self._create_qps(peer)
+                    self._connect_qps(p, qps, msg["info"])
+                except Exception as e:  # noqa: BLE001 - the peer's connect fails with it instead of timing out
+                    log.exception("%s: cannot connect queue pairs to %r", self.name, peer)
+                    self._reply(peer, msg["req"], error=f"{self.name}: cannot connect queue pairs: {e}")
+                else:
+                    self._reply(peer, msg["req"], info=info)
             elif op == "region":
                 mr = self._mrs.get(msg["name"])
                 with self._lock:
@@ -243,7 +269,12 @@ class RdmaTransport(Transport):
             self._fail_peer(p, PeerLostError(f"control channel to {peer!r} lost: {err}"))
 
     # ---- queue pairs ----------------------------------------------------------------------------------------
-    def _create_qps(self, peer: str) -> dict:
+    def _create_qps(self, peer: str) -> tuple[_RdmaPeer, dict[str, tuple[Any, int]], dict]:
+        """A new set of QPs to `peer` (one per class, in INIT) and the info the peer needs to connect to them.
+
+        Each `connect` (ours, or the peer's handled in `_on_control`) makes its own set, so two sides connecting
+        at the same time get two connected sets; `_connect_qps` posts on the first one (see `_RdmaPeer`).
+        """
         from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
 
         e = self._e
@@ -251,43 +282,68 @@ class RdmaTransport(Transport):
             p = self._peers.get(peer)
             if p is None or p.dead is not None:
                 p = self._peers[peer] = _RdmaPeer(peer)
-        info: dict[str, Any] = {"lid": self.port_attr.lid, "gid": self.gid, "qps": {}}
-        for cls in PRIORITIES:
-            cap = QPCap(max_send_wr=self.max_send_wr, max_recv_wr=1, max_send_sge=1, max_recv_sge=1)
-            init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, cap=cap, sq_sig_all=1)
-            attr = QPAttr(port_num=self.ib_port)
-            attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
-            qp = QP(self.pd, init, attr)  # -> INIT
-            psn = random.getrandbits(24)
-            p.qps[cls] = (qp, psn)
-            p.slots[cls] = threading.Semaphore(self.max_send_wr)
-            info["qps"][cls] = {"qpn": qp.qp_num, "psn": psn}
-        return info
+        info: dict[str, Any] = {
+            "lid": self.port_attr.lid,
+            "gid": self.gid,
+            "mtu": int(self.port_attr.active_mtu),
+            "rd_atomic": self._rd_atomic,
+            "qps": {},
+        }
+        qps: dict[str, tuple[Any, int]] = {}
+        try:
+            for cls in PRIORITIES:
+                cap = QPCap(max_send_wr=self.max_send_wr, max_recv_wr=1, max_send_sge=1, max_recv_sge=1)
+                init = QPInitAttr(qp_type=e.IBV_QPT_RC, scq=self.cq, rcq=self.cq, cap=cap, sq_sig_all=1)
+                attr = QPAttr(port_num=self.ib_port)
+                attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
+                qp = QP(self.pd, init, attr)  # -> INIT
+                psn = random.getrandbits(24)
+                qps[cls] = (qp, psn)
+                info["qps"][cls] = {"qpn": qp.qp_num, "psn": psn}
+        except BaseException:
+            for qp, _ in qps.values():
+                qp.close()
+            raise
+        return p, qps, info
 
-    def _connect_qps(self, peer: str, remote: dict) -> None:
+    def _connect_qps(self, p: _RdmaPeer, qps: dict[str, tuple[Any, int]], remote: dict) -> None:
+        """Move a set from `_create_qps` to RTS against the peer's set `remote`; the first set of a peer is the
+        one this side posts on, later ones stay open for the peer's posts."""
         from pyverbs.addr import GID, AHAttr, GlobalRoute
         from pyverbs.qp import QPAttr
 
         e = self._e
-        p = self._peers[peer]
-        for cls in PRIORITIES:
-            qp, psn = p.qps[cls]
-            r = remote["qps"][cls]
-            attr = QPAttr(port_num=self.ib_port)
-            attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
-            attr.path_mtu = min(self.port_attr.active_mtu, e.IBV_MTU_4096)
-            attr.dest_qp_num = r["qpn"]
-            attr.rq_psn = psn  # what we expect to receive = the peer's sq_psn (it sets sq_psn to our psn)
-            attr.sq_psn = r["psn"]
-            attr.max_dest_rd_atomic = self._rd_atomic
-            attr.max_rd_atomic = self._rd_atomic
-            attr.min_rnr_timer = 12
-            attr.timeout = 14  # 4.096 us * 2**14 = 67 ms per try
-            attr.retry_cnt = 7  # a dead peer fails a work request after ~0.5 s
-            attr.rnr_retry = 7
-            gr = GlobalRoute(dgid=GID(remote["gid"]), sgid_index=self.gid_index)
-            attr.ah_attr = AHAttr(port_num=self.ib_port, is_global=1, gr=gr, dlid=remote["lid"])
-            qp.to_rts(attr)
+        try:
+            for cls in PRIORITIES:
+                qp, psn = qps[cls]
+                r = remote["qps"][cls]
+                attr = QPAttr(port_num=self.ib_port)
+                attr.qp_access_flags = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
+                # both ends must use the same path MTU: the smaller active MTU of the two ports
+                attr.path_mtu = min(int(self.port_attr.active_mtu), int(remote["mtu"]), e.IBV_MTU_4096)
+                attr.dest_qp_num = r["qpn"]
+                attr.rq_psn = psn  # what we expect to receive = the peer's sq_psn (it sets sq_psn to our psn)
+                attr.sq_psn = r["psn"]
+                attr.max_dest_rd_atomic = self._rd_atomic  # reads we serve at once (what we told the peer)
+                attr.max_rd_atomic = min(self._rd_atomic, int(remote["rd_atomic"]))  # never more than it serves
+                attr.min_rnr_timer = 12
+                attr.timeout = 14  # 4.096 us * 2**14 = 67 ms per try
+                attr.retry_cnt = 7  # a dead peer fails a work request after ~0.5 s
+                attr.rnr_retry = 7
+                # hop_limit is RoCE v2's IP TTL: the default 1 drops every packet routed across a subnet
+                gr = GlobalRoute(dgid=GID(remote["gid"]), sgid_index=self.gid_index, hop_limit=255)
+                attr.ah_attr = AHAttr(port_num=self.ib_port, is_global=1, gr=gr, dlid=remote["lid"])
+                qp.to_rts(attr)
+        except BaseException:
+            for qp, _ in qps.values():
+                qp.close()
+            raise
+        with p.lock:
+            if p.qps:
+                p.spare_qps.extend(qp for qp, _ in qps.values())
+            else:
+                p.slots = {cls: threading.Semaphore(self.max_send_wr) for cls in PRIORITIES}
+                p.qps = {cls: qp for cls, (qp, _) in qps.items()}
         p.ready.set()
 
     def connect(self, peer: str, address: Any, timeout: float = 10.0) -> None:
@@ -296,9 +352,16 @@ class RdmaTransport(Transport):
         if p is not None and p.dead is None and p.ready.is_set():
             return
         self.control.connect(peer, address, timeout)
-        info = self._create_qps(peer)
-        reply = self._ask(peer, {"op": "qp_connect", "info": info}, timeout)
-        self._connect_qps(peer, reply["info"])
+        p, qps, info = self._create_qps(peer)
+        try:
+            reply = self._ask(peer, {"op": "qp_connect", "info": info}, timeout)
+            if "error" in reply:
+                raise TransportError(f"{self.name}: {peer!r} refused the RDMA connection: {reply['error']}")
+        except BaseException:
+            for qp, _ in qps.values():
+                qp.close()
+            raise
+        self._connect_qps(p, qps, reply["info"])
 
     def peers(self) -> list[str]:
         with self._lock:
@@ -316,6 +379,8 @@ class RdmaTransport(Transport):
     def remote_region(self, peer: str, name: str, timeout: float = 10.0) -> tuple[int, int, int]:
         """(address, rkey, size) of the peer's region `name` (asked once, then cached)."""
         p = self._peer(peer)
+        if not isinstance(name, str):  # (region names are strings; a peer is never asked for another name)
+            raise RegionError(f"peer {peer!r} has no region {name!r}")
         info = p.remote_regions.get(name)
         if info is None:
             r = self._ask(peer, {"op": "region", "name": name}, timeout)
@@ -323,6 +388,21 @@ class RdmaTransport(Transport):
                 raise RegionError(f"peer {peer!r}: {r['error']}")
             info = p.remote_regions[name] = (int(r["addr"]), int(r["rkey"]), int(r["size"]))
         return info
+
+    def _remote_range(self, peer: str, name: str, offset: int, length: int, what: str) -> tuple[int, int]:
+        """(address, rkey) of the peer's region `name`; `RegionError` unless [offset, offset+length) is inside."""
+        if not isinstance(offset, int):
+            raise RegionError(f"{what} {peer}:{name}: the remote offset must be an int, got {offset!r}")
+        raddr, rkey, size = self.remote_region(peer, name)
+        if offset < 0 or offset + length > size:
+            raise RegionError(
+                f"{what} {peer}:{name}: [{offset}, {offset + length}) is outside the region of {size} bytes"
+            )
+        return raddr, rkey
+
+    def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
+        """`write_many` checks every entry's remote range before posting any (region info is cached per peer)."""
+        self._remote_range(peer, region, offset, length, "write to")
 
     # ---- transfers ------------------------------------------------------------------------------------------
     def _post(
@@ -337,13 +417,12 @@ class RdmaTransport(Transport):
         length: int,
         on_done=None,
     ) -> Future:
-        from pyverbs.wr import SGE, SendWR
-
+        """A transfer's future; its work requests are posted here, or with a pacer by the class's sender thread
+        (so a paced transfer never blocks the caller, as on the other backends)."""
         fut: Future = Future()
-        mr = self._mrs[local.name]
-        chunks = [(o, min(self.chunk_bytes, length - o)) for o in range(0, length, self.chunk_bytes)]
-        t = _Transfer(fut, p.name, length, len(chunks), on_done)
-        if not chunks:  # a 0-byte transfer has nothing to post
+        nwr = -(-length // self.chunk_bytes)
+        t = _Transfer(fut, p.name, length, nwr, on_done)
+        if not nwr:  # a 0-byte transfer has nothing to post
             fut.set_result(0)
             if on_done is not None:
                 on_done()
@@ -352,21 +431,53 @@ class RdmaTransport(Transport):
             if p.dead is not None:
                 raise PeerLostError(f"peer {p.name!r} is gone: {p.dead}")
             p.transfers.add(t)
-        qp, _ = p.qps[cls]
+        job = (t, p, cls, opcode, local, local_offset, raddr, rkey)
+        if self._senders:
+            self._senders[cls].put(job)
+        else:
+            self._post_wrs(*job)
+        return fut
+
+    def _send_loop(self, cls: str) -> None:
+        """Paced endpoints: post the class's transfers in order, each chunk once the pacer lets its bytes go."""
+        jobs = self._senders[cls]
+        while (job := jobs.get()) is not None:
+            t, p = job[0], job[1]
+            if p.dead is not None or self.closed:
+                continue  # (failed by `_fail_peer` / `close`)
+            try:
+                self._post_wrs(*job)
+            except Exception as e:  # noqa: BLE001 - a pacer or verbs error fails this transfer and the peer
+                log.exception("%s: posting to %r failed", self.name, p.name)
+                _fail(t.fut, e)
+                self._fail_peer(p, PeerLostError(f"posting to {p.name!r} failed: {e}"))
+
+    def _post_wrs(self, t: _Transfer, p: _RdmaPeer, cls: str, opcode: int, local, local_offset, raddr, rkey) -> None:
+        from pyverbs.wr import SGE, SendWR
+
+        length = t.length
+        mr = self._mrs[local.name]
+        qp = p.qps[cls]
         paced = iter(self._paced_chunks(length, cls, self.chunk_bytes)) if self.pacer is not None else None
         credit = 0  # bytes the pacer has let go and no WR has used yet
-        for o, n in chunks:
+        for o in range(0, length, self.chunk_bytes):
+            n = min(self.chunk_bytes, length - o)
             if paced is not None:  # pacer chunks need not align with WRs: post once all of this WR's bytes may go
                 while credit < n:
                     credit += next(paced)
                 credit -= n
             if not p.slots[cls].acquire(timeout=self.timeout_s):
                 self._fail_peer(p, PeerLostError(f"send queue to {p.name!r} stuck for {self.timeout_s} s"))
-                break
-            if p.dead is not None:
-                break
+                return
+            if not self._cq_credits.acquire(timeout=self.timeout_s):
+                p.slots[cls].release()
+                self._fail_peer(p, PeerLostError(f"{self.name}: completion queue full for {self.timeout_s} s"))
+                return
+            if p.dead is not None or self.closed:
+                self._release_wr(p, cls)
+                return
             wr_id = next(self._wr_ids)
-            self._wrs[wr_id] = (t, p.name, cls)
+            self._wrs[wr_id] = (t, p, cls)
             sge = SGE(_buffer_address(local.view) + local_offset + o, n, mr.lkey)
             wr = SendWR(wr_id=wr_id, opcode=opcode, num_sge=1, sg=[sge])
             wr.set_wr_rdma(rkey, raddr + o)
@@ -374,13 +485,16 @@ class RdmaTransport(Transport):
                 qp.post_send(wr)
             except Exception as e:  # noqa: BLE001
                 self._wrs.pop(wr_id, None)
-                p.slots[cls].release()
+                self._release_wr(p, cls)
                 self._fail_peer(p, PeerLostError(f"post_send to {p.name!r} failed: {e}"))
-                break
-        return fut
+                return
+
+    def _release_wr(self, p: _RdmaPeer, cls: str) -> None:
+        """A work request completed (or was never posted): its send-queue slot and CQ entry are free again."""
+        p.slots[cls].release()
+        self._cq_credits.release()
 
     def _poll_loop(self) -> None:
-        e = self._e
         while not self.closed:
             try:
                 npolled, wcs = self.cq.poll(num_entries=32)
@@ -394,28 +508,29 @@ class RdmaTransport(Transport):
                 time.sleep(20e-6)
                 continue
             for wc in wcs[:npolled]:
-                entry = self._wrs.pop(wc.wr_id, None)
-                if entry is None:
-                    continue
-                t, peer, cls = entry
-                p = self._peers.get(peer)
-                if p is not None:
-                    p.slots[cls].release()
-                if wc.status != e.IBV_WC_SUCCESS:
-                    err = PeerLostError(f"RDMA work request to {peer!r} failed with status {wc.status}")
-                    if not t.fut.done():
-                        t.fut.set_exception(err)
-                    if p is not None:
-                        self._fail_peer(p, err)
-                    continue
-                if t.complete_one():
-                    if p is not None:
-                        with p.lock:
-                            p.transfers.discard(t)
-                    if t.on_done is not None:
-                        t.on_done()
-                    elif not t.fut.done():
-                        t.fut.set_result(t.length)
+                try:
+                    self._complete_wc(wc)
+                except Exception:  # noqa: BLE001 - the poller must outlive one bad completion
+                    log.exception("%s: completing work request %d failed", self.name, wc.wr_id)
+
+    def _complete_wc(self, wc) -> None:
+        entry = self._wrs.pop(wc.wr_id, None)
+        if entry is None:
+            return
+        t, p, cls = entry
+        self._release_wr(p, cls)
+        if wc.status != self._e.IBV_WC_SUCCESS:
+            err = PeerLostError(f"RDMA work request to {p.name!r} failed with status {wc.status}")
+            _fail(t.fut, err)
+            self._fail_peer(p, err)
+            return
+        if t.complete_one():
+            with p.lock:
+                p.transfers.discard(t)
+            if t.on_done is not None:
+                t.on_done()
+            else:
+                _complete(t.fut, t.length)
 
     def _fail_peer(self, p: _RdmaPeer, err: BaseException) -> None:
         with p.lock:
@@ -424,8 +539,7 @@ class RdmaTransport(Transport):
             p.dead = err
             transfers, p.transfers = list(p.transfers), set()
         for t in transfers:
-            if not t.fut.done():
-                t.fut.set_exception(err)
+            _fail(t.fut, err)
 
     def write(
         self,
@@ -443,17 +557,12 @@ class RdmaTransport(Transport):
         src = self.region(local_region)
         src.check(local_offset, length, f"write from {self.name}:{local_region}")
         p = self._peer(peer)
-        raddr, rkey, size = self.remote_region(peer, remote_region)
-        if remote_offset < 0 or remote_offset + length > size:
-            raise RegionError(
-                f"write to {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is "
-                f"outside the region of {size} bytes"
-            )
+        raddr, rkey = self._remote_range(peer, remote_region, remote_offset, length, "write to")
         on_done = None
         result: Future = Future()
         if notify is not None:
 
-            def on_done() -> None:  # data placed at the responder: tell it, then complete
+            def on_done() -> None:  # data placed at the responder: tell it, then complete (runs on the poller)
                 msg = {
                     "op": "notify",
                     "tag": int(notify),
@@ -461,9 +570,13 @@ class RdmaTransport(Transport):
                     "offset": remote_offset,
                     "length": length,
                 }
-                sent = self._ctl(peer, msg)
+                try:
+                    sent = self._ctl(peer, msg)
+                except Exception as e:  # noqa: BLE001 - control channel gone (peer lost, endpoint closed)
+                    _fail(result, e)
+                    return
                 sent.add_done_callback(
-                    lambda f: result.set_exception(f.exception()) if f.exception() else result.set_result(length)
+                    lambda f: _fail(result, f.exception()) if f.exception() else _complete(result, length)
                 )
 
         inner = self._post(
@@ -471,7 +584,7 @@ class RdmaTransport(Transport):
         )
         if notify is None:
             return inner
-        inner.add_done_callback(lambda f: result.set_exception(f.exception()) if f.exception() else None)
+        inner.add_done_callback(lambda f: _fail(result, f.exception()) if f.exception() else None)
         return result
 
     def read(
@@ -488,12 +601,7 @@ class RdmaTransport(Transport):
         dst = self.region(local_region)
         dst.check(local_offset, length, f"read into {self.name}:{local_region}")
         p = self._peer(peer)
-        raddr, rkey, size = self.remote_region(peer, remote_region)
-        if remote_offset < 0 or remote_offset + length > size:
-            raise RegionError(
-                f"read from {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is "
-                f"outside the region of {size} bytes"
-            )
+        raddr, rkey = self._remote_range(peer, remote_region, remote_offset, length, "read from")
         return self._post(p, priority, self._e.IBV_WR_RDMA_READ, dst, local_offset, raddr + remote_offset, rkey, length)
 
     def send(self, peer: str, payload: bytes) -> Future:
@@ -506,10 +614,14 @@ class RdmaTransport(Transport):
         err = PeerLostError(f"endpoint {self.name!r} closed")
         for p in list(self._peers.values()):
             self._fail_peer(p, err)
+        for jobs in self._senders.values():
+            jobs.put(None)
         self.control.close()
         self._poller.join(timeout=2)
+        for t in self._sender_threads:  # (before the QPs close under them)
+            t.join(timeout=2)
         for p in self._peers.values():
-            for qp, _ in p.qps.values():
+            for qp in [*p.qps.values(), *p.spare_qps]:
                 qp.close()
         for mr in self._mrs.values():
             mr.close()

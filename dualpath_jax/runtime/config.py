@@ -2,8 +2,10 @@
 
 `RuntimeConfig.from_config_dict(cfg)` turns an `ml_collections.ConfigDict` into these frozen dataclasses and
 `validate()` rejects bad settings with an error naming the field *before* any engine starts: unknown policy,
-batcher, transport, launcher or model; a host buffer that cannot hold one request's prompt KV; a decode slot
-too short for the longest trajectory. A P/D ratio outside the paper's bottleneck-free range only warns.
+batcher, transport, launcher or model; transport 'rdma' where pyverbs or an RDMA device is missing (on the
+driver's host; with Ray, each actor's host is checked when its endpoints start); a host buffer that cannot hold
+one request's prompt KV; a decode slot too short for the longest trajectory. A P/D ratio outside the paper's
+bottleneck-free range only warns.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 LAUNCHERS = ("inprocess", "local", "ray")
-TRANSPORT_NAMES = ("inproc", "tcp")
+TRANSPORT_NAMES = ("inproc", "tcp", "rdma")  # rdma: pyverbs and an RDMA device (checked by `validate`)
 
 
 class ConfigError(ValueError):
@@ -211,10 +213,14 @@ def validate(
         raise ConfigError(f"config.launcher {cfg.launcher!r} unknown; known: {', '.join(LAUNCHERS)}")
     if cfg.transport not in TRANSPORT_NAMES:
         raise ConfigError(f"config.transport {cfg.transport!r} unknown; known: {', '.join(TRANSPORT_NAMES)}")
-    if cfg.launcher == "inprocess" and cfg.transport not in ("inproc", "tcp"):
-        raise ConfigError(f"config.transport {cfg.transport!r} cannot run in-process")
     if cfg.launcher != "inprocess" and cfg.transport == "inproc":
         raise ConfigError("config.transport 'inproc' needs config.launcher='inprocess' (engines in one process)")
+    if cfg.transport == "rdma":  # (every launcher: rdma endpoints of one process talk through the NIC's loopback)
+        from transport.rdma import rdma_unavailable_reason  # imports pyverbs only here, and only if installed
+
+        reason = rdma_unavailable_reason()
+        if reason is not None:
+            raise ConfigError(f"config.transport='rdma' cannot run on this host: {reason}")
     if cfg.launcher == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("config.launcher='ray' needs ray, which is not installed: pip install -e '.[ray]'")
     try:

@@ -1,11 +1,11 @@
 """Launchers: where the engine groups run. All three run the same `EngineGroup` code.
 
-- `InProcessLauncher`: every group in a thread of the driver process (tests; "inproc" or "tcp" transport);
-  one `ModelOps` (weights + jitted steps) shared by all engines, so a test compiles once.
+- `InProcessLauncher`: every group in a thread of the driver process (tests; "inproc", "tcp" or "rdma"
+  transport); one `ModelOps` (weights + jitted steps) shared by all engines, so a test compiles once.
 - `LocalProcessLauncher`: one OS process per node (the default main job): each builds its own model,
-  opens the shared store directory, paces its own NICs, talks TCP to the other nodes and to the global
-  scheduler (multiprocessing.connection with an auth key). A node can be killed (`kill(node_id)`) to
-  exercise failure handling.
+  opens the shared store directory, paces its own NICs, moves KV to the other nodes over `config.transport`
+  ("tcp" or "rdma") and talks to the global scheduler (multiprocessing.connection with an auth key). A node
+  can be killed (`kill(node_id)`) to exercise failure handling.
 - `RayLauncher` (runtime/ray_launcher.py): one Ray actor per node, placed on cluster nodes.
 """
 
@@ -135,7 +135,8 @@ def _transport_factory(cfg: RuntimeConfig):
         fabric = InProcFabric()  # one fabric per run: endpoint names never clash across runs
 
         return lambda name, pacer: make_transport({"backend": "inproc", "name": name, "fabric": fabric}, pacer=pacer)
-    return lambda name, pacer: make_transport({"backend": "tcp", "name": name}, pacer=pacer)
+    # "tcp", or "rdma" (same address rules: its control channel is a TCP endpoint, loopback here)
+    return lambda name, pacer: make_transport({"backend": cfg.transport, "name": name}, pacer=pacer)
 
 
 # ------------------------------------------------------------------------------------------------- local

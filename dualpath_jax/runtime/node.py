@@ -1,7 +1,8 @@
 """One node (engine group): its engines, its SNIC, its host buffer pool, and the leader's fetch loop.
 
 A node is all-prefill or all-decode (DESIGN.md). Its engines share the node's storage NIC and host buffer
-budget; each engine has its own CNIC (its transport endpoint, paced as the engine's compute NIC, KV at low
+budget; each engine has its own CNIC (its transport endpoint of `config.transport`, built by the launcher and
+used only through the common `transport.Transport` interface; paced as the engine's compute NIC, KV at low
 priority). The group leader fetches from the global scheduler every `fetch_interval_s`, sending the
 group's events and getting tasks, cancellations and the engine directory back. The same class runs in a
 thread (in-process launcher), in its own process (local launcher) or in a Ray actor.
@@ -63,7 +64,7 @@ class EngineGroup:
         model,
         store,
         control,  # LocalControlClient | SocketControlClient
-        make_transport: Callable[[str, object], object],  # (endpoint name, pacer) -> Transport
+        make_transport: Callable[[str, object], object],  # (endpoint name, pacer) -> Transport (inproc/tcp/rdma)
         traffic,  # dualpath_jax.traffic.TrafficManager of this process
         batcher_factory: Callable[[], object] | None = None,
     ):

@@ -8,12 +8,17 @@
         --config.runtime.nics.snic_bytes_per_s=1e12 --config.runtime.nics.cnic_bytes_per_s=1e12
 
 The driver (global scheduler service) runs where the command runs and listens on that host's address with
-an auth key; each actor builds the model, opens the shared store, starts one TCP transport endpoint per
-engine bound to its host's address with a shared secret (peers prove it at connect), and runs the same
-`EngineGroup` as the local launcher. Actors are spread over the cluster's hosts (`SPREAD`), one per node of
-the config; give hosts a custom resource (`ray start --resources='{"dualpath_node": 1}'`) and set
-`RAY_NODE_RESOURCE=dualpath_node` to place exactly one actor per such host. With real NICs set the NIC caps
-to unpaced values (as above): pacing only emulates NIC ratios on one machine.
+an auth key; each actor builds the model, opens the shared store, starts one transport endpoint per engine
+(`config.transport`: "tcp", or "rdma" whose control channel is a TCP endpoint) bound to its host's address
+with a shared secret (peers prove it at connect), and runs the same `EngineGroup` as the local launcher.
+Actors are spread over the cluster's hosts (`SPREAD`), one per node of the config; give hosts a custom
+resource (`ray start --resources='{"dualpath_node": 1}'`) and set `RAY_NODE_RESOURCE=dualpath_node` to place
+exactly one actor per such host. With real NICs set the NIC caps to unpaced values (as above): pacing only
+emulates NIC ratios on one machine.
+
+RDMA (`--config.runtime.transport=rdma`, `pip install -e ".[rdma]"` on every host): the driver's host is
+checked for pyverbs and an RDMA device before anything starts; an actor whose host lacks them raises at start
+with the reason (in the Ray log) and the run fails naming that node.
 """
 
 from __future__ import annotations
@@ -57,8 +62,9 @@ class _RayNode:
         store = open_store(cfg, block_layout(cfg, ops))
         control = SocketControlClient(control_address, authkey)
 
-        def transport(name, pacer):
-            return make_transport({"backend": "tcp", "name": name, "host": host, "secret": secret}, pacer=pacer)
+        def transport(name, pacer):  # "tcp" or "rdma" (whose control channel is a TCP endpoint: same host, secret)
+            endpoint = {"backend": cfg.transport, "name": name, "host": host, "secret": secret}
+            return make_transport(endpoint, pacer=pacer)
 
         try:
             EngineGroup(
