@@ -134,6 +134,21 @@ def test_two_engines_per_node(base, ops, trajs, reference):
     assert {r.prefill_engine for r in res.records} <= {0, 1} and {r.decode_engine for r in res.records} <= {2, 3, 4, 5}
 
 
+def test_first_token_is_out_when_the_request_runs_on_its_decode_engine(base, ops, trajs, reference):
+    """TTFT ends when the request runs in a decode slot with its prompt KV loaded (the simulator's definition; the
+    metrics are compared field by field). With one slot per DE, turns waiting for it used to get their first
+    token stamped when the PE's prefill_done arrived, so a DE's [first token, finished] spans overlapped."""
+    cfg = base.replace(**{"scheduler.name": "dualpath", "cluster.decode_slots": 1})
+    res = driver.run(cfg, trajs, model_ops=ops)
+    assert_matches_reference(res, reference, trajs)
+    for de in {r.decode_engine for r in res.records}:
+        spans = sorted((r.first_token, r.finished) for r in res.records if r.decode_engine == de)
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert start >= end - 1e-6, f"DE {de} ran two turns at once in its one slot: {spans}"
+    for r in res.records:
+        assert r.prefill_end <= r.first_token + 1e-6
+
+
 def test_compute_quota_batcher(base, ops, trajs, reference):
     """The paper's intra-engine policy: a quota small enough to chunk most requests (cost model of this CPU)."""
     cfg = base.replace(**{"scheduler.name": "dualpath", "scheduler.batcher": "compute_quota"})

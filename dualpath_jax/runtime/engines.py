@@ -584,8 +584,7 @@ class DecodeEngine(EngineBase):
             elif item["kind"] == "prefill_done":
                 r.prefill_done = True
                 r.final_hit = item["hit_tokens"]
-                r.tokens = [item["first_token"]]
-                self.emit("first_token", r.task.request_id, r.task.attempt)
+                r.tokens = [item["first_token"]]  # out once the request runs in a decode slot (`_admit`)
         elif kind == "read_done":
             job, ok, nbytes, t0, t1 = item
             r = self.reqs.get((job.request_id, job.attempt))
@@ -679,6 +678,9 @@ class DecodeEngine(EngineBase):
             r.stage = "decoding"
             r.length = t.prompt_tokens
             self.slot_req[slot] = r
+            # The PE computed the first token; it is out when the request runs on the DE, its prompt KV loaded
+            # (the simulator's definition: TTFT includes the wait for a slot and the H2D, TPOT does not).
+            self.emit("first_token", t.request_id, t.attempt)
             if len(r.tokens) >= t.gen_tokens:
                 self._finish_tokens(r)
 
