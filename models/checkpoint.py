@@ -7,7 +7,10 @@ dtype, an unreadable file or an unknown architecture raises ValueError naming th
 ``safetensors`` is the optional ``hf`` extra, imported lazily.
 
 ``save_params(dir, params)`` / ``restore_params(dir, config) -> params`` use orbax-checkpoint; params are
-an ``nnx.State`` or its pure dict (what ModelRunner accepts and exposes).
+an ``nnx.State`` or its pure dict (what ModelRunner accepts and exposes). ``save_params`` refuses an existing
+``dir`` and a leaf that is not a numeric array (naming it) before writing anything; a save that fails midway
+(disk full, a file-size limit, an interrupt) removes what it wrote (orbax's ``<dir>.orbax-checkpoint-tmp*``,
+parent directories it created) and raises ValueError naming ``dir``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -143,9 +147,51 @@ def load_hf_checkpoint(checkpoint_dir: str | os.PathLike, dtype: str = "float32"
     return config, hf_tensors_to_params(config, _read_safetensors(Path(checkpoint_dir)))
 
 
-def _to_pure(params) -> dict:
-    pure = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
-    return jax.tree.map(np.asarray, pure)
+def _saveable(params, path: tuple = ()) -> dict:
+    """params (nnx.State or nested dict of arrays) -> nested dict of numpy arrays with str keys, or an error
+    naming the first leaf orbax cannot store (it failed deep in tensorstore, "Unsupported data type", after
+    creating its temporary directory; a None leaf was dropped from the checkpoint silently)."""
+    if not path:
+        if isinstance(params, nnx.State):
+            params = nnx.to_pure_dict(params)
+        if not isinstance(params, dict):
+            raise ValueError(f"params must be an nnx.State or a dict of arrays, got {type(params).__name__}")
+        if not params:
+            raise ValueError("params: empty, nothing to save")
+    out = {}
+    for k, v in params.items():
+        name = "/".join(map(str, path + (k,)))
+        if isinstance(v, dict):
+            out[str(k)] = _saveable(v, path + (k,))
+            continue
+        if v is None or isinstance(v, (str, bytes)):
+            raise ValueError(f"params: {name} is {v!r}, not an array")
+        arr = np.asarray(v)
+        if not (arr.dtype.kind in "biufc" or (arr.dtype.kind == "V" and arr.dtype.type.__module__ == "ml_dtypes")):
+            raise ValueError(f"params: {name} has dtype {arr.dtype}; only numeric arrays can be saved")
+        out[str(k)] = arr
+    return out
+
+
+def _remove_partial_save(path: Path, created: Path | None) -> None:
+    """What a failed save left: orbax's temporary directories for `path`, `path` itself (it did not exist
+    before: save_params refuses an existing one) and the parent directories the save created."""
+    leftovers = list(path.parent.glob(f"{path.name}.orbax-checkpoint-tmp*")) if path.parent.is_dir() else []
+    for p in leftovers + [path]:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink(missing_ok=True)
+    if created is not None:
+        d = path.parent
+        while True:  # only directories this save created, and only when empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+            if d == created:
+                break
+            d = d.parent
 
 
 def _str_keys(tree):
@@ -160,32 +206,77 @@ def _int_keys(tree):
 
 
 def save_params(checkpoint_dir: str | os.PathLike, params) -> None:
-    """Save params (nnx.State or pure dict) with orbax to `checkpoint_dir` (must not exist yet)."""
+    """Save params (nnx.State or pure dict) with orbax to `checkpoint_dir` (must not exist yet).
+
+    All or nothing: a save that fails removes what it wrote and raises ValueError naming the directory; an
+    existing checkpoint is never touched."""
     import orbax.checkpoint as ocp
 
     path = Path(checkpoint_dir).absolute()
+    if path.exists() or path.is_symlink():
+        raise ValueError(f"{checkpoint_dir}: already exists (save_params never overwrites a checkpoint)")
+    tree = _saveable(params)
+    created = next((p for p in reversed(path.parents) if not p.exists()), None)  # first missing ancestor
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path, _str_keys(_to_pure(params)))
-    ckptr.wait_until_finished()
+    try:
+        try:
+            ckptr.save(path, tree)
+            ckptr.wait_until_finished()
+        except BaseException as e:
+            try:
+                ckptr.wait_until_finished()  # no background write may still run into what is removed next
+            except BaseException:  # noqa: BLE001 -- the same failure, already being handled
+                pass
+            _remove_partial_save(path, created)
+            if isinstance(e, Exception):
+                raise ValueError(f"{checkpoint_dir}: saving failed, nothing was kept: {e}") from e
+            raise
+    finally:
+        ckptr.close()
 
 
 def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
-    """Restore params saved by save_params for `config` (shapes/dtypes checked against the config)."""
+    """Restore params saved by save_params for `config` (shapes/dtypes checked against the config).
+
+    ValueError naming the directory: no such path; not an orbax checkpoint; a param tree that does not match
+    the config's model (names the first missing / extra / differently shaped param); a checkpoint whose
+    files cannot be read (damaged or incomplete)."""
     import orbax.checkpoint as ocp
 
     path = Path(checkpoint_dir).absolute()
     if not path.exists():
         raise ValueError(f"{checkpoint_dir}: no such checkpoint")
+    if not path.is_dir():  # orbax: "Found incomplete checkpoint", reported as a config mismatch
+        raise ValueError(f"{checkpoint_dir}: not an orbax checkpoint (not a directory)")
     target = _str_keys(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params(config)))
     ckptr = ocp.StandardCheckpointer()
     mismatch = f"{checkpoint_dir}: checkpoint does not match {config.architecture} config"
     try:
+        saved = ckptr.metadata(path).item_metadata  # None: no _METADATA, or it could not be read
+    except FileNotFoundError:
+        saved = None
+    if saved is None:
+        raise ValueError(f"{checkpoint_dir}: not an orbax checkpoint, or an incomplete one (no readable metadata)")
+    # The saved tree against the config's, before reading any array: orbax named neither side of a mismatch
+    # ("tree structures do not match") and a read error of a damaged checkpoint came out as a mismatch too.
+    saved_shapes = {
+        tuple(str(getattr(k, "key", k)) for k in p): tuple(getattr(leaf, "shape", ()))
+        for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
+    }
+    wanted = {tuple(p): tuple(want.shape) for p, want in _flat_paths(target)}
+    for p, shape in wanted.items():
+        if p not in saved_shapes:
+            raise ValueError(f"{mismatch}: {'/'.join(p)} is not in the checkpoint")
+        if saved_shapes[p] != shape:
+            raise ValueError(f"{mismatch}: {'/'.join(p)} has shape {saved_shapes[p]}; expected {shape}")
+    extra = sorted(set(saved_shapes) - set(wanted))
+    if extra:  # e.g. a deeper model's layers, or an lm_head for a tied config
+        raise ValueError(f"{mismatch}: the checkpoint has {'/'.join(extra[0])}, not a param of this config's model")
+    try:
         restored = ckptr.restore(path, target)
-    except FileNotFoundError as e:  # a directory without orbax's _METADATA
-        raise ValueError(f"{checkpoint_dir}: not an orbax checkpoint ({e})") from e
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{mismatch}: {e}") from e
-    # orbax restores the saved shapes, not the target's: a checkpoint of another vocab or width loaded as is
+    except Exception as e:  # tensorstore NOT_FOUND / FAILED_PRECONDITION / DATA_LOSS: files missing or damaged
+        raise ValueError(f"{checkpoint_dir}: cannot read the checkpoint (damaged or incomplete?): {e}") from e
+    # orbax restores the saved shapes, not the target's (checked above from the metadata; kept as a guard)
     for p, want in _flat_paths(target):
         got = _get(restored, p)
         if tuple(got.shape) != tuple(want.shape):

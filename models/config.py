@@ -41,14 +41,43 @@ def hf_float(d: dict, key: str, default: float, where: str = "config.json") -> f
     return float(v)
 
 
+def hf_bool(d: dict, key: str, default: bool = False, where: str = "config.json") -> bool:
+    """An optional boolean HF config field (`default` when absent or null): JSON true or false."""
+    v = d.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):  # bool("false") is True: a tied head or a bias switched on silently
+        raise ValueError(f"{where}: field {key!r} must be true or false, got {v!r}")
+    return v
+
+
 def check_hf_unsupported(d: dict, where: str = "config.json") -> None:
     """Refuse HF config settings these models do not implement, which would otherwise be ignored and change the
     numbers silently: an activation other than SiLU, sliding-window attention."""
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"{where}: hidden_act={act!r} is not supported (silu)")
-    if d.get("use_sliding_window"):
+    if hf_bool(d, "use_sliding_window", False, where):
         raise ValueError(f"{where}: use_sliding_window=true is not supported (full attention only)")
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_dtype(dtype) -> None:
+    """The config dtype is that of params, activations and KV records: a float type JAX computes in as named.
+
+    "float64" gave float32 arrays (JAX without x64) under a layout of 8-byte records; "int8" failed in the
+    random init; "bf16" deep in numpy."""
+    if dtype in _DTYPES:
+        return
+    if dtype == "float64":
+        import jax
+
+        if jax.config.jax_enable_x64:
+            return
+        raise ValueError("dtype='float64' needs jax_enable_x64 (JAX would compute and return float32)")
+    raise ValueError(f"dtype={dtype!r} is not supported ({', '.join(_DTYPES)})")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,6 +93,9 @@ class ModelConfig:
 
     # Execution choices that change neither the weights' meaning nor the KV bytes' meaning.
     _NOT_IN_FINGERPRINT = ("moe_dispatch", "mla_prefill")
+
+    def __post_init__(self):
+        _check_dtype(self.dtype)
 
     # Subclasses: the per-token per-layer KV record shape and its kind.
     def _kv_record(self) -> tuple[str, tuple[int, ...]]:

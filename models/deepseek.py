@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.causal_lm import CausalLM, PreNormDecoderLayer
-from models.config import ModelConfig, check_hf_unsupported, hf_field, hf_float, hf_int
+from models.config import ModelConfig, check_hf_unsupported, hf_bool, hf_field, hf_float, hf_int
 from models.layers.attention import MLAAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.moe import DeepseekMoE
@@ -73,7 +73,7 @@ class DeepseekConfig(ModelConfig):
             hidden_size=hf_field(d, "hidden_size"),
             num_layers=hf_field(d, "num_hidden_layers"),
             rms_norm_eps=hf_float(d, "rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=hf_bool(d, "tie_word_embeddings"),
             dtype=dtype,
             max_position_embeddings=hf_int(d, "max_position_embeddings", 4096, low=1),
             num_attention_heads=hf_field(d, "num_attention_heads"),
@@ -89,13 +89,13 @@ class DeepseekConfig(ModelConfig):
             topk_method=d.get("topk_method", "noaux_tc" if v3 else "greedy"),
             n_group=hf_int(d, "n_group", 0) or 1,
             topk_group=hf_int(d, "topk_group", 0) or 1,
-            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+            norm_topk_prob=hf_bool(d, "norm_topk_prob"),
             q_lora_rank=hf_int(d, "q_lora_rank", None, low=1),
             kv_lora_rank=hf_field(d, "kv_lora_rank"),
             qk_nope_head_dim=hf_field(d, "qk_nope_head_dim"),
             qk_rope_head_dim=rope_dim,
             v_head_dim=hf_field(d, "v_head_dim"),
-            attention_bias=bool(d.get("attention_bias", False)),
+            attention_bias=hf_bool(d, "attention_bias"),
             rope=RopeConfig.from_hf(
                 rope_dim,
                 hf_float(d, "rope_theta", 10000.0),

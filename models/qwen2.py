@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.causal_lm import CausalLM, PreNormDecoderLayer
-from models.config import ModelConfig, check_hf_unsupported, hf_field, hf_float, hf_int
+from models.config import ModelConfig, check_hf_unsupported, hf_bool, hf_field, hf_float, hf_int
 from models.layers.attention import GQAAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.rmsnorm import RMSNorm
@@ -37,7 +37,7 @@ class Qwen2Config(ModelConfig):
         arch = (d.get("architectures") or [None])[0]
         if arch not in ("Qwen2ForCausalLM", "LlamaForCausalLM"):
             raise ValueError(f"config.json: architectures={d.get('architectures')!r} is not a Qwen2/Llama model")
-        if d.get("mlp_bias"):
+        if hf_bool(d, "mlp_bias"):
             raise ValueError("config.json: mlp_bias=true is not supported")
         check_hf_unsupported(d)
         hidden = hf_field(d, "hidden_size")
@@ -50,14 +50,14 @@ class Qwen2Config(ModelConfig):
             hidden_size=hidden,
             num_layers=hf_field(d, "num_hidden_layers"),
             rms_norm_eps=hf_float(d, "rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=hf_bool(d, "tie_word_embeddings"),
             dtype=dtype,
             max_position_embeddings=hf_int(d, "max_position_embeddings", 4096, low=1),
             num_attention_heads=heads,
             num_key_value_heads=hf_int(d, "num_key_value_heads", heads, low=1),
             head_dim=head_dim,
             intermediate_size=hf_field(d, "intermediate_size"),
-            qkv_bias=True if qwen else bool(d.get("attention_bias", False)),
+            qkv_bias=True if qwen else hf_bool(d, "attention_bias"),
             rope=RopeConfig.from_hf(head_dim, hf_float(d, "rope_theta", 10000.0), d.get("rope_scaling")),
         )
 

@@ -35,14 +35,19 @@ Prefill (PE side)
 
 Decode (DE side; continuous batching over a fixed number of slots, fixed capacity per slot)
     ``load_prompt_kv(slot, kv)``: kv = records/bytes ``[L, P, ...]`` or a list of Full Blocks (uint8
-        ``[L, tokens, bpt]``); sets the slot's length to P.
+        ``[L, tokens, bpt]``); the slot then holds a sequence of length P (P may be 0). A slot that already
+        holds one is refused (ValueError; ``free_slot`` it first).
     ``decode_step(slots, last_tokens) -> next_tokens [len(slots)] int32``: one token for each given slot
-        (others idle); appends the KV of ``last_tokens`` at each slot's length, then length += 1. The
-        step always runs over all N slots (one executable whatever joins or leaves); it returns after
-        the step completed. Not thread-safe per runner: one thread drives one runner's decode (a
-        ``copy.copy(runner)`` + ``init_decode`` shares weights and executables with its own cache).
-    ``slot_length(slot)``, ``free_slot(slot)``, ``read_kv(slot, start, num_tokens) -> [L, n, *record]``,
-    ``read_full_block(slot, block_index, block_size) -> uint8 [L, block_size, bpt]`` (write-back).
+        (others idle); appends the KV of ``last_tokens`` at each slot's length, then length += 1. Every
+        slot must hold a sequence (loaded, not freed since), be in range and appear once; else ValueError
+        naming it, before anything runs. The step always runs over all N slots (one executable whatever
+        joins or leaves); it returns after the step completed. Not thread-safe per runner: one thread
+        drives one runner's decode (a ``copy.copy(runner)`` + ``init_decode`` shares weights and
+        executables with its own cache).
+    ``slot_length(slot)`` (0 for an empty slot), ``slot_in_use(slot)``, ``free_slot(slot)`` (empties it;
+    freeing an empty slot is a no-op), ``read_kv(slot, start, num_tokens) -> [L, n, *record]``,
+    ``read_full_block(slot, block_index, block_size) -> uint8 [L, block_size, bpt]`` (write-back; both
+    refuse an empty slot).
 
 Steps (all ``jax.jit`` over pure functions of split state; layer index never static)
     ``embed_step(embed_state, tokens [B, T]) -> hidden [B, T, H]`` (decode uses its own
@@ -263,6 +268,8 @@ class ModelRunner:
         for i, (r, m) in enumerate(zip(requests, miss, strict=True)):
             if m.size == 0:
                 raise ValueError(f"request {i}: no miss tokens (prefill computes at least the last prompt token)")
+            if not isinstance(r.cached_len, (int, np.integer)) or isinstance(r.cached_len, bool):
+                raise ValueError(f"request {i}: cached_len={r.cached_len!r} must be an integer")  # 2.5 -> 2 tokens
             if r.cached_len < 0:
                 raise ValueError(f"request {i}: cached_len={r.cached_len} < 0")
             if not np.issubdtype(m.dtype, np.integer):  # 3.7 was silently cast to token 3
@@ -427,7 +434,7 @@ class ModelRunner:
         tokens, meta, miss_lens, c = self._batch(requests)
         if c and cached_kv is None:
             raise ValueError("requests have cached prefixes but no cached_kv was given")
-        if c:
+        if cached_kv is not None:
             if len(cached_kv) != len(requests):
                 raise ValueError(f"cached_kv for {len(cached_kv)} requests, batch has {len(requests)}")
             cached_kv = [None if kv is None else np.asarray(kv) for kv in cached_kv]
@@ -436,6 +443,9 @@ class ModelRunner:
                     raise ValueError(
                         f"request {i}: cached_kv has shape {kv.shape}, expected [{self.num_layers}, tokens, ...]"
                     )
+                # With every cached_len 0 the KV was never looked at (the layerwise path counts it: an error).
+                if not c and kv is not None and kv.shape[1]:
+                    raise ValueError(f"request {i}: cached_kv of {kv.shape[1]} tokens given, cached_len=0")
         per_layer = []
         for layer in range(self.num_layers):
             if c:
@@ -461,7 +471,13 @@ class ModelRunner:
 
     def full_prefill(self, token_ids_batch: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Reference prefill without cache: per request logits [n, V] float32 and KV records [L, n, *record]."""
-        requests = [PrefillRequest(np.asarray(t), 0) for t in token_ids_batch]
+        ids = [np.asarray(t) for t in token_ids_batch]
+        for i, t in enumerate(ids):  # full_prefill(prompt) ran len(prompt) requests of one token each
+            if t.ndim != 1:
+                raise ValueError(
+                    f"request {i}: token ids of shape {t.shape}; full_prefill takes a batch, a list of 1-D id arrays"
+                )
+        requests = [PrefillRequest(t, 0) for t in ids]
         kv_new, logits, miss_lens = self.prefill_whole(requests, all_logits=True)
         kv_new, logits = (
             np.asarray(kv_new),
@@ -475,21 +491,38 @@ class ModelRunner:
     # ---- decode ----
     def init_decode(self, num_slots: int, capacity: int) -> None:
         """(Re)allocate the decode cache: num_slots rows of capacity tokens per layer; all slots empty."""
-        if num_slots < 0 or capacity < 0:
-            raise ValueError(f"decode cache of num_slots={num_slots}, capacity={capacity}: both must be >= 0")
+        ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (num_slots, capacity))
+        if not ints or num_slots < 0 or capacity < 0:  # 2.5 slots was truncated to 2
+            raise ValueError(
+                f"decode cache of num_slots={num_slots!r}, capacity={capacity!r}: both must be integers >= 0"
+            )
         self.num_slots, self.capacity = int(num_slots), int(capacity)
         self.decode_caches = [
             decode_cache.init_layer_cache(self.layout, self.num_slots, self.capacity) for _ in range(self.num_layers)
         ]
         self.slot_lengths = np.zeros((self.num_slots,), np.int32)
+        # Which slots hold a sequence (load_prompt_kv .. free_slot). Kept apart from the length: a loaded
+        # prompt may be empty, and an empty slot decoded as if it held a prompt of length 0.
+        self._in_use = np.zeros((self.num_slots,), bool)
 
     def _check_slot(self, slot: int) -> None:
-        if not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.num_slots:  # slot 0.5 wrote slot 0
-            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+        # slot 0.5 wrote slot 0, True slot 1
+        if not isinstance(slot, (int, np.integer)) or isinstance(slot, bool) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot!r} out of range [0, {self.num_slots})")
+
+    def _check_in_use(self, slot: int) -> None:
+        self._check_slot(slot)
+        if not self._in_use[slot]:
+            raise ValueError(f"slot {slot} holds no sequence (never loaded with load_prompt_kv, or freed since)")
 
     def load_prompt_kv(self, slot: int, kv) -> None:
-        """Place a prompt's KV (records/bytes [L, P, ...] or a list of Full Blocks) into `slot`; length = P."""
+        """Place a prompt's KV (records/bytes [L, P, ...] or a list of Full Blocks) into an empty `slot`; length = P.
+        A slot holding a sequence is refused (free_slot it first): replacing it silently lost another request."""
         self._check_slot(slot)
+        if self._in_use[slot]:
+            raise ValueError(
+                f"slot {slot} holds a sequence of {self.slot_lengths[slot]} tokens; free_slot({slot}) before loading"
+            )
         if isinstance(kv, (list, tuple)):
             kv = (
                 np.concatenate([np.asarray(b) for b in kv], axis=1)
@@ -518,6 +551,7 @@ class ModelRunner:
         # Padding beyond p is written too (same executable per bucket); it is masked by the length.
         self.decode_caches = list(self._write_kv(tuple(self.decode_caches), jnp.int32(slot), jnp.asarray(padded)))
         self.slot_lengths[slot] = p
+        self._in_use[slot] = True
 
     def decode_step(self, slots: Sequence[int], last_tokens: Sequence[int]) -> np.ndarray:
         """One greedy token for each slot in `slots` given its last token; other slots idle."""
@@ -538,7 +572,9 @@ class ModelRunner:
         if len(set(slots.tolist())) != slots.size:
             raise ValueError(f"duplicate slots in decode batch: {slots.tolist()}")
         for s in slots:
-            self._check_slot(int(s))
+            # An empty slot (never loaded, or freed) decoded as a fresh sequence: a token out of no context,
+            # KV written at position 0 of a slot the caller thinks is someone else's (or nobody's).
+            self._check_in_use(int(s))
             if self.slot_lengths[s] >= self.capacity:
                 raise ValueError(f"slot {s} is full ({self.capacity} tokens)")
         tokens = np.zeros((self.num_slots, 1), np.int32)
@@ -564,17 +600,24 @@ class ModelRunner:
         return next_tokens[slots]
 
     def slot_length(self, slot: int) -> int:
+        """Tokens in the slot's cache (0 for an empty slot)."""
         self._check_slot(slot)
         return int(self.slot_lengths[slot])
 
+    def slot_in_use(self, slot: int) -> bool:
+        """Whether the slot holds a sequence (loaded by load_prompt_kv and not freed since)."""
+        self._check_slot(slot)
+        return bool(self._in_use[slot])
+
     def free_slot(self, slot: int) -> None:
-        """Mark a slot empty (its rows are overwritten by the next load_prompt_kv)."""
+        """Mark a slot empty (its rows are overwritten by the next load_prompt_kv); a no-op on an empty slot."""
         self._check_slot(slot)
         self.slot_lengths[slot] = 0
+        self._in_use[slot] = False
 
     def read_kv(self, slot: int, start: int, num_tokens: int) -> np.ndarray:
         """Records [L, num_tokens, *record] of tokens [start, start + num_tokens) of `slot`."""
-        self._check_slot(slot)
+        self._check_in_use(slot)
         if not isinstance(start, (int, np.integer)) or not isinstance(num_tokens, (int, np.integer)):
             raise ValueError(f"slot {slot}: start={start!r} and num_tokens={num_tokens!r} must be integers")  # 1.5 -> 1
         if start < 0 or num_tokens < 0 or start + num_tokens > self.slot_lengths[slot]:
@@ -630,6 +673,11 @@ def _check_param_shapes(expected: dict, given: dict, path: tuple = ()) -> None:
             _check_param_shapes(v, g, path + (k,))
         elif tuple(np.shape(g)) != tuple(v.shape):
             raise ValueError(f"params: {name} has shape {tuple(np.shape(g))}, expected {tuple(v.shape)}")
+    known = {str(k) for k in expected}
+    extra = sorted(str(k) for k in given if str(k) not in known)
+    if extra:  # e.g. params of a deeper model, or an lm_head for a tied config (flax named only the key)
+        name = "/".join(map(str, path + (extra[0],)))
+        raise ValueError(f"params: {name} is not a param of this config's model ({len(extra)} unexpected key(s))")
 
 
 def _weights_digest(pure: dict) -> str:

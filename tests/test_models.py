@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import chex
@@ -225,7 +226,7 @@ def test_bad_prefill_inputs():
     runner.load_prompt_kv(0, np.zeros((1, 32, *rec), np.float32))
     with pytest.raises(ValueError, match="slot 0 is full"):
         runner.decode_step([0], [1])
-    with pytest.raises(ValueError, match="outside its 0 tokens"):
+    with pytest.raises(ValueError, match="slot 1 holds no sequence"):
         runner.read_kv(1, 0, 4)
 
 
@@ -248,6 +249,10 @@ def test_bad_kv_and_token_inputs_are_named_not_reinterpreted():
         runner.prefill_layerwise(one, lambda layer: [np.zeros((4, *rec), np.float64)])
     with pytest.raises(ValueError, match=r"request 0: cached_kv has shape \(4, 2, 2, 16\), expected \[2, tokens"):
         runner.prefill_whole(one, [np.zeros((4, *rec), np.float32)])  # one layer's records, not [L, c, ...]
+    with pytest.raises(ValueError, match=r"request 0: token ids of shape \(\); full_prefill takes a batch"):
+        runner.full_prefill(np.arange(5))  # one prompt, not a batch: was 5 requests of one token each
+    with pytest.raises(ValueError, match="request 0: cached_kv of 4 tokens given, cached_len=0"):  # was ignored
+        runner.prefill_whole([PrefillRequest(np.ones(3, np.int32), 0)], [np.zeros((2, 4, *rec), np.float32)])
     # Decode cache: KV of the wrong layer count or record shape is not reshaped into [L, P, *record].
     for bad in (
         np.zeros((4, *rec), np.float32),  # one layer: was read as 2 layers of 2 tokens
@@ -274,6 +279,78 @@ def test_bad_kv_and_token_inputs_are_named_not_reinterpreted():
         runner.read_full_block(0, 0.5, 2)
     with pytest.raises(ValueError, match="num_slots=-1"):
         runner.init_decode(-1, 16)
+
+
+def test_decode_slot_lifecycle_is_checked():
+    """A slot holds a sequence from load_prompt_kv until free_slot. Decoding an empty slot (never loaded, or
+    freed) used to run as a fresh sequence: a token out of no context, KV written at position 0 of a slot
+    nobody holds, the length counted up. Now every misuse is a ValueError naming the slot, before any step;
+    a load over a live slot is refused (free it first) and freeing twice is a no-op."""
+    runner = ModelRunner(tiny_qwen2(num_layers=1), seed=0, num_slots=3, capacity=32)
+    rec = runner.layout.record_shape
+    kv = np.random.default_rng(0).standard_normal((1, 5, *rec)).astype(np.float32)
+    with pytest.raises(ValueError, match="slot 1 holds no sequence"):  # never loaded
+        runner.decode_step([1], [3])
+    assert runner.slot_length(1) == 0 and not runner.slot_in_use(1)
+    runner.load_prompt_kv(0, kv)
+    runner.load_prompt_kv(1, kv)
+    with pytest.raises(ValueError, match="slot 2 holds no sequence"):  # one empty slot in a batch: nothing runs
+        runner.decode_step([0, 2], [3, 3])
+    with pytest.raises(ValueError, match=r"duplicate slots in decode batch: \[0, 0\]"):
+        runner.decode_step([0, 0], [3, 3])
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=f"slot {bad} out of range"):
+            runner.decode_step([bad], [3])
+    with pytest.raises(ValueError, match="slot True out of range"):  # was slot 1
+        runner.load_prompt_kv(True, kv)
+    assert [runner.slot_length(s) for s in range(3)] == [5, 5, 0]
+    (t0,) = runner.decode_step([0], [3])
+    runner.free_slot(0)
+    runner.free_slot(0)  # freeing an empty slot: a no-op
+    assert runner.slot_length(0) == 0 and not runner.slot_in_use(0)
+    with pytest.raises(ValueError, match="slot 0 holds no sequence"):  # freed
+        runner.decode_step([0], [int(t0)])
+    with pytest.raises(ValueError, match="slot 0 holds no sequence"):
+        runner.read_full_block(0, 0, 4)
+    # Loading over a live slot is refused (it silently replaced another request's sequence); freed, slot 1
+    # (decoded once) reloaded decodes like slot 0 did.
+    runner.decode_step([1], [7])
+    with pytest.raises(ValueError, match=r"slot 1 holds a sequence of 6 tokens; free_slot\(1\) before loading"):
+        runner.load_prompt_kv(1, kv)
+    assert runner.slot_length(1) == 6  # untouched
+    runner.free_slot(1)
+    runner.load_prompt_kv(1, kv)
+    assert runner.slot_length(1) == 5 and runner.slot_in_use(1)
+    assert runner.decode_step([1], [3])[0] == t0
+    # A loaded prompt of 0 tokens is a sequence (the first token decoded from no context), not an empty slot.
+    runner.load_prompt_kv(2, np.zeros((1, 0, *rec), np.float32))
+    assert runner.slot_in_use(2) and runner.decode_step([2], [3]).shape == (1,) and runner.slot_length(2) == 1
+    # The decode cache of a copy (the runtime's DecodeBatch) starts empty.
+    other = copy.copy(runner)
+    other.init_decode(2, 16)
+    assert not other.slot_in_use(1) and runner.slot_in_use(1)
+
+
+def test_integer_arguments_are_not_truncated():
+    """cached_len 2.5 and num_slots 2.5 were truncated (int()) instead of refused."""
+    runner = ModelRunner(tiny_qwen2(num_layers=1), seed=0, num_slots=2, capacity=32)
+    rec = runner.layout.record_shape
+    with pytest.raises(ValueError, match=r"request 0: cached_len=2.5 must be an integer"):
+        runner.prefill_layerwise(
+            [PrefillRequest(np.ones(3, np.int32), 2.5)], lambda layer: [np.zeros((2, *rec), np.float32)]
+        )
+    with pytest.raises(ValueError, match=r"num_slots=2.5, capacity=16: both must be integers"):
+        runner.init_decode(2.5, 16)
+    assert runner.num_slots == 2
+
+
+def test_runner_refuses_params_of_another_structure():
+    """Params with keys the config's model lacks (a deeper model, an lm_head for a tied config) are named."""
+    big = ModelRunner(tiny_qwen2(num_layers=2), seed=1, num_slots=1, capacity=16).pure_params()
+    with pytest.raises(ValueError, match=r"params: layers/1 is not a param of this config's model"):
+        ModelRunner(tiny_qwen2(num_layers=1), big, num_slots=1, capacity=16)
+    with pytest.raises(ValueError, match=r"params: final/lm_head is not a param"):
+        ModelRunner(tiny_qwen2(num_layers=2, tie_word_embeddings=True), big, num_slots=1, capacity=16)
 
 
 @pytest.mark.parametrize("name", ["tiny_qwen2", "tiny_deepseek"])

@@ -238,6 +238,41 @@ def test_hf_config_of_wrong_shape_or_types_is_named(tmp_path, config_text, says)
         load_hf_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "hf_config, setting, says",
+    [
+        # bool("false") is True: a tied LM head, a qkv bias or renormalised routing switched on silently
+        (QWEN2_HF, {"tie_word_embeddings": "false"}, "field 'tie_word_embeddings' must be true or false, got 'false'"),
+        (LLAMA_HF, {"attention_bias": "false"}, "field 'attention_bias' must be true or false, got 'false'"),
+        (DEEPSEEK_V3_HF, {"norm_topk_prob": 0}, "field 'norm_topk_prob' must be true or false, got 0"),
+        (QWEN2_HF, {"use_sliding_window": "false"}, "field 'use_sliding_window' must be true or false"),
+        # these failed at the first trace inside inv_freq (a numpy TypeError naming no field)
+        (LLAMA_HF, {"rope_scaling": dict(LLAMA_HF["rope_scaling"], factor="8")}, "field 'factor' must be a finite"),
+        (DEEPSEEK_V3_HF, {"rope_scaling": dict(DEEPSEEK_V3_HF["rope_scaling"], beta_fast=None)}, "'beta_fast' must"),
+        (DEEPSEEK_V3_HF, {"rope_scaling": dict(DEEPSEEK_V3_HF["rope_scaling"], factor=0)}, "'factor' must be > 0"),
+        # a field HF reads without a default (KeyError there) took a default here, changing the numbers silently
+        (
+            DEEPSEEK_V3_HF,
+            {
+                "rope_scaling": {
+                    k: v for k, v in DEEPSEEK_V3_HF["rope_scaling"].items() if k != "original_max_position_embeddings"
+                }
+            },
+            "rope_scaling type 'yarn' needs field(s) ['original_max_position_embeddings']",
+        ),
+        (
+            LLAMA_HF,
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            "type 'llama3' needs field(s) ['low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings']",
+        ),
+    ],
+)
+def test_hf_config_booleans_and_rope_scaling_values_are_checked(hf_config, setting, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        config_from_hf(dict(hf_config, **setting))
+    assert config_from_hf(dict(hf_config, tie_word_embeddings=None)).tie_word_embeddings is False  # null: default
+
+
 def test_hf_config_not_utf8_is_named(tmp_path):
     (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
     with pytest.raises(ValueError, match=r"config.json: not UTF-8 text"):
@@ -339,3 +374,91 @@ def test_hf_bf16_tensors_load_as_config_dtype(tmp_path):
     np.testing.assert_array_equal(k, bf16["model.layers.1.self_attn.k_proj.weight"].T)
     _, params32 = load_hf_checkpoint(tmp_path)
     np.testing.assert_array_equal(params32["final"]["lm_head"]["kernel"], bf16["lm_head.weight"].T.astype(np.float32))
+
+
+# orbax's background threads report the deliberate failure once more, as an unraisable exception
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_orbax_save_that_fails_midway_leaves_nothing(tmp_path):
+    """A save that fails after orbax started writing (here a real I/O error: a file-size limit, EFBIG, as a full
+    disk would give) left `<dir>.orbax-checkpoint-tmp` behind. Now it removes what it wrote, including parent
+    directories it created, raises ValueError naming the directory, and the same save then succeeds."""
+    resource = pytest.importorskip("resource")
+    import signal
+
+    cfg = config_from_hf(QWEN2_HF)
+    params = ModelRunner(cfg, seed=4, num_slots=1, capacity=16).pure_params()
+    target = tmp_path / "new" / "ckpt"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), no signal
+    limit = 16 * 1024
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        pytest.skip("file-size hard limit below the test's")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))  # the params: ~90 KiB of random floats
+    try:
+        with pytest.raises(ValueError, match=r"new/ckpt: saving failed, nothing was kept: .*File too large"):
+            save_params(target, params)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert list(tmp_path.iterdir()) == []
+    save_params(target, params)
+    jax.tree.map(np.testing.assert_array_equal, params, restore_params(target, cfg))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["ckpt"]
+
+
+def test_orbax_save_refuses_before_writing(tmp_path):
+    """An existing checkpoint is never touched; a leaf orbax cannot store (it failed deep in tensorstore,
+    "Unsupported data type", after creating its temporary directory) or a None leaf (dropped silently) is named
+    before anything is written."""
+    cfg = config_from_hf(QWEN2_HF)
+    runner = ModelRunner(cfg, seed=4, num_slots=1, capacity=16)
+    save_params(tmp_path / "ckpt", runner.params)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="ckpt: already exists"):
+        save_params(tmp_path / "ckpt", ModelRunner(cfg, seed=5, num_slots=1, capacity=16).params)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    jax.tree.map(np.testing.assert_array_equal, runner.pure_params(), restore_params(tmp_path / "ckpt", cfg))
+    params = runner.pure_params()
+    for path, value, says in (
+        (("final", "norm", "weight"), np.array(["a", "b"]), "params: final/norm/weight has dtype <U1"),
+        (("layers", 1, "mlp", "up_proj", "kernel"), object(), "params: layers/1/mlp/up_proj/kernel has dtype object"),
+        (("embed_tokens", "embedding"), None, "params: embed_tokens/embedding is None"),
+    ):
+        bad = jax.tree.map(lambda a: a, params)
+        node = bad
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+        with pytest.raises(ValueError, match=re.escape(says)):
+            save_params(tmp_path / "bad", bad)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    with pytest.raises(ValueError, match="params must be an nnx.State or a dict of arrays, got ModelRunner"):
+        save_params(tmp_path / "bad", runner)
+
+
+# orbax's background threads report the deliberate failure once more, as an unraisable exception
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_orbax_restore_names_what_does_not_match_or_cannot_be_read(tmp_path):
+    """A param tree of another structure was orbax's "tree structures do not match" dump; a file, or a checkpoint
+    whose array files are gone, was reported as a config mismatch. Now: the first missing / extra param by name,
+    and a damaged or incomplete checkpoint as such."""
+    import shutil
+
+    cfg = config_from_hf(QWEN2_HF)
+    save_params(tmp_path / "ckpt", ModelRunner(cfg, seed=4, num_slots=1, capacity=16).params)
+    with pytest.raises(ValueError, match=r"ckpt: checkpoint does not match .*: layers/2/input_layernorm/weight is not"):
+        restore_params(tmp_path / "ckpt", config_from_hf(dict(QWEN2_HF, num_hidden_layers=3)))
+    with pytest.raises(ValueError, match=r"the checkpoint has final/lm_head/kernel, not a param of this config"):
+        restore_params(tmp_path / "ckpt", config_from_hf(dict(QWEN2_HF, tie_word_embeddings=True)))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"file: not an orbax checkpoint \(not a directory\)"):
+        restore_params(tmp_path / "file", cfg)
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "damaged")
+    for sub in (tmp_path / "damaged").iterdir():  # every array file gone, the metadata kept
+        if sub.is_dir():
+            shutil.rmtree(sub)
+    with pytest.raises(
+        ValueError, match=r"damaged: (cannot read the checkpoint \(damaged or incomplete|.*an incomplete)"
+    ):
+        restore_params(tmp_path / "damaged", cfg)
+    restore_params(tmp_path / "ckpt", cfg)  # the original is fine

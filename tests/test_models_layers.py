@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -224,3 +225,35 @@ def test_mla_prefill_absorbed_equals_expanded():
     np.testing.assert_allclose(outs["expanded"][1], outs["absorbed"][1], atol=1e-5)
     attn.prefill_mode = "auto"
     assert attn.absorb_pays(8, 8 + 4096) and not attn.absorb_pays(512, 512)
+
+
+def test_config_values_that_failed_deep_in_jax_are_named():
+    """Config values these models cannot run used to fail at the first trace inside JAX (lax.top_k's "k argument
+    ... must be no larger", a broadcast in apply_rope) or, for dtype="float64", to run in float32 under a KV
+    layout of 8-byte records. They are errors naming the field when the config or model is built."""
+    from models.deepseek import tiny_deepseek
+    from models.qwen2 import tiny_qwen2
+    from models.registry import build_model
+
+    for dtype, says in (
+        ("float64", "dtype='float64' needs jax_enable_x64"),
+        ("int8", "dtype='int8' is not supported"),
+        ("bf16", "dtype='bf16' is not supported (float32, bfloat16, float16)"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            tiny_qwen2(dtype=dtype)
+    assert tiny_qwen2(dtype="float16").kv_layout.np_dtype == np.float16
+    for cfg, says in (
+        (tiny_qwen2(head_dim=32), "rope dim 16 != head_dim 32"),
+        (tiny_deepseek(qk_rope_head_dim=16), "rope dim 8 != qk_rope_head_dim 16"),
+        (tiny_deepseek(num_experts_per_tok=9), "num_experts_per_tok=9 must be in [1, n_routed_experts=8]"),
+        (tiny_deepseek(num_experts_per_tok=0), "num_experts_per_tok=0 must be in [1, n_routed_experts=8]"),
+        (tiny_deepseek(topk_group=5), "topk_group=5 must be in [1, n_group=4] for topk_method='noaux_tc'"),
+        (tiny_deepseek(n_group=8, topk_group=2), "n_routed_experts=8 / n_group=8 leaves fewer than 2 per group"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            build_model(cfg)
+    # Greedy routing ignores the groups (topk_group > n_group is harmless there), and group-limited routing with
+    # one expert per group is fine (group score = max).
+    build_model(tiny_deepseek(topk_method="greedy", scoring_func="softmax", n_group=1, topk_group=3))
+    build_model(tiny_deepseek(topk_method="group_limited_greedy", scoring_func="softmax", n_group=8, topk_group=2))

@@ -168,6 +168,7 @@ class DecodeBatch:
         p = mb
         while True:
             p = min(p, r.capacity)
+            self.runner.free_slot(0)
             self.runner.load_prompt_kv(0, np.zeros((r.num_layers, p, bpt), np.uint8))
             if p >= r.capacity or bucket(p, mb) >= r.capacity:
                 break

@@ -71,6 +71,8 @@ class GQAAttention(nnx.Module):
     ):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads={num_heads} not a multiple of num_key_value_heads={num_kv_heads}")
+        if rope.dim != head_dim:  # failed at the first trace as a broadcast error inside apply_rope
+            raise ValueError(f"rope dim {rope.dim} != head_dim {head_dim} (GQA rotates the whole head)")
         self.num_heads, self.num_kv_heads, self.head_dim = (
             num_heads,
             num_kv_heads,
@@ -158,6 +160,8 @@ class MLAAttention(nnx.Module):
     ):
         if prefill_mode not in ("auto", "expanded", "absorbed"):
             raise ValueError(f"MLA prefill_mode {prefill_mode!r} not supported (auto, expanded, absorbed)")
+        if rope.dim != qk_rope_head_dim:  # failed at the first trace as a broadcast error inside apply_rope
+            raise ValueError(f"rope dim {rope.dim} != qk_rope_head_dim {qk_rope_head_dim}")
         self.num_heads = num_heads
         self.kv_lora_rank, self.nope, self.rope_dim, self.v_dim = (
             kv_lora_rank,

@@ -52,6 +52,20 @@ class DeepseekMoE(nnx.Module):
             raise ValueError(f"topk_method {topk_method!r} not supported (greedy, group_limited_greedy, noaux_tc)")
         if n_routed_experts % max(n_group, 1):
             raise ValueError(f"n_routed_experts={n_routed_experts} not divisible by n_group={n_group}")
+        # Each failed at the first trace inside jax.lax.top_k ("k argument to top_k must be no larger ..."):
+        if not 1 <= num_experts_per_tok <= n_routed_experts:
+            raise ValueError(
+                f"num_experts_per_tok={num_experts_per_tok} must be in [1, n_routed_experts={n_routed_experts}]"
+            )
+        if topk_method != "greedy" and not 1 <= topk_group <= max(n_group, 1):
+            raise ValueError(
+                f"topk_group={topk_group} must be in [1, n_group={n_group}] for topk_method={topk_method!r}"
+            )
+        if topk_method == "noaux_tc" and n_routed_experts // max(n_group, 1) < 2:
+            raise ValueError(
+                f"topk_method='noaux_tc' scores each group by its top-2 experts: n_routed_experts={n_routed_experts}"
+                f" / n_group={n_group} leaves fewer than 2 per group"
+            )
         self.num_experts, self.top_k = n_routed_experts, num_experts_per_tok
         self.scoring_func, self.topk_method = scoring_func, topk_method
         self.n_group, self.topk_group = max(n_group, 1), max(topk_group, 1)

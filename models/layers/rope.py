@@ -18,6 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+_REQUIRED = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
@@ -60,7 +65,18 @@ class RopeConfig:
         unknown = sorted(set(rope_scaling) - fields - {"type", "rope_type"})
         if unknown:
             raise ValueError(f"rope_scaling field(s) {unknown} are not supported; known: {sorted(fields)}")
+        # Fields HF reads without a default (a KeyError there): a default here would change the numbers silently
+        # (HF's yarn falls back to max_position_embeddings for the original context, DeepSeek's code to 4096).
+        required = _REQUIRED.get(kind, ())
+        missing = [k for k in required if k not in rope_scaling]
+        if missing:
+            raise ValueError(f"rope_scaling type {kind!r} needs field(s) {missing}")
         kw = {k: v for k, v in rope_scaling.items() if k in fields}
+        for k, v in kw.items():  # "8" or null failed at the first trace inside inv_freq (a numpy TypeError)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"rope_scaling field {k!r} must be a finite number, got {v!r}")
+            if k in ("factor", "original_max_position_embeddings") and v <= 0:
+                raise ValueError(f"rope_scaling field {k!r} must be > 0, got {v!r}")
         return cls(dim=dim, theta=float(theta), kind=kind, interleaved=interleaved, **kw)
 
 
