@@ -37,7 +37,7 @@ def store(tmp_path):
     s.close()
 
 
-def make_service(store, trajs, clock, policy="round_robin", timeout=1.0):
+def make_service(store, trajs, clock, policy="round_robin", timeout=1.0, decode_slots=None):
     book = ConversationBook(trajs, vocab_size=50, seed=0)
     return GlobalScheduler(
         GROUPS,
@@ -49,6 +49,7 @@ def make_service(store, trajs, clock, policy="round_robin", timeout=1.0):
         hbm_tokens_per_decode_engine=4096,
         heartbeat_timeout_s=timeout,
         clock=clock,
+        decode_slots=decode_slots,
     )
 
 
@@ -89,6 +90,24 @@ def test_hit_is_the_stored_prefix_and_placement_happens_on_pe_fetch(store):
     assert nxt[0].prompt_tokens == 10 + 2 + 3
     assert nxt[0].hit_blocks == 11 // BS  # blocks of the 11 tokens with KV; the prompt's tail is computed
     np.testing.assert_array_equal(nxt[0].prompt_ids[10:12], gen)  # real generated tokens in the next prompt
+
+
+def test_a_decode_engine_with_every_slot_taken_reports_no_room(store):
+    """A runtime DE holds `decode_slots` requests whatever their lengths. Its room used to be counted in tokens
+    only (slots x max_seq_len minus the placed tokens), so short requests were placed beyond its slots and waited
+    there holding host buffers, invisible to the policy."""
+    trajs = [Trajectory(i, [Turn(6, 2)]) for i in range(6)]
+    svc = make_service(store, trajs, Clock(), policy="dualpath", decode_slots=2)
+    fetch(svc, 1), fetch(svc, 2)
+    placed = fetch(svc, 0).tasks
+    placed += fetch(svc, 0).tasks  # a later fetch sees the DEs' slots taken
+    per_de = {de: sum(t.decode_engine == de for t in placed) for de in (1, 2)}
+    snap = svc.snapshot()
+    for de, n in per_de.items():
+        free = snap.engines[de].free_hbm_tokens
+        assert free == max(0, 2 - n) * (4096 // 2), (de, n, free)
+    # (one fetch may still place more than a DE's free slots by its own token count; no later fetch adds to a full DE)
+    assert all(per_de[t.decode_engine] < 2 for t in fetch(svc, 0).tasks)
 
 
 def test_dead_decode_node_requests_rerun_exactly_once(store):

@@ -263,6 +263,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
         block_size=cfg.block_size,
         hbm_tokens_per_decode_engine=cfg.cluster.decode_slots * cfg.cluster.max_seq_len,
         heartbeat_timeout_s=cfg.scheduler.heartbeat_timeout_s,
+        decode_slots=cfg.cluster.decode_slots,
     )
     launcher = launcher or make_launcher(cfg, ops)
     launcher.cfg = cfg  # the run's own config (store directory included)

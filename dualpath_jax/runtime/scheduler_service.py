@@ -71,6 +71,7 @@ class GlobalScheduler:
         hbm_tokens_per_decode_engine: int,
         heartbeat_timeout_s: float,
         clock: Callable[[], float] = time.time,
+        decode_slots: int | None = None,
     ):
         self.policy = policy
         self.book = book
@@ -78,6 +79,9 @@ class GlobalScheduler:
         self._keys_of = block_keys_of
         self.block_size = block_size
         self.hbm_tokens = hbm_tokens_per_decode_engine
+        # A runtime DE holds at most `decode_slots` requests (a fixed-slot decode cache), whatever their lengths: a
+        # DE with every slot taken reports no room (short requests used to be placed beyond its slots and wait there).
+        self.decode_slots = decode_slots
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.t0 = clock()
@@ -228,6 +232,11 @@ class GlobalScheduler:
                 n = self.engine_node[eng]
                 if n in nodes:
                     nodes[n].read_queue_tokens += toks
+        if self.decode_slots is not None:
+            per_slot = self.hbm_tokens // self.decode_slots
+            for d in engines.values():
+                if d.role == "decode":
+                    d.free_hbm_tokens = min(d.free_hbm_tokens, max(0, self.decode_slots - d.seq) * per_slot)
         return ClusterSnapshot(now=self.now(), engines=engines, nodes=nodes)
 
     def _schedule(self, fetching_node: int) -> None:
