@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any
 
@@ -131,9 +132,24 @@ _TOP_BOUNDS: dict[str, tuple[float, bool, float | None]] = {
 }
 
 
-def _check_number(where: str, value: Any, low: float, low_ok: bool, high: float | None) -> None:
+# Fields that count things (nodes, GPUs, tokens, reads): a fraction is a mistake (range(1.5), a window of 2.5)
+_INT_FIELDS = frozenset(
+    {"prefill_nodes", "decode_nodes", "gpus_per_node", "prefill_ep_nodes", "decode_ep_nodes", "block_size",
+     "max_reads_per_node", "fetch_window"}
+)  # fmt: skip
+# Infinite values that mean something: no TTFT / TPOT bound in the SLO. Any other infinite number is refused (an
+# infinite bandwidth or HBM was an OverflowError inside the run, an infinite fetch interval or time scale an
+# offline run that never finished its turns, an infinite warm-up an SLO judged on no turn).
+_INF_OK = frozenset({"config.slo_ttft_s", "config.slo_tpot_s"})
+
+
+def _check_number(where: str, value: Any, low: float, low_ok: bool, high: float | None, integer: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:  # numpy scalars too
         raise ValueError(f"{where} must be a number, got {value!r}")
+    if integer and not isinstance(value, numbers.Integral):
+        raise ValueError(f"{where} must be an integer, got {value!r}")
+    if value in (math.inf, -math.inf) and where not in _INF_OK:
+        raise ValueError(f"{where} must be finite, got {value!r}")
     if value < low or (value == low and not low_ok) or (high is not None and value > high):
         bound = f"{'>=' if low_ok else '>'} {low:g}" + ("" if high is None else f" and <= {high:g}")
         raise ValueError(f"{where} must be {bound}, got {value!r}")
@@ -142,13 +158,17 @@ def _check_number(where: str, value: Any, low: float, low_ok: bool, high: float 
 def check_sim_config(sc: SimConfig) -> None:
     """Raise ValueError naming the first field of `sc` whose value is out of range (see _CLUSTER_BOUNDS)."""
     for name, (low, low_ok, high) in _CLUSTER_BOUNDS.items():
-        _check_number(f"config.cluster.{name}", getattr(sc.cluster, name), low, low_ok, high)
+        _check_number(f"config.cluster.{name}", getattr(sc.cluster, name), low, low_ok, high, name in _INT_FIELDS)
+    # <= 0: derived from the HBM (resolve_de_hbm); NaN used to pass as "derived", infinity failed inside the run
+    _check_number("config.cluster.de_hbm_kv_gb", sc.cluster.de_hbm_kv_gb, -math.inf, False, None)
     if not sc.cluster.high_share < 1:
         raise ValueError(
             f"config.cluster.high_share must be below 1 (the low class keeps a share), got {sc.cluster.high_share}"
         )
     for name, (low, low_ok, high) in _TOP_BOUNDS.items():
         _check_number(f"config.{name}", getattr(sc, name), low, low_ok, high)
+    # the workload generators', arrivals' and policies' seeds (a negative one failed when the run was built)
+    _check_number("config.seed", sc.seed, 0, True, None, integer=True)
     from schedulers.cost_model import HARDWARE, MODEL_SHAPES  # no jax
 
     for name, registry in (("model", MODEL_SHAPES), ("hardware", HARDWARE)):
@@ -159,15 +179,20 @@ def check_sim_config(sc: SimConfig) -> None:
     if sc.cluster.fetch_scope not in ("node", "global"):
         raise ValueError(f"config.cluster.fetch_scope must be 'node' or 'global', got {sc.cluster.fetch_scope!r}")
     w = sc.workload
-    _check_number("config.workload.max_turns", w.max_turns, 0, True, None)
-    _check_number("config.workload.max_context_tokens", w.max_context_tokens, 0, True, None)
+    if w.kind not in ("offline", "online", "trace"):
+        raise ValueError(f"config.workload.kind must be offline | online | trace, got {w.kind!r}")
+    _check_number("config.workload.max_turns", w.max_turns, 0, True, None, integer=True)
+    _check_number("config.workload.max_context_tokens", w.max_context_tokens, 0, True, None, integer=True)
     if w.kind != "trace":
         from dualpath_jax.workloads.synthetic import DATASETS  # no jax
 
         if w.dataset not in DATASETS:
             raise ValueError(f"config.workload.dataset {w.dataset!r} unknown; known: {', '.join(DATASETS.names())}")
     if w.kind == "offline":
-        _check_number("config.workload.n_agents", w.n_agents, 1, True, None)
+        _check_number("config.workload.n_agents", w.n_agents, 1, True, None, integer=True)
+    elif w.kind == "online":  # (were checked only when the run was built; an infinite duration overflowed there)
+        _check_number("config.workload.aps", w.aps, 0, False, None)
+        _check_number("config.workload.duration_s", w.duration_s, 0, False, None)
 
 
 # Modes: named bundles over (layerwise, policy, io_free); any registered policy name is also a mode.

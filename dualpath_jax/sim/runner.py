@@ -119,7 +119,15 @@ def make_trajectories(cfg: SimConfig):
                 sum(len(a.turns) != len(b.turns) for a, b in zip(trajs, cut, strict=True)),
                 sum(not b.turns for b in cut),
             )
-        trajs = [t for t in cut if t.turns]
+        kept = [t for t in cut if t.turns]
+        if not kept and any(t.turns for t in trajs):  # an empty run (no records, a NaN JCT) that looked like a result
+            first = min(p + g for p, _, g in (t.turn_shapes(1)[0] for t in trajs if t.turns))
+            raise SimConfigError(
+                f"config.workload.max_context_tokens = {w.max_context_tokens:,} leaves no turn to run: every "
+                f"trajectory's first turn is longer ({len(trajs)} trajectories; the shortest first turn holds "
+                f"{first:,} tokens of prompt + generation)"
+            )
+        trajs = kept
     return model.with_arrivals(trajs), model
 
 

@@ -30,6 +30,7 @@ cdef class PrefillEngine:
     cdef public list queue
     cdef public bint busy
     cdef public double hbm_free
+    cdef public long long hbm_held
 
 
 cdef class DecodeGroup:
@@ -136,7 +137,7 @@ cdef class Simulator:
     cpdef _wb_release(self, arg)
 
     @cython.locals(g=DecodeGroup, de=DecodeEngine, r=Request, version=cython.longlong, h=list, eps=cython.double,
-                   changed=list, last=DecodeEngine)
+                   now=cython.double, step=cython.double, changed=list, last=DecodeEngine)
     cpdef _de_finish(self, arg)
 
     cpdef _wb_done(self, Request r)

@@ -121,7 +121,7 @@ class Node:
 
 
 class PrefillEngine:
-    __slots__ = ("eid", "node", "cnic", "cnic_in", "queue", "busy", "hbm_free", "admit_queue", "state")
+    __slots__ = ("eid", "node", "cnic", "cnic_in", "queue", "busy", "hbm_free", "hbm_held", "admit_queue", "state")
 
     def __init__(self, eid: int, node: Node, cnic: int, cnic_in: int, hbm_bytes: float, state: EngineState):
         self.eid = eid
@@ -131,6 +131,7 @@ class PrefillEngine:
         self.queue: list[Request] = []  # requests whose hit KV is readable, FIFO (intra-engine queue)
         self.busy = False
         self.hbm_free = hbm_bytes  # basic mode: HBM for whole-prompt KV
+        self.hbm_held = 0  # basic mode: requests holding some of it (admitted, KV not yet sent to the DE)
         self.admit_queue: deque = deque()  # basic mode: waiting for HBM before their read may start
         self.state = state
 
@@ -484,8 +485,9 @@ class Simulator:
         hit_de = int(round(r.hit * r.frac / bs)) * bs if 0.0 < r.frac < 1.0 else int(r.hit * r.frac)
         r.hit_de = min(hit_de, r.hit)
         r.hit_pe = r.hit - r.hit_de
-        if not self.c.layerwise:  # basic: only PE reads
+        if not self.c.layerwise:  # basic: only PE reads (the record said the policy's side: "de" with no DE read)
             r.hit_pe, r.hit_de = r.hit, 0
+            rec.read_side = "pe"
         rec.pe_read_bytes = int(r.hit_pe * self.b)
         rec.de_read_bytes = int(r.hit_de * self.b)
         ps, ds = pe.state, de.state
@@ -571,10 +573,14 @@ class Simulator:
         while q:
             r = q[0]
             need = r.prompt * self.b
-            if pe.hbm_free < need and pe.hbm_free < self.c.pe_hbm_kv_gb * GB:
-                break  # wait for HBM (a prompt larger than all of it runs alone)
+            # Wait for HBM; a prompt larger than all of it runs alone, once no request holds any. (That used to
+            # be `hbm_free < all of it`: with a bytes-per-token that is not an integer, the freed bytes could sum
+            # to a rounding below all of it, and such a prompt then waited forever.)
+            if pe.hbm_free < need and pe.hbm_held:
+                break
             q.popleft()
             pe.hbm_free -= need
+            pe.hbm_held += 1
             pe.state.free_hbm_tokens -= r.prompt
             pe.node.state.engine_free_hbm_tokens -= r.prompt
             self._submit_reads(r)
@@ -718,7 +724,11 @@ class Simulator:
 
     def _basic_sent(self, r: Request) -> None:
         pe = r.pe
-        pe.hbm_free += r.prompt * self.b
+        pe.hbm_held -= 1
+        if pe.hbm_held:
+            pe.hbm_free += r.prompt * self.b
+        else:  # all of it free again: exactly its size, not a sum that rounding may have left a little off
+            pe.hbm_free = self.c.pe_hbm_kv_gb * GB
         pe.state.free_hbm_tokens += r.prompt
         pe.node.state.engine_free_hbm_tokens += r.prompt
         self._admit_basic(pe)
@@ -832,9 +842,14 @@ class Simulator:
         self._de_sync(g)
         h = g.finish_heap
         eps = 1e-6
+        now = self.now
+        step = g.step
         changed = []
         last = None
-        while h and (h[0][1] not in h[0][2].active or h[0][0] <= g.v + eps):
+        # Due: within eps tokens of its target, or so close that its finish would not move the clock (late in a
+        # long run a double's clock cannot step by a fraction of a decode step: the finish was rescheduled at
+        # this same instant, forever)
+        while h and (h[0][1] not in h[0][2].active or h[0][0] <= g.v + eps or now + (h[0][0] - g.v) * step <= now):
             _, rid, de = heapq.heappop(h)
             r = de.active.pop(rid, None)
             if r is None:
@@ -857,7 +872,13 @@ class Simulator:
 
     def _turn_done_decode(self, r: Request) -> None:
         r.decode_done = True
-        r.rec.finished = self.now
+        rec = r.rec
+        rec.finished = self.now
+        # The second token was timed at the join as one step of the batch then (_de_join). A batch that sped up
+        # since (a longer request left it) can finish this one sooner: a turn of 2 tokens then "ended" before its
+        # second token. Its second token came at the latest with its last.
+        if rec.second_token > self.now:
+            rec.second_token = self.now
         self.turns_done += 1
         ds = r.de.state
         ln = r.prompt + r.gen
