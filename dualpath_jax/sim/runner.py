@@ -181,7 +181,11 @@ def _policy_kwargs(cfg: SimConfig, pre, kv_bytes_per_token: float) -> dict:
     c = cfg.cluster
     context, append = DATASET_SHAPE.get(cfg.workload.dataset, DATASET_SHAPE["64K"])
     if "alpha_tokens" in fields and not kw.get("alpha_tokens"):
+        # PAPER.md: α = tokens one node can read in 3 s (profiled): the SNIC's rate, or less where the calibrated
+        # read streams cap it (read_stream_gbps x max_reads_per_node: 18 GB/s of the paper configs' 50 GB/s SNIC).
         read_bps = c.snic_gbps * GB * c.storage_efficiency
+        if c.read_stream_gbps > 0:
+            read_bps = min(read_bps, c.read_stream_gbps * GB * c.max_reads_per_node)
         kw["alpha_tokens"] = max(1, int(READ_WINDOW_S * read_bps / kv_bytes_per_token))
     if "beta_tokens" in fields and not kw.get("beta_tokens"):
         per_s = (context + append) / (pre.prefill_time(context, append) * c.pe_time_scale)
@@ -221,7 +225,10 @@ def ttft_breakdown(records: Sequence[metrics.TurnRecord], cache: dict | None = N
 
 
 def slo_summary(cfg: SimConfig, records: Sequence[metrics.TurnRecord]) -> dict:
-    recs = [r for r in records if r.arrival >= cfg.warmup_s]
+    """The SLO judged on turns arriving in [warmup, duration) of an online run (as `capacity.probe` does): the
+    turns of the drain after arrivals stop see a lighter load (they used to count in `simulate` / `sweep`)."""
+    end = cfg.workload.duration_s if cfg.workload.kind == "online" else math.inf
+    recs = [r for r in records if cfg.warmup_s <= r.arrival < end]
     done = [r for r in recs if not math.isnan(r.finished)]
     if not recs:
         return {"slo_turns": 0, "slo_met": False}
