@@ -2,7 +2,8 @@
 
 A variant string after the config file (`configs/paper_ds660b.py:VARIANT`) is a comma-separated list of
 items: one mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or any registered policy), or
-`key=value` with key one of dataset, agents, aps, duration, pd (e.g. 1P2D), turns, seed, kind, warmup, or
+`key=value` with key one of dataset, agents, aps, duration, pd (e.g. 1P2D), turns, seed, kind, warmup, append
+(every synthetic append x this: PAPER.md's append x1..x3 experiment), or
 `policy.NAME=value` / `batcher.NAME=value`: a field of the policy's / the batcher's Config
 (`config.scheduler.kwargs` / `config.batcher.kwargs`; ints, floats, true/false and strings are told apart).
 `aps=X` makes the workload online (beside a `kind=` other than online it is an error).
@@ -100,12 +101,21 @@ def base_config() -> ml_collections.ConfigDict:
     w.trace_path = ""
     w.max_turns = 0
     w.max_context_tokens = 0  # >0: cut each trajectory before its first turn longer than this (e.g. 131072)
+    w.append_scale = 1.0  # every synthetic append x this (PAPER.md's append x1..x3; variant item append=2)
     cfg.workload = w
     return cfg
 
 
-_KEYS = {"dataset", "agents", "aps", "duration", "pd", "turns", "seed", "kind", "warmup"}
-_NUMBER_KEYS = {"agents": int, "aps": float, "duration": float, "turns": int, "seed": int, "warmup": float}
+_KEYS = {"dataset", "agents", "aps", "duration", "pd", "turns", "seed", "kind", "warmup", "append"}
+_NUMBER_KEYS = {
+    "agents": int,
+    "aps": float,
+    "duration": float,
+    "turns": int,
+    "seed": int,
+    "warmup": float,
+    "append": float,
+}
 _KIND_NAME = {int: "an integer", float: "a number"}
 
 
@@ -171,6 +181,8 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
             cfg.workload.kind = kind_given = value
         elif key == "warmup":
             cfg.warmup_s = number
+        elif key == "append":
+            cfg.workload.append_scale = number
         elif key == "pd":
             m = re.fullmatch(r"(\d+)P(\d+)D", value)
             if not m:

@@ -46,6 +46,17 @@ _SEEDS = flags.DEFINE_list(
 _ONLINE_DATASET = flags.DEFINE_string(
     "online_dataset", "", "Dataset of the online probes ('' = the configs' 64K; PAPER.md does not name it)."
 )
+_APPENDS = flags.DEFINE_list(
+    "appends",
+    [],
+    "Append scales of PAPER.md's append x1..x3 experiment to run (basic and DualPath, the headline setup and first "
+    "seed; x1 is the headline run itself), e.g. --appends=2,3.",
+)
+flags.register_validator(
+    "appends",
+    lambda v: all(_positive_number(x) for x in v),
+    message="--appends takes numbers > 0, e.g. --appends=2,3",
+)
 flags.register_validator(
     "seeds",
     lambda v: bool(v) and all(x.isdigit() for x in v),
@@ -56,6 +67,13 @@ flags.register_validator(
     lambda v: all(a.isdigit() and (int(a), "64K") in TABLE for a in v),  # (TABLE: below; checked at parse time)
     message="--table takes agent counts of the paper's DS 660B table (512, 1024, 2048, 4096), e.g. --table=512,1024",
 )
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return 0 < float(text) < float("inf")
+    except ValueError:
+        return False
 
 
 def _known_dataset(name: str) -> bool:
@@ -93,6 +111,7 @@ PAPER = {
     "online_capacity_ds660b_dualpath_aps": 0.45,
     "online_capacity_ds27b_basic_aps": 0.3,
     "online_capacity_ds27b_dualpath_aps": 0.5,
+    "append_speedup_range": (1.82, 1.99),  # "Append x1...x3: 1.82-1.99x" (which scale gives which is not said)
 }
 # PAPER.md calibration table: (agents, dataset) -> (oracle, dualpath, basic) JCT seconds.
 TABLE = {
@@ -183,13 +202,18 @@ def main(argv: Sequence[str]) -> None:
 
     logging.info("python %s, numpy %s", platform.python_version(), numpy.__version__)
     logging.info(
-        "flags: %s", {f: flags.FLAGS[f].value for f in ("agents", "dataset", "seeds", "online", "table", "workers")}
+        "flags: %s",
+        {f: flags.FLAGS[f].value for f in ("agents", "dataset", "seeds", "online", "table", "appends", "workers")},
     )
     writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the runs, not after
     seeds = list(dict.fromkeys(int(x) for x in _SEEDS.value))  # --seeds=0,00: one seed
     bases = {sd: f"dataset={_DATASET.value},agents={_AGENTS.value},seed={sd}" for sd in seeds}
     modes = ["basic", "layerwise", "dualpath_rr", "dualpath", "oracle"]
     jobs = [("offline", f"{DS660B}:{m},{bases[sd]}") for sd in seeds for m in modes]
+    appends = [float(x) for x in dict.fromkeys(_APPENDS.value) if float(x) != 1.0]
+    jobs += [
+        ("offline", f"{DS660B}:{m},{bases[seeds[0]]},append={k:g}") for k in appends for m in ("basic", "dualpath")
+    ]
     for a in _TABLE.value:
         for ds in ("32K", "48K", "64K"):
             for m in ("oracle", "dualpath", "basic"):
@@ -257,6 +281,23 @@ def main(argv: Sequence[str]) -> None:
         ),
         _row("storage-NIC max/avg, scheduler", PAPER["snic_max_over_avg_dualpath"], [n["dualpath"] for n in snic]),
     ]
+    if appends:
+        lo, hi = PAPER["append_speedup_range"]
+        lines += [
+            "",
+            f"Append x1...x3 (every synthetic append scaled; trajectories still end at the dataset's max length, so "
+            f"they have fewer turns; seed {seeds[0]}). Paper: {lo}-{hi}x over x1...x3, which scale gives which not said.",
+            "",
+            "| append | basic JCT (s) | DualPath JCT (s) | speedup | in the paper's range |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for k in [1.0, *appends]:
+            tail = "" if k == 1.0 else f",append={k:g}"
+            b, d = (
+                results[("offline", f"{DS660B}:{m},{bases[seeds[0]]}{tail}")]["jct_s"] for m in ("basic", "dualpath")
+            )
+            sp = b / d
+            lines.append(f"| x{k:g} | {b:.0f} | {d:.0f} | {sp:.2f}x | {'yes' if lo <= sp <= hi else 'no'} |")
     online_note = []
     if _ONLINE.value:
         cap, brackets = {}, []

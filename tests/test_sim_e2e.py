@@ -199,6 +199,28 @@ def test_alpha_is_what_one_node_can_read_in_three_seconds():
     assert _policy_kwargs(fast, pre, bpt)["alpha_tokens"] == int(READ_WINDOW_S * c.snic_gbps * GB / bpt)
 
 
+def test_append_scale_reaches_the_simulator_workload():
+    """PAPER.md's append x1..x3 experiment: `append=K` (config.workload.append_scale) multiplies every synthetic
+    append; trajectories still end at the dataset's max length, so they have fewer turns. It could not be set from a
+    simulator config before (the README said it reproduced the experiment)."""
+    from dualpath_jax.sim.runner import make_trajectories
+
+    def shape(variant):
+        cfg = load_sim_config(f"configs/paper_ds660b.py:dualpath,agents=32,{variant}")
+        trajs = make_trajectories(cfg)[0]
+        turns = [u for t in trajs for u in t.turns]
+        return cfg, len(turns), sum(u.append_tokens for u in turns[1:]) / len(turns), max(t.total_tokens for t in trajs)
+
+    cfg1, n1, a1, m1 = shape("append=1")
+    cfg2, n2, a2, m2 = shape("append=2")
+    assert cfg1.workload.append_scale == 1.0 and cfg2.workload.append_scale == 2.0
+    assert n2 < n1 and a2 > 1.5 * a1 and max(m1, m2) <= 65_536
+    with pytest.raises(ValueError, match=r"config.workload.append_scale must be > 0"):
+        load_sim_config("configs/paper_ds660b.py:dualpath,append=0")
+    with pytest.raises(ValueError, match="append_scale applies to synthetic workloads only"):
+        load_sim_config("configs/paper_ds660b.py:dualpath,kind=trace,append=2", {"workload.trace_path": "x"})
+
+
 def test_more_storage_bandwidth_is_never_slower():
     slow = run(_cfg("basic,agents=12,turns=8", snic_gbps=5.0))
     fast = run(_cfg("basic,agents=12,turns=8", snic_gbps=20.0))
@@ -529,6 +551,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         "--online_duration_s=300",
         "--online_warmup_s=100",
         "--online_iters=1",
+        "--appends=2",
         f"--output_dir={tmp_path}",
     ]
     out = _launch("experiments.reproduce_paper", *args, timeout=300)
@@ -548,7 +571,10 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
     assert "paper_ds660b.py basic" in report and "paper_ds27b.py dualpath" in report
     assert (tmp_path / "report.png").stat().st_size > 0 and f"wrote {tmp_path / 'report.png'}" in out.stdout
     results = json.loads((tmp_path / "report.json").read_text())
-    assert sum(k.startswith("offline ") for k in results) == 10  # 5 modes x 2 seeds
+    assert sum(k.startswith("offline ") for k in results) == 12  # 5 modes x 2 seeds + basic/dualpath at append x2
+    assert "Paper: 1.82-1.99x over x1...x3" in report
+    assert re.search(r"\| x1 \| \d+ \| \d+ \| [0-9.]+x \| (yes|no) \|", report)
+    assert re.search(r"\| x2 \| \d+ \| \d+ \| [0-9.]+x \| (yes|no) \|", report)
     caps = [v for k, v in results.items() if k.startswith("capacity ")]
     assert len(caps) == 4 and all(0 <= c["capacity_aps"] <= 1.0 and c["probes"] for c in caps)
     bad = _launch("experiments.reproduce_paper", *args, "stray")
@@ -559,6 +585,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         ("--table=512,abc", "--table takes agent counts of the paper's DS 660B table"),
         ("--online_warmup_s=5000", "--online_warmup_s in [0, online_duration_s)"),
         ("--seeds=0,x", "--seeds takes integers >= 0"),
+        ("--appends=2,0", "--appends takes numbers > 0"),
         # a row the paper's table does not have, or an unknown dataset, fails here, not after every run
         ("--table=77", "--table takes agent counts of the paper's DS 660B table"),
         ("--online_dataset=99K", "--online_dataset must be '' (the configs' 64K) or one of 32K, 48K, 64K"),

@@ -76,6 +76,9 @@ class WorkloadConfig:
     # >0: cut every trajectory before its first turn whose prompt + generation exceeds this many tokens (a
     # model's context window; real traces hold sessions longer than any DE's HBM)
     max_context_tokens: int = 0
+    # synthetic workloads: every append x this (PAPER.md's append x1..x3 experiment; trajectories end at the
+    # dataset's max length, so longer appends mean fewer turns)
+    append_scale: float = 1.0
 
 
 @dataclasses.dataclass
@@ -183,6 +186,9 @@ def check_sim_config(sc: SimConfig) -> None:
         raise ValueError(f"config.workload.kind must be offline | online | trace, got {w.kind!r}")
     _check_number("config.workload.max_turns", w.max_turns, 0, True, None, integer=True)
     _check_number("config.workload.max_context_tokens", w.max_context_tokens, 0, True, None, integer=True)
+    _check_number("config.workload.append_scale", w.append_scale, 0, False, None)
+    if w.kind == "trace" and w.append_scale != 1.0:
+        raise ValueError("config.workload.append_scale applies to synthetic workloads only, not kind='trace'")
     if w.kind != "trace":
         from dualpath_jax.workloads.synthetic import DATASETS  # no jax
 

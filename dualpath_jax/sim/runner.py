@@ -88,14 +88,15 @@ def make_trajectories(cfg: SimConfig):
     w = cfg.workload
     if w.kind == "offline":
         model = arrivals.make_arrivals("offline")
-        trajs = synthetic.make_agents(w.dataset, w.n_agents, seed=cfg.seed)
+        trajs = synthetic.make_agents(w.dataset, w.n_agents, seed=cfg.seed, append_scale=w.append_scale)
     elif w.kind == "online":
         if not w.aps > 0 or not w.duration_s > 0:
             raise SimConfigError(
                 f"config.workload: online needs aps > 0 and duration_s > 0, got {w.aps}, {w.duration_s}"
             )
         model = arrivals.make_arrivals("online", aps=w.aps, seed=cfg.seed)
-        trajs = synthetic.make_agents(w.dataset, max(1, int(round(w.aps * w.duration_s))), seed=cfg.seed)
+        n = max(1, int(round(w.aps * w.duration_s)))
+        trajs = synthetic.make_agents(w.dataset, n, seed=cfg.seed, append_scale=w.append_scale)
     elif w.kind == "trace":
         from dualpath_jax.workloads import traces
 
