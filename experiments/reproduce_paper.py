@@ -19,6 +19,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import time
 from collections.abc import Sequence
 
@@ -51,6 +52,17 @@ _APPENDS = flags.DEFINE_list(
     [],
     "Append scales of PAPER.md's append x1..x3 experiment to run (basic and DualPath, the headline setup and first "
     "seed; x1 is the headline run itself), e.g. --appends=2,3.",
+)
+_PD_RATIOS = flags.DEFINE_list(
+    "pd_ratios",
+    [],
+    "P/D layouts of PAPER.md's DS 27B P/D sweep to run (basic and DualPath, the config's workload, first seed), "
+    "e.g. --pd_ratios=1P1D,1P2D,2P1D.",
+)
+flags.register_validator(
+    "pd_ratios",
+    lambda v: all(re.fullmatch(r"[1-9]\d*P[1-9]\d*D", x) for x in v),
+    message="--pd_ratios takes layouts like 1P2D, e.g. --pd_ratios=1P1D,1P2D,2P1D",
 )
 flags.register_validator(
     "appends",
@@ -111,7 +123,9 @@ PAPER = {
     "online_capacity_ds660b_dualpath_aps": 0.45,
     "online_capacity_ds27b_basic_aps": 0.3,
     "online_capacity_ds27b_dualpath_aps": 0.5,
-    "append_speedup_range": (1.82, 1.99),  # "Append x1...x3: 1.82-1.99x" (which scale gives which is not said)
+    "append_speedup_range": (1.82, 1.99),
+    "pd_sweep_ds27b_mean_speedup": 1.64,  # "Across P/D ratios on DS 27B: 1.64x on average, up to 2.46x"
+    "pd_sweep_ds27b_max_speedup": 2.46,  # "Append x1...x3: 1.82-1.99x" (which scale gives which is not said)
 }
 # PAPER.md calibration table: (agents, dataset) -> (oracle, dualpath, basic) JCT seconds.
 TABLE = {
@@ -203,7 +217,10 @@ def main(argv: Sequence[str]) -> None:
     logging.info("python %s, numpy %s", platform.python_version(), numpy.__version__)
     logging.info(
         "flags: %s",
-        {f: flags.FLAGS[f].value for f in ("agents", "dataset", "seeds", "online", "table", "appends", "workers")},
+        {
+            f: flags.FLAGS[f].value
+            for f in ("agents", "dataset", "seeds", "online", "table", "appends", "pd_ratios", "workers")
+        },
     )
     writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the runs, not after
     seeds = list(dict.fromkeys(int(x) for x in _SEEDS.value))  # --seeds=0,00: one seed
@@ -214,6 +231,8 @@ def main(argv: Sequence[str]) -> None:
     jobs += [
         ("offline", f"{DS660B}:{m},{bases[seeds[0]]},append={k:g}") for k in appends for m in ("basic", "dualpath")
     ]
+    pds = list(dict.fromkeys(_PD_RATIOS.value))
+    jobs += [("offline", f"{DS27B}:{m},pd={pd},seed={seeds[0]}") for pd in pds for m in ("basic", "dualpath")]
     for a in _TABLE.value:
         for ds in ("32K", "48K", "64K"):
             for m in ("oracle", "dualpath", "basic"):
@@ -298,6 +317,28 @@ def main(argv: Sequence[str]) -> None:
             )
             sp = b / d
             lines.append(f"| x{k:g} | {b:.0f} | {d:.0f} | {sp:.2f}x | {'yes' if lo <= sp <= hi else 'no'} |")
+    if pds:
+        lines += [
+            "",
+            f"DS 27B across P/D layouts (its config's workload, seed {seeds[0]}); the paper does not list its layouts.",
+            "",
+            "| P/D | basic JCT (s) | DualPath JCT (s) | speedup |",
+            "| --- | --- | --- | --- |",
+        ]
+        sps = []
+        for pd in pds:
+            b, d = (
+                results[("offline", f"{DS27B}:{m},pd={pd},seed={seeds[0]}")]["jct_s"] for m in ("basic", "dualpath")
+            )
+            sps.append(b / d)
+            lines.append(f"| {pd} | {b:.0f} | {d:.0f} | {b / d:.2f}x |")
+        lines += [
+            "",
+            "| metric | paper | simulator | sim/paper |",
+            "| --- | --- | --- | --- |",
+            _row("DS 27B P/D sweep: mean speedup", PAPER["pd_sweep_ds27b_mean_speedup"], sum(sps) / len(sps), "x"),
+            _row("DS 27B P/D sweep: max speedup", PAPER["pd_sweep_ds27b_max_speedup"], max(sps), "x"),
+        ]
     online_note = []
     if _ONLINE.value:
         cap, brackets = {}, []

@@ -552,6 +552,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         "--online_warmup_s=100",
         "--online_iters=1",
         "--appends=2",
+        "--pd_ratios=1P1D,2P1D",
         f"--output_dir={tmp_path}",
     ]
     out = _launch("experiments.reproduce_paper", *args, timeout=300)
@@ -571,7 +572,12 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
     assert "paper_ds660b.py basic" in report and "paper_ds27b.py dualpath" in report
     assert (tmp_path / "report.png").stat().st_size > 0 and f"wrote {tmp_path / 'report.png'}" in out.stdout
     results = json.loads((tmp_path / "report.json").read_text())
-    assert sum(k.startswith("offline ") for k in results) == 12  # 5 modes x 2 seeds + basic/dualpath at append x2
+    # 5 modes x 2 seeds + basic/dualpath at append x2 + basic/dualpath of DS 27B at two P/D layouts
+    assert sum(k.startswith("offline ") for k in results) == 16
+    assert (
+        "| DS 27B P/D sweep: mean speedup | 1.64x |" in report and "| DS 27B P/D sweep: max speedup | 2.46x |" in report
+    )
+    assert re.search(r"\| 2P1D \| \d+ \| \d+ \| [0-9.]+x \|", report)
     assert "Paper: 1.82-1.99x over x1...x3" in report
     assert re.search(r"\| x1 \| \d+ \| \d+ \| [0-9.]+x \| (yes|no) \|", report)
     assert re.search(r"\| x2 \| \d+ \| \d+ \| [0-9.]+x \| (yes|no) \|", report)
@@ -586,6 +592,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         ("--online_warmup_s=5000", "--online_warmup_s in [0, online_duration_s)"),
         ("--seeds=0,x", "--seeds takes integers >= 0"),
         ("--appends=2,0", "--appends takes numbers > 0"),
+        ("--pd_ratios=1P1D,2P", "--pd_ratios takes layouts like 1P2D"),
         # a row the paper's table does not have, or an unknown dataset, fails here, not after every run
         ("--table=77", "--table takes agent counts of the paper's DS 660B table"),
         ("--online_dataset=99K", "--online_dataset must be '' (the configs' 64K) or one of 32K, 48K, 64K"),
