@@ -53,6 +53,12 @@ _APPENDS = flags.DEFINE_list(
     "Append scales of PAPER.md's append x1..x3 experiment to run (basic and DualPath, the headline setup and first "
     "seed; x1 is the headline run itself), e.g. --appends=2,3.",
 )
+_ONLINE_SCALE = flags.DEFINE_bool(
+    "online_scale",
+    False,
+    "Also run PAPER.md's online scale check: DualPath 2P4D at 0.4 APS and 44P88D at 8.8 APS, 4800 s (~5 minutes and "
+    "~3 GB for 44P88D on one core).",
+)
 _PD_RATIOS = flags.DEFINE_list(
     "pd_ratios",
     [],
@@ -108,6 +114,13 @@ flags.register_multi_flags_validator(
 
 DS660B = "configs/paper_ds660b.py"
 DS27B = "configs/paper_ds27b.py"
+SCALE = "configs/paper_scale.py"
+# PAPER.md's online scale run: 2P4D at 0.4 APS and 44P88D at 8.8 APS (22x the nodes, 22x the load), DualPath,
+# the 64K dataset of the online probes; 44P88D keeps the scale config's EP groups and fetch rate per group.
+ONLINE_SCALE = {
+    "2P4D": f"{DS660B}:dualpath,aps=0.4,duration=4800,warmup=2400",
+    "44P88D": f"{SCALE}:dualpath,pd=44P88D,aps=8.8,duration=4800,warmup=2400,dataset=64K",
+}
 
 # PAPER.md headline results.
 PAPER = {
@@ -125,7 +138,15 @@ PAPER = {
     "online_capacity_ds27b_dualpath_aps": 0.5,
     "append_speedup_range": (1.82, 1.99),
     "pd_sweep_ds27b_mean_speedup": 1.64,  # "Across P/D ratios on DS 27B: 1.64x on average, up to 2.46x"
-    "pd_sweep_ds27b_max_speedup": 2.46,  # "Append x1...x3: 1.82-1.99x" (which scale gives which is not said)
+    "pd_sweep_ds27b_max_speedup": 2.46,
+    "online_scale_2p4d": (
+        1.74,
+        0.039,
+    ),  # TTFT s, TPOT s at 0.4 APS (PAPER.md: "TTFT 1.74 s -> 1.85 s, TPOT 39 -> 36 ms")
+    "online_scale_44p88d": (
+        1.85,
+        0.036,
+    ),  # at 8.8 APS  # "Append x1...x3: 1.82-1.99x" (which scale gives which is not said)
 }
 # PAPER.md calibration table: (agents, dataset) -> (oracle, dualpath, basic) JCT seconds.
 TABLE = {
@@ -150,13 +171,17 @@ def _offline(spec: str) -> dict:
     t0 = time.perf_counter()
     res = run(load_sim_config(spec))
     s = res.summary
-    return {
+    out = {
         "spec": spec,
         "jct_s": s["jct_s"],
         "snic_max_over_avg": s["snic_max_over_avg"],
         "unfinished": s["unfinished_turns"],
         "wall_s": time.perf_counter() - t0,
     }
+    for k in ("ttft_p50_s", "tpot_p50_s", "slo_met", "slo_attainment", "turns"):  # online runs (the scale check)
+        if k in s:
+            out[k] = s[k]
+    return out
 
 
 def _capacity(args: tuple[str, str, float, float, float, float, int, str]) -> dict:
@@ -219,7 +244,17 @@ def main(argv: Sequence[str]) -> None:
         "flags: %s",
         {
             f: flags.FLAGS[f].value
-            for f in ("agents", "dataset", "seeds", "online", "table", "appends", "pd_ratios", "workers")
+            for f in (
+                "agents",
+                "dataset",
+                "seeds",
+                "online",
+                "online_scale",
+                "table",
+                "appends",
+                "pd_ratios",
+                "workers",
+            )
         },
     )
     writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the runs, not after
@@ -231,6 +266,8 @@ def main(argv: Sequence[str]) -> None:
     jobs += [
         ("offline", f"{DS660B}:{m},{bases[seeds[0]]},append={k:g}") for k in appends for m in ("basic", "dualpath")
     ]
+    if _ONLINE_SCALE.value:
+        jobs += [("offline", spec) for spec in ONLINE_SCALE.values()]
     pds = list(dict.fromkeys(_PD_RATIOS.value))
     jobs += [("offline", f"{DS27B}:{m},pd={pd},seed={seeds[0]}") for pd in pds for m in ("basic", "dualpath")]
     for a in _TABLE.value:
@@ -339,6 +376,22 @@ def main(argv: Sequence[str]) -> None:
             _row("DS 27B P/D sweep: mean speedup", PAPER["pd_sweep_ds27b_mean_speedup"], sum(sps) / len(sps), "x"),
             _row("DS 27B P/D sweep: max speedup", PAPER["pd_sweep_ds27b_max_speedup"], max(sps), "x"),
         ]
+    if _ONLINE_SCALE.value:
+        lines += [
+            "",
+            "Online scale (DualPath, 64K dataset, Poisson arrivals over 4800 s, turns arriving after 2400 s judged; PAPER.md "
+            "does not say which TTFT / TPOT statistic it reports: p50 here):",
+            "",
+            "| layout | APS | TTFT p50 (s), paper / sim | TPOT p50 (ms), paper / sim | SLO met | turns |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for layout, aps in (("2P4D", 0.4), ("44P88D", 8.8)):
+            r = results[("offline", ONLINE_SCALE[layout])]
+            pt, pp = PAPER[f"online_scale_{layout.lower()}"]
+            lines.append(
+                f"| {layout} | {aps} | {pt} / {r.get('ttft_p50_s', math.nan):.2f} | {1e3 * pp:.0f} / "
+                f"{1e3 * r.get('tpot_p50_s', math.nan):.1f} | {r.get('slo_met')} | {r.get('turns', 0):,} |"
+            )
     online_note = []
     if _ONLINE.value:
         cap, brackets = {}, []

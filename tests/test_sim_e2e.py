@@ -538,6 +538,19 @@ def test_simulate_launcher_writes_results(tmp_path):
     assert bad.returncode != 0 and "unknown arguments" in bad.stderr
 
 
+def test_online_scale_specs_are_the_papers_layouts_and_loads():
+    """`reproduce_paper --online_scale` (PAPER.md: 0.4 APS on 2P4D -> 8.8 APS on 44P88D) runs these two configs;
+    the run itself takes minutes (README), so here only what they set."""
+    from experiments.reproduce_paper import ONLINE_SCALE, PAPER
+
+    small, large = (load_sim_config(ONLINE_SCALE[k]) for k in ("2P4D", "44P88D"))
+    for cfg, (p, d), aps in ((small, (2, 4), 0.4), (large, (44, 88), 8.8)):
+        assert (cfg.cluster.prefill_nodes, cfg.cluster.decode_nodes) == (p, d) and cfg.policy == "dualpath"
+        assert cfg.workload.kind == "online" and cfg.workload.aps == aps and cfg.workload.dataset == "64K"
+        assert (cfg.workload.duration_s, cfg.warmup_s) == (4800.0, 2400.0) and cfg.cluster.model == "ds660b"
+    assert PAPER["online_scale_2p4d"] == (1.74, 0.039) and PAPER["online_scale_44p88d"] == (1.85, 0.036)
+
+
 def test_reproduce_paper_launcher_writes_the_report(tmp_path):
     """The paper report end to end on a small load: every headline row beside the paper's value, the online
     probes' dataset and capacity brackets named, the raw results in report.json."""
