@@ -56,7 +56,7 @@ def assert_matches_reference(res: driver.RunResult, reference: dict, trajs) -> N
     bad = [k for k in reference if not np.array_equal(reference[k], res.tokens[k])]
     assert not bad, f"turns whose tokens differ from the reference: {bad}"
     for r in res.records:
-        assert r.first_token <= r.finished and r.arrival <= r.scheduled <= r.prefill_end
+        assert r.arrival <= r.scheduled <= r.prefill_start <= r.prefill_end <= r.first_token <= r.finished, r
 
 
 def expected_hit(traj, i: int, block_size: int) -> int:
@@ -143,10 +143,30 @@ def test_first_token_is_out_when_the_request_runs_on_its_decode_engine(base, ops
     assert_matches_reference(res, reference, trajs)
     for de in {r.decode_engine for r in res.records}:
         spans = sorted((r.first_token, r.finished) for r in res.records if r.decode_engine == de)
-        for (_, end), (start, _) in zip(spans, spans[1:]):
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
             assert start >= end - 1e-6, f"DE {de} ran two turns at once in its one slot: {spans}"
     for r in res.records:
         assert r.prefill_end <= r.first_token + 1e-6
+
+
+def test_prefill_end_is_stamped_before_the_decode_engine_hears_of_it(base, ops, trajs, reference, monkeypatch):
+    """Found by the runtime fuzz: the PE sent `prefill_done` to the DE and only then emitted its prefill_end event, so
+    the DE could run the request (its first-token stamp) and even finish it first: prefill_end > first_token, or,
+    reported after the DE's turn_done, dropped and replaced by the turn's end. A PE slow right after the send (here
+    50 ms) made it happen on every turn."""
+    from dualpath_jax.runtime.engines import PrefillEngine
+
+    send = PrefillEngine.send_msg
+
+    def send_then_stall(self, engine_id, msg):
+        send(self, engine_id, msg)
+        if msg["kind"] == "prefill_done":
+            time.sleep(0.05)
+
+    monkeypatch.setattr(PrefillEngine, "send_msg", send_then_stall)
+    res = driver.run(base.replace(**{"scheduler.name": "dualpath"}), trajs, model_ops=ops)
+    assert_matches_reference(res, reference, trajs)  # (checks prefill_start <= prefill_end <= first_token per turn)
+    assert all(r.prefill_end < r.first_token for r in res.records)
 
 
 def test_compute_quota_batcher(base, ops, trajs, reference):
@@ -312,6 +332,40 @@ def test_killed_decode_node_loses_nothing(base, ops, launch):
     assert_matches_reference(res, ref6, trajs6)
 
 
+def test_a_request_cancelled_between_prefill_chunks_frees_its_buffer(base, ops, trajs, reference):
+    """Found by the runtime fuzz: a PE request whose DE died between two chunks of its chunked prefill was cancelled
+    but kept (only a request not yet started was dropped at once; a started one was to be dropped after its batch,
+    and a cancelled request never gets another), holding its host-buffer area for the rest of the run. With a PE
+    buffer of one prompt the re-run and every later request waited for it until the run timed out."""
+    layer_block = base.block_size * ops.kv_layout.bytes_per_token_per_layer
+    longest = max(t.prompt_tokens(i) for t in trajs for i in range(len(t.turns)))
+    one_prompt = -(-longest * ops.config.kv_bytes_per_token // layer_block) * layer_block
+    cfg = base.replace(
+        **{
+            "scheduler.name": "basic",  # PE-side reads only: the cancel always reaches the PE between two batches
+            "cluster.prefill_token_budget": 1,  # one token per batch: every prompt is prefilled in many chunks
+            "buffers.pe_buffer_bytes": one_prompt,
+            "run_timeout_s": 30.0,
+        }
+    )
+    killed = []
+
+    def fault(service, launcher):
+        if killed:
+            return
+        pe = launcher.groups[0].engines[0]
+        if any(
+            r.started and r.cached < r.prompt_tokens and service.engine_node[r.task.decode_engine] == 2
+            for r in list(pe.reqs.values())
+        ):
+            launcher.kill(2)
+            killed.append(2)
+
+    res = driver.run(cfg, trajs, model_ops=ops, fault=fault)
+    assert killed and res.requeued > 0
+    assert_matches_reference(res, reference, trajs)
+
+
 def test_a_run_with_no_decode_engine_left_fails_clearly(base, ops, trajs):
     """Both DE nodes killed: nothing can finish, so the run stops at once with the scheduler's reason (not a
     hang until the run timeout)."""
@@ -471,6 +525,59 @@ def test_every_runtime_field_can_be_overridden_from_the_command_line():
 def test_out_of_range_values_are_rejected_before_start(base, key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         driver.prepare(base.replace(**{key: value}))
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        # `replace` does not coerce as `from_config_dict` does: a float budget passed every check, then each PE node
+        # failed building its batcher (after the others had started)
+        ({"cluster.prefill_token_budget": 1.5}, "config.cluster.prefill_token_budget must be an integer, got 1.5"),
+        ({"workload.agents": 2.0}, "config.workload.agents must be an integer, got 2.0"),
+        ({"nics.snic_bytes_per_s": "fast"}, "config.nics.snic_bytes_per_s must be a number, got 'fast'"),
+        ({"cluster.precompile": 1}, "config.cluster.precompile must be a bool, got 1"),
+        # a registered batcher/policy whose kwargs name something unknown: the kwargs are named, not the batcher
+        (
+            {"scheduler.batcher": "compute_quota", "scheduler.batcher_kwargs": {"model": "nope"}},
+            "config.scheduler.batcher_kwargs: unknown model shape 'nope'",
+        ),
+        (
+            {"scheduler.batcher": "compute_quota", "scheduler.batcher_kwargs": {"hardware": "nope"}},
+            "config.scheduler.batcher_kwargs: unknown hardware profile 'nope'",
+        ),
+    ],
+)
+def test_a_field_of_the_wrong_type_or_a_bad_kwarg_is_named(base, fields, message):
+    """Found by the runtime fuzz."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        driver.prepare(base.replace(**fields))
+
+
+def test_a_launch_that_fails_part_way_closes_what_it_started(base, ops, trajs, monkeypatch):
+    """Found by the runtime fuzz: `launcher.start` ran outside the driver's try/finally and a node that failed while
+    building its engines closed nothing, so the nodes built before it kept their storage-NIC threads and TCP
+    endpoints (listening sockets, accept threads) running after `run` raised."""
+    import threading
+
+    from dualpath_jax.runtime import node
+
+    class NoDevice(node.DecodeEngine):
+        def __init__(self, engine_id, *a, **kw):
+            super().__init__(engine_id, *a, **kw)
+            if engine_id == 2:  # the second DE node, after the PE node and the first DE node were built
+                raise RuntimeError("no device for engine 2")
+
+    def state():
+        return sorted(t.name for t in threading.enumerate()), len(os.listdir("/proc/self/fd"))
+
+    monkeypatch.setattr(node, "DecodeEngine", NoDevice)
+    before = state()
+    with pytest.raises(RuntimeError, match="no device for engine 2"):
+        driver.run(base.replace(transport="tcp"), trajs, model_ops=ops)
+    deadline = time.monotonic() + 5.0  # (a closed TCP endpoint's watchdog thread ends within a second)
+    while state() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state() == before
 
 
 @pytest.mark.parametrize("aps", [0.0, -1.0, math.nan])

@@ -129,3 +129,27 @@ def test_a_failing_handler_drops_only_that_connection(caplog):
         bad.close()
         good.close()
         srv.close()
+
+
+def test_close_ends_the_accept_thread_and_stops_listening():
+    """Found by the runtime fuzz: closing the listener does not wake a thread blocked in accept() (Linux), so every
+    run of the local launcher left a "control-accept" thread and its listening socket behind in the driver."""
+    import os
+    import socket
+
+    def state():
+        return sorted(t.name for t in threading.enumerate()), len(os.listdir("/proc/self/fd"))
+
+    before = state()
+    srv = ControlServer(lambda report: GroupReply(), KEY)
+    client = SocketControlClient(srv.address, KEY)
+    assert client.fetch(_report(0)) == GroupReply()
+    client.close()
+    srv.close()
+    deadline = time.monotonic() + 5
+    while state() != before and time.monotonic() < deadline:  # (the connection's thread ends on the client's EOF)
+        time.sleep(0.02)
+    assert state() == before
+    with pytest.raises(OSError):
+        socket.create_connection(srv.address, timeout=1.0)
+    srv.close()  # idempotent

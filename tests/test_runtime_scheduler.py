@@ -6,6 +6,8 @@ The test plays the engine groups: it calls `fetch` with `GroupReport`s exactly a
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -170,7 +172,10 @@ def test_no_live_prefill_node_left_fails_the_run(store):
     svc.declare_dead(1)
     assert svc.failure is None  # DE 2 is left
     svc.declare_dead(0)
-    assert svc.failure == "no live prefill or decode engine left (dead: [0, 1])"
+    assert svc.failure == (
+        "no live prefill or decode engine left (dead: [0, 1]): node 0: its process or thread exited; "
+        "node 1: its process or thread exited"
+    )
     assert fetch(svc, 2).shutdown
     unstarted = make_service(store, [Trajectory(0, [Turn(6, 2)])], Clock())
     for node in (1, 2):
@@ -203,3 +208,75 @@ def test_a_bad_report_over_the_socket_fails_the_run_naming_it(store, caplog):
         finally:
             client.close()
             server.close()
+
+
+def test_prefill_events_reported_after_the_turn_finished_still_fill_its_record(store):
+    """A PE's events reach the service in its group's fetches, the DE's turn_done in another group's: the DE's can
+    come first (a one-token turn finishes as soon as it runs on its DE). Found by the runtime fuzz: the PE's
+    read_done / prefill_start / prefill_end of the completing attempt were dropped as "finished", so the record
+    kept no PE-side read bytes and its prefill end was set to the turn's end (after its first token)."""
+    trajs = [Trajectory(0, [Turn(10, 1), Turn(3, 1)])]
+    svc = make_service(store, trajs, Clock(), policy="basic")  # PE-side reads
+    fetch(svc, 1), fetch(svc, 2)
+    (task0,) = fetch(svc, 0).tasks  # turn 0: no hit
+    for k in block_keys(task0.prompt_ids, BS):  # turn 0's blocks are stored: turn 1 hits 2 blocks
+        store.write(k, np.zeros(store.layout.full_block_shape, np.uint8))
+    fetch(svc, task0.decode_engine, [done_event(svc, task0, 0.0, np.array([5], np.int32))])
+    (task,) = fetch(svc, 0).tasks
+    assert task.hit_blocks == 2 and task.pe_read_blocks == 2
+    t0, de, rid = svc.t0, task.decode_engine, task.request_id
+    nbytes = 2 * store.layout.full_block_nbytes
+    # The DE reports the first token and the turn's end before the PE's group reports anything of this attempt.
+    done = Event("turn_done", rid, 0, t0 + 0.41, {"tokens": np.array([3], np.int32)})
+    fetch(svc, de, [Event("first_token", rid, 0, t0 + 0.40), done])
+    assert svc.progress() == (2, 2)
+    fetch(
+        svc,
+        0,
+        [
+            Event("read_done", rid, 0, t0 + 0.2, {"side": "pe", "nbytes": nbytes, "t_start": t0 + 0.1}),
+            Event("prefill_start", rid, 0, t0 + 0.3),
+            Event("prefill_end", rid, 0, t0 + 0.35, {"hit_tokens": 2 * BS}),
+            dataclasses.replace(done, t=t0 + 0.5),  # a duplicate completion still changes nothing
+            Event("prefill_end", rid, 1, t0 + 0.9, {"hit_tokens": 0}),  # nor does a stale attempt's event
+        ],
+    )
+    rec = next(r for r in svc.finished_records() if r.turn_index == 1)
+    assert (rec.read_start, rec.prefill_start, rec.prefill_end) == pytest.approx((0.1, 0.3, 0.35))
+    assert (rec.first_token, rec.finished) == pytest.approx((0.40, 0.41))
+    assert rec.hit_tokens == 2 * BS and rec.pe_read_bytes == nbytes and rec.de_read_bytes == 0
+    assert svc.progress() == (2, 2)
+
+
+def test_a_turn_whose_prefill_end_never_arrives_keeps_its_records_order(store):
+    """The PE's node died after handing the request over (its last events never reported): the turn completes on
+    its DE. Its prefill end was set to the turn's end (after its first token) and its hit stayed the looked-up one;
+    now the DE's first token bounds the prefill end and the DE's turn_done carries the final hit."""
+    from dualpath_jax.runtime.lifecycle import append_token_ids
+
+    trajs = [Trajectory(0, [Turn(10, 3)])]
+    for k in block_keys(append_token_ids(trajs[0].turns[0], 0, 0, 0, 50), BS):  # the prompt's blocks are stored
+        store.write(k, np.zeros(store.layout.full_block_shape, np.uint8))
+    svc = make_service(store, trajs, Clock(), policy="basic")
+    fetch(svc, 1), fetch(svc, 2)
+    (task,) = fetch(svc, 0).tasks
+    assert task.hit_blocks == 2
+    t0, rid = svc.t0, task.request_id
+    done = Event("turn_done", rid, 0, t0 + 0.5, {"tokens": np.array([1, 2, 3], np.int32), "hit_tokens": BS})
+    fetch(svc, task.decode_engine, [Event("first_token", rid, 0, t0 + 0.4), done])  # (a block cut the hit)
+    (rec,) = svc.finished_records()
+    assert (rec.prefill_end, rec.first_token, rec.finished) == pytest.approx((0.4, 0.4, 0.5))
+    assert rec.hit_tokens == BS
+
+
+def test_nodes_declared_dead_by_heartbeat_say_so_in_the_failure(store):
+    """Found by the runtime fuzz: a heartbeat timeout barely above the fetch interval (valid) declares live nodes dead
+    when a fetch is a little late; the failure listed them as if they had crashed ("dead: [0, 1]"), not why."""
+    clock = Clock()
+    svc = make_service(store, [Trajectory(0, [Turn(6, 2)])], clock, timeout=0.006)
+    fetch(svc, 0), fetch(svc, 1), fetch(svc, 2)
+    clock.t += 0.02
+    assert svc.check_heartbeats() == [0, 1, 2]
+    assert svc.failure == (
+        "no live prefill or decode engine left (dead: [0]): node 0: no fetch for 0.020 s > heartbeat_timeout_s=0.006"
+    )

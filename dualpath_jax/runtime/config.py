@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import logging
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -166,8 +167,35 @@ def _coerce(value, default, where):
     return value
 
 
+def _check_types(obj, default, where: str) -> None:
+    """Every scalar field of the type its default has (`from_config_dict` coerces; `replace` and the constructors
+    do not: a float token budget, e.g., passed every check and failed in each node as it built its batcher)."""
+    for f in dataclasses.fields(obj):
+        value, want = getattr(obj, f.name), getattr(default, f.name)
+        name = f"{where}.{f.name}"
+        if dataclasses.is_dataclass(want):
+            if type(value) is not type(want):
+                raise ConfigError(f"{name} must be a {type(want).__name__}, got {type(value).__name__}")
+            _check_types(value, want, name)
+        elif isinstance(want, Mapping):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        elif isinstance(want, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be a bool, got {value!r}")
+        elif isinstance(want, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        elif isinstance(want, float):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        elif isinstance(want, str) and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+
+
 def validate_workload(cfg: RuntimeConfig) -> None:
     """The workload's numbers, checked before the trajectories are made from them (errors name the field)."""
+    _check_types(cfg, RuntimeConfig(), "config")
     w = cfg.workload
     least = {"agents": 0 if w.kind == "trace" else 1, "turns": 1}  # a trace's agents=0 means all of them
     for name, low in least.items():
@@ -203,6 +231,7 @@ def validate(
     """
     import schedulers  # the registries (no jax)
 
+    _check_types(cfg, RuntimeConfig(), "config")
     c = cfg.cluster
     for name in ("prefill_nodes", "decode_nodes", "engines_per_node", "decode_slots", "max_seq_len"):
         if getattr(c, name) < 1:
@@ -223,16 +252,21 @@ def validate(
             raise ConfigError(f"config.transport='rdma' cannot run on this host: {reason}")
     if cfg.launcher == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("config.launcher='ray' needs ray, which is not installed: pip install -e '.[ray]'")
+    from schedulers.registry import BATCHERS, POLICIES
+
+    # (a KeyError of a registered name comes from its kwargs, e.g. compute_quota's model='nope': that field is named)
     try:
         schedulers.make_policy(cfg.scheduler.name, **dict(cfg.scheduler.policy_kwargs))
     except KeyError as e:
-        raise ConfigError(f"config.scheduler.name: {e.args[0]}") from None
+        where = "policy_kwargs" if cfg.scheduler.name in POLICIES.names() else "name"
+        raise ConfigError(f"config.scheduler.{where}: {e.args[0]}") from None
     except (TypeError, ValueError) as e:  # a field the policy's Config does not have, or a value it refuses
         raise ConfigError(f"config.scheduler.policy_kwargs: {e}") from None
     try:
         schedulers.make_batcher(cfg.scheduler.batcher, **dict(cfg.scheduler.batcher_kwargs))
     except KeyError as e:
-        raise ConfigError(f"config.scheduler.batcher: {e.args[0]}") from None
+        where = "batcher_kwargs" if cfg.scheduler.batcher in BATCHERS.names() else "batcher"
+        raise ConfigError(f"config.scheduler.{where}: {e.args[0]}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.scheduler.batcher_kwargs: {e}") from None
     for name in ("snic_bytes_per_s", "cnic_bytes_per_s"):

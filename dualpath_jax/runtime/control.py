@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener
@@ -166,7 +167,18 @@ class ControlServer:
             conn.close()
 
     def close(self) -> None:
+        """Stop accepting and end the accept thread. Closing the listener alone does not wake a thread blocked in
+        accept() (Linux): the thread, and its listening socket, outlived every run of the local and Ray launchers.
+        A connection of our own wakes it; it fails the auth challenge and the thread sees the server closed."""
+        if self._closed:
+            return
         self._closed = True
+        if self._accept.is_alive():
+            try:
+                socket.create_connection(self.address, timeout=1.0).close()
+            except OSError:
+                pass
+        self._accept.join(5.0)
         try:
             self._listener.close()
         except OSError:

@@ -268,9 +268,11 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
     launcher = launcher or make_launcher(cfg, ops)
     launcher.cfg = cfg  # the run's own config (store directory included)
     t_launch = time.time()
-    launcher.start(groups, service)
     startup_s = math.nan
     try:
+        # (inside the try: a launch that fails part way, e.g. a node whose engines cannot be built, is shut down --
+        # the nodes already built kept their storage-NIC threads, endpoints and the store open)
+        launcher.start(groups, service)
         # The run's clock starts when every group has registered (model built, endpoints up).
         while not service.started:
             _check_launcher(service, launcher, groups)

@@ -128,7 +128,8 @@ class EngineBase:
 
     def join(self, timeout: float = 5.0) -> None:
         for t in self._threads:
-            t.join(timeout)
+            if t.ident is not None:  # (an engine of a group that never ran was never started)
+                t.join(timeout)
 
     def set_directory(self, directory: dict) -> None:
         self.inbox.put("directory", dict(directory))
@@ -139,8 +140,9 @@ class EngineBase:
     def cancel(self, c: Cancel) -> None:
         self.inbox.put("cancel", c)
 
-    def emit(self, kind: str, request_id: int, attempt: int, **data) -> None:
-        self.ctx.emit(Event(kind, request_id, attempt, time.time(), data))
+    def emit(self, kind: str, request_id: int, attempt: int, at: float | None = None, **data) -> None:
+        """Report an event stamped `at` (wall-clock seconds; default now)."""
+        self.ctx.emit(Event(kind, request_id, attempt, time.time() if at is None else at, data))
 
     def _pump_messages(self) -> None:
         while not self._stop.is_set():
@@ -165,6 +167,8 @@ class EngineBase:
     def _peer(self, engine_id: int) -> str:
         name = engine_endpoint(engine_id)
         if engine_id not in self._connected and name not in self.transport.peers():
+            if engine_id not in self.directory:  # (was a bare KeyError: "did not reach DE 1: 1" in the logs)
+                raise LookupError(f"engine {engine_id} is not in the directory: its node was declared dead")
             _node, address = self.directory[engine_id]
             try:
                 self.transport.connect(name, address)
@@ -302,6 +306,7 @@ class PrefillEngine(EngineBase):
         self.reqs: dict[tuple, _PrefillReq] = {}
         self.early: dict[tuple, list] = {}  # messages/layers that arrived before the task
         self.order: list[tuple] = []  # FIFO of request keys
+        self._in_batch: set[tuple] = set()  # keys of the requests of the batch now running
 
     # ---------------------------------------------------------------- inbox
     def _drain(self, timeout: float) -> None:
@@ -325,7 +330,10 @@ class PrefillEngine(EngineBase):
             r = self.reqs.get((item.request_id, item.attempt))
             if r is not None:
                 r.cancelled = True
-                if not r.started:
+                # Only a batch now running still uses the area (it finishes r when done). A request cancelled
+                # between two chunks of its chunked prefill used to wait for a batch it never got again (cancelled
+                # is never ready), holding its area for the rest of the run: with a small buffer, a hang.
+                if r.key not in self._in_batch:
                     self._finish(r)
         elif kind == "msg":
             key = (item["request_id"], item["attempt"])
@@ -415,7 +423,7 @@ class PrefillEngine(EngineBase):
         for r, _, _ in items:
             if not r.started:
                 r.started = True
-                self.emit("prefill_start", r.task.request_id, r.task.attempt, t=t_start)
+                self.emit("prefill_start", r.task.request_id, r.task.attempt, at=t_start)
         token_ids = [r.task.prompt_ids[c0 : c0 + n] for r, c0, n in items]
         cached = [c0 for _, c0, _ in items]
 
@@ -437,7 +445,11 @@ class PrefillEngine(EngineBase):
 
         t0 = time.perf_counter()
         wait0 = self.wait_s
-        first_tokens = self.model.prefill(token_ids, cached, cached_layer, on_layer)
+        self._in_batch = {r.key for r, _, _ in items}
+        try:
+            first_tokens = self.model.prefill(token_ids, cached, cached_layer, on_layer)
+        finally:
+            self._in_batch = set()
         # Compute only: time spent waiting for DE-side layers inside the layer loop is not model time.
         compute = time.perf_counter() - t0 - (self.wait_s - wait0)
         self.busy_s += compute
@@ -477,6 +489,9 @@ class PrefillEngine(EngineBase):
             log.warning("pe%d: KV of request %s did not reach DE %d: %s", self.engine_id, r.key, t.decode_engine, e)
             self._finish(r)
             return
+        # Reported before the DE hears of it: the DE may run the request (its first-token stamp) and finish it before
+        # this thread got to emit (prefill_end came after first_token, or after the run's last report).
+        self.emit("prefill_end", t.request_id, t.attempt, hit_tokens=r.final_hit)
         self.send_msg(
             t.decode_engine,
             {
@@ -487,7 +502,6 @@ class PrefillEngine(EngineBase):
                 "first_token": r.first_token,
             },
         )
-        self.emit("prefill_end", t.request_id, t.attempt, hit_tokens=r.final_hit)
         self._finish(r)
 
     def _finish(self, r: _PrefillReq) -> None:
@@ -742,7 +756,7 @@ class DecodeEngine(EngineBase):
                         r.task.request_id,
                         r.task.attempt,
                         r.done_at,
-                        {"tokens": np.asarray(r.tokens, np.int32)},
+                        {"tokens": np.asarray(r.tokens, np.int32), "hit_tokens": r.final_hit},
                     )
                 )
             self._forget(r)

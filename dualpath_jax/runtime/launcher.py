@@ -120,10 +120,17 @@ class InProcessLauncher:
             t.join(max(0.0, deadline - time.monotonic()))
 
     def shutdown(self) -> None:
+        """Stop every group and close what they hold, also after a `start` that failed part way (groups built
+        but never run close here: `run` closes the others when it returns)."""
         for g in self.groups.values():
             g.stop()
         self.join(5.0)
-        self.store.close()
+        for node_id, g in self.groups.items():
+            if node_id not in self.threads:
+                g.close()
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.close()
 
 
 def _transport_factory(cfg: RuntimeConfig):

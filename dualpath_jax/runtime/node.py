@@ -83,6 +83,21 @@ class EngineGroup:
         budget = cfg.buffers.pe_buffer_bytes if role == "prefill" else cfg.buffers.de_buffer_bytes
         per_engine = budget // len(self.engine_ids)
         self.engines = {}
+        self._stop = threading.Event()
+        self._killed = False
+        self.fetches = 0
+        try:
+            self._build_engines(cfg, model, layout, per_engine, make_transport, batcher_factory)
+            self.address = {e: eng.transport.address for e, eng in self.engines.items()}
+            if cfg.cluster.precompile:
+                self._precompile(cfg, model)
+        except BaseException:
+            # Close what was built (the SNIC's threads, endpoints): nobody else holds this half-built group.
+            self.close()
+            raise
+
+    def _build_engines(self, cfg, model, layout, per_engine, make_transport, batcher_factory) -> None:
+        role, traffic = self.role, self.traffic
         for e in self.engine_ids:
             traffic.add_cnic(
                 e,
@@ -90,28 +105,31 @@ class EngineGroup:
                 {"high": cfg.nics.high_priority_share, "low": 1.0 - cfg.nics.high_priority_share},
             )
             transport = make_transport(engine_endpoint(e), traffic.pacer(f"cnic/engine{e}"))
-            pool = HostBufferPool(
-                slot_nbytes=layout.layer_block_nbytes, budget_bytes=per_engine, name=f"{role}{e}", prefault=False
-            )
-            if role == "prefill":
-                eng = PrefillEngine(e, node_id, self.ctx, transport, pool, self.snic, batcher=batcher_factory())
-            else:
-                eng = DecodeEngine(e, node_id, self.ctx, transport, pool, self.snic)
+            try:
+                pool = HostBufferPool(
+                    slot_nbytes=layout.layer_block_nbytes, budget_bytes=per_engine, name=f"{role}{e}", prefault=False
+                )
+                if role == "prefill":
+                    eng = PrefillEngine(
+                        e, self.node_id, self.ctx, transport, pool, self.snic, batcher=batcher_factory()
+                    )
+                else:
+                    eng = DecodeEngine(e, self.node_id, self.ctx, transport, pool, self.snic)
+            except BaseException:
+                transport.close()
+                raise
             self.engines[e] = eng
-        self.address = {e: eng.transport.address for e, eng in self.engines.items()}
-        if cfg.cluster.precompile:
-            t0 = time.time()
-            if role == "prefill":
-                c = cfg.cluster
-                n = model.precompile(c.prefill_max_batch, c.prefill_token_budget, c.max_seq_len)
-                log.info("node %d: compiled %d prefill buckets in %.1f s", node_id, n, time.time() - t0)
-            else:
-                for eng in self.engines.values():
-                    eng.batch.precompile(cfg.block_size)
-                log.info("node %d: compiled decode buckets in %.1f s", node_id, time.time() - t0)
-        self._stop = threading.Event()
-        self._killed = False
-        self.fetches = 0
+
+    def _precompile(self, cfg, model) -> None:
+        t0 = time.time()
+        if self.role == "prefill":
+            c = cfg.cluster
+            n = model.precompile(c.prefill_max_batch, c.prefill_token_budget, c.max_seq_len)
+            log.info("node %d: compiled %d prefill buckets in %.1f s", self.node_id, n, time.time() - t0)
+        else:
+            for eng in self.engines.values():
+                eng.batch.precompile(cfg.block_size)
+            log.info("node %d: compiled decode buckets in %.1f s", self.node_id, time.time() - t0)
 
     def stop(self) -> None:
         self._stop.set()

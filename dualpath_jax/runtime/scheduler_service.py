@@ -92,8 +92,10 @@ class GlobalScheduler:
         self._last_seen: dict[int, float] = {}
         self._addresses: dict[int, object] = {}
         self.dead_nodes: set[int] = set()
+        self.death_reasons: dict[int, str] = {}  # node -> why it was declared dead
         self._queue: deque[int] = deque()  # request ids, FIFO
         self._inflight: dict[int, _InFlight] = {}
+        self._completed_attempt: dict[int, int] = {}  # request id -> the attempt that completed it
         self._outbox: dict[int, GroupReply] = {g.node_id: GroupReply() for g in groups}
         self.records: dict[int, TurnRecord] = {}
         self.links: list[LinkBytes] = []
@@ -304,17 +306,24 @@ class GlobalScheduler:
             log.error("engine error on node %d: %s", node, ev.data.get("message"))
             return
         inf = self._inflight.get(ev.request_id)
-        if inf is None or inf.attempt != ev.attempt:
-            return  # a finished request or a stale attempt (re-run elsewhere): ignore
+        # A PE's events reach the service in its group's fetches, a DE's in another's: the DE's turn_done can come
+        # first (a one-token turn is done as soon as it runs). Those of the attempt that completed the turn still
+        # fill its record (its prefill end, final hit and PE-side read bytes used to be lost, the prefill end
+        # then set to the turn's end).
+        late = inf is None and self._completed_attempt.get(ev.request_id) == ev.attempt and ev.kind != "turn_done"
+        if not late and (inf is None or inf.attempt != ev.attempt):
+            return  # a stale attempt (re-run elsewhere) or a duplicate completion: ignore
         rec = self.records[ev.request_id]
         t = ev.t - self.t0
         if ev.kind == "read_done":
             side = ev.data["side"]
             if side == "pe":
-                inf.pe_read_tokens = 0
+                if inf is not None:
+                    inf.pe_read_tokens = 0
                 rec.pe_read_bytes += ev.data["nbytes"]
             else:
-                inf.de_read_tokens = 0
+                if inf is not None:
+                    inf.de_read_tokens = 0
                 rec.de_read_bytes += ev.data["nbytes"]
             rec.read_start = (
                 min(rec.read_start, ev.data["t_start"] - self.t0)
@@ -325,8 +334,9 @@ class GlobalScheduler:
         elif ev.kind == "prefill_start":
             rec.prefill_start = t
         elif ev.kind == "prefill_end":
-            inf.prefill_done = True
-            inf.pe_read_tokens = 0
+            if inf is not None:
+                inf.prefill_done = True
+                inf.pe_read_tokens = 0
             rec.prefill_end = t
             rec.hit_tokens = ev.data["hit_tokens"]  # a corrupt/missing block shortens the hit (recomputed)
         elif ev.kind == "first_token":
@@ -336,8 +346,12 @@ class GlobalScheduler:
         elif ev.kind == "turn_done":
             rec.finished = t
             if math.isnan(rec.prefill_end):
-                rec.prefill_end = t
+                # Until the PE's prefill_end arrives (it overrides these; it never does when the PE's node died
+                # after the hand-over): the DE's first token is out after it, and the DE knows the final hit.
+                rec.prefill_end = t if math.isnan(rec.first_token) else rec.first_token
+                rec.hit_tokens = ev.data.get("hit_tokens", rec.hit_tokens)
             del self._inflight[ev.request_id]
+            self._completed_attempt[ev.request_id] = ev.attempt
             self.book.complete(ev.request_id, ev.data["tokens"], t)
         else:
             raise RunFailed(f"unknown event kind {ev.kind!r} from node {node}")
@@ -348,25 +362,30 @@ class GlobalScheduler:
         newly = []
         with self._lock:
             now = self.clock()
+            silent = {}
             for n in self.groups:
                 if n in self.dead_nodes:
                     continue
                 seen = self._last_seen.get(n)
                 if seen is not None and now - seen > self.heartbeat_timeout_s:
                     newly.append(n)
+                    silent[n] = now - seen
             for n in newly:
-                self._declare_dead(n)
+                self._declare_dead(
+                    n, f"no fetch for {silent[n]:.3f} s > heartbeat_timeout_s={self.heartbeat_timeout_s:g}"
+                )
         return newly
 
-    def declare_dead(self, node: int) -> None:
+    def declare_dead(self, node: int, why: str = "its process or thread exited") -> None:
         """A launcher saw the group's process exit: no need to wait for the heartbeat timeout."""
         with self._lock:
             if node not in self.dead_nodes:
-                self._declare_dead(node)
+                self._declare_dead(node, why)
 
-    def _declare_dead(self, node: int) -> None:
-        log.warning("node %d (%s) is dead: re-queueing its requests", node, self.groups[node].role)
+    def _declare_dead(self, node: int, why: str = "") -> None:
+        log.warning("node %d (%s) is dead (%s): re-queueing its requests", node, self.groups[node].role, why)
         self.dead_nodes.add(node)
+        self.death_reasons[node] = why
         rerun = []
         for rid, inf in self._inflight.items():
             a = inf.assignment
@@ -403,7 +422,12 @@ class GlobalScheduler:
         self._queue = deque(sorted(rerun, key=lambda r: self._inflight[r].turn.arrival) + list(self._queue))
         live = {g.role for n, g in self.groups.items() if n not in self.dead_nodes}
         if not {"prefill", "decode"} <= live:  # (placement runs on PE fetches: with no PE left, none would say so)
-            self.failure = self.failure or f"no live prefill or decode engine left (dead: {sorted(self.dead_nodes)})"
+            # Each dead node with why: a heartbeat timeout close to the fetch interval kills live nodes that were only
+            # a little late (the failure used to list the nodes alone, as if they had crashed).
+            why = "; ".join(f"node {n}: {self.death_reasons.get(n) or 'dead'}" for n in sorted(self.dead_nodes))
+            self.failure = (
+                self.failure or f"no live prefill or decode engine left (dead: {sorted(self.dead_nodes)}): {why}"
+            )
 
     # ---------------------------------------------------------------- results
     def progress(self) -> tuple[int, int]:
