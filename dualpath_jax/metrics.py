@@ -55,6 +55,19 @@ class TurnRecord:
         return (self.finished - self.first_token) / (self.gen_tokens - 1)
 
 
+# A turn's timestamps in the order they happen (a turn's record has each one; a driver sets them in this order).
+TIMESTAMPS = (
+    "arrival",
+    "scheduled",
+    "read_start",
+    "read_end",
+    "prefill_start",
+    "prefill_end",
+    "first_token",
+    "second_token",
+    "finished",
+)
+
 _ARRIVAL = operator.attrgetter("arrival")
 _GEN_TOKENS = operator.attrgetter("gen_tokens")
 _PROMPT_TOKENS = operator.attrgetter("prompt_tokens")

@@ -367,6 +367,18 @@ def test_capacity_search_brackets_the_slo():
         ("workload.n_agents", 0, "config.workload.n_agents must be >= 1, got 0"),
         ("slo_percentile", 150.0, "config.slo_percentile must be > 0 and <= 100, got 150.0"),
         ("warmup_s", -1.0, "config.warmup_s must be >= 0"),
+        # since 2026-12-03 (the simulator robustness hunt):
+        # an OverflowError inside the run (alpha from an infinite SNIC, the DE tokens of infinite HBM)
+        ("cluster.snic_gbps", math.inf, "config.cluster.snic_gbps must be finite, got inf"),
+        ("cluster.de_hbm_kv_gb", math.inf, "config.cluster.de_hbm_kv_gb must be finite, got inf"),
+        # NaN passed as "derived" (<= 0 is), silently
+        ("cluster.de_hbm_kv_gb", math.nan, "config.cluster.de_hbm_kv_gb must be a number, got nan"),
+        # an offline run that ended with turns never run / a NaN JCT
+        ("cluster.fetch_interval_s", math.inf, "config.cluster.fetch_interval_s must be finite, got inf"),
+        ("cluster.pe_time_scale", math.inf, "config.cluster.pe_time_scale must be finite, got inf"),
+        ("warmup_s", math.inf, "config.warmup_s must be finite, got inf"),
+        # a ValueError from the workload generator when the run was built, naming no field
+        ("seed", -1, "config.seed must be >= 0, got -1"),
     ],
 )
 def test_out_of_range_config_values_are_errors_naming_the_field(key, value, message):

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from dualpath_jax.metrics import LinkBytes, TurnRecord
+from dualpath_jax.metrics import TIMESTAMPS, LinkBytes, TurnRecord
 from dualpath_jax.runtime.control import Cancel, Event, GroupReply, GroupReport, TurnTask
 from dualpath_jax.runtime.lifecycle import ConversationBook, TurnRequest
 from schedulers.api import Assignment, ClusterSnapshot, EngineState, InterEnginePolicy, NodeState, PendingRequest
@@ -406,15 +406,7 @@ class GlobalScheduler:
             inf.prefill_done = False
             self._requeue_lookup(inf)
             rec = self.records[rid]
-            for f in (
-                "scheduled",
-                "read_start",
-                "read_end",
-                "prefill_start",
-                "prefill_end",
-                "first_token",
-                "second_token",
-            ):
+            for f in TIMESTAMPS[1:-1]:  # all but arrival and finished (not reached yet)
                 setattr(rec, f, math.nan)
             rec.pe_read_bytes = rec.de_read_bytes = 0
             self.requeued += 1
