@@ -50,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     r.nics = dict(snic_bytes_per_s=4e6, cnic_bytes_per_s=32e6, high_priority_share=0.99)
     r.buffers = dict(pe_buffer_bytes=64 << 20, de_buffer_bytes=64 << 20)
+    # transport='rdma' only: device "" = the first one; port = the device's port (not TCP); RoCE v2 fabrics usually
+    # need gid_index of an IP-based GID (`show_gids`); a service level (0-15) per priority class
+    r.rdma = dict(device="", port=1, gid_index=0, sl_high=0, sl_low=0)
     r.scheduler = dict(
         name="dualpath",
         batcher="fifo",

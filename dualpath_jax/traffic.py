@@ -12,7 +12,8 @@ A `Link` reproduces that on one machine: a transfer asks the link for permission
 of at most `quantum` bytes, and sleeps until its slot. Slots are handed out by start-time fair queuing
 (SFQ) across the classes, so the achieved rates follow the weights under contention and the whole rate
 goes to a class that is alone. Each grant is recorded as `dualpath_jax.metrics.LinkBytes` samples (per
-class for CNICs: "cnic/engine<E>/high", "cnic/engine<E>/low"; "snic/node<N>" for SNICs), binned over
+class for CNICs: "cnic/engine<E>/high", "cnic/engine<E>/low", and "cnic/engine<E>/in/<class>" for the ingress
+direction where a CNIC has one; "snic/node<N>" for SNICs), binned over
 time, for the load-balance metrics.
 
 Scope: links are thread-safe objects in one process. Engines of one emulated node must therefore live in
@@ -306,6 +307,15 @@ class TrafficManager:
         """The compute NIC of `engine`: high (model) and low (KV) classes, ~99:1 under contention."""
         return self.add_link(
             f"cnic/engine{engine}", rate_bytes_per_s, weights or DEFAULT_CNIC_WEIGHTS, per_class_names=True, **kw
+        )
+
+    def add_cnic_in(
+        self, engine: int, rate_bytes_per_s: float, weights: Mapping[str, float] | None = None, **kw
+    ) -> Link:
+        """The ingress direction of `engine`'s full-duplex compute NIC ("cnic/engine<E>/in"; `add_cnic` is its
+        egress): what the engine pulls into its device memory (H2D) paces here."""
+        return self.add_link(
+            f"cnic/engine{engine}/in", rate_bytes_per_s, weights or DEFAULT_CNIC_WEIGHTS, per_class_names=True, **kw
         )
 
     def link(self, name: str) -> Link:

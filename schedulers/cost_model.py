@@ -364,8 +364,18 @@ class CostModel:
     ):
         m = MODEL_SHAPES.get(model) if isinstance(model, str) else model
         hw = HARDWARE.get(hw) if isinstance(hw, str) else hw
-        if not (tp >= 1 and ep >= 1):  # NaN too
-            raise ValueError(f"tp and ep must be >= 1, got tp={tp} ep={ep}")
+        for what, v in (("tp", tp), ("ep", ep)):  # whole degrees: inf made the weights 0, 1.5 split them silently
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, numbers.Real)
+                or not (v >= 1 and math.isfinite(v) and v == int(v))
+            ):
+                raise ValueError(f"tp and ep must be >= 1, got tp={tp} ep={ep}: {what} must be a whole number >= 1")
+        tp, ep = int(tp), int(ep)
+        if not isinstance(hw, HardwareProfile):  # (an AttributeError deep in the constants)
+            raise TypeError(f"hw must be a HardwareProfile or a registered name, got {type(hw).__name__}")
+        if not isinstance(m, ModelShape):
+            raise TypeError(f"model must be a ModelShape or a registered name, got {type(m).__name__}")
         for kind, fit in (("prefill_fit", prefill_fit), ("decode_fit", decode_fit)):
             if fit is not None and not isinstance(fit, FitCoefficients):  # was an AttributeError at the first step
                 raise TypeError(f"{kind} must be FitCoefficients or None, got {type(fit).__name__}")

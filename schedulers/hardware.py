@@ -8,6 +8,8 @@ step times have been measured. Bandwidths are bytes/s, FLOPs are dense (no spars
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import time
 
 from dualpath_jax.registry import Registry
@@ -53,12 +55,23 @@ class HardwareProfile:
     step_overhead_s: float = 0.002  # per-forward fixed cost [assumption]
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"HardwareProfile name must be a non-empty string, got {self.name!r}")
         for f in dataclasses.fields(self):
+            if f.name == "name":
+                continue
             v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not v >= 0:  # NaN too
+            # (a string or a bool skipped this check; inf passed it and made times 0 or counts endless)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"HardwareProfile {self.name!r}: {f.name} must be a number, got {v!r}")
+            if not v >= 0:  # NaN too
                 raise ValueError(f"HardwareProfile {self.name!r}: {f.name} must be >= 0, got {v}")
-        if self.gpus_per_node < 1:
-            raise ValueError(f"HardwareProfile {self.name!r}: gpus_per_node must be >= 1")
+            if not math.isfinite(v):
+                raise ValueError(f"HardwareProfile {self.name!r}: {f.name} must be finite, got {v}")
+        g = self.gpus_per_node
+        if g < 1 or g != int(g):  # a fractional GPU count was accepted (and an infinite one)
+            raise ValueError(f"HardwareProfile {self.name!r}: gpus_per_node must be a whole number >= 1, got {g!r}")
+        object.__setattr__(self, "gpus_per_node", int(g))  # (8.0 -> 8)
         for name in _RATES:  # the cost model divides by these (0: ZeroDivisionError or α of 1 token)
             if not getattr(self, name) > 0:
                 raise ValueError(f"HardwareProfile {self.name!r}: {name} must be > 0, got {getattr(self, name)}")

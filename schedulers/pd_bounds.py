@@ -19,6 +19,8 @@ The PE-CNIC read constraint 2s/g ≤ 1 needs s ≤ g/2 (checked).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from fractions import Fraction
 
 
@@ -30,12 +32,32 @@ class PDConstraint:
     why: str
 
 
+def check_gpus(g, what: str = "g (GPUs per node)") -> int:
+    """`g` as an int >= 1: a whole, finite GPU count (an integral float such as 8.0 is taken; bools, strings, NaN,
+    inf and fractions are a `ValueError` naming `what`)."""
+    if isinstance(g, bool) or not isinstance(g, numbers.Real):
+        raise ValueError(f"{what} must be >= 1 and a whole number, got {g!r}")
+    if not (math.isfinite(g) and g >= 1 and g == int(g)):  # (NaN fails every comparison)
+        raise ValueError(f"{what} must be >= 1 and a whole number, got {g!r}")
+    return int(g)
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
+    return float(value)
+
+
 def pd_ratio_constraints(g: int, s: float, B: float, M: float) -> list[PDConstraint]:
-    """Every link constraint on P/D for node size g, SNIC multiple s, CNIC bandwidth B, host bandwidth M."""
-    if not g >= 1:  # `not x >= ...` / `not x > 0`: NaN too (it would give NaN bounds)
-        raise ValueError(f"g (GPUs per node) must be >= 1, got {g}")
-    if not (s > 0 and B > 0 and M > 0):
-        raise ValueError(f"s, B and M must be > 0, got s={s} B={B} M={M}")
+    """Every link constraint on P/D for node size g, SNIC multiple s, CNIC bandwidth B, host bandwidth M.
+
+    g must be a whole number >= 1, s, B and M finite numbers > 0 (`ValueError` naming the argument: an infinite
+    or fractional g, an infinite B or M gave bounds of 0, inf or a negative upper bound without a word).
+    """
+    g = check_gpus(g)
+    s = _check_positive("s (SNIC bandwidth / CNIC bandwidth)", s)
+    B = _check_positive("B (CNIC bandwidth)", B)
+    M = _check_positive("M (host memory bandwidth)", M)
     if 2 * s > g:
         raise ValueError(f"the PE-CNIC read constraint 2s/g <= 1 needs s <= g/2, got s={s} g={g}")
     m = M / (B * s)
@@ -57,8 +79,8 @@ def pd_ratio_bounds(g: int, s: float, B: float, M: float) -> tuple[float, float]
 
 def pd_ratio_range(g: int, s: float, mem_over_bs: float) -> tuple[float, float]:
     """(lo, hi) as `pd_ratio_bounds` with M given as a multiple of the SNIC bandwidth: M/(B·s)."""
-    if not mem_over_bs > 0:
-        raise ValueError(f"mem_over_bs = M/(B*s) must be > 0, got {mem_over_bs}")
+    mem_over_bs = _check_positive("mem_over_bs = M/(B*s)", mem_over_bs)
+    s = _check_positive("s (SNIC bandwidth / CNIC bandwidth)", s)
     return pd_ratio_bounds(g, s, 1.0, mem_over_bs * s)
 
 

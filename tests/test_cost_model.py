@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -472,3 +474,56 @@ def test_measure_cpu_profile_reports_this_hosts_gemm_and_copy_rates():
     assert "cpu GEMM:" in out.stdout and "registered cpu profile:" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "schedulers.hardware", "--gpu=h100"], capture_output=True, text=True)
     assert bad.returncode != 0 and "takes no arguments" in bad.stderr  # refused, not ignored
+
+
+_GOOD_HW = dict(
+    name="ok",
+    peak_flops=1e12,
+    hbm_bandwidth=1e12,
+    hbm_bytes=1e9,
+    cnic_bandwidth=1e9,
+    snic_bandwidth=1e9,
+    gpus_per_node=8,
+    host_mem_bandwidth=1e11,
+    host_buffer_bytes=1e9,
+)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("gpus_per_node", math.inf, "gpus_per_node must be finite, got inf"),
+        ("gpus_per_node", 2.5, "gpus_per_node must be a whole number >= 1, got 2.5"),
+        ("gpus_per_node", float("nan"), "gpus_per_node must be >= 0, got nan"),
+        ("gpus_per_node", True, "gpus_per_node must be a number, got True"),
+        ("peak_flops", math.inf, "peak_flops must be finite, got inf"),
+        ("host_buffer_bytes", math.inf, "host_buffer_bytes must be finite, got inf"),
+        ("snic_bandwidth", "50e9", "snic_bandwidth must be a number, got '50e9'"),
+        ("step_overhead_s", None, "step_overhead_s must be a number, got None"),
+        ("name", "", "name must be a non-empty string"),
+    ],
+)
+def test_hardware_profile_refuses_infinite_fractional_and_non_numeric_fields(field, value, match):
+    """inf passed the `>= 0` checks (an infinite GPU count or peak made times 0), a fractional GPU count was taken,
+    and a string or None skipped the checks altogether (a TypeError later, in the middle of a simulation)."""
+    with pytest.raises(ValueError, match=match):
+        HardwareProfile(**{**_GOOD_HW, field: value})
+
+
+def test_hardware_profile_takes_an_integral_float_gpu_count_as_an_int():
+    hw = HardwareProfile(**{**_GOOD_HW, "gpus_per_node": 8.0})
+    assert hw.gpus_per_node == 8 and isinstance(hw.gpus_per_node, int)
+
+
+@pytest.mark.parametrize("kw", [{"tp": math.inf}, {"ep": math.inf}, {"tp": 1.5}, {"ep": 2.5}, {"tp": True}])
+def test_cost_model_refuses_infinite_and_fractional_degrees(kw):
+    """tp=inf made every engine's weights 0 bytes, tp=1.5 split them into 1.5 shares, silently."""
+    with pytest.raises(ValueError, match="tp and ep must be >= 1"):
+        CostModel("ds27b", "h800", **kw)
+
+
+def test_cost_model_refuses_a_hardware_or_model_of_another_type():
+    with pytest.raises(TypeError, match="hw must be a HardwareProfile"):
+        CostModel("ds27b", 3)
+    with pytest.raises(TypeError, match="model must be a ModelShape"):
+        CostModel(3, "h800")

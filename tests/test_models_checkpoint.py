@@ -462,3 +462,21 @@ def test_orbax_restore_names_what_does_not_match_or_cannot_be_read(tmp_path):
     ):
         restore_params(tmp_path / "damaged", cfg)
     restore_params(tmp_path / "ckpt", cfg)  # the original is fine
+
+
+def test_weights_that_differ_anywhere_get_different_fingerprints():
+    """The weights id (part of the KV fingerprint a store checks) covers every byte of every tensor: weights that
+    differ only in the last embedding row (e.g. only the rows of added tokens were trained) get another id, so a
+    store kept for one never serves its KV to the other. Until 2026-12-03 only the first 1,024 values of each tensor
+    were hashed, and these two runners shared a fingerprint."""
+    cfg = config_from_hf(QWEN2_HF)
+    runner = ModelRunner(cfg, seed=3, num_slots=1, capacity=16)
+    params = runner.pure_params()
+    emb = np.array(params["embed_tokens"]["embedding"])
+    assert emb.size > 1024
+    emb[-1, -1] += 1.0
+    params["embed_tokens"]["embedding"] = emb
+    other = ModelRunner(cfg, params, num_slots=1, capacity=16)
+    same = ModelRunner(cfg, runner.pure_params(), num_slots=1, capacity=16)
+    assert other.fingerprint() != runner.fingerprint()
+    assert same.fingerprint() == runner.fingerprint()  # equal weights, equal id (however obtained)

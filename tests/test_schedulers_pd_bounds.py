@@ -57,3 +57,37 @@ def test_cli_prints_range():
         [sys.executable, "-m", "experiments.pd_bounds"], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert "1/7 (0.1429) ... 7/2 (3.5000)" in out.stdout and "binding: lower pe_cnic_in" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((float("inf"), 1, 50e9, 500e9), "g \\(GPUs per node\\) must be >= 1 and a whole number, got inf"),
+        ((8.5, 1, 50e9, 500e9), "g \\(GPUs per node\\) must be >= 1 and a whole number, got 8.5"),
+        ((True, 0.5, 50e9, 500e9), "g \\(GPUs per node\\) must be >= 1 and a whole number, got True"),
+        (("8", 1, 50e9, 500e9), "g \\(GPUs per node\\) must be >= 1 and a whole number, got '8'"),
+        ((8, float("inf"), 50e9, 500e9), "s \\(SNIC bandwidth / CNIC bandwidth\\) must be > 0 and finite, got inf"),
+        ((8, 1, float("inf"), 500e9), "B \\(CNIC bandwidth\\) must be > 0 and finite, got inf"),
+        ((8, 1, 50e9, float("inf")), "M \\(host memory bandwidth\\) must be > 0 and finite, got inf"),
+        ((8, "1", 50e9, 500e9), "s \\(SNIC bandwidth / CNIC bandwidth\\) must be > 0 and finite, got '1'"),
+    ],
+)
+def test_infinite_fractional_and_non_numeric_inputs_are_refused(args, match):
+    """An infinite or fractional GPU count, an infinite bandwidth or a string was taken: g=inf gave the range
+    [0, inf], g=8.5 a range for half a GPU, B=inf an upper bound of -1.5 (no range, no word why), M=inf an upper
+    bound of inf (and `as_fraction` then an OverflowError), a string a TypeError from a comparison."""
+    with pytest.raises(ValueError, match=match):
+        pd_ratio_bounds(*args)
+    with pytest.raises(ValueError, match=match):
+        binding_constraints(*args)
+
+
+def test_integral_float_gpu_count_is_taken():
+    assert pd_ratio_bounds(8.0, 1, 50e9, 500e9) == pd_ratio_bounds(8, 1, 50e9, 500e9)
+
+
+def test_pd_ratio_range_refuses_infinite_inputs():
+    with pytest.raises(ValueError, match="mem_over_bs = M/\\(B\\*s\\) must be > 0 and finite, got inf"):
+        pd_ratio_range(8, 1, float("inf"))
+    with pytest.raises(ValueError, match="g \\(GPUs per node\\) must be >= 1 and a whole number, got 2.5"):
+        pd_ratio_range(2.5, 1, 10.0)

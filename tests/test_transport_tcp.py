@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -390,6 +391,29 @@ def test_timeouts_must_be_positive(kwargs):
     ((what, value),) = kwargs.items()
     with pytest.raises(ValueError, match=f"tcp transport 'ep': {what} must be > 0 seconds, got {value}"):
         TcpTransport("ep", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"handshake_timeout_s": float("inf")}, "handshake_timeout_s must be finite, got inf"),
+        ({"max_message_bytes": 0}, "max_message_bytes must be an int >= 1, got 0"),
+        ({"max_message_bytes": -5}, "max_message_bytes must be an int >= 1, got -5"),
+        ({"max_message_bytes": 1.5}, "max_message_bytes must be an int >= 1, got 1.5"),
+    ],
+)
+def test_endless_handshake_timeout_and_bad_message_limits_are_refused(kwargs, match):
+    """An infinite handshake timeout made every incoming connection fail (OverflowError from settimeout, logged as a
+    rejected connection); a message limit of 0 or less refused every message (1.5 was silently 1)."""
+    with pytest.raises(ValueError, match=re.escape(f"tcp transport 'ep': {match}")):
+        TcpTransport("ep", **kwargs)
+
+
+def test_an_endless_transfer_timeout_is_taken():
+    """timeout_s=inf means: never declare a silent peer dead (the watchdog still runs, and close still joins it)."""
+    ep = TcpTransport("endless", timeout_s=float("inf"))
+    ep.close()
+    assert _threads_of("endless") == []
 
 
 # ---- silent peers ---------------------------------------------------------------------------------------
@@ -910,3 +934,112 @@ def test_concurrent_posters_keep_frames_whole():
     finally:
         a.close()
         b.close()
+
+
+# ---- close joins its threads -------------------------------------------------------------------------------
+
+
+def _threads_of(name: str) -> list[str]:
+    """Names of the live threads endpoint `name` started (every one is named tcp-<name>-...)."""
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith(f"tcp-{name}-"))
+
+
+def test_close_joins_every_thread_it_started():
+    """After `close` returns no thread of the endpoint is left: the watchdog (it slept up to 1 s before it saw the
+    close), the accept loop, a server handshake in progress (it waited for the handshake timeout) and each
+    connection's reader and sender."""
+    a, b = TcpTransport("closer-a"), TcpTransport("closer-b")
+    idle = None
+    try:
+        for ep in (a, b):
+            ep.register("r", np.zeros(1 << 16, np.uint8))
+        a.connect(b.name, b.address)
+        b.connect(a.name, a.address)  # (a second connection set, the other way)
+        assert a.write(b.name, "r", 0, "r", 0, 1 << 16).result(5) == 1 << 16
+        assert b.write(a.name, "r", 0, "r", 0, 1000, notify=3).result(5) == 1000
+        idle = _raw(a)  # a client that never says hello: a's handshake thread waits in recv
+        for _ in range(200):
+            if "tcp-closer-a-handshake" in _threads_of("closer-a"):
+                break
+            time.sleep(0.01)
+        assert "tcp-closer-a-handshake" in _threads_of("closer-a")
+        assert {"tcp-closer-a-watchdog", "tcp-closer-a-accept", "tcp-closer-a-closer-b-low-rx"} <= set(
+            _threads_of("closer-a")
+        )
+        a.close()
+        assert _threads_of("closer-a") == []
+        assert _closed_by_server(idle)
+    finally:
+        a.close()
+        b.close()
+        if idle is not None:
+            idle.close()
+    assert _threads_of("closer-b") == []
+
+
+def test_close_joins_the_threads_of_a_peer_that_never_closes(server):
+    """A peer that never closes its end (it does not read either): `close` waits a grace period for it, then cuts
+    the connections and joins their threads (the reader used to block in recv for as long as the peer lived)."""
+    socks = _raw_handshake(server)
+    try:
+        server.wait_for_peer("evil")
+        assert any(n.endswith("-rx") for n in _threads_of("srv"))
+        server.close()
+        assert _threads_of("srv") == []
+        assert all(_closed_by_server(s) for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+
+
+# ---- waits without a deadline, odd arguments -----------------------------------------------------------------
+
+
+def test_waits_without_a_deadline(server):
+    """`wait_for_peer(timeout=None)` was a TypeError (None compared with a time) and `recv(timeout=inf)` an
+    OverflowError (the lock's timeout): both now wait until the peer comes / the message arrives."""
+    c = TcpTransport("late")
+    try:
+        c.register("src", np.zeros(64, np.uint8))
+
+        def later():
+            time.sleep(0.1)
+            c.connect(server.name, server.address)
+            time.sleep(0.1)
+            c.send(server.name, b"hello").result(5)
+
+        t = threading.Thread(target=later)
+        t.start()
+        server.wait_for_peer("late", timeout=None)
+        assert server.recv(timeout=float("inf")) == ("late", b"hello")
+        t.join(10)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 0, -1])
+def test_connect_refuses_an_endless_or_empty_timeout(server, timeout):
+    """inf was an OverflowError from the socket (NaN a ValueError from it, 0 a BlockingIOError-like failure)."""
+    c = TcpTransport("impatient")
+    try:
+        with pytest.raises(
+            ValueError, match=f"connect timeout must be > 0 seconds and finite \\(or None\\), got {timeout}"
+        ):
+            c.connect(server.name, server.address, timeout=timeout)
+        c.connect(server.name, server.address, timeout=None)
+        assert server.name in c.peers()
+    finally:
+        c.close()
+
+
+def test_a_timeout_that_is_not_a_number_and_a_bool_offset_are_refused(server):
+    with pytest.raises(TypeError, match="timeout must be a number of seconds or None, got '1'"):
+        server.recv(timeout="1")
+    with pytest.raises(TypeError, match="timeout must be a number of seconds or None, got True"):
+        server.wait_notification(timeout=True)
+    c = _connect_client(server, "booly")
+    try:  # (True was taken as offset 1)
+        with pytest.raises(RegionError, match="offset and length must be ints, got True"):
+            c.write(server.name, "src", True, "dst", 0, 10)
+    finally:
+        c.close()

@@ -30,6 +30,8 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import math
+import numbers
 import operator
 import threading
 import time
@@ -101,7 +103,7 @@ class MemoryRegion:
 
     def check(self, offset: int, length: int, what: str) -> None:
         """Raise `RegionError` unless [offset, offset+length) lies inside the region."""
-        if not isinstance(offset, int) or not isinstance(length, int):
+        if type(offset) is bool or type(length) is bool or not isinstance(offset, int) or not isinstance(length, int):
             raise RegionError(f"{what}: offset and length must be ints, got {offset!r}, {length!r}")
         if offset < 0 or length < 0 or offset + length > self.size:
             raise RegionError(
@@ -110,11 +112,16 @@ class MemoryRegion:
 
 
 def _deadline(timeout: float | None) -> float | None:
-    """The monotonic deadline of a wait of `timeout` s (None = forever); a NaN timeout would never expire."""
+    """The monotonic deadline of a wait of `timeout` s (None or inf = forever); a NaN timeout would never expire,
+    an infinite one overflowed the lock's timeout (OverflowError), a string was a TypeError from `+`."""
     if timeout is None:
         return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
     if timeout != timeout:
         raise ValueError(f"timeout must be a number of seconds or None, got {timeout}")
+    if timeout == math.inf:
+        return None
     return time.monotonic() + timeout
 
 
@@ -324,7 +331,7 @@ class Transport(abc.ABC):
         deadline = _deadline(timeout)
         while peer not in self.peers():
             self._check_open()
-            if time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() > deadline:  # (None: a TypeError after the first look)
                 raise TimeoutError(f"{self.name}: peer {peer!r} did not connect within {timeout} s")
             time.sleep(0.005)
 

@@ -19,6 +19,10 @@ Design:
 - `write`/`read` post RDMA WRITE/READ work requests (chunks of `chunk_bytes`, each signaled) and a poller
   thread completes futures from the CQ; a failed completion (peer gone: RC retries exhausted, or QP flushed)
   fails the transfer and the peer; a lost control connection fails the peer's pending transfers too;
+- settings: `device`, `ib_port`, `gid_index` (RoCE v2 usually needs an IP-based GID, not index 0) and a service
+  level per priority class (`sl_high`, `sl_low`, set in each QP's address vector); `check_rdma_args` checks their
+  types and ranges on any host, `check_rdma_device` the device, port (ACTIVE) and GID where a device exists,
+  both before anything is opened (`RdmaConfigError` names the argument);
 - a notifying write sends `(tag, region, offset, length)` over the control channel once the RDMA WRITE
   completed (for RC, a successful completion means the responder acknowledged the data), so the receiver
   gets the same `Notification` as with the other backends. (WRITE_WITH_IMM would save that message but
@@ -27,10 +31,12 @@ Design:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import json
 import logging
+import numbers
 import queue
 import random
 import threading
@@ -75,6 +81,116 @@ def rdma_unavailable_reason() -> str | None:
     return None
 
 
+SERVICE_LEVELS = range(16)  # InfiniBand service levels (4 bits); on RoCE the SL sets the 802.1p priority
+_PORT_STATES = {0: "NOP", 1: "DOWN", 2: "INIT", 3: "ARMED", 4: "ACTIVE", 5: "ACTIVE_DEFER"}
+
+
+class RdmaConfigError(TransportError, ValueError):
+    """A bad RDMA endpoint setting; `arg` names the constructor argument ("device", "ib_port", "gid_index",
+    "sl_high", "sl_low", ...), so the runtime's config check can name its own field."""
+
+    def __init__(self, arg: str, message: str):
+        super().__init__(message)
+        self.arg = arg
+
+
+def _int_arg(arg: str, value: Any, low: int, high: int | None = None) -> int:
+    """`value` as an int in [low, high]; `RdmaConfigError` naming `arg` otherwise (bools and floats too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise RdmaConfigError(arg, f"rdma: {arg} must be an integer, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        where = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise RdmaConfigError(arg, f"rdma: {arg} must be {where}, got {value}")
+    return value
+
+
+def check_rdma_args(
+    device: str | None = None,
+    ib_port: int = 1,
+    gid_index: int = 0,
+    sl_high: int = 0,
+    sl_low: int = 0,
+    chunk_bytes: int = 16 << 20,
+    max_send_wr: int = 256,
+) -> dict[str, Any]:
+    """Type and range checks of the endpoint's settings that need no device (they run everywhere, also where
+    pyverbs is missing); returns them normalised. `RdmaConfigError` names the argument."""
+    if device is not None and (not isinstance(device, str) or not device):
+        raise RdmaConfigError(
+            "device", f"rdma: device must be a non-empty device name or None (the first), got {device!r}"
+        )
+    return {
+        "device": device,
+        "ib_port": _int_arg("ib_port", ib_port, 1, 255),  # (u8 in the verbs API; ports count from 1)
+        "gid_index": _int_arg("gid_index", gid_index, 0, 255),  # (u8 sgid_index in ibv_global_route)
+        "sl_high": _int_arg("sl_high", sl_high, SERVICE_LEVELS.start, SERVICE_LEVELS.stop - 1),
+        "sl_low": _int_arg("sl_low", sl_low, SERVICE_LEVELS.start, SERVICE_LEVELS.stop - 1),
+        "chunk_bytes": _int_arg("chunk_bytes", chunk_bytes, 1, (1 << 31) - 1),  # (an SGE length is 32 bits)
+        "max_send_wr": _int_arg("max_send_wr", max_send_wr, 1),
+    }
+
+
+def _gid_is_zero(gid: str) -> bool:
+    try:
+        return int(str(gid).replace(":", ""), 16) == 0
+    except ValueError:
+        return False
+
+
+def check_rdma_device(device: str | None = None, ib_port: int = 1, gid_index: int = 0) -> str:
+    """Check that `device`, its port `ib_port` and the GID at `gid_index` exist and can be used (needs pyverbs and
+    a device: call `rdma_unavailable_reason()` first). Returns the device name (the first device's for None).
+
+    `RdmaConfigError` names the argument: a device that does not exist (listing those that do), a port the device
+    does not have or that is not ACTIVE (with its state), a GID index past the port's table or with an empty GID
+    (listing the indices that hold one: RoCE v2 usually needs one of the IP-based GIDs, not index 0).
+    """
+    import pyverbs.device as d
+    import pyverbs.enums as e
+
+    names = [dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name) for dev in d.get_device_list()]
+    if not names:
+        raise RdmaConfigError("device", "rdma: no RDMA device found (ibv_get_device_list returned none)")
+    if device is None:
+        device = names[0]
+    elif device not in names:
+        raise RdmaConfigError("device", f"rdma: no RDMA device {device!r}; this host has: {', '.join(names)}")
+    ctx = d.Context(name=device)
+    try:
+        nports = int(ctx.query_device().phys_port_cnt)
+        if not 1 <= ib_port <= nports:
+            raise RdmaConfigError(
+                "ib_port", f"rdma: device {device!r} has no port {ib_port} (it has ports 1..{nports})"
+            )
+        attr = ctx.query_port(ib_port)
+        if int(attr.state) != int(e.IBV_PORT_ACTIVE):
+            state = _PORT_STATES.get(int(attr.state), str(attr.state))
+            raise RdmaConfigError(
+                "ib_port",
+                f"rdma: port {ib_port} of device {device!r} is not ACTIVE (state {state}): link down or not configured",
+            )
+        table = int(attr.gid_tbl_len)
+        usable = []
+        for i in range(min(table, 256)):
+            try:
+                if not _gid_is_zero(ctx.query_gid(ib_port, i).gid):
+                    usable.append(i)
+            except Exception:  # noqa: BLE001 - an entry the driver cannot report is not usable
+                pass
+        hint = f"indices with a GID: {', '.join(map(str, usable)) or 'none'}"
+        if gid_index >= table:
+            raise RdmaConfigError(
+                "gid_index",
+                f"rdma: gid_index {gid_index} is past the GID table of {device!r} port {ib_port} ({table} entries; {hint})",
+            )
+        if gid_index not in usable:
+            raise RdmaConfigError("gid_index", f"rdma: GID {gid_index} of {device!r} port {ib_port} is empty ({hint})")
+    finally:
+        ctx.close()
+    return device
+
+
 def _buffer_address(view: memoryview) -> int:
     """Virtual address of a writable buffer's first byte (for MR registration)."""
     if view.nbytes == 0:
@@ -115,10 +231,14 @@ class RdmaTransport(Transport):
 
     Args:
       name: endpoint name. device: RDMA device name (default: the first one). ib_port, gid_index: port and GID
-      table index to use (RoCE v2 usually needs a gid_index with an IP-based GID). host, port, secret: the TCP
-      control channel (loopback by default; non-loopback needs a secret). pacer: optional sender pacing.
-      timeout_s: control-channel liveness timeout. chunk_bytes: largest single work request.
-      max_send_wr: outstanding work requests per QP.
+      table index to use (RoCE v2 usually needs a gid_index with an IP-based GID). sl_high, sl_low: the service
+      level (0-15) of each priority class's queue pairs (on RoCE it sets the 802.1p priority; default 0 for both).
+      host, port, secret: the TCP control channel (loopback by default; non-loopback needs a secret); `port` is
+      that channel's TCP port, not the RDMA port. pacer: optional sender pacing. timeout_s: control-channel
+      liveness timeout. chunk_bytes: largest single work request. max_send_wr: outstanding work requests per QP.
+
+    Bad settings are `RdmaConfigError`s naming the argument: types and ranges are checked first (on any host),
+    then the device, port (must be ACTIVE) and GID (`check_rdma_device`).
     """
 
     backend = "rdma"
@@ -129,6 +249,8 @@ class RdmaTransport(Transport):
         device: str | None = None,
         ib_port: int = 1,
         gid_index: int = 0,
+        sl_high: int = 0,
+        sl_low: int = 0,
         host: str = "127.0.0.1",
         port: int = 0,
         secret: str | bytes | None = None,
@@ -137,23 +259,52 @@ class RdmaTransport(Transport):
         chunk_bytes: int = 16 << 20,
         max_send_wr: int = 256,
     ):
+        args = check_rdma_args(device, ib_port, gid_index, sl_high, sl_low, chunk_bytes, max_send_wr)
+        # (NaN too; inf was an OverflowError at the first post: the send-queue waits take it as their timeout)
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not 0 < timeout_s < float("inf"):
+            raise RdmaConfigError("timeout_s", f"rdma: timeout_s must be > 0 seconds and finite, got {timeout_s}")
+        from transport.tcp import TcpTransport, is_loopback
+
+        if not is_loopback(host) and not secret:  # (the control channel's rule, checked before the device is open)
+            raise ValueError(
+                f"rdma transport {name!r}: binding non-loopback address {host!r} requires a shared secret "
+                "(pass secret=...); peers must prove it at connect"
+            )
         reason = rdma_unavailable_reason()
         if reason is not None:
             raise TransportError(f"rdma transport {name!r} unavailable: {reason}")
+        device = check_rdma_device(args["device"], args["ib_port"], args["gid_index"])
         super().__init__(name, pacer)
         import pyverbs.device as d
         import pyverbs.enums as e
+
+        self._e = e
+        self.device, self.ib_port, self.gid_index = device, args["ib_port"], args["gid_index"]
+        self.service_levels = {"high": args["sl_high"], "low": args["sl_low"]}  # per priority class
+        self.chunk_bytes, self.max_send_wr, self.timeout_s = args["chunk_bytes"], args["max_send_wr"], timeout_s
+        self.ctx = d.Context(name=device)
+        try:
+            self._open(name, host, port, secret, pacer, TcpTransport)
+        except BaseException:
+            # (a failure part way, e.g. the control channel's port in use, left the context, PD and CQ open)
+            self._closed = True  # (stops a poller that started)
+            if getattr(self, "control", None) is not None:
+                self.control.close()
+            poller = getattr(self, "_poller", None)
+            if poller is not None and poller.ident is not None:
+                poller.join(2)
+            for obj in (getattr(self, "cq", None), getattr(self, "pd", None), self.ctx):
+                if obj is not None:
+                    with contextlib.suppress(Exception):
+                        obj.close()
+            raise
+
+    def _open(self, name, host, port, secret, pacer, TcpTransport) -> None:  # noqa: N803 - the class, passed in
+        """The rest of the constructor: PD, CQ, the control channel and the threads (closed again on failure)."""
         from pyverbs.cq import CQ
         from pyverbs.pd import PD
 
-        from transport.tcp import TcpTransport
-
-        self._e = e
-        if device is None:
-            device = d.get_device_list()[0].name.decode()
-        self.device, self.ib_port, self.gid_index = device, ib_port, gid_index
-        self.chunk_bytes, self.max_send_wr, self.timeout_s = int(chunk_bytes), int(max_send_wr), timeout_s
-        self.ctx = d.Context(name=device)
+        ib_port, gid_index = self.ib_port, self.gid_index
         self.pd = PD(self.ctx)
         self.port_attr = self.ctx.query_port(ib_port)
         self.gid = self.ctx.query_gid(ib_port, gid_index).gid  # string form, sent to peers
@@ -169,7 +320,7 @@ class RdmaTransport(Transport):
         self._wrs: dict[int, tuple[_Transfer, _RdmaPeer, str]] = {}  # wr_id -> (transfer, peer, class)
         self._req_ids = itertools.count(1)
         self._replies: dict[int, Future] = {}
-        self.control = TcpTransport(name, host=host, port=port, secret=secret, timeout_s=timeout_s)
+        self.control = TcpTransport(name, host=host, port=port, secret=secret, timeout_s=self.timeout_s)
         self.control.on_message = self._on_control
         self.control.on_peer_lost = self._on_control_lost
         self._poller = threading.Thread(target=self._poll_loop, name=f"rdma-{name}-cq", daemon=True)
@@ -332,7 +483,9 @@ class RdmaTransport(Transport):
                 attr.rnr_retry = 7
                 # hop_limit is RoCE v2's IP TTL: the default 1 drops every packet routed across a subnet
                 gr = GlobalRoute(dgid=GID(remote["gid"]), sgid_index=self.gid_index, hop_limit=255)
-                attr.ah_attr = AHAttr(port_num=self.ib_port, is_global=1, gr=gr, dlid=remote["lid"])
+                attr.ah_attr = AHAttr(
+                    port_num=self.ib_port, is_global=1, gr=gr, dlid=remote["lid"], sl=self.service_levels[cls]
+                )
                 qp.to_rts(attr)
         except BaseException:
             for qp, _ in qps.values():

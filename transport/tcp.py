@@ -138,6 +138,7 @@ ACK_ENTRY = struct.Struct("!QQ")  # (request id, length) of one landed write in 
 ACK_BATCH = 128  # acknowledgements held back at most (they go out when the socket drains, or at this count)
 ACK_FRAMES = 32  # ... or once this many write frames landed (write_many frames count one each)
 MAX_PENDING_HANDSHAKES = 64  # concurrent unauthenticated connections per endpoint
+CLOSE_GRACE_S = 1.0  # `close` waits this long for peers to close their ends before it cuts the connections
 
 
 class ProtocolError(TransportError):
@@ -385,6 +386,14 @@ def _request(kind: str, length: int, view: memoryview | None = None) -> _Request
     r = _Request()
     r.kind, r.length, r.view = kind, length, view
     return r
+
+
+def _cut(sock: socket.socket) -> None:
+    """Shut a socket down both ways: a thread blocked in its recv or send returns (closing it alone does not)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class _Conn:
@@ -833,6 +842,13 @@ class TcpTransport(Transport):
         for what, t in (("timeout_s", timeout_s), ("handshake_timeout_s", handshake_timeout_s)):
             if not t > 0:  # 0 would drop every peer with a transfer pending; NaN would never time out
                 raise ValueError(f"tcp transport {name!r}: {what} must be > 0 seconds, got {t}")
+        if handshake_timeout_s == float("inf"):  # (a socket timeout of inf: OverflowError, every connection refused)
+            raise ValueError(f"tcp transport {name!r}: handshake_timeout_s must be finite, got {handshake_timeout_s}")
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 1:
+            # (0 or less refused every message, the RDMA backend's control messages too; 1.5 was taken as 1)
+            raise ValueError(
+                f"tcp transport {name!r}: max_message_bytes must be an int >= 1, got {max_message_bytes!r}"
+            )
         if not is_loopback(host) and not secret:
             raise ValueError(
                 f"tcp transport {name!r}: binding non-loopback address {host!r} requires a shared secret "
@@ -853,6 +869,9 @@ class TcpTransport(Transport):
         self._half_open: dict[tuple[str, str], tuple[float, dict[str, socket.socket]]] = {}
         self._listener = socket.create_server((host, port), backlog=128)
         self._address = self._listener.getsockname()[:2]
+        self._stopping = threading.Event()  # set by `close`: wakes the watchdog at once
+        self._handshaking: dict[threading.Thread, socket.socket] = {}  # server handshakes in progress (`_lock`)
+        self._retired: list[_Conn] = []  # connections of dead sets whose threads may still be ending (`_lock`)
         self._threads = [
             threading.Thread(target=self._accept_loop, name=f"tcp-{name}-accept", daemon=True),
             threading.Thread(target=self._watchdog, name=f"tcp-{name}-watchdog", daemon=True),
@@ -871,6 +890,8 @@ class TcpTransport(Transport):
             return
         if not isinstance(address, (tuple, list)) or len(address) != 2:
             raise TypeError(f"{self.name}: the address of {peer!r} must be (host, port), got {address!r}")
+        if timeout is not None and not 0 < timeout < float("inf"):  # (inf: OverflowError from the socket; NaN, <= 0)
+            raise ValueError(f"{self.name}: connect timeout must be > 0 seconds and finite (or None), got {timeout}")
         host, port = address
         session = os.urandom(8).hex()
         socks: dict[str, socket.socket] = {}
@@ -937,14 +958,23 @@ class TcpTransport(Transport):
                 log.error("%s: too many pending handshakes; dropping connection from %s", self.name, addr)
                 sock.close()
                 continue
-            threading.Thread(
+            t = threading.Thread(
                 target=self._serve_handshake, args=(sock, addr), daemon=True, name=f"tcp-{self.name}-handshake"
-            ).start()
+            )
+            with self._lock:
+                if self.closed:  # (`close` joins every handshake thread it saw: start none after it looked)
+                    self._handshakes.release()
+                    sock.close()
+                    return
+                self._handshaking[t] = sock
+                t.start()
 
     def _serve_handshake(self, sock: socket.socket, addr: Any) -> None:
         try:
             self._serve_handshake_inner(sock, addr)
         finally:
+            with self._lock:
+                self._handshaking.pop(threading.current_thread(), None)
             self._handshakes.release()
 
     def _serve_handshake_inner(self, sock: socket.socket, addr: Any) -> None:
@@ -1021,8 +1051,8 @@ class TcpTransport(Transport):
             live = self._live.get(name)
             if live is None or live.dead is not None:
                 self._live[name] = p
-        for c in p.conns.values():
-            c.start()
+            for c in p.conns.values():  # (under the lock: `close` joins the threads of every set it saw)
+                c.start()
 
     def _live_peer(self, name: str) -> _Peer | None:
         with self._lock:
@@ -1046,7 +1076,8 @@ class TcpTransport(Transport):
         """Declare `peer`'s connection set dead: fail its pending transfers and close its sockets.
 
         `graceful` (our own close): send FIN after what the kernel already holds and keep reading until the
-        peer closes too (at most 1 s), so nothing the peer has not read yet is destroyed by a reset.
+        peer closes too, so nothing the peer has not read yet is destroyed by a reset (`_shutdown` cuts the
+        connections after CLOSE_GRACE_S and joins the threads).
         """
         with peer.lock:
             if peer.dead is not None:
@@ -1054,6 +1085,9 @@ class TcpTransport(Transport):
             peer.dead = err
             pending, peer.pending = list(peer.pending.values()), {}
         with self._lock:
+            # (`close` joins these too; the list keeps only connections whose threads have not ended yet)
+            self._retired = [c for c in self._retired if c.reader.is_alive() or c.sender.is_alive()]
+            self._retired.extend(peer.conns.values())
             lst = self._peers.get(peer.name, [])
             if peer in lst:
                 lst.remove(peer)
@@ -1073,10 +1107,6 @@ class TcpTransport(Transport):
                 pass
             if not graceful:
                 c.close_sock()
-        if graceful:
-            timer = threading.Timer(1.0, lambda: [c.close_sock() for c in peer.conns.values()])
-            timer.daemon = True
-            timer.start()
         for p in pending:
             if not p.done():
                 with contextlib.suppress(InvalidStateError):  # raced with completion
@@ -1089,8 +1119,7 @@ class TcpTransport(Transport):
 
     def _watchdog(self) -> None:
         period = max(0.05, min(1.0, self.timeout_s / 4))
-        while not self.closed:
-            time.sleep(period)
+        while not self._stopping.wait(period):
             now = time.monotonic()
             with self._lock:
                 peers = [p for ps in self._peers.values() for p in ps]
@@ -1298,18 +1327,54 @@ class TcpTransport(Transport):
         return fut
 
     def _shutdown(self) -> None:
+        """Stop every thread this endpoint started and join them (none is left when `close` returns): the accept
+        loop and the watchdog at once, handshakes in progress by cutting their sockets, and each connection's
+        threads once the peer closed its end too (graceful: FIN, then read until its EOF) or, at the latest,
+        CLOSE_GRACE_S later, when the sockets are cut. (Until 2026-12-03 the watchdog ended up to 1 s after
+        `close` and the connection threads whenever the peer closed; a silent peer's reader never ended.)"""
+        self._stopping.set()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._listener.close()
-        with self._lock:
+        me = threading.current_thread()  # (`close` from a hook on one of our threads must not join itself)
+        for t in self._threads:
+            if t is not me:
+                t.join(CLOSE_GRACE_S)
+        with self._lock:  # the accept loop is gone: no handshake starts any more
             peers = [p for ps in self._peers.values() for p in ps]
             half = list(self._half_open.values())
             self._half_open.clear()
+            handshaking = list(self._handshaking.items())
         for _, socks in half:
             for s in socks.values():
                 s.close()
+        for _, sock in handshaking:  # wakes its blocked recv (a close alone would not)
+            _cut(sock)
+        for t, _ in handshaking:
+            if t is not me:
+                t.join(CLOSE_GRACE_S)
+        with self._lock:  # (a handshake that completed meanwhile was refused: `_add_peer` saw the endpoint closed)
+            peers += [p for ps in self._peers.values() for p in ps if p not in peers]
         err = TransportClosedError(f"endpoint {self.name!r} closed with the transfer pending")
         for p in peers:
             self._fail_peer(p, err, graceful=True)
+        with self._lock:
+            conns = list(dict.fromkeys([*self._retired, *(c for p in peers for c in p.conns.values())]))
+            self._retired = []
+        deadline = time.monotonic() + CLOSE_GRACE_S
+        for c in conns:
+            for t in (c.sender, c.reader):
+                if t is not me and t.ident is not None:
+                    t.join(max(0.0, deadline - time.monotonic()))
+        for c in conns:  # the peer did not close its end in time (or a send is stuck): cut the connection
+            if c.reader.is_alive() or c.sender.is_alive():
+                _cut(c.sock)
+            c.close_sock()
+        for c in conns:
+            for t in (c.sender, c.reader):
+                if t is not me and t.ident is not None:
+                    t.join(CLOSE_GRACE_S)
+                    if t.is_alive():
+                        log.error("%s: thread %s did not stop after close", self.name, t.name)

@@ -4,8 +4,10 @@
 `validate()` rejects bad settings with an error naming the field *before* any engine starts: unknown policy,
 batcher, transport, launcher or model; transport 'rdma' where pyverbs or an RDMA device is missing (on the
 driver's host; with Ray, each actor's host is checked when its endpoints start); a host buffer that cannot hold
-one request's prompt KV; a decode slot too short for the longest trajectory. A P/D ratio outside the paper's
-bottleneck-free range only warns.
+one request's prompt KV; a decode slot too short for the longest trajectory; host buffers that this host's
+memory can never hold (local/inprocess launchers: every node's buffer on this host); RDMA settings
+(`config.rdma.*`: types and ranges always; device, port and GID where transport is 'rdma' and a device exists).
+A P/D ratio outside the paper's bottleneck-free range only warns.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import importlib.util
 import logging
 import math
 import numbers
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,6 +56,18 @@ class NicConfig:
 class BufferConfig:
     pe_buffer_bytes: int = 64 << 20  # host DRAM buffer of one PE node (hit KV read on the PE path, DE-path layers)
     de_buffer_bytes: int = 64 << 20  # host DRAM buffer of one DE node (prompt KV until it is loaded to device)
+
+
+@dataclasses.dataclass(frozen=True)
+class RdmaConfig:
+    """The RDMA endpoints' NIC settings (`config.transport='rdma'`; `transport.rdma.RdmaTransport`'s arguments).
+    The defaults are what the endpoint used before these fields existed."""
+
+    device: str = ""  # RDMA device name (e.g. "mlx5_0"); "" = the first device (`ibv_devices` lists them)
+    port: int = 1  # the device's port (`ib_port`; not a TCP port); it must be ACTIVE
+    gid_index: int = 0  # GID table index (`show_gids`); RoCE v2 usually needs an IP-based GID, not index 0
+    sl_high: int = 0  # service level (0-15) of the high-priority (model traffic) queue pairs
+    sl_low: int = 0  # service level (0-15) of the low-priority (KV) queue pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +112,7 @@ class RuntimeConfig:
     cluster: ClusterConfig = ClusterConfig()
     nics: NicConfig = NicConfig()
     buffers: BufferConfig = BufferConfig()
+    rdma: RdmaConfig = RdmaConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     workload: WorkloadConfig = WorkloadConfig()
     run_timeout_s: float = 600.0  # the driver gives up (error) after this long
@@ -143,6 +159,8 @@ def _build(cls, d: Mapping[str, Any], where: str):
                 raise ConfigError(f"{where}.{name} must be a mapping, got {type(value).__name__}")
             kw[name] = _build(type(default), value, f"{where}.{name}")
         elif isinstance(default, Mapping):
+            if not isinstance(value, Mapping):  # (a string or a list was a ValueError / TypeError from dict())
+                raise ConfigError(f"{where}.{name} must be a mapping, got {value!r}")
             kw[name] = dict(value)
         else:
             kw[name] = _coerce(value, default, f"{where}.{name}")
@@ -155,7 +173,13 @@ def _coerce(value, default, where):
             raise ConfigError(f"{where} must be a bool, got {value!r}")
         return value
     if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        # (math.isfinite first: int() of inf / NaN was an OverflowError / ValueError, not this line)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or int(value) != value
+        ):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return int(value)
     if isinstance(default, float):
@@ -244,12 +268,15 @@ def validate(
         raise ConfigError(f"config.transport {cfg.transport!r} unknown; known: {', '.join(TRANSPORT_NAMES)}")
     if cfg.launcher != "inprocess" and cfg.transport == "inproc":
         raise ConfigError("config.transport 'inproc' needs config.launcher='inprocess' (engines in one process)")
+    _validate_rdma_fields(cfg)
+    _validate_buffer_memory(cfg)
     if cfg.transport == "rdma":  # (every launcher: rdma endpoints of one process talk through the NIC's loopback)
         from transport.rdma import rdma_unavailable_reason  # imports pyverbs only here, and only if installed
 
         reason = rdma_unavailable_reason()
         if reason is not None:
             raise ConfigError(f"config.transport='rdma' cannot run on this host: {reason}")
+        _validate_rdma_device(cfg)
     if cfg.launcher == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("config.launcher='ray' needs ray, which is not installed: pip install -e '.[ray]'")
     from schedulers.registry import BATCHERS, POLICIES
@@ -307,6 +334,144 @@ def validate(
         raise ConfigError(
             f"config.cluster.max_seq_len={c.max_seq_len} is shorter than the longest prompt ({max_prompt_tokens} tokens); "
             "raise it, lower config.workload.scale, or cut the agents there with config.workload.max_context_tokens"
+        )
+
+
+# `transport.rdma.RdmaTransport` argument -> its field of `config.rdma`
+_RDMA_FIELDS = {
+    "device": "device",
+    "ib_port": "port",
+    "gid_index": "gid_index",
+    "sl_high": "sl_high",
+    "sl_low": "sl_low",
+}
+
+
+def rdma_endpoint_kwargs(cfg: RuntimeConfig) -> dict[str, Any]:
+    """`config.rdma` as `RdmaTransport` arguments (what the launchers pass to every rdma endpoint)."""
+    r = cfg.rdma
+    return {
+        "device": r.device or None,
+        "ib_port": r.port,
+        "gid_index": r.gid_index,
+        "sl_high": r.sl_high,
+        "sl_low": r.sl_low,
+    }
+
+
+def _validate_rdma_fields(cfg: RuntimeConfig) -> None:
+    """Types and ranges of `config.rdma` (on every host and transport: no pyverbs needed)."""
+    from transport.rdma import RdmaConfigError, check_rdma_args  # (no pyverbs import)
+
+    try:
+        check_rdma_args(**rdma_endpoint_kwargs(cfg))
+    except RdmaConfigError as e:
+        raise ConfigError(_rdma_config_message(cfg, e)) from None
+
+
+def _validate_rdma_device(cfg: RuntimeConfig) -> None:
+    """Device, port and GID of `config.rdma` on this host (transport 'rdma', pyverbs and a device present), and
+    the locked-memory limit the registered host buffers need."""
+    from transport.rdma import RdmaConfigError, check_rdma_device
+
+    kw = rdma_endpoint_kwargs(cfg)
+    try:
+        check_rdma_device(kw["device"], kw["ib_port"], kw["gid_index"])
+    except RdmaConfigError as e:
+        raise ConfigError(_rdma_config_message(cfg, e)) from None
+    except Exception as e:  # noqa: BLE001 - a verbs error (e.g. no permission on /dev/infiniband): one line too
+        raise ConfigError(f"config.rdma: cannot query RDMA device {kw['device'] or '(the first)'}: {e}") from None
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    # (root: CAP_IPC_LOCK, no limit applies; Ray: the nodes run on other hosts, under their own limits)
+    if soft == resource.RLIM_INFINITY or os.geteuid() == 0 or cfg.launcher not in ("local", "inprocess"):
+        return
+    per_process = _buffer_bytes_per_process(cfg)
+    if per_process > soft:
+        raise ConfigError(
+            f"config.buffers: the RDMA endpoints register (pin) {per_process} B of host buffers per process "
+            f"({_buffer_sum_text(cfg, in_one_process=True)}) but the locked-memory limit is {soft} B: raise "
+            "`ulimit -l` (memlock in /etc/security/limits.conf) or lower config.buffers.*_bytes"
+        )
+
+
+def _rdma_config_message(cfg: RuntimeConfig, e) -> str:
+    """An `RdmaConfigError` of the transport's argument `e.arg`, told as the `config.rdma` field it came from."""
+    field = _RDMA_FIELDS.get(e.arg, e.arg)
+    msg = str(e).removeprefix("rdma: ")
+    if msg.startswith(f"{e.arg} "):  # "ib_port must be ..." -> "config.rdma.port must be ..."
+        return f"config.rdma.{field} {msg[len(e.arg) + 1 :]}"
+    return f"config.rdma.{field}={getattr(cfg.rdma, field, None)!r}: {msg}"
+
+
+def host_memory_bytes() -> tuple[int, str] | None:
+    """(bytes, what) of the memory this host can hold: physical memory, or a smaller cgroup memory limit
+    (a container's); None where neither can be read."""
+    try:
+        limit, what = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this host's physical memory"
+    except (ValueError, OSError):
+        return None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < limit:
+            limit, what = int(text), f"the cgroup memory limit ({path})"
+        break
+    return (limit, what) if limit > 0 else None
+
+
+def _buffer_bytes_per_process(cfg: RuntimeConfig) -> int:
+    """Host buffer bytes one process allocates: every node's with the inprocess launcher, the largest node's else."""
+    c, b = cfg.cluster, cfg.buffers
+    if cfg.launcher == "inprocess":
+        return c.prefill_nodes * b.pe_buffer_bytes + c.decode_nodes * b.de_buffer_bytes
+    return max(b.pe_buffer_bytes, b.de_buffer_bytes)
+
+
+def _buffer_sum_text(cfg: RuntimeConfig, in_one_process: bool = False) -> str:
+    c, b = cfg.cluster, cfg.buffers
+    if in_one_process and cfg.launcher != "inprocess":
+        return f"one node's buffer (launcher {cfg.launcher!r}: one process per node)"
+    return (
+        f"{c.prefill_nodes} PE node(s) x pe_buffer_bytes={b.pe_buffer_bytes} + {c.decode_nodes} DE node(s) x "
+        f"de_buffer_bytes={b.de_buffer_bytes}"
+    )
+
+
+def _validate_buffer_memory(cfg: RuntimeConfig) -> None:
+    """Host buffers: at least 1 B, and (local/inprocess launchers: every node runs on this host) no more than this
+    host's memory holds, one node's and all nodes' together. Each node maps its buffer at start, so one that can
+    never fit stopped the node with ENOMEM (a traceback in the node process) instead of this line. (With Ray the
+    nodes run on other hosts, whose memory is not known here: not checked.)"""
+    b = cfg.buffers
+    for name in ("pe_buffer_bytes", "de_buffer_bytes"):
+        if getattr(b, name) < 1:
+            raise ConfigError(f"config.buffers.{name} must be >= 1 B, got {getattr(b, name)}")
+    if cfg.launcher not in ("local", "inprocess"):
+        return
+    mem = host_memory_bytes()
+    if mem is None:
+        return
+    limit, what = mem
+    for name in ("pe_buffer_bytes", "de_buffer_bytes"):
+        have = getattr(b, name)
+        if have > limit:
+            raise ConfigError(
+                f"config.buffers.{name}={have} B ({have / 2**30:.1f} GiB) is more than {what}: "
+                f"{limit} B ({limit / 2**30:.1f} GiB); one node's buffer can never be allocated"
+            )
+    c = cfg.cluster
+    total = c.prefill_nodes * b.pe_buffer_bytes + c.decode_nodes * b.de_buffer_bytes
+    if total > limit:
+        raise ConfigError(
+            f"config.buffers: the {c.prefill_nodes + c.decode_nodes} nodes of launcher {cfg.launcher!r} all run on "
+            f"this host and need {total} B ({total / 2**30:.1f} GiB) of host buffers together "
+            f"({_buffer_sum_text(cfg)}), more than {what}: {limit} B ({limit / 2**30:.1f} GiB); lower "
+            "config.buffers.pe_buffer_bytes / de_buffer_bytes or use launcher 'ray' over several hosts"
         )
 
 

@@ -16,6 +16,15 @@ Per request (DESIGN.md "Data paths"), with H hit tokens split at `pe_read_blocks
    area into a slot of its device batch cache (continuous batching), frees the area and decodes; every
    block filled while decoding is read back and persisted (write-back through the DE node's SNIC).
 A block that fails to read (missing/corrupt) cuts the hit there: those tokens are recomputed.
+
+All GPU traffic crosses the engine's own CNIC (DESIGN.md "Data paths", PAPER.md: even local H2D goes through
+it), at low priority (KV), in both directions of the full-duplex NIC as in the simulator: on the egress link
+(`cnic`, the link the transport's pacer uses: one link, one cap) the transport's writes and the D2H of each block
+filled while decoding, before it goes to the SNIC; on the ingress link (`cnic_in`) the PE's per-layer H2D of the
+cached KV it feeds (inside the layer's load, one layer ahead of the compute) and the DE's H2D of the prompt KV into
+its slot. (KV another engine writes into this one's host buffer is paced by the sender's egress only.) The DE's
+copies run on copy threads of their own (`_CopyQueue`, one per direction, like a GPU's copy engines), so its
+decode steps go on meanwhile.
 """
 
 from __future__ import annotations
@@ -75,6 +84,48 @@ class _Inbox:
             return None
 
 
+def pace_on(pacer, nbytes: int, stop: threading.Event | None = None) -> bool:
+    """Move `nbytes` of KV (low priority) through `pacer` (a `traffic.Pacer` or any `transport.base.Pacer`),
+    chunk by chunk when it can; False when `stop` was set meanwhile (the rest is not paced)."""
+    if nbytes <= 0:
+        return True
+    if not hasattr(pacer, "paced"):
+        pacer.pace(nbytes, "low")
+        return True
+    for _ in pacer.paced(nbytes, "low"):
+        if stop is not None and stop.is_set():
+            return False
+    return True
+
+
+class _CopyQueue:
+    """One direction of an engine's device <-> host copies through its CNIC: jobs run FIFO on a thread of their
+    own (a GPU's copy engine), each first paced for its bytes on the engine's CNIC (low priority, KV), then its
+    completion is called on this thread."""
+
+    def __init__(self, name: str, pacer, stop: threading.Event):
+        self.pacer = pacer
+        self._stop = stop
+        self._q: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def submit(self, nbytes: int, done: Callable[[], None]) -> None:
+        self._q.put((nbytes, done))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                nbytes, done = self._q.get(timeout=WAIT_POLL_S)
+            except queue.Empty:
+                continue
+            try:
+                if not pace_on(self.pacer, nbytes, self._stop):
+                    return
+                done()
+            except Exception:  # noqa: BLE001 -- a bad completion must not stop the copies behind it
+                log.exception("%s: a copy job failed", self.thread.name)
+
+
 class EngineBase:
     """What PE and DE share: a transport endpoint (the engine's CNIC), a host buffer area pool, an inbox."""
 
@@ -88,8 +139,14 @@ class EngineBase:
         transport,
         buffer_pool: HostBufferPool,
         snic: StorageNIC,
+        cnic=None,  # a pacer over the engine's CNIC egress link (the transport's link): its D2H copies
+        cnic_in=None,  # a pacer over the CNIC's ingress link: its H2D copies (None: `cnic`, one half-duplex link)
     ):
         self.engine_id = engine_id
+        # The engine's own copies between host buffers and device memory cross its CNIC (None: not paced): H2D
+        # into HBM on the ingress direction, D2H out of HBM on the egress one, where the transport's writes go.
+        self.cnic = cnic
+        self.cnic_in = cnic if cnic_in is None else cnic_in
         self.node_id = node_id
         self.ctx = ctx
         self.cfg = ctx.cfg
@@ -108,7 +165,8 @@ class EngineBase:
         # Areas of dropped requests whose SNIC read was still queued or running: freed when it reports done.
         self._draining: dict[tuple, object] = {}
         self.busy_s = 0.0  # time spent in model compute (runtime overhead figure)
-        self.wait_s = 0.0  # time a PE waited for DE-side layers inside a batch
+        self.wait_s = 0.0  # time a PE waited inside a batch: for DE-side layers, and for its CNIC (h2d_wait_s)
+        self.h2d_wait_s = 0.0  # of which: a PE's per-layer H2D paced on its CNIC
         # Measured steps for the cost-model fit: PE ([(cached, bsz)], s), DE (batch, context tokens, s).
         self.step_log: list = []
         transport.register(REGION, buffer_pool.arena)
@@ -443,14 +501,29 @@ class PrefillEngine(EngineBase):
                     continue
                 self._send_layer(r, layer, c0, n)
 
+        def h2d(nbytes: int) -> None:
+            # Inside the layer's load (a layer ahead of the compute): the cached KV this layer feeds crosses the
+            # PE's CNIC into HBM (ingress) -- the PE-read hit from its buffer, and the DE-read hit and earlier chunks,
+            # which a GPU cluster writes into HBM through this CNIC too (the simulator's PE cnic_in).
+            t = time.perf_counter()
+            try:
+                pace_on(self.cnic_in, nbytes)
+            finally:
+                dt = time.perf_counter() - t
+                self.h2d_wait_s += dt
+                self.wait_s += dt
+
         t0 = time.perf_counter()
         wait0 = self.wait_s
         self._in_batch = {r.key for r, _, _ in items}
         try:
-            first_tokens = self.model.prefill(token_ids, cached, cached_layer, on_layer)
+            if self.cnic_in is None:
+                first_tokens = self.model.prefill(token_ids, cached, cached_layer, on_layer)
+            else:
+                first_tokens = self.model.prefill(token_ids, cached, cached_layer, on_layer, h2d=h2d)
         finally:
             self._in_batch = set()
-        # Compute only: time spent waiting for DE-side layers inside the layer loop is not model time.
+        # Compute only: time spent waiting for DE-side layers (or the CNIC) inside the layer loop is not model time.
         compute = time.perf_counter() - t0 - (self.wait_s - wait0)
         self.busy_s += compute
         if len(self.step_log) < STEP_LOG_MAX:
@@ -545,7 +618,8 @@ class _DecodeReq:
     prefill_done: bool = False
     final_hit: int = 0
     tokens: list = dataclasses.field(default_factory=list)  # generated token ids
-    stage: str = "new"  # new -> buffered (area taken) -> decoding (in a slot) -> finishing -> gone
+    # new -> buffered (area taken) -> loading (slot taken, H2D on the CNIC) -> decoding (in the slot) -> finishing
+    stage: str = "new"
     slot: int = -1
     length: int = 0  # tokens whose KV is in the slot
     writes_pending: int = 0
@@ -571,6 +645,13 @@ class DecodeEngine(EngineBase):
         self.early: dict[tuple, list] = {}
         self.finishing: list[_DecodeReq] = []  # tokens done, write-backs in flight
         self.decode_steps = 0
+        # The DE's copies through its CNIC, off the decode loop: prompt KV into a slot (ingress), filled blocks out
+        # of it (egress, beside the DE-read hit it forwards to PEs; the simulator's de.cnic_in / de.cnic).
+        self._h2d = self._d2h = None
+        if self.cnic is not None:
+            self._h2d = _CopyQueue(f"de{self.engine_id}-h2d", self.cnic_in, self._stop)
+            self._d2h = _CopyQueue(f"de{self.engine_id}-d2h", self.cnic, self._stop)
+            self._threads += [self._h2d.thread, self._d2h.thread]
 
     def _handle(self, kind: str, item) -> None:
         if kind == "directory":
@@ -610,6 +691,10 @@ class DecodeEngine(EngineBase):
         elif kind == "write_done":
             r = item
             r.writes_pending -= 1
+        elif kind == "h2d_done":
+            r = item
+            if self.reqs.get(r.key) is r and r.stage == "loading" and not r.cancelled:
+                self._loaded(r)
         elif kind == "layer":
             pass  # DEs receive no notifying writes
         else:
@@ -683,27 +768,47 @@ class DecodeEngine(EngineBase):
                 blocks = [r.area[:, j * self.bs : (j + 1) * self.bs].copy() for j in range(first_new, n_whole)]
                 self._write_back(r, t.block_keys[first_new:n_whole], blocks)
             slot = free[0]
-            t0 = time.perf_counter()
-            self.batch.load(slot, r.area, t.prompt_tokens)
-            self.busy_s += time.perf_counter() - t0
-            r.handle.release()
-            r.area = None
+            # The slot is the request's from now on; its prompt KV crosses the DE's CNIC into HBM (paced, on the
+            # H2D copy thread: the other slots keep decoding meanwhile), then it runs (`_loaded`).
             r.slot = slot
-            r.stage = "decoding"
-            r.length = t.prompt_tokens
+            r.stage = "loading"
             self.slot_req[slot] = r
-            # The PE computed the first token; it is out when the request runs on the DE, its prompt KV loaded
-            # (the simulator's definition: TTFT includes the wait for a slot and the H2D, TPOT does not).
-            self.emit("first_token", t.request_id, t.attempt)
-            if len(r.tokens) >= t.gen_tokens:
-                self._finish_tokens(r)
+            nbytes = self.num_layers * t.prompt_tokens * self.bpt
+            if self._h2d is None:
+                self._loaded(r)
+            else:
+                self._h2d.submit(nbytes, lambda r=r: self.inbox.put("h2d_done", r))
 
-    def _write_back(self, r: _DecodeReq, keys: list, blocks: list) -> None:
+    def _loaded(self, r: _DecodeReq) -> None:
+        """The prompt KV crossed the CNIC: copy the area into the request's slot, free the area, start decoding."""
+        t = r.task
+        t0 = time.perf_counter()
+        self.batch.load(r.slot, r.area, t.prompt_tokens)
+        self.busy_s += time.perf_counter() - t0
+        r.handle.release()
+        r.area = None
+        r.stage = "decoding"
+        r.length = t.prompt_tokens
+        # The PE computed the first token; it is out when the request runs on the DE, its prompt KV loaded
+        # (the simulator's definition: TTFT includes the wait for a slot and the H2D, TPOT does not).
+        self.emit("first_token", t.request_id, t.attempt)
+        if len(r.tokens) >= t.gen_tokens:
+            self._finish_tokens(r)
+
+    def _write_back(self, r: _DecodeReq, keys: list, blocks: list, d2h: bool = False) -> None:
+        """Persist `blocks` through the node's SNIC. `d2h`: they were read back from device memory, so they cross
+        the DE's CNIC first (paced on its D2H copy thread, then handed to the SNIC)."""
         r.writes_pending += 1
-        self.snic.submit_write(WriteJob(keys, blocks, lambda _n, r=r: self.inbox.put("write_done", r)))
+        job = WriteJob(keys, blocks, lambda _n, r=r: self.inbox.put("write_done", r))
+        if d2h and self._d2h is not None:
+            self._d2h.submit(sum(int(b.nbytes) for b in blocks), lambda job=job: self.snic.submit_write(job))
+        else:
+            self.snic.submit_write(job)
 
     def _step(self) -> None:
-        active = [r for r in self.slot_req if r is not None and len(r.tokens) < r.task.gen_tokens]
+        active = [
+            r for r in self.slot_req if r is not None and r.stage == "decoding" and len(r.tokens) < r.task.gen_tokens
+        ]
         if not active:
             return
         n = self.slots
@@ -730,7 +835,7 @@ class DecodeEngine(EngineBase):
                 j = r.length // self.bs - 1
                 seq = np.concatenate([r.task.prompt_ids, np.asarray(r.tokens[:-1], np.int32)])
                 keys = extend_block_keys(r.task.block_keys, seq[: r.length], self.bs)
-                self._write_back(r, [keys[j]], [self.batch.read_block(r.slot, j * self.bs, self.bs)])
+                self._write_back(r, [keys[j]], [self.batch.read_block(r.slot, j * self.bs, self.bs)], d2h=True)
             if len(r.tokens) >= r.task.gen_tokens:
                 self._finish_tokens(r)
 
@@ -777,7 +882,7 @@ class DecodeEngine(EngineBase):
 
     def run(self) -> None:
         while not self._stop.is_set():
-            busy = any(s is not None for s in self.slot_req)
+            busy = any(s is not None and s.stage == "decoding" for s in self.slot_req)
             item = self.inbox.get(0 if busy else WAIT_POLL_S)
             while item is not None:
                 self._handle(*item)

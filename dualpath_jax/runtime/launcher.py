@@ -133,6 +133,17 @@ class InProcessLauncher:
             store.close()
 
 
+def endpoint_spec(cfg: RuntimeConfig, name: str, **extra) -> dict:
+    """The `transport.make_transport` config of engine endpoint `name` for `config.transport` "tcp" or "rdma"
+    (with `config.rdma`'s device, port, GID index and service levels); `extra`: host, secret (Ray)."""
+    spec = {"backend": cfg.transport, "name": name, **extra}
+    if cfg.transport == "rdma":
+        from dualpath_jax.runtime.config import rdma_endpoint_kwargs
+
+        spec.update(rdma_endpoint_kwargs(cfg))
+    return spec
+
+
 def _transport_factory(cfg: RuntimeConfig):
     from transport import make_transport
 
@@ -143,7 +154,7 @@ def _transport_factory(cfg: RuntimeConfig):
 
         return lambda name, pacer: make_transport({"backend": "inproc", "name": name, "fabric": fabric}, pacer=pacer)
     # "tcp", or "rdma" (same address rules: its control channel is a TCP endpoint, loopback here)
-    return lambda name, pacer: make_transport({"backend": cfg.transport, "name": name}, pacer=pacer)
+    return lambda name, pacer: make_transport(endpoint_spec(cfg, name), pacer=pacer)
 
 
 # ------------------------------------------------------------------------------------------------- local

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -70,7 +69,6 @@ class ModelOps:
         self.kv_layout: KVLayout = self.runner.layout
         self.fingerprint = self.runner.fingerprint()
         self.vocab_size = self.config.vocab_size
-        self._prefill_lock = threading.Lock()
         self._precompiled: set = set()
 
     def prefill(
@@ -79,10 +77,13 @@ class ModelOps:
         cached: Sequence[int],
         cached_layer: Callable[[int], list],
         on_layer: Callable[[int, list], None],
+        h2d: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Layerwise prefill of a batch. token_ids[i]: the tokens computed now ([m_i] int32) on top of cached[i]
         tokens whose KV `cached_layer(l)[i]` gives (uint8 [cached_i, bpt]); `on_layer(l, [uint8 [m_i, bpt]])`
-        receives each layer's new KV. Returns [B] int32 greedy next tokens (meaningful for a prompt's last chunk)."""
+        receives each layer's new KV. `h2d(nbytes)`, when given, is called inside each layer's load (one layer
+        ahead of the compute) with the bytes of cached KV that layer copies into device memory, before the copy
+        (the engine's CNIC pacer). Returns [B] int32 greedy next tokens (meaningful for a prompt's last chunk)."""
         from models.runner import PrefillRequest
 
         reqs = [PrefillRequest(np.asarray(t, np.int32), int(c)) for t, c in zip(token_ids, cached, strict=True)]
@@ -94,8 +95,15 @@ class ModelOps:
         def callback(layer: int, miss_kv: list) -> None:
             on_layer(layer, [to_bytes(kv) for kv in miss_kv])
 
-        with self._prefill_lock:
-            res = self.runner.prefill_layerwise(reqs, provider if any(cached) else None, callback)
+        # No lock: the layerwise prefill reads only the runner's immutable params and jitted steps, so PEs sharing
+        # this process (engines_per_node > 1, the inprocess launcher) run side by side, and one waiting for its
+        # CNIC or for a DE's layers does not hold the others up (a lock here did until 2026-12-03).
+        res = self.runner.prefill_layerwise(
+            reqs,
+            provider if any(cached) else None,
+            callback,
+            h2d=None if h2d is None else (lambda _layer, nbytes: h2d(nbytes)),
+        )
         return res.next_tokens
 
     def precompile(self, max_batch: int, max_tokens: int, max_cached: int) -> int:
@@ -139,7 +147,8 @@ class DecodeBatch:
         self.layout = ops.kv_layout
 
     def load(self, slot: int, area: np.ndarray, prompt_tokens: int) -> None:
-        """H2D of a prompt's KV (uint8 [L, P, bpt], the DE buffer area) into `slot`."""
+        """H2D of a prompt's KV (uint8 [L, P, bpt], the DE buffer area) into `slot` (the decode engine has
+        paced these bytes on its CNIC before)."""
         self.runner.load_prompt_kv(slot, area[:, :prompt_tokens])
 
     def step(self, tokens: np.ndarray, lengths: np.ndarray, active: np.ndarray) -> np.ndarray:

@@ -3,8 +3,10 @@
 A node is all-prefill or all-decode (DESIGN.md). Its engines share the node's storage NIC and host buffer
 budget; each engine has its own CNIC (its transport endpoint of `config.transport`, built by the launcher and
 used only through the common `transport.Transport` interface; paced as the engine's compute NIC, KV at low
-priority). The group leader fetches from the global scheduler every `fetch_interval_s`, sending the
-group's events and getting tasks, cancellations and the engine directory back. The same class runs in a
+priority), which also paces the engine's own copies between host buffers and device memory (D2H on its egress
+link with the transport's writes, H2D on its ingress link "cnic/engine<E>/in"). The
+group leader fetches from the global scheduler every `fetch_interval_s`, sending the group's events and getting
+tasks, cancellations and the engine directory back. The same class runs in a
 thread (in-process launcher), in its own process (local launcher) or in a Ray actor.
 """
 
@@ -105,16 +107,36 @@ class EngineGroup:
                 {"high": cfg.nics.high_priority_share, "low": 1.0 - cfg.nics.high_priority_share},
             )
             transport = make_transport(engine_endpoint(e), traffic.pacer(f"cnic/engine{e}"))
+            # The engine's own D2H copies cross the same (egress) link as its transport's writes: pacers over one
+            # `Link` share its slots (one cap, one record), whoever holds them. Its H2D copies cross the ingress
+            # direction of the full-duplex NIC, a link of the same rate.
+            cnic = traffic.pacer(f"cnic/engine{e}")
+            traffic.add_cnic_in(
+                e,
+                cfg.nics.cnic_bytes_per_s,
+                {"high": cfg.nics.high_priority_share, "low": 1.0 - cfg.nics.high_priority_share},
+            )
+            cnic_in = traffic.pacer(f"cnic/engine{e}/in")
             try:
                 pool = HostBufferPool(
                     slot_nbytes=layout.layer_block_nbytes, budget_bytes=per_engine, name=f"{role}{e}", prefault=False
                 )
                 if role == "prefill":
                     eng = PrefillEngine(
-                        e, self.node_id, self.ctx, transport, pool, self.snic, batcher=batcher_factory()
+                        e,
+                        self.node_id,
+                        self.ctx,
+                        transport,
+                        pool,
+                        self.snic,
+                        cnic=cnic,
+                        cnic_in=cnic_in,
+                        batcher=batcher_factory(),
                     )
                 else:
-                    eng = DecodeEngine(e, self.node_id, self.ctx, transport, pool, self.snic)
+                    eng = DecodeEngine(
+                        e, self.node_id, self.ctx, transport, pool, self.snic, cnic=cnic, cnic_in=cnic_in
+                    )
             except BaseException:
                 transport.close()
                 raise
@@ -168,6 +190,7 @@ class EngineGroup:
         if final:
             stats["step_log"] = {e: list(eng.step_log) for e, eng in self.engines.items()}
             stats["wait_s"] = {e: eng.wait_s for e, eng in self.engines.items()}
+            stats["h2d_wait_s"] = {e: eng.h2d_wait_s for e, eng in self.engines.items()}
         return GroupReport(
             node_id=self.node_id,
             role=self.role,

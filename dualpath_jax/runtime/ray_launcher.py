@@ -17,8 +17,10 @@ exactly one actor per such host. With real NICs set the NIC caps to unpaced valu
 emulates NIC ratios on one machine.
 
 RDMA (`--config.runtime.transport=rdma`, `pip install -e ".[rdma]"` on every host): the driver's host is
-checked for pyverbs and an RDMA device before anything starts; an actor whose host lacks them raises at start
-with the reason (in the Ray log) and the run fails naming that node.
+checked for pyverbs and an RDMA device (and `config.rdma`'s device, port and GID index) before anything starts;
+an actor whose host lacks them, or whose NIC has another name, a port that is not ACTIVE or no GID at that index,
+raises at start with the reason (in the Ray log) and the run fails naming that node. Every host uses the same
+`config.rdma` settings.
 """
 
 from __future__ import annotations
@@ -50,7 +52,12 @@ class _RayNode:
     def run(self, spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, secret: str) -> str:
         import ray
 
-        from dualpath_jax.runtime.launcher import build_batcher_factory, enable_compilation_cache, open_store
+        from dualpath_jax.runtime.launcher import (
+            build_batcher_factory,
+            enable_compilation_cache,
+            endpoint_spec,
+            open_store,
+        )
         from dualpath_jax.runtime.model_ops import ModelOps
         from dualpath_jax.runtime.node import EngineGroup, block_layout
         from dualpath_jax.traffic import TrafficManager
@@ -63,8 +70,7 @@ class _RayNode:
         control = SocketControlClient(control_address, authkey)
 
         def transport(name, pacer):  # "tcp" or "rdma" (whose control channel is a TCP endpoint: same host, secret)
-            endpoint = {"backend": cfg.transport, "name": name, "host": host, "secret": secret}
-            return make_transport(endpoint, pacer=pacer)
+            return make_transport(endpoint_spec(cfg, name, host=host, secret=secret), pacer=pacer)
 
         try:
             EngineGroup(

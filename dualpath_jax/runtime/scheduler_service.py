@@ -80,8 +80,12 @@ class GlobalScheduler:
         self.block_size = block_size
         self.hbm_tokens = hbm_tokens_per_decode_engine
         # A runtime DE holds at most `decode_slots` requests (a fixed-slot decode cache), whatever their lengths: a
-        # DE with every slot taken reports no room (short requests used to be placed beyond its slots and wait there).
+        # DE with every slot taken reports no room (short requests used to be placed beyond its slots and wait there),
+        # and one fetch places no more requests on a DE than it has free slots (`_schedule`).
         self.decode_slots = decode_slots
+        # A policy that places requests on a DE without room on purpose (round_robin full_de="queue": they wait at
+        # the DE, the simulator's DE allocation queue) is not held to the free slots.
+        self._policy_overcommits = getattr(getattr(policy, "config", None), "full_de", None) == "queue"
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.t0 = clock()
@@ -242,28 +246,54 @@ class GlobalScheduler:
         return ClusterSnapshot(now=self.now(), engines=engines, nodes=nodes)
 
     def _schedule(self, fetching_node: int) -> None:
+        """Run the policy on the queue. A policy counts a DE's room in tokens within one call, so one call may give a
+        DE more requests than it has free decode slots (short requests fit its tokens many times over): those stay
+        queued, in order, and the policy is asked again with a snapshot showing that DE full. Each such round fills
+        at least one more DE, so there are at most as many rounds as DEs, plus one."""
+        rounds = 1 + sum(1 for r in self.engine_role.values() if r == "decode")
+        for _ in range(rounds):
+            placed, held = self._schedule_once(fetching_node)
+            if not placed or not held or not self._queue:
+                return
+
+    def _schedule_once(self, fetching_node: int) -> tuple[int, int]:
+        """One policy call; returns (requests placed, requests held back for want of a free decode slot)."""
         if not self._queue:
-            return
+            return 0, 0
         snap = self.snapshot()
         if not snap.engines_of("prefill") or not snap.engines_of("decode"):
             self.failure = "no live prefill or decode engine left"
-            return
+            return 0, 0
         queue = [self._inflight[r].pending for r in self._queue]
         t = time.perf_counter()
         assignments = self.policy.schedule(snap, queue, fetching_node=fetching_node)
         self.schedule_time_s += time.perf_counter() - t
         self.schedule_calls += 1
-        placed = set()
+        seen = set()
         for a in assignments:
             inf = self._inflight.get(a.request_id)
-            if inf is None or inf.assignment is not None or a.request_id in placed:
+            if inf is None or inf.assignment is not None or a.request_id in seen:
                 raise RunFailed(f"policy {self.policy.name!r} returned an invalid assignment {a}")
             if a.prefill_engine not in snap.engines or a.decode_engine not in snap.engines:
                 raise RunFailed(f"policy {self.policy.name!r} assigned a dead or unknown engine: {a}")
+            if snap.engines[a.prefill_engine].role != "prefill" or snap.engines[a.decode_engine].role != "decode":
+                raise RunFailed(f"policy {self.policy.name!r} swapped the engines' roles: {a}")
+            seen.add(a.request_id)
+        slots = None
+        if self.decode_slots is not None and not self._policy_overcommits:
+            slots = {e: self.decode_slots - d.seq for e, d in snap.engines.items() if d.role == "decode"}
+        placed, held = set(), 0
+        for a in assignments:
+            if slots is not None:
+                if slots.get(a.decode_engine, 0) <= 0:
+                    held += 1  # stays queued (in its place) for the next round or fetch
+                    continue
+                slots[a.decode_engine] -= 1
             placed.add(a.request_id)
-            self._place(inf, a)
+            self._place(self._inflight[a.request_id], a)
         if placed:
             self._queue = deque(r for r in self._queue if r not in placed)
+        return len(placed), held
 
     def _place(self, inf: _InFlight, a: Assignment) -> None:
         p = inf.pending
