@@ -81,16 +81,17 @@ class _FittedCost:
         return self.cost.decode_step_time(batch_size, total_context_tokens)
 
 
-def simulate(cfg, trajs, cost, policy_kwargs: dict) -> dict:
-    """The simulator on the runtime's emulated cluster; returns its summary (JCT, SNIC balance, ...)."""
-    import schedulers
-    from dualpath_jax.sim import ClusterConfig, SimConfig, Simulator, WorkloadConfig
-    from dualpath_jax.sim.runner import summarize
+def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
+    """The simulator's copy of the runtime's emulated cluster (`model`: the cost model's ModelShape), checked as
+    `experiments.simulate` checks a config file when it loads (`sim.config.validate_sim_config`): every number in
+    range, the policy's and batcher's kwargs accepted. A bad value is a ValueError naming the field."""
+    from dualpath_jax.sim import ClusterConfig, SimConfig, WorkloadConfig
+    from dualpath_jax.sim.config import validate_sim_config
 
     c = cfg.cluster
-    kvb = cost.model.kv_bytes_per_token
+    kvb = model.kv_bytes_per_token
     cluster = ClusterConfig(
-        model=cost.model.name,
+        model=model.name,
         hardware="cpu",
         prefill_nodes=c.prefill_nodes,
         decode_nodes=c.decode_nodes,
@@ -111,15 +112,30 @@ def simulate(cfg, trajs, cost, policy_kwargs: dict) -> dict:
     )
     sim_cfg = SimConfig(
         cluster=cluster,
-        workload=WorkloadConfig(kind="offline", n_agents=len(trajs)),
+        workload=WorkloadConfig(kind="offline", n_agents=n_agents),
         policy=cfg.scheduler.name,
-        policy_kwargs=policy_kwargs,
+        policy_kwargs=dict(policy_kwargs),
         batcher=cfg.scheduler.batcher,
         batcher_kwargs={"token_budget": c.prefill_token_budget} if cfg.scheduler.batcher == "fifo" else {},
     )
-    policy = schedulers.make_policy(sim_cfg.policy, **policy_kwargs)
+    validate_sim_config(sim_cfg)
+    return sim_cfg
+
+
+def simulate(cfg, trajs, cost, policy_kwargs: dict) -> dict:
+    """The simulator on the runtime's emulated cluster; returns its summary (JCT, SNIC balance, ...). A bad value
+    of its config is a ValueError naming the field (`sim_config`); a workload it cannot run, a SimConfigError."""
+    import schedulers
+    from dualpath_jax import compiled
+    from dualpath_jax.sim.runner import summarize
+
+    sim_cfg = sim_config(cfg, cost.model, policy_kwargs, n_agents=len(trajs))
+    policy = schedulers.make_policy(sim_cfg.policy, **sim_cfg.policy_kwargs)
     batcher = schedulers.make_batcher(sim_cfg.batcher, **sim_cfg.batcher_kwargs)
-    sim = Simulator(sim_cfg, trajs, policy, batcher, _FittedCost(cost), kvb, cost.model.layers)
+    simulator = compiled.load("dualpath_jax.sim.simulator").Simulator  # as sim.runner builds it
+    sim = simulator(
+        sim_cfg, trajs, policy, batcher, _FittedCost(cost), cost.model.kv_bytes_per_token, cost.model.layers
+    )
     records, links, stats = sim.run()
     return summarize(sim_cfg, records, links, stats)
 
@@ -173,6 +189,15 @@ def main(argv):
         trajs, ops = driver.prepare(base)
     except ConfigError as e:
         raise SystemExit(f"bad config: {e}") from None
+    if not _SKIP_SIM.value:  # the simulator's copy of this setup, checked before anything runs or is written
+        for p in ("basic", "dualpath"):
+            cfg = base.replace(**{"scheduler.name": p})
+            try:  # (β from the measured prefill rate later; any positive rate gives a valid one)
+                sim_config(cfg, cost_model_shape(ops), driver.policy_kwargs(cfg, ops.config.kv_bytes_per_token))
+            except ValueError as e:
+                raise SystemExit(
+                    f"bad config (the simulator's copy of the {p} setup; or pass --skip_sim): {e}"
+                ) from None
     # a new directory of its own, before the runs (not after); `stamp` also names the kept stores' subdirectories
     out_dir = fresh_dir_or_exit(
         config.results_dir, "bench_runtime-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "--config.results_dir"
@@ -230,12 +255,17 @@ def main(argv):
                 "fitted cost model on %d measured steps: %s / %s", len(meas), cost.prefill_fit, cost.decode_fit
             )
             predicted = {}
-            for p in ("basic", "dualpath"):
-                cfg = base.replace(**{"scheduler.name": p})
-                kw = driver.policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tps)
-                t0 = time.time()
-                predicted[p] = simulate(cfg, trajs, cost, kw)
-                logging.info("simulated %s in %.2f s", p, time.time() - t0)
+            try:
+                for p in ("basic", "dualpath"):
+                    cfg = base.replace(**{"scheduler.name": p})
+                    kw = driver.policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tps)
+                    t0 = time.time()
+                    predicted[p] = simulate(cfg, trajs, cost, kw)
+                    logging.info("simulated %s in %.2f s", p, time.time() - t0)
+            except ValueError as e:  # (SimConfigError too) a workload the copy cannot run: said; measured results kept
+                print(f"\n(simulator prediction skipped: {e})")
+                cost = None
+        if cost is not None:
             sim_speedup = predicted["basic"]["jct_s"] / predicted["dualpath"]["jct_s"]
             print("\n== Simulator prediction for the same setup (cost model fitted to this machine's steps) ==")
             print(f"{'':>9}  {'runtime JCT':>12}  {'sim JCT':>8}  {'sim/runtime':>11}")

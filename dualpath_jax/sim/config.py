@@ -263,20 +263,35 @@ def sim_config_from_dict(cfg: dict) -> SimConfig:
     sc.batcher_kwargs = dict(batcher.pop("kwargs", {}))
     if batcher:
         raise ValueError(f"config.batcher: unknown field(s) {sorted(batcher)}; known: name, kwargs")
-    from schedulers import BATCHERS, POLICIES  # no jax
+    from schedulers import POLICIES  # no jax
 
     if policy not in POLICIES:
         where = f"config.mode {mode!r}" if mode else f"config.scheduler.name {policy!r}"
         raise ValueError(
             f"{where} is neither a mode ({', '.join(MODES)}) nor a registered policy ({', '.join(POLICIES.names())})"
         )
+    validate_sim_config(sc)
+    return resolve_de_hbm(sc)
+
+
+def validate_sim_config(sc: SimConfig) -> None:
+    """Every check a config file gets when it loads (`sim_config_from_dict`), for a SimConfig built in code (e.g.
+    experiments.bench_runtime's copy of a runtime setup): the policy and batcher registered and their kwargs
+    accepted by their own Config checks, and every number in range (`check_sim_config`). Raises ValueError naming
+    the field."""
+    from schedulers import BATCHERS, POLICIES  # no jax
+
+    if sc.policy not in POLICIES:
+        raise ValueError(
+            f"config.scheduler.name {sc.policy!r} is neither a mode ({', '.join(MODES)}) nor a registered policy "
+            f"({', '.join(POLICIES.names())})"
+        )
     if sc.batcher not in BATCHERS:
         raise ValueError(f"config.batcher.name {sc.batcher!r} unknown; known: {', '.join(BATCHERS.names())}")
     # The policy's and batcher's own Config checks, now rather than when the run builds them
-    _check_kwargs(POLICIES, policy, policy_kwargs, "config.scheduler.kwargs")
+    _check_kwargs(POLICIES, sc.policy, sc.policy_kwargs, "config.scheduler.kwargs")
     _check_kwargs(BATCHERS, sc.batcher, sc.batcher_kwargs, "config.batcher.kwargs")
     check_sim_config(sc)
-    return resolve_de_hbm(sc)
 
 
 def resolve_de_hbm(sc: SimConfig) -> SimConfig:

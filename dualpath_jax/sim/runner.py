@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dualpath_jax import compiled, metrics
-from dualpath_jax.sim.config import GB, SimConfig, SimConfigError, check_sim_config
+from dualpath_jax.sim.config import GB, SimConfig, SimConfigError, validate_sim_config
 from dualpath_jax.sim.simulator import Simulator
 from dualpath_jax.workloads.types import Trajectory
 
@@ -135,7 +135,7 @@ def make_trajectories(cfg: SimConfig):
 def build_simulator(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = None) -> Simulator:
     from schedulers import make_batcher, make_policy
 
-    check_sim_config(cfg)
+    validate_sim_config(cfg)  # a SimConfig built or changed in code gets a config file's checks
     pre = make_cost_model(cfg, "prefill")
     dec = make_cost_model(cfg, "decode")
     c = cfg.cluster

@@ -18,9 +18,9 @@ cdef class Request:
 
 
 cdef class Node:
-    cdef public object nid, role, snic, dram, read_queue, state
-    cdef public double buffer_free
-    cdef public long long reads_active
+    cdef public object nid, role, snic, dram, read_queue, buf_queue, state
+    cdef public double buffer_free, buffer_bytes
+    cdef public long long reads_active, buf_held
     cdef public list engines
 
 
@@ -35,6 +35,7 @@ cdef class PrefillEngine:
 
 cdef class DecodeGroup:
     cdef public list members, finish_heap
+    cdef public object second
     cdef public double v, tv, step
     cdef public long long version
 
@@ -79,6 +80,15 @@ cdef class Simulator:
     @cython.locals(node=Node)
     cpdef _submit_reads(self, Request r)
 
+    @cython.locals(r=Request, need=cython.double)
+    cpdef _pump_buffer(self, Node node)
+
+    @cython.locals(node=Node)
+    cpdef _de_buffer_free(self, Request r)
+
+    @cython.locals(node=Node)
+    cpdef _start_reads(self, Request r)
+
     @cython.locals(r=Request, nbytes=cython.double)
     cpdef _pump_reads(self, Node node)
 
@@ -118,6 +128,7 @@ cdef class Simulator:
     @cython.locals(node=Node)
     cpdef _de_h2d_done(self, Request r)
 
+    @cython.locals(now=cython.double, v=cython.double, t=cython.double, target=cython.double)
     cpdef _de_sync(self, DecodeGroup g)
 
     @cython.locals(n=cython.Py_ssize_t, context=cython.double)

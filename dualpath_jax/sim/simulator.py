@@ -10,8 +10,10 @@ share bandwidth max-min fairly.
 
 Per request (DESIGN.md "Data paths"):
   arrival -> global queue -> a group's periodic fetch runs the policy -> (PE, DE, read side)
+  -> the DE node's host buffer: room for the whole prompt KV (the DE-side hit it reads, the PE-side hit and
+     the new KV the PE sends), FIFO per DE node, taken before any read starts, held until the H2D into DE HBM
   -> storage read of the hit KV into the reading node's host buffer (SNIC + DRAM; FIFO per node, gated by
-     buffer space and a per-node read concurrency)
+     a per-node read concurrency and, on the PE node, by buffer space)
   -> PE batch (intra-engine batcher from the registry):
        layerwise: per layer the Layer Blocks go to PE HBM (PE side: DRAM->PE CNIC; DE side: DE DRAM->DE
        CNIC->PE CNIC) while the previous layer computes; the outputs go PE CNIC->DE CNIC->DE DRAM.
@@ -106,7 +108,20 @@ class Request:
 
 
 class Node:
-    __slots__ = ("nid", "role", "snic", "dram", "buffer_free", "read_queue", "reads_active", "state", "engines")
+    __slots__ = (
+        "nid",
+        "role",
+        "snic",
+        "dram",
+        "buffer_free",
+        "buffer_bytes",
+        "read_queue",
+        "reads_active",
+        "buf_queue",
+        "buf_held",
+        "state",
+        "engines",
+    )
 
     def __init__(self, nid: int, role: str, snic: int, dram: int, buffer_bytes: float, state: NodeState):
         self.nid = nid
@@ -114,8 +129,12 @@ class Node:
         self.snic = snic
         self.dram = dram
         self.buffer_free = buffer_bytes
+        self.buffer_bytes = buffer_bytes  # all of it
         self.read_queue: deque = deque()  # (request, tokens, side)
         self.reads_active = 0
+        # DE nodes: requests waiting for room for their whole prompt KV (FIFO), and how many hold such room
+        self.buf_queue: deque = deque()
+        self.buf_held = 0
         self.state = state
         self.engines: list = []
 
@@ -143,7 +162,7 @@ class DecodeGroup:
     and one finish heap per group. A DE of a dense model (DP only), or any DE with lockstep off, is a group
     of one (then exactly the old per-DE clock)."""
 
-    __slots__ = ("members", "v", "tv", "step", "version", "finish_heap")
+    __slots__ = ("members", "v", "tv", "step", "version", "finish_heap", "second")
 
     def __init__(self):
         self.members: list[DecodeEngine] = []
@@ -152,6 +171,9 @@ class DecodeGroup:
         self.step = 0.0  # current step time (s/token): the slowest member's
         self.version = 0
         self.finish_heap: list = []  # (target v, rid, DE)
+        # (v at which a request's first decode step ends, its record) of requests whose second token is not out
+        # yet, in join order: v only grows, so the targets are sorted and a deque serves (no heap)
+        self.second: deque = deque()
 
 
 class DecodeEngine:
@@ -488,8 +510,9 @@ class Simulator:
         if not self.c.layerwise:  # basic: only PE reads (the record said the policy's side: "de" with no DE read)
             r.hit_pe, r.hit_de = r.hit, 0
             rec.read_side = "pe"
-        rec.pe_read_bytes = int(r.hit_pe * self.b)
-        rec.de_read_bytes = int(r.hit_de * self.b)
+        if not self.c.io_free:  # bytes read from storage (metrics.TurnRecord); oracle reads none (0, the default)
+            rec.pe_read_bytes = int(r.hit_pe * self.b)
+            rec.de_read_bytes = int(r.hit_de * self.b)
         ps, ds = pe.state, de.state
         ln = r.prompt + r.gen
         ps.seq += 1
@@ -519,13 +542,54 @@ class Simulator:
             r.pe.admit_queue.append(r)
             self._admit_basic(r.pe)
 
-    # ---- storage reads --------------------------------------------------------------------------------
+    # ---- DE buffer and storage reads -------------------------------------------------------------------
     def _submit_reads(self, r: Request) -> None:
+        """The request's reads are due (its DE HBM held; basic: its PE HBM too). First it takes room in its DE
+        node's host buffer for its whole prompt KV (DESIGN.md "Data paths": the DE buffer holds the whole prompt
+        KV, then H2D into DE HBM, buffer freed): the DE-side hit it reads there, the PE-side hit and new KV the
+        PE sends there (and, chunked, reloads from there). One piece per request, before any of its reads (as the
+        runtime's DE takes its area when the task arrives), held until its H2D into DE HBM is done. No deadlock:
+        the DE room is the first buffer a request takes; holding it, a request may wait only for PE-buffer room,
+        held by reads in flight and by requests whose reads are done, which need no buffer any more (PE compute,
+        flows, the H2D), so every holder gets through and frees its room. Taken later (when the PE sends), a PE
+        batch could wait for room held by requests queued behind it. Its read tokens count in its nodes' read
+        queues from now, as a read waiting for buffer did."""
+        for node, tokens in ((r.pe.node, r.hit_pe), (r.de.node, r.hit_de)):
+            if tokens > 0:
+                node.state.read_queue_tokens += tokens
+        node = r.de.node
+        node.buf_queue.append(r)
+        self._pump_buffer(node)
+
+    def _pump_buffer(self, node: Node) -> None:
+        """DE node: FIFO, as the reads: the head waits for room, unless no request holds any (a prompt larger
+        than the whole buffer then runs alone)."""
+        q = node.buf_queue
+        while q:
+            r = q[0]
+            need = r.prompt * self.b
+            if node.buffer_free < need and node.buf_held > 0:
+                break
+            q.popleft()
+            node.buffer_free -= need
+            node.buf_held += 1
+            self._start_reads(r)
+
+    def _de_buffer_free(self, r: Request) -> None:
+        """The prompt KV is in DE HBM: its room in the DE buffer is free again."""
+        node = r.de.node
+        node.buf_held -= 1
+        if node.buf_held:
+            node.buffer_free += r.prompt * self.b
+        else:  # all of it free again: exactly its size, not a sum that rounding may have left a little off
+            node.buffer_free = node.buffer_bytes
+        self._pump_buffer(node)
+
+    def _start_reads(self, r: Request) -> None:
         r.reads_left = 0
         for node, tokens, side in ((r.pe.node, r.hit_pe, "pe"), (r.de.node, r.hit_de, "de")):
             if tokens > 0:
                 r.reads_left += 1
-                node.state.read_queue_tokens += tokens
                 node.read_queue.append((r, tokens, side))
         if r.reads_left == 0:
             r.rec.read_start = r.rec.read_end = self.now
@@ -540,10 +604,11 @@ class Simulator:
         while q and node.reads_active < c.max_reads_per_node:
             r, tokens, side = q[0]
             nbytes = tokens * self.b
-            if node.buffer_free < nbytes and node.reads_active > 0:
-                break  # wait for buffer space (a read larger than the whole buffer still runs alone)
+            if side == "pe":  # (a DE-side read lands in the DE room its request already holds)
+                if node.buffer_free < nbytes and node.reads_active > 0:
+                    break  # wait for buffer space (a read larger than the whole buffer still runs alone)
+                node.buffer_free -= nbytes
             q.popleft()
-            node.buffer_free -= nbytes
             node.reads_active += 1
             if math.isnan(r.rec.read_start):
                 r.rec.read_start = self.now
@@ -738,20 +803,29 @@ class Simulator:
     def _de_h2d(self, r: Request) -> None:
         r.rec.prefill_end = self.now
         node = r.de.node
-        # The DE-side hit KV sits in the DE buffer since its read; it is freed once in HBM.
+        # The whole prompt KV sits in the DE buffer (the DE-side hit since its read, the rest sent by the PE);
+        # its room is freed once it is in HBM.
         if not self._flow(self._dram(node) + (r.de.cnic_in,), r.prompt * self.b, _Call(self._de_h2d_done, r)):
             self._de_h2d_done(r)
 
     def _de_h2d_done(self, r: Request) -> None:
-        node = r.de.node
-        node.buffer_free += r.hit_de * self.b
-        self._pump_reads(node)
+        self._de_buffer_free(r)
         self._de_join(r)
 
     def _de_sync(self, g: DecodeGroup) -> None:
+        """Advance the group's virtual clock to now (it ran at one step time since `tv`); the second tokens that
+        came out meanwhile are stamped at the instant the clock passed them."""
+        now = self.now
         if g.step > 0.0:
-            g.v += (self.now - g.tv) / g.step
-        g.tv = self.now
+            v = g.v + (now - g.tv) / g.step
+            q = g.second
+            while q and q[0][0] <= v:
+                target, rec = q.popleft()
+                if math.isnan(rec.second_token):  # (a 2-token turn that finished within eps of it has one)
+                    t = g.tv + (target - g.v) * g.step
+                    rec.second_token = t if t < now else now
+            g.v = v
+        g.tv = now
 
     def _de_step(self, de: DecodeEngine) -> None:
         """This DE's own step time from its batch now (the group's clock must be synced)."""
@@ -786,8 +860,7 @@ class Simulator:
             rec.prefill_end = self.now
         self._de_sync(g)
         rec.first_token = self.now  # the prefill produced it; it is out once the request runs on the DE
-        if r.gen <= 1:
-            rec.second_token = self.now
+        if r.gen <= 1:  # no second token (its record keeps NaN, as the runtime's does)
             self._start_writeback(r, 0.0)
             self._turn_done_decode(r)
             return
@@ -797,9 +870,12 @@ class Simulator:
         de.sum_prompt += r.prompt
         de.sum_vjoin += g.v
         heapq.heappush(g.finish_heap, (r.target, r.rid, de))
+        # Its second token comes out at the end of its first decode step: when the group's clock reaches
+        # vjoin + 1 (stamped by _de_sync then, whatever the batch did in between; the runtime stamps it when the
+        # step that made it ends). It was timed here as one step of the batch at the join.
+        g.second.append((g.v + 1.0, rec))
         self._de_step(de)
         self._de_reschedule(g)
-        rec.second_token = self.now + g.step
         self._start_writeback(r, (r.gen - 1) * g.step)
 
     def _start_writeback(self, r: Request, decode_s: float) -> None:
@@ -874,10 +950,9 @@ class Simulator:
         r.decode_done = True
         rec = r.rec
         rec.finished = self.now
-        # The second token was timed at the join as one step of the batch then (_de_join). A batch that sped up
-        # since (a longer request left it) can finish this one sooner: a turn of 2 tokens then "ended" before its
-        # second token. Its second token came at the latest with its last.
-        if rec.second_token > self.now:
+        # A 2-token turn finishes at its second token: due within eps tokens of it, the clock may stand a hair
+        # short of the target _de_sync waits for.
+        if r.gen > 1 and math.isnan(rec.second_token):
             rec.second_token = self.now
         self.turns_done += 1
         ds = r.de.state
