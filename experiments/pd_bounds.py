@@ -6,6 +6,8 @@ python -m experiments.pd_bounds --g=8 --s=2 --M_GBps=400
 
 from __future__ import annotations
 
+import math
+
 from absl import app, flags
 
 from schedulers.pd_bounds import as_fraction, binding_constraints, pd_ratio_bounds, pd_ratio_constraints
@@ -14,8 +16,8 @@ FLAGS = flags.DEFINE_integer("g", 8, "GPUs (engines) per node", lower_bound=1)
 flags.DEFINE_float("s", 1.0, "SNIC bandwidth per node as a multiple of one CNIC's bandwidth B")
 flags.DEFINE_float("B_GBps", 50.0, "CNIC bandwidth per GPU, GB/s (400 Gbps = 50)")
 flags.DEFINE_float("M_GBps", 500.0, "host memory bandwidth per node, GB/s")
-for _name in ("s", "B_GBps", "M_GBps"):
-    flags.register_validator(_name, lambda v: v > 0, message=f"--{_name} must be > 0")
+for _name in ("s", "B_GBps", "M_GBps"):  # (inf passed `> 0` and ended in an OverflowError traceback; NaN failed it)
+    flags.register_validator(_name, lambda v: 0 < v < math.inf, message=f"--{_name} must be > 0 and finite")
 flags.register_multi_flags_validator(
     ["g", "s"], lambda f: 2 * f["s"] <= f["g"], message="--s must be <= g/2 (the PE-CNIC read constraint 2s/g <= 1)"
 )

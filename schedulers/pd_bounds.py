@@ -86,6 +86,8 @@ def pd_ratio_range(g: int, s: float, mem_over_bs: float) -> tuple[float, float]:
 
 def binding_constraints(g: int, s: float, B: float, M: float, rel_tol: float = 1e-9) -> tuple[list[str], list[str]]:
     """Names of the constraints that set the lower and the upper bound (ties: all of them)."""
+    if not 0 <= rel_tol < math.inf:  # (NaN or a negative tolerance matched nothing: empty lists, no reason)
+        raise ValueError(f"rel_tol must be a finite number >= 0, got {rel_tol}")
     cs = pd_ratio_constraints(g, s, B, M)
     lo, hi = pd_ratio_bounds(g, s, B, M)
     low = [c.name for c in cs if c.kind == "lower" and abs(c.value - lo) <= rel_tol * max(1.0, abs(lo))]

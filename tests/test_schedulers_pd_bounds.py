@@ -91,3 +91,10 @@ def test_pd_ratio_range_refuses_infinite_inputs():
         pd_ratio_range(8, 1, float("inf"))
     with pytest.raises(ValueError, match="g \\(GPUs per node\\) must be >= 1 and a whole number, got 2.5"):
         pd_ratio_range(2.5, 1, 10.0)
+
+
+@pytest.mark.parametrize("rel_tol", [float("nan"), -1e-9, float("inf")])
+def test_binding_constraints_refuses_a_tolerance_that_matches_nothing_or_everything(rel_tol):
+    """A NaN or negative tolerance matched no constraint (empty lists, no reason); inf matched them all."""
+    with pytest.raises(ValueError, match="rel_tol must be a finite number >= 0"):
+        binding_constraints(8, 1.0, 50.0, 500.0, rel_tol=rel_tol)

@@ -639,6 +639,8 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         (["experiments.bench_store", "--repeats=0"], "0 is not a positive integer"),
         (["experiments.pd_bounds", "--s=0"], "--s must be > 0"),
         (["experiments.pd_bounds", "--s=5"], "--s must be <= g/2"),
+        (["experiments.pd_bounds", "--M_GBps=inf"], "--M_GBps must be > 0 and finite"),
+        (["experiments.pd_bounds", "--B_GBps=nan"], "--B_GBps must be > 0 and finite"),
         (["experiments.bench_io", "--tcp_sizes=64K"], "--tcp_sizes takes positive integers"),
         (["experiments.bench_io", "--sections="], "--sections takes one or more of store, tcp"),
         (["experiments.bench_prefill", "--models="], "--models takes one or more of dense, moe"),
