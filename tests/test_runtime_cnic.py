@@ -10,6 +10,7 @@ slowed them.
 from __future__ import annotations
 
 import threading
+import time
 import types
 
 import numpy as np
@@ -355,3 +356,111 @@ def test_a_prefill_waiting_for_its_cnic_does_not_hold_up_another_engines_prefill
         gate.set()
         t.join(60)
     assert "tokens" in first
+
+
+def test_a_request_dropped_before_its_h2d_starts_takes_no_cnic_time():
+    """A request dropped (its PE died) while its prompt KV's copy still waits in the DE's H2D queue behind another's:
+    its copy is skipped -- nothing paced for it, so it neither delays the copies queued behind it nor adds bytes to the
+    CNIC's ingress record. Until 2026-12-03 (hunt) its bytes were still paced whole, for an area already freed."""
+    from dualpath_jax.runtime.control import Cancel
+
+    cnic = _GatePacer()
+    eng, events = _decode_engine(cnic, types.SimpleNamespace(submit_write=lambda job: None), slots=3)
+    try:
+        a = _prefilled(eng, 1, 6, gen_tokens=4)
+        eng._admit()
+        b = _prefilled(eng, 2, 5, gen_tokens=4)
+        c = _prefilled(eng, 3, 7, gen_tokens=4)
+        eng._admit()
+        assert (a.stage, b.stage, c.stage) == ("loading", "loading", "loading")
+        eng._handle("cancel", Cancel(2, 0))  # b's copy has not started: a's holds the (closed) CNIC
+        cnic.gate.set()
+        deadline = time.monotonic() + 30
+        while c.stage != "decoding" and time.monotonic() < deadline:
+            _drain(eng)
+        assert a.stage == c.stage == "decoding"
+        assert cnic.log == [(2 * 6 * 8, "low"), (2 * 7 * 8, "low")], "the dropped request's H2D was paced"
+        assert [(e.kind, e.request_id) for e in events] == [("first_token", 1), ("first_token", 3)]
+    finally:
+        eng.stop()
+        eng.join(5)
+
+
+def test_a_request_dropped_with_its_d2h_queued_writes_nothing_more():
+    """A request dropped while a filled block's D2H still waits for the DE's CNIC: the copy is skipped (no CNIC time, no
+    SNIC write of a dropped attempt's block; its re-run writes the block), and the copies behind it go on."""
+    from dualpath_jax.runtime.control import Cancel
+
+    cnic = _GatePacer()
+    cnic.gate.set()
+    writes = []
+    eng, events = _decode_engine(cnic, types.SimpleNamespace(submit_write=writes.append), slots=2)
+    try:
+        a = _prefilled(eng, 1, 3, gen_tokens=4)  # 3 prompt tokens: the first decode step fills block 0
+        b = _prefilled(eng, 2, 3, gen_tokens=4)
+        eng._admit()
+        deadline = time.monotonic() + 30
+        while not (a.stage == b.stage == "decoding") and time.monotonic() < deadline:
+            _drain(eng)
+        cnic.gate.clear()
+        eng._step()  # both fill block 0: two D2H jobs queue behind the closed CNIC
+        assert a.writes_pending == b.writes_pending == 1 and writes == []
+        eng._handle("cancel", Cancel(1, 0))
+        cnic.gate.set()
+        while not writes and time.monotonic() < deadline:
+            _drain(eng)
+        time.sleep(0.2)
+        _drain(eng)
+        assert len(writes) == 1 and len(cnic.log) == 3 and cnic.log[-1] == (2 * 4 * 8, "low")  # 2 H2D + b's D2H
+        writes[0].on_done(1)  # the one write is b's
+        _drain(eng)
+        assert b.writes_pending == 0
+    finally:
+        eng.stop()
+        eng.join(5)
+
+
+def test_a_stopped_prefill_engine_stops_pacing_its_h2d():
+    """A PE stopped (its node killed) inside a layer's H2D on a slow CNIC leaves the batch at once, as it does while
+    waiting for a DE's layers. Until 2026-12-03 (hunt) the rest of the H2D was paced to the end: the thread outlived
+    `EngineGroup.kill`'s join (kill took its whole 2 s timeout) and its transport was closed under it."""
+    from dualpath_jax.block_keys import block_keys
+    from dualpath_jax.host_buffers import HostBufferPool
+    from dualpath_jax.runtime.control import TurnTask
+    from dualpath_jax.runtime.engines import PrefillEngine, _PrefillReq
+
+    L, bpt, bs = 2, 8, 4
+    tm = TrafficManager()
+    tm.add_cnic_in(0, 1e4)  # 10 kB/s: the 1 MB H2D below would take ~100 s
+    entered = threading.Event()
+
+    def prefill(token_ids, cached, cached_layer, on_layer, h2d=None):
+        entered.set()
+        h2d(1 << 20)
+        return np.zeros((len(token_ids),), np.int32)
+
+    kv = types.SimpleNamespace(num_layers=L, bytes_per_token_per_layer=bpt)
+    model = types.SimpleNamespace(kv_layout=kv, prefill=prefill)
+    cfg = types.SimpleNamespace(block_size=bs, cluster=types.SimpleNamespace(decode_slots=1, max_seq_len=64))
+    ctx = types.SimpleNamespace(cfg=cfg, model=model, emit=lambda ev: None)
+    transport = types.SimpleNamespace(register=lambda name, arena: None)
+    pool = HostBufferPool(slot_nbytes=bs * bpt, budget_bytes=L * 32 * bpt, prefault=False)
+    eng = PrefillEngine(0, 0, ctx, transport, pool, None, cnic_in=tm.pacer("cnic/engine0/in"), batcher=None)
+    ids = np.arange(8, dtype=np.int32)
+    task = TurnTask(1, 0, 1, 0, ids, 2, block_keys(ids, bs), 1, 1, 0, 1, "pe")
+    r = _PrefillReq(task=task, bs=bs, area=np.zeros((L, 8, bpt), np.uint8), final_hit=4, cached=4)
+    raised = []
+
+    def batch():
+        try:
+            eng._run_batch([(r, 4, 4)])
+        except RuntimeError as e:
+            raised.append(e)
+
+    t = threading.Thread(target=batch, daemon=True)
+    t.start()
+    assert entered.wait(30)
+    eng.stop()
+    t.join(30)
+    assert not t.is_alive(), "the stopped PE kept pacing its H2D"
+    assert raised and "stopped" in str(raised[0])

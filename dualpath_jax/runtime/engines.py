@@ -84,16 +84,19 @@ class _Inbox:
             return None
 
 
-def pace_on(pacer, nbytes: int, stop: threading.Event | None = None) -> bool:
+def pace_on(
+    pacer, nbytes: int, stop: threading.Event | None = None, cancelled: Callable[[], bool] | None = None
+) -> bool:
     """Move `nbytes` of KV (low priority) through `pacer` (a `traffic.Pacer` or any `transport.base.Pacer`),
-    chunk by chunk when it can; False when `stop` was set meanwhile (the rest is not paced)."""
+    chunk by chunk when it can; False when `stop` was set or `cancelled()` became true meanwhile (the rest is not
+    paced)."""
     if nbytes <= 0:
         return True
     if not hasattr(pacer, "paced"):
         pacer.pace(nbytes, "low")
         return True
     for _ in pacer.paced(nbytes, "low"):
-        if stop is not None and stop.is_set():
+        if (stop is not None and stop.is_set()) or (cancelled is not None and cancelled()):
             return False
     return True
 
@@ -109,18 +112,25 @@ class _CopyQueue:
         self._q: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def submit(self, nbytes: int, done: Callable[[], None]) -> None:
-        self._q.put((nbytes, done))
+    def submit(self, nbytes: int, done: Callable[[], None], cancelled: Callable[[], bool] | None = None) -> None:
+        """Queue a copy of `nbytes`; `done()` once they crossed. `cancelled()` true (its request was dropped): the
+        copy is skipped, or cut short, and `done` not called -- it no longer holds up the copies behind it, nor adds
+        bytes to the CNIC's records (it used to be paced whole, for an area already freed)."""
+        self._q.put((nbytes, done, cancelled))
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                nbytes, done = self._q.get(timeout=WAIT_POLL_S)
+                nbytes, done, cancelled = self._q.get(timeout=WAIT_POLL_S)
             except queue.Empty:
                 continue
             try:
-                if not pace_on(self.pacer, nbytes, self._stop):
-                    return
+                if cancelled is not None and cancelled():
+                    continue
+                if not pace_on(self.pacer, nbytes, self._stop, cancelled):
+                    if self._stop.is_set():
+                        return
+                    continue  # dropped while crossing
                 done()
             except Exception:  # noqa: BLE001 -- a bad completion must not stop the copies behind it
                 log.exception("%s: a copy job failed", self.thread.name)
@@ -507,7 +517,10 @@ class PrefillEngine(EngineBase):
             # which a GPU cluster writes into HBM through this CNIC too (the simulator's PE cnic_in).
             t = time.perf_counter()
             try:
-                pace_on(self.cnic_in, nbytes)
+                # A stopped (killed) engine stops pacing, as `_wait` does: the rest of a layer's H2D on a slow CNIC
+                # used to hold the thread past `join` (and `kill` for its 2 s) while its transport was closed.
+                if not pace_on(self.cnic_in, nbytes, self._stop):
+                    raise RuntimeError(f"pe{self.engine_id} stopped while its H2D crossed the CNIC")
             finally:
                 dt = time.perf_counter() - t
                 self.h2d_wait_s += dt
@@ -777,7 +790,7 @@ class DecodeEngine(EngineBase):
             if self._h2d is None:
                 self._loaded(r)
             else:
-                self._h2d.submit(nbytes, lambda r=r: self.inbox.put("h2d_done", r))
+                self._h2d.submit(nbytes, lambda r=r: self.inbox.put("h2d_done", r), cancelled=lambda r=r: r.cancelled)
 
     def _loaded(self, r: _DecodeReq) -> None:
         """The prompt KV crossed the CNIC: copy the area into the request's slot, free the area, start decoding."""
@@ -801,7 +814,12 @@ class DecodeEngine(EngineBase):
         r.writes_pending += 1
         job = WriteJob(keys, blocks, lambda _n, r=r: self.inbox.put("write_done", r))
         if d2h and self._d2h is not None:
-            self._d2h.submit(sum(int(b.nbytes) for b in blocks), lambda job=job: self.snic.submit_write(job))
+            # (A request dropped before its block crossed: neither paced nor written; its re-run writes the block.)
+            self._d2h.submit(
+                sum(int(b.nbytes) for b in blocks),
+                lambda job=job: self.snic.submit_write(job),
+                cancelled=lambda r=r: r.cancelled,
+            )
         else:
             self.snic.submit_write(job)
 
