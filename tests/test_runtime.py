@@ -26,28 +26,6 @@ from dualpath_jax.runtime.lifecycle import ConversationBook
 from dualpath_jax.runtime.model_ops import ModelOps, reference_conversations
 
 
-@pytest.fixture(scope="module")
-def base() -> RuntimeConfig:
-    return RuntimeConfig.from_config_dict(get_config("test").runtime)
-
-
-@pytest.fixture(scope="module")
-def ops(base) -> ModelOps:
-    return ModelOps(base.model, base.model_seed)
-
-
-@pytest.fixture(scope="module")
-def trajs(base):
-    return driver.make_trajectories(base)
-
-
-@pytest.fixture(scope="module")
-def reference(base, ops, trajs) -> dict:
-    return reference_conversations(
-        ops, lambda: ConversationBook(trajs, ops.vocab_size, seed=base.workload.seed), base.cluster.max_seq_len
-    )
-
-
 def assert_matches_reference(res: driver.RunResult, reference: dict, trajs) -> None:
     total = sum(len(t.turns) for t in trajs)
     keys = [(r.trajectory_id, r.turn_index) for r in res.records]
