@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 # Fixtures (the test config, its model, trajectories and single-process reference) and the reference check.
-from test_runtime import assert_matches_reference, base, ops, reference, trajs  # noqa: F401
+from test_runtime import assert_matches_reference
 
 from dualpath_jax.runtime import driver
 from dualpath_jax.runtime.config import ConfigError
