@@ -215,6 +215,9 @@ class InterEnginePolicy(abc.ABC):
     """Chooses (PE, DE, read side) for waiting requests. Registered by name in `schedulers.POLICIES`."""
 
     name: str = "?"
+    # True for a policy that places requests on a DE without room on purpose (they wait at that DE for its HBM);
+    # the runtime then does not hold its placements back to the DE's free decode slots.
+    overcommits_decode: bool = False
 
     @abc.abstractmethod
     def schedule(

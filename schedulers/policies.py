@@ -416,6 +416,7 @@ class RoundRobinPolicy(InterEnginePolicy):
 
     def __init__(self, config: RoundRobinPolicy.Config | None = None):
         self.config = config or self.Config()
+        self.overcommits_decode = self.config.full_de == "queue"  # (requests wait at the DE in turn)
         self._last_pe: int | None = None  # engine id of the last PE / DE given a request
         self._last_de: int | None = None
         self._next_side = 0

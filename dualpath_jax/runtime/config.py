@@ -349,14 +349,9 @@ _RDMA_FIELDS = {
 
 def rdma_endpoint_kwargs(cfg: RuntimeConfig) -> dict[str, Any]:
     """`config.rdma` as `RdmaTransport` arguments (what the launchers pass to every rdma endpoint)."""
-    r = cfg.rdma
-    return {
-        "device": r.device or None,
-        "ib_port": r.port,
-        "gid_index": r.gid_index,
-        "sl_high": r.sl_high,
-        "sl_low": r.sl_low,
-    }
+    kw = {arg: getattr(cfg.rdma, field) for arg, field in _RDMA_FIELDS.items()}
+    kw["device"] = kw["device"] or None  # "" = the first device
+    return kw
 
 
 def _validate_rdma_fields(cfg: RuntimeConfig) -> None:
@@ -426,10 +421,14 @@ def host_memory_bytes() -> tuple[int, str] | None:
 
 def _buffer_bytes_per_process(cfg: RuntimeConfig) -> int:
     """Host buffer bytes one process allocates: every node's with the inprocess launcher, the largest node's else."""
+    b = cfg.buffers
+    return _all_buffer_bytes(cfg) if cfg.launcher == "inprocess" else max(b.pe_buffer_bytes, b.de_buffer_bytes)
+
+
+def _all_buffer_bytes(cfg: RuntimeConfig) -> int:
+    """Host buffer bytes of every node together."""
     c, b = cfg.cluster, cfg.buffers
-    if cfg.launcher == "inprocess":
-        return c.prefill_nodes * b.pe_buffer_bytes + c.decode_nodes * b.de_buffer_bytes
-    return max(b.pe_buffer_bytes, b.de_buffer_bytes)
+    return c.prefill_nodes * b.pe_buffer_bytes + c.decode_nodes * b.de_buffer_bytes
 
 
 def _buffer_sum_text(cfg: RuntimeConfig, in_one_process: bool = False) -> str:
@@ -465,7 +464,7 @@ def _validate_buffer_memory(cfg: RuntimeConfig) -> None:
                 f"{limit} B ({limit / 2**30:.1f} GiB); one node's buffer can never be allocated"
             )
     c = cfg.cluster
-    total = c.prefill_nodes * b.pe_buffer_bytes + c.decode_nodes * b.de_buffer_bytes
+    total = _all_buffer_bytes(cfg)
     if total > limit:
         raise ConfigError(
             f"config.buffers: the {c.prefill_nodes + c.decode_nodes} nodes of launcher {cfg.launcher!r} all run on "

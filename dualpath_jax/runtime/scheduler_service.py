@@ -83,9 +83,6 @@ class GlobalScheduler:
         # DE with every slot taken reports no room (short requests used to be placed beyond its slots and wait there),
         # and one fetch places no more requests on a DE than it has free slots (`_schedule`).
         self.decode_slots = decode_slots
-        # A policy that places requests on a DE without room on purpose (round_robin full_de="queue": they wait at
-        # the DE, the simulator's DE allocation queue) is not held to the free slots.
-        self._policy_overcommits = getattr(getattr(policy, "config", None), "full_de", None) == "queue"
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.t0 = clock()
@@ -280,7 +277,8 @@ class GlobalScheduler:
                 raise RunFailed(f"policy {self.policy.name!r} swapped the engines' roles: {a}")
             seen.add(a.request_id)
         slots = None
-        if self.decode_slots is not None and not self._policy_overcommits:
+        # (a policy that places on a DE without room on purpose, e.g. round_robin full_de="queue", is not held back)
+        if self.decode_slots is not None and not getattr(self.policy, "overcommits_decode", False):
             slots = {e: self.decode_slots - d.seq for e, d in snap.engines.items() if d.role == "decode"}
         placed, held = set(), 0
         for a in assignments:
