@@ -28,8 +28,22 @@ def trajs(base):
     return driver.make_trajectories(base)
 
 
+def reference_of(cfg, ops: ModelOps, trajs) -> dict:
+    """The single-process reference tokens of `cfg`'s conversations (decode batch shaped as its DEs')."""
+    return reference_conversations(
+        ops,
+        lambda: ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed),
+        cfg.cluster.max_seq_len,
+        cfg.cluster.decode_slots,
+    )
+
+
+@pytest.fixture(scope="session")
+def reference_for():
+    """`reference_of` for tests that build their own config."""
+    return reference_of
+
+
 @pytest.fixture(scope="module")
 def reference(base, ops, trajs) -> dict:
-    return reference_conversations(
-        ops, lambda: ConversationBook(trajs, ops.vocab_size, seed=base.workload.seed), base.cluster.max_seq_len
-    )
+    return reference_of(base, ops, trajs)

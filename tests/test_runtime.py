@@ -22,8 +22,7 @@ import pytest
 from configs.tiny_runtime import get_config
 from dualpath_jax.runtime import driver
 from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
-from dualpath_jax.runtime.lifecycle import ConversationBook
-from dualpath_jax.runtime.model_ops import ModelOps, reference_conversations
+from dualpath_jax.runtime.model_ops import ModelOps, reference_generate
 
 
 def assert_matches_reference(res: driver.RunResult, reference: dict, trajs) -> None:
@@ -75,6 +74,29 @@ def test_tokens_equal_reference(base, ops, trajs, reference, policy, transport):
     assert res.summary["pe_read_bytes"] + res.summary["de_read_bytes"] == hit_bytes
 
 
+def test_reference_decodes_in_the_runtimes_batch_shape(ops):
+    """`reference_generate(decode_slots=N)` gives the tokens a DE's N-slot batch gives, whatever the slot and
+    the other slots' requests (decode rounds by batch shape; README "Known limits": greedy tokens at a near-tie)."""
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, ops.vocab_size, n).astype(np.int32) for n in (37, 70, 12)]
+    gen, cap, n = 12, 128, 3
+    ref = reference_generate(ops, [(p, gen) for p in prompts], cap, decode_slots=n)
+    batch = ops.new_decode_batch(n, cap)
+    slots = (2, 0, 1)  # prompt i decodes in slot slots[i], all three together
+    out = {}
+    for slot, p in zip(slots, prompts, strict=True):
+        logits, kv = ops.runner.full_prefill([p])
+        batch.runner.load_prompt_kv(slot, kv[0])
+        out[slot] = [int(np.argmax(logits[0][-1]))]
+    for _ in range(gen - 1):
+        order = np.array(sorted(out))
+        nxt = batch.decode(order, np.array([out[s][-1] for s in order]))
+        for s, t in zip(order, nxt, strict=True):
+            out[s].append(int(t))
+    for i, slot in enumerate(slots):
+        np.testing.assert_array_equal(ref[i], out[slot], err_msg=f"prompt {i} in slot {slot}")
+
+
 def test_chunked_prefill_and_small_buffers(base, ops, trajs, reference):
     """A tiny prefill token budget forces chunked prefill; small host buffers make requests wait for space."""
     cfg = base.replace(
@@ -90,15 +112,13 @@ def test_chunked_prefill_and_small_buffers(base, ops, trajs, reference):
 
 
 @pytest.mark.parametrize("model, batcher", [("tiny_deepseek", "fifo"), ("tiny_deepseek_v2", "compute_quota")])
-def test_mla_moe_model_both_paths(base, model, batcher):
+def test_mla_moe_model_both_paths(base, model, batcher, reference_for):
     """DeepSeek-style models (MLA latent KV, MoE; V3 and V2 routing): the runtime moves their KV bytes unchanged on
     both paths. The compute-quota batcher prices their batches with an MLA + MoE cost-model shape (it raised
     NotImplementedError for anything but dense GQA models)."""
     cfg = base.replace(model=model, **{"scheduler.name": "split", "transport": "tcp", "scheduler.batcher": batcher})
     ts, ds_ops = driver.prepare(cfg)
-    ref = reference_conversations(
-        ds_ops, lambda: ConversationBook(ts, ds_ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len
-    )
+    ref = reference_for(cfg, ds_ops, ts)
     res = driver.run(cfg, ts, model_ops=ds_ops)
     assert_matches_reference(res, ref, ts)
     assert res.summary["pe_read_bytes"] > 0 and res.summary["de_read_bytes"] > 0
@@ -241,7 +261,7 @@ def test_cost_model_shape_of_every_runtime_model(model):
     assert cost_model_shape(ops) is shape  # registered once per process
 
 
-def test_runtime_serves_a_local_hf_checkpoint(base, tmp_path):
+def test_runtime_serves_a_local_hf_checkpoint(base, tmp_path, reference_for):
     """config.runtime.model may name a local HF checkpoint directory (config.json + *.safetensors) instead of a
     tiny config: every node process loads its weights, and greedy tokens equal the single-process reference of
     the same weights. A directory that is no checkpoint, or one missing a tensor, is a config error naming it."""
@@ -258,8 +278,7 @@ def test_runtime_serves_a_local_hf_checkpoint(base, tmp_path):
     cfg = base.replace(model=str(ckpt), launcher="local", transport="tcp")
     trajs, ops = driver.prepare(cfg)
     assert ops.fingerprint == direct.fingerprint() and ops.vocab_size == QWEN2_HF["vocab_size"]
-    book = lambda: ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed)  # noqa: E731
-    reference = reference_conversations(ops, book, cfg.cluster.max_seq_len)
+    reference = reference_for(cfg, ops, trajs)
     res = driver.run(cfg, trajs, model_ops=ops)  # the node processes load the checkpoint themselves
     assert_matches_reference(res, reference, trajs)
     assert sum(r.hit_tokens for r in res.records) > 0  # later turns read the checkpoint model's KV from the store
@@ -281,16 +300,14 @@ def test_runtime_serves_a_local_hf_checkpoint(base, tmp_path):
         pytest.param({"launcher": "local", "transport": "tcp"}, id="local-sigkill"),  # SIGKILL a DE process
     ],
 )
-def test_killed_decode_node_loses_nothing(base, ops, launch):
+def test_killed_decode_node_loses_nothing(base, ops, launch, reference_for):
     """Kill a DE node while it holds requests: the scheduler notices (exit / heartbeat), re-queues them and
     re-runs them on the other DE; every token still matches the reference."""
     cfg = base.replace(
         **{"scheduler.name": "round_robin", "workload.agents": 6, "scheduler.heartbeat_timeout_s": 1.0, **launch}
     )
     trajs6 = driver.make_trajectories(cfg)
-    ref6 = reference_conversations(
-        ops, lambda: ConversationBook(trajs6, ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len
-    )
+    ref6 = reference_for(cfg, ops, trajs6)
     killed = []
 
     def fault(service, launcher):
@@ -731,14 +748,12 @@ def test_ray_launcher_matches_reference(base, ops, trajs, reference):
     ],
     ids=["online", "synthetic", "trace"],
 )
-def test_drivers_over_shared_workloads(base, ops, workload):
+def test_drivers_over_shared_workloads(base, ops, workload, reference_for):
     """Online arrivals (Poisson, gaps) and the shared synthetic / real-trace workloads run to completion with the
     reference's tokens; no turn starts before it is due."""
     cfg = base.replace(**{"scheduler.name": "dualpath", **workload})
     ts = driver.make_trajectories(cfg)
-    ref = reference_conversations(
-        ops, lambda: ConversationBook(ts, ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len
-    )
+    ref = reference_for(cfg, ops, ts)
     res = driver.run(cfg, ts, model_ops=ops)
     assert_matches_reference(res, ref, ts)
     recs = {(r.trajectory_id, r.turn_index): r for r in res.records}

@@ -197,10 +197,19 @@ class DecodeBatch:
 
 
 def reference_generate(
-    ops: ModelOps, prompts_and_gens: Sequence[tuple[np.ndarray, int]], capacity: int
+    ops: ModelOps,
+    prompts_and_gens: Sequence[tuple[np.ndarray, int]],
+    capacity: int,
+    decode_slots: int = 1,
 ) -> list[np.ndarray]:
-    """Reference: for each (prompt ids, gen), full prefill of the whole prompt (no cache) + greedy decode."""
-    batch = DecodeBatch(ops, 1, capacity)
+    """Reference: for each (prompt ids, gen), full prefill of the whole prompt (no cache) + greedy decode.
+
+    `decode_slots`: the decode batch shape, as the runtime's DEs (`cluster.decode_slots`). Float rounding
+    depends on the batch shape (not on the slot or the other slots' contents), and a near-tie in a model's
+    argmax (an MoE's expert choice) can flip with it; with the same shape the tokens are bit-for-bit the
+    runtime's.
+    """
+    batch = DecodeBatch(ops, decode_slots, capacity)
     out = []
     for prompt, gen in prompts_and_gens:
         logits, kv = ops.runner.full_prefill([np.asarray(prompt, np.int32)])
@@ -213,10 +222,11 @@ def reference_generate(
     return out
 
 
-def reference_conversations(ops: ModelOps, book_factory, capacity: int) -> dict:
+def reference_conversations(ops: ModelOps, book_factory, capacity: int, decode_slots: int = 1) -> dict:
     """Run every trajectory turn by turn with `reference_generate` (the next prompt uses these tokens).
 
-    `book_factory()` returns a fresh `ConversationBook` over the same trajectories. Returns
+    `book_factory()` returns a fresh `ConversationBook` over the same trajectories; `decode_slots` as in
+    `reference_generate` (pass the runtime's `cluster.decode_slots`). Returns
     {(trajectory_id, turn_index): tokens}.
     """
     book = book_factory()
@@ -224,7 +234,7 @@ def reference_conversations(ops: ModelOps, book_factory, capacity: int) -> dict:
         due = book.pop_due(float("inf"))
         if not due:
             raise RuntimeError("reference run stalled: no turn due but the book is not done")
-        toks = reference_generate(ops, [(t.prompt_ids, t.gen_tokens) for t in due], capacity)
+        toks = reference_generate(ops, [(t.prompt_ids, t.gen_tokens) for t in due], capacity, decode_slots)
         for t, g in zip(due, toks, strict=True):
             book.complete(t.request_id, g, 0.0)
     return dict(book.generated)
