@@ -33,6 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r = ml_collections.ConfigDict()
     r.model = "tiny_qwen2"
     r.model_seed = 0
+    r.batch_invariant = False  # True: greedy tokens bit-identical whatever the policy (models/layers/invariant.py)
     r.block_size = 16
     r.transport = "tcp"
     r.launcher = "local"

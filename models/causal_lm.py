@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
+from models.layers import invariant
 from models.layers.rmsnorm import RMSNorm
 
 
@@ -25,15 +26,49 @@ class PreNormDecoderLayer(nnx.Module):
     `(kv, hidden, meta) -> (kv, hidden)`.
     """
 
+    batch_invariant = False  # set by CausalLM from ModelConfig.batch_invariant (models/layers/invariant.py)
+
     def prefill(self, kv_cached: jax.Array, x: jax.Array, meta):
+        if self.batch_invariant:
+            return self._prefill_invariant(kv_cached, x, meta)
         kv_new, a = self.self_attn.prefill(kv_cached, self.input_layernorm(x), meta)
         x = x + a
         return kv_new, x + self.mlp(self.post_attention_layernorm(x))
 
     def decode(self, cache, x: jax.Array, meta):
+        if self.batch_invariant:
+            return self._decode_invariant(cache, x, meta)
         cache, a = self.self_attn.decode(cache, self.input_layernorm(x), meta)
         x = x + a
         return cache, x + self.mlp(self.post_attention_layernorm(x))
+
+    # ---- batch-invariant: token-local work in fixed row blocks, attention in fixed query/key tiles ----
+    def _pre(self, x: jax.Array, pos: jax.Array):
+        return self.self_attn.project(self.input_layernorm(x), pos)
+
+    def _post(self, x: jax.Array, a: jax.Array) -> jax.Array:
+        x = x + self.self_attn.output(a)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _prefill_invariant(self, kv_cached: jax.Array, x: jax.Array, meta):
+        b, t, h = x.shape
+        pos = meta.positions(t)
+        rows = x.reshape(b * t, h)
+        q, rec = invariant.row_blocked(self._pre, rows, pos.reshape(b * t))
+        kv_new = rec.reshape(b, t, *rec.shape[1:]).astype(kv_cached.dtype)
+        q = jax.tree.map(lambda a: a.reshape(b, t, *a.shape[1:]), q)
+        a = self.self_attn.attend(q, self.self_attn.prefill_keys(kv_cached, kv_new, meta), pos)
+        out = invariant.row_blocked(self._post, rows, a.reshape(b * t, *a.shape[2:]))
+        return kv_new, out.reshape(b, t, h)
+
+    def _decode_invariant(self, cache, x: jax.Array, meta):
+        n, _, h = x.shape
+        rows = x.reshape(n, h)
+        q, rec = invariant.row_blocked(self._pre, rows, meta.lengths)
+        cache = self.self_attn.write_cache(cache, rec, meta)
+        q = jax.tree.map(lambda a: a[:, None], q)
+        a = self.self_attn.attend(q, cache, meta.positions())
+        return cache, invariant.row_blocked(self._post, rows, a[:, 0]).reshape(n, 1, h)
 
 
 class LMHead(nnx.Module):
@@ -55,8 +90,16 @@ class LMHead(nnx.Module):
             )
         )
 
+    batch_invariant = False  # set by CausalLM (models/layers/invariant.py)
+
     def __call__(self, x: jax.Array, embedding: jax.Array) -> jax.Array:
         """x [..., H], embedding [V, H] -> float32 logits [..., V]."""
+        if self.batch_invariant:
+            rows = x.reshape(-1, x.shape[-1])
+            return invariant.row_blocked(lambda r: self._logits(r, embedding), rows).reshape(*x.shape[:-1], -1)
+        return self._logits(x, embedding)
+
+    def _logits(self, x: jax.Array, embedding: jax.Array) -> jax.Array:
         x = self.norm(x)
         if self.lm_head is None:
             return jnp.einsum("...h,vh->...v", x, embedding, preferred_element_type=jnp.float32)
@@ -76,3 +119,6 @@ class CausalLM(nnx.Module):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.layers = nnx.List([make_layer(cfg, i, rngs) for i in range(cfg.num_layers)])
         self.final = LMHead(cfg, rngs)
+        if cfg.batch_invariant:
+            for module in (*self.layers, self.final):
+                module.batch_invariant = True

@@ -90,9 +90,12 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # params, activations and KV ("float32" on CPU, "bfloat16" on GPU)
     max_position_embeddings: int = 4096
+    # Compute every token at fixed shapes, so its bits do not depend on its batch, chunking or on prefill vs
+    # decode (models/layers/invariant.py): greedy tokens identical whatever the policy, even at near-ties.
+    batch_invariant: bool = False
 
     # Execution choices that change neither the weights' meaning nor the KV bytes' meaning.
-    _NOT_IN_FINGERPRINT = ("moe_dispatch", "mla_prefill")
+    _NOT_IN_FINGERPRINT = ("moe_dispatch", "mla_prefill", "batch_invariant")
 
     def __post_init__(self):
         _check_dtype(self.dtype)

@@ -49,6 +49,16 @@ class DeepseekConfig(ModelConfig):
     moe_dispatch: str = "dense"  # "dense" | "ragged" (models/layers/moe.py); not part of the KV format
     mla_prefill: str = "auto"  # "auto" | "expanded" | "absorbed" (models/layers/attention.py); idem
 
+    def __post_init__(self):
+        super().__post_init__()
+        # Batch-invariant execution prefills with decode's absorbed form and needs per-token expert sums
+        # whose order does not depend on the other tokens (the ragged dispatch's scatter-add does).
+        if self.batch_invariant and (self.moe_dispatch != "dense" or self.mla_prefill == "expanded"):
+            raise ValueError(
+                f"batch_invariant=True needs moe_dispatch='dense' and mla_prefill 'auto' or 'absorbed', got "
+                f"moe_dispatch={self.moe_dispatch!r}, mla_prefill={self.mla_prefill!r}"
+            )
+
     def _kv_record(self):
         return "mla", (self.kv_lora_rank + self.qk_rope_head_dim,)
 

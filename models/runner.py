@@ -81,6 +81,7 @@ from flax import nnx
 
 from models import decode_cache
 from models.kv import KVLayout
+from models.layers.invariant import padded_keys
 from models.meta import DecodeMeta, PrefillMeta
 from models.registry import family
 
@@ -508,7 +509,13 @@ class ModelRunner:
             )
         self.num_slots, self.capacity = int(num_slots), int(capacity)
         self.decode_caches = [
-            decode_cache.init_layer_cache(self.layout, self.num_slots, self.capacity) for _ in range(self.num_layers)
+            # Batch-invariant attention reads whole key tiles: rows rounded up (tokens beyond capacity unused).
+            decode_cache.init_layer_cache(
+                self.layout,
+                self.num_slots,
+                padded_keys(self.capacity) if self.config.batch_invariant else self.capacity,
+            )
+            for _ in range(self.num_layers)
         ]
         self.slot_lengths = np.zeros((self.num_slots,), np.int32)
         # Which slots hold a sequence (load_prompt_kv .. free_slot). Kept apart from the length: a loaded

@@ -105,6 +105,9 @@ class WorkloadConfig:
 class RuntimeConfig:
     model: str = "tiny_qwen2"  # a tiny config name (random weights from model_seed) or a local HF checkpoint dir
     model_seed: int = 0
+    # Batch-invariant model execution (models/layers/invariant.py): greedy tokens bit-identical whatever the
+    # policy, chunking, batching or read path, also at float32 near-ties; slower steps.
+    batch_invariant: bool = False
     block_size: int = 16  # tokens per stored block (paper: 64; small for tiny runs)
     transport: str = "tcp"
     launcher: str = "local"

@@ -183,9 +183,14 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
             "agents there with config.workload.max_context_tokens"
         )
     try:
-        ops = model_ops or ModelOps(cfg.model, cfg.model_seed)
+        ops = model_ops or ModelOps.of_config(cfg)
     except ValueError as e:  # a checkpoint whose tensors do not load (missing, wrong shape): named
         raise ConfigError(f"config.model: {e}") from None
+    if ops.config.batch_invariant != cfg.batch_invariant:  # the caller's model_ops runs the other numerics
+        raise ConfigError(
+            f"config.batch_invariant={cfg.batch_invariant} but the given model_ops has "
+            f"batch_invariant={ops.config.batch_invariant}: build it with ModelOps.of_config(config)"
+        )
     if cfg.store_dir:  # the KV store, opened once now: an unusable path or a kept store of another model or
         # block size fails here, not in every node process at start
         from dualpath_jax.runtime.launcher import open_store

@@ -73,7 +73,7 @@ class InProcessLauncher:
         from dualpath_jax.traffic import TrafficManager
 
         cfg = self.cfg
-        ops = self.model_ops or ModelOps(cfg.model, cfg.model_seed)
+        ops = self.model_ops or ModelOps.of_config(cfg)
         self.model_ops = ops
         store = open_store(cfg, block_layout(cfg, ops))
         self.store = store
@@ -166,7 +166,7 @@ def _node_main(spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: by
     from dualpath_jax.traffic import TrafficManager
 
     enable_compilation_cache()
-    ops = ModelOps(cfg.model, cfg.model_seed)
+    ops = ModelOps.of_config(cfg)
     store = open_store(cfg, block_layout(cfg, ops))
     control = SocketControlClient(control_address, authkey)
     group = EngineGroup(
@@ -212,7 +212,7 @@ def _node_session_main(spec: GroupSpec, conn, log_level: int) -> None:
             return
         cfg, control_address, authkey = msg
         if ops is None or (ops.name, ops.seed) != (cfg.model, cfg.model_seed):
-            ops = ModelOps(cfg.model, cfg.model_seed)
+            ops = ModelOps.of_config(cfg)
         store = open_store(cfg, block_layout(cfg, ops))
         control = SocketControlClient(control_address, authkey)
         try:

@@ -10,6 +10,7 @@ full prefill of the whole prompt + greedy decode, no store, no transport.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 
@@ -47,9 +48,10 @@ def model_config(name: str):
 class ModelOps:
     """One process's model: weights and jitted steps, shared by its engines (thread-safe prefill)."""
 
-    def __init__(self, name: str, seed: int = 0, min_token_bucket: int = 64):
+    def __init__(self, name: str, seed: int = 0, min_token_bucket: int = 64, batch_invariant: bool = False):
         """`name`: a tiny config name (random weights from `seed`) or a local HF checkpoint directory (its
-        weights; `seed` unused). A checkpoint that does not load raises ValueError naming the tensor or field."""
+        weights; `seed` unused). A checkpoint that does not load raises ValueError naming the tensor or field.
+        `batch_invariant`: run the model's batch-invariant steps (`ModelConfig.batch_invariant`)."""
         from models.runner import ModelRunner
 
         self.name = name
@@ -61,6 +63,8 @@ class ModelOps:
             self.config, params = load_hf_checkpoint(name)
         else:
             self.config = model_config(name)
+        if batch_invariant:
+            self.config = dataclasses.replace(self.config, batch_invariant=True)
         # min_token_bucket 64: fewer (batch, tokens, cached) buckets -> fewer compiles per process; the padding
         # costs little on a tiny model. The prefill runner's own decode cache is never used: one tiny slot.
         self.runner = ModelRunner(
@@ -132,6 +136,11 @@ class ModelOps:
                     self.prefill(ids, [c] * b, lambda layer, b=b, kv=kv: [kv] * b, lambda layer, new: None)
                     n += 1
         return n
+
+    @classmethod
+    def of_config(cls, cfg) -> ModelOps:
+        """The model of a RuntimeConfig (`model`, `model_seed`, `batch_invariant`)."""
+        return cls(cfg.model, cfg.model_seed, batch_invariant=cfg.batch_invariant)
 
     def new_decode_batch(self, num_slots: int, capacity: int) -> DecodeBatch:
         return DecodeBatch(self, num_slots, capacity)

@@ -65,7 +65,7 @@ class _RayNode:
 
         enable_compilation_cache()
         host = ray.util.get_node_ip_address()
-        ops = ModelOps(cfg.model, cfg.model_seed)
+        ops = ModelOps.of_config(cfg)
         store = open_store(cfg, block_layout(cfg, ops))
         control = SocketControlClient(control_address, authkey)
 

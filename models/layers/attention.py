@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers import invariant as inv
 from models.layers.rmsnorm import RMSNorm
 from models.layers.rope import RopeConfig, apply_rope, softmax_scale_factor
 from models.meta import DecodeMeta, PrefillMeta
@@ -136,6 +137,46 @@ class GQAAttention(nnx.Module):
         probs = _softmax(scores, decode_mask(meta, s)[:, None, None])
         out = jnp.einsum("nkgs,nksd->nkgd", probs.astype(v_cache.dtype), v_cache).reshape(n, 1, self.num_heads * d)
         return (k_cache, v_cache), self.o_proj(out)
+
+    # ---- batch-invariant path (models/layers/invariant.py): rows in, rows out ----
+    def project(self, x: jax.Array, pos: jax.Array):
+        """Rows x [R, H], positions [R] -> (q [R, Hq, Dh], KV records [R, 2, Hkv, Dh])."""
+        q, k, v = self._qkv(x[:, None], pos[:, None])
+        return q[:, 0], jnp.stack([k[:, 0], v[:, 0]], axis=1)
+
+    def prefill_keys(self, kv_cached: jax.Array, kv_new: jax.Array, meta: PrefillMeta):
+        """Cached [B, C, 2, Hkv, Dh] + new [B, T, ...] -> (K, V) [B, Hkv, S, Dh] at absolute positions."""
+        kv = inv.absolute_keys(kv_cached, kv_new, meta.cached_lens)
+        return jnp.transpose(kv[:, :, 0], (0, 2, 1, 3)), jnp.transpose(kv[:, :, 1], (0, 2, 1, 3))
+
+    def write_cache(self, cache, records: jax.Array, meta: DecodeMeta):
+        """Decode: the step's records [N, 2, Hkv, Dh] into the head-major cache at each slot's length."""
+        k_cache, v_cache = cache
+        pos, rows = _write_position(meta, k_cache.shape[2]), jnp.arange(k_cache.shape[0])
+        return (
+            k_cache.at[rows, :, pos].set(records[:, 0].astype(k_cache.dtype), mode="drop"),
+            v_cache.at[rows, :, pos].set(records[:, 1].astype(v_cache.dtype), mode="drop"),
+        )
+
+    def attend(self, q: jax.Array, keys, query_pos: jax.Array) -> jax.Array:
+        """q [B, T, Hq, Dh], keys (K, V) [B, Hkv, S, Dh] -> [B, T, Hq * Dh] (float32)."""
+        b, t = q.shape[:2]
+        hkv, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+
+        def score_fn(qb, k0, kv):  # qb [RB, Hkv, G, Dh]
+            k = inv.key_tile(kv[0], k0, axis=1)
+            return jnp.einsum("tkgd,ksd->kgts", qb, k, preferred_element_type=jnp.float32) * d**-0.5
+
+        def value_fn(p, k0, kv):
+            v = inv.key_tile(kv[1], k0, axis=1)
+            return jnp.einsum("kgts,ksd->kgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+        out = inv.blocked_attention(q.reshape(b, t, hkv, g, d), keys, query_pos, score_fn, value_fn)
+        return out.reshape(b, t, self.num_heads * d)
+
+    def output(self, a: jax.Array) -> jax.Array:
+        """Rows of attention output [R, Hq * Dh] -> [R, H]."""
+        return self.o_proj(a.astype(self.o_proj.kernel.dtype))
 
 
 class MLAAttention(nnx.Module):
@@ -270,3 +311,41 @@ class MLAAttention(nnx.Module):
         out_lat = jnp.einsum("nhs,nsr->nhr", probs.astype(ckv.dtype), ckv)  # [N, Hq, R]
         out = jnp.einsum("nhr,rhv->nhv", out_lat, w_uv).reshape(n, 1, self.num_heads * self.v_dim)
         return cache, self.o_proj(out)
+
+    # ---- batch-invariant path (models/layers/invariant.py): absorbed attention, rows in, rows out ----
+    def project(self, x: jax.Array, pos: jax.Array):
+        """Rows x [R, H], positions [R] -> ((q_lat [R, Hq, R_kv], q_pe [R, Hq, Dr]), records [R, R_kv + Dr])."""
+        q_nope, q_pe = self._q(x[:, None], pos[:, None])
+        w_uk, _ = self._w_kv_b()
+        q_lat = jnp.einsum("thn,rhn->thr", q_nope[:, 0], w_uk)
+        return (q_lat, q_pe[:, 0]), self._latent(x[:, None], pos[:, None])[:, 0]
+
+    def prefill_keys(self, kv_cached: jax.Array, kv_new: jax.Array, meta: PrefillMeta) -> jax.Array:
+        return inv.absolute_keys(kv_cached, kv_new, meta.cached_lens)  # [B, S, R_kv + Dr]
+
+    def write_cache(self, cache: jax.Array, records: jax.Array, meta: DecodeMeta) -> jax.Array:
+        n, s = cache.shape[0], cache.shape[1]
+        return cache.at[jnp.arange(n), _write_position(meta, s)].set(records.astype(cache.dtype), mode="drop")
+
+    def attend(self, q, keys: jax.Array, query_pos: jax.Array) -> jax.Array:
+        """q (q_lat [B, T, Hq, R_kv], q_pe [B, T, Hq, Dr]), latents [B, S, R_kv + Dr] -> [B, T, Hq, R_kv]."""
+        r = self.kv_lora_rank
+        q_lat = q[0]
+
+        def score_fn(qb, k0, lat):
+            tile = inv.key_tile(lat, k0, axis=0).astype(q_lat.dtype)
+            s = jnp.einsum("thr,sr->hts", qb[0], tile[:, :r], preferred_element_type=jnp.float32)
+            s += jnp.einsum("thd,sd->hts", qb[1], tile[:, r:], preferred_element_type=jnp.float32)
+            return s * self.scale
+
+        def value_fn(p, k0, lat):
+            ckv = inv.key_tile(lat, k0, axis=0)[:, :r].astype(q_lat.dtype)
+            return jnp.einsum("hts,sr->htr", p.astype(ckv.dtype), ckv, preferred_element_type=jnp.float32)
+
+        return inv.blocked_attention(q, keys, query_pos, score_fn, value_fn)
+
+    def output(self, a: jax.Array) -> jax.Array:
+        """Rows of latent attention output [R, Hq, R_kv] -> [R, H] (W_UV, then o_proj)."""
+        _, w_uv = self._w_kv_b()
+        out = jnp.einsum("thr,rhv->thv", a.astype(w_uv.dtype), w_uv)
+        return self.o_proj(out.reshape(a.shape[0], self.num_heads * self.v_dim))

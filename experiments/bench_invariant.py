@@ -1,0 +1,120 @@
+"""What batch-invariant execution costs (models/layers/invariant.py): default vs invariant steps, same run.
+
+  python -m experiments.bench_invariant                 # tiny runtime model + the prefill-bench models
+  python -m experiments.bench_invariant --repeats=7 --prompt=1024
+
+Cases (one request unless said): a whole-prompt prefill (layerwise), a 64-token append prefilled over a
+cached prefix (the agentic turn), and one decode step of `--slots` slots at the prompt's context. Repeats
+alternate the two modes, so both see the same machine load; medians are reported with their ratio. Also checks
+what the mode is for: the invariant runner's KV of a chunked prefill equals its whole prefill bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+_MODELS = flags.DEFINE_list(
+    "models", ["tiny_qwen2", "tiny_deepseek", "dense", "moe"], "tiny names, or dense / moe (experiments.bench_prefill)"
+)
+_PROMPT = flags.DEFINE_integer("prompt", 512, "prompt tokens (the cached prefix of the append case)", lower_bound=64)
+_APPEND = flags.DEFINE_integer("append", 64, "tokens of the append case", lower_bound=1)
+_SLOTS = flags.DEFINE_integer("slots", 8, "decode slots", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved repeats per case", lower_bound=1)
+
+
+def _config(name: str):
+    from models.prefill_bench import bench_configs
+    from models.registry import tiny_config
+
+    if name in ("dense", "moe"):
+        return bench_configs()[name]
+    return tiny_config(name)
+
+
+def _cases(runner, prompt: int, append: int, slots: int, rng):
+    """name -> zero-argument callable that runs the case once and waits for it."""
+    from models.runner import PrefillRequest
+
+    vocab = runner.config.vocab_size
+    seq = rng.integers(0, vocab, prompt + append).astype(np.int32)
+    _, kv = runner.full_prefill([seq[:prompt]])
+    cached = kv[0]
+    capacity = prompt + 2 * append
+    runner.init_decode(slots, capacity)
+    for s in range(slots):
+        runner.load_prompt_kv(s, cached)
+
+    def whole():
+        runner.prefill_layerwise([PrefillRequest(seq[:prompt], 0)])
+
+    def appended():
+        runner.prefill_layerwise([PrefillRequest(seq[prompt:], prompt)], lambda layer: [cached[layer]])
+
+    def decode():
+        if runner.slot_length(0) >= capacity - 1:
+            for s in range(slots):
+                runner.free_slot(s)
+                runner.load_prompt_kv(s, cached)
+        runner.decode_step(np.arange(slots), seq[:slots])
+
+    return {f"prefill {prompt}": whole, f"append {append} over {prompt}": appended, f"decode x{slots}": decode}
+
+
+def _chunked_equals_whole(runner, rng) -> bool:
+    from models.runner import PrefillRequest
+
+    seq = rng.integers(0, runner.config.vocab_size, 100).astype(np.int32)
+    whole = runner.prefill_layerwise([PrefillRequest(seq, 0)], return_kv=True).miss_kv[0]
+    first = runner.prefill_layerwise([PrefillRequest(seq[:37], 0)], return_kv=True).miss_kv[0]
+    rest = runner.prefill_layerwise([PrefillRequest(seq[37:], 37)], lambda layer: [first[layer]], return_kv=True)
+    return bool(np.array_equal(np.concatenate([first, rest.miss_kv[0]], axis=1), whole))
+
+
+def main(argv):
+    del argv
+    from models.runner import ModelRunner
+
+    rows = []
+    for name in _MODELS.value:
+        cfg = _config(name)
+        runners = {
+            mode: ModelRunner(dataclasses.replace(cfg, batch_invariant=mode == "invariant"), seed=0)
+            for mode in ("default", "invariant")
+        }
+        cases = {
+            mode: _cases(r, _PROMPT.value, _APPEND.value, _SLOTS.value, np.random.default_rng(0))
+            for mode, r in runners.items()
+        }
+        times = {(mode, case): [] for mode in runners for case in cases[mode]}
+        for case in cases["default"]:
+            for mode in runners:  # compile + warm
+                cases[mode][case]()
+            for _ in range(_REPEATS.value):
+                for mode in runners:
+                    t0 = time.perf_counter()
+                    cases[mode][case]()
+                    times[(mode, case)].append(time.perf_counter() - t0)
+        exact = {mode: _chunked_equals_whole(r, np.random.default_rng(1)) for mode, r in runners.items()}
+        for case in cases["default"]:
+            d = statistics.median(times[("default", case)]) * 1e3
+            i = statistics.median(times[("invariant", case)]) * 1e3
+            rows.append((name, case, d, i, i / d))
+        rows.append((name, "chunked KV == whole KV", exact["default"], exact["invariant"], None))
+        logging.info("%s done", name)
+    print(f"\n## Batch-invariant execution vs default ({_REPEATS.value} interleaved repeats, medians)\n")
+    print("| model | case | default | invariant | invariant / default |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name, case, d, i, ratio in rows:
+        if ratio is None:
+            print(f"| {name} | {case} | {'yes' if d else 'no'} | {'yes' if i else 'no'} | |")
+        else:
+            print(f"| {name} | {case} | {d:.1f} ms | {i:.1f} ms | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    app.run(main)

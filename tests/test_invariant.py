@@ -1,0 +1,206 @@
+"""Batch-invariant execution (models/layers/invariant.py, `ModelConfig.batch_invariant`): a token's KV and
+logits are the same bits however its prompt is chunked, padded or batched, and whether it is prefilled or
+decoded; so the runtime's greedy tokens equal a full recompute's whatever the policy."""
+
+from __future__ import annotations
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dualpath_jax.runtime import driver
+from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
+from dualpath_jax.runtime.lifecycle import ConversationBook
+from dualpath_jax.runtime.model_ops import ModelOps, reference_conversations
+from models import decode_cache
+from models.layers import invariant
+from models.registry import tiny_config
+from models.runner import ModelRunner, PrefillRequest
+
+# The default run covers GQA (Qwen2: qkv bias) and MLA + V3 sigmoid group routing; Llama (no bias, llama3 RoPE)
+# and DeepSeek-V2 (no q_lora, softmax routing) run the same invariant code with -m slow.
+MODELS = [
+    "tiny_qwen2",
+    pytest.param("tiny_llama", marks=pytest.mark.slow),
+    "tiny_deepseek",
+    pytest.param("tiny_deepseek_v2", marks=pytest.mark.slow),
+]
+
+
+def test_row_blocked_is_the_function_on_every_row():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((37, 5)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((5, 3)), jnp.float32)
+    for m in (1, 15, 16, 17, 37):
+        a, b = invariant.row_blocked(lambda r: (r @ w, r.sum(-1)), x[:m])
+        assert a.shape == (m, 3) and b.shape == (m,)
+        np.testing.assert_allclose(a, x[:m] @ w, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(b, x[:m].sum(-1), rtol=1e-6, atol=1e-6)
+
+
+def test_blocked_attention_is_causal_softmax_attention_and_ignores_key_padding():
+    rng = np.random.default_rng(2)
+    b, t, s, d = 2, 21, 128, 8
+    q = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
+    keys = jnp.asarray(rng.standard_normal((b, s + 64, d)), jnp.float32)
+    vals = jnp.asarray(rng.standard_normal((b, s + 64, d)), jnp.float32)
+    pos = jnp.asarray([[40 + i for i in range(t)], [100 + i for i in range(t)]], jnp.int32)
+
+    def run(n_keys):
+        kv = (keys[:, :n_keys], vals[:, :n_keys])
+        return invariant.blocked_attention(
+            q,
+            kv,
+            pos,
+            lambda qb, k0, kv: jnp.einsum("td,sd->ts", qb, invariant.key_tile(kv[0], k0, 0)),
+            lambda p, k0, kv: p @ invariant.key_tile(kv[1], k0, 0),
+        )
+
+    out = np.asarray(run(s))
+    scores = np.einsum("btd,bsd->bts", np.asarray(q, np.float64), np.asarray(keys[:, :s], np.float64))
+    scores = np.where(np.arange(s)[None, None, :] <= np.asarray(pos)[:, :, None], scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (p / p.sum(-1, keepdims=True)) @ np.asarray(vals[:, :s], np.float64)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    # One more (unattended) tile of keys changes no bit.
+    np.testing.assert_array_equal(np.asarray(run(s + 64)), out)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def runner(request):
+    cfg = tiny_config(request.param, batch_invariant=True)
+    return ModelRunner(cfg, seed=3, num_slots=3, capacity=200)
+
+
+def _prefill(r, seq, other, chunks, pack):
+    """KV [L, n, *record] and the last logits of `seq` prefilled in `chunks` (packed beside `other` or alone)."""
+    kv, pos = None, 0
+    for n in chunks:
+        reqs = ([PrefillRequest(other[: 1 + (pos * 7) % 40], 0)] if pack else []) + [
+            PrefillRequest(seq[pos : pos + n], pos)
+        ]
+
+        def provider(layer, kv=kv):
+            return ([None] if pack else []) + [kv[layer]]
+
+        res = r.prefill_layerwise(reqs, provider if pos else None, return_kv=True)
+        kv = res.miss_kv[-1] if kv is None else np.concatenate([kv, res.miss_kv[-1]], axis=1)
+        pos += n
+    return kv, res.last_logits[-1]
+
+
+def test_prefill_bits_do_not_depend_on_chunks_or_batch(runner):
+    rng = np.random.default_rng(1)
+    n = 80  # chunks of 16 / 5 + 16s + 11 / 79 + 1 pad to other buckets (T 16..128, C 0..128) and attend across tiles
+    seq = rng.integers(0, runner.config.vocab_size, n).astype(np.int32)
+    other = rng.integers(0, runner.config.vocab_size, 50).astype(np.int32)
+    kv0, logits0 = _prefill(runner, seq, other, [n], pack=False)
+    for chunks, pack in [([n], True), ([16] * 5, False), ([5] + [16] * 4 + [11], True), ([79, 1], False)]:
+        kv, logits = _prefill(runner, seq, other, chunks, pack)
+        np.testing.assert_array_equal(kv, kv0, err_msg=f"KV, chunks {chunks}, packed {pack}")
+        np.testing.assert_array_equal(logits, logits0, err_msg=f"logits, chunks {chunks}, packed {pack}")
+
+
+def test_decode_gives_the_bits_of_prefill(runner):
+    """Tokens decoded in slot 1 (other prompts in slots 0 and 2) have the KV and the greedy tokens of a full
+    prefill of the whole sequence."""
+    r = runner
+    rng = np.random.default_rng(4)
+    seq = rng.integers(0, r.config.vocab_size, 120).astype(np.int32)
+    logits, kv = r.full_prefill([seq])
+    for s in range(3):
+        r.free_slot(s)
+    r.load_prompt_kv(1, r.full_prefill([seq[:70]])[1][0])
+    r.load_prompt_kv(0, r.full_prefill([seq[5:30]])[1][0])
+    r.load_prompt_kv(2, r.full_prefill([seq[:3]])[1][0])
+    for i in range(70, 119):
+        toks = r.decode_step([0, 1, 2], [5, int(seq[i]), 7])
+        assert toks[1] == int(np.argmax(logits[0][i])), i
+    recs = np.stack(
+        [
+            np.asarray(decode_cache.read_records(r.layout, r.decode_caches[layer], jnp.int32(1), jnp.int32(0), 119))
+            for layer in range(r.num_layers)
+        ]
+    )
+    np.testing.assert_array_equal(recs, kv[0][:, :119])
+    rows = r.decode_caches[0][0].shape[2] if r.layout.kind == "gqa" else r.decode_caches[0].shape[1]
+    assert rows == 256  # capacity 200 in whole key tiles
+
+
+def test_batch_invariant_needs_dense_moe_and_absorbed_mla():
+    with pytest.raises(ValueError, match="moe_dispatch='dense'"):
+        tiny_config("tiny_deepseek", batch_invariant=True, moe_dispatch="ragged")
+    with pytest.raises(ValueError, match="mla_prefill"):
+        tiny_config("tiny_deepseek", batch_invariant=True, mla_prefill="expanded")
+    a = ModelRunner(tiny_config("tiny_qwen2"), seed=0, num_slots=1, capacity=16)
+    b = ModelRunner(tiny_config("tiny_qwen2", batch_invariant=True), seed=0, num_slots=1, capacity=16)
+    assert a.fingerprint() == b.fingerprint()  # the same model and KV format; only the rounding differs
+
+
+# A randomized runtime run (2026-12-03) whose tokens depended on the policy with the default numerics: with
+# 16-token prefill chunks `random` gave token 71 where the reference and the other policies gave 61, at a
+# near-tie in tiny_deepseek's expert routing (README "Known limits").
+NEAR_TIE = {
+    "model": "tiny_deepseek",
+    "block_size": 8,
+    "launcher": "inprocess",
+    "cluster.engines_per_node": 2,
+    "cluster.decode_slots": 2,
+    "cluster.max_seq_len": 337,
+    "cluster.prefill_token_budget": 16,
+    "nics.snic_bytes_per_s": 8e6,
+    "nics.cnic_bytes_per_s": 4e6,
+    "buffers.pe_buffer_bytes": 302080,
+    "buffers.de_buffer_bytes": 302080,
+    "scheduler.fetch_interval_s": 0.03,
+    "workload.agents": 5,
+    "workload.append_tokens": 4,
+    "workload.gen_tokens": 40,
+    "workload.first_append_tokens": 96,
+    "workload.arrival": "online",
+    "workload.aps": 50.0,
+    "workload.seed": 5,
+    "run_timeout_s": 100.0,
+    "batch_invariant": True,
+}
+
+
+def test_runtime_tokens_equal_a_full_recompute_whatever_the_policy():
+    cfg = RuntimeConfig().replace(**NEAR_TIE)
+    trajs = driver.make_trajectories(cfg)
+    ops = ModelOps.of_config(cfg)
+    # Decode slots 1: the reference's batch shape no longer matters either.
+    ref = reference_conversations(
+        ops, lambda: ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len, 1
+    )
+    for policy, kwargs in [("random", {"seed": 4}), ("basic", {}), ("dualpath", {})]:
+        res = driver.run(
+            cfg.replace(**{"scheduler.name": policy, "scheduler.policy_kwargs": kwargs}), trajs, model_ops=ops
+        )
+        bad = [k for k in ref if not np.array_equal(ref[k], res.tokens[k])]
+        assert not bad, (policy, bad)
+
+
+def test_model_ops_must_match_the_configs_numerics():
+    cfg = RuntimeConfig().replace(**{"batch_invariant": True, "workload.agents": 1, "workload.turns": 1})
+    with pytest.raises(ConfigError, match="batch_invariant"):
+        driver.run(cfg, driver.make_trajectories(cfg), model_ops=ModelOps(cfg.model, cfg.model_seed))
+
+
+def test_bench_invariant_runs_small():
+    """experiments.bench_invariant end to end (no timing assertions): its table, and the invariant runner's
+    chunked prefill KV equal to its whole prefill's."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_invariant", "--models=tiny_qwen2", "--repeats=1", "--prompt=64"]
+        + ["--append=8", "--slots=2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| tiny_qwen2 | decode x2 |" in out.stdout
+    assert re.search(r"\| tiny_qwen2 \| chunked KV == whole KV \| (yes|no) \| yes \|", out.stdout), out.stdout
