@@ -20,6 +20,7 @@ import platform
 import sys
 import time
 
+import numpy as np
 from absl import app, logging
 
 from experiments import (
@@ -46,6 +47,29 @@ COLUMNS = [
     ("de_read_bytes", "DE-read MB", "mb"),
     ("snic_max_over_avg", "SNIC max/avg", "{:.2f}"),
 ]
+
+
+def token_agreement(results: dict, batch_invariant: bool) -> tuple[str, dict]:
+    """Whether every policy generated the same greedy tokens for every turn (DESIGN.md: the path moves KV, it
+    never changes it). Returns a line for the table and the JSON summary."""
+    policies = list(results)
+    first = results[policies[0]].tokens
+    differ = sorted(
+        {key for p in policies[1:] for key in first if not np.array_equal(first[key], results[p].tokens.get(key))}
+    )
+    info = {"turns": len(first), "turns_differing": len(differ), "first_differing": differ[:1]}
+    if len(policies) < 2:
+        return "", info
+    names = " / ".join(policies)
+    if not differ:
+        return f"greedy tokens: identical under {names} for all {len(first)} turns", info
+    hint = (
+        ""
+        if batch_invariant
+        else "; with the default numerics a float32 near-tie can do this (README, Known limits), "
+        "--config.runtime.batch_invariant=True makes the tokens bit-identical"
+    )
+    return f"greedy tokens: {len(differ)} of {len(first)} turns differ between {names} (first: {differ[0]}){hint}", info
 
 
 def format_table(results: dict) -> str:
@@ -200,8 +224,12 @@ def main(argv):
             f"\nnote: --config.warmup=False, so {policies[0]}'s JCT includes what it compiled first; the speedups"
             " are not a fair comparison (the default config warms up before measuring)"
         )
+    agreement, agreement_info = token_agreement(results, base.batch_invariant)
+    if agreement:
+        table += "\n" + agreement
     print(table)
     summary = {
+        "greedy_tokens": agreement_info,
         "config": config.to_dict(),
         "prefill_tokens_per_s": prefill_tps,
         "results": {p: r.summary for p, r in results.items()},

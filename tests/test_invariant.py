@@ -204,3 +204,20 @@ def test_bench_invariant_runs_small():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| tiny_qwen2 | decode x2 |" in out.stdout
     assert re.search(r"\| tiny_qwen2 \| chunked KV == whole KV \| (yes|no) \| yes \|", out.stdout), out.stdout
+
+
+def test_main_job_reports_whether_the_policies_tokens_agree():
+    from types import SimpleNamespace
+
+    from experiments.run import token_agreement
+
+    a = {(0, 0): np.array([1, 2]), (0, 1): np.array([3])}
+    same = {"basic": SimpleNamespace(tokens=a), "dualpath": SimpleNamespace(tokens=dict(a))}
+    line, info = token_agreement(same, batch_invariant=False)
+    assert line == "greedy tokens: identical under basic / dualpath for all 2 turns" and info["turns_differing"] == 0
+    other = {"basic": SimpleNamespace(tokens=a), "dualpath": SimpleNamespace(tokens={**a, (0, 1): np.array([4])})}
+    line, info = token_agreement(other, batch_invariant=False)
+    assert "1 of 2 turns differ between basic / dualpath (first: (0, 1))" in line and "batch_invariant=True" in line
+    assert info["first_differing"] == [(0, 1)]
+    line, _ = token_agreement(other, batch_invariant=True)
+    assert "batch_invariant=True" not in line

@@ -794,6 +794,8 @@ def test_main_job_command(tmp_path):
     res = json.loads((run_dir / "results.json").read_text())
     assert set(res["results"]) == {"basic", "dualpath"} and res["results"]["basic"]["turns"] == 12
     assert (run_dir / "turns_dualpath.json").exists() and (run_dir / "run.png").exists()
+    assert "greedy tokens: identical under basic / dualpath for all 12 turns" in out.stdout
+    assert res["greedy_tokens"]["turns_differing"] == 0
 
 
 def test_main_job_with_a_kept_store_dir_runs_each_policy_on_a_fresh_store(tmp_path):
