@@ -149,3 +149,29 @@ def writable_file_or_exit(path: str, what: str) -> str:
     if why:
         raise SystemExit(f"bad {what} {path!r}: cannot write in {parent!r} ({why})")
     return path
+
+
+def token_agreement(results: dict, batch_invariant: bool) -> tuple[str, dict]:
+    """Whether every policy generated the same greedy tokens for every turn (DESIGN.md: the path moves KV, it
+    never changes it). `results`: policy -> runtime result (`.tokens`). Returns a line for the main job's table
+    and its JSON summary. Here, not in experiments/run.py, so it imports without defining run's flags."""
+    import numpy as np
+
+    policies = list(results)
+    first = results[policies[0]].tokens
+    differ = sorted(
+        {key for p in policies[1:] for key in first if not np.array_equal(first[key], results[p].tokens.get(key))}
+    )
+    info = {"turns": len(first), "turns_differing": len(differ), "first_differing": differ[:1]}
+    if len(policies) < 2:
+        return "", info
+    names = " / ".join(policies)
+    if not differ:
+        return f"greedy tokens: identical under {names} for all {len(first)} turns", info
+    hint = (
+        ""
+        if batch_invariant
+        else "; with the default numerics a float32 near-tie can do this (README, Known limits), "
+        "--config.runtime.batch_invariant=True makes the tokens bit-identical"
+    )
+    return f"greedy tokens: {len(differ)} of {len(first)} turns differ between {names} (first: {differ[0]}){hint}", info

@@ -20,7 +20,6 @@ import platform
 import sys
 import time
 
-import numpy as np
 from absl import app, logging
 
 from experiments import (
@@ -29,6 +28,7 @@ from experiments import (
     fresh_dir_or_exit,
     parse_flags_or_exit,
     pyplot_or_none,
+    token_agreement,
 )
 
 _CONFIG = define_config_file(
@@ -47,29 +47,6 @@ COLUMNS = [
     ("de_read_bytes", "DE-read MB", "mb"),
     ("snic_max_over_avg", "SNIC max/avg", "{:.2f}"),
 ]
-
-
-def token_agreement(results: dict, batch_invariant: bool) -> tuple[str, dict]:
-    """Whether every policy generated the same greedy tokens for every turn (DESIGN.md: the path moves KV, it
-    never changes it). Returns a line for the table and the JSON summary."""
-    policies = list(results)
-    first = results[policies[0]].tokens
-    differ = sorted(
-        {key for p in policies[1:] for key in first if not np.array_equal(first[key], results[p].tokens.get(key))}
-    )
-    info = {"turns": len(first), "turns_differing": len(differ), "first_differing": differ[:1]}
-    if len(policies) < 2:
-        return "", info
-    names = " / ".join(policies)
-    if not differ:
-        return f"greedy tokens: identical under {names} for all {len(first)} turns", info
-    hint = (
-        ""
-        if batch_invariant
-        else "; with the default numerics a float32 near-tie can do this (README, Known limits), "
-        "--config.runtime.batch_invariant=True makes the tokens bit-identical"
-    )
-    return f"greedy tokens: {len(differ)} of {len(first)} turns differ between {names} (first: {differ[0]}){hint}", info
 
 
 def format_table(results: dict) -> str:

@@ -57,7 +57,7 @@ class PreNormDecoderLayer(nnx.Module):
         q, rec = invariant.row_blocked(self._pre, rows, pos.reshape(b * t))
         kv_new = rec.reshape(b, t, *rec.shape[1:]).astype(kv_cached.dtype)
         q = jax.tree.map(lambda a: a.reshape(b, t, *a.shape[1:]), q)
-        a = self.self_attn.attend(q, self.self_attn.prefill_keys(kv_cached, kv_new, meta), pos)
+        a = self.self_attn.attend_prefill(q, self.self_attn.prefill_keys(kv_cached, kv_new, meta), pos)
         out = invariant.row_blocked(self._post, rows, a.reshape(b * t, *a.shape[2:]))
         return kv_new, out.reshape(b, t, h)
 
@@ -66,9 +66,8 @@ class PreNormDecoderLayer(nnx.Module):
         rows = x.reshape(n, h)
         q, rec = invariant.row_blocked(self._pre, rows, meta.lengths)
         cache = self.self_attn.write_cache(cache, rec, meta)
-        q = jax.tree.map(lambda a: a[:, None], q)
-        a = self.self_attn.attend(q, cache, meta.positions())
-        return cache, invariant.row_blocked(self._post, rows, a[:, 0]).reshape(n, 1, h)
+        a = self.self_attn.attend_decode(q, cache, meta.lengths)
+        return cache, invariant.row_blocked(self._post, rows, a).reshape(n, 1, h)
 
 
 class LMHead(nnx.Module):

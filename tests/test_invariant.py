@@ -39,7 +39,7 @@ def test_row_blocked_is_the_function_on_every_row():
         np.testing.assert_allclose(b, x[:m].sum(-1), rtol=1e-6, atol=1e-6)
 
 
-def test_blocked_attention_is_causal_softmax_attention_and_ignores_key_padding():
+def test_blocked_attention_is_causal_softmax_attention_and_decode_gives_its_bits():
     rng = np.random.default_rng(2)
     b, t, s, d = 2, 21, 128, 8
     q = jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32)
@@ -47,24 +47,30 @@ def test_blocked_attention_is_causal_softmax_attention_and_ignores_key_padding()
     vals = jnp.asarray(rng.standard_normal((b, s + 64, d)), jnp.float32)
     pos = jnp.asarray([[40 + i for i in range(t)], [100 + i for i in range(t)]], jnp.int32)
 
-    def run(n_keys):
-        kv = (keys[:, :n_keys], vals[:, :n_keys])
-        return invariant.blocked_attention(
-            q,
-            kv,
-            pos,
-            lambda qb, k0, kv: jnp.einsum("td,sd->ts", qb, invariant.key_tile(kv[0], k0, 0)),
-            lambda p, k0, kv: p @ invariant.key_tile(kv[1], k0, 0),
-        )
+    def score_fn(qr, kv):  # qr [RB, d], kv tiles [RB, 64, d]
+        return jnp.einsum("rd,rsd->rs", qr, kv[0])
 
-    out = np.asarray(run(s))
+    def value_fn(p, kv):
+        return jnp.einsum("rs,rsd->rd", p, kv[1])
+
+    def prefill(n_keys):
+        kv = (keys[:, :n_keys], vals[:, :n_keys])
+        tile = lambda kv, k0: (invariant.key_tile(kv[0], k0, 0), invariant.key_tile(kv[1], k0, 0))  # noqa: E731
+        return np.asarray(invariant.prefill_attention(q, kv, pos, tile, score_fn, value_fn))
+
+    out = prefill(s)
     scores = np.einsum("btd,bsd->bts", np.asarray(q, np.float64), np.asarray(keys[:, :s], np.float64))
     scores = np.where(np.arange(s)[None, None, :] <= np.asarray(pos)[:, :, None], scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     want = (p / p.sum(-1, keepdims=True)) @ np.asarray(vals[:, :s], np.float64)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     # One more (unattended) tile of keys changes no bit.
-    np.testing.assert_array_equal(np.asarray(run(s + 64)), out)
+    np.testing.assert_array_equal(prefill(s + 64), out)
+    # Decode: each request a slot, one query each; the bits of the same query in prefill.
+    tile = lambda kv, k0: (invariant.key_tile(kv[0], k0, 1), invariant.key_tile(kv[1], k0, 1))  # noqa: E731
+    for i in (0, 7, 20):
+        dec = invariant.decode_attention(q[:, i], (keys, vals), pos[:, i], tile, score_fn, value_fn)
+        np.testing.assert_array_equal(np.asarray(dec), out[:, i])
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -209,7 +215,7 @@ def test_bench_invariant_runs_small():
 def test_main_job_reports_whether_the_policies_tokens_agree():
     from types import SimpleNamespace
 
-    from experiments.run import token_agreement
+    from experiments import token_agreement
 
     a = {(0, 0): np.array([1, 2]), (0, 1): np.array([3])}
     same = {"basic": SimpleNamespace(tokens=a), "dualpath": SimpleNamespace(tokens=dict(a))}

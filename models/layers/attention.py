@@ -158,21 +158,43 @@ class GQAAttention(nnx.Module):
             v_cache.at[rows, :, pos].set(records[:, 1].astype(v_cache.dtype), mode="drop"),
         )
 
-    def attend(self, q: jax.Array, keys, query_pos: jax.Array) -> jax.Array:
+    def _score_value(self):
+        """The invariant attention's per-row dots: q [RB, Hkv, G, Dh] against key tiles (K, V) [RB, Hkv, 64, Dh]."""
+        d = self.head_dim
+
+        def score_fn(q, kv):
+            return jnp.einsum("rkgd,rksd->rkgs", q, kv[0], preferred_element_type=jnp.float32) * d**-0.5
+
+        def value_fn(p, kv):
+            return jnp.einsum("rkgs,rksd->rkgd", p.astype(kv[1].dtype), kv[1], preferred_element_type=jnp.float32)
+
+        return score_fn, value_fn
+
+    def attend_prefill(self, q: jax.Array, keys, query_pos: jax.Array) -> jax.Array:
         """q [B, T, Hq, Dh], keys (K, V) [B, Hkv, S, Dh] -> [B, T, Hq * Dh] (float32)."""
         b, t = q.shape[:2]
         hkv, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-
-        def score_fn(qb, k0, kv):  # qb [RB, Hkv, G, Dh]
-            k = inv.key_tile(kv[0], k0, axis=1)
-            return jnp.einsum("tkgd,ksd->kgts", qb, k, preferred_element_type=jnp.float32) * d**-0.5
-
-        def value_fn(p, k0, kv):
-            v = inv.key_tile(kv[1], k0, axis=1)
-            return jnp.einsum("kgts,ksd->kgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-
-        out = inv.blocked_attention(q.reshape(b, t, hkv, g, d), keys, query_pos, score_fn, value_fn)
+        out = inv.prefill_attention(
+            q.reshape(b, t, hkv, g, d),
+            keys,
+            query_pos,
+            lambda kv, k0: (inv.key_tile(kv[0], k0, axis=1), inv.key_tile(kv[1], k0, axis=1)),
+            *self._score_value(),
+        )
         return out.reshape(b, t, self.num_heads * d)
+
+    def attend_decode(self, q: jax.Array, cache, lengths: jax.Array) -> jax.Array:
+        """q [N, Hq, Dh], cache (K, V) [N, Hkv, S, Dh] -> [N, Hq * Dh] (float32)."""
+        n = q.shape[0]
+        hkv, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        out = inv.decode_attention(
+            q.reshape(n, hkv, g, d),
+            cache,
+            lengths,
+            lambda kv, k0: (inv.key_tile(kv[0], k0, axis=2), inv.key_tile(kv[1], k0, axis=2)),
+            *self._score_value(),
+        )
+        return out.reshape(n, self.num_heads * d)
 
     def output(self, a: jax.Array) -> jax.Array:
         """Rows of attention output [R, Hq * Dh] -> [R, H]."""
@@ -327,22 +349,32 @@ class MLAAttention(nnx.Module):
         n, s = cache.shape[0], cache.shape[1]
         return cache.at[jnp.arange(n), _write_position(meta, s)].set(records.astype(cache.dtype), mode="drop")
 
-    def attend(self, q, keys: jax.Array, query_pos: jax.Array) -> jax.Array:
-        """q (q_lat [B, T, Hq, R_kv], q_pe [B, T, Hq, Dr]), latents [B, S, R_kv + Dr] -> [B, T, Hq, R_kv]."""
+    def _score_value(self, dtype):
+        """The invariant attention's per-row dots: (q_lat [RB, Hq, R_kv], q_pe [RB, Hq, Dr]) against latent
+        tiles [RB, 64, R_kv + Dr]."""
         r = self.kv_lora_rank
-        q_lat = q[0]
 
-        def score_fn(qb, k0, lat):
-            tile = inv.key_tile(lat, k0, axis=0).astype(q_lat.dtype)
-            s = jnp.einsum("thr,sr->hts", qb[0], tile[:, :r], preferred_element_type=jnp.float32)
-            s += jnp.einsum("thd,sd->hts", qb[1], tile[:, r:], preferred_element_type=jnp.float32)
+        def score_fn(q, lat):
+            lat = lat.astype(dtype)
+            s = jnp.einsum("rhl,rsl->rhs", q[0], lat[..., :r], preferred_element_type=jnp.float32)
+            s += jnp.einsum("rhd,rsd->rhs", q[1], lat[..., r:], preferred_element_type=jnp.float32)
             return s * self.scale
 
-        def value_fn(p, k0, lat):
-            ckv = inv.key_tile(lat, k0, axis=0)[:, :r].astype(q_lat.dtype)
-            return jnp.einsum("hts,sr->htr", p.astype(ckv.dtype), ckv, preferred_element_type=jnp.float32)
+        def value_fn(p, lat):
+            ckv = lat[..., :r].astype(dtype)
+            return jnp.einsum("rhs,rsl->rhl", p.astype(dtype), ckv, preferred_element_type=jnp.float32)
 
-        return inv.blocked_attention(q, keys, query_pos, score_fn, value_fn)
+        return score_fn, value_fn
+
+    def attend_prefill(self, q, keys: jax.Array, query_pos: jax.Array) -> jax.Array:
+        """q (q_lat [B, T, Hq, R_kv], q_pe [B, T, Hq, Dr]), latents [B, S, R_kv + Dr] -> [B, T, Hq, R_kv]."""
+        slice_tile = lambda lat, k0: inv.key_tile(lat, k0, axis=0)  # noqa: E731
+        return inv.prefill_attention(q, keys, query_pos, slice_tile, *self._score_value(q[0].dtype))
+
+    def attend_decode(self, q, cache: jax.Array, lengths: jax.Array) -> jax.Array:
+        """q (q_lat [N, Hq, R_kv], q_pe [N, Hq, Dr]), cache [N, S, R_kv + Dr] -> [N, Hq, R_kv]."""
+        slice_tile = lambda lat, k0: inv.key_tile(lat, k0, axis=1)  # noqa: E731
+        return inv.decode_attention(q, cache, lengths, slice_tile, *self._score_value(q[0].dtype))
 
     def output(self, a: jax.Array) -> jax.Array:
         """Rows of latent attention output [R, Hq, R_kv] -> [R, H] (W_UV, then o_proj)."""

@@ -11,8 +11,10 @@ How: every computation runs at one fixed shape whatever the batch.
 - Token-local work (norms, projections, MLP / MoE, the LM head) runs on blocks of ROW_BLOCK rows
   (`row_blocked`, a loop over blocks; a block of fixed shape gives each row the same bits wherever the row
   sits in it and whatever the other rows hold, checked for the models' shapes in tests/test_invariant.py).
-- Attention (`blocked_attention`) runs per request and per block of ROW_BLOCK queries as an online softmax
-  over key tiles of KEY_TILE keys at absolute positions, in position order. A tile at or past a query's
+- Attention runs in blocks of ROW_BLOCK queries as an online softmax over key tiles of KEY_TILE keys at
+  absolute positions, in position order, each query row against its own copy of the tile: a prefill block is
+  16 queries of one request (`prefill_attention`), a decode block 16 slots (`decode_attention`), and both run
+  the same dots on the same shapes. A tile at or past a query's
   position adds exactly nothing (weights exp(-1e30 - m) = 0, rescale exp(0) = 1), so a query's result depends
   only on its own context, not on how many keys the batch padded to.
 Prefill and decode use the same functions, so decoding a token gives the bits of prefilling it: the runtime's
@@ -54,21 +56,50 @@ def row_blocked(fn: Callable, *rows):
     return jax.tree.map(lambda o: o.reshape(nb * ROW_BLOCK, *o.shape[2:])[:m], out)
 
 
-def blocked_attention(
-    queries,
-    keys,
-    query_pos: jax.Array,
-    score_fn: Callable,
-    value_fn: Callable,
-) -> jax.Array:
-    """Causal softmax attention per request, per block of ROW_BLOCK queries, over key tiles in order.
+def _attend_block(q, qpos: jax.Array, tile_of: Callable, score_fn: Callable, value_fn: Callable) -> jax.Array:
+    """One block of ROW_BLOCK queries: online softmax over key tiles 0 .. the block's last query position.
 
-    `queries`: pytree of ``[B, T, ...]`` (per-query rows); `keys`: pytree of per-request key arrays, each
-    ``[B, ...]`` with the key axis given by `score_fn`'s slicing (see `tile_of`); `query_pos` ``[B, T]`` the
-    absolute position of each query (key j attended iff j <= it). `score_fn(q_block, k0, keys_b)` returns the
-    scores of keys [k0, k0 + KEY_TILE) ``[*heads, ROW_BLOCK, KEY_TILE]`` (float32), `value_fn(p, k0, keys_b)``
-    their weighted values ``[*heads, ROW_BLOCK, Dv]`` (float32). Returns ``[B, T, *heads, Dv]`` (float32).
-    """
+    `tile_of(k0)` gives each query row its keys [k0, k0 + KEY_TILE) (a pytree of ``[ROW_BLOCK, ...]`` arrays);
+    `score_fn(q, tile)` the scores ``[ROW_BLOCK, *heads, KEY_TILE]`` (float32), `value_fn(p, tile)` the weighted
+    values ``[ROW_BLOCK, *heads, Dv]`` (float32). Returns ``[ROW_BLOCK, *heads, Dv]``."""
+    offsets = jnp.arange(KEY_TILE, dtype=jnp.int32)
+    shapes = jax.eval_shape(lambda: (score_fn(q, tile_of(0)), value_fn(score_fn(q, tile_of(0)), tile_of(0))))
+    heads = len(shapes[0].shape) - 2
+
+    def tile(i, carry):
+        m, denom, acc = carry
+        k0 = i * KEY_TILE
+        kv = tile_of(k0)
+        valid = (k0 + offsets)[None, :] <= qpos[:, None]  # [ROW_BLOCK, KEY_TILE]
+        valid = valid.reshape(valid.shape[0], *(1,) * heads, KEY_TILE)
+        s = jnp.where(valid, score_fn(q, kv), _NEG)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        alpha = jnp.exp(m - m_new)
+        return m_new, denom * alpha + p.sum(-1), acc * alpha[..., None] + value_fn(p, kv)
+
+    init = (
+        jnp.full(shapes[0].shape[:-1], _NEG, jnp.float32),
+        jnp.zeros(shapes[0].shape[:-1], jnp.float32),
+        jnp.zeros(shapes[1].shape, jnp.float32),
+    )
+    # Only the tiles up to the block's last query: the others change nothing (exactly).
+    _, denom, acc = jax.lax.fori_loop(0, qpos.max() // KEY_TILE + 1, tile, init)
+    return acc / denom[..., None]
+
+
+def _rows(tile):
+    """A key tile materialized as its own array: the attention's dots then see the same operands in prefill
+    (one request's tile, repeated per query row) and decode (each slot's own tile), never a folded broadcast."""
+    return jax.lax.optimization_barrier(tile)
+
+
+def prefill_attention(queries, keys, query_pos: jax.Array, slice_tile: Callable, score_fn, value_fn) -> jax.Array:
+    """Causal attention of prefill queries over their request's keys, per request and block of ROW_BLOCK queries.
+
+    `queries`: pytree of ``[B, T, ...]``; `keys`: pytree of per-request key arrays ``[B, ...]`` (absolute
+    positions); `query_pos` ``[B, T]``; `slice_tile(keys_b, k0)` one request's keys [k0, k0 + KEY_TILE).
+    Returns ``[B, T, *heads, Dv]`` (float32)."""
     b, t = query_pos.shape
     nq = -(-t // ROW_BLOCK)
     pad = nq * ROW_BLOCK - t
@@ -77,38 +108,42 @@ def blocked_attention(
         a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
         return a.reshape(b, nq, ROW_BLOCK, *a.shape[2:])
 
-    q_blocks = jax.tree.map(split, queries)
-    pos_blocks = split(query_pos)  # padding queries at position 0: key 0 only (finite, never used)
-    offsets = jnp.arange(KEY_TILE, dtype=jnp.int32)
-
-    def per_block(q, qpos, kv):
-        def tile(i, carry):
-            m, denom, acc = carry
-            k0 = i * KEY_TILE
-            valid = (k0 + offsets)[None, :] <= qpos[:, None]  # [ROW_BLOCK, KEY_TILE]
-            s = jnp.where(valid, score_fn(q, k0, kv), _NEG)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.exp(s - m_new[..., None])
-            alpha = jnp.exp(m - m_new)
-            return m_new, denom * alpha + p.sum(-1), acc * alpha[..., None] + value_fn(p, k0, kv)
-
-        shapes = jax.eval_shape(lambda: (score_fn(q, 0, kv), value_fn(score_fn(q, 0, kv), 0, kv)))
-        init = (
-            jnp.full(shapes[0].shape[:-1], _NEG, jnp.float32),
-            jnp.zeros(shapes[0].shape[:-1], jnp.float32),
-            jnp.zeros(shapes[1].shape, jnp.float32),
-        )
-        # Only the tiles up to the block's last query: the others change nothing (exactly).
-        _, denom, acc = jax.lax.fori_loop(0, qpos.max() // KEY_TILE + 1, tile, init)
-        return acc / denom[..., None]  # [*heads, ROW_BLOCK, Dv]
-
     def per_request(args):
         q_all, pos_all, kv = args
-        return jax.lax.map(lambda a: per_block(a[0], a[1], kv), (q_all, pos_all))  # [nq, *heads, RB, Dv]
 
-    out = jax.lax.map(per_request, (q_blocks, pos_blocks, keys))  # [B, nq, *heads, ROW_BLOCK, Dv]
-    out = jnp.moveaxis(out, -2, 2)  # [B, nq, ROW_BLOCK, *heads, Dv]
+        def tile_of(k0):
+            one = slice_tile(kv, k0)
+            return _rows(jax.tree.map(lambda a: jnp.broadcast_to(a[None], (ROW_BLOCK, *a.shape)), one))
+
+        return jax.lax.map(lambda a: _attend_block(a[0], a[1], tile_of, score_fn, value_fn), (q_all, pos_all))
+
+    # padding queries at position 0: key 0 only (finite, never used)
+    out = jax.lax.map(per_request, (jax.tree.map(split, queries), split(query_pos), keys))
     return out.reshape(b, nq * ROW_BLOCK, *out.shape[3:])[:, :t]
+
+
+def decode_attention(queries, cache, query_pos: jax.Array, slice_tile: Callable, score_fn, value_fn) -> jax.Array:
+    """Attention of one query per slot over its own cache row, ROW_BLOCK slots per block (the block prefill
+    uses, so a slot's token gets the bits it gets in prefill).
+
+    `queries`: pytree of ``[N, ...]``; `cache`: the decode cache (slots first); `query_pos` ``[N]``;
+    `slice_tile(cache, k0)` every slot's keys [k0, k0 + KEY_TILE) (slots first). Returns ``[N, *heads, Dv]``."""
+    n = query_pos.shape[0]
+    nb = -(-n // ROW_BLOCK)
+    slots = jnp.minimum(jnp.arange(nb * ROW_BLOCK, dtype=jnp.int32), n - 1).reshape(nb, ROW_BLOCK)
+    q = jax.tree.map(lambda a: a[slots], queries)  # [nb, ROW_BLOCK, ...] (extra rows repeat the last slot)
+    pos = query_pos[slots]
+
+    def per_block(args):
+        q_b, pos_b, rows = args
+
+        def tile_of(k0):
+            return _rows(jax.tree.map(lambda a: a[rows], slice_tile(cache, k0)))
+
+        return _attend_block(q_b, pos_b, tile_of, score_fn, value_fn)
+
+    out = jax.lax.map(per_block, (q, pos, slots))  # [nb, ROW_BLOCK, *heads, Dv]
+    return out.reshape(nb * ROW_BLOCK, *out.shape[2:])[:n]
 
 
 def key_tile(a: jax.Array, k0, axis: int) -> jax.Array:
