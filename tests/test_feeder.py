@@ -81,26 +81,31 @@ def test_prefetch_is_bounded():
 
 
 def test_overlap_load_with_compute():
-    """L layers, load t and compute c per layer: the feed takes about max(L*t, L*c) + one layer, not the sum."""
+    """L layers, load t and compute c per layer: layer l+1 loads while layer l computes (checked on the recorded
+    intervals, not on the total wall time, which a loaded machine stretches; that is bench_io's "overlap")."""
     n_layers, t_load, t_comp = 8, 0.03, 0.03
+    loads, computes = {}, {}
 
     def source(layer, out):
+        start = time.monotonic()
         time.sleep(t_load)  # a storage read / network transfer
         out[:] = layer
+        loads[layer] = (start, time.monotonic())
         return out
 
     f = LayerFeeder(n_layers, source, 1024, prefetch=1)
-    t0 = time.monotonic()
     f.start_load()
     for layer in range(n_layers):
         f.wait_for_layer(layer)
+        start = time.monotonic()
         time.sleep(t_comp)
-    total = time.monotonic() - t0
+        computes[layer] = (start, time.monotonic())
     f.close()
-    serial = n_layers * (t_load + t_comp)
-    bound = max(n_layers * t_load, n_layers * t_comp) + t_load
-    assert total < 0.8 * serial, (total, serial)
-    assert total < bound * 1.35, (total, bound)
+    # Layer l+1's load started before layer l's compute ended, and it began no later than that compute did
+    # (the feeder does not wait for the consumer to prefetch).
+    overlapped = [loads[i + 1][0] < computes[i][1] for i in range(n_layers - 1)]
+    assert all(overlapped), (loads, computes)
+    assert all(loads[i + 1][0] <= computes[i][0] + t_comp / 2 for i in range(n_layers - 1)), (loads, computes)
 
 
 def test_failed_load_surfaces_as_error_not_garbage():
