@@ -20,7 +20,7 @@ def base() -> RuntimeConfig:
 
 @pytest.fixture(scope="module")
 def ops(base) -> ModelOps:
-    return ModelOps(base.model, base.model_seed)
+    return ModelOps.of_config(base)
 
 
 @pytest.fixture(scope="module")

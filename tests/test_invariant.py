@@ -221,6 +221,16 @@ def test_recomputed_kv_gives_the_tokens_of_reused_kv(tmp_path):
     assert not bad, bad
 
 
+def test_a_node_session_rebuilds_its_model_for_other_numerics():
+    """A node process serving several runs (experiments.run's session) kept its ModelOps when model and seed
+    matched: a run with batch_invariant=True after one without ran the default numerics."""
+    cfg = RuntimeConfig()
+    ops = ModelOps.of_config(cfg)
+    assert ops.serves(cfg)
+    assert not ops.serves(cfg.replace(batch_invariant=True))
+    assert not ops.serves(cfg.replace(model_seed=1)) and not ops.serves(cfg.replace(model="tiny_llama"))
+
+
 def test_model_ops_must_match_the_configs_numerics():
     cfg = RuntimeConfig().replace(**{"batch_invariant": True, "workload.agents": 1, "workload.turns": 1})
     with pytest.raises(ConfigError, match="batch_invariant"):

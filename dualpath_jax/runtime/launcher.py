@@ -211,7 +211,7 @@ def _node_session_main(spec: GroupSpec, conn, log_level: int) -> None:
         if msg is None:
             return
         cfg, control_address, authkey = msg
-        if ops is None or (ops.name, ops.seed) != (cfg.model, cfg.model_seed):
+        if ops is None or not ops.serves(cfg):
             ops = ModelOps.of_config(cfg)
         store = open_store(cfg, block_layout(cfg, ops))
         control = SocketControlClient(control_address, authkey)

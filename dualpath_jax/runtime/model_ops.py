@@ -142,6 +142,11 @@ class ModelOps:
         """The model of a RuntimeConfig (`model`, `model_seed`, `batch_invariant`)."""
         return cls(cfg.model, cfg.model_seed, batch_invariant=cfg.batch_invariant)
 
+    def serves(self, cfg) -> bool:
+        """Whether these ops are `of_config(cfg)`'s: the same model, seed and numerics (a node process that
+        serves several runs keeps its ops only then)."""
+        return (self.name, self.seed, self.config.batch_invariant) == (cfg.model, cfg.model_seed, cfg.batch_invariant)
+
     def new_decode_batch(self, num_slots: int, capacity: int) -> DecodeBatch:
         return DecodeBatch(self, num_slots, capacity)
 
