@@ -4,6 +4,9 @@ module builds them once)."""
 
 from __future__ import annotations
 
+import glob
+import os
+
 import pytest
 
 from configs.tiny_runtime import get_config
@@ -47,3 +50,28 @@ def reference_for():
 @pytest.fixture(scope="module")
 def reference(base, ops, trajs) -> dict:
     return reference_of(base, ops, trajs)
+
+
+def corrupt_every_block_once(store_dir, after_turns: int):
+    """A `driver.run` fault: once `after_turns` turns are done, flip one byte near the end of every stored block
+    (its checksum fails on the next read). Returns (fault, the paths it corrupted)."""
+    corrupted: list[str] = []
+
+    def fault(service, launcher):
+        done, _ = service.progress()
+        if done >= after_turns and not corrupted:
+            for path in glob.glob(os.path.join(str(store_dir), "blocks", "*", "*.kvb")):
+                with open(path, "r+b") as f:
+                    f.seek(-7, os.SEEK_END)
+                    b = f.read(1)
+                    f.seek(-7, os.SEEK_END)
+                    f.write(bytes([b[0] ^ 0xFF]))
+                corrupted.append(path)
+
+    return fault, corrupted
+
+
+@pytest.fixture(scope="session")
+def block_corrupter():
+    """`corrupt_every_block_once` for the tests."""
+    return corrupt_every_block_once

@@ -172,7 +172,9 @@ NEAR_TIE = {
 }
 
 
-def test_runtime_tokens_equal_a_full_recompute_whatever_the_policy():
+@pytest.fixture(scope="module")
+def near_tie():
+    """The NEAR_TIE config, its trajectories, batch-invariant ops and the reference tokens."""
     cfg = RuntimeConfig().replace(**NEAR_TIE)
     trajs = driver.make_trajectories(cfg)
     ops = ModelOps.of_config(cfg)
@@ -180,6 +182,11 @@ def test_runtime_tokens_equal_a_full_recompute_whatever_the_policy():
     ref = reference_conversations(
         ops, lambda: ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len, 1
     )
+    return cfg, trajs, ops, ref
+
+
+def test_runtime_tokens_equal_a_full_recompute_whatever_the_policy(near_tie):
+    cfg, trajs, ops, ref = near_tie
     for policy, kwargs in [("random", {"seed": 4}), ("basic", {}), ("dualpath", {})]:
         res = driver.run(
             cfg.replace(**{"scheduler.name": policy, "scheduler.policy_kwargs": kwargs}), trajs, model_ops=ops
@@ -188,33 +195,14 @@ def test_runtime_tokens_equal_a_full_recompute_whatever_the_policy():
         assert not bad, (policy, bad)
 
 
-def test_recomputed_kv_gives_the_tokens_of_reused_kv(tmp_path):
+def test_recomputed_kv_gives_the_tokens_of_reused_kv(near_tie, tmp_path, block_corrupter):
     """Every stored block corrupted after the first turns: the PE recomputes by prefill the KV that decode had
     produced, and with batch-invariant numerics that changes no bit, so no token (with the default numerics only
     the absence of a near-tie keeps them equal)."""
-    import glob
-    import os
-
+    cfg, trajs, ops, ref = near_tie
     store = tmp_path / "store"
-    cfg = RuntimeConfig().replace(**{**NEAR_TIE, "scheduler.name": "dualpath", "store_dir": str(store)})
-    trajs = driver.make_trajectories(cfg)
-    ops = ModelOps.of_config(cfg)
-    ref = reference_conversations(
-        ops, lambda: ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed), cfg.cluster.max_seq_len, 1
-    )
-    corrupted = []
-
-    def fault(service, launcher):
-        done, _ = service.progress()
-        if done >= len(trajs) and not corrupted:
-            for path in glob.glob(str(store / "blocks" / "*" / "*.kvb")):
-                with open(path, "r+b") as f:
-                    f.seek(-7, os.SEEK_END)
-                    b = f.read(1)
-                    f.seek(-7, os.SEEK_END)
-                    f.write(bytes([b[0] ^ 0xFF]))
-                corrupted.append(path)
-
+    cfg = cfg.replace(**{"scheduler.name": "dualpath", "store_dir": str(store)})
+    fault, corrupted = block_corrupter(store, len(trajs))
     res = driver.run(cfg, trajs, model_ops=ops, fault=fault)
     assert corrupted and sum(s.get("failed_reads", 0) for s in res.node_stats.values()) > 0
     bad = [k for k in ref if not np.array_equal(ref[k], res.tokens[k])]

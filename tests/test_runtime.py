@@ -9,7 +9,6 @@ decode engine dies mid-run.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import math
 import os
@@ -177,24 +176,12 @@ def test_compute_quota_batcher(base, ops, trajs, reference):
     assert chunks > len(res.records), "the quota must have chunk-prefilled some requests"
 
 
-def test_corrupt_block_is_recomputed(base, ops, trajs, reference, tmp_path):
+def test_corrupt_block_is_recomputed(base, ops, trajs, reference, tmp_path, block_corrupter):
     """Corrupt every stored block once the first turns are done: reads miss, the KV is recomputed, and the
     tokens stay identical."""
     store = tmp_path / "store"
     cfg = base.replace(**{"scheduler.name": "round_robin", "store_dir": str(store)})
-    corrupted = []
-
-    def fault(service, launcher):
-        done, _ = service.progress()
-        if done >= len(trajs) and not corrupted:
-            for path in glob.glob(str(store / "blocks" / "*" / "*.kvb")):
-                with open(path, "r+b") as f:
-                    f.seek(-7, os.SEEK_END)
-                    b = f.read(1)
-                    f.seek(-7, os.SEEK_END)
-                    f.write(bytes([b[0] ^ 0xFF]))
-                corrupted.append(path)
-
+    fault, corrupted = block_corrupter(store, len(trajs))
     res = driver.run(cfg, trajs, model_ops=ops, fault=fault)
     assert corrupted, "the test must have corrupted stored blocks"
     assert_matches_reference(res, reference, trajs)
