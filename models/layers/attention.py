@@ -128,10 +128,7 @@ class GQAAttention(nnx.Module):
             self.head_dim,
         )
         q, k, v = self._qkv(x, meta.positions())
-        pos = _write_position(meta, s)
-        rows = jnp.arange(n)
-        k_cache = k_cache.at[rows, :, pos].set(k[:, 0].astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, :, pos].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+        k_cache, v_cache = self.write_cache(cache, jnp.stack([k[:, 0], v[:, 0]], axis=1), meta)
         q = q.reshape(n, hkv, g, d)
         scores = jnp.einsum("nkgd,nksd->nkgs", q, k_cache, preferred_element_type=jnp.float32) * d**-0.5
         probs = _softmax(scores, decode_mask(meta, s)[:, None, None])
@@ -150,7 +147,8 @@ class GQAAttention(nnx.Module):
         return jnp.transpose(kv[:, :, 0], (0, 2, 1, 3)), jnp.transpose(kv[:, :, 1], (0, 2, 1, 3))
 
     def write_cache(self, cache, records: jax.Array, meta: DecodeMeta):
-        """Decode: the step's records [N, 2, Hkv, Dh] into the head-major cache at each slot's length."""
+        """Decode: the step's records [N, 2, Hkv, Dh] into the head-major cache at each slot's length (inactive
+        slots write nothing)."""
         k_cache, v_cache = cache
         pos, rows = _write_position(meta, k_cache.shape[2]), jnp.arange(k_cache.shape[0])
         return (
@@ -319,8 +317,7 @@ class MLAAttention(nnx.Module):
         n, s = cache.shape[0], cache.shape[1]
         positions = meta.positions()
         q_nope, q_pe = self._q(x, positions)  # [N, 1, Hq, nope], [N, 1, Hq, Dr]
-        rec = self._latent(x, positions)[:, 0].astype(cache.dtype)  # [N, R + Dr]
-        cache = cache.at[jnp.arange(n), _write_position(meta, s)].set(rec, mode="drop")
+        cache = self.write_cache(cache, self._latent(x, positions)[:, 0], meta)  # records [N, R + Dr]
         w_uk, w_uv = self._w_kv_b()
         ckv, k_pe = (
             cache[..., : self.kv_lora_rank].astype(x.dtype),
@@ -346,6 +343,7 @@ class MLAAttention(nnx.Module):
         return inv.absolute_keys(kv_cached, kv_new, meta.cached_lens)  # [B, S, R_kv + Dr]
 
     def write_cache(self, cache: jax.Array, records: jax.Array, meta: DecodeMeta) -> jax.Array:
+        """Decode: the step's records [N, R + Dr] into the cache at each slot's length (inactive slots: nothing)."""
         n, s = cache.shape[0], cache.shape[1]
         return cache.at[jnp.arange(n), _write_position(meta, s)].set(records.astype(cache.dtype), mode="drop")
 
