@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import secrets
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 
 from dualpath_jax.runtime.config import RuntimeConfig
@@ -158,8 +161,39 @@ def _transport_factory(cfg: RuntimeConfig):
 
 
 # ------------------------------------------------------------------------------------------------- local
-def _node_main(spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, log_level: int) -> None:
-    """Entry point of one node process."""
+def _node_process(target, *args) -> None:
+    """Run `target(*args)` as a node process's whole life, then end the process without interpreter finalization.
+
+    By the time `target` returns, the node has stopped and closed what it owns (engines, transports, store, control
+    client). Finalizing would still tear JAX/XLA down while their threads may be running: a daemon thread that comes
+    back from XLA then tries to take the GIL, is ended by pthread_exit inside C++ frames, and the process aborts
+    ("terminate called after throwing an instance of ''", "FATAL: exception not rethrown", exit code -6; seen on a
+    DE node about one run in ten). `os._exit` after flushing the logs avoids that. Exit code 0 when `target`
+    returned, 1 (with the traceback on stderr, as multiprocessing prints it) when it raised.
+    """
+    code = 1
+    try:
+        target(*args)
+        code = 0
+    except BaseException:  # noqa: BLE001 -- reported here, the exit code says it
+        print(f"Process {mp.current_process().name}:", file=sys.stderr)
+        traceback.print_exc()
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+def _node_main(*args) -> None:
+    """Entry point of one node process (one run)."""
+    _node_process(_serve_one_run, *args)
+
+
+def _serve_one_run(spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, log_level: int) -> None:
     logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
     from dualpath_jax.runtime.model_ops import ModelOps
     from dualpath_jax.runtime.node import EngineGroup, block_layout
@@ -196,7 +230,12 @@ def enable_compilation_cache(path: str | None = None) -> None:
     enable_persistent_compilation_cache(path)
 
 
-def _node_session_main(spec: GroupSpec, conn, log_level: int) -> None:
+def _node_session_main(*args) -> None:
+    """Entry point of a session's node process (`_node_process`)."""
+    _node_process(_serve_session, *args)
+
+
+def _serve_session(spec: GroupSpec, conn, log_level: int) -> None:
     """Entry point of a node process that serves several runs (a `LocalCluster` session): the model and its
     compiled steps stay in memory between runs; everything else (store, transports, NIC pacing) is per run."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
