@@ -1043,3 +1043,214 @@ def test_a_timeout_that_is_not_a_number_and_a_bool_offset_are_refused(server):
             c.write(server.name, "src", True, "dst", 0, 10)
     finally:
         c.close()
+
+
+# ---- found by the randomized hunt of 2026-12-03 ------------------------------------------------------------
+
+
+def _raw_peer_of(server, region: str = "buf", size: int = 1 << 20) -> tuple[list[socket.socket], dict]:
+    """A hand-driven peer "evil" of `server` whose region `region` (id 1, `size` bytes) the server may address:
+    the first request the server posts is made by a thread in the returned dict's "post" (set it before
+    calling "go"), and this answers its region query."""
+    socks = _raw_handshake(server)
+    server.wait_for_peer("evil")
+    box: dict = {}
+
+    def go():
+        t = threading.Thread(target=lambda: box.__setitem__("fut", box["post"]()))
+        t.start()
+        (op, *_rest, req), body = _read_frame(socks[0])
+        assert op == tcpmod.OP_REGION_QUERY and body == region.encode()
+        socks[0].sendall(pack_header(tcpmod.OP_REGION_INFO, region=1, offset=size, req=req))
+        t.join(5)
+        return box["fut"]
+
+    box["go"] = go
+    return socks, box
+
+
+def test_a_read_reply_cut_off_by_the_dying_peer_fails_the_read():
+    """The read was taken out of the pending table before its payload was received, so a reply cut off
+    mid-payload (the peer died) left the read pending forever: neither the set's failure, the watchdog nor `close`
+    could fail it (seen with a killed peer during 16 MiB reads in 1 of 7 rounds, 2 of 3 paced)."""
+    srv = TcpTransport("srv", timeout_s=1.0)
+    srv.register("dst", np.zeros(1 << 20, np.uint8))
+    socks, box = _raw_peer_of(srv)
+    try:
+        box["post"] = lambda: srv.read("evil", "dst", 0, "buf", 0, 100_000, priority="low")
+        fut = box["go"]()
+        (op, *_rest, req), _ = _read_frame(socks[1])
+        assert op == tcpmod.OP_READ
+        socks[1].sendall(pack_header(tcpmod.OP_READ_RESP, length=100_000, req=req) + b"z" * 1000)
+        time.sleep(0.1)
+        for s in socks:  # the peer dies in the middle of the reply
+            s.close()
+        with pytest.raises(PeerLostError):
+            fut.result(5)
+    finally:
+        srv.close()
+
+
+def test_posting_to_a_silent_peer_does_not_keep_it_alive():
+    """Every new post reset the watchdog's clock, so a peer that stopped answering was never dropped while the
+    application kept posting to it (a write every 0.3 s, timeout_s=1: the first write still pending after 6 s).
+    Now the clock restarts only when a request is pending after none were, and small sends into a socket with
+    room are no sign of the peer's life."""
+    srv = TcpTransport("srv", timeout_s=1.0)
+    srv.register("src", np.zeros(1 << 16, np.uint8))
+    socks, box = _raw_peer_of(srv)
+    try:
+        box["post"] = lambda: srv.write("evil", "src", 0, "buf", 0, 100)
+        first = box["go"]()
+        t0 = time.monotonic()
+        while not first.done() and time.monotonic() - t0 < 5:
+            try:
+                srv.write("evil", "src", 0, "buf", 0, 100)
+            except PeerLostError:
+                break
+            time.sleep(0.3)
+        with pytest.raises(PeerLostError, match="no progress"):
+            first.result(0.1)
+        assert time.monotonic() - t0 < 3
+    finally:
+        for s in socks:
+            s.close()
+        srv.close()
+
+
+def test_a_write_to_a_peer_that_answers_keeps_its_set_alive():
+    """The other side of the watchdog change: a peer that acknowledges, slowly but within timeout_s, is never
+    dropped, whatever the request count (the clock restarts at each acknowledgement)."""
+    srv = TcpTransport("srv", timeout_s=1.0)
+    srv.register("src", np.zeros(1 << 16, np.uint8))
+    socks, box = _raw_peer_of(srv)
+    try:
+        box["post"] = lambda: srv.write("evil", "src", 0, "buf", 0, 100)
+        futs = [box["go"]()]
+        for _ in range(6):  # 6 x 0.4 s > timeout_s, with writes always pending
+            futs.append(srv.write("evil", "src", 0, "buf", 0, 100))
+            time.sleep(0.4)
+            (op, *_rest, req), _ = _read_frame(socks[1])
+            assert op == OP_WRITE
+            ack = tcpmod.ACK_ENTRY.pack(req, 100)
+            socks[1].sendall(pack_header(tcpmod.OP_WRITE_ACKS, length=len(ack)) + ack)
+        for f in futs[:-1]:
+            assert f.result(5) == 100
+        assert "evil" in srv.peers()
+    finally:
+        for s in socks:
+            s.close()
+        srv.close()
+
+
+def test_a_message_offered_to_a_lost_connection_set_fails(monkeypatch):
+    """`send` picks the live set, then queues its frame; when the set was lost in between, the frame went to a
+    connection whose sender thread had already ended, and the message's future (it is in no pending table) stayed
+    pending forever, `close` included. The window is widened here as a preemption there would."""
+    a, b = TcpTransport("a", timeout_s=1.0), TcpTransport("b")
+    a.connect("b", b.address)
+    real = tcpmod.TcpTransport._get_peer
+
+    def preempted(self, name):
+        p = real(self, name)
+        if threading.current_thread().name == "poster":
+            time.sleep(0.5)  # meanwhile the peer goes away
+        return p
+
+    monkeypatch.setattr(tcpmod.TcpTransport, "_get_peer", preempted)
+    monkeypatch.setattr(tcpmod.TcpTransport, "_peer_for", preempted)
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.__setitem__("fut", a.send("b", b"hello")), name="poster")
+    try:
+        t.start()
+        time.sleep(0.1)
+        b.close()
+        t.join(5)
+        with pytest.raises(PeerLostError):
+            box["fut"].result(5)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_handshake_trickled_byte_by_byte_is_dropped_at_its_timeout():
+    """The handshake timeout was per recv, not for the handshake: 64 connections sending a HELLO byte every 0.3 s
+    (timeout 0.5 s) held every handshake slot for minutes and the endpoint refused all new peers."""
+    srv = TcpTransport("srv", handshake_timeout_s=0.5)
+    srv.register("dst", np.zeros(1 << 16, np.uint8))
+    body = json.dumps({"name": "x", "peer": "srv", "session": "s", "stream": "high", "nonce": "00" * 32}).encode()
+    hello = pack_header(OP_HELLO, length=len(body)) + body
+    slow = [_raw(srv) for _ in range(tcpmod.MAX_PENDING_HANDSHAKES)]
+    stop = threading.Event()
+
+    def trickle():
+        for i in range(len(hello) - 1):
+            for s in slow:
+                try:
+                    s.send(hello[i : i + 1])
+                except OSError:
+                    pass
+            if stop.wait(0.3):
+                return
+
+    t = threading.Thread(target=trickle, daemon=True)
+    t.start()
+    try:
+        time.sleep(1.2)  # past the handshake timeout of every trickled connection
+        _assert_serving(srv, "after-trickle")
+    finally:
+        stop.set()
+        t.join(5)
+        for s in slow:
+            s.close()
+        srv.close()
+
+
+def test_a_failed_accept_does_not_end_the_accept_loop(caplog):
+    """Any OSError from accept() ended the accept loop, silently: after one EMFILE (the process out of descriptors
+    for a moment) the endpoint never accepted another peer. It is logged, and accepting goes on."""
+    import resource
+
+    caplog.set_level(logging.ERROR, logger="transport.tcp")
+    srv = TcpTransport("srv")
+    srv.register("dst", np.zeros(1 << 16, np.uint8))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    early = socket.socket()  # made before the descriptors run out (connect needs no new fd on this side)
+    hog = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 10, hard))
+        try:
+            while True:
+                hog.append(open(os.devnull))  # noqa: SIM115 -- held on purpose
+        except OSError:
+            pass
+        early.connect(srv.address)  # the kernel completes it; the server's accept() fails with EMFILE
+        deadline = time.monotonic() + 5
+        while "accept failed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        for f in hog:
+            f.close()
+        early.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert "accept failed" in caplog.text and "still accepting" in caplog.text
+        _assert_serving(srv, "after-emfile")
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("call", ["write", "read", "write_many"])
+def test_a_bool_remote_offset_is_refused(server, call):
+    """The remote offset took True as 1 (the local offset was fixed before: `RegionError`, as inproc does)."""
+    c = _connect_client(server)
+    try:
+        with pytest.raises(RegionError, match="remote offset must be an int, got True"):
+            if call == "write":
+                c.write("srv", "src", 0, "dst", True, 4)
+            elif call == "read":
+                c.read("srv", "src", 0, "dst", True, 4)
+            else:
+                c.write_many("srv", [("src", 0, 4, "dst", True)])
+    finally:
+        c.close()

@@ -48,8 +48,12 @@ knows the secret for a fresh nonce of the other side; `hmac.compare_digest`). On
 connections reach the data path.
 
 Liveness: a peer that dies (its sockets reset or close) fails the pending transfers at once with
-`PeerLostError`; a peer that stops answering without closing (host down) fails them after `timeout_s` without
-progress (a watchdog thread, plus TCP keepalive).
+`PeerLostError`, a read whose reply it cut off mid-payload included; a peer that stops answering without closing
+(host down, process stopped) fails them after `timeout_s` without progress (a watchdog thread, plus TCP keepalive).
+Progress is a byte received from the peer, or a chunk of a large frame sent (its socket drains only while the peer's
+host takes data); posting more requests is not, so an application posting steadily to a silent peer sees its
+transfers fail too. A handshake must finish within `handshake_timeout_s` in all (not per recv), and a failed
+`accept` (out of descriptors, say) is logged and accepting goes on.
 """
 
 from __future__ import annotations
@@ -194,9 +198,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _recv_exact_into(sock: socket.socket, view: memoryview, on_progress=None) -> None:
+def _recv_exact_into(sock: socket.socket, view: memoryview, on_progress=None, deadline: float | None = None) -> None:
+    """Fill `view` from `sock`. `deadline` (time.monotonic) bounds the whole receive, not each recv: a handshake
+    trickled a byte at a time must not hold its slot for longer than its timeout."""
     pos, n = 0, view.nbytes
     while pos < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"timed out after {pos} of {n} bytes")
+            sock.settimeout(left)
         got = sock.recv_into(view[pos:], min(n - pos, 16 << 20))
         if got == 0:
             if pos == 0 and on_progress is None:
@@ -318,9 +329,9 @@ class _BufferedReceiver:
         return bytes(out)
 
 
-def _recv_exact(sock: socket.socket, n: int, on_progress=None) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, on_progress=None, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
-    _recv_exact_into(sock, memoryview(buf), on_progress)
+    _recv_exact_into(sock, memoryview(buf), on_progress, deadline)
     return bytes(buf)
 
 
@@ -371,6 +382,13 @@ def _as_int(value: Any, what: str, error: type[Exception] = RegionError) -> int:
         return operator.index(value)
     except TypeError:
         raise error(f"{what} must be an int, got {value!r}") from None
+
+
+def _as_offset(value: Any) -> int:
+    """A remote offset as an int: RegionError for a bool (True was taken as offset 1), as for the local one."""
+    if type(value) is bool:
+        raise RegionError(f"remote offset must be an int, got {value!r}")
+    return _as_int(value, "remote offset")
 
 
 class _Request(TransferFuture):
@@ -454,12 +472,22 @@ class _Conn:
         QUEUE_AFTER_PENDING)."""
         n = 0 if payload is None else payload.nbytes
         with self.lock:
+            if self.stopped:  # the set was lost after the caller picked it: its sender thread takes no more jobs
+                self._refuse(fut)
+                return
             if queue or not self._inline_free_locked(n, INLINE_MAX, paced=priority is not None):
                 self.jobs.append((header, payload, fut, priority))
                 self.cv.notify()
                 return
             self.busy = True  # the connection is idle: this thread sends the frame itself
         self._send_inline([header] if n == 0 else [header, payload], HEADER.size + n, fut, payload)
+
+    def _refuse(self, fut: Future | None) -> None:
+        """Fail `fut` (if any) of a frame offered to this stopped connection. Transfers' futures also sit in the
+        peer's pending table, which the set's failure fails; a message's future sits only here."""
+        if fut is not None and not fut.done():
+            err = self.peer.dead or PeerLostError(f"connection to {self.peer.name!r} closed")
+            fut.set_exception(err if isinstance(err, TransportError) else PeerLostError(str(err)))
 
     def _inline_free_locked(self, nbytes: int, limit: int, paced: bool) -> bool:
         """May the posting thread send `nbytes` of payload itself now (lock held)? Only when nothing is queued or
@@ -507,8 +535,6 @@ class _Conn:
                 fut.set_exception(err)
             self.owner._fail_peer(self.peer, err)
             return
-        if k:
-            self.peer.last_activity = time.monotonic()
         if k == total:
             # Done: no lock needed to go idle, but a frame queued meanwhile must wake the sender thread (it saw
             # `busy` and went back to waiting; it re-checks both under the lock once notified).
@@ -520,6 +546,9 @@ class _Conn:
             rest = _advance([memoryview(v).cast("B") for v in views], k)
             with self.lock:
                 self.busy = False
+                if self.stopped:
+                    self._refuse(fut)
+                    return
                 self.jobs.appendleft((rest, payload, fut, None))
                 self.cv.notify()
             return
@@ -612,7 +641,6 @@ class _Conn:
             if payload is not None and payload.nbytes:
                 bufs.append(payload)
         self._sendmsg_all(bufs)
-        self.peer.touch()
 
     def _sendmsg_all(self, bufs: list) -> None:
         """sendmsg of a buffer list, resuming after partial sends."""
@@ -626,7 +654,6 @@ class _Conn:
         paced = self.owner.pacer is not None and n > 0 and priority is not None
         if n <= SMALL and not paced:
             self._sendmsg_all([header] if n == 0 else [header, payload])
-            peer.touch()
             return
         pos = 0
         steps = (
@@ -712,7 +739,16 @@ class _Conn:
                         p.set_result(p.length)
                 elif op == OP_READ_RESP:
                     p = peer.pop(req, "read", length)
-                    rx.read_into(p.view)
+                    try:
+                        rx.read_into(p.view)
+                    except BaseException as e:  # cut off mid-payload: out of the pending table, so fail it here
+                        if not p.done():
+                            p.set_exception(
+                                e
+                                if isinstance(e, TransportError)
+                                else PeerLostError(f"read reply from {peer.name!r} cut off: {e}")
+                            )
+                        raise
                     if not p.done():
                         p.set_result(p.length)
                 elif op == OP_MSG:
@@ -778,9 +814,14 @@ class _Peer:
 
     def add(self, req: int, p: _Request) -> None:
         """Record a pending request. No lock: the store is atomic, and `_fail_peer` sets `dead` before it takes
-        the pending table, so a request stored after that is seen here, taken back, and the error raised."""
+        the pending table, so a request stored after that is seen here, taken back, and the error raised.
+
+        Posting is not progress from the peer: the watchdog's clock restarts only when this is the first request
+        pending (an idle peer is not late). Later posts leave it alone, so a peer that stopped answering is
+        dropped `timeout_s` after its last sign of life however often the application posts to it."""
+        if not self.pending:
+            self.last_activity = time.monotonic()
         self.pending[req] = p
-        self.last_activity = time.monotonic()
         if self.dead is not None:
             self.pending.pop(req, None)
             raise self.dead
@@ -910,6 +951,7 @@ class TcpTransport(Transport):
 
     def _client_handshake(self, sock: socket.socket, peer: str, session: str, stream: str, timeout: float) -> None:
         sock.settimeout(timeout)
+        end = None if timeout is None else time.monotonic() + timeout  # for the whole handshake, not each recv
         nonce = os.urandom(32)
         hello = json.dumps(
             {
@@ -922,10 +964,10 @@ class TcpTransport(Transport):
             }
         ).encode()
         sock.sendall(pack_header(OP_HELLO, length=len(hello)) + hello)
-        op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size))
+        op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
         if op != OP_HELLO_ACK or length > HANDSHAKE_MAX:
             raise ProtocolError(f"{peer!r} answered the handshake with op {op}")
-        ack = json.loads(_recv_exact(sock, length))
+        ack = json.loads(_recv_exact(sock, length, deadline=end))
         if ack.get("error"):
             raise TransportError(f"{peer!r} refused the connection: {ack['error']}")
         if ack.get("name") != peer:
@@ -939,7 +981,7 @@ class TcpTransport(Transport):
                 raise TransportError(f"{peer!r} failed to prove the shared secret")
             proof = _proof(self.secret, b"client", server_nonce, nonce, self.name, peer).encode()
             sock.sendall(pack_header(OP_AUTH, length=len(proof)) + proof)
-            op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size))
+            op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
             if op != OP_AUTH_OK:
                 raise TransportError(f"{peer!r} rejected our proof of the shared secret")
         elif self.secret is not None:
@@ -948,11 +990,19 @@ class TcpTransport(Transport):
         _set_sockopts(sock, stream)
 
     def _accept_loop(self) -> None:
+        backoff = 0.01
         while not self.closed:
             try:
                 sock, addr = self._listener.accept()
-            except OSError:
-                return
+            except OSError as e:
+                if self.closed or self._stopping.is_set():
+                    return  # the listener was closed
+                # EMFILE / ENFILE / ENOBUFS / ECONNABORTED...: a passing condition, not the end of the endpoint
+                log.error("%s: accept failed (%s); still accepting", self.name, e)
+                self._stopping.wait(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            backoff = 0.01
             # A flood of connections that never finish the handshake must not grow threads without bound.
             if not self._handshakes.acquire(blocking=False):
                 log.error("%s: too many pending handshakes; dropping connection from %s", self.name, addr)
@@ -967,7 +1017,13 @@ class TcpTransport(Transport):
                     sock.close()
                     return
                 self._handshaking[t] = sock
-                t.start()
+                try:
+                    t.start()
+                except RuntimeError as e:  # can't start new thread: drop this connection, keep accepting
+                    self._handshaking.pop(t, None)
+                    self._handshakes.release()
+                    sock.close()
+                    log.error("%s: dropping connection from %s: %s", self.name, addr, e)
 
     def _serve_handshake(self, sock: socket.socket, addr: Any) -> None:
         try:
@@ -980,10 +1036,11 @@ class TcpTransport(Transport):
     def _serve_handshake_inner(self, sock: socket.socket, addr: Any) -> None:
         try:
             sock.settimeout(self.handshake_timeout_s)
-            op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size))
+            end = time.monotonic() + self.handshake_timeout_s  # the whole handshake, however it is trickled
+            op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
             if op != OP_HELLO or length > HANDSHAKE_MAX:
                 raise ProtocolError(f"expected HELLO of <= {HANDSHAKE_MAX} bytes, got op {op} length {length}")
-            hello = json.loads(_recv_exact(sock, length))
+            hello = json.loads(_recv_exact(sock, length, deadline=end))
             if not isinstance(hello, dict):
                 raise ProtocolError("HELLO payload is not a JSON object")
             peer, session, stream = str(hello["name"]), str(hello["session"]), str(hello["stream"])
@@ -996,10 +1053,10 @@ class TcpTransport(Transport):
                 client_nonce, nonce = bytes.fromhex(hello["nonce"]), os.urandom(32)
                 proof = _proof(self.secret, b"server", client_nonce, nonce, peer, self.name)
                 self._reply(sock, OP_HELLO_ACK, {"name": self.name, "auth": True, "nonce": nonce.hex(), "proof": proof})
-                op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size))
+                op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
                 if op != OP_AUTH or length > HANDSHAKE_MAX:
                     raise ProtocolError(f"expected AUTH, got op {op}")
-                got = _recv_exact(sock, length).decode("ascii", errors="replace")
+                got = _recv_exact(sock, length, deadline=end).decode("ascii", errors="replace")
                 expect = _proof(self.secret, b"client", nonce, client_nonce, peer, self.name)
                 if not hmac.compare_digest(expect, got):
                     raise ProtocolError(f"{peer!r} at {addr} failed to prove the shared secret")
@@ -1208,7 +1265,7 @@ class TcpTransport(Transport):
         p = self._peer_for(peer)
         rid, size = p.remote_regions.get(remote_region) or self._remote_region_of(p, remote_region)
         if type(remote_offset) is not int:
-            remote_offset = _as_int(remote_offset, "remote offset")
+            remote_offset = _as_offset(remote_offset)
         if remote_offset < 0 or remote_offset + length > size:
             raise RegionError(
                 f"write to {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
@@ -1279,7 +1336,7 @@ class TcpTransport(Transport):
 
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
         """The peer's region sizes are known here (asked once per region name): check before posting."""
-        offset = _as_int(offset, "remote offset")  # numpy integers are fine, as in `write`
+        offset = _as_offset(offset)  # numpy integers are fine, as in `write`
         _, size = self._remote_region_of(self._peer_for(peer), region)
         if offset < 0 or offset + length > size:
             raise RegionError(
@@ -1302,7 +1359,7 @@ class TcpTransport(Transport):
         p = self._get_peer(peer)
         rid, size = self._remote_region_of(p, remote_region)
         if type(remote_offset) is not int:
-            remote_offset = _as_int(remote_offset, "remote offset")
+            remote_offset = _as_offset(remote_offset)
         if remote_offset < 0 or remote_offset + length > size:
             raise RegionError(
                 f"read from {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
