@@ -6,38 +6,62 @@ Layout of the directory:
     blocks/ab/.tmp.<host>.<pid>.<rand>.<hex key>   a write in progress (never read)
 
 Writes are atomic: the block is written to a temp file in its final directory, fsync'ed if durable, then
-os.replace'd onto its name (and the directory fsync'ed if durable), so a reader sees either no block or a
-whole one, even if the writer is killed mid-write. Temp files of dead writers are removed at open (same
-host: the pid is gone; other hosts: older than `stale_temp_s`).
+os.replace'd onto its name (and the directory fsync'ed if durable; the first block of a fan-out directory also
+fsyncs blocks/, which holds the new directory's entry), so a reader sees either no block or a whole one, even if
+the writer is killed mid-write. A store created with `durable=True` fsyncs STORE.json and the parents of the
+directories it made. Temp files of dead writers are removed at open (same host: the pid is gone; other hosts:
+older than `stale_temp_s`).
 
-Freshness across processes sharing the directory: each process keeps an in-memory index (key -> file size,
-in LRU order) built by scanning the directory at open. A lookup that reaches a key not in the index stats
+Only a block's own path counts (`path_of`: lower-case hex in its fan-out directory). Another `.kvb` file that
+names a key (upper-case hex, a wrong fan-out directory) is a stray copy, removed at open and never counted. A
+block path that is not a regular file (a FIFO, a directory) is a corrupt miss when read (opened non-blocking,
+so a FIFO cannot hang the read), removed (a directory only if empty); a write replaces an empty directory there.
+
+Freshness across processes sharing the directory: each process keeps an in-memory index (its blocks in LRU
+order) built by scanning the directory at open. A lookup that reaches a key not in the index stats
 its file once; a block written by another process is thus seen by the first lookup that needs it. A block
 removed by another process (its eviction, a corrupt block) is noticed when read: the read misses and the
 key leaves the index (`stat_on_hit=True` makes lookups stat every hit instead, so their answers are fresh
-at the cost of one stat per hit block). Readers that opened a file keep reading it even if another process
-unlinks or replaces it (POSIX semantics; NFS does the same with silly-renames), so a block being read is
-never torn. A process keeps up to `fd_cache` block files open (layerwise loading reads each block once per
+at the cost of one stat per hit block). A check that finds a block absent (a lookup's stat, a read's open) runs
+outside the store's lock, so it drops the key only if nothing indexed the key since the check began (each
+indexing stamps the key with a new generation): a miss racing the write-back of the same block never untracks
+the new file. A stat that fails otherwise (EACCES, ELOOP, EIO, ESTALE) is logged and is a miss for lookup and
+contains (the key stays indexed); write then writes the block (its own errors are logged, counted failures); an
+entry that cannot be stat'ed at open is logged and skipped. Readers that opened a file keep reading it even if
+another process unlinks or replaces it (POSIX semantics; NFS does the same with silly-renames), so a block being
+read is never torn. A process keeps up to `fd_cache` block files open (layerwise loading reads each block once per
 layer): such a file still holds this key's KV even if another process has evicted it since, and it still
-goes through every check; its disk space is freed when the entry leaves the cache. Capacity and LRU order
-are per process: each process evicts from its own view, which is approximate when several processes write
-to one directory (documented limitation).
+goes through every check; its disk space is freed when the entry leaves the cache. This process's own remove,
+overwrite, eviction or removal of a corrupt block drops the key's cached file, and a file that was being opened
+meanwhile is read once by its reader but never cached: once they returned, reads open the new file.
+
+Capacity and LRU order are per process: each process evicts from its own view, which is approximate when several
+processes write to one directory (documented limitation). Eviction costs O(1) while the blocks fit, else one walk
+from the LRU end to the last victim. Blocks being read or written are not evicted (apart from the callers' pins:
+`unpin` only undoes a `pin`). A lookup that indexes blocks written by other processes evicts other blocks to fit
+them, never its own hits; where its hits alone exceed the capacity, the ones past it are neither indexed nor
+reported.
+
+fork(): the child gets the store's lock, thread pools and in-flight state anew (`_after_fork_in_child`): reads
+and writes in flight in the parent's other threads do not exist in the child, so their protection from eviction,
+reserved bytes and holds on open files are dropped there (the parent's are unchanged).
 
 Reads verify by default: new blocks carry one xxh3 checksum per Layer Block (block_file.py; blocks written
 with wsum64 or crc32 still read and verify, the algo is in each header). A verified read checks whole Layer Blocks
 against the header's sums of exactly those layers, and the first bad one ends the read (a miss).
 Where the package was built with its C extension (`_verify.pyx`, setup.py; `native_verify=True`, the default),
 verified reads of xxh3 blocks run in C with the GIL released and hash each Layer Block while it is in cache:
-- `read_method="mmap"` (the default) maps the open block file read-only and, Layer Block by Layer Block, hashes
-  it in the page cache through the mapping (the one pass over DRAM), then copies it into the caller's buffer
-  (from cache) with non-temporal stores for reads of >= 1 MiB (no read of the destination's lines first; memcpy
-  below that), so `out` only ever receives bytes that were just checked. The mapping lives as long as the open
-  file (the fd cache, LRU of `fd_cache`); files are mapped from their first read (`mmap_after_reads=0`). Mappings
-  are advised MADV_HUGEPAGE, so pages a mapped read brings back from the disk come in large folios (where the file
-  system has them): a later fresh mapping of a block in 4 KiB pages costs more than reading it (see
-  `_MADV_HUGEPAGE`). The store's own Full-Block preadv reads (below) of a block not in the page cache bring it in the
-  same way first (`populate_cold`, see `_MADV_POPULATE_READ`). Pages that another reader brought in with `read`/`preadv`
-  stay in 4 KiB folios; for a store whose blocks are mostly read that way first, `read_method="preadv"` is faster.
+- `read_method="mmap"` (the default) maps the open block file read-only and, Layer Block by Layer Block, hashes it
+  in the page cache through the mapping (the one pass over DRAM), then copies it into the caller's buffer (from
+  cache) with non-temporal stores for reads of >= 1 MiB (no read of the destination's lines first; memcpy below
+  that), so `out` only receives bytes that were just checked in the page cache (see the residual risk below for
+  files changed in place). The mapping lives as long as the open file (the fd cache, LRU of `fd_cache`); files are
+  mapped from their first read (`mmap_after_reads=0`). Mappings are advised MADV_HUGEPAGE, so pages a mapped read
+  brings back from the disk come in large folios (where the file system has them): a later fresh mapping of a block
+  in 4 KiB pages costs more than reading it (see `_MADV_HUGEPAGE`). The store's own Full-Block preadv reads (below)
+  of a block not in the page cache bring it in the same way first (`populate_cold`, see `_MADV_POPULATE_READ`).
+  Pages that another reader brought in with `read`/`preadv` stay in 4 KiB folios; for a store whose blocks are
+  mostly read that way first, `read_method="preadv"` is faster.
 - `read_method="preadv"` (for file systems where mmap is unsuitable) `pread`s 256 KiB chunks of whole Layer
   Blocks into `out` and hashes each right after its copy (in the reader's L2).
 Without the extension (or `native_verify=False`) the same checks run in Python over python-xxhash, in chunks of
@@ -55,8 +79,13 @@ else the read is a "truncated" miss, because touching a mapping past the end of 
 SIGBUS. The store never truncates a block in place (blocks are written to temp files and renamed, eviction
 unlinks), and a mapping of an unlinked or replaced file keeps reading the inode it mapped. What remains: a file
 truncated in place by something other than the store *during* a read, or a disk I/O error on a page that was not
-cached, is SIGBUS with mmap where `preadv` would return a short read or EIO (a miss). Where that can happen (a
-shared mount with foreign writers, flaky disks), use `read_method="preadv"`.
+cached, is SIGBUS with mmap where `preadv` would return a short read or EIO (a miss). And a file modified in place
+(not replaced) by something other than the store *during* a read can put unchecked bytes into `out` with mmap: a
+Layer Block is hashed in the page cache and then copied from it, so a change between the two reaches `out` and
+the read returns True (seen under a writer toggling a byte in a loop: 1-2% of mapped reads). `preadv` hashes the
+bytes in `out` after their copy and never does this (hashing the copy instead would read a non-temporal copy
+back from DRAM: the second pass over DRAM that mapped reads avoid). Where either can happen (a shared mount with
+foreign in-place writers, flaky disks), use `read_method="preadv"`.
 """
 
 from __future__ import annotations
@@ -72,6 +101,7 @@ import os
 import platform
 import secrets
 import socket
+import stat
 import sys
 import threading
 import time
@@ -450,18 +480,35 @@ class LocalDirStore(KVStore):
 
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise NotADirectoryError(f"store root {self.root} exists and is not a directory")
+        created = []  # directories this call made: with durable, their parents are fsync'ed
         if not os.path.isdir(self.root):
             if not create:
                 raise FileNotFoundError(f"store root {self.root} does not exist (create=False)")
             os.makedirs(self.root, exist_ok=True)
-        os.makedirs(self._blocks_dir, exist_ok=True)
+            created.append(self.root)
+        if not os.path.isdir(self._blocks_dir):
+            os.makedirs(self._blocks_dir, exist_ok=True)
+            created.append(self._blocks_dir)
         self._check_or_write_meta()
+        if self.durable:
+            for d in created:  # (the root: its parent holds its entry; blocks/: the root holds it)
+                _fsync_dir(os.path.dirname(d))
 
         self._lock = threading.Lock()
-        self._index: collections.OrderedDict[bytes, int] = collections.OrderedDict()  # key -> file bytes, LRU first
-        self._pins: collections.Counter[bytes] = collections.Counter()
-        self._used = 0  # bytes of indexed blocks
+        # key -> adopt generation (`_seq` when it was last adopted: written, found or read here), LRU first. Every
+        # indexed block is `file_nbytes` on disk. A check that found a block absent drops it only if no adopt came
+        # after the check began (a write of the block may land between the check and the drop).
+        self._index: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._seq = 0
+        self._pins: collections.Counter[bytes] = collections.Counter()  # pin()/unpin() of the callers
+        self._busy: collections.Counter[bytes] = collections.Counter()  # reads and writes in flight: not evicted
+        self._drops = 0  # indexed keys dropped so far (a check outside the lock that saw a block present and
+        # finds it unindexed under the lock re-checks if this changed meanwhile: it may have been evicted)
+        self._used = 0  # bytes of indexed blocks (len(_index) * file_nbytes)
         self._reserved = 0  # bytes of writes in progress
+        # opens in progress per key (outside the lock): `_forget_fd_locked` marks them stale, so that an fd of a
+        # file removed or replaced while it was being opened is read once and never cached
+        self._opening: dict[bytes, list[_PendingOpen]] = {}
         self._stats = StoreStats()
         self._tls = threading.local()  # per-thread header buffer: no allocation per read
         self._fds: collections.OrderedDict[bytes, _OpenBlock] = collections.OrderedDict()  # LRU of open files
@@ -484,11 +531,11 @@ class LocalDirStore(KVStore):
         return {
             "format": "dualpath-jax kv store",
             "block_format_version": block_file.FORMAT_VERSION,
-            "layout": {
-                "num_layers": lay.num_layers,
-                "block_tokens": lay.block_tokens,
-                "bytes_per_token_per_layer": lay.bytes_per_token_per_layer,
-                "fingerprint": lay.fingerprint,
+            "layout": {  # (int(): a BlockLayout takes numpy integers, which JSON does not)
+                "num_layers": int(lay.num_layers),
+                "block_tokens": int(lay.block_tokens),
+                "bytes_per_token_per_layer": int(lay.bytes_per_token_per_layer),
+                "fingerprint": str(lay.fingerprint),
             },
         }
 
@@ -502,9 +549,21 @@ class LocalDirStore(KVStore):
                 raise ValueError(f"a JSON {type(have).__name__}, not an object")
         except FileNotFoundError:
             tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(want, f, indent=1)
-            os.replace(tmp, path)  # racing creators write the same content
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(want, f, indent=1)
+                    if self.durable:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.replace(tmp, path)  # racing creators write the same content
+            except BaseException:  # (a full disk, say): no temp file left behind
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            if self.durable:
+                _fsync_dir(self.root)
             return
         except (OSError, ValueError) as e:
             raise ValueError(f"store metadata {path} is unreadable ({e}); is {self.root} a KV store?") from e
@@ -521,37 +580,82 @@ class LocalDirStore(KVStore):
         return f"{self._blocks_dir}/{h[:2]}/{h}{_SUFFIX}"
 
     def _scan(self) -> None:
-        """Rebuild the index from the directory (LRU order = file mtime); clean up dead writers' temp files."""
-        found = []
+        """Rebuild the index from the directory (LRU order = file mtime); clean up dead writers' temp files.
+
+        Only a block's own file counts: `path_of(key)` (lower-case hex, in its fan-out directory). Another file that
+        names a key (upper-case hex, the wrong fan-out directory) is a stray copy: removed, never counted (else the
+        key's bytes would count twice and evicting the key would leave the copy on disk for good). An entry that
+        cannot be stat'ed (EACCES, ELOOP, EIO...) is logged and skipped: the store still opens."""
+        seen = self._seq  # blocks adopted while this scan runs are kept
+        found: dict[bytes, int] = {}  # key -> mtime
         now = time.time()
         for sub in sorted(os.listdir(self._blocks_dir)):
             d = os.path.join(self._blocks_dir, sub)
             if not os.path.isdir(d):
                 continue
-            for entry in os.scandir(d):
+            try:
+                entries = list(os.scandir(d))
+            except OSError as e:
+                log.warning("kv store %s: cannot list %s: %s (its blocks are not indexed)", self.root, d, e)
+                continue
+            for entry in entries:
                 name = entry.name
                 if name.startswith(_TMP_PREFIX):
                     self._maybe_remove_temp(entry, now)
                     continue
                 if not name.endswith(_SUFFIX):
                     continue
+                stem = name[: -len(_SUFFIX)]
                 try:
-                    key = bytes.fromhex(name[: -len(_SUFFIX)])
+                    key = bytes.fromhex(stem)
+                except ValueError:
+                    continue
+                if not 0 < len(key) <= block_file.MAX_KEY_NBYTES:
+                    continue
+                try:
                     st = entry.stat()
-                except (ValueError, FileNotFoundError):
+                    if (stem != key.hex() or sub != stem[:2]) and not self._is_own_file(key, st, entry.path):
+                        continue
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    log.warning("kv store %s: cannot stat %s: %s (skipped)", self.root, entry.path, e)
                     continue
                 if st.st_size != self.file_nbytes:  # a rename is atomic, so a wrong size is damage, not a write
                     self._remove_corrupt(key, entry.path, f"file size {st.st_size} B, expected {self.file_nbytes}")
                     continue
-                found.append((st.st_mtime_ns, key, st.st_size))
-        found.sort()
+                found[key] = max(found.get(key, st.st_mtime_ns), st.st_mtime_ns)
+        order = sorted(found, key=found.__getitem__)
         with self._lock:
+            recent = [k for k, g in self._index.items() if g > seen] if self._index else []
+            self._seq += 1
+            gen = self._seq
             self._index.clear()
-            self._used = 0
-            for _, key, size in found:
-                self._index[key] = size
-                self._used += size
+            for key in order:
+                self._index[key] = gen
+            for key in recent:  # written or found here while the directory was listed
+                self._index[key] = gen
+                self._index.move_to_end(key)
+            self._used = len(self._index) * self.file_nbytes
             self._evict_to_fit_locked(0)
+
+    def _is_own_file(self, key: bytes, st: os.stat_result, path: str) -> bool:
+        """Whether a file whose name is not `path_of(key)`'s spelling is that very file (a case-insensitive file
+        system lists the name it was created with); if not, it is a stray copy, removed (logged)."""
+        try:
+            own = os.stat(self.path_of(key))
+            if (own.st_ino, own.st_dev) == (st.st_ino, st.st_dev):
+                return True
+        except OSError:
+            pass
+        log.warning("kv store %s: stray block file %s (not the name of key %s): removed", self.root, path, key.hex())
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("kv store %s: could not remove stray file %s: %s", self.root, path, e)
+        return False
 
     def _maybe_remove_temp(self, entry: os.DirEntry, now: float) -> None:
         parts = entry.name.split(".")  # ["", "tmp", host, pid, rand, hexkey]
@@ -582,29 +686,53 @@ class LocalDirStore(KVStore):
                 log.warning("kv store %s: could not remove temp file %s: %s", self.root, entry.path, e)
 
     # ---- index, pins, eviction ------------------------------------------------------------------------
-    def _adopt_locked(self, key: bytes, size: int) -> None:
+    def _adopt_locked(self, key: bytes) -> None:
+        """Index `key` (its file was just written, found or read) as the most recently used, with a new generation."""
+        self._seq += 1
         if key not in self._index:
-            self._index[key] = size
-            self._used += size
+            self._used += self.file_nbytes
+        self._index[key] = self._seq
         self._index.move_to_end(key)
 
     def _drop_locked(self, key: bytes) -> None:
         self._forget_fd_locked(key)
-        size = self._index.pop(key, None)
-        if size is not None:
-            self._used -= size
+        if self._index.pop(key, None) is not None:
+            self._used -= self.file_nbytes
+            self._drops += 1
 
-    def _evict_to_fit_locked(self, incoming: int) -> bool:
+    def _unbusy_locked(self, key: bytes) -> None:
+        n = self._busy[key] - 1
+        if n > 0:
+            self._busy[key] = n
+        else:
+            self._busy.pop(key, None)
+
+    def _drop_absent_locked(self, key: bytes, seen: int) -> None:
+        """Drop `key`, found absent by a check that began at generation `seen`, unless it was adopted since (a
+        write that landed between the check and now: its block is on disk)."""
+        if self._index.get(key, 0) <= seen:
+            self._drop_locked(key)
+
+    def _evict_to_fit_locked(self, incoming: int, protect: Sequence[bytes] = ()) -> bool:
+        """Evict LRU blocks (neither pinned nor being read, nor in `protect`) until `incoming` more bytes fit;
+        False if they do not even then. Costs O(1) when they fit, else one walk from the LRU end to the last
+        victim (the index is never copied: it is held under the lock)."""
         if self.capacity_bytes is None:
             return True
-        victims = iter(list(self._index))  # LRU first
-        while self._used + self._reserved + incoming > self.capacity_bytes:
-            for key in victims:
-                if not self._pins[key]:
-                    break
-            else:
-                return False
-            size = self._index[key]
+        excess = self._used + self._reserved + incoming - self.capacity_bytes
+        if excess <= 0:
+            return True
+        need = -(-excess // self.file_nbytes)
+        pins, busy = self._pins, self._busy
+        keep = set(protect) if protect else ()
+        victims = []
+        for key in self._index:  # LRU first
+            if pins[key] or busy[key] or key in keep:
+                continue
+            victims.append(key)
+            if len(victims) == need:
+                break
+        for key in victims:
             try:
                 os.unlink(self.path_of(key))
             except (FileNotFoundError, NotADirectoryError):
@@ -613,8 +741,8 @@ class LocalDirStore(KVStore):
                 log.warning("kv store %s: could not evict block %s: %s", self.root, key.hex(), e)
             self._drop_locked(key)
             self._stats.evictions += 1
-            self._stats.bytes_evicted += size
-        return True
+            self._stats.bytes_evicted += self.file_nbytes
+        return len(victims) == need
 
     def pin(self, keys: Iterable[bytes]) -> None:
         keys = _key_list(keys)
@@ -634,12 +762,18 @@ class LocalDirStore(KVStore):
                     del self._pins[key]
 
     # ---- lookup -------------------------------------------------------------------------------------------
-    def _stat_size(self, key: bytes) -> int | None:
+    def _stat_block(self, key: bytes) -> bool | None:
+        """Whether block `key`'s file is there (and of its size); None if the file system would not say (EACCES,
+        ELOOP, EIO, ESTALE...: logged; the caller takes it as a miss but does not conclude the block is gone)."""
+        path = self.path_of(key)
         try:
-            size = os.stat(self.path_of(key)).st_size
+            size = os.stat(path).st_size
         except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as e:
+            log.warning("kv store %s: cannot stat block %s: %s (treated as a miss)", self.root, path, e)
             return None
-        return size if size == self.file_nbytes else None
+        return size == self.file_nbytes
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         keys = _key_list(keys)
@@ -649,26 +783,37 @@ class LocalDirStore(KVStore):
                 while hit < len(keys) and keys[hit] in self._index:
                     self._index.move_to_end(keys[hit])
                     hit += 1
-        adopted = False
+        adopted = []  # keys this lookup added to the index
         # Past the index (or for every key with stat_on_hit): ask the file system, until the first absent block.
         while hit < len(keys):
             key = keys[hit]
-            present = self._stat_size(key) is not None
+            seen, drops = self._seq, self._drops  # (read without the lock: older values only check more)
+            present = self._stat_block(key)
             with self._lock:
+                if present and key not in self._index and self._drops != drops:
+                    present = self._stat_block(key)  # (rare) it may have been indexed and evicted meanwhile
                 if present:
-                    adopted |= key not in self._index
-                    self._adopt_locked(key, self.file_nbytes)
-                else:
-                    self._drop_locked(key)  # never there, or removed by another process
+                    if key not in self._index:
+                        adopted.append(key)
+                    self._adopt_locked(key)
+                elif present is False:
+                    self._drop_absent_locked(key, seen)  # never there, or removed by another process
             if not present:
                 break
             hit += 1
         with self._lock:
+            # Blocks adopted from other processes count against capacity: evict others to fit them, never this
+            # lookup's own hits; where even that is not enough, the adopted hits at the end are left out of the
+            # index (their files stay, as before this lookup) and out of the answer.
+            if adopted and not self._evict_to_fit_locked(0, protect=keys[:hit]):
+                mine = set(adopted)
+                while hit and self._used + self._reserved > self.capacity_bytes:
+                    hit -= 1
+                    if keys[hit] in mine:
+                        self._drop_locked(keys[hit])
             self._stats.lookups += 1
             self._stats.lookup_blocks += len(keys)
             self._stats.lookup_hit_blocks += hit
-            if adopted:
-                self._evict_to_fit_locked(0)  # blocks adopted from other processes count against capacity
         return hit
 
     def contains(self, key: bytes) -> bool:
@@ -676,7 +821,7 @@ class LocalDirStore(KVStore):
         with self._lock:
             if key in self._index:
                 return True
-        return self._stat_size(key) is not None
+        return bool(self._stat_block(key))
 
     # ---- read ---------------------------------------------------------------------------------------------
     def _header_buf(self) -> np.ndarray:
@@ -765,20 +910,33 @@ class LocalDirStore(KVStore):
     # bytes are this key's KV or fail the checks (another process replacing or unlinking the path leaves it
     # intact); a cached file deleted elsewhere keeps its disk space until its entry is dropped.
     def _acquire_fd(self, key: bytes, path: str) -> _OpenBlock:
+        pending = None
         with self._lock:
             ent = self._fds.get(key)
             if ent is not None:
                 ent.refs += 1
                 self._fds.move_to_end(key)
                 return ent
-        fd = os.open(path, os.O_RDONLY)  # FileNotFoundError: absent
+            if self._fd_cache:
+                pending = _PendingOpen()
+                self._opening.setdefault(key, []).append(pending)
+        try:
+            fd = _open_block(path)  # FileNotFoundError: absent
+        except BaseException:
+            if pending is not None:
+                with self._lock:
+                    self._unmark_locked(key, pending)
+            raise
         ent = _OpenBlock(fd)
-        if not self._fd_cache:
+        if pending is None:
             return ent
         evicted = []
         with self._lock:
+            self._unmark_locked(key, pending)
             other = self._fds.get(key)
-            if other is not None:  # another thread opened it meanwhile: use theirs
+            if pending.stale:  # removed or replaced while we opened it: this read reads what it opened, uncached
+                other = None
+            elif other is not None:  # another thread opened it meanwhile: use theirs
                 other.refs += 1
                 self._fds.move_to_end(key)
             else:
@@ -803,8 +961,20 @@ class LocalDirStore(KVStore):
                 return
         ent.close()
 
+    def _unmark_locked(self, key: bytes, pending: _PendingOpen) -> None:
+        opening = self._opening.get(key)
+        if opening is not None:
+            opening[:] = [p for p in opening if p is not pending]
+            if not opening:
+                del self._opening[key]
+
     def _forget_fd_locked(self, key: bytes) -> None:
-        """Drop a cached fd (its block was removed, evicted or found corrupt); closed once no read uses it."""
+        """Drop a cached fd (its block was removed, replaced, evicted or found corrupt); closed once no read uses
+        it. Opens of the key in progress are marked stale: their fds are not cached."""
+        opening = self._opening.get(key)
+        if opening is not None:
+            for pending in opening:
+                pending.stale = True
         ent = self._fds.pop(key, None)
         if ent is not None:
             ent.cached = False
@@ -815,15 +985,22 @@ class LocalDirStore(KVStore):
         stride = stride or self._lbn
         path = self.path_of(key)
         with self._lock:
-            self._pins[key] += 1
+            self._busy[key] += 1  # (not evicted meanwhile; apart from the callers' pins)
+            seen = self._seq
         try:
             try:
                 ent = self._acquire_fd(key, path)
             except (FileNotFoundError, NotADirectoryError):
                 log.debug("kv store %s: block %s absent (a miss)", self.root, key.hex())
                 with self._lock:
-                    self._drop_locked(key)
+                    self._drop_absent_locked(key, seen)  # (unless a write landed meanwhile)
                     self._stats.read_absent += 1
+                return False
+            except _NotABlockFile as e:  # a FIFO, a directory...: removed where possible, never read
+                if not _is_regular_file(path):  # (not if a writer has put a block there since)
+                    self._remove_corrupt(key, path, str(e))
+                with self._lock:
+                    self._stats.read_corrupt += 1
                 return False
             except OSError as e:  # EACCES, EMFILE, ESTALE, EIO...: a miss like any other I/O error, block left
                 log.warning("kv store %s: I/O error opening block %s: %s (treated as a miss)", self.root, path, e)
@@ -856,15 +1033,13 @@ class LocalDirStore(KVStore):
                 self._release_fd(ent)
             nbytes = sum(r[2] for r in runs)
             with self._lock:
-                self._adopt_locked(key, self.file_nbytes)
+                self._adopt_locked(key)
                 self._stats.read_hits += 1
                 self._stats.bytes_read += nbytes
             return True
         finally:
             with self._lock:
-                self._pins[key] -= 1
-                if not self._pins[key]:
-                    del self._pins[key]
+                self._unbusy_locked(key)
 
     def _read_size(self, dst: np.ndarray, runs, stride: int) -> int:
         """The bytes the mmap and non-temporal thresholds judge a read by: the destination's for a contiguous
@@ -1036,7 +1211,8 @@ class LocalDirStore(KVStore):
         """A verified read through a read-only mapping of the block file (read_method="mmap"); as _read_fd.
 
         Each chunk is hashed in the page cache through the mapping, compared, and only then copied into `dst`
-        (from cache), so `dst` only receives checked bytes. The open file is mapped once (with its fd, so that
+        (from cache), so `dst` only receives checked bytes (unless the file is modified in place between the hash
+        and the copy: see the module docstring). The open file is mapped once (with its fd, so that
         re-reads fault in no pages: a fresh mapping of a 2.4 MiB block costs ~40 us of page faults here when its
         pages are in large folios, ~250-370 us in 4 KiB ones; the MADV_HUGEPAGE advice keeps the pages that this
         read brings back from the disk in large folios), and only while it is exactly `file_nbytes` (checked on
@@ -1119,7 +1295,10 @@ class LocalDirStore(KVStore):
                     with self._lock:  # a writer replaced it meanwhile: keep the new file, drop the old one's fd
                         self._forget_fd_locked(key)
                     return
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except IsADirectoryError:  # (a directory where the block should be: removed if empty)
+                os.rmdir(path)
         except FileNotFoundError:
             pass
         except OSError as e:  # (a read-only mount, say: still a counted miss, out of the index; the store opens)
@@ -1137,13 +1316,17 @@ class LocalDirStore(KVStore):
             raise ValueError(f"full_block holds {src.nbytes} B; a Full Block of {lay} is {lay.full_block_nbytes} B")
         durable = self.durable if durable is None else bool(durable)
         path = self.path_of(key)
-        if not overwrite and self._stat_size(key) is not None:  # the file, not the index: it may be stale
-            with self._lock:
-                self._adopt_locked(key, self.file_nbytes)
-                self._stats.write_dedup += 1
-            return True
+        if not overwrite:
+            drops = self._drops
+            if self._stat_block(key):  # the file, not the index: it may be stale
+                with self._lock:
+                    # (unless this store evicted it since the stat: then it may be gone, so write it again)
+                    if key in self._index or self._drops == drops:
+                        self._adopt_locked(key)
+                        self._stats.write_dedup += 1
+                        return True
         with self._lock:
-            if not self._evict_to_fit_locked(self.file_nbytes - self._index.get(key, 0)):
+            if not self._evict_to_fit_locked(0 if key in self._index else self.file_nbytes):
                 self._stats.write_rejected += 1
                 log.warning(
                     "kv store %s: no room for block %s (%d B used of %s, all of it pinned): not stored",
@@ -1151,10 +1334,13 @@ class LocalDirStore(KVStore):
                 )  # fmt: skip
                 return False
             self._reserved += self.file_nbytes
+            self._busy[key] += 1  # (an indexed key being rewritten is not evicted until it is indexed anew)
+        done = False
         try:
             sums = block_file.layer_checksums(src.reshape(lay.num_layers, lay.layer_block_nbytes), self.checksum)
             header = block_file.pack_header(lay, key, sums, self.checksum)
             self._write_file(path, key, header, src, durable)
+            done = True
         except OSError as e:
             # Persisting KV is best effort (the block can be recomputed): a full disk, a vanished directory or a
             # temp file removed by another host's cleanup must not take the engine down. Logged and counted.
@@ -1165,11 +1351,12 @@ class LocalDirStore(KVStore):
         finally:
             with self._lock:
                 self._reserved -= self.file_nbytes
-        with self._lock:
-            self._forget_fd_locked(key)  # an overwrite replaced the file: read the new one from now on
-            self._adopt_locked(key, self.file_nbytes)
-            self._stats.writes += 1
-            self._stats.bytes_written += self.file_nbytes
+                self._unbusy_locked(key)
+                if done:
+                    self._forget_fd_locked(key)  # an overwrite replaced the file: read the new one from now on
+                    self._adopt_locked(key)
+                    self._stats.writes += 1
+                    self._stats.bytes_written += self.file_nbytes
         return True
 
     def submit_write(self, key: bytes, full_block: Any, durable: bool | None = None) -> Future:
@@ -1187,10 +1374,12 @@ class LocalDirStore(KVStore):
         """Temp file in the block's directory -> fsync (durable) -> rename -> fsync of the directory (durable)."""
         d = os.path.dirname(path)
         tmp = os.path.join(d, f"{_TMP_PREFIX}{self._host}.{os.getpid()}.{secrets.token_hex(4)}.{key.hex()}")
+        new_dir = False
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileNotFoundError:  # the first block of its fan-out directory (or the directory was removed)
             os.makedirs(d, exist_ok=True)
+            new_dir = True
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
@@ -1199,7 +1388,11 @@ class LocalDirStore(KVStore):
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except IsADirectoryError:  # a directory where the block should be: replaced if it is empty
+                os.rmdir(path)
+                os.replace(tmp, path)
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -1207,11 +1400,9 @@ class LocalDirStore(KVStore):
                 pass
             raise
         if durable:
-            dfd = os.open(d, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync_dir(d)
+            if new_dir:  # blocks/ holds the new fan-out directory's entry
+                _fsync_dir(self._blocks_dir)
 
     def remove(self, key: bytes) -> bool:
         _check_key(key)
@@ -1270,6 +1461,20 @@ class LocalDirStore(KVStore):
     def __repr__(self) -> str:
         return f"LocalDirStore({self.root!r}, {self.layout}, capacity_bytes={self.capacity_bytes})"
 
+    def _after_fork(self) -> None:
+        """In a forked child: only the forking thread exists, so the lock (maybe held by another thread at the
+        fork), the reads and writes in flight (their protection from eviction, their reserved bytes, their holds on
+        open files) and the thread pools are the parent's: renew them."""
+        self._lock = threading.Lock()
+        self._busy.clear()
+        self._reserved = 0
+        self._opening.clear()
+        self._used = len(self._index) * self.file_nbytes
+        for ent in self._fds.values():
+            ent.refs = 0
+        if not self._closed:
+            self._new_pools()
+
 
 # A forked child inherits the stores' executors but not their threads: an executor whose threads were started in
 # the parent would queue the child's submit_read/read_many forever. The child gets fresh pools right after fork.
@@ -1278,12 +1483,58 @@ _STORES_OPEN: weakref.WeakSet[LocalDirStore] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for store in list(_STORES_OPEN):
-        if not store._closed:
-            store._new_pools()
+        store._after_fork()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _PendingOpen:
+    """An open of a block file in progress (outside the lock); `stale` once the block was removed or replaced."""
+
+    __slots__ = ("stale",)
+
+    def __init__(self):
+        self.stale = False
+
+
+class _NotABlockFile(OSError):
+    """The path of a block is something other than a regular file (a FIFO, a directory, a device)."""
+
+
+def _open_block(path: str) -> int:
+    """Open a block file to read: O_NONBLOCK, so that a FIFO at its path cannot block the open, then checked to
+    be a regular file (`_NotABlockFile` if not) and made blocking again."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:  # (EIO, say: left to the read, which reports it as an I/O error)
+            mode = stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise _NotABlockFile(errno.EINVAL, f"not a regular file (mode {stat.filemode(mode)})", path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _is_regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _fsync_dir(path: str) -> None:
+    """fsync a directory (its entries: a new file or directory in it survives a power loss)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _host_id() -> str:
