@@ -19,6 +19,8 @@ A transport is one endpoint of the compute network (one engine's CNIC). It owns:
   "layer l of request r arrived" without polling memory.
 - **a small control channel**: `send(peer, payload)` / `recv()` of framed messages (scheduler control,
   request hand-offs).
+- **ordering**: what an endpoint posts to one peer in one class takes effect there in posting order (last
+  write wins, notifications and messages in order; see `Transport`), as on a TCP connection or an RDMA QP.
 
 Backends register themselves in `TRANSPORTS` and are built from a config with `make_transport`.
 """
@@ -126,16 +128,31 @@ def _deadline(timeout: float | None) -> float | None:
 
 
 def as_region_view(buf: Any, name: str) -> memoryview:
-    """A flat writable byte view of `buf`; a clear error if it is read-only or not contiguous."""
+    """A flat writable byte view of `buf`; a `RegionError` naming the region if it is read-only, not contiguous,
+    holds Python objects, or cannot be viewed as a buffer at all.
+
+    A zero-size buffer of any shape is a 0-byte region (as a zero-size 1-D array always was): only 0-byte
+    transfers at offset 0 fit in it."""
     try:
         view = memoryview(buf)
     except TypeError as e:
         raise RegionError(f"region {name!r}: {type(buf).__name__} does not expose a buffer") from e
+    except ValueError as e:  # e.g. numpy datetime64/timedelta64 arrays: "cannot include dtype 'M' in a buffer"
+        raise RegionError(
+            f"region {name!r}: the {type(buf).__name__} cannot be exported as a buffer ({e}); register a byte "
+            f"view of it instead (e.g. arr.view(np.uint8))"
+        ) from e
     if view.readonly:
         raise RegionError(f"region {name!r}: buffer is read-only; register a writable buffer")
     if not view.c_contiguous:
         raise RegionError(f"region {name!r}: buffer must be C-contiguous")
-    return view.cast("B") if (view.format != "B" or view.ndim != 1) else view
+    if getattr(getattr(buf, "dtype", None), "hasobject", False):  # peer bytes would overwrite PyObject pointers
+        raise RegionError(f"region {name!r}: array of dtype {buf.dtype} holds Python objects, not raw bytes")
+    if view.format == "B" and view.ndim == 1:
+        return view
+    if view.nbytes == 0:  # memoryview.cast refuses zeros in the shape ("cannot cast view with zeros in shape")
+        return memoryview(bytearray())
+    return view.cast("B")
 
 
 class CompletionQueue:
@@ -242,6 +259,21 @@ class Transport(abc.ABC):
     Lifecycle: construct (listening where the backend needs it), `register` regions, `connect` to peers (by
     `address` of the peer), transfer, `close`. Region names are per endpoint; a peer's regions are addressed by
     the names that peer registered.
+
+    Ordering (every backend keeps it): what this endpoint posts to one peer in one priority class takes effect
+    at the peer in posting order, like frames of one TCP connection or work requests of one RDMA RC queue pair.
+    Posting order is the order of the posting calls (calls racing in different threads are ordered however
+    they interleave). So, per (this endpoint, peer, class):
+
+    - writes, and the entries of `write_many` batches, land in posting order: a later write to the same bytes
+      overwrites an earlier one ("last write wins", also when both are in flight at once);
+    - a read reads the peer's bytes after every write posted before it has landed;
+    - notifications enter the peer's completion queue in posting order (each after its own bytes landed);
+    - control messages (`send`) reach the peer's message queue in send order.
+
+    Nothing is promised across classes (a high-class write may overtake a low-class one: that is what the
+    classes are for), across peers, between messages and transfers, or about the order in which futures
+    complete; transfers to different peers or of different classes may run concurrently.
     """
 
     #: The backend's registry name ("inproc", "tcp", "rdma").
@@ -372,9 +404,11 @@ class Transport(abc.ABC):
 
         With `notify`, the peer gets one `Notification` (describing the last entry) after all entries landed.
 
-        This default posts one `write` per entry and combines their futures (with `notify`, the last entry is
-        written after the others completed); backends override it with a cheaper path (TCP: one vectored send,
-        one acknowledgement).
+        This default posts one `write` per entry, in order, the last one carrying `notify` (the ordering contract,
+        see `Transport`, lands it, and so sends its notification, after the others), and combines their futures;
+        backends override it with a cheaper path (TCP: one vectored send, one acknowledgement). (It used to post
+        the notifying entry only once the others had completed, so a write posted after the batch could land
+        before the batch's last entry.)
         """
         check_priority(priority)
         self._check_open()
@@ -382,28 +416,14 @@ class Transport(abc.ABC):
         if not batch:
             return completed_future(0)
         total = sum(e[2] for e in batch)
-        if notify is None:
-            return combine_futures(
-                [self.write(peer, lr, lo, rr, ro, n, priority) for lr, lo, n, rr, ro in batch], total
-            )
-        *head, (lr, lo, n, rr, ro) = batch
-        done: Future = Future()
-
-        def post_last(head_done: Future) -> None:
-            if _error_of(head_done) is not None:
-                _fail(done, _error_of(head_done))
-                return
-            try:
-                f = self.write(peer, lr, lo, rr, ro, n, priority, notify=notify)
-            except BaseException as e:  # noqa: BLE001 - surfaced through the future
-                _fail(done, e)
-                return
-            combine_futures([f], total, done)
-
-        combine_futures([self.write(peer, a, b, c, d, m, priority) for a, b, m, c, d in head], None).add_done_callback(
-            post_last
+        last = len(batch) - 1
+        return combine_futures(
+            [
+                self.write(peer, lr, lo, rr, ro, n, priority, notify=notify if i == last else None)
+                for i, (lr, lo, n, rr, ro) in enumerate(batch)
+            ],
+            total,
         )
-        return done
 
     def _check_write_batch(
         self, peer: str, entries: Sequence[WriteEntry], notify: int | None

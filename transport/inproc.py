@@ -4,13 +4,21 @@ Endpoints find each other through an `InProcFabric` (a name -> endpoint map; one
 Each endpoint runs a small thread pool per priority class, so a long low-priority KV copy never queues in
 front of high-priority model traffic, and numpy's copy releases the GIL so copies overlap compute. A pacer
 (`dualpath_jax.traffic`) can cap the rate to emulate a NIC.
+
+Ordering (the `Transport` contract, as TCP's one connection per class and RDMA's one QP per class keep it):
+what an endpoint posts to one peer in one class (writes, `write_many` batches, reads; messages travel in the
+high class) goes into that (peer, class)'s *lane*, a FIFO whose tasks run one at a time, in posting order, on
+the class's pool. Lanes to different peers and of different classes run concurrently on the pool's workers; a
+busy lane gives its worker back every LANE_BATCH tasks so it does not starve the other lanes of its class.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -26,12 +34,28 @@ from transport.base import (
     RegionError,
     Transport,
     TransportClosedError,
+    WriteEntry,
     check_notify,
     check_priority,
+    completed_future,
 )
 
 # Pacing granularity: a paced copy asks its links for this many bytes at a time.
 PACE_CHUNK = 1 << 20
+# Tasks a lane runs in a row before it lets the other lanes of its class have the worker.
+LANE_BATCH = 64
+
+
+class _Lane:
+    """The transfers (and messages) an endpoint posted to one peer in one class that have not run yet: run one
+    at a time, in posting order, by one `_drain` job on the class's pool while `active`."""
+
+    __slots__ = ("tasks", "active", "pool")
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self.tasks: collections.deque[tuple[Future, Any]] = collections.deque()  # (future, fn) in posting order
+        self.active = False  # a `_drain` job is queued or running for this lane
+        self.pool = pool
 
 
 class InProcFabric:
@@ -80,6 +104,7 @@ class InProcTransport(Transport):
             p: ThreadPoolExecutor(max_workers=workers_per_class, thread_name_prefix=f"inproc-{name}-{p}")
             for p in PRIORITIES
         }
+        self._lanes: dict[tuple[str, str], _Lane] = {}  # (peer, class) -> its lane, made on first use
         self._peers: set[str] = set()
         self._pending: set[Future] = set()
         self.fabric.attach(self)
@@ -130,29 +155,52 @@ class InProcTransport(Transport):
             np.copyto(d[pos : pos + step], s[pos : pos + step])
             pos += step
 
-    def _submit(self, priority: str, fn) -> Future:
+    def _submit(self, peer: str, priority: str, fn) -> Future:
+        """Queue `fn` on the (peer, priority) lane; its future resolves to what `fn` returns (or fails with what
+        it raises) after every task posted to that lane before it ran."""
         fut: Future = Future()
         with self._lock:
             self._check_open()
             self._pending.add(fut)
-
-        def run() -> None:
+            lane = self._lanes.get((peer, priority))
+            if lane is None:
+                lane = self._lanes[peer, priority] = _Lane(self._pools[priority])
+            lane.tasks.append((fut, fn))
+            start = not lane.active
+            lane.active = True
+        if start:
             try:
-                if fut.set_running_or_notify_cancel():
-                    fut.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - surfaced through the future
-                if not fut.done():
-                    fut.set_exception(e if isinstance(e, Exception) else PeerLostError(repr(e)))
-            finally:
+                lane.pool.submit(self._drain, lane)
+            except RuntimeError as e:  # pool shut down by a concurrent close()
                 with self._lock:
                     self._pending.discard(fut)
-
-        try:
-            self._pools[priority].submit(run)
-        except RuntimeError as e:  # pool shut down by a concurrent close()
-            self._pending.discard(fut)
-            raise TransportClosedError(f"endpoint {self.name!r} is closed") from e
+                raise TransportClosedError(f"endpoint {self.name!r} is closed") from e
         return fut
+
+    def _drain(self, lane: _Lane) -> None:
+        """Run the lane's tasks in order (on a worker of its class's pool) until it is empty, the endpoint is
+        closed (`close` fails what is left), or LANE_BATCH ran: then queue itself behind the class's other lanes."""
+        done = None
+        for _ in range(LANE_BATCH):
+            with self._lock:
+                if done is not None:
+                    self._pending.discard(done)
+                if self._closed or not lane.tasks:
+                    lane.active = False
+                    return
+                done, fn = lane.tasks.popleft()
+            try:
+                if done.set_running_or_notify_cancel():
+                    done.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - surfaced through the future
+                if not done.done():
+                    done.set_exception(e if isinstance(e, Exception) else PeerLostError(repr(e)))
+        with self._lock:
+            self._pending.discard(done)
+        try:
+            lane.pool.submit(self._drain, lane)
+        except RuntimeError:  # pool shut down by close(), which fails the lane's leftover futures
+            pass
 
     def write(
         self,
@@ -182,7 +230,38 @@ class InProcTransport(Transport):
                 ep.completions.put(Notification(self.name, tag, remote_region, remote_offset, length))
             return length
 
-        return self._submit(priority, run)
+        return self._submit(peer, priority, run)
+
+    def write_many(
+        self,
+        peer: str,
+        entries: Sequence[WriteEntry],
+        priority: str = "low",
+        notify: int | None = None,
+    ) -> Future:
+        """One lane task for the whole batch: its entries land in order, then the notification (see
+        `Transport.write_many`)."""
+        check_priority(priority)
+        self._check_open()
+        batch = self._check_write_batch(peer, entries, notify)
+        if not batch:
+            return completed_future(0)
+        tag = check_notify(notify)
+        ep = self._peer(peer)
+        copies = [(self.region(lr), lo, ep.region(rr), ro, n) for lr, lo, n, rr, ro in batch]
+        total = sum(e[2] for e in batch)
+        _, _, last_n, last_region, last_offset = batch[-1]
+
+        def run() -> int:
+            if ep.closed:
+                raise PeerLostError(f"peer {peer!r} closed before the write ran")
+            for src, so, dst, do, n in copies:
+                self._copy(src, so, dst, do, n, priority, ep)
+            if tag is not None:
+                ep.completions.put(Notification(self.name, tag, last_region, last_offset, last_n))
+            return total
+
+        return self._submit(peer, priority, run)
 
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
         self._peer(peer).region(region).check(offset, length, f"write to {peer}:{region}")
@@ -211,7 +290,7 @@ class InProcTransport(Transport):
             self._copy(src, remote_offset, dst, local_offset, length, priority, ep)
             return length
 
-        return self._submit(priority, run)
+        return self._submit(peer, priority, run)
 
     def send(self, peer: str, payload: bytes) -> Future:
         self._check_open()
@@ -226,7 +305,7 @@ class InProcTransport(Transport):
             ep.messages.put(self.name, data)
             return len(data)
 
-        return self._submit("high", run)
+        return self._submit(peer, "high", run)  # messages keep their order with the high-class transfers
 
     def _on_deregister(self, region: MemoryRegion) -> None:
         if region.name not in self._regions:
