@@ -1,6 +1,7 @@
 """Fixtures shared by the runtime tests (tests/test_runtime.py, tests/test_runtime_cnic.py): the small `:test`
 runtime config, its model ops, trajectories and the single-process reference tokens (module-scoped: each test
-module builds them once)."""
+module builds them once); and by the KV store tests (tests/test_kv_store*.py): `rm`, the store options of each read
+method."""
 
 from __future__ import annotations
 
@@ -75,3 +76,21 @@ def corrupt_every_block_once(store_dir, after_turns: int):
 def block_corrupter():
     """`corrupt_every_block_once` for the tests."""
     return corrupt_every_block_once
+
+
+# The KV store's read methods: "mmap" with every verified read mapped from the first read of a file on (by default
+# only reads of >= 256 KiB are, from the second read of an open file on) and "preadv"; each with the compiled
+# verified-read loops (store/_verify.pyx, where built) and with the Python loops ("-py").
+_STORE_MMAP_ALL = {"read_method": "mmap", "mmap_min_bytes": 0, "mmap_after_reads": 0}
+_STORE_READ_METHODS = {
+    "mmap": _STORE_MMAP_ALL,
+    "preadv": {"read_method": "preadv"},
+    "mmap-py": {**_STORE_MMAP_ALL, "native_verify": False},
+    "preadv-py": {"read_method": "preadv", "native_verify": False},
+}
+
+
+@pytest.fixture(params=sorted(_STORE_READ_METHODS))
+def rm(request):
+    """Store options of one read method."""
+    return dict(_STORE_READ_METHODS[request.param])

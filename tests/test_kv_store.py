@@ -34,18 +34,7 @@ def make_keys(n: int, seed: int = 0) -> list[bytes]:
 # reads of >= 256 KiB are, from the second read of an open file on). Each with the compiled verified-read loops
 # (store/_verify.pyx, where built) and with the Python loops ("-py").
 MMAP_ALL = {"read_method": "mmap", "mmap_min_bytes": 0, "mmap_after_reads": 0}
-READ_METHODS = {
-    "mmap": MMAP_ALL,
-    "preadv": {"read_method": "preadv"},
-    "mmap-py": {**MMAP_ALL, "native_verify": False},
-    "preadv-py": {"read_method": "preadv", "native_verify": False},
-}
-
-
-@pytest.fixture(params=sorted(READ_METHODS))
-def rm(request):
-    """Store options of one read method."""
-    return READ_METHODS[request.param]
+# (The `rm` fixture, in tests/conftest.py, gives the store options of each of the four.)
 
 
 @pytest.fixture

@@ -18,18 +18,6 @@ from dualpath_jax.store import LocalDirStore, block_file
 LAYOUT = BlockLayout(num_layers=4, block_tokens=16, bytes_per_token_per_layer=40, fingerprint="test-model/bf16")
 FB = LAYOUT.full_block_nbytes
 FNB = block_file.file_nbytes(LAYOUT)
-MMAP_ALL = {"read_method": "mmap", "mmap_min_bytes": 0, "mmap_after_reads": 0}
-READ_METHODS = {
-    "mmap": MMAP_ALL,
-    "preadv": {"read_method": "preadv"},
-    "mmap-py": {**MMAP_ALL, "native_verify": False},
-    "preadv-py": {"read_method": "preadv", "native_verify": False},
-}
-
-
-@pytest.fixture(params=sorted(READ_METHODS))
-def rm(request):
-    return READ_METHODS[request.param]
 
 
 def key(i: int) -> bytes:
@@ -78,6 +66,20 @@ def _hook_os(monkeypatch, name: str, path: str, action, when: str):
 
     monkeypatch.setattr(os, name, wrapper)
     return state
+
+
+def _gate_reads(s: LocalDirStore) -> tuple[threading.Event, threading.Event]:
+    """Make `s`'s reads stop once they opened their file: `entered` is set then, and they go on once `go` is."""
+    entered, go = threading.Event(), threading.Event()
+    real = s._read_fd
+
+    def gated(*args, **kwargs):
+        entered.set()
+        assert go.wait(10)
+        return real(*args, **kwargs)
+
+    s._read_fd = gated
+    return entered, go
 
 
 # ---- #11: a miss racing a write of the same key ----------------------------------------------------------------
@@ -257,15 +259,7 @@ def test_unpin_of_an_unpinned_key_fails_while_a_read_of_it_is_in_flight(tmp_path
     s = LocalDirStore(tmp_path / "kv", LAYOUT, 2 * FNB, read_method="preadv")
     k = key(1)
     s.write(k, block(1))
-    entered, go = threading.Event(), threading.Event()
-    real = s._read_fd
-
-    def gated(*args, **kwargs):
-        entered.set()
-        assert go.wait(10)
-        return real(*args, **kwargs)
-
-    s._read_fd = gated
+    entered, go = _gate_reads(s)
     t = threading.Thread(target=s.read, args=(k, np.zeros(FB, np.uint8)))
     t.start()
     assert entered.wait(10)
@@ -437,15 +431,7 @@ def test_a_child_forked_while_threads_use_the_store_can_use_it(tmp_path):
             held.set()
             release.wait(10)
 
-    entered, go = threading.Event(), threading.Event()
-    real = s._read_fd
-
-    def gated(*args, **kwargs):
-        entered.set()
-        assert go.wait(10)
-        return real(*args, **kwargs)
-
-    s._read_fd = gated
+    entered, go = _gate_reads(s)
     reader = threading.Thread(target=s.read, args=(k, np.zeros(FB, np.uint8)))
     reader.start()
     assert entered.wait(10)
