@@ -3,14 +3,17 @@
 ``load_hf_checkpoint(dir, dtype="float32") -> (config, params)`` maps HF tensor names and layouts (Linear
 weights [out, in] -> NNX kernels [in, out]; per-expert weights stacked into [E, in, out]) onto the NNX
 param tree of the family registered for ``config.json``'s architecture. A missing tensor, a wrong shape or
-dtype, an unreadable file or an unknown architecture raises ValueError naming the tensor / field / file.
+dtype, NaN / inf values, an unreadable file or an unknown architecture raises ValueError naming the tensor /
+field / file (tensor names are compared before the model's param tree is built).
 ``safetensors`` is the optional ``hf`` extra, imported lazily.
 
 ``save_params(dir, params)`` / ``restore_params(dir, config) -> params`` use orbax-checkpoint; params are
 an ``nnx.State`` or its pure dict (what ModelRunner accepts and exposes). ``save_params`` refuses an existing
 ``dir`` and a leaf that is not a numeric array (naming it) before writing anything; a save that fails midway
 (disk full, a file-size limit, an interrupt) removes what it wrote (orbax's ``<dir>.orbax-checkpoint-tmp*``,
-parent directories it created) and raises ValueError naming ``dir``.
+parent directories it created) and raises ValueError naming ``dir``. It stores an xxh3 checksum of each array's
+bytes in the checkpoint's metadata (orbax ``custom_metadata``); ``restore_params`` verifies them and refuses a
+saved dtype other than the config's.
 """
 
 from __future__ import annotations
@@ -75,8 +78,22 @@ _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
     """HF-named tensors -> pure NNX param dict for `config` (errors name the tensor)."""
-    expected = abstract_params(config)
     tmap = family(config).hf_tensor_map(config)
+    # The names first (a dict walk): building the abstract model costs superlinear time in the layer count, so a
+    # config.json with an absurd num_hidden_layers kept the loader busy for hours before "missing tensor".
+    missing = [
+        (name, path)
+        for path, (names, _) in tmap.items()
+        for name in (names if isinstance(names, list) else [names])
+        if name not in tensors
+    ]
+    if missing:
+        name, path = missing[0]
+        more = (
+            f"; {len(missing) - 1} more of the {config.num_layers}-layer model's tensors missing" if missing[1:] else ""
+        )
+        raise ValueError(f"HF checkpoint: missing tensor {name!r} (for {'/'.join(map(str, path))}){more}")
+    expected = abstract_params(config)
     expected_paths = {tuple(p) for p, _ in _flat_paths(expected)}
     if expected_paths != set(tmap):
         missing = sorted(map(str, expected_paths - set(tmap)))
@@ -109,7 +126,20 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
                 f"HF checkpoint: tensor {shown!r} has shape {tuple(arrays[0].shape)}, which gives "
                 f"{tuple(value.shape)} for {'/'.join(map(str, path))}; expected {tuple(want.shape)}"
             )
-        _set(out, path, np.ascontiguousarray(value).astype(want.dtype))
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the tensor
+            value = np.ascontiguousarray(value).astype(want.dtype)
+        # NaN / inf weights (or float64 values beyond the config dtype's range, inf after the cast) loaded
+        # silently and every logit was NaN
+        if not np.isfinite(value).all():
+            shown = names_list[0] if len(names_list) == 1 else f"{names_list[0]} .. {names_list[-1]}"
+            src = arrays[0].dtype
+            what = (
+                f"values beyond {value.dtype}'s range (inf once cast from {src})"
+                if all(np.isfinite(a).all() for a in arrays)
+                else "non-finite values (NaN or inf)"
+            )
+            raise ValueError(f"HF checkpoint: tensor {shown!r} has {what} (for {'/'.join(map(str, path))})")
+        _set(out, path, value)
     unused = sorted(set(tensors) - used)
     if unused:
         _LOG.warning(
@@ -138,6 +168,8 @@ def load_hf_config(checkpoint_dir: str | os.PathLike, dtype: str = "float32"):
         raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    except RecursionError:  # thousands of nested [ or {: the json module recurses per level
+        raise ValueError(f"{path}: invalid JSON (nested too deeply)") from None
     return config_from_hf(d, dtype=dtype)
 
 
@@ -205,11 +237,36 @@ def _int_keys(tree):
     return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
 
 
+# Per-array checksums, kept in orbax's checkpoint metadata (custom_metadata, written with the checkpoint and
+# atomic with it): tensorstore writes the array chunks without a checksum of their own, so flipped bytes in
+# ocdbt.process_0/d/* restored without an error, as wrong weights.
+_CHECKSUMS = "dualpath_checksums"
+_CHECKSUM_ALGO = "xxh3_64"
+
+
+def _digest(arr: np.ndarray) -> str:
+    import xxhash
+
+    arr = np.ascontiguousarray(arr)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return xxhash.xxh3_64_hexdigest(arr.reshape(-1).view(np.uint8))
+
+
+def _checksums(tree: dict) -> dict:
+    params = {
+        "/".join(p): {"dtype": str(a.dtype), "shape": list(a.shape), _CHECKSUM_ALGO: _digest(a)}
+        for p, a in _flat_paths(tree)
+    }
+    return {"version": 1, "algorithm": _CHECKSUM_ALGO, "params": params}
+
+
 def save_params(checkpoint_dir: str | os.PathLike, params) -> None:
     """Save params (nnx.State or pure dict) with orbax to `checkpoint_dir` (must not exist yet).
 
     All or nothing: a save that fails removes what it wrote and raises ValueError naming the directory; an
-    existing checkpoint is never touched."""
+    existing checkpoint is never touched. A checksum of every array's bytes goes into the checkpoint's metadata;
+    restore_params verifies them."""
     import orbax.checkpoint as ocp
 
     path = Path(checkpoint_dir).absolute()
@@ -220,7 +277,7 @@ def save_params(checkpoint_dir: str | os.PathLike, params) -> None:
     ckptr = ocp.StandardCheckpointer()
     try:
         try:
-            ckptr.save(path, tree)
+            ckptr.save(path, tree, custom_metadata={_CHECKSUMS: _checksums(tree)})
             ckptr.wait_until_finished()
         except BaseException as e:
             try:
@@ -239,8 +296,11 @@ def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
     """Restore params saved by save_params for `config` (shapes/dtypes checked against the config).
 
     ValueError naming the directory: no such path; not an orbax checkpoint; a param tree that does not match
-    the config's model (names the first missing / extra / differently shaped param); a checkpoint whose
-    files cannot be read (damaged or incomplete)."""
+    the config's model (names the first missing / extra param, or one of another shape or dtype: a float32
+    checkpoint is not cast to a bfloat16 config, an int one not to a float config); a checkpoint whose files
+    cannot be read, or whose array bytes differ from the checksums save_params stored (damaged or incomplete;
+    names the param). A checkpoint saved without checksums (before they were stored) restores unverified, with
+    a logged warning."""
     import orbax.checkpoint as ocp
 
     path = Path(checkpoint_dir).absolute()
@@ -259,26 +319,74 @@ def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
         raise ValueError(f"{checkpoint_dir}: not an orbax checkpoint, or an incomplete one (no readable metadata)")
     # The saved tree against the config's, before reading any array: orbax named neither side of a mismatch
     # ("tree structures do not match") and a read error of a damaged checkpoint came out as a mismatch too.
-    saved_shapes = {
-        tuple(str(getattr(k, "key", k)) for k in p): tuple(getattr(leaf, "shape", ()))
-        for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
+    saved_leaves = {
+        tuple(str(getattr(k, "key", k)) for k in p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]
     }
-    wanted = {tuple(p): tuple(want.shape) for p, want in _flat_paths(target)}
-    for p, shape in wanted.items():
-        if p not in saved_shapes:
+    wanted = {tuple(p): want for p, want in _flat_paths(target)}
+    for p, want in wanted.items():
+        if p not in saved_leaves:
             raise ValueError(f"{mismatch}: {'/'.join(p)} is not in the checkpoint")
-        if saved_shapes[p] != shape:
-            raise ValueError(f"{mismatch}: {'/'.join(p)} has shape {saved_shapes[p]}; expected {shape}")
-    extra = sorted(set(saved_shapes) - set(wanted))
+        shape = tuple(getattr(saved_leaves[p], "shape", ()))
+        if shape != tuple(want.shape):
+            raise ValueError(f"{mismatch}: {'/'.join(p)} has shape {shape}; expected {tuple(want.shape)}")
+        # orbax casts to the target's dtype: int32 weights came back as float32 silently
+        dtype = getattr(saved_leaves[p], "dtype", None)
+        if dtype is None or np.dtype(dtype) != np.dtype(want.dtype):
+            raise ValueError(
+                f"{mismatch}: {'/'.join(p)} has dtype {dtype}; expected {np.dtype(want.dtype)} "
+                f"(restore_params does not convert dtypes)"
+            )
+    extra = sorted(set(saved_leaves) - set(wanted))
     if extra:  # e.g. a deeper model's layers, or an lm_head for a tied config
         raise ValueError(f"{mismatch}: the checkpoint has {'/'.join(extra[0])}, not a param of this config's model")
+    checksums = _stored_checksums(ckptr, path, checkpoint_dir)
     try:
         restored = ckptr.restore(path, target)
     except Exception as e:  # tensorstore NOT_FOUND / FAILED_PRECONDITION / DATA_LOSS: files missing or damaged
         raise ValueError(f"{checkpoint_dir}: cannot read the checkpoint (damaged or incomplete?): {e}") from e
+    restored = jax.tree.map(np.asarray, restored)
     # orbax restores the saved shapes, not the target's (checked above from the metadata; kept as a guard)
     for p, want in _flat_paths(target):
         got = _get(restored, p)
         if tuple(got.shape) != tuple(want.shape):
             raise ValueError(f"{mismatch}: {'/'.join(p)} has shape {tuple(got.shape)}; expected {tuple(want.shape)}")
-    return _int_keys(jax.tree.map(np.asarray, restored))
+        if checksums is None:
+            continue
+        name = "/".join(p)
+        rec = checksums.get(name)
+        if not isinstance(rec, dict) or not isinstance(rec.get(_CHECKSUM_ALGO), str):
+            raise ValueError(f"{checkpoint_dir}: the checkpoint's checksum record has no valid entry for {name}")
+        if rec.get("dtype") != str(got.dtype) or _digest(got) != rec[_CHECKSUM_ALGO]:
+            raise ValueError(
+                f"{checkpoint_dir}: cannot read the checkpoint (damaged or incomplete?): {name} does not match "
+                f"the checksum stored when it was saved"
+            )
+    return _int_keys(restored)
+
+
+def _stored_checksums(ckptr, path: Path, checkpoint_dir) -> dict | None:
+    """The per-param checksums save_params stored, or None (with a warning) for a checkpoint saved without them."""
+    meta_file = path / "_CHECKPOINT_METADATA"  # orbax's; it logs an unreadable one and carries on without it
+    if meta_file.exists():
+        try:
+            ok = isinstance(json.loads(meta_file.read_text(encoding="utf-8")), dict)
+        except (OSError, ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            ok = False
+        if not ok:
+            raise ValueError(f"{checkpoint_dir}: cannot read the checkpoint (damaged?): unreadable {meta_file.name}")
+    try:
+        custom = ckptr.metadata(path).custom_metadata
+    except Exception:  # noqa: BLE001 -- no _CHECKPOINT_METADATA: as a checkpoint without checksums
+        custom = None
+    record = custom.get(_CHECKSUMS) if isinstance(custom, dict) else None
+    if record is None:
+        _LOG.warning(
+            "%s: the checkpoint has no checksums (saved before they were stored, or its _CHECKPOINT_METADATA is "
+            "gone): the array bytes are restored unverified",
+            checkpoint_dir,
+        )
+        return None
+    params = record.get("params") if isinstance(record, dict) else None
+    if not isinstance(params, dict) or record.get("algorithm") != _CHECKSUM_ALGO:
+        raise ValueError(f"{checkpoint_dir}: the checkpoint's checksum record is damaged or of an unknown kind")
+    return params

@@ -31,13 +31,16 @@ def hf_int(d: dict, key: str, default, low: int = 0, where: str = "config.json")
     return v
 
 
-def hf_float(d: dict, key: str, default: float, where: str = "config.json") -> float:
-    """An optional real HF config field (`default` when absent or null): a finite number."""
+def hf_float(d: dict, key: str, default: float, where: str = "config.json", *, above: float | None = None) -> float:
+    """An optional real HF config field (`default` when absent or null): a finite number, and `> above` when given
+    (rope_theta <= 0 or rms_norm_eps <= 0 loaded, and every logit was NaN)."""
     v = d.get(key)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError(f"{where}: field {key!r} must be a finite number, got {v!r}")
+    if above is not None and not v > above:
+        raise ValueError(f"{where}: field {key!r} must be > {above:g}, got {v!r}")
     return float(v)
 
 

@@ -82,7 +82,7 @@ class DeepseekConfig(ModelConfig):
             vocab_size=hf_field(d, "vocab_size"),
             hidden_size=hf_field(d, "hidden_size"),
             num_layers=hf_field(d, "num_hidden_layers"),
-            rms_norm_eps=hf_float(d, "rms_norm_eps", 1e-6),
+            rms_norm_eps=hf_float(d, "rms_norm_eps", 1e-6, above=0),
             tie_word_embeddings=hf_bool(d, "tie_word_embeddings"),
             dtype=dtype,
             max_position_embeddings=hf_int(d, "max_position_embeddings", 4096, low=1),
@@ -108,7 +108,7 @@ class DeepseekConfig(ModelConfig):
             attention_bias=hf_bool(d, "attention_bias"),
             rope=RopeConfig.from_hf(
                 rope_dim,
-                hf_float(d, "rope_theta", 10000.0),
+                hf_float(d, "rope_theta", 10000.0, above=0),
                 d.get("rope_scaling"),
                 interleaved=True,
             ),

@@ -43,13 +43,18 @@ class Qwen2Config(ModelConfig):
         hidden = hf_field(d, "hidden_size")
         heads = hf_field(d, "num_attention_heads")
         head_dim = hf_int(d, "head_dim", 0) or hidden // heads
+        if head_dim == 0:  # a ZeroDivisionError deep in the param init
+            raise ValueError(
+                f"config.json: num_attention_heads={heads} > hidden_size={hidden} and no head_dim: "
+                f"head_dim = hidden_size // num_attention_heads = 0"
+            )
         qwen = arch == "Qwen2ForCausalLM"
         return cls(
             architecture=arch,
             vocab_size=hf_field(d, "vocab_size"),
             hidden_size=hidden,
             num_layers=hf_field(d, "num_hidden_layers"),
-            rms_norm_eps=hf_float(d, "rms_norm_eps", 1e-6),
+            rms_norm_eps=hf_float(d, "rms_norm_eps", 1e-6, above=0),
             tie_word_embeddings=hf_bool(d, "tie_word_embeddings"),
             dtype=dtype,
             max_position_embeddings=hf_int(d, "max_position_embeddings", 4096, low=1),
@@ -58,7 +63,7 @@ class Qwen2Config(ModelConfig):
             head_dim=head_dim,
             intermediate_size=hf_field(d, "intermediate_size"),
             qkv_bias=True if qwen else hf_bool(d, "attention_bias"),
-            rope=RopeConfig.from_hf(head_dim, hf_float(d, "rope_theta", 10000.0), d.get("rope_scaling")),
+            rope=RopeConfig.from_hf(head_dim, hf_float(d, "rope_theta", 10000.0, above=0), d.get("rope_scaling")),
         )
 
 

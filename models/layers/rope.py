@@ -23,6 +23,15 @@ _REQUIRED = {
     "yarn": ("factor", "original_max_position_embeddings"),
 }
 
+_POSITIVE = (
+    "factor",
+    "original_max_position_embeddings",
+    "low_freq_factor",
+    "high_freq_factor",
+    "beta_fast",
+    "beta_slow",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
@@ -44,6 +53,11 @@ class RopeConfig:
             raise ValueError(f"rope_scaling type {self.kind!r} is not supported (default, llama3, yarn)")
         if self.dim % 2:
             raise ValueError(f"rotary dim must be even, got {self.dim}")
+        # theta <= 0 gave NaN inverse frequencies (every logit NaN); yarn divides by log(theta)
+        if not (math.isfinite(self.theta) and self.theta > 0):
+            raise ValueError(f"rope theta must be a finite number > 0, got {self.theta!r}")
+        if self.kind == "yarn" and self.theta <= 1:
+            raise ValueError(f"rope theta must be > 1 for yarn scaling (it divides by log(theta)), got {self.theta!r}")
 
     @classmethod
     def from_hf(
@@ -75,8 +89,14 @@ class RopeConfig:
         for k, v in kw.items():  # "8" or null failed at the first trace inside inv_freq (a numpy TypeError)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"rope_scaling field {k!r} must be a finite number, got {v!r}")
-            if k in ("factor", "original_max_position_embeddings") and v <= 0:
+            # each divides (ZeroDivisionError at the first trace) or is a log's argument (math domain error)
+            if k in _POSITIVE and v <= 0:
                 raise ValueError(f"rope_scaling field {k!r} must be > 0, got {v!r}")
+        if kind == "yarn" and not theta > 1:
+            raise ValueError(
+                f"config.json: field 'rope_theta' must be > 1 with rope_scaling type 'yarn' (it divides by "
+                f"log(rope_theta)), got {theta!r}"
+            )
         return cls(dim=dim, theta=float(theta), kind=kind, interleaved=interleaved, **kw)
 
 
