@@ -228,6 +228,31 @@ class Pacer:
         # Which class of each link a transfer priority uses (SNICs carry KV only: map everything to "low").
         self.class_map = dict(class_map or {})
 
+    def classes(self, priority: str) -> list[str]:
+        """The class `priority` uses on each link of the path.
+
+        A link with that class (after `class_map`) uses it; a one-class link (an SNIC) takes any known
+        priority as its single class. An unknown priority (a typo) is refused, never paced as some other class.
+        """
+        known = set(DEFAULT_CNIC_WEIGHTS) | set(self.class_map)
+        for link in self.links:
+            known.update(link.weights)
+        if priority not in known:
+            raise ValueError(
+                f"pacer over {[link.name for link in self.links]}: unknown priority {priority!r}; "
+                f"known: {sorted(known)}"
+            )
+        classes = []
+        for link in self.links:
+            cls = self.class_map.get(priority, priority)
+            if cls in link.weights:
+                classes.append(cls)
+            elif len(link.weights) == 1:
+                classes.append(next(iter(link.weights)))
+            else:
+                raise ValueError(f"link {link.name!r} has classes {sorted(link.weights)}, not {cls!r}")
+        return classes
+
     def pace(self, nbytes: int, priority: str = "low") -> None:
         """Block until `nbytes` of `priority` may cross every link of the path."""
         for _ in self.paced(nbytes, priority):
@@ -238,10 +263,7 @@ class Pacer:
         quantum = min(link.quantum for link in self.links)
         n = int(nbytes)
         sizes = [min(quantum, n - o) for o in range(0, n, quantum)]
-        classes = []
-        for link in self.links:
-            cls = self.class_map.get(priority, priority)
-            classes.append(cls if cls in link.weights else next(iter(link.weights)))
+        classes = self.classes(priority)
 
         def enqueue(k: int) -> list:
             return [link.enqueue(sizes[k], c) for link, c in zip(self.links, classes, strict=True)]

@@ -13,12 +13,11 @@ Both always make progress: an empty batch's head request gets at least `min_chun
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Callable, Sequence
 
 from schedulers.api import BatchItem, IntraEnginePolicy, PrefillWork
 from schedulers.cost_model import CostModel
-from schedulers.registry import BATCHERS
+from schedulers.registry import BATCHERS, describe, is_bool, is_int, is_real
 
 
 def largest_fitting_bsz(cost: Callable[[int], float], budget: float, upper: int) -> int:
@@ -57,8 +56,8 @@ def _largest_fitting_chunk(
 
 
 def _is_count(x) -> bool:
-    """An int >= 1 (a batch's token or request cap: NaN, fractions and 0 are configuration mistakes)."""
-    return isinstance(x, numbers.Integral) and x >= 1
+    """An int >= 1 (a batch's token or request cap: NaN, fractions, bools and 0 are configuration mistakes)."""
+    return is_int(x) and x >= 1
 
 
 _INF = float("inf")
@@ -88,9 +87,11 @@ class FifoBatcher(IntraEnginePolicy):
 
         def __post_init__(self):
             if not _is_count(self.token_budget):
-                raise ValueError(f"fifo token_budget must be >= 1 (an int), got {self.token_budget!r}")
+                raise ValueError(f"fifo token_budget must be >= 1 (an int), got {describe(self.token_budget)}")
             if self.max_requests is not None and not _is_count(self.max_requests):  # 0: no batch would ever form
-                raise ValueError(f"fifo max_requests must be >= 1 (an int) or None, got {self.max_requests!r}")
+                raise ValueError(f"fifo max_requests must be >= 1 (an int) or None, got {describe(self.max_requests)}")
+            if not is_bool(self.chunk):  # a string such as 'no' is truthy: chunking would stay on
+                raise ValueError(f"fifo chunk must be a bool (True or False), got {describe(self.chunk)}")
 
     def __init__(self, config: FifoBatcher.Config | None = None):
         self.config = config or self.Config()
@@ -130,12 +131,16 @@ class ComputeQuotaBatcher(IntraEnginePolicy):
         min_chunk_tokens: int = 1  # progress guarantee for a head request that alone exceeds the quota
 
         def __post_init__(self):
-            if not self.quota_s > 0:  # NaN too (it would cut every batch to one token)
-                raise ValueError(f"compute_quota quota_s must be > 0, got {self.quota_s}")
+            if not (is_real(self.quota_s) and self.quota_s > 0):  # NaN too (it would cut every batch to one token)
+                raise ValueError(f"compute_quota quota_s must be > 0, got {self.quota_s!r}")
             if self.token_budget is not None and not _is_count(self.token_budget):  # 0: no batch would ever form
-                raise ValueError(f"compute_quota token_budget must be >= 1 (an int) or None, got {self.token_budget!r}")
+                raise ValueError(
+                    f"compute_quota token_budget must be >= 1 (an int) or None, got {describe(self.token_budget)}"
+                )
             if not _is_count(self.min_chunk_tokens):
-                raise ValueError(f"min_chunk_tokens must be >= 1 (an int), got {self.min_chunk_tokens!r}")
+                raise ValueError(
+                    f"compute_quota min_chunk_tokens must be >= 1 (an int), got {describe(self.min_chunk_tokens)}"
+                )
             if self.cost_model is not None and not callable(getattr(self.cost_model, "attention_time", None)):
                 # e.g. a model name from a command line: was an AttributeError at the first batch
                 raise TypeError(

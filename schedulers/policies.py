@@ -46,7 +46,7 @@ from schedulers.api import (
     ReadSide,
 )
 from schedulers.cost_model import CostModel
-from schedulers.registry import POLICIES
+from schedulers.registry import POLICIES, describe, is_int, is_real
 
 # DualPath's inner loops in C (schedulers/_dualpath.pyx, built by setup.py; dualpath_jax/compiled.py says when
 # it is not used); None: the Python loops
@@ -347,8 +347,11 @@ class BasicPolicy(InterEnginePolicy):
         max_pe_tokens: int | None = None  # PEs above this tok_e get nothing (None: no cap)
 
         def __post_init__(self):
-            if self.max_pe_tokens is not None and not self.max_pe_tokens >= 0:  # NaN too
-                raise ValueError(f"basic max_pe_tokens must be >= 0 or None, got {self.max_pe_tokens}")
+            cap = self.max_pe_tokens
+            if cap is not None and not (is_real(cap) and cap >= 0):  # NaN too
+                raise ValueError(f"basic max_pe_tokens must be >= 0 or None, got {cap!r}")
+            if cap is not None and not is_int(cap):  # a token count: 2.5 or True are mistakes
+                raise ValueError(f"basic max_pe_tokens must be an int or None, got {describe(cap)}")
 
     def __init__(self, config: BasicPolicy.Config | None = None):
         self.config = config or self.Config()
@@ -465,6 +468,11 @@ class RandomPolicy(InterEnginePolicy):
     class Config:
         seed: int = 0
 
+        def __post_init__(self):
+            # random.Random takes any hashable seed: a float, a bool or a string would silently seed something else
+            if not is_int(self.seed):
+                raise ValueError(f"random seed must be an int, got {describe(self.seed)}")
+
     def __init__(self, config: RandomPolicy.Config | None = None):
         self.config = config or self.Config()
         self._rng = random.Random(self.config.seed)
@@ -510,12 +518,17 @@ class DualPathConfig:
 
     def __post_init__(self):
         # `not x >= ...` refuses NaN too (NaN β would silently place nothing, NaN Z would ignore seq_e)
-        if not (self.alpha_tokens >= 0 and self.beta_tokens >= 0):
-            raise ValueError(f"alpha/beta must be >= 0, got {self.alpha_tokens}/{self.beta_tokens}")
-        if not 1.0 <= self.z_slack < math.inf:
-            raise ValueError(f"z_slack must be >= 1 and finite, got {self.z_slack}")
-        if not self.block_size >= 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        a, b = self.alpha_tokens, self.beta_tokens
+        if (is_real(a) and not a >= 0) or (is_real(b) and not b >= 0):
+            raise ValueError(f"alpha/beta must be >= 0, got {a!r}/{b!r}")
+        if not (is_real(self.z_slack) and 1.0 <= self.z_slack < math.inf):
+            raise ValueError(f"z_slack must be >= 1 and finite, got {describe(self.z_slack)}")
+        if is_real(self.block_size) and not self.block_size >= 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size!r}")
+        # token counts are ints: True (α = 1) or 2.5 (DE shares in 2.5-token "blocks") are mistakes
+        for name in ("alpha_tokens", "beta_tokens", "block_size"):
+            if not is_int(getattr(self, name)):
+                raise ValueError(f"{name} must be an int (not a bool or float), got {describe(getattr(self, name))}")
         if self.alpha_tokens == 0 or self.beta_tokens == 0:
             d = _paper_default()
             object.__setattr__(self, "alpha_tokens", self.alpha_tokens or d.alpha_tokens)

@@ -11,7 +11,10 @@ refuse unknown keys with the list of known ones.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
+
+import numpy as np
 
 from dualpath_jax.registry import Registry
 from schedulers.api import InterEnginePolicy, IntraEnginePolicy
@@ -20,18 +23,49 @@ POLICIES: Registry[type[InterEnginePolicy]] = Registry("inter-engine policy")
 BATCHERS: Registry[type[IntraEnginePolicy]] = Registry("intra-engine batching policy")
 
 
+# Type checks of the policies' and batchers' Config fields (kwargs come from config files and command-line
+# variants: a float block size, a bool token count or a truthy string for a flag must be refused, not used).
+def is_int(x: Any) -> bool:
+    """An integer: Python or numpy ints; not a bool (True is no token count), not a float (not even 64.0)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_real(x: Any) -> bool:
+    """A real number (int or float, numpy scalars too); not a bool, not a string."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def is_bool(x: Any) -> bool:
+    """True or False (numpy bools too); not 0/1, not a string such as 'no' (which is truthy)."""
+    return isinstance(x, (bool, np.bool_))
+
+
+def describe(x: Any) -> str:
+    """`x` and its type, for error messages: `2.5 (float)`, `'no' (str)`."""
+    return f"{x!r} ({type(x).__name__})"
+
+
 def build_config(cls: type, name: str, config: Any = None, **kwargs: Any) -> Any:
-    """`cls.Config` from a config instance (or None) updated by `kwargs`; unknown keys are an error."""
+    """`cls.Config` from a config instance (or None) updated by `kwargs`; unknown keys are an error.
+
+    A value the Config refuses is a ValueError / TypeError naming the policy (`split block_size must be ...`).
+    """
     config_cls = cls.Config
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise TypeError(f"{name!r} does not take {unknown}; its config fields are: {sorted(fields)}")
-    if config is None:
-        return config_cls(**kwargs)
-    if not isinstance(config, config_cls):
+    if config is not None and not isinstance(config, config_cls):
         raise TypeError(f"{name!r} needs a {config_cls.__name__}, got {type(config).__name__}")
-    return dataclasses.replace(config, **kwargs) if kwargs else config
+    try:
+        if config is None:
+            return config_cls(**kwargs)
+        return dataclasses.replace(config, **kwargs) if kwargs else config
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        if msg.startswith(f"{name} "):  # the check named its policy already
+            raise
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{name} {msg}") from None
 
 
 def make_policy(name: str, config: Any = None, **kwargs: Any) -> InterEnginePolicy:

@@ -26,8 +26,8 @@ It is generic over where bytes come from and go to:
   `TransportSaver`: write it into the DE buffer with a notification).
 
 At most `prefetch` layers beyond the one being computed are loading or loaded, so device memory holds at
-most `prefetch + 1` layers of KV of this feed; `prefetch + 1` host staging buffers are preallocated and
-reused (no per-layer allocation).
+most `prefetch + 1` layers of KV of this feed; `min(prefetch + 1, L)` host staging buffers are preallocated
+and reused (no per-layer allocation).
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ class LayerLoadError(RuntimeError):
 
 class LayerSaveError(RuntimeError):
     """Saving layer l's new KV failed."""
+
+
+class LayerSaveTimeout(LayerSaveError, TimeoutError):
+    """`wait_for_save(timeout)` ran out of time; the saves it names are still running (and still tracked)."""
 
 
 class KVMissError(LookupError):
@@ -103,6 +107,13 @@ def layer_tag(request_id: int, layer: int) -> int:
     return (int(request_id) << 12) | int(layer)
 
 
+def _count(what: str, value: Any) -> int:
+    """`value` as a Python int; refuses bools, floats and other non-integers by name (numpy ints are fine)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 class LayerFeeder:
     """Prefetching per-layer loader (host -> device) and background saver (device -> host).
 
@@ -131,17 +142,22 @@ class LayerFeeder:
         timeout_s: float | None = 60.0,
         name: str = "feed",
     ):
+        num_layers = _count(f"{name}: num_layers", num_layers)
+        prefetch = _count(f"{name}: prefetch", prefetch)
+        layer_nbytes = _count(f"{name}: layer_nbytes", layer_nbytes)
         if num_layers <= 0:
             raise ValueError(f"num_layers must be > 0, got {num_layers}")
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if layer_nbytes < 0:
             raise ValueError(f"layer_nbytes must be >= 0, got {layer_nbytes}")
-        self.num_layers, self.source, self.layer_nbytes = num_layers, source, int(layer_nbytes)
+        self.num_layers, self.source, self.layer_nbytes = num_layers, source, layer_nbytes
         self.prefetch, self.host_view, self.saver = prefetch, host_view, saver
         self.to_device = to_device or default_to_device
         self.timeout_s, self.name = timeout_s, name
-        self._staging = [aligned_empty(self.layer_nbytes) for _ in range(prefetch + 1)]
+        # at most min(prefetch + 1, L) layers are ever staged at once (the loader holds that many tokens, and
+        # there are only L layers): a prefetch beyond L - 1 must not reserve staging for layers that do not exist
+        self._staging = [aligned_empty(self.layer_nbytes) for _ in range(min(prefetch + 1, num_layers))]
         self._results: list[Future] = [Future() for _ in range(num_layers)]
         self._tokens = threading.Semaphore(prefetch + 1)  # layers loading, loaded or being computed
         self._released = 0  # layers whose token went back (consumer moved past them)
@@ -232,23 +248,48 @@ class LayerFeeder:
             r = self.saver(layer, host)
             return r.result() if isinstance(r, Future) else r
 
-        self._saves.append((layer, self._save_pool.submit(run)))
+        fut = self._save_pool.submit(run)
+        with self._lock:
+            self._saves.append((layer, fut))
 
     def wait_for_save(self, timeout: float | None = None) -> None:
-        """Wait for every `save_layer` so far; raises `LayerSaveError` naming the first failed layer."""
+        """Wait for every `save_layer` so far; raises `LayerSaveError` naming the first failed layer.
+
+        A save that fails is reported once. If `timeout` runs out first, `LayerSaveTimeout` (a `TimeoutError`
+        and a `LayerSaveError`) names the layers whose saves are still running; they stay tracked, so a later
+        `wait_for_save` still waits for them and reports their failure.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        saves, self._saves = self._saves, []
+        with self._lock:
+            saves = list(self._saves)
         first: tuple[int, BaseException] | None = None
+        pending: list[int] = []
+        settled: set[int] = set()  # id() of the futures examined done (removed from the tracked saves)
         for layer, fut in saves:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 fut.result(timeout=remaining)
+            except TimeoutError:
+                if not fut.done():  # still running (a save that itself raised TimeoutError is done)
+                    pending.append(layer)
+                    continue
+                if first is None:
+                    first = (layer, fut.exception())
             except BaseException as e:  # noqa: BLE001
                 if first is None:
                     first = (layer, e)
+            settled.add(id(fut))
+        with self._lock:
+            self._saves = [(layer, fut) for layer, fut in self._saves if id(fut) not in settled]
         if first is not None:
             layer, e = first
-            raise LayerSaveError(f"{self.name}: saving layer {layer} failed: {type(e).__name__}: {e}") from e
+            still = f" (saves of layers {pending} still running)" if pending else ""
+            raise LayerSaveError(f"{self.name}: saving layer {layer} failed: {type(e).__name__}: {e}{still}") from e
+        if pending:
+            raise LayerSaveTimeout(
+                f"{self.name}: the saves of layers {pending} did not finish within {timeout} s (still running; "
+                "wait_for_save again to wait for them)"
+            )
 
     def close(self) -> None:
         """Stop loading (pending layers fail) and the save worker (after queued saves)."""

@@ -180,6 +180,8 @@ def _mooncake_rows(path: Path, max_requests: int | None) -> Iterator[tuple[int, 
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise TraceFormatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:  # the json module parses nested arrays/objects recursively
+                    raise TraceFormatError(f"{where}: not valid JSON (nested too deeply to parse)") from None
                 if not isinstance(row, dict):
                     raise TraceFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
                 yield lineno, row
@@ -246,6 +248,8 @@ def _read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise TraceFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:  # the json module parses nested arrays/objects recursively (no position is known)
+        raise TraceFormatError(f"{path}: not valid JSON (nested too deeply to parse)") from None
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         if isinstance(e, FileNotFoundError):
             raise
