@@ -52,6 +52,33 @@ def _bad_override(argv, e: BaseException) -> str:
     return f"bad override{where}: the config has no field {key!r}. {hint}".rstrip()
 
 
+class _ConfigFileFailed(Exception):
+    """A --config file that did not load, or whose get_config raised: its one "bad config" line (not a ValueError,
+    which absl would wrap in a flag error)."""
+
+
+class _ConfigFileParser:
+    """ml_collections' --config parser (`inner`), with an error of the file itself (not Python, a syntax error, a
+    failing import, no get_config, an error of get_config) raised as _ConfigFileFailed naming the file. A missing
+    file stays the library's lazy OSError placeholder (`config_or_exit`)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def parse(self, path):
+        try:
+            return self._inner.parse(path)
+        except Exception as e:  # noqa: BLE001 - the file's own error, whatever its type
+            from dualpath_jax.sim.configs_io import describe_config_file_error
+
+            if isinstance(e, (TypeError, ValueError)) and str(e).startswith("Error whilst parsing config file"):
+                e = e.__context__ or e  # the library re-raises get_config's error with its traceback as text
+            raise _ConfigFileFailed(describe_config_file_error(str(path).split(":", 1)[0], e)) from None
+
+    def __getattr__(self, attr):  # flag_type() and the rest: the library's parser
+        return getattr(self._inner, attr)
+
+
 def define_config_file(name: str, default: str | None, help_string: str):
     """`config_flags.DEFINE_config_file`, with an override of a field the config does not have reported as one line.
     With a default file, ml_collections applies the `--config.*` overrides of sys.argv when the flag is defined
@@ -65,6 +92,9 @@ def define_config_file(name: str, default: str | None, help_string: str):
         holder = config_flags.DEFINE_config_file(name, default, help_string)
     except (AttributeError, KeyError) as e:
         raise SystemExit(_bad_override(sys.argv, e)) from None
+    # A --config file given on the command line is loaded by this parser (the default above already loaded):
+    # whatever it raises is one "bad config" line, not a traceback or a "bad override".
+    flags.FLAGS[name].parser = _ConfigFileParser(flags.FLAGS[name].parser)
     # A key flag of the launcher that defines it, so `--helpshort` lists it (absl files it under this module).
     caller = sys._getframe(1).f_globals.get("__name__", "")
     flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller, flags.FLAGS[name])
@@ -82,7 +112,9 @@ def parse_flags_or_exit(argv):
 
     try:
         return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:  # ml_collections: no such field
+    except _ConfigFileFailed as e:  # the --config file itself: not Python, no get_config, an error in it
+        raise SystemExit(f"bad config: {e}") from None
+    except (AttributeError, KeyError) as e:  # ml_collections: no such field (the file's own errors are above)
         raise SystemExit(_bad_override(argv, e)) from None
     except OSError as e:  # the --config file itself failed to load (the override touched its placeholder)
         raise SystemExit(_load_failure(e)) from None

@@ -111,6 +111,7 @@ def main(argv):
     from dualpath_jax.runtime import driver
     from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
     from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
+    from dualpath_jax.runtime.scheduler_service import RunFailed
 
     config = config_or_exit(_CONFIG)
     enable_compilation_cache()
@@ -190,6 +191,8 @@ def main(argv):
             )
             results[p] = res
             metrics.write_json(os.path.join(out_dir, f"turns_{p}.json"), res.records, res.links, policy=p)
+    except RunFailed as e:  # a run that failed (its timeout, no live engine left): one line, not a traceback
+        raise SystemExit(f"run failed: {e}") from None
     finally:
         if session is not None:
             session.close()

@@ -174,6 +174,7 @@ def main(argv: Sequence[str]) -> None:
     ]
     from dualpath_jax.metrics import json_safe
     from dualpath_jax.sim import load_sim_config
+    from dualpath_jax.sim.configs_io import ConfigFileError
     from dualpath_jax.sim.runner import build_simulator
 
     # Every cell's simulator is built here first (config, workload, and the check that every turn fits a DE):
@@ -181,6 +182,8 @@ def main(argv: Sequence[str]) -> None:
     for c in cells:
         try:
             build_simulator(load_sim_config(cell_spec(*c)))
+        except ConfigFileError as e:  # the --setups file itself does not load (not Python, no get_config, ...)
+            raise SystemExit(f"bad config: {e}") from None
         except (ValueError, KeyError) as e:
             raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {e.args[0] if e.args else e}") from None
     writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the grid runs, not after

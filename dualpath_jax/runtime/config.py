@@ -5,7 +5,8 @@
 batcher, transport, launcher or model; transport 'rdma' where pyverbs or an RDMA device is missing (on the
 driver's host; with Ray, each actor's host is checked when its endpoints start); a host buffer that cannot hold
 one request's prompt KV; a decode slot too short for the longest trajectory; host buffers that this host's
-memory can never hold (local/inprocess launchers: every node's buffer on this host); RDMA settings
+memory can never hold (local/inprocess launchers: every node's buffer on this host), and a decode engine's batch
+cache (decode_slots x max_seq_len tokens of KV) that it can never hold; RDMA settings
 (`config.rdma.*`: types and ranges always; device, port and GID where transport is 'rdma' and a device exists).
 A P/D ratio outside the paper's bottleneck-free range only warns.
 """
@@ -228,9 +229,13 @@ def validate_workload(cfg: RuntimeConfig) -> None:
     for name, low in least.items():
         if getattr(w, name) < low:
             raise ConfigError(f"config.workload.{name} must be >= {low}, got {getattr(w, name)}")
-    for name in ("scale", "time_scale"):
-        if not getattr(w, name) > 0:
-            raise ConfigError(f"config.workload.{name} must be > 0, got {getattr(w, name)}")
+    for name in ("scale", "time_scale"):  # (inf: an OverflowError rounding lengths, NaN gaps from 0 x inf)
+        if not 0 < getattr(w, name) < math.inf:
+            raise ConfigError(f"config.workload.{name} must be > 0 and finite, got {getattr(w, name)}")
+    if w.seed < 0:  # (numpy's "expected non-negative integer" traceback when the trajectories were drawn)
+        raise ConfigError(f"config.workload.seed must be >= 0, got {w.seed}")
+    if cfg.model_seed < 0:  # (was reported against config.model when the model was built)
+        raise ConfigError(f"config.model_seed must be >= 0, got {cfg.model_seed}")
     if not 0 <= w.gap_s < math.inf:  # (a NaN or infinite gap never makes the next turn due: the run would hang)
         raise ConfigError(f"config.workload.gap_s must be >= 0 and finite, got {w.gap_s}")
     if w.kind == "tiny":  # (tiny_trajectories would silently make 0 or less into 1 token)
@@ -320,6 +325,8 @@ def validate(
     if not cfg.run_timeout_s > 0:
         raise ConfigError(f"config.run_timeout_s must be > 0, got {cfg.run_timeout_s}")
     _warn_pd_range(cfg)
+    if kv_bytes_per_token is not None:
+        _validate_decode_cache_memory(cfg, kv_bytes_per_token)
     if kv_bytes_per_token is not None and max_prompt_tokens is not None:
         # A request's area is carved from the buffer in whole Layer Blocks (block_size tokens of one layer).
         layer_block = cfg.block_size * (kv_bytes_per_token // num_layers)
@@ -474,6 +481,28 @@ def _validate_buffer_memory(cfg: RuntimeConfig) -> None:
             f"this host and need {total} B ({total / 2**30:.1f} GiB) of host buffers together "
             f"({_buffer_sum_text(cfg)}), more than {what}: {limit} B ({limit / 2**30:.1f} GiB); lower "
             "config.buffers.pe_buffer_bytes / de_buffer_bytes or use launcher 'ray' over several hosts"
+        )
+
+
+def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int) -> None:
+    """One decode engine's batch cache (decode_slots x max_seq_len tokens of every layer's KV, allocated when its
+    node starts) no more than this host's memory holds (local/inprocess launchers: the engines run on this
+    host). One that can never fit stopped the node with RESOURCE_EXHAUSTED (a traceback in the node process,
+    then "no live engine left") instead of this line. (With Ray the nodes run on other hosts: not checked.)"""
+    if cfg.launcher not in ("local", "inprocess"):
+        return
+    mem = host_memory_bytes()
+    if mem is None:
+        return
+    limit, what = mem
+    c = cfg.cluster
+    need = c.decode_slots * c.max_seq_len * kv_bytes_per_token
+    if need > limit:
+        raise ConfigError(
+            f"config.cluster.decode_slots={c.decode_slots} x config.cluster.max_seq_len={c.max_seq_len} tokens x "
+            f"{kv_bytes_per_token} B/token (the model's KV, all layers) = {need} B ({need / 2**30:.1f} GiB) of decode "
+            f"cache per decode engine is more than {what}: {limit} B ({limit / 2**30:.1f} GiB); lower "
+            "config.cluster.decode_slots or max_seq_len"
         )
 
 

@@ -172,6 +172,7 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         raise ConfigError(f"config.workload.trace: {e}") from None
     if not trajs:
         raise ConfigError("the workload has no trajectories")
+    _check_arrivals_within_timeout(cfg, trajs)
     max_prompt = max(t.prompt_tokens(i) for t in trajs for i in range(len(t.turns)))
     max_total = max(t.prompt_tokens(i) + t.turns[i].gen_tokens for t in trajs for i in range(len(t.turns)))
     validate(cfg, mcfg.kv_bytes_per_token, max_prompt, mcfg.num_layers)
@@ -207,6 +208,27 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         except ValueError as e:
             raise ConfigError(f"config.store_dir: {e}") from None
     return trajs, ops
+
+
+def _check_arrivals_within_timeout(cfg: RuntimeConfig, trajs: Sequence[Trajectory]) -> None:
+    """The last agent's first turn must arrive within `run_timeout_s` of the run's start, or the run can never
+    finish: it waited out the whole timeout and then failed (e.g. arrival='online' at aps=1e-300). The arrival
+    times are drawn (seeded) before the run, so this is known now."""
+    w = cfg.workload
+    if w.arrival not in ("online", "trace"):
+        return
+    last = float(np.max(make_arrival_model(cfg).agent_arrivals(trajs)))
+    if not last <= cfg.run_timeout_s:  # (NaN too)
+        why = (
+            f"arrival='online' at config.workload.aps={w.aps:g} agents/s"
+            if w.arrival == "online"
+            else f"arrival='trace' with config.workload.time_scale={w.time_scale:g}"
+        )
+        raise ConfigError(
+            f"config.run_timeout_s={cfg.run_timeout_s:g} s ends before the workload's last agent arrives "
+            f"({why}: the last of {len(trajs)} agents arrives at {last:.4g} s), so the run can never finish; "
+            "raise the arrival rate or config.run_timeout_s"
+        )
 
 
 def _check_token_ids(trajs: Sequence[Trajectory], vocab_size: int) -> None:

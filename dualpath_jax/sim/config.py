@@ -199,6 +199,12 @@ def check_sim_config(sc: SimConfig) -> None:
     elif w.kind == "online":  # (were checked only when the run was built; an infinite duration overflowed there)
         _check_number("config.workload.aps", w.aps, 0, False, None)
         _check_number("config.workload.duration_s", w.duration_s, 0, False, None)
+        # The SLO is judged on the turns arriving in [warmup_s, duration_s): with none, slo_met=False from no turn
+        if not sc.warmup_s < w.duration_s:
+            raise ValueError(
+                f"config.warmup_s ({sc.warmup_s:g}) must be below config.workload.duration_s ({w.duration_s:g}) for "
+                "an online workload (the SLO is judged on the turns arriving in between)"
+            )
 
 
 # Modes: named bundles over (layerwise, policy, io_free); any registered policy name is also a mode.

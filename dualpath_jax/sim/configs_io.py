@@ -2,27 +2,70 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 
 from dualpath_jax.sim.config import SimConfig, sim_config_from_dict
 
 
+class ConfigFileError(ValueError):
+    """A config file that does not load (not Python, a syntax error, an import that fails, no get_config, an
+    error raised by its get_config other than a ValueError): its message is one line naming the file."""
+
+
+def describe_config_file_error(path: str, e: BaseException) -> str:
+    """One line for `e`, raised while loading the config file `path` or running its get_config: the error's type
+    and message and the file (the launchers print it as `bad config: ...`, with no traceback)."""
+    if isinstance(e, AttributeError) and getattr(e, "name", None) == "get_config" and _is_module(e):
+        return f"config file {path!r} has no get_config(arg)"
+    if isinstance(e, SyntaxError):  # README.md, or a .py file with an error
+        where = f"{path!r}" + (f", line {e.lineno}" if e.lineno else "")
+        hint = "" if path.endswith(".py") else " (it is not a .py file: a config file is Python with a get_config(arg))"
+        return f"SyntaxError: {e.msg} (config file {where}){hint}"
+    lines = str(e).strip().splitlines()
+    what = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return f"{what} (from config file {path!r})"
+
+
+def _is_module(e: AttributeError) -> bool:
+    import types
+
+    return isinstance(getattr(e, "obj", None), types.ModuleType)
+
+
+def load_config_module(path: str, name: str):
+    """The module of the config file `path` (any extension, as ml_collections' --config flag loads it), or
+    ConfigFileError naming the file when it does not load or has no get_config."""
+    loader = importlib.machinery.SourceFileLoader(name, path)
+    mod_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+    mod = importlib.util.module_from_spec(mod_spec)
+    try:
+        loader.exec_module(mod)
+    except Exception as e:  # noqa: BLE001 - whatever the file raises: one line naming it
+        raise ConfigFileError(describe_config_file_error(path, e)) from e
+    if not callable(getattr(mod, "get_config", None)):
+        raise ConfigFileError(f"config file {path!r} has no get_config(arg)")
+    return mod
+
+
 def load_config(spec: str, overrides: dict | None = None):
     """`spec` = "configs/paper_ds660b.py:basic,agents=512" -> the file's get_config(variant) ConfigDict.
 
     `overrides` maps dotted keys to values ("cluster.snic_gbps": 100.0), like --config.x.y=... flags.
+    A file that does not load is a ConfigFileError (a ValueError); a ValueError of its get_config (an unknown
+    variant) is raised as it is.
     """
     path, _, variant = spec.partition(":")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} (from {spec!r}) does not exist")
-    name = "_simcfg_" + os.path.splitext(os.path.basename(path))[0]
-    mod_spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    if not hasattr(mod, "get_config"):
-        raise AttributeError(f"config file {path!r} has no get_config(arg)")
-    cfg = mod.get_config(variant or None)
+    mod = load_config_module(path, "_simcfg_" + os.path.splitext(os.path.basename(path))[0])
+    try:
+        cfg = mod.get_config(variant or None)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an ImportError, KeyError, ... of the file itself, not of an override
+        raise ConfigFileError(describe_config_file_error(path, e)) from e
     for key, value in (overrides or {}).items():
         node = cfg
         parts = key.split(".")
