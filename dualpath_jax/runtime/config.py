@@ -460,9 +460,7 @@ def _validate_buffer_memory(cfg: RuntimeConfig) -> None:
     for name in ("pe_buffer_bytes", "de_buffer_bytes"):
         if getattr(b, name) < 1:
             raise ConfigError(f"config.buffers.{name} must be >= 1 B, got {getattr(b, name)}")
-    if cfg.launcher not in ("local", "inprocess"):
-        return
-    mem = host_memory_bytes()
+    mem = _this_host_memory(cfg)
     if mem is None:
         return
     limit, what = mem
@@ -484,14 +482,20 @@ def _validate_buffer_memory(cfg: RuntimeConfig) -> None:
         )
 
 
+def _this_host_memory(cfg: RuntimeConfig) -> tuple[int, str] | None:
+    """(bytes, what limits them) of this host's memory where the launcher runs every node here (local, inprocess);
+    None otherwise (Ray: other hosts, whose memory is not known here) or where it cannot be told."""
+    if cfg.launcher not in ("local", "inprocess"):
+        return None
+    return host_memory_bytes()
+
+
 def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int) -> None:
     """One decode engine's batch cache (decode_slots x max_seq_len tokens of every layer's KV, allocated when its
     node starts) no more than this host's memory holds (local/inprocess launchers: the engines run on this
     host). One that can never fit stopped the node with RESOURCE_EXHAUSTED (a traceback in the node process,
     then "no live engine left") instead of this line. (With Ray the nodes run on other hosts: not checked.)"""
-    if cfg.launcher not in ("local", "inprocess"):
-        return
-    mem = host_memory_bytes()
+    mem = _this_host_memory(cfg)
     if mem is None:
         return
     limit, what = mem
