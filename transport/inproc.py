@@ -221,16 +221,26 @@ class InProcTransport(Transport):
         src.check(local_offset, length, f"write from {self.name}:{local_region}")
         dst = ep.region(remote_region)
         dst.check(remote_offset, length, f"write to {peer}:{remote_region}")
+        copies = [(src, local_offset, dst, remote_offset, length)]
+        return self._submit(peer, priority, self._landing(peer, ep, copies, priority, tag, remote_region))
+
+    def _landing(self, peer: str, ep: InProcTransport, copies: list, priority: str, tag: int | None, region: str):
+        """The lane task of a write or a `write_many` batch: its `copies` ((src, src offset, dst, dst offset, n),
+        checked) in order, then the notification describing the last one (in `region` of the peer); returns the
+        bytes moved."""
+        total = sum(c[4] for c in copies)
+        _, _, _, last_offset, last_n = copies[-1]
 
         def run() -> int:
             if ep.closed:
                 raise PeerLostError(f"peer {peer!r} closed before the write ran")
-            self._copy(src, local_offset, dst, remote_offset, length, priority, ep)
+            for src, so, dst, do, n in copies:
+                self._copy(src, so, dst, do, n, priority, ep)
             if tag is not None:
-                ep.completions.put(Notification(self.name, tag, remote_region, remote_offset, length))
-            return length
+                ep.completions.put(Notification(self.name, tag, region, last_offset, last_n))
+            return total
 
-        return self._submit(peer, priority, run)
+        return run
 
     def write_many(
         self,
@@ -249,19 +259,7 @@ class InProcTransport(Transport):
         tag = check_notify(notify)
         ep = self._peer(peer)
         copies = [(self.region(lr), lo, ep.region(rr), ro, n) for lr, lo, n, rr, ro in batch]
-        total = sum(e[2] for e in batch)
-        _, _, last_n, last_region, last_offset = batch[-1]
-
-        def run() -> int:
-            if ep.closed:
-                raise PeerLostError(f"peer {peer!r} closed before the write ran")
-            for src, so, dst, do, n in copies:
-                self._copy(src, so, dst, do, n, priority, ep)
-            if tag is not None:
-                ep.completions.put(Notification(self.name, tag, last_region, last_offset, last_n))
-            return total
-
-        return self._submit(peer, priority, run)
+        return self._submit(peer, priority, self._landing(peer, ep, copies, priority, tag, batch[-1][3]))
 
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
         self._peer(peer).region(region).check(offset, length, f"write to {peer}:{region}")
