@@ -187,8 +187,7 @@ def test_eviction_checks_first_and_walks_only_the_lru_end(tmp_path):
     with s._lock:
         for i in range(n):  # as a store opened on a directory of n blocks has it (no files needed here)
             idx[key(10**6 + i)] = 1
-        s._index = idx
-        s._used = n * FNB
+        s._index = idx  # (the store's used bytes follow from its index)
     _CountingIndex.walked = 0
     for i in range(5):  # room to spare: no walk at all
         assert s.write(key(i), block(i))

@@ -504,7 +504,6 @@ class LocalDirStore(KVStore):
         self._busy: collections.Counter[bytes] = collections.Counter()  # reads and writes in flight: not evicted
         self._drops = 0  # indexed keys dropped so far (a check outside the lock that saw a block present and
         # finds it unindexed under the lock re-checks if this changed meanwhile: it may have been evicted)
-        self._used = 0  # bytes of indexed blocks (len(_index) * file_nbytes)
         self._reserved = 0  # bytes of writes in progress
         # opens in progress per key (outside the lock): `_forget_fd_locked` marks them stale, so that an fd of a
         # file removed or replaced while it was being opened is read once and never cached
@@ -636,7 +635,6 @@ class LocalDirStore(KVStore):
             for key in recent:  # written or found here while the directory was listed
                 self._index[key] = gen
                 self._index.move_to_end(key)
-            self._used = len(self._index) * self.file_nbytes
             self._evict_to_fit_locked(0)
 
     def _is_own_file(self, key: bytes, st: os.stat_result, path: str) -> bool:
@@ -686,18 +684,20 @@ class LocalDirStore(KVStore):
                 log.warning("kv store %s: could not remove temp file %s: %s", self.root, entry.path, e)
 
     # ---- index, pins, eviction ------------------------------------------------------------------------
+    @property
+    def _used(self) -> int:
+        """Bytes of the indexed blocks (every block file is `file_nbytes`)."""
+        return len(self._index) * self.file_nbytes
+
     def _adopt_locked(self, key: bytes) -> None:
         """Index `key` (its file was just written, found or read) as the most recently used, with a new generation."""
         self._seq += 1
-        if key not in self._index:
-            self._used += self.file_nbytes
         self._index[key] = self._seq
         self._index.move_to_end(key)
 
     def _drop_locked(self, key: bytes) -> None:
         self._forget_fd_locked(key)
         if self._index.pop(key, None) is not None:
-            self._used -= self.file_nbytes
             self._drops += 1
 
     def _unbusy_locked(self, key: bytes) -> None:
@@ -1469,7 +1469,6 @@ class LocalDirStore(KVStore):
         self._busy.clear()
         self._reserved = 0
         self._opening.clear()
-        self._used = len(self._index) * self.file_nbytes
         for ent in self._fds.values():
             ent.refs = 0
         if not self._closed:
