@@ -227,6 +227,10 @@ class Pacer:
         self.links = list(links)
         # Which class of each link a transfer priority uses (SNICs carry KV only: map everything to "low").
         self.class_map = dict(class_map or {})
+        # The priorities a transfer on this path may name (an unknown one is a typo, never paced as another class).
+        self._known = set(DEFAULT_CNIC_WEIGHTS) | set(self.class_map)
+        for link in self.links:
+            self._known.update(link.weights)
 
     def classes(self, priority: str) -> list[str]:
         """The class `priority` uses on each link of the path.
@@ -234,9 +238,7 @@ class Pacer:
         A link with that class (after `class_map`) uses it; a one-class link (an SNIC) takes any known
         priority as its single class. An unknown priority (a typo) is refused, never paced as some other class.
         """
-        known = set(DEFAULT_CNIC_WEIGHTS) | set(self.class_map)
-        for link in self.links:
-            known.update(link.weights)
+        known = self._known
         if priority not in known:
             raise ValueError(
                 f"pacer over {[link.name for link in self.links]}: unknown priority {priority!r}; "

@@ -264,7 +264,7 @@ class LayerFeeder:
             saves = list(self._saves)
         first: tuple[int, BaseException] | None = None
         pending: list[int] = []
-        settled: set[int] = set()  # id() of the futures examined done (removed from the tracked saves)
+        settled: set[Future] = set()  # the futures examined done (removed from the tracked saves)
         for layer, fut in saves:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -278,9 +278,9 @@ class LayerFeeder:
             except BaseException as e:  # noqa: BLE001
                 if first is None:
                     first = (layer, e)
-            settled.add(id(fut))
+            settled.add(fut)
         with self._lock:
-            self._saves = [(layer, fut) for layer, fut in self._saves if id(fut) not in settled]
+            self._saves = [(layer, fut) for layer, fut in self._saves if fut not in settled]
         if first is not None:
             layer, e = first
             still = f" (saves of layers {pending} still running)" if pending else ""
