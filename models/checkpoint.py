@@ -101,11 +101,10 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
     out: dict = {}
     used = set()
     for path, (names, transform) in tmap.items():
-        names_list = names if isinstance(names, list) else [names]
+        names_list = names if isinstance(names, list) else [names]  # (all present: checked above)
+        shown = names_list[0] if len(names_list) == 1 else f"{names_list[0]} .. {names_list[-1]}"
         arrays = []
         for name in names_list:
-            if name not in tensors:
-                raise ValueError(f"HF checkpoint: missing tensor {name!r} (for {'/'.join(map(str, path))})")
             arr = np.asarray(tensors[name])
             if arr.dtype.name not in _FLOAT_DTYPES:
                 raise ValueError(
@@ -121,7 +120,6 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
             value = arrays[0]
         want = _get(expected, path)
         if tuple(value.shape) != tuple(want.shape):
-            shown = names_list[0] if len(names_list) == 1 else f"{names_list[0]} .. {names_list[-1]}"
             raise ValueError(
                 f"HF checkpoint: tensor {shown!r} has shape {tuple(arrays[0].shape)}, which gives "
                 f"{tuple(value.shape)} for {'/'.join(map(str, path))}; expected {tuple(want.shape)}"
@@ -131,7 +129,6 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
         # NaN / inf weights (or float64 values beyond the config dtype's range, inf after the cast) loaded
         # silently and every logit was NaN
         if not np.isfinite(value).all():
-            shown = names_list[0] if len(names_list) == 1 else f"{names_list[0]} .. {names_list[-1]}"
             src = arrays[0].dtype
             what = (
                 f"values beyond {value.dtype}'s range (inf once cast from {src})"
