@@ -84,7 +84,12 @@ class BlockLayout:
 
     def full_block_view(self, buf) -> np.ndarray:
         """A `[num_layers, block_tokens, bytes_per_token_per_layer]` uint8 view of a Full Block buffer."""
-        arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf.reshape(-1).view(np.uint8)
+        if isinstance(buf, np.ndarray):
+            if not buf.flags.c_contiguous:  # reshape would copy: writes through the "view" would be lost
+                raise ValueError("a Full Block view needs a C-contiguous buffer, got a strided array")
+            arr = buf.reshape(-1).view(np.uint8)
+        else:
+            arr = np.frombuffer(buf, dtype=np.uint8)
         if arr.nbytes != self.full_block_nbytes:
             raise ValueError(f"buffer holds {arr.nbytes} bytes; a Full Block of {self} is {self.full_block_nbytes}")
         return arr.reshape(self.full_block_shape)

@@ -109,6 +109,11 @@ def test_block_layout_offsets_and_errors():
     assert view.shape == (61, 64, 656)
     l7 = buf[lay.layer_offset(7) : lay.layer_offset(7) + lay.layer_block_nbytes]
     np.testing.assert_array_equal(view[7].reshape(-1), l7)  # a Layer Block is a contiguous slice
+    view[3, 0, 0] = 77  # a view: writes land in the buffer
+    assert buf[lay.layer_offset(3)] == 77
+    strided = np.zeros(2 * lay.full_block_nbytes, dtype=np.uint8)[::2]  # reshape would copy it
+    with pytest.raises(ValueError, match="C-contiguous"):
+        lay.full_block_view(strided)
     assert lay.normalize_layers(range(2, 5)) == [2, 3, 4]
     assert lay.normalize_layers(slice(-2, None)) == [59, 60]
     assert lay.normalize_layers(5) == [5] and lay.normalize_layers(None) == list(range(61))
