@@ -176,11 +176,16 @@ TINY_DENSE = ModelShape(
 def default_grid(
     max_context: int = 4096,
 ) -> tuple[list[tuple[tuple[int, int], ...]], list[tuple[tuple[int, int], ...]]]:
-    """(fit grid, held-out grid) of single- and multi-item batches spanning linear- and attention-heavy."""
-    fit = [((c, b),) for c in (0, 512, 2048, max_context) for b in (16, 64, 256)]
-    fit += [((0, 128), (1024, 64)), ((2048, 32), (2048, 32), (0, 256))]
-    held = [((c, b),) for c, b in ((256, 128), (1536, 32), (3072, 96), (768, 512))]
-    held += [((1024, 64), (3000, 16))]
+    """(fit grid, held-out grid) of single- and multi-item batches spanning linear- and attention-heavy, with
+    cached contexts up to `max_context` (NumpyPrefill's cache: the grid's contexts are those of 4096, scaled)."""
+
+    def c(x: int) -> int:  # (fixed contexts up to 3072 went past a smaller cache: NumpyPrefill refused them)
+        return x * max_context // 4096
+
+    fit = [((cached, b),) for cached in (0, c(512), c(2048), max_context) for b in (16, 64, 256)]
+    fit += [((0, 128), (c(1024), 64)), ((c(2048), 32), (c(2048), 32), (0, 256))]
+    held = [((cached, b),) for cached, b in ((c(256), 128), (c(1536), 32), (c(3072), 96), (c(768), 512))]
+    held += [((c(1024), 64), (c(3000), 16))]
     return fit, held
 
 

@@ -570,10 +570,10 @@ class CostModel:
         contexts (16,384 / 65,536) 118.9 / 269.5. So the paper's figures are decimal GB over all FLOPs
         of the append, at decimal-K contexts.
         """
-        if append <= 0:
-            raise ValueError(f"append must be > 0 for a GB/PFLOP ratio, got {append}")
-        if not context >= 0:  # NaN too (a negative context gave a negative ratio)
-            raise ValueError(f"context must be >= 0 for a GB/PFLOP ratio, got {context}")
+        if not 0 < append < math.inf:  # (inf: "cannot convert float NaN to integer" deep in the FLOPs)
+            raise ValueError(f"append must be > 0 for a GB/PFLOP ratio (a finite number), got {append}")
+        if not 0 <= context < math.inf:  # NaN too (a negative context gave a negative ratio)
+            raise ValueError(f"context must be >= 0 for a GB/PFLOP ratio (a finite number), got {context}")
         return (self.kv_bytes(context) / 1e9) / (self.prefill_flops(context, append) / 1e15)
 
     # ---- fitting ----
@@ -668,10 +668,10 @@ class CostModel:
     # ---- throughput summaries used to derive policy thresholds ----
     def prefill_tokens_per_s(self, context: int, append: int) -> float:
         """Prompt tokens (hit + miss) per second one PE sustains on turns of this shape."""
-        if not append > 0:  # a turn with nothing to prefill takes no time
-            raise ValueError(f"append must be > 0 for a prefill rate, got {append}")
-        if not context >= 0:  # NaN too (a negative context gave a wrong β, NaN a bare "cannot convert float NaN")
-            raise ValueError(f"context must be >= 0 for a prefill rate, got {context}")
+        if not 0 < append < math.inf:  # a turn with nothing to prefill takes no time (inf: a bare NaN error)
+            raise ValueError(f"append must be > 0 for a prefill rate (a finite number), got {append}")
+        if not 0 <= context < math.inf:  # NaN too (a negative context gave a wrong β, NaN a bare NaN error)
+            raise ValueError(f"context must be >= 0 for a prefill rate (a finite number), got {context}")
         return (context + append) / self.prefill_time(context, append)
 
     def read_tokens_per_s(self) -> float:

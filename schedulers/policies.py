@@ -546,8 +546,11 @@ class DualPathConfig:
     ) -> DualPathConfig:
         """α = read_window_s · SNIC bytes/s / KV bytes per token; β = compute_window_s · prompt tokens/s
         one PE sustains on turns of (context, append) (the "profiled" values of the paper)."""
-        if not (read_window_s > 0 and compute_window_s > 0):  # else α or β would silently become 1 token
-            raise ValueError(f"read_window_s and compute_window_s must be > 0, got {read_window_s}/{compute_window_s}")
+        # else α or β would silently become 1 token (inf: a bare "cannot convert float infinity to integer")
+        if not (0 < read_window_s < math.inf and 0 < compute_window_s < math.inf):
+            raise ValueError(
+                f"read_window_s and compute_window_s must be > 0 and finite, got {read_window_s}/{compute_window_s}"
+            )
         alpha = int(read_window_s * cost_model.read_tokens_per_s())
         beta = int(compute_window_s * cost_model.prefill_tokens_per_s(context, append))
         return cls(alpha_tokens=max(alpha, 1), beta_tokens=max(beta, 1), **kwargs)

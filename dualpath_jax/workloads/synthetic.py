@@ -143,6 +143,8 @@ def generate_trajectory(
     # Draw turn lengths in chunks (vectorised) until the limit is hit.
     first_a = max(1, int(np.rint(_lognormal(rng, spec.first_append_mean, spec.first_append_sigma) * append_scale)))
     first_g = max(1, int(np.rint(_lognormal(rng, spec.gen_mean, spec.gen_sigma))))
+    # the first turn fits the max length with >= 1 prompt token (a gen drawn past it made the append <= 0)
+    first_g = min(first_g, spec.max_len - 1)
     first_a = min(first_a, spec.max_len - first_g)
     turns = [Turn(first_a, first_g)]
     total = first_a + first_g
@@ -172,6 +174,8 @@ def generate_trajectories(
     if seed < 0:  # numpy's own error names no argument
         raise ValueError(f"seed must be >= 0, got {seed}")
     spec = _get_spec(dataset)
+    if not spec.max_len >= 2:  # one prompt and one generated token at least
+        raise ValueError(f"synthetic dataset {spec.name!r}: max_len must be >= 2, got {spec.max_len}")
     rng = np.random.default_rng(seed)
     return [generate_trajectory(spec, rng, i, append_scale) for i in range(n)]
 

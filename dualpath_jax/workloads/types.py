@@ -8,6 +8,7 @@ the rest is the miss (computed by prefill).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,7 +22,8 @@ class Turn:
     # Optional real content: the appended token ids (runtime runs use them; len == append_tokens).
     append_token_ids: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
     # Optional, set by real-trace loaders (None/0 for synthetic workloads):
-    # the earlier-context tokens this turn re-reads, when a trace states it (None: A_1 G_1 ... A_{i-1} G_{i-1}).
+    # the earlier-context tokens this turn re-reads, when a trace states it (None: the previous turn's prompt +
+    # generation, A_1 G_1 ... A_{i-1} G_{i-1} when no earlier turn states one).
     # Real agents drop or rewrite earlier text (e.g. thinking), so prompts do not always grow by append+gen.
     context_tokens: int | None = None
     # seconds after the trajectory's arrival_time at which the trace issued this turn (trace-timestamp mode)
@@ -55,13 +57,17 @@ class Trajectory:
     source: str = ""  # where it came from (generator name, trace file)
 
     def context_before(self, i: int) -> int:
-        """Tokens of A_1 G_1 ... A_{i-1} G_{i-1}: everything turn i re-reads.
+        """Tokens of A_1 G_1 ... A_{i-1} G_{i-1}: everything turn i re-reads (turn i-1's prompt + generation).
 
-        A turn loaded from a real trace may state its re-read context (`Turn.context_tokens`); then that.
+        A turn loaded from a real trace may state its re-read context (`Turn.context_tokens`); then that. An
+        earlier turn's stated context counts too (as in `turn_shapes`): text it dropped does not come back.
         """
         if i < len(self.turns) and self.turns[i].context_tokens is not None:
             return self.turns[i].context_tokens
-        return sum(t.append_tokens + t.gen_tokens for t in self.turns[:i])
+        ctx = 0
+        for total in itertools.islice(self._turn_totals(), i):
+            ctx = total
+        return ctx
 
     def prompt_tokens(self, i: int) -> int:
         return self.context_before(i) + self.turns[i].append_tokens
