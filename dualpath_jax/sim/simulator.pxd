@@ -95,6 +95,9 @@ cdef class Simulator:
     cpdef _read_done(self, Request r, Node node, tokens)
     cpdef _reads_done(self, Request r)
 
+    @cython.locals(node=Node)
+    cpdef _pe_buffer_free(self, Request r)
+
     @cython.locals(r=Request, need=cython.double)
     cpdef _admit_basic(self, PrefillEngine pe)
 

@@ -132,7 +132,8 @@ class Node:
         self.buffer_bytes = buffer_bytes  # all of it
         self.read_queue: deque = deque()  # (request, tokens, side)
         self.reads_active = 0
-        # DE nodes: requests waiting for room for their whole prompt KV (FIFO), and how many hold such room
+        # DE nodes: requests waiting for room for their whole prompt KV (FIFO); how many hold room in this node's
+        # buffer (DE nodes: for their prompt KV; PE nodes: for their PE-side hit, from its read to the prefill)
         self.buf_queue: deque = deque()
         self.buf_held = 0
         self.state = state
@@ -605,9 +606,13 @@ class Simulator:
             r, tokens, side = q[0]
             nbytes = tokens * self.b
             if side == "pe":  # (a DE-side read lands in the DE room its request already holds)
-                if node.buffer_free < nbytes and node.reads_active > 0:
-                    break  # wait for buffer space (a read larger than the whole buffer still runs alone)
+                # Wait for room while any request holds some (a read larger than the whole buffer then runs alone).
+                # That was `while reads are in flight`: a read started beside hits already read and waiting for
+                # their prefill, and the buffer held more than its size.
+                if node.buffer_free < nbytes and node.buf_held > 0:
+                    break
                 node.buffer_free -= nbytes
+                node.buf_held += 1
             q.popleft()
             node.reads_active += 1
             if math.isnan(r.rec.read_start):
@@ -631,6 +636,16 @@ class Simulator:
 
     def _reads_done(self, r: Request) -> None:
         self._enqueue_prefill(r)
+
+    def _pe_buffer_free(self, r: Request) -> None:
+        """The PE-side hit has left the PE node's buffer (layerwise: the prefill is done; basic: it is in PE HBM)."""
+        node = r.pe.node
+        node.buf_held -= 1
+        if node.buf_held:
+            node.buffer_free += r.hit_pe * self.b
+        else:  # all of it free again: exactly its size, not a sum that rounding may have left a little off
+            node.buffer_free = node.buffer_bytes
+        self._pump_reads(node)
 
     # ---- basic (not layerwise): whole prompt KV in PE HBM ---------------------------------------------------
     def _admit_basic(self, pe: PrefillEngine) -> None:
@@ -658,8 +673,7 @@ class Simulator:
             self._h2d_basic_done(r)
 
     def _h2d_basic_done(self, r: Request) -> None:
-        r.pe.node.buffer_free += r.hit * self.b
-        self._pump_reads(r.pe.node)
+        self._pe_buffer_free(r)  # (basic reads every hit on the PE side: hit_pe = hit)
         self._enqueue_prefill(r)
 
     # ---- prefill engine -----------------------------------------------------------------------------------
@@ -778,8 +792,8 @@ class Simulator:
             self._de_join(r)
             return
         if c.layerwise:
-            pe.node.buffer_free += r.hit_pe * self.b
-            self._pump_reads(pe.node)
+            if r.hit_pe > 0:  # it held PE buffer room from its PE-side read until now
+                self._pe_buffer_free(r)
             self._de_h2d(r)
         else:
             # basic: the whole prompt KV (hit + miss) goes PE HBM -> DE buffer after the prefill.
@@ -1028,6 +1042,12 @@ class Simulator:
             if gc_was_enabled:
                 gc.enable()
         self.n_events = n
+        if events:  # cut by max_time: nothing happens between the last event and it, so the run holds up to it
+            # (flows moved bytes and decode clocks ran until then; the links and second tokens stopped at the last
+            # event, which can be long before)
+            self.now = float(max_time)  # (a float, as in the compiled run, whatever the caller passed)
+            for g in self.de_groups:
+                self._de_sync(g)
         if progress is not None:
             progress(self.now, self.turns_done, n)
         wall = _time.perf_counter() - t_wall
