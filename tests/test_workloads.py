@@ -75,10 +75,15 @@ def test_generator_arguments_out_of_range_name_the_argument():
     with pytest.raises(ValueError, match="online arrivals need seed >= 0, got -1"):
         make_arrivals("online", aps=1.0, seed=-1)
     # a nan gap or trace offset slipped past `< 0` into every later arrival time
-    with pytest.raises(ValueError, match="turn gap must be >= 0 s, got nan"):
+    with pytest.raises(ValueError, match="turn gap must be >= 0 s and finite, got nan"):
         Turn(1, 1, gap_s=float("nan"))
-    with pytest.raises(ValueError, match="arrival_offset_s must be >= 0, got nan"):
+    with pytest.raises(ValueError, match="arrival_offset_s must be >= 0 and finite, got nan"):
         Turn(1, 1, arrival_offset_s=float("nan"))
+    # an infinite gap made the next turn arrive at t = inf: the simulator ended at inf with it unfinished
+    with pytest.raises(ValueError, match="turn gap must be >= 0 s and finite, got inf"):
+        Turn(1, 1, gap_s=float("inf"))
+    with pytest.raises(ValueError, match="arrival_offset_s must be >= 0 and finite, got inf"):
+        Turn(1, 1, arrival_offset_s=float("inf"))
 
 
 def test_make_agents_prepends_random_first_turn():
