@@ -139,6 +139,7 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
     mode = ""
     # kind= and aps= as given: aps= with kind=offline ran offline or online by the order of the items
     kind_given = aps = None
+    given: dict[str, str] = {}  # key -> value as given
     for item in arg.split(","):
         item = item.strip()
         if not item:
@@ -149,6 +150,8 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
             cfg.mode = mode = item
             continue
         key, value = item.split("=", 1)
+        if given.setdefault(key, value) != value:  # the last one won silently (a sweep's loads all ran --extra's)
+            raise ValueError(f"config variant {arg!r}: two values for {key}, {given[key]!r} and {value!r}; give one")
         if key.startswith("policy.") and len(key) > len("policy."):
             cfg.scheduler.kwargs[key[len("policy.") :]] = _scalar(value)
             continue

@@ -183,6 +183,48 @@ def writable_file_or_exit(path: str, what: str) -> str:
     return path
 
 
+def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str | None]]:
+    """`fn` over `jobs` with a progress bar, in spawned worker processes when `workers` > 1: one (result, None)
+    or (None, error line) per job, in the order of `jobs`. A job that raises, or whose worker process dies (e.g.
+    killed for memory), is its error line and the others still report: a dead worker hung
+    `multiprocessing.Pool` forever and an exception lost every finished job's result."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import sys
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm import tqdm
+
+    out: list = [None] * len(jobs)
+    with tqdm(total=len(jobs), desc=desc, file=sys.stderr) as bar:
+        if workers <= 1:
+            for i, job in enumerate(jobs):
+                try:
+                    out[i] = (fn(job), None)
+                except Exception as e:  # noqa: BLE001 - reported with the job, after the others ran
+                    out[i] = (None, f"{type(e).__name__}: {e}")
+                bar.update()
+            return out
+        pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        try:
+            futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+            for f in cf.as_completed(futures):
+                try:
+                    out[futures[f]] = (f.result(), None)
+                except BrokenProcessPool:
+                    out[futures[f]] = (None, "a worker process died (killed, e.g. out of memory) before this finished")
+                except Exception as e:  # noqa: BLE001
+                    out[futures[f]] = (None, f"{type(e).__name__}: {e}")
+                bar.update()
+        except BaseException:  # Ctrl-C: stop now, as Pool did (the executor would finish the running jobs first)
+            for p in list((pool._processes or {}).values()):  # noqa: SLF001 - no public way before Python 3.14
+                p.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+    return out
+
+
 def token_agreement(results: dict, batch_invariant: bool) -> tuple[str, dict]:
     """Whether every policy generated the same greedy tokens for every turn (DESIGN.md: the path moves KV, it
     never changes it). `results`: policy -> runtime result (`.tokens`). Returns a line for the main job's table

@@ -27,6 +27,20 @@ _SLOTS = flags.DEFINE_integer("slots", 8, "decode slots", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved repeats per case", lower_bound=1)
 
 
+def _known_models(names) -> bool:
+    from models.registry import TINY_CONFIGS
+
+    return all(n in ("dense", "moe") or n in TINY_CONFIGS for n in names)
+
+
+# (an empty --models= printed an empty table; an unknown model was a KeyError after the others had run)
+flags.register_validator(
+    "models",
+    lambda v: bool(v) and _known_models(v),
+    message="--models takes one or more of tiny_qwen2, tiny_llama, tiny_deepseek, tiny_deepseek_v2, dense, moe",
+)
+
+
 def _config(name: str):
     from models.prefill_bench import bench_configs
     from models.registry import tiny_config
@@ -76,7 +90,8 @@ def _chunked_equals_whole(runner, rng) -> bool:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unknown arguments: {argv[1:]}")
     from models.runner import ModelRunner
 
     rows = []

@@ -29,6 +29,7 @@ Sections:
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -69,8 +70,8 @@ flags.DEFINE_float(
 flags.DEFINE_integer("layers", 16, "layers in the overlap section", lower_bound=1)
 flags.DEFINE_float("layer_ms", 25.0, "target per-layer load and compute time (ms) in the overlap section")
 flags.DEFINE_string("out", None, "also write all rows as JSON here")
-for _name in ("shaped_seconds", "shaped_quantum_ms", "layer_ms"):
-    flags.register_validator(_name, lambda v: v > 0, message=f"--{_name} must be > 0")
+for _name in ("shaped_seconds", "shaped_quantum_ms", "layer_ms"):  # (inf: an OverflowError, or overlap ran forever)
+    flags.register_validator(_name, lambda v: 0 < v < math.inf, message=f"--{_name} must be > 0 and finite")
 for _name in ("tcp_sizes", "tcp_small_sizes", "tcp_batches", "shaped_rates_mb"):
     flags.register_validator(
         _name, lambda v: all(x.isdigit() and int(x) > 0 for x in v), message=f"--{_name} takes positive integers"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import platform
 import re
@@ -25,7 +24,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import pyplot_or_none, writable_dir_or_exit
+from experiments import pyplot_or_none, run_jobs, writable_dir_or_exit
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1)
@@ -262,7 +261,7 @@ def main(argv: Sequence[str]) -> None:
     bases = {sd: f"dataset={_DATASET.value},agents={_AGENTS.value},seed={sd}" for sd in seeds}
     modes = ["basic", "layerwise", "dualpath_rr", "dualpath", "oracle"]
     jobs = [("offline", f"{DS660B}:{m},{bases[sd]}") for sd in seeds for m in modes]
-    appends = [float(x) for x in dict.fromkeys(_APPENDS.value) if float(x) != 1.0]
+    appends = [k for k in dict.fromkeys(float(x) for x in _APPENDS.value) if k != 1.0]  # --appends=2,2.0: one
     jobs += [
         ("offline", f"{DS660B}:{m},{bases[seeds[0]]},append={k:g}") for k in appends for m in ("basic", "dualpath")
     ]
@@ -270,10 +269,12 @@ def main(argv: Sequence[str]) -> None:
         jobs += [("offline", spec) for spec in ONLINE_SCALE.values()]
     pds = list(dict.fromkeys(_PD_RATIOS.value))
     jobs += [("offline", f"{DS27B}:{m},pd={pd},seed={seeds[0]}") for pd in pds for m in ("basic", "dualpath")]
-    for a in _TABLE.value:
+    # --table=512,0512: one row of the report (and its cells once in the fit)
+    table = list(dict.fromkeys(int(a) for a in _TABLE.value))
+    for a in table:
         for ds in ("32K", "48K", "64K"):
             for m in ("oracle", "dualpath", "basic"):
-                jobs.append(("offline", f"{DS660B}:{m},dataset={ds},agents={int(a)}"))
+                jobs.append(("offline", f"{DS660B}:{m},dataset={ds},agents={a}"))
     if _ONLINE.value:
         d, w, it, ods = _ONLINE_DURATION.value, _ONLINE_WARMUP.value, _ONLINE_ITERS.value, _ONLINE_DATASET.value
         jobs += [
@@ -283,20 +284,22 @@ def main(argv: Sequence[str]) -> None:
             ("capacity", (DS27B, "dualpath", 0.05, 1.0, d, w, it, ods)),
         ]
     jobs = list(dict.fromkeys(jobs))
-    from tqdm import tqdm
-
     from dualpath_jax.metrics import json_safe
 
-    results = {}
-    if _WORKERS.value <= 1:
-        it_ = map(_job, jobs)
-    else:
-        pool = mp.get_context("spawn").Pool(_WORKERS.value)
-        it_ = pool.imap_unordered(_job, jobs)
-    for kind, arg, out in tqdm(it_, total=len(jobs), desc="reproduce"):
+    results, failed = {}, []
+    for job, (done, error) in zip(jobs, run_jobs(_job, jobs, _WORKERS.value, "reproduce"), strict=True):
+        if error is not None:
+            failed.append(f"  {job[0]} {job[1]}: {error}")
+            continue
+        kind, arg, out = done
         results[(kind, arg if isinstance(arg, str) else arg[:2])] = out
-    if _WORKERS.value > 1:
-        pool.close()
+    if failed:  # the report needs every run: keep the finished ones' raw results, say which failed
+        with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:
+            json.dump(json_safe({f"{kind} {key}": v for (kind, key), v in results.items()}), f, indent=1, default=str)
+        raise SystemExit(
+            f"reproduce_paper: {len(failed)} of {len(jobs)} runs failed, so no report (the {len(results)} finished "
+            f"runs are in {os.path.join(_OUTPUT_DIR.value, 'report.json')}):\n" + "\n".join(failed)
+        )
 
     # per seed: {mode: value}
     jct = [{m: results[("offline", f"{DS660B}:{m},{bases[sd]}")]["jct_s"] for m in modes} for sd in seeds]
@@ -437,7 +440,7 @@ def main(argv: Sequence[str]) -> None:
         ]
     lines += online_note
     table_cells: list[tuple[str, float, float]] = []  # (mode, paper JCT, simulator JCT) of the calibration table
-    if _TABLE.value:
+    if table:
         lines += [
             "",
             "DS 660B 2P4D offline JCT (s), paper / simulator (sim/paper):",
@@ -446,11 +449,11 @@ def main(argv: Sequence[str]) -> None:
             "| --- | --- | --- | --- | --- |",
         ]
         fit: dict[str, list[float]] = {"oracle": [], "dualpath": [], "basic": []}
-        for a in _TABLE.value:
+        for a in table:
             for ds in ("32K", "48K", "64K"):
                 cells = []
-                for m, p in zip(("oracle", "dualpath", "basic"), TABLE[(int(a), ds)], strict=False):
-                    s = results[("offline", f"{DS660B}:{m},dataset={ds},agents={int(a)}")]["jct_s"]
+                for m, p in zip(("oracle", "dualpath", "basic"), TABLE[(a, ds)], strict=False):
+                    s = results[("offline", f"{DS660B}:{m},dataset={ds},agents={a}")]["jct_s"]
                     cells.append(f"{p} / {s:.0f} ({s / p:.2f})")
                     fit[m].append(s / p)
                     table_cells.append((m, p, s))

@@ -221,8 +221,8 @@ def main(argv):
         },
         "speedup_vs_first": {p: results[policies[0]].summary["jct_s"] / r.summary["jct_s"] for p, r in results.items()},
     }
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=float)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:  # NaN (TPOT of 1-token turns): null, as turns_*.json
+        json.dump(metrics.json_safe(summary), f, indent=1, default=float)
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(table + "\n")
     if config.plot and plot(results, os.path.join(out_dir, "run.png")):

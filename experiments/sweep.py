@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import multiprocessing as mp
 import os
 import platform
 import time
@@ -22,7 +21,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import pyplot_or_none, writable_dir_or_exit
+from experiments import pyplot_or_none, run_jobs, writable_dir_or_exit
 
 _SETUPS = flags.DEFINE_list("setups", ["configs/sim_tiny.py"], "Config files (configs/paper_*.py).")
 _MODES = flags.DEFINE_list("modes", ["basic", "dualpath"], "Modes or registered policy names.")
@@ -83,16 +82,20 @@ def run_cell(args: tuple[str, str, str, str, str]) -> dict:
 
 
 def run_grid(cells: Sequence[tuple[str, str, str, str, str]], workers: int) -> list[dict]:
-    from tqdm import tqdm
-
+    """Every cell's row, in the order of `cells`. A cell that failed (its run raised, its worker process was
+    killed) is a row with its `error` and no figures; the other cells still run and report."""
+    # a setup is named by its file name, or by its path where two setups share one (a/x.py, b/x.py: their rows
+    # and plot lines were one setup's)
+    names = {s: os.path.basename(s) for s in dict.fromkeys(c[0] for c in cells)}
+    if len(set(names.values())) < len(names):
+        names = {s: s for s in names}
     rows = []
-    if workers <= 1:
-        for c in tqdm(cells, desc="sweep"):
-            rows.append(run_cell(c))
-        return rows
-    with mp.get_context("spawn").Pool(workers) as pool:
-        for row in tqdm(pool.imap(run_cell, cells), total=len(cells), desc="sweep"):
-            rows.append(row)
+    for c, (row, error) in zip(cells, run_jobs(run_cell, list(cells), workers, "sweep"), strict=True):
+        setup, mode, load, _, seed = c
+        if error is not None:
+            row = {"setup": setup, "mode": mode, "load": load, "seed": seed or None, "error": error}
+        row["setup"] = names[setup]
+        rows.append(row)
     return rows
 
 
@@ -188,8 +191,9 @@ def main(argv: Sequence[str]) -> None:
             raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {e.args[0] if e.args else e}") from None
     writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the grid runs, not after
     rows = run_grid(cells, _WORKERS.value)
+    failed = [(c, r["error"]) for c, r in zip(cells, rows, strict=True) if "error" in r]
     with open(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=COLUMNS + (["error"] if failed else []), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     with open(os.path.join(_OUTPUT_DIR.value, "sweep.json"), "w") as f:
@@ -198,12 +202,18 @@ def main(argv: Sequence[str]) -> None:
     for r in rows:
         print("  ".join(_fmt(r.get(k)) for k in COLUMNS))
     png = os.path.join(_OUTPUT_DIR.value, "sweep.png")
-    if _PLOT.value and plot_sweep(rows, png):
+    ran = [r for r in rows if "error" not in r]
+    if _PLOT.value and ran and plot_sweep(ran, png):
         print("wrote", png)
     elif os.path.exists(png):  # an earlier sweep's plot would pass for this one's
         os.remove(png)
         logging.info("removed %s: an earlier sweep's plot (none was drawn for this one)", png)
     print("wrote", os.path.join(_OUTPUT_DIR.value, "sweep.csv"))
+    if failed:  # after the others' results are written: one line per failed cell, and a failing exit code
+        raise SystemExit(
+            f"sweep: {len(failed)} of {len(rows)} cells failed (their rows say so):\n"
+            + "\n".join(f"  {cell_spec(*c)}: {err}" for c, err in failed)
+        )
 
 
 if __name__ == "__main__":
