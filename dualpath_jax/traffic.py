@@ -127,14 +127,20 @@ class Link:
         """
         sizes = self.chunks(nbytes)
         pending = collections.deque(self.enqueue(n, cls) for n in sizes[:LOOKAHEAD])
-        for k in range(len(sizes)):
-            start = self.wait(pending.popleft())
-            if k + LOOKAHEAD < len(sizes):
-                pending.append(self.enqueue(sizes[k + LOOKAHEAD], cls))
-            delay = start - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            yield sizes[k]
+        try:
+            for k in range(len(sizes)):
+                start = self.wait(pending.popleft())
+                if k + LOOKAHEAD < len(sizes):
+                    pending.append(self.enqueue(sizes[k + LOOKAHEAD], cls))
+                delay = start - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                yield sizes[k]
+        finally:
+            # A transfer dropped part way (its consumer stopped iterating): the chunks it queued ahead never cross.
+            # Left queued, they were granted later anyway, holding up other flows and recorded as bytes moved.
+            for t in reversed(pending):  # (newest first: each is then its class's last chunk)
+                self.cancel(t)
 
     def chunks(self, nbytes: int) -> list[int]:
         q, n = self.quantum, int(nbytes)
@@ -159,6 +165,21 @@ class Link:
                 self._queues[cls].append(t)
                 self._dispatch()
             return t
+
+    def cancel(self, t: _Ticket) -> None:
+        """Take back a queued chunk that will not cross: an ungranted one leaves the queue, a granted one's bytes leave
+        the records (its slot is not handed out again)."""
+        with self._cond:
+            if t.slot is None:
+                q = self._queues[t.cls]
+                if t in q:
+                    q.remove(t)
+                    if self._finish[t.cls] == t.start_tag + t.nbytes / self.weights[t.cls]:
+                        self._finish[t.cls] = t.start_tag  # the class's last chunk: its fair share is not charged
+                    self._dispatch()  # (the next in line may go now)
+            elif t.nbytes:
+                self._record(t.slot, -t.nbytes, t.cls)
+                t.nbytes = 0  # (cancelled twice: taken back once)
 
     def wait(self, t: _Ticket) -> float:
         """Block until ticket `t` is granted; returns its slot start. The caller moves its bytes from then."""
@@ -199,7 +220,10 @@ class Link:
     def _record(self, when: float, nbytes: int, cls: str) -> None:
         rel = max(0.0, when - self.clock_origin)
         name = f"{self.name}/{cls}" if self.per_class_names else self.name
-        self._bins[(name, int(rel / self.sample_interval))] += nbytes
+        key = (name, int(rel / self.sample_interval))
+        self._bins[key] += nbytes
+        if nbytes < 0 and not self._bins[key]:  # (a chunk taken back: no empty bin left behind)
+            del self._bins[key]
         self.bytes_by_class[cls] = self.bytes_by_class.get(cls, 0) + nbytes
 
     def record(self, nbytes: int, cls: str = "low") -> None:
@@ -271,15 +295,20 @@ class Pacer:
             return [link.enqueue(sizes[k], c) for link, c in zip(self.links, classes, strict=True)]
 
         pending = collections.deque(enqueue(k) for k in range(min(LOOKAHEAD, len(sizes))))
-        for k in range(len(sizes)):
-            tickets = pending.popleft()
-            start = max(link.wait(t) for link, t in zip(self.links, tickets, strict=True))
-            if k + LOOKAHEAD < len(sizes):
-                pending.append(enqueue(k + LOOKAHEAD))
-            delay = start - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            yield sizes[k]
+        try:
+            for k in range(len(sizes)):
+                tickets = pending.popleft()
+                start = max(link.wait(t) for link, t in zip(self.links, tickets, strict=True))
+                if k + LOOKAHEAD < len(sizes):
+                    pending.append(enqueue(k + LOOKAHEAD))
+                delay = start - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                yield sizes[k]
+        finally:
+            for tickets in reversed(pending):  # a transfer dropped part way: its chunks queued ahead never cross
+                for link, t in zip(self.links, tickets, strict=True):  # (`Link.paced`)
+                    link.cancel(t)
 
 
 @dataclasses.dataclass

@@ -173,6 +173,7 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     if not trajs:
         raise ConfigError("the workload has no trajectories")
     _check_arrivals_within_timeout(cfg, trajs)
+    _check_turn_lengths(trajs)
     max_prompt = max(t.prompt_tokens(i) for t in trajs for i in range(len(t.turns)))
     max_total = max(t.prompt_tokens(i) + t.turns[i].gen_tokens for t in trajs for i in range(len(t.turns)))
     validate(cfg, mcfg.kv_bytes_per_token, max_prompt, mcfg.num_layers)
@@ -229,6 +230,26 @@ def _check_arrivals_within_timeout(cfg: RuntimeConfig, trajs: Sequence[Trajector
             f"({why}: the last of {len(trajs)} agents arrives at {last:.4g} s), so the run can never finish; "
             "raise the arrival rate or config.run_timeout_s"
         )
+
+
+def _check_turn_lengths(trajs: Sequence[Trajectory]) -> None:
+    """Turns the runtime can serve: a PE computes at least one prompt token and always hands the DE the first
+    generated token, so an empty first prompt (engines crashed allocating a 0-byte area) or a turn generating 0
+    tokens (the DE reported 1 and the scheduler failed on it) is refused before any engine starts, naming it."""
+    if not any(t.turns for t in trajs):  # (was `max() arg is an empty sequence`)
+        raise ConfigError("the workload's trajectories have no turns")
+    for t in trajs:
+        if t.turns and t.prompt_tokens(0) < 1:
+            raise ConfigError(
+                f"the workload's trajectory {t.trajectory_id} turn 0 has an empty prompt (append_tokens=0): "
+                "the prefill needs at least one prompt token"
+            )
+        for i, turn in enumerate(t.turns):
+            if turn.gen_tokens < 1:
+                raise ConfigError(
+                    f"the workload's trajectory {t.trajectory_id} turn {i} generates {turn.gen_tokens} tokens: the "
+                    "runtime generates at least the first token of every turn (gen_tokens must be >= 1)"
+                )
 
 
 def _check_token_ids(trajs: Sequence[Trajectory], vocab_size: int) -> None:

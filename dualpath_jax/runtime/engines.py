@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 
 REGION = "buf"  # every engine registers its host-buffer arena under this name
 WAIT_POLL_S = 0.05  # how often a waiting engine re-checks for cancellation / shutdown
-PEER_TIMEOUT_S = 30.0
-STEP_LOG_MAX = 20_000  # measured steps kept per engine (calibration of the simulator's cost model)  # a layer that does not arrive within this long fails the request (peer presumed dead)
+PEER_TIMEOUT_S = 30.0  # how long a DE waits for its writes out of an area (to a PE that finished) before reusing it
+STEP_LOG_MAX = 20_000  # measured steps kept per engine (calibration of the simulator's cost model)
 
 
 def engine_endpoint(engine_id: int) -> str:
@@ -568,11 +568,18 @@ class PrefillEngine(EngineBase):
     def _complete(self, r: _PrefillReq) -> None:
         """All layers computed: wait for the KV to land on the DE, then hand over the first token."""
         t = r.task
+        # No deadline: the writes are paced by this engine's CNIC, so a slow cap makes them long, not lost (a 30 s
+        # timeout dropped the request silently and the run hung until its timeout). A dead DE fails them (the
+        # transport) or cancels the request (the scheduler, via the inbox handled meanwhile).
+        self._wait_loop(lambda: r.cancelled or all(f.done() for f in r.futures), f"KV writes of {r.key}")
+        if r.cancelled:
+            self._finish(r)
+            return
         try:
             for f in r.futures:
-                f.result(timeout=PEER_TIMEOUT_S)
+                f.result()
         except Exception as e:  # noqa: BLE001 -- DE gone: the scheduler re-runs the request elsewhere
-            log.warning("pe%d: KV of request %s did not reach DE %d: %s", self.engine_id, r.key, t.decode_engine, e)
+            log.warning("pe%d: KV of request %s did not reach DE %d: %r", self.engine_id, r.key, t.decode_engine, e)
             self._finish(r)
             return
         # Reported before the DE hears of it: the DE may run the request (its first-token stamp) and finish it before
@@ -597,19 +604,19 @@ class PrefillEngine(EngineBase):
         self._release_area(r)
 
     def _wait(self, pred: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + PEER_TIMEOUT_S
         t0 = time.perf_counter()
         try:
-            self._wait_loop(pred, what, deadline)
+            self._wait_loop(pred, what)
         finally:
             self.wait_s += time.perf_counter() - t0
 
-    def _wait_loop(self, pred: Callable[[], bool], what: str, deadline: float) -> None:
+    def _wait_loop(self, pred: Callable[[], bool], what: str) -> None:
+        """Handle the inbox until `pred()`. No deadline: what it waits for is paced by the CNICs, so a slow cap makes it
+        long, not lost (a DE's layers taking over 30 s failed the run with a TimeoutError); a dead peer's requests
+        are cancelled by the scheduler (pred checks `cancelled`)."""
         while not pred():
             if self._stop.is_set():
                 raise RuntimeError(f"pe{self.engine_id} stopped while waiting for {what}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"pe{self.engine_id}: {what} did not arrive within {PEER_TIMEOUT_S} s")
             item = self.inbox.get(WAIT_POLL_S)
             if item is not None:
                 self._handle(*item)
