@@ -313,3 +313,33 @@ def test_all_real_traces_load_consistently():
     for t in sessions:
         for (prompt, hit, _), turn in zip(t.turn_shapes(64), t.turns, strict=True):
             assert 0 <= hit < prompt and turn.context_tokens < prompt
+
+
+def test_max_agents_gives_the_first_whole_trajectories():
+    """The runtime's `workload.agents` for a trace meant agents but was passed as `limit`, which counts Mooncake
+    lines: the first 24 lines gave however many sessions began there, each cut after its turns in those lines."""
+    full = load_trace("mooncake_conversation_trace.jsonl.gz")
+    cut = load_trace("mooncake_conversation_trace.jsonl.gz", limit=24)
+    assert any(len(c.turns) < len(f.turns) for c, f in zip(cut, full, strict=False))  # why `limit` is not agents
+    first = load_trace("mooncake_conversation_trace.jsonl.gz", max_agents=5)
+    assert len(first) == 5
+    for a, b in zip(first, full[:5], strict=True):
+        assert a.turns == b.turns and a.arrival_time == b.arrival_time and a.trajectory_id == b.trajectory_id
+    sessions = load_trace("kvcache_tester")
+    some = load_trace("kvcache_tester", max_agents=3)
+    assert [t.turns for t in some] == [t.turns for t in sessions[:3]]
+    assert len(load_trace("kvcache_tester", max_agents=10**6)) == len(sessions)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="max_agents must be an int >= 1"):
+            load_trace("kvcache_tester", max_agents=bad)
+
+
+def test_runtime_trace_workload_takes_whole_agents():
+    from dualpath_jax.runtime.config import RuntimeConfig, WorkloadConfig
+    from dualpath_jax.runtime.driver import make_trajectories
+
+    cfg = RuntimeConfig(workload=WorkloadConfig(kind="trace", trace="mooncake_conversation_trace.jsonl.gz", agents=4))
+    trajs = make_trajectories(cfg)
+    full = load_trace("mooncake_conversation_trace.jsonl.gz")
+    assert len(trajs) == 4
+    assert [len(t.turns) for t in trajs] == [min(len(t.turns), cfg.workload.turns) for t in full[:4]]

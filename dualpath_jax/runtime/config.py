@@ -85,7 +85,7 @@ class SchedulerConfig:
 class WorkloadConfig:
     kind: str = "tiny"  # "tiny" (seeded short agents), "synthetic" (paper Table 2, scaled) or "trace"
     trace: str = ""  # kind="trace": a trace file/directory for dualpath_jax.workloads.traces.load_trace
-    agents: int = 24  # tiny/synthetic: agents; trace: at most this many (0 = all)
+    agents: int = 24  # tiny/synthetic: agents; trace: the first this many, each whole (0 = all)
     turns: int = 5  # turns per agent (tiny: exact; synthetic: capped)
     append_tokens: int = 48  # mean append per turn (tiny)
     gen_tokens: int = 8  # mean generated tokens per turn (tiny)

@@ -65,7 +65,7 @@ def make_trajectories(cfg: RuntimeConfig) -> list[Trajectory]:
 
         if not w.trace:
             raise ConfigError("config.workload.trace must name a trace file or directory for kind='trace'")
-        return _scaled(traces.load_trace(w.trace, limit=w.agents or None), w)
+        return _scaled(traces.load_trace(w.trace, max_agents=w.agents or None), w)
     raise ConfigError(f"config.workload.kind {w.kind!r} unknown; known: tiny, synthetic, trace")
 
 

@@ -326,6 +326,10 @@ def load_kvcache_tester(
     """Sessions from a directory of trace_*.json.gz (sorted, first `limit`) or a list of files."""
     if limit is not None and limit < 0:  # files[:-1] would drop the last file
         raise ValueError(f"limit must be >= 0, got {limit}")
+    return _load_kvcache_files(_session_files(paths, limit))
+
+
+def _session_files(paths: str | os.PathLike | Sequence[str | os.PathLike], limit: int | None) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         p = resolve_trace_path(paths)
         # *.json and *.json.gz only: not *.jsonl (Mooncake) nor leftovers such as *.json.gz.part
@@ -334,27 +338,40 @@ def load_kvcache_tester(
             raise TraceFormatError(f"{p}: no *.json / *.json.gz session file")
     else:
         files = [resolve_trace_path(x) for x in paths]
-    if limit is not None:
-        files = files[:limit]
+    return files if limit is None else files[:limit]
+
+
+def _load_kvcache_files(files: Sequence[Path], max_agents: int | None = None) -> list[Trajectory]:
+    """Sessions of `files` in order, numbered from 0; stops after the file that brings `max_agents` sessions."""
     out: list[Trajectory] = []
     for f in files:
+        if max_agents is not None and len(out) >= max_agents:
+            break
         for t in load_kvcache_session(f):
             out.append(Trajectory(trajectory_id=len(out), turns=t.turns, arrival_time=t.arrival_time, source=t.source))
     return out
 
 
-def load_trace(path: str | os.PathLike, limit: int | None = None) -> list[Trajectory]:
+def load_trace(path: str | os.PathLike, limit: int | None = None, max_agents: int | None = None) -> list[Trajectory]:
     """Any trace by its name: *.jsonl[.gz] -> Mooncake (`limit` lines), a *.json[.gz] file or a directory
-    of them -> kv-cache-tester sessions (`limit` files)."""
+    of them -> kv-cache-tester sessions (`limit` files).
+
+    `max_agents`: the first that many trajectories (agents), each whole. (`limit` counts lines or files: the
+    first N lines of a Mooncake trace cut its sessions' later turns, and a file may hold several sessions.)
+    """
+    if max_agents is not None and (isinstance(max_agents, bool) or not isinstance(max_agents, int) or max_agents < 1):
+        raise ValueError(f"max_agents must be an int >= 1 (or None for all), got {max_agents!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
     p = resolve_trace_path(path)
-    if p.is_dir():
-        return load_kvcache_tester(p, limit=limit)
     name = p.name.removesuffix(".gz")
-    if name.endswith(".jsonl"):
-        return load_mooncake(p, max_requests=limit)
-    if name.endswith(".json"):
-        return load_kvcache_tester([p])
-    raise TraceFormatError(f"{p}: unknown trace format (expected *.jsonl[.gz] Mooncake or *.json[.gz] sessions)")
+    if p.is_dir() or name.endswith(".json"):
+        trajs = _load_kvcache_files(_session_files(p, limit if p.is_dir() else None), max_agents)
+    elif name.endswith(".jsonl"):
+        trajs = load_mooncake(p, max_requests=limit)
+    else:
+        raise TraceFormatError(f"{p}: unknown trace format (expected *.jsonl[.gz] Mooncake or *.json[.gz] sessions)")
+    return trajs if max_agents is None else trajs[:max_agents]
 
 
 load = load_trace  # short name used by the simulator's config (`traces.load(path)`)
