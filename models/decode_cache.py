@@ -40,6 +40,11 @@ def write_records(layout: KVLayout, cache, slot: jax.Array, start: jax.Array, re
     return jax.lax.dynamic_update_slice(cache, records[None].astype(cache.dtype), (slot, start, jnp.int32(0)))
 
 
+def clear_slot(cache, slot: jax.Array):
+    """Zero every row of `slot` (keys beyond a slot's length are masked, but must be finite: 0 x NaN = NaN)."""
+    return jax.tree.map(lambda a: a.at[slot].set(0), cache)
+
+
 def read_records(layout: KVLayout, cache, slot: jax.Array, start: jax.Array, num_tokens: int) -> jax.Array:
     """Records [num_tokens, *record] of `slot` from token `start` (caller keeps start + n <= capacity)."""
     if layout.kind == "gqa":

@@ -133,7 +133,9 @@ def layer_blocks_to_records(layout: KVLayout, layer_blocks: Sequence[np.ndarray]
     if not layer_blocks:
         return np.zeros((0, *layout.record_shape), layout.np_dtype)
     for i, b in enumerate(layer_blocks):
-        if np.ndim(b) == 3 and np.shape(b)[0] != 1:  # a Full Block would be read as L x tokens tokens
+        # a Full Block would be read as L x tokens tokens, a block of another layout's bpt (say bfloat16 for a
+        # float32 model) as tokens of this one
+        if (np.ndim(b) == 3 and np.shape(b)[0] != 1) or np.shape(b)[-1:] != (layout.bytes_per_token_per_layer,):
             raise ValueError(
                 f"Layer Block {i} has shape {np.shape(b)}, expected [1, tokens, {layout.bytes_per_token_per_layer}]"
             )

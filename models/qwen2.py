@@ -31,6 +31,11 @@ class Qwen2Config(ModelConfig):
     def _kv_record(self):
         return "gqa", (2, self.num_key_value_heads, self.head_dim)
 
+    @property
+    def o_proj_bias(self) -> bool:
+        # HF Llama's attention_bias covers o_proj too (Qwen2's o_proj has none): it was dropped as "not used"
+        return self.qkv_bias and self.architecture == "LlamaForCausalLM"
+
     @classmethod
     def from_hf(cls, d: dict, dtype: str = "float32") -> Qwen2Config:
         """From an HF config.json dict (Qwen2ForCausalLM or LlamaForCausalLM)."""
@@ -82,6 +87,7 @@ class Qwen2DecoderLayer(PreNormDecoderLayer):
             cfg.rope,
             dtype,
             rngs,
+            o_bias=cfg.o_proj_bias,
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
@@ -107,7 +113,7 @@ def hf_tensor_map(cfg: Qwen2Config) -> dict[tuple, tuple[str, str]]:
         )
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             m[p + ("self_attn", proj, "kernel")] = (h + f"self_attn.{proj}.weight", "T")
-            if cfg.qkv_bias and proj != "o_proj":
+            if cfg.o_proj_bias if proj == "o_proj" else cfg.qkv_bias:
                 m[p + ("self_attn", proj, "bias")] = (h + f"self_attn.{proj}.bias", "")
         for proj in ("gate_proj", "up_proj", "down_proj"):
             m[p + ("mlp", proj, "kernel")] = (h + f"mlp.{proj}.weight", "T")

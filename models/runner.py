@@ -212,7 +212,8 @@ class ModelRunner:
             self._counted(
                 "write_kv",
                 lambda caches, slot, records: tuple(
-                    decode_cache.write_records(layout, c, slot, jnp.int32(0), records[i]) for i, c in enumerate(caches)
+                    decode_cache.write_records(layout, decode_cache.clear_slot(c, slot), slot, jnp.int32(0), records[i])
+                    for i, c in enumerate(caches)
                 ),
             ),
             donate_argnums=(0,),
@@ -449,10 +450,16 @@ class ModelRunner:
             if len(cached_kv) != len(requests):
                 raise ValueError(f"cached_kv for {len(cached_kv)} requests, batch has {len(requests)}")
             cached_kv = [None if kv is None else np.asarray(kv) for kv in cached_kv]
+            rec = self.layout.record_shape
             for i, kv in enumerate(cached_kv):
-                if kv is not None and (kv.ndim < 2 or kv.shape[0] != self.num_layers):
+                # Records [L, c, *record] or bytes [L, c, bpt]. A list of L Full Blocks ([L, L, tokens, bpt] once
+                # stacked) passed the layer count and fed block l, its layers read as tokens, to layer l.
+                ndim = 3 if kv is not None and kv.dtype == np.uint8 else 2 + len(rec)
+                if kv is not None and (kv.ndim != ndim or kv.shape[0] != self.num_layers):
                     raise ValueError(
-                        f"request {i}: cached_kv has shape {kv.shape}, expected [{self.num_layers}, tokens, ...]"
+                        f"request {i}: cached_kv has shape {kv.shape}, expected [{self.num_layers}, tokens, *{rec}] "
+                        f"or bytes [{self.num_layers}, tokens, {self.layout.bytes_per_token_per_layer}] (Full Blocks: "
+                        f"concatenate them on axis 1)"
                     )
                 # With every cached_len 0 the KV was never looked at (the layerwise path counts it: an error).
                 if not c and kv is not None and kv.shape[1]:
@@ -565,7 +572,9 @@ class ModelRunner:
         pb = min(bucket(p, self.min_token_bucket), self.capacity)
         padded = np.zeros((self.num_layers, pb, *self.layout.record_shape), self.layout.np_dtype)
         padded[:, :p] = recs
-        # Padding beyond p is written too (same executable per bucket); it is masked by the length.
+        # Padding beyond p is written too (same executable per bucket); it is masked by the length. The rest of the
+        # slot's row is zeroed first: masked keys weigh exactly 0, but 0 x inf = NaN, so a non-finite record left by
+        # the slot's previous sequence poisoned every decode step of the next one.
         self.decode_caches = list(self._write_kv(tuple(self.decode_caches), jnp.int32(slot), jnp.asarray(padded)))
         self.slot_lengths[slot] = p
         self._in_use[slot] = True

@@ -69,6 +69,7 @@ class GQAAttention(nnx.Module):
         rope: RopeConfig,
         dtype: jnp.dtype,
         rngs: nnx.Rngs,
+        o_bias: bool = False,
     ):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_attention_heads={num_heads} not a multiple of num_key_value_heads={num_kv_heads}")
@@ -84,7 +85,7 @@ class GQAAttention(nnx.Module):
         self.q_proj = nnx.Linear(hidden, num_heads * head_dim, use_bias=qkv_bias, **kw)
         self.k_proj = nnx.Linear(hidden, num_kv_heads * head_dim, use_bias=qkv_bias, **kw)
         self.v_proj = nnx.Linear(hidden, num_kv_heads * head_dim, use_bias=qkv_bias, **kw)
-        self.o_proj = nnx.Linear(num_heads * head_dim, hidden, use_bias=False, **kw)
+        self.o_proj = nnx.Linear(num_heads * head_dim, hidden, use_bias=o_bias, **kw)
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
         b, t, _ = x.shape
