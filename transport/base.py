@@ -289,6 +289,7 @@ class Transport(abc.ABC):
         self._regions: dict[str, MemoryRegion] = {}
         self._regions_by_id: dict[int, MemoryRegion] = {}
         self._next_region_id = 1
+        self._region_ids: dict[str, int] = {}  # name -> its region id, kept across deregister/register
         self._lock = threading.RLock()
         self._closed = False
 
@@ -306,8 +307,13 @@ class Transport(abc.ABC):
         with self._lock:
             if name in self._regions:
                 raise RegionError(f"region {name!r} is already registered on endpoint {self.name!r}")
-            region = MemoryRegion(name, self._next_region_id, view, buf)
-            self._next_region_id += 1
+            # A name keeps its id when registered again: peers cache (name -> id) (tcp), and a write by name to the
+            # re-registered region took the stale id for a remote access error that closed the connection set.
+            rid = self._region_ids.get(name)
+            if rid is None:
+                rid = self._region_ids[name] = self._next_region_id
+                self._next_region_id += 1
+            region = MemoryRegion(name, rid, view, buf)
             self._on_register(region)
             self._regions[name] = region
             self._regions_by_id[region.region_id] = region
@@ -315,7 +321,9 @@ class Transport(abc.ABC):
 
     def deregister(self, name: str) -> None:
         """Forget a region. Only do this when no transfer into or out of it is in flight. Peers cache region ids
-        (tcp, rdma): a peer's later write to it is a remote access error that closes that peer's connection set."""
+        (tcp, rdma): a peer's later write to it is a remote access error that closes that peer's connection set.
+        Registering the name again gives it back its region id (tcp peers' writes by name then land in the new
+        buffer; a smaller one than before is still a remote access error for a range only the old one held)."""
         with self._lock:
             region = self.region(name)
             self._on_deregister(region)

@@ -200,8 +200,9 @@ class LayerFeeder:
                     )
                 if self.host_view is not None:
                     host = self.host_view(host)
-                fut.set_result(self.to_device(host))
-                self.load_times[layer] = (t0, time.monotonic())
+                x = self.to_device(host)
+                self.load_times[layer] = (t0, time.monotonic())  # before the consumer may look (it was NaN then)
+                fut.set_result(x)
             except BaseException as e:  # noqa: BLE001 - surfaced by wait_for_layer
                 if isinstance(e, LayerLoadError):
                     err = e
@@ -243,8 +244,12 @@ class LayerFeeder:
             if self._save_pool is None:
                 self._save_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"feeder-{self.name}-save")
 
+        # A host array is copied now: the caller may reuse it at once (saving it later saved whatever it held
+        # by then, e.g. the next layer's KV). Device arrays are immutable and copied D2H in the background.
+        snapshot = np.array(kv, copy=True) if isinstance(kv, np.ndarray) else kv
+
         def run() -> Any:
-            host = np.asarray(kv)  # D2H (a copy for device arrays)
+            host = np.asarray(snapshot)  # D2H (a copy for device arrays)
             r = self.saver(layer, host)
             return r.result() if isinstance(r, Future) else r
 
@@ -452,7 +457,8 @@ class LayerForwarder:
     l+1 overlaps sending layer l; at most `prefetch + 1` layers of staging are used (ring in the region).
 
     `source(l, out)` reads layer l (e.g. a `StoreLayerSource`); the DE buffer slot of layer l is
-    `local_offset + (l % (prefetch + 1)) * layer_nbytes`; the PE offset is `remote_offset_fn(l)`.
+    `local_offset + (l % (prefetch + 1)) * layer_nbytes` (the region holds `min(prefetch + 1, num_layers)` slots);
+    the PE offset is `remote_offset_fn(l)`.
     A failed read is never forwarded as bytes: for the failed layer and every later one the PE gets a
     0-byte notifying write with that layer's tag, which `TransportLayerSource` turns into a miss error at
     once (instead of a timeout).
@@ -480,7 +486,10 @@ class LayerForwarder:
         self.local_region, self.local_offset = local_region, local_offset
         self.remote_region, self.remote_offset_fn, self.tag_fn = remote_region, remote_offset_fn, tag_fn
         self.priority = priority
-        transport.region(local_region).check(local_offset, (prefetch + 1) * layer_nbytes, "forwarder staging")
+        # the ring's slots in use: layer % (prefetch + 1) for layers < num_layers (a prefetch beyond L - 1 reserves
+        # no slot for layers that do not exist, as in `LayerFeeder`; it asked for a region prefetch + 1 layers long)
+        slots = max(0, min(prefetch + 1, num_layers))
+        transport.region(local_region).check(local_offset, slots * layer_nbytes, "forwarder staging")
         self.done: Future = Future()
         self._thread = threading.Thread(target=self._run, name=f"forwarder-{peer}", daemon=True)
 

@@ -414,6 +414,10 @@ def _cut(sock: socket.socket) -> None:
         pass
 
 
+_reader = threading.local()  # `conn`: the connection whose reader thread this is (unset on other threads)
+_reader_query = threading.Lock()  # held by the reader thread waiting for a region query's reply (one at most)
+
+
 class _Conn:
     """One TCP connection of a peer's set: a reader thread and a sender thread.
 
@@ -671,6 +675,7 @@ class _Conn:
 
     # ---- receiving ------------------------------------------------------------------------------------
     def _read_loop(self) -> None:
+        _reader.conn = self  # (see `_remote_region_of`)
         owner, peer, sock = self.owner, self.peer, self.sock
         acks = bytearray()  # held-back acknowledgements: ACK_ENTRY records of writes that landed
         held = 0  # write frames landed since the last acknowledgement frame
@@ -1211,8 +1216,10 @@ class TcpTransport(Transport):
         """(region id, size) of the peer's region `name` (asked once, then cached)."""
         return self._remote_region_of(self._get_peer(peer), name, timeout)
 
-    def _remote_region_of(self, p: _Peer, name: str, timeout: float = 10.0) -> tuple[int, int]:
-        info = p.remote_regions.get(name)  # a dict lookup is atomic; entries are only ever added
+    def _remote_region_of(self, p: _Peer, name: str, timeout: float = 10.0, refresh: bool = False) -> tuple[int, int]:
+        """`refresh`: ask again even if cached (a range outside the cached size: the peer may have registered the
+        name again, larger)."""
+        info = None if refresh else p.remote_regions.get(name)  # a dict lookup is atomic; entries are only replaced
         if info is not None:
             return info
         peer = p.name
@@ -1221,11 +1228,30 @@ class TcpTransport(Transport):
         data = name.encode()
         if len(data) > REGION_NAME_MAX:
             raise RegionError(f"region name longer than {REGION_NAME_MAX} bytes")
-        req = next(self._req_ids)
-        fut = _request("query", 0)
-        p.add(req, fut)
-        p.conns["high"].enqueue(pack_header(OP_REGION_QUERY, length=len(data), req=req), memoryview(data))
-        info = fut.result(timeout)
+        # The reply comes back on the query's connection, read by its reader thread. A transfer posted from a reader
+        # thread (a transfer's done callback, an `on_message` hook) asks on a connection that thread does not read:
+        # on its own it waited for a reply only it could read, until the watchdog dropped the peer. Only one reader
+        # thread in the process may wait so (two could wait for each other): another one gets an error, not a hang.
+        conn = p.conns["high"]
+        reader = getattr(_reader, "conn", None) is not None  # the calling thread is a reader thread (any endpoint)
+        if reader:
+            if _reader.conn is conn:
+                conn = p.conns["low"]
+            if not _reader_query.acquire(blocking=False):
+                raise TransportError(
+                    f"{self.name}: region {name!r} of {peer!r} is not known yet and another reader thread is "
+                    f"asking for a region: ask with remote_region({peer!r}, {name!r}) before posting to it "
+                    "from a transfer callback or message hook"
+                )
+        try:
+            req = next(self._req_ids)
+            fut = _request("query", 0)
+            p.add(req, fut)
+            conn.enqueue(pack_header(OP_REGION_QUERY, length=len(data), req=req), memoryview(data))
+            info = fut.result(timeout)
+        finally:
+            if reader:
+                _reader_query.release()
         if info is None:
             raise RegionError(f"peer {peer!r} has no region {name!r}")
         with p.lock:
@@ -1267,10 +1293,12 @@ class TcpTransport(Transport):
         if type(remote_offset) is not int:
             remote_offset = _as_offset(remote_offset)
         if remote_offset < 0 or remote_offset + length > size:
-            raise RegionError(
-                f"write to {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
-                f"region of {size} bytes"
-            )
+            rid, size = self._remote_region_of(p, remote_region, refresh=remote_offset >= 0)
+            if remote_offset < 0 or remote_offset + length > size:
+                raise RegionError(
+                    f"write to {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
+                    f"region of {size} bytes"
+                )
         if notify is None:
             flags = tag = 0
         else:
@@ -1337,7 +1365,10 @@ class TcpTransport(Transport):
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
         """The peer's region sizes are known here (asked once per region name): check before posting."""
         offset = _as_offset(offset)  # numpy integers are fine, as in `write`
-        _, size = self._remote_region_of(self._peer_for(peer), region)
+        p = self._peer_for(peer)
+        _, size = self._remote_region_of(p, region)
+        if 0 <= offset and offset + length > size:  # the peer may have registered the name again, larger
+            _, size = self._remote_region_of(p, region, refresh=True)
         if offset < 0 or offset + length > size:
             raise RegionError(
                 f"write to {peer}:{region}: [{offset}, {offset + length}) is outside the region of {size} bytes"
@@ -1361,10 +1392,12 @@ class TcpTransport(Transport):
         if type(remote_offset) is not int:
             remote_offset = _as_offset(remote_offset)
         if remote_offset < 0 or remote_offset + length > size:
-            raise RegionError(
-                f"read from {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
-                f"region of {size} bytes"
-            )
+            rid, size = self._remote_region_of(p, remote_region, refresh=remote_offset >= 0)
+            if remote_offset < 0 or remote_offset + length > size:
+                raise RegionError(
+                    f"read from {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
+                    f"region of {size} bytes"
+                )
         req = next(self._req_ids)
         header = pack_header(OP_READ, 0, rid, remote_offset, length, 0, req)
         fut = _request("read", length, dst.view[local_offset : local_offset + length])
