@@ -32,9 +32,10 @@ class BlockLayout:
     fingerprint: str  # model + KV format identity; stored in every block header, checked on read
 
     def __post_init__(self):
-        _check_positive_int("num_layers", self.num_layers)
-        _check_positive_int("block_tokens", self.block_tokens)
-        _check_positive_int("bytes_per_token_per_layer", self.bytes_per_token_per_layer)
+        for name in ("num_layers", "block_tokens", "bytes_per_token_per_layer"):
+            _check_positive_int(name, getattr(self, name))
+            # Python ints: sizes computed in a numpy int's width wrap (np.int32: a store's used bytes past 2 GiB)
+            object.__setattr__(self, name, int(getattr(self, name)))
         if not isinstance(self.fingerprint, str) or not self.fingerprint:
             raise ValueError(f"BlockLayout.fingerprint must be a non-empty str, got {self.fingerprint!r}")
 

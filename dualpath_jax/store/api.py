@@ -95,7 +95,8 @@ class KVStore(abc.ABC):
         """Parallel `read` of several blocks into their own buffers; per-key success."""
         if len(keys) != len(outs):
             raise ValueError(f"read_many got {len(keys)} keys but {len(outs)} output buffers")
-        layers = layers if layers is None or isinstance(layers, int) else list(layers)  # one pass per key
+        # one pass per key; one layer (an int, a numpy int) and a slice are not iterables but taken as read takes them
+        layers = list(layers) if isinstance(layers, Iterable) else layers
         futures = []
         try:
             for k, o in zip(keys, outs, strict=True):

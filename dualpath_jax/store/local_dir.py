@@ -31,16 +31,18 @@ entry that cannot be stat'ed at open is logged and skipped. Readers that opened 
 another process unlinks or replaces it (POSIX semantics; NFS does the same with silly-renames), so a block being
 read is never torn. A process keeps up to `fd_cache` block files open (layerwise loading reads each block once per
 layer): such a file still holds this key's KV even if another process has evicted it since, and it still
-goes through every check; its disk space is freed when the entry leaves the cache. This process's own remove,
-overwrite, eviction or removal of a corrupt block drops the key's cached file, and a file that was being opened
-meanwhile is read once by its reader but never cached: once they returned, reads open the new file.
+goes through every check; its disk space is freed when the entry leaves the cache (or `refresh` finds the block
+gone). This process's own remove, overwrite, eviction or removal of a corrupt block drops the key's cached file,
+and a file that was being opened meanwhile is read once by its reader but never cached: once they returned, reads
+open the new file.
 
 Capacity and LRU order are per process: each process evicts from its own view, which is approximate when several
 processes write to one directory (documented limitation). Eviction costs O(1) while the blocks fit, else one walk
 from the LRU end to the last victim. Blocks being read or written are not evicted (apart from the callers' pins:
 `unpin` only undoes a `pin`). A lookup that indexes blocks written by other processes evicts other blocks to fit
 them, never its own hits; where its hits alone exceed the capacity, the ones past it are neither indexed nor
-reported.
+reported. A read hit or a dedup write that indexes such a block evicts others to fit it the same way (else it is
+left unindexed).
 
 fork(): the child gets the store's lock, thread pools and in-flight state anew (`_after_fork_in_child`): reads
 and writes in flight in the parent's other threads do not exist in the child, so their protection from eviction,
@@ -252,7 +254,8 @@ def _as_u8(buf: Any, name: str, writable: bool) -> np.ndarray:
             raise ValueError(f"{name} must be C-contiguous (got strides {buf.strides} for shape {buf.shape})")
         if writable and not buf.flags.writeable:
             raise ValueError(f"{name} must be writable")
-        return buf.reshape(-1).view(np.uint8)
+        # (a plain ndarray: a subclass's slices may not be 1-D, e.g. np.matrix's rows, and a read's checks fail)
+        return buf.view(np.ndarray).reshape(-1).view(np.uint8)
     try:
         mv = memoryview(buf)
     except TypeError:
@@ -627,6 +630,8 @@ class LocalDirStore(KVStore):
         order = sorted(found, key=found.__getitem__)
         with self._lock:
             recent = [k for k, g in self._index.items() if g > seen] if self._index else []
+            for key in [k for k in self._index if k not in found and self._index[k] <= seen]:
+                self._drop_locked(key)  # removed by another process: its open file must not serve reads either
             self._seq += 1
             gen = self._seq
             self._index.clear()
@@ -695,6 +700,15 @@ class LocalDirStore(KVStore):
         self._index[key] = self._seq
         self._index.move_to_end(key)
 
+    def _adopt_fitting_locked(self, key: bytes) -> None:
+        """`_adopt_locked` for a block found stored (a read hit, a dedup write): one new to the index (another
+        process wrote it) counts against capacity, so others are evicted to fit it, or, where none can be, it is
+        left out of the index (its file stays), as lookup does."""
+        new = key not in self._index
+        self._adopt_locked(key)
+        if new and not self._evict_to_fit_locked(0, protect=(key,), partial=False):
+            self._drop_locked(key)
+
     def _drop_locked(self, key: bytes) -> None:
         self._forget_fd_locked(key)
         if self._index.pop(key, None) is not None:
@@ -713,10 +727,11 @@ class LocalDirStore(KVStore):
         if self._index.get(key, 0) <= seen:
             self._drop_locked(key)
 
-    def _evict_to_fit_locked(self, incoming: int, protect: Sequence[bytes] = ()) -> bool:
+    def _evict_to_fit_locked(self, incoming: int, protect: Sequence[bytes] = (), partial: bool = True) -> bool:
         """Evict LRU blocks (neither pinned nor being read, nor in `protect`) until `incoming` more bytes fit;
-        False if they do not even then. Costs O(1) when they fit, else one walk from the LRU end to the last
-        victim (the index is never copied: it is held under the lock)."""
+        False if they do not even then (with `partial=False` nothing is evicted then: a write that fails anyway must
+        not cost other blocks; lookup's partial eviction makes room for some of its hits). Costs O(1) when they fit,
+        else one walk from the LRU end to the last victim (the index is never copied: it is held under the lock)."""
         if self.capacity_bytes is None:
             return True
         excess = self._used + self._reserved + incoming - self.capacity_bytes
@@ -732,6 +747,8 @@ class LocalDirStore(KVStore):
             victims.append(key)
             if len(victims) == need:
                 break
+        if not partial and len(victims) < need:
+            return False
         for key in victims:
             try:
                 os.unlink(self.path_of(key))
@@ -987,6 +1004,7 @@ class LocalDirStore(KVStore):
         with self._lock:
             self._busy[key] += 1  # (not evicted meanwhile; apart from the callers' pins)
             seen = self._seq
+            indexed = key in self._index
         try:
             try:
                 ent = self._acquire_fd(key, path)
@@ -1033,7 +1051,8 @@ class LocalDirStore(KVStore):
                 self._release_fd(ent)
             nbytes = sum(r[2] for r in runs)
             with self._lock:
-                self._adopt_locked(key)
+                if key in self._index or not indexed:  # (not if removed meanwhile: its file is gone)
+                    self._adopt_fitting_locked(key)
                 self._stats.read_hits += 1
                 self._stats.bytes_read += nbytes
             return True
@@ -1318,15 +1337,16 @@ class LocalDirStore(KVStore):
         path = self.path_of(key)
         if not overwrite:
             drops = self._drops
-            if self._stat_block(key):  # the file, not the index: it may be stale
+            # (the file, not the index: it may be stale; durable: a non-durable write may have stored it, so fsync it)
+            if self._stat_block(key) and (not durable or _fsync_block(path)):
                 with self._lock:
                     # (unless this store evicted it since the stat: then it may be gone, so write it again)
                     if key in self._index or self._drops == drops:
-                        self._adopt_locked(key)
+                        self._adopt_fitting_locked(key)
                         self._stats.write_dedup += 1
                         return True
         with self._lock:
-            if not self._evict_to_fit_locked(0 if key in self._index else self.file_nbytes):
+            if not self._evict_to_fit_locked(0 if key in self._index else self.file_nbytes, partial=False):
                 self._stats.write_rejected += 1
                 log.warning(
                     "kv store %s: no room for block %s (%d B used of %s, all of it pinned): not stored",
@@ -1525,6 +1545,20 @@ def _is_regular_file(path: str) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def _fsync_block(path: str) -> bool:
+    """fsync a stored block file and its directory entry; False if it could not be (it is gone, say)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (non-blocking: a FIFO there cannot hang the open)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(os.path.dirname(path))
+    except OSError:
+        return False
+    return True
 
 
 def _fsync_dir(path: str) -> None:
