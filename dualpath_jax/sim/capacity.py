@@ -29,8 +29,9 @@ def probe(cfg: SimConfig, aps: float, drain_s: float = 120.0) -> dict:
 def capacity_search(cfg: SimConfig, lo: float, hi: float, iters: int = 5, drain_s: float = 120.0) -> dict:
     """Bisection for the max APS meeting the SLO in [lo, hi] (lo assumed feasible, checked first).
 
-    Returns {"capacity_aps", "probes": [...]}. capacity_aps is 0 when even `lo` misses the SLO, and `hi`
-    when `hi` meets it.
+    Returns {"capacity_aps", "probes": [...], "upper_aps"}: the highest APS that met the SLO and the lowest that
+    missed it above. capacity_aps is 0 when even `lo` misses the SLO (upper_aps: `lo`), and `hi` when `hi` meets
+    it (no upper_aps: the search bound).
     """
     if not 0 < lo < hi:
         raise ValueError(f"capacity_search needs 0 < lo < hi, got lo={lo}, hi={hi}")
@@ -42,8 +43,8 @@ def capacity_search(cfg: SimConfig, lo: float, hi: float, iters: int = 5, drain_
     probes = []
     p = probe(cfg, lo, drain_s)
     probes.append(p)
-    if not p["slo_met"]:
-        return {"capacity_aps": 0.0, "probes": probes}
+    if not p["slo_met"]:  # the capacity is in [0, lo)
+        return {"capacity_aps": 0.0, "probes": probes, "upper_aps": lo}
     p = probe(cfg, hi, drain_s)
     probes.append(p)
     if p["slo_met"]:

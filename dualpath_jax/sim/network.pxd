@@ -20,7 +20,8 @@ cdef class FlowNetwork:
     cdef public double _wake_t, coalesce_s
     cdef public list buckets, high_bytes, _high_t, link_rate, _link_t, link_total, _rem, _cnt, _agg
     cdef public object scheduler, wake, _due
-    cdef public list _pending
+    cdef public list _pending, _resv
+    cdef public long long _resv_seq
     cdef public set _asked
     cdef public bint defer
 

@@ -143,6 +143,10 @@ class FlowNetwork:
         self.high_load: list[float] = []  # bytes/s demanded by the high-priority class now
         self.high_share: list[float] = []  # fraction of capacity the high class may take under contention
         self.reserved: list[float] = []  # bytes/s held by fixed-rate reservations (paced write-backs)
+        # live reservations, a heap of (end, seq, start, bytes, path): `flush` takes back the bytes booked after
+        # its time (a run cut by max_time); those that ended are dropped by the next `reserve`
+        self._resv: list[tuple] = []
+        self._resv_seq = 0  # (a tie-break in `_resv`: paths are never compared)
         # what the KV (low) class may use: capacity - min(high_load, high_share * capacity) - reserved, >= 0;
         # kept up to date by every change of those (the solves read it for every link they touch)
         self.low_cap: list[float] = []
@@ -395,8 +399,9 @@ class FlowNetwork:
     def reserve(self, path: Sequence[int], nbytes: float, rate: float, now: float) -> float:
         """A fixed-rate transfer (a paced write-back far below link capacity): holds `rate` on every link
         of `path` until the returned end time, when the caller must `release` it. Its bytes are accounted
-        at once over [now, end]. Solves are not re-run for it (its rate is a small, known share; the next
-        solve of the component sees the reduced capacity)."""
+        at once over [now, end] (a run that ends before `end` takes back the rest: `flush`). Solves are not
+        re-run for it (its rate is a small, known share; the next solve of the component sees the reduced
+        capacity)."""
         if not nbytes > 0 or not rate > 0:
             raise ValueError(f"a reservation needs positive bytes and rate, got {nbytes}, {rate}")
         end = now + nbytes / rate
@@ -405,7 +410,38 @@ class FlowNetwork:
             self._update_low_cap(link)
             self._account(link, now, end, nbytes, self.buckets)
             self.link_total[link] += nbytes
+        resv = self._resv
+        while resv and resv[0][0] <= now:  # ended (released at their end)
+            heapq.heappop(resv)
+        self._resv_seq += 1
+        heapq.heappush(resv, (end, self._resv_seq, float(now), float(nbytes), tuple(path)))
         return end
+
+    def _unbook_reservations(self, now: float) -> None:
+        """The run ends at `now`: take back the bytes that live reservations booked after it (the buckets after
+        the one of `now` held only those)."""
+        b = self.bucket_s
+        kn = int(now // b)
+        touched = []
+        for end, _, t0, nbytes, path in self._resv:
+            if end <= now:
+                continue
+            rate = nbytes / (end - t0)
+            for link in path:
+                touched.append(link)
+                d = self.buckets[link]
+                for k in range(kn, int(end // b) + 1):
+                    lo = max(now, k * b)
+                    hi = min(end, (k + 1) * b)
+                    if hi > lo and k in d:
+                        nb = rate * (hi - lo)
+                        self.link_total[link] -= nb
+                        d[k] -= nb
+        self._resv = []
+        for link in touched:
+            d = self.buckets[link]
+            for k in [k for k in d if k > kn or (k == kn and d[k] < _EPS_BYTES)]:
+                del d[k]
 
     def release(self, path: Sequence[int], rate: float) -> None:
         for link in path:
@@ -617,8 +653,10 @@ class FlowNetwork:
 
     # ---- outputs --------------------------------------------------------------------------------------
     def flush(self, now: float) -> None:
-        """Account bytes of active flows and high-class loads up to `now` (before reading buckets)."""
+        """Account bytes of active flows and high-class loads up to `now`, where the run ends (before reading
+        buckets); reservations not over by then keep only the bytes they moved by `now`."""
         self.settle(now)
+        self._unbook_reservations(now)
         for link in range(len(self.names)):
             self._account_link(link, now, self.link_rate[link])
             if self.high_load[link] > 0.0:

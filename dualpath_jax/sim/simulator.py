@@ -1012,7 +1012,8 @@ class Simulator:
         self._ran = True
         for traj in self.trajectories:
             if traj.turns:
-                self.at(traj.arrival_time, self._turn_arrival, (traj, 0))
+                # (a float, as in the compiled run: an int arrival gave int timestamps in the Python one)
+                self.at(float(traj.arrival_time), self._turn_arrival, (traj, 0))
         t_wall = _time.perf_counter()
         events = self.events
         pop = events.pop
