@@ -99,7 +99,7 @@ def main(argv: Sequence[str]) -> None:
     cfg_dict = config.to_dict()
     logging.info("resolved config:\n%s", config)
     try:
-        sc = sim_config.sim_config_from_dict(cfg_dict)
+        sc = sim_config.sim_config_from_dict(cfg_dict, explicit=flags.FLAGS["config"].override_values)
     except ValueError as e:  # a bad config: its message names the field; no traceback, no flag listing
         raise SystemExit(f"bad config: {e}") from None
     logging.info("sim config: %s", sc)

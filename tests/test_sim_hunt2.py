@@ -151,3 +151,52 @@ def test_the_slo_percentiles_leave_the_all_turn_ones_in_the_summary(pct):
     assert res.summary[f"slo_ttft_p{q}_s"] == slo[f"ttft_p{q}_s"]
     assert res.summary[f"slo_tpot_p{q}_s"] == slo[f"tpot_p{q}_s"]
     assert res.summary["slo_met"] == slo["slo_met"] and res.summary["slo_attainment"] == slo["slo_attainment"]
+
+
+def test_a_negative_or_infinite_drain_is_refused_by_name():
+    """A negative drain_s ended every probe before its arrivals did: every probe a miss, capacity 0, no error."""
+    from dualpath_jax.sim import capacity
+
+    cfg = None  # refused before the config is looked at
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="drain_s must be >= 0 s and finite"):
+            capacity.probe(cfg, 1.0, drain_s=bad)
+
+
+def test_a_mode_says_which_explicit_settings_it_overrides(caplog):
+    """`:basic` with `--config.cluster.layerwise=true` ran without layerwise and said nothing."""
+    import logging
+
+    from dualpath_jax.sim.config import sim_config_from_dict
+
+    given = {"cluster.layerwise": True}
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.sim.config"):
+        sc = sim_config_from_dict({"mode": "basic", "cluster": {"layerwise": True}}, explicit=given)
+    assert sc.cluster.layerwise is False  # the mode still decides
+    assert "sets config.cluster.layerwise=False: the given True is not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.sim.config"):
+        sc = sim_config_from_dict(
+            {"mode": "layerwise", "scheduler": {"name": "round_robin", "kwargs": {}}}, explicit={"scheduler.name"}
+        )
+    assert sc.policy == "basic" and "config.scheduler.name 'round_robin' is not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.sim.config"):  # agreeing or not given: quiet
+        sim_config_from_dict(
+            {"mode": "dualpath_rr", "cluster": {"fetch_scope": "global"}}, explicit={"cluster.fetch_scope"}
+        )
+        sim_config_from_dict({"mode": "basic", "cluster": {"layerwise": True}})
+    assert caplog.text == ""
+
+
+def test_simulate_warns_when_its_mode_replaces_a_flag(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.simulate", "--config=configs/sim_tiny.py:basic",
+         "--config.cluster.layerwise=true", f"--output_dir={tmp_path}", "--noplot"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "config.mode 'basic' sets config.cluster.layerwise=False: the given True is not used" in out.stderr

@@ -16,6 +16,8 @@ from dualpath_jax.sim.config import SimConfig
 
 def probe(cfg: SimConfig, aps: float, drain_s: float = 120.0) -> dict:
     """Simulate `cfg` online at `aps`; returns the SLO summary (slo_met, percentiles, attainment)."""
+    if not 0 <= drain_s < math.inf:  # negative: the run ended before the arrivals did, every probe a miss
+        raise ValueError(f"drain_s must be >= 0 s and finite, got {drain_s}")
     w = dataclasses.replace(cfg.workload, kind="online", aps=aps)
     c = dataclasses.replace(cfg, workload=w)
     res = runner.run(c, max_time=w.duration_s + drain_s)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import numbers
+from collections.abc import Collection
 from typing import Any
 
 GB = 1e9
@@ -238,8 +240,27 @@ def _check_kwargs(registry, name: str, kwargs: dict, where: str) -> None:
         raise ValueError(f"{where} {kwargs}: {e}") from None
 
 
-def sim_config_from_dict(cfg: dict) -> SimConfig:
-    """Build a SimConfig from a (ConfigDict.to_dict()) mapping; `mode` picks a bundle from MODES."""
+def _warn_mode_overrides(mode: str, bundle: dict, cluster: dict, policy: str, explicit) -> None:
+    """A mode sets its bundle whatever the config says: say so for each setting the user gave (`explicit`: dotted
+    keys such as the launcher's `--config.*` overrides) that it replaces (`:basic` with
+    `--config.cluster.layerwise=true` ran without layerwise, silently)."""
+    for key, value in bundle.items():
+        if key not in ("policy", "policy_kwargs") and f"cluster.{key}" in explicit and cluster.get(key) != value:
+            logging.getLogger(__name__).warning(
+                "config.mode %r sets config.cluster.%s=%r: the given %r is not used", mode, key, value, cluster[key]
+            )
+    if "scheduler.name" in explicit and policy != bundle["policy"]:
+        logging.getLogger(__name__).warning(
+            "config.mode %r runs policy %r: the given config.scheduler.name %r is not used",
+            mode,
+            bundle["policy"],
+            policy,
+        )
+
+
+def sim_config_from_dict(cfg: dict, explicit: Collection[str] = ()) -> SimConfig:
+    """Build a SimConfig from a (ConfigDict.to_dict()) mapping; `mode` picks a bundle from MODES. `explicit`: the
+    dotted keys the user set (a launcher's `--config.*` overrides): a mode replacing one of them logs a warning."""
     cfg = dict(cfg)
     cluster = dict(cfg.pop("cluster", {}))
     workload = dict(cfg.pop("workload", {}))
@@ -255,6 +276,7 @@ def sim_config_from_dict(cfg: dict) -> SimConfig:
     if mode:
         if mode in MODES:
             bundle = dict(MODES[mode])
+            _warn_mode_overrides(mode, bundle, cluster, policy, explicit)
             policy = bundle.pop("policy")
             policy_kwargs = {**bundle.pop("policy_kwargs", {}), **policy_kwargs}  # the config's own win
             cluster.update(bundle)
