@@ -99,6 +99,13 @@ def _scaled(trajs: Sequence[Trajectory], w) -> list[Trajectory]:
     return out
 
 
+def _full_context(t: Trajectory) -> Trajectory:
+    """`t` without stated re-read contexts (`Turn.context_tokens`): prompts grow by append + gen."""
+    if all(x.context_tokens is None for x in t.turns):
+        return t
+    return dataclasses.replace(t, turns=[dataclasses.replace(x, context_tokens=None) for x in t.turns])
+
+
 def make_arrival_model(cfg: RuntimeConfig):
     """Offline (all agents at 0), online (Poisson at `workload.aps`) or trace timestamps (shared models)."""
     from dualpath_jax.workloads.arrivals import make_arrivals
@@ -170,6 +177,10 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         trajs = list(trajectories) if trajectories is not None else make_trajectories(cfg)
     except (FileNotFoundError, TraceFormatError) as e:  # kind='trace': a missing or malformed trace file
         raise ConfigError(f"config.workload.trace: {e}") from None
+    # The runtime rebuilds every prompt from the real tokens (A_1 G_1 ... A_i, `ConversationBook`), so a given
+    # workload's stated re-read contexts are dropped as `_scaled` drops a loaded trace's: the checks below used
+    # them, passing a real prompt past max_seq_len (the DE failed the run mid-way) or past the buffers.
+    trajs = [_full_context(t) for t in trajs]
     if not trajs:
         raise ConfigError("the workload has no trajectories")
     _check_arrivals_within_timeout(cfg, trajs)

@@ -26,6 +26,8 @@ from dualpath_jax.runtime.storage_nic import StorageNIC
 
 log = logging.getLogger(__name__)
 
+LINK_REPORT_S = 0.5  # how often a group's report carries its links' new bytes (and the final report)
+
 
 class NodeContext:
     """What engines of one node share: config, model ops, store and the node's event sink."""
@@ -88,6 +90,8 @@ class EngineGroup:
         self._stop = threading.Event()
         self._killed = False
         self.fetches = 0
+        self._links_sent: dict[tuple, int] = {}  # (link, t0, t1) -> bytes reported so far
+        self._links_due = 0.0  # monotonic time of the next link report
         try:
             self._build_engines(cfg, model, layout, per_engine, make_transport, batcher_factory)
             self.address = {e: eng.transport.address for e, eng in self.engines.items()}
@@ -165,17 +169,12 @@ class EngineGroup:
 
     def _report(self, final: bool = False) -> GroupReport:
         links = []
-        if final:
-            o = self.wall_origin
-            from dualpath_jax.metrics import LinkBytes
-
-            # An idle SNIC still counts in the storage-NIC balance: give it a zero-byte sample.
-            links = [LinkBytes(f"snic/node{self.node_id}", o, o, 0)] + [
-                LinkBytes(s.link, s.t0 + o, s.t1 + o, s.nbytes)
-                for s in self.traffic.samples()
-                if s.link == f"snic/node{self.node_id}"
-                or any(s.link.startswith(f"cnic/engine{e}/") for e in self.engine_ids)
-            ]
+        now = time.monotonic()
+        if final or now >= self._links_due:
+            # Link bytes go out every LINK_REPORT_S, not only in the final report: a node that dies (or is declared
+            # dead) sends none, and its SNIC and CNICs used to vanish from the run's records and storage-NIC balance.
+            self._links_due = now + LINK_REPORT_S
+            links = self._link_deltas()
         stats = {
             "read_queue_tokens": self.snic.read_queue_tokens,
             "pending_writes": self.snic.pending_writes,
@@ -200,6 +199,30 @@ class EngineGroup:
             link_bytes=links,
             stats=stats,
         )
+
+    def _link_deltas(self) -> list:
+        """This node's link bytes per bin since the last report (a bin still filling, or one a dropped transfer took
+        chunks back from, is sent again as its change); the service adds them up per bin."""
+        from dualpath_jax.metrics import LinkBytes
+
+        o = self.wall_origin
+        # An idle SNIC still counts in the storage-NIC balance: give it a zero-byte sample.
+        out = [LinkBytes(f"snic/node{self.node_id}", o, o, 0)]
+        now = {}
+        names = [f"snic/node{self.node_id}"] + [f"cnic/engine{e}{d}" for e in self.engine_ids for d in ("", "/in")]
+        for name in names:  # (this node's links only: in one process, the others' are another group's)
+            try:
+                link = self.traffic.link(name)
+            except KeyError:
+                continue
+            for s in link.samples():
+                now[(s.link, s.t0, s.t1)] = s.nbytes
+        for key in set(now) | set(self._links_sent):
+            d = now.get(key, 0) - self._links_sent.get(key, 0)
+            if d:
+                out.append(LinkBytes(key[0], key[1] + o, key[2] + o, d))
+        self._links_sent = now
+        return out
 
     def _apply(self, reply: GroupReply) -> None:
         if reply.directory is not None:

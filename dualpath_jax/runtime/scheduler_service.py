@@ -99,7 +99,7 @@ class GlobalScheduler:
         self._completed_attempt: dict[int, int] = {}  # request id -> the attempt that completed it
         self._outbox: dict[int, GroupReply] = {g.node_id: GroupReply() for g in groups}
         self.records: dict[int, TurnRecord] = {}
-        self.links: list[LinkBytes] = []
+        self._link_bins: dict[tuple, int] = {}  # (link, t0, t1) -> bytes, as reported (see `links`)
         self.events_seen = 0
         self.requeued = 0
         self.failure: str | None = None
@@ -130,6 +130,9 @@ class GlobalScheduler:
             node = report.node_id
             if node not in self.groups:
                 raise RunFailed(f"fetch from unknown node {node}")
+            for s in report.link_bytes:  # (also a dead group's: those bytes did move)
+                key = (s.link, s.t0, s.t1)
+                self._link_bins[key] = self._link_bins.get(key, 0) + s.nbytes
             if node in self.dead_nodes:
                 # A group declared dead must not come back with stale work: tell it to stop.
                 return GroupReply(shutdown=True)
@@ -137,10 +140,6 @@ class GlobalScheduler:
             if report.address is not None:
                 self._addresses[node] = report.address
             self.stats[node] = report.stats
-            for s in report.link_bytes:
-                self.links.append(
-                    LinkBytes(s.link, s.t0 - self.t0, s.t1 - self.t0, s.nbytes) if self._absolute(s) else s
-                )
             for ev in report.events:
                 self._apply(node, ev)
             if not self.started and self._all_registered():
@@ -166,9 +165,21 @@ class GlobalScheduler:
             reply.shutdown = self.book.done or self.failure is not None
             return reply
 
-    def _absolute(self, s: LinkBytes) -> bool:
-        # Engines record wall-clock times; convert to run-relative on arrival (one machine or synced clocks).
-        return s.t0 > 1e9
+    @property
+    def links(self) -> list[LinkBytes]:
+        """Every link's bytes per bin, run-relative. Groups report each bin's change since their last report, so a
+        bin may come in several parts (summed here); a bin taken back to 0 is left out, an idle SNIC's marker kept."""
+        with self._lock:
+            bins = list(self._link_bins.items())
+        return [
+            LinkBytes(link, t0 - self.t0, t1 - self.t0, n) if self._absolute(t0) else LinkBytes(link, t0, t1, n)
+            for (link, t0, t1), n in bins
+            if n or t0 == t1
+        ]
+
+    def _absolute(self, t0: float) -> bool:
+        # Engines record wall-clock times; convert to run-relative (one machine or synced clocks).
+        return t0 > 1e9
 
     def _all_registered(self) -> bool:
         return all(n in self._addresses or n in self.dead_nodes for n in self.groups)
@@ -263,7 +274,9 @@ class GlobalScheduler:
             return 0, 0
         queue = [self._inflight[r].pending for r in self._queue]
         t = time.perf_counter()
-        assignments = self.policy.schedule(snap, queue, fetching_node=fetching_node)
+        # (a list: the checks below and the placements each walk it; a policy yielding its assignments, which the
+        # simulator takes, placed nothing here, ever -- its generator was spent by the checks)
+        assignments = list(self.policy.schedule(snap, queue, fetching_node=fetching_node))
         self.schedule_time_s += time.perf_counter() - t
         self.schedule_calls += 1
         seen = set()

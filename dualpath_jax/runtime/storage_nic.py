@@ -111,7 +111,6 @@ class StorageNIC:
                 for j, key in enumerate(job.keys):
                     if job.cancelled:
                         break
-                    self._pace(nbytes_block)
                     t0 = (job.first_block + j) * bs
                     rows = job.area[:, t0 : t0 + bs]  # this block's rows of the layer-major area
                     if not self.store.read(key, rows if self._direct else self._read_staging):
@@ -123,6 +122,9 @@ class StorageNIC:
                             job.request_id,
                         )
                         break
+                    # Paced once read: a block gone since the lookup moved no bytes (it was charged a whole Full Block
+                    # of SNIC time and record, delaying this request and every read queued behind it).
+                    self._pace(nbytes_block)
                     if not self._direct:
                         rows[...] = self._read_staging  # Full Block -> layer-major area
                     ok += 1
@@ -148,8 +150,8 @@ class StorageNIC:
                     if self.store.contains(key):
                         written += 1
                         continue
-                    self._pace(nbytes_block)
                     if self.store.write(key, block):
+                        self._pace(nbytes_block)  # (once written: a write the store refused moved no bytes)
                         written += 1
                         self.bytes_written += nbytes_block
                 except Exception:  # noqa: BLE001 -- a failed write-back only costs a future miss
