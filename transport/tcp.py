@@ -42,6 +42,14 @@ Everything a peer sends is validated (magic, version, header checksum, op, regio
 registered region's size, message size limits); a bad frame closes *that* connection set with a logged
 error and fails its pending transfers, while the endpoint keeps serving its other peers.
 
+A peer's regions are addressed by name: their (id, size) is asked once (OP_REGION_QUERY) and cached. A thread
+posting to a region not known yet waits for the reply, except a reader thread (a transfer's done callback, an
+`on_message` hook), which never waits for one (it could wait for a reply only it can read, or for another reader
+thread waiting in turn for it): its `write`, `read` or `write_many` returns the future at once, and the transfer is
+posted when the reply comes; what it raises then (a region the peer lacks, a range outside it, a lost peer) fails
+that future. Until it is posted, later posts to that peer and class, from any thread, wait behind it (so the
+posting order holds); messages and the other class do not.
+
 Security: the endpoint binds 127.0.0.1 unless told otherwise; binding any non-loopback address requires a
 shared `secret`, and every connection then runs a mutual HMAC-SHA256 challenge-response (each side proves it
 knows the secret for a fresh nonce of the other side; `hmac.compare_digest`). Only authenticated
@@ -60,6 +68,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -414,8 +423,116 @@ def _cut(sock: socket.socket) -> None:
         pass
 
 
-_reader = threading.local()  # `conn`: the connection whose reader thread this is (unset on other threads)
-_reader_query = threading.Lock()  # held by the reader thread waiting for a region query's reply (one at most)
+# `conn`: the connection whose reader thread this is (unset on other threads); `fresh`: while a deferred transfer is
+# posted, the answers to its region queries, by name (see `_Deferral`)
+_reader = threading.local()
+
+
+class _Defer(Exception):  # noqa: N818 - control flow, never seen by a caller
+    """Raised by `_remote_region_of` on a thread that must not wait for a region reply (a reader thread): the
+    transfer is posted when `query` (the reply for region `name`) completes instead."""
+
+    def __init__(self, name: str, query: _Request):
+        super().__init__(name)
+        self.name, self.query = name, query
+
+
+class _Deferral:
+    """Stands in for a connection in `peer.post[class]` while a transfer posted from a reader thread waits for a
+    region reply (a reader thread never waits for one: two could wait for each other, or one for a reply only it
+    can read). It keeps the class's posting order: everything posted to this peer and class after the deferred
+    transfer, from any thread (frames of transfers to known regions, other deferred transfers), is held here
+    behind it and goes to the connection in posting order once the replies it waits for arrived; then the
+    connection takes posts directly again. Messages (`send`) and the other class are not held.
+
+    Items: `(method, args, kwargs)` of a held frame (its request is pending already, so a lost peer fails it), or
+    `[_Defer, call, outer, answers]` of a deferred transfer: `call` posts it again (from the thread that completes
+    the reply, its regions then known), and its future is chained into `outer`, the one the caller got."""
+
+    def __init__(self, peer: _Peer, stream: str):
+        self.peer, self.stream, self.conn = peer, stream, peer.conns[stream]
+        self.items: collections.deque = collections.deque()
+        self.drainer: threading.Thread | None = None  # the thread forwarding the items (its posts go straight on)
+        self.retired = False  # drained and replaced by the connection in `peer.post`
+
+    def enqueue(self, *args: Any, **kwargs: Any) -> None:
+        self._hold(self.conn.enqueue, args, kwargs)
+
+    def enqueue_batch(self, *args: Any) -> None:
+        self._hold(self.conn.enqueue_batch, args, {})
+
+    def _hold(self, method: Callable, args: tuple, kwargs: dict) -> None:
+        with self.peer.defer_lock:
+            if not self.retired and self.drainer is not threading.current_thread():
+                self.items.append((method, args, kwargs))
+                return
+        method(*args, **kwargs)  # all items before it went out already
+
+    def drain(self, _: object = None) -> None:
+        """Forward the items in order, up to the first deferred transfer whose reply has not come yet (its
+        reply's callback drains again); retire once empty."""
+        p, chains = self.peer, []
+        with p.defer_lock:
+            if self.drainer is not None or self.retired:  # (this thread is forwarding already: it goes on)
+                return
+            self.drainer = threading.current_thread()
+            fresh = getattr(_reader, "fresh", None)
+            try:
+                items = self.items
+                while items:
+                    item = items[0]
+                    if type(item) is tuple:  # a frame posted behind a deferred transfer
+                        items.popleft()
+                        method, args, kwargs = item
+                        method(*args, **kwargs)
+                        continue
+                    defer, call, outer, answers = item
+                    if not defer.query.done():
+                        break
+                    items.popleft()
+                    err = _error_of(defer.query)
+                    if err is None and p.dead is not None:
+                        err = p.dead
+                    if err is not None:
+                        chains.append((outer, err))
+                        continue
+                    answers[defer.name] = defer.query.result()
+                    _reader.fresh = answers  # those answers stand: no second query for this transfer
+                    try:
+                        chains.append((outer, call()))
+                    except _Defer as again:  # it needs another region (write_many): it keeps its place
+                        item[0] = again
+                        items.appendleft(item)
+                        again.query.add_done_callback(self.drain)  # (done already: runs here, returns at once)
+                    except BaseException as e:  # noqa: BLE001 - the transfer's error, for its future
+                        chains.append((outer, e))
+                    finally:
+                        _reader.fresh = fresh
+                if not items:
+                    self.retired = True
+                    p.post[self.stream] = self.conn
+            finally:
+                self.drainer = None
+        for outer, inner in chains:  # (outside the lock: the callers' callbacks run here)
+            if isinstance(inner, BaseException):
+                with contextlib.suppress(InvalidStateError):
+                    outer.set_exception(inner if isinstance(inner, Exception) else TransportError(str(inner)))
+            else:
+                inner.add_done_callback(functools.partial(_chain, outer))
+
+
+def _error_of(f: Future) -> BaseException | None:
+    return f.exception() if not f.cancelled() else TransportError("cancelled")
+
+
+def _chain(outer: Future, inner: Future) -> None:
+    """Complete `outer` as `inner` completed."""
+    err = _error_of(inner)
+    with contextlib.suppress(InvalidStateError):
+        if err is None:
+            outer.set_result(inner.result())
+        else:
+            outer.set_exception(err)
 
 
 class _Conn:
@@ -808,8 +925,13 @@ class _Peer:
     def __init__(self, owner: TcpTransport, name: str):
         self.owner, self.name = owner, name
         self.conns: dict[str, _Conn] = {}
+        # Where transfers of a class are posted: its connection, or a `_Deferral` while one posted from a reader
+        # thread waits for a region reply (changed under `defer_lock`; read without a lock).
+        self.post: dict[str, _Conn | _Deferral] = {}
+        self.defer_lock = threading.RLock()
         self.pending: dict[int, _Request] = {}
         self.remote_regions: dict[str, tuple[int, int]] = {}
+        self.queries: dict[str, _Request] = {}  # region name -> its query in flight
         self.lock = threading.Lock()
         self.dead: BaseException | None = None
         self.last_activity = time.monotonic()
@@ -1104,6 +1226,7 @@ class TcpTransport(Transport):
         p = _Peer(self, name)
         for stream, sock in socks.items():
             p.conns[stream] = _Conn(self, p, sock, stream)
+        p.post = dict(p.conns)
         with self._lock:
             if self.closed:
                 for s in socks.values():
@@ -1213,12 +1336,22 @@ class TcpTransport(Transport):
         return region
 
     def remote_region(self, peer: str, name: str, timeout: float = 10.0) -> tuple[int, int]:
-        """(region id, size) of the peer's region `name` (asked once, then cached)."""
-        return self._remote_region_of(self._get_peer(peer), name, timeout)
+        """(region id, size) of the peer's region `name` (asked once, then cached). On a reader thread (a transfer's
+        done callback, an `on_message` hook) only a cached region: that thread must not wait for the reply (the
+        query is sent, so a later call finds it), but a transfer posted there waits for its region itself."""
+        try:
+            return self._remote_region_of(self._get_peer(peer), name, timeout)
+        except _Defer:
+            raise TransportError(
+                f"{self.name}: region {name!r} of {peer!r} is not known yet, and a reader thread (a transfer's done "
+                "callback, an on_message hook) must not wait for the reply: post the transfer (it waits for the "
+                "region itself) or ask from another thread"
+            ) from None
 
     def _remote_region_of(self, p: _Peer, name: str, timeout: float = 10.0, refresh: bool = False) -> tuple[int, int]:
         """`refresh`: ask again even if cached (a range outside the cached size: the peer may have registered the
-        name again, larger)."""
+        name again, larger). On a reader thread, instead of waiting for the reply, raises `_Defer` (the caller
+        posts the transfer when the reply arrives, see `_defer`)."""
         info = None if refresh else p.remote_regions.get(name)  # a dict lookup is atomic; entries are only replaced
         if info is not None:
             return info
@@ -1228,35 +1361,69 @@ class TcpTransport(Transport):
         data = name.encode()
         if len(data) > REGION_NAME_MAX:
             raise RegionError(f"region name longer than {REGION_NAME_MAX} bytes")
-        # The reply comes back on the query's connection, read by its reader thread. A transfer posted from a reader
-        # thread (a transfer's done callback, an `on_message` hook) asks on a connection that thread does not read:
-        # on its own it waited for a reply only it could read, until the watchdog dropped the peer. Only one reader
-        # thread in the process may wait so (two could wait for each other): another one gets an error, not a hang.
-        conn = p.conns["high"]
-        reader = getattr(_reader, "conn", None) is not None  # the calling thread is a reader thread (any endpoint)
-        if reader:
-            if _reader.conn is conn:
-                conn = p.conns["low"]
-            if not _reader_query.acquire(blocking=False):
-                raise TransportError(
-                    f"{self.name}: region {name!r} of {peer!r} is not known yet and another reader thread is "
-                    f"asking for a region: ask with remote_region({peer!r}, {name!r}) before posting to it "
-                    "from a transfer callback or message hook"
-                )
-        try:
-            req = next(self._req_ids)
-            fut = _request("query", 0)
-            p.add(req, fut)
-            conn.enqueue(pack_header(OP_REGION_QUERY, length=len(data), req=req), memoryview(data))
-            info = fut.result(timeout)
-        finally:
-            if reader:
-                _reader_query.release()
+        # The reply comes back on the query's connection, read by its reader thread. A reader thread (it posts from a
+        # transfer's done callback or an `on_message` hook) never waits for it: it would wait for a reply only it can
+        # read, or for another reader thread waiting in turn for it (across peers and endpoints too).
+        fresh = getattr(_reader, "fresh", None)
+        if fresh is not None and name in fresh:  # asked for this very transfer: the answer stands
+            info = fresh[name]
+            if info is None:
+                raise RegionError(f"peer {peer!r} has no region {name!r}")
+            return info
+        if fresh is not None or getattr(_reader, "conn", None) is not None:
+            raise _Defer(name, self._query(p, name, data))
+        info = self._query(p, name, data).result(timeout)
         if info is None:
             raise RegionError(f"peer {peer!r} has no region {name!r}")
         with p.lock:
             p.remote_regions[name] = info
         return info
+
+    def _query(self, p: _Peer, name: str, data: bytes) -> _Request:
+        """The pending query for region `name` of `p` (one in flight per name); its reply is cached when it comes."""
+        q = _request("query", 0)
+
+        def cache(_: object) -> None:
+            answered = not q.cancelled() and q.exception() is None
+            with p.lock:
+                if answered and q.result() is not None:
+                    p.remote_regions[name] = q.result()
+                elif answered:  # the peer has no such region (any more)
+                    p.remote_regions.pop(name, None)
+                if p.queries.get(name) is q:
+                    del p.queries[name]
+
+        q.add_done_callback(cache)  # first: callbacks that post the transfers waiting for it find the region
+        with p.lock:
+            asked = p.queries.setdefault(name, q)
+        if asked is not q:
+            return asked
+        # (on the connection this thread does not read, so a reader thread may still wait for the transfer itself)
+        conn = p.conns["low"] if getattr(_reader, "conn", None) is p.conns["high"] else p.conns["high"]
+        req = next(self._req_ids)
+        try:
+            p.add(req, q)
+        except BaseException:
+            with p.lock:
+                if p.queries.get(name) is q:
+                    del p.queries[name]
+            raise
+        conn.enqueue(pack_header(OP_REGION_QUERY, length=len(data), req=req), memoryview(data))
+        return q
+
+    def _defer(self, p: _Peer, priority: str, defer: _Defer, call: Callable[[], Future]) -> Future:
+        """The future of a transfer that `call` posts once `defer.query` is answered (see `_Deferral`): later posts
+        to `p` in this class wait behind it, so it keeps its place in the posting order."""
+        with p.defer_lock:
+            d = p.post[priority]
+            if type(d) is not _Deferral:
+                d = p.post[priority] = _Deferral(p, priority)
+            elif d.drainer is threading.current_thread():
+                raise defer  # `drain` posting a deferred transfer that needs another region: it keeps its place
+            outer = TransferFuture()
+            d.items.append([defer, call, outer, {}])
+        defer.query.add_done_callback(d.drain)
+        return outer
 
     # ---- transfers --------------------------------------------------------------------------------------
     def _peer_for(self, name: str) -> _Peer:
@@ -1289,16 +1456,20 @@ class TcpTransport(Transport):
         ):
             src.check(local_offset, length, f"write from {self.name}:{local_region}")
         p = self._peer_for(peer)
-        rid, size = p.remote_regions.get(remote_region) or self._remote_region_of(p, remote_region)
-        if type(remote_offset) is not int:
-            remote_offset = _as_offset(remote_offset)
-        if remote_offset < 0 or remote_offset + length > size:
-            rid, size = self._remote_region_of(p, remote_region, refresh=remote_offset >= 0)
+        try:
+            rid, size = p.remote_regions.get(remote_region) or self._remote_region_of(p, remote_region)
+            if type(remote_offset) is not int:
+                remote_offset = _as_offset(remote_offset)
             if remote_offset < 0 or remote_offset + length > size:
-                raise RegionError(
-                    f"write to {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
-                    f"region of {size} bytes"
-                )
+                rid, size = self._remote_region_of(p, remote_region, refresh=remote_offset >= 0)
+                if remote_offset < 0 or remote_offset + length > size:
+                    raise RegionError(
+                        f"write to {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside "
+                        f"the region of {size} bytes"
+                    )
+        except _Defer as d:  # a reader thread and a region not known yet: posted when the peer answers
+            args = (peer, local_region, local_offset, remote_region, remote_offset, length, priority, notify)
+            return self._defer(p, priority, d, functools.partial(self.write, *args))
         if notify is None:
             flags = tag = 0
         else:
@@ -1313,7 +1484,7 @@ class TcpTransport(Transport):
         fut.length = length
         p.add(req, fut)
         view = src.view[local_offset : local_offset + length]
-        p.conns[priority].enqueue(header, view, priority=priority, queue=len(p.pending) > QUEUE_AFTER_PENDING)
+        p.post[priority].enqueue(header, view, priority=priority, queue=len(p.pending) > QUEUE_AFTER_PENDING)
         return fut
 
     def write_many(
@@ -1346,7 +1517,12 @@ class TcpTransport(Transport):
             except (TypeError, ValueError, KeyError):
                 ok = False
             if not ok:  # the slow path: full checks, an error naming the entry (may ask the peer for a region)
-                lr, lo, n, rr, ro = self._check_write_entry(peer, i, e)
+                try:
+                    lr, lo, n, rr, ro = self._check_write_entry(peer, i, e)
+                except _Defer as d:  # a reader thread and a region not known yet: posted when the peer answers
+                    return self._defer(
+                        p, priority, d, functools.partial(self.write_many, peer, entries, priority, notify)
+                    )
                 src, (rid, _) = regions[lr], remote[rr]
             items.append((src.view[lo : lo + n], rid, ro, n))
             nbytes += n
@@ -1359,7 +1535,7 @@ class TcpTransport(Transport):
         frames.append((pack_header(OP_WRITE, flags, rid, ro, n, tag, req), view))
         fut = _request("write", nbytes)
         p.add(req, fut)  # recorded once every frame is packed: a bad batch leaves nothing pending
-        p.conns[priority].enqueue_batch(frames, nbytes, priority)
+        p.post[priority].enqueue_batch(frames, nbytes, priority)
         return fut
 
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
@@ -1388,21 +1564,25 @@ class TcpTransport(Transport):
         dst = self._regions.get(local_region) or self.region(local_region)
         dst.check(local_offset, length, f"read into {self.name}:{local_region}")
         p = self._get_peer(peer)
-        rid, size = self._remote_region_of(p, remote_region)
-        if type(remote_offset) is not int:
-            remote_offset = _as_offset(remote_offset)
-        if remote_offset < 0 or remote_offset + length > size:
-            rid, size = self._remote_region_of(p, remote_region, refresh=remote_offset >= 0)
+        try:
+            rid, size = self._remote_region_of(p, remote_region)
+            if type(remote_offset) is not int:
+                remote_offset = _as_offset(remote_offset)
             if remote_offset < 0 or remote_offset + length > size:
-                raise RegionError(
-                    f"read from {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside the "
-                    f"region of {size} bytes"
-                )
+                rid, size = self._remote_region_of(p, remote_region, refresh=remote_offset >= 0)
+                if remote_offset < 0 or remote_offset + length > size:
+                    raise RegionError(
+                        f"read from {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside "
+                        f"the region of {size} bytes"
+                    )
+        except _Defer as d:  # a reader thread and a region not known yet: posted when the peer answers
+            args = (peer, local_region, local_offset, remote_region, remote_offset, length, priority)
+            return self._defer(p, priority, d, functools.partial(self.read, *args))
         req = next(self._req_ids)
         header = pack_header(OP_READ, 0, rid, remote_offset, length, 0, req)
         fut = _request("read", length, dst.view[local_offset : local_offset + length])
         p.add(req, fut)
-        p.conns[priority].enqueue(header)
+        p.post[priority].enqueue(header)
         return fut
 
     def send(self, peer: str, payload: bytes) -> Future:
