@@ -5,7 +5,8 @@ weights [out, in] -> NNX kernels [in, out]; per-expert weights stacked into [E, 
 param tree of the family registered for ``config.json``'s architecture. A missing tensor, a wrong shape or
 dtype, NaN / inf values, an unreadable file or an unknown architecture raises ValueError naming the tensor /
 field / file (tensor names are compared before the model's param tree is built).
-``safetensors`` is the optional ``hf`` extra, imported lazily.
+With a ``model.safetensors.index.json`` the shards its weight_map names are read (as HF does), else every
+``*.safetensors`` of the directory. ``safetensors`` is the optional ``hf`` extra, imported lazily.
 
 ``save_params(dir, params)`` / ``restore_params(dir, config) -> params`` use orbax-checkpoint; params are
 an ``nnx.State`` or its pure dict (what ModelRunner accepts and exposes). ``save_params`` refuses an existing
@@ -57,6 +58,19 @@ def _read_safetensors(ckpt: Path) -> dict[str, np.ndarray]:
     except ImportError as e:  # optional extra
         raise ImportError("loading HF checkpoints needs safetensors: pip install 'dualpath-jax[hf]'") from e
     files = sorted(ckpt.glob("*.safetensors"))
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        # The shards the index names, as HF reads them: a shard missing (an interrupted download) came out as "missing
+        # tensor", and a stale shard of another revision left in the directory as "appears in more than one shard"
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise ValueError(f"{index}: not a safetensors index (a JSON object with a weight_map): {e!r}") from None
+        absent = [f for f in shards if not isinstance(f, str) or not (ckpt / f).is_file()]
+        if absent:
+            raise ValueError(f"{ckpt}: shard(s) {absent} named in {index.name} not found")
+        files = [ckpt / f for f in shards]
     if not files:
         raise ValueError(f"{ckpt}: no *.safetensors files")
     tensors: dict[str, np.ndarray] = {}
@@ -112,13 +126,21 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
                 )
             arrays.append(arr)
             used.add(name)
+        want = _get(expected, path)
         if transform == "T":
             value = arrays[0].T
         elif transform == "stackT":
+            # each expert's [out, in] on its own: np.stack's "all input arrays must have the same shape" named none
+            per_expert = tuple(want.shape[1:][::-1])
+            for name, a in zip(names_list, arrays, strict=True):
+                if tuple(a.shape) != per_expert:
+                    raise ValueError(
+                        f"HF checkpoint: tensor {name!r} has shape {tuple(a.shape)}; expected {per_expert} "
+                        f"(for {'/'.join(map(str, path))}, the experts' weights stacked)"
+                    )
             value = np.stack([a.T for a in arrays])
         else:
             value = arrays[0]
-        want = _get(expected, path)
         if tuple(value.shape) != tuple(want.shape):
             raise ValueError(
                 f"HF checkpoint: tensor {shown!r} has shape {tuple(arrays[0].shape)}, which gives "

@@ -64,6 +64,16 @@ def check_hf_unsupported(d: dict, where: str = "config.json") -> None:
         raise ValueError(f"{where}: use_sliding_window=true is not supported (full attention only)")
 
 
+def float_fields_as_floats(obj) -> None:
+    """A frozen dataclass's int values of `float` fields, stored as floats: JSON's `"factor": 40` and Python's 40.0
+    made equal configs (==) with different fingerprints (json.dumps writes 40 vs 40.0), so KV blocks keyed by one
+    were misses for the other."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if f.type == "float" and isinstance(v, int) and not isinstance(v, bool):
+            object.__setattr__(obj, f.name, float(v))
+
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -102,6 +112,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_dtype(self.dtype)
+        float_fields_as_floats(self)
 
     # Subclasses: the per-token per-layer KV record shape and its kind.
     def _kv_record(self) -> tuple[str, tuple[int, ...]]:

@@ -4,7 +4,7 @@ HF architectures: ``DeepseekV2ForCausalLM``, ``DeepseekV3ForCausalLM``. Layers `
 (and those off ``moe_layer_freq``) use a dense SwiGLU MLP, the rest ``DeepseekV3MoE`` (routed top-k +
 shared experts). Attention is MLA with the compressed latent cache: KV record per token per layer
 ``(kv_lora_rank + qk_rope_head_dim,)`` (see models/kv.py). RoPE is YaRN-scaled when ``rope_scaling`` says
-so, interleaved like HF DeepSeek.
+so, interleaved like HF DeepSeek (halves instead for a V3 config.json with ``rope_interleave: false``).
 """
 
 from __future__ import annotations
@@ -76,6 +76,14 @@ class DeepseekConfig(ModelConfig):
             raise ValueError(f"config.json: architectures={d.get('architectures')!r} is not a DeepSeek-V2/V3 model")
         check_hf_unsupported(d)
         v3 = arch == "DeepseekV3ForCausalLM"
+        # Fields a config.json leaves out take the defaults of HF's config class for the architecture: V3's
+        # (DeepSeek's remote code and transformers' DeepseekV3Config agree) route 8 of 256 experts in 4 of 8
+        # groups, renormalised and scaled by 2.5, after 3 dense layers; V2's route nothing by default. An explicit
+        # null is None in HF (no routed / shared experts, no renormalisation), as before.
+
+        def dv3(key, v3_default, v2_default):
+            return v3_default if v3 and key not in d else v2_default
+
         rope_dim = hf_field(d, "qk_rope_head_dim")
         return cls(
             architecture=arch,
@@ -89,17 +97,17 @@ class DeepseekConfig(ModelConfig):
             num_attention_heads=hf_field(d, "num_attention_heads"),
             intermediate_size=hf_field(d, "intermediate_size"),
             moe_intermediate_size=hf_field(d, "moe_intermediate_size"),
-            n_routed_experts=hf_int(d, "n_routed_experts", 0),
-            num_experts_per_tok=hf_int(d, "num_experts_per_tok", 0) or 1,
-            n_shared_experts=hf_int(d, "n_shared_experts", 0),
-            first_k_dense_replace=hf_int(d, "first_k_dense_replace", 0),
+            n_routed_experts=hf_int(d, "n_routed_experts", dv3("n_routed_experts", 256, 0)),
+            num_experts_per_tok=hf_int(d, "num_experts_per_tok", dv3("num_experts_per_tok", 8, 0)) or 1,
+            n_shared_experts=hf_int(d, "n_shared_experts", dv3("n_shared_experts", 1, 0)),
+            first_k_dense_replace=hf_int(d, "first_k_dense_replace", dv3("first_k_dense_replace", 3, 0)),
             moe_layer_freq=hf_int(d, "moe_layer_freq", 1, low=1),
-            routed_scaling_factor=hf_float(d, "routed_scaling_factor", 1.0),
-            scoring_func=d.get("scoring_func", "sigmoid" if v3 else "softmax"),
-            topk_method=d.get("topk_method", "noaux_tc" if v3 else "greedy"),
-            n_group=hf_int(d, "n_group", 0) or 1,
-            topk_group=hf_int(d, "topk_group", 0) or 1,
-            norm_topk_prob=hf_bool(d, "norm_topk_prob"),
+            routed_scaling_factor=hf_float(d, "routed_scaling_factor", dv3("routed_scaling_factor", 2.5, 1.0)),
+            scoring_func=d.get("scoring_func", dv3("scoring_func", "sigmoid", "softmax")),
+            topk_method=d.get("topk_method", dv3("topk_method", "noaux_tc", "greedy")),
+            n_group=hf_int(d, "n_group", dv3("n_group", 8, 0)) or 1,
+            topk_group=hf_int(d, "topk_group", dv3("topk_group", 4, 0)) or 1,
+            norm_topk_prob=hf_bool(d, "norm_topk_prob", dv3("norm_topk_prob", True, False)),
             q_lora_rank=hf_int(d, "q_lora_rank", None, low=1),
             kv_lora_rank=hf_field(d, "kv_lora_rank"),
             qk_nope_head_dim=hf_field(d, "qk_nope_head_dim"),
@@ -110,7 +118,8 @@ class DeepseekConfig(ModelConfig):
                 rope_dim,
                 hf_float(d, "rope_theta", 10000.0, above=0),
                 d.get("rope_scaling"),
-                interleaved=True,
+                # transformers' DeepseekV3 rotates the two halves when rope_interleave is false (it was ignored)
+                interleaved=hf_bool(d, "rope_interleave", True) if v3 else True,
             ),
         )
 
@@ -150,7 +159,9 @@ class DeepseekV3DecoderLayer(PreNormDecoderLayer):
             cfg.qk_nope_head_dim,
             cfg.qk_rope_head_dim,
             cfg.v_head_dim,
-            cfg.rms_norm_eps,
+            # HF builds q_a_layernorm / kv_a_layernorm as DeepseekV3RMSNorm(rank): its default eps 1e-6, not
+            # config.rms_norm_eps (only the input, post-attention and final norms read that)
+            1e-6,
             cfg.attention_bias,
             cfg.rope,
             dtype,

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.config import float_fields_as_floats
+
 _REQUIRED = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "yarn": ("factor", "original_max_position_embeddings"),
@@ -49,6 +51,7 @@ class RopeConfig:
     interleaved: bool = False
 
     def __post_init__(self):
+        float_fields_as_floats(self)
         if self.kind not in ("default", "llama3", "yarn"):
             raise ValueError(f"rope_scaling type {self.kind!r} is not supported (default, llama3, yarn)")
         if self.dim % 2:
