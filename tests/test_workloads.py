@@ -72,8 +72,14 @@ def test_generator_arguments_out_of_range_name_the_argument():
         make_agents("32K", 2, base_trajectories=-1)
     with pytest.raises(ValueError, match="vocab_size must be >= 1, got 0"):
         make_agents("32K", 2, base_trajectories=3, with_token_ids=True, vocab_size=0)
-    with pytest.raises(ValueError, match="online arrivals need seed >= 0, got -1"):
+    with pytest.raises(ValueError, match="online arrivals need an int seed >= 0, got -1"):
         make_arrivals("online", aps=1.0, seed=-1)
+    # a None seed or a str aps failed in a bare comparison; aps=inf started every agent at t=0
+    with pytest.raises(ValueError, match="online arrivals need an int seed >= 0, got None"):
+        make_arrivals("online", aps=1.0, seed=None)
+    for aps in ("1", float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="online arrivals need a finite aps > 0"):
+            make_arrivals("online", aps=aps)
     # a nan gap or trace offset slipped past `< 0` into every later arrival time
     with pytest.raises(ValueError, match="turn gap must be >= 0 s and finite, got nan"):
         Turn(1, 1, gap_s=float("nan"))

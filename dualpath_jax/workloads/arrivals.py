@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -65,10 +67,11 @@ class OnlineArrivals(ArrivalModel):
     name = "online"
 
     def __init__(self, aps: float, seed: int = 0, use_gaps: bool = True):
-        if not aps > 0:
-            raise ValueError(f"online arrivals need aps > 0 agents/s, got {aps}")
-        if seed < 0:  # numpy's own error names no argument
-            raise ValueError(f"online arrivals need seed >= 0, got {seed}")
+        # (a str aps or a None seed failed in a comparison naming neither; aps=inf started every agent at t=0)
+        if isinstance(aps, bool) or not isinstance(aps, numbers.Real) or not 0 < aps < math.inf:
+            raise ValueError(f"online arrivals need a finite aps > 0 agents/s, got {aps!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:  # numpy's error names none
+            raise ValueError(f"online arrivals need an int seed >= 0, got {seed!r}")
         self.aps = float(aps)
         self.seed = seed
         self.use_gaps = use_gaps

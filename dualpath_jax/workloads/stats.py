@@ -5,7 +5,9 @@ Definitions (the ones PAPER.md Table 2 appears to use):
   - append / gen: mean over all turns (pooled);
   - total tokens: final context (last prompt + its generation) per trajectory, mean over trajectories;
   - context: prompt tokens of a turn (what it attends to), mean over all turns (pooled);
-  - hit rate: sum of hit tokens (whole cached blocks of the earlier context) / sum of prompt tokens.
+  - hit rate: sum of hit tokens (whole cached blocks of the earlier context) / sum of prompt tokens;
+  - gap: mean of the gaps between consecutive turns (a trajectory's last turn has no next turn: its gap is
+    never used by the arrival models, so it is left out; 0 when no trajectory has two turns).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def summarize(trajectories: Sequence[Trajectory], block_size: int = 64) -> Workl
             hits.append(hit)
             appends.append(turn.append_tokens)
             gens.append(gen)
-            gaps.append(turn.gap_s)
+        gaps.extend(turn.gap_s for turn in t.turns[:-1])  # (the last turn's gap precedes no turn)
         totals.append(shapes[-1][0] + shapes[-1][2])
         nturns.append(len(shapes))
     p = np.asarray(prompts, dtype=np.float64)
@@ -91,5 +93,5 @@ def summarize(trajectories: Sequence[Trajectory], block_size: int = 64) -> Workl
         max_context=int(p.max()),
         p50_append=float(np.percentile(a, 50)),
         p90_append=float(np.percentile(a, 90)),
-        mean_gap_s=float(np.mean(gaps)),
+        mean_gap_s=float(np.mean(gaps)) if gaps else 0.0,
     )
