@@ -42,11 +42,12 @@ LOOKAHEAD = 4  # chunks a paced transfer keeps queued on a link ahead of the one
 
 
 class _Ticket:
-    __slots__ = ("cls", "nbytes", "seq", "slot", "start_tag")
+    __slots__ = ("cls", "nbytes", "record", "seq", "slot", "start_tag")
 
-    def __init__(self, start_tag: float, seq: int, nbytes: int, cls: str):
+    def __init__(self, start_tag: float, seq: int, nbytes: int, cls: str, record: bool = True):
         self.start_tag, self.seq, self.nbytes, self.cls = start_tag, seq, nbytes, cls
         self.slot: float | None = None  # granted slot start (monotonic time)
+        self.record = record  # recorded when granted (a Pacer's chunk: when it crosses, `Link.settle`)
 
     def __lt__(self, other: _Ticket) -> bool:
         return (self.start_tag, self.seq) < (other.start_tag, other.seq)
@@ -150,17 +151,19 @@ class Link:
         """Queue one chunk (<= quantum), block until granted; returns the slot start (monotonic seconds)."""
         return self.wait(self.enqueue(nbytes, cls))
 
-    def enqueue(self, nbytes: int, cls: str) -> _Ticket:
-        """Queue one chunk of class `cls` for a slot (start-time fair queuing tag)."""
+    def enqueue(self, nbytes: int, cls: str, record: bool = True) -> _Ticket:
+        """Queue one chunk of class `cls` for a slot (start-time fair queuing tag). `record=False`: its bytes are
+        recorded by `settle` instead of at the grant."""
         if cls not in self.weights:
             raise ValueError(f"link {self.name!r} has classes {sorted(self.weights)}, not {cls!r}")
         with self._cond:
             start_tag = max(self._vtime, self._finish[cls])
-            t = _Ticket(start_tag, next(self._seq), int(nbytes), cls)
+            t = _Ticket(start_tag, next(self._seq), int(nbytes), cls, record)
             self._finish[cls] = start_tag + nbytes / self.weights[cls]
             if math.isinf(self.rate):
                 t.slot = time.monotonic()
-                self._record(t.slot, t.nbytes, cls)
+                if record:
+                    self._record(t.slot, t.nbytes, cls)
             else:
                 self._queues[cls].append(t)
                 self._dispatch()
@@ -177,9 +180,16 @@ class Link:
                     if self._finish[t.cls] == t.start_tag + t.nbytes / self.weights[t.cls]:
                         self._finish[t.cls] = t.start_tag  # the class's last chunk: its fair share is not charged
                     self._dispatch()  # (the next in line may go now)
-            elif t.nbytes:
+            elif t.nbytes and t.record:
                 self._record(t.slot, -t.nbytes, t.cls)
                 t.nbytes = 0  # (cancelled twice: taken back once)
+
+    def settle(self, t: _Ticket, when: float) -> None:
+        """Record a granted `record=False` chunk as crossing at `when` (its path's latest slot)."""
+        with self._cond:
+            if not t.record:
+                t.record = True
+                self._record(when, t.nbytes, t.cls)
 
     def wait(self, t: _Ticket) -> float:
         """Block until ticket `t` is granted; returns its slot start. The caller moves its bytes from then."""
@@ -210,8 +220,11 @@ class Link:
             self._queues[t.cls].popleft()
             t.slot = max(self._busy_until, now - self.burst_s)
             self._busy_until = t.slot + t.nbytes / self.rate
+            # A slot in the past (catching up a burst) is moved now: recorded then, not in a bin before the transfer.
+            t.slot = max(t.slot, now)
             self._vtime = t.start_tag
-            self._record(t.slot, t.nbytes, t.cls)
+            if t.record:
+                self._record(t.slot, t.nbytes, t.cls)
             granted = True
         if granted:
             self._cond.notify_all()
@@ -291,14 +304,18 @@ class Pacer:
         sizes = [min(quantum, n - o) for o in range(0, n, quantum)]
         classes = self.classes(priority)
 
+        # Each link records a chunk when it crosses the whole path (the latest slot), not at its own grant: a
+        # fast link grants the LOOKAHEAD chunks queued ahead long before a slow one, so its bins ran early.
         def enqueue(k: int) -> list:
-            return [link.enqueue(sizes[k], c) for link, c in zip(self.links, classes, strict=True)]
+            return [link.enqueue(sizes[k], c, record=False) for link, c in zip(self.links, classes, strict=True)]
 
         pending = collections.deque(enqueue(k) for k in range(min(LOOKAHEAD, len(sizes))))
         try:
             for k in range(len(sizes)):
                 tickets = pending.popleft()
                 start = max(link.wait(t) for link, t in zip(self.links, tickets, strict=True))
+                for link, t in zip(self.links, tickets, strict=True):
+                    link.settle(t, start)
                 if k + LOOKAHEAD < len(sizes):
                     pending.append(enqueue(k + LOOKAHEAD))
                 delay = start - time.monotonic()

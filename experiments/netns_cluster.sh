@@ -47,12 +47,12 @@ is_up() {  # any namespace or bridge of a cluster of this script
 shape_cnic() {  # dev [netns]: HTB root with a high (EF) and a low (CS1) class, 99:1, both may borrow all
   local dev=$1 ns=${2:-} run=()
   [[ -n $ns ]] && run=(ip netns exec "$ns")
-  local high=$((CNIC_MBIT * 99 / 100)) low=$((CNIC_MBIT / 100))
-  (( low < 1 )) && low=1
+  # (in kbit/s: whole Mbit/s made 1 Mbit/s a 0 Mbit/s high class, which tc refuses, and 150 Mbit/s 148:1)
+  local high=$((CNIC_MBIT * 990)) low=$((CNIC_MBIT * 10))
   "${run[@]}" tc qdisc replace dev "$dev" root handle 1: htb default 20
   "${run[@]}" tc class add dev "$dev" parent 1: classid 1:1 htb rate "${CNIC_MBIT}mbit" ceil "${CNIC_MBIT}mbit" quantum 60000
-  "${run[@]}" tc class add dev "$dev" parent 1:1 classid 1:10 htb rate "${high}mbit" ceil "${CNIC_MBIT}mbit" prio 0 quantum 60000
-  "${run[@]}" tc class add dev "$dev" parent 1:1 classid 1:20 htb rate "${low}mbit" ceil "${CNIC_MBIT}mbit" prio 1 quantum 60000
+  "${run[@]}" tc class add dev "$dev" parent 1:1 classid 1:10 htb rate "${high}kbit" ceil "${CNIC_MBIT}mbit" prio 0 quantum 60000
+  "${run[@]}" tc class add dev "$dev" parent 1:1 classid 1:20 htb rate "${low}kbit" ceil "${CNIC_MBIT}mbit" prio 1 quantum 60000
   # DSCP EF = TOS 0xb8 -> high; everything else (CS1 = 0x20, control) -> low
   "${run[@]}" tc filter add dev "$dev" parent 1: protocol ip prio 1 u32 match ip tos 0xb8 0xfc flowid 1:10
 }
