@@ -145,6 +145,8 @@ class Link:
 
     def chunks(self, nbytes: int) -> list[int]:
         q, n = self.quantum, int(nbytes)
+        if n < 0:  # (a negative transfer was paced as nothing, silently)
+            raise ValueError(f"link {self.name!r}: a transfer of {nbytes} bytes")
         return [min(q, n - o) for o in range(0, n, q)]
 
     def reserve(self, nbytes: int, cls: str) -> float:
@@ -301,6 +303,8 @@ class Pacer:
         """Like `Link.paced` over all links of the path: yields each chunk size once every link granted it."""
         quantum = min(link.quantum for link in self.links)
         n = int(nbytes)
+        if n < 0:  # (a negative transfer was paced as nothing, silently)
+            raise ValueError(f"pacer over {[link.name for link in self.links]}: a transfer of {nbytes} bytes")
         sizes = [min(quantum, n - o) for o in range(0, n, quantum)]
         classes = self.classes(priority)
 

@@ -52,3 +52,13 @@ def test_bytes_caught_up_after_an_idle_spell_are_recorded_when_they_move():
     link.acquire(1000)
     (sample,) = link.samples()
     assert sample.nbytes == 1000 and sample.t0 >= 0.1, sample
+
+
+def test_a_negative_transfer_is_an_error():
+    """A negative size was paced as nothing and recorded nothing, silently."""
+    link = Link("snic/x", 1e6)
+    with pytest.raises(ValueError, match="a transfer of -5 bytes"):
+        list(link.paced(-5))
+    with pytest.raises(ValueError, match="a transfer of -5 bytes"):
+        list(Pacer([link]).paced(-5))
+    assert list(link.paced(0)) == []
