@@ -174,6 +174,7 @@ def main(argv):
     from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
     from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
     from dualpath_jax.runtime.model_ops import cost_model_shape
+    from dualpath_jax.runtime.scheduler_service import RunFailed
     from schedulers.cost_model import CostModel
 
     enable_compilation_cache()
@@ -206,6 +207,7 @@ def main(argv):
     session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
     out = {"config": config.to_dict(), "prefill_tokens_per_s": prefill_tps}
     stamp, runs = os.path.basename(out_dir), itertools.count()
+    failed = None
     try:
 
         def run(cfg, ts=trajs):
@@ -225,7 +227,10 @@ def main(argv):
         t0 = time.time()
         run(base.replace(**{"scheduler.name": "basic", **unpaced}), trajs[: max(1, len(trajs) // 8)])
         logging.info("warm-up (unpaced NICs): %.1f s", time.time() - t0)
-        measured = {p: run(base.replace(**{"scheduler.name": p})) for p in ("basic", "dualpath")}
+        measured = {}
+        for p in ("basic", "dualpath"):  # each kept as it finishes: a later run's failure keeps it
+            measured[p] = run(base.replace(**{"scheduler.name": p}))
+            out.setdefault("measured", {})[p] = measured[p].summary
         jct = {p: r.summary["jct_s"] for p, r in measured.items()}
         speedup = jct["basic"] / jct["dualpath"]
         print("\n== DualPath vs Basic, emulated 1P2D I/O-bound setup (measured in one run) ==")
@@ -330,13 +335,23 @@ def main(argv):
             for k, v in per_turn["breakdown_ms"].items():
                 print(f"    {v:7.1f} ms  {k}")
             out["overhead_per_turn"] = per_turn
+    except RunFailed as e:  # a run that failed (its timeout, no live engine left): what finished is kept
+        failed = out["failed"] = f"run failed: {e}"
+        if "measured" not in out:
+            raise SystemExit(failed) from None
     finally:
         if session is not None:
             session.close()
     _plot(out, os.path.join(out_dir, "bench_runtime.png"))
-    with open(os.path.join(out_dir, "bench_runtime.json"), "w") as f:
-        json.dump(out, f, indent=1, default=lambda x: float(x) if isinstance(x, (int, float)) else str(x))
+    from dualpath_jax import metrics
+
+    with open(os.path.join(out_dir, "bench_runtime.json"), "w") as f:  # NaN (TPOT of 1-token turns): null
+        json.dump(
+            metrics.json_safe(out), f, indent=1, default=lambda x: float(x) if isinstance(x, (int, float)) else str(x)
+        )
     logging.info("results written to %s", out_dir)
+    if failed:
+        raise SystemExit(f"{failed} (the runs that finished are in {out_dir})")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def main(argv):
     if config.calibrate:
         prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
         logging.info("measured prefill throughput on this machine: %.0f tokens/s (DualPath's beta)", prefill_tps)
-    results = {}
+    results, failed = {}, None
     session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
     try:
 
@@ -191,13 +191,19 @@ def main(argv):
             )
             results[p] = res
             metrics.write_json(os.path.join(out_dir, f"turns_{p}.json"), res.records, res.links, policy=p)
-    except RunFailed as e:  # a run that failed (its timeout, no live engine left): one line, not a traceback
-        raise SystemExit(f"run failed: {e}") from None
+    except (RunFailed, KeyboardInterrupt) as e:  # a run that failed (its timeout, no live engine left) or Ctrl-C
+        failed = f"run failed: {e}" if isinstance(e, RunFailed) else "interrupted"
+        if not results:  # one line, not a traceback
+            raise SystemExit(failed) from None
     finally:
         if session is not None:
             session.close()
+    if failed:  # the policies that finished keep their table and results.json; the others are named
+        failed += (
+            f" (results of {', '.join(results)} only, not of {', '.join(p for p in policies if p not in results)})"
+        )
     table = format_table(results)
-    if not config.warmup and len(policies) > 1:
+    if not config.warmup and len(results) > 1:
         # Without the warm-up, whatever the first policy compiles (buckets not precompiled, first connections)
         # is in its JCT: the speedups compare a cold run with warm ones.
         table += (
@@ -207,8 +213,11 @@ def main(argv):
     agreement, agreement_info = token_agreement(results, base.batch_invariant)
     if agreement:
         table += "\n" + agreement
+    if failed:
+        table += "\n" + failed
     print(table)
     summary = {
+        "failed": failed,
         "greedy_tokens": agreement_info,
         "config": config.to_dict(),
         "prefill_tokens_per_s": prefill_tps,
@@ -228,6 +237,8 @@ def main(argv):
     if config.plot and plot(results, os.path.join(out_dir, "run.png")):
         logging.info("plot: %s", os.path.join(out_dir, "run.png"))
     logging.info("results written to %s", out_dir)
+    if failed:
+        raise SystemExit(failed)
 
 
 if __name__ == "__main__":
