@@ -3,6 +3,8 @@ the input that showed it."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from configs.tiny_runtime import get_config
@@ -104,3 +106,34 @@ def test_a_decode_engines_layers_slower_than_the_peer_timeout_do_not_fail_the_ru
     res = driver.run(cfg, trajs, model_ops=ops)
     assert sorted(res.tokens) == [(0, 0), (0, 1)]
     assert [r.hit_tokens for r in res.records] == [0, 32] and res.summary["de_read_bytes"] > 0
+
+
+def test_an_engine_stopped_mid_work_is_not_reported_as_a_crash(caplog):
+    """Ctrl-C of the main job: a PE stopped while its H2D crossed the CNIC logged "engine crashed" with a traceback and
+    sent an error event, as if it had failed. A stop in the middle of work is logged as such, without an error event;
+    an exception while running is still a crash (test_a_crashing_engine_fails_the_run_with_its_error)."""
+    import threading
+
+    from dualpath_jax.runtime import engines
+
+    events = []
+
+    class Ctx:
+        def emit(self, ev):
+            events.append(ev)
+
+    eng = object.__new__(engines.EngineBase)
+    eng.role, eng.engine_id, eng.ctx, eng.error, eng._stop = "prefill", 0, Ctx(), None, threading.Event()
+
+    def run():
+        raise RuntimeError("pe0 stopped while its H2D crossed the CNIC")
+
+    eng.run = run
+    eng._stop.set()
+    with caplog.at_level(logging.INFO, logger="dualpath_jax.runtime.engines"):
+        eng._main()
+    assert events == [] and "crashed" not in caplog.text and "stopped mid-work" in caplog.text
+    eng._stop.clear()
+    with caplog.at_level(logging.INFO, logger="dualpath_jax.runtime.engines"):
+        eng._main()
+    assert len(events) == 1 and events[0].kind == "error" and "crashed" in caplog.text

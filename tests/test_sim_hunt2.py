@@ -200,3 +200,14 @@ def test_simulate_warns_when_its_mode_replaces_a_flag(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "config.mode 'basic' sets config.cluster.layerwise=False: the given True is not used" in out.stderr
+
+
+def test_a_code_override_through_a_value_is_named():
+    """`load_config(spec, {"cluster.snic_gbps.x": 1})` failed with "argument of type 'float' is not iterable"."""
+    from dualpath_jax.sim.configs_io import load_config
+
+    with pytest.raises(KeyError, match=r"has no field 'cluster.snic_gbps.x' \('cluster.snic_gbps' is not a section\)"):
+        load_config("configs/sim_tiny.py", {"cluster.snic_gbps.x": 1})
+    with pytest.raises(KeyError, match=r"has no field 'nope.x'"):
+        load_config("configs/sim_tiny.py", {"nope.x": 1})
+    assert load_config("configs/sim_tiny.py", {"cluster.snic_gbps": 7.0}).cluster.snic_gbps == 7.0

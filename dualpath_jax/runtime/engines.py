@@ -320,6 +320,9 @@ class EngineBase:
             self.run()
         except BaseException as e:  # noqa: BLE001 -- reported to the scheduler, which fails the run clearly
             self.error = e
+            if self._stop.is_set():  # stopped (the run ended, Ctrl-C, a kill) in the middle of work: not a crash
+                log.info("%s engine %d stopped mid-work: %s", self.role, self.engine_id, e)
+                return
             log.exception("%s engine %d crashed", self.role, self.engine_id)
             self.ctx.emit(Event("error", -1, 0, time.time(), {"message": f"{self.role} {self.engine_id}: {e!r}"}))
 

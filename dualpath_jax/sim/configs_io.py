@@ -69,12 +69,21 @@ def load_config(spec: str, overrides: dict | None = None):
     for key, value in (overrides or {}).items():
         node = cfg
         parts = key.split(".")
-        for p in parts[:-1]:
-            node = node[p]
-        if parts[-1] not in node:
-            raise KeyError(f"config {spec!r} has no field {key!r}")
+        for i, p in enumerate(parts):
+            # (a path through a number, `cluster.snic_gbps.x`, failed with "argument of type 'float' is not iterable")
+            if not _is_section(node):
+                raise KeyError(f"config {spec!r} has no field {key!r} ({'.'.join(parts[:i])!r} is not a section)")
+            if p not in node:
+                raise KeyError(f"config {spec!r} has no field {key!r}")
+            if i < len(parts) - 1:
+                node = node[p]
         node[parts[-1]] = value
     return cfg
+
+
+def _is_section(node) -> bool:
+    """A dict or a ConfigDict (fields by name), not a value."""
+    return callable(getattr(node, "keys", None))
 
 
 def load_sim_config(spec: str, overrides: dict | None = None) -> SimConfig:
