@@ -1456,20 +1456,15 @@ class TcpTransport(Transport):
         ):
             src.check(local_offset, length, f"write from {self.name}:{local_region}")
         p = self._peer_for(peer)
-        try:
-            rid, size = p.remote_regions.get(remote_region) or self._remote_region_of(p, remote_region)
-            if type(remote_offset) is not int:
-                remote_offset = _as_offset(remote_offset)
-            if remote_offset < 0 or remote_offset + length > size:
-                rid, size = self._remote_region_of(p, remote_region, refresh=remote_offset >= 0)
-                if remote_offset < 0 or remote_offset + length > size:
-                    raise RegionError(
-                        f"write to {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside "
-                        f"the region of {size} bytes"
-                    )
-        except _Defer as d:  # a reader thread and a region not known yet: posted when the peer answers
-            args = (peer, local_region, local_offset, remote_region, remote_offset, length, priority, notify)
-            return self._defer(p, priority, d, functools.partial(self.write, *args))
+        info = p.remote_regions.get(remote_region)
+        if info is not None and type(remote_offset) is int and 0 <= remote_offset <= info[1] - length:
+            rid = info[0]
+        else:  # not asked yet, or a range to check closely
+            try:
+                rid, remote_offset = self._remote_range(p, remote_region, remote_offset, length, "write to")
+            except _Defer as d:  # a reader thread and a region not known yet: posted when the peer answers
+                args = (peer, local_region, local_offset, remote_region, remote_offset, length, priority, notify)
+                return self._defer(p, priority, d, functools.partial(self.write, *args))
         if notify is None:
             flags = tag = 0
         else:
@@ -1540,15 +1535,22 @@ class TcpTransport(Transport):
 
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
         """The peer's region sizes are known here (asked once per region name): check before posting."""
-        offset = _as_offset(offset)  # numpy integers are fine, as in `write`
-        p = self._peer_for(peer)
-        _, size = self._remote_region_of(p, region)
-        if 0 <= offset and offset + length > size:  # the peer may have registered the name again, larger
-            _, size = self._remote_region_of(p, region, refresh=True)
+        self._remote_range(self._peer_for(peer), region, offset, length, "write to")
+
+    def _remote_range(self, p: _Peer, region: str, offset: Any, length: int, what: str) -> tuple[int, int]:
+        """(region id, offset as an int) of [offset, offset + length) in `p`'s region `region`, else RegionError.
+        A range past the cached size asks the peer again first: it may have registered the name again, larger."""
+        rid, size = p.remote_regions.get(region) or self._remote_region_of(p, region)
+        if type(offset) is not int:
+            offset = _as_offset(offset)  # numpy integers are fine; a bool is a RegionError
         if offset < 0 or offset + length > size:
-            raise RegionError(
-                f"write to {peer}:{region}: [{offset}, {offset + length}) is outside the region of {size} bytes"
-            )
+            if offset >= 0:
+                rid, size = self._remote_region_of(p, region, refresh=True)
+            if offset < 0 or offset + length > size:
+                raise RegionError(
+                    f"{what} {p.name}:{region}: [{offset}, {offset + length}) is outside the region of {size} bytes"
+                )
+        return rid, offset
 
     def read(
         self,
@@ -1565,16 +1567,7 @@ class TcpTransport(Transport):
         dst.check(local_offset, length, f"read into {self.name}:{local_region}")
         p = self._get_peer(peer)
         try:
-            rid, size = self._remote_region_of(p, remote_region)
-            if type(remote_offset) is not int:
-                remote_offset = _as_offset(remote_offset)
-            if remote_offset < 0 or remote_offset + length > size:
-                rid, size = self._remote_region_of(p, remote_region, refresh=remote_offset >= 0)
-                if remote_offset < 0 or remote_offset + length > size:
-                    raise RegionError(
-                        f"read from {peer}:{remote_region}: [{remote_offset}, {remote_offset + length}) is outside "
-                        f"the region of {size} bytes"
-                    )
+            rid, remote_offset = self._remote_range(p, remote_region, remote_offset, length, "read from")
         except _Defer as d:  # a reader thread and a region not known yet: posted when the peer answers
             args = (peer, local_region, local_offset, remote_region, remote_offset, length, priority)
             return self._defer(p, priority, d, functools.partial(self.read, *args))
