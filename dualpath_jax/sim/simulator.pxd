@@ -86,6 +86,8 @@ cdef class Simulator:
     @cython.locals(node=Node)
     cpdef _de_buffer_free(self, Request r)
 
+    cpdef _room_freed(self, Node node, double nbytes)
+
     @cython.locals(node=Node)
     cpdef _start_reads(self, Request r)
 

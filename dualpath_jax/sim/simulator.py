@@ -579,12 +579,16 @@ class Simulator:
     def _de_buffer_free(self, r: Request) -> None:
         """The prompt KV is in DE HBM: its room in the DE buffer is free again."""
         node = r.de.node
+        self._room_freed(node, r.prompt * self.b)
+        self._pump_buffer(node)
+
+    def _room_freed(self, node: Node, nbytes: float) -> None:
+        """One holder of room in `node`'s host buffer gave its `nbytes` back."""
         node.buf_held -= 1
         if node.buf_held:
-            node.buffer_free += r.prompt * self.b
+            node.buffer_free += nbytes
         else:  # all of it free again: exactly its size, not a sum that rounding may have left a little off
             node.buffer_free = node.buffer_bytes
-        self._pump_buffer(node)
 
     def _start_reads(self, r: Request) -> None:
         r.reads_left = 0
@@ -640,11 +644,7 @@ class Simulator:
     def _pe_buffer_free(self, r: Request) -> None:
         """The PE-side hit has left the PE node's buffer (layerwise: the prefill is done; basic: it is in PE HBM)."""
         node = r.pe.node
-        node.buf_held -= 1
-        if node.buf_held:
-            node.buffer_free += r.hit_pe * self.b
-        else:  # all of it free again: exactly its size, not a sum that rounding may have left a little off
-            node.buffer_free = node.buffer_bytes
+        self._room_freed(node, r.hit_pe * self.b)
         self._pump_reads(node)
 
     # ---- basic (not layerwise): whole prompt KV in PE HBM ---------------------------------------------------
