@@ -144,10 +144,7 @@ class Link:
                 self.cancel(t)
 
     def chunks(self, nbytes: int) -> list[int]:
-        q, n = self.quantum, int(nbytes)
-        if n < 0:  # (a negative transfer was paced as nothing, silently)
-            raise ValueError(f"link {self.name!r}: a transfer of {nbytes} bytes")
-        return [min(q, n - o) for o in range(0, n, q)]
+        return _chunks(nbytes, self.quantum, f"link {self.name!r}")
 
     def reserve(self, nbytes: int, cls: str) -> float:
         """Queue one chunk (<= quantum), block until granted; returns the slot start (monotonic seconds)."""
@@ -256,6 +253,14 @@ class Link:
         return sum(self.bytes_by_class.values())
 
 
+def _chunks(nbytes: int, quantum: int, where: str) -> list[int]:
+    """`nbytes` cut into chunks of at most `quantum` bytes (none for 0)."""
+    n = int(nbytes)
+    if n < 0:  # (a negative transfer was paced as nothing, silently)
+        raise ValueError(f"{where}: a transfer of {nbytes} bytes")
+    return [min(quantum, n - o) for o in range(0, n, quantum)]
+
+
 class Pacer:
     """Paces one transfer path over several links (e.g. a DE's SNIC then its CNIC): each chunk reserves a
     slot on every link and waits for the latest one. Implements `transport.base.Pacer`."""
@@ -302,10 +307,7 @@ class Pacer:
     def paced(self, nbytes: int, priority: str = "low") -> Iterator[int]:
         """Like `Link.paced` over all links of the path: yields each chunk size once every link granted it."""
         quantum = min(link.quantum for link in self.links)
-        n = int(nbytes)
-        if n < 0:  # (a negative transfer was paced as nothing, silently)
-            raise ValueError(f"pacer over {[link.name for link in self.links]}: a transfer of {nbytes} bytes")
-        sizes = [min(quantum, n - o) for o in range(0, n, quantum)]
+        sizes = _chunks(nbytes, quantum, f"pacer over {[link.name for link in self.links]}")
         classes = self.classes(priority)
 
         # Each link records a chunk when it crosses the whole path (the latest slot), not at its own grant: a
