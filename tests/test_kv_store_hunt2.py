@@ -168,6 +168,7 @@ def test_a_durable_write_of_a_block_stored_without_fsync_makes_it_durable(tmp_pa
     assert s.write(key(1), content(1), durable=True)
     path = s.path_of(key(1))
     assert path in synced and os.path.dirname(path) in synced
+    assert os.path.dirname(os.path.dirname(path)) in synced  # blocks/: the fan-out directory's entry
     assert s.stats().writes == 1 and s.stats().write_dedup == 1  # (still a dedup: nothing rewritten)
     s.close()
 

@@ -1548,14 +1548,17 @@ def _is_regular_file(path: str) -> bool:
 
 
 def _fsync_block(path: str) -> bool:
-    """fsync a stored block file and its directory entry; False if it could not be (it is gone, say)."""
+    """fsync a stored block file, its directory entry and its fan-out directory's entry in blocks/ (a non-durable
+    write may have made that directory: as a durable write of a block does); False if it could not be (gone, say)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (non-blocking: a FIFO there cannot hang the open)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(os.path.dirname(path))
+        fan_out = os.path.dirname(path)
+        _fsync_dir(fan_out)
+        _fsync_dir(os.path.dirname(fan_out))
     except OSError:
         return False
     return True
