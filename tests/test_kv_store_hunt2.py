@@ -242,3 +242,17 @@ def test_a_write_that_cannot_make_room_evicts_nothing(tmp_path):
     assert s.keys() == [a, b, c] and os.path.exists(s.path_of(b))
     assert s.stats().evictions == 0 and s.stats().write_rejected == 1
     s.close()
+
+
+def test_a_remove_whose_unlink_fails_raises_and_leaves_no_stale_index_entry(tmp_path):
+    """Something else (a directory) at a block's path: `remove` raises the OS error, but its key no longer counts as
+    stored (it stayed indexed, with its bytes in used_bytes)."""
+    s = LocalDirStore(tmp_path / "kv", LAYOUT)
+    k = key(1)
+    assert s.write(k, content(1))
+    os.unlink(s.path_of(k))
+    os.mkdir(s.path_of(k))
+    with pytest.raises(IsADirectoryError):
+        s.remove(k)
+    assert k not in s.keys() and s.used_bytes == 0
+    s.close()

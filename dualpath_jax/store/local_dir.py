@@ -1426,13 +1426,15 @@ class LocalDirStore(KVStore):
 
     def remove(self, key: bytes) -> bool:
         _check_key(key)
+        existed = False
         try:
             os.unlink(self.path_of(key))
             existed = True
         except (FileNotFoundError, NotADirectoryError):
-            existed = False
-        with self._lock:
-            self._drop_locked(key)
+            pass
+        finally:  # an unlink that fails otherwise (EACCES, a directory there) still leaves no stale index entry
+            with self._lock:
+                self._drop_locked(key)
         return existed
 
     # ---- misc ---------------------------------------------------------------------------------------------
