@@ -27,6 +27,7 @@ Pacing models the sender's egress (like tc on an interface): a transport paces t
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import itertools
@@ -42,12 +43,23 @@ LOOKAHEAD = 4  # chunks a paced transfer keeps queued on a link ahead of the one
 
 
 class _Ticket:
-    __slots__ = ("cls", "nbytes", "record", "seq", "slot", "start_tag")
+    __slots__ = ("after", "cls", "dropped", "joint", "nbytes", "ready", "seq", "slot", "start_tag")
 
-    def __init__(self, start_tag: float, seq: int, nbytes: int, cls: str, record: bool = True):
+    def __init__(self, start_tag: float, seq: int, nbytes: int, cls: str, joint: bool = False, after=None):
         self.start_tag, self.seq, self.nbytes, self.cls = start_tag, seq, nbytes, cls
         self.slot: float | None = None  # granted slot start (monotonic time)
-        self.record = record  # recorded when granted (a Pacer's chunk: when it crosses, `Link.settle`)
+        # A chunk of a multi-link path: the link only gives it its turn (`ready`, SFQ order); the slot is then
+        # reserved on every link of the path at once (`Pacer`), so the chunk crosses each link in its own slot.
+        self.joint = joint
+        self.ready = False
+        # The path's previous chunk here: a turn takes no time on the link until it is reserved, so a path gets its
+        # next turn only then (else a class idle for an instant let the other's queued chunks all take turns at once).
+        self.after: _Ticket | None = after
+        self.dropped = False  # cancelled
+
+    def eligible(self) -> bool:
+        a = self.after
+        return a is None or a.slot is not None or a.dropped
 
     def __lt__(self, other: _Ticket) -> bool:
         return (self.start_tag, self.seq) < (other.start_tag, other.seq)
@@ -108,6 +120,8 @@ class Link:
         self._finish: dict[str, float] = {c: 0.0 for c in self.weights}  # SFQ finish tag per class
         self._vtime = 0.0  # SFQ virtual time = start tag of the last granted chunk
         self._busy_until = time.monotonic()  # end of the last granted slot on the link's timeline
+        self._held: list[tuple[float, float]] = []  # joint chunks' slots booked beyond it (a path's slower link's time)
+        self._wake = self._busy_until  # when the head of the queues may be granted next
         self._seq = itertools.count()
         self._bins: dict[tuple[str, int], int] = collections.defaultdict(int)
         self.bytes_by_class: dict[str, int] = {c: 0 for c in self.weights}
@@ -150,18 +164,20 @@ class Link:
         """Queue one chunk (<= quantum), block until granted; returns the slot start (monotonic seconds)."""
         return self.wait(self.enqueue(nbytes, cls))
 
-    def enqueue(self, nbytes: int, cls: str, record: bool = True) -> _Ticket:
-        """Queue one chunk of class `cls` for a slot (start-time fair queuing tag). `record=False`: its bytes are
-        recorded by `settle` instead of at the grant."""
+    def enqueue(self, nbytes: int, cls: str, joint: bool = False, after: _Ticket | None = None) -> _Ticket:
+        """Queue one chunk of class `cls` for a slot (start-time fair queuing tag). `joint`: a chunk of a multi-link
+        path, only made `ready` here; `Pacer` reserves its slot on all the path's links at once."""
         if cls not in self.weights:
             raise ValueError(f"link {self.name!r} has classes {sorted(self.weights)}, not {cls!r}")
         with self._cond:
             start_tag = max(self._vtime, self._finish[cls])
-            t = _Ticket(start_tag, next(self._seq), int(nbytes), cls, record)
+            t = _Ticket(start_tag, next(self._seq), int(nbytes), cls, joint, after)
             self._finish[cls] = start_tag + nbytes / self.weights[cls]
             if math.isinf(self.rate):
-                t.slot = time.monotonic()
-                if record:
+                if joint:
+                    t.ready = True
+                else:
+                    t.slot = time.monotonic()
                     self._record(t.slot, t.nbytes, cls)
             else:
                 self._queues[cls].append(t)
@@ -170,37 +186,34 @@ class Link:
 
     def cancel(self, t: _Ticket) -> None:
         """Take back a queued chunk that will not cross: an ungranted one leaves the queue, a granted one's bytes leave
-        the records (its slot is not handed out again)."""
+        the records (its slot is not handed out again; a `ready` joint one holds no slot)."""
         with self._cond:
-            if t.slot is None:
+            t.dropped = True
+            if t.slot is None and not t.ready:
                 q = self._queues[t.cls]
                 if t in q:
                     q.remove(t)
                     if self._finish[t.cls] == t.start_tag + t.nbytes / self.weights[t.cls]:
                         self._finish[t.cls] = t.start_tag  # the class's last chunk: its fair share is not charged
                     self._dispatch()  # (the next in line may go now)
-            elif t.nbytes and t.record:
+            elif t.slot is None:  # a joint chunk's turn, never reserved: the path's next chunk may take its turn
+                self._dispatch()
+            elif t.nbytes:
                 self._record(t.slot, -t.nbytes, t.cls)
                 t.nbytes = 0  # (cancelled twice: taken back once)
 
-    def settle(self, t: _Ticket, when: float) -> None:
-        """Record a granted `record=False` chunk as crossing at `when` (its path's latest slot)."""
-        with self._cond:
-            if not t.record:
-                t.record = True
-                self._record(when, t.nbytes, t.cls)
-
-    def wait(self, t: _Ticket) -> float:
-        """Block until ticket `t` is granted; returns its slot start. The caller moves its bytes from then."""
-        if t.slot is not None:
+    def wait(self, t: _Ticket, until: float = math.inf) -> float | None:
+        """Block until ticket `t` is granted (a joint one: `ready`), or until monotonic time `until`; returns its
+        slot start (None for a joint one). The caller moves its bytes from then."""
+        if t.slot is not None or t.ready:
             return t.slot
         with self._cond:
-            while t.slot is None:
+            while t.slot is None and not t.ready:
                 self._dispatch()
-                if t.slot is not None:
+                now = time.monotonic()
+                if t.slot is not None or t.ready or now >= until:
                     break
-                wait = self._busy_until - self.horizon - time.monotonic()
-                self._cond.wait(max(wait, 0.0005))
+                self._cond.wait(min(max(self._wake - now, 0.0005), until - now))
             return t.slot
 
     def _dispatch(self) -> None:
@@ -208,25 +221,52 @@ class Link:
         now = time.monotonic()
         granted = False
         while True:
-            heads = [q[0] for q in self._queues.values() if q]
+            heads = [next((t for t in q if t.eligible()), None) for q in self._queues.values()]
+            heads = [t for t in heads if t is not None]
             if not heads:
                 break
             # A link idle for long may only catch up burst_s worth of bytes.
-            self._busy_until = max(self._busy_until, now - self.burst_s)
-            if self._busy_until > now + self.horizon:
-                break
+            self._advance(now - self.burst_s)
             t = min(heads)
-            self._queues[t.cls].popleft()
-            t.slot = max(self._busy_until, now - self.burst_s)
-            self._busy_until = t.slot + t.nbytes / self.rate
-            # A slot in the past (catching up a burst) is moved now: recorded then, not in a bin before the transfer.
-            t.slot = max(t.slot, now)
-            self._vtime = t.start_tag
-            if t.record:
-                self._record(t.slot, t.nbytes, t.cls)
+            slot = self._busy_until if t.joint else self._fit(self._busy_until, t.nbytes / self.rate)
+            if slot > now + self.horizon:
+                self._wake = slot - self.horizon
+                break
+            self._queues[t.cls].remove(t)
+            t.after = None  # (no longer needed: a long transfer's tickets are not kept alive in a chain)
+            self._vtime = max(self._vtime, t.start_tag)  # (a joint chunk skipped until eligible may go late)
             granted = True
+            if t.joint:  # its turn: the slot is reserved on all its path's links at once (`Pacer._reserve`)
+                t.ready = True
+                continue
+            self._advance(slot + t.nbytes / self.rate)
+            # A slot in the past (catching up a burst) is moved now: recorded then, not in a bin before the transfer.
+            t.slot = max(slot, now)
+            self._record(t.slot, t.nbytes, t.cls)
         if granted:
             self._cond.notify_all()
+
+    def _advance(self, until: float) -> None:
+        """Move the end of the link's booked timeline to `until` (at least) and past the held slots it reaches."""
+        busy, held = max(self._busy_until, until), self._held
+        while held and held[0][0] <= busy + 1e-9:
+            busy = max(busy, held.pop(0)[1])
+        self._busy_until = busy
+
+    def _fit(self, start: float, duration: float) -> float:
+        """The earliest slot from `start` on that overlaps no held slot (the gaps before them are filled)."""
+        for h0, h1 in self._held:
+            if start + duration <= h0 + 1e-9:
+                break
+            start = max(start, h1)
+        return start
+
+    def _hold(self, start: float, duration: float) -> None:
+        """Book [start, start + duration) for a joint chunk (`start` >= the booked timeline, a free gap)."""
+        if start <= self._busy_until + 1e-9:
+            self._advance(start + duration)
+        else:
+            bisect.insort(self._held, (start, start + duration))
 
     # ---- recording --------------------------------------------------------------------------------------
     def _record(self, when: float, nbytes: int, cls: str) -> None:
@@ -262,8 +302,9 @@ def _chunks(nbytes: int, quantum: int, where: str) -> list[int]:
 
 
 class Pacer:
-    """Paces one transfer path over several links (e.g. a DE's SNIC then its CNIC): each chunk reserves a
-    slot on every link and waits for the latest one. Implements `transport.base.Pacer`."""
+    """Paces one transfer path over several links (e.g. a DE's SNIC then its CNIC): each chunk waits for its
+    turn on every link (each link's own SFQ order), then one slot is reserved on all of them at once, from when the
+    busiest is free, so no link carries more than its rate. Implements `transport.base.Pacer`."""
 
     def __init__(self, links: Sequence[Link], class_map: Mapping[str, str] | None = None):
         if not links:
@@ -310,20 +351,30 @@ class Pacer:
         sizes = _chunks(nbytes, quantum, f"pacer over {[link.name for link in self.links]}")
         classes = self.classes(priority)
 
-        # Each link records a chunk when it crosses the whole path (the latest slot), not at its own grant: a
-        # fast link grants the LOOKAHEAD chunks queued ahead long before a slow one, so its bins ran early.
+        # Over several links a chunk is a joint ticket: each link gives it its turn, then one slot is reserved on all.
+        joint = len(self.links) > 1
+        last: list = [None] * len(self.links)  # the previous chunk's ticket on each link
+
         def enqueue(k: int) -> list:
-            return [link.enqueue(sizes[k], c, record=False) for link, c in zip(self.links, classes, strict=True)]
+            last[:] = [
+                link.enqueue(sizes[k], c, joint, after if joint else None)
+                for link, c, after in zip(self.links, classes, last, strict=True)
+            ]
+            return list(last)
 
         pending = collections.deque(enqueue(k) for k in range(min(LOOKAHEAD, len(sizes))))
         try:
             for k in range(len(sizes)):
                 tickets = pending.popleft()
-                start = max(link.wait(t) for link, t in zip(self.links, tickets, strict=True))
                 for link, t in zip(self.links, tickets, strict=True):
-                    link.settle(t, start)
+                    link.wait(t)
+                start = self._reserve(tickets) if tickets[0].slot is None else tickets[0].slot
                 if k + LOOKAHEAD < len(sizes):
                     pending.append(enqueue(k + LOOKAHEAD))
+                if joint and pending:  # the next chunk's turn may come while this one waits for its slot: reserve it
+                    nxt = pending[0]  # then (the path's next turn waits for that, like a link's grant ahead)
+                    if all(link.wait(t, start) is None and t.ready for link, t in zip(self.links, nxt, strict=True)):
+                        self._reserve(nxt)
                 delay = start - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
@@ -332,6 +383,41 @@ class Pacer:
             for tickets in reversed(pending):  # a transfer dropped part way: its chunks queued ahead never cross
                 for link, t in zip(self.links, tickets, strict=True):  # (`Link.paced`)
                     link.cancel(t)
+
+    def _reserve(self, tickets: list[_Ticket]) -> float:
+        """Reserve one slot for a chunk on every link of the path (each link gave it its turn) and record it there;
+        returns the slot start.
+
+        The slot starts when the busiest link is free, and every link's timeline moves past it, so the chunk crosses
+        each link in a slot of its own. (Granted link by link, a fast link gave its slot early and moved on to other
+        flows while the chunk crossed later, at the slow link's slot: the fast link carried more than its rate.)
+        """
+        locks = sorted({id(link): link._cond for link in self.links}.items())
+        for _, lock in locks:  # (always in the same order: no deadlock between paths sharing links)
+            lock.acquire()
+        try:
+            now = time.monotonic()
+            paced: dict[int, list] = {}  # id -> [link, time the chunk takes on it] (a link twice on the path: twice)
+            for link, t in zip(self.links, tickets, strict=True):
+                if not math.isinf(link.rate):
+                    paced.setdefault(id(link), [link, 0.0])[1] += t.nbytes / link.rate
+            for link, _ in paced.values():
+                link._advance(now - link.burst_s)
+            # The earliest slot free on every link: from the busiest link's booked end, past slots held on any link.
+            slot = max([link._busy_until for link, _ in paced.values()], default=now)
+            while (later := max([link._fit(slot, d) for link, d in paced.values()], default=slot)) > slot:
+                slot = later
+            for link, d in paced.values():
+                link._hold(slot, d)
+            start = max(slot, now)  # (a slot in the past, catching up a burst, is moved now: `Link._dispatch`)
+            for link, t in zip(self.links, tickets, strict=True):
+                t.slot = start
+                link._record(start, t.nbytes, t.cls)
+                link._cond.notify_all()  # (the path's next chunk may take its turn)
+        finally:
+            for _, lock in reversed(locks):
+                lock.release()
+        return start
 
 
 @dataclasses.dataclass
