@@ -203,6 +203,10 @@ class LayerFeeder:
                 x = self.to_device(host)
                 self.load_times[layer] = (t0, time.monotonic())  # before the consumer may look (it was NaN then)
                 fut.set_result(x)
+                del x
+                with self._lock:
+                    if self._released > layer:  # the consumer moved past it while it loaded
+                        self._forget(layer)
             except BaseException as e:  # noqa: BLE001 - surfaced by wait_for_layer
                 if isinstance(e, LayerLoadError):
                     err = e
@@ -216,13 +220,15 @@ class LayerFeeder:
     def wait_for_layer(self, layer: int) -> Any:
         """Block until layer `layer` is on the device and return it; raises `LayerLoadError` on failure.
 
-        Calling it for layer l also tells the feeder that layers < l are done (their slots are reused).
+        Calling it for layer l also tells the feeder that layers < l are done (their slots are reused, their device
+        arrays no longer held: waiting for one of them again raises `LayerLoadError`).
         """
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"{self.name}: layer {layer} out of range 0..{self.num_layers - 1}")
         self.start_load()
         with self._lock:
             while self._released < layer:
+                self._forget(self._released, layer)
                 self._released += 1
                 self._tokens.release()
         t0 = time.monotonic()
@@ -232,6 +238,20 @@ class LayerFeeder:
             raise LayerLoadError(f"{self.name}: layer {layer} not loaded within {self.timeout_s} s") from None
         self.wait_times[layer] = (t0, time.monotonic())
         return x
+
+    def _forget(self, done: int, at: int | None = None) -> None:
+        """Drop the feeder's reference to a layer the consumer moved past (lock held), so device memory holds at most
+        `prefetch + 1` layers of this feed (every loaded layer stayed referenced by its future until the feeder went).
+        A layer still loading is dropped by the loader once it is set."""
+        if self._results[done].done():
+            gone: Future = Future()
+            gone.set_exception(
+                LayerLoadError(
+                    f"{self.name}: layer {done} was released (wait_for_layer({self._released if at is None else at}) "
+                    "moved past it): the feeder no longer holds it"
+                )
+            )
+            self._results[done] = gone
 
     # ---- saving ---------------------------------------------------------------------------------------
     def save_layer(self, layer: int, kv: Any) -> None:
@@ -258,7 +278,8 @@ class LayerFeeder:
             self._saves.append((layer, fut))
 
     def wait_for_save(self, timeout: float | None = None) -> None:
-        """Wait for every `save_layer` so far; raises `LayerSaveError` naming the first failed layer.
+        """Wait for every `save_layer` so far; raises `LayerSaveError` naming the first failed layer (and the
+        other failed ones).
 
         A save that fails is reported once. If `timeout` runs out first, `LayerSaveTimeout` (a `TimeoutError`
         and a `LayerSaveError`) names the layers whose saves are still running; they stay tracked, so a later
@@ -267,7 +288,7 @@ class LayerFeeder:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             saves = list(self._saves)
-        first: tuple[int, BaseException] | None = None
+        failed: list[tuple[int, BaseException]] = []
         pending: list[int] = []
         settled: set[Future] = set()  # the futures examined done (removed from the tracked saves)
         for layer, fut in saves:
@@ -278,18 +299,20 @@ class LayerFeeder:
                 if not fut.done():  # still running (a save that itself raised TimeoutError is done)
                     pending.append(layer)
                     continue
-                if first is None:
-                    first = (layer, fut.exception())
+                failed.append((layer, fut.exception()))
             except BaseException as e:  # noqa: BLE001
-                if first is None:
-                    first = (layer, e)
+                failed.append((layer, e))
             settled.add(fut)
         with self._lock:
             self._saves = [(layer, fut) for layer, fut in self._saves if fut not in settled]
-        if first is not None:
-            layer, e = first
+        if failed:
+            # (every failed save is named: only the first was, and the others were dropped from tracking unreported)
+            layer, e = failed[0]
+            too = f" (the saves of layers {[lay for lay, _ in failed[1:]]} failed too)" if len(failed) > 1 else ""
             still = f" (saves of layers {pending} still running)" if pending else ""
-            raise LayerSaveError(f"{self.name}: saving layer {layer} failed: {type(e).__name__}: {e}{still}") from e
+            raise LayerSaveError(
+                f"{self.name}: saving layer {layer} failed: {type(e).__name__}: {e}{too}{still}"
+            ) from e
         if pending:
             raise LayerSaveTimeout(
                 f"{self.name}: the saves of layers {pending} did not finish within {timeout} s (still running; "
@@ -479,6 +502,14 @@ class LayerForwarder:
         prefetch: int = 1,
         priority: str = "low",
     ):
+        # (a float num_layers killed the DE's thread before it settled `done`: the caller waited forever)
+        num_layers = _count(f"forwarder to {peer!r}: num_layers", num_layers)
+        layer_nbytes = _count(f"forwarder to {peer!r}: layer_nbytes", layer_nbytes)
+        prefetch = _count(f"forwarder to {peer!r}: prefetch", prefetch)
+        if num_layers < 0 or layer_nbytes < 0:
+            raise ValueError(
+                f"forwarder to {peer!r}: num_layers and layer_nbytes must be >= 0, got {num_layers}, {layer_nbytes}"
+            )
         if prefetch < 0:  # the staging ring has prefetch + 1 slots
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.transport, self.peer, self.source = transport, peer, source
@@ -527,8 +558,10 @@ class LayerForwarder:
                 f.result()
             self.done.set_result(self.num_layers)
         except BaseException as e:  # noqa: BLE001
-            self._signal_failure(layer)
-            self.done.set_exception(e)
+            try:
+                self._signal_failure(layer)
+            finally:  # (settled whatever the signalling does: the caller never waits forever)
+                self.done.set_exception(e)
 
     def _signal_failure(self, first_failed: int) -> None:
         for layer in range(first_failed, self.num_layers):
