@@ -148,6 +148,10 @@ def build_simulator(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = 
     arrival_model = None
     if trajectories is None:
         trajectories, arrival_model = make_trajectories(cfg)
+    elif cfg.workload.kind == "trace":  # given trace turns keep their trace times (they came right after the last)
+        from dualpath_jax.workloads import arrivals
+
+        arrival_model = arrivals.make_arrivals("trace")
     # simulator.py, compiled when built (dualpath_jax/compiled.py; DUALPATH_PURE_PYTHON=1: its Python source)
     simulator = compiled.load("dualpath_jax.sim.simulator").Simulator
     de_group = ep_engines(cfg, "decode") if c.decode_lockstep else 1
