@@ -183,6 +183,17 @@ def check_sim_config(sc: SimConfig) -> None:
             )
     if sc.cluster.fetch_scope not in ("node", "global"):
         raise ValueError(f"config.cluster.fetch_scope must be 'node' or 'global', got {sc.cluster.fetch_scope!r}")
+    if MODEL_SHAPES.get(sc.cluster.model).is_moe:  # (dense engines are DP only: no EP groups)
+        for role in ("prefill", "decode"):
+            nodes, group = getattr(sc.cluster, f"{role}_nodes"), getattr(sc.cluster, f"{role}_ep_nodes")
+            # One cost model per role holds every engine's weights: a smaller last group would hold more weights per
+            # engine (less KV room, maybe more than the HBM) than modelled (paper_scale.py's groups of 2 PE / 4 DE
+            # nodes on 3P6D ran their 1-node PE and 2-node DE groups with EP 16 / 32 weights, silently)
+            if 0 < group < nodes and nodes % group:
+                raise ValueError(
+                    f"config.cluster.{role}_ep_nodes = {group} does not split the {nodes} {role} nodes into equal EP "
+                    f"groups (the last would have {nodes % group}); give a divisor of {nodes} or 0 (one group of all)"
+                )
     w = sc.workload
     if w.kind not in ("offline", "online", "trace"):
         raise ValueError(f"config.workload.kind must be offline | online | trace, got {w.kind!r}")

@@ -511,9 +511,7 @@ class Simulator:
         if not self.c.layerwise:  # basic: only PE reads (the record said the policy's side: "de" with no DE read)
             r.hit_pe, r.hit_de = r.hit, 0
             rec.read_side = "pe"
-        if not self.c.io_free:  # bytes read from storage (metrics.TurnRecord); oracle reads none (0, the default)
-            rec.pe_read_bytes = int(r.hit_pe * self.b)
-            rec.de_read_bytes = int(r.hit_de * self.b)
+        # (pe_read_bytes / de_read_bytes: bytes read from storage, filled as each side's read ends: _read_done)
         ps, ds = pe.state, de.state
         ln = r.prompt + r.gen
         ps.seq += 1
@@ -627,6 +625,12 @@ class Simulator:
             self.net.start_flow(path, nbytes, self.now, _ReadDone(self, r, node, tokens), self.read_cap)
 
     def _read_done(self, r: Request, node: Node, tokens: int) -> None:
+        # Bytes read from storage (metrics.TurnRecord), as the runtime counts them: when the read is over. They were
+        # set at placement, so a run cut by max_time gave turns whose reads had not ended (or begun) their bytes.
+        if node is r.pe.node:
+            r.rec.pe_read_bytes = int(tokens * self.b)
+        else:
+            r.rec.de_read_bytes = int(tokens * self.b)
         node.reads_active -= 1
         node.state.read_queue_tokens -= tokens
         r.reads_left -= 1
