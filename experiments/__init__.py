@@ -169,6 +169,42 @@ def fresh_dir_or_exit(parent: str, name: str, what: str) -> str:
     raise SystemExit(f"bad {what} {parent!r}: {name!r} and 9,998 numbered variants of it already exist")
 
 
+def no_earlier_results_or_exit(directory: str, names: tuple[str, ...], what: str, overwrite: bool) -> None:
+    """SystemExit naming `what` (e.g. "--output_dir") when `directory` already holds an earlier run's result files
+    (any of `names`) and `overwrite` is not set: a second sweep (or a failed one, with its partial rows) into the
+    same --output_dir replaced a finished run's results. Checked before anything runs."""
+    import os
+
+    if overwrite:
+        return
+    held = [n for n in names if os.path.exists(os.path.join(directory, n))]
+    if held:
+        raise SystemExit(
+            f"bad {what} {directory!r}: it holds an earlier run's results ({', '.join(held)}); give another {what}, "
+            "or --overwrite to replace them"
+        )
+
+
+def register_distinct(name: str, key=str) -> None:
+    """A validator of the list flag `name`: an item given twice (as `key` sees it: `int` for numbers, a real path
+    for files) is a flag error naming it. It ran twice: duplicate rows, and a sweep plot averaged them as seeds."""
+    from absl import flags
+
+    def distinct(items) -> bool:
+        seen: dict = {}
+        for x in items:
+            try:
+                k = key(x)
+            except (TypeError, ValueError):  # not this flag's kind of item: its own validator says so
+                continue
+            if k in seen:
+                raise flags.ValidationError(f"--{name} names {seen[k]!r} twice" + (f" ({x!r})" if x != seen[k] else ""))
+            seen[k] = x
+        return True
+
+    flags.register_validator(name, distinct)
+
+
 def writable_file_or_exit(path: str, what: str) -> str:
     """`writable_dir_or_exit` for an output file (`--out`): its directory must take files; the file is written
     later, when there are results."""
@@ -187,7 +223,8 @@ def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str 
     """`fn` over `jobs` with a progress bar, in spawned worker processes when `workers` > 1: one (result, None)
     or (None, error line) per job, in the order of `jobs`. A job that raises, or whose worker process dies (e.g.
     killed for memory), is its error line and the others still report: a dead worker hung
-    `multiprocessing.Pool` forever and an exception lost every finished job's result."""
+    `multiprocessing.Pool` forever and an exception lost every finished job's result. Ctrl-C stops the jobs at
+    once, and the ones not finished are error lines too (it lost every finished job's result, hours of a sweep)."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import sys
@@ -196,6 +233,7 @@ def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str 
     from tqdm import tqdm
 
     out: list = [None] * len(jobs)
+    interrupted = (None, "interrupted (Ctrl-C) before this finished")
     with tqdm(total=len(jobs), desc=desc, file=sys.stderr) as bar:
         if workers <= 1:
             for i, job in enumerate(jobs):
@@ -203,6 +241,9 @@ def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str 
                     out[i] = (fn(job), None)
                 except Exception as e:  # noqa: BLE001 - reported with the job, after the others ran
                     out[i] = (None, f"{type(e).__name__}: {e}")
+                except KeyboardInterrupt:  # the finished jobs are kept; this one and the rest do not run
+                    out[i:] = [interrupted] * (len(jobs) - i)
+                    break
                 bar.update()
             return out
         pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
@@ -216,11 +257,13 @@ def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str 
                 except Exception as e:  # noqa: BLE001
                     out[futures[f]] = (None, f"{type(e).__name__}: {e}")
                 bar.update()
-        except BaseException:  # Ctrl-C: stop now, as Pool did (the executor would finish the running jobs first)
+        except BaseException as e:  # Ctrl-C: stop now, as Pool did (the executor would finish the running jobs first)
             for p in list((pool._processes or {}).values()):  # noqa: SLF001 - no public way before Python 3.14
                 p.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
-            raise
+            if not isinstance(e, KeyboardInterrupt):
+                raise
+            return [done or interrupted for done in out]  # the finished jobs are kept
         pool.shutdown()
     return out
 

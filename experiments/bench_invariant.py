@@ -18,6 +18,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import register_distinct
+
 _MODELS = flags.DEFINE_list(
     "models", ["tiny_qwen2", "tiny_deepseek", "dense", "moe"], "tiny names, or dense / moe (experiments.bench_prefill)"
 )
@@ -39,6 +41,7 @@ flags.register_validator(
     lambda v: bool(v) and _known_models(v),
     message="--models takes one or more of tiny_qwen2, tiny_llama, tiny_deepseek, tiny_deepseek_v2, dense, moe",
 )
+register_distinct("models")  # (a model given twice was benchmarked twice)
 
 
 def _config(name: str):

@@ -42,7 +42,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import writable_file_or_exit
+from experiments import register_distinct, writable_file_or_exit
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["store", "tcp", "small", "shaped", "overlap"], "sections to run")
@@ -76,6 +76,26 @@ for _name in ("tcp_sizes", "tcp_small_sizes", "tcp_batches", "shaped_rates_mb"):
     flags.register_validator(
         _name, lambda v: all(x.isdigit() and int(x) > 0 for x in v), message=f"--{_name} takes positive integers"
     )
+    register_distinct(_name, key=int)  # (a size given twice was measured twice: two rows of one size)
+flags.register_multi_flags_validator(  # (a batch larger than the count posted nothing: a rate of ~10^7/s)
+    ["tcp_batches", "tcp_small_count"],
+    lambda f: all(not x.isdigit() or int(x) <= f["tcp_small_count"] for x in f["tcp_batches"]),
+    message="--tcp_batches must each be <= --tcp_small_count (a write_many batch of more transfers than are timed)",
+)
+flags.register_multi_flags_validator(  # (both empty: a ValueError traceback from max() after the other sections)
+    ["tcp_sizes", "tcp_small_sizes"],
+    lambda f: bool(f["tcp_sizes"] or f["tcp_small_sizes"]),
+    message="--tcp_sizes and --tcp_small_sizes are both empty: the tcp section would have no size to measure",
+)
+flags.register_validator("shaped_rates_mb", bool, message="--shaped_rates_mb needs at least one rate")
+flags.register_multi_flags_validator(  # (under a byte: a traffic.Link ValueError traceback after the other sections)
+    ["shaped_rates_mb", "shaped_quantum_ms"],
+    lambda f: (
+        not math.isfinite(f["shaped_quantum_ms"])  # (its own validator says so)
+        or all(not x.isdigit() or int(int(x) * 1e6 * f["shaped_quantum_ms"] / 1e3) >= 1 for x in f["shaped_rates_mb"])
+    ),
+    message="--shaped_quantum_ms is under one byte of the slowest --shaped_rates_mb link; give a longer quantum",
+)
 MB = 1 << 20
 
 
@@ -237,6 +257,8 @@ def bench_tcp_small(me, peer, raw, src) -> list[dict]:
     for size in [int(s) for s in FLAGS.tcp_small_sizes]:
         cases = {"raw socket": lambda size=size: _timed(lambda: raw.round(src, size, count), raw.proc.pid)}
         cases["write"] = lambda size=size: _timed(lambda: _transport_round(me, size, count, window), peer.proc.pid)
+        # transfers per mode: a batch mode posts whole batches only (count // b of them)
+        moved = {"raw socket": count, "write": count} | {f"write_many x{b}": count // b * b for b in batches}
         for b in batches:
             cases[f"write_many x{b}"] = lambda size=size, b=b: _timed(
                 lambda: _transport_batch_round(me, size, count, b, max(2, window // b)), peer.proc.pid
@@ -250,19 +272,20 @@ def bench_tcp_small(me, peer, raw, src) -> list[dict]:
                 got = cases[name]()
                 if name not in best or got[0] < best[name][0]:
                     best[name] = got
-        raw_t = best["raw socket"][0]
+        raw_per_s = count / best["raw socket"][0]
         for name, (t, cpu, peer_cpu) in best.items():
+            n = moved[name]
             rows.append(
                 {
                     "section": "tcp_small",
                     "size": size,
                     "mode": name,
-                    "count": count,
-                    "per_s": count / t,
-                    "GBps": size * count / t / 1e9,
-                    "ratio": raw_t / t,
-                    "sender_cpu_us": cpu / count * 1e6,
-                    "receiver_cpu_us": peer_cpu / count * 1e6,
+                    "count": n,
+                    "per_s": n / t,
+                    "GBps": size * n / t / 1e9,
+                    "ratio": n / t / raw_per_s,
+                    "sender_cpu_us": cpu / n * 1e6,
+                    "receiver_cpu_us": peer_cpu / n * 1e6,
                 }
             )
     return rows
@@ -619,6 +642,7 @@ flags.register_validator(  # (an empty --sections= ran nothing and said nothing)
     lambda v: bool(v) and all(x in SECTIONS for x in v),
     message=f"--sections takes one or more of {', '.join(SECTIONS)}",
 )
+register_distinct("sections")  # (a section given twice ran twice)
 
 
 def main(argv: list[str]) -> None:
@@ -652,13 +676,23 @@ def main(argv: list[str]) -> None:
             )
         },
     )
-    rows = []
-    for name in FLAGS.sections:
-        rows += SECTIONS[name]()
-    if FLAGS.out:
+    rows, done = [], []
+
+    def write(what: str) -> None:
         with open(FLAGS.out, "w") as f:
             json.dump(rows, f, indent=1)
-        logging.info("wrote %s", FLAGS.out)
+        logging.info("wrote %s to %s", what, FLAGS.out)
+
+    try:
+        for name in FLAGS.sections:
+            rows += SECTIONS[name]()
+            done.append(name)
+    except BaseException:  # a section that raised, or Ctrl-C: the finished sections' rows are kept, then the error
+        if FLAGS.out and done:
+            write(f"the rows of {', '.join(done)} only (a later section failed)")
+        raise
+    if FLAGS.out:
+        write("all rows")
 
 
 if __name__ == "__main__":

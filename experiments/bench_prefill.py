@@ -16,12 +16,13 @@ on, a second run shows cache-load times instead.
 from __future__ import annotations
 
 import json
+import math
 import platform
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import writable_file_or_exit
+from experiments import register_distinct, writable_file_or_exit
 from models.prefill_bench import bench_configs, run_one
 
 _BATCH = flags.DEFINE_integer("batch", 4, "requests per prefill batch", lower_bound=1)
@@ -32,8 +33,12 @@ _MODELS = flags.DEFINE_list("models", ["dense", "moe"], "which tiny configs: den
 flags.register_validator(  # (an empty --models= printed an empty table)
     "models", lambda v: bool(v) and set(v) <= {"dense", "moe"}, message="--models takes one or more of dense, moe"
 )
+register_distinct("models")  # (--models=dense,dense benchmarked dense twice: two rows of one model)
 _MOE_DISPATCH = flags.DEFINE_enum("moe_dispatch", "dense", ["dense", "ragged"], "MoE expert dispatch")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for MFU (0: not reported)", lower_bound=0.0)
+flags.register_validator(  # (nan passed the lower bound and printed "MFU nan%"; inf printed "MFU 0.0%")
+    "peak_tflops", lambda v: 0 <= v < math.inf, message="--peak_tflops must be >= 0 and finite"
+)
 _NO_CACHE = flags.DEFINE_bool("no_persistent_cache", False, "disable JAX's persistent compilation cache")
 _OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: print only)")
 
@@ -57,20 +62,20 @@ def main(argv: Sequence[str]) -> None:
     )
     configs = bench_configs(_MOE_DISPATCH.value)
     results = []
-    for name in _MODELS.value:
-        if name not in configs:
-            raise app.UsageError(f"--models: unknown {name!r}; known: {sorted(configs)}")
-        logging.info("config %s: %s", name, configs[name])
-        results.append(
-            run_one(
-                name,
-                configs[name],
-                _BATCH.value,
-                _MISS.value,
-                _CACHED.value,
-                _REPEATS.value,
-            )
-        )
+
+    def write(what: str) -> None:
+        with open(_OUT.value, "w") as f:
+            json.dump(results, f, indent=1)
+        logging.info("wrote %s to %s", what, _OUT.value)
+
+    try:  # a model that fails (e.g. out of memory) keeps the finished models' results
+        for name in _MODELS.value:
+            logging.info("config %s: %s", name, configs[name])
+            results.append(run_one(name, configs[name], _BATCH.value, _MISS.value, _CACHED.value, _REPEATS.value))
+    except BaseException:
+        if _OUT.value and results:
+            write(f"the results of {', '.join(r['model'] for r in results)} only (a later model failed)")
+        raise
     print(
         f"\nprefill, device={jax.devices()[0].platform}, batch={_BATCH.value}, miss={_MISS.value}, cached={_CACHED.value}"
     )
@@ -88,8 +93,7 @@ def main(argv: Sequence[str]) -> None:
             f"{r['max_abs_logit_diff']:.1e} |"
         )
     if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(results, f, indent=1)
+        write("all results")
 
 
 if __name__ == "__main__":

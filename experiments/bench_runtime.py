@@ -335,10 +335,15 @@ def main(argv):
             for k, v in per_turn["breakdown_ms"].items():
                 print(f"    {v:7.1f} ms  {k}")
             out["overhead_per_turn"] = per_turn
-    except RunFailed as e:  # a run that failed (its timeout, no live engine left): what finished is kept
-        failed = out["failed"] = f"run failed: {e}"
+    except (RunFailed, KeyboardInterrupt) as e:  # a run that failed (its timeout, no live engine left), Ctrl-C
+        failed = out["failed"] = f"run failed: {e}" if isinstance(e, RunFailed) else "interrupted"
         if "measured" not in out:
             raise SystemExit(failed) from None
+    except Exception as e:  # any other error (a bug, a full disk): its traceback, and what was measured kept
+        if "measured" not in out:
+            raise
+        logging.exception("the benchmark failed")
+        failed = out["failed"] = f"failed: {type(e).__name__}: {e}"
     finally:
         if session is not None:
             session.close()

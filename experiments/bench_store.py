@@ -52,7 +52,7 @@ import numpy as np
 from dualpath_jax.block_keys import keys_from_hash_ids, root_key
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import LocalDirStore, block_file, local_dir
-from experiments import writable_dir_or_exit, writable_file_or_exit
+from experiments import register_distinct, writable_dir_or_exit, writable_file_or_exit
 
 # DeepSeek-V3 MLA cache in FP8 (PAPER.md: ~656 B/token/layer, 61 layers): 2.4 MiB Full Blocks, 41 KiB Layer
 # Blocks. Qwen2.5-32B fp16 (64 layers x 8 kv heads x 128 x 2 x 2 B = 4 KiB/token/layer): 16 MiB Full Blocks.
@@ -721,14 +721,29 @@ def main(argv: Sequence[str]) -> None:
             for k in ("layouts", "root", "total_mb", "repeats", "threads", "cold_blocks", "compare_tree")
         },
     )
-    rows = run_store_bench(
-        FLAGS.layouts, FLAGS.root, FLAGS.total_mb, FLAGS.repeats, FLAGS.threads, FLAGS.cold_blocks, FLAGS.compare_tree
-    )
-    print(format_rows(rows))
-    if FLAGS.out:
+    rows: list[dict] = []
+
+    def write(what: str) -> None:
         with open(FLAGS.out, "w") as f:
             json.dump(rows, f, indent=1)
-        logging.info("wrote %s", FLAGS.out)
+        logging.info("wrote %s to %s", what, FLAGS.out)
+
+    done = []
+    try:  # layout by layout: one that fails (e.g. the disk fills) keeps the finished layouts' rows
+        for name in FLAGS.layouts:
+            rows += run_store_bench(
+                [name], FLAGS.root, FLAGS.total_mb, FLAGS.repeats, FLAGS.threads, FLAGS.cold_blocks, FLAGS.compare_tree
+            )
+            done.append(name)
+    except BaseException:
+        if done:
+            print(format_rows(rows))
+            if FLAGS.out:
+                write(f"the rows of {', '.join(done)} only (a later layout failed)")
+        raise
+    print(format_rows(rows))
+    if FLAGS.out:
+        write("all rows")
 
 
 if __name__ == "__main__":
@@ -738,6 +753,7 @@ if __name__ == "__main__":
     flags.register_validator(
         "layouts", lambda v: bool(v) and set(v) <= set(LAYOUTS), message=f"--layouts takes names of {sorted(LAYOUTS)}"
     )
+    register_distinct("layouts")  # (a layout given twice was benchmarked twice)
     flags.DEFINE_string("root", None, "directory for the store (a temp dir by default; a mount point to test it)")
     flags.DEFINE_integer("total_mb", 256, "MB of blocks per layout", lower_bound=1)
     flags.DEFINE_integer("repeats", 3, "interleaved repeats; the best of each is reported", lower_bound=1)

@@ -28,7 +28,7 @@ _TURNS = flags.DEFINE_integer("turns", 4, "turns per conversation", lower_bound=
 _APPEND = flags.DEFINE_integer("append_tokens", 48, "tokens appended per turn", lower_bound=1)
 _GEN = flags.DEFINE_integer("gen_tokens", 16, "tokens generated per turn", lower_bound=1)
 _BLOCK = flags.DEFINE_integer("block_size", 16, "tokens per KV block", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "weights and token seed")
+_SEED = flags.DEFINE_integer("seed", 0, "weights and token seed", lower_bound=0)  # (-1: a numpy traceback)
 _WARMUP = flags.DEFINE_bool("warmup", True, "run one unmeasured conversation first (compiles all buckets)")
 _CHECK = flags.DEFINE_bool("check", True, "compare each turn with a full prefill of the whole prompt")
 _NO_CACHE = flags.DEFINE_bool("no_persistent_cache", False, "disable JAX's persistent compilation cache")

@@ -17,7 +17,8 @@ flags.DEFINE_float("s", 1.0, "SNIC bandwidth per node as a multiple of one CNIC'
 flags.DEFINE_float("B_GBps", 50.0, "CNIC bandwidth per GPU, GB/s (400 Gbps = 50)")
 flags.DEFINE_float("M_GBps", 500.0, "host memory bandwidth per node, GB/s")
 for _name in ("s", "B_GBps", "M_GBps"):  # (inf passed `> 0` and ended in an OverflowError traceback; NaN failed it)
-    flags.register_validator(_name, lambda v: 0 < v < math.inf, message=f"--{_name} must be > 0 and finite")
+    # in bytes/s too: --M_GBps=1e300 is inf bytes/s (a ValueError traceback)
+    flags.register_validator(_name, lambda v: 0 < v * 1e9 < math.inf, message=f"--{_name} must be > 0 and finite")
 flags.register_multi_flags_validator(
     ["g", "s"], lambda f: 2 * f["s"] <= f["g"], message="--s must be <= g/2 (the PE-CNIC read constraint 2s/g <= 1)"
 )

@@ -9,7 +9,8 @@ With --table the report ends with the calibration's loss: the root mean square o
 column and over all cells run (configs/sim_base.py CALIBRATED was fitted on it).
 
 Writes <output_dir>/report.md and report.json: each metric with the paper's value (PAPER.md), the
-simulator's, and sim/paper.
+simulator's, and sim/paper. An --output_dir that holds an earlier report.md / report.json is refused unless
+--overwrite.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import pyplot_or_none, run_jobs, writable_dir_or_exit
+from experiments import no_earlier_results_or_exit, pyplot_or_none, run_jobs, writable_dir_or_exit
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1)
@@ -38,6 +39,9 @@ _ONLINE_WARMUP = flags.DEFINE_float("online_warmup_s", 2400.0, "Turns arriving b
 _ONLINE_ITERS = flags.DEFINE_integer("online_iters", 3, "Bisection steps of each capacity search.", lower_bound=0)
 _TABLE = flags.DEFINE_list("table", [], "Agent counts of the DS 660B calibration table to run (all datasets).")
 _PLOT = flags.DEFINE_bool("plot", True, "Write report.png (matplotlib): the headline figures beside the paper's.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an earlier report.md / report.json in --output_dir (else: refused)."
+)
 _SEEDS = flags.DEFINE_list(
     "seeds",
     ["0"],
@@ -107,8 +111,9 @@ flags.register_validator(
 )
 flags.register_multi_flags_validator(
     ["online_duration_s", "online_warmup_s"],
-    lambda f: f["online_duration_s"] > 0 and 0 <= f["online_warmup_s"] < f["online_duration_s"],
-    message="--online_duration_s must be > 0 and --online_warmup_s in [0, online_duration_s)",
+    # (inf passed, and every capacity probe failed on the simulator's "must be finite" after all the offline runs)
+    lambda f: 0 < f["online_duration_s"] < math.inf and 0 <= f["online_warmup_s"] < f["online_duration_s"],
+    message="--online_duration_s must be > 0 and finite and --online_warmup_s in [0, online_duration_s)",
 )
 
 DS660B = "configs/paper_ds660b.py"
@@ -257,6 +262,8 @@ def main(argv: Sequence[str]) -> None:
         },
     )
     writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the runs, not after
+    # an earlier report is kept (a failed run wrote its partial report.json over it)
+    no_earlier_results_or_exit(_OUTPUT_DIR.value, ("report.md", "report.json"), "--output_dir", _OVERWRITE.value)
     seeds = list(dict.fromkeys(int(x) for x in _SEEDS.value))  # --seeds=0,00: one seed
     bases = {sd: f"dataset={_DATASET.value},agents={_AGENTS.value},seed={sd}" for sd in seeds}
     modes = ["basic", "layerwise", "dualpath_rr", "dualpath", "oracle"]
@@ -340,7 +347,7 @@ def main(argv: Sequence[str]) -> None:
         ),
         _row("storage-NIC max/avg, scheduler", PAPER["snic_max_over_avg_dualpath"], [n["dualpath"] for n in snic]),
     ]
-    if appends:
+    if _APPENDS.value:  # (--appends=1, the headline run itself: its row, not no table)
         lo, hi = PAPER["append_speedup_range"]
         lines += [
             "",

@@ -195,6 +195,11 @@ def main(argv):
         failed = f"run failed: {e}" if isinstance(e, RunFailed) else "interrupted"
         if not results:  # one line, not a traceback
             raise SystemExit(failed) from None
+    except Exception as e:  # any other error (a bug, a full disk): its traceback, and the finished policies kept
+        if not results:
+            raise
+        logging.exception("a run failed")
+        failed = f"run failed: {type(e).__name__}: {e}"
     finally:
         if session is not None:
             session.close()

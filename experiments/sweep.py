@@ -7,7 +7,8 @@
 
 Each cell is `<setup>:<mode>,<load>` (configs/sim_base.py variant syntax). Writes sweep.csv, sweep.json and
 sweep.png (per setup: JCT, TTFT, storage-NIC max/avg and, online, SLO attainment over the loads, a line per
-mode) under --output_dir (default results/sweep) and prints the table.
+mode) under --output_dir (default results/sweep) and prints the table. A directory that holds an earlier sweep's
+sweep.csv / sweep.json is refused unless --overwrite (its results are not replaced).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import pyplot_or_none, run_jobs, writable_dir_or_exit
+from experiments import (
+    no_earlier_results_or_exit,
+    pyplot_or_none,
+    register_distinct,
+    run_jobs,
+    writable_dir_or_exit,
+)
 
 _SETUPS = flags.DEFINE_list("setups", ["configs/sim_tiny.py"], "Config files (configs/paper_*.py).")
 _MODES = flags.DEFINE_list("modes", ["basic", "dualpath"], "Modes or registered policy names.")
@@ -39,7 +46,14 @@ flags.register_validator(
 )
 for _name in ("setups", "modes", "loads"):  # an empty list made an empty grid (a traceback from the progress bar)
     flags.register_validator(_name, bool, message=f"--{_name} needs at least one item")
+# (an item given twice ran its cells twice: duplicate rows, drawn as two seeds of one cell)
+register_distinct("setups", key=os.path.realpath)
+register_distinct("modes")
+register_distinct("loads")
 _PLOT = flags.DEFINE_bool("plot", True, "Write sweep.png (matplotlib): each setup's JCT and metrics over the loads.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an earlier sweep's sweep.csv / sweep.json in --output_dir (else: refused)."
+)
 
 COLUMNS = [
     "setup",
@@ -190,6 +204,8 @@ def main(argv: Sequence[str]) -> None:
         except (ValueError, KeyError) as e:
             raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {e.args[0] if e.args else e}") from None
     writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the grid runs, not after
+    # an earlier sweep's results are kept (a failed sweep wrote its partial rows over them)
+    no_earlier_results_or_exit(_OUTPUT_DIR.value, ("sweep.csv", "sweep.json"), "--output_dir", _OVERWRITE.value)
     rows = run_grid(cells, _WORKERS.value)
     failed = [(c, r["error"]) for c, r in zip(cells, rows, strict=True) if "error" in r]
     with open(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), "w", newline="") as f:
