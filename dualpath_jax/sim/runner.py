@@ -94,7 +94,8 @@ def make_trajectories(cfg: SimConfig):
             raise SimConfigError(
                 f"config.workload: online needs aps > 0 and duration_s > 0, got {w.aps}, {w.duration_s}"
             )
-        model = arrivals.make_arrivals("online", aps=w.aps, seed=cfg.seed)
+        # aps * duration_s agents, arriving in [0, duration_s) (WorkloadConfig.duration_s)
+        model = arrivals.make_arrivals("online", aps=w.aps, seed=cfg.seed, duration_s=w.duration_s)
         n = max(1, int(round(w.aps * w.duration_s)))
         trajs = synthetic.make_agents(w.dataset, n, seed=cfg.seed, append_scale=w.append_scale)
     elif w.kind == "trace":

@@ -62,22 +62,34 @@ class OfflineArrivals(ArrivalModel):
 
 @ARRIVALS.register("online")
 class OnlineArrivals(ArrivalModel):
-    """Poisson agent arrivals at `aps` agents/s, seeded; the first agent arrives after one gap."""
+    """Poisson agent arrivals at `aps` agents/s, seeded; the first agent arrives after one gap.
+
+    With `duration_s` (the simulator's probes: `aps * duration_s` agents) the agents arrive as a Poisson process on
+    the window [0, duration_s) given its count: that many uniform times, sorted. (Without it the n-th agent arrives
+    after n exponential gaps, a time that strays around the window's end: a probe's last agents came after its
+    clock stopped, or its judged window ended early with no new agent for minutes.)"""
 
     name = "online"
 
-    def __init__(self, aps: float, seed: int = 0, use_gaps: bool = True):
+    def __init__(self, aps: float, seed: int = 0, use_gaps: bool = True, duration_s: float | None = None):
         # (a str aps or a None seed failed in a comparison naming neither; aps=inf started every agent at t=0)
         if isinstance(aps, bool) or not isinstance(aps, numbers.Real) or not 0 < aps < math.inf:
             raise ValueError(f"online arrivals need a finite aps > 0 agents/s, got {aps!r}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:  # numpy's error names none
             raise ValueError(f"online arrivals need an int seed >= 0, got {seed!r}")
+        if duration_s is not None and (
+            isinstance(duration_s, bool) or not isinstance(duration_s, numbers.Real) or not 0 < duration_s < math.inf
+        ):
+            raise ValueError(f"online arrivals need a finite duration_s > 0 s (or None), got {duration_s!r}")
         self.aps = float(aps)
         self.seed = seed
         self.use_gaps = use_gaps
+        self.duration_s = None if duration_s is None else float(duration_s)
 
     def agent_arrivals(self, trajectories: Sequence[Trajectory]) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
+        if self.duration_s is not None:
+            return np.sort(rng.uniform(0.0, self.duration_s, len(trajectories)))
         return np.cumsum(rng.exponential(1.0 / self.aps, len(trajectories)))
 
     def turn_ready(self, trajectory: Trajectory, i: int, prev_finish: float) -> float:
