@@ -10,6 +10,10 @@ what an endpoint posts to one peer in one class (writes, `write_many` batches, r
 high class) goes into that (peer, class)'s *lane*, a FIFO whose tasks run one at a time, in posting order, on
 the class's pool. Lanes to different peers and of different classes run concurrently on the pool's workers; a
 busy lane gives its worker back every LANE_BATCH tasks so it does not starve the other lanes of its class.
+
+`close` (as tcp's): no byte moves into or out of the endpoint's regions once it returned (it waits for the copies
+running, at most CLOSE_WAIT_S), and it disconnects both ways (its peers no longer list it; an endpoint started later
+under its name must be connected again).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import logging
+import operator
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +50,21 @@ from transport.base import (
 PACE_CHUNK = 1 << 20
 # Tasks a lane runs in a row before it lets the other lanes of its class have the worker.
 LANE_BATCH = 64
+# `close` waits at most this long for copies into or out of the endpoint's regions (a pacer slow to grant a chunk).
+CLOSE_WAIT_S = 5.0
+
+log = logging.getLogger(__name__)
+
+
+def _remote_offset(offset: Any) -> Any:
+    """A remote offset as an int where it is an integer (numpy integers are fine, as on tcp); anything else (a bool,
+    a float) is left for `MemoryRegion.check` to refuse."""
+    if type(offset) is int or type(offset) is bool:
+        return offset
+    try:
+        return operator.index(offset)
+    except TypeError:
+        return offset
 
 
 class _Lane:
@@ -107,6 +128,10 @@ class InProcTransport(Transport):
         self._lanes: dict[tuple[str, str], _Lane] = {}  # (peer, class) -> its lane, made on first use
         self._peers: set[str] = set()
         self._pending: set[Future] = set()
+        # Copies running into or out of this endpoint's regions (any endpoint's lanes): `close` waits for them, so no
+        # byte moves in or out of its regions once it returned (as a closed TCP endpoint's joined readers).
+        self._copying = 0
+        self._copies_done = threading.Condition()
         self.fabric.attach(self)
 
     @property
@@ -124,6 +149,10 @@ class InProcTransport(Transport):
             self._peers.add(peer)
         with ep._lock:
             ep._peers.add(self.name)
+        if ep.closed:  # it closed meanwhile (its `_shutdown` may have looked before we were added): not connected
+            with self._lock:
+                self._peers.discard(peer)
+            raise PeerLostError(f"{self.name}: in-process endpoint {peer!r} closed while connecting")
 
     def peers(self) -> list[str]:
         with self._lock:
@@ -134,7 +163,7 @@ class InProcTransport(Transport):
             known = peer in self._peers
         ep = self.fabric.lookup(peer) if known else None
         if not known:
-            raise PeerLostError(f"{self.name}: not connected to {peer!r}; call connect() first")
+            raise PeerLostError(f"{self.name}: not connected to {peer!r} (connect first, or it closed)")
         if ep is None or ep.closed:
             raise PeerLostError(f"{self.name}: peer {peer!r} is gone")
         return ep
@@ -154,6 +183,28 @@ class InProcTransport(Transport):
                 raise PeerLostError(f"peer {ep.name!r} closed during the transfer")
             np.copyto(d[pos : pos + step], s[pos : pos + step])
             pos += step
+
+    @contextlib.contextmanager
+    def _moving(self, ep: InProcTransport, what: str):
+        """Count a copy between this endpoint and `ep` on both (their `close` waits for it); `TransportClosedError` /
+        `PeerLostError` instead if either is closed already."""
+        entered: list[InProcTransport] = []
+        try:
+            for e in (self,) if ep is self else (self, ep):
+                with e._copies_done:
+                    if e._closed:
+                        if e is self:
+                            raise TransportClosedError(f"endpoint {self.name!r} closed before the {what} ran")
+                        raise PeerLostError(f"peer {ep.name!r} closed before the {what} ran")
+                    e._copying += 1
+                entered.append(e)
+            yield
+        finally:
+            for e in entered:
+                with e._copies_done:
+                    e._copying -= 1
+                    if not e._copying:
+                        e._copies_done.notify_all()
 
     def _submit(self, peer: str, priority: str, fn) -> Future:
         """Queue `fn` on the (peer, priority) lane; its future resolves to what `fn` returns (or fails with what
@@ -220,6 +271,7 @@ class InProcTransport(Transport):
         src = self.region(local_region)
         src.check(local_offset, length, f"write from {self.name}:{local_region}")
         dst = ep.region(remote_region)
+        remote_offset = _remote_offset(remote_offset)
         dst.check(remote_offset, length, f"write to {peer}:{remote_region}")
         copies = [(src, local_offset, dst, remote_offset, length)]
         return self._submit(peer, priority, self._landing(peer, ep, copies, priority, tag, remote_region))
@@ -232,12 +284,11 @@ class InProcTransport(Transport):
         _, _, _, last_offset, last_n = copies[-1]
 
         def run() -> int:
-            if ep.closed:
-                raise PeerLostError(f"peer {peer!r} closed before the write ran")
-            for src, so, dst, do, n in copies:
-                self._copy(src, so, dst, do, n, priority, ep)
-            if tag is not None:
-                ep.completions.put(Notification(self.name, tag, region, last_offset, last_n))
+            with self._moving(ep, "write"):
+                for src, so, dst, do, n in copies:
+                    self._copy(src, so, dst, do, n, priority, ep)
+                if tag is not None:
+                    ep.completions.put(Notification(self.name, tag, region, last_offset, last_n))
             return total
 
         return run
@@ -258,11 +309,11 @@ class InProcTransport(Transport):
             return completed_future(0)
         tag = check_notify(notify)
         ep = self._peer(peer)
-        copies = [(self.region(lr), lo, ep.region(rr), ro, n) for lr, lo, n, rr, ro in batch]
+        copies = [(self.region(lr), lo, ep.region(rr), _remote_offset(ro), n) for lr, lo, n, rr, ro in batch]
         return self._submit(peer, priority, self._landing(peer, ep, copies, priority, tag, batch[-1][3]))
 
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
-        self._peer(peer).region(region).check(offset, length, f"write to {peer}:{region}")
+        self._peer(peer).region(region).check(_remote_offset(offset), length, f"write to {peer}:{region}")
 
     def read(
         self,
@@ -280,12 +331,12 @@ class InProcTransport(Transport):
         dst = self.region(local_region)
         dst.check(local_offset, length, f"read into {self.name}:{local_region}")
         src = ep.region(remote_region)
+        remote_offset = _remote_offset(remote_offset)
         src.check(remote_offset, length, f"read from {peer}:{remote_region}")
 
         def run() -> int:
-            if ep.closed:
-                raise PeerLostError(f"peer {peer!r} closed before the read ran")
-            self._copy(src, remote_offset, dst, local_offset, length, priority, ep)
+            with self._moving(ep, "read"):
+                self._copy(src, remote_offset, dst, local_offset, length, priority, ep)
             return length
 
         return self._submit(peer, priority, run)
@@ -311,9 +362,22 @@ class InProcTransport(Transport):
 
     def _shutdown(self) -> None:
         self.fabric.detach(self)
+        # Disconnect both ways, as a closed TCP set is: peers no longer list this endpoint (and it lists none), and an
+        # endpoint started later under this name must be connected again. (Closed peers used to stay in `peers()`, and
+        # a peer's writes went to a restarted endpoint that had never connected.)
+        with self._lock:
+            peers, self._peers = self._peers, set()
+        for name in peers:
+            ep = self.fabric.lookup(name)
+            if ep is not None:
+                with ep._lock:
+                    ep._peers.discard(self.name)
         for pool in self._pools.values():
             # Queued transfers are cancelled (their futures report CancelledError); running copies finish.
             pool.shutdown(wait=False, cancel_futures=True)
+        with self._copies_done:  # (a paced copy stops at its next chunk, once its pacer granted the one it waits for)
+            if not self._copies_done.wait_for(lambda: not self._copying, CLOSE_WAIT_S):
+                log.error("%s: %d copies still running %s s after close", self.name, self._copying, CLOSE_WAIT_S)
         with self._lock:
             pending, self._pending = list(self._pending), set()
         for fut in pending:

@@ -31,15 +31,24 @@ def pattern(nbytes: int, seed: int) -> np.ndarray:
 def _serve(config: dict, regions: dict[str, int], conn: Any) -> None:
     from transport.base import make_transport
 
-    ep = make_transport(config)
-    bufs = {name: np.zeros(n, np.uint8) for name, n in regions.items()}
-    for name, buf in bufs.items():
-        ep.register(name, buf)
-    conn.send(ep.address)
-    # the parent tells us whom to connect to (or nothing: it connects to us)
-    target = conn.recv()
-    if target is not None:
-        ep.connect(target[0], tuple(target[1]) if isinstance(target[1], list) else target[1])
+    try:
+        ep = make_transport(config)
+    except BaseException as e:  # the parent raises it at once (it waited out its whole timeout)
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+        raise
+    try:
+        bufs = {name: np.zeros(n, np.uint8) for name, n in regions.items()}
+        for name, buf in bufs.items():
+            ep.register(name, buf)
+        conn.send(ep.address)
+        # the parent tells us whom to connect to (or nothing: it connects to us)
+        target = conn.recv()
+        if target is not None:
+            ep.connect(target[0], tuple(target[1]) if isinstance(target[1], list) else target[1])
+    except BaseException as e:
+        ep.close()
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+        raise
     conn.send("ready")
     try:
         while True:
@@ -93,9 +102,8 @@ class PeerProcess:
     def start(self, connect_to: tuple[str, Any] | None = None, timeout: float = 30.0) -> None:
         """Tell the peer to connect to `(name, address)` (or wait for us to connect) and wait until ready."""
         self.conn.send(connect_to)
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"peer {self.name} not ready within {timeout} s")
-        assert self.conn.recv() == "ready"
+        if _answer(self.proc, self.conn, timeout, f"peer {self.name} not ready") != "ready":
+            raise RuntimeError(f"peer {self.name}: unexpected answer to start")
 
     @staticmethod
     def call(ep: Any, peer: str, msg: dict, timeout: float = 60.0) -> dict:
@@ -117,14 +125,30 @@ class PeerProcess:
             self.kill()
 
 
+def _answer(proc: mp.Process, conn: Any, timeout: float, what: str) -> Any:
+    """The peer's next answer on the pipe: RuntimeError with its error if it failed (it used to be a TimeoutError
+    after the whole timeout, the cause only on the child's stderr), TimeoutError if none came in time."""
+    try:
+        if not conn.poll(timeout):
+            proc.kill()
+            raise TimeoutError(f"{what} within {timeout} s")
+        answer = conn.recv()
+    except EOFError:  # it exited without a word (killed, or failed before it could answer)
+        proc.join(5)
+        raise RuntimeError(f"{what}: the peer process exited (code {proc.exitcode})") from None
+    if isinstance(answer, dict) and "error" in answer:
+        proc.join(5)
+        raise RuntimeError(f"{what}: {answer['error']}")
+    return answer
+
+
 def spawn_peer(config: dict, regions: dict[str, int], timeout: float = 60.0) -> PeerProcess:
-    """Start a peer process; returns once it listens (its `address` is known)."""
+    """Start a peer process; returns once it listens (its `address` is known). A peer that fails to start (a bad
+    config, a region it cannot allocate) raises RuntimeError with its error at once."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_serve, args=(dict(config), dict(regions), child), daemon=True)
     proc.start()
-    if not parent.poll(timeout):
-        proc.kill()
-        raise TimeoutError(f"peer process {config.get('name')} did not start within {timeout} s")
-    address = parent.recv()
+    child.close()  # (the child has its own: its exit is then an EOF here)
+    address = _answer(proc, parent, timeout, f"peer process {config.get('name')} did not start")
     return PeerProcess(proc, parent, address, config["name"])

@@ -36,7 +36,8 @@ through that frame and until the next one lands instead of sending them when its
 already on its way). A lone write, or the last of a burst, is acknowledged as soon as the socket drains.
 
 Protocol version 4 (2 added batched acknowledgements, 3 write batches, 4 FLAG_MORE); peers of another version
-are refused.
+are refused. The handshake (HELLO / HELLO_ACK, JSON) also tells each side the other's `max_message_bytes`: a `send`
+larger than the peer's raises `TransportError` at once instead of making the peer close the set.
 
 Everything a peer sends is validated (magic, version, header checksum, op, region id, bounds against the
 registered region's size, message size limits); a bad frame closes *that* connection set with a logged
@@ -198,6 +199,14 @@ def unpack_header(data: bytes) -> tuple[int, int, int, int, int, int, int]:
     return fields[2:9]
 
 
+def _ip_version(host: str) -> int | None:
+    """4 or 6 for an IP address literal, None for a host name."""
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
+
+
 def is_loopback(host: str) -> bool:
     if host in ("localhost", ""):
         return host == "localhost"
@@ -342,6 +351,14 @@ def _recv_exact(sock: socket.socket, n: int, on_progress=None, deadline: float |
     buf = bytearray(n)
     _recv_exact_into(sock, memoryview(buf), on_progress, deadline)
     return bytes(buf)
+
+
+def _peer_limit(hello: dict, peer: str) -> int | None:
+    """The peer's max_message_bytes from its HELLO / HELLO_ACK (None if it did not say: hand-driven test peers)."""
+    limit = hello.get("max_message_bytes")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise ProtocolError(f"{peer!r} sent max_message_bytes={limit!r} in its handshake")
+    return limit
 
 
 def _proof(secret: bytes, role: bytes, nonce_a: bytes, nonce_b: bytes, name_a: str, name_b: str) -> str:
@@ -715,6 +732,8 @@ class _Conn:
                 with self.cv:
                     self.busy = False
                 err = e if isinstance(e, TransportError) else PeerLostError(f"send to {self.peer.name!r} failed: {e}")
+                if isinstance(self.peer.dead, TransportError):  # cut by the set's loss or our `close`: its error
+                    err = self.peer.dead
                 for _, _, fut, _ in batch:
                     if fut is not None and not fut.done():
                         fut.set_exception(err)
@@ -730,9 +749,8 @@ class _Conn:
             self.stopped = True
             leftovers = list(self.jobs)
             self.jobs.clear()
-        for job in leftovers:
-            if job[2] is not None and not job[2].done():
-                job[2].set_exception(PeerLostError(f"connection to {self.peer.name!r} closed"))
+        for job in leftovers:  # (with the set's error: TransportClosedError after our own `close`, as transfers get)
+            self._refuse(job[2])
 
     def _flag_more(self, header: bytes) -> bytes:
         """`header` with FLAG_MORE set if it is a write frame and more frames are queued behind it (only this
@@ -877,9 +895,20 @@ class _Conn:
                     if length > owner.max_message_bytes:
                         raise ProtocolError(f"message of {length} bytes exceeds the {owner.max_message_bytes} limit")
                     payload = rx.read(length)
-                    if acks and owner.on_message is not None:
-                        send_acks()  # a hook may take its time; landed writes must not wait for it
-                    if owner.on_message is None or not owner.on_message(peer.name, payload):
+                    hook = owner.on_message
+                    if hook is not None:
+                        if acks:
+                            send_acks()  # a hook may take its time; landed writes must not wait for it
+                        try:
+                            handled = hook(peer.name, payload)
+                        except Exception:  # the application's bug, not the peer's: the set stays up
+                            log.exception(
+                                "%s: on_message hook failed on a message from %r; queued for recv",
+                                owner.name,
+                                peer.name,
+                            )
+                            handled = False
+                    if hook is None or not handled:
                         owner.messages.put(peer.name, payload)
                 elif op == OP_REGION_QUERY:
                     if length > REGION_NAME_MAX:
@@ -935,6 +964,9 @@ class _Peer:
         self.lock = threading.Lock()
         self.dead: BaseException | None = None
         self.last_activity = time.monotonic()
+        self.max_message: int | None = None  # the peer's max_message_bytes (from the handshake; None: not told)
+        self.address: tuple | None = None  # (host, port) our `connect` used; None for a set the peer opened
+        self.sockaddr: tuple | None = None  # the peer's socket address on that set (host, port)
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -990,7 +1022,8 @@ class TcpTransport(Transport):
         non-loopback address, optional on loopback. A client with a secret refuses servers without one.
       pacer: optional `Pacer` that paces outgoing payload bytes (emulated NIC caps).
       timeout_s: a peer with pending transfers and no progress for this long is declared dead.
-      max_message_bytes: control messages larger than this close the connection.
+      max_message_bytes: the largest control message this endpoint accepts (a larger one closes the connection set).
+        The handshake tells peers; their `send` of a larger message raises `TransportError` at once.
     """
 
     backend = "tcp"
@@ -1028,14 +1061,17 @@ class TcpTransport(Transport):
         self.max_message_bytes = int(max_message_bytes)
         self._req_ids = itertools.count(1)
         # Optional hook `(peer, payload) -> handled` run by a reader thread on each control message (the RDMA
-        # backend uses this endpoint as its control channel); unhandled messages go to `recv`.
+        # backend uses this endpoint as its control channel); unhandled messages go to `recv`, and so does the message
+        # of a hook that raises (logged with its traceback; the set stays up: it is not the peer's fault).
         self.on_message: Callable[[str, bytes], bool] | None = None
         self.on_peer_lost: Callable[[str, BaseException], None] | None = None  # called once per lost set
         self._peers: dict[str, list[_Peer]] = {}
         self._live: dict[str, _Peer] = {}  # name -> a live connection set (read without the lock)
         self._handshakes = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
         self._half_open: dict[tuple[str, str], tuple[float, dict[str, socket.socket]]] = {}
-        self._listener = socket.create_server((host, port), backlog=128)
+        # (an IPv6 address needs an AF_INET6 listener: create_server's default AF_INET refused "::1" at once)
+        family = socket.AF_INET6 if _ip_version(host) == 6 else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=128)
         self._address = self._listener.getsockname()[:2]
         self._stopping = threading.Event()  # set by `close`: wakes the watchdog at once
         self._handshaking: dict[threading.Thread, socket.socket] = {}  # server handshakes in progress (`_lock`)
@@ -1053,11 +1089,18 @@ class TcpTransport(Transport):
 
     # ---- connection setup -------------------------------------------------------------------------------
     def connect(self, peer: str, address: Any, timeout: float = 10.0) -> None:
+        """Open the connection set to `peer` at `address` = (host, port). Nothing to do if a live set to `peer`
+        exists already: one the peer opened, or one this endpoint opened to the same address (the same socket
+        address once resolved). A live set this endpoint opened to *another* address raises `TransportError`
+        naming both (it was silently kept and the new address ignored): the old set stays until the peer closes it
+        or its pending transfers time out."""
         self._check_open()
-        if self._live_peer(peer) is not None:
-            return
         if not isinstance(address, (tuple, list)) or len(address) != 2:
             raise TypeError(f"{self.name}: the address of {peer!r} must be (host, port), got {address!r}")
+        live = self._live_peer(peer)
+        if live is not None:
+            self._check_same_address(live, tuple(address))
+            return
         if timeout is not None and not 0 < timeout < float("inf"):  # (inf: OverflowError from the socket; NaN, <= 0)
             raise ValueError(f"{self.name}: connect timeout must be > 0 seconds and finite (or None), got {timeout}")
         host, port = address
@@ -1067,16 +1110,36 @@ class TcpTransport(Transport):
             for stream in STREAMS:
                 sock = socket.create_connection((host, port), timeout=timeout)
                 socks[stream] = sock
-                self._client_handshake(sock, peer, session, stream, timeout)
+                limit = self._client_handshake(sock, peer, session, stream, timeout)
+            sockaddr = socks["high"].getpeername()[:2]
         except BaseException as e:
             for s in socks.values():
                 s.close()
             if isinstance(e, TransportError):
                 raise
             raise PeerLostError(f"{self.name}: cannot connect to {peer!r} at {host}:{port}: {e}") from e
-        self._add_peer(peer, socks)
+        self._add_peer(peer, socks, limit, (host, port), sockaddr)
 
-    def _client_handshake(self, sock: socket.socket, peer: str, session: str, stream: str, timeout: float) -> None:
+    def _check_same_address(self, p: _Peer, address: tuple) -> None:
+        """Raise `TransportError` if the live set `p` was opened by our `connect` to an address other than
+        `address` (compared as given, then as resolved socket addresses)."""
+        if p.address is None or p.address == address:
+            return
+        try:
+            resolved = {ai[4][:2] for ai in socket.getaddrinfo(*address, type=socket.SOCK_STREAM)}
+        except (OSError, TypeError, ValueError, UnicodeError):
+            resolved = set()
+        if p.sockaddr in resolved:
+            return
+        raise TransportError(
+            f"{self.name}: {p.name!r} is connected at {p.address[0]}:{p.address[1]}, not {address[0]}:{address[1]}; "
+            "the live connection set stays until the peer closes it or its transfers time out"
+        )
+
+    def _client_handshake(
+        self, sock: socket.socket, peer: str, session: str, stream: str, timeout: float
+    ) -> int | None:
+        """Run the client side of one connection's handshake; returns the server's max_message_bytes."""
         sock.settimeout(timeout)
         end = None if timeout is None else time.monotonic() + timeout  # for the whole handshake, not each recv
         nonce = os.urandom(32)
@@ -1088,6 +1151,7 @@ class TcpTransport(Transport):
                 "stream": stream,
                 "nonce": nonce.hex(),
                 "auth": self.secret is not None,
+                "max_message_bytes": self.max_message_bytes,
             }
         ).encode()
         sock.sendall(pack_header(OP_HELLO, length=len(hello)) + hello)
@@ -1099,6 +1163,7 @@ class TcpTransport(Transport):
             raise TransportError(f"{peer!r} refused the connection: {ack['error']}")
         if ack.get("name") != peer:
             raise TransportError(f"endpoint at {sock.getpeername()} is {ack.get('name')!r}, expected {peer!r}")
+        limit = _peer_limit(ack, peer)
         if ack.get("auth"):
             if self.secret is None:
                 raise TransportError(f"{peer!r} requires a shared secret; this endpoint has none")
@@ -1115,6 +1180,7 @@ class TcpTransport(Transport):
             raise TransportError(f"{peer!r} does not authenticate but this endpoint requires a shared secret")
         sock.settimeout(None)
         _set_sockopts(sock, stream)
+        return limit
 
     def _accept_loop(self) -> None:
         backoff = 0.01
@@ -1173,13 +1239,24 @@ class TcpTransport(Transport):
             peer, session, stream = str(hello["name"]), str(hello["session"]), str(hello["stream"])
             if stream not in STREAMS:
                 raise ProtocolError(f"unknown stream {stream!r}")
+            limit = _peer_limit(hello, peer)
             if hello.get("peer") != self.name:
                 self._reply(sock, OP_HELLO_ACK, {"error": f"this is {self.name!r}, not {hello.get('peer')!r}"})
                 raise ProtocolError(f"client expected endpoint {hello.get('peer')!r}")
             if self.secret is not None:
                 client_nonce, nonce = bytes.fromhex(hello["nonce"]), os.urandom(32)
                 proof = _proof(self.secret, b"server", client_nonce, nonce, peer, self.name)
-                self._reply(sock, OP_HELLO_ACK, {"name": self.name, "auth": True, "nonce": nonce.hex(), "proof": proof})
+                self._reply(
+                    sock,
+                    OP_HELLO_ACK,
+                    {
+                        "name": self.name,
+                        "auth": True,
+                        "nonce": nonce.hex(),
+                        "proof": proof,
+                        "max_message_bytes": self.max_message_bytes,
+                    },
+                )
                 op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
                 if op != OP_AUTH or length > HANDSHAKE_MAX:
                     raise ProtocolError(f"expected AUTH, got op {op}")
@@ -1190,7 +1267,7 @@ class TcpTransport(Transport):
                 final = pack_header(OP_AUTH_OK)
             else:
                 final = None
-                self_ack = {"name": self.name, "auth": False}
+                self_ack = {"name": self.name, "auth": False, "max_message_bytes": self.max_message_bytes}
             sock.settimeout(None)
             _set_sockopts(sock, stream)
             # Complete the set before the last ack: the client sends data only after all its handshakes.
@@ -1204,7 +1281,7 @@ class TcpTransport(Transport):
                 if complete:
                     del self._half_open[key]
             if complete:
-                self._add_peer(peer, socks)
+                self._add_peer(peer, socks, limit)
             if final is not None:
                 sock.sendall(final)
             else:
@@ -1222,8 +1299,16 @@ class TcpTransport(Transport):
         data = json.dumps(obj).encode()
         sock.sendall(pack_header(op, length=len(data)) + data)
 
-    def _add_peer(self, name: str, socks: dict[str, socket.socket]) -> None:
+    def _add_peer(
+        self,
+        name: str,
+        socks: dict[str, socket.socket],
+        limit: int | None = None,
+        address: tuple | None = None,
+        sockaddr: tuple | None = None,
+    ) -> None:
         p = _Peer(self, name)
+        p.max_message, p.address, p.sockaddr = limit, address, sockaddr
         for stream, sock in socks.items():
             p.conns[stream] = _Conn(self, p, sock, stream)
         p.post = dict(p.conns)
@@ -1348,10 +1433,14 @@ class TcpTransport(Transport):
                 "region itself) or ask from another thread"
             ) from None
 
-    def _remote_region_of(self, p: _Peer, name: str, timeout: float = 10.0, refresh: bool = False) -> tuple[int, int]:
+    def _remote_region_of(
+        self, p: _Peer, name: str, timeout: float | None = None, refresh: bool = False
+    ) -> tuple[int, int]:
         """`refresh`: ask again even if cached (a range outside the cached size: the peer may have registered the
         name again, larger). On a reader thread, instead of waiting for the reply, raises `_Defer` (the caller
-        posts the transfer when the reply arrives, see `_defer`)."""
+        posts the transfer when the reply arrives, see `_defer`). `timeout` None (a transfer's query): wait until the
+        reply comes or the watchdog drops the peer (`timeout_s` without progress), as for the transfer itself; a
+        fixed 10 s raised a bare TimeoutError for a healthy peer whose reply sat behind a long paced frame."""
         info = None if refresh else p.remote_regions.get(name)  # a dict lookup is atomic; entries are only replaced
         if info is not None:
             return info
@@ -1372,7 +1461,12 @@ class TcpTransport(Transport):
             return info
         if fresh is not None or getattr(_reader, "conn", None) is not None:
             raise _Defer(name, self._query(p, name, data))
-        info = self._query(p, name, data).result(timeout)
+        try:
+            info = self._query(p, name, data).result(timeout)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{self.name}: {peer!r} did not answer the query for region {name!r} in {timeout} s"
+            ) from None
         if info is None:
             raise RegionError(f"peer {peer!r} has no region {name!r}")
         with p.lock:
@@ -1585,6 +1679,11 @@ class TcpTransport(Transport):
         if data.nbytes > self.max_message_bytes:
             raise ValueError(f"message of {data.nbytes} bytes exceeds max_message_bytes={self.max_message_bytes}")
         p = self._get_peer(peer)
+        if p.max_message is not None and data.nbytes > p.max_message:  # the peer would close the whole set
+            raise TransportError(
+                f"{self.name}: message of {data.nbytes} bytes exceeds the max_message_bytes={p.max_message} of "
+                f"peer {peer!r} (it would close the connection set); this endpoint's is {self.max_message_bytes}"
+            )
         fut: Future = TransferFuture()
         p.conns["high"].enqueue(pack_header(OP_MSG, length=data.nbytes), data, fut)
         return fut
