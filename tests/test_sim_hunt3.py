@@ -111,3 +111,24 @@ def test_online_agents_arrive_within_the_probes_window(seed):
     assert 0.0 <= times.min() and times.max() < 4800.0 and np.all(np.diff(times) >= 0)
     # spread over the whole window: the last tenth holds about a tenth of the agents (96 +- ~3 sigma)
     assert 66 <= np.sum(times >= 4320.0) <= 126
+
+
+# ---- 5. an idle scheduler keeps its periodic fetches ---------------------------------------------------------------
+def test_a_turn_arriving_at_an_idle_scheduler_waits_for_the_next_periodic_fetch():
+    """Groups fetch periodically (the runtime on a timer): a turn waits for the next group's fetch. With the queue
+    empty the fetch chain stopped, and the next arrival restarted it at its own time: that turn waited 0 s (about half
+    a tick of queueing missing at light load). Now the chain keeps its phase: 1P1D, a fetch every 10 s (5 s apart for
+    the 2 nodes): ticks at 0, 5, 10, ...; the chain stops at the tick after the queue emptied."""
+    cfg = load_sim_config(
+        f"{TINY}:dualpath",
+        {"workload.kind": "trace", "workload.trace_path": "unused.jsonl", "cluster.fetch_interval_s": 10.0},
+    )
+    trajs = [
+        Trajectory(0, [Turn(640, 4, arrival_offset_s=0.0)], arrival_time=1.0),
+        Trajectory(1, [Turn(640, 4, arrival_offset_s=0.0)], arrival_time=23.0),
+        Trajectory(2, [Turn(640, 4, arrival_offset_s=0.0)], arrival_time=40.0),  # on a tick: no wait
+    ]
+    records, _, stats = build_simulator(cfg, trajs).run()
+    assert stats["unfinished_turns"] == 0
+    sched = {r.trajectory_id: r.scheduled for r in records}
+    assert sched == {0: 5.0, 1: 25.0, 2: 40.0}

@@ -275,6 +275,7 @@ class Simulator:
         self._next_rid = 0
         self.fetch_running = False
         self._fetch_rr = 0
+        self._next_tick = 0.0  # when the fetch chain, stopped on an empty queue, would have fetched next (node _fetch_rr)
         self.n_fetches = 0
         self._ran = False  # run() once: a second call would start every trajectory again
         self._build()
@@ -440,16 +441,24 @@ class Simulator:
         self.queue.append(pending)
         self._qids.append(rid)
         self._qlens.append(prompt + gen)
-        if not self.fetch_running:
+        if not self.fetch_running:  # the next group's periodic fetch takes it (not one at its arrival)
             self.fetch_running = True
-            self.at(self.now, self._fetch)
+            tick = self._next_tick
+            if tick < self.now:
+                step = self.c.fetch_interval_s / len(self.nodes)
+                k = math.ceil((self.now - tick) / step)
+                tick += k * step
+                self._fetch_rr = (self._fetch_rr + k) % len(self.nodes)
+            self.at(tick, self._fetch)
 
     # ---- global scheduler: groups fetch periodically ----------------------------------------------------
     def _fetch(self, _arg) -> None:
-        if not self.queue:
-            self.fetch_running = False
-            return
         n_nodes = len(self.nodes)
+        if not self.queue:  # the chain stops; it keeps its phase: a later arrival waits for the next group's tick
+            self.fetch_running = False
+            self._fetch_rr = (self._fetch_rr + 1) % n_nodes
+            self._next_tick = self.now + self.c.fetch_interval_s / n_nodes
+            return
         node = self._fetch_rr
         self._fetch_rr = (node + 1) % n_nodes
         self.n_fetches += 1
