@@ -5,16 +5,18 @@ weights [out, in] -> NNX kernels [in, out]; per-expert weights stacked into [E, 
 param tree of the family registered for ``config.json``'s architecture. A missing tensor, a wrong shape or
 dtype, NaN / inf values, an unreadable file or an unknown architecture raises ValueError naming the tensor /
 field / file (tensor names are compared before the model's param tree is built).
-With a ``model.safetensors.index.json`` the shards its weight_map names are read (as HF does), else every
-``*.safetensors`` of the directory. ``safetensors`` is the optional ``hf`` extra, imported lazily.
+As HF reads them: ``model.safetensors`` alone when present, else the shards a ``model.safetensors.index.json``
+names, else every ``*.safetensors`` of the directory. ``safetensors`` is the optional ``hf`` extra, imported lazily.
 
 ``save_params(dir, params)`` / ``restore_params(dir, config) -> params`` use orbax-checkpoint; params are
 an ``nnx.State`` or its pure dict (what ModelRunner accepts and exposes). ``save_params`` refuses an existing
 ``dir`` and a leaf that is not a numeric array (naming it) before writing anything; a save that fails midway
-(disk full, a file-size limit, an interrupt) removes what it wrote (orbax's ``<dir>.orbax-checkpoint-tmp*``,
-parent directories it created) and raises ValueError naming ``dir``. It stores an xxh3 checksum of each array's
-bytes in the checkpoint's metadata (orbax ``custom_metadata``); ``restore_params`` verifies them and refuses a
-saved dtype other than the config's.
+(disk full, a file-size limit, an interrupt) removes what it wrote (its staging directory ``.<name>.saving-*``
+beside ``dir``, renamed to ``dir`` once complete; parent directories it created) and raises ValueError naming
+``dir``; it never removes ``dir`` (another save to the same path may have finished first). It stores an xxh3
+checksum of each array's bytes in the checkpoint's metadata (orbax ``custom_metadata``); ``restore_params``
+verifies them and refuses a saved dtype other than the config's. Before orbax reads anything, ``restore_params``
+reads every stored value's last byte with tensorstore: a damaged or incomplete database is named as such.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -59,7 +62,14 @@ def _read_safetensors(ckpt: Path) -> dict[str, np.ndarray]:
         raise ImportError("loading HF checkpoints needs safetensors: pip install 'dualpath-jax[hf]'") from e
     files = sorted(ckpt.glob("*.safetensors"))
     index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
+    single = ckpt / "model.safetensors"
+    if single.is_file():
+        # HF reads model.safetensors alone when it is there, before any index: save_pretrained leaves a previous
+        # save's index (and a previous unsharded model.safetensors) behind, so the shards read here were other weights
+        if index.is_file():
+            _LOG.warning("%s: reading model.safetensors alone, as HF does; %s is not used", ckpt, index.name)
+        files = [single]
+    elif index.is_file():
         # The shards the index names, as HF reads them: a shard missing (an interrupted download) came out as "missing
         # tensor", and a stale shard of another revision left in the directory as "appears in more than one shard"
         try:
@@ -224,17 +234,14 @@ def _saveable(params, path: tuple = ()) -> dict:
     return out
 
 
-def _remove_partial_save(path: Path, created: Path | None) -> None:
-    """What a failed save left: orbax's temporary directories for `path`, `path` itself (it did not exist
-    before: save_params refuses an existing one) and the parent directories the save created."""
-    leftovers = list(path.parent.glob(f"{path.name}.orbax-checkpoint-tmp*")) if path.parent.is_dir() else []
-    for p in leftovers + [path]:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists() or p.is_symlink():
-            p.unlink(missing_ok=True)
+def _remove_partial_save(staging: Path | None, parent: Path, created: Path | None) -> None:
+    """What a failed save left: its private staging directory (orbax's files, its temporary directory included)
+    and the parent directories the save created, when empty. Never the target: another save may have put its
+    checkpoint there meanwhile."""
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
     if created is not None:
-        d = path.parent
+        d = parent
         while True:  # only directories this save created, and only when empty
             try:
                 d.rmdir()
@@ -293,22 +300,54 @@ def save_params(checkpoint_dir: str | os.PathLike, params) -> None:
         raise ValueError(f"{checkpoint_dir}: already exists (save_params never overwrites a checkpoint)")
     tree = _saveable(params)
     created = next((p for p in reversed(path.parents) if not p.exists()), None)  # first missing ancestor
+    # orbax writes into this save's own staging directory, renamed to `path` at the end: two saves to one path
+    # shared orbax's fixed `<dir>.orbax-checkpoint-tmp`, and the cleanup of the one that failed removed `path`,
+    # the checkpoint the other had just reported saved.
+    staging = None
     ckptr = ocp.StandardCheckpointer()
     try:
         try:
-            ckptr.save(path, tree, custom_metadata={_CHECKSUMS: _checksums(tree)})
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+            ckptr.save(staging / path.name, tree, custom_metadata={_CHECKSUMS: _checksums(tree)})
             ckptr.wait_until_finished()
+            if path.exists() or path.is_symlink():  # rename would replace an empty directory
+                raise FileExistsError(f"{checkpoint_dir} appeared while saving (another save?)")
+            os.rename(staging / path.name, path)  # a non-empty `path` that appeared meanwhile: an error, kept
+            staging.rmdir()
         except BaseException as e:
             try:
                 ckptr.wait_until_finished()  # no background write may still run into what is removed next
             except BaseException:  # noqa: BLE001 -- the same failure, already being handled
                 pass
-            _remove_partial_save(path, created)
+            _remove_partial_save(staging, path.parent, created)
             if isinstance(e, Exception):
                 raise ValueError(f"{checkpoint_dir}: saving failed, nothing was kept: {e}") from e
             raise
     finally:
         ckptr.close()
+
+
+def _check_stored_values(path: Path, checkpoint_dir) -> None:
+    """Read every stored value's b-tree entry and last byte with tensorstore, synchronously, before orbax reads
+    anything. orbax gathers its reads, and when one failed (a damaged b-tree node, a data file gone or cut short)
+    it closed its event loop with the others still in flight: each of those then printed "RuntimeError: Event
+    loop is closed" from tensorstore's threads (pytest: an unraisable exception in a later test), and a damaged
+    b-tree came out as "not an orbax checkpoint"."""
+    if not (path / "manifest.ocdbt").is_file():
+        return  # not an OCDBT checkpoint, or its manifest is gone: orbax reports what it finds
+    import tensorstore as ts
+
+    try:
+        kv = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": f"{path}/"}}).result()
+        for key in kv.list().result():
+            # The value's last byte: its data file holds all of it. A data file gone reads as an empty value, not
+            # as an error; orbax writes no empty value (zarr chunks and .zarray files are never empty).
+            got = kv.read(key, byte_range=slice(-1, None)).result()
+            if got.state != "value" or len(got.value) != 1:
+                raise ValueError(f"the value of {key.decode(errors='replace')!r} is missing (a data file gone?)")
+    except Exception as e:  # tensorstore's DATA_LOSS / NOT_FOUND / OUT_OF_RANGE ... as ValueError or RuntimeError
+        raise ValueError(f"{checkpoint_dir}: cannot read the checkpoint (damaged or incomplete?): {e}") from None
 
 
 def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
@@ -327,6 +366,7 @@ def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
         raise ValueError(f"{checkpoint_dir}: no such checkpoint")
     if not path.is_dir():  # orbax: "Found incomplete checkpoint", reported as a config mismatch
         raise ValueError(f"{checkpoint_dir}: not an orbax checkpoint (not a directory)")
+    _check_stored_values(path, checkpoint_dir)
     target = _str_keys(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract_params(config)))
     ckptr = ocp.StandardCheckpointer()
     mismatch = f"{checkpoint_dir}: checkpoint does not match {config.architecture} config"
