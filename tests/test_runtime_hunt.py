@@ -76,7 +76,7 @@ def test_kv_writes_slower_than_the_peer_timeout_still_hand_the_turn_over(base, o
     from dualpath_jax.runtime import engines
 
     monkeypatch.setattr(engines, "PEER_TIMEOUT_S", 0.02)
-    cfg = base.replace(**{"scheduler.name": "basic", "nics.cnic_bytes_per_s": 32768.0, "run_timeout_s": 8.0})
+    cfg = base.replace(**{"scheduler.name": "basic", "nics.cnic_bytes_per_s": 32768.0, "run_timeout_s": 40.0})
     trajs = [Trajectory(0, [Turn(32, 2)])]
     res = driver.run(cfg, trajs, model_ops=ops)
     assert list(res.tokens) == [(0, 0)] and res.tokens[(0, 0)].shape == (2,)

@@ -297,6 +297,12 @@ def validate(
         raise ConfigError(f"config.scheduler.{where}: {e.args[0]}") from None
     except (TypeError, ValueError) as e:  # a field the policy's Config does not have, or a value it refuses
         raise ConfigError(f"config.scheduler.policy_kwargs: {e}") from None
+    pbs = cfg.scheduler.policy_kwargs.get("block_size", cfg.block_size)
+    if pbs != cfg.block_size:  # (the runtime's blocks are config.block_size: a split in others was silently off)
+        raise ConfigError(
+            f"config.scheduler.policy_kwargs.block_size={pbs!r} differs from config.block_size={cfg.block_size}, the "
+            "size of the blocks the runtime stores and reads: leave it out (it defaults to config.block_size)"
+        )
     try:
         schedulers.make_batcher(cfg.scheduler.batcher, **dict(cfg.scheduler.batcher_kwargs))
     except KeyError as e:

@@ -227,10 +227,10 @@ def _check_arrivals_within_timeout(cfg: RuntimeConfig, trajs: Sequence[Trajector
     finish: it waited out the whole timeout and then failed (e.g. arrival='online' at aps=1e-300). The arrival
     times are drawn (seeded) before the run, so this is known now."""
     w = cfg.workload
-    if w.arrival not in ("online", "trace"):
-        return
-    last = float(np.max(make_arrival_model(cfg).agent_arrivals(trajs)))
-    if not last <= cfg.run_timeout_s:  # (NaN too)
+    model = make_arrival_model(cfg)
+    firsts = model.agent_arrivals(trajs)
+    last = float(np.max(firsts))
+    if w.arrival in ("online", "trace") and not last <= cfg.run_timeout_s:  # (NaN too)
         why = (
             f"arrival='online' at config.workload.aps={w.aps:g} agents/s"
             if w.arrival == "online"
@@ -241,6 +241,29 @@ def _check_arrivals_within_timeout(cfg: RuntimeConfig, trajs: Sequence[Trajector
             f"({why}: the last of {len(trajs)} agents arrives at {last:.4g} s), so the run can never finish; "
             "raise the arrival rate or config.run_timeout_s"
         )
+    _check_last_turns_within_timeout(cfg, trajs, model, firsts)
+
+
+def _check_last_turns_within_timeout(cfg: RuntimeConfig, trajs: Sequence[Trajectory], model, firsts) -> None:
+    """Each agent's last turn must be able to arrive within `run_timeout_s`: at the earliest, every turn is ready as
+    soon as the previous one arrived (served in no time) -- its gap later, or at its trace timestamp. Gaps summing
+    past the timeout (e.g. workload.gap_s=300 over 5 turns, run_timeout_s=900) waited out the whole timeout and then
+    failed ("run did not finish")."""
+    for t, first in zip(trajs, firsts, strict=True):
+        at = float(first)
+        for i in range(1, len(t.turns)):
+            at = model.turn_ready(t, i, at)
+        if len(t.turns) > 1 and not at <= cfg.run_timeout_s:  # (the first turn's arrival: checked by the caller)
+            w = cfg.workload
+            why = (
+                f"its turns' gaps (Turn.gap_s; config.workload.gap_s={w.gap_s:g} for generated tiny ones) and trace "
+                f"times x config.workload.time_scale={w.time_scale:g}"
+            )
+            raise ConfigError(
+                f"config.run_timeout_s={cfg.run_timeout_s:g} s ends before the workload's trajectory {t.trajectory_id} "
+                f"can reach its last turn: even served in no time, turn {len(t.turns) - 1} arrives at {at:.4g} s "
+                f"({why}), so the run can never finish; raise config.run_timeout_s or shorten the gaps"
+            )
 
 
 def _check_turn_lengths(trajs: Sequence[Trajectory]) -> None:

@@ -35,6 +35,7 @@ import pickle
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -52,6 +53,7 @@ REGION = "buf"  # every engine registers its host-buffer arena under this name
 WAIT_POLL_S = 0.05  # how often a waiting engine re-checks for cancellation / shutdown
 PEER_TIMEOUT_S = 30.0  # how long a DE waits for its writes out of an area (to a PE that finished) before reusing it
 STEP_LOG_MAX = 20_000  # measured steps kept per engine (calibration of the simulator's cost model)
+GONE_KEEP = 4096  # dropped/finished request attempts an engine remembers, so their late messages are not held
 
 
 def engine_endpoint(engine_id: int) -> str:
@@ -174,6 +176,10 @@ class EngineBase:
         self.error: BaseException | None = None
         # Areas of dropped requests whose SNIC read was still queued or running: freed when it reports done.
         self._draining: dict[tuple, object] = {}
+        self.early: dict[tuple, list] = {}  # messages/layers that arrived before the task
+        # (request, attempt) of the latest attempts dropped or finished here: a message of one arriving later (a peer
+        # declared dead but alive until its next fetch) used to be held in `early` for the rest of the run.
+        self._gone: OrderedDict = OrderedDict()
         self.busy_s = 0.0  # time spent in model compute (runtime overhead figure)
         self.wait_s = 0.0  # time a PE waited inside a batch: for DE-side layers, and for its CNIC (h2d_wait_s)
         self.h2d_wait_s = 0.0  # of which: a PE's per-layer H2D paced on its CNIC
@@ -312,6 +318,18 @@ class EngineBase:
             return
         r.handle.release()
 
+    def _hold_early(self, key: tuple, kind: str, item) -> None:
+        """Keep an item of a request whose task has not arrived yet -- not one of an attempt already gone."""
+        if key not in self._gone:
+            self.early.setdefault(key, []).append((kind, item))
+
+    def _gone_attempt(self, key: tuple) -> None:
+        """An attempt was dropped (cancelled) or finished here: free its held items, ignore its later ones."""
+        self.early.pop(key, None)
+        self._gone[key] = None
+        if len(self._gone) > GONE_KEEP:
+            self._gone.popitem(last=False)
+
     def area_offset(self, base: int, prompt_tokens: int, layer: int, token: int) -> int:
         return base + (layer * prompt_tokens + token) * self.bpt
 
@@ -375,7 +393,6 @@ class PrefillEngine(EngineBase):
         super().__init__(*a, **kw)
         self.batcher = batcher
         self.reqs: dict[tuple, _PrefillReq] = {}
-        self.early: dict[tuple, list] = {}  # messages/layers that arrived before the task
         self.order: list[tuple] = []  # FIFO of request keys
         self._in_batch: set[tuple] = set()  # keys of the requests of the batch now running
 
@@ -390,6 +407,8 @@ class PrefillEngine(EngineBase):
         if kind == "directory":
             self.directory = item
         elif kind == "task":
+            if (item.request_id, item.attempt) in self._gone:  # cancelled before it came: its messages are ignored
+                return
             r = _PrefillReq(task=item, t_arrived=time.time(), bs=self.bs)
             r.de_read_done = item.pe_read_blocks >= item.hit_blocks
             self.reqs[r.key] = r
@@ -397,7 +416,7 @@ class PrefillEngine(EngineBase):
             for k, v in self.early.pop(r.key, []):
                 self._handle(k, v)
         elif kind == "cancel":
-            self.early.pop((item.request_id, item.attempt), None)
+            self._gone_attempt((item.request_id, item.attempt))
             r = self.reqs.get((item.request_id, item.attempt))
             if r is not None:
                 r.cancelled = True
@@ -410,7 +429,7 @@ class PrefillEngine(EngineBase):
             key = (item["request_id"], item["attempt"])
             r = self.reqs.get(key)
             if r is None:
-                self.early.setdefault(key, []).append((kind, item))
+                self._hold_early(key, kind, item)
                 return
             if item["kind"] == "de_area":
                 r.de_area_off = item["offset"]
@@ -421,7 +440,7 @@ class PrefillEngine(EngineBase):
             rid, attempt, layer = item
             r = self.reqs.get((rid, attempt))
             if r is None:
-                self.early.setdefault((rid, attempt), []).append((kind, item))
+                self._hold_early((rid, attempt), kind, item)
                 return
             r.layers_from_de.add(layer)
         elif kind == "read_done":
@@ -601,6 +620,7 @@ class PrefillEngine(EngineBase):
         self._finish(r)
 
     def _finish(self, r: _PrefillReq) -> None:
+        self._gone_attempt(r.key)
         self.reqs.pop(r.key, None)
         if r.key in self.order:
             self.order.remove(r.key)
@@ -665,7 +685,6 @@ class DecodeEngine(EngineBase):
         self.slot_req: list[_DecodeReq | None] = [None] * c.decode_slots
         self.reqs: dict[tuple, _DecodeReq] = {}
         self.order: list[tuple] = []
-        self.early: dict[tuple, list] = {}
         self.finishing: list[_DecodeReq] = []  # tokens done, write-backs in flight
         self.decode_steps = 0
         # The DE's copies through its CNIC, off the decode loop: prompt KV into a slot (ingress), filled blocks out
@@ -680,13 +699,15 @@ class DecodeEngine(EngineBase):
         if kind == "directory":
             self.directory = item
         elif kind == "task":
+            if (item.request_id, item.attempt) in self._gone:  # cancelled before it came: its messages are ignored
+                return
             r = _DecodeReq(task=item)
             self.reqs[r.key] = r
             self.order.append(r.key)
             for k, v in self.early.pop(r.key, []):
                 self._handle(k, v)
         elif kind == "cancel":
-            self.early.pop((item.request_id, item.attempt), None)
+            self._gone_attempt((item.request_id, item.attempt))
             r = self.reqs.get((item.request_id, item.attempt))
             if r is not None:
                 r.cancelled = True
@@ -695,7 +716,7 @@ class DecodeEngine(EngineBase):
             key = (item["request_id"], item["attempt"])
             r = self.reqs.get(key)
             if r is None:
-                self.early.setdefault(key, []).append((kind, item))
+                self._hold_early(key, kind, item)
                 return
             if item["kind"] == "pe_area":
                 r.pe_area_off = item["offset"]
@@ -903,6 +924,7 @@ class DecodeEngine(EngineBase):
         self._forget(r)
 
     def _forget(self, r: _DecodeReq) -> None:
+        self._gone_attempt(r.key)
         self.reqs.pop(r.key, None)
         if r.key in self.order:
             self.order.remove(r.key)

@@ -169,12 +169,18 @@ def _node_process(target, *args) -> None:
     back from XLA then tries to take the GIL, is ended by pthread_exit inside C++ frames, and the process aborts
     ("terminate called after throwing an instance of ''", "FATAL: exception not rethrown", exit code -6; seen on a
     DE node about one run in ten). `os._exit` after flushing the logs avoids that. Exit code 0 when `target`
-    returned, 1 (with the traceback on stderr, as multiprocessing prints it) when it raised.
+    returned, 130 (an info line) when Ctrl-C interrupted it, 1 (with the traceback on stderr, as multiprocessing
+    prints it) when it raised.
     """
     code = 1
     try:
         target(*args)
         code = 0
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every process of the terminal's group: the driver reports it ("interrupted"), each node
+        # printed a KeyboardInterrupt traceback besides.
+        code = 130
+        log.info("node process %s interrupted", mp.current_process().name)
     except BaseException:  # noqa: BLE001 -- reported here, the exit code says it
         print(f"Process {mp.current_process().name}:", file=sys.stderr)
         traceback.print_exc()

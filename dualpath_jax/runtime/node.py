@@ -26,7 +26,9 @@ from dualpath_jax.runtime.storage_nic import StorageNIC
 
 log = logging.getLogger(__name__)
 
-LINK_REPORT_S = 0.5  # how often a group's report carries its links' new bytes (and the final report)
+# How often a group's report carries its links' new bytes; the final report (a graceful stop, sent once the engines and
+# the SNIC stopped) carries the rest. A node killed without a goodbye (SIGKILL, `kill`) loses at most this much.
+LINK_REPORT_S = 0.5
 
 
 class NodeContext:
@@ -150,7 +152,14 @@ class EngineGroup:
         t0 = time.time()
         if self.role == "prefill":
             c = cfg.cluster
-            n = model.precompile(c.prefill_max_batch, c.prefill_token_budget, c.max_seq_len)
+            # Only buckets a PE can meet: a request computes at most max_seq_len tokens, and each of a batch at least
+            # one (prefill_token_budget=4096 over max_seq_len=256 ran every bucket up to 8 x 4096 new tokens, minutes
+            # of startup on a CPU for shapes no batch has).
+            n = model.precompile(
+                min(c.prefill_max_batch, c.prefill_token_budget),
+                min(c.prefill_token_budget, c.max_seq_len),
+                c.max_seq_len,
+            )
             log.info("node %d: compiled %d prefill buckets in %.1f s", self.node_id, n, time.time() - t0)
         else:
             for eng in self.engines.values():
@@ -162,7 +171,8 @@ class EngineGroup:
         self.ctx.wake.set()
 
     def kill(self) -> None:
-        """Die without a goodbye (failure tests): no final report, engines and transports closed."""
+        """Die without a goodbye (failure tests, as SIGKILL): no final report, engines and transports closed; its links'
+        bytes since the last periodic report (at most LINK_REPORT_S) are not in the run's records."""
         self._killed = True
         self._stop.set()
         self.close()
@@ -252,21 +262,23 @@ class EngineGroup:
                 # Fetch again after the interval (the heartbeat), or at once when an engine has news.
                 self.ctx.wake.wait(interval)
                 self.ctx.wake.clear()
-            try:
-                if not self._killed:
-                    self.control.fetch(self._report(final=True))
-            except Exception:  # noqa: BLE001 -- the driver may already be gone
-                pass
         finally:
             self.close()
+        # Once nothing moves any more: the bytes the links moved while the engines and the SNIC stopped are in it (a
+        # group told to shut down while busy, e.g. declared dead though alive, lost them when it reported first).
+        try:
+            if not self._killed:
+                self.control.fetch(self._report(final=True))
+        except Exception:  # noqa: BLE001 -- the driver may already be gone
+            pass
 
     def close(self) -> None:
         for eng in self.engines.values():
             eng.stop()
+        self.snic.close()  # (its job in progress ends after the current block)
         for eng in self.engines.values():
             eng.join(2.0)
             try:
                 eng.transport.close()
             except Exception:  # noqa: BLE001
                 pass
-        self.snic.close()

@@ -92,10 +92,16 @@ class StorageNIC:
             self._pending_writes += len(job.keys)
         self._writes.put(job)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop serving: a job in progress ends after its current block (the rest is not read or written), and the
+        threads are joined, so nothing crosses the SNIC after this (a node's final report counts every byte; the
+        rest of a long job used to cross it unrecorded, and read from a store being closed)."""
         self._stop.set()
         self._reads.put(None)
         self._writes.put(None)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
 
     def _read_loop(self) -> None:
         bs = self.block_size
@@ -109,7 +115,7 @@ class StorageNIC:
             nbytes = 0
             try:
                 for j, key in enumerate(job.keys):
-                    if job.cancelled:
+                    if job.cancelled or self._stop.is_set():
                         break
                     t0 = (job.first_block + j) * bs
                     rows = job.area[:, t0 : t0 + bs]  # this block's rows of the layer-major area
@@ -146,6 +152,8 @@ class StorageNIC:
                 return
             written = 0
             for key, block in zip(job.keys, job.blocks, strict=True):
+                if self._stop.is_set():
+                    break
                 try:
                     if self.store.contains(key):
                         written += 1
