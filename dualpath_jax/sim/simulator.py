@@ -275,7 +275,8 @@ class Simulator:
         self._next_rid = 0
         self.fetch_running = False
         self._fetch_rr = 0
-        self._next_tick = 0.0  # when the fetch chain, stopped on an empty queue, would have fetched next (node _fetch_rr)
+        # when the fetch chain, stopped on an empty queue, would have fetched next (node _fetch_rr)
+        self._next_tick = 0.0
         self.n_fetches = 0
         self._ran = False  # run() once: a second call would start every trajectory again
         self._build()
