@@ -216,7 +216,8 @@ class HostBufferPool:
                             f"{len(self._queue) - 1} other request(s) waiting)"
                         )
                     waited = True
-                    self._cond.wait(remaining)
+                    # capped: timeout=inf (or 1e300) overflowed the lock's wait (OverflowError, not a wait)
+                    self._cond.wait(None if remaining is None else min(remaining, threading.TIMEOUT_MAX))
             finally:
                 self._queue.remove(ticket)
                 self._cond.notify_all()  # the next in line may fit now
