@@ -596,16 +596,27 @@ class CostModel:
         pre_rows, pre_t, dec_rows, dec_t = [], [], [], []
         for meas in measurements:
             if isinstance(meas, PrefillMeasurement):
-                items = [(c, b) for c, b in meas.items if b > 0]
-                # `not 0 < seconds < inf` refuses NaN and inf too (else NNLS fails deep inside numpy)
-                if not items or not 0 < meas.seconds < math.inf or any(c < 0 for c, _ in items):
+                items = [(c, b) for c, b in meas.items if b != 0]  # (bsz 0: nothing prefilled, no term)
+                # `not 0 < x < inf` refuses NaN and inf too (else NNLS or the rank's SVD fails deep inside numpy);
+                # a negative bsz is refused, not dropped like a 0 (the fit put the batch's time on the rest)
+                if (
+                    not items
+                    or not 0 < meas.seconds < math.inf
+                    or not all(0 <= c < math.inf and 0 < b < math.inf for c, b in items)
+                ):
                     raise ValueError(
-                        f"bad prefill measurement {meas}: needs items with bsz > 0, cached >= 0 and finite seconds > 0"
+                        f"bad prefill measurement {meas}: needs items with bsz >= 0 (some > 0) and cached >= 0, all "
+                        "finite, and finite seconds > 0"
                     )
                 pre_rows.append(self._prefill_terms(items))
                 pre_t.append(meas.seconds)
             elif isinstance(meas, DecodeMeasurement):
-                if meas.batch_size <= 0 or meas.total_context_tokens < 0 or not 0 < meas.seconds < math.inf:
+                if (
+                    not (
+                        0 < meas.batch_size < math.inf and 0 <= meas.total_context_tokens < math.inf  # NaN too
+                    )
+                    or not 0 < meas.seconds < math.inf
+                ):
                     raise ValueError(
                         f"bad decode measurement {meas}: needs batch_size > 0, total_context_tokens >= 0 and "
                         "finite seconds > 0"

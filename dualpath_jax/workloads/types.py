@@ -34,16 +34,19 @@ class Turn:
     hash_block_size: int = 0
 
     def __post_init__(self):
-        if self.append_tokens < 0 or self.gen_tokens < 0:
-            raise ValueError(f"turn lengths must be >= 0, got append={self.append_tokens} gen={self.gen_tokens}")
+        # NaN too (e.g. a missing value of a table): it was kept, and peak_turn / cut_at_tokens skipped its turn
+        if not (0 <= self.append_tokens < math.inf and 0 <= self.gen_tokens < math.inf):
+            raise ValueError(
+                f"turn lengths must be >= 0 and finite, got append={self.append_tokens} gen={self.gen_tokens}"
+            )
         if not 0 <= self.gap_s < math.inf:  # nan too; inf: the next turn "arrived" at t = inf and never ran
             raise ValueError(f"turn gap must be >= 0 s and finite, got {self.gap_s}")
         if self.append_token_ids is not None and len(self.append_token_ids) != self.append_tokens:
             raise ValueError(
                 f"append_token_ids has {len(self.append_token_ids)} ids but append_tokens={self.append_tokens}"
             )
-        if self.context_tokens is not None and self.context_tokens < 0:
-            raise ValueError(f"context_tokens must be >= 0, got {self.context_tokens}")
+        if self.context_tokens is not None and not 0 <= self.context_tokens < math.inf:  # NaN too
+            raise ValueError(f"context_tokens must be >= 0 and finite, got {self.context_tokens}")
         if self.arrival_offset_s is not None and not 0 <= self.arrival_offset_s < math.inf:
             raise ValueError(f"arrival_offset_s must be >= 0 and finite, got {self.arrival_offset_s}")
         if self.block_hashes is not None and self.hash_block_size <= 0:
