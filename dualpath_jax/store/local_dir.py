@@ -8,9 +8,10 @@ Layout of the directory:
 Writes are atomic: the block is written to a temp file in its final directory, fsync'ed if durable, then
 os.replace'd onto its name (and the directory fsync'ed if durable; the first block of a fan-out directory also
 fsyncs blocks/, which holds the new directory's entry), so a reader sees either no block or a whole one, even if
-the writer is killed mid-write. A store created with `durable=True` fsyncs STORE.json and the parents of the
-directories it made. Temp files of dead writers are removed at open (same host: the pid is gone; other hosts:
-older than `stale_temp_s`).
+the writer is killed mid-write. A durable write whose directory fsync fails removes its block (a failed write
+stores nothing). A store created with `durable=True` fsyncs STORE.json and the parents of the directories it made.
+Temp files of dead writers are removed at open and by `refresh` (same host: the pid is gone; any: older than
+`stale_temp_s`, so a pid reused since its writer was killed does not keep one).
 
 Only a block's own path counts (`path_of`: lower-case hex in its fan-out directory). Another `.kvb` file that
 names a key (upper-case hex, a wrong fan-out directory) is a stray copy, removed at open and never counted. A
@@ -72,9 +73,10 @@ copied; 1 MiB with preadv), and a file is mapped from its second read (`mmap_aft
 mapping's page faults cost about what hashing in the page cache saves). Reads of less than `mmap_min_bytes`
 (default 256 KiB: small Layer Blocks of layerwise loading) and unverified reads use `preadv` under both methods
 (measured, see the README). A Full-Block read gets the header with the payload; a Layer-Block read checks exactly
-the layers it read. A mismatch, a short read or file, or a bad header makes the read a miss: logged, counted
-(`read_corrupt`) and the block removed, never wrong KV (`out` may then hold part of the block: the read returned
-False). `verify=False` (store option or per read) keeps every header check and skips the payload checksums.
+the layers it read. A mismatch, a short read, a file of another size (short, or with bytes appended) or a bad
+header makes the read a miss: logged, counted (`read_corrupt`) and the block removed, never wrong KV (`out` may
+then hold part of the block: the read returned False). `verify=False` (store option or per read) keeps every
+header check and skips the payload checksums.
 
 mmap and its residual risk: before every mapped read, the open file must be exactly `file_nbytes` (`fstat`),
 else the read is a "truncated" miss, because touching a mapping past the end of its file kills the process with
@@ -350,7 +352,7 @@ class LocalDirStoreConfig:
     io_threads: int = 4  # threads of submit_read / read_many
     write_threads: int = 1  # threads of submit_write (apart from the readers, so write-back never delays loads)
     stat_on_hit: bool = False  # lookups stat each hit block (fresh answers on a shared mount)
-    stale_temp_s: float = 3600.0  # temp files of other hosts older than this are removed at open
+    stale_temp_s: float = 3600.0  # temp files older than this are removed at open (any host, any pid)
     create: bool = True  # create the directory if missing
     fd_cache: int = 64  # block files kept open for repeated (layerwise) reads; 0: open per read
     native_verify: bool = True  # verified reads of xxh3 blocks run the compiled loops when built (False: Python)
@@ -505,6 +507,7 @@ class LocalDirStore(KVStore):
         self._seq = 0
         self._pins: collections.Counter[bytes] = collections.Counter()  # pin()/unpin() of the callers
         self._busy: collections.Counter[bytes] = collections.Counter()  # reads and writes in flight: not evicted
+        self._scans: list[set[bytes]] = []  # per `_scan` in progress: the keys dropped meanwhile
         self._drops = 0  # indexed keys dropped so far (a check outside the lock that saw a block present and
         # finds it unindexed under the lock re-checks if this changed meanwhile: it may have been evicted)
         self._reserved = 0  # bytes of writes in progress
@@ -557,13 +560,21 @@ class LocalDirStore(KVStore):
                     if self.durable:
                         f.flush()
                         os.fsync(f.fileno())
-                os.replace(tmp, path)  # racing creators write the same content
-            except BaseException:  # (a full disk, say): no temp file left behind
+                try:  # a link, not a replace: a racing creator of another layout must not be overwritten
+                    os.link(tmp, path)
+                    lost = False
+                except FileExistsError:
+                    lost = True
+                except OSError:  # (a file system without hard links)
+                    os.replace(tmp, path)
+                    lost = False
+            finally:  # (a full disk, say): no temp file left behind
                 try:
                     os.unlink(tmp)
                 except OSError:
                     pass
-                raise
+            if lost:  # another process made STORE.json first: check against it
+                return self._check_or_write_meta()
             if self.durable:
                 _fsync_dir(self.root)
             return
@@ -588,47 +599,56 @@ class LocalDirStore(KVStore):
         names a key (upper-case hex, the wrong fan-out directory) is a stray copy: removed, never counted (else the
         key's bytes would count twice and evicting the key would leave the copy on disk for good). An entry that
         cannot be stat'ed (EACCES, ELOOP, EIO...) is logged and skipped: the store still opens."""
-        seen = self._seq  # blocks adopted while this scan runs are kept
-        found: dict[bytes, int] = {}  # key -> mtime
-        now = time.time()
-        for sub in sorted(os.listdir(self._blocks_dir)):
-            d = os.path.join(self._blocks_dir, sub)
-            if not os.path.isdir(d):
-                continue
-            try:
-                entries = list(os.scandir(d))
-            except OSError as e:
-                log.warning("kv store %s: cannot list %s: %s (its blocks are not indexed)", self.root, d, e)
-                continue
-            for entry in entries:
-                name = entry.name
-                if name.startswith(_TMP_PREFIX):
-                    self._maybe_remove_temp(entry, now)
-                    continue
-                if not name.endswith(_SUFFIX):
-                    continue
-                stem = name[: -len(_SUFFIX)]
-                try:
-                    key = bytes.fromhex(stem)
-                except ValueError:
-                    continue
-                if not 0 < len(key) <= block_file.MAX_KEY_NBYTES:
-                    continue
-                try:
-                    st = entry.stat()
-                    if (stem != key.hex() or sub != stem[:2]) and not self._is_own_file(key, st, entry.path):
-                        continue
-                except FileNotFoundError:
-                    continue
-                except OSError as e:
-                    log.warning("kv store %s: cannot stat %s: %s (skipped)", self.root, entry.path, e)
-                    continue
-                if st.st_size != self.file_nbytes:  # a rename is atomic, so a wrong size is damage, not a write
-                    self._remove_corrupt(key, entry.path, f"file size {st.st_size} B, expected {self.file_nbytes}")
-                    continue
-                found[key] = max(found.get(key, st.st_mtime_ns), st.st_mtime_ns)
-        order = sorted(found, key=found.__getitem__)
         with self._lock:
+            seen = self._seq  # blocks adopted while this scan runs are kept
+            dropped: set[bytes] = set()  # keys this process drops while the scan runs (removed, evicted): their
+            self._scans.append(dropped)  # files may have been listed before they went, so they are not re-indexed
+        try:
+            found: dict[bytes, int] = {}  # key -> mtime
+            now = time.time()
+            for sub in sorted(os.listdir(self._blocks_dir)):
+                d = os.path.join(self._blocks_dir, sub)
+                if not os.path.isdir(d):
+                    continue
+                try:
+                    entries = list(os.scandir(d))
+                except OSError as e:
+                    log.warning("kv store %s: cannot list %s: %s (its blocks are not indexed)", self.root, d, e)
+                    continue
+                for entry in entries:
+                    name = entry.name
+                    if name.startswith(_TMP_PREFIX):
+                        self._maybe_remove_temp(entry, now)
+                        continue
+                    if not name.endswith(_SUFFIX):
+                        continue
+                    stem = name[: -len(_SUFFIX)]
+                    try:
+                        key = bytes.fromhex(stem)
+                    except ValueError:
+                        continue
+                    if not 0 < len(key) <= block_file.MAX_KEY_NBYTES:
+                        continue
+                    try:
+                        st = entry.stat()
+                        if (stem != key.hex() or sub != stem[:2]) and not self._is_own_file(key, st, entry.path):
+                            continue
+                    except FileNotFoundError:
+                        continue
+                    except OSError as e:
+                        log.warning("kv store %s: cannot stat %s: %s (skipped)", self.root, entry.path, e)
+                        continue
+                    if st.st_size != self.file_nbytes:  # a rename is atomic, so a wrong size is damage, not a write
+                        self._remove_corrupt(key, entry.path, f"file size {st.st_size} B, expected {self.file_nbytes}")
+                        continue
+                    found[key] = max(found.get(key, st.st_mtime_ns), st.st_mtime_ns)
+        except BaseException:  # (blocks/ cannot be listed, say)
+            with self._lock:
+                self._scans.remove(dropped)
+            raise
+        with self._lock:
+            self._scans.remove(dropped)
+            order = sorted((k for k in found if k not in dropped), key=found.__getitem__)
             recent = [k for k, g in self._index.items() if g > seen] if self._index else []
             for key in [k for k in self._index if k not in found and self._index[k] <= seen]:
                 self._drop_locked(key)  # removed by another process: its open file must not serve reads either
@@ -672,7 +692,7 @@ class LocalDirStore(KVStore):
                     stale = True
                 except PermissionError:
                     pass  # alive, someone else's
-        else:
+        if not stale:  # (also a live pid's: a pid reused since its writer was killed would keep it forever)
             try:
                 stale = now - entry.stat().st_mtime > self.stale_temp_s
             except FileNotFoundError:
@@ -711,6 +731,8 @@ class LocalDirStore(KVStore):
 
     def _drop_locked(self, key: bytes) -> None:
         self._forget_fd_locked(key)
+        for dropped in self._scans:  # (a refresh in progress must not index it again from its listing)
+            dropped.add(key)
         if self._index.pop(key, None) is not None:
             self._drops += 1
 
@@ -1163,6 +1185,7 @@ class LocalDirStore(KVStore):
         step = self._step
         if layer_list is None:
             n0 = step if verify else self._fb
+            fresh = ent.header is None  # (this open file's size is checked with its header, as a layer read does)
             hdr = self._header_buf()
             want = hdr_n + n0
             self._bring_in_if_cold(fd)
@@ -1174,6 +1197,11 @@ class LocalDirStore(KVStore):
                         return checked
                 return f"truncated: read {got} of {want} B"
             checked = self._check_header(ent, key, hdr)
+            if fresh and not isinstance(checked, str):  # a longer file (bytes appended) is not a block either
+                size = os.fstat(fd).st_size
+                if size != self.file_nbytes:
+                    why = "truncated" if size < self.file_nbytes else "bytes appended"
+                    return f"{why}: file is {size} B, expected {self.file_nbytes}"
         else:
             checked = self._layer_header(ent, key)
         if isinstance(checked, str):
@@ -1420,9 +1448,18 @@ class LocalDirStore(KVStore):
                 pass
             raise
         if durable:
-            _fsync_dir(d)
-            if new_dir:  # blocks/ holds the new fan-out directory's entry
-                _fsync_dir(self._blocks_dir)
+            try:
+                _fsync_dir(d)
+                if new_dir:  # blocks/ holds the new fan-out directory's entry
+                    _fsync_dir(self._blocks_dir)
+            except OSError:  # (EIO) not durable, so not stored: a failed write leaves no unindexed block behind
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+                with self._lock:
+                    self._drop_locked(key)  # (an overwrite: the old block was replaced, then removed)
+                raise
 
     def remove(self, key: bytes) -> bool:
         _check_key(key)
@@ -1444,7 +1481,8 @@ class LocalDirStore(KVStore):
             return list(self._index)
 
     def refresh(self) -> None:
-        """Rescan the directory (adopt blocks written by others, forget removed ones); LRU order resets."""
+        """Rescan the directory (adopt blocks written by others, forget removed ones); LRU order resets. A block this
+        process removes or evicts while the scan runs is not indexed again (its file may have been listed first)."""
         self._scan()
 
     @property
@@ -1490,6 +1528,7 @@ class LocalDirStore(KVStore):
         self._lock = threading.Lock()
         self._busy.clear()
         self._reserved = 0
+        self._scans.clear()  # (scans in the parent's other threads)
         self._opening.clear()
         for ent in self._fds.values():
             ent.refs = 0
