@@ -205,6 +205,32 @@ def register_distinct(name: str, key=str) -> None:
     flags.register_validator(name, distinct)
 
 
+def run_parts(names, run_part, keep) -> None:
+    """`run_part(name)` for each of `names`, in order. When one raises (an error, Ctrl-C), `keep(done)` first gets the
+    names that finished, if any, so their results are written (a later part's failure lost them); then the error goes
+    on. The benchmarks run their sections / layouts / models this way."""
+    done: list = []
+    try:
+        for name in names:
+            run_part(name)
+            done.append(name)
+    except BaseException:
+        if done:
+            keep(done)
+        raise
+
+
+def write_rows_json(path: str, rows, what: str) -> None:
+    """A benchmark's rows as JSON at `path` (`--out`), logged with `what` they are."""
+    import json
+
+    from absl import logging
+
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    logging.info("wrote %s to %s", what, path)
+
+
 def writable_file_or_exit(path: str, what: str) -> str:
     """`writable_dir_or_exit` for an output file (`--out`): its directory must take files; the file is written
     later, when there are results."""

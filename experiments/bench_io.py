@@ -28,7 +28,6 @@ Sections:
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing as mp
 import os
@@ -42,7 +41,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import register_distinct, writable_file_or_exit
+from experiments import register_distinct, run_parts, writable_file_or_exit, write_rows_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["store", "tcp", "small", "shaped", "overlap"], "sections to run")
@@ -676,23 +675,15 @@ def main(argv: list[str]) -> None:
             )
         },
     )
-    rows, done = [], []
+    rows: list[dict] = []
 
-    def write(what: str) -> None:
-        with open(FLAGS.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        logging.info("wrote %s to %s", what, FLAGS.out)
+    def keep(done: list[str]) -> None:  # a section that raised, or Ctrl-C: the finished sections' rows are kept
+        if FLAGS.out:
+            write_rows_json(FLAGS.out, rows, f"the rows of {', '.join(done)} only (a later section failed)")
 
-    try:
-        for name in FLAGS.sections:
-            rows += SECTIONS[name]()
-            done.append(name)
-    except BaseException:  # a section that raised, or Ctrl-C: the finished sections' rows are kept, then the error
-        if FLAGS.out and done:
-            write(f"the rows of {', '.join(done)} only (a later section failed)")
-        raise
+    run_parts(FLAGS.sections, lambda name: rows.extend(SECTIONS[name]()), keep)
     if FLAGS.out:
-        write("all rows")
+        write_rows_json(FLAGS.out, rows, "all rows")
 
 
 if __name__ == "__main__":

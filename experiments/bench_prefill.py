@@ -15,14 +15,13 @@ on, a second run shows cache-load times instead.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import register_distinct, writable_file_or_exit
+from experiments import register_distinct, run_parts, writable_file_or_exit, write_rows_json
 from models.prefill_bench import bench_configs, run_one
 
 _BATCH = flags.DEFINE_integer("batch", 4, "requests per prefill batch", lower_bound=1)
@@ -63,19 +62,15 @@ def main(argv: Sequence[str]) -> None:
     configs = bench_configs(_MOE_DISPATCH.value)
     results = []
 
-    def write(what: str) -> None:
-        with open(_OUT.value, "w") as f:
-            json.dump(results, f, indent=1)
-        logging.info("wrote %s to %s", what, _OUT.value)
+    def run_model(name: str) -> None:
+        logging.info("config %s: %s", name, configs[name])
+        results.append(run_one(name, configs[name], _BATCH.value, _MISS.value, _CACHED.value, _REPEATS.value))
 
-    try:  # a model that fails (e.g. out of memory) keeps the finished models' results
-        for name in _MODELS.value:
-            logging.info("config %s: %s", name, configs[name])
-            results.append(run_one(name, configs[name], _BATCH.value, _MISS.value, _CACHED.value, _REPEATS.value))
-    except BaseException:
-        if _OUT.value and results:
-            write(f"the results of {', '.join(r['model'] for r in results)} only (a later model failed)")
-        raise
+    def keep(done: list[str]) -> None:  # a model that fails (e.g. out of memory) keeps the finished models' results
+        if _OUT.value:
+            write_rows_json(_OUT.value, results, f"the results of {', '.join(done)} only (a later model failed)")
+
+    run_parts(_MODELS.value, run_model, keep)
     print(
         f"\nprefill, device={jax.devices()[0].platform}, batch={_BATCH.value}, miss={_MISS.value}, cached={_CACHED.value}"
     )
@@ -93,7 +88,7 @@ def main(argv: Sequence[str]) -> None:
             f"{r['max_abs_logit_diff']:.1e} |"
         )
     if _OUT.value:
-        write("all results")
+        write_rows_json(_OUT.value, results, "all results")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ Each row also gives the process CPU time (all threads) per GB, next to the basel
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -52,7 +51,7 @@ import numpy as np
 from dualpath_jax.block_keys import keys_from_hash_ids, root_key
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import LocalDirStore, block_file, local_dir
-from experiments import register_distinct, writable_dir_or_exit, writable_file_or_exit
+from experiments import register_distinct, run_parts, writable_dir_or_exit, writable_file_or_exit, write_rows_json
 
 # DeepSeek-V3 MLA cache in FP8 (PAPER.md: ~656 B/token/layer, 61 layers): 2.4 MiB Full Blocks, 41 KiB Layer
 # Blocks. Qwen2.5-32B fp16 (64 layers x 8 kv heads x 128 x 2 x 2 B = 4 KiB/token/layer): 16 MiB Full Blocks.
@@ -723,27 +722,22 @@ def main(argv: Sequence[str]) -> None:
     )
     rows: list[dict] = []
 
-    def write(what: str) -> None:
-        with open(FLAGS.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        logging.info("wrote %s to %s", what, FLAGS.out)
-
-    done = []
-    try:  # layout by layout: one that fails (e.g. the disk fills) keeps the finished layouts' rows
-        for name in FLAGS.layouts:
-            rows += run_store_bench(
+    def run_layout(name: str) -> None:
+        rows.extend(
+            run_store_bench(
                 [name], FLAGS.root, FLAGS.total_mb, FLAGS.repeats, FLAGS.threads, FLAGS.cold_blocks, FLAGS.compare_tree
             )
-            done.append(name)
-    except BaseException:
-        if done:
-            print(format_rows(rows))
-            if FLAGS.out:
-                write(f"the rows of {', '.join(done)} only (a later layout failed)")
-        raise
+        )
+
+    def keep(done: list[str]) -> None:  # a layout that fails (e.g. the disk fills) keeps the finished layouts' rows
+        print(format_rows(rows))
+        if FLAGS.out:
+            write_rows_json(FLAGS.out, rows, f"the rows of {', '.join(done)} only (a later layout failed)")
+
+    run_parts(FLAGS.layouts, run_layout, keep)
     print(format_rows(rows))
     if FLAGS.out:
-        write("all rows")
+        write_rows_json(FLAGS.out, rows, "all rows")
 
 
 if __name__ == "__main__":
