@@ -40,7 +40,7 @@ class StoreStats:
     bytes_written: int = 0  # file bytes written (header + payload)
     evictions: int = 0  # blocks removed by LRU eviction
     bytes_evicted: int = 0
-    corrupt_blocks: int = 0  # corrupt block files found and removed (on read or when opening the store)
+    corrupt_blocks: int = 0  # corrupt block files found and removed (on read, by a write over one, or at open)
     temp_files_removed: int = 0  # leftovers of killed writers removed
     cold_populated: int = 0  # blocks a Full-Block preadv read found out of the page cache, brought in by a mapping
 
@@ -110,7 +110,8 @@ class KVStore(abc.ABC):
 
     @abc.abstractmethod
     def write(self, key: bytes, full_block: Any, durable: bool | None = None) -> bool:
-        """Store a Full Block (`layout.full_block_nbytes` bytes) atomically; a second write is a no-op.
+        """Store a Full Block (`layout.full_block_nbytes` bytes) atomically; a second write is a no-op (unless the
+        stored block is damaged: then it is replaced).
 
         `durable=True` returns only once the block survives a power loss. Returns False (logged, counted) if
         it could not make room (every other block pinned) or the file system refused the write.

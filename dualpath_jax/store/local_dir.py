@@ -43,7 +43,9 @@ from the LRU end to the last victim. Blocks being read or written are not evicte
 `unpin` only undoes a `pin`). A lookup that indexes blocks written by other processes evicts other blocks to fit
 them, never its own hits; where its hits alone exceed the capacity, the ones past it are neither indexed nor
 reported. A read hit or a dedup write that indexes such a block evicts others to fit it the same way (else it is
-left unindexed).
+left unindexed). A write checks for room before it writes but evicts only once its block is stored, so a write that
+fails (a full disk, EIO) costs no stored block (the disk holds the writes in flight beyond `capacity_bytes`: leave
+room for them; a write whose room was pinned away meanwhile removes its new block: rejected).
 
 fork(): the child gets the store's lock, thread pools and in-flight state anew (`_after_fork_in_child`): reads
 and writes in flight in the parent's other threads do not exist in the child, so their protection from eviction,
@@ -644,10 +646,10 @@ class LocalDirStore(KVStore):
                     found[key] = max(found.get(key, st.st_mtime_ns), st.st_mtime_ns)
         except BaseException:  # (blocks/ cannot be listed, say)
             with self._lock:
-                self._scans.remove(dropped)
+                self._end_scan_locked(dropped)
             raise
         with self._lock:
-            self._scans.remove(dropped)
+            self._end_scan_locked(dropped)
             order = sorted((k for k in found if k not in dropped), key=found.__getitem__)
             recent = [k for k, g in self._index.items() if g > seen] if self._index else []
             for key in [k for k in self._index if k not in found and self._index[k] <= seen]:
@@ -661,6 +663,11 @@ class LocalDirStore(KVStore):
                 self._index[key] = gen
                 self._index.move_to_end(key)
             self._evict_to_fit_locked(0)
+
+    def _end_scan_locked(self, dropped: set[bytes]) -> None:
+        """Stop recording drops for the scan that owns `dropped`: found by identity, since another scan's set may be
+        equal to it (both empty), and list.remove would end that scan's record instead."""
+        self._scans[:] = [d for d in self._scans if d is not dropped]
 
     def _is_own_file(self, key: bytes, st: os.stat_result, path: str) -> bool:
         """Whether a file whose name is not `path_of(key)`'s spelling is that very file (a case-insensitive file
@@ -749,11 +756,15 @@ class LocalDirStore(KVStore):
         if self._index.get(key, 0) <= seen:
             self._drop_locked(key)
 
-    def _evict_to_fit_locked(self, incoming: int, protect: Sequence[bytes] = (), partial: bool = True) -> bool:
+    def _evict_to_fit_locked(
+        self, incoming: int, protect: Sequence[bytes] = (), partial: bool = True, evict: bool = True
+    ) -> bool:
         """Evict LRU blocks (neither pinned nor being read, nor in `protect`) until `incoming` more bytes fit;
         False if they do not even then (with `partial=False` nothing is evicted then: a write that fails anyway must
-        not cost other blocks; lookup's partial eviction makes room for some of its hits). Costs O(1) when they fit,
-        else one walk from the LRU end to the last victim (the index is never copied: it is held under the lock)."""
+        not cost other blocks; lookup's partial eviction makes room for some of its hits). `evict=False` only says
+        whether they would fit (a write checks before it writes, and evicts once its block is stored). Costs O(1)
+        when they fit, else one walk from the LRU end to the last victim (the index is never copied: it is held
+        under the lock)."""
         if self.capacity_bytes is None:
             return True
         excess = self._used + self._reserved + incoming - self.capacity_bytes
@@ -771,6 +782,8 @@ class LocalDirStore(KVStore):
                 break
         if not partial and len(victims) < need:
             return False
+        if not evict:
+            return len(victims) == need
         for key in victims:
             try:
                 os.unlink(self.path_of(key))
@@ -1365,8 +1378,9 @@ class LocalDirStore(KVStore):
         path = self.path_of(key)
         if not overwrite:
             drops = self._drops
-            # (the file, not the index: it may be stale; durable: a non-durable write may have stored it, so fsync it)
-            if self._stat_block(key) and (not durable or _fsync_block(path)):
+            # (the file, not the index: it may be stale; checked whole: a damaged file is written over; durable: a
+            # non-durable write may have stored it, so fsync it)
+            if self._stat_block(key) and self._stored_block_ok(key, path) and (not durable or _fsync_block(path)):
                 with self._lock:
                     # (unless this store evicted it since the stat: then it may be gone, so write it again)
                     if key in self._index or self._drops == drops:
@@ -1374,7 +1388,9 @@ class LocalDirStore(KVStore):
                         self._stats.write_dedup += 1
                         return True
         with self._lock:
-            if not self._evict_to_fit_locked(0 if key in self._index else self.file_nbytes, partial=False):
+            # Room is only checked here; blocks are evicted for this one once it is stored (below), so a write that
+            # fails (a full disk, EIO) costs no stored block.
+            if not self._evict_to_fit_locked(0 if key in self._index else self.file_nbytes, partial=False, evict=False):
                 self._stats.write_rejected += 1
                 log.warning(
                     "kv store %s: no room for block %s (%d B used of %s, all of it pinned): not stored",
@@ -1399,13 +1415,44 @@ class LocalDirStore(KVStore):
         finally:
             with self._lock:
                 self._reserved -= self.file_nbytes
+                # Stored: now evict others to fit it (a key still indexed was replaced in place: no bytes added).
+                incoming = 0 if key in self._index else self.file_nbytes
+                if done and not self._evict_to_fit_locked(incoming, partial=False) and incoming:
+                    done = False  # every other block was pinned meanwhile: the new one goes instead
+                    self._stats.write_rejected += 1
+                    log.warning("kv store %s: no room left for block %s once written: removed", self.root, key.hex())
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+                    self._drop_locked(key)  # (a refresh in progress must not index it from its listing)
                 self._unbusy_locked(key)
                 if done:
                     self._forget_fd_locked(key)  # an overwrite replaced the file: read the new one from now on
                     self._adopt_locked(key)
                     self._stats.writes += 1
                     self._stats.bytes_written += self.file_nbytes
-        return True
+        return done
+
+    def _stored_block_ok(self, key: bytes, path: str) -> bool:
+        """Whether the file a dedup write found is a good block of `key` (header, size and every Layer Block's
+        checksum, as a verified read checks them); a damaged one is removed (counted), so the write stores the
+        good bytes instead of trusting a file of the right size."""
+        try:
+            ent = _OpenBlock(_open_block(path))
+        except OSError:  # (gone meanwhile, not a regular file, EIO: the write goes ahead)
+            return False
+        try:
+            dst = np.empty((self._fb,), np.uint8)
+            reason = self._read_fd(ent, key, dst, None, [(self.header_nbytes, 0, self._fb)], True)
+            if reason is not None:
+                self._remove_corrupt(key, path, reason, fd=ent.fd)
+            return reason is None
+        except OSError as e:
+            log.warning("kv store %s: cannot check stored block %s: %s (written again)", self.root, path, e)
+            return False
+        finally:
+            ent.close()
 
     def submit_write(self, key: bytes, full_block: Any, durable: bool | None = None) -> Future:
         _check_key(key)
