@@ -19,6 +19,7 @@ import logging
 import math
 import numbers
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 LAUNCHERS = ("inprocess", "local", "ray")
 TRANSPORT_NAMES = ("inproc", "tcp", "rdma")  # rdma: pyverbs and an RDMA device (checked by `validate`)
+# Least share of a CNIC either priority class may be given: the SFQ tags (bytes / share) of a smaller one overflow or
+# swallow the other class's increments within a run.
+MIN_CLASS_SHARE = 1e-6
 
 
 class ConfigError(ValueError):
@@ -317,6 +321,14 @@ def validate(
             )
     if not 0 < cfg.nics.high_priority_share < 1:  # the low class (KV) must keep a share of a contended CNIC
         raise ConfigError(f"config.nics.high_priority_share must be > 0 and < 1, got {cfg.nics.high_priority_share}")
+    share = cfg.nics.high_priority_share
+    if not MIN_CLASS_SHARE <= share <= 1 - MIN_CLASS_SHARE:  # (1e-300: the model class's SFQ tags, bytes / share,
+        # reached inf within ~200 MB; its chunks then tied the KV chunks' and went first: KV got none of the CNIC)
+        raise ConfigError(
+            f"config.nics.high_priority_share={share!r} leaves a class {min(share, 1 - share):.3g} of a "
+            f"CNIC, below {MIN_CLASS_SHARE:g}: the links' fair-queuing weights cannot keep such a ratio; use a "
+            f"share in [{MIN_CLASS_SHARE:g}, 1 - {MIN_CLASS_SHARE:g}] (the paper's: 0.99)"
+        )
     for name in ("prefill_token_budget", "prefill_max_batch"):
         if getattr(c, name) < 1:
             raise ConfigError(f"config.cluster.{name} must be >= 1, got {getattr(c, name)}")
@@ -330,6 +342,14 @@ def validate(
         )
     if not cfg.run_timeout_s > 0:
         raise ConfigError(f"config.run_timeout_s must be > 0, got {cfg.run_timeout_s}")
+    # A group gets its tasks only when it fetches, and an idle one fetches once per interval: with an interval of the
+    # run's timeout no turn got through in time (fetch_interval_s=30, run_timeout_s=20: "0/2 turns"); one past
+    # threading.TIMEOUT_MAX (~292 years) crashed every node (OverflowError in the wait between fetches).
+    if not s.fetch_interval_s < min(cfg.run_timeout_s, threading.TIMEOUT_MAX):
+        raise ConfigError(
+            f"config.scheduler.fetch_interval_s ({s.fetch_interval_s}) must be below config.run_timeout_s "
+            f"({cfg.run_timeout_s}) and {threading.TIMEOUT_MAX:.0f} s: a group gets its tasks only when it fetches"
+        )
     _warn_pd_range(cfg)
     if kv_bytes_per_token is not None:
         _validate_decode_cache_memory(cfg, kv_bytes_per_token)

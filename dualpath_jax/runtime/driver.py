@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -53,6 +54,7 @@ def make_trajectories(cfg: RuntimeConfig) -> list[Trajectory]:
     and cut to `workload.turns` turns so the tiny model can run them."""
     w = cfg.workload
     if w.kind == "tiny":
+        _check_tiny_fits(cfg)
         return tiny_trajectories(
             w.agents, w.turns, w.append_tokens, w.gen_tokens, w.first_append_tokens, w.gap_s, w.seed
         )
@@ -67,6 +69,24 @@ def make_trajectories(cfg: RuntimeConfig) -> list[Trajectory]:
             raise ConfigError("config.workload.trace must name a trace file or directory for kind='trace'")
         return _scaled(traces.load_trace(w.trace, max_agents=w.agents or None), w)
     raise ConfigError(f"config.workload.kind {w.kind!r} unknown; known: tiny, synthetic, trace")
+
+
+def _check_tiny_fits(cfg: RuntimeConfig) -> None:
+    """The shortest last turn `tiny_trajectories` can draw (every length >= half its mean, rounded, >= 1) must fit
+    max_seq_len: checked before the agents are built (workload.turns=10**9 built them for minutes, then failed)."""
+    w = cfg.workload
+
+    def least(mean: int) -> int:
+        return max(1, round(mean * 0.5))
+
+    shortest = least(w.first_append_tokens) + w.turns * least(w.gen_tokens) + (w.turns - 1) * least(w.append_tokens)
+    if shortest > cfg.cluster.max_seq_len:
+        raise ConfigError(
+            f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the workload's last turn: "
+            f"config.workload.turns={w.turns} tiny turns of append_tokens={w.append_tokens} (the first: "
+            f"first_append_tokens={w.first_append_tokens}) and gen_tokens={w.gen_tokens}, each at least half its "
+            f"mean, reach {shortest} tokens or more; lower config.workload.turns or raise config.cluster.max_seq_len"
+        )
 
 
 def _scaled(trajs: Sequence[Trajectory], w) -> list[Trajectory]:
@@ -183,10 +203,12 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     trajs = [_full_context(t) for t in trajs]
     if not trajs:
         raise ConfigError("the workload has no trajectories")
+    _check_trajectory_ids(trajs)
     _check_arrivals_within_timeout(cfg, trajs)
     _check_turn_lengths(trajs)
-    max_prompt = max(t.prompt_tokens(i) for t in trajs for i in range(len(t.turns)))
-    max_total = max(t.prompt_tokens(i) + t.turns[i].gen_tokens for t in trajs for i in range(len(t.turns)))
+    shapes = [s for t in trajs for s in t.turn_shapes(1)]  # (one pass per trajectory: prompt_tokens(i) is O(i))
+    max_prompt = max(prompt for prompt, _, _ in shapes)
+    max_total = max(prompt + gen for prompt, _, gen in shapes)
     validate(cfg, mcfg.kv_bytes_per_token, max_prompt, mcfg.num_layers)
     _check_token_ids(trajs, mcfg.vocab_size)
     if max_total > cfg.cluster.max_seq_len:
@@ -264,6 +286,20 @@ def _check_last_turns_within_timeout(cfg: RuntimeConfig, trajs: Sequence[Traject
                 f"can reach its last turn: even served in no time, turn {len(t.turns) - 1} arrives at {at:.4g} s "
                 f"({why}), so the run can never finish; raise config.run_timeout_s or shorten the gaps"
             )
+
+
+def _check_trajectory_ids(trajs: Sequence[Trajectory]) -> None:
+    """Unique integer ids >= 0: a turn's append tokens are drawn from an RNG seeded by (seed, trajectory id, turn), so
+    a negative id failed the run after start ("fetch from node 1 failed: ValueError('expected non-negative
+    integer')"), and a repeated one was a ValueError of the conversation book."""
+    seen = set()
+    for t in trajs:
+        tid = t.trajectory_id
+        if isinstance(tid, bool) or not isinstance(tid, numbers.Integral) or tid < 0:
+            raise ConfigError(f"the workload's trajectory id {tid!r} must be an integer >= 0")
+        if tid in seen:
+            raise ConfigError(f"the workload has two trajectories with id {tid}: ids must be unique")
+        seen.add(tid)
 
 
 def _check_turn_lengths(trajs: Sequence[Trajectory]) -> None:
@@ -386,6 +422,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
         # Let every live group see the shutdown and send its final report (link bytes).
         launcher.join(timeout=15.0)
     finally:
+        service.stop()  # (a run given up on: its groups stop at their next fetch, as at the end of a finished run)
         launcher.shutdown()
         store.close()
     records = service.finished_records()

@@ -332,9 +332,11 @@ class LocalProcessLauncher:
 
     def shutdown(self) -> None:
         if self.session is not None:
-            self.session.end()
-            if self.server is not None:
-                self.server.close()
+            try:
+                self.session.end()
+            finally:  # (a node that did not finish its run: the server is closed all the same)
+                if self.server is not None:
+                    self.server.close()
             return
         self.join(10.0)
         for p in self.procs.values():
@@ -379,7 +381,14 @@ class LocalCluster:
         ]:
             raise ValueError("a LocalCluster session runs one node layout; start a new session for another")
         for n, conn in self.conns.items():
-            conn.send(msg)
+            # A node process that died since (killed, a crash in an earlier run) gets no run: the driver sees it is
+            # not alive and declares it dead, as one dying mid-run (the send was a bare BrokenPipeError).
+            if not self.procs[n].is_alive():
+                continue
+            try:
+                conn.send(msg)
+            except OSError:  # (died just now)
+                continue
             self._busy.add(n)
 
     def finished(self, node_id: int) -> bool:

@@ -107,6 +107,7 @@ class GlobalScheduler:
         self.schedule_calls = 0
         self.stats: dict[int, dict] = {}
         self.started = False
+        self.stopping = False  # the driver is done with the run (finished or gave up): every fetch says shutdown
 
     # ---------------------------------------------------------------- time
     def now(self) -> float:
@@ -162,7 +163,7 @@ class GlobalScheduler:
                     for e in self.engine_node
                     if self.engine_node[e] not in self.dead_nodes
                 }
-            reply.shutdown = self.book.done or self.failure is not None
+            reply.shutdown = self.book.done or self.failure is not None or self.stopping
             return reply
 
     @property
@@ -396,6 +397,13 @@ class GlobalScheduler:
             self.book.complete(ev.request_id, ev.data["tokens"], t)
         else:
             raise RunFailed(f"unknown event kind {ev.kind!r} from node {node}")
+
+    def stop(self) -> None:
+        """Tell every group to shut down at its next fetch (the driver gave up: its timeout, a failed node, Ctrl-C).
+        Nothing else told them: their fetches went on being answered as if the run went on, so a `LocalCluster`
+        session's nodes never ended that run ("did not finish their run" after 15 s, hiding why the run failed)."""
+        with self._lock:
+            self.stopping = True
 
     # ---------------------------------------------------------------- failures
     def check_heartbeats(self) -> list[int]:
