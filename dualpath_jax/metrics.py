@@ -170,7 +170,8 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
 def json_safe(v):
     """`v` with every NaN / infinite float (nested in dicts, lists, tuples) as None: `json.dump` writes them as
     NaN / Infinity, which is not JSON (strict readers refuse the file); None is `null`."""
-    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+    # numpy's float32 / float16 are no Python floats: their NaN went out as NaN (json.dump's default=float)
+    if isinstance(v, (float, np.floating)) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
         return {k: json_safe(x) for k, x in v.items()}

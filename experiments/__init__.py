@@ -245,6 +245,13 @@ def writable_file_or_exit(path: str, what: str) -> str:
     return path
 
 
+def error_line(e: BaseException) -> str:
+    """One line for a job's error; a `sys.exit(code)` is named as such (its message alone may be empty or 0)."""
+    if isinstance(e, SystemExit):
+        return f"SystemExit: sys.exit({e.code!r}) called"
+    return f"{type(e).__name__}: {e}"
+
+
 def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str | None]]:
     """`fn` over `jobs` with a progress bar, in spawned worker processes when `workers` > 1: one (result, None)
     or (None, error line) per job, in the order of `jobs`. A job that raises, or whose worker process dies (e.g.
@@ -265,8 +272,9 @@ def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str 
             for i, job in enumerate(jobs):
                 try:
                     out[i] = (fn(job), None)
-                except Exception as e:  # noqa: BLE001 - reported with the job, after the others ran
-                    out[i] = (None, f"{type(e).__name__}: {e}")
+                # a job's sys.exit (e.g. in a setup file) is its error too: it ended the sweep with no results
+                except (Exception, SystemExit) as e:  # noqa: BLE001 - reported with the job, after the others ran
+                    out[i] = (None, error_line(e))
                 except KeyboardInterrupt:  # the finished jobs are kept; this one and the rest do not run
                     out[i:] = [interrupted] * (len(jobs) - i)
                     break
@@ -280,8 +288,8 @@ def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str 
                     out[futures[f]] = (f.result(), None)
                 except BrokenProcessPool:
                     out[futures[f]] = (None, "a worker process died (killed, e.g. out of memory) before this finished")
-                except Exception as e:  # noqa: BLE001
-                    out[futures[f]] = (None, f"{type(e).__name__}: {e}")
+                except (Exception, SystemExit) as e:  # noqa: BLE001 - a worker's sys.exit comes back as its result
+                    out[futures[f]] = (None, error_line(e))
                 bar.update()
         except BaseException as e:  # Ctrl-C: stop now, as Pool did (the executor would finish the running jobs first)
             for p in list((pool._processes or {}).values()):  # noqa: SLF001 - no public way before Python 3.14

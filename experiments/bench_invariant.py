@@ -7,6 +7,7 @@ Cases (one request unless said): a whole-prompt prefill (layerwise), a 64-token 
 cached prefix (the agentic turn), and one decode step of `--slots` slots at the prompt's context. Repeats
 alternate the two modes, so both see the same machine load; medians are reported with their ratio. Also checks
 what the mode is for: the invariant runner's KV of a chunked prefill equals its whole prefill bit for bit.
+`--out=FILE` writes the rows as JSON (a model that fails keeps the finished models' rows, and their table).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import register_distinct
+from experiments import register_distinct, run_parts, writable_file_or_exit, write_rows_json
 
 _MODELS = flags.DEFINE_list(
     "models", ["tiny_qwen2", "tiny_deepseek", "dense", "moe"], "tiny names, or dense / moe (experiments.bench_prefill)"
@@ -27,6 +28,7 @@ _PROMPT = flags.DEFINE_integer("prompt", 512, "prompt tokens (the cached prefix 
 _APPEND = flags.DEFINE_integer("append", 64, "tokens of the append case", lower_bound=1)
 _SLOTS = flags.DEFINE_integer("slots", 8, "decode slots", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved repeats per case", lower_bound=1)
+_OUT = flags.DEFINE_string("out", "", "write the rows as JSON here (default: print only)")
 
 
 def _known_models(names) -> bool:
@@ -92,13 +94,32 @@ def _chunked_equals_whole(runner, rng) -> bool:
     return bool(np.array_equal(np.concatenate([first, rest.miss_kv[0]], axis=1), whole))
 
 
+def _print_table(rows: list[dict]) -> None:
+    print(f"\n## Batch-invariant execution vs default ({_REPEATS.value} interleaved repeats, medians)\n")
+    print("| model | case | default | invariant | invariant / default |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for r in rows:
+        if "ratio" not in r:
+            print(
+                f"| {r['model']} | {r['case']} | {'yes' if r['default'] else 'no'} | {'yes' if r['invariant'] else 'no'} | |"
+            )
+        else:
+            print(
+                f"| {r['model']} | {r['case']} | {r['default_ms']:.1f} ms | {r['invariant_ms']:.1f} ms | "
+                f"{r['ratio']:.2f}x |"
+            )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    if _OUT.value:
+        writable_file_or_exit(_OUT.value, "--out")  # before the benchmark, not after
     from models.runner import ModelRunner
 
-    rows = []
-    for name in _MODELS.value:
+    rows: list[dict] = []
+
+    def run_model(name: str) -> None:
         cfg = _config(name)
         runners = {
             mode: ModelRunner(dataclasses.replace(cfg, batch_invariant=mode == "invariant"), seed=0)
@@ -121,17 +142,26 @@ def main(argv):
         for case in cases["default"]:
             d = statistics.median(times[("default", case)]) * 1e3
             i = statistics.median(times[("invariant", case)]) * 1e3
-            rows.append((name, case, d, i, i / d))
-        rows.append((name, "chunked KV == whole KV", exact["default"], exact["invariant"], None))
+            rows.append({"model": name, "case": case, "default_ms": d, "invariant_ms": i, "ratio": i / d})
+        rows.append(
+            {
+                "model": name,
+                "case": "chunked KV == whole KV",
+                "default": exact["default"],
+                "invariant": exact["invariant"],
+            }
+        )
         logging.info("%s done", name)
-    print(f"\n## Batch-invariant execution vs default ({_REPEATS.value} interleaved repeats, medians)\n")
-    print("| model | case | default | invariant | invariant / default |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for name, case, d, i, ratio in rows:
-        if ratio is None:
-            print(f"| {name} | {case} | {'yes' if d else 'no'} | {'yes' if i else 'no'} | |")
-        else:
-            print(f"| {name} | {case} | {d:.1f} ms | {i:.1f} ms | {ratio:.2f}x |")
+
+    def keep(done: list[str]) -> None:  # a model that fails keeps the finished models' rows (it lost them all)
+        _print_table(rows)
+        if _OUT.value:
+            write_rows_json(_OUT.value, rows, f"the rows of {', '.join(done)} only (a later model failed)")
+
+    run_parts(_MODELS.value, run_model, keep)
+    _print_table(rows)
+    if _OUT.value:
+        write_rows_json(_OUT.value, rows, "all rows")
 
 
 if __name__ == "__main__":

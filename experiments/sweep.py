@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 from experiments import (
+    error_line,
     no_earlier_results_or_exit,
     pyplot_or_none,
     register_distinct,
@@ -203,6 +204,8 @@ def main(argv: Sequence[str]) -> None:
             raise SystemExit(f"bad config: {e}") from None
         except (ValueError, KeyError) as e:
             raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {e.args[0] if e.args else e}") from None
+        except SystemExit as e:  # the setup's own sys.exit (0 ended the sweep "successfully", with nothing run)
+            raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {error_line(e)}") from None
     writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the grid runs, not after
     # an earlier sweep's results are kept (a failed sweep wrote its partial rows over them)
     no_earlier_results_or_exit(_OUTPUT_DIR.value, ("sweep.csv", "sweep.json"), "--output_dir", _OVERWRITE.value)

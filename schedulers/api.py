@@ -137,6 +137,11 @@ class PendingRequest:
                 f"request {self.request_id}: needs 0 <= hit_tokens <= prompt_tokens and gen_tokens >= 0, all finite, got "
                 f"prompt={self.prompt_tokens} hit={self.hit_tokens} gen={self.gen_tokens}"
             )
+        if self.prompt_tokens % 1 or self.hit_tokens % 1 or self.gen_tokens % 1:  # (finite here)
+            raise ValueError(
+                f"request {self.request_id}: token counts must be whole numbers, got prompt={self.prompt_tokens} "
+                f"hit={self.hit_tokens} gen={self.gen_tokens}"
+            )
 
     @property
     def miss_tokens(self) -> int:
@@ -240,6 +245,15 @@ class PrefillWork:
     request_id: int
     cached_tokens: int  # tokens whose KV already exists (hit + chunks prefilled so far)
     remaining_tokens: int  # miss tokens still to prefill
+
+    def __post_init__(self):
+        # a fraction of a token: fifo formed a batch of 0.5 tokens, compute_quota an empty one (the PE never
+        # progressed); negative / NaN / inf work is refused by the batchers as they reach it
+        c, r = self.cached_tokens, self.remaining_tokens
+        if (c % 1 and -_INF < c < _INF) or (r % 1 and -_INF < r < _INF):  # (an int: one modulo each)
+            raise ValueError(
+                f"prefill work {self.request_id}: token counts must be whole numbers, got cached={c} remaining={r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from schedulers.cost_model import CostModel, DecodeMeasurement, ModelShape, PrefillMeasurement
+from schedulers.cost_model import CostModel, DecodeMeasurement, ModelShape, PrefillMeasurement, prefill_items_ok
 
 Items = Sequence[tuple[int, int]]
 
@@ -79,6 +79,12 @@ def fit_report(cost_model: CostModel, measurements: Sequence[PrefillMeasurement]
     bad = [m for m in measurements if not 0 < m.seconds < math.inf]  # relative errors divide by the measured time
     if bad:  # (an inf made every error NaN)
         raise ValueError(f"fit_report needs finite measured seconds > 0, got {bad[0]}")
+    # a NaN cached made every error NaN; a NaN, negative or fractional bsz was dropped or predicted as no forward
+    bad = [m for m in measurements if not (prefill_items_ok(m.items) and any(b > 0 for _, b in m.items))]
+    if bad:
+        raise ValueError(
+            f"fit_report needs items with cached >= 0 and bsz >= 0 (some > 0), finite whole numbers, got {bad[0]}"
+        )
     errs = [abs(cost_model.batch_prefill_time(m.items) - m.seconds) / m.seconds for m in measurements]
     return FitReport(float(np.median(errs)), float(np.max(errs)), len(errs))
 

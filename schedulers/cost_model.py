@@ -599,14 +599,10 @@ class CostModel:
                 items = [(c, b) for c, b in meas.items if b != 0]  # (bsz 0: nothing prefilled, no term)
                 # `not 0 < x < inf` refuses NaN and inf too (else NNLS or the rank's SVD fails deep inside numpy);
                 # a negative bsz is refused, not dropped like a 0 (the fit put the batch's time on the rest)
-                if (
-                    not items
-                    or not 0 < meas.seconds < math.inf
-                    or not all(0 <= c < math.inf and 0 < b < math.inf for c, b in items)
-                ):
+                if not items or not 0 < meas.seconds < math.inf or not prefill_items_ok(meas.items):
                     raise ValueError(
                         f"bad prefill measurement {meas}: needs items with bsz >= 0 (some > 0) and cached >= 0, all "
-                        "finite, and finite seconds > 0"
+                        "finite whole numbers, and finite seconds > 0"
                     )
                 pre_rows.append(self._prefill_terms(items))
                 pre_t.append(meas.seconds)
@@ -615,11 +611,13 @@ class CostModel:
                     not (
                         0 < meas.batch_size < math.inf and 0 <= meas.total_context_tokens < math.inf  # NaN too
                     )
+                    or meas.batch_size % 1  # half a sequence
+                    or meas.total_context_tokens % 1
                     or not 0 < meas.seconds < math.inf
                 ):
                     raise ValueError(
-                        f"bad decode measurement {meas}: needs batch_size > 0, total_context_tokens >= 0 and "
-                        "finite seconds > 0"
+                        f"bad decode measurement {meas}: needs batch_size > 0, total_context_tokens >= 0 (whole "
+                        "numbers) and finite seconds > 0"
                     )
                 dec_rows.append([1.0, *self.decode_terms(meas.batch_size, meas.total_context_tokens)])
                 dec_t.append(meas.seconds)
@@ -707,6 +705,12 @@ _PREFILL_PROBES = (
 )
 _DECODE_PROBES = ((1, 1), (1, 100_000), (2, 50), (3, 30), (5, 200_000), (7, 35_000), (16, 24_000), (64, 6400))
 _RANK_RTOL = 1e-9  # singular values below this fraction of the largest (columns scaled to norm 1) count as 0
+
+
+def prefill_items_ok(items: Sequence[tuple[int, int]]) -> bool:
+    """Measured (cached, bsz) items: whole numbers >= 0, finite (`not 0 <= x < inf` refuses NaN too). A fraction
+    of a token has no forward; a negative bsz was dropped like a 0 (its batch's time put on the rest)."""
+    return all(0 <= c < math.inf and 0 <= b < math.inf and not c % 1 and not b % 1 for c, b in items)
 
 
 def _rank(rows: list[list[float]]) -> int:

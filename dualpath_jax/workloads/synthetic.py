@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import numpy as np
 
@@ -163,10 +164,19 @@ def generate_trajectory(
     return Trajectory(trajectory_id=trajectory_id, turns=turns, source=f"synthetic:{spec.name}")
 
 
+def _check_ints(**named) -> None:
+    """Counts, lengths and seeds of the generator are ints (numpy ints too): prefix_max_tokens=2.5 drew prefixes
+    silently, a float count or seed was a numpy TypeError naming no argument."""
+    for name, v in named.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+
+
 def generate_trajectories(
     dataset: str | SyntheticSpec, n: int, seed: int = 0, append_scale: float = 1.0
 ) -> list[Trajectory]:
     """`n` base trajectories of a Table 2 dataset ("32K", "48K", "64K" or a custom spec), seeded."""
+    _check_ints(n=n, seed=seed)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not 0 < append_scale < math.inf:  # nan / inf would reach int()
@@ -197,6 +207,14 @@ def make_agents(
 
     With `with_token_ids`, every append carries random token ids in [0, vocab_size) (runtime runs).
     """
+    _check_ints(
+        n_agents=n_agents,
+        seed=seed,
+        base_trajectories=base_trajectories,
+        base_seed=base_seed,
+        prefix_max_tokens=prefix_max_tokens,
+        vocab_size=vocab_size,
+    )
     if n_agents < 0:
         raise ValueError(f"n_agents must be >= 0, got {n_agents}")
     if prefix_max_tokens < 1:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import numbers
 import os
 import zlib
 from collections.abc import Iterator, Sequence
@@ -67,6 +68,20 @@ def resolve_trace_path(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(
         f"trace {str(path)!r} not found (looked at {p} and {q}; set ${TRACES_ENV} to move the traces dir)"
     )
+
+
+def _check_count(name: str, n: int | None) -> None:
+    """A line / file count of the loaders: None (all) or an int >= 1. A negative one dropped the last files
+    (files[:-1]); 0 gave [] for kv-cache-tester sessions but "no request in the trace" for Mooncake; a fraction
+    cut Mooncake at its floor and was a TypeError for session files."""
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise ValueError(f"{name} must be an int >= 1 (or None for all), got {n!r} ({type(n).__name__})")
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")
+    if n == 0:
+        raise ValueError(f"{name}=0 loads nothing: give an int >= 1, or None for the whole trace")
 
 
 def _unreadable(path: Path, e: Exception) -> TraceFormatError:
@@ -198,10 +213,14 @@ def load_mooncake(
     block_size: int = MOONCAKE_BLOCK,
 ) -> list[Trajectory]:
     """Sessions of a Mooncake JSONL trace as trajectories (first `max_requests` lines if given)."""
-    if max_requests is not None and max_requests < 0:
-        raise ValueError(f"max_requests must be >= 0, got {max_requests}")
-    if min_shared_blocks < 1 or block_size < 1:  # block -1 would be the last one (the search runs backwards)
-        raise ValueError(f"min_shared_blocks and block_size must be >= 1, got {min_shared_blocks} and {block_size}")
+    _check_count("max_requests", max_requests)
+    # block -1 would be the last one (the search runs backwards); a block of 512.5 tokens blamed every line's
+    # hash ids ("expected ceil(600/512.5) = 2.0")
+    ints = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (min_shared_blocks, block_size))
+    if not ints or min_shared_blocks < 1 or block_size < 1:
+        raise ValueError(
+            f"min_shared_blocks and block_size must be >= 1 (ints), got {min_shared_blocks!r} and {block_size!r}"
+        )
     p = resolve_trace_path(path)
     sessions: list[dict[str, Any]] = []  # {t0, turns, tracker}
     tails: dict[int, int] = {}  # last full block id of a session's latest prompt -> session index
@@ -324,8 +343,7 @@ def load_kvcache_tester(
     paths: str | os.PathLike | Sequence[str | os.PathLike] = "kvcache_tester", limit: int | None = None
 ) -> list[Trajectory]:
     """Sessions from a directory of trace_*.json.gz (sorted, first `limit`) or a list of files."""
-    if limit is not None and limit < 0:  # files[:-1] would drop the last file
-        raise ValueError(f"limit must be >= 0, got {limit}")
+    _check_count("limit", limit)
     return _load_kvcache_files(_session_files(paths, limit))
 
 
@@ -361,8 +379,7 @@ def load_trace(path: str | os.PathLike, limit: int | None = None, max_agents: in
     """
     if max_agents is not None and (isinstance(max_agents, bool) or not isinstance(max_agents, int) or max_agents < 1):
         raise ValueError(f"max_agents must be an int >= 1 (or None for all), got {max_agents!r}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+    _check_count("limit", limit)
     p = resolve_trace_path(path)
     name = p.name.removesuffix(".gz")
     if p.is_dir() or name.endswith(".json"):

@@ -39,6 +39,10 @@ class Turn:
             raise ValueError(
                 f"turn lengths must be >= 0 and finite, got append={self.append_tokens} gen={self.gen_tokens}"
             )
+        if self.append_tokens % 1 or self.gen_tokens % 1:  # half a token: fractional prompts, hits and KV sizes
+            raise ValueError(
+                f"turn lengths must be whole numbers, got append={self.append_tokens} gen={self.gen_tokens}"
+            )
         if not 0 <= self.gap_s < math.inf:  # nan too; inf: the next turn "arrived" at t = inf and never ran
             raise ValueError(f"turn gap must be >= 0 s and finite, got {self.gap_s}")
         if self.append_token_ids is not None and len(self.append_token_ids) != self.append_tokens:
@@ -47,6 +51,8 @@ class Turn:
             )
         if self.context_tokens is not None and not 0 <= self.context_tokens < math.inf:  # NaN too
             raise ValueError(f"context_tokens must be >= 0 and finite, got {self.context_tokens}")
+        if self.context_tokens is not None and self.context_tokens % 1:
+            raise ValueError(f"context_tokens must be a whole number, got {self.context_tokens}")
         if self.arrival_offset_s is not None and not 0 <= self.arrival_offset_s < math.inf:
             raise ValueError(f"arrival_offset_s must be >= 0 and finite, got {self.arrival_offset_s}")
         if self.block_hashes is not None and self.hash_block_size <= 0:
