@@ -9,6 +9,7 @@ Results go to the config's `output_dir` (under results/, which git ignores) unle
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import platform
@@ -86,6 +87,18 @@ STAT_KEYS = [
 ]
 
 
+def ran_config(cfg_dict: dict, sc, output_dir: str) -> dict:
+    """The config file's dict with the fields that ran (a SimConfig: a mode's policy, layerwise, fetch scope and
+    I/O, the derived DE HBM) and the results' directory in place of the given ones: a `:basic` run said
+    `scheduler.name: dualpath`."""
+    ran = dataclasses.asdict(sc)
+    out = dict(cfg_dict, output_dir=output_dir)
+    out["scheduler"] = {"name": ran.pop("policy"), "kwargs": ran.pop("policy_kwargs")}
+    out["batcher"] = {"name": ran.pop("batcher"), "kwargs": ran.pop("batcher_kwargs")}
+    out.update(ran)  # cluster, workload, seed, SLO, warm-up
+    return out
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
@@ -142,7 +155,7 @@ def main(argv: Sequence[str]) -> None:
     rows += [(k, result.summary[k]) for k in SUMMARY_KEYS if k in result.summary]
     rows += [(k, result.stats[k]) for k in STAT_KEYS]
     print(format_table(rows))
-    paths = outputs.write_results(result, out, cfg_dict, plot=_PLOT.value)
+    paths = outputs.write_results(result, out, ran_config(cfg_dict, result.config, out), plot=_PLOT.value)
     logging.info(
         "results written in %.1f CPU-s; process CPU so far %.1f s", time.process_time() - cpu1, time.process_time()
     )

@@ -164,6 +164,11 @@ def check_sim_config(sc: SimConfig) -> None:
     """Raise ValueError naming the first field of `sc` whose value is out of range (see _CLUSTER_BOUNDS)."""
     for name, (low, low_ok, high) in _CLUSTER_BOUNDS.items():
         _check_number(f"config.cluster.{name}", getattr(sc.cluster, name), low, low_ok, high, name in _INT_FIELDS)
+    # Switches: a SimConfig built in code with the string "false" ran with the switch on (a non-empty string is true)
+    for name in ("cnic_duplex", "decode_lockstep", "layerwise", "io_free", "writeback"):
+        value = getattr(sc.cluster, name)
+        if isinstance(value, str) or value not in (True, False):
+            raise ValueError(f"config.cluster.{name} must be true or false, got {value!r}")
     # <= 0: derived from the HBM (resolve_de_hbm); NaN used to pass as "derived", infinity failed inside the run
     _check_number("config.cluster.de_hbm_kv_gb", sc.cluster.de_hbm_kv_gb, -math.inf, False, None)
     if not sc.cluster.high_share < 1:
@@ -291,8 +296,12 @@ def sim_config_from_dict(cfg: dict, explicit: Collection[str] = ()) -> SimConfig
             policy = bundle.pop("policy")
             policy_kwargs = {**bundle.pop("policy_kwargs", {}), **policy_kwargs}  # the config's own win
             cluster.update(bundle)
-        else:
-            policy = mode  # any registered policy, layerwise, I/O as configured
+        else:  # any registered policy, layerwise, I/O as configured
+            if "scheduler.name" in explicit and policy != mode:  # (said nothing, as the bundles did before)
+                logging.getLogger(__name__).warning(
+                    "config.mode %r runs policy %r: the given config.scheduler.name %r is not used", mode, mode, policy
+                )
+            policy = mode
     sc = _fill(SimConfig, {k: v for k, v in cfg.items()}, "config")
     sc.cluster = _fill(ClusterConfig, cluster, "config.cluster")
     sc.workload = _fill(WorkloadConfig, workload, "config.workload")

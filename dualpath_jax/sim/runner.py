@@ -23,6 +23,7 @@ class SimResult:
     links: list  # metrics.LinkBytes samples (bucketed per link)
     stats: dict  # events, wall time, events/s, turns/s, ...
     summary: dict  # metrics.summarize + TTFT breakdown + SLO + storage-NIC balance
+    config: SimConfig | None = None  # the config that ran (mode applied, derived DE HBM filled in)
 
 
 def ep_engines(cfg: SimConfig, role: str) -> int:
@@ -298,4 +299,4 @@ def run(
                 bar.set_postfix_str(f"sim {now:,.0f} s, {events / 1e6:.1f} M events", refresh=False)
 
             records, links, stats = sim.run(max_time=max_time, progress=report)
-    return SimResult(records, links, stats, summarize(cfg, records, links, stats))
+    return SimResult(records, links, stats, summarize(cfg, records, links, stats), sim.cfg)

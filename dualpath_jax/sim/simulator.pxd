@@ -61,7 +61,7 @@ cdef class Simulator:
     cdef public object _qids, _qlens, storage_link, snapshot
     cdef public dict _shapes, requests, pes, des
     cdef public list records, nodes, de_groups
-    cdef public double now, b, read_cap, _next_tick
+    cdef public double now, b, read_cap, _next_tick, fetch_step
     cdef public long long L, _seq, n_events, turns_done, _next_rid, _fetch_rr, n_fetches, de_group_engines
     cdef public bint fetch_running, dram_binds, _ran
 

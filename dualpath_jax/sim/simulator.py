@@ -337,6 +337,8 @@ class Simulator:
         if c.fetch_scope not in ("node", "global"):
             raise ValueError(f"config.cluster.fetch_scope must be 'node' or 'global', got {c.fetch_scope!r}")
         self.read_cap = c.read_stream_gbps * GB if c.read_stream_gbps > 0 else math.inf
+        # Each node fetches once per fetch_interval_s, consecutive nodes staggered evenly: one fetch every step
+        self.fetch_step = c.fetch_interval_s / len(self.nodes)
         self.dram_binds = c.dram_gbps < c.snic_gbps * c.storage_efficiency + c.gpus_per_node * c.cnic_gbps
 
     def _check_turns_fit(self) -> None:
@@ -446,9 +448,8 @@ class Simulator:
             self.fetch_running = True
             tick = self._next_tick
             if tick < self.now:
-                step = self.c.fetch_interval_s / len(self.nodes)
-                k = math.ceil((self.now - tick) / step)
-                tick += k * step
+                k = math.ceil((self.now - tick) / self.fetch_step)
+                tick += k * self.fetch_step
                 self._fetch_rr = (self._fetch_rr + k) % len(self.nodes)
             self.at(tick, self._fetch)
 
@@ -458,7 +459,7 @@ class Simulator:
         if not self.queue:  # the chain stops; it keeps its phase: a later arrival waits for the next group's tick
             self.fetch_running = False
             self._fetch_rr = (self._fetch_rr + 1) % n_nodes
-            self._next_tick = self.now + self.c.fetch_interval_s / n_nodes
+            self._next_tick = self.now + self.fetch_step
             return
         node = self._fetch_rr
         self._fetch_rr = (node + 1) % n_nodes
@@ -495,8 +496,7 @@ class Simulator:
                 self._fetch_rr = node
                 self.at(self.now, self._fetch)
                 return
-        # Each node fetches once per fetch_interval_s: consecutive nodes are staggered evenly.
-        self.at(self.now + self.c.fetch_interval_s / n_nodes, self._fetch)
+        self.at(self.now + self.fetch_step, self._fetch)
 
     def _assign(self, a: Assignment) -> None:
         r = self.requests[a.request_id]
