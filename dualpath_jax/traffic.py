@@ -43,10 +43,14 @@ LOOKAHEAD = 4  # chunks a paced transfer keeps queued on a link ahead of the one
 
 
 class _Ticket:
-    __slots__ = ("after", "cls", "dropped", "joint", "nbytes", "ready", "seq", "slot", "start_tag")
+    __slots__ = ("after", "cls", "dropped", "joint", "nbytes", "ready", "rest", "seq", "slot", "split", "start_tag")
 
-    def __init__(self, start_tag: float, seq: int, nbytes: int, cls: str, joint: bool = False, after=None):
+    def __init__(
+        self, start_tag: float, seq: int, nbytes: int, cls: str, joint: bool = False, after=None, split: bool = False
+    ):
         self.start_tag, self.seq, self.nbytes, self.cls = start_tag, seq, nbytes, cls
+        # A chunk that may be cut to fill the gap before a held slot (`Link.paced`): `rest` bytes then go as one more.
+        self.split, self.rest = split, 0
         self.slot: float | None = None  # granted slot start (monotonic time)
         # A chunk of a multi-link path: the link only gives it its turn (`ready`, SFQ order); the slot is then
         # reserved on every link of the path at once (`Pacer`), so the chunk crosses each link in its own slot.
@@ -139,18 +143,25 @@ class Link:
         The next LOOKAHEAD - 1 chunks stay queued while the thread sleeps until the current chunk's slot, so a
         backlogged flow always has a ticket waiting when the link decides who goes next (however late its
         thread wakes up). Tickets are granted at most `horizon` ahead, so queued tickets do not hog the link.
+        A chunk too long for the gap before a slot held for a multi-link path (`Pacer`) is cut to fill it, and its rest
+        goes as one more chunk: the yielded sizes may be smaller than `quantum`.
         """
-        sizes = self.chunks(nbytes)
-        pending = collections.deque(self.enqueue(n, cls) for n in sizes[:LOOKAHEAD])
+        sizes = collections.deque(self.chunks(nbytes))
+        pending = collections.deque(
+            self.enqueue(sizes.popleft(), cls, split=True) for _ in range(min(LOOKAHEAD, len(sizes)))
+        )
         try:
-            for k in range(len(sizes)):
-                start = self.wait(pending.popleft())
-                if k + LOOKAHEAD < len(sizes):
-                    pending.append(self.enqueue(sizes[k + LOOKAHEAD], cls))
+            while pending:
+                t = pending.popleft()
+                start = self.wait(t)
+                if t.rest:  # cut to fill a gap before a held slot: the rest goes as one more chunk (its share paid)
+                    pending.append(self.enqueue(t.rest, cls, split=True, paid=True))
+                elif sizes:
+                    pending.append(self.enqueue(sizes.popleft(), cls, split=True))
                 delay = start - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                yield sizes[k]
+                yield t.nbytes
         finally:
             # A transfer dropped part way (its consumer stopped iterating): the chunks it queued ahead never cross.
             # Left queued, they were granted later anyway, holding up other flows and recorded as bytes moved.
@@ -164,15 +175,25 @@ class Link:
         """Queue one chunk (<= quantum), block until granted; returns the slot start (monotonic seconds)."""
         return self.wait(self.enqueue(nbytes, cls))
 
-    def enqueue(self, nbytes: int, cls: str, joint: bool = False, after: _Ticket | None = None) -> _Ticket:
+    def enqueue(
+        self,
+        nbytes: int,
+        cls: str,
+        joint: bool = False,
+        after: _Ticket | None = None,
+        split: bool = False,
+        paid: bool = False,
+    ) -> _Ticket:
         """Queue one chunk of class `cls` for a slot (start-time fair queuing tag). `joint`: a chunk of a multi-link
-        path, only made `ready` here; `Pacer` reserves its slot on all the path's links at once."""
+        path, only made `ready` here; `Pacer` reserves its slot on all the path's links at once. `split`: the chunk may
+        be cut to fill a gap before a held slot (its `rest` is then queued again, `paid`: its share was charged)."""
         if cls not in self.weights:
             raise ValueError(f"link {self.name!r} has classes {sorted(self.weights)}, not {cls!r}")
         with self._cond:
-            start_tag = max(self._vtime, self._finish[cls])
-            t = _Ticket(start_tag, next(self._seq), int(nbytes), cls, joint, after)
-            self._finish[cls] = start_tag + nbytes / self.weights[cls]
+            start_tag = self._vtime if paid else max(self._vtime, self._finish[cls])
+            t = _Ticket(start_tag, next(self._seq), int(nbytes), cls, joint, after, split)
+            if not paid:
+                self._finish[cls] = start_tag + nbytes / self.weights[cls]
             if math.isinf(self.rate):
                 if joint:
                     t.ready = True
@@ -229,6 +250,11 @@ class Link:
             self._advance(now - self.burst_s)
             t = min(heads)
             slot = self._busy_until if t.joint else self._fit(self._busy_until, t.nbytes / self.rate)
+            if t.split and slot > self._busy_until:
+                # Too long for the gap before a held slot: cut to fill it (left idle, the link was not work-conserving).
+                fill = int((self._held[0][0] - self._busy_until) * self.rate)
+                if fill >= max(1, self.quantum // 16):
+                    t.nbytes, t.rest, slot = fill, t.rest + t.nbytes - fill, self._busy_until
             if slot > now + self.horizon:
                 self._wake = slot - self.horizon
                 break
@@ -267,6 +293,29 @@ class Link:
             self._advance(start + duration)
         else:
             bisect.insort(self._held, (start, start + duration))
+
+    # ---- joint slots: a multi-link path's chunk, booked on all its links at once (`Pacer._reserve`) -------
+    @property
+    def lock(self) -> threading.Condition:
+        """The link's lock: `Pacer` holds those of all the path's links while it books a joint slot."""
+        return self._cond
+
+    def free_slot(self, start: float, duration: float, now: float) -> float:
+        """(`lock` held) The earliest slot from `start` on that this link's timeline has free for `duration` s (a link
+        idle for long catches up at most `burst_s`); a joint slot is one every link of the path has free."""
+        self._advance(now - self.burst_s)
+        return self._fit(max(start, self._busy_until), duration)
+
+    def book(self, tickets: Sequence[_Ticket], slot: float, duration: float, start: float) -> None:
+        """(`lock` held) Book [slot, slot + duration) for a joint chunk (a `free_slot` of every link of its path; 0 s:
+        an unpaced link) and grant its `tickets` here at `start`, recorded then (the path's next chunk may take its
+        turn)."""
+        if duration:
+            self._hold(slot, duration)
+        for t in tickets:
+            t.slot = start
+            self._record(start, t.nbytes, t.cls)
+        self._cond.notify_all()
 
     # ---- recording --------------------------------------------------------------------------------------
     def _record(self, when: float, nbytes: int, cls: str) -> None:
@@ -350,6 +399,9 @@ class Pacer:
         quantum = min(link.quantum for link in self.links)
         sizes = _chunks(nbytes, quantum, f"pacer over {[link.name for link in self.links]}")
         classes = self.classes(priority)
+        if len(self.links) == 1:  # one link: its own pacing (a chunk may be cut to fill a gap before a held slot)
+            yield from self.links[0].paced(nbytes, classes[0])
+            return
 
         # Over several links a chunk is a joint ticket: each link gives it its turn, then one slot is reserved on all.
         joint = len(self.links) > 1
@@ -392,28 +444,25 @@ class Pacer:
         each link in a slot of its own. (Granted link by link, a fast link gave its slot early and moved on to other
         flows while the chunk crossed later, at the slow link's slot: the fast link carried more than its rate.)
         """
-        locks = sorted({id(link): link._cond for link in self.links}.items())
+        locks = sorted({id(link): link.lock for link in self.links}.items())
         for _, lock in locks:  # (always in the same order: no deadlock between paths sharing links)
             lock.acquire()
         try:
             now = time.monotonic()
-            paced: dict[int, list] = {}  # id -> [link, time the chunk takes on it] (a link twice on the path: twice)
+            # id -> [link, time the chunk takes on it, its tickets there] (a link twice on the path: twice; unpaced: 0 s)
+            path: dict[int, list] = {}
             for link, t in zip(self.links, tickets, strict=True):
-                if not math.isinf(link.rate):
-                    paced.setdefault(id(link), [link, 0.0])[1] += t.nbytes / link.rate
-            for link, _ in paced.values():
-                link._advance(now - link.burst_s)
+                entry = path.setdefault(id(link), [link, 0.0, []])
+                entry[1] += 0.0 if math.isinf(link.rate) else t.nbytes / link.rate
+                entry[2].append(t)
+            paced = [(link, d) for link, d, _ in path.values() if d]
             # The earliest slot free on every link: from the busiest link's booked end, past slots held on any link.
-            slot = max([link._busy_until for link, _ in paced.values()], default=now)
-            while (later := max([link._fit(slot, d) for link, d in paced.values()], default=slot)) > slot:
+            slot = -math.inf if paced else now
+            while (later := max([link.free_slot(slot, d, now) for link, d in paced], default=slot)) > slot:
                 slot = later
-            for link, d in paced.values():
-                link._hold(slot, d)
             start = max(slot, now)  # (a slot in the past, catching up a burst, is moved now: `Link._dispatch`)
-            for link, t in zip(self.links, tickets, strict=True):
-                t.slot = start
-                link._record(start, t.nbytes, t.cls)
-                link._cond.notify_all()  # (the path's next chunk may take its turn)
+            for link, d, ts in path.values():
+                link.book(ts, slot, d, start)
         finally:
             for _, lock in reversed(locks):
                 lock.release()

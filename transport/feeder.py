@@ -223,6 +223,8 @@ class LayerFeeder:
         Calling it for layer l also tells the feeder that layers < l are done (their slots are reused, their device
         arrays no longer held: waiting for one of them again raises `LayerLoadError`).
         """
+        # (a float layer released the layers before it, then failed on the list index: an unclear error, layers lost)
+        layer = _count(f"{self.name}: layer", layer)
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"{self.name}: layer {layer} out of range 0..{self.num_layers - 1}")
         self.start_load()
@@ -266,7 +268,8 @@ class LayerFeeder:
 
         # A host array is copied now: the caller may reuse it at once (saving it later saved whatever it held
         # by then, e.g. the next layer's KV). Device arrays are immutable and copied D2H in the background.
-        snapshot = np.array(kv, copy=True) if isinstance(kv, np.ndarray) else kv
+        # (a bytearray or memoryview is a host buffer too: it was saved as whatever it held when the save ran)
+        snapshot = np.array(kv, copy=True) if isinstance(kv, (np.ndarray, bytearray, memoryview)) else kv
 
         def run() -> Any:
             host = np.asarray(snapshot)  # D2H (a copy for device arrays)
@@ -541,7 +544,13 @@ class LayerForwarder:
                 out = np.frombuffer(region.view, dtype=np.uint8, count=self.layer_nbytes, offset=off)
                 host = self.source(layer, out)
                 if host is not None and host is not out:
-                    out[:] = np.asarray(host).reshape(-1).view(np.uint8)
+                    host = np.asarray(host).reshape(-1).view(np.uint8)
+                    if host.nbytes != self.layer_nbytes:  # (1 byte was broadcast over the layer: forwarded as KV)
+                        raise LayerLoadError(
+                            f"forwarder to {self.peer!r}: source gave {host.nbytes} bytes for layer {layer}, "
+                            f"expected {self.layer_nbytes}"
+                        )
+                    out[:] = host
                 inflight.append(
                     self.transport.write(
                         self.peer,
