@@ -32,7 +32,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import math
 import numbers
 import operator
 import threading
@@ -45,6 +44,9 @@ from dualpath_jax.registry import Registry
 
 Priority = Literal["high", "low"]
 PRIORITIES: tuple[str, ...] = ("high", "low")
+#: The longest region name (UTF-8 bytes) any backend takes: tcp peers ask for a region by name in one frame of at
+#: most this many bytes, so a longer name could be registered but never reached.
+REGION_NAME_MAX = 1024
 #: One entry of `Transport.write_many`: (local_region, local_offset, length, remote_region, remote_offset).
 WriteEntry = tuple[str, int, int, str, int]
 
@@ -114,15 +116,16 @@ class MemoryRegion:
 
 
 def _deadline(timeout: float | None) -> float | None:
-    """The monotonic deadline of a wait of `timeout` s (None or inf = forever); a NaN timeout would never expire,
-    an infinite one overflowed the lock's timeout (OverflowError), a string was a TypeError from `+`."""
+    """The monotonic deadline of a wait of `timeout` s (None, inf or past `threading.TIMEOUT_MAX` = forever); a NaN
+    timeout would never expire, an infinite or huge one overflowed the lock's timeout (OverflowError), a string was a
+    TypeError from `+`."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
         raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
     if timeout != timeout:
         raise ValueError(f"timeout must be a number of seconds or None, got {timeout}")
-    if timeout == math.inf:
+    if timeout >= threading.TIMEOUT_MAX:  # inf, or longer than a lock can wait (1e10 s: OverflowError at once)
         return None
     return time.monotonic() + timeout
 
@@ -297,12 +300,23 @@ class Transport(abc.ABC):
     def register(self, name: str, buf: Any) -> MemoryRegion:
         """Register a writable contiguous buffer under `name`; peers may then read/write it.
 
-        Raises `RegionError` for a duplicate or non-string name or a read-only/non-contiguous buffer. The caller
-        must keep the buffer alive and not resize it while registered.
+        Raises `RegionError` for a duplicate or non-string name, a name that is not UTF-8 (lone surrogates) or
+        longer than REGION_NAME_MAX bytes in UTF-8 (peers could not address it: tcp asks by name in one frame), or
+        a read-only/non-contiguous buffer. The caller must keep the buffer alive and not resize it while registered.
         """
         self._check_open()
         if not isinstance(name, str) or not name:
             raise RegionError(f"region name must be a non-empty string, got {name!r}")
+        try:
+            nbytes = len(name.encode())
+        except UnicodeEncodeError as e:
+            raise RegionError(
+                f"region name {name!r} is not valid UTF-8 ({e.reason}); peers could not address it"
+            ) from None
+        if nbytes > REGION_NAME_MAX:
+            raise RegionError(
+                f"region name of {nbytes} bytes (UTF-8) is longer than {REGION_NAME_MAX}; peers could not address it"
+            )
         view = as_region_view(buf, name)
         with self._lock:
             if name in self._regions:

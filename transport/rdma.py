@@ -8,7 +8,9 @@ RDMA NIC (and `pip install 'dualpath-jax[rdma]'`) before relying on it.
 
 Design:
 - a `TcpTransport` endpoint is the control channel (same address, loopback/secret rules and HMAC auth):
-  it carries QP connection info, region lookups (address, rkey, size), notifications and user messages;
+  it carries QP connection info, region lookups (address, rkey, size; cached until the peer deregisters the
+  region, which tells its peers), notifications and user messages (its questions go on the channel's low
+  connection, whose sender thread runs no application callback);
 - per peer, one RC QP per priority class ("high", "low"), created on `connect` and moved to RTS with the
   peer's QP number, PSN, LID, GID, active MTU and read depth exchanged over the control channel (both ends use
   the smaller MTU; reads in flight never exceed what the responder serves). When both sides connect at once
@@ -37,6 +39,7 @@ import itertools
 import json
 import logging
 import numbers
+import operator
 import queue
 import random
 import threading
@@ -53,17 +56,22 @@ from transport.base import (
     PeerLostError,
     RegionError,
     Transport,
+    TransportClosedError,
     TransportError,
     _complete,
     _fail,
     check_notify,
     check_priority,
+    combine_futures,
 )
 
 log = logging.getLogger(__name__)
 
 _INTERNAL = b"\x00"  # control-channel prefix of this backend's own messages
 _USER = b"\x01"  # prefix of user messages (send/recv)
+# The largest user message (`send`), as tcp's default; the control channel takes it with its prefix byte (a 16 MiB
+# message was refused: 16 MiB + 1 over the channel's own 16 MiB limit).
+MAX_MESSAGE_BYTES = 16 << 20
 
 
 def rdma_unavailable_reason() -> str | None:
@@ -138,13 +146,16 @@ def _gid_is_zero(gid: str) -> bool:
         return False
 
 
-def check_rdma_device(device: str | None = None, ib_port: int = 1, gid_index: int = 0) -> str:
+def check_rdma_device(
+    device: str | None = None, ib_port: int = 1, gid_index: int = 0, chunk_bytes: int | None = None
+) -> str:
     """Check that `device`, its port `ib_port` and the GID at `gid_index` exist and can be used (needs pyverbs and
     a device: call `rdma_unavailable_reason()` first). Returns the device name (the first device's for None).
 
     `RdmaConfigError` names the argument: a device that does not exist (listing those that do), a port the device
     does not have or that is not ACTIVE (with its state), a GID index past the port's table or with an empty GID
-    (listing the indices that hold one: RoCE v2 usually needs one of the IP-based GIDs, not index 0).
+    (listing the indices that hold one: RoCE v2 usually needs one of the IP-based GIDs, not index 0), a
+    `chunk_bytes` (the largest work request) past the port's max message size (every such work request would fail).
     """
     import pyverbs.device as d
     import pyverbs.enums as e
@@ -186,6 +197,13 @@ def check_rdma_device(device: str | None = None, ib_port: int = 1, gid_index: in
             )
         if gid_index not in usable:
             raise RdmaConfigError("gid_index", f"rdma: GID {gid_index} of {device!r} port {ib_port} is empty ({hint})")
+        max_msg = getattr(attr, "max_msg_sz", None)
+        if chunk_bytes is not None and max_msg is not None and chunk_bytes > int(max_msg):
+            raise RdmaConfigError(
+                "chunk_bytes",
+                f"rdma: chunk_bytes {chunk_bytes} is larger than the max message size of {device!r} port {ib_port} "
+                f"({int(max_msg)} bytes)",
+            )
     finally:
         ctx.close()
     return device
@@ -204,6 +222,16 @@ class _Transfer:
     def __init__(self, fut: Future, peer: str, length: int, nwr: int, on_done=None):
         self.fut, self.peer, self.length, self.remaining, self.on_done = fut, peer, length, nwr, on_done
         self.lock = threading.Lock()
+        # 0-byte transfers posted behind this one in its class: finished right after it (its notification first);
+        # None once finished (guarded by the peer's lock)
+        self.followers: list[_Transfer] | None = []
+
+    def finish(self) -> None:
+        """All work requests completed: run `on_done` (a notifying write) or complete the future."""
+        if self.on_done is not None:
+            self.on_done()
+        else:
+            _complete(self.fut, self.length)
 
     def complete_one(self) -> bool:
         with self.lock:
@@ -220,9 +248,18 @@ class _RdmaPeer:
         self.spare_qps: list[Any] = []
         self.ready = threading.Event()
         self.remote_regions: dict[str, tuple[int, int, int]] = {}  # name -> (addr, rkey, size)
+        self.region_epoch = 0  # bumped by `forget_region`: a reply asked for before it is not cached
         self.transfers: set[_Transfer] = set()
+        self.tail: dict[str, _Transfer] = {}  # class -> the last transfer with work requests posted in it
         self.dead: BaseException | None = None
         self.lock = threading.Lock()
+
+    def forget_region(self, name: str) -> None:
+        """The peer deregistered `name`: its (addr, rkey, size) is stale (a write with the old rkey is a remote access
+        error that breaks the QP); the next transfer asks again (a name registered again gets its new MR)."""
+        with self.lock:
+            self.remote_regions.pop(name, None)
+            self.region_epoch += 1
 
 
 @TRANSPORTS.register("rdma")
@@ -273,7 +310,7 @@ class RdmaTransport(Transport):
         reason = rdma_unavailable_reason()
         if reason is not None:
             raise TransportError(f"rdma transport {name!r} unavailable: {reason}")
-        device = check_rdma_device(args["device"], args["ib_port"], args["gid_index"])
+        device = check_rdma_device(args["device"], args["ib_port"], args["gid_index"], args["chunk_bytes"])
         super().__init__(name, pacer)
         import pyverbs.device as d
         import pyverbs.enums as e
@@ -320,7 +357,14 @@ class RdmaTransport(Transport):
         self._wrs: dict[int, tuple[_Transfer, _RdmaPeer, str]] = {}  # wr_id -> (transfer, peer, class)
         self._req_ids = itertools.count(1)
         self._replies: dict[int, Future] = {}
-        self.control = TcpTransport(name, host=host, port=port, secret=secret, timeout_s=self.timeout_s)
+        self.control = TcpTransport(
+            name,
+            host=host,
+            port=port,
+            secret=secret,
+            timeout_s=self.timeout_s,
+            max_message_bytes=MAX_MESSAGE_BYTES + len(_USER),
+        )
         self.control.on_message = self._on_control
         self.control.on_peer_lost = self._on_control_lost
         self._poller = threading.Thread(target=self._poll_loop, name=f"rdma-{name}-cq", daemon=True)
@@ -352,17 +396,27 @@ class RdmaTransport(Transport):
         mr = self._mrs.pop(region.name, None)
         if mr is not None:
             mr.close()
+        # Peers cache (addr, rkey, size): tell them it is gone (their cached rkey would break the QP on a region
+        # registered again under the name; messages before it on the control channel are handled first).
+        for name, p in list(self._peers.items()):
+            if p.dead is None:
+                with contextlib.suppress(TransportError):  # (a peer lost meanwhile has nothing left to forget)
+                    self._ctl(name, {"op": "region_gone", "name": region.name})
 
     # ---- control channel ----------------------------------------------------------------------------------
     def _ctl(self, peer: str, msg: dict) -> Future:
         return self.control.send(peer, _INTERNAL + json.dumps(msg).encode())
 
     def _ask(self, peer: str, msg: dict, timeout: float = 10.0) -> dict:
+        """Send `msg` and wait for the peer's reply. The question goes on the control channel's low connection: the
+        high one's sender thread runs the done callbacks of notifying writes and messages, and a transfer posted
+        there to a region not asked about yet waited for its own question, queued behind the frames only that thread
+        sends (10 s, then a PeerLostError for a healthy peer)."""
         req = next(self._req_ids)
         fut: Future = Future()
         self._replies[req] = fut
         try:
-            self._ctl(peer, {**msg, "req": req}).result(timeout)
+            self.control._send_on(peer, _INTERNAL + json.dumps({**msg, "req": req}).encode(), "low").result(timeout)
             return fut.result(timeout)
         except TimeoutError:
             raise PeerLostError(f"{self.name}: {peer!r} did not answer {msg['op']!r} within {timeout} s") from None
@@ -404,6 +458,10 @@ class RdmaTransport(Transport):
                     self._reply(peer, msg["req"], error=f"no region {msg['name']!r}")
                 else:
                     self._reply(peer, msg["req"], addr=_buffer_address(region.view), rkey=mr.rkey, size=region.size)
+            elif op == "region_gone":
+                p = self._peers.get(peer)
+                if p is not None:
+                    p.forget_region(str(msg["name"]))
             elif op == "notify":
                 self.completions.put(
                     Notification(peer, int(msg["tag"]), str(msg["region"]), int(msg["offset"]), int(msg["length"]))
@@ -529,29 +587,41 @@ class RdmaTransport(Transport):
             raise PeerLostError(f"{self.name}: peer {peer!r} is gone: {p.dead}")
         return p
 
-    def remote_region(self, peer: str, name: str, timeout: float = 10.0) -> tuple[int, int, int]:
-        """(address, rkey, size) of the peer's region `name` (asked once, then cached)."""
+    def remote_region(self, peer: str, name: str, timeout: float = 10.0, refresh: bool = False) -> tuple[int, int, int]:
+        """(address, rkey, size) of the peer's region `name` (asked once, then cached until the peer deregisters it;
+        `refresh`: ask again, e.g. for a range past the cached size: the name may have been registered again)."""
         p = self._peer(peer)
         if not isinstance(name, str):  # (region names are strings; a peer is never asked for another name)
             raise RegionError(f"peer {peer!r} has no region {name!r}")
-        info = p.remote_regions.get(name)
+        info = None if refresh else p.remote_regions.get(name)
         if info is None:
+            epoch = p.region_epoch
             r = self._ask(peer, {"op": "region", "name": name}, timeout)
             if "error" in r:
                 raise RegionError(f"peer {peer!r}: {r['error']}")
-            info = p.remote_regions[name] = (int(r["addr"]), int(r["rkey"]), int(r["size"]))
+            info = (int(r["addr"]), int(r["rkey"]), int(r["size"]))
+            with p.lock:
+                if p.region_epoch == epoch:  # (not if the peer deregistered a region meanwhile: maybe this one)
+                    p.remote_regions[name] = info
         return info
 
-    def _remote_range(self, peer: str, name: str, offset: int, length: int, what: str) -> tuple[int, int]:
-        """(address, rkey) of the peer's region `name`; `RegionError` unless [offset, offset+length) is inside."""
-        if not isinstance(offset, int):
-            raise RegionError(f"{what} {peer}:{name}: the remote offset must be an int, got {offset!r}")
+    def _remote_range(self, peer: str, name: str, offset: int, length: int, what: str) -> tuple[int, int, int]:
+        """(address, rkey, offset as an int) of [offset, offset+length) in the peer's region `name`, else
+        `RegionError`. Numpy integer offsets are fine (as on tcp and inproc); a bool is not (True was offset 1)."""
+        try:
+            if type(offset) is bool:
+                raise TypeError
+            offset = operator.index(offset)
+        except TypeError:
+            raise RegionError(f"{what} {peer}:{name}: the remote offset must be an int, got {offset!r}") from None
         raddr, rkey, size = self.remote_region(peer, name)
+        if offset >= 0 and offset + length > size:  # the name may have been registered again, larger: ask again
+            raddr, rkey, size = self.remote_region(peer, name, refresh=True)
         if offset < 0 or offset + length > size:
             raise RegionError(
                 f"{what} {peer}:{name}: [{offset}, {offset + length}) is outside the region of {size} bytes"
             )
-        return raddr, rkey
+        return raddr, rkey, offset
 
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
         """`write_many` checks every entry's remote range before posting any (region info is cached per peer)."""
@@ -575,15 +645,23 @@ class RdmaTransport(Transport):
         fut: Future = Future()
         nwr = -(-length // self.chunk_bytes)
         t = _Transfer(fut, p.name, length, nwr, on_done)
-        if not nwr:  # a 0-byte transfer has nothing to post
-            fut.set_result(0)
-            if on_done is not None:
-                on_done()
-            return fut
         with p.lock:
             if p.dead is not None:
                 raise PeerLostError(f"peer {p.name!r} is gone: {p.dead}")
-            p.transfers.add(t)
+            if not nwr:  # a 0-byte transfer has nothing to post: it finishes after the class's transfers before it
+                tail = p.tail.get(cls)
+                if tail is None or tail.followers is None or tail not in p.transfers:
+                    tail = None
+                else:  # (its notification must not overtake theirs: the ordering contract)
+                    tail.followers.append(t)
+                    p.transfers.add(t)
+            else:
+                p.transfers.add(t)
+                p.tail[cls] = t
+        if not nwr:
+            if tail is None:
+                t.finish()
+            return fut
         job = (t, p, cls, opcode, local, local_offset, raddr, rkey)
         if self._senders:
             self._senders[cls].put(job)
@@ -680,10 +758,10 @@ class RdmaTransport(Transport):
         if t.complete_one():
             with p.lock:
                 p.transfers.discard(t)
-            if t.on_done is not None:
-                t.on_done()
-            else:
-                _complete(t.fut, t.length)
+                followers, t.followers = t.followers, None
+                p.transfers.difference_update(followers)
+            for u in (t, *followers):
+                u.finish()
 
     def _fail_peer(self, p: _RdmaPeer, err: BaseException) -> None:
         with p.lock:
@@ -710,7 +788,7 @@ class RdmaTransport(Transport):
         src = self.region(local_region)
         src.check(local_offset, length, f"write from {self.name}:{local_region}")
         p = self._peer(peer)
-        raddr, rkey = self._remote_range(peer, remote_region, remote_offset, length, "write to")
+        raddr, rkey, remote_offset = self._remote_range(peer, remote_region, remote_offset, length, "write to")
         on_done = None
         result: Future = Future()
         if notify is not None:
@@ -754,25 +832,35 @@ class RdmaTransport(Transport):
         dst = self.region(local_region)
         dst.check(local_offset, length, f"read into {self.name}:{local_region}")
         p = self._peer(peer)
-        raddr, rkey = self._remote_range(peer, remote_region, remote_offset, length, "read from")
+        raddr, rkey, remote_offset = self._remote_range(peer, remote_region, remote_offset, length, "read from")
         return self._post(p, priority, self._e.IBV_WR_RDMA_READ, dst, local_offset, raddr + remote_offset, rkey, length)
 
     def send(self, peer: str, payload: bytes) -> Future:
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"message payload must be bytes, got {type(payload).__name__}")
+        data = bytes(payload)
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"message of {len(data)} bytes exceeds max_message_bytes={MAX_MESSAGE_BYTES}")
         self._peer(peer)
-        return self.control.send(peer, _USER + bytes(payload))
+        # resolves to the payload's size, as on tcp and inproc (the channel's future counts the prefix byte too)
+        return combine_futures([self.control.send(peer, _USER + data)], len(data))
 
     def _shutdown(self) -> None:
-        err = PeerLostError(f"endpoint {self.name!r} closed")
+        # (the `close` contract, as tcp and inproc: this side's pending transfers fail with TransportClosedError; it
+        # was a PeerLostError, which names a lost peer)
+        err = TransportClosedError(f"endpoint {self.name!r} closed with the transfer pending")
         for p in list(self._peers.values()):
             self._fail_peer(p, err)
         for jobs in self._senders.values():
             jobs.put(None)
         self.control.close()
-        self._poller.join(timeout=2)
-        for t in self._sender_threads:  # (before the QPs close under them)
-            t.join(timeout=2)
+        # (`close` from a transfer's done callback runs on the poller or a sender thread: it must not join itself, which
+        # raised RuntimeError half way, leaving the queues open and `recv` / `wait_notification` waiting for ever; the
+        # thread stops once the callback returned, as it sees the endpoint closed)
+        me = threading.current_thread()
+        for t in (self._poller, *self._sender_threads):  # (before the QPs close under them)
+            if t is not me:
+                t.join(timeout=2)
         for p in self._peers.values():
             for qp in [*p.qps.values(), *p.spare_qps]:
                 qp.close()

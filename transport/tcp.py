@@ -5,7 +5,9 @@ for KV), so a 64 MB KV write never sits in front of a small high-priority messag
 reader thread (receives frames; large payloads go with `recvmsg_into` straight into the registered region at
 the frame's offset, the next frame's header in the same call when it is already there) and a sender thread
 (sends queued frames; payloads with `sendmsg` on memoryviews of the region, the header with the first chunk, no
-copies), so any number of transfers can be in flight and a reader never blocks on a send.
+copies), so any number of transfers can be in flight and a reader never blocks on a send. (A read's reply is the
+exception: what of it does not go out at once is copied when the read is served, so that a write posted after the
+read, landing meanwhile, does not change the bytes it returns: the posting order. Memory: the replies queued.)
 
 Small transfers are kept cheap: a small frame is sent by the thread that queues it when the connection is
 idle (non-blocking; the sender thread takes over what the socket does not accept at once, keeping frame
@@ -49,7 +51,9 @@ posting to a region not known yet waits for the reply, except a reader thread (a
 thread waiting in turn for it): its `write`, `read` or `write_many` returns the future at once, and the transfer is
 posted when the reply comes; what it raises then (a region the peer lacks, a range outside it, a lost peer) fails
 that future. Until it is posted, later posts to that peer and class, from any thread, wait behind it (so the
-posting order holds); messages and the other class do not.
+posting order holds); messages and the other class do not. A sender thread (a `send` future's done callback) is
+treated as a reader thread: its query could sit in the queue only it sends, behind the frames queued before it; so
+is the watchdog (the callbacks of the transfers it fails): only it would drop a peer that never answers.
 
 Security: the endpoint binds 127.0.0.1 unless told otherwise; binding any non-loopback address requires a
 shared `secret`, and every connection then runs a mutual HMAC-SHA256 challenge-response (each side proves it
@@ -88,6 +92,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from transport.base import (
+    REGION_NAME_MAX,
     TRANSPORTS,
     MemoryRegion,
     Notification,
@@ -137,7 +142,6 @@ FLAG_MORE = 4  # OP_WRITE sent with more frames queued behind it: the receiver m
 
 STREAMS = ("high", "low")  # connection index per priority class
 HANDSHAKE_MAX = 4096  # bytes of a handshake payload
-REGION_NAME_MAX = 1024
 SEND_CHUNK = 4 << 20  # unpaced sends go out in chunks this big (progress bookkeeping for the watchdog)
 PACE_CHUNK = 1 << 20  # paced sends ask the pacer for this many bytes at a time
 SMALL = 64 << 10  # header + payload up to this size go out in one sendmsg
@@ -440,8 +444,9 @@ def _cut(sock: socket.socket) -> None:
         pass
 
 
-# `conn`: the connection whose reader thread this is (unset on other threads); `fresh`: while a deferred transfer is
-# posted, the answers to its region queries, by name (see `_Deferral`)
+# `conn`: the connection whose reader or sender thread this is, or the endpoint on its watchdog thread (unset on other
+# threads): a thread that never waits for a region reply; `fresh`: while a deferred transfer is posted, the answers to
+# its region queries, by name (see `_Deferral`)
 _reader = threading.local()
 
 
@@ -570,6 +575,7 @@ class _Conn:
         self.lock = threading.Lock()  # `with self.lock` is cheaper than entering the Condition
         self.cv = threading.Condition(self.lock)
         self.busy = False
+        self.snapshot = False  # the frame being sent inline is a read reply: copy what the socket does not take
         self.stopped = False
         self.eof = False
         self.more_run = 0  # write frames sent with FLAG_MORE in a row (sender thread only)
@@ -604,20 +610,25 @@ class _Conn:
         fut: Future | None = None,
         priority: str | None = None,
         queue: bool = False,
+        snapshot: bool = False,
     ) -> None:
         """Queue a frame; `priority` names the pacer class of its payload (None = control frame, unpaced). `queue`:
         leave it to the sender thread even if this thread could send it now (a deep pipeline: see
-        QUEUE_AFTER_PENDING)."""
+        QUEUE_AFTER_PENDING). `snapshot` (a read reply): what does not go out at once is copied first, so the reply
+        holds the region's bytes as of now, not those of writes that land after it (the posting order)."""
         n = 0 if payload is None else payload.nbytes
         with self.lock:
             if self.stopped:  # the set was lost after the caller picked it: its sender thread takes no more jobs
                 self._refuse(fut)
                 return
             if queue or not self._inline_free_locked(n, INLINE_MAX, paced=priority is not None):
+                if snapshot and n:
+                    payload = memoryview(bytes(payload))
                 self.jobs.append((header, payload, fut, priority))
                 self.cv.notify()
                 return
             self.busy = True  # the connection is idle: this thread sends the frame itself
+            self.snapshot = snapshot  # (read by `_send_inline`: `busy` keeps other threads out)
         self._send_inline([header] if n == 0 else [header, payload], HEADER.size + n, fut, payload)
 
     def _refuse(self, fut: Future | None) -> None:
@@ -645,7 +656,7 @@ class _Conn:
         with self.lock:
             inline = self._inline_free_locked(nbytes, BATCH_INLINE_MAX, paced=True)
             if inline:
-                self.busy = True
+                self.busy, self.snapshot = True, False
             else:
                 self.jobs.extend((h, v, None, priority) for h, v in frames)
                 self.cv.notify()
@@ -659,7 +670,8 @@ class _Conn:
 
     def _send_inline(self, views: list, total: int, fut: Future | None, payload: memoryview | None) -> None:
         """Send `views` (`total` bytes) from the calling thread without blocking; what the socket does not take
-        goes to the front of the queue for the sender thread. The caller set `busy`."""
+        goes to the front of the queue for the sender thread (copied first if `snapshot`, see `enqueue`). The caller
+        set `busy`."""
         try:
             try:
                 k = self.sock.sendmsg(views if len(views) <= 1024 else views[:1024], (), _DONTWAIT)
@@ -682,6 +694,8 @@ class _Conn:
                     self.cv.notify()
         else:  # the socket is full: the sender thread sends the rest before anything queued later
             rest = _advance([memoryview(v).cast("B") for v in views], k)
+            if self.snapshot:
+                rest = [memoryview(bytes(v)) for v in rest]
             with self.lock:
                 self.busy = False
                 if self.stopped:
@@ -718,6 +732,10 @@ class _Conn:
             return batch
 
     def _send_loop(self) -> None:
+        # (a `send` future's done callback runs here: a transfer it posts to a region not asked about yet must not wait
+        # for the reply, as on a reader thread: the query would sit behind the frames queued here, which only this
+        # thread sends, until the watchdog dropped the peer)
+        _reader.conn = self
         while True:
             batch = self._take()
             if batch is None:
@@ -867,6 +885,7 @@ class _Conn:
                         pack_header(OP_READ_RESP, length=length, req=req),
                         region.view[offset : offset + length],
                         priority=self.stream,
+                        snapshot=True,  # (a write posted after the read may land before the reply is sent)
                     )
                 elif op == OP_WRITE_ACKS:
                     if length % ACK_ENTRY.size or not 0 < length <= ack_max:
@@ -1101,8 +1120,13 @@ class TcpTransport(Transport):
         if live is not None:
             self._check_same_address(live, tuple(address))
             return
-        if timeout is not None and not 0 < timeout < float("inf"):  # (inf: OverflowError from the socket; NaN, <= 0)
-            raise ValueError(f"{self.name}: connect timeout must be > 0 seconds and finite (or None), got {timeout}")
+        # (inf, and anything past threading.TIMEOUT_MAX such as 1e10: OverflowError from the socket, which was reported
+        # as "cannot connect"; NaN, <= 0)
+        if timeout is not None and not 0 < timeout < threading.TIMEOUT_MAX:
+            raise ValueError(
+                f"{self.name}: connect timeout must be > 0 seconds and finite (or None), got {timeout} "
+                f"(at most threading.TIMEOUT_MAX = {threading.TIMEOUT_MAX:.0f} s)"
+            )
         host, port = address
         session = os.urandom(8).hex()
         socks: dict[str, socket.socket] = {}
@@ -1388,6 +1412,9 @@ class TcpTransport(Transport):
                 log.exception("%s: on_peer_lost hook failed", self.name)
 
     def _watchdog(self) -> None:
+        # (the done callbacks of the transfers a dropped peer fails run here: one posting to a region not asked about
+        # yet must not wait for the reply, which may never come: only this thread would drop that silent peer)
+        _reader.conn = self
         period = max(0.05, min(1.0, self.timeout_s / 4))
         while not self._stopping.wait(period):
             now = time.monotonic()
@@ -1447,7 +1474,10 @@ class TcpTransport(Transport):
         peer = p.name
         if not isinstance(name, str):
             raise RegionError(f"peer {peer!r} has no region {name!r} (region names are strings)")
-        data = name.encode()
+        try:
+            data = name.encode()
+        except UnicodeEncodeError:  # (`register` refuses such names: the peer cannot have one)
+            raise RegionError(f"peer {peer!r} has no region {name!r} (not valid UTF-8)") from None
         if len(data) > REGION_NAME_MAX:
             raise RegionError(f"region name longer than {REGION_NAME_MAX} bytes")
         # The reply comes back on the query's connection, read by its reader thread. A reader thread (it posts from a
@@ -1673,6 +1703,11 @@ class TcpTransport(Transport):
         return fut
 
     def send(self, peer: str, payload: bytes) -> Future:
+        return self._send_on(peer, payload, "high")
+
+    def _send_on(self, peer: str, payload: bytes, stream: str) -> Future:
+        """`send` on the connection of class `stream` (messages go on "high"; the RDMA backend asks its questions on
+        "low", whose sender thread runs no application callback that could block it)."""
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"message payload must be bytes, got {type(payload).__name__}")
         data = memoryview(bytes(payload))
@@ -1685,7 +1720,7 @@ class TcpTransport(Transport):
                 f"peer {peer!r} (it would close the connection set); this endpoint's is {self.max_message_bytes}"
             )
         fut: Future = TransferFuture()
-        p.conns["high"].enqueue(pack_header(OP_MSG, length=data.nbytes), data, fut)
+        p.conns[stream].enqueue(pack_header(OP_MSG, length=data.nbytes), data, fut)
         return fut
 
     def _shutdown(self) -> None:
