@@ -55,7 +55,7 @@ class PreNormDecoderLayer(nnx.Module):
         pos = meta.positions(t)
         rows = x.reshape(b * t, h)
         q, rec = invariant.row_blocked(self._pre, rows, pos.reshape(b * t))
-        kv_new = rec.reshape(b, t, *rec.shape[1:]).astype(kv_cached.dtype)
+        kv_new = meta.zero_padding(rec.reshape(b, t, *rec.shape[1:]).astype(kv_cached.dtype))
         q = jax.tree.map(lambda a: a.reshape(b, t, *a.shape[1:]), q)
         a = self.self_attn.attend_prefill(q, self.self_attn.prefill_keys(kv_cached, kv_new, meta), pos)
         out = invariant.row_blocked(self._post, rows, a.reshape(b * t, *a.shape[2:]))

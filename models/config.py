@@ -7,6 +7,8 @@ import hashlib
 import json
 import math
 
+import numpy as np
+
 from models.kv import KVLayout
 
 
@@ -67,9 +69,13 @@ def check_hf_unsupported(d: dict, where: str = "config.json") -> None:
 def float_fields_as_floats(obj) -> None:
     """A frozen dataclass's int values of `float` fields, stored as floats: JSON's `"factor": 40` and Python's 40.0
     made equal configs (==) with different fingerprints (json.dumps writes 40 vs 40.0), so KV blocks keyed by one
-    were misses for the other."""
+    were misses for the other. NumPy scalars become Python numbers for the same reason (json.dumps wrote
+    np.int64(4) / np.float32(2.5) / np.bool_(True) as the strings "4", "2.5", "True")."""
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
+        if isinstance(v, np.generic) and isinstance(v, (np.bool_, np.integer, np.floating)):
+            v = v.item()
+            object.__setattr__(obj, f.name, v)
         if f.type == "float" and isinstance(v, int) and not isinstance(v, bool):
             object.__setattr__(obj, f.name, float(v))
 
@@ -109,10 +115,23 @@ class ModelConfig:
 
     # Execution choices that change neither the weights' meaning nor the KV bytes' meaning.
     _NOT_IN_FINGERPRINT = ("moe_dispatch", "mla_prefill", "batch_invariant")
+    # Integer fields that must be >= 1 / >= 0 (subclasses add theirs), as from_hf requires of config.json.
+    _SIZES = ("vocab_size", "hidden_size", "num_layers", "max_position_embeddings")
+    _COUNTS = ()
 
     def __post_init__(self):
         _check_dtype(self.dtype)
         float_fields_as_floats(self)
+        # A config built in Python (tiny_config(name, **overrides)) skipped from_hf's checks: num_layers=0 failed at
+        # the first prefill ("Need at least one array to stack"), num_key_value_heads=0 or kv_lora_rank=0 as a bare
+        # ZeroDivisionError, and rms_norm_eps <= 0 gave NaN logits without an error.
+        for names, low in ((self._SIZES, 1), (self._COUNTS, 0)):
+            for name in names:
+                v = getattr(self, name)
+                if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                    raise ValueError(f"{type(self).__name__}: {name}={v!r} must be an integer >= {low}")
+        if not (isinstance(self.rms_norm_eps, float) and math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise ValueError(f"{type(self).__name__}: rms_norm_eps={self.rms_norm_eps!r} must be a finite number > 0")
 
     # Subclasses: the per-token per-layer KV record shape and its kind.
     def _kv_record(self) -> tuple[str, tuple[int, ...]]:

@@ -49,8 +49,19 @@ class DeepseekConfig(ModelConfig):
     moe_dispatch: str = "dense"  # "dense" | "ragged" (models/layers/moe.py); not part of the KV format
     mla_prefill: str = "auto"  # "auto" | "expanded" | "absorbed" (models/layers/attention.py); idem
 
+    _SIZES = (
+        *ModelConfig._SIZES,
+        *("num_attention_heads", "intermediate_size", "moe_intermediate_size", "moe_layer_freq"),
+        *("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
+    )
+    _COUNTS = ("n_routed_experts", "n_shared_experts", "first_k_dense_replace")
+
     def __post_init__(self):
         super().__post_init__()
+        if self.q_lora_rank is not None and (
+            isinstance(self.q_lora_rank, bool) or not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1
+        ):
+            raise ValueError(f"DeepseekConfig: q_lora_rank={self.q_lora_rank!r} must be None or an integer >= 1")
         # Batch-invariant execution prefills with decode's absorbed form and needs per-token expert sums
         # whose order does not depend on the other tokens (the ragged dispatch's scatter-add does).
         if self.batch_invariant and (self.moe_dispatch != "dense" or self.mla_prefill == "expanded"):

@@ -26,6 +26,14 @@ class PrefillMeta:
         """[B, T] int32 absolute positions of the miss tokens."""
         return self.cached_lens[:, None] + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
 
+    def zero_padding(self, kv_new: jax.Array) -> jax.Array:
+        """New KV records [B, T, *record] with the padding rows (t >= miss_lens[b]) set to 0. No valid query
+        attends to them (weight exactly 0), but 0 x inf = NaN: a padding token (id 0) whose float16 activations
+        overflowed made every real token of its request NaN."""
+        t = kv_new.shape[1]
+        valid = jnp.arange(t, dtype=jnp.int32)[None, :] < self.miss_lens[:, None]  # [B, T]
+        return jnp.where(valid.reshape(*valid.shape, *(1,) * (kv_new.ndim - 2)), kv_new, jnp.zeros((), kv_new.dtype))
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass

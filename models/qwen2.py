@@ -28,6 +28,8 @@ class Qwen2Config(ModelConfig):
     qkv_bias: bool  # Qwen2: True; Llama: False
     rope: RopeConfig
 
+    _SIZES = (*ModelConfig._SIZES, "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+
     def _kv_record(self):
         return "gqa", (2, self.num_key_value_heads, self.head_dim)
 

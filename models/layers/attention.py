@@ -108,7 +108,7 @@ class GQAAttention(nnx.Module):
             self.head_dim,
         )
         q, k, v = self._qkv(x, meta.positions(t))
-        kv_new = jnp.stack([k, v], axis=2).astype(kv_cached.dtype)  # [B, T, 2, Hkv, Dh]
+        kv_new = meta.zero_padding(jnp.stack([k, v], axis=2).astype(kv_cached.dtype))  # [B, T, 2, Hkv, Dh]
         kv_all = jnp.concatenate([kv_cached, kv_new], axis=1)  # [B, C+T, 2, Hkv, Dh]
         keys = jnp.transpose(kv_all[:, :, 0], (0, 2, 1, 3))  # [B, Hkv, S, Dh]
         vals = jnp.transpose(kv_all[:, :, 1], (0, 2, 1, 3))
@@ -292,7 +292,7 @@ class MLAAttention(nnx.Module):
         c = kv_cached.shape[1]
         positions = meta.positions(t)
         q_nope, q_pe = self._q(x, positions)  # [B, T, Hq, nope], [B, T, Hq, Dr]
-        kv_new = self._latent(x, positions).astype(kv_cached.dtype)
+        kv_new = meta.zero_padding(self._latent(x, positions).astype(kv_cached.dtype))
         lat = jnp.concatenate([kv_cached, kv_new], axis=1).astype(x.dtype)  # [B, S, R + Dr]
         ckv, k_pe = lat[..., : self.kv_lora_rank], lat[..., self.kv_lora_rank :]
         mask = prefill_mask(meta, c, t)[:, None]  # [B, 1, T, S]

@@ -131,7 +131,11 @@ class DeepseekMoE(nnx.Module):
     def _dense(self, x: jax.Array, idx: jax.Array, weight: jax.Array) -> jax.Array:
         n = x.shape[0]
         combine = jnp.zeros((n, self.num_experts), jnp.float32).at[jnp.arange(n)[:, None], idx].add(weight)
+        chosen = jnp.zeros((n, self.num_experts), bool).at[jnp.arange(n)[:, None], idx].set(True)
         h = jax.nn.silu(jnp.einsum("nh,ehi->nei", x, self.w_gate[...])) * jnp.einsum("nh,ehi->nei", x, self.w_up[...])
+        # An expert the token did not choose is computed too but must add exactly nothing: its weight is 0, and
+        # 0 x inf = NaN (a float16 overflow in an unchosen expert made the token NaN; HF and ragged never run it).
+        h = jnp.where(chosen[:, :, None], h, 0)
         y = jnp.einsum("nei,eih->neh", h, self.w_down[...])  # [N, E, H]
         return jnp.einsum("ne,neh->nh", combine.astype(y.dtype), y)
 

@@ -75,7 +75,10 @@ class RopeConfig:
             return cls(dim=dim, theta=float(theta), interleaved=interleaved)
         if not isinstance(rope_scaling, dict):
             raise ValueError(f"rope_scaling must be an object, got {rope_scaling!r}")
-        kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        if "rope_type" not in rope_scaling and "type" not in rope_scaling:
+            # {"factor": 8.0, ...} without a type computed unscaled RoPE, its fields ignored (HF: a KeyError)
+            raise ValueError(f"rope_scaling {rope_scaling!r} has no 'rope_type' (or 'type'): which scaling is meant?")
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
         fields = {f.name for f in dataclasses.fields(cls)} - {"dim", "theta", "kind", "interleaved"}
         # a key these variants do not read (yarn's attention_factor or truncate, say) would change the numbers
         # silently if dropped
