@@ -18,8 +18,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import mmap
+import os
 import threading
 import time
+import weakref
 from typing import Self
 
 import numpy as np
@@ -38,8 +40,8 @@ class HostBufferStats:
     peak_bytes_in_use: int = 0
     acquires: int = 0
     releases: int = 0
-    waits: int = 0  # acquires that had to wait for releases
-    wait_s: float = 0.0  # total time spent waiting
+    waits: int = 0  # acquires that had to wait for releases (served or timed out)
+    wait_s: float = 0.0  # total time spent waiting (by those too)
     timeouts: int = 0  # acquires that gave up (BufferBudgetExceeded)
 
 
@@ -135,8 +137,9 @@ class HostBufferPool:
         self.slot_nbytes = int(slot_nbytes)
         self.num_slots = int(num_slots)
         self.budget_bytes = self.num_slots * self.slot_nbytes
-        # Anonymous mmap: page-aligned (what RDMA registration and O_DIRECT want), one allocation for life.
-        self._mmap = mmap.mmap(-1, self.budget_bytes)
+        # Anonymous mmap: page-aligned (what RDMA registration and O_DIRECT want), one allocation for life. Private:
+        # a forked child gets its own copy (shared, the child's writes to its buffers landed in the parent's).
+        self._mmap = mmap.mmap(-1, self.budget_bytes, flags=mmap.MAP_PRIVATE)
         self.arena = np.frombuffer(self._mmap, dtype=np.uint8)  # [budget_bytes], writable
         if prefault:
             self.arena[::PAGE_NBYTES] = 0
@@ -146,6 +149,14 @@ class HostBufferPool:
         self._cond = threading.Condition()
         self._queue: collections.deque[object] = collections.deque()  # waiting requests, FIFO
         self._stats = HostBufferStats()
+        _POOLS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child only the forking thread exists: the lock (maybe held by another thread at the fork) is
+        renewed and the requests other threads were waiting with are dropped (the child's waited behind them for
+        ever). Slots held at the fork stay held (their handles were copied too)."""
+        self._cond = threading.Condition()
+        self._queue.clear()
 
     @property
     def buffer(self) -> memoryview:
@@ -210,6 +221,9 @@ class HostBufferPool:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         self._stats.timeouts += 1
+                        if waited:  # (it waited too: its time was left out of wait_s)
+                            self._stats.waits += 1
+                            self._stats.wait_s += time.monotonic() - t0
                         raise BufferBudgetExceeded(
                             f"host buffer pool {self.name!r}: no {nslots} free{' contiguous' if contiguous else ''} "
                             f"slots within {timeout} s ({self._nfree} of {self.num_slots} free, "
@@ -277,3 +291,16 @@ class HostBufferPool:
 
     def __repr__(self) -> str:
         return f"HostBufferPool({self.name!r}, {self.num_slots} x {self.slot_nbytes} B)"
+
+
+# Pools of this process, renewed in a forked child (`HostBufferPool._after_fork`).
+_POOLS: weakref.WeakSet[HostBufferPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -32,6 +32,7 @@ import collections
 import dataclasses
 import itertools
 import math
+import numbers
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -43,7 +44,20 @@ LOOKAHEAD = 4  # chunks a paced transfer keeps queued on a link ahead of the one
 
 
 class _Ticket:
-    __slots__ = ("after", "cls", "dropped", "joint", "nbytes", "ready", "rest", "seq", "slot", "split", "start_tag")
+    __slots__ = (
+        "after",
+        "charge",
+        "cls",
+        "dropped",
+        "joint",
+        "nbytes",
+        "ready",
+        "rest",
+        "seq",
+        "slot",
+        "split",
+        "start_tag",
+    )
 
     def __init__(
         self, start_tag: float, seq: int, nbytes: int, cls: str, joint: bool = False, after=None, split: bool = False
@@ -51,6 +65,7 @@ class _Ticket:
         self.start_tag, self.seq, self.nbytes, self.cls = start_tag, seq, nbytes, cls
         # A chunk that may be cut to fill the gap before a held slot (`Link.paced`): `rest` bytes then go as one more.
         self.split, self.rest = split, 0
+        self.charge: float | None = None  # the class's SFQ finish tag its enqueue set (None: its share was paid)
         self.slot: float | None = None  # granted slot start (monotonic time)
         # A chunk of a multi-link path: the link only gives it its turn (`ready`, SFQ order); the slot is then
         # reserved on every link of the path at once (`Pacer`), so the chunk crosses each link in its own slot.
@@ -99,7 +114,9 @@ class Link:
             raise ValueError(f"link {name!r}: rate must be > 0 bytes/s, got {rate_bytes_per_s}")
         self.name = name
         self.rate = float(rate_bytes_per_s)
-        self.weights = dict(weights or {"high": 1.0, "low": 1.0})
+        if weights is not None and not weights:  # (silently took the default classes)
+            raise ValueError(f"link {name!r}: weights must name at least one class, got {dict(weights)!r}")
+        self.weights = dict({"high": 1.0, "low": 1.0} if weights is None else weights)
         for c, w in self.weights.items():
             if not w > 0:
                 raise ValueError(f"link {name!r}: weight of class {c!r} must be > 0, got {w}")
@@ -193,7 +210,7 @@ class Link:
             start_tag = self._vtime if paid else max(self._vtime, self._finish[cls])
             t = _Ticket(start_tag, next(self._seq), int(nbytes), cls, joint, after, split)
             if not paid:
-                self._finish[cls] = start_tag + nbytes / self.weights[cls]
+                t.charge = self._finish[cls] = start_tag + nbytes / self.weights[cls]
             if math.isinf(self.rate):
                 if joint:
                     t.ready = True
@@ -214,7 +231,8 @@ class Link:
                 q = self._queues[t.cls]
                 if t in q:
                     q.remove(t)
-                    if self._finish[t.cls] == t.start_tag + t.nbytes / self.weights[t.cls]:
+                    # (by the tag it set: a chunk cut to fill a gap kept its whole charge, a paid rest got a refund)
+                    if t.charge is not None and self._finish[t.cls] == t.charge:
                         self._finish[t.cls] = t.start_tag  # the class's last chunk: its fair share is not charged
                     self._dispatch()  # (the next in line may go now)
             elif t.slot is None:  # a joint chunk's turn, never reserved: the path's next chunk may take its turn
@@ -329,6 +347,12 @@ class Link:
 
     def record(self, nbytes: int, cls: str = "low") -> None:
         """Record bytes that crossed the link without pacing them (e.g. measured elsewhere)."""
+        # (a typo of a class was recorded as a class of its own: samples "cnic/engine0/hihg", bytes_by_class too)
+        if cls not in self.weights:
+            raise ValueError(f"link {self.name!r} has classes {sorted(self.weights)}, not {cls!r}")
+        if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral) or nbytes < 0:
+            raise ValueError(f"link {self.name!r}: a record of {nbytes!r} bytes (a whole number >= 0)")
+        nbytes = int(nbytes)
         with self._cond:
             self._record(time.monotonic(), nbytes, cls)
 
@@ -517,7 +541,11 @@ class TrafficManager:
     def add_cnic(self, engine: int, rate_bytes_per_s: float, weights: Mapping[str, float] | None = None, **kw) -> Link:
         """The compute NIC of `engine`: high (model) and low (KV) classes, ~99:1 under contention."""
         return self.add_link(
-            f"cnic/engine{engine}", rate_bytes_per_s, weights or DEFAULT_CNIC_WEIGHTS, per_class_names=True, **kw
+            f"cnic/engine{engine}",
+            rate_bytes_per_s,
+            DEFAULT_CNIC_WEIGHTS if weights is None else weights,
+            per_class_names=True,
+            **kw,
         )
 
     def add_cnic_in(
@@ -526,7 +554,11 @@ class TrafficManager:
         """The ingress direction of `engine`'s full-duplex compute NIC ("cnic/engine<E>/in"; `add_cnic` is its
         egress): what the engine pulls into its device memory (H2D) paces here."""
         return self.add_link(
-            f"cnic/engine{engine}/in", rate_bytes_per_s, weights or DEFAULT_CNIC_WEIGHTS, per_class_names=True, **kw
+            f"cnic/engine{engine}/in",
+            rate_bytes_per_s,
+            DEFAULT_CNIC_WEIGHTS if weights is None else weights,
+            per_class_names=True,
+            **kw,
         )
 
     def link(self, name: str) -> Link:

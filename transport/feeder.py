@@ -35,7 +35,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, Protocol, Self
 
 import numpy as np
@@ -114,6 +114,16 @@ def _count(what: str, value: Any) -> int:
     return int(value)
 
 
+def _check_timeout(what: str, timeout: float | None) -> None:
+    if timeout is not None and not timeout >= 0:  # (NaN waited 0 s, a negative one too)
+        raise ValueError(f"{what} must be >= 0 s or None, got {timeout}")
+
+
+def _wait_s(timeout: float | None) -> float | None:
+    """A timeout a lock can wait (inf, 1e300 overflowed it: OverflowError instead of a wait)."""
+    return None if timeout is None else min(timeout, threading.TIMEOUT_MAX)
+
+
 class LayerFeeder:
     """Prefetching per-layer loader (host -> device) and background saver (device -> host).
 
@@ -126,7 +136,7 @@ class LayerFeeder:
         model's KV dtype and shape; must be a view, not a copy).
       to_device: the sink (default `default_to_device`); must not keep a reference to the staging buffer.
       saver: where `save_layer` sends new KV; None = saving is an error.
-      timeout_s: how long `wait_for_layer` waits before failing (None = forever).
+      timeout_s: how long `wait_for_layer` waits before failing (None or math.inf = forever).
     """
 
     def __init__(
@@ -151,6 +161,7 @@ class LayerFeeder:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         if layer_nbytes < 0:
             raise ValueError(f"layer_nbytes must be >= 0, got {layer_nbytes}")
+        _check_timeout(f"{name}: timeout_s", timeout_s)
         self.num_layers, self.source, self.layer_nbytes = num_layers, source, layer_nbytes
         self.prefetch, self.host_view, self.saver = prefetch, host_view, saver
         self.to_device = to_device or default_to_device
@@ -235,7 +246,7 @@ class LayerFeeder:
                 self._tokens.release()
         t0 = time.monotonic()
         try:
-            x = self._results[layer].result(timeout=self.timeout_s)
+            x = self._results[layer].result(timeout=_wait_s(self.timeout_s))
         except TimeoutError:
             raise LayerLoadError(f"{self.name}: layer {layer} not loaded within {self.timeout_s} s") from None
         self.wait_times[layer] = (t0, time.monotonic())
@@ -257,7 +268,12 @@ class LayerFeeder:
 
     # ---- saving ---------------------------------------------------------------------------------------
     def save_layer(self, layer: int, kv: Any) -> None:
-        """Copy layer `layer`'s new KV device -> host and hand it to the saver, in the background, in order."""
+        """Copy layer `layer`'s new KV device -> host and hand it to the saver, in the background, in order (`layer`: an
+        int in 0..L-1, checked at the call)."""
+        # (a float layer was taken, and only failed later in the saver, reported by wait_for_save)
+        layer = _count(f"{self.name}: layer", layer)
+        if not 0 <= layer < self.num_layers:
+            raise IndexError(f"{self.name}: layer {layer} out of range 0..{self.num_layers - 1}")
         if self.saver is None:
             raise RuntimeError(f"{self.name}: save_layer needs a saver")
         if self._stop.is_set():
@@ -288,6 +304,7 @@ class LayerFeeder:
         and a `LayerSaveError`) names the layers whose saves are still running; they stay tracked, so a later
         `wait_for_save` still waits for them and reports their failure.
         """
+        _check_timeout(f"{self.name}: wait_for_save timeout", timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             saves = list(self._saves)
@@ -295,7 +312,7 @@ class LayerFeeder:
         pending: list[int] = []
         settled: set[Future] = set()  # the futures examined done (removed from the tracked saves)
         for layer, fut in saves:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            remaining = None if deadline is None else _wait_s(max(0.0, deadline - time.monotonic()))
             try:
                 fut.result(timeout=remaining)
             except TimeoutError:
@@ -347,7 +364,8 @@ class StoreLayerSource:
 
     `out` is viewed as `[len(keys), block_tokens, bytes_per_token_per_layer]`; row i receives Layer Block l
     of `keys[i]` via `store.read(key, out_row, layers=[l])`. A read that reports a miss (returns False/None
-    or raises) fails the layer with `KVMissError`. `pacer` (optional) paces the bytes over an emulated SNIC.
+    or raises) fails the layer with `KVMissError`. `pacer` (optional) paces each block's bytes over an emulated SNIC
+    once read (a miss moves none).
     """
 
     def __init__(self, store: Any, keys: Sequence[Any], layout: Any, pacer: Any = None, parallel: bool = True):
@@ -358,26 +376,48 @@ class StoreLayerSource:
 
     def __call__(self, layer: int, out: np.ndarray) -> np.ndarray:
         rows = out.reshape(len(self.keys), self.layout.block_tokens, self.layout.bytes_per_token_per_layer)
+        nbytes = self.layout.layer_block_nbytes
+        # Each block is paced once read (as the runtime's SNIC does): a miss moved no bytes (paced before its read,
+        # it was recorded on the SNIC as moved). A sequential read stops at the first miss.
         results: list[Any] = []
+        miss: KVMissError | None = None
         for i, key in enumerate(self.keys):
-            if self.pacer is not None:
-                self.pacer.pace(self.layout.layer_block_nbytes, "low")
             try:
-                results.append(
-                    self.store.submit_read(key, rows[i], layers=[layer])
-                    if self.parallel
-                    else self.store.read(key, rows[i], layers=[layer])
-                )
+                if self.parallel:
+                    results.append(self.store.submit_read(key, rows[i], layers=[layer]))
+                    continue
+                ok = self.store.read(key, rows[i], layers=[layer])
             except Exception as e:
-                raise KVMissError(f"block {i} ({key!r}), layer {layer}: read failed: {e}") from e
+                miss = KVMissError(f"block {i} ({key!r}), layer {layer}: read failed: {e}")
+                miss.__cause__ = e
+                break
+            if not ok:
+                miss = KVMissError(f"block {i} ({key!r}), layer {layer}: not in the store or corrupt (miss)")
+                break
+            self._pace(nbytes)
         for i, r in enumerate(results):
+            if miss is not None and isinstance(r, Future):
+                r.cancel()  # (a read not started yet is not made: the layer failed)
             try:
                 ok = r.result() if isinstance(r, Future) else r
+            except CancelledError:
+                continue
             except Exception as e:
-                raise KVMissError(f"block {i} ({self.keys[i]!r}), layer {layer}: read failed: {e}") from e
-            if not ok:
-                raise KVMissError(f"block {i} ({self.keys[i]!r}), layer {layer}: not in the store or corrupt (miss)")
+                if miss is None:
+                    miss = KVMissError(f"block {i} ({self.keys[i]!r}), layer {layer}: read failed: {e}")
+                    miss.__cause__ = e
+                continue
+            if ok:
+                self._pace(nbytes)  # (a block read beside a miss moved its bytes too)
+            elif miss is None:
+                miss = KVMissError(f"block {i} ({self.keys[i]!r}), layer {layer}: not in the store or corrupt (miss)")
+        if miss is not None:
+            raise miss
         return out
+
+    def _pace(self, nbytes: int) -> None:
+        if self.pacer is not None:
+            self.pacer.pace(nbytes, "low")
 
 
 class TransportLayerSource:
