@@ -86,12 +86,37 @@ class LinkBytes:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile of the values that are not NaN (NaN when none is)."""
+    """The q-th percentile of the values that are not NaN (NaN when none is); an infinite value counts as one."""
     if isinstance(values, np.ndarray):
         vals = values[~np.isnan(values)]
-        return float(np.percentile(vals, q)) if vals.size else math.nan
-    vals = [v for v in values if not math.isnan(v)]
-    return float(np.percentile(vals, q)) if vals else math.nan
+    else:
+        vals = np.array([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if not vals.size:
+        return math.nan
+    if np.isfinite(vals).all():
+        return float(np.percentile(vals, q))
+    return _percentile_with_inf(np.sort(vals), q)
+
+
+def _percentile_with_inf(s: np.ndarray, q: float) -> float:
+    """numpy's linear percentile of the sorted `s`, whose neighbours may be infinite: numpy gave NaN (inf - inf)
+    where the answer is inf (`[1, inf]` p50, `[1, 2, inf]` p99, even `[inf]`)."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"Percentiles must be in the range [0, 100], got {q}")
+    pos = q / 100 * (s.size - 1)
+    lo = min(int(pos), s.size - 1)
+    t = pos - lo
+    a = float(s[lo])
+    if t == 0:
+        return a
+    b = float(s[lo + 1])
+    if a == b:
+        return a
+    if math.isinf(a) and math.isinf(b):  # between -inf and inf: undefined
+        return math.nan
+    if math.isinf(a) or math.isinf(b):
+        return b if math.isinf(b) else a
+    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)  # numpy's lerp
 
 
 def snic_max_over_avg(samples: Iterable[LinkBytes], prefix: str = "snic/", links: Iterable[str] = ()) -> float:

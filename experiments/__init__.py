@@ -252,6 +252,26 @@ def error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def stopped_early(e: BaseException, run_failed: type, kept: bool, prefix: str = "run failed") -> str:
+    """Called in `except BaseException as e` around a job's runs: the line naming why they stopped part-way, when
+    finished results are `kept` (the caller writes them, then exits with the line). A `run_failed` (its timeout,
+    no live engine left) or Ctrl-C is that line alone; another error (a bug, a full disk) is logged with its
+    traceback and named after `prefix`. Without kept results a `run_failed` / Ctrl-C ends the job with its line
+    (no traceback) and any other error goes on as itself, as does a SystemExit (e.g. a bad directory)."""
+    if isinstance(e, (run_failed, KeyboardInterrupt)):
+        line = f"run failed: {e}" if isinstance(e, run_failed) else "interrupted"
+        if not kept:
+            raise SystemExit(line) from None
+        return line
+    if not kept or not isinstance(e, Exception):
+        raise  # noqa: PLE0704 - the caller's exception, being handled
+    from absl import logging
+
+    line = f"{prefix}: {type(e).__name__}: {e}"
+    logging.exception("%s (the finished results are kept)", line)
+    return line
+
+
 def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str | None]]:
     """`fn` over `jobs` with a progress bar, in spawned worker processes when `workers` > 1: one (result, None)
     or (None, error line) per job, in the order of `jobs`. A job that raises, or whose worker process dies (e.g.

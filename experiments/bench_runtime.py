@@ -36,6 +36,7 @@ from experiments import (
     fresh_dir_or_exit,
     parse_flags_or_exit,
     pyplot_or_none,
+    stopped_early,
 )
 
 _CONFIG = define_config_file(
@@ -335,15 +336,8 @@ def main(argv):
             for k, v in per_turn["breakdown_ms"].items():
                 print(f"    {v:7.1f} ms  {k}")
             out["overhead_per_turn"] = per_turn
-    except (RunFailed, KeyboardInterrupt) as e:  # a run that failed (its timeout, no live engine left), Ctrl-C
-        failed = out["failed"] = f"run failed: {e}" if isinstance(e, RunFailed) else "interrupted"
-        if "measured" not in out:
-            raise SystemExit(failed) from None
-    except Exception as e:  # any other error (a bug, a full disk): its traceback, and what was measured kept
-        if "measured" not in out:
-            raise
-        logging.exception("the benchmark failed")
-        failed = out["failed"] = f"failed: {type(e).__name__}: {e}"
+    except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): measured ones kept
+        failed = out["failed"] = stopped_early(e, RunFailed, kept="measured" in out, prefix="failed")
     finally:
         if session is not None:
             session.close()

@@ -26,9 +26,9 @@ The "1 thread" rows read each block by every variant back to back, each into a r
 in time, but the block's bytes are then cache-resident for all but the first variant: the cost of the checksum
 pass shows fully); the "streaming" rows read into one buffer per block with the variants interleaved on blocks far apart
 (the pool rows: on batches of blocks), so source and destination come from DRAM as in serving. Times are sums
-over blocks (batches) of each one's best of --repeats, which keeps a shared machine's load spikes out; the
-"ratio of means" column counts every repeat (raw preadv's own speed varies ~2x between processes here, so
-read both).
+over blocks (batches) of each one's best of --repeats (after one untimed pass of every variant: first opens,
+mappings, page faults), which keeps a shared machine's load spikes out; the "ratio of means" column counts every
+repeat (raw preadv's own speed varies ~2x between processes here, so read both).
 Each row also gives the process CPU time (all threads) per GB, next to the baseline's, and the load average.
 `run_store_bench(...)` returns the rows (list of dicts) for experiments/bench_io.py to include.
 """
@@ -82,11 +82,11 @@ class Timings(dict):
         self.mean = mean
 
 
-def _paired(variants: dict, n_items: int, repeats: int) -> Timings:
+def _paired(variants: dict, n_items: int, repeats: int, warm: bool = True) -> Timings:
     """Seconds per variant: each item i is run by every variant back to back (order rotating), and a variant's
     time is the sum over items of its best time on that item. Pairing in time keeps a shared machine's load
-    spikes from landing on one side of a comparison only."""
-    return _interleaved(variants, n_items, repeats, spread=0)
+    spikes from landing on one side of a comparison only. `warm`: see _interleaved."""
+    return _interleaved(variants, n_items, repeats, spread=0, warm=warm)
 
 
 def _paired_streaming(variants: dict, n_items: int, repeats: int) -> Timings:
@@ -97,14 +97,16 @@ def _paired_streaming(variants: dict, n_items: int, repeats: int) -> Timings:
     return _interleaved(variants, n_items, repeats, spread=max(1, n_items // len(variants)))
 
 
-def _interleaved(variants: dict, n_items: int, repeats: int, spread: int) -> Timings:
+def _interleaved(variants: dict, n_items: int, repeats: int, spread: int, warm: bool = True) -> Timings:
     """The timing loop of _paired (spread 0: all variants on item i, order rotating with i) and
-    _paired_streaming (variant k on item i + k * spread)."""
+    _paired_streaming (variant k on item i + k * spread). `warm`: one untimed pass first, so that no variant's
+    repeat 0 pays what the others do not (a fresh store's first open and mapping of each block, a buffer's
+    first-touch page faults: on 10 blocks the staging baseline's mean was up to 3x its best, its 1-repeat time too)."""
     best = {name: [float("inf")] * n_items for name in variants}
     cpu = dict.fromkeys(variants, 0.0)
     total = dict.fromkeys(variants, 0.0)
     names = list(variants)
-    for r in range(repeats):
+    for r in range(-1 if warm else 0, repeats):
         for i in range(n_items):
             for k in range(len(names)):
                 name = names[(k + r + (0 if spread else i)) % len(names)]
@@ -113,6 +115,8 @@ def _interleaved(variants: dict, n_items: int, repeats: int, spread: int) -> Tim
                 t0 = time.perf_counter()
                 variants[name](item)
                 dt = time.perf_counter() - t0
+                if r < 0:  # the untimed pass
+                    continue
                 cpu[name] += time.process_time() - c0
                 total[name] += dt
                 best[name][item] = min(best[name][item], dt)
@@ -447,6 +451,7 @@ def bench_layout(
             | ({"base": cold(lambda i: must(fresh["base"].read(keys[i], buf)))} if "base" in fresh else {}),
             n_cold,
             max(1, repeats // 2),
+            warm=False,  # (every read drops its pages first: an untimed pass would only double the disk reads)
         )
         add(
             "full read 1 thread, cold cache",

@@ -28,6 +28,7 @@ from experiments import (
     fresh_dir_or_exit,
     parse_flags_or_exit,
     pyplot_or_none,
+    stopped_early,
     token_agreement,
 )
 
@@ -191,15 +192,8 @@ def main(argv):
             )
             results[p] = res
             metrics.write_json(os.path.join(out_dir, f"turns_{p}.json"), res.records, res.links, policy=p)
-    except (RunFailed, KeyboardInterrupt) as e:  # a run that failed (its timeout, no live engine left) or Ctrl-C
-        failed = f"run failed: {e}" if isinstance(e, RunFailed) else "interrupted"
-        if not results:  # one line, not a traceback
-            raise SystemExit(failed) from None
-    except Exception as e:  # any other error (a bug, a full disk): its traceback, and the finished policies kept
-        if not results:
-            raise
-        logging.exception("a run failed")
-        failed = f"run failed: {type(e).__name__}: {e}"
+    except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): finished ones kept
+        failed = stopped_early(e, RunFailed, kept=bool(results))
     finally:
         if session is not None:
             session.close()

@@ -13,12 +13,11 @@ Definitions (the ones PAPER.md Table 2 appears to use):
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
 
-from dualpath_jax.workloads.types import Trajectory
+from dualpath_jax.workloads.types import Trajectory, check_block_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +60,7 @@ class WorkloadStats:
 
 def summarize(trajectories: Sequence[Trajectory], block_size: int = 64) -> WorkloadStats:
     """Statistics of `trajectories` (see the module docstring); hits counted in whole `block_size` blocks."""
-    # (64.5 counted half tokens as hits, True 1-token blocks: a wrong hit rate, silently)
-    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    check_block_size(block_size)  # (64.5 counted half tokens as hits, True 1-token blocks: a wrong hit rate)
     trajs = [t for t in trajectories if len(t.turns)]
     if not trajs:
         raise ValueError("no trajectory with at least one turn to summarize")

@@ -10,9 +10,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
+
+
+def check_block_size(block_size) -> None:
+    """A hit is whole blocks of `block_size` tokens: an int >= 1 (numpy ints too). 64.5 counted half tokens as
+    hits, True 1-token blocks, 0 a ZeroDivisionError, -64 a negative miss: wrong shapes, silently."""
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,6 +92,7 @@ class Trajectory:
 
     def hit_tokens(self, i: int, block_size: int) -> int:
         """Cached prefix of turn i: the whole blocks of the earlier context (only Full Blocks are stored)."""
+        check_block_size(block_size)
         return (self.context_before(i) // block_size) * block_size
 
     @property
@@ -130,6 +139,7 @@ class Trajectory:
 
     def turn_shapes(self, block_size: int) -> list[tuple[int, int, int]]:
         """(prompt, hit, gen) tokens of every turn, in one O(turns) pass."""
+        check_block_size(block_size)
         out, ctx = [], 0
         for t in self.turns:
             c = t.context_tokens if t.context_tokens is not None else ctx
