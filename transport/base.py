@@ -105,14 +105,21 @@ class MemoryRegion:
     def __post_init__(self) -> None:
         self.size = self.view.nbytes
 
-    def check(self, offset: int, length: int, what: str) -> None:
-        """Raise `RegionError` unless [offset, offset+length) lies inside the region."""
-        if type(offset) is bool or type(length) is bool or not isinstance(offset, int) or not isinstance(length, int):
-            raise RegionError(f"{what}: offset and length must be ints, got {offset!r}, {length!r}")
+    def check(self, offset: int, length: int, what: str) -> tuple[int, int]:
+        """(offset, length) as ints if [offset, offset+length) lies inside the region, else `RegionError`. Numpy
+        integers are fine (as for remote offsets: local ones were refused on every backend); a bool is not."""
+        if type(offset) is not int or type(length) is not int:
+            try:
+                if isinstance(offset, bool) or isinstance(length, bool):
+                    raise TypeError
+                offset, length = operator.index(offset), operator.index(length)
+            except TypeError:
+                raise RegionError(f"{what}: offset and length must be ints, got {offset!r}, {length!r}") from None
         if offset < 0 or length < 0 or offset + length > self.size:
             raise RegionError(
                 f"{what}: [{offset}, {offset + length}) is outside region {self.name!r} of {self.size} bytes"
             )
+        return offset, length
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -464,7 +471,7 @@ class Transport(abc.ABC):
             )
         lr, lo, n, rr, ro = e
         try:
-            self.region(lr).check(lo, n, f"write from {self.name}:{lr}")
+            lo, n = self.region(lr).check(lo, n, f"write from {self.name}:{lr}")
             self._check_remote_range(peer, rr, ro, n)
         except RegionError as err:
             raise RegionError(f"write_many entry {i}: {err}") from err

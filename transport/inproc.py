@@ -163,6 +163,7 @@ class InProcTransport(Transport):
             known = peer in self._peers
         ep = self.fabric.lookup(peer) if known else None
         if not known:
+            self._check_open()  # (a post racing `close`, which disconnects first: TransportClosedError, not a lost peer)
             raise PeerLostError(f"{self.name}: not connected to {peer!r} (connect first, or it closed)")
         if ep is None or ep.closed:
             raise PeerLostError(f"{self.name}: peer {peer!r} is gone")
@@ -269,7 +270,7 @@ class InProcTransport(Transport):
         tag = check_notify(notify)  # before anything is copied
         ep = self._peer(peer)
         src = self.region(local_region)
-        src.check(local_offset, length, f"write from {self.name}:{local_region}")
+        local_offset, length = src.check(local_offset, length, f"write from {self.name}:{local_region}")
         dst = ep.region(remote_region)
         remote_offset = _remote_offset(remote_offset)
         dst.check(remote_offset, length, f"write to {peer}:{remote_region}")
@@ -329,7 +330,7 @@ class InProcTransport(Transport):
         check_priority(priority)
         ep = self._peer(peer)
         dst = self.region(local_region)
-        dst.check(local_offset, length, f"read into {self.name}:{local_region}")
+        local_offset, length = dst.check(local_offset, length, f"read into {self.name}:{local_region}")
         src = ep.region(remote_region)
         remote_offset = _remote_offset(remote_offset)
         src.check(remote_offset, length, f"read from {peer}:{remote_region}")

@@ -53,9 +53,13 @@ def _serve(config: dict, regions: dict[str, int], conn: Any) -> None:
     try:
         while True:
             peer, payload = ep.recv()
-            msg = json.loads(payload)
-            op = msg.get("op")
             try:
+                # (a message that is not a JSON object is answered with an error: it used to end this process, and the
+                # driver's `call` waited out its timeout for a reply)
+                msg = json.loads(payload)
+                if not isinstance(msg, dict):
+                    raise ValueError(f"a control message must be a JSON object, got {type(msg).__name__}")
+                op = msg.get("op")
                 if op == "quit":
                     ep.send(peer, json.dumps({"ok": True}).encode()).result(10)
                     break

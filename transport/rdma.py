@@ -19,8 +19,10 @@ Design:
 - every registered region is an MR over the caller's buffer (`MR(pd, len, access, address=ptr)`, remote
   read/write allowed), so transfers are zero-copy DMA;
 - `write`/`read` post RDMA WRITE/READ work requests (chunks of `chunk_bytes`, each signaled) and a poller
-  thread completes futures from the CQ; a failed completion (peer gone: RC retries exhausted, or QP flushed)
-  fails the transfer and the peer; a lost control connection fails the peer's pending transfers too;
+  thread completes futures from the CQ; a write posted while a read is in flight on its QP is fenced
+  (IBV_SEND_FENCE: an RC responder may run a later WRITE before an earlier READ read its bytes, against the
+  posting order); a failed completion (peer gone: RC retries exhausted, or QP flushed) fails the transfer and the
+  peer; a lost control connection fails the peer's pending transfers too;
 - settings: `device`, `ib_port`, `gid_index` (RoCE v2 usually needs an IP-based GID, not index 0) and a service
   level per priority class (`sl_high`, `sl_low`, set in each QP's address vector); `check_rdma_args` checks their
   types and ranges on any host, `check_rdma_device` the device, port (ACTIVE) and GID where a device exists,
@@ -72,6 +74,10 @@ _USER = b"\x01"  # prefix of user messages (send/recv)
 # The largest user message (`send`), as tcp's default; the control channel takes it with its prefix byte (a 16 MiB
 # message was refused: 16 MiB + 1 over the channel's own 16 MiB limit).
 MAX_MESSAGE_BYTES = 16 << 20
+# ibv_send_flags (verbs.h): a fenced work request starts only once the RDMA READs posted before it on its QP completed
+# (an RC responder may otherwise execute a later RDMA WRITE before an earlier READ has read its bytes); every work
+# request is signaled (pyverbs' default, and `sq_sig_all`)
+IBV_SEND_FENCE, IBV_SEND_SIGNALED = 1, 2
 
 
 def rdma_unavailable_reason() -> str | None:
@@ -222,6 +228,7 @@ class _Transfer:
     def __init__(self, fut: Future, peer: str, length: int, nwr: int, on_done=None):
         self.fut, self.peer, self.length, self.remaining, self.on_done = fut, peer, length, nwr, on_done
         self.lock = threading.Lock()
+        self.read = False  # its work requests are RDMA READs (a write posted behind them on the QP is fenced)
         # 0-byte transfers posted behind this one in its class: finished right after it (its notification first);
         # None once finished (guarded by the peer's lock)
         self.followers: list[_Transfer] | None = []
@@ -251,6 +258,7 @@ class _RdmaPeer:
         self.region_epoch = 0  # bumped by `forget_region`: a reply asked for before it is not cached
         self.transfers: set[_Transfer] = set()
         self.tail: dict[str, _Transfer] = {}  # class -> the last transfer with work requests posted in it
+        self.reads: dict[str, int] = dict.fromkeys(PRIORITIES, 0)  # class -> RDMA READ work requests in flight
         self.dead: BaseException | None = None
         self.lock = threading.Lock()
 
@@ -356,7 +364,7 @@ class RdmaTransport(Transport):
         self._wr_ids = itertools.count(1)
         self._wrs: dict[int, tuple[_Transfer, _RdmaPeer, str]] = {}  # wr_id -> (transfer, peer, class)
         self._req_ids = itertools.count(1)
-        self._replies: dict[int, Future] = {}
+        self._replies: dict[int, tuple[str, Future]] = {}  # req -> (peer, its reply) of the questions in flight
         self.control = TcpTransport(
             name,
             host=host,
@@ -414,7 +422,7 @@ class RdmaTransport(Transport):
         sends (10 s, then a PeerLostError for a healthy peer)."""
         req = next(self._req_ids)
         fut: Future = Future()
-        self._replies[req] = fut
+        self._replies[req] = (peer, fut)
         try:
             self.control._send_on(peer, _INTERNAL + json.dumps({**msg, "req": req}).encode(), "low").result(timeout)
             return fut.result(timeout)
@@ -437,7 +445,7 @@ class RdmaTransport(Transport):
             msg = json.loads(payload[1:])
             op = msg["op"]
             if op == "reply":
-                fut = self._replies.get(int(msg["req"]))
+                fut = self._replies.get(int(msg["req"]), (None, None))[1]
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
             elif op == "qp_connect":
@@ -473,9 +481,14 @@ class RdmaTransport(Transport):
         return True
 
     def _on_control_lost(self, peer: str, err: BaseException) -> None:
+        lost = PeerLostError(f"control channel to {peer!r} lost: {err}")
         p = self._peers.get(peer)
         if p is not None:
-            self._fail_peer(p, PeerLostError(f"control channel to {peer!r} lost: {err}"))
+            self._fail_peer(p, lost)
+        # questions to it in flight fail now (they waited out `_ask`'s timeout, 10 s for a transfer's region lookup)
+        for asked, fut in list(self._replies.values()):
+            if asked == peer:
+                _fail(fut, TransportClosedError(f"endpoint {self.name!r} is closed") if self._closed else lost)
 
     # ---- queue pairs ----------------------------------------------------------------------------------------
     def _create_qps(self, peer: str) -> tuple[_RdmaPeer, dict[str, tuple[Any, int]], dict]:
@@ -584,8 +597,15 @@ class RdmaTransport(Transport):
         if p is None or not p.ready.is_set():
             raise PeerLostError(f"{self.name}: not connected to {peer!r}")
         if p.dead is not None:
-            raise PeerLostError(f"{self.name}: peer {peer!r} is gone: {p.dead}")
+            raise self._gone(p)
         return p
+
+    def _gone(self, p: _RdmaPeer) -> TransportError:
+        """The error of a post to the dead peer `p`: `TransportClosedError` if this endpoint closed (a post racing
+        `close` raised PeerLostError, which names a lost peer and sends callers to fail over)."""
+        if self._closed:
+            return TransportClosedError(f"endpoint {self.name!r} is closed")
+        return PeerLostError(f"{self.name}: peer {p.name!r} is gone: {p.dead}")
 
     def remote_region(self, peer: str, name: str, timeout: float = 10.0, refresh: bool = False) -> tuple[int, int, int]:
         """(address, rkey, size) of the peer's region `name` (asked once, then cached until the peer deregisters it;
@@ -647,7 +667,7 @@ class RdmaTransport(Transport):
         t = _Transfer(fut, p.name, length, nwr, on_done)
         with p.lock:
             if p.dead is not None:
-                raise PeerLostError(f"peer {p.name!r} is gone: {p.dead}")
+                raise self._gone(p)
             if not nwr:  # a 0-byte transfer has nothing to post: it finishes after the class's transfers before it
                 tail = p.tail.get(cls)
                 if tail is None or tail.followers is None or tail not in p.transfers:
@@ -687,6 +707,7 @@ class RdmaTransport(Transport):
         from pyverbs.wr import SGE, SendWR
 
         length = t.length
+        read = t.read = opcode == self._e.IBV_WR_RDMA_READ
         mr = self._mrs[local.name]
         qp = p.qps[cls]
         paced = iter(self._paced_chunks(length, cls, self.chunk_bytes)) if self.pacer is not None else None
@@ -712,10 +733,18 @@ class RdmaTransport(Transport):
             sge = SGE(_buffer_address(local.view) + local_offset + o, n, mr.lkey)
             wr = SendWR(wr_id=wr_id, opcode=opcode, num_sge=1, sg=[sge])
             wr.set_wr_rdma(rkey, raddr + o)
+            with p.lock:  # a write behind a read in flight on this QP is fenced: the read sees the bytes before it
+                if read:
+                    p.reads[cls] += 1
+                elif p.reads[cls]:
+                    wr.send_flags = IBV_SEND_SIGNALED | IBV_SEND_FENCE
             try:
                 qp.post_send(wr)
             except Exception as e:  # noqa: BLE001
                 self._wrs.pop(wr_id, None)
+                if read:
+                    with p.lock:
+                        p.reads[cls] -= 1
                 self._release_wr(p, cls)
                 self._fail_peer(p, PeerLostError(f"post_send to {p.name!r} failed: {e}"))
                 return
@@ -750,6 +779,9 @@ class RdmaTransport(Transport):
             return
         t, p, cls = entry
         self._release_wr(p, cls)
+        if t.read:
+            with p.lock:
+                p.reads[cls] -= 1
         if wc.status != self._e.IBV_WC_SUCCESS:
             err = PeerLostError(f"RDMA work request to {p.name!r} failed with status {wc.status}")
             _fail(t.fut, err)
@@ -786,7 +818,7 @@ class RdmaTransport(Transport):
         check_priority(priority)
         notify = check_notify(notify)  # before anything is posted
         src = self.region(local_region)
-        src.check(local_offset, length, f"write from {self.name}:{local_region}")
+        local_offset, length = src.check(local_offset, length, f"write from {self.name}:{local_region}")
         p = self._peer(peer)
         raddr, rkey, remote_offset = self._remote_range(peer, remote_region, remote_offset, length, "write to")
         on_done = None
@@ -830,7 +862,7 @@ class RdmaTransport(Transport):
     ) -> Future:
         check_priority(priority)
         dst = self.region(local_region)
-        dst.check(local_offset, length, f"read into {self.name}:{local_region}")
+        local_offset, length = dst.check(local_offset, length, f"read into {self.name}:{local_region}")
         p = self._peer(peer)
         raddr, rkey, remote_offset = self._remote_range(peer, remote_region, remote_offset, length, "read from")
         return self._post(p, priority, self._e.IBV_WR_RDMA_READ, dst, local_offset, raddr + remote_offset, rkey, length)

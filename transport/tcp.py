@@ -66,7 +66,10 @@ Liveness: a peer that dies (its sockets reset or close) fails the pending transf
 Progress is a byte received from the peer, or a chunk of a large frame sent (its socket drains only while the peer's
 host takes data); posting more requests is not, so an application posting steadily to a silent peer sees its
 transfers fail too. A handshake must finish within `handshake_timeout_s` in all (not per recv), and a failed
-`accept` (out of descriptors, say) is logged and accepting goes on.
+`accept` (out of descriptors, say) is logged and accepting goes on. The handshake tells each side the other
+endpoint's instance id (new per endpoint object): a set from a new instance of a peer (started again under its name
+after a crash that left its old connections silently open) drops that name's sets of other instances at once, their
+pending transfers failed with `PeerLostError` (they went to the dead process until the watchdog noticed).
 """
 
 from __future__ import annotations
@@ -363,6 +366,13 @@ def _peer_limit(hello: dict, peer: str) -> int | None:
     if limit is not None and (type(limit) is not int or limit < 1):
         raise ProtocolError(f"{peer!r} sent max_message_bytes={limit!r} in its handshake")
     return limit
+
+
+def _peer_instance(hello: dict) -> str | None:
+    """The peer endpoint's instance id from its HELLO / HELLO_ACK (new per endpoint object: a process started again
+    under a name has a new one; None if it did not say)."""
+    instance = hello.get("instance")
+    return None if instance is None else str(instance)
 
 
 def _proof(secret: bytes, role: bytes, nonce_a: bytes, nonce_b: bytes, name_a: str, name_b: str) -> str:
@@ -986,6 +996,7 @@ class _Peer:
         self.max_message: int | None = None  # the peer's max_message_bytes (from the handshake; None: not told)
         self.address: tuple | None = None  # (host, port) our `connect` used; None for a set the peer opened
         self.sockaddr: tuple | None = None  # the peer's socket address on that set (host, port)
+        self.instance: str | None = None  # the peer endpoint's instance id (from the handshake; None: not told)
 
     def touch(self) -> None:
         self.last_activity = time.monotonic()
@@ -1079,6 +1090,7 @@ class TcpTransport(Transport):
         self.handshake_timeout_s = float(handshake_timeout_s)
         self.max_message_bytes = int(max_message_bytes)
         self._req_ids = itertools.count(1)
+        self.instance = os.urandom(8).hex()  # told to peers at every handshake: this endpoint, not its name
         # Optional hook `(peer, payload) -> handled` run by a reader thread on each control message (the RDMA
         # backend uses this endpoint as its control channel); unhandled messages go to `recv`, and so does the message
         # of a hook that raises (logged with its traceback; the set stays up: it is not the peer's fault).
@@ -1134,7 +1146,7 @@ class TcpTransport(Transport):
             for stream in STREAMS:
                 sock = socket.create_connection((host, port), timeout=timeout)
                 socks[stream] = sock
-                limit = self._client_handshake(sock, peer, session, stream, timeout)
+                limit, instance = self._client_handshake(sock, peer, session, stream, timeout)
             sockaddr = socks["high"].getpeername()[:2]
         except BaseException as e:
             for s in socks.values():
@@ -1142,7 +1154,7 @@ class TcpTransport(Transport):
             if isinstance(e, TransportError):
                 raise
             raise PeerLostError(f"{self.name}: cannot connect to {peer!r} at {host}:{port}: {e}") from e
-        self._add_peer(peer, socks, limit, (host, port), sockaddr)
+        self._add_peer(peer, socks, limit, (host, port), sockaddr, instance)
 
     def _check_same_address(self, p: _Peer, address: tuple) -> None:
         """Raise `TransportError` if the live set `p` was opened by our `connect` to an address other than
@@ -1162,8 +1174,8 @@ class TcpTransport(Transport):
 
     def _client_handshake(
         self, sock: socket.socket, peer: str, session: str, stream: str, timeout: float
-    ) -> int | None:
-        """Run the client side of one connection's handshake; returns the server's max_message_bytes."""
+    ) -> tuple[int | None, str | None]:
+        """Run the client side of one connection's handshake; returns the server's max_message_bytes and instance."""
         sock.settimeout(timeout)
         end = None if timeout is None else time.monotonic() + timeout  # for the whole handshake, not each recv
         nonce = os.urandom(32)
@@ -1176,6 +1188,7 @@ class TcpTransport(Transport):
                 "nonce": nonce.hex(),
                 "auth": self.secret is not None,
                 "max_message_bytes": self.max_message_bytes,
+                "instance": self.instance,
             }
         ).encode()
         sock.sendall(pack_header(OP_HELLO, length=len(hello)) + hello)
@@ -1187,7 +1200,7 @@ class TcpTransport(Transport):
             raise TransportError(f"{peer!r} refused the connection: {ack['error']}")
         if ack.get("name") != peer:
             raise TransportError(f"endpoint at {sock.getpeername()} is {ack.get('name')!r}, expected {peer!r}")
-        limit = _peer_limit(ack, peer)
+        limit, instance = _peer_limit(ack, peer), _peer_instance(ack)
         if ack.get("auth"):
             if self.secret is None:
                 raise TransportError(f"{peer!r} requires a shared secret; this endpoint has none")
@@ -1204,7 +1217,7 @@ class TcpTransport(Transport):
             raise TransportError(f"{peer!r} does not authenticate but this endpoint requires a shared secret")
         sock.settimeout(None)
         _set_sockopts(sock, stream)
-        return limit
+        return limit, instance
 
     def _accept_loop(self) -> None:
         backoff = 0.01
@@ -1263,7 +1276,7 @@ class TcpTransport(Transport):
             peer, session, stream = str(hello["name"]), str(hello["session"]), str(hello["stream"])
             if stream not in STREAMS:
                 raise ProtocolError(f"unknown stream {stream!r}")
-            limit = _peer_limit(hello, peer)
+            limit, instance = _peer_limit(hello, peer), _peer_instance(hello)
             if hello.get("peer") != self.name:
                 self._reply(sock, OP_HELLO_ACK, {"error": f"this is {self.name!r}, not {hello.get('peer')!r}"})
                 raise ProtocolError(f"client expected endpoint {hello.get('peer')!r}")
@@ -1279,6 +1292,7 @@ class TcpTransport(Transport):
                         "nonce": nonce.hex(),
                         "proof": proof,
                         "max_message_bytes": self.max_message_bytes,
+                        "instance": self.instance,
                     },
                 )
                 op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
@@ -1291,7 +1305,12 @@ class TcpTransport(Transport):
                 final = pack_header(OP_AUTH_OK)
             else:
                 final = None
-                self_ack = {"name": self.name, "auth": False, "max_message_bytes": self.max_message_bytes}
+                self_ack = {
+                    "name": self.name,
+                    "auth": False,
+                    "max_message_bytes": self.max_message_bytes,
+                    "instance": self.instance,
+                }
             sock.settimeout(None)
             _set_sockopts(sock, stream)
             # Complete the set before the last ack: the client sends data only after all its handshakes.
@@ -1305,7 +1324,7 @@ class TcpTransport(Transport):
                 if complete:
                     del self._half_open[key]
             if complete:
-                self._add_peer(peer, socks, limit)
+                self._add_peer(peer, socks, limit, instance=instance)
             if final is not None:
                 sock.sendall(final)
             else:
@@ -1330,9 +1349,14 @@ class TcpTransport(Transport):
         limit: int | None = None,
         address: tuple | None = None,
         sockaddr: tuple | None = None,
+        instance: str | None = None,
     ) -> None:
+        """Add a connection set to `name`. The sets of another instance of that name (a process started again under
+        it, after a crash that left its old connections silently open) are dropped at once, their pending transfers
+        failed with `PeerLostError`: they were used until the watchdog or keepalive noticed, so every transfer in the
+        meantime went to the dead process. (Two sets of one instance, both sides connecting at once, both stay.)"""
         p = _Peer(self, name)
-        p.max_message, p.address, p.sockaddr = limit, address, sockaddr
+        p.max_message, p.address, p.sockaddr, p.instance = limit, address, sockaddr, instance
         for stream, sock in socks.items():
             p.conns[stream] = _Conn(self, p, sock, stream)
         p.post = dict(p.conns)
@@ -1341,12 +1365,19 @@ class TcpTransport(Transport):
                 for s in socks.values():
                     s.close()
                 raise TransportClosedError(f"endpoint {self.name!r} is closed")
-            self._peers.setdefault(name, []).append(p)
+            sets = self._peers.setdefault(name, [])
+            stale = [q for q in sets if instance is not None and q.instance not in (None, instance)]
+            sets.append(p)
             live = self._live.get(name)
-            if live is None or live.dead is not None:
+            if live is None or live.dead is not None or live in stale:
                 self._live[name] = p
             for c in p.conns.values():  # (under the lock: `close` joins the threads of every set it saw)
                 c.start()
+        for q in stale:
+            log.warning("%s: %r connected again as a new instance; dropping its old connection set", self.name, name)
+            self._fail_peer(
+                q, PeerLostError(f"peer {name!r} restarted (a new instance connected); its old set is gone")
+            )
 
     def _live_peer(self, name: str) -> _Peer | None:
         with self._lock:
@@ -1578,7 +1609,7 @@ class TcpTransport(Transport):
             or length < 0
             or not 0 <= local_offset <= src.size - length
         ):
-            src.check(local_offset, length, f"write from {self.name}:{local_region}")
+            local_offset, length = src.check(local_offset, length, f"write from {self.name}:{local_region}")
         p = self._peer_for(peer)
         info = p.remote_regions.get(remote_region)
         if info is not None and type(remote_offset) is int and 0 <= remote_offset <= info[1] - length:
@@ -1688,7 +1719,7 @@ class TcpTransport(Transport):
     ) -> Future:
         check_priority(priority)
         dst = self._regions.get(local_region) or self.region(local_region)
-        dst.check(local_offset, length, f"read into {self.name}:{local_region}")
+        local_offset, length = dst.check(local_offset, length, f"read into {self.name}:{local_region}")
         p = self._get_peer(peer)
         try:
             rid, remote_offset = self._remote_range(p, remote_region, remote_offset, length, "read from")
