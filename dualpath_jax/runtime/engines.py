@@ -450,7 +450,9 @@ class PrefillEngine(EngineBase):
             if r is not None:
                 r.pe_read_done = True
                 r.pe_ok_blocks = ok
-                self.emit("read_done", job.request_id, job.attempt, side="pe", nbytes=nbytes, t_start=t0)
+                # Stamped with the SNIC's end of the read (t1): a PE handles the report only after the batch it was
+                # running, and the turn's read_end used to include that batch (1.6-1.9 s for reads of microseconds).
+                self.emit("read_done", job.request_id, job.attempt, at=t1, side="pe", nbytes=nbytes, t_start=t0)
         else:
             raise RuntimeError(f"unknown inbox item {kind!r}")
 
@@ -731,7 +733,8 @@ class DecodeEngine(EngineBase):
             if r is not None:
                 r.de_read_state = "done"
                 r.de_end_blocks = r.task.pe_read_blocks + ok
-                self.emit("read_done", job.request_id, job.attempt, side="de", nbytes=nbytes, t_start=t0)
+                # Stamped with the SNIC's end of the read (t1), as t_start with its start: not when this thread got to it.
+                self.emit("read_done", job.request_id, job.attempt, at=t1, side="de", nbytes=nbytes, t_start=t0)
         elif kind == "write_done":
             r = item
             r.writes_pending -= 1
