@@ -16,7 +16,8 @@ beside ``dir``, renamed to ``dir`` once complete; parent directories it created)
 ``dir``; it never removes ``dir`` (another save to the same path may have finished first). It stores an xxh3
 checksum of each array's bytes in the checkpoint's metadata (orbax ``custom_metadata``); ``restore_params``
 verifies them and refuses a saved dtype other than the config's. Before orbax reads anything, ``restore_params``
-reads every stored value's last byte with tensorstore: a damaged or incomplete database is named as such.
+reads every stored value's last byte with tensorstore and checks that every array _METADATA names is stored: a
+damaged or incomplete database is named as such.
 """
 
 from __future__ import annotations
@@ -328,24 +329,48 @@ def save_params(checkpoint_dir: str | os.PathLike, params) -> None:
         ckptr.close()
 
 
+def _metadata_array_names(path: Path) -> list[str]:
+    """The arrays orbax's _METADATA names (their keys joined by "."), or [] when it does not read as such (orbax
+    then reports what it finds)."""
+    try:
+        tree = json.loads((path / "_METADATA").read_text(encoding="utf-8"))["tree_metadata"]
+        return [
+            ".".join(str(k["key"]) for k in entry["key_metadata"])
+            for entry in tree.values()
+            if entry["value_metadata"]["value_type"] in ("np.ndarray", "jax.Array")
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return []
+
+
 def _check_stored_values(path: Path, checkpoint_dir) -> None:
-    """Read every stored value's b-tree entry and last byte with tensorstore, synchronously, before orbax reads
-    anything. orbax gathers its reads, and when one failed (a damaged b-tree node, a data file gone or cut short)
-    it closed its event loop with the others still in flight: each of those then printed "RuntimeError: Event
-    loop is closed" from tensorstore's threads (pytest: an unraisable exception in a later test), and a damaged
-    b-tree came out as "not an orbax checkpoint"."""
+    """Read every stored value's b-tree entry and last byte and check that every array _METADATA names is stored,
+    with tensorstore, synchronously, before orbax reads anything. orbax gathers its reads, and when one failed (a
+    damaged b-tree node, a data file gone or cut short, an array name damaged in _METADATA) it closed its event
+    loop with the others still in flight: each of those then printed "RuntimeError: Event loop is closed" from
+    tensorstore's threads (pytest: an unraisable exception in a later test), and a damaged b-tree came out as "not
+    an orbax checkpoint". (A chunk
+    that does not decompress still fails inside orbax's gathered reads, named right but with such stray reads:
+    decoding every array here first would read a multi-GB checkpoint twice.)"""
     if not (path / "manifest.ocdbt").is_file():
         return  # not an OCDBT checkpoint, or its manifest is gone: orbax reports what it finds
     import tensorstore as ts
 
     try:
         kv = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": f"{path}/"}}).result()
-        for key in kv.list().result():
+        keys = kv.list().result()
+        for key in keys:
             # The value's last byte: its data file holds all of it. A data file gone reads as an empty value, not
             # as an error; orbax writes no empty value (zarr chunks and .zarray files are never empty).
             got = kv.read(key, byte_range=slice(-1, None)).result()
             if got.state != "value" or len(got.value) != 1:
                 raise ValueError(f"the value of {key.decode(errors='replace')!r} is missing (a data file gone?)")
+        # Every array _METADATA names is stored: a name damaged there (one flipped byte) failed the same way, inside
+        # orbax's gathered metadata reads
+        stored = set(keys)
+        for name in _metadata_array_names(path):
+            if not {f"{name}/.zarray".encode(), f"{name}/zarr.json".encode()} & stored:
+                raise ValueError(f"_METADATA names the array {name!r}, which is not stored")
     except Exception as e:  # tensorstore's DATA_LOSS / NOT_FOUND / OUT_OF_RANGE ... as ValueError or RuntimeError
         raise ValueError(f"{checkpoint_dir}: cannot read the checkpoint (damaged or incomplete?): {e}") from None
 

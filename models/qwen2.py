@@ -56,6 +56,12 @@ class Qwen2Config(ModelConfig):
                 f"head_dim = hidden_size // num_attention_heads = 0"
             )
         qwen = arch == "Qwen2ForCausalLM"
+        scaling = d.get("rope_scaling")
+        rope = RopeConfig.from_hf(head_dim, hf_float(d, "rope_theta", 10000.0, above=0), scaling)
+        if rope.kind == "yarn" and not (scaling.get("mscale") and scaling.get("mscale_all_dim")):
+            # HF's yarn (Qwen2/Llama) scales cos/sin by get_mscale(factor) unless both mscale and mscale_all_dim are
+            # set; DeepSeek's ratio mscale(factor, mscale) / mscale(factor, mscale_all_dim) of one alone differed
+            rope = dataclasses.replace(rope, mscale=1.0, mscale_all_dim=0.0)
         return cls(
             architecture=arch,
             vocab_size=hf_field(d, "vocab_size"),
@@ -70,7 +76,7 @@ class Qwen2Config(ModelConfig):
             head_dim=head_dim,
             intermediate_size=hf_field(d, "intermediate_size"),
             qkv_bias=True if qwen else hf_bool(d, "attention_bias"),
-            rope=RopeConfig.from_hf(head_dim, hf_float(d, "rope_theta", 10000.0, above=0), d.get("rope_scaling")),
+            rope=rope,
         )
 
 

@@ -17,9 +17,13 @@ import math
 import operator
 from collections.abc import Callable, Iterable, Sequence
 
+from dualpath_jax.sim.config import SimConfigError
 from dualpath_jax.sim.heap import TimeHeap
 
 _EPS_BYTES = 1e-3  # a flow with less than this left is done (float rounding)
+# One transfer's bytes spread over at most this many time buckets of a link (more: the per-bucket accounting of a
+# ~0 GB/s link or a ~0 s bucket would run for hours and fill the memory; refused)
+_MAX_SPAN_BUCKETS = 10_000_000
 COALESCE_MIN_FLOWS = 256  # active flows from which group checks coalesce completions (`coalesce_s`)
 _by_max_rate = operator.attrgetter("max_rate")  # a sort key (not a lambda: the compiled module has no closures)
 
@@ -225,6 +229,8 @@ class FlowNetwork:
         if nbytes <= 0.0:
             return
         b = self.bucket_s
+        if t1 - t0 > _MAX_SPAN_BUCKETS * b:
+            raise SimConfigError(self._span_error(link, t0, t1))
         k0 = int(t0 // b)
         k1 = int(t1 // b)
         d = table[link]
@@ -237,6 +243,14 @@ class FlowNetwork:
             hi = min(t1, (k + 1) * b)
             if hi > lo:
                 d[k] = d.get(k, 0.0) + rate * (hi - lo)
+
+    def _span_error(self, link: int, t0: float, t1: float) -> str:
+        return (
+            f"link {self.names[link]} moves bytes over [{t0:.6g}, {t1:.6g}] s: more than {_MAX_SPAN_BUCKETS:,} "
+            f"buckets of config.cluster.bucket_s = {self.bucket_s:g} s, a run that cannot end. A bandwidth near 0 "
+            "(config.cluster.snic_gbps, cnic_gbps, dram_gbps, storage_gbps), a time scale near infinity "
+            "(config.cluster.pe_time_scale, de_time_scale) or a bucket_s near 0 makes one"
+        )
 
     def _account_link(self, link: int, now: float, new_rate: float) -> None:
         r = self.link_rate[link]

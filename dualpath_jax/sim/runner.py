@@ -177,6 +177,16 @@ READ_WINDOW_S = 3.0  # α: tokens one node reads in 3 s
 COMPUTE_WINDOW_S = 5.0  # β: tokens one GPU processes in 5 s
 
 
+def _window_tokens(tokens: float, name: str, field: str) -> int:
+    """α / β in tokens; infinite (a ~0 B/token KV or a ~0 prefill time scale) is refused by name (it was an
+    OverflowError converting infinity)."""
+    if tokens == math.inf:
+        raise SimConfigError(
+            f"the policy's {name} window is more tokens than a double holds: config.cluster.{field} is too close to 0"
+        )
+    return max(1, int(tokens))
+
+
 def _policy_kwargs(cfg: SimConfig, pre, kv_bytes_per_token: float) -> dict:
     """Fill α/β (when the policy takes them and the config leaves them unset) from the simulated hardware."""
     import dataclasses as dc
@@ -193,10 +203,10 @@ def _policy_kwargs(cfg: SimConfig, pre, kv_bytes_per_token: float) -> dict:
         read_bps = c.snic_gbps * GB * c.storage_efficiency
         if c.read_stream_gbps > 0:
             read_bps = min(read_bps, c.read_stream_gbps * GB * c.max_reads_per_node)
-        kw["alpha_tokens"] = max(1, int(READ_WINDOW_S * read_bps / kv_bytes_per_token))
+        kw["alpha_tokens"] = _window_tokens(READ_WINDOW_S * read_bps / kv_bytes_per_token, "α", "kv_bytes_per_token")
     if "beta_tokens" in fields and not kw.get("beta_tokens"):
         per_s = (context + append) / (pre.prefill_time(context, append) * c.pe_time_scale)
-        kw["beta_tokens"] = max(1, int(COMPUTE_WINDOW_S * per_s))
+        kw["beta_tokens"] = _window_tokens(COMPUTE_WINDOW_S * per_s, "β", "pe_time_scale")
     if "block_size" in fields and "block_size" not in kw:
         kw["block_size"] = c.block_size
     if "seed" in fields and "seed" not in kw:

@@ -68,7 +68,7 @@ cdef class Simulator:
     cpdef at(self, double t, fn, arg=*)
     cpdef tuple _dram(self, Node node)
     cpdef _schedule_check(self, double t)
-    cpdef _check_event(self, _arg)
+    cpdef bint _check_event(self, _arg) except -1
     cpdef bint _flow(self, path, double nbytes, on_done, double max_rate=*)
 
     @cython.locals(r=Request)
@@ -166,7 +166,7 @@ cdef class Simulator:
     @cython.locals(t=cython.double)
     cpdef _turn_complete(self, Request r)
 
-    @cython.locals(n=cython.longlong, t=cython.double)
+    @cython.locals(n=cython.longlong, t=cython.double, last=cython.double)
     cpdef tuple run(self, double max_time=*, progress=*)
 
 

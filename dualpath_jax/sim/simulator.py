@@ -293,7 +293,7 @@ class Simulator:
         self.pes: dict[int, PrefillEngine] = {}
         self.des: dict[int, DecodeEngine] = {}
         eid = 0
-        de_hbm_tokens = int(c.de_hbm_kv_gb * GB / self.b)
+        de_hbm_tokens = _room_tokens(c.de_hbm_kv_gb, self.b, "de_hbm_kv_gb")
         self.de_groups: list[DecodeGroup] = []
         for nid in range(c.prefill_nodes + c.decode_nodes):
             role = "prefill" if nid < c.prefill_nodes else "decode"
@@ -313,7 +313,7 @@ class Simulator:
                     cnic = cnic_in = net.add_link(f"cnic/engine{eid}", c.cnic_gbps * GB, high_share=c.high_share)
                 es = EngineState(engine_id=eid, role=role, node_id=nid)
                 if role == "prefill":
-                    es.free_hbm_tokens = int(c.pe_hbm_kv_gb * GB / self.b)
+                    es.free_hbm_tokens = _room_tokens(c.pe_hbm_kv_gb, self.b, "pe_hbm_kv_gb")
                     eng = PrefillEngine(eid, node, cnic, cnic_in, c.pe_hbm_kv_gb * GB, es)
                     self.pes[eid] = eng
                 else:
@@ -397,7 +397,8 @@ class Simulator:
         self._seq += 1
         self.events.push(t, self._seq, 0, self._check_event, None)
 
-    def _check_event(self, _arg) -> None:
+    def _check_event(self, _arg) -> bool:
+        """False when nothing was due (a stale check: the flow it was asked for sped up and finished earlier)."""
         net = self.net
         now = self.now
         done = net.check_due(now)
@@ -405,6 +406,8 @@ class Simulator:
             net.finish_flows(done, now)  # one solve for all of them
             for f in done:
                 f.on_done()
+            return True
+        return False
 
     def _flow(self, path, nbytes: float, on_done, max_rate: float = math.inf) -> bool:
         """Start a flow unless it is empty; returns whether `on_done` will be called later."""
@@ -454,13 +457,13 @@ class Simulator:
             self.at(tick, self._fetch)
 
     # ---- global scheduler: groups fetch periodically ----------------------------------------------------
-    def _fetch(self, _arg) -> None:
+    def _fetch(self, _arg) -> bool | None:
         n_nodes = len(self.nodes)
         if not self.queue:  # the chain stops; it keeps its phase: a later arrival waits for the next group's tick
             self.fetch_running = False
             self._fetch_rr = (self._fetch_rr + 1) % n_nodes
             self._next_tick = self.now + self.fetch_step
-            return
+            return False  # nothing fetched
         node = self._fetch_rr
         self._fetch_rr = (node + 1) % n_nodes
         self.n_fetches += 1
@@ -939,10 +942,10 @@ class Simulator:
         self.net.release(path, pace)
         self._wb_done(r)
 
-    def _de_finish(self, arg) -> None:
+    def _de_finish(self, arg) -> bool | None:
         g, version = arg
         if version != g.version:
-            return
+            return False  # stale: the group's batch changed since
         self._de_sync(g)
         h = g.finish_heap
         eps = 1e-6
@@ -1035,6 +1038,7 @@ class Simulator:
         net = self.net
         pending = net._pending  # changes not solved yet; settled once per instant, before time moves on
         n = 0
+        last = self.now  # the last event that did something: stale checks or finishes, empty fetches come after
         # The event loop creates no reference cycles (tests/test_sim_e2e.py checks it), so the cyclic
         # collector would only re-scan the millions of live objects of a large run (~20% of its CPU at
         # 48P96D): it is off while the events run and restored afterwards.
@@ -1047,7 +1051,8 @@ class Simulator:
                     events.push(t, 0, 0, fn, arg)
                     break
                 self.now = t
-                fn(arg)
+                if fn(arg) is not False:  # False: it did nothing (a stale check or finish, an empty fetch)
+                    last = t
                 if pending and top_t() > t:  # top_t: inf when empty
                     net.settle(t)
                 n += 1
@@ -1063,6 +1068,8 @@ class Simulator:
             self.now = float(max_time)  # (a float, as in the compiled run, whatever the caller passed)
             for g in self.de_groups:
                 self._de_sync(g)
+        else:  # the run ends at its last event that did something, not at a stale check or empty fetch after it
+            self.now = last
         if progress is not None:
             progress(self.now, self.turns_done, n)
         wall = _time.perf_counter() - t_wall
@@ -1083,6 +1090,18 @@ class Simulator:
             "compiled": compiled.status(),  # which hot paths ran compiled (False: their Python twins)
         }
         return self.records, links, stats
+
+
+def _room_tokens(gb: float, b: float, field: str) -> int:
+    """An HBM room in tokens; one too large for a double (1e300 GB, or ~0 B/token) is refused by name (it was an
+    OverflowError converting infinity)."""
+    room = gb * GB / b
+    if room == math.inf:
+        raise SimConfigError(
+            f"config.cluster.{field} = {gb:g} GB at {b:g} B/token (config.cluster.kv_bytes_per_token, 0: the "
+            "model's) holds more tokens than a double can count; give a finite KV room"
+        )
+    return int(room)
 
 
 class _WorkView(Sequence):
