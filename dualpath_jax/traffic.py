@@ -32,11 +32,11 @@ import collections
 import dataclasses
 import itertools
 import math
-import numbers
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+from dualpath_jax.checks import is_int
 from dualpath_jax.metrics import LinkBytes
 
 DEFAULT_CNIC_WEIGHTS = {"high": 99.0, "low": 1.0}  # InfiniBand VL arbitration, PAPER.md "QoS"
@@ -350,7 +350,7 @@ class Link:
         # (a typo of a class was recorded as a class of its own: samples "cnic/engine0/hihg", bytes_by_class too)
         if cls not in self.weights:
             raise ValueError(f"link {self.name!r} has classes {sorted(self.weights)}, not {cls!r}")
-        if isinstance(nbytes, bool) or not isinstance(nbytes, numbers.Integral) or nbytes < 0:
+        if not is_int(nbytes) or nbytes < 0:
             raise ValueError(f"link {self.name!r}: a record of {nbytes!r} bytes (a whole number >= 0)")
         nbytes = int(nbytes)
         with self._cond:

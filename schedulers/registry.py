@@ -11,33 +11,14 @@ refuse unknown keys with the list of known ones.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any
 
-import numpy as np
-
+from dualpath_jax.checks import is_bool, is_int, is_real  # noqa: F401 - the Config fields' type checks
 from dualpath_jax.registry import Registry
 from schedulers.api import InterEnginePolicy, IntraEnginePolicy
 
 POLICIES: Registry[type[InterEnginePolicy]] = Registry("inter-engine policy")
 BATCHERS: Registry[type[IntraEnginePolicy]] = Registry("intra-engine batching policy")
-
-
-# Type checks of the policies' and batchers' Config fields (kwargs come from config files and command-line
-# variants: a float block size, a bool token count or a truthy string for a flag must be refused, not used).
-def is_int(x: Any) -> bool:
-    """An integer: Python or numpy ints; not a bool (True is no token count), not a float (not even 64.0)."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def is_real(x: Any) -> bool:
-    """A real number (int or float, numpy scalars too); not a bool, not a string."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def is_bool(x: Any) -> bool:
-    """True or False (numpy bools too); not 0/1, not a string such as 'no' (which is truthy)."""
-    return isinstance(x, (bool, np.bool_))
 
 
 def describe(x: Any) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import numbers
 import os
 import tempfile
 import time
@@ -22,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from dualpath_jax.checks import is_int
 from dualpath_jax.metrics import LinkBytes, TurnRecord, summarize
 from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, validate, validate_workload
 from dualpath_jax.runtime.lifecycle import ConversationBook, tiny_trajectories
@@ -295,7 +295,7 @@ def _check_trajectory_ids(trajs: Sequence[Trajectory]) -> None:
     seen = set()
     for t in trajs:
         tid = t.trajectory_id
-        if isinstance(tid, bool) or not isinstance(tid, numbers.Integral) or tid < 0:
+        if not is_int(tid) or tid < 0:
             raise ConfigError(f"the workload's trajectory id {tid!r} must be an integer >= 0")
         if tid in seen:
             raise ConfigError(f"the workload has two trajectories with id {tid}: ids must be unique")

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
 import numpy as np
 
+from dualpath_jax.checks import is_int
 from dualpath_jax.registry import Registry
 from dualpath_jax.workloads.types import Trajectory, Turn
 
@@ -168,7 +168,7 @@ def _check_ints(**named) -> None:
     """Counts, lengths and seeds of the generator are ints (numpy ints too): prefix_max_tokens=2.5 drew prefixes
     silently, a float count or seed was a numpy TypeError naming no argument."""
     for name, v in named.items():
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        if not is_int(v):
             raise ValueError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import numbers
 import os
 import zlib
 from collections.abc import Iterator, Sequence
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from dualpath_jax.checks import is_int
 from dualpath_jax.workloads.types import Trajectory, Turn
 
 TRACES_ENV = "DUALPATH_TRACES"
@@ -76,7 +76,7 @@ def _check_count(name: str, n: int | None) -> None:
     cut Mooncake at its floor and was a TypeError for session files."""
     if n is None:
         return
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+    if not is_int(n):
         raise ValueError(f"{name} must be an int >= 1 (or None for all), got {n!r} ({type(n).__name__})")
     if n < 0:
         raise ValueError(f"{name} must be >= 0, got {n}")
@@ -216,8 +216,7 @@ def load_mooncake(
     _check_count("max_requests", max_requests)
     # block -1 would be the last one (the search runs backwards); a block of 512.5 tokens blamed every line's
     # hash ids ("expected ceil(600/512.5) = 2.0")
-    ints = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in (min_shared_blocks, block_size))
-    if not ints or min_shared_blocks < 1 or block_size < 1:
+    if not (is_int(min_shared_blocks) and is_int(block_size)) or min_shared_blocks < 1 or block_size < 1:
         raise ValueError(
             f"min_shared_blocks and block_size must be >= 1 (ints), got {min_shared_blocks!r} and {block_size!r}"
         )

@@ -10,16 +10,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
+
+from dualpath_jax.checks import is_int
 
 
 def check_block_size(block_size) -> None:
     """A hit is whole blocks of `block_size` tokens: an int >= 1 (numpy ints too). 64.5 counted half tokens as
     hits, True 1-token blocks, 0 a ZeroDivisionError, -64 a negative miss: wrong shapes, silently."""
-    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
+    if not is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
 
 

@@ -1,0 +1,25 @@
+"""Type predicates of config values (kwargs come from config files, command-line variants and code: a float block
+size, a bool token count or a truthy string for a flag must be refused, not used). Used by the workloads, the
+runtime, the traffic manager and the scheduler registry (`schedulers.registry` re-exports them)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+
+def is_int(x: Any) -> bool:
+    """An integer: Python or numpy ints; not a bool (True is no token count), not a float (not even 64.0)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_real(x: Any) -> bool:
+    """A real number (int or float, numpy scalars too); not a bool, not a string."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def is_bool(x: Any) -> bool:
+    """True or False (numpy bools too); not 0/1, not a string such as 'no' (which is truthy)."""
+    return isinstance(x, (bool, np.bool_))
