@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import pickle
 import queue
 import threading
@@ -176,6 +177,11 @@ class EngineBase:
         self.error: BaseException | None = None
         # Areas of dropped requests whose SNIC read was still queued or running: freed when it reports done.
         self._draining: dict[tuple, object] = {}
+        # Areas of cancelled requests whose peer (declared dead, maybe only late) may still write into them one-sidedly:
+        # [(key, handle, peer engine)], freed once its connection is gone (`_free_held`). Freed at once, a
+        # node stopped past the heartbeat timeout and then continued wrote its queued KV into another request's area
+        # (/tmp/hunt_runtime6/stop_cont.py: that request's tokens went wrong).
+        self._held: list = []
         self.early: dict[tuple, list] = {}  # messages/layers that arrived before the task
         # (request, attempt) of the latest attempts dropped or finished here: a message of one arriving later (a peer
         # declared dead but alive until its next fetch) used to be held in `early` for the rest of the run.
@@ -302,21 +308,58 @@ class EngineBase:
         """A read reported done: its request (None when dropped meanwhile) may now free its area."""
         if r is not None:
             r.read_job = None
-        handle = self._draining.pop((job.request_id, job.attempt), None)
+        handle = self._draining.pop((job.request_id, job.attempt), None)  # (None: held, see `_free_held`)
         if handle is not None and not handle.released:
             handle.release()
 
     def _release_area(self, r) -> None:
         """Free a dropped or finished request's area -- never under a running read: a read still queued or in
         progress is cancelled and the area freed when it reports done (the SNIC would otherwise write stale
-        blocks into a later request's KV)."""
+        blocks into a later request's KV); nor, for a cancelled request, while its peer may still write into it."""
         if r.handle is None or r.handle.released:
             return
+        key = (r.task.request_id, r.task.attempt)
+        peer = r.task.decode_engine if self.role == "pe" else r.task.prefill_engine
+        held = r.cancelled and self._peer_writing(r) and self._peer_may_write(peer)
         if r.read_job is not None:
             r.read_job.cancelled = True
-            self._draining[(r.task.request_id, r.task.attempt)] = r.handle
+            self._draining[key] = None if held else r.handle
+        if held:
+            self._held.append((key, r.handle, peer))
+        elif r.read_job is None:
+            r.handle.release()
+
+    def _peer_writing(self, r) -> bool:
+        """Whether r's peer may have one-sided writes into r's area not yet landed."""
+        raise NotImplementedError
+
+    def _peer_may_write(self, engine_id: int) -> bool:
+        """Whether a peer engine still has a connection it can write into our buffer through."""
+        name = engine_endpoint(engine_id)
+        try:
+            if name not in self.transport.peers():
+                return False
+        except Exception:  # noqa: BLE001 -- our endpoint closed
+            return False
+        fabric = getattr(self.transport, "fabric", None)  # in-process: its peers stay listed once closed
+        if fabric is not None and hasattr(fabric, "lookup"):
+            ep = fabric.lookup(name)
+            return ep is not None and not getattr(ep, "closed", False)
+        return True
+
+    def _free_held(self) -> None:
+        """Free the held areas whose peer can no longer write (its node closed or died) and whose read is done. No
+        deadline: a 30 s one still let a node stopped for longer write into the area's next request (wrong tokens);
+        a peer hung for good keeps one area per cancelled request (a run short of buffer then stalls, never wrong)."""
+        if not self._held:
             return
-        r.handle.release()
+        keep = []
+        for key, handle, peer in self._held:
+            if key in self._draining or self._peer_may_write(peer):
+                keep.append((key, handle, peer))
+            elif not handle.released:
+                handle.release()
+        self._held = keep
 
     def _hold_early(self, key: tuple, kind: str, item) -> None:
         """Keep an item of a request whose task has not arrived yet -- not one of an attempt already gone."""
@@ -369,6 +412,10 @@ class _PrefillReq:
     started: bool = False
     cancelled: bool = False
     t_arrived: float = 0.0
+    # Its PE-side stamps, also handed to the DE with the first token (`pe_stamps`): a PE node killed after the hand-over
+    # took its own events with it, and the finished turn's record kept prefill_start / its read as NaN.
+    t_prefill_start: float = math.nan
+    pe_read: tuple | None = None  # (t_start, t_end, nbytes) of its SNIC read
 
     @property
     def key(self):
@@ -450,6 +497,7 @@ class PrefillEngine(EngineBase):
             if r is not None:
                 r.pe_read_done = True
                 r.pe_ok_blocks = ok
+                r.pe_read = (t0, t1, nbytes)
                 # Stamped with the SNIC's end of the read (t1): a PE handles the report only after the batch it was
                 # running, and the turn's read_end used to include that batch (1.6-1.9 s for reads of microseconds).
                 self.emit("read_done", job.request_id, job.attempt, at=t1, side="pe", nbytes=nbytes, t_start=t0)
@@ -459,6 +507,7 @@ class PrefillEngine(EngineBase):
     # ---------------------------------------------------------------- lifecycle
     def _prepare(self) -> None:
         """Give areas to new requests (FIFO while the buffer lasts) and start their PE-side reads."""
+        self._free_held()
         for key in self.order:
             r = self.reqs[key]
             if r.area is not None or r.cancelled:
@@ -477,6 +526,12 @@ class PrefillEngine(EngineBase):
                 self._submit_read(r, t.block_keys[: t.pe_read_blocks], 0)
             else:
                 r.pe_read_done = True
+                if t.hit_blocks == 0:
+                    # No read on either side: a zero-length one where its reads would start (the simulator's record:
+                    # read_start = read_end at allocation). Left NaN, the TTFT breakdown of every no-hit turn was NaN.
+                    now = time.time()
+                    r.pe_read = (now, now, 0)
+                    self.emit("read_done", t.request_id, t.attempt, at=now, side="pe", nbytes=0, t_start=now)
 
     def _ready(self, r: _PrefillReq) -> bool:
         if r.cancelled or r.area is None or not r.pe_read_done or not r.de_read_done or r.de_area_off is None:
@@ -506,6 +561,13 @@ class PrefillEngine(EngineBase):
             by_rid = {r.task.request_id: r for r in ready}
             self._run_batch([(by_rid[b.request_id], b.cached, b.bsz) for b in batch])
 
+    def _peer_writing(self, r: _PrefillReq) -> bool:
+        # The DE forwards its DE-path read, one notifying write per layer (none when it read no block).
+        t = r.task
+        if r.de_read_done and r.de_end_blocks <= t.pe_read_blocks:
+            return False
+        return t.pe_read_blocks < t.hit_blocks and len(r.layers_from_de) < self.num_layers
+
     def _has_ready(self) -> bool:
         return any(self._ready(self.reqs[k]) for k in self.order)
 
@@ -515,6 +577,7 @@ class PrefillEngine(EngineBase):
         for r, _, _ in items:
             if not r.started:
                 r.started = True
+                r.t_prefill_start = t_start
                 self.emit("prefill_start", r.task.request_id, r.task.attempt, at=t_start)
         token_ids = [r.task.prompt_ids[c0 : c0 + n] for r, c0, n in items]
         cached = [c0 for _, c0, _ in items]
@@ -608,7 +671,8 @@ class PrefillEngine(EngineBase):
             return
         # Reported before the DE hears of it: the DE may run the request (its first-token stamp) and finish it before
         # this thread got to emit (prefill_end came after first_token, or after the run's last report).
-        self.emit("prefill_end", t.request_id, t.attempt, hit_tokens=r.final_hit)
+        t_end = time.time()
+        self.emit("prefill_end", t.request_id, t.attempt, at=t_end, hit_tokens=r.final_hit)
         self.send_msg(
             t.decode_engine,
             {
@@ -617,6 +681,7 @@ class PrefillEngine(EngineBase):
                 "attempt": t.attempt,
                 "hit_tokens": r.final_hit,
                 "first_token": r.first_token,
+                "pe_stamps": {"prefill_start": r.t_prefill_start, "prefill_end": t_end, "read": r.pe_read},
             },
         )
         self._finish(r)
@@ -662,6 +727,7 @@ class _DecodeReq:
     forward_futures: list = dataclasses.field(default_factory=list)
     prefill_done: bool = False
     final_hit: int = 0
+    pe_stamps: dict | None = None  # the PE's own stamps of this attempt (prefill_done), reported with turn_done
     tokens: list = dataclasses.field(default_factory=list)  # generated token ids
     # new -> buffered (area taken) -> loading (slot taken, H2D on the CNIC) -> decoding (in the slot) -> finishing
     stage: str = "new"
@@ -725,6 +791,7 @@ class DecodeEngine(EngineBase):
             elif item["kind"] == "prefill_done":
                 r.prefill_done = True
                 r.final_hit = item["hit_tokens"]
+                r.pe_stamps = item.get("pe_stamps")
                 r.tokens = [item["first_token"]]  # out once the request runs in a decode slot (`_admit`)
         elif kind == "read_done":
             job, ok, nbytes, t0, t1 = item
@@ -748,6 +815,7 @@ class DecodeEngine(EngineBase):
             raise RuntimeError(f"unknown inbox item {kind!r}")
 
     def _prepare(self) -> None:
+        self._free_held()
         for key in self.order:
             r = self.reqs[key]
             if r.cancelled:
@@ -768,6 +836,10 @@ class DecodeEngine(EngineBase):
                     self._submit_read(r, t.block_keys[t.pe_read_blocks : t.hit_blocks], t.pe_read_blocks)
             if r.de_read_state == "done" and not r.de_read_sent and r.pe_area_off is not None:
                 self._forward_to_pe(r)
+
+    def _peer_writing(self, r: _DecodeReq) -> bool:
+        # The PE's writes of the prompt KV have all landed once it sent prefill_done (it waits for them first).
+        return not r.prefill_done
 
     def _forward_to_pe(self, r: _DecodeReq) -> None:
         """DE path: tell the PE how much was read, then stream it layer by layer (one notifying write each)."""
@@ -913,7 +985,7 @@ class DecodeEngine(EngineBase):
                         r.task.request_id,
                         r.task.attempt,
                         r.done_at,
-                        {"tokens": np.asarray(r.tokens, np.int32), "hit_tokens": r.final_hit},
+                        {"tokens": np.asarray(r.tokens, np.int32), "hit_tokens": r.final_hit, "pe": r.pe_stamps},
                     )
                 )
             self._forget(r)

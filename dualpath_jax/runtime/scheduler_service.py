@@ -97,6 +97,7 @@ class GlobalScheduler:
         self._queue: deque[int] = deque()  # request ids, FIFO
         self._inflight: dict[int, _InFlight] = {}
         self._completed_attempt: dict[int, int] = {}  # request id -> the attempt that completed it
+        self._reads_applied: set[tuple] = set()  # (request id, attempt, side) of reads already in the records
         self._outbox: dict[int, GroupReply] = {g.node_id: GroupReply() for g in groups}
         self.records: dict[int, TurnRecord] = {}
         self._link_bins: dict[tuple, int] = {}  # (link, t0, t1) -> bytes, as reported (see `links`)
@@ -358,21 +359,9 @@ class GlobalScheduler:
         rec = self.records[ev.request_id]
         t = ev.t - self.t0
         if ev.kind == "read_done":
-            side = ev.data["side"]
-            if side == "pe":
-                if inf is not None:
-                    inf.pe_read_tokens = 0
-                rec.pe_read_bytes += ev.data["nbytes"]
-            else:
-                if inf is not None:
-                    inf.de_read_tokens = 0
-                rec.de_read_bytes += ev.data["nbytes"]
-            rec.read_start = (
-                min(rec.read_start, ev.data["t_start"] - self.t0)
-                if not math.isnan(rec.read_start)
-                else ev.data["t_start"] - self.t0
+            self._apply_read(
+                ev.request_id, ev.attempt, inf, ev.data["side"], ev.data["nbytes"], ev.data["t_start"], ev.t
             )
-            rec.read_end = t if math.isnan(rec.read_end) else max(rec.read_end, t)
         elif ev.kind == "prefill_start":
             rec.prefill_start = t
         elif ev.kind == "prefill_end":
@@ -387,16 +376,47 @@ class GlobalScheduler:
             rec.second_token = t
         elif ev.kind == "turn_done":
             rec.finished = t
+            pe = ev.data.get("pe") or {}
+            # The PE's own stamps, handed to the DE with the first token: its events never come when its node died
+            # after the hand-over (the record kept prefill_start and the PE-side read as NaN). Its late events, if
+            # they do come, say the same.
+            if math.isnan(rec.prefill_start) and "prefill_start" in pe:
+                rec.prefill_start = pe["prefill_start"] - self.t0
+            if pe.get("read") is not None:
+                t_start, t_end, nbytes = pe["read"]
+                self._apply_read(ev.request_id, ev.attempt, inf, "pe", nbytes, t_start, t_end)
             if math.isnan(rec.prefill_end):
                 # Until the PE's prefill_end arrives (it overrides these; it never does when the PE's node died
                 # after the hand-over): the DE's first token is out after it, and the DE knows the final hit.
-                rec.prefill_end = t if math.isnan(rec.first_token) else rec.first_token
+                if "prefill_end" in pe:
+                    rec.prefill_end = pe["prefill_end"] - self.t0
+                else:
+                    rec.prefill_end = t if math.isnan(rec.first_token) else rec.first_token
                 rec.hit_tokens = ev.data.get("hit_tokens", rec.hit_tokens)
             del self._inflight[ev.request_id]
             self._completed_attempt[ev.request_id] = ev.attempt
             self.book.complete(ev.request_id, ev.data["tokens"], t)
         else:
             raise RunFailed(f"unknown event kind {ev.kind!r} from node {node}")
+
+    def _apply_read(self, rid: int, attempt: int, inf, side: str, nbytes: int, t_start: float, t_end: float) -> None:
+        """A side's SNIC read of an attempt (wall-clock times), once: the PE's comes as its event and again in the
+        DE's turn_done (`pe`), whichever reaches the service first."""
+        if (rid, attempt, side) in self._reads_applied:
+            return
+        self._reads_applied.add((rid, attempt, side))
+        rec = self.records[rid]
+        if side == "pe":
+            if inf is not None:
+                inf.pe_read_tokens = 0
+            rec.pe_read_bytes += nbytes
+        else:
+            if inf is not None:
+                inf.de_read_tokens = 0
+            rec.de_read_bytes += nbytes
+        t0, t1 = t_start - self.t0, t_end - self.t0
+        rec.read_start = t0 if math.isnan(rec.read_start) else min(rec.read_start, t0)
+        rec.read_end = t1 if math.isnan(rec.read_end) else max(rec.read_end, t1)
 
     def stop(self) -> None:
         """Tell every group to shut down at its next fetch (the driver gave up: its timeout, a failed node, Ctrl-C).

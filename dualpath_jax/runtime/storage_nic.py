@@ -146,7 +146,6 @@ class StorageNIC:
 
     def _write_loop(self) -> None:
         nbytes_block = self.store.layout.full_block_nbytes
-        check = np.empty(self.store.layout.full_block_shape, np.uint8)  # a stored block read back, checked whole
         while not self._stop.is_set():
             job = self._writes.get()
             if job is None:
@@ -156,10 +155,11 @@ class StorageNIC:
                 if self._stop.is_set():
                     break
                 try:
-                    # Stored already, and whole (a verified read, not paced: a dedup moves no KV). `contains` looks
-                    # only at the file: a damaged block of the right size was never replaced -- a recomputed block
-                    # behind the read's first failure missed again at the next turn's read.
-                    if self.store.contains(key) and self.store.read(key, check):
+                    # Stored already, and whole (not paced: a dedup moves no KV). `contains` looks only at the file:
+                    # a damaged block of the right size was never replaced -- a recomputed block behind the read's
+                    # first failure missed again at the next turn's read. `verify`, not a verified `read`: the check
+                    # counted in the store's read stats (hits, bytes read) as hit KV no turn read.
+                    if self.store.contains(key) and self.store.verify(key):
                         written += 1
                         continue
                     if self.store.write(key, block):

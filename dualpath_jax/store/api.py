@@ -40,7 +40,7 @@ class StoreStats:
     bytes_written: int = 0  # file bytes written (header + payload)
     evictions: int = 0  # blocks removed by LRU eviction
     bytes_evicted: int = 0
-    corrupt_blocks: int = 0  # corrupt block files found and removed (on read, by a write over one, or at open)
+    corrupt_blocks: int = 0  # corrupt block files found and removed (read, verify, a write over one, open)
     temp_files_removed: int = 0  # leftovers of killed writers removed
     cold_populated: int = 0  # blocks a Full-Block preadv read found out of the page cache, brought in by a mapping
 
@@ -84,6 +84,13 @@ class KVStore(abc.ABC):
         rows are each contiguous but further apart, inside one array, e.g. `area[:, t0 : t0 + block_size]` of
         a layer-major [L, tokens, bpt] host buffer (read in place, no staging copy).
         """
+
+    @abc.abstractmethod
+    def verify(self, key: bytes) -> bool:
+        """Whether `key` is stored and whole: its file checked as a verified Full-Block read checks it (header,
+        size, every Layer Block's checksum), into no caller buffer and not counted as a read (hits, misses, bytes
+        read). A damaged block is removed and counted (`corrupt_blocks`), as a read would; a good one is used, as
+        a read hit is (LRU). E.g. a write-back that skips blocks already stored."""
 
     @abc.abstractmethod
     def submit_read(self, key: bytes, out: Any, layers: Iterable[int] | int | None = None) -> Future:

@@ -20,7 +20,8 @@ so a FIFO cannot hang the read), removed (a directory only if empty); a write re
 
 Freshness across processes sharing the directory: each process keeps an in-memory index (its blocks in LRU
 order) built by scanning the directory at open. A lookup that reaches a key not in the index stats
-its file once; a block written by another process is thus seen by the first lookup that needs it. A block
+its file once; a block written by another process is thus seen by the first lookup that needs it (a file of
+another size found by a stat is damage, removed and counted, as at open). A block
 removed by another process (its eviction, a corrupt block) is noticed when read: the read misses and the
 key leaves the index (`stat_on_hit=True` makes lookups stat every hit instead, so their answers are fresh
 at the cost of one stat per hit block). A check that finds a block absent (a lookup's stat, a read's open) runs
@@ -118,7 +119,7 @@ from typing import Any
 
 import numpy as np
 
-from dualpath_jax import compiled
+from dualpath_jax import checks, compiled
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import block_file
 from dualpath_jax.store.api import STORES, KVStore, StoreStats
@@ -416,6 +417,11 @@ class LocalDirStore(KVStore):
             raise ValueError(f"io_threads must be an int >= 1, got {io_threads!r}")
         if isinstance(write_threads, bool) or not isinstance(write_threads, int) or write_threads < 1:
             raise ValueError(f"write_threads must be an int >= 1, got {write_threads!r}")
+        flags = dict(verify=verify, durable=durable, stat_on_hit=stat_on_hit, create=create)
+        flags.update(native_verify=native_verify, populate_cold=populate_cold)
+        for name, value in flags.items():  # (a config's "false" is truthy: create="false" made a missing store)
+            if not checks.is_bool(value):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
         self.layout = layout
         self.file_nbytes = block_file.file_nbytes(layout)
         self.header_nbytes = block_file.header_nbytes(layout)
@@ -462,12 +468,12 @@ class LocalDirStore(KVStore):
             raise ValueError(f"mmap_after_reads must be an int >= 0, got {mmap_after_reads!r}")
         if isinstance(fd_cache, bool) or not isinstance(fd_cache, int) or fd_cache < 0:
             raise ValueError(f"fd_cache must be an int >= 0, got {fd_cache!r}")
-        if stale_temp_s < 0:
-            raise ValueError(f"stale_temp_s must be >= 0, got {stale_temp_s}")
+        if not checks.is_real(stale_temp_s) or stale_temp_s < 0:
+            raise ValueError(f"stale_temp_s must be a number >= 0, got {stale_temp_s!r}")
         self.root = os.path.abspath(os.fspath(root))
         self.capacity_bytes = None if capacity_bytes is None else int(capacity_bytes)
         self.checksum = checksum
-        self.verify = bool(verify)
+        self.verify_reads = bool(verify)  # the `verify` option (`verify` is the method: stored and whole?)
         self.read_chunk_bytes = read_chunk_bytes
         # Layer Blocks per verified preadv (at least one; 0: the whole read, then the checks).
         self._chunk_layers = max(1, read_chunk_bytes // layout.layer_block_nbytes) if read_chunk_bytes else 0
@@ -814,18 +820,24 @@ class LocalDirStore(KVStore):
                     del self._pins[key]
 
     # ---- lookup -------------------------------------------------------------------------------------------
-    def _stat_block(self, key: bytes) -> bool | None:
+    def _stat_block(self, key: bytes, remove_damaged: bool = True) -> bool | None:
         """Whether block `key`'s file is there (and of its size); None if the file system would not say (EACCES,
-        ELOOP, EIO, ESTALE...: logged; the caller takes it as a miss but does not conclude the block is gone)."""
+        ELOOP, EIO, ESTALE...: logged; the caller takes it as a miss but does not conclude the block is gone).
+        A regular file of another size is damage (a rename is atomic), removed and counted as at open (with
+        `remove_damaged`; not under the lock): else no read ever reached it, and it stayed on disk uncounted."""
         path = self.path_of(key)
         try:
-            size = os.stat(path).st_size
+            st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             return False
         except OSError as e:
             log.warning("kv store %s: cannot stat block %s: %s (treated as a miss)", self.root, path, e)
             return None
-        return size == self.file_nbytes
+        if st.st_size == self.file_nbytes:
+            return True
+        if remove_damaged and stat.S_ISREG(st.st_mode):
+            self._remove_corrupt(key, path, f"file size {st.st_size} B, expected {self.file_nbytes}", st=st)
+        return False
 
     def lookup(self, keys: Sequence[bytes]) -> int:
         keys = _key_list(keys)
@@ -843,7 +855,7 @@ class LocalDirStore(KVStore):
             present = self._stat_block(key)
             with self._lock:
                 if present and key not in self._index and self._drops != drops:
-                    present = self._stat_block(key)  # (rare) it may have been indexed and evicted meanwhile
+                    present = self._stat_block(key, False)  # (rare) it may have been indexed and evicted meanwhile
                 if present:
                     if key not in self._index:
                         adopted.append(key)
@@ -858,10 +870,13 @@ class LocalDirStore(KVStore):
             # lookup's own hits; where even that is not enough, the adopted hits at the end are left out of the
             # index (their files stay, as before this lookup) and out of the answer.
             if adopted and not self._evict_to_fit_locked(0, protect=keys[:hit]):
+                # (only while adopted hits are left: a store already over capacity (pins indexed by a refresh,
+                # writes in flight) keeps its own hits, as a lookup that adopts nothing does)
                 mine = set(adopted)
-                while hit and self._used + self._reserved > self.capacity_bytes:
+                while mine and self._used + self._reserved > self.capacity_bytes:
                     hit -= 1
                     if keys[hit] in mine:
+                        mine.discard(keys[hit])
                         self._drop_locked(keys[hit])
             self._stats.lookups += 1
             self._stats.lookup_blocks += len(keys)
@@ -944,7 +959,7 @@ class LocalDirStore(KVStore):
     def read(self, key: bytes, out: Any, layers: Iterable[int] | int | None = None, verify: bool | None = None) -> bool:
         _check_key(key)
         dst, layer_list, runs, stride = self._plan(out, layers)
-        return self._read_planned(key, dst, layer_list, runs, self.verify if verify is None else verify, stride)
+        return self._read_planned(key, dst, layer_list, runs, self.verify_reads if verify is None else verify, stride)
 
     def submit_read(
         self, key: bytes, out: Any, layers: Iterable[int] | int | None = None, verify: bool | None = None
@@ -954,7 +969,7 @@ class LocalDirStore(KVStore):
             raise RuntimeError(f"kv store {self.root} is closed")
         dst, layer_list, runs, stride = self._plan(out, layers)  # bad arguments raise here, in the caller's thread
         return self._pool.submit(
-            self._read_planned, key, dst, layer_list, runs, self.verify if verify is None else verify, stride
+            self._read_planned, key, dst, layer_list, runs, self.verify_reads if verify is None else verify, stride
         )
 
     # Open block files are cached (`fd_cache` of them, LRU): layerwise loading reads each block L times, and an
@@ -1345,12 +1360,15 @@ class LocalDirStore(KVStore):
             out.release()
             src.release()
 
-    def _remove_corrupt(self, key: bytes, path: str, reason: str, fd: int | None = None) -> None:
-        """Log, count and delete a corrupt block (only if `path` is still the file we judged)."""
+    def _remove_corrupt(
+        self, key: bytes, path: str, reason: str, fd: int | None = None, st: os.stat_result | None = None
+    ) -> None:
+        """Log, count and delete a corrupt block (only if `path` is still the file we judged: open as `fd`, or
+        stat'ed as `st`)."""
         log.warning("kv store %s: corrupt block %s (%s): removed, treated as a miss", self.root, path, reason)
         try:
-            if fd is not None:
-                st_read, st_now = os.fstat(fd), os.stat(path)
+            if fd is not None or st is not None:
+                st_read, st_now = os.fstat(fd) if st is None else st, os.stat(path)
                 if (st_read.st_ino, st_read.st_dev) != (st_now.st_ino, st_now.st_dev):
                     with self._lock:  # a writer replaced it meanwhile: keep the new file, drop the old one's fd
                         self._forget_fd_locked(key)
@@ -1434,16 +1452,51 @@ class LocalDirStore(KVStore):
                     self._stats.bytes_written += self.file_nbytes
         return done
 
-    def _stored_block_ok(self, key: bytes, path: str) -> bool:
-        """Whether the file a dedup write found is a good block of `key` (header, size and every Layer Block's
-        checksum, as a verified read checks them); a damaged one is removed (counted), so the write stores the
-        good bytes instead of trusting a file of the right size."""
+    def verify(self, key: bytes) -> bool:
+        """Whether `key` is stored and whole (see `KVStore.verify`): the check of a dedup write (`_stored_block_ok`:
+        the file at `path_of(key)`, opened uncached, read whole into a per-thread scratch block and verified), not
+        counted as a read. A damaged block is removed (`corrupt_blocks`), an absent one leaves the index; a good one
+        is used as a read hit is (LRU; indexed, evicting others to fit it, if another process wrote it)."""
+        _check_key(key)
+        path = self.path_of(key)
+        with self._lock:
+            self._busy[key] += 1  # (not evicted meanwhile, as a read)
+            seen = self._seq
+            indexed = key in self._index
+        try:
+            ok = self._stored_block_ok(key, path, seen)
+            if ok:
+                with self._lock:
+                    if key in self._index or not indexed:  # (not if removed meanwhile: its file is gone)
+                        self._adopt_fitting_locked(key)
+            return ok
+        finally:
+            with self._lock:
+                self._unbusy_locked(key)
+
+    def _stored_block_ok(self, key: bytes, path: str, seen: int | None = None) -> bool:
+        """Whether the file at `path` is a good block of `key` (header, size and every Layer Block's checksum, as
+        a verified read checks them); a damaged one is removed (counted), so a dedup write stores the good bytes
+        instead of trusting a file of the right size. With `seen` (the generation when the check began), an
+        absent block leaves the index (unless adopted since), as a read's miss does."""
         try:
             ent = _OpenBlock(_open_block(path))
-        except OSError:  # (gone meanwhile, not a regular file, EIO: the write goes ahead)
+        except (FileNotFoundError, NotADirectoryError):  # (gone meanwhile: a write goes ahead)
+            if seen is not None:
+                with self._lock:
+                    self._drop_absent_locked(key, seen)
+            return False
+        except _NotABlockFile as e:  # a FIFO, a directory...: removed where possible, as a read does
+            if not _is_regular_file(path):  # (not if a writer has put a block there since)
+                self._remove_corrupt(key, path, str(e))
+            return False
+        except OSError as e:  # (EACCES, EIO: the block is left; a write goes ahead)
+            log.warning("kv store %s: cannot open block %s to check it: %s", self.root, path, e)
             return False
         try:
-            dst = np.empty((self._fb,), np.uint8)
+            dst = getattr(self._tls, "scratch", None)
+            if dst is None:
+                dst = self._tls.scratch = np.empty((self._fb,), np.uint8)
             reason = self._read_fd(ent, key, dst, None, [(self.header_nbytes, 0, self._fb)], True)
             if reason is not None:
                 self._remove_corrupt(key, path, reason, fd=ent.fd)
