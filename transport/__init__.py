@@ -12,6 +12,7 @@ from transport.base import (  # noqa: F401
     MemoryRegion,
     Notification,
     PeerLostError,
+    PostedFuture,
     RegionError,
     TransferFuture,
     Transport,

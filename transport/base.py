@@ -606,11 +606,13 @@ class TransferFuture(Future):
         with _MAKE_CONDITION:
             if "_cond" in self.__dict__:
                 return False
-            if self._state in _DONE:
-                raise InvalidStateError(f"{self._state}: {self!r}")
-            self._result, self._exception = result, error
-            self._state = _FINISHED
-            light = self.__dict__.pop("_light", None)
+            done = self._state in _DONE
+            if not done:
+                self._result, self._exception = result, error
+                self._state = _FINISHED
+                light = self.__dict__.pop("_light", None)
+        if done:  # (raised under the lock, its repr took the lock again: the process's every transfer hung)
+            raise InvalidStateError(f"{self._state}: {self!r}")
         if light:
             for lock in light:
                 lock.release()
@@ -676,6 +678,14 @@ class TransferFuture(Future):
         return super().exception(timeout)
 
 
+class PostedFuture(TransferFuture):
+    """The `TransferFuture` of a transfer or message handed to the transport: it runs, so `cancel` returns False
+    (`Future.cancel`: a call being executed cannot be cancelled). tcp and rdma returned True, and the bytes landed
+    (and the notification came) all the same: a caller that reused the buffer on a cancel saw it overwritten."""
+
+    _state = concurrent.futures._base.RUNNING
+
+
 def complete_quietly(futs: Sequence[TransferFuture], results: Sequence[Any]) -> None:
     """Complete a batch of pending `TransferFuture`s (an acknowledgement batch): those without a Condition under
     one lock acquisition, the others (and any already done, which raise nothing here) one by one."""
@@ -739,8 +749,9 @@ def _error_of(f: Future) -> BaseException | None:
 
 
 def combine_futures(futs: Sequence[Future], result: Any, into: Future | None = None) -> Future:
-    """A future that resolves to `result` once all `futs` succeeded, or fails with the first failure."""
-    out: Future = Future() if into is None else into
+    """A future that resolves to `result` once all `futs` succeeded, or fails with the first failure. It runs (its
+    `cancel` returns False): cancelling it could not cancel the parts."""
+    out: Future = PostedFuture() if into is None else into
     if not futs:
         _complete(out, result)
         return out

@@ -56,6 +56,7 @@ from transport.base import (
     Notification,
     Pacer,
     PeerLostError,
+    PostedFuture,
     RegionError,
     Transport,
     TransportClosedError,
@@ -424,7 +425,8 @@ class RdmaTransport(Transport):
         fut: Future = Future()
         self._replies[req] = (peer, fut)
         try:
-            self.control._send_on(peer, _INTERNAL + json.dumps({**msg, "req": req}).encode(), "low").result(timeout)
+            question = _INTERNAL + json.dumps({**msg, "req": req}).encode()
+            self.control.send(peer, question, priority="low").result(timeout)
             return fut.result(timeout)
         except TimeoutError:
             raise PeerLostError(f"{self.name}: {peer!r} did not answer {msg['op']!r} within {timeout} s") from None
@@ -573,9 +575,11 @@ class RdmaTransport(Transport):
     def connect(self, peer: str, address: Any, timeout: float = 10.0) -> None:
         self._check_open()
         p = self._peers.get(peer)
+        # (with a peer connected, the control endpoint asks who is at `address` now: a peer started again there is a
+        # new instance, whose set drops the old control set and so this peer; it returned here, posting to the dead one)
+        self.control.connect(peer, address, timeout)
         if p is not None and p.dead is None and p.ready.is_set():
             return
-        self.control.connect(peer, address, timeout)
         p, qps, info = self._create_qps(peer)
         try:
             reply = self._ask(peer, {"op": "qp_connect", "info": info}, timeout)
@@ -662,7 +666,7 @@ class RdmaTransport(Transport):
     ) -> Future:
         """A transfer's future; its work requests are posted here, or with a pacer by the class's sender thread
         (so a paced transfer never blocks the caller, as on the other backends)."""
-        fut: Future = Future()
+        fut: Future = PostedFuture()  # (its work requests are posted, cancelled or not)
         nwr = -(-length // self.chunk_bytes)
         t = _Transfer(fut, p.name, length, nwr, on_done)
         with p.lock:
@@ -822,7 +826,7 @@ class RdmaTransport(Transport):
         p = self._peer(peer)
         raddr, rkey, remote_offset = self._remote_range(peer, remote_region, remote_offset, length, "write to")
         on_done = None
-        result: Future = Future()
+        result: Future = PostedFuture()
         if notify is not None:
 
             def on_done() -> None:  # data placed at the responder: tell it, then complete (runs on the poller)

@@ -101,6 +101,7 @@ from transport.base import (
     Notification,
     Pacer,
     PeerLostError,
+    PostedFuture,
     RegionError,
     TransferFuture,
     Transport,
@@ -144,7 +145,12 @@ FLAG_CHAIN = 2  # OP_WRITE of a write_many batch, not its last frame: acknowledg
 FLAG_MORE = 4  # OP_WRITE sent with more frames queued behind it: the receiver may hold acks until the next lands
 
 STREAMS = ("high", "low")  # connection index per priority class
-HANDSHAKE_MAX = 4096  # bytes of a handshake payload
+PROBE = "probe"  # HELLO stream of a `connect` to a live peer asking its instance id (answered, then closed)
+HANDSHAKE_MAX = 64 << 10  # bytes of a handshake payload (a HELLO holds two names of ENDPOINT_NAME_MAX, JSON-escaped)
+# The longest endpoint name (UTF-8 bytes; every name that fitted the old 4 KiB HELLO): JSON escapes up to 6 bytes per
+# byte, so two fit in a HELLO. (With 4 KiB and no limit, a pair of 350-character CJK names made every connect fail
+# with "Connection reset by peer".)
+ENDPOINT_NAME_MAX = 4096
 SEND_CHUNK = 4 << 20  # unpaced sends go out in chunks this big (progress bookkeeping for the watchdog)
 PACE_CHUNK = 1 << 20  # paced sends ask the pacer for this many bytes at a time
 SMALL = 64 << 10  # header + payload up to this size go out in one sendmsg
@@ -431,9 +437,10 @@ def _as_offset(value: Any) -> int:
     return _as_int(value, "remote offset")
 
 
-class _Request(TransferFuture):
+class _Request(PostedFuture):
     """A pending request: the future its caller holds, with what the reply must match (kind, length) and, for a
-    read, where the reply's bytes go. Defaults are class attributes, so a write sets only its length."""
+    read, where the reply's bytes go. Defaults are class attributes, so a write sets only its length. (Running: it
+    cannot be cancelled, see `PostedFuture`.)"""
 
     kind = "write"  # "write", "read" or "query"
     length = 0
@@ -1080,6 +1087,15 @@ class TcpTransport(Transport):
             raise ValueError(
                 f"tcp transport {name!r}: max_message_bytes must be an int >= 1, got {max_message_bytes!r}"
             )
+        try:
+            name_bytes = len(name.encode())
+        except UnicodeEncodeError:  # (a lone surrogate)
+            name_bytes = -1
+        if not 0 < name_bytes <= ENDPOINT_NAME_MAX:
+            raise ValueError(
+                f"tcp transport {name[:40]!r}...: the name must be valid UTF-8 of at most {ENDPOINT_NAME_MAX} bytes "
+                f"(peers' handshakes carry it), got {len(name)} characters"
+            )
         if not is_loopback(host) and not secret:
             raise ValueError(
                 f"tcp transport {name!r}: binding non-loopback address {host!r} requires a shared secret "
@@ -1122,16 +1138,14 @@ class TcpTransport(Transport):
     def connect(self, peer: str, address: Any, timeout: float = 10.0) -> None:
         """Open the connection set to `peer` at `address` = (host, port). Nothing to do if a live set to `peer`
         exists already: one the peer opened, or one this endpoint opened to the same address (the same socket
-        address once resolved). A live set this endpoint opened to *another* address raises `TransportError`
-        naming both (it was silently kept and the new address ignored): the old set stays until the peer closes it
-        or its pending transfers time out."""
+        address once resolved), and the endpoint at `address` is still the instance of that set (asked with one
+        short connection, PROBE); a new instance there (the peer started again) is connected, which drops the old
+        set and fails its pending transfers with `PeerLostError`. A live set this endpoint opened to *another*
+        address raises `TransportError` naming both (it was silently kept and the new address ignored): the old set
+        stays until the peer closes it or its pending transfers time out."""
         self._check_open()
         if not isinstance(address, (tuple, list)) or len(address) != 2:
             raise TypeError(f"{self.name}: the address of {peer!r} must be (host, port), got {address!r}")
-        live = self._live_peer(peer)
-        if live is not None:
-            self._check_same_address(live, tuple(address))
-            return
         # (inf, and anything past threading.TIMEOUT_MAX such as 1e10: OverflowError from the socket, which was reported
         # as "cannot connect"; NaN, <= 0)
         if timeout is not None and not 0 < timeout < threading.TIMEOUT_MAX:
@@ -1139,6 +1153,14 @@ class TcpTransport(Transport):
                 f"{self.name}: connect timeout must be > 0 seconds and finite (or None), got {timeout} "
                 f"(at most threading.TIMEOUT_MAX = {threading.TIMEOUT_MAX:.0f} s)"
             )
+        live = self._live_peer(peer)
+        if live is not None:
+            self._check_same_address(live, tuple(address))
+            # Is it still the same endpoint there? A peer started again at this address (its old set silently open:
+            # host crash) kept getting our posts on the dead set until the watchdog noticed; a new instance is
+            # connected below, which drops the old set (`_add_peer`).
+            if live.instance is None or self._probe_instance(peer, tuple(address), timeout) in (None, live.instance):
+                return
         host, port = address
         session = os.urandom(8).hex()
         socks: dict[str, socket.socket] = {}
@@ -1155,6 +1177,17 @@ class TcpTransport(Transport):
                 raise
             raise PeerLostError(f"{self.name}: cannot connect to {peer!r} at {host}:{port}: {e}") from e
         self._add_peer(peer, socks, limit, (host, port), sockaddr, instance)
+
+    def _probe_instance(self, peer: str, address: tuple, timeout: float | None) -> str | None:
+        """The instance id of the endpoint `peer` at `address` now, from one connection's handshake of stream
+        PROBE (the server answers it and closes; with a secret, after the server proved it); None if it cannot be
+        told (unreachable, another endpoint there, refused)."""
+        try:
+            with socket.create_connection(address, timeout=timeout) as sock:
+                return self._client_handshake(sock, peer, os.urandom(8).hex(), PROBE, timeout)[1]
+        except Exception as e:  # noqa: BLE001 - the live set stays, as before the probe
+            log.info("%s: cannot probe %r at %s: %s", self.name, peer, address, e)
+            return None
 
     def _check_same_address(self, p: _Peer, address: tuple) -> None:
         """Raise `TransportError` if the live set `p` was opened by our `connect` to an address other than
@@ -1208,6 +1241,8 @@ class TcpTransport(Transport):
             expect = _proof(self.secret, b"server", nonce, server_nonce, self.name, peer)
             if not hmac.compare_digest(expect, str(ack.get("proof", ""))):
                 raise TransportError(f"{peer!r} failed to prove the shared secret")
+            if stream == PROBE:  # (the server proved itself; it closes without waiting for our proof)
+                return limit, instance
             proof = _proof(self.secret, b"client", server_nonce, nonce, self.name, peer).encode()
             sock.sendall(pack_header(OP_AUTH, length=len(proof)) + proof)
             op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
@@ -1215,6 +1250,8 @@ class TcpTransport(Transport):
                 raise TransportError(f"{peer!r} rejected our proof of the shared secret")
         elif self.secret is not None:
             raise TransportError(f"{peer!r} does not authenticate but this endpoint requires a shared secret")
+        if stream == PROBE:
+            return limit, instance
         sock.settimeout(None)
         _set_sockopts(sock, stream)
         return limit, instance
@@ -1274,7 +1311,7 @@ class TcpTransport(Transport):
             if not isinstance(hello, dict):
                 raise ProtocolError("HELLO payload is not a JSON object")
             peer, session, stream = str(hello["name"]), str(hello["session"]), str(hello["stream"])
-            if stream not in STREAMS:
+            if stream not in STREAMS and stream != PROBE:
                 raise ProtocolError(f"unknown stream {stream!r}")
             limit, instance = _peer_limit(hello, peer), _peer_instance(hello)
             if hello.get("peer") != self.name:
@@ -1295,6 +1332,9 @@ class TcpTransport(Transport):
                         "instance": self.instance,
                     },
                 )
+                if stream == PROBE:  # (a `connect` asking who is here now: nothing to add)
+                    sock.close()
+                    return
                 op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
                 if op != OP_AUTH or length > HANDSHAKE_MAX:
                     raise ProtocolError(f"expected AUTH, got op {op}")
@@ -1311,6 +1351,10 @@ class TcpTransport(Transport):
                     "max_message_bytes": self.max_message_bytes,
                     "instance": self.instance,
                 }
+                if stream == PROBE:
+                    self._reply(sock, OP_HELLO_ACK, self_ack)
+                    sock.close()
+                    return
             sock.settimeout(None)
             _set_sockopts(sock, stream)
             # Complete the set before the last ack: the client sends data only after all its handshakes.
@@ -1575,7 +1619,7 @@ class TcpTransport(Transport):
                 d = p.post[priority] = _Deferral(p, priority)
             elif d.drainer is threading.current_thread():
                 raise defer  # `drain` posting a deferred transfer that needs another region: it keeps its place
-            outer = TransferFuture()
+            outer = PostedFuture()  # (posted once the reply came, cancelled or not)
             d.items.append([defer, call, outer, {}])
         defer.query.add_done_callback(d.drain)
         return outer
@@ -1733,12 +1777,11 @@ class TcpTransport(Transport):
         p.post[priority].enqueue(header)
         return fut
 
-    def send(self, peer: str, payload: bytes) -> Future:
-        return self._send_on(peer, payload, "high")
-
-    def _send_on(self, peer: str, payload: bytes, stream: str) -> Future:
-        """`send` on the connection of class `stream` (messages go on "high"; the RDMA backend asks its questions on
-        "low", whose sender thread runs no application callback that could block it)."""
+    def send(self, peer: str, payload: bytes, priority: str = "high") -> Future:
+        """`Transport.send` on the connection of class `priority`: messages go on "high" (in send order per class;
+        nothing is promised across classes). The RDMA backend asks its questions on "low", whose sender thread runs
+        no application callback that could block them."""
+        stream = check_priority(priority)
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"message payload must be bytes, got {type(payload).__name__}")
         data = memoryview(bytes(payload))
@@ -1750,7 +1793,7 @@ class TcpTransport(Transport):
                 f"{self.name}: message of {data.nbytes} bytes exceeds the max_message_bytes={p.max_message} of "
                 f"peer {peer!r} (it would close the connection set); this endpoint's is {self.max_message_bytes}"
             )
-        fut: Future = TransferFuture()
+        fut: Future = PostedFuture()
         p.conns[stream].enqueue(pack_header(OP_MSG, length=data.nbytes), data, fut)
         return fut
 
