@@ -26,6 +26,8 @@ from typing import Self
 
 import numpy as np
 
+from dualpath_jax.checks import is_real
+
 PAGE_NBYTES = mmap.PAGESIZE
 
 
@@ -203,6 +205,10 @@ class HostBufferPool:
             raise BufferBudgetExceeded(
                 f"host buffer pool {self.name!r}: request of {nslots} slots ({nslots * self.slot_nbytes} B) can never "
                 f"fit its budget of {self.num_slots} slots x {self.slot_nbytes} B = {self.budget_bytes} B"
+            )
+        if timeout is not None and not is_real(timeout):  # (True waited 1 s, "5" failed on `>=` without a name)
+            raise TypeError(
+                f"host buffer pool {self.name!r}: timeout must be a number of seconds or None, got {timeout!r}"
             )
         if timeout is not None and not timeout >= 0:  # (NaN too: it would wait forever)
             raise ValueError(f"timeout must be >= 0 s or None, got {timeout}")

@@ -368,9 +368,10 @@ class Link:
 
 def _chunks(nbytes: int, quantum: int, where: str) -> list[int]:
     """`nbytes` cut into chunks of at most `quantum` bytes (none for 0)."""
+    # (a negative transfer was paced as nothing, silently; 2.5 paced and recorded 2 bytes, 0.9 none, "7" seven)
+    if not is_int(nbytes) or nbytes < 0:
+        raise ValueError(f"{where}: a transfer of {nbytes!r} bytes (a whole number >= 0)")
     n = int(nbytes)
-    if n < 0:  # (a negative transfer was paced as nothing, silently)
-        raise ValueError(f"{where}: a transfer of {nbytes} bytes")
     return [min(quantum, n - o) for o in range(0, n, quantum)]
 
 

@@ -40,6 +40,8 @@ from typing import Any, Protocol, Self
 
 import numpy as np
 
+from transport.base import _deadline
+
 
 def _fail(fut: Future, err: BaseException) -> None:
     """Fail `fut` unless it is done; the loader and close() may race to settle a layer (the first one wins)."""
@@ -100,11 +102,14 @@ def aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
 
 
 def layer_tag(request_id: int, layer: int) -> int:
-    """The notification tag of "layer `layer` of request `request_id` arrived" (fits RDMA's 32-bit imm for
-    request ids < 2**20)."""
+    """The notification tag of "layer `layer` of request `request_id` arrived": `request_id << 12 | layer` (ints;
+    numpy ints fine)."""
+    # (a float was truncated: layer 1.7 got layer 1's tag, request 2.5 request 2's)
+    request_id = _count("layer_tag: request_id", request_id)
+    layer = _count("layer_tag: layer", layer)
     if not 0 <= layer < 4096:
         raise ValueError(f"layer {layer} out of range for a layer tag (0..4095)")
-    return (int(request_id) << 12) | int(layer)
+    return (request_id << 12) | layer
 
 
 def _count(what: str, value: Any) -> int:
@@ -115,13 +120,19 @@ def _count(what: str, value: Any) -> int:
 
 
 def _check_timeout(what: str, timeout: float | None) -> None:
-    if timeout is not None and not timeout >= 0:  # (NaN waited 0 s, a negative one too)
+    """A timeout as the transports take one (`transport.base._deadline`: a number of seconds or None; bools, strings
+    and NaN refused by name; inf = forever), and not negative."""
+    try:  # (True was taken as a 1 s timeout, "5" failed on `>=` with no name)
+        _deadline(timeout)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{what}: {e}") from None
+    if timeout is not None and timeout < 0:  # (a negative one waited 0 s)
         raise ValueError(f"{what} must be >= 0 s or None, got {timeout}")
 
 
-def _wait_s(timeout: float | None) -> float | None:
-    """A timeout a lock can wait (inf, 1e300 overflowed it: OverflowError instead of a wait)."""
-    return None if timeout is None else min(timeout, threading.TIMEOUT_MAX)
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left to a `_deadline` (None: forever; a lock cannot wait inf or 1e300 s: OverflowError)."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class LayerFeeder:
@@ -238,6 +249,8 @@ class LayerFeeder:
         layer = _count(f"{self.name}: layer", layer)
         if not 0 <= layer < self.num_layers:
             raise IndexError(f"{self.name}: layer {layer} out of range 0..{self.num_layers - 1}")
+        if self._stop.is_set():
+            raise LayerLoadError(f"{self.name}: feeder closed (wait_for_layer({layer}) after close)")
         self.start_load()
         with self._lock:
             while self._released < layer:
@@ -246,7 +259,7 @@ class LayerFeeder:
                 self._tokens.release()
         t0 = time.monotonic()
         try:
-            x = self._results[layer].result(timeout=_wait_s(self.timeout_s))
+            x = self._results[layer].result(timeout=_remaining(_deadline(self.timeout_s)))
         except TimeoutError:
             raise LayerLoadError(f"{self.name}: layer {layer} not loaded within {self.timeout_s} s") from None
         self.wait_times[layer] = (t0, time.monotonic())
@@ -305,14 +318,14 @@ class LayerFeeder:
         `wait_for_save` still waits for them and reports their failure.
         """
         _check_timeout(f"{self.name}: wait_for_save timeout", timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = _deadline(timeout)
         with self._lock:
             saves = list(self._saves)
         failed: list[tuple[int, BaseException]] = []
         pending: list[int] = []
         settled: set[Future] = set()  # the futures examined done (removed from the tracked saves)
         for layer, fut in saves:
-            remaining = None if deadline is None else _wait_s(max(0.0, deadline - time.monotonic()))
+            remaining = _remaining(deadline)
             try:
                 fut.result(timeout=remaining)
             except TimeoutError:
@@ -340,10 +353,16 @@ class LayerFeeder:
             )
 
     def close(self) -> None:
-        """Stop loading (pending layers fail) and the save worker (after queued saves)."""
+        """Stop loading and the save worker (after queued saves). Every layer fails from now on, loaded ones too: their
+        device arrays are no longer held, and `wait_for_layer` raises `LayerLoadError` naming the closed feeder."""
         self._stop.set()
-        for f in self._results:
-            _fail(f, LayerLoadError(f"{self.name}: feeder closed"))
+        closed = LayerLoadError(f"{self.name}: feeder closed")
+        with self._lock:  # (a loaded layer was still returned after close, and its device array held until gc)
+            for i, f in enumerate(self._results):
+                _fail(f, closed)
+                if f.exception() is None:
+                    self._results[i] = gone = Future()
+                    gone.set_exception(closed)
         if self._loader is not None:
             self._loader.join(timeout=5)
         if self._save_pool is not None:
@@ -527,7 +546,8 @@ class LayerForwarder:
     the PE offset is `remote_offset_fn(l)`.
     A failed read is never forwarded as bytes: for the failed layer and every later one the PE gets a
     0-byte notifying write with that layer's tag, which `TransportLayerSource` turns into a miss error at
-    once (instead of a timeout).
+    once (instead of a timeout). A layer whose write fails (even after the call returned) gets that signal as soon as
+    its future fails, and the forwarder stops; every layer gets either its bytes or the signal.
     """
 
     def __init__(
@@ -565,6 +585,7 @@ class LayerForwarder:
         slots = max(0, min(prefetch + 1, num_layers))
         transport.region(local_region).check(local_offset, slots * layer_nbytes, "forwarder staging")
         self.done: Future = Future()
+        self._write_error: LayerLoadError | None = None  # the first write that failed (see `_on_write_done`)
         self._thread = threading.Thread(target=self._run, name=f"forwarder-{peer}", daemon=True)
 
     def start(self) -> Future:
@@ -574,9 +595,10 @@ class LayerForwarder:
     def _run(self) -> None:
         region = self.transport.region(self.local_region)
         inflight: list[Future] = []
-        layer = 0
+        posted = 0  # layers whose write was posted: each gets its bytes or (failed write) its failure signal
         try:
             for layer in range(self.num_layers):
+                self._check_writes()
                 slot = layer % (self.prefetch + 1)
                 off = self.local_offset + slot * self.layer_nbytes
                 if len(inflight) > self.prefetch:  # the slot we are about to overwrite must have been sent
@@ -591,39 +613,67 @@ class LayerForwarder:
                             f"expected {self.layer_nbytes}"
                         )
                     out[:] = host
-                inflight.append(
-                    self.transport.write(
-                        self.peer,
-                        self.local_region,
-                        off,
-                        self.remote_region,
-                        self.remote_offset_fn(layer),
-                        self.layer_nbytes,
-                        priority=self.priority,
-                        notify=self.tag_fn(layer),
-                    )
+                self._check_writes()
+                fut = self.transport.write(
+                    self.peer,
+                    self.local_region,
+                    off,
+                    self.remote_region,
+                    self.remote_offset_fn(layer),
+                    self.layer_nbytes,
+                    priority=self.priority,
+                    notify=self.tag_fn(layer),
                 )
+                posted = layer + 1
+                # (a write failing after the call returned sent no signal for its layer: the PE waited out its timeout)
+                fut.add_done_callback(lambda f, layer=layer: self._on_write_done(layer, f))
+                inflight.append(fut)
             for f in inflight:
                 f.result()
             self.done.set_result(self.num_layers)
         except BaseException as e:  # noqa: BLE001
             try:
-                self._signal_failure(layer)
+                self._signal_failure(posted)
             finally:  # (settled whatever the signalling does: the caller never waits forever)
                 self.done.set_exception(e)
+
+    def _on_write_done(self, layer: int, fut: Future) -> None:
+        """A layer's write failed (possibly long after it was posted): signal that layer at once, without waiting (this
+        may run on a transport thread), and stop the forwarder before its next layer."""
+        err = LayerLoadError(f"forwarder to {self.peer!r}: the write of layer {layer} failed")
+        if fut.cancelled():
+            err.__cause__ = CancelledError()
+        elif fut.exception() is not None:
+            err.__cause__ = fut.exception()
+        else:
+            return
+        if self._write_error is None:
+            self._write_error = err
+        try:
+            self._signal(layer)
+        except Exception:  # noqa: BLE001 - best effort (a closed transport): the PE then times out instead
+            pass
+
+    def _check_writes(self) -> None:
+        if self._write_error is not None:
+            raise self._write_error
+
+    def _signal(self, layer: int) -> Any:
+        """Post layer `layer`'s failure signal: a 0-byte notifying write with its tag."""
+        return self.transport.write(
+            self.peer,
+            self.local_region,
+            self.local_offset,
+            self.remote_region,
+            self.remote_offset_fn(layer),
+            0,
+            priority=self.priority,
+            notify=self.tag_fn(layer),
+        )
 
     def _signal_failure(self, first_failed: int) -> None:
         for layer in range(first_failed, self.num_layers):
             try:
-                self.transport.write(
-                    self.peer,
-                    self.local_region,
-                    self.local_offset,
-                    self.remote_region,
-                    self.remote_offset_fn(layer),
-                    0,
-                    priority=self.priority,
-                    notify=self.tag_fn(layer),
-                ).result(10)
+                self._signal(layer).result(10)
             except Exception:  # noqa: BLE001 - best effort: the PE then times out instead
                 return
