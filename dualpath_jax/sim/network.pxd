@@ -36,11 +36,11 @@ cdef class FlowNetwork:
 
     cpdef _update_low_cap(self, Py_ssize_t link)
 
-    @cython.locals(link=cython.Py_ssize_t)
+    @cython.locals(link=cython.Py_ssize_t, over=cython.bint)
     cpdef double reserve(self, path, nbytes, rate, now) except? -1.0
 
-    @cython.locals(link=cython.Py_ssize_t)
-    cpdef release(self, path, rate)
+    @cython.locals(link=cython.Py_ssize_t, full=cython.bint)
+    cpdef release(self, path, rate, now=*)
 
     @cython.locals(f=Flow, horizon=cython.double, rem=cython.double, t=cython.double, version=cython.longlong,
                    flows=dict, done=list)

@@ -413,15 +413,19 @@ class FlowNetwork:
     def reserve(self, path: Sequence[int], nbytes: float, rate: float, now: float) -> float:
         """A fixed-rate transfer (a paced write-back far below link capacity): holds `rate` on every link
         of `path` until the returned end time, when the caller must `release` it. Its bytes are accounted
-        at once over [now, end] (a run that ends before `end` takes back the rest: `flush`). Solves are not
-        re-run for it (its rate is a small, known share; the next solve of the component sees the reduced
-        capacity)."""
+        at once over [now, end] (a run that ends before `end` takes back the rest: `flush`). Where the flows on
+        its links then take more than is left, they are re-solved now (they share what it leaves), so no link
+        carries more than its capacity as long as `rate` fits the low class's capacity left on the path (the
+        caller's check: `low_cap`)."""
         if not nbytes > 0 or not rate > 0:
             raise ValueError(f"a reservation needs positive bytes and rate, got {nbytes}, {rate}")
         end = now + nbytes / rate
+        over = False
         for link in path:
             self.reserved[link] += rate
             self._update_low_cap(link)
+            if self.link_rate[link] > self.low_cap[link]:
+                over = True
             self._account(link, now, end, nbytes, self.buckets)
             self.link_total[link] += nbytes
         resv = self._resv
@@ -429,6 +433,8 @@ class FlowNetwork:
             heapq.heappop(resv)
         self._resv_seq += 1
         heapq.heappush(resv, (end, self._resv_seq, float(now), float(nbytes), tuple(path)))
+        if over:
+            self._changed(path, now)
         return end
 
     def _unbook_reservations(self, now: float) -> None:
@@ -457,10 +463,18 @@ class FlowNetwork:
             for k in [k for k in d if k > kn or (k == kn and d[k] < _EPS_BYTES)]:
                 del d[k]
 
-    def release(self, path: Sequence[int], rate: float) -> None:
+    def release(self, path: Sequence[int], rate: float, now: float | None = None) -> None:
+        """A reservation ended: its rate goes back to the low class. With `now`, the flows of a link they filled
+        are re-solved then to take it (a link with room left changes no max-min rate; flows a full reservation
+        load stalled at rate 0 would wait for the next change of their component)."""
+        full = False
         for link in path:
+            if self.link_rate[link] >= self.low_cap[link] * (1.0 - 1e-9):
+                full = True
             self.reserved[link] = max(self.reserved[link] - rate, 0.0)
             self._update_low_cap(link)
+        if full and now is not None:
+            self._changed(path, now)
 
     def set_high_load(self, link: int, rate: float, now: float) -> None:
         """Set the high-priority (collective) demand on a link; re-solve the KV flows crossing it."""

@@ -920,8 +920,8 @@ class Simulator:
         r.wb_done = False
         de = r.de
         # Paced: blocks fill at the decode rate, so the write-back spreads over the expected decode time.
-        # Far below every link's capacity it is a fixed-rate reservation (no re-solve); otherwise an
-        # ordinary flow capped at that pace.
+        # Far below every link's capacity, and within what the KV class has left on each (reservations and
+        # collectives take the rest), it is a fixed-rate reservation; otherwise an ordinary flow capped at that pace.
         nbytes = new_blocks_tokens * self.b
         pace = nbytes / max(decode_s, 1e-6)
         if de.wb is None:  # the same path every time (capacities are fixed)
@@ -931,7 +931,8 @@ class Simulator:
                 path = path + (self.storage_link,)
             de.wb = path, min([self.net.capacity[k] for k in path])
         path, min_capacity = de.wb
-        if pace <= 0.01 * min_capacity:
+        low_cap = self.net.low_cap
+        if pace <= 0.01 * min_capacity and pace <= min([low_cap[k] for k in path]):
             end = self.net.reserve(path, nbytes, pace, self.now)
             self.at(end, self._wb_release, (r, path, pace))
         else:
@@ -939,7 +940,7 @@ class Simulator:
 
     def _wb_release(self, arg) -> None:
         r, path, pace = arg
-        self.net.release(path, pace)
+        self.net.release(path, pace, self.now)
         self._wb_done(r)
 
     def _de_finish(self, arg) -> bool | None:
@@ -1020,6 +1021,9 @@ class Simulator:
         else:
             self._shapes.pop(r.traj.trajectory_id, None)
 
+    def _n_turns(self) -> int:
+        return sum([len(traj.turns) for traj in self.trajectories])
+
     # ---- run --------------------------------------------------------------------------------------------
     def run(self, max_time: float = math.inf, progress=None) -> tuple[list[TurnRecord], list[LinkBytes], dict]:
         """Run the events up to `max_time`. `progress(now, turns_done, events)`, if given, is called every
@@ -1062,6 +1066,8 @@ class Simulator:
             if gc_was_enabled:
                 gc.enable()
         self.n_events = n
+        if events and not self.requests and not net.flows and len(self.records) == self._n_turns():
+            events = None  # cut, but every turn had come and was done: the events left are stale (as uncut)
         if events:  # cut by max_time: nothing happens between the last event and it, so the run holds up to it
             # (flows moved bytes and decode clocks ran until then; the links and second tokens stopped at the last
             # event, which can be long before)
