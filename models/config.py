@@ -56,6 +56,32 @@ def hf_bool(d: dict, key: str, default: bool = False, where: str = "config.json"
     return v
 
 
+def hf_rope(d: dict, where: str = "config.json") -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) of an HF config. transformers >= 5 writes both into `rope_parameters`
+    ({"rope_theta": .., "rope_type": .., the scaling's fields}) with no top-level rope_theta: while only the
+    legacy fields were read, such a config got theta 10000 and unscaled RoPE, silently."""
+    params = d.get("rope_parameters")
+    theta = hf_float(d, "rope_theta", 10000.0, where, above=0)
+    if params is None:
+        return theta, d.get("rope_scaling")
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"{where}: rope_parameters must be one object of numbers (per layer type: not supported)")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(
+            f"{where}: rope_parameters partial_rotary_factor={params['partial_rotary_factor']!r} is not supported (1.0)"
+        )
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if scaling in ({}, {"rope_type": "default"}, {"type": "default"}):
+        scaling = None
+    new_theta = hf_float(params, "rope_theta", theta, f"{where}: rope_parameters", above=0)
+    # both spellings: they must agree (which one HF reads depends on its version)
+    if ("rope_theta" in d and d["rope_theta"] is not None and new_theta != theta) or (
+        d.get("rope_scaling") and d["rope_scaling"] != scaling
+    ):
+        raise ValueError(f"{where}: rope_parameters {params!r} and rope_theta / rope_scaling disagree")
+    return new_theta, scaling
+
+
 def check_hf_unsupported(d: dict, where: str = "config.json") -> None:
     """Refuse HF config settings these models do not implement, which would otherwise be ignored and change the
     numbers silently: an activation other than SiLU, sliding-window attention."""

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.causal_lm import CausalLM, PreNormDecoderLayer
-from models.config import ModelConfig, check_hf_unsupported, hf_bool, hf_field, hf_float, hf_int
+from models.config import ModelConfig, check_hf_unsupported, hf_bool, hf_field, hf_float, hf_int, hf_rope
 from models.layers.attention import MLAAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.moe import DeepseekMoE
@@ -127,8 +127,7 @@ class DeepseekConfig(ModelConfig):
             attention_bias=hf_bool(d, "attention_bias"),
             rope=RopeConfig.from_hf(
                 rope_dim,
-                hf_float(d, "rope_theta", 10000.0, above=0),
-                d.get("rope_scaling"),
+                *hf_rope(d),
                 # transformers' DeepseekV3 rotates the two halves when rope_interleave is false (it was ignored)
                 interleaved=hf_bool(d, "rope_interleave", True) if v3 else True,
             ),

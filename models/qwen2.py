@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.causal_lm import CausalLM, PreNormDecoderLayer
-from models.config import ModelConfig, check_hf_unsupported, hf_bool, hf_field, hf_float, hf_int
+from models.config import ModelConfig, check_hf_unsupported, hf_bool, hf_field, hf_float, hf_int, hf_rope
 from models.layers.attention import GQAAttention
 from models.layers.mlp import SwiGLUMLP
 from models.layers.rmsnorm import RMSNorm
@@ -56,8 +56,8 @@ class Qwen2Config(ModelConfig):
                 f"head_dim = hidden_size // num_attention_heads = 0"
             )
         qwen = arch == "Qwen2ForCausalLM"
-        scaling = d.get("rope_scaling")
-        rope = RopeConfig.from_hf(head_dim, hf_float(d, "rope_theta", 10000.0, above=0), scaling)
+        theta, scaling = hf_rope(d)
+        rope = RopeConfig.from_hf(head_dim, theta, scaling)
         if rope.kind == "yarn" and not (scaling.get("mscale") and scaling.get("mscale_all_dim")):
             # HF's yarn (Qwen2/Llama) scales cos/sin by get_mscale(factor) unless both mscale and mscale_all_dim are
             # set; DeepSeek's ratio mscale(factor, mscale) / mscale(factor, mscale_all_dim) of one alone differed

@@ -111,17 +111,21 @@ def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def inv_freq(cfg: RopeConfig) -> np.ndarray:
-    """[dim/2] float64 inverse frequencies after scaling (a trace-time constant)."""
-    base = cfg.theta ** (np.arange(0, cfg.dim, 2, dtype=np.float64) / cfg.dim)
-    freq = 1.0 / base
+    """[dim/2] float32 inverse frequencies after scaling (a trace-time constant), in HF's float32 arithmetic and
+    order of operations (transformers' _compute_*_parameters, DeepSeek's remote code): float64 gave other bits
+    (1 ulp), an angle 1e-3 rad off at 32k positions."""
+    f32 = np.float32
+    # HF: base ** (arange(0, dim, 2).float() / dim), base and dim as float32
+    base = f32(cfg.theta) ** (np.arange(0, cfg.dim, 2).astype(f32) / f32(cfg.dim))
+    freq = f32(1.0) / base
     if cfg.kind == "llama3":
         old = cfg.original_max_position_embeddings
-        low_wavelen = old / cfg.low_freq_factor
-        high_wavelen = old / cfg.high_freq_factor
-        wavelen = 2 * math.pi / freq
-        scaled = np.where(wavelen > low_wavelen, freq / cfg.factor, freq)
-        smooth = (old / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / cfg.factor + smooth * scaled
+        low_wavelen = f32(old / cfg.low_freq_factor)
+        high_wavelen = f32(old / cfg.high_freq_factor)
+        wavelen = f32(2 * math.pi) / freq
+        scaled = np.where(wavelen > low_wavelen, freq / f32(cfg.factor), freq)
+        smooth = (f32(old) / wavelen - f32(cfg.low_freq_factor)) / f32(cfg.high_freq_factor - cfg.low_freq_factor)
+        smoothed = (f32(1) - smooth) * scaled / f32(cfg.factor) + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         freq = np.where(medium, smoothed, scaled)
     elif cfg.kind == "yarn":
@@ -135,10 +139,12 @@ def inv_freq(cfg: RopeConfig) -> np.ndarray:
         high = min(math.ceil(correction_dim(cfg.beta_slow)), cfg.dim - 1)
         if low == high:
             high += 0.001
-        ramp = np.clip((np.arange(cfg.dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
-        extra_mask = 1.0 - ramp
-        freq = (freq / cfg.factor) * (1 - extra_mask) + freq * extra_mask
-    return freq
+        ramp = np.clip((np.arange(cfg.dim // 2).astype(f32) - f32(low)) / f32(high - low), f32(0), f32(1))
+        extra_mask = f32(1) - ramp
+        # HF: interpolation 1 / (factor * base), not (1 / base) / factor
+        interp = f32(1.0) / (f32(cfg.factor) * base)
+        freq = interp * (f32(1) - extra_mask) + freq * extra_mask
+    return freq.astype(f32)
 
 
 def cos_sin_scale(cfg: RopeConfig) -> float:
