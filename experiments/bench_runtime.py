@@ -10,9 +10,9 @@ same setup, and the runtime's per-turn overhead against model compute alone.
    `basic` and `dualpath` on the same conversations with the configured NIC caps. JCT speedup measured in
    this run.
 2. Simulator: `dualpath_jax.sim.Simulator` on the same trajectories, the same 1P2D layout, NIC caps, block
-   size, buffers, decode slots, fetch interval and policies, with a cost model fitted (least squares,
-   `schedulers.cost_model.CostModel.from_fit`) to the prefill batches and decode steps the runtime measured
-   in step 1 on this machine. Its predicted speedup is printed beside the measured one.
+   size, buffers, decode slots, fetch interval, PE batcher, arrivals and policies, with a cost model fitted
+   (least squares, `schedulers.cost_model.CostModel.from_fit`) to the prefill batches and decode steps the
+   runtime measured in step 1 on this machine. Its predicted speedup is printed beside the measured one.
 3. Overhead: one agent at a time (no queueing), NICs unpaced: per-turn wall time of the runtime (scheduler
    fetches, store reads/writes, transfers, buffers) against the model compute of the same turns (prefill
    + decode steps measured inside the engines).
@@ -82,6 +82,24 @@ class _FittedCost:
         return self.cost.decode_step_time(batch_size, total_context_tokens)
 
 
+def runtime_batcher_kwargs(cfg, model) -> dict:
+    """The batcher config of the runtime's PEs (`runtime.launcher.build_batcher_factory`): fifo capped by the
+    cluster's prefill token budget and batch size, compute_quota with that budget and the analytic CPU cost model
+    of the runtime's model (`model`). The copy had fifo's budget only: no batch cap, and compute_quota without a
+    budget pricing DS 27B on an H800. (A stand-in config without batcher_kwargs / prefill_max_batch: none.)"""
+    from schedulers.cost_model import CostModel
+
+    c = cfg.cluster
+    kw = dict(getattr(cfg.scheduler, "batcher_kwargs", None) or {})
+    if cfg.scheduler.batcher == "fifo":
+        kw.setdefault("token_budget", c.prefill_token_budget)
+        kw.setdefault("max_requests", getattr(c, "prefill_max_batch", None))
+    elif cfg.scheduler.batcher == "compute_quota":
+        kw.setdefault("token_budget", c.prefill_token_budget)
+        kw.setdefault("cost_model", CostModel(model, "cpu"))
+    return kw
+
+
 def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
     """The simulator's copy of the runtime's emulated cluster (`model`: the cost model's ModelShape), checked as
     `experiments.simulate` checks a config file when it loads (`sim.config.validate_sim_config`): every number in
@@ -117,7 +135,7 @@ def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
         policy=cfg.scheduler.name,
         policy_kwargs=dict(policy_kwargs),
         batcher=cfg.scheduler.batcher,
-        batcher_kwargs={"token_budget": c.prefill_token_budget} if cfg.scheduler.batcher == "fifo" else {},
+        batcher_kwargs=runtime_batcher_kwargs(cfg, model),
     )
     validate_sim_config(sim_cfg)
     return sim_cfg
@@ -128,14 +146,26 @@ def simulate(cfg, trajs, cost, policy_kwargs: dict) -> dict:
     of its config is a ValueError naming the field (`sim_config`); a workload it cannot run, a SimConfigError."""
     import schedulers
     from dualpath_jax import compiled
+    from dualpath_jax.runtime import driver
     from dualpath_jax.sim.runner import summarize
 
     sim_cfg = sim_config(cfg, cost.model, policy_kwargs, n_agents=len(trajs))
     policy = schedulers.make_policy(sim_cfg.policy, **sim_cfg.policy_kwargs)
     batcher = schedulers.make_batcher(sim_cfg.batcher, **sim_cfg.batcher_kwargs)
+    arrivals = None  # the runtime's arrival model: online / trace agents do not all start at t = 0 (offline)
+    if hasattr(cfg, "workload"):  # (a stand-in config without a workload: offline)
+        arrivals = driver.make_arrival_model(cfg)
+        trajs = arrivals.with_arrivals(trajs)
     simulator = compiled.load("dualpath_jax.sim.simulator").Simulator  # as sim.runner builds it
     sim = simulator(
-        sim_cfg, trajs, policy, batcher, _FittedCost(cost), cost.model.kv_bytes_per_token, cost.model.layers
+        sim_cfg,
+        trajs,
+        policy,
+        batcher,
+        _FittedCost(cost),
+        cost.model.kv_bytes_per_token,
+        cost.model.layers,
+        arrival_model=arrivals,
     )
     records, links, stats = sim.run()
     return summarize(sim_cfg, records, links, stats)
