@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dualpath_jax.checks import is_int
+
 KEY_NBYTES = 16  # 128-bit keys: a collision (= wrong KV) needs ~2**64 stored blocks
 _TOKEN_DOMAIN = b"T"  # domain tags keep token-id keys and trace-hash-id keys apart
 _HASH_ID_DOMAIN = b"H"
@@ -58,7 +60,7 @@ def _token_bytes(token_ids) -> np.ndarray:
 
 
 def _check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size <= 0:
+    if not is_int(block_size) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     return int(block_size)
 

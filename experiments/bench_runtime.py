@@ -82,28 +82,11 @@ class _FittedCost:
         return self.cost.decode_step_time(batch_size, total_context_tokens)
 
 
-def runtime_batcher_kwargs(cfg, model) -> dict:
-    """The batcher config of the runtime's PEs (`runtime.launcher.build_batcher_factory`): fifo capped by the
-    cluster's prefill token budget and batch size, compute_quota with that budget and the analytic CPU cost model
-    of the runtime's model (`model`). The copy had fifo's budget only: no batch cap, and compute_quota without a
-    budget pricing DS 27B on an H800. (A stand-in config without batcher_kwargs / prefill_max_batch: none.)"""
-    from schedulers.cost_model import CostModel
-
-    c = cfg.cluster
-    kw = dict(getattr(cfg.scheduler, "batcher_kwargs", None) or {})
-    if cfg.scheduler.batcher == "fifo":
-        kw.setdefault("token_budget", c.prefill_token_budget)
-        kw.setdefault("max_requests", getattr(c, "prefill_max_batch", None))
-    elif cfg.scheduler.batcher == "compute_quota":
-        kw.setdefault("token_budget", c.prefill_token_budget)
-        kw.setdefault("cost_model", CostModel(model, "cpu"))
-    return kw
-
-
 def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
     """The simulator's copy of the runtime's emulated cluster (`model`: the cost model's ModelShape), checked as
     `experiments.simulate` checks a config file when it loads (`sim.config.validate_sim_config`): every number in
     range, the policy's and batcher's kwargs accepted. A bad value is a ValueError naming the field."""
+    from dualpath_jax.runtime import launcher
     from dualpath_jax.sim import ClusterConfig, SimConfig, WorkloadConfig
     from dualpath_jax.sim.config import validate_sim_config
 
@@ -135,7 +118,7 @@ def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
         policy=cfg.scheduler.name,
         policy_kwargs=dict(policy_kwargs),
         batcher=cfg.scheduler.batcher,
-        batcher_kwargs=runtime_batcher_kwargs(cfg, model),
+        batcher_kwargs=launcher.batcher_kwargs(cfg, model),  # as the runtime's PEs batch
     )
     validate_sim_config(sim_cfg)
     return sim_cfg

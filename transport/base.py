@@ -32,7 +32,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import numbers
 import operator
 import threading
 import time
@@ -40,6 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Literal, Protocol, Self
 
+from dualpath_jax.checks import is_real
 from dualpath_jax.registry import Registry
 
 Priority = Literal["high", "low"]
@@ -128,7 +128,7 @@ def _deadline(timeout: float | None) -> float | None:
     TypeError from `+`."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+    if not is_real(timeout):
         raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
     if timeout != timeout:
         raise ValueError(f"timeout must be a number of seconds or None, got {timeout}")

@@ -28,22 +28,33 @@ from dualpath_jax.runtime.scheduler_service import GroupSpec
 log = logging.getLogger(__name__)
 
 
-def build_batcher_factory(cfg: RuntimeConfig, model_ops=None):
-    """The PE's intra-engine policy: `fifo` capped by the cluster's prefill budget/batch, or `compute_quota`
-    with a cost model of the runtime's model on this CPU (the same buckets cap its new tokens)."""
-    import schedulers
-
+def batcher_kwargs(cfg: RuntimeConfig, cost_shape=None) -> dict:
+    """The PE batcher's kwargs: `fifo` capped by the cluster's prefill budget/batch, `compute_quota` with that budget
+    and (given the runtime model's `schedulers.cost_model.ModelShape`) a cost model of it on this CPU. The runtime's
+    PEs and bench_runtime's simulator copy of the runtime both use it."""
     kw = dict(cfg.scheduler.batcher_kwargs)
     if cfg.scheduler.batcher == "fifo":
         kw.setdefault("token_budget", cfg.cluster.prefill_token_budget)
         kw.setdefault("max_requests", cfg.cluster.prefill_max_batch)
     elif cfg.scheduler.batcher == "compute_quota":
         kw.setdefault("token_budget", cfg.cluster.prefill_token_budget)
-        if model_ops is not None and "cost_model" not in kw:
-            from dualpath_jax.runtime.model_ops import cost_model_shape
+        if cost_shape is not None and "cost_model" not in kw:
             from schedulers.cost_model import CostModel
 
-            kw["cost_model"] = CostModel(cost_model_shape(model_ops), "cpu")
+            kw["cost_model"] = CostModel(cost_shape, "cpu")
+    return kw
+
+
+def build_batcher_factory(cfg: RuntimeConfig, model_ops=None):
+    """The PE's intra-engine policy (`batcher_kwargs`; the same buckets cap compute_quota's new tokens)."""
+    import schedulers
+
+    shape = None
+    if model_ops is not None and cfg.scheduler.batcher == "compute_quota":
+        from dualpath_jax.runtime.model_ops import cost_model_shape
+
+        shape = cost_model_shape(model_ops)
+    kw = batcher_kwargs(cfg, shape)
     return lambda: schedulers.make_batcher(cfg.scheduler.batcher, **kw)
 
 

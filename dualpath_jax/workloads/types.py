@@ -14,16 +14,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dualpath_jax.block_keys import _check_block_size
+from dualpath_jax.checks import is_int
 
 
 def check_block_size(block_size) -> None:
-    """A hit is whole blocks of `block_size` tokens: block_keys' rule (an int >= 1, numpy ints too), this module's
-    message. 64.5 counted half tokens as hits, True 1-token blocks, 0 a ZeroDivisionError, -64 a negative miss."""
-    try:
-        _check_block_size(block_size)
-    except ValueError:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}") from None
+    """A hit is whole blocks of `block_size` tokens: an int >= 1 (numpy ints too; the rule of `block_keys`' check).
+    64.5 counted half tokens as hits, True 1-token blocks, 0 a ZeroDivisionError, -64 a negative miss."""
+    if not is_int(block_size) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
