@@ -18,8 +18,9 @@
 #   experiments/netns_cluster.sh status
 #   experiments/netns_cluster.sh down
 #
-# NODES is 1..254, G 1..255 and the rates whole Mbit/s. `up` refuses while a cluster (or part of one) is up, and
-# removes what it made when it fails or is interrupted.
+# NODES is 1..254, G 1..255 and the rates whole Mbit/s. `up` refuses while a cluster (or part of one) is up or a
+# device has one of its names, and removes what it made when it fails or is interrupted. Each engine's CNIC carries
+# its own traffic both ways (per-engine source routing, ARP answered only by the address's own CNIC).
 #
 # netem is not used (not available here); tbf/htb are. The storage network only matters for a store reached
 # over the network (e.g. an NFS/3FS mount served from the root namespace); the embedded local-directory
@@ -42,6 +43,14 @@ check_int() {  # name value max: a whole number in 1..max (no sign, no leading z
 
 is_up() {  # any namespace or bridge of a cluster of this script
   grep -q '^dpj-n[0-9]' <<<"$(ip netns list)" || ip link show dpj-cbr &>/dev/null || ip link show dpj-sbr &>/dev/null
+}
+
+our_veths() {  # veth ends in the root namespace named like this script's (dpj-c<engine>, dpj-s<node>)
+  ip -o link show type veth | awk -F': ' '{sub(/@.*/, "", $2); print $2}' | grep -E '^dpj-[cs][0-9]+$' || true
+}
+
+name_clashes() {  # devices of any kind with a name `up` would make (it failed half way on them, unnamed)
+  ip -o link show | awk -F': ' '{sub(/@.*/, "", $2); print $2}' | grep -E '^dpj-([cs][0-9]+|cbr|sbr)$' | tr '\n' ' ' || true
 }
 
 shape_cnic() {  # dev [netns]: HTB root with a high (EF) and a low (CS1) class, 99:1, both may borrow all
@@ -71,6 +80,11 @@ up() {
   check_int SNIC_MBIT "$SNIC_MBIT" 100000000
   check_int CNIC_MBIT "$CNIC_MBIT" 100000000
   is_up && die "a cluster is already up (dpj-* namespaces or bridges); run '$0 down' first"
+  # (a device of someone else named like a veth end made `up` fail half way with "File exists", and the clean-up
+  # then deleted that device)
+  local clash
+  clash=$(name_clashes)
+  [[ -z $clash ]] || die "devices named like this script's already exist: ${clash}(rename them, or '$0 down' if they are a cluster's veths)"
   # A failure or an interrupt half way left namespaces and bridges behind (and the next `up` failed on them).
   trap 'set +e; echo "netns_cluster.sh: up did not finish; removing what it made" >&2; down >/dev/null' EXIT
   trap 'exit 130' INT
@@ -84,6 +98,9 @@ up() {
     ns=dpj-n$n
     ip netns add "$ns"
     ip -n "$ns" link set lo up
+    # The node's CNICs share 10.77/16 in one namespace: each answers ARP for its own address only (else engine g's
+    # bytes came in through another engine's shaped veth) ...
+    ip netns exec "$ns" sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
     ip link add "dpj-s$n" type veth peer name snic netns "$ns"
     ip link set "dpj-s$n" master dpj-sbr up
     ip -n "$ns" addr add "10.78.$n.1/16" dev snic
@@ -96,6 +113,9 @@ up() {
       ip link set "dpj-c$e" master dpj-cbr up
       ip -n "$ns" addr add "10.77.$n.$((g + 1))/16" dev "cnic$g"
       ip -n "$ns" link set "cnic$g" up
+      # ... and sends from its own (the main table sent all of 10.77/16 out of cnic0: G engines shared one cap)
+      ip -n "$ns" route add 10.77.0.0/16 dev "cnic$g" src "10.77.$n.$((g + 1))" table $((100 + g))
+      ip -n "$ns" rule add from "10.77.$n.$((g + 1))" table $((100 + g))
       shape_cnic "cnic$g" "$ns"   # engine egress
       shape_cnic "dpj-c$e"        # engine ingress
     done
@@ -108,8 +128,9 @@ down() {
   need_root
   for ns in $(ip netns list | awk '/^dpj-n[0-9]+/ {print $1}'); do ip netns del "$ns"; done
   for br in dpj-cbr dpj-sbr; do ip link del "$br" 2>/dev/null || true; done
-  # veth ends left in the root namespace (their peer's namespace is gone with it, so normally none)
-  for dev in $(ip -o link show | awk -F': ' '{sub(/@.*/, "", $2); print $2}' | grep -E '^dpj-[cs][0-9]+$' || true); do
+  # veth ends left in the root namespace (their peer's namespace is gone with it, so normally none); only veths:
+  # another kind of device with such a name is not this script's
+  for dev in $(our_veths); do
     ip link del "$dev" 2>/dev/null || true
   done
   echo "down"

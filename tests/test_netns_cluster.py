@@ -7,8 +7,10 @@ also when a netns cluster of the script is already up (the test would tear it do
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -119,19 +121,78 @@ def test_netns_cluster_up_twice_refuses_and_keeps_the_first():
     assert _leftovers() == []
 
 
-def test_netns_cluster_up_cleans_up_when_it_fails_half_way():
+def test_netns_cluster_up_refuses_a_clashing_device_by_name_and_keeps_it():
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    # a device named like engine 1's veth end makes `up` fail after node 0's namespace and engine 0 are made
+    # someone's device named like engine 1's veth end: `up` failed half way ("RTNETLINK answers: File exists", no
+    # name), and its clean-up (`down`'s sweep) deleted that device
     subprocess.run(["ip", "link", "add", "dpj-c1", "type", "bridge"], check=True)
     try:
         up = _run("up", "1", "2", "400", "800")
-        assert up.returncode != 0 and "removing what it made" in up.stderr, up.stderr
-        assert _leftovers() == []
+        assert up.returncode != 0 and "already exist: dpj-c1" in up.stderr, up.stderr
+        assert _leftovers() == ["dpj-c1"]  # nothing made, the device kept
+        assert _run("down").returncode == 0
+        assert _leftovers() == ["dpj-c1"]  # `down` removes only the script's veths
     finally:
         subprocess.run(["ip", "link", "del", "dpj-c1"], capture_output=True)
         _run("down")
+
+
+def test_netns_cluster_up_cleans_up_when_interrupted_half_way():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    p = subprocess.Popen(
+        ["bash", SCRIPT, "up", "60", "4", "400", "800"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for _ in range(1200):  # until node 1's namespace is made (node 0 done), at most ~60 s
+            if (
+                p.poll() is not None
+                or "dpj-n1" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            ):
+                break
+            time.sleep(0.05)
+        assert p.poll() is None, "up finished before it could be interrupted"
+        os.killpg(p.pid, signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 143 and "removing what it made" in err, (p.returncode, err)
+        assert _leftovers() == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+        _run("down")
+
+
+def test_netns_cluster_each_engine_uses_its_own_cnic():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        assert _run("up", "2", "2", "400", "800").returncode == 0
+
+        def route(ns, dst, src):
+            out = subprocess.run(["ip", "-n", ns, "route", "get", dst, "from", src], capture_output=True, text=True)
+            return out.stdout
+
+        # engine 1 (node 0) -> engine 3 (node 1) left by cnic0, the first CNIC of the node: 2 engines, one cap
+        assert " dev cnic1 " in route("dpj-n0", "10.77.1.2", "10.77.0.2")
+        assert " dev cnic0 " in route("dpj-n0", "10.77.1.1", "10.77.0.1")
+        assert " dev cnic1 " in route("dpj-n1", "10.77.0.2", "10.77.1.2")
+        arp = subprocess.run(
+            ["ip", "netns", "exec", "dpj-n1", "sysctl", "-n", "net.ipv4.conf.all.arp_ignore"],
+            capture_output=True,
+            text=True,
+        )
+        assert arp.stdout.strip() == "1"  # only engine 3's CNIC answers for its address: its bytes come in there
+    finally:
+        assert _run("down").returncode == 0
+    assert _leftovers() == []
 
 
 def test_netns_cluster_test_without_a_cluster_says_so():

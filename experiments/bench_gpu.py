@@ -1,0 +1,179 @@
+"""Prefill MFU of a ~1B dense model on an accelerator: the per-layer pipeline vs one jit of the whole model.
+
+    python -m experiments.bench_gpu --peak_tflops=989          # on a GPU (H100/H200 dense bf16 peak: 989)
+    python -m experiments.bench_gpu --shapes=1:64:64 --layers=2 --dtype=float32   # a smoke run on CPU
+
+The model is Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 query / 8 KV heads of 64, MLP 8192, vocab 128,256,
+tied embeddings, llama3 RoPE) with random weights (nothing is downloaded). Each shape `batch:miss:cached` is one
+`models.prefill_bench.run_one`, as `experiments.bench_prefill` times its tiny models: the layerwise pipeline feeds
+each layer's cached KV from host Layer Blocks and copies each layer's new KV to host (what a prefill engine does);
+the whole-jit baseline runs embed + all layers + head in one jit over the same inputs (its KV copied to host too).
+MFU = model FLOPs (`models.flops.prefill_flops`, attention included) / step time / `--peak_tflops`.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+
+from experiments import writable_file_or_exit, write_rows_json
+
+_SHAPES = flags.DEFINE_list(
+    "shapes", ["8:1024:1024", "4:4096:0"], "prefill shapes batch:miss_tokens:cached_tokens (cached: multiple of 64)"
+)
+_LAYERS = flags.DEFINE_integer("layers", 16, "decoder layers (Llama-3.2-1B: 16)", lower_bound=1)
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "params, activations and KV")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "timed repetitions (median reported)", lower_bound=1)
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for MFU (0: not reported)", lower_bound=0.0)
+flags.register_validator("peak_tflops", lambda v: 0 <= v < math.inf, message="--peak_tflops must be >= 0 and finite")
+_OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: print only)")
+_DEVICE_ONLY = flags.DEFINE_bool("device_only", False, "time only the compute (whole jit, inputs and KV on device)")
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        batch, miss, cached = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise app.UsageError(f"--shapes: {text!r} is not batch:miss_tokens:cached_tokens (three integers)") from None
+    if batch < 1 or miss < 1 or cached < 0 or cached % 64:
+        raise app.UsageError(f"--shapes: {text!r} needs batch >= 1, miss >= 1, cached >= 0 a multiple of 64")
+    return batch, miss, cached
+
+
+def llama_1b(num_layers: int = 16, dtype: str = "bfloat16"):
+    """Llama-3.2-1B's shape with random weights."""
+    from models.layers.rope import RopeConfig
+    from models.qwen2 import tiny_llama
+
+    return tiny_llama(
+        vocab_size=128256,
+        hidden_size=2048,
+        num_layers=num_layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        intermediate_size=8192,
+        rope=RopeConfig(
+            dim=64,
+            theta=500000.0,
+            kind="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        dtype=dtype,
+    )
+
+
+def whole_on_device(config, batch: int, miss: int, cached: int, repeats: int) -> dict:
+    """The whole-model jit with its inputs already on the device and its KV left there: the compute alone (the
+    pipeline timings above include the host <-> device copies of the cached and new KV)."""
+    import jax
+    import numpy as np
+
+    from models.flops import prefill_flops
+    from models.runner import ModelRunner, PrefillRequest
+
+    runner = ModelRunner(config, seed=0, num_slots=1, capacity=16)
+    rng = np.random.default_rng(0)
+    rec = runner.layout.record_shape
+    requests = [PrefillRequest(rng.integers(0, config.vocab_size, miss), cached) for _ in range(batch)]
+    tokens, meta, _, c = runner._batch(requests)
+    per_layer = []
+    for layer in range(config.num_layers):
+        kv = [(0.1 * rng.standard_normal((cached, *rec))).astype(runner.layout.np_dtype) for _ in range(batch)]
+        host = (
+            runner._assemble_cached(requests, layer, kv, c)
+            if c
+            else np.zeros((tokens.shape[0], 0, *rec), runner.layout.np_dtype)
+        )
+        per_layer.append(jax.device_put(host))
+    args = (
+        runner.embed_state,
+        tuple(runner.layer_states),
+        runner.final_state,
+        tuple(per_layer),
+        jax.device_put(tokens),
+    )
+    t0 = time.perf_counter()
+    jax.block_until_ready(runner._whole(*args, False, meta))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(runner._whole(*args, False, meta))
+        times.append(time.perf_counter() - t0)
+    step = statistics.median(times)
+    return {
+        "step_s": step,
+        "min_step_s": min(times),
+        "compile_s": max(first - step, 0.0),
+        "model_gflops_per_s": batch * prefill_flops(config, miss, cached) / step / 1e9,
+    }
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    shapes = [_shape(s) for s in _SHAPES.value]
+    if _OUT.value:
+        writable_file_or_exit(_OUT.value, "--out")
+    import jax
+
+    from models.prefill_bench import run_one
+
+    dev = jax.devices()[0]
+    logging.info("jax %s, devices %s, python %s", jax.__version__, jax.devices(), platform.python_version())
+    config = llama_1b(_LAYERS.value, _DTYPE.value)
+    results = []
+    for batch, miss, cached in shapes:
+        logging.info("shape batch=%d miss=%d cached=%d", batch, miss, cached)
+        r = {"model": "llama-1b", "batch": batch, "miss_tokens": miss, "cached_tokens": cached}
+        if not _DEVICE_ONLY.value:
+            r = run_one("llama-1b", config, batch, miss, cached, _REPEATS.value)
+        r["on_device"] = whole_on_device(config, batch, miss, cached, _REPEATS.value)
+        r["device"] = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+        r["dtype"] = _DTYPE.value
+        for side in ("layerwise", "whole", "on_device"):
+            if _PEAK_TFLOPS.value and side in r:
+                r[side]["mfu"] = r[side]["model_gflops_per_s"] / (_PEAK_TFLOPS.value * 1e3)
+        results.append(r)
+        if _OUT.value:
+            write_rows_json(_OUT.value, results, "the shapes done so far")
+    print(
+        f"\nprefill of a ~1B dense model ({_LAYERS.value} layers, {_DTYPE.value}), device {dev.platform} {getattr(dev, 'device_kind', '')}"
+    )
+
+    def rate(side):
+        mfu = f" ({side['mfu']:.1%})" if "mfu" in side else ""
+        return f"{side['model_gflops_per_s'] / 1e3:.1f}{mfu}"
+
+    hdr = "| batch x miss (+cached) | compute only: whole jit on device ms | TFLOP/s (MFU) |"
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r in results:
+        print(
+            f"| {r['batch']} x {r['miss_tokens']} (+{r['cached_tokens']}) | {r['on_device']['step_s'] * 1e3:.1f} | {rate(r['on_device'])} |"
+        )
+    if _DEVICE_ONLY.value:
+        return
+    hdr = "| batch x miss (+cached) | layerwise ms | whole-jit ms | ratio (median / min) | layerwise TFLOP/s (MFU) | whole TFLOP/s (MFU) | tok/s layerwise | compile s (layerwise / whole) | max logit diff |"
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r in results:
+        lw, wh = r["layerwise"], r["whole"]
+        print(
+            f"| {r['batch']} x {r['miss_tokens']} (+{r['cached_tokens']}) | {lw['step_s'] * 1e3:.1f} | "
+            f"{wh['step_s'] * 1e3:.1f} | {r['ratio']:.3f} / {r['ratio_min']:.3f} | {rate(lw)} | {rate(wh)} | "
+            f"{lw['tokens_per_s']:.0f} | {lw['compile_s']:.2f} / {wh['compile_s']:.2f} | {r['max_abs_logit_diff']:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
