@@ -10,7 +10,7 @@ the buffer is 320 GB per node (PAPER.md).
 DE HBM (an assumption; PAPER.md gives no memory settings for Qwen): a DP engine holds all 64.0 GB of bf16
 weights, so at the default 0.9 usable fraction its KV room is 8.0 GB (30.6K tokens), less than the 32K
 dataset's longest turns (32.8K tokens of prompt + generation): those could never be placed, and the
-simulator refuses such a run. The config uses 0.95 of the HBM (12.0 GB, 45.8K tokens), a common serving
+simulator refuses such a run. The config uses 0.95 of the HBM (12.0 GB, 45.9K tokens), a common serving
 setting for a model that nearly fills its GPU. The 48K and 64K datasets (turns up to 49K / 66K tokens,
 12.9 / 17.2 GB) do not fit one 80 GB GPU next to these weights at all; the simulator says so.
 """

@@ -5,7 +5,8 @@ items: one mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or an
 `key=value` with key one of dataset, agents, aps, duration, pd (e.g. 1P2D), turns, seed, kind, warmup, append
 (every synthetic append x this: PAPER.md's append x1..x3 experiment), or
 `policy.NAME=value` / `batcher.NAME=value`: a field of the policy's / the batcher's Config
-(`config.scheduler.kwargs` / `config.batcher.kwargs`; ints, floats, true/false and strings are told apart).
+(`config.scheduler.kwargs` / `config.batcher.kwargs`; ints, floats, true/false, None/null and strings are told
+apart).
 `aps=X` makes the workload online (beside a `kind=` other than online it is an error).
 Examples: `configs/paper_ds660b.py:basic,dataset=48K,agents=1024`,
 `configs/paper_ds660b.py:dualpath_rr,policy.full_de=wait`, `configs/paper_ds660b.py:batcher.quota_s=0.2`.
@@ -76,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.storage_gbps = 0.0  # no aggregate storage cap (3FS saturates every SNIC)
     c.host_buffer_gb = 80.0
     c.de_hbm_kv_gb = 0.0  # 0: derived (hbm_usable_fraction * HBM - weights per DE - de_hbm_reserve_gb)
+    c.de_max_seqs = ml_collections.config_dict.placeholder(int)  # sequences a DE decodes at once (None: HBM only)
     c.hbm_usable_fraction = 0.9  # the serving engine's share of each GPU's HBM (vLLM's default 0.9)
     c.block_size = 64
     c.kv_bytes_per_token = 0.0  # 0: from the model shape
@@ -120,10 +122,12 @@ _KIND_NAME = {int: "an integer", float: "a number"}
 
 
 def _scalar(text: str):
-    """A variant value as int, float or bool when it reads as one, else the string itself."""
+    """A variant value as int, float, bool or None (`None` / `null`) when it reads as one, else the string itself."""
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
+    if low in ("none", "null"):  # `batcher.max_requests=None`: no cap (it was the string 'None', refused)
+        return None
     for kind in (int, float):
         try:
             return kind(text)

@@ -104,6 +104,7 @@ def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
         host_buffer_gb=cfg.buffers.pe_buffer_bytes / 1e9,
         pe_hbm_kv_gb=1.0,
         de_hbm_kv_gb=c.decode_slots * c.max_seq_len * kvb / 1e9,
+        de_max_seqs=c.decode_slots,  # a runtime DE decodes at most decode_slots sequences, however short
         block_size=cfg.block_size,
         kv_bytes_per_token=kvb,
         high_share=cfg.nics.high_priority_share,

@@ -200,6 +200,18 @@ def _capacity(args: tuple[str, str, float, float, float, float, int, str]) -> di
     return out
 
 
+def _sim_key(spec: str) -> str:
+    """The resolved simulation of an offline spec: two labels of one simulation (`--table=2048`'s
+    `...,dataset=64K,agents=2048` and the headline's `...,seed=0`) are one run. A spec that does not load keys by
+    itself (its run fails with the reason)."""
+    from dualpath_jax.sim import load_sim_config
+
+    try:
+        return repr(load_sim_config(spec))
+    except Exception:  # noqa: BLE001 - reported by the run itself
+        return spec
+
+
 def _job(job):
     kind, arg = job
     return (kind, arg, _offline(arg) if kind == "offline" else _capacity(arg))
@@ -268,7 +280,8 @@ def main(argv: Sequence[str]) -> None:
     bases = {sd: f"dataset={_DATASET.value},agents={_AGENTS.value},seed={sd}" for sd in seeds}
     modes = ["basic", "layerwise", "dualpath_rr", "dualpath", "oracle"]
     jobs = [("offline", f"{DS660B}:{m},{bases[sd]}") for sd in seeds for m in modes]
-    appends = [k for k in dict.fromkeys(float(x) for x in _APPENDS.value) if k != 1.0]  # --appends=2,2.0: one
+    # --appends=2,2.0: one; 2,2.0000001 too (a spec and a row carry the scale as %g: both were `append=2`, two x2 rows)
+    appends = [k for k in dict.fromkeys(float(f"{float(x):g}") for x in _APPENDS.value) if k != 1.0]
     jobs += [
         ("offline", f"{DS660B}:{m},{bases[seeds[0]]},append={k:g}") for k in appends for m in ("basic", "dualpath")
     ]
@@ -291,20 +304,28 @@ def main(argv: Sequence[str]) -> None:
             ("capacity", (DS27B, "dualpath", 0.05, 1.0, d, w, it, ods)),
         ]
     jobs = list(dict.fromkeys(jobs))
+    # each distinct simulation runs once; every label of it (a table cell that is a headline run) gets its result
+    sim = {job: _sim_key(job[1]) if job[0] == "offline" else job for job in jobs}
+    first: dict = {}
+    for job in jobs:
+        first.setdefault(sim[job], job)
+    runs = list(first.values())  # the first label of each simulation
     from dualpath_jax.metrics import json_safe
 
-    results, failed = {}, []
-    for job, (done, error) in zip(jobs, run_jobs(_job, jobs, _WORKERS.value, "reproduce"), strict=True):
+    results, failed, done_by_key = {}, [], {}
+    for job, (done, error) in zip(runs, run_jobs(_job, runs, _WORKERS.value, "reproduce"), strict=True):
         if error is not None:
             failed.append(f"  {job[0]} {job[1]}: {error}")
             continue
-        kind, arg, out = done
-        results[(kind, arg if isinstance(arg, str) else arg[:2])] = out
+        done_by_key[sim[job]] = done[2]
+    for kind, arg in jobs:
+        if sim[(kind, arg)] in done_by_key:
+            results[(kind, arg if isinstance(arg, str) else arg[:2])] = done_by_key[sim[(kind, arg)]]
     if failed:  # the report needs every run: keep the finished ones' raw results, say which failed
         with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:
             json.dump(json_safe({f"{kind} {key}": v for (kind, key), v in results.items()}), f, indent=1, default=str)
         raise SystemExit(
-            f"reproduce_paper: {len(failed)} of {len(jobs)} runs failed, so no report (the {len(results)} finished "
+            f"reproduce_paper: {len(failed)} of {len(runs)} runs failed, so no report (the {len(done_by_key)} finished "
             f"runs are in {os.path.join(_OUTPUT_DIR.value, 'report.json')}):\n" + "\n".join(failed)
         )
 

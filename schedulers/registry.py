@@ -26,8 +26,9 @@ def describe(x: Any) -> str:
     return f"{x!r} ({type(x).__name__})"
 
 
-def build_config(cls: type, name: str, config: Any = None, **kwargs: Any) -> Any:
-    """`cls.Config` from a config instance (or None) updated by `kwargs`; unknown keys are an error.
+def build_config(cls: type, name: str, config: Any = None, /, **kwargs: Any) -> Any:
+    """`cls.Config` from a config instance (or None) updated by `kwargs`; unknown keys are an error (`name` too: it
+    was a "got multiple values for argument 'name'" TypeError, e.g. from a variant's `batcher.name=fifo`).
 
     A value the Config refuses is a ValueError / TypeError naming the policy (`split block_size must be ...`).
     """
@@ -49,13 +50,13 @@ def build_config(cls: type, name: str, config: Any = None, **kwargs: Any) -> Any
         raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{name} {msg}") from None
 
 
-def make_policy(name: str, config: Any = None, **kwargs: Any) -> InterEnginePolicy:
+def make_policy(name: str, /, config: Any = None, **kwargs: Any) -> InterEnginePolicy:
     """A configured inter-engine policy: `make_policy("dualpath", alpha_tokens=..., beta_tokens=...)`."""
     cls = POLICIES.get(name)
     return cls(build_config(cls, name, config, **kwargs))
 
 
-def make_batcher(name: str, config: Any = None, **kwargs: Any) -> IntraEnginePolicy:
+def make_batcher(name: str, /, config: Any = None, **kwargs: Any) -> IntraEnginePolicy:
     """A configured intra-engine batching policy: `make_batcher("fifo", token_budget=8192)`."""
     cls = BATCHERS.get(name)
     return cls(build_config(cls, name, config, **kwargs))

@@ -45,6 +45,10 @@ class ClusterConfig:
     # HBM per DE held by what is neither weights nor KV (activations, EP communication buffers, graphs);
     # subtracted when de_hbm_kv_gb is derived [calibrated]
     de_hbm_reserve_gb: float = 0.0
+    # Sequences a DE holds at most, whatever their lengths (the runtime's fixed-slot decode batch,
+    # runtime cluster.decode_slots); None: only its HBM room limits them. A request placed on a DE with every
+    # slot taken waits there for a slot (its allocation wait, as for HBM), and the policy sees no room there.
+    de_max_seqs: int | None = None
     # fraction of a GPU's HBM the serving engine may use (weights + KV + the rest) when de_hbm_kv_gb is
     # derived; 0.9 as vLLM's default gpu_memory_utilization
     hbm_usable_fraction: float = 0.9
@@ -169,6 +173,8 @@ def check_sim_config(sc: SimConfig) -> None:
         value = getattr(sc.cluster, name)
         if isinstance(value, str) or value not in (True, False):
             raise ValueError(f"config.cluster.{name} must be true or false, got {value!r}")
+    if sc.cluster.de_max_seqs is not None:  # (None: no cap)
+        _check_number("config.cluster.de_max_seqs", sc.cluster.de_max_seqs, 1, True, None, integer=True)
     # <= 0: derived from the HBM (resolve_de_hbm); NaN used to pass as "derived", infinity failed inside the run
     _check_number("config.cluster.de_hbm_kv_gb", sc.cluster.de_hbm_kv_gb, -math.inf, False, None)
     if not sc.cluster.high_share < 1:
@@ -319,6 +325,20 @@ def sim_config_from_dict(cfg: dict, explicit: Collection[str] = ()) -> SimConfig
             f"{where} is neither a mode ({', '.join(MODES)}) nor a registered policy ({', '.join(POLICIES.names())})"
         )
     validate_sim_config(sc)
+    # An online workload's arrival rate or window given (`--config.workload.duration_s=...`) for a run that is not
+    # online, or an SLO warm-up for an offline one (judged on no SLO), did nothing, silently. (The config files
+    # set them for every run, so only a given one can be told.)
+    kind = sc.workload.kind
+    for key, where in (
+        ("workload.aps", "online workloads only"),
+        ("workload.duration_s", "online workloads only"),
+        ("warmup_s", "online and trace workloads only (their SLO)"),
+    ):
+        if key in explicit and kind != "online" and not (kind == "trace" and key == "warmup_s"):
+            raise ValueError(
+                f"config.{key} applies to {where}, and this one is config.workload.kind={kind!r} (give "
+                "config.workload.kind=online, or the variant item aps=)"
+            )
     return resolve_de_hbm(sc)
 
 

@@ -41,7 +41,8 @@ cdef class DecodeGroup:
 
 
 cdef class DecodeEngine:
-    cdef public object eid, cnic, cnic_in, sum_prompt, state, wb, hbm_free, alloc_queue
+    cdef public object eid, cnic, cnic_in, sum_prompt, state, wb, hbm_free, alloc_queue, free_tokens
+    cdef public long long n_seqs
     cdef public Node node
     cdef public dict active
     cdef public DecodeGroup group
@@ -61,7 +62,7 @@ cdef class Simulator:
     cdef public object _qids, _qlens, storage_link, snapshot
     cdef public dict _shapes, requests, pes, des
     cdef public list records, nodes, de_groups
-    cdef public double now, b, read_cap, _next_tick, fetch_step
+    cdef public double now, b, read_cap, _next_tick, fetch_step, max_seqs
     cdef public long long L, _seq, n_events, turns_done, _next_rid, _fetch_rr, n_fetches, de_group_engines
     cdef public bint fetch_running, dram_binds, _ran
 
@@ -76,6 +77,8 @@ cdef class Simulator:
 
     @cython.locals(r=Request, pe=PrefillEngine, de=DecodeEngine)
     cpdef _assign(self, a)
+
+    cpdef _de_room(self, DecodeEngine de)
 
     @cython.locals(node=Node)
     cpdef _submit_reads(self, Request r)

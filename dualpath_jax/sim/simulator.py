@@ -192,6 +192,8 @@ class DecodeEngine:
         "wb",
         "hbm_free",
         "alloc_queue",
+        "free_tokens",
+        "n_seqs",
     )
 
     def __init__(self, eid: int, node: Node, cnic: int, cnic_in: int, state: EngineState, group: DecodeGroup):
@@ -212,6 +214,10 @@ class DecodeEngine:
         # (FIFO) until the tokens of the one at its head are free: its allocation wait, before its reads.
         self.hbm_free = state.free_hbm_tokens
         self.alloc_queue: deque = deque()
+        # KV tokens not placed on it (the policy's room; `state.free_hbm_tokens` shows it, or no room while every
+        # slot of `cluster.de_max_seqs` is taken), and the requests holding its HBM (allocated, decode not done)
+        self.free_tokens = state.free_hbm_tokens
+        self.n_seqs = 0
 
 
 class _Batch:
@@ -340,6 +346,8 @@ class Simulator:
         # Each node fetches once per fetch_interval_s, consecutive nodes staggered evenly: one fetch every step
         self.fetch_step = c.fetch_interval_s / len(self.nodes)
         self.dram_binds = c.dram_gbps < c.snic_gbps * c.storage_efficiency + c.gpus_per_node * c.cnic_gbps
+        # Sequences a DE holds at most (the runtime's decode slots); inf: only its HBM room limits them
+        self.max_seqs = math.inf if c.de_max_seqs is None else float(c.de_max_seqs)
 
     def _check_turns_fit(self) -> None:
         """A turn holds its prompt + generation in one DE's HBM from placement to the end of its decode, so a
@@ -477,9 +485,20 @@ class Simulator:
         assignments = self.policy.schedule(self.snapshot, window, fetching_node=scope)
         if assignments:
             placed = set()
+            held = set()
+            # With decode slots (cluster.de_max_seqs), as the runtime's scheduler: a policy counts a DE's room in
+            # tokens within one call, so one call may give a DE more requests than it has free slots; those stay
+            # queued, in their place, and the policy is asked again at once (a policy that places on a full DE on
+            # purpose, e.g. round_robin full_de="queue", is not held back: they wait at the DE)
+            hold = self.max_seqs < math.inf and not getattr(self.policy, "overcommits_decode", False)
             for a in assignments:
-                if a.request_id in placed:
+                if a.request_id in placed or a.request_id in held:
                     raise RuntimeError(f"policy {self.cfg.policy!r} placed request {a.request_id} twice")
+                if hold:
+                    de = self.des.get(a.decode_engine)
+                    if de is not None and de.state.seq >= self.max_seqs:
+                        held.add(a.request_id)
+                        continue
                 placed.add(a.request_id)
                 self._assign(a)
             n = len(placed)
@@ -495,7 +514,7 @@ class Simulator:
                 self.queue = deque(x[0] for x in keep)
                 self._qids = array("q", (x[1] for x in keep))
                 self._qlens = array("q", (x[2] for x in keep))
-            if len(assignments) == len(window) == k:
+            if n and (held or len(assignments) == len(window) == k):
                 self._fetch_rr = node
                 self.at(self.now, self._fetch)
                 return
@@ -532,15 +551,26 @@ class Simulator:
         pe.node.state.engine_tok += r.prompt
         ds.seq += 1
         ds.tok += ln
-        ds.free_hbm_tokens -= ln
-        ns = de.node.state
-        ns.engine_tok += ln
-        ns.engine_free_hbm_tokens -= ln
-        if de.alloc_queue or de.hbm_free < ln:  # the DE has no room for it yet: it waits there, FIFO
+        de.free_tokens -= ln
+        de.node.state.engine_tok += ln
+        self._de_room(de)
+        # The DE has no room (HBM, or a free slot) for it yet: it waits there, FIFO
+        if de.alloc_queue or de.hbm_free < ln or de.n_seqs >= self.max_seqs:
             de.alloc_queue.append(r)
             return
         de.hbm_free -= ln
+        de.n_seqs += 1
         self._allocated(r)
+
+    def _de_room(self, de: DecodeEngine) -> None:
+        """The DE's room as the policy sees it (its engine's and node's free_hbm_tokens): its free tokens, or none
+        while every slot is taken (`cluster.de_max_seqs`), as the runtime's snapshot shows a DE of full slots."""
+        ds = de.state
+        free = de.free_tokens
+        if ds.seq >= self.max_seqs and free > 0:
+            free = 0
+        de.node.state.engine_free_hbm_tokens += free - ds.free_hbm_tokens
+        ds.free_hbm_tokens = free
 
     def _allocated(self, r: Request) -> None:
         """The request holds its DE's HBM: its reads (or, basic, its PE admission) start."""
@@ -987,24 +1017,25 @@ class Simulator:
         if r.gen > 1 and math.isnan(rec.second_token):
             rec.second_token = self.now
         self.turns_done += 1
-        ds = r.de.state
+        de = r.de
+        ds = de.state
         ln = r.prompt + r.gen
         ds.seq -= 1
         ds.tok -= ln
-        ds.free_hbm_tokens += ln
-        ns = r.de.node.state
-        ns.engine_tok -= ln
-        ns.engine_free_hbm_tokens += ln
-        de = r.de
+        de.free_tokens += ln
+        de.node.state.engine_tok -= ln
+        self._de_room(de)
         de.hbm_free += ln
+        de.n_seqs -= 1
         q = de.alloc_queue
         while q:
             w = q[0]
             need = w.prompt + w.gen
-            if de.hbm_free < need:
+            if de.hbm_free < need or de.n_seqs >= self.max_seqs:
                 break
             q.popleft()
             de.hbm_free -= need
+            de.n_seqs += 1
             self._allocated(w)
         if r.wb_done:
             self._turn_complete(r)

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import math
 import os
+import sys
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -112,8 +112,9 @@ def _num_field(obj: dict, key: str, where: str, default: float | None = None) ->
             return default
         raise TraceFormatError(f"{where}: missing field {key!r}")
     v = obj[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-        raise TraceFormatError(f"{where}: field {key!r} must be a number >= 0, got {v!r}")
+    # NaN and inf too; an int past the float range (10**400) was a bare OverflowError naming no line
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= sys.float_info.max:
+        raise TraceFormatError(f"{where}: field {key!r} must be a finite number >= 0, got {v!r}")
     return float(v)
 
 
@@ -197,6 +198,8 @@ def _mooncake_rows(path: Path, max_requests: int | None) -> Iterator[tuple[int, 
                     raise TraceFormatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
                 except RecursionError:  # the json module parses nested arrays/objects recursively
                     raise TraceFormatError(f"{where}: not valid JSON (nested too deeply to parse)") from None
+                except ValueError as e:  # an int of more than 4,300 digits (Python's limit): a bare ValueError
+                    raise TraceFormatError(f"{where}: not valid JSON ({e})") from None
                 if not isinstance(row, dict):
                     raise TraceFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
                 yield lineno, row
@@ -272,6 +275,8 @@ def _read_json(path: Path) -> Any:
         if isinstance(e, FileNotFoundError):
             raise
         raise _unreadable(path, e) from None
+    except ValueError as e:  # an int of more than 4,300 digits (Python's limit): a bare ValueError
+        raise TraceFormatError(f"{path}: not valid JSON ({e})") from None
 
 
 def _session_turns(

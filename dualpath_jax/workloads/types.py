@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dualpath_jax.checks import is_int
+from dualpath_jax.checks import is_bool, is_int
+
+_BOOLS = (bool, np.bool_)  # what `checks.is_bool` takes for a bool
 
 
 def check_block_size(block_size) -> None:
@@ -43,6 +45,16 @@ class Turn:
     hash_block_size: int = 0
 
     def __post_init__(self):
+        b = _BOOLS  # True passed `0 <= x < inf` and `% 1`: a 1-token turn
+        if (
+            isinstance(self.append_tokens, b)
+            or isinstance(self.gen_tokens, b)
+            or isinstance(self.context_tokens, b)
+            or isinstance(self.hash_block_size, b)
+        ):
+            field = next(f for f in ("append_tokens", "gen_tokens", "context_tokens", "hash_block_size")
+                         if is_bool(getattr(self, f)))  # fmt: skip
+            raise ValueError(f"turn {field} must be a token count, not a bool: got {getattr(self, field)!r}")
         # NaN too (e.g. a missing value of a table): it was kept, and peak_turn / cut_at_tokens skipped its turn
         if not (0 <= self.append_tokens < math.inf and 0 <= self.gen_tokens < math.inf):
             raise ValueError(
@@ -131,6 +143,8 @@ class Trajectory:
     def cut_at_tokens(self, limit: int) -> Trajectory:
         """This trajectory up to (not including) its first turn whose prompt + generation exceeds `limit` tokens
         (a model's context window); itself when no turn does."""
+        if is_bool(limit):  # True was a 1-token window: every turn cut
+            raise ValueError(f"cut_at_tokens limit must be a token count, not a bool: got {limit!r}")
         n = 0
         for total in self._turn_totals():
             if total > limit:
