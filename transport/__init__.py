@@ -19,5 +19,6 @@ from transport.base import (  # noqa: F401
     TransportClosedError,
     TransportError,
     combine_futures,
+    deadline,
     make_transport,
 )

@@ -122,19 +122,27 @@ class MemoryRegion:
         return offset, length
 
 
-def _deadline(timeout: float | None) -> float | None:
-    """The monotonic deadline of a wait of `timeout` s (None, inf or past `threading.TIMEOUT_MAX` = forever); a NaN
-    timeout would never expire, an infinite or huge one overflowed the lock's timeout (OverflowError), a string was a
-    TypeError from `+`."""
+def wait_timeout(timeout: float | None) -> float | None:
+    """`timeout` s as a lock or Condition can wait it: None (forever) for None, inf or past `threading.TIMEOUT_MAX`
+    (a lock's wait of inf or 1e10 s is an OverflowError at once); `TypeError` unless a number (bools are not), a
+    `ValueError` for NaN (it would never expire)."""
     if timeout is None:
         return None
     if not is_real(timeout):
         raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
     if timeout != timeout:
         raise ValueError(f"timeout must be a number of seconds or None, got {timeout}")
-    if timeout >= threading.TIMEOUT_MAX:  # inf, or longer than a lock can wait (1e10 s: OverflowError at once)
+    if timeout >= threading.TIMEOUT_MAX:  # inf, or longer than a lock can wait
         return None
-    return time.monotonic() + timeout
+    return timeout
+
+
+def deadline(timeout: float | None) -> float | None:
+    """The monotonic deadline of a wait of `timeout` s (None, inf or past `threading.TIMEOUT_MAX` = forever; checked
+    as by `wait_timeout`): a NaN timeout would never expire, an infinite or huge one overflowed the lock's timeout
+    (OverflowError), a string was a TypeError from `+`."""
+    timeout = wait_timeout(timeout)
+    return None if timeout is None else time.monotonic() + timeout
 
 
 def as_region_view(buf: Any, name: str) -> memoryview:
@@ -190,7 +198,7 @@ class CompletionQueue:
 
     def get(self, tag: int | None = None, peer: str | None = None, timeout: float | None = None) -> Notification:
         """Pop the oldest notification matching `tag`/`peer` (None = any); `TimeoutError` after `timeout` s."""
-        deadline = _deadline(timeout)
+        end = deadline(timeout)
         with self._cond:
             while True:
                 for i, n in enumerate(self._items):
@@ -199,7 +207,7 @@ class CompletionQueue:
                         return n
                 if self._closed is not None:
                     raise TransportClosedError(f"completion queue closed: {self._closed}")
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = None if end is None else end - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no notification with tag={tag} peer={peer} within {timeout} s")
                 self._cond.wait(remaining)
@@ -228,7 +236,7 @@ class MessageQueue:
             self._cond.notify_all()
 
     def get(self, peer: str | None = None, timeout: float | None = None) -> tuple[str, bytes]:
-        deadline = _deadline(timeout)
+        end = deadline(timeout)
         with self._cond:
             while True:
                 for i, (p, payload) in enumerate(self._items):
@@ -237,7 +245,7 @@ class MessageQueue:
                         return p, payload
                 if self._closed is not None:
                     raise TransportClosedError(f"message queue closed: {self._closed}")
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = None if end is None else end - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no message from {peer or 'any peer'} within {timeout} s")
                 self._cond.wait(remaining)
@@ -387,12 +395,23 @@ class Transport(abc.ABC):
     def peers(self) -> list[str]:
         """Names of connected peers (connected by either side)."""
 
+    @abc.abstractmethod
+    def disconnect(self, peer: str) -> None:
+        """Drop `peer` now, as if its connection set broke: transfers and messages pending between the two (posted
+        by either side) fail with `PeerLostError`, and once this returns no one-sided write or read of that peer
+        lands in this endpoint's regions any more, nor one of this side's reads from it (tcp: its connections
+        closed and their reader threads ended or fenced, a frame already being received included; inproc: the
+        lanes between the two fenced, running copies waited for; rdma: its queue pairs moved to the error state).
+        So a buffer area the peer could write (a cancelled request's) may be reused at once. The peer sees its
+        pending transfers fail and no longer lists this endpoint; a later `connect` (either side) makes a fresh
+        connection set. Nothing to do for a peer that is not connected, or on a closed endpoint."""
+
     def wait_for_peer(self, peer: str, timeout: float = 10.0) -> None:
         """Block until `peer` has connected to us (the accepting side of `connect`)."""
-        deadline = _deadline(timeout)
+        end = deadline(timeout)
         while peer not in self.peers():
             self._check_open()
-            if deadline is not None and time.monotonic() > deadline:  # (None: a TypeError after the first look)
+            if end is not None and time.monotonic() > end:  # (None: a TypeError after the first look)
                 raise TimeoutError(f"{self.name}: peer {peer!r} did not connect within {timeout} s")
             time.sleep(0.005)
 
@@ -664,6 +683,8 @@ class TransferFuture(Future):
     def result(self, timeout: float | None = None) -> Any:
         if self._state == _FINISHED and self._exception is None:
             return self._result
+        if timeout is not None:  # (inf or 1e10: the lock's wait raised OverflowError; now forever, as `deadline`)
+            timeout = wait_timeout(timeout)
         if self._state not in _DONE and "_cond" not in self.__dict__:
             if not self._wait_light(timeout):
                 raise concurrent.futures.TimeoutError()
@@ -675,7 +696,7 @@ class TransferFuture(Future):
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state == _FINISHED:
             return self._exception
-        return super().exception(timeout)
+        return super().exception(None if timeout is None else wait_timeout(timeout))
 
 
 class PostedFuture(TransferFuture):

@@ -14,6 +14,11 @@ busy lane gives its worker back every LANE_BATCH tasks so it does not starve the
 `close` (as tcp's): no byte moves into or out of the endpoint's regions once it returned (it waits for the copies
 running, at most CLOSE_WAIT_S), and it disconnects both ways (its peers no longer list it; an endpoint started later
 under its name must be connected again).
+
+Two connected endpoints share a `_Link`; every transfer and message between them runs on it. `disconnect` (either
+side; `close` too) fences the link: the lanes between the two fail what they hold with `PeerLostError`, no copy
+starts on the link any more (nor continues past its current chunk), and the copies running are waited for, so no
+byte of that peer moves into or out of the endpoint's regions once it returned. A later `connect` makes a new link.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ PACE_CHUNK = 1 << 20
 LANE_BATCH = 64
 # `close` waits at most this long for copies into or out of the endpoint's regions (a pacer slow to grant a chunk).
 CLOSE_WAIT_S = 5.0
+# Held while links are made or fenced (`connect`, `disconnect`, `close`), so two endpoints agree on their link.
+_LINKS = threading.Lock()
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,64 @@ class _Lane:
         self.tasks: collections.deque[tuple[Future, Any]] = collections.deque()  # (future, fn) in posting order
         self.active = False  # a `_drain` job is queued or running for this lane
         self.pool = pool
+
+
+class _Link:
+    """The connection of two endpoints (each holds it in `_peers` under the other's name). Transfers and messages
+    between them run while `dead` is None; `_fence` sets it, `_settle` waits for the chunks being copied on it
+    (`copying`: `_copy` checks `dead` before each chunk, so a paced copy waiting for its pacer is not waited for)."""
+
+    __slots__ = ("ends", "dead", "copying", "cond")
+
+    def __init__(self, a: InProcTransport, b: InProcTransport) -> None:
+        self.ends = (a, b)
+        self.dead: BaseException | None = None
+        self.copying = 0
+        self.cond = threading.Condition()
+
+    def other(self, ep: InProcTransport) -> InProcTransport:
+        return self.ends[1] if self.ends[0] is ep else self.ends[0]
+
+
+def _fence(link: _Link, err: BaseException, closing: InProcTransport | None = None) -> list[tuple[Future, Exception]]:
+    """Drop `link` (`_LINKS` held): both ends forget it and no copy starts on it any more. Returns the tasks queued in
+    the lanes between the two with their errors (`err`; those of `closing`, an endpoint being closed,
+    `TransportClosedError`): `_settle` fails them once `_LINKS` is released (their callbacks may connect)."""
+    with link.cond:
+        if link.dead is not None:
+            return []
+        link.dead = err
+    failed = []
+    for ep in link.ends:
+        other = link.other(ep)
+        e = TransportClosedError(f"endpoint {ep.name!r} closed with the transfer pending") if ep is closing else err
+        with ep._lock:
+            if ep._peers.get(other.name) is link:
+                del ep._peers[other.name]
+            for cls in PRIORITIES:
+                lane = ep._lanes.pop((other.name, cls), None)
+                if lane is not None:  # (its `_drain` finds it empty; later posts to the name make a new lane)
+                    for fut, _ in lane.tasks:
+                        ep._pending.discard(fut)
+                        failed.append((fut, e))
+                    lane.tasks.clear()
+    return failed
+
+
+def _settle(links: list[_Link], failed: list[tuple[Future, Exception]]) -> None:
+    """Fail the tasks `_fence` took, then wait for the chunks being copied on the fenced `links` (at most
+    CLOSE_WAIT_S)."""
+    for fut, e in failed:
+        if not fut.done():
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                fut.set_exception(e)
+    for link in links:
+        with link.cond:  # (a paced copy stops at its next chunk)
+            if not link.cond.wait_for(lambda link=link: not link.copying, CLOSE_WAIT_S):
+                names = [e.name for e in link.ends]
+                log.error(
+                    "%s: %d copies still running %s s after the link was dropped", names, link.copying, CLOSE_WAIT_S
+                )
 
 
 class InProcFabric:
@@ -126,7 +191,7 @@ class InProcTransport(Transport):
             for p in PRIORITIES
         }
         self._lanes: dict[tuple[str, str], _Lane] = {}  # (peer, class) -> its lane, made on first use
-        self._peers: set[str] = set()
+        self._peers: dict[str, _Link] = {}  # connected peer -> the link (changed with `_LINKS` held)
         self._pending: set[Future] = set()
         # Copies running into or out of this endpoint's regions (any endpoint's lanes): `close` waits for them, so no
         # byte moves in or out of its regions once it returned (as a closed TCP endpoint's joined readers).
@@ -145,32 +210,56 @@ class InProcTransport(Transport):
             raise PeerLostError(f"{self.name}: no in-process endpoint {address or peer!r}")
         if ep.name != peer:
             raise PeerLostError(f"{self.name}: endpoint at {address!r} is {ep.name!r}, expected {peer!r}")
-        with self._lock:
-            self._peers.add(peer)
-        with ep._lock:
-            ep._peers.add(self.name)
-        if ep.closed:  # it closed meanwhile (its `_shutdown` may have looked before we were added): not connected
-            with self._lock:
-                self._peers.discard(peer)
-            raise PeerLostError(f"{self.name}: in-process endpoint {peer!r} closed while connecting")
+        with _LINKS:  # (a `close` of either side fences its links with it held: it sees this one, or we see it closed)
+            if ep.closed or self.closed:
+                self._check_open()
+                raise PeerLostError(f"{self.name}: in-process endpoint {peer!r} closed while connecting")
+            link = self._peers.get(peer)
+            if link is None or link.other(self) is not ep or ep._peers.get(self.name) is not link:
+                link = _Link(self, ep)
+                with self._lock:
+                    self._peers[peer] = link
+                with ep._lock:
+                    ep._peers[self.name] = link
+
+    def disconnect(self, peer: str) -> None:
+        """`Transport.disconnect`: the link to `peer` is fenced (see the module docstring)."""
+        with _LINKS:
+            link = self._peers.get(peer)
+            if link is None:
+                return
+            failed = _fence(link, PeerLostError(f"{self.name!r} disconnected from {peer!r}"))
+        _settle([link], failed)
 
     def peers(self) -> list[str]:
         with self._lock:
             return sorted(self._peers)
 
     def _peer(self, peer: str) -> InProcTransport:
-        with self._lock:
-            known = peer in self._peers
-        ep = self.fabric.lookup(peer) if known else None
-        if not known:
+        return self._link(peer)[0]
+
+    def _link(self, peer: str) -> tuple[InProcTransport, _Link]:
+        """The endpoint `peer` and the link to it (PeerLostError if none, or it is down)."""
+        link = self._peers.get(peer)  # (a dict lookup is atomic)
+        if link is None:
             self._check_open()  # (a post racing `close`, which disconnects first: TransportClosedError, not a lost peer)
             raise PeerLostError(f"{self.name}: not connected to {peer!r} (connect first, or it closed)")
-        if ep is None or ep.closed:
+        ep = link.other(self)
+        if ep.closed or link.dead is not None:
+            self._check_open()
             raise PeerLostError(f"{self.name}: peer {peer!r} is gone")
-        return ep
+        return ep, link
 
     def _copy(
-        self, src: MemoryRegion, so: int, dst: MemoryRegion, do: int, n: int, priority: str, ep: InProcTransport
+        self,
+        src: MemoryRegion,
+        so: int,
+        dst: MemoryRegion,
+        do: int,
+        n: int,
+        priority: str,
+        ep: InProcTransport,
+        link: _Link,
     ) -> None:
         # Views as uint8 arrays: np.copyto releases the GIL for large copies.
         s = np.frombuffer(src.view, dtype=np.uint8, count=n, offset=so) if n else None
@@ -182,13 +271,23 @@ class InProcTransport(Transport):
                 raise TransportClosedError(f"endpoint {self.name!r} closed during the transfer")
             if ep.closed:
                 raise PeerLostError(f"peer {ep.name!r} closed during the transfer")
-            np.copyto(d[pos : pos + step], s[pos : pos + step])
+            with link.cond:  # (`disconnect` waits for a chunk being copied, not for one waiting for its pacer)
+                if link.dead is not None:
+                    raise PeerLostError(f"link to {ep.name!r} dropped during the transfer: {link.dead}")
+                link.copying += 1
+            try:
+                np.copyto(d[pos : pos + step], s[pos : pos + step])
+            finally:
+                with link.cond:
+                    link.copying -= 1
+                    if not link.copying:
+                        link.cond.notify_all()
             pos += step
 
     @contextlib.contextmanager
-    def _moving(self, ep: InProcTransport, what: str):
+    def _moving(self, ep: InProcTransport, link: _Link, what: str):
         """Count a copy between this endpoint and `ep` on both (their `close` waits for it); `TransportClosedError` /
-        `PeerLostError` instead if either is closed already."""
+        `PeerLostError` instead if either is closed already or their `link` is down (`_copy` checks it per chunk)."""
         entered: list[InProcTransport] = []
         try:
             for e in (self,) if ep is self else (self, ep):
@@ -199,6 +298,8 @@ class InProcTransport(Transport):
                         raise PeerLostError(f"peer {ep.name!r} closed before the {what} ran")
                     e._copying += 1
                 entered.append(e)
+            if link.dead is not None:
+                raise PeerLostError(f"link to {ep.name!r} dropped before the {what} ran: {link.dead}")
             yield
         finally:
             for e in entered:
@@ -268,16 +369,16 @@ class InProcTransport(Transport):
         self._check_open()
         check_priority(priority)
         tag = check_notify(notify)  # before anything is copied
-        ep = self._peer(peer)
+        ep, link = self._link(peer)
         src = self.region(local_region)
         local_offset, length = src.check(local_offset, length, f"write from {self.name}:{local_region}")
         dst = ep.region(remote_region)
         remote_offset = _remote_offset(remote_offset)
         dst.check(remote_offset, length, f"write to {peer}:{remote_region}")
         copies = [(src, local_offset, dst, remote_offset, length)]
-        return self._submit(peer, priority, self._landing(peer, ep, copies, priority, tag, remote_region))
+        return self._submit(peer, priority, self._landing(ep, link, copies, priority, tag, remote_region))
 
-    def _landing(self, peer: str, ep: InProcTransport, copies: list, priority: str, tag: int | None, region: str):
+    def _landing(self, ep: InProcTransport, link: _Link, copies: list, priority: str, tag: int | None, region: str):
         """The lane task of a write or a `write_many` batch: its `copies` ((src, src offset, dst, dst offset, n),
         checked) in order, then the notification describing the last one (in `region` of the peer); returns the
         bytes moved."""
@@ -285,11 +386,14 @@ class InProcTransport(Transport):
         _, _, _, last_offset, last_n = copies[-1]
 
         def run() -> int:
-            with self._moving(ep, "write"):
+            with self._moving(ep, link, "write"):
                 for src, so, dst, do, n in copies:
-                    self._copy(src, so, dst, do, n, priority, ep)
+                    self._copy(src, so, dst, do, n, priority, ep, link)
                 if tag is not None:
-                    ep.completions.put(Notification(self.name, tag, region, last_offset, last_n))
+                    with link.cond:  # (none arrives once `disconnect` returned)
+                        if link.dead is not None:
+                            raise PeerLostError(f"link to {ep.name!r} dropped before the notification: {link.dead}")
+                        ep.completions.put(Notification(self.name, tag, region, last_offset, last_n))
             return total
 
         return run
@@ -309,9 +413,9 @@ class InProcTransport(Transport):
         if not batch:
             return completed_future(0)
         tag = check_notify(notify)
-        ep = self._peer(peer)
+        ep, link = self._link(peer)
         copies = [(self.region(lr), lo, ep.region(rr), _remote_offset(ro), n) for lr, lo, n, rr, ro in batch]
-        return self._submit(peer, priority, self._landing(peer, ep, copies, priority, tag, batch[-1][3]))
+        return self._submit(peer, priority, self._landing(ep, link, copies, priority, tag, batch[-1][3]))
 
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
         self._peer(peer).region(region).check(_remote_offset(offset), length, f"write to {peer}:{region}")
@@ -328,7 +432,7 @@ class InProcTransport(Transport):
     ) -> Future:
         self._check_open()
         check_priority(priority)
-        ep = self._peer(peer)
+        ep, link = self._link(peer)
         dst = self.region(local_region)
         local_offset, length = dst.check(local_offset, length, f"read into {self.name}:{local_region}")
         src = ep.region(remote_region)
@@ -336,23 +440,24 @@ class InProcTransport(Transport):
         src.check(remote_offset, length, f"read from {peer}:{remote_region}")
 
         def run() -> int:
-            with self._moving(ep, "read"):
-                self._copy(src, remote_offset, dst, local_offset, length, priority, ep)
+            with self._moving(ep, link, "read"):
+                self._copy(src, remote_offset, dst, local_offset, length, priority, ep, link)
             return length
 
         return self._submit(peer, priority, run)
 
     def send(self, peer: str, payload: bytes) -> Future:
         self._check_open()
-        ep = self._peer(peer)
+        ep, link = self._link(peer)
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"message payload must be bytes, got {type(payload).__name__}")
         data = bytes(payload)
 
         def run() -> int:
-            if ep.closed:
-                raise PeerLostError(f"peer {peer!r} closed before the message was delivered")
-            ep.messages.put(self.name, data)
+            with link.cond:  # (none arrives once `disconnect` returned)
+                if ep.closed or link.dead is not None:
+                    raise PeerLostError(f"peer {peer!r} closed or disconnected before the message was delivered")
+                ep.messages.put(self.name, data)
             return len(data)
 
         return self._submit(peer, "high", run)  # messages keep their order with the high-class transfers
@@ -366,13 +471,10 @@ class InProcTransport(Transport):
         # Disconnect both ways, as a closed TCP set is: peers no longer list this endpoint (and it lists none), and an
         # endpoint started later under this name must be connected again. (Closed peers used to stay in `peers()`, and
         # a peer's writes went to a restarted endpoint that had never connected.)
-        with self._lock:
-            peers, self._peers = self._peers, set()
-        for name in peers:
-            ep = self.fabric.lookup(name)
-            if ep is not None:
-                with ep._lock:
-                    ep._peers.discard(self.name)
+        with _LINKS:
+            links = list(self._peers.values())
+            failed = [f for link in links for f in _fence(link, PeerLostError(f"peer {self.name!r} closed"), self)]
+        _settle(links, failed)
         for pool in self._pools.values():
             # Queued transfers are cancelled (their futures report CancelledError); running copies finish.
             pool.shutdown(wait=False, cancel_futures=True)

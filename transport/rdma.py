@@ -22,7 +22,8 @@ Design:
   thread completes futures from the CQ; a write posted while a read is in flight on its QP is fenced
   (IBV_SEND_FENCE: an RC responder may run a later WRITE before an earlier READ read its bytes, against the
   posting order); a failed completion (peer gone: RC retries exhausted, or QP flushed) fails the transfer and the
-  peer; a lost control connection fails the peer's pending transfers too;
+  peer; a lost control connection fails the peer's pending transfers too; a lost peer's QPs go to the error state
+  (a peer only stalled cannot land the writes its NIC still holds), and `disconnect(peer)` drops it that way;
 - settings: `device`, `ib_port`, `gid_index` (RoCE v2 usually needs an IP-based GID, not index 0) and a service
   level per priority class (`sl_high`, `sl_low`, set in each QP's address vector); `check_rdma_args` checks their
   types and ranges on any host, `check_rdma_device` the device, port (ACTIVE) and GID where a device exists,
@@ -66,6 +67,7 @@ from transport.base import (
     check_notify,
     check_priority,
     combine_futures,
+    deadline,
 )
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,9 @@ MAX_MESSAGE_BYTES = 16 << 20
 # (an RC responder may otherwise execute a later RDMA WRITE before an earlier READ has read its bytes); every work
 # request is signaled (pyverbs' default, and `sq_sig_all`)
 IBV_SEND_FENCE, IBV_SEND_SIGNALED = 1, 2
+# ibv_qp_state IBV_QPS_ERR and ibv_qp_attr_mask IBV_QP_STATE (verbs.h): `disconnect` moves a peer's QPs to the error
+# state (the NIC then runs none of its work requests on them, the peer's RDMA WRITE/READs into our MRs included)
+IBV_QPS_ERR, IBV_QP_STATE = 6, 1
 
 
 def rdma_unavailable_reason() -> str | None:
@@ -421,20 +426,26 @@ class RdmaTransport(Transport):
         high one's sender thread runs the done callbacks of notifying writes and messages, and a transfer posted
         there to a region not asked about yet waited for its own question, queued behind the frames only that thread
         sends (10 s, then a PeerLostError for a healthy peer)."""
+        end = deadline(timeout)  # (one deadline for both waits; inf or 1e10: forever, a plain Future's OverflowError)
         req = next(self._req_ids)
         fut: Future = Future()
         self._replies[req] = (peer, fut)
         try:
             question = _INTERNAL + json.dumps({**msg, "req": req}).encode()
-            self.control.send(peer, question, priority="low").result(timeout)
-            return fut.result(timeout)
+            self.control.send(peer, question, priority="low").result(None if end is None else end - time.monotonic())
+            return fut.result(None if end is None else max(0.0, end - time.monotonic()))
         except TimeoutError:
             raise PeerLostError(f"{self.name}: {peer!r} did not answer {msg['op']!r} within {timeout} s") from None
         finally:
             self._replies.pop(req, None)
 
     def _reply(self, peer: str, req: int, **fields: Any) -> None:
-        self._ctl(peer, {"op": "reply", "req": req, **fields})
+        """Answer the peer's question `req`; nothing to do if its control set is gone meanwhile (its question fails
+        with the lost channel there): that was logged as a "bad rdma control message" with a traceback."""
+        try:
+            self._ctl(peer, {"op": "reply", "req": req, **fields})
+        except (PeerLostError, TransportClosedError) as e:
+            log.info("%s: no reply to %r's question %s: %s", self.name, peer, req, e)
 
     def _on_control(self, peer: str, payload: bytes) -> bool:
         if payload[:1] == _USER:
@@ -565,11 +576,14 @@ class RdmaTransport(Transport):
                 qp.close()
             raise
         with p.lock:
-            if p.qps:
+            dead = p.dead is not None  # (disconnected meanwhile: this set must not take the peer's writes either)
+            if p.qps or dead:
                 p.spare_qps.extend(qp for qp, _ in qps.values())
             else:
                 p.slots = {cls: threading.Semaphore(self.max_send_wr) for cls in PRIORITIES}
                 p.qps = {cls: qp for cls, (qp, _) in qps.items()}
+        if dead:
+            self._to_error([qp for qp, _ in qps.values()])
         p.ready.set()
 
     def connect(self, peer: str, address: Any, timeout: float = 10.0) -> None:
@@ -594,6 +608,36 @@ class RdmaTransport(Transport):
     def peers(self) -> list[str]:
         with self._lock:
             return sorted(n for n, p in self._peers.items() if p.dead is None and p.ready.is_set())
+
+    def disconnect(self, peer: str) -> None:
+        """`Transport.disconnect`: the peer's queue pairs (those this side posts on and the spare sets the peer posts
+        on) move to the error state, so the NIC runs no work request on them any more: neither the peer's RDMA
+        WRITE/READs into this side's MRs nor ours (in flight: flushed, completing with an error); its pending
+        transfers fail with `PeerLostError`; the control set is dropped (the peer's transfers fail, no notification
+        or message of it arrives any more). A later `connect` makes new QPs."""
+        if self._closed:
+            return
+        p = self._peers.get(peer)
+        if p is not None:  # (its QPs go to the error state: `_fail_peer`, now or when it was lost)
+            self._fail_peer(p, PeerLostError(f"{self.name}: disconnected from {peer!r}"))
+        self.control.disconnect(peer)
+
+    def _to_error(self, qps: list[Any]) -> None:
+        """Move `qps` to the error state (ibv_modify_qp): their outstanding work requests are flushed (the poller
+        completes them with an error status) and no new one, posted here or arriving from the peer, is executed."""
+        if not qps:
+            return
+        from pyverbs.qp import QPAttr
+
+        attr = QPAttr()
+        attr.qp_state = getattr(self._e, "IBV_QPS_ERR", IBV_QPS_ERR)
+        for qp in qps:
+            if not hasattr(qp, "modify"):  # (a pyverbs stand-in without it: nothing to move)
+                continue
+            try:
+                qp.modify(attr, getattr(self._e, "IBV_QP_STATE", IBV_QP_STATE))
+            except Exception:  # noqa: BLE001 - the others still go; the control set is dropped all the same
+                log.exception("%s: cannot move a queue pair to the error state", self.name)
 
     def _peer(self, peer: str) -> _RdmaPeer:
         self._check_open()
@@ -799,12 +843,17 @@ class RdmaTransport(Transport):
             for u in (t, *followers):
                 u.finish()
 
-    def _fail_peer(self, p: _RdmaPeer, err: BaseException) -> None:
+    def _fail_peer(self, p: _RdmaPeer, err: BaseException, fence: bool = True) -> None:
+        """Declare `p` lost: its pending transfers fail with `err` and (`fence`) its QPs go to the error state, so a
+        peer only thought lost (its control channel timed out: stalled, not dead) that goes on cannot land the writes
+        its NIC still holds in our MRs once it left `peers()` (they did, the QPs stayed connected)."""
         with p.lock:
             if p.dead is not None:
                 return
             p.dead = err
             transfers, p.transfers = list(p.transfers), set()
+            qps = [*p.qps.values(), *p.spare_qps] if fence else []
+        self._to_error(qps)
         for t in transfers:
             _fail(t.fut, err)
 
@@ -886,7 +935,7 @@ class RdmaTransport(Transport):
         # was a PeerLostError, which names a lost peer)
         err = TransportClosedError(f"endpoint {self.name!r} closed with the transfer pending")
         for p in list(self._peers.values()):
-            self._fail_peer(p, err)
+            self._fail_peer(p, err, fence=False)  # (its QPs are closed below)
         for jobs in self._senders.values():
             jobs.put(None)
         self.control.close()

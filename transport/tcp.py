@@ -70,6 +70,8 @@ transfers fail too. A handshake must finish within `handshake_timeout_s` in all 
 endpoint's instance id (new per endpoint object): a set from a new instance of a peer (started again under its name
 after a crash that left its old connections silently open) drops that name's sets of other instances at once, their
 pending transfers failed with `PeerLostError` (they went to the dead process until the watchdog noticed).
+`disconnect(peer)` drops the peer's sets at once: sockets closed, readers joined, and fenced (a reader busy in a hook
+lands no further frame, not even one already in its receive buffer).
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ from transport.base import (
     check_priority,
     check_write_entries,
     complete_quietly,
+    deadline,
 )
 
 log = logging.getLogger(__name__)
@@ -862,7 +865,9 @@ class _Conn:
         regions = owner._regions_by_id  # changed in place only (register/deregister)
         chain_req, chain_bytes = None, 0  # the write_many batch being received (FLAG_CHAIN frames so far)
         try:
-            while True:
+            # (the fence of `disconnect`: once the set is dropped, no frame lands, not one already in the receive buffer
+            # behind a frame whose hook or callback ran meanwhile; our own `close` reads on until the peer's EOF)
+            while peer.dead is None or owner._closed:
                 _, _, op, flags, rid, offset, length, tag, req, _ = rx.header()
                 rx.more = flags & FLAG_MORE if op == OP_WRITE else 0
                 if op == OP_WRITE:
@@ -962,6 +967,7 @@ class _Conn:
                         p.set_result(None if tag < 0 else (rid, offset))
                 else:
                     raise ProtocolError(f"op {op} is not valid after the handshake")
+            self.close_sock()  # dropped by `disconnect` (its sockets are closed already)
         except _CleanEOF:
             if owner.closed or peer.dead:
                 self.close_sock()
@@ -1116,6 +1122,7 @@ class TcpTransport(Transport):
         self._live: dict[str, _Peer] = {}  # name -> a live connection set (read without the lock)
         self._handshakes = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
         self._half_open: dict[tuple[str, str], tuple[float, dict[str, socket.socket]]] = {}
+        self._connecting: collections.Counter[str] = collections.Counter()  # peer -> our `connect`s in progress
         # (an IPv6 address needs an AF_INET6 listener: create_server's default AF_INET refused "::1" at once)
         family = socket.AF_INET6 if _ip_version(host) == 6 else socket.AF_INET
         self._listener = socket.create_server((host, port), family=family, backlog=128)
@@ -1140,7 +1147,9 @@ class TcpTransport(Transport):
         exists already: one the peer opened, or one this endpoint opened to the same address (the same socket
         address once resolved), and the endpoint at `address` is still the instance of that set (asked with one
         short connection, PROBE); a new instance there (the peer started again) is connected, which drops the old
-        set and fails its pending transfers with `PeerLostError`. A live set this endpoint opened to *another*
+        set and fails its pending transfers with `PeerLostError`; so is the same instance when it holds no set of
+        ours any more (it dropped it: `disconnect`, its watchdog; our reader has not seen the reset yet), after our
+        sets to it are dropped. A live set this endpoint opened to *another*
         address raises `TransportError` naming both (it was silently kept and the new address ignored): the old set
         stays until the peer closes it or its pending transfers time out."""
         self._check_open()
@@ -1158,36 +1167,56 @@ class TcpTransport(Transport):
             self._check_same_address(live, tuple(address))
             # Is it still the same endpoint there? A peer started again at this address (its old set silently open:
             # host crash) kept getting our posts on the dead set until the watchdog noticed; a new instance is
-            # connected below, which drops the old set (`_add_peer`).
-            if live.instance is None or self._probe_instance(peer, tuple(address), timeout) in (None, live.instance):
+            # connected below, which drops the old set (`_add_peer`). The same instance that holds no set of ours any
+            # more (it `disconnect`ed us, or its watchdog dropped us, and our reader has not seen the reset yet): our
+            # sets to it are dead, dropped here, and a new one is connected (`connect` returned, posting to them).
+            if live.instance is None:
                 return
+            instance, ours = self._probe_instance(peer, tuple(address), timeout)
+            if instance is None or instance == live.instance and ours is not False:
+                return
+            if instance == live.instance:
+                with self._lock:
+                    stale = [q for q in self._peers.get(peer, ()) if q.instance == instance]
+                for q in stale:
+                    self._fail_peer(q, PeerLostError(f"{self.name}: {peer!r} dropped this connection set"))
         host, port = address
         session = os.urandom(8).hex()
         socks: dict[str, socket.socket] = {}
+        with self._lock:  # (the peer already holds this set while we finish it: a probe of it is told so)
+            self._connecting[peer] += 1
         try:
-            for stream in STREAMS:
-                sock = socket.create_connection((host, port), timeout=timeout)
-                socks[stream] = sock
-                limit, instance = self._client_handshake(sock, peer, session, stream, timeout)
-            sockaddr = socks["high"].getpeername()[:2]
-        except BaseException as e:
-            for s in socks.values():
-                s.close()
-            if isinstance(e, TransportError):
-                raise
-            raise PeerLostError(f"{self.name}: cannot connect to {peer!r} at {host}:{port}: {e}") from e
-        self._add_peer(peer, socks, limit, (host, port), sockaddr, instance)
+            try:
+                for stream in STREAMS:
+                    sock = socket.create_connection((host, port), timeout=timeout)
+                    socks[stream] = sock
+                    limit, instance, _ = self._client_handshake(sock, peer, session, stream, timeout)
+                sockaddr = socks["high"].getpeername()[:2]
+            except BaseException as e:
+                for s in socks.values():
+                    s.close()
+                if isinstance(e, TransportError):
+                    raise
+                raise PeerLostError(f"{self.name}: cannot connect to {peer!r} at {host}:{port}: {e}") from e
+            self._add_peer(peer, socks, limit, (host, port), sockaddr, instance)
+        finally:
+            with self._lock:
+                self._connecting[peer] -= 1
+                if not self._connecting[peer]:
+                    del self._connecting[peer]
 
-    def _probe_instance(self, peer: str, address: tuple, timeout: float | None) -> str | None:
-        """The instance id of the endpoint `peer` at `address` now, from one connection's handshake of stream
-        PROBE (the server answers it and closes; with a secret, after the server proved it); None if it cannot be
-        told (unreachable, another endpoint there, refused)."""
+    def _probe_instance(self, peer: str, address: tuple, timeout: float | None) -> tuple[str | None, bool | None]:
+        """(instance id, holds a set of ours) of the endpoint `peer` at `address` now, from one connection's handshake
+        of stream PROBE (the server answers it and closes; with a secret, after the server proved it): None if it
+        cannot be told (unreachable, another endpoint there, refused; the second: a peer that does not say)."""
         try:
             with socket.create_connection(address, timeout=timeout) as sock:
-                return self._client_handshake(sock, peer, os.urandom(8).hex(), PROBE, timeout)[1]
+                _, instance, ack = self._client_handshake(sock, peer, os.urandom(8).hex(), PROBE, timeout)
         except Exception as e:  # noqa: BLE001 - the live set stays, as before the probe
             log.info("%s: cannot probe %r at %s: %s", self.name, peer, address, e)
-            return None
+            return None, None
+        ours = ack.get("sets")
+        return instance, ours if isinstance(ours, bool) else None
 
     def _check_same_address(self, p: _Peer, address: tuple) -> None:
         """Raise `TransportError` if the live set `p` was opened by our `connect` to an address other than
@@ -1207,10 +1236,11 @@ class TcpTransport(Transport):
 
     def _client_handshake(
         self, sock: socket.socket, peer: str, session: str, stream: str, timeout: float
-    ) -> tuple[int | None, str | None]:
-        """Run the client side of one connection's handshake; returns the server's max_message_bytes and instance."""
+    ) -> tuple[int | None, str | None, dict]:
+        """Run the client side of one connection's handshake; returns the server's max_message_bytes, its instance and
+        its HELLO_ACK."""
         sock.settimeout(timeout)
-        end = None if timeout is None else time.monotonic() + timeout  # for the whole handshake, not each recv
+        end = deadline(timeout)  # for the whole handshake, not each recv
         nonce = os.urandom(32)
         hello = json.dumps(
             {
@@ -1242,7 +1272,7 @@ class TcpTransport(Transport):
             if not hmac.compare_digest(expect, str(ack.get("proof", ""))):
                 raise TransportError(f"{peer!r} failed to prove the shared secret")
             if stream == PROBE:  # (the server proved itself; it closes without waiting for our proof)
-                return limit, instance
+                return limit, instance, ack
             proof = _proof(self.secret, b"client", server_nonce, nonce, self.name, peer).encode()
             sock.sendall(pack_header(OP_AUTH, length=len(proof)) + proof)
             op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
@@ -1251,10 +1281,10 @@ class TcpTransport(Transport):
         elif self.secret is not None:
             raise TransportError(f"{peer!r} does not authenticate but this endpoint requires a shared secret")
         if stream == PROBE:
-            return limit, instance
+            return limit, instance, ack
         sock.settimeout(None)
         _set_sockopts(sock, stream)
-        return limit, instance
+        return limit, instance, ack
 
     def _accept_loop(self) -> None:
         backoff = 0.01
@@ -1317,6 +1347,8 @@ class TcpTransport(Transport):
             if hello.get("peer") != self.name:
                 self._reply(sock, OP_HELLO_ACK, {"error": f"this is {self.name!r}, not {hello.get('peer')!r}"})
                 raise ProtocolError(f"client expected endpoint {hello.get('peer')!r}")
+            # (a probe is told whether this endpoint holds a set of the asking instance: one it dropped looks live there)
+            sets = {"sets": self._holds_set(peer, instance)} if stream == PROBE else {}
             if self.secret is not None:
                 client_nonce, nonce = bytes.fromhex(hello["nonce"]), os.urandom(32)
                 proof = _proof(self.secret, b"server", client_nonce, nonce, peer, self.name)
@@ -1330,6 +1362,7 @@ class TcpTransport(Transport):
                         "proof": proof,
                         "max_message_bytes": self.max_message_bytes,
                         "instance": self.instance,
+                        **sets,
                     },
                 )
                 if stream == PROBE:  # (a `connect` asking who is here now: nothing to add)
@@ -1350,6 +1383,7 @@ class TcpTransport(Transport):
                     "auth": False,
                     "max_message_bytes": self.max_message_bytes,
                     "instance": self.instance,
+                    **sets,
                 }
                 if stream == PROBE:
                     self._reply(sock, OP_HELLO_ACK, self_ack)
@@ -1423,6 +1457,16 @@ class TcpTransport(Transport):
                 q, PeerLostError(f"peer {name!r} restarted (a new instance connected); its old set is gone")
             )
 
+    def _holds_set(self, name: str, instance: str | None) -> bool | None:
+        """Whether a live set to `name` of that instance is here, or one is being connected (its server side is live
+        there already); None: an instance not told."""
+        if instance is None:
+            return None
+        with self._lock:
+            return name in self._connecting or any(
+                p.dead is None and p.instance == instance for p in self._peers.get(name, ())
+            )
+
     def _live_peer(self, name: str) -> _Peer | None:
         with self._lock:
             for p in self._peers.get(name, ()):
@@ -1440,6 +1484,36 @@ class TcpTransport(Transport):
     def peers(self) -> list[str]:
         with self._lock:
             return sorted(n for n, ps in self._peers.items() if any(p.dead is None for p in ps))
+
+    def disconnect(self, peer: str) -> None:
+        """`Transport.disconnect`: every connection set to `peer` is dropped at once (its pending transfers fail with
+        `PeerLostError`, its sockets are closed: the peer's fail too) and their reader threads are joined (at most
+        CLOSE_GRACE_S each: one busy in a hook or a done callback stops before its next frame, see `_read_loop`), so no
+        frame of it lands here once this returned; so are the readers of its sets lost before (a reset, the watchdog)
+        that may still be ending. Sets it has half opened (a handshake not complete) are dropped too; a later `connect`
+        (either side) makes a fresh set."""
+        if self._closed:
+            return
+        with self._lock:
+            sets = list(self._peers.get(peer, ()))
+            # (sets of it lost before, whose readers may still be ending: waited for too, so that "not in `peers()`,
+            # then `disconnect`" also means nothing of it lands any more)
+            retired = [c for c in self._retired if c.peer.name == peer]
+            half = [k for k in self._half_open if k[0] == peer]
+            dropped = [self._half_open.pop(k)[1] for k in half]
+        for socks in dropped:
+            for sock in socks.values():
+                _cut(sock)
+                sock.close()
+        err = PeerLostError(f"{self.name}: disconnected from {peer!r}")
+        for p in sets:
+            self._fail_peer(p, err)
+        me = threading.current_thread()  # (from a done callback on one of the set's readers: it stops at the fence)
+        for c in [*retired, *(c for p in sets for c in p.conns.values())]:
+            if c.reader is not me and c.reader.ident is not None:
+                c.reader.join(CLOSE_GRACE_S)
+                if c.reader.is_alive():
+                    log.warning("%s: reader %s still busy after disconnect (fenced)", self.name, c.reader.name)
 
     def _fail_peer(self, peer: _Peer, err: BaseException, graceful: bool = False) -> None:
         """Declare `peer`'s connection set dead: fail its pending transfers and close its sockets.
