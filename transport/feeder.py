@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, Protocol, Self
 
 import numpy as np
 
-from transport.base import _deadline
+from transport.base import deadline
 
 
 def _fail(fut: Future, err: BaseException) -> None:
@@ -120,19 +121,38 @@ def _count(what: str, value: Any) -> int:
 
 
 def _check_timeout(what: str, timeout: float | None) -> None:
-    """A timeout as the transports take one (`transport.base._deadline`: a number of seconds or None; bools, strings
+    """A timeout as the transports take one (`transport.base.deadline`: a number of seconds or None; bools, strings
     and NaN refused by name; inf = forever), and not negative."""
     try:  # (True was taken as a 1 s timeout, "5" failed on `>=` with no name)
-        _deadline(timeout)
+        deadline(timeout)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{what}: {e}") from None
     if timeout is not None and timeout < 0:  # (a negative one waited 0 s)
         raise ValueError(f"{what} must be >= 0 s or None, got {timeout}")
 
 
-def _remaining(deadline: float | None) -> float | None:
-    """Seconds left to a `_deadline` (None: forever; a lock cannot wait inf or 1e300 s: OverflowError)."""
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
+def _remaining(until: float | None) -> float | None:
+    """Seconds left to a `deadline` (None: forever; a lock cannot wait inf or 1e300 s: OverflowError)."""
+    return None if until is None else max(0.0, until - time.monotonic())
+
+
+def _load_loop(ref: weakref.ref) -> None:
+    """The loader thread of a `LayerFeeder` (`ref` to it): layers in order, each once a token is free. It holds the
+    feeder only while it loads a layer, so a feeder dropped without `close()` goes, and this thread with it."""
+    layer = 0
+    while True:
+        feeder = ref()
+        if feeder is None or feeder._stop.is_set() or layer >= feeder.num_layers:
+            return
+        tokens = feeder._tokens
+        del feeder  # (not held while waiting for a token)
+        if not tokens.acquire(timeout=0.1):
+            continue
+        feeder = ref()
+        if feeder is None or not feeder._load(layer):
+            return
+        del feeder
+        layer += 1
 
 
 class LayerFeeder:
@@ -198,46 +218,48 @@ class LayerFeeder:
         with self._lock:
             if self._loader is not None:
                 return
-            self._loader = threading.Thread(target=self._load_loop, name=f"feeder-{self.name}", daemon=True)
+            # (the thread holds the feeder only while it loads a layer: a feeder dropped part way without close() was
+            # kept alive for ever by its loader, polling for a token, with its staging buffers and loaded layers)
+            self._loader = threading.Thread(
+                target=_load_loop, args=(weakref.ref(self),), name=f"feeder-{self.name}", daemon=True
+            )
             self._loader.start()
 
-    def _load_loop(self) -> None:
-        for layer in range(self.num_layers):
-            while not self._tokens.acquire(timeout=0.1):
-                if self._stop.is_set():
-                    return
-            if self._stop.is_set():
-                return
-            fut = self._results[layer]
-            t0 = time.monotonic()
-            try:
-                out = self._staging[layer % len(self._staging)]
-                host = self.source(layer, out)
-                host = out if host is None else host
-                if not isinstance(host, np.ndarray):
-                    host = np.frombuffer(host, dtype=np.uint8)
-                if host.nbytes != self.layer_nbytes:
-                    raise LayerLoadError(
-                        f"{self.name}: source gave {host.nbytes} bytes for layer {layer}, expected {self.layer_nbytes}"
-                    )
-                if self.host_view is not None:
-                    host = self.host_view(host)
-                x = self.to_device(host)
-                self.load_times[layer] = (t0, time.monotonic())  # before the consumer may look (it was NaN then)
-                fut.set_result(x)
-                del x
-                with self._lock:
-                    if self._released > layer:  # the consumer moved past it while it loaded
-                        self._forget(layer)
-            except BaseException as e:  # noqa: BLE001 - surfaced by wait_for_layer
-                if isinstance(e, LayerLoadError):
-                    err = e
-                else:
-                    err = LayerLoadError(f"{self.name}: loading layer {layer} failed: {type(e).__name__}: {e}")
-                    err.__cause__ = e
-                for f in self._results[layer:]:  # this layer and all later ones fail: no hang, no garbage
-                    _fail(f, err)
-                return
+    def _load(self, layer: int) -> bool:
+        """Load layer `layer` (its token taken); False when it failed (it and every later layer are failed)."""
+        if self._stop.is_set():
+            return False
+        fut = self._results[layer]
+        t0 = time.monotonic()
+        try:
+            out = self._staging[layer % len(self._staging)]
+            host = self.source(layer, out)
+            host = out if host is None else host
+            if not isinstance(host, np.ndarray):
+                host = np.frombuffer(host, dtype=np.uint8)
+            if host.nbytes != self.layer_nbytes:
+                raise LayerLoadError(
+                    f"{self.name}: source gave {host.nbytes} bytes for layer {layer}, expected {self.layer_nbytes}"
+                )
+            if self.host_view is not None:
+                host = self.host_view(host)
+            x = self.to_device(host)
+            self.load_times[layer] = (t0, time.monotonic())  # before the consumer may look (it was NaN then)
+            fut.set_result(x)
+            del x
+            with self._lock:
+                if self._released > layer:  # the consumer moved past it while it loaded
+                    self._forget(layer)
+        except BaseException as e:  # noqa: BLE001 - surfaced by wait_for_layer
+            if isinstance(e, LayerLoadError):
+                err = e
+            else:
+                err = LayerLoadError(f"{self.name}: loading layer {layer} failed: {type(e).__name__}: {e}")
+                err.__cause__ = e
+            for f in self._results[layer:]:  # this layer and all later ones fail: no hang, no garbage
+                _fail(f, err)
+            return False
+        return True
 
     def wait_for_layer(self, layer: int) -> Any:
         """Block until layer `layer` is on the device and return it; raises `LayerLoadError` on failure.
@@ -259,7 +281,7 @@ class LayerFeeder:
                 self._tokens.release()
         t0 = time.monotonic()
         try:
-            x = self._results[layer].result(timeout=_remaining(_deadline(self.timeout_s)))
+            x = self._results[layer].result(timeout=_remaining(deadline(self.timeout_s)))
         except TimeoutError:
             raise LayerLoadError(f"{self.name}: layer {layer} not loaded within {self.timeout_s} s") from None
         self.wait_times[layer] = (t0, time.monotonic())
@@ -318,14 +340,14 @@ class LayerFeeder:
         `wait_for_save` still waits for them and reports their failure.
         """
         _check_timeout(f"{self.name}: wait_for_save timeout", timeout)
-        deadline = _deadline(timeout)
+        until = deadline(timeout)
         with self._lock:
             saves = list(self._saves)
         failed: list[tuple[int, BaseException]] = []
         pending: list[int] = []
         settled: set[Future] = set()  # the futures examined done (removed from the tracked saves)
         for layer, fut in saves:
-            remaining = _remaining(deadline)
+            remaining = _remaining(until)
             try:
                 fut.result(timeout=remaining)
             except TimeoutError:
