@@ -9,6 +9,7 @@ import time
 import types
 
 import numpy as np
+import pytest
 
 import schedulers
 from dualpath_jax.block_keys import block_keys, root_key
@@ -179,36 +180,47 @@ def test_a_cancelled_requests_area_is_not_reused_while_its_dead_peer_may_still_w
     """A cancel comes when the request's peer node was declared dead -- maybe only late (stopped past the heartbeat
     timeout, then continued): its queued one-sided writes still land in our buffer. The area was freed at once and
     taken by the next request, whose KV they then overwrote (/tmp/hunt_runtime6/stop_cont.py: a PE node SIGSTOPped
-    mid-write for 13 s, then SIGCONTed: the other request's greedy tokens after the first went wrong). It is held
-    now until the peer's connection is gone (its node closed or died), and freed at once when there is none (or
-    when the peer's writes are all in: a DE's request once its PE sent prefill_done)."""
+    mid-write for 13 s, then SIGCONTed: the other request's greedy tokens after the first went wrong). The peer is
+    dropped now (`transport.disconnect`: none of its writes lands once it returns) before the area is freed; if that
+    fails the area is never reused. With nothing of the peer's still to land (a DE's request once its PE sent
+    prefill_done) it is freed without a drop. (Hunt 7: the area used to be held until the peer's connection went.)"""
     from dualpath_jax.host_buffers import HostBufferPool
     from dualpath_jax.runtime.control import Cancel
 
-    for role, cls, kw in [("de", engines.DecodeEngine, {}), ("pe", engines.PrefillEngine, {"batcher": None})]:
-        tr = _Transport()
-        connected = ["engine0", "engine1"]
-        tr.peers = lambda connected=connected: list(connected)
-        eng = _fake_engine(cls, [], tr, engine_id=1 if role == "de" else 0, **kw)
-        eng.pool = HostBufferPool(slot_nbytes=64, budget_bytes=2 * 9 * 16, prefault=False)  # one area of 9 tokens
-        ids = np.arange(9, dtype=np.int32)
-        free0 = eng.pool.free_slots
-        hit = 0 if role == "de" else 2  # (a PE's peer writes into its area only on the DE read path)
-        for rid in (7, 8):  # 7 takes the buffer; 8 waits for it
-            eng._handle("task", TurnTask(rid, 0, rid, 0, ids, 2, block_keys(ids, 4), hit, 0, 0, 1, "de"))
-        eng._prepare()
-        assert eng.pool.free_slots < free0
-        eng._handle("cancel", Cancel(7, 0))  # its peer was declared dead, but is still connected
-        eng._prepare()
-        r8 = eng.reqs[(8, 0)]
-        assert (r8.handle if role == "de" else r8.area) is None, f"{role}: area reused under a live peer's writes"
-        connected.remove("engine0" if role == "de" else "engine1")  # the peer's node closed its endpoint
-        eng._prepare()
-        assert (r8.handle if role == "de" else r8.area) is not None, role
-        eng._handle("cancel", Cancel(8, 0))  # no connection left: freed at once
-        assert eng.pool.free_slots == free0, role
+    for broken in (False, True):
+        for role, cls, kw in [("de", engines.DecodeEngine, {}), ("pe", engines.PrefillEngine, {"batcher": None})]:
+            tr = _Transport()
+            dropped = []
+            peer = "engine0" if role == "de" else "engine1"
+            pool = HostBufferPool(slot_nbytes=64, budget_bytes=2 * 9 * 16, prefault=False)  # one area of 9 tokens
+            free0 = pool.free_slots
+
+            def disconnect(name, dropped=dropped, broken=broken, pool=pool, free0=free0):
+                if broken:
+                    raise OSError("cannot")
+                dropped.append((name, pool.free_slots < free0))  # (the area still taken)
+
+            tr.disconnect = disconnect
+            eng = _fake_engine(cls, [], tr, engine_id=1 if role == "de" else 0, **kw)
+            eng.pool = pool
+            ids = np.arange(9, dtype=np.int32)
+            hit = 0 if role == "de" else 2  # (a PE's peer writes into its area only on the DE read path)
+            for rid in (7, 8):  # 7 takes the buffer; 8 waits for it
+                eng._handle("task", TurnTask(rid, 0, rid, 0, ids, 2, block_keys(ids, 4), hit, 0, 0, 1, "de"))
+            eng._prepare()
+            assert eng.pool.free_slots < free0
+            eng._handle("cancel", Cancel(7, 0))  # its peer was declared dead, but may still be connected
+            eng._prepare()
+            r8 = eng.reqs[(8, 0)]
+            got = (r8.handle if role == "de" else r8.area) is not None
+            if broken:
+                assert not got, f"{role}: area reused under a live peer's writes"
+                continue
+            assert dropped == [(peer, True)], f"{role}: the area was freed before its peer was dropped"
+            assert got, f"{role}: the area of a request whose peer was dropped was not reused"
     # A DE's request whose KV is all in (prefill_done: its PE waited for its writes) is freed at once.
     tr = _Transport()
+    tr.disconnect = lambda name: pytest.fail("no write of the peer can still land")
     eng = _fake_engine(engines.DecodeEngine, [], tr, engine_id=1)
     eng.pool = HostBufferPool(slot_nbytes=64, budget_bytes=2 * 9 * 16, prefault=False)
     eng._handle("task", TurnTask(9, 0, 9, 0, ids, 2, block_keys(ids, 4), 0, 0, 0, 1, "de"))

@@ -104,7 +104,7 @@ def _engine(role, layout, snic, budget_bytes):
         block_size=layout.block_tokens, cluster=types.SimpleNamespace(decode_slots=1, max_seq_len=256)
     )
     ctx = types.SimpleNamespace(cfg=cfg, model=model, emit=lambda ev: None)
-    transport = types.SimpleNamespace(register=lambda name, arena: None)
+    transport = types.SimpleNamespace(register=lambda name, arena: None, disconnect=lambda name: None)
     pool = HostBufferPool(slot_nbytes=layout.layer_block_nbytes, budget_bytes=budget_bytes, prefault=False)
     if role == "pe":
         return PrefillEngine(0, 0, ctx, transport, pool, snic, batcher=None)

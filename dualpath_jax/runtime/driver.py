@@ -365,6 +365,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
     from dualpath_jax.block_keys import block_keys
     from dualpath_jax.runtime.launcher import open_store
     from dualpath_jax.runtime.node import block_layout
+    from dualpath_jax.sim.runner import ttft_breakdown
 
     policy = schedulers.make_policy(
         cfg.scheduler.name, **policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tokens_per_s)
@@ -428,6 +429,8 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
     records = service.finished_records()
     links = sorted(service.links, key=lambda s: (s.t0, s.link))
     summary = summarize(records, links)
+    # TTFT parts (queue / allocation / read / prefill) under the simulator's key names: the records carry every stamp.
+    summary.update(ttft_breakdown(records))
     summary.update(_link_summary(links))
     return RunResult(
         policy=cfg.scheduler.name,

@@ -173,15 +173,14 @@ class EngineBase:
         self.inbox = _Inbox()
         self.directory: dict[int, tuple] = {}
         self._connected: set[int] = set()
+        # Endpoint names of peers that sent us a message (so were connected, by either side): never connected to again.
+        # A peer knows our areas only from such messages; one declared dead and dropped (`_release_area`) that then
+        # connected afresh from its stale directory would write into an area reused meanwhile.
+        self._heard: set[str] = set()
         self._stop = threading.Event()
         self.error: BaseException | None = None
         # Areas of dropped requests whose SNIC read was still queued or running: freed when it reports done.
         self._draining: dict[tuple, object] = {}
-        # Areas of cancelled requests whose peer (declared dead, maybe only late) may still write into them one-sidedly:
-        # [(key, handle, peer engine)], freed once its connection is gone (`_free_held`). Freed at once, a
-        # node stopped past the heartbeat timeout and then continued wrote its queued KV into another request's area
-        # (/tmp/hunt_runtime6/stop_cont.py: that request's tokens went wrong).
-        self._held: list = []
         self.early: dict[tuple, list] = {}  # messages/layers that arrived before the task
         # (request, attempt) of the latest attempts dropped or finished here: a message of one arriving later (a peer
         # declared dead but alive until its next fetch) used to be held in `early` for the rest of the run.
@@ -227,11 +226,12 @@ class EngineBase:
     def _pump_messages(self) -> None:
         while not self._stop.is_set():
             try:
-                _peer, payload = self.transport.recv(timeout=WAIT_POLL_S)
+                peer, payload = self.transport.recv(timeout=WAIT_POLL_S)
             except TimeoutError:
                 continue
             except Exception:  # noqa: BLE001 -- endpoint closed
                 return
+            self._heard.add(peer)
             self.inbox.put("msg", pickle.loads(payload))
 
     def _pump_notifications(self) -> None:
@@ -246,7 +246,7 @@ class EngineBase:
 
     def _peer(self, engine_id: int) -> str:
         name = engine_endpoint(engine_id)
-        if engine_id not in self._connected and name not in self.transport.peers():
+        if engine_id not in self._connected and name not in self._heard and name not in self.transport.peers():
             if engine_id not in self.directory:  # (was a bare KeyError: "did not reach DE 1: 1" in the logs)
                 raise LookupError(f"engine {engine_id} is not in the directory: its node was declared dead")
             _node, address = self.directory[engine_id]
@@ -308,58 +308,40 @@ class EngineBase:
         """A read reported done: its request (None when dropped meanwhile) may now free its area."""
         if r is not None:
             r.read_job = None
-        handle = self._draining.pop((job.request_id, job.attempt), None)  # (None: held, see `_free_held`)
+        handle = self._draining.pop((job.request_id, job.attempt), None)
         if handle is not None and not handle.released:
             handle.release()
 
     def _release_area(self, r) -> None:
         """Free a dropped or finished request's area -- never under a running read: a read still queued or in
         progress is cancelled and the area freed when it reports done (the SNIC would otherwise write stale
-        blocks into a later request's KV); nor, for a cancelled request, while its peer may still write into it."""
+        blocks into a later request's KV); nor, for a cancelled request, before its peer is dropped."""
         if r.handle is None or r.handle.released:
             return
-        key = (r.task.request_id, r.task.attempt)
-        peer = r.task.decode_engine if self.role == "pe" else r.task.prefill_engine
-        held = r.cancelled and self._peer_writing(r) and self._peer_may_write(peer)
+        if r.cancelled and self._peer_writing(r) and not self._drop_peer(r):
+            return  # (kept for good: never reused under the peer's writes)
         if r.read_job is not None:
             r.read_job.cancelled = True
-            self._draining[key] = None if held else r.handle
-        if held:
-            self._held.append((key, r.handle, peer))
-        elif r.read_job is None:
+            self._draining[(r.task.request_id, r.task.attempt)] = r.handle
+        else:
             r.handle.release()
 
     def _peer_writing(self, r) -> bool:
         """Whether r's peer may have one-sided writes into r's area not yet landed."""
         raise NotImplementedError
 
-    def _peer_may_write(self, engine_id: int) -> bool:
-        """Whether a peer engine still has a connection it can write into our buffer through."""
-        name = engine_endpoint(engine_id)
-        try:
-            if name not in self.transport.peers():
-                return False
-        except Exception:  # noqa: BLE001 -- our endpoint closed
+    def _drop_peer(self, r) -> bool:
+        """A cancel means r's peer was declared dead, maybe only late (a node stopped past the heartbeat timeout,
+        then continued, wrote its queued KV into the area's next request: /tmp/hunt_runtime6/stop_cont.py, wrong
+        tokens). Drop it from our endpoint: once `disconnect` returns none of its writes lands here, so the area
+        may be reused at once (it used to be held until the peer's connection went). False if that failed."""
+        name = engine_endpoint(r.task.decode_engine if self.role == "pe" else r.task.prefill_engine)
+        try:  # (also when it is no longer in peers(): a reader of its dropped set may still be landing a frame)
+            self.transport.disconnect(name)
+        except Exception:  # noqa: BLE001 -- its writes may still land: the area is never freed (a leak, not wrong KV)
+            log.exception("%s%d: could not drop %s: request %s keeps its area", self.role, self.engine_id, name, r.key)
             return False
-        fabric = getattr(self.transport, "fabric", None)  # in-process: its peers stay listed once closed
-        if fabric is not None and hasattr(fabric, "lookup"):
-            ep = fabric.lookup(name)
-            return ep is not None and not getattr(ep, "closed", False)
         return True
-
-    def _free_held(self) -> None:
-        """Free the held areas whose peer can no longer write (its node closed or died) and whose read is done. No
-        deadline: a 30 s one still let a node stopped for longer write into the area's next request (wrong tokens);
-        a peer hung for good keeps one area per cancelled request (a run short of buffer then stalls, never wrong)."""
-        if not self._held:
-            return
-        keep = []
-        for key, handle, peer in self._held:
-            if key in self._draining or self._peer_may_write(peer):
-                keep.append((key, handle, peer))
-            elif not handle.released:
-                handle.release()
-        self._held = keep
 
     def _hold_early(self, key: tuple, kind: str, item) -> None:
         """Keep an item of a request whose task has not arrived yet -- not one of an attempt already gone."""
@@ -507,7 +489,6 @@ class PrefillEngine(EngineBase):
     # ---------------------------------------------------------------- lifecycle
     def _prepare(self) -> None:
         """Give areas to new requests (FIFO while the buffer lasts) and start their PE-side reads."""
-        self._free_held()
         for key in self.order:
             r = self.reqs[key]
             if r.area is not None or r.cancelled:
@@ -815,7 +796,6 @@ class DecodeEngine(EngineBase):
             raise RuntimeError(f"unknown inbox item {kind!r}")
 
     def _prepare(self) -> None:
-        self._free_held()
         for key in self.order:
             r = self.reqs[key]
             if r.cancelled:

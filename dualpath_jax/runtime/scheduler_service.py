@@ -10,7 +10,8 @@ Engine groups (nodes) fetch through `fetch(GroupReport)`. Each fetch:
 4. returns the tasks queued for this group's engines.
 `check_heartbeats()` declares a group dead when it has not fetched for `heartbeat_timeout_s`: every request
 placed on one of its engines is cancelled on its peer and re-queued with a new attempt number (re-looked up,
-since the dead DE may have written some blocks already), so each turn still completes exactly once.
+since the dead DE may have written some blocks already), so each turn still completes exactly once -- but for a
+dead PE's turns that their DE already runs (first token out), which need nothing more of it.
 """
 
 from __future__ import annotations
@@ -462,6 +463,10 @@ class GlobalScheduler:
                 continue
             nodes = {self.engine_node[a.prefill_engine], self.engine_node[a.decode_engine]}
             if node not in nodes:
+                continue
+            if node != self.engine_node[a.decode_engine] and not math.isnan(self.records[rid].first_token):
+                # Its DE runs it (first token out: the whole prompt KV is in its slot): it needs nothing more of its
+                # PE. Re-run, every turn decoding there started over when a PE node died (its prefill and decode).
                 continue
             for other in nodes - {node}:
                 self._outbox[other].cancels.append(Cancel(rid, inf.attempt))
