@@ -43,10 +43,13 @@ processes write to one directory (documented limitation). Eviction costs O(1) wh
 from the LRU end to the last victim. Blocks being read or written are not evicted (apart from the callers' pins:
 `unpin` only undoes a `pin`). A lookup that indexes blocks written by other processes evicts other blocks to fit
 them, never its own hits; where its hits alone exceed the capacity, the ones past it are neither indexed nor
-reported. A read hit or a dedup write that indexes such a block evicts others to fit it the same way (else it is
-left unindexed). A write checks for room before it writes but evicts only once its block is stored, so a write that
-fails (a full disk, EIO) costs no stored block (the disk holds the writes in flight beyond `capacity_bytes`: leave
-room for them; a write whose room was pinned away meanwhile removes its new block: rejected).
+reported, and where it can keep none of them (a store already over capacity: pins a refresh indexed, writes in
+flight) it evicts nothing. A read hit or a dedup write that indexes such a block evicts others to fit it the same way
+(else it is left unindexed). A write checks for room before it writes but evicts only once its block is stored, so a
+write that fails (a full disk, EIO) costs no stored block (the disk holds the writes in flight beyond
+`capacity_bytes`: leave room for them; a write whose room was pinned away meanwhile removes its new block:
+rejected). A write's reserved room ends when its block is renamed into place: from then on its file counts (once,
+if a lookup, read or refresh indexes it before the write does).
 
 fork(): the child gets the store's lock, thread pools and in-flight state anew (`_after_fork_in_child`): reads
 and writes in flight in the parent's other threads do not exist in the child, so their protection from eviction,
@@ -113,7 +116,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -413,9 +416,9 @@ class LocalDirStore(KVStore):
             raise TypeError(f"root must be a directory path, got {root!r}")
         if checksum not in block_file.CHECKSUM_ALGOS:
             raise ValueError(f"checksum must be one of {sorted(block_file.CHECKSUM_ALGOS)}, got {checksum!r}")
-        if isinstance(io_threads, bool) or not isinstance(io_threads, int) or io_threads < 1:
+        if not checks.is_int(io_threads) or io_threads < 1:
             raise ValueError(f"io_threads must be an int >= 1, got {io_threads!r}")
-        if isinstance(write_threads, bool) or not isinstance(write_threads, int) or write_threads < 1:
+        if not checks.is_int(write_threads) or write_threads < 1:
             raise ValueError(f"write_threads must be an int >= 1, got {write_threads!r}")
         flags = dict(verify=verify, durable=durable, stat_on_hit=stat_on_hit, create=create)
         flags.update(native_verify=native_verify, populate_cold=populate_cold)
@@ -435,14 +438,13 @@ class LocalDirStore(KVStore):
                 )
         self.native_verify = bool(native_verify)
         if nontemporal_min_bytes is not None and (
-            isinstance(nontemporal_min_bytes, bool)
-            or not isinstance(nontemporal_min_bytes, int)
-            or nontemporal_min_bytes < 0
+            not checks.is_int(nontemporal_min_bytes) or nontemporal_min_bytes < 0
         ):
             raise ValueError(
                 f"nontemporal_min_bytes must be an int >= 0 or None (never), got {nontemporal_min_bytes!r}"
             )
-        self.nontemporal_min_bytes = nontemporal_min_bytes
+        # (numpy ints, e.g. from a sweep's np.arange, are ints too: kept as Python ints)
+        self.nontemporal_min_bytes = None if nontemporal_min_bytes is None else int(nontemporal_min_bytes)
         self.populate_cold = bool(populate_cold)
         # (turned off for good if this file system or kernel refuses cachestat, mmap or MADV_POPULATE_READ)
         self._populate = self.populate_cold and _libc is not None and _MADV_POPULATE_READ is not None
@@ -453,28 +455,28 @@ class LocalDirStore(KVStore):
                 read_chunk_bytes = MMAP_READ_CHUNK_BYTES
             else:
                 read_chunk_bytes = DEFAULT_READ_CHUNK_BYTES if self._native is None else NATIVE_PREAD_CHUNK_BYTES
-        if isinstance(read_chunk_bytes, bool) or not isinstance(read_chunk_bytes, int) or read_chunk_bytes < 0:
+        if not checks.is_int(read_chunk_bytes) or read_chunk_bytes < 0:
             raise ValueError(f"read_chunk_bytes must be an int >= 0 (0: no chunking), got {read_chunk_bytes!r}")
         if read_method not in READ_METHODS:
             raise ValueError(f"read_method must be one of {list(READ_METHODS)}, got {read_method!r}")
-        if isinstance(mmap_min_bytes, bool) or not isinstance(mmap_min_bytes, int) or mmap_min_bytes < 0:
+        if not checks.is_int(mmap_min_bytes) or mmap_min_bytes < 0:
             raise ValueError(f"mmap_min_bytes must be an int >= 0, got {mmap_min_bytes!r}")
         if mmap_after_reads is None:
             # The compiled loops' non-temporal copy makes even a first mapped read of an open file (600 page faults
             # for a 2.4 MiB block) faster than preadv; with the Python loops the faults cost about what hashing in
             # the page cache saves, so they map from the second read.
             mmap_after_reads = 0 if self._native is not None else 1
-        if isinstance(mmap_after_reads, bool) or not isinstance(mmap_after_reads, int) or mmap_after_reads < 0:
+        if not checks.is_int(mmap_after_reads) or mmap_after_reads < 0:
             raise ValueError(f"mmap_after_reads must be an int >= 0, got {mmap_after_reads!r}")
-        if isinstance(fd_cache, bool) or not isinstance(fd_cache, int) or fd_cache < 0:
+        if not checks.is_int(fd_cache) or fd_cache < 0:
             raise ValueError(f"fd_cache must be an int >= 0, got {fd_cache!r}")
-        if not checks.is_real(stale_temp_s) or stale_temp_s < 0:
+        if not checks.is_real(stale_temp_s) or not stale_temp_s >= 0:  # (NaN: no temp file was ever old enough)
             raise ValueError(f"stale_temp_s must be a number >= 0, got {stale_temp_s!r}")
         self.root = os.path.abspath(os.fspath(root))
         self.capacity_bytes = None if capacity_bytes is None else int(capacity_bytes)
         self.checksum = checksum
         self.verify_reads = bool(verify)  # the `verify` option (`verify` is the method: stored and whole?)
-        self.read_chunk_bytes = read_chunk_bytes
+        self.read_chunk_bytes = read_chunk_bytes = int(read_chunk_bytes)
         # Layer Blocks per verified preadv (at least one; 0: the whole read, then the checks).
         self._chunk_layers = max(1, read_chunk_bytes // layout.layer_block_nbytes) if read_chunk_bytes else 0
         self._lbn = lbn = layout.layer_block_nbytes  # (BlockLayout computes these on every access)
@@ -482,8 +484,8 @@ class LocalDirStore(KVStore):
         self._hdr_used = block_file.header_used_nbytes(layout)  # header bytes that parse_header reads
         self._step = min(self._chunk_layers * lbn or fb, fb)  # bytes per verified chunk
         self.read_method = read_method
-        self.mmap_min_bytes = mmap_min_bytes
-        self.mmap_after_reads = mmap_after_reads
+        self.mmap_min_bytes = mmap_min_bytes = int(mmap_min_bytes)
+        self.mmap_after_reads = int(mmap_after_reads)
         self._mmap_min = mmap_min_bytes if read_method == "mmap" else None  # reads of this many bytes are mapped
         self.durable = bool(durable)
         self.stat_on_hit = bool(stat_on_hit)
@@ -518,7 +520,7 @@ class LocalDirStore(KVStore):
         self._scans: list[set[bytes]] = []  # per `_scan` in progress: the keys dropped meanwhile
         self._drops = 0  # indexed keys dropped so far (a check outside the lock that saw a block present and
         # finds it unindexed under the lock re-checks if this changed meanwhile: it may have been evicted)
-        self._reserved = 0  # bytes of writes in progress
+        self._reserved = 0  # bytes of writes in progress, until their block is renamed into place (then indexed)
         # opens in progress per key (outside the lock): `_forget_fd_locked` marks them stale, so that an fd of a
         # file removed or replaced while it was being opened is read once and never cached
         self._opening: dict[bytes, list[_PendingOpen]] = {}
@@ -528,7 +530,7 @@ class LocalDirStore(KVStore):
         self._fd_cache = int(fd_cache)
         self._host = _host_id()
         self._scan()
-        self._threads = (io_threads, write_threads)
+        self._threads = (int(io_threads), int(write_threads))
         self._closed = False
         self._new_pools()
         _STORES_OPEN.add(self)  # (a forked child gets pools of its own: see _after_fork_in_child)
@@ -773,10 +775,23 @@ class LocalDirStore(KVStore):
         under the lock)."""
         if self.capacity_bytes is None:
             return True
-        excess = self._used + self._reserved + incoming - self.capacity_bytes
-        if excess <= 0:
+        need = self._excess_blocks_locked(incoming)
+        if need <= 0:
             return True
-        need = -(-excess // self.file_nbytes)
+        victims = self._victims_locked(need, protect)
+        if not partial and len(victims) < need:
+            return False
+        if not evict:
+            return len(victims) == need
+        self._evict_locked(victims)
+        return len(victims) == need
+
+    def _excess_blocks_locked(self, incoming: int = 0) -> int:
+        """Blocks to evict before `incoming` more bytes fit (<= 0: none)."""
+        return -(-(self._used + self._reserved + incoming - self.capacity_bytes) // self.file_nbytes)
+
+    def _victims_locked(self, need: int, protect: Sequence[bytes] = ()) -> list[bytes]:
+        """Up to `need` LRU blocks that may be evicted (neither pinned nor being read or written, nor in `protect`)."""
         pins, busy = self._pins, self._busy
         keep = set(protect) if protect else ()
         victims = []
@@ -786,10 +801,9 @@ class LocalDirStore(KVStore):
             victims.append(key)
             if len(victims) == need:
                 break
-        if not partial and len(victims) < need:
-            return False
-        if not evict:
-            return len(victims) == need
+        return victims
+
+    def _evict_locked(self, victims: list[bytes]) -> None:
         for key in victims:
             try:
                 os.unlink(self.path_of(key))
@@ -800,7 +814,6 @@ class LocalDirStore(KVStore):
             self._drop_locked(key)
             self._stats.evictions += 1
             self._stats.bytes_evicted += self.file_nbytes
-        return len(victims) == need
 
     def pin(self, keys: Iterable[bytes]) -> None:
         keys = _key_list(keys)
@@ -847,7 +860,7 @@ class LocalDirStore(KVStore):
                 while hit < len(keys) and keys[hit] in self._index:
                     self._index.move_to_end(keys[hit])
                     hit += 1
-        adopted = []  # keys this lookup added to the index
+        adopted = []  # (position in keys, key) of the blocks this lookup added to the index
         # Past the index (or for every key with stat_on_hit): ask the file system, until the first absent block.
         while hit < len(keys):
             key = keys[hit]
@@ -858,7 +871,7 @@ class LocalDirStore(KVStore):
                     present = self._stat_block(key, False)  # (rare) it may have been indexed and evicted meanwhile
                 if present:
                     if key not in self._index:
-                        adopted.append(key)
+                        adopted.append((hit, key))
                     self._adopt_locked(key)
                 elif present is False:
                     self._drop_absent_locked(key, seen)  # never there, or removed by another process
@@ -869,15 +882,19 @@ class LocalDirStore(KVStore):
             # Blocks adopted from other processes count against capacity: evict others to fit them, never this
             # lookup's own hits; where even that is not enough, the adopted hits at the end are left out of the
             # index (their files stay, as before this lookup) and out of the answer.
-            if adopted and not self._evict_to_fit_locked(0, protect=keys[:hit]):
-                # (only while adopted hits are left: a store already over capacity (pins indexed by a refresh,
-                # writes in flight) keeps its own hits, as a lookup that adopts nothing does)
-                mine = set(adopted)
-                while mine and self._used + self._reserved > self.capacity_bytes:
-                    hit -= 1
-                    if keys[hit] in mine:
-                        mine.discard(keys[hit])
-                        self._drop_locked(keys[hit])
+            need = self._excess_blocks_locked() if adopted and self.capacity_bytes is not None else 0
+            if need > 0:
+                victims = self._victims_locked(need, protect=keys[:hit])
+                # Adopted hits left out, from the end (each one less needs one victim less). Only a store already
+                # over capacity (pins indexed by a refresh, writes in flight) can leave them all out: it then evicts
+                # nothing (as a lookup that adopts nothing, or a read of such a block): else it lost blocks for none.
+                cut = min(need - len(victims), len(adopted))
+                if cut:  # (the lookup's own hits past a left-out block leave the answer, not the index)
+                    hit = adopted[-cut][0]
+                    for _, key in adopted[-cut:]:
+                        self._drop_locked(key)
+                if cut < len(adopted):
+                    self._evict_locked(victims[: need - cut])
             self._stats.lookups += 1
             self._stats.lookup_blocks += len(keys)
             self._stats.lookup_hit_blocks += hit
@@ -958,8 +975,9 @@ class LocalDirStore(KVStore):
 
     def read(self, key: bytes, out: Any, layers: Iterable[int] | int | None = None, verify: bool | None = None) -> bool:
         _check_key(key)
+        verify = _flag("verify", verify, self.verify_reads)
         dst, layer_list, runs, stride = self._plan(out, layers)
-        return self._read_planned(key, dst, layer_list, runs, self.verify_reads if verify is None else verify, stride)
+        return self._read_planned(key, dst, layer_list, runs, verify, stride)
 
     def submit_read(
         self, key: bytes, out: Any, layers: Iterable[int] | int | None = None, verify: bool | None = None
@@ -967,10 +985,9 @@ class LocalDirStore(KVStore):
         _check_key(key)
         if self._closed:
             raise RuntimeError(f"kv store {self.root} is closed")
-        dst, layer_list, runs, stride = self._plan(out, layers)  # bad arguments raise here, in the caller's thread
-        return self._pool.submit(
-            self._read_planned, key, dst, layer_list, runs, self.verify_reads if verify is None else verify, stride
-        )
+        verify = _flag("verify", verify, self.verify_reads)  # bad arguments raise here, in the caller's thread
+        dst, layer_list, runs, stride = self._plan(out, layers)
+        return self._pool.submit(self._read_planned, key, dst, layer_list, runs, verify, stride)
 
     # Open block files are cached (`fd_cache` of them, LRU): layerwise loading reads each block L times, and an
     # entry also keeps the block's checked header. Safe by construction: an fd reads the inode it opened, whose
@@ -1392,7 +1409,8 @@ class LocalDirStore(KVStore):
         lay = self.layout
         if src.nbytes != lay.full_block_nbytes:
             raise ValueError(f"full_block holds {src.nbytes} B; a Full Block of {lay} is {lay.full_block_nbytes} B")
-        durable = self.durable if durable is None else bool(durable)
+        durable = _flag("durable", durable, self.durable)
+        overwrite = _flag("overwrite", overwrite, False)
         path = self.path_of(key)
         if not overwrite:
             drops = self._drops
@@ -1418,10 +1436,18 @@ class LocalDirStore(KVStore):
             self._reserved += self.file_nbytes
             self._busy[key] += 1  # (an indexed key being rewritten is not evicted until it is indexed anew)
         done = False
+        landed = []  # once the block is renamed into place, its file counts, not its reserved room: a lookup, read or
+        # refresh may index it before this write does (it counted twice: one more block evicted than needed)
+
+        def renamed() -> None:
+            with self._lock:
+                self._reserved -= self.file_nbytes
+                landed.append(True)
+
         try:
             sums = block_file.layer_checksums(src.reshape(lay.num_layers, lay.layer_block_nbytes), self.checksum)
             header = block_file.pack_header(lay, key, sums, self.checksum)
-            self._write_file(path, key, header, src, durable)
+            self._write_file(path, key, header, src, durable, renamed)
             done = True
         except OSError as e:
             # Persisting KV is best effort (the block can be recomputed): a full disk, a vanished directory or a
@@ -1432,7 +1458,8 @@ class LocalDirStore(KVStore):
             return False
         finally:
             with self._lock:
-                self._reserved -= self.file_nbytes
+                if not landed:
+                    self._reserved -= self.file_nbytes
                 # Stored: now evict others to fit it (a key still indexed was replaced in place: no bytes added).
                 incoming = 0 if key in self._index else self.file_nbytes
                 if done and not self._evict_to_fit_locked(incoming, partial=False) and incoming:
@@ -1512,14 +1539,24 @@ class LocalDirStore(KVStore):
         if self._closed:
             raise RuntimeError(f"kv store {self.root} is closed")
         src = _as_u8(full_block, "full_block", writable=False)  # bad arguments raise here, in the caller's thread
+        durable = _flag("durable", durable, self.durable)
         if src.nbytes != self.layout.full_block_nbytes:
             raise ValueError(
                 f"full_block holds {src.nbytes} B; a Full Block of {self.layout} is {self.layout.full_block_nbytes} B"
             )
         return self._write_pool.submit(self.write, key, src, durable)
 
-    def _write_file(self, path: str, key: bytes, header: bytearray, src: np.ndarray, durable: bool) -> None:
-        """Temp file in the block's directory -> fsync (durable) -> rename -> fsync of the directory (durable)."""
+    def _write_file(
+        self,
+        path: str,
+        key: bytes,
+        header: bytearray,
+        src: np.ndarray,
+        durable: bool,
+        renamed: Callable[[], None] | None = None,
+    ) -> None:
+        """Temp file in the block's directory -> fsync (durable) -> rename (then `renamed()`) -> fsync of the
+        directory (durable)."""
         d = os.path.dirname(path)
         tmp = os.path.join(d, f"{_TMP_PREFIX}{self._host}.{os.getpid()}.{secrets.token_hex(4)}.{key.hex()}")
         new_dir = False
@@ -1547,6 +1584,8 @@ class LocalDirStore(KVStore):
             except FileNotFoundError:
                 pass
             raise
+        if renamed is not None:
+            renamed()
         if durable:
             try:
                 _fsync_dir(d)
@@ -1723,6 +1762,16 @@ def _host_id() -> str:
     except OSError:
         pass
     return host
+
+
+def _flag(name: str, value: Any, default: bool) -> bool:
+    """A per-call flag (`read(verify=)`, `write(durable=)`...): None takes the store's option, else True or False
+    (numpy bools too); anything else is refused, as the store's options are (`verify="no"` verified)."""
+    if value is None:
+        return default
+    if not checks.is_bool(value):
+        raise TypeError(f"{name} must be True, False or None (the store's default), got {value!r}")
+    return bool(value)
 
 
 def _check_key(key: Any) -> None:
