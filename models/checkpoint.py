@@ -16,10 +16,10 @@ beside ``dir``, renamed to ``dir`` once complete; parent directories it created)
 ``dir``; it never removes ``dir`` (another save to the same path may have finished first). It stores an xxh3
 checksum of each array's bytes in the checkpoint's metadata (orbax ``custom_metadata``); ``restore_params``
 verifies them and refuses a saved dtype other than the config's. Before orbax reads anything, ``restore_params``
-reads every stored value's last byte with tensorstore and checks that every array _METADATA names is stored: a
-damaged or incomplete database is named as such. The arrays of an OCDBT checkpoint are then decoded by
-``restore_params`` itself with tensorstore, once each, every read waited for (orbax's gathered restore left reads
-in flight when a chunk did not decompress); the checksums are verified on those arrays.
+reads every stored value's last byte with tensorstore and checks that every array _METADATA names is stored, with
+a value type orbax knows: a damaged or incomplete database is named as such. The arrays of an OCDBT checkpoint are
+then decoded by ``restore_params`` itself with tensorstore, once each, every read waited for (orbax's gathered
+restore left reads in flight when a chunk did not decompress); the checksums are verified on those arrays.
 """
 
 from __future__ import annotations
@@ -334,19 +334,30 @@ def save_params(checkpoint_dir: str | os.PathLike, params) -> None:
 def _metadata_array_names(path: Path) -> list[str]:
     """The arrays orbax's _METADATA names (their keys joined by "."), or [] when it is missing or not JSON (orbax
     then reports what it finds). A JSON layout this does not recognise (another orbax version's) is a logged
-    warning, not a silent [] (orbax 0.12.8 has no public API that reads the names without the arrays' metadata)."""
+    warning, not a silent [] (orbax 0.12.8 has no public API that reads the names without the arrays' metadata).
+    A value type orbax has no handler for (a damaged one) is a ValueError naming the value."""
     try:
         meta = json.loads((path / "_METADATA").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return []
     try:
-        names = [
-            ".".join(str(k["key"]) for k in entry["key_metadata"])
+        entries = [
+            (".".join(str(k["key"]) for k in entry["key_metadata"]), entry["value_metadata"])
             for entry in meta["tree_metadata"].values()
-            if entry["value_metadata"]["value_type"] in ("np.ndarray", "jax.Array")
         ]
+        names = [name for name, value in entries if value["value_type"] in ("np.ndarray", "jax.Array")]
     except (KeyError, TypeError, AttributeError):
-        names = []
+        entries, names = [], []
+    import orbax.checkpoint as ocp
+
+    for name, value in entries:
+        # A value type damaged in _METADATA ("np.ndarrax"): orbax created the metadata read of the arrays before it,
+        # failed on this one's type, never awaited that read ("coroutine 'NumpyHandler.metadata' was never
+        # awaited") and gave no metadata at all ("not an orbax checkpoint")
+        if value.get("skip_deserialize") is not True and not ocp.type_handlers.has_type_handler(value["value_type"]):
+            raise ValueError(
+                f"_METADATA gives {name!r} the value type {value['value_type']!r}, which orbax has no handler for"
+            )
     if not names:
         _LOG.warning(
             "%s: _METADATA's layout is not recognised (another orbax version?): the array names it lists are not "
@@ -470,6 +481,8 @@ def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
             f"{checkpoint_dir}: cannot read the checkpoint (damaged?): unreadable _METADATA: {e!r}"
         ) from None
     if saved is None:
+        if (path / "_METADATA").is_file():  # there, but orbax could not parse it (one flipped byte: not JSON)
+            raise ValueError(f"{checkpoint_dir}: cannot read the checkpoint (damaged?): unreadable _METADATA")
         raise ValueError(f"{checkpoint_dir}: not an orbax checkpoint, or an incomplete one (no readable metadata)")
     # The saved tree against the config's, before reading any array: orbax named neither side of a mismatch
     # ("tree structures do not match") and a read error of a damaged checkpoint came out as a mismatch too.

@@ -233,9 +233,14 @@ class ModelRunner:
     def _counted(self, name: str, fn: Callable) -> Callable:
         """Count traces per step name (benchmarks) and, if max_traces, assert it with chex."""
 
+        # float32 computes in float32 on every backend: XLA:GPU's default float32 dot is TF32 (layerwise vs full
+        # prefill 1.2e-3 apart on an H200, 2026-12-04); set at trace time, so it is in every step's dots
+        precision = "float32" if self.config.dtype == "float32" else None
+
         def step(*args):
             self.trace_counts[name] += 1
-            return fn(*args)
+            with jax.default_matmul_precision(precision):
+                return fn(*args)
 
         if self._max_traces is not None:
             # chex keys its counter on the function's name and source: make the name unique per runner.

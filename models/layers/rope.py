@@ -52,6 +52,11 @@ class RopeConfig:
 
     def __post_init__(self):
         float_fields_as_floats(self)
+        # and the reverse: JSON's 8192.0 for the original context made an equal config (==) with another fingerprint
+        # (json.dumps writes 8192.0), so KV blocks keyed by one were misses for the other
+        v = self.original_max_position_embeddings
+        if isinstance(v, float) and v.is_integer():
+            object.__setattr__(self, "original_max_position_embeddings", int(v))
         if self.kind not in ("default", "llama3", "yarn"):
             raise ValueError(f"rope_scaling type {self.kind!r} is not supported (default, llama3, yarn)")
         if self.dim % 2:
