@@ -26,7 +26,7 @@ from typing import Self
 
 import numpy as np
 
-from dualpath_jax.checks import is_real
+from dualpath_jax.checks import is_bool, is_real
 
 PAGE_NBYTES = mmap.PAGESIZE
 
@@ -150,6 +150,9 @@ class HostBufferPool:
         self._nfree = self.num_slots
         self._cond = threading.Condition()
         self._queue: collections.deque[object] = collections.deque()  # waiting requests, FIFO
+        # The handles out now and the slots each was given: `release` frees these, never a handle's own `slots`
+        # (a copy of a handle, or one built by hand, freed slots another request held: two owners of one slot).
+        self._held: dict[HostBuffer, tuple[int, ...]] = {}
         self._stats = HostBufferStats()
         _POOLS.add(self)
 
@@ -212,6 +215,8 @@ class HostBufferPool:
             )
         if timeout is not None and not timeout >= 0:  # (NaN too: it would wait forever)
             raise ValueError(f"timeout must be >= 0 s or None, got {timeout}")
+        if not is_bool(contiguous):  # (a truthy "no" asked for adjacent slots)
+            raise TypeError(f"host buffer pool {self.name!r}: contiguous must be True or False, got {contiguous!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
         ticket = object()
         with self._cond:
@@ -249,7 +254,9 @@ class HostBufferPool:
             st.slots_in_use += nslots
             st.bytes_in_use += nslots * self.slot_nbytes
             st.peak_bytes_in_use = max(st.peak_bytes_in_use, st.bytes_in_use)
-        return HostBuffer(self, slots, want_bytes)
+            handle = HostBuffer(self, slots, want_bytes)
+            self._held[handle] = tuple(slots)
+        return handle
 
     def _take_locked(self, nslots: int, contiguous: bool) -> list[int] | None:
         if nslots > self._nfree:
@@ -271,19 +278,27 @@ class HostBufferPool:
 
     def release(self, handle: HostBuffer) -> None:
         """Give a handle's slots back (waking waiting requests)."""
+        if not isinstance(handle, HostBuffer):
+            raise TypeError(f"host buffer pool {self.name!r}: release takes a HostBuffer, got {handle!r}")
         if handle.pool is not self:
             raise ValueError(f"host buffer of pool {handle.pool.name!r} released to pool {self.name!r}")
         with self._cond:
-            if handle._released:
-                raise RuntimeError(f"host buffer {handle!r} released twice")
+            slots = self._held.pop(handle, None)
+            if slots is None:
+                if handle._released:
+                    raise RuntimeError(f"host buffer {handle!r} released twice")
+                raise ValueError(
+                    f"host buffer {handle!r} was not handed out by pool {self.name!r} (a copy of a handle, or one "
+                    f"built by hand): its slots belong to another request"
+                )
             handle._released = True
-            self._free[handle.slots] = True
-            self._free_list.extend(handle.slots)
-            self._nfree += len(handle.slots)
+            self._free[list(slots)] = True
+            self._free_list.extend(slots)
+            self._nfree += len(slots)
             st = self._stats
             st.releases += 1
-            st.slots_in_use -= len(handle.slots)
-            st.bytes_in_use -= len(handle.slots) * self.slot_nbytes
+            st.slots_in_use -= len(slots)
+            st.bytes_in_use -= len(slots) * self.slot_nbytes
             self._cond.notify_all()
 
     @property

@@ -75,6 +75,9 @@ class BlockLayout:
             if not out:  # slice(2, 2) read nothing and reported a hit
                 raise ValueError(f"layers {layers} names no layer of {self.num_layers}")
             return out
+        if isinstance(layers, (str, bytes, bytearray, memoryview)) or not isinstance(layers, Iterable):
+            # (b"\x01" was read as layer 1, "1" reported "layer '1' out of range", 1.0 "not iterable")
+            raise TypeError(f"layers must be None, an int, a slice or an iterable of ints, got {layers!r}")
         out = []
         for layer in layers:
             self.layer_offset(layer)  # validates type and range

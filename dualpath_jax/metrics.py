@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import json
 import math
+import numbers
 import operator
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -87,6 +88,9 @@ class LinkBytes:
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile of the values that are not NaN (NaN when none is); an infinite value counts as one."""
+    # checked first: a bad q (150, NaN, True) gave NaN on empty or all-NaN values and a number (True: p1) otherwise
+    if isinstance(q, (bool, np.bool_)) or not isinstance(q, numbers.Real) or not 0 <= q <= 100:
+        raise ValueError(f"Percentiles must be in the range [0, 100], got {q!r}")
     if isinstance(values, np.ndarray):
         vals = values[~np.isnan(values)]
     else:
@@ -198,6 +202,12 @@ def json_safe(v):
     # numpy's float32 / float16 are no Python floats: their NaN went out as NaN (json.dump's default=float)
     if isinstance(v, (float, np.floating)) and not math.isfinite(v):
         return None
+    # other numpy scalars and arrays as the Python values they hold: json.dump left them to `default`, which wrote
+    # np.int64(5) as "5" (default=str, the simulator's summary.json) or 5.0 (default=float), True as "True" or 1.0
+    if isinstance(v, np.generic) and not isinstance(v, float):  # (np.float64 is a float: json writes it as one)
+        return json_safe(v.item())
+    if isinstance(v, np.ndarray):
+        return json_safe(v.tolist())
     if isinstance(v, dict):
         return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):

@@ -32,6 +32,10 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: register `obj` under `name`; a second registration of the same name is an error."""
+        if not isinstance(name, str) or not name:
+            # `@REG.register` without a name bound the class to this decorator and registered nothing, silently
+            hint = ' (use @register("name"), not a bare @register)' if callable(name) else ""
+            raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}{hint}")
 
         def decorator(obj: T) -> T:
             self.add(name, obj)
