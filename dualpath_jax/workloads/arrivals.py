@@ -25,10 +25,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dualpath_jax.checks import is_bool
 from dualpath_jax.registry import Registry
 from dualpath_jax.workloads.types import Trajectory
 
 ARRIVALS: Registry[type[ArrivalModel]] = Registry("arrival model")
+
+
+def _check_flag(name: str, v) -> None:
+    """A flag of an arrival model is a bool: closed_loop="false" (a truthy string, e.g. from a config variant) kept the
+    closed loop, and use_gaps="no" kept the gaps."""
+    if not is_bool(v):
+        raise ValueError(f"{name} must be a bool, got {v!r} ({type(v).__name__})")
 
 
 class ArrivalModel(abc.ABC):
@@ -81,6 +89,7 @@ class OnlineArrivals(ArrivalModel):
             isinstance(duration_s, bool) or not isinstance(duration_s, numbers.Real) or not 0 < duration_s < math.inf
         ):
             raise ValueError(f"online arrivals need a finite duration_s > 0 s (or None), got {duration_s!r}")
+        _check_flag("use_gaps", use_gaps)
         self.aps = float(aps)
         self.seed = seed
         self.use_gaps = use_gaps
@@ -108,6 +117,7 @@ class TraceArrivals(ArrivalModel):
     name = "trace"
 
     def __init__(self, closed_loop: bool = True):
+        _check_flag("closed_loop", closed_loop)
         self.closed_loop = closed_loop
 
     def agent_arrivals(self, trajectories: Sequence[Trajectory]) -> np.ndarray:

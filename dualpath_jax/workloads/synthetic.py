@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from dualpath_jax.checks import is_int
+from dualpath_jax.checks import is_bool, is_int, is_real
 from dualpath_jax.registry import Registry
 from dualpath_jax.workloads.types import Trajectory, Turn
 
@@ -179,7 +179,8 @@ def generate_trajectories(
     _check_ints(n=n, seed=seed)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if not 0 < append_scale < math.inf:  # nan / inf would reach int()
+    # nan / inf would reach int(); a str was a bare TypeError, True a silent 1.0
+    if not is_real(append_scale) or not 0 < append_scale < math.inf:
         raise ValueError(f"append_scale must be > 0 and finite, got {append_scale}")
     if seed < 0:  # numpy's own error names no argument
         raise ValueError(f"seed must be >= 0, got {seed}")
@@ -223,8 +224,13 @@ def make_agents(
         raise ValueError(f"base_trajectories must be >= 1, got {base_trajectories}")
     if seed < 0 or base_seed < 0:
         raise ValueError(f"seed and base_seed must be >= 0, got {seed} and {base_seed}")
+    if not is_bool(with_token_ids):  # "no" (truthy) drew token ids for every turn
+        raise ValueError(f"with_token_ids must be a bool, got {with_token_ids!r}")
     if with_token_ids and vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    # ids are drawn as int32: a larger vocabulary was numpy's "high is out of bounds for int32", naming no argument
+    if with_token_ids and vocab_size > 2**31:
+        raise ValueError(f"vocab_size must be <= 2**31 (token ids are int32), got {vocab_size}")
     base = generate_trajectories(dataset, base_trajectories, seed=base_seed, append_scale=append_scale)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(base), n_agents)

@@ -20,7 +20,9 @@ prompt + generation; then the whole previous context is re-read (the DE persiste
 Otherwise (the agent dropped or rewrote text, e.g. thinking) only the leading blocks the trajectory has
 already seen are re-read. The context is capped at prompt − 1 so that every turn prefills >= 1 token.
 
-A malformed line or file raises `TraceFormatError` naming the file and the line (or request index).
+A malformed line or file raises `TraceFormatError` naming the file and the line (or request index); so do a
+hash id at two block positions of one id scope (prefix-chained ids name one position), a token count past
+2**31 - 1, and one kv-cache-tester session loaded twice (its scoped ids would be shared across agents).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from dualpath_jax.workloads.types import Trajectory, Turn
 
 TRACES_ENV = "DUALPATH_TRACES"
 MOONCAKE_BLOCK = 512
+# A token count of a trace line past this is no real request: positions are int32 on the device (and an
+# output_length of 10**30 was kept, a turn the simulator would decode for ever).
+MAX_TOKENS = 2**31 - 1
 
 
 class TraceFormatError(ValueError):
@@ -103,6 +108,8 @@ def _int_field(obj: dict, key: str, where: str, minimum: int = 0) -> int:
     whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
     if isinstance(v, bool) or not whole or v < minimum:
         raise TraceFormatError(f"{where}: field {key!r} must be an integer >= {minimum}, got {v!r}")
+    if v > MAX_TOKENS:
+        raise TraceFormatError(f"{where}: field {key!r} = {v:g} is past the largest token count, 2**31 - 1")
     return int(v)
 
 
@@ -134,6 +141,27 @@ def _hash_ids(obj: dict, key: str, where: str, input_len: int, block: int, parti
             f"{where}: {len(ids)} hash ids for {input_len} input tokens; expected {rule}({input_len}/{block}) = {expect}"
         )
     return ids
+
+
+class _BlockPositions:
+    """Where each hash id of one id scope (a Mooncake file, a kv-cache-tester session) sits in its prompts.
+
+    A prefix-chained id names one block *and everything before it*, so it has one block index wherever it occurs:
+    an id repeated within a prompt, or at another block index than before, is a damaged trace (it was kept, and
+    it matched sessions and counted re-read blocks wrongly)."""
+
+    def __init__(self):
+        self.at: dict[int, int] = {}
+
+    def check(self, ids: Sequence[int], where: str) -> None:
+        at = self.at
+        for k, x in enumerate(ids):
+            j = at.setdefault(x, k)
+            if j != k:
+                raise TraceFormatError(
+                    f"{where}: hash id {x} at block {k} was at block {j} before (a prefix-chained id names "
+                    "one block position)"
+                )
 
 
 class _ContextTracker:
@@ -226,6 +254,7 @@ def load_mooncake(
     p = resolve_trace_path(path)
     sessions: list[dict[str, Any]] = []  # {t0, turns, tracker}
     tails: dict[int, int] = {}  # last full block id of a session's latest prompt -> session index
+    positions = _BlockPositions()
     prev_ts = -1.0
     for lineno, row in _mooncake_rows(p, max_requests):
         where = f"{p}:{lineno}"
@@ -238,6 +267,7 @@ def load_mooncake(
         prompt = _int_field(row, "input_length", where, minimum=1)
         gen = _int_field(row, "output_length", where, minimum=0)
         ids = _hash_ids(row, "hash_ids", where, prompt, block_size, partial_block=True)
+        positions.check(ids, where)
         sid = None
         for pos in range(len(ids) - 1, min_shared_blocks - 2, -1):
             s = tails.get(ids[pos])
@@ -287,8 +317,12 @@ def _session_turns(
     out: list[tuple[str, float, list[Turn]]],
     name: str,
     t0: float,
+    positions: _BlockPositions,
 ) -> None:
-    """Turns of one (sub)agent into `out` as (name, arrival, turns); subagents recurse and follow it."""
+    """Turns of one (sub)agent into `out` as (name, arrival, turns); subagents recurse and follow it.
+
+    `t0` is the origin of this (sub)agent's `t` values (its subagents' `t` count from it too); the agent arrives
+    with its first request (at t0 + its `t`), and its turns' offsets count from there."""
     if not isinstance(requests, list):
         raise TraceFormatError(f"{where}: 'requests' must be a list")
     slot = len(out)  # the agent itself goes before its subagents
@@ -302,31 +336,39 @@ def _session_turns(
         if kind == "subagent":
             sub_t = _num_field(r, "t", w)
             sub_name = f"{name}#{r.get('agent_id', i)}"
-            _session_turns(r.get("requests"), w, block, salt, out, sub_name, t0 + sub_t)
+            _session_turns(r.get("requests"), w, block, salt, out, sub_name, t0 + sub_t, positions)
             continue
         if kind not in ("n", "s"):
             raise TraceFormatError(f"{w}: unknown request type {kind!r} (expected 'n', 's' or 'subagent')")
         prompt = _int_field(r, "in", w, minimum=1)
         gen = _int_field(r, "out", w, minimum=0)
         ids = _hash_ids(r, "hash_ids", w, prompt, block, partial_block=False)
+        positions.check(ids, w)
         rows.append((_num_field(r, "t", w), prompt, gen, ids, _num_field(r, "think_time", w, default=0.0), w))
     if not rows:
         del out[slot]
         return
     tracker = _ContextTracker(block)
     turns = []
+    # A first request at t > 0 arrived then, not at t0: TraceArrivals starts turn 0 at the agent's arrival_time
+    # (turn 0 ran that much too early, and its offset t disagreed with the offset 0 of a Mooncake first turn).
+    first_t = rows[0][0]
     for k, (t, prompt, gen, ids, _, w) in enumerate(rows):
         if k and t < rows[k - 1][0]:
             raise TraceFormatError(f"{w}: t={t} goes back in time (previous {rows[k - 1][0]})")
         gap = rows[k + 1][4] if k + 1 < len(rows) else 0.0  # think time before the next request
         context = tracker.next(ids, prompt, gen)
-        turns.append(_turn(ids, prompt, gen, context, t, gap, block, salt))
-    out[slot] = (name, t0, turns)
+        turns.append(_turn(ids, prompt, gen, context, t - first_t, gap, block, salt))
+    out[slot] = (name, t0 + first_t, turns)
 
 
 def load_kvcache_session(path: str | os.PathLike) -> list[Trajectory]:
     """One kv-cache-tester session file: the main agent and each subagent as trajectories (ids from 0)."""
-    p = resolve_trace_path(path)
+    return _load_session(resolve_trace_path(path))[2]
+
+
+def _load_session(p: Path) -> tuple[str, int, list[Trajectory]]:
+    """(session id, hash-id salt, trajectories) of one session file."""
     doc = _read_json(p)
     if not isinstance(doc, dict):
         raise TraceFormatError(f"{p}: expected one JSON object (a session), got {type(doc).__name__}")
@@ -334,13 +376,15 @@ def load_kvcache_session(path: str | os.PathLike) -> list[Trajectory]:
     if "requests" not in doc:
         raise TraceFormatError(f"{p}: missing field 'requests'")
     # hash ids are scoped to the session: salt them with the session so sessions never share blocks
-    salt = zlib.crc32(str(doc.get("id", p.name)).encode()) & 0x7FFFFFFF
+    sid = str(doc.get("id", p.name))
+    salt = zlib.crc32(sid.encode()) & 0x7FFFFFFF
     found: list[tuple[str, float, list[Turn]]] = []
-    _session_turns(doc["requests"], str(p), block, salt, found, p.name, 0.0)
-    return [
+    _session_turns(doc["requests"], str(p), block, salt, found, p.name, 0.0, _BlockPositions())
+    trajs = [
         Trajectory(trajectory_id=i, turns=turns, arrival_time=t0, source=name)
         for i, (name, t0, turns) in enumerate(found)
     ]
+    return sid, salt, trajs
 
 
 def load_kvcache_tester(
@@ -366,10 +410,21 @@ def _session_files(paths: str | os.PathLike | Sequence[str | os.PathLike], limit
 def _load_kvcache_files(files: Sequence[Path], max_agents: int | None = None) -> list[Trajectory]:
     """Sessions of `files` in order, numbered from 0; stops after the file that brings `max_agents` sessions."""
     out: list[Trajectory] = []
+    # Sessions are told apart by their salt: one session twice (a file given twice, a copy under another name)
+    # or two ids of one crc32 gave agents that share every block, silently (hits the paper's agents never have).
+    salts: dict[int, tuple[str, Path]] = {}
     for f in files:
         if max_agents is not None and len(out) >= max_agents:
             break
-        for t in load_kvcache_session(f):
+        sid, salt, trajs = _load_session(f)
+        if salt in salts:
+            other_id, other = salts[salt]
+            what = f"session id {sid!r}" if other_id == sid else f"session id {sid!r} (the salt of {other_id!r})"
+            raise TraceFormatError(
+                f"{f}: {what} was loaded already, from {other}: their session-scoped hash ids would share blocks"
+            )
+        salts[salt] = (sid, f)
+        for t in trajs:
             out.append(Trajectory(trajectory_id=len(out), turns=t.turns, arrival_time=t.arrival_time, source=t.source))
     return out
 
@@ -381,7 +436,7 @@ def load_trace(path: str | os.PathLike, limit: int | None = None, max_agents: in
     `max_agents`: the first that many trajectories (agents), each whole. (`limit` counts lines or files: the
     first N lines of a Mooncake trace cut its sessions' later turns, and a file may hold several sessions.)
     """
-    if max_agents is not None and (isinstance(max_agents, bool) or not isinstance(max_agents, int) or max_agents < 1):
+    if max_agents is not None and (not is_int(max_agents) or max_agents < 1):  # numpy ints too (is_int)
         raise ValueError(f"max_agents must be an int >= 1 (or None for all), got {max_agents!r}")
     _check_count("limit", limit)
     p = resolve_trace_path(path)

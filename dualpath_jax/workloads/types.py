@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dualpath_jax.checks import is_bool, is_int
+from dualpath_jax.checks import is_bool, is_int, is_real
 
 _BOOLS = (bool, np.bool_)  # what `checks.is_bool` takes for a bool
 
@@ -55,6 +55,11 @@ class Turn:
             field = next(f for f in ("append_tokens", "gen_tokens", "context_tokens", "hash_block_size")
                          if is_bool(getattr(self, f)))  # fmt: skip
             raise ValueError(f"turn {field} must be a token count, not a bool: got {getattr(self, field)!r}")
+        # times too: gap_s=True was a 1 s gap; and a str (a config's "0.5") was a TypeError naming no field
+        for field in ("append_tokens", "gen_tokens", "gap_s", "context_tokens", "arrival_offset_s", "hash_block_size"):
+            v = getattr(self, field)
+            if v is not None and not is_real(v):
+                raise ValueError(f"turn {field} must be a number, got {v!r} ({type(v).__name__})")
         # NaN too (e.g. a missing value of a table): it was kept, and peak_turn / cut_at_tokens skipped its turn
         if not (0 <= self.append_tokens < math.inf and 0 <= self.gen_tokens < math.inf):
             raise ValueError(
@@ -70,6 +75,14 @@ class Turn:
             raise ValueError(
                 f"append_token_ids has {len(self.append_token_ids)} ids but append_tokens={self.append_tokens}"
             )
+        if self.append_token_ids is not None:  # float ids (1.5) or a 2-D array were kept until block keys failed
+            ids = np.asarray(self.append_token_ids)
+            if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+                raise ValueError(
+                    f"append_token_ids must be 1-D integer token ids, got {ids.dtype} of shape {ids.shape}"
+                )
+            if ids.size and ids.min() < 0:
+                raise ValueError(f"append_token_ids must be >= 0, got {ids.min()}")
         if self.context_tokens is not None and not 0 <= self.context_tokens < math.inf:  # NaN too
             raise ValueError(f"context_tokens must be >= 0 and finite, got {self.context_tokens}")
         if self.context_tokens is not None and self.context_tokens % 1:
@@ -78,6 +91,8 @@ class Turn:
             raise ValueError(f"arrival_offset_s must be >= 0 and finite, got {self.arrival_offset_s}")
         if self.block_hashes is not None and self.hash_block_size <= 0:
             raise ValueError("block_hashes needs hash_block_size > 0")
+        if not is_int(self.hash_block_size) or self.hash_block_size < 0:  # -3 or 64.5 was kept without block_hashes
+            raise ValueError(f"hash_block_size must be an int >= 0 (0: no block hashes), got {self.hash_block_size!r}")
 
 
 @dataclasses.dataclass
@@ -145,6 +160,9 @@ class Trajectory:
         (a model's context window); itself when no turn does."""
         if is_bool(limit):  # True was a 1-token window: every turn cut
             raise ValueError(f"cut_at_tokens limit must be a token count, not a bool: got {limit!r}")
+        # nan kept every turn (no total is > nan), a negative limit cut them all
+        if not is_real(limit) or not limit >= 0:  # (inf: no window, nothing cut)
+            raise ValueError(f"cut_at_tokens limit must be a token count >= 0, got {limit!r}")
         n = 0
         for total in self._turn_totals():
             if total > limit:
