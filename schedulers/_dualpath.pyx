@@ -155,13 +155,23 @@ def heapreplace_run(list heap, lens, int shift):
                 h[0] = _add(k, _step(_int(ln_list[i]), shift))
                 _siftup(h, n, 0)
                 keys.data.as_longlongs[i] = k
-        else:  # array('q') (a QueueWindow's lengths): read in place
-            ln_view = lens
-            for i in range(m):
-                k = h[0]
-                h[0] = _add(k, _step(ln_view[i], shift))
-                _siftup(h, n, 0)
-                keys.data.as_longlongs[i] = k
+        else:
+            try:  # array('q') (a QueueWindow's lengths): read in place
+                ln_view = lens
+            except (TypeError, ValueError):  # no int64 buffer (array('i'), a tuple): item by item below
+                ln_view = None
+            if ln_view is not None:
+                for i in range(m):
+                    k = h[0]
+                    h[0] = _add(k, _step(ln_view[i], shift))
+                    _siftup(h, n, 0)
+                    keys.data.as_longlongs[i] = k
+            else:  # (a ValueError "Buffer dtype mismatch" here made the policy fail where its Python loop ran)
+                for i in range(m):
+                    k = h[0]
+                    h[0] = _add(k, _step(_int(lens[i]), shift))
+                    _siftup(h, n, 0)
+                    keys.data.as_longlongs[i] = k
         for i in range(n):
             heap[i] = h[i]
     finally:

@@ -15,6 +15,8 @@ import itertools
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
+
 Role = Literal["prefill", "decode"]
 # Which side loads the hit KV from storage: the PE's node ("pe"), the DE's node ("de"), or both ("split",
 # beyond the paper: a fraction of the hit blocks from each side so both read queues drain together).
@@ -88,6 +90,14 @@ class ClusterSnapshot:
 _INF = float("inf")
 
 
+_BOOLS = (bool, np.bool_)  # True compares and adds as 1: a flag where a token count belongs
+
+
+def _any_bool(*values) -> bool:
+    """Whether one of these token counts is a bool (numpy's too)."""
+    return any(isinstance(v, _BOOLS) for v in values)
+
+
 def _check_loads(engines: dict[int, EngineState], nodes: dict[int, NodeState]) -> None:
     """The loads a snapshot is built with: tok, seq, read queues and the node sums >= 0, free HBM any finite number
     (a DE a request waits at is over-committed: round_robin full_de="queue"). A NaN compares false both ways
@@ -98,10 +108,10 @@ def _check_loads(engines: dict[int, EngineState], nodes: dict[int, NodeState]) -
             ok = 0 <= e.tok < _INF and 0 <= e.seq < _INF and -_INF < e.free_hbm_tokens < _INF
         except TypeError:  # not a number
             ok = False
-        if not ok:
+        if not ok or _any_bool(e.tok, e.seq, e.free_hbm_tokens):  # (True was taken as a load of 1)
             raise ValueError(
-                f"engine {e.engine_id}: loads must be numbers, tok and seq >= 0 and finite, free_hbm_tokens finite; "
-                f"got tok={e.tok!r} seq={e.seq!r} free_hbm_tokens={e.free_hbm_tokens!r}"
+                f"engine {e.engine_id}: loads must be numbers, tok and seq >= 0 and finite, free_hbm_tokens finite "
+                f"(not bools); got tok={e.tok!r} seq={e.seq!r} free_hbm_tokens={e.free_hbm_tokens!r}"
             )
     for n in nodes.values():
         t, f = n.engine_tok, n.engine_free_hbm_tokens
@@ -109,10 +119,10 @@ def _check_loads(engines: dict[int, EngineState], nodes: dict[int, NodeState]) -
             ok = 0 <= n.read_queue_tokens < _INF and (t is None or 0 <= t < _INF) and (f is None or -_INF < f < _INF)
         except TypeError:
             ok = False
-        if not ok:
+        if not ok or _any_bool(n.read_queue_tokens, t, f):
             raise ValueError(
-                f"node {n.node_id}: read_queue_tokens and engine_tok must be >= 0 and finite, engine_free_hbm_tokens "
-                f"finite (or None); got read_queue_tokens={n.read_queue_tokens!r} engine_tok={t!r} "
+                f"node {n.node_id}: read_queue_tokens and engine_tok must be >= 0 and finite (not bools), "
+                f"engine_free_hbm_tokens finite (or None); got read_queue_tokens={n.read_queue_tokens!r} engine_tok={t!r} "
                 f"engine_free_hbm_tokens={f!r}"
             )
 
@@ -136,6 +146,15 @@ class PendingRequest:
             raise ValueError(
                 f"request {self.request_id}: needs 0 <= hit_tokens <= prompt_tokens and gen_tokens >= 0, all finite, got "
                 f"prompt={self.prompt_tokens} hit={self.hit_tokens} gen={self.gen_tokens}"
+            )
+        if (
+            isinstance(self.prompt_tokens, _BOOLS)
+            or isinstance(self.hit_tokens, _BOOLS)
+            or isinstance(self.gen_tokens, _BOOLS)
+        ):
+            raise ValueError(
+                f"request {self.request_id}: token counts must be numbers, not bools, got prompt={self.prompt_tokens!r} "
+                f"hit={self.hit_tokens!r} gen={self.gen_tokens!r}"
             )
         if self.prompt_tokens % 1 or self.hit_tokens % 1 or self.gen_tokens % 1:  # (finite here)
             raise ValueError(
@@ -250,6 +269,11 @@ class PrefillWork:
         # a fraction of a token: fifo formed a batch of 0.5 tokens, compute_quota an empty one (the PE never
         # progressed); negative / NaN / inf work is refused by the batchers as they reach it
         c, r = self.cached_tokens, self.remaining_tokens
+        if isinstance(c, _BOOLS) or isinstance(r, _BOOLS):  # (True was one token of work)
+            raise ValueError(
+                f"prefill work {self.request_id}: token counts must be numbers, not bools, got cached={c!r} "
+                f"remaining={r!r}"
+            )
         if (c % 1 and -_INF < c < _INF) or (r % 1 and -_INF < r < _INF):  # (an int: one modulo each)
             raise ValueError(
                 f"prefill work {self.request_id}: token counts must be whole numbers, got cached={c} remaining={r}"

@@ -24,8 +24,17 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from schedulers.cost_model import CostModel, DecodeMeasurement, ModelShape, PrefillMeasurement, prefill_items_ok
+from schedulers.registry import describe, is_int
 
 Items = Sequence[tuple[int, int]]
+
+
+def _check_repeats(repeats, warmup) -> None:
+    """Timed repeats an int >= 1 and warmup calls an int >= 0 (0 or a negative count of repeats was taken as 1)."""
+    if not (is_int(repeats) and repeats >= 1):
+        raise ValueError(f"repeats must be an int >= 1, got {describe(repeats)}")
+    if not (is_int(warmup) and warmup >= 0):
+        raise ValueError(f"warmup must be an int >= 0, got {describe(warmup)}")
 
 
 def time_prefill(
@@ -33,13 +42,18 @@ def time_prefill(
 ) -> list[PrefillMeasurement]:
     """Best (min) wall time of `step(items)` over `repeats` for each batch in `grid`, after `warmup` untimed
     calls: on a shared machine the least-disturbed run is the closest to the step's own cost."""
+    _check_repeats(repeats, warmup)
+    grid = [tuple(items) for items in grid]
+    for items in grid:  # all checked before any timing
+        if not items or not prefill_items_ok(items):  # int() truncated 2.5 tokens to 2 (NaN: a bare int() error)
+            raise ValueError(f"time_prefill grid batch {items!r}: needs (cached, bsz) items, finite whole numbers >= 0")
     out = []
     for items in grid:
         items = tuple((int(c), int(b)) for c, b in items)
         for _ in range(warmup):
             step(items)
         times = []
-        for _ in range(max(1, repeats)):
+        for _ in range(repeats):
             t0 = time.perf_counter()
             step(items)
             times.append(time.perf_counter() - t0)
@@ -51,16 +65,26 @@ def time_decode(
     step: Callable[[int, int], object], grid: Sequence[tuple[int, int]], repeats: int = 3, warmup: int = 1
 ) -> list[DecodeMeasurement]:
     """Best (min) wall time of `step(batch_size, total_context_tokens)` for each pair in `grid`."""
+    _check_repeats(repeats, warmup)
+    grid = [(b, ctx) for b, ctx in grid]
+    for b, ctx in grid:  # all checked before any timing
+        # a fraction was timed as given but recorded truncated (2.5 sequences as 2); NaN a bare int() error late
+        if not (1 <= b < math.inf and 0 <= ctx < math.inf and not b % 1 and not ctx % 1):
+            raise ValueError(
+                f"time_decode grid pair ({b!r}, {ctx!r}): needs batch_size >= 1 and total_context_tokens >= 0, finite "
+                "whole numbers"
+            )
     out = []
     for b, ctx in grid:
+        b, ctx = int(b), int(ctx)  # the step is timed on the very values recorded
         for _ in range(warmup):
             step(b, ctx)
         times = []
-        for _ in range(max(1, repeats)):
+        for _ in range(repeats):
             t0 = time.perf_counter()
             step(b, ctx)
             times.append(time.perf_counter() - t0)
-        out.append(DecodeMeasurement(int(b), int(ctx), min(times)))
+        out.append(DecodeMeasurement(b, ctx, min(times)))
     return out
 
 

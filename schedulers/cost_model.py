@@ -38,8 +38,11 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from dualpath_jax.checks import is_bool, is_int
 from dualpath_jax.registry import Registry
 from schedulers.hardware import HARDWARE, HardwareProfile
+
+_SHAPE_FLAGS = ("qkv_bias", "tied_embeddings")  # ModelShape's bool fields (every other field but the name is a count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +92,16 @@ class ModelShape:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not v >= 0:  # NaN too
-                raise ValueError(f"ModelShape {self.name!r}: {f.name} must be >= 0, got {v}")
+            if f.name in _SHAPE_FLAGS:  # ('no' was truthy: a QKV bias counted)
+                if not is_bool(v):
+                    raise ValueError(f"ModelShape {self.name!r}: {f.name} must be a bool, got {v!r}")
+            elif f.name != "name":
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and not v >= 0:  # NaN too
+                    raise ValueError(f"ModelShape {self.name!r}: {f.name} must be >= 0, got {v}")
+                # a count: True was 1 layer, 7.5 a fractional parameter count, inf infinite FLOPs and bytes, a string
+                # a bare TypeError from a comparison below
+                if not is_int(v):
+                    raise ValueError(f"ModelShape {self.name!r}: {f.name} must be an int (a count), got {v!r}")
         if self.layers <= 0 or self.hidden <= 0 or self.heads <= 0:
             raise ValueError(f"ModelShape {self.name!r}: layers, hidden and heads must be > 0")
         if self.n_routed_experts and not (0 < self.top_k <= self.n_routed_experts and self.moe_intermediate):

@@ -83,6 +83,7 @@ class _Topology:
         "engines",
         "key",
         "node_of",
+        "nodes",
         "pe_states",
         "pe_states_of_node",
         "pes",
@@ -93,7 +94,7 @@ class _Topology:
 
     def __init__(self, states: tuple):
         self.states = states
-        self.engines = None  # the snapshot's engines dict and engine_set_key last checked against it
+        self.engines = self.nodes = None  # the snapshot's engines and nodes dicts and engine_set_key last checked
         self.key = None
         self.state_of = {e.engine_id: e for e in states}
         self.node_of = {e.engine_id: e.node_id for e in states}
@@ -147,16 +148,20 @@ def _topology(snapshot: ClusterSnapshot) -> _Topology:
     """The cached topology when the snapshot holds the very same EngineState objects in the same order (the
     simulator keeps one set; an engine's engine_id/role/node_id is never changed in place: a moved or new
     engine is a new EngineState object), else a new one (the runtime builds new objects per fetch)."""
-    engines, key = snapshot.engines, snapshot.engine_set_key
+    engines, nodes, key = snapshot.engines, snapshot.nodes, snapshot.engine_set_key
     topo = _TOPOLOGY_CACHE[0] if _TOPOLOGY_CACHE else None
-    if topo is not None and key is not None and topo.key == key and topo.engines is engines:
+    if topo is not None and key is not None and topo.key == key and topo.engines is engines and topo.nodes is nodes:
         return topo  # the runner vouches for its engine set (ClusterSnapshot.engine_set_key)
     states = tuple(engines.values())
     if topo is None or len(topo.states) != len(states) or not all(map(operator.is_, topo.states, states)):
         topo = _Topology(states)
         _check_engine_set(snapshot, topo)  # once per engine set (what the cache keeps), not per fetch
         _TOPOLOGY_CACHE[:] = [topo]
-    topo.engines, topo.key = engines, key
+    elif topo.engines is not engines or topo.nodes is not nodes:
+        # the same EngineState objects in other dicts: their keys and nodes were never checked (a snapshot keyed
+        # by other ids, or whose nodes lack one or give it the other role, was taken because an earlier one passed)
+        _check_engine_set(snapshot, topo)
+    topo.engines, topo.nodes, topo.key = engines, nodes, key
     return topo
 
 
@@ -311,6 +316,8 @@ def _fetch_role(snapshot: ClusterSnapshot, fetching_node: int | None) -> str | N
     """The fetching node's role (None for `fetching_node=None`); an unknown node is an error."""
     if fetching_node is None:
         return None
+    if type(fetching_node) is not int and not is_int(fetching_node):  # True was node 1 (it hashes as 1), 0.0 node 0
+        raise TypeError(f"fetching_node must be a node id (an int) or None, got {describe(fetching_node)}")
     node = snapshot.nodes.get(fetching_node)
     if node is None:
         raise KeyError(f"fetching_node {fetching_node} is not in the snapshot (nodes: {sorted(snapshot.nodes)})")
@@ -547,9 +554,11 @@ class DualPathConfig:
         """α = read_window_s · SNIC bytes/s / KV bytes per token; β = compute_window_s · prompt tokens/s
         one PE sustains on turns of (context, append) (the "profiled" values of the paper)."""
         # else α or β would silently become 1 token (inf: a bare "cannot convert float infinity to integer")
-        if not (0 < read_window_s < math.inf and 0 < compute_window_s < math.inf):
+        # (a bool was taken as a window of 1 s; a string was a bare "'<' not supported" TypeError)
+        if not all(is_real(w) and 0 < w < math.inf for w in (read_window_s, compute_window_s)):
             raise ValueError(
-                f"read_window_s and compute_window_s must be > 0 and finite, got {read_window_s}/{compute_window_s}"
+                f"read_window_s and compute_window_s must be > 0 and finite numbers, got {describe(read_window_s)}/"
+                f"{describe(compute_window_s)}"
             )
         alpha = int(read_window_s * cost_model.read_tokens_per_s())
         beta = int(compute_window_s * cost_model.prefill_tokens_per_s(context, append))
