@@ -82,11 +82,17 @@ def hf_rope(d: dict, where: str = "config.json") -> tuple[float, dict | None]:
     return new_theta, scaling
 
 
+#: HF `hidden_act` names of SiLU, x * sigmoid(x) (transformers' ACT2FN: "silu" and "swish" are both nn.SiLU).
+_SILU_NAMES = ("silu", "swish")
+
+
 def check_hf_unsupported(d: dict, where: str = "config.json") -> None:
     """Refuse HF config settings these models do not implement, which would otherwise be ignored and change the
-    numbers silently: an activation other than SiLU, sliding-window attention."""
+    numbers silently: an activation other than SiLU, sliding-window attention. HF's "swish" is SiLU by another
+    name (transformers' ACT2FN maps both to nn.SiLU): it is accepted, and nothing of the config records which
+    spelling was read, so its fingerprint (the stored KV's key) is that of the "silu" config."""
     act = d.get("hidden_act", "silu")
-    if act != "silu":
+    if act not in _SILU_NAMES:
         raise ValueError(f"{where}: hidden_act={act!r} is not supported (silu)")
     if hf_bool(d, "use_sliding_window", False, where):
         raise ValueError(f"{where}: use_sliding_window=true is not supported (full attention only)")

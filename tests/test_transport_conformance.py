@@ -592,6 +592,47 @@ def test_write_many_to_a_lost_peer_fails(backend):
         a.write_many(b.name, [("src", 0, 64, "dst", 0)])
 
 
+class _HeldPacer:
+    """Holds every chunk of a paced transfer until `gate` is set; `held` is set once one waits."""
+
+    def __init__(self):
+        self.gate, self.held = threading.Event(), threading.Event()
+
+    def pace(self, nbytes, priority):
+        self.held.set()
+        assert self.gate.wait(10)
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["deregistered", "registered_again"])
+def test_a_write_posted_before_the_peer_deregistered_its_region_never_lands_in_the_old_buffer(backend, again):
+    """a's write to b's region is posted (held by a's pacer, its bytes not sent yet), then b deregisters the region
+    (and maybe registers a new buffer under its name): the old buffer is never written (inproc copied into it, having
+    taken the region when the write was posted). A region gone is a failed write and no notification; every backend
+    (tcp, rdma: a remote access error; inproc: RegionError)."""
+    pacer = _HeldPacer()
+    a, b = make_pair(backend, pacer=pacer)
+    try:
+        a.register("src", np.full(64, 7, np.uint8))
+        old = np.zeros(64, np.uint8)
+        b.register("kv", old)
+        f = a.write(b.name, "src", 0, "kv", 0, 64, notify=5)
+        assert pacer.held.wait(10)
+        b.deregister("kv")
+        if again:
+            b.register("kv", np.zeros(64, np.uint8))
+        pacer.gate.set()
+        err = f.exception(10)
+        assert not old.any(), "the write landed in the deregistered buffer"
+        if not again:
+            assert isinstance(err, TransportError), err
+            with pytest.raises(TimeoutError):
+                b.wait_notification(tag=5, timeout=0.2)
+    finally:
+        pacer.gate.set()
+        a.close()
+        b.close()
+
+
 # ---- TransferFuture: the cheaper Future the TCP backend completes transfers with ------------------------------
 
 

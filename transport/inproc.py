@@ -74,6 +74,20 @@ def _remote_offset(offset: Any) -> Any:
         return offset
 
 
+def _peer_region(ep: InProcTransport, name: str, offset: int, length: int) -> MemoryRegion:
+    """`ep`'s region `name` as registered now, [offset, offset+length) inside it, else `RegionError` (the peer
+    deregistered it, or registered a smaller buffer under the name, after the transfer was posted)."""
+    region = ep._regions.get(name)  # (a dict lookup is atomic)
+    if region is None:
+        raise RegionError(f"peer {ep.name!r} has no region {name!r} (deregistered after the transfer was posted)")
+    if offset + length > region.size:
+        raise RegionError(
+            f"[{offset}, {offset + length}) is outside region {name!r} of peer {ep.name!r} ({region.size} bytes; "
+            f"registered again after the transfer was posted)"
+        )
+    return region
+
+
 class _Lane:
     """The transfers (and messages) an endpoint posted to one peer in one class that have not run yet: run one
     at a time, in posting order, by one `_drain` job on the class's pool while `active`."""
@@ -252,19 +266,31 @@ class InProcTransport(Transport):
 
     def _copy(
         self,
-        src: MemoryRegion,
+        src: MemoryRegion | str,
         so: int,
-        dst: MemoryRegion,
+        dst: MemoryRegion | str,
         do: int,
         n: int,
         priority: str,
         ep: InProcTransport,
         link: _Link,
     ) -> None:
-        # Views as uint8 arrays: np.copyto releases the GIL for large copies.
-        s = np.frombuffer(src.view, dtype=np.uint8, count=n, offset=so) if n else None
-        d = np.frombuffer(dst.view, dtype=np.uint8, count=n, offset=do) if n else None
+        """Copy n bytes between a region of this endpoint and one of `ep`'s. The peer's side is given by name (a str)
+        and looked up in `ep`'s regions as each chunk lands, as a tcp receiver takes the region of each frame when it
+        arrives (an RDMA NIC checks its MR): a region the peer deregistered after the transfer was posted is a
+        `RegionError` and no byte moves, one it registered again under the name takes the bytes (its new buffer,
+        bounds checked again). Resolved at posting, a queued write used to land in the deregistered buffer."""
         pos = 0
+        arrays: dict[int, np.ndarray] = {}  # id(region) -> its bytes as a uint8 array (np.copyto releases the GIL)
+
+        def arr(region: MemoryRegion) -> np.ndarray:
+            a = arrays.get(id(region))
+            if a is None:
+                a = arrays[id(region)] = np.frombuffer(region.view, dtype=np.uint8)
+            return a
+
+        if not n:
+            _peer_region(ep, src if isinstance(src, str) else dst, so if isinstance(src, str) else do, 0)
         for step in self._paced_chunks(n, priority, PACE_CHUNK if self.pacer is not None else max(n, 1)):
             # Either side closed mid-way (a paced copy): stop moving and pacing bytes, as a closed socket would.
             if self._closed:
@@ -274,9 +300,11 @@ class InProcTransport(Transport):
             with link.cond:  # (`disconnect` waits for a chunk being copied, not for one waiting for its pacer)
                 if link.dead is not None:
                     raise PeerLostError(f"link to {ep.name!r} dropped during the transfer: {link.dead}")
+                s = _peer_region(ep, src, so, n) if isinstance(src, str) else src
+                d = _peer_region(ep, dst, do, n) if isinstance(dst, str) else dst
                 link.copying += 1
             try:
-                np.copyto(d[pos : pos + step], s[pos : pos + step])
+                np.copyto(arr(d)[do + pos : do + pos + step], arr(s)[so + pos : so + pos + step])
             finally:
                 with link.cond:
                     link.copying -= 1
@@ -375,12 +403,13 @@ class InProcTransport(Transport):
         dst = ep.region(remote_region)
         remote_offset = _remote_offset(remote_offset)
         dst.check(remote_offset, length, f"write to {peer}:{remote_region}")
-        copies = [(src, local_offset, dst, remote_offset, length)]
+        # (the peer's region by name: `_copy` takes it as registered when the bytes land)
+        copies = [(src, local_offset, remote_region, remote_offset, length)]
         return self._submit(peer, priority, self._landing(ep, link, copies, priority, tag, remote_region))
 
     def _landing(self, ep: InProcTransport, link: _Link, copies: list, priority: str, tag: int | None, region: str):
-        """The lane task of a write or a `write_many` batch: its `copies` ((src, src offset, dst, dst offset, n),
-        checked) in order, then the notification describing the last one (in `region` of the peer); returns the
+        """The lane task of a write or a `write_many` batch: its `copies` ((src region, src offset, the peer's region
+        name, dst offset, n), checked when posted) in order, then the notification describing the last one (in `region` of the peer); returns the
         bytes moved."""
         total = sum(c[4] for c in copies)
         _, _, _, last_offset, last_n = copies[-1]
@@ -414,7 +443,7 @@ class InProcTransport(Transport):
             return completed_future(0)
         tag = check_notify(notify)
         ep, link = self._link(peer)
-        copies = [(self.region(lr), lo, ep.region(rr), _remote_offset(ro), n) for lr, lo, n, rr, ro in batch]
+        copies = [(self.region(lr), lo, rr, _remote_offset(ro), n) for lr, lo, n, rr, ro in batch]
         return self._submit(peer, priority, self._landing(ep, link, copies, priority, tag, batch[-1][3]))
 
     def _check_remote_range(self, peer: str, region: str, offset: int, length: int) -> None:
@@ -441,7 +470,7 @@ class InProcTransport(Transport):
 
         def run() -> int:
             with self._moving(ep, link, "read"):
-                self._copy(src, remote_offset, dst, local_offset, length, priority, ep, link)
+                self._copy(remote_region, remote_offset, dst, local_offset, length, priority, ep, link)
             return length
 
         return self._submit(peer, priority, run)

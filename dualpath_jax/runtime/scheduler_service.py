@@ -54,6 +54,23 @@ class _InFlight:
     prefill_done: bool = False
 
 
+#: A group's reported gauges of its storage NIC's queues (`node.py`'s report): what it has queued, not what it did.
+_QUEUE_GAUGES = ("read_queue_tokens", "pending_writes")
+
+
+def _dead_stats(stats: dict) -> dict:
+    """The stats of a group declared dead: its counters as reported (bytes read and written, failed reads, busy
+    time: they happened), its storage-NIC queue gauges 0 and `dead` True. Its requests were cancelled and re-run
+    elsewhere, so what it still had queued is no load of the run's; the last report before the declaration (a group
+    stopped past the heartbeat timeout, then continued) used to stay in the run's node stats as if still queued."""
+    out = dict(stats) if isinstance(stats, dict) else {}
+    for k in _QUEUE_GAUGES:
+        if k in out:
+            out[k] = 0
+    out["dead"] = True
+    return out
+
+
 class RunFailed(RuntimeError):
     """An engine reported an error or the cluster can no longer run (no live PE or DE)."""
 
@@ -137,7 +154,9 @@ class GlobalScheduler:
                 key = (s.link, s.t0, s.t1)
                 self._link_bins[key] = self._link_bins.get(key, 0) + s.nbytes
             if node in self.dead_nodes:
-                # A group declared dead must not come back with stale work: tell it to stop.
+                # A group declared dead must not come back with stale work: tell it to stop. Its counters are taken
+                # (those bytes did move, as its link bytes), its queues are not (see `_dead_stats`).
+                self.stats[node] = _dead_stats(report.stats)
                 return GroupReply(shutdown=True)
             self._last_seen[node] = self.clock()
             if report.address is not None:
@@ -456,6 +475,8 @@ class GlobalScheduler:
         log.warning("node %d (%s) is dead (%s): re-queueing its requests", node, self.groups[node].role, why)
         self.dead_nodes.add(node)
         self.death_reasons[node] = why
+        if node in self.stats:
+            self.stats[node] = _dead_stats(self.stats[node])
         rerun = []
         for rid, inf in self._inflight.items():
             a = inf.assignment
