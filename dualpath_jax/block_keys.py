@@ -70,6 +70,11 @@ def block_keys(token_ids, block_size: int, parent: bytes = ROOT) -> list[bytes]:
     _check_block_size(block_size)
     key = _check_parent(parent)
     ids = _token_bytes(token_ids)
+    return _chain_blocks(ids, block_size, key)
+
+
+def _chain_blocks(ids: np.ndarray, block_size: int, key: bytes) -> list[bytes]:
+    """Keys of the whole blocks of canonical `<u4` ids, chained from `key` (each block's bytes hashed once)."""
     n_blocks = ids.size // block_size
     blocks = ids[: n_blocks * block_size].reshape(n_blocks, block_size)  # [n_blocks, block_size] uint32
     keys = []
@@ -100,25 +105,68 @@ class BlockKeyChain:
     """Incremental keys of one growing token sequence (a trajectory): feed tokens, get keys of new blocks.
 
     The decode engine persists each block as soon as it is full; `extend` returns exactly the keys of the
-    blocks completed by the tokens it was given.
+    blocks completed by the tokens it was given. Amortised O(1) a token: the not-yet-full block is a fixed
+    buffer filled in place and each block's bytes are hashed once, when it completes (feeding one token at a
+    time costs the same per token for any block size or sequence length).
     """
 
     def __init__(self, block_size: int, root: bytes = ROOT):
         self.block_size = _check_block_size(block_size)
         self.keys: list[bytes] = []
         self._root = _check_parent(root)
-        self._tail = np.zeros((0,), dtype="<u4")  # tokens of the not-yet-full block
+        self._buf = np.zeros((self.block_size,), dtype="<u4")  # [block_size] the not-yet-full block's tokens...
+        self._fill = 0  # ...of which the first `_fill` are fed
+
+    @classmethod
+    def resume(cls, prev_keys: Sequence[bytes], token_ids, block_size: int, root: bytes = ROOT) -> BlockKeyChain:
+        """A chain that was fed `token_ids`, reusing `prev_keys` for its first blocks (as `extend_block_keys`):
+        only the tokens after them are read, so a turn's prompt keys are not rehashed."""
+        chain = cls(block_size, root)
+        n_prev = len(prev_keys)
+        ids = _token_bytes(token_ids)
+        if n_prev * chain.block_size > ids.size:
+            raise ValueError(
+                f"prev_keys cover {n_prev} blocks ({n_prev * chain.block_size} tokens) but token_ids has only {ids.size}"
+            )
+        chain.keys = list(prev_keys)
+        if n_prev:
+            _check_parent(prev_keys[-1])  # the parent of the blocks after them
+        chain.extend(ids[n_prev * chain.block_size :])
+        return chain
 
     @property
     def num_tokens(self) -> int:
-        return len(self.keys) * self.block_size + self._tail.size
+        return len(self.keys) * self.block_size + self._fill
 
     def extend(self, token_ids) -> list[bytes]:
-        ids = np.concatenate([self._tail, _token_bytes(token_ids)])
-        parent = self.keys[-1] if self.keys else self._root
-        new = block_keys(ids, self.block_size, parent)
+        if (
+            type(token_ids) in (list, tuple)
+            and len(token_ids) < self.block_size - self._fill
+            and all(type(t) is int and 0 <= t < 2**32 for t in token_ids)
+        ):  # a few plain ints that leave the open block open (decode's one token): no array round trip
+            self._buf[self._fill : self._fill + len(token_ids)] = token_ids
+            self._fill += len(token_ids)
+            return []
+        ids = _token_bytes(token_ids)  # checked before any state changes
+        bs, n = self.block_size, ids.size
+        key = self.keys[-1] if self.keys else self._root
+        new: list[bytes] = []
+        pos = 0
+        if self._fill:  # complete the open block first
+            pos = min(bs - self._fill, n)
+            self._buf[self._fill : self._fill + pos] = ids[:pos]
+            self._fill += pos
+            if self._fill < bs:
+                return new
+            key = _blake(key + _TOKEN_DOMAIN + self._buf.tobytes())
+            new.append(key)
+            self._fill = 0
+        n_whole = (n - pos) // bs * bs
+        new += _chain_blocks(ids[pos : pos + n_whole], bs, key)
+        rest = ids[pos + n_whole :]  # [< block_size] the new open block
+        self._buf[: rest.size] = rest
+        self._fill = rest.size
         self.keys.extend(new)
-        self._tail = ids[len(new) * self.block_size :].copy()
         return new
 
 

@@ -41,7 +41,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dualpath_jax.block_keys import extend_block_keys
+from dualpath_jax.block_keys import BlockKeyChain
 from dualpath_jax.host_buffers import BufferBudgetExceeded, HostBufferPool
 from dualpath_jax.runtime.control import Cancel, Event, TurnTask
 from dualpath_jax.runtime.storage_nic import ReadJob, StorageNIC, WriteJob
@@ -717,6 +717,9 @@ class _DecodeReq:
     writes_pending: int = 0
     done_at: float = 0.0
     cancelled: bool = False
+    # Keys of the sequence (prompt, then generated tokens) up to its last full block, kept for the decode
+    # write-back: each newly full block is hashed once (was: all the decode blocks again, per block).
+    key_chain: BlockKeyChain | None = None
 
     @property
     def key(self):
@@ -937,11 +940,23 @@ class DecodeEngine(EngineBase):
                 self.emit("second_token", r.task.request_id, r.task.attempt)
             if r.length % self.bs == 0:  # a block just filled: persist it while decoding
                 j = r.length // self.bs - 1
-                seq = np.concatenate([r.task.prompt_ids, np.asarray(r.tokens[:-1], np.int32)])
-                keys = extend_block_keys(r.task.block_keys, seq[: r.length], self.bs)
-                self._write_back(r, [keys[j]], [self.batch.read_block(r.slot, j * self.bs, self.bs)], d2h=True)
+                key = self._decode_block_key(r, j)
+                self._write_back(r, [key], [self.batch.read_block(r.slot, j * self.bs, self.bs)], d2h=True)
             if len(r.tokens) >= r.task.gen_tokens:
                 self._finish_tokens(r)
+
+    def _decode_block_key(self, r: _DecodeReq, j: int) -> bytes:
+        """Key of block `j` of the request's slot sequence: the prompt, then the generated tokens whose KV is in
+        the slot (all but the last). Its chain starts from the prompt's keys and is fed only the tokens new since
+        its last block, so the write-back costs O(1) a token (was: O(sequence) a block)."""
+        t = r.task
+        if r.key_chain is None:
+            r.key_chain = BlockKeyChain.resume(t.block_keys, t.prompt_ids, self.bs)
+        chain = r.key_chain
+        n_prompt = len(t.prompt_ids)
+        # The sequence's tokens [chain.num_tokens, r.length) are generated ones: r.tokens[i] sits at n_prompt + i.
+        chain.extend(np.asarray(r.tokens[chain.num_tokens - n_prompt : r.length - n_prompt], np.int32))
+        return chain.keys[j]
 
     def _finish_tokens(self, r: _DecodeReq) -> None:
         """Tokens complete: free the slot; report the turn once its write-backs are stored."""
