@@ -7,7 +7,10 @@ items: one mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or an
 `policy.NAME=value` / `batcher.NAME=value`: a field of the policy's / the batcher's Config
 (`config.scheduler.kwargs` / `config.batcher.kwargs`; ints, floats, true/false, None/null and strings are told
 apart).
-`aps=X` makes the workload online (beside a `kind=` other than online it is an error).
+`aps=X` makes the workload online (beside a `kind=` other than online it is an error). A run's launcher refuses an
+item its workload kind does not use, by name (dualpath_jax.sim.configs_io.variant_fields): `duration=` (online
+only), `warmup=` (online and trace: their SLO), `agents=` (offline only: an online run has aps x duration agents, a
+trace all of its own).
 Examples: `configs/paper_ds660b.py:basic,dataset=48K,agents=1024`,
 `configs/paper_ds660b.py:dualpath_rr,policy.full_de=wait`, `configs/paper_ds660b.py:batcher.quota_s=0.2`.
 """

@@ -272,6 +272,39 @@ def stopped_early(e: BaseException, run_failed: type, kept: bool, prefix: str = 
     return line
 
 
+INTERRUPTED = "interrupted (Ctrl-C) before this finished"  # run_jobs's error line of a job it stopped
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while jobs run, raised where Ctrl-C raises KeyboardInterrupt: `run_jobs` stops the jobs and keeps
+    the finished ones (SIGTERM's default action ended the process at once and wrote nothing)."""
+
+
+class SigtermAsInterrupt:
+    """`with SigtermAsInterrupt() as term:` SIGTERM raises Terminated while `term.raising`, else (while the results
+    are written) it is only noted; `term.got` says whether one came. The previous handler is back on exit."""
+
+    def __init__(self):
+        self.got = False
+        self.raising = True
+
+    def __call__(self, signum, frame):
+        self.got = True
+        if self.raising:
+            raise Terminated
+
+    def __enter__(self):
+        import signal
+
+        self._previous = signal.signal(signal.SIGTERM, self)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.signal(signal.SIGTERM, self._previous)
+
+
 def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str | None]]:
     """`fn` over `jobs` with a progress bar, in spawned worker processes when `workers` > 1: one (result, None)
     or (None, error line) per job, in the order of `jobs`. A job that raises, or whose worker process dies (e.g.
@@ -286,7 +319,7 @@ def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str 
     from tqdm import tqdm
 
     out: list = [None] * len(jobs)
-    interrupted = (None, "interrupted (Ctrl-C) before this finished")
+    interrupted = (None, INTERRUPTED)
     with tqdm(total=len(jobs), desc=desc, file=sys.stderr) as bar:
         if workers <= 1:
             for i, job in enumerate(jobs):

@@ -25,7 +25,15 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import no_earlier_results_or_exit, pyplot_or_none, run_jobs, writable_dir_or_exit
+from experiments import (
+    INTERRUPTED,
+    SigtermAsInterrupt,
+    Terminated,
+    no_earlier_results_or_exit,
+    pyplot_or_none,
+    run_jobs,
+    writable_dir_or_exit,
+)
 
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1)
@@ -173,7 +181,7 @@ def _offline(spec: str) -> dict:
     from dualpath_jax.sim import load_sim_config, run
 
     t0 = time.perf_counter()
-    res = run(load_sim_config(spec))
+    res = run(load_sim_config(spec, as_run=True))
     s = res.summary
     out = {
         "spec": spec,
@@ -304,6 +312,19 @@ def main(argv: Sequence[str]) -> None:
             ("capacity", (DS27B, "dualpath", 0.05, 1.0, d, w, it, ods)),
         ]
     jobs = list(dict.fromkeys(jobs))
+    with SigtermAsInterrupt() as term:
+        try:
+            results = _run_all(jobs, term)
+        except Terminated:
+            raise SystemExit("reproduce_paper: stopped by SIGTERM before any run started (nothing written)") from None
+        _report(results, seeds, bases, modes, appends, pds, table)
+    if term.got:  # (it came after the last run finished: the report is whole)
+        raise SystemExit("reproduce_paper: stopped by SIGTERM after every run finished (the report is written)")
+
+
+def _run_all(jobs: list, term: SigtermAsInterrupt) -> dict:
+    """Each distinct simulation of `jobs` once: {(kind, label): result}. A run that failed (or was
+    stopped: Ctrl-C, SIGTERM) writes the finished runs' raw results to report.json and exits failing, naming it."""
     # each distinct simulation runs once; every label of it (a table cell that is a headline run) gets its result
     sim = {job: _sim_key(job[1]) if job[0] == "offline" else job for job in jobs}
     first: dict = {}
@@ -315,19 +336,30 @@ def main(argv: Sequence[str]) -> None:
     results, failed, done_by_key = {}, [], {}
     for job, (done, error) in zip(runs, run_jobs(_job, runs, _WORKERS.value, "reproduce"), strict=True):
         if error is not None:
+            if term.got and error == INTERRUPTED:
+                error = "interrupted (SIGTERM) before this finished"
             failed.append(f"  {job[0]} {job[1]}: {error}")
             continue
         done_by_key[sim[job]] = done[2]
+    term.raising = False  # SIGTERM from here on: noted, and the exit comes after what finished is written
     for kind, arg in jobs:
         if sim[(kind, arg)] in done_by_key:
             results[(kind, arg if isinstance(arg, str) else arg[:2])] = done_by_key[sim[(kind, arg)]]
     if failed:  # the report needs every run: keep the finished ones' raw results, say which failed
         with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:
             json.dump(json_safe({f"{kind} {key}": v for (kind, key), v in results.items()}), f, indent=1, default=str)
+        stopped = "stopped by SIGTERM; " if term.got else ""
         raise SystemExit(
-            f"reproduce_paper: {len(failed)} of {len(runs)} runs failed, so no report (the {len(done_by_key)} finished "
-            f"runs are in {os.path.join(_OUTPUT_DIR.value, 'report.json')}):\n" + "\n".join(failed)
+            f"reproduce_paper: {stopped}{len(failed)} of {len(runs)} runs failed, so no report (the "
+            f"{len(done_by_key)} finished runs are in {os.path.join(_OUTPUT_DIR.value, 'report.json')}):\n"
+            + "\n".join(failed)
         )
+    return results
+
+
+def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
+    """report.md / report.json / report.png of every run's `results`."""
+    from dualpath_jax.metrics import json_safe
 
     # per seed: {mode: value}
     jct = [{m: results[("offline", f"{DS660B}:{m},{bases[sd]}")]["jct_s"] for m in modes} for sd in seeds]

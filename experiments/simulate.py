@@ -105,6 +105,7 @@ def main(argv: Sequence[str]) -> None:
     from dualpath_jax import compiled
     from dualpath_jax.sim import config as sim_config
     from dualpath_jax.sim import outputs, runner
+    from dualpath_jax.sim.configs_io import variant_fields
     from dualpath_jax.workloads.traces import TraceFormatError
 
     log_versions()
@@ -112,7 +113,11 @@ def main(argv: Sequence[str]) -> None:
     cfg_dict = config.to_dict()
     logging.info("resolved config:\n%s", config)
     try:
-        sc = sim_config.sim_config_from_dict(cfg_dict, explicit=flags.FLAGS["config"].override_values)
+        sc = sim_config.sim_config_from_dict(
+            cfg_dict,
+            explicit=flags.FLAGS["config"].override_values,
+            variant=variant_fields(flags.FLAGS["config"].config_filename),  # `:dualpath,duration=600` offline: refused
+        )
     except ValueError as e:  # a bad config: its message names the field; no traceback, no flag listing
         raise SystemExit(f"bad config: {e}") from None
     logging.info("sim config: %s", sc)

@@ -23,6 +23,9 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 from experiments import (
+    INTERRUPTED,
+    SigtermAsInterrupt,
+    Terminated,
     error_line,
     no_earlier_results_or_exit,
     pyplot_or_none,
@@ -86,7 +89,7 @@ def run_cell(args: tuple[str, str, str, str, str]) -> dict:
     setup, mode, load, extra, seed = args
     from dualpath_jax.sim import load_sim_config, run
 
-    cfg = load_sim_config(cell_spec(setup, mode, load, extra, seed))
+    cfg = load_sim_config(cell_spec(setup, mode, load, extra, seed), as_run=True)
     t0 = time.perf_counter()
     res = run(cfg)
     row = {"setup": os.path.basename(setup), "mode": mode, "load": load, "seed": cfg.seed}
@@ -190,26 +193,46 @@ def main(argv: Sequence[str]) -> None:
     cells = [
         (s, m, ld, _EXTRA.value, sd) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value for sd in seeds
     ]
-    from dualpath_jax.metrics import json_safe
     from dualpath_jax.sim import load_sim_config
     from dualpath_jax.sim.configs_io import ConfigFileError
     from dualpath_jax.sim.runner import build_simulator
 
-    # Every cell's simulator is built here first (config, workload, and the check that every turn fits a DE):
-    # a bad cell stops the sweep before anything runs.
+    with SigtermAsInterrupt() as term:
+        try:
+            _check_cells(cells, load_sim_config, build_simulator, ConfigFileError)
+        except Terminated:
+            raise SystemExit("sweep: stopped by SIGTERM before any cell ran (nothing written)") from None
+        writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the grid runs, not after
+        # an earlier sweep's results are kept (a failed sweep wrote its partial rows over them)
+        no_earlier_results_or_exit(_OUTPUT_DIR.value, ("sweep.csv", "sweep.json"), "--output_dir", _OVERWRITE.value)
+        rows = run_grid(cells, _WORKERS.value)
+        term.raising = False  # SIGTERM from here on: noted, and the exit comes after the results are written
+        _write_results(rows, cells, term)
+
+
+def _check_cells(cells, load_sim_config, build_simulator, config_file_error) -> None:
+    """Every cell's simulator is built first (config, workload, and the check that every turn fits a DE): a bad cell
+    stops the sweep before anything runs."""
     for c in cells:
         try:
-            build_simulator(load_sim_config(cell_spec(*c)))
-        except ConfigFileError as e:  # the --setups file itself does not load (not Python, no get_config, ...)
+            build_simulator(load_sim_config(cell_spec(*c), as_run=True))
+        except config_file_error as e:  # the --setups file itself does not load (not Python, no get_config, ...)
             raise SystemExit(f"bad config: {e}") from None
         except (ValueError, KeyError) as e:
             raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {e.args[0] if e.args else e}") from None
         except SystemExit as e:  # the setup's own sys.exit (0 ended the sweep "successfully", with nothing run)
             raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {error_line(e)}") from None
-    writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the grid runs, not after
-    # an earlier sweep's results are kept (a failed sweep wrote its partial rows over them)
-    no_earlier_results_or_exit(_OUTPUT_DIR.value, ("sweep.csv", "sweep.json"), "--output_dir", _OVERWRITE.value)
-    rows = run_grid(cells, _WORKERS.value)
+
+
+def _write_results(rows: list[dict], cells, term: SigtermAsInterrupt) -> None:
+    """sweep.csv / sweep.json / sweep.png of `rows` (the failed cells' rows say why), the table; then a failing exit
+    naming the failed cells, or saying that SIGTERM stopped the sweep (`term.got`)."""
+    from dualpath_jax.metrics import json_safe
+
+    if term.got:  # run_jobs stopped the cells as for Ctrl-C
+        for r in rows:
+            if r.get("error") == INTERRUPTED:
+                r["error"] = "interrupted (SIGTERM) before this finished"
     failed = [(c, r["error"]) for c, r in zip(cells, rows, strict=True) if "error" in r]
     with open(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS + (["error"] if failed else []), extrasaction="ignore")
@@ -228,11 +251,19 @@ def main(argv: Sequence[str]) -> None:
         os.remove(png)
         logging.info("removed %s: an earlier sweep's plot (none was drawn for this one)", png)
     print("wrote", os.path.join(_OUTPUT_DIR.value, "sweep.csv"))
+    stopped = (
+        f"sweep: stopped by SIGTERM; the {len(rows) - len(failed)} finished cells of {len(rows)} are in "
+        f"{os.path.join(_OUTPUT_DIR.value, 'sweep.csv')}\n"
+        if term.got
+        else ""
+    )
     if failed:  # after the others' results are written: one line per failed cell, and a failing exit code
         raise SystemExit(
-            f"sweep: {len(failed)} of {len(rows)} cells failed (their rows say so):\n"
+            f"{stopped}sweep: {len(failed)} of {len(rows)} cells failed (their rows say so):\n"
             + "\n".join(f"  {cell_spec(*c)}: {err}" for c, err in failed)
         )
+    if term.got:  # (it came after the last cell finished: every result is written)
+        raise SystemExit(stopped.rstrip())
 
 
 if __name__ == "__main__":

@@ -280,9 +280,12 @@ def _warn_mode_overrides(mode: str, bundle: dict, cluster: dict, policy: str, ex
         )
 
 
-def sim_config_from_dict(cfg: dict, explicit: Collection[str] = ()) -> SimConfig:
+def sim_config_from_dict(cfg: dict, explicit: Collection[str] = (), variant: dict[str, str] | None = None) -> SimConfig:
     """Build a SimConfig from a (ConfigDict.to_dict()) mapping; `mode` picks a bundle from MODES. `explicit`: the
-    dotted keys the user set (a launcher's `--config.*` overrides): a mode replacing one of them logs a warning."""
+    dotted keys the user set (a launcher's `--config.*` overrides): a mode replacing one of them logs a warning.
+    `variant`: the dotted keys the config file's variant items set, each to its item (`configs.sim_base`'s
+    `{"workload.duration_s": "duration=100"}`, `sim.configs_io.variant_fields`). A given one (either way) that
+    does nothing for the workload's kind is refused by name (`check_given_fields`)."""
     cfg = dict(cfg)
     cluster = dict(cfg.pop("cluster", {}))
     workload = dict(cfg.pop("workload", {}))
@@ -325,21 +328,69 @@ def sim_config_from_dict(cfg: dict, explicit: Collection[str] = ()) -> SimConfig
             f"{where} is neither a mode ({', '.join(MODES)}) nor a registered policy ({', '.join(POLICIES.names())})"
         )
     validate_sim_config(sc)
-    # An online workload's arrival rate or window given (`--config.workload.duration_s=...`) for a run that is not
-    # online, or an SLO warm-up for an offline one (judged on no SLO), did nothing, silently. (The config files
-    # set them for every run, so only a given one can be told.)
-    kind = sc.workload.kind
-    for key, where in (
-        ("workload.aps", "online workloads only"),
-        ("workload.duration_s", "online workloads only"),
-        ("warmup_s", "online and trace workloads only (their SLO)"),
-    ):
-        if key in explicit and kind != "online" and not (kind == "trace" and key == "warmup_s"):
-            raise ValueError(
-                f"config.{key} applies to {where}, and this one is config.workload.kind={kind!r} (give "
-                "config.workload.kind=online, or the variant item aps=)"
-            )
+    check_batcher_cost_fields(sc)
+    check_given_fields(sc, explicit, variant or {})
     return resolve_de_hbm(sc)
+
+
+# Fields that one workload kind uses and the others do not: (dotted key, the kinds that use it, where it applies).
+# The config files set every one of them for every run, so only a given one (a launcher's `--config.*` override, a
+# variant item) can be told from the file's own value.
+_ONLINE_HINT = "config.workload.kind=online, or the variant item aps="
+_KIND_FIELDS = (
+    ("workload.aps", ("online",), "online workloads only", _ONLINE_HINT),
+    ("workload.duration_s", ("online",), "online workloads only", _ONLINE_HINT),
+    ("warmup_s", ("online", "trace"), "online and trace workloads only (their SLO)", _ONLINE_HINT),
+    # online: aps * duration_s agents; trace: every agent of the trace (sim.runner.make_trajectories)
+    (
+        "workload.n_agents",
+        ("offline",),
+        "offline workloads only (an online one runs aps * duration_s agents, a trace all of its own)",
+        "config.workload.kind=offline, or leave the agent count out",
+    ),
+)
+
+
+def check_given_fields(sc: SimConfig, explicit: Collection[str] = (), variant: dict[str, str] | None = None) -> None:
+    """ValueError naming a field given for this run (`explicit`: `--config.*` overrides; `variant`: dotted key ->
+    the config variant item that set it) that its workload kind does not use: an online workload's arrival rate or
+    window (`--config.workload.duration_s=...`, `duration=`) on an offline or trace run, an SLO warm-up
+    (`warmup=`) on an offline one (judged on no SLO), an agent count (`agents=`) on an online or trace run. Each
+    ran as if it were not there."""
+    kind = sc.workload.kind
+    variant = variant or {}
+    for key, kinds, where, hint in _KIND_FIELDS:
+        if kind in kinds:
+            continue
+        if key in explicit:
+            given = f"config.{key}"
+        elif key in variant:
+            given = f"config variant item {variant[key]!r} (config.{key})"
+        else:
+            continue
+        raise ValueError(f"{given} applies to {where}, and this one is config.workload.kind={kind!r} (give {hint})")
+
+
+def check_batcher_cost_fields(sc: SimConfig) -> None:
+    """The simulator's batcher times its batches with the prefill engines' cost model (config.cluster.model on
+    config.cluster.hardware: `sim.runner._batcher_kwargs` passes it as `cost_model`), so a batcher Config's own
+    `model` / `hardware` (which it reads only without a cost model) other than those is not used: ValueError
+    naming the field (`batcher.model=ds660b` on a DS 27B cluster ran with DS 27B's costs, silently)."""
+    from schedulers import BATCHERS  # no jax
+
+    if sc.batcher not in BATCHERS:  # (refused by name in validate_sim_config)
+        return
+    fields = {f.name for f in dataclasses.fields(BATCHERS.get(sc.batcher).Config)}
+    kw = sc.batcher_kwargs
+    if "cost_model" not in fields or kw.get("cost_model") is not None:
+        return
+    for name in ("model", "hardware"):
+        if name in fields and name in kw and kw[name] != getattr(sc.cluster, name):
+            raise ValueError(
+                f"config.batcher.kwargs.{name}={kw[name]!r} is not used: the simulator's batcher times batches with "
+                f"the prefill engines' cost model, config.cluster.{name}={getattr(sc.cluster, name)!r} (set "
+                f"config.cluster.{name}, or leave batcher.{name} out)"
+            )
 
 
 def validate_sim_config(sc: SimConfig) -> None:

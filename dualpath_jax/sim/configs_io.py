@@ -86,5 +86,30 @@ def _is_section(node) -> bool:
     return callable(getattr(node, "keys", None))
 
 
-def load_sim_config(spec: str, overrides: dict | None = None) -> SimConfig:
-    return sim_config_from_dict(load_config(spec, overrides).to_dict())
+# The configs/sim_base.py variant items that set a field only some workload kinds use (sim.config._KIND_FIELDS):
+# `configs/paper_ds660b.py:dualpath,duration=600` ran offline as if the item were not there.
+_VARIANT_FIELDS = {"agents": "workload.n_agents", "duration": "workload.duration_s", "warmup": "warmup_s"}
+
+
+def variant_fields(spec: str) -> dict[str, str]:
+    """The dotted config fields that the variant of `spec` ("configs/x.py:VARIANT", configs/sim_base.py syntax)
+    sets by an item of `_VARIANT_FIELDS`, each to its item: {"workload.duration_s": "duration=600"} (for
+    `sim.config.sim_config_from_dict(..., variant=)`)."""
+    _, _, variant = spec.partition(":")
+    out = {}
+    for item in variant.split(","):
+        key, eq, _ = item.strip().partition("=")
+        if eq and key in _VARIANT_FIELDS:
+            out[_VARIANT_FIELDS[key]] = item.strip()
+    return out
+
+
+def load_sim_config(spec: str, overrides: dict | None = None, *, as_run: bool = False) -> SimConfig:
+    """The SimConfig of `spec` with `overrides` (see `load_config`). `as_run`: the config runs as it is (a
+    launcher's cell, not the base of a capacity search that makes it online): a variant item or override that its
+    workload kind does not use (`duration=` / `warmup=` on an offline run, `agents=` on an online or trace one) is
+    refused by name, as the launchers' `--config.*` flags are."""
+    cfg = load_config(spec, overrides).to_dict()
+    if not as_run:
+        return sim_config_from_dict(cfg)
+    return sim_config_from_dict(cfg, explicit=set(overrides or ()), variant=variant_fields(spec))

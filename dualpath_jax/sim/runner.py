@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dualpath_jax import compiled, metrics
-from dualpath_jax.sim.config import GB, SimConfig, SimConfigError, validate_sim_config
+from dualpath_jax.sim.config import GB, SimConfig, SimConfigError, check_batcher_cost_fields, validate_sim_config
 from dualpath_jax.sim.simulator import Simulator
 from dualpath_jax.workloads.types import Trajectory
 
@@ -219,6 +219,7 @@ def _batcher_kwargs(cfg: SimConfig, pre) -> dict:
 
     from schedulers import BATCHERS
 
+    check_batcher_cost_fields(cfg)  # its own model= / hardware= are not used beside the PE cost model given here
     kw = dict(cfg.batcher_kwargs)
     fields = {f.name for f in dc.fields(BATCHERS.get(cfg.batcher).Config)}
     if "cost_model" in fields and "cost_model" not in kw:
