@@ -195,3 +195,31 @@ def test_a_node_process_ends_with_its_own_exit_code(case):
     else:
         assert out.returncode == 1, (out.returncode, out.stderr[-2000:])
         assert "RuntimeError: no device for engine 2" in out.stderr
+
+
+def test_a_fetch_after_a_timed_out_one_never_gets_its_stale_reply():
+    """The late reply to a fetch that timed out stayed on the connection and answered the next fetch: a group got
+    the reply meant for its previous report. The connection is given up at the timeout; later fetches say so."""
+    first = threading.Event()
+    release = threading.Event()
+
+    def slow_first(report: GroupReport) -> GroupReply:
+        if not first.is_set():
+            first.set()
+            release.wait(10)
+            return GroupReply(directory={"stale": (0, None)})
+        return GroupReply(directory={"fresh": (report.node_id, None)})
+
+    srv = ControlServer(slow_first, KEY)
+    client = SocketControlClient(srv.address, KEY, timeout_s=0.2)
+    try:
+        with pytest.raises(TimeoutError):
+            client.fetch(_report(0))
+        release.set()
+        time.sleep(0.2)  # the stale reply is on its way
+        with pytest.raises(ConnectionError, match="no answer within 0.2 s"):
+            client.fetch(_report(1))
+    finally:
+        release.set()
+        client.close()
+        srv.close()

@@ -102,11 +102,18 @@ class SocketControlClient:
         self._conn: Connection = Client(address, authkey=authkey)
         self._lock = threading.Lock()
         self._timeout_s = timeout_s
+        self._broken: str | None = None  # why the connection was given up (a fetch that timed out)
 
     def fetch(self, report: GroupReport) -> GroupReply:
         with self._lock:
+            if self._broken is not None:
+                raise ConnectionError(f"control connection closed: {self._broken}")
             self._conn.send(report)
             if not self._conn.poll(self._timeout_s):
+                # The late reply would stay on the connection and answer the next fetch (a stale reply, for another
+                # report): give the connection up instead.
+                self._broken = f"a fetch got no answer within {self._timeout_s} s"
+                self.close()
                 raise TimeoutError(f"global scheduler did not answer within {self._timeout_s} s")
             return self._conn.recv()
 
