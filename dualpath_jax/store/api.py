@@ -1,6 +1,8 @@
 """The KV store interface (DESIGN.md "Contracts: Store"), its stats, registry and config-keyed factory.
 
-A store holds Full Blocks (`BlockLayout`) keyed by prefix-chained block keys (`dualpath_jax.block_keys`).
+A store holds Full Blocks (`BlockLayout`) keyed by prefix-chained block keys (`dualpath_jax.block_keys`): Python
+`bytes` of exactly `KEY_NBYTES` (16); LocalDirStore refuses other lengths (ValueError), e.g. a key that lost a
+trailing zero byte through a numpy bytes array (dtype S16 strips trailing NULs), rather than miss on it.
 `lookup(keys)` gives the hit prefix in blocks; `read(key, out, layers=...)` fills a caller-provided host
 buffer (a PE/DE buffer slot) with the whole Full Block or some of its Layer Blocks; `write(key, full_block)`
 stores a Full Block atomically. A missing or corrupt block is a miss (read returns False), never wrong KV.
@@ -99,7 +101,8 @@ class KVStore(abc.ABC):
     def read_many(
         self, keys: Sequence[bytes], outs: Sequence[Any], layers: Iterable[int] | int | None = None
     ) -> list[bool]:
-        """Parallel `read` of several blocks into their own buffers; per-key success."""
+        """Parallel `read` of several blocks into their own buffers (buffers must not overlap, apart from one key's
+        same bytes read twice to one place; LocalDirStore refuses others); per-key success."""
         if len(keys) != len(outs):
             raise ValueError(f"read_many got {len(keys)} keys but {len(outs)} output buffers")
         # one pass per key; one layer (an int, a numpy int) and a slice are not iterables but taken as read takes them

@@ -3,6 +3,7 @@
 Layout of the directory:
     STORE.json                      layout + format of the blocks (one model per directory)
     blocks/ab/<32 hex key>.kvb      one Full Block per file (block_file.py format), fanned out by 1st key byte
+                                    (keys are block_keys' 16 bytes; the format holds 1..32, the API takes 16)
     blocks/ab/.tmp.<host>.<pid>.<rand>.<hex key>   a write in progress (never read)
 
 Writes are atomic: the block is written to a temp file in its final directory, fsync'ed if durable, then
@@ -117,12 +118,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import numpy as np
 
 from dualpath_jax import checks, compiled
+from dualpath_jax.block_keys import KEY_NBYTES
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import block_file
 from dualpath_jax.store.api import STORES, KVStore, StoreStats
@@ -262,6 +264,8 @@ def _as_u8(buf: Any, name: str, writable: bool) -> np.ndarray:
             raise ValueError(f"{name} must be C-contiguous (got strides {buf.strides} for shape {buf.shape})")
         if writable and not buf.flags.writeable:
             raise ValueError(f"{name} must be writable")
+        if buf.dtype.hasobject:  # (numpy's own error named neither the argument nor the dtype)
+            raise TypeError(f"{name} must hold plain bytes, got an array of dtype {buf.dtype} (Python objects)")
         # (a plain ndarray: a subclass's slices may not be 1-D, e.g. np.matrix's rows, and a read's checks fail)
         return buf.view(np.ndarray).reshape(-1).view(np.uint8)
     try:
@@ -988,6 +992,41 @@ class LocalDirStore(KVStore):
         verify = _flag("verify", verify, self.verify_reads)  # bad arguments raise here, in the caller's thread
         dst, layer_list, runs, stride = self._plan(out, layers)
         return self._pool.submit(self._read_planned, key, dst, layer_list, runs, verify, stride)
+
+    def read_many(
+        self, keys: Sequence[bytes], outs: Sequence[Any], layers: Iterable[int] | int | None = None
+    ) -> list[bool]:
+        """`KVStore.read_many`; the reads must not write to the same bytes (a ValueError before any read runs).
+
+        Reads of several blocks into overlapping buffers (one buffer passed twice, rows of two blocks that overlap)
+        raced: a preadv read hashes `out` after its copy, so another read's bytes landing there meanwhile failed the
+        check and the valid block was removed as corrupt (or the read returned True with the other block's bytes).
+        Only reads of the same key's bytes to the same place may overlap (they write equal bytes)."""
+        if len(keys) != len(outs) or getattr(self.submit_read, "__func__", None) is not LocalDirStore.submit_read:
+            return super().read_many(keys, outs, layers)  # (a subclass's own submit_read: each read goes through it)
+        layers = list(layers) if isinstance(layers, Iterable) else layers
+        keys = list(keys)
+        try:
+            for k in keys:
+                _check_key(k)
+            verify = self.verify_reads
+            plans = [self._plan(o, layers) for o in outs]
+        except (TypeError, ValueError, IndexError):
+            # A bad key or buffer: raised from the reads as before (those before it run, then it raises).
+            return super().read_many(keys, outs, layers)
+        if len(plans) > 1:
+            _check_disjoint(keys, plans, self._lbn)
+        if self._closed:
+            raise RuntimeError(f"kv store {self.root} is closed")
+        futures = []
+        try:
+            for k, (dst, layer_list, runs, stride) in zip(keys, plans, strict=True):
+                futures.append(self._pool.submit(self._read_planned, k, dst, layer_list, runs, verify, stride))
+        except BaseException:  # (the pool shut down by a close() meanwhile): no read left filling a buffer
+            wait([f for f in futures if not f.cancel()])
+            raise
+        wait(futures)  # (all done before any result is raised: no read fills a buffer after read_many returns)
+        return [f.result() for f in futures]
 
     # Open block files are cached (`fd_cache` of them, LRU): layerwise loading reads each block L times, and an
     # entry also keeps the block's checked header. Safe by construction: an fd reads the inode it opened, whose
@@ -1774,9 +1813,89 @@ def _flag(name: str, value: Any, default: bool) -> bool:
     return bool(value)
 
 
+def _check_disjoint(keys: list[bytes], plans: list, lbn: int) -> None:
+    """Raise if two planned reads write to the same bytes, unless both put the same key's same bytes there.
+
+    O(r log r) in the r destination pieces (one per run of a packed `out`, one per Layer Block of a row-strided
+    one): a few microseconds for a batch of Full Blocks, vectorised where there are many pieces."""
+    # (every dst is a writable 1-D contiguous uint8 array: from_buffer is the cheapest way to its address)
+    bases = [ctypes.addressof(ctypes.c_char.from_buffer(dst)) for dst, _, _, _ in plans]
+    if all(p[3] == lbn for p in plans):  # (the common case: packed buffers, each written only inside its own span)
+        spans = sorted((b, b + p[0].nbytes) for b, p in zip(bases, plans, strict=True))
+        if all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1)):
+            return
+    n_rows = sum(len(runs) if stride == lbn else sum(r[2] for r in runs) // lbn for _, _, runs, stride in plans)
+    if n_rows <= 256:
+        rows = []  # (address, end, file offset, read index): the destination pieces of every read
+        for i, (_, _, runs, stride) in enumerate(plans):
+            base = bases[i]
+            for f, o, n in runs:
+                if stride == lbn:
+                    rows.append((base + o, base + o + n, f, i))
+                else:
+                    rows.extend(
+                        (base + o + j * stride, base + o + j * stride + lbn, f + j * lbn, i) for j in range(n // lbn)
+                    )
+        rows.sort()
+        reach = rows[0]  # the piece reaching furthest so far
+        for row in rows[1:]:
+            if row[0] < reach[1]:
+                if row[:3] != reach[:3] or keys[row[3]] != keys[reach[3]]:
+                    _overlap(keys, reach[3], row[3])
+            if row[1] > reach[1]:
+                reach = row
+        return
+    # Many pieces (the Layer Blocks of many row-strided blocks): built and swept with numpy. Plans of one stride and
+    # runs (read_many reads the same layers into each) differ only in their base address.
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, _, runs, stride) in enumerate(plans):
+        groups.setdefault((stride, tuple(runs)), []).append(i)
+    parts = []
+    for (stride, runs), idx in groups.items():
+        rel = []
+        for f, o, n in runs:
+            rel.extend([(o, n, f)] if stride == lbn else [(o + j * stride, lbn, f + j * lbn) for j in range(n // lbn)])
+        rel_a = np.array(rel, np.int64)
+        b = np.array([bases[i] for i in idx], np.int64)[:, None]
+        g = np.empty((len(idx), len(rel), 4), np.int64)
+        g[:, :, 0] = b + rel_a[None, :, 0]
+        g[:, :, 1] = g[:, :, 0] + rel_a[None, :, 1]
+        g[:, :, 2] = rel_a[None, :, 2]
+        g[:, :, 3] = np.array(idx, np.int64)[:, None]
+        parts.append(g.reshape(-1, 4))
+    a = np.concatenate(parts)
+    a = a[np.lexsort((a[:, 3], a[:, 2], a[:, 1], a[:, 0]))]
+    reach = np.maximum.accumulate(a[:, 1])
+    for r in np.flatnonzero(a[1:, 0] < reach[:-1]) + 1:  # (only the same block read twice to one place, or an error)
+        for p in np.flatnonzero(a[:r, 1] > a[r, 0]):  # the earlier pieces it overlaps
+            if tuple(a[p, :3]) != tuple(a[r, :3]) or keys[a[p, 3]] != keys[a[r, 3]]:
+                _overlap(keys, int(a[p, 3]), int(a[r, 3]))
+
+
+def _overlap(keys: list[bytes], i: int, j: int) -> None:
+    i, j = sorted((i, j))
+    raise ValueError(
+        f"read_many: out buffers {i} and {j} overlap (blocks {keys[i].hex()} and {keys[j].hex()} would write to the "
+        "same bytes); give each read its own buffer"
+    )
+
+
 def _check_key(key: Any) -> None:
-    if not isinstance(key, bytes) or not 0 < len(key) <= block_file.MAX_KEY_NBYTES:
-        raise TypeError(f"block key must be bytes of length 1..{block_file.MAX_KEY_NBYTES}, got {key!r}")
+    # A block key is a `block_keys` key: exactly KEY_NBYTES bytes (the store's file names are its 32 hex digits).
+    # Any length the format holds (1..32) was taken: a key that lost its trailing zero byte through a numpy bytes
+    # array (dtype S16 strips trailing NULs) was then another key, a silent miss (and a second copy when written).
+    if type(key) is bytes and len(key) == KEY_NBYTES:  # (the common case first: one type check, one len)
+        return
+    if not isinstance(key, bytes):
+        raise TypeError(f"block key must be bytes of length {KEY_NBYTES}, got {key!r}")
+    if len(key) == KEY_NBYTES:  # (a bytes subclass: a numpy bytes value that kept all 16 bytes)
+        return
+    hint = (
+        " (a numpy bytes value drops trailing zero bytes: keep keys as Python bytes, e.g. in a list or an object array)"
+        if isinstance(key, np.bytes_) and len(key) < KEY_NBYTES
+        else ""
+    )
+    raise ValueError(f"block key must be {KEY_NBYTES} bytes (dualpath_jax.block_keys), got {len(key)}: {key!r}{hint}")
 
 
 def _key_list(keys: Any) -> list[bytes]:
