@@ -197,9 +197,14 @@ class DecodeBatch:
                 break
             p *= 2
         self.runner.free_slot(0)
-        self.runner.load_prompt_kv(0, np.zeros((r.num_layers, block_size, bpt), np.uint8))
+        # A slot holds at most capacity - 1 tokens of KV before a step (prompt + generation <= max_seq_len), so a
+        # block fills in it only when block_size < capacity. block_size >= max_seq_len is valid (no block ever fills
+        # on a DE) but a block_size-token prompt plus a step overflowed the slot: every DE node failed at start
+        # ("slot 0 is full" / "prompt exceeds decode capacity").
+        self.runner.load_prompt_kv(0, np.zeros((r.num_layers, max(1, min(block_size, r.capacity - 1)), bpt), np.uint8))
         self.decode(np.array([0]), np.array([0]))
-        self.read_block(0, 0, block_size)
+        if block_size < r.capacity:
+            self.read_block(0, 0, block_size)
         self.runner.free_slot(0)
 
     def read_block(self, slot: int, start: int, block_size: int) -> np.ndarray:
