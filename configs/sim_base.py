@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.dram_gbps = 500.0  # M
     c.storage_gbps = 0.0  # no aggregate storage cap (3FS saturates every SNIC)
     c.host_buffer_gb = 80.0
+    c.de_host_buffer_gb = ml_collections.config_dict.placeholder(float)  # DE nodes' buffer (None: host_buffer_gb)
     c.de_hbm_kv_gb = 0.0  # 0: derived (hbm_usable_fraction * HBM - weights per DE - de_hbm_reserve_gb)
     c.de_max_seqs = ml_collections.config_dict.placeholder(int)  # sequences a DE decodes at once (None: HBM only)
     c.hbm_usable_fraction = 0.9  # the serving engine's share of each GPU's HBM (vLLM's default 0.9)

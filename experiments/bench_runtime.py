@@ -101,7 +101,8 @@ def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
         snic_gbps=cfg.nics.snic_bytes_per_s / 1e9,
         cnic_gbps=cfg.nics.cnic_bytes_per_s / 1e9,
         dram_gbps=33.0,
-        host_buffer_gb=cfg.buffers.pe_buffer_bytes / 1e9,
+        host_buffer_gb=cfg.buffers.pe_buffer_bytes / 1e9,  # the PE nodes' (the runtime sizes the DE nodes' apart)
+        de_host_buffer_gb=cfg.buffers.de_buffer_bytes / 1e9,
         pe_hbm_kv_gb=1.0,
         de_hbm_kv_gb=c.decode_slots * c.max_seq_len * kvb / 1e9,
         de_max_seqs=c.decode_slots,  # a runtime DE decodes at most decode_slots sequences, however short
@@ -128,10 +129,19 @@ def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
 def simulate(cfg, trajs, cost, policy_kwargs: dict) -> dict:
     """The simulator on the runtime's emulated cluster; returns its summary (JCT, SNIC balance, ...). A bad value
     of its config is a ValueError naming the field (`sim_config`); a workload it cannot run, a SimConfigError."""
+    from dualpath_jax.sim.runner import summarize
+
+    sim = build_simulator(cfg, trajs, cost, policy_kwargs)
+    records, links, stats = sim.run()
+    return summarize(sim.cfg, records, links, stats)
+
+
+def build_simulator(cfg, trajs, cost, policy_kwargs: dict):
+    """The simulator of `simulate`, not run yet: `sim_config`'s copy of the cluster (its DE nodes' host buffers
+    `buffers.de_buffer_bytes` as the runtime's DE nodes map, `cluster.de_host_buffer_gb`; they had the PE size)."""
     import schedulers
     from dualpath_jax import compiled
     from dualpath_jax.runtime import driver
-    from dualpath_jax.sim.runner import summarize
 
     sim_cfg = sim_config(cfg, cost.model, policy_kwargs, n_agents=len(trajs))
     policy = schedulers.make_policy(sim_cfg.policy, **sim_cfg.policy_kwargs)
@@ -151,8 +161,7 @@ def simulate(cfg, trajs, cost, policy_kwargs: dict) -> dict:
         cost.model.layers,
         arrival_model=arrivals,
     )
-    records, links, stats = sim.run()
-    return summarize(sim_cfg, records, links, stats)
+    return sim
 
 
 def _plot(out: dict, path: str) -> None:

@@ -40,6 +40,9 @@ class ClusterConfig:
     storage_gbps: float = 0.0  # aggregate storage-cluster cap; 0 = none
     storage_efficiency: float = 1.0  # fraction of the SNIC line rate storage reads reach [calibrated]
     host_buffer_gb: float = 80.0  # DRAM buffer per node for Full Blocks
+    # DRAM buffer of each DE node where it differs from the PE nodes' (the runtime sizes them apart:
+    # buffers.de_buffer_bytes / pe_buffer_bytes); None: every node host_buffer_gb
+    de_host_buffer_gb: float | None = None
     pe_hbm_kv_gb: float = 20.0  # PE HBM for whole-prompt KV when not layerwise (basic) [calibrated]
     de_hbm_kv_gb: float = 40.0  # DE HBM for decode KV (prompt + generated); <= 0: derived (resolve_de_hbm)
     # HBM per DE held by what is neither weights nor KV (activations, EP communication buffers, graphs);
@@ -173,6 +176,8 @@ def check_sim_config(sc: SimConfig) -> None:
         value = getattr(sc.cluster, name)
         if isinstance(value, str) or value not in (True, False):
             raise ValueError(f"config.cluster.{name} must be true or false, got {value!r}")
+    if sc.cluster.de_host_buffer_gb is not None:  # (None: host_buffer_gb, as the PE nodes)
+        _check_number("config.cluster.de_host_buffer_gb", sc.cluster.de_host_buffer_gb, 0, False, None)
     if sc.cluster.de_max_seqs is not None:  # (None: no cap)
         _check_number("config.cluster.de_max_seqs", sc.cluster.de_max_seqs, 1, True, None, integer=True)
     # <= 0: derived from the HBM (resolve_de_hbm); NaN used to pass as "derived", infinity failed inside the run

@@ -59,7 +59,7 @@ cdef class _Batch:
 cdef class Simulator:
     cdef public _DecodeTime decode_time
     cdef public object cfg, c, policy, batcher, cost, trajectories, arrival_model, events, net, queue
-    cdef public object _qids, _qlens, storage_link, snapshot
+    cdef public object _qids, _qlens, storage_link, snapshot, de_buffer_bytes
     cdef public dict _shapes, requests, pes, des
     cdef public list records, nodes, de_groups
     cdef public double now, b, read_cap, _next_tick, fetch_step, max_seqs

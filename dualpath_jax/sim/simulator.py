@@ -260,6 +260,9 @@ class Simulator:
         if int(de_group_engines) < 1:
             raise ValueError(f"de_group_engines must be >= 1, got {de_group_engines}")
         self.de_group_engines = int(de_group_engines)  # DEs per lockstep group (consecutive engine ids)
+        # The host buffer of each DE node, where it differs from the PE nodes' (cluster.de_host_buffer_gb: the
+        # runtime sizes them apart, experiments.bench_runtime's copy); None: every node cluster.host_buffer_gb
+        self.de_buffer_bytes = None if c.de_host_buffer_gb is None else float(c.de_host_buffer_gb) * GB
         self._shapes: dict[int, list] = {}  # trajectory id -> [(prompt, hit, gen)] per turn
         self.now = 0.0
         self.events = TimeHeap()  # (time, seq, 0, callback, arg), earliest first (compiled when built)
@@ -309,7 +312,10 @@ class Simulator:
             # read the DE group sums from them instead of summing 8 engines per group per fetch)
             ns = NodeState(node_id=nid, role=role, engine_tok=0, engine_free_hbm_tokens=0)
             nodes[nid] = ns
-            node = Node(nid, role, snic, dram, c.host_buffer_gb * GB, ns)
+            buffer_bytes = c.host_buffer_gb * GB
+            if role == "decode" and self.de_buffer_bytes is not None:
+                buffer_bytes = self.de_buffer_bytes
+            node = Node(nid, role, snic, dram, buffer_bytes, ns)
             self.nodes.append(node)
             for _ in range(c.gpus_per_node):
                 if c.cnic_duplex:  # full duplex: each direction has the line rate (and its own collectives)
@@ -462,6 +468,10 @@ class Simulator:
                 k = math.ceil((self.now - tick) / self.fetch_step)
                 tick += k * self.fetch_step
                 self._fetch_rr = (self._fetch_rr + k) % len(self.nodes)
+                # (rounding can leave tick + k * step an ulp below now: that fetch is now, not in the past, which
+                # ran the clock backwards and scheduled the turn before it arrived)
+                if tick < self.now:
+                    tick = self.now
             self.at(tick, self._fetch)
 
     # ---- global scheduler: groups fetch periodically ----------------------------------------------------
