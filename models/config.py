@@ -88,14 +88,20 @@ _SILU_NAMES = ("silu", "swish")
 
 def check_hf_unsupported(d: dict, where: str = "config.json") -> None:
     """Refuse HF config settings these models do not implement, which would otherwise be ignored and change the
-    numbers silently: an activation other than SiLU, sliding-window attention. HF's "swish" is SiLU by another
-    name (transformers' ACT2FN maps both to nn.SiLU): it is accepted, and nothing of the config records which
-    spelling was read, so its fingerprint (the stored KV's key) is that of the "silu" config."""
+    numbers silently: an activation other than SiLU, sliding-window attention, partial RoPE (a top-level
+    partial_rotary_factor other than 1). HF's "swish" is SiLU by another name (transformers' ACT2FN maps both to
+    nn.SiLU): it is accepted, and nothing of the config records which spelling was read, so its fingerprint (the
+    stored KV's key) is that of the "silu" config."""
     act = d.get("hidden_act", "silu")
     if act not in _SILU_NAMES:
         raise ValueError(f"{where}: hidden_act={act!r} is not supported (silu)")
     if hf_bool(d, "use_sliding_window", False, where):
         raise ValueError(f"{where}: use_sliding_window=true is not supported (full attention only)")
+    # transformers' RoPE init reads a top-level partial_rotary_factor (rotary dims = head_dim x factor); it was
+    # ignored here and every dim rotated, silently (the rope_parameters spelling was already refused)
+    factor = hf_float(d, "partial_rotary_factor", 1.0, where)
+    if factor != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor={d['partial_rotary_factor']!r} is not supported (1.0)")
 
 
 def float_fields_as_floats(obj) -> None:

@@ -163,6 +163,7 @@ class ModelRunner:
             nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
             # Cast to the config's dtype (e.g. fp32 arrays into a bf16 config), never silently mixed.
             cast = jax.tree.map(lambda a, e: a.astype(e.dtype), nnx.to_pure_dict(state), expected)
+            _check_cast_finite(pure, cast)
             nnx.replace_by_pure_dict(state, cast)
             model = nnx.merge(graphdef, state)
         self.model = model
@@ -552,20 +553,29 @@ class ModelRunner:
             raise ValueError(
                 f"slot {slot} holds a sequence of {self.slot_lengths[slot]} tokens; free_slot({slot}) before loading"
             )
+        rec = self.layout.record_shape
         if isinstance(kv, (list, tuple)):
-            kv = (
-                np.concatenate([np.asarray(b) for b in kv], axis=1)
-                if kv
-                else np.zeros(
-                    (self.num_layers, 0, self.layout.bytes_per_token_per_layer),
-                    np.uint8,
-                )
-            )
+            # Each block on its own: a block of another layer count, bpt or dtype was numpy's bare "all the input
+            # array dimensions except for the concatenation axis must match exactly" (or "same number of
+            # dimensions"), naming neither the slot nor the block
+            parts = []
+            for i, b in enumerate(kv):
+                try:
+                    part = self.layout.as_records(np.asarray(b))
+                except ValueError as e:
+                    raise ValueError(f"slot {slot}: Full Block {i}: {e}") from None
+                if part.shape[:1] != (self.num_layers,) or part.ndim != 2 + len(rec):
+                    raise ValueError(
+                        f"slot {slot}: Full Block {i} has shape {np.shape(b)}, expected "
+                        f"[{self.num_layers}, tokens, {self.layout.bytes_per_token_per_layer}] (or records "
+                        f"[{self.num_layers}, tokens, *{rec}])"
+                    )
+                parts.append(part)
+            kv = np.concatenate(parts, axis=1) if parts else np.zeros((self.num_layers, 0, *rec), self.layout.np_dtype)
         try:
             recs = self.layout.as_records(np.asarray(kv))
         except ValueError as e:
             raise ValueError(f"slot {slot}: {e}") from None
-        rec = self.layout.record_shape
         if recs.shape[:1] != (self.num_layers,) or recs.ndim != 2 + len(rec):  # a reshape mixed layers and tokens
             raise ValueError(
                 f"slot {slot}: prompt KV has shape {np.shape(kv)}, expected [{self.num_layers}, tokens, *{rec}] "
@@ -649,8 +659,9 @@ class ModelRunner:
     def read_kv(self, slot: int, start: int, num_tokens: int) -> np.ndarray:
         """Records [L, num_tokens, *record] of tokens [start, start + num_tokens) of `slot`."""
         self._check_in_use(slot)
-        if not isinstance(start, (int, np.integer)) or not isinstance(num_tokens, (int, np.integer)):
-            raise ValueError(f"slot {slot}: start={start!r} and num_tokens={num_tokens!r} must be integers")  # 1.5 -> 1
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (start, num_tokens)):
+            # 1.5 -> 1; True read token 1 (slot numbers refuse a bool already)
+            raise ValueError(f"slot {slot}: start={start!r} and num_tokens={num_tokens!r} must be integers")
         if start < 0 or num_tokens < 0 or start + num_tokens > self.slot_lengths[slot]:
             raise ValueError(
                 f"slot {slot}: tokens [{start}, {start + num_tokens}) outside its {self.slot_lengths[slot]} tokens"
@@ -704,11 +715,40 @@ def _check_param_shapes(expected: dict, given: dict, path: tuple = ()) -> None:
             _check_param_shapes(v, g, path + (k,))
         elif tuple(np.shape(g)) != tuple(v.shape):
             raise ValueError(f"params: {name} has shape {tuple(np.shape(g))}, expected {tuple(v.shape)}")
+        else:
+            # An int / bool / complex leaf (a quantized tensor, a mask) was cast to the config dtype silently; the HF
+            # import and restore_params refuse such a tensor, naming it
+            dtype = getattr(g, "dtype", None)  # (never `or`: a numpy dtype is falsy, len() 0)
+            dtype = np.dtype(np.asarray(g).dtype if dtype is None else dtype)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"params: {name} has dtype {dtype}; expected a float array (cast to {v.dtype})")
     known = {str(k) for k in expected}
     extra = sorted(str(k) for k in given if str(k) not in known)
     if extra:  # e.g. params of a deeper model, or an lm_head for a tied config (flax named only the key)
         name = "/".join(map(str, path + (extra[0],)))
         raise ValueError(f"params: {name} is not a param of this config's model ({len(extra)} unexpected key(s))")
+
+
+def _check_cast_finite(given: dict, cast: dict, path: tuple = ()) -> None:
+    """Every param given in another dtype than the config's is finite once cast: float32 weights beyond float16's
+    range became inf silently (and every logit NaN), as did NaN weights; the HF import refuses both, naming the
+    tensor. Params given in the config's dtype are taken as they are (no pass over their bytes)."""
+    for k, c in cast.items():
+        g = given[k] if k in given else given[str(k)]  # (structure checked by _check_param_shapes)
+        if isinstance(c, dict):
+            _check_cast_finite(g, c, path + (k,))
+            continue
+        src = getattr(g, "dtype", None)
+        src = np.dtype(np.asarray(g).dtype if src is None else src)
+        if src == np.dtype(c.dtype) or bool(jnp.isfinite(c).all()):
+            continue
+        name = "/".join(map(str, path + (k,)))
+        what = (
+            f"values beyond {c.dtype}'s range (inf once cast from {src})"
+            if np.isfinite(np.asarray(g)).all()
+            else "non-finite values (NaN or inf)"
+        )
+        raise ValueError(f"params: {name} has {what}")
 
 
 def _weights_digest(pure: dict) -> str:
