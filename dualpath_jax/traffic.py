@@ -172,18 +172,16 @@ class Link:
         A chunk too long for the gap before a slot held for a multi-link path (`Pacer`) is cut to fill it, and its rest
         goes as one more chunk: the yielded sizes may be smaller than `quantum`.
         """
-        sizes = collections.deque(self.chunks(nbytes))
-        pending = collections.deque(
-            self.enqueue(sizes.popleft(), cls, split=True) for _ in range(min(LOOKAHEAD, len(sizes)))
-        )
+        sizes = iter(self.chunks(nbytes))  # (lazy: a list of a huge transfer's tiny chunks took GBs before its first)
+        pending = collections.deque(self.enqueue(n, cls, split=True) for n in itertools.islice(sizes, LOOKAHEAD))
         try:
             while pending:
                 t = pending.popleft()
                 start = self.wait(t)
                 if t.rest:  # cut to fill a gap before a held slot: the rest goes as one more chunk (its share paid)
                     pending.append(self.enqueue(t.rest, cls, split=True, paid=True))
-                elif sizes:
-                    pending.append(self.enqueue(sizes.popleft(), cls, split=True))
+                elif (n := next(sizes, None)) is not None:
+                    pending.append(self.enqueue(n, cls, split=True))
                 delay = start - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
@@ -194,7 +192,8 @@ class Link:
             for t in reversed(pending):  # (newest first: each is then its class's last chunk)
                 self.cancel(t)
 
-    def chunks(self, nbytes: int) -> list[int]:
+    def chunks(self, nbytes: int) -> Sequence[int]:
+        """The chunk sizes of an `nbytes` transfer (a lazy sequence: len and indexing, no list of them)."""
         return _chunks(nbytes, self.quantum, f"link {self.name!r}")
 
     def reserve(self, nbytes: int, cls: str) -> float:
@@ -221,39 +220,40 @@ class Link:
             if not paid:
                 t.charge = self._finish[cls] = start_tag + nbytes / self.weights[cls]
             if math.isinf(self.rate):
-                if joint:
-                    t.ready = True
-                else:
-                    t.slot = time.monotonic()
-                    self._record(t.slot, t.nbytes, cls)
+                # An unpaced link grants a chunk when its transfer waits for it (`wait`), and records it then: granted
+                # here, the LOOKAHEAD chunks `paced` queues ahead were recorded before they moved (a slow consumer's
+                # bytes landed in bins up to LOOKAHEAD chunks early).
+                t.ready = joint
             else:
                 self._queues[cls].append(t)
                 self._dispatch()
             return t
 
     def cancel(self, t: _Ticket) -> None:
-        """Take back a queued chunk that will not cross: an ungranted one leaves the queue, a granted one's bytes leave
-        the records (its slot is not handed out again; a `ready` joint one holds no slot)."""
+        """Take back a queued chunk that will not cross: an ungranted one leaves the queue (a `ready` joint one, whose
+        turn came but which holds no slot, too) and its class share is refunded; a granted one's bytes leave the
+        records (its slot is not handed out again)."""
         with self._cond:
             t.dropped = True
-            if t.slot is None and not t.ready:
+            if t.slot is None:
                 q = self._queues[t.cls]
                 if t in q:
                     q.remove(t)
-                    # Its fair share is not charged: the class's chunks queued after it move up by the share it was
-                    # charged (by the tag it set: a chunk cut to fill a gap kept its whole charge, a paid rest none).
-                    # (Only the class's last chunk was refunded: with another flow of the class queued behind a dropped
-                    # transfer, the class kept the charge, and 99:1 classes ran ~99:0.67 under steady drops.)
-                    if t.charge is not None:
-                        share = t.charge - t.start_tag
-                        for u in q:
-                            if u.charge is not None and u.seq > t.seq:
-                                u.start_tag -= share
-                                u.charge -= share
-                        self._finish[t.cls] -= share
-                    self._dispatch()  # (the next in line may go now)
-            elif t.slot is None:  # a joint chunk's turn, never reserved: the path's next chunk may take its turn
-                self._dispatch()
+                # Its fair share is not charged: the class's chunks queued after it move up by the share it was
+                # charged (by the tag it set: a chunk cut to fill a gap kept its whole charge, a paid rest none).
+                # (Only the class's last chunk was refunded: with another flow of the class queued behind a dropped
+                # transfer, the class kept the charge, and 99:1 classes ran ~99:0.67 under steady drops.)
+                # (A joint chunk whose turn came while its path waited for another link kept its charge when its
+                # transfer was dropped: its class then waited a whole chunk behind the other for bytes never moved.)
+                if t.charge is not None:
+                    share = t.charge - t.start_tag
+                    for u in q:
+                        if u.charge is not None and u.seq > t.seq:
+                            u.start_tag -= share
+                            u.charge -= share
+                    self._finish[t.cls] -= share
+                    t.charge = None  # (cancelled twice: refunded once)
+                self._dispatch()  # (the next in line, or the path's next chunk, may go now)
             elif t.nbytes:
                 self._record(t.slot, -t.nbytes, t.cls)
                 t.nbytes = 0  # (cancelled twice: taken back once)
@@ -264,6 +264,11 @@ class Link:
         if t.slot is not None or t.ready:
             return t.slot
         with self._cond:
+            if math.isinf(self.rate):  # unpaced: granted (and recorded) now, unless taken back
+                if t.slot is None and not t.dropped:
+                    t.slot = time.monotonic()
+                    self._record(t.slot, t.nbytes, t.cls)
+                return t.slot
             while t.slot is None and not t.ready:
                 self._dispatch()
                 now = time.monotonic()
@@ -383,13 +388,36 @@ class Link:
         return sum(self.bytes_by_class.values())
 
 
-def _chunks(nbytes: int, quantum: int, where: str) -> list[int]:
+class _Chunks(Sequence[int]):
+    """The chunk sizes of an `n`-byte transfer cut into chunks of at most `quantum` bytes, computed on access (a list
+    of them held ~8 bytes per chunk: 1-byte chunks of a 1 GB transfer were 8 GB before its first chunk moved)."""
+
+    __slots__ = ("n", "quantum")
+
+    def __init__(self, n: int, quantum: int):
+        self.n, self.quantum = n, quantum
+
+    def __len__(self) -> int:
+        return -(-self.n // self.quantum)
+
+    def __getitem__(self, k):  # (int index; a slice gives a list)
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        k = k + len(self) if k < 0 else k
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return min(self.quantum, self.n - k * self.quantum)
+
+    def __repr__(self) -> str:
+        return f"_Chunks(n={self.n}, quantum={self.quantum})"
+
+
+def _chunks(nbytes: int, quantum: int, where: str) -> _Chunks:
     """`nbytes` cut into chunks of at most `quantum` bytes (none for 0)."""
     # (a negative transfer was paced as nothing, silently; 2.5 paced and recorded 2 bytes, 0.9 none, "7" seven)
     if not is_int(nbytes) or nbytes < 0:
         raise ValueError(f"{where}: a transfer of {nbytes!r} bytes (a whole number >= 0)")
-    n = int(nbytes)
-    return [min(quantum, n - o) for o in range(0, n, quantum)]
+    return _Chunks(int(nbytes), int(quantum))
 
 
 class Pacer:

@@ -243,6 +243,10 @@ class LayerFeeder:
                 )
             if self.host_view is not None:
                 host = self.host_view(host)
+            # Closed while the source ran: close() failed the layer, so no device copy of it (it was copied anyway and
+            # then dropped: device memory taken again for a feed already torn down, e.g. a request whose peer died).
+            if self._stop.is_set():
+                return False
             x = self.to_device(host)
             self.load_times[layer] = (t0, time.monotonic())  # before the consumer may look (it was NaN then)
             fut.set_result(x)
