@@ -10,14 +10,18 @@ and serves JSON control messages until "quit":
      "priority": "low", "notify": tag, "count": k}           k one-sided writes back; reply when all landed
     {"op": "quit"}
 
-Every reply is a JSON message `{"ok": true, ...}` or `{"ok": false, "error": ...}`.
+Every reply is a JSON message `{"ok": true, ...}` or `{"ok": false, "error": ...}`, carrying the request's
+`"call_id"` when it had one (`PeerProcess.call` numbers its requests and skips the late reply to an earlier call
+that timed out, which the next call used to take as its own).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
+import time
 from typing import Any
 
 import numpy as np
@@ -53,6 +57,7 @@ def _serve(config: dict, regions: dict[str, int], conn: Any) -> None:
     try:
         while True:
             peer, payload = ep.recv()
+            msg: Any = None
             try:
                 # (a message that is not a JSON object is answered with an error: it used to end this process, and the
                 # driver's `call` waited out its timeout for a reply)
@@ -61,7 +66,8 @@ def _serve(config: dict, regions: dict[str, int], conn: Any) -> None:
                     raise ValueError(f"a control message must be a JSON object, got {type(msg).__name__}")
                 op = msg.get("op")
                 if op == "quit":
-                    ep.send(peer, json.dumps({"ok": True}).encode()).result(10)
+                    reply = {"ok": True} if "call_id" not in msg else {"ok": True, "call_id": msg["call_id"]}
+                    ep.send(peer, json.dumps(reply).encode()).result(10)
                     break
                 if op == "fill":
                     buf = bufs[msg["region"]]
@@ -70,6 +76,12 @@ def _serve(config: dict, regions: dict[str, int], conn: Any) -> None:
                 elif op == "digest":
                     buf = bufs[msg["region"]]
                     o, n = msg["offset"], msg["length"]
+                    # (a slice past the end, or a negative offset, was the digest of fewer bytes, or of the end
+                    # of the region: a comparison of two such digests passed)
+                    if type(o) is not int or type(n) is not int or not 0 <= o <= o + n <= buf.nbytes:
+                        raise ValueError(
+                            f"digest range offset={o!r} length={n!r} is outside region of {buf.nbytes} bytes"
+                        )
                     reply = {"ok": True, "sha256": hashlib.sha256(buf[o : o + n].tobytes()).hexdigest()}
                 elif op == "write":
                     futs = [
@@ -92,6 +104,8 @@ def _serve(config: dict, regions: dict[str, int], conn: Any) -> None:
                     reply = {"ok": False, "error": f"unknown op {op!r}"}
             except Exception as e:  # noqa: BLE001 - reported to the driver
                 reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            if isinstance(msg, dict) and "call_id" in msg:  # (`call` matches the reply to its request by it)
+                reply["call_id"] = msg["call_id"]
             ep.send(peer, json.dumps(reply).encode()).result(10)
     finally:
         ep.close()
@@ -104,16 +118,36 @@ class PeerProcess:
         self.proc, self.conn, self.address, self.name = proc, conn, address, name
 
     def start(self, connect_to: tuple[str, Any] | None = None, timeout: float = 30.0) -> None:
-        """Tell the peer to connect to `(name, address)` (or wait for us to connect) and wait until ready."""
-        self.conn.send(connect_to)
+        """Tell the peer to connect to `(name, address)` (or wait for us to connect) and wait until ready. A peer
+        process that exited meanwhile is a RuntimeError naming its exit code (it was a bare BrokenPipeError)."""
+        try:
+            self.conn.send(connect_to)
+        except OSError as e:  # (BrokenPipeError, ConnectionResetError: its end of the pipe is gone)
+            self.proc.join(5)
+            raise RuntimeError(
+                f"peer {self.name} not ready: the peer process exited (code {self.proc.exitcode}) ({e})"
+            ) from None
         if _answer(self.proc, self.conn, timeout, f"peer {self.name} not ready") != "ready":
             raise RuntimeError(f"peer {self.name}: unexpected answer to start")
 
     @staticmethod
     def call(ep: Any, peer: str, msg: dict, timeout: float = 60.0) -> dict:
-        ep.send(peer, json.dumps(msg).encode()).result(timeout)
-        _, payload = ep.recv(peer=peer, timeout=timeout)
-        reply = json.loads(payload)
+        """Send `msg` to the served `peer` and return its reply (RuntimeError if it failed). The request carries a
+        fresh `call_id`, and replies with another one are skipped: the late reply to an earlier call that timed out
+        (the peer was slow, not gone) used to be taken as this call's, and every later call's reply as the next's.
+        One call at a time per peer and driver endpoint (the peer serves them in order; a concurrent call's reply would
+        be skipped as a stale one)."""
+        call_id = next(_call_ids)
+        end = None if timeout is None else time.monotonic() + timeout
+        ep.send(peer, json.dumps({**msg, "call_id": call_id}).encode()).result(timeout)
+        while True:
+            left = None if end is None else max(0.0, end - time.monotonic())
+            _, payload = ep.recv(peer=peer, timeout=left)
+            reply = json.loads(payload)
+            if not isinstance(reply, dict):
+                raise RuntimeError(f"peer {peer} answered {msg.get('op')} with {reply!r}, not a JSON object")
+            if reply.get("call_id", call_id) == call_id:
+                break
         if not reply.get("ok"):
             raise RuntimeError(f"peer {peer} failed {msg.get('op')}: {reply.get('error')}")
         return reply
@@ -127,6 +161,9 @@ class PeerProcess:
         self.proc.join(timeout)
         if self.proc.is_alive():
             self.kill()
+
+
+_call_ids = itertools.count(1)  # `PeerProcess.call` request numbers (one sequence per driver process)
 
 
 def _answer(proc: mp.Process, conn: Any, timeout: float, what: str) -> Any:

@@ -384,6 +384,24 @@ def _peer_instance(hello: dict) -> str | None:
     return None if instance is None else str(instance)
 
 
+def _field(hello: Any, key: str, who: str) -> Any:
+    """`hello[key]` of a HELLO / HELLO_ACK: ProtocolError naming the field if it is missing or `hello` is no JSON object
+    (a bare KeyError "'nonce'" or AttributeError "'list' object has no attribute 'get'" was logged or raised)."""
+    if not isinstance(hello, dict):
+        raise ProtocolError(f"{who} is not a JSON object: {type(hello).__name__}")
+    if key not in hello:
+        raise ProtocolError(f"{who} lacks the field {key!r}")
+    return hello[key]
+
+
+def _hex_nonce(hello: dict, who: str) -> bytes:
+    nonce = _field(hello, "nonce", who)
+    try:
+        return bytes.fromhex(nonce)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"{who} has a nonce that is not hex: {str(nonce)[:80]!r}") from None
+
+
 def _proof(secret: bytes, role: bytes, nonce_a: bytes, nonce_b: bytes, name_a: str, name_b: str) -> str:
     msg = b"|".join([b"dualpath-tcp-v1", role, nonce_a, nonce_b, name_a.encode(), name_b.encode()])
     return hmac.new(secret, msg, hashlib.sha256).hexdigest()
@@ -1102,12 +1120,17 @@ class TcpTransport(Transport):
                 f"tcp transport {name[:40]!r}...: the name must be valid UTF-8 of at most {ENDPOINT_NAME_MAX} bytes "
                 f"(peers' handshakes carry it), got {len(name)} characters"
             )
+        if secret is not None and not isinstance(secret, (str, bytes, bytearray)):
+            # (an int or a path object was taken, and every handshake then failed with a TypeError from hmac)
+            raise TypeError(f"tcp transport {name!r}: secret must be str or bytes, got {type(secret).__name__}")
         if not is_loopback(host) and not secret:
             raise ValueError(
                 f"tcp transport {name!r}: binding non-loopback address {host!r} requires a shared secret "
                 "(pass secret=...); peers must prove it at connect"
             )
-        self.secret = secret.encode() if isinstance(secret, str) else secret
+        # An empty secret is no secret, as the check above takes it: it made this endpoint demand an HMAC proof
+        # (with an empty key) from every peer and refuse peers without a secret ("requires a shared secret").
+        self.secret = (secret.encode() if isinstance(secret, str) else bytes(secret)) if secret else None
         self.timeout_s = float(timeout_s)
         self.handshake_timeout_s = float(handshake_timeout_s)
         self.max_message_bytes = int(max_message_bytes)
@@ -1259,6 +1282,8 @@ class TcpTransport(Transport):
         if op != OP_HELLO_ACK or length > HANDSHAKE_MAX:
             raise ProtocolError(f"{peer!r} answered the handshake with op {op}")
         ack = json.loads(_recv_exact(sock, length, deadline=end))
+        if not isinstance(ack, dict):
+            raise ProtocolError(f"{peer!r} answered the handshake with a HELLO_ACK that is not a JSON object")
         if ack.get("error"):
             raise TransportError(f"{peer!r} refused the connection: {ack['error']}")
         if ack.get("name") != peer:
@@ -1267,7 +1292,7 @@ class TcpTransport(Transport):
         if ack.get("auth"):
             if self.secret is None:
                 raise TransportError(f"{peer!r} requires a shared secret; this endpoint has none")
-            server_nonce = bytes.fromhex(ack["nonce"])
+            server_nonce = _hex_nonce(ack, f"the HELLO_ACK of {peer!r}")
             expect = _proof(self.secret, b"server", nonce, server_nonce, self.name, peer)
             if not hmac.compare_digest(expect, str(ack.get("proof", ""))):
                 raise TransportError(f"{peer!r} failed to prove the shared secret")
@@ -1340,7 +1365,7 @@ class TcpTransport(Transport):
             hello = json.loads(_recv_exact(sock, length, deadline=end))
             if not isinstance(hello, dict):
                 raise ProtocolError("HELLO payload is not a JSON object")
-            peer, session, stream = str(hello["name"]), str(hello["session"]), str(hello["stream"])
+            peer, session, stream = (str(_field(hello, k, "HELLO")) for k in ("name", "session", "stream"))
             if stream not in STREAMS and stream != PROBE:
                 raise ProtocolError(f"unknown stream {stream!r}")
             limit, instance = _peer_limit(hello, peer), _peer_instance(hello)
@@ -1350,7 +1375,7 @@ class TcpTransport(Transport):
             # (a probe is told whether this endpoint holds a set of the asking instance: one it dropped looks live there)
             sets = {"sets": self._holds_set(peer, instance)} if stream == PROBE else {}
             if self.secret is not None:
-                client_nonce, nonce = bytes.fromhex(hello["nonce"]), os.urandom(32)
+                client_nonce, nonce = _hex_nonce(hello, f"the HELLO of {peer!r}"), os.urandom(32)
                 proof = _proof(self.secret, b"server", client_nonce, nonce, peer, self.name)
                 self._reply(
                     sock,
