@@ -123,6 +123,10 @@ class HostBufferPool:
         `budget_bytes` (give one of the two). `prefault` touches every page now so first use is not slow."""
         if isinstance(slot_nbytes, bool) or not isinstance(slot_nbytes, (int, np.integer)) or slot_nbytes <= 0:
             raise ValueError(f"slot_nbytes must be a positive int, got {slot_nbytes!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"host buffer pool name must be a str, got {name!r}")
+        if not is_bool(prefault):  # (a truthy "no" touched every page of a large pool)
+            raise TypeError(f"host buffer pool {name!r}: prefault must be True or False, got {prefault!r}")
         if (budget_bytes is None) == (num_slots is None):
             raise ValueError(f"give exactly one of budget_bytes and num_slots (got {budget_bytes!r}, {num_slots!r})")
         if num_slots is None:

@@ -270,6 +270,8 @@ class Link:
                     self._record(t.slot, t.nbytes, t.cls)
                 return t.slot
             while t.slot is None and not t.ready:
+                if t.dropped:  # (taken back, it is in no queue: the wait never ended)
+                    raise RuntimeError(f"link {self.name!r}: a chunk of {t.nbytes} B was cancelled; it will not cross")
                 self._dispatch()
                 now = time.monotonic()
                 if t.slot is not None or t.ready or now >= until:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from dualpath_jax.sim import runner
 from dualpath_jax.sim.config import SimConfig
 
@@ -37,6 +39,9 @@ def capacity_search(cfg: SimConfig, lo: float, hi: float, iters: int = 5, drain_
     """
     if not 0 < lo < hi:
         raise ValueError(f"capacity_search needs 0 < lo < hi, got lo={lo}, hi={hi}")
+    if isinstance(iters, bool) or not isinstance(iters, int | np.integer) or iters < 0:
+        # (a negative count skipped the bisection and returned lo as the capacity, silently)
+        raise ValueError(f"capacity_search needs iters, the bisection steps, to be an int >= 0, got {iters!r}")
     if not cfg.warmup_s < cfg.workload.duration_s:  # no turn would be judged: every probe a miss, capacity 0
         raise ValueError(
             f"capacity_search needs config.warmup_s < config.workload.duration_s (turns arriving in between are "
