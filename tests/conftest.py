@@ -9,12 +9,19 @@ import glob
 import os
 
 import pytest
+from hypothesis import settings
 
 from configs.tiny_runtime import get_config
 from dualpath_jax.runtime import driver
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.lifecycle import ConversationBook
 from dualpath_jax.runtime.model_ops import ModelOps, reference_conversations
+
+# Property tests (hypothesis) draw the same examples every run, so a CI run is reproducible and a green run stays
+# green; `HYPOTHESIS_PROFILE=explore pytest ...` draws fresh examples (and keeps failures in .hypothesis/).
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
 @pytest.fixture(scope="module")
