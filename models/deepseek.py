@@ -96,6 +96,19 @@ class DeepseekConfig(ModelConfig):
             return v3_default if v3 and key not in d else v2_default
 
         rope_dim = hf_field(d, "qk_rope_head_dim")
+        topk_method = d.get("topk_method", dv3("topk_method", "noaux_tc", "greedy"))
+        n_group = hf_int(d, "n_group", dv3("n_group", 8, 0))
+        topk_group = hf_int(d, "topk_group", dv3("topk_group", 4, 0))
+        n_routed = hf_int(d, "n_routed_experts", dv3("n_routed_experts", 256, 0))
+        if n_routed and topk_method in ("group_limited_greedy", "noaux_tc"):
+            # grouped routing needs both counts: HF's model views the scores as [tokens, n_group, -1] and keeps
+            # topk_group groups, so an absent / null / 0 count fails there (it was read here as 1 group kept)
+            for key, value in (("n_group", n_group), ("topk_group", topk_group)):
+                if not value:
+                    raise ValueError(
+                        f"config.json: topk_method={topk_method!r} routes within expert groups but {key}={value!r}"
+                        f"{' (absent)' if key not in d else ''}: give the number of groups"
+                    )
         return cls(
             architecture=arch,
             vocab_size=hf_field(d, "vocab_size"),
@@ -108,16 +121,16 @@ class DeepseekConfig(ModelConfig):
             num_attention_heads=hf_field(d, "num_attention_heads"),
             intermediate_size=hf_field(d, "intermediate_size"),
             moe_intermediate_size=hf_field(d, "moe_intermediate_size"),
-            n_routed_experts=hf_int(d, "n_routed_experts", dv3("n_routed_experts", 256, 0)),
+            n_routed_experts=n_routed,
             num_experts_per_tok=hf_int(d, "num_experts_per_tok", dv3("num_experts_per_tok", 8, 0)) or 1,
             n_shared_experts=hf_int(d, "n_shared_experts", dv3("n_shared_experts", 1, 0)),
             first_k_dense_replace=hf_int(d, "first_k_dense_replace", dv3("first_k_dense_replace", 3, 0)),
             moe_layer_freq=hf_int(d, "moe_layer_freq", 1, low=1),
             routed_scaling_factor=hf_float(d, "routed_scaling_factor", dv3("routed_scaling_factor", 2.5, 1.0)),
             scoring_func=d.get("scoring_func", dv3("scoring_func", "sigmoid", "softmax")),
-            topk_method=d.get("topk_method", dv3("topk_method", "noaux_tc", "greedy")),
-            n_group=hf_int(d, "n_group", dv3("n_group", 8, 0)) or 1,
-            topk_group=hf_int(d, "topk_group", dv3("topk_group", 4, 0)) or 1,
+            topk_method=topk_method,
+            n_group=n_group or 1,
+            topk_group=topk_group or 1,
             norm_topk_prob=hf_bool(d, "norm_topk_prob", dv3("norm_topk_prob", True, False)),
             q_lora_rank=hf_int(d, "q_lora_rank", None, low=1),
             kv_lora_rank=hf_field(d, "kv_lora_rank"),

@@ -362,3 +362,23 @@ def test_an_odd_rotary_dim_is_refused_when_the_rope_is_built():
     with pytest.raises(ValueError, match="rotary dim must be even, got 7"):
         RopeConfig(dim=7)
     assert RopeConfig(dim=8).dim == 8
+
+
+@pytest.mark.parametrize("method", ["group_limited_greedy", "noaux_tc"])
+@pytest.mark.parametrize("missing", ["n_group", "topk_group"])
+@pytest.mark.parametrize("value", ["absent", None, 0])
+def test_grouped_routing_without_a_group_count_is_refused_by_name(method, missing, value):
+    """A DeepSeek config.json whose routing works within expert groups (`topk_method` group_limited_greedy or
+    noaux_tc) but gives no `n_group` / `topk_group` (absent on V2, whose HF defaults are None, or null or 0) was read
+    as one group kept; HF's model fails on it (it views the scores as [tokens, n_group, -1]). Refused, naming the
+    field. Without routed experts nothing is routed, so nothing is refused."""
+    from test_models_checkpoint import DEEPSEEK_V3_HF
+
+    v2 = dict(DEEPSEEK_V3_HF, architectures=["DeepseekV2ForCausalLM"], topk_method=method, n_group=2, topk_group=1)
+    if method == "group_limited_greedy":
+        v2["scoring_func"] = "softmax"
+    assert config_from_hf(v2).n_group == 2
+    bad = {k: v for k, v in v2.items() if k != missing} if value == "absent" else dict(v2, **{missing: value})
+    with pytest.raises(ValueError, match=f"topk_method='{method}' routes within expert groups but {missing}="):
+        config_from_hf(bad)
+    assert config_from_hf(dict(bad, n_routed_experts=0)).n_routed_experts == 0
