@@ -167,6 +167,8 @@ QUEUE_AFTER_PENDING = 16
 ACK_ENTRY = struct.Struct("!QQ")  # (request id, length) of one landed write in an OP_WRITE_ACKS payload
 ACK_BATCH = 128  # acknowledgements held back at most (they go out when the socket drains, or at this count)
 ACK_FRAMES = 32  # ... or once this many write frames landed (write_many frames count one each)
+# (Each held acknowledgement is at least one landed frame, so while ACK_FRAMES < ACK_BATCH the frame count sends them
+# first; ACK_BATCH also bounds the OP_WRITE_ACKS payload a receiver accepts.)
 MAX_PENDING_HANDSHAKES = 64  # concurrent unauthenticated connections per endpoint
 CLOSE_GRACE_S = 1.0  # `close` waits this long for peers to close their ends before it cuts the connections
 
