@@ -563,3 +563,193 @@ def test_links_csv_holds_each_link_bucket_as_link_t0_t1_bytes(tmp_path):
     got = [(name, float(t0), float(t1), int(nb)) for name, t0, t1, nb in rows[1:]]
     assert got == [(s.link, s.t0, s.t1, s.nbytes) for s in result.links]
     assert all(t0 < t1 for _, t0, t1, _ in got)
+
+
+# ---- follow-up (session 25, late): decode clock and write-back on a hand-set state; config, capacity, outputs ----
+
+
+def _cut_mid_decode(cfg, turn=(3000, 600), max_time=2.0):
+    """A tiny run of one turn cut by `max_time` while it decodes (run() syncs the groups' clocks at the cut and leaves
+    the events after it): the simulator is left in a state its internals can be called on."""
+    sim = build_simulator(cfg, [Trajectory(0, [Turn(*turn)])])
+    sim.run(max_time=max_time)
+    (g,) = [g for g in sim.de_groups if any(m.active for m in g.members)]
+    (de,) = [m for m in g.members if m.active]
+    return sim, g, de
+
+
+def test_a_finish_that_pops_nothing_re_times_the_batch_on_its_grown_context():
+    """Mutant S62: `_de_finish` re-timing only the DEs whose batch changed (`for de in changed:`), so a finish event
+    that pops nothing (rounding: the clock stood a hair short of the target) leaves every step time as it was.
+    Contract (`_de_finish`: "New step times for the members whose batch changed (all of them if none did: the clock
+    moved)"; a decode step reads the batch's whole context, DESIGN.md "Simulator"): called directly (a documented use
+    of the internals) at a cut 2 s into a lone 600-token decode, with the turn not due, the DE's step becomes the cost
+    model's time for one sequence of prompt + the tokens generated so far."""
+    cfg = load_sim_config(f"{TINY}:dualpath")
+    sim, g, de = _cut_mid_decode(cfg)
+    assert 100 < g.v < 599 and g.tv == sim.now == 2.0
+    old = de.step
+    assert old == sim.decode_time.time(1, 3000)
+    sim._de_finish((g, g.version))
+    assert len(de.active) == 1  # nothing was due
+    assert de.step == sim.decode_time.time(1, int(3000 + g.v)) > old
+    assert g.step == de.step
+
+
+def test_a_finish_already_due_is_rescheduled_now_not_in_the_past():
+    """Mutant S51: `_de_reschedule` scheduling the next finish at now + (target - v) x step without the clamp at 0,
+    so a finish already due when the batch changes (its target at or below the clock, as when a request joins at the
+    instant another one is due) lands before `now` and the event loop's clock would run backwards. Contract (the
+    event queue: no event is scheduled in the past; `_de_reschedule`): on a hand-set state (the running turn's target
+    put half a token below the clock at a cut), the rescheduled finish is at `now`, and it finishes the turn then."""
+    cfg = load_sim_config(f"{TINY}:dualpath")
+    sim, g, de = _cut_mid_decode(cfg)
+    (entry,) = g.finish_heap
+    g.finish_heap[0] = (g.v - 0.5,) + tuple(entry[1:])
+    sim._de_reschedule(g)
+    t, _, _, fn, arg = sim.events.pop()
+    assert t == sim.now == 2.0
+    assert arg == (g, g.version)
+    fn(arg)
+    assert not de.active
+
+
+def test_a_write_back_takes_a_reservation_only_where_the_low_class_has_room_for_its_pace():
+    """Mutant S58: `_start_writeback` taking a fixed-rate reservation whenever its pace is under 1% of the path's
+    capacity, without checking what the KV (low) class has left on each link. Contract (`_start_writeback`: "within
+    what the KV class has left on each (reservations and collectives take the rest), it is a fixed-rate reservation;
+    otherwise an ordinary flow capped at that pace"; FlowNetwork.reserve: the caller checks `low_cap`): with all but
+    10 MB/s of the DE node's storage NIC held by a reservation made before the run, a 4,000-token turn's write-back
+    (~95 MB, paced far below 1% of the NIC) is a flow on what is left and takes seconds, so the agent's next turn
+    arrives that much after the first one finishes; a reservation would end with the decode."""
+    cfg = load_sim_config(f"{TINY}:dualpath")
+    sim = build_simulator(cfg, [Trajectory(0, [Turn(4000, 60, gap_s=0.1), Turn(500, 10)], arrival_time=0.0)])
+    snics = {de.node.snic for g in sim.de_groups for de in g.members}
+    assert len(snics) == 1
+    (snic,) = snics
+    left = 10e6
+    rate = sim.net.low_cap[snic] - left
+    sim.net.reserve((snic,), rate * 1e4, rate, 0.0)
+    assert sim.net.low_cap[snic] == pytest.approx(left, rel=1e-6)
+    records, _, stats = sim.run()
+    assert stats["unfinished_turns"] == 0
+    first, second = records
+    bs = cfg.cluster.block_size
+    wb = ((first.prompt_tokens + first.gen_tokens) // bs * bs - first.hit_tokens) * sim.b
+    assert wb / (first.finished - first.first_token) < 0.01 * sim.net.capacity[snic]  # the pace test passes
+    assert second.arrival >= first.first_token + wb / left * (1 - 1e-6) + 0.1
+
+
+@pytest.mark.parametrize("field", ["slo_ttft_s", "slo_tpot_s"])
+def test_either_slo_bound_may_be_infinite_to_judge_on_the_other_alone(field):
+    """Mutant K24: `_INF_OK` without config.slo_tpot_s, so `slo_tpot_s=inf` (a TTFT-only SLO) is refused as "must
+    be finite" like a capacity. Contract (config.py `_INF_OK`: the two SLO bounds are the only fields that may be
+    infinite; runner.slo_summary judges TTFT <= slo_ttft_s and TPOT <= slo_tpot_s): with either bound infinite the
+    config loads, from the command line and changed in code, and a tiny run meets the SLO on the other bound alone."""
+    from dualpath_jax.sim import runner
+
+    cfg = load_sim_config(f"{TINY}:agents=2,turns=2", {field: math.inf})
+    assert getattr(cfg, field) == math.inf
+    cfg = dataclasses.replace(load_sim_config(f"{TINY}:agents=2,turns=2"), **{field: math.inf})
+    sim = build_simulator(cfg)
+    records, _, stats = sim.run()
+    assert stats["unfinished_turns"] == 0
+    s = runner.slo_summary(cfg, records)
+    assert s["slo_turns"] == len(records) > 0 and s["slo_met"]
+
+
+def test_the_ttft_cdf_plots_only_the_turns_that_got_their_first_token(monkeypatch, tmp_path):
+    """Mutant O04: `plot_result` drawing the TTFT CDF over every record, the turns with no first token yet (a run cut
+    by max_time) included as NaN, so the curve stops short of 1 at the last real TTFT. Contract (outputs.py
+    `plot_result`: the TTFT CDF of the turns that have a TTFT; runner.slo_summary judges the others apart): the CDF's x
+    are the sorted finite TTFTs and its y climbs to 1 over them. matplotlib (the `plot` extra) is not in the test
+    venv, so a stand-in module records what the axes are asked to draw."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from dualpath_jax.metrics import TurnRecord
+    from dualpath_jax.sim.outputs import plot_result
+
+    drawn = []
+
+    class _Axes:
+        def plot(self, *args, **kwargs):
+            drawn.append((self, args))
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    ax1, ax2 = _Axes(), _Axes()
+    fig = SimpleNamespace(tight_layout=lambda: None, savefig=lambda *a, **k: None)
+    pyplot = SimpleNamespace(subplots=lambda *a, **k: (fig, (ax1, ax2)), close=lambda f: None)
+    mpl = types.ModuleType("matplotlib")
+    mpl.use = lambda backend: None
+    mpl.pyplot = pyplot
+    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    recs = [
+        TurnRecord(trajectory_id=i, turn_index=0, prompt_tokens=10, hit_tokens=0, gen_tokens=2, arrival=1.0)
+        for i in range(3)
+    ]
+    recs[0].first_token, recs[2].first_token = 4.0, 1.5  # recs[1]: none yet
+    result = SimpleNamespace(links=[], records=recs)
+    assert plot_result(result, str(tmp_path / "plot.png")) == str(tmp_path / "plot.png")
+    ((ax, (x, y)),) = drawn
+    assert ax is ax2
+    assert list(x) == [0.5, 3.0]
+    assert list(y) == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("lo, hi", [(1.0, 1.0), (2.0, 1.0), (0.0, 1.0)])
+def test_a_capacity_search_needs_a_bracket_of_positive_width_before_any_probe(monkeypatch, lo, hi):
+    """Mutant P06: `capacity_search` accepting lo == hi (`0 < lo <= hi`), so an empty bracket runs two identical
+    probes and reports hi as the capacity found. Contract (capacity.py `capacity_search`: "Bisection for the max APS
+    meeting the SLO in [lo, hi]"; ValueError "needs 0 < lo < hi"): an empty, reversed or non-positive bracket is
+    refused before anything is simulated."""
+    from dualpath_jax.sim import capacity, runner
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a probe ran")
+
+    monkeypatch.setattr(runner, "run", no_run)
+    cfg = load_sim_config(f"{TINY}:dualpath,aps=0.5,duration=60")
+    with pytest.raises(ValueError, match="needs 0 < lo < hi"):
+        capacity.capacity_search(cfg, lo, hi, iters=1)
+
+
+def test_summary_json_holds_the_link_totals_once_beside_the_stats(tmp_path):
+    """Mutant O03: `write_results` copying every stat into summary.json's "stats", the per-link byte totals
+    included, so they are written twice (a large run has thousands of links). Contract (outputs.py `write_results`:
+    summary.json is {"summary", "stats" less the link totals, "link_totals", "config"}): the link totals appear once,
+    at the top level, equal to the run's, and every other stat is under "stats"."""
+    import json
+
+    from dualpath_jax.sim import run
+    from dualpath_jax.sim.outputs import write_results
+
+    result = run(load_sim_config(f"{TINY}:dualpath,agents=2,turns=2"))
+    paths = write_results(result, str(tmp_path), config={"x": 1}, plot=False)
+    with open(paths["summary"]) as f:
+        summary = json.load(f)
+    assert set(summary) == {"summary", "stats", "link_totals", "config"}
+    assert "link_totals" not in summary["stats"]
+    assert set(summary["stats"]) == set(result.stats) - {"link_totals"}
+    assert summary["link_totals"] == pytest.approx(result.stats["link_totals"])
+    assert summary["link_totals"] and summary["config"] == {"x": 1}
+
+
+@pytest.mark.parametrize("value, message", [(-1, "must be >= 0, got -1"), (1.5, "must be an integer, got 1.5")])
+def test_a_turn_limit_that_is_negative_or_fractional_is_refused_by_name(value, message):
+    """Mutant K26: `validate_sim_config` without its check of config.workload.max_turns, so -1 runs every turn of
+    every trajectory (runner truncates only when > 0) and 1.5 fails deep in the slicing, naming no field. Contract
+    (config.py: max_turns "> 0: truncate every trajectory", an int >= 0 like every count; an out-of-range value is an
+    error naming the field): refused when a config changed in code is built, and -1 at load too (the command line
+    refuses a float for an int field by itself)."""
+    if isinstance(value, int):
+        with pytest.raises(ValueError, match=f"config.workload.max_turns {message}"):
+            load_sim_config(f"{TINY}:agents=2,turns=2", {"workload.max_turns": value})
+    cfg = load_sim_config(f"{TINY}:agents=2,turns=2")
+    cfg = dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, max_turns=value))
+    with pytest.raises(ValueError, match=f"config.workload.max_turns {message}"):
+        build_simulator(cfg)
