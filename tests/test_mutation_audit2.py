@@ -13,29 +13,17 @@ import threading
 
 import numpy as np
 import pytest
+from test_runtime_scheduler import BS, HBM, Clock, fetch, make_service  # the scheduler service test set-up
 
-import schedulers
 from dualpath_jax.block_keys import block_keys
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.kv_store import LocalDirStore
 from dualpath_jax.metrics import LinkBytes
-from dualpath_jax.runtime.control import Event, GroupReport
+from dualpath_jax.runtime.control import Event
 from dualpath_jax.runtime.lifecycle import ConversationBook, append_token_ids
-from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec, RunFailed
+from dualpath_jax.runtime.scheduler_service import RunFailed
 from dualpath_jax.workloads.types import Trajectory, Turn
 from schedulers.api import Assignment, InterEnginePolicy
-
-BS = 4
-GROUPS = [GroupSpec(0, "prefill", [0]), GroupSpec(1, "decode", [1]), GroupSpec(2, "decode", [2])]
-HBM = 4096
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
@@ -43,37 +31,6 @@ def store(tmp_path):
     s = LocalDirStore(tmp_path / "kv", BlockLayout(2, BS, 8, "test-model"))
     yield s
     s.close()
-
-
-def make_service(store, trajs, clock=None, policy="round_robin", timeout=1.0, decode_slots=None, **policy_kwargs):
-    book = ConversationBook(trajs, vocab_size=50, seed=0)
-    pol = policy if isinstance(policy, InterEnginePolicy) else schedulers.make_policy(policy, **policy_kwargs)
-    return GlobalScheduler(
-        GROUPS,
-        pol,
-        book,
-        lookup_hit_blocks=store.lookup,
-        block_keys_of=lambda ids: block_keys(ids, BS),
-        block_size=BS,
-        hbm_tokens_per_decode_engine=HBM,
-        heartbeat_timeout_s=timeout,
-        clock=clock or Clock(),
-        decode_slots=decode_slots,
-    )
-
-
-def fetch(svc, node, events=(), link_bytes=()):
-    g = GROUPS[node]
-    return svc.fetch(
-        GroupReport(
-            node,
-            g.role,
-            g.engine_ids,
-            address={e: f"addr{e}" for e in g.engine_ids},
-            events=list(events),
-            link_bytes=list(link_bytes),
-        )
-    )
 
 
 def start(svc):

@@ -19,9 +19,11 @@ from dualpath_jax.runtime.control import Event, GroupReport
 from dualpath_jax.runtime.lifecycle import ConversationBook
 from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec, RunFailed
 from dualpath_jax.workloads.types import Trajectory, Turn
+from schedulers.api import InterEnginePolicy
 
 BS = 4
 GROUPS = [GroupSpec(0, "prefill", [0]), GroupSpec(1, "decode", [1]), GroupSpec(2, "decode", [2])]
+HBM = 4096  # KV tokens of HBM per decode engine
 
 
 class Clock:
@@ -39,26 +41,35 @@ def store(tmp_path):
     s.close()
 
 
-def make_service(store, trajs, clock, policy="round_robin", timeout=1.0, decode_slots=None, **policy_kwargs):
+def make_service(store, trajs, clock=None, policy="round_robin", timeout=1.0, decode_slots=None, **policy_kwargs):
+    """A GlobalScheduler over GROUPS and `store`; `policy`: a registered name (with `policy_kwargs`) or a policy."""
     book = ConversationBook(trajs, vocab_size=50, seed=0)
+    pol = policy if isinstance(policy, InterEnginePolicy) else schedulers.make_policy(policy, **policy_kwargs)
     return GlobalScheduler(
         GROUPS,
-        schedulers.make_policy(policy, **policy_kwargs),
+        pol,
         book,
         lookup_hit_blocks=store.lookup,
         block_keys_of=lambda ids: block_keys(ids, BS),
         block_size=BS,
-        hbm_tokens_per_decode_engine=4096,
+        hbm_tokens_per_decode_engine=HBM,
         heartbeat_timeout_s=timeout,
-        clock=clock,
+        clock=clock or Clock(),
         decode_slots=decode_slots,
     )
 
 
-def fetch(svc, node, events=()):
+def fetch(svc, node, events=(), link_bytes=()):
     g = GROUPS[node]
     return svc.fetch(
-        GroupReport(node, g.role, g.engine_ids, address={e: f"addr{e}" for e in g.engine_ids}, events=list(events))
+        GroupReport(
+            node,
+            g.role,
+            g.engine_ids,
+            address={e: f"addr{e}" for e in g.engine_ids},
+            events=list(events),
+            link_bytes=list(link_bytes),
+        )
     )
 
 
