@@ -7,34 +7,11 @@ deterministic: hand-built snapshots with one right decision, small cost-model nu
 from __future__ import annotations
 
 import pytest
+from test_schedulers_policies import ALPHA, BETA, req, snapshot  # the policy tests' snapshot builders
 
-from schedulers import ClusterSnapshot, EngineState, NodeState, PendingRequest, make_policy
+from schedulers import make_policy
 
-ALPHA, BETA = 10_000, 50_000
 ONE_DE = {10: (0, [{"id": 100}])}
-
-
-def snapshot(pe_nodes, de_nodes, sums=False):
-    """pe_nodes / de_nodes: {node_id: (read_q, [engine dicts])}; engine dict: id, tok, seq, free. `sums`: the DE
-    nodes carry the runner-kept Σ tok_e / Σ free (NodeState.engine_tok / engine_free_hbm_tokens)."""
-    engines, nodes = {}, {}
-    for role, spec in (("prefill", pe_nodes), ("decode", de_nodes)):
-        for nid, (rq, engs) in spec.items():
-            nodes[nid] = NodeState(nid, role, read_queue_tokens=rq)
-            for e in engs:
-                engines[e["id"]] = EngineState(
-                    e["id"], role, nid, seq=e.get("seq", 0), tok=e.get("tok", 0), free_hbm_tokens=e.get("free", 10**9)
-                )
-            if sums and role == "decode":
-                nodes[nid].engine_tok = sum(e.get("tok", 0) for e in engs)
-                nodes[nid].engine_free_hbm_tokens = sum(e.get("free", 10**9) for e in engs)
-    return ClusterSnapshot(now=0.0, engines=engines, nodes=nodes)
-
-
-def req(i, prompt=1000, hit=900, gen=100):
-    return PendingRequest(
-        request_id=i, trajectory_id=i, turn_index=0, prompt_tokens=prompt, hit_tokens=hit, gen_tokens=gen
-    )
 
 
 def dualpath(name="dualpath", **kw):
