@@ -21,23 +21,12 @@ import threading
 
 import numpy as np
 import pytest
-from test_transport_conformance import make_pair
+from test_transport_conformance import _HeldPacer, make_pair
 
 from dualpath_jax.block_keys import block_keys
 from transport.base import RegionError
 
 # ---------------------------------------------------------------- transport
-
-
-class _HeldPacer:
-    """Holds every chunk of a paced transfer until `gate` is set; `held` is set once one waits."""
-
-    def __init__(self):
-        self.gate, self.held = threading.Event(), threading.Event()
-
-    def pace(self, nbytes, priority):
-        self.held.set()
-        assert self.gate.wait(10)
 
 
 @pytest.fixture
