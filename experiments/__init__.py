@@ -293,6 +293,10 @@ class SigtermAsInterrupt:
         if self.raising:
             raise Terminated
 
+    def error_line(self, error: str | None) -> str | None:
+        """A job's `run_jobs` error line, naming SIGTERM when that is what stopped it (run_jobs says Ctrl-C)."""
+        return "interrupted (SIGTERM) before this finished" if self.got and error == INTERRUPTED else error
+
     def __enter__(self):
         import signal
 

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 from experiments import (
-    INTERRUPTED,
     SigtermAsInterrupt,
     Terminated,
     no_earlier_results_or_exit,
@@ -336,9 +335,7 @@ def _run_all(jobs: list, term: SigtermAsInterrupt) -> dict:
     results, failed, done_by_key = {}, [], {}
     for job, (done, error) in zip(runs, run_jobs(_job, runs, _WORKERS.value, "reproduce"), strict=True):
         if error is not None:
-            if term.got and error == INTERRUPTED:
-                error = "interrupted (SIGTERM) before this finished"
-            failed.append(f"  {job[0]} {job[1]}: {error}")
+            failed.append(f"  {job[0]} {job[1]}: {term.error_line(error)}")
             continue
         done_by_key[sim[job]] = done[2]
     term.raising = False  # SIGTERM from here on: noted, and the exit comes after what finished is written

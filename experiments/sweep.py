@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 from experiments import (
-    INTERRUPTED,
     SigtermAsInterrupt,
     Terminated,
     error_line,
@@ -193,13 +192,9 @@ def main(argv: Sequence[str]) -> None:
     cells = [
         (s, m, ld, _EXTRA.value, sd) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value for sd in seeds
     ]
-    from dualpath_jax.sim import load_sim_config
-    from dualpath_jax.sim.configs_io import ConfigFileError
-    from dualpath_jax.sim.runner import build_simulator
-
     with SigtermAsInterrupt() as term:
         try:
-            _check_cells(cells, load_sim_config, build_simulator, ConfigFileError)
+            _check_cells(cells)
         except Terminated:
             raise SystemExit("sweep: stopped by SIGTERM before any cell ran (nothing written)") from None
         writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the grid runs, not after
@@ -210,13 +205,17 @@ def main(argv: Sequence[str]) -> None:
         _write_results(rows, cells, term)
 
 
-def _check_cells(cells, load_sim_config, build_simulator, config_file_error) -> None:
+def _check_cells(cells) -> None:
     """Every cell's simulator is built first (config, workload, and the check that every turn fits a DE): a bad cell
     stops the sweep before anything runs."""
+    from dualpath_jax.sim import load_sim_config
+    from dualpath_jax.sim.configs_io import ConfigFileError
+    from dualpath_jax.sim.runner import build_simulator
+
     for c in cells:
         try:
             build_simulator(load_sim_config(cell_spec(*c), as_run=True))
-        except config_file_error as e:  # the --setups file itself does not load (not Python, no get_config, ...)
+        except ConfigFileError as e:  # the --setups file itself does not load (not Python, no get_config, ...)
             raise SystemExit(f"bad config: {e}") from None
         except (ValueError, KeyError) as e:
             raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {e.args[0] if e.args else e}") from None
@@ -229,10 +228,9 @@ def _write_results(rows: list[dict], cells, term: SigtermAsInterrupt) -> None:
     naming the failed cells, or saying that SIGTERM stopped the sweep (`term.got`)."""
     from dualpath_jax.metrics import json_safe
 
-    if term.got:  # run_jobs stopped the cells as for Ctrl-C
-        for r in rows:
-            if r.get("error") == INTERRUPTED:
-                r["error"] = "interrupted (SIGTERM) before this finished"
+    for r in rows:  # (run_jobs stopped the cells as for Ctrl-C)
+        if "error" in r:
+            r["error"] = term.error_line(r["error"])
     failed = [(c, r["error"]) for c, r in zip(cells, rows, strict=True) if "error" in r]
     with open(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS + (["error"] if failed else []), extrasaction="ignore")
