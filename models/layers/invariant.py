@@ -19,6 +19,9 @@ How: every computation runs at one fixed shape whatever the batch.
   only on its own context, not on how many keys the batch padded to.
 Prefill and decode use the same functions, so decoding a token gives the bits of prefilling it: the runtime's
 tokens equal a full recompute's whatever the policy, chunking, batching or read path.
+That holds on XLA:CPU, where it is tested. On XLA:GPU (an H200, jax 0.11.2) prefill bits did not depend on
+chunking or batching, but decoded KV differed from prefill KV in its last bits at some positions (tokens equal):
+XLA:GPU compiles the two programs' per-token work differently (README, "On a GPU", second lease).
 
 Cost: loops of small fixed-shape steps instead of one large step per layer (`experiments.bench_invariant`).
 Off by default.
