@@ -85,6 +85,12 @@ class KVStore(abc.ABC):
         may also be a row-strided Full Block: a uint8 array of shape `layout.full_block_shape` whose layer
         rows are each contiguous but further apart, inside one array, e.g. `area[:, t0 : t0 + block_size]` of
         a layer-major [L, tokens, bpt] host buffer (read in place, no staging copy).
+
+        Reads in flight at the same time (`read`, `submit_read`, `read_many` calls from several threads) must not
+        write to the same bytes: the caller's contract, not checked (`read_many` checks only its own buffers against
+        each other; checking across calls would cost every read a shared lookup). Reads of different blocks into
+        one buffer race: a read that checks `out` after its copy may then miss and remove a valid block as corrupt,
+        or return True while `out` holds the other block's bytes.
         """
 
     @abc.abstractmethod
@@ -102,7 +108,8 @@ class KVStore(abc.ABC):
         self, keys: Sequence[bytes], outs: Sequence[Any], layers: Iterable[int] | int | None = None
     ) -> list[bool]:
         """Parallel `read` of several blocks into their own buffers (buffers must not overlap, apart from one key's
-        same bytes read twice to one place; LocalDirStore refuses others); per-key success."""
+        same bytes read twice to one place; LocalDirStore refuses others); per-key success. Its buffers must not
+        overlap those of reads in flight in other calls either (see `read`: the caller's contract, not checked)."""
         if len(keys) != len(outs):
             raise ValueError(f"read_many got {len(keys)} keys but {len(outs)} output buffers")
         # one pass per key; one layer (an int, a numpy int) and a slice are not iterables but taken as read takes them

@@ -41,16 +41,17 @@ open the new file.
 
 Capacity and LRU order are per process: each process evicts from its own view, which is approximate when several
 processes write to one directory (documented limitation). Eviction costs O(1) while the blocks fit, else one walk
-from the LRU end to the last victim. Blocks being read or written are not evicted (apart from the callers' pins:
-`unpin` only undoes a `pin`). A lookup that indexes blocks written by other processes evicts other blocks to fit
-them, never its own hits; where its hits alone exceed the capacity, the ones past it are neither indexed nor
-reported, and where it can keep none of them (a store already over capacity: pins a refresh indexed, writes in
-flight) it evicts nothing. A read hit or a dedup write that indexes such a block evicts others to fit it the same way
-(else it is left unindexed). A write checks for room before it writes but evicts only once its block is stored, so a
-write that fails (a full disk, EIO) costs no stored block (the disk holds the writes in flight beyond
-`capacity_bytes`: leave room for them; a write whose room was pinned away meanwhile removes its new block:
-rejected). A write's reserved room ends when its block is renamed into place: from then on its file counts (once,
-if a lookup, read or refresh indexes it before the write does).
+from the LRU end to the last victim; a victim whose file cannot be removed (EACCES, EPERM, EBUSY: logged once) stays
+indexed and counted (moved to the MRU end) and the next LRU block goes instead. Blocks being read or written are not
+evicted (apart from the callers' pins: `unpin` only undoes a `pin`). A lookup that indexes blocks written by other
+processes evicts other blocks to fit them, never its own hits; where its hits alone exceed the capacity, the ones
+past it are neither indexed nor reported, and where it can keep none of them (a store already over capacity: pins a
+refresh indexed, writes in flight) it evicts nothing. A read hit or a dedup write that indexes such a block evicts
+others to fit it the same way (else it is left unindexed). A write checks for room before it writes but evicts only
+once its block is stored, so a write that fails (a full disk, EIO) costs no stored block (the disk holds the writes
+in flight beyond `capacity_bytes`: leave room for them; a write whose room was pinned away meanwhile removes its new
+block: rejected). A write's reserved room ends when its block is renamed into place: from then on its file counts
+(once, if a lookup, read or refresh indexes it before the write does).
 
 fork(): the child gets the store's lock, thread pools and in-flight state anew (`_after_fork_in_child`): reads
 and writes in flight in the parent's other threads do not exist in the child, so their protection from eviction,
@@ -416,8 +417,12 @@ class LocalDirStore(KVStore):
     ):
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
-        if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
-            raise TypeError(f"root must be a directory path, got {root!r}")
+        try:
+            root_path = os.fspath(root) if isinstance(root, (str, os.PathLike)) else None
+        except TypeError:  # (an __fspath__ that returns neither str nor bytes)
+            root_path = None
+        if not isinstance(root_path, str) or not root_path:  # (bytes from __fspath__ failed in os.path.join)
+            raise TypeError(f"root must be a directory path (a str, or a PathLike giving a str), got {root!r}")
         if checksum not in block_file.CHECKSUM_ALGOS:
             raise ValueError(f"checksum must be one of {sorted(block_file.CHECKSUM_ALGOS)}, got {checksum!r}")
         if not checks.is_int(io_threads) or io_threads < 1:
@@ -476,7 +481,7 @@ class LocalDirStore(KVStore):
             raise ValueError(f"fd_cache must be an int >= 0, got {fd_cache!r}")
         if not checks.is_real(stale_temp_s) or not stale_temp_s >= 0:  # (NaN: no temp file was ever old enough)
             raise ValueError(f"stale_temp_s must be a number >= 0, got {stale_temp_s!r}")
-        self.root = os.path.abspath(os.fspath(root))
+        self.root = os.path.abspath(root_path)
         self.capacity_bytes = None if capacity_bytes is None else int(capacity_bytes)
         self.checksum = checksum
         self.verify_reads = bool(verify)  # the `verify` option (`verify` is the method: stored and whole?)
@@ -520,6 +525,7 @@ class LocalDirStore(KVStore):
         self._index: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._seq = 0
         self._pins: collections.Counter[bytes] = collections.Counter()  # pin()/unpin() of the callers
+        self._evict_failed: set[bytes] = set()  # indexed keys whose eviction failed to remove the file (logged)
         self._busy: collections.Counter[bytes] = collections.Counter()  # reads and writes in flight: not evicted
         self._scans: list[set[bytes]] = []  # per `_scan` in progress: the keys dropped meanwhile
         self._drops = 0  # indexed keys dropped so far (a check outside the lock that saw a block present and
@@ -750,6 +756,7 @@ class LocalDirStore(KVStore):
 
     def _drop_locked(self, key: bytes) -> None:
         self._forget_fd_locked(key)
+        self._evict_failed.discard(key)
         for dropped in self._scans:  # (a refresh in progress must not index it again from its listing)
             dropped.add(key)
         if self._index.pop(key, None) is not None:
@@ -774,21 +781,20 @@ class LocalDirStore(KVStore):
         """Evict LRU blocks (neither pinned nor being read, nor in `protect`) until `incoming` more bytes fit;
         False if they do not even then (with `partial=False` nothing is evicted then: a write that fails anyway must
         not cost other blocks; lookup's partial eviction makes room for some of its hits). `evict=False` only says
-        whether they would fit (a write checks before it writes, and evicts once its block is stored). Costs O(1)
-        when they fit, else one walk from the LRU end to the last victim (the index is never copied: it is held
-        under the lock)."""
+        whether they would fit (a write checks before it writes, and evicts once its block is stored). Victims whose
+        file cannot be removed are replaced by further LRU blocks; where none is left, False after all (some may
+        have been evicted). Costs O(1) when they fit, else one walk from the LRU end to the last victim (the index
+        is never copied: it is held under the lock)."""
         if self.capacity_bytes is None:
             return True
         need = self._excess_blocks_locked(incoming)
         if need <= 0:
             return True
         victims = self._victims_locked(need, protect)
-        if not partial and len(victims) < need:
-            return False
-        if not evict:
-            return len(victims) == need
-        self._evict_locked(victims)
-        return len(victims) == need
+        fits = len(victims) == need
+        if evict and (fits or partial):
+            fits = not self._evict_or_replace_locked(victims, protect) and fits
+        return fits
 
     def _excess_blocks_locked(self, incoming: int = 0) -> int:
         """Blocks to evict before `incoming` more bytes fit (<= 0: none)."""
@@ -807,17 +813,43 @@ class LocalDirStore(KVStore):
                 break
         return victims
 
-    def _evict_locked(self, victims: list[bytes]) -> None:
+    def _evict_or_replace_locked(self, victims: list[bytes], protect: Sequence[bytes] = ()) -> int:
+        """Evict `victims` (from `_victims_locked`), each one whose file could not be removed replaced by the next
+        LRU block that may be evicted (not in `protect`); how many could not be replaced (0: as many evicted).
+        The ones kept move to the MRU end, so that the next evictions do not try them first again."""
+        tried = set(protect)
+        kept: list[bytes] = []
+        short = 0
+        while victims:
+            tried.update(victims)
+            failed = self._evict_locked(victims)
+            kept += failed
+            victims = self._victims_locked(len(failed), tried) if failed else []
+            short += len(failed) - len(victims)
+        for key in kept:
+            self._index.move_to_end(key)
+        return short
+
+    def _evict_locked(self, victims: list[bytes]) -> list[bytes]:
+        """Evict `victims`; the ones whose file could not be removed (EACCES, EPERM, EBUSY...: logged once per key)
+        stay indexed, their bytes counted: their files are still on disk (dropping them counted the bytes as freed,
+        and a refresh or lookup indexed them again), and they hold the block, so reads of it stay right."""
+        failed = []
         for key in victims:
             try:
                 os.unlink(self.path_of(key))
             except (FileNotFoundError, NotADirectoryError):
                 pass  # already gone (another process evicted it)
             except OSError as e:
-                log.warning("kv store %s: could not evict block %s: %s", self.root, key.hex(), e)
+                failed.append(key)
+                if key not in self._evict_failed:
+                    self._evict_failed.add(key)
+                    log.warning("kv store %s: could not evict block %s: %s (kept)", self.root, key.hex(), e)
+                continue
             self._drop_locked(key)
             self._stats.evictions += 1
             self._stats.bytes_evicted += self.file_nbytes
+        return failed
 
     def pin(self, keys: Iterable[bytes]) -> None:
         keys = _key_list(keys)
@@ -893,12 +925,12 @@ class LocalDirStore(KVStore):
                 # over capacity (pins indexed by a refresh, writes in flight) can leave them all out: it then evicts
                 # nothing (as a lookup that adopts nothing, or a read of such a block): else it lost blocks for none.
                 cut = min(need - len(victims), len(adopted))
+                if cut < len(adopted):  # (victims whose file could not be removed, unreplaced: as many more left out)
+                    cut = min(cut + self._evict_or_replace_locked(victims[: need - cut], keys[:hit]), len(adopted))
                 if cut:  # (the lookup's own hits past a left-out block leave the answer, not the index)
                     hit = adopted[-cut][0]
                     for _, key in adopted[-cut:]:
                         self._drop_locked(key)
-                if cut < len(adopted):
-                    self._evict_locked(victims[: need - cut])
             self._stats.lookups += 1
             self._stats.lookup_blocks += len(keys)
             self._stats.lookup_hit_blocks += hit
@@ -1001,7 +1033,9 @@ class LocalDirStore(KVStore):
         Reads of several blocks into overlapping buffers (one buffer passed twice, rows of two blocks that overlap)
         raced: a preadv read hashes `out` after its copy, so another read's bytes landing there meanwhile failed the
         check and the valid block was removed as corrupt (or the read returned True with the other block's bytes).
-        Only reads of the same key's bytes to the same place may overlap (they write equal bytes)."""
+        Only reads of the same key's bytes to the same place may overlap (they write equal bytes). The check covers
+        this call's buffers only: reads in flight in other calls (other threads) must not write to the same bytes
+        either, which is the caller's contract, not checked (see `KVStore.read`)."""
         if len(keys) != len(outs) or getattr(self.submit_read, "__func__", None) is not LocalDirStore.submit_read:
             return super().read_many(keys, outs, layers)  # (a subclass's own submit_read: each read goes through it)
         layers = list(layers) if isinstance(layers, Iterable) else layers
@@ -1813,6 +1847,10 @@ def _flag(name: str, value: Any, default: bool) -> bool:
     return bool(value)
 
 
+# `_check_disjoint` sweeps up to this many destination pieces in Python, more with numpy (both give one answer).
+_SWEEP_MAX_ROWS = 256
+
+
 def _check_disjoint(keys: list[bytes], plans: list, lbn: int) -> None:
     """Raise if two planned reads write to the same bytes, unless both put the same key's same bytes there.
 
@@ -1825,7 +1863,7 @@ def _check_disjoint(keys: list[bytes], plans: list, lbn: int) -> None:
         if all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1)):
             return
     n_rows = sum(len(runs) if stride == lbn else sum(r[2] for r in runs) // lbn for _, _, runs, stride in plans)
-    if n_rows <= 256:
+    if n_rows <= _SWEEP_MAX_ROWS:
         rows = []  # (address, end, file offset, read index): the destination pieces of every read
         for i, (_, _, runs, stride) in enumerate(plans):
             base = bases[i]
