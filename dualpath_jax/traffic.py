@@ -34,13 +34,14 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from dualpath_jax.checks import is_int, is_real
 from dualpath_jax.metrics import LinkBytes
 
 DEFAULT_CNIC_WEIGHTS = {"high": 99.0, "low": 1.0}  # InfiniBand VL arbitration, PAPER.md "QoS"
 LOOKAHEAD = 4  # chunks a paced transfer keeps queued on a link ahead of the one it is moving
+CHECK_INTERVAL_S = 0.02  # a paced transfer given a `check` calls it at least this often while it waits for its slot
 
 
 class _Ticket:
@@ -162,9 +163,10 @@ class Link:
         for _ in self.paced(nbytes, cls):
             pass
 
-    def paced(self, nbytes: int, cls: str = "low") -> Iterator[int]:
+    def paced(self, nbytes: int, cls: str = "low", check: Callable[[], None] | None = None) -> Iterator[int]:
         """Yield the chunk sizes of an `nbytes` transfer, each once its slot has come: move the chunk's bytes
-        right after it is yielded.
+        right after it is yielded. `check` (optional): called at least every CHECK_INTERVAL_S while waiting; what it
+        raises (the transport closed) ends the wait at once, the transfer's chunks taken back.
 
         The next LOOKAHEAD - 1 chunks stay queued while the thread sleeps until the current chunk's slot, so a
         backlogged flow always has a ticket waiting when the link decides who goes next (however late its
@@ -174,23 +176,27 @@ class Link:
         """
         sizes = iter(self.chunks(nbytes))  # (lazy: a list of a huge transfer's tiny chunks took GBs before its first)
         pending = collections.deque(self.enqueue(n, cls, split=True) for n in itertools.islice(sizes, LOOKAHEAD))
+        cur = None  # the chunk being waited for (out of `pending`) until it is yielded
         try:
             while pending:
-                t = pending.popleft()
-                start = self.wait(t)
+                cur = t = pending.popleft()
+                start = self.wait(t, check=check)
                 if t.rest:  # cut to fill a gap before a held slot: the rest goes as one more chunk (its share paid)
                     pending.append(self.enqueue(t.rest, cls, split=True, paid=True))
                 elif (n := next(sizes, None)) is not None:
                     pending.append(self.enqueue(n, cls, split=True))
-                delay = start - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                _sleep_until(start, check)
+                cur = None
                 yield t.nbytes
         finally:
             # A transfer dropped part way (its consumer stopped iterating): the chunks it queued ahead never cross.
             # Left queued, they were granted later anyway, holding up other flows and recorded as bytes moved.
             for t in reversed(pending):  # (newest first: each is then its class's last chunk)
                 self.cancel(t)
+            # An exception while waiting for a chunk (`check`, a KeyboardInterrupt): it never crosses either. (It was
+            # out of `pending`: left queued, the class's later transfers waited behind it and its bytes were recorded.)
+            if cur is not None:
+                self.cancel(cur)
 
     def chunks(self, nbytes: int) -> Sequence[int]:
         """The chunk sizes of an `nbytes` transfer (a lazy sequence: len and indexing, no list of them)."""
@@ -198,7 +204,12 @@ class Link:
 
     def reserve(self, nbytes: int, cls: str) -> float:
         """Queue one chunk (<= quantum), block until granted; returns the slot start (monotonic seconds)."""
-        return self.wait(self.enqueue(nbytes, cls))
+        t = self.enqueue(nbytes, cls)
+        try:
+            return self.wait(t)
+        except BaseException:  # (interrupted: the chunk does not cross, nor stays queued ahead of the class)
+            self.cancel(t)
+            raise
 
     def enqueue(
         self,
@@ -258,9 +269,11 @@ class Link:
                 self._record(t.slot, -t.nbytes, t.cls)
                 t.nbytes = 0  # (cancelled twice: taken back once)
 
-    def wait(self, t: _Ticket, until: float = math.inf) -> float | None:
+    def wait(self, t: _Ticket, until: float = math.inf, check: Callable[[], None] | None = None) -> float | None:
         """Block until ticket `t` is granted (a joint one: `ready`), or until monotonic time `until`; returns its
-        slot start (None for a joint one). The caller moves its bytes from then."""
+        slot start (None for a joint one). The caller moves its bytes from then. `check` (must not block; called with
+        the link's lock held) is called at least every CHECK_INTERVAL_S meanwhile: what it raises ends the wait (the
+        caller cancels `t`)."""
         if t.slot is not None or t.ready:
             return t.slot
         with self._cond:
@@ -272,11 +285,14 @@ class Link:
             while t.slot is None and not t.ready:
                 if t.dropped:  # (taken back, it is in no queue: the wait never ended)
                     raise RuntimeError(f"link {self.name!r}: a chunk of {t.nbytes} B was cancelled; it will not cross")
+                if check is not None:
+                    check()
                 self._dispatch()
                 now = time.monotonic()
                 if t.slot is not None or t.ready or now >= until:
                     break
-                self._cond.wait(min(max(self._wake - now, 0.0005), until - now))
+                timeout = min(max(self._wake - now, 0.0005), until - now)
+                self._cond.wait(timeout if check is None else min(timeout, CHECK_INTERVAL_S))
             return t.slot
 
     def _dispatch(self) -> None:
@@ -414,6 +430,16 @@ class _Chunks(Sequence[int]):
         return f"_Chunks(n={self.n}, quantum={self.quantum})"
 
 
+def _sleep_until(start: float, check: Callable[[], None] | None) -> None:
+    """Sleep until monotonic time `start` (a granted slot), calling `check` at least every CHECK_INTERVAL_S."""
+    while (delay := start - time.monotonic()) > 0:
+        if check is None:
+            time.sleep(delay)
+            return
+        check()
+        time.sleep(min(delay, CHECK_INTERVAL_S))
+
+
 def _chunks(nbytes: int, quantum: int, where: str) -> _Chunks:
     """`nbytes` cut into chunks of at most `quantum` bytes (none for 0)."""
     # (a negative transfer was paced as nothing, silently; 2.5 paced and recorded 2 bytes, 0.9 none, "7" seven)
@@ -466,13 +492,14 @@ class Pacer:
         for _ in self.paced(nbytes, priority):
             pass
 
-    def paced(self, nbytes: int, priority: str = "low") -> Iterator[int]:
-        """Like `Link.paced` over all links of the path: yields each chunk size once every link granted it."""
+    def paced(self, nbytes: int, priority: str = "low", check: Callable[[], None] | None = None) -> Iterator[int]:
+        """Like `Link.paced` over all links of the path: yields each chunk size once every link granted it (`check`:
+        see `Link.paced`)."""
         quantum = min(link.quantum for link in self.links)
         sizes = _chunks(nbytes, quantum, f"pacer over {[link.name for link in self.links]}")
         classes = self.classes(priority)
         if len(self.links) == 1:  # one link: its own pacing (a chunk may be cut to fill a gap before a held slot)
-            yield from self.links[0].paced(nbytes, classes[0])
+            yield from self.links[0].paced(nbytes, classes[0], check)
             return
 
         # Over several links a chunk is a joint ticket: each link gives it its turn, then one slot is reserved on all.
@@ -487,11 +514,12 @@ class Pacer:
             return list(last)
 
         pending = collections.deque(enqueue(k) for k in range(min(LOOKAHEAD, len(sizes))))
+        cur = None  # the chunk's tickets being waited for (out of `pending`) until it is yielded (`Link.paced`)
         try:
             for k in range(len(sizes)):
-                tickets = pending.popleft()
+                cur = tickets = pending.popleft()
                 for link, t in zip(self.links, tickets, strict=True):
-                    link.wait(t)
+                    link.wait(t, check=check)
                 start = self._reserve(tickets) if tickets[0].slot is None else tickets[0].slot
                 if k + LOOKAHEAD < len(sizes):
                     pending.append(enqueue(k + LOOKAHEAD))
@@ -499,13 +527,15 @@ class Pacer:
                     nxt = pending[0]  # then (the path's next turn waits for that, like a link's grant ahead)
                     if all(link.wait(t, start) is None and t.ready for link, t in zip(self.links, nxt, strict=True)):
                         self._reserve(nxt)
-                delay = start - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                _sleep_until(start, check)
+                cur = None
                 yield sizes[k]
         finally:
             for tickets in reversed(pending):  # a transfer dropped part way: its chunks queued ahead never cross
                 for link, t in zip(self.links, tickets, strict=True):  # (`Link.paced`)
+                    link.cancel(t)
+            if cur is not None:  # interrupted while waiting for its slot: that chunk does not cross either
+                for link, t in zip(self.links, cur, strict=True):
                     link.cancel(t)
 
     def _reserve(self, tickets: list[_Ticket]) -> float:

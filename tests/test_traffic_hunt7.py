@@ -102,6 +102,7 @@ def test_a_layer_whose_source_returns_after_close_is_not_copied_to_the_device():
     finally:
         gate.set()
         closer.join(10)
+        feeder._loader.join(10)  # (close no longer joins a loader: it stops once its source returns)
     assert not closer.is_alive() and not feeder._loader.is_alive()
     assert sunk == []  # (was [0])
 

@@ -32,6 +32,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import inspect
 import operator
 import threading
 import time
@@ -559,18 +560,43 @@ class Transport(abc.ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _paced_chunks(self, nbytes: int, priority: str, chunk: int) -> Iterator[int]:
-        """Chunk sizes of a transfer, each yielded when the pacer lets it go (at once without a pacer)."""
+    def _paced_chunks(
+        self, nbytes: int, priority: str, chunk: int, check: Callable[[], None] | None = None
+    ) -> Iterator[int]:
+        """Chunk sizes of a transfer, each yielded when the pacer lets it go (at once without a pacer). `check`: passed
+        to a pacer whose `paced` takes one (`dualpath_jax.traffic`), which calls it while a chunk waits for its slot,
+        so what it raises (the endpoint or the link closed) ends the wait at once."""
         if self.pacer is None:
             for o in range(0, nbytes, chunk):
                 yield min(chunk, nbytes - o)
         elif hasattr(self.pacer, "paced"):
-            yield from self.pacer.paced(nbytes, priority)
+            paced = self.pacer.paced
+            if check is not None and _takes_check(paced):
+                yield from paced(nbytes, priority, check=check)
+            else:
+                yield from paced(nbytes, priority)
         else:
             for o in range(0, nbytes, chunk):
                 n = min(chunk, nbytes - o)
                 self.pacer.pace(n, priority)
                 yield n
+
+
+_TAKES_CHECK: dict[Any, bool] = {}
+
+
+def _takes_check(paced: Any) -> bool:
+    """Whether a pacer's `paced` takes a `check` keyword (cached per function; the `Pacer` protocol's method need
+    not)."""
+    fn = getattr(paced, "__func__", paced)
+    r = _TAKES_CHECK.get(fn)
+    if r is None:
+        try:
+            r = "check" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            r = False
+        _TAKES_CHECK[fn] = r
+    return r
 
 
 _FINISHED = concurrent.futures._base.FINISHED

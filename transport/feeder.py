@@ -26,12 +26,14 @@ It is generic over where bytes come from and go to:
   `TransportSaver`: write it into the DE buffer with a notification).
 
 At most `prefetch` layers beyond the one being computed are loading or loaded, so device memory holds at
-most `prefetch + 1` layers of KV of this feed; `min(prefetch + 1, L)` host staging buffers are preallocated
-and reused (no per-layer allocation).
+most `prefetch + 1` layers of KV of this feed. One host staging buffer is preallocated and reused (no per-layer
+allocation): the loader stages one layer at a time, and the sink has copied it out (it keeps no reference to the
+staging buffer) before the next layer's source runs.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -42,6 +44,10 @@ from typing import Any, Protocol, Self
 import numpy as np
 
 from transport.base import deadline
+
+log = logging.getLogger(__name__)
+
+CLOSE_SINK_WAIT_S = 5.0  # `close` waits at most this long for a layer's device copy that is running
 
 
 def _fail(fut: Future, err: BaseException) -> None:
@@ -197,15 +203,18 @@ class LayerFeeder:
         self.prefetch, self.host_view, self.saver = prefetch, host_view, saver
         self.to_device = to_device or default_to_device
         self.timeout_s, self.name = timeout_s, name
-        # at most min(prefetch + 1, L) layers are ever staged at once (the loader holds that many tokens, and
-        # there are only L layers): a prefetch beyond L - 1 must not reserve staging for layers that do not exist
-        self._staging = [aligned_empty(self.layer_nbytes) for _ in range(min(prefetch + 1, num_layers))]
+        # One layer is staged at a time: the one loader thread fills it (source) and the sink copies it out before
+        # the next. (min(prefetch + 1, L) buffers were allocated, prefetch of them never used: prefetch=3 with 1 GiB
+        # layers kept 3 GiB of host memory idle. The tokens bound the layers on the device, not the staging.)
+        self._staging = [aligned_empty(self.layer_nbytes)]
         self._results: list[Future] = [Future() for _ in range(num_layers)]
         self._tokens = threading.Semaphore(prefetch + 1)  # layers loading, loaded or being computed
         self._released = 0  # layers whose token went back (consumer moved past them)
         self._lock = threading.Lock()
         self._loader: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # set by close() with `_lock` held
+        self._sinking = False  # the loader is copying a layer to the device (set with `_lock` held, stop not set)
+        self._sunk = threading.Condition(self._lock)  # notified when it is done
         self._saves: list[tuple[int, Future]] = []
         self._save_pool: ThreadPoolExecutor | None = None
         # per-layer timing (monotonic s): load start/end, consumer wait start/end (for overlap checks)
@@ -232,7 +241,7 @@ class LayerFeeder:
         fut = self._results[layer]
         t0 = time.monotonic()
         try:
-            out = self._staging[layer % len(self._staging)]
+            out = self._staging[0]
             host = self.source(layer, out)
             host = out if host is None else host
             if not isinstance(host, np.ndarray):
@@ -245,9 +254,17 @@ class LayerFeeder:
                 host = self.host_view(host)
             # Closed while the source ran: close() failed the layer, so no device copy of it (it was copied anyway and
             # then dropped: device memory taken again for a feed already torn down, e.g. a request whose peer died).
-            if self._stop.is_set():
-                return False
-            x = self.to_device(host)
+            # Checked with `_lock` held: close() either sees the copy running (and waits for it) or no copy starts.
+            with self._lock:
+                if self._stop.is_set():
+                    return False
+                self._sinking = True
+            try:
+                x = self.to_device(host)
+            finally:
+                with self._lock:
+                    self._sinking = False
+                    self._sunk.notify_all()
             self.load_times[layer] = (t0, time.monotonic())  # before the consumer may look (it was NaN then)
             fut.set_result(x)
             del x
@@ -381,16 +398,21 @@ class LayerFeeder:
     def close(self) -> None:
         """Stop loading and the save worker (after queued saves). Every layer fails from now on, loaded ones too: their
         device arrays are no longer held, and `wait_for_layer` raises `LayerLoadError` naming the closed feeder."""
-        self._stop.set()
         closed = LayerLoadError(f"{self.name}: feeder closed")
         with self._lock:  # (a loaded layer was still returned after close, and its device array held until gc)
+            self._stop.set()
             for i, f in enumerate(self._results):
                 _fail(f, closed)
                 if f.exception() is None:
                     self._results[i] = gone = Future()
                     gone.set_exception(closed)
-        if self._loader is not None:
-            self._loader.join(timeout=5)
+            # A device copy running is waited for (no device memory taken by this feed once close returned); the
+            # loader is not joined: blocked in its source (a wait for a dead peer's notification), it held close up to
+            # 5 s. It stops when the source returns, its result dropped (no device copy: `_load` checks the flag).
+            if threading.current_thread() is not self._loader and not self._sunk.wait_for(
+                lambda: not self._sinking, CLOSE_SINK_WAIT_S
+            ):
+                log.error("%s: a layer's device copy still running %s s after close", self.name, CLOSE_SINK_WAIT_S)
         if self._save_pool is not None:
             self._save_pool.shutdown(wait=True)
 

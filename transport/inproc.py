@@ -289,9 +289,16 @@ class InProcTransport(Transport):
                 a = arrays[id(region)] = np.frombuffer(region.view, dtype=np.uint8)
             return a
 
+        def check() -> None:  # (a paced wait ends at once when either side closes or the link drops)
+            if self._closed:
+                raise TransportClosedError(f"endpoint {self.name!r} closed during the transfer")
+            if ep.closed or link.dead is not None:
+                raise PeerLostError(f"peer {ep.name!r} closed or disconnected during the transfer")
+
         if not n:
             _peer_region(ep, src if isinstance(src, str) else dst, so if isinstance(src, str) else do, 0)
-        for step in self._paced_chunks(n, priority, PACE_CHUNK if self.pacer is not None else max(n, 1)):
+        chunk = PACE_CHUNK if self.pacer is not None else max(n, 1)
+        for step in self._paced_chunks(n, priority, chunk, check):
             # Either side closed mid-way (a paced copy): stop moving and pacing bytes, as a closed socket would.
             if self._closed:
                 raise TransportClosedError(f"endpoint {self.name!r} closed during the transfer")
@@ -507,7 +514,9 @@ class InProcTransport(Transport):
         for pool in self._pools.values():
             # Queued transfers are cancelled (their futures report CancelledError); running copies finish.
             pool.shutdown(wait=False, cancel_futures=True)
-        with self._copies_done:  # (a paced copy stops at its next chunk, once its pacer granted the one it waits for)
+        # (a paced copy stops at its next chunk; one waiting for a pacer that takes a `check` (`dualpath_jax.traffic`)
+        # stops within its CHECK_INTERVAL_S: close used to sit out the grant, up to CLOSE_WAIT_S)
+        with self._copies_done:
             if not self._copies_done.wait_for(lambda: not self._copying, CLOSE_WAIT_S):
                 log.error("%s: %d copies still running %s s after close", self.name, self._copying, CLOSE_WAIT_S)
         with self._lock:

@@ -167,8 +167,10 @@ QUEUE_AFTER_PENDING = 16
 ACK_ENTRY = struct.Struct("!QQ")  # (request id, length) of one landed write in an OP_WRITE_ACKS payload
 ACK_BATCH = 128  # acknowledgements held back at most (they go out when the socket drains, or at this count)
 ACK_FRAMES = 32  # ... or once this many write frames landed (write_many frames count one each)
-# (Each held acknowledgement is at least one landed frame, so while ACK_FRAMES < ACK_BATCH the frame count sends them
-# first; ACK_BATCH also bounds the OP_WRITE_ACKS payload a receiver accepts.)
+# Each held acknowledgement is at least one landed frame, so the frame count sends them before ACK_BATCH are held: the
+# read loop checks ACK_FRAMES only (its ACK_BATCH check was dead). ACK_BATCH bounds the OP_WRITE_ACKS payload a
+# receiver accepts, so a sender's batch must stay within it.
+assert ACK_FRAMES <= ACK_BATCH
 MAX_PENDING_HANDSHAKES = 64  # concurrent unauthenticated connections per endpoint
 CLOSE_GRACE_S = 1.0  # `close` waits this long for peers to close their ends before it cuts the connections
 
@@ -919,7 +921,7 @@ class _Conn:
                     # The ack goes out with the others once the socket drains, or once ACK_BATCH requests or
                     # ACK_FRAMES frames landed (so a sender with a bounded window of small writes keeps streaming).
                     acks += pack_ack(req, length)
-                    if len(acks) >= ack_max or held >= ACK_FRAMES:
+                    if held >= ACK_FRAMES:  # (<= ACK_FRAMES acknowledgements held: within ack_max)
                         send_acks()
                 elif op == OP_READ:
                     region = owner._region_for_frame(rid, offset, length, "READ")
@@ -995,7 +997,8 @@ class _Conn:
             # The peer closes all connections of its set; replies may still be arriving on the others.
             self.eof = True
             if all(c.eof for c in peer.conns.values()):
-                owner._fail_peer(peer, PeerLostError(f"peer {peer.name!r} closed the connection"))
+                why = _refused_hint(peer)
+                owner._fail_peer(peer, PeerLostError(f"peer {peer.name!r} closed the connection{why}"))
         except BaseException as e:  # noqa: BLE001
             if owner.closed or peer.dead:
                 self.close_sock()
@@ -1006,8 +1009,20 @@ class _Conn:
             elif isinstance(e, TransportError):
                 err = e
             else:
-                err = PeerLostError(f"connection to {peer.name!r} lost: {e}")
+                err = PeerLostError(f"connection to {peer.name!r} lost: {e}{_refused_hint(peer)}")
             owner._fail_peer(peer, err)
+
+
+def _refused_hint(peer: _Peer) -> str:
+    """What a writer is told when the peer closed a set with transfers pending. The protocol has no frame for the
+    reason: a receiver that refuses a frame (e.g. a write past the end of a region it registered again smaller) logs it
+    and closes the set, and the writer saw only "peer closed the connection"."""
+    if not peer.pending:
+        return ""
+    return (
+        " with transfers pending (a peer closes the set when it refuses a frame, e.g. a write outside a region it "
+        "registered again smaller: its log names the region, offset and length)"
+    )
 
 
 class _Peer:
@@ -1615,6 +1630,13 @@ class TcpTransport(Transport):
     def _region_for_frame(self, rid: int, offset: int, length: int, what: str) -> MemoryRegion:
         region = self._regions_by_id.get(rid)  # atomic dict lookup: no lock per frame
         if region is None:
+            # (ids are kept across deregister/register: one we gave out names its region, deregistered since)
+            name = next((n for n, i in list(self._region_ids.items()) if i == rid), None)
+            if name is not None:
+                raise ProtocolError(
+                    f"{what} frame [{offset}, {offset + length}) for region {name!r} (id {rid}), which is not "
+                    "registered (deregistered after the peer looked it up)"
+                )
             raise ProtocolError(f"{what} frame for unknown region id {rid}")
         if offset + length > region.size:
             raise ProtocolError(
