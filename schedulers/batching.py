@@ -19,9 +19,16 @@ from schedulers.api import BatchItem, IntraEnginePolicy, PrefillWork
 from schedulers.cost_model import CostModel
 from schedulers.registry import BATCHERS, describe, is_bool, is_int, is_real
 
+_INF = float("inf")
+
 
 def largest_fitting_bsz(cost: Callable[[int], float], budget: float, upper: int) -> int:
     """Largest b in [0, upper] with cost(b) <= budget, for `cost` non-decreasing in b (binary search)."""
+    # a NaN budget gave 1 (no comparison holds: the search kept its lower end), an inf one `upper` at any cost
+    if not is_real(budget) or not 0 <= budget < _INF:
+        raise ValueError(f"largest_fitting_bsz budget must be a finite number >= 0, got {budget!r}")
+    if not is_int(upper) or upper < 0:  # 2.5 searched fractional midpoints, True was 1
+        raise ValueError(f"largest_fitting_bsz upper must be an int >= 0, got {upper!r}")
     if upper <= 0 or cost(1) > budget:
         return 0
     if cost(upper) <= budget:
@@ -60,9 +67,6 @@ def _is_count(x) -> bool:
     return is_int(x) and x >= 1
 
 
-_INF = float("inf")
-
-
 def _check_work(w: PrefillWork) -> None:
     """Checked as a batcher reaches each request (batchers read a FIFO prefix, not the whole queue): the callers run
     it for work outside 0 < remaining < inf, 0 <= cached < inf, so it passes only finished work (remaining 0)."""
@@ -71,6 +75,15 @@ def _check_work(w: PrefillWork) -> None:
             f"prefill work {w.request_id}: negative, NaN or infinite tokens (cached={w.cached_tokens}, "
             f"remaining={w.remaining_tokens})"
         )
+
+
+def _check_new(w: PrefillWork, seen: set[int]) -> None:
+    """A request the batcher reaches twice in one call (it took two batch items of one request: its tokens prefilled
+    twice); the policies refuse a request_id twice the same way. Only the FIFO prefix a batcher reads is checked."""
+    rid = w.request_id
+    if rid in seen:
+        raise ValueError(f"prefill queue holds the same request_id twice ({rid})")
+    seen.add(rid)
 
 
 @BATCHERS.register("fifo")
@@ -99,9 +112,11 @@ class FifoBatcher(IntraEnginePolicy):
     def form_batch(self, queue: Sequence[PrefillWork]) -> list[BatchItem]:
         left = self.config.token_budget
         out: list[BatchItem] = []
+        seen: set[int] = set()
         for w in queue:
             if self.config.max_requests is not None and len(out) >= self.config.max_requests:
                 break
+            _check_new(w, seen)
             if not (0 < w.remaining_tokens < _INF and 0 <= w.cached_tokens < _INF):
                 _check_work(w)
                 continue  # finished (remaining 0): anything else was refused
@@ -131,8 +146,9 @@ class ComputeQuotaBatcher(IntraEnginePolicy):
         min_chunk_tokens: int = 1  # progress guarantee for a head request that alone exceeds the quota
 
         def __post_init__(self):
-            if not (is_real(self.quota_s) and self.quota_s > 0):  # NaN too (it would cut every batch to one token)
-                raise ValueError(f"compute_quota quota_s must be > 0, got {self.quota_s!r}")
+            # NaN too (it would cut every batch to one token); inf was no quota at all (PAPER.md: 300 ms)
+            if not (is_real(self.quota_s) and 0 < self.quota_s < _INF):
+                raise ValueError(f"compute_quota quota_s must be > 0, got {self.quota_s!r} (a finite time in seconds)")
             if self.token_budget is not None and not _is_count(self.token_budget):  # 0: no batch would ever form
                 raise ValueError(
                     f"compute_quota token_budget must be >= 1 (an int) or None, got {describe(self.token_budget)}"
@@ -160,7 +176,9 @@ class ComputeQuotaBatcher(IntraEnginePolicy):
         tokens_left = c.token_budget if c.token_budget is not None else float("inf")
         out: list[BatchItem] = []
         attention_time = self.cost_model.attention_time
+        seen: set[int] = set()
         for w in queue:
+            _check_new(w, seen)
             remaining = w.remaining_tokens
             if not (0 < remaining < _INF and 0 <= w.cached_tokens < _INF):
                 _check_work(w)

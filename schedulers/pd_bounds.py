@@ -86,8 +86,10 @@ def pd_ratio_range(g: int, s: float, mem_over_bs: float) -> tuple[float, float]:
 
 def binding_constraints(g: int, s: float, B: float, M: float, rel_tol: float = 1e-9) -> tuple[list[str], list[str]]:
     """Names of the constraints that set the lower and the upper bound (ties: all of them)."""
-    if not 0 <= rel_tol < math.inf:  # (NaN or a negative tolerance matched nothing: empty lists, no reason)
-        raise ValueError(f"rel_tol must be a finite number >= 0, got {rel_tol}")
+    # (NaN or a negative tolerance matched nothing: empty lists, no reason; True was a tolerance of 1, a str a
+    # TypeError from the comparison)
+    if isinstance(rel_tol, bool) or not isinstance(rel_tol, numbers.Real) or not 0 <= rel_tol < math.inf:
+        raise ValueError(f"rel_tol must be a finite number >= 0, got {rel_tol!r}")
     cs = pd_ratio_constraints(g, s, B, M)
     lo, hi = pd_ratio_bounds(g, s, B, M)
     low = [c.name for c in cs if c.kind == "lower" and abs(c.value - lo) <= rel_tol * max(1.0, abs(lo))]
@@ -96,4 +98,11 @@ def binding_constraints(g: int, s: float, B: float, M: float, rel_tol: float = 1
 
 
 def as_fraction(x: float, max_den: int = 1000) -> Fraction:
-    return Fraction(x).limit_denominator(max_den)
+    """`x` as the nearest fraction of denominator <= `max_den` (a bound printed as P/D = 1/7)."""
+    # NaN / inf were a bare ValueError / OverflowError of Fraction, True the fraction 1 (or denominator 1)
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+        raise ValueError(f"as_fraction x must be a finite number, got {x!r}")
+    if isinstance(max_den, bool) or not isinstance(max_den, numbers.Integral) or max_den < 1:
+        raise ValueError(f"as_fraction max_den must be an int >= 1, got {max_den!r}")
+    # as Python numbers: Fraction refused np.float32, and np.int64 arithmetic overflowed in limit_denominator
+    return Fraction(x if isinstance(x, numbers.Rational) else float(x)).limit_denominator(int(max_den))
