@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import platform
 import re
@@ -34,8 +35,11 @@ from experiments import (
     writable_dir_or_exit,
 )
 
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.")
-_WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1)
+# --output_dir, --workers, --plot, --overwrite, --seeds: sweep (and simulate) define them too, with their own defaults
+# and help; allow_override lets the launchers be imported into one process (the last one imported defines them there;
+# absl raised DuplicateFlagError), and each launcher's command line is its own
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.", allow_override=True)
+_WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1, allow_override=True)
 _AGENTS = flags.DEFINE_integer("agents", 2048, "Agents of the headline offline run (paper: 2048).", lower_bound=1)
 _DATASET = flags.DEFINE_string("dataset", "64K", "Dataset of the headline offline run (paper: 64K).")
 _ONLINE = flags.DEFINE_bool("online", False, "Also search the online capacity (DS 660B, DS 27B).")
@@ -45,14 +49,20 @@ _ONLINE_DURATION = flags.DEFINE_float(
 _ONLINE_WARMUP = flags.DEFINE_float("online_warmup_s", 2400.0, "Turns arriving before this are not judged.")
 _ONLINE_ITERS = flags.DEFINE_integer("online_iters", 3, "Bisection steps of each capacity search.", lower_bound=0)
 _TABLE = flags.DEFINE_list("table", [], "Agent counts of the DS 660B calibration table to run (all datasets).")
-_PLOT = flags.DEFINE_bool("plot", True, "Write report.png (matplotlib): the headline figures beside the paper's.")
+_PLOT = flags.DEFINE_bool(
+    "plot", True, "Write report.png (matplotlib): the headline figures beside the paper's.", allow_override=True
+)
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an earlier report.md / report.json in --output_dir (else: refused)."
+    "overwrite",
+    False,
+    "Replace an earlier report.md / report.json in --output_dir (else: refused).",
+    allow_override=True,
 )
 _SEEDS = flags.DEFINE_list(
     "seeds",
     ["0"],
     "Seeds of the headline offline runs; with several, each figure is their mean with [min, max] beside it.",
+    allow_override=True,
 )
 _ONLINE_DATASET = flags.DEFINE_string(
     "online_dataset", "", "Dataset of the online probes ('' = the configs' 64K; PAPER.md does not name it)."
@@ -240,14 +250,20 @@ def table_fit(fit: dict[str, list[float]]) -> str:
 
 
 def _spread(values: Sequence[float], fmt: str) -> tuple[float, str]:
-    """(mean of `values`, " [min, max]" in `fmt` when there are several, else "")."""
+    """(mean of `values`, " [min, max]" in `fmt` when there are several, else ""). A NaN value (oracle's storage-NIC
+    max/avg) makes the mean NaN and the range [nan, nan], whichever seed it is (min/max over a list with a NaN depended
+    on where the NaN was)."""
     mean = sum(values) / len(values)
-    return mean, (f" [{min(values):{fmt}}, {max(values):{fmt}}]" if len(values) > 1 else "")
+    if len(values) < 2:
+        return mean, ""
+    lo, hi = (math.nan, math.nan) if any(math.isnan(v) for v in values) else (min(values), max(values))
+    return mean, f" [{lo:{fmt}}, {hi:{fmt}}]"
 
 
 def _row(name: str, paper: float, sim: float | Sequence[float], unit: str = "") -> str:
-    """A report row; `sim` may be one value per seed: then their mean, with [min, max] beside it."""
-    mean, spread = _spread([sim] if isinstance(sim, (int, float)) else list(sim), ".4g")
+    """A report row; `sim` may be one value per seed: then their mean, with [min, max] beside it. One value may be a
+    numpy scalar too (a numpy int was taken for a sequence: TypeError)."""
+    mean, spread = _spread([sim] if isinstance(sim, numbers.Real) else list(sim), ".4g")
     ratio = mean / paper if paper else float("nan")
     return f"| {name} | {paper:g}{unit} | {mean:.4g}{unit}{spread} | {ratio:.3f} |"
 

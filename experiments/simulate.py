@@ -21,8 +21,12 @@ from absl import app, flags, logging
 from experiments import config_or_exit, define_config_file, parse_flags_or_exit, writable_dir_or_exit
 
 _CONFIG = define_config_file("config", None, "A simulator config file (configs/paper_*.py).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where to write results (default: config.output_dir).")
-_PLOT = flags.DEFINE_bool("plot", True, "Write plot.png (matplotlib).")
+# --output_dir, --plot: sweep and reproduce_paper define them too (allow_override: the launchers can be imported into
+# one process, where the last one imported defines them; each launcher's command line is its own)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", None, "Where to write results (default: config.output_dir).", allow_override=True
+)
+_PLOT = flags.DEFINE_bool("plot", True, "Write plot.png (matplotlib).", allow_override=True)
 _MAX_TIME = flags.DEFINE_float("max_time", math.inf, "Stop the simulated clock here (seconds).")
 flags.register_validator("max_time", lambda v: v > 0, message="--max_time must be > 0")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar of finished turns (stderr).")

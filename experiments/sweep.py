@@ -37,10 +37,18 @@ _SETUPS = flags.DEFINE_list("setups", ["configs/sim_tiny.py"], "Config files (co
 _MODES = flags.DEFINE_list("modes", ["basic", "dualpath"], "Modes or registered policy names.")
 _LOADS = flags.DEFINE_list("loads", [""], "Load variants: agents=N (offline) or aps=X (online); '' = default.")
 _EXTRA = flags.DEFINE_string("extra", "", "Extra variant items appended to every cell (e.g. dataset=48K).")
-_WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1)
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/sweep", "Where sweep.csv / sweep.json / sweep.png go.")
+# --workers, --output_dir, --seeds, --plot, --overwrite: reproduce_paper (and simulate) define them too, with their own
+# defaults and help; allow_override lets the launchers be imported into one process (the last one imported defines
+# them there; absl raised DuplicateFlagError), and each launcher's command line is its own
+_WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1, allow_override=True)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", "results/sweep", "Where sweep.csv / sweep.json / sweep.png go.", allow_override=True
+)
 _SEEDS = flags.DEFINE_list(
-    "seeds", [], "Run every cell once per seed (seed=N added to its variant); empty: each config's own seed."
+    "seeds",
+    [],
+    "Run every cell once per seed (seed=N added to its variant); empty: each config's own seed.",
+    allow_override=True,
 )
 flags.register_validator(
     "seeds",
@@ -53,9 +61,14 @@ for _name in ("setups", "modes", "loads"):  # an empty list made an empty grid (
 register_distinct("setups", key=os.path.realpath)
 register_distinct("modes")
 register_distinct("loads")
-_PLOT = flags.DEFINE_bool("plot", True, "Write sweep.png (matplotlib): each setup's JCT and metrics over the loads.")
+_PLOT = flags.DEFINE_bool(
+    "plot", True, "Write sweep.png (matplotlib): each setup's JCT and metrics over the loads.", allow_override=True
+)
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace an earlier sweep's sweep.csv / sweep.json in --output_dir (else: refused)."
+    "overwrite",
+    False,
+    "Replace an earlier sweep's sweep.csv / sweep.json in --output_dir (else: refused).",
+    allow_override=True,
 )
 
 COLUMNS = [

@@ -658,49 +658,6 @@ def test_either_slo_bound_may_be_infinite_to_judge_on_the_other_alone(field):
     assert s["slo_turns"] == len(records) > 0 and s["slo_met"]
 
 
-def test_the_ttft_cdf_plots_only_the_turns_that_got_their_first_token(monkeypatch, tmp_path):
-    """Mutant O04: `plot_result` drawing the TTFT CDF over every record, the turns with no first token yet (a run cut
-    by max_time) included as NaN, so the curve stops short of 1 at the last real TTFT. Contract (outputs.py
-    `plot_result`: the TTFT CDF of the turns that have a TTFT; runner.slo_summary judges the others apart): the CDF's x
-    are the sorted finite TTFTs and its y climbs to 1 over them. matplotlib (the `plot` extra) is not in the test
-    venv, so a stand-in module records what the axes are asked to draw."""
-    import sys
-    import types
-    from types import SimpleNamespace
-
-    from dualpath_jax.metrics import TurnRecord
-    from dualpath_jax.sim.outputs import plot_result
-
-    drawn = []
-
-    class _Axes:
-        def plot(self, *args, **kwargs):
-            drawn.append((self, args))
-
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: None
-
-    ax1, ax2 = _Axes(), _Axes()
-    fig = SimpleNamespace(tight_layout=lambda: None, savefig=lambda *a, **k: None)
-    pyplot = SimpleNamespace(subplots=lambda *a, **k: (fig, (ax1, ax2)), close=lambda f: None)
-    mpl = types.ModuleType("matplotlib")
-    mpl.use = lambda backend: None
-    mpl.pyplot = pyplot
-    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
-    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
-    recs = [
-        TurnRecord(trajectory_id=i, turn_index=0, prompt_tokens=10, hit_tokens=0, gen_tokens=2, arrival=1.0)
-        for i in range(3)
-    ]
-    recs[0].first_token, recs[2].first_token = 4.0, 1.5  # recs[1]: none yet
-    result = SimpleNamespace(links=[], records=recs)
-    assert plot_result(result, str(tmp_path / "plot.png")) == str(tmp_path / "plot.png")
-    ((ax, (x, y)),) = drawn
-    assert ax is ax2
-    assert list(x) == [0.5, 3.0]
-    assert list(y) == [0.5, 1.0]
-
-
 @pytest.mark.parametrize("lo, hi", [(1.0, 1.0), (2.0, 1.0), (0.0, 1.0)])
 def test_a_capacity_search_needs_a_bracket_of_positive_width_before_any_probe(monkeypatch, lo, hi):
     """Mutant P06: `capacity_search` accepting lo == hi (`0 < lo <= hi`), so an empty bracket runs two identical

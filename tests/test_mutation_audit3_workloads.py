@@ -604,7 +604,7 @@ def test_a_sweep_row_names_the_seed_the_cell_ran_with_and_its_simulation_rates()
     """Mutations: `run_cell`'s row took the cell's seed item ("" for the config's own seed) instead of the seed the
     simulation ran with (`cfg.seed`), and dropped the simulator's events_per_s / turns_per_s. sweep.csv's `seed`
     column says which seed each row is (rows of one cell over --seeds are told apart by it), and its COLUMNS list
-    both rates. (In a subprocess: experiments.sweep and experiments.reproduce_paper define the same absl flags.)"""
+    both rates. (In a subprocess: the launcher's absl flags stay out of the test process.)"""
     import json
 
     code = (

@@ -37,8 +37,8 @@ def capacity_search(cfg: SimConfig, lo: float, hi: float, iters: int = 5, drain_
     missed it above. capacity_aps is 0 when even `lo` misses the SLO (upper_aps: `lo`), and `hi` when `hi` meets
     it (no upper_aps: the search bound).
     """
-    if not 0 < lo < hi:
-        raise ValueError(f"capacity_search needs 0 < lo < hi, got lo={lo}, hi={hi}")
+    if not 0 < lo < hi < math.inf:  # (an infinite hi was refused by its probe, after the probe of lo had run)
+        raise ValueError(f"capacity_search needs 0 < lo < hi, both finite, got lo={lo}, hi={hi}")
     if isinstance(iters, bool) or not isinstance(iters, int | np.integer) or iters < 0:
         # (a negative count skipped the bisection and returned lo as the capacity, silently)
         raise ValueError(f"capacity_search needs iters, the bisection steps, to be an int >= 0, got {iters!r}")
