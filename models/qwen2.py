@@ -56,6 +56,14 @@ class Qwen2Config(ModelConfig):
                 f"head_dim = hidden_size // num_attention_heads = 0"
             )
         qwen = arch == "Qwen2ForCausalLM"
+        # HF's Qwen2Config: an absent num_key_value_heads is its __init__ default, 32, and only null falls back to
+        # num_attention_heads (LlamaConfig: both). Absent was the heads here for Qwen2 too: HF builds 32 KV heads.
+        kv_heads = 32 if qwen and "num_key_value_heads" not in d else hf_int(d, "num_key_value_heads", heads, low=1)
+        if heads % kv_heads and "num_key_value_heads" not in d:  # (a model HF cannot build either: say why)
+            raise ValueError(
+                f"config.json: no num_key_value_heads: HF's Qwen2Config then has 32 KV heads, which do not divide "
+                f"num_attention_heads={heads}; give num_key_value_heads (null: one per attention head)"
+            )
         theta, scaling = hf_rope(d)
         rope = RopeConfig.from_hf(head_dim, theta, scaling)
         if rope.kind == "yarn" and not (scaling.get("mscale") and scaling.get("mscale_all_dim")):
@@ -72,7 +80,7 @@ class Qwen2Config(ModelConfig):
             dtype=dtype,
             max_position_embeddings=hf_int(d, "max_position_embeddings", 4096, low=1),
             num_attention_heads=heads,
-            num_key_value_heads=hf_int(d, "num_key_value_heads", heads, low=1),
+            num_key_value_heads=kv_heads,
             head_dim=head_dim,
             intermediate_size=hf_field(d, "intermediate_size"),
             qkv_bias=True if qwen else hf_bool(d, "attention_bias"),

@@ -730,18 +730,19 @@ def _check_param_shapes(expected: dict, given: dict, path: tuple = ()) -> None:
 
 
 def _check_cast_finite(given: dict, cast: dict, path: tuple = ()) -> None:
-    """Every param given in another dtype than the config's is finite once cast: float32 weights beyond float16's
-    range became inf silently (and every logit NaN), as did NaN weights; the HF import refuses both, naming the
-    tensor. Params given in the config's dtype are taken as they are (no pass over their bytes)."""
+    """Every param is finite once cast to the config's dtype: float32 weights beyond float16's range became inf
+    silently (and every logit NaN), as did NaN weights; the HF import refuses both, naming the tensor. Params
+    given in the config's dtype are scanned too: NaN weights saved by save_params came back from restore_params
+    (checksums match) and were taken as they were, while the same weights in another dtype were refused."""
     for k, c in cast.items():
         g = given[k] if k in given else given[str(k)]  # (structure checked by _check_param_shapes)
         if isinstance(c, dict):
             _check_cast_finite(g, c, path + (k,))
             continue
+        if bool(jnp.isfinite(c).all()):
+            continue
         src = getattr(g, "dtype", None)
         src = np.dtype(np.asarray(g).dtype if src is None else src)
-        if src == np.dtype(c.dtype) or bool(jnp.isfinite(c).all()):
-            continue
         name = "/".join(map(str, path + (k,)))
         what = (
             f"values beyond {c.dtype}'s range (inf once cast from {src})"

@@ -243,9 +243,11 @@ def test_restore_refuses_arrays_whose_dtype_differs_from_the_checksum_record(tmp
 def test_a_config_json_without_kv_heads_has_one_kv_head_per_attention_head():
     """Mutation: Qwen2Config.from_hf's default for num_key_value_heads `heads` changed to 1 (an MHA config.json,
     which leaves the field out or null, became MQA: a KV layout of 1 head). Contract (HF LlamaConfig): absent or
-    null num_key_value_heads means num_attention_heads (multi-head attention)."""
+    null num_key_value_heads means num_attention_heads (multi-head attention); HF's Qwen2Config: null only (absent
+    is its default 32: tests/test_fix9_runtime.py)."""
     hf = {k: v for k, v in QWEN2_HF.items() if k != "num_key_value_heads"}
-    for d in (hf, dict(hf, num_key_value_heads=None)):
+    llama = dict(hf, architectures=["LlamaForCausalLM"])
+    for d in (llama, dict(llama, num_key_value_heads=None), dict(hf, num_key_value_heads=None)):
         cfg = config_from_hf(d)
         assert cfg.num_key_value_heads == cfg.num_attention_heads == 4
         assert cfg.kv_layout.record_shape == (2, 4, cfg.head_dim)

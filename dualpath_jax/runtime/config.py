@@ -30,6 +30,8 @@ TRANSPORT_NAMES = ("inproc", "tcp", "rdma")  # rdma: pyverbs and an RDMA device 
 # Least share of a CNIC either priority class may be given: the SFQ tags (bytes / share) of a smaller one overflow or
 # swallow the other class's increments within a run.
 MIN_CLASS_SHARE = 1e-6
+# Largest config.block_size: a block file's header stores its tokens per block as a uint32 (store/block_file.py)
+MAX_BLOCK_SIZE = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -272,8 +274,11 @@ def validate(
     for name in ("prefill_nodes", "decode_nodes", "engines_per_node", "decode_slots", "max_seq_len"):
         if getattr(c, name) < 1:
             raise ConfigError(f"config.cluster.{name} must be >= 1, got {getattr(c, name)}")
-    if cfg.block_size < 1:
-        raise ConfigError(f"config.block_size must be >= 1, got {cfg.block_size}")
+    if not 1 <= cfg.block_size <= MAX_BLOCK_SIZE:
+        raise ConfigError(
+            f"config.block_size must be >= 1 and <= {MAX_BLOCK_SIZE} (a block file's header field), "
+            f"got {cfg.block_size}"
+        )
     if cfg.launcher not in LAUNCHERS:
         raise ConfigError(f"config.launcher {cfg.launcher!r} unknown; known: {', '.join(LAUNCHERS)}")
     if cfg.transport not in TRANSPORT_NAMES:
@@ -360,6 +365,15 @@ def validate(
         g = cfg.cluster.engines_per_node
         for name in ("pe_buffer_bytes", "de_buffer_bytes"):
             have = getattr(cfg.buffers, name)
+            # The prompt's KV fits an engine's share but not one Layer Block does: block_size is the field to change
+            # (block_size=1e9 was reported against the buffer alone, as a need of 5e11 B for a 100-token prompt).
+            if kv_bytes_per_token * max_prompt_tokens <= have // g < layer_block:
+                raise ConfigError(
+                    f"config.block_size={cfg.block_size} is too large for config.buffers.{name}={have} B: one Layer "
+                    f"Block ({cfg.block_size} tokens x {kv_bytes_per_token // num_layers} B/token/layer = "
+                    f"{layer_block} B) is more than each of the node's {g} engine(s) gets ({have // g} B); lower "
+                    "config.block_size (the paper's: 64)"
+                )
             if have // g // layer_block * layer_block < need:  # each engine gets an equal share of the node's
                 raise ConfigError(
                     f"config.buffers.{name}={have} B cannot hold one request's prompt KV: the longest prompt has "

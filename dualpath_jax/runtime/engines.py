@@ -62,13 +62,27 @@ def engine_endpoint(engine_id: int) -> str:
     return f"engine{engine_id}"
 
 
+TAG_FIELD_MAX = 0xFFFF  # largest attempt / layer a layer tag holds (16 bits each; the request id above them)
+
+
 def layer_tag(request_id: int, attempt: int, layer: int) -> int:
-    """Notification tag of "layer `layer` of request `request_id` (attempt) has landed"."""
-    return (request_id << 24) | ((attempt & 0xFF) << 16) | (layer & 0xFFFF)
+    """Notification tag of "layer `layer` of request `request_id` (attempt) has landed".
+
+    The attempt had 8 bits, masked: attempt 256's tags were attempt 0's, so the PE took its DE's layers for attempt
+    0's, never as those of the attempt it runs (which waited for them). An attempt is bumped at most once per node
+    declared dead (dead nodes never come back), so it is at most the node count; a field that overflows is an
+    error here, never a wrapped tag."""
+    for name, value in (("attempt", attempt), ("layer", layer)):
+        if not 0 <= value <= TAG_FIELD_MAX:
+            raise ValueError(f"layer tag: {name}={value} of request {request_id} is outside [0, {TAG_FIELD_MAX}]")
+    if not 0 <= request_id < 1 << 31:  # (the transports' tags are signed 64-bit)
+        raise ValueError(f"layer tag: request id {request_id} is outside [0, 2**31)")
+    return (request_id << 32) | (attempt << 16) | layer
 
 
 def split_tag(tag: int) -> tuple[int, int, int]:
-    return tag >> 24, (tag >> 16) & 0xFF, tag & 0xFFFF
+    """(request id, attempt, layer) of a `layer_tag`."""
+    return tag >> 32, (tag >> 16) & TAG_FIELD_MAX, tag & TAG_FIELD_MAX
 
 
 class _Inbox:
