@@ -145,3 +145,26 @@ def test_bench_io_overlap_rows_leave_out_the_first_compile(tmp_path):
             assert r[prefetch]["compute"] == pytest.approx(
                 2 * (r["c_ms"] + 1) / 1e3 if r["compute"] == "sleep" else 0.002
             )
+
+
+_SLOT_STUB = """
+from dualpath_jax.traffic import Link
+from experiments.bench_io import _bytes_by_slot_time
+
+link = Link("cnic/x", 1e6, {"high": 99, "low": 1}, per_class_names=True, clock_origin=100.0, sample_interval=0.1)
+for when, n, cls in [(100.05, 7, "low"), (100.15, 100, "low"), (100.25, 200, "high"), (100.29, 1, "high"),
+                     (100.35, 50, "low")]:
+    link._record(when, n, cls)
+print(_bytes_by_slot_time(link, 100.02, 100.33))
+"""
+
+
+def test_bench_io_shaped_counts_bytes_by_slot_time_in_whole_bins():
+    """The shaped section's 'by slot time' column: the bytes whose slot started in the whole sample bins inside the
+    window ([100.1, 100.3) of [100.02, 100.33): 100 B low, 201 B high over 0.2 s), not the bytes granted during it (a
+    transfer books chunks ahead, so a 1% class read up to 2 of its ~15 chunks too many in a 3 s window)."""
+    res = subprocess.run([sys.executable, "-c", _SLOT_STUB], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = eval(res.stdout.strip().splitlines()[-1])  # noqa: S307 (our own repr of a dict of tuples)
+    assert got["low"][0] == 100 and got["high"][0] == 201
+    assert got["low"][1] == pytest.approx(0.2) and got["high"][1] == pytest.approx(0.2)
