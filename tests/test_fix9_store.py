@@ -95,11 +95,12 @@ def test_a_block_whose_file_cannot_be_removed_stays_counted_and_the_next_lru_blo
         assert s.write(_key(3), _block(3))  # k1 (LRU) cannot be removed: k2 goes instead
         assert sorted(s.keys()) == [_key(1), _key(3)]
         assert s.used_bytes == 2 * FILE == len(_files(s)) * FILE  # what is counted is what is on disk
-        assert s.stats().evictions == 1 and s.stats().bytes_evicted == FILE
+        assert s.stats().evictions == 1 and s.stats().bytes_evicted == FILE and s.stats().evict_failures == 1
         _read_ok(s, 1)
         _read_ok(s, 3)
         assert s.write(_key(4), _block(4))  # k1 tried again (still failing): k3 goes
         assert sorted(s.keys()) == [_key(1), _key(4)] and len(_files(s)) == 2
+        assert s.stats().evict_failures == 2  # (counted per failed attempt; logged once per block)
     assert len([r for r in caplog.records if "could not evict" in r.getMessage()]) == 1  # logged once
     s.close()
     s = LocalDirStore(tmp_path / "kv", LAY, capacity_bytes=2 * FILE)  # reopened: the same blocks, nothing evicted

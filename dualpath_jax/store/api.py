@@ -42,6 +42,7 @@ class StoreStats:
     bytes_written: int = 0  # file bytes written (header + payload)
     evictions: int = 0  # blocks removed by LRU eviction
     bytes_evicted: int = 0
+    evict_failures: int = 0  # evictions whose file could not be removed (EACCES, EPERM, EBUSY): the block kept
     corrupt_blocks: int = 0  # corrupt block files found and removed (read, verify, a write over one, open)
     temp_files_removed: int = 0  # leftovers of killed writers removed
     cold_populated: int = 0  # blocks a Full-Block preadv read found out of the page cache, brought in by a mapping

@@ -842,6 +842,7 @@ class LocalDirStore(KVStore):
                 pass  # already gone (another process evicted it)
             except OSError as e:
                 failed.append(key)
+                self._stats.evict_failures += 1
                 if key not in self._evict_failed:
                     self._evict_failed.add(key)
                     log.warning("kv store %s: could not evict block %s: %s (kept)", self.root, key.hex(), e)
