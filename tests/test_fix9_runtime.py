@@ -166,3 +166,51 @@ def test_deepseek_v3_score_bias_stays_float32_in_a_bf16_model():
     r = ModelRunner(tiny_config("tiny_deepseek", dtype="bfloat16"), pure, num_slots=1, capacity=8)
     bias = np.asarray(r.pure_params()["layers"][1]["mlp"]["e_score_correction_bias"])
     assert bias.dtype == np.float32 and (bias == value).all()
+
+
+# ---------------------------------------------------------------- 5. a node process whose run raised
+
+
+def test_a_node_process_whose_run_raised_is_an_error_not_a_dead_node(monkeypatch):
+    """The local (process) launcher kept no node error: a node whose run raised exited (code 1, its traceback on
+    stderr) and was only declared dead, its requests re-run on the others, so a defect in a node's code showed as
+    re-runs. Now exit code 1 of a process serving this run is the launcher's error and the driver fails the run
+    naming the node, as for an in-process node; a signal (SIGKILL: a fault, the OOM killer) or Ctrl-C (130) is
+    still only a dead node, and so is a session process that died in an earlier run (it serves no run)."""
+    import types
+
+    from dualpath_jax.runtime.launcher import LocalProcessLauncher
+    from dualpath_jax.runtime.scheduler_service import RunFailed
+
+    launcher = LocalProcessLauncher.__new__(LocalProcessLauncher)  # (no processes spawned: stand-ins)
+    launcher.procs = {
+        n: types.SimpleNamespace(name=f"node{n}", exitcode=code, is_alive=lambda: False)
+        for n, code in [(0, None), (1, -9), (2, 130), (3, 0), (4, 1), (5, 1)]
+    }
+    launcher.procs[0].is_alive = lambda: True
+    launcher._running = {0, 1, 2, 3, 4}  # node 5 died in an earlier run of the session
+    assert list(launcher.errors) == [4] and "node4 exited with code 1" in str(launcher.errors[4])
+    service = types.SimpleNamespace(dead_nodes=set(), book=types.SimpleNamespace(done=False))
+    with pytest.raises(RunFailed, match=r"node 4 failed: .*exited with code 1: its run raised"):
+        driver._check_launcher(service, launcher, [])
+
+
+def test_a_local_run_whose_node_processes_cannot_load_the_model_names_the_failure(tmp_path):
+    """The real processes: the parent loaded the checkpoint, then it was damaged before the nodes loaded it (a
+    shared directory changed under a run): every node's run raises. The run fails naming a node and its exit code
+    1, not as nodes that died before registering."""
+    pytest.importorskip("safetensors", reason="HF import needs the 'hf' extra (safetensors)")
+    from test_models_checkpoint import QWEN2_HF, hf_tensors, write_hf_checkpoint
+
+    from dualpath_jax.runtime.scheduler_service import RunFailed
+
+    ckpt = tmp_path / "tiny-qwen2-hf"
+    direct = ModelRunner(config_from_hf(QWEN2_HF), seed=7, num_slots=1, capacity=16)
+    write_hf_checkpoint(ckpt, QWEN2_HF, hf_tensors(QWEN2_HF, direct.pure_params()))
+    base = RuntimeConfig.from_config_dict(get_config("test").runtime)
+    run_cfg = base.replace(model=str(ckpt), launcher="local", transport="tcp", run_timeout_s=120.0)
+    trajs, ops = driver.prepare(run_cfg)
+    for f in ckpt.glob("*.safetensors"):  # (the parent checks config.json again: the weights only the nodes load)
+        f.write_bytes(b"")
+    with pytest.raises(RunFailed, match=r"node \d+ failed: .*exited with code 1: its run raised"):
+        driver.run(run_cfg, trajs, model_ops=ops)

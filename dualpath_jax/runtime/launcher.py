@@ -304,6 +304,7 @@ class LocalProcessLauncher:
         self.session = session
         self.procs: dict[int, mp.Process] = {}
         self.server: ControlServer | None = None
+        self._running: set[int] = set()  # nodes whose process serves this run
 
     def start(self, groups: Sequence[GroupSpec], service) -> None:
         authkey = secrets.token_bytes(16)
@@ -311,6 +312,8 @@ class LocalProcessLauncher:
         if self.session is not None:
             self.procs = self.session.procs
             self.session.begin(groups, (self.cfg, self.server.address, authkey))
+            # (a session process that died in an earlier run gets no run: only dead here, not this run's error)
+            self._running = {g.node_id for g in groups if self.procs[g.node_id].is_alive()}
             return
         ctx = mp.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
@@ -323,6 +326,22 @@ class LocalProcessLauncher:
             )
             p.start()
             self.procs[g.node_id] = p
+            self._running.add(g.node_id)
+
+    @property
+    def errors(self) -> dict[int, BaseException]:
+        """This run's nodes whose process ended because the run raised in it (`_node_process`: exit code 1, the
+        traceback on the process's stderr): the driver fails the run naming them, as it does for an in-process node
+        that raised. A process killed by a signal (a fault, the OOM killer: exit code < 0) or interrupted (130) is
+        only dead: the scheduler re-runs its requests on the others. (A node whose run raised was taken for dead
+        too: a defect in a node's code showed only as re-runs on the other nodes.)"""
+        return {
+            n: RuntimeError(
+                f"process {self.procs[n].name} exited with code 1: its run raised (traceback on its stderr)"
+            )
+            for n in sorted(self._running)
+            if self.procs[n].exitcode == 1
+        }
 
     def alive(self, node_id: int) -> bool:
         if self.session is not None:
