@@ -272,3 +272,18 @@ def test_the_storage_nic_rate_of_the_last_bucket_is_over_its_real_width(monkeypa
         assert line.get_xdata()[-1] == last.t0
         assert line.get_ydata()[-1] == pytest.approx(last.nbytes / (end - last.t0) / 1e9, rel=1e-12)
     assert fig.axes[0].lines  # (the tiny run read from storage)
+
+
+def test_the_storage_nic_legend_sorts_any_link_name_by_node_number(monkeypatch, tmp_path):
+    """plot_result sorted the SNIC links by `int(name.split("node")[-1])`: a per-class link name ("snic/node2/high")
+    raised ValueError after the whole run. Now names sort with their numbers compared as numbers."""
+    from dualpath_jax.metrics import LinkBytes
+
+    links = [LinkBytes(n, 0.0, 1.0, 10**9) for n in ("snic/node10", "snic/node2/high", "snic/node2", "snic/node1")]
+    fig = _drawn_figure(monkeypatch, SimpleNamespace(links=links, records=[]), tmp_path)
+    assert [line.get_label() for line in fig.axes[0].lines] == [
+        "snic/node1",
+        "snic/node2",
+        "snic/node2/high",
+        "snic/node10",
+    ]

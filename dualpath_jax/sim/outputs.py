@@ -9,6 +9,7 @@ import logging
 import math
 import operator
 import os
+import re
 
 from dualpath_jax import metrics
 from dualpath_jax.compiled import use
@@ -83,7 +84,9 @@ def plot_result(result: SimResult, path: str) -> str | None:
         if s.link.startswith("snic/"):
             d = per_link.setdefault(s.link, {})
             d[s.t0] = d.get(s.t0, 0.0) + s.nbytes / max(s.t1 - s.t0, 1e-9) / 1e9
-    for name in sorted(per_link, key=lambda n: int(n.split("node")[-1])):
+    # node order, numbers compared as numbers ("snic/node2" before "snic/node10"); any other name sorts too (a
+    # per-class "snic/node2/high" was int("2/high"): ValueError after the run)
+    for name in sorted(per_link, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]):
         d = per_link[name]
         ts = sorted(d)
         ax1.plot(ts, [d[t] for t in ts], label=name, lw=0.8)
