@@ -289,24 +289,22 @@ class InProcTransport(Transport):
                 a = arrays[id(region)] = np.frombuffer(region.view, dtype=np.uint8)
             return a
 
-        def check() -> None:  # (a paced wait ends at once when either side closes or the link drops)
+        def check() -> None:
+            """Either side closed or the link dropped mid-way (a paced copy): stop moving and pacing bytes, as a closed
+            socket would. Before each chunk, and (traffic pacers) while a chunk waits for its slot."""
             if self._closed:
                 raise TransportClosedError(f"endpoint {self.name!r} closed during the transfer")
-            if ep.closed or link.dead is not None:
-                raise PeerLostError(f"peer {ep.name!r} closed or disconnected during the transfer")
+            if ep.closed:
+                raise PeerLostError(f"peer {ep.name!r} closed during the transfer")
+            if link.dead is not None:
+                raise PeerLostError(f"link to {ep.name!r} dropped during the transfer: {link.dead}")
 
         if not n:
             _peer_region(ep, src if isinstance(src, str) else dst, so if isinstance(src, str) else do, 0)
         chunk = PACE_CHUNK if self.pacer is not None else max(n, 1)
         for step in self._paced_chunks(n, priority, chunk, check):
-            # Either side closed mid-way (a paced copy): stop moving and pacing bytes, as a closed socket would.
-            if self._closed:
-                raise TransportClosedError(f"endpoint {self.name!r} closed during the transfer")
-            if ep.closed:
-                raise PeerLostError(f"peer {ep.name!r} closed during the transfer")
             with link.cond:  # (`disconnect` waits for a chunk being copied, not for one waiting for its pacer)
-                if link.dead is not None:
-                    raise PeerLostError(f"link to {ep.name!r} dropped during the transfer: {link.dead}")
+                check()
                 s = _peer_region(ep, src, so, n) if isinstance(src, str) else src
                 d = _peer_region(ep, dst, do, n) if isinstance(dst, str) else dst
                 link.copying += 1
