@@ -23,6 +23,8 @@ import math
 import numbers
 from fractions import Fraction
 
+from dualpath_jax.checks import is_int, is_real
+
 
 @dataclasses.dataclass(frozen=True)
 class PDConstraint:
@@ -35,7 +37,7 @@ class PDConstraint:
 def check_gpus(g, what: str = "g (GPUs per node)") -> int:
     """`g` as an int >= 1: a whole, finite GPU count (an integral float such as 8.0 is taken; bools, strings, NaN,
     inf and fractions are a `ValueError` naming `what`)."""
-    if isinstance(g, bool) or not isinstance(g, numbers.Real):
+    if not is_real(g):
         raise ValueError(f"{what} must be >= 1 and a whole number, got {g!r}")
     if not (math.isfinite(g) and g >= 1 and g == int(g)):  # (NaN fails every comparison)
         raise ValueError(f"{what} must be >= 1 and a whole number, got {g!r}")
@@ -43,7 +45,7 @@ def check_gpus(g, what: str = "g (GPUs per node)") -> int:
 
 
 def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+    if not is_real(value) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
     return float(value)
 
@@ -88,7 +90,7 @@ def binding_constraints(g: int, s: float, B: float, M: float, rel_tol: float = 1
     """Names of the constraints that set the lower and the upper bound (ties: all of them)."""
     # (NaN or a negative tolerance matched nothing: empty lists, no reason; True was a tolerance of 1, a str a
     # TypeError from the comparison)
-    if isinstance(rel_tol, bool) or not isinstance(rel_tol, numbers.Real) or not 0 <= rel_tol < math.inf:
+    if not is_real(rel_tol) or not 0 <= rel_tol < math.inf:
         raise ValueError(f"rel_tol must be a finite number >= 0, got {rel_tol!r}")
     cs = pd_ratio_constraints(g, s, B, M)
     lo, hi = pd_ratio_bounds(g, s, B, M)
@@ -100,9 +102,9 @@ def binding_constraints(g: int, s: float, B: float, M: float, rel_tol: float = 1
 def as_fraction(x: float, max_den: int = 1000) -> Fraction:
     """`x` as the nearest fraction of denominator <= `max_den` (a bound printed as P/D = 1/7)."""
     # NaN / inf were a bare ValueError / OverflowError of Fraction, True the fraction 1 (or denominator 1)
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
+    if not is_real(x) or not math.isfinite(x):
         raise ValueError(f"as_fraction x must be a finite number, got {x!r}")
-    if isinstance(max_den, bool) or not isinstance(max_den, numbers.Integral) or max_den < 1:
+    if not is_int(max_den) or max_den < 1:
         raise ValueError(f"as_fraction max_den must be an int >= 1, got {max_den!r}")
     # as Python numbers: Fraction refused np.float32, and np.int64 arithmetic overflowed in limit_denominator
     return Fraction(x if isinstance(x, numbers.Rational) else float(x)).limit_denominator(int(max_den))
