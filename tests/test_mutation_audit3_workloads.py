@@ -8,12 +8,10 @@ sweep's `run_cell` on configs/sim_tiny.py."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from test_launch_hunt import _launch
 
 from dualpath_jax import metrics
 from dualpath_jax.metrics import TurnRecord
@@ -186,8 +184,6 @@ def test_ttft_ttst_and_tpot_of_a_record():
 
 # ---- experiments/reproduce_paper.py: the report's computations ------------------------------------------------------
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # reproduce_paper with its simulations replaced by fixed results: the headline JCTs per mode (seed 1's DualPath is
 # slower, so the two seeds differ), the append runs' and the DS 27B P/D layouts' JCTs, and the capacity searches
 _FAKE_REPRODUCE = """
@@ -230,14 +226,7 @@ def fake_report(tmp_path_factory):
     script = tmp / "fake_reproduce.py"
     script.write_text(_FAKE_REPRODUCE)
     args = ["--seeds=0,1", "--appends=2,3", "--pd_ratios=1P1D,1P2D,2P1D", "--online", "--noplot"]
-    out = subprocess.run(
-        [sys.executable, str(script), f"--output_dir={tmp}", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
+    out = _launch(str(script), f"--output_dir={tmp}", *args)
     assert out.returncode == 0, out.stderr[-2000:]
     return (tmp / "report.md").read_text()
 
@@ -612,14 +601,7 @@ def test_a_sweep_row_names_the_seed_the_cell_ran_with_and_its_simulation_rates()
         "rows = [run_cell(('configs/sim_tiny.py', 'dualpath', 'agents=2', 'turns=2', s)) for s in ('', '3')]; "
         "print(json.dumps({'rows': rows, 'columns': COLUMNS}))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
+    out = _launch("-c", code)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     (row, seeded), columns = got["rows"], got["columns"]
