@@ -21,6 +21,10 @@ checked for pyverbs and an RDMA device (and `config.rdma`'s device, port and GID
 an actor whose host lacks them, or whose NIC has another name, a port that is not ACTIVE or no GID at that index,
 raises at start with the reason (in the Ray log) and the run fails naming that node. Every host uses the same
 `config.rdma` settings.
+
+Failures: a node actor whose `run` raised (a defect in a node's code, a bad checkpoint, no RDMA) is in
+`RayLauncher.errors` (its cause named) and the driver fails the run naming it; an actor that died (`kill(node)`, its
+process or host lost) is only dead (`alive()` False): the scheduler re-runs its requests on the other nodes.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class RayLauncher:
         self.actors: dict[int, object] = {}
         self.refs: dict[int, object] = {}
         self.server: ControlServer | None = None
+        self._ended: dict[int, BaseException | None] = {}  # node -> its run's error (None: returned or died)
 
     def start(self, groups: Sequence[GroupSpec], service) -> None:
         ray = self.ray
@@ -123,6 +128,35 @@ class RayLauncher:
             actor = actor_cls.options(**options).remote()
             self.actors[g.node_id] = actor
             self.refs[g.node_id] = actor.run.remote(g, self.cfg, self.server.address, authkey, secret)
+
+    @property
+    def errors(self) -> dict[int, BaseException]:
+        """This run's nodes whose actor task ended by raising (a RayTaskError: its cause named, the remote traceback
+        logged): the driver fails the run naming them, as for a local node that raised. An actor that died (killed,
+        its worker or host lost: RayActorError or another RayError) is only dead: the scheduler re-runs its requests
+        on the others. (A node whose run raised was taken for dead too: a defect in a node's code showed only as
+        re-runs.) Cheap (the driver asks every poll): one `ray.wait(timeout=0)` over the running nodes, and one
+        `ray.get` of each task that has just ended."""
+        running = {ref: n for n, ref in self.refs.items() if n not in self._ended}
+        if running:
+            ready, _ = self.ray.wait(list(running), num_returns=len(running), timeout=0)
+            for ref in ready:
+                self._ended[running[ref]] = self._error_of(running[ref], ref)
+        return {n: e for n, e in sorted(self._ended.items()) if e is not None}
+
+    def _error_of(self, node_id: int, ref) -> BaseException | None:
+        """The error of a node's ended actor task: None if `run` returned or the actor died."""
+        exc = self.ray.exceptions
+        try:
+            self.ray.get(ref)
+        except exc.RayTaskError as e:  # `run` raised in the actor
+            log.error("node %d: its actor's run raised:\n%s", node_id, e)
+            err = RuntimeError(f"the node{node_id} actor's run raised {type(e.cause).__name__}: {e.cause}")
+            err.__cause__ = e
+            return err
+        except exc.RayError:  # the actor died (ActorDiedError: killed, its process or host lost): only dead
+            return None
+        return None
 
     def alive(self, node_id: int) -> bool:
         ready, _ = self.ray.wait([self.refs[node_id]], timeout=0)
