@@ -19,7 +19,8 @@ verifies them and refuses a saved dtype other than the config's. Before orbax re
 reads every stored value's last byte with tensorstore and checks that every array _METADATA names is stored, with
 a value type orbax knows: a damaged or incomplete database is named as such. The arrays of an OCDBT checkpoint are
 then decoded by ``restore_params`` itself with tensorstore, once each, every read waited for (orbax's gathered
-restore left reads in flight when a chunk did not decompress); the checksums are verified on those arrays.
+restore left reads in flight when a chunk did not decompress); the checksums are verified on those arrays, and
+NaN / inf values are refused (naming the param), as the HF import refuses them.
 """
 
 from __future__ import annotations
@@ -459,8 +460,8 @@ def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
     the config's model (names the first missing / extra param, or one of another shape or dtype: a float32
     checkpoint is not cast to a bfloat16 config, an int one not to a float config); a checkpoint whose files
     cannot be read, or whose array bytes differ from the checksums save_params stored (damaged or incomplete;
-    names the param). A checkpoint saved without checksums (before they were stored) restores unverified, with
-    a logged warning."""
+    names the param); a param with NaN / inf values (names it). A checkpoint saved without checksums (before
+    they were stored) restores unverified, with a logged warning."""
     import orbax.checkpoint as ocp
 
     path = Path(checkpoint_dir).absolute()
@@ -520,17 +521,20 @@ def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
         got = _get(restored, p)
         if tuple(got.shape) != tuple(want.shape):
             raise ValueError(f"{mismatch}: {'/'.join(p)} has shape {tuple(got.shape)}; expected {tuple(want.shape)}")
-        if checksums is None:
-            continue
         name = "/".join(p)
-        rec = checksums.get(name)
-        if not isinstance(rec, dict) or not isinstance(rec.get(_CHECKSUM_ALGO), str):
-            raise ValueError(f"{checkpoint_dir}: the checkpoint's checksum record has no valid entry for {name}")
-        if rec.get("dtype") != str(got.dtype) or _digest(got) != rec[_CHECKSUM_ALGO]:
-            raise ValueError(
-                f"{checkpoint_dir}: cannot read the checkpoint (damaged or incomplete?): {name} does not match "
-                f"the checksum stored when it was saved"
-            )
+        if checksums is not None:
+            rec = checksums.get(name)
+            if not isinstance(rec, dict) or not isinstance(rec.get(_CHECKSUM_ALGO), str):
+                raise ValueError(f"{checkpoint_dir}: the checkpoint's checksum record has no valid entry for {name}")
+            if rec.get("dtype") != str(got.dtype) or _digest(got) != rec[_CHECKSUM_ALGO]:
+                raise ValueError(
+                    f"{checkpoint_dir}: cannot read the checkpoint (damaged or incomplete?): {name} does not match "
+                    f"the checksum stored when it was saved"
+                )
+        # After the checksum (damaged bytes are named as such): NaN / inf weights saved as they were came back
+        # without an error (only ModelRunner refused them later); the HF import refuses them too, naming the tensor
+        if not np.isfinite(got).all():
+            raise ValueError(f"{checkpoint_dir}: {name} has non-finite values (NaN or inf) in the checkpoint")
     return _int_keys(restored)
 
 

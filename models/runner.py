@@ -732,8 +732,9 @@ def _check_param_shapes(expected: dict, given: dict, path: tuple = ()) -> None:
 def _check_cast_finite(given: dict, cast: dict, path: tuple = ()) -> None:
     """Every param is finite once cast to the config's dtype: float32 weights beyond float16's range became inf
     silently (and every logit NaN), as did NaN weights; the HF import refuses both, naming the tensor. Params
-    given in the config's dtype are scanned too: NaN weights saved by save_params came back from restore_params
-    (checksums match) and were taken as they were, while the same weights in another dtype were refused."""
+    given in the config's dtype are scanned too: they were taken as they were (NaN weights saved by save_params,
+    whose checksums match, now refused by restore_params itself), while the same weights in another dtype were
+    refused."""
     for k, c in cast.items():
         g = given[k] if k in given else given[str(k)]  # (structure checked by _check_param_shapes)
         if isinstance(c, dict):

@@ -1030,10 +1030,10 @@ def test_a_simulator_runs_once():
 
 
 def _arriving_at(t):
-    """A trajectory whose arrival_time is set after it was built (`Trajectory` refuses NaN, inf and negative ones
-    itself): the simulator still checks what it is given."""
+    """A trajectory whose arrival_time is forced past its own check (`Trajectory` refuses NaN, inf and negative ones
+    when built and when assigned): the simulator still checks what it is given."""
     traj = Trajectory(0, [Turn(100, 5)])
-    traj.arrival_time = t
+    object.__setattr__(traj, "arrival_time", t)
     return traj
 
 

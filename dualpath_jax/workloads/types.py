@@ -102,14 +102,17 @@ class Trajectory:
     arrival_time: float = 0.0  # when the agent's first turn arrives (online / trace modes)
     source: str = ""  # where it came from (generator name, trace file)
 
-    def __post_init__(self):
-        # NaN, inf or a negative time was kept until the simulator refused it (the runtime driver has no such check);
-        # True was a 1 s arrival, a str (a config's "0.5") a TypeError naming no field
-        t = self.arrival_time
-        if not is_real(t) or not 0 <= t < math.inf:
+    def __setattr__(self, name, value):
+        # arrival_time checked whenever it is set (__init__ and dataclasses.replace set it here too): NaN, inf or a
+        # negative time was kept until the simulator refused it (the runtime driver has no such check), also when
+        # assigned after construction; True was a 1 s arrival, a str (a config's "0.5") a TypeError naming no field.
+        # (Reads stay plain attribute reads: the simulator reads the fields in its loops.)
+        if name == "arrival_time" and (not is_real(value) or not 0 <= value < math.inf):
             raise ValueError(
-                f"trajectory {self.trajectory_id} arrival_time must be a finite number of seconds >= 0, got {t!r}"
+                f"trajectory {getattr(self, 'trajectory_id', '?')} arrival_time must be a finite number of seconds "
+                f">= 0, got {value!r}"
             )
+        object.__setattr__(self, name, value)
 
     def context_before(self, i: int) -> int:
         """Tokens of A_1 G_1 ... A_{i-1} G_{i-1}: everything turn i re-reads (turn i-1's prompt + generation).
