@@ -82,19 +82,29 @@ class _ConfigFileParser:
 def define_config_file(name: str, default: str | None, help_string: str):
     """`config_flags.DEFINE_config_file`, with an override of a field the config does not have reported as one line.
     With a default file, ml_collections applies the `--config.*` overrides of sys.argv when the flag is defined
-    (at the launcher's import), before `app.run` and its flags parser."""
+    (at the launcher's import), before `app.run` and its flags parser. run, bench_runtime and simulate define
+    `--config`, each with its own default and help: `allow_override` (which the library passes to absl's Flag) lets
+    them be imported into one process (absl raised DuplicateFlagError); the one imported last defines it there, and
+    a launcher that is run defines it last."""
     import sys
 
     from absl import flags
     from ml_collections import config_flags
 
+    # Another launcher's --config, which this one replaces: its `--config.*` override flags (those of sys.argv, bound to
+    # its config) go, as this one defines its own (absl raised DuplicateFlagError on them).
+    if name in flags.FLAGS and flags.FLAGS[name].using_default_value:
+        for field in [f for f in flags.FLAGS if f.startswith(f"{name}.")]:
+            delattr(flags.FLAGS, field)
     try:
-        holder = config_flags.DEFINE_config_file(name, default, help_string)
+        holder = config_flags.DEFINE_config_file(name, default, help_string, allow_override=True)
     except (AttributeError, KeyError) as e:
         raise SystemExit(_bad_override(sys.argv, e)) from None
     # A --config file given on the command line is loaded by this parser (the default above already loaded):
     # whatever it raises is one "bad config" line, not a traceback or a "bad override".
-    flags.FLAGS[name].parser = _ConfigFileParser(flags.FLAGS[name].parser)
+    # (Not twice: absl keeps an earlier --config that was set, instead of this one, when this one overrides it.)
+    if not isinstance(flags.FLAGS[name].parser, _ConfigFileParser):
+        flags.FLAGS[name].parser = _ConfigFileParser(flags.FLAGS[name].parser)
     # A key flag of the launcher that defines it, so `--helpshort` lists it (absl files it under this module).
     caller = sys._getframe(1).f_globals.get("__name__", "")
     flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller, flags.FLAGS[name])

@@ -26,12 +26,19 @@ from experiments import writable_file_or_exit, write_rows_json
 _SHAPES = flags.DEFINE_list(
     "shapes", ["8:1024:1024", "4:4096:0"], "prefill shapes batch:miss_tokens:cached_tokens (cached: multiple of 64)"
 )
-_LAYERS = flags.DEFINE_integer("layers", 16, "decoder layers (Llama-3.2-1B: 16)", lower_bound=1)
+# --layers, --repeats, --peak_tflops, --out: other benchmarks define them too, with their own defaults and help;
+# allow_override lets the launchers be imported into one process (the last one imported defines them there; absl
+# raised DuplicateFlagError), and a launcher that is run defines its flags last: its command line is its own
+_LAYERS = flags.DEFINE_integer("layers", 16, "decoder layers (Llama-3.2-1B: 16)", lower_bound=1, allow_override=True)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "params, activations and KV")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "timed repetitions (median reported)", lower_bound=1)
-_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for MFU (0: not reported)", lower_bound=0.0)
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 10, "timed repetitions (median reported)", lower_bound=1, allow_override=True
+)
+_PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops", 0.0, "device peak TFLOP/s for MFU (0: not reported)", lower_bound=0.0, allow_override=True
+)
 flags.register_validator("peak_tflops", lambda v: 0 <= v < math.inf, message="--peak_tflops must be >= 0 and finite")
-_OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: print only)")
+_OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: print only)", allow_override=True)
 _DEVICE_ONLY = flags.DEFINE_bool("device_only", False, "time only the compute (whole jit, inputs and KV on device)")
 
 

@@ -21,14 +21,20 @@ from absl import app, flags, logging
 
 from experiments import register_distinct, run_parts, writable_file_or_exit, write_rows_json
 
+# --models, --repeats, --out: other benchmarks define them too, with their own defaults, help and validators;
+# allow_override lets the launchers be imported into one process (the last one imported defines them there; absl
+# raised DuplicateFlagError), and a launcher that is run defines its flags last: its command line is its own
 _MODELS = flags.DEFINE_list(
-    "models", ["tiny_qwen2", "tiny_deepseek", "dense", "moe"], "tiny names, or dense / moe (experiments.bench_prefill)"
+    "models",
+    ["tiny_qwen2", "tiny_deepseek", "dense", "moe"],
+    "tiny names, or dense / moe (experiments.bench_prefill)",
+    allow_override=True,
 )
 _PROMPT = flags.DEFINE_integer("prompt", 512, "prompt tokens (the cached prefix of the append case)", lower_bound=64)
 _APPEND = flags.DEFINE_integer("append", 64, "tokens of the append case", lower_bound=1)
 _SLOTS = flags.DEFINE_integer("slots", 8, "decode slots", lower_bound=1)
-_REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved repeats per case", lower_bound=1)
-_OUT = flags.DEFINE_string("out", "", "write the rows as JSON here (default: print only)")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved repeats per case", lower_bound=1, allow_override=True)
+_OUT = flags.DEFINE_string("out", "", "write the rows as JSON here (default: print only)", allow_override=True)
 
 
 def _known_models(names) -> bool:

@@ -45,7 +45,12 @@ from experiments import register_distinct, run_parts, writable_file_or_exit, wri
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["store", "tcp", "small", "shaped", "overlap"], "sections to run")
-flags.DEFINE_integer("repeats", 3, "interleaved repeats; the best of each is reported", lower_bound=1)
+# --repeats, --layers, --out: other benchmarks define them too, with their own defaults and help; allow_override
+# lets the launchers be imported into one process (the last one imported defines them there; absl raised
+# DuplicateFlagError), and a launcher that is run defines its flags last: its command line is its own
+flags.DEFINE_integer(
+    "repeats", 3, "interleaved repeats; the best of each is reported", lower_bound=1, allow_override=True
+)
 flags.DEFINE_list("tcp_sizes", ["65536", "1048576", "16777216", "67108864"], "transfer sizes (bytes)")
 flags.DEFINE_integer("tcp_total_mb", 256, "MB moved per size and repeat", lower_bound=1)
 flags.DEFINE_list(
@@ -66,9 +71,9 @@ flags.DEFINE_float(
     "link quantum (ms of its rate) in the shaped section: the low class "
     "gets one quantum per 99 of high, so a finer quantum measures its 1% share more precisely",
 )
-flags.DEFINE_integer("layers", 16, "layers in the overlap section", lower_bound=1)
+flags.DEFINE_integer("layers", 16, "layers in the overlap section", lower_bound=1, allow_override=True)
 flags.DEFINE_float("layer_ms", 25.0, "target per-layer load and compute time (ms) in the overlap section")
-flags.DEFINE_string("out", None, "also write all rows as JSON here")
+flags.DEFINE_string("out", None, "also write all rows as JSON here", allow_override=True)
 for _name in ("shaped_seconds", "shaped_quantum_ms", "layer_ms"):  # (inf: an OverflowError, or overlap ran forever)
     flags.register_validator(_name, lambda v: 0 < v < math.inf, message=f"--{_name} must be > 0 and finite")
 for _name in ("tcp_sizes", "tcp_small_sizes", "tcp_batches", "shaped_rates_mb"):

@@ -27,19 +27,27 @@ from models.prefill_bench import bench_configs, run_one
 _BATCH = flags.DEFINE_integer("batch", 4, "requests per prefill batch", lower_bound=1)
 _MISS = flags.DEFINE_integer("miss_tokens", 128, "miss (computed) tokens per request", lower_bound=1)
 _CACHED = flags.DEFINE_integer("cached_tokens", 256, "cached prefix tokens per request (0: no cache)", lower_bound=0)
-_REPEATS = flags.DEFINE_integer("repeats", 7, "timed repetitions (median reported)", lower_bound=1)
-_MODELS = flags.DEFINE_list("models", ["dense", "moe"], "which tiny configs: dense, moe")
+# --repeats, --models, --peak_tflops, --no_persistent_cache, --out: other benchmarks define them too, with their own
+# defaults, help and validators; allow_override lets the launchers be imported into one process (the last one
+# imported defines them there; absl raised DuplicateFlagError), and a launcher that is run defines its flags last:
+# its command line is its own
+_REPEATS = flags.DEFINE_integer("repeats", 7, "timed repetitions (median reported)", lower_bound=1, allow_override=True)
+_MODELS = flags.DEFINE_list("models", ["dense", "moe"], "which tiny configs: dense, moe", allow_override=True)
 flags.register_validator(  # (an empty --models= printed an empty table)
     "models", lambda v: bool(v) and set(v) <= {"dense", "moe"}, message="--models takes one or more of dense, moe"
 )
 register_distinct("models")  # (--models=dense,dense benchmarked dense twice: two rows of one model)
 _MOE_DISPATCH = flags.DEFINE_enum("moe_dispatch", "dense", ["dense", "ragged"], "MoE expert dispatch")
-_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "device peak TFLOP/s for MFU (0: not reported)", lower_bound=0.0)
+_PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops", 0.0, "device peak TFLOP/s for MFU (0: not reported)", lower_bound=0.0, allow_override=True
+)
 flags.register_validator(  # (nan passed the lower bound and printed "MFU nan%"; inf printed "MFU 0.0%")
     "peak_tflops", lambda v: 0 <= v < math.inf, message="--peak_tflops must be >= 0 and finite"
 )
-_NO_CACHE = flags.DEFINE_bool("no_persistent_cache", False, "disable JAX's persistent compilation cache")
-_OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: print only)")
+_NO_CACHE = flags.DEFINE_bool(
+    "no_persistent_cache", False, "disable JAX's persistent compilation cache", allow_override=True
+)
+_OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: print only)", allow_override=True)
 
 
 def main(argv: Sequence[str]) -> None:

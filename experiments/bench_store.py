@@ -755,12 +755,16 @@ if __name__ == "__main__":
     register_distinct("layouts")  # (a layout given twice was benchmarked twice)
     flags.DEFINE_string("root", None, "directory for the store (a temp dir by default; a mount point to test it)")
     flags.DEFINE_integer("total_mb", 256, "MB of blocks per layout", lower_bound=1)
-    flags.DEFINE_integer("repeats", 3, "interleaved repeats; the best of each is reported", lower_bound=1)
+    # --repeats, --out: other benchmarks define them too (allow_override: run after others were imported into one
+    # process, this module defines them last, with its own defaults and help; absl raised DuplicateFlagError)
+    flags.DEFINE_integer(
+        "repeats", 3, "interleaved repeats; the best of each is reported", lower_bound=1, allow_override=True
+    )
     flags.DEFINE_integer("threads", 4, "threads for the parallel-read rows", lower_bound=1)
     flags.DEFINE_integer(
         "cold_blocks", 16, "blocks read with a cold page cache (posix_fadvise DONTNEED); 0: none", lower_bound=0
     )
-    flags.DEFINE_string("out", None, "also write the rows as JSON here")
+    flags.DEFINE_string("out", None, "also write the rows as JSON here", allow_override=True)
     flags.DEFINE_string(
         "compare_tree", None, "root of another source tree (e.g. `git archive HEAD` unpacked): its store's verified "
         "reads run beside this tree's in the same process"

@@ -21,17 +21,23 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 _MODEL = flags.DEFINE_enum("model", "qwen2", ["qwen2", "llama", "deepseek", "deepseek_v2"], "tiny model family")
+# --agents, --block_size, --seed, --no_persistent_cache: other launchers define them too, with their own defaults and
+# help; allow_override lets the launchers be imported into one process (the last one imported defines them there;
+# absl raised DuplicateFlagError), and a launcher that is run defines its flags last: its command line is its own
 _AGENTS = flags.DEFINE_integer(
-    "agents", 3, "conversations run side by side (batched prefill and decode)", lower_bound=1
+    "agents", 3, "conversations run side by side (batched prefill and decode)", lower_bound=1, allow_override=True
 )
 _TURNS = flags.DEFINE_integer("turns", 4, "turns per conversation", lower_bound=1)
 _APPEND = flags.DEFINE_integer("append_tokens", 48, "tokens appended per turn", lower_bound=1)
 _GEN = flags.DEFINE_integer("gen_tokens", 16, "tokens generated per turn", lower_bound=1)
-_BLOCK = flags.DEFINE_integer("block_size", 16, "tokens per KV block", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "weights and token seed", lower_bound=0)  # (-1: a numpy traceback)
+_BLOCK = flags.DEFINE_integer("block_size", 16, "tokens per KV block", lower_bound=1, allow_override=True)
+# (--seed=-1: a numpy traceback)
+_SEED = flags.DEFINE_integer("seed", 0, "weights and token seed", lower_bound=0, allow_override=True)
 _WARMUP = flags.DEFINE_bool("warmup", True, "run one unmeasured conversation first (compiles all buckets)")
 _CHECK = flags.DEFINE_bool("check", True, "compare each turn with a full prefill of the whole prompt")
-_NO_CACHE = flags.DEFINE_bool("no_persistent_cache", False, "disable JAX's persistent compilation cache")
+_NO_CACHE = flags.DEFINE_bool(
+    "no_persistent_cache", False, "disable JAX's persistent compilation cache", allow_override=True
+)
 
 
 def make_config(name: str):

@@ -35,12 +35,14 @@ from experiments import (
     writable_dir_or_exit,
 )
 
-# --output_dir, --workers, --plot, --overwrite, --seeds: sweep (and simulate) define them too, with their own defaults
-# and help; allow_override lets the launchers be imported into one process (the last one imported defines them there;
-# absl raised DuplicateFlagError), and each launcher's command line is its own
+# --output_dir, --workers, --plot, --overwrite, --seeds: sweep (and simulate) define them too, --agents experiments.demo,
+# with their own defaults and help; allow_override lets the launchers be imported into one process (the last one
+# imported defines them there; absl raised DuplicateFlagError), and each launcher's command line is its own
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.", allow_override=True)
 _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1, allow_override=True)
-_AGENTS = flags.DEFINE_integer("agents", 2048, "Agents of the headline offline run (paper: 2048).", lower_bound=1)
+_AGENTS = flags.DEFINE_integer(
+    "agents", 2048, "Agents of the headline offline run (paper: 2048).", lower_bound=1, allow_override=True
+)
 _DATASET = flags.DEFINE_string("dataset", "64K", "Dataset of the headline offline run (paper: 64K).")
 _ONLINE = flags.DEFINE_bool("online", False, "Also search the online capacity (DS 660B, DS 27B).")
 _ONLINE_DURATION = flags.DEFINE_float(
