@@ -13,7 +13,7 @@ Real Ray only (a local instance, `pip install -e '.[ray]'`); slow (a Ray start a
 from __future__ import annotations
 
 import pytest
-from test_runtime import assert_matches_reference
+from test_runtime import assert_matches_reference, kill_decode_node_when_busy
 
 from dualpath_jax.runtime import driver
 from dualpath_jax.runtime.scheduler_service import RunFailed
@@ -97,19 +97,7 @@ def test_a_killed_node_actor_is_dead_not_an_error(base, ops, reference_for):
     cfg = _ray_cfg(base, **{"workload.agents": 6, "scheduler.heartbeat_timeout_s": 1.0, "run_timeout_s": 120.0})
     trajs6 = driver.make_trajectories(cfg)
     ref6 = reference_for(cfg, ops, trajs6)
-    killed = []
-
-    def fault(service, launcher):
-        if killed:
-            return
-        with service._lock:
-            busy = any(
-                inf.assignment is not None and service.engine_node[inf.assignment.decode_engine] == 2
-                for inf in service._inflight.values()
-            )
-        if busy and service.progress()[0] >= 2:
-            launcher.kill(2)
-            killed.append(2)
+    fault, killed = kill_decode_node_when_busy(2)
 
     ray.init(num_cpus=3)
     try:

@@ -280,6 +280,26 @@ def test_runtime_serves_a_local_hf_checkpoint(base, tmp_path, reference_for):
         driver.prepare(base.replace(model="tiny_qwen3"))
 
 
+def kill_decode_node_when_busy(node: int):
+    """A `driver.run` fault hook that kills DE node `node` once it holds a request and two turns are done; returns
+    (hook, killed): `killed` lists the node once it was killed."""
+    killed: list[int] = []
+
+    def fault(service, launcher):
+        if killed:
+            return
+        with service._lock:
+            busy = any(
+                inf.assignment is not None and service.engine_node[inf.assignment.decode_engine] == node
+                for inf in service._inflight.values()
+            )
+        if busy and service.progress()[0] >= 2:
+            launcher.kill(node)
+            killed.append(node)
+
+    return fault, killed
+
+
 @pytest.mark.parametrize(
     "launch",
     [
@@ -295,20 +315,7 @@ def test_killed_decode_node_loses_nothing(base, ops, launch, reference_for):
     )
     trajs6 = driver.make_trajectories(cfg)
     ref6 = reference_for(cfg, ops, trajs6)
-    killed = []
-
-    def fault(service, launcher):
-        if killed:
-            return
-        with service._lock:
-            busy = any(
-                inf.assignment is not None and service.engine_node[inf.assignment.decode_engine] == 2
-                for inf in service._inflight.values()
-            )
-        if busy and service.progress()[0] >= 2:
-            launcher.kill(2)
-            killed.append(2)
-
+    fault, killed = kill_decode_node_when_busy(2)
     res = driver.run(cfg, trajs6, model_ops=ops, fault=fault)
     assert killed and res.requeued > 0
     assert_matches_reference(res, ref6, trajs6)
