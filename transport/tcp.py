@@ -856,7 +856,7 @@ class _Conn:
             return
         pos = 0
         steps = (
-            self.owner._paced_chunks(n, priority, PACE_CHUNK)
+            self.owner._paced_chunks(n, priority, PACE_CHUNK, self._check_set)
             if paced
             else (min(SEND_CHUNK, n - o) for o in range(0, n, SEND_CHUNK))
         )
@@ -867,6 +867,16 @@ class _Conn:
                 sock.sendall(payload[pos : pos + step])
             pos += step
             peer.touch()
+
+    def _check_set(self) -> None:
+        """Called by the pacer while a chunk of a paced frame waits for its slot: once the set is dead (our `close`,
+        `disconnect`, the peer gone) the wait ends at once with the set's error, and the chunks not moved are taken back
+        from the link. (Without it the sender thread waited for the next grant, however far: `close` gave up on it
+        after 2 x CLOSE_GRACE_S and left it running; `disconnect` left it running with its chunks queued.)"""
+        dead = self.peer.dead  # (set by `_fail_peer` before it stops the senders; our `close` fails every set)
+        if dead is not None:
+            kind = TransportClosedError if isinstance(dead, TransportClosedError) else PeerLostError
+            raise kind(f"send to {self.peer.name!r} ended while waiting for the pacer: {dead}")
 
     # ---- receiving ------------------------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -1924,8 +1934,9 @@ class TcpTransport(Transport):
         """Stop every thread this endpoint started and join them (none is left when `close` returns): the accept
         loop and the watchdog at once, handshakes in progress by cutting their sockets, and each connection's
         threads once the peer closed its end too (graceful: FIN, then read until its EOF) or, at the latest,
-        CLOSE_GRACE_S later, when the sockets are cut. (Until 2026-12-03 the watchdog ended up to 1 s after
-        `close` and the connection threads whenever the peer closed; a silent peer's reader never ended.)"""
+        CLOSE_GRACE_S later, when the sockets are cut (a sender waiting for its pacer ends at once: `_check_set`).
+        (Until 2026-12-03 the watchdog ended up to 1 s after `close` and the connection threads whenever the peer
+        closed; a silent peer's reader never ended.)"""
         self._stopping.set()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
