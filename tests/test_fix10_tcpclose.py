@@ -109,3 +109,40 @@ def test_tcp_close_ends_a_paced_read_reply(paced_tcp):
     sender.join(10)
     assert not sender.is_alive(), "the sender thread still waits for its pacer"
     assert not link._queues["low"] and link.bytes_by_class["low"] == CHUNK
+
+
+def test_close_waits_one_grace_period_for_all_stuck_threads_not_one_each(monkeypatch):
+    """Reader threads stuck in an application's `on_message` hook (it blocks) do not stop when `close` cuts their
+    sockets. `close` gave each of them its own CLOSE_GRACE_S after the cut (three stuck readers: 3 x), so its time
+    grew with their number; now they share one: `close` returns within about 2 x CLOSE_GRACE_S (the graceful wait,
+    then one for the stuck threads), logs them and leaves them."""
+    grace = 3.0
+    monkeypatch.setattr(tcp, "CLOSE_GRACE_S", grace)
+    a = TcpTransport("fix10-hooked")
+    release, entered = threading.Event(), []
+
+    def hook(peer, payload):  # an application bug: blocks its reader thread
+        entered.append(peer)
+        release.wait(60)
+        return True
+
+    a.on_message = hook
+    peers = [TcpTransport(f"fix10-sender{i}") for i in range(3)]
+    try:
+        for p in peers:
+            p.connect("fix10-hooked", a.address)
+            p.send("fix10-hooked", b"hello").result(10)
+        deadline = time.monotonic() + 10
+        while len(entered) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(entered) == 3
+        t0 = time.monotonic()
+        a.close()
+        took = time.monotonic() - t0
+        # before: ~grace (graceful wait) + 3 x grace (one each after the cut) = 4 x grace; now ~2 x grace
+        assert took < 3.2 * grace, took
+    finally:
+        release.set()
+        for p in peers:
+            p.close()
+        a.close()

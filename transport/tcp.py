@@ -1934,7 +1934,9 @@ class TcpTransport(Transport):
         """Stop every thread this endpoint started and join them (none is left when `close` returns): the accept
         loop and the watchdog at once, handshakes in progress by cutting their sockets, and each connection's
         threads once the peer closed its end too (graceful: FIN, then read until its EOF) or, at the latest,
-        CLOSE_GRACE_S later, when the sockets are cut (a sender waiting for its pacer ends at once: `_check_set`).
+        CLOSE_GRACE_S later, when the sockets are cut (a sender waiting for its pacer ends at once: `_check_set`);
+        threads still running then (a reader inside a blocking `on_message` hook) get CLOSE_GRACE_S more in all, then
+        are logged and left, so `close` returns within about 2 x CLOSE_GRACE_S whatever their number.
         (Until 2026-12-03 the watchdog ended up to 1 s after `close` and the connection threads whenever the peer
         closed; a silent peer's reader never ended.)"""
         self._stopping.set()
@@ -1977,9 +1979,10 @@ class TcpTransport(Transport):
             if c.reader.is_alive() or c.sender.is_alive():
                 _cut(c.sock)
             c.close_sock()
+        deadline = time.monotonic() + CLOSE_GRACE_S  # one wait for them all (each had its own: N stuck threads, N s)
         for c in conns:
             for t in (c.sender, c.reader):
                 if t is not me and t.ident is not None:
-                    t.join(CLOSE_GRACE_S)
+                    t.join(max(0.0, deadline - time.monotonic()))
                     if t.is_alive():
                         log.error("%s: thread %s did not stop after close", self.name, t.name)
