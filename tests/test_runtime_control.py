@@ -137,19 +137,31 @@ def test_close_ends_the_accept_thread_and_stops_listening():
     import os
     import socket
 
-    def state():
-        return sorted(t.name for t in threading.enumerate()), len(os.listdir("/proc/self/fd"))
+    def fds():
+        out = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                out.add(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # (the listing's own descriptor, gone)
+                pass
+        return out
 
-    before = state()
+    # Only what this test starts counts: a thread or socket of an earlier test that ends meanwhile (a "control-conn"
+    # thread finishing its client's EOF) made the whole-process comparison fail (seen once in CI, 2026-12-04).
+    threads0, fds0 = set(threading.enumerate()), fds()
+
+    def leftovers():
+        return sorted(t.name for t in set(threading.enumerate()) - threads0), sorted(fds() - fds0)
+
     srv = ControlServer(lambda report: GroupReply(), KEY)
     client = SocketControlClient(srv.address, KEY)
     assert client.fetch(_report(0)) == GroupReply()
     client.close()
     srv.close()
     deadline = time.monotonic() + 5
-    while state() != before and time.monotonic() < deadline:  # (the connection's thread ends on the client's EOF)
+    while leftovers() != ([], []) and time.monotonic() < deadline:  # (the connection's thread ends on the EOF)
         time.sleep(0.02)
-    assert state() == before
+    assert leftovers() == ([], [])
     with pytest.raises(OSError):
         socket.create_connection(srv.address, timeout=1.0)
     srv.close()  # idempotent
