@@ -1970,19 +1970,19 @@ class TcpTransport(Transport):
         with self._lock:
             conns = list(dict.fromkeys([*self._retired, *(c for p in peers for c in p.conns.values())]))
             self._retired = []
-        deadline = time.monotonic() + CLOSE_GRACE_S
-        for c in conns:
-            for t in (c.sender, c.reader):
-                if t is not me and t.ident is not None:
-                    t.join(max(0.0, deadline - time.monotonic()))
+        threads = [t for c in conns for t in (c.sender, c.reader) if t is not me and t.ident is not None]
+
+        def join_all() -> None:  # one CLOSE_GRACE_S for them all (each had its own after the cut: N stuck, N s)
+            deadline = time.monotonic() + CLOSE_GRACE_S
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+
+        join_all()
         for c in conns:  # the peer did not close its end in time (or a send is stuck): cut the connection
             if c.reader.is_alive() or c.sender.is_alive():
                 _cut(c.sock)
             c.close_sock()
-        deadline = time.monotonic() + CLOSE_GRACE_S  # one wait for them all (each had its own: N stuck threads, N s)
-        for c in conns:
-            for t in (c.sender, c.reader):
-                if t is not me and t.ident is not None:
-                    t.join(max(0.0, deadline - time.monotonic()))
-                    if t.is_alive():
-                        log.error("%s: thread %s did not stop after close", self.name, t.name)
+        join_all()
+        for t in threads:
+            if t.is_alive():
+                log.error("%s: thread %s did not stop after close", self.name, t.name)
