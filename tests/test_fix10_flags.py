@@ -19,6 +19,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from test_launch_hunt import _launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHERS = sorted(
@@ -111,14 +112,7 @@ def test_a_launcher_run_after_the_others_keeps_its_own_flags():
     first in either order (failed before: the imports raised DuplicateFlagError)."""
 
     def check(name: str) -> None:
-        alone = subprocess.run(
-            [sys.executable, "-m", f"experiments.{name}", "--helpfull"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        alone = _launch("-m", f"experiments.{name}", "--helpfull")
         assert alone.returncode == 1, alone.stderr[-3000:]
         values_alone, helpfull_alone, _ = _run_after(name, [])
         assert helpfull_alone == alone.stdout  # (the runpy harness is `python -m`)

@@ -12,12 +12,11 @@
 import csv
 import math
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from test_launch_hunt import _launch
 
 from dualpath_jax.sim import load_sim_config
 
@@ -108,9 +107,7 @@ def test_the_launchers_can_be_imported_into_one_process(order, output_dir, seeds
     """Both define --output_dir, --workers, --plot, --overwrite, --seeds (simulate: --output_dir, --plot): the second
     import raised absl's DuplicateFlagError. Contract: they import together in any order; there the launcher imported
     last defines the shared flags (its default, help and validators), and every launcher reads the same value."""
-    out = subprocess.run(
-        [sys.executable, "-c", _BOTH, order], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
-    )
+    out = _launch("-c", _BOTH, order)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert lines[0] == f"defaults {output_dir} {seeds}"
@@ -156,14 +153,7 @@ def test_the_launchers_can_be_imported_into_one_process(order, output_dir, seeds
 )
 def test_each_launchers_help_still_lists_its_own_flags(launcher, expected):
     """The flags keep their names, defaults and help: a launcher's --help is as before."""
-    out = subprocess.run(
-        [sys.executable, "-m", f"experiments.{launcher}", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    out = _launch("-m", f"experiments.{launcher}", "--help")
     for text in expected:
         assert text in out.stdout, (text, out.stdout[-4000:])
 

@@ -268,22 +268,11 @@ def test_feeder_allocates_one_staging_buffer(monkeypatch):
 def test_feeder_close_does_not_wait_for_a_blocked_source():
     """close() joined a loader blocked in its source for up to 5 s. It returns at once now; the layer the source
     returns later is dropped (no device copy after close) and the loader then ends."""
-    from transport.feeder import LayerFeeder, LayerLoadError
+    from test_traffic_hunt7 import gated_feeder
 
-    gate, entered = threading.Event(), threading.Event()
-    sunk: list[int] = []
+    from transport.feeder import LayerLoadError
 
-    def source(layer, out):
-        entered.set()
-        gate.wait(30)
-        out[:] = layer
-        return out
-
-    def to_device(host):
-        sunk.append(int(host[0]))
-        return host.copy()
-
-    feed = LayerFeeder(3, source, 4, prefetch=1, to_device=to_device, name="fix9-close")
+    feed, gate, entered, sunk = gated_feeder("fix9-close", 30)
     feed.start_load()
     assert entered.wait(10)
     try:

@@ -73,16 +73,15 @@ def _until(cond, timeout: float = 5.0) -> bool:
     return True
 
 
-def test_a_layer_whose_source_returns_after_close_is_not_copied_to_the_device():
-    # close() while a layer's source was running (a store read, a wait for a peer's notification): once the source
-    # returned, the loader still copied the layer to the device (then found the layer failed by close() and dropped
-    # it): device memory taken by a feed already torn down.
+def gated_feeder(name: str, gate_s: float):
+    """A 3-layer feeder (4-byte layers, prefetch 1) whose source blocks until `gate` is set (at most `gate_s`):
+    (feeder, gate, entered: set once a source runs, sunk: the layers copied to the "device", in order)."""
     gate, entered = threading.Event(), threading.Event()
     sunk: list[int] = []
 
     def source(layer, out):
         entered.set()
-        gate.wait(5)
+        gate.wait(gate_s)
         out[:] = layer
         return out
 
@@ -90,7 +89,14 @@ def test_a_layer_whose_source_returns_after_close_is_not_copied_to_the_device():
         sunk.append(int(host[0]))
         return host.copy()
 
-    feeder = LayerFeeder(3, source, 4, prefetch=1, to_device=to_device, name="hunt7-close")
+    return LayerFeeder(3, source, 4, prefetch=1, to_device=to_device, name=name), gate, entered, sunk
+
+
+def test_a_layer_whose_source_returns_after_close_is_not_copied_to_the_device():
+    # close() while a layer's source was running (a store read, a wait for a peer's notification): once the source
+    # returned, the loader still copied the layer to the device (then found the layer failed by close() and dropped
+    # it): device memory taken by a feed already torn down.
+    feeder, gate, entered, sunk = gated_feeder("hunt7-close", 5)
     feeder.start_load()
     assert entered.wait(5)
     closer = threading.Thread(target=feeder.close)
