@@ -81,9 +81,14 @@ MAX_MESSAGE_BYTES = 16 << 20
 # (an RC responder may otherwise execute a later RDMA WRITE before an earlier READ has read its bytes); every work
 # request is signaled (pyverbs' default, and `sq_sig_all`)
 IBV_SEND_FENCE, IBV_SEND_SIGNALED = 1, 2
+
 # ibv_qp_state IBV_QPS_ERR and ibv_qp_attr_mask IBV_QP_STATE (verbs.h): `disconnect` moves a peer's QPs to the error
 # state (the NIC then runs none of its work requests on them, the peer's RDMA WRITE/READs into our MRs included)
 IBV_QPS_ERR, IBV_QP_STATE = 6, 1
+
+
+class _PostingEnded(Exception):  # noqa: N818 - control flow inside `_post_wrs`, never seen by a caller
+    """A paced transfer's peer died (or the endpoint closed) while its chunk waited for the pacer."""
 
 
 def rdma_unavailable_reason() -> str | None:
@@ -751,14 +756,31 @@ class RdmaTransport(Transport):
                 _fail(t.fut, e)
                 self._fail_peer(p, PeerLostError(f"posting to {p.name!r} failed: {e}"))
 
-    def _post_wrs(self, t: _Transfer, p: _RdmaPeer, cls: str, opcode: int, local, local_offset, raddr, rkey) -> None:
-        from pyverbs.wr import SGE, SendWR
+    def _check_posting(self, p: _RdmaPeer) -> None:
+        """Called by the pacer while a chunk of a paced transfer waits for its slot: once the peer is dead (our `close`,
+        `disconnect`, the peer lost; its transfers are failed there) the wait ends at once (tcp's `_check_set`)."""
+        if p.dead is not None or self.closed:
+            raise _PostingEnded
 
+    def _post_wrs(self, t: _Transfer, p: _RdmaPeer, cls: str, opcode: int, local, local_offset, raddr, rkey) -> None:
+        paced = None
+        if self.pacer is not None:
+            paced = iter(self._paced_chunks(t.length, cls, self.chunk_bytes, lambda: self._check_posting(p)))
+        try:
+            self._post_paced_wrs(t, p, cls, opcode, local, local_offset, raddr, rkey, paced)
+        except _PostingEnded:
+            pass  # (the transfer was failed with the peer; the pacer took its chunks back)
+        finally:
+            if paced is not None:  # a transfer ended early: its chunks queued ahead on the links never cross
+                paced.close()
+
+    def _post_paced_wrs(
+        self, t: _Transfer, p: _RdmaPeer, cls: str, opcode: int, local, local_offset, raddr, rkey, paced
+    ):
         length = t.length
         read = t.read = opcode == self._e.IBV_WR_RDMA_READ
         mr = self._mrs[local.name]
         qp = p.qps[cls]
-        paced = iter(self._paced_chunks(length, cls, self.chunk_bytes)) if self.pacer is not None else None
         credit = 0  # bytes the pacer has let go and no WR has used yet
         for o in range(0, length, self.chunk_bytes):
             n = min(self.chunk_bytes, length - o)
@@ -766,6 +788,8 @@ class RdmaTransport(Transport):
                 while credit < n:
                     credit += next(paced)
                 credit -= n
+            from pyverbs.wr import SGE, SendWR  # (cached after the first; here so a wait ends without pyverbs)
+
             if not p.slots[cls].acquire(timeout=self.timeout_s):
                 self._fail_peer(p, PeerLostError(f"send queue to {p.name!r} stuck for {self.timeout_s} s"))
                 return
