@@ -179,7 +179,10 @@ def _reference_compute_quota(queue, quota, cm, token_budget=None, min_chunk_toke
         if used + t_full <= quota:
             take = upper
         else:
-            take = largest_fitting_bsz(lambda b, c=w.cached_tokens: cm.attention_time(c, b), quota - used, upper)
+            # (max: the head's min_chunk_tokens may have used more than the quota; the budget then is 0, not < 0)
+            take = largest_fitting_bsz(
+                lambda b, c=w.cached_tokens: cm.attention_time(c, b), max(0.0, quota - used), upper
+            )
             if not out:
                 take = max(take, min(min_chunk_tokens, upper))
         if take == 0:

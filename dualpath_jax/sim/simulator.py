@@ -287,6 +287,7 @@ class Simulator:
         # when the fetch chain, stopped on an empty queue, would have fetched next (node _fetch_rr)
         self._next_tick = 0.0
         self.n_fetches = 0
+        self._idle_fetches = 0  # fetches in a row that placed nothing with no other event pending (IDLE_FETCHES)
         self._ran = False  # run() once: a second call would start every trajectory again
         self._build()
         self._check_turns_fit()
@@ -493,7 +494,12 @@ class Simulator:
         window = QueueWindow(q, qids[:k], qlens[:k])  # the live deque, not a copy: placed below, after the policy
         scope = node if self.c.fetch_scope == "node" else None
         assignments = self.policy.schedule(self.snapshot, window, fetching_node=scope)
+        if not isinstance(assignments, (list, tuple)):  # (None was taken for "nothing placed": fetched forever)
+            raise TypeError(
+                f"policy {self.cfg.policy!r} returned {assignments!r} from schedule(), not a list of Assignments"
+            )
         if assignments:
+            self._idle_fetches = 0
             placed = set()
             held = set()
             # With decode slots (cluster.de_max_seqs), as the runtime's scheduler: a policy counts a DE's room in
@@ -501,9 +507,19 @@ class Simulator:
             # queued, in their place, and the policy is asked again at once (a policy that places on a full DE on
             # purpose, e.g. round_robin full_de="queue", is not held back: they wait at the DE)
             hold = self.max_seqs < math.inf and not getattr(self.policy, "overcommits_decode", False)
+            requests = self.requests
             for a in assignments:
+                if not isinstance(a, Assignment):
+                    raise TypeError(f"policy {self.cfg.policy!r} returned {a!r} in its list, not an Assignment")
                 if a.request_id in placed or a.request_id in held:
                     raise RuntimeError(f"policy {self.cfg.policy!r} placed request {a.request_id} twice")
+                r = requests.get(a.request_id)
+                if r is None or r.rec.scheduled == r.rec.scheduled:  # (NaN until placed: not queued any more)
+                    why = "unknown or finished" if r is None else "placed before"
+                    raise RuntimeError(
+                        f"policy {self.cfg.policy!r} placed request {a.request_id}, which is not in the queue ({why}); "
+                        "it may place only requests of its window"
+                    )
                 if hold:
                     de = self.des.get(a.decode_engine)
                     if de is not None and de.state.seq >= self.max_seqs:
@@ -528,6 +544,16 @@ class Simulator:
                 self._fetch_rr = node
                 self.at(self.now, self._fetch)
                 return
+        elif self.events:
+            self._idle_fetches = 0
+        else:  # placed nothing, and nothing else will ever happen: only this fetch, again and again
+            self._idle_fetches += 1
+            if self._idle_fetches >= IDLE_FETCHES:
+                raise RuntimeError(
+                    f"policy {self.cfg.policy!r} placed none of the {len(q)} queued requests in {IDLE_FETCHES} "
+                    f"fetches on an idle cluster (no engine, transfer or arrival pending; t = {self.now:.3f} s): "
+                    "the run cannot go on"
+                )
         self.at(self.now + self.fetch_step, self._fetch)
 
     def _assign(self, a: Assignment) -> None:
@@ -1172,6 +1198,9 @@ class _WorkView(Sequence):
             yield r.work
 
 
+# A policy that places nothing while nothing else is pending (no engine busy, no transfer, no arrival to come) would be
+# asked again every fetch step forever: after this many such fetches in a row the run fails, naming it.
+IDLE_FETCHES = 1000
 _EXACT = float(1 << 53)  # integers below this are exact in a double, and so are their sums and products
 
 

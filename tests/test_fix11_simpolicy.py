@@ -1,0 +1,146 @@
+"""Simulator: a researcher's own policy that returns something wrong is named, and one that places nothing ends.
+
+What was wrong (found walking the "register your own policy" journey, /work/notes/fix11_extend.md R1 / R2):
+- `schedule()` returning None was taken for "nothing placed": the group fetched again every fetch step, forever;
+- a policy that never places anything (returns []) on an idle cluster looped forever too (an offline run has no
+  other event left: the fetch re-armed itself endlessly);
+- an item that is not an `Assignment` failed as a bare AttributeError ('tuple' object has no attribute
+  'request_id'), an unknown request id as a bare KeyError, and a request placed in an earlier fetch was placed again.
+
+Contract: a TypeError / RuntimeError naming the policy and the bad value; a policy that places none of the queued
+requests in IDLE_FETCHES fetches in a row while nothing else is pending fails the run naming it. Both the compiled
+simulator and its Python twin (`DUALPATH_PURE_PYTHON=1` runs this file on the twin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from dualpath_jax.sim import load_config, run, sim_config_from_dict
+from dualpath_jax.sim import simulator as sim_mod
+from schedulers import POLICIES, Assignment, InterEnginePolicy
+
+
+class _Base(InterEnginePolicy):
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        pass
+
+    def __init__(self, config):
+        self.config = config
+        self.calls = 0
+
+
+class ReturnsNone(_Base):
+    def schedule(self, snapshot, queue, fetching_node=None):
+        return None
+
+
+class PlacesNothing(_Base):
+    def schedule(self, snapshot, queue, fetching_node=None):
+        return []
+
+
+class ReturnsTuples(_Base):
+    def schedule(self, snapshot, queue, fetching_node=None):
+        r = next(iter(queue))
+        return [(r.request_id, 0, 0, "pe")]
+
+
+def _place_first(snapshot, queue, rid=None):
+    r = next(iter(queue))
+    pe = snapshot.engines_of("prefill")[0].engine_id
+    de = snapshot.engines_of("decode")[0].engine_id
+    return [Assignment(r.request_id if rid is None else rid, pe, de, "pe")]
+
+
+class UnknownRequest(_Base):
+    def schedule(self, snapshot, queue, fetching_node=None):
+        return _place_first(snapshot, queue, rid=10**9)
+
+
+class PlacesTheFirstAgain(_Base):
+    """Places the first queued request, then that same request again in every later fetch."""
+
+    first = None
+
+    def schedule(self, snapshot, queue, fetching_node=None):
+        out = _place_first(snapshot, queue, rid=PlacesTheFirstAgain.first)
+        PlacesTheFirstAgain.first = out[0].request_id
+        return out
+
+
+_POLICIES = {
+    "fix11s_none": ReturnsNone,
+    "fix11s_nothing": PlacesNothing,
+    "fix11s_tuples": ReturnsTuples,
+    "fix11s_unknown": UnknownRequest,
+    "fix11s_again": PlacesTheFirstAgain,
+}
+
+
+@pytest.fixture(scope="module")
+def registered():
+    for name, cls in _POLICIES.items():
+        POLICIES.register(name)(cls)
+    yield
+    for name in _POLICIES:
+        POLICIES._entries.pop(name, None)
+
+
+def _run(policy: str, **kw):
+    cfg = sim_config_from_dict(load_config(f"configs/sim_tiny.py:{policy}").to_dict())
+    return run(dataclasses.replace(cfg, **kw))
+
+
+@pytest.mark.parametrize(
+    "policy, error, match",
+    [
+        ("fix11s_none", TypeError, r"policy 'fix11s_none' returned None from schedule\(\), not a list of Assignments"),
+        ("fix11s_tuples", TypeError, r"policy 'fix11s_tuples' returned \(\d+, 0, 0, 'pe'\) in its list, not an Assign"),
+        (
+            "fix11s_unknown",
+            RuntimeError,
+            r"policy 'fix11s_unknown' placed request 1000000000, which is not in the "
+            r"queue \(unknown or finished\)",
+        ),  # fmt: skip
+        (
+            "fix11s_again",
+            RuntimeError,
+            r"policy 'fix11s_again' placed request \d+, which is not in the queue "
+            r"\((placed before|unknown or finished)\)",
+        ),  # fmt: skip
+        (
+            "fix11s_nothing",
+            RuntimeError,
+            r"policy 'fix11s_nothing' placed none of the \d+ queued requests in 1000 "
+            r"fetches on an idle cluster",
+        ),  # fmt: skip
+    ],
+)
+def test_a_bad_policy_result_is_named_and_the_run_ends(registered, policy, error, match):
+    PlacesTheFirstAgain.first = None
+    with pytest.raises(error, match=match):
+        _run(policy)
+
+
+def test_idle_fetches_count_only_fetches_in_a_row_with_nothing_pending(registered):
+    """A policy that places nothing for a while on an idle cluster, fewer than IDLE_FETCHES fetches in a row, and
+    then places its requests, is not failed: the run finishes."""
+    assert sim_mod.IDLE_FETCHES == 1000
+
+    class Late(_Base):
+        def schedule(self, snapshot, queue, fetching_node=None):
+            self.calls += 1
+            if self.calls < sim_mod.IDLE_FETCHES - 1:  # (just under the limit at the start, then places)
+                return []
+            return _place_first(snapshot, queue)
+
+    POLICIES.register("fix11s_late")(Late)
+    try:
+        res = _run("fix11s_late")
+    finally:
+        POLICIES._entries.pop("fix11s_late", None)
+    assert res.summary["unfinished_turns"] == 0 and res.summary["turns"] == len(res.records) > 0
