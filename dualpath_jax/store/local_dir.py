@@ -33,11 +33,16 @@ contains (the key stays indexed); write then writes the block (its own errors ar
 entry that cannot be stat'ed at open is logged and skipped. Readers that opened a file keep reading it even if
 another process unlinks or replaces it (POSIX semantics; NFS does the same with silly-renames), so a block being
 read is never torn. A process keeps up to `fd_cache` block files open (layerwise loading reads each block once per
-layer): such a file still holds this key's KV even if another process has evicted it since, and it still
-goes through every check; its disk space is freed when the entry leaves the cache (or `refresh` finds the block
+layer; at most a quarter of RLIMIT_NOFILE, since a mapped file holds 2 fds, and halved when an open or a mapping
+fails with EMFILE/ENFILE): such a file still holds this key's KV even if another process has evicted it since, and
+it still goes through every check; its disk space is freed when the entry leaves the cache (or `refresh` finds the block
 gone). This process's own remove, overwrite, eviction or removal of a corrupt block drops the key's cached file,
 and a file that was being opened meanwhile is read once by its reader but never cached: once they returned, reads
 open the new file.
+
+A store whose directory (`blocks/`) was removed, moved away or replaced by one that is not a store of its layout
+since it opened writes and removes nothing there: writes fail (logged, `write_errors`), blocks that look damaged
+there are misses left in place, `refresh` raises; reopen the store.
 
 Capacity and LRU order are per process: each process evicts from its own view, which is approximate when several
 processes write to one directory (documented limitation). Eviction costs O(1) while the blocks fit, else one walk
@@ -514,6 +519,12 @@ class LocalDirStore(KVStore):
             os.makedirs(self._blocks_dir, exist_ok=True)
             created.append(self._blocks_dir)
         self._check_or_write_meta()
+        # The directory this store opened: removed, moved away or replaced by another that is not a store of this
+        # layout (another model's store moved in place) under the open store, it is no longer this store's, so
+        # writes fail and nothing there is removed (its blocks of another size looked damaged: a lookup, read or
+        # refresh deleted them; writes filled it, or made a removed root again without STORE.json).
+        st = os.stat(self._blocks_dir)
+        self._blocks_id = (st.st_dev, st.st_ino)
         if self.durable:
             for d in created:  # (the root: its parent holds its entry; blocks/: the root holds it)
                 _fsync_dir(os.path.dirname(d))
@@ -538,6 +549,17 @@ class LocalDirStore(KVStore):
         self._tls = threading.local()  # per-thread header buffer: no allocation per read
         self._fds: collections.OrderedDict[bytes, _OpenBlock] = collections.OrderedDict()  # LRU of open files
         self._fd_cache = int(fd_cache)
+        # A cached file holds one fd, two once mapped (mmap keeps a dup of it). A cache that can take the process's
+        # whole open-file limit (RLIMIT_NOFILE) left every later open failing with EMFILE: each read of a block not
+        # cached a miss for good, and the rest of the process (sockets, files) without fds. Capped at a quarter of
+        # it (cached files take at most half of the fds), and shrunk when an open fails with EMFILE/ENFILE anyway.
+        nofile = _nofile_limit()
+        if nofile is not None and self._fd_cache > nofile // 4:
+            log.warning(
+                "kv store %s: fd_cache=%d lowered to %d: the open-file limit (RLIMIT_NOFILE) is %d and a cached block "
+                "file may hold 2 fds", self.root, self._fd_cache, nofile // 4, nofile,
+            )  # fmt: skip
+            self._fd_cache = nofile // 4
         self._host = _host_id()
         self._scan()
         self._threads = (int(io_threads), int(write_threads))
@@ -606,6 +628,31 @@ class LocalDirStore(KVStore):
                 f"but was opened for {want['layout']} (format {want['block_format_version']}); use one directory "
                 "per model and KV layout"
             )
+
+    def _root_changed(self) -> str | None:
+        """Why `blocks/` is no longer the directory this store opened (see `_blocks_id`), or None."""
+        try:
+            st = os.stat(self._blocks_dir)
+        except FileNotFoundError:
+            return "is gone (removed or moved away)"
+        except OSError as e:
+            return f"cannot be checked ({e})"
+        if (st.st_dev, st.st_ino) != self._blocks_id:
+            # (or a file system whose inode numbers are not stable, FUSE: still this store if STORE.json says so; a
+            # store of this layout moved in place is one too: its blocks are this model's)
+            try:
+                with open(os.path.join(self.root, _META)) as f:
+                    have = json.load(f)
+                want = self._meta()  # (as the check at open)
+                ours = isinstance(have, dict) and all(
+                    have.get(k) == want[k] for k in ("layout", "block_format_version")
+                )
+            except (OSError, ValueError):
+                ours = False
+            if not ours:
+                return "is another directory now, not a store of this layout (replaced)"
+            self._blocks_id = (st.st_dev, st.st_ino)
+        return None
 
     def path_of(self, key: bytes) -> str:
         """The file of block `key`."""
@@ -1079,7 +1126,12 @@ class LocalDirStore(KVStore):
                 pending = _PendingOpen()
                 self._opening.setdefault(key, []).append(pending)
         try:
-            fd = _open_block(path)  # FileNotFoundError: absent
+            try:
+                fd = _open_block(path)  # FileNotFoundError: absent
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE) or not self._shrink_fd_cache(e):
+                    raise
+                fd = _open_block(path)  # (once more, with cached files closed)
         except BaseException:
             if pending is not None:
                 with self._lock:
@@ -1111,6 +1163,28 @@ class LocalDirStore(KVStore):
             os.close(fd)
             return other
         return ent
+
+    def _shrink_fd_cache(self, err: OSError) -> bool:
+        """An open failed with EMFILE/ENFILE: halve the fd cache for good (its LRU files closed once no read uses
+        them), logged; whether it held any file to close."""
+        closed = []
+        with self._lock:
+            if not self._fds:
+                return False
+            old, self._fd_cache = self._fd_cache, len(self._fds) // 2
+            while len(self._fds) > self._fd_cache:
+                _, ent = self._fds.popitem(last=False)
+                ent.cached = False
+                if not ent.refs:
+                    closed.append(ent)
+        for ent in closed:
+            ent.close()
+        log.warning(
+            "kv store %s: out of file descriptors opening or mapping a block file (%s; RLIMIT_NOFILE %s): fd_cache "
+            "lowered from %d to %d",
+            self.root, err.strerror, _nofile_limit(), old, self._fd_cache,
+        )  # fmt: skip
+        return True
 
     def _release_fd(self, ent: _OpenBlock) -> None:
         with self._lock:
@@ -1395,7 +1469,12 @@ class LocalDirStore(KVStore):
         mapping = ent.mapping
         if mapping is None:  # first mapped read of this open file: map it for as long as the fd lives
             try:
-                mapping = mmap.mmap(ent.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+                try:
+                    mapping = mmap.mmap(ent.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+                except OSError as e:  # (the mapping keeps a dup of the fd: EMFILE as an open, see _acquire_fd)
+                    if e.errno not in (errno.EMFILE, errno.ENFILE) or not self._shrink_fd_cache(e):
+                        raise
+                    mapping = mmap.mmap(ent.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             except ValueError as e:  # (mmap checks the size again: the file shrank since the fstat above)
                 return f"truncated: {e}"
             if _MADV_HUGEPAGE is not None:  # before any page is touched (see _MADV_HUGEPAGE)
@@ -1456,6 +1535,15 @@ class LocalDirStore(KVStore):
     ) -> None:
         """Log, count and delete a corrupt block (only if `path` is still the file we judged: open as `fd`, or
         stat'ed as `st`)."""
+        changed = self._root_changed()
+        if changed is not None:  # not this store's directory any more: its files are not ours to remove
+            log.warning(
+                "kv store %s: block %s is not a block of this store (%s): a miss, not removed: %s %s since the store "
+                "was opened", self.root, path, reason, self._blocks_dir, changed,
+            )  # fmt: skip
+            with self._lock:
+                self._drop_locked(key)
+            return
         log.warning("kv store %s: corrupt block %s (%s): removed, treated as a miss", self.root, path, reason)
         try:
             if fd is not None or st is not None:
@@ -1486,6 +1574,15 @@ class LocalDirStore(KVStore):
         durable = _flag("durable", durable, self.durable)
         overwrite = _flag("overwrite", overwrite, False)
         path = self.path_of(key)
+        changed = self._root_changed()
+        if changed is not None:  # (not into another directory put in its place, nor a new one made by the write)
+            log.warning(
+                "kv store %s: writing block %s failed: the store directory %s %s since the store was opened (not "
+                "stored; reopen the store)", self.root, key.hex(), self._blocks_dir, changed,
+            )  # fmt: skip
+            with self._lock:
+                self._stats.write_errors += 1
+            return False
         if not overwrite:
             drops = self._drops
             # (the file, not the index: it may be stale; checked whole: a damaged file is written over; durable: a
@@ -1526,7 +1623,14 @@ class LocalDirStore(KVStore):
         except OSError as e:
             # Persisting KV is best effort (the block can be recomputed): a full disk, a vanished directory or a
             # temp file removed by another host's cleanup must not take the engine down. Logged and counted.
-            log.warning("kv store %s: writing block %s failed: %s (not stored)", self.root, key.hex(), e)
+            hint = ""
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # (it stays full: blocks are evicted for capacity_bytes only)
+                hint = (
+                    f"; the disk is full with {self.used_bytes} B of blocks indexed here, capacity_bytes="
+                    f"{self.capacity_bytes}: nothing is evicted for a full disk, so capacity_bytes must leave room on "
+                    "it for the writes in flight"
+                )
+            log.warning("kv store %s: writing block %s failed: %s (not stored%s)", self.root, key.hex(), e, hint)
             with self._lock:
                 self._stats.write_errors += 1
             return False
@@ -1676,15 +1780,20 @@ class LocalDirStore(KVStore):
 
     def remove(self, key: bytes) -> bool:
         _check_key(key)
-        existed = False
+        path = self.path_of(key)
+        existed = kept = False
         try:
-            os.unlink(self.path_of(key))
+            os.unlink(path)
             existed = True
         except (FileNotFoundError, NotADirectoryError):
             pass
-        finally:  # an unlink that fails otherwise (EACCES, a directory there) still leaves no stale index entry
-            with self._lock:
-                self._drop_locked(key)
+        except OSError:  # raised; a block file still there (EROFS, EACCES) stays indexed and counted, as a failed
+            kept = _is_regular_file(path)  # eviction's: it reads (dropped, its bytes on disk went uncounted)
+            raise
+        finally:  # an unlink that fails otherwise (a directory there) leaves no stale index entry
+            if not kept:
+                with self._lock:
+                    self._drop_locked(key)
         return existed
 
     # ---- misc ---------------------------------------------------------------------------------------------
@@ -1695,7 +1804,14 @@ class LocalDirStore(KVStore):
 
     def refresh(self) -> None:
         """Rescan the directory (adopt blocks written by others, forget removed ones); LRU order resets. A block this
-        process removes or evicts while the scan runs is not indexed again (its file may have been listed first)."""
+        process removes or evicts while the scan runs is not indexed again (its file may have been listed first).
+        A RuntimeError, touching nothing, if the store's directory was removed or replaced since it was opened."""
+        changed = self._root_changed()
+        if changed is not None:  # (another store's blocks there would be removed as damage, or indexed and evicted)
+            raise RuntimeError(
+                f"kv store {self.root}: its directory {self._blocks_dir} {changed} since the store was opened; "
+                "reopen the store"
+            )
         self._scan()
 
     @property
@@ -1792,6 +1908,16 @@ def _open_block(path: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _nofile_limit() -> int | None:
+    """The process's soft limit of open files (RLIMIT_NOFILE), or None (unlimited, or no such limit here)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _is_regular_file(path: str) -> bool:
