@@ -32,7 +32,15 @@ def build_config(cls: type, name: str, config: Any = None, /, **kwargs: Any) -> 
 
     A value the Config refuses is a ValueError / TypeError naming the policy (`split block_size must be ...`).
     """
-    config_cls = cls.Config
+    config_cls = getattr(cls, "Config", None)
+    # a registered class without one failed as "type object 'X' has no attribute 'Config'" (or dataclasses' "must be
+    # called with a dataclass type or instance"), naming neither the policy nor what it lacks
+    if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
+        raise TypeError(
+            f"{name!r} ({getattr(cls, '__qualname__', cls)!r}) has no `Config` dataclass: every registered policy and "
+            f"batcher is a class with a nested @dataclasses.dataclass `Config` (its keyword arguments, may be empty) "
+            f"built as cls(config); got Config={config_cls!r}"
+        )
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
@@ -53,10 +61,18 @@ def build_config(cls: type, name: str, config: Any = None, /, **kwargs: Any) -> 
 def make_policy(name: str, /, config: Any = None, **kwargs: Any) -> InterEnginePolicy:
     """A configured inter-engine policy: `make_policy("dualpath", alpha_tokens=..., beta_tokens=...)`."""
     cls = POLICIES.get(name)
-    return cls(build_config(cls, name, config, **kwargs))
+    return _named(cls(build_config(cls, name, config, **kwargs)), name)
 
 
 def make_batcher(name: str, /, config: Any = None, **kwargs: Any) -> IntraEnginePolicy:
     """A configured intra-engine batching policy: `make_batcher("fifo", token_budget=8192)`."""
     cls = BATCHERS.get(name)
-    return cls(build_config(cls, name, config, **kwargs))
+    return _named(cls(build_config(cls, name, config, **kwargs)), name)
+
+
+def _named(obj: Any, name: str) -> Any:
+    """`obj` named as it was registered and asked for: the runtime's errors name a policy / batcher by its `name`,
+    which was the base class's "?" for a class that set none (the registry example sets none) and "basic" for one
+    copied from BasicPolicy, so a custom policy's bad assignment was blamed on policy '?' or 'basic'."""
+    obj.name = name
+    return obj

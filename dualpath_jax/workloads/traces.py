@@ -48,6 +48,10 @@ MOONCAKE_BLOCK = 512
 MAX_TOKENS = 2**31 - 1
 
 
+# How load_trace tells the formats apart, for errors that come from reading a file as the other one
+_NAMES = "the file name picks the format: *.jsonl[.gz] Mooncake (one request a line), *.json[.gz] one session"
+
+
 class TraceFormatError(ValueError):
     """A trace file (or one line / request of it) does not have the expected format."""
 
@@ -258,6 +262,8 @@ def load_mooncake(
     prev_ts = -1.0
     for lineno, row in _mooncake_rows(p, max_requests):
         where = f"{p}:{lineno}"
+        if "requests" in row and "timestamp" not in row:  # (it said only "missing field 'timestamp'")
+            raise TraceFormatError(f"{where}: a kv-cache-tester session, not a Mooncake request; {_NAMES}")
         ts = _num_field(row, "timestamp", where) / 1000.0
         if ts < prev_ts:
             raise TraceFormatError(
@@ -298,7 +304,9 @@ def _read_json(path: Path) -> Any:
         with _open_text(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise TraceFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        # (a Mooncake trace named *.json said only "Extra data": the format is chosen by the file name)
+        hint = f"; {_NAMES}" if e.msg == "Extra data" else ""
+        raise TraceFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
     except RecursionError:  # the json module parses nested arrays/objects recursively (no position is known)
         raise TraceFormatError(f"{path}: not valid JSON (nested too deeply to parse)") from None
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
@@ -336,7 +344,7 @@ def _session_turns(
         if kind == "subagent":
             sub_t = _num_field(r, "t", w)
             sub_name = f"{name}#{r.get('agent_id', i)}"
-            _session_turns(r.get("requests"), w, block, salt, out, sub_name, t0 + sub_t, positions)
+            _session_turns(r.get("requests"), w, block, salt, out, sub_name, _arrival(t0, sub_t, w), positions)
             continue
         if kind not in ("n", "s"):
             raise TraceFormatError(f"{w}: unknown request type {kind!r} (expected 'n', 's' or 'subagent')")
@@ -356,10 +364,20 @@ def _session_turns(
     for k, (t, prompt, gen, ids, _, w) in enumerate(rows):
         if k and t < rows[k - 1][0]:
             raise TraceFormatError(f"{w}: t={t} goes back in time (previous {rows[k - 1][0]})")
+        _arrival(t0, t, w)  # the turn's trace time, arrival + offset, must be a number too
         gap = rows[k + 1][4] if k + 1 < len(rows) else 0.0  # think time before the next request
         context = tracker.next(ids, prompt, gen)
         turns.append(_turn(ids, prompt, gen, context, t - first_t, gap, block, salt))
-    out[slot] = (name, t0 + first_t, turns)
+    out[slot] = (name, _arrival(t0, first_t, rows[0][5]), turns)
+
+
+def _arrival(t0: float, t: float, where: str) -> float:
+    """A request's (or subagent's) time, its agent's origin `t0` + its `t`: two finite times can sum past the float
+    range (a bare "arrival_time must be a finite number" ValueError of a Trajectory naming no file, or a turn the
+    simulator made ready at t = inf: an OverflowError from inside its run)."""
+    if t0 + t == float("inf"):
+        raise TraceFormatError(f"{where}: field 't' = {t!r} puts it at {t0!r} + {t!r} s, past the float range")
+    return t0 + t
 
 
 def load_kvcache_session(path: str | os.PathLike) -> list[Trajectory]:
@@ -373,11 +391,17 @@ def _load_session(p: Path) -> tuple[str, int, list[Trajectory]]:
     if not isinstance(doc, dict):
         raise TraceFormatError(f"{p}: expected one JSON object (a session), got {type(doc).__name__}")
     block = _int_field(doc, "block_size", str(p), minimum=1)
+    # ids are salted per session below: ids of another scope (shared across sessions) were salted apart, silently
+    scope = doc.get("hash_id_scope")
+    if scope not in (None, "local"):
+        raise TraceFormatError(f"{p}: field 'hash_id_scope' = {scope!r} is not supported (session-scoped ids: 'local')")
     if "requests" not in doc:
         raise TraceFormatError(f"{p}: missing field 'requests'")
     # hash ids are scoped to the session: salt them with the session so sessions never share blocks
-    sid = str(doc.get("id", p.name))
-    salt = zlib.crc32(sid.encode()) & 0x7FFFFFFF
+    # (an "id" of null is no id: every such session was "None", and a second one was refused as loaded already)
+    sid = str(doc.get("id") if doc.get("id") is not None else p.name)
+    # (JSON may hold a lone surrogate, "\ud800": a bare UnicodeEncodeError naming no file; any string is an id)
+    salt = zlib.crc32(sid.encode("utf-8", "surrogatepass")) & 0x7FFFFFFF
     found: list[tuple[str, float, list[Turn]]] = []
     _session_turns(doc["requests"], str(p), block, salt, found, p.name, 0.0, _BlockPositions())
     trajs = [
@@ -426,6 +450,9 @@ def _load_kvcache_files(files: Sequence[Path], max_agents: int | None = None) ->
         salts[salt] = (sid, f)
         for t in trajs:
             out.append(Trajectory(trajectory_id=len(out), turns=t.turns, arrival_time=t.arrival_time, source=t.source))
+    if not out:  # as an empty Mooncake trace: the simulator ran the empty workload, NaN figures written as results
+        what = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} session files)"
+        raise TraceFormatError(f"{what} holds no turn: no 'n' / 's' request in its session(s)")
     return out
 
 
