@@ -210,6 +210,9 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     max_prompt = max(prompt for prompt, _, _ in shapes)
     max_total = max(prompt + gen for prompt, _, gen in shapes)
     validate(cfg, mcfg.kv_bytes_per_token, max_prompt, mcfg.num_layers)
+    from dualpath_jax.runtime.launcher import check_batcher_reaches_nodes
+
+    check_batcher_reaches_nodes(cfg)  # a batcher of __main__, which the node processes cannot import
     _check_token_ids(trajs, mcfg.vocab_size)
     if max_total > cfg.cluster.max_seq_len:
         raise ConfigError(
@@ -455,6 +458,9 @@ def _check_launcher(service: GlobalScheduler, launcher, groups) -> None:
         raise RunFailed(f"node {node} failed: {err!r}")
     for g in groups:
         if g.node_id not in service.dead_nodes and not launcher.alive(g.node_id) and not service.book.done:
+            err = getattr(launcher, "errors", {}).get(g.node_id)
+            if err is not None:  # (its run raised, and it exited since the check above: its error, not a dead node)
+                raise RunFailed(f"node {g.node_id} failed: {err!r}")
             service.declare_dead(g.node_id)
 
 

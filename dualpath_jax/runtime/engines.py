@@ -37,11 +37,12 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
 from dualpath_jax.block_keys import BlockKeyChain
+from dualpath_jax.checks import is_int
 from dualpath_jax.host_buffers import BufferBudgetExceeded, HostBufferPool
 from dualpath_jax.runtime.control import Cancel, Event, TurnTask
 from dualpath_jax.runtime.storage_nic import ReadJob, StorageNIC, WriteJob
@@ -550,11 +551,41 @@ class PrefillEngine(EngineBase):
             if not ready:
                 continue
             work = [PrefillWork(r.task.request_id, r.cached, r.prompt_tokens - r.cached) for r in ready]
-            batch = self.batcher.form_batch(work)
+            try:
+                batch = self.batcher.form_batch(work)
+            except Exception as e:
+                raise RuntimeError(
+                    f"batcher {self.batcher.name!r} raised {e!r} forming a batch from {len(work)} requests"
+                ) from e
             if not batch:
                 raise RuntimeError(f"batcher {self.batcher.name!r} formed an empty batch from {len(work)} requests")
-            by_rid = {r.task.request_id: r for r in ready}
-            self._run_batch([(by_rid[b.request_id], b.cached, b.bsz) for b in batch])
+            self._run_batch(self._batch_items(batch, {r.task.request_id: r for r in ready}))
+
+    def _batch_items(self, batch, by_rid: dict) -> list:
+        """The batcher's items as (request, cached, bsz), each checked before anything runs: an unknown request id
+        was a bare KeyError; a `cached` other than the request's computed its tokens at the wrong positions (wrong
+        KV: silently, or the run stalled until run_timeout_s); bsz 0, past the request's remaining tokens, or a request listed
+        twice failed as the model's misleading "no miss tokens"."""
+        items, seen = [], set()
+        for b in batch:
+            rid, c0, n = (getattr(b, f, None) for f in ("request_id", "cached", "bsz"))
+            r = by_rid.get(rid) if isinstance(rid, Hashable) else None
+            if r is None:
+                why = f"request id {rid!r} is none of the {len(by_rid)} ready requests given to it"
+            elif rid in seen:
+                why = f"request {rid} is listed twice"
+            elif not is_int(c0) or c0 != r.cached:
+                why = (
+                    f"cached={c0!r}, but request {rid} has {r.cached} cached tokens (the KV it would compute is wrong)"
+                )
+            elif not is_int(n) or not 1 <= n <= r.prompt_tokens - r.cached:
+                why = f"bsz={n!r} is not in [1, {r.prompt_tokens - r.cached}] (the request's remaining tokens)"
+            else:
+                seen.add(rid)
+                items.append((r, int(c0), int(n)))
+                continue
+            raise RuntimeError(f"batcher {self.batcher.name!r} returned a bad item {b!r}: {why}")
+        return items
 
     def _peer_writing(self, r: _PrefillReq) -> bool:
         # The DE forwards its DE-path read, one notifying write per layer (none when it read no block).

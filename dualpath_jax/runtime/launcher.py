@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.control import ControlServer, LocalControlClient, SocketControlClient
-from dualpath_jax.runtime.scheduler_service import GroupSpec
+from dualpath_jax.runtime.scheduler_service import GroupSpec, RunFailed
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,66 @@ def build_batcher_factory(cfg: RuntimeConfig, model_ops=None):
         shape = cost_model_shape(model_ops)
     kw = batcher_kwargs(cfg, shape)
     return lambda: schedulers.make_batcher(cfg.scheduler.batcher, **kw)
+
+
+_MAIN_MODULES = ("__main__", "__mp_main__")
+
+
+def batcher_modules(cfg: RuntimeConfig) -> tuple[str, ...]:
+    """The module that registered the configured batcher, for the node processes to import before they build it: they
+    are spawned (or Ray actors) and knew only the package's batchers, so a researcher's own one failed each node with
+    a KeyError on its stderr, after the driver's checks had passed. A class of `__main__` cannot be imported by name
+    (`check_batcher_reaches_nodes`)."""
+    import schedulers
+
+    mod = getattr(schedulers.BATCHERS.get(cfg.scheduler.batcher), "__module__", None)
+    return (mod,) if isinstance(mod, str) and mod not in _MAIN_MODULES else ()
+
+
+def check_batcher_reaches_nodes(cfg: RuntimeConfig) -> None:
+    """Before anything starts: the configured batcher must be known in the node processes of `config.launcher`. Those
+    import the module that registered it (`batcher_modules`); a batcher registered in the driver's `__main__` reaches
+    the `local` launcher's nodes only when `__main__` is a file or module that they re-run (multiprocessing's spawn,
+    as `__mp_main__`), and never Ray's actors."""
+    import schedulers
+    from dualpath_jax.runtime.config import ConfigError
+
+    name = cfg.scheduler.batcher
+    cls = schedulers.BATCHERS.get(name)
+    if cfg.launcher == "inprocess" or getattr(cls, "__module__", None) not in _MAIN_MODULES:
+        return
+    main = sys.modules.get("__main__")
+    rerun = getattr(main, "__file__", None) or getattr(getattr(main, "__spec__", None), "name", None)
+    if cfg.launcher == "local" and rerun:
+        return  # (the node checks it is registered there: `import_batcher_modules`)
+    raise ConfigError(
+        f"config.scheduler.batcher {name!r} is registered in __main__ ({cls!r}), which the {cfg.launcher!r} "
+        "launcher's node processes cannot import: register it in an importable module (e.g. my_batchers.py on the "
+        "path, imported by your script)"
+    )
+
+
+def import_batcher_modules(cfg: RuntimeConfig, modules: Sequence[str]) -> None:
+    """In a node process: import the modules that registered the batcher in the driver (`batcher_modules`), then
+    check it is known here, naming it."""
+    import importlib
+
+    import schedulers
+
+    name = cfg.scheduler.batcher
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except Exception as e:
+            raise RuntimeError(
+                f"config.scheduler.batcher {name!r} was registered by module {mod!r} in the driver, which this node "
+                f"process cannot import: {e!r}"
+            ) from e
+    if name not in schedulers.BATCHERS:
+        raise RuntimeError(
+            f"config.scheduler.batcher {name!r} is not registered in this node process ({mp.current_process().name}): "
+            "register it at the top level of an importable module (not under `if __name__ == '__main__':`)"
+        )
 
 
 def open_store(cfg: RuntimeConfig, layout):
@@ -118,7 +178,10 @@ class InProcessLauncher:
         try:
             group.run()
         except BaseException as e:  # noqa: BLE001 -- surfaced by the driver
-            log.exception("node %d failed", node_id)
+            if isinstance(e, RunFailed):  # the scheduler failed the run (a bad policy): it says why, not a crash here
+                log.error("node %d stopped: %s", node_id, e)
+            else:
+                log.exception("node %d failed", node_id)
             self.errors[node_id] = e
 
     def alive(self, node_id: int) -> bool:
@@ -172,7 +235,7 @@ def _transport_factory(cfg: RuntimeConfig):
 
 
 # ------------------------------------------------------------------------------------------------- local
-def _node_process(target, *args) -> None:
+def _node_process(target, *args, report=None) -> None:
     """Run `target(*args)` as a node process's whole life, then end the process without interpreter finalization.
 
     By the time `target` returns, the node has stopped and closed what it owns (engines, transports, store, control
@@ -181,7 +244,7 @@ def _node_process(target, *args) -> None:
     ("terminate called after throwing an instance of ''", "FATAL: exception not rethrown", exit code -6; seen on a
     DE node about one run in ten). `os._exit` after flushing the logs avoids that. Exit code 0 when `target`
     returned, 130 (an info line) when Ctrl-C interrupted it, 1 (with the traceback on stderr, as multiprocessing
-    prints it) when it raised.
+    prints it) when it raised; then `report` (a connection to the driver), if given, gets ("error", repr of it).
     """
     code = 1
     try:
@@ -192,9 +255,15 @@ def _node_process(target, *args) -> None:
         # printed a KeyboardInterrupt traceback besides.
         code = 130
         log.info("node process %s interrupted", mp.current_process().name)
-    except BaseException:  # noqa: BLE001 -- reported here, the exit code says it
+    except BaseException as e:  # noqa: BLE001 -- reported here, the exit code says it
         print(f"Process {mp.current_process().name}:", file=sys.stderr)
         traceback.print_exc()
+        # and to the driver, which named no cause ("exited with code 1"), e.g. for a batcher unknown in the node
+        if report is not None:
+            try:
+                report.send(("error", repr(e)))
+            except Exception:  # noqa: BLE001 -- the driver may be gone
+                pass
     finally:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
@@ -205,17 +274,20 @@ def _node_process(target, *args) -> None:
         os._exit(code)
 
 
-def _node_main(*args) -> None:
+def _node_main(*args, report=None) -> None:
     """Entry point of one node process (one run)."""
-    _node_process(_serve_one_run, *args)
+    _node_process(_serve_one_run, *args, report=report)
 
 
-def _serve_one_run(spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, log_level: int) -> None:
+def _serve_one_run(
+    spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, log_level: int, modules: Sequence[str] = ()
+) -> None:
     logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
     from dualpath_jax.runtime.model_ops import ModelOps
     from dualpath_jax.runtime.node import EngineGroup, block_layout
     from dualpath_jax.traffic import TrafficManager
 
+    import_batcher_modules(cfg, modules)
     enable_compilation_cache()
     ops = ModelOps.of_config(cfg)
     store = open_store(cfg, block_layout(cfg, ops))
@@ -247,9 +319,9 @@ def enable_compilation_cache(path: str | None = None) -> None:
     enable_persistent_compilation_cache(path)
 
 
-def _node_session_main(*args) -> None:
+def _node_session_main(spec: GroupSpec, conn, log_level: int) -> None:
     """Entry point of a session's node process (`_node_process`)."""
-    _node_process(_serve_session, *args)
+    _node_process(_serve_session, spec, conn, log_level, report=conn)
 
 
 def _serve_session(spec: GroupSpec, conn, log_level: int) -> None:
@@ -266,7 +338,8 @@ def _serve_session(spec: GroupSpec, conn, log_level: int) -> None:
         msg = conn.recv()
         if msg is None:
             return
-        cfg, control_address, authkey = msg
+        cfg, control_address, authkey, modules = msg
+        import_batcher_modules(cfg, modules)
         if ops is None or not ops.serves(cfg):
             ops = ModelOps.of_config(cfg)
         store = open_store(cfg, block_layout(cfg, ops))
@@ -305,26 +378,32 @@ class LocalProcessLauncher:
         self.procs: dict[int, mp.Process] = {}
         self.server: ControlServer | None = None
         self._running: set[int] = set()  # nodes whose process serves this run
+        self._reports: dict[int, object] = {}  # node -> the connection its process reports its run's error on
+        self._whys: dict[int, str] = {}  # node -> its run's error, as reported
 
     def start(self, groups: Sequence[GroupSpec], service) -> None:
         authkey = secrets.token_bytes(16)
         self.server = ControlServer(service.fetch, authkey)
         if self.session is not None:
             self.procs = self.session.procs
-            self.session.begin(groups, (self.cfg, self.server.address, authkey))
+            self.session.begin(groups, (self.cfg, self.server.address, authkey, batcher_modules(self.cfg)))
             # (a session process that died in an earlier run gets no run: only dead here, not this run's error)
             self._running = {g.node_id for g in groups if self.procs[g.node_id].is_alive()}
             return
         ctx = mp.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         for g in groups:
+            why, report = ctx.Pipe(duplex=False)
             p = ctx.Process(
                 target=_node_main,
-                args=(g, self.cfg, self.server.address, authkey, level),
+                args=(g, self.cfg, self.server.address, authkey, level, batcher_modules(self.cfg)),
+                kwargs={"report": report},
                 name=f"node{g.node_id}",
                 daemon=True,
             )
             p.start()
+            report.close()  # (the node's end)
+            self._reports[g.node_id] = why
             self.procs[g.node_id] = p
             self._running.add(g.node_id)
 
@@ -337,11 +416,29 @@ class LocalProcessLauncher:
         too: a defect in a node's code showed only as re-runs on the other nodes.)"""
         return {
             n: RuntimeError(
-                f"process {self.procs[n].name} exited with code 1: its run raised (traceback on its stderr)"
+                f"process {self.procs[n].name} exited with code 1: its run raised{self._why(n)} (traceback on its "
+                "stderr)"
             )
             for n in sorted(self._running)
             if self.procs[n].exitcode == 1
         }
+
+    def _why(self, node_id: int) -> str:
+        """The error the node's process reported before it exited (`_node_process`), as " <error>"; or "" if none."""
+        session = getattr(self, "session", None)  # (getattr: a launcher built without __init__, as tests do)
+        whys = self._whys = getattr(self, "_whys", {})
+        if session is not None:
+            why = session.failure_of(node_id)
+        else:
+            conn = getattr(self, "_reports", {}).get(node_id)
+            if node_id not in whys and conn is not None:
+                try:
+                    if conn.poll():
+                        whys[node_id] = conn.recv()[1]
+                except (EOFError, OSError):
+                    pass
+            why = whys.get(node_id)
+        return f" {why}" if why else ""
 
     def alive(self, node_id: int) -> bool:
         if self.session is not None:
@@ -373,6 +470,8 @@ class LocalProcessLauncher:
             if p.is_alive():
                 p.kill()
                 p.join(2.0)
+        for conn in self._reports.values():
+            conn.close()
         if self.server is not None:
             self.server.close()
 
@@ -393,6 +492,7 @@ class LocalCluster:
         self.procs: dict[int, mp.Process] = {}
         self.conns: dict[int, object] = {}
         self._busy: set[int] = set()
+        self.failures: dict[int, str] = {}  # node -> the error its process reported before it exited
         ctx = mp.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         for g in self.groups:
@@ -422,11 +522,28 @@ class LocalCluster:
             self._busy.add(n)
 
     def finished(self, node_id: int) -> bool:
-        conn = self.conns[node_id]
-        if node_id in self._busy and conn.poll():
-            conn.recv()
-            self._busy.discard(node_id)
+        self._poll(node_id)
         return node_id not in self._busy
+
+    def _poll(self, node_id: int) -> None:
+        """Take a node's message: "done" with its run, or ("error", why) as its process exits (`_node_process`); that
+        one leaves it busy until the process has exited (its exit code makes it the run's error, not a dead node)."""
+        conn = self.conns[node_id]
+        try:
+            if node_id not in self._busy or not conn.poll():
+                return
+            msg = conn.recv()
+        except (EOFError, OSError):  # (its process exited without a word)
+            return
+        if isinstance(msg, tuple) and msg[:1] == ("error",):
+            self.failures[node_id] = msg[1]
+        else:
+            self._busy.discard(node_id)
+
+    def failure_of(self, node_id: int) -> str | None:
+        """The error a node's process reported before it exited (its run raised), if any."""
+        self._poll(node_id)
+        return self.failures.get(node_id)
 
     def wait_done(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

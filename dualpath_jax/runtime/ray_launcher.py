@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.control import ControlServer, SocketControlClient
+from dualpath_jax.runtime.launcher import batcher_modules
 from dualpath_jax.runtime.scheduler_service import GroupSpec
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,14 @@ def _import_ray():
 class _RayNode:
     """The body of one node actor (wrapped by ray.remote at launch)."""
 
-    def run(self, spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, secret: str) -> str:
+    def run(self, spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, secret: str, modules=()) -> str:
         import ray
 
         from dualpath_jax.runtime.launcher import (
             build_batcher_factory,
             enable_compilation_cache,
             endpoint_spec,
+            import_batcher_modules,
             open_store,
         )
         from dualpath_jax.runtime.model_ops import ModelOps
@@ -67,6 +69,7 @@ class _RayNode:
         from dualpath_jax.traffic import TrafficManager
         from transport import make_transport
 
+        import_batcher_modules(cfg, modules)  # (a researcher's own batcher: its module, on the actor's path)
         enable_compilation_cache()
         host = ray.util.get_node_ip_address()
         ops = ModelOps.of_config(cfg)
@@ -127,7 +130,9 @@ class RayLauncher:
         for g in groups:
             actor = actor_cls.options(**options).remote()
             self.actors[g.node_id] = actor
-            self.refs[g.node_id] = actor.run.remote(g, self.cfg, self.server.address, authkey, secret)
+            self.refs[g.node_id] = actor.run.remote(
+                g, self.cfg, self.server.address, authkey, secret, batcher_modules(self.cfg)
+            )
 
     @property
     def errors(self) -> dict[int, BaseException]:

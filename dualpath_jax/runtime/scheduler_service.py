@@ -71,6 +71,11 @@ def _dead_stats(stats: dict) -> dict:
     return out
 
 
+#: A policy that places none of the queued requests on an idle cluster for this long and this many calls fails the run.
+IDLE_POLICY_S = 10.0
+IDLE_POLICY_CALLS = 20
+
+
 class RunFailed(RuntimeError):
     """An engine reported an error or the cluster can no longer run (no live PE or DE)."""
 
@@ -127,6 +132,11 @@ class GlobalScheduler:
         self.stats: dict[int, dict] = {}
         self.started = False
         self.stopping = False  # the driver is done with the run (finished or gave up): every fetch says shutdown
+        # The current streak of policy calls that placed nothing on an idle cluster (`_check_idle_policy`).
+        self._idle_since: float | None = None
+        self._idle_calls = 0
+        self._idle_queue_len = 0
+        self._idle_fetchers: set[int] = set()
 
     # ---------------------------------------------------------------- time
     def now(self) -> float:
@@ -295,14 +305,19 @@ class GlobalScheduler:
             self.failure = "no live prefill or decode engine left"
             return 0, 0
         queue = [self._inflight[r].pending for r in self._queue]
+        idle = all(e.seq == 0 for e in snap.engines.values())  # nothing placed anywhere (before the policy sees it)
         t = time.perf_counter()
         # (a list: the checks below and the placements each walk it; a policy yielding its assignments, which the
         # simulator takes, placed nothing here, ever -- its generator was spent by the checks)
-        assignments = list(self.policy.schedule(snap, queue, fetching_node=fetching_node))
+        assignments = self._call_policy(snap, queue, fetching_node)
         self.schedule_time_s += time.perf_counter() - t
         self.schedule_calls += 1
         seen = set()
         for a in assignments:
+            if not isinstance(a, Assignment):  # (was an AttributeError naming no policy: "fetch from node 0 failed")
+                raise RunFailed(
+                    f"policy {self.policy.name!r} returned {a!r} ({type(a).__name__}), not a schedulers.Assignment"
+                )
             inf = self._inflight.get(a.request_id)
             if inf is None or inf.assignment is not None or a.request_id in seen:
                 raise RunFailed(f"policy {self.policy.name!r} returned an invalid assignment {a}")
@@ -326,7 +341,52 @@ class GlobalScheduler:
             self._place(self._inflight[a.request_id], a)
         if placed:
             self._queue = deque(r for r in self._queue if r not in placed)
+        self._check_idle_policy(idle and not placed, len(queue), fetching_node)
         return len(placed), held
+
+    def _check_idle_policy(self, idle: bool, queued: int, fetching_node: int) -> None:
+        """Fail the run when the policy keeps placing none of the same queued requests on an idle cluster (no request
+        placed anywhere: no engine computes, reads or sends for this run, every DE is empty): nothing can change its
+        view but the clock, so it never will. Such a policy made the run wait out `run_timeout_s` (900 s in
+        configs/tiny_runtime.py), then fail as "run did not finish". A policy that waits for a DE's room never gets
+        here (a full DE is not idle); one that waits for more arrivals is reset by each new queued request. Counted
+        over at least IDLE_POLICY_CALLS calls, IDLE_POLICY_S seconds and a fetch of every live PE group. `idle`: this
+        call placed nothing on an idle cluster."""
+        if not idle or self._idle_since is None or queued != self._idle_queue_len:
+            self._idle_since = self.clock() if idle else None
+            self._idle_calls, self._idle_queue_len, self._idle_fetchers = 0, queued, set()
+        if self._idle_since is None:
+            return
+        self._idle_calls += 1
+        self._idle_fetchers.add(fetching_node)
+        waited = self.clock() - self._idle_since
+        pe_nodes = {n for n, g in self.groups.items() if g.role == "prefill" and n not in self.dead_nodes}
+        if waited >= IDLE_POLICY_S and self._idle_calls >= IDLE_POLICY_CALLS and pe_nodes <= self._idle_fetchers:
+            self.failure = self.failure or (
+                f"policy {self.policy.name!r} placed none of the {queued} queued requests on an idle cluster (nothing "
+                f"placed, every engine free) in {self._idle_calls} calls over {waited:.1f} s: the run cannot finish"
+            )
+
+    def _call_policy(self, snap: ClusterSnapshot, queue: list, fetching_node: int) -> list:
+        """The policy's assignments as a list. A policy that raises (a bad read side is its Assignment's ValueError)
+        or returns no iterable fails the run naming it: it failed as "fetch from node 0 failed: ValueError(...)",
+        naming neither the policy nor that it was the policy, and the node logged a traceback as if it had crashed.
+        The policy's own traceback is logged here, once."""
+        name = self.policy.name
+        try:
+            out = self.policy.schedule(snap, queue, fetching_node=fetching_node)
+        except Exception as e:
+            log.error("policy %r raised scheduling %d queued requests", name, len(queue), exc_info=True)
+            raise RunFailed(f"policy {name!r} raised {e!r} (scheduling {len(queue)} queued requests)") from e
+        try:
+            return list(out)
+        except Exception as e:  # None, a number: not iterable; or a generator that raised
+            if out is None or not hasattr(out, "__iter__"):
+                raise RunFailed(
+                    f"policy {name!r} returned {out!r} ({type(out).__name__}), not a list of schedulers.Assignment"
+                ) from None
+            log.error("policy %r raised scheduling %d queued requests", name, len(queue), exc_info=True)
+            raise RunFailed(f"policy {name!r} raised {e!r} (scheduling {len(queue)} queued requests)") from e
 
     def _place(self, inf: _InFlight, a: Assignment) -> None:
         p = inf.pending
