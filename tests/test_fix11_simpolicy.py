@@ -20,7 +20,7 @@ import pytest
 
 from dualpath_jax.sim import load_config, run, sim_config_from_dict
 from dualpath_jax.sim import simulator as sim_mod
-from schedulers import POLICIES, Assignment, InterEnginePolicy
+from schedulers import BATCHERS, POLICIES, Assignment, BatchItem, InterEnginePolicy, IntraEnginePolicy
 
 
 class _Base(InterEnginePolicy):
@@ -144,3 +144,45 @@ def test_idle_fetches_count_only_fetches_in_a_row_with_nothing_pending(registere
     finally:
         POLICIES._entries.pop("fix11s_late", None)
     assert res.summary["unfinished_turns"] == 0 and res.summary["turns"] == len(res.records) > 0
+
+
+class _Batcher(IntraEnginePolicy):
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        pass
+
+    def __init__(self, config):
+        self.config = config
+
+
+class WrongCached(_Batcher):
+    def form_batch(self, queue):
+        w = queue[0]
+        return [BatchItem(w.request_id, w.cached_tokens + 1, 1)]
+
+
+class Twice(_Batcher):
+    def form_batch(self, queue):
+        w = queue[0]
+        return [BatchItem(w.request_id, w.cached_tokens, 1), BatchItem(w.request_id, w.cached_tokens, 1)]
+
+
+@pytest.mark.parametrize(
+    "batcher, match",
+    [
+        (WrongCached, r"batcher 'fix11s_b' returned a bad item .*: cached=\d+, but request \d+ has \d+ cached tokens"),
+        (Twice, r"batcher 'fix11s_b' returned a bad item .*: request listed twice"),
+    ],
+    ids=["wrong-cached", "twice"],
+)
+def test_a_bad_batch_item_is_named(batcher, match):
+    """What was wrong: a batcher's item with a `cached` other than the request's was priced at that length and ran
+    (all turns finished, the figures wrong), and a request listed twice in one batch ran twice. Contract: a
+    RuntimeError naming the batcher and the item, as for an unknown request or a bad bsz (the runtime refuses both
+    too)."""
+    BATCHERS.register("fix11s_b")(batcher)
+    try:
+        with pytest.raises(RuntimeError, match=match):
+            _run("basic", batcher="fix11s_b")
+    finally:
+        BATCHERS._entries.pop("fix11s_b", None)

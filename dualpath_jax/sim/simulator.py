@@ -793,8 +793,15 @@ class Simulator:
                 if byid is None:
                     byid = {q.rid: q for q in queue}
                 r = byid.get(rid)
+                if r is not None and r in reqs:  # (a request listed twice: the FIFO walk passed it already)
+                    raise RuntimeError(f"batcher {self.cfg.batcher!r} returned a bad item {it}: request listed twice")
             if r is None or it.bsz <= 0 or it.bsz > r.remaining:
                 raise RuntimeError(f"batcher {self.cfg.batcher!r} returned a bad item {it}")
+            if it.cached != r.cached:  # (it was priced at that cached length, as the runtime refuses)
+                raise RuntimeError(
+                    f"batcher {self.cfg.batcher!r} returned a bad item {it}: cached={it.cached!r}, but request {rid} "
+                    f"has {r.cached} cached tokens"
+                )
             reqs.append(r)
         batch = _Batch(pe, items, reqs, self.now)
         compute = self.cost.batch_prefill_time([(it.cached, it.bsz) for it in items]) * self.c.pe_time_scale
