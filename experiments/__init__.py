@@ -20,7 +20,12 @@ def _load_failure(e: BaseException) -> str:
     library wraps it in "Configuration is not available ...")."""
     while e.__cause__ is not None:
         e = e.__cause__
-    return f"bad config: {type(e).__name__}: {e}".rstrip()
+    text = str(e).strip()
+    if isinstance(e, OSError) and text.startswith("Failed loading config file"):
+        # a missing file: the library's message is 4 lines naming its module (config_config) and, last, the error
+        # with the path ("[Errno 2] No such file or directory: 'x.py'"): one line of that
+        text = f"Failed loading config file: {text.splitlines()[-1].strip()}"
+    return f"bad config: {type(e).__name__}: {text}"
 
 
 def pyplot_or_none(what: str):
@@ -146,6 +151,12 @@ def _cannot_write(directory: str) -> str | None:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
             pass
     except OSError as e:
+        # a file where the directory (or one above it) goes: say so (the OS says "File exists" / "Not a directory")
+        above = directory
+        while above and not os.path.exists(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if os.path.exists(above) and not os.path.isdir(above):
+            return "it is a file, not a directory" if above == directory else f"{above!r} is a file, not a directory"
         return e.strerror or str(e)
     return None
 
@@ -218,12 +229,19 @@ def register_distinct(name: str, key=str) -> None:
 def run_parts(names, run_part, keep) -> None:
     """`run_part(name)` for each of `names`, in order. When one raises (an error, Ctrl-C), `keep(done)` first gets the
     names that finished, if any, so their results are written (a later part's failure lost them); then the error goes
-    on. The benchmarks run their sections / layouts / models this way."""
+    on, except Ctrl-C: a SystemExit with one line naming the part it stopped and those kept (it was a traceback). The
+    benchmarks run their sections / layouts / models this way."""
     done: list = []
+    name = None
     try:
         for name in names:
             run_part(name)
             done.append(name)
+    except KeyboardInterrupt:
+        if done:
+            keep(done)
+        kept = f"the finished ones ({', '.join(map(str, done))}) are kept" if done else "none had finished"
+        raise SystemExit(f"interrupted (Ctrl-C) during {name!r}; {kept}") from None
     except BaseException:
         if done:
             keep(done)
@@ -393,3 +411,44 @@ def token_agreement(results: dict, batch_invariant: bool) -> tuple[str, dict]:
         "--config.runtime.batch_invariant=True makes the tokens bit-identical"
     )
     return f"greedy tokens: {len(differ)} of {len(first)} turns differ between {names} (first: {differ[0]}){hint}", info
+
+
+def refuse_unused_workload_overrides(config_flag) -> None:
+    """SystemExit with one "bad config" line when a `--config.runtime.workload.*` override names a field the run's
+    workload does not read (run, bench_runtime): `trace=` with kind='tiny' ran the tiny workload, `aps=` offline ran
+    offline, `dataset=` of a tiny or trace workload was ignored, all silently (the simulator refuses the same by
+    name). A config file's own values are not overrides and are not judged."""
+    from absl import flags
+
+    given = flags.FLAGS[config_flag.name].override_values or {}
+    if "runtime" not in config_flag.value:  # (an AttributeError traceback from the first use)
+        raise SystemExit(
+            f"bad config: {flags.FLAGS[config_flag.name].config_filename} has no 'runtime' section (a runtime config, as "
+            "configs/tiny_runtime.py; the simulator's configs run with experiments.simulate)"
+        )
+    try:
+        w = config_flag.value.runtime.workload
+    except (AttributeError, KeyError):  # no workload section: RuntimeConfig's own check names what is missing
+        return
+    rules = [
+        ("trace", w.kind != "trace", f"config.runtime.workload.kind={w.kind!r} (give kind=trace)"),
+        ("dataset", w.kind != "synthetic", f"config.runtime.workload.kind={w.kind!r} (give kind=synthetic)"),
+        ("aps", w.arrival != "online", f"config.runtime.workload.arrival={w.arrival!r} (give arrival=online)"),
+    ]
+    for field, unused, why in rules:
+        key = f"runtime.workload.{field}"
+        if key in given and unused:
+            raise SystemExit(f"bad config: --config.{key}={given[key]} is not used by this run: {why}")
+
+
+def _check_environment() -> None:
+    """A DUALPATH_PURE_PYTHON value it does not take (`maybe`) is one line naming it: every launcher imports this
+    package first (`python -m experiments.X`), and the ValueError came as a traceback from wherever
+    dualpath_jax.compiled was first imported (a launcher's imports, a sweep's first cell, a benchmark's store)."""
+    try:
+        import dualpath_jax.compiled  # noqa: F401 - it reads the variable when imported
+    except ValueError as e:
+        raise SystemExit(f"bad environment: {e}") from None
+
+
+_check_environment()

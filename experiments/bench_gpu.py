@@ -139,12 +139,20 @@ def main(argv: Sequence[str]) -> None:
     logging.info("jax %s, devices %s, python %s", jax.__version__, jax.devices(), platform.python_version())
     config = llama_1b(_LAYERS.value, _DTYPE.value)
     results = []
+    stopped = None  # Ctrl-C: the finished shapes' tables are still printed, then one line (it was a traceback)
     for batch, miss, cached in shapes:
         logging.info("shape batch=%d miss=%d cached=%d", batch, miss, cached)
         r = {"model": "llama-1b", "batch": batch, "miss_tokens": miss, "cached_tokens": cached}
-        if not _DEVICE_ONLY.value:
-            r = run_one("llama-1b", config, batch, miss, cached, _REPEATS.value)
-        r["on_device"] = whole_on_device(config, batch, miss, cached, _REPEATS.value)
+        try:
+            if not _DEVICE_ONLY.value:
+                r = run_one("llama-1b", config, batch, miss, cached, _REPEATS.value)
+            r["on_device"] = whole_on_device(config, batch, miss, cached, _REPEATS.value)
+        except KeyboardInterrupt:
+            kept = f"; the {len(results)} finished shapes are above" if results else "; none had finished"
+            stopped = f"bench_gpu: interrupted (Ctrl-C) during shape {batch}:{miss}:{cached}{kept}"
+            if results and _OUT.value:
+                stopped += f" and in {_OUT.value}"
+            break
         r["device"] = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
         r["dtype"] = _DTYPE.value
         for side in ("layerwise", "whole", "on_device"):
@@ -153,6 +161,8 @@ def main(argv: Sequence[str]) -> None:
         results.append(r)
         if _OUT.value:
             write_rows_json(_OUT.value, results, "the shapes done so far")
+    if stopped and not results:
+        raise SystemExit(stopped)
     print(
         f"\nprefill of a ~1B dense model ({_LAYERS.value} layers, {_DTYPE.value}), device {dev.platform} {getattr(dev, 'device_kind', '')}"
     )
@@ -169,6 +179,8 @@ def main(argv: Sequence[str]) -> None:
             f"| {r['batch']} x {r['miss_tokens']} (+{r['cached_tokens']}) | {r['on_device']['step_s'] * 1e3:.1f} | {rate(r['on_device'])} |"
         )
     if _DEVICE_ONLY.value:
+        if stopped:
+            raise SystemExit(stopped)
         return
     hdr = "| batch x miss (+cached) | layerwise ms | whole-jit ms | ratio (median / min) | layerwise TFLOP/s (MFU) | whole TFLOP/s (MFU) | tok/s layerwise | compile s (layerwise / whole) | max logit diff |"
     print(hdr)
@@ -180,6 +192,8 @@ def main(argv: Sequence[str]) -> None:
             f"{wh['step_s'] * 1e3:.1f} | {r['ratio']:.3f} / {r['ratio_min']:.3f} | {rate(lw)} | {rate(wh)} | "
             f"{lw['tokens_per_s']:.0f} | {lw['compile_s']:.2f} / {wh['compile_s']:.2f} | {r['max_abs_logit_diff']:.1e} |"
         )
+    if stopped:
+        raise SystemExit(stopped)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,9 @@ def main(argv):
     def keep(done: list[str]) -> None:  # a model that fails keeps the finished models' rows (it lost them all)
         _print_table(rows)
         if _OUT.value:
-            write_rows_json(_OUT.value, rows, f"the rows of {', '.join(done)} only (a later model failed)")
+            write_rows_json(
+                _OUT.value, rows, f"the rows of {', '.join(done)} only (a later model failed or was interrupted)"
+            )
 
     run_parts(_MODELS.value, run_model, keep)
     _print_table(rows)

@@ -106,6 +106,27 @@ MB = 1 << 20
 # ---- raw socket baseline (runs in a child process) --------------------------------------------------------
 
 
+class _ChildrenIgnoreSigint:
+    """`with _ChildrenIgnoreSigint():` around starting a helper process: SIGINT is blocked in this thread meanwhile, and
+    the helper inherits the blocked signal (across exec), so Ctrl-C at the terminal, which reaches the whole process
+    group, stops this process alone and its cleanup stops the helpers (each helper died with a traceback, and the
+    cleanup's quit then failed on the dead peer: a PeerLostError traceback instead of the one "interrupted" line).
+    Blocked, not ignored: a Ctrl-C here while the helper starts is delivered when the block ends."""
+
+    def __enter__(self):
+        import signal
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()  # (its first start unblocks SIGINT, after starting the tracker)
+        self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._previous)
+
+
 def _raw_sink(port_conn) -> None:
     """Accept one connection; for each round header (size, count) receive count*size bytes into a reusable
     buffer with recv_into, then send a 1-byte ack. A (0, 0) header ends it."""
@@ -144,7 +165,8 @@ class RawSocketPeer:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         self.proc = ctx.Process(target=_raw_sink, args=(child,), daemon=True)
-        self.proc.start()
+        with _ChildrenIgnoreSigint():
+            self.proc.start()
         port = parent.recv()
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -186,7 +208,8 @@ def _transport_pair(region_nbytes: int):
     from transport.tcp import TcpTransport
 
     me = TcpTransport("bench-driver")
-    peer = spawn_peer({"backend": "tcp", "name": "bench-sink"}, {"sink": region_nbytes})
+    with _ChildrenIgnoreSigint():
+        peer = spawn_peer({"backend": "tcp", "name": "bench-sink"}, {"sink": region_nbytes})
     me.connect("bench-sink", peer.address)
     peer.start()
     return me, peer
@@ -713,7 +736,9 @@ def main(argv: list[str]) -> None:
 
     def keep(done: list[str]) -> None:  # a section that raised, or Ctrl-C: the finished sections' rows are kept
         if FLAGS.out:
-            write_rows_json(FLAGS.out, rows, f"the rows of {', '.join(done)} only (a later section failed)")
+            write_rows_json(
+                FLAGS.out, rows, f"the rows of {', '.join(done)} only (a later section failed or was interrupted)"
+            )
 
     run_parts(FLAGS.sections, lambda name: rows.extend(SECTIONS[name]()), keep)
     if FLAGS.out:

@@ -76,7 +76,9 @@ def main(argv: Sequence[str]) -> None:
 
     def keep(done: list[str]) -> None:  # a model that fails (e.g. out of memory) keeps the finished models' results
         if _OUT.value:
-            write_rows_json(_OUT.value, results, f"the results of {', '.join(done)} only (a later model failed)")
+            write_rows_json(
+                _OUT.value, results, f"the results of {', '.join(done)} only (a later model failed or was interrupted)"
+            )
 
     run_parts(_MODELS.value, run_model, keep)
     print(

@@ -36,6 +36,7 @@ from experiments import (
     fresh_dir_or_exit,
     parse_flags_or_exit,
     pyplot_or_none,
+    refuse_unused_workload_overrides,
     stopped_early,
 )
 
@@ -203,6 +204,7 @@ def main(argv):
 
     enable_compilation_cache()
     config = config_or_exit(_CONFIG)
+    refuse_unused_workload_overrides(_CONFIG)
     try:  # everything checked before anything starts; a bad config is one line naming the field
         base = RuntimeConfig.from_config_dict(config.runtime)
         if not base.cluster.precompile:
@@ -227,7 +229,11 @@ def main(argv):
     out_dir = fresh_dir_or_exit(
         config.results_dir, "bench_runtime-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "--config.results_dir"
     )
-    prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
+    try:
+        prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
+    except KeyboardInterrupt:  # one line (it was a traceback); the new results directory is still empty
+        os.rmdir(out_dir)
+        raise SystemExit("interrupted (Ctrl-C) while measuring the prefill throughput; nothing ran") from None
     session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
     out = {"config": config.to_dict(), "prefill_tokens_per_s": prefill_tps}
     stamp, runs = os.path.basename(out_dir), itertools.count()

@@ -737,7 +737,9 @@ def main(argv: Sequence[str]) -> None:
     def keep(done: list[str]) -> None:  # a layout that fails (e.g. the disk fills) keeps the finished layouts' rows
         print(format_rows(rows))
         if FLAGS.out:
-            write_rows_json(FLAGS.out, rows, f"the rows of {', '.join(done)} only (a later layout failed)")
+            write_rows_json(
+                FLAGS.out, rows, f"the rows of {', '.join(done)} only (a later layout failed or was interrupted)"
+            )
 
     run_parts(FLAGS.layouts, run_layout, keep)
     print(format_rows(rows))

@@ -159,10 +159,13 @@ def main(argv: Sequence[str]) -> None:
 
         return rows, store
 
-    if _WARMUP.value:
-        # A first conversation with other tokens compiles every bucket the measured one will use.
-        conversation(_SEED.value + 1, verbose=False)
-    rows, store = conversation(_SEED.value, verbose=True)
+    try:
+        if _WARMUP.value:
+            # A first conversation with other tokens compiles every bucket the measured one will use.
+            conversation(_SEED.value + 1, verbose=False)
+        rows, store = conversation(_SEED.value, verbose=True)
+    except KeyboardInterrupt:  # one line (it was a traceback); the turns printed so far are what finished
+        raise SystemExit("demo: interrupted (Ctrl-C) before the conversation finished") from None
     warm = "after a warm-up conversation" if _WARMUP.value else "no warm-up (--nowarmup): compiles are timed too"
     print(
         f"\n{agents} agents x {_TURNS.value} turns, append {_APPEND.value}, gen {_GEN.value}, block {block} "

@@ -138,6 +138,16 @@ flags.register_multi_flags_validator(
 DS660B = "configs/paper_ds660b.py"
 DS27B = "configs/paper_ds27b.py"
 SCALE = "configs/paper_scale.py"
+# The repository these labels are relative to: the runs load their config files from there, whatever the working
+# directory (from any other one, every run failed with "config file 'configs/paper_ds660b.py' does not exist").
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _in_repo(spec: str) -> str:
+    """`spec` (a label above, `configs/...:variant`) with its config file's path made absolute in the repository."""
+    return os.path.join(_REPO, spec)
+
+
 # PAPER.md's online scale run: 2P4D at 0.4 APS and 44P88D at 8.8 APS (22x the nodes, 22x the load), DualPath,
 # the 64K dataset of the online probes; 44P88D keeps the scale config's EP groups and fetch rate per group.
 ONLINE_SCALE = {
@@ -192,7 +202,7 @@ def _offline(spec: str) -> dict:
     from dualpath_jax.sim import load_sim_config, run
 
     t0 = time.perf_counter()
-    res = run(load_sim_config(spec, as_run=True))
+    res = run(load_sim_config(_in_repo(spec), as_run=True))
     s = res.summary
     out = {
         "spec": spec,
@@ -213,7 +223,7 @@ def _capacity(args: tuple[str, str, float, float, float, float, int, str]) -> di
 
     setup, mode, lo, hi, duration, warmup, iters, dataset = args
     ds = f",dataset={dataset}" if dataset else ""
-    cfg = load_sim_config(f"{setup}:{mode},duration={duration},warmup={warmup},aps={lo}{ds}")
+    cfg = load_sim_config(_in_repo(f"{setup}:{mode},duration={duration},warmup={warmup},aps={lo}{ds}"))
     out = capacity_search(cfg, lo, hi, iters=iters)
     out["setup"], out["mode"] = setup, mode
     return out
@@ -226,7 +236,7 @@ def _sim_key(spec: str) -> str:
     from dualpath_jax.sim import load_sim_config
 
     try:
-        return repr(load_sim_config(spec))
+        return repr(load_sim_config(_in_repo(spec)))
     except Exception:  # noqa: BLE001 - reported by the run itself
         return spec
 

@@ -28,6 +28,7 @@ from experiments import (
     fresh_dir_or_exit,
     parse_flags_or_exit,
     pyplot_or_none,
+    refuse_unused_workload_overrides,
     stopped_early,
     token_agreement,
 )
@@ -115,6 +116,7 @@ def main(argv):
     from dualpath_jax.runtime.scheduler_service import RunFailed
 
     config = config_or_exit(_CONFIG)
+    refuse_unused_workload_overrides(_CONFIG)
     enable_compilation_cache()
     import flax
     import numpy as np
@@ -129,10 +131,11 @@ def main(argv):
     )
     logging.info("resolved config:\n%s", config)
     policies = [p.strip() for p in str(config.policies).split(",") if p.strip()]
+    # one line each (a UsageError printed the whole --help above it)
     if not policies:
-        raise app.UsageError("--config.policies is empty")
+        raise SystemExit("bad config: --config.policies is empty")
     if len(set(policies)) != len(policies):  # their result files and store directories would be one another's
-        raise app.UsageError(f"--config.policies names a policy twice: {','.join(policies)}")
+        raise SystemExit(f"bad config: --config.policies names a policy twice: {','.join(policies)}")
     # Everything is checked before anything starts: each policy's config, the model, the workload. A bad
     # config is one line naming the field (no traceback).
     try:
@@ -149,7 +152,11 @@ def main(argv):
     stamp = os.path.basename(out_dir)
     prefill_tps = None
     if config.calibrate:
-        prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
+        try:
+            prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
+        except KeyboardInterrupt:  # one line (it was a traceback); the new results directory is still empty
+            os.rmdir(out_dir)
+            raise SystemExit("interrupted (Ctrl-C) while measuring the prefill throughput; nothing ran") from None
         logging.info("measured prefill throughput on this machine: %.0f tokens/s (DualPath's beta)", prefill_tps)
     results, failed = {}, None
     session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None

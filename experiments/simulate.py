@@ -139,6 +139,10 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit(f"bad workload: {e}") from None
     except sim_config.SimConfigError as e:  # e.g. a turn no DE has room for: one line, before anything ran
         raise SystemExit(f"bad config: {e}") from None
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the event loop's traceback (nothing is written before the end)
+        raise SystemExit(
+            f"simulate: interrupted (Ctrl-C) before the simulation finished; nothing written to {out}"
+        ) from None
     cpu1 = time.process_time()
     logging.info(
         "simulated in %.1f CPU-s (event loop %.1f s wall, %d events)",
@@ -164,7 +168,13 @@ def main(argv: Sequence[str]) -> None:
     rows += [(k, result.summary[k]) for k in SUMMARY_KEYS if k in result.summary]
     rows += [(k, result.stats[k]) for k in STAT_KEYS]
     print(format_table(rows))
-    paths = outputs.write_results(result, out, ran_config(cfg_dict, result.config, out), plot=_PLOT.value)
+    try:
+        paths = outputs.write_results(result, out, ran_config(cfg_dict, result.config, out), plot=_PLOT.value)
+    except KeyboardInterrupt:  # the files are written one after the other: say that they are not one run's results
+        raise SystemExit(
+            f"simulate: interrupted (Ctrl-C) while writing the results; the files in {out} are incomplete "
+            "(summary.json, turns.csv, links.csv, plot.png may mix this run's and an earlier run's)"
+        ) from None
     logging.info(
         "results written in %.1f CPU-s; process CPU so far %.1f s", time.process_time() - cpu1, time.process_time()
     )

@@ -33,7 +33,12 @@ from experiments import (
     writable_dir_or_exit,
 )
 
-_SETUPS = flags.DEFINE_list("setups", ["configs/sim_tiny.py"], "Config files (configs/paper_*.py).")
+# the default in this repository, so that it runs from any directory (relative setups are the working directory's)
+_SETUPS = flags.DEFINE_list(
+    "setups",
+    [os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "sim_tiny.py"))],
+    "Config files (configs/paper_*.py).",
+)
 _MODES = flags.DEFINE_list("modes", ["basic", "dualpath"], "Modes or registered policy names.")
 _LOADS = flags.DEFINE_list("loads", [""], "Load variants: agents=N (offline) or aps=X (online); '' = default.")
 _EXTRA = flags.DEFINE_string("extra", "", "Extra variant items appended to every cell (e.g. dataset=48K).")
@@ -195,13 +200,14 @@ def main(argv: Sequence[str]) -> None:
         _SEEDS.value,
         _WORKERS.value,
     )
-    for s in _SETUPS.value:
+    for s in _SETUPS.value:  # one line naming the setup (a UsageError printed the whole --help above it)
         if not os.path.isfile(s):
+            why = "is a directory, not a config file" if os.path.isdir(s) else "does not exist"
             hint = " (a setup is a file; variant items go in --modes, --loads or --extra)" if ":" in s else ""
-            raise app.UsageError(f"--setups: config file {s!r} does not exist{hint}")
+            raise SystemExit(f"bad --setups: config file {s!r} {why}{hint}")
     seeds = [str(int(x)) for x in _SEEDS.value] or [""]
     if _SEEDS.value and any(item.strip().startswith("seed=") for item in _EXTRA.value.split(",")):
-        raise app.UsageError("--seeds and a seed= item in --extra both set the seed; use one")
+        raise SystemExit("bad --extra: --seeds and a seed= item in --extra both set the seed; use one")
     cells = [
         (s, m, ld, _EXTRA.value, sd) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value for sd in seeds
     ]

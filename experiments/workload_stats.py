@@ -17,6 +17,8 @@ from dualpath_jax.workloads import DATASETS, load_workload, summarize
 from dualpath_jax.workloads.traces import TraceFormatError
 
 flags.DEFINE_string("workload", "64K", "synthetic dataset (32K, 48K, 64K) or a trace path / name")
+# (an empty one was read as the working directory: "bad --workload: .: no *.json / *.json.gz session file")
+flags.register_validator("workload", lambda v: bool(v.strip()), message="--workload is empty")
 flags.DEFINE_integer("n_agents", 500, "synthetic: agents to generate", lower_bound=1)
 # --seed, --block_size: experiments.demo defines them too, with its own defaults and help; allow_override lets the
 # launchers be imported into one process (the last one imported defines them there; absl raised DuplicateFlagError),
