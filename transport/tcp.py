@@ -726,6 +726,8 @@ class _Conn:
             if fut is not None and not fut.done():
                 fut.set_exception(err)
             self.owner._fail_peer(self.peer, err)
+            if not isinstance(e, Exception):  # Ctrl-C in the caller's sendmsg: the set is failed (the stream may
+                raise  # hold part of a frame) and the interrupt goes on to the caller (it was swallowed)
             return
         if k == total:
             # Done: no lock needed to go idle, but a frame queued meanwhile must wake the sender thread (it saw

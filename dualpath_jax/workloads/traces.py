@@ -74,8 +74,9 @@ def resolve_trace_path(path: str | os.PathLike) -> Path:
     q = traces_dir() / p
     if q.exists():
         return q
+    looked = f"{p}" if q == p else f"{p} and {q}"  # (an absolute path: the same one twice)
     raise FileNotFoundError(
-        f"trace {str(path)!r} not found (looked at {p} and {q}; set ${TRACES_ENV} to move the traces dir)"
+        f"trace {str(path)!r} not found (looked at {looked}; set ${TRACES_ENV} to move the traces dir)"
     )
 
 
@@ -227,7 +228,7 @@ def _mooncake_rows(path: Path, max_requests: int | None) -> Iterator[tuple[int, 
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise TraceFormatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                    raise TraceFormatError(f"{where}: not valid JSON ({_json_msg(e)} at column {e.colno})") from None
                 except RecursionError:  # the json module parses nested arrays/objects recursively
                     raise TraceFormatError(f"{where}: not valid JSON (nested too deeply to parse)") from None
                 except ValueError as e:  # an int of more than 4,300 digits (Python's limit): a bare ValueError
@@ -299,6 +300,11 @@ def load_mooncake(
 
 
 # ------------------------------------------------------------------------------------- kv-cache-tester
+def _json_msg(e: json.JSONDecodeError) -> str:
+    """The decoder's message without a trailing " at" ("Invalid control character at": "... at at column 36")."""
+    return e.msg[:-3] if e.msg.endswith(" at") else e.msg
+
+
 def _read_json(path: Path) -> Any:
     try:
         with _open_text(path) as f:
@@ -306,7 +312,9 @@ def _read_json(path: Path) -> Any:
     except json.JSONDecodeError as e:
         # (a Mooncake trace named *.json said only "Extra data": the format is chosen by the file name)
         hint = f"; {_NAMES}" if e.msg == "Extra data" else ""
-        raise TraceFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}){hint}") from None
+        raise TraceFormatError(
+            f"{path}:{e.lineno}: not valid JSON ({_json_msg(e)} at column {e.colno}){hint}"
+        ) from None
     except RecursionError:  # the json module parses nested arrays/objects recursively (no position is known)
         raise TraceFormatError(f"{path}: not valid JSON (nested too deeply to parse)") from None
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:

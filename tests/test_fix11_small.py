@@ -1,0 +1,71 @@
+"""Fix wave 11, small items the launcher journey noticed (/work/notes/fix11_launch.md, "Noticed, left alone").
+
+- tcp: a Ctrl-C whose KeyboardInterrupt came out of the posting thread's own `sendmsg` (a write sent inline) was
+  swallowed: the set was failed as "send to ... failed: " and the write returned a failed future, so the program
+  went on as if a peer had died. Contract: the set is failed (the stream may hold part of a frame) and the
+  KeyboardInterrupt reaches the caller.
+- traces: JSON errors said "Invalid control character at at column N"; a missing absolute trace path said "looked
+  at /x and /x".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dualpath_jax.workloads.traces import TraceFormatError, load_trace
+from transport.base import PeerLostError
+from transport.tcp import TcpTransport
+
+
+class _InterruptedSock:
+    """The connection's socket, whose next `sendmsg` is interrupted by Ctrl-C (as a SIGINT handled during it)."""
+
+    def __init__(self, sock):
+        self._sock = sock
+
+    def sendmsg(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_tcp_ctrl_c_in_an_inline_send_reaches_the_caller_and_fails_the_set():
+    a, b = TcpTransport("fix11-a"), TcpTransport("fix11-b")
+    try:
+        a.register("src", np.ones(4096, np.uint8))
+        b.register("dst", np.zeros(4096, np.uint8))
+        a.connect("fix11-b", b.address)
+        assert a.write("fix11-b", "src", 0, "dst", 0, 4096).result(10) == 4096  # (the set works)
+        conn = a._live["fix11-b"].conns["low"]
+        real = conn.sock
+        conn.sock = _InterruptedSock(real)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                a.write("fix11-b", "src", 0, "dst", 0, 4096)
+        finally:
+            conn.sock = real
+        # the set is failed: a later write fails (it does not go into a stream that may hold half a frame)
+        with pytest.raises(PeerLostError):
+            a.write("fix11-b", "src", 0, "dst", 0, 4096).result(10)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_json_error_in_a_trace_does_not_say_at_twice(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1], "x": "a\x01"}\n')
+    with pytest.raises(
+        TraceFormatError, match=r"bad.jsonl:1: not valid JSON \(Invalid control character at column"
+    ) as e:
+        load_trace(str(p))
+    assert "at at" not in str(e.value)
+
+
+def test_a_missing_absolute_trace_path_is_named_once(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError) as e:
+        load_trace(str(missing))
+    assert f"looked at {missing};" in str(e.value)
