@@ -81,27 +81,57 @@ def _read_safetensors(ckpt: Path) -> dict[str, np.ndarray]:
             shards = sorted(set(weight_map.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ValueError(f"{index}: not a safetensors index (a JSON object with a weight_map): {e!r}") from None
+        if not shards:  # (it was "no *.safetensors files", beside the shards)
+            raise ValueError(f"{index}: its weight_map is empty (names no tensor, no shard)")
         absent = [f for f in shards if not isinstance(f, str) or not (ckpt / f).is_file()]
         if absent:
             raise ValueError(f"{ckpt}: shard(s) {absent} named in {index.name} not found")
-        files = [ckpt / f for f in shards]
+        # one file named two ways ("a.safetensors", "./a.safetensors") is read once: its tensors were "in more
+        # than one shard"
+        files = list({os.path.realpath(ckpt / f): ckpt / f for f in shards}.values())
     if not files:
         raise ValueError(f"{ckpt}: no *.safetensors files")
     tensors: dict[str, np.ndarray] = {}
+    where: dict[str, Path] = {}
     for f in files:
         try:
             loaded = load_file(str(f))
         except Exception as e:  # SafetensorError (truncated, not safetensors), OSError, a dtype numpy lacks (float8)
+            # a dtype numpy lacks was "module 'numpy' has no attribute 'float8_e4m3fn'": name the tensor and dtype
+            odd = _first_non_float_tensor(f)
+            if odd is not None:
+                raise ValueError(
+                    f"{f}: tensor {odd[0]!r} has dtype {odd[1]} (a quantized checkpoint?); expected one of "
+                    f"{', '.join(_FLOAT_DTYPES)}"
+                ) from None
             raise ValueError(f"{f}: cannot read as safetensors: {e}") from None
         for name, arr in loaded.items():
-            if name in tensors:
-                raise ValueError(f"{f.name}: tensor {name!r} appears in more than one shard")
-            tensors[name] = arr
+            if name in tensors:  # both files named (only the second one was, without its directory)
+                raise ValueError(
+                    f"{ckpt}: tensor {name!r} appears in more than one shard: {where[name].name}, {f.name}"
+                )
+            tensors[name], where[name] = arr, f
     return tensors
 
 
 # HF weights are floats; anything else (int, bool, a quantized tensor) would be cast to the config dtype silently
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _first_non_float_tensor(f: Path) -> tuple[str, str] | None:
+    """(name, safetensors dtype) of the first tensor of `f` that is not F16 / BF16 / F32 / F64, from its header
+    alone; None when there is none or the header cannot be read."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="np") as st:
+            for name in st.keys():
+                dtype = st.get_slice(name).get_dtype()
+                if dtype not in ("F16", "BF16", "F32", "F64"):
+                    return name, dtype
+    except Exception:  # noqa: BLE001 -- the caller reports the read error itself
+        return None
+    return None
 
 
 def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
@@ -203,6 +233,8 @@ def load_hf_config(checkpoint_dir: str | os.PathLike, dtype: str = "float32"):
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     except RecursionError:  # thousands of nested [ or {: the json module recurses per level
         raise ValueError(f"{path}: invalid JSON (nested too deeply)") from None
+    except OSError as e:  # unreadable (permissions, I/O): a traceback, past the runtime's bad-config line
+        raise ValueError(f"{path}: cannot read: {e}") from None
     return config_from_hf(d, dtype=dtype)
 
 
