@@ -79,6 +79,16 @@ SUMMARY_KEYS = [
     "tpot_p90_s",
     "ttst_p50_s",
 ]
+
+
+def _summary_keys(slo_percentile: float) -> list[str]:
+    """SUMMARY_KEYS with the SLO percentiles the run judged (`ttft_p{q}_s` of config.slo_percentile: at 95 the table
+    had no SLO percentile at all, only summary.json)."""
+    q = f"{slo_percentile:g}"
+    keys = [k.replace("_p90_s", f"_p{q}_s") if k in ("ttft_p90_s", "tpot_p90_s") else k for k in SUMMARY_KEYS]
+    return list(dict.fromkeys(keys))  # (at 50 or 99: once)
+
+
 STAT_KEYS = [
     "events",
     "wall_s",
@@ -126,7 +136,8 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit(f"bad config: {e}") from None
     logging.info("sim config: %s", sc)
     out = writable_dir_or_exit(_OUTPUT_DIR.value or cfg_dict["output_dir"], "--output_dir")  # before the run
-    logging.info("simulating %s (%s, %s agents) ...", sc.policy, sc.workload.kind, sc.workload.n_agents)
+    agents = f"{sc.workload.n_agents} agents" if sc.workload.kind == "offline" else "agents from the workload"
+    logging.info("simulating %s (%s, %s) ...", sc.policy, sc.workload.kind, agents)  # (online / trace: not n_agents)
     logging.info("compiled hot paths (False: Python twin; DUALPATH_PURE_PYTHON=1 turns all off): %s", compiled.status())
     # One run, then exit: the cyclic collector stays off for the rest of this process. The simulator makes no
     # reference cycles (tests/test_sim_e2e.py) and turns it off for its event loop anyway; left on, it re-scans
@@ -165,7 +176,7 @@ def main(argv: Sequence[str]) -> None:
             f"{cfg_dict.get('name')} policy={sc.policy} layerwise={sc.cluster.layerwise} io_free={sc.cluster.io_free}",
         )
     ]
-    rows += [(k, result.summary[k]) for k in SUMMARY_KEYS if k in result.summary]
+    rows += [(k, result.summary[k]) for k in _summary_keys(result.config.slo_percentile) if k in result.summary]
     rows += [(k, result.stats[k]) for k in STAT_KEYS]
     print(format_table(rows))
     try:

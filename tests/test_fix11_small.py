@@ -69,3 +69,19 @@ def test_a_missing_absolute_trace_path_is_named_once(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load_trace(str(missing))
     assert f"looked at {missing};" in str(e.value)
+
+
+def test_simulate_prints_the_slo_percentiles_the_run_judged(tmp_path):
+    """simulate's table printed `ttft_p90_s` / `tpot_p90_s` only: with config.slo_percentile=95 the SLO figures the
+    run was judged on were in summary.json alone. Its log also said "16 agents" (config.workload.n_agents) for an
+    online run, which runs aps x duration agents."""
+    from tests.test_launch_hunt import _launch
+
+    out = _launch(
+        "-m", "experiments.simulate", "--config=configs/sim_tiny.py:dualpath,aps=0.5,duration=60,warmup=10",
+        "--config.slo_percentile=95", "--noplot", f"--output_dir={tmp_path}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+    assert {"ttft_p95_s", "tpot_p95_s", "slo_met"} <= names and "ttft_p90_s" not in names
+    assert "(online, 16 agents)" not in out.stderr and "(online, agents from the workload)" in out.stderr
