@@ -41,10 +41,10 @@ COLUMNS = [
     ("jct_s", "JCT s", "{:.2f}"),
     ("gen_tokens_per_s", "gen tok/s", "{:.1f}"),
     ("prompt_tokens_per_s", "prompt tok/s", "{:.0f}"),
-    ("ttft_p50_s", "TTFT p50", "{:.3f}"),
-    ("ttft_p99_s", "TTFT p99", "{:.3f}"),
-    ("tpot_p50_s", "TPOT p50", "{:.4f}"),
-    ("tpot_p99_s", "TPOT p99", "{:.4f}"),
+    ("ttft_p50_s", "TTFT p50 s", "{:.3f}"),
+    ("ttft_p99_s", "TTFT p99 s", "{:.3f}"),
+    ("tpot_p50_s", "TPOT p50 ms", "ms"),  # (the headers named no unit; TPOT in ms, as the README's tables)
+    ("tpot_p99_s", "TPOT p99 ms", "ms"),
     ("pe_read_bytes", "PE-read MB", "mb"),
     ("de_read_bytes", "DE-read MB", "mb"),
     ("snic_max_over_avg", "SNIC max/avg", "{:.2f}"),
@@ -62,7 +62,7 @@ def format_table(results: dict) -> str:
         row = [n]
         for key, _, fmt in COLUMNS:
             v = s.get(key, math.nan)
-            row.append(f"{v / 1e6:.2f}" if fmt == "mb" else fmt.format(v))
+            row.append(f"{v / 1e6:.2f}" if fmt == "mb" else f"{v * 1e3:.1f}" if fmt == "ms" else fmt.format(v))
         row.append(f"{base / s['jct_s']:.2f}x")
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]

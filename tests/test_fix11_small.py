@@ -85,3 +85,16 @@ def test_simulate_prints_the_slo_percentiles_the_run_judged(tmp_path):
     names = {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
     assert {"ttft_p95_s", "tpot_p95_s", "slo_met"} <= names and "ttft_p90_s" not in names
     assert "(online, 16 agents)" not in out.stderr and "(online, agents from the workload)" in out.stderr
+
+
+def test_the_main_jobs_table_names_its_units():
+    """experiments.run's table headers said "TTFT p50" / "TPOT p50" with no unit (values in seconds, while the README's
+    tables give TPOT in ms): now "TTFT p50 s" and "TPOT p50 ms" (values in ms)."""
+    from types import SimpleNamespace
+
+    from experiments.run import format_table
+
+    s = {"jct_s": 2.0, "ttft_p50_s": 0.25, "ttft_p99_s": 0.5, "tpot_p50_s": 0.0042, "tpot_p99_s": 0.0081}
+    header, _, row = format_table({"basic": SimpleNamespace(summary=s)}).splitlines()
+    cols = dict(zip([h.strip() for h in header.split("  ") if h.strip()], row.split(), strict=True))
+    assert cols["TTFT p50 s"] == "0.250" and cols["TPOT p50 ms"] == "4.2" and cols["TPOT p99 ms"] == "8.1"
