@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -98,3 +100,18 @@ def test_the_main_jobs_table_names_its_units():
     header, _, row = format_table({"basic": SimpleNamespace(summary=s)}).splitlines()
     cols = dict(zip([h.strip() for h in header.split("  ") if h.strip()], row.split(), strict=True))
     assert cols["TTFT p50 s"] == "0.250" and cols["TPOT p50 ms"] == "4.2" and cols["TPOT p99 ms"] == "8.1"
+
+
+@pytest.mark.parametrize("where", ["the path", "a parent"])
+def test_a_store_dir_that_is_a_file_is_named_so(base, tmp_path, where):
+    """config.store_dir naming a file (or a path under one) said only "cannot be created: File exists" / "Not a
+    directory"; now it says which path is a file."""
+    from dualpath_jax.runtime import driver
+    from dualpath_jax.runtime.config import ConfigError
+
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    store_dir = f if where == "the path" else f / "store"
+    why = "it is a file, not a directory" if where == "the path" else f"{str(f)!r} is a file"
+    with pytest.raises(ConfigError, match=re.escape(f"config.store_dir {str(store_dir)!r} cannot be created: {why}")):
+        driver.prepare(base.replace(store_dir=str(store_dir)))

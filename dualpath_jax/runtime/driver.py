@@ -236,8 +236,14 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
 
         try:
             os.makedirs(cfg.store_dir, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"config.store_dir {cfg.store_dir!r} cannot be created: {e.strerror}") from None
+        except OSError as e:  # (a file there, or above it, said only "File exists" / "Not a directory")
+            above = cfg.store_dir
+            while above and not os.path.exists(above) and os.path.dirname(above) != above:
+                above = os.path.dirname(above)
+            why = e.strerror
+            if os.path.exists(above) and not os.path.isdir(above):
+                why = "it is a file, not a directory" if above == cfg.store_dir else f"{above!r} is a file"
+            raise ConfigError(f"config.store_dir {cfg.store_dir!r} cannot be created: {why}") from None
         if not os.access(cfg.store_dir, os.W_OK | os.X_OK):
             raise ConfigError(f"config.store_dir {cfg.store_dir!r} is not writable")
         try:
