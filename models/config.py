@@ -75,11 +75,19 @@ def hf_rope(d: dict, where: str = "config.json") -> tuple[float, dict | None]:
         scaling = None
     new_theta = hf_float(params, "rope_theta", theta, f"{where}: rope_parameters", above=0)
     # both spellings: they must agree (which one HF reads depends on its version)
+    # (the legacy `type` and the new `rope_type` name one field: {"type": "yarn"} beside {"rope_type": "yarn"} agree)
     if ("rope_theta" in d and d["rope_theta"] is not None and new_theta != theta) or (
-        d.get("rope_scaling") and d["rope_scaling"] != scaling
+        d.get("rope_scaling") and _rope_type_named(d["rope_scaling"]) != _rope_type_named(scaling)
     ):
         raise ValueError(f"{where}: rope_parameters {params!r} and rope_theta / rope_scaling disagree")
     return new_theta, scaling
+
+
+def _rope_type_named(scaling):
+    """A rope scaling dict with its legacy `type` key spelled `rope_type` (for comparing the two spellings)."""
+    if not isinstance(scaling, dict) or "type" not in scaling or "rope_type" in scaling:
+        return scaling
+    return {("rope_type" if k == "type" else k): v for k, v in scaling.items()}
 
 
 #: HF `hidden_act` names of SiLU, x * sigmoid(x) (transformers' ACT2FN: "silu" and "swish" are both nn.SiLU).

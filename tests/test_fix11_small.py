@@ -115,3 +115,17 @@ def test_a_store_dir_that_is_a_file_is_named_so(base, tmp_path, where):
     why = "it is a file, not a directory" if where == "the path" else f"{str(f)!r} is a file"
     with pytest.raises(ConfigError, match=re.escape(f"config.store_dir {str(store_dir)!r} cannot be created: {why}")):
         driver.prepare(base.replace(store_dir=str(store_dir)))
+
+
+def test_rope_scaling_type_and_rope_parameters_rope_type_agree():
+    """A config.json with the legacy `rope_scaling {"type": "yarn", ...}` beside `rope_parameters {"rope_type": "yarn",
+    ...}` of the same values was refused as "disagree" (the dicts were compared raw); different values still are."""
+    from models.config import hf_rope
+
+    legacy, new = {"type": "yarn", "factor": 4.0}, {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}
+    assert hf_rope({"rope_theta": 1e6, "rope_scaling": legacy, "rope_parameters": new}) == (
+        1e6,
+        {"rope_type": "yarn", "factor": 4.0},
+    )
+    with pytest.raises(ValueError, match="disagree"):
+        hf_rope({"rope_theta": 1e6, "rope_scaling": {**legacy, "factor": 2.0}, "rope_parameters": new})
