@@ -20,6 +20,7 @@ import pytest
 
 from dualpath_jax.sim import load_config, run, sim_config_from_dict
 from dualpath_jax.sim import simulator as sim_mod
+from dualpath_jax.workloads.types import Trajectory, Turn
 from schedulers import BATCHERS, POLICIES, Assignment, BatchItem, InterEnginePolicy, IntraEnginePolicy
 
 
@@ -186,3 +187,27 @@ def test_a_bad_batch_item_is_named(batcher, match):
             _run("basic", batcher="fix11s_b")
     finally:
         BATCHERS._entries.pop("fix11s_b", None)
+
+
+@pytest.mark.parametrize(
+    "trajs",
+    [
+        [Trajectory(0, [Turn(100, 5)], arrival_time=1e300)],
+        [Trajectory(0, [Turn(100, 5, gap_s=1.7e308), Turn(10, 5, gap_s=1.7e308), Turn(10, 5)])],
+        [Trajectory(0, [Turn(100, 5), Turn(10, 5, arrival_offset_s=1e308)], source="my.json")],
+    ],
+    ids=["arrival", "gaps", "offset"],
+)
+def test_times_past_the_clocks_range_are_refused_when_built(trajs):
+    """Finite but huge trace times (a trace's t = 1e308, think times summing past the float range) failed inside the
+    run with an OverflowError, or (1e300) ran with a JCT of 0 and NaN throughputs: the clock could not step a fetch
+    interval there. Refused when the simulator is built, naming the trajectory (and its source)."""
+    from dualpath_jax.sim.config import SimConfigError
+    from dualpath_jax.sim.runner import build_simulator
+
+    cfg = sim_config_from_dict(load_config("configs/sim_tiny.py:dualpath").to_dict())
+    with pytest.raises(SimConfigError, match=r"trajectory 0 \(.*\) reaches t = .* past the .* s the simulator's clock"):
+        build_simulator(cfg, trajs)
+    ok = [Trajectory(0, [Turn(100, 5, gap_s=3600.0), Turn(10, 5)], arrival_time=86400.0 * 365)]  # a year in: runs
+    records, _, stats = build_simulator(cfg, ok).run()
+    assert len(records) == 2 and stats["unfinished_turns"] == 0

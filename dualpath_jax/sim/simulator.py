@@ -366,10 +366,21 @@ class Simulator:
             dup = next(i for i in ids if i in seen or seen.add(i))
             raise SimConfigError(f"trajectory id {dup} appears more than once among the {len(ids)} trajectories")
         bs = self.c.block_size
+        max_time = self.fetch_step * 2.0**40  # (~3,500 years at 0.1 s: a double then resolves a fetch step exactly)
         for traj in self.trajectories:
             if not 0 <= traj.arrival_time < math.inf:  # NaN in the event heap, or an agent that never arrives
                 raise SimConfigError(
                     f"trajectory {traj.trajectory_id} arrives at {traj.arrival_time} s: it must be finite and >= 0"
+                )
+            # Times the clock cannot step through (a trace's t = 1e308 failed inside the run with an OverflowError;
+            # 1e300 ran with a JCT of 0 and NaN throughputs): the agent's arrival, its turns' offsets and gaps
+            latest = traj.arrival_time + sum([t.gap_s for t in traj.turns])  # (inf past the range: refused)
+            latest += max([t.arrival_offset_s or 0.0 for t in traj.turns], default=0.0)
+            if not latest <= max_time:
+                raise SimConfigError(
+                    f"trajectory {traj.trajectory_id} ({traj.source or 'no source'}) reaches t = {latest:g} s with its "
+                    f"arrival, turn offsets and gaps: past the {max_time:g} s the simulator's clock can step through "
+                    f"at a fetch interval of {self.fetch_step:g} s"
                 )
             if any([not t.append_tokens for t in traj.turns]):  # only then can a whole prompt be cached
                 for i, (prompt, hit, _) in enumerate(traj.turn_shapes(bs)):
