@@ -373,6 +373,11 @@ def _run_all(jobs: list, term: SigtermAsInterrupt) -> dict:
     if failed:  # the report needs every run: keep the finished ones' raw results, say which failed
         with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:
             json.dump(json_safe({f"{kind} {key}": v for (kind, key), v in results.items()}), f, indent=1, default=str)
+        for name in ("report.md", "report.png"):  # an earlier (--overwrite) report's would pass for this run's
+            stale = os.path.join(_OUTPUT_DIR.value, name)
+            if os.path.exists(stale):
+                os.remove(stale)
+                logging.info("removed %s: an earlier report's (this run wrote none)", stale)
         stopped = "stopped by SIGTERM; " if term.got else ""
         raise SystemExit(
             f"reproduce_paper: {stopped}{len(failed)} of {len(runs)} runs failed, so no report (the "
@@ -482,6 +487,8 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
             )
     online_note = []
     if _ONLINE.value:
+        if _APPENDS.value or pds or _ONLINE_SCALE.value:  # a table of its own (its rows ran on under the last one's)
+            lines += ["", "| metric | paper | simulator | sim/paper |", "| --- | --- | --- | --- |"]
         cap, brackets = {}, []
         for (kind, key), v in results.items():
             if kind == "capacity":

@@ -128,7 +128,8 @@ def run_grid(cells: Sequence[tuple[str, str, str, str, str]], workers: int) -> l
     for c, (row, error) in zip(cells, run_jobs(run_cell, list(cells), workers, "sweep"), strict=True):
         setup, mode, load, _, seed = c
         if error is not None:
-            row = {"setup": setup, "mode": mode, "load": load, "seed": seed or None, "error": error}
+            # the seed as the finished rows have it, a number (it was --seeds' text: "1" beside 1 in sweep.json)
+            row = {"setup": setup, "mode": mode, "load": load, "seed": int(seed) if seed else None, "error": error}
         row["setup"] = names[setup]
         rows.append(row)
     return rows
