@@ -21,7 +21,8 @@ import pytest
 from dualpath_jax.sim import load_config, run, sim_config_from_dict
 from dualpath_jax.sim import simulator as sim_mod
 from dualpath_jax.workloads.types import Trajectory, Turn
-from schedulers import BATCHERS, POLICIES, Assignment, BatchItem, InterEnginePolicy, IntraEnginePolicy
+from schedulers import BATCHERS, POLICIES, Assignment, InterEnginePolicy
+from tests.test_fix11_runtimepol import Twice, WrongCached  # (the runtime refuses the same items)
 
 
 class _Base(InterEnginePolicy):
@@ -145,27 +146,6 @@ def test_idle_fetches_count_only_fetches_in_a_row_with_nothing_pending(registere
     finally:
         POLICIES._entries.pop("fix11s_late", None)
     assert res.summary["unfinished_turns"] == 0 and res.summary["turns"] == len(res.records) > 0
-
-
-class _Batcher(IntraEnginePolicy):
-    @dataclasses.dataclass(frozen=True)
-    class Config:
-        pass
-
-    def __init__(self, config):
-        self.config = config
-
-
-class WrongCached(_Batcher):
-    def form_batch(self, queue):
-        w = queue[0]
-        return [BatchItem(w.request_id, w.cached_tokens + 1, 1)]
-
-
-class Twice(_Batcher):
-    def form_batch(self, queue):
-        w = queue[0]
-        return [BatchItem(w.request_id, w.cached_tokens, 1), BatchItem(w.request_id, w.cached_tokens, 1)]
 
 
 @pytest.mark.parametrize(

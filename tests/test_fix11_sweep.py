@@ -20,22 +20,16 @@ import csv
 import json
 import math
 import os
-import subprocess
 import sys
+
+from tests import test_launch_hunt as launch_hunt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "configs/sim_tiny.py"
 
 
 def _launch(*cmd: str, timeout: float = 300, env: dict | None = None):
-    return subprocess.run(
-        [sys.executable, *cmd],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
-    )
+    return launch_hunt._launch(*cmd, timeout=timeout, env=env)
 
 
 # reproduce_paper with its simulations replaced by fixed figures (JCT seconds, capacities in APS); FAIL_AT=mode
