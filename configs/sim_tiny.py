@@ -11,7 +11,7 @@ from configs.sim_base import apply_variant, base_config
 def get_config(arg: str | None = None):
     cfg = base_config()
     cfg.name = "sim_tiny"
-    cfg.description = "DS 27B 1P1D, 2 GPUs a node, 16 agents x 12 turns of the 32K dataset"
+    cfg.description = "DS 27B 1P1D, 2 GPUs a node, 16 agents x up to 12 turns of the 32K dataset"
     cfg.output_dir = "results/sim/sim_tiny"
     cfg.cluster.model = "ds27b"
     cfg.cluster.prefill_nodes = 1
