@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from test_fix11_runtimepol import Twice, WrongCached  # (the runtime refuses the same items)
 
 from dualpath_jax.sim import load_config, run, sim_config_from_dict
 from dualpath_jax.sim import simulator as sim_mod
 from dualpath_jax.workloads.types import Trajectory, Turn
 from schedulers import BATCHERS, POLICIES, Assignment, InterEnginePolicy
-from tests.test_fix11_runtimepol import Twice, WrongCached  # (the runtime refuses the same items)
 
 
 class _Base(InterEnginePolicy):

@@ -77,7 +77,7 @@ def test_simulate_prints_the_slo_percentiles_the_run_judged(tmp_path):
     """simulate's table printed `ttft_p90_s` / `tpot_p90_s` only: with config.slo_percentile=95 the SLO figures the
     run was judged on were in summary.json alone. Its log also said "16 agents" (config.workload.n_agents) for an
     online run, which runs aps x duration agents."""
-    from tests.test_launch_hunt import _launch
+    from test_launch_hunt import _launch
 
     out = _launch(
         "-m", "experiments.simulate", "--config=configs/sim_tiny.py:dualpath,aps=0.5,duration=60,warmup=10",

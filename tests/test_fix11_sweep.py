@@ -22,7 +22,7 @@ import math
 import os
 import sys
 
-from tests import test_launch_hunt as launch_hunt
+import test_launch_hunt as launch_hunt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "configs/sim_tiny.py"

@@ -66,9 +66,9 @@ def test_rope_scaling_without_a_type_is_refused_not_ignored():
     config, or one written for another loader): HF fails on it (ROPE_INIT_FUNCTIONS[None]); here it became
     unscaled RoPE with the factor ignored, and every position's angles differed from the intended scaling."""
     import pytest
+    from test_models_checkpoint import LLAMA_HF
 
     from models.checkpoint import config_from_hf
-    from tests.test_models_checkpoint import LLAMA_HF
 
     d = dict(LLAMA_HF, rope_scaling={k: v for k, v in LLAMA_HF["rope_scaling"].items() if k != "rope_type"})
     with pytest.raises(ValueError, match="rope_scaling .* has no 'rope_type'"):
