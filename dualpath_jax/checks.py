@@ -1,10 +1,12 @@
 """Type predicates of config values (kwargs come from config files, command-line variants and code: a float block
 size, a bool token count or a truthy string for a flag must be refused, not used). Used by the workloads, the
-runtime, the traffic manager and the scheduler registry (`schedulers.registry` re-exports them)."""
+runtime, the traffic manager and the scheduler registry (`schedulers.registry` re-exports them). Also
+`file_in_the_way`, for the errors of a directory that cannot be made."""
 
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any
 
 import numpy as np
@@ -23,3 +25,15 @@ def is_real(x: Any) -> bool:
 def is_bool(x: Any) -> bool:
     """True or False (numpy bools too); not 0/1, not a string such as 'no' (which is truthy)."""
     return isinstance(x, (bool, np.bool_))
+
+
+def file_in_the_way(directory: str) -> str | None:
+    """Why `directory` cannot be a directory when a file is where it, or a directory above it, goes (the OS says only
+    "File exists" / "Not a directory"): "it is a file, not a directory" or "'<path>' is a file, not a directory";
+    None when no file is in the way."""
+    above = directory
+    while above and not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if os.path.exists(above) and not os.path.isdir(above):
+        return "it is a file, not a directory" if above == directory else f"{above!r} is a file, not a directory"
+    return None

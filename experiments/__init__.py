@@ -151,13 +151,9 @@ def _cannot_write(directory: str) -> str | None:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
             pass
     except OSError as e:
-        # a file where the directory (or one above it) goes: say so (the OS says "File exists" / "Not a directory")
-        above = directory
-        while above and not os.path.exists(above) and os.path.dirname(above) != above:
-            above = os.path.dirname(above)
-        if os.path.exists(above) and not os.path.isdir(above):
-            return "it is a file, not a directory" if above == directory else f"{above!r} is a file, not a directory"
-        return e.strerror or str(e)
+        from dualpath_jax.checks import file_in_the_way
+
+        return file_in_the_way(directory) or e.strerror or str(e)
     return None
 
 

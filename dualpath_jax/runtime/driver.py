@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from dualpath_jax.checks import is_int
+from dualpath_jax.checks import file_in_the_way, is_int
 from dualpath_jax.metrics import LinkBytes, TurnRecord, summarize
 from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, validate, validate_workload
 from dualpath_jax.runtime.lifecycle import ConversationBook, tiny_trajectories
@@ -236,13 +236,8 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
 
         try:
             os.makedirs(cfg.store_dir, exist_ok=True)
-        except OSError as e:  # (a file there, or above it, said only "File exists" / "Not a directory")
-            above = cfg.store_dir
-            while above and not os.path.exists(above) and os.path.dirname(above) != above:
-                above = os.path.dirname(above)
-            why = e.strerror
-            if os.path.exists(above) and not os.path.isdir(above):
-                why = "it is a file, not a directory" if above == cfg.store_dir else f"{above!r} is a file"
+        except OSError as e:  # (a file there, or above it: named, where the OS said only "File exists")
+            why = file_in_the_way(cfg.store_dir) or e.strerror
             raise ConfigError(f"config.store_dir {cfg.store_dir!r} cannot be created: {why}") from None
         if not os.access(cfg.store_dir, os.W_OK | os.X_OK):
             raise ConfigError(f"config.store_dir {cfg.store_dir!r} is not writable")
