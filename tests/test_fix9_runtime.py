@@ -188,6 +188,7 @@ def test_a_node_process_whose_run_raised_is_an_error_not_a_dead_node(monkeypatch
     }
     launcher.procs[0].is_alive = lambda: True
     launcher._running = {0, 1, 2, 3, 4}  # node 5 died in an earlier run of the session
+    launcher.session, launcher._reports, launcher._whys = None, {}, {}  # (no session, no error reported)
     assert list(launcher.errors) == [4] and "node4 exited with code 1" in str(launcher.errors[4])
     service = types.SimpleNamespace(dead_nodes=set(), book=types.SimpleNamespace(done=False))
     with pytest.raises(RunFailed, match=r"node 4 failed: .*exited with code 1: its run raised"):

@@ -425,19 +425,17 @@ class LocalProcessLauncher:
 
     def _why(self, node_id: int) -> str:
         """The error the node's process reported before it exited (`_node_process`), as " <error>"; or "" if none."""
-        session = getattr(self, "session", None)  # (getattr: a launcher built without __init__, as tests do)
-        whys = self._whys = getattr(self, "_whys", {})
-        if session is not None:
-            why = session.failure_of(node_id)
+        if self.session is not None:
+            why = self.session.failure_of(node_id)
         else:
-            conn = getattr(self, "_reports", {}).get(node_id)
-            if node_id not in whys and conn is not None:
+            conn = self._reports.get(node_id)
+            if node_id not in self._whys and conn is not None:
                 try:
                     if conn.poll():
-                        whys[node_id] = conn.recv()[1]
+                        self._whys[node_id] = conn.recv()[1]
                 except (EOFError, OSError):
                     pass
-            why = whys.get(node_id)
+            why = self._whys.get(node_id)
         return f" {why}" if why else ""
 
     def alive(self, node_id: int) -> bool:
