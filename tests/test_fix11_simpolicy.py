@@ -17,35 +17,15 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from test_fix11_runtimepol import Twice, WrongCached  # (the runtime refuses the same items)
+from test_fix11_runtimepol import NeverPlaces, ReturnsNone, Twice, WrongCached, _Policy  # (as the runtime's tests)
 
 from dualpath_jax.sim import load_config, run, sim_config_from_dict
 from dualpath_jax.sim import simulator as sim_mod
 from dualpath_jax.workloads.types import Trajectory, Turn
-from schedulers import BATCHERS, POLICIES, Assignment, InterEnginePolicy
+from schedulers import BATCHERS, POLICIES, Assignment
 
 
-class _Base(InterEnginePolicy):
-    @dataclasses.dataclass(frozen=True)
-    class Config:
-        pass
-
-    def __init__(self, config):
-        self.config = config
-        self.calls = 0
-
-
-class ReturnsNone(_Base):
-    def schedule(self, snapshot, queue, fetching_node=None):
-        return None
-
-
-class PlacesNothing(_Base):
-    def schedule(self, snapshot, queue, fetching_node=None):
-        return []
-
-
-class ReturnsTuples(_Base):
+class ReturnsTuples(_Policy):
     def schedule(self, snapshot, queue, fetching_node=None):
         r = next(iter(queue))
         return [(r.request_id, 0, 0, "pe")]
@@ -58,12 +38,12 @@ def _place_first(snapshot, queue, rid=None):
     return [Assignment(r.request_id if rid is None else rid, pe, de, "pe")]
 
 
-class UnknownRequest(_Base):
+class UnknownRequest(_Policy):
     def schedule(self, snapshot, queue, fetching_node=None):
         return _place_first(snapshot, queue, rid=10**9)
 
 
-class PlacesTheFirstAgain(_Base):
+class PlacesTheFirstAgain(_Policy):
     """Places the first queued request, then that same request again in every later fetch."""
 
     first = None
@@ -76,7 +56,7 @@ class PlacesTheFirstAgain(_Base):
 
 _POLICIES = {
     "fix11s_none": ReturnsNone,
-    "fix11s_nothing": PlacesNothing,
+    "fix11s_nothing": NeverPlaces,
     "fix11s_tuples": ReturnsTuples,
     "fix11s_unknown": UnknownRequest,
     "fix11s_again": PlacesTheFirstAgain,
@@ -133,7 +113,9 @@ def test_idle_fetches_count_only_fetches_in_a_row_with_nothing_pending(registere
     then places its requests, is not failed: the run finishes."""
     assert sim_mod.IDLE_FETCHES == 1000
 
-    class Late(_Base):
+    class Late(_Policy):
+        calls = 0
+
         def schedule(self, snapshot, queue, fetching_node=None):
             self.calls += 1
             if self.calls < sim_mod.IDLE_FETCHES - 1:  # (just under the limit at the start, then places)
