@@ -63,7 +63,8 @@ _OVERWRITE = flags.DEFINE_bool(
 _SEEDS = flags.DEFINE_list(
     "seeds",
     ["0"],
-    "Seeds of the headline offline runs; with several, each figure is their mean with [min, max] beside it.",
+    "Seeds of the headline offline runs and the --table cells; with several, each figure is their mean with "
+    "[min, max] beside it.",
     allow_override=True,
 )
 _ONLINE_DATASET = flags.DEFINE_string(
@@ -241,6 +242,11 @@ def _sim_key(spec: str) -> str:
         return spec
 
 
+def _table_spec(mode: str, dataset: str, agents: int, seed: int) -> str:
+    """The offline run of one seed of a DS 660B calibration table cell."""
+    return f"{DS660B}:{mode},dataset={dataset},agents={agents},seed={seed}"
+
+
 def _job(job):
     kind, arg = job
     return (kind, arg, _offline(arg) if kind == "offline" else _capacity(arg))
@@ -324,12 +330,13 @@ def main(argv: Sequence[str]) -> None:
         jobs += [("offline", spec) for spec in ONLINE_SCALE.values()]
     pds = list(dict.fromkeys(_PD_RATIOS.value))
     jobs += [("offline", f"{DS27B}:{m},pd={pd},seed={seeds[0]}") for pd in pds for m in ("basic", "dualpath")]
-    # --table=512,0512: one row of the report (and its cells once in the fit)
+    # --table=512,0512: one row of the report (and its cells once in the fit); each cell on every --seeds seed, as
+    # the headline (it ran the config's seed 0 whatever --seeds said)
     table = list(dict.fromkeys(int(a) for a in _TABLE.value))
     for a in table:
         for ds in ("32K", "48K", "64K"):
             for m in ("oracle", "dualpath", "basic"):
-                jobs.append(("offline", f"{DS660B}:{m},dataset={ds},agents={a}"))
+                jobs += [("offline", _table_spec(m, ds, a, sd)) for sd in seeds]
     if _ONLINE.value:
         d, w, it, ods = _ONLINE_DURATION.value, _ONLINE_WARMUP.value, _ONLINE_ITERS.value, _ONLINE_DATASET.value
         jobs += [
@@ -535,7 +542,13 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
     if table:
         lines += [
             "",
-            "DS 660B 2P4D offline JCT (s), paper / simulator (sim/paper):",
+            "DS 660B 2P4D offline JCT (s), paper / simulator (sim/paper), seed"
+            + (
+                f"s {', '.join(map(str, seeds))} (mean [min, max] over them; sim/paper of the mean)"
+                if several
+                else f" {seeds[0]}"
+            )
+            + ":",
             "",
             "| agents | dataset | oracle | dualpath | basic |",
             "| --- | --- | --- | --- | --- |",
@@ -545,8 +558,10 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
             for ds in ("32K", "48K", "64K"):
                 cells = []
                 for m, p in zip(("oracle", "dualpath", "basic"), TABLE[(a, ds)], strict=False):
-                    s = results[("offline", f"{DS660B}:{m},dataset={ds},agents={a}")]["jct_s"]
-                    cells.append(f"{p} / {s:.0f} ({s / p:.2f})")
+                    s, spread = _spread(
+                        [results[("offline", _table_spec(m, ds, a, sd))]["jct_s"] for sd in seeds], ".0f"
+                    )
+                    cells.append(f"{p} / {s:.0f}{spread} ({s / p:.2f})")
                     fit[m].append(s / p)
                     table_cells.append((m, p, s))
                 lines.append(f"| {a} | {ds} | " + " | ".join(cells) + " |")

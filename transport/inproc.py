@@ -103,7 +103,8 @@ class _Lane:
 class _Link:
     """The connection of two endpoints (each holds it in `_peers` under the other's name). Transfers and messages
     between them run while `dead` is None; `_fence` sets it, `_settle` waits for the chunks being copied on it
-    (`copying`: `_copy` checks `dead` before each chunk, so a paced copy waiting for its pacer is not waited for)."""
+    (`copying`: `_copy` checks `dead` before each chunk, so a paced copy waiting for its pacer is not waited for, beyond
+    its pacer's next check: a chunk whose check passed counts from then, see `_copy`'s `claim`)."""
 
     __slots__ = ("ends", "dead", "copying", "cond")
 
@@ -299,23 +300,57 @@ class InProcTransport(Transport):
             if link.dead is not None:
                 raise PeerLostError(f"link to {ep.name!r} dropped during the transfer: {link.dead}")
 
+        held = False  # the chunk the pacer is about to yield is counted in `link.copying` (`claim`)
+
+        def release() -> None:  # (`link.cond` held)
+            link.copying -= 1
+            if not link.copying:
+                link.cond.notify_all()
+
+        def claim() -> None:
+            """`check` for a pacer that takes one (`dualpath_jax.traffic`: called while a chunk waits for its slot, at
+            least every CHECK_INTERVAL_S, and once when the slot has come, right before the chunk is yielded and
+            recorded as moved): once it passes, the chunk counts as being copied until the next call or its copy, so a
+            close or disconnect from then on waits for it. A close between the pacer's last check and the copy's own
+            failed the copy of a chunk already recorded: the link recorded one chunk more than moved."""
+            nonlocal held
+            with link.cond:
+                if held:
+                    held = False
+                    release()
+                check()
+                link.copying += 1
+                held = True
+
         if not n:
             _peer_region(ep, src if isinstance(src, str) else dst, so if isinstance(src, str) else do, 0)
         chunk = PACE_CHUNK if self.pacer is not None else max(n, 1)
-        for step in self._paced_chunks(n, priority, chunk, check):
-            with link.cond:  # (`disconnect` waits for a chunk being copied, not for one waiting for its pacer)
-                check()
-                s = _peer_region(ep, src, so, n) if isinstance(src, str) else src
-                d = _peer_region(ep, dst, do, n) if isinstance(dst, str) else dst
-                link.copying += 1
-            try:
-                np.copyto(arr(d)[do + pos : do + pos + step], arr(s)[so + pos : so + pos + step])
-            finally:
+        try:
+            for step in self._paced_chunks(n, priority, chunk, claim):
+                with link.cond:  # (`disconnect` waits for a chunk being copied or claimed, not for its pacer's wait)
+                    claimed, held = held, False
+                    try:
+                        if not claimed:  # (no pacer, or one that takes no `check`)
+                            check()
+                        s = _peer_region(ep, src, so, n) if isinstance(src, str) else src
+                        d = _peer_region(ep, dst, do, n) if isinstance(dst, str) else dst
+                    except BaseException:
+                        if claimed:
+                            release()
+                        raise
+                    if not claimed:
+                        link.copying += 1
+                try:
+                    np.copyto(arr(d)[do + pos : do + pos + step], arr(s)[so + pos : so + pos + step])
+                finally:
+                    with link.cond:
+                        release()
+                pos += step
+        finally:
+            if held:  # (the pacer raised, or ended, after a check that passed)
                 with link.cond:
-                    link.copying -= 1
-                    if not link.copying:
-                        link.cond.notify_all()
-            pos += step
+                    held = False
+                    release()
 
     @contextlib.contextmanager
     def _moving(self, ep: InProcTransport, link: _Link, what: str):

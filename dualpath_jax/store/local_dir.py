@@ -42,7 +42,8 @@ open the new file.
 
 A store whose directory (`blocks/`) was removed, moved away or replaced by one that is not a store of its layout
 since it opened writes and removes nothing there: writes fail (logged, `write_errors`), blocks that look damaged
-there are misses left in place, `refresh` raises; reopen the store.
+there are misses left in place, `remove` is False and eviction evicts nothing (logged: a file there of this store's
+key is another store's block), `refresh` raises; reopen the store.
 
 Capacity and LRU order are per process: each process evicts from its own view, which is approximate when several
 processes write to one directory (documented limitation). Eviction costs O(1) while the blocks fit, else one walk
@@ -863,7 +864,19 @@ class LocalDirStore(KVStore):
     def _evict_or_replace_locked(self, victims: list[bytes], protect: Sequence[bytes] = ()) -> int:
         """Evict `victims` (from `_victims_locked`), each one whose file could not be removed replaced by the next
         LRU block that may be evicted (not in `protect`); how many could not be replaced (0: as many evicted).
-        The ones kept move to the MRU end, so that the next evictions do not try them first again."""
+        The ones kept move to the MRU end, so that the next evictions do not try them first again. Nothing is evicted
+        from a directory that is not this store's any more (`_root_changed`): a file there of a victim's name is
+        another store's block (a lookup that took that store's blocks of the same size for hits evicted them)."""
+        if not victims:
+            return 0
+        changed = self._root_changed()
+        if changed is not None:
+            log.warning(
+                "kv store %s: evicting %d blocks refused: the store directory %s %s since the store was opened (its "
+                "files are not this store's to remove; reopen the store)", self.root, len(victims), self._blocks_dir,
+                changed,
+            )  # fmt: skip
+            return len(victims)
         tried = set(protect)
         kept: list[bytes] = []
         short = 0
@@ -1781,6 +1794,15 @@ class LocalDirStore(KVStore):
     def remove(self, key: bytes) -> bool:
         _check_key(key)
         path = self.path_of(key)
+        changed = self._root_changed()
+        if changed is not None:  # (a file there of this name is another store's block: False, as for no block)
+            log.warning(
+                "kv store %s: block %s not removed: the store directory %s %s since the store was opened (reopen the "
+                "store)", self.root, key.hex(), self._blocks_dir, changed,
+            )  # fmt: skip
+            with self._lock:
+                self._drop_locked(key)
+            return False
         existed = kept = False
         try:
             os.unlink(path)
