@@ -7,8 +7,6 @@
 - `schedulers/_dualpath.pyx`, the DualPath policy's inner loops (DE phase 1, the placement loop with the PE and
   DE choices) and the policies' duplicate-id check, on int64 (fallback: the same loops in Python);
 - `dualpath_jax/sim/_csvrows.pyx`, the results' CSV rows formatted in C (fallback: `csv.writer`, the same bytes);
-- `transport/_tcprx.pyx`, the TCP transport's receive path (its receive buffer and the read loop's landing of plain
-  write frames) in C with the GIL released around each system call (fallback: `tcp._BufferedReceiver` and the loop);
 - `dualpath_jax/store/_verify.pyx`, the KV store's verified reads (pread or copy, then XXH3 of each Layer Block
   while it is in cache) in C with the GIL released, on the xxHash library vendored in
   `dualpath_jax/store/_xxhash/` (fallback: the store's Python loops over python-xxhash).
@@ -29,7 +27,6 @@ _EXTENSIONS = [
     Extension("dualpath_jax.sim._heap", ["dualpath_jax/sim/_heap.pyx"], extra_compile_args=_ARGS),
     Extension("schedulers._dualpath", ["schedulers/_dualpath.pyx"], extra_compile_args=_ARGS),
     Extension("dualpath_jax.sim._csvrows", ["dualpath_jax/sim/_csvrows.pyx"], extra_compile_args=_ARGS),
-    Extension("transport._tcprx", ["transport/_tcprx.pyx"], extra_compile_args=_ARGS),
 ]
 # xxHash's x86 dispatcher (SSE2 / AVX2 / AVX-512 chosen at run time) builds with baseline flags on x86 only
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")

@@ -10,11 +10,8 @@ Compiled when the package is installed with its build (`pip install -e .` on a m
   duplicate-id check of a QueueWindow;
 - `dualpath_jax.sim._csvrows`: the results' CSV rows (turns.csv, links.csv) formatted in C;
 - `dualpath_jax.store._verify`: the KV store's verified reads of xxh3 blocks (read or copy, then hash each Layer
-  Block while it is in cache) with the GIL released;
-- `transport._tcprx`: the TCP transport's frame receiver (receive buffer, header checks, landing of plain write
-  frames) with the GIL released around each system call.
-Each has a Python twin that gives the same results (tests/test_compiled.py checks it; the TCP receiver:
-tests/test_tcp_receiver.py, and tests/test_transport_tcp.py runs with both). Set the environment
+  Block while it is in cache) with the GIL released.
+Each has a Python twin that gives the same results (tests/test_compiled.py checks it). Set the environment
 variable DUALPATH_PURE_PYTHON=1 to run the Python twins (debugging, or the same-run baseline of a speed
 benchmark; 0 or unset: the compiled modules; true/false, yes/no and on/off work too, any other value is an
 error at import); `status()` says which of them run.
@@ -127,5 +124,4 @@ def status() -> dict[str, bool]:
         "policy": policies._dualpath_c is not None,
         "csv": use("dualpath_jax.sim._csvrows"),
         "store_verify": use("dualpath_jax.store._verify"),
-        "tcp_receiver": use("transport._tcprx"),
     }

@@ -45,7 +45,6 @@ def test_compiled_paths_are_built_where_a_compiler_exists():
         "policy": True,
         "csv": True,
         "store_verify": True,
-        "tcp_receiver": True,
     }, "the compiled extensions are missing: reinstall with `pip install -e .` (setup.py builds them)"
 
 

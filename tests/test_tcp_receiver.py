@@ -1,13 +1,12 @@
-"""The TCP transport's frame receivers: the C one (`transport/_tcprx.pyx`, with `land_writes`) and its Python twin
-(`tcp._BufferedReceiver` and the read loop) land the same bytes, hold and send the same acknowledgements and hand the
-same frames to the read loop, whatever way the stream is cut into segments."""
+"""The TCP transport's frame receiver (`tcp._BufferedReceiver` and the read loop) on hand-made streams: every write
+lands, acknowledgements come in order with write_many batches acknowledged once, FLAG_MORE holds them up to
+ACK_FRAMES, and other frames (a message, a region query, notifying writes) are served in between, whatever way the
+stream is cut into segments."""
 
 from __future__ import annotations
 
-import os
 import socket
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -32,40 +31,8 @@ from transport.tcp import (
 KIB = 1 << 10
 
 
-@pytest.fixture(params=["c", "python"])
-def receiver(request, monkeypatch):
-    """Which frame receiver the endpoints made in the test use."""
-    if request.param == "c":
-        if tcpmod._tcprx is None:
-            pytest.skip("the C receiver is not built here (transport/_tcprx.pyx: no compiler, or DUALPATH_PURE_PYTHON)")
-    else:
-        monkeypatch.setattr(tcpmod, "_tcprx", None)
-    return request.param
-
-
-def test_the_c_crc32_is_zlibs():
-    if tcpmod._tcprx is None:
-        pytest.skip("the C receiver is not built here")
-    rng = np.random.default_rng(1)
-    for n in (0, 1, 3, 44, 48, 1000, 65537):
-        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert tcpmod._tcprx.crc32(data) == zlib.crc32(data), n
-
-
-def test_the_read_loop_takes_the_c_receiver_where_it_is_built(receiver):
-    a, b = socket.socketpair()
-    try:
-        rx = tcpmod._receiver(a, lambda: None, lambda: None)
-        assert type(rx).__module__ == ("transport._tcprx" if receiver == "c" else "transport.tcp")
-        a.settimeout(1.0)  # a socket with a timeout is non-blocking underneath: the Python twin takes it
-        assert isinstance(tcpmod._receiver(a, lambda: None, lambda: None), tcpmod._BufferedReceiver)
-    finally:
-        a.close()
-        b.close()
-
-
 def _frames(rid: int, region_bytes: int, rng) -> tuple[list[bytes], np.ndarray, list[tuple[int, int]], list[int], int]:
-    """A stream of frames for region `rid`: plain writes of sizes around every boundary of the receivers (the
+    """A stream of frames for region `rid`: plain writes of sizes around every boundary of the receiver (the
     48-byte header, the 64 KiB direct receive, the 256 KiB buffer), write_many batches, FLAG_MORE and notifying
     writes, with a message and a region query among them. Returns the frames, the region's expected bytes, the
     (request, length) acknowledgements expected in order, and the tags of the notifying writes."""
@@ -122,7 +89,7 @@ def _read_replies(s: socket.socket, n_acks: int, timeout: float = 20.0) -> tuple
 
 
 @pytest.mark.parametrize("cut", ["whole", "segments"])
-def test_a_mixed_stream_lands_the_same_through_either_receiver(receiver, cut):
+def test_a_mixed_stream_lands_whole(cut):
     rng = np.random.default_rng(7)
     size = 4 << 20
     server = TcpTransport("srv-rx")
@@ -158,7 +125,7 @@ def test_a_mixed_stream_lands_the_same_through_either_receiver(receiver, cut):
         server.close()
 
 
-def test_a_frame_cut_off_mid_payload_fails_the_set_and_lands_nothing_after(receiver):
+def test_a_frame_cut_off_mid_payload_fails_the_set_and_lands_nothing_after():
     server = TcpTransport("srv-rx2")
     dst = np.zeros(1 << 20, np.uint8)
     server.register("dst", dst)
@@ -182,38 +149,7 @@ def test_a_frame_cut_off_mid_payload_fails_the_set_and_lands_nothing_after(recei
         server.close()
 
 
-def test_endpoints_with_different_receivers_talk(receiver, monkeypatch):
-    """This process's endpoint (the fixture's receiver) and a peer process running the other receiver move writes,
-    write_many batches and reads both ways (a read's reply lands through this side's receiver)."""
-    from transport.peer import PeerProcess, spawn_peer
-
-    n = 3 << 20
-    monkeypatch.setenv("DUALPATH_PURE_PYTHON", "1" if receiver == "c" else "0")  # (the peer imports tcp afresh)
-    peer = spawn_peer({"backend": "tcp", "name": "rx-peer"}, {"buf": n})
-    me = TcpTransport("rx-me")
-    src = np.frombuffer(os.urandom(n), np.uint8).copy()
-    back = np.zeros(n, np.uint8)
-    me.register("src", src)
-    me.register("back", back)
-    try:
-        me.connect("rx-peer", peer.address)
-        peer.start()
-        spans = [(0, 10), (10, 64 * KIB), (70 * KIB, 2 << 20), (n - 5000, 5000)]
-        futs = [me.write("rx-peer", "src", o, "buf", o, k) for o, k in spans[:3]]
-        futs.append(me.write_many("rx-peer", [("src", o, 1000, "buf", o) for o in range(n - 5000, n, 1000)]))
-        for f in futs:
-            f.result(30)
-        for o, k in spans:
-            assert me.read("rx-peer", "back", o, "buf", o, k).result(30) == k
-            np.testing.assert_array_equal(back[o : o + k], src[o : o + k])
-        PeerProcess.call(me, "rx-peer", {"op": "quit"})
-        peer.join()
-    finally:
-        peer.kill()
-        me.close()
-
-
-def test_acknowledgements_held_behind_flag_more_go_out_at_ack_frames(receiver):
+def test_acknowledgements_held_behind_flag_more_go_out_at_ack_frames():
     """Write frames flagged FLAG_MORE (the sender announced the next) hold their acknowledgements even when the socket
     drains, until ACK_FRAMES frames landed; the rest go out once a frame without the flag lands."""
     server = TcpTransport("srv-rx3")

@@ -31,18 +31,6 @@ from transport.tcp import (
 MB = 1 << 20
 
 
-@pytest.fixture(autouse=True, params=["c", "python"])
-def receiver(request, monkeypatch):
-    """Every test here runs with each frame receiver of this process's endpoints: the C one (`transport/_tcprx.pyx`)
-    and its Python twin (`tcp._BufferedReceiver` and the read loop). (Peer processes take the default.)"""
-    if request.param == "c":
-        if tcpmod._tcprx is None:
-            pytest.skip("the C receiver is not built here (transport/_tcprx.pyx: no compiler, or DUALPATH_PURE_PYTHON)")
-    else:
-        monkeypatch.setattr(tcpmod, "_tcprx", None)
-    return request.param
-
-
 @pytest.fixture
 def server():
     ep = TcpTransport("srv")

@@ -8,9 +8,6 @@ the frame's offset, the next frame's header in the same call when it is already 
 copies), so any number of transfers can be in flight and a reader never blocks on a send. (A read's reply is the
 exception: what of it does not go out at once is copied when the read is served, so that a write posted after the
 read, landing meanwhile, does not change the bytes it returns: the posting order. Memory: the replies queued.)
-The reader's receive buffer and its landing of plain write frames run in C where `transport/_tcprx.pyx` is built
-(`_receiver`; otherwise its Python twin, `_BufferedReceiver` and the loop's write branch), with the GIL released
-around each system call.
 
 Small transfers are kept cheap: a small frame is sent by the thread that queues it when the connection is
 idle (non-blocking; the sender thread takes over what the socket does not accept at once, keeping frame
@@ -99,7 +96,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
-from dualpath_jax.compiled import use as _use_compiled
 from transport.base import (
     REGION_NAME_MAX,
     TRANSPORTS,
@@ -265,26 +261,18 @@ class _BufferedReceiver:
     payloads (>= 64 KiB still missing) go with recv_into straight to their destination. A header already in
     the buffer is unpacked and checked in place (`header`).
 
-    While `acks` (a bytearray of held-back acknowledgements) is not empty, every recv first tries not to block:
+    While `held` (a bytearray of held-back acknowledgements) is not empty, every recv first tries not to block:
     only when the socket is drained is `idle()` run (it sends the acknowledgements) before the blocking recv.
     So one ack frame covers everything that arrived back to back, and none waits while this side sits idle
-    (except while `more` is set: the sender announced the next frame, so the recv just waits for it). `held` counts
-    the write frames landed since the last acknowledgement frame, `chain_req` / `chain_bytes` the write_many batch
-    being received (the read loop's state, kept here so that the C receiver can share it).
-
-    The Python twin of `transport._tcprx.Receiver`, which also lands plain write frames in C (`land_writes`); the
-    read loop takes the C one where it is built (`_receiver`).
+    (except while `more` is set: the sender announced the next frame, so the recv just waits for it).
     """
 
     SIZE = 256 << 10
     DIRECT = 64 << 10
 
-    def __init__(self, sock: socket.socket, on_progress, idle=None, acks: bytearray | None = None) -> None:
+    def __init__(self, sock: socket.socket, on_progress, idle=None, held: bytearray | None = None) -> None:
         self.sock, self.on_progress = sock, on_progress
-        self.idle, self.acks = idle, acks if acks is not None else bytearray()
-        self.held = 0
-        self.chain_req: int | None = None
-        self.chain_bytes = 0
+        self.idle, self.held = idle, held if held is not None else bytearray()
         self.more = 0  # the frame being received (or the last one) carried FLAG_MORE: its successor is coming
         self.buf = bytearray(self.SIZE)
         self.view = memoryview(self.buf)
@@ -297,7 +285,7 @@ class _BufferedReceiver:
         self.exact = False
 
     def _recv(self, dst: memoryview, n: int) -> int:
-        if self.acks and not self.more:
+        if self.held and not self.more:
             try:
                 return self.sock.recv_into(dst, n, _DONTWAIT)
             except (BlockingIOError, InterruptedError):
@@ -309,7 +297,7 @@ class _BufferedReceiver:
         already there: a frame received straight into its region then costs one recvmsg, not two recvs. Returns
         the bytes that went to `dst`."""
         bufs = [dst, self.next_header]
-        if self.acks and not self.more:
+        if self.held and not self.more:
             try:
                 got = self.sock.recvmsg_into(bufs, 0, _DONTWAIT)[0]
             except (BlockingIOError, InterruptedError):
@@ -377,37 +365,6 @@ class _BufferedReceiver:
         out = bytearray(n)
         self.read_into(memoryview(out))
         return bytes(out)
-
-
-# The receive path in C (`transport/_tcprx.pyx`, built by setup.py; None: not built, stale, or DUALPATH_PURE_PYTHON)
-_tcprx = None
-if _use_compiled("transport._tcprx"):
-    from transport import _tcprx
-
-    _tcprx.configure(
-        magic=MAGIC,
-        version=VERSION,
-        ops=OPS,
-        op_write=OP_WRITE,
-        flag_notify=FLAG_NOTIFY,
-        flag_chain=FLAG_CHAIN,
-        flag_more=FLAG_MORE,
-        ack_frames=ACK_FRAMES,
-        size=_BufferedReceiver.SIZE,
-        direct=_BufferedReceiver.DIRECT,
-        direct_chunk=_DIRECT_CHUNK,
-        check_header=_check_header,
-        clean_eof=_CleanEOF,
-        peer_lost_error=PeerLostError,
-    )
-
-
-def _receiver(sock: socket.socket, on_progress, idle) -> Any:
-    """The connection's frame receiver: the C one where it is built and the socket blocks (no timeout), else the
-    Python twin."""
-    if _tcprx is not None and sock.gettimeout() is None:
-        return _tcprx.Receiver(sock, on_progress, idle)
-    return _BufferedReceiver(sock, on_progress, idle)
 
 
 def _recv_exact(sock: socket.socket, n: int, on_progress=None, deadline: float | None = None) -> bytes:
@@ -927,27 +884,25 @@ class _Conn:
     def _read_loop(self) -> None:
         _reader.conn = self  # (see `_remote_region_of`)
         owner, peer, sock = self.owner, self.peer, self.sock
+        acks = bytearray()  # held-back acknowledgements: ACK_ENTRY records of writes that landed
+        held = 0  # write frames landed since the last acknowledgement frame
 
-        def send_acks() -> None:  # the held-back acknowledgements (ACK_ENTRY records of writes that landed) go out
-            acks = rx.acks
+        def send_acks() -> None:
+            nonlocal held
             self.enqueue(pack_header(OP_WRITE_ACKS, length=len(acks)), memoryview(bytes(acks)))
             acks.clear()
-            rx.held = 0  # write frames landed since the last acknowledgement frame
+            held = 0
 
-        rx = _receiver(sock, peer.touch, send_acks)
-        acks = rx.acks
-        land = getattr(rx, "land_writes", None)  # the C receiver lands plain write frames itself
+        rx = _BufferedReceiver(sock, peer.touch, idle=send_acks, held=acks)
         ack_max = ACK_BATCH * ACK_ENTRY.size
         pack_ack = ACK_ENTRY.pack
         regions = owner._regions_by_id  # changed in place only (register/deregister)
+        chain_req, chain_bytes = None, 0  # the write_many batch being received (FLAG_CHAIN frames so far)
         try:
             # (the fence of `disconnect`: once the set is dropped, no frame lands, not one already in the receive buffer
             # behind a frame whose hook or callback ran meanwhile; our own `close` reads on until the peer's EOF)
             while peer.dead is None or owner._closed:
-                fields = rx.header() if land is None else land(regions, peer, owner)
-                if fields is None:  # (`land_writes` saw the fence)
-                    continue
-                _, _, op, flags, rid, offset, length, tag, req, _ = fields
+                _, _, op, flags, rid, offset, length, tag, req, _ = rx.header()
                 rx.more = flags & FLAG_MORE if op == OP_WRITE else 0
                 if op == OP_WRITE:
                     region = regions.get(rid)  # atomic dict lookup: no lock per frame
@@ -962,24 +917,23 @@ class _Conn:
                     rx.exact = length >= rx.DIRECT
                     if flags & FLAG_NOTIFY:
                         owner.completions.put(Notification(peer.name, tag, region.name, offset, length))
-                    rx.held += 1
-                    chain_req = rx.chain_req
+                    held += 1
                     if flags & FLAG_CHAIN:  # a write_many frame before its last: acknowledged with the last one
                         if chain_req is None:
-                            rx.chain_req = req
+                            chain_req = req
                         elif req != chain_req:
                             raise ProtocolError(f"write batch frame of request {req} inside the batch of {chain_req}")
-                        rx.chain_bytes += length
+                        chain_bytes += length
                         continue
                     if chain_req is not None:  # the last frame of a write_many: one ack for the whole batch
                         if req != chain_req:
                             raise ProtocolError(f"write of request {req} inside the write batch of {chain_req}")
-                        length += rx.chain_bytes
-                        rx.chain_req, rx.chain_bytes = None, 0
+                        length += chain_bytes
+                        chain_req, chain_bytes = None, 0
                     # The ack goes out with the others once the socket drains, or once ACK_BATCH requests or
                     # ACK_FRAMES frames landed (so a sender with a bounded window of small writes keeps streaming).
                     acks += pack_ack(req, length)
-                    if rx.held >= ACK_FRAMES:  # (<= ACK_FRAMES acknowledgements held: within ack_max)
+                    if held >= ACK_FRAMES:  # (<= ACK_FRAMES acknowledgements held: within ack_max)
                         send_acks()
                 elif op == OP_READ:
                     region = owner._region_for_frame(rid, offset, length, "READ")
