@@ -296,6 +296,17 @@ def stopped_early(e: BaseException, run_failed: type, kept: bool, prefix: str = 
     return line
 
 
+def remove_if_empty(path: str) -> None:
+    """Remove a job's results directory when nothing was written into it (stopped before any run finished: a Ctrl-C
+    in the warm-up left an empty `results/<timestamp>/` behind)."""
+    import os
+
+    try:
+        os.rmdir(path)
+    except OSError:  # (not empty: the finished runs' files stay)
+        pass
+
+
 INTERRUPTED = "interrupted (Ctrl-C) before this finished"  # run_jobs's error line of a job it stopped
 
 

@@ -37,6 +37,7 @@ from experiments import (
     parse_flags_or_exit,
     pyplot_or_none,
     refuse_unused_workload_overrides,
+    remove_if_empty,
     stopped_early,
 )
 
@@ -232,7 +233,7 @@ def main(argv):
     try:
         prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
     except KeyboardInterrupt:  # one line (it was a traceback); the new results directory is still empty
-        os.rmdir(out_dir)
+        remove_if_empty(out_dir)
         raise SystemExit("interrupted (Ctrl-C) while measuring the prefill throughput; nothing ran") from None
     session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
     out = {"config": config.to_dict(), "prefill_tokens_per_s": prefill_tps}
@@ -260,7 +261,7 @@ def main(argv):
         measured = {}
         for p in ("basic", "dualpath"):  # each kept as it finishes: a later run's failure keeps it
             measured[p] = run(base.replace(**{"scheduler.name": p}))
-            out.setdefault("measured", {})[p] = measured[p].summary
+            out.setdefault("measured", {})[p] = driver.summary_with_sim_link_names(measured[p].summary)
         jct = {p: r.summary["jct_s"] for p, r in measured.items()}
         speedup = jct["basic"] / jct["dualpath"]
         print("\n== DualPath vs Basic, emulated 1P2D I/O-bound setup (measured in one run) ==")
@@ -271,7 +272,7 @@ def main(argv):
                 f"DE-read {s['de_read_bytes'] / 1e6:.1f} MB   SNIC max/avg {s['snic_max_over_avg']:.2f}"
             )
         print(f"  speedup basic -> dualpath: {speedup:.2f}x")
-        out["measured"] = {p: r.summary for p, r in measured.items()}
+        out["measured"] = {p: driver.summary_with_sim_link_names(r.summary) for p, r in measured.items()}
         out["measured_speedup"] = speedup
 
         cost = None
@@ -366,6 +367,10 @@ def main(argv):
                 print(f"    {v:7.1f} ms  {k}")
             out["overhead_per_turn"] = per_turn
     except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): measured ones kept
+        if "measured" not in out:  # nothing measured: no empty results directory left behind (Ctrl-C in the warm-up)
+            remove_if_empty(out_dir)
+            if isinstance(e, KeyboardInterrupt):
+                raise SystemExit("interrupted (Ctrl-C) before any run was measured; nothing written") from None
         failed = out["failed"] = stopped_early(e, RunFailed, kept="measured" in out, prefix="failed")
     finally:
         if session is not None:

@@ -29,6 +29,7 @@ from experiments import (
     parse_flags_or_exit,
     pyplot_or_none,
     refuse_unused_workload_overrides,
+    remove_if_empty,
     stopped_early,
     token_agreement,
 )
@@ -155,7 +156,7 @@ def main(argv):
         try:
             prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
         except KeyboardInterrupt:  # one line (it was a traceback); the new results directory is still empty
-            os.rmdir(out_dir)
+            remove_if_empty(out_dir)
             raise SystemExit("interrupted (Ctrl-C) while measuring the prefill throughput; nothing ran") from None
         logging.info("measured prefill throughput on this machine: %.0f tokens/s (DualPath's beta)", prefill_tps)
     results, failed = {}, None
@@ -198,8 +199,14 @@ def main(argv):
                 "%s: %d turns in %.1f s wall (startup %.1f s)", p, len(res.records), time.time() - t0, res.startup_s
             )
             results[p] = res
-            metrics.write_json(os.path.join(out_dir, f"turns_{p}.json"), res.records, res.links, policy=p)
+            # (links under the simulator's names, as its links.csv: `driver.sim_link_name`)
+            turns_json = os.path.join(out_dir, f"turns_{p}.json")
+            metrics.write_json(turns_json, res.records, driver.with_sim_link_names(res.links), policy=p)
     except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): finished ones kept
+        if not results:  # nothing finished: no empty results directory left behind (a Ctrl-C in the warm-up left one)
+            remove_if_empty(out_dir)
+            if isinstance(e, KeyboardInterrupt):
+                raise SystemExit("interrupted (Ctrl-C) before any policy finished; nothing written") from None
         failed = stopped_early(e, RunFailed, kept=bool(results))
     finally:
         if session is not None:
@@ -227,7 +234,7 @@ def main(argv):
         "greedy_tokens": agreement_info,
         "config": config.to_dict(),
         "prefill_tokens_per_s": prefill_tps,
-        "results": {p: r.summary for p, r in results.items()},
+        "results": {p: driver.summary_with_sim_link_names(r.summary) for p, r in results.items()},
         "requeued": {p: r.requeued for p, r in results.items()},
         "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},
         "node_stats": {

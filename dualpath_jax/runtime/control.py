@@ -95,11 +95,26 @@ class LocalControlClient:
         pass
 
 
+class DriverLost(EOFError, ConnectionError):
+    """The driver's end of a node's control channel is gone: its control server closed (the run was stopped or given
+    up on) or its process ended. A node process stops on it with one line (`launcher._node_process`); it printed an
+    EOFError / ConnectionRefusedError / ConnectionResetError traceback from every node. (Still an EOFError, as the
+    connection's own error was where the server drops a connection.)"""
+
+
+def _said(e: BaseException) -> str:
+    """An error as one short phrase: its type, and its message when it has one (an EOFError has none)."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 class SocketControlClient:
     """Across processes/hosts: one connection per group, request/reply with an auth key."""
 
     def __init__(self, address, authkey: bytes, timeout_s: float = 30.0):
-        self._conn: Connection = Client(address, authkey=authkey)
+        try:
+            self._conn: Connection = Client(address, authkey=authkey)
+        except (EOFError, ConnectionError) as e:  # (refused: no server listens there any more)
+            raise DriverLost(f"cannot reach the driver's control server at {address} ({_said(e)})") from None
         self._lock = threading.Lock()
         self._timeout_s = timeout_s
         self._broken: str | None = None  # why the connection was given up (a fetch that timed out)
@@ -108,14 +123,17 @@ class SocketControlClient:
         with self._lock:
             if self._broken is not None:
                 raise ConnectionError(f"control connection closed: {self._broken}")
-            self._conn.send(report)
-            if not self._conn.poll(self._timeout_s):
-                # The late reply would stay on the connection and answer the next fetch (a stale reply, for another
-                # report): give the connection up instead.
-                self._broken = f"a fetch got no answer within {self._timeout_s} s"
-                self.close()
-                raise TimeoutError(f"global scheduler did not answer within {self._timeout_s} s")
-            return self._conn.recv()
+            try:
+                self._conn.send(report)
+                if not self._conn.poll(self._timeout_s):
+                    # The late reply would stay on the connection and answer the next fetch (a stale reply, for
+                    # another report): give the connection up instead.
+                    self._broken = f"a fetch got no answer within {self._timeout_s} s"
+                    self.close()
+                    raise TimeoutError(f"global scheduler did not answer within {self._timeout_s} s")
+                return self._conn.recv()
+            except (EOFError, ConnectionError) as e:  # (closed by the driver's side: EOF, reset, broken pipe)
+                raise DriverLost(f"the driver closed the control connection ({_said(e)})") from None
 
     def close(self) -> None:
         try:

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -392,6 +393,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
     launcher.cfg = cfg  # the run's own config (store directory included)
     t_launch = time.time()
     startup_s = math.nan
+    finished = False
     try:
         # (inside the try: a launch that fails part way, e.g. a node whose engines cannot be built, is shut down --
         # the nodes already built kept their storage-NIC threads, endpoints and the store open)
@@ -426,10 +428,19 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
         wall = service.now()
         # Let every live group see the shutdown and send its final report (link bytes).
         launcher.join(timeout=15.0)
+        finished = True
     finally:
         service.stop()  # (a run given up on: its groups stop at their next fetch, as at the end of a finished run)
-        launcher.shutdown()
-        store.close()
+        try:
+            launcher.shutdown()
+        except Exception as e:
+            if finished:
+                raise
+            # A run stopped early (Ctrl-C, its failure): that stays the error raised. A node still starting (e.g.
+            # compiling) cannot hear the stop in time; "node(s) [0] did not finish their run" replaced the Ctrl-C.
+            log.warning("stopping the run's nodes: %s", e)
+        finally:
+            store.close()
     records = service.finished_records()
     links = sorted(service.links, key=lambda s: (s.t0, s.link))
     summary = summarize(records, links)
@@ -478,6 +489,30 @@ def _link_summary(links: Sequence[LinkBytes]) -> dict:
         out["snic_max_bytes"] = int(vals.max())
     out["cnic_kv_bytes"] = int(sum(v for k, v in per.items() if k.startswith("cnic/") and k.endswith("/low")))
     return out
+
+
+def sim_link_name(name: str) -> str:
+    """The simulator's name (its links.csv, `sim/simulator.py` with full-duplex CNICs) of a runtime link record, for the
+    result files a user compares with the simulator's. The runtime's traffic manager names an engine's CNIC egress
+    per class "cnic/engine<E>/low" / ".../high" and its ingress "cnic/engine<E>/in/low" / ".../in/high"; the simulator
+    names them "cnic/engine<E>/out" / "cnic/engine<E>/out/high" and "cnic/engine<E>/in" / "cnic/engine<E>/in/high"
+    (low class: the plain name). SNICs ("snic/node<N>") and anything else keep their names."""
+    m = re.fullmatch(r"(cnic/engine\d+)(/in)?/(low|high)", name)
+    if m is None:
+        return name
+    return f"{m[1]}{m[2] or '/out'}{'/high' if m[3] == 'high' else ''}"
+
+
+def with_sim_link_names(links: Sequence[LinkBytes]) -> list[LinkBytes]:
+    """`links` under the simulator's link names (`sim_link_name`): what the result files hold."""
+    return [dataclasses.replace(s, link=sim_link_name(s.link)) for s in links]
+
+
+def summary_with_sim_link_names(summary: dict) -> dict:
+    """A run's summary with its `link_bytes` keyed by the simulator's link names (`sim_link_name`)."""
+    if "link_bytes" not in summary:
+        return summary
+    return {**summary, "link_bytes": {sim_link_name(k): v for k, v in summary["link_bytes"].items()}}
 
 
 def cleanup_store(path: str) -> None:

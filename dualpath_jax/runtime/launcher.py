@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import _thread
 import logging
 import multiprocessing as mp
 import os
@@ -22,7 +23,7 @@ import traceback
 from collections.abc import Sequence
 
 from dualpath_jax.runtime.config import RuntimeConfig
-from dualpath_jax.runtime.control import ControlServer, LocalControlClient, SocketControlClient
+from dualpath_jax.runtime.control import ControlServer, DriverLost, LocalControlClient, SocketControlClient
 from dualpath_jax.runtime.scheduler_service import GroupSpec, RunFailed
 
 log = logging.getLogger(__name__)
@@ -245,8 +246,11 @@ def _node_process(target, *args, report=None) -> None:
     DE node about one run in ten). `os._exit` after flushing the logs avoids that. Exit code 0 when `target`
     returned, 130 (an info line) when Ctrl-C interrupted it, 1 (with the traceback on stderr, as multiprocessing
     prints it) when it raised; then `report` (a connection to the driver), if given, gets ("error", repr of it).
+    A node that lost its driver (`DriverLost`: the run was stopped or the driver's process ended) exits 1 with one
+    warning line instead of the traceback.
     """
     code = 1
+    sys.unraisablehook = _raise_lost_ctrl_c_again
     try:
         target(*args)
         code = 0
@@ -255,15 +259,16 @@ def _node_process(target, *args, report=None) -> None:
         # printed a KeyboardInterrupt traceback besides.
         code = 130
         log.info("node process %s interrupted", mp.current_process().name)
+    except DriverLost as e:
+        # The driver stopped the run, or its process ended, before this node was done (Ctrl-C, its error, another
+        # node's failure): one line, not an EOFError / ConnectionRefusedError traceback from every node.
+        log.warning("node process %s stopped: %s", mp.current_process().name, e)
+        _report_error(report, e)
     except BaseException as e:  # noqa: BLE001 -- reported here, the exit code says it
         print(f"Process {mp.current_process().name}:", file=sys.stderr)
         traceback.print_exc()
         # and to the driver, which named no cause ("exited with code 1"), e.g. for a batcher unknown in the node
-        if report is not None:
-            try:
-                report.send(("error", repr(e)))
-            except Exception:  # noqa: BLE001 -- the driver may be gone
-                pass
+        _report_error(report, e)
     finally:
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
@@ -272,6 +277,33 @@ def _node_process(target, *args, report=None) -> None:
             except (OSError, ValueError):
                 pass
         os._exit(code)
+
+
+def _report_error(report, e: BaseException) -> None:
+    """Send ("error", repr of `e`) to the driver on `report` (a connection), if given and the driver still listens."""
+    if report is not None:
+        try:
+            report.send(("error", repr(e)))
+        except Exception:  # noqa: BLE001 -- the driver may be gone
+            pass
+
+
+def _raise_lost_ctrl_c_again(unraisable) -> None:
+    """`sys.unraisablehook` of a node process. A Ctrl-C that lands while the main thread runs a callback whose
+    exceptions Python only prints (JAX's gc callback: "Exception ignored in: <function _xla_gc_callback ...>", a
+    traceback, "KeyboardInterrupt") was lost there: the node went on with its run while the others stopped, and the
+    driver waited for it. The interrupt is raised again in the main thread once it is out of that callback (from a
+    thread of its own, started without waiting on anything: raised here, it would be lost the same way);
+    `_node_process` ends on it. Anything else goes to Python's own hook."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        _thread.start_new_thread(_interrupt_main_soon, ())
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _interrupt_main_soon() -> None:
+    time.sleep(0.01)
+    _thread.interrupt_main()
 
 
 def _node_main(*args, report=None) -> None:
@@ -335,7 +367,10 @@ def _serve_session(spec: GroupSpec, conn, log_level: int) -> None:
     enable_compilation_cache()
     ops = None
     while True:
-        msg = conn.recv()
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError) as e:  # (its session ended without a goodbye: the driver's process is gone)
+            raise DriverLost(f"the driver's session ended without a word ({type(e).__name__})") from None
         if msg is None:
             return
         cfg, control_address, authkey, modules = msg
@@ -360,7 +395,10 @@ def _serve_session(spec: GroupSpec, conn, log_level: int) -> None:
         finally:
             control.close()
             store.close()
-        conn.send("done")
+        try:
+            conn.send("done")
+        except OSError as e:
+            raise DriverLost(f"the driver's session ended during the run ({type(e).__name__})") from None
 
 
 class LocalProcessLauncher:
