@@ -210,32 +210,39 @@ def test_ctrl_c_during_a_simulation_is_one_line_and_keeps_earlier_results(tmp_pa
     assert (out_dir / "summary.json").read_text() == '{"earlier": true}'
 
 
-def test_a_real_sigint_stops_a_running_simulation_with_one_line(tmp_path):
-    """The same with a real SIGINT, sent once the simulation's progress bar shows it running (DS 660B, 2048 agents:
-    ~25 s here; the test stops it within a few seconds)."""
+def interrupt_when(cmd: list, env: dict, marker: str, timeout: float = 120) -> tuple[int, str]:
+    """Run `cmd` from the repo root, send it a real SIGINT once `marker` appears on its stderr; its exit code and the
+    rest of its stderr (killed if it outlives the timeouts)."""
     import signal
     import time
 
-    out_dir = tmp_path / "sim"
-    env = {**os.environ, "PYTHONPATH": REPO}
-    cmd = [sys.executable, "-m", "experiments.simulate", "--config=configs/paper_ds660b.py", f"--output_dir={out_dir}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         seen = ""
-        deadline = time.monotonic() + 120
-        while "turn/s" not in seen and time.monotonic() < deadline:  # the progress bar: the event loop runs
+        deadline = time.monotonic() + timeout
+        while marker not in seen and time.monotonic() < deadline:
             ch = proc.stderr.read(1)
             if not ch:
                 break
             seen += ch
-        assert "turn/s" in seen, seen[-2000:]
+        assert marker in seen, seen[-2000:]
         proc.send_signal(signal.SIGINT)
-        _, rest = proc.communicate(timeout=120)
+        _, rest = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 1, rest[-2000:]
+    return proc.returncode, rest
+
+
+def test_a_real_sigint_stops_a_running_simulation_with_one_line(tmp_path):
+    """The same with a real SIGINT, sent once the simulation's progress bar shows it running (DS 660B, 2048 agents:
+    ~25 s here; the test stops it within a few seconds)."""
+    out_dir = tmp_path / "sim"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    cmd = [sys.executable, "-m", "experiments.simulate", "--config=configs/paper_ds660b.py", f"--output_dir={out_dir}"]
+    code, rest = interrupt_when(cmd, env, "turn/s")  # the progress bar: the event loop runs
+    assert code == 1, rest[-2000:]
     assert "Traceback" not in rest
     assert (
         rest.rstrip()

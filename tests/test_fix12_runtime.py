@@ -3,12 +3,11 @@ code before its fix (checked on a copy of the tree with the fix taken out)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from test_fix11_launch import interrupt_when
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,24 +88,9 @@ def test_a_real_sigint_in_the_warm_up_leaves_no_results_directory(tmp_path):
         sys.executable, "-m", "experiments.run", "--config=configs/tiny_runtime.py:test", "--config.warmup=True",
         "--config.policies=basic", "--config.runtime.workload.agents=64", f"--config.results_dir={results}",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        seen = ""
-        deadline = time.monotonic() + 120
-        while "warm-up" not in seen and time.monotonic() < deadline:  # its progress bar: the warm-up runs
-            ch = proc.stderr.read(1)
-            if not ch:
-                break
-            seen += ch
-        assert "warm-up" in seen, seen[-2000:]
-        proc.send_signal(signal.SIGINT)
-        _, rest = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    code, rest = interrupt_when(cmd, env, "warm-up")  # its progress bar: the warm-up runs
     assert os.listdir(results) == []
-    assert proc.returncode == 1, rest[-2000:]
+    assert code == 1, rest[-2000:]
     assert "Traceback" not in rest
     assert rest.rstrip().splitlines()[-1] == "interrupted (Ctrl-C) before any policy finished; nothing written"
 
