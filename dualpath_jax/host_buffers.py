@@ -5,7 +5,8 @@ each). `acquire` hands out slots under a byte budget, without allocating: reques
 (FIFO, so a large request is not starved by small ones) until slots are released, or fail with
 `BufferBudgetExceeded` after `timeout`; a request that could never fit fails at once. The arena is one
 contiguous buffer, so a transport registers it once as a memory region and addresses a handle's slots by
-their byte offsets (`handle.offsets`).
+their byte offsets (`handle.offsets`). `close()` fails the waiting requests and refuses new ones (`BufferPoolClosed`);
+slots held then can still be released.
 
     pool = HostBufferPool(slot_nbytes=layout.full_block_nbytes, budget_bytes=8 << 30, name="de0")
     with pool.acquire(nslots=hit_blocks, timeout=5.0) as buf:
@@ -33,6 +34,10 @@ PAGE_NBYTES = mmap.PAGESIZE
 
 class BufferBudgetExceeded(RuntimeError):
     """A host buffer request that does not fit the pool's budget (never, or not within the timeout)."""
+
+
+class BufferPoolClosed(RuntimeError):
+    """A host buffer request to a closed pool (or one waiting when it was closed)."""
 
 
 @dataclasses.dataclass
@@ -145,7 +150,19 @@ class HostBufferPool:
         self.budget_bytes = self.num_slots * self.slot_nbytes
         # Anonymous mmap: page-aligned (what RDMA registration and O_DIRECT want), one allocation for life. Private:
         # a forked child gets its own copy (shared, the child's writes to its buffers landed in the parent's).
-        self._mmap = mmap.mmap(-1, self.budget_bytes, flags=mmap.MAP_PRIVATE)
+        try:  # (a budget no host can map was a bare "[Errno 12] Cannot allocate memory", or an OverflowError)
+            self._mmap = mmap.mmap(-1, self.budget_bytes, flags=mmap.MAP_PRIVATE)
+        except OverflowError:
+            raise ValueError(
+                f"host buffer pool {name!r}: {self.budget_bytes} B ({self.num_slots} slots x {self.slot_nbytes} B) is "
+                "larger than any mapping"
+            ) from None
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"host buffer pool {name!r}: cannot map {self.budget_bytes} B ({self.num_slots} slots x "
+                f"{self.slot_nbytes} B) of host memory: {e.strerror}",
+            ) from e
         self.arena = np.frombuffer(self._mmap, dtype=np.uint8)  # [budget_bytes], writable
         if prefault:
             self.arena[::PAGE_NBYTES] = 0
@@ -158,6 +175,7 @@ class HostBufferPool:
         # (a copy of a handle, or one built by hand, freed slots another request held: two owners of one slot).
         self._held: dict[HostBuffer, tuple[int, ...]] = {}
         self._stats = HostBufferStats()
+        self._closed = False
         _POOLS.add(self)
 
     def _after_fork(self) -> None:
@@ -196,7 +214,8 @@ class HostBufferPool:
         """Take slots for `nbytes` (rounded up to whole slots) or `nslots`; wait up to `timeout` s (None =
         forever, 0 = do not wait). `contiguous=True` asks for adjacent slots (one view over all of them).
 
-        Raises BufferBudgetExceeded if the request exceeds the whole pool, or is not served in time.
+        Raises BufferBudgetExceeded if the request exceeds the whole pool, or is not served in time;
+        BufferPoolClosed if the pool is closed (or gets closed while the request waits).
         """
         if (nbytes is None) == (nslots is None):
             raise ValueError(f"give exactly one of nbytes and nslots (got {nbytes!r}, {nslots!r})")
@@ -229,6 +248,11 @@ class HostBufferPool:
             self._queue.append(ticket)
             try:
                 while True:
+                    if self._closed:  # (a waiter on a pool shut down waited for ever)
+                        raise BufferPoolClosed(
+                            f"host buffer pool {self.name!r} is closed (request of {nslots} slots"
+                            f"{' that waited' if waited else ''})"
+                        )
                     if self._queue[0] is ticket:
                         slots = self._take_locked(nslots, contiguous)
                         if slots is not None:
@@ -304,6 +328,17 @@ class HostBufferPool:
             st.slots_in_use -= len(slots)
             st.bytes_in_use -= len(slots) * self.slot_nbytes
             self._cond.notify_all()
+
+    def close(self) -> None:
+        """Refuse new requests and fail the waiting ones with `BufferPoolClosed` (idempotent). Slots held now stay
+        valid and can still be released (the arena stays mapped while any view of it lives)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def free_slots(self) -> int:

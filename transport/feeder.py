@@ -25,6 +25,9 @@ It is generic over where bytes come from and go to:
 - a **saver** takes layer l's new KV as a host array: `saver(layer, host) -> Future | None` (e.g.
   `TransportSaver`: write it into the DE buffer with a notification).
 
+`close()` stops the feed but does not wait for a source still running (blocked on a slow disk or a dead peer);
+`join(timeout)` waits for it, before memory the source writes into is released or reused.
+
 At most `prefetch` layers beyond the one being computed are loading or loaded, so device memory holds at
 most `prefetch + 1` layers of KV of this feed. One host staging buffer is preallocated and reused (no per-layer
 allocation): the loader stages one layer at a time, and the sink has copied it out (it keeps no reference to the
@@ -43,11 +46,12 @@ from typing import Any, Protocol, Self
 
 import numpy as np
 
-from transport.base import deadline
+from transport.base import PeerLostError, deadline
 
 log = logging.getLogger(__name__)
 
 CLOSE_SINK_WAIT_S = 5.0  # `close` waits at most this long for a layer's device copy that is running
+PEER_CHECK_S = 0.2  # a `TransportLayerSource` waiting on a named peer checks this often that the peer is still there
 
 
 def _fail(fut: Future, err: BaseException) -> None:
@@ -416,6 +420,20 @@ class LayerFeeder:
         if self._save_pool is not None:
             self._save_pool.shutdown(wait=True)
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the loader thread has ended (after `close`, a failed layer, or the last layer loaded), so the
+        source no longer runs: memory it writes into (a PE buffer's slots) may be released only then. `close` does not
+        wait for it (a source blocked on a dead peer held close). True once it ended (or never started), False if
+        `timeout` ran out (None or inf: forever)."""
+        _check_timeout(f"{self.name}: join timeout", timeout)
+        loader = self._loader
+        if loader is None:
+            return True
+        if loader is threading.current_thread():
+            raise RuntimeError(f"{self.name}: join() from the feeder's own loader (its source) would wait for ever")
+        loader.join(_remaining(deadline(timeout)))
+        return not loader.is_alive()
+
     def __enter__(self) -> Self:
         return self
 
@@ -492,6 +510,7 @@ class TransportLayerSource:
     notification tag `tag_fn(l)`), and return the view of where they landed (no extra host copy).
 
     `offset_fn(l)` is the byte offset of layer l's bytes in the region; each layer is `layer_nbytes` long.
+    With a `peer` named, a wait fails with `PeerLostError` within `PEER_CHECK_S` once that peer (seen connected) is gone.
     """
 
     def __init__(
@@ -508,7 +527,7 @@ class TransportLayerSource:
         self.layer_nbytes, self.tag_fn, self.peer, self.timeout_s = layer_nbytes, tag_fn, peer, timeout_s
 
     def __call__(self, layer: int, out: np.ndarray) -> np.ndarray:
-        n = self.transport.wait_notification(tag=self.tag_fn(layer), peer=self.peer, timeout=self.timeout_s)
+        n = self._wait(layer, self.tag_fn(layer))
         off = self.offset_fn(layer)
         if n.length == 0 and self.layer_nbytes > 0:  # the sender's failure signal (see LayerForwarder)
             raise KVMissError(f"layer {layer}: the sender {n.peer!r} could not load it (miss or read error)")
@@ -519,6 +538,34 @@ class TransportLayerSource:
             )
         view = self.transport.region(self.region).view
         return np.frombuffer(view, dtype=np.uint8, count=self.layer_nbytes, offset=off)
+
+    def _wait(self, layer: int, tag: int) -> Any:
+        """Layer `layer`'s notification; with a named peer, `PeerLostError` as soon as that peer (seen connected) is
+        gone: neither its bytes nor its failure signal can come then (the PE waited out its whole timeout)."""
+        if self.peer is None:
+            return self.transport.wait_notification(tag=tag, peer=None, timeout=self.timeout_s)
+        until = deadline(self.timeout_s)
+        seen = False  # (a peer not connected yet may still connect: only one seen connected, then gone, is lost)
+        while True:
+            seen = seen or self.peer in self.transport.peers()
+            left = _remaining(until)
+            try:
+                return self.transport.wait_notification(
+                    tag=tag, peer=self.peer, timeout=PEER_CHECK_S if left is None else min(left, PEER_CHECK_S)
+                )
+            except TimeoutError:
+                if left is not None and left <= PEER_CHECK_S:
+                    raise TimeoutError(
+                        f"layer {layer}: no notification (tag {tag}) from {self.peer!r} within {self.timeout_s} s"
+                    ) from None
+            if seen and self.peer not in self.transport.peers():
+                try:  # it may have landed just before the peer went
+                    return self.transport.wait_notification(tag=tag, peer=self.peer, timeout=0)
+                except TimeoutError:
+                    raise PeerLostError(
+                        f"layer {layer}: peer {self.peer!r} is gone (disconnected or closed) before its notification "
+                        f"(tag {tag}) came"
+                    ) from None
 
 
 # ---- savers -------------------------------------------------------------------------------------------
