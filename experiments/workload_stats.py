@@ -24,7 +24,7 @@ flags.DEFINE_integer("n_agents", 500, "synthetic: agents to generate", lower_bou
 # launchers be imported into one process (the last one imported defines them there; absl raised DuplicateFlagError),
 # and a launcher that is run defines its flags last: its command line is its own
 flags.DEFINE_integer("seed", 0, "synthetic: sampling seed", lower_bound=0, allow_override=True)
-flags.DEFINE_integer("limit", None, "traces: first N lines (Mooncake) or files (kv-cache-tester)", lower_bound=1)
+flags.DEFINE_integer("limit", None, "traces: first N requests (Mooncake) or files (kv-cache-tester)", lower_bound=1)
 flags.DEFINE_integer("block_size", 64, "block size (tokens) for the hit rate", lower_bound=1, allow_override=True)
 
 

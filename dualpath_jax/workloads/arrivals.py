@@ -99,7 +99,18 @@ class OnlineArrivals(ArrivalModel):
         rng = np.random.default_rng(self.seed)
         if self.duration_s is not None:
             return np.sort(rng.uniform(0.0, self.duration_s, len(trajectories)))
+        # (a finite aps can still be too small: 1e-320 gives t = inf; the runtime's driver refuses that naming aps and
+        # run_timeout_s, with_arrivals below naming aps)
         return np.cumsum(rng.exponential(1.0 / self.aps, len(trajectories)))
+
+    def with_arrivals(self, trajectories: Sequence[Trajectory]) -> list[Trajectory]:
+        times = self.agent_arrivals(trajectories)
+        if len(times) and not np.isfinite(times[-1]):  # (it said "trajectory 0 arrival_time must be ... got inf")
+            raise ValueError(
+                f"online arrivals at aps={self.aps!r} agents/s put agent {int(np.argmax(~np.isfinite(times)))} of "
+                f"{len(times)} past the float range (t = inf): give a larger aps"
+            )
+        return [dataclasses.replace(t, arrival_time=float(a)) for t, a in zip(trajectories, times, strict=True)]
 
     def turn_ready(self, trajectory: Trajectory, i: int, prev_finish: float) -> float:
         if not self.use_gaps:

@@ -57,6 +57,27 @@ class SyntheticSpec:
     target_total: float = 0.0
     target_context: float = 0.0
 
+    def __post_init__(self):
+        # A custom dataset was not checked: a zero or negative mean was "math domain error", an infinite length an
+        # OverflowError, a NaN mean a turn of -2**63 tokens, a fractional max_len "turn lengths must be whole numbers".
+        if not is_int(self.max_len) or not 2 <= self.max_len <= MAX_LEN:  # one prompt and one generated token at least
+            raise ValueError(
+                f"synthetic dataset {self.name!r}: max_len must be >= 2 and <= 2**31 - 1 (an int: tokens of the "
+                f"final context), got {self.max_len!r}"
+            )
+        for f in ("first_append_mean", "append_mean", "gen_mean", "length_median"):  # means of lognormals
+            v = getattr(self, f)
+            if not is_real(v) or not 0 < v < math.inf:
+                raise ValueError(f"synthetic dataset {self.name!r}: {f} must be a finite number > 0, got {v!r}")
+        for f in ("first_append_sigma", "append_sigma", "gen_sigma", "length_sigma", "target_turns", "target_append",
+                  "target_gen", "target_total", "target_context"):  # fmt: skip
+            v = getattr(self, f)
+            if not is_real(v) or not 0 <= v < math.inf:
+                raise ValueError(f"synthetic dataset {self.name!r}: {f} must be a finite number >= 0, got {v!r}")
+
+
+# Token positions are int32 (the trace loaders' MAX_TOKENS too)
+MAX_LEN = 2**31 - 1
 
 DATASETS: Registry[SyntheticSpec] = Registry("synthetic dataset")
 
@@ -129,6 +150,12 @@ def _lognormal(rng: np.random.Generator, mean: float, sigma: float, size=None) -
     return rng.lognormal(mu, sigma, size)
 
 
+def _whole(x, ceiling: int):
+    """Token counts of lognormal draws: rounded, at least 1, at most `ceiling` (an int64 array, or an int)."""
+    out = np.clip(np.rint(x), 1, ceiling).astype(np.int64)
+    return int(out) if out.ndim == 0 else out
+
+
 def _get_spec(dataset: str | SyntheticSpec) -> SyntheticSpec:
     return DATASETS.get(dataset) if isinstance(dataset, str) else dataset
 
@@ -137,13 +164,16 @@ def generate_trajectory(
     spec: SyntheticSpec, rng: np.random.Generator, trajectory_id: int, append_scale: float = 1.0
 ) -> Trajectory:
     """One trajectory of `spec` (see the module docstring); `append_scale` multiplies every append."""
+    # (draws are clipped at max_len before they become ints: a huge mean or append_scale made inf, or wrapped past
+    # the int64 range to -2**63; no clipped draw fits where the unclipped one did not, so nothing else changes)
+    ceiling = spec.max_len + 1
     limit = min(
         spec.max_len,
-        int(_lognormal(rng, spec.length_median * math.exp(spec.length_sigma**2 / 2), spec.length_sigma)),
+        int(min(ceiling, _lognormal(rng, spec.length_median * math.exp(spec.length_sigma**2 / 2), spec.length_sigma))),
     )
     # Draw turn lengths in chunks (vectorised) until the limit is hit.
-    first_a = max(1, int(np.rint(_lognormal(rng, spec.first_append_mean, spec.first_append_sigma) * append_scale)))
-    first_g = max(1, int(np.rint(_lognormal(rng, spec.gen_mean, spec.gen_sigma))))
+    first_a = _whole(_lognormal(rng, spec.first_append_mean, spec.first_append_sigma) * append_scale, ceiling)
+    first_g = _whole(_lognormal(rng, spec.gen_mean, spec.gen_sigma), ceiling)
     # the first turn fits the max length with >= 1 prompt token (a gen drawn past it made the append <= 0)
     first_g = min(first_g, spec.max_len - 1)
     first_a = min(first_a, spec.max_len - first_g)
@@ -151,10 +181,8 @@ def generate_trajectory(
     total = first_a + first_g
     chunk = 64
     while True:
-        a = np.maximum(1, np.rint(_lognormal(rng, spec.append_mean, spec.append_sigma, chunk) * append_scale)).astype(
-            np.int64
-        )
-        g = np.maximum(1, np.rint(_lognormal(rng, spec.gen_mean, spec.gen_sigma, chunk))).astype(np.int64)
+        a = _whole(_lognormal(rng, spec.append_mean, spec.append_sigma, chunk) * append_scale, ceiling)
+        g = _whole(_lognormal(rng, spec.gen_mean, spec.gen_sigma, chunk), ceiling)
         cum = total + np.cumsum(a + g)
         fit = int(np.searchsorted(cum, limit, side="right"))  # turns that keep total <= limit
         turns.extend(Turn(int(x), int(y)) for x, y in zip(a[:fit], g[:fit], strict=True))

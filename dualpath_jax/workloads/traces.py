@@ -96,13 +96,37 @@ def _check_count(name: str, n: int | None) -> None:
 
 def _unreadable(path: Path, e: Exception) -> TraceFormatError:
     kind = "gzipped text" if path.name.endswith(".gz") else "text"
+    if isinstance(e, UnicodeDecodeError):  # its position is inside the reader's buffer: name the line instead
+        at = _not_utf8_at(path)
+        if at is not None:
+            lineno, col, byte = at
+            return TraceFormatError(
+                f"{path}:{lineno}: cannot read as {kind}: byte 0x{byte:02x} at column {col} is not UTF-8"
+            )
     return TraceFormatError(f"{path}: cannot read as {kind}: {e}")
 
 
+def _not_utf8_at(path: Path) -> tuple[int, int, int] | None:
+    """(line, column, byte) of the first byte of `path` that is not UTF-8; None if none is found (or it cannot be
+    read again)."""
+    try:
+        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return lineno, e.start + 1, raw[e.start]
+    except (OSError, EOFError, zlib.error):
+        pass
+    return None
+
+
 def _open_text(path: Path):
+    # utf-8-sig: a leading byte order mark is skipped (RFC 8259 lets a reader ignore it; it was "Unexpected UTF-8
+    # BOM" on line 1); one later in the file stays an error naming its line
     if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _int_field(obj: dict, key: str, where: str, minimum: int = 0) -> int:
@@ -130,8 +154,11 @@ def _num_field(obj: dict, key: str, where: str, default: float | None = None) ->
     return float(v)
 
 
-def _hash_ids(obj: dict, key: str, where: str, input_len: int, block: int, partial_block: bool) -> list[int]:
-    """The hash ids of a prompt: one per block, the last partial block included iff `partial_block`."""
+def _hash_ids(
+    obj: dict, key: str, where: str, input_len: int, block: int, partial_block: bool, len_key: str = "input_length"
+) -> list[int]:
+    """The hash ids of a prompt (field `len_key` tokens): one per block, the last partial block included iff
+    `partial_block`."""
     if key not in obj:
         raise TraceFormatError(f"{where}: missing field {key!r}")
     ids = obj[key]
@@ -142,8 +169,10 @@ def _hash_ids(obj: dict, key: str, where: str, input_len: int, block: int, parti
     expect = -(-input_len // block) if partial_block else input_len // block
     if len(ids) != expect:
         rule = "ceil" if partial_block else "floor"
+        what = "full " if not partial_block else ""
         raise TraceFormatError(
-            f"{where}: {len(ids)} hash ids for {input_len} input tokens; expected {rule}({input_len}/{block}) = {expect}"
+            f"{where}: {len(ids)} hash ids for {input_len} input tokens; expected {rule}({input_len}/{block}) = {expect} "
+            f"(field {key!r}: one id per {what}{block}-token block of field {len_key!r})"
         )
     return ids
 
@@ -219,11 +248,13 @@ def _turn(
 def _mooncake_rows(path: Path, max_requests: int | None) -> Iterator[tuple[int, dict]]:
     try:
         with _open_text(path) as f:
+            n = 0
             for lineno, line in enumerate(f, 1):
-                if max_requests is not None and lineno > max_requests:
-                    return
                 if not line.strip():
                     continue
+                if max_requests is not None and n >= max_requests:  # requests, not lines (a blank line is none)
+                    return
+                n += 1
                 where = f"{path}:{lineno}"
                 try:
                     row = json.loads(line)
@@ -248,7 +279,7 @@ def load_mooncake(
     min_shared_blocks: int = 2,
     block_size: int = MOONCAKE_BLOCK,
 ) -> list[Trajectory]:
-    """Sessions of a Mooncake JSONL trace as trajectories (first `max_requests` lines if given)."""
+    """Sessions of a Mooncake JSONL trace as trajectories (its first `max_requests` requests if given)."""
     _check_count("max_requests", max_requests)
     # block -1 would be the last one (the search runs backwards); a block of 512.5 tokens blamed every line's
     # hash ids ("expected ceil(600/512.5) = 2.0")
@@ -273,7 +304,7 @@ def load_mooncake(
         prev_ts = ts
         prompt = _int_field(row, "input_length", where, minimum=1)
         gen = _int_field(row, "output_length", where, minimum=0)
-        ids = _hash_ids(row, "hash_ids", where, prompt, block_size, partial_block=True)
+        ids = _hash_ids(row, "hash_ids", where, prompt, block_size, partial_block=True, len_key="input_length")
         positions.check(ids, where)
         sid = None
         for pos in range(len(ids) - 1, min_shared_blocks - 2, -1):
@@ -348,7 +379,9 @@ def _session_turns(
         w = f"{where}: requests[{i}]"
         if not isinstance(r, dict):
             raise TraceFormatError(f"{w}: expected an object")
-        kind = r.get("type")
+        if "type" not in r:  # (it said "unknown request type None")
+            raise TraceFormatError(f"{w}: missing field 'type' (expected 'n', 's' or 'subagent')")
+        kind = r["type"]
         if kind == "subagent":
             sub_t = _num_field(r, "t", w)
             sub_name = f"{name}#{r.get('agent_id', i)}"
@@ -358,7 +391,7 @@ def _session_turns(
             raise TraceFormatError(f"{w}: unknown request type {kind!r} (expected 'n', 's' or 'subagent')")
         prompt = _int_field(r, "in", w, minimum=1)
         gen = _int_field(r, "out", w, minimum=0)
-        ids = _hash_ids(r, "hash_ids", w, prompt, block, partial_block=False)
+        ids = _hash_ids(r, "hash_ids", w, prompt, block, partial_block=False, len_key="in")
         positions.check(ids, w)
         rows.append((_num_field(r, "t", w), prompt, gen, ids, _num_field(r, "think_time", w, default=0.0), w))
     if not rows:
@@ -465,11 +498,11 @@ def _load_kvcache_files(files: Sequence[Path], max_agents: int | None = None) ->
 
 
 def load_trace(path: str | os.PathLike, limit: int | None = None, max_agents: int | None = None) -> list[Trajectory]:
-    """Any trace by its name: *.jsonl[.gz] -> Mooncake (`limit` lines), a *.json[.gz] file or a directory
+    """Any trace by its name: *.jsonl[.gz] -> Mooncake (`limit` requests), a *.json[.gz] file or a directory
     of them -> kv-cache-tester sessions (`limit` files).
 
-    `max_agents`: the first that many trajectories (agents), each whole. (`limit` counts lines or files: the
-    first N lines of a Mooncake trace cut its sessions' later turns, and a file may hold several sessions.)
+    `max_agents`: the first that many trajectories (agents), each whole. (`limit` counts requests or files: the
+    first N requests of a Mooncake trace cut its sessions' later turns, and a file may hold several sessions.)
     """
     if max_agents is not None and (not is_int(max_agents) or max_agents < 1):  # numpy ints too (is_int)
         raise ValueError(f"max_agents must be an int >= 1 (or None for all), got {max_agents!r}")
