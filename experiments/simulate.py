@@ -154,6 +154,11 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit(
             f"simulate: interrupted (Ctrl-C) before the simulation finished; nothing written to {out}"
         ) from None
+    except MemoryError as e:  # e.g. online aps=1e9 for 60 s: 6e10 agents (it was numpy's traceback, "447. GiB")
+        w = sc.workload
+        what = f"its agents (online: aps {w.aps:g} x duration_s {w.duration_s:g} = {w.aps * w.duration_s:.3g})"
+        what = what if w.kind == "online" else "the run"
+        raise SystemExit(f"simulate: out of memory for {what}: {e}; nothing written to {out}") from None
     cpu1 = time.process_time()
     logging.info(
         "simulated in %.1f CPU-s (event loop %.1f s wall, %d events)",

@@ -180,3 +180,27 @@ def test_a_hash_list_of_the_wrong_length_names_both_fields(tmp_path):
         TraceFormatError, match=r"trace_h\.json: requests\[1\]: 3 hash ids for 130 input tokens; .*'hash_ids'.*'in'"
     ):
         load_trace(q)
+
+
+def test_an_online_workload_too_large_for_memory_is_one_line(tmp_path):
+    """simulate with aps=1e9 for 60 s asks for 6e10 agents: one line naming the rate and duration (it was numpy's
+    MemoryError traceback, "Unable to allocate 447. GiB"), nothing written."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "sim"
+    cmd = [
+        sys.executable, "-m", "experiments.simulate", "--config=configs/sim_tiny.py:dualpath",
+        "--config.workload.kind=online", "--config.workload.aps=1e9", "--config.workload.duration_s=60",
+        f"--output_dir={out}", "--noprogress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=repo, env={**os.environ, "PYTHONPATH": repo}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("simulate: out of memory for its agents (online: aps 1e+09 x duration_s 60 = 6e+10)")
+    assert last.endswith(f"nothing written to {out}")
+    assert not out.exists() or not any(out.iterdir())
