@@ -204,3 +204,17 @@ def test_an_online_workload_too_large_for_memory_is_one_line(tmp_path):
     assert last.startswith("simulate: out of memory for its agents (online: aps 1e+09 x duration_s 60 = 6e+10)")
     assert last.endswith(f"nothing written to {out}")
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_trace_path_under_the_home_directory_may_start_with_a_tilde(tmp_path, monkeypatch):
+    """`--workload=~/x.jsonl` gets no tilde expansion from the shell (it follows '='): the loader expands it (it said
+    "trace '~/x.jsonl' not found")."""
+    import shutil
+
+    from dualpath_jax.workloads import traces
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    src = traces.resolve_trace_path("mooncake_conversation_trace.jsonl.gz")
+    shutil.copy(src, tmp_path / "mine.jsonl.gz")
+    assert traces.resolve_trace_path("~/mine.jsonl.gz") == tmp_path / "mine.jsonl.gz"
+    assert len(traces.load_trace("~/mine.jsonl.gz", limit=5)) >= 1

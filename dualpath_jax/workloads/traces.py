@@ -67,8 +67,9 @@ def traces_dir() -> Path:
 
 
 def resolve_trace_path(path: str | os.PathLike) -> Path:
-    """`path` as given if it exists, else relative to traces_dir(); FileNotFoundError names both."""
-    p = Path(path)
+    """`path` as given if it exists (a leading `~` expanded: `--workload=~/x.jsonl` reaches no shell's tilde
+    expansion), else relative to traces_dir(); FileNotFoundError names both."""
+    p = Path(path).expanduser()
     if p.exists():
         return p
     q = traces_dir() / p
