@@ -126,6 +126,20 @@ def float_fields_as_floats(obj) -> None:
             object.__setattr__(obj, f.name, float(v))
 
 
+def _check_field_types(obj, where: str) -> None:
+    """Each bool / int / float / str field of a frozen dataclass of its annotated type (floats finite)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if f.type == "bool" and not isinstance(v, bool):
+            raise ValueError(f"{where}{f.name}={v!r} must be True or False")
+        if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{where}{f.name}={v!r} must be an integer")
+        if f.type == "float" and not (isinstance(v, float) and math.isfinite(v)):
+            raise ValueError(f"{where}{f.name}={v!r} must be a finite number")
+        if f.type == "str" and not isinstance(v, str):
+            raise ValueError(f"{where}{f.name}={v!r} must be a string")
+
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -178,6 +192,40 @@ class ModelConfig:
                     raise ValueError(f"{type(self).__name__}: {name}={v!r} must be an integer >= {low}")
         if not (isinstance(self.rms_norm_eps, float) and math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
             raise ValueError(f"{type(self).__name__}: rms_norm_eps={self.rms_norm_eps!r} must be a finite number > 0")
+        self._check_types()
+        self._check_architecture()
+
+    def _check_types(self) -> None:
+        """Every field of its annotated type. A config built in Python skipped from_hf's checks: qkv_bias="false"
+        failed as a bare AssertionError at the first prefill, tie_word_embeddings="false" tied the head silently
+        (a truthy string), num_experts_per_tok=2.0 failed inside jax.lax.top_k, routed_scaling_factor=nan gave NaN
+        logits, and rope={...} an AttributeError at the model build."""
+        from models.layers.rope import RopeConfig  # (rope.py imports this module)
+
+        name = type(self).__name__
+        _check_field_types(self, f"{name}: ")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "RopeConfig":
+                if not isinstance(v, RopeConfig):
+                    raise ValueError(
+                        f"{name}: rope={v!r} must be a RopeConfig (models.layers.rope; from an HF dict: "
+                        f"RopeConfig.from_hf)"
+                    )
+                # (RopeConfig(dim=16.0) made an equal config with another fingerprint; interleaved="no" was truthy)
+                _check_field_types(v, f"{name}: {f.name}.")
+
+    def _check_architecture(self) -> None:
+        """The architecture is registered for this config class (another family's name failed at the model build,
+        e.g. Qwen2Config with "DeepseekV3ForCausalLM": no attribute 'is_moe_layer')."""
+        from models.registry import MODELS  # (the registry imports the families, which import this module)
+
+        ours = [a for a in MODELS if MODELS.get(a).config_cls is type(self)]
+        if self.architecture not in ours:
+            raise ValueError(
+                f"{type(self).__name__}: architecture={self.architecture!r} is not one of {', '.join(ours)} "
+                f"(models.registry.MODELS)"
+            )
 
     # Subclasses: the per-token per-layer KV record shape and its kind.
     def _kv_record(self) -> tuple[str, tuple[int, ...]]:

@@ -109,6 +109,13 @@ class DeepseekConfig(ModelConfig):
                         f"config.json: topk_method={topk_method!r} routes within expert groups but {key}={value!r}"
                         f"{' (absent)' if key not in d else ''}: give the number of groups"
                     )
+        top_k = hf_int(d, "num_experts_per_tok", dv3("num_experts_per_tok", 8, 0))
+        if n_routed and not top_k:
+            # HF's DeepseekV2Config defaults it to None, which its router cannot use: top-1 was taken here, silently
+            raise ValueError(
+                f"config.json: n_routed_experts={n_routed} but num_experts_per_tok={d.get('num_experts_per_tok')!r}"
+                f"{' (absent)' if 'num_experts_per_tok' not in d else ''}: give how many experts each token is routed to"
+            )
         return cls(
             architecture=arch,
             vocab_size=hf_field(d, "vocab_size"),
@@ -122,7 +129,7 @@ class DeepseekConfig(ModelConfig):
             intermediate_size=hf_field(d, "intermediate_size"),
             moe_intermediate_size=hf_field(d, "moe_intermediate_size"),
             n_routed_experts=n_routed,
-            num_experts_per_tok=hf_int(d, "num_experts_per_tok", dv3("num_experts_per_tok", 8, 0)) or 1,
+            num_experts_per_tok=top_k or 1,  # (not read without routed experts)
             n_shared_experts=hf_int(d, "n_shared_experts", dv3("n_shared_experts", 1, 0)),
             first_k_dense_replace=hf_int(d, "first_k_dense_replace", dv3("first_k_dense_replace", 3, 0)),
             moe_layer_freq=hf_int(d, "moe_layer_freq", 1, low=1),

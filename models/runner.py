@@ -276,8 +276,10 @@ class ModelRunner:
     def _batch(self, requests: Sequence[PrefillRequest]):
         if not requests:
             raise ValueError("prefill needs at least one request")
-        miss = [np.asarray(r.miss_token_ids).reshape(-1) for r in requests]
+        miss = [np.asarray(r.miss_token_ids) for r in requests]
         for i, (r, m) in enumerate(zip(requests, miss, strict=True)):
+            if m.ndim != 1:  # ids [2, m] (two prompts) ran as one prompt of both, flattened
+                raise ValueError(f"request {i}: token ids of shape {m.shape}; miss_token_ids is one 1-D id array")
             if m.size == 0:
                 raise ValueError(f"request {i}: no miss tokens (prefill computes at least the last prompt token)")
             if not isinstance(r.cached_len, (int, np.integer)) or isinstance(r.cached_len, bool):
