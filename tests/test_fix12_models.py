@@ -4,6 +4,8 @@ fail deep in JAX, or worse, run with other numbers)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -265,6 +267,25 @@ def test_prefill_request_ids_must_be_one_dimensional():
     ],
 )
 def test_rope_fields_of_a_python_config_are_type_checked(field, value):
-    rope = RopeConfig(**{"dim": 16, "kind": "llama3", "original_max_position_embeddings": 64, field: value})
-    with pytest.raises(ValueError, match=rf"Qwen2Config: rope.{field}={value!r} must be"):
-        tiny_config("tiny_qwen2", rope=rope)
+    """(Refused by the RopeConfig itself since the rope's own check; the model config checks its rope's fields too.)"""
+    with pytest.raises(ValueError, match=rf"RopeConfig: {field}={re.escape(repr(value))} must be"):
+        RopeConfig(**{"dim": 16, "kind": "llama3", "original_max_position_embeddings": 64, field: value})
+
+
+@pytest.mark.parametrize(
+    "kw, says",
+    [
+        ({"dim": "16"}, "RopeConfig: dim='16' must be an integer"),
+        ({"dim": 16, "theta": "1e4"}, "RopeConfig: theta='1e4' must be a finite number"),
+        ({"dim": 16, "kind": "llama3", "factor": -1.0}, "RopeConfig: factor=-1.0 must be > 0 with llama3 scaling"),
+        ({"dim": 16, "kind": "yarn", "beta_fast": 0.0}, "RopeConfig: beta_fast=0.0 must be > 0 with yarn scaling"),
+        ({"dim": 16, "interleaved": "no"}, "RopeConfig: interleaved='no' must be True or False"),
+    ],
+    ids=["dim_str", "theta_str", "llama3_negative_factor", "yarn_zero_beta", "interleaved_str"],
+)
+def test_a_rope_config_built_in_python_is_checked_like_one_from_config_json(kw, says):
+    """RopeConfig(dim="16") was a TypeError about string formatting, theta="1e4" about real numbers, and llama3 /
+    yarn with factor=-1 or beta_fast=0 built and ran (negative or NaN frequencies); from_hf checked only its own."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        RopeConfig(**kw)
+    assert RopeConfig(dim=16, kind="llama3", factor=8.0).factor == 8.0  # (a sound one still builds)

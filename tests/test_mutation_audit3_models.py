@@ -335,7 +335,8 @@ def test_a_rope_built_in_python_refuses_an_infinite_theta():
     (config.json's rope_theta is checked the same way by hf_float)."""
     from models.layers.rope import RopeConfig
 
-    with pytest.raises(ValueError, match="rope theta must be a finite number > 0, got inf"):
+    # (since 2026-12-05 the RopeConfig's field check names it first, in its own words)
+    with pytest.raises(ValueError, match="RopeConfig: theta=inf must be a finite number|rope theta must be a finite"):
         RopeConfig(dim=8, theta=float("inf"))
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import float_fields_as_floats
+from models.config import _check_field_types, float_fields_as_floats
 
 _REQUIRED = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -57,8 +57,16 @@ class RopeConfig:
         v = self.original_max_position_embeddings
         if isinstance(v, float) and v.is_integer():
             object.__setattr__(self, "original_max_position_embeddings", int(v))
+        # A RopeConfig built in Python skipped from_hf's checks: dim="16" was "not all arguments converted during
+        # string formatting", theta="1e4" "must be real number, not str", and llama3 / yarn with factor=-1 (or
+        # beta_fast <= 0, ...) ran with negative or NaN frequencies
+        _check_field_types(self, "RopeConfig: ")
         if self.kind not in ("default", "llama3", "yarn"):
             raise ValueError(f"rope_scaling type {self.kind!r} is not supported (default, llama3, yarn)")
+        if self.kind != "default":
+            for k in _POSITIVE:
+                if getattr(self, k) <= 0:
+                    raise ValueError(f"RopeConfig: {k}={getattr(self, k)!r} must be > 0 with {self.kind} scaling")
         if self.dim % 2:
             raise ValueError(f"rotary dim must be even, got {self.dim}")
         # theta <= 0 gave NaN inverse frequencies (every logit NaN); yarn divides by log(theta)
