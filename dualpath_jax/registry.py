@@ -23,11 +23,20 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+def _definition(obj: object) -> tuple[str, str] | None:
+    """(module, qualified name) of a class or function, None for other objects."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    return (module, qualname) if isinstance(module, str) and isinstance(qualname, str) else None
+
+
 class Registry(Generic[T]):
     """A name -> object map that refuses duplicates and explains unknown names."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, reserved: str = ""):
+        """`reserved`: characters a name may not hold, where the launchers parse names out of lists (leading and
+        trailing whitespace is then refused too)."""
         self.kind = kind
+        self.reserved = reserved
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -36,6 +45,7 @@ class Registry(Generic[T]):
             # `@REG.register` without a name bound the class to this decorator and registered nothing, silently
             hint = ' (use @register("name"), not a bare @register)' if callable(name) else ""
             raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}{hint}")
+        self._check_reserved(name)
 
         def decorator(obj: T) -> T:
             self.add(name, obj)
@@ -46,11 +56,29 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
+        self._check_reserved(name)
         if name in self._entries:
-            raise ValueError(
-                f"{self.kind} {name!r} is already registered (by {self._entries[name]!r}); names must be unique"
-            )
+            old = self._entries[name]
+            if old is not obj and _definition(old) is not None and _definition(old) == _definition(obj):
+                # A module executed again (a config file that defines its policy, which experiments.sweep loads once
+                # per cell; importlib.reload; a notebook cell run again) was told "registered (by <its own class>)".
+                # Still refused: another file's class of the same module and class name would be swapped in silently.
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered by the same definition ({'.'.join(_definition(obj))}): "
+                    "the module that registers it ran again (a config file loaded once per run or sweep cell, a "
+                    "reload, a notebook cell run twice); register it in a module of its own that the config file or "
+                    "script imports (Python imports a module once)"
+                )
+            raise ValueError(f"{self.kind} {name!r} is already registered (by {old!r}); names must be unique")
         self._entries[name] = obj
+
+    def _check_reserved(self, name: str) -> None:
+        if self.reserved and (name != name.strip() or any(c in name for c in self.reserved)):
+            raise ValueError(
+                f"{self.kind} name {name!r} cannot be given to the launchers: it holds one of "
+                f"{' '.join(repr(c) for c in self.reserved)} or spaces at an end (the launchers split lists of names on "
+                "',', read 'key=value' items and strip each name)"
+            )
 
     def get(self, name: str) -> T:
         try:

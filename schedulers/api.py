@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import itertools
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -227,12 +228,40 @@ class Assignment:
         expected = {"pe": 0.0, "de": 1.0}.get(self.read_side)
         if expected is None and self.read_side != "split":  # a custom policy's "PE" was recorded as a read side
             raise ValueError(f"read_side must be 'pe', 'de' or 'split', got {self.read_side!r}")
+        # Ids are ints (numpy's kept as Python ints): True was engine 1 to a dict lookup, silently; a float engine id
+        # passed the runtime's `in engines` check and named an endpoint 'engine1.0' (the run hung); a str request id
+        # printed as the int. (One check for the policies' own ints and float: an Assignment per placed request.)
+        if (
+            type(self.request_id) is not int
+            or type(self.prefill_engine) is not int
+            or type(self.decode_engine) is not int
+            or type(self.de_read_fraction) is not float
+        ):
+            self._check_types()
         if expected is not None and self.de_read_fraction != expected:
             raise ValueError(
                 f"read_side {self.read_side!r} needs de_read_fraction {expected}, got {self.de_read_fraction}"
             )
         if not 0.0 <= self.de_read_fraction <= 1.0:
             raise ValueError(f"de_read_fraction must be in [0, 1], got {self.de_read_fraction}")
+
+    def _check_types(self) -> None:
+        for field in ("request_id", "prefill_engine", "decode_engine"):
+            x = getattr(self, field)
+            if not isinstance(x, numbers.Integral) or isinstance(x, bool):
+                raise TypeError(f"Assignment {field} must be an int (not a bool), got {x!r} ({type(x).__name__})")
+            object.__setattr__(self, field, int(x))
+        f = self.de_read_fraction
+        if not isinstance(f, numbers.Real) or isinstance(f, _BOOLS):  # (a str failed as a bare "'<=' not supported")
+            raise TypeError(f"Assignment de_read_fraction must be a number in [0, 1], got {f!r} ({type(f).__name__})")
+        object.__setattr__(self, "de_read_fraction", float(f))
+
+
+def _config_or_defaults(cls: type, config):
+    """`config`, or (None) the defaults of `cls.Config` where it has one."""
+    if config is None and isinstance(getattr(cls, "Config", None), type):
+        return cls.Config()
+    return config
 
 
 class InterEnginePolicy(abc.ABC):
@@ -242,6 +271,12 @@ class InterEnginePolicy(abc.ABC):
     # True for a policy that places requests on a DE without room on purpose (they wait at that DE for its HBM);
     # the runtime then does not hold its placements back to the DE's free decode slots.
     overcommits_decode: bool = False
+
+    def __init__(self, config=None):
+        """Built as `cls(config)` by `make_policy`: `config` is the class's `Config` instance (None: its defaults). A
+        subclass that needs nothing more (the README's recipe) has no __init__ of its own (it failed as
+        "takes no arguments")."""
+        self.config = _config_or_defaults(type(self), config)
 
     @abc.abstractmethod
     def schedule(
@@ -293,6 +328,10 @@ class IntraEnginePolicy(abc.ABC):
     """Forms one forward batch from a PE's local FIFO queue. Registered in `schedulers.BATCHERS`."""
 
     name: str = "?"
+
+    def __init__(self, config=None):
+        """Built as `cls(config)` by `make_batcher`, as InterEnginePolicy."""
+        self.config = _config_or_defaults(type(self), config)
 
     @abc.abstractmethod
     def form_batch(self, queue: Sequence[PrefillWork]) -> list[BatchItem]:

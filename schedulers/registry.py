@@ -17,7 +17,8 @@ from dualpath_jax.checks import is_bool, is_int, is_real  # noqa: F401 - the Con
 from dualpath_jax.registry import Registry
 from schedulers.api import InterEnginePolicy, IntraEnginePolicy
 
-POLICIES: Registry[type[InterEnginePolicy]] = Registry("inter-engine policy")
+# (policy names are split on "," by --config.policies, sweep --modes and config variants, which read "key=value")
+POLICIES: Registry[type[InterEnginePolicy]] = Registry("inter-engine policy", reserved=",=")
 BATCHERS: Registry[type[IntraEnginePolicy]] = Registry("intra-engine batching policy")
 
 
@@ -61,13 +62,35 @@ def build_config(cls: type, name: str, config: Any = None, /, **kwargs: Any) -> 
 def make_policy(name: str, /, config: Any = None, **kwargs: Any) -> InterEnginePolicy:
     """A configured inter-engine policy: `make_policy("dualpath", alpha_tokens=..., beta_tokens=...)`."""
     cls = POLICIES.get(name)
-    return _named(cls(build_config(cls, name, config, **kwargs)), name)
+    return _named(_build(cls, name, build_config(cls, name, config, **kwargs), "schedule"), name)
 
 
 def make_batcher(name: str, /, config: Any = None, **kwargs: Any) -> IntraEnginePolicy:
     """A configured intra-engine batching policy: `make_batcher("fifo", token_budget=8192)`."""
     cls = BATCHERS.get(name)
-    return _named(cls(build_config(cls, name, config, **kwargs)), name)
+    return _named(_build(cls, name, build_config(cls, name, config, **kwargs), "form_batch"), name)
+
+
+_NEEDS = {
+    "schedule": "schedule(snapshot, queue, fetching_node) method, which a schedulers.POLICIES entry needs (a batcher "
+    "is registered in schedulers.BATCHERS)",
+    "form_batch": "form_batch(queue) method, which a schedulers.BATCHERS entry needs (a policy is registered in "
+    "schedulers.POLICIES)",
+}
+
+
+def _build(cls: type, name: str, config: Any, method: str) -> Any:
+    """`cls(config)`, checked to have `method`. A class that could not be built (an abstract `schedule` left by a
+    misspelt one) was a TypeError naming no registered name; a batcher registered as a policy (or the reverse) was
+    built and failed at its first fetch as "'X' object has no attribute 'schedule'"."""
+    what = f"{name!r} ({getattr(cls, '__qualname__', cls)})"
+    try:
+        obj = cls(config)
+    except TypeError as e:
+        raise TypeError(f"{what} cannot be built as cls(config): {e}") from e
+    if not callable(getattr(obj, method, None)):
+        raise TypeError(f"{what} has no {_NEEDS[method]}")
+    return obj
 
 
 def _named(obj: Any, name: str) -> Any:

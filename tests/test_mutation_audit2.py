@@ -458,7 +458,7 @@ def test_the_link_summary_counts_snic_bytes_and_only_the_low_class_as_cnic_kv():
 @pytest.mark.parametrize("name", ["dualpath", "de_only", "pe_only", "split"])
 def test_dualpath_alpha_is_3_s_of_snic_reads_and_beta_5_s_of_prefill(name):
     """`policy_kwargs` (PAPER.md "PE (Algorithm 1)": α = tokens one node can read in 3 s, β = tokens one GPU processes
-    in 5 s): the 3 s or 5 s changed; a DualPath-family policy left out of DUALPATH_FAMILY (its α/β defaulted to the
+    in 5 s): the 3 s or 5 s changed; a DualPath-family policy left unfilled (its α/β defaulted to the
     policy's own); the runtime's block size not passed."""
     from dualpath_jax.runtime.config import RuntimeConfig
     from dualpath_jax.runtime.driver import policy_kwargs
