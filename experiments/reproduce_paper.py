@@ -88,6 +88,9 @@ _PD_RATIOS = flags.DEFINE_list(
     "P/D layouts of PAPER.md's DS 27B P/D sweep to run (basic and DualPath, the config's workload, first seed), "
     "e.g. --pd_ratios=1P1D,1P2D,2P1D.",
 )
+_PD_AGENTS = flags.DEFINE_integer(
+    "pd_agents", 0, "Agents of the DS 27B P/D sweep (0: its config's 1024; fewer for a quick look).", lower_bound=0
+)
 flags.register_validator(
     "pd_ratios",
     lambda v: all(re.fullmatch(r"[1-9]\d*P[1-9]\d*D", x) for x in v),
@@ -310,6 +313,7 @@ def main(argv: Sequence[str]) -> None:
                 "table",
                 "appends",
                 "pd_ratios",
+                "pd_agents",
                 "workers",
             )
         },
@@ -329,7 +333,7 @@ def main(argv: Sequence[str]) -> None:
     if _ONLINE_SCALE.value:
         jobs += [("offline", spec) for spec in ONLINE_SCALE.values()]
     pds = list(dict.fromkeys(_PD_RATIOS.value))
-    jobs += [("offline", f"{DS27B}:{m},pd={pd},seed={seeds[0]}") for pd in pds for m in ("basic", "dualpath")]
+    jobs += [("offline", _pd_spec(m, pd, seeds[0])) for pd in pds for m in ("basic", "dualpath")]
     # --table=512,0512: one row of the report (and its cells once in the fit); each cell on every --seeds seed, as
     # the headline (it ran the config's seed 0 whatever --seeds said)
     table = list(dict.fromkeys(int(a) for a in _TABLE.value))
@@ -392,6 +396,16 @@ def _run_all(jobs: list, term: SigtermAsInterrupt) -> dict:
             + "\n".join(failed)
         )
     return results
+
+
+def _pd_spec(mode: str, pd: str, seed: int) -> str:
+    """The DS 27B P/D sweep's run of `mode` at layout `pd` (the config's 1024 agents unless --pd_agents)."""
+    agents = f",agents={_PD_AGENTS.value}" if _PD_AGENTS.value else ""
+    return f"{DS27B}:{mode},pd={pd}{agents},seed={seed}"
+
+
+def _pd_agents_note() -> str:
+    return f" at {_PD_AGENTS.value} agents" if _PD_AGENTS.value else ""
 
 
 def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
@@ -457,16 +471,15 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
     if pds:
         lines += [
             "",
-            f"DS 27B across P/D layouts (its config's workload, seed {seeds[0]}); the paper does not list its layouts.",
+            f"DS 27B across P/D layouts (its config's workload{_pd_agents_note()}, seed {seeds[0]}); the paper does not "
+            "list its layouts.",
             "",
             "| P/D | basic JCT (s) | DualPath JCT (s) | speedup |",
             "| --- | --- | --- | --- |",
         ]
         sps = []
         for pd in pds:
-            b, d = (
-                results[("offline", f"{DS27B}:{m},pd={pd},seed={seeds[0]}")]["jct_s"] for m in ("basic", "dualpath")
-            )
+            b, d = (results[("offline", _pd_spec(m, pd, seeds[0]))]["jct_s"] for m in ("basic", "dualpath"))
             sps.append(b / d)
             lines.append(f"| {pd} | {b:.0f} | {d:.0f} | {b / d:.2f}x |")
         lines += [

@@ -582,6 +582,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         "--online_iters=1",
         "--appends=2",
         "--pd_ratios=1P1D,2P1D",
+        "--pd_agents=16",  # (the config's 1024 agents: ~4x this test's time, the same code)
         f"--output_dir={tmp_path}",
     ]
     out = _launch("experiments.reproduce_paper", *args, timeout=300)
@@ -607,6 +608,8 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         "| DS 27B P/D sweep: mean speedup | 1.64x |" in report and "| DS 27B P/D sweep: max speedup | 2.46x |" in report
     )
     assert re.search(r"\| 2P1D \| \d+ \| \d+ \| [0-9.]+x \|", report)
+    assert "DS 27B across P/D layouts (its config's workload at 16 agents, seed 0)" in report
+    assert any(k.endswith("paper_ds27b.py:dualpath,pd=2P1D,agents=16,seed=0") for k in results)
     assert "Paper: 1.82-1.99x over x1...x3" in report
     assert re.search(r"\| x1 \| \d+ \| \d+ \| [0-9.]+x \| (yes|no) \|", report)
     assert re.search(r"\| x2 \| \d+ \| \d+ \| [0-9.]+x \| (yes|no) \|", report)
@@ -622,6 +625,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         ("--seeds=0,x", "--seeds takes integers >= 0"),
         ("--appends=2,0", "--appends takes numbers > 0"),
         ("--pd_ratios=1P1D,2P", "--pd_ratios takes layouts like 1P2D"),
+        ("--pd_agents=-1", "-1 is not a non-negative integer"),
         # a row the paper's table does not have, or an unknown dataset, fails here, not after every run
         ("--table=77", "--table takes agent counts of the paper's DS 660B table"),
         ("--online_dataset=99K", "--online_dataset must be '' (the configs' 64K) or one of 32K, 48K, 64K"),
