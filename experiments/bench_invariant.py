@@ -85,7 +85,8 @@ def _cases(runner, prompt: int, append: int, slots: int, rng):
             for s in range(slots):
                 runner.free_slot(s)
                 runner.load_prompt_kv(s, cached)
-        runner.decode_step(np.arange(slots), seq[:slots])
+        # one last token per slot (seq[:slots] was short of --slots > prompt + append: "70 slots but 65 last tokens")
+        runner.decode_step(np.arange(slots), np.resize(seq, slots))
 
     return {f"prefill {prompt}": whole, f"append {append} over {prompt}": appended, f"decode x{slots}": decode}
 
@@ -121,7 +122,10 @@ def main(argv):
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     if _OUT.value:
         writable_file_or_exit(_OUT.value, "--out")  # before the benchmark, not after
-    from models.runner import ModelRunner
+    try:
+        from models.runner import ModelRunner
+    except KeyboardInterrupt:  # (a traceback: the import brings jax and flax, seconds)
+        raise SystemExit("bench_invariant: interrupted (Ctrl-C) before any model ran; nothing written") from None
 
     rows: list[dict] = []
 

@@ -50,11 +50,8 @@ _NO_CACHE = flags.DEFINE_bool(
 _OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: print only)", allow_override=True)
 
 
-def main(argv: Sequence[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unknown arguments: {argv[1:]}")
-    if _OUT.value:
-        writable_file_or_exit(_OUT.value, "--out")  # before the benchmark, not after
+def _setup():
+    """jax (its compilation cache on unless --no_persistent_cache, its devices logged) and the tiny configs."""
     import jax
 
     from models.jax_cache import enable_persistent_compilation_cache
@@ -67,22 +64,14 @@ def main(argv: Sequence[str]) -> None:
         jax.devices(),
         platform.python_version(),
     )
-    configs = bench_configs(_MOE_DISPATCH.value)
-    results = []
+    return jax, bench_configs(_MOE_DISPATCH.value)
 
-    def run_model(name: str) -> None:
-        logging.info("config %s: %s", name, configs[name])
-        results.append(run_one(name, configs[name], _BATCH.value, _MISS.value, _CACHED.value, _REPEATS.value))
 
-    def keep(done: list[str]) -> None:  # a model that fails (e.g. out of memory) keeps the finished models' results
-        if _OUT.value:
-            write_rows_json(
-                _OUT.value, results, f"the results of {', '.join(done)} only (a later model failed or was interrupted)"
-            )
-
-    run_parts(_MODELS.value, run_model, keep)
+def _print_table(device: str, results: list[dict]) -> None:
+    """The models' results as a markdown table, under a line naming the shapes."""
     print(
-        f"\nprefill, device={jax.devices()[0].platform}, batch={_BATCH.value}, miss={_MISS.value}, cached={_CACHED.value}"
+        f"\nprefill, device={device}, batch={_BATCH.value}, miss={_MISS.value}, cached={_CACHED.value}"
+        + (f", moe_dispatch={_MOE_DISPATCH.value}" if "moe" in _MODELS.value else "")
     )
     hdr = "| model | layers (kinds) | layerwise ms | whole-jit ms | ratio (median / min) | layerwise tok/s | whole tok/s | traces per step (layerwise) | compile s (layerwise / whole) | layerwise GFLOP/s | max logit diff |"
     print(hdr)
@@ -97,6 +86,38 @@ def main(argv: Sequence[str]) -> None:
             f"{traces} | {lw['compile_s']:.2f} / {wh['compile_s']:.2f} | {lw['model_gflops_per_s']:.1f}{mfu} | "
             f"{r['max_abs_logit_diff']:.1e} |"
         )
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    if flags.FLAGS["moe_dispatch"].present and "moe" not in _MODELS.value:  # (it was dropped without a word)
+        raise SystemExit(f"bad --moe_dispatch: it applies to the moe model, not to --models={','.join(_MODELS.value)}")
+    if _OUT.value:
+        writable_file_or_exit(_OUT.value, "--out")  # before the benchmark, not after
+    try:
+        jax, configs = _setup()
+    except KeyboardInterrupt:  # (a traceback: `import jax` and the backend's start take seconds)
+        raise SystemExit("bench_prefill: interrupted (Ctrl-C) before any model ran; nothing written") from None
+    results = []
+
+    def run_model(name: str) -> None:
+        logging.info("config %s: %s", name, configs[name])
+        r = run_one(name, configs[name], _BATCH.value, _MISS.value, _CACHED.value, _REPEATS.value)
+        if name == "moe":  # the dispatch measured (the JSON of a ragged run and of a dense one were alike)
+            r = {**r, "moe_dispatch": _MOE_DISPATCH.value}
+        results.append(r)
+
+    def keep(done: list[str]) -> None:  # a model that fails (e.g. out of memory) keeps the finished models' results
+        if _OUT.value:
+            write_rows_json(
+                _OUT.value, results, f"the results of {', '.join(done)} only (a later model failed or was interrupted)"
+            )
+        # printed too: without --out, Ctrl-C in the second model said the first was "kept" and showed it nowhere
+        _print_table(jax.devices()[0].platform, results)
+
+    run_parts(_MODELS.value, run_model, keep)
+    _print_table(jax.devices()[0].platform, results)
     if _OUT.value:
         write_rows_json(_OUT.value, results, "all results")
 

@@ -24,6 +24,31 @@ flags.register_multi_flags_validator(
 )
 
 
+def _bounds_finite(f) -> bool:
+    """g/s and M/(B*s) (the bounds scale with them) within the float range: each flag passed its own check, but
+    --s=1e-310 made g/s inf (an as_fraction ValueError traceback) and --B_GBps=1e-300 --s=1e-300 a B*s of 0 (a
+    ZeroDivisionError)."""
+    bs = f["B_GBps"] * 1e9 * f["s"]
+    try:
+        return bs > 0 and math.isfinite(f["g"] / f["s"]) and math.isfinite(f["M_GBps"] * 1e9 / bs)
+    except OverflowError:  # a g of 400 digits is no float (an OverflowError traceback)
+        return False
+
+
+flags.register_multi_flags_validator(
+    ["g", "s", "B_GBps", "M_GBps"],
+    _bounds_finite,
+    message="--g, --s, --B_GBps and --M_GBps give bounds beyond the float range (g/s or M/(B*s) is infinite)",
+)
+
+
+def _ratio(x: float) -> str:
+    """A bound as the fraction it is (1/7, 7/2), else to 4 significant digits: a bound of 1e10 was printed as a
+    300-digit integer (as_fraction of --M_GBps=1e299), one of 1e-5 as 0."""
+    f = as_fraction(x)
+    return str(f) if abs(x) < 1e6 and abs(float(f) - x) <= 1e-9 * abs(x) else f"{x:.4g}"
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
@@ -33,11 +58,11 @@ def main(argv):
     print(f"{'constraint':<14}{'bound':<7}{'P/D':>10}  why")
     for c in pd_ratio_constraints(g, s, B, M):
         op = ">=" if c.kind == "lower" else "<="
-        print(f"{c.name:<14}{op:<7}{as_fraction(c.value)!s:>10}  {c.why}")
+        print(f"{c.name:<14}{op:<7}{_ratio(c.value):>10}  {c.why}")
     lo, hi = pd_ratio_bounds(g, s, B, M)
     low, up = binding_constraints(g, s, B, M)
     verdict = "feasible" if lo <= hi else "EMPTY: no P/D ratio is bottleneck-free"
-    print(f"P/D range: {as_fraction(lo)} ({lo:.4f}) ... {as_fraction(hi)} ({hi:.4f})  [{verdict}]")
+    print(f"P/D range: {_ratio(lo)} ({lo:.4f}) ... {_ratio(hi)} ({hi:.4f})  [{verdict}]")
     print(f"binding: lower {', '.join(low)}; upper {', '.join(up)}")
 
 

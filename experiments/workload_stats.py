@@ -4,7 +4,8 @@
     python -m experiments.workload_stats --workload=mooncake_conversation_trace.jsonl.gz
     python -m experiments.workload_stats --workload=kvcache_tester --limit=20
 Trace paths are looked up relative to ../shared/traces (or $DUALPATH_TRACES) when not found as given.
-For a synthetic dataset the paper's Table 2 value is printed beside each measured figure.
+For a synthetic dataset the paper's Table 2 value is printed beside each measured figure. --n_agents and --seed
+apply to synthetic datasets, --limit to traces (a flag the workload does not read is refused).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from dualpath_jax.workloads.traces import TraceFormatError
 flags.DEFINE_string("workload", "64K", "synthetic dataset (32K, 48K, 64K) or a trace path / name")
 # (an empty one was read as the working directory: "bad --workload: .: no *.json / *.json.gz session file")
 flags.register_validator("workload", lambda v: bool(v.strip()), message="--workload is empty")
-flags.DEFINE_integer("n_agents", 500, "synthetic: agents to generate", lower_bound=1)
+# (1e20 was numpy's "Maximum allowed dimension exceeded" traceback, 1e9 ran out of memory after minutes; the agents
+# sample 500 base trajectories, so a million tells nothing that 500 do not: ~15 KB each, 15 GB)
+flags.DEFINE_integer(
+    "n_agents",
+    500,
+    "synthetic: agents to generate (they sample 500 base trajectories)",
+    lower_bound=1,
+    upper_bound=10**6,
+)
 # --seed, --block_size: experiments.demo defines them too, with its own defaults and help; allow_override lets the
 # launchers be imported into one process (the last one imported defines them there; absl raised DuplicateFlagError),
 # and a launcher that is run defines its flags last: its command line is its own
@@ -28,10 +37,32 @@ flags.DEFINE_integer("limit", None, "traces: first N requests (Mooncake) or file
 flags.DEFINE_integer("block_size", 64, "block size (tokens) for the hit rate", lower_bound=1, allow_override=True)
 
 
+def _refuse_unused_flags(f) -> None:
+    """A flag the workload does not read is a usage error: `--workload=64K --limit=5` summarized all 500 agents,
+    `--workload=<trace> --n_agents=5` the whole trace, without a word."""
+    if f.workload in DATASETS:
+        if f["limit"].present:
+            raise SystemExit(
+                f"bad --limit: it applies to traces; {f.workload} is a synthetic dataset (give --n_agents)"
+            )
+        return
+    for name in ("n_agents", "seed"):
+        if f[name].present:
+            raise SystemExit(f"bad --{name}: it applies to synthetic datasets, not to the trace {f.workload}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     f = flags.FLAGS
+    _refuse_unused_flags(f)
+    try:
+        _summarize(f)
+    except KeyboardInterrupt:  # (a traceback through the trace loader: kv-cache-tester takes seconds)
+        raise SystemExit(f"workload_stats: interrupted (Ctrl-C) while loading or summarizing {f.workload}") from None
+
+
+def _summarize(f) -> None:
     t0 = time.perf_counter()
     try:
         trajs = load_workload(f.workload, n_agents=f.n_agents, seed=f.seed, limit=f.limit)
