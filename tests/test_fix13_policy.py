@@ -211,9 +211,11 @@ def test_a_definition_registered_again_says_its_module_ran_twice():
         reg.add("mine", int)
 
 
-def test_a_config_file_defining_its_own_policy_loaded_twice_names_the_cause(tmp_path):
-    """The journey behind the test above: a config file that defines and registers its own policy runs in
-    `experiments.simulate` (loaded once) but not in `experiments.sweep`, which loads the setup file per cell."""
+def test_a_config_file_defining_its_own_policy_loads_twice_and_names_the_cause_once_changed(tmp_path):
+    """The journey behind the test above: a config file that defines and registers its own policy ran in
+    `experiments.simulate` (loaded once) but not in `experiments.sweep`, which loads the setup file per cell. A config
+    file is now executed once per process while unchanged (as an import); a changed one runs again, and its second
+    registration is refused, saying why."""
     from dualpath_jax.sim.configs_io import ConfigFileError, load_config
 
     path = tmp_path / "own_policy.py"
@@ -237,6 +239,8 @@ def test_a_config_file_defining_its_own_policy_loaded_twice_names_the_cause(tmp_
     )
     try:
         load_config(f"{path}:fix13_in_config_file")
+        assert load_config(f"{path}:fix13_in_config_file,agents=4").workload.n_agents == 4
+        path.write_text(path.read_text() + "\n# changed\n")
         with pytest.raises(ConfigFileError, match=r"same definition .*module that registers it ran again"):
             load_config(f"{path}:fix13_in_config_file,agents=4")
     finally:
@@ -318,3 +322,13 @@ def test_a_users_dualpath_variant_gets_this_clusters_alpha_beta_and_block_size_i
         assert policy_kwargs(cfg.replace(**{"scheduler.name": "fix13_my_dualpath"}), 1000, 300.0) == want
     finally:
         POLICIES._entries.pop("fix13_my_dualpath", None)
+
+
+@pytest.mark.parametrize("name", ["fix13_a_batcher", "fix13_misspelt"])
+def test_a_runtime_config_naming_a_class_that_is_no_policy_blames_the_name_not_the_kwargs(registered, name):
+    """The runtime's config check put every TypeError of building the policy under `config.scheduler.policy_kwargs`,
+    also a class that is no policy (no schedule(), or a batcher registered as one), with no kwargs given."""
+    from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, validate
+
+    with pytest.raises(ConfigError, match=rf"^config\.scheduler\.name: '{name}' \("):
+        validate(RuntimeConfig().replace(**{"scheduler.name": name}))

@@ -296,16 +296,20 @@ def validate(
         _validate_rdma_device(cfg)
     if cfg.launcher == "ray" and importlib.util.find_spec("ray") is None:
         raise ConfigError("config.launcher='ray' needs ray, which is not installed: pip install -e '.[ray]'")
-    from schedulers.registry import BATCHERS, POLICIES
+    from schedulers.registry import BATCHERS, POLICIES, build_config
 
     # (a KeyError of a registered name comes from its kwargs, e.g. compute_quota's model='nope': that field is named)
     try:
-        schedulers.make_policy(cfg.scheduler.name, **dict(cfg.scheduler.policy_kwargs))
+        config = build_config(POLICIES.get(cfg.scheduler.name), cfg.scheduler.name, **dict(cfg.scheduler.policy_kwargs))
     except KeyError as e:
         where = "policy_kwargs" if cfg.scheduler.name in POLICIES.names() else "name"
         raise ConfigError(f"config.scheduler.{where}: {e.args[0]}") from None
     except (TypeError, ValueError) as e:  # a field the policy's Config does not have, or a value it refuses
         raise ConfigError(f"config.scheduler.policy_kwargs: {e}") from None
+    try:  # (the class itself: one that cannot be built, or is no policy; not its kwargs)
+        schedulers.make_policy(cfg.scheduler.name, config)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.scheduler.name: {e}") from None
     pbs = cfg.scheduler.policy_kwargs.get("block_size", cfg.block_size)
     if pbs != cfg.block_size:  # (the runtime's blocks are config.block_size: a split in others was silently off)
         raise ConfigError(

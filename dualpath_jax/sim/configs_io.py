@@ -34,9 +34,30 @@ def _is_module(e: AttributeError) -> bool:
     return isinstance(getattr(e, "obj", None), types.ModuleType)
 
 
+# Loaded config modules by (real path, name, mtime, size): a file is executed once per process while it is unchanged,
+# as Python imports a module once. experiments.sweep loads a setup per cell: a config file that defines and registers
+# its own policy was refused at the second cell (the registration ran again).
+_MODULES: dict[tuple, object] = {}
+
+
 def load_config_module(path: str, name: str):
     """The module of the config file `path` (any extension, as ml_collections' --config flag loads it), or
-    ConfigFileError naming the file when it does not load or has no get_config."""
+    ConfigFileError naming the file when it does not load or has no get_config. Executed again only when the file
+    changed."""
+    try:
+        st = os.stat(path)
+        key = (os.path.realpath(path), name, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None  # (the loader below names the problem)
+    if key in _MODULES:
+        return _MODULES[key]
+    mod = _exec_config_module(path, name)
+    if key is not None:
+        _MODULES[key] = mod
+    return mod
+
+
+def _exec_config_module(path: str, name: str):
     loader = importlib.machinery.SourceFileLoader(name, path)
     mod_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
     mod = importlib.util.module_from_spec(mod_spec)
