@@ -247,11 +247,23 @@ def run_parts(names, run_part, keep) -> None:
 def write_rows_json(path: str, rows, what: str) -> None:
     """A benchmark's rows as JSON at `path` (`--out`), logged with `what` they are."""
     import json
+    import os
 
     from absl import logging
 
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
+    from dualpath_jax.metrics import json_safe
+
+    # beside it, then renamed over it: a Ctrl-C or a full disk mid-dump left half a JSON where an earlier run's file
+    # was (NaN, as null: strict JSON)
+    target = os.path.realpath(path)  # (a symbolic link keeps pointing at the file it names)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(json_safe(rows), f, indent=1, allow_nan=False)
+        os.replace(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
     logging.info("wrote %s to %s", what, path)
 
 
@@ -260,8 +272,10 @@ def writable_file_or_exit(path: str, what: str) -> str:
     later, when there are results."""
     import os
 
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(os.sep):  # (a missing dir/: IsADirectoryError after the benchmark)
         raise SystemExit(f"bad {what} {path!r}: it is a directory, not a file")
+    if os.path.islink(path) and not os.path.exists(path):  # (a FileNotFoundError after the benchmark)
+        raise SystemExit(f"bad {what} {path!r}: a symbolic link to {os.readlink(path)!r}, which does not exist")
     parent = os.path.dirname(os.path.abspath(path))
     why = _cannot_write(parent)
     if why:
