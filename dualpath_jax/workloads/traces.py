@@ -33,6 +33,8 @@ import os
 import sys
 import zlib
 from collections.abc import Iterator, Sequence
+from itertools import compress, count
+from operator import ne
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +180,14 @@ def _hash_ids(
     return ids
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share, found in C (a trace's next prompt mostly repeats the last one)."""
+    m = min(len(a), len(b))
+    if (a[:m] == b) if m == len(b) else (a == b[:m]):  # (one copy)
+        return m
+    return next(compress(count(), map(ne, a, b)), m)
+
+
 class _BlockPositions:
     """Where each hash id of one id scope (a Mooncake file, a kv-cache-tester session) sits in its prompts.
 
@@ -199,6 +209,41 @@ class _BlockPositions:
                 )
 
 
+def _prompt_ids(
+    obj: dict,
+    key: str,
+    where: str,
+    input_len: int,
+    block: int,
+    partial_block: bool,
+    len_key: str,
+    positions: _BlockPositions,
+    known: Sequence[int],
+) -> tuple[list[int], int]:
+    """`_hash_ids` and `positions.check` of one prompt, and how many of its leading ids repeat `known` (an earlier
+    prompt of the same id scope, checked).
+
+    Fast path: a real trace holds ~10 M ids, mostly repeats of the previous prompt's, and the checks' loops in Python
+    took seconds. Here every id's type is tested in C; the ids repeating `known` equal ids already checked, at the same
+    blocks, so only the rest are range-checked and recorded (setdefault, in C). On any doubt the checks themselves run
+    and name the problem: the first bad id is the same one (setdefault kept every earlier block's position)."""
+    ids = obj.get(key)
+    if isinstance(ids, list) and list(map(type, ids)).count(int) == len(ids):
+        shared = _common_prefix(ids, known) if known else 0
+        rest = ids[shared:] if shared else ids
+        blocks = range(shared, len(ids))
+        expect = -(-input_len // block) if partial_block else input_len // block
+        if (
+            len(ids) == expect
+            and (not rest or (-(2**63) <= min(rest) and max(rest) < 2**63))
+            and list(map(positions.at.setdefault, rest, blocks)) == list(blocks)
+        ):
+            return ids, shared
+    ids = _hash_ids(obj, key, where, input_len, block, partial_block, len_key)
+    positions.check(ids, where)
+    return ids, _common_prefix(ids, known)  # (ids of an int subclass, in a list built in Python, pass here)
+
+
 class _ContextTracker:
     """Re-read context of successive turns of one trajectory (see the module docstring)."""
 
@@ -206,34 +251,55 @@ class _ContextTracker:
         self.block = block
         self.seen: set[int] = set()
         self.prev_full: int | None = None  # id of the previous prompt's last full block
+        self.prev_full_at = -1  # and its block there
         self.prev_context = 0  # previous prompt + generation
 
-    def next(self, ids: Sequence[int], prompt: int, gen: int) -> int:
-        lead = 0
-        for x in ids:
+    def next(self, ids: Sequence[int], prompt: int, gen: int, shared: int = 0) -> int:
+        """The turn's re-read context; `shared`: how many leading ids are known to repeat the previous prompt's."""
+        # Fast path (a real trace holds ~10 M ids): the ids repeating the previous prompt's were seen, so the loop
+        # starts after them; the previous prompt's last full block is looked for where it was first
+        lead = shared
+        for x in ids[shared:] if shared else ids:
             if x not in self.seen:
                 break
             lead += 1
         lead = min(lead, prompt // self.block)  # only whole blocks are stored
-        extends_prev = self.prev_full is None or self.prev_full in ids[:lead]
+        at = self.prev_full_at
+        extends_prev = (
+            self.prev_full is None or (at < lead and ids[at] == self.prev_full) or self.prev_full in ids[:lead]
+        )
         if self.prev_context and extends_prev and prompt >= self.prev_context:
             context = self.prev_context
         else:
             context = lead * self.block
         context = max(0, min(context, prompt - 1))
-        self.seen.update(ids)
+        self.seen.update(ids[shared:] if shared else ids)  # (the repeated ones are in)
         n_full = prompt // self.block
         self.prev_full = ids[n_full - 1] if n_full else None
+        self.prev_full_at = n_full - 1
         self.prev_context = prompt + gen
         return context
 
 
 def _turn(
-    ids: Sequence[int], prompt: int, gen: int, context: int, offset: float, gap: float, block: int, salt: int
+    ids: Sequence[int],
+    prompt: int,
+    gen: int,
+    context: int,
+    offset: float,
+    gap: float,
+    block: int,
+    salt: int,
+    prev: np.ndarray | None = None,
+    shared: int = 0,
 ) -> Turn:
-    hashes = np.asarray(ids, dtype=np.int64)
+    """A turn; its first `shared` ids repeat those of the previous turn, whose (salted) hashes are `prev`."""
+    # (fast path, a real trace holds ~10 M ids: only the ids that do not repeat the previous turn's are converted)
+    hashes = np.asarray(ids[shared:] if shared else ids, dtype=np.int64)
     if salt:
         hashes = hashes + (np.int64(salt) << np.int64(32))
+    if shared:
+        hashes = np.concatenate([prev[:shared], hashes])
     return Turn(
         append_tokens=prompt - context,
         gen_tokens=gen,
@@ -305,8 +371,7 @@ def load_mooncake(
         prev_ts = ts
         prompt = _int_field(row, "input_length", where, minimum=1)
         gen = _int_field(row, "output_length", where, minimum=0)
-        ids = _hash_ids(row, "hash_ids", where, prompt, block_size, partial_block=True, len_key="input_length")
-        positions.check(ids, where)
+        ids, _ = _prompt_ids(row, "hash_ids", where, prompt, block_size, True, "input_length", positions, [])
         sid = None
         for pos in range(len(ids) - 1, min_shared_blocks - 2, -1):
             s = tails.get(ids[pos])
@@ -319,6 +384,7 @@ def load_mooncake(
             sessions.append({"t0": ts, "turns": [], "tracker": _ContextTracker(block_size), "line": lineno})
         sess = sessions[sid]
         context = sess["tracker"].next(ids, prompt, gen)
+        # (a Mooncake prompt has tens of ids: copying the previous turn's hashes would cost more than it saves)
         sess["turns"].append(_turn(ids, prompt, gen, context, ts - sess["t0"], 0.0, block_size, 0))
         n_full = prompt // block_size
         if n_full >= min_shared_blocks:
@@ -392,9 +458,10 @@ def _session_turns(
             raise TraceFormatError(f"{w}: unknown request type {kind!r} (expected 'n', 's' or 'subagent')")
         prompt = _int_field(r, "in", w, minimum=1)
         gen = _int_field(r, "out", w, minimum=0)
-        ids = _hash_ids(r, "hash_ids", w, prompt, block, partial_block=False, len_key="in")
-        positions.check(ids, w)
-        rows.append((_num_field(r, "t", w), prompt, gen, ids, _num_field(r, "think_time", w, default=0.0), w))
+        known = rows[-1][3] if rows else []  # (the agent's previous prompt, checked in this scope)
+        ids, shared = _prompt_ids(r, "hash_ids", w, prompt, block, False, "in", positions, known)
+        t, think = _num_field(r, "t", w), _num_field(r, "think_time", w, default=0.0)
+        rows.append((t, prompt, gen, ids, think, w, shared))
     if not rows:
         del out[slot]
         return
@@ -403,13 +470,14 @@ def _session_turns(
     # A first request at t > 0 arrived then, not at t0: TraceArrivals starts turn 0 at the agent's arrival_time
     # (turn 0 ran that much too early, and its offset t disagreed with the offset 0 of a Mooncake first turn).
     first_t = rows[0][0]
-    for k, (t, prompt, gen, ids, _, w) in enumerate(rows):
+    for k, (t, prompt, gen, ids, _, w, shared) in enumerate(rows):
         if k and t < rows[k - 1][0]:
             raise TraceFormatError(f"{w}: t={t} goes back in time (previous {rows[k - 1][0]})")
         _arrival(t0, t, w)  # the turn's trace time, arrival + offset, must be a number too
         gap = rows[k + 1][4] if k + 1 < len(rows) else 0.0  # think time before the next request
-        context = tracker.next(ids, prompt, gen)
-        turns.append(_turn(ids, prompt, gen, context, t - first_t, gap, block, salt))
+        context = tracker.next(ids, prompt, gen, shared)
+        prev = turns[-1].block_hashes if turns else None
+        turns.append(_turn(ids, prompt, gen, context, t - first_t, gap, block, salt, prev, shared))
     out[slot] = (name, _arrival(t0, first_t, rows[0][5]), turns)
 
 
