@@ -153,11 +153,14 @@ def test_an_assignment_refuses_a_fraction_that_is_not_a_number(bad):
 def test_an_engine_id_true_is_refused_in_the_simulator_not_taken_for_engine_1(registered):
     """What was wrong: the simulator looked the engine up by `True`, which is engine 1 (a PE of sim_tiny): the run
     finished with every request on PE 1 and no word. Contract: the run stops at the policy's first assignment, the
-    error naming the field."""
+    error naming the policy and the field."""
     from dualpath_jax.sim import load_config, run, sim_config_from_dict
+    from dualpath_jax.sim.runner import PolicyError
 
     cfg = sim_config_from_dict(load_config("configs/sim_tiny.py:fix13_true_engine").to_dict())
-    with pytest.raises(TypeError, match=r"Assignment prefill_engine must be an int \(not a bool\), got True"):
+    with pytest.raises(
+        PolicyError, match=r"'fix13_true_engine' raised TypeError\('Assignment prefill_engine must be an"
+    ):
         run(cfg)
 
 

@@ -146,6 +146,8 @@ def build_simulator(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = 
         c = dataclasses.replace(c, de_hbm_kv_gb=de_hbm_kv_bytes(cfg, dec) / GB)
         cfg = dataclasses.replace(cfg, cluster=c)
     policy = make_policy(cfg.policy, **_policy_kwargs(cfg, pre, b))
+    if not type(policy).__module__.startswith("schedulers."):
+        policy = CheckedPolicy(policy, cfg.policy)
     batcher = make_batcher(cfg.batcher, **_batcher_kwargs(cfg, pre))
     arrival_model = None
     if trajectories is None:
@@ -168,6 +170,63 @@ def build_simulator(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = 
         arrival_model=arrival_model,
         de_group_engines=de_group,
     )
+
+
+class PolicyError(RuntimeError):
+    """A policy's schedule() raised, or changed the snapshot the simulator gave it."""
+
+
+def _loads(snapshot) -> tuple:
+    """What a policy may not change in the simulator's snapshot (its live state): every field of every engine and
+    node record, which records, and the clock."""
+    return (
+        snapshot.now,
+        snapshot.engine_set_key,
+        [(k, id(v), type(v), dataclasses.astuple(v)) for k, v in snapshot.engines.items()],
+        [(k, id(v), type(v), dataclasses.astuple(v)) for k, v in snapshot.nodes.items()],
+    )
+
+
+class CheckedPolicy:
+    """A policy from outside `schedulers` (a user's own), checked at each fetch. The simulator hands policies its live
+    state (the built-in ones work on copies; copying it for them each fetch would cost time), so a schedule() that
+    changed it instead of `snapshot.copy()` skewed every later fetch without a word (a DE's free HBM lowered for good);
+    and an exception it raised did not name it. Other attributes are the policy's own."""
+
+    def __init__(self, policy, name: str):
+        self.policy, self.name = policy, name
+
+    def __getattr__(self, attr):
+        return getattr(self.policy, attr)
+
+    def schedule(self, snapshot, queue, fetching_node=None):
+        before = _loads(snapshot)
+        try:
+            out = self.policy.schedule(snapshot, queue, fetching_node=fetching_node)
+        except Exception as e:
+            raise PolicyError(f"policy {self.name!r} raised {e!r} in schedule() at t={snapshot.now:.6g} s") from e
+        after = _loads(snapshot)
+        if after != before:
+            what = _first_change(before, after)
+            raise PolicyError(
+                f"policy {self.name!r} changed the snapshot it was given ({what}) at t={before[0]:.6g} s: schedule() "
+                "must work on snapshot.copy() (the simulator's snapshot is its live state)"
+            )
+        return out
+
+
+def _first_change(before: tuple, after: tuple) -> str:
+    if before[:2] != after[:2]:
+        return "its clock or engine set key"
+    for kind, old, new in (("engine", before[2], after[2]), ("node", before[3], after[3])):
+        if [(k, i) for k, i, _, _ in old] != [(k, i) for k, i, _, _ in new]:
+            return f"which {kind} records it holds"
+        for (k, _, cls, a), (_, _, _, b) in zip(old, new, strict=True):
+            names = [f.name for f in dataclasses.fields(cls)]
+            diff = [f"{n} {x!r} -> {y!r}" for n, x, y in zip(names, a, b, strict=True) if x != y]
+            if diff:
+                return f"{kind} {k}: {', '.join(diff)}"
+    return "?"
 
 
 # Mean context and append per turn of the paper's datasets (PAPER.md Table 2): the turn shape at which
