@@ -2,10 +2,18 @@
 
 Both fill `TurnRecord`s (per-turn timestamps, in seconds from the run start) and `LinkBytes` samples
 (per-link bytes over time), so a real run and its simulation are compared field by field.
+
+The files (`read_turns` / `read_links` read both kinds back): the simulator's turns.csv (one row per turn, the
+`TurnRecord` fields as columns; an unreached timestamp, e.g. a 1-token turn's second_token, is `nan`) and links.csv
+(`link,t0,t1,nbytes`: whole bytes moved in [t0, t1) s, buckets of `cluster.bucket_s`; a link that moved nothing has
+no row, summary.json's `link_totals` names every link); the runtime's turns_<policy>.json (`write_json`: "summary",
+"turns" with null for NaN, "links" in 0.1 s bins, an idle SNIC as one zero-byte sample with t0 == t1). Units: times
+and durations in s (`*_s`; TPOT too), rates per s (`*_per_s`), sizes in bytes (`*_bytes`, `nbytes`, link totals).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import itertools
 import json
@@ -34,9 +42,9 @@ class TurnRecord:
     first_token: float = math.nan  # TTFT = first_token - arrival
     second_token: float = math.nan  # TTST = second_token - arrival
     finished: float = math.nan  # last generated token
-    prefill_engine: int = -1
+    prefill_engine: int = -1  # -1: not placed (a run cut before it)
     decode_engine: int = -1
-    read_side: str = ""
+    read_side: str = ""  # the policy's read path, "pe" or "de" ("": not placed); the bytes say where reads ran
     pe_read_bytes: int = 0  # hit KV bytes read from storage on the PE node
     de_read_bytes: int = 0  # hit KV bytes read from storage on the DE node
 
@@ -168,7 +176,21 @@ def ttft_tpot(records: Sequence[TurnRecord], cache: dict | None = None) -> tuple
 def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), cache: dict | None = None) -> dict:
     """The headline numbers every report prints (`cache`: see `column`)."""
     if not records:
-        return {"turns": 0}
+        # every key of the schema (a run cut before its first arrival wrote `turns` only: KeyError in a notebook)
+        return {
+            "turns": 0,
+            "jct_s": math.nan,
+            "gen_tokens_per_s": math.nan,
+            "prompt_tokens_per_s": math.nan,
+            "ttft_p50_s": math.nan,
+            "ttft_p99_s": math.nan,
+            "turns_without_first_token": 0,
+            "tpot_p50_s": math.nan,
+            "tpot_p99_s": math.nan,
+            "pe_read_bytes": 0,
+            "de_read_bytes": 0,
+            "snic_max_over_avg": snic_max_over_avg(links),
+        }
     start = min(map(_ARRIVAL, records))
     # The span ends at the last *finished* turn: unfinished ones (NaN, a run cut by its max_time) are left out
     # wherever they sit (Python's max kept a NaN only when it came first, so the JCT hung on record order).
@@ -198,6 +220,23 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
     }
 
 
+def ttft_breakdown(records: Sequence[TurnRecord], cache: dict | None = None) -> dict:
+    """Mean TTFT parts over the turns with a first token, in seconds; they add up to the mean TTFT: queue (arrival ->
+    scheduled), allocation (scheduled -> read start: waiting for host-buffer room), read (read start -> end) and
+    prefill (read end -> first token: the prefill batch, the PE -> DE KV, the DE's slot and H2D); the simulator's and
+    the runtime's summaries (`cache`: see `column`)."""
+    col = {n: column(records, n, cache) for n in ("arrival", "scheduled", "read_start", "read_end")}
+    first = column(records, "first_token", cache)
+    ok = ~np.isnan(first)  # turns with a first token, in record order (column-wise: millions at paper scale)
+    parts = {
+        "queue": col["scheduled"] - col["arrival"],
+        "allocation": col["read_start"] - col["scheduled"],
+        "read": col["read_end"] - col["read_start"],
+        "prefill": first - col["read_end"],
+    }
+    return {f"ttft_{k}_mean_s": float(np.mean(v[ok])) if ok.any() else math.nan for k, v in parts.items()}
+
+
 def json_safe(v):
     """`v` with every NaN / infinite float (nested in dicts, lists, tuples) as None: `json.dump` writes them as
     NaN / Infinity, which is not JSON (strict readers refuse the file); None is `null`."""
@@ -218,12 +257,14 @@ def json_safe(v):
 
 
 def write_json(path: str, records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), **extra) -> None:
-    """summary, turns and links as JSON; NaN (a turn's unreached timestamps, an undefined figure) as null."""
+    """summary (with the TTFT breakdown, as the simulator's summary.json), turns and links as JSON; NaN (a turn's
+    unreached timestamps, an undefined figure) as null. `read_turns` / `read_links` read it back."""
+    cache = {}
     with open(path, "w") as f:
         json.dump(
             json_safe(
                 {
-                    "summary": summarize(records, links),
+                    "summary": {**summarize(records, links, cache), **ttft_breakdown(records, cache)},
                     "turns": [dataclasses.asdict(r) for r in records],
                     "links": [dataclasses.asdict(s) for s in links],
                     **extra,
@@ -233,3 +274,73 @@ def write_json(path: str, records: Sequence[TurnRecord], links: Sequence[LinkByt
             indent=1,
             default=float,
         )
+
+
+# Field kinds of a TurnRecord ("int", "float", "str": the annotations, as text under `from __future__ import annotations`)
+_TURN_KINDS = {f.name: f.type for f in dataclasses.fields(TurnRecord)}
+
+
+def _turn(row: dict, where: str) -> TurnRecord:
+    unknown = [k for k in row if k not in _TURN_KINDS]
+    missing = [k for k in _TURN_KINDS if k not in row]
+    if unknown or missing:
+        raise ValueError(f"{where}: not a TurnRecord: unknown fields {unknown}, missing fields {missing}")
+    out = {}
+    try:
+        for k, kind in _TURN_KINDS.items():
+            v = row[k]
+            if kind == "str":
+                out[k] = "" if v is None else str(v)
+            elif kind == "int":
+                out[k] = int(v)
+            else:  # NaN: an unreached timestamp ("nan" in turns.csv, null in JSON)
+                out[k] = math.nan if v is None or v == "" else float(v)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: field {k}={v!r}: {e}") from None
+    return TurnRecord(**out)
+
+
+def _kind(path: str) -> str:
+    if path.endswith(".csv"):
+        return "csv"
+    if path.endswith(".json"):
+        return "json"
+    raise ValueError(f"{path}: not a result file (the simulator's turns.csv / links.csv, the runtime's turns_*.json)")
+
+
+def _csv_rows(path: str):
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            if None in row or None in row.values():  # more or fewer fields than the header
+                n = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None, ()))
+                raise ValueError(f"{path} line {reader.line_num}: {n} fields, the header has {len(reader.fieldnames)}")
+            yield row, f"{path} line {reader.line_num}"
+
+
+def read_turns(path: str) -> list[TurnRecord]:
+    """The `TurnRecord`s of a result file: the simulator's turns.csv or the runtime's turns_<policy>.json
+    (`write_json`); unreached timestamps ("nan" / null) are NaN, so `summarize` gives the file's summary again."""
+    if _kind(path) == "csv":
+        return [_turn(row, where) for row, where in _csv_rows(path)]
+    with open(path) as f:
+        turns = json.load(f)["turns"]
+    return [_turn(t, f"{path} turns[{i}]") for i, t in enumerate(turns)]
+
+
+def read_links(path: str) -> list[LinkBytes]:
+    """The `LinkBytes` samples of a result file: the simulator's links.csv or the "links" of turns_<policy>.json."""
+    if _kind(path) == "csv":
+        rows = _csv_rows(path)
+    else:
+        with open(path) as f:
+            rows = ((s, f"{path} links[{i}]") for i, s in enumerate(json.load(f)["links"]))
+    out = []
+    for s, where in rows:
+        if set(s) != {"link", "t0", "t1", "nbytes"}:
+            raise ValueError(f"{where}: fields {sorted(s)}, not link, t0, t1, nbytes")
+        try:
+            out.append(LinkBytes(str(s["link"]), float(s["t0"]), float(s["t1"]), int(s["nbytes"])))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: {e}") from None
+    return out

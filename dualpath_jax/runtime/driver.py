@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from dualpath_jax.checks import file_in_the_way, is_int
-from dualpath_jax.metrics import LinkBytes, TurnRecord, summarize
+from dualpath_jax.metrics import LinkBytes, TurnRecord, summarize, ttft_breakdown
 from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, validate, validate_workload
 from dualpath_jax.runtime.lifecycle import ConversationBook, tiny_trajectories
 from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec, RunFailed
@@ -377,7 +377,6 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
     from dualpath_jax.block_keys import block_keys
     from dualpath_jax.runtime.launcher import open_store
     from dualpath_jax.runtime.node import block_layout
-    from dualpath_jax.sim.runner import ttft_breakdown
 
     policy = schedulers.make_policy(
         cfg.scheduler.name, **policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tokens_per_s)

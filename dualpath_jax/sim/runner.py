@@ -286,19 +286,7 @@ def _batcher_kwargs(cfg: SimConfig, pre) -> dict:
     return kw
 
 
-def ttft_breakdown(records: Sequence[metrics.TurnRecord], cache: dict | None = None) -> dict:
-    """Mean TTFT parts: queue (arrival->scheduled), allocation (scheduled->read start), read, prefill
-    (`cache`: see `metrics.column`)."""
-    col = {n: metrics.column(records, n, cache) for n in ("arrival", "scheduled", "read_start", "read_end")}
-    first = metrics.column(records, "first_token", cache)
-    ok = ~np.isnan(first)  # turns with a first token, in record order (column-wise: millions at paper scale)
-    parts = {
-        "queue": col["scheduled"] - col["arrival"],
-        "allocation": col["read_start"] - col["scheduled"],
-        "read": col["read_end"] - col["read_start"],
-        "prefill": first - col["read_end"],
-    }
-    return {f"ttft_{k}_mean_s": float(np.mean(v[ok])) if ok.any() else math.nan for k, v in parts.items()}
+ttft_breakdown = metrics.ttft_breakdown  # (the runtime's turns_<policy>.json has it too)
 
 
 def slo_summary(cfg: SimConfig, records: Sequence[metrics.TurnRecord]) -> dict:
