@@ -148,3 +148,26 @@ def test_read_turns_names_what_it_cannot_read(tmp_path):
     q.write_text("x")
     with pytest.raises(ValueError, match="notes.txt"):
         metrics.read_turns(str(q))
+
+
+def test_an_online_summary_with_no_judged_turn_has_every_slo_key():
+    """`slo_summary` of no turn in [warmup, duration) gave `slo_turns` and `slo_met` only: sweep.csv's
+    `slo_attainment` cell was empty and a notebook's `s["ttft_p90_s"]` a KeyError."""
+    from dualpath_jax.sim import load_sim_config, runner
+
+    cfg = load_sim_config("configs/sim_tiny.py")
+    cfg = dataclasses.replace(cfg, slo_percentile=90.0)
+    s = runner.slo_summary(cfg, [])
+    assert s["slo_turns"] == 0 and s["slo_met"] is False
+    assert set(s) == {"slo_turns", "slo_attainment", "ttft_p90_s", "tpot_p90_s", "ttst_p50_s", "slo_met"}
+    assert all(math.isnan(s[k]) for k in ("slo_attainment", "ttft_p90_s", "tpot_p90_s", "ttst_p50_s"))
+
+
+def test_the_storage_nic_total_has_one_name_in_the_simulator_and_the_runtime():
+    """The simulator's summary called it `snic_bytes_total`, the runtime's `snic_total_bytes`."""
+    from dualpath_jax.sim import load_sim_config, run
+
+    res = run(load_sim_config("configs/sim_tiny.py"))
+    assert "snic_bytes_total" not in res.summary
+    snic = [v for k, v in res.stats["link_totals"].items() if k.startswith("snic/")]
+    assert res.summary["snic_total_bytes"] == pytest.approx(sum(snic), rel=1e-12) and sum(snic) > 0

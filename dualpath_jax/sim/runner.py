@@ -295,8 +295,11 @@ def slo_summary(cfg: SimConfig, records: Sequence[metrics.TurnRecord]) -> dict:
     end = cfg.workload.duration_s if cfg.workload.kind == "online" else math.inf
     recs = [r for r in records if cfg.warmup_s <= r.arrival < end]
     done = [r for r in recs if not math.isnan(r.finished)]
-    if not recs:
-        return {"slo_turns": 0, "slo_met": False}
+    if not recs:  # every key (it had two: a sweep.csv's slo_attainment was empty, a notebook's lookup a KeyError)
+        pct = f"{cfg.slo_percentile:g}"
+        nan = math.nan
+        return {"slo_turns": 0, "slo_attainment": nan, f"ttft_p{pct}_s": nan, f"tpot_p{pct}_s": nan,
+                "ttst_p50_s": nan, "slo_met": False}  # fmt: skip
     # No first token yet: a miss, infinitely late (it was 1e9 s: a percentile on it printed 1,000,000,000 s, or
     # between it and a real TTFT a made-up ~1e8 s); metrics.percentile interpolates to inf where numpy gives NaN.
     ttft = [r.ttft if not math.isnan(r.first_token) else math.inf for r in recs]
@@ -330,7 +333,7 @@ def summarize(cfg: SimConfig, records, links, stats) -> dict:
     totals = stats["link_totals"]
     snic = np.array([v for k, v in totals.items() if k.startswith("snic/")])
     s["snic_max_over_avg"] = float(snic.max() / snic.mean()) if snic.size and snic.mean() > 0 else math.nan
-    s["snic_bytes_total"] = float(snic.sum()) if snic.size else 0.0
+    s["snic_total_bytes"] = float(snic.sum()) if snic.size else 0.0  # (the runtime's name; was snic_bytes_total)
     s["unfinished_turns"] = stats["unfinished_turns"]
     if cfg.workload.kind != "offline":
         # The SLO's percentiles (turns in [warmup, duration), no first token: a miss) beside the all-turn ones: at
