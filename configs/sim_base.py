@@ -21,6 +21,8 @@ import re
 
 import ml_collections
 
+from dualpath_jax.checks import variant_value
+
 # Calibrated on the DS 660B 2P4D offline JCT table of PAPER.md only (see README notes and each paper
 # config's docstring). The same values are used for every model and setup (Qwen: no DE reserve, see its
 # config). Fitted by least squares on ln(sim/paper JCT) (experiments/reproduce_paper.py --table prints it).
@@ -125,21 +127,6 @@ _NUMBER_KEYS = {
 _KIND_NAME = {int: "an integer", float: "a number"}
 
 
-def _scalar(text: str):
-    """A variant value as int, float, bool or None (`None` / `null`) when it reads as one, else the string itself."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):  # `batcher.max_requests=None`: no cap (it was the string 'None', refused)
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Apply a variant string (see module docstring); unknown items are an error naming them."""
     if not arg:
@@ -161,10 +148,10 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
         if given.setdefault(key, value) != value:  # the last one won silently (a sweep's loads all ran --extra's)
             raise ValueError(f"config variant {arg!r}: two values for {key}, {given[key]!r} and {value!r}; give one")
         if key.startswith("policy.") and len(key) > len("policy."):
-            cfg.scheduler.kwargs[key[len("policy.") :]] = _scalar(value)
+            cfg.scheduler.kwargs[key[len("policy.") :]] = variant_value(value)
             continue
         if key.startswith("batcher.") and len(key) > len("batcher."):
-            cfg.batcher.kwargs[key[len("batcher.") :]] = _scalar(value)
+            cfg.batcher.kwargs[key[len("batcher.") :]] = variant_value(value)
             continue
         if key not in _KEYS:
             raise ValueError(

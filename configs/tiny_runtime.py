@@ -2,12 +2,16 @@
 
     python -m experiments.run                                        # basic and dualpath side by side
     python -m experiments.run --config.policies=dualpath,round_robin  # any registered policies
+    python -m experiments.run --config.policies=basic,dualpath,policy.alpha_tokens=500000  # a policy's own fields
     python -m experiments.run --config=configs/tiny_runtime.py:test   # the small in-process variant
     python -m experiments.run --config.runtime.workload.agents=48 --config.runtime.nics.snic_bytes_per_s=2e6
 
 `config.runtime` is a `dualpath_jax.runtime.config.RuntimeConfig` as nested dicts (every field may be
 overridden with --config.runtime.<path>=value); `config.policies` lists the inter-engine policies to run,
-one after the other on fresh clusters with the same conversations.
+one after the other on fresh clusters with the same conversations. An item `policy.NAME=value` of that list sets
+a field of the Config of the policy named before it, for that policy only (as the simulator's config variant
+items: `configs/sim_tiny.py:dualpath_rr,policy.full_de=wait`); `runtime.scheduler.policy_kwargs` holds fields
+given to every policy of the list, and `runtime.scheduler.name` is not used by experiments.run (the list is).
 
 Why these numbers: tiny_qwen2 has 4 layers x 256 B/token/layer = 1 KiB of KV per token. Agents start with a
 long task (~384 tokens) and then append ~32 and generate ~6 tokens per turn (long context, short append, as
@@ -57,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.scheduler = dict(
         name="dualpath",
         batcher="fifo",
-        policy_kwargs={},
+        policy_kwargs={},  # fields for every policy of c.policies (a policy's own: `policy.NAME=value` items there)
         batcher_kwargs={},
         fetch_interval_s=0.005,
         heartbeat_timeout_s=3.0,

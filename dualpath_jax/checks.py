@@ -37,3 +37,19 @@ def file_in_the_way(directory: str) -> str | None:
     if os.path.exists(above) and not os.path.isdir(above):
         return "it is a file, not a directory" if above == directory else f"{above!r} is a file, not a directory"
     return None
+
+
+def variant_value(text: str):
+    """A config variant item's value (`configs/sim_base.py`; `experiments.run`'s `policy.NAME=value`) as int, float,
+    bool or None (`None` / `null`) when it reads as one, else the string itself."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):  # `batcher.max_requests=None`: no cap (it was the string 'None', refused)
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

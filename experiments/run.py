@@ -3,15 +3,19 @@
     python -m experiments.run
     python -m experiments.run --config.policies=basic,dualpath,round_robin --config.runtime.workload.agents=48
     python -m experiments.run --config=configs/tiny_runtime.py:test    # small, in-process
+    python -m experiments.run --config.policies=basic,dualpath,policy.alpha_tokens=500000,round_robin,policy.read_side=de
 
 A tiny model, 1 PE node and 2 DE nodes as local processes, a local directory store, NIC caps that make storage
 the bottleneck, a few dozen multi-turn agents (configs/tiny_runtime.py). Each policy runs on a fresh cluster
-and a fresh store with the same conversations; the job prints JCT, throughput, TTFT/TPOT percentiles, bytes
+and a fresh store with the same conversations, with its own Config fields (`policy.NAME=value` items after its
+name in `config.policies`, as in the simulator's config variants) over `config.runtime.scheduler.policy_kwargs`
+(fields for every policy); the job prints JCT, throughput, TTFT/TPOT percentiles, bytes
 per read path and the storage-NIC max/avg, and writes JSON + a plot into results/<timestamp>/.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -20,7 +24,7 @@ import platform
 import sys
 import time
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from experiments import (
     config_or_exit,
@@ -104,6 +108,55 @@ def plot(results: dict, path: str) -> bool:
     return True
 
 
+def policy_configs(config, overrides) -> dict:
+    """Each policy of `config.policies` -> its run's `RuntimeConfig`: `scheduler.name` the policy, `policy_kwargs`
+    its own `policy.NAME=value` items over `config.runtime.scheduler.policy_kwargs` (given to every policy). A
+    ConfigError names the item, or the field, that a policy refuses. `overrides`: the `--config.*` overrides given
+    (path -> value): a `runtime.scheduler.name` that no run uses is refused (the list names what runs)."""
+    from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, check_policy_run, parse_policy_list
+
+    runs = parse_policy_list(config.policies)
+    names = [r.name for r in runs]
+    given = overrides.get("runtime.scheduler.name")
+    if given is not None and given not in names:  # (it was ignored: each run's name is one of the list)
+        raise ConfigError(
+            f"--config.runtime.scheduler.name={given} is not run: experiments.run runs the policies of "
+            f"--config.policies ({','.join(names)}); name it there"
+        )
+    base = RuntimeConfig.from_config_dict(config.runtime)
+    shared = dict(base.scheduler.policy_kwargs)
+    out = {}
+    for r in runs:
+        check_policy_run(r, shared, base.block_size)
+        out[r.name] = base.replace(**{"scheduler.name": r.name, "scheduler.policy_kwargs": {**shared, **r.fields}})
+    return out
+
+
+def policy_config(cfg, kv_bytes_per_token: int, prefill_tokens_per_s: float | None) -> dict:
+    """Every field of the Config `cfg`'s policy runs with (α / β / block size filled from this cluster where not
+    given, as `driver.run` builds it), as JSON values (others by their repr)."""
+    from dualpath_jax.runtime import driver
+    from schedulers.registry import POLICIES, build_config
+
+    name = cfg.scheduler.name
+    config = build_config(
+        POLICIES.get(name), name, **driver.policy_kwargs(cfg, kv_bytes_per_token, prefill_tokens_per_s)
+    )
+    out = {}
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        out[f.name] = v if v is None or isinstance(v, bool | int | float | str) else repr(v)
+    return out
+
+
+def fields_line(kwargs: dict) -> str | None:
+    """The table's line naming the fields given to each policy (None where none was given)."""
+    given = [f"{p} " + " ".join(f"{k}={v!r}" for k, v in kw.items()) for p, kw in kwargs.items() if kw]
+    if not given:
+        return None
+    return f"policy fields: {'; '.join(given)} (every field each ran with: results.json policy_config)"
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
@@ -112,8 +165,9 @@ def main(argv):
 
     from dualpath_jax import metrics
     from dualpath_jax.runtime import driver
-    from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
+    from dualpath_jax.runtime.config import ConfigError
     from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
+    from dualpath_jax.runtime.model_ops import model_config
     from dualpath_jax.runtime.scheduler_service import RunFailed
 
     config = config_or_exit(_CONFIG)
@@ -131,21 +185,20 @@ def main(argv):
         jax.devices(),
     )
     logging.info("resolved config:\n%s", config)
-    policies = [p.strip() for p in str(config.policies).split(",") if p.strip()]
-    # one line each (a UsageError printed the whole --help above it)
-    if not policies:
-        raise SystemExit("bad config: --config.policies is empty")
-    if len(set(policies)) != len(policies):  # their result files and store directories would be one another's
-        raise SystemExit(f"bad config: --config.policies names a policy twice: {','.join(policies)}")
-    # Everything is checked before anything starts: each policy's config, the model, the workload. A bad
-    # config is one line naming the field (no traceback).
+    # Everything is checked before anything starts: the list of policies, each policy's config (its own fields over
+    # the shared ones; not runtime.scheduler.name's, which no run uses), the model, the workload. A bad config is one
+    # line naming the field (no traceback; a UsageError printed the whole --help above it).
     try:
-        base = RuntimeConfig.from_config_dict(config.runtime)
+        configs = policy_configs(config, flags.FLAGS[_CONFIG.name].override_values or {})
+        policies = list(configs)
+        base = configs[policies[0]]
         trajs, ops = driver.prepare(base)
-        for p in policies:
-            driver.prepare(base.replace(**{"scheduler.name": p}), trajs, ops)
+        for p in policies[1:]:
+            driver.prepare(configs[p], trajs, ops)
     except ConfigError as e:
         raise SystemExit(f"bad config: {e}") from None
+    # the fields each policy is given, and every one it runs with (α / β from this cluster included): in the results
+    given_kwargs = {p: dict(c.scheduler.policy_kwargs) for p, c in configs.items()}
     # a new directory of its own, before the runs (not after); `stamp` also names the kept stores' subdirectories
     out_dir = fresh_dir_or_exit(
         config.results_dir, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "--config.results_dir"
@@ -159,6 +212,8 @@ def main(argv):
             remove_if_empty(out_dir)
             raise SystemExit("interrupted (Ctrl-C) while measuring the prefill throughput; nothing ran") from None
         logging.info("measured prefill throughput on this machine: %.0f tokens/s (DualPath's beta)", prefill_tps)
+    kv = model_config(base.model).kv_bytes_per_token
+    run_kwargs = {p: policy_config(c, kv, prefill_tps) for p, c in configs.items()}
     results, failed = {}, None
     session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
     try:
@@ -185,23 +240,27 @@ def main(argv):
         if config.warmup:
             # A few of the conversations at unpaced NIC speed: every code path runs once in the session's node
             # processes (connections, buffers, any step not precompiled) before the measured runs.
-            fast = base.replace(
-                **{"scheduler.name": policies[0], "nics.snic_bytes_per_s": 1e12, "nics.cnic_bytes_per_s": 1e12}
-            )
+            fast = base.replace(**{"nics.snic_bytes_per_s": 1e12, "nics.cnic_bytes_per_s": 1e12})
             t0 = time.time()
             one(fast, "warm-up", trajs[: max(1, len(trajs) // 8)])
             logging.info("warm-up run (unpaced NICs): %.1f s", time.time() - t0)
         for p in policies:
-            cfg = base.replace(**{"scheduler.name": p})
             t0 = time.time()
-            res = one(cfg, p)
+            res = one(configs[p], p)
             logging.info(
                 "%s: %d turns in %.1f s wall (startup %.1f s)", p, len(res.records), time.time() - t0, res.startup_s
             )
             results[p] = res
             # (links under the simulator's names, as its links.csv: `driver.sim_link_name`)
             turns_json = os.path.join(out_dir, f"turns_{p}.json")
-            metrics.write_json(turns_json, res.records, driver.with_sim_link_names(res.links), policy=p)
+            metrics.write_json(
+                turns_json,
+                res.records,
+                driver.with_sim_link_names(res.links),
+                policy=p,
+                policy_kwargs=given_kwargs[p],
+                policy_config=run_kwargs[p],
+            )
     except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): finished ones kept
         if not results:  # nothing finished: no empty results directory left behind (a Ctrl-C in the warm-up left one)
             remove_if_empty(out_dir)
@@ -216,6 +275,9 @@ def main(argv):
             f" (results of {', '.join(results)} only, not of {', '.join(p for p in policies if p not in results)})"
         )
     table = format_table(results)
+    fields = fields_line({p: given_kwargs[p] for p in results})
+    if fields:
+        table += "\n" + fields
     if not config.warmup and len(results) > 1:
         # Without the warm-up, whatever the first policy compiles (buckets not precompiled, first connections)
         # is in its JCT: the speedups compare a cold run with warm ones.
@@ -234,6 +296,8 @@ def main(argv):
         "greedy_tokens": agreement_info,
         "config": config.to_dict(),
         "prefill_tokens_per_s": prefill_tps,
+        "policy_kwargs": {p: given_kwargs[p] for p in results},  # as given: its own items over the shared ones
+        "policy_config": {p: run_kwargs[p] for p in results},  # every field of its Config it ran with
         "results": {p: driver.summary_with_sim_link_names(r.summary) for p, r in results.items()},
         "requeued": {p: r.requeued for p, r in results.items()},
         "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},

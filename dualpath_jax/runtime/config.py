@@ -391,6 +391,124 @@ def validate(
         )
 
 
+# ------------------------------------------------------------------ experiments.run's list of policies to compare
+
+POLICY_FIELD = "policy."  # a list item `policy.NAME=value`: a field of the policy named before it
+_FIELD_EXAMPLE = "e.g. basic,mine,policy.side=pe"
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyRun:
+    """One policy of a list to compare: its name and the Config fields its own `policy.NAME=value` items give."""
+
+    name: str
+    fields: Mapping[str, Any]
+    items: tuple[str, ...] = ()  # those items as given (for messages)
+
+
+def parse_policy_list(text: str, where: str = "--config.policies") -> list[PolicyRun]:
+    """A comma-separated list of items, as the simulator's config variants (`configs/sim_base.py`): a registered policy
+    name, or `policy.NAME=value`, a field of the Config of the policy named before it (values read as the
+    simulator's: ints, floats, true/false, None/null, else strings). `basic,dualpath,policy.alpha_tokens=500000,
+    mine,policy.side=pe` runs basic with its defaults, dualpath with its α, mine with its side. The names are checked
+    by `check_policy_run`."""
+    from dualpath_jax.checks import variant_value  # (the simulator's variant values: one text, one value in both)
+
+    runs: list[tuple[str, dict[str, Any], list[str], dict[str, str]]] = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            if item.startswith(POLICY_FIELD):
+                raise ConfigError(f"{where} item {item!r} has no value: a field is given as {POLICY_FIELD}NAME=value")
+            runs.append((item, {}, [], {}))
+            continue
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key.startswith("batcher.") and len(key) > len("batcher."):
+            field = key[len("batcher.") :]
+            raise ConfigError(
+                f"{where} item {item!r}: every policy of the run has the one batcher of "
+                "config.runtime.scheduler.batcher; its fields are config.runtime.scheduler.batcher_kwargs (e.g. "
+                f'--config.runtime.scheduler.batcher_kwargs="{ {field: variant_value(value)} }")'
+            )
+        if not (key.startswith(POLICY_FIELD) and len(key) > len(POLICY_FIELD)):
+            raise ConfigError(
+                f"{where} item {item!r}: an item is a registered policy name or {POLICY_FIELD}NAME=value (a field of "
+                f"the policy named before it, {_FIELD_EXAMPLE})"
+            )
+        if not runs:
+            raise ConfigError(
+                f"{where} item {item!r} comes before any policy name: a policy's field follows its name "
+                f"({_FIELD_EXAMPLE})"
+            )
+        name, fields, items, given = runs[-1]
+        field = key[len(POLICY_FIELD) :]
+        if given.setdefault(field, value) != value:  # (as the simulator's variants: the last one is not taken)
+            raise ConfigError(
+                f"{where}: two values for {name}'s {POLICY_FIELD}{field}, {given[field]!r} and {value!r}; give one"
+            )
+        fields[field] = variant_value(value)
+        items.append(item)
+    names = [r[0] for r in runs]
+    if not names:
+        raise ConfigError(f"{where} is empty")
+    if len(set(names)) != len(names):  # their result files and store directories would be one another's
+        raise ConfigError(f"{where} names a policy twice: {','.join(names)}")
+    return [PolicyRun(name, fields, tuple(items)) for name, fields, items, _ in runs]
+
+
+def check_policy_run(
+    run: PolicyRun,
+    shared: Mapping[str, Any],
+    block_size: int,
+    where: str = "--config.policies",
+    shared_where: str = "config.runtime.scheduler.policy_kwargs",
+    block_where: str = "config.runtime.block_size",
+):
+    """The Config of `run`'s policy with `shared` (the fields given to every policy of the list) and its own fields
+    over them; a ConfigError naming the policy, and the item or `shared_where` that gave what it refuses."""
+    import schedulers
+    from schedulers.registry import POLICIES, build_config
+
+    try:
+        cls = POLICIES.get(run.name)
+    except KeyError as e:
+        raise ConfigError(f"{where}: {e.args[0]}") from None
+    own = f"{where} item{'s' if len(run.items) > 1 else ''} {', '.join(run.items)} of {run.name!r}"
+    config_cls = getattr(cls, "Config", None)
+    if isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls):
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        for given, what, hint in (
+            (shared, f"{shared_where} {dict(shared)} goes to every policy of {where}", True),
+            (run.fields, own, False),
+        ):
+            unknown = sorted(set(given) - fields)
+            if unknown:
+                raise ConfigError(
+                    f"{what}: {run.name!r} does not take {unknown}; its config fields are: {sorted(fields)}"
+                    + (f" (give a policy's own fields as items after its name: {where}=...,NAME,policy.FIELD=value)"
+                       if hint else "")
+                )  # fmt: skip
+    try:
+        config = build_config(cls, run.name, **{**shared, **run.fields})
+    except (KeyError, TypeError, ValueError) as e:  # (no Config: the class; a value refused: the fields given)
+        text = e.args[0] if isinstance(e, KeyError) else str(e)
+        if not (shared or run.fields):
+            raise ConfigError(f"{where}: {text}") from None
+        raise ConfigError(f"{own if run.fields else shared_where}: {text}") from None
+    try:  # (the class itself: one that cannot be built, or is no policy)
+        schedulers.make_policy(run.name, config)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if run.fields.get("block_size", block_size) != block_size:  # (as `validate` does for the shared fields)
+        raise ConfigError(
+            f"{own}: block_size {run.fields['block_size']!r} differs from {block_where}={block_size}, the size of "
+            f"the blocks the runtime stores and reads: leave it out (it defaults to {block_where})"
+        )
+    return config
+
+
 # `transport.rdma.RdmaTransport` argument -> its field of `config.rdma`
 _RDMA_FIELDS = {
     "device": "device",
