@@ -94,7 +94,7 @@ def _scaled(trajs: Sequence[Trajectory], w) -> list[Trajectory]:
     append + gen."""
     from dualpath_jax.workloads.types import Turn
 
-    out = []
+    out, first = [], None  # first: the shortest first turn (prompt + generation) before the cut
     for t in trajs:
         turns = [
             Turn(
@@ -107,6 +107,8 @@ def _scaled(trajs: Sequence[Trajectory], w) -> list[Trajectory]:
         ]
         traj = Trajectory(t.trajectory_id, turns, t.arrival_time * w.time_scale, f"{t.source}*{w.scale}")
         if w.max_context_tokens > 0:
+            if turns:
+                first = min(first or math.inf, turns[0].append_tokens + turns[0].gen_tokens)
             traj = traj.cut_at_tokens(w.max_context_tokens)
         if traj.turns:
             out.append(traj)
@@ -114,6 +116,12 @@ def _scaled(trajs: Sequence[Trajectory], w) -> list[Trajectory]:
     if dropped:
         log.info(
             "workload.max_context_tokens=%d: %d turns dropped (%d agents left)", w.max_context_tokens, dropped, len(out)
+        )
+    if not out and first is not None:  # (it was "the workload has no trajectories", as the simulator's did not say)
+        raise ConfigError(
+            f"config.workload.max_context_tokens = {w.max_context_tokens:,} leaves no turn to run: every agent's first "
+            f"turn is longer ({len(trajs)} agents; the shortest first turn holds {first:,} tokens of prompt + "
+            "generation)"
         )
     return out
 
