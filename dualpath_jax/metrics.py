@@ -6,7 +6,7 @@ Both fill `TurnRecord`s (per-turn timestamps, in seconds from the run start) and
 The files (`read_turns` / `read_links` read both kinds back): the simulator's turns.csv (one row per turn, the
 `TurnRecord` fields as columns; an unreached timestamp, e.g. a 1-token turn's second_token, is `nan`) and links.csv
 (`link,t0,t1,nbytes`: whole bytes moved in [t0, t1) s, buckets of `cluster.bucket_s`; a link that moved nothing has
-no row, summary.json's `link_totals` names every link); the runtime's turns_<policy>.json (`write_json`: "summary",
+one zero-byte row with t0 = t1 = 0, as the runtime's idle SNIC); the runtime's turns_<policy>.json (`write_json`: "summary",
 "turns" with null for NaN, "links" in 0.1 s bins, an idle SNIC as one zero-byte sample with t0 == t1). Units: times
 and durations in s (`*_s`; TPOT too), rates per s (`*_per_s`), sizes in bytes (`*_bytes`, `nbytes`, link totals).
 """

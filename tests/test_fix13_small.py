@@ -17,3 +17,20 @@ def test_a_runtime_context_cap_that_cuts_every_agent_names_the_shortest_first_tu
     with pytest.raises(ConfigError, match=r"max_context_tokens = 1 leaves no turn to run: .*3 agents; the shortest "):
         make_trajectories(cfg)
     assert make_trajectories(cfg.replace(**{"workload.max_context_tokens": 0}))  # (no cap: the agents run)
+
+
+def test_links_csv_names_a_link_that_moved_nothing(tmp_path):
+    """The simulator's links.csv had no row for an idle link: a storage-NIC balance from links.csv alone (as from the
+    runtime's files, which mark an idle SNIC with a zero-byte sample) was 1.0 where the summary said 2.0."""
+    from dualpath_jax import metrics
+    from dualpath_jax.sim import load_sim_config, run
+    from dualpath_jax.sim.outputs import write_results
+
+    res = run(load_sim_config("configs/sim_tiny.py:dualpath,agents=4,turns=2"))
+    idle = [k for k, v in res.stats["link_totals"].items() if v == 0]
+    assert "snic/node0" in idle  # (this run's DE-side reads: the PE node's SNIC idle)
+    write_results(res, str(tmp_path), {}, plot=False)
+    links = metrics.read_links(str(tmp_path / "links.csv"))
+    assert {s.link for s in links} == set(res.stats["link_totals"])
+    assert [(s.t0, s.t1, s.nbytes) for s in links if s.link == "snic/node0"] == [(0.0, 0.0, 0)]
+    assert metrics.snic_max_over_avg(links) == res.summary["snic_max_over_avg"]
