@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
@@ -34,3 +36,18 @@ def test_links_csv_names_a_link_that_moved_nothing(tmp_path):
     assert {s.link for s in links} == set(res.stats["link_totals"])
     assert [(s.t0, s.t1, s.nbytes) for s in links if s.link == "snic/node0"] == [(0.0, 0.0, 0)]
     assert metrics.snic_max_over_avg(links) == res.summary["snic_max_over_avg"]
+
+
+def test_a_config_file_rewritten_at_once_with_as_many_bytes_is_executed_again(tmp_path):
+    """Config modules are kept while their file is unchanged; a file rewritten within the same file-time tick with the
+    same size must not be taken for the one before."""
+    from dualpath_jax.sim.configs_io import load_config
+
+    path = tmp_path / "agents.py"
+    text = "from configs.sim_tiny import get_config as _base\n\n\ndef get_config(arg=None):\n    c = _base(arg)\n"
+    path.write_text(text + "    c.workload.n_agents = 3\n    return c\n")
+    assert load_config(str(path)).workload.n_agents == 3
+    before = path.stat().st_mtime_ns
+    path.write_text(text + "    c.workload.n_agents = 4\n    return c\n")
+    os.utime(path, ns=(before, before))  # (within one tick of the file clock)
+    assert load_config(str(path)).workload.n_agents == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import importlib.util
 import os
@@ -34,9 +35,10 @@ def _is_module(e: AttributeError) -> bool:
     return isinstance(getattr(e, "obj", None), types.ModuleType)
 
 
-# Loaded config modules by (real path, name, mtime, size): a file is executed once per process while it is unchanged,
+# Loaded config modules by (real path, name, content hash): a file is executed once per process while it is unchanged,
 # as Python imports a module once. experiments.sweep loads a setup per cell: a config file that defines and registers
-# its own policy was refused at the second cell (the registration ran again).
+# its own policy was refused at the second cell (the registration ran again). (Not by mtime: file times tick in
+# milliseconds, so a file rewritten at once with as many bytes kept its key.)
 _MODULES: dict[tuple, object] = {}
 
 
@@ -45,8 +47,8 @@ def load_config_module(path: str, name: str):
     ConfigFileError naming the file when it does not load or has no get_config. Executed again only when the file
     changed."""
     try:
-        st = os.stat(path)
-        key = (os.path.realpath(path), name, st.st_mtime_ns, st.st_size)
+        with open(path, "rb") as f:
+            key = (os.path.realpath(path), name, hashlib.sha256(f.read()).hexdigest())
     except OSError:
         key = None  # (the loader below names the problem)
     if key in _MODULES:
