@@ -40,7 +40,12 @@ _SETUPS = flags.DEFINE_list(
     "Config files (configs/paper_*.py).",
 )
 _MODES = flags.DEFINE_list("modes", ["basic", "dualpath"], "Modes or registered policy names.")
-_LOADS = flags.DEFINE_list("loads", [""], "Load variants: agents=N (offline) or aps=X (online); '' = default.")
+_LOADS = flags.DEFINE_list(
+    "loads",
+    [""],
+    "Load variants: agents=N (offline) or aps=X (online); '' = default. Any variant item works (one column of the "
+    "grid), e.g. policy.alpha_tokens=1000000 for a parameter sweep of the modes that take it.",
+)
 _EXTRA = flags.DEFINE_string("extra", "", "Extra variant items appended to every cell (e.g. dataset=48K).")
 # --workers, --output_dir, --seeds, --plot, --overwrite: reproduce_paper (and simulate) define them too, with their own
 # defaults and help; allow_override lets the launchers be imported into one process (the last one imported defines

@@ -51,3 +51,26 @@ def test_a_config_file_rewritten_at_once_with_as_many_bytes_is_executed_again(tm
     path.write_text(text + "    c.workload.n_agents = 4\n    return c\n")
     os.utime(path, ns=(before, before))  # (within one tick of the file clock)
     assert load_config(str(path)).workload.n_agents == 4
+
+
+def test_a_sweep_load_may_be_any_variant_item_a_parameter_sweep(tmp_path):
+    """README / --loads help: a "load" is any variant item, so `--loads=policy.alpha_tokens=A,policy.alpha_tokens=B`
+    sweeps DualPath's alpha; each row names its item and ran with it."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", "--setups=configs/sim_tiny.py", "--modes=dualpath",
+         "--loads=policy.alpha_tokens=500,policy.beta_tokens=1", f"--output_dir={tmp_path}", "--noplot"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["load"] for r in rows] == ["policy.alpha_tokens=500", "policy.beta_tokens=1"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", "--setups=configs/sim_tiny.py", "--modes=basic",
+         "--loads=policy.alpha_tokens=500", f"--output_dir={tmp_path / 'b'}", "--noplot"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "alpha_tokens" in bad.stderr
