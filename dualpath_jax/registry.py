@@ -59,12 +59,13 @@ class Registry(Generic[T]):
         self._check_reserved(name)
         if name in self._entries:
             old = self._entries[name]
-            if old is not obj and _definition(old) is not None and _definition(old) == _definition(obj):
+            defined = _definition(old)
+            if old is not obj and defined is not None and defined == _definition(obj):
                 # A module executed again (a config file that defines its policy, which experiments.sweep loads once
                 # per cell; importlib.reload; a notebook cell run again) was told "registered (by <its own class>)".
                 # Still refused: another file's class of the same module and class name would be swapped in silently.
                 raise ValueError(
-                    f"{self.kind} {name!r} is already registered by the same definition ({'.'.join(_definition(obj))}): "
+                    f"{self.kind} {name!r} is already registered by the same definition ({'.'.join(defined)}): "
                     "the module that registers it ran again (a config file loaded once per run or sweep cell, a "
                     "reload, a notebook cell run twice); register it in a module of its own that the config file or "
                     "script imports (Python imports a module once)"

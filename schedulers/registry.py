@@ -27,6 +27,14 @@ def describe(x: Any) -> str:
     return f"{x!r} ({type(x).__name__})"
 
 
+def config_fields(cls: type) -> set[str] | None:
+    """The field names of a registered class's `Config` dataclass; None when it has none (`build_config` says so)."""
+    config_cls = getattr(cls, "Config", None)
+    if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
+        return None
+    return {f.name for f in dataclasses.fields(config_cls)}
+
+
 def build_config(cls: type, name: str, config: Any = None, /, **kwargs: Any) -> Any:
     """`cls.Config` from a config instance (or None) updated by `kwargs`; unknown keys are an error (`name` too: it
     was a "got multiple values for argument 'name'" TypeError, e.g. from a variant's `batcher.name=fifo`).
@@ -34,15 +42,15 @@ def build_config(cls: type, name: str, config: Any = None, /, **kwargs: Any) -> 
     A value the Config refuses is a ValueError / TypeError naming the policy (`split block_size must be ...`).
     """
     config_cls = getattr(cls, "Config", None)
+    fields = config_fields(cls)
     # a registered class without one failed as "type object 'X' has no attribute 'Config'" (or dataclasses' "must be
     # called with a dataclass type or instance"), naming neither the policy nor what it lacks
-    if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
+    if fields is None:
         raise TypeError(
             f"{name!r} ({getattr(cls, '__qualname__', cls)!r}) has no `Config` dataclass: every registered policy and "
             f"batcher is a class with a nested @dataclasses.dataclass `Config` (its keyword arguments, may be empty) "
             f"built as cls(config); got Config={config_cls!r}"
         )
-    fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise TypeError(f"{name!r} does not take {unknown}; its config fields are: {sorted(fields)}")

@@ -469,16 +469,15 @@ def check_policy_run(
     """The Config of `run`'s policy with `shared` (the fields given to every policy of the list) and its own fields
     over them; a ConfigError naming the policy, and the item or `shared_where` that gave what it refuses."""
     import schedulers
-    from schedulers.registry import POLICIES, build_config
+    from schedulers.registry import POLICIES, build_config, config_fields
 
     try:
         cls = POLICIES.get(run.name)
     except KeyError as e:
         raise ConfigError(f"{where}: {e.args[0]}") from None
     own = f"{where} item{'s' if len(run.items) > 1 else ''} {', '.join(run.items)} of {run.name!r}"
-    config_cls = getattr(cls, "Config", None)
-    if isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls):
-        fields = {f.name for f in dataclasses.fields(config_cls)}
+    fields = config_fields(cls)
+    if fields is not None:  # (none: build_config below names the missing Config)
         for given, what, hint in (
             (shared, f"{shared_where} {dict(shared)} goes to every policy of {where}", True),
             (run.fields, own, False),

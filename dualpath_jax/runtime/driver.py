@@ -152,14 +152,12 @@ def policy_kwargs(cfg: RuntimeConfig, kv_bytes_per_token: int, prefill_tokens_pe
 
     α = tokens one node reads in 3 s through its SNIC; β = prompt tokens one PE processes in 5 s.
     """
-    from schedulers import POLICIES
+    from schedulers.registry import POLICIES, config_fields
 
     kw = dict(cfg.scheduler.policy_kwargs)
     # by the policy's Config fields, as the simulator does: a user's DualPath variant got the paper's DS 660B α/β and
     # 64-token blocks where `dualpath` got this cluster's (only the DUALPATH_FAMILY names were filled)
-    cls = POLICIES.get(cfg.scheduler.name)
-    config = getattr(cls, "Config", None)
-    fields = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    fields = config_fields(POLICIES.get(cfg.scheduler.name)) or set()
     if "alpha_tokens" in fields:
         snic_tokens_per_s = cfg.nics.snic_bytes_per_s / kv_bytes_per_token
         kw.setdefault("alpha_tokens", max(1, int(3.0 * snic_tokens_per_s)))
