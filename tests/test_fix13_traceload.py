@@ -220,6 +220,17 @@ def _damage(rng: random.Random, doc: dict) -> str:
     return kind
 
 
+def _same_outcome(path, where) -> bool:
+    """Old and new loads of `path` end alike: the same error (type and message; True) or the same trajectories."""
+    old, new = _load_both(path)
+    if isinstance(old, tuple):
+        assert new == old, where
+        return True
+    assert not isinstance(new, tuple), (where, new)
+    _assert_same(old, new)
+    return False
+
+
 def test_damaged_sessions_give_the_same_error_as_before(tmp_path):
     """300 random sessions with 0 to 3 damaged requests (an earlier and a later one damaged too): the same error
     (type and message), or the same trajectories."""
@@ -230,13 +241,7 @@ def test_damaged_sessions_give_the_same_error_as_before(tmp_path):
         kinds = [_damage(rng, doc) for _ in range(rng.choice([0, 1, 1, 2, 3]))]
         path = tmp_path / f"trace_{case:03d}.json"
         path.write_text(json.dumps(doc))
-        old, new = _load_both(path)
-        if isinstance(old, tuple):
-            errors += 1
-            assert new == old, (case, kinds)
-        else:
-            assert not isinstance(new, tuple), (case, kinds, new)
-            _assert_same(old, new)
+        errors += _same_outcome(path, (case, kinds))
     assert errors >= 150  # (most damage is an error; the rest must load the same)
 
 
@@ -260,13 +265,7 @@ def test_damaged_mooncake_lines_give_the_same_error_as_before(tmp_path):
             lines.append(json.dumps(row))
         path = tmp_path / f"trace_{case:03d}.jsonl"
         path.write_text("\n".join(lines) + "\n")
-        old, new = _load_both(path)
-        if isinstance(old, tuple):
-            errors += 1
-            assert new == old, (case, kinds)
-        else:
-            assert not isinstance(new, tuple), (case, kinds, new)
-            _assert_same(old, new)
+        errors += _same_outcome(path, (case, kinds))
     assert errors >= 50
 
 
