@@ -177,3 +177,29 @@ def test_readme_model_runner_signature_matches():
     bare = inspect.Signature([p.replace(annotation=inspect.Parameter.empty) for p in params])
     actual = [p.strip() for p in str(bare)[1:-1].split(",")]  # "config", "params=None", "*", "seed=0", ...
     assert documented == actual[: len(documented)]
+
+
+def test_readme_backend_of_ones_own_recipe_runs(monkeypatch, base):
+    """Fix pass 14: the Transports section's recipe for a backend of one's own (missing before) runs as written: its
+    backend registers, is built by `make_transport` with a setting of its own, passes conformance tests, and is taken
+    by `config.transport`; its command names the variable the conformance suite reads."""
+    import test_transport_conformance as conformance
+
+    from dualpath_jax.runtime.config import validate
+    from transport import TRANSPORTS
+
+    heading = "### A transport backend of one's own"
+    monkeypatch.setattr(TRANSPORTS, "_entries", dict(TRANSPORTS._entries))  # (the registration is the test's only)
+    ns: dict = {}
+    exec(python_block(heading), ns)  # noqa: S102 - the README's own code
+    assert ns["pe"].closed and ns["de"].closed and ns["pe"].backend == "myfabric"
+    assert [ep._pools["low"]._max_workers for ep in (ns["pe"], ns["de"])] == [2, 1]  # (its own setting, its default)
+    a, b = conformance.make_pair("myfabric")
+    try:
+        conformance.test_notifications((a, b))
+    finally:
+        a.close()
+        b.close()
+    validate(base.replace(transport="myfabric"))
+    commands = re.search(r"```bash\n(.*?)```", readme_section(heading), re.S).group(1)
+    assert f"{conformance.BACKENDS_ENV}=my_transports:myfabric " in commands

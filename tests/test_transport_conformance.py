@@ -1,13 +1,24 @@
 """Conformance suite every transport backend runs (DESIGN.md "Contracts: Transport").
 
-Parametrized over the registered backends; "rdma" skips with the reason when pyverbs or an RDMA device is
+Parametrized over the built-in backends; "rdma" skips with the reason when pyverbs or an RDMA device is
 missing. Cross-process TCP cases live in test_transport_tcp.py.
+
+A backend of one's own runs every test "inproc" runs, named as `module:backend` in DUALPATH_TRANSPORT_BACKENDS
+(comma-separated; the module, importable from the repo root or PYTHONPATH, registers it in `transport.TRANSPORTS`):
+
+    DUALPATH_TRANSPORT_BACKENDS=my_transports:shm pytest -q tests/test_transport_conformance.py -k shm
+
+Its class must take `name` and `pacer` keywords (what `make_pair` passes `make_transport`, as the runtime's launchers
+do), and fail the transfers to a peer that closed within a few seconds (tcp's watchdog is given `timeout_s=5` here).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import itertools
+import os
+import re
 import threading
 import time
 
@@ -20,13 +31,44 @@ from transport.base import (
     PeerLostError,
     RegionError,
     TransferFuture,
+    Transport,
     TransportClosedError,
     TransportError,
     combine_futures,
     complete_quietly,
 )
 
-BACKENDS = ["inproc", "tcp", "rdma"]
+BACKENDS_ENV = "DUALPATH_TRANSPORT_BACKENDS"
+
+
+def named_backends(spec: str) -> list[str]:
+    """The backends `spec` names ("module:backend,..."), each module imported (it registers its backends); errors
+    name the variable and the entry."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        module, sep, name = item.partition(":")
+        if not sep or not module or not name:
+            raise ValueError(f"{BACKENDS_ENV}: {item!r} is not 'module:backend' (e.g. my_transports:shm)")
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ImportError(f"{BACKENDS_ENV}: cannot import module {module!r} (for backend {name!r}): {e}") from e
+        if name not in TRANSPORTS:
+            raise KeyError(
+                f"{BACKENDS_ENV}: module {module!r} registers no transport {name!r}; registered: "
+                f"{', '.join(TRANSPORTS.names())}"
+            )
+        out.append(name)
+    return out
+
+
+# The backends of one's own (DUALPATH_TRANSPORT_BACKENDS) run where "inproc" does: every backend test, and the ones
+# parametrized over the backends that run on any host (LOCAL).
+OWN_BACKENDS = [b for b in named_backends(os.environ.get(BACKENDS_ENV, "")) if b not in ("inproc", "tcp", "rdma")]
+BACKENDS = ["inproc", "tcp", "rdma", *OWN_BACKENDS]
+LOCAL = ["inproc", "tcp", *OWN_BACKENDS]
 _names = itertools.count()
 
 
@@ -65,7 +107,7 @@ def pair(backend):
 
 def test_backends_registered():
     assert {"inproc", "tcp", "rdma"} <= set(TRANSPORTS.names())
-    with pytest.raises(KeyError, match="known: inproc, rdma, tcp"):
+    with pytest.raises(KeyError, match=re.escape(f"known: {', '.join(TRANSPORTS.names())}")):  # (with one's own)
         make_transport({"backend": "carrier-pigeon", "name": "x"})
     with pytest.raises(KeyError, match="'backend' field"):
         make_transport({"name": "x"})
@@ -81,7 +123,7 @@ def test_backends_registered():
         ep.close()
 
 
-@pytest.mark.parametrize("backend", ["inproc", "tcp"])
+@pytest.mark.parametrize("backend", LOCAL)
 def test_endpoint_names_and_waiting_for_a_peer(backend):
     """An endpoint needs a non-empty name; waiting for a peer that never connects times out naming it."""
     with pytest.raises(ValueError, match="transport endpoint name must be a non-empty string"):
@@ -292,7 +334,7 @@ def _raises_within(fn, seconds: float = 5.0) -> BaseException | None:
     return got[0]
 
 
-@pytest.mark.parametrize("backend", ["inproc", "tcp"])
+@pytest.mark.parametrize("backend", LOCAL)
 def test_a_nan_timeout_is_refused_not_a_wait_forever(backend):
     """A NaN timeout never expires (every comparison with it is false): waits refuse it instead of spinning."""
     ep = make_transport({"backend": backend, "name": f"nan-{backend}"})
@@ -310,7 +352,7 @@ def test_a_nan_timeout_is_refused_not_a_wait_forever(backend):
         ep.close()  # also ends a wait that ignored the NaN
 
 
-@pytest.mark.parametrize("backend", ["inproc", "tcp"])
+@pytest.mark.parametrize("backend", LOCAL)
 def test_priorities_high_overtakes_low(backend):
     """With the sender's CNIC paced (99:1), a small high-priority write finishes while a big low-priority
     write is still in flight: the backend keeps the classes in separate queues."""
@@ -391,7 +433,7 @@ def test_close_fails_pending_transfers(backend):
     b.close()
 
 
-@pytest.mark.parametrize("backend", ["inproc", "tcp"])
+@pytest.mark.parametrize("backend", LOCAL)
 @pytest.mark.parametrize("closing", ["sender", "receiver"])
 def test_close_stops_a_paced_transfer_in_flight(backend, closing):
     """Closing either endpoint in the middle of a paced write fails the write and stops it: no more bytes are
@@ -445,9 +487,12 @@ def test_write_completes_only_after_its_bytes_landed(pair):
 
 # ---- write_many: a batch of one-sided writes with one completion --------------------------------------------
 
-# Backends that check every entry's remote range before posting any (the base default, used by rdma, checks the
-# local ranges up front and the remote ones as it posts each write).
-REMOTE_CHECKED_UP_FRONT = {"inproc", "tcp"}
+
+def checks_remote_up_front(ep: Transport) -> bool:
+    """Whether `ep`'s backend checks every `write_many` entry's remote range before posting any: it overrides
+    `Transport._check_remote_range` (inproc, tcp, rdma); the base default checks the local ranges up front and the
+    remote ones as it posts each write."""
+    return type(ep)._check_remote_range is not Transport._check_remote_range
 
 
 def test_write_many_lands_every_entry(pair):
@@ -535,7 +580,7 @@ def test_write_many_completes_only_after_its_bytes_landed(pair):
     np.testing.assert_array_equal(dst, src.reshape(-1))
 
 
-def test_write_many_bad_entries_name_the_entry(pair, backend):
+def test_write_many_bad_entries_name_the_entry(pair):
     a, b = pair
     a.register("src", np.arange(100, dtype=np.uint8))
     dst = np.zeros(50, np.uint8)
@@ -556,7 +601,7 @@ def test_write_many_bad_entries_name_the_entry(pair, backend):
     for entries, err, match in local_cases + remote_cases:
         with pytest.raises(err, match=match):
             a.write_many(b.name, entries).result(10)
-        if (entries, err, match) in local_cases or backend in REMOTE_CHECKED_UP_FRONT:
+        if (entries, err, match) in local_cases or checks_remote_up_front(a):
             assert not dst.any(), f"{entries}: an entry was written although the batch was refused"
     with pytest.raises(TypeError, match="sequence of 5-tuples"):
         a.write_many(b.name, "src")

@@ -293,9 +293,20 @@ class Transport(abc.ABC):
     Nothing is promised across classes (a high-class write may overtake a low-class one: that is what the
     classes are for), across peers, between messages and transfers, or about the order in which futures
     complete; transfers to different peers or of different classes may run concurrently.
+
+    A backend of one's own (README "A transport backend of one's own"): subclass, set `backend`, register the class in
+    `TRANSPORTS` under that name at the top level of an importable module, and implement the abstract members
+    (`address`, `connect`, `peers`, `disconnect`, `write`, `read`, `send`, `_shutdown`; `write_many`,
+    `_check_remote_range`, `_on_register` / `_on_deregister` optionally). `__init__` takes `name` and `pacer` as
+    keywords (what `make_transport`'s overrides and the runtime's launchers pass; they pass nothing else, so other
+    settings need defaults) and calls `Transport.__init__(name, pacer)`; the config's other fields are its keywords.
+    Transfers return futures that fail with `TransportError`s (never hang), pace each chunk through `_paced_chunks`,
+    land in the peer's region as registered when the bytes arrive, and keep the ordering above; `close` fails what is
+    pending and moves no byte afterwards. tests/test_transport_conformance.py runs on it with
+    DUALPATH_TRANSPORT_BACKENDS=module:name.
     """
 
-    #: The backend's registry name ("inproc", "tcp", "rdma").
+    #: The backend's registry name ("inproc", "tcp", "rdma", or one's own).
     backend: str = ""
 
     def __init__(self, name: str, pacer: Pacer | None = None):
@@ -824,12 +835,19 @@ def combine_futures(futs: Sequence[Future], result: Any, into: Future | None = N
 def make_transport(config: Mapping[str, Any] | Any, **overrides: Any) -> Transport:
     """Build a transport from a config: `{"backend": "tcp", "name": "pe0", ...backend kwargs}`.
 
-    Works with dicts and `ml_collections.ConfigDict`s; `overrides` (e.g. `pacer=`) take precedence. The
-    error for an unknown backend lists the registered ones.
+    Works with dicts and `ml_collections.ConfigDict`s; `overrides` (e.g. `pacer=`) take precedence. The other fields
+    are the backend class's keyword arguments. The error for an unknown backend lists the registered ones; a field the
+    class does not take, or a required one missing, is a `TypeError` naming the backend and the fields it takes.
     """
     import transport  # noqa: F401  (registers the built-in backends)
 
-    cfg = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if not isinstance(config, Mapping):  # (a list was "dictionary update sequence element #0 has length 7")
+        raise TypeError(
+            f"transport config must be a mapping (a dict or an ml_collections.ConfigDict), got {type(config).__name__}"
+        )
+    cfg = dict(config)
     cfg.update(overrides)
     try:
         backend = cfg.pop("backend")
@@ -838,7 +856,32 @@ def make_transport(config: Mapping[str, Any] | Any, **overrides: Any) -> Transpo
             f"transport config needs a 'backend' field (one of {TRANSPORTS.names()}); got {sorted(cfg)}"
         ) from None
     cls = TRANSPORTS.get(backend)
+    _check_fields(backend, cls, cfg)
     return cls(**cfg)
+
+
+def _check_fields(backend: str, cls: Any, cfg: Mapping[str, Any]) -> None:
+    """A `TypeError` naming the backend and the fields its class takes if `cfg` has one it does not take or lacks a
+    required one (it was the class's own "__init__() got an unexpected keyword argument", naming no backend)."""
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):  # no signature to check against: the call itself says what is wrong
+        return
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    takes = [p.name for p in params if p.kind in named]
+    problems = []
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        unknown = [k for k in cfg if k not in takes]
+        if unknown:
+            problems.append(f"unexpected field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}")
+    missing = [p.name for p in params if p.kind in named and p.default is p.empty and p.name not in cfg]
+    if missing:
+        problems.append(f"missing field{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
+    if problems:
+        raise TypeError(
+            f"transport config of backend {backend!r}: {'; '.join(problems)} "
+            f"({getattr(cls, '__name__', repr(cls))} takes: {', '.join(takes)})"
+        )
 
 
 ProgressCallback = Callable[[int], None]

@@ -26,7 +26,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 LAUNCHERS = ("inprocess", "local", "ray")
-TRANSPORT_NAMES = ("inproc", "tcp", "rdma")  # rdma: pyverbs and an RDMA device (checked by `validate`)
+# The built-in transports (rdma: pyverbs and an RDMA device, checked by `validate`). `config.transport` may also name a
+# backend of one's own registered in `transport.TRANSPORTS` by a module the config file imports (launcher 'inprocess').
+TRANSPORT_NAMES = ("inproc", "tcp", "rdma")
 # Least share of a CNIC either priority class may be given: the SFQ tags (bytes / share) of a smaller one overflow or
 # swallow the other class's increments within a run.
 MIN_CLASS_SHARE = 1e-6
@@ -281,8 +283,7 @@ def validate(
         )
     if cfg.launcher not in LAUNCHERS:
         raise ConfigError(f"config.launcher {cfg.launcher!r} unknown; known: {', '.join(LAUNCHERS)}")
-    if cfg.transport not in TRANSPORT_NAMES:
-        raise ConfigError(f"config.transport {cfg.transport!r} unknown; known: {', '.join(TRANSPORT_NAMES)}")
+    _validate_transport(cfg)
     if cfg.launcher != "inprocess" and cfg.transport == "inproc":
         raise ConfigError("config.transport 'inproc' needs config.launcher='inprocess' (engines in one process)")
     _validate_rdma_fields(cfg)
@@ -506,6 +507,47 @@ def check_policy_run(
             f"the blocks the runtime stores and reads: leave it out (it defaults to {block_where})"
         )
     return config
+
+
+def _validate_transport(cfg: RuntimeConfig) -> None:
+    """`config.transport` is a registered backend (the built-ins, or one of one's own) that the launchers can build:
+    `make_transport({"backend": ..., "name": ...}, pacer=...)` (`launcher.endpoint_spec`; rdma adds `config.rdma`), in
+    node processes that know it (a backend of one's own only with launcher 'inprocess': the others' node processes
+    are not told to import its module, `launcher.batcher_modules` does that for a batcher only)."""
+    import inspect
+
+    from transport import TRANSPORTS  # (registers the built-ins; no pyverbs, no jax)
+
+    try:
+        cls = TRANSPORTS.get(cfg.transport)
+    except KeyError as e:  # (was checked against TRANSPORT_NAMES: no backend of one's own could be named)
+        hint = e.args[0].partition(repr(cfg.transport))[2]  # " (did you mean 'tcp'?); known: ..."
+        raise ConfigError(f"config.transport {cfg.transport!r} unknown{hint}") from None
+    if cfg.transport in TRANSPORT_NAMES:
+        return
+    cls_name = getattr(cls, "__name__", repr(cls))
+    if cfg.launcher != "inprocess":
+        raise ConfigError(
+            f"config.transport {cfg.transport!r} ({cls_name} of module {getattr(cls, '__module__', '?')}) needs "
+            f"config.launcher='inprocess': the {cfg.launcher!r} launcher's node processes are not told to import the "
+            f"module that registered it (as they are a batcher's), so they know only the built-in transports "
+            f"({', '.join(TRANSPORT_NAMES)}) and each failed with 'unknown transport'"
+        )
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # (no signature: nothing to check before the launchers build it)
+        return
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    needs = [p.name for p in params if p.kind in named and p.default is p.empty and p.name != "name"]
+    lacks = [f"also needs: {', '.join(needs)}"] if needs else []
+    for arg in ("name", "pacer"):
+        if not any(p.name == arg and p.kind in named or p.kind is p.VAR_KEYWORD for p in params):
+            lacks.append(f"takes no {arg}= argument")
+    if lacks:
+        raise ConfigError(
+            f"config.transport {cfg.transport!r}: the launchers build each endpoint from its name and pacer only, and "
+            f"{cls_name} {'; '.join(lacks)}"
+        )
 
 
 # `transport.rdma.RdmaTransport` argument -> its field of `config.rdma`
