@@ -9,6 +9,7 @@ The files (`read_turns` / `read_links` read both kinds back): the simulator's tu
 one zero-byte row with t0 = t1 = 0, as the runtime's idle SNIC); the runtime's turns_<policy>.json (`write_json`: "summary",
 "turns" with null for NaN, "links" in 0.1 s bins, an idle SNIC as one zero-byte sample with t0 == t1). Units: times
 and durations in s (`*_s`; TPOT too), rates per s (`*_per_s`), sizes in bytes (`*_bytes`, `nbytes`, link totals).
+Beside them every launcher writes run.json (`run_info`, `write_run_info`): what ran, and the line to run it again.
 """
 
 from __future__ import annotations
@@ -344,3 +345,157 @@ def read_links(path: str) -> list[LinkBytes]:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
     return out
+
+
+# ----------------------------------------------------------------------- what ran: run.json beside a launcher's results
+RUN_FILE = "run.json"
+# Distributions whose versions a run records (where installed): the package's pins (setup.cfg) and the build / extras
+# that can change a result or how it is written.
+_VERSIONED = (
+    "dualpath-jax",
+    "numpy",
+    "jax",
+    "jaxlib",
+    "flax",
+    "orbax-checkpoint",
+    "chex",
+    "ml-collections",
+    "absl-py",
+    "tqdm",
+    "xxhash",
+    "Cython",
+    "matplotlib",
+    "safetensors",
+    "ray",
+)
+# Environment variables that change what runs (the compiled switch, the traces' place, JAX / XLA settings, hashing)
+_ENV_PREFIXES = ("DUALPATH_", "JAX_", "XLA_")
+_ENV_NAMES = ("PYTHONHASHSEED", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+def run_info(module: str, started: float, *, rerun_args: Sequence[str] = (), traces: Iterable = (), **extra) -> dict:
+    """What ran, for `run.json` beside a launcher's results (`write_run_info`): the command line (`command`, from
+    `cwd`, with `env`), every flag of the launcher `module` with its value (the `--config` file and its overrides),
+    versions, the git commit of the checkout it ran from and its changed files, the host, the start time (UTC;
+    `started`: time.time() when the launcher began) and wall time, each trace read (`traces`: paths as configured;
+    size and sha256), and the launcher's `extra` (its resolved config, seeds). `rerun` is the command to paste to run
+    it again: `command` in `cwd` with `env`, and `rerun_args` after it (the last of a flag given twice wins: e.g. an
+    --output_dir of its own, so a re-run does not write over these results)."""
+    import datetime
+    import os
+    import platform
+    import shlex
+    import sys
+    import time
+
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
+    command = shlex.join(["python", "-m", module, *sys.argv[1:]])
+    rerun = [f"cd {shlex.quote(os.getcwd())} &&", *(f"{k}={shlex.quote(v)}" for k, v in env.items()), command]
+    info = {
+        "command": command,
+        "rerun": " ".join(rerun + [shlex.quote(a) for a in rerun_args]),
+        "cwd": os.getcwd(),
+        "env": env,
+        "flags": _launcher_flags(module),
+        "started_utc": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds"),
+        "wall_s": time.time() - started,
+        "host": {"name": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "versions": {"python": platform.python_version(), **_versions()},
+        "git": git_state(),
+        "traces": [trace_digest(p) for p in dict.fromkeys(str(p) for p in traces if p)],
+        **extra,
+    }
+    return json_safe(info)
+
+
+def write_run_info(directory: str, info: dict) -> str:
+    """`info` (`run_info`) as `directory`/run.json; returns its path."""
+    import os
+
+    path = os.path.join(directory, RUN_FILE)
+    with open(path, "w") as f:
+        json.dump(info, f, indent=1, default=str)
+    return path
+
+
+def _launcher_flags(module: str) -> dict:
+    """Every flag the launcher defines (absl's key flags of `module`, or of the script when run as __main__) with
+    the value it ran with; an ml_collections `--config` as its file and `--config.*` overrides."""
+    import sys
+
+    from absl import flags
+
+    out = {}
+    if not flags.FLAGS.is_parsed():
+        return out
+    for name in (module, sys.argv[0]):
+        for fl in flags.FLAGS.get_key_flags_for_module(name):
+            if hasattr(fl, "config_filename"):  # ml_collections: the file as given (with its :variant), the overrides
+                out[fl.name] = {"file": fl.config_filename, "overrides": dict(fl.override_values or {})}
+            else:
+                out[fl.name] = fl.value
+    return dict(sorted(out.items()))
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    import dualpath_jax
+
+    out = {"dualpath_jax": getattr(dualpath_jax, "__version__", None)}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # (an optional extra not installed)
+            pass
+    return out
+
+
+def git_state(root: str | None = None) -> dict | None:
+    """The commit of the git checkout this package runs from (`root`: its repository) and its changed files (`git
+    status --porcelain`; `dirty`: any), or None when it runs from no checkout (an installed package); where git
+    cannot say, the commit is None and `error` says why."""
+    import os
+    import subprocess
+
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+
+    def git(*args: str) -> str:
+        # --no-optional-locks: status only reads (it would refresh the index under its lock: a commit beside the run
+        # could find the lock taken)
+        cmd = ["git", "--no-optional-locks", "-C", root, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        changed = git("status", "--porcelain").splitlines()
+    except (OSError, subprocess.SubprocessError) as e:  # no git, not a repository git can read, a timeout
+        return {"commit": None, "error": f"{type(e).__name__}: {e}"}
+    return {"commit": commit, "dirty": bool(changed), "changed": changed[:200]}
+
+
+def trace_digest(path) -> dict:
+    """A trace as a run reads it (`path` as configured, found as the loaders find it: as given, else under
+    $DUALPATH_TRACES): its resolved path, files, bytes and sha256 (a file's own; a directory's: of the `sha256sum`
+    lines of its files in name order, i.e. `sha256sum * | sha256sum` there). A path that cannot be read: `error`."""
+    import hashlib
+
+    from dualpath_jax.workloads.traces import resolve_trace_path
+
+    try:
+        p = resolve_trace_path(path)
+        files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+        lines, size = [], 0
+        for f in files:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            size += f.stat().st_size
+            lines.append(f"{h.hexdigest()}  {f.name}\n")
+    except OSError as e:
+        return {"path": str(path), "error": f"{type(e).__name__}: {e}"}
+    digest = hashlib.sha256("".join(lines).encode()).hexdigest() if p.is_dir() else lines[0].split()[0]
+    return {"path": str(path), "resolved": str(p.resolve()), "files": len(files), "bytes": size, "sha256": digest}

@@ -157,9 +157,25 @@ def fields_line(kwargs: dict) -> str | None:
     return f"policy fields: {'; '.join(given)} (every field each ran with: results.json policy_config)"
 
 
+def token_rows(tokens: dict) -> list:
+    """A run's greedy tokens ((trajectory, turn) -> ids) as [trajectory, turn, [ids]] rows in (trajectory, turn)
+    order: turns_<policy>.json's `tokens`."""
+    return [[int(t), int(i), [int(x) for x in tokens[(t, i)]]] for t, i in sorted(tokens)]
+
+
+def tokens_sha256(tokens: dict) -> str:
+    """sha256 of a run's greedy tokens, one line `trajectory turn id id ...` per turn in (trajectory, turn) order:
+    results.json's greedy_tokens.sha256, the same for two runs that generated the same tokens."""
+    import hashlib
+
+    text = "".join(" ".join(map(str, [t, i, *ids])) + "\n" for t, i, ids in token_rows(tokens))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    started = time.time()  # (run.json: the start and the wall time)
     import jax
     from tqdm import tqdm
 
@@ -260,6 +276,7 @@ def main(argv):
                 policy=p,
                 policy_kwargs=given_kwargs[p],
                 policy_config=run_kwargs[p],
+                tokens=token_rows(res.tokens),  # the greedy tokens, to compare a re-run's with (README "What ran")
             )
     except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): finished ones kept
         if not results:  # nothing finished: no empty results directory left behind (a Ctrl-C in the warm-up left one)
@@ -291,6 +308,7 @@ def main(argv):
     if failed:
         table += "\n" + failed
     print(table)
+    agreement_info["sha256"] = {p: tokens_sha256(r.tokens) for p, r in results.items()}
     summary = {
         "failed": failed,
         "greedy_tokens": agreement_info,
@@ -313,6 +331,12 @@ def main(argv):
         f.write(table + "\n")
     if config.plot and plot(results, os.path.join(out_dir, "run.png")):
         logging.info("plot: %s", os.path.join(out_dir, "run.png"))
+    # what ran (a re-run of its `command` makes a results directory of its own)
+    w = base.workload
+    traces = [w.trace] if w.kind == "trace" else []
+    devices = [str(d) for d in jax.devices()]
+    info = metrics.run_info("experiments.run", started, traces=traces, devices=devices, config=config.to_dict())
+    metrics.write_run_info(out_dir, info)
     logging.info("results written to %s", out_dir)
     if failed:
         raise SystemExit(failed)

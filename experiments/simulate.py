@@ -1,4 +1,4 @@
-"""Simulate one cluster setup: prints a table, writes summary.json / turns.csv / links.csv / plot.png.
+"""Simulate one cluster setup: prints a table, writes summary.json / turns.csv / links.csv / plot.png / run.json.
 
   python -m experiments.simulate --config=configs/paper_ds660b.py --config.scheduler.name=dualpath
   python -m experiments.simulate --config=configs/paper_ds660b.py:basic,dataset=48K,agents=1024
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import os
 import platform
 import time
 from collections.abc import Sequence
@@ -116,7 +117,8 @@ def ran_config(cfg_dict: dict, sc, output_dir: str) -> dict:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
-    from dualpath_jax import compiled
+    started = time.time()  # (run.json: the start and the wall time)
+    from dualpath_jax import compiled, metrics
     from dualpath_jax.sim import config as sim_config
     from dualpath_jax.sim import outputs, runner
     from dualpath_jax.sim.configs_io import variant_fields
@@ -185,7 +187,20 @@ def main(argv: Sequence[str]) -> None:
     rows += [(k, result.stats[k]) for k in STAT_KEYS]
     print(format_table(rows))
     try:
-        paths = outputs.write_results(result, out, ran_config(cfg_dict, result.config, out), plot=_PLOT.value)
+        ran = ran_config(cfg_dict, result.config, out)
+        paths = outputs.write_results(result, out, ran, plot=_PLOT.value)
+        # what ran, and the line that runs it again into a directory of its own (README "What ran")
+        w = result.config.workload
+        info = metrics.run_info(
+            "experiments.simulate",
+            started,
+            rerun_args=[f"--output_dir={os.path.join(os.path.abspath(out), 'rerun')}"],
+            traces=[w.trace_path] if w.kind == "trace" else [],
+            seed=result.config.seed,
+            compiled=result.stats.get("compiled"),
+            config=ran,
+        )
+        paths["run"] = metrics.write_run_info(out, info)
     except KeyboardInterrupt:  # the files are written one after the other: say that they are not one run's results
         raise SystemExit(
             f"simulate: interrupted (Ctrl-C) while writing the results; the files in {out} are incomplete "

@@ -5,9 +5,10 @@
   python -m experiments.sweep --setups=configs/sim_tiny.py --modes=basic,dualpath --loads=aps=0.2,aps=0.5
   python -m experiments.sweep --setups=configs/paper_ds660b.py --modes=dualpath_rr,dualpath --seeds=0,1,2,3
 
-Each cell is `<setup>:<mode>,<load>` (configs/sim_base.py variant syntax). Writes sweep.csv, sweep.json and
-sweep.png (per setup: JCT, TTFT, storage-NIC max/avg and, online, SLO attainment over the loads, a line per
-mode) under --output_dir (default results/sweep) and prints the table. A directory that holds an earlier sweep's
+Each cell is `<setup>:<mode>,<load>` (configs/sim_base.py variant syntax). Writes sweep.csv, sweep.json (each row
+with its cell's `spec`), run.json (what ran: dualpath_jax.metrics.run_info) and sweep.png (per setup: JCT, TTFT,
+storage-NIC max/avg and, online, SLO attainment over the loads, a line per mode) under --output_dir (default
+results/sweep) and prints the table. A directory that holds an earlier sweep's
 sweep.csv / sweep.json is refused unless --overwrite (its results are not replaced).
 """
 
@@ -136,6 +137,7 @@ def run_grid(cells: Sequence[tuple[str, str, str, str, str]], workers: int) -> l
             # the seed as the finished rows have it, a number (it was --seeds' text: "1" beside 1 in sweep.json)
             row = {"setup": setup, "mode": mode, "load": load, "seed": int(seed) if seed else None, "error": error}
         row["setup"] = names[setup]
+        row["spec"] = cell_spec(*c)  # what the cell ran, as one `file:variant` (sweep.json; not a sweep.csv column)
         rows.append(row)
     return rows
 
@@ -194,6 +196,7 @@ def _fmt(v) -> str:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    started = time.time()  # (run.json: the start and the wall time)
     import numpy
 
     logging.info("python %s, numpy %s", platform.python_version(), numpy.__version__)
@@ -219,7 +222,7 @@ def main(argv: Sequence[str]) -> None:
     ]
     with SigtermAsInterrupt() as term:
         try:
-            _check_cells(cells)
+            traces = _check_cells(cells)
         except Terminated:
             raise SystemExit("sweep: stopped by SIGTERM before any cell ran (nothing written)") from None
         writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the grid runs, not after
@@ -227,31 +230,36 @@ def main(argv: Sequence[str]) -> None:
         no_earlier_results_or_exit(_OUTPUT_DIR.value, ("sweep.csv", "sweep.json"), "--output_dir", _OVERWRITE.value)
         rows = run_grid(cells, _WORKERS.value)
         term.raising = False  # SIGTERM from here on: noted, and the exit comes after the results are written
-        _write_results(rows, cells, term)
+        _write_results(rows, cells, term, started, traces)
 
 
-def _check_cells(cells) -> None:
+def _check_cells(cells) -> list[str]:
     """Every cell's simulator is built first (config, workload, and the check that every turn fits a DE): a bad cell
-    stops the sweep before anything runs."""
+    stops the sweep before anything runs. Returns the trace paths the cells read (run.json)."""
     from dualpath_jax.sim import load_sim_config
     from dualpath_jax.sim.configs_io import ConfigFileError
     from dualpath_jax.sim.runner import build_simulator
 
+    traces = []
     for c in cells:
         try:
-            build_simulator(load_sim_config(cell_spec(*c), as_run=True))
+            cfg = load_sim_config(cell_spec(*c), as_run=True)
+            build_simulator(cfg)
         except ConfigFileError as e:  # the --setups file itself does not load (not Python, no get_config, ...)
             raise SystemExit(f"bad config: {e}") from None
         except (ValueError, KeyError) as e:
             raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {e.args[0] if e.args else e}") from None
         except SystemExit as e:  # the setup's own sys.exit (0 ended the sweep "successfully", with nothing run)
             raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {error_line(e)}") from None
+        if cfg.workload.kind == "trace":
+            traces.append(cfg.workload.trace_path)
+    return traces
 
 
-def _write_results(rows: list[dict], cells, term: SigtermAsInterrupt) -> None:
-    """sweep.csv / sweep.json / sweep.png of `rows` (the failed cells' rows say why), the table; then a failing exit
-    naming the failed cells, or saying that SIGTERM stopped the sweep (`term.got`)."""
-    from dualpath_jax.metrics import json_safe
+def _write_results(rows: list[dict], cells, term: SigtermAsInterrupt, started: float, traces: list[str]) -> None:
+    """sweep.csv / sweep.json / sweep.png / run.json of `rows` (the failed cells' rows say why), the table; then a
+    failing exit naming the failed cells, or saying that SIGTERM stopped the sweep (`term.got`)."""
+    from dualpath_jax.metrics import json_safe, run_info, write_run_info
 
     for r in rows:  # (run_jobs stopped the cells as for Ctrl-C)
         if "error" in r:
@@ -274,6 +282,10 @@ def _write_results(rows: list[dict], cells, term: SigtermAsInterrupt) -> None:
         os.remove(png)
         logging.info("removed %s: an earlier sweep's plot (none was drawn for this one)", png)
     print("wrote", os.path.join(_OUTPUT_DIR.value, "sweep.csv"))
+    # what ran, and the line that runs it again into a directory of its own (README "What ran")
+    rerun = [f"--output_dir={os.path.join(os.path.abspath(_OUTPUT_DIR.value), 'rerun')}"]
+    info = run_info("experiments.sweep", started, rerun_args=rerun, traces=traces, cells=[cell_spec(*c) for c in cells])
+    print("wrote", write_run_info(_OUTPUT_DIR.value, info))
     stopped = (
         f"sweep: stopped by SIGTERM; the {len(rows) - len(failed)} finished cells of {len(rows)} are in "
         f"{os.path.join(_OUTPUT_DIR.value, 'sweep.csv')}\n"
