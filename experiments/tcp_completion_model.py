@@ -1,0 +1,225 @@
+"""How much of the TCP transport's gap on single small writes is the completion structure itself?
+
+    python -m experiments.tcp_completion_model                       # 64 KiB writes, 16 in flight, 3 repeats
+    python -m experiments.tcp_completion_model --size=41984 --window=64
+
+A model in plain sockets, no transport code: a sender process posts `--count` frames (a 48-byte header and
+`--size` bytes of payload, one `sendmsg` each) with at most `--window` unacknowledged, to a receiver process that
+lands each payload in one reused region and acknowledges what landed whenever its socket drains (one ack frame for
+every write since the last, as `transport.tcp` does). Three senders, interleaved in each repeat, beside the raw
+socket baseline of `bench_io` (the same bytes streamed, one ack a round) and the real `TcpTransport`:
+  ack thread     completions handed over as the transport does: a second thread reads the ack frames and
+                 releases each write's lock, and the posting thread waits on the oldest write's lock;
+  waiter polls   the posting thread reads the ack frames itself when its window is full (no second thread,
+                 no hand-over): the best a one-thread Python writer could do with this receiver.
+The ratio of each to the raw socket (best of the repeats) bounds what changing the transport's completion
+structure could give (README, Transports "Known limits").
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing as mp
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("size", 64 * 1024, "payload bytes per write", lower_bound=1)
+flags.DEFINE_integer("count", 8192, "writes per measurement", lower_bound=1)
+flags.DEFINE_integer("window", 16, "writes in flight at most", lower_bound=1)
+flags.DEFINE_integer(
+    "repeats", 3, "interleaved repeats; the best of each is reported", lower_bound=1, allow_override=True
+)
+flags.DEFINE_bool("transport", True, "also measure the real TcpTransport (a peer process of its own)")
+
+HEADER = 48  # bytes, as transport.tcp's frame header
+_ROUND = struct.Struct("!QQQ")  # mode (0 raw, 1 framed), size, count; (0, 0, 0) ends the receiver
+_ACK = struct.Struct("!Q")  # writes acknowledged by one ack frame
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        got = s.recv(n - len(data))
+        if not got:
+            raise ConnectionError("peer closed")
+        data += got
+    return data
+
+
+def receiver(conn) -> None:
+    """The receiving process: raw rounds (count*size bytes, one b"k" at the end) and framed rounds (frames landed
+    in one region, an ack frame with the number landed whenever the socket is drained)."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    conn.send(lst.getsockname()[1])
+    s, _ = lst.accept()
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while True:
+        mode, size, count = _ROUND.unpack(_recv_exact(s, _ROUND.size))
+        if count == 0:
+            return
+        frame = HEADER + size
+        buf = bytearray(max(4 * frame, 1 << 18))
+        view, region = memoryview(buf), memoryview(bytearray(size))
+        if mode == 0:
+            left = count * size
+            while left:
+                n = s.recv_into(view, min(len(buf), left))
+                if n == 0:
+                    return
+                left -= n
+            s.sendall(b"k")
+            continue
+        landed = held = have = 0
+        while landed < count:
+            asked = len(buf) - have
+            try:
+                n = s.recv_into(view[have:], asked, socket.MSG_DONTWAIT)
+            except BlockingIOError:  # drained: acknowledge what landed, then wait for more
+                if held:
+                    s.sendall(_ACK.pack(held))
+                    held = 0
+                n = s.recv_into(view[have:], asked)
+            if n == 0:
+                return
+            have += n
+            start = 0
+            while have - start >= frame:
+                region[:] = view[start + HEADER : start + frame]
+                start += frame
+                landed += 1
+                held += 1
+            if start:
+                view[: have - start] = view[start:have]
+                have -= start
+        if held:
+            s.sendall(_ACK.pack(held))
+
+
+class Model:
+    """The sender side: one connection to a `receiver` process."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=receiver, args=(child,), daemon=True)
+        self.proc.start()
+        self.sock = socket.create_connection(("127.0.0.1", parent.recv()))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        self.sock.sendall(_ROUND.pack(0, 0, 0))
+        self.sock.close()
+        self.proc.join(5)
+
+    def raw(self, payload: memoryview, count: int, window: int) -> float:
+        s, t0 = self.sock, time.perf_counter()
+        s.sendall(_ROUND.pack(0, payload.nbytes, count))
+        for _ in range(count):
+            s.sendall(payload)
+        if s.recv(1) != b"k":
+            raise RuntimeError("receiver did not ack")
+        return time.perf_counter() - t0
+
+    def ack_thread(self, payload: memoryview, count: int, window: int) -> float:
+        s, header = self.sock, bytes(HEADER)
+        s.sendall(_ROUND.pack(1, payload.nbytes, count))
+        posted: collections.deque = collections.deque()  # locks of the writes not acknowledged, oldest first
+        guard = threading.Lock()
+
+        def read_acks() -> None:
+            done = 0
+            while done < count:
+                for (k,) in _ACK.iter_unpack(_recv_exact(s, _ACK.size)):
+                    for _ in range(k):
+                        with guard:
+                            lock = posted.popleft()
+                        lock.release()
+                    done += k
+
+        t0 = time.perf_counter()
+        acker = threading.Thread(target=read_acks)
+        acker.start()
+        inflight: collections.deque = collections.deque()
+        for _ in range(count):
+            if len(inflight) >= window:
+                inflight.popleft().acquire()
+            lock = threading.Lock()
+            lock.acquire()
+            with guard:
+                posted.append(lock)
+            inflight.append(lock)
+            s.sendmsg([header, payload])
+        for lock in inflight:
+            lock.acquire()
+        wall = time.perf_counter() - t0
+        acker.join()
+        return wall
+
+    def waiter_polls(self, payload: memoryview, count: int, window: int) -> float:
+        s, header = self.sock, bytes(HEADER)
+        s.sendall(_ROUND.pack(1, payload.nbytes, count))
+        t0 = time.perf_counter()
+        sent = acked = 0
+        while acked < count:
+            if sent < count and sent - acked < window:
+                s.sendmsg([header, payload])
+                sent += 1
+                continue
+            (k,) = _ACK.unpack(_recv_exact(s, _ACK.size))
+            acked += k
+        return time.perf_counter() - t0
+
+
+def run(size: int, count: int, window: int, repeats: int, transport: bool = True) -> list[dict]:
+    """Rows {case, GBps, ratio} (best of `repeats` interleaved repeats; ratio to the raw socket)."""
+    src = np.ones(size, np.uint8)
+    payload = memoryview(src)
+    model = Model()
+    me = peer = None
+    cases = {"raw socket": model.raw, "ack thread": model.ack_thread, "waiter polls": model.waiter_polls}
+    try:
+        if transport:  # (imported here: a launcher imports no other launcher at its top, tests/test_fix10_flags.py)
+            from experiments.bench_io import _transport_pair, _transport_round
+
+            me, peer = _transport_pair(size)
+            me.register("src", src)
+            cases["TcpTransport"] = lambda p, n, w: _transport_round(me, size, n, w)
+        for fn in cases.values():  # warm-up: connections, first allocations
+            fn(payload, min(count, 256), window)
+        best = dict.fromkeys(cases, float("inf"))
+        for _ in range(repeats):
+            for name, fn in cases.items():
+                best[name] = min(best[name], fn(payload, count, window))
+    finally:
+        model.close()
+        if peer is not None:
+            from transport.peer import PeerProcess
+
+            PeerProcess.call(me, "bench-sink", {"op": "quit"})
+            peer.join()
+        if me is not None:
+            me.close()
+    raw = count * size / best["raw socket"]
+    return [{"case": n, "GBps": count * size / t / 1e9, "ratio": count * size / t / raw} for n, t in best.items()]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    # (read before `run` imports bench_io, whose --repeats then replaces this one's definition)
+    size, count, window, repeats = FLAGS.size, FLAGS.count, FLAGS.window, FLAGS.repeats
+    rows = run(size, count, window, repeats, FLAGS.transport)
+    print(f"\n## Completion structure, {size} B writes, {window} in flight, best of {repeats}\n")
+    print("| case | GB/s | ratio to raw |\n| --- | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['case']} | {r['GBps']:.2f} | {r['ratio']:.2f} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
