@@ -196,6 +196,7 @@ def _plot(out: dict, path: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    started = time.time()  # (run.json: the start and the wall time)
     from dualpath_jax.runtime import driver
     from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
     from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
@@ -381,6 +382,14 @@ def main(argv):
         json.dump(
             metrics.json_safe(out), f, indent=1, default=lambda x: float(x) if isinstance(x, (int, float)) else str(x)
         )
+    # what ran, as the other launchers record it (a re-run of its `command` makes a results directory of its own)
+    import jax
+
+    w = base.workload
+    traces = [w.trace] if w.kind == "trace" else []
+    devices = [str(d) for d in jax.devices()]
+    info = metrics.run_info("experiments.bench_runtime", started, traces=traces, devices=devices, config=out["config"])
+    metrics.write_run_info(out_dir, info)
     logging.info("results written to %s", out_dir)
     if failed:
         raise SystemExit(f"{failed} (the runs that finished are in {out_dir})")

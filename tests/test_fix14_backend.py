@@ -51,6 +51,7 @@ class RingTransport(Transport):
     """An in-process ring endpoint; `address` is ("ring", name)."""
 
     backend = "ring"
+    crosses_processes = False  # (its endpoints meet in this process: the runtime refuses it with other launchers)
 
     def __init__(self, name: str, pacer=None, chunk_bytes: int = CHUNK):
         super().__init__(name, pacer)
@@ -401,18 +402,16 @@ def test_config_takes_a_registered_backend_with_the_inprocess_launcher(base):
         validate(base.replace(transport="inproc", launcher="local"))
 
 
-def test_config_refuses_a_backend_of_ones_own_the_node_processes_would_not_know(base):
-    """The `local` and `ray` launchers' node processes are not told to import the module that registered the backend
-    (as they are a batcher's): one registered by the driver's config file failed every node with "unknown transport"
-    (the check bypassed); refused before anything starts."""
+def test_config_refuses_a_backend_whose_endpoints_stay_in_one_process(base):
+    """A backend whose endpoints meet in one process (`crosses_processes = False`, as the ring here) cannot serve the
+    `local` and `ray` launchers' node processes: refused before anything starts (its nodes failed at connect)."""
     from dualpath_jax.runtime.config import ConfigError, validate
 
     for launcher in ("local", "ray"):
         with pytest.raises(
             ConfigError,
-            match=rf"config.transport 'ring' \(RingTransport of module test_fix14_backend\) needs "
-            rf"config.launcher='inprocess': the '{launcher}' launcher's node processes are not told to import the "
-            r"module that registered it .* know only the built-in transports \(inproc, tcp, rdma\)",
+            match=r"config.transport 'ring' \(RingTransport, crosses_processes=False\) needs "
+            r"config.launcher='inprocess': as 'inproc', its endpoints reach only the endpoints of their own process",
         ):
             validate(base.replace(transport="ring", launcher=launcher))
 

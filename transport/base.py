@@ -294,7 +294,8 @@ class Transport(abc.ABC):
     classes are for), across peers, between messages and transfers, or about the order in which futures
     complete; transfers to different peers or of different classes may run concurrently.
 
-    A backend of one's own (README "A transport backend of one's own"): subclass, set `backend`, register the class in
+    A backend of one's own (README "A transport backend of one's own"): subclass, set `backend` (and
+    `crosses_processes = False` if its endpoints meet only inside one process), register the class in
     `TRANSPORTS` under that name at the top level of an importable module, and implement the abstract members
     (`address`, `connect`, `peers`, `disconnect`, `write`, `read`, `send`, `_shutdown`; `write_many`,
     `_check_remote_range`, `_on_register` / `_on_deregister` optionally). `__init__` takes `name` and `pacer` as
@@ -308,6 +309,9 @@ class Transport(abc.ABC):
 
     #: The backend's registry name ("inproc", "tcp", "rdma", or one's own).
     backend: str = ""
+    #: Whether endpoints in different processes reach each other (False: "inproc", whose endpoints meet in one
+    #: process's fabric); the runtime runs a backend that does not only with `config.launcher='inprocess'`.
+    crosses_processes: bool = True
 
     def __init__(self, name: str, pacer: Pacer | None = None):
         if not isinstance(name, str) or not name:

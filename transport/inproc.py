@@ -191,6 +191,7 @@ class InProcTransport(Transport):
     """Endpoint of the in-process fabric. `address` is the endpoint name."""
 
     backend = "inproc"
+    crosses_processes = False
 
     def __init__(
         self,

@@ -511,10 +511,12 @@ def check_policy_run(
 
 def _validate_transport(cfg: RuntimeConfig) -> None:
     """`config.transport` is a registered backend (the built-ins, or one of one's own) that the launchers can build:
-    `make_transport({"backend": ..., "name": ...}, pacer=...)` (`launcher.endpoint_spec`; rdma adds `config.rdma`), in
-    node processes that know it (a backend of one's own only with launcher 'inprocess': the others' node processes
-    are not told to import its module, `launcher.batcher_modules` does that for a batcher only)."""
+    `make_transport({"backend": ..., "name": ...}, pacer=...)` (`launcher.endpoint_spec`; rdma adds `config.rdma`, the
+    `ray` launcher `host` and `secret`), in node processes that know it: the `local` and `ray` launchers' nodes import
+    the module that registered it (`launcher.transport_modules`, as `launcher.batcher_modules` for a batcher), which
+    a class of the driver's `__main__` is not (the `local` launcher's spawned nodes re-run a script's `__main__`)."""
     import inspect
+    import sys
 
     from transport import TRANSPORTS  # (registers the built-ins; no pyverbs, no jax)
 
@@ -526,27 +528,38 @@ def _validate_transport(cfg: RuntimeConfig) -> None:
     if cfg.transport in TRANSPORT_NAMES:
         return
     cls_name = getattr(cls, "__name__", repr(cls))
-    if cfg.launcher != "inprocess":
+    if cfg.launcher != "inprocess" and not getattr(cls, "crosses_processes", True):
         raise ConfigError(
-            f"config.transport {cfg.transport!r} ({cls_name} of module {getattr(cls, '__module__', '?')}) needs "
-            f"config.launcher='inprocess': the {cfg.launcher!r} launcher's node processes are not told to import the "
-            f"module that registered it (as they are a batcher's), so they know only the built-in transports "
-            f"({', '.join(TRANSPORT_NAMES)}) and each failed with 'unknown transport'"
+            f"config.transport {cfg.transport!r} ({cls_name}, crosses_processes=False) needs "
+            "config.launcher='inprocess': as 'inproc', its endpoints reach only the endpoints of their own process"
         )
+    if cfg.launcher != "inprocess" and getattr(cls, "__module__", None) in ("__main__", "__mp_main__"):
+        # (a spawned node re-runs a script's or module's __main__ as __mp_main__; never python -c's, a notebook's,
+        # nor on Ray's actors)
+        main = sys.modules.get("__main__")
+        rerun = getattr(main, "__file__", None) or getattr(getattr(main, "__spec__", None), "name", None)
+        if cfg.launcher != "local" or not rerun:
+            raise ConfigError(
+                f"config.transport {cfg.transport!r} is registered in __main__ ({cls!r}), which the "
+                f"{cfg.launcher!r} launcher's node processes cannot import: register it in an importable module "
+                "(e.g. my_transports.py on the path, imported by your script or config file)"
+            )
     try:
         params = inspect.signature(cls).parameters.values()
     except (TypeError, ValueError):  # (no signature: nothing to check before the launchers build it)
         return
+    given = ("name", "pacer", "host", "secret") if cfg.launcher == "ray" else ("name", "pacer")
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    needs = [p.name for p in params if p.kind in named and p.default is p.empty and p.name != "name"]
+    needs = [p.name for p in params if p.kind in named and p.default is p.empty and p.name not in given]
     lacks = [f"also needs: {', '.join(needs)}"] if needs else []
-    for arg in ("name", "pacer"):
+    for arg in given:
         if not any(p.name == arg and p.kind in named or p.kind is p.VAR_KEYWORD for p in params):
             lacks.append(f"takes no {arg}= argument")
     if lacks:
+        builders = "the 'ray' launcher builds" if cfg.launcher == "ray" else "the launchers build"
         raise ConfigError(
-            f"config.transport {cfg.transport!r}: the launchers build each endpoint from its name and pacer only, and "
-            f"{cls_name} {'; '.join(lacks)}"
+            f"config.transport {cfg.transport!r}: {builders} each endpoint from its {', '.join(given[:-1])} and "
+            f"{given[-1]} only, and {cls_name} {'; '.join(lacks)}"
         )
 
 

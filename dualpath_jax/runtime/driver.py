@@ -148,7 +148,8 @@ def make_arrival_model(cfg: RuntimeConfig):
 
 
 def policy_kwargs(cfg: RuntimeConfig, kv_bytes_per_token: int, prefill_tokens_per_s: float | None = None) -> dict:
-    """The policy's config, with DualPath's α/β profiled for this emulated cluster when not given.
+    """The policy's config, with DualPath's α/β profiled for this emulated cluster and its seed the workload's
+    (`config.workload.seed`) when not given.
 
     α = tokens one node reads in 3 s through its SNIC; β = prompt tokens one PE processes in 5 s.
     """
@@ -165,6 +166,8 @@ def policy_kwargs(cfg: RuntimeConfig, kv_bytes_per_token: int, prefill_tokens_pe
         kw.setdefault("beta_tokens", max(1, int(5.0 * (prefill_tokens_per_s or 20_000.0))))
     if "block_size" in fields:
         kw.setdefault("block_size", cfg.block_size)
+    if "seed" in fields:  # (`random`'s choices: the workload's seed, as the simulator gives its `config.seed`)
+        kw.setdefault("seed", cfg.workload.seed)
     return kw
 
 

@@ -4,8 +4,9 @@
   transport); one `ModelOps` (weights + jitted steps) shared by all engines, so a test compiles once.
 - `LocalProcessLauncher`: one OS process per node (the default main job): each builds its own model,
   opens the shared store directory, paces its own NICs, moves KV to the other nodes over `config.transport`
-  ("tcp" or "rdma") and talks to the global scheduler (multiprocessing.connection with an auth key). A node
-  can be killed (`kill(node_id)`) to exercise failure handling.
+  ("tcp", "rdma", or a backend of one's own: its module imported first, `transport_modules`) and talks to the
+  global scheduler (multiprocessing.connection with an auth key). A node can be killed (`kill(node_id)`) to
+  exercise failure handling.
 - `RayLauncher` (runtime/ray_launcher.py): one Ray actor per node, placed on cluster nodes.
 """
 
@@ -119,6 +120,52 @@ def import_batcher_modules(cfg: RuntimeConfig, modules: Sequence[str]) -> None:
         )
 
 
+def transport_modules(cfg: RuntimeConfig) -> tuple[str, ...]:
+    """The module that registered `config.transport`, for the node processes to import before they build its
+    endpoints (as `batcher_modules` does for the batcher): they are spawned (or Ray actors) and knew only the built-in
+    transports, so a backend of one's own failed each node with "unknown transport". A class of `__main__` cannot be
+    imported by name (`config.validate` refuses it where the nodes do not re-run `__main__`)."""
+    from transport import TRANSPORTS
+
+    mod = getattr(TRANSPORTS.get(cfg.transport), "__module__", None)
+    return (mod,) if isinstance(mod, str) and mod not in _MAIN_MODULES else ()
+
+
+def import_transport_modules(cfg: RuntimeConfig, modules: Sequence[str]) -> None:
+    """In a node process: import the modules that registered `config.transport` in the driver (`transport_modules`),
+    then check it is known here, naming it."""
+    import importlib
+
+    from transport import TRANSPORTS
+
+    name = cfg.transport
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except Exception as e:
+            raise RuntimeError(
+                f"config.transport {name!r} was registered by module {mod!r} in the driver, which this node process "
+                f"cannot import: {e!r}"
+            ) from e
+    if name not in TRANSPORTS:
+        raise RuntimeError(
+            f"config.transport {name!r} is not registered in this node process ({mp.current_process().name}): "
+            "register it at the top level of an importable module (not under `if __name__ == '__main__':`)"
+        )
+
+
+def node_modules(cfg: RuntimeConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What a node process imports before it builds anything: (`batcher_modules`, `transport_modules`)."""
+    return batcher_modules(cfg), transport_modules(cfg)
+
+
+def import_node_modules(cfg: RuntimeConfig, modules) -> None:
+    """In a node process: `import_batcher_modules` and `import_transport_modules` of `node_modules`' pair."""
+    batchers, transports = modules
+    import_batcher_modules(cfg, batchers)
+    import_transport_modules(cfg, transports)
+
+
 def open_store(cfg: RuntimeConfig, layout):
     from dualpath_jax.kv_store import LocalDirStore
 
@@ -212,8 +259,8 @@ class InProcessLauncher:
 
 
 def endpoint_spec(cfg: RuntimeConfig, name: str, **extra) -> dict:
-    """The `transport.make_transport` config of engine endpoint `name` for `config.transport` "tcp" or "rdma"
-    (with `config.rdma`'s device, port, GID index and service levels); `extra`: host, secret (Ray)."""
+    """The `transport.make_transport` config of engine endpoint `name` for `config.transport` "tcp", "rdma" (with
+    `config.rdma`'s device, port, GID index and service levels) or one's own; `extra`: host, secret (Ray)."""
     spec = {"backend": cfg.transport, "name": name, **extra}
     if cfg.transport == "rdma":
         from dualpath_jax.runtime.config import rdma_endpoint_kwargs
@@ -231,7 +278,7 @@ def _transport_factory(cfg: RuntimeConfig):
         fabric = InProcFabric()  # one fabric per run: endpoint names never clash across runs
 
         return lambda name, pacer: make_transport({"backend": "inproc", "name": name, "fabric": fabric}, pacer=pacer)
-    # "tcp", or "rdma" (same address rules: its control channel is a TCP endpoint, loopback here)
+    # "tcp", "rdma" (same address rules: its control channel is a TCP endpoint, loopback here), or one's own
     return lambda name, pacer: make_transport(endpoint_spec(cfg, name), pacer=pacer)
 
 
@@ -312,14 +359,15 @@ def _node_main(*args, report=None) -> None:
 
 
 def _serve_one_run(
-    spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, log_level: int, modules: Sequence[str] = ()
+    spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, log_level: int, modules=((), ())
 ) -> None:
+    """One run of a node process; `modules`: what it imports first (`node_modules`: the batcher's, the transport's)."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
     from dualpath_jax.runtime.model_ops import ModelOps
     from dualpath_jax.runtime.node import EngineGroup, block_layout
     from dualpath_jax.traffic import TrafficManager
 
-    import_batcher_modules(cfg, modules)
+    import_node_modules(cfg, modules)
     enable_compilation_cache()
     ops = ModelOps.of_config(cfg)
     store = open_store(cfg, block_layout(cfg, ops))
@@ -374,7 +422,7 @@ def _serve_session(spec: GroupSpec, conn, log_level: int) -> None:
         if msg is None:
             return
         cfg, control_address, authkey, modules = msg
-        import_batcher_modules(cfg, modules)
+        import_node_modules(cfg, modules)
         if ops is None or not ops.serves(cfg):
             ops = ModelOps.of_config(cfg)
         store = open_store(cfg, block_layout(cfg, ops))
@@ -424,7 +472,7 @@ class LocalProcessLauncher:
         self.server = ControlServer(service.fetch, authkey)
         if self.session is not None:
             self.procs = self.session.procs
-            self.session.begin(groups, (self.cfg, self.server.address, authkey, batcher_modules(self.cfg)))
+            self.session.begin(groups, (self.cfg, self.server.address, authkey, node_modules(self.cfg)))
             # (a session process that died in an earlier run gets no run: only dead here, not this run's error)
             self._running = {g.node_id for g in groups if self.procs[g.node_id].is_alive()}
             return
@@ -434,7 +482,7 @@ class LocalProcessLauncher:
             why, report = ctx.Pipe(duplex=False)
             p = ctx.Process(
                 target=_node_main,
-                args=(g, self.cfg, self.server.address, authkey, level, batcher_modules(self.cfg)),
+                args=(g, self.cfg, self.server.address, authkey, level, node_modules(self.cfg)),
                 kwargs={"report": report},
                 name=f"node{g.node_id}",
                 daemon=True,

@@ -9,8 +9,9 @@
 
 The driver (global scheduler service) runs where the command runs and listens on that host's address with
 an auth key; each actor builds the model, opens the shared store, starts one transport endpoint per engine
-(`config.transport`: "tcp", or "rdma" whose control channel is a TCP endpoint) bound to its host's address
-with a shared secret (peers prove it at connect), and runs the same `EngineGroup` as the local launcher.
+(`config.transport`: "tcp", "rdma" whose control channel is a TCP endpoint, or a backend of one's own that takes
+`host=` and `secret=`, its registering module imported first) bound to its host's address with a shared secret (peers
+prove it at connect), and runs the same `EngineGroup` as the local launcher.
 Actors are spread over the cluster's hosts (`SPREAD`), one per node of the config; give hosts a custom
 resource (`ray start --resources='{"dualpath_node": 1}'`) and set `RAY_NODE_RESOURCE=dualpath_node` to place
 exactly one actor per such host. With real NICs set the NIC caps to unpaced values (as above): pacing only
@@ -37,7 +38,7 @@ from collections.abc import Sequence
 
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.control import ControlServer, SocketControlClient
-from dualpath_jax.runtime.launcher import batcher_modules
+from dualpath_jax.runtime.launcher import node_modules
 from dualpath_jax.runtime.scheduler_service import GroupSpec
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,16 @@ def _import_ray():
 class _RayNode:
     """The body of one node actor (wrapped by ray.remote at launch)."""
 
-    def run(self, spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, secret: str, modules=()) -> str:
+    def run(
+        self, spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, secret: str, modules=((), ())
+    ) -> str:
         import ray
 
         from dualpath_jax.runtime.launcher import (
             build_batcher_factory,
             enable_compilation_cache,
             endpoint_spec,
-            import_batcher_modules,
+            import_node_modules,
             open_store,
         )
         from dualpath_jax.runtime.model_ops import ModelOps
@@ -69,14 +72,14 @@ class _RayNode:
         from dualpath_jax.traffic import TrafficManager
         from transport import make_transport
 
-        import_batcher_modules(cfg, modules)  # (a researcher's own batcher: its module, on the actor's path)
+        import_node_modules(cfg, modules)  # (a researcher's own batcher or transport: its module, on the actor's path)
         enable_compilation_cache()
         host = ray.util.get_node_ip_address()
         ops = ModelOps.of_config(cfg)
         store = open_store(cfg, block_layout(cfg, ops))
         control = SocketControlClient(control_address, authkey)
 
-        def transport(name, pacer):  # "tcp" or "rdma" (whose control channel is a TCP endpoint: same host, secret)
+        def transport(name, pacer):  # "tcp", "rdma" (its control channel is a TCP endpoint) or one's own: host, secret
             return make_transport(endpoint_spec(cfg, name, host=host, secret=secret), pacer=pacer)
 
         try:
@@ -131,7 +134,7 @@ class RayLauncher:
             actor = actor_cls.options(**options).remote()
             self.actors[g.node_id] = actor
             self.refs[g.node_id] = actor.run.remote(
-                g, self.cfg, self.server.address, authkey, secret, batcher_modules(self.cfg)
+                g, self.cfg, self.server.address, authkey, secret, node_modules(self.cfg)
             )
 
     @property
