@@ -599,11 +599,24 @@ class ClusterLinks:
     cnic_weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_CNIC_WEIGHTS))
 
 
+def wall_grid_origin(sample_interval: float) -> float:
+    """A `time.monotonic()` origin at a wall-clock instant that is a multiple of `sample_interval`: the bins of links
+    made from it in different processes (the runtime's nodes) or at different times start at the same wall-clock
+    instants, so their samples line up bin by bin (one host, or hosts with synced clocks). (Each process's manager
+    used its own start as the origin: no two nodes' bins shared a start, and a per-bin balance had to re-bin first.)"""
+    mono, wall = time.monotonic(), time.time()
+    return mono - wall % sample_interval
+
+
 class TrafficManager:
-    """All emulated links of one process: SNICs per node, CNICs per engine, their pacers and samples."""
+    """All emulated links of one process: SNICs per node, CNICs per engine, their pacers and samples. Without a
+    `clock_origin`, sample times count from `wall_grid_origin` (bins on the wall clock's grid)."""
 
     def __init__(self, clock_origin: float | None = None, sample_interval: float = 0.1):
-        self.clock_origin = time.monotonic() if clock_origin is None else clock_origin
+        if clock_origin is None:  # (a bad interval: the plain origin; every link made refuses the interval, naming it)
+            good = is_real(sample_interval) and 0 < sample_interval < math.inf
+            clock_origin = wall_grid_origin(sample_interval) if good else time.monotonic()
+        self.clock_origin = clock_origin
         self.sample_interval = sample_interval
         self._links: dict[str, Link] = {}
         self._lock = threading.Lock()

@@ -200,6 +200,9 @@ def test_local_process_launcher_matches_reference(base, ops, trajs, reference):
     res = driver.run(cfg, trajs, model_ops=ops)
     assert_matches_reference(res, reference, trajs)
     assert any(s.link.startswith("snic/") for s in res.links)
+    # every node process bins its links on one wall-clock grid (0.1 s): the bins of all links start in step
+    ref = res.links[0].t0
+    assert all(abs((s.t0 - ref + 0.05) % 0.1 - 0.05) < 1e-3 for s in res.links), sorted({s.t0 for s in res.links})
 
 
 def test_max_context_tokens_cuts_each_agent_before_its_first_longer_turn(base):
