@@ -126,10 +126,17 @@ def policy_configs(config, overrides) -> dict:
     base = RuntimeConfig.from_config_dict(config.runtime)
     shared = dict(base.scheduler.policy_kwargs)
     out = {}
-    for r in runs:
+    for r in runs:  # (keyed by the run's label: a policy may run twice, with fields of its own each time)
         check_policy_run(r, shared, base.block_size)
-        out[r.name] = base.replace(**{"scheduler.name": r.name, "scheduler.policy_kwargs": {**shared, **r.fields}})
+        out[r.label] = base.replace(**{"scheduler.name": r.name, "scheduler.policy_kwargs": {**shared, **r.fields}})
     return out
+
+
+def file_label(label: str) -> str:
+    """A run's label (`policy_configs`' keys) as it appears in file names: turns_<file_label>.json."""
+    from dualpath_jax.runtime.config import PolicyRun
+
+    return PolicyRun(label, {}, (), label).file_label
 
 
 def policy_config(cfg, kv_bytes_per_token: int, prefill_tokens_per_s: float | None) -> dict:
@@ -237,7 +244,9 @@ def main(argv):
         def one(cfg, label, ts=trajs):
             if cfg.store_dir:  # a kept store: each run its own fresh subdirectory (no policy hits another's blocks)
                 cfg = cfg.replace(
-                    store_dir=fresh_dir_or_exit(cfg.store_dir, f"{stamp}-{label}", "--config.runtime.store_dir")
+                    store_dir=fresh_dir_or_exit(
+                        cfg.store_dir, f"{stamp}-{file_label(label)}", "--config.runtime.store_dir"
+                    )
                 )
             with tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr) as bar:
 
@@ -268,12 +277,13 @@ def main(argv):
             )
             results[p] = res
             # (links under the simulator's names, as its links.csv: `driver.sim_link_name`)
-            turns_json = os.path.join(out_dir, f"turns_{p}.json")
+            turns_json = os.path.join(out_dir, f"turns_{file_label(p)}.json")
             metrics.write_json(
                 turns_json,
                 res.records,
                 driver.with_sim_link_names(res.links),
-                policy=p,
+                policy=configs[p].scheduler.name,
+                label=p,
                 policy_kwargs=given_kwargs[p],
                 policy_config=run_kwargs[p],
                 tokens=token_rows(res.tokens),  # the greedy tokens, to compare a re-run's with (README "What ran")

@@ -119,7 +119,10 @@ def test_a_bad_sweep_setup_is_one_line_naming_it(tmp_path, setup, why):
 @pytest.mark.parametrize(
     "policies, line",
     [
-        ("basic,basic", "bad config: --config.policies names a policy twice: basic,basic"),
+        (
+            "basic,basic",
+            "bad config: --config.policies runs 'basic' twice with its defaults: basic,basic; give each run of a policy its own policy.NAME=value items",
+        ),
         (" ,", "bad config: --config.policies is empty"),
     ],
     ids=["twice", "empty"],

@@ -103,6 +103,28 @@ def test_each_policy_of_the_list_runs_with_its_own_fields(registered):
     }
 
 
+def test_one_policy_runs_twice_with_fields_of_its_own_each_time(registered):
+    """An ablation in one run: `dualpath,dualpath,policy.alpha_tokens=500000` compares dualpath at its α with dualpath
+    at another, each run labelled by its own fields (results.json keys, the table, turns_<label>.json with a file-safe
+    label). Before: "names a policy twice"."""
+    from dualpath_jax.runtime.config import parse_policy_list
+    from experiments.run import file_label
+
+    runs = runs_of(job_config("dualpath,dualpath,policy.alpha_tokens=500000,policy.z_slack=1.2,basic"))
+    assert list(runs) == ["dualpath", "dualpath[alpha_tokens=500000,z_slack=1.2]", "basic"]
+    assert [r.scheduler.name for r in runs.values()] == ["dualpath", "dualpath", "basic"]
+    assert [dict(r.scheduler.policy_kwargs) for r in runs.values()] == [
+        {},
+        {"alpha_tokens": 500000, "z_slack": 1.2},
+        {},
+    ]
+    assert [file_label(p) for p in runs] == ["dualpath", "dualpath.alpha_tokens=500000.z_slack=1.2", "basic"]
+    (odd,) = parse_policy_list("fix13pk_side,policy.side=a/b c")  # (once: labelled by its name alone)
+    assert odd.label == odd.file_label == "fix13pk_side"
+    a, b = parse_policy_list("fix13pk_side,policy.side=a/b c,fix13pk_side")
+    assert (a.label, a.file_label, b.label) == ("fix13pk_side[side=a/b c]", "fix13pk_side.side=a_b_c", "fix13pk_side")
+
+
 def test_the_shared_policy_kwargs_still_go_to_every_policy_and_an_own_field_wins(registered):
     """Backward compatible: `config.runtime.scheduler.policy_kwargs` is given to every policy of the list, as before
     (a one-policy run, or policies that all take the fields); a policy's own item wins over it for that policy."""
@@ -208,7 +230,11 @@ def test_a_field_a_policy_does_not_take_names_the_policy_and_the_item(registered
             "config.runtime.scheduler.batcher; its fields are config.runtime.scheduler.batcher_kwargs (e.g. "
             "--config.runtime.scheduler.batcher_kwargs=\"{'token_budget': 8}\")",
         ),
-        ("basic,policy.side=pe,basic", "--config.policies names a policy twice: basic,basic"),
+        (
+            "fix13pk_side,policy.side=pe,fix13pk_side,policy.side=pe",
+            "--config.policies runs 'fix13pk_side' twice with the same fields (policy.side=pe): "
+            "fix13pk_side[side=pe],fix13pk_side[side=pe]; give each run of a policy its own policy.NAME=value items",
+        ),
         (" , ", "--config.policies is empty"),
     ],
     ids=["field-first", "field-twice", "dotted-name", "no-value", "batcher-field", "name-twice", "empty"],
@@ -258,7 +284,8 @@ def test_the_launcher_compares_policies_each_with_its_own_fields_and_names_them_
     out = subprocess.run(
         [
             sys.executable, "-m", "experiments.run", f"--config={tmp_path / 'mine.py'}:test",
-            "--config.policies=basic,dualpath,policy.alpha_tokens=123456,fix13pk_side,policy.side=pe",
+            "--config.policies=basic,dualpath,policy.alpha_tokens=123456,fix13pk_side,policy.side=pe,"
+            "fix13pk_side,policy.side=de",
             "--config.runtime.workload.agents=2", "--config.runtime.workload.turns=2", f"--config.results_dir={results}",
         ],
         cwd=REPO, capture_output=True, text=True, timeout=170,
@@ -266,18 +293,25 @@ def test_the_launcher_compares_policies_each_with_its_own_fields_and_names_them_
     assert out.returncode == 0, out.stderr[-3000:]
     (run_dir,) = results.iterdir()
     summary = json.loads((run_dir / "results.json").read_text())
+    # (one policy twice, each run with its own side: labelled by its fields, 2026-12-05; it was refused)
+    mine_pe, mine_de = "fix13pk_side[side=pe]", "fix13pk_side[side=de]"
     assert summary["policy_kwargs"] == {
         "basic": {},
         "dualpath": {"alpha_tokens": 123456},
-        "fix13pk_side": {"side": "pe"},
+        mine_pe: {"side": "pe"},
+        mine_de: {"side": "de"},
     }
-    assert summary["policy_config"]["fix13pk_side"] == {"side": "pe"}
+    assert summary["policy_config"][mine_pe] == {"side": "pe"}
     assert summary["policy_config"]["basic"] == {"max_pe_tokens": None}
     dp = summary["policy_config"]["dualpath"]
     assert dp["alpha_tokens"] == 123456 and dp["block_size"] == 16 and dp["beta_tokens"] > 0  # (β from this cluster)
-    turns = json.loads((run_dir / "turns_fix13pk_side.json").read_text())
-    assert turns["policy"] == "fix13pk_side" and turns["policy_kwargs"] == {"side": "pe"}
-    assert {t["read_side"] for t in turns["turns"]} == {"pe"}
-    assert summary["results"]["fix13pk_side"]["de_read_bytes"] == 0
-    assert "policy fields: dualpath alpha_tokens=123456; fix13pk_side side='pe'" in out.stdout
+    for side, label in (("pe", mine_pe), ("de", mine_de)):
+        turns = json.loads((run_dir / f"turns_fix13pk_side.side={side}.json").read_text())
+        assert (
+            turns["policy"] == "fix13pk_side" and turns["label"] == label and turns["policy_kwargs"] == {"side": side}
+        )
+        assert {t["read_side"] for t in turns["turns"]} == {side}
+    assert summary["results"][mine_pe]["de_read_bytes"] == 0 < summary["results"][mine_de]["de_read_bytes"]
+    assert len(set(summary["greedy_tokens"]["sha256"].values())) == 1  # the same tokens whatever the side
+    assert f"policy fields: dualpath alpha_tokens=123456; {mine_pe} side='pe'; {mine_de} side='de'" in out.stdout
     assert "policy fields: dualpath alpha_tokens=123456" in (run_dir / "table.txt").read_text()

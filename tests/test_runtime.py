@@ -855,7 +855,11 @@ def test_unknown_argument_and_bad_override_fail_before_start(tmp_path):
         text=True,
         timeout=120,
     )
-    assert twice.returncode != 0 and "--config.policies names a policy twice: basic,basic" in twice.stderr
+    assert (
+        twice.returncode != 0
+        and "--config.policies runs 'basic' twice with its defaults: basic,basic; give each run of a policy its own policy.NAME=value items"
+        in twice.stderr
+    )
 
 
 def test_ray_launcher_without_ray_says_how_to_install(base):

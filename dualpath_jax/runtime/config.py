@@ -405,14 +405,25 @@ class PolicyRun:
     name: str
     fields: Mapping[str, Any]
     items: tuple[str, ...] = ()  # those items as given (for messages)
+    # What the run is called in the table, results.json and its files: the name, or where the list runs this policy more
+    # than once, the name with its own fields, `dualpath[alpha_tokens=500000]` (`file_label`: in file names)
+    label: str = ""
+
+    @property
+    def file_label(self) -> str:
+        """`label` as a file-name part: `dualpath[alpha_tokens=500000]` -> `dualpath.alpha_tokens=500000`."""
+        text = (self.label or self.name).replace("[", ".").replace("]", "").replace(",", ".")
+        return "".join(c if c.isalnum() or c in "._=+-" else "_" for c in text)
 
 
 def parse_policy_list(text: str, where: str = "--config.policies") -> list[PolicyRun]:
     """A comma-separated list of items, as the simulator's config variants (`configs/sim_base.py`): a registered policy
     name, or `policy.NAME=value`, a field of the Config of the policy named before it (values read as the
     simulator's: ints, floats, true/false, None/null, else strings). `basic,dualpath,policy.alpha_tokens=500000,
-    mine,policy.side=pe` runs basic with its defaults, dualpath with its α, mine with its side. The names are checked
-    by `check_policy_run`."""
+    mine,policy.side=pe` runs basic with its defaults, dualpath with its α, mine with its side. A policy may run more
+    than once with fields of its own each time (`dualpath,dualpath,policy.alpha_tokens=500000`: labelled `dualpath` and
+    `dualpath[alpha_tokens=500000]`); twice with the same fields is refused. The names are checked by
+    `check_policy_run`."""
     from dualpath_jax.checks import variant_value  # (the simulator's variant values: one text, one value in both)
 
     runs: list[tuple[str, dict[str, Any], list[str], dict[str, str]]] = []
@@ -454,9 +465,26 @@ def parse_policy_list(text: str, where: str = "--config.policies") -> list[Polic
     names = [r[0] for r in runs]
     if not names:
         raise ConfigError(f"{where} is empty")
-    if len(set(names)) != len(names):  # their result files and store directories would be one another's
-        raise ConfigError(f"{where} names a policy twice: {','.join(names)}")
-    return [PolicyRun(name, fields, tuple(items)) for name, fields, items, _ in runs]
+    out = []
+    for name, fields, items, _ in runs:
+        own = ",".join(i[len(POLICY_FIELD) :] for i in items)
+        label = f"{name}[{own}]" if names.count(name) > 1 and own else name
+        out.append(PolicyRun(name, fields, tuple(items), label))
+    labels = [r.label for r in out]
+    for r in out:  # (their result files and store directories would be one another's)
+        if labels.count(r.label) > 1:
+            same = f"with the same fields ({', '.join(r.items)})" if r.items else "with its defaults"
+            raise ConfigError(
+                f"{where} runs {r.name!r} twice {same}: {','.join(labels)}; give each run of a policy its own "
+                f"{POLICY_FIELD}NAME=value items"
+            )
+    files = [r.file_label for r in out]
+    for r in out:
+        if files.count(r.file_label) > 1:  # (two labels that differ only in characters a file name cannot hold)
+            raise ConfigError(
+                f"{where}: runs {', '.join(labels)} would share the result file turns_{r.file_label}.json"
+            )
+    return out
 
 
 def check_policy_run(
