@@ -177,6 +177,17 @@ def test_the_run_is_checked_against_the_policies_it_runs_not_the_scheduler_name(
             "'basic' does not take ['side']; its config fields are: ['max_pe_tokens'] (give a policy's own fields "
             "as items after its name: --config.policies=...,NAME,policy.FIELD=value)",
         ),
+        (  # (the shared value is refused, not the policy's own item: blamed on the shared mapping, 2026-12-05)
+            "dualpath,policy.alpha_tokens=500000",
+            {"z_slack": -1.0},
+            "config.runtime.scheduler.policy_kwargs: dualpath z_slack must be >= 1 and finite, got -1.0 (float)",
+        ),
+        (
+            "dualpath,policy.z_slack=0.5",
+            {"alpha_tokens": 500000},
+            "--config.policies item policy.z_slack=0.5 of 'dualpath': dualpath z_slack must be >= 1 and finite, got "
+            "0.5 (float)",
+        ),
         (
             "basic,dualpth",
             {},
@@ -191,7 +202,16 @@ def test_the_run_is_checked_against_the_policies_it_runs_not_the_scheduler_name(
             "defaults to config.runtime.block_size)",
         ),
     ],
-    ids=["own-unknown-field", "field-after-the-wrong-policy", "own-bad-value", "shared-field", "unknown-name", "block"],
+    ids=[
+        "own-unknown-field",
+        "field-after-the-wrong-policy",
+        "own-bad-value",
+        "shared-field",
+        "shared-bad-value-beside-own-items",
+        "own-bad-value-beside-shared",
+        "unknown-name",
+        "block",
+    ],
 )
 def test_a_field_a_policy_does_not_take_names_the_policy_and_the_item(registered, policies, shared, line):
     """Contract: one error naming the policy, the item (or the shared mapping) and the field; an unknown name of the

@@ -524,7 +524,14 @@ def check_policy_run(
         text = e.args[0] if isinstance(e, KeyError) else str(e)
         if not (shared or run.fields):
             raise ConfigError(f"{where}: {text}") from None
-        raise ConfigError(f"{own if run.fields else shared_where}: {text}") from None
+        blame = own if run.fields else shared_where
+        rest = {k: v for k, v in shared.items() if k not in run.fields}
+        if run.fields and rest:  # a value of the shared mapping the policy refuses without its own items: that one's
+            try:
+                build_config(cls, run.name, **rest)
+            except (KeyError, TypeError, ValueError):
+                blame = shared_where
+        raise ConfigError(f"{blame}: {text}") from None
     try:  # (the class itself: one that cannot be built, or is no policy)
         schedulers.make_policy(run.name, config)
     except (TypeError, ValueError) as e:
