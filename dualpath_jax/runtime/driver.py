@@ -47,10 +47,13 @@ class RunResult:
     startup_s: float  # launch until every group registered (model build, compile cache, connects)
 
 
-def make_trajectories(cfg: RuntimeConfig) -> list[Trajectory]:
+def make_trajectories(cfg: RuntimeConfig, vocab_size: int | None = None) -> list[Trajectory]:
     """The configured workload: "tiny" (seeded short agents), "synthetic" (the shared Table-2 generator) or
     "trace" (a real trace via the shared loaders); synthetic and trace lengths are scaled by `workload.scale`
-    and cut to `workload.turns` turns so the tiny model can run them."""
+    and cut to `workload.turns` turns so the tiny model can run them.
+
+    A trace's appends get token ids from its block hashes (`traces.hashed_token_ids`, over `vocab_size`: the
+    model's when not given), so prompts that share hash blocks share those ids and the KV store hits them."""
     w = cfg.workload
     if w.kind == "tiny":
         _check_tiny_fits(cfg)
@@ -66,7 +69,14 @@ def make_trajectories(cfg: RuntimeConfig) -> list[Trajectory]:
 
         if not w.trace:
             raise ConfigError("config.workload.trace must name a trace file or directory for kind='trace'")
-        return _scaled(traces.load_trace(w.trace, max_agents=w.agents or None), w)
+        if vocab_size is None:
+            from dualpath_jax.runtime.model_ops import model_config
+
+            try:
+                vocab_size = model_config(cfg.model).vocab_size
+            except KeyError as e:
+                raise ConfigError(f"config.model: {e.args[0]}") from None
+        return _scaled(traces.load_trace(w.trace, max_agents=w.agents or None), w, vocab_size)
     raise ConfigError(f"config.workload.kind {w.kind!r} unknown; known: tiny, synthetic, trace")
 
 
@@ -88,23 +98,36 @@ def _check_tiny_fits(cfg: RuntimeConfig) -> None:
         )
 
 
-def _scaled(trajs: Sequence[Trajectory], w) -> list[Trajectory]:
+def _scaled(trajs: Sequence[Trajectory], w, vocab_size: int | None = None) -> list[Trajectory]:
     """Token lengths x `scale`, gaps and timestamps x `time_scale`, at most `turns` turns. A trace's stated re-read context is dropped: the runtime
     rebuilds every prompt from the real tokens (earlier appends + generations), so prompts grow by
-    append + gen."""
+    append + gen. With `vocab_size`, a turn with block hashes (a trace's) gets its append's token ids from them."""
+    from dualpath_jax.workloads.traces import hashed_token_ids
     from dualpath_jax.workloads.types import Turn
 
+    def ids(t: Trajectory, i: int, x: Turn, n: int) -> np.ndarray | None:
+        if vocab_size is None or x.block_hashes is None:
+            return None
+        # the append is the trace prompt's positions [context, prompt), scaled
+        start = round((x.context_tokens or 0) * w.scale)
+        key = (t.trajectory_id, i)
+        return hashed_token_ids(x.block_hashes, x.hash_block_size, w.scale, start, n, vocab_size, w.seed, key)
+
     out, first = [], None  # first: the shortest first turn (prompt + generation) before the cut
+    shorter = stated = rebuilt = 0  # turns re-reading less than the previous turn's total; trace / runtime prompts
     for t in trajs:
-        turns = [
-            Turn(
-                max(1, round(x.append_tokens * w.scale)),
-                max(1, round(x.gen_tokens * w.scale)),
-                x.gap_s * w.time_scale,
-                arrival_offset_s=None if x.arrival_offset_s is None else x.arrival_offset_s * w.time_scale,
+        turns = []
+        for i, x in enumerate(list(t.turns)[: w.turns]):
+            n = max(1, round(x.append_tokens * w.scale))
+            turns.append(
+                Turn(
+                    n,
+                    max(1, round(x.gen_tokens * w.scale)),
+                    x.gap_s * w.time_scale,
+                    append_token_ids=ids(t, i, x, n),
+                    arrival_offset_s=None if x.arrival_offset_s is None else x.arrival_offset_s * w.time_scale,
+                )
             )
-            for x in list(t.turns)[: w.turns]
-        ]
         traj = Trajectory(t.trajectory_id, turns, t.arrival_time * w.time_scale, f"{t.source}*{w.scale}")
         if w.max_context_tokens > 0:
             if turns:
@@ -112,6 +135,20 @@ def _scaled(trajs: Sequence[Trajectory], w) -> list[Trajectory]:
             traj = traj.cut_at_tokens(w.max_context_tokens)
         if traj.turns:
             out.append(traj)
+            kept = list(t.turns)[: len(traj.turns)]
+            shorter += _shorter_contexts(kept)
+            stated += sum(round(p * w.scale) for p, _, _ in t.turn_shapes(1)[: len(kept)])
+            rebuilt += sum(p for p, _, _ in traj.turn_shapes(1))
+    if shorter:  # (the trace's own prompts: what the simulator runs)
+        log.warning(
+            "workload: %d of %d trace turns re-read less than their previous turn's prompt + generation (the agent "
+            "dropped or rewrote text); the runtime re-reads the whole history (prompt_i = A_1 G_1 ... A_i), so its "
+            "prompts hold %+d tokens (%+.0f%%) against the trace's, and its hits more than the trace shares",
+            shorter,
+            sum(len(t.turns) for t in out),
+            rebuilt - stated,
+            100.0 * (rebuilt - stated) / max(1, stated),
+        )
     dropped = sum(min(len(t.turns), w.turns) for t in trajs) - sum(len(t.turns) for t in out)
     if dropped:
         log.info(
@@ -124,6 +161,17 @@ def _scaled(trajs: Sequence[Trajectory], w) -> list[Trajectory]:
             "generation)"
         )
     return out
+
+
+def _shorter_contexts(turns: Sequence) -> int:
+    """How many turns state a re-read context (`Turn.context_tokens`, a trace's) shorter than the previous turn's
+    prompt + generation: text the agent dropped, which the runtime's prompts (the whole history) keep."""
+    n, total = 0, None
+    for x in turns:
+        context = x.context_tokens if x.context_tokens is not None else (total or 0)
+        n += total is not None and context < total
+        total = context + x.append_tokens + x.gen_tokens
+    return n
 
 
 def _full_context(t: Trajectory) -> Trajectory:
@@ -211,7 +259,7 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     from dualpath_jax.workloads.traces import TraceFormatError
 
     try:
-        trajs = list(trajectories) if trajectories is not None else make_trajectories(cfg)
+        trajs = list(trajectories) if trajectories is not None else make_trajectories(cfg, mcfg.vocab_size)
     except (FileNotFoundError, TraceFormatError) as e:  # kind='trace': a missing or malformed trace file
         raise ConfigError(f"config.workload.trace: {e}") from None
     # The runtime rebuilds every prompt from the real tokens (A_1 G_1 ... A_i, `ConversationBook`), so a given

@@ -20,6 +20,9 @@ prompt + generation; then the whole previous context is re-read (the DE persiste
 Otherwise (the agent dropped or rewrote text, e.g. thinking) only the leading blocks the trajectory has
 already seen are re-read. The context is capped at prompt − 1 so that every turn prefills >= 1 token.
 
+Token ids for a runtime (`hashed_token_ids`): each block's ids are a hash of its block hash, so prompts that share
+hash blocks share exactly those ids (and the runtime's KV store hits them).
+
 A malformed line or file raises `TraceFormatError` naming the file and the line (or request index); so do a
 hash id at two block positions of one id scope (prefix-chained ids name one position), a token count past
 2**31 - 1, and one kv-cache-tester session loaded twice (its scoped ids would be shared across agents).
@@ -309,6 +312,48 @@ def _turn(
         block_hashes=hashes,
         hash_block_size=block,
     )
+
+
+# ------------------------------------------------------------------------------------ token ids from hashes
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on a uint64 array (array arithmetic wraps mod 2**64, silently)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def hashed_token_ids(
+    block_hashes: np.ndarray,
+    block: int,
+    scale: float,
+    start: int,
+    n: int,
+    vocab_size: int,
+    seed: int,
+    tail_key: tuple[int, int],
+) -> np.ndarray:
+    """Token ids (int32, in [0, vocab_size)) of positions [start, start + n) of a prompt scaled by `scale`, from its
+    blocks' prefix-chained hashes (`Turn.block_hashes` of `block` tokens), for a runtime that needs real ids.
+
+    Trace block k covers the scaled positions [rint(k * block * scale), rint((k + 1) * block * scale)); a position's
+    id is a hash of (seed, block hash, offset in the block). So prompts sharing their first n hash blocks share
+    exactly their first rint(n * block * scale) ids, and differ after (the next hash differs). Positions past the last
+    hashed block (a kv-cache-tester prompt's partial block, or rounding) get ids of `tail_key` (trajectory, turn):
+    shared with no other turn."""
+    h = np.asarray(block_hashes, dtype=np.int64).astype(np.uint64)
+    edges = np.rint(np.arange(len(h) + 1) * (block * scale)).astype(np.int64)
+    q = np.arange(start, start + n, dtype=np.int64)
+    k = np.searchsorted(edges, q, side="right") - 1  # the block holding each position (len(h): past the last)
+    hashed = k < len(h)
+    s = _mix64(np.asarray([seed], dtype=np.uint64))
+    out = np.empty(n, dtype=np.uint64)
+    kh = k[hashed]
+    out[hashed] = _mix64(_mix64(h[kh] ^ s) + (q[hashed] - edges[kh]).astype(np.uint64))
+    if len(kh) < n:
+        tail = _mix64(_mix64(np.asarray([tail_key[0]], np.uint64) ^ s ^ np.uint64(0x7A11)) + np.uint64(tail_key[1]))
+        out[~hashed] = _mix64(tail + q[~hashed].astype(np.uint64))
+    return (out % np.uint64(vocab_size)).astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------- Mooncake
