@@ -114,18 +114,28 @@ def test_a_gzipped_session_file_gets_ids_from_its_salted_hashes(tmp_path):
     assert len(a) == len(b) == 300 and _shared(a, b) < 16
 
 
-def test_a_trace_turn_that_dropped_text_is_named_not_silently_regrown(tmp_path, caplog):
+def test_a_trace_turn_that_dropped_text_re_reads_only_what_the_trace_states(tmp_path):
     """A kv-cache-tester turn whose prompt drops text of the previous one (640 + 10 tokens, then 400 of which 384 are
-    re-read): the runtime re-reads the whole history (666 tokens at scale 1), 266 tokens more than the trace's prompt.
-    That was silent (the kv-cache-tester trace: 682 of 5,116 turns, +45% prompt tokens); it is a warning now."""
+    re-read): its prompt is the history's first 384 tokens and its 16-token append, as the trace (and the simulator)
+    say. Before, the runtime re-read the whole history (666 tokens; the kv-cache-tester trace: 682 of 5,116 turns,
+    +45% prompt tokens), then a warning named it; now the prompts follow the trace."""
     reqs = [
         {"type": "n", "t": 0, "in": 640, "out": 10, "hash_ids": list(range(1, 11))},
         {"type": "n", "t": 1, "in": 400, "out": 4, "hash_ids": list(range(1, 7))},
     ]
     p = tmp_path / "trace_x.json"
     p.write_text(json.dumps({"id": "x", "block_size": 64, "requests": reqs}))
-    with caplog.at_level("WARNING", logger="dualpath_jax.runtime.driver"):
-        (t,) = driver.make_trajectories(_cfg(str(p), **{"workload.scale": 1.0}))
-    assert [s[0] for s in t.turn_shapes(1)] == [640, 666]
-    (msg,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert "1 of 2 trace turns re-read less" in msg and "+266 tokens (+26%)" in msg
+    (t,) = driver.make_trajectories(_cfg(str(p), **{"workload.scale": 1.0}), VOCAB)
+    assert [s[0] for s in t.turn_shapes(1)] == [640, 400] and t.turns[1].context_tokens == 384
+    book = ConversationBook([t], VOCAB)
+    (first,) = book.pop_due(0.0)
+    book.complete(first.request_id, np.arange(10, dtype=np.int32), 1.0)
+    (second,) = book.pop_due(1e9)
+    assert second.prompt_ids.size == 400
+    np.testing.assert_array_equal(second.prompt_ids[:384], first.prompt_ids[:384])  # the blocks it re-reads
+    assert (second.prompt_ids[384:] != first.prompt_ids[384:400]).any()  # then its own append
+    # a stated context at or past the history is the whole history (the usual turn): nothing kept
+    reqs[1] = {"type": "n", "t": 1, "in": 700, "out": 4, "hash_ids": list(range(1, 11))}
+    p.write_text(json.dumps({"id": "x", "block_size": 64, "requests": reqs}))
+    (t,) = driver.make_trajectories(_cfg(str(p), **{"workload.scale": 1.0}), VOCAB)
+    assert t.turns[1].context_tokens is None and [s[0] for s in t.turn_shapes(1)] == [640, 700]

@@ -143,18 +143,25 @@ def test_a_group_declared_dead_still_has_its_final_link_bytes_recorded():
     assert [(x.link, x.nbytes) for x in svc.links] == [("snic/node1", 4096)]
 
 
-def test_a_given_workloads_stated_contexts_do_not_hide_a_prompt_past_max_seq_len(base):
+def test_a_given_workloads_stated_contexts_are_what_the_check_and_the_runtime_both_use(base):
     """`driver.run` given trajectories whose turns state a shorter re-read context (`Turn.context_tokens`, as
-    `load_trace` gives) checked the workload with those lengths, while the runtime rebuilds every prompt from the
-    real tokens (earlier prompt + generation + append): 200 + 6 + 60 = 266 tokens passed as 60, and the DE failed the
-    run mid-way ("prompt of 266 tokens exceeds decode capacity 256"). The stated contexts are dropped, as for a
-    trace the driver loads itself, so the check sees the real length."""
+    `load_trace` gives): the check once used those lengths while the runtime rebuilt every prompt from the whole
+    history (266 tokens passed as 60; the DE failed the run mid-way); then the contexts were dropped. Since 2026-12-05
+    the runtime's prompts follow them (`ConversationBook`), so the check and the run see the same lengths."""
     from dualpath_jax.runtime import driver
     from dualpath_jax.runtime.config import ConfigError
+    from dualpath_jax.runtime.lifecycle import ConversationBook
 
-    trajs = [Trajectory(0, [Turn(200, 6), Turn(60, 6, context_tokens=0)])]
-    with pytest.raises(ConfigError, match=r"max_seq_len=256 is shorter than the longest prompt \(266 tokens\)"):
-        driver.prepare(base, trajs)
+    kept = [Trajectory(0, [Turn(200, 6), Turn(60, 6, context_tokens=200)])]  # 200 re-read + 60: past 256
+    with pytest.raises(ConfigError, match=r"max_seq_len=256 is shorter than the longest prompt \(260 tokens\)"):
+        driver.prepare(base, kept)
+    dropped = [Trajectory(0, [Turn(200, 6), Turn(60, 6, context_tokens=0)])]  # the history dropped: 60 tokens
+    assert [p for p, _, _ in dropped[0].turn_shapes(1)] == [200, 60]
+    book = ConversationBook(dropped, 128)
+    (first,) = book.pop_due(0.0)
+    book.complete(first.request_id, np.zeros(6, np.int32), 1.0)
+    (second,) = book.pop_due(1e9)
+    assert second.prompt_ids.size == 60
 
 
 def test_a_write_back_the_store_refuses_is_not_charged_on_the_storage_nic(tmp_path):

@@ -388,8 +388,21 @@ def validate(
     if max_prompt_tokens is not None and max_prompt_tokens > c.max_seq_len:
         raise ConfigError(
             f"config.cluster.max_seq_len={c.max_seq_len} is shorter than the longest prompt ({max_prompt_tokens} tokens); "
-            "raise it, lower config.workload.scale, or cut the agents there with config.workload.max_context_tokens"
+            f"raise it, {shorten_turns_hint(cfg)}"
         )
+
+
+def shorten_turns_hint(cfg: RuntimeConfig) -> str:
+    """How to shorten the workload's turns, by its kind (the end of a "max_seq_len is shorter than ..." line).
+    `workload.scale` and `max_context_tokens` shape synthetic and trace agents only: a tiny workload was told to
+    change them too, which changed nothing (the same error again)."""
+    if cfg.workload.kind == "tiny":
+        return (
+            "or shorten the tiny agents: config.workload.first_append_tokens, append_tokens, gen_tokens (means; each "
+            "turn draws 0.5-1.5x of them) or turns (workload.scale and max_context_tokens shape synthetic and trace "
+            "agents only)"
+        )
+    return "lower config.workload.scale, or cut the agents there with config.workload.max_context_tokens"
 
 
 # ------------------------------------------------------------------ experiments.run's list of policies to compare

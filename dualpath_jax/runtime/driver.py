@@ -24,7 +24,7 @@ import numpy as np
 
 from dualpath_jax.checks import file_in_the_way, is_int
 from dualpath_jax.metrics import LinkBytes, TurnRecord, summarize, ttft_breakdown
-from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, validate, validate_workload
+from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, shorten_turns_hint, validate, validate_workload
 from dualpath_jax.runtime.lifecycle import ConversationBook, tiny_trajectories
 from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec, RunFailed
 from dualpath_jax.workloads.types import Trajectory
@@ -99,9 +99,11 @@ def _check_tiny_fits(cfg: RuntimeConfig) -> None:
 
 
 def _scaled(trajs: Sequence[Trajectory], w, vocab_size: int | None = None) -> list[Trajectory]:
-    """Token lengths x `scale`, gaps and timestamps x `time_scale`, at most `turns` turns. A trace's stated re-read context is dropped: the runtime
-    rebuilds every prompt from the real tokens (earlier appends + generations), so prompts grow by
-    append + gen. With `vocab_size`, a turn with block hashes (a trace's) gets its append's token ids from them."""
+    """Token lengths x `scale`, gaps and timestamps x `time_scale`, at most `turns` turns. The runtime builds every
+    prompt from the real tokens (the history: earlier appends + generations); a trace's stated re-read context is
+    kept (scaled) where it is shorter than that history, i.e. where the agent dropped text: that turn's prompt re-reads
+    the history's first `context_tokens` tokens (`ConversationBook`), as the simulator's does. With `vocab_size`, a turn
+    with block hashes (a trace's) gets its append's token ids from them."""
     from dualpath_jax.workloads.traces import hashed_token_ids
     from dualpath_jax.workloads.types import Turn
 
@@ -114,20 +116,26 @@ def _scaled(trajs: Sequence[Trajectory], w, vocab_size: int | None = None) -> li
         return hashed_token_ids(x.block_hashes, x.hash_block_size, w.scale, start, n, vocab_size, w.seed, key)
 
     out, first = [], None  # first: the shortest first turn (prompt + generation) before the cut
-    shorter = stated = rebuilt = 0  # turns re-reading less than the previous turn's total; trace / runtime prompts
+    shorter = 0  # turns re-reading less than their history (the agent dropped text)
     for t in trajs:
-        turns = []
+        turns, history = [], 0  # history: the runtime's tokens so far (the last prompt + its generation)
         for i, x in enumerate(list(t.turns)[: w.turns]):
-            n = max(1, round(x.append_tokens * w.scale))
+            n, g = max(1, round(x.append_tokens * w.scale)), max(1, round(x.gen_tokens * w.scale))
+            context = None if x.context_tokens is None or i == 0 else round(x.context_tokens * w.scale)
+            if context is not None and context >= history:  # the whole history re-read: the usual turn
+                context = None
+            shorter += context is not None
             turns.append(
                 Turn(
                     n,
-                    max(1, round(x.gen_tokens * w.scale)),
+                    g,
                     x.gap_s * w.time_scale,
+                    context_tokens=context,
                     append_token_ids=ids(t, i, x, n),
                     arrival_offset_s=None if x.arrival_offset_s is None else x.arrival_offset_s * w.time_scale,
                 )
             )
+            history = (history if context is None else context) + n + g
         traj = Trajectory(t.trajectory_id, turns, t.arrival_time * w.time_scale, f"{t.source}*{w.scale}")
         if w.max_context_tokens > 0:
             if turns:
@@ -135,19 +143,12 @@ def _scaled(trajs: Sequence[Trajectory], w, vocab_size: int | None = None) -> li
             traj = traj.cut_at_tokens(w.max_context_tokens)
         if traj.turns:
             out.append(traj)
-            kept = list(t.turns)[: len(traj.turns)]
-            shorter += _shorter_contexts(kept)
-            stated += sum(round(p * w.scale) for p, _, _ in t.turn_shapes(1)[: len(kept)])
-            rebuilt += sum(p for p, _, _ in traj.turn_shapes(1))
-    if shorter:  # (the trace's own prompts: what the simulator runs)
-        log.warning(
-            "workload: %d of %d trace turns re-read less than their previous turn's prompt + generation (the agent "
-            "dropped or rewrote text); the runtime re-reads the whole history (prompt_i = A_1 G_1 ... A_i), so its "
-            "prompts hold %+d tokens (%+.0f%%) against the trace's, and its hits more than the trace shares",
+    if shorter:
+        log.info(
+            "workload: %d of %d trace turns re-read less than their history (the agent dropped or rewrote text): "
+            "their prompts re-read its first context_tokens tokens, as the trace states",
             shorter,
-            sum(len(t.turns) for t in out),
-            rebuilt - stated,
-            100.0 * (rebuilt - stated) / max(1, stated),
+            sum(min(len(t.turns), w.turns) for t in trajs),
         )
     dropped = sum(min(len(t.turns), w.turns) for t in trajs) - sum(len(t.turns) for t in out)
     if dropped:
@@ -161,24 +162,6 @@ def _scaled(trajs: Sequence[Trajectory], w, vocab_size: int | None = None) -> li
             "generation)"
         )
     return out
-
-
-def _shorter_contexts(turns: Sequence) -> int:
-    """How many turns state a re-read context (`Turn.context_tokens`, a trace's) shorter than the previous turn's
-    prompt + generation: text the agent dropped, which the runtime's prompts (the whole history) keep."""
-    n, total = 0, None
-    for x in turns:
-        context = x.context_tokens if x.context_tokens is not None else (total or 0)
-        n += total is not None and context < total
-        total = context + x.append_tokens + x.gen_tokens
-    return n
-
-
-def _full_context(t: Trajectory) -> Trajectory:
-    """`t` without stated re-read contexts (`Turn.context_tokens`): prompts grow by append + gen."""
-    if all(x.context_tokens is None for x in t.turns):
-        return t
-    return dataclasses.replace(t, turns=[dataclasses.replace(x, context_tokens=None) for x in t.turns])
 
 
 def make_arrival_model(cfg: RuntimeConfig):
@@ -262,10 +245,9 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         trajs = list(trajectories) if trajectories is not None else make_trajectories(cfg, mcfg.vocab_size)
     except (FileNotFoundError, TraceFormatError) as e:  # kind='trace': a missing or malformed trace file
         raise ConfigError(f"config.workload.trace: {e}") from None
-    # The runtime rebuilds every prompt from the real tokens (A_1 G_1 ... A_i, `ConversationBook`), so a given
-    # workload's stated re-read contexts are dropped as `_scaled` drops a loaded trace's: the checks below used
-    # them, passing a real prompt past max_seq_len (the DE failed the run mid-way) or past the buffers.
-    trajs = [_full_context(t) for t in trajs]
+    # The runtime builds every prompt from the real tokens (`ConversationBook`): the history, or its first
+    # `context_tokens` where a turn states fewer (text the agent dropped); `turn_shapes` below counts the same prompts
+    # (a stated context past the history is the whole history there, so the checks only ever over-count).
     if not trajs:
         raise ConfigError("the workload has no trajectories")
     _check_trajectory_ids(trajs)
@@ -282,8 +264,7 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     if max_total > cfg.cluster.max_seq_len:
         raise ConfigError(
             f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the longest turn "
-            f"(prompt + generation = {max_total} tokens); raise it, lower config.workload.scale, or cut the "
-            "agents there with config.workload.max_context_tokens"
+            f"(prompt + generation = {max_total} tokens); raise it, {shorten_turns_hint(cfg)}"
         )
     try:
         ops = model_ops or ModelOps.of_config(cfg)

@@ -2,7 +2,9 @@
 
 Turn i of a trajectory becomes a request when turn i-1 finished (+ its gap), or at the agent's arrival for
 turn 0. Its prompt token ids are every earlier append, the tokens the model really generated for earlier
-turns, and this turn's append (PAPER.md: prompt_i = A_1 G_1 ... A_{i-1} G_{i-1} A_i). Append token ids come
+turns, and this turn's append (PAPER.md: prompt_i = A_1 G_1 ... A_{i-1} G_{i-1} A_i); a turn that states a
+shorter re-read context (`Turn.context_tokens`: a trace's agent dropped text) re-reads only the first that many
+tokens of it before its append. Append token ids come
 from the workload when it carries them, else from an RNG seeded by (seed, trajectory, turn) over the
 model's vocabulary, so every run of the same config sees the same conversations.
 """
@@ -107,6 +109,10 @@ class ConversationBook:
         i = self._next_turn[tid]
         turn = traj.turns[i]
         append = append_token_ids(turn, self.seed, tid, i, self.vocab_size)
+        if turn.context_tokens is not None and i:  # the agent dropped text: re-read the history's first tokens only
+            history = np.concatenate(self._history[tid])
+            if turn.context_tokens < history.size:
+                self._history[tid] = [history[: int(turn.context_tokens)]]
         self._history[tid].append(append)
         prompt = np.concatenate(self._history[tid]).astype(np.int32)
         return TurnRequest(self._request_ids[(tid, i)], tid, i, prompt, int(turn.gen_tokens), arrival)
