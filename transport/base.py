@@ -464,7 +464,8 @@ class Transport(abc.ABC):
         remote_offset)`. The future resolves to the total byte count once every entry landed, or fails as soon
         as one fails. Entries are checked before any is posted (`RegionError`/`TypeError` naming the entry and
         what is wrong): local ranges always, remote ranges where the backend knows the peer's regions up front
-        (inproc, tcp; elsewhere `write` checks them as it posts). An empty batch resolves to 0 at once.
+        (it overrides `_check_remote_range`: inproc, tcp, rdma; elsewhere `write` checks them as it posts). An empty
+        batch resolves to 0 at once.
 
         With `notify`, the peer gets one `Notification` (describing the last entry) after all entries landed.
 
