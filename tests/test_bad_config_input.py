@@ -212,7 +212,10 @@ def test_a_decode_cache_larger_than_this_host_is_refused_naming_the_fields(base,
     limit, what = host_memory_bytes()
     kv = 1024  # B/token, all layers
     slots = limit // (base.cluster.max_seq_len * kv) + 1
-    cfg = base.replace(**{"launcher": launcher, "transport": "tcp", "cluster.decode_slots": slots})
+    # (one decode engine: the limit of one engine's cache; every engine's together: test_mutation_audit2)
+    cfg = base.replace(
+        **{"launcher": launcher, "transport": "tcp", "cluster.decode_slots": slots, "cluster.decode_nodes": 1}
+    )
     need = slots * base.cluster.max_seq_len * kv
     with pytest.raises(ConfigError) as e:
         validate(cfg, kv)

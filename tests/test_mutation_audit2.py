@@ -599,9 +599,16 @@ def test_host_memory_checks_count_every_node_and_every_decode_slot(monkeypatch):
     assert rc._buffer_bytes_per_process(_cfg(**nodes, **{"buffers.de_buffer_bytes": 300})) == 300
     assert rc._buffer_bytes_per_process(_cfg(**nodes, launcher="inprocess", **{"buffers.de_buffer_bytes": 300})) == 700
     small = _cfg(**nodes, **{"buffers.de_buffer_bytes": 100, "cluster.decode_slots": 4, "cluster.max_seq_len": 16})
-    rc.validate(small, kv_bytes_per_token=9)  # 4 x 16 x 9 = 576 B <= 600
+    rc.validate(small.replace(**{"cluster.decode_nodes": 1}), kv_bytes_per_token=9)  # 4 x 16 x 9 = 576 B <= 600
     with pytest.raises(rc.ConfigError, match=r"= 640 B"):  # 4 x 16 x 10
         rc.validate(small, kv_bytes_per_token=10)
+    # every decode engine's cache is on this host (2026-12-05: one engine's was all that was checked)
+    rc.validate(small, kv_bytes_per_token=4)  # 2 engines x 4 x 16 x 4 = 512 B <= 600
+    with pytest.raises(
+        rc.ConfigError, match=r"the 2 decode engines of launcher 'local' all run on this host and need 640"
+    ):
+        rc.validate(small, kv_bytes_per_token=5)  # 2 x 320 B
+    rc._validate_decode_cache_memory(small.replace(launcher="ray"), 5)  # (other hosts: not checked here)
 
 
 def test_a_cgroup_limit_above_physical_memory_is_not_the_limit(monkeypatch):

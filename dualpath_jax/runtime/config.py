@@ -756,8 +756,8 @@ def _this_host_memory(cfg: RuntimeConfig) -> tuple[int, str] | None:
 
 def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int) -> None:
     """One decode engine's batch cache (decode_slots x max_seq_len tokens of every layer's KV, allocated when its
-    node starts) no more than this host's memory holds (local/inprocess launchers: the engines run on this
-    host). One that can never fit stopped the node with RESOURCE_EXHAUSTED (a traceback in the node process,
+    node starts), and every decode engine's together, no more than this host's memory holds (local/inprocess
+    launchers: the engines run on this host). One that can never fit stopped the node with RESOURCE_EXHAUSTED (a traceback in the node process,
     then "no live engine left") instead of this line. (With Ray the nodes run on other hosts: not checked.)"""
     mem = _this_host_memory(cfg)
     if mem is None:
@@ -771,6 +771,15 @@ def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int) -
             f"{kv_bytes_per_token} B/token (the model's KV, all layers) = {need} B ({need / 2**30:.1f} GiB) of decode "
             f"cache per decode engine is more than {what}: {limit} B ({limit / 2**30:.1f} GiB); lower "
             "config.cluster.decode_slots or max_seq_len"
+        )
+    engines = c.decode_nodes * c.engines_per_node  # (all on this host: each allocates its cache at its start)
+    if engines > 1 and engines * need > limit:  # (one engine's fitting was all that was checked)
+        raise ConfigError(
+            f"config.cluster: the {engines} decode engines of launcher {cfg.launcher!r} all run on this host and need "
+            f"{engines * need} B ({engines * need / 2**30:.1f} GiB) of decode cache together ({engines} x decode_slots="
+            f"{c.decode_slots} x max_seq_len={c.max_seq_len} tokens x {kv_bytes_per_token} B/token), more than {what}: "
+            f"{limit} B ({limit / 2**30:.1f} GiB); lower config.cluster.decode_slots or max_seq_len, or use launcher "
+            "'ray' over several hosts"
         )
 
 
