@@ -42,3 +42,17 @@ def test_a_tiny_turn_past_max_seq_len_with_its_generation_names_the_tiny_workloa
         driver.prepare(base.replace(**{"cluster.max_seq_len": longest_turn - 1}), trajs)
     text = str(e.value)
     assert "config.workload.first_append_tokens" in text and "lower config.workload.scale" not in text, text
+
+
+def test_a_turn_past_the_models_positions_is_warned_about(caplog):
+    """A turn longer than the model's `max_position_embeddings` (a real checkpoint's trained window) ran silently with
+    positions it was not trained for; `driver.prepare` warns, naming both numbers (helper fix14_longctx's note)."""
+    from dualpath_jax.runtime.model_ops import model_config
+
+    mcfg = model_config("tiny_qwen2")
+    assert mcfg.max_position_embeddings == 4096
+    with caplog.at_level("WARNING", logger="dualpath_jax.runtime.driver"):
+        assert not driver.warn_past_positions(mcfg, 4096)
+        assert driver.warn_past_positions(mcfg, 4150)
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "4150 tokens" in msg and "max_position_embeddings=4096" in msg

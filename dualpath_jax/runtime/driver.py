@@ -266,6 +266,7 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
             f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the longest turn "
             f"(prompt + generation = {max_total} tokens); raise it, {shorten_turns_hint(cfg)}"
         )
+    warn_past_positions(mcfg, max_total)
     try:
         ops = model_ops or ModelOps.of_config(cfg)
     except ValueError as e:  # a checkpoint whose tensors do not load (missing, wrong shape): named
@@ -370,6 +371,23 @@ def _check_turn_lengths(trajs: Sequence[Trajectory]) -> None:
                     f"the workload's trajectory {t.trajectory_id} turn {i} generates {turn.gen_tokens} tokens: the "
                     "runtime generates at least the first token of every turn (gen_tokens must be >= 1)"
                 )
+
+
+def warn_past_positions(mcfg, longest_turn: int) -> bool:
+    """Warn (and say so) when the longest turn (prompt + generation, tokens) runs positions past the model's
+    `max_position_embeddings`: a real checkpoint then computes them with rotary frequencies it was not trained for,
+    silently (the runtime's tokens stay deterministic, so nothing else would tell)."""
+    positions = getattr(mcfg, "max_position_embeddings", None)
+    if positions is None or longest_turn <= positions:
+        return False
+    log.warning(
+        "the longest turn holds %d tokens (prompt + generation), past the model's max_position_embeddings=%d: its "
+        "later positions run with rotary frequencies the model was not trained for; cut the agents with "
+        "config.workload.max_context_tokens or lower config.workload.scale to stay within it",
+        longest_turn,
+        positions,
+    )
+    return True
 
 
 def _check_token_ids(trajs: Sequence[Trajectory], vocab_size: int) -> None:
