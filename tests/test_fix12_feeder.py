@@ -178,3 +178,35 @@ def test_a_named_peer_that_connects_after_the_feed_started_is_waited_for():
     finally:
         de.close()
         pe.close()
+
+
+@pytest.mark.parametrize("backend", ["inproc", "tcp"])
+def test_a_layer_whose_wait_starts_after_the_peer_went_fails_at_once(backend):
+    """The source saw the DE connected while it waited for layer 0; the DE then goes before the wait for layer 1
+    starts (a loader thread late under load): that wait fails with PeerLostError within the peer check, not after its
+    whole timeout (each wait tracked "seen connected" on its own, so this one never saw the peer: the CI flake of
+    test_de_path_fails_at_once_when_the_decode_engine_goes_mid_feed, 2026-12-05)."""
+    from transport.base import PeerLostError
+
+    nb = 64
+    de = make_transport({"backend": backend, "name": f"de-late-{backend}"})
+    pe = make_transport({"backend": backend, "name": f"pe-late-{backend}"})
+    try:
+        de.register("src", np.ones(nb, np.uint8))
+        pe.register("pe_buffer", np.zeros(2 * nb, np.uint8))
+        de.connect(pe.name, pe.address)
+        pe.wait_for_peer(de.name)
+        src = TransportLayerSource(pe, "pe_buffer", lambda layer: layer * nb, nb, lambda layer: 40 + layer, de.name, 8)
+        de.write(pe.name, "src", 0, "pe_buffer", 0, nb, notify=40).result(10)
+        np.testing.assert_array_equal(src(0, np.empty(nb, np.uint8)), np.ones(nb, np.uint8))
+        de.close()
+        deadline = time.monotonic() + 10
+        while de.name in pe.peers() and time.monotonic() < deadline:  # (tcp: the PE sees the close a little later)
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        with pytest.raises(PeerLostError, match=f"layer 1: peer {de.name!r} is gone"):
+            src(1, np.empty(nb, np.uint8))
+        assert time.monotonic() - t0 < 6, "waited out the timeout"
+    finally:
+        de.close()
+        pe.close()

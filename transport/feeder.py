@@ -525,6 +525,9 @@ class TransportLayerSource:
     ):
         self.transport, self.region, self.offset_fn = transport, region, offset_fn
         self.layer_nbytes, self.tag_fn, self.peer, self.timeout_s = layer_nbytes, tag_fn, peer, timeout_s
+        # The peer was seen connected by this source (by any layer's wait): a wait that starts once it is gone fails
+        # at once. (Per wait, a layer whose wait began after the peer went never saw it, and waited out the timeout.)
+        self.seen_peer = False
 
     def __call__(self, layer: int, out: np.ndarray) -> np.ndarray:
         n = self._wait(layer, self.tag_fn(layer))
@@ -545,9 +548,9 @@ class TransportLayerSource:
         if self.peer is None:
             return self.transport.wait_notification(tag=tag, peer=None, timeout=self.timeout_s)
         until = deadline(self.timeout_s)
-        seen = False  # (a peer not connected yet may still connect: only one seen connected, then gone, is lost)
         while True:
-            seen = seen or self.peer in self.transport.peers()
+            # (a peer not connected yet may still connect: only one seen connected, then gone, is lost)
+            seen = self.seen_peer = self.seen_peer or self.peer in self.transport.peers()
             left = _remaining(until)
             try:
                 return self.transport.wait_notification(
