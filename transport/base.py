@@ -36,7 +36,7 @@ import inspect
 import operator
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Literal, Protocol, Self
 
@@ -865,21 +865,33 @@ def make_transport(config: Mapping[str, Any] | Any, **overrides: Any) -> Transpo
     return cls(**cfg)
 
 
+def keyword_fit(cls: Any, names: Iterable[str]) -> tuple[list[str], list[str], list[str]] | None:
+    """How keyword arguments `names` fit `cls`'s constructor: (those it does not take, its required ones they lack,
+    every name it takes), or None when it has no signature to tell. `make_transport` checks a config with it, the
+    runtime's config check what its launchers pass."""
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    takes = [p.name for p in params if p.kind in named]
+    names = list(names)
+    anything = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    unknown = [] if anything else [k for k in names if k not in takes]
+    missing = [p.name for p in params if p.kind in named and p.default is p.empty and p.name not in names]
+    return unknown, missing, takes
+
+
 def _check_fields(backend: str, cls: Any, cfg: Mapping[str, Any]) -> None:
     """A `TypeError` naming the backend and the fields its class takes if `cfg` has one it does not take or lacks a
     required one (it was the class's own "__init__() got an unexpected keyword argument", naming no backend)."""
-    try:
-        params = list(inspect.signature(cls).parameters.values())
-    except (TypeError, ValueError):  # no signature to check against: the call itself says what is wrong
+    fit = keyword_fit(cls, cfg)
+    if fit is None:  # no signature to check against: the call itself says what is wrong
         return
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    takes = [p.name for p in params if p.kind in named]
+    unknown, missing, takes = fit
     problems = []
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        unknown = [k for k in cfg if k not in takes]
-        if unknown:
-            problems.append(f"unexpected field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}")
-    missing = [p.name for p in params if p.kind in named and p.default is p.empty and p.name not in cfg]
+    if unknown:
+        problems.append(f"unexpected field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}")
     if missing:
         problems.append(f"missing field{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}")
     if problems:

@@ -19,6 +19,7 @@ import logging
 import math
 import numbers
 import os
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -557,16 +558,29 @@ def check_policy_run(
     return config
 
 
+MAIN_MODULES = ("__main__", "__mp_main__")  # where a class defined by the driver's script lives (spawned: __mp_main__)
+
+
+def unreachable_main(cfg: RuntimeConfig, cls: Any) -> bool:
+    """Whether `cls` (a batcher or transport class registered by the driver) is defined in its `__main__` where the
+    node processes of `config.launcher` cannot import it: never with `ray` (actors); with `local` unless `__main__` is a
+    file or module its spawned nodes re-run (as `__mp_main__`; not `python -c`'s, not a notebook's). The nodes import
+    the registering module otherwise (`launcher.batcher_modules` / `transport_modules`)."""
+    if cfg.launcher == "inprocess" or getattr(cls, "__module__", None) not in MAIN_MODULES:
+        return False
+    main = sys.modules.get("__main__")
+    rerun = getattr(main, "__file__", None) or getattr(getattr(main, "__spec__", None), "name", None)
+    return cfg.launcher != "local" or not rerun
+
+
 def _validate_transport(cfg: RuntimeConfig) -> None:
     """`config.transport` is a registered backend (the built-ins, or one of one's own) that the launchers can build:
     `make_transport({"backend": ..., "name": ...}, pacer=...)` (`launcher.endpoint_spec`; rdma adds `config.rdma`, the
     `ray` launcher `host` and `secret`), in node processes that know it: the `local` and `ray` launchers' nodes import
     the module that registered it (`launcher.transport_modules`, as `launcher.batcher_modules` for a batcher), which
     a class of the driver's `__main__` is not (the `local` launcher's spawned nodes re-run a script's `__main__`)."""
-    import inspect
-    import sys
-
     from transport import TRANSPORTS  # (registers the built-ins; no pyverbs, no jax)
+    from transport.base import keyword_fit
 
     try:
         cls = TRANSPORTS.get(cfg.transport)
@@ -581,28 +595,19 @@ def _validate_transport(cfg: RuntimeConfig) -> None:
             f"config.transport {cfg.transport!r} ({cls_name}, crosses_processes=False) needs "
             "config.launcher='inprocess': as 'inproc', its endpoints reach only the endpoints of their own process"
         )
-    if cfg.launcher != "inprocess" and getattr(cls, "__module__", None) in ("__main__", "__mp_main__"):
-        # (a spawned node re-runs a script's or module's __main__ as __mp_main__; never python -c's, a notebook's,
-        # nor on Ray's actors)
-        main = sys.modules.get("__main__")
-        rerun = getattr(main, "__file__", None) or getattr(getattr(main, "__spec__", None), "name", None)
-        if cfg.launcher != "local" or not rerun:
-            raise ConfigError(
-                f"config.transport {cfg.transport!r} is registered in __main__ ({cls!r}), which the "
-                f"{cfg.launcher!r} launcher's node processes cannot import: register it in an importable module "
-                "(e.g. my_transports.py on the path, imported by your script or config file)"
-            )
-    try:
-        params = inspect.signature(cls).parameters.values()
-    except (TypeError, ValueError):  # (no signature: nothing to check before the launchers build it)
-        return
+    if unreachable_main(cfg, cls):
+        raise ConfigError(
+            f"config.transport {cfg.transport!r} is registered in __main__ ({cls!r}), which the "
+            f"{cfg.launcher!r} launcher's node processes cannot import: register it in an importable module "
+            "(e.g. my_transports.py on the path, imported by your script or config file)"
+        )
     given = ("name", "pacer", "host", "secret") if cfg.launcher == "ray" else ("name", "pacer")
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    needs = [p.name for p in params if p.kind in named and p.default is p.empty and p.name not in given]
+    fit = keyword_fit(cls, given)
+    if fit is None:  # (no signature: nothing to check before the launchers build it)
+        return
+    takes_not, needs, _ = fit
     lacks = [f"also needs: {', '.join(needs)}"] if needs else []
-    for arg in given:
-        if not any(p.name == arg and p.kind in named or p.kind is p.VAR_KEYWORD for p in params):
-            lacks.append(f"takes no {arg}= argument")
+    lacks += [f"takes no {arg}= argument" for arg in takes_not]
     if lacks:
         builders = "the 'ray' launcher builds" if cfg.launcher == "ray" else "the launchers build"
         raise ConfigError(

@@ -23,7 +23,7 @@ import time
 import traceback
 from collections.abc import Sequence
 
-from dualpath_jax.runtime.config import RuntimeConfig
+from dualpath_jax.runtime.config import MAIN_MODULES, RuntimeConfig
 from dualpath_jax.runtime.control import ControlServer, DriverLost, LocalControlClient, SocketControlClient
 from dualpath_jax.runtime.scheduler_service import GroupSpec, RunFailed
 
@@ -60,7 +60,31 @@ def build_batcher_factory(cfg: RuntimeConfig, model_ops=None):
     return lambda: schedulers.make_batcher(cfg.scheduler.batcher, **kw)
 
 
-_MAIN_MODULES = ("__main__", "__mp_main__")
+def _registering_module(registry, name: str) -> tuple[str, ...]:
+    """The module that registered `name` in `registry` (none for a class of `__main__`, which cannot be imported by
+    name: `config.unreachable_main`), for the node processes to import before they build it."""
+    mod = getattr(registry.get(name), "__module__", None)
+    return (mod,) if isinstance(mod, str) and mod not in MAIN_MODULES else ()
+
+
+def _import_registering_modules(what: str, registry, name: str, modules: Sequence[str]) -> None:
+    """In a node process: import `modules` (`_registering_module` in the driver), then check that `name` is known in
+    `registry` here; `what` names the config field in the errors."""
+    import importlib
+
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except Exception as e:
+            raise RuntimeError(
+                f"{what} {name!r} was registered by module {mod!r} in the driver, which this node process cannot "
+                f"import: {e!r}"
+            ) from e
+    if name not in registry:
+        raise RuntimeError(
+            f"{what} {name!r} is not registered in this node process ({mp.current_process().name}): "
+            "register it at the top level of an importable module (not under `if __name__ == '__main__':`)"
+        )
 
 
 def batcher_modules(cfg: RuntimeConfig) -> tuple[str, ...]:
@@ -70,54 +94,32 @@ def batcher_modules(cfg: RuntimeConfig) -> tuple[str, ...]:
     (`check_batcher_reaches_nodes`)."""
     import schedulers
 
-    mod = getattr(schedulers.BATCHERS.get(cfg.scheduler.batcher), "__module__", None)
-    return (mod,) if isinstance(mod, str) and mod not in _MAIN_MODULES else ()
+    return _registering_module(schedulers.BATCHERS, cfg.scheduler.batcher)
 
 
 def check_batcher_reaches_nodes(cfg: RuntimeConfig) -> None:
     """Before anything starts: the configured batcher must be known in the node processes of `config.launcher`. Those
-    import the module that registered it (`batcher_modules`); a batcher registered in the driver's `__main__` reaches
-    the `local` launcher's nodes only when `__main__` is a file or module that they re-run (multiprocessing's spawn,
-    as `__mp_main__`), and never Ray's actors."""
+    import the module that registered it (`batcher_modules`); one registered in the driver's `__main__` reaches them
+    only where `config.unreachable_main` says so."""
     import schedulers
-    from dualpath_jax.runtime.config import ConfigError
+    from dualpath_jax.runtime.config import ConfigError, unreachable_main
 
     name = cfg.scheduler.batcher
     cls = schedulers.BATCHERS.get(name)
-    if cfg.launcher == "inprocess" or getattr(cls, "__module__", None) not in _MAIN_MODULES:
-        return
-    main = sys.modules.get("__main__")
-    rerun = getattr(main, "__file__", None) or getattr(getattr(main, "__spec__", None), "name", None)
-    if cfg.launcher == "local" and rerun:
-        return  # (the node checks it is registered there: `import_batcher_modules`)
-    raise ConfigError(
-        f"config.scheduler.batcher {name!r} is registered in __main__ ({cls!r}), which the {cfg.launcher!r} "
-        "launcher's node processes cannot import: register it in an importable module (e.g. my_batchers.py on the "
-        "path, imported by your script)"
-    )
+    if unreachable_main(cfg, cls):
+        raise ConfigError(
+            f"config.scheduler.batcher {name!r} is registered in __main__ ({cls!r}), which the {cfg.launcher!r} "
+            "launcher's node processes cannot import: register it in an importable module (e.g. my_batchers.py on the "
+            "path, imported by your script)"
+        )
 
 
 def import_batcher_modules(cfg: RuntimeConfig, modules: Sequence[str]) -> None:
     """In a node process: import the modules that registered the batcher in the driver (`batcher_modules`), then
     check it is known here, naming it."""
-    import importlib
-
     import schedulers
 
-    name = cfg.scheduler.batcher
-    for mod in modules:
-        try:
-            importlib.import_module(mod)
-        except Exception as e:
-            raise RuntimeError(
-                f"config.scheduler.batcher {name!r} was registered by module {mod!r} in the driver, which this node "
-                f"process cannot import: {e!r}"
-            ) from e
-    if name not in schedulers.BATCHERS:
-        raise RuntimeError(
-            f"config.scheduler.batcher {name!r} is not registered in this node process ({mp.current_process().name}): "
-            "register it at the top level of an importable module (not under `if __name__ == '__main__':`)"
-        )
+    _import_registering_modules("config.scheduler.batcher", schedulers.BATCHERS, cfg.scheduler.batcher, modules)
 
 
 def transport_modules(cfg: RuntimeConfig) -> tuple[str, ...]:
@@ -127,31 +129,15 @@ def transport_modules(cfg: RuntimeConfig) -> tuple[str, ...]:
     imported by name (`config.validate` refuses it where the nodes do not re-run `__main__`)."""
     from transport import TRANSPORTS
 
-    mod = getattr(TRANSPORTS.get(cfg.transport), "__module__", None)
-    return (mod,) if isinstance(mod, str) and mod not in _MAIN_MODULES else ()
+    return _registering_module(TRANSPORTS, cfg.transport)
 
 
 def import_transport_modules(cfg: RuntimeConfig, modules: Sequence[str]) -> None:
     """In a node process: import the modules that registered `config.transport` in the driver (`transport_modules`),
     then check it is known here, naming it."""
-    import importlib
-
     from transport import TRANSPORTS
 
-    name = cfg.transport
-    for mod in modules:
-        try:
-            importlib.import_module(mod)
-        except Exception as e:
-            raise RuntimeError(
-                f"config.transport {name!r} was registered by module {mod!r} in the driver, which this node process "
-                f"cannot import: {e!r}"
-            ) from e
-    if name not in TRANSPORTS:
-        raise RuntimeError(
-            f"config.transport {name!r} is not registered in this node process ({mp.current_process().name}): "
-            "register it at the top level of an importable module (not under `if __name__ == '__main__':`)"
-        )
+    _import_registering_modules("config.transport", TRANSPORTS, cfg.transport, modules)
 
 
 def node_modules(cfg: RuntimeConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
