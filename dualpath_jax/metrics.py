@@ -373,14 +373,15 @@ _ENV_PREFIXES = ("DUALPATH_", "JAX_", "XLA_")
 _ENV_NAMES = ("PYTHONHASHSEED", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
 
-def run_info(module: str, started: float, *, rerun_args: Sequence[str] = (), traces: Iterable = (), **extra) -> dict:
+def run_info(module: str, started: float, *, output_dir: str | None = None, traces: Iterable = (), **extra) -> dict:
     """What ran, for `run.json` beside a launcher's results (`write_run_info`): the command line (`command`, from
     `cwd`, with `env`), every flag of the launcher `module` with its value (the `--config` file and its overrides),
     versions, the git commit of the checkout it ran from and its changed files, the host, the start time (UTC;
     `started`: time.time() when the launcher began) and wall time, each trace read (`traces`: paths as configured;
     size and sha256), and the launcher's `extra` (its resolved config, seeds). `rerun` is the command to paste to run
-    it again: `command` in `cwd` with `env`, and `rerun_args` after it (the last of a flag given twice wins: e.g. an
-    --output_dir of its own, so a re-run does not write over these results)."""
+    it again: `command` in `cwd` with `env`, and for a launcher with an `--output_dir` (`output_dir`: its value)
+    `--output_dir=<output_dir>/rerun` after it (the last of a flag given twice wins), so a re-run does not write over
+    these results."""
     import datetime
     import os
     import platform
@@ -390,6 +391,7 @@ def run_info(module: str, started: float, *, rerun_args: Sequence[str] = (), tra
 
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
     command = shlex.join(["python", "-m", module, *sys.argv[1:]])
+    rerun_args = [] if output_dir is None else [f"--output_dir={os.path.join(os.path.abspath(output_dir), 'rerun')}"]
     rerun = [f"cd {shlex.quote(os.getcwd())} &&", *(f"{k}={shlex.quote(v)}" for k, v in env.items()), command]
     info = {
         "command": command,

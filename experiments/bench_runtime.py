@@ -383,13 +383,7 @@ def main(argv):
             metrics.json_safe(out), f, indent=1, default=lambda x: float(x) if isinstance(x, (int, float)) else str(x)
         )
     # what ran, as the other launchers record it (a re-run of its `command` makes a results directory of its own)
-    import jax
-
-    w = base.workload
-    traces = [w.trace] if w.kind == "trace" else []
-    devices = [str(d) for d in jax.devices()]
-    info = metrics.run_info("experiments.bench_runtime", started, traces=traces, devices=devices, config=out["config"])
-    metrics.write_run_info(out_dir, info)
+    metrics.write_run_info(out_dir, driver.run_info("experiments.bench_runtime", started, base, out["config"]))
     logging.info("results written to %s", out_dir)
     if failed:
         raise SystemExit(f"{failed} (the runs that finished are in {out_dir})")

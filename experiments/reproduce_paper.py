@@ -368,14 +368,9 @@ def _write_run_info(started: float, jobs: list) -> None:
     """run.json: what ran (every run's label), and the line that runs it again into a directory of its own."""
     from dualpath_jax.metrics import run_info, write_run_info
 
-    rerun = [f"--output_dir={os.path.join(os.path.abspath(_OUTPUT_DIR.value), 'rerun')}"]
     runs = [f"{kind} {arg}" for kind, arg in jobs]
-    print(
-        "wrote",
-        write_run_info(
-            _OUTPUT_DIR.value, run_info("experiments.reproduce_paper", started, rerun_args=rerun, runs=runs)
-        ),
-    )
+    info = run_info("experiments.reproduce_paper", started, output_dir=_OUTPUT_DIR.value, runs=runs)
+    print("wrote", write_run_info(_OUTPUT_DIR.value, info))
 
 
 def _run_all(jobs: list, term: SigtermAsInterrupt, started: float) -> dict:

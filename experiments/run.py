@@ -132,13 +132,6 @@ def policy_configs(config, overrides) -> dict:
     return out
 
 
-def file_label(label: str) -> str:
-    """A run's label (`policy_configs`' keys) as it appears in file names: turns_<file_label>.json."""
-    from dualpath_jax.runtime.config import PolicyRun
-
-    return PolicyRun(label, {}, (), label).file_label
-
-
 def policy_config(cfg, kv_bytes_per_token: int, prefill_tokens_per_s: float | None) -> dict:
     """Every field of the Config `cfg`'s policy runs with (α / β / block size filled from this cluster where not
     given, as `driver.run` builds it), as JSON values (others by their repr)."""
@@ -188,7 +181,7 @@ def main(argv):
 
     from dualpath_jax import metrics
     from dualpath_jax.runtime import driver
-    from dualpath_jax.runtime.config import ConfigError
+    from dualpath_jax.runtime.config import ConfigError, file_label
     from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
     from dualpath_jax.runtime.model_ops import model_config
     from dualpath_jax.runtime.scheduler_service import RunFailed
@@ -342,11 +335,7 @@ def main(argv):
     if config.plot and plot(results, os.path.join(out_dir, "run.png")):
         logging.info("plot: %s", os.path.join(out_dir, "run.png"))
     # what ran (a re-run of its `command` makes a results directory of its own)
-    w = base.workload
-    traces = [w.trace] if w.kind == "trace" else []
-    devices = [str(d) for d in jax.devices()]
-    info = metrics.run_info("experiments.run", started, traces=traces, devices=devices, config=config.to_dict())
-    metrics.write_run_info(out_dir, info)
+    metrics.write_run_info(out_dir, driver.run_info("experiments.run", started, base, config.to_dict()))
     logging.info("results written to %s", out_dir)
     if failed:
         raise SystemExit(failed)

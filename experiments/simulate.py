@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-import os
 import platform
 import time
 from collections.abc import Sequence
@@ -194,7 +193,7 @@ def main(argv: Sequence[str]) -> None:
         info = metrics.run_info(
             "experiments.simulate",
             started,
-            rerun_args=[f"--output_dir={os.path.join(os.path.abspath(out), 'rerun')}"],
+            output_dir=out,
             traces=[w.trace_path] if w.kind == "trace" else [],
             seed=result.config.seed,
             compiled=result.stats.get("compiled"),

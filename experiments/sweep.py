@@ -283,8 +283,8 @@ def _write_results(rows: list[dict], cells, term: SigtermAsInterrupt, started: f
         logging.info("removed %s: an earlier sweep's plot (none was drawn for this one)", png)
     print("wrote", os.path.join(_OUTPUT_DIR.value, "sweep.csv"))
     # what ran, and the line that runs it again into a directory of its own (README "What ran")
-    rerun = [f"--output_dir={os.path.join(os.path.abspath(_OUTPUT_DIR.value), 'rerun')}"]
-    info = run_info("experiments.sweep", started, rerun_args=rerun, traces=traces, cells=[cell_spec(*c) for c in cells])
+    cells_run = [cell_spec(*c) for c in cells]
+    info = run_info("experiments.sweep", started, output_dir=_OUTPUT_DIR.value, traces=traces, cells=cells_run)
     print("wrote", write_run_info(_OUTPUT_DIR.value, info))
     stopped = (
         f"sweep: stopped by SIGTERM; the {len(rows) - len(failed)} finished cells of {len(rows)} are in "

@@ -107,8 +107,7 @@ def test_one_policy_runs_twice_with_fields_of_its_own_each_time(registered):
     """An ablation in one run: `dualpath,dualpath,policy.alpha_tokens=500000` compares dualpath at its α with dualpath
     at another, each run labelled by its own fields (results.json keys, the table, turns_<label>.json with a file-safe
     label). Before: "names a policy twice"."""
-    from dualpath_jax.runtime.config import parse_policy_list
-    from experiments.run import file_label
+    from dualpath_jax.runtime.config import file_label, parse_policy_list
 
     runs = runs_of(job_config("dualpath,dualpath,policy.alpha_tokens=500000,policy.z_slack=1.2,basic"))
     assert list(runs) == ["dualpath", "dualpath[alpha_tokens=500000,z_slack=1.2]", "basic"]

@@ -425,9 +425,13 @@ class PolicyRun:
 
     @property
     def file_label(self) -> str:
-        """`label` as a file-name part: `dualpath[alpha_tokens=500000]` -> `dualpath.alpha_tokens=500000`."""
-        text = (self.label or self.name).replace("[", ".").replace("]", "").replace(",", ".")
-        return "".join(c if c.isalnum() or c in "._=+-" else "_" for c in text)
+        return file_label(self.label or self.name)
+
+
+def file_label(label: str) -> str:
+    """A run's label as a file-name part: `dualpath[alpha_tokens=500000]` -> `dualpath.alpha_tokens=500000`."""
+    text = label.replace("[", ".").replace("]", "").replace(",", ".")
+    return "".join(c if c.isalnum() or c in "._=+-" else "_" for c in text)
 
 
 def parse_policy_list(text: str, where: str = "--config.policies") -> list[PolicyRun]:
@@ -762,8 +766,9 @@ def _this_host_memory(cfg: RuntimeConfig) -> tuple[int, str] | None:
 def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int) -> None:
     """One decode engine's batch cache (decode_slots x max_seq_len tokens of every layer's KV, allocated when its
     node starts), and every decode engine's together, no more than this host's memory holds (local/inprocess
-    launchers: the engines run on this host). One that can never fit stopped the node with RESOURCE_EXHAUSTED (a traceback in the node process,
-    then "no live engine left") instead of this line. (With Ray the nodes run on other hosts: not checked.)"""
+    launchers: the engines run on this host). One that can never fit stopped the node with RESOURCE_EXHAUSTED (a
+    traceback in the node process, then "no live engine left") instead of this line. (With Ray the nodes run on other
+    hosts: not checked.)"""
     mem = _this_host_memory(cfg)
     if mem is None:
         return

@@ -373,6 +373,18 @@ def _check_turn_lengths(trajs: Sequence[Trajectory]) -> None:
                 )
 
 
+def run_info(module: str, started: float, cfg: RuntimeConfig, config: dict) -> dict:
+    """`metrics.run_info` of a runtime launcher (`experiments.run`, `bench_runtime`): the trace its workload reads,
+    the JAX devices, and `config` (the launcher's resolved config)."""
+    import jax
+
+    from dualpath_jax import metrics
+
+    w = cfg.workload
+    traces = [w.trace] if w.kind == "trace" else []
+    return metrics.run_info(module, started, traces=traces, devices=[str(d) for d in jax.devices()], config=config)
+
+
 def warn_past_positions(mcfg, longest_turn: int) -> bool:
     """Warn (and say so) when the longest turn (prompt + generation, tokens) runs positions past the model's
     `max_position_embeddings`: a real checkpoint then computes them with rotary frequencies it was not trained for,
