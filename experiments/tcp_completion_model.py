@@ -38,7 +38,7 @@ flags.DEFINE_integer(
 flags.DEFINE_bool("transport", True, "also measure the real TcpTransport (a peer process of its own)")
 
 HEADER = 48  # bytes, as transport.tcp's frame header
-_ROUND = struct.Struct("!QQQ")  # mode (0 raw, 1 framed), size, count; (0, 0, 0) ends the receiver
+_ROUND = struct.Struct("!QQ")  # size, count of a round; (0, 0) ends the receiver
 _ACK = struct.Struct("!Q")  # writes acknowledged by one ack frame
 
 
@@ -53,28 +53,19 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
 
 
 def receiver(conn) -> None:
-    """The receiving process: raw rounds (count*size bytes, one b"k" at the end) and framed rounds (frames landed
-    in one region, an ack frame with the number landed whenever the socket is drained)."""
+    """The receiving process: rounds of `count` frames landed in one region, an ack frame with the number landed
+    whenever the socket is drained. (The raw baseline is bench_io's `RawSocketPeer`.)"""
     lst = socket.create_server(("127.0.0.1", 0))
     conn.send(lst.getsockname()[1])
     s, _ = lst.accept()
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     while True:
-        mode, size, count = _ROUND.unpack(_recv_exact(s, _ROUND.size))
+        size, count = _ROUND.unpack(_recv_exact(s, _ROUND.size))
         if count == 0:
             return
         frame = HEADER + size
         buf = bytearray(max(4 * frame, 1 << 18))
         view, region = memoryview(buf), memoryview(bytearray(size))
-        if mode == 0:
-            left = count * size
-            while left:
-                n = s.recv_into(view, min(len(buf), left))
-                if n == 0:
-                    return
-                left -= n
-            s.sendall(b"k")
-            continue
         landed = held = have = 0
         while landed < count:
             asked = len(buf) - have
@@ -113,22 +104,13 @@ class Model:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def close(self) -> None:
-        self.sock.sendall(_ROUND.pack(0, 0, 0))
+        self.sock.sendall(_ROUND.pack(0, 0))
         self.sock.close()
         self.proc.join(5)
 
-    def raw(self, payload: memoryview, count: int, window: int) -> float:
-        s, t0 = self.sock, time.perf_counter()
-        s.sendall(_ROUND.pack(0, payload.nbytes, count))
-        for _ in range(count):
-            s.sendall(payload)
-        if s.recv(1) != b"k":
-            raise RuntimeError("receiver did not ack")
-        return time.perf_counter() - t0
-
     def ack_thread(self, payload: memoryview, count: int, window: int) -> float:
         s, header = self.sock, bytes(HEADER)
-        s.sendall(_ROUND.pack(1, payload.nbytes, count))
+        s.sendall(_ROUND.pack(payload.nbytes, count))
         posted: collections.deque = collections.deque()  # locks of the writes not acknowledged, oldest first
         guard = threading.Lock()
 
@@ -163,7 +145,7 @@ class Model:
 
     def waiter_polls(self, payload: memoryview, count: int, window: int) -> float:
         s, header = self.sock, bytes(HEADER)
-        s.sendall(_ROUND.pack(1, payload.nbytes, count))
+        s.sendall(_ROUND.pack(payload.nbytes, count))
         t0 = time.perf_counter()
         sent = acked = 0
         while acked < count:
@@ -178,15 +160,20 @@ class Model:
 
 def run(size: int, count: int, window: int, repeats: int, transport: bool = True) -> list[dict]:
     """Rows {case, GBps, ratio} (best of `repeats` interleaved repeats; ratio to the raw socket)."""
+    # (imported here: a launcher imports no other launcher at its top, tests/test_fix10_flags.py)
+    from experiments.bench_io import RawSocketPeer, _transport_pair, _transport_round
+
     src = np.ones(size, np.uint8)
     payload = memoryview(src)
-    model = Model()
+    model, raw = Model(), RawSocketPeer()  # (the raw baseline: bench_io's, the same bytes streamed, one ack a round)
     me = peer = None
-    cases = {"raw socket": model.raw, "ack thread": model.ack_thread, "waiter polls": model.waiter_polls}
+    cases = {
+        "raw socket": lambda p, n, w: raw.round(src, size, n),
+        "ack thread": model.ack_thread,
+        "waiter polls": model.waiter_polls,
+    }
     try:
-        if transport:  # (imported here: a launcher imports no other launcher at its top, tests/test_fix10_flags.py)
-            from experiments.bench_io import _transport_pair, _transport_round
-
+        if transport:
             me, peer = _transport_pair(size)
             me.register("src", src)
             cases["TcpTransport"] = lambda p, n, w: _transport_round(me, size, n, w)
@@ -198,6 +185,7 @@ def run(size: int, count: int, window: int, repeats: int, transport: bool = True
                 best[name] = min(best[name], fn(payload, count, window))
     finally:
         model.close()
+        raw.close()
         if peer is not None:
             from transport.peer import PeerProcess
 
