@@ -6,7 +6,7 @@
 A model in plain sockets, no transport code: a sender process posts `--count` frames (a 48-byte header and
 `--size` bytes of payload, one `sendmsg` each) with at most `--window` unacknowledged, to a receiver process that
 lands each payload in one reused region and acknowledges what landed whenever its socket drains (one ack frame for
-every write since the last, as `transport.tcp` does). Three senders, interleaved in each repeat, beside the raw
+every write since the last, as `transport.tcp` does). Two senders, interleaved in each repeat, beside the raw
 socket baseline of `bench_io` (the same bytes streamed, one ack a round) and the real `TcpTransport`:
   ack thread     completions handed over as the transport does: a second thread reads the ack frames and
                  releases each write's lock, and the posting thread waits on the oldest write's lock;
