@@ -40,9 +40,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.batch_invariant = False  # True: greedy tokens bit-identical whatever the policy (models/layers/invariant.py)
     r.block_size = 16
     r.transport = "tcp"
+    r.transport_options = {}  # the backend's own endpoint fields, e.g. "{'timeout_s': 10.0}" (tcp)
     r.launcher = "local"
+    r.store = "local_dir"  # a registered KV store (dualpath_jax.store.STORES; README "A KV store of one's own")
+    r.store_options = {}  # its options besides root (= store_dir), e.g. "{'capacity_bytes': 1 << 30}" for local_dir
     r.store_dir = ""
     r.run_timeout_s = 900.0
+    # true: node processes in the kernel-shaped namespaces of experiments/netns_cluster.sh (root; README "Kernel-shaped
+    # NICs for the runtime"), e.g. after `experiments/netns_cluster.sh up 3 1 32 256`
+    r.netns = False
     r.cluster = dict(
         prefill_nodes=1,
         decode_nodes=2,
@@ -52,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         prefill_token_budget=512,
         prefill_max_batch=8,
         precompile=True,
+        layerwise=True,  # false: the paper's Basic prefill (or per run: --config.policies=basic,layerwise=false,...)
+        pe_hbm_kv_bytes=0,  # Basic prefill only: a PE's HBM for whole-prompt KV (0: no bound; the simulator's pe_hbm_kv_gb)
     )
     r.nics = dict(snic_bytes_per_s=4e6, cnic_bytes_per_s=32e6, high_priority_share=0.99)
     r.buffers = dict(pe_buffer_bytes=64 << 20, de_buffer_bytes=64 << 20)

@@ -175,24 +175,9 @@ def ttft_tpot(records: Sequence[TurnRecord], cache: dict | None = None) -> tuple
 
 
 def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), cache: dict | None = None) -> dict:
-    """The headline numbers every report prints (`cache`: see `column`)."""
-    if not records:
-        # every key of the schema (a run cut before its first arrival wrote `turns` only: KeyError in a notebook)
-        return {
-            "turns": 0,
-            "jct_s": math.nan,
-            "gen_tokens_per_s": math.nan,
-            "prompt_tokens_per_s": math.nan,
-            "ttft_p50_s": math.nan,
-            "ttft_p99_s": math.nan,
-            "turns_without_first_token": 0,
-            "tpot_p50_s": math.nan,
-            "tpot_p99_s": math.nan,
-            "pe_read_bytes": 0,
-            "de_read_bytes": 0,
-            "snic_max_over_avg": snic_max_over_avg(links),
-        }
-    start = min(map(_ARRIVAL, records))
+    """The headline numbers every report prints (`cache`: see `column`). No records (a run cut before its first
+    arrival) give every key too: counts and bytes 0, the rest NaN."""
+    start = min(map(_ARRIVAL, records), default=math.nan)
     # The span ends at the last *finished* turn: unfinished ones (NaN, a run cut by its max_time) are left out
     # wherever they sit (Python's max kept a NaN only when it came first, so the JCT hung on record order).
     finished = column(records, "finished", cache)

@@ -590,6 +590,27 @@ class Pacer:
         return start
 
 
+class RecordingPacer:
+    """Paces nothing, records every transfer on its links (in each priority's class, as `Pacer` would): for a path the
+    kernel shapes instead (`config.netns`: transports over tc-shaped veths), so its bytes still show in the link
+    samples. Implements `transport.base.Pacer`."""
+
+    def __init__(self, pacer: Pacer):
+        self._pacer = pacer
+        self.links = pacer.links
+
+    def pace(self, nbytes: int, priority: str = "low") -> None:
+        for _ in self.paced(nbytes, priority):
+            pass
+
+    def paced(self, nbytes: int, priority: str = "low", check: Callable[[], None] | None = None) -> Iterator[int]:
+        classes = self._pacer.classes(priority)  # (an unknown priority is refused, as by `Pacer`)
+        for link, cls in zip(self.links, classes, strict=True):
+            link.record(nbytes, cls)
+        if nbytes:
+            yield nbytes
+
+
 @dataclasses.dataclass
 class ClusterLinks:
     """Rates (bytes/s) that shape an emulated cluster: see `TrafficManager.for_cluster`."""

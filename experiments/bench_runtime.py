@@ -105,7 +105,8 @@ def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
         dram_gbps=33.0,
         host_buffer_gb=cfg.buffers.pe_buffer_bytes / 1e9,  # the PE nodes' (the runtime sizes the DE nodes' apart)
         de_host_buffer_gb=cfg.buffers.de_buffer_bytes / 1e9,
-        pe_hbm_kv_gb=1.0,
+        # (the runtime's basic prefill bound, cluster.pe_hbm_kv_bytes; 0 there: none, so a bound no request meets)
+        pe_hbm_kv_gb=c.pe_hbm_kv_bytes / 1e9 if c.pe_hbm_kv_bytes else 1.0,
         de_hbm_kv_gb=c.decode_slots * c.max_seq_len * kvb / 1e9,
         de_max_seqs=c.decode_slots,  # a runtime DE decodes at most decode_slots sequences, however short
         block_size=cfg.block_size,
@@ -113,7 +114,9 @@ def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
         high_share=cfg.nics.high_priority_share,
         max_reads_per_node=1,  # the runtime's SNIC serves its read queue one request at a time (FIFO)
         fetch_interval_s=cfg.scheduler.fetch_interval_s,
-        layerwise=True,  # the runtime's basic also prefills layer by layer; it differs in reads and placement
+        # the runtime's prefill: layer by layer (its basic policy too, reading and placing as basic) unless
+        # cluster.layerwise is off (the paper's Basic)
+        layerwise=c.layerwise,
         writeback=True,
     )
     sim_cfg = SimConfig(
@@ -236,7 +239,7 @@ def main(argv):
     except KeyboardInterrupt:  # one line (it was a traceback); the new results directory is still empty
         remove_if_empty(out_dir)
         raise SystemExit("interrupted (Ctrl-C) while measuring the prefill throughput; nothing ran") from None
-    session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
+    session = LocalCluster(driver.layout_groups(base), netns=base.netns) if base.launcher == "local" else None
     out = {"config": config.to_dict(), "prefill_tokens_per_s": prefill_tps}
     stamp, runs = os.path.basename(out_dir), itertools.count()
     failed = None
@@ -255,7 +258,8 @@ def main(argv):
                 launcher=session.launcher(cfg) if session else None,
             )
 
-        unpaced = {"nics.snic_bytes_per_s": 1e12, "nics.cnic_bytes_per_s": 1e12}
+        # (with config.netns the kernel shapes the CNICs at the config's rate: those stay)
+        unpaced = {"nics.snic_bytes_per_s": 1e12, **({} if base.netns else {"nics.cnic_bytes_per_s": 1e12})}
         t0 = time.time()
         run(base.replace(**{"scheduler.name": "basic", **unpaced}), trajs[: max(1, len(trajs) // 8)])
         logging.info("warm-up (unpaced NICs): %.1f s", time.time() - t0)

@@ -11,7 +11,9 @@
 #     like InfiniBand virtual lanes with weights 99:1.
 # Both directions are shaped (egress of the namespace side and of the bridge side of each veth).
 # Engine e = node*G + g listens on 10.77.<node>.<g+1>; run engines with `ip netns exec dpj-n<node> ...` and
-# `TcpTransport(host="10.77.<node>.<g+1>", secret=...)` (non-loopback binds need a shared secret).
+# `TcpTransport(host="10.77.<node>.<g+1>", secret=...)` (non-loopback binds need a shared secret). The runtime does
+# this itself with `--config.runtime.netns=true` (local launcher, TCP; dualpath_jax/runtime/netns.py): e.g. after
+# `up 3 1 32 256`, `python -m experiments.run --config.runtime.netns=true --config.runtime.nics.cnic_bytes_per_s=32e6`.
 #
 #   experiments/netns_cluster.sh up [NODES] [G] [SNIC_MBIT] [CNIC_MBIT]   # default 2 nodes x 2 engines, 800/1600
 #   experiments/netns_cluster.sh test                                     # measure a shaped CNIC (NODES >= 2)

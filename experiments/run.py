@@ -4,6 +4,7 @@
     python -m experiments.run --config.policies=basic,dualpath,round_robin --config.runtime.workload.agents=48
     python -m experiments.run --config=configs/tiny_runtime.py:test    # small, in-process
     python -m experiments.run --config.policies=basic,dualpath,policy.alpha_tokens=500000,round_robin,policy.read_side=de
+    python -m experiments.run --config.policies=ablation    # the paper's ablation: Basic, +layerwise, +dual path, +sched.
 
 A tiny model, 1 PE node and 2 DE nodes as local processes, a local directory store, NIC caps that make storage
 the bottleneck, a few dozen multi-turn agents (configs/tiny_runtime.py). Each policy runs on a fresh cluster
@@ -11,6 +12,12 @@ and a fresh store with the same conversations, with its own Config fields (`poli
 name in `config.policies`, as in the simulator's config variants) over `config.runtime.scheduler.policy_kwargs`
 (fields for every policy); the job prints JCT, throughput, TTFT/TPOT percentiles, bytes
 per read path and the storage-NIC max/avg, and writes JSON + a plot into results/<timestamp>/.
+
+An item `layerwise=false` after a policy's name runs it with the paper's Basic prefill (`cluster.layerwise`: the
+whole hit KV in the PE before its first layer, the prompt KV to the DE after its last; as the simulator's `basic`
+mode); the policy `ablation` is the paper's ablation, the simulator's modes basic, layerwise, dualpath_rr and
+dualpath: `basic,layerwise=false,basic,round_robin,policy.full_de=queue,dualpath` (each step's JCT change vs the
+first is the table's last column).
 """
 
 from __future__ import annotations
@@ -56,10 +63,28 @@ COLUMNS = [
 ]
 
 
+# Named lists of `config.policies` (an item of the list, where no policy of that name is registered).
+PRESETS = {
+    # The paper's ablation (PAPER.md: Basic -> +layerwise -> +dual path (round robin) -> +scheduler), as the
+    # simulator's MODES basic, layerwise, dualpath_rr (round-robin whose DE in turn takes the request, room or not:
+    # full_de="queue"; the runtime's rotation is global, as that mode's fetch_scope) and dualpath.
+    "ablation": "basic,layerwise=false,basic,round_robin,policy.full_de=queue,dualpath",
+}
+
+
+def expand_presets(text: str) -> str:
+    """`config.policies` with each item that names a preset (`PRESETS`, not a registered policy) replaced by its list."""
+    from schedulers.registry import POLICIES
+
+    items = [i.strip() for i in str(text).split(",")]
+    return ",".join(PRESETS[i] if i in PRESETS and i not in POLICIES.names() else i for i in items)
+
+
 def format_table(results: dict) -> str:
-    """One row per policy plus the JCT speedup over the first policy (the baseline of the same run)."""
+    """One row per policy plus the JCT speedup over the first policy (the baseline of the same run) and the JCT change
+    against it (as the paper gives its ablation: -17.21% with layerwise prefill, ...)."""
     names = list(results)
-    header = ["policy"] + [c[1] for c in COLUMNS] + [f"speedup vs {names[0]}"]
+    header = ["policy"] + [c[1] for c in COLUMNS] + [f"speedup vs {names[0]}", f"JCT vs {names[0]}"]
     rows = []
     base = results[names[0]].summary["jct_s"]
     for n in names:
@@ -69,6 +94,7 @@ def format_table(results: dict) -> str:
             v = s.get(key, math.nan)
             row.append(f"{v / 1e6:.2f}" if fmt == "mb" else f"{v * 1e3:.1f}" if fmt == "ms" else fmt.format(v))
         row.append(f"{base / s['jct_s']:.2f}x")
+        row.append(f"{(s['jct_s'] / base - 1) * 100:+.1f}%")
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(r, widths, strict=True)) for r in [header] + rows]
@@ -112,10 +138,17 @@ def policy_configs(config, overrides) -> dict:
     """Each policy of `config.policies` -> its run's `RuntimeConfig`: `scheduler.name` the policy, `policy_kwargs`
     its own `policy.NAME=value` items over `config.runtime.scheduler.policy_kwargs` (given to every policy). A
     ConfigError names the item, or the field, that a policy refuses. `overrides`: the `--config.*` overrides given
-    (path -> value): a `runtime.scheduler.name` that no run uses is refused (the list names what runs)."""
-    from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, check_policy_run, parse_policy_list
+    (path -> value): a `runtime.scheduler.name` that no run uses is refused (the list names what runs). A run's
+    `layerwise=` item sets its `cluster.layerwise` (Basic prefill: PE-side reads only, `check_layerwise_reads`)."""
+    from dualpath_jax.runtime.config import (
+        ConfigError,
+        RuntimeConfig,
+        check_layerwise_reads,
+        check_policy_run,
+        parse_policy_list,
+    )
 
-    runs = parse_policy_list(config.policies)
+    runs = parse_policy_list(expand_presets(config.policies))
     names = [r.name for r in runs]
     given = overrides.get("runtime.scheduler.name")
     if given is not None and given not in names:  # (it was ignored: each run's name is one of the list)
@@ -128,7 +161,16 @@ def policy_configs(config, overrides) -> dict:
     out = {}
     for r in runs:  # (keyed by the run's label: a policy may run twice, with fields of its own each time)
         check_policy_run(r, shared, base.block_size)
-        out[r.label] = base.replace(**{"scheduler.name": r.name, "scheduler.policy_kwargs": {**shared, **r.fields}})
+        kw = {"scheduler.name": r.name, "scheduler.policy_kwargs": {**shared, **r.fields}}
+        if r.layerwise is not None:
+            kw["cluster.layerwise"] = r.layerwise
+        cfg = out[r.label] = base.replace(**kw)
+        check_layerwise_reads(
+            cfg,
+            "config.runtime.cluster.layerwise=False"
+            if r.layerwise is None
+            else f"--config.policies item layerwise=false of {r.name!r}",
+        )
     return out
 
 
@@ -231,7 +273,7 @@ def main(argv):
     kv = model_config(base.model).kv_bytes_per_token
     run_kwargs = {p: policy_config(c, kv, prefill_tps) for p, c in configs.items()}
     results, failed = {}, None
-    session = LocalCluster(driver.layout_groups(base)) if base.launcher == "local" else None
+    session = LocalCluster(driver.layout_groups(base), netns=base.netns) if base.launcher == "local" else None
     try:
 
         def one(cfg, label, ts=trajs):
@@ -258,7 +300,9 @@ def main(argv):
         if config.warmup:
             # A few of the conversations at unpaced NIC speed: every code path runs once in the session's node
             # processes (connections, buffers, any step not precompiled) before the measured runs.
-            fast = base.replace(**{"nics.snic_bytes_per_s": 1e12, "nics.cnic_bytes_per_s": 1e12})
+            # (with config.netns the kernel shapes the CNICs at the config's rate, which the warm-up keeps)
+            unpaced = {"nics.snic_bytes_per_s": 1e12, **({} if base.netns else {"nics.cnic_bytes_per_s": 1e12})}
+            fast = base.replace(**unpaced)
             t0 = time.time()
             one(fast, "warm-up", trajs[: max(1, len(trajs) // 8)])
             logging.info("warm-up run (unpaced NICs): %.1f s", time.time() - t0)
@@ -319,6 +363,7 @@ def main(argv):
         "prefill_tokens_per_s": prefill_tps,
         "policy_kwargs": {p: given_kwargs[p] for p in results},  # as given: its own items over the shared ones
         "policy_config": {p: run_kwargs[p] for p in results},  # every field of its Config it ran with
+        "layerwise": {p: configs[p].cluster.layerwise for p in results},  # False: Basic prefill (a `layerwise=` item)
         "results": {p: driver.summary_with_sim_link_names(r.summary) for p, r in results.items()},
         "requeued": {p: r.requeued for p, r in results.items()},
         "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},

@@ -224,7 +224,9 @@ def test_a_decode_cache_larger_than_this_host_is_refused_naming_the_fields(base,
         f"config.cluster.decode_slots={slots} x config.cluster.max_seq_len={base.cluster.max_seq_len}"
     )
     assert f"= {need} B" in msg and f"is more than {what}: {limit} B" in msg
-    validate(cfg.replace(**{"cluster.decode_slots": slots - 1}), kv)  # fits: no error
+    buffers = cfg.buffers.pe_buffer_bytes + cfg.buffers.de_buffer_bytes  # (1 PE + 1 DE node, on this host too)
+    fits = (limit - buffers) // (base.cluster.max_seq_len * kv)
+    validate(cfg.replace(**{"cluster.decode_slots": fits}), kv)  # fits beside the buffers: no error
 
 
 def test_prepare_refuses_an_impossible_decode_cache_before_any_model_is_built(base):

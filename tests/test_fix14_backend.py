@@ -424,17 +424,23 @@ def test_config_refuses_a_backend_the_launchers_cannot_build(base, monkeypatch):
     monkeypatch.setattr(TRANSPORTS, "_entries", dict(TRANSPORTS._entries))  # (registered for this test only)
     TRANSPORTS.add("ring-device", RingWithDevice)
     TRANSPORTS.add("ring-nopacer", RingWithoutPacer)
-    launchers_build = r"the launchers build each endpoint from its name and pacer only, and"
+    launchers_build = (
+        r"the launchers build each endpoint from its name and pacer \(and config.transport_options\) only, and"
+    )
+    gives = r" \(config.transport_options gives other fields\)$"
     with pytest.raises(
-        ConfigError, match=rf"config.transport 'ring-device': {launchers_build} RingWithDevice also needs: device$"
+        ConfigError,
+        match=rf"config.transport 'ring-device': {launchers_build} RingWithDevice also needs: device{gives}",
     ):
         validate(base.replace(transport="ring-device"))
     with pytest.raises(
         ConfigError,
         match=rf"'ring-nopacer': {launchers_build} RingWithoutPacer also needs: endpoint; takes no name= argument; "
-        r"takes no pacer= argument$",
+        rf"takes no pacer= argument{gives}",
     ):
         validate(base.replace(transport="ring-nopacer"))
+    # (since 2026-12-05 a required field may come from config.transport_options)
+    validate(base.replace(transport="ring-device", transport_options={"device": "d0"}))
 
 
 @pytest.mark.slow  # (~5-8 s, the model's compiles; the launchers build its endpoints as tcp's, `test_runtime`)

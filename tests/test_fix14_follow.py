@@ -110,8 +110,8 @@ def test_config_refuses_what_the_launchers_node_processes_cannot_run(base, monke
     validate(base.replace(transport="fix14f_nohost", launcher="local"))
     with pytest.raises(
         ConfigError,
-        match=r"'fix14f_nohost': the 'ray' launcher builds each endpoint from its name, pacer, host and secret only, "
-        r"and _NoHost takes no host= argument; takes no secret= argument$",
+        match=r"'fix14f_nohost': the 'ray' launcher builds each endpoint from its name, pacer, host and secret \(and "
+        r"config.transport_options\) only, and _NoHost takes no host= argument; takes no secret= argument$",
     ):
         validate(base.replace(transport="fix14f_nohost", launcher="ray"))
 
@@ -138,7 +138,11 @@ def test_a_node_imports_the_module_that_registered_the_transport(base, my_tcp, t
     cfg = base.replace(transport=my_tcp, launcher="local")
     assert launcher.transport_modules(cfg) == ("fix14f_my_transports",)
     assert launcher.transport_modules(base.replace(transport="tcp")) == ("transport.tcp",)  # (imported already)
-    assert launcher.node_modules(cfg) == (launcher.batcher_modules(cfg), ("fix14f_my_transports",))
+    assert launcher.node_modules(cfg) == (
+        launcher.batcher_modules(cfg),
+        ("fix14f_my_transports",),
+        launcher.store_modules(cfg),
+    )
     TRANSPORTS._entries.pop(my_tcp)  # as in a fresh node process
     sys.modules.pop("fix14f_my_transports")
     launcher.import_node_modules(cfg, (launcher.batcher_modules(cfg), ("fix14f_my_transports",)))

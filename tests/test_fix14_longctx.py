@@ -14,7 +14,9 @@ def test_a_tiny_prompt_past_max_seq_len_names_the_tiny_workloads_fields(base):
     """A tiny workload whose longest prompt is past max_seq_len was told to "lower config.workload.scale, or cut the
     agents there with config.workload.max_context_tokens": both apply to synthetic and trace agents only, so following
     the line changed nothing and gave the same error. It names the tiny agents' own lengths now."""
-    cfg = base.replace(**{"workload.first_append_tokens": 200, "workload.max_context_tokens": 256})
+    cfg = base.replace(
+        **{"workload.first_append_tokens": 200}
+    )  # (max_context_tokens of a tiny workload: refused first)
     with pytest.raises(ConfigError, match=r"shorter than the longest prompt") as e:
         driver.prepare(cfg)
     text = str(e.value)
@@ -39,7 +41,8 @@ def test_a_tiny_turn_past_max_seq_len_with_its_generation_names_the_tiny_workloa
     longest_prompt, longest_turn = max(p for p, _, _ in shapes), max(p + g for p, _, g in shapes)
     assert longest_prompt < longest_turn
     with pytest.raises(ConfigError, match=r"shorter than the longest turn") as e:
-        driver.prepare(base.replace(**{"cluster.max_seq_len": longest_turn - 1}), trajs)
+        # (a slot holds prompt + generation - 1 tokens of KV: the last token is never fed back)
+        driver.prepare(base.replace(**{"cluster.max_seq_len": longest_turn - 2}), trajs)
     text = str(e.value)
     assert "config.workload.first_append_tokens" in text and "lower config.workload.scale" not in text, text
 

@@ -494,9 +494,10 @@ def test_the_shortest_tiny_last_turn_is_what_just_fits_max_seq_len():
     # least lengths: first append 50, gen 5 x 3 turns, append 10 x 2: 50 + 15 + 20 = 85
     w = {"workload.turns": 3, "workload.first_append_tokens": 100, "workload.gen_tokens": 10}
     w["workload.append_tokens"] = 20
-    _check_tiny_fits(RuntimeConfig().replace(**w, **{"cluster.max_seq_len": 85}))
+    # (a slot holds prompt + generation - 1 tokens: 85 fits max_seq_len 84; tests/test_fix15_small.py)
+    _check_tiny_fits(RuntimeConfig().replace(**w, **{"cluster.max_seq_len": 84}))
     with pytest.raises(ConfigError, match="reach 85 tokens or more"):
-        _check_tiny_fits(RuntimeConfig().replace(**w, **{"cluster.max_seq_len": 84}))
+        _check_tiny_fits(RuntimeConfig().replace(**w, **{"cluster.max_seq_len": 83}))
 
 
 def test_the_pre_run_workload_checks_accept_their_edge_values():
@@ -598,7 +599,9 @@ def test_host_memory_checks_count_every_node_and_every_decode_slot(monkeypatch):
         rc.validate(_cfg(**nodes, **{"buffers.de_buffer_bytes": 300}))
     assert rc._buffer_bytes_per_process(_cfg(**nodes, **{"buffers.de_buffer_bytes": 300})) == 300
     assert rc._buffer_bytes_per_process(_cfg(**nodes, launcher="inprocess", **{"buffers.de_buffer_bytes": 300})) == 700
-    small = _cfg(**nodes, **{"buffers.de_buffer_bytes": 100, "cluster.decode_slots": 4, "cluster.max_seq_len": 16})
+    # (1-B buffers: the decode caches' bounds below; buffers + caches together: tests/test_fix15_small.py)
+    small = _cfg(**{**nodes, "buffers.pe_buffer_bytes": 1, "buffers.de_buffer_bytes": 1})
+    small = small.replace(**{"cluster.decode_slots": 4, "cluster.max_seq_len": 16})
     rc.validate(small.replace(**{"cluster.decode_nodes": 1}), kv_bytes_per_token=9)  # 4 x 16 x 9 = 576 B <= 600
     with pytest.raises(rc.ConfigError, match=r"= 640 B"):  # 4 x 16 x 10
         rc.validate(small, kv_bytes_per_token=10)
@@ -688,8 +691,8 @@ def test_arrivals_and_last_turns_past_the_run_timeout_are_refused_before_start()
 
 
 def test_a_turn_of_exactly_max_seq_len_tokens_is_accepted():
-    """`prepare`: the longest turn's check `prompt + generation > max_seq_len` loosened by one token (a turn one
-    token past a decode slot let through; the DE failed the run mid-way)."""
+    """`prepare`: the longest turn's check `prompt + generation > max_seq_len + 1` loosened by one token (a slot holds
+    prompt + generation - 1 tokens of KV: the last generated token is never fed back; tests/test_fix15_small.py)."""
     import types
 
     from dualpath_jax.runtime.config import ConfigError
@@ -697,10 +700,10 @@ def test_a_turn_of_exactly_max_seq_len_tokens_is_accepted():
 
     ops = types.SimpleNamespace(config=types.SimpleNamespace(batch_invariant=False))
     cfg = _cfg(**{"cluster.max_seq_len": 16})
-    trajs, got = prepare(cfg, [Trajectory(0, [Turn(10, 6)])], model_ops=ops)
+    trajs, got = prepare(cfg, [Trajectory(0, [Turn(10, 7)])], model_ops=ops)
     assert got is ops and len(trajs) == 1
-    with pytest.raises(ConfigError, match=r"longest turn \(prompt \+ generation = 17 tokens\)"):
-        prepare(cfg, [Trajectory(0, [Turn(10, 7)])], model_ops=ops)
+    with pytest.raises(ConfigError, match=r"longest turn \(prompt \+ generation = 18 tokens\)"):
+        prepare(cfg, [Trajectory(0, [Turn(10, 8)])], model_ops=ops)
 
 
 def test_a_config_dict_integer_field_takes_whole_floats_only():

@@ -18,6 +18,7 @@ that timed out, which the next call used to take as its own).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
 import json
 import multiprocessing as mp
@@ -32,10 +33,12 @@ def pattern(nbytes: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=nbytes, dtype=np.uint8)
 
 
-def _serve(config: dict, regions: dict[str, int], conn: Any) -> None:
+def _serve(config: dict, regions: dict[str, int], conn: Any, modules: tuple[str, ...] = ()) -> None:
     from transport.base import make_transport
 
     try:
+        for module in modules:  # (the module that registered a backend of one's own, as the runtime's nodes do)
+            importlib.import_module(module)
         ep = make_transport(config)
     except BaseException as e:  # the parent raises it at once (it waited out its whole timeout)
         conn.send({"error": f"{type(e).__name__}: {e}"})
@@ -183,12 +186,32 @@ def _answer(proc: mp.Process, conn: Any, timeout: float, what: str) -> Any:
     return answer
 
 
-def spawn_peer(config: dict, regions: dict[str, int], timeout: float = 60.0) -> PeerProcess:
+def registering_modules(config: dict) -> tuple[str, ...]:
+    """The module that registered `config`'s backend in this process, if a spawned process must import it to know
+    the backend (a backend of one's own; the built-ins register with `transport`; one in `__main__` cannot be
+    imported there, and its process then names the backend unknown)."""
+    from transport import TRANSPORTS
+
+    try:
+        module = getattr(TRANSPORTS.get(config.get("backend")), "__module__", None)
+    except (KeyError, TypeError):  # (unknown here too: the peer's make_transport names it)
+        return ()
+    if not module or module == "__main__" or module == "transport" or module.startswith("transport."):
+        return ()
+    return (module,)
+
+
+def spawn_peer(
+    config: dict, regions: dict[str, int], timeout: float = 60.0, modules: tuple[str, ...] | None = None
+) -> PeerProcess:
     """Start a peer process; returns once it listens (its `address` is known). A peer that fails to start (a bad
-    config, a region it cannot allocate) raises RuntimeError with its error at once."""
+    config, a region it cannot allocate) raises RuntimeError with its error at once. `modules`: imported in the
+    peer first (default: the one that registered the backend here, `registering_modules`; before, a backend of
+    one's own was unknown in the peer)."""
+    modules = registering_modules(config) if modules is None else tuple(modules)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_serve, args=(dict(config), dict(regions), child), daemon=True)
+    proc = ctx.Process(target=_serve, args=(dict(config), dict(regions), child, modules), daemon=True)
     proc.start()
     child.close()  # (the child has its own: its exit is then an EOF here)
     address = _answer(proc, parent, timeout, f"peer process {config.get('name')} did not start")

@@ -51,6 +51,13 @@ class ClusterConfig:
     prefill_token_budget: int = 512  # most new tokens one prefill batch computes (fifo batcher; longer prompts chunk)
     prefill_max_batch: int = 8  # most requests in one prefill batch (fifo batcher)
     precompile: bool = False  # compile every prefill/decode bucket at engine start (before the run's clock)
+    # Layerwise prefill (the simulator's cluster.layerwise). False: the paper's Basic -- a PE loads a request's whole
+    # hit KV (every layer) into HBM through its CNIC before its first layer computes, and sends the prompt KV to the
+    # DE after its last; PE-side reads only (`check_layerwise_reads`)
+    layerwise: bool = True
+    # Basic prefill only: HBM of one PE for whole-prompt KV (the simulator's pe_hbm_kv_gb), taken FIFO before a
+    # request's reads start and held until its KV left for the DE; 0: no bound (the PE's host buffer bounds them)
+    pe_hbm_kv_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +127,15 @@ class RuntimeConfig:
     batch_invariant: bool = False
     block_size: int = 16  # tokens per stored block (paper: 64; small for tiny runs)
     transport: str = "tcp"
+    # Fields of the transport backend's endpoints besides those the launchers set (name, pacer; host, secret with
+    # ray / netns; config.rdma's for rdma), e.g. tcp's {"timeout_s": 10.0}: every endpoint of the run gets them.
+    transport_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     launcher: str = "local"
     store_dir: str = ""  # "" -> a fresh temporary directory per run
+    # The KV store: a name in dualpath_jax.store.STORES ("local_dir", or one of one's own), opened on store_dir (its
+    # `root`) with store_options (launcher.open_store); its module is imported by the node processes
+    store: str = "local_dir"
+    store_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     cluster: ClusterConfig = ClusterConfig()
     nics: NicConfig = NicConfig()
     buffers: BufferConfig = BufferConfig()
@@ -129,6 +143,9 @@ class RuntimeConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     workload: WorkloadConfig = WorkloadConfig()
     run_timeout_s: float = 600.0  # the driver gives up (error) after this long
+    # Local launcher: node n's process runs in network namespace dpj-n<n> of experiments/netns_cluster.sh, its TCP
+    # endpoints on the kernel-shaped compute veths (runtime/netns.py); Linux, root.
+    netns: bool = False
 
     @staticmethod
     def from_config_dict(cfg: Any) -> RuntimeConfig:
@@ -284,7 +301,10 @@ def validate(
         )
     if cfg.launcher not in LAUNCHERS:
         raise ConfigError(f"config.launcher {cfg.launcher!r} unknown; known: {', '.join(LAUNCHERS)}")
+    if cfg.netns:
+        _validate_netns(cfg)
     _validate_transport(cfg)
+    _validate_store(cfg)
     if cfg.launcher != "inprocess" and cfg.transport == "inproc":
         raise ConfigError("config.transport 'inproc' needs config.launcher='inprocess' (engines in one process)")
     _validate_rdma_fields(cfg)
@@ -318,6 +338,7 @@ def validate(
             f"config.scheduler.policy_kwargs.block_size={pbs!r} differs from config.block_size={cfg.block_size}, the "
             "size of the blocks the runtime stores and reads: leave it out (it defaults to config.block_size)"
         )
+    check_layerwise_reads(cfg)
     try:
         schedulers.make_batcher(cfg.scheduler.batcher, **dict(cfg.scheduler.batcher_kwargs))
     except KeyError as e:
@@ -406,9 +427,41 @@ def shorten_turns_hint(cfg: RuntimeConfig) -> str:
     return "lower config.workload.scale, or cut the agents there with config.workload.max_context_tokens"
 
 
+def check_layerwise_reads(cfg: RuntimeConfig, where: str = "config.cluster.layerwise=False") -> None:
+    """Basic prefill (`cluster.layerwise` False, the paper's Basic: "no layerwise prefill, no dual path") reads every
+    hit on the PE side: refuse a policy that may place reads on the DE side (the simulator forces its reads to the PE
+    side there, so its records and the policy's read queues disagree with what ran; the runtime refuses instead). The
+    policies that read on the PE side only: basic, pe_only (and subclasses), and any whose Config has read_side='pe'
+    (round_robin). `where`: what set layerwise (a `--config.policies` item, for experiments.run). Also
+    `cluster.pe_hbm_kv_bytes` >= 0."""
+    if cfg.cluster.pe_hbm_kv_bytes < 0:
+        raise ConfigError(
+            f"config.cluster.pe_hbm_kv_bytes must be >= 0 (0: no bound), got {cfg.cluster.pe_hbm_kv_bytes}"
+        )
+    if cfg.cluster.layerwise:
+        return
+    from schedulers.policies import BasicPolicy, PeOnlyPolicy
+    from schedulers.registry import POLICIES
+
+    name = cfg.scheduler.name
+    cls = POLICIES.get(name) if name in POLICIES.names() else None
+    if (isinstance(cls, type) and issubclass(cls, BasicPolicy | PeOnlyPolicy)) or (
+        cfg.scheduler.policy_kwargs.get("read_side") == "pe"
+    ):
+        return
+    raise ConfigError(
+        f"{where} (basic prefill, the paper's Basic) reads the hit on the PE side only, but policy {name!r} may read "
+        "on the DE side: run it with layerwise prefill, or use basic, pe_only or round_robin with read_side='pe' "
+        "(e.g. --config.policies=basic,layerwise=false,dualpath)"
+    )
+
+
 # ------------------------------------------------------------------ experiments.run's list of policies to compare
 
 POLICY_FIELD = "policy."  # a list item `policy.NAME=value`: a field of the policy named before it
+# A list item `layerwise=false`: the run of the policy named before it prefills as the paper's Basic (its
+# `cluster.layerwise`, as the simulator's MODES set it: `configs/sim_base.py` variant item `basic` = layerwise off)
+LAYERWISE_ITEM = "layerwise"
 _FIELD_EXAMPLE = "e.g. basic,mine,policy.side=pe"
 
 
@@ -422,6 +475,7 @@ class PolicyRun:
     # What the run is called in the table, results.json and its files: the name, or where the list runs this policy more
     # than once, the name with its own fields, `dualpath[alpha_tokens=500000]` (`file_label`: in file names)
     label: str = ""
+    layerwise: bool | None = None  # its `layerwise=` item (None: none, config.runtime.cluster.layerwise); in the label
 
     @property
     def file_label(self) -> str:
@@ -440,11 +494,14 @@ def parse_policy_list(text: str, where: str = "--config.policies") -> list[Polic
     simulator's: ints, floats, true/false, None/null, else strings). `basic,dualpath,policy.alpha_tokens=500000,
     mine,policy.side=pe` runs basic with its defaults, dualpath with its α, mine with its side. A policy may run more
     than once with fields of its own each time (`dualpath,dualpath,policy.alpha_tokens=500000`: labelled `dualpath` and
-    `dualpath[alpha_tokens=500000]`); twice with the same fields is refused. The names are checked by
-    `check_policy_run`."""
+    `dualpath[alpha_tokens=500000]`); twice with the same fields is refused. An item `layerwise=false` runs the policy
+    named before it with the paper's Basic prefill (`cluster.layerwise`; labelled `basic[layerwise=false]`, whether or
+    not the policy runs twice): `basic,layerwise=false,basic,round_robin,policy.full_de=queue,dualpath` is the paper's
+    ablation. The names are checked by `check_policy_run`."""
     from dualpath_jax.checks import variant_value  # (the simulator's variant values: one text, one value in both)
 
     runs: list[tuple[str, dict[str, Any], list[str], dict[str, str]]] = []
+    layerwise: dict[int, tuple[bool, str]] = {}  # run index -> its `layerwise=` item's value, the item
     for item in str(text).split(","):
         item = item.strip()
         if not item:
@@ -455,6 +512,9 @@ def parse_policy_list(text: str, where: str = "--config.policies") -> list[Polic
             runs.append((item, {}, [], {}))
             continue
         key, value = (s.strip() for s in item.split("=", 1))
+        if key == LAYERWISE_ITEM:
+            _layerwise_item(runs, layerwise, item, value, where)
+            continue
         if key.startswith("batcher.") and len(key) > len("batcher."):
             field = key[len("batcher.") :]
             raise ConfigError(
@@ -484,10 +544,13 @@ def parse_policy_list(text: str, where: str = "--config.policies") -> list[Polic
     if not names:
         raise ConfigError(f"{where} is empty")
     out = []
-    for name, fields, items, _ in runs:
-        own = ",".join(i[len(POLICY_FIELD) :] for i in items)
-        label = f"{name}[{own}]" if names.count(name) > 1 and own else name
-        out.append(PolicyRun(name, fields, tuple(items), label))
+    for k, (name, fields, items, _) in enumerate(runs):
+        own = [i[len(POLICY_FIELD) :] for i in items] if names.count(name) > 1 else []
+        lw = layerwise.get(k, (None, ""))[0]
+        if lw is not None:  # (always in the label: a Basic-prefill run is never labelled as the policy's own)
+            own.append(f"{LAYERWISE_ITEM}={str(lw).lower()}")
+        label = f"{name}[{','.join(own)}]" if own else name
+        out.append(PolicyRun(name, fields, tuple(items), label, lw))
     labels = [r.label for r in out]
     for r in out:  # (their result files and store directories would be one another's)
         if labels.count(r.label) > 1:
@@ -503,6 +566,26 @@ def parse_policy_list(text: str, where: str = "--config.policies") -> list[Polic
                 f"{where}: runs {', '.join(labels)} would share the result file turns_{r.file_label}.json"
             )
     return out
+
+
+def _layerwise_item(runs: list, layerwise: dict, item: str, value: str, where: str) -> None:
+    """A `layerwise=true|false` item of `parse_policy_list`: the prefill of the run named before it."""
+    from dualpath_jax.checks import variant_value
+
+    if not runs:
+        raise ConfigError(
+            f"{where} item {item!r} comes before any policy name: it sets the prefill of the policy named before it "
+            f"(e.g. basic,{LAYERWISE_ITEM}=false,dualpath)"
+        )
+    v = variant_value(value)
+    if not isinstance(v, bool):
+        raise ConfigError(
+            f"{where} item {item!r}: {LAYERWISE_ITEM} is true or false (false: the paper's Basic prefill, the whole "
+            f"hit KV in the PE before its first layer), got {value!r}"
+        )
+    k = len(runs) - 1
+    if layerwise.setdefault(k, (v, item))[0] != v:
+        raise ConfigError(f"{where}: two values for {runs[k][0]}'s {LAYERWISE_ITEM}, {layerwise[k][1]!r} and {item!r}")
 
 
 def check_policy_run(
@@ -577,6 +660,66 @@ def unreachable_main(cfg: RuntimeConfig, cls: Any) -> bool:
     return cfg.launcher != "local" or not rerun
 
 
+def _validate_netns(cfg: RuntimeConfig) -> None:
+    """`config.netns`: node processes of the local launcher in the namespaces of experiments/netns_cluster.sh, their
+    TCP endpoints bound to the namespaces' compute veths (runtime/netns.py), which must be up and shaped at
+    `config.nics.cnic_bytes_per_s`."""
+    if cfg.launcher != "local":
+        raise ConfigError(
+            f"config.netns needs config.launcher='local' (node processes on this host), got {cfg.launcher!r}"
+        )
+    if cfg.transport != "tcp":
+        raise ConfigError(
+            f"config.netns needs config.transport='tcp' (its sockets cross the namespaces' veths), got {cfg.transport!r}"
+        )
+    from dualpath_jax.runtime import netns
+
+    reason = netns.unavailable_reason(cfg)
+    if reason is not None:
+        raise ConfigError(f"config.netns cannot run here: {reason}")
+
+
+def launcher_endpoint_fields(cfg: RuntimeConfig) -> tuple[str, ...]:
+    """The fields of `cfg`'s endpoints that its launcher sets (`launcher.endpoint_spec`), not `transport_options`."""
+    given = ["backend", "name", "pacer"]
+    if cfg.transport == "inproc":
+        given.append("fabric")
+    if cfg.launcher == "ray" or cfg.netns:
+        given += ["host", "secret"]
+    if cfg.transport == "rdma":
+        given += list(_RDMA_FIELDS)
+    return tuple(given)
+
+
+def _validate_transport_options(cfg: RuntimeConfig, cls) -> None:
+    """`config.transport_options`: string keys, none that the launcher sets, each a field of the backend's class."""
+    from transport.base import keyword_fit
+
+    opts = cfg.transport_options
+    bad = [k for k in opts if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config.transport_options: keys must be field names (str), got {bad!r}")
+    given = launcher_endpoint_fields(cfg)
+    clash = [k for k in opts if k in given]
+    if clash:
+        where = "config.rdma" if cfg.transport == "rdma" and set(clash) & set(_RDMA_FIELDS) else "the launcher"
+        raise ConfigError(
+            f"config.transport_options sets {', '.join(clash)}, which {where} sets for every endpoint "
+            f"({', '.join(given)})"
+        )
+    fit = keyword_fit(cls, [*given[1:], *opts])  # (backend: make_transport's, not the class's)
+    if fit is None or not opts:
+        return
+    takes_not, _, takes = fit
+    unknown = [k for k in opts if k in takes_not]
+    if unknown:
+        own = sorted(set(takes) - set(given))
+        raise ConfigError(
+            f"config.transport_options: {getattr(cls, '__name__', cls)} ({cfg.transport!r}) takes no "
+            f"{', '.join(unknown)}; its other fields: {', '.join(own) or 'none'}"
+        )
+
+
 def _validate_transport(cfg: RuntimeConfig) -> None:
     """`config.transport` is a registered backend (the built-ins, or one of one's own) that the launchers can build:
     `make_transport({"backend": ..., "name": ...}, pacer=...)` (`launcher.endpoint_spec`; rdma adds `config.rdma`, the
@@ -591,6 +734,7 @@ def _validate_transport(cfg: RuntimeConfig) -> None:
     except KeyError as e:  # (was checked against TRANSPORT_NAMES: no backend of one's own could be named)
         hint = e.args[0].partition(repr(cfg.transport))[2]  # " (did you mean 'tcp'?); known: ..."
         raise ConfigError(f"config.transport {cfg.transport!r} unknown{hint}") from None
+    _validate_transport_options(cfg, cls)
     if cfg.transport in TRANSPORT_NAMES:
         return
     cls_name = getattr(cls, "__name__", repr(cls))
@@ -606,7 +750,7 @@ def _validate_transport(cfg: RuntimeConfig) -> None:
             "(e.g. my_transports.py on the path, imported by your script or config file)"
         )
     given = ("name", "pacer", "host", "secret") if cfg.launcher == "ray" else ("name", "pacer")
-    fit = keyword_fit(cls, given)
+    fit = keyword_fit(cls, [*given, *cfg.transport_options])  # (a required field may come from transport_options)
     if fit is None:  # (no signature: nothing to check before the launchers build it)
         return
     takes_not, needs, _ = fit
@@ -616,8 +760,69 @@ def _validate_transport(cfg: RuntimeConfig) -> None:
         builders = "the 'ray' launcher builds" if cfg.launcher == "ray" else "the launchers build"
         raise ConfigError(
             f"config.transport {cfg.transport!r}: {builders} each endpoint from its {', '.join(given[:-1])} and "
-            f"{given[-1]} only, and {cls_name} {'; '.join(lacks)}"
+            f"{given[-1]} (and config.transport_options) only, and {cls_name} {'; '.join(lacks)}"
+            + (" (config.transport_options gives other fields)" if needs else "")
         )
+
+
+def _validate_store(cfg: RuntimeConfig) -> None:
+    """`config.store` is a registered KV store ("local_dir", or one of one's own) that the launchers can open:
+    `make_store({"name": store, "root": store_dir, **store_options}, layout)` (`launcher.open_store`), in the driver
+    and in node processes that know it: the `local` and `ray` launchers' nodes import the module that registered it
+    (`launcher.store_modules`), which a class of the driver's `__main__` is not (as for `config.transport`); a store
+    whose objects share blocks only within one process (`crosses_processes = False`) needs launcher 'inprocess'."""
+    import difflib
+
+    from dualpath_jax.store import STORES, KVStore, store_options_fit  # (registers local_dir; no jax)
+
+    try:
+        cls = STORES.get(cfg.store)
+    except KeyError as e:
+        hint = e.args[0].partition(repr(cfg.store))[2]  # " (did you mean 'local_dir'?); known: ..."
+        raise ConfigError(f"config.store {cfg.store!r} unknown{hint}") from None
+    cls_name = getattr(cls, "__name__", repr(cls))
+    if not (isinstance(cls, type) and issubclass(cls, KVStore)):
+        raise ConfigError(f"config.store {cfg.store!r} is registered as {cls!r}, not a dualpath_jax.store.KVStore")
+    options = cfg.store_options
+    if any(not isinstance(k, str) for k in options):
+        raise ConfigError(f"config.store_options: option names must be strings, got {sorted(map(repr, options))}")
+    ours = [k for k in ("name", "root", "layout") if k in options]
+    if ours:
+        raise ConfigError(
+            f"config.store_options {ours}: the runtime gives these itself (name: config.store; root: config.store_dir, "
+            "a fresh temporary directory per run when ''; layout: the model's KV layout)"
+        )
+    if cfg.launcher != "inprocess" and not getattr(cls, "crosses_processes", True):
+        raise ConfigError(
+            f"config.store {cfg.store!r} ({cls_name}, crosses_processes=False) needs config.launcher='inprocess': its "
+            "store objects share blocks only within one process, and the driver's lookups and each node's reads and "
+            "write-backs use objects of their own"
+        )
+    if unreachable_main(cfg, cls):
+        raise ConfigError(
+            f"config.store {cfg.store!r} is registered in __main__ ({cls!r}), which the {cfg.launcher!r} launcher's "
+            "node processes cannot import: register it in an importable module (e.g. my_stores.py on the path, "
+            "imported by your script or config file)"
+        )
+    fit = store_options_fit(cls, ["root", *options])
+    if fit is None:  # (a from_config of its own: it says what it refuses when the run opens the store)
+        return
+    unknown, missing, takes = fit
+    if "root" in unknown or "layout" in unknown:
+        lacks = [f"takes no {a}= keyword" for a in ("root", "layout") if a in unknown]
+        raise ConfigError(
+            f"config.store {cfg.store!r}: the runtime opens every store with root=config.store_dir and the model's "
+            f"layout, and {cls_name} {' and '.join(lacks)} (it takes: {', '.join(takes)})"
+        )
+    if unknown:
+        close = [difflib.get_close_matches(k, takes, n=1) for k in unknown]
+        hints = "".join(f" (did you mean {c[0]!r} for {k!r}?)" for k, c in zip(unknown, close, strict=True) if c)
+        raise ConfigError(
+            f"config.store_options: store {cfg.store!r} ({cls_name}) takes no option(s) {unknown}{hints}; its options: "
+            f"{', '.join(t for t in takes if t != 'root')}"
+        )
+    if missing:
+        raise ConfigError(f"config.store_options: store {cfg.store!r} ({cls_name}) needs option(s) {missing}")
 
 
 # `transport.rdma.RdmaTransport` argument -> its field of `config.rdma`
@@ -791,6 +996,27 @@ def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int) -
             f"{limit} B ({limit / 2**30:.1f} GiB); lower config.cluster.decode_slots or max_seq_len, or use launcher "
             "'ray' over several hosts"
         )
+    buffers = _all_buffer_bytes(cfg)  # (each half was checked alone: their sum passed where it could never fit)
+    if _decode_caches_in_host_memory() and buffers + engines * need > limit:
+        total = buffers + engines * need
+        raise ConfigError(
+            f"config.buffers and config.cluster: the {c.prefill_nodes + c.decode_nodes} nodes of launcher "
+            f"{cfg.launcher!r} all run on this host and need {buffers} B of host buffers ({_buffer_sum_text(cfg)}) and "
+            f"{engines * need} B of decode caches ({engines} decode engine(s) x decode_slots={c.decode_slots} x "
+            f"max_seq_len={c.max_seq_len} tokens x {kv_bytes_per_token} B/token, host memory on XLA:CPU), {total} B "
+            f"({total / 2**30:.1f} GiB) together, more than {what}: {limit} B ({limit / 2**30:.1f} GiB); lower "
+            "config.buffers.pe_buffer_bytes / de_buffer_bytes or config.cluster.decode_slots / max_seq_len, or use "
+            "launcher 'ray' over several hosts"
+        )
+
+
+def _decode_caches_in_host_memory() -> bool:
+    """Whether the decode caches (JAX arrays on the default device) take this host's memory: on XLA:CPU; on an
+    accelerator they take its own memory. (Called from `validate` with the model's KV size: `driver.prepare`, which
+    builds the model next.)"""
+    import jax
+
+    return jax.default_backend() == "cpu"
 
 
 _WARNED: set = set()

@@ -145,9 +145,20 @@ class SocketControlClient:
 class ControlServer:
     """Serves `fetch` for groups in other processes: one thread per connected group."""
 
-    def __init__(self, handler: Callable[[GroupReport], GroupReply], authkey: bytes, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        handler: Callable[[GroupReport], GroupReply],
+        authkey: bytes,
+        host: str = "127.0.0.1",
+        unix_path: str | None = None,
+    ):
+        """Listens on TCP `host` (an ephemeral port), or on the Unix socket `unix_path` where given: a filesystem path
+        reaches node processes in other network namespaces (`config.netns`), where 127.0.0.1 is another host's."""
         self._handler = handler
-        self._listener = Listener((host, 0), authkey=authkey)
+        if unix_path is not None:
+            self._listener = Listener(unix_path, family="AF_UNIX", authkey=authkey)
+        else:
+            self._listener = Listener((host, 0), authkey=authkey)
         self.address = self._listener.address
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -200,7 +211,12 @@ class ControlServer:
         self._closed = True
         if self._accept.is_alive():
             try:
-                socket.create_connection(self.address, timeout=1.0).close()
+                if isinstance(self.address, str):  # (a Unix socket)
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.settimeout(1.0)
+                        s.connect(self.address)
+                else:
+                    socket.create_connection(self.address, timeout=1.0).close()
             except OSError:
                 pass
         self._accept.join(5.0)

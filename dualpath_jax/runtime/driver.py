@@ -56,6 +56,12 @@ def make_trajectories(cfg: RuntimeConfig, vocab_size: int | None = None) -> list
     model's when not given), so prompts that share hash blocks share those ids and the KV store hits them."""
     w = cfg.workload
     if w.kind == "tiny":
+        if w.max_context_tokens > 0:  # (it was ignored: the tiny agents ran whole, turns past the cut included)
+            raise ConfigError(
+                f"config.workload.max_context_tokens={w.max_context_tokens} cuts synthetic and trace agents only, "
+                "and this workload is kind='tiny': set it to 0, or shorten the tiny agents with "
+                "config.workload.first_append_tokens, append_tokens, gen_tokens or turns"
+            )
         _check_tiny_fits(cfg)
         return tiny_trajectories(
             w.agents, w.turns, w.append_tokens, w.gen_tokens, w.first_append_tokens, w.gap_s, w.seed
@@ -80,21 +86,31 @@ def make_trajectories(cfg: RuntimeConfig, vocab_size: int | None = None) -> list
     raise ConfigError(f"config.workload.kind {w.kind!r} unknown; known: tiny, synthetic, trace")
 
 
+def slot_tokens(turn_tokens: int) -> int:
+    """KV tokens a turn of `turn_tokens` (prompt + generation) holds in its decode slot at most: all but the last
+    token's. The PE makes the first token from the prompt (a 1-token turn needs no decode step), each decode step writes
+    the KV of the token before the one it makes, and the last token's KV is never written (the next turn's prefill
+    computes it). A slot of max_seq_len tokens holds turns of max_seq_len + 1."""
+    return turn_tokens - 1
+
+
 def _check_tiny_fits(cfg: RuntimeConfig) -> None:
     """The shortest last turn `tiny_trajectories` can draw (every length >= half its mean, rounded, >= 1) must fit
-    max_seq_len: checked before the agents are built (workload.turns=10**9 built them for minutes, then failed)."""
+    max_seq_len (`slot_tokens`): checked before the agents are built (workload.turns=10**9 built them for minutes, then
+    failed)."""
     w = cfg.workload
 
     def least(mean: int) -> int:
         return max(1, round(mean * 0.5))
 
     shortest = least(w.first_append_tokens) + w.turns * least(w.gen_tokens) + (w.turns - 1) * least(w.append_tokens)
-    if shortest > cfg.cluster.max_seq_len:
+    if slot_tokens(shortest) > cfg.cluster.max_seq_len:
         raise ConfigError(
             f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the workload's last turn: "
             f"config.workload.turns={w.turns} tiny turns of append_tokens={w.append_tokens} (the first: "
             f"first_append_tokens={w.first_append_tokens}) and gen_tokens={w.gen_tokens}, each at least half its "
-            f"mean, reach {shortest} tokens or more; lower config.workload.turns or raise config.cluster.max_seq_len"
+            f"mean, reach {shortest} tokens or more (a decode slot holds all but the last); lower "
+            "config.workload.turns or raise config.cluster.max_seq_len"
         )
 
 
@@ -261,10 +277,11 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
 
     check_batcher_reaches_nodes(cfg)  # a batcher of __main__, which the node processes cannot import
     _check_token_ids(trajs, mcfg.vocab_size)
-    if max_total > cfg.cluster.max_seq_len:
+    if slot_tokens(max_total) > cfg.cluster.max_seq_len:
         raise ConfigError(
             f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the longest turn "
-            f"(prompt + generation = {max_total} tokens); raise it, {shorten_turns_hint(cfg)}"
+            f"(prompt + generation = {max_total} tokens) less its last token, whose KV a decode slot never holds; "
+            f"raise it, {shorten_turns_hint(cfg)}"
         )
     warn_past_positions(mcfg, max_total)
     try:
@@ -459,7 +476,9 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
         lookup_hit_blocks=store.lookup,
         block_keys_of=lambda ids: block_keys(ids, cfg.block_size),
         block_size=cfg.block_size,
-        hbm_tokens_per_decode_engine=cfg.cluster.decode_slots * cfg.cluster.max_seq_len,
+        # the policies admit a request on its len_r = prompt + generation: a slot holds len_r up to max_seq_len + 1
+        # (`slot_tokens`; offered max_seq_len, such a turn passed the checks and was never placed)
+        hbm_tokens_per_decode_engine=cfg.cluster.decode_slots * (cfg.cluster.max_seq_len + 1),
         heartbeat_timeout_s=cfg.scheduler.heartbeat_timeout_s,
         decode_slots=cfg.cluster.decode_slots,
     )

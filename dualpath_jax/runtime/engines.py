@@ -12,6 +12,10 @@ Per request (DESIGN.md "Data paths"), with H hit tokens split at `pe_read_blocks
    layer l's DE-side KV (the loads of later layers overlap the compute of earlier ones); after each layer
    it writes to the DE what the DE does not hold: the PE-read hit and the new miss KV (PE path: hit+miss;
    DE path: miss only). After the last layer the first token goes to the DE (`prefill_done`).
+   Basic prefill (`cluster.layerwise` False, the paper's Basic; the simulator's non-layerwise PE): once its reads are
+   done (and every layer of a DE-side read landed) a request's whole hit KV, every layer, crosses the PE's CNIC into
+   HBM on the PE's H2D copy thread (beside the batch the PE runs); only then may it join a batch, whose layers wait
+   for nothing, and the prompt KV the DE lacks goes out after the request's last layer, not layer by layer.
 4. The DE now holds the whole prompt KV in its area: it persists the prompt's new whole blocks, loads the
    area into a slot of its device batch cache (continuous batching), frees the area and decodes; every
    block filled while decoding is read back and persisted (write-back through the DE node's SNIC).
@@ -408,6 +412,9 @@ class _PrefillReq:
     futures: list = dataclasses.field(default_factory=list)
     started: bool = False
     cancelled: bool = False
+    # Basic prefill (not layerwise): its whole hit KV is crossing the PE's CNIC into HBM (loading) / is in HBM (in)
+    hbm: str = "none"  # none | loading | in
+    hbm_bytes: int = 0  # of the PE's `cluster.pe_hbm_kv_bytes` it holds (basic prefill)
     t_arrived: float = 0.0
     # Its PE-side stamps, also handed to the DE with the first token (`pe_stamps`): a PE node killed after the hand-over
     # took its own events with it, and the finished turn's record kept prefill_start / its read as NaN.
@@ -439,6 +446,16 @@ class PrefillEngine(EngineBase):
         self.reqs: dict[tuple, _PrefillReq] = {}
         self.order: list[tuple] = []  # FIFO of request keys
         self._in_batch: set[tuple] = set()  # keys of the requests of the batch now running
+        # Basic prefill (`cluster.layerwise` False; a stand-in config without the field: layerwise): each request's
+        # whole hit KV crosses the CNIC ingress before it may join a batch, on a copy thread of its own (`_load_whole`)
+        self.layerwise = getattr(self.cfg.cluster, "layerwise", True)
+        # (basic prefill) the PE's HBM for whole-prompt KV, 0: no bound; the bytes its requests hold (`_prepare`)
+        self.hbm_bytes = 0 if self.layerwise else getattr(self.cfg.cluster, "pe_hbm_kv_bytes", 0)
+        self.hbm_used = 0
+        self._h2d = None
+        if not self.layerwise and self.cnic_in is not None:
+            self._h2d = _CopyQueue(f"pe{self.engine_id}-h2d", self.cnic_in, self._stop)
+            self._threads.append(self._h2d.thread)
 
     # ---------------------------------------------------------------- inbox
     def _drain(self, timeout: float) -> None:
@@ -498,20 +515,33 @@ class PrefillEngine(EngineBase):
                 # Stamped with the SNIC's end of the read (t1): a PE handles the report only after the batch it was
                 # running, and the turn's read_end used to include that batch (1.6-1.9 s for reads of microseconds).
                 self.emit("read_done", job.request_id, job.attempt, at=t1, side="pe", nbytes=nbytes, t_start=t0)
+        elif kind == "h2d_done":  # basic prefill: its whole hit KV is in HBM
+            if self.reqs.get(item.key) is item and not item.cancelled:
+                item.hbm = "in"
+        elif kind == "sent":  # basic prefill: its writes to the DE are over (or one failed)
+            if self.reqs.get(item.key) is item and not item.cancelled:
+                self._hand_over(item)
         else:
             raise RuntimeError(f"unknown inbox item {kind!r}")
 
     # ---------------------------------------------------------------- lifecycle
     def _prepare(self) -> None:
-        """Give areas to new requests (FIFO while the buffer lasts) and start their PE-side reads."""
+        """Give areas to new requests (FIFO while the buffer lasts) and start their PE-side reads. Basic prefill with
+        `cluster.pe_hbm_kv_bytes`: each also takes room for its whole prompt KV in the PE's HBM first (the simulator's
+        `_admit_basic`), held until its KV left for the DE; a prompt larger than all of it runs alone."""
         for key in self.order:
             r = self.reqs[key]
             if r.area is not None or r.cancelled:
                 continue
+            need = self.num_layers * r.prompt_tokens * self.bpt if self.hbm_bytes else 0
+            if need and self.hbm_used > 0 and self.hbm_used + need > self.hbm_bytes:
+                return  # FIFO behind the PE's HBM
             got = self._alloc_area(r.prompt_tokens)
             if got is None:
                 return  # FIFO: later requests wait behind this one
             r.handle, r.area, r.area_off = got
+            r.hbm_bytes = need
+            self.hbm_used += need
             t = r.task
             if t.pe_read_blocks < t.hit_blocks:
                 self.send_msg(
@@ -530,6 +560,12 @@ class PrefillEngine(EngineBase):
                     self.emit("read_done", t.request_id, t.attempt, at=now, side="pe", nbytes=0, t_start=now)
 
     def _ready(self, r: _PrefillReq) -> bool:
+        """Whether r may join a batch: its reads are done (`_reads_in`), its last layer is not computed yet (basic: it
+        is sending its KV then) and, basic prefill, its hit KV is in HBM."""
+        return self._reads_in(r) and r.first_token < 0 and (self.layerwise or r.hbm == "in")
+
+    def _reads_in(self, r: _PrefillReq) -> bool:
+        """Whether r's reads are done, both sides (its final hit set from them)."""
         if r.cancelled or r.area is None or not r.pe_read_done or not r.de_read_done or r.de_area_off is None:
             return False
         if r.final_hit < 0:
@@ -547,6 +583,8 @@ class PrefillEngine(EngineBase):
         while not self._stop.is_set():
             self._drain(WAIT_POLL_S if not self._has_ready() else 0)
             self._prepare()
+            if not self.layerwise:
+                self._load_whole()
             ready = [self.reqs[k] for k in self.order if self._ready(self.reqs[k])]
             if not ready:
                 continue
@@ -597,8 +635,27 @@ class PrefillEngine(EngineBase):
     def _has_ready(self) -> bool:
         return any(self._ready(self.reqs[k]) for k in self.order)
 
+    def _load_whole(self) -> None:
+        """Basic prefill: a request whose reads are done (and, on the DE path, every layer the DE forwards landed)
+        loads its whole hit KV, every layer, into HBM: the bytes cross the PE's CNIC ingress on its H2D copy thread,
+        FIFO, while the PE runs other batches (the simulator's `_h2d_basic`); it may join a batch once they crossed."""
+        for key in self.order:
+            r = self.reqs[key]
+            if r.hbm != "none" or not self._reads_in(r):
+                continue
+            if r.de_end_blocks > r.task.pe_read_blocks and len(r.layers_from_de) < self.num_layers:
+                continue  # (also when a PE-side block cut the hit: the DE's rows must land before they are recomputed)
+            nbytes = self.num_layers * r.final_hit * self.bpt
+            if self._h2d is None or nbytes == 0:
+                r.hbm = "in"
+                continue
+            r.hbm = "loading"
+            self._h2d.submit(nbytes, lambda r=r: self.inbox.put("h2d_done", r), cancelled=lambda r=r: r.cancelled)
+
     def _run_batch(self, items: list) -> None:
-        """Layerwise prefill of one batch: items (request, cached, bsz) compute tokens [cached, cached+bsz)."""
+        """Layerwise prefill of one batch: items (request, cached, bsz) compute tokens [cached, cached+bsz). Basic
+        prefill (not `self.layerwise`): the same steps, but the requests' KV is in HBM before the first layer (no waits,
+        no H2D here) and goes to the DE after the last (`_send_whole`)."""
         t_start = time.time()
         for r, _, _ in items:
             if not r.started:
@@ -612,15 +669,16 @@ class PrefillEngine(EngineBase):
             # Wait only for this layer's DE-side KV: later layers keep streaming while we compute. Also when a
             # PE-side block cut the hit before the DE's blocks: their rows are recomputed, but the DE's write
             # must land first (not over the recomputed KV, nor into the area once freed for another request).
+            # (Basic prefill: every layer landed before the request was ready, `_load_whole`.)
             for r, c0, _ in items:
-                if r.de_end_blocks > r.task.pe_read_blocks and c0 == r.final_hit:
+                if self.layerwise and r.de_end_blocks > r.task.pe_read_blocks and c0 == r.final_hit:
                     self._wait(lambda r=r: layer in r.layers_from_de or r.cancelled, f"layer {layer} of {r.key}")
             return [r.area[layer, :c0] for r, c0, _ in items]  # uint8 [c0, bpt] each
 
         def on_layer(layer: int, new_kv: list) -> None:
             for (r, c0, n), kv in zip(items, new_kv, strict=True):
                 r.area[layer, c0 : c0 + n] = kv  # uint8 [n, bpt]
-                if r.cancelled:
+                if r.cancelled or not self.layerwise:  # (basic: the DE gets it after the last layer, `_send_whole`)
                     continue
                 self._send_layer(r, layer, c0, n)
 
@@ -643,7 +701,7 @@ class PrefillEngine(EngineBase):
         wait0 = self.wait_s
         self._in_batch = {r.key for r, _, _ in items}
         try:
-            if self.cnic_in is None:
+            if self.cnic_in is None or not self.layerwise:  # (basic: the hit KV is in HBM, the chunks stay there)
                 first_tokens = self.model.prefill(token_ids, cached, cached_layer, on_layer)
             else:
                 first_tokens = self.model.prefill(token_ids, cached, cached_layer, on_layer, h2d=h2d)
@@ -660,7 +718,10 @@ class PrefillEngine(EngineBase):
                 self._finish(r)
             elif r.cached == r.prompt_tokens:
                 r.first_token = int(tok)
-                self._complete(r)
+                if self.layerwise:
+                    self._complete(r)
+                else:
+                    self._send_whole(r)
 
     def _send_layer(self, r: _PrefillReq, layer: int, c0: int, n: int) -> None:
         """Write what the DE lacks of this layer: the PE-read hit (first chunk only) and the new tokens."""
@@ -678,9 +739,43 @@ class PrefillEngine(EngineBase):
                 )
             )
 
+    def _send_whole(self, r: _PrefillReq) -> None:
+        """Basic prefill, the request's last layer computed: what the DE lacks of its prompt KV (the PE-read hit and
+        the new KV), every layer, goes out now; the PE goes on with its next batch meanwhile (the simulator's basic
+        `_prefill_done`), and hands the first token over once the writes are over ("sent" in the inbox)."""
+        t = r.task
+        if r.pe_hit_end < r.final_hit:  # (the DE holds the DE-read hit [pe_hit_end, final_hit))
+            ranges = [(0, r.pe_hit_end), (r.final_hit, r.prompt_tokens)]
+        else:
+            ranges = [(0, r.prompt_tokens)]
+        for layer in range(self.num_layers):
+            for a, b in ranges:
+                if b > a:
+                    r.futures.append(
+                        self.write_to(
+                            t.decode_engine,
+                            self.area_offset(r.area_off, r.prompt_tokens, layer, a),
+                            self.area_offset(r.de_area_off, r.prompt_tokens, layer, a),
+                            (b - a) * self.bpt,
+                        )
+                    )
+        left = [len(r.futures)]
+        lock = threading.Lock()
+
+        def one_done(_f) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self.inbox.put("sent", r)
+
+        if not r.futures:
+            self.inbox.put("sent", r)
+        for f in list(r.futures):
+            f.add_done_callback(one_done)
+
     def _complete(self, r: _PrefillReq) -> None:
         """All layers computed: wait for the KV to land on the DE, then hand over the first token."""
-        t = r.task
         # No deadline: the writes are paced by this engine's CNIC, so a slow cap makes them long, not lost (a 30 s
         # timeout dropped the request silently and the run hung until its timeout). A dead DE fails them (the
         # transport) or cancels the request (the scheduler, via the inbox handled meanwhile).
@@ -688,6 +783,11 @@ class PrefillEngine(EngineBase):
         if r.cancelled:
             self._finish(r)
             return
+        self._hand_over(r)
+
+    def _hand_over(self, r: _PrefillReq) -> None:
+        """r's KV writes to the DE are over: the first token goes to the DE (one failed: r is dropped here)."""
+        t = r.task
         try:
             for f in r.futures:
                 f.result()
@@ -713,6 +813,8 @@ class PrefillEngine(EngineBase):
         self._finish(r)
 
     def _finish(self, r: _PrefillReq) -> None:
+        self.hbm_used -= r.hbm_bytes  # (basic prefill: its KV left for the DE, or it was dropped)
+        r.hbm_bytes = 0
         self._gone_attempt(r.key)
         self.reqs.pop(r.key, None)
         if r.key in self.order:

@@ -17,7 +17,9 @@ import logging
 import multiprocessing as mp
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -140,27 +142,55 @@ def import_transport_modules(cfg: RuntimeConfig, modules: Sequence[str]) -> None
     _import_registering_modules("config.transport", TRANSPORTS, cfg.transport, modules)
 
 
-def node_modules(cfg: RuntimeConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """What a node process imports before it builds anything: (`batcher_modules`, `transport_modules`)."""
-    return batcher_modules(cfg), transport_modules(cfg)
+def store_modules(cfg: RuntimeConfig) -> tuple[str, ...]:
+    """The module that registered `config.store`, for the node processes to import before they open it (as
+    `transport_modules` does for the transport): they are spawned (or Ray actors) and knew only "local_dir". A class
+    of `__main__` cannot be imported by name (`config.validate` refuses it where the nodes do not re-run `__main__`)."""
+    from dualpath_jax.store import STORES
+
+    return _registering_module(STORES, cfg.store)
+
+
+def import_store_modules(cfg: RuntimeConfig, modules: Sequence[str]) -> None:
+    """In a node process: import the modules that registered `config.store` in the driver (`store_modules`), then
+    check it is known here, naming it."""
+    from dualpath_jax.store import STORES
+
+    _import_registering_modules("config.store", STORES, cfg.store, modules)
+
+
+def node_modules(cfg: RuntimeConfig) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """What a node process imports before it builds anything: (`batcher_modules`, `transport_modules`,
+    `store_modules`)."""
+    return batcher_modules(cfg), transport_modules(cfg), store_modules(cfg)
 
 
 def import_node_modules(cfg: RuntimeConfig, modules) -> None:
-    """In a node process: `import_batcher_modules` and `import_transport_modules` of `node_modules`' pair."""
-    batchers, transports = modules
+    """In a node process: `import_batcher_modules`, `import_transport_modules` and `import_store_modules` of
+    `node_modules`' triple (a pair, from a caller that passes no store modules: the store is still checked)."""
+    batchers, transports, *stores = modules
     import_batcher_modules(cfg, batchers)
     import_transport_modules(cfg, transports)
+    import_store_modules(cfg, stores[0] if stores else ())
+
+
+def store_config(cfg: RuntimeConfig) -> dict:
+    """The `make_store` config of the run's KV store: `config.store` with `config.store_options`, on the run's store
+    directory (`root`: config.store_dir, a fresh temporary one when '')."""
+    return {"name": cfg.store, **cfg.store_options, "root": cfg.store_dir}
 
 
 def open_store(cfg: RuntimeConfig, layout):
-    from dualpath_jax.kv_store import LocalDirStore
+    """The run's KV store (`store_config`): one object in the driver (the scheduler's lookups) and one per node
+    process (or one for every in-process node), all on the run's root."""
+    from dualpath_jax.store import make_store
 
     # The storage NIC reads each Full Block straight into its rows of the request's layer-major area
-    # (runtime/storage_nic.py), which a transfer reads later: the store's default non-temporal copies (no read of
+    # (runtime/storage_nic.py), which a transfer reads later: local_dir's default non-temporal copies (no read of
     # the destination's lines first) fit that. `python -m experiments.bench_store`, "storage NIC into a
     # layer-major area": in place with them 1.6x (DeepSeek-V3 blocks) / 2.1x (Qwen2.5-32B) the old staging
     # buffer + copy, in place with memcpy 1.07x / 1.29x (README "Verified reads in C").
-    return LocalDirStore(cfg.store_dir, layout)
+    return make_store(store_config(cfg), layout)
 
 
 class InProcessLauncher:
@@ -247,7 +277,7 @@ class InProcessLauncher:
 def endpoint_spec(cfg: RuntimeConfig, name: str, **extra) -> dict:
     """The `transport.make_transport` config of engine endpoint `name` for `config.transport` "tcp", "rdma" (with
     `config.rdma`'s device, port, GID index and service levels) or one's own; `extra`: host, secret (Ray)."""
-    spec = {"backend": cfg.transport, "name": name, **extra}
+    spec = {"backend": cfg.transport, "name": name, **cfg.transport_options, **extra}
     if cfg.transport == "rdma":
         from dualpath_jax.runtime.config import rdma_endpoint_kwargs
 
@@ -255,15 +285,34 @@ def endpoint_spec(cfg: RuntimeConfig, name: str, **extra) -> dict:
     return spec
 
 
-def _transport_factory(cfg: RuntimeConfig):
+def _transport_factory(cfg: RuntimeConfig, spec: GroupSpec | None = None, secret: str | None = None):
+    """(endpoint name, pacer) -> the engine's endpoint. With `config.netns` (`spec`: the node's group, `secret`: the
+    run's) each binds to its engine's compute veth in the node's namespace and proves `secret` at connect, and the
+    kernel paces it: its pacer only records (`traffic.RecordingPacer`)."""
     from transport import make_transport
+
+    if cfg.netns:
+        from dualpath_jax.runtime import netns
+        from dualpath_jax.runtime.engines import engine_endpoint
+        from dualpath_jax.traffic import RecordingPacer
+
+        hosts = {engine_endpoint(e): h for e, h in netns.endpoint_hosts(spec.node_id, spec.engine_ids).items()}
+
+        def kernel_paced(name, pacer):
+            spec_ = endpoint_spec(cfg, name, host=hosts[name], secret=secret)
+            return make_transport(spec_, pacer=None if pacer is None else RecordingPacer(pacer))
+
+        return kernel_paced
 
     if cfg.transport == "inproc":
         from transport.inproc import InProcFabric
 
         fabric = InProcFabric()  # one fabric per run: endpoint names never clash across runs
 
-        return lambda name, pacer: make_transport({"backend": "inproc", "name": name, "fabric": fabric}, pacer=pacer)
+        options = dict(cfg.transport_options)
+        return lambda name, pacer: make_transport(
+            {"backend": "inproc", "name": name, "fabric": fabric, **options}, pacer=pacer
+        )
     # "tcp", "rdma" (same address rules: its control channel is a TCP endpoint, loopback here), or one's own
     return lambda name, pacer: make_transport(endpoint_spec(cfg, name), pacer=pacer)
 
@@ -348,6 +397,10 @@ def _serve_one_run(
     spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, log_level: int, modules=((), ())
 ) -> None:
     """One run of a node process; `modules`: what it imports first (`node_modules`: the batcher's, the transport's)."""
+    if cfg.netns:  # (first: before this process has threads other than this one)
+        from dualpath_jax.runtime import netns
+
+        netns.enter(spec.node_id)
     logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
     from dualpath_jax.runtime.model_ops import ModelOps
     from dualpath_jax.runtime.node import EngineGroup, block_layout
@@ -366,7 +419,7 @@ def _serve_one_run(
         ops,
         store,
         control,
-        _transport_factory(cfg),
+        _transport_factory(cfg, spec, authkey.hex()),
         TrafficManager(),
         build_batcher_factory(cfg, ops),
     )
@@ -385,14 +438,19 @@ def enable_compilation_cache(path: str | None = None) -> None:
     enable_persistent_compilation_cache(path)
 
 
-def _node_session_main(spec: GroupSpec, conn, log_level: int) -> None:
+def _node_session_main(spec: GroupSpec, conn, log_level: int, netns: bool = False) -> None:
     """Entry point of a session's node process (`_node_process`)."""
-    _node_process(_serve_session, spec, conn, log_level, report=conn)
+    _node_process(_serve_session, spec, conn, log_level, netns, report=conn)
 
 
-def _serve_session(spec: GroupSpec, conn, log_level: int) -> None:
+def _serve_session(spec: GroupSpec, conn, log_level: int, in_netns: bool = False) -> None:
     """Entry point of a node process that serves several runs (a `LocalCluster` session): the model and its
-    compiled steps stay in memory between runs; everything else (store, transports, NIC pacing) is per run."""
+    compiled steps stay in memory between runs; everything else (store, transports, NIC pacing) is per run.
+    `in_netns`: the process joins its node's network namespace first (`config.netns`, for every run)."""
+    if in_netns:
+        from dualpath_jax.runtime import netns
+
+        netns.enter(spec.node_id)
     logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
     from dualpath_jax.runtime.model_ops import ModelOps
     from dualpath_jax.runtime.node import EngineGroup, block_layout
@@ -422,7 +480,7 @@ def _serve_session(spec: GroupSpec, conn, log_level: int) -> None:
                 ops,
                 store,
                 control,
-                _transport_factory(cfg),
+                _transport_factory(cfg, spec, authkey.hex()),
                 TrafficManager(),
                 build_batcher_factory(cfg, ops),
             ).run()
@@ -452,10 +510,20 @@ class LocalProcessLauncher:
         self._running: set[int] = set()  # nodes whose process serves this run
         self._reports: dict[int, object] = {}  # node -> the connection its process reports its run's error on
         self._whys: dict[int, str] = {}  # node -> its run's error, as reported
+        self._control_dir: str | None = None  # (config.netns: the control server's Unix socket's directory)
+        if session is not None and session.netns != cfg.netns:
+            raise ValueError(
+                f"config.netns={cfg.netns} but the LocalCluster session's processes were started with "
+                f"netns={session.netns}: start the session with LocalCluster(groups, netns={cfg.netns})"
+            )
 
     def start(self, groups: Sequence[GroupSpec], service) -> None:
         authkey = secrets.token_bytes(16)
-        self.server = ControlServer(service.fetch, authkey)
+        if self.cfg.netns:  # (nodes in other network namespaces reach a Unix socket, not this one's loopback)
+            self._control_dir = tempfile.mkdtemp(prefix="dpj-control-")
+            self.server = ControlServer(service.fetch, authkey, unix_path=os.path.join(self._control_dir, "control"))
+        else:
+            self.server = ControlServer(service.fetch, authkey)
         if self.session is not None:
             self.procs = self.session.procs
             self.session.begin(groups, (self.cfg, self.server.address, authkey, node_modules(self.cfg)))
@@ -532,8 +600,7 @@ class LocalProcessLauncher:
             try:
                 self.session.end()
             finally:  # (a node that did not finish its run: the server is closed all the same)
-                if self.server is not None:
-                    self.server.close()
+                self._close_server()
             return
         self.join(10.0)
         for p in self.procs.values():
@@ -542,8 +609,13 @@ class LocalProcessLauncher:
                 p.join(2.0)
         for conn in self._reports.values():
             conn.close()
+        self._close_server()
+
+    def _close_server(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self._control_dir is not None:
+            shutil.rmtree(self._control_dir, ignore_errors=True)
 
 
 class LocalCluster:
@@ -557,8 +629,10 @@ class LocalCluster:
     and their compiled model steps are shared. The node layout must stay the same across runs.
     """
 
-    def __init__(self, groups: Sequence[GroupSpec]):
+    def __init__(self, groups: Sequence[GroupSpec], netns: bool = False):
+        """`netns`: each process joins its node's network namespace (runs of it need `config.netns`)."""
         self.groups = list(groups)
+        self.netns = netns
         self.procs: dict[int, mp.Process] = {}
         self.conns: dict[int, object] = {}
         self._busy: set[int] = set()
@@ -567,7 +641,9 @@ class LocalCluster:
         level = logging.getLogger().getEffectiveLevel()
         for g in self.groups:
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_node_session_main, args=(g, child, level), name=f"node{g.node_id}", daemon=True)
+            p = ctx.Process(
+                target=_node_session_main, args=(g, child, level, netns), name=f"node{g.node_id}", daemon=True
+            )
             p.start()
             self.procs[g.node_id] = p
             self.conns[g.node_id] = parent

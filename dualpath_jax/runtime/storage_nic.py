@@ -7,6 +7,13 @@ first missing or corrupt block (the hit shrinks; the rest is recomputed, never w
 rows may hold bytes, but they lie past the hit and are never used as cached KV).
 `read_queue_tokens` is the node's read_q of the paper. Write-backs (a DE persisting filled blocks) go
 through the same SNIC link from a second thread, so reads and writes share the emulated bandwidth.
+
+What it uses of the store (any `KVStore`, `config.store`): `layout`, `read(key, out)` of whole Full Blocks, and for
+write-backs `contains`, `verify` and `write`. `out` is a C-contiguous uint8 [L, block_size, bpt] staging buffer, or,
+where the store's `strided_out` is True, the block's rows of the area, `area[:, t0 : t0 + block_size]`: the same
+shape, each layer's row contiguous but rows `prompt_tokens * bpt` bytes apart. Such a read writes each Layer Block
+into its row and no other byte of the area, from any thread (the read thread here), and a miss may leave its rows
+partly filled (they lie past the hit).
 """
 
 from __future__ import annotations

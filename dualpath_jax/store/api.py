@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
 from typing import Any
@@ -60,13 +61,36 @@ class KVStore(abc.ABC):
     """A store of Full Blocks keyed by prefix-chained block keys.
 
     Thread-safe: reads, writes and lookups may come from any thread. Implementations decide whether the
-    store is shared by several processes (LocalDirStore on a shared mount is).
+    store is shared by several processes (LocalDirStore on a shared mount is: `crosses_processes`).
+
+    A store of one's own (README "A KV store of one's own"): subclass, register the class in `STORES` under a name
+    at the top level of an importable module, and implement the abstract members. `make_store` builds it with
+    `from_config(options, layout)`: by default `cls(layout=layout, **options)` (an option the class does not take, or
+    a required one missing, is a TypeError naming the store and what it takes), so `__init__` takes `root` and
+    `layout` as keywords and its settings with defaults. The runtime opens it as `make_store({"name": config.store,
+    "root": config.store_dir, **config.store_options}, layout)` (`launcher.open_store`), several times on one root:
+    the driver's object answers the scheduler's lookups, each node's reads and writes back, and each must see the
+    blocks the others wrote. `root` names where a run's blocks live (a fresh temporary directory per run when
+    config.store_dir is ""; an object store may take it as a key prefix). The storage NIC reads Full Blocks
+    (`layers=None`) into a request's layer-major area, in place where `strided_out` is True (see `read`), and writes
+    back after `contains` and `verify`. tests/test_fix15_store.py is the conformance suite (a store of one's own:
+    DUALPATH_STORE_BACKENDS=module:name).
     """
 
     layout: BlockLayout
     # Whether `read` also takes a row-strided Full Block as `out` (see `read`); callers fall back to a staging
     # buffer and a copy where it is False.
     strided_out: bool = False
+    # Whether store objects in different processes on one root see each other's blocks (False: only the objects of
+    # one process do, e.g. an in-memory store; the runtime then needs config.launcher='inprocess').
+    crosses_processes: bool = True
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any], layout: BlockLayout) -> KVStore:
+        """The store of a `make_store` config's options (all but `name`): `cls(layout=layout, **options)`, which
+        `make_store` checks first (`store_options_fit`). A store whose options are not its constructor's keywords
+        overrides this (and may describe them with a `Config` dataclass, as LocalDirStore does)."""
+        return cls(layout=layout, **options)
 
     @abc.abstractmethod
     def lookup(self, keys: Sequence[bytes]) -> int:
@@ -182,6 +206,37 @@ class KVStore(abc.ABC):
         self.close()
 
 
+def store_options_fit(cls: Any, names: Iterable[str]) -> tuple[list[str], list[str], list[str]] | None:
+    """How the options `names` (a store config's keys but `name`; the layout is given apart) fit store class `cls`:
+    (those it does not take, its required ones they lack, every option it takes), or None where it cannot tell. The
+    options are the fields of its `Config` dataclass where it has one (LocalDirStore's), else, where `from_config` is
+    `KVStore`'s, its constructor's keywords but `layout`. `make_store` checks a config with it, the runtime's config
+    check what the launchers pass (`root` and config.store_options)."""
+    names = [n for n in names if n != "layout"]
+    config = getattr(cls, "Config", None)
+    if isinstance(config, type) and dataclasses.is_dataclass(config):
+        fields = dataclasses.fields(config)
+        takes = [f.name for f in fields]
+        missing = dataclasses.MISSING
+        required = [f.name for f in fields if f.default is missing and f.default_factory is missing]
+        anything = False
+    elif getattr(getattr(cls, "from_config", None), "__func__", None) is KVStore.from_config.__func__:
+        try:
+            params = list(inspect.signature(cls).parameters.values())
+        except (TypeError, ValueError):  # (no signature to tell)
+            return None
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        takes = [p.name for p in params if p.kind in named and p.name != "layout"]
+        required = [p.name for p in params if p.kind in named and p.default is p.empty and p.name != "layout"]
+        anything = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        if not anything and not any(p.name == "layout" and p.kind in named for p in params):
+            names.append("layout")  # (`from_config` passes it as a keyword: refused as an option it does not take)
+    else:  # (a from_config of its own, no Config: it says itself what it refuses)
+        return None
+    unknown = [] if anything else [n for n in names if n not in takes]
+    return unknown, [n for n in required if n not in names], takes
+
+
 def make_store(config: Mapping[str, Any] | Any, layout: BlockLayout) -> KVStore:
     """Build a store from a config with a `name` (registered in STORES) and that store's options.
 
@@ -197,5 +252,19 @@ def make_store(config: Mapping[str, Any] | Any, layout: BlockLayout) -> KVStore:
     options = dict(config)
     if "name" not in options:
         raise ValueError(f"store config needs a 'name' (one of {STORES.names()}), got keys {sorted(options)}")
-    cls = STORES.get(options.pop("name"))
+    name = options.pop("name")
+    cls = STORES.get(name)
+    if getattr(getattr(cls, "from_config", None), "__func__", None) is KVStore.from_config.__func__:
+        fit = store_options_fit(cls, options)  # (was the constructor's own TypeError, naming no store)
+        unknown, missing, takes = fit or ([], [], [])
+        problems = [f"missing option{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))}"] if missing else []
+        if "layout" in unknown:
+            unknown.remove("layout")
+            problems.append(f"{cls.__name__} takes no layout= keyword (from_config passes one)")
+        if unknown:
+            problems.insert(0, f"unexpected option{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}")
+        if problems:
+            raise TypeError(
+                f"store config of {name!r}: {'; '.join(problems)} ({cls.__name__} takes: {', '.join(takes)})"
+            )
     return cls.from_config(options, layout)

@@ -390,7 +390,8 @@ class LocalDirStore(KVStore):
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], layout: BlockLayout) -> LocalDirStore:
-        fields = {f.name for f in dataclasses.fields(LocalDirStoreConfig)}
+        # (a subclass's own Config, with options of its own: LocalDirStoreConfig refused them)
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(options) - fields)
         if unknown:
             raise ValueError(f"unknown local_dir store option(s) {unknown}; known: {sorted(fields)}")

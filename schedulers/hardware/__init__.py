@@ -3,6 +3,10 @@
 Every constant is a vendor datasheet figure, a PAPER.md fact, or (for "cpu") a measurement on this
 machine; efficiency factors are assumptions that `CostModel.fit` replaces with fitted coefficients when
 step times have been measured. Bandwidths are bytes/s, FLOPs are dense (no sparsity) per second.
+
+`python -m schedulers.hardware` (`__main__.py`) re-measures this CPU. A package, so that the command line is a module
+of its own: the `schedulers` package imports this one (the cost model's profiles), and running a module the package
+had imported made runpy warn and execute a second copy of it.
 """
 
 from __future__ import annotations
@@ -157,14 +161,3 @@ def measure_cpu_profile(repeats: int = 3) -> dict[str, float]:
         best = min(best, time.perf_counter() - t0)
     bw = 2 * src.nbytes / best  # read + write
     return {"peak_flops": flops, "mem_bandwidth": bw}
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) > 1:  # no flags: refuse them rather than ignore them
-        sys.exit(f"python -m schedulers.hardware takes no arguments (it measures this CPU), got {sys.argv[1:]}")
-    m = measure_cpu_profile()
-    print(f"cpu GEMM: {m['peak_flops'] / 1e9:.1f} GFLOP/s   copy bandwidth: {m['mem_bandwidth'] / 1e9:.2f} GB/s")
-    p = HARDWARE.get("cpu")
-    print(f"registered cpu profile: {p.peak_flops / 1e9:.1f} GFLOP/s, {p.hbm_bandwidth / 1e9:.2f} GB/s")
