@@ -195,7 +195,7 @@ def _runtime_like(**buffers):
     ns = types.SimpleNamespace
     return ns(
         cluster=ns(prefill_nodes=1, decode_nodes=2, engines_per_node=1, decode_slots=8, max_seq_len=4096,
-                   prefill_token_budget=512, prefill_max_batch=8),
+                   prefill_token_budget=512, prefill_max_batch=8, layerwise=True, pe_hbm_kv_bytes=0),
         nics=ns(snic_bytes_per_s=4e6, cnic_bytes_per_s=16e6, high_priority_share=0.99),
         buffers=ns(pe_buffer_bytes=buffers.get("pe", 64 << 20), de_buffer_bytes=64 << 20),
         block_size=64,
