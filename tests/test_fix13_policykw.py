@@ -236,8 +236,9 @@ def test_a_field_a_policy_does_not_take_names_the_policy_and_the_item(registered
         ),
         (
             "basic,fix13pk_side.side=pe",
-            "--config.policies item 'fix13pk_side.side=pe': an item is a registered policy name or policy.NAME=value "
-            "(a field of the policy named before it, e.g. basic,mine,policy.side=pe)",
+            "--config.policies item 'fix13pk_side.side=pe': an item is a registered policy name, policy.NAME=value "
+            "(a field of the policy named before it, e.g. basic,mine,policy.side=pe) or layerwise=false (its run's "
+            "prefill)",
         ),
         (
             "basic,policy.side",

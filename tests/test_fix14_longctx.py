@@ -57,5 +57,8 @@ def test_a_turn_past_the_models_positions_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="dualpath_jax.runtime.driver"):
         assert not driver.warn_past_positions(mcfg, 4096)
         assert driver.warn_past_positions(mcfg, 4150)
-    (msg,) = [r.getMessage() for r in caplog.records]
+        # (the last token is never fed back: 4097 tokens run positions 0..4095; 2026-12-05 it warned at 4097)
+        assert not driver.warn_past_positions(mcfg, 4097)
+        assert driver.warn_past_positions(mcfg, 4098)
+    msg, _ = [r.getMessage() for r in caplog.records]  # (4150, then 4098)
     assert "4150 tokens" in msg and "max_position_embeddings=4096" in msg

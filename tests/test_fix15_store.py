@@ -939,3 +939,18 @@ def test_a_local_dir_subclass_takes_options_of_its_own(tmp_path, monkeypatch):
         assert s.tag == "t1"
     with pytest.raises((TypeError, ValueError), match="tagg"):
         make_store({"name": "fix15_tagged", "root": str(tmp_path), "tagg": "t1"}, LAYOUT)
+
+
+@pytest.mark.parametrize("store_dir", ["", "given"])
+def test_a_bad_store_option_value_is_a_config_error_naming_the_options(base, ops, tmp_path, store_dir):
+    """`driver.prepare` opens the store once before anything starts, also when each run gets a fresh directory
+    (store_dir ""), and names the store's options for a value the store refuses. Before: a bare ValueError from the
+    run's first open (store_dir "") or a ConfigError blaming config.store_dir."""
+    from dualpath_jax.runtime import driver
+    from dualpath_jax.runtime.config import ConfigError
+
+    cfg = base.replace(store_options={"checksum": "nope"}, store_dir=str(tmp_path / "kv") if store_dir else "")
+    with pytest.raises(
+        ConfigError, match=r"^config.store 'local_dir' with config.store_options \{'checksum': 'nope'\}"
+    ):
+        driver.prepare(cfg, model_ops=ops)

@@ -524,8 +524,8 @@ def parse_policy_list(text: str, where: str = "--config.policies") -> list[Polic
             )
         if not (key.startswith(POLICY_FIELD) and len(key) > len(POLICY_FIELD)):
             raise ConfigError(
-                f"{where} item {item!r}: an item is a registered policy name or {POLICY_FIELD}NAME=value (a field of "
-                f"the policy named before it, {_FIELD_EXAMPLE})"
+                f"{where} item {item!r}: an item is a registered policy name, {POLICY_FIELD}NAME=value (a field of "
+                f"the policy named before it, {_FIELD_EXAMPLE}) or {LAYERWISE_ITEM}=false (its run's prefill)"
             )
         if not runs:
             raise ConfigError(

@@ -11,6 +11,7 @@ service; the launcher decides where the engine groups run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -293,11 +294,8 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
             f"config.batch_invariant={cfg.batch_invariant} but the given model_ops has "
             f"batch_invariant={ops.config.batch_invariant}: build it with ModelOps.of_config(config)"
         )
-    if cfg.store_dir:  # the KV store, opened once now: an unusable path or a kept store of another model or
+    if cfg.store_dir:  # the KV store, opened once below: an unusable path or a kept store of another model or
         # block size fails here, not in every node process at start
-        from dualpath_jax.runtime.launcher import open_store
-        from dualpath_jax.runtime.node import block_layout
-
         try:
             os.makedirs(cfg.store_dir, exist_ok=True)
         except OSError as e:  # (a file there, or above it: named, where the OS said only "File exists")
@@ -305,11 +303,29 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
             raise ConfigError(f"config.store_dir {cfg.store_dir!r} cannot be created: {why}") from None
         if not os.access(cfg.store_dir, os.W_OK | os.X_OK):
             raise ConfigError(f"config.store_dir {cfg.store_dir!r} is not writable")
-        try:
-            open_store(cfg, block_layout(cfg, ops)).close()
-        except ValueError as e:
-            raise ConfigError(f"config.store_dir: {e}") from None
+    if cfg.store_dir or cfg.store_options:
+        _open_store_once(cfg, ops)
     return trajs, ops
+
+
+def _open_store_once(cfg: RuntimeConfig, ops) -> None:
+    """The store opened once before anything starts (on a scratch directory when each run gets a fresh one, where
+    `store_options` may hold a value the store refuses): a bad value was a bare ValueError from the run's first open
+    (store_dir "") or a ConfigError blaming config.store_dir."""
+    from dualpath_jax.runtime.launcher import open_store
+    from dualpath_jax.runtime.node import block_layout
+
+    with contextlib.ExitStack() as stack:
+        root = cfg.store_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dpj-store-check-"))
+        try:
+            open_store(cfg.replace(store_dir=root), block_layout(cfg, ops)).close()
+        except (ValueError, TypeError) as e:
+            if cfg.store_options:
+                where = f"config.store {cfg.store!r} with config.store_options {dict(cfg.store_options)!r}"
+                where += f" on config.store_dir {cfg.store_dir!r}" if cfg.store_dir else ""
+            else:
+                where = "config.store_dir" if cfg.store_dir else f"config.store {cfg.store!r}"
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _check_arrivals_within_timeout(cfg: RuntimeConfig, trajs: Sequence[Trajectory]) -> None:
@@ -405,9 +421,10 @@ def run_info(module: str, started: float, cfg: RuntimeConfig, config: dict) -> d
 def warn_past_positions(mcfg, longest_turn: int) -> bool:
     """Warn (and say so) when the longest turn (prompt + generation, tokens) runs positions past the model's
     `max_position_embeddings`: a real checkpoint then computes them with rotary frequencies it was not trained for,
-    silently (the runtime's tokens stay deterministic, so nothing else would tell)."""
+    silently (the runtime's tokens stay deterministic, so nothing else would tell). The last generated token is never
+    fed back: a turn of n tokens runs positions 0..n-2 (`slot_tokens`; it warned one token early)."""
     positions = getattr(mcfg, "max_position_embeddings", None)
-    if positions is None or longest_turn <= positions:
+    if positions is None or slot_tokens(longest_turn) <= positions:
         return False
     log.warning(
         "the longest turn holds %d tokens (prompt + generation), past the model's max_position_embeddings=%d: its "

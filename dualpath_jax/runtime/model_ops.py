@@ -197,10 +197,10 @@ class DecodeBatch:
                 break
             p *= 2
         self.runner.free_slot(0)
-        # A slot holds at most capacity - 1 tokens of KV before a step (prompt + generation <= max_seq_len), so a
-        # block fills in it only when block_size < capacity. block_size >= max_seq_len is valid (no block ever fills
-        # on a DE) but a block_size-token prompt plus a step overflowed the slot: every DE node failed at start
-        # ("slot 0 is full" / "prompt exceeds decode capacity").
+        # A slot holds at most capacity - 1 tokens of KV before a step (prompt + generation <= max_seq_len + 1:
+        # `driver.slot_tokens`), so a block fills in it only when block_size < capacity. block_size >= max_seq_len is
+        # valid (no block ever fills on a DE) but a block_size-token prompt plus a step overflowed the slot: every DE
+        # node failed at start ("slot 0 is full" / "prompt exceeds decode capacity").
         self.runner.load_prompt_kv(0, np.zeros((r.num_layers, max(1, min(block_size, r.capacity - 1)), bpt), np.uint8))
         self.decode(np.array([0]), np.array([0]))
         if block_size < r.capacity:
