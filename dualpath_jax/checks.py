@@ -1,12 +1,15 @@
 """Type predicates of config values (kwargs come from config files, command-line variants and code: a float block
 size, a bool token count or a truthy string for a flag must be refused, not used). Used by the workloads, the
 runtime, the traffic manager and the scheduler registry (`schedulers.registry` re-exports them). Also
-`file_in_the_way`, for the errors of a directory that cannot be made."""
+`file_in_the_way`, for the errors of a directory that cannot be made, and `keyword_fit`, how a config's fields fit a
+pluggable class's constructor (transport backends, KV stores)."""
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -53,3 +56,20 @@ def variant_value(text: str):
         except ValueError:
             pass
     return text
+
+
+def keyword_fit(cls: Any, names: Iterable[str]) -> tuple[list[str], list[str], list[str]] | None:
+    """How keyword arguments `names` fit `cls`'s constructor: (those it does not take, its required ones they lack,
+    every name it takes), or None when it has no signature to tell. `transport.make_transport` checks a config with it,
+    `store.store_options_fit` a store's options, the runtime's config check what its launchers pass."""
+    try:
+        params = list(inspect.signature(cls).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    takes = [p.name for p in params if p.kind in named]
+    names = list(names)
+    anything = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    unknown = [] if anything else [k for k in names if k not in takes]
+    missing = [p.name for p in params if p.kind in named and p.default is p.empty and p.name not in names]
+    return unknown, missing, takes

@@ -22,6 +22,9 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+# Where a class defined by a script lives: `__main__`, or `__mp_main__` in a process multiprocessing spawned from it.
+MAIN_MODULES = ("__main__", "__mp_main__")
+
 
 def _definition(obj: object) -> tuple[str, str] | None:
     """(module, qualified name) of a class or function, None for other objects."""
@@ -89,6 +92,12 @@ class Registry(Generic[T]):
             close = difflib.get_close_matches(name, self._entries, n=1) if isinstance(name, str) else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise KeyError(f"unknown {self.kind} {name!r}{hint}; known: {known}") from None
+
+    def importable_module(self, name: str) -> str | None:
+        """The module that defines `name`'s object, for another process to import before it looks `name` up there; None
+        for one of a script's `__main__` (`MAIN_MODULES`), which cannot be imported by name. KeyError as `get`."""
+        module = getattr(self.get(name), "__module__", None)
+        return module if isinstance(module, str) and module not in MAIN_MODULES else None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

@@ -258,8 +258,7 @@ def main(argv):
                 launcher=session.launcher(cfg) if session else None,
             )
 
-        # (with config.netns the kernel shapes the CNICs at the config's rate: those stay)
-        unpaced = {"nics.snic_bytes_per_s": 1e12, **({} if base.netns else {"nics.cnic_bytes_per_s": 1e12})}
+        unpaced = driver.unpaced_nics(base)
         t0 = time.time()
         run(base.replace(**{"scheduler.name": "basic", **unpaced}), trajs[: max(1, len(trajs) // 8)])
         logging.info("warm-up (unpaced NICs): %.1f s", time.time() - t0)

@@ -300,9 +300,7 @@ def main(argv):
         if config.warmup:
             # A few of the conversations at unpaced NIC speed: every code path runs once in the session's node
             # processes (connections, buffers, any step not precompiled) before the measured runs.
-            # (with config.netns the kernel shapes the CNICs at the config's rate, which the warm-up keeps)
-            unpaced = {"nics.snic_bytes_per_s": 1e12, **({} if base.netns else {"nics.cnic_bytes_per_s": 1e12})}
-            fast = base.replace(**unpaced)
+            fast = base.replace(**driver.unpaced_nics(base))
             t0 = time.time()
             one(fast, "warm-up", trajs[: max(1, len(trajs) // 8)])
             logging.info("warm-up run (unpaced NICs): %.1f s", time.time() - t0)

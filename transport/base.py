@@ -36,11 +36,11 @@ import inspect
 import operator
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Literal, Protocol, Self
 
-from dualpath_jax.checks import is_real
+from dualpath_jax.checks import is_real, keyword_fit  # noqa: F401  (keyword_fit: also this module's name)
 from dualpath_jax.registry import Registry
 
 Priority = Literal["high", "low"]
@@ -863,23 +863,6 @@ def make_transport(config: Mapping[str, Any] | Any, **overrides: Any) -> Transpo
     cls = TRANSPORTS.get(backend)
     _check_fields(backend, cls, cfg)
     return cls(**cfg)
-
-
-def keyword_fit(cls: Any, names: Iterable[str]) -> tuple[list[str], list[str], list[str]] | None:
-    """How keyword arguments `names` fit `cls`'s constructor: (those it does not take, its required ones they lack,
-    every name it takes), or None when it has no signature to tell. `make_transport` checks a config with it, the
-    runtime's config check what its launchers pass."""
-    try:
-        params = list(inspect.signature(cls).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    takes = [p.name for p in params if p.kind in named]
-    names = list(names)
-    anything = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-    unknown = [] if anything else [k for k in names if k not in takes]
-    missing = [p.name for p in params if p.kind in named and p.default is p.empty and p.name not in names]
-    return unknown, missing, takes
 
 
 def _check_fields(backend: str, cls: Any, cfg: Mapping[str, Any]) -> None:

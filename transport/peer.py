@@ -193,10 +193,10 @@ def registering_modules(config: dict) -> tuple[str, ...]:
     from transport import TRANSPORTS
 
     try:
-        module = getattr(TRANSPORTS.get(config.get("backend")), "__module__", None)
-    except (KeyError, TypeError):  # (unknown here too: the peer's make_transport names it)
+        module = TRANSPORTS.importable_module(config.get("backend"))
+    except KeyError:  # (unknown here too: the peer's make_transport names it)
         return ()
-    if not module or module == "__main__" or module == "transport" or module.startswith("transport."):
+    if module is None or module == "transport" or module.startswith("transport."):
         return ()
     return (module,)
 

@@ -24,6 +24,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from dualpath_jax.registry import MAIN_MODULES  # (where a class of the driver's script lives)
+
 log = logging.getLogger(__name__)
 
 LAUNCHERS = ("inprocess", "local", "ray")
@@ -645,9 +647,6 @@ def check_policy_run(
     return config
 
 
-MAIN_MODULES = ("__main__", "__mp_main__")  # where a class defined by the driver's script lives (spawned: __mp_main__)
-
-
 def unreachable_main(cfg: RuntimeConfig, cls: Any) -> bool:
     """Whether `cls` (a batcher or transport class registered by the driver) is defined in its `__main__` where the
     node processes of `config.launcher` cannot import it: never with `ray` (actors); with `local` unless `__main__` is a
@@ -693,7 +692,7 @@ def launcher_endpoint_fields(cfg: RuntimeConfig) -> tuple[str, ...]:
 
 def _validate_transport_options(cfg: RuntimeConfig, cls) -> None:
     """`config.transport_options`: string keys, none that the launcher sets, each a field of the backend's class."""
-    from transport.base import keyword_fit
+    from dualpath_jax.checks import keyword_fit
 
     opts = cfg.transport_options
     bad = [k for k in opts if not isinstance(k, str)]
@@ -726,8 +725,8 @@ def _validate_transport(cfg: RuntimeConfig) -> None:
     `ray` launcher `host` and `secret`), in node processes that know it: the `local` and `ray` launchers' nodes import
     the module that registered it (`launcher.transport_modules`, as `launcher.batcher_modules` for a batcher), which
     a class of the driver's `__main__` is not (the `local` launcher's spawned nodes re-run a script's `__main__`)."""
+    from dualpath_jax.checks import keyword_fit
     from transport import TRANSPORTS  # (registers the built-ins; no pyverbs, no jax)
-    from transport.base import keyword_fit
 
     try:
         cls = TRANSPORTS.get(cfg.transport)

@@ -418,6 +418,13 @@ def run_info(module: str, started: float, cfg: RuntimeConfig, config: dict) -> d
     return metrics.run_info(module, started, traces=traces, devices=[str(d) for d in jax.devices()], config=config)
 
 
+def unpaced_nics(cfg: RuntimeConfig) -> dict:
+    """`RuntimeConfig.replace` overrides for a run at unpaced NIC speed (warm-ups, overhead runs): every emulated NIC
+    cap lifted, except the CNICs with `config.netns` (the kernel shapes them at the config's rate: kept, so the run
+    still passes the namespaces' rate check)."""
+    return {"nics.snic_bytes_per_s": 1e12, **({} if cfg.netns else {"nics.cnic_bytes_per_s": 1e12})}
+
+
 def warn_past_positions(mcfg, longest_turn: int) -> bool:
     """Warn (and say so) when the longest turn (prompt + generation, tokens) runs positions past the model's
     `max_position_embeddings`: a real checkpoint then computes them with rotary frequencies it was not trained for,

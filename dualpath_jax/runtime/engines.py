@@ -725,25 +725,27 @@ class PrefillEngine(EngineBase):
 
     def _send_layer(self, r: _PrefillReq, layer: int, c0: int, n: int) -> None:
         """Write what the DE lacks of this layer: the PE-read hit (first chunk only) and the new tokens."""
-        t = r.task
         ranges = [(c0, c0 + n)]
         if c0 == r.final_hit and r.pe_hit_end > 0:
             ranges = [(0, r.pe_hit_end)] + ranges if r.pe_hit_end < c0 else [(0, c0 + n)]
         for a, b in ranges:
-            r.futures.append(
-                self.write_to(
-                    t.decode_engine,
-                    self.area_offset(r.area_off, r.prompt_tokens, layer, a),
-                    self.area_offset(r.de_area_off, r.prompt_tokens, layer, a),
-                    (b - a) * self.bpt,
-                )
+            self._write_rows(r, layer, a, b)
+
+    def _write_rows(self, r: _PrefillReq, layer: int, a: int, b: int) -> None:
+        """Write tokens [a, b) of `layer` from r's area to the same rows of its area on the DE (a future in r.futures)."""
+        r.futures.append(
+            self.write_to(
+                r.task.decode_engine,
+                self.area_offset(r.area_off, r.prompt_tokens, layer, a),
+                self.area_offset(r.de_area_off, r.prompt_tokens, layer, a),
+                (b - a) * self.bpt,
             )
+        )
 
     def _send_whole(self, r: _PrefillReq) -> None:
         """Basic prefill, the request's last layer computed: what the DE lacks of its prompt KV (the PE-read hit and
         the new KV), every layer, goes out now; the PE goes on with its next batch meanwhile (the simulator's basic
         `_prefill_done`), and hands the first token over once the writes are over ("sent" in the inbox)."""
-        t = r.task
         if r.pe_hit_end < r.final_hit:  # (the DE holds the DE-read hit [pe_hit_end, final_hit))
             ranges = [(0, r.pe_hit_end), (r.final_hit, r.prompt_tokens)]
         else:
@@ -751,14 +753,7 @@ class PrefillEngine(EngineBase):
         for layer in range(self.num_layers):
             for a, b in ranges:
                 if b > a:
-                    r.futures.append(
-                        self.write_to(
-                            t.decode_engine,
-                            self.area_offset(r.area_off, r.prompt_tokens, layer, a),
-                            self.area_offset(r.de_area_off, r.prompt_tokens, layer, a),
-                            (b - a) * self.bpt,
-                        )
-                    )
+                    self._write_rows(r, layer, a, b)
         left = [len(r.futures)]
         lock = threading.Lock()
 

@@ -25,7 +25,7 @@ import time
 import traceback
 from collections.abc import Sequence
 
-from dualpath_jax.runtime.config import MAIN_MODULES, RuntimeConfig
+from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.control import ControlServer, DriverLost, LocalControlClient, SocketControlClient
 from dualpath_jax.runtime.scheduler_service import GroupSpec, RunFailed
 
@@ -65,8 +65,8 @@ def build_batcher_factory(cfg: RuntimeConfig, model_ops=None):
 def _registering_module(registry, name: str) -> tuple[str, ...]:
     """The module that registered `name` in `registry` (none for a class of `__main__`, which cannot be imported by
     name: `config.unreachable_main`), for the node processes to import before they build it."""
-    mod = getattr(registry.get(name), "__module__", None)
-    return (mod,) if isinstance(mod, str) and mod not in MAIN_MODULES else ()
+    mod = registry.importable_module(name)
+    return (mod,) if mod else ()
 
 
 def _import_registering_modules(what: str, registry, name: str, modules: Sequence[str]) -> None:
@@ -276,7 +276,8 @@ class InProcessLauncher:
 
 def endpoint_spec(cfg: RuntimeConfig, name: str, **extra) -> dict:
     """The `transport.make_transport` config of engine endpoint `name` for `config.transport` "tcp", "rdma" (with
-    `config.rdma`'s device, port, GID index and service levels) or one's own; `extra`: host, secret (Ray)."""
+    `config.rdma`'s device, port, GID index and service levels), "inproc" or one's own, with
+    `config.transport_options`; `extra`: what the launcher sets besides (host, secret: Ray, netns; fabric: inproc)."""
     spec = {"backend": cfg.transport, "name": name, **cfg.transport_options, **extra}
     if cfg.transport == "rdma":
         from dualpath_jax.runtime.config import rdma_endpoint_kwargs
@@ -309,10 +310,7 @@ def _transport_factory(cfg: RuntimeConfig, spec: GroupSpec | None = None, secret
 
         fabric = InProcFabric()  # one fabric per run: endpoint names never clash across runs
 
-        options = dict(cfg.transport_options)
-        return lambda name, pacer: make_transport(
-            {"backend": "inproc", "name": name, "fabric": fabric, **options}, pacer=pacer
-        )
+        return lambda name, pacer: make_transport(endpoint_spec(cfg, name, fabric=fabric), pacer=pacer)
     # "tcp", "rdma" (same address rules: its control channel is a TCP endpoint, loopback here), or one's own
     return lambda name, pacer: make_transport(endpoint_spec(cfg, name), pacer=pacer)
 

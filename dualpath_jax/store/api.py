@@ -13,11 +13,11 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import inspect
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
 from typing import Any
 
+from dualpath_jax.checks import keyword_fit
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.registry import Registry
 
@@ -219,22 +219,15 @@ def store_options_fit(cls: Any, names: Iterable[str]) -> tuple[list[str], list[s
         takes = [f.name for f in fields]
         missing = dataclasses.MISSING
         required = [f.name for f in fields if f.default is missing and f.default_factory is missing]
-        anything = False
-    elif getattr(getattr(cls, "from_config", None), "__func__", None) is KVStore.from_config.__func__:
-        try:
-            params = list(inspect.signature(cls).parameters.values())
-        except (TypeError, ValueError):  # (no signature to tell)
-            return None
-        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        takes = [p.name for p in params if p.kind in named and p.name != "layout"]
-        required = [p.name for p in params if p.kind in named and p.default is p.empty and p.name != "layout"]
-        anything = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        if not anything and not any(p.name == "layout" and p.kind in named for p in params):
-            names.append("layout")  # (`from_config` passes it as a keyword: refused as an option it does not take)
-    else:  # (a from_config of its own, no Config: it says itself what it refuses)
+        return [n for n in names if n not in takes], [n for n in required if n not in names], takes
+    if getattr(getattr(cls, "from_config", None), "__func__", None) is not KVStore.from_config.__func__:
+        return None  # (a from_config of its own, no Config: it says itself what it refuses)
+    # (`from_config` passes layout as a keyword: one the class does not take is refused as an option)
+    fit = keyword_fit(cls, [*names, "layout"])
+    if fit is None:  # (no signature to tell)
         return None
-    unknown = [] if anything else [n for n in names if n not in takes]
-    return unknown, [n for n in required if n not in names], takes
+    unknown, missing, takes = fit
+    return unknown, missing, [t for t in takes if t != "layout"]
 
 
 def make_store(config: Mapping[str, Any] | Any, layout: BlockLayout) -> KVStore:
