@@ -145,7 +145,7 @@ def test_a_node_imports_the_module_that_registered_the_transport(base, my_tcp, t
     )
     TRANSPORTS._entries.pop(my_tcp)  # as in a fresh node process
     sys.modules.pop("fix14f_my_transports")
-    launcher.import_node_modules(cfg, (launcher.batcher_modules(cfg), ("fix14f_my_transports",)))
+    launcher.import_node_modules(cfg, (launcher.batcher_modules(cfg), ("fix14f_my_transports",), ()))
     assert my_tcp in TRANSPORTS
     with pytest.raises(RuntimeError, match=r"'fix14f_mytcp' was registered by module 'no_such_mod_fix14f' in the dri"):
         launcher.import_transport_modules(cfg, ("no_such_mod_fix14f",))
@@ -191,7 +191,7 @@ def test_the_ray_launchers_actors_import_the_transports_module(base, my_tcp, mon
         ray_launcher.server.close()
     spec, _, address, authkey, secret, _ = calls[0]
     with pytest.raises(RuntimeError, match=r"'fix14f_mytcp' was registered by module 'no_such_mod_fix14f'"):
-        _RayNode().run(spec, cfg, address, authkey, secret, ((), ("no_such_mod_fix14f",)))
+        _RayNode().run(spec, cfg, address, authkey, secret, ((), ("no_such_mod_fix14f",), ()))
 
 
 @pytest.mark.slow  # (~10 s: 3 node processes import jax and compile; their import of the backend's module is

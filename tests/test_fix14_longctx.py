@@ -49,16 +49,18 @@ def test_a_tiny_turn_past_max_seq_len_with_its_generation_names_the_tiny_workloa
 
 def test_a_turn_past_the_models_positions_is_warned_about(caplog):
     """A turn longer than the model's `max_position_embeddings` (a real checkpoint's trained window) ran silently with
-    positions it was not trained for; `driver.prepare` warns, naming both numbers (helper fix14_longctx's note)."""
+    positions it was not trained for; `driver.prepare` warns, naming both numbers (helper fix14_longctx's note). (Its
+    advice by the workload's kind: tests/test_fix16_small.py.)"""
+    from dualpath_jax.runtime.config import RuntimeConfig
     from dualpath_jax.runtime.model_ops import model_config
 
-    mcfg = model_config("tiny_qwen2")
+    mcfg, cfg = model_config("tiny_qwen2"), RuntimeConfig()
     assert mcfg.max_position_embeddings == 4096
     with caplog.at_level("WARNING", logger="dualpath_jax.runtime.driver"):
-        assert not driver.warn_past_positions(mcfg, 4096)
-        assert driver.warn_past_positions(mcfg, 4150)
+        assert not driver.warn_past_positions(mcfg, 4096, cfg)
+        assert driver.warn_past_positions(mcfg, 4150, cfg)
         # (the last token is never fed back: 4097 tokens run positions 0..4095; 2026-12-05 it warned at 4097)
-        assert not driver.warn_past_positions(mcfg, 4097)
-        assert driver.warn_past_positions(mcfg, 4098)
+        assert not driver.warn_past_positions(mcfg, 4097, cfg)
+        assert driver.warn_past_positions(mcfg, 4098, cfg)
     msg, _ = [r.getMessage() for r in caplog.records]  # (4150, then 4098)
     assert "4150 tokens" in msg and "max_position_embeddings=4096" in msg

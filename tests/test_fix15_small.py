@@ -109,14 +109,14 @@ def test_host_buffers_and_decode_caches_are_checked_together_against_the_hosts_m
     """The host buffers of every node and the decode caches of every decode engine were each checked against this
     host's memory, never their sum: on XLA:CPU (the caches are host memory) a config whose two halves fit but whose
     whole does not passed, and a node then failed allocating (ENOMEM / RESOURCE_EXHAUSTED). On an accelerator the
-    caches are its HBM, not the host's memory: the sum is not asked there."""
+    caches are its HBM, not the host's memory: the sum is not asked there (the device's own memory: test_fix16_small)."""
     from dualpath_jax.runtime import config
     from dualpath_jax.runtime.config import ConfigError
 
     kv, c, b = 1024, base.cluster, base.buffers  # tiny_qwen2: 4 layers x 256 B of KV per token
     buffers = c.prefill_nodes * b.pe_buffer_bytes + c.decode_nodes * b.de_buffer_bytes
     caches = c.decode_nodes * c.engines_per_node * c.decode_slots * c.max_seq_len * kv
-    monkeypatch.setattr(config, "_decode_caches_in_host_memory", lambda: True, raising=False)
+    monkeypatch.setattr(config, "_decode_cache_device", lambda: ("cpu", None))
     monkeypatch.setattr(config, "host_memory_bytes", lambda: (buffers + caches - 1, "the test's memory"))
     with pytest.raises(ConfigError, match=rf"need {buffers} B of host buffers .* and {caches} B of decode caches") as e:
         config.validate(base, kv, 100, 4)
@@ -124,5 +124,5 @@ def test_host_buffers_and_decode_caches_are_checked_together_against_the_hosts_m
     monkeypatch.setattr(config, "host_memory_bytes", lambda: (buffers + caches, "the test's memory"))
     config.validate(base, kv, 100, 4)  # just fits
     monkeypatch.setattr(config, "host_memory_bytes", lambda: (buffers + caches - 1, "the test's memory"))
-    monkeypatch.setattr(config, "_decode_caches_in_host_memory", lambda: False, raising=False)
+    monkeypatch.setattr(config, "_decode_cache_device", lambda: ("gpu", caches))
     config.validate(base, kv, 100, 4)  # the caches in an accelerator's memory

@@ -857,7 +857,7 @@ def test_a_node_imports_the_module_that_registered_the_store(base, my_dir_store)
         launcher.import_store_modules(cfg, ("no_such_mod_fix15",))
     STORES._entries.pop(my_dir_store)
     with pytest.raises(RuntimeError, match=r"config.store 'fix15s_mydir' is not registered in this node process"):
-        launcher.import_node_modules(cfg, ((), ()))  # (a pair, as callers passed before config.store: still checked)
+        launcher.import_node_modules(cfg, ((), (), ()))  # (no store module: the store is still checked)
 
 
 def test_open_store_opens_the_configured_store_on_the_runs_root(base, tmp_path, my_dir_store):

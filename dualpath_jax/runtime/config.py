@@ -6,8 +6,8 @@ batcher, transport, launcher or model; transport 'rdma' where pyverbs or an RDMA
 driver's host; with Ray, each actor's host is checked when its endpoints start); a host buffer that cannot hold
 one request's prompt KV; a decode slot too short for the longest trajectory; host buffers that this host's
 memory can never hold (local/inprocess launchers: every node's buffer on this host), and a decode engine's batch
-cache (decode_slots x max_seq_len tokens of KV) that it can never hold; RDMA settings
-(`config.rdma.*`: types and ranges always; device, port and GID where transport is 'rdma' and a device exists).
+cache (decode_slots x max_seq_len tokens of KV) that it (XLA:CPU) or its default accelerator can never hold; RDMA
+settings (`config.rdma.*`: types and ranges always; device, port and GID where transport is 'rdma' and a device exists).
 A P/D ratio outside the paper's bottleneck-free range only warns.
 """
 
@@ -274,6 +274,8 @@ def validate_workload(cfg: RuntimeConfig) -> None:
         raise ConfigError(f"config.workload.aps must be > 0 and finite for arrival='online', got {w.aps}")
     if w.max_context_tokens < 0:
         raise ConfigError(f"config.workload.max_context_tokens must be >= 0 (0: no cut), got {w.max_context_tokens}")
+    if w.kind == "tiny":
+        check_tiny_workload(cfg)
     if w.kind == "synthetic":  # (as the simulator's check_sim_config does)
         from dualpath_jax.workloads.synthetic import DATASETS
 
@@ -412,21 +414,46 @@ def validate(
     if max_prompt_tokens is not None and max_prompt_tokens > c.max_seq_len:
         raise ConfigError(
             f"config.cluster.max_seq_len={c.max_seq_len} is shorter than the longest prompt ({max_prompt_tokens} tokens); "
-            f"raise it, {shorten_turns_hint(cfg)}"
+            f"raise it or {shorten_turns_hint(cfg)}"
         )
+
+
+# The tiny agents' own lengths (`lifecycle.tiny_trajectories`): what shortens them, where `workload.scale` and
+# `max_context_tokens` shorten synthetic and trace agents
+TINY_LENGTHS = (
+    "config.workload.first_append_tokens, append_tokens, gen_tokens (means; each turn draws 0.5-1.5x of them) or turns"
+)
 
 
 def shorten_turns_hint(cfg: RuntimeConfig) -> str:
-    """How to shorten the workload's turns, by its kind (the end of a "max_seq_len is shorter than ..." line).
-    `workload.scale` and `max_context_tokens` shape synthetic and trace agents only: a tiny workload was told to
-    change them too, which changed nothing (the same error again)."""
+    """How to shorten the workload's turns, by its kind (the end of a "max_seq_len is shorter than ...; raise it or"
+    line, and of `driver.warn_past_positions`' warning). `workload.scale` and `max_context_tokens` shape synthetic and
+    trace agents only: a tiny workload was told to change them too, which changed nothing (the same error again)."""
     if cfg.workload.kind == "tiny":
         return (
-            "or shorten the tiny agents: config.workload.first_append_tokens, append_tokens, gen_tokens (means; each "
-            "turn draws 0.5-1.5x of them) or turns (workload.scale and max_context_tokens shape synthetic and trace "
+            f"shorten the tiny agents: {TINY_LENGTHS} (workload.scale and max_context_tokens shape synthetic and trace "
             "agents only)"
         )
     return "lower config.workload.scale, or cut the agents there with config.workload.max_context_tokens"
+
+
+def check_tiny_workload(cfg: RuntimeConfig) -> None:
+    """`workload.scale`, `time_scale` and `max_context_tokens` shape synthetic and trace agents only (`driver._scaled`):
+    a tiny workload's must keep their defaults (each was ignored there: set, it changed nothing, and nothing said so).
+    Called by `validate_workload` and by `driver.make_trajectories`, which would ignore them."""
+    w, default = cfg.workload, WorkloadConfig()
+    instead = {
+        "scale": f"size the tiny agents with {TINY_LENGTHS}",
+        "time_scale": "set the tiny agents' time between turns with config.workload.gap_s",
+        "max_context_tokens": f"shorten the tiny agents: {TINY_LENGTHS}",
+    }
+    for name, way in instead.items():
+        value, want = getattr(w, name), getattr(default, name)
+        if value != want:
+            raise ConfigError(
+                f"config.workload.{name}={value:g} shapes synthetic and trace agents only, and this workload is "
+                f"kind='tiny': set it to {want:g} (its default), or {way}"
+            )
 
 
 def check_layerwise_reads(cfg: RuntimeConfig, where: str = "config.cluster.layerwise=False") -> None:
@@ -968,12 +995,32 @@ def _this_host_memory(cfg: RuntimeConfig) -> tuple[int, str] | None:
 
 
 def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int) -> None:
+    """`check_decode_cache_memory` with this host's numbers, where the launcher runs every node here (local,
+    inprocess). (With Ray the nodes run on other hosts: not checked.)"""
+    if cfg.launcher not in ("local", "inprocess"):
+        return
+    backend, device_bytes = _decode_cache_device()
+    check_decode_cache_memory(cfg, kv_bytes_per_token, backend, device_bytes, host_memory_bytes())
+
+
+def check_decode_cache_memory(
+    cfg: RuntimeConfig, kv_bytes_per_token: int, backend: str, device_bytes: int | None, host: tuple[int, str] | None
+) -> None:
     """One decode engine's batch cache (decode_slots x max_seq_len tokens of every layer's KV, allocated when its
-    node starts), and every decode engine's together, no more than this host's memory holds (local/inprocess
-    launchers: the engines run on this host). One that can never fit stopped the node with RESOURCE_EXHAUSTED (a
-    traceback in the node process, then "no live engine left") instead of this line. (With Ray the nodes run on other
-    hosts: not checked.)"""
-    mem = _this_host_memory(cfg)
+    node starts), and every decode engine's together (all on this host), no more than the memory that holds them. On
+    XLA:CPU (`backend` "cpu") that is this host's (`host`: (bytes, what), None where unknown), beside every node's host
+    buffers; on an accelerator the default device's, where every engine of this host allocates (`device_bytes`: its
+    allocator's limit; None: not checked, a debug line). They were compared with this host's memory on an accelerator
+    too. One that can never fit stopped the node with RESOURCE_EXHAUSTED (a traceback in the node process, then "no
+    live engine left") instead of this line. No I/O: `_validate_decode_cache_memory` passes this host's numbers."""
+    if backend == "cpu":
+        mem, where = host, "this host"
+    elif device_bytes is None:
+        log.debug("decode caches not checked against memory: the %s device reports no memory limit", backend)
+        return
+    else:
+        mem = device_bytes, f"the default {backend} device's memory for JAX (memory_stats bytes_limit)"
+        where = f"this host's default {backend} device"
     if mem is None:
         return
     limit, what = mem
@@ -989,14 +1036,14 @@ def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int) -
     engines = c.decode_nodes * c.engines_per_node  # (all on this host: each allocates its cache at its start)
     if engines > 1 and engines * need > limit:  # (one engine's fitting was all that was checked)
         raise ConfigError(
-            f"config.cluster: the {engines} decode engines of launcher {cfg.launcher!r} all run on this host and need "
+            f"config.cluster: the {engines} decode engines of launcher {cfg.launcher!r} all run on {where} and need "
             f"{engines * need} B ({engines * need / 2**30:.1f} GiB) of decode cache together ({engines} x decode_slots="
             f"{c.decode_slots} x max_seq_len={c.max_seq_len} tokens x {kv_bytes_per_token} B/token), more than {what}: "
             f"{limit} B ({limit / 2**30:.1f} GiB); lower config.cluster.decode_slots or max_seq_len, or use launcher "
             "'ray' over several hosts"
         )
     buffers = _all_buffer_bytes(cfg)  # (each half was checked alone: their sum passed where it could never fit)
-    if _decode_caches_in_host_memory() and buffers + engines * need > limit:
+    if backend == "cpu" and buffers + engines * need > limit:
         total = buffers + engines * need
         raise ConfigError(
             f"config.buffers and config.cluster: the {c.prefill_nodes + c.decode_nodes} nodes of launcher "
@@ -1009,13 +1056,19 @@ def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int) -
         )
 
 
-def _decode_caches_in_host_memory() -> bool:
-    """Whether the decode caches (JAX arrays on the default device) take this host's memory: on XLA:CPU; on an
-    accelerator they take its own memory. (Called from `validate` with the model's KV size: `driver.prepare`, which
-    builds the model next.)"""
+def _decode_cache_device() -> tuple[str, int | None]:
+    """(backend, bytes) of the device the decode caches are allocated on, JAX's default: "cpu" (XLA:CPU: this host's
+    memory, no limit of its own) or an accelerator's backend ("gpu", "tpu") with the memory its allocator may hand
+    out (`memory_stats()["bytes_limit"]`; a GPU's: 75% of it under XLA's default preallocation), None where the
+    device reports none. (Called from `validate` with the model's KV size: `driver.prepare`, which builds the model
+    next.)"""
     import jax
 
-    return jax.default_backend() == "cpu"
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return backend, None
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    return backend, int(limit) if limit else None
 
 
 _WARNED: set = set()

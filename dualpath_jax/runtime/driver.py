@@ -25,7 +25,14 @@ import numpy as np
 
 from dualpath_jax.checks import file_in_the_way, is_int
 from dualpath_jax.metrics import LinkBytes, TurnRecord, summarize, ttft_breakdown
-from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, shorten_turns_hint, validate, validate_workload
+from dualpath_jax.runtime.config import (
+    ConfigError,
+    RuntimeConfig,
+    check_tiny_workload,
+    shorten_turns_hint,
+    validate,
+    validate_workload,
+)
 from dualpath_jax.runtime.lifecycle import ConversationBook, tiny_trajectories
 from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec, RunFailed
 from dualpath_jax.workloads.types import Trajectory
@@ -57,12 +64,7 @@ def make_trajectories(cfg: RuntimeConfig, vocab_size: int | None = None) -> list
     model's when not given), so prompts that share hash blocks share those ids and the KV store hits them."""
     w = cfg.workload
     if w.kind == "tiny":
-        if w.max_context_tokens > 0:  # (it was ignored: the tiny agents ran whole, turns past the cut included)
-            raise ConfigError(
-                f"config.workload.max_context_tokens={w.max_context_tokens} cuts synthetic and trace agents only, "
-                "and this workload is kind='tiny': set it to 0, or shorten the tiny agents with "
-                "config.workload.first_append_tokens, append_tokens, gen_tokens or turns"
-            )
+        check_tiny_workload(cfg)  # (scale, time_scale, max_context_tokens: they were ignored here)
         _check_tiny_fits(cfg)
         return tiny_trajectories(
             w.agents, w.turns, w.append_tokens, w.gen_tokens, w.first_append_tokens, w.gap_s, w.seed
@@ -282,9 +284,9 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         raise ConfigError(
             f"config.cluster.max_seq_len={cfg.cluster.max_seq_len} is shorter than the longest turn "
             f"(prompt + generation = {max_total} tokens) less its last token, whose KV a decode slot never holds; "
-            f"raise it, {shorten_turns_hint(cfg)}"
+            f"raise it or {shorten_turns_hint(cfg)}"
         )
-    warn_past_positions(mcfg, max_total)
+    warn_past_positions(mcfg, max_total, cfg)
     try:
         ops = model_ops or ModelOps.of_config(cfg)
     except ValueError as e:  # a checkpoint whose tensors do not load (missing, wrong shape): named
@@ -425,20 +427,22 @@ def unpaced_nics(cfg: RuntimeConfig) -> dict:
     return {"nics.snic_bytes_per_s": 1e12, **({} if cfg.netns else {"nics.cnic_bytes_per_s": 1e12})}
 
 
-def warn_past_positions(mcfg, longest_turn: int) -> bool:
+def warn_past_positions(mcfg, longest_turn: int, cfg: RuntimeConfig) -> bool:
     """Warn (and say so) when the longest turn (prompt + generation, tokens) runs positions past the model's
     `max_position_embeddings`: a real checkpoint then computes them with rotary frequencies it was not trained for,
     silently (the runtime's tokens stay deterministic, so nothing else would tell). The last generated token is never
-    fed back: a turn of n tokens runs positions 0..n-2 (`slot_tokens`; it warned one token early)."""
+    fed back: a turn of n tokens runs positions 0..n-2 (`slot_tokens`; it warned one token early). The advice is
+    `shorten_turns_hint`'s for `cfg`'s workload kind (it advised scale and max_context_tokens, which a tiny workload
+    refuses)."""
     positions = getattr(mcfg, "max_position_embeddings", None)
     if positions is None or slot_tokens(longest_turn) <= positions:
         return False
     log.warning(
         "the longest turn holds %d tokens (prompt + generation), past the model's max_position_embeddings=%d: its "
-        "later positions run with rotary frequencies the model was not trained for; cut the agents with "
-        "config.workload.max_context_tokens or lower config.workload.scale to stay within it",
+        "later positions run with rotary frequencies the model was not trained for; to stay within it, %s",
         longest_turn,
         positions,
+        shorten_turns_hint(cfg),
     )
     return True
 

@@ -167,11 +167,11 @@ def node_modules(cfg: RuntimeConfig) -> tuple[tuple[str, ...], tuple[str, ...], 
 
 def import_node_modules(cfg: RuntimeConfig, modules) -> None:
     """In a node process: `import_batcher_modules`, `import_transport_modules` and `import_store_modules` of
-    `node_modules`' triple (a pair, from a caller that passes no store modules: the store is still checked)."""
-    batchers, transports, *stores = modules
+    `node_modules`' triple, what every launcher passes (a pair was taken too; only tests passed one)."""
+    batchers, transports, stores = modules
     import_batcher_modules(cfg, batchers)
     import_transport_modules(cfg, transports)
-    import_store_modules(cfg, stores[0] if stores else ())
+    import_store_modules(cfg, stores)
 
 
 def store_config(cfg: RuntimeConfig) -> dict:
@@ -392,9 +392,10 @@ def _node_main(*args, report=None) -> None:
 
 
 def _serve_one_run(
-    spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, log_level: int, modules=((), ())
+    spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, log_level: int, modules=((), (), ())
 ) -> None:
-    """One run of a node process; `modules`: what it imports first (`node_modules`: the batcher's, the transport's)."""
+    """One run of a node process; `modules`: what it imports first (`node_modules`: the batcher's, the transport's,
+    the store's)."""
     if cfg.netns:  # (first: before this process has threads other than this one)
         from dualpath_jax.runtime import netns
 

@@ -56,7 +56,7 @@ class _RayNode:
     """The body of one node actor (wrapped by ray.remote at launch)."""
 
     def run(
-        self, spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, secret: str, modules=((), ())
+        self, spec: GroupSpec, cfg: RuntimeConfig, control_address, authkey: bytes, secret: str, modules=((), (), ())
     ) -> str:
         import ray
 
