@@ -91,7 +91,7 @@ class _Transport:
         f: Future = Future()
         self.writes.append((remote, nbytes, list(self.clock)))
         self.futures.append(f)
-        if self.auto:  # (a layerwise PE waits for its writes inside the batch)
+        if self.auto:  # (writes that end at once)
             f.set_result(0)
         return f
 
@@ -215,6 +215,9 @@ def test_basic_prefill_loads_every_layer_before_computing_and_sends_after(layerw
             assert seen["h2d_given"]
             # layer l's writes (PE-read hit + new) go out as soon as layer l is computed
             assert [len(c) for _, _, c in transport.writes] == [1, 1, 2, 2, 3, 3]
+            # the batch does not wait for them: the hand-over comes from the inbox ("sent"), in the next round
+            assert not any(m["kind"] == "prefill_done" for m in transport.sent)
+            _step(eng, 1)
         done = [m for m in transport.sent if m["kind"] == "prefill_done"]
         assert len(done) == 1 and done[0]["first_token"] == 11 and done[0]["hit_tokens"] == 8
         assert [e.kind for e in events if e.request_id == 1][-1] == "prefill_end"

@@ -134,7 +134,8 @@ def test_a_turn_whose_pe_died_after_the_hand_over_has_its_prefill_start_and_pe_r
         "read_done", (ReadJob(task.request_id, 0, task.block_keys[:2], 0, None, None), 2, nbytes, t_read, t_read)
     )
     r.final_hit = r.cached = 8
-    pe._run_batch([(r, 8, task.prompt_tokens - 8)])  # prefill_start, prefill_end; prefill_done to the DE
+    pe._run_batch([(r, 8, task.prompt_tokens - 8)])  # prefill_start; its KV writes to the DE
+    pe._drain(5)  # "sent": prefill_end; prefill_done to the DE
     (msg,) = [m for m in tr.sent if m["kind"] == "prefill_done"]
     de._handle("msg", msg)
     d = de.reqs[(task.request_id, 0)]

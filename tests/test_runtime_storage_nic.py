@@ -231,6 +231,7 @@ def test_a_pe_cut_hit_lets_the_des_forwarded_layers_land_before_freeing_its_area
         pe.inbox.put("layer", (1, 0, layer))
     assert pe._ready(r) and r.final_hit == 0
     pe._run_batch([(r, 0, 3 * bs)])
+    pe._drain(5)  # "sent": its writes to the DE are over, the hand-over frees the area
     assert (1, 0) not in pe.reqs and r.handle.released
     pe._handle("task", _task(2, 3 * bs, bs, hit_blocks=0, pe_read_blocks=0))
     pe._prepare()

@@ -518,7 +518,7 @@ class PrefillEngine(EngineBase):
         elif kind == "h2d_done":  # basic prefill: its whole hit KV is in HBM
             if self.reqs.get(item.key) is item and not item.cancelled:
                 item.hbm = "in"
-        elif kind == "sent":  # basic prefill: its writes to the DE are over (or one failed)
+        elif kind == "sent":  # its KV writes to the DE are over (or one failed), `_after_writes`
             if self.reqs.get(item.key) is item and not item.cancelled:
                 self._hand_over(item)
         else:
@@ -560,8 +560,8 @@ class PrefillEngine(EngineBase):
                     self.emit("read_done", t.request_id, t.attempt, at=now, side="pe", nbytes=0, t_start=now)
 
     def _ready(self, r: _PrefillReq) -> bool:
-        """Whether r may join a batch: its reads are done (`_reads_in`), its last layer is not computed yet (basic: it
-        is sending its KV then) and, basic prefill, its hit KV is in HBM."""
+        """Whether r may join a batch: its reads are done (`_reads_in`), its last layer is not computed yet (once it is,
+        its KV is on its way to the DE) and, basic prefill, its hit KV is in HBM."""
         return self._reads_in(r) and r.first_token < 0 and (self.layerwise or r.hbm == "in")
 
     def _reads_in(self, r: _PrefillReq) -> bool:
@@ -718,10 +718,9 @@ class PrefillEngine(EngineBase):
                 self._finish(r)
             elif r.cached == r.prompt_tokens:
                 r.first_token = int(tok)
-                if self.layerwise:
-                    self._complete(r)
-                else:
-                    self._send_whole(r)
+                if not self.layerwise:
+                    self._send_whole(r)  # (layerwise: every layer's KV is on its way already, `_send_layer`)
+                self._after_writes(r)
 
     def _send_layer(self, r: _PrefillReq, layer: int, c0: int, n: int) -> None:
         """Write what the DE lacks of this layer: the PE-read hit (first chunk only) and the new tokens."""
@@ -745,7 +744,7 @@ class PrefillEngine(EngineBase):
     def _send_whole(self, r: _PrefillReq) -> None:
         """Basic prefill, the request's last layer computed: what the DE lacks of its prompt KV (the PE-read hit and
         the new KV), every layer, goes out now; the PE goes on with its next batch meanwhile (the simulator's basic
-        `_prefill_done`), and hands the first token over once the writes are over ("sent" in the inbox)."""
+        `_prefill_done`), and hands the first token over once the writes are over (`_after_writes`)."""
         if r.pe_hit_end < r.final_hit:  # (the DE holds the DE-read hit [pe_hit_end, final_hit))
             ranges = [(0, r.pe_hit_end), (r.final_hit, r.prompt_tokens)]
         else:
@@ -754,6 +753,15 @@ class PrefillEngine(EngineBase):
             for a, b in ranges:
                 if b > a:
                     self._write_rows(r, layer, a, b)
+
+    def _after_writes(self, r: _PrefillReq) -> None:
+        """r's last layer is computed: once every KV write to its DE has ended, "sent" in the inbox hands the first
+        token over (`_hand_over`). The PE goes on with its next batch meanwhile, so the next batch's H2D (CNIC ingress)
+        overlaps these writes (egress), as the simulator's full-duplex CNIC does. (It used to wait here: on a CNIC-tight
+        setup ingress and egress then added up, layerwise 45.2 s against Basic's 27.8 s.) No deadline: the writes are
+        paced by this engine's CNIC, so a slow cap makes them long, not lost; a dead DE fails them (the transport) or
+        cancels the request (the scheduler). All of them, not the first failure (`combine_futures`): the area they
+        read from is r's until then."""
         left = [len(r.futures)]
         lock = threading.Lock()
 
@@ -768,17 +776,6 @@ class PrefillEngine(EngineBase):
             self.inbox.put("sent", r)
         for f in list(r.futures):
             f.add_done_callback(one_done)
-
-    def _complete(self, r: _PrefillReq) -> None:
-        """All layers computed: wait for the KV to land on the DE, then hand over the first token."""
-        # No deadline: the writes are paced by this engine's CNIC, so a slow cap makes them long, not lost (a 30 s
-        # timeout dropped the request silently and the run hung until its timeout). A dead DE fails them (the
-        # transport) or cancels the request (the scheduler, via the inbox handled meanwhile).
-        self._wait_loop(lambda: r.cancelled or all(f.done() for f in r.futures), f"KV writes of {r.key}")
-        if r.cancelled:
-            self._finish(r)
-            return
-        self._hand_over(r)
 
     def _hand_over(self, r: _PrefillReq) -> None:
         """r's KV writes to the DE are over: the first token goes to the DE (one failed: r is dropped here)."""
