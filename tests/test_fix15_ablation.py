@@ -391,3 +391,49 @@ def test_bench_runtime_simulator_copy_prefills_as_the_runtime():
     basic = _runtime_cfg(**{"cluster.layerwise": False, "cluster.pe_hbm_kv_bytes": 1_500_000})
     sc = bench_runtime.sim_config(basic, shape, {})
     assert not sc.cluster.layerwise and sc.cluster.pe_hbm_kv_gb == 0.0015
+
+
+def test_a_layerwise_pe_hands_over_between_the_layers_of_its_next_batch():
+    """Layerwise: the PE runs its next batch while a request's KV writes drain (`_after_writes`). When they end
+    mid-batch, the first token goes to the DE between two layers of the running batch (`_hand_over_sent`), not a
+    whole batch later from the inbox."""
+    from dualpath_jax.block_keys import block_keys
+    from dualpath_jax.runtime.control import TurnTask
+
+    L, bpt, bs = 3, 8, 4
+    eng, _pacer, transport, _seen, _events = _prefill_engine(True, L, bpt, bs)
+    transport.auto = False  # request 1's writes end when the test says
+    at_send: list = []
+    send = transport.send
+
+    def send_at(peer, payload):
+        send(peer, payload)
+        at_send.append((transport.sent[-1]["kind"], transport.sent[-1]["request_id"], len(transport.clock)))
+
+    transport.send = send_at
+    write = transport.write
+
+    def write_then_end_request_1(peer, region, local, rregion, remote, nbytes, priority="low", notify=None):
+        f = write(peer, region, local, rregion, remote, nbytes, priority, notify)
+        if len(transport.clock) > L:  # request 2's batch: request 1's writes end now
+            transport.finish()
+        return f
+
+    transport.write = write_then_end_request_1
+    try:
+        for rid in (1, 2):
+            ids = np.arange(8, dtype=np.int32) + rid
+            eng._handle("task", TurnTask(rid, 0, rid, 0, ids, 2, block_keys(ids, bs), 0, 0, 0, 1, "pe"))
+            eng._handle("msg", {"kind": "de_area", "request_id": rid, "attempt": 0, "offset": 0})
+            eng._prepare()
+            r = eng.reqs[(rid, 0)]
+            assert eng._ready(r)
+            eng._run_batch([(r, 0, 8)])
+        done = [(rid, clock) for kind, rid, clock in at_send if kind == "prefill_done"]
+        assert done and done[0] == (1, L + 1), f"request 1 handed over at {done} (layers computed), not after layer 0"
+        transport.finish()
+        eng._drain(1)
+        assert [rid for kind, rid, _ in at_send if kind == "prefill_done"] == [1, 2]
+    finally:
+        eng.stop()
+        eng.join(5)

@@ -40,7 +40,7 @@ import pickle
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 
 import numpy as np
@@ -446,6 +446,7 @@ class PrefillEngine(EngineBase):
         self.reqs: dict[tuple, _PrefillReq] = {}
         self.order: list[tuple] = []  # FIFO of request keys
         self._in_batch: set[tuple] = set()  # keys of the requests of the batch now running
+        self._sent: deque = deque()  # requests whose KV writes to the DE have all ended (`_after_writes`)
         # Basic prefill (`cluster.layerwise` False; a stand-in config without the field: layerwise): each request's
         # whole hit KV crosses the CNIC ingress before it may join a batch, on a copy thread of its own (`_load_whole`)
         self.layerwise = getattr(self.cfg.cluster, "layerwise", True)
@@ -518,9 +519,8 @@ class PrefillEngine(EngineBase):
         elif kind == "h2d_done":  # basic prefill: its whole hit KV is in HBM
             if self.reqs.get(item.key) is item and not item.cancelled:
                 item.hbm = "in"
-        elif kind == "sent":  # its KV writes to the DE are over (or one failed), `_after_writes`
-            if self.reqs.get(item.key) is item and not item.cancelled:
-                self._hand_over(item)
+        elif kind == "sent":  # a request's KV writes to the DE are over (or one failed), `_after_writes`
+            self._hand_over_sent()
         else:
             raise RuntimeError(f"unknown inbox item {kind!r}")
 
@@ -681,6 +681,7 @@ class PrefillEngine(EngineBase):
                 if r.cancelled or not self.layerwise:  # (basic: the DE gets it after the last layer, `_send_whole`)
                     continue
                 self._send_layer(r, layer, c0, n)
+            self._hand_over_sent()  # (earlier requests' writes that ended meanwhile: not one batch late)
 
         def h2d(nbytes: int) -> None:
             # Inside the layer's load (a layer ahead of the compute): the cached KV this layer feeds crosses the
@@ -756,7 +757,7 @@ class PrefillEngine(EngineBase):
 
     def _after_writes(self, r: _PrefillReq) -> None:
         """r's last layer is computed: once every KV write to its DE has ended, "sent" in the inbox hands the first
-        token over (`_hand_over`). The PE goes on with its next batch meanwhile, so the next batch's H2D (CNIC ingress)
+        token over (`_hand_over_sent`). The PE goes on with its next batch meanwhile, so the next batch's H2D (CNIC ingress)
         overlaps these writes (egress), as the simulator's full-duplex CNIC does. (It used to wait here: on a CNIC-tight
         setup ingress and egress then added up, layerwise 45.2 s against Basic's 27.8 s.) No deadline: the writes are
         paced by this engine's CNIC, so a slow cap makes them long, not lost; a dead DE fails them (the transport) or
@@ -765,17 +766,30 @@ class PrefillEngine(EngineBase):
         left = [len(r.futures)]
         lock = threading.Lock()
 
+        def sent() -> None:
+            self._sent.append(r)
+            self.inbox.put("sent", None)  # (wakes the engine's loop; a running batch looks between layers)
+
         def one_done(_f) -> None:
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
             if last:
-                self.inbox.put("sent", r)
+                sent()
 
         if not r.futures:
-            self.inbox.put("sent", r)
+            sent()
         for f in list(r.futures):
             f.add_done_callback(one_done)
+
+    def _hand_over_sent(self) -> None:
+        """Hand over the first token of every request whose writes have ended (`_after_writes`), on the engine's
+        thread: from its loop ("sent" in the inbox) and between the layers of a running batch (none of them is in
+        it), so a hand-over never waits for a whole batch."""
+        while self._sent:
+            r = self._sent.popleft()
+            if self.reqs.get(r.key) is r and not r.cancelled:
+                self._hand_over(r)
 
     def _hand_over(self, r: _PrefillReq) -> None:
         """r's KV writes to the DE are over: the first token goes to the DE (one failed: r is dropped here)."""
