@@ -202,14 +202,16 @@ def main(argv):
     started = time.time()  # (run.json: the start and the wall time)
     from dualpath_jax.runtime import driver
     from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
-    from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
+    from dualpath_jax.runtime.launcher import LocalCluster, accelerator_sharing_env, enable_compilation_cache
     from dualpath_jax.runtime.model_ops import cost_model_shape
     from dualpath_jax.runtime.scheduler_service import RunFailed
     from schedulers.cost_model import CostModel
 
-    enable_compilation_cache()
     config = config_or_exit(_CONFIG)
     refuse_unused_workload_overrides(_CONFIG)
+    if config.runtime.launcher == "local":  # (before this process uses an accelerator: it calibrates on it too)
+        os.environ.update(accelerator_sharing_env())
+    enable_compilation_cache()
     try:  # everything checked before anything starts; a bad config is one line naming the field
         base = RuntimeConfig.from_config_dict(config.runtime)
         if not base.cluster.precompile:

@@ -224,12 +224,14 @@ def main(argv):
     from dualpath_jax import metrics
     from dualpath_jax.runtime import driver
     from dualpath_jax.runtime.config import ConfigError, file_label
-    from dualpath_jax.runtime.launcher import LocalCluster, enable_compilation_cache
+    from dualpath_jax.runtime.launcher import LocalCluster, accelerator_sharing_env, enable_compilation_cache
     from dualpath_jax.runtime.model_ops import model_config
     from dualpath_jax.runtime.scheduler_service import RunFailed
 
     config = config_or_exit(_CONFIG)
     refuse_unused_workload_overrides(_CONFIG)
+    if config.runtime.launcher == "local":  # (before this process uses an accelerator: it calibrates on it too)
+        os.environ.update(accelerator_sharing_env())
     enable_compilation_cache()
     import flax
     import numpy as np

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import _thread
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -429,6 +430,39 @@ def _serve_one_run(
         store.close()
 
 
+# XLA's allocator settings a user may choose (any of them set: `accelerator_sharing_env` leaves them all alone)
+XLA_ALLOCATOR_VARS = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
+
+
+def accelerator_sharing_env(environ=None) -> dict:
+    """The environment variables that let the processes of one host share its accelerators: JAX preallocates 75% of
+    a GPU's memory in every process that uses it, so of the main job's node processes (and its driver, which
+    calibrates on the same GPU) only the first could start; with `XLA_PYTHON_CLIENT_PREALLOCATE=false` each
+    allocates what it uses. Empty where the user set any of `XLA_ALLOCATOR_VARS` (their choice stands). No effect on
+    XLA:CPU."""
+    environ = os.environ if environ is None else environ
+    if any(v in environ for v in XLA_ALLOCATOR_VARS):
+        return {}
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
+@contextlib.contextmanager
+def _node_process_env():
+    """`accelerator_sharing_env` in this process's environment while node processes are spawned (a spawned process
+    starts with its parent's environment), then as it was."""
+    extra = accelerator_sharing_env()
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def enable_compilation_cache(path: str | None = None) -> None:
     """JAX's persistent compilation cache, so node processes and reruns skip recompiling the same steps (the one
     the model launchers use: `models.jax_cache`, default ~/.cache/dualpath_jax/xla or $DUALPATH_JAX_CACHE)."""
@@ -540,7 +574,8 @@ class LocalProcessLauncher:
                 name=f"node{g.node_id}",
                 daemon=True,
             )
-            p.start()
+            with _node_process_env():
+                p.start()
             report.close()  # (the node's end)
             self._reports[g.node_id] = why
             self.procs[g.node_id] = p
@@ -643,7 +678,8 @@ class LocalCluster:
             p = ctx.Process(
                 target=_node_session_main, args=(g, child, level, netns), name=f"node{g.node_id}", daemon=True
             )
-            p.start()
+            with _node_process_env():
+                p.start()
             self.procs[g.node_id] = p
             self.conns[g.node_id] = parent
 
