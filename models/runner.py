@@ -66,6 +66,7 @@ Steps (all ``jax.jit`` over pure functions of split state; layer index never sta
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -150,6 +151,7 @@ class ModelRunner:
         self.layout: KVLayout = config.kv_layout
         self.num_layers = config.num_layers
         self.min_token_bucket = min_token_bucket
+        self.device = None  # None: JAX's default device; `on_device` binds a copy to another
         model_cls = family(config).model_cls
         abstract = nnx.eval_shape(lambda: model_cls(config, nnx.Rngs(0)))
         graphdef, state = nnx.split(abstract)
@@ -229,6 +231,19 @@ class ModelRunner:
             static_argnums=(3,),
         )
         self.init_decode(num_slots, capacity)
+
+    def on_device(self, device) -> ModelRunner:
+        """A copy of this runner whose weights and decode cache live on `device` (a `jax.Device`), so its steps run
+        there: the jitted steps are shared (JAX compiles them once per device), inputs built on the host follow
+        the committed weights, and the cached KV each layer loads is put on `device` directly. (An engine per
+        accelerator of a host: `runtime.node`.) The original's weights stay where they are."""
+        out = copy.copy(self)
+        out.device = device
+        out.embed_state = jax.device_put(self.embed_state, device)
+        out.final_state = jax.device_put(self.final_state, device)
+        out.layer_states = [jax.device_put(st, device) for st in self.layer_states]
+        out.init_decode(self.num_slots, self.capacity)
+        return out
 
     # ---- bookkeeping ----
     def _counted(self, name: str, fn: Callable) -> Callable:
@@ -371,7 +386,7 @@ class ModelRunner:
             host = self._assemble_cached(requests, layer, cached_kv_provider(layer), c)
             if h2d is not None:
                 h2d(layer, h2d_nbytes)  # e.g. an emulated CNIC: blocks until the bytes may cross into HBM
-            return jax.device_put(host)
+            return jax.device_put(host, self.device)
 
         collected: list[list[np.ndarray]] = [[] for _ in requests]
 
@@ -532,6 +547,8 @@ class ModelRunner:
             )
             for _ in range(self.num_layers)
         ]
+        if self.device is not None:  # (`on_device`: the cache where the weights are)
+            self.decode_caches = [jax.device_put(c, self.device) for c in self.decode_caches]
         self.slot_lengths = np.zeros((self.num_slots,), np.int32)
         # Which slots hold a sequence (load_prompt_kv .. free_slot). Kept apart from the length: a loaded
         # prompt may be empty, and an empty slot decoded as if it held a prompt of length 0.

@@ -170,5 +170,5 @@ def test_a_prefill_node_precompiles_only_buckets_it_can_meet():
     g = object.__new__(EngineGroup)
     g.role, g.node_id = "prefill", 0
     for budget in (4096, 3):
-        g._precompile(base.replace(**{"cluster.prefill_token_budget": budget}), model)
+        g._precompile(base.replace(**{"cluster.prefill_token_budget": budget}), [model, model])  # (one model twice)
     assert calls == [(8, 256, 256), (3, 3, 256)]

@@ -173,6 +173,7 @@ class EngineBase:
         snic: StorageNIC,
         cnic=None,  # a pacer over the engine's CNIC egress link (the transport's link): its D2H copies
         cnic_in=None,  # a pacer over the CNIC's ingress link: its H2D copies (None: `cnic`, one half-duplex link)
+        model=None,  # its model ops (None: the node's, ctx.model; `node.engine_models`: one per device)
     ):
         self.engine_id = engine_id
         # The engine's own copies between host buffers and device memory cross its CNIC (None: not paced): H2D
@@ -182,7 +183,7 @@ class EngineBase:
         self.node_id = node_id
         self.ctx = ctx
         self.cfg = ctx.cfg
-        self.model = ctx.model
+        self.model = ctx.model if model is None else model
         self.transport = transport
         self.pool = buffer_pool
         self.snic = snic

@@ -74,6 +74,8 @@ class ModelOps:
         self.fingerprint = self.runner.fingerprint()
         self.vocab_size = self.config.vocab_size
         self._precompiled: set = set()
+        self.device = None  # JAX's default device (`on_device`: another)
+        self._device_copies: dict = {}  # device -> these ops on it (`on_device`)
 
     def prefill(
         self,
@@ -141,6 +143,22 @@ class ModelOps:
     def of_config(cls, cfg) -> ModelOps:
         """The model of a RuntimeConfig (`model`, `model_seed`, `batch_invariant`)."""
         return cls(cfg.model, cfg.model_seed, batch_invariant=cfg.batch_invariant)
+
+    def on_device(self, device) -> ModelOps:
+        """These ops with their weights, steps and decode caches on `device` (`ModelRunner.on_device`), compiled there
+        on their own (`precompile`). One copy per device, kept: a node process that serves several runs places its
+        weights and compiles once."""
+        if device == self.device:
+            return self
+        out = self._device_copies.get(device)
+        if out is None:
+            out = copy.copy(self)
+            out.runner = self.runner.on_device(device)
+            out._precompiled = set()
+            out._device_copies = {}
+            out.device = device
+            self._device_copies[device] = out
+        return out
 
     def serves(self, cfg) -> bool:
         """Whether these ops are `of_config(cfg)`'s: the same model, seed and numerics (a node process that

@@ -53,6 +53,19 @@ class NodeContext:
             return out
 
 
+def engine_models(model, engine_ids) -> dict:
+    """Each engine's model ops. On a host with several accelerators engine e runs on local device e % their count
+    (`ModelOps.on_device`): one engine per GPU where there are enough, as the paper's g engines per node, and the
+    node processes of one host (their engine ids differ) on different GPUs; all of them ran on the default device.
+    With one device every engine shares `model`."""
+    import jax
+
+    devices = jax.local_devices()
+    if len(devices) < 2:
+        return {e: model for e in engine_ids}
+    return {e: model.on_device(devices[e % len(devices)]) for e in engine_ids}
+
+
 def block_layout(cfg: RuntimeConfig, model) -> BlockLayout:
     kv = model.kv_layout
     return BlockLayout(kv.num_layers, cfg.block_size, kv.bytes_per_token_per_layer, model.fingerprint)
@@ -86,6 +99,7 @@ class EngineGroup:
         snic_pacer = traffic.pacer(f"snic/node{node_id}")
         self.snic = StorageNIC(node_id, store, cfg.block_size, lambda n: snic_pacer.pace(n, "low"))
         layout = block_layout(cfg, model)
+        self.models = engine_models(model, self.engine_ids)
         budget = cfg.buffers.pe_buffer_bytes if role == "prefill" else cfg.buffers.de_buffer_bytes
         per_engine = budget // len(self.engine_ids)
         self.engines = {}
@@ -98,7 +112,7 @@ class EngineGroup:
             self._build_engines(cfg, model, layout, per_engine, make_transport, batcher_factory)
             self.address = {e: eng.transport.address for e, eng in self.engines.items()}
             if cfg.cluster.precompile:
-                self._precompile(cfg, model)
+                self._precompile(cfg, self.models.values())
         except BaseException:
             # Close what was built (the SNIC's threads, endpoints): nobody else holds this half-built group.
             self.close()
@@ -137,29 +151,41 @@ class EngineGroup:
                         self.snic,
                         cnic=cnic,
                         cnic_in=cnic_in,
+                        model=self.models[e],
                         batcher=batcher_factory(),
                     )
                 else:
                     eng = DecodeEngine(
-                        e, self.node_id, self.ctx, transport, pool, self.snic, cnic=cnic, cnic_in=cnic_in
+                        e,
+                        self.node_id,
+                        self.ctx,
+                        transport,
+                        pool,
+                        self.snic,
+                        cnic=cnic,
+                        cnic_in=cnic_in,
+                        model=self.models[e],
                     )
             except BaseException:
                 transport.close()
                 raise
             self.engines[e] = eng
 
-    def _precompile(self, cfg, model) -> None:
+    def _precompile(self, cfg, models) -> None:
+        """Compile the steps of `models` (the engines' model ops, one per device) before serving."""
         t0 = time.time()
         if self.role == "prefill":
             c = cfg.cluster
             # Only buckets a PE can meet: a request computes at most max_seq_len tokens, and each of a batch at least
             # one (prefill_token_budget=4096 over max_seq_len=256 ran every bucket up to 8 x 4096 new tokens, minutes
             # of startup on a CPU for shapes no batch has).
-            n = model.precompile(
-                min(c.prefill_max_batch, c.prefill_token_budget),
-                min(c.prefill_token_budget, c.max_seq_len),
-                c.max_seq_len,
-            )
+            n = 0
+            for ops in {id(m): m for m in models}.values():  # (each device's steps compile there)
+                n += ops.precompile(
+                    min(c.prefill_max_batch, c.prefill_token_budget),
+                    min(c.prefill_token_budget, c.max_seq_len),
+                    c.max_seq_len,
+                )
             log.info("node %d: compiled %d prefill buckets in %.1f s", self.node_id, n, time.time() - t0)
         else:
             for eng in self.engines.values():
