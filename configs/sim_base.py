@@ -6,7 +6,8 @@ items: one mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or an
 (every synthetic append x this: PAPER.md's append x1..x3 experiment), or
 `policy.NAME=value` / `batcher.NAME=value`: a field of the policy's / the batcher's Config
 (`config.scheduler.kwargs` / `config.batcher.kwargs`; ints, floats, true/false, None/null and strings are told
-apart).
+apart), or `cluster.NAME=value`: a field of `config.cluster` (hardware and system: `cluster.snic_gbps=25`, a sweep's
+load over NIC rates, GPUs per node, HBM, ...; rates in GB/s, a 200 Gbps NIC is 25).
 `aps=X` makes the workload online (beside a `kind=` other than online it is an error). A run's launcher refuses an
 item its workload kind does not use, by name (dualpath_jax.sim.configs_io.variant_fields): `duration=` (online
 only), `warmup=` (online and trace: their SLO), `agents=` (offline only: an online run has aps x duration agents, a
@@ -17,6 +18,7 @@ Examples: `configs/paper_ds660b.py:basic,dataset=48K,agents=1024`,
 
 from __future__ import annotations
 
+import difflib
 import re
 
 import ml_collections
@@ -75,8 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.prefill_ep_nodes = 0  # nodes per EP group of the PEs / DEs (0: all the role's nodes form one group)
     c.decode_ep_nodes = 0
     c.decode_lockstep = False  # MoE DEs of one EP group step together (the slowest member's step time)
-    c.snic_gbps = 50.0  # s*B: 400 Gbps
-    c.cnic_gbps = 50.0  # B: 400 Gbps
+    c.snic_gbps = 50.0  # s*B in GB/s (1e9 bytes/s, not Gbps): a 400 Gbps NIC
+    c.cnic_gbps = 50.0  # B in GB/s: a 400 Gbps NIC per GPU
     c.cnic_duplex = True  # separate inbound / outbound CNIC links of cnic_gbps each (False: one shared link)
     c.dram_gbps = 500.0  # M
     c.storage_gbps = 0.0  # no aggregate storage cap (3FS saturates every SNIC)
@@ -127,6 +129,24 @@ _NUMBER_KEYS = {
 _KIND_NAME = {int: "an integer", float: "a number"}
 
 
+_TYPE_NAME = {bool: "true or false", int: "a number", float: "a number", str: "a string"}
+
+
+def _set_cluster_field(cluster: ml_collections.ConfigDict, name: str, value: str, item: str) -> None:
+    """`cluster.NAME=value`: set the existing field NAME of `cluster` (ValueError naming the item otherwise)."""
+    if name not in cluster:  # (a ConfigDict takes a new key silently)
+        close = difflib.get_close_matches(name, list(cluster.keys()), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(cluster.keys()))}"
+        raise ValueError(f"config variant item {item!r}: config.cluster has no field {name!r}{hint}")
+    new = variant_value(value)
+    try:
+        cluster[name] = new
+    except TypeError:  # a value of another type than the field's (ml_collections casts int to float only)
+        kind = cluster.get_ref(name).get_type()  # (a placeholder's too: de_host_buffer_gb holds None)
+        what = _TYPE_NAME.get(kind, f"of type {kind.__name__}")
+        raise ValueError(f"config variant item {item!r}: config.cluster.{name} must be {what}, got {new!r}") from None
+
+
 def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Apply a variant string (see module docstring); unknown items are an error naming them."""
     if not arg:
@@ -153,9 +173,13 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
         if key.startswith("batcher.") and len(key) > len("batcher."):
             cfg.batcher.kwargs[key[len("batcher.") :]] = variant_value(value)
             continue
+        if key.startswith("cluster.") and len(key) > len("cluster."):  # hardware and system fields: a sweep's load
+            _set_cluster_field(cfg.cluster, key[len("cluster.") :], value, item)
+            continue
         if key not in _KEYS:
             raise ValueError(
-                f"config variant item {item!r}: unknown key {key!r}; known: {sorted(_KEYS)}, policy.NAME, batcher.NAME"
+                f"config variant item {item!r}: unknown key {key!r}; known: {sorted(_KEYS)}, policy.NAME, batcher.NAME, "
+                "cluster.NAME"
             )
         if key in _NUMBER_KEYS:
             kind = _NUMBER_KEYS[key]
@@ -186,6 +210,11 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
             if not m:
                 raise ValueError(f"config variant item {item!r}: pd must look like 1P2D")
             cfg.cluster.prefill_nodes, cfg.cluster.decode_nodes = int(m.group(1)), int(m.group(2))
+    for key in ("cluster.prefill_nodes", "cluster.decode_nodes"):  # (the later item won, silently)
+        if "pd" in given and key in given:
+            raise ValueError(
+                f"config variant {arg!r}: pd={given['pd']} and {key}={given[key]} both set the P/D layout; give one"
+            )
     if aps is not None and kind_given not in (None, "online"):
         raise ValueError(f"config variant {arg!r}: aps= makes the workload online; it cannot go with kind={kind_given}")
     if aps is not None:

@@ -104,12 +104,16 @@ STAT_KEYS = [
 def ran_config(cfg_dict: dict, sc, output_dir: str) -> dict:
     """The config file's dict with the fields that ran (a SimConfig: a mode's policy, layerwise, fetch scope and
     I/O, the derived DE HBM) and the results' directory in place of the given ones: a `:basic` run said
-    `scheduler.name: dualpath`."""
+    `scheduler.name: dualpath`. With the model shape and the hardware profile that ran (`model_shape`,
+    `hardware_profile`): the record of a model or GPU of one's own loads without the file that registered it."""
+    from dualpath_jax.sim.config import recorded_parts
+
     ran = dataclasses.asdict(sc)
     out = dict(cfg_dict, output_dir=output_dir)
     out["scheduler"] = {"name": ran.pop("policy"), "kwargs": ran.pop("policy_kwargs")}
     out["batcher"] = {"name": ran.pop("batcher"), "kwargs": ran.pop("batcher_kwargs")}
     out.update(ran)  # cluster, workload, seed, SLO, warm-up
+    out.update(recorded_parts(sc))
     return out
 
 

@@ -18,7 +18,8 @@ class SimConfigError(ValueError):
 
 @dataclasses.dataclass
 class ClusterConfig:
-    """Hardware and system knobs. Bandwidths in GB/s (1e9 bytes/s), capacities in GB."""
+    """Hardware and system knobs. Bandwidths in GB/s (1e9 bytes/s; `*_gbps` too: a 400 Gbps NIC is 50), capacities in
+    GB. Compute and HBM come from the `hardware` profile; links and nodes from these fields (`warn_hardware_figures`)."""
 
     model: str = "ds660b"  # key of schedulers.cost_model.MODEL_SHAPES
     hardware: str = "h800"  # key of schedulers.cost_model.HARDWARE
@@ -290,9 +291,11 @@ def sim_config_from_dict(cfg: dict, explicit: Collection[str] = (), variant: dic
     dotted keys the user set (a launcher's `--config.*` overrides): a mode replacing one of them logs a warning.
     `variant`: the dotted keys the config file's variant items set, each to its item (`configs.sim_base`'s
     `{"workload.duration_s": "duration=100"}`, `sim.configs_io.variant_fields`). A given one (either way) that
-    does nothing for the workload's kind is refused by name (`check_given_fields`)."""
+    does nothing for the workload's kind is refused by name (`check_given_fields`). A recorded config's
+    `model_shape` / `hardware_profile` (`recorded_parts`) are registered where their names are not."""
     cfg = dict(cfg)
     cluster = dict(cfg.pop("cluster", {}))
+    register_recorded_parts(cfg, cluster)
     workload = dict(cfg.pop("workload", {}))
     sched = dict(cfg.pop("scheduler", {}))
     batcher = dict(cfg.pop("batcher", {}))
@@ -306,7 +309,7 @@ def sim_config_from_dict(cfg: dict, explicit: Collection[str] = (), variant: dic
     if mode:
         if mode in MODES:
             bundle = dict(MODES[mode])
-            _warn_mode_overrides(mode, bundle, cluster, policy, explicit)
+            _warn_mode_overrides(mode, bundle, cluster, policy, {*explicit, *(variant or {})})
             policy = bundle.pop("policy")
             policy_kwargs = {**bundle.pop("policy_kwargs", {}), **policy_kwargs}  # the config's own win
             cluster.update(bundle)
@@ -335,7 +338,96 @@ def sim_config_from_dict(cfg: dict, explicit: Collection[str] = (), variant: dic
     validate_sim_config(sc)
     check_batcher_cost_fields(sc)
     check_given_fields(sc, explicit, variant or {})
+    warn_hardware_figures(sc)
     return resolve_de_hbm(sc)
+
+
+def recorded_parts(sc: SimConfig) -> dict[str, dict]:
+    """The model shape and the hardware profile `sc` names, as fields (`model_shape`, `hardware_profile`): a resolved
+    config records them beside `cluster.model` / `cluster.hardware` (experiments.simulate's summary.json / run.json),
+    so it runs where the config file that registered a model or GPU of one's own is not (README "What ran")."""
+    from schedulers.cost_model import HARDWARE, MODEL_SHAPES  # no jax
+
+    return {
+        "model_shape": dataclasses.asdict(MODEL_SHAPES.get(sc.cluster.model)),
+        "hardware_profile": dataclasses.asdict(HARDWARE.get(sc.cluster.hardware)),
+    }
+
+
+def register_recorded_parts(cfg: dict, cluster: dict) -> None:
+    """Pop `model_shape` / `hardware_profile` (`recorded_parts`) from the config mapping `cfg` and register each under
+    the name `cluster` gives where none is; ValueError naming the field when one does not build, is not the one the
+    cluster names, or differs from the one registered under its name (another model under the same name)."""
+    from schedulers.cost_model import HARDWARE, MODEL_SHAPES, ModelShape  # no jax
+    from schedulers.hardware import HardwareProfile
+
+    parts = (
+        ("model_shape", "model", MODEL_SHAPES, ModelShape),
+        ("hardware_profile", "hardware", HARDWARE, HardwareProfile),
+    )
+    for key, field, registry, cls in parts:
+        fields = cfg.pop(key, None)
+        if fields is None:  # (a config file's dict: names only)
+            continue
+        name = cluster.get(field)
+        if not isinstance(fields, dict) or fields.get("name") != name:
+            got = fields.get("name") if isinstance(fields, dict) else fields
+            raise ValueError(f"config.{key} is {got!r}, not config.cluster.{field} {name!r} (the one it records)")
+        try:
+            part = cls(**fields)
+        except (TypeError, ValueError) as e:  # a field unknown or out of range
+            raise ValueError(f"config.{key} of {name!r}: {e}") from None
+        if name not in registry:
+            registry.add(name, part)
+        elif registry.get(name) != part:
+            have = registry.get(name)
+            diff = [
+                f"{f.name} {getattr(part, f.name)!r} (registered: {getattr(have, f.name)!r})"
+                for f in dataclasses.fields(cls)
+                if getattr(part, f.name) != getattr(have, f.name)
+            ]
+            raise ValueError(
+                f"config.{key} of {name!r} differs from the {registry.kind} registered under that name: "
+                f"{', '.join(diff)} (the record ran another {field} than this checkout's)"
+            )
+
+
+# What a hardware profile also gives (in its units: bytes/s, bytes, GPUs) beside the cluster fields the simulator's
+# links and nodes take: (field, profile attribute, profile units per field unit, unit, a rate)
+_PROFILE_FIGURES = (
+    ("snic_gbps", "snic_bandwidth", GB, "GB/s", True),
+    ("cnic_gbps", "cnic_bandwidth", GB, "GB/s", True),
+    ("dram_gbps", "host_mem_bandwidth", GB, "GB/s", True),
+    ("gpus_per_node", "gpus_per_node", 1, "", False),
+    ("host_buffer_gb", "host_buffer_bytes", GB, "GB", False),
+)
+
+
+def warn_hardware_figures(sc: SimConfig) -> None:
+    """Log a warning for each cluster field that the hardware profile (`config.cluster.hardware`) contradicts in a way
+    that looks like a slip: a rate exactly 8x the profile's, given in Gbps where the field takes GB/s (`snic_gbps=400`
+    for the paper's 400 Gbps NIC ran it 8x too fast, silently); a field left at its default where the profile gives
+    another figure (a profile of one's own with 200 Gbps NICs and 4 GPUs a node ran on the defaults' 400 Gbps and 8
+    GPUs: the simulator takes compute and HBM from the profile, its links and nodes from `config.cluster`)."""
+    from schedulers.hardware import HARDWARE  # no jax
+
+    hw = HARDWARE.get(sc.cluster.hardware)
+    defaults = ClusterConfig()
+    for field, attr, scale, unit, rate in _PROFILE_FIGURES:
+        value, have = getattr(sc.cluster, field), getattr(hw, attr) / scale
+        default = getattr(defaults, field)
+        if rate and math.isclose(value, 8 * have, rel_tol=1e-9):
+            logging.getLogger(__name__).warning(
+                "config.cluster.%s = %g GB/s is 8x the %g GB/s (%g Gbps) of hardware profile %r: the field is in "
+                "GB/s (1e9 bytes/s), not Gbps; a %g Gbps link is %s=%g",
+                field, value, have, 8 * have, hw.name, value, field, value / 8,
+            )  # fmt: skip
+        elif value == default and not math.isclose(have, default, rel_tol=1e-9):
+            logging.getLogger(__name__).warning(
+                "config.cluster.%s is its default %g%s, but hardware profile %r gives %g%s: the simulator takes it "
+                "from config.cluster.%s, not from the profile (set it to run the profile's)",
+                field, value, unit and f" {unit}", hw.name, have, unit and f" {unit}", field,
+            )  # fmt: skip
 
 
 # Fields that one workload kind uses and the others do not: (dotted key, the kinds that use it, where it applies).

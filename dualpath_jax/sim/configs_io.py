@@ -116,14 +116,16 @@ _VARIANT_FIELDS = {"agents": "workload.n_agents", "duration": "workload.duration
 
 def variant_fields(spec: str) -> dict[str, str]:
     """The dotted config fields that the variant of `spec` ("configs/x.py:VARIANT", configs/sim_base.py syntax)
-    sets by an item of `_VARIANT_FIELDS`, each to its item: {"workload.duration_s": "duration=600"} (for
-    `sim.config.sim_config_from_dict(..., variant=)`)."""
+    sets by an item of `_VARIANT_FIELDS` or a `cluster.NAME=` item, each to its item: {"workload.duration_s":
+    "duration=600"} (for `sim.config.sim_config_from_dict(..., variant=)`)."""
     _, _, variant = spec.partition(":")
     out = {}
     for item in variant.split(","):
         key, eq, _ = item.strip().partition("=")
         if eq and key in _VARIANT_FIELDS:
             out[_VARIANT_FIELDS[key]] = item.strip()
+        elif eq and key.startswith("cluster."):  # (a mode replacing it says so, as for a --config.cluster.* flag)
+            out[key] = item.strip()
     return out
 
 

@@ -56,6 +56,15 @@ def de_hbm_kv_bytes(cfg: SimConfig, decode_cost) -> float:
     if c.de_hbm_reserve_gb < 0:
         raise SimConfigError(f"config.cluster.de_hbm_reserve_gb must be >= 0, got {c.de_hbm_reserve_gb}")
     free = decode_cost.hw.hbm_bytes * c.hbm_usable_fraction - decode_cost.weight_bytes_per_engine()
+    if decode_cost.weight_bytes_per_engine() >= decode_cost.hw.hbm_bytes:  # (no KV room makes it fit: no hint of one)
+        moe = " or more GPUs per decode EP group (config.cluster.decode_nodes, decode_ep_nodes, gpus_per_node)"
+        moe = moe if decode_cost.model.is_moe else ""
+        raise SimConfigError(
+            f"config.cluster: {c.model} weights ({decode_cost.weight_bytes_per_engine() / GB:.1f} GB per DE) do not "
+            f"fit one {c.hardware} GPU ({decode_cost.hw.hbm_bytes / GB:.1f} GB of HBM): the simulator runs one engine "
+            f"per GPU (dense models DP only, no tensor parallelism; MoE EP over the role's GPUs); give "
+            f"config.cluster.hardware a GPU with more HBM{moe}"
+        )
     if free <= 0:
         raise SimConfigError(
             f"config.cluster: {c.model} weights ({decode_cost.weight_bytes_per_engine() / GB:.1f} GB per DE) "
@@ -145,10 +154,6 @@ def build_simulator(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = 
     if c.de_hbm_kv_gb <= 0:
         c = dataclasses.replace(c, de_hbm_kv_gb=de_hbm_kv_bytes(cfg, dec) / GB)
         cfg = dataclasses.replace(cfg, cluster=c)
-    policy = make_policy(cfg.policy, **_policy_kwargs(cfg, pre, b))
-    if not type(policy).__module__.startswith("schedulers."):
-        policy = CheckedPolicy(policy, cfg.policy)
-    batcher = make_batcher(cfg.batcher, **_batcher_kwargs(cfg, pre))
     arrival_model = None
     if trajectories is None:
         trajectories, arrival_model = make_trajectories(cfg)
@@ -156,6 +161,11 @@ def build_simulator(cfg: SimConfig, trajectories: Sequence[Trajectory] | None = 
         from dualpath_jax.workloads import arrivals
 
         arrival_model = arrivals.make_arrivals("trace")
+    # (the workload first: a dataset of one's own profiles β on its own turns)
+    policy = make_policy(cfg.policy, **_policy_kwargs(cfg, pre, b, profile_shape(cfg, trajectories)))
+    if not type(policy).__module__.startswith("schedulers."):
+        policy = CheckedPolicy(policy, cfg.policy)
+    batcher = make_batcher(cfg.batcher, **_batcher_kwargs(cfg, pre))
     # simulator.py, compiled when built (dualpath_jax/compiled.py; DUALPATH_PURE_PYTHON=1: its Python source)
     simulator = compiled.load("dualpath_jax.sim.simulator").Simulator
     de_group = ep_engines(cfg, "decode") if c.decode_lockstep else 1
@@ -246,8 +256,28 @@ def _window_tokens(tokens: float, name: str, field: str) -> int:
     return max(1, int(tokens))
 
 
-def _policy_kwargs(cfg: SimConfig, pre, kv_bytes_per_token: float) -> dict:
-    """Fill α/β (when the policy takes them and the config leaves them unset) from the simulated hardware."""
+def profile_shape(cfg: SimConfig, trajectories: Sequence[Trajectory] = ()) -> tuple[float, float]:
+    """(context, append) tokens of the turn at which β is profiled: Table 2's for the paper's datasets
+    (`DATASET_SHAPE`); for a synthetic dataset of one's own its targets (`SyntheticSpec.target_context` /
+    `target_append`) or, without them, the mean turn of `trajectories` (it was the 64K dataset's shape, silently); for
+    a trace the 64K one, as before."""
+    w = cfg.workload
+    if w.kind == "trace" or w.dataset in DATASET_SHAPE:
+        return DATASET_SHAPE.get(w.dataset, DATASET_SHAPE["64K"])
+    from dualpath_jax.workloads.synthetic import DATASETS
+
+    spec = DATASETS.get(w.dataset)
+    if spec.target_context > 0 and spec.target_append > 0:
+        return spec.target_context, spec.target_append
+    turns = [s for t in trajectories for s in t.turn_shapes(1)]  # (prompt, context, gen)
+    if not turns:
+        return DATASET_SHAPE["64K"]
+    return sum(c for _, c, _ in turns) / len(turns), sum(p - c for p, c, _ in turns) / len(turns)
+
+
+def _policy_kwargs(cfg: SimConfig, pre, kv_bytes_per_token: float, shape: tuple[float, float] | None = None) -> dict:
+    """Fill α/β (when the policy takes them and the config leaves them unset) from the simulated hardware; β at the
+    turn shape `shape` (`profile_shape`; None: the config's dataset's)."""
     import dataclasses as dc
 
     from schedulers import POLICIES
@@ -255,7 +285,7 @@ def _policy_kwargs(cfg: SimConfig, pre, kv_bytes_per_token: float) -> dict:
     kw = dict(cfg.policy_kwargs)
     fields = {f.name for f in dc.fields(POLICIES.get(cfg.policy).Config)}
     c = cfg.cluster
-    context, append = DATASET_SHAPE.get(cfg.workload.dataset, DATASET_SHAPE["64K"])
+    context, append = shape or profile_shape(cfg)
     if "alpha_tokens" in fields and not kw.get("alpha_tokens"):
         # PAPER.md: α = tokens one node can read in 3 s (profiled): the SNIC's rate, or less where the calibrated
         # read streams cap it (read_stream_gbps x max_reads_per_node: 18 GB/s of the paper configs' 50 GB/s SNIC).

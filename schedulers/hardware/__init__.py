@@ -41,6 +41,11 @@ class HardwareProfile:
     of peak reached by the GEMMs and the attention kernels in prefill; `hbm_efficiency` the fraction of
     HBM bandwidth reached by decode's weight/KV streaming. `step_overhead_s` is a fixed per-forward cost
     (kernel launches, host scheduling, EP dispatch latency).
+
+    The cluster simulator takes compute and HBM from a profile (`config.cluster.hardware`), and its links and nodes
+    from `config.cluster` (`snic_gbps`, `cnic_gbps`, `dram_gbps` in GB/s, `gpus_per_node`, `host_buffer_gb`): a
+    profile's NIC, GPU-count, host-memory and buffer figures reach a simulation only through those fields (it warns
+    where one is left at its default and the profile gives another, `sim.config.warn_hardware_figures`).
     """
 
     name: str
