@@ -110,7 +110,12 @@ def test_chunked_prefill_and_small_buffers(base, ops, trajs, reference):
     assert_matches_reference(res, reference, trajs)
 
 
-@pytest.mark.parametrize("model, batcher", [("tiny_deepseek", "fifo"), ("tiny_deepseek_v2", "compute_quota")])
+# The default run: V3 (MLA + MoE) with the compute-quota batcher. V2 has the same latent KV layout and cost-model branch
+# (test_cost_model_shape_of_every_runtime_model[tiny_deepseek_v2]) and the fifo batcher is every other test's: -m slow.
+@pytest.mark.parametrize(
+    "model, batcher",
+    [("tiny_deepseek", "compute_quota"), pytest.param("tiny_deepseek_v2", "fifo", marks=pytest.mark.slow)],
+)
 def test_mla_moe_model_both_paths(base, model, batcher, reference_for):
     """DeepSeek-style models (MLA latent KV, MoE; V3 and V2 routing): the runtime moves their KV bytes unchanged on
     both paths. The compute-quota batcher prices their batches with an MLA + MoE cost-model shape (it raised
@@ -764,32 +769,34 @@ def test_drivers_over_shared_workloads(base, ops, workload, reference_for):
             assert cur.arrival >= prev.finished + t.turns[i - 1].gap_s - 1e-6
 
 
-def test_main_job_command(tmp_path):
-    """README command 1 on the small in-process variant: prints the table, writes JSON + turns + plot."""
-    import json
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    """README command 1 on the small in-process variant, once for the two tests below: with a plot and a kept store
+    directory (--config.runtime.store_dir). Returns (the finished process, its results run dir, the store dir)."""
     import subprocess
     import sys
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.run",
-            "--config=configs/tiny_runtime.py:test",
-            f"--config.results_dir={tmp_path}",
-            "--config.plot=True",
-        ],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    tmp = tmp_path_factory.mktemp("main_job")
+    store, results = tmp / "kv", tmp / "results"
+    cmd = [
+        sys.executable, "-m", "experiments.run", "--config=configs/tiny_runtime.py:test",
+        f"--config.results_dir={results}", "--config.plot=True", f"--config.runtime.store_dir={store}",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = list(results.iterdir())
+    return out, run_dir, store
+
+
+def test_main_job_command(main_job):
+    """README command 1 on the small in-process variant: prints the table, writes JSON + turns + plot."""
+    import json
+
+    out, run_dir, _ = main_job
     assert "speedup vs basic" in out.stdout and "dualpath" in out.stdout
     # the :test variant skips the warm-up, so the table says its speedups compare a cold run with warm ones
     assert "--config.warmup=False, so basic's JCT includes what it compiled first" in out.stdout
-    (run_dir,) = list(tmp_path.iterdir())
     res = json.loads((run_dir / "results.json").read_text())
     assert set(res["results"]) == {"basic", "dualpath"} and res["results"]["basic"]["turns"] == 12
     assert (run_dir / "turns_dualpath.json").exists() and (run_dir / "run.png").exists()
@@ -797,22 +804,12 @@ def test_main_job_command(tmp_path):
     assert res["greedy_tokens"]["turns_differing"] == 0
 
 
-def test_main_job_with_a_kept_store_dir_runs_each_policy_on_a_fresh_store(tmp_path):
+def test_main_job_with_a_kept_store_dir_runs_each_policy_on_a_fresh_store(main_job):
     """With --config.runtime.store_dir the policies used to share one store: the second one hit every block the
     first had written (even turn 0's prompts), so the side-by-side numbers compared different hit rates."""
     import json
-    import subprocess
-    import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    store = tmp_path / "kv"
-    cmd = [
-        sys.executable, "-m", "experiments.run", "--config=configs/tiny_runtime.py:test",
-        f"--config.runtime.store_dir={store}", f"--config.results_dir={tmp_path / 'results'}",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    (run_dir,) = list((tmp_path / "results").iterdir())
+    _, run_dir, store = main_job
     hits = {}
     for p in ("basic", "dualpath"):
         turns = json.loads((run_dir / f"turns_{p}.json").read_text())["turns"]
@@ -885,6 +882,8 @@ def test_bench_runtime_launcher_runs_small(tmp_path):
     cmd = [
         sys.executable, "-m", "experiments.bench_runtime", "--config=configs/tiny_runtime.py:test",
         "--overhead_turns=2", f"--config.results_dir={tmp_path}",
+        # the forced precompile compiles the prefill buckets up to these: 12, not 48 (the :test turns: <= 120 tokens)
+        "--config.runtime.cluster.max_seq_len=128", "--config.runtime.cluster.prefill_max_batch=2",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -909,6 +908,8 @@ def test_bench_runtime_says_when_its_runs_are_too_small_to_fit_the_cost_model(tm
         sys.executable, "-m", "experiments.bench_runtime", "--config=configs/tiny_runtime.py:test",
         "--config.runtime.workload.agents=1", "--config.runtime.workload.turns=1", "--skip_overhead",
         f"--config.results_dir={tmp_path}",
+        # (its one turn of 60 tokens: the forced precompile compiles 2 prefill buckets, not 48)
+        "--config.runtime.cluster.max_seq_len=64", "--config.runtime.cluster.prefill_max_batch=1",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

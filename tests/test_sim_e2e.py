@@ -583,6 +583,7 @@ def test_reproduce_paper_launcher_writes_the_report(tmp_path):
         "--appends=2",
         "--pd_ratios=1P1D,2P1D",
         "--pd_agents=16",  # (the config's 1024 agents: ~4x this test's time, the same code)
+        "--workers=2",  # (the README's command: its 24 simulator runs in two spawned processes, the report the same)
         f"--output_dir={tmp_path}",
     ]
     out = _launch("experiments.reproduce_paper", *args, timeout=300)
