@@ -141,31 +141,13 @@ class EngineGroup:
                 pool = HostBufferPool(
                     slot_nbytes=layout.layer_block_nbytes, budget_bytes=per_engine, name=f"{role}{e}", prefault=False
                 )
-                if role == "prefill":
-                    eng = PrefillEngine(
-                        e,
-                        self.node_id,
-                        self.ctx,
-                        transport,
-                        pool,
-                        self.snic,
-                        cnic=cnic,
-                        cnic_in=cnic_in,
-                        model=self.models[e],
-                        batcher=batcher_factory(),
-                    )
-                else:
-                    eng = DecodeEngine(
-                        e,
-                        self.node_id,
-                        self.ctx,
-                        transport,
-                        pool,
-                        self.snic,
-                        cnic=cnic,
-                        cnic_in=cnic_in,
-                        model=self.models[e],
-                    )
+                kind, extra = (
+                    (PrefillEngine, {"batcher": batcher_factory()}) if role == "prefill" else (DecodeEngine, {})
+                )
+                eng = kind(
+                    e, self.node_id, self.ctx, transport, pool, self.snic, cnic=cnic, cnic_in=cnic_in,
+                    model=self.models[e], **extra,
+                )  # fmt: skip
             except BaseException:
                 transport.close()
                 raise
