@@ -464,7 +464,7 @@ def test_max_context_tokens_cuts_each_trajectory_before_its_first_longer_turn():
         load_sim_config(TINY, {"workload.max_context_tokens": -1})
 
 
-def test_the_paper_configs_default_workloads_fit_their_decode_engines():
+def test_the_paper_configs_default_workloads_fit_their_decode_engines(tmp_path):
     """Every paper setup's own workload can be placed (the simulator would refuse it when built). Qwen2.5-32B
     needs 0.95 of the HBM for the 32K dataset (configs/paper_qwen32b.py), and its 48K dataset does not fit
     one GPU at all: a one-line config error from the launcher, not a run that never ends."""
@@ -478,7 +478,7 @@ def test_the_paper_configs_default_workloads_fit_their_decode_engines():
     with pytest.raises(SimConfigError, match=r"more than a decode engine's HBM holds \(30,634 tokens"):
         build_simulator(load_sim_config("configs/paper_qwen32b.py", {"cluster.hbm_usable_fraction": 0.9}))
     spec = "configs/paper_qwen32b.py:dualpath,dataset=48K,agents=16"
-    out = _launch("experiments.simulate", f"--config={spec}", "--noplot")
+    out = _launch("experiments.simulate", f"--config={spec}", "--noplot", f"--output_dir={tmp_path}")  # (not results/)
     assert out.returncode != 0 and "bad config: turn " in out.stderr, out.stderr[-800:]
     assert "Traceback" not in out.stderr
     assert "more than a decode engine's HBM holds (45,893 tokens" in out.stderr
