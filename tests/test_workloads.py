@@ -241,3 +241,20 @@ def test_tune_spec_brings_a_detuned_spec_back_to_its_table_2_targets():
         (st.mean_context, spec.target_context),
     ]:
         assert abs(got / want - 1) < 0.02, (got, want)
+
+
+def test_make_agents_generates_its_base_trajectories_once_and_hands_out_copies():
+    """The 500 base trajectories are made once per process and (dataset, count, seed, append scale): every simulator
+    run of a sweep or `reproduce_paper` made them again. An agent's turns are its own list: changing one run's agents
+    leaves the next run's as they were."""
+    from dualpath_jax.workloads import synthetic
+    from dualpath_jax.workloads.types import Turn
+
+    synthetic._base_trajectories.cache_clear()
+    a = make_agents("32K", 4, base_trajectories=5)
+    a[0].turns.append(Turn(7, 7))
+    b = make_agents("32K", 4, base_trajectories=5)
+    assert synthetic._base_trajectories.cache_info().hits == 1
+    assert len(b[0].turns) == len(a[0].turns) - 1 and b[0].turns == a[0].turns[:-1]
+    make_agents("32K", 4, base_trajectories=5, append_scale=2.0)
+    assert synthetic._base_trajectories.cache_info().misses == 2
