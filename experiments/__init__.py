@@ -167,6 +167,35 @@ def writable_dir_or_exit(path: str, what: str) -> str:
     return path
 
 
+def dirs_made_for(path: str) -> str | None:
+    """The topmost directory of `path` that does not exist yet, which making `path` makes (None: it exists); for
+    `drop_empty_dirs` after a run that wrote nothing."""
+    import os
+
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        top, path = path, os.path.dirname(path)
+    return top
+
+
+def drop_empty_dirs(path: str, top: str | None) -> None:
+    """Remove `path` and its parents up to `top` (`dirs_made_for`: the ones this launcher made) while they are empty:
+    a run that stopped on a bad config left an empty results directory behind."""
+    import os
+
+    if top is None:
+        return
+    path = os.path.abspath(path)
+    while True:
+        try:
+            os.rmdir(path)  # (only an empty directory)
+        except OSError:
+            return
+        if path == top:
+            return
+        path = os.path.dirname(path)
+
+
 def fresh_dir_or_exit(parent: str, name: str, what: str) -> str:
     """Make a new directory `parent/name` (`name-2`, `name-3`, ... when that exists) and return its path, or
     SystemExit naming `what` when `parent` cannot take it. Two runs started in the same second (a sweep of

@@ -18,7 +18,14 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import config_or_exit, define_config_file, parse_flags_or_exit, writable_dir_or_exit
+from experiments import (
+    config_or_exit,
+    define_config_file,
+    dirs_made_for,
+    drop_empty_dirs,
+    parse_flags_or_exit,
+    writable_dir_or_exit,
+)
 
 _CONFIG = define_config_file("config", None, "A simulator config file (configs/paper_*.py).")
 # --output_dir, --plot: sweep and reproduce_paper define them too (allow_override: the launchers can be imported into
@@ -140,6 +147,7 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:  # a bad config: its message names the field; no traceback, no flag listing
         raise SystemExit(f"bad config: {e}") from None
     logging.info("sim config: %s", sc)
+    made = dirs_made_for(_OUTPUT_DIR.value or cfg_dict["output_dir"])  # (dropped again if the run writes nothing)
     out = writable_dir_or_exit(_OUTPUT_DIR.value or cfg_dict["output_dir"], "--output_dir")  # before the run
     agents = f"{sc.workload.n_agents} agents" if sc.workload.kind == "offline" else "agents from the workload"
     logging.info("simulating %s (%s, %s) ...", sc.policy, sc.workload.kind, agents)  # (online / trace: not n_agents)
@@ -149,21 +157,25 @@ def main(argv: Sequence[str]) -> None:
     # the run's millions of live objects while the records are summarised and written (~14 CPU-s at 48P96D).
     gc.disable()
     cpu0 = time.process_time()
-    try:
-        result = runner.run(sc, max_time=_MAX_TIME.value, progress=_PROGRESS.value)
-    except (FileNotFoundError, TraceFormatError) as e:  # workload.kind='trace': a missing or malformed trace file
-        raise SystemExit(f"bad workload: {e}") from None
-    except sim_config.SimConfigError as e:  # e.g. a turn no DE has room for: one line, before anything ran
-        raise SystemExit(f"bad config: {e}") from None
-    except KeyboardInterrupt:  # Ctrl-C: one line, not the event loop's traceback (nothing is written before the end)
-        raise SystemExit(
-            f"simulate: interrupted (Ctrl-C) before the simulation finished; nothing written to {out}"
-        ) from None
-    except MemoryError as e:  # e.g. online aps=1e9 for 60 s: 6e10 agents (it was numpy's traceback, "447. GiB")
-        w = sc.workload
-        what = f"its agents (online: aps {w.aps:g} x duration_s {w.duration_s:g} = {w.aps * w.duration_s:.3g})"
-        what = what if w.kind == "online" else "the run"
-        raise SystemExit(f"simulate: out of memory for {what}: {e}; nothing written to {out}") from None
+    try:  # (a run that stops here wrote nothing: the results directory it made goes again)
+        try:
+            result = runner.run(sc, max_time=_MAX_TIME.value, progress=_PROGRESS.value)
+        except (FileNotFoundError, TraceFormatError) as e:  # workload.kind='trace': a missing or malformed trace file
+            raise SystemExit(f"bad workload: {e}") from None
+        except sim_config.SimConfigError as e:  # e.g. a turn no DE has room for: one line, before anything ran
+            raise SystemExit(f"bad config: {e}") from None
+        except KeyboardInterrupt:  # Ctrl-C: one line, not the event loop's traceback (nothing written before the end)
+            raise SystemExit(
+                f"simulate: interrupted (Ctrl-C) before the simulation finished; nothing written to {out}"
+            ) from None
+        except MemoryError as e:  # e.g. online aps=1e9 for 60 s: 6e10 agents (it was numpy's traceback, "447. GiB")
+            w = sc.workload
+            what = f"its agents (online: aps {w.aps:g} x duration_s {w.duration_s:g} = {w.aps * w.duration_s:.3g})"
+            what = what if w.kind == "online" else "the run"
+            raise SystemExit(f"simulate: out of memory for {what}: {e}; nothing written to {out}") from None
+    except SystemExit:
+        drop_empty_dirs(out, made)
+        raise
     cpu1 = time.process_time()
     logging.info(
         "simulated in %.1f CPU-s (event loop %.1f s wall, %d events)",

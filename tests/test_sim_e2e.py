@@ -478,8 +478,10 @@ def test_the_paper_configs_default_workloads_fit_their_decode_engines(tmp_path):
     with pytest.raises(SimConfigError, match=r"more than a decode engine's HBM holds \(30,634 tokens"):
         build_simulator(load_sim_config("configs/paper_qwen32b.py", {"cluster.hbm_usable_fraction": 0.9}))
     spec = "configs/paper_qwen32b.py:dualpath,dataset=48K,agents=16"
-    out = _launch("experiments.simulate", f"--config={spec}", "--noplot", f"--output_dir={tmp_path}")  # (not results/)
+    out = _launch("experiments.simulate", f"--config={spec}", "--noplot", f"--output_dir={tmp_path}/sim/run")
     assert out.returncode != 0 and "bad config: turn " in out.stderr, out.stderr[-800:]
+    # the results directories it made for the run are gone again (an empty one was left behind, in results/ here)
+    assert list(tmp_path.iterdir()) == []
     assert "Traceback" not in out.stderr
     assert "more than a decode engine's HBM holds (45,893 tokens" in out.stderr
 
