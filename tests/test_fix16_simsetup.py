@@ -283,3 +283,22 @@ def test_weights_larger_than_a_gpu_are_not_told_to_set_the_kv_room(registries):
     d["cluster"].update(model="qwen2.5-32b", hbm_usable_fraction=0.5)  # fits the GPU, not its usable share: as before
     with pytest.raises(SimConfigError, match=r"leave no HBM for KV on h100; set config.cluster.de_hbm_kv_gb"):
         build_simulator(sim_config_from_dict(d))
+
+
+def test_beta_of_a_trace_run_is_profiled_on_the_traces_own_turns():
+    """A trace run's β was profiled at the config's `dataset` shape (a synthetic dataset the trace does not use;
+    sim_tiny's 32K): it is the trace's mean turn (context, append) now."""
+    from dualpath_jax.sim.runner import DATASET_SHAPE, build_simulator
+    from dualpath_jax.workloads.traces import traces_dir
+
+    name = "mooncake_conversation_trace.jsonl.gz"
+    if not (traces_dir() / name).exists():
+        pytest.skip(f"real traces not found at {traces_dir()}")
+    cfg = load_sim_config(
+        TINY,
+        {"workload.kind": "trace", "workload.trace_path": name, "workload.max_turns": 4, "scheduler.name": "dualpath"},
+    )
+    sim = build_simulator(cfg)
+    turns = [s for t in sim.trajectories for s in t.turn_shapes(1)]  # (prompt, context, gen)
+    context, append = sum(c for _, c, _ in turns) / len(turns), sum(p - c for p, c, _ in turns) / len(turns)
+    assert _beta(sim) == _beta_at(sim, context, append) != _beta_at(sim, *DATASET_SHAPE[cfg.workload.dataset])

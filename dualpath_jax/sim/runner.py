@@ -260,15 +260,16 @@ def profile_shape(cfg: SimConfig, trajectories: Sequence[Trajectory] = ()) -> tu
     """(context, append) tokens of the turn at which β is profiled: Table 2's for the paper's datasets
     (`DATASET_SHAPE`); for a synthetic dataset of one's own its targets (`SyntheticSpec.target_context` /
     `target_append`) or, without them, the mean turn of `trajectories` (it was the 64K dataset's shape, silently); for
-    a trace the 64K one, as before."""
+    a trace the mean turn of its trajectories (it was the config's `dataset`'s shape, which a trace does not use)."""
     w = cfg.workload
-    if w.kind == "trace" or w.dataset in DATASET_SHAPE:
-        return DATASET_SHAPE.get(w.dataset, DATASET_SHAPE["64K"])
-    from dualpath_jax.workloads.synthetic import DATASETS
+    if w.kind != "trace":
+        if w.dataset in DATASET_SHAPE:
+            return DATASET_SHAPE[w.dataset]
+        from dualpath_jax.workloads.synthetic import DATASETS
 
-    spec = DATASETS.get(w.dataset)
-    if spec.target_context > 0 and spec.target_append > 0:
-        return spec.target_context, spec.target_append
+        spec = DATASETS.get(w.dataset)
+        if spec.target_context > 0 and spec.target_append > 0:
+            return spec.target_context, spec.target_append
     turns = [s for t in trajectories for s in t.turn_shapes(1)]  # (prompt, context, gen)
     if not turns:
         return DATASET_SHAPE["64K"]
