@@ -302,3 +302,16 @@ def test_beta_of_a_trace_run_is_profiled_on_the_traces_own_turns():
     turns = [s for t in sim.trajectories for s in t.turn_shapes(1)]  # (prompt, context, gen)
     context, append = sum(c for _, c, _ in turns) / len(turns), sum(p - c for p, c, _ in turns) / len(turns)
     assert _beta(sim) == _beta_at(sim, context, append) != _beta_at(sim, *DATASET_SHAPE[cfg.workload.dataset])
+
+
+def test_a_given_de_kv_room_no_gpu_of_the_profile_has_is_named(caplog):
+    """`config.cluster.de_hbm_kv_gb` given (not derived) was taken whatever the GPU: 500 GB of KV room on an 80 GB
+    H800 beside DS 660B's 37.5 GB of weights ran without a word. It still runs (a what-if), with a warning naming
+    both figures; the paper configs (derived or fitting rooms) say nothing."""
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.sim.config"):
+        for spec in ("configs/paper_ds660b.py", "configs/paper_ds27b.py", "configs/paper_qwen32b.py"):
+            load_sim_config(spec)
+        assert "de_hbm_kv_gb" not in caplog.text
+        sc = load_sim_config("configs/paper_ds660b.py", {"cluster.de_hbm_kv_gb": 500.0})
+    assert sc.cluster.de_hbm_kv_gb == 500.0
+    assert "config.cluster.de_hbm_kv_gb = 500 GB is more than the 42.5 GB a h800 GPU (80.0 GB of HBM)" in caplog.text

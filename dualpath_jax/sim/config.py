@@ -516,9 +516,21 @@ def resolve_de_hbm(sc: SimConfig) -> SimConfig:
     `de_hbm_reserve_gb`.
     Without a reserve it is left to the runner, as before."""
     c = sc.cluster  # (a negative reserve was refused by check_sim_config before this)
-    if c.de_hbm_kv_gb > 0 or c.de_hbm_reserve_gb == 0:
-        return sc
     from dualpath_jax.sim.runner import de_hbm_kv_bytes, make_cost_model  # runner imports this module
+
+    if c.de_hbm_kv_gb > 0:  # given: said when no GPU of the profile could hold it beside the weights (a what-if runs)
+        dec = make_cost_model(sc, "decode")
+        room = dec.hw.hbm_bytes - dec.weight_bytes_per_engine()
+        if c.de_hbm_kv_gb * GB > room:
+            logging.getLogger(__name__).warning(
+                "config.cluster.de_hbm_kv_gb = %g GB is more than the %.1f GB a %s GPU (%.1f GB of HBM) has beside %s's "
+                "weights (%.1f GB per DE): each DE gets KV room no such GPU has (0: derive it from the profile)",
+                c.de_hbm_kv_gb, room / GB, c.hardware, dec.hw.hbm_bytes / GB, c.model,
+                dec.weight_bytes_per_engine() / GB,
+            )  # fmt: skip
+        return sc
+    if c.de_hbm_reserve_gb == 0:
+        return sc
 
     sc.cluster = dataclasses.replace(c, de_hbm_kv_gb=de_hbm_kv_bytes(sc, make_cost_model(sc, "decode")) / GB)
     return sc
