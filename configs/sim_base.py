@@ -129,7 +129,7 @@ _NUMBER_KEYS = {
 _KIND_NAME = {int: "an integer", float: "a number"}
 
 
-_TYPE_NAME = {bool: "true or false", int: "a number", float: "a number", str: "a string"}
+_TYPE_NAME = {bool: "true or false", str: "a string", **_KIND_NAME}  # (an int field given 2.5 said "a number")
 
 
 def _set_cluster_field(cluster: ml_collections.ConfigDict, name: str, value: str, item: str) -> None:

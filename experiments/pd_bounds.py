@@ -98,13 +98,12 @@ def main(argv):
     if pd is not None:
         P, D = pd
         r = P / D
-        where = (
-            f"below the range ({', '.join(low)} binds)"
-            if r < lo
-            else f"above the range ({', '.join(up)} bind{'s' if len(up) == 1 else ''})"
-            if r > hi
-            else "inside the range"
-        )
+        if r < lo:
+            where = f"below the range ({', '.join(low)} binds)"
+        elif r > hi:
+            where = f"above the range ({', '.join(up)} bind{'s' if len(up) == 1 else ''})"
+        else:
+            where = "inside the range"
         print(f"config P/D: {P}P{D}D = {_ratio(r)} ({r:.4f}): {where}")
 
 

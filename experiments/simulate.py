@@ -147,8 +147,9 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:  # a bad config: its message names the field; no traceback, no flag listing
         raise SystemExit(f"bad config: {e}") from None
     logging.info("sim config: %s", sc)
-    made = dirs_made_for(_OUTPUT_DIR.value or cfg_dict["output_dir"])  # (dropped again if the run writes nothing)
-    out = writable_dir_or_exit(_OUTPUT_DIR.value or cfg_dict["output_dir"], "--output_dir")  # before the run
+    out = _OUTPUT_DIR.value or cfg_dict["output_dir"]
+    made = dirs_made_for(out)  # (dropped again if the run writes nothing)
+    writable_dir_or_exit(out, "--output_dir")  # before the run
     agents = f"{sc.workload.n_agents} agents" if sc.workload.kind == "offline" else "agents from the workload"
     logging.info("simulating %s (%s, %s) ...", sc.policy, sc.workload.kind, agents)  # (online / trace: not n_agents)
     logging.info("compiled hot paths (False: Python twin; DUALPATH_PURE_PYTHON=1 turns all off): %s", compiled.status())

@@ -201,6 +201,12 @@ def _check_ints(**named) -> None:
             raise ValueError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
 
 
+def _check_append_scale(append_scale) -> None:
+    # nan / inf would reach int(); a str was a bare TypeError, True a silent 1.0
+    if not is_real(append_scale) or not 0 < append_scale < math.inf:
+        raise ValueError(f"append_scale must be > 0 and finite, got {append_scale}")
+
+
 def generate_trajectories(
     dataset: str | SyntheticSpec, n: int, seed: int = 0, append_scale: float = 1.0
 ) -> list[Trajectory]:
@@ -208,9 +214,7 @@ def generate_trajectories(
     _check_ints(n=n, seed=seed)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    # nan / inf would reach int(); a str was a bare TypeError, True a silent 1.0
-    if not is_real(append_scale) or not 0 < append_scale < math.inf:
-        raise ValueError(f"append_scale must be > 0 and finite, got {append_scale}")
+    _check_append_scale(append_scale)
     if seed < 0:  # numpy's own error names no argument
         raise ValueError(f"seed must be >= 0, got {seed}")
     spec = _get_spec(dataset)
@@ -270,8 +274,7 @@ def make_agents(
     # ids are drawn as int32: a larger vocabulary was numpy's "high is out of bounds for int32", naming no argument
     if with_token_ids and vocab_size > 2**31:
         raise ValueError(f"vocab_size must be <= 2**31 (token ids are int32), got {vocab_size}")
-    if not is_real(append_scale) or not 0 < append_scale < math.inf:  # (checked before it is a cache key: NaN)
-        raise ValueError(f"append_scale must be > 0 and finite, got {append_scale}")
+    _check_append_scale(append_scale)  # (before float() makes it a cache key: a str or a bool would pass as a number)
     base = _base_trajectories(_get_spec(dataset), base_trajectories, base_seed, float(append_scale))
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(base), n_agents)
