@@ -232,6 +232,12 @@ class ModelRunner:
         )
         self.init_decode(num_slots, capacity)
 
+    @property
+    def weights_device(self):
+        """The device this runner's weights are on (its embedding table's; every weight is made in one place)."""
+        (device,) = jax.tree.leaves(self.embed_state)[0].devices()
+        return device
+
     def on_device(self, device) -> ModelRunner:
         """A copy of this runner whose weights and decode cache live on `device` (a `jax.Device`), so its steps run
         there: the jitted steps are shared (JAX compiles them once per device), inputs built on the host follow

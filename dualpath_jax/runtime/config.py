@@ -1000,17 +1000,39 @@ def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int) -
     if cfg.launcher not in ("local", "inprocess"):
         return
     backend, device_bytes = _decode_cache_device()
-    check_decode_cache_memory(cfg, kv_bytes_per_token, backend, device_bytes, host_memory_bytes())
+    devices = 1 if backend == "cpu" else _local_device_count()
+    check_decode_cache_memory(cfg, kv_bytes_per_token, backend, device_bytes, host_memory_bytes(), devices)
+
+
+def _local_device_count() -> int:
+    import jax
+
+    return jax.local_device_count()
+
+
+def decode_engines_per_device(cfg: RuntimeConfig, devices: int) -> int:
+    """The most decode engines that share one of `devices` local accelerators, every node on this host (engine e on
+    device e % devices, `node.engine_device`; decode engines are numbered after the prefill ones)."""
+    c = cfg.cluster
+    first = c.prefill_nodes * c.engines_per_node
+    ids = range(first, first + c.decode_nodes * c.engines_per_node)
+    return max(sum(1 for e in ids if e % devices == d) for d in range(devices))
 
 
 def check_decode_cache_memory(
-    cfg: RuntimeConfig, kv_bytes_per_token: int, backend: str, device_bytes: int | None, host: tuple[int, str] | None
+    cfg: RuntimeConfig,
+    kv_bytes_per_token: int,
+    backend: str,
+    device_bytes: int | None,
+    host: tuple[int, str] | None,
+    devices: int = 1,
 ) -> None:
     """One decode engine's batch cache (decode_slots x max_seq_len tokens of every layer's KV, allocated when its
     node starts), and every decode engine's together (all on this host), no more than the memory that holds them. On
     XLA:CPU (`backend` "cpu") that is this host's (`host`: (bytes, what), None where unknown), beside every node's host
     buffers; on an accelerator the default device's, where every engine of this host allocates (`device_bytes`: its
-    allocator's limit; None: not checked, a debug line). They were compared with this host's memory on an accelerator
+    allocator's limit; None: not checked, a debug line; with `devices` accelerators, alike, the engines are spread over
+    them, `decode_engines_per_device`, and the most that share one must fit in it). They were compared with this host's memory on an accelerator
     too. One that can never fit stopped the node with RESOURCE_EXHAUSTED (a traceback in the node process, then "no
     live engine left") instead of this line. No I/O: `_validate_decode_cache_memory` passes this host's numbers."""
     if backend == "cpu":
@@ -1034,6 +1056,9 @@ def check_decode_cache_memory(
             "config.cluster.decode_slots or max_seq_len"
         )
     engines = c.decode_nodes * c.engines_per_node  # (all on this host: each allocates its cache at its start)
+    if backend != "cpu" and devices > 1:  # (they were all counted against one device)
+        engines = decode_engines_per_device(cfg, devices)
+        where = f"one of this host's {devices} {backend} devices (engine e on device e % {devices})"
     if engines > 1 and engines * need > limit:  # (one engine's fitting was all that was checked)
         raise ConfigError(
             f"config.cluster: the {engines} decode engines of launcher {cfg.launcher!r} all run on {where} and need "

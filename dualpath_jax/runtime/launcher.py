@@ -402,13 +402,12 @@ def _serve_one_run(
 
         netns.enter(spec.node_id)
     logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
-    from dualpath_jax.runtime.model_ops import ModelOps
-    from dualpath_jax.runtime.node import EngineGroup, block_layout
+    from dualpath_jax.runtime.node import EngineGroup, block_layout, node_model_ops
     from dualpath_jax.traffic import TrafficManager
 
     import_node_modules(cfg, modules)
     enable_compilation_cache()
-    ops = ModelOps.of_config(cfg)
+    ops = node_model_ops(cfg, spec.engine_ids)
     store = open_store(cfg, block_layout(cfg, ops))
     control = SocketControlClient(control_address, authkey)
     group = EngineGroup(
@@ -485,8 +484,7 @@ def _serve_session(spec: GroupSpec, conn, log_level: int, in_netns: bool = False
 
         netns.enter(spec.node_id)
     logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
-    from dualpath_jax.runtime.model_ops import ModelOps
-    from dualpath_jax.runtime.node import EngineGroup, block_layout
+    from dualpath_jax.runtime.node import EngineGroup, block_layout, node_model_ops
     from dualpath_jax.traffic import TrafficManager
 
     enable_compilation_cache()
@@ -501,7 +499,8 @@ def _serve_session(spec: GroupSpec, conn, log_level: int, in_netns: bool = False
         cfg, control_address, authkey, modules = msg
         import_node_modules(cfg, modules)
         if ops is None or not ops.serves(cfg):
-            ops = ModelOps.of_config(cfg)
+            ops = None  # (the last run's weights freed before the new ones are made)
+            ops = node_model_ops(cfg, spec.engine_ids)
         store = open_store(cfg, block_layout(cfg, ops))
         control = SocketControlClient(control_address, authkey)
         try:

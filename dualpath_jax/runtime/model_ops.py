@@ -9,6 +9,7 @@ full prefill of the whole prompt + greedy decode, no store, no transport.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -48,10 +49,16 @@ def model_config(name: str):
 class ModelOps:
     """One process's model: weights and jitted steps, shared by its engines (thread-safe prefill)."""
 
-    def __init__(self, name: str, seed: int = 0, min_token_bucket: int = 64, batch_invariant: bool = False):
+    def __init__(
+        self, name: str, seed: int = 0, min_token_bucket: int = 64, batch_invariant: bool = False, device=None
+    ):
         """`name`: a tiny config name (random weights from `seed`) or a local HF checkpoint directory (its
         weights; `seed` unused). A checkpoint that does not load raises ValueError naming the tensor or field.
-        `batch_invariant`: run the model's batch-invariant steps (`ModelConfig.batch_invariant`)."""
+        `batch_invariant`: run the model's batch-invariant steps (`ModelConfig.batch_invariant`). `device` (a
+        `jax.Device`; None: JAX's default): where the weights are made and the steps run (`node.node_model_ops`:
+        a node process's first engine's device, so no weights of it sit on a device none of its engines uses)."""
+        import jax
+
         from models.runner import ModelRunner
 
         self.name = name
@@ -67,14 +74,17 @@ class ModelOps:
             self.config = dataclasses.replace(self.config, batch_invariant=True)
         # min_token_bucket 64: fewer (batch, tokens, cached) buckets -> fewer compiles per process; the padding
         # costs little on a tiny model. The prefill runner's own decode cache is never used: one tiny slot.
-        self.runner = ModelRunner(
-            self.config, params, seed=seed, num_slots=1, capacity=16, min_token_bucket=min_token_bucket
-        )
+        with contextlib.nullcontext() if device is None else jax.default_device(device):
+            self.runner = ModelRunner(
+                self.config, params, seed=seed, num_slots=1, capacity=16, min_token_bucket=min_token_bucket
+            )
+        if device is not None:  # committed there (steps on uncommitted weights run on the default device)
+            self.runner = self.runner.on_device(device)
         self.kv_layout: KVLayout = self.runner.layout
         self.fingerprint = self.runner.fingerprint()
         self.vocab_size = self.config.vocab_size
         self._precompiled: set = set()
-        self.device = None  # JAX's default device (`on_device`: another)
+        self.device = device  # None: JAX's default device (`on_device`: another)
         self._device_copies: dict = {}  # device -> these ops on it (`on_device`)
 
     def prefill(
@@ -140,15 +150,16 @@ class ModelOps:
         return n
 
     @classmethod
-    def of_config(cls, cfg) -> ModelOps:
-        """The model of a RuntimeConfig (`model`, `model_seed`, `batch_invariant`)."""
-        return cls(cfg.model, cfg.model_seed, batch_invariant=cfg.batch_invariant)
+    def of_config(cls, cfg, device=None) -> ModelOps:
+        """The model of a RuntimeConfig (`model`, `model_seed`, `batch_invariant`), on `device` (None: the default)."""
+        return cls(cfg.model, cfg.model_seed, batch_invariant=cfg.batch_invariant, device=device)
 
     def on_device(self, device) -> ModelOps:
         """These ops with their weights, steps and decode caches on `device` (`ModelRunner.on_device`), compiled there
         on their own (`precompile`). One copy per device, kept: a node process that serves several runs places its
-        weights and compiles once."""
-        if device == self.device:
+        weights and compiles once. The device its weights are on is these ops themselves (a second copy there
+        doubled the weights of the default device's engine on a multi-device host)."""
+        if device == self.device or (self.device is None and device == self.runner.weights_device):
             return self
         out = self._device_copies.get(device)
         if out is None:

@@ -53,17 +53,29 @@ class NodeContext:
             return out
 
 
-def engine_models(model, engine_ids) -> dict:
-    """Each engine's model ops. On a host with several accelerators engine e runs on local device e % their count
-    (`ModelOps.on_device`): one engine per GPU where there are enough, as the paper's g engines per node, and the
-    node processes of one host (their engine ids differ) on different GPUs; all of them ran on the default device.
-    With one device every engine shares `model`."""
+def engine_device(engine_id: int):
+    """The local device engine `engine_id` runs on: device e % their count on a host with several accelerators (one
+    engine per GPU where there are enough, as the paper's g engines per node, and the node processes of one host,
+    whose engine ids differ, on different GPUs); None (JAX's default device) with one device."""
     import jax
 
     devices = jax.local_devices()
-    if len(devices) < 2:
-        return {e: model for e in engine_ids}
-    return {e: model.on_device(devices[e % len(devices)]) for e in engine_ids}
+    return devices[engine_id % len(devices)] if len(devices) > 1 else None
+
+
+def engine_models(model, engine_ids) -> dict:
+    """Each engine's model ops, on its `engine_device` (`ModelOps.on_device`: `model` itself where its weights are
+    already there). All of them ran on the default device."""
+    return {e: model if engine_device(e) is None else model.on_device(engine_device(e)) for e in engine_ids}
+
+
+def node_model_ops(cfg: RuntimeConfig, engine_ids):
+    """A node process's model ops (`ModelOps.of_config`), made on its first engine's device: every node process of
+    a multi-GPU host made its weights on the default device first, so GPU 0 held one copy per node process (and
+    its own engine's a second one) beside the copies of the engines' devices."""
+    from dualpath_jax.runtime.model_ops import ModelOps
+
+    return ModelOps.of_config(cfg, device=engine_device(min(engine_ids)))
 
 
 def block_layout(cfg: RuntimeConfig, model) -> BlockLayout:

@@ -67,15 +67,14 @@ class _RayNode:
             import_node_modules,
             open_store,
         )
-        from dualpath_jax.runtime.model_ops import ModelOps
-        from dualpath_jax.runtime.node import EngineGroup, block_layout
+        from dualpath_jax.runtime.node import EngineGroup, block_layout, node_model_ops
         from dualpath_jax.traffic import TrafficManager
         from transport import make_transport
 
         import_node_modules(cfg, modules)  # (a researcher's own batcher or transport: its module, on the actor's path)
         enable_compilation_cache()
         host = ray.util.get_node_ip_address()
-        ops = ModelOps.of_config(cfg)
+        ops = node_model_ops(cfg, spec.engine_ids)
         store = open_store(cfg, block_layout(cfg, ops))
         control = SocketControlClient(control_address, authkey)
 
