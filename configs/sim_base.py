@@ -112,6 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
     w.max_turns = 0
     w.max_context_tokens = 0  # >0: cut each trajectory before its first turn longer than this (e.g. 131072)
     w.append_scale = 1.0  # every synthetic append x this (PAPER.md's append x1..x3; variant item append=2)
+    w.shared_prefix_hits = True  # trace: a turn also hits blocks other trajectories' prompts stored (their hashes)
     cfg.workload = w
     return cfg
 

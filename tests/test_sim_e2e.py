@@ -954,8 +954,8 @@ def test_decode_lockstep_leaves_dense_models_alone():
 @pytest.mark.parametrize("policy", ["basic", "dualpath"])
 def test_simulator_replays_a_real_trace_with_its_timestamps(policy):
     """workload.kind='trace' on the real Mooncake conversation trace (../shared/traces): every turn of every session
-    finishes, each session's first turn arrives at its trace time, later turns hit the session's own earlier KV, and
-    the run is deterministic."""
+    finishes, each session's first turn arrives at its trace time, later turns hit the session's own earlier KV, first
+    turns other sessions' (some of them), and the run is deterministic."""
     from dualpath_jax.sim.runner import make_trajectories
     from dualpath_jax.workloads.traces import traces_dir
 
@@ -974,7 +974,8 @@ def test_simulator_replays_a_real_trace_with_its_timestamps(policy):
     assert len(firsts) == len(trajs)
     assert all(math.isclose(r.arrival, start[r.trajectory_id], abs_tol=1e-9) for r in firsts)
     assert any(r.hit_tokens > 0 for r in res.records if r.turn_index > 0)
-    assert all(r.hit_tokens == 0 for r in firsts)
+    # a first turn hits only what other sessions' prompts stored before it (workload.shared_prefix_hits)
+    assert any(r.hit_tokens > 0 for r in firsts) and not all(r.hit_tokens > 0 for r in firsts)
     assert run(cfg).summary == res.summary
 
 

@@ -89,6 +89,9 @@ class WorkloadConfig:
     # synthetic workloads: every append x this (PAPER.md's append x1..x3 experiment; trajectories end at the
     # dataset's max length, so longer appends mean fewer turns)
     append_scale: float = 1.0
+    # a turn also hits the blocks other trajectories' prompts stored before it arrived (a trace's block hashes,
+    # e.g. Mooncake's shared system prompts; synthetic workloads have none): False counts its own trajectory's only
+    shared_prefix_hits: bool = True
 
 
 @dataclasses.dataclass
@@ -177,6 +180,10 @@ def check_sim_config(sc: SimConfig) -> None:
         value = getattr(sc.cluster, name)
         if isinstance(value, str) or value not in (True, False):
             raise ValueError(f"config.cluster.{name} must be true or false, got {value!r}")
+    if isinstance(sc.workload.shared_prefix_hits, str) or sc.workload.shared_prefix_hits not in (True, False):
+        raise ValueError(
+            f"config.workload.shared_prefix_hits must be true or false, got {sc.workload.shared_prefix_hits!r}"
+        )
     if sc.cluster.de_host_buffer_gb is not None:  # (None: host_buffer_gb, as the PE nodes)
         _check_number("config.cluster.de_host_buffer_gb", sc.cluster.de_host_buffer_gb, 0, False, None)
     if sc.cluster.de_max_seqs is not None:  # (None: no cap)
@@ -444,6 +451,12 @@ _KIND_FIELDS = (
         ("offline",),
         "offline workloads only (an online one runs aps * duration_s agents, a trace all of its own)",
         "config.workload.kind=offline, or leave the agent count out",
+    ),
+    (
+        "workload.shared_prefix_hits",
+        ("trace",),
+        "trace workloads only (their block hashes; synthetic agents share no prefix)",
+        "config.workload.kind=trace with a trace_path, or leave it out",
     ),
 )
 

@@ -65,7 +65,8 @@ cdef class Simulator:
     cdef public double now, b, read_cap, _next_tick, fetch_step, max_seqs
     cdef public long long L, _seq, n_events, turns_done, _next_rid, _fetch_rr, n_fetches, de_group_engines
     cdef public long long _idle_fetches
-    cdef public bint fetch_running, dram_binds, _ran
+    cdef public bint fetch_running, dram_binds, _ran, shared_hits
+    cdef public set _stored
 
     cpdef at(self, double t, fn, arg=*)
     cpdef tuple _dram(self, Node node)

@@ -264,6 +264,14 @@ class Simulator:
         # runtime sizes them apart, experiments.bench_runtime's copy); None: every node cluster.host_buffer_gb
         self.de_buffer_bytes = None if c.de_host_buffer_gb is None else float(c.de_host_buffer_gb) * GB
         self._shapes: dict[int, list] = {}  # trajectory id -> [(prompt, hit, gen)] per turn
+        # Prefix hits across trajectories (`workload.shared_prefix_hits`): the block hashes (`Turn.block_hashes`, a
+        # trace's) of every prompt prefilled so far, whatever its trajectory; a turn then hits the longest run of
+        # its leading blocks found here, where that is more than its own trajectory's context
+        # (only where some trajectory has hashes: synthetic runs pay nothing per turn)
+        self.shared_hits = bool(cfg.workload.shared_prefix_hits) and any(
+            [any([t.block_hashes is not None for t in traj.turns[:1]]) for traj in self.trajectories]
+        )
+        self._stored: set = set()
         self.now = 0.0
         self.events = TimeHeap()  # (time, seq, 0, callback, arg), earliest first (compiled when built)
         self._seq = 0
@@ -449,6 +457,8 @@ class Simulator:
         if shapes is None:
             shapes = self._shapes[traj.trajectory_id] = traj.turn_shapes(self.c.block_size)
         prompt, hit, gen = shapes[i]
+        if self.shared_hits:
+            hit = self._shared_hit(traj.turns[i], prompt, hit)
         rid = self._next_rid
         self._next_rid += 1
         pending = PendingRequest(
@@ -487,6 +497,30 @@ class Simulator:
             self.at(tick, self._fetch)
 
     # ---- global scheduler: groups fetch periodically ----------------------------------------------------
+    def _shared_hit(self, turn, prompt, hit):
+        """The turn's hit with the blocks other trajectories' prompts stored (`self._stored`): its leading hash
+        blocks found there, in whole `block_size` blocks and leaving at least one prompt token to prefill (the
+        store's lookup at the turn's arrival); `hit` (its own trajectory's context) where that is more."""
+        hashes = turn.block_hashes
+        if hashes is None or not len(hashes) or not self._stored:
+            return hit
+        n = 0
+        stored = self._stored
+        for h in hashes.tolist():
+            if h not in stored:
+                break
+            n += 1
+        bs = self.c.block_size
+        shared = (min(n * turn.hash_block_size, prompt - 1) // bs) * bs
+        return shared if shared > hit else hit
+
+    def _store_prompt_blocks(self, r: Request) -> None:
+        """r's prompt KV is computed: its whole hash blocks are in the store for every later turn to hit."""
+        turn = r.traj.turns[r.turn]
+        hashes = turn.block_hashes
+        if hashes is not None and turn.hash_block_size > 0:
+            self._stored.update(hashes[: r.prompt // turn.hash_block_size].tolist())
+
     def _fetch(self, _arg) -> bool | None:
         n_nodes = len(self.nodes)
         if not self.queue:  # the chain stops; it keeps its phase: a later arrival waits for the next group's tick
@@ -884,6 +918,8 @@ class Simulator:
         self._start_batch(pe)
 
     def _prefill_done(self, r: Request) -> None:
+        if self.shared_hits:
+            self._store_prompt_blocks(r)
         pe = r.pe
         pe.state.seq -= 1
         pe.state.tok -= r.prompt
