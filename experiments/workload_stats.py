@@ -84,11 +84,13 @@ def _summarize(f) -> None:
         }
         if f.workload == "64K" and f.block_size == 64:  # the paper's hit rate is of 64-token blocks
             paper[f"hit rate (block {f.block_size})"] = "~98.7%"
-    print(f"{'statistic':<30}{'measured':>24}{'paper Table 2':>16}")
-    for name, value in st.rows():
+    rows = st.rows()
+    w = max(30, 2 + max(len(name) for name, _ in rows))  # (a longer name pushed its row's columns out)
+    print(f"{'statistic':<{w}}{'measured':>24}{'paper Table 2':>16}")
+    for name, value in rows:
         ref = paper.get(name, "")
         ref = f"{ref:,.0f}" if isinstance(ref, (int, float)) else ref
-        print(f"{name:<30}{value:>24}{ref:>16}")
+        print(f"{name:<{w}}{value:>24}{ref:>16}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
 import os
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 
 from dualpath_jax.sim import load_sim_config, run
 from dualpath_jax.sim.runner import build_simulator, make_trajectories
+from dualpath_jax.workloads.stats import shared_hit_rate, summarize
 from dualpath_jax.workloads.types import Trajectory, Turn
 
 TINY = "configs/sim_tiny.py"
@@ -109,6 +111,28 @@ def test_a_mooncake_trace_hits_what_its_sessions_share():
     ideal = _ideal_hit_fraction(rows)
     assert 0.44 < own < 0.48 and 0.6 < ideal < 0.7, (own, ideal)
     assert own + 0.1 < shared <= ideal + 1e-12 and shared > 0.95 * ideal, (own, shared, ideal)
+    # workload_stats' figure (the loader's trajectories, turns arriving together not seeing each other's blocks)
+    st = summarize(trajs, 64)
+    # (above the hashes' bound by a little: a turn's own context also holds its trajectory's generated tokens)
+    assert math.isclose(st.hit_rate, own) and shared <= st.shared_hit_rate, (st, shared, ideal)
+    assert abs(st.shared_hit_rate - ideal) < 0.01, (st.shared_hit_rate, ideal)
+
+
+def test_workload_stats_hit_rate_across_trajectories():
+    """Stored at arrival (no latency), unbounded; turns arriving at the same time do not see each other's blocks;
+    a trajectory's own context where longer; None for turns without hashes (synthetic)."""
+    a = list(range(1, 9))
+    trajs = [
+        Trajectory(0, [_turn(8 * B, a)]),
+        Trajectory(1, [_turn(6 * B, a[:3] + [91, 92, 93])], arrival_time=1.0),  # 3 blocks of A
+        Trajectory(2, [_turn(6 * B, a[:3] + [81, 82, 83])], arrival_time=0.0),  # with A: nothing
+        Trajectory(3, [_turn(4 * B, [77])], arrival_time=2.0),  # a first block nobody stored
+    ]
+    expected = 3 * B / (8 * B + 6 * B + 6 * B + 4 * B)
+    assert math.isclose(shared_hit_rate(trajs, 64), expected)
+    assert summarize(trajs, 64).shared_hit_rate == shared_hit_rate(trajs, 64)
+    assert summarize(trajs, 64).hit_rate == 0.0
+    assert shared_hit_rate([Trajectory(0, [Turn(100, 5), Turn(50, 5)])], 64) is None
 
 
 def test_shared_prefix_hits_is_checked_and_refused_where_it_does_nothing():

@@ -6,6 +6,11 @@ Definitions (the ones PAPER.md Table 2 appears to use):
   - total tokens: final context (last prompt + its generation) per trajectory, mean over trajectories;
   - context: prompt tokens of a turn (what it attends to), mean over all turns (pooled);
   - hit rate: sum of hit tokens (whole cached blocks of the earlier context) / sum of prompt tokens;
+  - hit rate across trajectories (turns with block hashes, a trace's): the same with one store shared by every
+    trajectory, of unbounded capacity, holding the whole hash blocks of every prompt that arrived strictly earlier
+    (at arrival_time + arrival_offset_s): the most a turn can hit, as the simulator counts it
+    (`workload.shared_prefix_hits`: its leading blocks found there, in whole blocks, leaving one token to prefill;
+    its own context where that is more); None without hashes;
   - gap: mean of the gaps between consecutive turns (a trajectory's last turn has no next turn: its gap is
     never used by the arrival models, so it is left out; 0 when no trajectory has two turns).
 """
@@ -37,6 +42,7 @@ class WorkloadStats:
     p50_append: float
     p90_append: float
     mean_gap_s: float
+    shared_hit_rate: float | None = None
 
     def rows(self) -> list[tuple[str, str]]:
         """(name, formatted value) pairs for printing."""
@@ -54,6 +60,11 @@ class WorkloadStats:
                 f"{self.p50_context:,.0f} / {self.p90_context:,.0f} / {self.max_context:,}",
             ),
             (f"hit rate (block {self.block_size})", f"{100 * self.hit_rate:.2f}%"),
+            *(
+                []
+                if self.shared_hit_rate is None
+                else [(f"hit rate across trajectories (block {self.block_size})", f"{100 * self.shared_hit_rate:.2f}%")]
+            ),
             ("gap between turns (mean s)", f"{self.mean_gap_s:.2f}"),
         ]
 
@@ -93,4 +104,38 @@ def summarize(trajectories: Sequence[Trajectory], block_size: int = 64) -> Workl
         p50_append=float(np.percentile(a, 50)),
         p90_append=float(np.percentile(a, 90)),
         mean_gap_s=float(np.mean(gaps)) if gaps else 0.0,
+        shared_hit_rate=shared_hit_rate(trajs, block_size),
     )
+
+
+def shared_hit_rate(trajectories: Sequence[Trajectory], block_size: int = 64) -> float | None:
+    """The hit rate across trajectories (module docstring); None where no turn has block hashes."""
+    check_block_size(block_size)
+    turns = []  # (arrival, prompt, own hit, turn)
+    for t in trajectories:
+        for (prompt, hit, _), turn in zip(t.turn_shapes(block_size), t.turns, strict=True):
+            turns.append((t.arrival_time + (turn.arrival_offset_s or 0.0), prompt, hit, turn))
+    if not any(turn.block_hashes is not None for *_, turn in turns):
+        return None
+    turns.sort(key=lambda x: x[0])
+    stored: set = set()
+    hits = prompts = 0
+    i = 0
+    while i < len(turns):
+        j = i
+        while j < len(turns) and turns[j][0] == turns[i][0]:  # (turns arriving together do not see each other's)
+            j += 1
+        for _, prompt, hit, turn in turns[i:j]:
+            n = 0
+            if turn.block_hashes is not None:
+                for h in turn.block_hashes.tolist():
+                    if h not in stored:
+                        break
+                    n += 1
+            hits += max(hit, (min(n * turn.hash_block_size, prompt - 1) // block_size) * block_size)
+            prompts += prompt
+        for _, prompt, _, turn in turns[i:j]:
+            if turn.block_hashes is not None:
+                stored.update(turn.block_hashes[: prompt // turn.hash_block_size].tolist())
+        i = j
+    return hits / prompts if prompts else 0.0
