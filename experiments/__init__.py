@@ -387,14 +387,33 @@ class SigtermAsInterrupt:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str | None]]:
+def _exit_with_parent(parent: int) -> None:
+    """In a `run_jobs` worker: exit when the process that started it is gone (killed hard: kill -9, the OOM killer),
+    instead of finishing a job whose result nobody reads and then waiting for the next one forever, holding its
+    memory."""
+    import os
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def run_jobs(fn, jobs: list, workers: int, desc: str, on_done=None) -> list[tuple[object, str | None]]:
     """`fn` over `jobs` with a progress bar, in spawned worker processes when `workers` > 1: one (result, None)
     or (None, error line) per job, in the order of `jobs`. A job that raises, or whose worker process dies (e.g.
     killed for memory), is its error line and the others still report: a dead worker hung
     `multiprocessing.Pool` forever and an exception lost every finished job's result. Ctrl-C stops the jobs at
-    once, and the ones not finished are error lines too (it lost every finished job's result, hours of a sweep)."""
+    once, and the ones not finished are error lines too (it lost every finished job's result, hours of a sweep).
+    `on_done(index, result, error)`, when given, is called in this process as each job finishes (or fails),
+    before the progress bar moves on (a sweep keeps each cell on disk); a job that Ctrl-C stopped gets no call."""
     import concurrent.futures as cf
     import multiprocessing as mp
+    import os
     import sys
     from concurrent.futures.process import BrokenProcessPool
 
@@ -406,16 +425,22 @@ def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str 
         if workers <= 1:
             for i, job in enumerate(jobs):
                 try:
-                    out[i] = (fn(job), None)
-                # a job's sys.exit (e.g. in a setup file) is its error too: it ended the sweep with no results
-                except (Exception, SystemExit) as e:  # noqa: BLE001 - reported with the job, after the others ran
-                    out[i] = (None, error_line(e))
-                except KeyboardInterrupt:  # the finished jobs are kept; this one and the rest do not run
-                    out[i:] = [interrupted] * (len(jobs) - i)
+                    try:
+                        out[i] = (fn(job), None)
+                    # a job's sys.exit (e.g. in a setup file) is its error too: it ended the sweep with no results
+                    except (Exception, SystemExit) as e:  # noqa: BLE001 - reported with the job, after the others ran
+                        out[i] = (None, error_line(e))
+                    if on_done is not None:
+                        on_done(i, *out[i])
+                    bar.update()
+                except KeyboardInterrupt:  # the finished jobs are kept (this one, if in on_done); the rest do not run
+                    out[i:] = [done or interrupted for done in out[i:]]
                     break
-                bar.update()
             return out
-        pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        # (a worker whose driver was killed hard went on with its job, then waited for the next one forever)
+        pool = cf.ProcessPoolExecutor(
+            workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent, initargs=(os.getpid(),)
+        )
         try:
             futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
             for f in cf.as_completed(futures):
@@ -425,6 +450,8 @@ def run_jobs(fn, jobs: list, workers: int, desc: str) -> list[tuple[object, str 
                     out[futures[f]] = (None, "a worker process died (killed, e.g. out of memory) before this finished")
                 except (Exception, SystemExit) as e:  # noqa: BLE001 - a worker's sys.exit comes back as its result
                     out[futures[f]] = (None, error_line(e))
+                if on_done is not None:
+                    on_done(futures[f], *out[futures[f]])
                 bar.update()
         except BaseException as e:  # Ctrl-C: stop now, as Pool did (the executor would finish the running jobs first)
             for p in list((pool._processes or {}).values()):  # noqa: SLF001 - no public way before Python 3.14

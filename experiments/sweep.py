@@ -9,7 +9,16 @@ Each cell is `<setup>:<mode>,<load>` (configs/sim_base.py variant syntax). Write
 with its cell's `spec`), run.json (what ran: dualpath_jax.metrics.run_info) and sweep.png (per setup: JCT, TTFT,
 storage-NIC max/avg and, online, SLO attainment over the loads, a line per mode) under --output_dir (default
 results/sweep) and prints the table. A directory that holds an earlier sweep's
-sweep.csv / sweep.json is refused unless --overwrite (its results are not replaced).
+sweep.csv / sweep.json / sweep.rows.jsonl is refused unless --overwrite (its results are replaced) or --resume.
+
+Each cell's row (the one sweep.json gets, a failed cell's with its `error`) is also appended, as the cell finishes,
+to sweep.rows.jsonl, one JSON line, flushed and fsynced: a driver killed hard (kill -9, the OOM killer, a reboot)
+loses no finished cell. Once sweep.json holds every row (it is written beside and renamed over, so one of the two
+always has them) the log is removed: a finished directory holds what it did before, and a second file with the
+same rows could not go stale beside it. `--resume` (same command, plus --resume) keeps each cell an earlier sweep
+in --output_dir finished (its rows in sweep.json and sweep.rows.jsonl) and runs only the others; the results are
+written as one run would write them, and run.json names the kept cells (`resumed_cells`). It trusts those rows:
+a setup file or code changed in between is not detected. With nothing earlier there it runs every cell.
 """
 
 from __future__ import annotations
@@ -78,9 +87,18 @@ _PLOT = flags.DEFINE_bool(
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite",
     False,
-    "Replace an earlier sweep's sweep.csv / sweep.json in --output_dir (else: refused).",
+    "Replace an earlier sweep's sweep.csv / sweep.json / sweep.rows.jsonl in --output_dir (else: refused).",
     allow_override=True,
 )
+_RESUME = flags.DEFINE_bool(
+    "resume",
+    False,
+    "Go on with an earlier (stopped or killed) sweep in --output_dir: keep each cell it finished (its sweep.json / "
+    "sweep.rows.jsonl rows) and run only the others. Give the same --setups/--modes/--loads/--extra/--seeds.",
+)
+
+RESULTS = ("sweep.csv", "sweep.json", "sweep.rows.jsonl")  # an earlier sweep's, refused unless --overwrite/--resume
+ROWS_LOG = "sweep.rows.jsonl"  # each cell's row, appended as it finishes (--resume reads it)
 
 COLUMNS = [
     "setup",
@@ -122,24 +140,165 @@ def run_cell(args: tuple[str, str, str, str, str]) -> dict:
     return row
 
 
-def run_grid(cells: Sequence[tuple[str, str, str, str, str]], workers: int) -> list[dict]:
-    """Every cell's row, in the order of `cells`. A cell that failed (its run raised, its worker process was
-    killed) is a row with its `error` and no figures; the other cells still run and report."""
-    # a setup is named by its file name, or by its path where two setups share one (a/x.py, b/x.py: their rows
-    # and plot lines were one setup's)
+def setup_names(cells: Sequence[tuple[str, str, str, str, str]]) -> dict[str, str]:
+    """A setup is named by its file name, or by its path where two setups share one (a/x.py, b/x.py: their rows
+    and plot lines were one setup's)."""
     names = {s: os.path.basename(s) for s in dict.fromkeys(c[0] for c in cells)}
     if len(set(names.values())) < len(names):
         names = {s: s for s in names}
-    rows = []
-    for c, (row, error) in zip(cells, run_jobs(run_cell, list(cells), workers, "sweep"), strict=True):
-        setup, mode, load, _, seed = c
-        if error is not None:
-            # the seed as the finished rows have it, a number (it was --seeds' text: "1" beside 1 in sweep.json)
-            row = {"setup": setup, "mode": mode, "load": load, "seed": int(seed) if seed else None, "error": error}
-        row["setup"] = names[setup]
-        row["spec"] = cell_spec(*c)  # what the cell ran, as one `file:variant` (sweep.json; not a sweep.csv column)
-        rows.append(row)
-    return rows
+    return names
+
+
+def _grid_row(c: tuple[str, str, str, str, str], result: dict | None, error: str | None, names: dict) -> dict:
+    """The row of cell `c` (sweep.json, sweep.rows.jsonl): its run's `result`, or its `error` and no figures."""
+    setup, mode, load, _, seed = c
+    if error is not None:
+        # the seed as the finished rows have it, a number (it was --seeds' text: "1" beside 1 in sweep.json)
+        row = {"setup": setup, "mode": mode, "load": load, "seed": int(seed) if seed else None, "error": error}
+    else:
+        row = dict(result)
+    row["setup"] = names[setup]
+    row["spec"] = cell_spec(*c)  # what the cell ran, as one `file:variant` (sweep.json; not a sweep.csv column)
+    return row
+
+
+def run_grid(
+    cells: Sequence[tuple[str, str, str, str, str]], workers: int, names: dict | None = None, log: str | None = None
+) -> list[dict]:
+    """Every cell's row, in the order of `cells`. A cell that failed (its run raised, its worker process was
+    killed) is a row with its `error` and no figures; the other cells still run and report. With `log`, each row
+    is appended to that file (sweep.rows.jsonl) as its cell finishes, before the progress bar moves on."""
+    names = names or setup_names(cells)
+    broken: list[str] = []  # why the log took no more rows (a full disk): the rows stay in memory, for sweep.json
+
+    def keep(i: int, result, error) -> None:
+        if log is None or broken:
+            return
+        try:
+            append_row(log, _grid_row(cells[i], result, error, names))
+        except OSError as e:
+            broken.append(str(e))
+            logging.warning(
+                "cannot append to %s (%s): the sweep's rows are kept only in memory, for sweep.json", log, e
+            )
+
+    out = run_jobs(run_cell, list(cells), workers, "sweep", on_done=keep)
+    return [_grid_row(c, row, error, names) for c, (row, error) in zip(cells, out, strict=True)]
+
+
+def _fsync_dir(directory: str) -> None:
+    """A file made, renamed or removed in `directory` is on disk (its entry), not only the file's bytes."""
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # (a file system that cannot fsync a directory)
+        pass
+    finally:
+        os.close(fd)
+
+
+def append_row(path: str, row: dict) -> None:
+    """`row` as one JSON line at the end of `path`, flushed and fsynced: a cell is minutes of work, and the driver
+    may be killed hard right after (kill -9, the OOM killer, a reboot)."""
+    from dualpath_jax.metrics import json_safe
+
+    made = not os.path.exists(path)
+    line = json.dumps(json_safe(row), default=str) + "\n"  # (NaN as null, as sweep.json)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    if made:
+        _fsync_dir(os.path.dirname(path))
+
+
+def _needs_spec(row, where: str) -> dict:
+    if not isinstance(row, dict) or not isinstance(row.get("spec"), str):
+        raise SystemExit(
+            f"--resume: {where} is not a sweep row with its cell's `spec` (`file:variant`); mend or remove it, "
+            "or --overwrite to replace the earlier results"
+        )
+    return row
+
+
+def earlier_rows(directory: str) -> tuple[list[dict], int | None]:
+    """The rows an earlier sweep left in `directory`, oldest first: sweep.json's, then sweep.rows.jsonl's lines.
+    Also, when the log's last line is torn (the driver was killed mid-write), the byte offset where it begins (None
+    when the log is whole). Any other malformed line, or a row without its `spec`, is a SystemExit naming the file
+    and the line."""
+    rows: list[dict] = []
+    path = os.path.join(directory, "sweep.json")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                held = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--resume: cannot read {path}: {e}; or --overwrite to replace it") from None
+        if not isinstance(held, list):
+            raise SystemExit(f"--resume: {path} is not a sweep's rows (a JSON list); or --overwrite to replace it")
+        rows += [_needs_spec(r, f"{path} row {n}") for n, r in enumerate(held, 1)]
+    path = os.path.join(directory, ROWS_LOG)
+    torn = None
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except OSError as e:
+            raise SystemExit(f"--resume: cannot read {path}: {e}") from None
+        if lines[-1] == b"":  # (what follows the last newline)
+            lines.pop()
+        offset = 0
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError as e:  # (a UnicodeDecodeError too)
+                if n < len(lines):
+                    raise SystemExit(
+                        f"--resume: {path} line {n} is not a JSON row ({e}); only a torn last line is ignored. "
+                        "Mend or remove that line, or --overwrite to replace the earlier results"
+                    ) from None
+                logging.warning("--resume: %s line %d is torn (the sweep was killed mid-write): ignored", path, n)
+                torn = offset
+                break
+            rows.append(_needs_spec(row, f"{path} line {n}"))
+            offset += len(line) + 1
+    return rows, torn
+
+
+def _cell_key(spec: str) -> tuple[str, str]:
+    """A cell as --resume matches it: its setup file (configs/x.py and ./configs/x.py are one), its variant."""
+    setup, _, variant = spec.partition(":")
+    return os.path.realpath(setup), variant
+
+
+def resumable(cells, directory: str) -> tuple[dict[int, dict], int | None]:
+    """For --resume: the earlier sweep's finished row of each cell it has (by the cell's index in `cells`; the
+    latest of a cell's rows that finished), and `earlier_rows`' torn-line offset. Refused (SystemExit) when an
+    earlier row is of a cell this sweep does not have (its results would be dropped)."""
+    rows, torn = earlier_rows(directory)
+    if not rows and torn is None:
+        if os.path.exists(os.path.join(directory, "sweep.csv")) and not os.path.exists(
+            os.path.join(directory, "sweep.json")
+        ):  # (its rows name no spec to match)
+            raise SystemExit(
+                f"--resume: {directory} holds an earlier sweep.csv but no rows to resume from (sweep.json, "
+                f"{ROWS_LOG}); give another --output_dir, or --overwrite to replace it"
+            )
+        logging.info("--resume: %s holds no earlier sweep's rows: every cell runs", directory)
+    index = {_cell_key(cell_spec(*c)): i for i, c in enumerate(cells)}
+    foreign = list(dict.fromkeys(r["spec"] for r in rows if _cell_key(r["spec"]) not in index))
+    if foreign:
+        # (separated by ';': a spec has commas)
+        named = "; ".join(foreign[:3]) + (f"; and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise SystemExit(
+            f"--resume: {directory} holds {len(foreign)} cells this sweep does not have ({named}); pass the same "
+            "--setups/--modes/--loads/--extra/--seeds, or --overwrite to replace them"
+        )
+    kept = {index[_cell_key(r["spec"])]: r for r in rows if r.get("error") is None}
+    return kept, torn
 
 
 # What sweep.png shows per setup: (column, axis label); online cells (slo_attainment set) plot their SLO row
@@ -217,25 +376,56 @@ def main(argv: Sequence[str]) -> None:
     seeds = [str(int(x)) for x in _SEEDS.value] or [""]
     if _SEEDS.value and any(item.strip().startswith("seed=") for item in _EXTRA.value.split(",")):
         raise SystemExit("bad --extra: --seeds and a seed= item in --extra both set the seed; use one")
+    if _RESUME.value and _OVERWRITE.value:
+        raise SystemExit(
+            "bad flags: --resume keeps an earlier sweep's finished cells and --overwrite replaces them; give one"
+        )
     cells = [
         (s, m, ld, _EXTRA.value, sd) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value for sd in seeds
     ]
+    out_dir, log = _OUTPUT_DIR.value, os.path.join(_OUTPUT_DIR.value, ROWS_LOG)
     with SigtermAsInterrupt() as term:
         try:
-            traces = _check_cells(cells)
+            # --resume: the earlier sweep's finished cells (by index in `cells`), matched first (cheap, and a
+            # different grid is refused before any simulator is built)
+            kept, torn = resumable(cells, out_dir) if _RESUME.value else ({}, None)
+            to_run = [c for i, c in enumerate(cells) if i not in kept]
+            traces = _check_cells(to_run) + _check_cells([cells[i] for i in kept], build=False)
         except Terminated:
             raise SystemExit("sweep: stopped by SIGTERM before any cell ran (nothing written)") from None
-        writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the grid runs, not after
-        # an earlier sweep's results are kept (a failed sweep wrote its partial rows over them)
-        no_earlier_results_or_exit(_OUTPUT_DIR.value, ("sweep.csv", "sweep.json"), "--output_dir", _OVERWRITE.value)
-        rows = run_grid(cells, _WORKERS.value)
+        writable_dir_or_exit(out_dir, "--output_dir")  # before the grid runs, not after
+        if _RESUME.value:
+            if torn is not None:  # (appended to, it would be a malformed line in the middle)
+                os.truncate(log, torn)
+                logging.info("--resume: cut the torn last line off %s", log)
+            logging.info(
+                "--resume: kept %d finished cells of %d from %s; running the other %d",
+                len(kept), len(cells), out_dir, len(to_run),
+            )  # fmt: skip
+        else:
+            # an earlier sweep's results are kept (a failed sweep wrote its partial rows over them)
+            try:
+                no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
+            except SystemExit as e:
+                raise SystemExit(f"{e}, or --resume to keep its finished cells and run only the others") from None
+            if os.path.exists(log):  # --overwrite: this sweep's log starts empty (an earlier one's rows are replaced)
+                os.remove(log)
+        names = setup_names(cells)
+        ran = iter(run_grid(to_run, _WORKERS.value, names, log))
+        rows = [_resumed_row(kept[i], c, names) if i in kept else next(ran) for i, c in enumerate(cells)]
         term.raising = False  # SIGTERM from here on: noted, and the exit comes after the results are written
-        _write_results(rows, cells, term, started, traces)
+        _write_results(rows, cells, term, started, traces, [cell_spec(*cells[i]) for i in sorted(kept)])
 
 
-def _check_cells(cells) -> list[str]:
+def _resumed_row(row: dict, c, names: dict) -> dict:
+    """An earlier sweep's row of cell `c`, named as this sweep names it (the same cell, spelled alike)."""
+    return {**{k: v for k, v in row.items() if k != "error"}, "setup": names[c[0]], "spec": cell_spec(*c)}
+
+
+def _check_cells(cells, build: bool = True) -> list[str]:
     """Every cell's simulator is built first (config, workload, and the check that every turn fits a DE): a bad cell
-    stops the sweep before anything runs. Returns the trace paths the cells read (run.json)."""
+    stops the sweep before anything runs. Returns the trace paths the cells read (run.json). Without `build` only
+    the configs load (the cells --resume keeps, for their traces: a paper-scale simulator takes a while)."""
     from dualpath_jax.sim import load_sim_config
     from dualpath_jax.sim.configs_io import ConfigFileError
     from dualpath_jax.sim.runner import build_simulator
@@ -244,7 +434,8 @@ def _check_cells(cells) -> list[str]:
     for c in cells:
         try:
             cfg = load_sim_config(cell_spec(*c), as_run=True)
-            build_simulator(cfg)
+            if build:
+                build_simulator(cfg)
         except ConfigFileError as e:  # the --setups file itself does not load (not Python, no get_config, ...)
             raise SystemExit(f"bad config: {e}") from None
         except (ValueError, KeyError) as e:
@@ -256,9 +447,12 @@ def _check_cells(cells) -> list[str]:
     return traces
 
 
-def _write_results(rows: list[dict], cells, term: SigtermAsInterrupt, started: float, traces: list[str]) -> None:
-    """sweep.csv / sweep.json / sweep.png / run.json of `rows` (the failed cells' rows say why), the table; then a
-    failing exit naming the failed cells, or saying that SIGTERM stopped the sweep (`term.got`)."""
+def _write_results(
+    rows: list[dict], cells, term: SigtermAsInterrupt, started: float, traces: list[str], resumed: list[str]
+) -> None:
+    """sweep.csv / sweep.json / sweep.png / run.json of `rows` (the failed cells' rows say why; `resumed`: the
+    cells kept from an earlier sweep), the table; the rows' log goes once sweep.json holds them. Then a failing
+    exit naming the failed cells, or saying that SIGTERM stopped the sweep (`term.got`)."""
     from dualpath_jax.metrics import json_safe, run_info, write_run_info
 
     for r in rows:  # (run_jobs stopped the cells as for Ctrl-C)
@@ -269,8 +463,14 @@ def _write_results(rows: list[dict], cells, term: SigtermAsInterrupt, started: f
         w = csv.DictWriter(f, fieldnames=COLUMNS + (["error"] if failed else []), extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    with open(os.path.join(_OUTPUT_DIR.value, "sweep.json"), "w") as f:
+    # beside it, then renamed over it: an earlier sweep.json (a --resume's kept rows) is whole until this one is
+    path = os.path.join(_OUTPUT_DIR.value, "sweep.json")
+    with open(f"{path}.tmp", "w") as f:
         json.dump(json_safe(rows), f, indent=1, default=str)  # NaN (e.g. oracle's storage-NIC max/avg): null
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f"{path}.tmp", path)
+    _fsync_dir(_OUTPUT_DIR.value)
     print("  ".join(COLUMNS))
     for r in rows:
         print("  ".join(_fmt(r.get(k)) for k in COLUMNS))
@@ -284,8 +484,19 @@ def _write_results(rows: list[dict], cells, term: SigtermAsInterrupt, started: f
     print("wrote", os.path.join(_OUTPUT_DIR.value, "sweep.csv"))
     # what ran, and the line that runs it again into a directory of its own (README "What ran")
     cells_run = [cell_spec(*c) for c in cells]
-    info = run_info("experiments.sweep", started, output_dir=_OUTPUT_DIR.value, traces=traces, cells=cells_run)
+    info = run_info(
+        "experiments.sweep",
+        started,
+        output_dir=_OUTPUT_DIR.value,
+        traces=traces,
+        cells=cells_run,
+        resumed_cells=resumed,
+    )
     print("wrote", write_run_info(_OUTPUT_DIR.value, info))
+    log = os.path.join(_OUTPUT_DIR.value, ROWS_LOG)
+    if os.path.exists(log):  # sweep.json holds every row now
+        os.remove(log)
+    resume = "\nsweep: go on with the same command and --resume: the finished cells are kept, only the others run"
     stopped = (
         f"sweep: stopped by SIGTERM; the {len(rows) - len(failed)} finished cells of {len(rows)} are in "
         f"{os.path.join(_OUTPUT_DIR.value, 'sweep.csv')}\n"
@@ -296,6 +507,7 @@ def _write_results(rows: list[dict], cells, term: SigtermAsInterrupt, started: f
         raise SystemExit(
             f"{stopped}sweep: {len(failed)} of {len(rows)} cells failed (their rows say so):\n"
             + "\n".join(f"  {cell_spec(*c)}: {err}" for c, err in failed)
+            + resume
         )
     if term.got:  # (it came after the last cell finished: every result is written)
         raise SystemExit(stopped.rstrip())
