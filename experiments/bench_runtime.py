@@ -149,6 +149,7 @@ def build_simulator(cfg, trajs, cost, policy_kwargs: dict):
     from dualpath_jax.runtime import driver
 
     sim_cfg = sim_config(cfg, cost.model, policy_kwargs, n_agents=len(trajs))
+    trajs = with_first_prompt_hashes(trajs, cfg.block_size)
     policy = schedulers.make_policy(sim_cfg.policy, **sim_cfg.policy_kwargs)
     batcher = schedulers.make_batcher(sim_cfg.batcher, **sim_cfg.batcher_kwargs)
     arrivals = None  # the runtime's arrival model: online / trace agents do not all start at t = 0 (offline)
@@ -167,6 +168,31 @@ def build_simulator(cfg, trajs, cost, policy_kwargs: dict):
         arrival_model=arrivals,
     )
     return sim
+
+
+def with_first_prompt_hashes(trajs, block_size: int) -> list:
+    """`trajs` with each first turn that has its token ids (a trace's, `driver.make_trajectories`) carrying the keys of
+    its whole blocks (`block_keys`, as the runtime's store keys them) as `block_hashes`, so the simulator hits what
+    one trajectory's first prompt shares with another's stored prompt, as the runtime's store does
+    (`workload.shared_prefix_hits`; the copy hit only each trajectory's own context). Later turns need none: their
+    prompts hold the model's generated tokens past the first append, so no other trajectory shares more of them
+    than their own context gives."""
+    import numpy as np
+
+    from dualpath_jax.block_keys import block_keys
+    from dualpath_jax.workloads.types import Trajectory
+
+    out = []
+    for t in trajs:
+        first = t.turns[0] if t.turns else None
+        if first is None or first.append_token_ids is None or first.block_hashes is not None:
+            out.append(t)
+            continue
+        keys = block_keys(first.append_token_ids, block_size)  # (bytes; their first 8 as the simulator's int ids)
+        hashes = np.asarray([int.from_bytes(k[:8], "little", signed=True) for k in keys], np.int64)
+        turn0 = dataclasses.replace(first, block_hashes=hashes, hash_block_size=block_size)
+        out.append(Trajectory(t.trajectory_id, [turn0, *t.turns[1:]], t.arrival_time, t.source))
+    return out
 
 
 def _plot(out: dict, path: str) -> None:

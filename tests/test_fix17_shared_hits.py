@@ -142,3 +142,34 @@ def test_shared_prefix_hits_is_checked_and_refused_where_it_does_nothing():
         run(cfg)
     with pytest.raises(ValueError, match=r"config.workload.shared_prefix_hits applies to trace workloads only"):
         load_sim_config(f"{TINY}:dualpath", {"workload.shared_prefix_hits": False}, as_run=True)
+
+
+def test_bench_runtimes_simulator_copy_hits_what_first_prompts_share():
+    """`experiments.bench_runtime`'s simulator copy of a runtime run: two agents whose first prompts (a trace's ids)
+    share their first 3 blocks of 16 tokens; the second arrives later and hits them, as the runtime's store does (the
+    copy counted each trajectory's own context only). Turns without ids (tiny agents) are left as they are."""
+    pytest.importorskip("ml_collections")
+    from configs.tiny_runtime import get_config
+    from dualpath_jax.runtime.config import RuntimeConfig
+    from experiments import bench_runtime
+    from schedulers.cost_model import MODEL_SHAPES, CostModel
+
+    cfg = RuntimeConfig.from_config_dict(get_config().runtime).replace(block_size=16, **{"workload.arrival": "trace"})
+    cost = CostModel(MODEL_SHAPES.get("ds27b"), "cpu")
+    rng = np.random.default_rng(0)
+    common = rng.integers(0, 1000, 48)
+    ids = [np.concatenate([common, rng.integers(0, 1000, 40)]) for _ in range(2)]
+    trajs = [
+        Trajectory(0, [Turn(88, 4, append_token_ids=ids[0]), Turn(20, 4)]),
+        Trajectory(1, [Turn(88, 4, append_token_ids=ids[1])], arrival_time=50.0),
+        Trajectory(2, [Turn(60, 4)], arrival_time=60.0),
+    ]
+    hashed = bench_runtime.with_first_prompt_hashes(trajs, 16)
+    assert len(hashed[0].turns[0].block_hashes) == 5 and hashed[0].turns[1].block_hashes is None
+    assert list(hashed[0].turns[0].block_hashes[:3]) == list(hashed[1].turns[0].block_hashes[:3])
+    assert hashed[0].turns[0].block_hashes[3] != hashed[1].turns[0].block_hashes[3] and hashed[2] is trajs[2]
+    sim = bench_runtime.build_simulator(cfg, trajs, cost, {"block_size": 16})
+    records, _, stats = sim.run()
+    assert stats["unfinished_turns"] == 0
+    hits = {(r.trajectory_id, r.turn_index): r.hit_tokens for r in records}
+    assert hits == {(0, 0): 0, (0, 1): 80, (1, 0): 48, (2, 0): 0}, hits
