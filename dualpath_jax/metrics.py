@@ -223,6 +223,60 @@ def ttft_breakdown(records: Sequence[TurnRecord], cache: dict | None = None) -> 
     return {f"ttft_{k}_mean_s": float(np.mean(v[ok])) if ok.any() else math.nan for k, v in parts.items()}
 
 
+_percentile = percentile  # (`slo_summary`'s argument `percentile` hides the function there)
+
+
+def slo_summary(
+    records: Sequence[TurnRecord],
+    ttft_s: float,
+    tpot_s: float,
+    percentile: float,
+    warmup_s: float = 0.0,
+    end_s: float = math.inf,
+) -> dict:
+    """An online run's SLO (PAPER.md: TTFT <= `ttft_s` and TPOT <= `tpot_s` at the `percentile`), judged on the turns
+    arriving in [warmup_s, end_s): the simulator's (`sim.runner.slo_summary`: end_s its duration_s, online) and the
+    runtime's (`experiments.run`). `slo_attainment`: the share of those turns within both bounds; `slo_met`: the
+    percentiles within them. A turn with no first token is a miss, one still decoding is judged on its TTFT, a
+    1-token turn has no TPOT. An infinite bound is no bound. No turn in the window: every key, `slo_met` False."""
+    for name, v, low_ok in (("ttft_s", ttft_s, False), ("tpot_s", tpot_s, False), ("warmup_s", warmup_s, True)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 0 if low_ok else v > 0):  # (NaN too)
+            raise ValueError(f"SLO {name} must be a number {'>=' if low_ok else '>'} 0, got {v!r}")
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 < percentile <= 100:
+        raise ValueError(f"SLO percentile must be in (0, 100], got {percentile!r}")
+    pct = f"{percentile:g}"
+    recs = [r for r in records if warmup_s <= r.arrival < end_s]
+    done = [r for r in recs if not math.isnan(r.finished)]
+    if not recs:  # every key (it had two: a sweep.csv's slo_attainment was empty, a notebook's lookup a KeyError)
+        nan = math.nan
+        return {"slo_turns": 0, "slo_attainment": nan, f"ttft_p{pct}_s": nan, f"tpot_p{pct}_s": nan,
+                "ttst_p50_s": nan, "slo_met": False}  # fmt: skip
+    # No first token yet: a miss, infinitely late (it was 1e9 s: a percentile on it printed 1,000,000,000 s, or
+    # between it and a real TTFT a made-up ~1e8 s); `percentile` interpolates to inf where numpy gives NaN.
+    ttft = [r.ttft if not math.isnan(r.first_token) else math.inf for r in recs]
+    tpot = [r.tpot for r in done if r.gen_tokens > 1]
+    ttft_q = _percentile(ttft, percentile)
+    # TTST likewise: a turn of 2+ tokens with no second token yet is a miss (it was left out, so an overloaded run's
+    # TTST p50 came from the turns that got one: 5.9 s where 7.8 s with them); a 1-token turn has none (NaN: out).
+    ttst = [r.ttst if r.gen_tokens <= 1 or not math.isnan(r.second_token) else math.inf for r in recs]
+    tpot_q = float(np.percentile(tpot, percentile)) if tpot else math.nan
+    # A turn still decoding when the clock stops is judged on its TTFT only.
+    ok = [
+        (not math.isnan(r.first_token))
+        and r.ttft <= ttft_s
+        and (r.gen_tokens <= 1 or math.isnan(r.finished) or r.tpot <= tpot_s)
+        for r in recs
+    ]
+    return {
+        "slo_turns": len(recs),
+        "slo_attainment": float(np.mean(ok)),
+        f"ttft_p{pct}_s": ttft_q,
+        f"tpot_p{pct}_s": tpot_q,
+        "ttst_p50_s": _percentile(ttst, 50),
+        "slo_met": bool(ttft_q <= ttft_s and (math.isnan(tpot_q) or tpot_q <= tpot_s)),
+    }
+
+
 def json_safe(v):
     """`v` with every NaN / infinite float (nested in dicts, lists, tuples) as None: `json.dump` writes them as
     NaN / Infinity, which is not JSON (strict readers refuse the file); None is `null`."""

@@ -235,6 +235,13 @@ def main(argv):
 
     config = config_or_exit(_CONFIG)
     refuse_unused_workload_overrides(_CONFIG)
+    given = flags.FLAGS[_CONFIG.name].override_values or {}
+    slo = sorted(k for k in given if k.split(".")[:2] == ["runtime", "slo"])
+    if slo:  # (the config file's runtime.slo section: read by experiments.run, ignored here without a word)
+        raise SystemExit(
+            f"bad config: --config.{slo[0]} is not used by bench_runtime: it compares JCTs and judges no SLO "
+            "(experiments.run judges online and trace-arrival runs on config.runtime.slo)"
+        )
     if config.runtime.launcher == "local":  # (before this process uses an accelerator: it calibrates on it too)
         os.environ.update(accelerator_sharing_env())
     enable_compilation_cache()

@@ -11,7 +11,12 @@ the bottleneck, a few dozen multi-turn agents (configs/tiny_runtime.py). Each po
 and a fresh store with the same conversations, with its own Config fields (`policy.NAME=value` items after its
 name in `config.policies`, as in the simulator's config variants) over `config.runtime.scheduler.policy_kwargs`
 (fields for every policy); the job prints JCT, throughput, TTFT/TPOT percentiles, bytes
-per read path and the storage-NIC max/avg, and writes JSON + a plot into results/<timestamp>/.
+per read path and the storage-NIC max/avg, and writes JSON + a plot into results/<timestamp>/. An online or
+trace-arrival run (`config.runtime.workload.arrival`) is also judged against the SLO of `config.runtime.slo` (TTFT /
+TPOT at a percentile, as the simulator's; `slo_window`): the table gives each policy's SLO attainment and met /
+missed, results.json and turns_<policy>.json the SLO's figures.
+
+    python -m experiments.run --config.runtime.workload.arrival=online --config.runtime.workload.aps=2
 
 An item `layerwise=false` after a policy's name runs it with the paper's Basic prefill (`cluster.layerwise`: the
 whole hit KV in the PE before its first layer, the prompt KV to the DE after its last; as the simulator's `basic`
@@ -72,6 +77,10 @@ PRESETS = {
 }
 
 
+# An online / trace-arrival run's SLO columns (`slo_window`), before the speedups
+SLO_COLUMNS = [("slo_attainment", "SLO att.", "{:.1%}"), ("slo_met", "SLO", "met")]
+
+
 def expand_presets(text: str) -> str:
     """`config.policies` with each item that names a preset (`PRESETS`, not a registered policy) replaced by its list."""
     from schedulers.registry import POLICIES
@@ -84,15 +93,22 @@ def format_table(results: dict) -> str:
     """One row per policy plus the JCT speedup over the first policy (the baseline of the same run) and the JCT change
     against it (as the paper gives its ablation: -17.21% with layerwise prefill, ...)."""
     names = list(results)
-    header = ["policy"] + [c[1] for c in COLUMNS] + [f"speedup vs {names[0]}", f"JCT vs {names[0]}"]
+    # an SLO-judged run (online / trace arrivals) gets its attainment and verdict; an offline run has none
+    columns = COLUMNS + (SLO_COLUMNS if any("slo_met" in results[n].summary for n in names) else [])
+    header = ["policy"] + [c[1] for c in columns] + [f"speedup vs {names[0]}", f"JCT vs {names[0]}"]
     rows = []
     base = results[names[0]].summary["jct_s"]
     for n in names:
         s = results[n].summary
         row = [n]
-        for key, _, fmt in COLUMNS:
+        for key, _, fmt in columns:
             v = s.get(key, math.nan)
-            row.append(f"{v / 1e6:.2f}" if fmt == "mb" else f"{v * 1e3:.1f}" if fmt == "ms" else fmt.format(v))
+            if fmt == "met":
+                row.append("met" if v is True else "missed")
+            elif isinstance(v, float) and math.isnan(v) and "%" in fmt:  # (no turn judged)
+                row.append("n/a")
+            else:
+                row.append(f"{v / 1e6:.2f}" if fmt == "mb" else f"{v * 1e3:.1f}" if fmt == "ms" else fmt.format(v))
         row.append(f"{base / s['jct_s']:.2f}x")
         row.append(f"{(s['jct_s'] / base - 1) * 100:+.1f}%")
         rows.append(row)
@@ -100,6 +116,72 @@ def format_table(results: dict) -> str:
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(r, widths, strict=True)) for r in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def slo_window(cfg, trajs) -> tuple[float, float] | None:
+    """The turns an online / trace-arrival run `cfg` is judged on against `cfg.slo`, as the simulator judges its own
+    (`sim.runner.slo_summary`): those arriving in [slo.warmup_s, end]. Online: end the last agent's arrival (its
+    first turn judged), as the simulator's window ends with its arrivals (duration_s): the drain after them sees a
+    lighter load. Trace: no end (inf), as the simulator's. Offline: None, no SLO (judged on its JCT; the
+    simulator's offline summary has none either). A ConfigError where no online turn would be judged."""
+    from dualpath_jax.runtime import driver
+    from dualpath_jax.runtime.config import ConfigError
+
+    w, warmup = cfg.workload, cfg.slo.warmup_s
+    if w.arrival == "offline":
+        return None
+    if w.arrival != "online":
+        return warmup, math.inf
+    last = max(float(t) for t in driver.make_arrival_model(cfg).agent_arrivals(trajs))
+    if not warmup <= last:  # (the simulator refuses warmup_s >= duration_s alike)
+        raise ConfigError(
+            f"config.slo.warmup_s ({warmup:g}) must not be after the last agent's arrival ({last:.3g} s: "
+            f"config.workload.agents={w.agents} at aps={w.aps:g}, seed {w.seed}) for arrival='online' (the SLO is "
+            "judged on the turns arriving in between)"
+        )
+    return warmup, last
+
+
+def judge_slo(cfg, window: tuple[float, float], records) -> dict:
+    """`metrics.slo_summary` of a run's turn records under `cfg.slo`, on those arriving in `window` (`slo_window`;
+    its end included)."""
+    from dualpath_jax import metrics
+
+    s = cfg.slo
+    end = math.nextafter(window[1], math.inf)  # (the last agent's own first turn is judged)
+    return metrics.slo_summary(records, s.ttft_s, s.tpot_s, s.percentile, window[0], end)
+
+
+def with_slo(summary: dict, slo: dict) -> dict:
+    """A run's `summary` with its SLO figures (`judge_slo`) under the simulator's keys (`sim.runner.summarize`): an
+    SLO percentile the summary has too (at 50 or 99) as `slo_ttft_p50_s` ..."""
+    out = dict(summary)
+    for k, v in slo.items():
+        out["slo_" + k if k in summary and k.endswith("_s") else k] = v
+    return out
+
+
+def slo_settings(cfg, window: tuple[float, float]) -> dict:
+    """The SLO a run was judged on, as results.json and turns_<policy>.json give it (`window_s`: its end included;
+    null: no end)."""
+    s = cfg.slo
+    return {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s, "percentile": s.percentile, "warmup_s": s.warmup_s,
+            "window_s": list(window)}  # fmt: skip
+
+
+def slo_line(cfg, window: tuple[float, float]) -> str:
+    """The table's note naming the SLO the policies were judged on."""
+    s = cfg.slo
+    q = f"p{s.percentile:g}"
+    bounds = f"TTFT {q} <= {s.ttft_s:g} s and TPOT {q} <= {s.tpot_s * 1e3:g} ms"
+    if math.isinf(window[1]):
+        turns = f"the turns arriving from {window[0]:g} s on"
+    else:
+        turns = (
+            f"the turns arriving in [{window[0]:g}, {window[1]:.3f}] s (to the last agent's arrival; the drain after "
+            "it is not judged)"
+        )
+    return f"SLO (config.runtime.slo): {bounds} on {turns}; SLO att.: the share of those turns within both bounds"
 
 
 def plot(results: dict, path: str) -> bool:
@@ -111,7 +193,12 @@ def plot(results: dict, path: str) -> bool:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].bar(names, [results[n].summary["jct_s"] for n in names], color="tab:blue")
     axes[0].set_ylabel("JCT (s)")
-    axes[0].set_title("offline rollout JCT")
+    judged = [n for n in names if "slo_attainment" in results[n].summary]  # (online / trace arrivals)
+    if judged:  # (every turn's span there is not an offline rollout's JCT: the SLO attainment beside it)
+        att = ", ".join(f"{n} {results[n].summary['slo_attainment']:.0%}" for n in judged)
+        axes[0].set_title(f"JCT (arrivals spread); SLO attained: {att}", fontsize=8)
+    else:
+        axes[0].set_title("offline rollout JCT")
     links = sorted({k for n in names for k in results[n].summary.get("link_bytes", {}) if k.startswith("snic/")})
     width = 0.8 / max(1, len(names))
     for i, n in enumerate(names):
@@ -138,8 +225,9 @@ def policy_configs(config, overrides) -> dict:
     """Each policy of `config.policies` -> its run's `RuntimeConfig`: `scheduler.name` the policy, `policy_kwargs`
     its own `policy.NAME=value` items over `config.runtime.scheduler.policy_kwargs` (given to every policy). A
     ConfigError names the item, or the field, that a policy refuses. `overrides`: the `--config.*` overrides given
-    (path -> value): a `runtime.scheduler.name` that no run uses is refused (the list names what runs). A run's
-    `layerwise=` item sets its `cluster.layerwise` (Basic prefill: PE-side reads only, `check_layerwise_reads`)."""
+    (path -> value): a `runtime.scheduler.name` that no run uses is refused (the list names what runs), and so is a
+    `runtime.slo.*` on an offline run (judged on its JCT, no SLO). A run's `layerwise=` item sets its
+    `cluster.layerwise` (Basic prefill: PE-side reads only, `check_layerwise_reads`)."""
     from dualpath_jax.runtime.config import (
         ConfigError,
         RuntimeConfig,
@@ -157,6 +245,12 @@ def policy_configs(config, overrides) -> dict:
             f"--config.policies ({','.join(names)}); name it there"
         )
     base = RuntimeConfig.from_config_dict(config.runtime)
+    slo_given = sorted(k for k in overrides if k == "runtime.slo" or k.startswith("runtime.slo."))
+    if slo_given and base.workload.arrival == "offline":  # (as refuse_unused_workload_overrides: it ran without)
+        raise ConfigError(
+            f"--config.{slo_given[0]}={overrides[slo_given[0]]} is not used by this run: "
+            "config.runtime.workload.arrival='offline' is judged on its JCT, with no SLO (give arrival=online or trace)"
+        )
     shared = dict(base.scheduler.policy_kwargs)
     out = {}
     for r in runs:  # (keyed by the run's label: a policy may run twice, with fields of its own each time)
@@ -255,6 +349,7 @@ def main(argv):
         trajs, ops = driver.prepare(base)
         for p in policies[1:]:
             driver.prepare(configs[p], trajs, ops)
+        window = slo_window(base, trajs)  # (None offline: no SLO)
     except ConfigError as e:
         raise SystemExit(f"bad config: {e}") from None
     # the fields each policy is given, and every one it runs with (α / β from this cluster included): in the results
@@ -312,6 +407,11 @@ def main(argv):
             logging.info(
                 "%s: %d turns in %.1f s wall (startup %.1f s)", p, len(res.records), time.time() - t0, res.startup_s
             )
+            slo = {}
+            if window is not None:  # (the SLO's figures in its summary: the table, results.json)
+                verdict = judge_slo(base, window, res.records)
+                res.summary = with_slo(res.summary, verdict)
+                slo = {"slo": {**slo_settings(base, window), **verdict}}
             results[p] = res
             # (links under the simulator's names, as its links.csv: `driver.sim_link_name`)
             turns_json = os.path.join(out_dir, f"turns_{file_label(p)}.json")
@@ -324,6 +424,7 @@ def main(argv):
                 policy_kwargs=given_kwargs[p],
                 policy_config=run_kwargs[p],
                 tokens=token_rows(res.tokens),  # the greedy tokens, to compare a re-run's with (README "What ran")
+                **slo,  # online / trace: the SLO and its figures, recomputed from "turns" by judge_slo
             )
     except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): finished ones kept
         if not results:  # nothing finished: no empty results directory left behind (a Ctrl-C in the warm-up left one)
@@ -342,6 +443,8 @@ def main(argv):
     fields = fields_line({p: given_kwargs[p] for p in results})
     if fields:
         table += "\n" + fields
+    if window is not None:
+        table += "\n" + slo_line(base, window)
     if not config.warmup and len(results) > 1:
         # Without the warm-up, whatever the first policy compiles (buckets not precompiled, first connections)
         # is in its JCT: the speedups compare a cold run with warm ones.
@@ -364,6 +467,8 @@ def main(argv):
         "policy_kwargs": {p: given_kwargs[p] for p in results},  # as given: its own items over the shared ones
         "policy_config": {p: run_kwargs[p] for p in results},  # every field of its Config it ran with
         "layerwise": {p: configs[p].cluster.layerwise for p in results},  # False: Basic prefill (a `layerwise=` item)
+        # online / trace: the SLO every policy was judged on (its figures: in each policy's results)
+        **({} if window is None else {"slo": slo_settings(base, window)}),
         "results": {p: driver.summary_with_sim_link_names(r.summary) for p, r in results.items()},
         "requeued": {p: r.requeued for p, r in results.items()},
         "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},

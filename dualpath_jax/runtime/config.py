@@ -121,6 +121,17 @@ class WorkloadConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SloConfig:
+    """The SLO an online or trace-arrival run is judged on (`experiments.run`; `metrics.slo_summary`, as the
+    simulator's slo_ttft_s / slo_tpot_s / slo_percentile / warmup_s); an offline run has none (its JCT)."""
+
+    ttft_s: float = 4.0  # TTFT bound (the paper's 4 s; inf: no bound)
+    tpot_s: float = 0.050  # TPOT bound (50 ms; inf: no bound)
+    percentile: float = 90.0  # met when this percentile of TTFT and of TPOT is within the bounds
+    warmup_s: float = 0.0  # turns arriving before this are not judged
+
+
+@dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     model: str = "tiny_qwen2"  # a tiny config name (random weights from model_seed) or a local HF checkpoint dir
     model_seed: int = 0
@@ -144,6 +155,7 @@ class RuntimeConfig:
     rdma: RdmaConfig = RdmaConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     workload: WorkloadConfig = WorkloadConfig()
+    slo: SloConfig = SloConfig()  # online / trace arrivals: the SLO experiments.run judges them on
     run_timeout_s: float = 600.0  # the driver gives up (error) after this long
     # Local launcher: node n's process runs in network namespace dpj-n<n> of experiments/netns_cluster.sh, its TCP
     # endpoints on the kernel-shaped compute veths (runtime/netns.py); Linux, root.
@@ -249,9 +261,23 @@ def _check_types(obj, default, where: str) -> None:
             raise ConfigError(f"{name} must be a string, got {value!r}")
 
 
+def validate_slo(cfg: RuntimeConfig) -> None:
+    """The SLO's numbers (`config.slo`; the simulator's bounds): the TTFT / TPOT bounds > 0 (inf: no bound), the
+    percentile in (0, 100], the warm-up >= 0 and finite (NaN anywhere refused)."""
+    s = cfg.slo
+    for name in ("ttft_s", "tpot_s"):
+        if not getattr(s, name) > 0:
+            raise ConfigError(f"config.slo.{name} must be > 0 (inf: no bound), got {getattr(s, name)}")
+    if not 0 < s.percentile <= 100:
+        raise ConfigError(f"config.slo.percentile must be > 0 and <= 100, got {s.percentile}")
+    if not 0 <= s.warmup_s < math.inf:  # (inf: no turn judged, the SLO missed by no turn)
+        raise ConfigError(f"config.slo.warmup_s must be >= 0 and finite, got {s.warmup_s}")
+
+
 def validate_workload(cfg: RuntimeConfig) -> None:
     """The workload's numbers, checked before the trajectories are made from them (errors name the field)."""
     _check_types(cfg, RuntimeConfig(), "config")
+    validate_slo(cfg)  # (judged on the run's turns: checked before anything runs too)
     w = cfg.workload
     least = {"agents": 0 if w.kind == "trace" else 1, "turns": 1}  # a trace's agents=0 means all of them
     for name, low in least.items():

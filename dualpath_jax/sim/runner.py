@@ -321,40 +321,11 @@ ttft_breakdown = metrics.ttft_breakdown  # (the runtime's turns_<policy>.json ha
 
 
 def slo_summary(cfg: SimConfig, records: Sequence[metrics.TurnRecord]) -> dict:
-    """The SLO judged on turns arriving in [warmup, duration) of an online run (as `capacity.probe` does): the
+    """The SLO judged on turns arriving in [warmup, duration) of an online run (as `capacity.probe` does), from the
+    warm-up on for a trace: `metrics.slo_summary` (the runtime's `experiments.run` judges its runs with it too). The
     turns of the drain after arrivals stop see a lighter load (they used to count in `simulate` / `sweep`)."""
     end = cfg.workload.duration_s if cfg.workload.kind == "online" else math.inf
-    recs = [r for r in records if cfg.warmup_s <= r.arrival < end]
-    done = [r for r in recs if not math.isnan(r.finished)]
-    if not recs:  # every key (it had two: a sweep.csv's slo_attainment was empty, a notebook's lookup a KeyError)
-        pct = f"{cfg.slo_percentile:g}"
-        nan = math.nan
-        return {"slo_turns": 0, "slo_attainment": nan, f"ttft_p{pct}_s": nan, f"tpot_p{pct}_s": nan,
-                "ttst_p50_s": nan, "slo_met": False}  # fmt: skip
-    # No first token yet: a miss, infinitely late (it was 1e9 s: a percentile on it printed 1,000,000,000 s, or
-    # between it and a real TTFT a made-up ~1e8 s); metrics.percentile interpolates to inf where numpy gives NaN.
-    ttft = [r.ttft if not math.isnan(r.first_token) else math.inf for r in recs]
-    tpot = [r.tpot for r in done if r.gen_tokens > 1]
-    ttft_q = metrics.percentile(ttft, cfg.slo_percentile)
-    # TTST likewise: a turn of 2+ tokens with no second token yet is a miss (it was left out, so an overloaded run's
-    # TTST p50 came from the turns that got one: 5.9 s where 7.8 s with them); a 1-token turn has none (NaN: out).
-    ttst = [r.ttst if r.gen_tokens <= 1 or not math.isnan(r.second_token) else math.inf for r in recs]
-    tpot_q = float(np.percentile(tpot, cfg.slo_percentile)) if tpot else math.nan
-    # A turn still decoding when the clock stops is judged on its TTFT only.
-    ok = [
-        (not math.isnan(r.first_token))
-        and r.ttft <= cfg.slo_ttft_s
-        and (r.gen_tokens <= 1 or math.isnan(r.finished) or r.tpot <= cfg.slo_tpot_s)
-        for r in recs
-    ]
-    return {
-        "slo_turns": len(recs),
-        "slo_attainment": float(np.mean(ok)),
-        f"ttft_p{cfg.slo_percentile:g}_s": ttft_q,
-        f"tpot_p{cfg.slo_percentile:g}_s": tpot_q,
-        "ttst_p50_s": metrics.percentile(ttst, 50),
-        "slo_met": bool(ttft_q <= cfg.slo_ttft_s and (math.isnan(tpot_q) or tpot_q <= cfg.slo_tpot_s)),
-    }
+    return metrics.slo_summary(records, cfg.slo_ttft_s, cfg.slo_tpot_s, cfg.slo_percentile, cfg.warmup_s, end)
 
 
 def summarize(cfg: SimConfig, records, links, stats) -> dict:
