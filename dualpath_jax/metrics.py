@@ -82,6 +82,7 @@ _ARRIVAL = operator.attrgetter("arrival")
 _GEN_TOKENS = operator.attrgetter("gen_tokens")
 _PROMPT_TOKENS = operator.attrgetter("prompt_tokens")
 _PE_READ_BYTES = operator.attrgetter("pe_read_bytes")
+_HIT_TOKENS = operator.attrgetter("hit_tokens")
 _DE_READ_BYTES = operator.attrgetter("de_read_bytes")
 
 
@@ -189,6 +190,7 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
     gen = sum(map(_GEN_TOKENS, counted))
     prompt = sum(map(_PROMPT_TOKENS, counted))
     ttft, tpot = ttft_tpot(records, cache)
+    hits = sum(map(_HIT_TOKENS, records))
     return {
         "turns": len(records),
         "jct_s": end - start,
@@ -200,6 +202,8 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
         "turns_without_first_token": int(np.isnan(column(records, "first_token", cache)).sum()),
         "tpot_p50_s": percentile(tpot, 50),
         "tpot_p99_s": percentile(tpot, 99),
+        # hit tokens (cached KV read, not computed) over prompt tokens, every turn: the run's prefix-cache hit rate
+        "hit_rate": (hits / prompts) if (prompts := sum(map(_PROMPT_TOKENS, records))) else math.nan,
         "pe_read_bytes": sum(map(_PE_READ_BYTES, records)),
         "de_read_bytes": sum(map(_DE_READ_BYTES, records)),
         "snic_max_over_avg": snic_max_over_avg(links),

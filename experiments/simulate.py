@@ -78,6 +78,7 @@ SUMMARY_KEYS = [
     "ttft_read_mean_s",
     "ttft_prefill_mean_s",
     "snic_max_over_avg",
+    "hit_rate",
     "pe_read_bytes",
     "de_read_bytes",
     "slo_attainment",

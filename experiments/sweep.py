@@ -112,6 +112,7 @@ COLUMNS = [
     "ttft_p99_s",
     "tpot_p50_s",
     "snic_max_over_avg",
+    "hit_rate",
     "slo_attainment",
     "slo_met",
     "wall_s",

@@ -105,6 +105,7 @@ def _check(turns: list[dict], links: list[dict], s: dict, kv_bytes_per_token: in
         "turns_without_first_token": int((~has_first).sum()),
         "pe_read_bytes": col["pe_read_bytes"].sum(),
         "de_read_bytes": col["de_read_bytes"].sum(),
+        "hit_rate": col["hit_tokens"].sum() / col["prompt_tokens"].sum(),
     }
     m = done & (gen > 1)  # TPOT: finished turns of 2+ tokens (a 1-token turn has none)
     tpot = (fin[m] - first[m]) / (gen[m] - 1)
