@@ -74,3 +74,13 @@ def build_model(config, seed: int = 0):
     from flax import nnx
 
     return family(config).model_cls(config, nnx.Rngs(seed))
+
+
+def weight_bytes(config) -> int:
+    """Bytes of `config`'s weights, every parameter at its dtype, from shapes alone (nothing is allocated): what one
+    copy of the model takes in device memory (the runtime's checks of an accelerator's memory)."""
+    import jax
+    from flax import nnx
+
+    abstract = nnx.eval_shape(lambda: family(config).model_cls(config, nnx.Rngs(0)))
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))

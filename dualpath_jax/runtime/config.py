@@ -21,7 +21,7 @@ import numbers
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dualpath_jax.registry import MAIN_MODULES  # (where a class of the driver's script lives)
@@ -310,12 +310,18 @@ def validate_workload(cfg: RuntimeConfig) -> None:
 
 
 def validate(
-    cfg: RuntimeConfig, kv_bytes_per_token: int | None = None, max_prompt_tokens: int | None = None, num_layers: int = 1
+    cfg: RuntimeConfig,
+    kv_bytes_per_token: int | None = None,
+    max_prompt_tokens: int | None = None,
+    num_layers: int = 1,
+    weight_bytes: int | Callable[[], int] = 0,
 ) -> None:
     """Reject a configuration that cannot run, before anything starts (errors name the field).
 
     kv_bytes_per_token: all layers' KV bytes of one token (from the model config), over num_layers layers.
     max_prompt_tokens / longest total: from the workload, to check buffers and decode slots.
+    weight_bytes: one copy of the model's weights (`models.registry.weight_bytes`; or a function giving it, called only
+    where an accelerator's memory is checked), for that memory.
     """
     import schedulers  # the registries (no jax)
 
@@ -414,7 +420,7 @@ def validate(
         )
     _warn_pd_range(cfg)
     if kv_bytes_per_token is not None:
-        _validate_decode_cache_memory(cfg, kv_bytes_per_token)
+        _validate_decode_cache_memory(cfg, kv_bytes_per_token, weight_bytes)
     if kv_bytes_per_token is not None and max_prompt_tokens is not None:
         # A request's area is carved from the buffer in whole Layer Blocks (block_size tokens of one layer).
         layer_block = cfg.block_size * (kv_bytes_per_token // num_layers)
@@ -1020,14 +1026,69 @@ def _this_host_memory(cfg: RuntimeConfig) -> tuple[int, str] | None:
     return host_memory_bytes()
 
 
-def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int) -> None:
-    """`check_decode_cache_memory` with this host's numbers, where the launcher runs every node here (local,
-    inprocess). (With Ray the nodes run on other hosts: not checked.)"""
+def _validate_decode_cache_memory(cfg: RuntimeConfig, kv_bytes_per_token: int, weight_bytes=0) -> None:
+    """`check_decode_cache_memory` (and, given the model's `weight_bytes`, `check_device_memory`) with this host's
+    numbers, where the launcher runs every node here (local, inprocess). (With Ray the nodes run on other hosts: not
+    checked.)"""
     if cfg.launcher not in ("local", "inprocess"):
         return
     backend, device_bytes = _decode_cache_device()
     devices = 1 if backend == "cpu" else _local_device_count()
     check_decode_cache_memory(cfg, kv_bytes_per_token, backend, device_bytes, host_memory_bytes(), devices)
+    if weight_bytes and backend != "cpu" and device_bytes is not None:  # (a callable: computed only here)
+        w = weight_bytes() if callable(weight_bytes) else weight_bytes
+        check_device_memory(cfg, kv_bytes_per_token, w, backend, device_bytes, devices)
+
+
+def weight_copies_per_device(cfg: RuntimeConfig, devices: int) -> list[int]:
+    """Copies of the model's weights on each of this host's `devices` accelerators, every node here: each node
+    process of the local launcher holds one on each device its own engines use (`node.node_model_ops`,
+    `engine_models`: engine e on device e % devices), the inprocess launcher's one process one on each device any
+    engine uses."""
+    c = cfg.cluster
+    n, g = c.prefill_nodes + c.decode_nodes, c.engines_per_node
+    groups = [range(0, n * g)] if cfg.launcher == "inprocess" else [range(i * g, (i + 1) * g) for i in range(n)]
+    copies = [0] * devices
+    for ids in groups:
+        for d in {e % devices for e in ids}:
+            copies[d] += 1
+    return copies
+
+
+def check_device_memory(
+    cfg: RuntimeConfig, kv_bytes_per_token: int, weight_bytes: int, backend: str, device_bytes: int, devices: int = 1
+) -> None:
+    """On an accelerator: the weights' copies (`weight_copies_per_device`) and the decode caches of the decode
+    engines (`decode_slots` x `max_seq_len` tokens each) that share one device, together, no more than its memory
+    for JAX (`device_bytes`, the default device's `bytes_limit`; the devices alike). Each node process of the local
+    launcher makes its own copy of the weights, so three nodes of a 28 GB model on one 80 GB GPU stopped in a node
+    with RESOURCE_EXHAUSTED ("no live engine left") instead of this line, which names the inprocess launcher (one
+    copy for every engine). A lower bound: prefill activations and compiled code come on top."""
+    c = cfg.cluster
+    copies = weight_copies_per_device(cfg, devices)
+    first = c.prefill_nodes * c.engines_per_node
+    caches = [0] * devices
+    for e in range(first, first + c.decode_nodes * c.engines_per_node):
+        caches[e % devices] += 1
+    cache = c.decode_slots * c.max_seq_len * kv_bytes_per_token
+    need = [w * weight_bytes + k * cache for w, k in zip(copies, caches, strict=True)]
+    d = max(range(devices), key=need.__getitem__)
+    if need[d] <= device_bytes:
+        return
+    where = f"this host's {backend} device" if devices == 1 else f"{backend} device {d} of this host's {devices}"
+    hint = (
+        "use launcher 'inprocess' (one copy of the weights for every engine), "
+        if cfg.launcher == "local" and copies[d] > 1
+        else ""
+    )
+    raise ConfigError(
+        f"config.cluster: {where} would hold {copies[d]} copies of the model's weights ({weight_bytes} B each; "
+        f"launcher {cfg.launcher!r}: {'one per node process with an engine there' if cfg.launcher == 'local' else 'one'}"
+        f") and {caches[d]} decode cache(s) (decode_slots={c.decode_slots} x max_seq_len={c.max_seq_len} tokens x "
+        f"{kv_bytes_per_token} B/token = {cache} B each): {need[d]} B ({need[d] / 2**30:.1f} GiB), more than its "
+        f"memory for JAX: {device_bytes} B ({device_bytes / 2**30:.1f} GiB; memory_stats bytes_limit); {hint}fewer "
+        "nodes on this host, or lower config.cluster.decode_slots or max_seq_len"
+    )
 
 
 def _local_device_count() -> int:

@@ -275,7 +275,10 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     shapes = [s for t in trajs for s in t.turn_shapes(1)]  # (one pass per trajectory: prompt_tokens(i) is O(i))
     max_prompt = max(prompt for prompt, _, _ in shapes)
     max_total = max(prompt + gen for prompt, _, gen in shapes)
-    validate(cfg, mcfg.kv_bytes_per_token, max_prompt, mcfg.num_layers)
+    from models.registry import weight_bytes
+
+    # (the weights' bytes from their shapes, ~0.1 s on this CPU: only where an accelerator's memory is checked)
+    validate(cfg, mcfg.kv_bytes_per_token, max_prompt, mcfg.num_layers, lambda: weight_bytes(mcfg))
     from dualpath_jax.runtime.launcher import check_batcher_reaches_nodes
 
     check_batcher_reaches_nodes(cfg)  # a batcher of __main__, which the node processes cannot import
