@@ -3,7 +3,9 @@
 A variant string after the config file (`configs/paper_ds660b.py:VARIANT`) is a comma-separated list of
 items: one mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or any registered policy), or
 `key=value` with key one of dataset, agents, aps, duration, pd (e.g. 1P2D), turns, seed, kind, warmup, append
-(every synthetic append x this: PAPER.md's append x1..x3 experiment), or
+(every synthetic append x this: PAPER.md's append x1..x3 experiment), trace (a trace file or name: the workload
+replays it, kind=trace), shared_hits (true / false: a trace's prefix hits across trajectories,
+`workload.shared_prefix_hits`), or
 `policy.NAME=value` / `batcher.NAME=value`: a field of the policy's / the batcher's Config
 (`config.scheduler.kwargs` / `config.batcher.kwargs`; ints, floats, true/false, None/null and strings are told
 apart), or `cluster.NAME=value`: a field of `config.cluster` (hardware and system: `cluster.snic_gbps=25`, a sweep's
@@ -117,7 +119,20 @@ def base_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-_KEYS = {"dataset", "agents", "aps", "duration", "pd", "turns", "seed", "kind", "warmup", "append"}
+_KEYS = {
+    "dataset",
+    "agents",
+    "aps",
+    "duration",
+    "pd",
+    "turns",
+    "seed",
+    "kind",
+    "warmup",
+    "append",
+    "trace",
+    "shared_hits",
+}
 _NUMBER_KEYS = {
     "agents": int,
     "aps": float,
@@ -154,7 +169,7 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
         return cfg
     mode = ""
     # kind= and aps= as given: aps= with kind=offline ran offline or online by the order of the items
-    kind_given = aps = None
+    kind_given = aps = trace_given = None
     given: dict[str, str] = {}  # key -> value as given
     for item in arg.split(","):
         item = item.strip()
@@ -206,6 +221,12 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
             cfg.warmup_s = number
         elif key == "append":
             cfg.workload.append_scale = number
+        elif key == "trace":
+            cfg.workload.trace_path = trace_given = value
+        elif key == "shared_hits":
+            if not isinstance(variant_value(value), bool):
+                raise ValueError(f"config variant item {item!r}: shared_hits must be true or false")
+            cfg.workload.shared_prefix_hits = variant_value(value)
         elif key == "pd":
             m = re.fullmatch(r"(\d+)P(\d+)D", value)
             if not m:
@@ -220,5 +241,12 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
         raise ValueError(f"config variant {arg!r}: aps= makes the workload online; it cannot go with kind={kind_given}")
     if aps is not None:
         cfg.workload.kind = "online"
-    cfg.output_dir = f"{cfg.output_dir}/{arg.replace(',', '_').replace('=', '-')}"
+    if trace_given is not None:  # trace=NAME makes the workload that trace's
+        if kind_given not in (None, "trace") or aps is not None:
+            other = f"kind={kind_given}" if kind_given not in (None, "trace") else "aps="
+            raise ValueError(f"config variant {arg!r}: trace= replays a trace; it cannot go with {other}")
+        cfg.workload.kind = "trace"
+    # (a trace path's '/' made directories of the variant; '..' climbed out of the config's output_dir)
+    name = arg.replace(",", "_").replace("=", "-").replace("/", "_")
+    cfg.output_dir = f"{cfg.output_dir}/{name}"
     return cfg

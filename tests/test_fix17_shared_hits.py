@@ -13,6 +13,7 @@ import gzip
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -173,3 +174,30 @@ def test_bench_runtimes_simulator_copy_hits_what_first_prompts_share():
     assert stats["unfinished_turns"] == 0
     hits = {(r.trajectory_id, r.turn_index): r.hit_tokens for r in records}
     assert hits == {(0, 0): 0, (0, 1): 80, (1, 0): 48, (2, 0): 0}, hits
+
+
+def test_variant_items_replay_a_trace_and_switch_shared_hits():
+    """`trace=NAME` (the workload replays it) and `shared_hits=true|false` variant items, so a sweep can run a trace
+    (`--extra=trace=...`) and compare the hits (`--loads=shared_hits=true,shared_hits=false`): a trace path could only
+    come from a setup file of one's own before. A path's '/' does not make directories of the output dir's name."""
+    trace = os.path.join(TRACES, "mooncake_conversation_trace.jsonl.gz")
+    cfg = load_sim_config(f"{TINY}:dualpath,trace={trace},shared_hits=false", as_run=True)
+    assert (
+        cfg.workload.kind == "trace" and cfg.workload.trace_path == trace and cfg.workload.shared_prefix_hits is False
+    )
+    assert load_sim_config(f"{TINY}:trace=x.jsonl,kind=trace").workload.shared_prefix_hits is True
+    from dualpath_jax.sim.configs_io import load_config
+
+    out = load_config(f"{TINY}:trace=../a/b.jsonl").output_dir
+    assert out == "results/sim/sim_tiny/trace-.._a_b.jsonl", out
+    for variant, says in [
+        ("trace=x.jsonl,kind=offline", "trace= replays a trace; it cannot go with kind=offline"),
+        ("trace=x.jsonl,aps=0.5", "trace= replays a trace; it cannot go with aps="),
+        ("shared_hits=maybe", "shared_hits must be true or false"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            load_sim_config(f"{TINY}:{variant}")
+    with pytest.raises(
+        ValueError, match=r"config variant item 'shared_hits=false' \(config.workload.shared_prefix_hits\)"
+    ):
+        load_sim_config(f"{TINY}:dualpath,shared_hits=false", as_run=True)  # (synthetic agents share nothing)

@@ -111,7 +111,12 @@ def _is_section(node) -> bool:
 
 # The configs/sim_base.py variant items that set a field only some workload kinds use (sim.config._KIND_FIELDS):
 # `configs/paper_ds660b.py:dualpath,duration=600` ran offline as if the item were not there.
-_VARIANT_FIELDS = {"agents": "workload.n_agents", "duration": "workload.duration_s", "warmup": "warmup_s"}
+_VARIANT_FIELDS = {
+    "agents": "workload.n_agents",
+    "duration": "workload.duration_s",
+    "warmup": "warmup_s",
+    "shared_hits": "workload.shared_prefix_hits",
+}
 
 
 def variant_fields(spec: str) -> dict[str, str]:
