@@ -17,13 +17,16 @@ loses no finished cell. Once sweep.json holds every row (it is written beside an
 always has them) the log is removed: a finished directory holds what it did before, and a second file with the
 same rows could not go stale beside it. `--resume` (same command, plus --resume) keeps each cell an earlier sweep
 in --output_dir finished (its rows in sweep.json and sweep.rows.jsonl) and runs only the others; the results are
-written as one run would write them, and run.json names the kept cells (`resumed_cells`). It trusts those rows:
-a setup file or code changed in between is not detected. With nothing earlier there it runs every cell.
+written as one run would write them, and run.json names the kept cells (`resumed_cells`). A kept row whose setup
+file changed since (its `setup_sha256`) is refused; a change of the code in between is not detected. With nothing
+earlier there it runs every cell.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -150,6 +153,17 @@ def setup_names(cells: Sequence[tuple[str, str, str, str, str]]) -> dict[str, st
     return names
 
 
+@functools.cache
+def setup_digest(setup: str) -> str | None:
+    """sha256 of a setup file's bytes, as the sweep read it first (cached: a later edit of the file does not change
+    the rows of this sweep); None where it cannot be read."""
+    try:
+        with open(setup, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
 def _grid_row(c: tuple[str, str, str, str, str], result: dict | None, error: str | None, names: dict) -> dict:
     """The row of cell `c` (sweep.json, sweep.rows.jsonl): its run's `result`, or its `error` and no figures."""
     setup, mode, load, _, seed = c
@@ -160,6 +174,7 @@ def _grid_row(c: tuple[str, str, str, str, str], result: dict | None, error: str
         row = dict(result)
     row["setup"] = names[setup]
     row["spec"] = cell_spec(*c)  # what the cell ran, as one `file:variant` (sweep.json; not a sweep.csv column)
+    row["setup_sha256"] = setup_digest(setup)  # (--resume: a kept row of a setup file edited since is refused)
     return row
 
 
@@ -299,6 +314,20 @@ def resumable(cells, directory: str) -> tuple[dict[int, dict], int | None]:
             "--setups/--modes/--loads/--extra/--seeds, or --overwrite to replace them"
         )
     kept = {index[_cell_key(r["spec"])]: r for r in rows if r.get("error") is None}
+    # a kept row of a setup file edited since would pass for the file as it is now (rows from before the digest: kept)
+    changed = list(
+        dict.fromkeys(
+            cells[i][0]
+            for i, r in kept.items()
+            if r.get("setup_sha256") is not None and r["setup_sha256"] != setup_digest(cells[i][0])
+        )
+    )
+    if changed:
+        raise SystemExit(
+            f"--resume: {', '.join(changed)} changed since the earlier sweep ran its cells there (sha256 of the file "
+            f"differs from its rows' setup_sha256): their figures are of the file as it was; restore it, or "
+            "--overwrite to run every cell again"
+        )
     return kept, torn
 
 
@@ -385,6 +414,8 @@ def main(argv: Sequence[str]) -> None:
         (s, m, ld, _EXTRA.value, sd) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value for sd in seeds
     ]
     out_dir, log = _OUTPUT_DIR.value, os.path.join(_OUTPUT_DIR.value, ROWS_LOG)
+    for s in _SETUPS.value:  # (each setup file's digest as the sweep starts: its rows' setup_sha256)
+        setup_digest(s)
     with SigtermAsInterrupt() as term:
         try:
             # --resume: the earlier sweep's finished cells (by index in `cells`), matched first (cheap, and a

@@ -323,3 +323,20 @@ def test_run_jobs_keeps_a_job_whose_on_done_was_interrupted():
 
     out = run_jobs(math.sqrt, [4.0, 9.0, 16.0], 1, "test", on_done=on_done)
     assert out == [(2.0, None), (3.0, None), (None, INTERRUPTED)]
+
+
+def test_resume_refuses_kept_cells_of_a_setup_file_edited_since(killed, tmp_path):
+    """--resume trusted the earlier rows whatever happened to the setup file in between: cells of the file as it was
+    beside cells of the file as it is, in one sweep.json. Each row now carries the file's sha256 (`setup_sha256`);
+    a kept row whose file changed is refused, nothing touched; the file restored, the resume runs."""
+    setup, out_dir = _copy(killed, tmp_path)
+    rows = [json.loads(x) for x in (out_dir / "sweep.rows.jsonl").read_text().splitlines()]
+    assert rows and all(len(r["setup_sha256"]) == 64 for r in rows)
+    before, text = _files(out_dir), setup.read_text()
+    setup.write_text(text + "\n# an edit\n")
+    out = _sweep(setup, out_dir, "--resume")
+    assert out.returncode != 0 and _files(out_dir) == before
+    assert "changed since the earlier sweep ran its cells there" in out.stderr.strip().splitlines()[-1], out.stderr
+    setup.write_text(text)
+    out = _sweep(setup, out_dir, "--resume")
+    assert out.returncode == 0, out.stderr[-2000:]
