@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -30,12 +31,20 @@ def probe(cfg: SimConfig, aps: float, drain_s: float = 120.0) -> dict:
     return s
 
 
-def capacity_search(cfg: SimConfig, lo: float, hi: float, iters: int = 5, drain_s: float = 120.0) -> dict:
+def capacity_search(
+    cfg: SimConfig,
+    lo: float,
+    hi: float,
+    iters: int = 5,
+    drain_s: float = 120.0,
+    on_probe: Callable[[dict], None] | None = None,
+) -> dict:
     """Bisection for the max APS meeting the SLO in [lo, hi] (lo assumed feasible, checked first).
 
     Returns {"capacity_aps", "probes": [...], "upper_aps"}: the highest APS that met the SLO and the lowest that
     missed it above. capacity_aps is 0 when even `lo` misses the SLO (upper_aps: `lo`), and `hi` when `hi` meets
-    it (no upper_aps: the search bound).
+    it (no upper_aps: the search bound). `on_probe(p)`, when given, gets each probe's summary as it finishes (a
+    launcher's progress line: a paper-scale probe takes minutes).
     """
     if not 0 < lo < hi < math.inf:  # (an infinite hi was refused by its probe, after the probe of lo had run)
         raise ValueError(f"capacity_search needs 0 < lo < hi, both finite, got lo={lo}, hi={hi}")
@@ -48,18 +57,23 @@ def capacity_search(cfg: SimConfig, lo: float, hi: float, iters: int = 5, drain_
             f"judged), got {cfg.warmup_s} and {cfg.workload.duration_s}"
         )
     probes = []
-    p = probe(cfg, lo, drain_s)
-    probes.append(p)
+
+    def run_probe(aps: float) -> dict:
+        p = probe(cfg, aps, drain_s)
+        probes.append(p)
+        if on_probe is not None:
+            on_probe(p)
+        return p
+
+    p = run_probe(lo)
     if not p["slo_met"]:  # the capacity is in [0, lo)
         return {"capacity_aps": 0.0, "probes": probes, "upper_aps": lo}
-    p = probe(cfg, hi, drain_s)
-    probes.append(p)
+    p = run_probe(hi)
     if p["slo_met"]:
         return {"capacity_aps": hi, "probes": probes}
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        p = probe(cfg, mid, drain_s)
-        probes.append(p)
+        p = run_probe(mid)
         if p["slo_met"]:
             lo = mid
         else:

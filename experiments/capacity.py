@@ -1,0 +1,451 @@
+"""Search the online capacity of one's own setups: the highest agent arrival rate (APS) whose turns meet the SLO.
+
+  python -m experiments.capacity                                   # configs/sim_tiny.py, basic and dualpath
+  python -m experiments.capacity --setups=configs/my_setup.py --modes=basic,dualpath --lo=0.05 --hi=1 --iters=5 \\
+      --extra=duration=4800,warmup=2400 --workers=2
+  python -m experiments.capacity --setups=configs/paper_ds27b.py --modes=basic,dualpath_rr+policy.full_de=wait \\
+      --extra=dataset=48K,cluster.snic_gbps=25 --slo_ttft_s=2 --seeds=0,1
+
+Each search is `dualpath_jax.sim.capacity.capacity_search` (bisection on APS in [--lo, --hi], --iters steps) of one
+`<setup>:<mode>,kind=online,<extra>[,seed=N]` (configs/sim_base.py variant syntax); a --modes item is a mode or
+registered policy, or any variant items joined by '+' (`dualpath_rr+policy.full_de=wait`). The SLO is the config's
+(`slo_ttft_s`, `slo_tpot_s`, `slo_percentile`; turns arriving in [`warmup_s`, `workload.duration_s`) are judged):
+`warmup=` / `duration=` items in --extra set the window, --slo_ttft_s / --slo_tpot_s / --slo_percentile the bounds
+(no variant item sets those). Searches run in parallel processes (--workers), each one's probes in turn.
+
+Writes under --output_dir (default results/capacity): capacity.json (every search with every probe: aps, slo_met,
+attainment, TTFT / TPOT at the percentile), capacity.csv (one row per search), capacity.png (per setup: the SLO
+attainment of every probe over APS, a line per mode, each capacity marked) and run.json (what ran:
+dualpath_jax.metrics.run_info), and prints the table with each mode's gain over the first mode of its setup. A
+capacity is a bracket [highest APS met, lowest missed); a search whose --lo already misses is "< lo", one whose
+--hi meets is ">= hi" (no measured number: widen the bracket). A directory that holds an earlier search's
+capacity.csv / capacity.json is refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+from absl import app, flags, logging
+
+from experiments import (
+    SigtermAsInterrupt,
+    Terminated,
+    error_line,
+    no_earlier_results_or_exit,
+    pyplot_or_none,
+    register_distinct,
+    run_jobs,
+    writable_dir_or_exit,
+)
+
+# (allow_override on every flag: sweep and reproduce_paper define some of these names too, with their own defaults
+# and help; the launchers import into one process, and the one run defines its flags last)
+_SETUPS = flags.DEFINE_list(
+    "setups",
+    [os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "sim_tiny.py"))],
+    "Config files (configs/paper_*.py, one's own configs/my_setup.py).",
+    allow_override=True,
+)
+_MODES = flags.DEFINE_list(
+    "modes",
+    ["basic", "dualpath"],
+    "Modes or registered policy names, each searched; a mode's own variant items follow it joined by '+' "
+    "(dualpath_rr+policy.full_de=wait). Each gain is over the first mode.",
+    allow_override=True,
+)
+_EXTRA = flags.DEFINE_string(
+    "extra",
+    "",
+    "Variant items for every search, e.g. dataset=48K, duration=1200,warmup=600 (the SLO window), "
+    "cluster.snic_gbps=25.",
+    allow_override=True,
+)
+_LO = flags.DEFINE_float("lo", 0.5, "Lowest APS of the bisection (probed first: a miss there is '< lo').")
+_HI = flags.DEFINE_float("hi", 16.0, "Highest APS of the bisection (a met SLO there is '>= hi').")
+_ITERS = flags.DEFINE_integer("iters", 5, "Bisection steps of each search after --lo and --hi.", lower_bound=0)
+_SLO_TTFT = flags.DEFINE_float("slo_ttft_s", None, "The SLO's TTFT bound in s (default: each config's slo_ttft_s).")
+_SLO_TPOT = flags.DEFINE_float("slo_tpot_s", None, "The SLO's TPOT bound in s (default: each config's slo_tpot_s).")
+_SLO_PCT = flags.DEFINE_float(
+    "slo_percentile", None, "The SLO's percentile of TTFT and TPOT (default: each config's slo_percentile)."
+)
+_SEEDS = flags.DEFINE_list(
+    "seeds",
+    [],
+    "Run every search once per seed (seed=N added to its variant); empty: each config's own seed.",
+    allow_override=True,
+)
+_WORKERS = flags.DEFINE_integer(
+    "workers", 1, "Parallel worker processes (one search each).", lower_bound=1, allow_override=True
+)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", "results/capacity", "Where capacity.csv / capacity.json / capacity.png go.", allow_override=True
+)
+_PLOT = flags.DEFINE_bool(
+    "plot", True, "Write capacity.png (matplotlib): each probe's SLO attainment over APS.", allow_override=True
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace an earlier search's capacity.csv / capacity.json in --output_dir (else: refused).",
+    allow_override=True,
+)
+flags.register_multi_flags_validator(
+    ["lo", "hi"],
+    lambda f: 0 < f["lo"] < f["hi"] < math.inf,  # (NaN too)
+    message="--lo and --hi bracket the capacity: they need 0 < lo < hi, both finite",
+)
+flags.register_validator(
+    "seeds",
+    lambda v: all(x.strip().lstrip("-").isdigit() for x in v) and len({int(x) for x in v}) == len(v),
+    message="--seeds takes distinct integers, e.g. 0,1,2",
+)
+for _name in ("setups", "modes"):
+    flags.register_validator(_name, bool, message=f"--{_name} needs at least one item")
+register_distinct("setups", key=os.path.realpath)
+register_distinct("modes")
+
+RESULTS = ("capacity.csv", "capacity.json")  # an earlier search's, refused unless --overwrite
+
+COLUMNS = [
+    "setup",
+    "mode",
+    "seed",
+    "capacity",
+    "capacity_aps",
+    "met_aps",
+    "missed_aps",
+    "probes",
+    "gain",
+    "slo_ttft_s",
+    "slo_tpot_s",
+    "slo_percentile",
+    "warmup_s",
+    "duration_s",
+    "wall_s",
+]
+
+# a '+' that joins a mode's items (dualpath_rr+policy.full_de=wait), not one inside a value (cluster.x=1e+6)
+_JOIN = re.compile(r"\+(?=[A-Za-z_])")
+
+Search = tuple[str, str, str, str]  # (setup, mode, extra, seed)
+
+
+def search_spec(setup: str, mode: str, extra: str, seed: str = "") -> str:
+    """The `file:variant` a search loads: its probes make the workload online at each APS (`kind=online`)."""
+    items = [*_JOIN.split(mode), "kind=online", extra, f"seed={seed}" if seed else ""]
+    return f"{setup}:{','.join(x for x in items if x)}"
+
+
+def slo_overrides() -> dict:
+    """The --slo_* flags given, as config overrides."""
+    given = {"slo_ttft_s": _SLO_TTFT.value, "slo_tpot_s": _SLO_TPOT.value, "slo_percentile": _SLO_PCT.value}
+    return {k: float(v) for k, v in given.items() if v is not None}
+
+
+def load_search_config(s: Search, overrides: dict):
+    from dualpath_jax.sim import load_sim_config
+
+    return load_sim_config(search_spec(*s), overrides, as_run=True)
+
+
+def _probe_line(name: str, p: dict, pct: str) -> str:
+    met = "met" if p["slo_met"] else "missed"
+    att = p["slo_attainment"]
+    ttft, tpot = p.get(f"ttft_p{pct}_s", math.nan), p.get(f"tpot_p{pct}_s", math.nan)
+    return (
+        f"capacity {name}: {p['aps']:.4g} APS: SLO {met}, attainment {att:.1%}, TTFT p{pct} {ttft:.3g} s, "
+        f"TPOT p{pct} {tpot * 1e3:.3g} ms ({p['slo_turns']} turns judged)"
+    )
+
+
+def run_search(args: tuple[Search, dict, float, float, int, str]) -> dict:
+    """One capacity search (in a worker process), with a log line per probe; returns its result."""
+    s, overrides, lo, hi, iters, name = args
+    from tqdm import tqdm
+
+    from dualpath_jax.sim.capacity import capacity_search
+
+    cfg = load_search_config(s, overrides)
+    pct = f"{cfg.slo_percentile:g}"
+    t0 = time.perf_counter()
+    # (tqdm.write: above the progress bar of a sequential run; a worker process's line goes to stderr as it is)
+    out = capacity_search(
+        cfg, lo, hi, iters=iters, on_probe=lambda p: tqdm.write(_probe_line(name, p, pct), file=sys.stderr)
+    )
+    out["wall_s"] = time.perf_counter() - t0
+    out["seed"] = cfg.seed
+    out["slo"] = {
+        "ttft_s": cfg.slo_ttft_s,
+        "tpot_s": cfg.slo_tpot_s,
+        "percentile": cfg.slo_percentile,
+        "warmup_s": cfg.warmup_s,
+        "duration_s": cfg.workload.duration_s,
+    }
+    return out
+
+
+def setup_names(searches: Sequence[Search]) -> dict[str, str]:
+    """A setup is named by its file name, or by its path where two setups share one."""
+    names = {s: os.path.basename(s) for s in dict.fromkeys(c[0] for c in searches)}
+    if len(set(names.values())) < len(names):
+        names = {s: s for s in names}
+    return names
+
+
+def _num(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def search_row(s: Search, result: dict | None, error: str | None, name: str, lo: float, hi: float) -> dict:
+    """One search's row (capacity.json; capacity.csv its columns): the bracket it found, `capacity` as text, and
+    `capacity_aps` only where it is measured ("< lo": lo missed; ">= hi": hi met; both: None)."""
+    setup, mode, _, seed = s
+    row = {
+        "setup": name,
+        "mode": mode,
+        "seed": int(seed) if seed else None,
+        "spec": search_spec(*s),
+        "lo": lo,
+        "hi": hi,
+    }
+    if error is not None:
+        return {**row, "error": error}
+    probes = result["probes"]
+    met = [p["aps"] for p in probes if p["slo_met"]]
+    missed = [p["aps"] for p in probes if not p["slo_met"]]
+    row["seed"] = result["seed"]
+    if not met:
+        row.update(bound="below_lo", capacity=f"< {_num(lo)}", capacity_aps=None)
+    elif not missed:
+        row.update(bound="at_hi", capacity=f">= {_num(hi)}", capacity_aps=None)
+    else:
+        row.update(bound="measured", capacity=_num(result["capacity_aps"]), capacity_aps=result["capacity_aps"])
+    row["met_aps"] = max(met) if met else None  # the bracket: the highest APS met, the lowest missed
+    row["missed_aps"] = min(missed) if missed else None
+    row["probes"] = len(probes)
+    row.update({f"slo_{k}" if k in ("ttft_s", "tpot_s", "percentile") else k: v for k, v in result["slo"].items()})
+    row["wall_s"] = result["wall_s"]
+    row["probe_results"] = probes
+    return row
+
+
+def add_gains(rows: list[dict], searches: Sequence[Search]) -> None:
+    """Each row's `gain`: its capacity over that of the first mode of its setup (and seed), where both are
+    measured; else None and `gain_note` says why. The first mode's own row has none."""
+    first: dict = {}
+    keys = [(s[0], s[3]) for s in searches]  # (as given: a failed search's row has no seed of its config)
+    for r, k in zip(rows, keys, strict=True):
+        first.setdefault(k, r)
+    for r, k in zip(rows, keys, strict=True):
+        base = first[k]
+        if r is base:
+            continue
+        r["gain_over"] = base["mode"]
+        r["gain"] = None
+        who = next((x for x in (r, base) if x.get("capacity_aps") is None), None)
+        if who is None and base["capacity_aps"] > 0:
+            r["gain"] = r["capacity_aps"] / base["capacity_aps"]
+        elif who is not None:
+            r["gain_note"] = f"{who['mode']} " + ("failed" if "error" in who else f"capacity {who['capacity']}")
+
+
+def gain_text(r: dict) -> str:
+    if "gain_over" not in r:
+        return "-"
+    if r["gain"] is None:
+        return f"{r['mode']} / {r['gain_over']}: n/a ({r.get('gain_note', 'no capacity')})"
+    return f"{r['mode']} / {r['gain_over']}: {r['gain']:.3g}x"
+
+
+def plot_capacity(rows: Sequence[dict], path: str) -> bool:
+    """One panel per setup: the SLO attainment of every probe over APS, a line per search (mode, seed), its
+    capacity marked by a dashed line (measured ones only). Skipped (logged) without matplotlib."""
+    plt = pyplot_or_none("capacity.png")
+    if plt is None:
+        return False
+    setups = list(dict.fromkeys(r["setup"] for r in rows))
+    fig, axes = plt.subplots(1, len(setups), figsize=(5 * len(setups), 3.5), squeeze=False)
+    seeds = len({r["seed"] for r in rows}) > 1
+    for ax, setup in zip(axes[0], setups, strict=True):
+        for r in (r for r in rows if r["setup"] == setup):
+            probes = sorted(r["probe_results"], key=lambda p: p["aps"])
+            label = f"{r['mode']} (seed {r['seed']})" if seeds else r["mode"]
+            label += f": {r['capacity']} APS"
+            line = ax.plot([p["aps"] for p in probes], [p["slo_attainment"] for p in probes], marker="o", label=label)[
+                0
+            ]
+            for p in probes:  # a missed probe hollow
+                if not p["slo_met"]:
+                    ax.plot([p["aps"]], [p["slo_attainment"]], marker="o", color="white", markersize=3)
+            if r["capacity_aps"] is not None:
+                ax.axvline(r["capacity_aps"], color=line.get_color(), linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("APS (agents / s)")
+        ax.set_ylabel("SLO attainment")
+        ax.set_title(f"{setup} (hollow: SLO missed; dashed: capacity)", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _check_searches(searches: Sequence[Search], overrides: dict, lo: float) -> None:
+    """Every search's config loads and its simulator builds (at --lo) before any search runs: a bad setup, mode or
+    item is one line, not a failed search minutes in."""
+    import dataclasses
+
+    from dualpath_jax.sim.configs_io import ConfigFileError
+    from dualpath_jax.sim.runner import build_simulator
+
+    for s in searches:
+        spec = search_spec(*s)
+        try:
+            cfg = load_search_config(s, overrides)
+            build_simulator(dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, aps=lo)))
+        except ConfigFileError as e:
+            raise SystemExit(f"bad config: {e}") from None
+        except (ValueError, KeyError) as e:
+            raise SystemExit(f"bad capacity search {spec!r}: {e.args[0] if e.args else e}") from None
+        except SystemExit as e:  # the setup's own sys.exit
+            raise SystemExit(f"bad capacity search {spec!r}: {error_line(e)}") from None
+
+
+def _check_items() -> None:
+    """Items the search sets itself, or that two flags would both set: one line each."""
+    for flag, text in (("--extra", _EXTRA.value), *(("--modes", m) for m in _MODES.value)):
+        for item in (x.strip() for x in _JOIN.split(text.replace(",", "+")) if x.strip()):
+            key = item.partition("=")[0]
+            if key in ("aps", "kind", "trace", "agents"):
+                why = {
+                    "aps": "the search varies the APS: give --lo / --hi",
+                    "agents": "an online run has aps x duration agents",
+                }.get(key, "the search runs an online workload")
+                raise SystemExit(f"bad {flag}: {item!r} has no place in a capacity search ({why})")
+            if key == "seed" and _SEEDS.value:
+                raise SystemExit(f"bad {flag}: --seeds and a seed= item both set the seed; use one")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    started = time.time()
+    lo, hi, iters = _LO.value, _HI.value, _ITERS.value
+    logging.info(
+        "setups=%s modes=%s extra=%r lo=%g hi=%g iters=%d seeds=%s workers=%d",
+        _SETUPS.value, _MODES.value, _EXTRA.value, lo, hi, iters, _SEEDS.value, _WORKERS.value,
+    )  # fmt: skip
+    for s in _SETUPS.value:
+        if not os.path.isfile(s):
+            why = "is a directory, not a config file" if os.path.isdir(s) else "does not exist"
+            hint = " (a setup is a file; variant items go in --modes or --extra)" if ":" in s else ""
+            raise SystemExit(f"bad --setups: config file {s!r} {why}{hint}")
+    _check_items()
+    seeds = [str(int(x)) for x in _SEEDS.value] or [""]
+    searches = [(s, m, _EXTRA.value, sd) for s in _SETUPS.value for sd in seeds for m in _MODES.value]
+    overrides = slo_overrides()
+    out_dir = _OUTPUT_DIR.value
+    with SigtermAsInterrupt() as term:
+        try:
+            _check_searches(searches, overrides, lo)
+        except Terminated:
+            raise SystemExit("capacity: stopped by SIGTERM before any search ran (nothing written)") from None
+        writable_dir_or_exit(out_dir, "--output_dir")
+        no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
+        names = setup_names(searches)
+        jobs = [
+            (s, overrides, lo, hi, iters, f"{names[s[0]]}:{s[1]}" + (f",seed={s[3]}" if s[3] else "")) for s in searches
+        ]
+        out = run_jobs(run_search, jobs, _WORKERS.value, "capacity")
+        term.raising = False  # SIGTERM from here on: noted, and the exit comes after the results are written
+        rows = [
+            search_row(s, result, term.error_line(error), names[s[0]], lo, hi)
+            for s, (result, error) in zip(searches, out, strict=True)
+        ]
+        _write_results(rows, searches, term, started)
+
+
+def _write_results(rows: list[dict], searches: Sequence[Search], term: SigtermAsInterrupt, started: float) -> None:
+    from dualpath_jax.metrics import json_safe, run_info, write_run_info
+
+    out_dir = _OUTPUT_DIR.value
+    add_gains(rows, searches)
+    failed = [r for r in rows if "error" in r]
+    with open(os.path.join(out_dir, "capacity.json"), "w") as f:
+        json.dump(json_safe(rows), f, indent=1, default=str)
+    with open(os.path.join(out_dir, "capacity.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS + (["error"] if failed else []), extrasaction="ignore")
+        w.writeheader()
+        w.writerows([{k: v for k, v in json_safe(r).items() if k != "probe_results"} for r in rows])
+    slos = {
+        (r["slo_ttft_s"], r["slo_tpot_s"], r["slo_percentile"], r["warmup_s"], r["duration_s"])
+        for r in rows
+        if "error" not in r
+    }
+    for ttft, tpot, pct, warmup, duration in sorted(slos):
+        print(
+            f"SLO: p{pct:g} TTFT <= {ttft:g} s and p{pct:g} TPOT <= {tpot * 1e3:g} ms, judged on the turns arriving "
+            f"in [{warmup:g} s, {duration:g} s)"
+        )
+    header = ["setup", "mode", "seed", "capacity (APS)", "met / missed (APS)", "probes", "gain"]
+    table = [header]
+    for r in rows:
+        if "error" in r:
+            what = "stopped" if r["error"].startswith("interrupted") else "failed"  # (Ctrl-C / SIGTERM: not run)
+            table.append([r["setup"], r["mode"], _fmt(r["seed"]), what, "-", "-", "-"])
+            continue
+        bracket = f"{_fmt(r['met_aps'])} / {_fmt(r['missed_aps'])}"
+        table.append([r["setup"], r["mode"], _fmt(r["seed"]), r["capacity"], bracket, str(r["probes"]), gain_text(r)])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip())
+    png = os.path.join(out_dir, "capacity.png")
+    ran = [r for r in rows if "error" not in r]
+    if _PLOT.value and ran and plot_capacity(ran, png):
+        print("wrote", png)
+    elif os.path.exists(png):  # an earlier search's plot would pass for this one's
+        os.remove(png)
+        logging.info("removed %s: an earlier search's plot (none was drawn for this one)", png)
+    print("wrote", os.path.join(out_dir, "capacity.csv"), "and capacity.json")
+    info = run_info(
+        "experiments.capacity",
+        started,
+        output_dir=out_dir,
+        searches=[search_spec(*s) for s in searches],
+        bracket={"lo": _LO.value, "hi": _HI.value, "iters": _ITERS.value},
+        slo_overrides=slo_overrides(),
+    )
+    print("wrote", write_run_info(out_dir, info))
+    stopped = (
+        f"capacity: stopped by SIGTERM; the {len(rows) - len(failed)} finished searches of {len(rows)} are in "
+        f"{os.path.join(out_dir, 'capacity.csv')}\n"
+        if term.got
+        else ""
+    )
+    if failed:
+        raise SystemExit(
+            f"{stopped}capacity: {len(failed)} of {len(rows)} searches failed (their rows say so):\n"
+            + "\n".join(f"  {r['spec']}: {r['error']}" for r in failed)
+        )
+    if term.got:
+        raise SystemExit(stopped.rstrip())
+
+
+if __name__ == "__main__":
+    app.run(main)
