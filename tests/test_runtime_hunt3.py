@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import types
 
 import numpy as np
@@ -88,6 +89,11 @@ def test_a_group_told_to_shut_down_while_reading_reports_every_byte_its_snic_mov
     g = EngineGroup(0, "prefill", [0], cfg, model, store, Control(), _transport_factory(cfg), traffic, lambda: None)
     area = np.zeros((2, 16 * 16, 64), np.uint8)
     g.snic.submit_read(ReadJob(0, 0, keys, 0, area, lambda *a: None))
+    # the stop must come mid-read: once the first block crossed (on a loaded machine the shutdown, fetched at once,
+    # could come before the SNIC's thread had moved a byte: 0 moved, a flaky failure of CI on 2026-12-05)
+    deadline = time.monotonic() + 30.0
+    while traffic.link("snic/node0").total_bytes == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
     g.run()
     for t in g.snic._threads:  # (the base code left the read running: wait for it to end)
         t.join(5.0)
