@@ -349,6 +349,14 @@ def main(argv):
                 )
             err = sim_speedup / speedup - 1.0
             print(f"  speedup: runtime {speedup:.2f}x, simulator {sim_speedup:.2f}x ({100 * err:+.1f}%)")
+            # the turns' latencies too (an online run is judged on them, not on its JCT)
+            print(f"{'':>9}  {'TTFT p50 s: runtime':>19}  {'sim':>6}  {'TTFT p99 s: runtime':>19}  {'sim':>6}")
+            for p in ("basic", "dualpath"):
+                m, q = measured[p].summary, predicted[p]
+                print(
+                    f"{p:>9}  {m['ttft_p50_s']:>19.3f}  {q['ttft_p50_s']:>6.3f}  {m['ttft_p99_s']:>19.3f}  "
+                    f"{q['ttft_p99_s']:>6.3f}"
+                )
             out["simulated"] = predicted
             out["simulated_speedup"] = sim_speedup
             out["fit"] = {
