@@ -4,8 +4,8 @@ A variant string after the config file (`configs/paper_ds660b.py:VARIANT`) is a 
 items: one mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or any registered policy), or
 `key=value` with key one of dataset, agents, aps, duration, pd (e.g. 1P2D), turns, seed, kind, warmup, append
 (every synthetic append x this: PAPER.md's append x1..x3 experiment), trace (a trace file or name: the workload
-replays it, kind=trace), shared_hits (true / false: a trace's prefix hits across trajectories,
-`workload.shared_prefix_hits`), or
+replays it, kind=trace; not with aps= or dataset=), shared_hits (true / false: a trace's prefix hits across
+trajectories, `workload.shared_prefix_hits`), or
 `policy.NAME=value` / `batcher.NAME=value`: a field of the policy's / the batcher's Config
 (`config.scheduler.kwargs` / `config.batcher.kwargs`; ints, floats, true/false, None/null and strings are told
 apart), or `cluster.NAME=value`: a field of `config.cluster` (hardware and system: `cluster.snic_gbps=25`, a sweep's
@@ -245,6 +245,11 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
         if kind_given not in (None, "trace") or aps is not None:
             other = f"kind={kind_given}" if kind_given not in (None, "trace") else "aps="
             raise ValueError(f"config variant {arg!r}: trace= replays a trace; it cannot go with {other}")
+        if "dataset" in given:  # (its synthetic agents: a sweep's dataset= loads ran one trace alike, silently)
+            raise ValueError(
+                f"config variant {arg!r}: trace= replays a trace; it cannot go with dataset={given['dataset']} (a "
+                "synthetic dataset; a trace has its own turns)"
+            )
         cfg.workload.kind = "trace"
     # (a trace path's '/' made directories of the variant; '..' climbed out of the config's output_dir)
     name = arg.replace(",", "_").replace("=", "-").replace("/", "_")

@@ -7,7 +7,8 @@
       --extra=dataset=48K,cluster.snic_gbps=25 --slo_ttft_s=2 --seeds=0,1
 
 Each search is `dualpath_jax.sim.capacity.capacity_search` (bisection on APS in [--lo, --hi], --iters steps) of one
-`<setup>:<mode>,kind=online,<extra>[,seed=N]` (configs/sim_base.py variant syntax); a --modes item is a mode or
+`<setup>:<mode>,kind=online,<extra>[,seed=N]` (configs/sim_base.py variant syntax: its dataset's synthetic agents;
+a setup that replays a trace is refused); a --modes item is a mode or
 registered policy, or any variant items joined by '+' (`dualpath_rr+policy.full_de=wait`). The SLO is the config's
 (`slo_ttft_s`, `slo_tpot_s`, `slo_percentile`; turns arriving in [`warmup_s`, `workload.duration_s`) are judged):
 `warmup=` / `duration=` items in --extra set the window, --slo_ttft_s / --slo_tpot_s / --slo_percentile the bounds
@@ -18,7 +19,8 @@ attainment, TTFT / TPOT at the percentile), capacity.csv (one row per search), c
 attainment of every probe over APS, a line per mode, each capacity marked) and run.json (what ran:
 dualpath_jax.metrics.run_info), and prints the table with each mode's gain over the first mode of its setup. A
 capacity is a bracket [highest APS met, lowest missed); a search whose --lo already misses is "< lo", one whose
---hi meets is ">= hi" (no measured number: widen the bracket). A directory that holds an earlier search's
+--hi meets is ">= hi" (no measured number: widen the bracket), one with a probe that judged no turn (none arrived
+in the window) "n/a", with a line saying so. A directory that holds an earlier search's
 capacity.csv / capacity.json is refused unless --overwrite.
 """
 
@@ -132,8 +134,9 @@ COLUMNS = [
     "wall_s",
 ]
 
-# a '+' that joins a mode's items (dualpath_rr+policy.full_de=wait), not one inside a value (cluster.x=1e+6)
-_JOIN = re.compile(r"\+(?=[A-Za-z_])")
+# a '+' that joins a mode's items (dualpath_rr+policy.full_de=wait), not one inside a value (cluster.x=1e+6) nor a
+# value's sign (policy.x=+inf)
+_JOIN = re.compile(r"(?<!=)\+(?=[A-Za-z_])")
 
 Search = tuple[str, str, str, str]  # (setup, mode, extra, seed)
 
@@ -206,7 +209,8 @@ def _num(v: float) -> str:
 
 def search_row(s: Search, result: dict | None, error: str | None, name: str, lo: float, hi: float) -> dict:
     """One search's row (capacity.json; capacity.csv its columns): the bracket it found, `capacity` as text, and
-    `capacity_aps` only where it is measured ("< lo": lo missed; ">= hi": hi met; both: None)."""
+    `capacity_aps` only where it is measured ("< lo": lo missed; ">= hi": hi met; "n/a": a probe judged no turn, its
+    `unjudged_aps`; all three: None)."""
     setup, mode, _, seed = s
     row = {
         "setup": name,
@@ -220,9 +224,13 @@ def search_row(s: Search, result: dict | None, error: str | None, name: str, lo:
         return {**row, "error": error}
     probes = result["probes"]
     met = [p["aps"] for p in probes if p["slo_met"]]
-    missed = [p["aps"] for p in probes if not p["slo_met"]]
+    # a probe that judged no turn (none arrived in the window) is no verdict; slo_summary's miss made "< lo" of it
+    unjudged = [p["aps"] for p in probes if not p["slo_turns"]]
+    missed = [p["aps"] for p in probes if not p["slo_met"] and p["slo_turns"]]
     row["seed"] = result["seed"]
-    if not met:
+    if unjudged:  # (the bisection took it for a miss: its bracket is not measured either)
+        row.update(bound="no_turn_judged", capacity="n/a", capacity_aps=None, unjudged_aps=unjudged)
+    elif not met:
         row.update(bound="below_lo", capacity=f"< {_num(lo)}", capacity_aps=None)
     elif not missed:
         row.update(bound="at_hi", capacity=f">= {_num(hi)}", capacity_aps=None)
@@ -317,6 +325,12 @@ def _check_searches(searches: Sequence[Search], overrides: dict, lo: float) -> N
             raise SystemExit(f"bad capacity search {spec!r}: {e.args[0] if e.args else e}") from None
         except SystemExit as e:  # the setup's own sys.exit
             raise SystemExit(f"bad capacity search {spec!r}: {error_line(e)}") from None
+        if cfg.workload.trace_path:  # (kind=online: its probes ran the dataset's synthetic agents, not the trace)
+            raise SystemExit(
+                f"bad --setups: {s[0]!r} replays a trace (config.workload.trace_path={cfg.workload.trace_path!r}): a "
+                "capacity search runs the synthetic online agents of its dataset at each APS, not a trace; give a "
+                "setup of synthetic agents"
+            )
 
 
 def _check_items() -> None:
@@ -415,6 +429,13 @@ def _write_results(rows: list[dict], searches: Sequence[Search], term: SigtermAs
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip())
+    for r in rows:
+        if r.get("unjudged_aps"):
+            print(
+                f"capacity: {r['setup']}:{r['mode']}, seed {r['seed']}: no turn arrived in the SLO window "
+                f"[{r['warmup_s']:g} s, {r['duration_s']:g} s) at {', '.join(map(_num, r['unjudged_aps']))} APS: no "
+                "verdict there (widen the window, --extra=warmup=...,duration=..., or raise --lo)"
+            )
     png = os.path.join(out_dir, "capacity.png")
     ran = [r for r in rows if "error" not in r]
     if _PLOT.value and ran and plot_capacity(ran, png):

@@ -103,8 +103,8 @@ def format_table(results: dict) -> str:
         row = [n]
         for key, _, fmt in columns:
             v = s.get(key, math.nan)
-            if fmt == "met":
-                row.append("met" if v is True else "missed")
+            if fmt == "met":  # (no turn judged: no verdict, as its attainment)
+                row.append("n/a" if s.get("slo_turns") == 0 else "met" if v is True else "missed")
             elif isinstance(v, float) and math.isnan(v) and "%" in fmt:  # (no turn judged)
                 row.append("n/a")
             else:
@@ -195,7 +195,10 @@ def plot(results: dict, path: str) -> bool:
     axes[0].set_ylabel("JCT (s)")
     judged = [n for n in names if "slo_attainment" in results[n].summary]  # (online / trace arrivals)
     if judged:  # (every turn's span there is not an offline rollout's JCT: the SLO attainment beside it)
-        att = ", ".join(f"{n} {results[n].summary['slo_attainment']:.0%}" for n in judged)
+        att = ", ".join(
+            f"{n} {a:.0%}" if not math.isnan(a := results[n].summary["slo_attainment"]) else f"{n} n/a"  # (no turn)
+            for n in judged
+        )
         axes[0].set_title(f"JCT (arrivals spread); SLO attained: {att}", fontsize=8)
     else:
         axes[0].set_title("offline rollout JCT")
@@ -445,6 +448,12 @@ def main(argv):
         table += "\n" + fields
     if window is not None:
         table += "\n" + slo_line(base, window)
+        unjudged = [p for p in results if results[p].summary.get("slo_turns") == 0]
+        if unjudged:  # (trace arrivals: a warm-up after every turn is known only once they ran)
+            table += (
+                f"\nnote: no turn of {', '.join(unjudged)} arrived in the SLO's window: nothing was judged (SLO n/a; "
+                f"config.runtime.slo.warmup_s={base.slo.warmup_s:g})"
+            )
     if not config.warmup and len(results) > 1:
         # Without the warm-up, whatever the first policy compiles (buckets not precompiled, first connections)
         # is in its JCT: the speedups compare a cold run with warm ones.

@@ -9,7 +9,8 @@ Each cell is `<setup>:<mode>,<load>` (configs/sim_base.py variant syntax). Write
 with its cell's `spec`), run.json (what ran: dualpath_jax.metrics.run_info) and sweep.png (per setup: JCT, TTFT,
 storage-NIC max/avg and, online, SLO attainment over the loads, a line per mode) under --output_dir (default
 results/sweep) and prints the table. A directory that holds an earlier sweep's
-sweep.csv / sweep.json / sweep.rows.jsonl is refused unless --overwrite (its results are replaced) or --resume.
+sweep.csv / sweep.json / sweep.rows.jsonl is refused unless --overwrite (its results are removed as the sweep
+starts) or --resume.
 
 Each cell's row (the one sweep.json gets, a failed cell's with its `error`) is also appended, as the cell finishes,
 to sweep.rows.jsonl, one JSON line, flushed and fsynced: a driver killed hard (kill -9, the OOM killer, a reboot)
@@ -17,7 +18,8 @@ loses no finished cell. Once sweep.json holds every row (it is written beside an
 always has them) the log is removed: a finished directory holds what it did before, and a second file with the
 same rows could not go stale beside it. `--resume` (same command, plus --resume) keeps each cell an earlier sweep
 in --output_dir finished (its rows in sweep.json and sweep.rows.jsonl) and runs only the others; the results are
-written as one run would write them, and run.json names the kept cells (`resumed_cells`). A kept row whose setup
+written as one run would write them, and run.json names the kept cells (`resumed_cells`; its `rerun` line ends with
+--noresume: a re-run runs every cell). A kept row whose setup
 file changed since (its `setup_sha256`) is refused; a change of the code in between is not detected. With nothing
 earlier there it runs every cell.
 """
@@ -83,7 +85,7 @@ for _name in ("setups", "modes", "loads"):  # an empty list made an empty grid (
 # (an item given twice ran its cells twice: duplicate rows, drawn as two seeds of one cell)
 register_distinct("setups", key=os.path.realpath)
 register_distinct("modes")
-register_distinct("loads")
+register_distinct("loads", key=lambda item: load_key(item))  # (agents=2 and agents=02: one load)
 _PLOT = flags.DEFINE_bool(
     "plot", True, "Write sweep.png (matplotlib): each setup's JCT and metrics over the loads.", allow_override=True
 )
@@ -122,6 +124,18 @@ COLUMNS = [
     "events_per_s",
     "turns_per_s",
 ]
+
+
+def load_key(item: str):
+    """A --loads item as its config sees it: agents=2 and agents=02, aps=0.5 and aps=.5 are one load (they ran as two
+    cells of one config). A bool is told from a number (true from 1)."""
+    from dualpath_jax.checks import variant_value
+
+    key, eq, text = item.strip().partition("=")
+    if not eq:
+        return item.strip()
+    value = variant_value(text.strip())
+    return key.strip(), isinstance(value, bool), value
 
 
 def cell_spec(setup: str, mode: str, load: str, extra: str, seed: str = "") -> str:
@@ -440,8 +454,11 @@ def main(argv: Sequence[str]) -> None:
                 no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
             except SystemExit as e:
                 raise SystemExit(f"{e}, or --resume to keep its finished cells and run only the others") from None
-            if os.path.exists(log):  # --overwrite: this sweep's log starts empty (an earlier one's rows are replaced)
-                os.remove(log)
+            # --overwrite: the earlier sweep's rows go now, its log too (this sweep's starts empty). Its sweep.json
+            # kept until the end passed, after a hard kill, for this sweep's unfinished cells on --resume
+            for name in RESULTS:
+                if os.path.exists(path := os.path.join(out_dir, name)):
+                    os.remove(path)
         names = setup_names(cells)
         ran = iter(run_grid(to_run, _WORKERS.value, names, log))
         rows = [_resumed_row(kept[i], c, names) if i in kept else next(ran) for i, c in enumerate(cells)]
@@ -524,6 +541,8 @@ def _write_results(
         cells=cells_run,
         resumed_cells=resumed,
     )
+    if _RESUME.value:  # (its re-run runs every cell; pasted twice, --resume kept the first paste's and ran none)
+        info["rerun"] += " --noresume"
     print("wrote", write_run_info(_OUTPUT_DIR.value, info))
     log = os.path.join(_OUTPUT_DIR.value, ROWS_LOG)
     if os.path.exists(log):  # sweep.json holds every row now
