@@ -170,6 +170,7 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
     mode = ""
     # kind= and aps= as given: aps= with kind=offline ran offline or online by the order of the items
     kind_given = aps = trace_given = None
+    file_trace = cfg.workload.kind == "trace"  # (a setup file that replays a trace: kind=trace before any item)
     given: dict[str, str] = {}  # key -> value as given
     for item in arg.split(","):
         item = item.strip()
@@ -251,6 +252,14 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
                 "synthetic dataset; a trace has its own turns)"
             )
         cfg.workload.kind = "trace"
+    elif file_trace and kind_given is None:  # items of synthetic agents on a setup file that replays a trace
+        for key in ("aps", "dataset"):
+            if key in given:  # (aps= ran the dataset's synthetic agents online, dataset= was ignored: silently)
+                raise ValueError(
+                    f"config variant {arg!r}: {key}={given[key]} is for synthetic agents, and this setup replays a "
+                    f"trace (config.workload.kind='trace', trace_path={cfg.workload.trace_path!r}); give kind=online "
+                    f"or kind=offline with it to run synthetic agents instead"
+                )
     # (a trace path's '/' made directories of the variant; '..' climbed out of the config's output_dir)
     name = arg.replace(",", "_").replace("=", "-").replace("/", "_")
     cfg.output_dir = f"{cfg.output_dir}/{name}"

@@ -203,6 +203,16 @@ def main(argv: Sequence[str]) -> None:
     rows += [(k, result.summary[k]) for k in _summary_keys(result.config.slo_percentile) if k in result.summary]
     rows += [(k, result.stats[k]) for k in STAT_KEYS]
     print(format_table(rows))
+    if result.summary.get("slo_turns") == 0:  # (slo_met False read as a miss: nothing was judged)
+        print(
+            f"note: no turn arrived in the SLO's window (config.warmup_s={result.config.warmup_s:g}"
+            + (
+                f", workload.duration_s={result.config.workload.duration_s:g}"
+                if result.config.workload.kind == "online"
+                else ""
+            )
+            + "): nothing was judged; slo_met False is no verdict"
+        )
     try:
         ran = ran_config(cfg_dict, result.config, out)
         paths = outputs.write_results(result, out, ran, plot=_PLOT.value)

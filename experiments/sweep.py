@@ -189,7 +189,20 @@ def _grid_row(c: tuple[str, str, str, str, str], result: dict | None, error: str
     row["setup"] = names[setup]
     row["spec"] = cell_spec(*c)  # what the cell ran, as one `file:variant` (sweep.json; not a sweep.csv column)
     row["setup_sha256"] = setup_digest(setup)  # (--resume: a kept row of a setup file edited since is refused)
+    row["code"] = code_version()  # (--resume: kept rows of other code are named in run.json, `resumed_code`)
     return row
+
+
+@functools.cache
+def code_version() -> str | None:
+    """The git commit this sweep runs (`+dirty` with changed files), as each of its rows records it; None outside a
+    checkout."""
+    from dualpath_jax.metrics import git_state
+
+    g = git_state()
+    if not g or not g.get("commit"):
+        return None
+    return g["commit"] + ("+dirty" if g.get("dirty") else "")
 
 
 def run_grid(
@@ -460,6 +473,12 @@ def main(argv: Sequence[str]) -> None:
                 if os.path.exists(path := os.path.join(out_dir, name)):
                     os.remove(path)
         names = setup_names(cells)
+        other = sorted({str(r.get("code")) for r in kept.values()} - {str(code_version())})
+        if other:  # (not refused: a commit of other code often gives the same figures; said, and in run.json)
+            logging.warning(
+                "--resume: kept cells ran at code %s, this sweep runs at %s: their figures are that code's",
+                ", ".join(other), code_version(),
+            )  # fmt: skip
         ran = iter(run_grid(to_run, _WORKERS.value, names, log))
         rows = [_resumed_row(kept[i], c, names) if i in kept else next(ran) for i, c in enumerate(cells)]
         term.raising = False  # SIGTERM from here on: noted, and the exit comes after the results are written
@@ -543,6 +562,9 @@ def _write_results(
     )
     if _RESUME.value:  # (its re-run runs every cell; pasted twice, --resume kept the first paste's and ran none)
         info["rerun"] += " --noresume"
+        # the code each kept cell ran (a killed sweep wrote no run.json of its own): rows from before this was
+        # recorded say None
+        info["resumed_code"] = sorted({str(r.get("code")) for r in rows if r["spec"] in set(resumed)})
     print("wrote", write_run_info(_OUTPUT_DIR.value, info))
     log = os.path.join(_OUTPUT_DIR.value, ROWS_LOG)
     if os.path.exists(log):  # sweep.json holds every row now

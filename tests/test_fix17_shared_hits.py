@@ -201,3 +201,45 @@ def test_variant_items_replay_a_trace_and_switch_shared_hits():
         ValueError, match=r"config variant item 'shared_hits=false' \(config.workload.shared_prefix_hits\)"
     ):
         load_sim_config(f"{TINY}:dualpath,shared_hits=false", as_run=True)  # (synthetic agents share nothing)
+
+
+def test_synthetic_items_on_a_setup_that_replays_a_trace_are_refused(tmp_path):
+    """A setup file of kind trace: `aps=` ran the dataset's synthetic agents online and `dataset=` was ignored, both
+    silently (a sweep's loads over them gave rows of another workload, or identical rows). Refused unless the variant
+    also names the kind (then the synthetic agents are what is asked for)."""
+    setup = tmp_path / "trace_setup.py"
+    setup.write_text(
+        "from configs.sim_base import apply_variant\nfrom configs.sim_tiny import get_config as _tiny\n\n"
+        "def get_config(arg=None):\n    cfg = _tiny()\n    cfg.workload.kind = 'trace'\n"
+        "    cfg.workload.trace_path = 'mooncake_conversation_trace.jsonl.gz'\n    return apply_variant(cfg, arg)\n"
+    )
+    for item in ("aps=0.5", "dataset=48K"):
+        with pytest.raises(
+            ValueError, match=re.escape(f"{item} is for synthetic agents, and this setup replays a trace")
+        ):
+            load_sim_config(f"{setup}:dualpath,{item}")
+    assert load_sim_config(f"{setup}:dualpath,kind=online,aps=0.5").workload.kind == "online"
+    assert load_sim_config(f"{setup}:dualpath,kind=offline,dataset=48K").workload.dataset == "48K"
+    assert load_sim_config(f"{setup}:dualpath,turns=2").workload.kind == "trace"
+
+
+def test_simulate_says_when_no_turn_was_judged(tmp_path):
+    """A trace run whose SLO warm-up ends after every turn judged nothing, and the table's `slo_met False` read as a
+    miss; `experiments.simulate` now says so under the table."""
+    from test_launch_hunt import _launch
+
+    trace = tmp_path / "t.jsonl"
+    rows = [
+        {"timestamp": 1000 * i, "input_length": 700, "output_length": 8, "hash_ids": [i, 100 + i]} for i in range(3)
+    ]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = _launch(
+        "-m",
+        "experiments.simulate",
+        f"--config={TINY}:dualpath,trace={trace},warmup=1e7",
+        f"--config.output_dir={tmp_path / 'out'}",
+        "--noplot",
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "note: no turn arrived in the SLO's window (config.warmup_s=1e+07): nothing was judged" in out.stdout

@@ -340,3 +340,25 @@ def test_resume_refuses_kept_cells_of_a_setup_file_edited_since(killed, tmp_path
     setup.write_text(text)
     out = _sweep(setup, out_dir, "--resume")
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_each_row_names_its_code_and_a_resume_records_the_kept_cells_code(killed, tmp_path):
+    """A sweep killed hard wrote no run.json, so the code its finished cells ran was nowhere once resumed. Each row now
+    carries `code` (the git commit, `+dirty` with changed files); the resumed run.json lists the kept cells' codes
+    (`resumed_code`), and a kept cell of other code is logged."""
+    from dualpath_jax.metrics import git_state
+
+    g = git_state()  # (as experiments.sweep.code_version; that module's absl flags stay out of this process)
+    commit = str(g["commit"] if g else None)  # (its "+dirty" may change while the tests write files: left out)
+    setup, out_dir = _copy(killed, tmp_path)
+    log = out_dir / "sweep.rows.jsonl"
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert {str(r["code"]).split("+")[0] for r in rows} == {commit}
+    rows[0]["code"] = "0123abc"
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = _sweep(setup, out_dir, "--resume")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "kept cells ran at code 0123abc" in out.stderr, out.stderr[-3000:]
+    info = json.loads((out_dir / "run.json").read_text())
+    codes = info["resumed_code"]
+    assert "0123abc" in codes and [c.split("+")[0] for c in codes if c != "0123abc"] == [commit], codes
