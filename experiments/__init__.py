@@ -231,6 +231,40 @@ def no_earlier_results_or_exit(directory: str, names: tuple[str, ...], what: str
         )
 
 
+def setup_names(setups) -> dict[str, str]:
+    """Each setup file (in order, once) -> its name in a launcher's rows: its file name, or its path where two setups
+    share one (a/x.py, b/x.py: their rows and plot lines were one setup's). `sweep`, `capacity`."""
+    import os
+
+    names = {s: os.path.basename(s) for s in dict.fromkeys(setups)}
+    if len(set(names.values())) < len(names):
+        names = {s: s for s in names}
+    return names
+
+
+def setup_files_or_exit(setups, items_go_in: str) -> None:
+    """One line naming a --setups item that is no config file (a UsageError printed the whole --help above it);
+    `items_go_in`: the flags a setup's variant items belong in."""
+    import os
+
+    for s in setups:
+        if not os.path.isfile(s):
+            why = "is a directory, not a config file" if os.path.isdir(s) else "does not exist"
+            hint = f" (a setup is a file; variant items go in {items_go_in})" if ":" in s else ""
+            raise SystemExit(f"bad --setups: config file {s!r} {why}{hint}")
+
+
+def register_seeds(name: str = "seeds") -> None:
+    """A --seeds list flag takes distinct integers (0 and 00 are one)."""
+    from absl import flags
+
+    flags.register_validator(
+        name,
+        lambda v: all(x.strip().lstrip("-").isdigit() for x in v) and len({int(x) for x in v}) == len(v),
+        message=f"--{name} takes distinct integers, e.g. 0,1,2",
+    )
+
+
 def register_distinct(name: str, key=str) -> None:
     """A validator of the list flag `name`: an item given twice (as `key` sees it: `int` for numbers, a real path
     for files) is a flag error naming it. It ran twice: duplicate rows, and a sweep plot averaged them as seeds."""

@@ -44,7 +44,10 @@ from experiments import (
     no_earlier_results_or_exit,
     pyplot_or_none,
     register_distinct,
+    register_seeds,
     run_jobs,
+    setup_files_or_exit,
+    setup_names,
     writable_dir_or_exit,
 )
 
@@ -104,11 +107,7 @@ flags.register_multi_flags_validator(
     lambda f: 0 < f["lo"] < f["hi"] < math.inf,  # (NaN too)
     message="--lo and --hi bracket the capacity: they need 0 < lo < hi, both finite",
 )
-flags.register_validator(
-    "seeds",
-    lambda v: all(x.strip().lstrip("-").isdigit() for x in v) and len({int(x) for x in v}) == len(v),
-    message="--seeds takes distinct integers, e.g. 0,1,2",
-)
+register_seeds()
 for _name in ("setups", "modes"):
     flags.register_validator(_name, bool, message=f"--{_name} needs at least one item")
 register_distinct("setups", key=os.path.realpath)
@@ -193,14 +192,6 @@ def run_search(args: tuple[Search, dict, float, float, int, str]) -> dict:
         "duration_s": cfg.workload.duration_s,
     }
     return out
-
-
-def setup_names(searches: Sequence[Search]) -> dict[str, str]:
-    """A setup is named by its file name, or by its path where two setups share one."""
-    names = {s: os.path.basename(s) for s in dict.fromkeys(c[0] for c in searches)}
-    if len(set(names.values())) < len(names):
-        names = {s: s for s in names}
-    return names
 
 
 def _num(v: float) -> str:
@@ -365,11 +356,7 @@ def main(argv: Sequence[str]) -> None:
         "setups=%s modes=%s extra=%r lo=%g hi=%g iters=%d seeds=%s workers=%d",
         _SETUPS.value, _MODES.value, _EXTRA.value, lo, hi, iters, _SEEDS.value, _WORKERS.value,
     )  # fmt: skip
-    for s in _SETUPS.value:
-        if not os.path.isfile(s):
-            why = "is a directory, not a config file" if os.path.isdir(s) else "does not exist"
-            hint = " (a setup is a file; variant items go in --modes or --extra)" if ":" in s else ""
-            raise SystemExit(f"bad --setups: config file {s!r} {why}{hint}")
+    setup_files_or_exit(_SETUPS.value, "--modes or --extra")
     _check_items()
     seeds = [str(int(x)) for x in _SEEDS.value] or [""]
     searches = [(s, m, _EXTRA.value, sd) for s in _SETUPS.value for sd in seeds for m in _MODES.value]
@@ -382,7 +369,7 @@ def main(argv: Sequence[str]) -> None:
             raise SystemExit("capacity: stopped by SIGTERM before any search ran (nothing written)") from None
         writable_dir_or_exit(out_dir, "--output_dir")
         no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
-        names = setup_names(searches)
+        names = setup_names(c[0] for c in searches)
         jobs = [
             (s, overrides, lo, hi, iters, f"{names[s[0]]}:{s[1]}" + (f",seed={s[3]}" if s[3] else "")) for s in searches
         ]

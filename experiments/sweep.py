@@ -44,7 +44,10 @@ from experiments import (
     no_earlier_results_or_exit,
     pyplot_or_none,
     register_distinct,
+    register_seeds,
     run_jobs,
+    setup_files_or_exit,
+    setup_names,
     writable_dir_or_exit,
 )
 
@@ -75,11 +78,7 @@ _SEEDS = flags.DEFINE_list(
     "Run every cell once per seed (seed=N added to its variant); empty: each config's own seed.",
     allow_override=True,
 )
-flags.register_validator(
-    "seeds",
-    lambda v: all(x.strip().lstrip("-").isdigit() for x in v) and len({int(x) for x in v}) == len(v),  # 0 = 00
-    message="--seeds takes distinct integers, e.g. 0,1,2",
-)
+register_seeds()
 for _name in ("setups", "modes", "loads"):  # an empty list made an empty grid (a traceback from the progress bar)
     flags.register_validator(_name, bool, message=f"--{_name} needs at least one item")
 # (an item given twice ran its cells twice: duplicate rows, drawn as two seeds of one cell)
@@ -158,15 +157,6 @@ def run_cell(args: tuple[str, str, str, str, str]) -> dict:
     return row
 
 
-def setup_names(cells: Sequence[tuple[str, str, str, str, str]]) -> dict[str, str]:
-    """A setup is named by its file name, or by its path where two setups share one (a/x.py, b/x.py: their rows
-    and plot lines were one setup's)."""
-    names = {s: os.path.basename(s) for s in dict.fromkeys(c[0] for c in cells)}
-    if len(set(names.values())) < len(names):
-        names = {s: s for s in names}
-    return names
-
-
 @functools.cache
 def setup_digest(setup: str) -> str | None:
     """sha256 of a setup file's bytes, as the sweep read it first (cached: a later edit of the file does not change
@@ -211,7 +201,7 @@ def run_grid(
     """Every cell's row, in the order of `cells`. A cell that failed (its run raised, its worker process was
     killed) is a row with its `error` and no figures; the other cells still run and report. With `log`, each row
     is appended to that file (sweep.rows.jsonl) as its cell finishes, before the progress bar moves on."""
-    names = names or setup_names(cells)
+    names = names or setup_names(c[0] for c in cells)
     broken: list[str] = []  # why the log took no more rows (a full disk): the rows stay in memory, for sweep.json
 
     def keep(i: int, result, error) -> None:
@@ -425,11 +415,7 @@ def main(argv: Sequence[str]) -> None:
         _SEEDS.value,
         _WORKERS.value,
     )
-    for s in _SETUPS.value:  # one line naming the setup (a UsageError printed the whole --help above it)
-        if not os.path.isfile(s):
-            why = "is a directory, not a config file" if os.path.isdir(s) else "does not exist"
-            hint = " (a setup is a file; variant items go in --modes, --loads or --extra)" if ":" in s else ""
-            raise SystemExit(f"bad --setups: config file {s!r} {why}{hint}")
+    setup_files_or_exit(_SETUPS.value, "--modes, --loads or --extra")
     seeds = [str(int(x)) for x in _SEEDS.value] or [""]
     if _SEEDS.value and any(item.strip().startswith("seed=") for item in _EXTRA.value.split(",")):
         raise SystemExit("bad --extra: --seeds and a seed= item in --extra both set the seed; use one")
@@ -472,7 +458,7 @@ def main(argv: Sequence[str]) -> None:
             for name in RESULTS:
                 if os.path.exists(path := os.path.join(out_dir, name)):
                     os.remove(path)
-        names = setup_names(cells)
+        names = setup_names(c[0] for c in cells)
         other = sorted({str(r.get("code")) for r in kept.values()} - {str(code_version())})
         if other:  # (not refused: a commit of other code often gives the same figures; said, and in run.json)
             logging.warning(
