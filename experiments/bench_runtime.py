@@ -357,6 +357,13 @@ def main(argv):
                     f"{p:>9}  {m['ttft_p50_s']:>19.3f}  {q['ttft_p50_s']:>6.3f}  {m['ttft_p99_s']:>19.3f}  "
                     f"{q['ttft_p99_s']:>6.3f}"
                 )
+            # where a turn's TTFT goes, means in ms (metrics.ttft_breakdown): which stage a difference sits in
+            parts = ("queue", "allocation", "read", "prefill")
+            print(f"{'':>9}  TTFT parts, mean ms, runtime / sim: " + " | ".join(parts))
+            for p in ("basic", "dualpath"):
+                m, q = measured[p].summary, predicted[p]
+                cells = [f"{1e3 * m[f'ttft_{k}_mean_s']:.1f} / {1e3 * q[f'ttft_{k}_mean_s']:.1f}" for k in parts]
+                print(f"{p:>9}  " + " | ".join(cells))
             out["simulated"] = predicted
             out["simulated_speedup"] = sim_speedup
             out["fit"] = {
