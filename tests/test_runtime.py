@@ -889,6 +889,8 @@ def test_bench_runtime_launcher_runs_small(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     for section in ("== DualPath vs Basic", "== Simulator prediction", "== Per-turn runtime overhead"):
         assert section in out.stdout
+    # the turns' latencies beside the copy's, and where they go (2026-12-05)
+    assert "TTFT p50 s: runtime" in out.stdout and "TTFT parts, mean ms, runtime / sim" in out.stdout, out.stdout
     assert "cluster.precompile forced on" in out.stderr  # :test turns it off; no measured JCT may hold compiles
     (run_dir,) = list(tmp_path.glob("bench_runtime-*"))
     res = json.loads((run_dir / "bench_runtime.json").read_text())
