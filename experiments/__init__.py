@@ -265,6 +265,18 @@ def register_seeds(name: str = "seeds") -> None:
     )
 
 
+def variant_item_key(item: str):
+    """A variant item as its config sees it: agents=2 and agents=02, aps=0.5 and aps=.5 are one item (a list flag
+    naming both ran one config twice). A bool is told from a number (true from 1)."""
+    from dualpath_jax.checks import variant_value
+
+    key, eq, text = item.strip().partition("=")
+    if not eq:
+        return item.strip()
+    value = variant_value(text.strip())
+    return key.strip(), isinstance(value, bool), value
+
+
 def register_distinct(name: str, key=str) -> None:
     """A validator of the list flag `name`: an item given twice (as `key` sees it: `int` for numbers, a real path
     for files) is a flag error naming it. It ran twice: duplicate rows, and a sweep plot averaged them as seeds."""

@@ -48,6 +48,7 @@ from experiments import (
     run_jobs,
     setup_files_or_exit,
     setup_names,
+    variant_item_key,
     writable_dir_or_exit,
 )
 
@@ -111,7 +112,8 @@ register_seeds()
 for _name in ("setups", "modes"):
     flags.register_validator(_name, bool, message=f"--{_name} needs at least one item")
 register_distinct("setups", key=os.path.realpath)
-register_distinct("modes")
+# (dualpath+policy.x=1 and dualpath+policy.x=01: one search run twice)
+register_distinct("modes", key=lambda mode: tuple(variant_item_key(i) for i in _JOIN.split(mode)))
 
 RESULTS = ("capacity.csv", "capacity.json")  # an earlier search's, refused unless --overwrite
 

@@ -48,6 +48,7 @@ from experiments import (
     run_jobs,
     setup_files_or_exit,
     setup_names,
+    variant_item_key,
     writable_dir_or_exit,
 )
 
@@ -84,7 +85,7 @@ for _name in ("setups", "modes", "loads"):  # an empty list made an empty grid (
 # (an item given twice ran its cells twice: duplicate rows, drawn as two seeds of one cell)
 register_distinct("setups", key=os.path.realpath)
 register_distinct("modes")
-register_distinct("loads", key=lambda item: load_key(item))  # (agents=2 and agents=02: one load)
+register_distinct("loads", key=variant_item_key)  # (agents=2 and agents=02: one load)
 _PLOT = flags.DEFINE_bool(
     "plot", True, "Write sweep.png (matplotlib): each setup's JCT and metrics over the loads.", allow_override=True
 )
@@ -123,18 +124,6 @@ COLUMNS = [
     "events_per_s",
     "turns_per_s",
 ]
-
-
-def load_key(item: str):
-    """A --loads item as its config sees it: agents=2 and agents=02, aps=0.5 and aps=.5 are one load (they ran as two
-    cells of one config). A bool is told from a number (true from 1)."""
-    from dualpath_jax.checks import variant_value
-
-    key, eq, text = item.strip().partition("=")
-    if not eq:
-        return item.strip()
-    value = variant_value(text.strip())
-    return key.strip(), isinstance(value, bool), value
 
 
 def cell_spec(setup: str, mode: str, load: str, extra: str, seed: str = "") -> str:

@@ -221,3 +221,13 @@ def test_a_trace_item_refuses_a_dataset_item_it_would_ignore():
     with pytest.raises(ValueError, match=r"trace= replays a trace; it cannot go with dataset=64K \(a synthetic"):
         load_sim_config("configs/sim_tiny.py:basic,dataset=64K,trace=x.jsonl", as_run=True)
     load_sim_config("configs/sim_tiny.py:basic,dataset=64K", as_run=True)  # (synthetic: taken)
+
+
+def test_a_capacity_mode_spelled_twice_is_a_flag_error(tmp_path):
+    """`--modes=dualpath+policy.z_slack=1.1,dualpath+policy.z_slack=1.10`: one search in two spellings ran twice (and
+    the second's gain over the first was 1x); now a flag error, as sweep's --loads."""
+    modes = "dualpath+policy.z_slack=1.1,dualpath+policy.z_slack=1.10"
+    out = launch_hunt._launch("-m", "experiments.capacity", f"--modes={modes}", f"--output_dir={tmp_path / 'out'}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "--modes names 'dualpath+policy.z_slack=1.1' twice" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
