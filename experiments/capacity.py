@@ -364,6 +364,8 @@ def main(argv: Sequence[str]) -> None:
     searches = [(s, m, _EXTRA.value, sd) for s in _SETUPS.value for sd in seeds for m in _MODES.value]
     overrides = slo_overrides()
     out_dir = _OUTPUT_DIR.value
+    # an occupied --output_dir: said before every search's simulator is built (minutes at paper scale); again after
+    no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
     with SigtermAsInterrupt() as term:
         try:
             _check_searches(searches, overrides, lo)

@@ -416,6 +416,8 @@ def main(argv: Sequence[str]) -> None:
         (s, m, ld, _EXTRA.value, sd) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value for sd in seeds
     ]
     out_dir, log = _OUTPUT_DIR.value, os.path.join(_OUTPUT_DIR.value, ROWS_LOG)
+    if not _RESUME.value:  # an occupied --output_dir: said before every cell's simulator is built (minutes at scale)
+        _no_earlier_sweep_or_exit(out_dir)
     for s in _SETUPS.value:  # (each setup file's digest as the sweep starts: its rows' setup_sha256)
         setup_digest(s)
     with SigtermAsInterrupt() as term:
@@ -437,11 +439,7 @@ def main(argv: Sequence[str]) -> None:
                 len(kept), len(cells), out_dir, len(to_run),
             )  # fmt: skip
         else:
-            # an earlier sweep's results are kept (a failed sweep wrote its partial rows over them)
-            try:
-                no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
-            except SystemExit as e:
-                raise SystemExit(f"{e}, or --resume to keep its finished cells and run only the others") from None
+            _no_earlier_sweep_or_exit(out_dir)  # (again: one may have come while the cells were checked)
             # --overwrite: the earlier sweep's rows go now, its log too (this sweep's starts empty). Its sweep.json
             # kept until the end passed, after a hard kill, for this sweep's unfinished cells on --resume
             for name in RESULTS:
@@ -458,6 +456,14 @@ def main(argv: Sequence[str]) -> None:
         rows = [_resumed_row(kept[i], c, names) if i in kept else next(ran) for i, c in enumerate(cells)]
         term.raising = False  # SIGTERM from here on: noted, and the exit comes after the results are written
         _write_results(rows, cells, term, started, traces, [cell_spec(*cells[i]) for i in sorted(kept)])
+
+
+def _no_earlier_sweep_or_exit(out_dir: str) -> None:
+    """An earlier sweep's results are kept (a failed sweep wrote its partial rows over them) unless --overwrite."""
+    try:
+        no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
+    except SystemExit as e:
+        raise SystemExit(f"{e}, or --resume to keep its finished cells and run only the others") from None
 
 
 def _resumed_row(row: dict, c, names: dict) -> dict:

@@ -231,3 +231,15 @@ def test_a_capacity_mode_spelled_twice_is_a_flag_error(tmp_path):
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "--modes names 'dualpath+policy.z_slack=1.1' twice" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("launcher, held", [("sweep", "sweep.json"), ("capacity", "capacity.json")])
+def test_an_occupied_output_dir_is_said_before_any_cell_is_built(tmp_path, launcher, held):
+    """The launchers built every cell's / search's simulator (minutes at paper scale) before saying that --output_dir
+    holds an earlier run's results; now that comes first (here: before a bad mode would have been found)."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / held).write_text("[]")
+    out = launch_hunt._launch("-m", f"experiments.{launcher}", "--modes=no_such_mode", f"--output_dir={out_dir}")
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "it holds an earlier run's results" in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
