@@ -131,14 +131,19 @@ def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
     return sim_cfg
 
 
-def simulate(cfg, trajs, cost, policy_kwargs: dict) -> dict:
-    """The simulator on the runtime's emulated cluster; returns its summary (JCT, SNIC balance, ...). A bad value
+def simulate(cfg, trajs, cost, policy_kwargs: dict, window: tuple[float, float] | None = None) -> dict:
+    """The simulator on the runtime's emulated cluster; returns its summary (JCT, SNIC balance, ...), with `slo`
+    (`driver.judge_slo` of its turns under `cfg.slo`) where `window` (`driver.slo_window`) is given. A bad value
     of its config is a ValueError naming the field (`sim_config`); a workload it cannot run, a SimConfigError."""
+    from dualpath_jax.runtime import driver
     from dualpath_jax.sim.runner import summarize
 
     sim = build_simulator(cfg, trajs, cost, policy_kwargs)
     records, links, stats = sim.run()
-    return summarize(sim.cfg, records, links, stats)
+    out = summarize(sim.cfg, records, links, stats)
+    if window is not None:
+        out["slo"] = driver.judge_slo(cfg, window, records)
+    return out
 
 
 def build_simulator(cfg, trajs, cost, policy_kwargs: dict):
@@ -237,10 +242,10 @@ def main(argv):
     refuse_unused_workload_overrides(_CONFIG)
     given = flags.FLAGS[_CONFIG.name].override_values or {}
     slo = sorted(k for k in given if k.split(".")[:2] == ["runtime", "slo"])
-    if slo:  # (the config file's runtime.slo section: read by experiments.run, ignored here without a word)
+    if slo and config.runtime.workload.arrival == "offline":  # (read only for online / trace arrivals: ignored here)
         raise SystemExit(
-            f"bad config: --config.{slo[0]} is not used by bench_runtime: it compares JCTs and judges no SLO "
-            "(experiments.run judges online and trace-arrival runs on config.runtime.slo)"
+            f"bad config: --config.{slo[0]} is not used by this run: config.runtime.workload.arrival='offline' is "
+            "compared on its JCT, with no SLO (give arrival=online or trace)"
         )
     if config.runtime.launcher == "local":  # (before this process uses an accelerator: it calibrates on it too)
         os.environ.update(accelerator_sharing_env())
@@ -254,6 +259,7 @@ def main(argv):
             logging.info("cluster.precompile forced on: no measured JCT may include compile time")
             base = base.replace(**{"cluster.precompile": True})
         trajs, ops = driver.prepare(base)
+        window = driver.slo_window(base, trajs)  # online / trace arrivals: runtime and copy judged on one SLO
     except ConfigError as e:
         raise SystemExit(f"bad config: {e}") from None
     if not _SKIP_SIM.value:  # the simulator's copy of this setup, checked before anything runs or is written
@@ -301,6 +307,8 @@ def main(argv):
         for p in ("basic", "dualpath"):  # each kept as it finishes: a later run's failure keeps it
             measured[p] = run(base.replace(**{"scheduler.name": p}))
             out.setdefault("measured", {})[p] = driver.summary_with_sim_link_names(measured[p].summary)
+            if window is not None:
+                out["measured"][p]["slo"] = driver.judge_slo(base, window, measured[p].records)
         jct = {p: r.summary["jct_s"] for p, r in measured.items()}
         speedup = jct["basic"] / jct["dualpath"]
         print("\n== DualPath vs Basic, emulated 1P2D I/O-bound setup (measured in one run) ==")
@@ -334,7 +342,7 @@ def main(argv):
                     cfg = base.replace(**{"scheduler.name": p})
                     kw = driver.policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tps)
                     t0 = time.time()
-                    predicted[p] = simulate(cfg, trajs, cost, kw)
+                    predicted[p] = simulate(cfg, trajs, cost, kw, window)
                     logging.info("simulated %s in %.2f s", p, time.time() - t0)
             except ValueError as e:  # (SimConfigError too) a workload the copy cannot run: said; measured results kept
                 print(f"\n(simulator prediction skipped: {e})")
@@ -364,6 +372,16 @@ def main(argv):
                 m, q = measured[p].summary, predicted[p]
                 cells = [f"{1e3 * m[f'ttft_{k}_mean_s']:.1f} / {1e3 * q[f'ttft_{k}_mean_s']:.1f}" for k in parts]
                 print(f"{p:>9}  " + " | ".join(cells))
+            if window is not None:  # the online verdict of both, one SLO and window (experiments.run's)
+                slo = base.slo
+                print(
+                    f"{'':>9}  SLO (p{slo.percentile:g} TTFT <= {slo.ttft_s:g} s, TPOT <= {1e3 * slo.tpot_s:g} ms; "
+                    f"turns arriving in [{window[0]:g}, {window[1]:.3g}] s), attainment runtime / sim:"
+                )
+                for p in ("basic", "dualpath"):
+                    a, b = out["measured"][p]["slo"], predicted[p]["slo"]
+                    verdict = " / ".join("met" if x["slo_met"] else "missed" for x in (a, b))
+                    print(f"{p:>9}  {a['slo_attainment']:.1%} / {b['slo_attainment']:.1%} ({verdict})")
             out["simulated"] = predicted
             out["simulated_speedup"] = sim_speedup
             out["fit"] = {

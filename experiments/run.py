@@ -77,7 +77,9 @@ PRESETS = {
 }
 
 
-# An online / trace-arrival run's SLO columns (`slo_window`), before the speedups
+# An online / trace-arrival run's SLO columns (`driver.slo_window`: the window and the judgement are the driver's,
+# bench_runtime judges its runs and their simulator copy with them too), before the speedups
+
 SLO_COLUMNS = [("slo_attainment", "SLO att.", "{:.1%}"), ("slo_met", "SLO", "met")]
 
 
@@ -116,40 +118,6 @@ def format_table(results: dict) -> str:
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(r, widths, strict=True)) for r in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def slo_window(cfg, trajs) -> tuple[float, float] | None:
-    """The turns an online / trace-arrival run `cfg` is judged on against `cfg.slo`, as the simulator judges its own
-    (`sim.runner.slo_summary`): those arriving in [slo.warmup_s, end]. Online: end the last agent's arrival (its
-    first turn judged), as the simulator's window ends with its arrivals (duration_s): the drain after them sees a
-    lighter load. Trace: no end (inf), as the simulator's. Offline: None, no SLO (judged on its JCT; the
-    simulator's offline summary has none either). A ConfigError where no online turn would be judged."""
-    from dualpath_jax.runtime import driver
-    from dualpath_jax.runtime.config import ConfigError
-
-    w, warmup = cfg.workload, cfg.slo.warmup_s
-    if w.arrival == "offline":
-        return None
-    if w.arrival != "online":
-        return warmup, math.inf
-    last = max(float(t) for t in driver.make_arrival_model(cfg).agent_arrivals(trajs))
-    if not warmup <= last:  # (the simulator refuses warmup_s >= duration_s alike)
-        raise ConfigError(
-            f"config.slo.warmup_s ({warmup:g}) must not be after the last agent's arrival ({last:.3g} s: "
-            f"config.workload.agents={w.agents} at aps={w.aps:g}, seed {w.seed}) for arrival='online' (the SLO is "
-            "judged on the turns arriving in between)"
-        )
-    return warmup, last
-
-
-def judge_slo(cfg, window: tuple[float, float], records) -> dict:
-    """`metrics.slo_summary` of a run's turn records under `cfg.slo`, on those arriving in `window` (`slo_window`;
-    its end included)."""
-    from dualpath_jax import metrics
-
-    s = cfg.slo
-    end = math.nextafter(window[1], math.inf)  # (the last agent's own first turn is judged)
-    return metrics.slo_summary(records, s.ttft_s, s.tpot_s, s.percentile, window[0], end)
 
 
 def with_slo(summary: dict, slo: dict) -> dict:
@@ -352,7 +320,7 @@ def main(argv):
         trajs, ops = driver.prepare(base)
         for p in policies[1:]:
             driver.prepare(configs[p], trajs, ops)
-        window = slo_window(base, trajs)  # (None offline: no SLO)
+        window = driver.slo_window(base, trajs)  # (None offline: no SLO)
     except ConfigError as e:
         raise SystemExit(f"bad config: {e}") from None
     # the fields each policy is given, and every one it runs with (α / β from this cluster included): in the results
@@ -412,7 +380,7 @@ def main(argv):
             )
             slo = {}
             if window is not None:  # (the SLO's figures in its summary: the table, results.json)
-                verdict = judge_slo(base, window, res.records)
+                verdict = driver.judge_slo(base, window, res.records)
                 res.summary = with_slo(res.summary, verdict)
                 slo = {"slo": {**slo_settings(base, window), **verdict}}
             results[p] = res

@@ -242,7 +242,7 @@ def test_an_slo_without_a_bound_is_taken():
 def test_the_judged_window_per_arrival_mode():
     from dualpath_jax.runtime import driver
     from dualpath_jax.runtime.config import ConfigError
-    from experiments.run import slo_window
+    from dualpath_jax.runtime.driver import slo_window
 
     cfg = _runtime_config(warmup_s=0.25)
     trajs = driver.make_trajectories(cfg)
@@ -303,7 +303,7 @@ def online_run(tmp_path_factory):
 
 def test_an_online_run_reports_the_slo_of_its_own_turn_records(online_run):
     from dualpath_jax.runtime.config import RuntimeConfig
-    from experiments.run import judge_slo
+    from dualpath_jax.runtime.driver import judge_slo
 
     out, run_dir = online_run
     summary = json.loads((run_dir / "results.json").read_text())
@@ -340,9 +340,9 @@ def test_an_online_run_reports_the_slo_of_its_own_turn_records(online_run):
 
 
 @pytest.mark.parametrize("override", ["--config.runtime.slo.ttft_s=1", "--config.runtime.slo.warmup_s=2"])
-def test_bench_runtime_refuses_slo_fields_it_would_ignore(override):
-    """`experiments.bench_runtime` reads the same config file but compares JCTs and judges no SLO: an SLO field given
-    to it ran without a word; now one line naming it, before anything starts."""
+def test_bench_runtime_refuses_slo_fields_on_an_offline_run(override):
+    """`experiments.bench_runtime` judges online and trace-arrival runs (the runtime and its simulator copy) against
+    `config.runtime.slo`; an SLO field given to an offline one ran without a word: one line naming it."""
     from test_launch_hunt import _launch
 
     p = _launch("-m", "experiments.bench_runtime", "--config=configs/tiny_runtime.py:test", override, timeout=60)
@@ -350,5 +350,30 @@ def test_bench_runtime_refuses_slo_fields_it_would_ignore(override):
     assert (
         p.stderr.strip()
         .splitlines()[-1]
-        .startswith(f"bad config: --config.{override[9:].split('=')[0]} is not used by bench_runtime: it compares JCTs")
+        .startswith(
+            f"bad config: --config.{override[9:].split('=')[0]} is not used by this run: "
+            "config.runtime.workload.arrival='offline'"
+        )
     ), p.stderr[-2000:]
+
+
+def test_bench_runtimes_simulator_copy_is_judged_on_the_runtimes_slo(base):
+    """`bench_runtime.simulate(..., window)`: the copy's turns judged as the runtime's (`driver.judge_slo`, one SLO and
+    window), so an online bench run prints both attainments; without a window no SLO (offline, as before)."""
+    pytest.importorskip("ml_collections")
+    from dualpath_jax.runtime import driver
+    from dualpath_jax.workloads.types import Trajectory, Turn
+    from experiments import bench_runtime
+    from schedulers.cost_model import MODEL_SHAPES, CostModel
+
+    cfg = base.replace(**{"workload.arrival": "trace", "slo.ttft_s": 1e-9, "block_size": 16})
+    cost = CostModel(MODEL_SHAPES.get("ds27b"), "cpu")
+    trajs = [Trajectory(i, [Turn(300, 4), Turn(40, 4)], arrival_time=0.5 * i) for i in range(3)]
+    window = driver.slo_window(cfg, trajs)
+    out = bench_runtime.simulate(cfg, trajs, cost, {"block_size": 16}, window)
+    assert out["slo"]["slo_turns"] == 6 and out["slo"]["slo_attainment"] == 0.0 and out["slo"]["slo_met"] is False
+    loose = bench_runtime.simulate(
+        cfg.replace(**{"slo.ttft_s": 1e9, "slo.tpot_s": 1e9}), trajs, cost, {"block_size": 16}, window
+    )
+    assert loose["slo"]["slo_attainment"] == 1.0 and loose["slo"]["slo_met"] is True
+    assert "slo" not in bench_runtime.simulate(cfg, trajs, cost, {"block_size": 16})

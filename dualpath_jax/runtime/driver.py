@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from dualpath_jax.checks import file_in_the_way, is_int
-from dualpath_jax.metrics import LinkBytes, TurnRecord, summarize, ttft_breakdown
+from dualpath_jax.metrics import LinkBytes, TurnRecord, slo_summary, summarize, ttft_breakdown
 from dualpath_jax.runtime.config import (
     ConfigError,
     RuntimeConfig,
@@ -667,3 +667,32 @@ def measure_prefill_tokens_per_s(ops, cfg: RuntimeConfig, repeats: int = 3) -> f
         once()
     dt = (time.perf_counter() - t0) / repeats
     return batch * (cached + miss) / dt
+
+
+def slo_window(cfg, trajs) -> tuple[float, float] | None:
+    """The turns an online / trace-arrival run `cfg` is judged on against `cfg.slo`, as the simulator judges its own
+    (`sim.runner.slo_summary`): those arriving in [slo.warmup_s, end]. Online: end the last agent's arrival (its
+    first turn judged), as the simulator's window ends with its arrivals (duration_s): the drain after them sees a
+    lighter load. Trace: no end (inf), as the simulator's. Offline: None, no SLO (judged on its JCT; the
+    simulator's offline summary has none either). A ConfigError where no online turn would be judged."""
+    w, warmup = cfg.workload, cfg.slo.warmup_s
+    if w.arrival == "offline":
+        return None
+    if w.arrival != "online":
+        return warmup, math.inf
+    last = max(float(t) for t in make_arrival_model(cfg).agent_arrivals(trajs))
+    if not warmup <= last:  # (the simulator refuses warmup_s >= duration_s alike)
+        raise ConfigError(
+            f"config.slo.warmup_s ({warmup:g}) must not be after the last agent's arrival ({last:.3g} s: "
+            f"config.workload.agents={w.agents} at aps={w.aps:g}, seed {w.seed}) for arrival='online' (the SLO is "
+            "judged on the turns arriving in between)"
+        )
+    return warmup, last
+
+
+def judge_slo(cfg, window: tuple[float, float], records) -> dict:
+    """`metrics.slo_summary` of a run's turn records under `cfg.slo`, on those arriving in `window` (`slo_window`;
+    its end included): the runtime's (`experiments.run`) and its simulator copy's (`experiments.bench_runtime`)."""
+    s = cfg.slo
+    end = math.nextafter(window[1], math.inf)  # (the last agent's own first turn is judged)
+    return slo_summary(records, s.ttft_s, s.tpot_s, s.percentile, window[0], end)
