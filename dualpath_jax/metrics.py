@@ -188,7 +188,8 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
     # the throughputs over that span count the finished turns' tokens only (not those a cut run never made)
     counted = records if finished.size == len(records) else list(itertools.compress(records, done))
     gen = sum(map(_GEN_TOKENS, counted))
-    prompt = sum(map(_PROMPT_TOKENS, counted))
+    prompts = sum(map(_PROMPT_TOKENS, records))  # (every turn's: the hit rate's denominator)
+    prompt = prompts if counted is records else sum(map(_PROMPT_TOKENS, counted))
     ttft, tpot = ttft_tpot(records, cache)
     hits = sum(map(_HIT_TOKENS, records))
     return {
@@ -203,7 +204,7 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
         "tpot_p50_s": percentile(tpot, 50),
         "tpot_p99_s": percentile(tpot, 99),
         # hit tokens (cached KV read, not computed) over prompt tokens, every turn: the run's prefix-cache hit rate
-        "hit_rate": (hits / prompts) if (prompts := sum(map(_PROMPT_TOKENS, records))) else math.nan,
+        "hit_rate": hits / prompts if prompts else math.nan,
         "pe_read_bytes": sum(map(_PE_READ_BYTES, records)),
         "de_read_bytes": sum(map(_DE_READ_BYTES, records)),
         "snic_max_over_avg": snic_max_over_avg(links),
@@ -279,6 +280,15 @@ def slo_summary(
         "ttst_p50_s": _percentile(ttst, 50),
         "slo_met": bool(ttft_q <= ttft_s and (math.isnan(tpot_q) or tpot_q <= tpot_s)),
     }
+
+
+def with_slo(summary: dict, slo: dict) -> dict:
+    """`summary` (`summarize`) with an SLO judgement's figures (`slo_summary`): an SLO percentile the summary has too
+    (at 50 or 99) as `slo_ttft_p50_s` ... (it overwrote the all-turn one); the simulator's and the runtime's keys."""
+    out = dict(summary)
+    for k, v in slo.items():
+        out["slo_" + k if k in summary and k.endswith("_s") else k] = v
+    return out
 
 
 def json_safe(v):

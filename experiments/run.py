@@ -120,15 +120,6 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def with_slo(summary: dict, slo: dict) -> dict:
-    """A run's `summary` with its SLO figures (`judge_slo`) under the simulator's keys (`sim.runner.summarize`): an
-    SLO percentile the summary has too (at 50 or 99) as `slo_ttft_p50_s` ..."""
-    out = dict(summary)
-    for k, v in slo.items():
-        out["slo_" + k if k in summary and k.endswith("_s") else k] = v
-    return out
-
-
 def slo_settings(cfg, window: tuple[float, float]) -> dict:
     """The SLO a run was judged on, as results.json and turns_<policy>.json give it (`window_s`: its end included;
     null: no end)."""
@@ -381,7 +372,7 @@ def main(argv):
             slo = {}
             if window is not None:  # (the SLO's figures in its summary: the table, results.json)
                 verdict = driver.judge_slo(base, window, res.records)
-                res.summary = with_slo(res.summary, verdict)
+                res.summary = metrics.with_slo(res.summary, verdict)
                 slo = {"slo": {**slo_settings(base, window), **verdict}}
             results[p] = res
             # (links under the simulator's names, as its links.csv: `driver.sim_link_name`)

@@ -338,10 +338,8 @@ def summarize(cfg: SimConfig, records, links, stats) -> dict:
     s["snic_total_bytes"] = float(snic.sum()) if snic.size else 0.0  # (the runtime's name; was snic_bytes_total)
     s["unfinished_turns"] = stats["unfinished_turns"]
     if cfg.workload.kind != "offline":
-        # The SLO's percentiles (turns in [warmup, duration), no first token: a miss) beside the all-turn ones: at
-        # slo_percentile 50 or 99 they are `slo_ttft_p50_s` ... (they used to overwrite ttft_p50_s / ttft_p99_s)
-        for k, v in slo_summary(cfg, records).items():
-            s["slo_" + k if k in s and k.endswith("_s") else k] = v
+        # The SLO's percentiles (turns in [warmup, duration), no first token: a miss) beside the all-turn ones
+        s = metrics.with_slo(s, slo_summary(cfg, records))
     return s
 
 
