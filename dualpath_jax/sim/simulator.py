@@ -498,28 +498,17 @@ class Simulator:
 
     # ---- global scheduler: groups fetch periodically ----------------------------------------------------
     def _shared_hit(self, turn, prompt, hit):
-        """The turn's hit with the blocks other trajectories' prompts stored (`self._stored`): its leading hash
-        blocks found there, in whole `block_size` blocks and leaving at least one prompt token to prefill (the
-        store's lookup at the turn's arrival); `hit` (its own trajectory's context) where that is more."""
-        hashes = turn.block_hashes
-        if hashes is None or not len(hashes) or not self._stored:
+        """The turn's hit with the blocks other trajectories' prompts stored (`self._stored`,
+        `Turn.stored_prefix_tokens`: the store's lookup at the turn's arrival); `hit` (its own trajectory's context)
+        where that is more."""
+        if not self._stored:
             return hit
-        n = 0
-        stored = self._stored
-        for h in hashes.tolist():
-            if h not in stored:
-                break
-            n += 1
-        bs = self.c.block_size
-        shared = (min(n * turn.hash_block_size, prompt - 1) // bs) * bs
+        shared = turn.stored_prefix_tokens(self._stored, prompt, self.c.block_size)
         return shared if shared > hit else hit
 
     def _store_prompt_blocks(self, r: Request) -> None:
         """r's prompt KV is computed: its whole hash blocks are in the store for every later turn to hit."""
-        turn = r.traj.turns[r.turn]
-        hashes = turn.block_hashes
-        if hashes is not None and turn.hash_block_size > 0:
-            self._stored.update(hashes[: r.prompt // turn.hash_block_size].tolist())
+        self._stored.update(r.traj.turns[r.turn].prompt_block_hashes(r.prompt))
 
     def _fetch(self, _arg) -> bool | None:
         n_nodes = len(self.nodes)

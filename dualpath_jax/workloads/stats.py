@@ -125,17 +125,10 @@ def shared_hit_rate(trajectories: Sequence[Trajectory], block_size: int = 64) ->
         j = i
         while j < len(turns) and turns[j][0] == turns[i][0]:  # (turns arriving together do not see each other's)
             j += 1
-        for _, prompt, hit, turn in turns[i:j]:
-            n = 0
-            if turn.block_hashes is not None:
-                for h in turn.block_hashes.tolist():
-                    if h not in stored:
-                        break
-                    n += 1
-            hits += max(hit, (min(n * turn.hash_block_size, prompt - 1) // block_size) * block_size)
+        for _, prompt, hit, turn in turns[i:j]:  # (the simulator's count: `Turn.stored_prefix_tokens`)
+            hits += max(hit, turn.stored_prefix_tokens(stored, prompt, block_size))
             prompts += prompt
         for _, prompt, _, turn in turns[i:j]:
-            if turn.block_hashes is not None:
-                stored.update(turn.block_hashes[: prompt // turn.hash_block_size].tolist())
+            stored.update(turn.prompt_block_hashes(prompt))
         i = j
     return hits / prompts if prompts else 0.0

@@ -94,6 +94,28 @@ class Turn:
         if not is_int(self.hash_block_size) or self.hash_block_size < 0:  # -3 or 64.5 was kept without block_hashes
             raise ValueError(f"hash_block_size must be an int >= 0 (0: no block hashes), got {self.hash_block_size!r}")
 
+    # Prefix hits across trajectories (the simulator's `workload.shared_prefix_hits`, `stats.shared_hit_rate`): one
+    # store shared by every trajectory holds the hash blocks of the prompts prefilled before this turn.
+    def stored_prefix_tokens(self, stored, prompt: int, block_size: int) -> int:
+        """Tokens of this turn's prompt (`prompt` long) that a store holding the hash blocks `stored` serves: the run
+        of its leading `block_hashes` found there, in whole `block_size` blocks, leaving at least one token to
+        prefill; 0 without hashes."""
+        if self.block_hashes is None:
+            return 0
+        n = 0
+        for h in self.block_hashes.tolist():
+            if h not in stored:
+                break
+            n += 1
+        return (min(n * self.hash_block_size, prompt - 1) // block_size) * block_size
+
+    def prompt_block_hashes(self, prompt: int) -> list:
+        """The hashes of the whole hash blocks of this turn's prompt (`prompt` long), what its prefill stores; none
+        without hashes."""
+        if self.block_hashes is None:
+            return []
+        return self.block_hashes[: prompt // self.hash_block_size].tolist()
+
 
 @dataclasses.dataclass
 class Trajectory:
