@@ -1066,10 +1066,7 @@ def check_device_memory(
     copy for every engine). A lower bound: prefill activations and compiled code come on top."""
     c = cfg.cluster
     copies = weight_copies_per_device(cfg, devices)
-    first = c.prefill_nodes * c.engines_per_node
-    caches = [0] * devices
-    for e in range(first, first + c.decode_nodes * c.engines_per_node):
-        caches[e % devices] += 1
+    caches = decode_engines_on_devices(cfg, devices)
     cache = c.decode_slots * c.max_seq_len * kv_bytes_per_token
     need = [w * weight_bytes + k * cache for w, k in zip(copies, caches, strict=True)]
     d = max(range(devices), key=need.__getitem__)
@@ -1097,13 +1094,20 @@ def _local_device_count() -> int:
     return jax.local_device_count()
 
 
-def decode_engines_per_device(cfg: RuntimeConfig, devices: int) -> int:
-    """The most decode engines that share one of `devices` local accelerators, every node on this host (engine e on
-    device e % devices, `node.engine_device`; decode engines are numbered after the prefill ones)."""
+def decode_engines_on_devices(cfg: RuntimeConfig, devices: int) -> list[int]:
+    """The decode engines on each of `devices` local accelerators, every node on this host (engine e on device
+    e % devices, `node.engine_device`; decode engines are numbered after the prefill ones)."""
     c = cfg.cluster
     first = c.prefill_nodes * c.engines_per_node
-    ids = range(first, first + c.decode_nodes * c.engines_per_node)
-    return max(sum(1 for e in ids if e % devices == d) for d in range(devices))
+    out = [0] * devices
+    for e in range(first, first + c.decode_nodes * c.engines_per_node):
+        out[e % devices] += 1
+    return out
+
+
+def decode_engines_per_device(cfg: RuntimeConfig, devices: int) -> int:
+    """The most decode engines that share one of `devices` local accelerators (`decode_engines_on_devices`)."""
+    return max(decode_engines_on_devices(cfg, devices))
 
 
 def check_decode_cache_memory(

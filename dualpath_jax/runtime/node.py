@@ -66,7 +66,7 @@ def engine_device(engine_id: int):
 def engine_models(model, engine_ids) -> dict:
     """Each engine's model ops, on its `engine_device` (`ModelOps.on_device`: `model` itself where its weights are
     already there). All of them ran on the default device."""
-    return {e: model if engine_device(e) is None else model.on_device(engine_device(e)) for e in engine_ids}
+    return {e: model if (d := engine_device(e)) is None else model.on_device(d) for e in engine_ids}
 
 
 def node_model_ops(cfg: RuntimeConfig, engine_ids):
