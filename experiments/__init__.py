@@ -365,6 +365,43 @@ def error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def check_cell_or_exit(what: str, check, *args):
+    """`check(*args)` (a simulator cell's config load and build, before a grid runs), its errors one line each: the
+    setup file that does not load (not Python, no get_config, ...) as a bad config, a bad value as a bad `what`
+    (e.g. "sweep cell 'x.py:basic'"), the setup's own sys.exit too (0 ended a sweep "successfully", with nothing
+    run). Returns what `check` returns. `sweep`, `capacity`."""
+    from dualpath_jax.sim.configs_io import ConfigFileError
+
+    try:
+        return check(*args)
+    except ConfigFileError as e:
+        raise SystemExit(f"bad config: {e}") from None
+    except (ValueError, KeyError) as e:
+        raise SystemExit(f"bad {what}: {e.args[0] if e.args else e}") from None
+    except SystemExit as e:
+        raise SystemExit(f"bad {what}: {error_line(e)}") from None
+
+
+def exit_if_stopped_or_failed(who: str, noun: str, total: int, failed: list[str], results: str, sigterm: bool,
+                              then: str = "") -> None:  # fmt: skip
+    """After a grid's results are written: a failing exit with one line per failed job (`failed`: "spec: error"), or
+    one saying that SIGTERM stopped it (`sigterm`) and where the finished ones are (`results`); `then`, after the
+    failed lines, says how to go on. `who`: the launcher ("sweep"); `noun`: its jobs ("cells")."""
+    stopped = (
+        f"{who}: stopped by SIGTERM; the {total - len(failed)} finished {noun} of {total} are in {results}\n"
+        if sigterm
+        else ""
+    )
+    if failed:
+        raise SystemExit(
+            f"{stopped}{who}: {len(failed)} of {total} {noun} failed (their rows say so):\n"
+            + "\n".join(f"  {line}" for line in failed)
+            + then
+        )
+    if sigterm:  # (it came after the last job finished: every result is written)
+        raise SystemExit(stopped.rstrip())
+
+
 def stopped_early(e: BaseException, run_failed: type, kept: bool, prefix: str = "run failed") -> str:
     """Called in `except BaseException as e` around a job's runs: the line naming why they stopped part-way, when
     finished results are `kept` (the caller writes them, then exits with the line). A `run_failed` (its timeout,

@@ -40,7 +40,8 @@ from absl import app, flags, logging
 from experiments import (
     SigtermAsInterrupt,
     Terminated,
-    error_line,
+    check_cell_or_exit,
+    exit_if_stopped_or_failed,
     no_earlier_results_or_exit,
     pyplot_or_none,
     register_distinct,
@@ -304,20 +305,15 @@ def _check_searches(searches: Sequence[Search], overrides: dict, lo: float) -> N
     item is one line, not a failed search minutes in."""
     import dataclasses
 
-    from dualpath_jax.sim.configs_io import ConfigFileError
     from dualpath_jax.sim.runner import build_simulator
 
+    def check(s: Search):
+        cfg = load_search_config(s, overrides)
+        build_simulator(dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, aps=lo)))
+        return cfg
+
     for s in searches:
-        spec = search_spec(*s)
-        try:
-            cfg = load_search_config(s, overrides)
-            build_simulator(dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, aps=lo)))
-        except ConfigFileError as e:
-            raise SystemExit(f"bad config: {e}") from None
-        except (ValueError, KeyError) as e:
-            raise SystemExit(f"bad capacity search {spec!r}: {e.args[0] if e.args else e}") from None
-        except SystemExit as e:  # the setup's own sys.exit
-            raise SystemExit(f"bad capacity search {spec!r}: {error_line(e)}") from None
+        cfg = check_cell_or_exit(f"capacity search {search_spec(*s)!r}", check, s)
         if cfg.workload.trace_path:  # (kind=online: its probes ran the dataset's synthetic agents, not the trace)
             raise SystemExit(
                 f"bad --setups: {s[0]!r} replays a trace (config.workload.trace_path={cfg.workload.trace_path!r}): a "
@@ -444,19 +440,14 @@ def _write_results(rows: list[dict], searches: Sequence[Search], term: SigtermAs
         slo_overrides=slo_overrides(),
     )
     print("wrote", write_run_info(out_dir, info))
-    stopped = (
-        f"capacity: stopped by SIGTERM; the {len(rows) - len(failed)} finished searches of {len(rows)} are in "
-        f"{os.path.join(out_dir, 'capacity.csv')}\n"
-        if term.got
-        else ""
+    exit_if_stopped_or_failed(
+        "capacity",
+        "searches",
+        len(rows),
+        [f"{r['spec']}: {r['error']}" for r in failed],
+        os.path.join(out_dir, "capacity.csv"),
+        term.got,
     )
-    if failed:
-        raise SystemExit(
-            f"{stopped}capacity: {len(failed)} of {len(rows)} searches failed (their rows say so):\n"
-            + "\n".join(f"  {r['spec']}: {r['error']}" for r in failed)
-        )
-    if term.got:
-        raise SystemExit(stopped.rstrip())
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ from absl import app, flags, logging
 from experiments import (
     SigtermAsInterrupt,
     Terminated,
-    error_line,
+    check_cell_or_exit,
+    exit_if_stopped_or_failed,
     no_earlier_results_or_exit,
     pyplot_or_none,
     register_distinct,
@@ -476,21 +477,18 @@ def _check_cells(cells, build: bool = True) -> list[str]:
     stops the sweep before anything runs. Returns the trace paths the cells read (run.json). Without `build` only
     the configs load (the cells --resume keeps, for their traces: a paper-scale simulator takes a while)."""
     from dualpath_jax.sim import load_sim_config
-    from dualpath_jax.sim.configs_io import ConfigFileError
     from dualpath_jax.sim.runner import build_simulator
+
+    def check(spec: str):
+        cfg = load_sim_config(spec, as_run=True)
+        if build:
+            build_simulator(cfg)
+        return cfg
 
     traces = []
     for c in cells:
-        try:
-            cfg = load_sim_config(cell_spec(*c), as_run=True)
-            if build:
-                build_simulator(cfg)
-        except ConfigFileError as e:  # the --setups file itself does not load (not Python, no get_config, ...)
-            raise SystemExit(f"bad config: {e}") from None
-        except (ValueError, KeyError) as e:
-            raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {e.args[0] if e.args else e}") from None
-        except SystemExit as e:  # the setup's own sys.exit (0 ended the sweep "successfully", with nothing run)
-            raise SystemExit(f"bad sweep cell {cell_spec(*c)!r}: {error_line(e)}") from None
+        spec = cell_spec(*c)
+        cfg = check_cell_or_exit(f"sweep cell {spec!r}", check, spec)
         if cfg.workload.kind == "trace":
             traces.append(cfg.workload.trace_path)
     return traces
@@ -545,26 +543,21 @@ def _write_results(
         info["rerun"] += " --noresume"
         # the code each kept cell ran (a killed sweep wrote no run.json of its own): rows from before this was
         # recorded say None
-        info["resumed_code"] = sorted({str(r.get("code")) for r in rows if r["spec"] in set(resumed)})
+        kept = set(resumed)
+        info["resumed_code"] = sorted({str(r.get("code")) for r in rows if r["spec"] in kept})
     print("wrote", write_run_info(_OUTPUT_DIR.value, info))
     log = os.path.join(_OUTPUT_DIR.value, ROWS_LOG)
     if os.path.exists(log):  # sweep.json holds every row now
         os.remove(log)
-    resume = "\nsweep: go on with the same command and --resume: the finished cells are kept, only the others run"
-    stopped = (
-        f"sweep: stopped by SIGTERM; the {len(rows) - len(failed)} finished cells of {len(rows)} are in "
-        f"{os.path.join(_OUTPUT_DIR.value, 'sweep.csv')}\n"
-        if term.got
-        else ""
+    exit_if_stopped_or_failed(
+        "sweep",
+        "cells",
+        len(rows),
+        [f"{cell_spec(*c)}: {err}" for c, err in failed],
+        os.path.join(_OUTPUT_DIR.value, "sweep.csv"),
+        term.got,
+        then="\nsweep: go on with the same command and --resume: the finished cells are kept, only the others run",
     )
-    if failed:  # after the others' results are written: one line per failed cell, and a failing exit code
-        raise SystemExit(
-            f"{stopped}sweep: {len(failed)} of {len(rows)} cells failed (their rows say so):\n"
-            + "\n".join(f"  {cell_spec(*c)}: {err}" for c, err in failed)
-            + resume
-        )
-    if term.got:  # (it came after the last cell finished: every result is written)
-        raise SystemExit(stopped.rstrip())
 
 
 if __name__ == "__main__":
