@@ -382,8 +382,9 @@ def check_cell_or_exit(what: str, check, *args):
         raise SystemExit(f"bad {what}: {error_line(e)}") from None
 
 
-def exit_if_stopped_or_failed(who: str, noun: str, total: int, failed: list[str], results: str, sigterm: bool,
-                              then: str = "") -> None:  # fmt: skip
+def exit_if_stopped_or_failed(
+    who: str, noun: str, total: int, failed: list[str], results: str, sigterm: bool, then: str = ""
+) -> None:
     """After a grid's results are written: a failing exit with one line per failed job (`failed`: "spec: error"), or
     one saying that SIGTERM stopped it (`sigterm`) and where the finished ones are (`results`); `then`, after the
     failed lines, says how to go on. `who`: the launcher ("sweep"); `noun`: its jobs ("cells")."""
