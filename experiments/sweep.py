@@ -20,8 +20,8 @@ same rows could not go stale beside it. `--resume` (same command, plus --resume)
 in --output_dir finished (its rows in sweep.json and sweep.rows.jsonl) and runs only the others; the results are
 written as one run would write them, and run.json names the kept cells (`resumed_cells`; its `rerun` line ends with
 --noresume: a re-run runs every cell). A kept row whose setup
-file changed since (its `setup_sha256`) is refused; a change of the code in between is not detected. With nothing
-earlier there it runs every cell.
+file or trace changed since (its `setup_sha256`, `trace_sha256`) is refused; one of other code (its `code`, the git
+commit) is kept, logged and named in run.json (`resumed_code`). With nothing earlier there it runs every cell.
 """
 
 from __future__ import annotations
@@ -148,6 +148,15 @@ def run_cell(args: tuple[str, str, str, str, str]) -> dict:
 
 
 @functools.cache
+def trace_sha256(path: str) -> str | None:
+    """sha256 of the trace a cell replays (`metrics.trace_digest`: a directory's over its files), as first read in
+    this process; None where it cannot be read."""
+    from dualpath_jax.metrics import trace_digest
+
+    return trace_digest(path).get("sha256")
+
+
+@functools.cache
 def setup_digest(setup: str) -> str | None:
     """sha256 of a setup file's bytes, as the sweep read it first (cached: a later edit of the file does not change
     the rows of this sweep); None where it cannot be read."""
@@ -158,8 +167,11 @@ def setup_digest(setup: str) -> str | None:
         return None
 
 
-def _grid_row(c: tuple[str, str, str, str, str], result: dict | None, error: str | None, names: dict) -> dict:
-    """The row of cell `c` (sweep.json, sweep.rows.jsonl): its run's `result`, or its `error` and no figures."""
+def _grid_row(
+    c: tuple[str, str, str, str, str], result: dict | None, error: str | None, names: dict, trace: str | None = None
+) -> dict:
+    """The row of cell `c` (sweep.json, sweep.rows.jsonl): its run's `result`, or its `error` and no figures;
+    `trace`: the trace the cell replays (None: a synthetic workload)."""
     setup, mode, load, _, seed = c
     if error is not None:
         # the seed as the finished rows have it, a number (it was --seeds' text: "1" beside 1 in sweep.json)
@@ -169,6 +181,7 @@ def _grid_row(c: tuple[str, str, str, str, str], result: dict | None, error: str
     row["setup"] = names[setup]
     row["spec"] = cell_spec(*c)  # what the cell ran, as one `file:variant` (sweep.json; not a sweep.csv column)
     row["setup_sha256"] = setup_digest(setup)  # (--resume: a kept row of a setup file edited since is refused)
+    row["trace_sha256"] = trace_sha256(trace) if trace else None  # (and one of a trace changed since)
     row["code"] = code_version()  # (--resume: kept rows of other code are named in run.json, `resumed_code`)
     return row
 
@@ -186,11 +199,17 @@ def code_version() -> str | None:
 
 
 def run_grid(
-    cells: Sequence[tuple[str, str, str, str, str]], workers: int, names: dict | None = None, log: str | None = None
+    cells: Sequence[tuple[str, str, str, str, str]],
+    workers: int,
+    names: dict | None = None,
+    log: str | None = None,
+    traces: dict[int, str] | None = None,
 ) -> list[dict]:
     """Every cell's row, in the order of `cells`. A cell that failed (its run raised, its worker process was
     killed) is a row with its `error` and no figures; the other cells still run and report. With `log`, each row
-    is appended to that file (sweep.rows.jsonl) as its cell finishes, before the progress bar moves on."""
+    is appended to that file (sweep.rows.jsonl) as its cell finishes, before the progress bar moves on. `traces`:
+    the trace each trace cell replays, by index (`_check_cells`; its rows' `trace_sha256`)."""
+    traces = traces or {}
     names = names or setup_names(c[0] for c in cells)
     broken: list[str] = []  # why the log took no more rows (a full disk): the rows stay in memory, for sweep.json
 
@@ -198,7 +217,7 @@ def run_grid(
         if log is None or broken:
             return
         try:
-            append_row(log, _grid_row(cells[i], result, error, names))
+            append_row(log, _grid_row(cells[i], result, error, names, traces.get(i)))
         except OSError as e:
             broken.append(str(e))
             logging.warning(
@@ -206,7 +225,10 @@ def run_grid(
             )
 
     out = run_jobs(run_cell, list(cells), workers, "sweep", on_done=keep)
-    return [_grid_row(c, row, error, names) for c, (row, error) in zip(cells, out, strict=True)]
+    return [
+        _grid_row(c, row, error, names, traces.get(i))
+        for i, (c, (row, error)) in enumerate(zip(cells, out, strict=True))
+    ]
 
 
 def _fsync_dir(directory: str) -> None:
@@ -427,7 +449,12 @@ def main(argv: Sequence[str]) -> None:
             # different grid is refused before any simulator is built)
             kept, torn = resumable(cells, out_dir) if _RESUME.value else ({}, None)
             to_run = [c for i, c in enumerate(cells) if i not in kept]
-            traces = _check_cells(to_run) + _check_cells([cells[i] for i in kept], build=False)
+            kept_traces = _check_cells([cells[i] for i in sorted(kept)], build=False)
+            _kept_traces_unchanged_or_exit(kept, kept_traces)
+            run_traces = _check_cells(to_run)
+            for t in run_traces.values():  # (each trace's digest as the sweep starts: its rows' trace_sha256)
+                trace_sha256(t)
+            traces = [*run_traces.values(), *kept_traces.values()]
         except Terminated:
             raise SystemExit("sweep: stopped by SIGTERM before any cell ran (nothing written)") from None
         writable_dir_or_exit(out_dir, "--output_dir")  # before the grid runs, not after
@@ -453,7 +480,7 @@ def main(argv: Sequence[str]) -> None:
                 "--resume: kept cells ran at code %s, this sweep runs at %s: their figures are that code's",
                 ", ".join(other), code_version(),
             )  # fmt: skip
-        ran = iter(run_grid(to_run, _WORKERS.value, names, log))
+        ran = iter(run_grid(to_run, _WORKERS.value, names, log, run_traces))
         rows = [_resumed_row(kept[i], c, names) if i in kept else next(ran) for i, c in enumerate(cells)]
         term.raising = False  # SIGTERM from here on: noted, and the exit comes after the results are written
         _write_results(rows, cells, term, started, traces, [cell_spec(*cells[i]) for i in sorted(kept)])
@@ -472,10 +499,11 @@ def _resumed_row(row: dict, c, names: dict) -> dict:
     return {**{k: v for k, v in row.items() if k != "error"}, "setup": names[c[0]], "spec": cell_spec(*c)}
 
 
-def _check_cells(cells, build: bool = True) -> list[str]:
+def _check_cells(cells, build: bool = True) -> dict[int, str]:
     """Every cell's simulator is built first (config, workload, and the check that every turn fits a DE): a bad cell
-    stops the sweep before anything runs. Returns the trace paths the cells read (run.json). Without `build` only
-    the configs load (the cells --resume keeps, for their traces: a paper-scale simulator takes a while)."""
+    stops the sweep before anything runs. Returns the trace path each trace cell reads, by its index in `cells`
+    (run.json). Without `build` only the configs load (the cells --resume keeps, for their traces: a paper-scale
+    simulator takes a while)."""
     from dualpath_jax.sim import load_sim_config
     from dualpath_jax.sim.runner import build_simulator
 
@@ -485,13 +513,34 @@ def _check_cells(cells, build: bool = True) -> list[str]:
             build_simulator(cfg)
         return cfg
 
-    traces = []
-    for c in cells:
+    traces = {}
+    for i, c in enumerate(cells):
         spec = cell_spec(*c)
         cfg = check_cell_or_exit(f"sweep cell {spec!r}", check, spec)
         if cfg.workload.kind == "trace":
-            traces.append(cfg.workload.trace_path)
+            traces[i] = cfg.workload.trace_path
     return traces
+
+
+def _kept_traces_unchanged_or_exit(kept: dict[int, dict], kept_traces: dict[int, str]) -> None:
+    """--resume: a kept row of a trace whose bytes changed since (its `trace_sha256`) would pass for the trace as it is
+    now: refused, nothing touched. `kept_traces`: each kept trace cell's trace path, by its index in sorted(kept)
+    (`_check_cells`); rows from before the digest are kept."""
+    kept_cells = sorted(kept)
+    changed = list(
+        dict.fromkeys(
+            path
+            for j, path in kept_traces.items()
+            if kept[kept_cells[j]].get("trace_sha256") is not None
+            and kept[kept_cells[j]]["trace_sha256"] != trace_sha256(path)
+        )
+    )
+    if changed:
+        raise SystemExit(
+            f"--resume: trace {', '.join(changed)} changed since the earlier sweep ran its cells on it (sha256 differs "
+            "from its rows' trace_sha256): their figures are of the trace as it was; restore it, or --overwrite to run "
+            "every cell again"
+        )
 
 
 def _write_results(

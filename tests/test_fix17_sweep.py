@@ -362,3 +362,33 @@ def test_each_row_names_its_code_and_a_resume_records_the_kept_cells_code(killed
     info = json.loads((out_dir / "run.json").read_text())
     codes = info["resumed_code"]
     assert "0123abc" in codes and [c.split("+")[0] for c in codes if c != "0123abc"] == [commit], codes
+
+
+def test_resume_refuses_kept_cells_of_a_trace_changed_since(tmp_path):
+    """--resume checked the setup file (`setup_sha256`) but not the trace a cell replays: a trace directory that had
+    gained a session since was resumed silently, the kept cells' figures of the trace as it was beside new cells of
+    the trace as it is. A trace cell's row now carries the trace's sha256 (`trace_sha256`); a kept row whose trace
+    changed is refused, nothing touched; the trace restored, the resume runs."""
+    from dualpath_jax.workloads import traces_dir
+
+    sessions = str(traces_dir())
+    trace = tmp_path / "sessions"
+    trace.mkdir()
+    for name in ("trace_0001.json.gz", "trace_0002.json.gz"):
+        shutil.copy(os.path.join(sessions, "kvcache_tester", name), trace / name)
+    out_dir = tmp_path / "out"
+    args = ["-m", "experiments.sweep", "--setups=configs/sim_tiny.py", "--modes=basic", f"--loads=trace={trace}"]
+    args += ["--workers=1", "--noplot", f"--output_dir={out_dir}"]
+    out = launch_hunt._launch(*args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = json.loads((out_dir / "sweep.json").read_text())
+    assert len(row["trace_sha256"]) == 64
+    before = _files(out_dir)
+    shutil.copy(os.path.join(sessions, "kvcache_tester", "trace_0006.json.gz"), trace / "trace_0006.json.gz")
+    out = launch_hunt._launch(*args, "--resume")
+    assert out.returncode != 0 and _files(out_dir) == before
+    assert f"trace {trace} changed since the earlier sweep" in out.stderr.strip().splitlines()[-1], out.stderr
+    os.remove(trace / "trace_0006.json.gz")
+    out = launch_hunt._launch(*args, "--resume")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "kept 1 finished cells of 1" in out.stderr
