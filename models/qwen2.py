@@ -49,7 +49,8 @@ class Qwen2Config(ModelConfig):
         check_hf_unsupported(d)
         hidden = hf_field(d, "hidden_size")
         heads = hf_field(d, "num_attention_heads")
-        head_dim = hf_int(d, "head_dim", 0) or hidden // heads
+        # null: derived (HF LlamaConfig); 0 was read as absent too, where HF builds heads of dim 0
+        head_dim = hf_int(d, "head_dim", None, low=1) or hidden // heads
         if head_dim == 0:  # a ZeroDivisionError deep in the param init
             raise ValueError(
                 f"config.json: num_attention_heads={heads} > hidden_size={hidden} and no head_dim: "

@@ -176,13 +176,17 @@ class ModelRunner:
         self.trace_counts: collections.Counter = collections.Counter()
         self._max_traces = max_traces
 
+        # bfloat16 / float16: every step rounds as its dtype says. XLA keeps values in float32 between fused ops by
+        # default ("excess precision"), and how much depends on the program, so one jit of the whole model
+        # (full_prefill, the reference) and the per-layer steps gave KV 1-2 bf16 ulps apart for the same prompt.
+        jit = functools.partial(jax.jit, compiler_options=_rounding_options(config.dtype))
         embed_gd, self.embed_state = nnx.split(model.embed_tokens)
         head_gd, self.final_state = nnx.split(model.final)
-        self.embed_step = jax.jit(self._counted("embed", functools.partial(_embed, embed_gd)))
-        self.head_step = jax.jit(self._counted("head", functools.partial(_head, head_gd)))
+        self.embed_step = jit(self._counted("embed", functools.partial(_embed, embed_gd)))
+        self.head_step = jit(self._counted("head", functools.partial(_head, head_gd)))
         # Decode has its own embed/head executables (shape [N, 1]: one bucket, separate from prefill's).
-        self.decode_embed_step = jax.jit(self._counted("decode_embed", functools.partial(_embed, embed_gd)))
-        self.decode_head_step = jax.jit(self._counted("decode_head", functools.partial(_head, head_gd)))
+        self.decode_embed_step = jit(self._counted("decode_embed", functools.partial(_embed, embed_gd)))
+        self.decode_head_step = jit(self._counted("decode_head", functools.partial(_head, head_gd)))
 
         # Group layers by graphdef: equal graphs share one jitted step (one executable per bucket).
         self._kind_graphdefs: list = []
@@ -199,17 +203,17 @@ class ModelRunner:
             self.layer_kind.append(k)
             self.layer_states.append(st)
         self.prefill_steps = [
-            jax.jit(self._counted(f"prefill_layer{k}", functools.partial(_prefill_layer, gd)))
+            jit(self._counted(f"prefill_layer{k}", functools.partial(_prefill_layer, gd)))
             for k, gd in enumerate(self._kind_graphdefs)
         ]
         self.decode_steps = [
-            jax.jit(
+            jit(
                 self._counted(f"decode_layer{k}", functools.partial(_decode_layer, gd)),
                 donate_argnums=(1,),
             )
             for k, gd in enumerate(self._kind_graphdefs)
         ]
-        self._whole = jax.jit(self._counted("whole_prefill", self._whole_prefill_fn), static_argnums=(5,))
+        self._whole = jit(self._counted("whole_prefill", self._whole_prefill_fn), static_argnums=(5,))
         layout = self.layout
         self._write_kv = jax.jit(
             self._counted(
@@ -703,6 +707,13 @@ class ModelRunner:
     def read_full_block(self, slot: int, block_index: int, block_size: int) -> np.ndarray:
         """Full Block bytes uint8 [L, block_size, bpt] of block `block_index` of `slot` (for write-back)."""
         return self.layout.to_bytes(self.read_kv(slot, block_index * block_size, block_size))
+
+
+def _rounding_options(dtype: str) -> dict | None:
+    """XLA compiler options for the steps of a model in `dtype`: for a 16-bit float, no excess precision (each op's
+    result rounded to the dtype, as the program states), so a computation's bits do not depend on how XLA splits it
+    into programs (layerwise == one jit of the whole model). None for float32 (the option changes nothing there)."""
+    return None if dtype in ("float32", "float64") else {"xla_allow_excess_precision": False}
 
 
 def random_params(abstract: dict, seed: int) -> dict:

@@ -237,3 +237,13 @@ def test_prepare_refuses_an_impossible_decode_cache_before_any_model_is_built(ba
     slots = host_memory_bytes()[0] // (base.cluster.max_seq_len * kv) + 1
     with pytest.raises(ConfigError, match=rf"^config.cluster.decode_slots={slots} x config.cluster.max_seq_len="):
         driver.prepare(base.replace(**{"cluster.decode_slots": slots}))
+
+
+# ------------------------------------------------------------------------------- runtime: a block no slot can fill
+def test_a_block_larger_than_a_decode_slot_is_refused_naming_both_fields(base):
+    """block_size=128 with max_seq_len=100 ran with no error and read 0.00 MB on both paths: a slot holds at most
+    max_seq_len + 1 tokens and only whole blocks are stored, so no block ever filled (helper fix18 "models")."""
+    cfg = base.replace(**{"cluster.max_seq_len": 100, "block_size": 128})
+    with pytest.raises(ConfigError, match=r"config.block_size=128 is more than the 101 tokens a decode slot holds"):
+        validate(cfg)
+    validate(base.replace(**{"cluster.max_seq_len": 127, "block_size": 128}))  # (a slot of 128 fills one block)

@@ -226,7 +226,7 @@ def test_hf_bad_config_is_named(tmp_path):
         # optional fields too (a TypeError or a float() error naming no field)
         (json.dumps(dict(QWEN2_HF, num_key_value_heads="2")), "field 'num_key_value_heads' must be an integer >= 1"),
         (json.dumps(dict(QWEN2_HF, rms_norm_eps="x")), "field 'rms_norm_eps' must be a finite number, got 'x'"),
-        (json.dumps(dict(QWEN2_HF, head_dim=8.5)), "field 'head_dim' must be an integer >= 0, got 8.5"),
+        (json.dumps(dict(QWEN2_HF, head_dim=8.5)), "field 'head_dim' must be an integer >= 1, got 8.5"),
         (json.dumps(dict(DEEPSEEK_V3_HF, n_routed_experts="4")), "field 'n_routed_experts' must be an integer >= 0"),
         (json.dumps(dict(DEEPSEEK_V3_HF, moe_layer_freq=0)), "field 'moe_layer_freq' must be an integer >= 1, got 0"),
         (json.dumps(dict(DEEPSEEK_V3_HF, rope_theta="1e4")), "field 'rope_theta' must be a finite number, got '1e4'"),

@@ -335,6 +335,12 @@ def validate(
             f"config.block_size must be >= 1 and <= {MAX_BLOCK_SIZE} (a block file's header field), "
             f"got {cfg.block_size}"
         )
+    if cfg.block_size > c.max_seq_len + 1:  # (a run of these read 0.00 MB on either path, said nowhere)
+        raise ConfigError(
+            f"config.block_size={cfg.block_size} is more than the {c.max_seq_len + 1} tokens a decode slot holds "
+            f"(config.cluster.max_seq_len={c.max_seq_len} + 1): no block ever fills, so nothing is stored or read and "
+            "every turn recomputes its whole prompt; lower config.block_size or raise config.cluster.max_seq_len"
+        )
     if cfg.launcher not in LAUNCHERS:
         raise ConfigError(f"config.launcher {cfg.launcher!r} unknown; known: {', '.join(LAUNCHERS)}")
     if cfg.netns:
