@@ -72,13 +72,19 @@ class _ConfigFileParser:
 
     def parse(self, path):
         try:
-            return self._inner.parse(path)
+            config = self._inner.parse(path)
         except Exception as e:  # noqa: BLE001 - the file's own error, whatever its type
             from dualpath_jax.sim.configs_io import describe_config_file_error
 
             if isinstance(e, (TypeError, ValueError)) and str(e).startswith("Error whilst parsing config file"):
                 e = e.__context__ or e  # the library re-raises get_config's error with its traceback as text
             raise _ConfigFileFailed(describe_config_file_error(str(path).split(":", 1)[0], e)) from None
+        if config is None:  # (simulate said "--config is required"; run / bench_runtime: absl's traceback)
+            raise _ConfigFileFailed(
+                f"config file {str(path).split(':', 1)[0]!r}: get_config returned None (its get_config has no "
+                "`return`?), not an ml_collections ConfigDict"
+            )
+        return config
 
     def __getattr__(self, attr):  # flag_type() and the rest: the library's parser
         return getattr(self._inner, attr)

@@ -52,6 +52,28 @@ def _shape(text: str) -> tuple[int, int, int]:
     return batch, miss, cached
 
 
+def _shapes_ok(texts: list[str]) -> bool:
+    """--shapes as a flag error of one line (a bad shape printed the whole --help above its message; none ran nothing
+    and printed empty tables; a shape given twice ran twice)."""
+    if not texts:
+        raise flags.ValidationError("--shapes is empty: give one or more batch:miss_tokens:cached_tokens")
+    seen: dict = {}
+    for text in texts:
+        try:
+            key = _shape(text)
+        except app.UsageError as e:
+            raise flags.ValidationError(str(e)) from None
+        if key in seen:
+            raise flags.ValidationError(
+                f"--shapes names {seen[key]!r} twice" + (f" ({text!r})" if text != seen[key] else "")
+            )
+        seen[key] = text
+    return True
+
+
+flags.register_validator("shapes", _shapes_ok)
+
+
 def llama_1b(num_layers: int = 16, dtype: str = "bfloat16"):
     """Llama-3.2-1B's shape with random weights."""
     from models.layers.rope import RopeConfig

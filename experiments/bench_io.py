@@ -24,6 +24,7 @@ Sections:
            per layer; compute = a sleep or jitted matmuls of ~c per layer. The feed's wall time vs max(total
            load time, total compute time), both summed per layer inside the same run (goal <= 1.15x); the
            feed without prefetch (load and compute serialized) as the baseline.
+A section's own flag (e.g. --tcp_total_mb) with --sections leaving that section out is refused.
 """
 
 from __future__ import annotations
@@ -701,9 +702,32 @@ flags.register_validator(  # (an empty --sections= ran nothing and said nothing)
 register_distinct("sections")  # (a section given twice ran twice)
 
 
+# each section's own flags (--repeats and --out: every section's)
+SECTION_FLAGS = {
+    "store": ("store_mb",),
+    "tcp": ("tcp_sizes", "tcp_total_mb", "tcp_small_sizes", "tcp_small_count", "tcp_batches"),
+    "small": ("small_count", "small_window"),
+    "shaped": ("shaped_rates_mb", "shaped_seconds", "shaped_quantum_ms"),
+    "overlap": ("layers", "layer_ms"),
+}
+
+
+def _refuse_unused_flags() -> None:
+    """A flag of a section that --sections leaves out is a usage error: `--sections=small --tcp_total_mb=8` ran the
+    small section alone, and the flag was dropped without a word."""
+    for section, names in SECTION_FLAGS.items():
+        for name in names:
+            if FLAGS[name].present and section not in FLAGS.sections:
+                raise SystemExit(
+                    f"bad --{name}: it applies to the {section} section, which --sections={','.join(FLAGS.sections)} "
+                    "does not run"
+                )
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    _refuse_unused_flags()
     if FLAGS.out:
         writable_file_or_exit(FLAGS.out, "--out")  # before the benchmarks, not after
     logging.info(

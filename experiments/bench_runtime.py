@@ -230,6 +230,8 @@ def _plot(out: dict, path: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    if _SKIP_OVERHEAD.value and flags.FLAGS["overhead_turns"].present:  # (it was dropped without a word)
+        raise SystemExit("bad --overhead_turns: it applies to the overhead figure, which --skip_overhead leaves out")
     started = time.time()  # (run.json: the start and the wall time)
     from dualpath_jax.runtime import driver
     from dualpath_jax.runtime.config import ConfigError, RuntimeConfig

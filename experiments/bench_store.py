@@ -728,9 +728,10 @@ def main(argv: Sequence[str]) -> None:
     rows: list[dict] = []
 
     def run_layout(name: str) -> None:
+        root = FLAGS.root or None  # (an empty --root: the default temp dir; it was os.makedirs('')'s traceback)
         rows.extend(
             run_store_bench(
-                [name], FLAGS.root, FLAGS.total_mb, FLAGS.repeats, FLAGS.threads, FLAGS.cold_blocks, FLAGS.compare_tree
+                [name], root, FLAGS.total_mb, FLAGS.repeats, FLAGS.threads, FLAGS.cold_blocks, FLAGS.compare_tree
             )
         )
 

@@ -107,5 +107,21 @@ def main(argv):
         print(f"config P/D: {P}P{D}D = {_ratio(r)} ({r:.4f}): {where}")
 
 
+def _parse_flags(argv):
+    """absl's flag parser (`app.parse_flags_with_usage`), with a `--config.NAME=value` override (simulate's style) as
+    one line saying how to give it here, where --config is a file[:variant] string: absl said only "Unknown command
+    line flag 'config.cluster.x'"."""
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg.startswith("--config."):
+            name = arg[2:].split("=", 1)[0]
+            raise SystemExit(
+                f"bad --{name}: pd_bounds takes no --config.* overrides (it reads the config's cluster); give a "
+                "cluster field as a variant item, e.g. --config=configs/paper_ds27b.py:cluster.gpus_per_node=4"
+            )
+    return app.parse_flags_with_usage(argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -10,7 +10,9 @@ column and over all cells run (configs/sim_base.py CALIBRATED was fitted on it).
 
 Writes <output_dir>/report.md and report.json: each metric with the paper's value (PAPER.md), the
 simulator's, and sim/paper; and run.json: what ran (dualpath_jax.metrics.run_info). An --output_dir that holds an
-earlier report.md / report.json is refused unless --overwrite.
+earlier report.md / report.json is refused unless --overwrite. So is a flag of a part that does not run
+(--online_iters / --online_dataset / --online_duration_s / --online_warmup_s without --online, --pd_agents without
+--pd_ratios).
 """
 
 from __future__ import annotations
@@ -296,9 +298,30 @@ def _mean_range(values: Sequence[float], fmt: str) -> str:
     return format(mean, fmt) + spread
 
 
+# flags of one part of the report -> the flag that runs that part
+_PART_FLAGS = {
+    "online_dataset": "online",
+    "online_duration_s": "online",
+    "online_warmup_s": "online",
+    "online_iters": "online",
+    "pd_agents": "pd_ratios",
+}
+_PARTS = {"online": "the online capacity search (--online)", "pd_ratios": "the DS 27B P/D sweep (--pd_ratios)"}
+
+
+def _refuse_unused_flags(f) -> None:
+    """A flag of a part of the report that does not run is a usage error: `--pd_agents=16` without --pd_ratios, or
+    `--online_iters=6` / `--online_dataset=48K` without --online, ran the offline report alone without a word (the
+    online scale check has its own fixed probes: PAPER.md's)."""
+    for name, part in _PART_FLAGS.items():
+        if f[name].present and not f[part].value:
+            raise SystemExit(f"bad --{name}: it applies to {_PARTS[part]}, which this run does not do")
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
+    _refuse_unused_flags(flags.FLAGS)
     started = time.time()  # (run.json: the start and the wall time)
     import numpy
 

@@ -29,7 +29,8 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("size", 64 * 1024, "payload bytes per write", lower_bound=1)
+# (10**11 was numpy's "Unable to allocate 93.1 GiB" traceback from the sender's source buffer)
+flags.DEFINE_integer("size", 64 * 1024, "payload bytes per write (at most 1 GiB)", lower_bound=1, upper_bound=1 << 30)
 flags.DEFINE_integer("count", 8192, "writes per measurement", lower_bound=1)
 flags.DEFINE_integer("window", 16, "writes in flight at most", lower_bound=1)
 flags.DEFINE_integer(

@@ -49,6 +49,7 @@ def bad_files(tmp_path):
         "no_get_config": "X = 1\n",
         "key_error": "def get_config(arg=None):\n    return {}['missing_key']\n",
         "attribute_error": "import os\nos.no_such_attribute\n",
+        "returns_none": "def get_config(arg=None):\n    cfg = {}\n",  # (its `return cfg` forgotten)
     }
     out = {}
     for name, text in files.items():
@@ -65,6 +66,8 @@ LOAD_CASES = {
     "no_get_config": ("no_get_config", "has no get_config(arg)"),
     "key_error": ("key_error", "bad config: KeyError: 'missing_key' (from config file "),
     "attribute_error": ("attribute_error", "bad config: AttributeError: module 'os' has no attribute"),
+    # simulate said "--config is required" although one was given; run / bench_runtime: absl's traceback
+    "returns_none": ("returns_none", "get_config returned None (its get_config has no `return`?)"),
 }
 
 
@@ -80,7 +83,7 @@ def test_simulate_reports_a_config_file_that_does_not_load_in_one_line(bad_files
         assert "'README.md'" in last and "not a .py file" in last
 
 
-@pytest.mark.parametrize("case", ["no_get_config", "key_error", "attribute_error"])
+@pytest.mark.parametrize("case", ["no_get_config", "key_error", "attribute_error", "returns_none"])
 def test_run_reports_an_error_of_the_config_file_not_as_a_bad_override(bad_files, case):
     # was: `bad override: the config has no field "module 'config_config' has no attribute 'get_config"`
     key, says = LOAD_CASES[case]

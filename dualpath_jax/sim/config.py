@@ -445,6 +445,23 @@ _KIND_FIELDS = (
     ("workload.aps", ("online",), "online workloads only", _ONLINE_HINT),
     ("workload.duration_s", ("online",), "online workloads only", _ONLINE_HINT),
     ("warmup_s", ("online", "trace"), "online and trace workloads only (their SLO)", _ONLINE_HINT),
+    # (an offline run is judged on no SLO; a trace_path beside kind offline / online ran synthetic agents, a dataset
+    # beside kind trace ran the trace: each silently)
+    ("slo_ttft_s", ("online", "trace"), "online and trace workloads only (their SLO)", _ONLINE_HINT),
+    ("slo_tpot_s", ("online", "trace"), "online and trace workloads only (their SLO)", _ONLINE_HINT),
+    ("slo_percentile", ("online", "trace"), "online and trace workloads only (their SLO)", _ONLINE_HINT),
+    (
+        "workload.trace_path",
+        ("trace",),
+        "trace workloads only",
+        "config.workload.kind=trace, or the variant item trace=",
+    ),
+    (
+        "workload.dataset",
+        ("offline", "online"),
+        "synthetic workloads only (offline and online; a trace has its own turns)",
+        "config.workload.kind=offline or online, or leave it out",
+    ),
     # online: aps * duration_s agents; trace: every agent of the trace (sim.runner.make_trajectories)
     (
         "workload.n_agents",
@@ -465,8 +482,9 @@ def check_given_fields(sc: SimConfig, explicit: Collection[str] = (), variant: d
     """ValueError naming a field given for this run (`explicit`: `--config.*` overrides; `variant`: dotted key ->
     the config variant item that set it) that its workload kind does not use: an online workload's arrival rate or
     window (`--config.workload.duration_s=...`, `duration=`) on an offline or trace run, an SLO warm-up
-    (`warmup=`) on an offline one (judged on no SLO), an agent count (`agents=`) on an online or trace run. Each
-    ran as if it were not there."""
+    (`warmup=`) or bound (`--config.slo_ttft_s=...`) on an offline one (judged on no SLO), an agent count
+    (`agents=`) on an online or trace run, a trace path on a synthetic run, a dataset on a trace run. Each ran as if
+    it were not there."""
     kind = sc.workload.kind
     variant = variant or {}
     for key, kinds, where, hint in _KIND_FIELDS:

@@ -6,6 +6,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import reprlib
 
 from dualpath_jax.sim.config import SimConfig, sim_config_from_dict
 
@@ -89,6 +90,11 @@ def load_config(spec: str, overrides: dict | None = None):
         raise
     except Exception as e:  # noqa: BLE001 - an ImportError, KeyError, ... of the file itself, not of an override
         raise ConfigFileError(describe_config_file_error(path, e)) from e
+    if not callable(getattr(cfg, "to_dict", None)):  # (None: "'NoneType' object has no attribute 'to_dict'" traceback)
+        what = (
+            "None (its get_config has no `return`?)" if cfg is None else f"{reprlib.repr(cfg)} ({type(cfg).__name__})"
+        )
+        raise ConfigFileError(f"config file {path!r}: get_config returned {what}, not an ml_collections ConfigDict")
     for key, value in (overrides or {}).items():
         node = cfg
         parts = key.split(".")

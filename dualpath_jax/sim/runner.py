@@ -350,14 +350,16 @@ def run(
     progress: bool = False,
 ) -> SimResult:
     """Simulate `cfg` once; deterministic for a given cfg (seed included). `progress`: a tqdm bar of finished
-    turns (offline: of all turns; online/trace: open-ended) with the simulated clock, on stderr."""
+    turns (of all the agents' turns, known before the run whatever the arrivals) with the simulated clock, on
+    stderr."""
     sim = build_simulator(cfg, trajectories)
     if not progress:
         records, links, stats = sim.run(max_time=max_time)
     else:
         from tqdm import tqdm
 
-        total = sum(len(t.turns) for t in sim.trajectories) if cfg.workload.kind == "offline" else None
+        # (online and trace runs too: their bar had no total, so no percentage and no time left)
+        total = sum(len(t.turns) for t in sim.trajectories)
         with tqdm(total=total, unit="turn", desc=f"simulating {cfg.policy}", mininterval=2.0) as bar:
 
             def report(now: float, turns_done: int, events: int) -> None:

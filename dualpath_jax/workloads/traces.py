@@ -371,7 +371,9 @@ def _mooncake_rows(path: Path, max_requests: int | None) -> Iterator[tuple[int, 
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise TraceFormatError(f"{where}: not valid JSON ({_json_msg(e)} at column {e.colno})") from None
+                    # the column in the line: a line cut short failed past its newline ("line 2 column 1" of `line`)
+                    col = min(e.pos, len(line.rstrip("\r\n"))) + 1
+                    raise TraceFormatError(f"{where}: not valid JSON ({_json_msg(e)} at column {col})") from None
                 except RecursionError:  # the json module parses nested arrays/objects recursively
                     raise TraceFormatError(f"{where}: not valid JSON (nested too deeply to parse)") from None
                 except ValueError as e:  # an int of more than 4,300 digits (Python's limit): a bare ValueError
@@ -580,10 +582,22 @@ def _session_files(paths: str | os.PathLike | Sequence[str | os.PathLike], limit
         # *.json and *.json.gz only: not *.jsonl (Mooncake) nor leftovers such as *.json.gz.part
         files = sorted(f for f in p.glob("*.json*") if f.name.endswith((".json", ".json.gz"))) if p.is_dir() else [p]
         if p.is_dir() and not files:
-            raise TraceFormatError(f"{p}: no *.json / *.json.gz session file")
+            raise TraceFormatError(f"{p}: no *.json / *.json.gz session file{_traces_within(p)}")
     else:
         files = [resolve_trace_path(x) for x in paths]
     return files if limit is None else files[:limit]
+
+
+def _traces_within(p: Path) -> str:
+    """A hint naming the traces a directory without session files holds (the traces directory itself, given as the
+    trace: its error named none of the Mooncake files or session directories in it)."""
+    mooncake = sorted(f.name for f in p.glob("*.jsonl*") if f.name.endswith((".jsonl", ".jsonl.gz")))
+    sessions = sorted(d.name for d in p.iterdir() if d.is_dir() and any(d.glob("*.json*")))
+    found = [*mooncake, *(f"{d}/" for d in sessions)]
+    if not found:
+        return ""
+    more = f", ... ({len(found)} in all)" if len(found) > 4 else ""
+    return f"; give one of the traces in it: {', '.join(found[:4])}{more}"
 
 
 def _load_kvcache_files(files: Sequence[Path], max_agents: int | None = None) -> list[Trajectory]:
