@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import os
 import platform
 import time
 from collections.abc import Sequence
@@ -125,6 +126,21 @@ def ran_config(cfg_dict: dict, sc, output_dir: str) -> dict:
     return out
 
 
+def _warn_of_earlier_run(out: str) -> None:
+    """A warning naming the earlier run whose results this one replaces in `out` (two runs of one config with other
+    `--config.*` overrides share its output_dir: the first's results went without a word)."""
+    import json
+
+    try:
+        with open(os.path.join(out, "run.json")) as f:
+            command = json.load(f).get("command")
+    except (OSError, ValueError, AttributeError):  # none there, or not a run.json
+        return
+    logging.warning(
+        "%s holds an earlier run's results (%s): this run replaces them; give --output_dir to keep both", out, command
+    )
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
@@ -151,6 +167,7 @@ def main(argv: Sequence[str]) -> None:
     out = _OUTPUT_DIR.value or cfg_dict["output_dir"]
     made = dirs_made_for(out)  # (dropped again if the run writes nothing)
     writable_dir_or_exit(out, "--output_dir")  # before the run
+    _warn_of_earlier_run(out)
     agents = f"{sc.workload.n_agents} agents" if sc.workload.kind == "offline" else "agents from the workload"
     logging.info("simulating %s (%s, %s) ...", sc.policy, sc.workload.kind, agents)  # (online / trace: not n_agents)
     logging.info("compiled hot paths (False: Python twin; DUALPATH_PURE_PYTHON=1 turns all off): %s", compiled.status())

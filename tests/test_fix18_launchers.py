@@ -267,3 +267,16 @@ def test_pd_bounds_says_how_to_give_a_cluster_field_it_was_given_as_an_override(
     assert out.returncode == 0 and "g=4  " in out.stdout, out.stderr[-3000:]
     out = _launch("-m", "experiments.pd_bounds", "--gg=4")  # other unknown flags: absl's own line, as before
     assert out.returncode != 0 and "Unknown command line flag 'gg'" in out.stderr, out.stderr[-3000:]
+
+
+def test_simulate_names_the_earlier_run_it_replaces(tmp_path):
+    """Two runs of one config with other `--config.*` overrides share its output_dir, and the second replaced the
+    first's results without a word (sweep / reproduce_paper / capacity refuse; simulate's re-run into its config's
+    directory is its documented workflow): it now warns, naming the earlier run's command."""
+    args = ["-m", "experiments.simulate", "--config=configs/sim_tiny.py:agents=2,turns=2", "--noplot"]
+    first = _launch(*args, "--config.scheduler.name=basic", f"--output_dir={tmp_path}")
+    assert first.returncode == 0 and "earlier run" not in first.stderr, first.stderr[-2000:]
+    second = _launch(*args, f"--output_dir={tmp_path}")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "holds an earlier run's results (python -m experiments.simulate" in second.stderr
+    assert "--config.scheduler.name=basic" in second.stderr and "this run replaces them" in second.stderr
