@@ -417,6 +417,8 @@ def stopped_early(e: BaseException, run_failed: type, kept: bool, prefix: str = 
     (no traceback) and any other error goes on as itself, as does a SystemExit (e.g. a bad directory)."""
     if isinstance(e, (run_failed, KeyboardInterrupt)):
         line = f"run failed: {e}" if isinstance(e, run_failed) else "interrupted"
+        if isinstance(e, Terminated):  # (SigtermAsInterrupt)
+            line = "interrupted (SIGTERM)"
         if not kept:
             raise SystemExit(line) from None
         return line
@@ -446,6 +448,11 @@ INTERRUPTED = "interrupted (Ctrl-C) before this finished"  # run_jobs's error li
 class Terminated(KeyboardInterrupt):
     """SIGTERM while jobs run, raised where Ctrl-C raises KeyboardInterrupt: `run_jobs` stops the jobs and keeps
     the finished ones (SIGTERM's default action ended the process at once and wrote nothing)."""
+
+
+def interrupted_by(e: BaseException) -> str:
+    """What stopped a job, for its one line: "SIGTERM" (`Terminated`, under `SigtermAsInterrupt`) or "Ctrl-C"."""
+    return "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
 
 
 class SigtermAsInterrupt:

@@ -31,9 +31,11 @@ import time
 from absl import app, flags, logging
 
 from experiments import (
+    SigtermAsInterrupt,
     config_or_exit,
     define_config_file,
     fresh_dir_or_exit,
+    interrupted_by,
     parse_flags_or_exit,
     pyplot_or_none,
     refuse_unused_workload_overrides,
@@ -228,6 +230,13 @@ def _plot(out: dict, path: str) -> None:
 
 
 def main(argv):
+    # SIGTERM (kill, `timeout`, a batch scheduler) stops the benchmark as Ctrl-C does: the measured runs are written
+    # (its default action ended the process at once, nothing written)
+    with SigtermAsInterrupt() as term:
+        _main(argv, term)
+
+
+def _main(argv, term):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     if _SKIP_OVERHEAD.value and flags.FLAGS["overhead_turns"].present:  # (it was dropped without a word)
@@ -279,9 +288,11 @@ def main(argv):
     )
     try:
         prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
-    except KeyboardInterrupt:  # one line (it was a traceback); the new results directory is still empty
+    except KeyboardInterrupt as e:  # one line (it was a traceback); the new results directory is still empty
         remove_if_empty(out_dir)
-        raise SystemExit("interrupted (Ctrl-C) while measuring the prefill throughput; nothing ran") from None
+        raise SystemExit(
+            f"interrupted ({interrupted_by(e)}) while measuring the prefill throughput; nothing ran"
+        ) from None
     session = LocalCluster(driver.layout_groups(base), netns=base.netns) if base.launcher == "local" else None
     out = {"config": config.to_dict(), "prefill_tokens_per_s": prefill_tps}
     stamp, runs = os.path.basename(out_dir), itertools.count()
@@ -440,12 +451,16 @@ def main(argv):
                 print(f"    {v:7.1f} ms  {k}")
             out["overhead_per_turn"] = per_turn
     except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): measured ones kept
+        term.raising = False  # (another SIGTERM from here on: noted; what was measured is written first)
         if "measured" not in out:  # nothing measured: no empty results directory left behind (Ctrl-C in the warm-up)
             remove_if_empty(out_dir)
             if isinstance(e, KeyboardInterrupt):
-                raise SystemExit("interrupted (Ctrl-C) before any run was measured; nothing written") from None
+                raise SystemExit(
+                    f"interrupted ({interrupted_by(e)}) before any run was measured; nothing written"
+                ) from None
         failed = out["failed"] = stopped_early(e, RunFailed, kept="measured" in out, prefix="failed")
     finally:
+        term.raising = False
         if session is not None:
             session.close()
     _plot(out, os.path.join(out_dir, "bench_runtime.png"))

@@ -39,9 +39,11 @@ import time
 from absl import app, flags, logging
 
 from experiments import (
+    SigtermAsInterrupt,
     config_or_exit,
     define_config_file,
     fresh_dir_or_exit,
+    interrupted_by,
     parse_flags_or_exit,
     pyplot_or_none,
     refuse_unused_workload_overrides,
@@ -270,7 +272,19 @@ def tokens_sha256(tokens: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def dead_nodes(result) -> dict:
+    """The nodes declared dead in a policy's run, and why (`RunResult.dead_nodes`; {} for a result without them)."""
+    return dict(getattr(result, "dead_nodes", None) or {})
+
+
 def main(argv):
+    # SIGTERM (kill, `timeout`, a batch scheduler) stops the job as Ctrl-C does: the finished policies are written. Its
+    # default action ended the process at once: no results.json, table.txt or run.json, an empty directory, no word.
+    with SigtermAsInterrupt() as term:
+        _main(argv, term)
+
+
+def _main(argv, term: SigtermAsInterrupt):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     started = time.time()  # (run.json: the start and the wall time)
@@ -325,9 +339,11 @@ def main(argv):
     if config.calibrate:
         try:
             prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
-        except KeyboardInterrupt:  # one line (it was a traceback); the new results directory is still empty
+        except KeyboardInterrupt as e:  # one line (it was a traceback); the new results directory is still empty
             remove_if_empty(out_dir)
-            raise SystemExit("interrupted (Ctrl-C) while measuring the prefill throughput; nothing ran") from None
+            raise SystemExit(
+                f"interrupted ({interrupted_by(e)}) while measuring the prefill throughput; nothing ran"
+            ) from None
         logging.info("measured prefill throughput on this machine: %.0f tokens/s (DualPath's beta)", prefill_tps)
     kv = model_config(base.model).kv_bytes_per_token
     run_kwargs = {p: policy_config(c, kv, prefill_tps) for p, c in configs.items()}
@@ -389,12 +405,16 @@ def main(argv):
                 **slo,  # online / trace: the SLO and its figures, recomputed from "turns" by judge_slo
             )
     except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): finished ones kept
+        term.raising = False  # (another SIGTERM from here on: noted; what finished is written first)
         if not results:  # nothing finished: no empty results directory left behind (a Ctrl-C in the warm-up left one)
             remove_if_empty(out_dir)
             if isinstance(e, KeyboardInterrupt):
-                raise SystemExit("interrupted (Ctrl-C) before any policy finished; nothing written") from None
-        failed = stopped_early(e, RunFailed, kept=bool(results))
+                raise SystemExit(
+                    f"interrupted ({interrupted_by(e)}) before any policy finished; nothing written"
+                ) from None
+        failed = stopped_early(e, RunFailed, kept=bool(results))  # ("interrupted (SIGTERM)" for SIGTERM)
     finally:
+        term.raising = False
         if session is not None:
             session.close()
     if failed:  # the policies that finished keep their table and results.json; the others are named
@@ -420,6 +440,14 @@ def main(argv):
             f"\nnote: --config.warmup=False, so {policies[0]}'s JCT includes what it compiled first; the speedups"
             " are not a fair comparison (the default config warms up before measuring)"
         )
+    for p, r in results.items():  # (its JCT then compares fewer engines with the others' whole cluster)
+        lost = dead_nodes(r)
+        if lost:
+            table += (
+                f"\nnote: {p}'s run lost "
+                + ", ".join(f"node {n} ({why})" for n, why in sorted(lost.items()))
+                + f"; it ran on fewer engines than configured from then on ({r.requeued} requests re-ran on the others)"
+            )
     agreement, agreement_info = token_agreement(results, base.batch_invariant)
     if agreement:
         table += "\n" + agreement
@@ -439,6 +467,7 @@ def main(argv):
         **({} if window is None else {"slo": slo_settings(base, window)}),
         "results": {p: driver.summary_with_sim_link_names(r.summary) for p, r in results.items()},
         "requeued": {p: r.requeued for p, r in results.items()},
+        "dead_nodes": {p: dead_nodes(r) for p, r in results.items()},  # node -> why it died in that policy's run
         "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},
         "node_stats": {
             p: {n: {k: v for k, v in st.items() if k != "step_log"} for n, st in r.node_stats.items()}
@@ -457,6 +486,8 @@ def main(argv):
     logging.info("results written to %s", out_dir)
     if failed:
         raise SystemExit(failed)
+    if term.got:  # (it came after the last policy finished: every result is written)
+        raise SystemExit(f"stopped by SIGTERM after every policy finished; the results are in {out_dir}")
 
 
 if __name__ == "__main__":

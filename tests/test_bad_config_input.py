@@ -250,3 +250,17 @@ def test_a_block_larger_than_a_decode_slot_is_refused_naming_both_fields(base):
     with pytest.raises(ConfigError, match=r"config.block_size=128 is more than the 101 tokens a decode slot holds"):
         validate(cfg)
     validate(base.replace(**{"cluster.max_seq_len": 127, "block_size": 128}))  # (a slot of 128 fills one block)
+
+
+# ------------------------------------------------------------------- runtime: a fixed TCP port on a shared host
+@pytest.mark.parametrize("launcher, engines", [("local", 3), ("inprocess", 3)])
+def test_a_fixed_tcp_port_shared_by_a_hosts_endpoints_is_refused(base, launcher, engines):
+    """transport_options port=N made every endpoint of the host bind N: each node process died with "Address already
+    in use" tracebacks whether N was free or not, and the run failed ~20 s later (helper fix18 "fault")."""
+    cfg = base.replace(**{"transport": "tcp", "launcher": launcher, "transport_options": {"port": 45124}})
+    with pytest.raises(ConfigError, match=rf"port=45124: the {engines} TCP endpoints of the '{launcher}' launcher"):
+        validate(cfg)
+    validate(cfg.replace(transport_options={"port": 0}))  # (0: each its own, the default)
+    one = {"cluster.prefill_nodes": 1, "cluster.decode_nodes": 1, "cluster.engines_per_node": 1}
+    with pytest.raises(ConfigError, match=r"the 2 TCP endpoints"):
+        validate(cfg.replace(**one))

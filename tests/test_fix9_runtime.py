@@ -53,7 +53,8 @@ def test_a_block_size_beyond_the_block_files_header_is_refused_without_a_model(c
     with pytest.raises(ConfigError, match=r"^config\.block_size must be >= 1 .*got 0"):
         validate(cfg.replace(block_size=0))
     assert MAX_BLOCK_SIZE == 2**32 - 1
-    validate(cfg.replace(block_size=MAX_BLOCK_SIZE))
+    # (with decode slots that can fill such a block: a block no slot fills is refused, tests/test_bad_config_input.py)
+    validate(cfg.replace(**{"block_size": MAX_BLOCK_SIZE, "cluster.max_seq_len": MAX_BLOCK_SIZE}))
 
 
 def test_prepare_names_block_size_for_the_tiny_model(cfg):

@@ -335,12 +335,6 @@ def validate(
             f"config.block_size must be >= 1 and <= {MAX_BLOCK_SIZE} (a block file's header field), "
             f"got {cfg.block_size}"
         )
-    if cfg.block_size > c.max_seq_len + 1:  # (a run of these read 0.00 MB on either path, said nowhere)
-        raise ConfigError(
-            f"config.block_size={cfg.block_size} is more than the {c.max_seq_len + 1} tokens a decode slot holds "
-            f"(config.cluster.max_seq_len={c.max_seq_len} + 1): no block ever fills, so nothing is stored or read and "
-            "every turn recomputes its whole prompt; lower config.block_size or raise config.cluster.max_seq_len"
-        )
     if cfg.launcher not in LAUNCHERS:
         raise ConfigError(f"config.launcher {cfg.launcher!r} unknown; known: {', '.join(LAUNCHERS)}")
     if cfg.netns:
@@ -453,6 +447,13 @@ def validate(
         raise ConfigError(
             f"config.cluster.max_seq_len={c.max_seq_len} is shorter than the longest prompt ({max_prompt_tokens} tokens); "
             f"raise it or {shorten_turns_hint(cfg)}"
+        )
+    # (last: a block too large for the buffers is named there first, with the model's numbers)
+    if cfg.block_size > c.max_seq_len + 1:  # (a run of these read 0.00 MB on either path, said nowhere)
+        raise ConfigError(
+            f"config.block_size={cfg.block_size} is more than the {c.max_seq_len + 1} tokens a decode slot holds "
+            f"(config.cluster.max_seq_len={c.max_seq_len} + 1): no block ever fills, so nothing is stored or read and "
+            "every turn recomputes its whole prompt; lower config.block_size or raise config.cluster.max_seq_len"
         )
 
 
@@ -781,6 +782,26 @@ def _validate_transport_options(cfg: RuntimeConfig, cls) -> None:
         raise ConfigError(
             f"config.transport_options: {getattr(cls, '__name__', cls)} ({cfg.transport!r}) takes no "
             f"{', '.join(unknown)}; its other fields: {', '.join(own) or 'none'}"
+        )
+    _check_fixed_tcp_port(cfg)
+
+
+def _check_fixed_tcp_port(cfg: RuntimeConfig) -> None:
+    """A fixed TCP `port` (`transport_options`) is bound by every engine's endpoint: where two of them share a host
+    (every launcher but `ray` without netns; with netns, a node's engines) the second one's bind fails, whether the port
+    was free or not (each node process died with "Address already in use" tracebacks, the run failed ~20 s later)."""
+    port = cfg.transport_options.get("port", 0)
+    if cfg.transport != "tcp" or not port or cfg.launcher == "ray":  # (ray: which hosts is not known here)
+        return
+    c = cfg.cluster
+    if cfg.netns and cfg.launcher == "local":
+        share, where = c.engines_per_node, "of a node (its network namespace)"
+    else:
+        share, where = (c.prefill_nodes + c.decode_nodes) * c.engines_per_node, f"of the {cfg.launcher!r} launcher"
+    if share > 1:
+        raise ConfigError(
+            f"config.transport_options port={port!r}: the {share} TCP endpoints {where} all bind on one host, so "
+            "each would take that port and all but one fail; leave port out (0: each endpoint its own)"
         )
 
 

@@ -54,7 +54,7 @@ class Cancel:
 @dataclasses.dataclass
 class Event:
     """Something an engine did. kind: read_done | prefill_start | prefill_end | first_token | second_token |
-    turn_done | error."""
+    turn_done | peer_lost (data: engine, peer, error) | error."""
 
     kind: str
     request_id: int

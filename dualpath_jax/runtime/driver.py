@@ -53,6 +53,8 @@ class RunResult:
     schedule_calls: int
     wall_s: float
     startup_s: float  # launch until every group registered (model build, compile cache, connects)
+    # node -> why it was declared dead during the run (its requests re-ran on the other engines)
+    dead_nodes: dict = dataclasses.field(default_factory=dict)
 
 
 def make_trajectories(cfg: RuntimeConfig, vocab_size: int | None = None) -> list[Trajectory]:
@@ -528,7 +530,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
             if service.failure:  # e.g. every PE (or DE) exited before registering
                 raise RunFailed(service.failure)
             if time.time() - t_launch > cfg.run_timeout_s:
-                raise RunFailed(f"engine groups did not all start within {cfg.run_timeout_s} s")
+                raise RunFailed(f"engine groups did not all start within {cfg.run_timeout_s} s (config.run_timeout_s)")
             time.sleep(0.02)
         startup_s = time.time() - t_launch
         deadline = time.time() + cfg.run_timeout_s
@@ -547,7 +549,9 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
             service.check_heartbeats()
             _check_launcher(service, launcher, groups)
             if time.time() > deadline:
-                raise RunFailed(f"run did not finish within {cfg.run_timeout_s} s ({done}/{total} turns)")
+                raise RunFailed(
+                    f"run did not finish within {cfg.run_timeout_s} s ({done}/{total} turns; config.run_timeout_s)"
+                )
             time.sleep(0.02)
         wall = service.now()
         # Let every live group see the shutdown and send its final report (link bytes).
@@ -583,6 +587,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
         schedule_calls=service.schedule_calls,
         wall_s=wall,
         startup_s=startup_s,
+        dead_nodes=dict(service.death_reasons),
     )
 
 

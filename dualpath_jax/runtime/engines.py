@@ -296,10 +296,21 @@ class EngineBase:
             return failed_future(e)
 
     def send_msg(self, engine_id: int, msg: dict) -> None:
+        """A request's message (its `request_id` and `attempt` in it) to a peer engine. Never raises: a peer that
+        cannot be reached is reported (`peer_lost`)."""
         try:
             self.transport.send(self._peer(engine_id), pickle.dumps(msg))
-        except Exception as e:  # noqa: BLE001 -- a dead peer: the scheduler re-runs the request
+        except Exception as e:  # noqa: BLE001 -- a dead or unreachable peer: the scheduler re-runs the request
             log.warning("%s%d: message to engine %d failed: %s", self.role, self.engine_id, engine_id, e)
+            self.peer_lost(engine_id, msg["request_id"], msg["attempt"], e)
+
+    def peer_lost(self, engine_id: int, request_id: int, attempt: int, error: BaseException) -> None:
+        """Tell the scheduler that a request's peer engine could not be reached (a failed message or KV write: the
+        transport gave up on it). It declares the peer's node dead and re-runs its requests: a failure on a live
+        peer's link used to drop the request here with a warning, and the run waited out `run_timeout_s`."""
+        if self._stop.is_set():  # (the run is over, or this engine stopped: its endpoint is closing)
+            return
+        self.emit("peer_lost", request_id, attempt, engine=self.engine_id, peer=engine_id, error=repr(error))
 
     def _alloc_area(self, prompt_tokens: int):
         """A layer-major area [L, prompt_tokens, bpt] in the host buffer, or None when the budget is full now."""
@@ -798,8 +809,9 @@ class PrefillEngine(EngineBase):
         try:
             for f in r.futures:
                 f.result()
-        except Exception as e:  # noqa: BLE001 -- DE gone: the scheduler re-runs the request elsewhere
+        except Exception as e:  # noqa: BLE001 -- DE gone or unreachable: the scheduler re-runs the request elsewhere
             log.warning("pe%d: KV of request %s did not reach DE %d: %r", self.engine_id, r.key, t.decode_engine, e)
+            self.peer_lost(t.decode_engine, t.request_id, t.attempt, e)
             self._finish(r)
             return
         # Reported before the DE hears of it: the DE may run the request (its first-token stamp) and finish it before
@@ -860,6 +872,7 @@ class _DecodeReq:
     de_end_blocks: int = 0
     de_read_sent: bool = False
     forward_futures: list = dataclasses.field(default_factory=list)
+    forward_lost: bool = False  # a forwarded layer's write failed (reported once: `_forward_failed`)
     prefill_done: bool = False
     final_hit: int = 0
     pe_stamps: dict | None = None  # the PE's own stamps of this attempt (prefill_done), reported with turn_done
@@ -990,15 +1003,26 @@ class DecodeEngine(EngineBase):
         if b <= a:
             return
         for layer in range(self.num_layers):
-            r.forward_futures.append(
-                self.write_to(
-                    t.prefill_engine,
-                    self.area_offset(r.area_off, t.prompt_tokens, layer, a),
-                    self.area_offset(r.pe_area_off, t.prompt_tokens, layer, a),
-                    (b - a) * self.bpt,
-                    notify=layer_tag(t.request_id, t.attempt, layer),
-                )
+            f = self.write_to(
+                t.prefill_engine,
+                self.area_offset(r.area_off, t.prompt_tokens, layer, a),
+                self.area_offset(r.pe_area_off, t.prompt_tokens, layer, a),
+                (b - a) * self.bpt,
+                notify=layer_tag(t.request_id, t.attempt, layer),
             )
+            r.forward_futures.append(f)
+            f.add_done_callback(lambda f, r=r: self._forward_failed(f, r))
+
+    def _forward_failed(self, f, r: _DecodeReq) -> None:
+        """A forwarded layer's write ended. One that failed, unless r was dropped meanwhile (a cancel drops its PE,
+        which fails the writes): the PE, which waits for these layers, cannot be reached (`peer_lost`, once)."""
+        e = f.exception()
+        if e is None or r.cancelled or r.forward_lost:
+            return
+        r.forward_lost = True
+        t = r.task
+        log.warning("de%d: hit KV of request %s did not reach PE %d: %r", self.engine_id, r.key, t.prefill_engine, e)
+        self.peer_lost(t.prefill_engine, t.request_id, t.attempt, e)
 
     def _admit(self) -> None:
         """Move prompts whose KV is complete into free decode slots (continuous batching)."""

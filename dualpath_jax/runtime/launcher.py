@@ -662,6 +662,8 @@ class LocalCluster:
     and their compiled model steps are shared. The node layout must stay the same across runs.
     """
 
+    END_TIMEOUT_S = 15.0  # how long a node process may take to end its run once the run is over (`end`)
+
     def __init__(self, groups: Sequence[GroupSpec], netns: bool = False):
         """`netns`: each process joins its node's network namespace (runs of it need `config.netns`)."""
         self.groups = list(groups)
@@ -736,9 +738,24 @@ class LocalCluster:
             time.sleep(0.01)
 
     def end(self) -> None:
-        self.wait_done(15.0)
-        if self._busy:
-            raise RuntimeError(f"node(s) {sorted(self._busy)} did not finish their run")
+        """Wait for every node process to end its run. One that has not within `END_TIMEOUT_S` is hung (stopped by
+        SIGSTOP or a debugger, deadlocked; a node declared dead by its heartbeat mid-run): it is killed, with a warning,
+        and later runs go on without it (a dead process gets no run: `begin`). This raised RuntimeError("node(s) [1]
+        did not finish their run"), so a run that had finished every turn ended the job with a traceback, nothing
+        written."""
+        self.wait_done(self.END_TIMEOUT_S)
+        for n in sorted(self._busy):
+            p = self.procs[n]
+            log.warning(
+                "node %d's process did not end its run within %g s of the run's end (hung, or still starting): "
+                "killed (pid %s); later runs go on without it",
+                n,
+                self.END_TIMEOUT_S,
+                p.pid,
+            )
+            p.kill()
+            p.join(2.0)
+            self._busy.discard(n)
 
     def close(self) -> None:
         for conn in self.conns.values():

@@ -302,7 +302,8 @@ class GlobalScheduler:
             return 0, 0
         snap = self.snapshot()
         if not snap.engines_of("prefill") or not snap.engines_of("decode"):
-            self.failure = "no live prefill or decode engine left"
+            # (`_declare_dead` said which nodes and why: kept; this line overwrote it once a PE fetched)
+            self.failure = self.failure or "no live prefill or decode engine left"
             return 0, 0
         queue = [self._inflight[r].pending for r in self._queue]
         idle = all(e.seq == 0 for e in snap.engines.values())  # nothing placed anywhere (before the policy sees it)
@@ -454,6 +455,9 @@ class GlobalScheduler:
             rec.first_token = t
         elif ev.kind == "second_token":
             rec.second_token = t
+        elif ev.kind == "peer_lost":
+            if inf is not None:  # (not a late one: its turn is done)
+                self._peer_lost(node, ev.data)
         elif ev.kind == "turn_done":
             rec.finished = t
             pe = ev.data.get("pe") or {}
@@ -478,6 +482,18 @@ class GlobalScheduler:
             self.book.complete(ev.request_id, ev.data["tokens"], t)
         else:
             raise RunFailed(f"unknown event kind {ev.kind!r} from node {node}")
+
+    def _peer_lost(self, node: int, data: dict) -> None:
+        """An engine of `node` could not reach the peer engine of a request in flight (a failed message or KV write:
+        its transport gave up on the link or the peer). Engines take a lost peer for a dead one, so its node is
+        declared dead now and its requests re-run on the others (or the run fails, naming it, if none is left). Only
+        a dead peer's node was: a live one's requests were dropped, and the run waited out `run_timeout_s`."""
+        peer_node = self.engine_node.get(data.get("peer"))
+        if peer_node is None or peer_node in self.dead_nodes or self.book.done or self.stopping:
+            return
+        self._declare_dead(
+            peer_node, f"engine {data.get('engine')} (node {node}) could not reach it: {data.get('error')}"
+        )
 
     def _apply_read(self, rid: int, attempt: int, inf, side: str, nbytes: int, t_start: float, t_end: float) -> None:
         """A side's SNIC read of an attempt (wall-clock times), once: the PE's comes as its event and again in the
