@@ -45,7 +45,7 @@ class TurnRecord:
     finished: float = math.nan  # last generated token
     prefill_engine: int = -1  # -1: not placed (a run cut before it)
     decode_engine: int = -1
-    read_side: str = ""  # the policy's read path, "pe" or "de" ("": not placed); the bytes say where reads ran
+    read_side: str = ""  # the policy's read path, "pe", "de" or "split" ("": not placed); the bytes say where reads ran
     pe_read_bytes: int = 0  # hit KV bytes read from storage on the PE node
     de_read_bytes: int = 0  # hit KV bytes read from storage on the DE node
 

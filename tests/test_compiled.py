@@ -124,31 +124,51 @@ def _drive(mod, seed, n_flows, defer, coalesce):
     for i in range(n_flows):
         path = tuple(rng.sample(links, rng.randint(1, 3)))
         cap = rng.choice((math.inf, math.inf, rng.uniform(0.2, 3)))
-        push(rng.uniform(0, 6), "start", (i, path, rng.uniform(1, 30), cap))
+        t0 = rng.uniform(0, 6)
+        push(t0, "start", (i, path, rng.uniform(1, 30), cap))
+        if cap < math.inf and rng.random() < 0.5:  # (a paced write-back whose decode ended: `set_max_rate`)
+            push(t0 + rng.uniform(0, 4), "uncap", i)
     for _ in range(6):
         push(rng.uniform(0, 8), "high", (rng.choice(links), rng.choice((0.0, rng.uniform(0, 12)))))
     for _ in range(4):
         # paced write-backs hold little (the simulator reserves <= 1% of a link), so no flow stalls for good
+        cut = rng.choice((None, rng.uniform(0.1, 0.9)))  # cut short at that share of its span: `cut_reservation`
         push(
             rng.uniform(0, 8),
             "reserve",
-            (tuple(rng.sample(links, 2)), rng.uniform(0.005, 0.02), rng.uniform(0.001, 0.005)),
+            (tuple(rng.sample(links, 2)), rng.uniform(0.005, 0.02), rng.uniform(0.001, 0.005), cut),
         )
     done = {}
+    flows = {}  # i -> its Flow
+    live = set()  # reservations not released or cut yet
     clock = [0.0]  # the time now, read by the completion callbacks
     while events:
         t, _, kind, arg = heapq.heappop(events)
         clock[0] = t
         if kind == "start":
             i, path, size, cap = arg
-            net.start_flow(path, size, t, lambda i=i: done.__setitem__(i, clock[0]), cap)
+            flows[i] = net.start_flow(path, size, t, lambda i=i: done.__setitem__(i, clock[0]), cap)
         elif kind == "high":
             net.set_high_load(arg[0], arg[1], t)
         elif kind == "reserve":
-            path, nbytes, rate = arg
-            push(net.reserve(path, nbytes, rate, t), "release", (path, rate))
+            path, nbytes, rate, cut = arg
+            end = net.reserve(path, nbytes, rate, t)
+            live.add(net._resv_seq)
+            push(end, "release", (net._resv_seq, path, rate))
+            if cut is not None:
+                push(t + cut * (end - t), "cut", (net._resv_seq, path, rate, end))
         elif kind == "release":
-            net.release(*arg)
+            if arg[0] in live:
+                live.discard(arg[0])
+                net.release(*arg[1:])
+        elif kind == "cut":  # its bytes after now go as a flow
+            if arg[0] in live:
+                live.discard(arg[0])
+                left = net.cut_reservation(*arg, t)
+                if left > 1e-3:
+                    net.start_flow(arg[1], left, t, lambda: None)
+        elif kind == "uncap":
+            net.set_max_rate(flows[arg], math.inf, t)
         else:
             fl = net.check_due(t)
             net.finish_flows(fl, t)
@@ -726,3 +746,22 @@ def test_pure_python_false_runs_the_compiled_modules_in_a_process():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-2:] == ["False", "True"]
+
+
+@pytest.mark.parametrize("which", ["built", "source"])
+def test_a_cut_reservation_keeps_only_the_bytes_it_moved(which):
+    """`cut_reservation` (a paced write-back whose decode ended): the bytes booked after the cut are taken back from
+    the link's buckets and total, and returned for the caller to move; its rate is free again. A run that ends later
+    (`flush`) does not take them back a second time."""
+    mod = network_mod if which == "built" else _python_network()
+    net = mod.FlowNetwork(bucket_s=1.0)
+    a = net.add_link("a", 100.0)
+    net.scheduler = lambda t, f, v: None
+    end = net.reserve((a,), 10.0, 1.0, 0.0)
+    assert end == 10.0 and net.low_cap[a] == 99.0
+    left = net.cut_reservation(net._resv_seq, (a,), 1.0, end, 4.5)
+    assert left == pytest.approx(5.5)
+    assert net.link_total[a] == pytest.approx(4.5) and net.reserved[a] == 0.0 and net.low_cap[a] == 100.0
+    assert sorted(net.buckets[a]) == [0, 1, 2, 3, 4] and net.buckets[a][4] == pytest.approx(0.5)
+    net.flush(6.0)
+    assert net.link_total[a] == pytest.approx(4.5) and sorted(net.buckets[a]) == [0, 1, 2, 3, 4]

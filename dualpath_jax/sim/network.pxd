@@ -22,6 +22,7 @@ cdef class FlowNetwork:
     cdef public object scheduler, wake, _due
     cdef public list _pending, _resv
     cdef public long long _resv_seq
+    cdef public set _cut
     cdef public set _asked
     cdef public bint defer
 

@@ -150,7 +150,8 @@ class FlowNetwork:
         # live reservations, a heap of (end, seq, start, bytes, path): `flush` takes back the bytes booked after
         # its time (a run cut by max_time); those that ended are dropped by the next `reserve`
         self._resv: list[tuple] = []
-        self._resv_seq = 0  # (a tie-break in `_resv`: paths are never compared)
+        self._resv_seq = 0  # (a tie-break in `_resv`: paths are never compared; the latest reservation's id)
+        self._cut: set = set()  # ids of reservations in `_resv` cut short (`cut_reservation`)
         # what the KV (low) class may use: capacity - min(high_load, high_share * capacity) - reserved, >= 0;
         # kept up to date by every change of those (the solves read it for every link they touch)
         self.low_cap: list[float] = []
@@ -430,7 +431,7 @@ class FlowNetwork:
             self.link_total[link] += nbytes
         resv = self._resv
         while resv and resv[0][0] <= now:  # ended (released at their end)
-            heapq.heappop(resv)
+            self._cut.discard(heapq.heappop(resv)[1])
         self._resv_seq += 1
         heapq.heappush(resv, (end, self._resv_seq, float(now), float(nbytes), tuple(path)))
         if over:
@@ -443,8 +444,8 @@ class FlowNetwork:
         b = self.bucket_s
         kn = int(now // b)
         touched = []
-        for end, _, t0, nbytes, path in self._resv:
-            if end <= now:
+        for end, seq, t0, nbytes, path in self._resv:
+            if end <= now or seq in self._cut:  # (a cut one took its bytes back already)
                 continue
             rate = nbytes / (end - t0)
             for link in path:
@@ -458,10 +459,43 @@ class FlowNetwork:
                         self.link_total[link] -= nb
                         d[k] -= nb
         self._resv = []
+        self._cut = set()
         for link in touched:
             d = self.buckets[link]
             for k in [k for k in d if k > kn or (k == kn and d[k] < _EPS_BYTES)]:
                 del d[k]
+
+    def cut_reservation(self, seq: int, path: Sequence[int], rate: float, end: float, now: float) -> float:
+        """End reservation `seq` (`reserve`'s latest id, `_resv_seq`, right after it booked `rate` on `path` until
+        `end`) at `now`, before `end`: the bytes it booked after `now` are taken back, to be moved otherwise by the
+        caller (a paced write-back whose decode ended: the rest as an ordinary flow), and its rate goes back to the
+        low class (`release`). Returns those bytes (0 at or after `end`)."""
+        if now >= end:
+            self.release(path, rate, now)
+            return 0.0
+        b = self.bucket_s
+        kn = int(now // b)
+        for link in path:
+            d = self.buckets[link]
+            for k in range(kn, int(end // b) + 1):
+                lo = max(now, k * b)
+                hi = min(end, (k + 1) * b)
+                if hi > lo and k in d:
+                    d[k] -= rate * (hi - lo)
+                    if k > kn and abs(d[k]) < _EPS_BYTES:  # (nothing else there: float dust)
+                        del d[k]
+            self.link_total[link] -= rate * (end - now)
+        self._cut.add(seq)
+        self.release(path, rate, now)
+        return rate * (end - now)
+
+    def set_max_rate(self, f: Flow, max_rate: float, now: float) -> None:
+        """Change a live flow's rate cap (a paced write-back whose decode ended: the rest at what the links give);
+        its links are re-solved now."""
+        if f.fid not in self.flows or f.max_rate == max_rate:
+            return
+        f.max_rate = max_rate
+        self._changed(f.path, now)
 
     def release(self, path: Sequence[int], rate: float, now: float | None = None) -> None:
         """A reservation ended: its rate goes back to the low class. With `now`, the flows of a link they filled

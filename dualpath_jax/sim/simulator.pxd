@@ -9,7 +9,7 @@ cimport cython
 
 cdef class Request:
     cdef public object rid, traj, turn, rec, pending, prompt, hit, miss, gen, hit_pe, hit_de, cached, remaining
-    cdef public object work
+    cdef public object work, wb
     cdef public PrefillEngine pe
     cdef public DecodeEngine de
     cdef public double frac, target, vjoin
@@ -154,8 +154,11 @@ cdef class Simulator:
                    end=cython.double, node=Node)
     cpdef _start_writeback(self, Request r, double decode_s)
 
-    @cython.locals(r=Request, pace=cython.double)
+    @cython.locals(r=Request)
     cpdef _wb_release(self, arg)
+
+    @cython.locals(pace=cython.double, end=cython.double, left=cython.double)
+    cpdef _unpace_writeback(self, Request r)
 
     @cython.locals(g=DecodeGroup, de=DecodeEngine, r=Request, version=cython.longlong, h=list, eps=cython.double,
                    now=cython.double, step=cython.double, changed=list, last=DecodeEngine)
