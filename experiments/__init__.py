@@ -565,26 +565,33 @@ def token_agreement(results: dict, batch_invariant: bool) -> tuple[str, dict]:
     """Whether every policy generated the same greedy tokens for every turn (DESIGN.md: the path moves KV, it
     never changes it). `results`: policy -> runtime result (`.tokens`). Returns a line for the main job's table
     and its JSON summary. Here, not in experiments/run.py, so it imports without defining run's flags."""
-    import numpy as np
-
     policies = list(results)
     first = results[policies[0]].tokens
+    # every policy's turns (a turn only a later policy has differs: it was compared over the first one's alone)
+    turns = set().union(*(results[p].tokens for p in policies))
     differ = sorted(
-        {key for p in policies[1:] for key in first if not np.array_equal(first[key], results[p].tokens.get(key))}
+        {key for p in policies[1:] for key in turns if not _same_tokens(first.get(key), results[p].tokens.get(key))}
     )
-    info = {"turns": len(first), "turns_differing": len(differ), "first_differing": differ[:1]}
+    info = {"turns": len(turns), "turns_differing": len(differ), "first_differing": differ[:1]}
     if len(policies) < 2:
         return "", info
     names = " / ".join(policies)
     if not differ:
-        return f"greedy tokens: identical under {names} for all {len(first)} turns", info
+        return f"greedy tokens: identical under {names} for all {len(turns)} turns", info
     hint = (
         ""
         if batch_invariant
         else "; with the default numerics a float32 near-tie can do this (README, Known limits), "
         "--config.runtime.batch_invariant=True makes the tokens bit-identical"
     )
-    return f"greedy tokens: {len(differ)} of {len(first)} turns differ between {names} (first: {differ[0]}){hint}", info
+    return f"greedy tokens: {len(differ)} of {len(turns)} turns differ between {names} (first: {differ[0]}){hint}", info
+
+
+def _same_tokens(a, b) -> bool:
+    """Two runs' tokens of one turn (None: the run has no such turn) are the same."""
+    import numpy as np
+
+    return a is not None and b is not None and np.array_equal(a, b)
 
 
 def refuse_unused_workload_overrides(config_flag) -> None:

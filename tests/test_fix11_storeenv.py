@@ -93,7 +93,7 @@ def _remount(d, mode: str) -> None:
 
 def test_a_full_disk_fails_later_writes_cleanly_and_keeps_every_stored_block(tmpfs, caplog):
     """Journey (no defect found): writes until a 4 MiB tmpfs is full (capacity_bytes=None). The writes that find no
-    space fail (False, counted in write_errors, logged with the OS error), leave no temp file, and cost no block;
+    space fail (False, counted in write_errors, the first logged with the OS error), leave no temp file, and cost no block;
     the blocks stored before read back bit-exact; used_bytes counts exactly the block files on disk; removing blocks
     frees space so writes work again; a reopen finds exactly the stored blocks."""
     root = tmpfs("4m")
@@ -103,7 +103,7 @@ def test_a_full_disk_fails_later_writes_cleanly_and_keeps_every_stored_block(tmp
     n = ok.index(False)
     assert 10 <= n < 20 and ok == [True] * n + [False] * (20 - n)
     assert s.stats().write_errors == 20 - n and s.stats().writes == n
-    assert caplog.text.count("No space left on device") == 20 - n
+    assert caplog.text.count("No space left on device") == 1  # (once per full-disk spell; each one counted)
     assert not [f for f in _files(root) if ".tmp." in f]
     assert s.used_bytes == n * FNB == sum(_blocks_on_disk(root).values()) and _ids(s) == set(range(n))
     assert all(_reads_back(s, i) for i in range(n)) and not any(_reads_back(s, i) for i in range(n, 20))

@@ -280,3 +280,8 @@ def test_main_job_reports_whether_the_policies_tokens_agree():
     assert info["first_differing"] == [(0, 1)]
     line, _ = token_agreement(other, batch_invariant=True)
     assert "batch_invariant=True" not in line
+    # a turn only a later policy has is a difference (the turns were those of the first policy alone)
+    more = {"basic": SimpleNamespace(tokens=a), "dualpath": SimpleNamespace(tokens={**a, (1, 0): np.array([5])})}
+    line, info = token_agreement(more, batch_invariant=True)
+    assert line == "greedy tokens: 1 of 3 turns differ between basic / dualpath (first: (1, 0))", line
+    assert info == {"turns": 3, "turns_differing": 1, "first_differing": [(1, 0)]}

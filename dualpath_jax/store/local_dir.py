@@ -548,6 +548,7 @@ class LocalDirStore(KVStore):
         # file removed or replaced while it was being opened is read once and never cached
         self._opening: dict[bytes, list[_PendingOpen]] = {}
         self._stats = StoreStats()
+        self._disk_full = False  # the last write failed for a full disk (its warning said so once; the rest counted)
         self._tls = threading.local()  # per-thread header buffer: no allocation per read
         self._fds: collections.OrderedDict[bytes, _OpenBlock] = collections.OrderedDict()  # LRU of open files
         self._fd_cache = int(fd_cache)
@@ -1634,17 +1635,23 @@ class LocalDirStore(KVStore):
             header = block_file.pack_header(lay, key, sums, self.checksum)
             self._write_file(path, key, header, src, durable, renamed)
             done = True
+            self._disk_full = False  # (a full disk again is said again)
         except OSError as e:
             # Persisting KV is best effort (the block can be recomputed): a full disk, a vanished directory or a
             # temp file removed by another host's cleanup must not take the engine down. Logged and counted.
-            hint = ""
+            hint, quiet = "", False
             if e.errno in (errno.ENOSPC, errno.EDQUOT):  # (it stays full: blocks are evicted for capacity_bytes only)
                 hint = (
                     f"; the disk is full with {self.used_bytes} B of blocks indexed here, capacity_bytes="
                     f"{self.capacity_bytes}: nothing is evicted for a full disk, so capacity_bytes must leave room on "
-                    "it for the writes in flight"
+                    "it for the writes in flight; the next writes that fail for a full disk are counted (stats "
+                    "write_errors), not logged, until one succeeds"
                 )
-            log.warning("kv store %s: writing block %s failed: %s (not stored%s)", self.root, key.hex(), e, hint)
+                with self._lock:  # (one warning per full-disk spell: a 64-turn run logged 859 of them)
+                    quiet, self._disk_full = self._disk_full, True
+            (log.debug if quiet else log.warning)(
+                "kv store %s: writing block %s failed: %s (not stored%s)", self.root, key.hex(), e, hint
+            )
             with self._lock:
                 self._stats.write_errors += 1
             return False
