@@ -441,23 +441,13 @@ class FlowNetwork:
     def _unbook_reservations(self, now: float) -> None:
         """The run ends at `now`: take back the bytes that live reservations booked after it (the buckets after
         the one of `now` held only those)."""
-        b = self.bucket_s
-        kn = int(now // b)
+        kn = int(now // self.bucket_s)
         touched = []
         for end, seq, t0, nbytes, path in self._resv:
             if end <= now or seq in self._cut:  # (a cut one took its bytes back already)
                 continue
-            rate = nbytes / (end - t0)
-            for link in path:
-                touched.append(link)
-                d = self.buckets[link]
-                for k in range(kn, int(end // b) + 1):
-                    lo = max(now, k * b)
-                    hi = min(end, (k + 1) * b)
-                    if hi > lo and k in d:
-                        nb = rate * (hi - lo)
-                        self.link_total[link] -= nb
-                        d[k] -= nb
+            self._take_back(path, nbytes / (end - t0), end, now)
+            touched.extend(path)
         self._resv = []
         self._cut = set()
         for link in touched:
@@ -473,21 +463,30 @@ class FlowNetwork:
         if now >= end:
             self.release(path, rate, now)
             return 0.0
+        self._take_back(path, rate, end, now)
         b = self.bucket_s
-        kn = int(now // b)
         for link in path:
             d = self.buckets[link]
-            for k in range(kn, int(end // b) + 1):
-                lo = max(now, k * b)
-                hi = min(end, (k + 1) * b)
-                if hi > lo and k in d:
-                    d[k] -= rate * (hi - lo)
-                    if k > kn and abs(d[k]) < _EPS_BYTES:  # (nothing else there: float dust)
-                        del d[k]
-            self.link_total[link] -= rate * (end - now)
+            for k in range(int(now // b) + 1, int(end // b) + 1):  # (its later buckets with nothing else: float dust)
+                if k in d and abs(d[k]) < _EPS_BYTES:
+                    del d[k]
         self._cut.add(seq)
         self.release(path, rate, now)
         return rate * (end - now)
+
+    def _take_back(self, path: Sequence[int], rate: float, end: float, now: float) -> None:
+        """Take back from `path`'s buckets and totals the bytes a reservation of `rate` until `end` booked after `now`
+        (`reserve` accounts them at once)."""
+        b = self.bucket_s
+        for link in path:
+            d = self.buckets[link]
+            for k in range(int(now // b), int(end // b) + 1):
+                lo = max(now, k * b)
+                hi = min(end, (k + 1) * b)
+                if hi > lo and k in d:
+                    nb = rate * (hi - lo)
+                    self.link_total[link] -= nb
+                    d[k] -= nb
 
     def set_max_rate(self, f: Flow, max_rate: float, now: float) -> None:
         """Change a live flow's rate cap (a paced write-back whose decode ended: the rest at what the links give);

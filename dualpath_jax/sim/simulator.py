@@ -1066,7 +1066,7 @@ class Simulator:
         if isinstance(wb, tuple):  # a reservation: its bytes after now move as a flow
             seq, path, pace, end = wb
             left = self.net.cut_reservation(seq, path, pace, end, self.now)
-            if left > 1e-9 * pace * (end - self.now) + 1e-3:
+            if left > 1e-9 * left + 1e-3:  # (the network's rule for a flow with bytes left)
                 r.wb = self.net.start_flow(path, left, self.now, _Call(self._wb_done, r))
             else:  # (nothing left to speak of: done now; the caller completes the turn)
                 r.wb = None
