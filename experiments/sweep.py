@@ -203,12 +203,12 @@ def run_grid(
     workers: int,
     names: dict | None = None,
     log: str | None = None,
-    traces: dict[int, str] | None = None,
+    traces: dict[tuple, str] | None = None,
 ) -> list[dict]:
     """Every cell's row, in the order of `cells`. A cell that failed (its run raised, its worker process was
     killed) is a row with its `error` and no figures; the other cells still run and report. With `log`, each row
     is appended to that file (sweep.rows.jsonl) as its cell finishes, before the progress bar moves on. `traces`:
-    the trace each trace cell replays, by index (`_check_cells`; its rows' `trace_sha256`)."""
+    the trace each trace cell replays (`_check_cells`; its rows' `trace_sha256`)."""
     traces = traces or {}
     names = names or setup_names(c[0] for c in cells)
     broken: list[str] = []  # why the log took no more rows (a full disk): the rows stay in memory, for sweep.json
@@ -217,7 +217,7 @@ def run_grid(
         if log is None or broken:
             return
         try:
-            append_row(log, _grid_row(cells[i], result, error, names, traces.get(i)))
+            append_row(log, _grid_row(cells[i], result, error, names, traces.get(cells[i])))
         except OSError as e:
             broken.append(str(e))
             logging.warning(
@@ -225,10 +225,7 @@ def run_grid(
             )
 
     out = run_jobs(run_cell, list(cells), workers, "sweep", on_done=keep)
-    return [
-        _grid_row(c, row, error, names, traces.get(i))
-        for i, (c, (row, error)) in enumerate(zip(cells, out, strict=True))
-    ]
+    return [_grid_row(c, row, error, names, traces.get(c)) for c, (row, error) in zip(cells, out, strict=True)]
 
 
 def _fsync_dir(directory: str) -> None:
@@ -343,14 +340,8 @@ def resumable(cells, directory: str) -> tuple[dict[int, dict], int | None]:
             "--setups/--modes/--loads/--extra/--seeds, or --overwrite to replace them"
         )
     kept = {index[_cell_key(r["spec"])]: r for r in rows if r.get("error") is None}
-    # a kept row of a setup file edited since would pass for the file as it is now (rows from before the digest: kept)
-    changed = list(
-        dict.fromkeys(
-            cells[i][0]
-            for i, r in kept.items()
-            if r.get("setup_sha256") is not None and r["setup_sha256"] != setup_digest(cells[i][0])
-        )
-    )
+    # a kept row of a setup file edited since would pass for the file as it is now
+    changed = _changed_since(kept, "setup_sha256", {i: cells[i][0] for i in kept}, setup_digest)
     if changed:
         raise SystemExit(
             f"--resume: {', '.join(changed)} changed since the earlier sweep ran its cells there (sha256 of the file "
@@ -450,7 +441,9 @@ def main(argv: Sequence[str]) -> None:
             kept, torn = resumable(cells, out_dir) if _RESUME.value else ({}, None)
             to_run = [c for i, c in enumerate(cells) if i not in kept]
             kept_traces = _check_cells([cells[i] for i in sorted(kept)], build=False)
-            _kept_traces_unchanged_or_exit(kept, kept_traces)
+            _kept_traces_unchanged_or_exit(
+                kept, {i: kept_traces[cells[i]] for i in sorted(kept) if cells[i] in kept_traces}
+            )
             run_traces = _check_cells(to_run)
             for t in run_traces.values():  # (each trace's digest as the sweep starts: its rows' trace_sha256)
                 trace_sha256(t)
@@ -499,11 +492,11 @@ def _resumed_row(row: dict, c, names: dict) -> dict:
     return {**{k: v for k, v in row.items() if k != "error"}, "setup": names[c[0]], "spec": cell_spec(*c)}
 
 
-def _check_cells(cells, build: bool = True) -> dict[int, str]:
+def _check_cells(cells, build: bool = True) -> dict[tuple, str]:
     """Every cell's simulator is built first (config, workload, and the check that every turn fits a DE): a bad cell
-    stops the sweep before anything runs. Returns the trace path each trace cell reads, by its index in `cells`
-    (run.json). Without `build` only the configs load (the cells --resume keeps, for their traces: a paper-scale
-    simulator takes a while)."""
+    stops the sweep before anything runs. Returns the trace path each trace cell reads, by cell (run.json). Without
+    `build` only the configs load (the cells --resume keeps, for their traces: a paper-scale simulator takes a
+    while)."""
     from dualpath_jax.sim import load_sim_config
     from dualpath_jax.sim.runner import build_simulator
 
@@ -514,27 +507,27 @@ def _check_cells(cells, build: bool = True) -> dict[int, str]:
         return cfg
 
     traces = {}
-    for i, c in enumerate(cells):
+    for c in cells:
         spec = cell_spec(*c)
         cfg = check_cell_or_exit(f"sweep cell {spec!r}", check, spec)
         if cfg.workload.kind == "trace":
-            traces[i] = cfg.workload.trace_path
+            traces[c] = cfg.workload.trace_path
     return traces
+
+
+def _changed_since(kept: dict[int, dict], key: str, sources: dict[int, str], digest) -> list[str]:
+    """--resume: the files (`sources`: a kept cell's setup file or trace, by its index) whose `digest` differs from
+    what their kept rows recorded under `key`, once each; rows from before that digest are kept."""
+    return list(
+        dict.fromkeys(src for i, src in sources.items() if kept[i].get(key) is not None and kept[i][key] != digest(src))
+    )
 
 
 def _kept_traces_unchanged_or_exit(kept: dict[int, dict], kept_traces: dict[int, str]) -> None:
     """--resume: a kept row of a trace whose bytes changed since (its `trace_sha256`) would pass for the trace as it is
-    now: refused, nothing touched. `kept_traces`: each kept trace cell's trace path, by its index in sorted(kept)
-    (`_check_cells`); rows from before the digest are kept."""
-    kept_cells = sorted(kept)
-    changed = list(
-        dict.fromkeys(
-            path
-            for j, path in kept_traces.items()
-            if kept[kept_cells[j]].get("trace_sha256") is not None
-            and kept[kept_cells[j]]["trace_sha256"] != trace_sha256(path)
-        )
-    )
+    now: refused, nothing touched. `kept_traces`: each kept trace cell's trace path, by its index in the sweep's
+    cells."""
+    changed = _changed_since(kept, "trace_sha256", kept_traces, trace_sha256)
     if changed:
         raise SystemExit(
             f"--resume: trace {', '.join(changed)} changed since the earlier sweep ran its cells on it (sha256 differs "
