@@ -51,15 +51,8 @@ def test_bf16_layerwise_prefill_gives_the_bits_of_full_prefill(bf16_qwen2, total
 
 def test_hf_head_dim_zero_is_named():
     # `"head_dim": 0` was read as absent (hidden_size // num_attention_heads), where HF builds heads of dim 0
-    d = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "vocab_size": 96,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 64,
-    }
+    from test_models_checkpoint import QWEN2_HF as d
+
     assert config_from_hf({**d, "head_dim": None}).head_dim == 8  # null: derived, as HF's LlamaConfig does
     with pytest.raises(ValueError, match=r"config.json: field 'head_dim' must be an integer >= 1, got 0"):
         config_from_hf({**d, "head_dim": 0})
