@@ -594,6 +594,19 @@ def _same_tokens(a, b) -> bool:
     return a is not None and b is not None and np.array_equal(a, b)
 
 
+def refuse_flags_of_parts_not_run(parts) -> None:
+    """SystemExit with one "bad --flag" line when a flag of a part of the run that does not run was given: each part
+    is `(its flag names, what it is, why it does not run or None when it runs)`. Such a flag was dropped without a
+    word (`reproduce_paper --pd_agents=16` without --pd_ratios, `bench_io --sections=small --tcp_total_mb=8`,
+    `bench_runtime --skip_overhead --overhead_turns=4`)."""
+    from absl import flags
+
+    for names, what, not_run in parts:
+        for name in names:
+            if not_run is not None and flags.FLAGS[name].present:
+                raise SystemExit(f"bad --{name}: it applies to {what}, which {not_run}")
+
+
 def refuse_unused_workload_overrides(config_flag) -> None:
     """SystemExit with one "bad config" line when a `--config.runtime.workload.*` override names a field the run's
     workload does not read (run, bench_runtime): `trace=` with kind='tiny' ran the tiny workload, `aps=` offline ran

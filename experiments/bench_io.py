@@ -42,7 +42,13 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import register_distinct, run_parts, writable_file_or_exit, write_rows_json
+from experiments import (
+    refuse_flags_of_parts_not_run,
+    register_distinct,
+    run_parts,
+    writable_file_or_exit,
+    write_rows_json,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["store", "tcp", "small", "shaped", "overlap"], "sections to run")
@@ -715,13 +721,11 @@ SECTION_FLAGS = {
 def _refuse_unused_flags() -> None:
     """A flag of a section that --sections leaves out is a usage error: `--sections=small --tcp_total_mb=8` ran the
     small section alone, and the flag was dropped without a word."""
-    for section, names in SECTION_FLAGS.items():
-        for name in names:
-            if FLAGS[name].present and section not in FLAGS.sections:
-                raise SystemExit(
-                    f"bad --{name}: it applies to the {section} section, which --sections={','.join(FLAGS.sections)} "
-                    "does not run"
-                )
+    not_run = f"--sections={','.join(FLAGS.sections)} does not run"
+    refuse_flags_of_parts_not_run(
+        (names, f"the {section} section", None if section in FLAGS.sections else not_run)
+        for section, names in SECTION_FLAGS.items()
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -38,6 +38,7 @@ from experiments import (
     interrupted_by,
     parse_flags_or_exit,
     pyplot_or_none,
+    refuse_flags_of_parts_not_run,
     refuse_unused_workload_overrides,
     remove_if_empty,
     stopped_early,
@@ -239,8 +240,9 @@ def main(argv):
 def _main(argv, term):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
-    if _SKIP_OVERHEAD.value and flags.FLAGS["overhead_turns"].present:  # (it was dropped without a word)
-        raise SystemExit("bad --overhead_turns: it applies to the overhead figure, which --skip_overhead leaves out")
+    refuse_flags_of_parts_not_run(  # (it was dropped without a word)
+        [(("overhead_turns",), "the overhead figure", "--skip_overhead leaves out" if _SKIP_OVERHEAD.value else None)]
+    )
     started = time.time()  # (run.json: the start and the wall time)
     from dualpath_jax.runtime import driver
     from dualpath_jax.runtime.config import ConfigError, RuntimeConfig

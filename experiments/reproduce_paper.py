@@ -35,6 +35,7 @@ from experiments import (
     Terminated,
     no_earlier_results_or_exit,
     pyplot_or_none,
+    refuse_flags_of_parts_not_run,
     run_jobs,
     writable_dir_or_exit,
 )
@@ -298,24 +299,24 @@ def _mean_range(values: Sequence[float], fmt: str) -> str:
     return format(mean, fmt) + spread
 
 
-# flags of one part of the report -> the flag that runs that part
-_PART_FLAGS = {
-    "online_dataset": "online",
-    "online_duration_s": "online",
-    "online_warmup_s": "online",
-    "online_iters": "online",
-    "pd_agents": "pd_ratios",
-}
-_PARTS = {"online": "the online capacity search (--online)", "pd_ratios": "the DS 27B P/D sweep (--pd_ratios)"}
+# each part of the report that a flag turns on: (that flag, its own flags, what it is)
+_PARTS = (
+    (
+        "online",
+        ("online_dataset", "online_duration_s", "online_warmup_s", "online_iters"),
+        "the online capacity search",
+    ),
+    ("pd_ratios", ("pd_agents",), "the DS 27B P/D sweep"),
+)
 
 
 def _refuse_unused_flags(f) -> None:
     """A flag of a part of the report that does not run is a usage error: `--pd_agents=16` without --pd_ratios, or
     `--online_iters=6` / `--online_dataset=48K` without --online, ran the offline report alone without a word (the
     online scale check has its own fixed probes: PAPER.md's)."""
-    for name, part in _PART_FLAGS.items():
-        if f[name].present and not f[part].value:
-            raise SystemExit(f"bad --{name}: it applies to {_PARTS[part]}, which this run does not do")
+    refuse_flags_of_parts_not_run(
+        (names, f"{what} (--{part})", None if f[part].value else "this run does not do") for part, names, what in _PARTS
+    )
 
 
 def main(argv: Sequence[str]) -> None:
