@@ -702,6 +702,23 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def file_system_of(path: str) -> tuple[str, str]:
+    """The mount point and file system type (/proc/mounts; "unknown" elsewhere) that `path` (which exists) is on."""
+    mount = os.path.realpath(path)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    fstype = "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:  # the last entry of a mount point is the one in effect
+                fields = line.split()
+                if len(fields) >= 3 and fields[1].replace("\\040", " ") == mount:
+                    fstype = fields[2]
+    except OSError:
+        pass
+    return mount, fstype
+
+
 def main(argv: Sequence[str]) -> None:
     from absl import app, logging
 
@@ -710,7 +727,17 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.out:
         writable_file_or_exit(FLAGS.out, "--out")  # before the benchmarks, not after
     if FLAGS.root:
+        made = not os.path.exists(FLAGS.root)
         writable_dir_or_exit(FLAGS.root, "--root")  # the store's directory: one line, not a traceback
+        mount, fstype = file_system_of(FLAGS.root)
+        # (`--root=/mnt/3fs/x` on a host without that mount measured the local disk it made, without a word)
+        (logging.warning if made else logging.info)(
+            "--root=%s%s is on the file system mounted at %s (%s): the benchmark measures that",
+            FLAGS.root,
+            " did not exist: made it; it" if made else "",
+            mount,
+            fstype,
+        )
     logging.info(
         "numpy %s, python %s, %s, %d CPUs",
         np.__version__,
