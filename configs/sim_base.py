@@ -155,12 +155,21 @@ def _set_cluster_field(cluster: ml_collections.ConfigDict, name: str, value: str
         hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(sorted(cluster.keys()))}"
         raise ValueError(f"config variant item {item!r}: config.cluster has no field {name!r}{hint}")
     new = variant_value(value)
+
+    def wrong_type() -> ValueError:
+        kind = cluster.get_ref(name).get_type()  # (a placeholder's too: de_host_buffer_gb holds None)
+        what = _TYPE_NAME.get(kind, f"of type {kind.__name__}")
+        return ValueError(f"config variant item {item!r}: config.cluster.{name} must be {what}, got {new!r}")
+
+    # true / false for a number: ml_collections casts a bool to a float field (bool is an int), so
+    # `cluster.de_host_buffer_gb=true` ran with a 1 GB buffer, silently (the --config.* flag refuses it)
+    if isinstance(new, bool) and not isinstance(cluster[name], bool):
+        if cluster[name] is not None or cluster.get_ref(name).get_type() is not bool:  # (a placeholder: its type)
+            raise wrong_type()
     try:
         cluster[name] = new
     except TypeError:  # a value of another type than the field's (ml_collections casts int to float only)
-        kind = cluster.get_ref(name).get_type()  # (a placeholder's too: de_host_buffer_gb holds None)
-        what = _TYPE_NAME.get(kind, f"of type {kind.__name__}")
-        raise ValueError(f"config variant item {item!r}: config.cluster.{name} must be {what}, got {new!r}") from None
+        raise wrong_type() from None
 
 
 def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

@@ -162,6 +162,8 @@ def load_search_config(s: Search, overrides: dict):
 
 
 def _probe_line(name: str, p: dict, pct: str) -> str:
+    if not p["slo_turns"]:  # no verdict, as the table's "n/a" (it said "SLO missed, attainment nan%")
+        return f"capacity {name}: {p['aps']:.4g} APS: no turn judged (none arrived in the SLO window): no verdict"
     met = "met" if p["slo_met"] else "missed"
     att = p["slo_attainment"]
     ttft, tpot = p.get(f"ttft_p{pct}_s", math.nan), p.get(f"tpot_p{pct}_s", math.nan)

@@ -397,6 +397,8 @@ def plot_sweep(rows: Sequence[dict], path: str) -> bool:
 
 
 def _fmt(v) -> str:
+    if v is None:  # (no figure: an offline cell's SLO, oracle's storage-NIC max/avg)
+        return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
@@ -548,20 +550,23 @@ def _write_results(
         if "error" in r:
             r["error"] = term.error_line(r["error"])
     failed = [(c, r["error"]) for c, r in zip(cells, rows, strict=True) if "error" in r]
+    # NaN (e.g. oracle's storage-NIC max/avg) as None in sweep.json, sweep.csv and the table alike: a --resume's kept
+    # rows come back from JSON so, and its sweep.csv / table had "" / None where one run's had nan
+    safe = json_safe(rows)
     with open(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS + (["error"] if failed else []), extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows(safe)
     # beside it, then renamed over it: an earlier sweep.json (a --resume's kept rows) is whole until this one is
     path = os.path.join(_OUTPUT_DIR.value, "sweep.json")
     with open(f"{path}.tmp", "w") as f:
-        json.dump(json_safe(rows), f, indent=1, default=str)  # NaN (e.g. oracle's storage-NIC max/avg): null
+        json.dump(safe, f, indent=1, default=str)
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
     _fsync_dir(_OUTPUT_DIR.value)
     print("  ".join(COLUMNS))
-    for r in rows:
+    for r in safe:
         print("  ".join(_fmt(r.get(k)) for k in COLUMNS))
     png = os.path.join(_OUTPUT_DIR.value, "sweep.png")
     ran = [r for r in rows if "error" not in r]
