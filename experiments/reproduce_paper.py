@@ -294,6 +294,23 @@ def _row(name: str, paper: float, sim: float | Sequence[float], unit: str = "") 
     return f"| {name} | {paper:g}{unit} | {mean:.4g}{unit}{spread} | {ratio:.3f} |"
 
 
+def _search_bound(v: dict) -> str | None:
+    """A capacity search's result (`sim.capacity.bisect_capacity`) as text where it is a search bound, not a measured
+    capacity: "< lo" (even its lowest probe missed the SLO: capacity_aps 0) or ">= hi" (its highest met it)."""
+    if not v["capacity_aps"]:  # (no probe met it: the search's lowest, `lo`, is its upper_aps)
+        return f"< {v['upper_aps']:.4g}"
+    if v.get("upper_aps") is None:
+        return f">= {v['capacity_aps']:.4g}"
+    return None
+
+
+def _capacity_row(name: str, paper: float, v: dict) -> str:
+    """A capacity's report row: a search bound as `experiments.capacity` prints it (a lowest probe that missed read
+    as a measured capacity of 0, a highest that met as `hi`)."""
+    bound = _search_bound(v)
+    return f"| {name} | {paper:g} | {bound} (a search bound) | n/a |" if bound else _row(name, paper, v["capacity_aps"])
+
+
 def _mean_range(values: Sequence[float], fmt: str) -> str:
     mean, spread = _spread(values, fmt)
     return format(mean, fmt) + spread
@@ -549,10 +566,10 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
     if _ONLINE.value:
         if _APPENDS.value or pds or _ONLINE_SCALE.value:  # a table of its own (its rows ran on under the last one's)
             lines += ["", "| metric | paper | simulator | sim/paper |", "| --- | --- | --- | --- |"]
-        cap, brackets = {}, []
+        cap, brackets, gains = {}, [], {}
         for (kind, key), v in results.items():
             if kind == "capacity":
-                cap[(os.path.basename(key[0]), key[1])] = v["capacity_aps"]
+                cap[(os.path.basename(key[0]), key[1])] = v
                 upper = v.get("upper_aps")
                 brackets.append(
                     f"{os.path.basename(key[0])} {key[1]} "
@@ -570,26 +587,22 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
             f"{_ONLINE_ITERS.value} bisection steps. Capacity = the highest passing APS, [it, the lowest failing "
             "one above): " + "; ".join(sorted(brackets)) + ".",
         ]
-        c6b, c6d = cap[("paper_ds660b.py", "basic")], cap[("paper_ds660b.py", "dualpath")]
-        c2b, c2d = cap[("paper_ds27b.py", "basic")], cap[("paper_ds27b.py", "dualpath")]
-        lines += [
-            _row("online capacity DS 660B basic (APS)", PAPER["online_capacity_ds660b_basic_aps"], c6b),
-            _row("online capacity DS 660B DualPath (APS)", PAPER["online_capacity_ds660b_dualpath_aps"], c6d),
-            _row(
-                "online capacity gain DS 660B",
-                PAPER["online_capacity_gain_ds660b"],
-                c6d / c6b if c6b else float("nan"),
-                "x",
-            ),
-            _row("online capacity DS 27B basic (APS)", PAPER["online_capacity_ds27b_basic_aps"], c2b),
-            _row("online capacity DS 27B DualPath (APS)", PAPER["online_capacity_ds27b_dualpath_aps"], c2d),
-            _row(
-                "online capacity gain DS 27B",
-                PAPER["online_capacity_gain_ds27b"],
-                c2d / c2b if c2b else float("nan"),
-                "x",
-            ),
-        ]
+        for setup, name in (("paper_ds660b.py", "DS 660B"), ("paper_ds27b.py", "DS 27B")):
+            key = name.replace(" ", "").lower()
+            b, d = cap[(setup, "basic")], cap[(setup, "dualpath")]
+            lines += [
+                _capacity_row(f"online capacity {name} basic (APS)", PAPER[f"online_capacity_{key}_basic_aps"], b),
+                _capacity_row(
+                    f"online capacity {name} DualPath (APS)", PAPER[f"online_capacity_{key}_dualpath_aps"], d
+                ),
+            ]
+            what, paper = f"online capacity gain {name}", PAPER[f"online_capacity_gain_{key}"]
+            if _search_bound(b) or _search_bound(d):  # (a bound's ratio is no measured gain: it read 0.000 or nan)
+                gains[name] = float("nan")
+                lines.append(f"| {what} | {paper:g}x | n/a (a search bound) | n/a |")
+            else:
+                gains[name] = d["capacity_aps"] / b["capacity_aps"]
+                lines.append(_row(what, paper, gains[name], "x"))
     lines += online_note
     table_cells: list[tuple[str, float, float]] = []  # (mode, paper JCT, simulator JCT) of the calibration table
     if table:
@@ -646,8 +659,8 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
         }
         if _ONLINE.value:
             headline["online capacity gain under the SLO"] = [
-                ("DS 660B", PAPER["online_capacity_gain_ds660b"], [c6d / c6b if c6b else float("nan")]),
-                ("DS 27B", PAPER["online_capacity_gain_ds27b"], [c2d / c2b if c2b else float("nan")]),
+                ("DS 660B", PAPER["online_capacity_gain_ds660b"], [gains["DS 660B"]]),
+                ("DS 27B", PAPER["online_capacity_gain_ds27b"], [gains["DS 27B"]]),
             ]
         drawn = plot_report(headline, table_cells, png)
     if drawn:

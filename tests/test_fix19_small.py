@@ -33,3 +33,34 @@ def test_bench_store_says_which_file_system_a_root_it_made_is_on(tmp_path):
         f"--root={root} did not exist: made it; it is on the file system mounted at {mount} ({fstype}): the benchmark "
         "measures that"
     ), out.stderr[-3000:]
+
+
+# ---- reproduce_paper: a capacity at a search bound ------------------------------------------------------------------
+def test_reproduce_paper_reports_a_capacity_at_a_search_bound_as_one(tmp_path):
+    """A capacity search whose lowest probe missed the SLO returns capacity 0 (below `lo`), one whose highest met it
+    returns `hi`: the report printed `| online capacity DS 660B basic (APS) | 0.2 | 0 | 0.000 |`, a measured-looking 0,
+    and a gain of nan or of hi over a capacity. Contract: a bound reads as `experiments.capacity` prints it ("< lo",
+    ">= hi"), and a gain over a bound is no measured gain."""
+    from test_mutation_audit3_workloads import _FAKE_REPRODUCE
+
+    bounds = """
+def fake_capacity(args):
+    setup, mode = args[0].rsplit("/", 1)[-1], args[1]
+    if setup == "paper_ds660b.py":  # basic: even lo=0.05 missed; DualPath: hi=0.8 met
+        return {"capacity_aps": 0.0, "upper_aps": 0.05} if mode == "basic" else {"capacity_aps": 0.8}
+    return {"capacity_aps": 0.25, "upper_aps": 0.3} if mode == "basic" else {"capacity_aps": 0.5, "upper_aps": 0.6}
+"""
+    head, tail = _FAKE_REPRODUCE.split("def fake_capacity(args):")
+    script = tmp_path / "fake_reproduce.py"
+    script.write_text(head + bounds + tail[tail.index("rp._offline") :])
+    out = _launch(str(script), f"--output_dir={tmp_path}", "--online", "--noplot")
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = (tmp_path / "report.md").read_text()
+    for row in [
+        "| online capacity DS 660B basic (APS) | 0.2 | < 0.05 (a search bound) | n/a |",
+        "| online capacity DS 660B DualPath (APS) | 0.45 | >= 0.8 (a search bound) | n/a |",
+        "| online capacity gain DS 660B | 2.25x | n/a (a search bound) | n/a |",
+        "| online capacity DS 27B basic (APS) | 0.3 | 0.25 | 0.833 |",
+        "| online capacity gain DS 27B | 1.67x | 2x | 1.198 |",
+    ]:
+        assert row in report, report
