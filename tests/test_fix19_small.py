@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from test_fix18_launchers import _launch
 
 from experiments.bench_store import file_system_of
@@ -64,3 +65,38 @@ def fake_capacity(args):
         "| online capacity gain DS 27B | 1.67x | 2x | 1.198 |",
     ]:
         assert row in report, report
+
+
+# ---- sim configs: overrides and variant items the run does not use ---------------------------------------------------
+TINY = "configs/sim_tiny.py"
+MOONCAKE = "../shared/traces/mooncake_synthetic_trace.jsonl.gz"
+
+
+def test_a_dataset_item_beside_kind_trace_is_refused_by_name():
+    """`kind=trace,dataset=48K` ran the trace and dropped the dataset without a word (`dataset=` was not among the
+    variant items `check_given_fields` knows)."""
+    from dualpath_jax.sim import load_sim_config
+
+    with pytest.raises(ValueError, match=r"^config variant item 'dataset=48K' \(config.workload.dataset\) applies to"):
+        load_sim_config(f"{TINY}:kind=trace,dataset=48K", {"workload.trace_path": MOONCAKE}, as_run=True)
+    assert load_sim_config(f"{TINY}:kind=offline,dataset=48K", as_run=True).workload.dataset == "48K"
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ({"cluster.snic_gbps": True}, "override cluster.snic_gbps=True is a bool; the field holds 50.0"),
+        ({"cluster.snic_gbps": "fast"}, "override cluster.snic_gbps='fast': "),
+    ],
+    ids=["bool_for_a_number", "str_for_a_number"],
+)
+def test_a_python_override_of_the_wrong_type_is_refused_by_name(override, says):
+    """`load_sim_config(spec, {"cluster.snic_gbps": True})` ran with a 1 GB/s storage NIC (ml_collections casts a
+    bool to a float field), and a str for a number was a bare TypeError; a right-typed override still loads."""
+    from dualpath_jax.sim import load_sim_config
+
+    with pytest.raises(ValueError) as e:
+        load_sim_config(TINY, override)
+    assert str(e.value).startswith(f"config {TINY!r}: {says}")
+    cfg = load_sim_config(TINY, {"cluster.snic_gbps": 3, "cluster.layerwise": False})
+    assert cfg.cluster.snic_gbps == 3.0 and cfg.cluster.layerwise is False

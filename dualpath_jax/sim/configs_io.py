@@ -106,7 +106,15 @@ def load_config(spec: str, overrides: dict | None = None):
                 raise KeyError(f"config {spec!r} has no field {key!r}")
             if i < len(parts) - 1:
                 node = node[p]
-        node[parts[-1]] = value
+        old = node[parts[-1]]
+        # (ml_collections casts a bool to a float field, bool being an int: {"cluster.snic_gbps": True} ran at 1 GB/s;
+        # a str for a number was a bare TypeError)
+        if isinstance(value, bool) and old is not None and not isinstance(old, bool):
+            raise ValueError(f"config {spec!r}: override {key}={value!r} is a bool; the field holds {old!r}")
+        try:
+            node[parts[-1]] = value
+        except TypeError as e:
+            raise ValueError(f"config {spec!r}: override {key}={value!r}: {e}") from None
     return cfg
 
 
@@ -122,6 +130,7 @@ _VARIANT_FIELDS = {
     "duration": "workload.duration_s",
     "warmup": "warmup_s",
     "shared_hits": "workload.shared_prefix_hits",
+    "dataset": "workload.dataset",  # (`kind=trace,dataset=48K` on a setup that replays a trace ran it, silently)
 }
 
 
