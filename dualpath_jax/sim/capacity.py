@@ -2,7 +2,8 @@
 
 Each probe simulates Poisson agent arrivals at one APS over `duration_s`; turns that arrive in
 [warmup_s, duration_s) are judged (the SLO percentile of TTFT and of TPOT within bounds), and the clock
-stops `drain_s` after the last arrival (turns still decoding then are judged on TTFT only).
+stops at `duration_s + drain_s` (an agent's later turns may arrive after `duration_s`; turns still decoding then
+are judged on TTFT only).
 """
 
 from __future__ import annotations
