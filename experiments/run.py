@@ -27,6 +27,7 @@ first is the table's last column).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -272,6 +273,41 @@ def tokens_sha256(tokens: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def write_atomically(path: str, write) -> None:
+    """`write(tmp_path)` then rename onto `path`: a job killed (kill -9, the OOM killer) or interrupted while writing
+    leaves the previous file whole (or none), never a truncated one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_results_json(out_dir: str, summary: dict) -> None:
+    """results.json (NaN, e.g. TPOT of 1-token turns: null, as turns_*.json), written atomically."""
+
+    from dualpath_jax import metrics
+
+    def write(path):
+        with open(path, "w") as f:
+            json.dump(metrics.json_safe(summary), f, indent=1, default=float)
+
+    write_atomically(os.path.join(out_dir, "results.json"), write)
+
+
+def incomplete_line(done: list, policies: list) -> str:
+    """results.json's `failed` while the job runs: written after each policy, the file says which are still missing
+    (the final write replaces it; a job killed hard, kill -9 or the OOM killer, leaves this one)."""
+    rest = [p for p in policies if p not in done]
+    return (
+        f"incomplete: written when {', '.join(done)} had finished; the job ended (killed) or was still running "
+        f"before {', '.join(rest)} finished (results of {', '.join(done)} only)"
+    )
+
+
 def dead_nodes(result) -> dict:
     """The nodes declared dead in a policy's run, and why (`RunResult.dead_nodes`; {} for a result without them)."""
     return dict(getattr(result, "dead_nodes", None) or {})
@@ -348,6 +384,35 @@ def _main(argv, term: SigtermAsInterrupt):
     kv = model_config(base.model).kv_bytes_per_token
     run_kwargs = {p: policy_config(c, kv, prefill_tps) for p, c in configs.items()}
     results, failed = {}, None
+
+    def results_summary(failed_line: str | None) -> dict:
+        """results.json of the policies finished so far (`failed_line`: why the others are missing, or None)."""
+        info = token_agreement(results, base.batch_invariant)[1]
+        info["sha256"] = {p: tokens_sha256(r.tokens) for p, r in results.items()}
+        return {
+            "failed": failed_line,
+            "greedy_tokens": info,
+            "config": config.to_dict(),
+            "prefill_tokens_per_s": prefill_tps,
+            "policy_kwargs": {p: given_kwargs[p] for p in results},  # as given: its own items over the shared ones
+            "policy_config": {p: run_kwargs[p] for p in results},  # every field of its Config it ran with
+            # False: Basic prefill (a `layerwise=` item)
+            "layerwise": {p: configs[p].cluster.layerwise for p in results},
+            # online / trace: the SLO every policy was judged on (its figures: in each policy's results)
+            **({} if window is None else {"slo": slo_settings(base, window)}),
+            "results": {p: driver.summary_with_sim_link_names(r.summary) for p, r in results.items()},
+            "requeued": {p: r.requeued for p, r in results.items()},
+            "dead_nodes": {p: dead_nodes(r) for p, r in results.items()},  # node -> why it died in that policy's run
+            "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},
+            "node_stats": {
+                p: {n: {k: v for k, v in st.items() if k != "step_log"} for n, st in r.node_stats.items()}
+                for p, r in results.items()
+            },
+            "speedup_vs_first": {
+                p: results[policies[0]].summary["jct_s"] / r.summary["jct_s"] for p, r in results.items()
+            },
+        }
+
     session = LocalCluster(driver.layout_groups(base), netns=base.netns) if base.launcher == "local" else None
     try:
 
@@ -386,24 +451,26 @@ def _main(argv, term: SigtermAsInterrupt):
                 "%s: %d turns in %.1f s wall (startup %.1f s)", p, len(res.records), time.time() - t0, res.startup_s
             )
             slo = {}
-            if window is not None:  # (the SLO's figures in its summary: the table, results.json)
-                verdict = driver.judge_slo(base, window, res.records)
-                res.summary = metrics.with_slo(res.summary, verdict)
-                slo = {"slo": {**slo_settings(base, window), **verdict}}
+            if window is not None:  # (the SLO's figures, `driver.run`'s judgement, are in its summary too: the table)
+                slo = {"slo": {**slo_settings(base, window), **res.slo}}
             results[p] = res
             # (links under the simulator's names, as its links.csv: `driver.sim_link_name`)
-            turns_json = os.path.join(out_dir, f"turns_{file_label(p)}.json")
-            metrics.write_json(
-                turns_json,
-                res.records,
-                driver.with_sim_link_names(res.links),
-                policy=configs[p].scheduler.name,
-                label=p,
-                policy_kwargs=given_kwargs[p],
-                policy_config=run_kwargs[p],
-                tokens=token_rows(res.tokens),  # the greedy tokens, to compare a re-run's with (README "What ran")
-                **slo,  # online / trace: the SLO and its figures, recomputed from "turns" by judge_slo
+            write_atomically(
+                os.path.join(out_dir, f"turns_{file_label(p)}.json"),
+                lambda path, p=p, res=res, slo=slo: metrics.write_json(
+                    path,
+                    res.records,
+                    driver.with_sim_link_names(res.links),
+                    policy=configs[p].scheduler.name,
+                    label=p,
+                    policy_kwargs=given_kwargs[p],
+                    policy_config=run_kwargs[p],
+                    tokens=token_rows(res.tokens),  # the greedy tokens, to compare a re-run's with (README "What ran")
+                    **slo,  # online / trace: the SLO and its figures, recomputed from "turns" by judge_slo
+                ),
             )
+            if len(results) < len(policies):  # (kill -9 of the job from here on keeps the finished policies' results)
+                write_results_json(out_dir, results_summary(incomplete_line(list(results), policies)))
     except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): finished ones kept
         term.raising = False  # (another SIGTERM from here on: noted; what finished is written first)
         if not results:  # nothing finished: no empty results directory left behind (a Ctrl-C in the warm-up left one)
@@ -448,35 +515,13 @@ def _main(argv, term: SigtermAsInterrupt):
                 + ", ".join(f"node {n} ({why})" for n, why in sorted(lost.items()))
                 + f"; it ran on fewer engines than configured from then on ({r.requeued} requests re-ran on the others)"
             )
-    agreement, agreement_info = token_agreement(results, base.batch_invariant)
+    agreement = token_agreement(results, base.batch_invariant)[0]
     if agreement:
         table += "\n" + agreement
     if failed:
         table += "\n" + failed
     print(table)
-    agreement_info["sha256"] = {p: tokens_sha256(r.tokens) for p, r in results.items()}
-    summary = {
-        "failed": failed,
-        "greedy_tokens": agreement_info,
-        "config": config.to_dict(),
-        "prefill_tokens_per_s": prefill_tps,
-        "policy_kwargs": {p: given_kwargs[p] for p in results},  # as given: its own items over the shared ones
-        "policy_config": {p: run_kwargs[p] for p in results},  # every field of its Config it ran with
-        "layerwise": {p: configs[p].cluster.layerwise for p in results},  # False: Basic prefill (a `layerwise=` item)
-        # online / trace: the SLO every policy was judged on (its figures: in each policy's results)
-        **({} if window is None else {"slo": slo_settings(base, window)}),
-        "results": {p: driver.summary_with_sim_link_names(r.summary) for p, r in results.items()},
-        "requeued": {p: r.requeued for p, r in results.items()},
-        "dead_nodes": {p: dead_nodes(r) for p, r in results.items()},  # node -> why it died in that policy's run
-        "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},
-        "node_stats": {
-            p: {n: {k: v for k, v in st.items() if k != "step_log"} for n, st in r.node_stats.items()}
-            for p, r in results.items()
-        },
-        "speedup_vs_first": {p: results[policies[0]].summary["jct_s"] / r.summary["jct_s"] for p, r in results.items()},
-    }
-    with open(os.path.join(out_dir, "results.json"), "w") as f:  # NaN (TPOT of 1-token turns): null, as turns_*.json
-        json.dump(metrics.json_safe(summary), f, indent=1, default=float)
+    write_results_json(out_dir, results_summary(failed))
     with open(os.path.join(out_dir, "table.txt"), "w") as f:
         f.write(table + "\n")
     if config.plot and plot(results, os.path.join(out_dir, "run.png")):

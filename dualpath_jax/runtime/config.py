@@ -403,7 +403,13 @@ def validate(
     s = cfg.scheduler
     if not s.fetch_interval_s > 0:
         raise ConfigError(f"config.scheduler.fetch_interval_s must be > 0, got {s.fetch_interval_s}")
-    if not s.heartbeat_timeout_s > s.fetch_interval_s:  # a group reports once per fetch
+    if s.heartbeat_timeout_s == math.inf:  # (a stopped or deadlocked node then held the run until its timeout)
+        raise ConfigError(
+            "config.scheduler.heartbeat_timeout_s must be finite, got inf: a node that stops fetching (stopped, "
+            "deadlocked) would never be declared dead, and the run would wait for it until config.run_timeout_s "
+            "(a long one: e.g. 60)"
+        )
+    if not s.heartbeat_timeout_s > s.fetch_interval_s:  # a group reports once per fetch (NaN too)
         raise ConfigError(
             f"config.scheduler.heartbeat_timeout_s ({s.heartbeat_timeout_s}) must exceed fetch_interval_s "
             f"({s.fetch_interval_s}): a group reports once per fetch"

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from dualpath_jax.checks import file_in_the_way, is_int
-from dualpath_jax.metrics import LinkBytes, TurnRecord, slo_summary, summarize, ttft_breakdown
+from dualpath_jax.metrics import LinkBytes, TurnRecord, slo_summary, summarize, ttft_breakdown, with_slo
 from dualpath_jax.runtime.config import (
     ConfigError,
     RuntimeConfig,
@@ -55,6 +55,10 @@ class RunResult:
     startup_s: float  # launch until every group registered (model build, compile cache, connects)
     # node -> why it was declared dead during the run (its requests re-ran on the other engines)
     dead_nodes: dict = dataclasses.field(default_factory=dict)
+    # online / trace arrivals: the SLO judgement of its turns (`judge_slo` under cfg.slo, on `slo_window`'s turns),
+    # also in `summary` (`metrics.with_slo`: slo_attainment, slo_met, ...); None offline (judged on its JCT)
+    slo: dict | None = None
+    slo_window: tuple[float, float] | None = None
 
 
 def make_trajectories(cfg: RuntimeConfig, vocab_size: int | None = None) -> list[Trajectory]:
@@ -65,6 +69,12 @@ def make_trajectories(cfg: RuntimeConfig, vocab_size: int | None = None) -> list
     A trace's appends get token ids from its block hashes (`traces.hashed_token_ids`, over `vocab_size`: the
     model's when not given), so prompts that share hash blocks share those ids and the KV store hits them."""
     w = cfg.workload
+    if w.arrival == "trace" and w.kind != "trace":  # (given trajectories may carry timestamps: not made here)
+        raise ConfigError(
+            f"config.workload.arrival='trace' replays a trace's timestamps, and config.workload.kind={w.kind!r} makes "
+            "agents without any: every agent would start at 0 and each turn follow the last (an offline rollout, "
+            "judged on an SLO as if online); give arrival='offline' or 'online', or kind='trace'"
+        )
     if w.kind == "tiny":
         check_tiny_workload(cfg)  # (scale, time_scale, max_context_tokens: they were ignored here)
         _check_tiny_fits(cfg)
@@ -284,6 +294,7 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     from dualpath_jax.runtime.launcher import check_batcher_reaches_nodes
 
     check_batcher_reaches_nodes(cfg)  # a batcher of __main__, which the node processes cannot import
+    _check_tcp_endpoint_options(cfg)
     _check_token_ids(trajs, mcfg.vocab_size)
     if slot_tokens(max_total) > cfg.cluster.max_seq_len:
         raise ConfigError(
@@ -313,6 +324,23 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     if cfg.store_dir or cfg.store_options:
         _open_store_once(cfg, ops)
     return trajs, ops
+
+
+def _check_tcp_endpoint_options(cfg: RuntimeConfig) -> None:
+    """`config.transport_options`' values, on one tcp endpoint of the run's spec built here and closed: `validate`
+    checks their names only, so a value the endpoint refuses (timeout_s=0, max_message_bytes=0, a host of no
+    interface here or a non-loopback one without a secret) failed every node once its model was built, and
+    experiments.run ended with a traceback. (The launcher's own endpoints: Ray's hosts and secrets, netns' veths, are
+    built where they run.)"""
+    if cfg.transport != "tcp" or not cfg.transport_options or cfg.netns or cfg.launcher == "ray":
+        return
+    from dualpath_jax.runtime.launcher import endpoint_spec
+    from transport import make_transport
+
+    try:
+        make_transport(endpoint_spec(cfg, "config-check"), pacer=None).close()
+    except (TypeError, ValueError, OSError) as e:
+        raise ConfigError(f"config.transport_options {dict(cfg.transport_options)!r}: {e}") from None
 
 
 def _open_store_once(cfg: RuntimeConfig, ops) -> None:
@@ -554,12 +582,17 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
                 )
             time.sleep(0.02)
         wall = service.now()
+        # A node declared dead and silent since never hears the end: killed, not waited for (15 s, then 15 s more in
+        # a LocalCluster session's end, for a node its heartbeat declared dead while stopped or deadlocked).
+        _kill_silent_dead(service, launcher)
         # Let every live group see the shutdown and send its final report (link bytes).
         launcher.join(timeout=15.0)
         finished = True
     finally:
         service.stop()  # (a run given up on: its groups stop at their next fetch, as at the end of a finished run)
         try:
+            if not finished:  # (a failed or interrupted run's silent dead nodes are not waited for either)
+                _kill_silent_dead(service, launcher)
             launcher.shutdown()
         except Exception as e:
             if finished:
@@ -575,6 +608,9 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
     # TTFT parts (queue / allocation / read / prefill) under the simulator's key names: the records carry every stamp.
     summary.update(ttft_breakdown(records))
     summary.update(_link_summary(links))
+    window, slo = _judged_slo(cfg, trajs, records)
+    if slo is not None:  # (every consumer of a RunResult gets the SLO's figures, not experiments.run's table alone)
+        summary = with_slo(summary, slo)
     return RunResult(
         policy=cfg.scheduler.name,
         records=records,
@@ -588,7 +624,41 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
         wall_s=wall,
         startup_s=startup_s,
         dead_nodes=dict(service.death_reasons),
+        slo=slo,
+        slo_window=window,
     )
+
+
+def _judged_slo(cfg: RuntimeConfig, trajs, records) -> tuple[tuple[float, float] | None, dict | None]:
+    """(window, judgement) of an online / trace-arrival run's turns under `cfg.slo` (`slo_window`, `judge_slo`);
+    (None, None) offline. A run whose agents all arrive before `slo.warmup_s` (a warm-up on a few of them:
+    `slo_window`'s ConfigError) judges no turn: `slo_summary`'s keys with slo_turns 0."""
+    s = cfg.slo
+    try:
+        window = slo_window(cfg, trajs)
+    except ConfigError:
+        return (s.warmup_s, s.warmup_s), slo_summary([], s.ttft_s, s.tpot_s, s.percentile, s.warmup_s)
+    if window is None:
+        return None, None
+    return window, judge_slo(cfg, window, records)
+
+
+def _kill_silent_dead(service: GlobalScheduler, launcher) -> None:
+    """Kill the nodes declared dead that are still running but have not fetched since (`silent_dead_nodes`: stopped,
+    deadlocked, stuck in a step): no fetch told them the run ended, so waiting for them only ran out the launcher's
+    timeouts. Their requests already re-ran on the others; a `LocalCluster` session's later runs go without them, as
+    without a node that died (`LocalCluster.begin`)."""
+    for n in service.silent_dead_nodes():
+        try:
+            if launcher.alive(n):
+                log.warning(
+                    "node %d was declared dead (%s) and has not fetched since: killed, not waited for",
+                    n,
+                    service.death_reasons.get(n, "dead"),
+                )
+                launcher.kill(n)
+        except Exception as e:  # noqa: BLE001 -- (gone meanwhile): the launcher's shutdown still ends it
+            log.warning("killing node %d, declared dead: %r", n, e)
 
 
 def _check_launcher(service: GlobalScheduler, launcher, groups) -> None:

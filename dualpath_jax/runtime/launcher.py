@@ -739,7 +739,8 @@ class LocalCluster:
 
     def end(self) -> None:
         """Wait for every node process to end its run. One that has not within `END_TIMEOUT_S` is hung (stopped by
-        SIGSTOP or a debugger, deadlocked; a node declared dead by its heartbeat mid-run): it is killed, with a warning,
+        SIGSTOP or a debugger, deadlocked; a node declared dead by its heartbeat mid-run is killed before, by the driver:
+        `driver._kill_silent_dead`): it is killed, with a warning,
         and later runs go on without it (a dead process gets no run: `begin`). This raised RuntimeError("node(s) [1]
         did not finish their run"), so a run that had finished every turn ended the job with a traceback, nothing
         written."""

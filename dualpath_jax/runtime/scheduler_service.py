@@ -117,6 +117,7 @@ class GlobalScheduler:
         self._addresses: dict[int, object] = {}
         self.dead_nodes: set[int] = set()
         self.death_reasons: dict[int, str] = {}  # node -> why it was declared dead
+        self._told_dead: set[int] = set()  # dead nodes that fetched since (told to stop: they end their run)
         self._queue: deque[int] = deque()  # request ids, FIFO
         self._inflight: dict[int, _InFlight] = {}
         self._completed_attempt: dict[int, int] = {}  # request id -> the attempt that completed it
@@ -167,6 +168,7 @@ class GlobalScheduler:
                 # A group declared dead must not come back with stale work: tell it to stop. Its counters are taken
                 # (those bytes did move, as its link bytes), its queues are not (see `_dead_stats`).
                 self.stats[node] = _dead_stats(report.stats)
+                self._told_dead.add(node)
                 return GroupReply(shutdown=True)
             self._last_seen[node] = self.clock()
             if report.address is not None:
@@ -546,6 +548,12 @@ class GlobalScheduler:
         with self._lock:
             if node not in self.dead_nodes:
                 self._declare_dead(node, why)
+
+    def silent_dead_nodes(self) -> list[int]:
+        """The nodes declared dead that have not fetched since (stopped, deadlocked, stuck in a step): no fetch told
+        them to stop, so they never end their run on their own (the driver kills them, `driver._kill_silent_dead`)."""
+        with self._lock:
+            return sorted(self.dead_nodes - self._told_dead)
 
     def _declare_dead(self, node: int, why: str = "") -> None:
         log.warning("node %d (%s) is dead (%s): re-queueing its requests", node, self.groups[node].role, why)
