@@ -52,7 +52,9 @@ class NodeState:
     role: Role
     read_queue_tokens: int = 0  # read_q: hit tokens queued for storage reads on this node's SNIC
     # Optional, for a runner that keeps them up to date as its engines' loads change (the simulator):
-    # Σ tok_e and Σ free_hbm_tokens of the node's engines. None (the default): policies sum the engines.
+    # Σ tok_e and Σ free_hbm_tokens of the node's engines. Policies take them only from a snapshot with an
+    # `engine_set_key` (the runner's live state; a copy() has none, whatever its engines were changed to);
+    # otherwise, or None (the default), policies sum the engines.
     engine_tok: int | None = None
     engine_free_hbm_tokens: int | None = None
 

@@ -213,9 +213,10 @@ class _Scratch:
         """`pe_node`: keep only this node's PEs as candidates (a PE group's fetch); None: every PE.
         Every DE is always a candidate (DE phase 1 runs over all DE groups). `group_sums`: the policy needs
         Σ tok_e / Σ free_hbm_tokens per DE group (`group_sums()`); when the runner keeps them on every DE
-        node (`NodeState.engine_tok` / `engine_free_hbm_tokens`) they are taken from there and the DEs'
-        own loads are read only when first used. `pe_loads=False`: the candidate PEs' tok are read on first use
-        too (a caller that reads them from `pe_states_of_node` itself)."""
+        node (`NodeState.engine_tok` / `engine_free_hbm_tokens`) of its own live snapshot (one with an
+        `engine_set_key`) they are taken from there and the DEs' own loads are read only when first used.
+        `pe_loads=False`: the candidate PEs' tok are read on first use too (a caller that reads them from
+        `pe_states_of_node` itself)."""
         topo = _topology(snapshot)
         if pe_node is None:
             pes, pe_states = topo.pes, topo.pe_states
@@ -230,7 +231,10 @@ class _Scratch:
             pes, pe_states = (), ()
         self.de_groups: dict[int, list[int]] = topo.de_groups  # shared, read-only
         self.group_tok = self.group_free = None
-        if group_sums:
+        # Only on a runner's live snapshot (`engine_set_key` set): a copy() keeps the sums but not the key, and a
+        # policy that changed the copy's engine loads (the README's recipe) and handed it on was given the stale sums
+        # in the simulator only (which keeps them), its engines' in the runtime (which does not): other decisions.
+        if group_sums and snapshot.engine_set_key is not None:
             nodes = snapshot.nodes
             gids = self.de_groups
             try:  # C-level maps over the group nodes (a fetch at 48P96D reads 96 groups)

@@ -26,6 +26,23 @@ def check_block_size(block_size) -> None:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
 
 
+def _hash_ids(hashes) -> np.ndarray:
+    """A turn's block hashes as the 1-D int64 array the hit counts read (`Turn.stored_prefix_tokens`): a list of ints
+    (a trace of one's own) failed as "'list' object has no attribute 'tolist'" in the simulator's shared-prefix hits or
+    `stats.shared_hit_rate`, and float, bool, 2-D or string hashes were kept (1.5 and 1.0 are no block ids)."""
+    try:
+        ids = np.asarray(hashes)
+    except (TypeError, ValueError) as e:  # (a ragged list)
+        raise ValueError(f"turn block_hashes must be a 1-D sequence of integer ids, got {e}") from None
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(
+            f"turn block_hashes must be a 1-D sequence of integer ids (int64), got {ids.dtype} of shape {ids.shape}"
+        )
+    if ids.size and ids.dtype == np.uint64 and ids.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"turn block_hashes hold an id past the int64 range: {ids.max()}")
+    return ids.astype(np.int64)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Turn:
     append_tokens: int  # A_i: new prompt tokens of this turn (tool output, user text)
@@ -93,6 +110,9 @@ class Turn:
             raise ValueError("block_hashes needs hash_block_size > 0")
         if not is_int(self.hash_block_size) or self.hash_block_size < 0:  # -3 or 64.5 was kept without block_hashes
             raise ValueError(f"hash_block_size must be an int >= 0 (0: no block hashes), got {self.hash_block_size!r}")
+        h = self.block_hashes
+        if h is not None and not (type(h) is np.ndarray and h.dtype == np.int64 and h.ndim == 1):  # (the loaders')
+            object.__setattr__(self, "block_hashes", _hash_ids(h))
 
     # Prefix hits across trajectories (the simulator's `workload.shared_prefix_hits`, `stats.shared_hit_rate`): one
     # store shared by every trajectory holds the hash blocks of the prompts prefilled before this turn.
