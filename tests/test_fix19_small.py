@@ -100,3 +100,31 @@ def test_a_python_override_of_the_wrong_type_is_refused_by_name(override, says):
     assert str(e.value).startswith(f"config {TINY!r}: {says}")
     cfg = load_sim_config(TINY, {"cluster.snic_gbps": 3, "cluster.layerwise": False})
     assert cfg.cluster.snic_gbps == 3.0 and cfg.cluster.layerwise is False
+
+
+# ---- runtime: a policy's α / β of 0, a batcher's unused cost fields -------------------------------------------------
+def test_an_alpha_or_beta_of_0_is_this_clusters_as_when_left_unset(base):
+    """`policy.alpha_tokens=0` / `beta_tokens=0` stayed 0 in the runtime, and DualPathConfig took 0 for the paper's DS
+    660B on H800 values (β ~17x this tiny cluster's: Algorithm 1's cap off); the simulator fills 0 as unset."""
+    from dualpath_jax.runtime import driver
+
+    cfg = base.replace(**{"scheduler.name": "dualpath"})
+    unset = driver.policy_kwargs(cfg, 1024, 2000.0)
+    zero = driver.policy_kwargs(
+        cfg.replace(**{"scheduler.policy_kwargs": {"alpha_tokens": 0, "beta_tokens": 0}}), 1024, 2000.0
+    )
+    assert zero == unset and unset["beta_tokens"] == 10_000
+    given = driver.policy_kwargs(cfg.replace(**{"scheduler.policy_kwargs": {"beta_tokens": 7}}), 1024, 2000.0)
+    assert given["beta_tokens"] == 7
+
+
+@pytest.mark.parametrize("field, value", [("model", "qwen2.5-32b"), ("hardware", "h800")])
+def test_a_compute_quota_model_or_hardware_the_runtime_does_not_use_is_refused(base, field, value):
+    """The runtime's compute_quota batcher prices batches with the run's own model on this CPU
+    (`launcher.batcher_kwargs`): `batcher_kwargs={"model": "qwen2.5-32b"}` was checked by name and then ignored."""
+    from dualpath_jax.runtime.config import ConfigError, validate
+
+    cfg = base.replace(**{"scheduler.batcher": "compute_quota", "scheduler.batcher_kwargs": {field: value}})
+    with pytest.raises(ConfigError, match=rf"^config.scheduler.batcher_kwargs.{field}='{value}' is not used: "):
+        validate(cfg)
+    validate(base.replace(**{"scheduler.batcher": "compute_quota", "scheduler.batcher_kwargs": {"quota_s": 0.5}}))

@@ -309,6 +309,28 @@ def validate_workload(cfg: RuntimeConfig) -> None:
             raise ConfigError(f"config.workload.dataset {w.dataset!r} unknown; known: {', '.join(DATASETS.names())}")
 
 
+def check_batcher_cost_fields(cfg: RuntimeConfig) -> None:
+    """A batcher priced by a cost model (`compute_quota`) gets the runtime's own model on this CPU
+    (`launcher.batcher_kwargs`) unless `cost_model` is given, so its `model` / `hardware` kwargs are not used:
+    ConfigError naming them (`model=qwen2.5-32b` was taken by name and then ignored; the simulator refuses the same,
+    `sim.config.check_batcher_cost_fields`)."""
+    from schedulers import BATCHERS
+
+    kw = cfg.scheduler.batcher_kwargs
+    if cfg.scheduler.batcher not in BATCHERS.names() or kw.get("cost_model") is not None:
+        return
+    fields = {f.name for f in dataclasses.fields(BATCHERS.get(cfg.scheduler.batcher).Config)}
+    if "cost_model" not in fields:
+        return
+    for name in ("model", "hardware"):
+        if name in fields and name in kw:
+            raise ConfigError(
+                f"config.scheduler.batcher_kwargs.{name}={kw[name]!r} is not used: the runtime's "
+                f"{cfg.scheduler.batcher!r} batcher prices batches with the run's own model on this CPU (leave "
+                f"{name} out)"
+            )
+
+
 def validate(
     cfg: RuntimeConfig,
     kv_bytes_per_token: int | None = None,
@@ -382,6 +404,7 @@ def validate(
         raise ConfigError(f"config.scheduler.{where}: {e.args[0]}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.scheduler.batcher_kwargs: {e}") from None
+    check_batcher_cost_fields(cfg)
     for name in ("snic_bytes_per_s", "cnic_bytes_per_s"):
         if not 0 < getattr(cfg.nics, name) < math.inf:  # (NaN too)
             raise ConfigError(

@@ -223,9 +223,11 @@ def policy_kwargs(cfg: RuntimeConfig, kv_bytes_per_token: int, prefill_tokens_pe
     fields = config_fields(POLICIES.get(cfg.scheduler.name)) or set()
     if "alpha_tokens" in fields:
         snic_tokens_per_s = cfg.nics.snic_bytes_per_s / kv_bytes_per_token
-        kw.setdefault("alpha_tokens", max(1, int(3.0 * snic_tokens_per_s)))
+        if not kw.get("alpha_tokens"):  # (0 too, as the simulator: the Config took 0 for the paper's DS 660B value)
+            kw["alpha_tokens"] = max(1, int(3.0 * snic_tokens_per_s))
     if "beta_tokens" in fields:
-        kw.setdefault("beta_tokens", max(1, int(5.0 * (prefill_tokens_per_s or 20_000.0))))
+        if not kw.get("beta_tokens"):
+            kw["beta_tokens"] = max(1, int(5.0 * (prefill_tokens_per_s or 20_000.0)))
     if "block_size" in fields:
         kw.setdefault("block_size", cfg.block_size)
     if "seed" in fields:  # (`random`'s choices: the workload's seed, as the simulator gives its `config.seed`)
