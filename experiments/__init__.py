@@ -594,6 +594,22 @@ def _same_tokens(a, b) -> bool:
     return a is not None and b is not None and np.array_equal(a, b)
 
 
+def write_atomically(path: str, write) -> None:
+    """`write(tmp_path)` then rename onto `path`: a job killed (kill -9, the OOM killer) or interrupted while writing
+    leaves the previous file whole (or none), never a truncated one."""
+    import contextlib
+    import os
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def refuse_flags_of_parts_not_run(parts) -> None:
     """SystemExit with one "bad --flag" line when a flag of a part of the run that does not run was given: each part
     is `(its flag names, what it is, why it does not run or None when it runs)`. Such a flag was dropped without a

@@ -42,6 +42,7 @@ from experiments import (
     refuse_unused_workload_overrides,
     remove_if_empty,
     stopped_early,
+    write_atomically,
 )
 
 _CONFIG = define_config_file(
@@ -230,6 +231,22 @@ def _plot(out: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _write_json(out_dir: str, out: dict) -> None:
+    """bench_runtime.json (NaN, e.g. TPOT of 1-token turns: null), written atomically (temp file + rename)."""
+    from dualpath_jax import metrics
+
+    def write(path):
+        with open(path, "w") as f:
+            json.dump(
+                metrics.json_safe(out),
+                f,
+                indent=1,
+                default=lambda x: float(x) if isinstance(x, (int, float)) else str(x),
+            )
+
+    write_atomically(os.path.join(out_dir, "bench_runtime.json"), write)
+
+
 def main(argv):
     # SIGTERM (kill, `timeout`, a batch scheduler) stops the benchmark as Ctrl-C does: the measured runs are written
     # (its default action ended the process at once, nothing written)
@@ -322,8 +339,17 @@ def _main(argv, term):
         for p in ("basic", "dualpath"):  # each kept as it finishes: a later run's failure keeps it
             measured[p] = run(base.replace(**{"scheduler.name": p}))
             out.setdefault("measured", {})[p] = driver.summary_with_sim_link_names(measured[p].summary)
-            if window is not None:
-                out["measured"][p]["slo"] = driver.judge_slo(base, window, measured[p].records)
+            if window is not None:  # (`driver.run`'s judgement of its turns under the SLO)
+                out["measured"][p]["slo"] = measured[p].slo
+            if p == "basic":  # (a job killed hard, kill -9 or the OOM killer, during DualPath's run keeps basic's)
+                _write_json(
+                    out_dir,
+                    {
+                        **out,
+                        "failed": "incomplete: written when basic had finished; the job ended "
+                        "(killed) or was still running before dualpath finished",
+                    },
+                )
         jct = {p: r.summary["jct_s"] for p, r in measured.items()}
         speedup = jct["basic"] / jct["dualpath"]
         print("\n== DualPath vs Basic, emulated 1P2D I/O-bound setup (measured in one run) ==")
@@ -468,10 +494,7 @@ def _main(argv, term):
     _plot(out, os.path.join(out_dir, "bench_runtime.png"))
     from dualpath_jax import metrics
 
-    with open(os.path.join(out_dir, "bench_runtime.json"), "w") as f:  # NaN (TPOT of 1-token turns): null
-        json.dump(
-            metrics.json_safe(out), f, indent=1, default=lambda x: float(x) if isinstance(x, (int, float)) else str(x)
-        )
+    _write_json(out_dir, out)
     # what ran, as the other launchers record it (a re-run of its `command` makes a results directory of its own)
     metrics.write_run_info(out_dir, driver.run_info("experiments.bench_runtime", started, base, out["config"]))
     logging.info("results written to %s", out_dir)

@@ -27,7 +27,6 @@ first is the table's last column).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -51,6 +50,7 @@ from experiments import (
     remove_if_empty,
     stopped_early,
     token_agreement,
+    write_atomically,
 )
 
 _CONFIG = define_config_file(
@@ -271,19 +271,6 @@ def tokens_sha256(tokens: dict) -> str:
 
     text = "".join(" ".join(map(str, [t, i, *ids])) + "\n" for t, i, ids in token_rows(tokens))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def write_atomically(path: str, write) -> None:
-    """`write(tmp_path)` then rename onto `path`: a job killed (kill -9, the OOM killer) or interrupted while writing
-    leaves the previous file whole (or none), never a truncated one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def write_results_json(out_dir: str, summary: dict) -> None:

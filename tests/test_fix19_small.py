@@ -128,3 +128,42 @@ def test_a_compute_quota_model_or_hardware_the_runtime_does_not_use_is_refused(b
     with pytest.raises(ConfigError, match=rf"^config.scheduler.batcher_kwargs.{field}='{value}' is not used: "):
         validate(cfg)
     validate(base.replace(**{"scheduler.batcher": "compute_quota", "scheduler.batcher_kwargs": {"quota_s": 0.5}}))
+
+
+# ---- bench_runtime: kill -9 during DualPath's run keeps basic's measurement -----------------------------------------
+_STUB_BENCH_KILL = """
+import os, signal, sys, types
+from absl import app
+from dualpath_jax.runtime import driver
+from experiments import parse_flags_or_exit
+
+def fake_run(cfg, ts, **kw):
+    if cfg.scheduler.name == "dualpath":
+        os.kill(os.getpid(), signal.SIGKILL)
+    s = {"jct_s": 2.0, "pe_read_bytes": 1, "de_read_bytes": 0, "snic_max_over_avg": 1.5, "link_bytes": {}}
+    return types.SimpleNamespace(summary=s, records=[], links=[], slo=None)
+
+driver.prepare = lambda cfg, *a, **k: ([types.SimpleNamespace(turns=[0, 1])] * 8, None)
+driver.measure_prefill_tokens_per_s = lambda ops, cfg: 1000.0
+driver.run = fake_run
+from experiments import bench_runtime as job
+sys.argv = [sys.argv[0], "--config=configs/tiny_runtime.py:test", "--config.results_dir=" + sys.argv[1],
+            "--skip_sim", "--skip_overhead"]
+app.run(job.main, flags_parser=parse_flags_or_exit)
+"""
+
+
+def test_bench_runtime_killed_during_dualpath_keeps_basics_measurement(tmp_path):
+    """bench_runtime.json was written at the very end only: a job killed hard (kill -9, the OOM killer) while
+    DualPath ran left an empty results directory, basic's measured run lost. Contract: written (atomically) once basic
+    is measured, its `failed` saying DualPath's run is missing; the final write replaces it."""
+    import json
+    import signal
+
+    out = _launch("-c", _STUB_BENCH_KILL, str(tmp_path / "results"))
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    (run_dir,) = (tmp_path / "results").iterdir()
+    assert sorted(os.listdir(run_dir)) == ["bench_runtime.json"]  # (no temp file)
+    written = json.loads((run_dir / "bench_runtime.json").read_text())
+    assert list(written["measured"]) == ["basic"] and written["measured"]["basic"]["jct_s"] == 2.0
+    assert written["failed"].startswith("incomplete: written when basic had finished")
