@@ -6,39 +6,42 @@ Layout of the directory:
                                     (keys are block_keys' 16 bytes; the format holds 1..32, the API takes 16)
     blocks/ab/.tmp.<host>.<pid>.<rand>.<hex key>   a write in progress (never read)
 
-Writes are atomic: the block is written to a temp file in its final directory, fsync'ed if durable, then
-os.replace'd onto its name (and the directory fsync'ed if durable; the first block of a fan-out directory also
-fsyncs blocks/, which holds the new directory's entry), so a reader sees either no block or a whole one, even if
-the writer is killed mid-write. A durable write whose directory fsync fails removes its block (a failed write
-stores nothing). A store created with `durable=True` fsyncs STORE.json and the parents of the directories it made.
-Temp files of dead writers are removed at open and by `refresh` (same host: the pid is gone; any: older than
-`stale_temp_s`, so a pid reused since its writer was killed does not keep one).
+Writes are atomic: the block is written to a temp file in its final directory, fsync'ed if durable, then os.replace'd
+onto its name (and the directory fsync'ed if durable; the first durable block of a fan-out directory in a store
+object also fsyncs blocks/, which holds that directory's entry, made by a non-durable write maybe), so a reader sees
+either no block or a whole one, even if the writer is killed mid-write. A durable write whose directory fsync fails
+removes its block (a failed write stores nothing). A store created with `durable=True` fsyncs STORE.json and the
+parents of the directories it made. Temp files of dead writers are removed at open and by `refresh` (same host: the
+pid is gone; any: older than `stale_temp_s`, so a pid reused since its writer was killed does not keep one).
 
 Only a block's own path counts (`path_of`: lower-case hex in its fan-out directory). Another `.kvb` file that
 names a key (upper-case hex, a wrong fan-out directory) is a stray copy, removed at open and never counted. A
 block path that is not a regular file (a FIFO, a directory) is a corrupt miss when read (opened non-blocking,
 so a FIFO cannot hang the read), removed (a directory only if empty); a write replaces an empty directory there.
 
-Freshness across processes sharing the directory: each process keeps an in-memory index (its blocks in LRU
-order) built by scanning the directory at open. A lookup that reaches a key not in the index stats
-its file once; a block written by another process is thus seen by the first lookup that needs it (a file of
-another size found by a stat is damage, removed and counted, as at open). A block
-removed by another process (its eviction, a corrupt block) is noticed when read: the read misses and the
-key leaves the index (`stat_on_hit=True` makes lookups stat every hit instead, so their answers are fresh
-at the cost of one stat per hit block). A check that finds a block absent (a lookup's stat, a read's open) runs
-outside the store's lock, so it drops the key only if nothing indexed the key since the check began (each
-indexing stamps the key with a new generation): a miss racing the write-back of the same block never untracks
-the new file. A stat that fails otherwise (EACCES, ELOOP, EIO, ESTALE) is logged and is a miss for lookup and
-contains (the key stays indexed); write then writes the block (its own errors are logged, counted failures); an
-entry that cannot be stat'ed at open is logged and skipped. Readers that opened a file keep reading it even if
-another process unlinks or replaces it (POSIX semantics; NFS does the same with silly-renames), so a block being
-read is never torn. A process keeps up to `fd_cache` block files open (layerwise loading reads each block once per
-layer; at most a quarter of RLIMIT_NOFILE, since a mapped file holds 2 fds, and halved when an open or a mapping
-fails with EMFILE/ENFILE): such a file still holds this key's KV even if another process has evicted it since, and
-it still goes through every check; its disk space is freed when the entry leaves the cache (or `refresh` finds the block
-gone). This process's own remove, overwrite, eviction or removal of a corrupt block drops the key's cached file,
-and a file that was being opened meanwhile is read once by its reader but never cached: once they returned, reads
-open the new file.
+Freshness across processes sharing the directory: each process keeps an in-memory index (its blocks in LRU order)
+built by scanning the directory at open. A lookup that reaches a key not in the index stats its file once; a block
+written by another process is thus seen by the first lookup that needs it (a file of another size found by a stat is
+damage, removed and counted, as at open). A block removed by another process (its eviction, a corrupt block) is
+noticed when read: the read misses and the key leaves the index (`stat_on_hit=True` makes lookups stat every hit
+instead, so their answers are fresh at the cost of one stat per hit block). A check that finds a block absent (a
+lookup's stat, a read's open) runs outside the store's lock, so it drops the key only if nothing indexed the key
+since the check began (each indexing stamps the key with a new generation): a miss racing the write-back of the same
+block never untracks the new file. A stat that fails otherwise (EACCES, ELOOP, EIO, ESTALE) is logged and is a miss
+for lookup and contains (the key stays indexed); write then writes the block (its own errors are logged, counted
+failures); an entry that cannot be stat'ed at open is logged and skipped. Readers that opened a file keep reading it
+even if another process unlinks or replaces it (POSIX semantics; NFS does the same with silly-renames, but only for
+the processes of one client: a file that another *host* unlinks can be gone for this one too, its reads failing with
+ESTALE, a miss with preadv, but SIGBUS for a mapped read of a page not in this host's cache: use read_method="preadv"
+on NFS shared by several hosts), so a block being read is never torn. A process keeps up to `fd_cache` block files
+open (layerwise loading reads each block once per layer; at most a quarter of RLIMIT_NOFILE, since a mapped file
+holds 2 fds, and halved when an open or a mapping fails with EMFILE/ENFILE): such a file still holds this key's KV
+even if another process has evicted it since, and it still goes through every check; its disk space is freed when the
+entry leaves the cache (or `refresh` finds the block gone). A read, lookup, verify or dedup write of a block that a
+remove() in another thread unlinks meanwhile does not index it afterwards, and a remove() racing a write of the same
+key leaves the key indexed exactly when its file is there (a stat under the lock, in such races only). This process's
+own remove, overwrite, eviction or removal of a corrupt block drops the key's cached file, and a file that was being
+opened meanwhile is read once by its reader but never cached: once they returned, reads open the new file.
 
 A store whose directory (`blocks/`) was removed, moved away or replaced by one that is not a store of its layout
 since it opened writes and removes nothing there: writes fail (logged, `write_errors`), blocks that look damaged
@@ -370,7 +373,7 @@ class LocalDirStoreConfig:
     write_threads: int = 1  # threads of submit_write (apart from the readers, so write-back never delays loads)
     stat_on_hit: bool = False  # lookups stat each hit block (fresh answers on a shared mount)
     stale_temp_s: float = 3600.0  # temp files older than this are removed at open (any host, any pid)
-    create: bool = True  # create the directory if missing
+    create: bool = True  # create the store if missing (False: the root must hold one: STORE.json)
     fd_cache: int = 64  # block files kept open for repeated (layerwise) reads; 0: open per read
     native_verify: bool = True  # verified reads of xxh3 blocks run the compiled loops when built (False: Python)
     # compiled mapped reads of at least this many bytes copy with non-temporal stores (None: never; for callers
@@ -517,6 +520,10 @@ class LocalDirStore(KVStore):
                 raise FileNotFoundError(f"store root {self.root} does not exist (create=False)")
             os.makedirs(self.root, exist_ok=True)
             created.append(self.root)
+        elif not create and not os.path.lexists(os.path.join(self.root, _META)):
+            # (an empty mount point of a shared file system that is not mounted: it made a new, empty store there,
+            # on the local disk, where create=False is meant to open the existing one)
+            raise FileNotFoundError(f"store root {self.root} holds no KV store (no {_META}) and create=False")
         if not os.path.isdir(self._blocks_dir):
             os.makedirs(self._blocks_dir, exist_ok=True)
             created.append(self._blocks_dir)
@@ -541,13 +548,20 @@ class LocalDirStore(KVStore):
         self._evict_failed: set[bytes] = set()  # indexed keys whose eviction failed to remove the file (logged)
         self._busy: collections.Counter[bytes] = collections.Counter()  # reads and writes in flight: not evicted
         self._scans: list[set[bytes]] = []  # per `_scan` in progress: the keys dropped meanwhile
-        self._drops = 0  # indexed keys dropped so far (a check outside the lock that saw a block present and
-        # finds it unindexed under the lock re-checks if this changed meanwhile: it may have been evicted)
+        self._drops = 0  # keys dropped so far, indexed or not (a check outside the lock that saw a block present and
+        # finds it unindexed under the lock re-checks if this changed meanwhile: it may have been evicted or removed)
+        # Keys dropped (removed, found corrupt...) while a read, verify or dedup check of them was in flight (`_busy`):
+        # the `_drop_seq` of their last drop, kept while they are busy. Such a check that began before the drop must
+        # not index the key afterwards (its file is gone): a read of a block this process had not indexed (another
+        # process wrote it) used to index it after a concurrent remove(), a phantom hit counted against capacity.
+        self._drop_seq = 0
+        self._dropped_busy: dict[bytes, int] = {}
         self._reserved = 0  # bytes of writes in progress, until their block is renamed into place (then indexed)
         # opens in progress per key (outside the lock): `_forget_fd_locked` marks them stale, so that an fd of a
         # file removed or replaced while it was being opened is read once and never cached
         self._opening: dict[bytes, list[_PendingOpen]] = {}
         self._stats = StoreStats()
+        self._synced_dirs: set[str] = set()  # fan-out directories whose entry in blocks/ a durable write synced
         self._disk_full = False  # the last write failed for a full disk (its warning said so once; the rest counted)
         self._tls = threading.local()  # per-thread header buffer: no allocation per read
         self._fds: collections.OrderedDict[bytes, _OpenBlock] = collections.OrderedDict()  # LRU of open files
@@ -804,13 +818,18 @@ class LocalDirStore(KVStore):
         if new and not self._evict_to_fit_locked(0, protect=(key,), partial=False):
             self._drop_locked(key)
 
-    def _drop_locked(self, key: bytes) -> None:
+    def _drop_locked(self, key: bytes, absent: bool = False) -> None:
+        """Forget `key` (its file was removed, or is not this store's to keep); `absent`: a check found no file."""
         self._forget_fd_locked(key)
         self._evict_failed.discard(key)
         for dropped in self._scans:  # (a refresh in progress must not index it again from its listing)
             dropped.add(key)
-        if self._index.pop(key, None) is not None:
+        # (a key not indexed too, unless it was found absent: a lookup's stat of it may have raced its removal)
+        if self._index.pop(key, None) is not None or not absent:
             self._drops += 1
+        if self._busy[key]:  # (a Counter: no entry made)
+            self._drop_seq += 1
+            self._dropped_busy[key] = self._drop_seq
 
     def _unbusy_locked(self, key: bytes) -> None:
         n = self._busy[key] - 1
@@ -818,12 +837,26 @@ class LocalDirStore(KVStore):
             self._busy[key] = n
         else:
             self._busy.pop(key, None)
+            self._dropped_busy.pop(key, None)
+
+    def _dropped_since_locked(self, key: bytes, drop_seq: int) -> bool:
+        """Whether busy `key` was dropped after `_drop_seq` was `drop_seq` (see `_dropped_busy`)."""
+        return self._dropped_busy.get(key, 0) > drop_seq
+
+    def _drop_unlinked_locked(self, key: bytes, seen: int) -> None:
+        """Drop `key` after this process unlinked its file (or found none) outside the lock, in an unlink that began
+        at generation `seen`; unless a write indexed it since and its file is there: that write renamed its block into
+        place after the unlink (a remove() racing a write of the same key dropped the new block from the index, which
+        then sat on disk untracked, never evicted). A stat under the lock, only when such a write came meanwhile."""
+        if self._index.get(key, 0) > seen and self._stat_block(key, False):
+            return
+        self._drop_locked(key)
 
     def _drop_absent_locked(self, key: bytes, seen: int) -> None:
         """Drop `key`, found absent by a check that began at generation `seen`, unless it was adopted since (a
         write that landed between the check and now: its block is on disk)."""
         if self._index.get(key, 0) <= seen:
-            self._drop_locked(key)
+            self._drop_locked(key, absent=True)
 
     def _evict_to_fit_locked(
         self, incoming: int, protect: Sequence[bytes] = (), partial: bool = True, evict: bool = True
@@ -1233,7 +1266,7 @@ class LocalDirStore(KVStore):
         path = self.path_of(key)
         with self._lock:
             self._busy[key] += 1  # (not evicted meanwhile; apart from the callers' pins)
-            seen = self._seq
+            seen, drop_seq = self._seq, self._drop_seq
             indexed = key in self._index
         try:
             try:
@@ -1281,7 +1314,8 @@ class LocalDirStore(KVStore):
                 self._release_fd(ent)
             nbytes = sum(r[2] for r in runs)
             with self._lock:
-                if key in self._index or not indexed:  # (not if removed meanwhile: its file is gone)
+                # (not if removed meanwhile: its file is gone; read through the fd opened before)
+                if key in self._index or not (indexed or self._dropped_since_locked(key, drop_seq)):
                     self._adopt_fitting_locked(key)
                 self._stats.read_hits += 1
                 self._stats.bytes_read += nbytes
@@ -1560,6 +1594,7 @@ class LocalDirStore(KVStore):
                 self._drop_locked(key)
             return
         log.warning("kv store %s: corrupt block %s (%s): removed, treated as a miss", self.root, path, reason)
+        seen = self._seq  # (see remove)
         try:
             if fd is not None or st is not None:
                 st_read, st_now = os.fstat(fd) if st is None else st, os.stat(path)
@@ -1576,7 +1611,7 @@ class LocalDirStore(KVStore):
         except OSError as e:  # (a read-only mount, say: still a counted miss, out of the index; the store opens)
             log.warning("kv store %s: could not remove corrupt block %s: %s", self.root, path, e)
         with self._lock:
-            self._drop_locked(key)
+            self._drop_unlinked_locked(key, seen)
             self._stats.corrupt_blocks += 1
 
     # ---- write --------------------------------------------------------------------------------------------
@@ -1599,28 +1634,37 @@ class LocalDirStore(KVStore):
                 self._stats.write_errors += 1
             return False
         if not overwrite:
-            drops = self._drops
-            # (the file, not the index: it may be stale; checked whole: a damaged file is written over; durable: a
-            # non-durable write may have stored it, so fsync it)
-            if self._stat_block(key) and self._stored_block_ok(key, path) and (not durable or _fsync_block(path)):
+            with self._lock:
+                self._busy[key] += 1  # (not evicted while it is checked)
+                drop_seq = self._drop_seq
+            try:
+                # (the file, not the index: it may be stale; checked whole: a damaged file is written over; durable:
+                # a non-durable write may have stored it, so fsync it)
+                if self._stat_block(key) and self._stored_block_ok(key, path) and (not durable or _fsync_block(path)):
+                    with self._lock:
+                        # (unless this store removed it since the stat, e.g. a remove() in another thread: then it is
+                        # gone, so write it again; before, the write returned True with no block stored)
+                        if not self._dropped_since_locked(key, drop_seq):
+                            self._adopt_fitting_locked(key)
+                            self._stats.write_dedup += 1
+                            return True
+            finally:
                 with self._lock:
-                    # (unless this store evicted it since the stat: then it may be gone, so write it again)
-                    if key in self._index or self._drops == drops:
-                        self._adopt_fitting_locked(key)
-                        self._stats.write_dedup += 1
-                        return True
+                    self._unbusy_locked(key)
         with self._lock:
             # Room is only checked here; blocks are evicted for this one once it is stored (below), so a write that
             # fails (a full disk, EIO) costs no stored block.
             if not self._evict_to_fit_locked(0 if key in self._index else self.file_nbytes, partial=False, evict=False):
                 self._stats.write_rejected += 1
-                log.warning(
-                    "kv store %s: no room for block %s (%d B used of %s, all of it pinned): not stored",
-                    self.root, key.hex(), self._used, self.capacity_bytes,
+                log.warning(  # (it said "all of it pinned" where writes in flight held the room)
+                    "kv store %s: no room for block %s (capacity %s B: %d B of blocks, each pinned or being read or "
+                    "written, and %d B reserved by writes in flight): not stored",
+                    self.root, key.hex(), self.capacity_bytes, self._used, self._reserved,
                 )  # fmt: skip
                 return False
             self._reserved += self.file_nbytes
             self._busy[key] += 1  # (an indexed key being rewritten is not evicted until it is indexed anew)
+            drop_seq = self._drop_seq
         done = False
         landed = []  # once the block is renamed into place, its file counts, not its reserved room: a lookup, read or
         # refresh may index it before this write does (it counted twice: one more block evicted than needed)
@@ -1670,10 +1714,14 @@ class LocalDirStore(KVStore):
                     except OSError:
                         pass
                     self._drop_locked(key)  # (a refresh in progress must not index it from its listing)
+                # (a remove() or a corrupt block's removal in another thread may have unlinked the block once it
+                # landed: then it is not indexed; a stat under the lock, only if the key was dropped meanwhile)
+                gone = done and self._dropped_since_locked(key, drop_seq) and not self._stat_block(key, False)
                 self._unbusy_locked(key)
                 if done:
                     self._forget_fd_locked(key)  # an overwrite replaced the file: read the new one from now on
-                    self._adopt_locked(key)
+                    if not gone:
+                        self._adopt_locked(key)
                     self._stats.writes += 1
                     self._stats.bytes_written += self.file_nbytes
         return done
@@ -1687,13 +1735,14 @@ class LocalDirStore(KVStore):
         path = self.path_of(key)
         with self._lock:
             self._busy[key] += 1  # (not evicted meanwhile, as a read)
-            seen = self._seq
+            seen, drop_seq = self._seq, self._drop_seq
             indexed = key in self._index
         try:
             ok = self._stored_block_ok(key, path, seen)
             if ok:
                 with self._lock:
-                    if key in self._index or not indexed:  # (not if removed meanwhile: its file is gone)
+                    # (not if removed meanwhile: its file is gone)
+                    if key in self._index or not (indexed or self._dropped_since_locked(key, drop_seq)):
                         self._adopt_fitting_locked(key)
             return ok
         finally:
@@ -1788,8 +1837,12 @@ class LocalDirStore(KVStore):
         if durable:
             try:
                 _fsync_dir(d)
-                if new_dir:  # blocks/ holds the new fan-out directory's entry
+                # blocks/ holds the fan-out directory's entry: a non-durable write may have made that directory, and
+                # a durable write into it then lost its block with the directory in a power loss. Synced once per
+                # fan-out directory and store object.
+                if new_dir or d not in self._synced_dirs:
                     _fsync_dir(self._blocks_dir)
+                    self._synced_dirs.add(d)
             except OSError:  # (EIO) not durable, so not stored: a failed write leaves no unindexed block behind
                 try:
                     os.unlink(path)
@@ -1812,6 +1865,7 @@ class LocalDirStore(KVStore):
                 self._drop_locked(key)
             return False
         existed = kept = False
+        seen = self._seq  # (read without the lock: an older value only stats more)
         try:
             os.unlink(path)
             existed = True
@@ -1823,7 +1877,7 @@ class LocalDirStore(KVStore):
         finally:  # an unlink that fails otherwise (a directory there) leaves no stale index entry
             if not kept:
                 with self._lock:
-                    self._drop_locked(key)
+                    self._drop_unlinked_locked(key, seen)
         return existed
 
     # ---- misc ---------------------------------------------------------------------------------------------
@@ -1869,13 +1923,28 @@ class LocalDirStore(KVStore):
             self._write_pool.shutdown(wait=True)  # pending write-backs finish first
         self.close_files()
 
-    def __del__(self):
-        for ent in getattr(self, "_fds", {}).values():  # a store dropped without close(): free its files
-            if not ent.refs:
+    def __del__(self, _close=os.close, _error=Exception):
+        # A store dropped without close(): free its files. At interpreter exit this may run once module globals (os)
+        # are None, even builtins (`except OSError` then raised a TypeError: "Exception ignored in ... __del__"). So
+        # only names bound here, and nothing raised.
+        try:
+            fds = self.__dict__.get("_fds")  # (unset: __init__ failed before it)
+            for key, ent in [*fds.items()] if fds else ():  # (no other thread reaches a store being collected)
+                if ent.refs:
+                    continue
+                del fds[key]  # (closed once: a second call must not close an fd number reused since)
+                mapping, ent.mapping = ent.mapping, None
                 try:
-                    ent.close()
-                except OSError:
+                    if mapping is not None:
+                        mapping.close()
+                except _error:  # (a view still exported: unmapped when collected)
                     pass
+                try:
+                    _close(ent.fd)
+                except _error:  # (an OSError, or whatever a torn-down interpreter gives)
+                    pass
+        except _error:  # never an error message at exit
+            pass
 
     def __repr__(self) -> str:
         return f"LocalDirStore({self.root!r}, {self.layout}, capacity_bytes={self.capacity_bytes})"
@@ -1886,6 +1955,7 @@ class LocalDirStore(KVStore):
         open files) and the thread pools are the parent's: renew them."""
         self._lock = threading.Lock()
         self._busy.clear()
+        self._dropped_busy.clear()
         self._reserved = 0
         self._scans.clear()  # (scans in the parent's other threads)
         self._opening.clear()
