@@ -681,7 +681,7 @@ def test_pin_and_unpin_check_their_keys(tmp_path):
         assert s.write(k, content(k))
     with pytest.raises(TypeError, match="got one key"):
         s.pin(keys[0])
-    with pytest.raises(TypeError, match="block key must be bytes"):
+    with pytest.raises(TypeError, match="got one key"):  # (as pin's; it was "block key must be bytes ... 164")
         with s.pinned(keys[0]):
             pass
     with pytest.raises(TypeError, match="got one key"):

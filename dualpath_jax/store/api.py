@@ -179,6 +179,8 @@ class KVStore(abc.ABC):
     @contextlib.contextmanager
     def pinned(self, keys: Iterable[bytes]) -> Iterator[None]:
         """Pin `keys` for the duration of a `with` block (e.g. between a lookup hit and its reads)."""
+        if isinstance(keys, (bytes, bytearray, memoryview)):  # (list() made ints of one key's bytes: a vague error)
+            raise TypeError(f"expected an iterable of block keys, got one key {bytes(keys)!r}: pass [key]")
         keys = list(keys)
         self.pin(keys)
         try:
