@@ -167,3 +167,24 @@ def test_bench_runtime_killed_during_dualpath_keeps_basics_measurement(tmp_path)
     written = json.loads((run_dir / "bench_runtime.json").read_text())
     assert list(written["measured"]) == ["basic"] and written["measured"]["basic"]["jct_s"] == 2.0
     assert written["failed"].startswith("incomplete: written when basic had finished")
+
+
+# ---- runtime: the temporary KV store of a run killed hard ----------------------------------------------------------
+def test_the_temporary_store_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
+    """`driver.run` without `store_dir` makes a temporary store and removes it at its end; a job killed hard (kill -9,
+    the OOM killer) left it in /tmp, gigabytes for a real model, for good. Contract: the next run removes the stores
+    of runs whose process is gone, and keeps a live process's (another job's) and anything else."""
+    import subprocess
+    import sys
+
+    from dualpath_jax.runtime import driver
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    for name in (f"dualpath_store_{dead_pid}_ab12", f"dualpath_store_{os.getppid()}_cd34", "dualpath_store_x1y2"):
+        (tmp_path / name / "blocks").mkdir(parents=True)
+    (tmp_path / f"dualpath_store_{dead_pid}_file").write_text("not a store")  # (a file: not ours to remove)
+    assert driver.remove_stores_of_killed_runs(str(tmp_path)) == [str(tmp_path / f"dualpath_store_{dead_pid}_ab12")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"dualpath_store_{os.getppid()}_cd34", "dualpath_store_x1y2", f"dualpath_store_{dead_pid}_file"]
+    )

@@ -513,7 +513,8 @@ def run(
     trajs, ops = prepare(cfg, trajectories, model_ops)  # a bad config fails here, before anything exists
     if cfg.store_dir:
         return _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher)
-    tmp = tempfile.mkdtemp(prefix="dualpath_store_")
+    remove_stores_of_killed_runs()
+    tmp = tempfile.mkdtemp(prefix=f"dualpath_store_{os.getpid()}_")
     try:
         return _run(cfg.replace(store_dir=tmp), trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher)
     finally:
@@ -714,6 +715,38 @@ def summary_with_sim_link_names(summary: dict) -> dict:
     if "link_bytes" not in summary:
         return summary
     return {**summary, "link_bytes": {sim_link_name(k): v for k, v in summary["link_bytes"].items()}}
+
+
+def remove_stores_of_killed_runs(tmp_dir: str | None = None) -> list[str]:
+    """Remove the temporary KV stores (`dualpath_store_<pid>_*` in the temp directory) of runs whose process is gone:
+    a run removes its own at its end, but a job killed hard (kill -9, the OOM killer) left it, gigabytes for a real
+    model, in /tmp. A store of a live process (another job's) is kept; so is any other name. Returns those removed."""
+    import re
+    import shutil
+
+    tmp_dir = tmp_dir or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(tmp_dir)
+    except OSError:
+        return removed
+    for name in names:
+        m = re.fullmatch(r"dualpath_store_(\d+)_\w+", name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # (alive, or a pid reused since: kept)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):  # (another user's live process; a pid past the range)
+            continue
+        path = os.path.join(tmp_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, the temporary KV store of a run whose process is gone (killed)", path)
+            removed.append(path)
+    return removed
 
 
 def cleanup_store(path: str) -> None:
