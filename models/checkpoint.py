@@ -4,7 +4,10 @@
 weights [out, in] -> NNX kernels [in, out]; per-expert weights stacked into [E, in, out]) onto the NNX
 param tree of the family registered for ``config.json``'s architecture. A missing tensor, a wrong shape or
 dtype, NaN / inf values, an unreadable file or an unknown architecture raises ValueError naming the tensor /
-field / file (tensor names are compared before the model's param tree is built).
+field / file (tensor names are compared before the model's param tree is built). A tensor of the model's own layers
+(or embedding / final norm) that the model does not read is an error too: config.json then describes another model
+than the weights (a Llama config without attention_bias over q/k/v biases); RoPE buffers and layers past
+num_hidden_layers (DeepSeek-V3's MTP layer) are logged and skipped.
 As HF reads them: ``model.safetensors`` alone when present, else the shards a ``model.safetensors.index.json``
 names, else every ``*.safetensors`` of the directory. ``safetensors`` is the optional ``hf`` extra, imported lazily.
 
@@ -21,6 +24,8 @@ a value type orbax knows: a damaged or incomplete database is named as such. The
 then decoded by ``restore_params`` itself with tensorstore, once each, every read waited for (orbax's gathered
 restore left reads in flight when a chunk did not decompress); the checksums are verified on those arrays, and
 NaN / inf values are refused (naming the param), as the HF import refuses them.
+``save_params(dir, params, config)`` (config optional) checks the params against the config and records its fields;
+``restore_params`` then refuses a config of another fingerprint, naming the fields that differ.
 """
 
 from __future__ import annotations
@@ -204,6 +209,18 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
             raise ValueError(f"HF checkpoint: tensor {shown!r} has {what} (for {'/'.join(map(str, path))})")
         _set(out, path, value)
     unused = sorted(set(tensors) - used)
+    # A weight of one of the model's own layers (or of its embedding / final norm) that the model does not read
+    # means config.json describes another model than the weights: a Llama config without attention_bias over
+    # weights with q/k/v biases (a "llamafied" Qwen2), a gate's e_score_correction_bias beside a topk_method that
+    # never reads it. It was a log line and the model ran without those weights, its logits silently off.
+    # Buffers (rotary_emb.inv_freq) and layers past num_hidden_layers (DeepSeek-V3's MTP layer) stay a warning.
+    own = [name for name in unused if _is_unread_weight_of_model(name, config.num_layers)]
+    if own:
+        raise ValueError(
+            f"HF checkpoint: tensor {own[0]!r} is a weight of the model that config.json's "
+            f"{config.architecture} does not read{f' ({len(own) - 1} more)' if own[1:] else ''}: config.json and "
+            f"the weights describe different models (attention_bias, architectures, topk_method?)"
+        )
     if unused:
         _LOG.warning(
             "HF checkpoint: %d tensors not used by the model (e.g. %s)",
@@ -211,6 +228,15 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
             unused[:3],
         )
     return out
+
+
+def _is_unread_weight_of_model(name: str, num_layers: int) -> bool:
+    """Whether an HF tensor the model does not read belongs to the model itself: a tensor of one of its
+    `num_layers` layers other than a RoPE buffer, or of its embedding / final norm."""
+    if name.startswith("model.layers."):
+        index = name.split(".")[2]
+        return index.isdigit() and int(index) < num_layers and not name.endswith("rotary_emb.inv_freq")
+    return name.startswith(("model.embed_tokens.", "model.norm."))
 
 
 def _flat_paths(tree: dict, prefix: tuple = ()):
@@ -306,6 +332,30 @@ _CHECKSUMS = "dualpath_checksums"
 _CHECKSUM_ALGO = "xxh3_64"
 
 
+# The config the params were saved for (save_params(..., config=)): its fingerprint and fields, compared on restore.
+_CONFIG = "dualpath_config"
+
+
+def _config_fields(config) -> dict:
+    """The config's fields that make its fingerprint, as JSON values (nested: the RoPE config's)."""
+    import dataclasses
+
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in config._NOT_IN_FINGERPRINT}
+    return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+def _config_differences(saved: dict, given: dict, prefix: str = "") -> list[str]:
+    """`name: saved X, given Y` for each field that differs (nested dicts by dotted name)."""
+    out = []
+    for k in sorted(set(saved) | set(given)):
+        a, b = saved.get(k, "<absent>"), given.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: saved {a!r}, given {b!r}")
+    return out
+
+
 def _digest(arr: np.ndarray) -> str:
     import xxhash
 
@@ -323,18 +373,33 @@ def _checksums(tree: dict) -> dict:
     return {"version": 1, "algorithm": _CHECKSUM_ALGO, "params": params}
 
 
-def save_params(checkpoint_dir: str | os.PathLike, params) -> None:
+def save_params(checkpoint_dir: str | os.PathLike, params, config=None) -> None:
     """Save params (nnx.State or pure dict) with orbax to `checkpoint_dir` (must not exist yet).
 
     All or nothing: a save that fails removes what it wrote and raises ValueError naming the directory; an
     existing checkpoint is never touched. A checksum of every array's bytes goes into the checkpoint's metadata;
-    restore_params verifies them."""
+    restore_params verifies them. With `config` (the params' model config), the params must be that config's
+    (names, shapes; ValueError naming the first that is not) and the config's fields are recorded too:
+    restore_params then refuses another config, naming the fields that differ (weights restored into a config
+    with the same param tree but another rope_theta, rms_norm_eps, RoPE scaling or MoE routing ran with other
+    logits and no error)."""
     import orbax.checkpoint as ocp
 
     path = Path(checkpoint_dir).absolute()
     if path.exists() or path.is_symlink():
         raise ValueError(f"{checkpoint_dir}: already exists (save_params never overwrites a checkpoint)")
     tree = _saveable(params)
+    custom = {_CHECKSUMS: _checksums(tree)}
+    if config is not None:
+        from models.runner import _check_param_shapes
+
+        expected = abstract_params(config)
+        _check_param_shapes(expected, tree)  # (names the first param missing, extra or misshapen)
+        for p, want in _flat_paths(_str_keys(expected)):  # restore_params does not convert dtypes: it would refuse
+            got = _get(tree, p).dtype
+            if got != np.dtype(want.dtype):
+                raise ValueError(f"params: {'/'.join(p)} has dtype {got}; the {config.dtype} config's is {want.dtype}")
+        custom[_CONFIG] = {"fingerprint": config.fingerprint(), "fields": _config_fields(config)}
     created = next((p for p in reversed(path.parents) if not p.exists()), None)  # first missing ancestor
     # orbax writes into this save's own staging directory, renamed to `path` at the end: two saves to one path
     # shared orbax's fixed `<dir>.orbax-checkpoint-tmp`, and the cleanup of the one that failed removed `path`,
@@ -345,7 +410,7 @@ def save_params(checkpoint_dir: str | os.PathLike, params) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
-            ckptr.save(staging / path.name, tree, custom_metadata={_CHECKSUMS: _checksums(tree)})
+            ckptr.save(staging / path.name, tree, custom_metadata=custom)
             ckptr.wait_until_finished()
             if path.exists() or path.is_symlink():  # rename would replace an empty directory
                 raise FileExistsError(f"{checkpoint_dir} appeared while saving (another save?)")
@@ -517,6 +582,7 @@ def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
         if (path / "_METADATA").is_file():  # there, but orbax could not parse it (one flipped byte: not JSON)
             raise ValueError(f"{checkpoint_dir}: cannot read the checkpoint (damaged?): unreadable _METADATA")
         raise ValueError(f"{checkpoint_dir}: not an orbax checkpoint, or an incomplete one (no readable metadata)")
+    _check_saved_config(ckptr, path, checkpoint_dir, config)
     # The saved tree against the config's, before reading any array: orbax named neither side of a mismatch
     # ("tree structures do not match") and a read error of a damaged checkpoint came out as a mismatch too.
     saved_leaves = {
@@ -568,6 +634,29 @@ def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
         if not np.isfinite(got).all():
             raise ValueError(f"{checkpoint_dir}: {name} has non-finite values (NaN or inf) in the checkpoint")
     return _int_keys(restored)
+
+
+def _check_saved_config(ckptr, path: Path, checkpoint_dir, config) -> None:
+    """A checkpoint saved with its config (save_params(..., config=)) restores only into an equal one (equal
+    fingerprint); one saved without a config is not checked."""
+    try:
+        custom = ckptr.metadata(path).custom_metadata
+    except Exception:  # noqa: BLE001 -- no _CHECKPOINT_METADATA: _stored_checksums reports it
+        return
+    record = custom.get(_CONFIG) if isinstance(custom, dict) else None
+    if record is None:
+        return
+    if not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)):
+        raise ValueError(f"{checkpoint_dir}: the checkpoint's config record is damaged")
+    if record["fingerprint"] == config.fingerprint():
+        return
+    saved = record.get("fields")
+    diffs = _config_differences(saved, _config_fields(config)) if isinstance(saved, dict) else []
+    raise ValueError(
+        f"{checkpoint_dir}: saved for another config: "
+        f"{'; '.join(diffs[:4]) or 'fingerprint ' + record['fingerprint']}{' ...' if diffs[4:] else ''} "
+        f"(restore_params needs the config the params were saved with)"
+    )
 
 
 def _stored_checksums(ckptr, path: Path, checkpoint_dir) -> dict | None:

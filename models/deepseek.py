@@ -124,7 +124,8 @@ class DeepseekConfig(ModelConfig):
             rms_norm_eps=hf_float(d, "rms_norm_eps", 1e-6, above=0),
             tie_word_embeddings=hf_bool(d, "tie_word_embeddings"),
             dtype=dtype,
-            max_position_embeddings=hf_int(d, "max_position_embeddings", 4096, low=1),
+            # absent: HF's default (DeepseekV3Config 4096, DeepseekV2Config 2048), as for the routing fields
+            max_position_embeddings=hf_int(d, "max_position_embeddings", 4096 if v3 else 2048, low=1),
             num_attention_heads=hf_field(d, "num_attention_heads"),
             intermediate_size=hf_field(d, "intermediate_size"),
             moe_intermediate_size=hf_field(d, "moe_intermediate_size"),
@@ -139,7 +140,9 @@ class DeepseekConfig(ModelConfig):
             n_group=n_group or 1,
             topk_group=topk_group or 1,
             norm_topk_prob=hf_bool(d, "norm_topk_prob", dv3("norm_topk_prob", True, False)),
-            q_lora_rank=hf_int(d, "q_lora_rank", None, low=1),
+            # absent: HF's default for both V2 and V3, 1536 (it was None: a plain q_proj, then "missing tensor
+            # q_proj" for a checkpoint with q_a_proj / q_b_proj); null: a plain q_proj (V2-Lite), as in HF
+            q_lora_rank=1536 if "q_lora_rank" not in d else hf_int(d, "q_lora_rank", None, low=1),
             kv_lora_rank=hf_field(d, "kv_lora_rank"),
             qk_nope_head_dim=hf_field(d, "qk_nope_head_dim"),
             qk_rope_head_dim=rope_dim,

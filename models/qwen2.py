@@ -79,7 +79,9 @@ class Qwen2Config(ModelConfig):
             rms_norm_eps=hf_float(d, "rms_norm_eps", 1e-6, above=0),
             tie_word_embeddings=hf_bool(d, "tie_word_embeddings"),
             dtype=dtype,
-            max_position_embeddings=hf_int(d, "max_position_embeddings", 4096, low=1),
+            # absent: HF's default of the architecture's config class (Qwen2Config 32768, LlamaConfig 2048); 4096
+            # here made the runtime's "past max_position_embeddings" warning fire late (Llama) or early (Qwen2)
+            max_position_embeddings=hf_int(d, "max_position_embeddings", 32768 if qwen else 2048, low=1),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
