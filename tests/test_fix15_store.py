@@ -154,7 +154,17 @@ class MemStore(KVStore):
         except TypeError as e:
             raise ValueError(f"mem store: out must be a writable C-contiguous buffer ({e})") from None
         n = self.layout.layer_block_nbytes
-        in_place = layers is not None and dst.nbytes == self.layout.full_block_nbytes
+        L = self.layout.num_layers
+        if (
+            layers is not None
+            and isinstance(out, np.ndarray)
+            and out.shape == self.layout.full_block_shape
+            and len(which) == L
+            and list(which) != list(range(L))
+        ):  # (KVStore.read: every layer out of order into a Full-Block-shaped array is ambiguous)
+            raise ValueError(f"mem store: ambiguous read of layers {list(which)} into a Full-Block-shaped out")
+        # packed wins where `out` holds exactly len(layers) Layer Blocks (KVStore.read)
+        in_place = layers is not None and dst.nbytes == self.layout.full_block_nbytes and len(which) * n != dst.nbytes
         if dst.nbytes != (self.layout.full_block_nbytes if layers is None or in_place else len(which) * n):
             raise ValueError(
                 f"mem store: out of {dst.nbytes} B fits neither the Full Block nor {len(which)} Layer Blocks"

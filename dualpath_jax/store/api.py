@@ -111,6 +111,14 @@ class KVStore(abc.ABC):
         rows are each contiguous but further apart, inside one array, e.g. `area[:, t0 : t0 + block_size]` of
         a layer-major [L, tokens, bpt] host buffer (read in place, no staging copy).
 
+        The ambiguous case: an `out` of exactly one Full Block's bytes with `layers` naming as many Layer Blocks as
+        the layout has layers. Layers 0..L-1 in ascending order are the same bytes either way. Any other such list
+        (a permutation, a layer twice) is read **packed in the order given**, except into an array of the Full
+        Block's shape `layout.full_block_shape`, where LocalDirStore refuses it (ValueError): that shape says "in
+        place" (a row-strided array of it is filled in place), so packing into it permuted the layers silently.
+        For packed reads use a flat `out` or one of shape (len(layers), layer_block_nbytes); to fill a Full Block in
+        place, pass its layers in ascending order. A store of one's own should do the same.
+
         Reads in flight at the same time (`read`, `submit_read`, `read_many` calls from several threads) must not
         write to the same bytes: the caller's contract, not checked (`read_many` checks only its own buffers against
         each other; checking across calls would cost every read a shared lookup). Reads of different blocks into

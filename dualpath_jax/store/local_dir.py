@@ -12,7 +12,10 @@ object also fsyncs blocks/, which holds that directory's entry, made by a non-du
 either no block or a whole one, even if the writer is killed mid-write. A durable write whose directory fsync fails
 removes its block (a failed write stores nothing). A store created with `durable=True` fsyncs STORE.json and the
 parents of the directories it made. Temp files of dead writers are removed at open and by `refresh` (same host: the
-pid is gone; any: older than `stale_temp_s`, so a pid reused since its writer was killed does not keep one).
+pid is gone; any: older than `stale_temp_s`, so a pid reused since its writer was killed does not keep one), and, for
+a writer killed while the other processes run on (the runtime never refreshes), by writes: a write sweeps its fan-out
+directory of such temp files (this process's own are left: its writes in flight) once every `TEMP_SWEEP_S` (600 s)
+per directory and store object, one listing of that directory, on the writer's thread.
 
 Only a block's own path counts (`path_of`: lower-case hex in its fan-out directory). Another `.kvb` file that
 names a key (upper-case hex, a wrong fan-out directory) is a stray copy, removed at open and never counted. A
@@ -49,7 +52,17 @@ there are misses left in place, `remove` is False and eviction evicts nothing (l
 key is another store's block), `refresh` raises; reopen the store.
 
 Capacity and LRU order are per process: each process evicts from its own view, which is approximate when several
-processes write to one directory (documented limitation). Eviction costs O(1) while the blocks fit, else one walk
+processes write to one directory (documented limitation). The order at open (and after `refresh`) is the files' mtimes,
+so the store keeps recency there: the blocks used (read hits, `verify`, dedup writes) since the last batch get their
+files' mtimes set to now, in their order of use (one ns apart; `os.utime`), in batches every `lru_touch_s` (60 s;
+on the writer's thread, so reads never wait for it), at `close()` and before a `refresh`'s scan. So after a reopen
+the blocks in use (a shared system prompt, written first and read all the time) are the most recently used, not the
+first evicted (the order is exact within a batch, and to within `lru_touch_s` across batches and writes). Costs: on
+the read path a set add (and a clock read every 16 hits); at most one `utime` per block used per `lru_touch_s`. A
+process killed without `close()` loses the uses of its last `lru_touch_s`. Lookup hits reorder this process's view
+only (a lookup is followed by the reads that count). `lru_touch_s=None` never touches a file (the order at open is
+then write order); a read-only mount turns it off (logged once), and a block file this process may not touch
+(another user's: EPERM) keeps its mtime. Eviction costs O(1) while the blocks fit, else one walk
 from the LRU end to the last victim; a victim whose file cannot be removed (EACCES, EPERM, EBUSY: logged once) stays
 indexed and counted (moved to the MRU end) and the next LRU block goes instead. Blocks being read or written are not
 evicted (apart from the callers' pins: `unpin` only undoes a `pin`). A lookup that indexes blocks written by other
@@ -156,6 +169,9 @@ READ_METHODS = ("mmap", "preadv")
 # Measured (experiments/bench_store.py, Layer-Block reads of open, mapped files): 256 KiB Layer Blocks (Qwen2.5-32B)
 # +15-30% mapped, 41 KiB ones (DeepSeek-V3) equal within noise, and a mapping's pages must be faulted in once.
 MMAP_MIN_BYTES = 256 << 10
+# A write sweeps its fan-out directory of dead writers' temp files at most this often (per directory and store object;
+# the open sweeps them all): a writer killed while the others run on left its temp files until the next open.
+TEMP_SWEEP_S = 600.0
 
 
 # Verified reads of xxh3 blocks in C (_verify.pyx, built by setup.py): each Layer Block hashed while it is in
@@ -227,6 +243,8 @@ if sys.platform.startswith("linux") and platform.machine().lower() != "alpha":
     except (OSError, AttributeError):
         _libc = None
 _MAP_FAILED = ctypes.c_void_p(-1).value
+# A read hit checks the clock for a due batch of LRU touches (`lru_touch_s`) once every this many hits.
+_TOUCH_CHECK_HITS = 16
 
 
 def _cached_pages(fd: int) -> int | None:
@@ -373,6 +391,9 @@ class LocalDirStoreConfig:
     write_threads: int = 1  # threads of submit_write (apart from the readers, so write-back never delays loads)
     stat_on_hit: bool = False  # lookups stat each hit block (fresh answers on a shared mount)
     stale_temp_s: float = 3600.0  # temp files older than this are removed at open (any host, any pid)
+    # the blocks used (read hits, verify, dedup writes) get their files' mtimes (the LRU order at open) set in order
+    # of use every this many seconds, at close and before a refresh; None: never (the order at open: write order)
+    lru_touch_s: float | None = 60.0
     create: bool = True  # create the store if missing (False: the root must hold one: STORE.json)
     fd_cache: int = 64  # block files kept open for repeated (layerwise) reads; 0: open per read
     native_verify: bool = True  # verified reads of xxh3 blocks run the compiled loops when built (False: Python)
@@ -419,6 +440,7 @@ class LocalDirStore(KVStore):
         write_threads: int = 1,
         stat_on_hit: bool = False,
         stale_temp_s: float = 3600.0,
+        lru_touch_s: float | None = 60.0,
         create: bool = True,
         fd_cache: int = 64,
         native_verify: bool = True,
@@ -509,6 +531,10 @@ class LocalDirStore(KVStore):
         self.durable = bool(durable)
         self.stat_on_hit = bool(stat_on_hit)
         self.stale_temp_s = float(stale_temp_s)
+        if lru_touch_s is not None and (not checks.is_real(lru_touch_s) or not lru_touch_s >= 0):
+            raise ValueError(f"lru_touch_s must be a number >= 0 or None (never), got {lru_touch_s!r}")
+        self.lru_touch_s = None if lru_touch_s is None else float(lru_touch_s)
+        self._touch_s = self.lru_touch_s  # (None: never touch a file, or no more: a read-only mount)
         self._fp_digest = block_file.fingerprint_digest(layout.fingerprint)
         self._blocks_dir = os.path.join(self.root, "blocks")
 
@@ -562,6 +588,13 @@ class LocalDirStore(KVStore):
         self._opening: dict[bytes, list[_PendingOpen]] = {}
         self._stats = StoreStats()
         self._synced_dirs: set[str] = set()  # fan-out directories whose entry in blocks/ a durable write synced
+        # LRU order across reopen (module docstring): the indexed keys used (read hits, verify, dedup writes) since
+        # the last batch of touches, and when the next batch is due (monotonic). A set add is the read path's cost.
+        self._used_keys: set[bytes] = set()
+        self._touch_due = time.monotonic() + (self._touch_s or 0.0)
+        self._touch_failed = False  # a touch failed (EPERM...): logged once
+        self._swept: dict[str, float] = {}  # fan-out directory -> when a write last swept it (monotonic)
+        self._opened = time.monotonic()  # (the open swept every directory)
         self._disk_full = False  # the last write failed for a full disk (its warning said so once; the rest counted)
         self._tls = threading.local()  # per-thread header buffer: no allocation per read
         self._fds: collections.OrderedDict[bytes, _OpenBlock] = collections.OrderedDict()  # LRU of open files
@@ -797,6 +830,25 @@ class LocalDirStore(KVStore):
             except OSError as e:  # (a read-only mount, say: the store still opens)
                 log.warning("kv store %s: could not remove temp file %s: %s", self.root, entry.path, e)
 
+    def _sweep_temps(self, d: str) -> None:
+        """Remove dead writers' temp files from fan-out directory `d` as the open does (this process's own are its
+        writes in flight: left), once every `TEMP_SWEEP_S` per directory: a writer killed while the other processes
+        run on left its temp files there until the next open or `refresh`, which the runtime never calls."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._swept.get(d, self._opened) < TEMP_SWEEP_S:
+                return
+            self._swept[d] = now
+        own = f"{_TMP_PREFIX}{self._host}.{os.getpid()}."
+        try:
+            with os.scandir(d) as it:
+                temps = [e for e in it if e.name.startswith(_TMP_PREFIX) and not e.name.startswith(own)]
+        except OSError:  # (not made yet: this write makes it)
+            return
+        wall = time.time()
+        for entry in temps:
+            self._maybe_remove_temp(entry, wall)
+
     # ---- index, pins, eviction ------------------------------------------------------------------------
     @property
     def _used(self) -> int:
@@ -822,6 +874,7 @@ class LocalDirStore(KVStore):
         """Forget `key` (its file was removed, or is not this store's to keep); `absent`: a check found no file."""
         self._forget_fd_locked(key)
         self._evict_failed.discard(key)
+        self._used_keys.discard(key)
         for dropped in self._scans:  # (a refresh in progress must not index it again from its listing)
             dropped.add(key)
         # (a key not indexed too, unless it was found absent: a lookup's stat of it may have raced its removal)
@@ -857,6 +910,64 @@ class LocalDirStore(KVStore):
         write that landed between the check and now: its block is on disk)."""
         if self._index.get(key, 0) <= seen:
             self._drop_locked(key, absent=True)
+
+    def _take_used_locked(self) -> list[tuple[int, bytes]]:
+        """The keys used since the last batch, still indexed, as (adopt generation, key): their order of use (a later
+        use made a key MRU with a higher generation); the next batch is due `lru_touch_s` from now."""
+        used, self._used_keys = self._used_keys, set()
+        self._touch_due = time.monotonic() + (self._touch_s or 0.0)
+        index = self._index
+        return [(index[k], k) for k in used if k in index]
+
+    def _touch_used(self, batch: list[tuple[int, bytes]] | None = None, background: bool = False) -> None:
+        """Set the mtimes of the blocks used since the last batch (or of `batch`) to now, in their order of use (one
+        ns apart), on the writer's thread with `background` (reads never wait for it; inline once closed)."""
+        if batch is None:
+            with self._lock:
+                if self._touch_s is None:
+                    self._used_keys.clear()
+                    return
+                batch = self._take_used_locked()
+        if not batch:
+            return
+        if background:
+            try:
+                self._write_pool.submit(self._touch_files, batch)
+                return
+            except RuntimeError:  # (closed meanwhile)
+                pass
+        self._touch_files(batch)
+
+    def _touch_files(self, batch: list[tuple[int, bytes]]) -> None:
+        batch.sort()  # (here, not in the reader's thread)
+        changed = self._root_changed()
+        if changed is not None:  # (its files are another store's: not ours to touch either)
+            log.info("kv store %s: LRU touches skipped: the store directory %s", self.root, changed)
+            return
+        base = time.time_ns() - len(batch)
+        for i, (_, key) in enumerate(batch):
+            if self._touch_s is None:  # (a read-only mount)
+                return
+            self._touch_file(key, base + i)
+
+    def _touch_file(self, key: bytes, ns: int) -> None:
+        """Set block `key`'s file's mtime (and atime) to `ns`: the LRU order a reopen reads. Best effort: a block
+        removed meanwhile is skipped, a read-only mount turns touching off, other errors (EPERM: another user's
+        file) leave its mtime (logged once)."""
+        try:
+            os.utime(self.path_of(key), ns=(ns, ns))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                self._touch_s = None
+                log.info("kv store %s: read-only: block files' mtimes (the LRU order at open) not kept", self.root)
+            elif not self._touch_failed:
+                self._touch_failed = True
+                log.warning(
+                    "kv store %s: cannot set the mtime of block %s (the LRU order at open): %s (its write order "
+                    "stays; not logged again)", self.root, key.hex(), e,
+                )  # fmt: skip
 
     def _evict_to_fit_locked(
         self, incoming: int, protect: Sequence[bytes] = (), partial: bool = True, evict: bool = True
@@ -1081,6 +1192,20 @@ class LocalDirStore(KVStore):
                     raise ValueError(f"out holds {dst.nbytes} B; a Full Block of {lay} is {fb} B")
                 return dst, None, [(self.header_nbytes, 0, fb)], lbn
             layer_list = lay.normalize_layers(layers)
+            if (
+                len(layer_list) == lay.num_layers
+                and isinstance(out, np.ndarray)
+                and out.shape == lay.full_block_shape
+                and layer_list != list(range(lay.num_layers))
+            ):
+                # (packed won: a contiguous [L, block_tokens, bpt] array got its layers permuted, silently, where a
+                # row-strided one of the same shape is filled in place; see KVStore.read)
+                raise ValueError(
+                    f"ambiguous read: out has the Full Block's shape {lay.full_block_shape} and layers {layer_list} "
+                    f"name all {lay.num_layers} Layer Blocks but not in ascending order: packed in the order given "
+                    "or in place? Pass the layers in ascending order (in place), or for packed an out of shape "
+                    f"({len(layer_list)}, {lbn}) or a flat one"
+                )
             out_offsets = self._packed_offsets(dst, layer_list)
         runs: list[list[int]] = []
         for layer, o in zip(layer_list, out_offsets, strict=True):
@@ -1313,12 +1438,19 @@ class LocalDirStore(KVStore):
             finally:
                 self._release_fd(ent)
             nbytes = sum(r[2] for r in runs)
+            touch = None
             with self._lock:
                 # (not if removed meanwhile: its file is gone; read through the fd opened before)
                 if key in self._index or not (indexed or self._dropped_since_locked(key, drop_seq)):
                     self._adopt_fitting_locked(key)
+                    if self._touch_s is not None and key in self._index:
+                        self._used_keys.add(key)  # (its file's mtime: set by the next batch of touches)
+                        if not self._stats.read_hits % _TOUCH_CHECK_HITS and time.monotonic() >= self._touch_due:
+                            touch = self._take_used_locked()
                 self._stats.read_hits += 1
                 self._stats.bytes_read += nbytes
+            if touch:
+                self._touch_used(touch, background=True)
             return True
         finally:
             with self._lock:
@@ -1641,16 +1773,26 @@ class LocalDirStore(KVStore):
                 # (the file, not the index: it may be stale; checked whole: a damaged file is written over; durable:
                 # a non-durable write may have stored it, so fsync it)
                 if self._stat_block(key) and self._stored_block_ok(key, path) and (not durable or _fsync_block(path)):
+                    dedup, touch = False, None
                     with self._lock:
                         # (unless this store removed it since the stat, e.g. a remove() in another thread: then it is
                         # gone, so write it again; before, the write returned True with no block stored)
                         if not self._dropped_since_locked(key, drop_seq):
                             self._adopt_fitting_locked(key)
                             self._stats.write_dedup += 1
-                            return True
+                            dedup = True
+                            if self._touch_s is not None and key in self._index:
+                                self._used_keys.add(key)
+                                if time.monotonic() >= self._touch_due:
+                                    touch = self._take_used_locked()
+                    if touch:
+                        self._touch_used(touch, background=True)
+                    if dedup:
+                        return True
             finally:
                 with self._lock:
                     self._unbusy_locked(key)
+        self._sweep_temps(os.path.dirname(path))
         with self._lock:
             # Room is only checked here; blocks are evicted for this one once it is stored (below), so a write that
             # fails (a full disk, EIO) costs no stored block.
@@ -1722,6 +1864,7 @@ class LocalDirStore(KVStore):
                     self._forget_fd_locked(key)  # an overwrite replaced the file: read the new one from now on
                     if not gone:
                         self._adopt_locked(key)
+                        self._used_keys.discard(key)  # (its file's mtime: now)
                     self._stats.writes += 1
                     self._stats.bytes_written += self.file_nbytes
         return done
@@ -1740,10 +1883,17 @@ class LocalDirStore(KVStore):
         try:
             ok = self._stored_block_ok(key, path, seen)
             if ok:
+                touch = None
                 with self._lock:
                     # (not if removed meanwhile: its file is gone)
                     if key in self._index or not (indexed or self._dropped_since_locked(key, drop_seq)):
                         self._adopt_fitting_locked(key)
+                        if self._touch_s is not None and key in self._index:
+                            self._used_keys.add(key)
+                            if time.monotonic() >= self._touch_due:
+                                touch = self._take_used_locked()
+                if touch:
+                    self._touch_used(touch, background=True)
             return ok
         finally:
             with self._lock:
@@ -1887,7 +2037,8 @@ class LocalDirStore(KVStore):
             return list(self._index)
 
     def refresh(self) -> None:
-        """Rescan the directory (adopt blocks written by others, forget removed ones); LRU order resets. A block this
+        """Rescan the directory (adopt blocks written by others, forget removed ones); LRU order resets to the files'
+        mtimes (this process's uses not yet written there are written first, see `lru_touch_s`). A block this
         process removes or evicts while the scan runs is not indexed again (its file may have been listed first).
         A RuntimeError, touching nothing, if the store's directory was removed or replaced since it was opened."""
         changed = self._root_changed()
@@ -1896,6 +2047,7 @@ class LocalDirStore(KVStore):
                 f"kv store {self.root}: its directory {self._blocks_dir} {changed} since the store was opened; "
                 "reopen the store"
             )
+        self._touch_used()  # (the order it rebuilds is the files' mtimes: this process's recent uses go there first)
         self._scan()
 
     @property
@@ -1916,11 +2068,13 @@ class LocalDirStore(KVStore):
                 self._forget_fd_locked(key)
 
     def close(self) -> None:
-        """Stop the I/O threads and close cached files (the store object stays usable for direct calls)."""
+        """Stop the I/O threads, set the mtimes of the blocks used since the last batch of touches (`lru_touch_s`, the
+        LRU order a reopen reads) and close cached files (the store object stays usable for direct calls)."""
         if not self._closed:
             self._closed = True
             self._pool.shutdown(wait=True)
             self._write_pool.shutdown(wait=True)  # pending write-backs finish first
+        self._touch_used()  # (the LRU order a reopen reads)
         self.close_files()
 
     def __del__(self, _close=os.close, _error=Exception):
