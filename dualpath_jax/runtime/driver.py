@@ -314,6 +314,10 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
             f"config.batch_invariant={cfg.batch_invariant} but the given model_ops has "
             f"batch_invariant={ops.config.batch_invariant}: build it with ModelOps.of_config(config)"
         )
+    if model_ops is not None:  # (another model's ops: a bad config here, before anything is built)
+        from dualpath_jax.runtime.node import check_model_ops
+
+        check_model_ops(cfg, ops)
     if cfg.store_dir:  # the KV store, opened once below: an unusable path or a kept store of another model or
         # block size fails here, not in every node process at start
         try:

@@ -313,8 +313,21 @@ class EngineBase:
         self.emit("peer_lost", request_id, attempt, engine=self.engine_id, peer=engine_id, error=repr(error))
 
     def _alloc_area(self, prompt_tokens: int):
-        """A layer-major area [L, prompt_tokens, bpt] in the host buffer, or None when the budget is full now."""
+        """A layer-major area [L, prompt_tokens, bpt] in the host buffer, or None when the budget is full now.
+        Raises BufferBudgetExceeded, naming the buffer field, for a prompt the whole budget can never hold (its model
+        ops not those the config check sized the buffers for): it was taken for "full now" and the request waited,
+        with every one behind it, until config.run_timeout_s."""
         nbytes = self.num_layers * prompt_tokens * self.bpt
+        if self.pool.slots_for(nbytes) > self.pool.num_slots:
+            field = "pe_buffer_bytes" if self.role == "pe" else "de_buffer_bytes"
+            model = getattr(self.model, "name", "?")
+            raise BufferBudgetExceeded(
+                f"{self.role}{self.engine_id}: a prompt of {prompt_tokens} tokens needs {nbytes} B of host buffer "
+                f"({self.num_layers} layers x {self.bpt} B/token/layer of model {model!r}, in whole "
+                f"{self.pool.slot_nbytes} B Layer Blocks) but this engine's share of config.buffers.{field} is "
+                f"{self.pool.budget_bytes} B: it can never fit; raise config.buffers.{field} (`driver.prepare` "
+                "checks it against config.model and the workload's longest prompt)"
+            )
         try:
             h = self.pool.acquire(nbytes, timeout=0, contiguous=True)
         except BufferBudgetExceeded:

@@ -13,13 +13,14 @@ thread (in-process launcher), in its own process (local launcher) or in a Ray ac
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 
 from dualpath_jax.host_buffers import HostBufferPool
 from dualpath_jax.kv_layout import BlockLayout
-from dualpath_jax.runtime.config import RuntimeConfig
+from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
 from dualpath_jax.runtime.control import Event, GroupReply, GroupReport
 from dualpath_jax.runtime.engines import DecodeEngine, PrefillEngine, engine_endpoint
 from dualpath_jax.runtime.storage_nic import StorageNIC
@@ -69,6 +70,28 @@ def engine_models(model, engine_ids) -> dict:
     return {e: model if (d := engine_device(e)) is None else model.on_device(d) for e in engine_ids}
 
 
+def check_model_ops(cfg: RuntimeConfig, model) -> None:
+    """A node's model ops must be config.model's (its name, and its seed where a tiny model's weights come from it):
+    a `model_ops` of another model given to `driver.run` (the inprocess launcher's engines use it) was served under
+    config.model's name, silently, with its host buffers, decode slots and token ids checked for config.model (a
+    prompt the buffers then could never hold waited until config.run_timeout_s). A ConfigError naming both."""
+    name = getattr(model, "name", None)
+    if name is None:  # (a stand-in model without one)
+        return
+    from dualpath_jax.runtime.model_ops import is_checkpoint
+
+    if is_checkpoint(cfg.model):  # (a checkpoint's weights are its files: no seed)
+        same = os.path.realpath(str(name)) == os.path.realpath(cfg.model)
+    else:
+        same = (name, getattr(model, "seed", cfg.model_seed)) == (cfg.model, cfg.model_seed)
+    if not same:
+        raise ConfigError(
+            f"config.model={cfg.model!r} (model_seed={cfg.model_seed}) but the engines' model ops are {name!r} (seed "
+            f"{getattr(model, 'seed', '?')}): the run would serve another model than its config says; pass "
+            "model_ops=ModelOps.of_config(config), or none"
+        )
+
+
 def node_model_ops(cfg: RuntimeConfig, engine_ids):
     """A node process's model ops (`ModelOps.of_config`), made on its first engine's device: every node process of
     a multi-GPU host made its weights on the default device first, so GPU 0 held one copy per node process (and
@@ -99,6 +122,7 @@ class EngineGroup:
         traffic,  # dualpath_jax.traffic.TrafficManager of this process
         batcher_factory: Callable[[], object] | None = None,
     ):
+        check_model_ops(cfg, model)
         self.node_id = node_id
         self.role = role
         self.engine_ids = list(engine_ids)
