@@ -106,6 +106,7 @@ def test_variant_fields_names_the_items_that_set_kind_fields():
         "workload.n_agents": "agents=4",
         "workload.duration_s": "duration=60",
         "warmup_s": "warmup=5",
+        "workload.dataset": "dataset=48K",  # (a kind field since 2026-12-06: refused beside kind=trace)
     }
     assert variant_fields("configs/x.py") == {}
 
