@@ -136,8 +136,10 @@ class Link:
             raise ValueError(f"link {name!r}: quantum must be >= 1 byte, got {quantum}")
         if not burst_s >= 0:  # < 0 would put every slot beyond the grant horizon: transfers would wait forever
             raise ValueError(f"link {name!r}: burst_s must be >= 0 s, got {burst_s}")
-        if not sample_interval > 0:
-            raise ValueError(f"link {name!r}: sample_interval must be > 0 s, got {sample_interval}")
+        if not 0 < sample_interval < math.inf:  # (inf put every byte in one bin starting at 0 * inf: NaN)
+            raise ValueError(
+                f"link {name!r}: sample_interval must be > 0 s, got {sample_interval} (bins of a finite width)"
+            )
         self.quantum = int(quantum)
         self.burst_s = float(burst_s)
         # How far ahead of the link's timeline a slot may be granted: less than one chunk, so a flow that
@@ -208,6 +210,14 @@ class Link:
 
     def reserve(self, nbytes: int, cls: str) -> float:
         """Queue one chunk (<= quantum), block until granted; returns the slot start (monotonic seconds)."""
+        # (more than a quantum took one slot as long as the whole transfer: the other class, 99:1 high, waited behind
+        # all of it; a negative size was recorded as negative bytes and moved its class's finish tag back, ahead of the
+        # other; 2.5 bytes were 2)
+        if not is_int(nbytes) or not 0 <= nbytes <= self.quantum:
+            raise ValueError(
+                f"link {self.name!r}: reserve takes one chunk, a whole number of 0..{self.quantum} bytes (the quantum), "
+                f"got {nbytes!r}; pace a transfer with acquire() or paced()"
+            )
         t = self.enqueue(nbytes, cls)
         try:
             return self.wait(t)
@@ -604,11 +614,18 @@ class RecordingPacer:
             pass
 
     def paced(self, nbytes: int, priority: str = "low", check: Callable[[], None] | None = None) -> Iterator[int]:
+        """Yield the chunks of an `nbytes` transfer (the path's smallest quantum, as `Pacer`) without waiting, each
+        recorded as it is yielded (about to move); `check` (the transport closed) is called before each. (The whole transfer
+        was recorded when it started: however long the kernel-shaped link took to move it, all its bytes fell in one
+        bin, and a transfer cut off part way counted in full.)"""
         classes = self._pacer.classes(priority)  # (an unknown priority is refused, as by `Pacer`)
-        for link, cls in zip(self.links, classes, strict=True):
-            link.record(nbytes, cls)
-        if nbytes:
-            yield nbytes
+        quantum = min(link.quantum for link in self.links)
+        for n in _chunks(nbytes, quantum, f"recording pacer over {[link.name for link in self.links]}"):
+            if check is not None:
+                check()
+            for link, cls in zip(self.links, classes, strict=True):
+                link.record(n, cls)
+            yield n
 
 
 @dataclasses.dataclass
@@ -726,9 +743,18 @@ class TrafficManager:
 
 
 def rate_of(samples: Iterable[LinkBytes], link: str, t0: float = 0.0, t1: float = math.inf) -> float:
-    """Mean bytes/s of `link` over the bins inside [t0, t1) (for checks and benchmarks)."""
+    """Mean bytes/s of `link` over the bins inside [t0, t1) (for checks and benchmarks). A link that records per class
+    (a CNIC: "cnic/engine0/high", "cnic/engine0/low") is asked for by one of those names; its own name is a ValueError
+    listing them (it was 0.0: an idle link)."""
+    samples = list(samples)
     sel = [s for s in samples if s.link == link and s.t0 >= t0 and s.t1 <= t1]
     if not sel:
+        if not any(s.link == link for s in samples):
+            streams = sorted({s.link for s in samples if s.link.startswith(f"{link}/")})
+            if streams:
+                raise ValueError(
+                    f"no samples of {link!r}: it records per class; ask for one of {', '.join(map(repr, streams))}"
+                )
         return 0.0
     span = max(s.t1 for s in sel) - min(s.t0 for s in sel)
     return sum(s.nbytes for s in sel) / span if span > 0 else math.nan

@@ -120,6 +120,10 @@ def layer_tag(request_id: int, layer: int) -> int:
     layer = _count("layer_tag: layer", layer)
     if not 0 <= layer < 4096:
         raise ValueError(f"layer {layer} out of range for a layer tag (0..4095)")
+    # (a larger id made a tag past the wire's signed 64 bits: the sender's write was refused, and its failure signal
+    # with it, while the receiver waited for that tag until its timeout)
+    if not -(1 << 51) <= request_id < 1 << 51:
+        raise ValueError(f"request id {request_id} out of range for a layer tag (a signed 52-bit integer)")
     return (request_id << 12) | layer
 
 
@@ -691,10 +695,12 @@ class LayerForwarder:
         return self.done
 
     def _run(self) -> None:
-        region = self.transport.region(self.local_region)
         inflight: list[Future] = []
         posted = 0  # layers whose write was posted: each gets its bytes or (failed write) its failure signal
         try:
+            # (inside the try: a staging region deregistered before `start` killed this thread before it settled
+            # `done`, and its caller waited for ever)
+            region = self.transport.region(self.local_region)
             for layer in range(self.num_layers):
                 self._check_writes()
                 slot = layer % (self.prefetch + 1)

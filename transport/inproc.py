@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from dualpath_jax.checks import is_int
 from transport.base import (
     PRIORITIES,
     TRANSPORTS,
@@ -86,6 +87,15 @@ def _peer_region(ep: InProcTransport, name: str, offset: int, length: int) -> Me
             f"registered again after the transfer was posted)"
         )
     return region
+
+
+def _settle_task(fut: Future, result: Any, error: BaseException | None) -> None:
+    """Complete a lane task's future (unless `close` or a fence failed it meanwhile)."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
 
 
 class _Lane:
@@ -201,6 +211,10 @@ class InProcTransport(Transport):
         workers_per_class: int = 4,
     ):
         super().__init__(name, pacer)
+        if not is_int(workers_per_class) or workers_per_class < 1:  # (0 was "max_workers must be greater than 0")
+            raise ValueError(
+                f"inproc transport {name!r}: workers_per_class must be an int >= 1, got {workers_per_class!r}"
+            )
         self.fabric = fabric or DEFAULT_FABRIC
         self._pools = {
             p: ThreadPoolExecutor(max_workers=workers_per_class, thread_name_prefix=f"inproc-{name}-{p}")
@@ -401,7 +415,11 @@ class InProcTransport(Transport):
 
     def _drain(self, lane: _Lane) -> None:
         """Run the lane's tasks in order (on a worker of its class's pool) until it is empty, the endpoint is
-        closed (`close` fails what is left), or LANE_BATCH ran: then queue itself behind the class's other lanes."""
+        closed (`close` fails what is left), or LANE_BATCH ran: then queue itself behind the class's other lanes.
+
+        A task whose future has done callbacks hands the lane on (to the next `_drain` job, or idle) before it completes
+        the future: the callbacks run on this thread, and one that posts to this lane and waits for that transfer waited
+        for ever (the lane runs one task at a time, and this drain was it)."""
         done = None
         for _ in range(LANE_BATCH):
             with self._lock:
@@ -412,13 +430,34 @@ class InProcTransport(Transport):
                     return
                 done, fn = lane.tasks.popleft()
             try:
-                if done.set_running_or_notify_cancel():
-                    done.set_result(fn())
+                if not done.set_running_or_notify_cancel():  # (cancelled by its caller)
+                    continue
+            except RuntimeError:  # (failed by `close` once taken, before it ran)
+                continue
+            try:
+                result, error = fn(), None
             except BaseException as e:  # noqa: BLE001 - surfaced through the future
-                if not done.done():
-                    done.set_exception(e if isinstance(e, Exception) else PeerLostError(repr(e)))
+                result, error = None, e if isinstance(e, Exception) else PeerLostError(repr(e))
+            if done._done_callbacks:  # (read without its lock: a callback added meanwhile runs here, as before)
+                self._pass_on(lane, done)
+                _settle_task(done, result, error)
+                return
+            _settle_task(done, result, error)
         with self._lock:
             self._pending.discard(done)
+        self._resubmit(lane)
+
+    def _pass_on(self, lane: _Lane, done: Future) -> None:
+        """Hand `lane` on after its task `done` ran: to a new `_drain` job if tasks are queued, else idle (a later post
+        starts one)."""
+        with self._lock:
+            self._pending.discard(done)
+            if self._closed or not lane.tasks:
+                lane.active = False
+                return
+        self._resubmit(lane)
+
+    def _resubmit(self, lane: _Lane) -> None:
         try:
             lane.pool.submit(self._drain, lane)
         except RuntimeError:  # pool shut down by close(), which fails the lane's leftover futures

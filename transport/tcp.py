@@ -96,6 +96,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
+from dualpath_jax.checks import is_int, is_real
 from transport.base import (
     REGION_NAME_MAX,
     TRANSPORTS,
@@ -1131,6 +1132,8 @@ class TcpTransport(Transport):
     ):
         super().__init__(name, pacer)
         for what, t in (("timeout_s", timeout_s), ("handshake_timeout_s", handshake_timeout_s)):
+            if not is_real(t):  # (True was a 1 s timeout; "30" or None a bare TypeError from `>` naming no setting)
+                raise TypeError(f"tcp transport {name!r}: {what} must be a number of seconds, got {t!r}")
             if not t > 0:  # 0 would drop every peer with a transfer pending; NaN would never time out
                 raise ValueError(f"tcp transport {name!r}: {what} must be > 0 seconds, got {t}")
         if handshake_timeout_s == float("inf"):  # (a socket timeout of inf: OverflowError, every connection refused)
@@ -1149,6 +1152,11 @@ class TcpTransport(Transport):
                 f"tcp transport {name[:40]!r}...: the name must be valid UTF-8 of at most {ENDPOINT_NAME_MAX} bytes "
                 f"(peers' handshakes carry it), got {len(name)} characters"
             )
+        if not is_int(port) or not 0 <= port <= 65535:  # ("80" was a bare TypeError, -1 an OverflowError from bind)
+            raise ValueError(
+                f"tcp transport {name!r}: port must be an int in 0..65535 (0: any free port), got {port!r}"
+            )
+        port = int(port)
         if secret is not None and not isinstance(secret, (str, bytes, bytearray)):
             # (an int or a path object was taken, and every handshake then failed with a TypeError from hmac)
             raise TypeError(f"tcp transport {name!r}: secret must be str or bytes, got {type(secret).__name__}")
