@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Client, Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any
 
 import numpy as np
@@ -142,8 +144,19 @@ class SocketControlClient:
             pass
 
 
+#: Seconds a new connection has to pass the auth-key challenge (`ControlServer`).
+AUTH_TIMEOUT_S = 30.0
+
+
 class ControlServer:
-    """Serves `fetch` for groups in other processes: one thread per connected group."""
+    """Serves `fetch` for groups in other processes: one thread per connected group.
+
+    The auth-key challenge runs in the connection's own thread, within AUTH_TIMEOUT_S: `Listener.accept` ran it in
+    the accept thread with no timeout, so one connection that never answered it (a port scanner, a health check, a
+    process stopped mid-connect) kept every node from connecting, and the run waited out `config.run_timeout_s`.
+    A connection that breaks the protocol (an unreadable message, not a report, another node's report, a second
+    connection of a node) is dropped and `on_error(why)` is called with a line naming its node: the driver fails the
+    run with it (`GlobalScheduler.fail`); the node itself only sees its connection closed (`DriverLost`)."""
 
     def __init__(
         self,
@@ -151,16 +164,22 @@ class ControlServer:
         authkey: bytes,
         host: str = "127.0.0.1",
         unix_path: str | None = None,
+        on_error: Callable[[str], None] | None = None,
     ):
         """Listens on TCP `host` (an ephemeral port), or on the Unix socket `unix_path` where given: a filesystem path
         reaches node processes in other network namespaces (`config.netns`), where 127.0.0.1 is another host's."""
         self._handler = handler
+        self._authkey = authkey
+        self._on_error = on_error
+        # (no authkey here: `_serve` runs the challenge, see the class docstring)
         if unix_path is not None:
-            self._listener = Listener(unix_path, family="AF_UNIX", authkey=authkey)
+            self._listener = Listener(unix_path, family="AF_UNIX")
         else:
-            self._listener = Listener((host, 0), authkey=authkey)
+            self._listener = Listener((host, 0))
         self.address = self._listener.address
         self._threads: list[threading.Thread] = []
+        self._nodes: dict[int, Connection] = {}  # node -> its open connection (the one its reports came on)
+        self._nodes_lock = threading.Lock()
         self._closed = False
         self._accept = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
         self._accept.start()
@@ -169,27 +188,83 @@ class ControlServer:
         while not self._closed:
             try:
                 conn = self._listener.accept()
-            except Exception as e:  # noqa: BLE001 -- closed listener or a peer failing authentication
+            except Exception as e:  # noqa: BLE001 -- closed listener
                 if self._closed:
                     return
                 log.warning("control server: rejected a connection: %s", e)
                 continue
+            if self._closed:  # (`close`'s own wake-up connection)
+                conn.close()
+                return
             t = threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True)
             t.start()
             self._threads.append(t)
 
+    def _authenticate(self, conn: Connection) -> bool:
+        """The auth-key challenge both ways (as `Listener.accept` does), within AUTH_TIMEOUT_S."""
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # (the same socket: its options are the conn's)
+            timeout = struct.pack("ll", int(AUTH_TIMEOUT_S), int(AUTH_TIMEOUT_S % 1 * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+            try:
+                deliver_challenge(conn, self._authkey)
+                answer_challenge(conn, self._authkey)
+            except Exception as e:  # noqa: BLE001 -- a wrong key, a peer gone, no answer in time (EAGAIN)
+                if isinstance(e, BlockingIOError):
+                    e = TimeoutError(f"no answer to the auth challenge within {AUTH_TIMEOUT_S:g} s")
+                if not self._closed:
+                    log.warning("control server: rejected a connection: %s", e)
+                return False
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+        return True
+
+    def _protocol_error(self, node: int | None, what: str) -> None:
+        """A connection sent `what`, breaking the protocol: log it and tell `on_error`, naming the node when known."""
+        who = f"the connection of node {node}" if node is not None else "its first message"
+        line = f"control server: dropping a connection that sent {what} ({who})"
+        log.error("%s", line)
+        if self._on_error is not None and not self._closed:
+            try:
+                self._on_error(line)
+            except Exception:  # noqa: BLE001 -- reporting must not break the server
+                log.exception("control server: on_error failed")
+
     def _serve(self, conn: Connection) -> None:
+        node: int | None = None  # the node this connection serves (its first report says)
         try:
+            if not self._authenticate(conn):
+                return
             while not self._closed:
                 try:
                     report = conn.recv()
-                except (EOFError, OSError):
+                except (EOFError, ConnectionError):
                     return  # the group went away; its heartbeat stops and the service notices
+                except OSError as e:  # ("got end of file during message": its process died while sending, e.g. killed)
+                    log.warning("control server: the connection of node %s ended inside a message (%s)", node, e)
+                    return  # (gone, as above: not a protocol error, the run goes on without it)
                 except Exception as e:  # noqa: BLE001 -- a truncated or unreadable message
-                    log.error("control server: dropping a connection that sent an unreadable message: %r", e)
+                    self._protocol_error(node, f"an unreadable message: {_said(e)}")
                     return
                 if not isinstance(report, GroupReport):
-                    log.error("control server: dropping a connection that sent %s", type(report).__name__)
+                    self._protocol_error(node, f"{type(report).__name__}, not a GroupReport")
+                    return
+                try:
+                    hash(report.node_id)
+                except TypeError:
+                    self._protocol_error(node, f"a report of node {report.node_id!r} (not a node id)")
+                    return
+                if node is None:
+                    with self._nodes_lock:
+                        other = self._nodes.get(report.node_id)
+                        if other is None:
+                            self._nodes[report.node_id] = conn
+                    if other is not None:
+                        # Two processes serving one node: both would report its engines' events (turns done twice).
+                        why = f"a report of node {report.node_id}, which is connected already (two processes serve it)"
+                        self._protocol_error(None, why)
+                        return
+                    node = report.node_id
+                elif report.node_id != node:
+                    self._protocol_error(node, f"a report of node {report.node_id}")
                     return
                 try:
                     reply = self._handler(report)
@@ -200,12 +275,16 @@ class ControlServer:
                     return
                 conn.send(reply)
         finally:
+            if node is not None:
+                with self._nodes_lock:
+                    if self._nodes.get(node) is conn:
+                        del self._nodes[node]
             conn.close()
 
     def close(self) -> None:
         """Stop accepting and end the accept thread. Closing the listener alone does not wake a thread blocked in
         accept() (Linux): the thread, and its listening socket, outlived every run of the local and Ray launchers.
-        A connection of our own wakes it; it fails the auth challenge and the thread sees the server closed."""
+        A connection of our own wakes it; the thread sees the server closed and ends."""
         if self._closed:
             return
         self._closed = True

@@ -553,9 +553,12 @@ class LocalProcessLauncher:
         authkey = secrets.token_bytes(16)
         if self.cfg.netns:  # (nodes in other network namespaces reach a Unix socket, not this one's loopback)
             self._control_dir = tempfile.mkdtemp(prefix="dpj-control-")
-            self.server = ControlServer(service.fetch, authkey, unix_path=os.path.join(self._control_dir, "control"))
-        else:
-            self.server = ControlServer(service.fetch, authkey)
+            control = os.path.join(self._control_dir, "control")
+            self.server = ControlServer(
+                service.fetch, authkey, unix_path=control, on_error=getattr(service, "fail", None)
+            )
+        else:  # (a node breaking the control protocol fails the run naming it: `ControlServer`, `GlobalScheduler.fail`)
+            self.server = ControlServer(service.fetch, authkey, on_error=getattr(service, "fail", None))
         if self.session is not None:
             self.procs = self.session.procs
             self.session.begin(groups, (self.cfg, self.server.address, authkey, node_modules(self.cfg)))

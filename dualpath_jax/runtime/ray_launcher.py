@@ -122,7 +122,7 @@ class RayLauncher:
         multi_host = len({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}) > 1
         host = ray.util.get_node_ip_address() if multi_host else "127.0.0.1"
         authkey = secrets.token_bytes(16)
-        self.server = ControlServer(service.fetch, authkey, host=host)
+        self.server = ControlServer(service.fetch, authkey, host=host, on_error=getattr(service, "fail", None))
         secret = secrets.token_hex(16)
         resource = os.environ.get("RAY_NODE_RESOURCE")
         options = {"num_cpus": self.num_cpus, "scheduling_strategy": "SPREAD"}

@@ -8,7 +8,8 @@ Engine groups (nodes) fetch through `fetch(GroupReport)`. Each fetch:
    (per engine: unfinished requests seq_e, their tokens tok_e, free HBM tokens; per node: hit tokens queued
    for storage reads), exactly the view the simulator builds;
 4. returns the tasks queued for this group's engines.
-`check_heartbeats()` declares a group dead when it has not fetched for `heartbeat_timeout_s`: every request
+`check_heartbeats()` declares a group dead when it has not fetched for `heartbeat_timeout_s` (from the reply to its
+last fetch; never while a fetch of it waits for a policy call to end): every request
 placed on one of its engines is cancelled on its peer and re-queued with a new attempt number (re-looked up,
 since the dead DE may have written some blocks already), so each turn still completes exactly once -- but for a
 dead PE's turns that their DE already runs (first token out), which need nothing more of it.
@@ -113,7 +114,8 @@ class GlobalScheduler:
         self.engine_node = {e: g.node_id for g in groups for e in g.engine_ids}
         self.engine_role = {e: g.role for g in groups for e in g.engine_ids}
         self._lock = threading.Lock()
-        self._last_seen: dict[int, float] = {}
+        self._last_seen: dict[int, float] = {}  # node -> the end of its last fetch (its heartbeat)
+        self._in_fetch: set[int] = set()  # nodes with a fetch in progress, or waiting for the lock (alive)
         self._addresses: dict[int, object] = {}
         self.dead_nodes: set[int] = set()
         self.death_reasons: dict[int, str] = {}  # node -> why it was declared dead
@@ -146,6 +148,15 @@ class GlobalScheduler:
 
     # ---------------------------------------------------------------- fetch
     def fetch(self, report: GroupReport) -> GroupReply:
+        # A node waiting for the lock (the policy runs, for a PE's fetch maybe longer than the heartbeat timeout) is not
+        # silent: `check_heartbeats` skips it. (A set's add / discard are atomic; one fetch at a time per node.)
+        node = report.node_id
+        try:
+            tracked = node in self.groups  # (an unknown node fails in `_fetch`)
+        except TypeError:  # (unhashable)
+            tracked = False
+        if tracked:
+            self._in_fetch.add(node)
         try:
             return self._fetch(report)
         except Exception as e:
@@ -155,6 +166,9 @@ class GlobalScheduler:
             with self._lock:
                 self.failure = self.failure or why
             raise
+        finally:
+            if tracked:
+                self._in_fetch.discard(node)
 
     def _fetch(self, report: GroupReport) -> GroupReply:
         with self._lock:
@@ -197,6 +211,9 @@ class GlobalScheduler:
                     if self.engine_node[e] not in self.dead_nodes
                 }
             reply.shutdown = self.book.done or self.failure is not None or self.stopping
+            # Silence counts from the reply: the policy (run above, under the lock) may have taken longer than the
+            # heartbeat timeout, and the node fetches again an interval after it got the reply.
+            self._last_seen[node] = self.clock()
             return reply
 
     @property
@@ -516,6 +533,13 @@ class GlobalScheduler:
         rec.read_start = t0 if math.isnan(rec.read_start) else min(rec.read_start, t0)
         rec.read_end = t1 if math.isnan(rec.read_end) else max(rec.read_end, t1)
 
+    def fail(self, why: str) -> None:
+        """Fail the run with `why` (an earlier failure is kept): the control server dropped a node's connection for
+        breaking the protocol (`ControlServer`'s `on_error`). The node only saw its connection closed and exited with
+        "the driver closed the control connection", which was the run's error, the reason in a log line alone."""
+        with self._lock:
+            self.failure = self.failure or why
+
     def stop(self) -> None:
         """Tell every group to shut down at its next fetch (the driver gave up: its timeout, a failed node, Ctrl-C).
         Nothing else told them: their fetches went on being answered as if the run went on, so a `LocalCluster`
@@ -531,7 +555,7 @@ class GlobalScheduler:
             now = self.clock()
             silent = {}
             for n in self.groups:
-                if n in self.dead_nodes:
+                if n in self.dead_nodes or n in self._in_fetch:
                     continue
                 seen = self._last_seen.get(n)
                 if seen is not None and now - seen > self.heartbeat_timeout_s:
