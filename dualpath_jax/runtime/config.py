@@ -1268,7 +1268,8 @@ def _warn_pd_range(cfg: RuntimeConfig) -> None:
         else:
             where = "any bottleneck-free range: there is none for this g and s"
         log.warning(
-            "P/D = %d/%d = %.3f is outside %s for g=%d, s=%.3f (PAPER.md): a NIC saturates before the GPUs",
+            "P/D = %d/%d = %.3f is outside %s for g=%d, s=%.3f (PAPER.md): a NIC saturates before the GPUs once "
+            "the workload is storage-bound (judged on the NIC rates' ratio alone)",
             cfg.cluster.prefill_nodes,
             cfg.cluster.decode_nodes,
             ratio,
