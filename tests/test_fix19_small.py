@@ -188,3 +188,24 @@ def test_the_temporary_store_of_a_killed_run_is_removed_by_the_next_run(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"dualpath_store_{os.getppid()}_cd34", "dualpath_store_x1y2", f"dualpath_store_{dead_pid}_file"]
     )
+
+
+# ---- runtime: heartbeats across a wall-clock step ------------------------------------------------------------------
+def test_a_wall_clock_step_declares_no_node_dead():
+    """Heartbeats ran on the wall clock: a step of it (an NTP step, a VM resumed) longer than heartbeat_timeout_s
+    declared every node dead at once, and their requests re-ran. Contract: silence is measured on a monotonic clock
+    (an injected clock, the tests', is still used for both)."""
+    import time
+
+    from test_misc_hunt8 import _service
+
+    from dualpath_jax.runtime.control import GroupReport
+    from dualpath_jax.runtime.scheduler_service import GroupSpec
+
+    groups = [GroupSpec(0, "prefill", [0]), GroupSpec(1, "decode", [1])]
+    svc = _service(groups, heartbeat_timeout_s=5.0)
+    for g in groups:
+        svc.fetch(GroupReport(g.node_id, g.role, g.engine_ids, address={e: "a" for e in g.engine_ids}, stats={}))
+    wall = time.time() + 3600.0  # the wall clock (the service's default `clock`, time.time) jumps an hour ahead
+    svc.clock = lambda: wall
+    assert svc.check_heartbeats() == [] and not svc.dead_nodes

@@ -109,6 +109,10 @@ class GlobalScheduler:
         self.decode_slots = decode_slots
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
+        # Heartbeats on a monotonic clock (an injected `clock`: that one): a wall-clock step (an NTP step, a VM resumed)
+        # longer than heartbeat_timeout_s declared every node dead at once. Event times stay on `clock` (engines
+        # stamp wall-clock times).
+        self._beat_clock = time.monotonic if clock is time.time else clock
         self.t0 = clock()
         self.groups = {g.node_id: g for g in groups}
         self.engine_node = {e: g.node_id for g in groups for e in g.engine_ids}
@@ -184,7 +188,7 @@ class GlobalScheduler:
                 self.stats[node] = _dead_stats(report.stats)
                 self._told_dead.add(node)
                 return GroupReply(shutdown=True)
-            self._last_seen[node] = self.clock()
+            self._last_seen[node] = self._beat_clock()
             if report.address is not None:
                 self._addresses[node] = report.address
             self.stats[node] = report.stats
@@ -213,7 +217,7 @@ class GlobalScheduler:
             reply.shutdown = self.book.done or self.failure is not None or self.stopping
             # Silence counts from the reply: the policy (run above, under the lock) may have taken longer than the
             # heartbeat timeout, and the node fetches again an interval after it got the reply.
-            self._last_seen[node] = self.clock()
+            self._last_seen[node] = self._beat_clock()
             return reply
 
     @property
@@ -552,7 +556,7 @@ class GlobalScheduler:
         """Declare silent groups dead and re-queue their requests. Returns the nodes newly declared dead."""
         newly = []
         with self._lock:
-            now = self.clock()
+            now = self._beat_clock()
             silent = {}
             for n in self.groups:
                 if n in self.dead_nodes or n in self._in_fetch:
