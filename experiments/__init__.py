@@ -314,11 +314,11 @@ def run_parts(names, run_part, keep) -> None:
         for name in names:
             run_part(name)
             done.append(name)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # (SIGTERM too, under SigtermAsInterrupt: its line says which)
         if done:
             keep(done)
         kept = f"the finished ones ({', '.join(map(str, done))}) are kept" if done else "none had finished"
-        raise SystemExit(f"interrupted (Ctrl-C) during {name!r}; {kept}") from None
+        raise SystemExit(f"interrupted ({interrupted_by(e)}) during {name!r}; {kept}") from None
     except BaseException:
         if done:
             keep(done)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import writable_file_or_exit, write_rows_json
+from experiments import SigtermAsInterrupt, interrupted_by, writable_file_or_exit, write_rows_json
 
 _SHAPES = flags.DEFINE_list(
     "shapes", ["8:1024:1024", "4:4096:0"], "prefill shapes batch:miss_tokens:cached_tokens (cached: multiple of 64)"
@@ -155,13 +155,23 @@ def main(argv: Sequence[str]) -> None:
         writable_file_or_exit(_OUT.value, "--out")
     import jax
 
-    from models.prefill_bench import run_one
-
     dev = jax.devices()[0]
     logging.info("jax %s, devices %s, python %s", jax.__version__, jax.devices(), platform.python_version())
     config = llama_1b(_LAYERS.value, _DTYPE.value)
-    results = []
-    stopped = None  # Ctrl-C: the finished shapes' tables are still printed, then one line (it was a traceback)
+    results: list[dict] = []
+    # Ctrl-C: the finished shapes' tables are still printed, then one line (it was a traceback); SIGTERM the same
+    # (it ended the run at once, no table printed)
+    with SigtermAsInterrupt() as term:
+        stopped = _run_shapes(shapes, config, dev, results, term)
+    _print_tables(dev, results, stopped)
+
+
+def _run_shapes(shapes, config, dev, results: list[dict], term: SigtermAsInterrupt) -> str | None:
+    """Each shape's results appended to `results` (and written to --out as it finishes); the line saying where
+    Ctrl-C / SIGTERM stopped them, or None."""
+    from models.prefill_bench import run_one
+
+    stopped = None
     for batch, miss, cached in shapes:
         logging.info("shape batch=%d miss=%d cached=%d", batch, miss, cached)
         r = {"model": "llama-1b", "batch": batch, "miss_tokens": miss, "cached_tokens": cached}
@@ -169,9 +179,9 @@ def main(argv: Sequence[str]) -> None:
             if not _DEVICE_ONLY.value:
                 r = run_one("llama-1b", config, batch, miss, cached, _REPEATS.value)
             r["on_device"] = whole_on_device(config, batch, miss, cached, _REPEATS.value)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             kept = f"; the {len(results)} finished shapes are above" if results else "; none had finished"
-            stopped = f"bench_gpu: interrupted (Ctrl-C) during shape {batch}:{miss}:{cached}{kept}"
+            stopped = f"bench_gpu: interrupted ({interrupted_by(e)}) during shape {batch}:{miss}:{cached}{kept}"
             if results and _OUT.value:
                 stopped += f" and in {_OUT.value}"
             break
@@ -181,8 +191,18 @@ def main(argv: Sequence[str]) -> None:
             if _PEAK_TFLOPS.value and side in r:
                 r[side]["mfu"] = r[side]["model_gflops_per_s"] / (_PEAK_TFLOPS.value * 1e3)
         results.append(r)
+        term.raising = False  # (a SIGTERM while they are written is only noted: then it stops here)
         if _OUT.value:
             write_rows_json(_OUT.value, results, "the shapes done so far")
+        term.raising = True
+        if term.got:
+            kept = f" and in {_OUT.value}" if _OUT.value else ""
+            stopped = f"bench_gpu: stopped by SIGTERM after shape {batch}:{miss}:{cached}; the {len(results)} finished shapes are above{kept}"
+            break
+    return stopped
+
+
+def _print_tables(dev, results: list[dict], stopped: str | None) -> None:
     if stopped and not results:
         raise SystemExit(stopped)
     print(

@@ -43,6 +43,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import (
+    SigtermAsInterrupt,
     refuse_flags_of_parts_not_run,
     register_distinct,
     run_parts,
@@ -84,13 +85,25 @@ flags.DEFINE_string("out", None, "also write all rows as JSON here", allow_overr
 for _name in ("shaped_seconds", "shaped_quantum_ms", "layer_ms"):  # (inf: an OverflowError, or overlap ran forever)
     flags.register_validator(_name, lambda v: 0 < v < math.inf, message=f"--{_name} must be > 0 and finite")
 for _name in ("tcp_sizes", "tcp_small_sizes", "tcp_batches", "shaped_rates_mb"):
-    flags.register_validator(
-        _name, lambda v: all(x.isdigit() and int(x) > 0 for x in v), message=f"--{_name} takes positive integers"
+    flags.register_validator(  # (isdecimal: "²" is a digit that int() does not take, a ValueError traceback)
+        _name, lambda v: all(x.isdecimal() and int(x) > 0 for x in v), message=f"--{_name} takes positive integers"
     )
     register_distinct(_name, key=int)  # (a size given twice was measured twice: two rows of one size)
+# Sizes no run can hold (10**11 was numpy's "Unable to allocate" traceback after the sections before it had run):
+# the tcp source and the peer's region are of the largest size; a shaped write is 20 ms of its link, four buffers.
+for _name, _most, _why in (
+    ("tcp_sizes", 1 << 30, "1 GiB (1073741824): the source and the peer's region each hold the largest"),
+    ("tcp_small_sizes", 1 << 30, "1 GiB (1073741824): the source and the peer's region each hold the largest"),
+    ("shaped_rates_mb", 50_000, "50000 MB/s: a write is 20 ms of the link (1 GB at 50000), in four buffers"),
+):
+    flags.register_validator(
+        _name,
+        lambda v, most=_most: all(not x.isdecimal() or int(x) <= most for x in v),
+        message=f"--{_name} takes values of at most {_why}",
+    )
 flags.register_multi_flags_validator(  # (a batch larger than the count posted nothing: a rate of ~10^7/s)
     ["tcp_batches", "tcp_small_count"],
-    lambda f: all(not x.isdigit() or int(x) <= f["tcp_small_count"] for x in f["tcp_batches"]),
+    lambda f: all(not x.isdecimal() or int(x) <= f["tcp_small_count"] for x in f["tcp_batches"]),
     message="--tcp_batches must each be <= --tcp_small_count (a write_many batch of more transfers than are timed)",
 )
 flags.register_multi_flags_validator(  # (both empty: a ValueError traceback from max() after the other sections)
@@ -103,7 +116,7 @@ flags.register_multi_flags_validator(  # (under a byte: a traffic.Link ValueErro
     ["shaped_rates_mb", "shaped_quantum_ms"],
     lambda f: (
         not math.isfinite(f["shaped_quantum_ms"])  # (its own validator says so)
-        or all(not x.isdigit() or int(int(x) * 1e6 * f["shaped_quantum_ms"] / 1e3) >= 1 for x in f["shaped_rates_mb"])
+        or all(not x.isdecimal() or int(int(x) * 1e6 * f["shaped_quantum_ms"] / 1e3) >= 1 for x in f["shaped_rates_mb"])
     ),
     message="--shaped_quantum_ms is under one byte of the slowest --shaped_rates_mb link; give a longer quantum",
 )
@@ -193,6 +206,25 @@ class RawSocketPeer:
         self.sock.sendall(struct.pack("!QQ", 0, 0))
         self.sock.close()
         self.proc.join(5)
+
+
+def close_peers(raw: RawSocketPeer, me, peer, quiet: bool) -> None:
+    """End the raw socket sink and the transport's peer process (`_transport_pair`). `quiet` (while an error or an
+    interrupt goes on): the peer is killed, not asked to quit, and a helper already gone is no new error (SIGTERM to
+    the process group ends the helpers too: the cleanup's BrokenPipeError / PeerLostError traceback hid the finished
+    sections, or its quit call waited 60 s for a reply)."""
+    from transport.peer import PeerProcess
+
+    if quiet:
+        steps = [peer.kill, raw.close, me.close]
+    else:
+        steps = [raw.close, lambda: PeerProcess.call(me, "bench-sink", {"op": "quit"}), peer.join, me.close]
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            if not quiet:
+                raise
 
 
 # ---- sections ---------------------------------------------------------------------------------------------
@@ -372,13 +404,10 @@ def bench_tcp() -> list[dict]:
                 }
             )
         small_rows = bench_tcp_small(me, peer, raw, src) if small else []
-    finally:
-        raw.close()
-        from transport.peer import PeerProcess
-
-        PeerProcess.call(me, "bench-sink", {"op": "quit"})
-        peer.join()
-        me.close()
+    except BaseException:
+        close_peers(raw, me, peer, quiet=True)
+        raise
+    close_peers(raw, me, peer, quiet=False)
     print(f"\n## TCP transport vs raw socket (two processes, loopback; load average {load_start} -> {_loadavg()})\n")
     print(
         "Single writes, 16 in flight. CPU per transfer (us) of the sending / receiving process in the best run "
@@ -438,13 +467,10 @@ def bench_small() -> list[dict]:
                     "transport_one_at_a_time_per_s": n / best_1,
                 }
             )
-    finally:
-        raw.close()
-        from transport.peer import PeerProcess
-
-        PeerProcess.call(me, "bench-sink", {"op": "quit"})
-        peer.join()
-        me.close()
+    except BaseException:
+        close_peers(raw, me, peer, quiet=True)
+        raise
+    close_peers(raw, me, peer, quiet=False)
     print(f"\n## Small transfers: Layer Blocks of 64 tokens ({n} transfers, window {FLAGS.small_window})\n")
     print("| case | bytes | transport writes/s | raw socket msgs/s | ratio | transport, 1 in flight /s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -533,6 +559,9 @@ def bench_shaped() -> list[dict]:
                     continue
                 got = (b1[cls] - b0[cls]) / (t1 - t0)
                 slot_bytes, slot_s = by_slot[cls]
+                # None: the window holds no whole sample bin (--shaped_seconds under two bins: it was a
+                # ZeroDivisionError traceback, or a negative span printed as "-0.000")
+                slot_rate = slot_bytes / slot_s if slot_s > 0 else None
                 rows.append(
                     {
                         "section": "shaped",
@@ -542,8 +571,8 @@ def bench_shaped() -> list[dict]:
                         "configured_MBps": expect[cls] / 1e6,
                         "achieved_MBps": got / 1e6,
                         "ratio": got / expect[cls],
-                        "slot_MBps": slot_bytes / slot_s / 1e6,
-                        "slot_ratio": slot_bytes / slot_s / expect[cls],
+                        "slot_MBps": None if slot_rate is None else slot_rate / 1e6,
+                        "slot_ratio": None if slot_rate is None else slot_rate / expect[cls],
                     }
                 )
     print("\n## Shaped link accuracy (CNIC link, weights high:low = 99:1, real in-process copies)\n")
@@ -558,18 +587,19 @@ def bench_shaped() -> list[dict]:
     for r in rows:
         print(
             f"| {r['link_MBps']:.0f} | {r['scenario']} | {r['class']} | {r['configured_MBps']:.1f} | "
-            f"{r['achieved_MBps']:.1f} | {r['ratio']:.3f} | {r['slot_ratio']:.3f} |"
+            f"{r['achieved_MBps']:.1f} | {r['ratio']:.3f} | "
+            f"{'-' if r['slot_ratio'] is None else format(r['slot_ratio'], '.3f')} |"
         )
     return rows
 
 
 def _bytes_by_slot_time(link, t0: float, t1: float) -> dict[str, tuple[int, float]]:
-    """Per class: (bytes whose slot started in the whole sample bins inside monotonic [t0, t1), seconds they span).
-    The link records each chunk at its slot's start (`Link._record`), so this is what crossed then, however far
-    ahead it was granted."""
+    """Per class: (bytes whose slot started in the whole sample bins inside monotonic [t0, t1), seconds they span;
+    (0, 0.0) when no whole bin fits). The link records each chunk at its slot's start (`Link._record`), so this is
+    what crossed then, however far ahead it was granted."""
     w = link.sample_interval
     first = math.ceil((t0 - link.clock_origin) / w)
-    last = math.floor((t1 - link.clock_origin) / w)  # bins [first, last)
+    last = max(first, math.floor((t1 - link.clock_origin) / w))  # bins [first, last) (a window inside one: none)
     out = {}
     for cls in ("high", "low"):
         name = f"{link.name}/{cls}"
@@ -690,7 +720,12 @@ def bench_overlap() -> list[dict]:
 
 
 def _fmt_size(n: int) -> str:
-    return f"{n // MB} MiB" if n >= MB else f"{n // 1024} KiB"
+    """A transfer size for the tcp table: whole MiB / KiB where it is one, else its bytes (100 B was "0 KiB", 1.5 MiB
+    "1 MiB")."""
+    for unit, name in ((MB, "MiB"), (1024, "KiB")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit} {name}"
+    return f"{n} B"
 
 
 SECTIONS = {
@@ -741,36 +776,26 @@ def main(argv: list[str]) -> None:
         platform.platform(),
         os.cpu_count(),
     )
-    logging.info(
-        "flags: %s",
-        {
-            k: getattr(FLAGS, k)
-            for k in (
-                "sections",
-                "repeats",
-                "tcp_sizes",
-                "tcp_total_mb",
-                "tcp_small_sizes",
-                "tcp_small_count",
-                "tcp_batches",
-                "small_count",
-                "store_mb",
-                "layers",
-                "layer_ms",
-            )
-        },
-    )
+    # every flag that shapes the run (the shaped section's and --small_window were missing)
+    names = ["sections", "repeats"] + [n for section in FLAGS.sections for n in SECTION_FLAGS[section]]
+    logging.info("flags: %s", {k: getattr(FLAGS, k) for k in names})
     rows: list[dict] = []
+    term = SigtermAsInterrupt()
 
-    def keep(done: list[str]) -> None:  # a section that raised, or Ctrl-C: the finished sections' rows are kept
+    def keep(done: list[str]) -> None:  # a section that raised, Ctrl-C or SIGTERM: the finished sections' rows are kept
+        term.raising = False  # (a second SIGTERM while they are written is only noted)
         if FLAGS.out:
             write_rows_json(
                 FLAGS.out, rows, f"the rows of {', '.join(done)} only (a later section failed or was interrupted)"
             )
 
-    run_parts(FLAGS.sections, lambda name: rows.extend(SECTIONS[name]()), keep)
-    if FLAGS.out:
-        write_rows_json(FLAGS.out, rows, "all rows")
+    with term:  # (SIGTERM ended it at once: the finished sections' rows were lost)
+        run_parts(FLAGS.sections, lambda name: rows.extend(SECTIONS[name]()), keep)
+        term.raising = False
+        if FLAGS.out:
+            write_rows_json(FLAGS.out, rows, "all rows")
+    if term.got:  # it came while the rows were written: they are whole, and the exit status says it was stopped
+        raise SystemExit("bench_io: stopped by SIGTERM after the last section; all rows are written")
 
 
 if __name__ == "__main__":

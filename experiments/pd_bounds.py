@@ -73,6 +73,9 @@ def main(argv):
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     f = flags.FLAGS
     g, s, B_GBps, M_GBps, pd = f.g, f.s, f.B_GBps, f.M_GBps, None
+    if f["config"].present and not (_CONFIG.value or "").strip():
+        # (`--config=$CFG` with CFG unset printed the default node's range as if it were the config's)
+        raise SystemExit("bad --config: it is empty (give a config file[:variant], or leave --config out)")
     if _CONFIG.value:
         given = [f"--{name}" for name in _NODE_FLAGS if f[name].present]
         if given:  # two sources of one figure (one line: a UsageError printed the whole --help above it)

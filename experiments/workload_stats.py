@@ -48,7 +48,23 @@ def _refuse_unused_flags(f) -> None:
         return
     for name in ("n_agents", "seed"):
         if f[name].present:
+            _trace_or_exit(f.workload)  # (a mistyped dataset, 64k: "bad --n_agents ... not to the trace 64k")
             raise SystemExit(f"bad --{name}: it applies to synthetic datasets, not to the trace {f.workload}")
+
+
+def _bad_workload(e: Exception) -> SystemExit:
+    """The one line for a --workload that is neither a dataset name nor a readable trace."""
+    return SystemExit(f"bad --workload: {e} (synthetic datasets: {', '.join(DATASETS.names())})")
+
+
+def _trace_or_exit(workload: str) -> None:
+    """SystemExit naming --workload when it is no trace file / directory either."""
+    from dualpath_jax.workloads.traces import resolve_trace_path
+
+    try:
+        resolve_trace_path(workload)
+    except FileNotFoundError as e:
+        raise _bad_workload(e) from None
 
 
 def main(argv):
@@ -67,7 +83,7 @@ def _summarize(f) -> None:
     try:
         trajs = load_workload(f.workload, n_agents=f.n_agents, seed=f.seed, limit=f.limit)
     except (FileNotFoundError, TraceFormatError) as e:  # neither a dataset name nor a readable trace
-        raise SystemExit(f"bad --workload: {e} (synthetic datasets: {', '.join(DATASETS.names())})") from None
+        raise _bad_workload(e) from None
     if not any(t.turns for t in trajs):  # e.g. a session file without requests
         raise SystemExit(f"bad --workload: {f.workload} holds no turn")
     st = summarize(trajs, block_size=f.block_size)
