@@ -209,3 +209,11 @@ def test_a_wall_clock_step_declares_no_node_dead():
     wall = time.time() + 3600.0  # the wall clock (the service's default `clock`, time.time) jumps an hour ahead
     svc.clock = lambda: wall
     assert svc.check_heartbeats() == [] and not svc.dead_nodes
+
+
+def test_a_directory_given_as_a_sim_config_is_named_as_one():
+    """`--config=configs` (a directory) said "config file 'configs' ... does not exist"."""
+    from dualpath_jax.sim import load_sim_config
+
+    with pytest.raises(FileNotFoundError, match=r"^config file 'configs' \(from 'configs:basic'\) is a directory"):
+        load_sim_config("configs:basic")

@@ -81,8 +81,9 @@ def load_config(spec: str, overrides: dict | None = None):
     variant) is raised as it is.
     """
     path, _, variant = spec.partition(":")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} (from {spec!r}) does not exist")
+    if not os.path.isfile(path):  # (a directory said "does not exist")
+        what = "is a directory, not a config file" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"config file {path!r} (from {spec!r}) {what}")
     mod = load_config_module(path, "_simcfg_" + os.path.splitext(os.path.basename(path))[0])
     try:
         cfg = mod.get_config(variant or None)
