@@ -911,6 +911,15 @@ class LocalDirStore(KVStore):
         if self._index.get(key, 0) <= seen:
             self._drop_locked(key, absent=True)
 
+    def _note_use_locked(self, key: bytes) -> list[tuple[int, bytes]] | None:
+        """Note a use of indexed `key` (a verify, a dedup write) for the next batch of LRU touches; that batch when one
+        is due (`_touch_used` it outside the lock). The read path does the same inline, checking the clock less often."""
+        if self._touch_s is not None and key in self._index:
+            self._used_keys.add(key)
+            if time.monotonic() >= self._touch_due:
+                return self._take_used_locked()
+        return None
+
     def _take_used_locked(self) -> list[tuple[int, bytes]]:
         """The keys used since the last batch, still indexed, as (adopt generation, key): their order of use (a later
         use made a key MRU with a higher generation); the next batch is due `lru_touch_s` from now."""
@@ -1781,10 +1790,7 @@ class LocalDirStore(KVStore):
                             self._adopt_fitting_locked(key)
                             self._stats.write_dedup += 1
                             dedup = True
-                            if self._touch_s is not None and key in self._index:
-                                self._used_keys.add(key)
-                                if time.monotonic() >= self._touch_due:
-                                    touch = self._take_used_locked()
+                            touch = self._note_use_locked(key)
                     if touch:
                         self._touch_used(touch, background=True)
                     if dedup:
@@ -1888,10 +1894,7 @@ class LocalDirStore(KVStore):
                     # (not if removed meanwhile: its file is gone)
                     if key in self._index or not (indexed or self._dropped_since_locked(key, drop_seq)):
                         self._adopt_fitting_locked(key)
-                        if self._touch_s is not None and key in self._index:
-                            self._used_keys.add(key)
-                            if time.monotonic() >= self._touch_due:
-                                touch = self._take_used_locked()
+                        touch = self._note_use_locked(key)
                 if touch:
                     self._touch_used(touch, background=True)
             return ok
