@@ -328,7 +328,6 @@ def run_parts(names, run_part, keep) -> None:
 def write_rows_json(path: str, rows, what: str) -> None:
     """A benchmark's rows as JSON at `path` (`--out`), logged with `what` they are."""
     import json
-    import os
 
     from absl import logging
 
@@ -336,15 +335,11 @@ def write_rows_json(path: str, rows, what: str) -> None:
 
     # beside it, then renamed over it: a Ctrl-C or a full disk mid-dump left half a JSON where an earlier run's file
     # was (NaN, as null: strict JSON)
-    target = os.path.realpath(path)  # (a symbolic link keeps pointing at the file it names)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(json_safe(rows), f, indent=1, allow_nan=False)
-        os.replace(tmp, target)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+
+    write_atomically(path, write)
     logging.info("wrote %s to %s", what, path)
 
 
@@ -596,18 +591,18 @@ def _same_tokens(a, b) -> bool:
 
 def write_atomically(path: str, write) -> None:
     """`write(tmp_path)` then rename onto `path`: a job killed (kill -9, the OOM killer) or interrupted while writing
-    leaves the previous file whole (or none), never a truncated one."""
-    import contextlib
+    leaves the previous file whole (or none), never a truncated one. A symbolic link at `path` keeps pointing at the
+    file it names (that file is replaced)."""
     import os
 
-    tmp = f"{path}.tmp{os.getpid()}"
+    target = os.path.realpath(path)
+    tmp = f"{target}.tmp-{os.getpid()}"
     try:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+        os.replace(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def refuse_flags_of_parts_not_run(parts) -> None:
