@@ -452,8 +452,9 @@ def _place_calls(monkeypatch, c):
 
 @pytest.mark.parametrize("name", ["dualpath", "de_only", "pe_only"])
 def test_place_in_c_continues_groups_lazily_like_python(name, monkeypatch):
-    """Node sums below their engines' free HBM (a runtime snapshot): phase 1 closes every group early, and
-    the placement loop extends the groups lazily (`assign_group`) past phase 1's keys, in C as in Python."""
+    """Node sums below their engines' free HBM (a runner's kept sums, with its engine-set key: policies take the
+    sums only from such a live snapshot): phase 1 closes every group early, and the placement loop extends the
+    groups lazily (`assign_group`) past phase 1's keys, in C as in Python."""
     from schedulers import ClusterSnapshot, EngineState, NodeState, PendingRequest, make_policy, policies
 
     c = _dualpath_c()
@@ -464,12 +465,17 @@ def test_place_in_c_continues_groups_lazily_like_python(name, monkeypatch):
         for _ in range(2):
             eid = len(engines)
             engines[eid] = EngineState(eid, "decode", nid, tok=eid, free_hbm_tokens=10**6)
-    snapshot = ClusterSnapshot(0.0, engines, nodes)
+        nodes[nid].engine_tok = sum(e.tok for e in engines.values() if e.node_id == nid)
+    snapshot = ClusterSnapshot(0.0, engines, nodes, engine_set_key=3)
     queue = [PendingRequest(i, i, 0, 100 + i, 64 * (i % 2), 5) for i in range(40)]
     calls = _place_calls(monkeypatch, c)
-    runs = [make_policy(name, alpha_tokens=10, beta_tokens=10**9).schedule(snapshot, queue)]
+    policy = make_policy(name, alpha_tokens=10, beta_tokens=10**9)
+    runs = [policy.schedule(snapshot, queue)]
+    assert policy._closed_last  # phase 1 closed a group's R at the node sums (150 tokens), not at 2 * 10**6
     monkeypatch.setattr(policies, "_dualpath_c", None)
-    runs.append(make_policy(name, alpha_tokens=10, beta_tokens=10**9).schedule(snapshot, queue))
+    policy = make_policy(name, alpha_tokens=10, beta_tokens=10**9)
+    runs.append(policy.schedule(snapshot, queue))
+    assert policy._closed_last
     assert calls == ["ok"]
     assert len(runs[0]) == 40  # far beyond phase 1's few keys
     assert runs[0] == runs[1]

@@ -8,20 +8,9 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, check=False
-    )
-
+from test_fix18_launchers import _launch
 
 # ---- 1. kill -9 of experiments.run keeps the finished policies' results.json ----------------------------------------
 

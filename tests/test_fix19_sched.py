@@ -120,35 +120,6 @@ def test_property_copy_shifted_loads_decide_as_a_runtime_snapshot_of_those_loads
     assert _decisions(shifted.schedule(kept, queue, fetch)) == _decisions(want)
 
 
-@pytest.mark.parametrize("name", ["dualpath", "de_only", "pe_only"])
-def test_runner_kept_sums_below_the_engines_room_close_phase_1_early_in_c_and_python(name, monkeypatch):
-    """The simulator's sums still drive phase 1 (with its engine-set key): sums below the engines' free HBM close every
-    group's R early, and the placement loop extends the groups lazily past phase 1's keys, compiled as in Python (the
-    case of test_compiled's `test_place_in_c_continues_groups_lazily_like_python`, which builds no key)."""
-    from schedulers import policies
-
-    def cluster():
-        engines = {0: EngineState(0, "prefill", 0), 1: EngineState(1, "prefill", 0)}
-        nodes = {0: NodeState(0, "prefill", read_queue_tokens=5)}
-        for nid in (1, 2):
-            nodes[nid] = NodeState(nid, "decode", engine_tok=0, engine_free_hbm_tokens=150, read_queue_tokens=nid)
-            for _ in range(2):
-                eid = len(engines)
-                engines[eid] = EngineState(eid, "decode", nid, tok=eid, free_hbm_tokens=10**6)
-        for nid in (1, 2):
-            nodes[nid].engine_tok = sum(e.tok for e in engines.values() if e.node_id == nid)
-        return ClusterSnapshot(0.0, engines, nodes, engine_set_key=3)
-
-    queue = [PendingRequest(i, i, 0, 100 + i, 64 * (i % 2), 5) for i in range(40)]
-    runs = []
-    for compiled in (policies._dualpath_c, None):
-        monkeypatch.setattr(policies, "_dualpath_c", compiled)
-        policy = make_policy(name, alpha_tokens=10, beta_tokens=10**9)
-        runs.append(_decisions(policy.schedule(cluster(), queue)))
-        assert policy._closed_last  # phase 1 closed a group's R at the node sums (150 tokens), not at 2 * 10**6
-    assert len(runs[0]) == 40 and runs[0] == runs[1]
-
-
 # ---- a trace of one's own: block hashes given as a list ----------------------------------------------------------
 def _trace_trajs(as_list: bool):
     import numpy as np
