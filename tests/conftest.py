@@ -1,6 +1,6 @@
 """Fixtures shared by the runtime tests (tests/test_runtime.py, tests/test_runtime_cnic.py): the small `:test`
-runtime config, its model ops, trajectories and the single-process reference tokens (module-scoped: each test
-module builds them once); and by the KV store tests (tests/test_kv_store*.py): `rm`, the store options of each read
+runtime config, its model ops, trajectories and the single-process reference tokens (session-scoped: built once
+per pytest process); and by the KV store tests (tests/test_kv_store*.py): `rm`, the store options of each read
 method."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from configs.tiny_runtime import get_config
 from dualpath_jax.runtime import driver
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.lifecycle import ConversationBook
-from dualpath_jax.runtime.model_ops import ModelOps, reference_conversations
+from dualpath_jax.runtime.model_ops import ModelOps, is_checkpoint, reference_conversations
 
 # Property tests (hypothesis) draw the same examples every run, so a CI run is reproducible and a green run stays
 # green; `HYPOTHESIS_PROFILE=explore pytest ...` draws fresh examples (and keeps failures in .hypothesis/).
@@ -24,29 +24,58 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
-@pytest.fixture(scope="module")
+# A tiny model's ops (weights and jitted steps), built once per pytest process for each (model, seed, numerics,
+# device): every `ModelOps.of_config` of the tests and of the in-process launcher's runs (`model_ops=None`) shares
+# them, as one node process's engines do, instead of compiling the same steps again in each test (~3 s each).
+# Checkpoint directories are read each time (a test may rewrite one at the same path).
+_OPS: dict[tuple, ModelOps] = {}
+_of_config = ModelOps.of_config.__func__
+
+
+def _shared_of_config(cls, cfg, device=None):
+    if cls is not ModelOps or is_checkpoint(cfg.model):
+        return _of_config(cls, cfg, device)
+    key = (cfg.model, cfg.model_seed, cfg.batch_invariant, device)
+    if key not in _OPS:
+        _OPS[key] = _of_config(cls, cfg, device)
+    return _OPS[key]
+
+
+ModelOps.of_config = classmethod(_shared_of_config)
+
+
+# The `:test` runtime config and what derives from it: one per pytest process (read-only in every test).
+@pytest.fixture(scope="session")
 def base() -> RuntimeConfig:
     return RuntimeConfig.from_config_dict(get_config("test").runtime)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ops(base) -> ModelOps:
     return ModelOps.of_config(base)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trajs(base):
     return driver.make_trajectories(base)
 
 
+_REFERENCES: dict[tuple, tuple] = {}
+
+
 def reference_of(cfg, ops: ModelOps, trajs) -> dict:
-    """The single-process reference tokens of `cfg`'s conversations (decode batch shaped as its DEs')."""
-    return reference_conversations(
-        ops,
-        lambda: ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed),
-        cfg.cluster.max_seq_len,
-        cfg.cluster.decode_slots,
-    )
+    """The single-process reference tokens of `cfg`'s conversations (decode batch shaped as its DEs'); computed once
+    per (ops, trajectories, workload seed, max_seq_len, decode slots) in a pytest process (a new dict each call)."""
+    key = (id(ops), id(trajs), cfg.workload.seed, cfg.cluster.max_seq_len, cfg.cluster.decode_slots)
+    if key not in _REFERENCES:  # (ops and trajs kept with it: their ids stay theirs)
+        ref = reference_conversations(
+            ops,
+            lambda: ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed),
+            cfg.cluster.max_seq_len,
+            cfg.cluster.decode_slots,
+        )
+        _REFERENCES[key] = (ops, trajs, ref)
+    return dict(_REFERENCES[key][2])
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +84,7 @@ def reference_for():
     return reference_of
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(base, ops, trajs) -> dict:
     return reference_of(base, ops, trajs)
 

@@ -105,30 +105,50 @@ def _run_after(name: str, others: list[str]) -> tuple[dict, str, str]:
     return json.loads(values), helpfull, out.stderr
 
 
-def test_a_launcher_run_after_the_others_keeps_its_own_flags():
-    """The launcher being run defines its flags last, so the shared names have its default, help and validators:
-    its --helpfull (every section it has alone: its own flags, --config under `experiments`, absl's) is byte-identical
-    to `python -m experiments.X --helpfull` alone, and its flags read its own defaults, with the others imported
-    first in either order (failed before: the imports raised DuplicateFlagError)."""
-
-    def check(name: str) -> None:
+def _check_run_after_others(name: str, orders: list[list[str]], against_python_m: bool) -> None:
+    """`name` run after importing each order of the other launchers has the --helpfull and flag values it has run
+    after none (and, `against_python_m`, that --helpfull is byte-identical to `python -m experiments.<name>`'s)."""
+    values_alone, helpfull_alone, _ = _run_after(name, [])
+    if against_python_m:
         alone = _launch("-m", f"experiments.{name}", "--helpfull")
         assert alone.returncode == 1, alone.stderr[-3000:]
-        values_alone, helpfull_alone, _ = _run_after(name, [])
         assert helpfull_alone == alone.stdout  # (the runpy harness is `python -m`)
-        head_alone, sections_alone = _sections(alone.stdout)
-        # (its own flags: run has only --config, filed under `experiments`)
-        assert any(h.endswith(f"experiments/{name}.py:") or h == "experiments:" for h in sections_alone), name
+    head_alone, sections_alone = _sections(helpfull_alone)
+    # (its own flags: run has only --config, filed under `experiments`)
+    assert any(h.endswith(f"experiments/{name}.py:") or h == "experiments:" for h in sections_alone), name
+    for order in orders:
+        values, helpfull, stderr = _run_after(name, order)
+        assert values == values_alone, (name, order[:3])
+        head, sections = _sections(helpfull)
+        assert head == head_alone
+        for header, text in sections_alone.items():
+            assert sections.get(header) == text, (name, order[:3], header, sections.get(header), text)
+        extra = set(sections) - set(sections_alone)  # the other launchers' own flags, nothing else
+        assert all(h.startswith("experiments") for h in extra), extra
+
+
+def test_a_launcher_run_after_the_others_keeps_its_own_flags():
+    """The launcher being run defines its flags last, so the shared names have its default, help and validators:
+    its --helpfull (every section it has alone: its own flags, --config under `experiments`, absl's) is the one it
+    has alone, and its flags read its own defaults, with the others imported first (failed before: the imports
+    raised DuplicateFlagError). Every launcher, the others in one order (forward and reversed in turn); the harness
+    against `python -m` for every fourth (~18 s; both orders and `python -m` for each: the slow test below)."""
+
+    def check(i: int) -> None:
+        others = [m for m in LAUNCHERS if m != LAUNCHERS[i]]
+        _check_run_after_others(LAUNCHERS[i], [others if i % 2 == 0 else others[::-1]], i % 4 == 0)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(check, range(len(LAUNCHERS))))
+
+
+@pytest.mark.slow
+def test_a_launcher_run_after_the_others_in_either_order_keeps_its_own_flags():
+    """The test above with both orders and the `python -m` comparison for every launcher (~32 s)."""
+
+    def check(name: str) -> None:
         others = [m for m in LAUNCHERS if m != name]
-        for order in (others, others[::-1]):
-            values, helpfull, stderr = _run_after(name, order)
-            assert values == values_alone, (name, order[:3])
-            head, sections = _sections(helpfull)
-            assert head == head_alone
-            for header, text in sections_alone.items():
-                assert sections.get(header) == text, (name, order[:3], header, sections.get(header), text)
-            extra = set(sections) - set(sections_alone)  # the other launchers' own flags, nothing else
-            assert all(h.startswith("experiments") for h in extra), extra
+        _check_run_after_others(name, [others, others[::-1]], True)
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(check, LAUNCHERS))

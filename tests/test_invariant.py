@@ -206,15 +206,16 @@ def near_tie():
     return cfg, trajs, ops, ref
 
 
-def test_runtime_tokens_equal_a_full_recompute_whatever_the_policy(near_tie):
+# random: the policy the near-tie moved; dualpath, both read paths: -m slow (by default dualpath runs this config in
+# the test below, its blocks recomputed, and test_runtime's default-numerics runs read both paths).
+@pytest.mark.parametrize(
+    "policy, kwargs", [("random", {"seed": 4}), pytest.param("dualpath", {}, marks=pytest.mark.slow)]
+)
+def test_runtime_tokens_equal_a_full_recompute_whatever_the_policy(near_tie, policy, kwargs):
     cfg, trajs, ops, ref = near_tie
-    # (random: the policy the near-tie moved; dualpath: both read paths. basic, the PE path alone: test_runtime)
-    for policy, kwargs in [("random", {"seed": 4}), ("dualpath", {})]:
-        res = driver.run(
-            cfg.replace(**{"scheduler.name": policy, "scheduler.policy_kwargs": kwargs}), trajs, model_ops=ops
-        )
-        bad = [k for k in ref if not np.array_equal(ref[k], res.tokens[k])]
-        assert not bad, (policy, bad)
+    res = driver.run(cfg.replace(**{"scheduler.name": policy, "scheduler.policy_kwargs": kwargs}), trajs, model_ops=ops)
+    bad = [k for k in ref if not np.array_equal(ref[k], res.tokens[k])]
+    assert not bad, (policy, bad)
 
 
 def test_recomputed_kv_gives_the_tokens_of_reused_kv(near_tie, tmp_path, block_corrupter):
