@@ -111,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     w.aps = 0.2
     w.duration_s = 3600.0
     w.trace_path = ""
+    w.max_agents = 0  # trace: >0 replays only its first that many trajectories (sessions)
     w.max_turns = 0
     w.max_context_tokens = 0  # >0: cut each trajectory before its first turn longer than this (e.g. 131072)
     w.append_scale = 1.0  # every synthetic append x this (PAPER.md's append x1..x3; variant item append=2)

@@ -962,12 +962,11 @@ def test_simulator_replays_a_real_trace_with_its_timestamps(policy):
     name = "mooncake_conversation_trace.jsonl.gz"
     if not (traces_dir() / name).exists():
         pytest.skip(f"real traces not found at {traces_dir()}")
-    cfg = load_sim_config(
-        "configs/sim_tiny.py",
-        {"workload.kind": "trace", "workload.trace_path": name, "workload.max_turns": 4, "scheduler.name": policy},
-    )
+    over = {"workload.kind": "trace", "workload.trace_path": name, "workload.max_turns": 4, "scheduler.name": policy}
+    cfg = load_sim_config("configs/sim_tiny.py", {**over, "workload.max_agents": 1000})  # (of 8,099 sessions)
     res = run(cfg)
     trajs, _ = make_trajectories(cfg)
+    assert len(trajs) == 1000
     assert len(res.records) == sum(len(t.turns) for t in trajs) and res.summary["unfinished_turns"] == 0
     start = {t.trajectory_id: t.arrival_time for t in trajs}
     firsts = [r for r in res.records if r.turn_index == 0]
@@ -977,6 +976,25 @@ def test_simulator_replays_a_real_trace_with_its_timestamps(policy):
     # a first turn hits only what other sessions' prompts stored before it (workload.shared_prefix_hits)
     assert any(r.hit_tokens > 0 for r in firsts) and not all(r.hit_tokens > 0 for r in firsts)
     assert run(cfg).summary == res.summary
+
+
+def test_max_agents_replays_a_traces_first_sessions_whole():
+    """workload.max_agents: the trace's first N trajectories, each with all its turns, as the whole trace has them;
+    refused for synthetic workloads (whose agents are n_agents, or aps x duration_s), and below 0."""
+    from dualpath_jax.sim.runner import make_trajectories
+    from dualpath_jax.workloads.traces import traces_dir
+
+    name = "mooncake_conversation_trace.jsonl.gz"
+    if not (traces_dir() / name).exists():
+        pytest.skip(f"real traces not found at {traces_dir()}")
+    over = {"workload.kind": "trace", "workload.trace_path": name}
+    every, _ = make_trajectories(load_sim_config("configs/sim_tiny.py", over))
+    first, _ = make_trajectories(load_sim_config("configs/sim_tiny.py", {**over, "workload.max_agents": 7}))
+    assert len(every) > 7 and first == every[:7]
+    with pytest.raises(ValueError, match=r"max_agents applies to kind='trace' only \(kind 'offline'"):
+        load_sim_config("configs/sim_tiny.py", {"workload.max_agents": 7})
+    with pytest.raises(ValueError, match="max_agents"):
+        load_sim_config("configs/sim_tiny.py", {**over, "workload.max_agents": -1})
 
 
 @pytest.mark.parametrize(

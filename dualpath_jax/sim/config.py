@@ -82,6 +82,7 @@ class WorkloadConfig:
     aps: float = 0.2  # online: Poisson agent arrivals per second
     duration_s: float = 3600.0  # online: arrivals in [0, duration_s)
     trace_path: str = ""  # trace mode: a trace file for the shared loaders
+    max_agents: int = 0  # trace mode, >0: replay only the trace's first that many trajectories (sessions), each whole
     max_turns: int = 0  # >0: truncate every trajectory (fast tests)
     # >0: cut every trajectory before its first turn whose prompt + generation exceeds this many tokens (a
     # model's context window; real traces hold sessions longer than any DE's HBM)
@@ -222,6 +223,11 @@ def check_sim_config(sc: SimConfig) -> None:
     if w.kind not in ("offline", "online", "trace"):
         raise ValueError(f"config.workload.kind must be offline | online | trace, got {w.kind!r}")
     _check_number("config.workload.max_turns", w.max_turns, 0, True, None, integer=True)
+    _check_number("config.workload.max_agents", w.max_agents, 0, True, None, integer=True)
+    if w.kind != "trace" and w.max_agents:
+        raise ValueError(
+            f"config.workload.max_agents applies to kind='trace' only (kind {w.kind!r}: n_agents, or aps x duration_s)"
+        )
     _check_number("config.workload.max_context_tokens", w.max_context_tokens, 0, True, None, integer=True)
     _check_number("config.workload.append_scale", w.append_scale, 0, False, None)
     if w.kind == "trace" and w.append_scale != 1.0:

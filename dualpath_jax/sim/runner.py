@@ -114,7 +114,7 @@ def make_trajectories(cfg: SimConfig):
         if not w.trace_path:
             raise SimConfigError("config.workload.trace_path is required for kind='trace'")
         model = arrivals.make_arrivals("trace")
-        trajs = traces.load_trace(w.trace_path)
+        trajs = traces.load_trace(w.trace_path, max_agents=w.max_agents or None)
     else:
         raise SimConfigError(f"config.workload.kind must be offline | online | trace, got {w.kind!r}")
     if w.max_turns > 0:
