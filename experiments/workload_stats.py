@@ -3,9 +3,13 @@
     python -m experiments.workload_stats --workload=64K --n_agents=500
     python -m experiments.workload_stats --workload=mooncake_conversation_trace.jsonl.gz
     python -m experiments.workload_stats --workload=kvcache_tester --limit=20
+    python -m experiments.workload_stats --workload=mooncake_conversation_trace.jsonl.gz --max_agents=8
 Trace paths are looked up relative to ../shared/traces (or $DUALPATH_TRACES) when not found as given.
 For a synthetic dataset the paper's Table 2 value is printed beside each measured figure. --n_agents and --seed
-apply to synthetic datasets, --limit to traces (a flag the workload does not read is refused).
+apply to synthetic datasets, --limit and --max_agents to traces (a flag the workload does not read is refused).
+--max_agents=N: the trace's first N trajectories (sessions), each whole, as the runtime's `workload.agents=N` and the
+simulator's `workload.max_agents=N` replay them (--limit counts Mooncake requests: it cuts sessions after their turns
+in those lines).
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ flags.DEFINE_integer(
 # and a launcher that is run defines its flags last: its command line is its own
 flags.DEFINE_integer("seed", 0, "synthetic: sampling seed", lower_bound=0, allow_override=True)
 flags.DEFINE_integer("limit", None, "traces: first N requests (Mooncake) or files (kv-cache-tester)", lower_bound=1)
+flags.DEFINE_integer(
+    "max_agents",
+    None,
+    "traces: the first N trajectories (sessions), each whole (the runtime's workload.agents, the simulator's "
+    "workload.max_agents)",
+    lower_bound=1,
+)
 flags.DEFINE_integer("block_size", 64, "block size (tokens) for the hit rate", lower_bound=1, allow_override=True)
 
 
@@ -41,10 +52,11 @@ def _refuse_unused_flags(f) -> None:
     """A flag the workload does not read is a usage error: `--workload=64K --limit=5` summarized all 500 agents,
     `--workload=<trace> --n_agents=5` the whole trace, without a word."""
     if f.workload in DATASETS:
-        if f["limit"].present:
-            raise SystemExit(
-                f"bad --limit: it applies to traces; {f.workload} is a synthetic dataset (give --n_agents)"
-            )
+        for name in ("limit", "max_agents"):
+            if f[name].present:
+                raise SystemExit(
+                    f"bad --{name}: it applies to traces; {f.workload} is a synthetic dataset (give --n_agents)"
+                )
         return
     for name in ("n_agents", "seed"):
         if f[name].present:
@@ -81,9 +93,14 @@ def main(argv):
 def _summarize(f) -> None:
     t0 = time.perf_counter()
     try:
-        trajs = load_workload(f.workload, n_agents=f.n_agents, seed=f.seed, limit=f.limit)
+        trajs = load_workload(f.workload, n_agents=f.n_agents, seed=f.seed, limit=f.limit, max_agents=f.max_agents)
     except (FileNotFoundError, TraceFormatError) as e:  # neither a dataset name nor a readable trace
         raise _bad_workload(e) from None
+    if f.max_agents is not None and f.max_agents > len(trajs):  # (as the simulator's max_agents: not a smaller set)
+        within = f" (its first --limit={f.limit})" if f.limit is not None else ""
+        raise SystemExit(
+            f"bad --max_agents: {f.max_agents:,}, but {f.workload}{within} holds {len(trajs):,} trajectories (sessions)"
+        )
     if not any(t.turns for t in trajs):  # e.g. a session file without requests
         raise SystemExit(f"bad --workload: {f.workload} holds no turn")
     st = summarize(trajs, block_size=f.block_size)

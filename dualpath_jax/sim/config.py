@@ -468,12 +468,13 @@ _KIND_FIELDS = (
         "synthetic workloads only (offline and online; a trace has its own turns)",
         "config.workload.kind=offline or online, or leave it out",
     ),
-    # online: aps * duration_s agents; trace: every agent of the trace (sim.runner.make_trajectories)
+    # online: aps * duration_s agents; trace: its first max_agents (0: all; sim.runner.make_trajectories)
     (
         "workload.n_agents",
         ("offline",),
-        "offline workloads only (an online one runs aps * duration_s agents, a trace all of its own)",
-        "config.workload.kind=offline, or leave the agent count out",
+        "offline workloads only (an online one runs aps * duration_s agents, a trace its first max_agents sessions)",
+        "config.workload.max_agents=N for a trace's first N sessions, config.workload.kind=offline, or leave the agent "
+        "count out",
     ),
     (
         "workload.shared_prefix_hits",

@@ -114,10 +114,25 @@ def make_trajectories(cfg: SimConfig):
         if not w.trace_path:
             raise SimConfigError("config.workload.trace_path is required for kind='trace'")
         model = arrivals.make_arrivals("trace")
-        trajs = traces.load_trace(w.trace_path, max_agents=w.max_agents or None)
+        trajs = traces.load_trace(w.trace_path, max_agents=w.max_agents or None, warn_fewer=False)
+        if w.max_agents > len(trajs):  # (it replayed the fewer the trace holds, silently: a different run)
+            raise SimConfigError(
+                f"config.workload.max_agents = {w.max_agents:,}, but the trace {w.trace_path} holds "
+                f"{len(trajs):,} trajectories (sessions): give max_agents <= {len(trajs):,}, or 0 for all of them"
+            )
     else:
         raise SimConfigError(f"config.workload.kind must be offline | online | trace, got {w.kind!r}")
     if w.max_turns > 0:
+        # (a config file's cap, sim_tiny's 12, cut a trace's sessions without a word: max_agents says "each whole")
+        capped = sum(max(0, len(t.turns) - w.max_turns) for t in trajs)
+        if capped:
+            log.info(
+                "workload.max_turns=%d: %d of %d turns dropped (%d trajectories cut; 0: every turn)",
+                w.max_turns,
+                capped,
+                sum(len(t.turns) for t in trajs),
+                sum(len(t.turns) > w.max_turns for t in trajs),
+            )
         trajs = [dataclasses.replace(t, turns=list(t.turns)[: w.max_turns]) for t in trajs]
     if w.max_context_tokens > 0:
         cut = [t.cut_at_tokens(w.max_context_tokens) for t in trajs]

@@ -19,8 +19,11 @@ from dualpath_jax.workloads.traces import (  # noqa: F401
 from dualpath_jax.workloads.types import Trajectory, Turn  # noqa: F401
 
 
-def load_workload(spec: str, n_agents: int | None = None, seed: int = 0, limit: int | None = None) -> list[Trajectory]:
-    """A synthetic dataset by name ("32K", "48K", "64K": `n_agents` agents, default 500) or a trace path."""
+def load_workload(
+    spec: str, n_agents: int | None = None, seed: int = 0, limit: int | None = None, max_agents: int | None = None
+) -> list[Trajectory]:
+    """A synthetic dataset by name ("32K", "48K", "64K": `n_agents` agents, default 500) or a trace path (its first
+    `limit` requests / files, its first `max_agents` trajectories each whole: `load_trace`)."""
     if spec in DATASETS:
         return make_agents(spec, 500 if n_agents is None else n_agents, seed=seed)
-    return load_trace(spec, limit=limit)
+    return load_trace(spec, limit=limit, max_agents=max_agents, warn_fewer=False)  # (workload_stats refuses)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import sys
 import zlib
@@ -45,6 +46,8 @@ import numpy as np
 
 from dualpath_jax.checks import is_int
 from dualpath_jax.workloads.types import Trajectory, Turn
+
+log = logging.getLogger(__name__)
 
 TRACES_ENV = "DUALPATH_TRACES"
 MOONCAKE_BLOCK = 512
@@ -373,13 +376,21 @@ def _mooncake_rows(path: Path, max_requests: int | None) -> Iterator[tuple[int, 
                 except json.JSONDecodeError as e:
                     # the column in the line: a line cut short failed past its newline ("line 2 column 1" of `line`)
                     col = min(e.pos, len(line.rstrip("\r\n"))) + 1
-                    raise TraceFormatError(f"{where}: not valid JSON ({_json_msg(e)} at column {col})") from None
+                    # (a pretty-printed document said only "Expecting property name ... at column 2" on line 1)
+                    spread = line.strip() in ("{", "[")
+                    hint = f"; the line holds only {line.strip()!r}: one JSON document over many lines? {_NAMES}"
+                    raise TraceFormatError(
+                        f"{where}: not valid JSON ({_json_msg(e)} at column {col}){hint if spread else ''}"
+                    ) from None
                 except RecursionError:  # the json module parses nested arrays/objects recursively
                     raise TraceFormatError(f"{where}: not valid JSON (nested too deeply to parse)") from None
                 except ValueError as e:  # an int of more than 4,300 digits (Python's limit): a bare ValueError
                     raise TraceFormatError(f"{where}: not valid JSON ({e})") from None
                 if not isinstance(row, dict):
-                    raise TraceFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                    array = " (a JSON array: a Mooncake trace holds one request object a line)"
+                    raise TraceFormatError(
+                        f"{where}: expected a JSON object, got {type(row).__name__}{array if isinstance(row, list) else ''}"
+                    )
                 yield lineno, row
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
         if isinstance(e, FileNotFoundError):
@@ -547,6 +558,8 @@ def _load_session(p: Path) -> tuple[str, int, list[Trajectory]]:
     doc = _read_json(p)
     if not isinstance(doc, dict):
         raise TraceFormatError(f"{p}: expected one JSON object (a session), got {type(doc).__name__}")
+    if "requests" not in doc and "input_length" in doc:  # (it said only "missing field 'block_size'")
+        raise TraceFormatError(f"{p}: a Mooncake request, not a kv-cache-tester session; {_NAMES}")
     block = _int_field(doc, "block_size", str(p), minimum=1)
     # ids are salted per session below: ids of another scope (shared across sessions) were salted apart, silently
     scope = doc.get("hash_id_scope")
@@ -625,12 +638,16 @@ def _load_kvcache_files(files: Sequence[Path], max_agents: int | None = None) ->
     return out
 
 
-def load_trace(path: str | os.PathLike, limit: int | None = None, max_agents: int | None = None) -> list[Trajectory]:
+def load_trace(
+    path: str | os.PathLike, limit: int | None = None, max_agents: int | None = None, warn_fewer: bool = True
+) -> list[Trajectory]:
     """Any trace by its name: *.jsonl[.gz] -> Mooncake (`limit` requests), a *.json[.gz] file or a directory
     of them -> kv-cache-tester sessions (`limit` files).
 
-    `max_agents`: the first that many trajectories (agents), each whole. (`limit` counts requests or files: the
-    first N requests of a Mooncake trace cut its sessions' later turns, and a file may hold several sessions.)
+    `max_agents`: the first that many trajectories (agents), each whole; a trace holding fewer gives them all, with a
+    warning naming both counts unless `warn_fewer` is False (a caller that refuses it: the simulator's
+    `workload.max_agents`, `workload_stats --max_agents`). (`limit` counts requests or files: the first N requests of
+    a Mooncake trace cut its sessions' later turns, and a file may hold several sessions.)
     """
     if max_agents is not None and (not is_int(max_agents) or max_agents < 1):  # numpy ints too (is_int)
         raise ValueError(f"max_agents must be an int >= 1 (or None for all), got {max_agents!r}")
@@ -643,7 +660,17 @@ def load_trace(path: str | os.PathLike, limit: int | None = None, max_agents: in
         trajs = load_mooncake(p, max_requests=limit)
     else:
         raise TraceFormatError(f"{p}: unknown trace format (expected *.jsonl[.gz] Mooncake or *.json[.gz] sessions)")
-    return trajs if max_agents is None else trajs[:max_agents]
+    if max_agents is None:
+        return trajs
+    if warn_fewer and len(trajs) < max_agents:  # (the runtime's workload.agents=N replayed fewer, without a word)
+        counted = "files" if p.is_dir() else "requests" if name.endswith(".jsonl") else None
+        within = f" in its first {limit} {counted}" if limit is not None and counted else ""
+        log.warning(
+            "%s holds %d trajectories (sessions)%s, fewer than max_agents=%d (the runtime's workload.agents): "
+            "replaying all %d",
+            p, len(trajs), within, max_agents, len(trajs),
+        )  # fmt: skip
+    return trajs[:max_agents]
 
 
 load = load_trace  # short name used by the simulator's config (`traces.load(path)`)
