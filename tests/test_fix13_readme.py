@@ -15,13 +15,22 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def readme_section(heading: str) -> str:
-    """The README's text from the line `heading` to the next heading of the same or a higher level."""
+    """The README's text from the line `heading` to the next heading of the same or a higher level; a `# ` line inside
+    a fenced code block (a shell comment) is no heading (it cut the section there, silently shortening what the
+    tests below check)."""
     text = README.read_text(encoding="utf-8")
     m = re.search(rf"^{re.escape(heading)}\s*$", text, re.M)
     assert m, f"README.md has no heading {heading!r}"
     level = len(heading) - len(heading.lstrip("#"))
-    end = re.compile(rf"^#{{1,{level}}} ", re.M).search(text, m.end())
-    return text[m.end() : end.start() if end else len(text)]
+    end = re.compile(rf"#{{1,{level}}} ")
+    pos, fenced = m.end() + 1, False
+    for line in text[m.end() + 1 :].splitlines(keepends=True):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and end.match(line):
+            return text[m.end() : pos]
+        pos += len(line)
+    return text[m.end() :]
 
 
 def python_block(heading: str) -> str:
