@@ -644,6 +644,20 @@ def refuse_unused_workload_overrides(config_flag) -> None:
         key = f"runtime.workload.{field}"
         if key in given and unused:
             raise SystemExit(f"bad config: --config.{key}={given[key]} is not used by this run: {why}")
+    if "runtime.workload.agents" in given and w.kind == "trace" and w.agents > 0:
+        # a given agent count past the trace ran the fewer sessions it holds (the loader warns; a config file's own
+        # count, as configs/tiny_runtime.py's 32 on a small trace, stays a warning)
+        from dualpath_jax.workloads.traces import load_trace
+
+        try:
+            have = len(load_trace(w.trace, max_agents=w.agents, warn_fewer=False))
+        except Exception:  # noqa: BLE001 - a trace that does not load: the run's own check names what is wrong
+            return
+        if have < w.agents:
+            raise SystemExit(
+                f"bad config: --config.runtime.workload.agents={w.agents}, but the trace {w.trace} holds {have} "
+                f"trajectories (sessions): give agents <= {have}, or 0 for all of them"
+            )
 
 
 def _check_environment() -> None:
