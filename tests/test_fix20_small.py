@@ -30,3 +30,32 @@ def test_the_main_job_refuses_a_given_agent_count_past_the_trace(tmp_path):
         "give agents <= 2, or 0 for all of them"
     ), out.stderr[-2000:]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_trace_of_absolute_times_is_named_as_such_not_told_to_raise_its_arrival_rate(tmp_path):
+    """A trace with Unix-ms timestamps under arrival='trace' was refused with "raise the arrival rate", which a trace
+    has not (found by the tracejourney helper). The line now names the fields a trace run has and the first agent's
+    arrival."""
+    import json
+
+    import pytest
+
+    from configs.tiny_runtime import get_config
+    from dualpath_jax.runtime import driver
+    from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
+
+    trace = tmp_path / "unix.jsonl"
+    rows = [
+        {"timestamp": 1.7e12 + 1000 * i, "input_length": 500, "output_length": 4, "hash_ids": [i]} for i in range(2)
+    ]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = RuntimeConfig.from_config_dict(get_config("test").runtime)
+    over = {"workload.kind": "trace", "workload.trace": str(trace), "workload.arrival": "trace", "workload.scale": 0.1}
+    cfg = base.replace(**over)
+    with pytest.raises(ConfigError) as e:
+        driver._check_arrivals_within_timeout(cfg, driver.make_trajectories(cfg, 1000))
+    assert "raise the arrival rate" not in str(e.value)
+    assert (
+        "lower config.workload.time_scale or raise config.run_timeout_s; the first agent arrives at 1.7e+09 s"
+        in str(e.value)
+    )

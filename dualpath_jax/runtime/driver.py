@@ -383,10 +383,19 @@ def _check_arrivals_within_timeout(cfg: RuntimeConfig, trajs: Sequence[Trajector
             if w.arrival == "online"
             else f"arrival='trace' with config.workload.time_scale={w.time_scale:g}"
         )
+        if w.arrival == "online":
+            fix = "raise the arrival rate or config.run_timeout_s"
+        else:  # (it said "raise the arrival rate", which a trace has not; a trace of Unix times starts ~1.7e9 s in)
+            first = float(np.min(firsts))
+            fix = "lower config.workload.time_scale or raise config.run_timeout_s" + (
+                f"; the first agent arrives at {first:.4g} s: the trace's timestamps are replayed as they are, from "
+                "time 0 (a trace of absolute times, e.g. Unix ms, needs them made relative to its start)"
+                if first > cfg.run_timeout_s
+                else ""
+            )
         raise ConfigError(
             f"config.run_timeout_s={cfg.run_timeout_s:g} s ends before the workload's last agent arrives "
-            f"({why}: the last of {len(trajs)} agents arrives at {last:.4g} s), so the run can never finish; "
-            "raise the arrival rate or config.run_timeout_s"
+            f"({why}: the last of {len(trajs)} agents arrives at {last:.4g} s), so the run can never finish; {fix}"
         )
     _check_last_turns_within_timeout(cfg, trajs, model, firsts)
 
