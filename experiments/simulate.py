@@ -126,6 +126,46 @@ def ran_config(cfg_dict: dict, sc, output_dir: str) -> dict:
     return out
 
 
+def policy_label(policy: str, fields: dict) -> str:
+    """The policy with the fields the config gave it, as the runtime's table labels a run: `dualpath[alpha_tokens=5]`
+    (the table said `policy=dualpath` whatever its fields: two runs of one policy at two settings looked alike)."""
+    given = ",".join(f"{k}={v}" for k, v in sorted(fields.items()))
+    return f"{policy}[{given}]" if given else policy
+
+
+def _framework_packages() -> tuple:
+    import dualpath_jax
+    import schedulers
+
+    return dualpath_jax, schedulers
+
+
+def policy_mistake(e: BaseException, policy: str, batcher: str | None = None) -> str | None:
+    """One line for an error the policy (or batcher) made, as the simulator names it (`sim.runner.PolicyError`:
+    schedule() raised or changed the snapshot; a RuntimeError / TypeError starting "policy '<name>' ": a bad placement,
+    an unknown engine or request, none placed on an idle cluster, not a list returned; "batcher '<name>' ": a bad
+    batch), with the file and line in the policy where it raised; None for any other error. Each was a traceback
+    through the event loop, the policy's mistake on its last line."""
+    from dualpath_jax.sim.runner import PolicyError
+
+    names = (f"policy {policy!r} ",) + ((f"batcher {batcher!r} ",) if batcher is not None else ())
+    if not isinstance(e, PolicyError) and not str(e).startswith(names):
+        return None
+    cause = e.__cause__
+    if isinstance(e, PolicyError) and cause is not None and cause.__traceback__ is not None:
+        import traceback
+
+        logging.info("the policy's traceback:\n%s", "".join(traceback.format_exception(cause)))
+        # the deepest frame outside the framework: the policy's own line (not the Assignment check it called)
+        ours = tuple(os.path.dirname(m.__file__) + os.sep for m in _framework_packages())
+        frames = [
+            f for f in traceback.extract_tb(cause.__traceback__) if not f.filename.startswith((*ours, "<"))
+        ]  # ("<string>": a dataclass's generated __init__)
+        if frames:
+            return f"{e} (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})"
+    return str(e)
+
+
 def _warn_of_earlier_run(out: str) -> None:
     """A warning naming the earlier run whose results this one replaces in `out` (two runs of one config with other
     `--config.*` overrides share its output_dir: the first's results went without a word)."""
@@ -150,6 +190,7 @@ def main(argv: Sequence[str]) -> None:
     from dualpath_jax.sim import outputs, runner
     from dualpath_jax.sim.configs_io import variant_fields
     from dualpath_jax.workloads.traces import TraceFormatError
+    from schedulers.registry import PolicyClassError
 
     log_versions()
     config = config_or_exit(_CONFIG)
@@ -183,6 +224,13 @@ def main(argv: Sequence[str]) -> None:
             raise SystemExit(f"bad workload: {e}") from None
         except sim_config.SimConfigError as e:  # e.g. a turn no DE has room for: one line, before anything ran
             raise SystemExit(f"bad config: {e}") from None
+        except PolicyClassError as e:  # a policy / batcher class that cannot run as registered: before anything ran
+            raise SystemExit(f"bad config: {e}") from None
+        except (runner.PolicyError, RuntimeError, TypeError) as e:
+            why = policy_mistake(e, sc.policy, sc.batcher)
+            if why is None:  # not the policy's: the traceback
+                raise
+            raise SystemExit(f"simulate: {why}; nothing written to {out}") from None
         except KeyboardInterrupt:  # Ctrl-C: one line, not the event loop's traceback (nothing written before the end)
             raise SystemExit(
                 f"simulate: interrupted (Ctrl-C) before the simulation finished; nothing written to {out}"
@@ -214,7 +262,8 @@ def main(argv: Sequence[str]) -> None:
     rows = [
         (
             "setup",
-            f"{cfg_dict.get('name')} policy={sc.policy} layerwise={sc.cluster.layerwise} io_free={sc.cluster.io_free}",
+            f"{cfg_dict.get('name')} policy={policy_label(sc.policy, sc.policy_kwargs)} "
+            f"layerwise={sc.cluster.layerwise} io_free={sc.cluster.io_free}",
         )
     ]
     rows += [(k, result.summary[k]) for k in _summary_keys(result.config.slo_percentile) if k in result.summary]

@@ -4,8 +4,9 @@
       --modes=basic,dualpath_rr,dualpath,oracle --loads=agents=512,agents=1024 --workers=2
   python -m experiments.sweep --setups=configs/sim_tiny.py --modes=basic,dualpath --loads=aps=0.2,aps=0.5
   python -m experiments.sweep --setups=configs/paper_ds660b.py --modes=dualpath_rr,dualpath --seeds=0,1,2,3
+  python -m experiments.sweep --modes=round_robin,dualpath,dualpath+policy.alpha_tokens=500000   # a policy's own fields
 
-Each cell is `<setup>:<mode>,<load>` (configs/sim_base.py variant syntax). Writes sweep.csv, sweep.json (each row
+Each cell is `<setup>:<mode>,<load>` (configs/sim_base.py variant syntax; a mode's own items joined to it by '+'). Writes sweep.csv, sweep.json (each row
 with its cell's `spec`), run.json (what ran: dualpath_jax.metrics.run_info) and sweep.png (per setup: JCT, TTFT,
 storage-NIC max/avg and, online, SLO attainment over the loads, a line per mode) under --output_dir (default
 results/sweep) and prints the table. A directory that holds an earlier sweep's
@@ -32,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Sequence
 
@@ -53,13 +55,43 @@ from experiments import (
     writable_dir_or_exit,
 )
 
+# a '+' that joins a mode's items (dualpath+policy.alpha_tokens=500000), as experiments.capacity's --modes: not one
+# inside a value (cluster.x=1e+6) nor a value's sign (policy.x=+inf)
+_JOIN = re.compile(r"(?<!=)\+(?=[A-Za-z_])")
+
+
+def mode_items(mode: str) -> list[str]:
+    """A --modes item's variant items: its mode or policy name, then its own items (`dualpath+policy.alpha_tokens=5`)."""
+    return [x.strip() for x in _JOIN.split(mode) if x.strip()]
+
+
+def _check_modes(modes: list[str]) -> bool:
+    """A --modes item that starts with a variant item (`--modes=dualpath,policy.alpha_tokens=5`, as
+    `experiments.run --config.policies` reads it) ran as a mode of its own: the setup's default policy with that field,
+    labelled `policy.alpha_tokens=5`, whichever mode it was meant for (or refused, when that policy does not take it)."""
+    for mode in modes:
+        items = mode_items(mode)
+        if items and "=" in items[0]:
+            raise flags.ValidationError(
+                f"--modes item {mode!r} is a variant item, not a mode or policy name: join a policy's own fields to its "
+                f"name with '+' (dualpath+{items[0]}), or give them to every mode with --extra, or as the grid's columns "
+                "with --loads"
+            )
+    return True
+
+
 # the default in this repository, so that it runs from any directory (relative setups are the working directory's)
 _SETUPS = flags.DEFINE_list(
     "setups",
     [os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "sim_tiny.py"))],
     "Config files (configs/paper_*.py).",
 )
-_MODES = flags.DEFINE_list("modes", ["basic", "dualpath"], "Modes or registered policy names.")
+_MODES = flags.DEFINE_list(
+    "modes",
+    ["basic", "dualpath"],
+    "Modes or registered policy names, each with variant items of its own joined by '+' (a policy's own fields: "
+    "dualpath+policy.alpha_tokens=500000, mine+policy.side=pe), as experiments.capacity's --modes.",
+)
 _LOADS = flags.DEFINE_list(
     "loads",
     [""],
@@ -81,11 +113,12 @@ _SEEDS = flags.DEFINE_list(
     allow_override=True,
 )
 register_seeds()
+flags.register_validator("modes", _check_modes)
 for _name in ("setups", "modes", "loads"):  # an empty list made an empty grid (a traceback from the progress bar)
     flags.register_validator(_name, bool, message=f"--{_name} needs at least one item")
 # (an item given twice ran its cells twice: duplicate rows, drawn as two seeds of one cell)
 register_distinct("setups", key=os.path.realpath)
-register_distinct("modes")
+register_distinct("modes", key=lambda mode: tuple(variant_item_key(i) for i in mode_items(mode)))
 register_distinct("loads", key=variant_item_key)  # (agents=2 and agents=02: one load)
 _PLOT = flags.DEFINE_bool(
     "plot", True, "Write sweep.png (matplotlib): each setup's JCT and metrics over the loads.", allow_override=True
@@ -128,7 +161,7 @@ COLUMNS = [
 
 
 def cell_spec(setup: str, mode: str, load: str, extra: str, seed: str = "") -> str:
-    items = [x for x in (mode, load, extra, f"seed={seed}" if seed else "") if x]
+    items = [x for x in (*mode_items(mode), load, extra, f"seed={seed}" if seed else "") if x]
     return f"{setup}:{','.join(items)}"
 
 

@@ -11,15 +11,44 @@ refuse unknown keys with the list of known ones.
 from __future__ import annotations
 
 import dataclasses
+import sys
+import types
+import typing
 from typing import Any
 
 from dualpath_jax.checks import is_bool, is_int, is_real  # noqa: F401 - the Config fields' type checks
 from dualpath_jax.registry import Registry
 from schedulers.api import InterEnginePolicy, IntraEnginePolicy
 
+# Names the simulator reads as its modes (`dualpath_jax.sim.config.MODES`: a policy with cluster flags), not as the
+# policy registered under them: a policy of one's own named "oracle" was never run by `configs/sim_tiny.py:oracle` or
+# `sweep --modes=oracle`, which ran DualPath with free I/O under its name, silently. (`basic` and `dualpath`, the other
+# modes, are built-in policies: taken anyway.)
+SIM_MODE_NAMES = ("layerwise", "dualpath_rr", "oracle")
+
+
+class _PolicyRegistry(Registry):
+    """The policies' registry: also refuses the simulator's mode names (`SIM_MODE_NAMES`)."""
+
+    def _check_reserved(self, name: str) -> None:
+        super()._check_reserved(name)
+        if name in SIM_MODE_NAMES:
+            raise ValueError(
+                f"{self.kind} name {name!r} is the simulator's mode {name!r} (dualpath_jax.sim.config.MODES): a config "
+                f"variant `:{name}` and `sweep --modes={name}` would run that mode, not this policy; pick another name"
+            )
+
+
 # (policy names are split on "," by --config.policies, sweep --modes and config variants, which read "key=value")
-POLICIES: Registry[type[InterEnginePolicy]] = Registry("inter-engine policy", reserved=",=")
+POLICIES: Registry[type[InterEnginePolicy]] = _PolicyRegistry("inter-engine policy", reserved=",=")
 BATCHERS: Registry[type[IntraEnginePolicy]] = Registry("intra-engine batching policy")
+
+
+class PolicyClassError(TypeError, ValueError):
+    """A registered class that cannot run as registered (no `Config` dataclass, cannot be built as cls(config), no
+    schedule() / form_batch(), or one the runners cannot call): a config error of the run that names it. A ValueError
+    too, so that the launchers' config checks (`sweep`'s cells) report it in one line; it was a bare TypeError, and
+    `simulate` / `sweep` showed the traceback of building the simulator."""
 
 
 def describe(x: Any) -> str:
@@ -46,7 +75,7 @@ def build_config(cls: type, name: str, config: Any = None, /, **kwargs: Any) -> 
     # a registered class without one failed as "type object 'X' has no attribute 'Config'" (or dataclasses' "must be
     # called with a dataclass type or instance"), naming neither the policy nor what it lacks
     if fields is None:
-        raise TypeError(
+        raise PolicyClassError(
             f"{name!r} ({getattr(cls, '__qualname__', cls)!r}) has no `Config` dataclass: every registered policy and "
             f"batcher is a class with a nested @dataclasses.dataclass `Config` (its keyword arguments, may be empty) "
             f"built as cls(config); got Config={config_cls!r}"
@@ -54,6 +83,8 @@ def build_config(cls: type, name: str, config: Any = None, /, **kwargs: Any) -> 
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise TypeError(f"{name!r} does not take {unknown}; its config fields are: {sorted(fields)}")
+    if not getattr(cls, "__module__", "").startswith("schedulers."):  # (the built-in Configs check their own fields)
+        check_field_types(config_cls, name, kwargs)
     if config is not None and not isinstance(config, config_cls):
         raise TypeError(f"{name!r} needs a {config_cls.__name__}, got {type(config).__name__}")
     try:
@@ -65,6 +96,73 @@ def build_config(cls: type, name: str, config: Any = None, /, **kwargs: Any) -> 
         if msg.startswith(f"{name} "):  # the check named its policy already
             raise
         raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{name} {msg}") from None
+
+
+# what a value of each simple annotation must be, the framework's own checks (a bool is no count, 1.5 no int)
+_SIMPLE_TYPES = {
+    int: ("an int", is_int),
+    float: ("a number", is_real),
+    bool: ("a bool (true / false)", is_bool),
+    str: ("a string", lambda x: isinstance(x, str)),
+    type(None): ("None", lambda x: x is None),
+}
+
+
+def _field_annotations(config_cls: type) -> dict[str, Any]:
+    """Each field's annotation as a type where it resolves (`from __future__ import annotations` leaves strings);
+    a field whose annotation does not resolve is left out (not checked)."""
+    try:
+        return typing.get_type_hints(config_cls)
+    except Exception:  # one name that does not resolve: each field on its own
+        pass
+    module = sys.modules.get(config_cls.__module__)
+    namespace = dict(vars(module)) if module is not None else {}
+    out = {}
+    for f in dataclasses.fields(config_cls):
+        try:
+            out[f.name] = eval(f.type, namespace, dict(vars(config_cls))) if isinstance(f.type, str) else f.type
+        except Exception:
+            pass
+    return out
+
+
+def _accepts(tp: Any, value: Any) -> tuple[bool, str] | None:
+    """(whether `value` fits annotation `tp`, what the annotation asks for), or None when it is not one of the simple
+    kinds (int, float, bool, str, None, Literal and unions of them) checked here."""
+    try:
+        simple = _SIMPLE_TYPES.get(tp)
+    except TypeError:  # an unhashable annotation object: not one of these
+        simple = None
+    if simple is not None:
+        what, ok = simple
+        return ok(value), what
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        options = typing.get_args(tp)
+        ok = any(value == o and type(value) is type(o) for o in options)
+        return ok, "one of " + ", ".join(repr(o) for o in options)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_accepts(t, value) for t in typing.get_args(tp)]
+        if any(p is None for p in parts):
+            return None
+        return any(ok for ok, _ in parts), " or ".join(what for _, what in parts)
+    return None
+
+
+def check_field_types(config_cls: type, name: str, kwargs: dict) -> None:
+    """Refuse a config field given a value its annotation does not allow (`margin_tokens: int` given 1.5 or 'abc',
+    `prefer: str` given 5, `flag: bool` given 'no'), for a policy or batcher of one's own: its Config took any value
+    and the run went on with it (a float where an int belongs, silently) or failed inside schedule() at the first
+    fetch. Only simple annotations are checked (int, float, bool, str, None, Literal and their unions)."""
+    hints = _field_annotations(config_cls)
+    for key, value in kwargs.items():
+        tp = hints.get(key)
+        checked = None if tp is None else _accepts(tp, value)
+        if checked is not None and not checked[0]:
+            hint = ""
+            if not isinstance(value, str) and "a string" in checked[1]:  # (the launchers read `policy.x=5` as an int)
+                hint = "; a command line's policy.FIELD=5, true or none reads as a number, bool or None"
+            raise TypeError(f"{name} {key} must be {checked[1]} (its Config's annotation), got {describe(value)}{hint}")
 
 
 def make_policy(name: str, /, config: Any = None, **kwargs: Any) -> InterEnginePolicy:
@@ -95,10 +193,36 @@ def _build(cls: type, name: str, config: Any, method: str) -> Any:
     try:
         obj = cls(config)
     except TypeError as e:
-        raise TypeError(f"{what} cannot be built as cls(config): {e}") from e
+        raise PolicyClassError(f"{what} cannot be built as cls(config): {e}") from e
     if not callable(getattr(obj, method, None)):
-        raise TypeError(f"{what} has no {_NEEDS[method]}")
+        raise PolicyClassError(f"{what} has no {_NEEDS[method]}")
+    _check_call(what, getattr(obj, method), method)
     return obj
+
+
+# how the simulator and the runtime call each method (keywords as they pass them)
+_CALLS = {"schedule": (("snapshot", "queue"), {"fetching_node": None}), "form_batch": (("queue",), {})}
+
+
+def _check_call(what: str, bound: Any, method: str) -> None:
+    """`bound` takes the arguments the simulator and the runtime pass: a `schedule(self, snapshot, queue)` without
+    `fetching_node` (they pass it by keyword) was built and failed at the first fetch, as "policy raised TypeError(...
+    got an unexpected keyword argument 'fetching_node')" in the runtime and, in the simulator, named the runner's line
+    as where it raised."""
+    import inspect
+
+    try:
+        sig = inspect.signature(bound)
+    except (TypeError, ValueError):  # (no signature to tell: a builtin, a C method)
+        return
+    args, kwargs = _CALLS[method]
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        call = ", ".join([*args, *(f"{k}={v}" for k, v in kwargs.items())])
+        raise PolicyClassError(
+            f"{what}.{method}{sig} cannot be called as {method}({call}), as the simulator and the runtime call it: {e}"
+        ) from None
 
 
 def _named(obj: Any, name: str) -> Any:
