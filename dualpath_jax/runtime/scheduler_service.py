@@ -343,8 +343,15 @@ class GlobalScheduler:
                     f"policy {self.policy.name!r} returned {a!r} ({type(a).__name__}), not a schedulers.Assignment"
                 )
             inf = self._inflight.get(a.request_id)
-            if inf is None or inf.assignment is not None or a.request_id in seen:
-                raise RunFailed(f"policy {self.policy.name!r} returned an invalid assignment {a}")
+            if inf is None or inf.assignment is not None or a.request_id in seen:  # (each said "an invalid assignment")
+                why = (
+                    "twice in one call"
+                    if a.request_id in seen
+                    else "which is not in the queue (unknown or finished)"
+                    if inf is None
+                    else "which was placed before"
+                )
+                raise RunFailed(f"policy {self.policy.name!r} placed request {a.request_id} {why}: {a}")
             if a.prefill_engine not in snap.engines or a.decode_engine not in snap.engines:
                 raise RunFailed(f"policy {self.policy.name!r} assigned a dead or unknown engine: {a}")
             if snap.engines[a.prefill_engine].role != "prefill" or snap.engines[a.decode_engine].role != "decode":
