@@ -59,3 +59,19 @@ def test_a_trace_of_absolute_times_is_named_as_such_not_told_to_raise_its_arriva
         "lower config.workload.time_scale or raise config.run_timeout_s; the first agent arrives at 1.7e+09 s"
         in str(e.value)
     )
+
+
+def test_a_simulator_run_records_every_field_its_policy_ran_with():
+    """The simulator's results held only the policy kwargs given (`config.scheduler.kwargs`): a dualpath run's alpha
+    and beta (filled from the cluster) and a policy's defaults were nowhere in them, where the runtime's results.json
+    has `policy_config` (found by the policyown helper). `SimResult.policy_config` holds every field; simulate writes
+    it as summary.json's `policy_config` (tests/test_sim_hunt4.py)."""
+    import dataclasses
+
+    from dualpath_jax.sim import load_sim_config, run
+    from schedulers import POLICIES
+
+    res = run(load_sim_config("configs/sim_tiny.py:dualpath,agents=2,turns=2"))
+    conf = res.policy_config
+    assert conf is not None and set(conf) == {f.name for f in dataclasses.fields(POLICIES.get("dualpath").Config)}
+    assert conf["alpha_tokens"] > 0 and conf["beta_tokens"] > 0  # filled from the cluster, not the Config's defaults

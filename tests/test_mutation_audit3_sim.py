@@ -682,7 +682,7 @@ def test_a_capacity_search_needs_a_bracket_of_positive_width_before_any_probe(mo
 def test_summary_json_holds_the_link_totals_once_beside_the_stats(tmp_path):
     """Mutant O03: `write_results` copying every stat into summary.json's "stats", the per-link byte totals
     included, so they are written twice (a large run has thousands of links). Contract (outputs.py `write_results`:
-    summary.json is {"summary", "stats" less the link totals, "link_totals", "config"}): the link totals appear once,
+    summary.json is {"summary", "stats" less the link totals, "link_totals", "config", "policy_config"}): the link totals appear once,
     at the top level, equal to the run's, and every other stat is under "stats"."""
     import json
 
@@ -693,7 +693,7 @@ def test_summary_json_holds_the_link_totals_once_beside_the_stats(tmp_path):
     paths = write_results(result, str(tmp_path), config={"x": 1}, plot=False)
     with open(paths["summary"]) as f:
         summary = json.load(f)
-    assert set(summary) == {"summary", "stats", "link_totals", "config"}
+    assert set(summary) == {"summary", "stats", "link_totals", "config", "policy_config"}
     assert "link_totals" not in summary["stats"]
     assert set(summary["stats"]) == set(result.stats) - {"link_totals"}
     assert summary["link_totals"] == pytest.approx(result.stats["link_totals"])

@@ -30,6 +30,8 @@ def test_summary_json_records_the_config_that_ran(tmp_path):
     assert cfg["mode"] == "dualpath_rr" and cfg["name"] == "sim_tiny" and cfg["output_dir"] == str(tmp_path)
     # the mode's policy, its kwargs and its global fetch (the file says dualpath, no kwargs, per-node fetch)
     assert cfg["scheduler"] == {"name": "round_robin", "kwargs": {"full_de": "queue"}}
+    ran = json.loads((tmp_path / "summary.json").read_text())["policy_config"]  # every field it ran with
+    assert ran["full_de"] == "queue" and "read_side" in ran
     assert cfg["cluster"]["layerwise"] is True and cfg["cluster"]["fetch_scope"] == "global"
     # the DE KV room the run used (derived from the HBM by the calibrated reserve), not the file's 0
     assert cfg["cluster"]["de_hbm_kv_gb"] > 0

@@ -44,6 +44,9 @@ def write_results(result: SimResult, output_dir: str, config: dict, plot: bool =
     paths = {}
     stats = {k: v for k, v in result.stats.items() if k != "link_totals"}
     summary = {"summary": result.summary, "stats": stats, "link_totals": result.stats["link_totals"], "config": config}
+    # every field of the policy's Config it ran with (`SimResult.policy_config`: alpha / beta filled from the cluster, a
+    # policy's defaults; the config holds the kwargs given only), as the runtime's results.json policy_config
+    summary["policy_config"] = getattr(result, "policy_config", None)
     p = os.path.join(output_dir, "summary.json")
     with open(p, "w") as f:
         json.dump(metrics.json_safe(summary), f, indent=1, default=str)

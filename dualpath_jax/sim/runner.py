@@ -24,6 +24,9 @@ class SimResult:
     stats: dict  # events, wall time, events/s, turns/s, ...
     summary: dict  # metrics.summarize + TTFT breakdown + SLO + storage-NIC balance
     config: SimConfig | None = None  # the config that ran (mode applied, derived DE HBM filled in)
+    # every field of the policy's Config it ran with (alpha / beta / block size filled from the cluster, a policy's
+    # defaults), as the runtime's results.json policy_config; None for a policy without a dataclass Config
+    policy_config: dict | None = None
 
 
 def ep_engines(cfg: SimConfig, role: str) -> int:
@@ -383,7 +386,15 @@ def run(
 
             records, links, stats = sim.run(max_time=max_time, progress=report)
     links = _end_at(links, stats["sim_end_s"])
-    return SimResult(records, links, stats, summarize(cfg, records, links, stats), sim.cfg)
+    return SimResult(records, links, stats, summarize(cfg, records, links, stats), sim.cfg, policy_config(sim.policy))
+
+
+def policy_config(policy) -> dict | None:
+    """The fields of a built policy's Config (`CheckedPolicy` forwards `.config`), or None without a dataclass one."""
+    conf = getattr(policy, "config", None)
+    if conf is None or not dataclasses.is_dataclass(conf) or isinstance(conf, type):
+        return None
+    return dataclasses.asdict(conf)
 
 
 def _end_at(links: list, end: float) -> list:
