@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from test_fix20_tracejourney import REPO, _mooncake
 
 
@@ -37,8 +38,6 @@ def test_a_trace_of_absolute_times_is_named_as_such_not_told_to_raise_its_arriva
     has not (found by the tracejourney helper). The line now names the fields a trace run has and the first agent's
     arrival."""
     import json
-
-    import pytest
 
     from configs.tiny_runtime import get_config
     from dualpath_jax.runtime import driver
@@ -75,3 +74,26 @@ def test_a_simulator_run_records_every_field_its_policy_ran_with():
     conf = res.policy_config
     assert conf is not None and set(conf) == {f.name for f in dataclasses.fields(POLICIES.get("dualpath").Config)}
     assert conf["alpha_tokens"] > 0 and conf["beta_tokens"] > 0  # filled from the cluster, not the Config's defaults
+
+
+def test_a_config_file_error_names_the_users_file_and_line(tmp_path):
+    """A config file that imports a module of one's own (one registering a policy) which fails to import said only
+    `ModuleNotFoundError: No module named 'numpyy' (from config file 'cfg.py')` (found by the policyown helper); an
+    error in the config file itself gave no line. Both now name the file and line where it was raised."""
+    from dualpath_jax.sim.configs_io import ConfigFileError, load_config
+
+    (tmp_path / "broken_policies_fix20.py").write_text("import os\nimport numpyy\n")
+    head = f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\n"
+    (tmp_path / "cfg.py").write_text(head + "import broken_policies_fix20\ndef get_config(arg=None):\n    pass\n")
+    (tmp_path / "cfg2.py").write_text("x = 1\ny = 1 / 0\ndef get_config(arg=None):\n    pass\n")
+    with pytest.raises(ConfigFileError) as e:
+        load_config(str(tmp_path / "cfg.py"))
+    assert str(e.value) == (
+        f"ModuleNotFoundError: No module named 'numpyy' (at {tmp_path / 'broken_policies_fix20.py'}:2, from config "
+        f"file {str(tmp_path / 'cfg.py')!r})"
+    )
+    with pytest.raises(ConfigFileError) as e:
+        load_config(str(tmp_path / "cfg2.py"))
+    assert (
+        str(e.value) == f"ZeroDivisionError: division by zero (from config file {str(tmp_path / 'cfg2.py')!r}, line 2)"
+    )
