@@ -4,8 +4,9 @@ A variant string after the config file (`configs/paper_ds660b.py:VARIANT`) is a 
 items: one mode name (basic | layerwise | dualpath_rr | dualpath | oracle, or any registered policy), or
 `key=value` with key one of dataset, agents, aps, duration, pd (e.g. 1P2D), turns, seed, kind, warmup, append
 (every synthetic append x this: PAPER.md's append x1..x3 experiment), trace (a trace file or name: the workload
-replays it, kind=trace; not with aps= or dataset=), shared_hits (true / false: a trace's prefix hits across
-trajectories, `workload.shared_prefix_hits`), or
+replays it, kind=trace; not with aps= or dataset=), max_agents (a trace's first N sessions, each whole,
+`workload.max_agents`), shared_hits (true / false: a trace's prefix hits across trajectories,
+`workload.shared_prefix_hits`), or
 `policy.NAME=value` / `batcher.NAME=value`: a field of the policy's / the batcher's Config
 (`config.scheduler.kwargs` / `config.batcher.kwargs`; ints, floats, true/false, None/null and strings are told
 apart), or `cluster.NAME=value`: a field of `config.cluster` (hardware and system: `cluster.snic_gbps=25`, a sweep's
@@ -13,7 +14,7 @@ load over NIC rates, GPUs per node, HBM, ...; rates in GB/s, a 200 Gbps NIC is 2
 `aps=X` makes the workload online (beside a `kind=` other than online it is an error). A run's launcher refuses an
 item its workload kind does not use, by name (dualpath_jax.sim.configs_io.variant_fields): `duration=` (online
 only), `warmup=` (online and trace: their SLO), `agents=` (offline only: an online run has aps x duration agents, a
-trace all of its own).
+trace its first `max_agents=` sessions), `max_agents=` (trace only).
 Examples: `configs/paper_ds660b.py:basic,dataset=48K,agents=1024`,
 `configs/paper_ds660b.py:dualpath_rr,policy.full_de=wait`, `configs/paper_ds660b.py:batcher.quota_s=0.2`.
 """
@@ -133,9 +134,11 @@ _KEYS = {
     "append",
     "trace",
     "shared_hits",
+    "max_agents",
 }
 _NUMBER_KEYS = {
     "agents": int,
+    "max_agents": int,
     "aps": float,
     "duration": float,
     "turns": int,
@@ -218,6 +221,8 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
             cfg.workload.dataset = value
         elif key == "agents":
             cfg.workload.n_agents = number
+        elif key == "max_agents":  # (a trace's first N sessions; agents= is the synthetic agent count)
+            cfg.workload.max_agents = number
         elif key == "aps":
             cfg.workload.aps = aps = number
         elif key == "duration":

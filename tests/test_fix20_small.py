@@ -97,3 +97,20 @@ def test_a_config_file_error_names_the_users_file_and_line(tmp_path):
     assert (
         str(e.value) == f"ZeroDivisionError: division by zero (from config file {str(tmp_path / 'cfg2.py')!r}, line 2)"
     )
+
+
+def test_the_variant_item_max_agents_replays_a_traces_first_sessions(tmp_path):
+    """`configs/x.py:trace=T,agents=5` was refused (agents= is the synthetic agent count) and no item set the new
+    `workload.max_agents`: a sweep could not grid a trace's size (`--loads=max_agents=100,max_agents=500`)."""
+    from test_fix20_tracejourney import _mooncake
+
+    from dualpath_jax.sim import load_sim_config
+    from dualpath_jax.sim.runner import make_trajectories
+
+    trace = _mooncake(tmp_path / "t.jsonl", 4)
+    cfg = load_sim_config(f"configs/sim_tiny.py:trace={trace},max_agents=3", as_run=True)
+    assert cfg.workload.max_agents == 3 and len(make_trajectories(cfg)[0]) == 3
+    with pytest.raises(ValueError, match=r"max_agents applies to kind='trace' only"):
+        load_sim_config("configs/sim_tiny.py:max_agents=3", as_run=True)
+    with pytest.raises(ValueError, match=r"max_agents must be an integer"):
+        load_sim_config(f"configs/sim_tiny.py:trace={trace},max_agents=1.5")

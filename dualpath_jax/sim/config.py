@@ -473,8 +473,8 @@ _KIND_FIELDS = (
         "workload.n_agents",
         ("offline",),
         "offline workloads only (an online one runs aps * duration_s agents, a trace its first max_agents sessions)",
-        "config.workload.max_agents=N for a trace's first N sessions, config.workload.kind=offline, or leave the agent "
-        "count out",
+        "config.workload.max_agents=N (variant item max_agents=N) for a trace's first N sessions, "
+        "config.workload.kind=offline, or leave the agent count out",
     ),
     (
         "workload.shared_prefix_hits",

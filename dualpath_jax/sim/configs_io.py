@@ -153,6 +153,7 @@ def _is_section(node) -> bool:
 # `configs/paper_ds660b.py:dualpath,duration=600` ran offline as if the item were not there.
 _VARIANT_FIELDS = {
     "agents": "workload.n_agents",
+    "max_agents": "workload.max_agents",
     "duration": "workload.duration_s",
     "warmup": "warmup_s",
     "shared_hits": "workload.shared_prefix_hits",
