@@ -54,6 +54,13 @@ def _bad_override(argv, e: BaseException) -> str:
     key = key.strip("\"'")
     flag = next((a for a in argv[1:] if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")), None)
     where = f" {flag}" if flag else ""
+    name = flag.split("=", 1)[0] if flag else ""
+    for section, item in (("scheduler", "policy"), ("batcher", "batcher")):  # (the simulator's kwargs are a dict)
+        if name.startswith(f"--config.{section}.kwargs.") and not hint:
+            hint = (
+                f"A {item}'s own field is the variant item {item}.{key}=VALUE after the config file "
+                f"(--config=FILE:MODE,{item}.{key}=VALUE), or --config.{section}.kwargs=\"{{'{key}': VALUE}}\""
+            )
     return f"bad override{where}: the config has no field {key!r}. {hint}".rstrip()
 
 

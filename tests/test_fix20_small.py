@@ -114,3 +114,22 @@ def test_the_variant_item_max_agents_replays_a_traces_first_sessions(tmp_path):
         load_sim_config("configs/sim_tiny.py:max_agents=3", as_run=True)
     with pytest.raises(ValueError, match=r"max_agents must be an integer"):
         load_sim_config(f"configs/sim_tiny.py:trace={trace},max_agents=1.5")
+
+
+def test_an_override_of_a_policy_field_says_how_to_give_it():
+    """`--config.scheduler.kwargs.alpha_tokens=5` (the simulator's kwargs are a dict with no such field) said only
+    "the config has no field 'alpha_tokens'" (found by the policyown helper): the line now names the two ways."""
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.simulate", "--config=configs/sim_tiny.py"]
+        + ["--config.scheduler.kwargs.alpha_tokens=5"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "bad override --config.scheduler.kwargs.alpha_tokens=5: the config has no field 'alpha_tokens'. A policy's own "
+        "field is the variant item policy.alpha_tokens=VALUE after the config file "
+        "(--config=FILE:MODE,policy.alpha_tokens=VALUE), or --config.scheduler.kwargs=\"{'alpha_tokens': VALUE}\""
+    )
