@@ -94,7 +94,8 @@ class Link:
       rate_bytes_per_s: capacity in bytes/s (`math.inf` = unpaced, only recorded).
       weights: class -> weight; under contention class c gets weight_c / sum(weights of backlogged classes)
         of the rate. A class alone gets the whole rate.
-      quantum: largest chunk granted at once (bytes). Default: ~5 ms of the link's rate, at least 16 KiB.
+      quantum: largest chunk granted at once (bytes). Default: ~5 ms of the link's rate, within 16 KiB..8 MiB
+        (1 MiB on an unpaced link).
       burst_s: how far the link may catch up after being idle or late (token-bucket depth, seconds).
       clock_origin: `time.monotonic()` value that sample times are measured from.
       sample_interval: width of the recorded `LinkBytes` bins, seconds.
@@ -743,9 +744,11 @@ class TrafficManager:
 
 
 def rate_of(samples: Iterable[LinkBytes], link: str, t0: float = 0.0, t1: float = math.inf) -> float:
-    """Mean bytes/s of `link` over the bins inside [t0, t1) (for checks and benchmarks). A link that records per class
-    (a CNIC: "cnic/engine0/high", "cnic/engine0/low") is asked for by one of those names; its own name is a ValueError
-    listing them (it was 0.0: an idle link)."""
+    """Mean bytes/s of `link` over its recorded bins inside [t0, t1), from the first one's start to the last one's end
+    (a stretch with nothing recorded at either end of the window does not count, one between bins does; 0.0 without
+    bins there; for checks and benchmarks). A link that records per class (a CNIC: "cnic/engine0/high",
+    "cnic/engine0/low") is asked for by one of those names; its own name is a ValueError listing them (it was 0.0:
+    an idle link)."""
     samples = list(samples)
     sel = [s for s in samples if s.link == link and s.t0 >= t0 and s.t1 <= t1]
     if not sel:

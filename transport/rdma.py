@@ -290,8 +290,10 @@ class RdmaTransport(Transport):
       table index to use (RoCE v2 usually needs a gid_index with an IP-based GID). sl_high, sl_low: the service
       level (0-15) of each priority class's queue pairs (on RoCE it sets the 802.1p priority; default 0 for both).
       host, port, secret: the TCP control channel (loopback by default; non-loopback needs a secret); `port` is
-      that channel's TCP port, not the RDMA port. pacer: optional sender pacing. timeout_s: control-channel
-      liveness timeout. chunk_bytes: largest single work request. max_send_wr: outstanding work requests per QP.
+      that channel's TCP port, not the RDMA port. pacer: optional sender pacing. timeout_s: the control channel's
+      liveness timeout, and how long a post waits for a send-queue slot or a completion-queue entry before the peer
+      is declared lost (`PeerLostError`). chunk_bytes: largest single work request. max_send_wr: outstanding work
+      requests per QP.
 
     Bad settings are `RdmaConfigError`s naming the argument: types and ranges are checked first (on any host),
     then the device, port (must be ACTIVE) and GID (`check_rdma_device`).

@@ -1113,6 +1113,7 @@ class TcpTransport(Transport):
         non-loopback address, optional on loopback. A client with a secret refuses servers without one.
       pacer: optional `Pacer` that paces outgoing payload bytes (emulated NIC caps).
       timeout_s: a peer with pending transfers and no progress for this long is declared dead.
+      handshake_timeout_s: a new connection's handshake (HELLO, authentication) must finish within this long in all.
       max_message_bytes: the largest control message this endpoint accepts (a larger one closes the connection set).
         The handshake tells peers; their `send` of a larger message raises `TransportError` at once.
     """

@@ -104,11 +104,11 @@ class WorkloadConfig:
     kind: str = "tiny"  # "tiny" (seeded short agents), "synthetic" (paper Table 2, scaled) or "trace"
     trace: str = ""  # kind="trace": a trace file/directory for dualpath_jax.workloads.traces.load_trace
     agents: int = 24  # tiny/synthetic: agents; trace: the first this many, each whole (0 = all)
-    turns: int = 5  # turns per agent (tiny: exact; synthetic: capped)
+    turns: int = 5  # turns per agent (tiny: exact; synthetic and trace: capped)
     append_tokens: int = 48  # mean append per turn (tiny)
     gen_tokens: int = 8  # mean generated tokens per turn (tiny)
-    first_append_tokens: int = 160  # the first turn's append (the system prompt / task)
-    gap_s: float = 0.0  # think/tool time between turns
+    first_append_tokens: int = 160  # mean append of the first turn (tiny; the system prompt / task)
+    gap_s: float = 0.0  # think/tool time between turns (tiny; synthetic and trace: their own gaps x time_scale)
     arrival: str = "offline"  # offline (all at t=0), online (Poisson at aps) or trace (its timestamps)
     aps: float = 1.0  # agents per second (online)
     seed: int = 0
@@ -292,6 +292,13 @@ def validate_workload(cfg: RuntimeConfig) -> None:
         raise ConfigError(f"config.model_seed must be >= 0, got {cfg.model_seed}")
     if not 0 <= w.gap_s < math.inf:  # (a NaN or infinite gap never makes the next turn due: the run would hang)
         raise ConfigError(f"config.workload.gap_s must be >= 0 and finite, got {w.gap_s}")
+    if w.kind in ("synthetic", "trace") and w.gap_s != WorkloadConfig.gap_s:
+        # (it shapes tiny agents only: a synthetic or trace run with gap_s=2 ran the workload's own gaps, silently)
+        raise ConfigError(
+            f"config.workload.gap_s={w.gap_s:g} sets the time between turns of tiny agents only, and this workload is "
+            f"kind={w.kind!r} (its turns keep their own gaps): set it to {WorkloadConfig.gap_s:g} (its default), or "
+            "stretch the workload's gaps and timestamps with config.workload.time_scale"
+        )
     if w.kind == "tiny":  # (tiny_trajectories would silently make 0 or less into 1 token)
         for name in ("append_tokens", "gen_tokens", "first_append_tokens"):
             if getattr(w, name) < 1:
@@ -341,7 +348,8 @@ def validate(
     """Reject a configuration that cannot run, before anything starts (errors name the field).
 
     kv_bytes_per_token: all layers' KV bytes of one token (from the model config), over num_layers layers.
-    max_prompt_tokens / longest total: from the workload, to check buffers and decode slots.
+    max_prompt_tokens: the workload's longest prompt, to check the host buffers and `cluster.max_seq_len` (the longest
+    turn, prompt + generation, is checked against the decode slots by `driver.prepare`).
     weight_bytes: one copy of the model's weights (`models.registry.weight_bytes`; or a function giving it, called only
     where an accelerator's memory is checked), for that memory.
     """
