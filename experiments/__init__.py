@@ -647,6 +647,8 @@ def refuse_unused_workload_overrides(config_flag) -> None:
         ("dataset", w.kind != "synthetic", f"config.runtime.workload.kind={w.kind!r} (give kind=synthetic)"),
         ("aps", w.arrival != "online", f"config.runtime.workload.arrival={w.arrival!r} (give arrival=online)"),
     ]
+    tiny_only = f"config.runtime.workload.kind={w.kind!r} (it shapes tiny agents only; give kind=tiny)"
+    rules += [(f, w.kind != "tiny", tiny_only) for f in ("append_tokens", "gen_tokens", "first_append_tokens", "gap_s")]
     for field, unused, why in rules:
         key = f"runtime.workload.{field}"
         if key in given and unused:

@@ -133,3 +133,21 @@ def test_an_override_of_a_policy_field_says_how_to_give_it():
         "field is the variant item policy.alpha_tokens=VALUE after the config file "
         "(--config=FILE:MODE,policy.alpha_tokens=VALUE), or --config.scheduler.kwargs=\"{'alpha_tokens': VALUE}\""
     )
+
+
+def test_a_tiny_agents_length_override_on_another_workload_is_refused():
+    """`--config.runtime.workload.append_tokens=8` with kind=synthetic ran the synthetic agents' own appends, silently
+    (found by the docstr_runtime helper): the tiny lengths and gap are refused on other kinds, by name."""
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.run", "--config=configs/tiny_runtime.py:test"]
+        + ["--config.runtime.workload.kind=synthetic", "--config.runtime.workload.append_tokens=8"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "bad config: --config.runtime.workload.append_tokens=8 is not used by this run: "
+        "config.runtime.workload.kind='synthetic' (it shapes tiny agents only; give kind=tiny)"
+    )
