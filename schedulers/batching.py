@@ -7,7 +7,8 @@ A PE's local queue is FIFO; a batch item is (cached, bsz): prefill `bsz` tokens 
     (cost model, FLOPs of (cached, bsz) mapped to seconds) stays within `quota_s` (300 ms); the request
     that would overflow is chunk-prefilled with the largest bsz that fits (binary search: attention time
     is monotone in bsz). This keeps data-parallel ranks' attention times equal.
-Both always make progress: an empty batch's head request gets at least `min_chunk_tokens` tokens.
+Both always make progress: an empty batch's head request gets tokens even when it does not fit (`fifo`: up to
+`token_budget`, chunked even with `chunk=False`; `compute_quota`: at least `min_chunk_tokens`).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ class FifoBatcher(IntraEnginePolicy):
     class Config:
         token_budget: int = 8192  # new (miss) tokens per forward
         max_requests: int | None = None  # cap on the batch's request count (None: no cap)
-        chunk: bool = True  # False: a request that does not fit waits for the next forward
+        # False: a request that does not fit waits for the next forward (the head of an empty batch is still chunked)
+        chunk: bool = True
 
         def __post_init__(self):
             if not _is_count(self.token_budget):

@@ -8,7 +8,8 @@ fetching_node=None), µs per placed request, and after draining the queue group 
 taking at most g requests) the storage-NIC balance: max/avg over all nodes of the hit tokens queued for
 reads, the starting queues included (1.0 = even; PE-only reads leave the DE nodes' SNICs idle). This is a
 static proxy (no reads complete meanwhile); the simulator measures the real per-link traffic. `basic` (PE-side reads only) is the
-baseline measured in the same run. Requests have the 64K dataset's shape (context ~32.7K, append 429).
+baseline measured in the same run. Requests are near the 64K dataset's shape (mean context 32,721, append 429):
+lognormal context (mean ~30.5K; hit: its whole 64-token blocks) and append (mean ~446), gen 176.
 Plain Python, one core; numbers vary with machine load.
 """
 

@@ -119,7 +119,8 @@ class NumpyPrefill:
     `__call__(items)` computes, for each (cached, bsz) item and every layer: Q/K/V projections of the bsz
     new tokens, causal attention over cached + new keys (GQA, [kv_heads, tokens, head_dim] cache), the
     output projection and a SwiGLU MLP; then the LM head of the item's last position. FLOPs match
-    `CostModel.prefill_flops` (float32).
+    `CostModel.prefill_flops` (float32), except that attention scores the whole bsz x (cached + bsz) rectangle
+    before the causal mask: about bsz²/2 more pairs than the causal count (small where cached >> bsz).
     """
 
     def __init__(self, shape: ModelShape, max_context: int, seed: int = 0):

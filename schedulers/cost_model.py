@@ -3,8 +3,9 @@
 Formulas (per engine = one accelerator; L layers, d_model = hidden):
 
 Linear FLOPs. Every token multiplies once by every active weight: 2 FLOPs per active parameter per
-token, `linear_flops(n) = 2 * active_params_per_token * n` (embeddings excluded: a gather; the LM head is
-counted once per request chunk, as prefill only needs the last position's logits).
+token, `linear_flops(n, requests) = (2 * active_params_per_token * n + 2 * lm_head_params * requests) / tp`
+(embeddings excluded: a gather; the LM head counts once per request chunk, as prefill only needs the last
+position's logits).
 
 Attention FLOPs. A chunk of `bsz` new tokens on top of `cached` tokens (causal) forms
 `pairs(cached, bsz) = bsz*cached + bsz*(bsz+1)/2` (query, key) pairs per layer. Per pair and layer:
@@ -23,10 +24,13 @@ KV bytes. `kv_bytes_per_token_per_layer`: an explicit override (e.g. DeepSeek's 
 
 Time. prefill_time = overhead + linear_flops / (linear_peak * mfu) + attention_flops / (peak *
 attention_efficiency). decode_step_time = overhead + max(compute, bytes / (hbm_bw * hbm_efficiency))
-with compute = (linear + attention FLOPs) / (peak * mfu) and bytes = the weights the engine streams per
-step (dense part + the routed experts of its 1/ep share that the batch touches, see
-`weight_bytes_per_engine`) + the KV of every context token in the batch.
-`fit` replaces the efficiency factors by least-squares coefficients of measured step times.
+with compute = linear_flops / (linear_peak * mfu) + attention_flops / (peak * attention_efficiency) (the
+rates of prefill) and bytes = the weights the engine streams per step (dense part + the routed experts of
+its 1/ep share that the batch touches, see `weight_bytes_per_engine`) + the KV the step reads
+(`decode_kv_bytes`: every context token's KV; with sparse attention every token's indexer key plus the main
+KV of at most index_topk tokens per sequence). `linear_peak` is the FP8 peak for 1-byte weights.
+`fit` replaces the efficiency factors by least-squares coefficients of measured step times (prefill and
+decode both additive: overhead + linear + attention + bytes terms, see `fit`).
 """
 
 from __future__ import annotations
@@ -569,7 +573,8 @@ class CostModel:
 
     # ---- ratios ----
     def gb_per_pflop(self, context: int, append: int) -> float:
-        """PAPER.md Table 1's I/O-to-compute ratio of one turn: GB of KV loaded per PFLOP of prefill.
+        """The paper's Table 1 I/O-to-compute ratio of one turn (not in PAPER.md; README "Cost model", "Table 1
+        check"): GB of KV loaded per PFLOP of prefill.
 
         The turn loads the KV of its `context` earlier tokens (all layers) and prefills `append` new
         tokens on top of them: kv_bytes(context) / 1e9 over prefill_flops(context, append) / 1e15, with

@@ -8,9 +8,10 @@ Units every runner must report (the simulator and the runtime build the same sna
   - a node's `read_queue_tokens` = hit tokens queued on its storage NIC; α is in the same unit.
 
 Every policy places a FIFO prefix of the queue (it stops at the first request it cannot place), never
-places a request twice, never over-fills a DE's HBM, and updates a private scratch copy of the loads as
-it goes (tok, seq, free HBM, read queues) so later decisions of the same fetch see earlier ones. The
-snapshot itself is never mutated.
+places a request twice, never over-fills a DE's HBM (except `round_robin` with `full_de="queue"`, the
+`dualpath_rr` mode's setting: it places on the DE in turn, room or not, and the request waits there for
+HBM), and updates a private scratch copy of the loads as it goes (tok, seq, free HBM, read queues) so later
+decisions of the same fetch see earlier ones. The snapshot itself is never mutated.
 
 `fetching_node` (the paper's per-group fetch; None: consider all) restricts one thing only, so that no
 fetch biases placement toward the node that happened to fetch:

@@ -1,4 +1,5 @@
-"""Typed simulator configuration, built from the ml_collections configs in configs/paper_*.py."""
+"""Typed simulator configuration, built from the ml_collections config files (configs/paper_*.py, configs/sim_tiny.py,
+one's own; `configs_io.load_sim_config`)."""
 
 from __future__ import annotations
 
@@ -39,13 +40,14 @@ class ClusterConfig:
     cnic_duplex: bool = True  # full-duplex CNICs: separate inbound/outbound links of cnic_gbps each
     dram_gbps: float = 500.0  # M: host memory bandwidth per node
     storage_gbps: float = 0.0  # aggregate storage-cluster cap; 0 = none
-    storage_efficiency: float = 1.0  # fraction of the SNIC line rate storage reads reach [calibrated]
+    # fraction of the SNIC line rate storage I/O reaches (the SNIC link's capacity: reads and write-backs) [calibrated]
+    storage_efficiency: float = 1.0
     host_buffer_gb: float = 80.0  # DRAM buffer per node for Full Blocks
     # DRAM buffer of each DE node where it differs from the PE nodes' (the runtime sizes them apart:
     # buffers.de_buffer_bytes / pe_buffer_bytes); None: every node host_buffer_gb
     de_host_buffer_gb: float | None = None
     pe_hbm_kv_gb: float = 20.0  # PE HBM for whole-prompt KV when not layerwise (basic) [calibrated]
-    de_hbm_kv_gb: float = 40.0  # DE HBM for decode KV (prompt + generated); <= 0: derived (resolve_de_hbm)
+    de_hbm_kv_gb: float = 40.0  # DE HBM for decode KV (prompt + generated); <= 0: derived (sim.runner.de_hbm_kv_bytes)
     # HBM per DE held by what is neither weights nor KV (activations, EP communication buffers, graphs);
     # subtracted when de_hbm_kv_gb is derived [calibrated]
     de_hbm_reserve_gb: float = 0.0
@@ -65,19 +67,23 @@ class ClusterConfig:
     max_reads_per_node: int = 8  # concurrent storage reads per node (requests in flight on one SNIC) [calibrated]
     read_stream_gbps: float = 0.0  # cap on one request's read stream from storage; 0 = none [calibrated]
     fetch_interval_s: float = 0.1  # each group fetches from the global scheduler this often
-    fetch_scope: str = "node"  # "node": a group's fetch places on its own engines (paper); "global": on all
+    # "node": a group's fetch is passed to the policy as fetching_node (paper: a PE group's fetch places on its own PEs
+    # under basic / dualpath; a DE group's restricts nothing); "global": fetching_node=None (every PE a candidate)
+    fetch_scope: str = "node"
     fetch_window: int = 1024  # a fetch shows the policy at most this many queued requests (FIFO head)
     layerwise: bool = True  # layerwise prefill (False: the whole prompt KV must be in PE HBM first)
     io_free: bool = False  # oracle: storage reads, H2D/D2H and P->D transfers cost nothing
     writeback: bool = True  # DE persists filled blocks during decode (bytes on the DE SNIC)
     bucket_s: float = 10.0  # width of the per-link bytes-over-time buckets
-    flow_coalesce_s: float = 1e-3  # flows finishing within this of one another finish together (one solve)
+    # in a busy network (>= network.COALESCE_MIN_FLOWS active flows) flows finishing within this of one another finish
+    # together (one solve)
+    flow_coalesce_s: float = 1e-3
 
 
 @dataclasses.dataclass
 class WorkloadConfig:
     kind: str = "offline"  # offline | online | trace
-    dataset: str = "64K"  # synthetic dataset (paper Table 2): 32K | 48K | 64K
+    dataset: str = "64K"  # synthetic dataset (workloads.synthetic.DATASETS): 32K | 48K | 64K (Table 2), one's own
     n_agents: int = 2048
     aps: float = 0.2  # online: Poisson agent arrivals per second
     duration_s: float = 3600.0  # online: arrivals in [0, duration_s)
@@ -107,7 +113,7 @@ class SimConfig:
     slo_ttft_s: float = 4.0
     slo_tpot_s: float = 0.050
     slo_percentile: float = 90.0  # the SLO is met when this percentile of TTFT and of TPOT is within bounds
-    warmup_s: float = 0.0  # online: turns that arrive before this are left out of the SLO metrics
+    warmup_s: float = 0.0  # online and trace: turns that arrive before this are left out of the SLO metrics
 
 
 # What each number of the config may be (field: (lowest, lowest allowed itself?, highest or None)); checked by
@@ -254,9 +260,9 @@ def check_sim_config(sc: SimConfig) -> None:
 MODES: dict[str, dict[str, Any]] = {
     "basic": dict(layerwise=False, policy="basic"),
     "layerwise": dict(layerwise=True, policy="basic"),  # ablation step 1: + layerwise prefill
-    # Step 2: + dual path with round-robin assignment. Round-robin is global (every fetch may place on all
-    # engines): under per-group fetching it would pile each PE group's fetch onto that group's own PEs. It
-    # uses no load information: a request goes to the DE in turn and waits there for HBM (full_de="queue").
+    # Step 2: + dual path with round-robin assignment. round_robin rotates over all engines whichever node fetched,
+    # so fetch_scope="global" changes nothing (kept from when it placed on the fetching group's PEs). It uses no
+    # load information: a request goes to the DE in turn and waits there for HBM (full_de="queue").
     "dualpath_rr": dict(layerwise=True, policy="round_robin", fetch_scope="global", policy_kwargs={"full_de": "queue"}),
     "dualpath": dict(layerwise=True, policy="dualpath"),  # step 3: + scheduler
     "oracle": dict(layerwise=True, policy="dualpath", io_free=True),

@@ -185,8 +185,9 @@ NATIVE_PREAD_CHUNK_BYTES = 256 << 10
 # Mapped reads of at least this many bytes copy with non-temporal stores (no read-for-ownership of the destination,
 # which is left out of the cache); smaller ones memcpy: their destination may be reused while in cache (Layer-Block
 # reads into one buffer: 256 KiB reads ran at 0.75x of raw preadv with non-temporal stores, measured). Right for a
-# buffer that a device or NIC transfer reads next; a caller that copies the buffer on with the CPU at once sets
-# `nontemporal_min_bytes=None` (the runtime's storage NIC does).
+# buffer that a device or NIC transfer reads next (the runtime's storage NIC, which reads Full Blocks in place into
+# the rows of a layer-major area, keeps this default); a caller that copies the buffer on with the CPU at once sets
+# `nontemporal_min_bytes=None`.
 NONTEMPORAL_MIN_BYTES = 1 << 20
 # Block mappings are advised MADV_HUGEPAGE before their first touch. Where the file system keeps large folios in
 # the page cache (ext4 from Linux 6.16, XFS), the pages a mapped read brings back from the disk then come in 2 MiB
@@ -380,7 +381,8 @@ class LocalDirStoreConfig:
     checksum: str = "xxh3"  # per-Layer-Block checksum of new blocks: "xxh3" (fastest), "wsum64" or "crc32"
     verify: bool = True  # verify checksums of what is read (header checks always happen)
     read_chunk_bytes: int | None = None  # verified reads check this much at a time (0: the whole read at once;
-    # None: MMAP_READ_CHUNK_BYTES with mmap, DEFAULT_READ_CHUNK_BYTES with preadv)
+    # None: MMAP_READ_CHUNK_BYTES with mmap; with preadv NATIVE_PREAD_CHUNK_BYTES (compiled loops) or
+    # DEFAULT_READ_CHUNK_BYTES (Python loops))
     read_method: str = "mmap"  # "mmap": hash in the page cache, then copy; "preadv": copy, then hash
     mmap_min_bytes: int = MMAP_MIN_BYTES  # read_method="mmap": smaller (verified) reads preadv
     # read_method="mmap": reads of an open file done by preadv before it is mapped (None: 0 with the compiled

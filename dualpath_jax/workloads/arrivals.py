@@ -1,6 +1,6 @@
 """Arrival models of the drivers (simulator and runtime): when each agent starts and each turn is ready.
 
-  - offline (PAPER.md "offline rollout"): every agent starts at t = 0; turn i+1 is ready right after
+  - offline (DESIGN.md "Vocabulary": offline rollout): every agent starts at t = 0; turn i+1 is ready right after
     turn i finished plus turn i's gap (`Turn.gap_s`; 0 for the paper's synthetic data). "Finished" is what
     the driver passes as `prev_finish`: both drivers pass the later of turn i's last generated token and the
     end of its blocks' write-back, so turn i+1's lookup sees every block of turn i (its `finished` timestamp
@@ -47,7 +47,8 @@ class ArrivalModel(abc.ABC):
         """[n_agents] float64 seconds: when each agent's first turn is ready."""
 
     def turn_ready(self, trajectory: Trajectory, i: int, prev_finish: float) -> float:
-        """When turn i >= 1 is ready, given that turn i−1 finished (last token) at `prev_finish`."""
+        """When turn i >= 1 is ready, given that turn i−1 finished at `prev_finish` (the drivers pass the later of its
+        last token and its write-back's end, see the module docstring)."""
         if i < 1:
             raise ValueError(f"turn_ready is for turns >= 1, got {i}")
         return prev_finish + trajectory.turns[i - 1].gap_s
@@ -70,12 +71,12 @@ class OfflineArrivals(ArrivalModel):
 
 @ARRIVALS.register("online")
 class OnlineArrivals(ArrivalModel):
-    """Poisson agent arrivals at `aps` agents/s, seeded; the first agent arrives after one gap.
+    """Poisson agent arrivals at `aps` agents/s, seeded.
 
     With `duration_s` (the simulator's probes: `aps * duration_s` agents) the agents arrive as a Poisson process on
-    the window [0, duration_s) given its count: that many uniform times, sorted. (Without it the n-th agent arrives
-    after n exponential gaps, a time that strays around the window's end: a probe's last agents came after its
-    clock stopped, or its judged window ended early with no new agent for minutes.)"""
+    the window [0, duration_s) given its count: that many uniform times, sorted. Without it the n-th agent arrives
+    after n exponential gaps (the first after one gap), a time that strays around the window's end: a probe's last
+    agents came after its clock stopped, or its judged window ended early with no new agent for minutes."""
 
     name = "online"
 

@@ -11,8 +11,9 @@ says nothing). Timestamps become arrival offsets; the think time between turns i
 
 kv-cache-tester sessions (one JSON object a file, 64-token blocks, one hash id per *full* block, hash ids
 scoped to the session (salted here with the session id so sessions never share blocks)): every
-`n`/`s` request is a turn, `think_time` of request i+1 is turn i's gap, `t` its arrival offset; each
-`subagent` entry is its own trajectory arriving at the parent's arrival + its `t`.
+`n`/`s` request is a turn, `think_time` of request i+1 is turn i's gap, `t` its arrival offset (from the session
+start; a trajectory arrives with its first request); each `subagent` entry is its own trajectory, whose requests'
+`t` count from its parent's origin + the entry's `t`.
 
 Re-read context of a trace turn (`Turn.context_tokens`): the paper's model (prompt i+1 = prompt i +
 gen i + append) holds when the new prompt extends the previous one's blocks and is at least as long as
@@ -673,4 +674,4 @@ def load_trace(
     return trajs[:max_agents]
 
 
-load = load_trace  # short name used by the simulator's config (`traces.load(path)`)
+load = load_trace  # a short alias of load_trace (nothing in the package calls it; kept for scripts)
