@@ -1,5 +1,7 @@
 """experiments: the launchers (main job, simulator, sweeps, paper report) and the benchmarks."""
 
+import re
+
 
 def config_or_exit(config_flag):
     """The config that an ml_collections `--config` flag loaded, or SystemExit with one "bad config" message when the
@@ -276,6 +278,17 @@ def register_seeds(name: str = "seeds") -> None:
         lambda v: all(x.strip().lstrip("-").isdigit() for x in v) and len({int(x) for x in v}) == len(v),
         message=f"--{name} takes distinct integers, e.g. 0,1,2",
     )
+
+
+# a '+' that joins a --modes item's own variant items (dualpath+policy.alpha_tokens=5), not one inside a value
+# (cluster.x=1e+6) nor a value's sign (policy.x=+inf)
+_MODE_JOIN = re.compile(r"(?<!=)\+(?=[A-Za-z_])")
+
+
+def mode_items(mode: str) -> list[str]:
+    """A --modes item's variant items (sweep, capacity): its mode or policy name, then its own items joined by '+'
+    (`dualpath+policy.alpha_tokens=5` -> ['dualpath', 'policy.alpha_tokens=5'])."""
+    return [x.strip() for x in _MODE_JOIN.split(mode) if x.strip()]
 
 
 def variant_item_key(item: str):

@@ -30,7 +30,6 @@ import csv
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from experiments import (
     Terminated,
     check_cell_or_exit,
     exit_if_stopped_or_failed,
+    mode_items,
     no_earlier_results_or_exit,
     pyplot_or_none,
     register_distinct,
@@ -114,7 +114,7 @@ for _name in ("setups", "modes"):
     flags.register_validator(_name, bool, message=f"--{_name} needs at least one item")
 register_distinct("setups", key=os.path.realpath)
 # (dualpath+policy.x=1 and dualpath+policy.x=01: one search run twice)
-register_distinct("modes", key=lambda mode: tuple(variant_item_key(i) for i in _JOIN.split(mode)))
+register_distinct("modes", key=lambda mode: tuple(variant_item_key(i) for i in mode_items(mode)))
 
 RESULTS = ("capacity.csv", "capacity.json")  # an earlier search's, refused unless --overwrite
 
@@ -136,16 +136,12 @@ COLUMNS = [
     "wall_s",
 ]
 
-# a '+' that joins a mode's items (dualpath_rr+policy.full_de=wait), not one inside a value (cluster.x=1e+6) nor a
-# value's sign (policy.x=+inf)
-_JOIN = re.compile(r"(?<!=)\+(?=[A-Za-z_])")
-
 Search = tuple[str, str, str, str]  # (setup, mode, extra, seed)
 
 
 def search_spec(setup: str, mode: str, extra: str, seed: str = "") -> str:
     """The `file:variant` a search loads: its probes make the workload online at each APS (`kind=online`)."""
-    items = [*_JOIN.split(mode), "kind=online", extra, f"seed={seed}" if seed else ""]
+    items = [*mode_items(mode), "kind=online", extra, f"seed={seed}" if seed else ""]
     return f"{setup}:{','.join(x for x in items if x)}"
 
 
@@ -327,7 +323,7 @@ def _check_searches(searches: Sequence[Search], overrides: dict, lo: float) -> N
 def _check_items() -> None:
     """Items the search sets itself, or that two flags would both set: one line each."""
     for flag, text in (("--extra", _EXTRA.value), *(("--modes", m) for m in _MODES.value)):
-        for item in (x.strip() for x in _JOIN.split(text.replace(",", "+")) if x.strip()):
+        for item in mode_items(text.replace(",", "+")):
             key = item.partition("=")[0]
             if key in ("aps", "kind", "trace", "agents"):
                 why = {

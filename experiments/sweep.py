@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import time
 from collections.abc import Sequence
 
@@ -44,6 +43,7 @@ from experiments import (
     Terminated,
     check_cell_or_exit,
     exit_if_stopped_or_failed,
+    mode_items,
     no_earlier_results_or_exit,
     pyplot_or_none,
     register_distinct,
@@ -54,15 +54,6 @@ from experiments import (
     variant_item_key,
     writable_dir_or_exit,
 )
-
-# a '+' that joins a mode's items (dualpath+policy.alpha_tokens=500000), as experiments.capacity's --modes: not one
-# inside a value (cluster.x=1e+6) nor a value's sign (policy.x=+inf)
-_JOIN = re.compile(r"(?<!=)\+(?=[A-Za-z_])")
-
-
-def mode_items(mode: str) -> list[str]:
-    """A --modes item's variant items: its mode or policy name, then its own items (`dualpath+policy.alpha_tokens=5`)."""
-    return [x.strip() for x in _JOIN.split(mode) if x.strip()]
 
 
 def _check_modes(modes: list[str]) -> bool:
