@@ -133,13 +133,6 @@ def policy_label(policy: str, fields: dict) -> str:
     return f"{policy}[{given}]" if given else policy
 
 
-def _framework_packages() -> tuple:
-    import dualpath_jax
-    import schedulers
-
-    return dualpath_jax, schedulers
-
-
 def policy_mistake(e: BaseException, policy: str, batcher: str | None = None) -> str | None:
     """One line for an error the policy (or batcher) made, as the simulator names it (`sim.runner.PolicyError`:
     schedule() raised or changed the snapshot; a RuntimeError / TypeError starting "policy '<name>' ": a bad placement,
@@ -155,14 +148,12 @@ def policy_mistake(e: BaseException, policy: str, batcher: str | None = None) ->
     if isinstance(e, PolicyError) and cause is not None and cause.__traceback__ is not None:
         import traceback
 
+        from dualpath_jax.sim.configs_io import users_frame
+
         logging.info("the policy's traceback:\n%s", "".join(traceback.format_exception(cause)))
-        # the deepest frame outside the framework: the policy's own line (not the Assignment check it called)
-        ours = tuple(os.path.dirname(m.__file__) + os.sep for m in _framework_packages())
-        frames = [
-            f for f in traceback.extract_tb(cause.__traceback__) if not f.filename.startswith((*ours, "<"))
-        ]  # ("<string>": a dataclass's generated __init__)
-        if frames:
-            return f"{e} (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})"
+        at = users_frame(cause)  # the policy's own line (not the Assignment check it called)
+        if at is not None:
+            return f"{e} (at {at.filename}:{at.lineno} in {at.name})"
     return str(e)
 
 

@@ -27,32 +27,32 @@ def describe_config_file_error(path: str, e: BaseException) -> str:
         return f"SyntaxError: {e.msg} (config file {where}){hint}"
     lines = str(e).strip().splitlines()
     what = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-    at = _users_frame(e)
+    at = users_frame(e)
     if at is None:
         return f"{what} (from config file {path!r})"
-    file, line = at
-    if os.path.realpath(file) == os.path.realpath(path):
-        return f"{what} (from config file {path!r}, line {line})"
+    if os.path.realpath(at.filename) == os.path.realpath(path):
+        return f"{what} (from config file {path!r}, line {at.lineno})"
     # (a module the config file imports, e.g. one registering a policy of one's own: it named only the config file)
-    return f"{what} (at {file}:{line}, from config file {path!r})"
+    return f"{what} (at {at.filename}:{at.lineno}, from config file {path!r})"
 
 
-def _users_frame(e: BaseException) -> tuple[str, int] | None:
+def users_frame(e: BaseException):
     """The deepest frame of `e`'s traceback in a file of the user's (not Python's, an installed package's or this
-    framework's), as (file, line); None where there is none."""
+    framework's: dualpath_jax, schedulers), a `traceback.FrameSummary`; None where there is none. A config file's
+    error and a policy's own mistake (`experiments.simulate`) name it."""
     import sys
     import traceback
 
-    outside = tuple(
-        {os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-        | {os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep}  # dualpath_jax/
-    )
+    import schedulers
+
+    framework = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(schedulers.__file__))
+    outside = tuple(os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, *framework))
     frames = [
         f
         for f in traceback.extract_tb(e.__traceback__)
         if not f.filename.startswith("<") and not os.path.realpath(f.filename).startswith(outside)
     ]
-    return (frames[-1].filename, frames[-1].lineno) if frames else None
+    return frames[-1] if frames else None
 
 
 def _is_module(e: AttributeError) -> bool:
