@@ -3,11 +3,9 @@ code before."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from test_fix20_tracejourney import REPO, _mooncake
+from test_fix20_tracejourney import _mooncake
+from test_launch_hunt import _launch
 
 
 def test_the_main_job_refuses_a_given_agent_count_past_the_trace(tmp_path):
@@ -15,14 +13,14 @@ def test_the_main_job_refuses_a_given_agent_count_past_the_trace(tmp_path):
     tracejourney fix): a run of another size than asked. A given count is now a `bad config` line naming both
     counts, before anything starts (a config file's own count stays the loader's warning)."""
     trace = _mooncake(tmp_path / "t.jsonl", 2)
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.run", "--config=configs/tiny_runtime.py:test"]
-        + ["--config.runtime.workload.kind=trace", f"--config.runtime.workload.trace={trace}"]
-        + ["--config.runtime.workload.agents=5", f"--config.results_dir={tmp_path / 'results'}"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
+    out = _launch(
+        "-m",
+        "experiments.run",
+        "--config=configs/tiny_runtime.py:test",
+        "--config.runtime.workload.kind=trace",
+        f"--config.runtime.workload.trace={trace}",
+        "--config.runtime.workload.agents=5",
+        f"--config.results_dir={tmp_path / 'results'}",
     )
     assert out.returncode == 1, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
@@ -119,13 +117,8 @@ def test_the_variant_item_max_agents_replays_a_traces_first_sessions(tmp_path):
 def test_an_override_of_a_policy_field_says_how_to_give_it():
     """`--config.scheduler.kwargs.alpha_tokens=5` (the simulator's kwargs are a dict with no such field) said only
     "the config has no field 'alpha_tokens'" (found by the policyown helper): the line now names the two ways."""
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.simulate", "--config=configs/sim_tiny.py"]
-        + ["--config.scheduler.kwargs.alpha_tokens=5"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
+    out = _launch(
+        "-m", "experiments.simulate", "--config=configs/sim_tiny.py", "--config.scheduler.kwargs.alpha_tokens=5"
     )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
@@ -138,13 +131,12 @@ def test_an_override_of_a_policy_field_says_how_to_give_it():
 def test_a_tiny_agents_length_override_on_another_workload_is_refused():
     """`--config.runtime.workload.append_tokens=8` with kind=synthetic ran the synthetic agents' own appends, silently
     (found by the docstr_runtime helper): the tiny lengths and gap are refused on other kinds, by name."""
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.run", "--config=configs/tiny_runtime.py:test"]
-        + ["--config.runtime.workload.kind=synthetic", "--config.runtime.workload.append_tokens=8"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
+    out = _launch(
+        "-m",
+        "experiments.run",
+        "--config=configs/tiny_runtime.py:test",
+        "--config.runtime.workload.kind=synthetic",
+        "--config.runtime.workload.append_tokens=8",
     )
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
