@@ -5,18 +5,15 @@ where a kv-cache-tester session belongs names the format; an agent count given t
 max_agents. Each test failed on the code before its fix. Tiny traces written here: no real trace is needed."""
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
+from test_launch_hunt import _launch
 
 from dualpath_jax.sim.config import SimConfigError
 from dualpath_jax.sim.configs_io import load_sim_config
 from dualpath_jax.sim.runner import make_trajectories
 from dualpath_jax.workloads.traces import TraceFormatError, load_trace
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mooncake(path, sessions: int) -> str:
@@ -56,23 +53,14 @@ def test_max_agents_past_the_trace_is_refused_naming_both_counts(tmp_path):
 def test_simulate_says_max_agents_past_the_trace_in_one_line(tmp_path):
     """The launcher's line (a `bad config:` line, exit code 1, no traceback), before anything ran."""
     trace = _mooncake(tmp_path / "t.jsonl", 2)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.simulate",
-            "--config=configs/sim_tiny.py",
-            "--config.workload.kind=trace",
-            f"--config.workload.trace_path={trace}",
-            "--config.workload.max_agents=5",
-            f"--config.output_dir={tmp_path / 'out'}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": REPO},
-        check=False,
+    out = _launch(
+        "-m",
+        "experiments.simulate",
+        "--config=configs/sim_tiny.py",
+        "--config.workload.kind=trace",
+        f"--config.workload.trace_path={trace}",
+        "--config.workload.max_agents=5",
+        f"--config.output_dir={tmp_path / 'out'}",
     )
     assert out.returncode == 1, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
@@ -112,15 +100,7 @@ def test_n_agents_on_a_trace_run_points_at_max_agents(tmp_path):
 
 # ---- workload_stats of what a replay runs ----------------------------------------------------------------------------
 def _stats(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.workload_stats", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": REPO},
-        check=False,
-    )
+    return _launch("-m", "experiments.workload_stats", *args)
 
 
 def _row(out: str, name: str) -> str:
