@@ -166,9 +166,7 @@ class GlobalScheduler:
         except Exception as e:
             # A bad report (unknown node or event, malformed event data) or a bad policy fails the run, also
             # when the caller is a control-server thread that can only drop the group's connection.
-            why = str(e) if isinstance(e, RunFailed) else f"fetch from node {report.node_id} failed: {e!r}"
-            with self._lock:
-                self.failure = self.failure or why
+            self.fail(str(e) if isinstance(e, RunFailed) else f"fetch from node {report.node_id} failed: {e!r}")
             raise
         finally:
             if tracked:
@@ -545,8 +543,8 @@ class GlobalScheduler:
         rec.read_end = t1 if math.isnan(rec.read_end) else max(rec.read_end, t1)
 
     def fail(self, why: str) -> None:
-        """Fail the run with `why` (an earlier failure is kept): the control server dropped a node's connection for
-        breaking the protocol (`ControlServer`'s `on_error`). The node only saw its connection closed and exited with
+        """Fail the run with `why` (an earlier failure is kept): a fetch that raised, or the control server dropped a
+        node's connection for breaking the protocol (`ControlServer`'s `on_error`). The node only saw its connection closed and exited with
         "the driver closed the control connection", which was the run's error, the reason in a log line alone."""
         with self._lock:
             self.failure = self.failure or why
