@@ -345,6 +345,27 @@ def run_parts(names, run_part, keep) -> None:
         raise
 
 
+def run_parts_then_write(job: str, part: str, names, run_part, write, what: str = "rows") -> None:
+    """A benchmark's parts (sections / layouts / models) through `run_parts`, SIGTERM stopping them as Ctrl-C does,
+    then `write(what)` its table and `--out`, `what` saying which results they are ("all rows", or "the rows of a, b
+    only (a later layout failed or was interrupted)" when one failed or was stopped). A SIGTERM while they are written
+    is only noted (they stay whole), and the exit status then says the job was stopped. (bench_prefill,
+    bench_invariant and bench_io each held a copy of this block; bench_store lacked it: SIGTERM ended it at once, its
+    finished layouts' rows lost.)"""
+    term = SigtermAsInterrupt()
+
+    def keep(done: list) -> None:
+        term.raising = False  # (a second SIGTERM while they are written is only noted)
+        write(f"the {what} of {', '.join(map(str, done))} only (a later {part} failed or was interrupted)")
+
+    with term:
+        run_parts(names, run_part, keep)
+        term.raising = False
+        write(f"all {what}")
+    if term.got:  # it came while the results were written: they are whole
+        raise SystemExit(f"{job}: stopped by SIGTERM after the last {part}; all {what} are written")
+
+
 def write_rows_json(path: str, rows, what: str) -> None:
     """A benchmark's rows as JSON at `path` (`--out`), logged with `what` they are."""
     import json

@@ -19,7 +19,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import SigtermAsInterrupt, register_distinct, run_parts, writable_file_or_exit, write_rows_json
+from experiments import register_distinct, run_parts_then_write, writable_file_or_exit, write_rows_json
 
 # --models, --repeats, --out: other benchmarks define them too, with their own defaults, help and validators;
 # allow_override lets the launchers be imported into one process (the last one imported defines them there; absl
@@ -163,24 +163,12 @@ def main(argv):
         )
         logging.info("%s done", name)
 
-    term = SigtermAsInterrupt()
-
-    def keep(done: list[str]) -> None:  # a model that fails keeps the finished models' rows (it lost them all)
-        term.raising = False  # (SIGTERM too; a second one while they are written is only noted)
+    def write(what: str) -> None:  # a model that fails keeps the finished models' rows
         _print_table(rows)
         if _OUT.value:
-            write_rows_json(
-                _OUT.value, rows, f"the rows of {', '.join(done)} only (a later model failed or was interrupted)"
-            )
+            write_rows_json(_OUT.value, rows, what)
 
-    with term:  # (SIGTERM ended it at once: the finished models' rows were lost)
-        run_parts(_MODELS.value, run_model, keep)
-        term.raising = False
-        _print_table(rows)
-        if _OUT.value:
-            write_rows_json(_OUT.value, rows, "all rows")
-    if term.got:  # it came while the rows were written: they are whole, and the exit status says it was stopped
-        raise SystemExit("bench_invariant: stopped by SIGTERM after the last model; all rows are written")
+    run_parts_then_write("bench_invariant", "model", _MODELS.value, run_model, write)
 
 
 if __name__ == "__main__":

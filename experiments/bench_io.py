@@ -43,10 +43,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import (
-    SigtermAsInterrupt,
     refuse_flags_of_parts_not_run,
     register_distinct,
-    run_parts,
+    run_parts_then_write,
     writable_file_or_exit,
     write_rows_json,
 )
@@ -780,22 +779,12 @@ def main(argv: list[str]) -> None:
     names = ["sections", "repeats"] + [n for section in FLAGS.sections for n in SECTION_FLAGS[section]]
     logging.info("flags: %s", {k: getattr(FLAGS, k) for k in names})
     rows: list[dict] = []
-    term = SigtermAsInterrupt()
 
-    def keep(done: list[str]) -> None:  # a section that raised, Ctrl-C or SIGTERM: the finished sections' rows are kept
-        term.raising = False  # (a second SIGTERM while they are written is only noted)
+    def write(what: str) -> None:  # a section that raised, Ctrl-C or SIGTERM keeps the others
         if FLAGS.out:
-            write_rows_json(
-                FLAGS.out, rows, f"the rows of {', '.join(done)} only (a later section failed or was interrupted)"
-            )
+            write_rows_json(FLAGS.out, rows, what)
 
-    with term:  # (SIGTERM ended it at once: the finished sections' rows were lost)
-        run_parts(FLAGS.sections, lambda name: rows.extend(SECTIONS[name]()), keep)
-        term.raising = False
-        if FLAGS.out:
-            write_rows_json(FLAGS.out, rows, "all rows")
-    if term.got:  # it came while the rows were written: they are whole, and the exit status says it was stopped
-        raise SystemExit("bench_io: stopped by SIGTERM after the last section; all rows are written")
+    run_parts_then_write("bench_io", "section", FLAGS.sections, lambda name: rows.extend(SECTIONS[name]()), write)
 
 
 if __name__ == "__main__":

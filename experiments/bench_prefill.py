@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import SigtermAsInterrupt, register_distinct, run_parts, writable_file_or_exit, write_rows_json
+from experiments import register_distinct, run_parts_then_write, writable_file_or_exit, write_rows_json
 from models.prefill_bench import bench_configs, run_one
 
 _BATCH = flags.DEFINE_integer("batch", 4, "requests per prefill batch", lower_bound=1)
@@ -108,25 +108,13 @@ def main(argv: Sequence[str]) -> None:
             r = {**r, "moe_dispatch": _MOE_DISPATCH.value}
         results.append(r)
 
-    term = SigtermAsInterrupt()
-
-    def keep(done: list[str]) -> None:  # a model that fails (e.g. out of memory) keeps the finished models' results
-        term.raising = False  # (SIGTERM too; a second one while they are written is only noted)
+    def write(what: str) -> None:  # a model that fails (e.g. out of memory) keeps the others
         if _OUT.value:
-            write_rows_json(
-                _OUT.value, results, f"the results of {', '.join(done)} only (a later model failed or was interrupted)"
-            )
+            write_rows_json(_OUT.value, results, what)
         # printed too: without --out, Ctrl-C in the second model said the first was "kept" and showed it nowhere
         _print_table(jax.devices()[0].platform, results)
 
-    with term:  # (SIGTERM ended it at once: the finished models' results were lost)
-        run_parts(_MODELS.value, run_model, keep)
-        term.raising = False
-        _print_table(jax.devices()[0].platform, results)
-        if _OUT.value:
-            write_rows_json(_OUT.value, results, "all results")
-    if term.got:  # it came while the results were written: they are whole, and the exit status says it was stopped
-        raise SystemExit("bench_prefill: stopped by SIGTERM after the last model; all results are written")
+    run_parts_then_write("bench_prefill", "model", _MODELS.value, run_model, write, what="results")
 
 
 if __name__ == "__main__":

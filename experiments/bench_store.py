@@ -51,7 +51,13 @@ import numpy as np
 from dualpath_jax.block_keys import keys_from_hash_ids, root_key
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import LocalDirStore, block_file, local_dir
-from experiments import register_distinct, run_parts, writable_dir_or_exit, writable_file_or_exit, write_rows_json
+from experiments import (
+    register_distinct,
+    run_parts_then_write,
+    writable_dir_or_exit,
+    writable_file_or_exit,
+    write_rows_json,
+)
 
 # DeepSeek-V3 MLA cache in FP8 (PAPER.md: ~656 B/token/layer, 61 layers): 2.4 MiB Full Blocks, 41 KiB Layer
 # Blocks. Qwen2.5-32B fp16 (64 layers x 8 kv heads x 128 x 2 x 2 B = 4 KiB/token/layer): 16 MiB Full Blocks.
@@ -762,17 +768,12 @@ def main(argv: Sequence[str]) -> None:
             )
         )
 
-    def keep(done: list[str]) -> None:  # a layout that fails (e.g. the disk fills) keeps the finished layouts' rows
+    def write(what: str) -> None:  # a layout that fails (e.g. the disk fills) keeps the others
         print(format_rows(rows))
         if FLAGS.out:
-            write_rows_json(
-                FLAGS.out, rows, f"the rows of {', '.join(done)} only (a later layout failed or was interrupted)"
-            )
+            write_rows_json(FLAGS.out, rows, what)
 
-    run_parts(FLAGS.layouts, run_layout, keep)
-    print(format_rows(rows))
-    if FLAGS.out:
-        write_rows_json(FLAGS.out, rows, "all rows")
+    run_parts_then_write("bench_store", "layout", FLAGS.layouts, run_layout, write)
 
 
 if __name__ == "__main__":

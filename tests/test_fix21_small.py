@@ -1,0 +1,43 @@
+"""Fix wave 21, small defects found in session 38. `bench_store` stopped by SIGTERM (a batch system's stop, `kill`)
+after its first layout ended at once: no table, nothing in --out, the finished layout's rows lost (Ctrl-C kept
+them; bench_io / bench_prefill / bench_invariant each carried the SIGTERM handling as a copy, bench_store had none).
+The four now share `experiments.run_parts_then_write`. Each test failed on the code before its fix."""
+
+import json
+
+from test_launch_hunt import _launch
+
+# bench_store with its measurement replaced by one row per layout (no store, no disk); the second layout sends the
+# SIGTERM, as a batch system's stop would arrive while it runs
+_FAKE_STORE = """
+import os, signal, time
+import experiments.bench_store as bs
+
+def one_layout(names, *args):
+    if names == ["qwen2.5_32b_fp16"]:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    return [{"layout": names[0], "op": "read", "variant": "full block", "gbps": 1.0, "load_avg_1min": 0.5}]
+
+bs.run_store_bench = one_layout
+# its flags are defined under `if __name__ == "__main__":`: that block runs in the module's own namespace
+src = open(bs.__file__).read()
+block = src[src.index('if __name__ == "__main__":') :].replace('if __name__ == "__main__":', "if True:", 1)
+exec(compile(block, bs.__file__, "exec"), vars(bs))
+"""
+
+
+def test_bench_store_sigterm_keeps_the_finished_layouts(tmp_path):
+    script = tmp_path / "fake_store.py"
+    script.write_text(_FAKE_STORE)
+    out = tmp_path / "rows.json"
+    r = _launch(
+        str(script), "--layouts=deepseek_v3_fp8,qwen2.5_32b_fp16", f"--root={tmp_path / 'store'}", f"--out={out}"
+    )
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.rstrip().endswith(
+        "interrupted (SIGTERM) during 'qwen2.5_32b_fp16'; the finished ones (deepseek_v3_fp8) are kept"
+    )
+    assert [x["layout"] for x in json.loads(out.read_text())] == ["deepseek_v3_fp8"]
+    assert "| deepseek_v3_fp8 | read | full block |" in r.stdout
