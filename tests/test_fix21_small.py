@@ -41,3 +41,23 @@ def test_bench_store_sigterm_keeps_the_finished_layouts(tmp_path):
     )
     assert [x["layout"] for x in json.loads(out.read_text())] == ["deepseek_v3_fp8"]
     assert "| deepseek_v3_fp8 | read | full block |" in r.stdout
+
+
+def test_the_runtimes_turn_cut_of_a_scaled_workload_is_logged(caplog):
+    """`workload.turns` cut each synthetic / trace agent to its first turns without a word (a trace replayed in the
+    runtime lost its later turns silently; the simulator logs its max_turns cut). Contract: one info line naming the
+    field and the turns dropped; none when nothing is cut."""
+    from test_mutation_audit2 import _cfg
+
+    from dualpath_jax.runtime.driver import _scaled
+    from dualpath_jax.workloads.types import Trajectory, Turn
+
+    trajs = [Trajectory(0, [Turn(10, 4), Turn(6, 3), Turn(8, 2)]), Trajectory(1, [Turn(5, 1)])]
+    with caplog.at_level("INFO", logger="dualpath_jax.runtime.driver"):
+        out = _scaled(trajs, _cfg(**{"workload.turns": 2}).workload)
+    assert [len(t.turns) for t in out] == [2, 1]
+    assert "workload.turns=2: 1 of 4 turns dropped (1 agents cut)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dualpath_jax.runtime.driver"):
+        _scaled(trajs, _cfg(**{"workload.turns": 3}).workload)
+    assert "workload.turns" not in caplog.text

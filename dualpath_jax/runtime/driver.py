@@ -174,6 +174,15 @@ def _scaled(trajs: Sequence[Trajectory], w, vocab_size: int | None = None) -> li
             traj = traj.cut_at_tokens(w.max_context_tokens)
         if traj.turns:
             out.append(traj)
+    cut = [len(t.turns) - w.turns for t in trajs if len(t.turns) > w.turns]
+    if cut:  # (the simulator logs its max_turns cut; this one was silent)
+        log.info(
+            "workload.turns=%d: %d of %d turns dropped (%d agents cut)",
+            w.turns,
+            sum(cut),
+            sum(len(t.turns) for t in trajs),
+            len(cut),
+        )
     if shorter:
         log.info(
             "workload: %d of %d trace turns re-read less than their history (the agent dropped or rewrote text): "
