@@ -1,4 +1,4 @@
-"""configs/*.py: the variant strings and the commands their docstrings and README.md document."""
+"""configs/*.py: the variant strings and the commands their docstrings, README.md and HISTORY.md document."""
 
 import importlib
 import os
@@ -15,7 +15,8 @@ _SIMULATE = re.compile(r"python -m experiments\.simulate --config=(configs/\S+?\
 
 
 def _documented_simulate_commands() -> list[tuple[str, dict]]:
-    texts = [open(os.path.join(REPO, "README.md")).read()]
+    # HISTORY.md (README's moved change log and fix histories) holds commands people copy too
+    texts = [open(os.path.join(REPO, name)).read() for name in ("README.md", "HISTORY.md")]
     for name in sorted(os.listdir(os.path.join(REPO, "configs"))):
         if name.endswith(".py") and name != "__init__.py":
             texts.append(importlib.import_module(f"configs.{name[:-3]}").__doc__ or "")

@@ -1,4 +1,4 @@
-"""README command blocks copied as written must not stop on an earlier line's results."""
+"""README.md and HISTORY.md command blocks copied as written must not stop on an earlier line's results."""
 
 import os
 import pathlib
@@ -6,7 +6,7 @@ import re
 import shlex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
+DOCS = [os.path.join(ROOT, name) for name in ("README.md", "HISTORY.md")]  # (HISTORY.md: README's moved histories)
 
 # launchers that refuse an --output_dir holding an earlier run's results unless --overwrite
 # (experiments.no_earlier_results_or_exit)
@@ -44,7 +44,9 @@ def _commands(lines):
 
 
 def test_readme_blocks_give_each_refusing_launcher_run_its_own_output_dir():
-    for block in _fenced_blocks(pathlib.Path(README).read_text()):
+    blocks = [(os.path.basename(doc), b) for doc in DOCS for b in _fenced_blocks(pathlib.Path(doc).read_text())]
+    assert sum(doc == "README.md" for doc, _ in blocks) >= 10  # (HISTORY.md has none today: its commands are inline)
+    for doc, block in blocks:
         seen = {}
         for cmd in _commands(block):
             if not any(f"-m {m}" in cmd for m in REFUSING):
@@ -58,7 +60,7 @@ def test_readme_blocks_give_each_refusing_launcher_run_its_own_output_dir():
                 if w.startswith("--output_dir="):
                     out = w.split("=", 1)[1]
             assert out not in seen, (
-                f"README block: {cmd.strip()!r} writes into {out!r} as {seen[out]!r} before it: refused as written "
+                f"{doc} block: {cmd.strip()!r} writes into {out!r} as {seen[out]!r} before it: refused as written "
                 "(give it an --output_dir of its own)"
             )
             seen[out] = cmd.strip()
