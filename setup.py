@@ -15,6 +15,8 @@ All are optional: a machine without a C compiler installs the pure-Python packag
 `-ffp-contract=off` keeps a*b+c from becoming one rounded FMA, so compiled and Python results are equal.
 """
 
+import multiprocessing
+import os
 import platform
 
 from Cython.Build import cythonize
@@ -41,8 +43,12 @@ _EXTENSIONS.append(
 )
 _DIRECTIVES = {"language_level": 3, "annotation_typing": False, "boundscheck": False, "wraparound": False}
 
-_MODULES = cythonize(_EXTENSIONS, compiler_directives=_DIRECTIVES)
+# cythonized and compiled in parallel: one at a time took ~80 s of the install on the 2-core dev VM, ~42 s on both
+_JOBS = os.cpu_count() or 1
+# (cythonize's worker processes re-import this script where they do not fork)
+_CYTHON_JOBS = _JOBS if multiprocessing.get_start_method() == "fork" else 0
+_MODULES = cythonize(_EXTENSIONS, compiler_directives=_DIRECTIVES, nthreads=_CYTHON_JOBS)
 for _ext in _MODULES:  # cythonize makes new Extension objects and drops `optional`: set it again
     _ext.optional = True
 
-setup(ext_modules=_MODULES)
+setup(ext_modules=_MODULES, options={"build_ext": {"parallel": _JOBS}})
