@@ -300,6 +300,21 @@ def dead_nodes(result) -> dict:
     return dict(getattr(result, "dead_nodes", None) or {})
 
 
+def unstored_blocks(result) -> int:
+    """Write-back blocks the KV store did not keep in a policy's run, over its nodes (each node's storage NIC counts
+    the blocks the store refused for room or failed to write; `node_stats`' `unstored_blocks`)."""
+    return sum(st.get("unstored_blocks", 0) for st in (getattr(result, "node_stats", None) or {}).values())
+
+
+def unstored_note(policy: str, result) -> str:
+    """The table's note on a run whose store did not keep some write-backs: its hits and JCT are a smaller store's."""
+    return (
+        f"note: {policy}'s run could not store {unstored_blocks(result)} write-back blocks (the KV store refused them "
+        "for room, config.runtime.store_options' capacity_bytes, or failed to write them: its log says which); later "
+        "turns recomputed their KV, so its hits and JCT are not those of a store that kept them"
+    )
+
+
 def main(argv):
     # SIGTERM (kill, `timeout`, a batch scheduler) stops the job as Ctrl-C does: the finished policies are written. Its
     # default action ended the process at once: no results.json, table.txt or run.json, an empty directory, no word.
@@ -390,6 +405,9 @@ def _main(argv, term: SigtermAsInterrupt):
             "results": {p: driver.summary_with_sim_link_names(r.summary) for p, r in results.items()},
             "requeued": {p: r.requeued for p, r in results.items()},
             "dead_nodes": {p: dead_nodes(r) for p, r in results.items()},  # node -> why it died in that policy's run
+            "unstored_blocks": {
+                p: unstored_blocks(r) for p, r in results.items()
+            },  # write-backs the store did not keep
             "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},
             "node_stats": {
                 p: {n: {k: v for k, v in st.items() if k != "step_log"} for n, st in r.node_stats.items()}
@@ -502,6 +520,9 @@ def _main(argv, term: SigtermAsInterrupt):
                 + ", ".join(f"node {n} ({why})" for n, why in sorted(lost.items()))
                 + f"; it ran on fewer engines than configured from then on ({r.requeued} requests re-ran on the others)"
             )
+    for p, r in results.items():  # (the store's log said so per block; the table and results.json did not)
+        if unstored_blocks(r):
+            table += "\n" + unstored_note(p, r)
     agreement = token_agreement(results, base.batch_invariant)[0]
     if agreement:
         table += "\n" + agreement

@@ -61,3 +61,39 @@ def test_the_runtimes_turn_cut_of_a_scaled_workload_is_logged(caplog):
     with caplog.at_level("INFO", logger="dualpath_jax.runtime.driver"):
         _scaled(trajs, _cfg(**{"workload.turns": 3}).workload)
     assert "workload.turns" not in caplog.text
+
+
+def test_write_backs_the_store_did_not_keep_reach_the_run_results(tmp_path):
+    """Write-back blocks the KV store refused (no room: its capacity pinned) were counted by the store only
+    (`write_rejected`, a log line each); the run's node stats, results.json and table said nothing, so a run with a too
+    small `capacity_bytes` looked like a full-size store's. Contract: the storage NIC counts them (`unstored_blocks`,
+    in each node's stats), `experiments.run` sums them per policy and notes them under the table."""
+    import threading
+    from types import SimpleNamespace
+
+    import numpy as np
+    from test_runtime_hunt2 import LAYOUT
+
+    from dualpath_jax.block_keys import block_keys, root_key
+    from dualpath_jax.runtime.storage_nic import StorageNIC, WriteJob
+    from dualpath_jax.store import LocalDirStore
+    from experiments.run import unstored_blocks, unstored_note
+
+    one_block = LocalDirStore(tmp_path / "probe", LAYOUT).file_nbytes
+    store = LocalDirStore(tmp_path / "kv", LAYOUT, capacity_bytes=one_block)  # room for one block, pinned below
+    pinned = block_keys(np.arange(100, 104), LAYOUT.block_tokens, parent=root_key(LAYOUT.fingerprint))
+    assert store.write(pinned[0], np.zeros(LAYOUT.full_block_shape, np.uint8))
+    store.pin(pinned[:1])
+    keys = block_keys(np.arange(12), LAYOUT.block_tokens, parent=root_key(LAYOUT.fingerprint))
+    snic = StorageNIC(0, store, LAYOUT.block_tokens, pace=lambda n: None)
+    done = threading.Event()
+    blocks = [np.full(LAYOUT.full_block_shape, 7, np.uint8)] * len(keys)
+    snic.submit_write(WriteJob(keys, blocks, lambda n: done.set()))
+    assert done.wait(30)
+    snic.close()
+    store.close()
+    assert snic.unstored_blocks == 3 and store.stats().write_rejected == 3  # (12 token ids: 3 blocks of 4)
+
+    run = SimpleNamespace(node_stats={0: {"unstored_blocks": 3}, 1: {"unstored_blocks": 2}, 2: {}})
+    assert unstored_blocks(run) == 5 and unstored_blocks(SimpleNamespace(node_stats={})) == 0
+    assert unstored_note("dualpath", run).startswith("note: dualpath's run could not store 5 write-back blocks")

@@ -98,7 +98,9 @@ def _decode_group(node_id: int, engine_ids: list, traffic):
     g = object.__new__(EngineGroup)
     g.node_id, g.role, g.engine_ids, g.traffic = node_id, "decode", engine_ids, traffic
     g.wall_origin = time.time() - (time.monotonic() - traffic.clock_origin)
-    g.snic = types.SimpleNamespace(read_queue_tokens=0, pending_writes=0, bytes_read=0, bytes_written=0, failed_reads=0)
+    g.snic = types.SimpleNamespace(
+        read_queue_tokens=0, pending_writes=0, bytes_read=0, bytes_written=0, failed_reads=0, unstored_blocks=0
+    )
     g.engines, g.ctx, g.address = {}, NodeContext(None, None, None), {e: f"engine{e}" for e in engine_ids}
     g._links_sent, g._links_due = {}, 0.0
     return g

@@ -235,6 +235,7 @@ class EngineGroup:
             "snic_bytes_read": self.snic.bytes_read,
             "snic_bytes_written": self.snic.bytes_written,
             "failed_reads": self.snic.failed_reads,
+            "unstored_blocks": self.snic.unstored_blocks,
             "busy_s": {e: eng.busy_s for e, eng in self.engines.items()},
             "free_buffer_bytes": {e: eng.pool.free_slots * eng.pool.slot_nbytes for e, eng in self.engines.items()},
         }

@@ -70,6 +70,9 @@ class StorageNIC:
         self.bytes_read = 0
         self.bytes_written = 0
         self.failed_reads = 0
+        # write-back blocks not stored: the store refused them (no room: its capacity held by pinned / busy blocks) or
+        # writing them failed (a full disk); a later turn recomputes their KV
+        self.unstored_blocks = 0
         self._threads = [
             threading.Thread(target=self._read_loop, name=f"snic{node_id}-read{name}", daemon=True),
             threading.Thread(target=self._write_loop, name=f"snic{node_id}-write{name}", daemon=True),
@@ -173,8 +176,11 @@ class StorageNIC:
                         self._pace(nbytes_block)  # (once written: a write the store refused moved no bytes)
                         written += 1
                         self.bytes_written += nbytes_block
+                    else:  # (the store logged why)
+                        self.unstored_blocks += 1
                 except Exception:  # noqa: BLE001 -- a failed write-back only costs a future miss
                     log.exception("node %d: write-back failed", self.node_id)
+                    self.unstored_blocks += 1
             with self._lock:
                 self._pending_writes -= len(job.keys)
             if job.on_done is not None:
