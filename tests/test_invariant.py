@@ -206,11 +206,13 @@ def near_tie():
     return cfg, trajs, ops, ref
 
 
-# random: the policy the near-tie moved; dualpath, both read paths: -m slow (by default dualpath runs this config in
-# the test below, its blocks recomputed, and test_runtime's default-numerics runs read both paths).
-@pytest.mark.parametrize(
-    "policy, kwargs", [("random", {"seed": 4}), pytest.param("dualpath", {}, marks=pytest.mark.slow)]
-)
+# random: the policy the near-tie moved on 2026-12-03; dualpath, both read paths. Both -m slow (~20 s of CI each): by
+# default dualpath runs this config batch-invariant in the test below, its blocks recomputed, and test_runtime's
+# default-numerics runs read both paths. Re-checked 2026-12-06: with the default numerics `random` (seed 4) now gives
+# the reference's tokens on this config (the code around the tie changed), so the slow case is an invariance check, not
+# the known counterexample.
+@pytest.mark.slow
+@pytest.mark.parametrize("policy, kwargs", [("random", {"seed": 4}), ("dualpath", {})])
 def test_runtime_tokens_equal_a_full_recompute_whatever_the_policy(near_tie, policy, kwargs):
     cfg, trajs, ops, ref = near_tie
     res = driver.run(cfg.replace(**{"scheduler.name": policy, "scheduler.policy_kwargs": kwargs}), trajs, model_ops=ops)
