@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.transport_options = {}  # the backend's own endpoint fields, e.g. "{'timeout_s': 10.0}" (tcp)
     r.launcher = "local"
     r.store = "local_dir"  # a registered KV store (dualpath_jax.store.STORES; README "A KV store of one's own")
-    r.store_options = {}  # its options besides root (= store_dir), e.g. "{'capacity_bytes': 1 << 30}" for local_dir
+    r.store_options = {}  # its options besides root (= store_dir), e.g. "{'capacity_bytes': 1073741824}" for local_dir
     r.store_dir = ""
     r.run_timeout_s = 900.0
     # true: node processes in the kernel-shaped namespaces of experiments/netns_cluster.sh (root; README "Kernel-shaped

@@ -315,6 +315,22 @@ def unstored_note(policy: str, result) -> str:
     )
 
 
+def evicted_blocks(result) -> int:
+    """Blocks the KV store evicted for room in a policy's run (`RunResult.store_stats`' `evictions`: LRU evictions under
+    `capacity_bytes`; 0 for a result without them)."""
+    return int((getattr(result, "store_stats", None) or {}).get("evictions", 0))
+
+
+def evicted_note(policy: str, result) -> str:
+    """The table's note on a run whose store evicted blocks (smaller than the working set): the write-backs were all
+    stored, so `unstored_note` said nothing, yet its later turns recomputed the evicted KV."""
+    return (
+        f"note: {policy}'s KV store evicted {evicted_blocks(result)} blocks to stay within config.runtime.store_options' "
+        "capacity_bytes; turns that would have "
+        "hit them recomputed their KV, so its hits and JCT are those of a store of that size (results.json: store_stats)"
+    )
+
+
 def main(argv):
     # SIGTERM (kill, `timeout`, a batch scheduler) stops the job as Ctrl-C does: the finished policies are written. Its
     # default action ended the process at once: no results.json, table.txt or run.json, an empty directory, no word.
@@ -408,6 +424,8 @@ def _main(argv, term: SigtermAsInterrupt):
             "unstored_blocks": {
                 p: unstored_blocks(r) for p, r in results.items()
             },  # write-backs the store did not keep
+            # the KV store's counters over the run's store objects (hits, evictions, write_rejected...)
+            "store_stats": {p: dict(getattr(r, "store_stats", None) or {}) for p, r in results.items()},
             "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},
             "node_stats": {
                 p: {n: {k: v for k, v in st.items() if k != "step_log"} for n, st in r.node_stats.items()}
@@ -523,6 +541,8 @@ def _main(argv, term: SigtermAsInterrupt):
     for p, r in results.items():  # (the store's log said so per block; the table and results.json did not)
         if unstored_blocks(r):
             table += "\n" + unstored_note(p, r)
+        if evicted_blocks(r):
+            table += "\n" + evicted_note(p, r)
     agreement = token_agreement(results, base.batch_invariant)[0]
     if agreement:
         table += "\n" + agreement

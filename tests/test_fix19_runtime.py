@@ -60,7 +60,8 @@ def test_kill_9_during_a_later_policy_keeps_the_finished_ones_results_json(tmp_p
 
     assert list(summary) == [  # (the final write's keys: one function writes both)
         "failed", "greedy_tokens", "config", "prefill_tokens_per_s", "policy_kwargs", "policy_config", "layerwise",
-        "results", "requeued", "dead_nodes", "schedule_time_s", "node_stats", "speedup_vs_first",
+        "results", "requeued", "dead_nodes", "unstored_blocks", "store_stats", "schedule_time_s", "node_stats",
+        "speedup_vs_first",
     ]  # fmt: skip
 
 

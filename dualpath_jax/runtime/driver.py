@@ -59,6 +59,28 @@ class RunResult:
     # also in `summary` (`metrics.with_slo`: slo_attainment, slo_met, ...); None offline (judged on its JCT)
     slo: dict | None = None
     slo_window: tuple[float, float] | None = None
+    # the KV store's counters over the run's store objects (`store_totals`: hits, evictions, write_rejected...); a
+    # store smaller than the working set shows here (evictions) and in the hits, not in the tokens
+    store_stats: dict = dataclasses.field(default_factory=dict)
+
+
+def store_totals(objects: Sequence[dict]) -> dict:
+    """The run's KV store counters: the `StoreStats` fields summed over its store objects (each counted once: the
+    driver's, which answers the scheduler's lookups, and the ones the nodes' final reports name, `node.store_stats`;
+    in-process nodes share one), `objects` how many. Each object counts what it did itself: with several processes on
+    one directory, an eviction of a block another one already removed counts as well. (Blocks that opening a kept
+    `config.store_dir` over `capacity_bytes` evicted are not here: `prepare`'s check logs them.)"""
+    seen: dict[str, dict] = {}
+    for st in objects:
+        if st:
+            seen.setdefault(str(st.get("object", id(st))), st)
+    out: dict = {}
+    for st in seen.values():
+        for k, v in st.items():
+            if k != "object" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+    out["objects"] = len(seen)
+    return out
 
 
 def make_trajectories(cfg: RuntimeConfig, vocab_size: int | None = None) -> list[Trajectory]:
@@ -368,7 +390,9 @@ def _open_store_once(cfg: RuntimeConfig, ops) -> None:
     with contextlib.ExitStack() as stack:
         root = cfg.store_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dpj-store-check-"))
         try:
-            open_store(cfg.replace(store_dir=root), block_layout(cfg, ops)).close()
+            store = open_store(cfg.replace(store_dir=root), block_layout(cfg, ops))
+            evicted = getattr(_stats_or_none(store), "evictions", 0) if cfg.store_dir else 0
+            store.close()
         except (ValueError, TypeError) as e:
             if cfg.store_options:
                 where = f"config.store {cfg.store!r} with config.store_options {dict(cfg.store_options)!r}"
@@ -376,6 +400,20 @@ def _open_store_once(cfg: RuntimeConfig, ops) -> None:
             else:
                 where = "config.store_dir" if cfg.store_dir else f"config.store {cfg.store!r}"
             raise ConfigError(f"{where}: {e}") from None
+    if evicted:  # (the run's own store objects open it trimmed: their stats count none of these)
+        log.warning(
+            "config.store_dir %r held more than config.store_options' capacity_bytes: opening it evicted %d blocks "
+            "(least recently used first)", cfg.store_dir, evicted,
+        )  # fmt: skip
+
+
+def _stats_or_none(store):
+    """`store.stats()`, or None where it fails (a store of one's own: its counters are a report, not the run)."""
+    try:
+        return store.stats()
+    except Exception:  # noqa: BLE001
+        log.exception("kv store %r: stats() failed", store)
+        return None
 
 
 def _check_arrivals_within_timeout(cfg: RuntimeConfig, trajs: Sequence[Trajectory]) -> None:
@@ -547,7 +585,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
     import schedulers
     from dualpath_jax.block_keys import block_keys
     from dualpath_jax.runtime.launcher import open_store
-    from dualpath_jax.runtime.node import block_layout
+    from dualpath_jax.runtime.node import block_layout, store_stats
 
     policy = schedulers.make_policy(
         cfg.scheduler.name, **policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tokens_per_s)
@@ -626,6 +664,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
             # compiling) cannot hear the stop in time; "node(s) [0] did not finish their run" replaced the Ctrl-C.
             log.warning("stopping the run's nodes: %s", e)
         finally:
+            lookup_store = store_stats(store)  # (the scheduler's lookups; before close: a store may drop them then)
             store.close()
     records = service.finished_records()
     links = sorted(service.links, key=lambda s: (s.t0, s.link))
@@ -651,6 +690,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
         dead_nodes=dict(service.death_reasons),
         slo=slo,
         slo_window=window,
+        store_stats=store_totals([lookup_store, *(st.get("store") for st in service.stats.values())]),
     )
 
 

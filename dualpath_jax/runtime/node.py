@@ -12,8 +12,10 @@ thread (in-process launcher), in its own process (local launcher) or in a Ray ac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +32,20 @@ log = logging.getLogger(__name__)
 # How often a group's report carries its links' new bytes; the final report (a graceful stop, sent once the engines and
 # the SNIC stopped) carries the rest. A node killed without a goodbye (SIGKILL, `kill`) loses at most this much.
 LINK_REPORT_S = 0.5
+
+
+def store_stats(store) -> dict | None:
+    """A store object's counters (`KVStore.stats()`: hits, evictions, write_rejected...) for a node's final report, with
+    `object`, which names the object: the in-process nodes share one, so the driver counts it once
+    (`driver.store_totals`). None where the store's `stats()` fails or is not a dataclass (logged)."""
+    try:
+        snap = store.stats()
+        out = {k: v for k, v in dataclasses.asdict(snap).items() if isinstance(v, (int, float))}
+    except Exception:  # noqa: BLE001 -- the counters are a report, not the run
+        log.exception("kv store %r: stats() failed (its counters are left out of the run's results)", store)
+        return None
+    out["object"] = f"{socket.gethostname()}/{os.getpid()}/{id(store)}"
+    return out
 
 
 class NodeContext:
@@ -245,6 +261,9 @@ class EngineGroup:
             stats["step_log"] = {e: list(eng.step_log) for e, eng in self.engines.items()}
             stats["wait_s"] = {e: eng.wait_s for e, eng in self.engines.items()}
             stats["h2d_wait_s"] = {e: eng.h2d_wait_s for e, eng in self.engines.items()}
+            store = store_stats(self.ctx.store)
+            if store is not None:
+                stats["store"] = store
         return GroupReport(
             node_id=self.node_id,
             role=self.role,

@@ -473,7 +473,13 @@ class LocalDirStore(KVStore):
         self.header_nbytes = block_file.header_nbytes(layout)
         if capacity_bytes is not None:
             if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, (int, np.integer)):
-                raise TypeError(f"capacity_bytes must be an int or None, got {capacity_bytes!r}")
+                # (a command line's 1e9 is a float: say which int it means)
+                hint = (
+                    f" (write {int(capacity_bytes)})"
+                    if isinstance(capacity_bytes, float) and capacity_bytes.is_integer()
+                    else ""
+                )
+                raise TypeError(f"capacity_bytes must be an int or None, got {capacity_bytes!r}{hint}")
             if capacity_bytes < self.file_nbytes:
                 raise ValueError(
                     f"capacity_bytes={capacity_bytes} cannot hold one block ({self.file_nbytes} B with its header "
@@ -598,6 +604,7 @@ class LocalDirStore(KVStore):
         self._swept: dict[str, float] = {}  # fan-out directory -> when a write last swept it (monotonic)
         self._opened = time.monotonic()  # (the open swept every directory)
         self._disk_full = False  # the last write failed for a full disk (its warning said so once; the rest counted)
+        self._no_room = False  # the last write was refused for room (its warning said so once; the rest counted)
         self._tls = threading.local()  # per-thread header buffer: no allocation per read
         self._fds: collections.OrderedDict[bytes, _OpenBlock] = collections.OrderedDict()  # LRU of open files
         self._fd_cache = int(fd_cache)
@@ -1806,10 +1813,19 @@ class LocalDirStore(KVStore):
             # fails (a full disk, EIO) costs no stored block.
             if not self._evict_to_fit_locked(0 if key in self._index else self.file_nbytes, partial=False, evict=False):
                 self._stats.write_rejected += 1
-                log.warning(  # (it said "all of it pinned" where writes in flight held the room)
-                    "kv store %s: no room for block %s (capacity %s B: %d B of blocks, each pinned or being read or "
-                    "written, and %d B reserved by writes in flight): not stored",
-                    self.root, key.hex(), self.capacity_bytes, self._used, self._reserved,
+                # One warning per spell of refusals (a store of one block logged 159 for 192 turns): the rest are
+                # counted (write_rejected) at debug level until a write is stored. It said "X B of blocks, each
+                # pinned..." where the blocks could be evicted but writes in flight held the rest of the room.
+                quiet, self._no_room = self._no_room, True
+                held = 0  # (a walk of the index: only for a line that is logged)
+                if not quiet or log.isEnabledFor(logging.DEBUG):
+                    held = sum(1 for k in self._index if self._pins[k] or self._busy[k]) * self.file_nbytes
+                (log.debug if quiet else log.warning)(
+                    "kv store %s: no room for block %s (capacity %s B: %d B of blocks, %d B of them pinned or being "
+                    "read or written, and %d B reserved by writes in flight): not stored%s",
+                    self.root, key.hex(), self.capacity_bytes, self._used, held, self._reserved,
+                    "" if quiet else "; the next refusals are counted (stats write_rejected), not logged, until a "
+                    "write is stored",
                 )  # fmt: skip
                 return False
             self._reserved += self.file_nbytes
@@ -1830,6 +1846,7 @@ class LocalDirStore(KVStore):
             self._write_file(path, key, header, src, durable, renamed)
             done = True
             self._disk_full = False  # (a full disk again is said again)
+            self._no_room = False  # (and so is no room)
         except OSError as e:
             # Persisting KV is best effort (the block can be recomputed): a full disk, a vanished directory or a
             # temp file removed by another host's cleanup must not take the engine down. Logged and counted.
