@@ -100,6 +100,8 @@ def test_mla_latent_norms_use_hf_default_eps_not_rms_norm_eps():
     class's default eps 1e-6; only the input, post-attention and final norms read `config.rms_norm_eps`. Both
     latent norms used rms_norm_eps, so a config with another eps got other KV records and logits (rms_norm_eps 0.5:
     logits off by 3.6 from HF's equations)."""
+    from flax import nnx
+
     from models.deepseek import tiny_deepseek
     from models.registry import build_model
 
@@ -118,7 +120,7 @@ def test_mla_latent_norms_use_hf_default_eps_not_rms_norm_eps():
     c = x @ f(a["kv_a_proj_with_mqa"]["kernel"])[:, : cfg.kv_lora_rank]
     want = rms(c, a["kv_a_layernorm"]["weight"], 1e-6)
     np.testing.assert_allclose(kv[0][0, :, : cfg.kv_lora_rank], want, atol=1e-5)
-    attn = build_model(cfg).layers[0].self_attn
+    attn = nnx.eval_shape(lambda: build_model(cfg)).layers[0].self_attn  # (the eps are set in __init__: no weights)
     assert attn.q_a_layernorm.eps == attn.kv_a_layernorm.eps == 1e-6
 
 

@@ -243,6 +243,7 @@ def test_config_values_that_failed_deep_in_jax_are_named():
         with pytest.raises(ValueError, match=re.escape(says)):
             tiny_qwen2(dtype=dtype)
     assert tiny_qwen2(dtype="float16").kv_layout.np_dtype == np.float16
+    # (abstract builds: the checks run in __init__; eagerly, every weight init compiled op by op: ~4 s)
     for cfg, says in (
         (tiny_qwen2(head_dim=32), "rope dim 16 != head_dim 32"),
         (tiny_deepseek(qk_rope_head_dim=16), "rope dim 8 != qk_rope_head_dim 16"),
@@ -252,8 +253,14 @@ def test_config_values_that_failed_deep_in_jax_are_named():
         (tiny_deepseek(n_group=8, topk_group=2), "n_routed_experts=8 / n_group=8 leaves fewer than 2 per group"),
     ):
         with pytest.raises(ValueError, match=re.escape(says)):
-            build_model(cfg)
+            nnx.eval_shape(lambda cfg=cfg: build_model(cfg))
     # Greedy routing ignores the groups (topk_group > n_group is harmless there), and group-limited routing with
     # one expert per group is fine (group score = max).
-    build_model(tiny_deepseek(topk_method="greedy", scoring_func="softmax", n_group=1, topk_group=3))
-    build_model(tiny_deepseek(topk_method="group_limited_greedy", scoring_func="softmax", n_group=8, topk_group=2))
+    nnx.eval_shape(
+        lambda: build_model(tiny_deepseek(topk_method="greedy", scoring_func="softmax", n_group=1, topk_group=3))
+    )
+    nnx.eval_shape(
+        lambda: build_model(
+            tiny_deepseek(topk_method="group_limited_greedy", scoring_func="softmax", n_group=8, topk_group=2)
+        )
+    )

@@ -315,10 +315,16 @@ def test_all_real_traces_load_consistently():
             assert 0 <= hit < prompt and turn.context_tokens < prompt
 
 
-def test_max_agents_gives_the_first_whole_trajectories():
+@pytest.fixture(scope="module")
+def mooncake_full():
+    """The whole Mooncake conversation trace, loaded once for the tests below (~0.6 s a load); read only."""
+    return load_trace(MOONCAKE)
+
+
+def test_max_agents_gives_the_first_whole_trajectories(mooncake_full):
     """The runtime's `workload.agents` for a trace meant agents but was passed as `limit`, which counts Mooncake
     lines: the first 24 lines gave however many sessions began there, each cut after its turns in those lines."""
-    full = load_trace("mooncake_conversation_trace.jsonl.gz")
+    full = mooncake_full
     cut = load_trace("mooncake_conversation_trace.jsonl.gz", limit=24)
     assert any(len(c.turns) < len(f.turns) for c, f in zip(cut, full, strict=False))  # why `limit` is not agents
     first = load_trace("mooncake_conversation_trace.jsonl.gz", max_agents=5)
@@ -334,12 +340,12 @@ def test_max_agents_gives_the_first_whole_trajectories():
             load_trace("kvcache_tester", max_agents=bad)
 
 
-def test_runtime_trace_workload_takes_whole_agents():
+def test_runtime_trace_workload_takes_whole_agents(mooncake_full):
     from dualpath_jax.runtime.config import RuntimeConfig, WorkloadConfig
     from dualpath_jax.runtime.driver import make_trajectories
 
     cfg = RuntimeConfig(workload=WorkloadConfig(kind="trace", trace="mooncake_conversation_trace.jsonl.gz", agents=4))
     trajs = make_trajectories(cfg)
-    full = load_trace("mooncake_conversation_trace.jsonl.gz")
+    full = mooncake_full
     assert len(trajs) == 4
     assert [len(t.turns) for t in trajs] == [min(len(t.turns), cfg.workload.turns) for t in full[:4]]
