@@ -385,13 +385,13 @@ def _open_store_once(cfg: RuntimeConfig, ops) -> None:
     `store_options` may hold a value the store refuses): a bad value was a bare ValueError from the run's first open
     (store_dir "") or a ConfigError blaming config.store_dir."""
     from dualpath_jax.runtime.launcher import open_store
-    from dualpath_jax.runtime.node import block_layout
+    from dualpath_jax.runtime.node import block_layout, store_stats
 
     with contextlib.ExitStack() as stack:
         root = cfg.store_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dpj-store-check-"))
         try:
             store = open_store(cfg.replace(store_dir=root), block_layout(cfg, ops))
-            evicted = getattr(_stats_or_none(store), "evictions", 0) if cfg.store_dir else 0
+            evicted = (store_stats(store) or {}).get("evictions", 0) if cfg.store_dir else 0
             store.close()
         except (ValueError, TypeError) as e:
             if cfg.store_options:
@@ -405,15 +405,6 @@ def _open_store_once(cfg: RuntimeConfig, ops) -> None:
             "config.store_dir %r held more than config.store_options' capacity_bytes: opening it evicted %d blocks "
             "(least recently used first)", cfg.store_dir, evicted,
         )  # fmt: skip
-
-
-def _stats_or_none(store):
-    """`store.stats()`, or None where it fails (a store of one's own: its counters are a report, not the run)."""
-    try:
-        return store.stats()
-    except Exception:  # noqa: BLE001
-        log.exception("kv store %r: stats() failed", store)
-        return None
 
 
 def _check_arrivals_within_timeout(cfg: RuntimeConfig, trajs: Sequence[Trajectory]) -> None:
