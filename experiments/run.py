@@ -50,6 +50,7 @@ from experiments import (
     remove_if_empty,
     stopped_early,
     token_agreement,
+    writable_dir_or_exit,
     write_atomically,
 )
 
@@ -376,9 +377,14 @@ def _main(argv, term: SigtermAsInterrupt):
         configs = policy_configs(config, flags.FLAGS[_CONFIG.name].override_values or {})
         policies = list(configs)
         base = configs[policies[0]]
-        trajs, ops = driver.prepare(base)
+        # Each run's kept store is a fresh subdirectory of runtime.store_dir (`one` below), so the checks open a
+        # scratch store (its options checked there), not that directory: it was opened as a store itself (STORE.json
+        # and blocks/ made beside the runs' subdirectories, a store kept in it trimmed to capacity_bytes).
+        for d in sorted({c.store_dir for c in configs.values() if c.store_dir}):
+            writable_dir_or_exit(d, "--config.runtime.store_dir")
+        trajs, ops = driver.prepare(base.replace(store_dir=""))
         for p in policies[1:]:
-            driver.prepare(configs[p], trajs, ops)
+            driver.prepare(configs[p].replace(store_dir=""), trajs, ops)
         window = driver.slo_window(base, trajs)  # (None offline: no SLO)
     except ConfigError as e:
         raise SystemExit(f"bad config: {e}") from None

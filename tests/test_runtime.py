@@ -816,8 +816,11 @@ def test_main_job_with_a_kept_store_dir_runs_each_policy_on_a_fresh_store(main_j
         hits[p] = {(t["trajectory_id"], t["turn_index"]): t["hit_tokens"] for t in turns}
     assert hits["basic"] == hits["dualpath"]
     assert all(h == 0 for (_, i), h in hits["dualpath"].items() if i == 0)
-    runs = sorted(d.name.rsplit("-", 1)[-1] for d in store.iterdir() if d.is_dir() and d.name != "blocks")
+    runs = sorted(d.name.rsplit("-", 1)[-1] for d in store.iterdir() if d.is_dir())
     assert runs == ["basic", "dualpath"]  # one subdirectory per run, kept
+    # and nothing else: the launcher's checks opened the directory itself as a store (STORE.json, blocks/ beside the
+    # runs' subdirectories; a store kept there was trimmed to capacity_bytes)
+    assert sorted(p.name for p in store.iterdir() if not p.is_dir()) == []
 
 
 def test_unknown_argument_and_bad_override_fail_before_start(tmp_path):
