@@ -427,9 +427,8 @@ def _main(argv, term: SigtermAsInterrupt):
             "results": {p: driver.summary_with_sim_link_names(r.summary) for p, r in results.items()},
             "requeued": {p: r.requeued for p, r in results.items()},
             "dead_nodes": {p: dead_nodes(r) for p, r in results.items()},  # node -> why it died in that policy's run
-            "unstored_blocks": {
-                p: unstored_blocks(r) for p, r in results.items()
-            },  # write-backs the store did not keep
+            # write-back blocks the store did not keep (refused for room, or a failed write)
+            "unstored_blocks": {p: unstored_blocks(r) for p, r in results.items()},
             # the KV store's counters over the run's store objects (hits, evictions, write_rejected...)
             "store_stats": {p: dict(getattr(r, "store_stats", None) or {}) for p, r in results.items()},
             "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},

@@ -544,8 +544,9 @@ class GlobalScheduler:
 
     def fail(self, why: str) -> None:
         """Fail the run with `why` (an earlier failure is kept): a fetch that raised, or the control server dropped a
-        node's connection for breaking the protocol (`ControlServer`'s `on_error`). The node only saw its connection closed and exited with
-        "the driver closed the control connection", which was the run's error, the reason in a log line alone."""
+        node's connection for breaking the protocol (`ControlServer`'s `on_error`). The node only saw its connection
+        closed and exited with "the driver closed the control connection", which was the run's error, the reason in a
+        log line alone."""
         with self._lock:
             self.failure = self.failure or why
 
