@@ -68,6 +68,7 @@ COLUMNS = [
     ("tpot_p99_s", "TPOT p99 ms", "ms"),
     ("pe_read_bytes", "PE-read MB", "mb"),
     ("de_read_bytes", "DE-read MB", "mb"),
+    ("hit_rate", "hit rate", "{:.1%}"),  # prompt tokens read from the store (a bounded store's runs differ here)
     ("snic_max_over_avg", "SNIC max/avg", "{:.2f}"),
 ]
 
