@@ -179,6 +179,18 @@ def build_simulator(cfg, trajs, cost, policy_kwargs: dict):
     return sim
 
 
+def bounded_store_note(cfg) -> str | None:
+    """The line under the prediction of a run on a bounded store: the simulator models none (every earlier turn's KV
+    can hit), so where the runtime's store evicted, the copy's hits and JCTs are an unbounded store's."""
+    cap = cfg.store_options.get("capacity_bytes")
+    if cap is None:
+        return None
+    return (
+        f"note: the runtime's KV store is bounded (config.runtime.store_options' capacity_bytes={cap}, per process); "
+        "the simulator models an unbounded store, so its hits are those of a store that evicts nothing"
+    )
+
+
 def with_first_prompt_hashes(trajs, block_size: int) -> list:
     """`trajs` with each first turn that has its token ids (a trace's, `driver.make_trajectories`) carrying the keys of
     its whole blocks (`block_keys`, as the runtime's store keys them) as `block_hashes`, so the simulator hits what
@@ -398,6 +410,15 @@ def _main(argv, term):
                 )
             err = sim_speedup / speedup - 1.0
             print(f"  speedup: runtime {speedup:.2f}x, simulator {sim_speedup:.2f}x ({100 * err:+.1f}%)")
+            hits = ", ".join(
+                f"{p} {measured[p].summary['hit_rate']:.1%} / {predicted[p]['hit_rate']:.1%}"
+                for p in ("basic", "dualpath")
+            )
+            print(f"  hit rate, runtime / sim: {hits}")
+            note = bounded_store_note(base)
+            if note:
+                print(f"  {note}")
+                out["simulated_note"] = note
             # the turns' latencies too (an online run is judged on them, not on its JCT)
             print(f"{'':>9}  {'TTFT p50 s: runtime':>19}  {'sim':>6}  {'TTFT p99 s: runtime':>19}  {'sim':>6}")
             for p in ("basic", "dualpath"):
