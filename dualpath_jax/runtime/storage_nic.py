@@ -132,7 +132,9 @@ class StorageNIC:
                     if not self.store.read(key, rows if self._direct else self._read_staging):
                         self.failed_reads += 1
                         log.warning(
-                            "node %d: block %d of request %d is missing or corrupt: recomputed as a miss",
+                            # (a bounded store may have evicted it since the lookup; the store logs a damaged one)
+                            "node %d: block %d of request %d could not be read (evicted since the lookup, or damaged): "
+                            "recomputed from there as a miss",
                             self.node_id,
                             job.first_block + j,
                             job.request_id,
