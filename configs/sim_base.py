@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.de_host_buffer_gb = ml_collections.config_dict.placeholder(float)  # DE nodes' buffer (None: host_buffer_gb)
     c.de_hbm_kv_gb = 0.0  # 0: derived (hbm_usable_fraction * HBM - weights per DE - de_hbm_reserve_gb)
     c.de_max_seqs = ml_collections.config_dict.placeholder(int)  # sequences a DE decodes at once (None: HBM only)
+    c.store_capacity_gb = ml_collections.config_dict.placeholder(float)  # KV store GB, LRU (None: unbounded)
     c.hbm_usable_fraction = 0.9  # the serving engine's share of each GPU's HBM (vLLM's default 0.9)
     c.block_size = 64
     c.kv_bytes_per_token = 0.0  # 0: from the model shape

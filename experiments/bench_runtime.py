@@ -88,10 +88,11 @@ class _FittedCost:
         return self.cost.decode_step_time(batch_size, total_context_tokens)
 
 
-def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
+def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1, store_capacity_gb: float | None = None):
     """The simulator's copy of the runtime's emulated cluster (`model`: the cost model's ModelShape), checked as
     `experiments.simulate` checks a config file when it loads (`sim.config.validate_sim_config`): every number in
-    range, the policy's and batcher's kwargs accepted. A bad value is a ValueError naming the field."""
+    range, the policy's and batcher's kwargs accepted. A bad value is a ValueError naming the field.
+    `store_capacity_gb`: the runtime's bounded store as the simulator's (`sim_store_capacity_gb`; None: unbounded)."""
     from dualpath_jax.runtime import launcher
     from dualpath_jax.sim import ClusterConfig, SimConfig, WorkloadConfig
     from dualpath_jax.sim.config import validate_sim_config
@@ -122,6 +123,7 @@ def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
         # cluster.layerwise is off (the paper's Basic)
         layerwise=c.layerwise,
         writeback=True,
+        store_capacity_gb=store_capacity_gb,
     )
     sim_cfg = SimConfig(
         cluster=cluster,
@@ -135,14 +137,21 @@ def sim_config(cfg, model, policy_kwargs: dict, n_agents: int = 1):
     return sim_cfg
 
 
-def simulate(cfg, trajs, cost, policy_kwargs: dict, window: tuple[float, float] | None = None) -> dict:
+def simulate(
+    cfg,
+    trajs,
+    cost,
+    policy_kwargs: dict,
+    window: tuple[float, float] | None = None,
+    store_capacity_gb: float | None = None,
+) -> dict:
     """The simulator on the runtime's emulated cluster; returns its summary (JCT, SNIC balance, ...), with `slo`
     (`driver.judge_slo` of its turns under `cfg.slo`) where `window` (`driver.slo_window`) is given. A bad value
     of its config is a ValueError naming the field (`sim_config`); a workload it cannot run, a SimConfigError."""
     from dualpath_jax.runtime import driver
     from dualpath_jax.sim.runner import summarize
 
-    sim = build_simulator(cfg, trajs, cost, policy_kwargs)
+    sim = build_simulator(cfg, trajs, cost, policy_kwargs, store_capacity_gb)
     records, links, stats = sim.run()
     out = summarize(sim.cfg, records, links, stats)
     if window is not None:
@@ -150,14 +159,14 @@ def simulate(cfg, trajs, cost, policy_kwargs: dict, window: tuple[float, float] 
     return out
 
 
-def build_simulator(cfg, trajs, cost, policy_kwargs: dict):
+def build_simulator(cfg, trajs, cost, policy_kwargs: dict, store_capacity_gb: float | None = None):
     """The simulator of `simulate`, not run yet: `sim_config`'s copy of the cluster (its DE nodes' host buffers
     `buffers.de_buffer_bytes` as the runtime's DE nodes map, `cluster.de_host_buffer_gb`; they had the PE size)."""
     import schedulers
     from dualpath_jax import compiled
     from dualpath_jax.runtime import driver
 
-    sim_cfg = sim_config(cfg, cost.model, policy_kwargs, n_agents=len(trajs))
+    sim_cfg = sim_config(cfg, cost.model, policy_kwargs, n_agents=len(trajs), store_capacity_gb=store_capacity_gb)
     trajs = with_first_prompt_hashes(trajs, cfg.block_size)
     policy = schedulers.make_policy(sim_cfg.policy, **sim_cfg.policy_kwargs)
     batcher = schedulers.make_batcher(sim_cfg.batcher, **sim_cfg.batcher_kwargs)
@@ -179,16 +188,41 @@ def build_simulator(cfg, trajs, cost, policy_kwargs: dict):
     return sim
 
 
-def bounded_store_note(cfg) -> str | None:
-    """The line under the prediction of a run on a bounded store: the simulator models none (every earlier turn's KV
-    can hit), so where the runtime's store evicted, the copy's hits and JCTs are an unbounded store's."""
+def sim_store_capacity_gb(cfg, ops) -> float | None:
+    """The runtime's bounded store (`store_options` `capacity_bytes` of the `local_dir` store) as the simulator's
+    `cluster.store_capacity_gb`: the whole block files it holds (a file is a header + the Full Block) x block_size x
+    KV bytes per token. None: an unbounded store, or a store of one's own (its capacity's meaning is its own)."""
+    from dualpath_jax.runtime.node import block_layout
+    from dualpath_jax.store import block_file
+
+    cap = cfg.store_options.get("capacity_bytes")
+    if cap is None or cfg.store != "local_dir":
+        return None
+    blocks = int(cap) // block_file.file_nbytes(block_layout(cfg, ops))
+    return blocks * cfg.block_size * ops.config.kv_bytes_per_token / 1e9
+
+
+def bounded_store_note(cfg, store_capacity_gb: float | None) -> str | None:
+    """The line under the prediction of a run on a bounded store: how the simulator's copy models it (one store-wide
+    LRU over trajectories, `sim_store_capacity_gb`), and where the runtime's differs."""
     cap = cfg.store_options.get("capacity_bytes")
     if cap is None:
         return None
-    return (
-        f"note: the runtime's KV store is bounded (config.runtime.store_options' capacity_bytes={cap}, per process); "
-        "the simulator models an unbounded store, so its hits are those of a store that evicts nothing"
+    what = f"config.runtime.store_options' capacity_bytes={cap}"
+    if store_capacity_gb is None:
+        return (
+            f"note: the runtime's KV store {cfg.store!r} is bounded ({what}); the simulator's copy models an "
+            "unbounded store, so its hits are those of a store that evicts nothing"
+        )
+    note = (
+        f"note: the runtime's KV store is bounded ({what}); the simulator's copy holds as many blocks "
+        f"(cluster.store_capacity_gb={store_capacity_gb:.6g}) in one store-wide LRU over trajectories"
     )
+    if cfg.launcher != "inprocess":  # (each process's store object keeps its own view of the capacity)
+        note += (
+            f"; under launcher={cfg.launcher!r} the capacity holds per process, so the runtime's store can hold more"
+        )
+    return note
 
 
 def with_first_prompt_hashes(trajs, block_size: int) -> list:
@@ -304,11 +338,17 @@ def _main(argv, term):
         window = driver.slo_window(base, trajs)  # online / trace arrivals: runtime and copy judged on one SLO
     except ConfigError as e:
         raise SystemExit(f"bad config: {e}") from None
+    store_gb = sim_store_capacity_gb(base, ops)  # (a bounded runtime store: the copy's, else None)
     if not _SKIP_SIM.value:  # the simulator's copy of this setup, checked before anything runs or is written
         for p in ("basic", "dualpath"):
             cfg = base.replace(**{"scheduler.name": p})
             try:  # (β from the measured prefill rate later; any positive rate gives a valid one)
-                sim_config(cfg, cost_model_shape(ops), driver.policy_kwargs(cfg, ops.config.kv_bytes_per_token))
+                sim_config(
+                    cfg,
+                    cost_model_shape(ops),
+                    driver.policy_kwargs(cfg, ops.config.kv_bytes_per_token),
+                    store_capacity_gb=store_gb,
+                )
             except ValueError as e:
                 raise SystemExit(
                     f"bad config (the simulator's copy of the {p} setup; or pass --skip_sim): {e}"
@@ -395,7 +435,7 @@ def _main(argv, term):
                     cfg = base.replace(**{"scheduler.name": p})
                     kw = driver.policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tps)
                     t0 = time.time()
-                    predicted[p] = simulate(cfg, trajs, cost, kw, window)
+                    predicted[p] = simulate(cfg, trajs, cost, kw, window, store_gb)
                     logging.info("simulated %s in %.2f s", p, time.time() - t0)
             except ValueError as e:  # (SimConfigError too) a workload the copy cannot run: said; measured results kept
                 print(f"\n(simulator prediction skipped: {e})")
@@ -415,7 +455,7 @@ def _main(argv, term):
                 for p in ("basic", "dualpath")
             )
             print(f"  hit rate, runtime / sim: {hits}")
-            note = bounded_store_note(base)
+            note = bounded_store_note(base, store_gb)
             if note:
                 print(f"  {note}")
                 out["simulated_note"] = note

@@ -80,6 +80,8 @@ SUMMARY_KEYS = [
     "ttft_prefill_mean_s",
     "snic_max_over_avg",
     "hit_rate",
+    "store_evicted_bytes",  # (these two only with a bounded store: cluster.store_capacity_gb)
+    "store_lost_lookups",
     "pe_read_bytes",
     "de_read_bytes",
     "slo_attainment",

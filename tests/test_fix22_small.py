@@ -18,13 +18,34 @@ def test_the_table_gives_each_runs_hit_rate():
     assert dict(zip(names, second.split(), strict=True))["hit rate"] == "n/a"  # (no hit rate given: not "nan%")
 
 
-def test_bench_runtime_says_its_simulator_copy_has_no_bounded_store():
-    """`bench_runtime` on a bounded store (`capacity_bytes`) printed the simulator's prediction without a word that
-    the simulator's store evicts nothing (its hits, and so its JCTs, are an unbounded store's)."""
+def test_bench_runtimes_simulator_copy_holds_the_runtimes_bounded_store():
+    """`bench_runtime` on a bounded store (`capacity_bytes`) printed the simulator's prediction of an unbounded store
+    (its hits, and so its JCTs, a store's that evicts nothing) without a word: the copy now holds as many whole
+    blocks (`cluster.store_capacity_gb`), and the note says how the two stores differ."""
     from dualpath_jax.runtime.config import RuntimeConfig
-    from experiments.bench_runtime import bounded_store_note
+    from dualpath_jax.store import block_file
+    from experiments.bench_runtime import bounded_store_note, sim_config, sim_store_capacity_gb
 
+    kv = SimpleNamespace(num_layers=2, bytes_per_token_per_layer=64)
+    ops = SimpleNamespace(kv_layout=kv, fingerprint="fp", config=SimpleNamespace(kv_bytes_per_token=128))
     cfg = RuntimeConfig()
-    assert bounded_store_note(cfg) is None
-    note = bounded_store_note(cfg.replace(store_options={"capacity_bytes": 1 << 20}))
-    assert "capacity_bytes=1048576" in note and "unbounded" in note
+    assert sim_store_capacity_gb(cfg, ops) is None and bounded_store_note(cfg, None) is None
+    from dualpath_jax.runtime.node import block_layout
+
+    file_b = block_file.file_nbytes(block_layout(cfg, ops))  # a header + the Full Block's 128 B x block_size
+    assert file_b > 128 * cfg.block_size
+    bounded = cfg.replace(store_options={"capacity_bytes": 3 * file_b + file_b // 2})  # 3 whole block files
+    gb = sim_store_capacity_gb(bounded, ops)
+    assert gb == 3 * cfg.block_size * 128 / 1e9
+    note = bounded_store_note(bounded, gb)
+    assert f"capacity_bytes={3 * file_b + file_b // 2}" in note and "per process" in note  # (launcher local)
+    assert "per process" not in bounded_store_note(bounded.replace(launcher="inprocess"), gb)
+    # a store of one's own: its capacity's meaning is its own, so the copy stays unbounded and says so
+    own = bounded.replace(store="my_store")
+    assert sim_store_capacity_gb(own, ops) is None and "unbounded" in bounded_store_note(own, None)
+    # the copy's cluster carries it (and the default None)
+    from schedulers.cost_model import MODEL_SHAPES
+
+    shape = MODEL_SHAPES.get(MODEL_SHAPES.names()[0])
+    assert sim_config(bounded, shape, {}, store_capacity_gb=gb).cluster.store_capacity_gb == gb
+    assert sim_config(cfg, shape, {}).cluster.store_capacity_gb is None

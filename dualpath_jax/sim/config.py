@@ -55,6 +55,10 @@ class ClusterConfig:
     # runtime cluster.decode_slots); None: only its HBM room limits them. A request placed on a DE with every
     # slot taken waits there for a slot (its allocation wait, as for HBM), and the policy sees no room there.
     de_max_seqs: int | None = None
+    # The KV store's capacity (GB of KV, all layers), shared by every node: one LRU over trajectories whose least
+    # recently used ones lose their blocks (sim.simulator `_store_write`); None: unbounded (every earlier turn's KV
+    # can hit). A runtime store of capacity_bytes: (capacity_bytes // its block file bytes) x block_size x KV B/token.
+    store_capacity_gb: float | None = None
     # fraction of a GPU's HBM the serving engine may use (weights + KV + the rest) when de_hbm_kv_gb is
     # derived; 0.9 as vLLM's default gpu_memory_utilization
     hbm_usable_fraction: float = 0.9
@@ -193,6 +197,8 @@ def check_sim_config(sc: SimConfig) -> None:
         )
     if sc.cluster.de_host_buffer_gb is not None:  # (None: host_buffer_gb, as the PE nodes)
         _check_number("config.cluster.de_host_buffer_gb", sc.cluster.de_host_buffer_gb, 0, False, None)
+    if sc.cluster.store_capacity_gb is not None:  # (None: an unbounded store)
+        _check_number("config.cluster.store_capacity_gb", sc.cluster.store_capacity_gb, 0, False, None)
     if sc.cluster.de_max_seqs is not None:  # (None: no cap)
         _check_number("config.cluster.de_max_seqs", sc.cluster.de_max_seqs, 1, True, None, integer=True)
     # <= 0: derived from the HBM (resolve_de_hbm); NaN used to pass as "derived", infinity failed inside the run

@@ -346,6 +346,20 @@ def slo_summary(cfg: SimConfig, records: Sequence[metrics.TurnRecord]) -> dict:
     return metrics.slo_summary(records, cfg.slo_ttft_s, cfg.slo_tpot_s, cfg.slo_percentile, cfg.warmup_s, end)
 
 
+# What a bounded store (cluster.store_capacity_gb) counts (Simulator.run's stats; absent when unbounded): its capacity,
+# what it held at the end, what it evicted (bytes, blocks, whole trajectories), and the turns whose hit it cut and the
+# hit tokens they lost (they recomputed that KV)
+STORE_KEYS = (
+    "store_capacity_bytes",
+    "store_held_bytes",
+    "store_evicted_bytes",
+    "store_evicted_blocks",
+    "store_evicted_trajectories",
+    "store_lost_lookups",
+    "store_lost_hit_tokens",
+)
+
+
 def summarize(cfg: SimConfig, records, links, stats) -> dict:
     cache = {}  # each field of the records read once for both
     s = metrics.summarize(records, links, cache)
@@ -355,6 +369,9 @@ def summarize(cfg: SimConfig, records, links, stats) -> dict:
     s["snic_max_over_avg"] = float(snic.max() / snic.mean()) if snic.size and snic.mean() > 0 else math.nan
     s["snic_total_bytes"] = float(snic.sum()) if snic.size else 0.0  # (the runtime's name; was snic_bytes_total)
     s["unfinished_turns"] = stats["unfinished_turns"]
+    for k in STORE_KEYS:  # a bounded store's (cluster.store_capacity_gb) counters
+        if k in stats:
+            s[k] = stats[k]
     if cfg.workload.kind != "offline":
         # The SLO's percentiles (turns in [warmup, duration), no first token: a miss) beside the all-turn ones
         s = metrics.with_slo(s, slo_summary(cfg, records))

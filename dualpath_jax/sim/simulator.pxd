@@ -65,8 +65,11 @@ cdef class Simulator:
     cdef public double now, b, read_cap, _next_tick, fetch_step, max_seqs
     cdef public long long L, _seq, n_events, turns_done, _next_rid, _fetch_rr, n_fetches, de_group_engines
     cdef public long long _idle_fetches
-    cdef public bint fetch_running, dram_binds, _ran, shared_hits
+    cdef public bint fetch_running, dram_binds, _ran, shared_hits, bounded
     cdef public set _stored
+    # the bounded KV store (cluster.store_capacity_gb): an OrderedDict; token counts as Python ints
+    cdef public object _store, store_cap_tokens, store_held, store_evicted_tokens, store_evicted_entries
+    cdef public object store_lost_lookups, store_lost_tokens, _store_refs, _store_hashes
 
     cpdef at(self, double t, fn, arg=*)
     cpdef tuple _dram(self, Node node)
@@ -76,6 +79,10 @@ cdef class Simulator:
 
     @cython.locals(r=Request)
     cpdef _turn_arrival(self, arg)
+
+    cpdef _store_lookup(self, traj, i, prompt, hit)
+    cpdef _store_drop_hashes(self, tid)
+    cpdef _store_write(self, Request r)
 
     @cython.locals(r=Request, pe=PrefillEngine, de=DecodeEngine)
     cpdef _assign(self, a)

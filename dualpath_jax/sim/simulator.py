@@ -28,6 +28,12 @@ Per request (DESIGN.md "Data paths"):
   -> decode: events only when the batch changes (join/leave); the DE write-back of the filled blocks is
      a paced flow over DE CNIC -> DE DRAM -> DE SNIC.
   -> the agent's next turn arrives when decode and write-back are done (+ the turn gap).
+
+A bounded KV store (`cluster.store_capacity_gb`; None: unbounded, every earlier turn's KV can hit): one store-wide
+LRU of trajectories, each holding a block range [lo, hi) of its context; a turn hits min(its shape's hit, hi) where
+lo is 0 (`_store_lookup`), and its decode start writes its new blocks (`_store_write`), evicting the least recently
+used trajectories whole until the store fits. With shared prefix hits, a trace's hash blocks go with the trajectories
+that stored them (`_store_prompt_blocks`): a hash hits while one of them is in the store.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import heapq
 import math
 import time as _time
 from array import array
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from dualpath_jax import compiled
@@ -274,6 +280,25 @@ class Simulator:
             [any([t.block_hashes is not None for t in traj.turns[:1]]) for traj in self.trajectories]
         )
         self._stored: set = set()
+        # A bounded KV store (cluster.store_capacity_gb): trajectory id -> (lo, hi), the block range of its context
+        # the store holds (tokens, whole blocks), least recently used first. A prefix-chained store hits a prompt's
+        # leading blocks only, so a trajectory hits hi where lo is 0 and nothing otherwise; under block LRU its
+        # prefix blocks are its oldest, so losing its first block loses its whole hit: eviction takes whole
+        # trajectories from the LRU end. None: unbounded (no per-turn work).
+        self.bounded = c.store_capacity_gb is not None
+        self._store = OrderedDict()
+        self.store_cap_tokens = 0
+        self.store_held = 0  # tokens held by all trajectories
+        self.store_evicted_tokens = 0  # tokens that left the store (evicted, or written by a turn too large for it)
+        self.store_evicted_entries = 0  # trajectories evicted (each its whole range)
+        self.store_lost_lookups = 0  # turns that hit less than their shape's hit (their own context's blocks)
+        self.store_lost_tokens = 0  # ... and the hit tokens they lost
+        # With shared prefix hits: hash -> how many trajectories hold it, and each trajectory's hashes (in place of
+        # _stored: a hash block goes with the last trajectory that holds it)
+        self._store_refs: dict = {}
+        self._store_hashes: dict = {}
+        if self.bounded:
+            self.store_cap_tokens = _room_tokens(c.store_capacity_gb, self.b, "store_capacity_gb")
         self.now = 0.0
         self.events = TimeHeap()  # (time, seq, 0, callback, arg), earliest first (compiled when built)
         self._seq = 0
@@ -459,7 +484,9 @@ class Simulator:
         if shapes is None:
             shapes = self._shapes[traj.trajectory_id] = traj.turn_shapes(self.c.block_size)
         prompt, hit, gen = shapes[i]
-        if self.shared_hits:
+        if self.bounded:
+            hit = self._store_lookup(traj, i, prompt, hit)
+        elif self.shared_hits:
             hit = self._shared_hit(traj.turns[i], prompt, hit)
         rid = self._next_rid
         self._next_rid += 1
@@ -510,7 +537,111 @@ class Simulator:
 
     def _store_prompt_blocks(self, r: Request) -> None:
         """r's prompt KV is computed: its whole hash blocks are in the store for every later turn to hit."""
-        self._stored.update(r.traj.turns[r.turn].prompt_block_hashes(r.prompt))
+        hashes = r.traj.turns[r.turn].prompt_block_hashes(r.prompt)
+        if not self.bounded:
+            self._stored.update(hashes)
+            return
+        # Bounded: the trajectory holds them (each hash counted once per trajectory that stored it; their bytes are
+        # in its block range from its write) and it is the most recently used
+        tid = r.traj.trajectory_id
+        store = self._store
+        if tid in store:
+            store.move_to_end(tid)
+        else:
+            store[tid] = (0, 0)  # (no range until its write, at its decode's start)
+        mine = self._store_hashes.get(tid)
+        if mine is None:
+            mine = self._store_hashes[tid] = set()
+        refs = self._store_refs
+        for x in hashes:
+            if x not in mine:
+                mine.add(x)
+                refs[x] = refs.get(x, 0) + 1
+
+    def _store_lookup(self, traj, i, prompt, hit):
+        """The bounded store's lookup of turn i of `traj` at its arrival: its shape's `hit`, or the leading blocks the
+        store still holds of its trajectory where that is less (a hit refreshes the trajectory: most recently used);
+        with shared prefix hits, the leading hash blocks any trajectory holds where that is more."""
+        tid = traj.trajectory_id
+        e = self._store.get(tid)
+        have = 0
+        if e is not None and e[0] == 0:
+            have = e[1]
+            if have:
+                self._store.move_to_end(tid)
+        own = hit if have >= hit else have
+        if self.shared_hits and self._store_refs:
+            shared = traj.turns[i].stored_prefix_tokens(self._store_refs, prompt, self.c.block_size)
+            if shared > own:
+                own = shared
+        if own < hit:
+            self.store_lost_lookups += 1
+            self.store_lost_tokens += hit - own
+        return own
+
+    def _store_drop_hashes(self, tid) -> None:
+        """Trajectory `tid` left the store: the hash blocks it held are gone unless another trajectory holds them."""
+        mine = self._store_hashes.pop(tid, None)
+        if mine:
+            refs = self._store_refs
+            for x in mine:
+                n = refs[x] - 1
+                if n:
+                    refs[x] = n
+                else:
+                    del refs[x]
+
+    def _store_write(self, r: Request) -> None:
+        """r's decode starts: the DE writes its new whole blocks [hit, end) of prompt + generation (the runtime's
+        write-back; counted whole from now, with or without `cluster.writeback`'s bytes). The trajectory becomes most
+        recently used; least recently used ones are evicted whole until the store fits. One trajectory larger than
+        the store keeps nothing: under block LRU its first blocks would go first, and with them its whole hit."""
+        bs = self.c.block_size
+        h = r.hit
+        end = ((r.prompt + r.gen) // bs) * bs
+        if end <= h:  # no new whole block
+            return
+        tid = r.traj.trajectory_id
+        store = self._store
+        e = store.pop(tid, None)
+        old = 0
+        lo = h
+        hi = end
+        # Its leading blocks held as hash blocks (its own prompt's, or other trajectories' it hit): its prefix is whole
+        # (their bytes count in its range, again where other trajectories hold them)
+        if (
+            lo > 0
+            and self.shared_hits
+            and r.traj.turns[r.turn].stored_prefix_tokens(self._store_refs, r.prompt, bs) >= lo
+        ):
+            lo = 0
+        if e is not None:
+            old = e[1] - e[0]
+            if lo <= e[1]:  # contiguous with what it holds (an entry evicted after the lookup is gone: e is None)
+                lo = min(e[0], lo)
+                hi = max(e[1], hi)
+            else:  # (not contiguous: a write past what it held, an entry of hashes alone) its old range goes
+                self.store_evicted_tokens += old
+                self.store_held -= old
+                old = 0
+        size = hi - lo
+        if size > self.store_cap_tokens:
+            self.store_held -= old
+            self.store_evicted_tokens += size
+            self.store_evicted_entries += 1
+            if self.shared_hits:
+                self._store_drop_hashes(tid)
+            return
+        store[tid] = (lo, hi)
+        self.store_held += size - old
+        while self.store_held > self.store_cap_tokens:
+            k, v = store.popitem(False)  # least recently used (never tid: it alone fits)
+            n = v[1] - v[0]
+            self.store_held -= n
+            self.store_evicted_tokens += n
+            self.store_evicted_entries += 1
+            if self.shared_hits:
+                self._store_drop_hashes(k)
 
     def _fetch(self, _arg) -> bool | None:
         n_nodes = len(self.nodes)
@@ -1022,6 +1153,8 @@ class Simulator:
 
     def _start_writeback(self, r: Request, decode_s: float) -> None:
         """The DE persists every newly filled block (prompt miss + generated) during decode."""
+        if self.bounded:
+            self._store_write(r)
         if not self.c.writeback or self.c.io_free:
             return
         bs = self.c.block_size
@@ -1231,6 +1364,15 @@ class Simulator:
             "link_totals": link_totals,
             "compiled": compiled.status(),  # which hot paths ran compiled (False: their Python twins)
         }
+        if self.bounded:  # (unbounded runs keep their keys as before)
+            bs = self.c.block_size
+            stats["store_capacity_bytes"] = self.c.store_capacity_gb * GB
+            stats["store_held_bytes"] = self.store_held * self.b
+            stats["store_evicted_bytes"] = self.store_evicted_tokens * self.b
+            stats["store_evicted_blocks"] = self.store_evicted_tokens // bs
+            stats["store_evicted_trajectories"] = self.store_evicted_entries
+            stats["store_lost_lookups"] = self.store_lost_lookups
+            stats["store_lost_hit_tokens"] = self.store_lost_tokens
         return self.records, links, stats
 
 
