@@ -49,3 +49,36 @@ def test_bench_runtimes_simulator_copy_holds_the_runtimes_bounded_store():
     shape = MODEL_SHAPES.get(MODEL_SHAPES.names()[0])
     assert sim_config(bounded, shape, {}, store_capacity_gb=gb).cluster.store_capacity_gb == gb
     assert sim_config(cfg, shape, {}).cluster.store_capacity_gb is None
+
+
+def test_a_storage_nic_logs_its_first_unreadable_blocks_and_counts_the_rest(tmp_path, caplog):
+    """A store far smaller than the working set evicts blocks between the scheduler's lookup and the read all the time:
+    the storage NIC logged a warning per block (79 in one main job at 1 MiB per process). Now the first
+    LOGGED_FAILED_READS are logged, the last of them saying the rest are counted (`failed_reads`)."""
+    import logging
+    import threading
+
+    import numpy as np
+
+    from dualpath_jax.block_keys import block_keys, root_key
+    from dualpath_jax.kv_layout import BlockLayout
+    from dualpath_jax.runtime.storage_nic import LOGGED_FAILED_READS, ReadJob, StorageNIC
+    from dualpath_jax.store import LocalDirStore
+
+    layout = BlockLayout(num_layers=2, block_tokens=16, bytes_per_token_per_layer=8, fingerprint="fix22/snic")
+    store = LocalDirStore(tmp_path / "kv", layout)
+    keys = block_keys(np.arange(16), 16, parent=root_key(layout.fingerprint))  # one block, never written
+    snic = StorageNIC(0, store, 16, pace=lambda n: None)
+    area = np.zeros((2, 16, 8), np.uint8)
+    n = LOGGED_FAILED_READS + 3
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.runtime.storage_nic"):
+        for rid in range(n):
+            done = threading.Event()
+            snic.submit_read(ReadJob(rid, 0, keys, 0, area, lambda *a, d=done: d.set()))
+            assert done.wait(30)
+    snic.close()
+    store.close()
+    lines = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert snic.failed_reads == n and len(lines) == LOGGED_FAILED_READS
+    assert lines[-1].endswith("further ones are counted, not logged (node_stats failed_reads)")
+    assert "request 0 " in lines[0] and "further" not in lines[0]

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 
 log = logging.getLogger(__name__)
+LOGGED_FAILED_READS = 5  # unreadable blocks a storage NIC logs one by one (the rest: counted in failed_reads)
 
 
 @dataclasses.dataclass
@@ -113,6 +114,22 @@ class StorageNIC:
             if t is not threading.current_thread():
                 t.join(timeout)
 
+    def _log_failed_read(self, block: int, request_id: int) -> None:
+        """One line per unreadable block up to LOGGED_FAILED_READS, then one saying the rest are only counted (a store
+        far smaller than the working set evicts blocks between lookups and reads all the time: a line each buried the
+        log)."""
+        n = self.failed_reads
+        if n <= LOGGED_FAILED_READS:
+            log.warning(
+                # (a bounded store may have evicted it since the lookup; the store logs a damaged one)
+                "node %d: block %d of request %d could not be read (evicted since the lookup, or damaged): "
+                "recomputed from there as a miss%s",
+                self.node_id,
+                block,
+                request_id,
+                "; further ones are counted, not logged (node_stats failed_reads)" if n == LOGGED_FAILED_READS else "",
+            )
+
     def _read_loop(self) -> None:
         bs = self.block_size
         nbytes_block = self.store.layout.full_block_nbytes
@@ -131,14 +148,7 @@ class StorageNIC:
                     rows = job.area[:, t0 : t0 + bs]  # this block's rows of the layer-major area
                     if not self.store.read(key, rows if self._direct else self._read_staging):
                         self.failed_reads += 1
-                        log.warning(
-                            # (a bounded store may have evicted it since the lookup; the store logs a damaged one)
-                            "node %d: block %d of request %d could not be read (evicted since the lookup, or damaged): "
-                            "recomputed from there as a miss",
-                            self.node_id,
-                            job.first_block + j,
-                            job.request_id,
-                        )
+                        self._log_failed_read(job.first_block + j, job.request_id)
                         break
                     # Paced once read: a block gone since the lookup moved no bytes (it was charged a whole Full Block
                     # of SNIC time and record, delaying this request and every read queued behind it).
