@@ -82,3 +82,32 @@ def test_a_storage_nic_logs_its_first_unreadable_blocks_and_counts_the_rest(tmp_
     assert snic.failed_reads == n and len(lines) == LOGGED_FAILED_READS
     assert lines[-1].endswith("further ones are counted, not logged (node_stats failed_reads)")
     assert "request 0 " in lines[0] and "further" not in lines[0]
+
+
+def test_a_block_another_process_removed_is_not_counted_as_this_stores_eviction(tmp_path):
+    """Every process's store object evicts from its own view of a shared directory; a victim whose file another one
+    had removed already counted as an eviction again, so a run's summed `evictions` (`store_stats`) exceeded its
+    writes (8,872 evictions for 3,951 writes in one main job at 1 MiB per process). It is dropped, not counted."""
+    import numpy as np
+
+    from dualpath_jax.block_keys import block_keys, root_key
+    from dualpath_jax.kv_layout import BlockLayout
+    from dualpath_jax.store import LocalDirStore, block_file
+
+    layout = BlockLayout(num_layers=2, block_tokens=16, bytes_per_token_per_layer=8, fingerprint="fix22/evict")
+    writer = LocalDirStore(tmp_path, layout)
+    reader = LocalDirStore(tmp_path, layout, capacity_bytes=2 * block_file.file_nbytes(layout))  # 2 blocks
+    keys = [block_keys(np.full(16, i), 16, parent=root_key(layout.fingerprint))[0] for i in range(3)]
+    for k in keys:
+        assert writer.write(k, np.full(layout.full_block_shape, 7, np.uint8))
+    assert reader.lookup([keys[0]]) == 1 and reader.lookup([keys[1]]) == 1  # adopted: its view is full
+    assert writer.remove(keys[0])  # another process removes the reader's least recently used block
+    assert reader.lookup([keys[2]]) == 1  # adopting it evicts keys[0] from the reader's view: its file was gone
+    st = reader.stats()
+    assert st.evictions == 0 and st.bytes_evicted == 0
+    assert sorted(reader.keys()) == sorted(keys[1:]) and reader.used_bytes == 2 * block_file.file_nbytes(layout)
+    # a victim whose file is there is removed and counted
+    writer.write(keys[0], np.full(layout.full_block_shape, 7, np.uint8))
+    assert reader.lookup([keys[0]]) == 1 and reader.stats().evictions == 1
+    writer.close()
+    reader.close()

@@ -1063,7 +1063,10 @@ class LocalDirStore(KVStore):
             try:
                 os.unlink(self.path_of(key))
             except (FileNotFoundError, NotADirectoryError):
-                pass  # already gone (another process evicted it)
+                # already gone (another process evicted or removed it): dropped here, not counted as this store's
+                # eviction (each process's store object counted it again: a run's evictions exceeded its writes)
+                self._drop_locked(key)
+                continue
             except OSError as e:
                 failed.append(key)
                 self._stats.evict_failures += 1
