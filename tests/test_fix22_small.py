@@ -111,3 +111,40 @@ def test_a_block_another_process_removed_is_not_counted_as_this_stores_eviction(
     assert reader.lookup([keys[0]]) == 1 and reader.stats().evictions == 1
     writer.close()
     reader.close()
+
+
+def test_the_drivers_lookup_store_never_evicts_and_answers_fresh_hits(tmp_path):
+    """The driver's store object (the scheduler's lookups) enforced `capacity_bytes` on its own view: its lookups
+    index every hit, so it deleted blocks the nodes had written and were about to read (5 of a run's 33 evictions on
+    `:test` at 200,000 B), and it answered hits from its index for blocks a node had evicted since (the read then
+    missed). Now it has no capacity and stats each hit."""
+    import numpy as np
+
+    from dualpath_jax.block_keys import block_keys, root_key
+    from dualpath_jax.kv_layout import BlockLayout
+    from dualpath_jax.runtime.config import RuntimeConfig
+    from dualpath_jax.runtime.launcher import open_store
+    from dualpath_jax.store import block_file
+
+    layout = BlockLayout(num_layers=2, block_tokens=16, bytes_per_token_per_layer=8, fingerprint="fix22/driver")
+    two = 2 * block_file.file_nbytes(layout)
+    cfg = RuntimeConfig(store_dir=str(tmp_path), store_options={"capacity_bytes": two})
+    node = open_store(cfg, layout)  # a node's object: bounded
+    driver = open_store(cfg, layout, lookups_only=True)
+    assert node.capacity_bytes == two and driver.capacity_bytes is None and driver.stat_on_hit
+    keys = [block_keys(np.full(16, i), 16, parent=root_key(layout.fingerprint))[0] for i in range(4)]
+    block = np.full(layout.full_block_shape, 3, np.uint8)
+    for k in keys[:2]:
+        assert node.write(k, block)
+    assert driver.lookup([keys[0]]) == 1 and driver.lookup([keys[1]]) == 1
+    for k in keys[2:]:
+        assert node.write(k, block)  # the node evicts keys[0] and keys[1] to stay within its 2 blocks
+    assert not node.contains(keys[0])
+    for k in keys[2:]:
+        assert driver.lookup([k]) == 1  # the driver indexes 4 blocks and deletes none of them
+    assert node.contains(keys[2]) and node.contains(keys[3]) and driver.stats().evictions == 0
+    assert driver.lookup([keys[0]]) == 0  # evicted by the node: not a hit from the driver's index
+    # an unbounded store: the driver's object is opened as the nodes' are
+    assert open_store(cfg.replace(store_options={}), layout, lookups_only=True).capacity_bytes is None
+    node.close()
+    driver.close()

@@ -181,10 +181,20 @@ def store_config(cfg: RuntimeConfig) -> dict:
     return {"name": cfg.store, **cfg.store_options, "root": cfg.store_dir}
 
 
-def open_store(cfg: RuntimeConfig, layout):
+def open_store(cfg: RuntimeConfig, layout, lookups_only: bool = False):
     """The run's KV store (`store_config`): one object in the driver (the scheduler's lookups) and one per node
-    process (or one for every in-process node), all on the run's root."""
+    process (or one for every in-process node), all on the run's root.
+
+    `lookups_only` (the driver's object): a bounded `local_dir` store (`capacity_bytes`) is opened there without a
+    capacity and with `stat_on_hit`: that object never writes, so enforcing the capacity on its own view only deleted
+    blocks the nodes had written and were about to read (its lookups index every hit), and a hit it answers from its
+    index must be a file the nodes have not evicted since (a stat per hit block), else the read misses."""
     from dualpath_jax.store import make_store
+
+    if lookups_only and cfg.store == "local_dir" and cfg.store_options.get("capacity_bytes") is not None:
+        options = {**store_config(cfg), "capacity_bytes": None}
+        options.setdefault("stat_on_hit", True)
+        return make_store(options, layout)
 
     # The storage NIC reads each Full Block straight into its rows of the request's layer-major area
     # (runtime/storage_nic.py), which a transfer reads later: local_dir's default non-temporal copies (no read of
