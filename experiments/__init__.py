@@ -63,6 +63,12 @@ def _bad_override(argv, e: BaseException) -> str:
                 f"A {item}'s own field is the variant item {item}.{key}=VALUE after the config file "
                 f"(--config=FILE:MODE,{item}.{key}=VALUE), or --config.{section}.kwargs=\"{{'{key}': VALUE}}\""
             )
+    for options in ("store_options", "transport_options"):  # (the runtime's option dicts: one flag for the dict)
+        if f".runtime.{options}." in name and not hint:
+            hint = (
+                f"An option of config.runtime.{options} is given with the whole dict: "
+                f"--config.runtime.{options}=\"{{'{key}': VALUE}}\""
+            )
     return f"bad override{where}: the config has no field {key!r}. {hint}".rstrip()
 
 

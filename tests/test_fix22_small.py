@@ -148,3 +148,21 @@ def test_the_drivers_lookup_store_never_evicts_and_answers_fresh_hits(tmp_path):
     assert open_store(cfg.replace(store_options={}), layout, lookups_only=True).capacity_bytes is None
     node.close()
     driver.close()
+
+
+def test_a_dotted_override_into_the_runtimes_store_options_names_the_dict_flag():
+    """`--config.runtime.store_options.capacity_bytes=N` (the dotted form every other field takes) said only "the
+    config has no field 'capacity_bytes'": the option dicts take one flag with the whole dict."""
+    from experiments import _bad_override
+
+    argv = ["run", "--config.runtime.store_options.capacity_bytes=400000"]
+    line = _bad_override(argv, KeyError("'capacity_bytes'"))
+    assert line == (
+        "bad override --config.runtime.store_options.capacity_bytes=400000: the config has no field 'capacity_bytes'. "
+        "An option of config.runtime.store_options is given with the whole dict: "
+        "--config.runtime.store_options=\"{'capacity_bytes': VALUE}\""
+    )
+    argv = ["run", "--config.runtime.transport_options.chunk=1"]
+    assert "--config.runtime.transport_options=\"{'chunk': VALUE}\"" in _bad_override(argv, KeyError("'chunk'"))
+    # another missing field keeps the plain line
+    assert _bad_override(["run", "--config.runtime.snic=1"], KeyError("'snic'")).endswith("no field 'snic'.")
