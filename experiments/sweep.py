@@ -143,6 +143,8 @@ COLUMNS = [
     "tpot_p50_s",
     "snic_max_over_avg",
     "hit_rate",
+    "store_evicted_bytes",  # (these two: a bounded store's, cluster.store_capacity_gb; "-" / empty when unbounded)
+    "store_lost_lookups",
     "slo_attainment",
     "slo_met",
     "wall_s",
@@ -381,7 +383,19 @@ _PLOT_METRICS = [
     ("ttft_p50_s", "TTFT p50 (s)"),
     ("snic_max_over_avg", "storage-NIC max / avg"),
     ("slo_attainment", "SLO attainment"),
+    ("hit_rate", "hit rate"),  # (plotted where a cell has a bounded store: its hits are what the sweep varies)
 ]
+
+
+def plot_metrics(rows: Sequence[dict]) -> list[tuple[str, str]]:
+    """The panels of `plot_sweep`: each metric of `_PLOT_METRICS` the rows have; the hit rate where a row has a
+    bounded store (`cluster.store_capacity_gb`), else it is the workload's, the same in every cell."""
+    bounded = any(r.get("store_evicted_bytes") is not None for r in rows)
+    return [
+        (k, label)
+        for k, label in _PLOT_METRICS
+        if any(r.get(k) is not None for r in rows) and (k != "hit_rate" or bounded)
+    ]
 
 
 def plot_sweep(rows: Sequence[dict], path: str) -> bool:
@@ -392,7 +406,7 @@ def plot_sweep(rows: Sequence[dict], path: str) -> bool:
     if plt is None:
         return False
     setups = list(dict.fromkeys(r["setup"] for r in rows))
-    metrics = [(k, label) for k, label in _PLOT_METRICS if any(r.get(k) is not None for r in rows)]
+    metrics = plot_metrics(rows)
     fig, axes = plt.subplots(len(setups), len(metrics), figsize=(4 * len(metrics), 3 * len(setups)), squeeze=False)
     for i, setup in enumerate(setups):
         mine = [r for r in rows if r["setup"] == setup]
@@ -409,7 +423,7 @@ def plot_sweep(rows: Sequence[dict], path: str) -> bool:
                 err = [[m - min(v) for m, v in zip(mean, vals, strict=True)],
                        [max(v) - m for m, v in zip(mean, vals, strict=True)]]  # fmt: skip
                 ax.errorbar(range(len(loads)), mean, yerr=err, marker="o", capsize=3, label=mode)
-            ax.set_xticks(range(len(loads)), [ld or "default" for ld in loads], rotation=20, fontsize=7)
+            ax.set_xticks(range(len(loads)), [ld or "default" for ld in loads], rotation=20, ha="right", fontsize=7)
             ax.set_ylabel(label)
             ax.set_title(setup, fontsize=8)
             if i == 0 and j == 0:

@@ -166,3 +166,17 @@ def test_a_dotted_override_into_the_runtimes_store_options_names_the_dict_flag()
     assert "--config.runtime.transport_options=\"{'chunk': VALUE}\"" in _bad_override(argv, KeyError("'chunk'"))
     # another missing field keeps the plain line
     assert _bad_override(["run", "--config.runtime.snic=1"], KeyError("'snic'")).endswith("no field 'snic'.")
+
+
+def test_a_sweep_over_store_capacities_carries_the_stores_counters():
+    """`experiments.sweep --loads=cluster.store_capacity_gb=...` gave each cell's hit rate but none of the bounded
+    store's counters (evicted bytes, lookups cut) and plotted no hit rate: a capacity study had to re-run each cell."""
+    from experiments.sweep import COLUMNS, plot_metrics, run_cell
+
+    bounded = run_cell(("configs/sim_tiny.py", "dualpath", "cluster.store_capacity_gb=1", "", ""))
+    unbounded = run_cell(("configs/sim_tiny.py", "dualpath", "", "", ""))
+    assert {"store_evicted_bytes", "store_lost_lookups"} <= set(COLUMNS)
+    assert bounded["store_evicted_bytes"] > 0 and bounded["store_lost_lookups"] > 0
+    assert bounded["hit_rate"] < unbounded["hit_rate"] and "store_evicted_bytes" not in unbounded
+    assert ("hit_rate", "hit rate") in plot_metrics([bounded, unbounded])
+    assert "hit_rate" not in dict(plot_metrics([unbounded]))  # (the workload's own: the same in every cell)
