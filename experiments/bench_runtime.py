@@ -393,6 +393,8 @@ def _main(argv, term):
             out.setdefault("measured", {})[p] = driver.summary_with_sim_link_names(measured[p].summary)
             if window is not None:  # (`driver.run`'s judgement of its turns under the SLO)
                 out["measured"][p]["slo"] = measured[p].slo
+            if base.store_options.get("capacity_bytes") is not None:  # (beside the copy's store_* counters)
+                out["measured"][p]["store_stats"] = measured[p].store_stats
             if p == "basic":  # (a job killed hard, kill -9 or the OOM killer, during DualPath's run keeps basic's)
                 _write_json(
                     out_dir,

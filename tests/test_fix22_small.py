@@ -1,5 +1,6 @@
 """Session 39's small fixes (each test fails on the code before its fix)."""
 
+import os
 from types import SimpleNamespace
 
 
@@ -180,3 +181,47 @@ def test_a_sweep_over_store_capacities_carries_the_stores_counters():
     assert bounded["hit_rate"] < unbounded["hit_rate"] and "store_evicted_bytes" not in unbounded
     assert ("hit_rate", "hit rate") in plot_metrics([bounded, unbounded])
     assert "hit_rate" not in dict(plot_metrics([unbounded]))  # (the workload's own: the same in every cell)
+
+
+_STUB_BOUNDED_BENCH = """
+import sys, types
+from absl import app
+from dualpath_jax.runtime import driver
+from experiments import bench_runtime, parse_flags_or_exit
+
+def run(cfg, ts, **kw):
+    s = {"jct_s": 2.0 if cfg.scheduler.name == "basic" else 1.0, "pe_read_bytes": 1, "de_read_bytes": 0,
+         "snic_max_over_avg": 1.5, "hit_rate": 0.25}
+    return types.SimpleNamespace(summary=s, store_stats={"evictions": 7, "read_absent": 1})
+
+kv = types.SimpleNamespace(num_layers=2, bytes_per_token_per_layer=64)
+ops = types.SimpleNamespace(kv_layout=kv, fingerprint="fp", config=types.SimpleNamespace(kv_bytes_per_token=128))
+driver.prepare = lambda cfg, *a, **k: ([None] * 8, ops)
+driver.measure_prefill_tokens_per_s = lambda ops, cfg, *a, **k: 1000.0
+driver.run = run
+bench_runtime._plot = lambda out, path: None
+sys.argv = [sys.argv[0], "--config=configs/tiny_runtime.py:test", "--skip_sim", "--skip_overhead",
+            "--config.results_dir=" + sys.argv[1], "--config.runtime.store_options={'capacity_bytes': 1000000}"]
+app.run(bench_runtime.main, flags_parser=parse_flags_or_exit)
+"""
+
+
+def test_bench_runtime_json_has_the_runtimes_store_counters_of_a_bounded_store(tmp_path):
+    """bench_runtime.json had a bounded store's counters for the simulator's copy only (`simulated.<policy>`), none
+    for the measured runs: evictions could not be compared side by side from the one file."""
+    import json
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", _STUB_BOUNDED_BENCH, str(tmp_path)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (path,) = tmp_path.glob("bench_runtime-*/bench_runtime.json")
+    measured = json.loads(path.read_text())["measured"]
+    assert measured["basic"]["store_stats"] == measured["dualpath"]["store_stats"] == {"evictions": 7, "read_absent": 1}
