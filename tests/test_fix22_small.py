@@ -131,7 +131,7 @@ def test_the_drivers_lookup_store_never_evicts_and_answers_fresh_hits(tmp_path):
     two = 2 * block_file.file_nbytes(layout)
     cfg = RuntimeConfig(store_dir=str(tmp_path), store_options={"capacity_bytes": two})
     node = open_store(cfg, layout)  # a node's object: bounded
-    driver = open_store(cfg, layout, lookups_only=True)
+    driver = open_store(cfg, layout, writes=False)
     assert node.capacity_bytes == two and driver.capacity_bytes is None and driver.stat_on_hit
     keys = [block_keys(np.full(16, i), 16, parent=root_key(layout.fingerprint))[0] for i in range(4)]
     block = np.full(layout.full_block_shape, 3, np.uint8)
@@ -146,7 +146,7 @@ def test_the_drivers_lookup_store_never_evicts_and_answers_fresh_hits(tmp_path):
     assert node.contains(keys[2]) and node.contains(keys[3]) and driver.stats().evictions == 0
     assert driver.lookup([keys[0]]) == 0  # evicted by the node: not a hit from the driver's index
     # an unbounded store: the driver's object is opened as the nodes' are
-    assert open_store(cfg.replace(store_options={}), layout, lookups_only=True).capacity_bytes is None
+    assert open_store(cfg.replace(store_options={}), layout, writes=False).capacity_bytes is None
     node.close()
     driver.close()
 

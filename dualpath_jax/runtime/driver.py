@@ -582,7 +582,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
         cfg.scheduler.name, **policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tokens_per_s)
     )
     book = ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed, arrivals=make_arrival_model(cfg))
-    store = open_store(cfg, block_layout(cfg, ops), lookups_only=True)  # (the scheduler's lookups: it never writes)
+    store = open_store(cfg, block_layout(cfg, ops), writes=False)  # (the scheduler's lookups: it never writes)
     groups = layout_groups(cfg)
     service = GlobalScheduler(
         groups,

@@ -181,17 +181,18 @@ def store_config(cfg: RuntimeConfig) -> dict:
     return {"name": cfg.store, **cfg.store_options, "root": cfg.store_dir}
 
 
-def open_store(cfg: RuntimeConfig, layout, lookups_only: bool = False):
+def open_store(cfg: RuntimeConfig, layout, writes: bool = True):
     """The run's KV store (`store_config`): one object in the driver (the scheduler's lookups) and one per node
     process (or one for every in-process node), all on the run's root.
 
-    `lookups_only` (the driver's object): a bounded `local_dir` store (`capacity_bytes`) is opened there without a
-    capacity and with `stat_on_hit`: that object never writes, so enforcing the capacity on its own view only deleted
-    blocks the nodes had written and were about to read (its lookups index every hit), and a hit it answers from its
-    index must be a file the nodes have not evicted since (a stat per hit block), else the read misses."""
+    `writes=False` (the driver's object, a prefill node's: they never write): a bounded `local_dir` store
+    (`capacity_bytes`) is opened there without a capacity and with `stat_on_hit`. Such an object's view holds the
+    blocks it looked up or read, and enforcing the capacity on it only deleted blocks the decode nodes had written and
+    were about to read; a hit it answers from its index must be a file no writer has evicted since (a stat per hit
+    block), else the read misses. The writers (decode nodes) keep the capacity."""
     from dualpath_jax.store import make_store
 
-    if lookups_only and cfg.store == "local_dir" and cfg.store_options.get("capacity_bytes") is not None:
+    if not writes and cfg.store == "local_dir" and cfg.store_options.get("capacity_bytes") is not None:
         options = {**store_config(cfg), "capacity_bytes": None}
         options.setdefault("stat_on_hit", True)
         return make_store(options, layout)
@@ -418,7 +419,7 @@ def _serve_one_run(
     import_node_modules(cfg, modules)
     enable_compilation_cache()
     ops = node_model_ops(cfg, spec.engine_ids)
-    store = open_store(cfg, block_layout(cfg, ops))
+    store = open_store(cfg, block_layout(cfg, ops), writes=spec.role == "decode")  # (prefill nodes never write)
     control = SocketControlClient(control_address, authkey)
     group = EngineGroup(
         spec.node_id,
@@ -511,7 +512,7 @@ def _serve_session(spec: GroupSpec, conn, log_level: int, in_netns: bool = False
         if ops is None or not ops.serves(cfg):
             ops = None  # (the last run's weights freed before the new ones are made)
             ops = node_model_ops(cfg, spec.engine_ids)
-        store = open_store(cfg, block_layout(cfg, ops))
+        store = open_store(cfg, block_layout(cfg, ops), writes=spec.role == "decode")
         control = SocketControlClient(control_address, authkey)
         try:
             EngineGroup(
