@@ -225,3 +225,19 @@ def test_bench_runtime_json_has_the_runtimes_store_counters_of_a_bounded_store(t
     (path,) = tmp_path.glob("bench_runtime-*/bench_runtime.json")
     measured = json.loads(path.read_text())["measured"]
     assert measured["basic"]["store_stats"] == measured["dualpath"]["store_stats"] == {"evictions": 7, "read_absent": 1}
+
+
+def test_a_capacity_probe_records_its_hit_rate_and_a_bounded_stores_counters():
+    """`experiments.capacity`'s probes recorded the SLO's figures only: on a bounded store the hits depend on the
+    load (more agents fill the store), and neither the hit rate nor the store's counters could be read back."""
+    import dataclasses
+
+    from dualpath_jax.sim import load_sim_config
+    from dualpath_jax.sim.capacity import probe
+
+    cfg = load_sim_config("configs/sim_tiny.py")
+    cfg = dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, duration_s=20.0))
+    bounded = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, store_capacity_gb=0.5))
+    free, tight = probe(cfg, 1.0, drain_s=20.0), probe(bounded, 1.0, drain_s=20.0)
+    assert 0 < tight["hit_rate"] < free["hit_rate"]
+    assert tight["store_evicted_bytes"] > 0 and tight["store_lost_lookups"] > 0 and "store_evicted_bytes" not in free

@@ -29,6 +29,10 @@ def probe(cfg: SimConfig, aps: float, drain_s: float = 120.0) -> dict:
     s = runner.slo_summary(c, recs)
     s["aps"] = aps
     s["turns_per_s_wall"] = res.stats["turns_per_s"]
+    # the probe's hit rate (all its turns), and a bounded store's counters (cluster.store_capacity_gb): on such a
+    # store the hits depend on the load, so the SLO's verdict does too
+    s["hit_rate"] = res.summary["hit_rate"]
+    s.update({k: res.summary[k] for k in ("store_evicted_bytes", "store_lost_lookups") if k in res.summary})
     return s
 
 
