@@ -529,7 +529,7 @@ def test_a_probe_runs_its_drain_and_judges_only_the_turns_that_arrived_in_its_wi
 
     def fake_run(c, max_time):
         seen["max_time"], seen["aps"], seen["kind"] = max_time, c.workload.aps, c.workload.kind
-        return SimpleNamespace(records=recs, stats={"turns_per_s": 1.0})
+        return SimpleNamespace(records=recs, stats={"turns_per_s": 1.0}, summary={"hit_rate": 0.0})
 
     def fake_summary(c, records):
         seen["judged"] = [r.arrival for r in records]
