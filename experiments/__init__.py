@@ -63,6 +63,13 @@ def _bad_override(argv, e: BaseException) -> str:
                 f"A {item}'s own field is the variant item {item}.{key}=VALUE after the config file "
                 f"(--config=FILE:MODE,{item}.{key}=VALUE), or --config.{section}.kwargs=\"{{'{key}': VALUE}}\""
             )
+    # (the simulator's launchers write under config.output_dir, the runtime's under config.results_dir)
+    for given, other in (("output_dir", "results_dir"), ("results_dir", "output_dir")):
+        if name == f"--config.{given}" and not hint:
+            hint = (
+                f"Did you mean \"--config.{other}\"? (the simulator's launchers: output_dir; the runtime's: "
+                "results_dir)"
+            )
     for options in ("store_options", "transport_options"):  # (the runtime's option dicts: one flag for the dict)
         if f".runtime.{options}." in name and not hint:
             hint = (

@@ -241,3 +241,16 @@ def test_a_capacity_probe_records_its_hit_rate_and_a_bounded_stores_counters():
     free, tight = probe(cfg, 1.0, drain_s=20.0), probe(bounded, 1.0, drain_s=20.0)
     assert 0 < tight["hit_rate"] < free["hit_rate"]
     assert tight["store_evicted_bytes"] > 0 and tight["store_lost_lookups"] > 0 and "store_evicted_bytes" not in free
+
+
+def test_an_output_directory_flag_of_the_other_tool_names_this_ones():
+    """The simulator's launchers write under `config.output_dir`, the runtime's under `config.results_dir`; the other
+    tool's name said only "no field"."""
+    from experiments import _bad_override
+
+    line = _bad_override(["run", "--config.output_dir=/tmp/x"], KeyError("'output_dir'"))
+    assert line.endswith("no field 'output_dir'. Did you mean \"--config.results_dir\"? (the simulator's launchers: "
+                         "output_dir; the runtime's: results_dir)")  # fmt: skip
+    assert 'Did you mean "--config.output_dir"?' in _bad_override(
+        ["simulate", "--config.results_dir=x"], KeyError("'results_dir'")
+    )
