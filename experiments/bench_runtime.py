@@ -220,7 +220,8 @@ def bounded_store_note(cfg, store_capacity_gb: float | None) -> str | None:
     )
     if cfg.launcher != "inprocess":  # (each process's store object keeps its own view of the capacity)
         note += (
-            f"; under launcher={cfg.launcher!r} the capacity holds per process, so the runtime's store can hold more"
+            f"; under launcher={cfg.launcher!r} the capacity holds per decode node process, so the runtime's store can "
+            "hold more"
         )
     return note
 

@@ -39,8 +39,10 @@ def test_bench_runtimes_simulator_copy_holds_the_runtimes_bounded_store():
     gb = sim_store_capacity_gb(bounded, ops)
     assert gb == 3 * cfg.block_size * 128 / 1e9
     note = bounded_store_note(bounded, gb)
-    assert f"capacity_bytes={3 * file_b + file_b // 2}" in note and "per process" in note  # (launcher local)
-    assert "per process" not in bounded_store_note(bounded.replace(launcher="inprocess"), gb)
+    assert (
+        f"capacity_bytes={3 * file_b + file_b // 2}" in note and "per decode node process" in note
+    )  # (launcher local)
+    assert "per decode node process" not in bounded_store_note(bounded.replace(launcher="inprocess"), gb)
     # a store of one's own: its capacity's meaning is its own, so the copy stays unbounded and says so
     own = bounded.replace(store="my_store")
     assert sim_store_capacity_gb(own, ops) is None and "unbounded" in bounded_store_note(own, None)
