@@ -199,7 +199,9 @@ def sim_store_capacity_gb(cfg, ops) -> float | None:
     if cap is None or cfg.store != "local_dir":
         return None
     blocks = int(cap) // block_file.file_nbytes(block_layout(cfg, ops))
-    return blocks * cfg.block_size * ops.config.kv_bytes_per_token / 1e9
+    # (+ half a byte: the simulator floors GB * 1e9 / B per token to whole tokens, and the bare product's rounding
+    # could land a hair under it, one token short: a block fewer, e.g. 15 blocks of 16 tokens at 1,024 B/token)
+    return (blocks * cfg.block_size * ops.config.kv_bytes_per_token + 0.5) / 1e9
 
 
 def bounded_store_note(cfg, store_capacity_gb: float | None) -> str | None:

@@ -24,6 +24,7 @@ def test_bench_runtimes_simulator_copy_holds_the_runtimes_bounded_store():
     (its hits, and so its JCTs, a store's that evicts nothing) without a word: the copy now holds as many whole
     blocks (`cluster.store_capacity_gb`), and the note says how the two stores differ."""
     from dualpath_jax.runtime.config import RuntimeConfig
+    from dualpath_jax.sim.simulator import _room_tokens
     from dualpath_jax.store import block_file
     from experiments.bench_runtime import bounded_store_note, sim_config, sim_store_capacity_gb
 
@@ -37,7 +38,12 @@ def test_bench_runtimes_simulator_copy_holds_the_runtimes_bounded_store():
     assert file_b > 128 * cfg.block_size
     bounded = cfg.replace(store_options={"capacity_bytes": 3 * file_b + file_b // 2})  # 3 whole block files
     gb = sim_store_capacity_gb(bounded, ops)
-    assert gb == 3 * cfg.block_size * 128 / 1e9
+    assert _room_tokens(gb, 128, "store_capacity_gb") == 3 * cfg.block_size  # the simulator's room: 3 whole blocks
+    # exactly as many blocks where the bare product would floor one token short (15 blocks of 16 at 1,024 B/token)
+    kv1k = SimpleNamespace(kv_layout=SimpleNamespace(num_layers=2, bytes_per_token_per_layer=512), fingerprint="fp",
+                           config=SimpleNamespace(kv_bytes_per_token=1024))  # fmt: skip
+    fifteen = cfg.replace(store_options={"capacity_bytes": 15 * block_file.file_nbytes(block_layout(cfg, kv1k))})
+    assert _room_tokens(sim_store_capacity_gb(fifteen, kv1k), 1024, "store_capacity_gb") == 15 * cfg.block_size
     note = bounded_store_note(bounded, gb)
     assert (
         f"capacity_bytes={3 * file_b + file_b // 2}" in note and "per decode node process" in note
