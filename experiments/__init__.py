@@ -112,6 +112,99 @@ class _ConfigFileParser:
         return getattr(self._inner, attr)
 
 
+# what `--config.FIELD=None` gives None for (ml_collections' field parsers read it as text: "could not convert string
+# to float: 'None'")
+_NONE_WORDS = ("None", "none")
+_KIND_OF = {"float": "a number", "int": "an integer", "bool": "true or false"}
+
+
+class _NoneOrParser:
+    """The parser of a `--config.FIELD` override whose field may hold None (an ml_collections placeholder,
+    `config_dict.placeholder(float)`: `cluster.store_capacity_gb`, None = an unbounded store): None for the word
+    None, else the field type's parser (`inner`)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def parse(self, argument):
+        if isinstance(argument, str) and argument.strip() in _NONE_WORDS:
+            return None
+        return self._inner.parse(argument)
+
+    def __getattr__(self, attr):  # flag_type() and the rest: the library's parser
+        return getattr(self._inner, attr)
+
+
+class _NotNoneParser(_NoneOrParser):
+    """The parser of a `--config.FIELD` override of a number or bool that may not hold None: the word None is a
+    ValueError saying so (absl names the flag before it), not "could not convert string to float: 'None'"."""
+
+    def parse(self, argument):
+        if isinstance(argument, str) and argument.strip() in _NONE_WORDS:
+            kind = _KIND_OF.get(self._inner.flag_type(), self._inner.flag_type())
+            raise ValueError(
+                f"None is not allowed for this field: it takes {kind} (None goes only to a field whose default is "
+                "None, an ml_collections placeholder)"
+            )
+        return self._inner.parse(argument)
+
+
+def _may_hold_none(config, path: str) -> bool:
+    """Whether the field `path` (dotted) of `config` is an ml_collections FieldReference (a placeholder: typed, may
+    hold None), whatever it holds now (a variant item may have set a placeholder to 500). A plain field is its value:
+    ml_collections would take None there too, and the run failed later or ran with it."""
+    from ml_collections import config_dict
+
+    *parents, field = path.split(".")
+    holder = config
+    try:
+        for p in parents:
+            holder = holder[p]
+        if not isinstance(holder, config_dict.ConfigDict):
+            return False
+        return isinstance(dict(holder.items(preserve_field_references=True)).get(field), config_dict.FieldReference)
+    except Exception:  # noqa: BLE001 - no such field (the override's own error names it), a failed load
+        return False
+
+
+def _none_aware_overrides(flag_values, name: str, config) -> None:
+    """Each `--NAME.FIELD` override flag ml_collections defined for `config` takes the word None where its field may
+    hold None (`_NoneOrParser`), and a number / bool field refuses it in one line (`_NotNoneParser`)."""
+    from absl import flags
+
+    prefix = f"{name}."
+    for flag_name in [f for f in flag_values if f.startswith(prefix)]:
+        flag = flag_values[flag_name]
+        if isinstance(flag.parser, _NoneOrParser) or isinstance(flag, flags.MultiFlag):  # (a tuple's: left alone)
+            continue
+        if _may_hold_none(config, flag_name[len(prefix) :]):
+            flag.parser = _NoneOrParser(flag.parser)
+        elif isinstance(flag.parser, (flags.FloatParser, flags.IntegerParser, flags.BooleanParser)):
+            flag.parser = _NotNoneParser(flag.parser)
+
+
+def _with_none_aware_overrides(flag, flag_values) -> None:
+    """ml_collections defines the `--config.FIELD` override flags when `flag` (its config-file flag) parses a file:
+    at its definition for a default file (done here), on the command line for a given one (its `_parse`, wrapped
+    here: its override flags are parsed after it). Once per flag object."""
+    if "_parse" in vars(flag):
+        return
+    parse = flag._parse  # noqa: SLF001 - the library defines the override flags in it, and offers no hook
+
+    def parse_then_wrap(argument):
+        config = parse(argument)
+        _none_aware_overrides(flag_values, flag.name, config)
+        return config
+
+    flag._parse = parse_then_wrap  # noqa: SLF001
+    try:
+        config = flag.value
+    except Exception:  # noqa: BLE001 - a default file that failed to load: its error comes on first use
+        return
+    if config is not None:
+        _none_aware_overrides(flag_values, flag.name, config)
+
+
 def define_config_file(name: str, default: str | None, help_string: str):
     """`config_flags.DEFINE_config_file`, with an override of a field the config does not have reported as one line.
     With a default file, ml_collections applies the `--config.*` overrides of sys.argv when the flag is defined
@@ -138,6 +231,8 @@ def define_config_file(name: str, default: str | None, help_string: str):
     # (Not twice: absl keeps an earlier --config that was set, instead of this one, when this one overrides it.)
     if not isinstance(flags.FLAGS[name].parser, _ConfigFileParser):
         flags.FLAGS[name].parser = _ConfigFileParser(flags.FLAGS[name].parser)
+    # `--config.cluster.store_capacity_gb=None` (a placeholder field: back to unbounded) gives None
+    _with_none_aware_overrides(flags.FLAGS[name], flags.FLAGS)
     # A key flag of the launcher that defines it, so `--helpshort` lists it (absl files it under this module).
     caller = sys._getframe(1).f_globals.get("__name__", "")
     flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller, flags.FLAGS[name])
@@ -148,7 +243,8 @@ def parse_flags_or_exit(argv):
     """absl's flag parser (`app.run(main, flags_parser=parse_flags_or_exit)`) for launchers with an ml_collections
     `--config`: an override of a field the config does not have (`--config.cluster.snic_gbs=1`) is one "bad
     override" line with the library's did-you-mean, and an override on a config file that failed to load is one
-    "bad config" line, instead of chained tracebacks. Other flag errors stay absl's own one-line messages."""
+    "bad config" line, instead of chained tracebacks. Other flag errors stay absl's own one-line messages; an unknown
+    --output_dir / --results_dir (the other launchers' name for where results go) gets a hint naming this one's."""
     import sys
 
     from absl import flags
@@ -165,8 +261,37 @@ def parse_flags_or_exit(argv):
         text = str(e)
         if "Error whilst parsing config file" in text:  # ml_collections embeds the whole traceback: its last line
             raise SystemExit(f"bad config: {[t for t in text.splitlines() if t.strip()][-1].strip()}") from None
-        sys.stderr.write(f"FATAL Flags parsing error: {text}\nPass --helpshort or --helpfull to see help on flags.\n")
+        hint = _results_flag_hint(e)
+        sys.stderr.write(
+            f"FATAL Flags parsing error: {text}\n{hint}Pass --helpshort or --helpfull to see help on flags.\n"
+        )
         sys.exit(1)
+
+
+def _results_flag_hint(e: BaseException) -> str:
+    """A line for absl's unknown-flag error on --output_dir or --results_dir, naming where this launcher's results go:
+    the simulator's launchers take --output_dir, the runtime's (run, bench_runtime) --config.results_dir, and
+    `run --output_dir=...` said only "Unknown command line flag 'output_dir'". '' for another error."""
+    from absl import flags
+
+    given = getattr(e, "flagname", None)
+    if not isinstance(e, flags.UnrecognizedFlagError) or given not in ("output_dir", "results_dir"):
+        return ""
+    if "output_dir" in flags.FLAGS:  # (simulate: --output_dir, over its config's output_dir)
+        use = "--output_dir"
+    else:
+        try:
+            use = "--config.results_dir" if "results_dir" in flags.FLAGS["config"].value else ""
+        except Exception:  # noqa: BLE001 - no --config, or a config file that did not load
+            use = ""
+    if not use:
+        return ""
+    value = str(e.flagvalue).partition("=")[2] if "=" in str(e.flagvalue) else "DIR"
+    return (
+        f"Hint: this launcher writes its results under {use} (e.g. {use}={value}); --output_dir is the simulator "
+        "launchers' flag (simulate, sweep, capacity, reproduce_paper), --config.results_dir the runtime's (run, "
+        "bench_runtime)\n"
+    )
 
 
 def _cannot_write(directory: str) -> str | None:

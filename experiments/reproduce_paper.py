@@ -4,6 +4,7 @@
   python -m experiments.reproduce_paper --online --workers=2              # + online capacity (slow)
   python -m experiments.reproduce_paper --table=512,1024 --workers=2      # + rows of the DS 660B table
   python -m experiments.reproduce_paper --online --online_dataset=48K     # online probes on another dataset
+  python -m experiments.reproduce_paper --extra=cluster.store_capacity_gb=500 --output_dir=results/reproduce_store500
 
 With --table the report ends with the calibration's loss: the root mean square of ln(sim/paper) per
 column and over all cells run (configs/sim_base.py CALIBRATED was fitted on it).
@@ -13,6 +14,11 @@ simulator's, and sim/paper; and run.json: what ran (dualpath_jax.metrics.run_inf
 earlier report.md / report.json is refused unless --overwrite. So is a flag of a part that does not run
 (--online_iters / --online_dataset / --online_duration_s / --online_warmup_s without --online, --pd_agents without
 --pd_ratios).
+
+--extra appends variant items (configs/sim_base.py syntax) to every run: a bounded KV store, another NIC. The report
+then says at its top (report.md, report.json, the plot's title) that its runs are not the paper's setup. Items the
+report sets per run (seed=, agents=, dataset=, append=, pd=, aps=, duration=, warmup=, kind=, a mode) are refused,
+naming the flag that sets them; every run's config is loaded and its simulator built before any runs.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from absl import app, flags, logging
 from experiments import (
     SigtermAsInterrupt,
     Terminated,
+    check_cell_or_exit,
     no_earlier_results_or_exit,
     pyplot_or_none,
     refuse_flags_of_parts_not_run,
@@ -40,9 +47,9 @@ from experiments import (
     writable_dir_or_exit,
 )
 
-# --output_dir, --workers, --plot, --overwrite, --seeds: sweep (and simulate) define them too, --agents experiments.demo,
-# with their own defaults and help; allow_override lets the launchers be imported into one process (the last one
-# imported defines them there; absl raised DuplicateFlagError), and each launcher's command line is its own
+# --output_dir, --workers, --plot, --overwrite, --seeds, --extra: sweep (and simulate, capacity) define them too, --agents
+# experiments.demo, with their own defaults and help; allow_override lets the launchers be imported into one process (the
+# last one imported defines them there; absl raised DuplicateFlagError), and each launcher's command line is its own
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.", allow_override=True)
 _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1, allow_override=True)
 _AGENTS = flags.DEFINE_integer(
@@ -95,6 +102,14 @@ _PD_RATIOS = flags.DEFINE_list(
 )
 _PD_AGENTS = flags.DEFINE_integer(
     "pd_agents", 0, "Agents of the DS 27B P/D sweep (0: its config's 1024; fewer for a quick look).", lower_bound=0
+)
+_EXTRA = flags.DEFINE_string(
+    "extra",
+    "",
+    "Variant items appended to every run, e.g. cluster.store_capacity_gb=500 (a bounded KV store); the report then "
+    "says at its top that its runs are not the paper's setup. Items the report sets per run (seed=, agents=, "
+    "dataset=, ...) are refused: their own flags set them.",
+    allow_override=True,
 )
 flags.register_validator(
     "pd_ratios",
@@ -226,13 +241,21 @@ def _offline(spec: str) -> dict:
     return out
 
 
-def _capacity(args: tuple[str, str, float, float, float, float, int, str]) -> dict:
+def _capacity_spec(args: tuple) -> str:
+    """The `file:variant` a capacity search of `args` (`_capacity`) loads, at its lowest APS; --extra's items last."""
+    setup, mode, lo, _hi, duration, warmup, _iters, dataset, *extra = args
+    ds = f",dataset={dataset}" if dataset else ""
+    return f"{setup}:{mode},duration={duration},warmup={warmup},aps={lo}{ds}" + "".join(f",{x}" for x in extra)
+
+
+def _capacity(args: tuple) -> dict:
+    """A capacity search: `args` = (setup, mode, lo, hi, duration, warmup, iters, dataset), and --extra's items as a
+    ninth element when given."""
     from dualpath_jax.sim import load_sim_config
     from dualpath_jax.sim.capacity import capacity_search
 
-    setup, mode, lo, hi, duration, warmup, iters, dataset = args
-    ds = f",dataset={dataset}" if dataset else ""
-    cfg = load_sim_config(_in_repo(f"{setup}:{mode},duration={duration},warmup={warmup},aps={lo}{ds}"))
+    setup, mode, lo, hi, _duration, _warmup, iters = args[:7]
+    cfg = load_sim_config(_in_repo(_capacity_spec(args)))
     out = capacity_search(cfg, lo, hi, iters=iters)
     out["setup"], out["mode"] = setup, mode
     return out
@@ -258,6 +281,76 @@ def _table_spec(mode: str, dataset: str, agents: int, seed: int) -> str:
 def _job(job):
     kind, arg = job
     return (kind, arg, _offline(arg) if kind == "offline" else _capacity(arg))
+
+
+# The variant items the report sets per run (its labels: headline, appends, P/D, table, online scale and probes), with
+# the flag that sets them: in --extra they clashed with a run's own (`config variant ...: two values for seed`), or
+# changed what a row is said to be (`kind=online` ran the offline rows online)
+_PD = "--pd_ratios (the DS 27B P/D sweep; the other runs are the paper's layouts)"
+_SET_PER_RUN = {
+    "seed": "--seeds",
+    "agents": "--agents (the headline runs), --pd_agents (the P/D sweep) or --table (the calibration table's rows)",
+    "dataset": "--dataset (the headline runs) or --online_dataset (the online probes)",
+    "append": "--appends",
+    "pd": _PD,
+    "cluster.prefill_nodes": _PD,
+    "cluster.decode_nodes": _PD,
+    "aps": "--online (its capacity searches vary the APS)",
+    "duration": "--online_duration_s",
+    "warmup": "--online_warmup_s",
+    "kind": "--online (the report's other runs are offline)",
+}
+
+
+def extra_items(text: str) -> str:
+    """--extra as the items appended to every run: comma-separated, blanks dropped ('' when none)."""
+    return ",".join(x.strip() for x in text.split(",") if x.strip())
+
+
+def refuse_extra_items(extra: str) -> None:
+    """SystemExit with one "bad --extra" line for an item that is no variant item (a mode: the rows set it) or one that
+    the report sets per run (`_SET_PER_RUN`), naming the flag to use instead."""
+    for item in extra.split(",") if extra else ():
+        key = item.partition("=")[0].strip()
+        if "=" not in item:
+            raise SystemExit(
+                f"bad --extra: {item!r} is a mode, and the report's rows set each run's mode; --extra takes variant "
+                "items KEY=VALUE (cluster.NAME=, policy.NAME=, batcher.NAME=, turns=)"
+            )
+        if key in _SET_PER_RUN:
+            raise SystemExit(f"bad --extra: {item!r}: the report sets {key}= for each run; use {_SET_PER_RUN[key]}")
+        if key == "trace":
+            raise SystemExit(
+                f"bad --extra: {item!r}: the report runs the paper's synthetic datasets, not a trace (replay one with "
+                "experiments.simulate or experiments.sweep)"
+            )
+
+
+def _with_extra(job: tuple, extra: str) -> tuple:
+    """The run of `job` (a label: (kind, spec) or (kind, capacity args)) with --extra's items appended."""
+    kind, arg = job
+    if not extra:
+        return job
+    return (kind, f"{arg},{extra}") if kind == "offline" else (kind, (*arg, extra))
+
+
+def _check_runs(jobs: list, extra: str) -> None:
+    """With --extra: every run's config loads and its simulator builds (each distinct simulation once) before any
+    runs, so that a bad item is one line naming it and the run, not a failed report after the others ran."""
+    from dualpath_jax.sim import load_sim_config
+    from dualpath_jax.sim.runner import build_simulator
+
+    built: set[str] = set()
+
+    def check(kind: str, spec: str) -> None:
+        cfg = load_sim_config(_in_repo(spec), as_run=kind == "offline")
+        if repr(cfg) not in built:
+            built.add(repr(cfg))
+            build_simulator(cfg)
+
+    for kind, arg in (_with_extra(job, extra) for job in jobs):
+        spec = arg if kind == "offline" else _capacity_spec(arg)
+        check_cell_or_exit(f"--extra (run {spec!r})", check, kind, spec)
 
 
 def rms_log(ratios: Sequence[float]) -> float:
@@ -340,6 +433,8 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     _refuse_unused_flags(flags.FLAGS)
+    extra = extra_items(_EXTRA.value)
+    refuse_extra_items(extra)
     started = time.time()  # (run.json: the start and the wall time)
     import numpy
 
@@ -358,11 +453,11 @@ def main(argv: Sequence[str]) -> None:
                 "appends",
                 "pd_ratios",
                 "pd_agents",
+                "extra",
                 "workers",
             )
         },
     )
-    writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the runs, not after
     # an earlier report is kept (a failed run wrote its partial report.json over it)
     no_earlier_results_or_exit(_OUTPUT_DIR.value, ("report.md", "report.json"), "--output_dir", _OVERWRITE.value)
     seeds = list(dict.fromkeys(int(x) for x in _SEEDS.value))  # --seeds=0,00: one seed
@@ -394,31 +489,36 @@ def main(argv: Sequence[str]) -> None:
             ("capacity", (DS27B, "dualpath", 0.05, 1.0, d, w, it, ods)),
         ]
     jobs = list(dict.fromkeys(jobs))
+    if extra:
+        _check_runs(jobs, extra)
+    writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the runs, not after
     with SigtermAsInterrupt() as term:
         try:
-            results = _run_all(jobs, term, started)
+            results = _run_all(jobs, term, started, extra)
         except Terminated:
             raise SystemExit("reproduce_paper: stopped by SIGTERM before any run started (nothing written)") from None
-        _report(results, seeds, bases, modes, appends, pds, table)
-        _write_run_info(started, jobs)
+        _report(results, seeds, bases, modes, appends, pds, table, extra)
+        _write_run_info(started, jobs, extra)
     if term.got:  # (it came after the last run finished: the report is whole)
         raise SystemExit("reproduce_paper: stopped by SIGTERM after every run finished (the report is written)")
 
 
-def _write_run_info(started: float, jobs: list) -> None:
-    """run.json: what ran (every run's label), and the line that runs it again into a directory of its own."""
+def _write_run_info(started: float, jobs: list, extra: str) -> None:
+    """run.json: what ran (every run's label, with --extra's items), and the line that runs it again into a directory
+    of its own."""
     from dualpath_jax.metrics import run_info, write_run_info
 
-    runs = [f"{kind} {arg}" for kind, arg in jobs]
+    runs = [f"{kind} {arg}" for kind, arg in (_with_extra(job, extra) for job in jobs)]
     info = run_info("experiments.reproduce_paper", started, output_dir=_OUTPUT_DIR.value, runs=runs)
     print("wrote", write_run_info(_OUTPUT_DIR.value, info))
 
 
-def _run_all(jobs: list, term: SigtermAsInterrupt, started: float) -> dict:
-    """Each distinct simulation of `jobs` once: {(kind, label): result}. A run that failed (or was
-    stopped: Ctrl-C, SIGTERM) writes the finished runs' raw results to report.json and exits failing, naming it."""
+def _run_all(jobs: list, term: SigtermAsInterrupt, started: float, extra: str) -> dict:
+    """Each distinct simulation of `jobs` once, with --extra's items (`extra`) appended: {(kind, label): result}. A
+    run that failed (or was stopped: Ctrl-C, SIGTERM) writes the finished runs' raw results to report.json and exits
+    failing, naming it."""
     # each distinct simulation runs once; every label of it (a table cell that is a headline run) gets its result
-    sim = {job: _sim_key(job[1]) if job[0] == "offline" else job for job in jobs}
+    sim = {job: _sim_key(_with_extra(job, extra)[1]) if job[0] == "offline" else job for job in jobs}
     first: dict = {}
     for job in jobs:
         first.setdefault(sim[job], job)
@@ -426,9 +526,10 @@ def _run_all(jobs: list, term: SigtermAsInterrupt, started: float) -> dict:
     from dualpath_jax.metrics import json_safe
 
     results, failed, done_by_key = {}, [], {}
-    for job, (done, error) in zip(runs, run_jobs(_job, runs, _WORKERS.value, "reproduce"), strict=True):
+    ran = [_with_extra(job, extra) for job in runs]
+    for job, run, (done, error) in zip(runs, ran, run_jobs(_job, ran, _WORKERS.value, "reproduce"), strict=True):
         if error is not None:
-            failed.append(f"  {job[0]} {job[1]}: {term.error_line(error)}")
+            failed.append(f"  {run[0]} {run[1]}: {term.error_line(error)}")
             continue
         done_by_key[sim[job]] = done[2]
     term.raising = False  # SIGTERM from here on: noted, and the exit comes after what finished is written
@@ -437,13 +538,13 @@ def _run_all(jobs: list, term: SigtermAsInterrupt, started: float) -> dict:
             results[(kind, arg if isinstance(arg, str) else arg[:2])] = done_by_key[sim[(kind, arg)]]
     if failed:  # the report needs every run: keep the finished ones' raw results, say which failed
         with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:
-            json.dump(json_safe({f"{kind} {key}": v for (kind, key), v in results.items()}), f, indent=1, default=str)
+            json.dump(json_safe(_report_json(results, extra)), f, indent=1, default=str)
         for name in ("report.md", "report.png"):  # an earlier (--overwrite) report's would pass for this run's
             stale = os.path.join(_OUTPUT_DIR.value, name)
             if os.path.exists(stale):
                 os.remove(stale)
                 logging.info("removed %s: an earlier report's (this run wrote none)", stale)
-        _write_run_info(started, jobs)
+        _write_run_info(started, jobs, extra)
         stopped = "stopped by SIGTERM; " if term.got else ""
         raise SystemExit(
             f"reproduce_paper: {stopped}{len(failed)} of {len(runs)} runs failed, so no report (the "
@@ -463,17 +564,31 @@ def _pd_agents_note() -> str:
     return f" at {_PD_AGENTS.value} agents" if _PD_AGENTS.value else ""
 
 
-def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
-    """report.md / report.json / report.png of every run's `results`."""
+def _extra_note(extra: str) -> str:
+    """What a report whose runs had --extra's items says at its top."""
+    return f"Not the paper's setup: every run had the variant items {extra} appended (--extra)."
+
+
+def _report_json(results: dict, extra: str) -> dict:
+    """report.json: each run's raw result by its label; with --extra, first the items and the note saying so."""
+    top = {"extra": extra, "note": _extra_note(extra)} if extra else {}
+    return {**top, **{f"{kind} {key}": v for (kind, key), v in results.items()}}
+
+
+def _report(results: dict, seeds, bases, modes, appends, pds, table, extra: str = "") -> None:
+    """report.md / report.json / report.png of every run's `results` (`extra`: --extra's items, said at the top)."""
     from dualpath_jax.metrics import json_safe
 
     # per seed: {mode: value}
     jct = [{m: results[("offline", f"{DS660B}:{m},{bases[sd]}")]["jct_s"] for m in modes} for sd in seeds]
     snic = [{m: results[("offline", f"{DS660B}:{m},{bases[sd]}")]["snic_max_over_avg"] for m in modes} for sd in seeds]
     several = len(seeds) > 1
+    # (with --extra: said first, so that nobody takes its figures for the paper's setup's)
+    note = f"**Not the paper's setup**: every run below had the variant items `{extra}` appended (`--extra`)."
     lines = [
         "# Simulator vs paper (DualPath, arXiv 2602.21548)",
         "",
+        *([note, ""] if extra else []),
         f"Offline DS 660B 2P4D, {_DATASET.value} dataset, {_AGENTS.value} agents, seed"
         + (f"s {', '.join(map(str, seeds))} (mean [min, max] over them)" if several else f" {seeds[0]}")
         + ". Generated by `"
@@ -636,7 +751,7 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:  # NaN (oracle's storage-NIC max/avg): null
-        json.dump(json_safe({f"{kind} {key}": v for (kind, key), v in results.items()}), f, indent=1, default=str)
+        json.dump(json_safe(_report_json(results, extra)), f, indent=1, default=str)
     print("\n".join(lines))
     print("wrote", path)
     png, drawn = os.path.join(_OUTPUT_DIR.value, "report.png"), False
@@ -662,7 +777,7 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
                 ("DS 660B", PAPER["online_capacity_gain_ds660b"], [gains["DS 660B"]]),
                 ("DS 27B", PAPER["online_capacity_gain_ds27b"], [gains["DS 27B"]]),
             ]
-        drawn = plot_report(headline, table_cells, png)
+        drawn = plot_report(headline, table_cells, png, _extra_note(extra) if extra else "")
     if drawn:
         print("wrote", png)
     elif os.path.exists(png):  # an earlier report's plot would pass for this one's
@@ -670,11 +785,11 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table) -> None:
         logging.info("removed %s: an earlier report's plot (none was drawn for this one)", png)
 
 
-def plot_report(headline: dict, table_cells: list, path: str) -> bool:
+def plot_report(headline: dict, table_cells: list, path: str, note: str = "") -> bool:
     """report.png: `headline` = {panel title: [(label, paper, [simulator values over seeds])]}, one bar pair per
     label (the simulator's bar at its mean, its [min, max] as an error bar), and, with `table_cells` = [(mode,
-    paper JCT, simulator JCT)], the calibration table as simulator vs paper JCT (log axes, y = x and +-15%).
-    Skipped (logged) without matplotlib."""
+    paper JCT, simulator JCT)], the calibration table as simulator vs paper JCT (log axes, y = x and +-15%);
+    `note` (--extra's), when given, as the figure's title. Skipped (logged) without matplotlib."""
     plt = pyplot_or_none("report.png")
     if plt is None:
         return False
@@ -706,6 +821,8 @@ def plot_report(headline: dict, table_cells: list, path: str) -> bool:
         ax.set_ylabel("simulator JCT (s)")
         ax.set_title("DS 660B calibration table (band: +-15%)", fontsize=9)
         ax.legend(fontsize=7)
+    if note:
+        fig.suptitle(note, fontsize=9, color="tab:red")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
