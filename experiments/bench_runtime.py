@@ -220,10 +220,10 @@ def bounded_store_note(cfg, store_capacity_gb: float | None) -> str | None:
         f"note: the runtime's KV store is bounded ({what}); the simulator's copy holds as many blocks "
         f"(cluster.store_capacity_gb={store_capacity_gb:.6g}) in one store-wide LRU over trajectories"
     )
-    if cfg.launcher != "inprocess":  # (each process's store object keeps its own view of the capacity)
+    if cfg.store == "local_dir":  # (one keeper of the capacity, the driver's store object, whatever the launcher)
         note += (
-            f"; under launcher={cfg.launcher!r} the capacity holds per decode node process, so the runtime's store can "
-            "hold more"
+            "; the runtime's is one LRU over blocks (the driver's store object keeps the capacity for every node), "
+            "and its directory also holds the write-backs of turns in flight until that object indexes them"
         )
     return note
 

@@ -876,8 +876,11 @@ def test_open_store_opens_the_configured_store_on_the_runs_root(base, tmp_path, 
     from dualpath_jax.runtime.launcher import open_store
 
     cfg = base.replace(store_dir=str(tmp_path / "run"), store_options={"capacity_bytes": 7 * FB})
-    with open_store(cfg, LAYOUT) as s:
+    # (fix23: the driver's object keeps a bounded local_dir store's capacity, the nodes' objects have none)
+    with open_store(cfg, LAYOUT, keeper=True) as s:
         assert type(s) is LocalDirStore and s.capacity_bytes == 7 * FB and s.root == str(tmp_path / "run")
+    with open_store(cfg, LAYOUT) as s:
+        assert type(s) is LocalDirStore and s.capacity_bytes is None and s.root == str(tmp_path / "run")
     with open_store(cfg.replace(store=my_dir_store, store_options={}), LAYOUT) as s:
         assert type(s).__name__ == "MyDirStore" and s.capacity_bytes is None
     with open_store(cfg.replace(store="mem", store_options={"io_threads": 1}), LAYOUT) as s:

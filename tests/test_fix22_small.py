@@ -45,10 +45,10 @@ def test_bench_runtimes_simulator_copy_holds_the_runtimes_bounded_store():
     fifteen = cfg.replace(store_options={"capacity_bytes": 15 * block_file.file_nbytes(block_layout(cfg, kv1k))})
     assert _room_tokens(sim_store_capacity_gb(fifteen, kv1k), 1024, "store_capacity_gb") == 15 * cfg.block_size
     note = bounded_store_note(bounded, gb)
-    assert (
-        f"capacity_bytes={3 * file_b + file_b // 2}" in note and "per decode node process" in note
-    )  # (launcher local)
-    assert "per decode node process" not in bounded_store_note(bounded.replace(launcher="inprocess"), gb)
+    assert f"capacity_bytes={3 * file_b + file_b // 2}" in note and "per decode node process" not in note
+    # one keeper of the capacity (the driver's store object) whatever the launcher (fix23: was per decode node process)
+    assert "keeps the capacity for every node" in note
+    assert bounded_store_note(bounded.replace(launcher="inprocess"), gb) == note
     # a store of one's own: its capacity's meaning is its own, so the copy stays unbounded and says so
     own = bounded.replace(store="my_store")
     assert sim_store_capacity_gb(own, ops) is None and "unbounded" in bounded_store_note(own, None)
@@ -122,11 +122,15 @@ def test_a_block_another_process_removed_is_not_counted_as_this_stores_eviction(
     reader.close()
 
 
-def test_the_drivers_lookup_store_never_evicts_and_answers_fresh_hits(tmp_path):
+def test_the_drivers_store_object_keeps_the_capacity_and_answers_fresh_hits(tmp_path):
     """The driver's store object (the scheduler's lookups) enforced `capacity_bytes` on its own view: its lookups
     index every hit, so it deleted blocks the nodes had written and were about to read (5 of a run's 33 evictions on
     `:test` at 200,000 B), and it answered hits from its index for blocks a node had evicted since (the read then
-    missed). Now it has no capacity and stats each hit."""
+    missed). Then (fix22) it had no capacity and the decode nodes' objects kept it, each per process (about 2x the
+    capacity in the directory with two). Now (fix23) it is the one keeper of the capacity (`StoreKeeper` pins what
+    the turns in flight will read): opened with it and `stat_on_hit`; the nodes' objects have none and evict nothing."""
+    import os
+
     import numpy as np
 
     from dualpath_jax.block_keys import block_keys, root_key
@@ -138,23 +142,22 @@ def test_the_drivers_lookup_store_never_evicts_and_answers_fresh_hits(tmp_path):
     layout = BlockLayout(num_layers=2, block_tokens=16, bytes_per_token_per_layer=8, fingerprint="fix22/driver")
     two = 2 * block_file.file_nbytes(layout)
     cfg = RuntimeConfig(store_dir=str(tmp_path), store_options={"capacity_bytes": two})
-    node = open_store(cfg, layout)  # a node's object: bounded
-    driver = open_store(cfg, layout, writes=False)
-    assert node.capacity_bytes == two and driver.capacity_bytes is None and driver.stat_on_hit
+    node = open_store(cfg, layout)  # a node's object: no capacity
+    driver = open_store(cfg, layout, keeper=True)
+    assert node.capacity_bytes is None and driver.capacity_bytes == two and driver.stat_on_hit
     keys = [block_keys(np.full(16, i), 16, parent=root_key(layout.fingerprint))[0] for i in range(4)]
     block = np.full(layout.full_block_shape, 3, np.uint8)
-    for k in keys[:2]:
-        assert node.write(k, block)
-    assert driver.lookup([keys[0]]) == 1 and driver.lookup([keys[1]]) == 1
-    for k in keys[2:]:
-        assert node.write(k, block)  # the node evicts keys[0] and keys[1] to stay within its 2 blocks
-    assert not node.contains(keys[0])
-    for k in keys[2:]:
-        assert driver.lookup([k]) == 1  # the driver indexes 4 blocks and deletes none of them
-    assert node.contains(keys[2]) and node.contains(keys[3]) and driver.stats().evictions == 0
-    assert driver.lookup([keys[0]]) == 0  # evicted by the node: not a hit from the driver's index
+    for k in keys:
+        assert node.write(k, block)  # the node keeps all 4 and evicts none
+    assert node.stats().evictions == 0 and all(os.path.exists(node.path_of(k)) for k in keys)
+    for k in keys:
+        assert driver.lookup([k]) == 1  # the keeper indexes each, evicting the least recently used to fit two
+    assert [os.path.exists(node.path_of(k)) for k in keys] == [False, False, True, True]
+    assert driver.stats().evictions == 2 and driver.keys() == keys[2:]
+    assert node.remove(keys[2])  # removed by a node (a corrupt block, say): not a hit from the keeper's index
+    assert driver.lookup([keys[2]]) == 0
     # an unbounded store: the driver's object is opened as the nodes' are
-    assert open_store(cfg.replace(store_options={}), layout, writes=False).capacity_bytes is None
+    assert open_store(cfg.replace(store_options={}), layout, keeper=True).capacity_bytes is None
     node.close()
     driver.close()
 

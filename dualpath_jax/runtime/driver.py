@@ -34,7 +34,7 @@ from dualpath_jax.runtime.config import (
     validate_workload,
 )
 from dualpath_jax.runtime.lifecycle import ConversationBook, tiny_trajectories
-from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec, RunFailed
+from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec, RunFailed, StoreKeeper
 from dualpath_jax.workloads.types import Trajectory
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,9 @@ class RunResult:
 def store_totals(objects: Sequence[dict]) -> dict:
     """The run's KV store counters: the `StoreStats` fields summed over its store objects (each counted once: the
     driver's, which answers the scheduler's lookups, and the ones the nodes' final reports name, `node.store_stats`;
-    in-process nodes share one), `objects` how many. Each object counts what it did itself: with several processes on
-    one directory, an eviction of a block another one already removed counts as well. (Blocks that opening a kept
-    `config.store_dir` over `capacity_bytes` evicted are not here: `prepare`'s check logs them.)"""
+    in-process nodes share one), `objects` how many. Each object counts what it did itself; of a bounded `local_dir`
+    store only the driver's evicts (`StoreKeeper`, whose `unkept_blocks` / `adopted_blocks` are here too). (Blocks
+    that opening a kept `config.store_dir` over `capacity_bytes` evicted are not here: `prepare`'s check logs them.)"""
     seen: dict[str, dict] = {}
     for st in objects:
         if st:
@@ -390,7 +390,8 @@ def _open_store_once(cfg: RuntimeConfig, ops) -> None:
     with contextlib.ExitStack() as stack:
         root = cfg.store_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="dpj-store-check-"))
         try:
-            store = open_store(cfg.replace(store_dir=root), block_layout(cfg, ops))
+            # (the keeper's object: the one opened with a bounded store's capacity, so it trims a kept store_dir)
+            store = open_store(cfg.replace(store_dir=root), block_layout(cfg, ops), keeper=True)
             evicted = (store_stats(store) or {}).get("evictions", 0) if cfg.store_dir else 0
             store.close()
         except (ValueError, TypeError) as e:
@@ -575,14 +576,17 @@ def run(
 def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) -> RunResult:
     import schedulers
     from dualpath_jax.block_keys import block_keys
-    from dualpath_jax.runtime.launcher import open_store
+    from dualpath_jax.runtime.launcher import open_store, store_is_kept
     from dualpath_jax.runtime.node import block_layout, store_stats
 
     policy = schedulers.make_policy(
         cfg.scheduler.name, **policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tokens_per_s)
     )
     book = ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed, arrivals=make_arrival_model(cfg))
-    store = open_store(cfg, block_layout(cfg, ops), writes=False)  # (the scheduler's lookups: it never writes)
+    # The scheduler's lookups; of a bounded local_dir store, the keeper of its capacity (`StoreKeeper`: the nodes'
+    # objects have none)
+    store = open_store(cfg, block_layout(cfg, ops), keeper=True)
+    keeper = StoreKeeper(store) if store_is_kept(cfg) else None
     groups = layout_groups(cfg)
     service = GlobalScheduler(
         groups,
@@ -596,6 +600,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
         hbm_tokens_per_decode_engine=cfg.cluster.decode_slots * (cfg.cluster.max_seq_len + 1),
         heartbeat_timeout_s=cfg.scheduler.heartbeat_timeout_s,
         decode_slots=cfg.cluster.decode_slots,
+        store_keeper=keeper,
     )
     launcher = launcher or make_launcher(cfg, ops)
     launcher.cfg = cfg  # the run's own config (store directory included)
@@ -655,7 +660,11 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
             # compiling) cannot hear the stop in time; "node(s) [0] did not finish their run" replaced the Ctrl-C.
             log.warning("stopping the run's nodes: %s", e)
         finally:
+            if keeper is not None:  # (the nodes are stopped: no pins held any more, the directory trimmed to fit)
+                keeper.finish()
             lookup_store = store_stats(store)  # (the scheduler's lookups; before close: a store may drop them then)
+            if keeper is not None:
+                lookup_store = keeper.report(lookup_store)
             store.close()
     records = service.finished_records()
     links = sorted(service.links, key=lambda s: (s.t0, s.link))

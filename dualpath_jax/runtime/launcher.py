@@ -181,20 +181,30 @@ def store_config(cfg: RuntimeConfig) -> dict:
     return {"name": cfg.store, **cfg.store_options, "root": cfg.store_dir}
 
 
-def open_store(cfg: RuntimeConfig, layout, writes: bool = True):
+def store_is_kept(cfg: RuntimeConfig) -> bool:
+    """Whether the run's store has one keeper of its capacity (`open_store`): a bounded `local_dir` store."""
+    return cfg.store == "local_dir" and cfg.store_options.get("capacity_bytes") is not None
+
+
+def open_store(cfg: RuntimeConfig, layout, keeper: bool = False):
     """The run's KV store (`store_config`): one object in the driver (the scheduler's lookups) and one per node
     process (or one for every in-process node), all on the run's root.
 
-    `writes=False` (the driver's object, a prefill node's: they never write): a bounded `local_dir` store
-    (`capacity_bytes`) is opened there without a capacity and with `stat_on_hit`. Such an object's view holds the
-    blocks it looked up or read, and enforcing the capacity on it only deleted blocks the decode nodes had written and
-    were about to read; a hit it answers from its index must be a file no writer has evicted since (a stat per hit
-    block), else the read misses. The writers (decode nodes) keep the capacity."""
+    A bounded `local_dir` store (`capacity_bytes`, `store_is_kept`) has one keeper of its capacity: the driver's
+    object (`keeper=True`), which answers every lookup and sees every turn finish (`scheduler_service.StoreKeeper`:
+    it pins the hits of the turns in flight and indexes the blocks each turn wrote back, evicting LRU to fit). It is
+    opened with the capacity and `stat_on_hit`; the nodes' objects (`keeper=False`) without a capacity: they write
+    and read, and evict nothing. Each process evicting from its own view held about the capacity per decode node
+    process in the shared directory, and deleted blocks others were about to read. A kept `config.store_dir` over
+    the capacity is trimmed when a keeper opens it. Any other store is opened as configured, whatever the role."""
     from dualpath_jax.store import make_store
 
-    if not writes and cfg.store == "local_dir" and cfg.store_options.get("capacity_bytes") is not None:
-        options = {**store_config(cfg), "capacity_bytes": None}
-        options.setdefault("stat_on_hit", True)
+    if store_is_kept(cfg):
+        options = store_config(cfg)
+        if keeper:
+            options.setdefault("stat_on_hit", True)
+        else:
+            options["capacity_bytes"] = None
         return make_store(options, layout)
 
     # The storage NIC reads each Full Block straight into its rows of the request's layer-major area
@@ -419,7 +429,7 @@ def _serve_one_run(
     import_node_modules(cfg, modules)
     enable_compilation_cache()
     ops = node_model_ops(cfg, spec.engine_ids)
-    store = open_store(cfg, block_layout(cfg, ops), writes=spec.role == "decode")  # (prefill nodes never write)
+    store = open_store(cfg, block_layout(cfg, ops))  # (no capacity: the driver's object keeps it)
     control = SocketControlClient(control_address, authkey)
     group = EngineGroup(
         spec.node_id,
@@ -512,7 +522,7 @@ def _serve_session(spec: GroupSpec, conn, log_level: int, in_netns: bool = False
         if ops is None or not ops.serves(cfg):
             ops = None  # (the last run's weights freed before the new ones are made)
             ops = node_model_ops(cfg, spec.engine_ids)
-        store = open_store(cfg, block_layout(cfg, ops), writes=spec.role == "decode")
+        store = open_store(cfg, block_layout(cfg, ops))
         control = SocketControlClient(control_address, authkey)
         try:
             EngineGroup(

@@ -75,7 +75,7 @@ class _RayNode:
         enable_compilation_cache()
         host = ray.util.get_node_ip_address()
         ops = node_model_ops(cfg, spec.engine_ids)
-        store = open_store(cfg, block_layout(cfg, ops), writes=spec.role == "decode")  # (prefill nodes never write)
+        store = open_store(cfg, block_layout(cfg, ops))  # (no capacity: the driver's object keeps it)
         control = SocketControlClient(control_address, authkey)
 
         def transport(name, pacer):  # "tcp", "rdma" (its control channel is a TCP endpoint) or one's own: host, secret

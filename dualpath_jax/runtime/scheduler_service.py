@@ -81,6 +81,154 @@ class RunFailed(RuntimeError):
     """An engine reported an error or the cluster can no longer run (no live PE or DE)."""
 
 
+class StoreKeeper:
+    """The one keeper of a bounded KV store's capacity for a whole run: the driver's store object
+    (`launcher.open_store(keeper=True)`), which answers every lookup of the scheduler and sees every turn run and
+    finish. The nodes' objects write and read without a capacity (each evicting from its own view held the capacity
+    per decode node process, and deleted blocks other processes were about to read). Called under the scheduler's
+    lock.
+
+    - `lookup(request_id, keys)`: the hit prefix, pinned until the turn is done or looked up again (a re-run after a
+      node's death: the new hits pinned, then the old unpinned), so no block a placed turn reads is evicted under it.
+    - `written(request_id, keys)` (the turn's first token is out: its DE stored, or is storing, the prompt's whole
+      blocks past the hit) and `turn_done(request_id, keys, first)` (a DE reports a turn once each of its
+      write-backs is stored or refused: `keys[first:]`, the whole blocks of prompt + generated tokens past the hit):
+      the blocks stored are indexed, in order, each the most recently used, evicting LRU unpinned blocks to fit (the
+      store's adoption: one lookup of one key each); turn_done also unpins. A block that cannot be kept (the rest is
+      pinned) is removed at once, as one store would have refused its write (`unkept_blocks`, in `evictions`).
+    - `finish()`: unpins the turns still in flight (a failed or interrupted run), then indexes the blocks no turn
+      did (a killed node's writes, a failed run's turns in flight) the same way.
+    The directory holds up to the capacity plus the blocks stored by turns in flight and not indexed yet (their
+    decode blocks until they end). The adoption lookups are not the scheduler's: `report` takes them out of the
+    store's lookup counters."""
+
+    def __init__(self, store):
+        self.store = store
+        self._lock = threading.Lock()
+        self._pinned: dict[int, list] = {}  # request id -> its pinned hit keys
+        self._pins: dict[bytes, int] = {}  # key -> pins held (the turns in flight that hit it)
+        self._written: dict[int, set] = {}  # request id -> its write-back keys indexed before its end
+        self._adopt = [0, 0]  # adoption lookups (one key each), their hits
+        self.adopted_blocks = 0  # write-back blocks indexed (found stored and kept)
+        self.unkept_blocks = 0  # write-back blocks removed at once: no room beside the pinned ones
+        self.finished = False
+
+    def lookup(self, request_id: int, keys: list) -> int:
+        with self._lock:
+            hit = self.store.lookup(keys)
+            if self.finished:
+                return hit
+            new = list(keys[:hit])
+            self.store.pin(new)
+            for k in new:
+                self._pins[k] = self._pins.get(k, 0) + 1
+            self._release_locked(request_id)
+            if new:
+                self._pinned[request_id] = new
+            self._written.pop(request_id, None)  # (a re-run writes its blocks again)
+            return hit
+
+    def _release_locked(self, request_id: int) -> None:
+        old = self._pinned.pop(request_id, None)
+        if not old:
+            return
+        self.store.unpin(old)
+        for k in old:
+            n = self._pins[k] - 1
+            if n:
+                self._pins[k] = n
+            else:
+                del self._pins[k]
+
+    def release(self, request_id: int) -> None:
+        """Unpin a turn's hits (it will read none of them)."""
+        with self._lock:
+            self._release_locked(request_id)
+
+    def written(self, request_id: int, keys: list) -> None:
+        """Index the stored ones of `keys`, part of a turn in flight's write-back (an absent one: at its end)."""
+        with self._lock:
+            if self.finished:
+                return
+            done = self._written.setdefault(request_id, set())
+            self._adopt_locked([k for k in keys if k not in done], done)
+
+    def turn_done(self, request_id: int, keys: list, first: int) -> None:
+        with self._lock:
+            self._release_locked(request_id)
+            done = self._written.pop(request_id, set())
+            if not self.finished:
+                self._adopt_locked([k for k in keys[first:] if k not in done])
+
+    def _adopt_locked(self, keys, kept_into: set | None = None) -> None:
+        """Index `keys` (blocks written by other processes) in order, each as the most recently used; one that cannot
+        be kept beside the pinned blocks is removed (stored, but one store would have refused its write)."""
+        for key in keys:
+            kept = self.store.lookup([key])
+            self._adopt[0] += 1
+            self._adopt[1] += kept
+            if kept:
+                self.adopted_blocks += 1
+                if kept_into is not None:
+                    kept_into.add(key)
+            elif key not in self._pins and self.store.contains(key) and self.store.remove(key):
+                self.unkept_blocks += 1
+
+    def finish(self) -> None:
+        """The run's end: unpin every turn still in flight, then index what no turn did (the write-backs of turns cut
+        short: a killed node's, a failed run's), evicting LRU to fit, so the directory holds the capacity. Those
+        blocks are found by a scan of the directory (a second store object, without a capacity: the keeper's own
+        `refresh` would reorder its index by the files' mtimes, which its lookups never set)."""
+        from dualpath_jax.store import LocalDirStore
+
+        with self._lock:
+            self.finished = True
+            for rid in list(self._pinned):
+                self._release_locked(rid)
+            self._written.clear()
+            if not isinstance(self.store, LocalDirStore):
+                return
+            try:
+                scan = LocalDirStore(self.store.root, self.store.layout, create=False, lru_touch_s=None, io_threads=1)
+                try:
+                    on_disk = scan.keys()  # (oldest first: the files' mtimes)
+                finally:
+                    scan.close()
+                indexed = set(self.store.keys())
+                self._adopt_locked([k for k in on_disk if k not in indexed])
+            except Exception as e:  # noqa: BLE001 -- (its directory removed under it): the run's results stand
+                log.warning("kv store %s: the final pass over the store's directory failed: %r", self.store.root, e)
+
+    def report(self, stats: dict | None) -> dict | None:
+        """The keeper's store counters (`node.store_stats`) as the scheduler's: its adoption lookups taken out of
+        `lookups` / `lookup_blocks` / `lookup_hit_blocks`, the blocks it removed unkept added to `evictions`."""
+        if not stats:
+            return stats
+        out = dict(stats)
+        calls, hits = self._adopt
+        for name, n in (("lookups", calls), ("lookup_blocks", calls), ("lookup_hit_blocks", hits)):
+            if name in out:
+                out[name] -= n
+        out["evictions"] = out.get("evictions", 0) + self.unkept_blocks
+        nbytes = getattr(self.store, "file_nbytes", 0)
+        out["bytes_evicted"] = out.get("bytes_evicted", 0) + self.unkept_blocks * nbytes
+        out["unkept_blocks"] = self.unkept_blocks
+        out["adopted_blocks"] = self.adopted_blocks
+        return out
+
+    @property
+    def pinned_requests(self) -> list[int]:
+        """The turns whose hits are pinned (in flight)."""
+        with self._lock:
+            return sorted(self._pinned)
+
+    @property
+    def pinned_blocks(self) -> int:
+        """Pins held on the store (a block hit by two turns in flight counts twice)."""
+        with self._lock:
+            return sum(self._pins.values())
+
+
 class GlobalScheduler:
     """Owns the queue, the cluster view and the policy. Thread-safe (one lock; fetches are short)."""
 
@@ -96,10 +244,14 @@ class GlobalScheduler:
         heartbeat_timeout_s: float,
         clock: Callable[[], float] = time.time,
         decode_slots: int | None = None,
+        store_keeper: StoreKeeper | None = None,
     ):
         self.policy = policy
         self.book = book
         self._lookup = lookup_hit_blocks
+        # a bounded store's keeper (the driver's store object): lookups go through it (it pins the hits of the turns
+        # in flight) and each finished turn's write-back blocks are indexed there (`StoreKeeper`)
+        self.store_keeper = store_keeper
         self._keys_of = block_keys_of
         self.block_size = block_size
         self.hbm_tokens = hbm_tokens_per_decode_engine
@@ -259,7 +411,15 @@ class GlobalScheduler:
         """(Re)compute the hit prefix: whole stored blocks, leaving at least one token to prefill."""
         prompt = int(inf.turn.prompt_ids.shape[0])
         usable = (prompt - 1) // self.block_size  # the last token must be computed to get logits
-        hit_blocks = min(self._lookup(inf.keys[:usable]), usable) if usable > 0 else 0
+        keeper, rid = self.store_keeper, inf.turn.request_id
+        if usable <= 0:
+            hit_blocks = 0
+            if keeper is not None:
+                keeper.release(rid)  # (a re-run's earlier hits)
+        elif keeper is not None:
+            hit_blocks = min(keeper.lookup(rid, inf.keys[:usable]), usable)
+        else:
+            hit_blocks = min(self._lookup(inf.keys[:usable]), usable)
         inf.pending = PendingRequest(
             request_id=inf.turn.request_id,
             trajectory_id=inf.turn.trajectory_id,
@@ -481,6 +641,10 @@ class GlobalScheduler:
             rec.hit_tokens = ev.data["hit_tokens"]  # a corrupt/missing block shortens the hit (recomputed)
         elif ev.kind == "first_token":
             rec.first_token = t
+            if self.store_keeper is not None and inf is not None:
+                # the DE wrote (or is writing) the prompt's new whole blocks before it ran the turn: those stored
+                # by now are indexed now (the rest at the turn's end), so the directory holds fewer unindexed ones
+                self.store_keeper.written(ev.request_id, inf.keys[inf.pending.hit_tokens // self.block_size :])
         elif ev.kind == "second_token":
             rec.second_token = t
         elif ev.kind == "peer_lost":
@@ -508,8 +672,18 @@ class GlobalScheduler:
             del self._inflight[ev.request_id]
             self._completed_attempt[ev.request_id] = ev.attempt
             self.book.complete(ev.request_id, ev.data["tokens"], t)
+            if self.store_keeper is not None:
+                self._keep_write_back(inf, ev)
         else:
             raise RunFailed(f"unknown event kind {ev.kind!r} from node {node}")
+
+    def _keep_write_back(self, inf: _InFlight, ev: Event) -> None:
+        """Hand a finished turn's write-back to the store's keeper: the whole blocks of its sequence (prompt, then the
+        generated tokens but the last, whose KV no step computed: `DecodeEngine._decode_block_key`) past its hit."""
+        tokens = np.asarray(ev.data["tokens"], np.int32)
+        seq = np.concatenate([np.asarray(inf.turn.prompt_ids, np.int32), tokens[:-1]])
+        first = int(ev.data.get("hit_tokens", 0) or 0) // self.block_size
+        self.store_keeper.turn_done(ev.request_id, self._keys_of(seq), first)
 
     def _peer_lost(self, node: int, data: dict) -> None:
         """An engine of `node` could not reach the peer engine of a request in flight (a failed message or KV write:
