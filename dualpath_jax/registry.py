@@ -35,11 +35,13 @@ def _definition(obj: object) -> tuple[str, str] | None:
 class Registry(Generic[T]):
     """A name -> object map that refuses duplicates and explains unknown names."""
 
-    def __init__(self, kind: str, reserved: str = ""):
+    def __init__(self, kind: str, reserved: str = "", own: str = ""):
         """`reserved`: characters a name may not hold, where the launchers parse names out of lists (leading and
-        trailing whitespace is then refused too)."""
+        trailing whitespace is then refused too). `own`: how one of one's own gets registered, ending the error for an
+        unknown name (one's own policy named before the module registering it was imported had no word of it)."""
         self.kind = kind
         self.reserved = reserved
+        self.own = own
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -91,7 +93,8 @@ class Registry(Generic[T]):
             known = ", ".join(sorted(self._entries)) or "(none registered)"
             close = difflib.get_close_matches(name, self._entries, n=1) if isinstance(name, str) else []
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise KeyError(f"unknown {self.kind} {name!r}{hint}; known: {known}") from None
+            own = f" ({self.own})" if self.own else ""
+            raise KeyError(f"unknown {self.kind} {name!r}{hint}; known: {known}{own}") from None
 
     def importable_module(self, name: str) -> str | None:
         """The module that defines `name`'s object, for another process to import before it looks `name` up there; None

@@ -173,6 +173,15 @@ def run_cell(args: tuple[str, str, str, str, str]) -> dict:
     return row
 
 
+def _run_checked_cell(args: tuple[str, str, str, str, str]) -> dict:
+    """`run_cell` of a cell `_check_cells` built: the warnings its check said (a hardware figure, a policy's Config
+    default the run replaces) are not said again (`sim.config.checks_said`): each came twice per cell."""
+    from dualpath_jax.sim.config import checks_said
+
+    with checks_said():
+        return run_cell(args)
+
+
 @functools.cache
 def trace_sha256(path: str) -> str | None:
     """sha256 of the trace a cell replays (`metrics.trace_digest`: a directory's over its files), as first read in
@@ -250,7 +259,7 @@ def run_grid(
                 "cannot append to %s (%s): the sweep's rows are kept only in memory, for sweep.json", log, e
             )
 
-    out = run_jobs(run_cell, list(cells), workers, "sweep", on_done=keep)
+    out = run_jobs(_run_checked_cell, list(cells), workers, "sweep", on_done=keep)
     return [_grid_row(c, row, error, names, traces.get(c)) for c, (row, error) in zip(cells, out, strict=True)]
 
 

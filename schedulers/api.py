@@ -223,13 +223,17 @@ class Assignment:
     prefill_engine: int
     decode_engine: int
     read_side: ReadSide
-    # Fraction of the hit blocks read on the DE side: 0.0 for "pe", 1.0 for "de", in between for "split".
-    de_read_fraction: float = 0.0
+    # Fraction of the hit blocks read on the DE side: 0.0 for "pe", 1.0 for "de", in between for "split". Left out
+    # (None), it follows the read side ("split" needs it given): `Assignment(rid, pe, de, "de")` raised "read_side 'de'
+    # needs de_read_fraction 1.0, got 0.0". Always a float once built.
+    de_read_fraction: float | None = None
 
     def __post_init__(self):
         expected = {"pe": 0.0, "de": 1.0}.get(self.read_side)
         if expected is None and self.read_side != "split":  # a custom policy's "PE" was recorded as a read side
             raise ValueError(f"read_side must be 'pe', 'de' or 'split', got {self.read_side!r}")
+        if self.de_read_fraction is None and expected is not None:
+            object.__setattr__(self, "de_read_fraction", expected)
         # Ids are ints (numpy's kept as Python ints): True was engine 1 to a dict lookup, silently; a float engine id
         # passed the runtime's `in engines` check and named an endpoint 'engine1.0' (the run hung); a str request id
         # printed as the int. (One check for the policies' own ints and float: an Assignment per placed request.)
@@ -255,7 +259,10 @@ class Assignment:
             object.__setattr__(self, field, int(x))
         f = self.de_read_fraction
         if not isinstance(f, numbers.Real) or isinstance(f, _BOOLS):  # (a str failed as a bare "'<=' not supported")
-            raise TypeError(f"Assignment de_read_fraction must be a number in [0, 1], got {f!r} ({type(f).__name__})")
+            given = " (read_side 'split' needs it given)" if f is None else ""
+            raise TypeError(
+                f"Assignment de_read_fraction must be a number in [0, 1], got {f!r} ({type(f).__name__}){given}"
+            )
         object.__setattr__(self, "de_read_fraction", float(f))
 
 

@@ -11,9 +11,11 @@ refuse unknown keys with the list of known ones.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 from dualpath_jax.checks import is_bool, is_int, is_real  # noqa: F401 - the Config fields' type checks
@@ -39,9 +41,17 @@ class _PolicyRegistry(Registry):
             )
 
 
+# How a policy of one's own gets known to the launchers: the end of their error for a name that is not registered
+OWN_POLICY_HINT = (
+    "a policy of one's own: register it in a module that your --config file imports; README \"A policy of one's own\""
+)
 # (policy names are split on "," by --config.policies, sweep --modes and config variants, which read "key=value")
-POLICIES: Registry[type[InterEnginePolicy]] = _PolicyRegistry("inter-engine policy", reserved=",=")
-BATCHERS: Registry[type[IntraEnginePolicy]] = Registry("intra-engine batching policy")
+POLICIES: Registry[type[InterEnginePolicy]] = _PolicyRegistry("inter-engine policy", reserved=",=", own=OWN_POLICY_HINT)
+BATCHERS: Registry[type[IntraEnginePolicy]] = Registry(
+    "intra-engine batching policy",
+    own="a batcher of one's own: register it in a module that your --config file imports; README \"A policy of one's "
+    'own"',
+)
 
 
 class PolicyClassError(TypeError, ValueError):
@@ -62,6 +72,70 @@ def config_fields(cls: type) -> set[str] | None:
     if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
         return None
     return {f.name for f in dataclasses.fields(config_cls)}
+
+
+# The Config fields the launchers fill from the run where a policy's Config has them (the simulator's
+# `runner._policy_kwargs`, the runtime's `driver.policy_kwargs`): α / β from the cluster when not given or given 0,
+# block_size and seed when not given; and the class defaults that say "fill me" (any other default is replaced too).
+RUN_FILLED_FIELDS: dict[str, tuple] = {
+    "alpha_tokens": (0, None),
+    "beta_tokens": (0, None),
+    "block_size": (None,),
+    "seed": (None,),
+}
+
+
+def warn_replaced_defaults(cls: type, name: str, given: Mapping[str, Any], kwargs: Mapping[str, Any]) -> str | None:
+    """Log one warning naming each field of `RUN_FILLED_FIELDS` whose default in the policy's own `Config` class is
+    not a sentinel but which the run fills with another value (`kwargs`: the policy's keyword arguments as the run
+    builds it; `given`: those the user gave): a researcher reads `seed: int = 7` as set, and the run used its own
+    seed, silently. The built-in Configs' defaults (schedulers.*: DualPath's block_size 64, random's seed 0) are
+    documented as filled: not named. Returns the warning (None: nothing to say)."""
+    config_cls = getattr(cls, "Config", None)
+    if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
+        return None
+    replaced = []
+    for f in dataclasses.fields(config_cls):
+        if f.name not in RUN_FILLED_FIELDS or f.name not in kwargs or f.name in given:  # (given: not its default)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue  # a required field, which the run fills
+        sentinels = RUN_FILLED_FIELDS[f.name]
+        sentinel = default is None or (0 in sentinels and type(default) is int and default == 0)
+        if sentinel or _same(default, kwargs[f.name]) or _defined_in_schedulers(config_cls, f.name):
+            continue
+        replaced.append((f.name, default, kwargs[f.name]))
+    if not replaced:
+        return None
+    parts = ", ".join(f"{k}={d!r} by the run's {v!r}" for k, d, v in replaced)
+    keep = [f"policy.{k}={d!r}" for k, d, _ in replaced if k != "block_size"]
+    line = f"policy {name!r}: the run replaces its Config's default{'s' * (len(replaced) > 1)} {parts}"
+    if keep:
+        line += f" (give {', '.join(keep)} to keep {'them' if len(keep) > 1 else 'it'})"
+    if any(k == "block_size" for k, _, _ in replaced):
+        line += "; block_size is always the run's KV block size"
+    logging.getLogger(__name__).warning("%s", line)
+    return line
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # (an object whose == raises or is not a bool: not the same)
+        return False
+
+
+def _defined_in_schedulers(config_cls: type, field: str) -> bool:
+    """Whether `field` of `config_cls` (a dataclass) is declared by a built-in class (schedulers.*), not by a class of
+    one's own: the nearest class of its MRO that annotates it."""
+    for klass in config_cls.__mro__:
+        if field in vars(klass).get("__annotations__", {}):
+            return klass.__module__.startswith("schedulers.")
+    return False
 
 
 def build_config(cls: type, name: str, config: Any = None, /, **kwargs: Any) -> Any:

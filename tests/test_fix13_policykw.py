@@ -191,7 +191,9 @@ def test_the_run_is_checked_against_the_policies_it_runs_not_the_scheduler_name(
             "basic,dualpth",
             {},
             "--config.policies: unknown inter-engine policy 'dualpth' (did you "
-            "mean 'dualpath'?); known: basic, de_only, dualpath, fix13pk_side, pe_only, random, round_robin, split",
+            "mean 'dualpath'?); known: basic, de_only, dualpath, fix13pk_side, pe_only, random, round_robin, split "
+            "(a policy of one's own: register it in a module that your --config file imports; README \"A policy of "
+            "one's own\")",
         ),
         (
             "split,policy.block_size=64",

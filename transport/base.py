@@ -51,7 +51,26 @@ REGION_NAME_MAX = 1024
 #: One entry of `Transport.write_many`: (local_region, local_offset, length, remote_region, remote_offset).
 WriteEntry = tuple[str, int, int, str, int]
 
-TRANSPORTS: Registry[type[Transport]] = Registry("transport")
+
+class _TransportRegistry(Registry):
+    """The backends' registry: a `Transport` subclass's `backend` is the name it is registered under. Its `backend`
+    was never checked (the README asks for `backend = "NAME"` beside `@TRANSPORTS.register("NAME")`): a class that
+    forgot the line ran as its parent's ('inproc'). A class that does not set `backend` itself (it inherits its
+    parent's, or the base class's "") gets the name; one that sets another name is refused."""
+
+    def add(self, name: str, obj: Any) -> None:
+        own = isinstance(obj, type) and issubclass(obj, Transport) and "backend" in vars(obj)
+        if own and obj.backend != name:
+            raise ValueError(
+                f"{self.kind} {name!r}: {obj.__name__} sets backend = {obj.backend!r}, not the name it is "
+                f"registered under: set backend = {name!r} (or leave it out: registration names the backend)"
+            )
+        super().add(name, obj)
+        if isinstance(obj, type) and issubclass(obj, Transport) and not own:
+            obj.backend = name
+
+
+TRANSPORTS: Registry[type[Transport]] = _TransportRegistry("transport")
 
 
 class TransportError(RuntimeError):
@@ -294,9 +313,10 @@ class Transport(abc.ABC):
     classes are for), across peers, between messages and transfers, or about the order in which futures
     complete; transfers to different peers or of different classes may run concurrently.
 
-    A backend of one's own (README "A transport backend of one's own"): subclass, set `backend` (and
-    `crosses_processes = False` if its endpoints meet only inside one process), register the class in
-    `TRANSPORTS` under that name at the top level of an importable module, and implement the abstract members
+    A backend of one's own (README "A transport backend of one's own"): subclass (`crosses_processes = False` if its
+    endpoints meet only inside one process), register the class in `TRANSPORTS` at the top level of an importable
+    module (the name it is registered under is its `backend`: set there where the class does not set it, refused where
+    it sets another), and implement the abstract members
     (`address`, `connect`, `peers`, `disconnect`, `write`, `read`, `send`, `_shutdown`; `write_many`,
     `_check_remote_range`, `_on_register` / `_on_deregister` optionally). `__init__` takes `name` and `pacer` as
     keywords (what `make_transport`'s overrides and the runtime's launchers pass; they pass nothing else, so other
@@ -307,7 +327,8 @@ class Transport(abc.ABC):
     DUALPATH_TRANSPORT_BACKENDS=module:name.
     """
 
-    #: The backend's registry name ("inproc", "tcp", "rdma", or one's own).
+    #: The backend's registry name ("inproc", "tcp", "rdma", or one's own; `TRANSPORTS` sets it when it registers a
+    #: class that does not set it itself).
     backend: str = ""
     #: Whether endpoints in different processes reach each other (False: "inproc", whose endpoints meet in one
     #: process's fabric); the runtime runs a backend that does not only with `config.launcher='inprocess'`.

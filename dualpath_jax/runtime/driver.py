@@ -578,10 +578,14 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
     from dualpath_jax.block_keys import block_keys
     from dualpath_jax.runtime.launcher import open_store, store_is_kept
     from dualpath_jax.runtime.node import block_layout, store_stats
+    from schedulers.registry import warn_replaced_defaults
 
-    policy = schedulers.make_policy(
-        cfg.scheduler.name, **policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tokens_per_s)
+    kw = policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tokens_per_s)
+    # (here, not in policy_kwargs: experiments.run's policy_config calls that too, so it would say it twice a run)
+    warn_replaced_defaults(
+        schedulers.POLICIES.get(cfg.scheduler.name), cfg.scheduler.name, cfg.scheduler.policy_kwargs, kw
     )
+    policy = schedulers.make_policy(cfg.scheduler.name, **kw)
     book = ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed, arrivals=make_arrival_model(cfg))
     # The scheduler's lookups; of a bounded local_dir store, the keeper of its capacity (`StoreKeeper`: the nodes'
     # objects have none)

@@ -40,8 +40,10 @@ import pickle
 import queue
 import threading
 import time
+import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
+from concurrent.futures import CancelledError
 
 import numpy as np
 
@@ -51,7 +53,7 @@ from dualpath_jax.host_buffers import BufferBudgetExceeded, HostBufferPool
 from dualpath_jax.runtime.control import Cancel, Event, TurnTask
 from dualpath_jax.runtime.storage_nic import ReadJob, StorageNIC, WriteJob
 from schedulers.api import PrefillWork
-from transport.base import failed_future
+from transport.base import TransportError, failed_future
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,22 @@ WAIT_POLL_S = 0.05  # how often a waiting engine re-checks for cancellation / sh
 PEER_TIMEOUT_S = 30.0  # how long a DE waits for its writes out of an area (to a PE that finished) before reusing it
 STEP_LOG_MAX = 20_000  # measured steps kept per engine (calibration of the simulator's cost model)
 GONE_KEEP = 4096  # dropped/finished request attempts an engine remembers, so their late messages are not held
+
+
+class UnknownPeerError(LookupError):
+    """A peer engine that is not in the directory any more: its node was declared dead."""
+
+
+# What a lost peer looks like (a peer that died, a link that failed, `_peer`'s peer declared dead): what the transports
+# raise and fail their futures with then (`TransportError`s, socket errors and timeouts, a cancelled future). The
+# scheduler takes the peer's node for dead. Anything else a transport raises is its own bug (`_transport_failed`).
+LOST_PEER_ERRORS = (TransportError, OSError, EOFError, CancelledError, UnknownPeerError)
+
+
+def raised_at(e: BaseException) -> str:
+    """Where `e` was raised, "file:line (function)" of the deepest frame of its traceback; "" without one."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
 
 
 def engine_endpoint(engine_id: int) -> str:
@@ -199,6 +217,7 @@ class EngineBase:
         self._heard: set[str] = set()
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        self._transport_bug = False  # a transport bug was reported (`_transport_failed`): once
         # Areas of dropped requests whose SNIC read was still queued or running: freed when it reports done.
         self._draining: dict[tuple, object] = {}
         self.early: dict[tuple, list] = {}  # messages/layers that arrived before the task
@@ -249,7 +268,8 @@ class EngineBase:
                 peer, payload = self.transport.recv(timeout=WAIT_POLL_S)
             except TimeoutError:
                 continue
-            except Exception:  # noqa: BLE001 -- endpoint closed
+            except Exception as e:  # noqa: BLE001 -- endpoint closed (or the backend's bug: the run fails)
+                self._transport_failed(e, "recv")
                 return
             self._heard.add(peer)
             self.inbox.put("msg", pickle.loads(payload))
@@ -260,7 +280,8 @@ class EngineBase:
                 n = self.transport.wait_notification(timeout=WAIT_POLL_S)
             except TimeoutError:
                 continue
-            except Exception:  # noqa: BLE001 -- endpoint closed
+            except Exception as e:  # noqa: BLE001 -- endpoint closed (or the backend's bug: the run fails)
+                self._transport_failed(e, "wait_notification")
                 return
             self.inbox.put("layer", split_tag(n.tag))
 
@@ -268,7 +289,7 @@ class EngineBase:
         name = engine_endpoint(engine_id)
         if engine_id not in self._connected and name not in self._heard and name not in self.transport.peers():
             if engine_id not in self.directory:  # (was a bare KeyError: "did not reach DE 1: 1" in the logs)
-                raise LookupError(f"engine {engine_id} is not in the directory: its node was declared dead")
+                raise UnknownPeerError(f"engine {engine_id} is not in the directory: its node was declared dead")
             _node, address = self.directory[engine_id]
             try:
                 self.transport.connect(name, address)
@@ -280,29 +301,51 @@ class EngineBase:
 
     def write_to(self, engine_id: int, local_offset: int, remote_offset: int, nbytes: int, notify: int | None = None):
         """One-sided KV write into a peer engine's buffer (low priority). Never raises: a dead or unreachable
-        peer gives a failed future (the scheduler re-runs the request elsewhere)."""
+        peer gives a failed future (the scheduler re-runs the request elsewhere); so does a bug of the transport
+        backend, which fails the run (`_transport_failed`)."""
+        op = "connect"
         try:
+            peer = self._peer(engine_id)
+            op = "write"
             return self.transport.write(
-                self._peer(engine_id),
-                REGION,
-                local_offset,
-                REGION,
-                remote_offset,
-                nbytes,
-                priority="low",
-                notify=notify,
+                peer, REGION, local_offset, REGION, remote_offset, nbytes, priority="low", notify=notify
             )
-        except Exception as e:  # noqa: BLE001 -- PeerLostError, connect failures, closed endpoint
+        except Exception as e:  # noqa: BLE001 -- PeerLostError, connect failures, closed endpoint; or a backend's bug
+            self._transport_failed(e, op)
             return failed_future(e)
 
     def send_msg(self, engine_id: int, msg: dict) -> None:
         """A request's message (its `request_id` and `attempt` in it) to a peer engine. Never raises: a peer that
-        cannot be reached is reported (`peer_lost`)."""
+        cannot be reached is reported (`peer_lost`); a bug of the transport backend fails the run."""
+        payload = pickle.dumps(msg)  # (out of the try: an error here is not the transport's)
+        op = "connect"
         try:
-            self.transport.send(self._peer(engine_id), pickle.dumps(msg))
+            peer = self._peer(engine_id)
+            op = "send"
+            self.transport.send(peer, payload)
         except Exception as e:  # noqa: BLE001 -- a dead or unreachable peer: the scheduler re-runs the request
-            log.warning("%s%d: message to engine %d failed: %s", self.role, self.engine_id, engine_id, e)
-            self.peer_lost(engine_id, msg["request_id"], msg["attempt"], e)
+            if self._transport_failed(e, op):
+                log.warning("%s%d: message to engine %d failed: %s", self.role, self.engine_id, engine_id, e)
+                self.peer_lost(engine_id, msg["request_id"], msg["attempt"], e)
+
+    def _transport_failed(self, e: BaseException, op: str) -> bool:
+        """Whether `e`, which the transport's `op` raised or failed a future of, is a lost peer (`LOST_PEER_ERRORS`):
+        the caller reports it (`peer_lost`) and the scheduler declares the peer's node dead. Anything else (a
+        RuntimeError, TypeError, ... of the backend's own code) is the backend's bug: the run fails, once per engine,
+        naming the backend (`config.transport`), the exception and where it was raised, with its traceback logged, as
+        the scheduler does for a policy that raises. (It was reported as dead nodes: "node 1: engine 0 (node 0) could
+        not reach it: RuntimeError('...')", with no traceback and no word of the backend.)"""
+        if isinstance(e, LOST_PEER_ERRORS):
+            return True
+        if self._stop.is_set() or self._transport_bug:  # (the run is over, or failing already)
+            return False
+        self._transport_bug = True
+        backend = getattr(self.cfg, "transport", None) or getattr(self.transport, "backend", None)
+        at = raised_at(e)
+        msg = f"transport {backend!r} raised {e!r} in {op}(){f' at {at}' if at else ''}: a bug of the backend"
+        log.error("%s%d: %s", self.role, self.engine_id, msg, exc_info=e)
+        self.ctx.emit(Event("error", -1, 0, time.time(), {"message": f"{self.role} {self.engine_id}: {msg}"}))
+        return False
 
     def peer_lost(self, engine_id: int, request_id: int, attempt: int, error: BaseException) -> None:
         """Tell the scheduler that a request's peer engine could not be reached (a failed message or KV write: the
@@ -823,8 +866,9 @@ class PrefillEngine(EngineBase):
             for f in r.futures:
                 f.result()
         except Exception as e:  # noqa: BLE001 -- DE gone or unreachable: the scheduler re-runs the request elsewhere
-            log.warning("pe%d: KV of request %s did not reach DE %d: %r", self.engine_id, r.key, t.decode_engine, e)
-            self.peer_lost(t.decode_engine, t.request_id, t.attempt, e)
+            if self._transport_failed(e, "write"):
+                log.warning("pe%d: KV of request %s did not reach DE %d: %r", self.engine_id, r.key, t.decode_engine, e)
+                self.peer_lost(t.decode_engine, t.request_id, t.attempt, e)
             self._finish(r)
             return
         # Reported before the DE hears of it: the DE may run the request (its first-token stamp) and finish it before
@@ -1034,8 +1078,11 @@ class DecodeEngine(EngineBase):
             return
         r.forward_lost = True
         t = r.task
-        log.warning("de%d: hit KV of request %s did not reach PE %d: %r", self.engine_id, r.key, t.prefill_engine, e)
-        self.peer_lost(t.prefill_engine, t.request_id, t.attempt, e)
+        if self._transport_failed(e, "write"):
+            log.warning(
+                "de%d: hit KV of request %s did not reach PE %d: %r", self.engine_id, r.key, t.prefill_engine, e
+            )
+            self.peer_lost(t.prefill_engine, t.request_id, t.attempt, e)
 
     def _admit(self) -> None:
         """Move prompts whose KV is complete into free decode slots (continuous batching)."""

@@ -3,11 +3,13 @@ one's own; `configs_io.load_sim_config`)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
 import numbers
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 GB = 1e9
@@ -358,12 +360,13 @@ def sim_config_from_dict(cfg: dict, explicit: Collection[str] = (), variant: dic
     if policy not in POLICIES:
         where = f"config.mode {mode!r}" if mode else f"config.scheduler.name {policy!r}"
         raise ValueError(
-            f"{where} is neither a mode ({', '.join(MODES)}) nor a registered policy ({', '.join(POLICIES.names())})"
+            f"{where} is neither a mode ({', '.join(MODES)}) nor a registered policy ({', '.join(POLICIES.names())}) "
+            f"({POLICIES.own})"
         )
     validate_sim_config(sc)
     check_batcher_cost_fields(sc)
     check_given_fields(sc, explicit, variant or {})
-    warn_hardware_figures(sc)
+    warn_hardware_figures(sc, {*explicit, *(variant or {})})
     return resolve_de_hbm(sc)
 
 
@@ -428,14 +431,40 @@ _PROFILE_FIGURES = (
 )
 
 
-def warn_hardware_figures(sc: SimConfig) -> None:
+# Set while a config whose check said its warnings already is built again (`checks_said`)
+_CHECKS_SAID = contextvars.ContextVar("dualpath_sim_checks_said", default=False)
+
+
+@contextlib.contextmanager
+def checks_said() -> Iterator[None]:
+    """Within it, the warnings of a config's check that a check of the same config said before are not said again:
+    `warn_hardware_figures` and a policy's Config defaults the run replaces (`runner._policy_kwargs`).
+    experiments.sweep builds every cell once to check it, then again to run it: each warning came twice per cell."""
+    token = _CHECKS_SAID.set(True)
+    try:
+        yield
+    finally:
+        _CHECKS_SAID.reset(token)
+
+
+def checks_were_said() -> bool:
+    """Whether this runs inside `checks_said`."""
+    return _CHECKS_SAID.get()
+
+
+def warn_hardware_figures(sc: SimConfig, given: Collection[str] = ()) -> None:
     """Log a warning for each cluster field that the hardware profile (`config.cluster.hardware`) contradicts in a way
     that looks like a slip: a rate exactly 8x the profile's, given in Gbps where the field takes GB/s (`snic_gbps=400`
     for the paper's 400 Gbps NIC ran it 8x too fast, silently); a field left at its default where the profile gives
     another figure (a profile of one's own with 200 Gbps NICs and 4 GPUs a node ran on the defaults' 400 Gbps and 8
-    GPUs: the simulator takes compute and HBM from the profile, its links and nodes from `config.cluster`)."""
+    GPUs: the simulator takes compute and HBM from the profile, its links and nodes from `config.cluster`). `given`: the
+    dotted keys this run set (`--config.*` overrides, variant items): such a field is not "left at its default" even
+    where it equals it (`sweep --loads=cluster.snic_gbps=50` was told "is its default 50 GB/s"). Nothing within
+    `checks_said`."""
     from schedulers.hardware import HARDWARE  # no jax
 
+    if checks_were_said():
+        return
     hw = HARDWARE.get(sc.cluster.hardware)
     defaults = ClusterConfig()
     for field, attr, scale, unit, rate in _PROFILE_FIGURES:
@@ -447,7 +476,7 @@ def warn_hardware_figures(sc: SimConfig) -> None:
                 "GB/s (1e9 bytes/s), not Gbps; a %g Gbps link is %s=%g",
                 field, value, have, 8 * have, hw.name, value, field, value / 8,
             )  # fmt: skip
-        elif value == default and not math.isclose(have, default, rel_tol=1e-9):
+        elif value == default and f"cluster.{field}" not in given and not math.isclose(have, default, rel_tol=1e-9):
             logging.getLogger(__name__).warning(
                 "config.cluster.%s is its default %g%s, but hardware profile %r gives %g%s: the simulator takes it "
                 "from config.cluster.%s, not from the profile (set it to run the profile's)",
@@ -550,10 +579,12 @@ def validate_sim_config(sc: SimConfig) -> None:
     if sc.policy not in POLICIES:
         raise ValueError(
             f"config.scheduler.name {sc.policy!r} is neither a mode ({', '.join(MODES)}) nor a registered policy "
-            f"({', '.join(POLICIES.names())})"
+            f"({', '.join(POLICIES.names())}) ({POLICIES.own})"
         )
     if sc.batcher not in BATCHERS:
-        raise ValueError(f"config.batcher.name {sc.batcher!r} unknown; known: {', '.join(BATCHERS.names())}")
+        raise ValueError(
+            f"config.batcher.name {sc.batcher!r} unknown; known: {', '.join(BATCHERS.names())} ({BATCHERS.own})"
+        )
     # The policy's and batcher's own Config checks, now rather than when the run builds them
     _check_kwargs(POLICIES, sc.policy, sc.policy_kwargs, "config.scheduler.kwargs")
     _check_kwargs(BATCHERS, sc.batcher, sc.batcher_kwargs, "config.batcher.kwargs")

@@ -10,7 +10,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from dualpath_jax import compiled, metrics
-from dualpath_jax.sim.config import GB, SimConfig, SimConfigError, check_batcher_cost_fields, validate_sim_config
+from dualpath_jax.sim.config import (
+    GB,
+    SimConfig,
+    SimConfigError,
+    check_batcher_cost_fields,
+    checks_were_said,
+    validate_sim_config,
+)
 from dualpath_jax.sim.simulator import Simulator
 from dualpath_jax.workloads.types import Trajectory
 
@@ -296,10 +303,12 @@ def profile_shape(cfg: SimConfig, trajectories: Sequence[Trajectory] = ()) -> tu
 
 def _policy_kwargs(cfg: SimConfig, pre, kv_bytes_per_token: float, shape: tuple[float, float] | None = None) -> dict:
     """Fill α/β (when the policy takes them and the config leaves them unset) from the simulated hardware; β at the
-    turn shape `shape` (`profile_shape`; None: the config's dataset's)."""
+    turn shape `shape` (`profile_shape`; None: the config's dataset's). A default of the policy's own Config that
+    this replaces is named in a warning (`schedulers.registry.warn_replaced_defaults`)."""
     import dataclasses as dc
 
     from schedulers import POLICIES
+    from schedulers.registry import warn_replaced_defaults
 
     kw = dict(cfg.policy_kwargs)
     fields = {f.name for f in dc.fields(POLICIES.get(cfg.policy).Config)}
@@ -319,6 +328,8 @@ def _policy_kwargs(cfg: SimConfig, pre, kv_bytes_per_token: float, shape: tuple[
         kw["block_size"] = c.block_size
     if "seed" in fields and "seed" not in kw:
         kw["seed"] = cfg.seed
+    if not checks_were_said():  # (a sweep's cell, built to check it and again to run it: said once)
+        warn_replaced_defaults(POLICIES.get(cfg.policy), cfg.policy, cfg.policy_kwargs, kw)
     return kw
 
 

@@ -182,7 +182,9 @@ class KVStore(abc.ABC):
 
     @abc.abstractmethod
     def unpin(self, keys: Iterable[bytes]) -> None:
-        """Undo one `pin` of each key."""
+        """Undo one `pin` of each key (a key given twice: two). An unpin of a key that is not pinned (or more times
+        than it is pinned) raises `ValueError` ("... not pinned") and changes nothing: no key of the call is unpinned
+        (the conformance suite, tests/test_fix15_store.py, requires the error)."""
 
     @contextlib.contextmanager
     def pinned(self, keys: Iterable[bytes]) -> Iterator[None]:
