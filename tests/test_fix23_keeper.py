@@ -23,7 +23,7 @@ from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.runtime import driver
 from dualpath_jax.runtime.control import Event
 from dualpath_jax.runtime.lifecycle import ConversationBook
-from dualpath_jax.runtime.node import block_layout
+from dualpath_jax.runtime.node import block_layout, store_stats
 from dualpath_jax.runtime.scheduler_service import GlobalScheduler, StoreKeeper
 from dualpath_jax.store import LocalDirStore, block_file
 from dualpath_jax.workloads.types import Trajectory, Turn
@@ -182,3 +182,21 @@ def test_a_finished_turns_write_back_is_indexed_lru_and_the_end_trims(tmp_path):
     assert keeper.lookup(99, b_keys) == 2 and keeper.pinned_blocks == 0  # (no pins once finished)
     node.close()
     keeper.store.close()
+
+
+def test_eviction_takes_a_finished_trajectorys_tail_first(tmp_path):
+    """A prefix-chained store loses every block after an evicted one for lookups, so the keeper orders a finished
+    turn's blocks tail first in the LRU: room made for another trajectory costs this one its last blocks, not its
+    first (head first, any eviction cost the whole hit: the main job at 1 MiB hit 3% of its blocks)."""
+    keeper = StoreKeeper(LocalDirStore(tmp_path, LAYOUT, capacity_bytes=4 * FILE, stat_on_hit=True))
+    node = LocalDirStore(tmp_path, LAYOUT)
+    a = block_keys(np.arange(4 * BS, dtype=np.int32), BS)
+    b = block_keys(np.arange(100, 100 + 2 * BS, dtype=np.int32), BS)
+    write(node, a)
+    assert keeper.lookup(1, a[:2]) == 2  # (a turn that hit a's first two blocks and wrote the other two)
+    keeper.turn_done(1, a, 2)
+    write(node, b)
+    keeper.turn_done(2, b, 0)  # b's two blocks need two of a's
+    assert keeper.store.lookup(a) == 2 and keeper.store.lookup(b) == 2
+    stats = keeper.report(store_stats(keeper.store))
+    assert stats["lookups"] == 3 and stats["evictions"] == 2  # (the keeper's own lookups are not the scheduler's)
