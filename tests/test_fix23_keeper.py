@@ -200,3 +200,16 @@ def test_eviction_takes_a_finished_trajectorys_tail_first(tmp_path):
     assert keeper.store.lookup(a) == 2 and keeper.store.lookup(b) == 2
     stats = keeper.report(store_stats(keeper.store))
     assert stats["lookups"] == 3 and stats["evictions"] == 2  # (the keeper's own lookups are not the scheduler's)
+
+
+def test_a_turns_new_blocks_do_not_push_out_its_own_hits(tmp_path):
+    """The blocks a finished turn wrote are indexed while its own hits are still pinned: when they do not all fit,
+    the last ones are not kept (a prefix stays usable), instead of the turn's first blocks making room for them."""
+    keeper = StoreKeeper(LocalDirStore(tmp_path, LAYOUT, capacity_bytes=3 * FILE, stat_on_hit=True))
+    node = LocalDirStore(tmp_path, LAYOUT)
+    a = block_keys(np.arange(4 * BS, dtype=np.int32), BS)
+    write(node, a[:2])
+    assert keeper.lookup(1, a[:2]) == 2
+    write(node, a[2:])
+    keeper.turn_done(1, a, 2)
+    assert keeper.store.lookup(a) == 3 and keeper.unkept_blocks == 1 and not os.path.exists(node.path_of(a[3]))

@@ -155,10 +155,11 @@ class StoreKeeper:
 
     def turn_done(self, request_id: int, keys: list, first: int) -> None:
         with self._lock:
-            self._release_locked(request_id)
             done = self._written.pop(request_id, set())
-            if not self.finished:
+            if not self.finished:  # (its own hits still pinned: room for its new blocks is not made from its head)
                 self._adopt_locked([k for k in keys[first:] if k not in done])
+            self._release_locked(request_id)
+            if not self.finished:
                 self._tail_first_locked(keys)
 
     def _lookup_locked(self, keys: list) -> int:
@@ -181,15 +182,24 @@ class StoreKeeper:
 
     def _adopt_locked(self, keys, kept_into: set | None = None) -> None:
         """Index `keys` (blocks written by other processes) in order, each as the most recently used; one that cannot
-        be kept beside the pinned blocks is removed (stored, but one store would have refused its write)."""
-        for key in keys:
-            kept = self._lookup_locked([key])
-            if kept:
-                self.adopted_blocks += 1
-                if kept_into is not None:
-                    kept_into.add(key)
-            elif key not in self._pins and self.store.contains(key) and self.store.remove(key):
-                self.unkept_blocks += 1
+        be kept beside the pinned blocks is removed (stored, but one store would have refused its write). Those kept
+        are held (pinned) until the last is indexed, so a turn's later blocks do not push out its earlier ones: where
+        they do not all fit, its first ones stay (a usable prefix)."""
+        held = []
+        try:
+            for key in keys:
+                kept = self._lookup_locked([key])
+                if kept:
+                    self.adopted_blocks += 1
+                    self.store.pin([key])
+                    held.append(key)
+                    if kept_into is not None:
+                        kept_into.add(key)
+                elif key not in self._pins and self.store.contains(key) and self.store.remove(key):
+                    self.unkept_blocks += 1
+        finally:
+            if held:
+                self.store.unpin(held)
 
     def finish(self) -> None:
         """The run's end: unpin every turn still in flight, then index what no turn did (the write-backs of turns cut
