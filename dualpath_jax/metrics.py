@@ -212,10 +212,22 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
 
 
 def ttft_breakdown(records: Sequence[TurnRecord], cache: dict | None = None) -> dict:
-    """Mean TTFT parts over the turns with a first token, in seconds; they add up to the mean TTFT: queue (arrival ->
-    scheduled), allocation (scheduled -> read start: waiting for host-buffer room), read (read start -> end) and
-    prefill (read end -> first token: the prefill batch, the PE -> DE KV, the DE's slot and H2D); the simulator's and
-    the runtime's summaries (`cache`: see `column`)."""
+    """Mean TTFT parts over the turns with a first token, in seconds; they add up to the mean TTFT; the simulator's and
+    the runtime's summaries (`cache`: see `column`).
+
+    - queue: arrival -> scheduled (the policy placed it).
+    - allocation: scheduled -> read start, every wait before its first storage read moves a byte. Simulator: DE HBM /
+      a decode slot (the DE's allocation queue), PE HBM (basic prefill), DE-buffer room for its prompt KV, then a
+      storage-read slot of its node (`cluster.max_reads_per_node`, FIFO) and, a PE-side read, PE-buffer room. A
+      storage-bound run's read queue is here, not in "read". Runtime: the task's trip to its nodes (their fetches),
+      a host-buffer area on each side (PE, DE) and PE HBM (basic), then the node's SNIC read queue (one read at a
+      time per node); no DE HBM / slot (a DE takes its slot after the prefill).
+    - read: read start -> read end, the transfer alone: from the first side's start to the last side's end (a split
+      read: the later side's queue wait too). Simulator: at most `cluster.read_stream_gbps` per read, less where the
+      node's SNIC (or the storage link) is shared beyond its rate. Runtime: paced at the node's SNIC rate.
+    - prefill: read end -> first token (the prefill batch, the PE -> DE KV, the DE's slot and H2D).
+    A turn with no read: read start = read end (simulator: when its reads would start; runtime: its PE area).
+    """
     col = {n: column(records, n, cache) for n in ("arrival", "scheduled", "read_start", "read_end")}
     first = column(records, "first_token", cache)
     ok = ~np.isnan(first)  # turns with a first token, in record order (column-wise: millions at paper scale)

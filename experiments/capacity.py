@@ -17,7 +17,10 @@ registered policy, or any variant items joined by '+' (`dualpath_rr+policy.full_
 Writes under --output_dir (default results/capacity): capacity.json (every search with every probe: aps, slo_met,
 attainment, TTFT / TPOT at the percentile), capacity.csv (one row per search), capacity.png (per setup: the SLO
 attainment of every probe over APS, a line per mode, each capacity marked) and run.json (what ran:
-dualpath_jax.metrics.run_info), and prints the table with each mode's gain over the first mode of its setup. A
+dualpath_jax.metrics.run_info), and prints the table with each mode's gain over the first mode of its setup (the
+ratio of the met APS, and the range the two brackets allow; "n/a" where either is not measured or is the whole
+[--lo, --hi): --iters=0). A --lo under half an agent per probe (lo x duration_s < 0.5) is refused: the simulator
+runs at least one agent, a higher APS than the probe's. A
 capacity is a bracket [highest APS met, lowest missed); a search whose --lo already misses is "< lo", one whose
 --hi meets is ">= hi" (no measured number: widen the bracket), one with a probe that judged no turn (none arrived
 in the window) "n/a", with a line saying so. A directory that holds an earlier search's
@@ -75,7 +78,9 @@ _EXTRA = flags.DEFINE_string(
     "cluster.snic_gbps=25.",
     allow_override=True,
 )
-_LO = flags.DEFINE_float("lo", 0.5, "Lowest APS of the bisection (probed first: a miss there is '< lo').")
+_LO = flags.DEFINE_float(
+    "lo", 0.5, "Lowest APS of the bisection (probed first: a miss there is '< lo'); at least 0.5 / duration_s."
+)
 _HI = flags.DEFINE_float("hi", 16.0, "Highest APS of the bisection (a met SLO there is '>= hi').")
 _ITERS = flags.DEFINE_integer("iters", 5, "Bisection steps of each search after --lo and --hi.", lower_bound=0)
 _SLO_TTFT = flags.DEFINE_float("slo_ttft_s", None, "The SLO's TTFT bound in s (default: each config's slo_ttft_s).")
@@ -134,6 +139,8 @@ COLUMNS = [
     "warmup_s",
     "duration_s",
     "wall_s",
+    "gain_low",  # (the gain's range from the two brackets: `add_gains`)
+    "gain_high",
 ]
 
 Search = tuple[str, str, str, str]  # (setup, mode, extra, seed)
@@ -237,9 +244,17 @@ def search_row(s: Search, result: dict | None, error: str | None, name: str, lo:
     return row
 
 
+def _whole_range(r: dict) -> bool:
+    """Whether a measured search's bracket is its whole [lo, hi): no bisection step narrowed it (--iters=0)."""
+    return (r["met_aps"], r["missed_aps"]) == (r["lo"], r["hi"])
+
+
 def add_gains(rows: list[dict], searches: Sequence[Search]) -> None:
     """Each row's `gain`: its capacity over that of the first mode of its setup (and seed), where both are
-    measured; else None and `gain_note` says why. The first mode's own row has none."""
+    measured, with the range the two brackets allow (`gain_low` = its met / the first's missed APS, `gain_high` =
+    its missed / the first's met APS: each capacity lies in [met, missed)); else None and `gain_note` says why: a
+    capacity not measured ('< lo', '>= hi', 'n/a', a failed search), or a bracket that is the whole search range
+    (--iters=0: the gain of two `lo`s was 1x whatever the capacities). The first mode's own row has none."""
     first: dict = {}
     keys = [(s[0], s[3]) for s in searches]  # (as given: a failed search's row has no seed of its config)
     for r, k in zip(rows, keys, strict=True):
@@ -249,12 +264,20 @@ def add_gains(rows: list[dict], searches: Sequence[Search]) -> None:
         if r is base:
             continue
         r["gain_over"] = base["mode"]
-        r["gain"] = None
+        r["gain"] = r["gain_low"] = r["gain_high"] = None
         who = next((x for x in (r, base) if x.get("capacity_aps") is None), None)
-        if who is None and base["capacity_aps"] > 0:
-            r["gain"] = r["capacity_aps"] / base["capacity_aps"]
-        elif who is not None:
+        wide = next((x for x in (r, base) if who is None and _whole_range(x)), None)
+        if who is not None:
             r["gain_note"] = f"{who['mode']} " + ("failed" if "error" in who else f"capacity {who['capacity']}")
+        elif wide is not None:
+            r["gain_note"] = (
+                f"{wide['mode']} bracket [{_num(wide['lo'])}, {_num(wide['hi'])}) is the whole search range: no "
+                "bisection step (--iters)"
+            )
+        elif base["capacity_aps"] > 0:
+            r["gain"] = r["capacity_aps"] / base["capacity_aps"]
+            r["gain_low"] = r["met_aps"] / base["missed_aps"]
+            r["gain_high"] = r["missed_aps"] / base["met_aps"]
 
 
 def gain_text(r: dict) -> str:
@@ -262,7 +285,8 @@ def gain_text(r: dict) -> str:
         return "-"
     if r["gain"] is None:
         return f"{r['mode']} / {r['gain_over']}: n/a ({r.get('gain_note', 'no capacity')})"
-    return f"{r['mode']} / {r['gain_over']}: {r['gain']:.3g}x"
+    span = f" ({r['gain_low']:.3g}x..{r['gain_high']:.3g}x)" if r.get("gain_low") is not None else ""
+    return f"{r['mode']} / {r['gain_over']}: {r['gain']:.3g}x{span}"
 
 
 def plot_capacity(rows: Sequence[dict], path: str) -> bool:
@@ -312,12 +336,27 @@ def _check_searches(searches: Sequence[Search], overrides: dict, lo: float) -> N
 
     for s in searches:
         cfg = check_cell_or_exit(f"capacity search {search_spec(*s)!r}", check, s)
+        one_agent_or_exit(cfg, lo, search_spec(*s))
         if cfg.workload.trace_path:  # (kind=online: its probes ran the dataset's synthetic agents, not the trace)
             raise SystemExit(
                 f"bad --setups: {s[0]!r} replays a trace (config.workload.trace_path={cfg.workload.trace_path!r}): a "
                 "capacity search runs the synthetic online agents of its dataset at each APS, not a trace; give a "
                 "setup of synthetic agents"
             )
+
+
+def one_agent_or_exit(cfg, lo: float, spec: str) -> None:
+    """Refuse a --lo whose probe would have under half an agent (lo x duration_s < 0.5): the simulator runs at least
+    one (`sim.runner`: round(aps x duration_s), at least 1), so that probe and every one up to 1.5 / duration_s
+    ran the same single agent, each reported at its own APS ("0.001 APS: SLO met" and "0.01 APS: SLO met" were one
+    run twice). Every probe is at or above --lo, so this one check covers the search."""
+    duration = cfg.workload.duration_s
+    if lo * duration < 0.5:
+        raise SystemExit(
+            f"bad --lo={lo:g}: a probe there has {lo * duration:.3g} agents ({lo:g} APS x duration_s {duration:g} of "
+            f"{spec!r}) and the simulator runs at least one, a higher APS than probed; give --lo >= "
+            f"{0.5 / duration:.3g} or a longer --extra=duration=..."
+        )
 
 
 def _check_items() -> None:

@@ -96,23 +96,35 @@ def expand_presets(text: str) -> str:
     return ",".join(PRESETS[i] if i in PRESETS and i not in POLICIES.names() else i for i in items)
 
 
-def format_table(results: dict) -> str:
+def judged_columns(percentile: float) -> list[tuple[str, str, str]]:
+    """The columns of the TTFT / TPOT at the SLO's percentile over its window, the figures its verdict rests on
+    (`RunResult.slo`, `driver.judge_slo`, under its keys after "slo."; the other percentile columns cover every turn)."""
+    q = f"{percentile:g}"
+    return [(f"slo.ttft_p{q}_s", f"SLO TTFT p{q} s", "{:.3f}"), (f"slo.tpot_p{q}_s", f"SLO TPOT p{q} ms", "ms")]
+
+
+def format_table(results: dict, slo_percentile: float | None = None) -> str:
     """One row per policy plus the JCT speedup over the first policy (the baseline of the same run) and the JCT change
-    against it (as the paper gives its ablation: -17.21% with layerwise prefill, ...)."""
+    against it (as the paper gives its ablation: -17.21% with layerwise prefill, ...). `slo_percentile` (an online /
+    trace run's `slo.percentile`): the judged percentiles (`judged_columns`) beside the SLO's attainment."""
     names = list(results)
     # an SLO-judged run (online / trace arrivals) gets its attainment and verdict; an offline run has none
-    columns = COLUMNS + (SLO_COLUMNS if any("slo_met" in results[n].summary for n in names) else [])
+    judged = any("slo_met" in results[n].summary for n in names)
+    columns = COLUMNS
+    if judged:
+        columns = columns + (judged_columns(slo_percentile) if slo_percentile is not None else []) + SLO_COLUMNS
     header = ["policy"] + [c[1] for c in columns] + [f"speedup vs {names[0]}", f"JCT vs {names[0]}"]
     rows = []
     base = results[names[0]].summary["jct_s"]
     for n in names:
         s = results[n].summary
+        slo = getattr(results[n], "slo", None) or {}  # (the judgement's own keys: with_slo renames some in `s`)
         row = [n]
         for key, _, fmt in columns:
-            v = s.get(key, math.nan)
+            v = slo.get(key[4:], math.nan) if key.startswith("slo.") else s.get(key, math.nan)
             if fmt == "met":  # (no turn judged: no verdict, as its attainment)
                 row.append("n/a" if s.get("slo_turns") == 0 else "met" if v is True else "missed")
-            elif isinstance(v, float) and math.isnan(v) and "%" in fmt:  # (no turn judged)
+            elif isinstance(v, float) and math.isnan(v) and ("%" in fmt or key.startswith("slo.")):  # (no turn)
                 row.append("n/a")
             else:
                 row.append(f"{v / 1e6:.2f}" if fmt == "mb" else f"{v * 1e3:.1f}" if fmt == "ms" else fmt.format(v))
@@ -145,7 +157,23 @@ def slo_line(cfg, window: tuple[float, float]) -> str:
             f"the turns arriving in [{window[0]:g}, {window[1]:.3f}] s (to the last agent's arrival; the drain after "
             "it is not judged)"
         )
-    return f"SLO (config.runtime.slo): {bounds} on {turns}; SLO att.: the share of those turns within both bounds"
+    return (
+        f"SLO (config.runtime.slo): {bounds} on {turns}; SLO TTFT / TPOT {q}: those turns' {q}s (the verdict's); "
+        "SLO att.: the share of those turns within both bounds"
+    )
+
+
+def warmup_note(first: str, judged: bool) -> str:
+    """The table's note for a run without the warm-up (--config.warmup=False): what the first policy compiled is in its
+    JCT and, online / trace (`judged`), in its TTFT / TPOT and so its SLO verdict (basic at aps 4 missed its SLO there
+    and met it with the warm-up; the note spoke of the JCT only)."""
+    note = f"note: --config.warmup=False, so {first}'s JCT includes what it compiled first"
+    if judged:
+        return note + (
+            ", and so do its TTFT / TPOT, SLO attainment and SLO verdict: a cold run's, no fair comparison with warm "
+            "ones (--config.warmup=True warms up before measuring)"
+        )
+    return note + "; the speedups are not a fair comparison (the default config warms up before measuring)"
 
 
 def plot(results: dict, path: str) -> bool:
@@ -517,7 +545,7 @@ def _main(argv, term: SigtermAsInterrupt):
         failed += (
             f" (results of {', '.join(results)} only, not of {', '.join(p for p in policies if p not in results)})"
         )
-    table = format_table(results)
+    table = format_table(results, base.slo.percentile if window is not None else None)
     fields = fields_line({p: given_kwargs[p] for p in results})
     if fields:
         table += "\n" + fields
@@ -529,13 +557,10 @@ def _main(argv, term: SigtermAsInterrupt):
                 f"\nnote: no turn of {', '.join(unjudged)} arrived in the SLO's window: nothing was judged (SLO n/a; "
                 f"config.runtime.slo.warmup_s={base.slo.warmup_s:g})"
             )
-    if not config.warmup and len(results) > 1:
+    if not config.warmup and policies[0] in results and (len(results) > 1 or window is not None):
         # Without the warm-up, whatever the first policy compiles (buckets not precompiled, first connections)
-        # is in its JCT: the speedups compare a cold run with warm ones.
-        table += (
-            f"\nnote: --config.warmup=False, so {policies[0]}'s JCT includes what it compiled first; the speedups"
-            " are not a fair comparison (the default config warms up before measuring)"
-        )
+        # is in its JCT, and online in its latencies: a cold run beside warm ones (online: one policy alone too)
+        table += "\n" + warmup_note(policies[0], window is not None)
     for p, r in results.items():  # (its JCT then compares fewer engines with the others' whole cluster)
         lost = dead_nodes(r)
         if lost:

@@ -93,11 +93,13 @@ SUMMARY_KEYS = [
 
 
 def _summary_keys(slo_percentile: float) -> list[str]:
-    """SUMMARY_KEYS with the SLO percentiles the run judged (`ttft_p{q}_s` of config.slo_percentile: at 95 the table
-    had no SLO percentile at all, only summary.json)."""
+    """SUMMARY_KEYS with the SLO percentiles the run judged, over the SLO's window (config.slo_percentile: at 95 the
+    table had no SLO percentile at all, only summary.json). At 50 or 99 they are summary.json's `slo_ttft_p{q}_s` /
+    `slo_tpot_p{q}_s` (`metrics.with_slo`; `ttft_p{q}_s` there is every turn's): the table showed the all-turn
+    p99 beside a verdict resting on the window's."""
     q = f"{slo_percentile:g}"
-    keys = [k.replace("_p90_s", f"_p{q}_s") if k in ("ttft_p90_s", "tpot_p90_s") else k for k in SUMMARY_KEYS]
-    return list(dict.fromkeys(keys))  # (at 50 or 99: once)
+    prefix = "slo_" if q in ("50", "99") else ""
+    return [f"{prefix}{k[:5]}p{q}_s" if k in ("ttft_p90_s", "tpot_p90_s") else k for k in SUMMARY_KEYS]
 
 
 STAT_KEYS = [

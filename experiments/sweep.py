@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Sequence
 
@@ -153,6 +154,27 @@ COLUMNS = [
 ]
 
 
+def judged_keys(summary: dict, percentile: float) -> list[str]:
+    """The summary keys of an SLO-judged cell's TTFT / TPOT at the SLO's percentile over its window, the figures its
+    `slo_met` rests on: `ttft_p{q}_s` / `tpot_p{q}_s`, or at 50 / 99 `slo_ttft_p{q}_s` / `slo_tpot_p{q}_s`
+    (`metrics.with_slo`: `ttft_p99_s` there is every turn's); none for a cell with no SLO (offline)."""
+    if "slo_met" not in summary:
+        return []
+    q = f"{percentile:g}"
+    keys = [f"ttft_p{q}_s", f"tpot_p{q}_s"]
+    return [f"slo_{k}" if f"slo_{k}" in summary else k for k in keys]
+
+
+_JUDGED = re.compile(r"(slo_)?(ttft|tpot)_p[0-9.e+-]+_s")  # (`judged_keys`' names)
+
+
+def columns(rows: Sequence[dict]) -> list[str]:
+    """sweep.csv's columns and the table's: COLUMNS, then the judged percentiles' keys the rows have (`judged_keys`:
+    a TTFT / TPOT pair per SLO percentile of the grid, in the rows' order; an offline grid has none)."""
+    extra = [k for r in rows for k in r if k not in COLUMNS and _JUDGED.fullmatch(k)]
+    return COLUMNS + list(dict.fromkeys(extra))
+
+
 def cell_spec(setup: str, mode: str, load: str, extra: str, seed: str = "") -> str:
     items = [x for x in (*mode_items(mode), load, extra, f"seed={seed}" if seed else "") if x]
     return f"{setup}:{','.join(items)}"
@@ -168,6 +190,8 @@ def run_cell(args: tuple[str, str, str, str, str]) -> dict:
     res = run(cfg)
     row = {"setup": os.path.basename(setup), "mode": mode, "load": load, "seed": cfg.seed}
     row.update({k: res.summary.get(k) for k in COLUMNS if k in res.summary})
+    judged = judged_keys(res.summary, cfg.slo_percentile)  # (online / trace cells: the SLO's percentiles)
+    row.update({k: res.summary[k] for k in judged})
     row.update({k: res.stats[k] for k in ("events_per_s", "turns_per_s")})
     row["wall_s"] = time.perf_counter() - t0
     return row
@@ -601,7 +625,8 @@ def _write_results(
     # rows come back from JSON so, and its sweep.csv / table had "" / None where one run's had nan
     safe = json_safe(rows)
     with open(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS + (["error"] if failed else []), extrasaction="ignore")
+        cols = columns(safe)
+        w = csv.DictWriter(f, fieldnames=cols + (["error"] if failed else []), extrasaction="ignore")
         w.writeheader()
         w.writerows(safe)
     # beside it, then renamed over it: an earlier sweep.json (a --resume's kept rows) is whole until this one is
@@ -612,9 +637,9 @@ def _write_results(
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
     _fsync_dir(_OUTPUT_DIR.value)
-    print("  ".join(COLUMNS))
+    print("  ".join(cols))
     for r in safe:
-        print("  ".join(_fmt(r.get(k)) for k in COLUMNS))
+        print("  ".join(_fmt(r.get(k)) for k in cols))
     png = os.path.join(_OUTPUT_DIR.value, "sweep.png")
     ran = [r for r in rows if "error" not in r]
     if _PLOT.value and ran and plot_sweep(ran, png):
