@@ -545,6 +545,21 @@ def error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+def runtime_config_line(e: BaseException) -> str:
+    """The "bad config" line of a runtime `ConfigError` (experiments.run, bench_runtime), its field paths named as
+    the flags give them: `RuntimeConfig`'s own, `config.workload.aps`, sit under `runtime` in the launcher's config
+    (`--config.runtime.workload.aps`). The launcher's own fields (`config.policies`), paths already under
+    `config.runtime.` and a flag's `--config.` stay as they are."""
+    import dataclasses
+
+    from dualpath_jax.runtime.config import RuntimeConfig
+
+    names = "|".join(sorted((f.name for f in dataclasses.fields(RuntimeConfig)), key=len, reverse=True))
+    # (a field of it, or its own "config: unknown field(s) ..." of `_build`)
+    path = rf"(?<![\w./-])config(?=\.(?:{names})\b|: unknown field)"
+    return "bad config: " + re.sub(path, "config.runtime", str(e))
+
+
 def check_cell_or_exit(what: str, check, *args):
     """`check(*args)` (a simulator cell's config load and build, before a grid runs), its errors one line each: the
     setup file that does not load (not Python, no get_config, ...) as a bad config, a bad value as a bad `what`

@@ -41,6 +41,7 @@ from experiments import (
     refuse_flags_of_parts_not_run,
     refuse_unused_workload_overrides,
     remove_if_empty,
+    runtime_config_line,
     stopped_early,
     write_atomically,
 )
@@ -253,6 +254,38 @@ def with_first_prompt_hashes(trajs, block_size: int) -> list:
     return out
 
 
+def slo_lines(slo, window: tuple[float, float], measured: dict, predicted: dict | None = None) -> list[str]:
+    """The printed SLO verdict of an online / trace run: per policy its attainment, the judged TTFT / TPOT at
+    `slo.percentile` over the window (what the verdict rests on) and the verdict, runtime / simulator copy.
+    `measured` / `predicted`: policy -> `driver.judge_slo`'s dict; `predicted` None: the runtime's alone (no copy:
+    --skip_sim, or its prediction skipped)."""
+
+    def cell(x: dict, key: str, fmt: str) -> str:
+        v = x.get(key, math.nan)
+        if key == "slo_met":  # (no turn judged: no verdict, as experiments.run's table)
+            return "n/a" if x.get("slo_turns") == 0 else "met" if v is True else "missed"
+        if isinstance(v, float) and math.isnan(v):  # (no turn in the window, or none with a TPOT)
+            return "n/a"
+        return f"{v * 1e3:.1f}" if fmt == "ms" else fmt.format(v)
+
+    # (key in judge_slo's dict, label, format); the judged pair as experiments.run's `judged_columns` (not imported:
+    # that module defines a --config flag of its own)
+    q = f"{slo.percentile:g}"
+    cols = [("slo_attainment", "attainment", "{:.1%}"), (f"ttft_p{q}_s", f"TTFT p{q} s", "{:.3f}")]
+    cols += [(f"tpot_p{q}_s", f"TPOT p{q} ms", "ms"), ("slo_met", "verdict", "met")]
+    sides = [measured] if predicted is None else [measured, predicted]
+    rows = [[" / ".join(cell(x[p], k, f) for x in sides) for k, _, f in cols] for p in measured]
+    widths = [max(len(label), *(len(r[i]) for r in rows)) for i, (_, label, _) in enumerate(cols)]
+    lines = [
+        f"{'':>9}  SLO (p{slo.percentile:g} TTFT <= {slo.ttft_s:g} s, TPOT <= {1e3 * slo.tpot_s:g} ms; turns "
+        f"arriving in [{window[0]:g}, {window[1]:.3g}] s), {'runtime' if predicted is None else 'runtime / sim'}:",
+        (f"{'':>9}  " + "  ".join(label.ljust(w) for (_, label, _), w in zip(cols, widths, strict=True))).rstrip(),
+    ]
+    for p, r in zip(measured, rows, strict=True):
+        lines.append(f"{p:>9}  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return lines
+
+
 def _plot(out: dict, path: str) -> None:
     """JCT measured vs simulated per policy, and the per-turn time split; skipped without matplotlib."""
     plt = pyplot_or_none("bench_runtime.png")
@@ -339,8 +372,8 @@ def _main(argv, term):
             base = base.replace(**{"cluster.precompile": True})
         trajs, ops = driver.prepare(base)
         window = driver.slo_window(base, trajs)  # online / trace arrivals: runtime and copy judged on one SLO
-    except ConfigError as e:
-        raise SystemExit(f"bad config: {e}") from None
+    except ConfigError as e:  # (its field paths as the flags name them: config.runtime.workload.aps)
+        raise SystemExit(runtime_config_line(e)) from None
     store_gb = sim_store_capacity_gb(base, ops)  # (a bounded runtime store: the copy's, else None)
     if not _SKIP_SIM.value:  # the simulator's copy of this setup, checked before anything runs or is written
         for p in ("basic", "dualpath"):
@@ -480,21 +513,16 @@ def _main(argv, term):
                 cells = [f"{1e3 * m[f'ttft_{k}_mean_s']:.1f} / {1e3 * q[f'ttft_{k}_mean_s']:.1f}" for k in parts]
                 print(f"{p:>9}  " + " | ".join(cells))
             if window is not None:  # the online verdict of both, one SLO and window (experiments.run's)
-                slo = base.slo
-                print(
-                    f"{'':>9}  SLO (p{slo.percentile:g} TTFT <= {slo.ttft_s:g} s, TPOT <= {1e3 * slo.tpot_s:g} ms; "
-                    f"turns arriving in [{window[0]:g}, {window[1]:.3g}] s), attainment runtime / sim:"
-                )
-                for p in ("basic", "dualpath"):
-                    a, b = out["measured"][p]["slo"], predicted[p]["slo"]
-                    verdict = " / ".join("met" if x["slo_met"] else "missed" for x in (a, b))
-                    print(f"{p:>9}  {a['slo_attainment']:.1%} / {b['slo_attainment']:.1%} ({verdict})")
+                mine = {p: out["measured"][p]["slo"] for p in ("basic", "dualpath")}
+                print("\n".join(slo_lines(base.slo, window, mine, {p: predicted[p]["slo"] for p in mine})))
             out["simulated"] = predicted
             out["simulated_speedup"] = sim_speedup
             out["fit"] = {
                 "prefill": dataclasses.asdict(cost.prefill_fit),
                 "decode": dataclasses.asdict(cost.decode_fit),
             }
+        if window is not None and cost is None:  # no copy (--skip_sim, or its prediction skipped): the runtime's
+            print("\n" + "\n".join(slo_lines(base.slo, window, {p: out["measured"][p]["slo"] for p in measured})))
 
         if not _SKIP_OVERHEAD.value:
             one = base.replace(

@@ -48,6 +48,7 @@ from experiments import (
     pyplot_or_none,
     refuse_unused_workload_overrides,
     remove_if_empty,
+    runtime_config_line,
     stopped_early,
     token_agreement,
     writable_dir_or_exit,
@@ -415,8 +416,8 @@ def _main(argv, term: SigtermAsInterrupt):
         for p in policies[1:]:
             driver.prepare(configs[p].replace(store_dir=""), trajs, ops)
         window = driver.slo_window(base, trajs)  # (None offline: no SLO)
-    except ConfigError as e:
-        raise SystemExit(f"bad config: {e}") from None
+    except ConfigError as e:  # (its field paths as the flags name them: config.runtime.workload.aps)
+        raise SystemExit(runtime_config_line(e)) from None
     # the fields each policy is given, and every one it runs with (α / β from this cluster included): in the results
     given_kwargs = {p: dict(c.scheduler.policy_kwargs) for p, c in configs.items()}
     # a new directory of its own, before the runs (not after); `stamp` also names the kept stores' subdirectories

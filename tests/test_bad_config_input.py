@@ -176,7 +176,10 @@ def test_run_launcher_refuses_arrivals_past_the_timeout_in_one_line(tmp_path):
     out = _launch("experiments.run", *args)
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-1500:]
     last = _last_line(out)
-    assert last.startswith("bad config: config.run_timeout_s=20 s") and "config.workload.aps=1e-300" in last, last
+    assert (
+        last.startswith("bad config: config.runtime.run_timeout_s=20 s")
+        and "config.runtime.workload.aps=1e-300" in last
+    ), last
 
 
 # --------------------------------------------------------------------------------- runtime: non-finite scales
@@ -206,7 +209,7 @@ def test_run_launcher_names_a_negative_model_seed(tmp_path):
     args = ["--config=configs/tiny_runtime.py:test", f"--config.results_dir={tmp_path}", "--config.policies=basic"]
     out = _launch("experiments.run", *args, "--config.runtime.model_seed=-1")
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-1500:]
-    assert _last_line(out) == "bad config: config.model_seed must be >= 0, got -1"
+    assert _last_line(out) == "bad config: config.runtime.model_seed must be >= 0, got -1"
 
 
 # ------------------------------------------------------------------------------------ runtime: decode cache size

@@ -604,7 +604,7 @@ def test_a_buffer_of_exactly_the_prompt_kv_bytes_is_rejected(base, ops, trajs):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config.runtime.workload.turns=0"], "bad config: config.workload.turns must be >= 1, got 0"),
+        (["--config.runtime.workload.turns=0"], "bad config: config.runtime.workload.turns must be >= 1, got 0"),
         (["--config=configs/no_such_runtime.py"], "bad config: OSError: Failed loading config file"),
         (
             ["--config.runtime.workload.agnets=4"],
@@ -613,7 +613,7 @@ def test_a_buffer_of_exactly_the_prompt_kv_bytes_is_rejected(base, ops, trajs):
         (["--config=configs/no_such_runtime.py", "--config.policies=basic"], "bad config: OSError: Failed loading"),
         (
             ["--config.runtime.workload.arrival=online", "--config.runtime.workload.aps=0"],
-            "bad config: config.workload.aps must be > 0 and finite for arrival='online', got 0.0",
+            "bad config: config.runtime.workload.aps must be > 0 and finite for arrival='online', got 0.0",
         ),
     ],
     ids=["bad_field", "missing_config_file", "unknown_field", "override_on_missing_file", "online_without_rate"],

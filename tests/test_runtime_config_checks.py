@@ -100,7 +100,7 @@ def test_run_command_with_a_buffer_larger_than_this_host_prints_one_line():
         timeout=180,
     )
     assert out.returncode != 0
-    assert f"bad config: config.buffers.de_buffer_bytes={limit + 1} B" in out.stderr
+    assert f"bad config: config.runtime.buffers.de_buffer_bytes={limit + 1} B" in out.stderr
     assert "Traceback" not in out.stderr and "turn/s" not in out.stderr
 
 

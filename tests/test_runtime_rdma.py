@@ -58,7 +58,7 @@ def test_run_command_with_rdma_and_no_device_prints_one_line():
         timeout=120,
     )
     assert out.returncode != 0
-    assert f"bad config: config.transport='rdma' cannot run on this host: {NO_RDMA}" in out.stderr
+    assert f"bad config: config.runtime.transport='rdma' cannot run on this host: {NO_RDMA}" in out.stderr
     assert "Traceback" not in out.stderr and "turn/s" not in out.stderr  # nothing ran
 
 
@@ -193,7 +193,7 @@ def test_run_command_with_a_bad_rdma_field_prints_one_line():
         timeout=120,
     )
     assert out.returncode != 0
-    assert "bad config: config.rdma.sl_low must be in [0, 15], got 16" in out.stderr
+    assert "bad config: config.runtime.rdma.sl_low must be in [0, 15], got 16" in out.stderr
     assert "Traceback" not in out.stderr
 
 
