@@ -202,12 +202,16 @@ def _run_shapes(shapes, config, dev, results: list[dict], term: SigtermAsInterru
     return stopped
 
 
+def device_name(dev) -> str:
+    """The device's platform and kind ("gpu NVIDIA H200"), the kind only where it says more ("cpu", not "cpu cpu")."""
+    kind = str(getattr(dev, "device_kind", "") or "")
+    return dev.platform if kind.lower() in ("", str(dev.platform).lower()) else f"{dev.platform} {kind}"
+
+
 def _print_tables(dev, results: list[dict], stopped: str | None) -> None:
     if stopped and not results:
         raise SystemExit(stopped)
-    print(
-        f"\nprefill of a ~1B dense model ({_LAYERS.value} layers, {_DTYPE.value}), device {dev.platform} {getattr(dev, 'device_kind', '')}"
-    )
+    print(f"\nprefill of a ~1B dense model ({_LAYERS.value} layers, {_DTYPE.value}), device {device_name(dev)}")
 
     def rate(side):
         mfu = f" ({side['mfu']:.1%})" if "mfu" in side else ""
@@ -224,6 +228,7 @@ def _print_tables(dev, results: list[dict], stopped: str | None) -> None:
         if stopped:
             raise SystemExit(stopped)
         return
+    print()  # (a blank line: two Markdown tables, not one with mismatched columns)
     hdr = "| batch x miss (+cached) | layerwise ms | whole-jit ms | ratio (median / min) | layerwise TFLOP/s (MFU) | whole TFLOP/s (MFU) | tok/s layerwise | compile s (layerwise / whole) | max logit diff |"
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))

@@ -36,3 +36,19 @@ def test_compute_only_timing_counts_the_model_flops():
     assert r["step_s"] > 0 and r["min_step_s"] <= r["step_s"]
     assert math.isclose(r["model_gflops_per_s"], 2 * prefill_flops(config, 16, 64) / r["step_s"] / 1e9)
     assert np.isfinite(r["compile_s"])
+
+
+def test_the_tables_print_apart_and_the_device_once(capsys, monkeypatch):
+    """Two Markdown tables need a blank line between them (the layerwise table's header came right after the compute
+    table's last row: one table with mismatched columns), and a CPU was "device cpu cpu"."""
+    import types
+
+    for name, value in (("_LAYERS", 2), ("_DTYPE", "float32"), ("_DEVICE_ONLY", False)):  # (flags not parsed here)
+        monkeypatch.setattr(bench_gpu, name, types.SimpleNamespace(value=value))
+    side = {"step_s": 0.01, "model_gflops_per_s": 100.0, "tokens_per_s": 10.0, "compile_s": 0.1}
+    row = {"batch": 1, "miss_tokens": 64, "cached_tokens": 0, "on_device": side, "layerwise": side, "whole": side}
+    row.update(ratio=1.0, ratio_min=1.0, max_abs_logit_diff=0.0)
+    bench_gpu._print_tables(types.SimpleNamespace(platform="cpu", device_kind="cpu"), [row], None)
+    out = capsys.readouterr().out
+    assert "device cpu\n" in out and "\n\n| batch x miss (+cached) | layerwise ms" in out
+    assert bench_gpu.device_name(types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H200")) == "gpu NVIDIA H200"
