@@ -680,7 +680,7 @@ def run_store_bench(
 def format_rows(rows: list[dict]) -> str:
     """A markdown table; "CPU s/GB" is process CPU time (all threads) per GB read, variant / baseline."""
     lines = [
-        "| layout | op | variant | GB/s | baseline | baseline GB/s | ratio | ratio of means | CPU s/GB | load |",
+        "| layout | op | variant | GB/s | baseline | baseline GB/s | ratio | ratio of means | CPU s/GB (this / baseline) | load |",
         "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
