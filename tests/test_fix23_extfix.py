@@ -330,3 +330,19 @@ def test_a_policys_own_config_defaults_replaced_by_the_run_are_named(own_policy,
         assert warn_replaced_defaults(POLICIES.get("random"), "random", {}, {"seed": 3}) is None  # (built-in)
         assert warn_replaced_defaults(POLICIES.get("dualpath"), "dualpath", {}, {"block_size": 16}) is None
     assert not caplog.records
+
+
+def test_a_modes_override_warning_is_said_once_per_sweep_cell_too(caplog):
+    """`_warn_mode_overrides` (a mode replacing a given setting) came twice per sweep cell as the hardware warning did:
+    not within `checks_said`, still said outside it."""
+    from dualpath_jax.sim.config import checks_said, sim_config_from_dict
+    from dualpath_jax.sim.configs_io import load_config
+
+    d = load_config(TINY).to_dict()
+    d["mode"], d["cluster"]["layerwise"] = "basic", True
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.sim.config"):
+        with checks_said():
+            sim_config_from_dict(d, explicit={"cluster.layerwise"})
+        assert not caplog.records
+        sim_config_from_dict(d, explicit={"cluster.layerwise"})
+        assert any("sets config.cluster.layerwise" in r.getMessage() for r in caplog.records)

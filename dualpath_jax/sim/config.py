@@ -298,7 +298,9 @@ def _check_kwargs(registry, name: str, kwargs: dict, where: str) -> None:
 def _warn_mode_overrides(mode: str, bundle: dict, cluster: dict, policy: str, explicit) -> None:
     """A mode sets its bundle whatever the config says: say so for each setting the user gave (`explicit`: dotted
     keys such as the launcher's `--config.*` overrides) that it replaces (`:basic` with
-    `--config.cluster.layerwise=true` ran without layerwise, silently)."""
+    `--config.cluster.layerwise=true` ran without layerwise, silently). Nothing within `checks_said`."""
+    if checks_were_said():
+        return
     for key, value in bundle.items():
         if key not in ("policy", "policy_kwargs") and f"cluster.{key}" in explicit and cluster.get(key) != value:
             logging.getLogger(__name__).warning(
@@ -341,7 +343,7 @@ def sim_config_from_dict(cfg: dict, explicit: Collection[str] = (), variant: dic
             policy_kwargs = {**bundle.pop("policy_kwargs", {}), **policy_kwargs}  # the config's own win
             cluster.update(bundle)
         else:  # any registered policy, layerwise, I/O as configured
-            if "scheduler.name" in explicit and policy != mode:  # (said nothing, as the bundles did before)
+            if "scheduler.name" in explicit and policy != mode and not checks_were_said():  # (said as the bundles)
                 logging.getLogger(__name__).warning(
                     "config.mode %r runs policy %r: the given config.scheduler.name %r is not used", mode, mode, policy
                 )
@@ -602,7 +604,7 @@ def resolve_de_hbm(sc: SimConfig) -> SimConfig:
     if c.de_hbm_kv_gb > 0:  # given: said when no GPU of the profile could hold it beside the weights (a what-if runs)
         dec = make_cost_model(sc, "decode")
         room = dec.hw.hbm_bytes - dec.weight_bytes_per_engine()
-        if c.de_hbm_kv_gb * GB > room:
+        if c.de_hbm_kv_gb * GB > room and not checks_were_said():
             logging.getLogger(__name__).warning(
                 "config.cluster.de_hbm_kv_gb = %g GB is more than the %.1f GB a %s GPU (%.1f GB of HBM) has beside %s's "
                 "weights (%.1f GB per DE): each DE gets KV room no such GPU has (0: derive it from the profile)",
