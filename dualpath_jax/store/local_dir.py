@@ -52,7 +52,8 @@ there are misses left in place, `remove` is False and eviction evicts nothing (l
 key is another store's block), `refresh` raises; reopen the store.
 
 Capacity and LRU order are per process: each process evicts from its own view, which is approximate when several
-processes write to one directory (documented limitation). The order at open (and after `refresh`) is the files' mtimes,
+processes write to one directory (documented limitation; the runtime gives one process the capacity for a run:
+`runtime.scheduler_service.StoreKeeper`). The order at open (and after `refresh`) is the files' mtimes,
 so the store keeps recency there: the blocks used (read hits, `verify`, dedup writes) since the last batch get their
 files' mtimes set to now, in their order of use (one ns apart; `os.utime`), in batches every `lru_touch_s` (60 s;
 on the writer's thread, so reads never wait for it), at `close()` and before a `refresh`'s scan. So after a reopen
