@@ -303,6 +303,14 @@ def with_slo(summary: dict, slo: dict) -> dict:
     return out
 
 
+def judged_keys(summary: dict, percentile: float) -> list[str]:
+    """The keys of a judged `summary` (`with_slo`) that hold the judgement's TTFT / TPOT at `percentile` over the SLO's
+    window: `ttft_p{q}_s` / `tpot_p{q}_s`, or `slo_ttft_p{q}_s` / ... where the summary has an all-turn figure of
+    that name too (at 50 or 99: `ttft_p99_s` there is every turn's)."""
+    q = f"{percentile:g}"
+    return [f"slo_{k}" if f"slo_{k}" in summary else k for k in (f"ttft_p{q}_s", f"tpot_p{q}_s")]
+
+
 def json_safe(v):
     """`v` with every NaN / infinite float (nested in dicts, lists, tuples) as None: `json.dump` writes them as
     NaN / Infinity, which is not JSON (strict readers refuse the file); None is `null`."""

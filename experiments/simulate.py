@@ -92,14 +92,17 @@ SUMMARY_KEYS = [
 ]
 
 
-def _summary_keys(slo_percentile: float) -> list[str]:
+def _summary_keys(slo_percentile: float, summary: dict) -> list[str]:
     """SUMMARY_KEYS with the SLO percentiles the run judged, over the SLO's window (config.slo_percentile: at 95 the
     table had no SLO percentile at all, only summary.json). At 50 or 99 they are summary.json's `slo_ttft_p{q}_s` /
-    `slo_tpot_p{q}_s` (`metrics.with_slo`; `ttft_p{q}_s` there is every turn's): the table showed the all-turn
+    `slo_tpot_p{q}_s` (`metrics.judged_keys`; `ttft_p{q}_s` there is every turn's): the table showed the all-turn
     p99 beside a verdict resting on the window's."""
-    q = f"{slo_percentile:g}"
-    prefix = "slo_" if q in ("50", "99") else ""
-    return [f"{prefix}{k[:5]}p{q}_s" if k in ("ttft_p90_s", "tpot_p90_s") else k for k in SUMMARY_KEYS]
+    from dualpath_jax.metrics import judged_keys
+
+    judged = {}  # (an offline run's: none; its summary has no p90, the rows skip them)
+    if "slo_met" in summary:
+        judged = dict(zip(("ttft_p90_s", "tpot_p90_s"), judged_keys(summary, slo_percentile), strict=True))
+    return [judged.get(k, k) for k in SUMMARY_KEYS]
 
 
 STAT_KEYS = [
@@ -261,7 +264,11 @@ def main(argv: Sequence[str]) -> None:
             f"layerwise={sc.cluster.layerwise} io_free={sc.cluster.io_free}",
         )
     ]
-    rows += [(k, result.summary[k]) for k in _summary_keys(result.config.slo_percentile) if k in result.summary]
+    rows += [
+        (k, result.summary[k])
+        for k in _summary_keys(result.config.slo_percentile, result.summary)
+        if k in result.summary
+    ]
     rows += [(k, result.stats[k]) for k in STAT_KEYS]
     print(format_table(rows))
     if result.summary.get("slo_turns") == 0:  # (slo_met False read as a miss: nothing was judged)

@@ -158,11 +158,9 @@ def judged_keys(summary: dict, percentile: float) -> list[str]:
     """The summary keys of an SLO-judged cell's TTFT / TPOT at the SLO's percentile over its window, the figures its
     `slo_met` rests on: `ttft_p{q}_s` / `tpot_p{q}_s`, or at 50 / 99 `slo_ttft_p{q}_s` / `slo_tpot_p{q}_s`
     (`metrics.with_slo`: `ttft_p99_s` there is every turn's); none for a cell with no SLO (offline)."""
-    if "slo_met" not in summary:
-        return []
-    q = f"{percentile:g}"
-    keys = [f"ttft_p{q}_s", f"tpot_p{q}_s"]
-    return [f"slo_{k}" if f"slo_{k}" in summary else k for k in keys]
+    from dualpath_jax import metrics
+
+    return metrics.judged_keys(summary, percentile) if "slo_met" in summary else []
 
 
 _JUDGED = re.compile(r"(slo_)?(ttft|tpot)_p[0-9.e+-]+_s")  # (`judged_keys`' names)

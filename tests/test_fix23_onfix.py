@@ -55,7 +55,7 @@ def test_simulate_table_shows_the_percentiles_the_slo_judged(q):
     from experiments.simulate import SUMMARY_KEYS, _summary_keys
 
     summary, slo = _judged_summary(q)
-    keys = _summary_keys(q)
+    keys = _summary_keys(q, summary)
     pct = f"{q:g}"
     for name in ("ttft", "tpot"):
         shown = [k for k in keys if k.endswith(f"{name}_p{pct}_s")]
