@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from dualpath_jax.block_keys import extend_block_keys
 from dualpath_jax.metrics import TIMESTAMPS, LinkBytes, TurnRecord
 from dualpath_jax.runtime.control import Cancel, Event, GroupReply, GroupReport, TurnTask
 from dualpath_jax.runtime.lifecycle import ConversationBook, TurnRequest
@@ -177,8 +178,7 @@ class StoreKeeper:
         trajectory longer than the free room lost its whole hit (the main job at 1 MiB: hit rate 3% under block LRU).
         vLLM's prefix cache frees a request's blocks in reverse order for the same reason."""
         stored = self._lookup_locked(list(keys))
-        for key in reversed(keys[:stored]):
-            self._lookup_locked([key])
+        self._lookup_locked(keys[:stored][::-1])  # (a lookup uses its keys in order: the head last, the most recent)
 
     def _adopt_locked(self, keys, kept_into: set | None = None) -> None:
         """Index `keys` (blocks written by other processes) in order, each as the most recently used; one that cannot
@@ -706,11 +706,12 @@ class GlobalScheduler:
 
     def _keep_write_back(self, inf: _InFlight, ev: Event) -> None:
         """Hand a finished turn's write-back to the store's keeper: the whole blocks of its sequence (prompt, then the
-        generated tokens but the last, whose KV no step computed: `DecodeEngine._decode_block_key`) past its hit."""
+        generated tokens but the last, whose KV no step computed: `DecodeEngine._decode_block_key`) past its hit. Their
+        keys as the DE made them: the prompt's (the task's `block_keys`) extended, not the prompt rehashed."""
         tokens = np.asarray(ev.data["tokens"], np.int32)
         seq = np.concatenate([np.asarray(inf.turn.prompt_ids, np.int32), tokens[:-1]])
         first = int(ev.data.get("hit_tokens", 0) or 0) // self.block_size
-        self.store_keeper.turn_done(ev.request_id, self._keys_of(seq), first)
+        self.store_keeper.turn_done(ev.request_id, extend_block_keys(inf.keys, seq, self.block_size), first)
 
     def _peer_lost(self, node: int, data: dict) -> None:
         """An engine of `node` could not reach the peer engine of a request in flight (a failed message or KV write:
