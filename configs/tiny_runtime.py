@@ -34,6 +34,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.plot = True
     c.calibrate = True  # measure prefill throughput first (for DualPath's beta) -- a few seconds
     c.warmup = True  # one unpaced run first, so the measured runs do not include compile time
+    # True: also generate every turn with the single-process reference (this process: no store, no transport, no
+    # scheduler) and compare each policy's greedy tokens with it (the table's last lines, results.json)
+    c.reference = False
     r = ml_collections.ConfigDict()
     r.model = "tiny_qwen2"
     r.model_seed = 0

@@ -776,6 +776,27 @@ def token_agreement(results: dict, batch_invariant: bool) -> tuple[str, dict]:
     return f"greedy tokens: {len(differ)} of {len(turns)} turns differ between {names} (first: {differ[0]}){hint}", info
 
 
+def reference_agreement(results: dict, reference: dict, batch_invariant: bool) -> tuple[str, dict]:
+    """Each policy's greedy tokens against the single-process reference's (`reference`: (trajectory, turn) ->
+    tokens, `model_ops.reference_conversations`): `token_agreement` compares the policies with each other only, so
+    a store or transport that changed KV the same way under every policy passed it. Returns the table's line and
+    results.json's entry (policy -> turns compared, turns differing, the first of them)."""
+    info, parts = {}, []
+    for p, r in results.items():
+        keys = set(reference) | set(r.tokens)  # (a turn missing on either side differs)
+        differ = sorted(key for key in keys if not _same_tokens(reference.get(key), r.tokens.get(key)))
+        info[p] = {"turns": len(keys), "turns_differing": len(differ), "first_differing": differ[:1]}
+        parts.append(f"{p} equal" if not differ else f"{p} {len(differ)} of {len(keys)} differ (first: {differ[0]})")
+    bad = any(v["turns_differing"] for v in info.values())
+    hint = (
+        "; with the default numerics a float32 near-tie can do this (README, Known limits), "
+        "--config.runtime.batch_invariant=True makes the tokens bit-identical"
+        if bad and not batch_invariant
+        else ""
+    )
+    return f"greedy tokens vs the single-process reference ({len(reference)} turns): {', '.join(parts)}{hint}", info
+
+
 def _same_tokens(a, b) -> bool:
     """Two runs' tokens of one turn (None: the run has no such turn) are the same."""
     import numpy as np

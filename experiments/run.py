@@ -46,6 +46,7 @@ from experiments import (
     interrupted_by,
     parse_flags_or_exit,
     pyplot_or_none,
+    reference_agreement,
     refuse_unused_workload_overrides,
     remove_if_empty,
     runtime_config_line,
@@ -295,6 +296,24 @@ def token_rows(tokens: dict) -> list:
     return [[int(t), int(i), [int(x) for x in tokens[(t, i)]]] for t, i in sorted(tokens)]
 
 
+def reference_tokens(base, trajs, ops) -> dict:
+    """`--config.reference`: every turn generated in this process by `model_ops.reference_conversations` (one
+    process, no store, no transport, no scheduler; the decode batch shaped as the DEs'), to compare the policies'
+    greedy tokens with."""
+    from dualpath_jax.runtime.lifecycle import ConversationBook
+    from dualpath_jax.runtime.model_ops import reference_conversations
+
+    t0 = time.time()
+    ref = reference_conversations(
+        ops,
+        lambda: ConversationBook(trajs, ops.vocab_size, seed=base.workload.seed),
+        base.cluster.max_seq_len,
+        base.cluster.decode_slots,
+    )
+    logging.info("single-process reference: %d turns in %.1f s", len(ref), time.time() - t0)
+    return ref
+
+
 def tokens_sha256(tokens: dict) -> str:
     """sha256 of a run's greedy tokens, one line `trajectory turn id id ...` per turn in (trajectory, turn) order:
     results.json's greedy_tokens.sha256, the same for two runs that generated the same tokens."""
@@ -438,11 +457,15 @@ def _main(argv, term: SigtermAsInterrupt):
     kv = model_config(base.model).kv_bytes_per_token
     run_kwargs = {p: policy_config(c, kv, prefill_tps) for p, c in configs.items()}
     results, failed = {}, None
+    reference = None  # --config.reference: the single-process reference's tokens, made after the runs
 
     def results_summary(failed_line: str | None) -> dict:
         """results.json of the policies finished so far (`failed_line`: why the others are missing, or None)."""
         info = token_agreement(results, base.batch_invariant)[1]
         info["sha256"] = {p: tokens_sha256(r.tokens) for p, r in results.items()}
+        if reference is not None:  # (--config.reference: every policy against the single-process reference)
+            info["reference"] = reference_agreement(results, reference, base.batch_invariant)[1]
+            info["reference"]["sha256"] = tokens_sha256(reference)
         return {
             "failed": failed_line,
             "greedy_tokens": info,
@@ -542,6 +565,8 @@ def _main(argv, term: SigtermAsInterrupt):
         term.raising = False
         if session is not None:
             session.close()
+    if config.get("reference", False) and results:
+        reference = reference_tokens(base, trajs, ops)
     if failed:  # the policies that finished keep their table and results.json; the others are named
         failed += (
             f" (results of {', '.join(results)} only, not of {', '.join(p for p in policies if p not in results)})"
@@ -578,6 +603,8 @@ def _main(argv, term: SigtermAsInterrupt):
     agreement = token_agreement(results, base.batch_invariant)[0]
     if agreement:
         table += "\n" + agreement
+    if reference is not None:
+        table += "\n" + reference_agreement(results, reference, base.batch_invariant)[0]
     if failed:
         table += "\n" + failed
     print(table)
