@@ -385,7 +385,7 @@ def _main(argv, term):
                     driver.policy_kwargs(cfg, ops.config.kv_bytes_per_token),
                     store_capacity_gb=store_gb,
                 )
-            except ValueError as e:
+            except (ValueError, NotImplementedError) as e:  # (NotImplementedError: no cost-model shape)
                 raise SystemExit(
                     f"bad config (the simulator's copy of the {p} setup; or pass --skip_sim): {e}"
                 ) from None

@@ -25,7 +25,8 @@ then decoded by ``restore_params`` itself with tensorstore, once each, every rea
 restore left reads in flight when a chunk did not decompress); the checksums are verified on those arrays, and
 NaN / inf values are refused (naming the param), as the HF import refuses them.
 ``save_params(dir, params, config)`` (config optional) checks the params against the config and records its fields;
-``restore_params`` then refuses a config of another fingerprint, naming the fields that differ.
+``restore_params`` then refuses a config of another fingerprint, naming the fields that differ; a checkpoint saved
+without one restores into any config of its shapes, with a logged warning.
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ def _first_non_float_tensor(f: Path) -> tuple[str, str] | None:
     return None
 
 
-def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
-    """HF-named tensors -> pure NNX param dict for `config` (errors name the tensor)."""
+def hf_tensors_to_params(config, tensors: dict[str, np.ndarray], where: str = "HF checkpoint") -> dict:
+    """HF-named tensors -> pure NNX param dict for `config` (errors name the tensor, after `where`)."""
     tmap = family(config).hf_tensor_map(config)
     # The names first (a dict walk): building the abstract model costs superlinear time in the layer count, so a
     # config.json with an absurd num_hidden_layers kept the loader busy for hours before "missing tensor".
@@ -155,7 +156,7 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
         more = (
             f"; {len(missing) - 1} more of the {config.num_layers}-layer model's tensors missing" if missing[1:] else ""
         )
-        raise ValueError(f"HF checkpoint: missing tensor {name!r} (for {'/'.join(map(str, path))}){more}")
+        raise ValueError(f"{where}: missing tensor {name!r} (for {'/'.join(map(str, path))}){more}")
     expected = abstract_params(config)
     expected_paths = {tuple(p) for p, _ in _flat_paths(expected)}
     if expected_paths != set(tmap):
@@ -171,7 +172,7 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
             arr = np.asarray(tensors[name])
             if arr.dtype.name not in _FLOAT_DTYPES:
                 raise ValueError(
-                    f"HF checkpoint: tensor {name!r} has dtype {arr.dtype}; expected one of {', '.join(_FLOAT_DTYPES)}"
+                    f"{where}: tensor {name!r} has dtype {arr.dtype}; expected one of {', '.join(_FLOAT_DTYPES)}"
                 )
             arrays.append(arr)
             used.add(name)
@@ -184,7 +185,7 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
             for name, a in zip(names_list, arrays, strict=True):
                 if tuple(a.shape) != per_expert:
                     raise ValueError(
-                        f"HF checkpoint: tensor {name!r} has shape {tuple(a.shape)}; expected {per_expert} "
+                        f"{where}: tensor {name!r} has shape {tuple(a.shape)}; expected {per_expert} "
                         f"(for {'/'.join(map(str, path))}, the experts' weights stacked)"
                     )
             value = np.stack([a.T for a in arrays])
@@ -192,7 +193,7 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
             value = arrays[0]
         if tuple(value.shape) != tuple(want.shape):
             raise ValueError(
-                f"HF checkpoint: tensor {shown!r} has shape {tuple(arrays[0].shape)}, which gives "
+                f"{where}: tensor {shown!r} has shape {tuple(arrays[0].shape)}, which gives "
                 f"{tuple(value.shape)} for {'/'.join(map(str, path))}; expected {tuple(want.shape)}"
             )
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the tensor
@@ -206,7 +207,7 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
                 if all(np.isfinite(a).all() for a in arrays)
                 else "non-finite values (NaN or inf)"
             )
-            raise ValueError(f"HF checkpoint: tensor {shown!r} has {what} (for {'/'.join(map(str, path))})")
+            raise ValueError(f"{where}: tensor {shown!r} has {what} (for {'/'.join(map(str, path))})")
         _set(out, path, value)
     unused = sorted(set(tensors) - used)
     # A weight of one of the model's own layers (or of its embedding / final norm) that the model does not read
@@ -217,7 +218,7 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray]) -> dict:
     own = [name for name in unused if _is_unread_weight_of_model(name, config.num_layers)]
     if own:
         raise ValueError(
-            f"HF checkpoint: tensor {own[0]!r} is a weight of the model that config.json's "
+            f"{where}: tensor {own[0]!r} is a weight of the model that config.json's "
             f"{config.architecture} does not read{f' ({len(own) - 1} more)' if own[1:] else ''}: config.json and "
             f"the weights describe different models (attention_bias, architectures, topk_method?)"
         )
@@ -248,6 +249,13 @@ def _flat_paths(tree: dict, prefix: tuple = ()):
 
 
 def load_hf_config(checkpoint_dir: str | os.PathLike, dtype: str = "float32"):
+    """The typed config of a local HF checkpoint directory's config.json (ValueError naming what is wrong)."""
+    if not Path(checkpoint_dir).is_dir():  # (both were "no config.json")
+        if os.path.exists(checkpoint_dir):
+            raise ValueError(
+                f"{checkpoint_dir} is not a directory (an HF checkpoint is a directory: config.json + *.safetensors)"
+            )
+        raise ValueError(f"{checkpoint_dir} does not exist (no config.json)")
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"{checkpoint_dir}: no config.json")
@@ -267,7 +275,8 @@ def load_hf_config(checkpoint_dir: str | os.PathLike, dtype: str = "float32"):
 def load_hf_checkpoint(checkpoint_dir: str | os.PathLike, dtype: str = "float32"):
     """(config, params) from a local HF checkpoint directory (config.json + *.safetensors). Nothing downloads."""
     config = load_hf_config(checkpoint_dir, dtype)
-    return config, hf_tensors_to_params(config, _read_safetensors(Path(checkpoint_dir)))
+    where = f"HF checkpoint {str(checkpoint_dir)!r}"  # (a missing tensor named no directory)
+    return config, hf_tensors_to_params(config, _read_safetensors(Path(checkpoint_dir)), where)
 
 
 def _saveable(params, path: tuple = ()) -> dict:
@@ -638,13 +647,18 @@ def restore_params(checkpoint_dir: str | os.PathLike, config) -> dict:
 
 def _check_saved_config(ckptr, path: Path, checkpoint_dir, config) -> None:
     """A checkpoint saved with its config (save_params(..., config=)) restores only into an equal one (equal
-    fingerprint); one saved without a config is not checked."""
+    fingerprint); one saved without a config is not checked (a logged warning says so)."""
     try:
         custom = ckptr.metadata(path).custom_metadata
     except Exception:  # noqa: BLE001 -- no _CHECKPOINT_METADATA: _stored_checksums reports it
         return
     record = custom.get(_CONFIG) if isinstance(custom, dict) else None
-    if record is None:
+    if record is None:  # (a restore into another config, rope theta say, was silent)
+        _LOG.warning(
+            "%s: the checkpoint recorded no config, so the one given is not checked against it; save with "
+            "save_params(dir, params, config) to record it",
+            checkpoint_dir,
+        )
         return
     if not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)):
         raise ValueError(f"{checkpoint_dir}: the checkpoint's config record is damaged")

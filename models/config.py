@@ -99,7 +99,16 @@ def check_hf_unsupported(d: dict, where: str = "config.json") -> None:
     numbers silently: an activation other than SiLU, sliding-window attention, partial RoPE (a top-level
     partial_rotary_factor other than 1). HF's "swish" is SiLU by another name (transformers' ACT2FN maps both to
     nn.SiLU): it is accepted, and nothing of the config records which spelling was read, so its fingerprint (the
-    stored KV's key) is that of the "silu" config."""
+    stored KV's key) is that of the "silu" config. A `quantization_config` is refused: the tensors are read as stored
+    and cast to the config dtype, so a quantized checkpoint's scales would be ignored."""
+    quant = d.get("quantization_config")
+    if quant:  # (fp32 tensors beside an "fp8" quantization_config loaded silently)
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise ValueError(
+            f"{where}: quantization_config (quant_method={method!r}) is not supported: the weights are read as "
+            "stored and cast to the config dtype, so a quantized checkpoint's scales would be ignored; give a "
+            "dequantized checkpoint (float tensors, no quantization_config)"
+        )
     act = d.get("hidden_act", "silu")
     if act not in _SILU_NAMES:
         raise ValueError(f"{where}: hidden_act={act!r} is not supported (silu)")

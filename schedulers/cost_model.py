@@ -115,6 +115,14 @@ class ModelShape:
                 f"ModelShape {self.name!r}: KV bytes per token per layer must be > 0 (kv_heads, head_dim, "
                 "kv_dtype_bytes or the override)"
             )
+        # GQA: each KV head serves heads / kv_heads query heads (heads=5, kv_heads=2 was priced without a word)
+        if not self.is_mla and not (
+            self.head_dim > 0 and 0 < self.kv_heads <= self.heads and self.heads % self.kv_heads == 0
+        ):
+            raise ValueError(
+                f"ModelShape {self.name!r}: heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim} "
+                "is not a GQA shape (head_dim > 0, 0 < kv_heads <= heads, heads a multiple of kv_heads)"
+            )
         if self.index_kv_bytes_per_token_per_layer > self.kv_bytes_per_token_per_layer:
             raise ValueError(f"ModelShape {self.name!r}: indexer bytes exceed the KV bytes per token per layer")
         if self.first_k_dense > self.layers:

@@ -301,6 +301,17 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         mcfg = model_config(cfg.model)
     except KeyError as e:
         raise ConfigError(f"config.model: {e.args[0]}") from None
+    if cfg.scheduler.batcher == "compute_quota":  # priced by the model's cost-model shape in every PE (a traceback
+        # from the nodes once the run had started, for a model the cost model cannot express)
+        from dualpath_jax.runtime.model_ops import model_cost_shape
+
+        try:
+            model_cost_shape(cfg.model, mcfg)
+        except NotImplementedError as e:
+            raise ConfigError(
+                f"config.scheduler.batcher='compute_quota' cannot price this model: {e}; the fifo batcher "
+                "(config.scheduler.batcher='fifo') runs it"
+            ) from None
     validate_workload(cfg)
     make_arrival_model(cfg)  # an unknown arrival model is a config error before anything starts
     from dualpath_jax.workloads.traces import TraceFormatError

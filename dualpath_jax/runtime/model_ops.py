@@ -28,7 +28,8 @@ def is_checkpoint(name: str) -> bool:
 def model_config(name: str):
     """The model's typed config: a tiny config by name (`models.registry.tiny_config`: tiny_qwen2, tiny_llama,
     tiny_deepseek, tiny_deepseek_v2), or the config.json of a local HF checkpoint directory. KeyError naming what
-    is wrong (an unknown name, a directory that is not a checkpoint)."""
+    is wrong (an unknown name, a directory that is not a checkpoint, a path (with a / or a leading . or ~) that is
+    no directory)."""
     from models.registry import TINY_CONFIGS, tiny_config
 
     if is_checkpoint(name):
@@ -36,8 +37,17 @@ def model_config(name: str):
 
         try:
             return load_hf_config(name)
-        except ValueError as e:
-            raise KeyError(f"HF checkpoint directory {name!r}: {e}") from None
+        except ValueError as e:  # (the directory once: "/x: no config.json" printed it twice)
+            msg = str(e)
+            for prefix in (f"{name}: ", f"{os.path.join(name, '')}"):
+                msg = msg.removeprefix(prefix)
+            raise KeyError(f"HF checkpoint directory {name!r}: {msg}") from None
+    if os.sep in name or name.startswith((".", "~")):  # a path, not a tiny config's name: it was "unknown model"
+        why = "is not a directory" if os.path.exists(name) else "no such directory"
+        tilde = " (a leading ~ is not expanded: give the full path)" if name.startswith("~") else ""
+        raise KeyError(
+            f"model {name!r}: {why}{tilde}; a local HF checkpoint is a directory (config.json + *.safetensors)"
+        )
     if name not in TINY_CONFIGS.names():
         raise KeyError(
             f"unknown model {name!r}; known: {', '.join(sorted(TINY_CONFIGS.names()))}, or a local HF checkpoint "
@@ -290,16 +300,30 @@ def reference_conversations(ops: ModelOps, book_factory, capacity: int, decode_s
 
 def cost_model_shape(ops: ModelOps):
     """The runtime model as a `schedulers.cost_model.ModelShape` (registered once as "runtime:<name>"), for the
-    compute-quota batcher and the simulator's calibration."""
-    from schedulers.cost_model import MODEL_SHAPES, ModelShape
+    compute-quota batcher and the simulator's calibration. NotImplementedError for a model it cannot express
+    (`model_cost_shape`)."""
+    from schedulers.cost_model import MODEL_SHAPES
 
     name = f"runtime:{ops.name}"
     if name in MODEL_SHAPES:
         return MODEL_SHAPES.get(name)
-    c = ops.config
-    itemsize = ops.kv_layout.np_dtype.itemsize
+    shape = model_cost_shape(ops.name, ops.config)
+    try:
+        MODEL_SHAPES.add(name, shape)
+    except ValueError:  # registered meanwhile by another thread
+        return MODEL_SHAPES.get(name)
+    return shape
+
+
+def model_cost_shape(name: str, c):
+    """The `ModelShape` "runtime:<name>" of model config `c`, not registered (`driver.prepare` checks with it that
+    the compute-quota batcher can price the model before anything starts). NotImplementedError for a model the
+    cost model cannot express: a DeepSeek config with MoE on only some layers past the dense ones."""
+    from schedulers.cost_model import ModelShape
+
+    itemsize = c.kv_layout.np_dtype.itemsize
     common = dict(
-        name=name,
+        name=f"runtime:{name}",
         layers=c.num_layers,
         hidden=c.hidden_size,
         heads=c.num_attention_heads,
@@ -317,10 +341,11 @@ def cost_model_shape(ops: ModelOps):
             **common,
         )
     elif hasattr(c, "kv_lora_rank"):  # MLA + MoE (DeepSeek-V2 / V3)
-        if getattr(c, "moe_layer_freq", 1) != 1:
+        if c.n_routed_experts and c.moe_layer_freq != 1:  # (without routed experts every layer is dense)
             raise NotImplementedError(
-                f"no cost-model shape for {ops.name}: MoE on every {c.moe_layer_freq}th layer (the cost model has "
-                "every layer after the first dense ones MoE)"
+                f"no cost-model shape for {name}: moe_layer_freq={c.moe_layer_freq} makes only the layers whose "
+                f"index is a multiple of {c.moe_layer_freq} MoE past the first dense ones (the cost model has every "
+                "layer past them MoE)"
             )
         shape = ModelShape(
             kv_heads=c.num_attention_heads,  # unused for MLA attention
@@ -338,11 +363,7 @@ def cost_model_shape(ops: ModelOps):
             **common,
         )
     else:
-        raise NotImplementedError(f"no cost-model shape for {ops.name} ({type(c).__name__})")
+        raise NotImplementedError(f"no cost-model shape for {name} ({type(c).__name__})")
     if shape.kv_bytes_per_token != c.kv_bytes_per_token:
         raise ValueError(f"cost-model KV bytes {shape.kv_bytes_per_token} != the model's {c.kv_bytes_per_token}")
-    try:
-        MODEL_SHAPES.add(name, shape)
-    except ValueError:  # registered meanwhile by another thread
-        return MODEL_SHAPES.get(name)
     return shape

@@ -25,6 +25,9 @@ _REQUIRED = {
     "yarn": ("factor", "original_max_position_embeddings"),
 }
 
+# the scaling variants implemented here (`inv_freq`)
+_KINDS = ("default", "llama3", "yarn")
+
 _POSITIVE = (
     "factor",
     "original_max_position_embeddings",
@@ -61,8 +64,8 @@ class RopeConfig:
         # string formatting", theta="1e4" "must be real number, not str", and llama3 / yarn with factor=-1 (or
         # beta_fast <= 0, ...) ran with negative or NaN frequencies
         _check_field_types(self, "RopeConfig: ")
-        if self.kind not in ("default", "llama3", "yarn"):
-            raise ValueError(f"rope_scaling type {self.kind!r} is not supported (default, llama3, yarn)")
+        if self.kind not in _KINDS:
+            raise ValueError(f"rope_scaling type {self.kind!r} is not supported ({', '.join(_KINDS)})")
         if self.kind != "default":
             for k in _POSITIVE:
                 if getattr(self, k) <= 0:
@@ -92,6 +95,9 @@ class RopeConfig:
             # {"factor": 8.0, ...} without a type computed unscaled RoPE, its fields ignored (HF: a KeyError)
             raise ValueError(f"rope_scaling {rope_scaling!r} has no 'rope_type' (or 'type'): which scaling is meant?")
         kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
+        # the type first: longrope's short_factor / long_factor were named as unsupported fields, not the type
+        if kind not in _KINDS:
+            raise ValueError(f"rope_scaling type {kind!r} is not supported ({', '.join(_KINDS)})")
         fields = {f.name for f in dataclasses.fields(cls)} - {"dim", "theta", "kind", "interleaved"}
         # a key these variants do not read (yarn's attention_factor or truncate, say) would change the numbers
         # silently if dropped
