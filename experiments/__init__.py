@@ -1,5 +1,6 @@
 """experiments: the launchers (main job, simulator, sweeps, paper report) and the benchmarks."""
 
+import contextlib
 import re
 
 
@@ -602,8 +603,10 @@ def stopped_early(e: BaseException, run_failed: type, kept: bool, prefix: str = 
     """Called in `except BaseException as e` around a job's runs: the line naming why they stopped part-way, when
     finished results are `kept` (the caller writes them, then exits with the line). A `run_failed` (its timeout,
     no live engine left) or Ctrl-C is that line alone; another error (a bug, a full disk) is logged with its
-    traceback and named after `prefix`. Without kept results a `run_failed` / Ctrl-C ends the job with its line
-    (no traceback) and any other error goes on as itself, as does a SystemExit (e.g. a bad directory)."""
+    traceback and named after `prefix`, and a one-line SystemExit (`exit_line`: e.g. `fresh_dir_or_exit`'s for a
+    store directory turned read-only) is its line after `prefix` (it went on as itself: the finished results were
+    lost). Without kept results a `run_failed` / Ctrl-C ends the job with its line (no traceback) and any other
+    error goes on as itself, as does a SystemExit."""
     if isinstance(e, (run_failed, KeyboardInterrupt)):
         line = f"run failed: {e}" if isinstance(e, run_failed) else "interrupted"
         if isinstance(e, Terminated):  # (SigtermAsInterrupt)
@@ -611,6 +614,8 @@ def stopped_early(e: BaseException, run_failed: type, kept: bool, prefix: str = 
         if not kept:
             raise SystemExit(line) from None
         return line
+    if kept and exit_line(e) is not None:  # a launcher's own one-line exit (a store directory it cannot make)
+        return f"{prefix}: {exit_line(e)}"
     if not kept or not isinstance(e, Exception):
         raise  # noqa: PLE0704 - the caller's exception, being handled
     from absl import logging
@@ -618,6 +623,12 @@ def stopped_early(e: BaseException, run_failed: type, kept: bool, prefix: str = 
     line = f"{prefix}: {type(e).__name__}: {e}"
     logging.exception("%s (the finished results are kept)", line)
     return line
+
+
+def exit_line(e: BaseException) -> str | None:
+    """The line of a SystemExit raised with one (`raise SystemExit("bad ...")`: the launchers' one-line errors), or
+    None (another exception, or an exit status: sys.exit(1))."""
+    return e.code if isinstance(e, SystemExit) and isinstance(e.code, str) else None
 
 
 def remove_if_empty(path: str) -> None:
@@ -646,16 +657,54 @@ def interrupted_by(e: BaseException) -> str:
 
 class SigtermAsInterrupt:
     """`with SigtermAsInterrupt() as term:` SIGTERM raises Terminated while `term.raising`, else (while the results
-    are written) it is only noted; `term.got` says whether one came. The previous handler is back on exit."""
+    are written) it is only noted; `term.got` says whether one came. `term.hold()`: from then on Ctrl-C (SIGINT) is
+    only noted too (`term.got_int`; a second Ctrl-C while the results were written was a traceback and lost the rest
+    of them); `term.interruptible()`: both raise again inside it. The previous handlers are back on exit."""
 
     def __init__(self):
         self.got = False
+        self.got_int = False
         self.raising = True
+        self._held = False  # SIGINT only noted (`hold`); its handler before: `_previous_int`
+        self._previous_int = None
 
     def __call__(self, signum, frame):
         self.got = True
         if self.raising:
             raise Terminated
+
+    def _note_int(self, signum, frame):
+        self.got_int = True
+
+    def hold(self) -> None:
+        """SIGTERM and Ctrl-C from here on are only noted (`got`, `got_int`): the results are being written."""
+        import signal
+
+        self.raising = False
+        if not self._held:
+            self._previous_int = signal.signal(signal.SIGINT, self._note_int)
+            self._held = True
+
+    def _release(self) -> None:
+        import signal
+
+        if self._held:  # (None: a handler not set from Python, e.g. SIG_DFL in a process embedding Python)
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous_int is None else self._previous_int)
+            self._held = False
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Inside, after `hold`: SIGTERM raises Terminated and Ctrl-C KeyboardInterrupt again (a step the results can
+        do without, e.g. --config.reference's computation); held again after it."""
+        held, raising = self._held, self.raising
+        self._release()
+        self.raising = True
+        try:
+            yield
+        finally:
+            self.raising = raising
+            if held:
+                self.hold()
 
     def error_line(self, error: str | None) -> str | None:
         """A job's `run_jobs` error line, naming SIGTERM when that is what stopped it (run_jobs says Ctrl-C)."""
@@ -671,6 +720,7 @@ class SigtermAsInterrupt:
         import signal
 
         signal.signal(signal.SIGTERM, self._previous)
+        self._release()
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -35,13 +35,16 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 from absl import app, flags, logging
 
 from experiments import (
     SigtermAsInterrupt,
+    Terminated,
     config_or_exit,
     define_config_file,
+    exit_line,
     fresh_dir_or_exit,
     interrupted_by,
     parse_flags_or_exit,
@@ -381,6 +384,39 @@ def evicted_note(policy: str, result) -> str:
     )
 
 
+def flag_line(line: str) -> str:
+    """A `run failed` line with `RuntimeConfig`'s field paths named as the flags give them
+    (config.run_timeout_s -> config.runtime.run_timeout_s), as `runtime_config_line` names a ConfigError's."""
+    return runtime_config_line(Exception(line)).removeprefix("bad config: ")
+
+
+def shares_stderr() -> bool:
+    """stdout goes where stderr goes (one terminal, or `2>&1`): the exit's line on stderr needs no copy under the
+    table (it was printed twice); where stdout is piped apart, the table printed there keeps it."""
+    try:
+        return os.path.samestat(os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno()))
+    except (OSError, ValueError, AttributeError):  # (no file descriptor: a captured stream)
+        return False
+
+
+def write_failed_line(out_dir: str, e: OSError, written: list, failed: str | None) -> str:
+    """The exit's line when the final files could not be written (a full disk): the directory, the error, what is
+    there and what is not (the table printed above is the run's); `failed`, the run's own line, before it."""
+    there = sorted(f for f in os.listdir(out_dir) if f.startswith("turns_")) if os.path.isdir(out_dir) else []
+    missing = [n for n in ("results.json", "table.txt", "run.json") if n not in written]
+    line = (
+        f"cannot write the results in {out_dir} ({e.strerror or e}): written {', '.join(there + written) or 'nothing'}"
+        f"; not written {', '.join(missing)}"
+    )
+    if "results.json" not in written and os.path.exists(os.path.join(out_dir, "results.json")):
+        line += (
+            " (its results.json is the one written while the policies ran: its `failed` says the job was killed or "
+            "still running; it ended on this error instead)"
+        )
+    line += "; the table above is the run's"
+    return f"{failed}; {line}" if failed else line
+
+
 def main(argv):
     # SIGTERM (kill, `timeout`, a batch scheduler) stops the job as Ctrl-C does: the finished policies are written. Its
     # default action ended the process at once: no results.json, table.txt or run.json, an empty directory, no word.
@@ -459,13 +495,16 @@ def _main(argv, term: SigtermAsInterrupt):
     results, failed = {}, None
     reference = None  # --config.reference: the single-process reference's tokens, made after the runs
 
-    def results_summary(failed_line: str | None) -> dict:
-        """results.json of the policies finished so far (`failed_line`: why the others are missing, or None)."""
+    def results_summary(failed_line: str | None, reference_skipped: str | None = None) -> dict:
+        """results.json of the policies finished so far (`failed_line`: why the others are missing, or None;
+        `reference_skipped`: why --config.reference's comparison is missing)."""
         info = token_agreement(results, base.batch_invariant)[1]
         info["sha256"] = {p: tokens_sha256(r.tokens) for p, r in results.items()}
         if reference is not None:  # (--config.reference: every policy against the single-process reference)
             info["reference"] = reference_agreement(results, reference, base.batch_invariant)[1]
             info["reference"]["sha256"] = tokens_sha256(reference)
+        elif reference_skipped:
+            info["reference"] = {"not_compared": reference_skipped}
         return {
             "failed": failed_line,
             "greedy_tokens": info,
@@ -547,26 +586,44 @@ def _main(argv, term: SigtermAsInterrupt):
                     policy_kwargs=given_kwargs[p],
                     policy_config=run_kwargs[p],
                     tokens=token_rows(res.tokens),  # the greedy tokens, to compare a re-run's with (README "What ran")
+                    # the nodes lost in its run (node -> why) and the requests re-run on the others (a re-run turn's
+                    # hits include what its first attempt stored)
+                    dead_nodes=dead_nodes(res),
+                    requeued=res.requeued,
                     **slo,  # online / trace: the SLO and its figures, recomputed from "turns" by judge_slo
                 ),
             )
             if len(results) < len(policies):  # (kill -9 of the job from here on keeps the finished policies' results)
                 write_results_json(out_dir, results_summary(incomplete_line(list(results), policies)))
     except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): finished ones kept
-        term.raising = False  # (another SIGTERM from here on: noted; what finished is written first)
+        term.hold()  # (another Ctrl-C or SIGTERM from here on: noted; what finished is written first)
         if not results:  # nothing finished: no empty results directory left behind (a Ctrl-C in the warm-up left one)
             remove_if_empty(out_dir)
             if isinstance(e, KeyboardInterrupt):
                 raise SystemExit(
                     f"interrupted ({interrupted_by(e)}) before any policy finished; nothing written"
                 ) from None
-        failed = stopped_early(e, RunFailed, kept=bool(results))  # ("interrupted (SIGTERM)" for SIGTERM)
+            if isinstance(e, RunFailed) or exit_line(e) is not None:  # (another error: its traceback)
+                line = f"run failed: {e}" if isinstance(e, RunFailed) else exit_line(e)
+                raise SystemExit(f"{flag_line(line)}; nothing written") from None
+        # ("interrupted (SIGTERM)" for SIGTERM; a SystemExit's line, e.g. a store directory turned read-only)
+        failed = flag_line(stopped_early(e, RunFailed, kept=bool(results)))
     finally:
-        term.raising = False
+        term.hold()  # (from the end of the policies' loop on: a Ctrl-C lost run.json, with a traceback)
         if session is not None:
             session.close()
+    reference_skipped = None
     if config.get("reference", False) and results:
-        reference = reference_tokens(base, trajs, ops)
+        try:
+            with term.interruptible():  # (the one step the results can do without)
+                reference = reference_tokens(base, trajs, ops)
+        except KeyboardInterrupt as e:  # (Terminated too): not compared, everything else written
+            if not isinstance(e, Terminated):  # (SIGTERM: `term.got`)
+                term.got_int = True
+            reference_skipped = (
+                f"greedy tokens vs the single-process reference: reference interrupted: not compared "
+                f"({interrupted_by(e)} while --config.reference computed it)"
+            )
     if failed:  # the policies that finished keep their table and results.json; the others are named
         failed += (
             f" (results of {', '.join(results)} only, not of {', '.join(p for p in policies if p not in results)})"
@@ -605,21 +662,35 @@ def _main(argv, term: SigtermAsInterrupt):
         table += "\n" + agreement
     if reference is not None:
         table += "\n" + reference_agreement(results, reference, base.batch_invariant)[0]
+    if reference_skipped:
+        table += "\n" + reference_skipped
+    # The run's failed / interrupted line ends the table (table.txt) and is the exit's line on stderr: printed under
+    # the table only where stdout goes elsewhere (piped apart, its table says it), not twice on one terminal.
+    shown = table
     if failed:
         table += "\n" + failed
-    print(table)
-    write_results_json(out_dir, results_summary(failed))
-    with open(os.path.join(out_dir, "table.txt"), "w") as f:
-        f.write(table + "\n")
-    if config.plot and plot(results, os.path.join(out_dir, "run.png")):
-        logging.info("plot: %s", os.path.join(out_dir, "run.png"))
-    # what ran (a re-run of its `command` makes a results directory of its own)
-    metrics.write_run_info(out_dir, driver.run_info("experiments.run", started, base, config.to_dict()))
+        shown = table if not shares_stderr() else shown
+    print(shown)
+    written = []  # (a full disk: one line naming what is there, no traceback)
+    try:
+        write_results_json(out_dir, results_summary(failed, reference_skipped))
+        written.append("results.json")
+        write_atomically(os.path.join(out_dir, "table.txt"), lambda path: Path(path).write_text(table + "\n"))
+        written.append("table.txt")
+        if config.plot and plot(results, os.path.join(out_dir, "run.png")):
+            logging.info("plot: %s", os.path.join(out_dir, "run.png"))
+        # what ran (a re-run of its `command` makes a results directory of its own)
+        metrics.write_run_info(out_dir, driver.run_info("experiments.run", started, base, config.to_dict()))
+        written.append("run.json")
+    except OSError as e:
+        raise SystemExit(write_failed_line(out_dir, e, written, failed)) from None
     logging.info("results written to %s", out_dir)
     if failed:
         raise SystemExit(failed)
     if term.got:  # (it came after the last policy finished: every result is written)
         raise SystemExit(f"stopped by SIGTERM after every policy finished; the results are in {out_dir}")
+    if term.got_int:  # (as SIGTERM: a Ctrl-C after the last policy finished, noted while the results were written)
+        raise SystemExit(f"interrupted (Ctrl-C) after every policy finished; the results are in {out_dir}")
 
 
 if __name__ == "__main__":

@@ -157,6 +157,8 @@ log = logging.getLogger(__name__)
 
 _SUFFIX = ".kvb"
 _TMP_PREFIX = ".tmp."
+# A write-failure warning's tail: the spell's next failures of the same cause are only counted.
+_COUNTED_FROM_HERE = "; the next writes that fail so are counted (stats write_errors), not logged, until one is stored"
 _META = "STORE.json"
 # The Python loops' chunks (rounded down to whole Layer Blocks; the compiled loops: NATIVE_PREAD_CHUNK_BYTES below,
 # mapped reads Layer Block by Layer Block); chosen with experiments/bench_store.py (see the README's KV store section).
@@ -605,6 +607,7 @@ class LocalDirStore(KVStore):
         self._swept: dict[str, float] = {}  # fan-out directory -> when a write last swept it (monotonic)
         self._opened = time.monotonic()  # (the open swept every directory)
         self._disk_full = False  # the last write failed for a full disk (its warning said so once; the rest counted)
+        self._write_failing = None  # why the last write failed otherwise (its warning said so once; the rest counted)
         self._no_room = False  # the last write was refused for room (its warning said so once; the rest counted)
         self._tls = threading.local()  # per-thread header buffer: no allocation per read
         self._fds: collections.OrderedDict[bytes, _OpenBlock] = collections.OrderedDict()  # LRU of open files
@@ -670,6 +673,8 @@ class LocalDirStore(KVStore):
                 except OSError:  # (a file system without hard links)
                     os.replace(tmp, path)
                     lost = False
+            except OSError as e:  # (a full disk, a read-only mount: it was a bare "[Errno 28] No space left on device")
+                raise OSError(e.errno, f"cannot write the store metadata {path} ({e.strerror or e})") from e
             finally:  # (a full disk, say): no temp file left behind
                 try:
                     os.unlink(tmp)
@@ -688,6 +693,13 @@ class LocalDirStore(KVStore):
                 f"but was opened for {want['layout']} (format {want['block_format_version']}); use one directory "
                 "per model and KV layout"
             )
+
+    def _failing_again(self, why: str) -> bool:
+        """A write failed for `why` (not a full disk): True when the last one failed for it too (the spell's first
+        failure was logged; this one is counted, `write_errors`, and logged at debug level), until a write is stored."""
+        with self._lock:
+            again, self._write_failing = self._write_failing == why, why
+        return again
 
     def _root_changed(self) -> str | None:
         """Why `blocks/` is no longer the directory this store opened (see `_blocks_id`), or None."""
@@ -1780,9 +1792,11 @@ class LocalDirStore(KVStore):
         path = self.path_of(key)
         changed = self._root_changed()
         if changed is not None:  # (not into another directory put in its place, nor a new one made by the write)
-            log.warning(
+            quiet = self._failing_again(f"the store directory {changed}")
+            (log.debug if quiet else log.warning)(
                 "kv store %s: writing block %s failed: the store directory %s %s since the store was opened (not "
-                "stored; reopen the store)", self.root, key.hex(), self._blocks_dir, changed,
+                "stored; reopen the store%s)", self.root, key.hex(), self._blocks_dir, changed,
+                "" if quiet else _COUNTED_FROM_HERE,
             )  # fmt: skip
             with self._lock:
                 self._stats.write_errors += 1
@@ -1851,6 +1865,7 @@ class LocalDirStore(KVStore):
             done = True
             self._disk_full = False  # (a full disk again is said again)
             self._no_room = False  # (and so is no room)
+            self._write_failing = None  # (and so is any other failure)
         except OSError as e:
             # Persisting KV is best effort (the block can be recomputed): a full disk, a vanished directory or a
             # temp file removed by another host's cleanup must not take the engine down. Logged and counted.
@@ -1864,6 +1879,9 @@ class LocalDirStore(KVStore):
                 )
                 with self._lock:  # (one warning per full-disk spell: a 64-turn run logged 859 of them)
                     quiet, self._disk_full = self._disk_full, True
+            else:  # (one per spell of a failure of the same errno too: a read-only remount logged one per write)
+                quiet = self._failing_again(f"errno {e.errno}")
+                hint = "" if quiet else _COUNTED_FROM_HERE
             (log.debug if quiet else log.warning)(
                 "kv store %s: writing block %s failed: %s (not stored%s)", self.root, key.hex(), e, hint
             )
