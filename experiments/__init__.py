@@ -561,6 +561,12 @@ def runtime_config_line(e: BaseException) -> str:
     return "bad config: " + re.sub(path, "config.runtime", str(e))
 
 
+def flag_line(line: str) -> str:
+    """A `run failed` line with `RuntimeConfig`'s field paths named as the flags give them
+    (config.run_timeout_s -> config.runtime.run_timeout_s), as `runtime_config_line` names a ConfigError's."""
+    return runtime_config_line(Exception(line)).removeprefix("bad config: ")
+
+
 def check_cell_or_exit(what: str, check, *args):
     """`check(*args)` (a simulator cell's config load and build, before a grid runs), its errors one line each: the
     setup file that does not load (not Python, no get_config, ...) as a bad config, a bad value as a bad `what`

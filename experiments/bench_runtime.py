@@ -34,6 +34,8 @@ from experiments import (
     SigtermAsInterrupt,
     config_or_exit,
     define_config_file,
+    exit_line,
+    flag_line,
     fresh_dir_or_exit,
     interrupted_by,
     parse_flags_or_exit,
@@ -573,16 +575,19 @@ def _main(argv, term):
                 print(f"    {v:7.1f} ms  {k}")
             out["overhead_per_turn"] = per_turn
     except BaseException as e:  # a failed run or Ctrl-C (one line), another error (its traceback): measured ones kept
-        term.raising = False  # (another SIGTERM from here on: noted; what was measured is written first)
+        term.hold()  # (another Ctrl-C or SIGTERM from here on: noted; what was measured is written first)
         if "measured" not in out:  # nothing measured: no empty results directory left behind (Ctrl-C in the warm-up)
             remove_if_empty(out_dir)
             if isinstance(e, KeyboardInterrupt):
                 raise SystemExit(
                     f"interrupted ({interrupted_by(e)}) before any run was measured; nothing written"
                 ) from None
-        failed = out["failed"] = stopped_early(e, RunFailed, kept="measured" in out, prefix="failed")
+            if isinstance(e, RunFailed) or exit_line(e) is not None:  # (another error: its traceback)
+                line = f"run failed: {e}" if isinstance(e, RunFailed) else exit_line(e)
+                raise SystemExit(f"{flag_line(line)}; nothing written") from None
+        failed = out["failed"] = flag_line(stopped_early(e, RunFailed, kept="measured" in out, prefix="failed"))
     finally:
-        term.raising = False
+        term.hold()
         if session is not None:
             session.close()
     _plot(out, os.path.join(out_dir, "bench_runtime.png"))
@@ -594,6 +599,11 @@ def _main(argv, term):
     logging.info("results written to %s", out_dir)
     if failed:
         raise SystemExit(f"{failed} (the runs that finished are in {out_dir})")
+    if term.got or term.got_int:  # (it came after the last run finished, noted while the results were written)
+        raise SystemExit(
+            f"interrupted ({'SIGTERM' if term.got else 'Ctrl-C'}) after every run finished; the results "
+            f"are in {out_dir}"
+        )
 
 
 if __name__ == "__main__":

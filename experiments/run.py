@@ -45,6 +45,7 @@ from experiments import (
     config_or_exit,
     define_config_file,
     exit_line,
+    flag_line,
     fresh_dir_or_exit,
     interrupted_by,
     parse_flags_or_exit,
@@ -382,12 +383,6 @@ def evicted_note(policy: str, result) -> str:
         "capacity_bytes; turns that would have "
         "hit them recomputed their KV, so its hits and JCT are those of a store of that size (results.json: store_stats)"
     )
-
-
-def flag_line(line: str) -> str:
-    """A `run failed` line with `RuntimeConfig`'s field paths named as the flags give them
-    (config.run_timeout_s -> config.runtime.run_timeout_s), as `runtime_config_line` names a ConfigError's."""
-    return runtime_config_line(Exception(line)).removeprefix("bad config: ")
 
 
 def shares_stderr() -> bool:
