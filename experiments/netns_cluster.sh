@@ -179,7 +179,9 @@ case $CMD in
   up) up ;;
   down) down ;;
   test) test_cluster ;;
-  status) ip netns list | grep dpj- || true; tc -s class show dev dpj-c0 2>/dev/null | head -20 || true ;;
+  status)
+    is_up || { echo "no cluster up (make one: $0 up [NODES] [G] [SNIC_MBIT] [CNIC_MBIT])"; exit 0; }
+    ip netns list | grep dpj- || true; tc -s class show dev dpj-c0 2>/dev/null | head -20 || true ;;
   *)
     [[ -n $CMD ]] && echo "netns_cluster.sh: unknown command '$CMD' (up, test, status, down)" >&2
     awk 'NR > 1 && !/^#/ {exit} NR > 1 {print}' "$0" >&2

@@ -558,7 +558,8 @@ def _main(argv, term: SigtermAsInterrupt):
             fast = base.replace(**driver.unpaced_nics(base))
             t0 = time.time()
             one(fast, "warm-up", trajs[: max(1, len(trajs) // 8)])
-            logging.info("warm-up run (unpaced NICs): %.1f s", time.time() - t0)
+            nics = "unpaced SNICs; CNICs kernel-shaped" if base.netns else "unpaced NICs"
+            logging.info("warm-up run (%s): %.1f s", nics, time.time() - t0)
         for p in policies:
             t0 = time.time()
             res = one(configs[p], p)

@@ -7,7 +7,8 @@ the other nodes, or the run failed with the scheduler's "no live engine" reason 
 cause named), and the driver fails the run naming the node, as for the local launchers; an actor that died (killed:
 `kill(node)`, its process or host lost: RayActorError) is still only dead and its requests re-run on the others.
 
-Real Ray only (a local instance, `pip install -e '.[ray]'`); slow (a Ray start and a run each).
+Real Ray only (a private local instance, `ray.init(address="local")`: a `ray start --head` cluster may be up;
+`pip install -e '.[ray]'`); slow (a Ray start and a run each).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def test_a_node_actor_whose_run_raises_fails_the_run_naming_it(base, ops, trajs)
 
         node.EngineGroup.run = run_with_defect
 
-    ray.init(num_cpus=3, runtime_env={"worker_process_setup_hook": defect_in_node2})
+    ray.init(address="local", num_cpus=3, runtime_env={"worker_process_setup_hook": defect_in_node2})
     try:
         cfg = _ray_cfg(base, run_timeout_s=120.0)
         launcher = RayLauncher(cfg)
@@ -80,7 +81,7 @@ def test_a_bad_checkpoint_in_the_actors_fails_the_run_naming_a_node(tmp_path):
     trajs, ops = driver.prepare(cfg)
     for f in ckpt.glob("*.safetensors"):  # (the driver checks config.json again: the weights only the actors load)
         f.write_bytes(b"")
-    ray.init(num_cpus=3)
+    ray.init(address="local", num_cpus=3)
     try:
         with pytest.raises(RunFailed, match=r"node \d+ failed: .*node\d+ actor's run raised \w+"):
             driver.run(cfg, trajs, model_ops=ops)
@@ -99,7 +100,7 @@ def test_a_killed_node_actor_is_dead_not_an_error(base, ops, reference_for):
     ref6 = reference_for(cfg, ops, trajs6)
     fault, killed = kill_decode_node_when_busy(2)
 
-    ray.init(num_cpus=3)
+    ray.init(address="local", num_cpus=3)
     try:
         healthy = RayLauncher(cfg)
         res = driver.run(cfg, trajs6, model_ops=ops, launcher=healthy)

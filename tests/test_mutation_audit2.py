@@ -652,15 +652,19 @@ def test_an_empty_rdma_device_means_the_first_device():
     assert rdma_endpoint_kwargs(_cfg(**{"rdma.device": "mlx5_1"}))["device"] == "mlx5_1"
 
 
-def test_the_pd_range_is_checked_when_either_nic_is_paced(caplog, monkeypatch):
-    """`_warn_pd_range`: links "unpaced" when either cap is >= 1e11 (`min` made `max`): a paced CNIC behind an
-    unpaced SNIC got no P/D warning."""
+def test_the_pd_range_is_checked_only_when_both_nics_are_paced(caplog, monkeypatch):
+    """`_warn_pd_range`: links "unpaced" when either cap is >= 1e11 (a ratio against an unpaced link means nothing: a
+    netns warm-up, unpaced SNIC against the kernel-kept CNIC, warned s=31250; session 41 made `min` `max`, which this
+    test pinned the other way before); both paced: judged."""
     from dualpath_jax.runtime import config as rc
     from dualpath_jax.runtime.config import _warn_pd_range
 
     monkeypatch.setattr(rc, "_WARNED", set())  # (each setting warns once per process)
-
     cfg = _cfg(**{"nics.snic_bytes_per_s": 1e12, "nics.cnic_bytes_per_s": 3.7e6, "cluster.prefill_nodes": 3})
+    with caplog.at_level(logging.WARNING, logger="dualpath_jax.runtime.config"):
+        _warn_pd_range(cfg)
+    assert "bottleneck-free" not in caplog.text
+    cfg = _cfg(**{"nics.snic_bytes_per_s": 3.7e6, "nics.cnic_bytes_per_s": 3.7e6, "cluster.prefill_nodes": 3})
     with caplog.at_level(logging.WARNING, logger="dualpath_jax.runtime.config"):
         _warn_pd_range(cfg)
     assert "there is none when s > g/2" in caplog.text

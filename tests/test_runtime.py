@@ -722,7 +722,7 @@ def test_pd_warning_says_when_no_ratio_is_bottleneck_free(base, caplog):
 def test_ray_launcher_matches_reference(base, ops, trajs, reference):
     """The Ray launcher on a local Ray instance (one actor per node)."""
     ray = pytest.importorskip("ray", reason="ray is not installed (optional extra: pip install -e '.[ray]')")
-    ray.init(num_cpus=4, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=4, ignore_reinit_error=True)  # (private: a `ray start` cluster may be up)
     try:
         cfg = base.replace(**{"scheduler.name": "dualpath", "launcher": "ray", "transport": "tcp"})
         res = driver.run(cfg, trajs, model_ops=ops)

@@ -237,6 +237,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_wildcard(host: str) -> bool:
+    """The host binds every interface ("", 0.0.0.0, ::): no address a peer on another host can connect to."""
+    if host == "":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def _recv_exact_into(sock: socket.socket, view: memoryview, on_progress=None, deadline: float | None = None) -> None:
     """Fill `view` from `sock`. `deadline` (time.monotonic) bounds the whole receive, not each recv: a handshake
     trickled a byte at a time must not hold its slot for longer than its timeout."""
@@ -1108,7 +1118,10 @@ class TcpTransport(Transport):
 
     Args:
       name: this endpoint's name (peers address it by this name).
-      host, port: where to listen (port 0 = any free port). Non-loopback hosts need `secret`.
+      host, port: where to listen (port 0 = any free port). Non-loopback hosts need `secret`. Bind a concrete
+        address for peers on other hosts: a wildcard ("0.0.0.0", "::", "") listens on every interface, but
+        `address` is then that wildcard, which a peer on this host reaches (as loopback) and one on another host
+        cannot; such a bind logs a warning, and peers elsewhere must connect to one of this host's addresses.
       secret: shared secret (str or bytes) every connection must prove (mutual HMAC); required to bind a
         non-loopback address, optional on loopback. A client with a secret refuses servers without one.
       pacer: optional `Pacer` that paces outgoing payload bytes (emulated NIC caps).
@@ -1188,6 +1201,16 @@ class TcpTransport(Transport):
         family = socket.AF_INET6 if _ip_version(host) == 6 else socket.AF_INET
         self._listener = socket.create_server((host, port), family=family, backlog=128)
         self._address = self._listener.getsockname()[:2]
+        if is_wildcard(host):  # (allowed: every interface; but `address` is no host a remote peer can use)
+            log.warning(
+                "tcp transport %r: bound to the wildcard address %r (every interface): its address %s reaches it "
+                "from this host only; a peer on another host must connect to one of this host's addresses at port %d "
+                "(or bind that address instead)",
+                name,
+                host,
+                self._address,
+                self._address[1],
+            )
         self._stopping = threading.Event()  # set by `close`: wakes the watchdog at once
         self._handshaking: dict[threading.Thread, socket.socket] = {}  # server handshakes in progress (`_lock`)
         self._retired: list[_Conn] = []  # connections of dead sets whose threads may still be ending (`_lock`)
@@ -1200,6 +1223,7 @@ class TcpTransport(Transport):
 
     @property
     def address(self) -> tuple[str, int]:
+        """(host, port) as bound: of a wildcard bind, the wildcard (this host's peers only; see the class)."""
         return tuple(self._address)
 
     # ---- connection setup -------------------------------------------------------------------------------
@@ -1333,7 +1357,10 @@ class TcpTransport(Transport):
             server_nonce = _hex_nonce(ack, f"the HELLO_ACK of {peer!r}")
             expect = _proof(self.secret, b"server", nonce, server_nonce, self.name, peer)
             if not hmac.compare_digest(expect, str(ack.get("proof", ""))):
-                raise TransportError(f"{peer!r} failed to prove the shared secret")
+                raise TransportError(
+                    f"{peer!r} failed to prove the shared secret (authentication failed: do the two endpoints' "
+                    "secrets differ?)"
+                )
             if stream == PROBE:  # (the server proved itself; it closes without waiting for our proof)
                 return limit, instance, ack
             proof = _proof(self.secret, b"client", server_nonce, nonce, self.name, peer).encode()
@@ -1412,6 +1439,19 @@ class TcpTransport(Transport):
                 raise ProtocolError(f"client expected endpoint {hello.get('peer')!r}")
             # (a probe is told whether this endpoint holds a set of the asking instance: one it dropped looks live there)
             sets = {"sets": self._holds_set(peer, instance)} if stream == PROBE else {}
+            # Secret on one side only: the client would refuse after our HELLO_ACK and this log said only "connection
+            # closed by peer". Refused here by name (a HELLO_ACK with "error", as for a wrong name: no new frame).
+            # (`is False`/`is True`: a HELLO that does not say, a hand-driven peer's, goes on as before.)
+            auth = hello.get("auth")
+            if self.secret is not None and auth is False:
+                why = f"{self.name!r} requires a shared secret and {peer!r} has none"
+            elif self.secret is None and auth is True:
+                why = f"{self.name!r} does not authenticate (it has no shared secret) and {peer!r} requires one"
+            else:
+                why = None
+            if why is not None:
+                self._reply(sock, OP_HELLO_ACK, {"error": why})
+                raise ProtocolError(f"authentication failed: {why}")
             if self.secret is not None:
                 client_nonce, nonce = _hex_nonce(hello, f"the HELLO of {peer!r}"), os.urandom(32)
                 proof = _proof(self.secret, b"server", client_nonce, nonce, peer, self.name)
@@ -1431,13 +1471,22 @@ class TcpTransport(Transport):
                 if stream == PROBE:  # (a `connect` asking who is here now: nothing to add)
                     sock.close()
                     return
-                op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
+                try:
+                    op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
+                except (_CleanEOF, ConnectionError) as e:  # (the client found our proof wrong and closed)
+                    raise ProtocolError(
+                        f"{peer!r} closed the connection during authentication (authentication failed: do the two "
+                        "endpoints' secrets differ?)"
+                    ) from e
                 if op != OP_AUTH or length > HANDSHAKE_MAX:
                     raise ProtocolError(f"expected AUTH, got op {op}")
                 got = _recv_exact(sock, length, deadline=end).decode("ascii", errors="replace")
                 expect = _proof(self.secret, b"client", nonce, client_nonce, peer, self.name)
                 if not hmac.compare_digest(expect, got):
-                    raise ProtocolError(f"{peer!r} at {addr} failed to prove the shared secret")
+                    raise ProtocolError(
+                        f"{peer!r} at {addr} failed to prove the shared secret (authentication failed: do the two "
+                        "endpoints' secrets differ?)"
+                    )
                 final = pack_header(OP_AUTH_OK)
             else:
                 final = None

@@ -12,10 +12,13 @@ an auth key; each actor builds the model, opens the shared store, starts one tra
 (`config.transport`: "tcp", "rdma" whose control channel is a TCP endpoint, or a backend of one's own that takes
 `host=` and `secret=`, its registering module imported first) bound to its host's address with a shared secret (peers
 prove it at connect), and runs the same `EngineGroup` as the local launcher.
-Actors are spread over the cluster's hosts (`SPREAD`), one per node of the config; give hosts a custom
+Actors are spread over the cluster's hosts (`SPREAD`), one per node of the config, each asking for one Ray CPU
+(`ray start --num-cpus=N`: a 2-core host has 2, too few for the :test config's 3 nodes); give hosts a custom
 resource (`ray start --resources='{"dualpath_node": 1}'`) and set `RAY_NODE_RESOURCE=dualpath_node` to place
-exactly one actor per such host. With real NICs set the NIC caps to unpaced values (as above): pacing only
-emulates NIC ratios on one machine.
+exactly one actor per such host. `start` refuses at once a cluster that cannot place every node's actor
+(`placement_shortfall`: Ray kept the rest pending, and the run waited out config.run_timeout_s in silence), and
+warns when the run spans several hosts with no `config.store_dir` (a temporary directory on the driver's host).
+With real NICs set the NIC caps to unpaced values (as above): pacing only emulates NIC ratios on one machine.
 
 RDMA (`--config.runtime.transport=rdma`, `pip install -e ".[rdma]"` on every host): the driver's host is
 checked for pyverbs and an RDMA device (and `config.rdma`'s device, port and GID index) before anything starts;
@@ -31,15 +34,17 @@ process or host lost) is only dead (`alive()` False): the scheduler re-runs its 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.control import ControlServer, SocketControlClient
 from dualpath_jax.runtime.launcher import node_modules
-from dualpath_jax.runtime.scheduler_service import GroupSpec
+from dualpath_jax.runtime.scheduler_service import GroupSpec, RunFailed
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,60 @@ def _import_ray():
     except ImportError as e:  # the optional extra
         raise ImportError("the Ray launcher needs ray: pip install -e '.[ray]'") from e
     return ray
+
+
+def placement_shortfall(
+    hosts: Sequence[Mapping[str, float]], nodes: int, num_cpus: float, resource: str | None = None
+) -> str | None:
+    """Why `nodes` node actors of `num_cpus` CPUs each (and one unit of `resource` each where set: RAY_NODE_RESOURCE)
+    cannot all be placed on Ray hosts of these total resources (`ray.nodes()`' "Resources" of the live hosts), the
+    fix named; None if they fit. (Ray keeps an actor that fits nowhere pending: the run waited for it in silence.)"""
+    eps = 1e-9  # (float resources: 0.1 * 30 CPUs is 3.0000000000000004)
+
+    def room(have: float, each: float) -> int:
+        return nodes if each <= 0 else int(have / each + eps)
+
+    cpu_room = res_room = both_room = 0
+    for h in hosts:
+        c = room(h.get("CPU", 0.0), num_cpus)
+        r = room(h.get(resource, 0.0), 1.0) if resource else nodes
+        cpu_room, res_room, both_room = cpu_room + c, res_room + r, both_room + min(c, r)
+    if both_room >= nodes:
+        return None
+    n = len(hosts)
+    on = f"its {n} host has" if n == 1 else f"its {n} hosts have"
+    why = []
+    if cpu_room < nodes:
+        need = math.ceil(nodes * num_cpus - eps)
+        more = f"`ray start --head --num-cpus={need}`" if n <= 1 else f"`ray start --num-cpus=N` on each, {need} in all"
+        why.append(
+            f"each needs {num_cpus:g} Ray CPU and {on} {sum(h.get('CPU', 0.0) for h in hosts):g}: give Ray more "
+            f"CPUs ({more}) or more hosts (`ray start --address=<head-ip>:6379` on each)"
+        )
+    if resource and res_room < nodes:
+        why.append(
+            f"each needs one {resource!r} (RAY_NODE_RESOURCE) and {on} "
+            f"{sum(h.get(resource, 0.0) for h in hosts):g}: start {nodes} hosts with "
+            f"`ray start --resources='{{\"{resource}\": 1}}'`, or unset RAY_NODE_RESOURCE"
+        )
+    if not why:  # (enough of each, not on the same hosts)
+        why.append(
+            f"the hosts with {resource!r} have CPUs for {both_room} of them: give those hosts more "
+            f"(`ray start --num-cpus=N --resources=...`)"
+        )
+    return (
+        f"the Ray cluster can place only {both_room} of the config's {nodes} node actors (the run would wait for the "
+        f"rest until config.run_timeout_s): {'; '.join(why)}"
+    )
+
+
+def is_driver_temp_store(store_dir: str) -> bool:
+    """`store_dir` is the KV store `driver.run` made for a run without `config.store_dir` (`dualpath_store_<pid>_*`
+    in this process's temporary directory: on the driver's host only), or empty."""
+    if not store_dir:
+        return True
+    parent, base = os.path.split(os.path.abspath(store_dir))
+    return parent == os.path.abspath(tempfile.gettempdir()) and base.startswith(f"dualpath_store_{os.getpid()}_")
 
 
 class _RayNode:
@@ -119,12 +178,12 @@ class RayLauncher:
         ray = self.ray
         if not ray.is_initialized():
             ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=True)
-        multi_host = len({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}) > 1
+        resource = os.environ.get("RAY_NODE_RESOURCE")
+        multi_host = self._check_cluster(len(groups), resource)
         host = ray.util.get_node_ip_address() if multi_host else "127.0.0.1"
         authkey = secrets.token_bytes(16)
         self.server = ControlServer(service.fetch, authkey, host=host, on_error=getattr(service, "fail", None))
         secret = secrets.token_hex(16)
-        resource = os.environ.get("RAY_NODE_RESOURCE")
         options = {"num_cpus": self.num_cpus, "scheduling_strategy": "SPREAD"}
         if resource:
             options["resources"] = {resource: 1}
@@ -135,6 +194,25 @@ class RayLauncher:
             self.refs[g.node_id] = actor.run.remote(
                 g, self.cfg, self.server.address, authkey, secret, node_modules(self.cfg)
             )
+
+    def _check_cluster(self, nodes: int, resource: str | None) -> bool:
+        """Refuse (RunFailed) a cluster that cannot place `nodes` actors; warn of a multi-host run without
+        `config.store_dir`. Returns whether the live hosts are more than one."""
+        live = [n for n in self.ray.nodes() if n.get("Alive")]
+        if all("Resources" in n for n in live):  # (a listing without them cannot tell: Ray's own has them)
+            short = placement_shortfall([n["Resources"] for n in live], nodes, self.num_cpus, resource)
+            if short is not None:
+                raise RunFailed(short)
+        hosts = len({n["NodeManagerAddress"] for n in live})
+        if hosts > 1 and is_driver_temp_store(self.cfg.store_dir):
+            log.warning(
+                "the run spans %d Ray hosts but config.store_dir is empty: the KV store is a temporary directory "
+                "(%s) on the driver's host only, and the actors on the other hosts open that path on their own disks "
+                "(no shared KV): set --config.runtime.store_dir to a mount shared by every host",
+                hosts,
+                self.cfg.store_dir or "none yet",
+            )
+        return hosts > 1
 
     @property
     def errors(self) -> dict[int, BaseException]:
@@ -173,6 +251,8 @@ class RayLauncher:
         self.ray.kill(self.actors[node_id], no_restart=True)
 
     def join(self, timeout: float = 10.0) -> None:
+        if not self.refs:  # (`start` refused before any actor)
+            return
         self.ray.wait(list(self.refs.values()), num_returns=len(self.refs), timeout=timeout)
 
     def shutdown(self) -> None:
