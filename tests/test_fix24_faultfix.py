@@ -17,6 +17,7 @@ import types
 
 import numpy as np
 import pytest
+from absl import flags
 
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import LocalDirStore, local_dir
@@ -48,6 +49,9 @@ def job(monkeypatch, tmp_path):
                 target = target[p]
             target[[node, *path][-1]] = v
         monkeypatch.setattr(run, "config_or_exit", lambda flag: c)
+        # (no --config.* overrides; another launcher imported into this pytest process after experiments.run, e.g.
+        # experiments.simulate, defines --config anew, unparsed: its override_values raised UnparsedFlagError)
+        monkeypatch.setattr(flags.FLAGS[run._CONFIG.name], "_override_values", {}, raising=False)
         monkeypatch.setattr(run, "refuse_unused_workload_overrides", lambda flag: None)
         monkeypatch.setattr(launcher, "enable_compilation_cache", lambda: None)
         monkeypatch.setattr(driver, "prepare", lambda cfg, *a, **k: ([types.SimpleNamespace(turns=[0, 1])] * 8, None))
