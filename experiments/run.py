@@ -466,6 +466,11 @@ def _main(argv, term: SigtermAsInterrupt):
         for p in policies[1:]:
             driver.prepare(configs[p].replace(store_dir=""), trajs, ops)
         window = driver.slo_window(base, trajs)  # (None offline: no SLO)
+        m = model_config(base.model)  # (the log said only config.runtime.model, a name or a path)
+        logging.info(
+            "model %s: %s, %d layers, %d B of KV per token (%s), %d trajectories",
+            base.model, m.architecture, m.num_layers, m.kv_bytes_per_token, m.kv_layout.np_dtype, len(trajs),
+        )  # fmt: skip
     except ConfigError as e:  # (its field paths as the flags name them: config.runtime.workload.aps)
         raise SystemExit(runtime_config_line(e)) from None
     # the fields each policy is given, and every one it runs with (α / β from this cluster included): in the results

@@ -193,7 +193,12 @@ def test_a_run_of_agents_all_before_the_slo_warmup_judges_nothing(base):
     [
         ({"timeout_s": 0}, "timeout_s must be > 0 seconds, got 0"),
         ({"max_message_bytes": 0}, "max_message_bytes must be an int >= 1, got 0"),
-        ({"host": "10.0.0.1"}, "binding non-loopback address '10.0.0.1' requires a shared secret"),
+        # (in the config's terms since session 41: it named the check's own endpoint and a keyword, secret=...)
+        (
+            {"host": "10.0.0.1"},
+            "binding non-loopback address '10.0.0.1' requires a shared secret (give 'secret' in "
+            "config.transport_options, the same for every node)",
+        ),
     ],
 )
 def test_a_tcp_option_the_endpoints_refuse_is_a_config_error_before_the_run(base, ops, options, message):
@@ -206,8 +211,9 @@ def test_a_tcp_option_the_endpoints_refuse_is_a_config_error_before_the_run(base
     cfg = _small(base, transport="tcp", transport_options=options)
     with pytest.raises(
         ConfigError, match=rf"^config.transport_options {re.escape(repr(options))}: .*{re.escape(message)}"
-    ):
+    ) as e:
         driver.prepare(cfg, model_ops=ops)
+    assert "config-check" not in str(e.value)
     driver.prepare(_small(base, transport="tcp", transport_options={"timeout_s": 5.0}), model_ops=ops)  # (taken)
 
 

@@ -388,7 +388,13 @@ def _check_tcp_endpoint_options(cfg: RuntimeConfig) -> None:
     try:
         make_transport(endpoint_spec(cfg, "config-check"), pacer=None).close()
     except (TypeError, ValueError, OSError) as e:
-        raise ConfigError(f"config.transport_options {dict(cfg.transport_options)!r}: {e}") from None
+        # (in the config's terms: it named this check's own endpoint, 'config-check', and a keyword, secret=...)
+        why = (
+            str(e)
+            .replace("tcp transport 'config-check': ", "")
+            .replace("(pass secret=...)", "(give 'secret' in config.transport_options, the same for every node)")
+        )
+        raise ConfigError(f"config.transport_options {dict(cfg.transport_options)!r}: {why}") from None
 
 
 def _open_store_once(cfg: RuntimeConfig, ops) -> None:
