@@ -605,30 +605,34 @@ def exit_if_stopped_or_failed(
         raise SystemExit(stopped.rstrip())
 
 
-def stopped_early(e: BaseException, run_failed: type, kept: bool, prefix: str = "run failed") -> str:
+def stopped_early(e: BaseException, run_failed: type, kept: bool, prefix: str = "run failed", name=None) -> str:
     """Called in `except BaseException as e` around a job's runs: the line naming why they stopped part-way, when
     finished results are `kept` (the caller writes them, then exits with the line). A `run_failed` (its timeout,
-    no live engine left) or Ctrl-C is that line alone; another error (a bug, a full disk) is logged with its
-    traceback and named after `prefix`, and a one-line SystemExit (`exit_line`: e.g. `fresh_dir_or_exit`'s for a
-    store directory turned read-only) is its line after `prefix` (it went on as itself: the finished results were
-    lost). Without kept results a `run_failed` / Ctrl-C ends the job with its line (no traceback) and any other
-    error goes on as itself, as does a SystemExit."""
+    no live engine left) or Ctrl-C is that line alone; a one-line SystemExit (`exit_line`: e.g. `fresh_dir_or_exit`'s
+    for a store directory turned read-only) is its line after `prefix` (it went on as itself: the finished results
+    were lost); another error (a bug, a full disk) is logged with its traceback and named after `prefix`. Without
+    kept results a `run_failed` or a one-line SystemExit ends the job with its line and "; nothing written", a Ctrl-C
+    with its line (no traceback), and any other error goes on as itself. `name` (None: as they are) names the lines'
+    field paths as the launcher's flags do (the runtime launchers: `flag_line`)."""
+    name = name or (lambda line: line)
     if isinstance(e, (run_failed, KeyboardInterrupt)):
         line = f"run failed: {e}" if isinstance(e, run_failed) else "interrupted"
         if isinstance(e, Terminated):  # (SigtermAsInterrupt)
             line = "interrupted (SIGTERM)"
         if not kept:
-            raise SystemExit(line) from None
-        return line
-    if kept and exit_line(e) is not None:  # a launcher's own one-line exit (a store directory it cannot make)
-        return f"{prefix}: {exit_line(e)}"
+            raise SystemExit(name(line) + ("; nothing written" if isinstance(e, run_failed) else "")) from None
+        return name(line)
+    if exit_line(e) is not None:  # a launcher's own one-line exit (a store directory it cannot make)
+        if not kept:
+            raise SystemExit(f"{name(exit_line(e))}; nothing written") from None
+        return name(f"{prefix}: {exit_line(e)}")
     if not kept or not isinstance(e, Exception):
         raise  # noqa: PLE0704 - the caller's exception, being handled
     from absl import logging
 
     line = f"{prefix}: {type(e).__name__}: {e}"
     logging.exception("%s (the finished results are kept)", line)
-    return line
+    return name(line)
 
 
 def exit_line(e: BaseException) -> str | None:

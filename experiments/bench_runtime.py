@@ -34,7 +34,6 @@ from experiments import (
     SigtermAsInterrupt,
     config_or_exit,
     define_config_file,
-    exit_line,
     flag_line,
     fresh_dir_or_exit,
     interrupted_by,
@@ -582,10 +581,7 @@ def _main(argv, term):
                 raise SystemExit(
                     f"interrupted ({interrupted_by(e)}) before any run was measured; nothing written"
                 ) from None
-            if isinstance(e, RunFailed) or exit_line(e) is not None:  # (another error: its traceback)
-                line = f"run failed: {e}" if isinstance(e, RunFailed) else exit_line(e)
-                raise SystemExit(f"{flag_line(line)}; nothing written") from None
-        failed = out["failed"] = flag_line(stopped_early(e, RunFailed, kept="measured" in out, prefix="failed"))
+        failed = out["failed"] = stopped_early(e, RunFailed, kept="measured" in out, prefix="failed", name=flag_line)
     finally:
         term.hold()
         if session is not None:

@@ -44,7 +44,6 @@ from experiments import (
     Terminated,
     config_or_exit,
     define_config_file,
-    exit_line,
     flag_line,
     fresh_dir_or_exit,
     interrupted_by,
@@ -301,19 +300,12 @@ def token_rows(tokens: dict) -> list:
 
 
 def reference_tokens(base, trajs, ops) -> dict:
-    """`--config.reference`: every turn generated in this process by `model_ops.reference_conversations` (one
-    process, no store, no transport, no scheduler; the decode batch shaped as the DEs'), to compare the policies'
-    greedy tokens with."""
-    from dualpath_jax.runtime.lifecycle import ConversationBook
-    from dualpath_jax.runtime.model_ops import reference_conversations
+    """`--config.reference`: the single-process reference's tokens (`driver.reference_tokens`), made in this process
+    after the runs, to compare the policies' greedy tokens with."""
+    from dualpath_jax.runtime import driver
 
     t0 = time.time()
-    ref = reference_conversations(
-        ops,
-        lambda: ConversationBook(trajs, ops.vocab_size, seed=base.workload.seed),
-        base.cluster.max_seq_len,
-        base.cluster.decode_slots,
-    )
+    ref = driver.reference_tokens(base, trajs, ops)
     logging.info("single-process reference: %d turns in %.1f s", len(ref), time.time() - t0)
     return ref
 
@@ -604,11 +596,8 @@ def _main(argv, term: SigtermAsInterrupt):
                 raise SystemExit(
                     f"interrupted ({interrupted_by(e)}) before any policy finished; nothing written"
                 ) from None
-            if isinstance(e, RunFailed) or exit_line(e) is not None:  # (another error: its traceback)
-                line = f"run failed: {e}" if isinstance(e, RunFailed) else exit_line(e)
-                raise SystemExit(f"{flag_line(line)}; nothing written") from None
         # ("interrupted (SIGTERM)" for SIGTERM; a SystemExit's line, e.g. a store directory turned read-only)
-        failed = flag_line(stopped_early(e, RunFailed, kept=bool(results)))
+        failed = stopped_early(e, RunFailed, kept=bool(results), name=flag_line)
     finally:
         term.hold()  # (from the end of the policies' loop on: a Ctrl-C lost run.json, with a traceback)
         if session is not None:

@@ -14,8 +14,7 @@ from hypothesis import settings
 from configs.tiny_runtime import get_config
 from dualpath_jax.runtime import driver
 from dualpath_jax.runtime.config import RuntimeConfig
-from dualpath_jax.runtime.lifecycle import ConversationBook
-from dualpath_jax.runtime.model_ops import ModelOps, is_checkpoint, reference_conversations
+from dualpath_jax.runtime.model_ops import ModelOps, is_checkpoint
 
 # Property tests (hypothesis) draw the same examples every run, so a CI run is reproducible and a green run stays
 # green; `HYPOTHESIS_PROFILE=explore pytest ...` draws fresh examples (and keeps failures in .hypothesis/).
@@ -68,12 +67,7 @@ def reference_of(cfg, ops: ModelOps, trajs) -> dict:
     per (ops, trajectories, workload seed, max_seq_len, decode slots) in a pytest process (a new dict each call)."""
     key = (id(ops), id(trajs), cfg.workload.seed, cfg.cluster.max_seq_len, cfg.cluster.decode_slots)
     if key not in _REFERENCES:  # (ops and trajs kept with it: their ids stay theirs)
-        ref = reference_conversations(
-            ops,
-            lambda: ConversationBook(trajs, ops.vocab_size, seed=cfg.workload.seed),
-            cfg.cluster.max_seq_len,
-            cfg.cluster.decode_slots,
-        )
+        ref = driver.reference_tokens(cfg, trajs, ops)
         _REFERENCES[key] = (ops, trajs, ref)
     return dict(_REFERENCES[key][2])
 
