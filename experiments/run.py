@@ -377,6 +377,21 @@ def evicted_note(policy: str, result) -> str:
     )
 
 
+def warn_if_store(d: str) -> bool:
+    """Warn (and say so) when --config.runtime.store_dir `d` is itself a KV store (its STORE.json): the obvious way
+    to try re-using a run's `<stamp>-<policy>` store, which ran silently on fresh subdirectories of it instead.
+    A warning, not a refusal: the nested stores are correct and leave its blocks alone; only the re-use is not."""
+    if not os.path.isfile(os.path.join(d, "STORE.json")):
+        return False
+    logging.warning(
+        "--config.runtime.store_dir %r is itself a KV store (it holds STORE.json): experiments.run runs each policy "
+        "on a fresh subdirectory of it and reads none of its blocks (every run starts cold, for comparable hit "
+        "rates); to re-use a store, run the driver API on it (`driver.run` with `RuntimeConfig.store_dir` set to "
+        "it)", d,
+    )  # fmt: skip
+    return True
+
+
 def shares_stderr() -> bool:
     """stdout goes where stderr goes (one terminal, or `2>&1`): the exit's line on stderr needs no copy under the
     table (it was printed twice); where stdout is piped apart, the table printed there keeps it."""
@@ -454,6 +469,7 @@ def _main(argv, term: SigtermAsInterrupt):
         # and blocks/ made beside the runs' subdirectories, a store kept in it trimmed to capacity_bytes).
         for d in sorted({c.store_dir for c in configs.values() if c.store_dir}):
             writable_dir_or_exit(d, "--config.runtime.store_dir")
+            warn_if_store(d)
         trajs, ops = driver.prepare(base.replace(store_dir=""))
         for p in policies[1:]:
             driver.prepare(configs[p].replace(store_dir=""), trajs, ops)
@@ -482,10 +498,11 @@ def _main(argv, term: SigtermAsInterrupt):
                 f"interrupted ({interrupted_by(e)}) while measuring the prefill throughput; nothing ran"
             ) from None
         logging.info("measured prefill throughput on this machine: %.0f tokens/s (DualPath's beta)", prefill_tps)
-    kv = model_config(base.model).kv_bytes_per_token
+    kv = m.kv_bytes_per_token  # (the model logged above)
     run_kwargs = {p: policy_config(c, kv, prefill_tps) for p, c in configs.items()}
     results, failed = {}, None
     reference = None  # --config.reference: the single-process reference's tokens, made after the runs
+    store_dirs = {}  # run label -> the fresh store subdirectory it ran on (a kept runtime.store_dir; `one` below)
 
     def results_summary(failed_line: str | None, reference_skipped: str | None = None) -> dict:
         """results.json of the policies finished so far (`failed_line`: why the others are missing, or None;
@@ -515,6 +532,8 @@ def _main(argv, term: SigtermAsInterrupt):
             "unstored_blocks": {p: unstored_blocks(r) for p, r in results.items()},
             # the KV store's counters over the run's store objects (hits, evictions, write_rejected...)
             "store_stats": {p: dict(getattr(r, "store_stats", None) or {}) for p, r in results.items()},
+            # each run's own store subdirectory of runtime.store_dir (warm-up and unfinished policies too: on disk)
+            **({"store_dirs": dict(store_dirs)} if store_dirs else {}),
             "schedule_time_s": {p: r.schedule_time_s for p, r in results.items()},
             "node_stats": {
                 p: {n: {k: v for k, v in st.items() if k != "step_log"} for n, st in r.node_stats.items()}
@@ -535,6 +554,9 @@ def _main(argv, term: SigtermAsInterrupt):
                         cfg.store_dir, f"{stamp}-{file_label(label)}", "--config.runtime.store_dir"
                     )
                 )
+                # (two runs started in the same second got `-basic` and `-basic-2`, and nothing said whose was whose)
+                store_dirs[label] = cfg.store_dir
+                logging.info("%s: KV store in %s (fresh)", label, cfg.store_dir)
             with tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr) as bar:
 
                 def progress(done, total):
@@ -670,7 +692,10 @@ def _main(argv, term: SigtermAsInterrupt):
         if config.plot and plot(results, os.path.join(out_dir, "run.png")):
             logging.info("plot: %s", os.path.join(out_dir, "run.png"))
         # what ran (a re-run of its `command` makes a results directory of its own)
-        metrics.write_run_info(out_dir, driver.run_info("experiments.run", started, base, config.to_dict()))
+        info = driver.run_info("experiments.run", started, base, config.to_dict())
+        if store_dirs:  # (as results.json's)
+            info["store_dirs"] = dict(store_dirs)
+        metrics.write_run_info(out_dir, info)
         written.append("run.json")
     except OSError as e:
         raise SystemExit(write_failed_line(out_dir, e, written, failed)) from None

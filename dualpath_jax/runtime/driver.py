@@ -60,7 +60,9 @@ class RunResult:
     slo: dict | None = None
     slo_window: tuple[float, float] | None = None
     # the KV store's counters over the run's store objects (`store_totals`: hits, evictions, write_rejected...); a
-    # store smaller than the working set shows here (evictions) and in the hits, not in the tokens
+    # store smaller than the working set shows here (evictions) and in the hits, not in the tokens. Not counted: what
+    # `prepare`'s open of a kept store_dir did (evicted to fit, temp files removed): its log line says it
+    # (`_open_store_once`)
     store_stats: dict = dataclasses.field(default_factory=dict)
 
 
@@ -368,7 +370,7 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
             why = file_in_the_way(cfg.store_dir) or e.strerror
             raise ConfigError(f"config.store_dir {cfg.store_dir!r} cannot be created: {why}") from None
         if not os.access(cfg.store_dir, os.W_OK | os.X_OK):
-            raise ConfigError(f"config.store_dir {cfg.store_dir!r} is not writable")
+            _read_only_store_or_refuse(cfg.store_dir)
     if cfg.store_dir or cfg.store_options:
         _open_store_once(cfg, ops)
     return trajs, ops
@@ -397,10 +399,35 @@ def _check_tcp_endpoint_options(cfg: RuntimeConfig) -> None:
         raise ConfigError(f"config.transport_options {dict(cfg.transport_options)!r}: {why}") from None
 
 
+_READ_ONLY_WARNED: set = set()  # the read-only store directories this process warned of
+
+
+def _read_only_store_or_refuse(store_dir: str) -> None:
+    """`store_dir` this process cannot write: a KV store there (its STORE.json; another user's, a read-only mount)
+    is used with a warning, hits only: every write-back fails and is counted (`write_errors`, the nodes'
+    `unstored_blocks`), as the README says of a read-only mount. A pre-filled store shared read-only could not serve
+    a run at all, though the store reads it. Anything else: ConfigError (nothing could be stored there)."""
+    meta = os.path.join(store_dir, "STORE.json")
+    if not (os.path.isfile(meta) and os.access(meta, os.R_OK) and os.access(store_dir, os.R_OK | os.X_OK)):
+        raise ConfigError(f"config.store_dir {store_dir!r} is not writable")
+    if store_dir in _READ_ONLY_WARNED:  # (prepare runs again in `run`: said once)
+        return
+    _READ_ONLY_WARNED.add(store_dir)
+    log.warning(
+        "config.store_dir %r is not writable by this process: its KV store is used read-only (hits only; every "
+        "write-back fails and is counted: store_stats' write_errors, the nodes' unstored_blocks)", store_dir,
+    )  # fmt: skip
+
+
 def _open_store_once(cfg: RuntimeConfig, ops) -> None:
     """The store opened once before anything starts (on a scratch directory when each run gets a fresh one, where
     `store_options` may hold a value the store refuses): a bad value was a bare ValueError from the run's first open
-    (store_dir "") or a ConfigError blaming config.store_dir."""
+    (store_dir "") or a ConfigError blaming config.store_dir.
+
+    A kept `config.store_dir`: logs how many blocks it holds (a re-used store's only trace was its hit rate) and the
+    dead writers' temp files the open removed. Those (and the blocks it evicted to fit `capacity_bytes`) are not in
+    a run's `store_stats`: `prepare` is called apart from `run` (experiments.run, the API's users, and `run` itself
+    again), so the open that cleaned up is often not the run's; this log line counts them."""
     from dualpath_jax.runtime.launcher import open_store
     from dualpath_jax.runtime.node import block_layout, store_stats
 
@@ -409,7 +436,9 @@ def _open_store_once(cfg: RuntimeConfig, ops) -> None:
         try:
             # (the keeper's object: the one opened with a bounded store's capacity, so it trims a kept store_dir)
             store = open_store(cfg.replace(store_dir=root), block_layout(cfg, ops), keeper=True)
-            evicted = (store_stats(store) or {}).get("evictions", 0) if cfg.store_dir else 0
+            opened = (store_stats(store) or {}) if cfg.store_dir else {}
+            evicted = opened.get("evictions", 0)
+            found = _block_count(store) if cfg.store_dir else None
             store.close()
         except (ValueError, TypeError) as e:
             if cfg.store_options:
@@ -418,11 +447,27 @@ def _open_store_once(cfg: RuntimeConfig, ops) -> None:
             else:
                 where = "config.store_dir" if cfg.store_dir else f"config.store {cfg.store!r}"
             raise ConfigError(f"{where}: {e}") from None
+    temps = opened.get("temp_files_removed", 0)
+    if found or temps:  # (a new or fresh directory, experiments.run's: nothing to say)
+        log.info(
+            "config.store_dir %r: %s%s", cfg.store_dir,
+            f"holds {found} blocks of this model (kept: a run hits them)" if found else "holds no blocks",
+            f"; removed {temps} temp files of dead writers" if temps else "",
+        )  # fmt: skip
     if evicted:  # (the run's own store objects open it trimmed: their stats count none of these)
         log.warning(
             "config.store_dir %r held more than config.store_options' capacity_bytes: opening it evicted %d blocks "
             "(least recently used first)", cfg.store_dir, evicted,
         )  # fmt: skip
+
+
+def _block_count(store) -> int | None:
+    """The blocks a store object indexed (`keys()`; None for a store without it)."""
+    keys = getattr(store, "keys", None)
+    try:
+        return len(keys()) if callable(keys) else None
+    except Exception:  # (a store of another kind: only the log line's count is lost)
+        return None
 
 
 def _check_arrivals_within_timeout(cfg: RuntimeConfig, trajs: Sequence[Trajectory]) -> None:

@@ -186,6 +186,19 @@ def store_is_kept(cfg: RuntimeConfig) -> bool:
     return cfg.store == "local_dir" and cfg.store_options.get("capacity_bytes") is not None
 
 
+_READ_METHOD_LOGGED: set = set()  # the store directories whose read_method choice this process logged
+
+
+def default_read_method(cfg: RuntimeConfig) -> str | None:
+    """The `read_method` the run's `local_dir` store gets when `config.store_options` does not set one: "preadv" for
+    launcher='ray' (hosts sharing one store directory, NFS say: a block another host's keeper unlinks is a miss with
+    preadv, ESTALE, but SIGBUS for a page of a mapped file not in this host's cache), else None (the store's
+    default, mmap). The README's multi-host command gave no store_options, so it ran with mmap."""
+    if cfg.launcher == "ray" and cfg.store == "local_dir" and cfg.store_dir and "read_method" not in cfg.store_options:
+        return "preadv"
+    return None
+
+
 def open_store(cfg: RuntimeConfig, layout, keeper: bool = False):
     """The run's KV store (`store_config`): one object in the driver (the scheduler's lookups) and one per node
     process (or one for every in-process node), all on the run's root.
@@ -196,11 +209,21 @@ def open_store(cfg: RuntimeConfig, layout, keeper: bool = False):
     opened with the capacity and `stat_on_hit`; the nodes' objects (`keeper=False`) without a capacity: they write
     and read, and evict nothing. Each process evicting from its own view held about the capacity per decode node
     process in the shared directory, and deleted blocks others were about to read. A kept `config.store_dir` over
-    the capacity is trimmed when a keeper opens it. Any other store is opened as configured, whatever the role."""
+    the capacity is trimmed when a keeper opens it. Any other store is opened as configured, whatever the role.
+    With launcher='ray', a `local_dir` store reads with preadv unless store_options say otherwise (`default_read_method`)."""
     from dualpath_jax.store import make_store
 
+    read_method = default_read_method(cfg)
+    if read_method is not None and cfg.store_dir not in _READ_METHOD_LOGGED:
+        _READ_METHOD_LOGGED.add(cfg.store_dir)  # (once per directory and process: the driver and each node)
+        log.info(
+            "kv store %s: read_method=%r (launcher='ray': hosts may share the directory; set "
+            "config.store_options' read_method to choose)", cfg.store_dir, read_method,
+        )  # fmt: skip
+    options = store_config(cfg)
+    if read_method is not None:
+        options["read_method"] = read_method
     if store_is_kept(cfg):
-        options = store_config(cfg)
         if keeper:
             options.setdefault("stat_on_hit", True)
         else:
@@ -212,7 +235,7 @@ def open_store(cfg: RuntimeConfig, layout, keeper: bool = False):
     # the destination's lines first) fit that. `python -m experiments.bench_store`, "storage NIC into a
     # layer-major area": in place with them 1.6x (DeepSeek-V3 blocks) / 2.1x (Qwen2.5-32B) the old staging
     # buffer + copy, in place with memcpy 1.07x / 1.29x (README "Verified reads in C").
-    return make_store(store_config(cfg), layout)
+    return make_store(options, layout)
 
 
 class InProcessLauncher:

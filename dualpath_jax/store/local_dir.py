@@ -377,6 +377,36 @@ class _OpenBlock:
         os.close(self.fd)
 
 
+class _EmptyMeta(ValueError):
+    """STORE.json is an empty file (a copy or a disk that failed part way): said so, not as a JSON parser error."""
+
+
+def _meta_diff(have: dict, want: dict) -> str:
+    """What differs between a store's STORE.json (`have`) and the layout it was opened for (`want`), as "differs in
+    field: here vs asked": the whole metadata was printed twice and the reader had to find the difference (for
+    another `model_seed`, 16 hex digits at the end of the fingerprint)."""
+    hl = have.get("layout") if isinstance(have.get("layout"), dict) else {}
+    parts = []
+    if have.get("block_format_version") != want["block_format_version"]:
+        parts.append(f"block format: {have.get('block_format_version')} here, {want['block_format_version']} asked")
+    for k, w in want["layout"].items():
+        h = hl.get(k)
+        if h == w:
+            continue
+        if k == "fingerprint" and isinstance(h, str) and h.count("/") == w.count("/"):
+            # (ModelRunner.fingerprint: arch/L<layers>/<kv layout>/<dtype>/<config digest>/w<weights digest>)
+            hs, ws = h.split("/"), w.split("/")
+            for i, (hp, wp) in enumerate(zip(hs, ws, strict=True)):
+                if hp != wp:
+                    what = ""
+                    if i == len(ws) - 1 and wp.startswith("w"):
+                        what = " (the weights' digest: another checkpoint or model_seed)"
+                    parts.append(f"fingerprint part {hp!r} here, {wp!r} asked{what}")
+        else:
+            parts.append(f"{k}: {h!r} here, {w!r} asked")
+    return "differs in " + "; ".join(parts) if parts else "differs in the layout's other fields"
+
+
 @dataclasses.dataclass(frozen=True)
 class LocalDirStoreConfig:
     root: str  # the store directory (created if missing and create=True)
@@ -654,6 +684,11 @@ class LocalDirStore(KVStore):
         want = self._meta()
         try:
             with open(path) as f:
+                if os.fstat(f.fileno()).st_size == 0:  # (it said: unreadable (Expecting value: line 1 column 1 ...))
+                    raise _EmptyMeta(
+                        f"store metadata {path} is empty (0 B): restore it from a copy, or use a new directory (the "
+                        f"blocks in {self.root} cannot be checked against a model without it)"
+                    )
                 have = json.load(f)
             if not isinstance(have, dict):
                 raise ValueError(f"a JSON {type(have).__name__}, not an object")
@@ -685,13 +720,15 @@ class LocalDirStore(KVStore):
             if self.durable:
                 _fsync_dir(self.root)
             return
+        except _EmptyMeta:
+            raise
         except (OSError, ValueError) as e:
             raise ValueError(f"store metadata {path} is unreadable ({e}); is {self.root} a KV store?") from e
         if have.get("layout") != want["layout"] or have.get("block_format_version") != want["block_format_version"]:
             raise ValueError(
                 f"store {self.root} holds blocks of {have.get('layout')} (format {have.get('block_format_version')}), "
-                f"but was opened for {want['layout']} (format {want['block_format_version']}); use one directory "
-                "per model and KV layout"
+                f"but was opened for {want['layout']} (format {want['block_format_version']}) ({_meta_diff(have, want)}"
+                "); use one directory per model and KV layout"
             )
 
     def _failing_again(self, why: str) -> bool:
