@@ -613,6 +613,7 @@ class LocalDirStore(KVStore):
         self._seq = 0
         self._pins: collections.Counter[bytes] = collections.Counter()  # pin()/unpin() of the callers
         self._evict_failed: set[bytes] = set()  # indexed keys whose eviction failed to remove the file (logged)
+        self._evict_failing: int | None = None  # errno of the spell of failed evictions logged (None: none now)
         self._busy: collections.Counter[bytes] = collections.Counter()  # reads and writes in flight: not evicted
         self._scans: list[set[bytes]] = []  # per `_scan` in progress: the keys dropped meanwhile
         self._drops = 0  # keys dropped so far, indexed or not (a check outside the lock that saw a block present and
@@ -1122,8 +1123,16 @@ class LocalDirStore(KVStore):
                 self._stats.evict_failures += 1
                 if key not in self._evict_failed:
                     self._evict_failed.add(key)
-                    log.warning("kv store %s: could not evict block %s: %s (kept)", self.root, key.hex(), e)
+                    # (one warning per cause until an eviction succeeds: a read-only store opened with a capacity
+                    # below its size logged one per block)
+                    quiet, self._evict_failing = self._evict_failing == e.errno, e.errno
+                    (log.debug if quiet else log.warning)(
+                        "kv store %s: could not evict block %s: %s (kept%s)", self.root, key.hex(), e,
+                        "" if quiet else "; other blocks that cannot be evicted for this cause are counted, stats "
+                        "evict_failures, and logged at debug level",
+                    )  # fmt: skip
                 continue
+            self._evict_failing = None
             self._drop_locked(key)
             self._stats.evictions += 1
             self._stats.bytes_evicted += self.file_nbytes
