@@ -5,8 +5,11 @@ method."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import os
+import tempfile
 
 import pytest
 from hypothesis import settings
@@ -41,6 +44,44 @@ def _shared_of_config(cls, cfg, device=None):
 
 
 ModelOps.of_config = classmethod(_shared_of_config)
+
+
+# experiments/netns_cluster.sh's namespaces (dpj-*) are one set per host: the tests that bring a cluster up or look for
+# one hold this lock, so that pytest-xdist's workers (setup.cfg: `-n 2`) and concurrent pytest runs take turns instead
+# of tearing down each other's cluster or skipping on seeing it up. Re-entrant within a process (flock is per open
+# file: a second open in the same process would wait for itself).
+_netns_held = 0
+
+
+@contextlib.contextmanager
+def _netns_host_lock():
+    global _netns_held
+    if _netns_held:
+        _netns_held += 1
+        try:
+            yield
+        finally:
+            _netns_held -= 1
+        return
+    with open(os.path.join(tempfile.gettempdir(), "dualpath_jax_tests_netns.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # (released when the file closes)
+        _netns_held = 1
+        try:
+            yield
+        finally:
+            _netns_held = 0
+
+
+@pytest.fixture
+def netns_host_lock():
+    with _netns_host_lock():
+        yield
+
+
+@pytest.fixture(scope="module")
+def netns_host_lock_module():
+    with _netns_host_lock():
+        yield
 
 
 # The `:test` runtime config and what derives from it: one per pytest process (read-only in every test).

@@ -221,7 +221,7 @@ def test_tcp_a_wildcard_bind_is_warned_of(closing, caplog):
 # ---- netns_cluster.sh ----------------------------------------------------------------------------------------------
 
 
-def test_netns_cluster_status_says_when_no_cluster_is_up():
+def test_netns_cluster_status_says_when_no_cluster_is_up(netns_host_lock):
     if not shutil.which("ip"):
         pytest.skip("needs iproute2 (ip)")
     up = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -17,6 +17,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "netns_cluster.sh")
 CNIC_MBIT = 800
+pytestmark = pytest.mark.usefixtures("netns_host_lock_module")  # (one netns cluster per host: conftest.py)
 
 
 def _run(*args, timeout=120):

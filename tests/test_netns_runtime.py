@@ -90,7 +90,7 @@ def test_a_session_started_without_netns_refuses_a_netns_run(base):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(netns_host_lock_module):
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)

@@ -25,7 +25,7 @@ def test_a_pacer_records_each_link_when_the_chunk_crosses_the_path():
 
 
 @pytest.mark.parametrize("cnic_mbit, high_kbit, low_kbit", [("1", 990, 10), ("150", 148500, 1500)])
-def test_netns_cluster_shapes_any_whole_cnic_rate_99_to_1(cnic_mbit, high_kbit, low_kbit):
+def test_netns_cluster_shapes_any_whole_cnic_rate_99_to_1(cnic_mbit, high_kbit, low_kbit, netns_host_lock):
     # `up 1 1 1 1` failed with tc's '"rate" is required.' (1 * 99 // 100 = a 0 Mbit/s high class); 150 Mbit/s gave
     # 148:1 (low 150 // 100 = 1 Mbit/s).
     reason = _skip_reason()
