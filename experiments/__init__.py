@@ -580,8 +580,37 @@ def check_cell_or_exit(what: str, check, *args):
         raise SystemExit(f"bad config: {e}") from None
     except (ValueError, KeyError) as e:
         raise SystemExit(f"bad {what}: {e.args[0] if e.args else e}") from None
+    except OSError as e:  # a trace file that is not there (a traceback in a sweep; simulate said one line)
+        raise SystemExit(f"bad {what}: {e}") from None
     except SystemExit as e:
         raise SystemExit(f"bad {what}: {error_line(e)}") from None
+
+
+def policy_mistake(e: BaseException, policy: str, batcher: str | None = None, log=None) -> str | None:
+    """One line for an error the policy (or batcher) made, as the simulator names it (`sim.runner.PolicyError`:
+    schedule() raised or changed the snapshot; a RuntimeError / TypeError starting "policy '<name>' ": a bad placement,
+    an unknown engine or request, none placed on an idle cluster, not a list returned; "batcher '<name>' ": a bad
+    batch), with the file and line in the policy where it raised (its traceback logged); None for any other error.
+    Each was a traceback through the event loop, the policy's mistake on its last line. `log`: how the traceback is
+    logged (absl's logging.info; a sweep's worker process, whose flags are not parsed, shows warnings only)."""
+    from dualpath_jax.sim.runner import PolicyError
+
+    names = (f"policy {policy!r} ",) + ((f"batcher {batcher!r} ",) if batcher is not None else ())
+    if not isinstance(e, PolicyError) and not str(e).startswith(names):
+        return None
+    cause = e.__cause__
+    if isinstance(e, PolicyError) and cause is not None and cause.__traceback__ is not None:
+        import traceback
+
+        from absl import logging
+
+        from dualpath_jax.sim.configs_io import users_frame
+
+        (log or logging.info)("the policy's traceback:\n%s", "".join(traceback.format_exception(cause)))
+        at = users_frame(cause)  # the policy's own line (not the Assignment check it called)
+        if at is not None:
+            return f"{e} (at {at.filename}:{at.lineno} in {at.name})"
+    return str(e)
 
 
 def exit_if_stopped_or_failed(
@@ -596,8 +625,15 @@ def exit_if_stopped_or_failed(
         else ""
     )
     if failed:
+        # a job the stop left unrun did not fail (it said "6 of 6 cells failed" after a Ctrl-C)
+        cut = sum(line.endswith((INTERRUPTED, "interrupted (SIGTERM) before this finished")) for line in failed)
+        why = "failed (their rows say so)"
+        if cut == len(failed):
+            why = "not run (interrupted; their rows say so)"
+        elif cut:
+            why = f"did not finish: {len(failed) - cut} failed, {cut} not run (interrupted); their rows say so"
         raise SystemExit(
-            f"{stopped}{who}: {len(failed)} of {total} {noun} failed (their rows say so):\n"
+            f"{stopped}{who}: {len(failed)} of {total} {noun} {why}:\n"
             + "\n".join(f"  {line}" for line in failed)
             + then
         )

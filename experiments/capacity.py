@@ -41,9 +41,9 @@ from absl import app, flags, logging
 
 from experiments import (
     SigtermAsInterrupt,
-    Terminated,
     check_cell_or_exit,
     exit_if_stopped_or_failed,
+    interrupted_by,
     mode_items,
     no_earlier_results_or_exit,
     pyplot_or_none,
@@ -402,8 +402,10 @@ def main(argv: Sequence[str]) -> None:
     with SigtermAsInterrupt() as term:
         try:
             _check_searches(searches, overrides, lo)
-        except Terminated:
-            raise SystemExit("capacity: stopped by SIGTERM before any search ran (nothing written)") from None
+        except KeyboardInterrupt as e:  # (Terminated too: SIGTERM; Ctrl-C was a traceback)
+            raise SystemExit(
+                f"capacity: stopped by {interrupted_by(e)} before any search ran (nothing written)"
+            ) from None
         writable_dir_or_exit(out_dir, "--output_dir")
         no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
         names = setup_names(c[0] for c in searches)

@@ -38,8 +38,8 @@ from absl import app, flags, logging
 
 from experiments import (
     SigtermAsInterrupt,
-    Terminated,
     check_cell_or_exit,
+    interrupted_by,
     no_earlier_results_or_exit,
     pyplot_or_none,
     refuse_flags_of_parts_not_run,
@@ -489,14 +489,16 @@ def main(argv: Sequence[str]) -> None:
             ("capacity", (DS27B, "dualpath", 0.05, 1.0, d, w, it, ods)),
         ]
     jobs = list(dict.fromkeys(jobs))
-    if extra:
-        _check_runs(jobs, extra)
-    writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the runs, not after
     with SigtermAsInterrupt() as term:
         try:
+            if extra:  # (each simulator built: Ctrl-C or SIGTERM here was a traceback)
+                _check_runs(jobs, extra)
+            writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the runs, not after
             results = _run_all(jobs, term, started, extra)
-        except Terminated:
-            raise SystemExit("reproduce_paper: stopped by SIGTERM before any run started (nothing written)") from None
+        except KeyboardInterrupt as e:  # (Terminated too: SIGTERM)
+            raise SystemExit(
+                f"reproduce_paper: stopped by {interrupted_by(e)} before any run started (nothing written)"
+            ) from None
         _report(results, seeds, bases, modes, appends, pds, table, extra)
         _write_run_info(started, jobs, extra)
     if term.got:  # (it came after the last run finished: the report is whole)

@@ -25,6 +25,7 @@ from experiments import (
     dirs_made_for,
     drop_empty_dirs,
     parse_flags_or_exit,
+    policy_mistake,  # (defined here before: tests import it from this module)
     writable_dir_or_exit,
 )
 
@@ -138,30 +139,6 @@ def policy_label(policy: str, fields: dict) -> str:
     (the table said `policy=dualpath` whatever its fields: two runs of one policy at two settings looked alike)."""
     given = ",".join(f"{k}={v}" for k, v in sorted(fields.items()))
     return f"{policy}[{given}]" if given else policy
-
-
-def policy_mistake(e: BaseException, policy: str, batcher: str | None = None) -> str | None:
-    """One line for an error the policy (or batcher) made, as the simulator names it (`sim.runner.PolicyError`:
-    schedule() raised or changed the snapshot; a RuntimeError / TypeError starting "policy '<name>' ": a bad placement,
-    an unknown engine or request, none placed on an idle cluster, not a list returned; "batcher '<name>' ": a bad
-    batch), with the file and line in the policy where it raised; None for any other error. Each was a traceback
-    through the event loop, the policy's mistake on its last line."""
-    from dualpath_jax.sim.runner import PolicyError
-
-    names = (f"policy {policy!r} ",) + ((f"batcher {batcher!r} ",) if batcher is not None else ())
-    if not isinstance(e, PolicyError) and not str(e).startswith(names):
-        return None
-    cause = e.__cause__
-    if isinstance(e, PolicyError) and cause is not None and cause.__traceback__ is not None:
-        import traceback
-
-        from dualpath_jax.sim.configs_io import users_frame
-
-        logging.info("the policy's traceback:\n%s", "".join(traceback.format_exception(cause)))
-        at = users_frame(cause)  # the policy's own line (not the Assignment check it called)
-        if at is not None:
-            return f"{e} (at {at.filename}:{at.lineno} in {at.name})"
-    return str(e)
 
 
 def _warn_of_earlier_run(out: str) -> None:

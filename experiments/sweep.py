@@ -41,11 +41,13 @@ from absl import app, flags, logging
 
 from experiments import (
     SigtermAsInterrupt,
-    Terminated,
     check_cell_or_exit,
     exit_if_stopped_or_failed,
+    interrupted_by,
     mode_items,
     no_earlier_results_or_exit,
+    parse_flags_or_exit,
+    policy_mistake,
     pyplot_or_none,
     register_distinct,
     register_seeds,
@@ -106,6 +108,24 @@ _SEEDS = flags.DEFINE_list(
 )
 register_seeds()
 flags.register_validator("modes", _check_modes)
+
+
+def _no_empty_item(name: str):
+    def check(items: list[str]) -> bool:
+        # (a doubled comma, agents=8,,agents=16, ran an extra cell at the config's default, labelled '')
+        empty = [n for n, item in enumerate(items, 1) if not item.strip()]
+        if empty and len(items) > 1:
+            raise flags.ValidationError(
+                f"--{name} item {empty[0]} of {len(items)} is empty (a doubled or trailing comma?): '' alone is the "
+                "config's default; beside other items, name the default's value (e.g. agents=16)"
+            )
+        return True
+
+    return check
+
+
+for _name in ("modes", "loads"):
+    flags.register_validator(_name, _no_empty_item(_name))
 for _name in ("setups", "modes", "loads"):  # an empty list made an empty grid (a traceback from the progress bar)
     flags.register_validator(_name, bool, message=f"--{_name} needs at least one item")
 # (an item given twice ran its cells twice: duplicate rows, drawn as two seeds of one cell)
@@ -182,10 +202,17 @@ def run_cell(args: tuple[str, str, str, str, str]) -> dict:
     """One simulation (in a worker process); returns one row."""
     setup, mode, load, extra, seed = args
     from dualpath_jax.sim import load_sim_config, run
+    from dualpath_jax.sim.runner import PolicyError
 
     cfg = load_sim_config(cell_spec(setup, mode, load, extra, seed), as_run=True)
     t0 = time.perf_counter()
-    res = run(cfg)
+    try:
+        res = run(cfg)
+    except (PolicyError, RuntimeError, TypeError) as e:  # the policy's own mistake: its file:line, as simulate says
+        why = policy_mistake(e, cfg.policy, cfg.batcher, log=logging.warning)  # (a worker logs no info lines)
+        if why is None:
+            raise
+        raise PolicyError(why) from None
     row = {"setup": os.path.basename(setup), "mode": mode, "load": load, "seed": cfg.seed}
     row.update({k: res.summary.get(k) for k in COLUMNS if k in res.summary})
     judged = judged_keys(res.summary, cfg.slo_percentile)  # (online / trace cells: the SLO's percentiles)
@@ -193,6 +220,37 @@ def run_cell(args: tuple[str, str, str, str, str]) -> dict:
     row.update({k: res.stats[k] for k in ("events_per_s", "turns_per_s")})
     row["wall_s"] = time.perf_counter() - t0
     return row
+
+
+_CELL_INFO: dict[tuple, dict] = {}  # each checked cell's `cell_info` (`_check_cells`), for its row (`_grid_row`)
+
+
+def cell_info(cfg) -> dict:
+    """What a cell's row records of its config beside its figures: the source file of its policy of one's own and
+    the file's sha256 (`policy_source`: --resume refuses the rows of one edited since), and for an online or trace
+    cell the SLO its slo_attainment / slo_met judge (`slo`)."""
+    info = dict(zip(("policy_file", "policy_sha256"), policy_source(cfg.policy), strict=True))
+    if cfg.workload.kind != "offline":
+        s = f"ttft<={cfg.slo_ttft_s:g}s;tpot<={cfg.slo_tpot_s:g}s;p{cfg.slo_percentile:g};warmup={cfg.warmup_s:g}s"
+        info["slo"] = s
+    return info
+
+
+def policy_source(name: str) -> tuple[str | None, str | None]:
+    """The source file of registered policy `name` and its bytes' sha256, for a policy of one's own (defined outside
+    the `schedulers` package: the rows' `code` covers that); (None, None) for the package's or where unreadable."""
+    import inspect
+
+    from schedulers import POLICIES
+
+    try:
+        cls = POLICIES.get(name)
+        if cls.__module__.split(".")[0] == "schedulers":
+            return None, None
+        path = inspect.getsourcefile(cls)
+    except Exception:  # noqa: BLE001 - no such policy here, a class with no file (built in a REPL)
+        return None, None
+    return (path, setup_digest(path)) if path else (None, None)
 
 
 def _run_checked_cell(args: tuple[str, str, str, str, str]) -> dict:
@@ -236,6 +294,7 @@ def _grid_row(
     else:
         row = dict(result)
     row["setup"] = names[setup]
+    row.update(_CELL_INFO.get(c, {}))  # (its policy file's sha256 as the sweep started, its SLO)
     row["spec"] = cell_spec(*c)  # what the cell ran, as one `file:variant` (sweep.json; not a sweep.csv column)
     row["setup_sha256"] = setup_digest(setup)  # (--resume: a kept row of a setup file edited since is refused)
     row["trace_sha256"] = trace_sha256(trace) if trace else None  # (and one of a trace changed since)
@@ -405,7 +464,26 @@ def resumable(cells, directory: str) -> tuple[dict[int, dict], int | None]:
             f"differs from its rows' setup_sha256): their figures are of the file as it was; restore it, or "
             "--overwrite to run every cell again"
         )
+    # and one of a policy of one's own (its module outside the setup file) edited since
+    files = {i: r["policy_file"] for i, r in kept.items() if r.get("policy_file")}
+    changed = _changed_since(kept, "policy_sha256", files, _file_digest)
+    if changed:
+        policies = sorted({kept[i]["mode"].split("+")[0] for i in files if files[i] in changed})
+        raise SystemExit(
+            f"--resume: policy {', '.join(policies)}: {', '.join(changed)} changed since the earlier sweep ran its "
+            "cells (sha256 of the file differs from its rows' policy_sha256): their figures are of the policy as it "
+            "was; restore it, or --overwrite to run every cell again"
+        )
     return kept, torn
+
+
+def _file_digest(path: str) -> str | None:
+    """sha256 of a file's bytes as they are now (not cached), None where it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
 
 
 # What sweep.png shows per setup: (column, axis label); online cells (slo_attainment set) plot their SLO row
@@ -429,7 +507,7 @@ def plot_metrics(rows: Sequence[dict]) -> list[tuple[str, str]]:
     ]
 
 
-def plot_sweep(rows: Sequence[dict], path: str) -> bool:
+def plot_sweep(rows: Sequence[dict], path: str, extra: str = "") -> bool:
     """One row of panels per setup: each metric of `_PLOT_METRICS` the cells have, over the loads (in the order
     given), one line per mode; with several seeds, the line is their mean and the bars their [min, max]. Skipped
     (logged) without matplotlib."""
@@ -456,13 +534,88 @@ def plot_sweep(rows: Sequence[dict], path: str) -> bool:
                 ax.errorbar(range(len(loads)), mean, yerr=err, marker="o", capsize=3, label=mode)
             ax.set_xticks(range(len(loads)), [ld or "default" for ld in loads], rotation=20, ha="right", fontsize=7)
             ax.set_ylabel(label)
-            ax.set_title(setup, fontsize=8)
+            ax.set_title(setup + (f" ({extra})" if extra else ""), fontsize=8)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
+    seeds = len({r.get("seed") for r in rows})
+    if seeds > 1:
+        fig.suptitle(f"mean of {seeds} seeds, bars [min, max]", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+_RATIOS = ("jct_s",)  # each row's figure over the first mode's (same setup, load, seed): `jct_s_vs_<mode>`
+_MEANS = ["jct_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "snic_max_over_avg", "hit_rate", "slo_attainment"]
+
+
+def with_ratios(rows: list[dict], modes: list[str]) -> list[dict]:
+    """`rows` with `<metric>_vs_<first mode>` (`_RATIOS`): the row's figure over that of the first mode's row of the
+    same setup, load and seed (None where either is missing: a failed cell, oracle's). With one mode: as they are."""
+    if len(modes) < 2:
+        return rows
+    base = {(r["setup"], r["load"], r.get("seed")): r for r in rows if r["mode"] == modes[0]}
+    out = []
+    for r in rows:
+        b = base.get((r["setup"], r["load"], r.get("seed")), {})
+        ratio = {}
+        for k in _RATIOS:
+            num, den = r.get(k), b.get(k)
+            ratio[f"{k}_vs_{modes[0]}"] = num / den if num is not None and den else None
+        out.append({**r, **ratio})
+    return out
+
+
+def table_columns(rows: Sequence[dict]) -> list[str]:
+    """`columns`, with the ratio columns (`with_ratios`) after their metric, `extra` after `seed` and `slo` after
+    `slo_met` where a row has them."""
+    out = []
+    for k in columns(rows):
+        out.append(k)
+        out += [x for x in dict.fromkeys(x for r in rows for x in r) if x.startswith(f"{k}_vs_")]
+        if k in ("seed", "slo_met"):
+            out += [x for x in ({"seed": "extra", "slo_met": "slo"}[k],) if any(x in r for r in rows)]
+    return out
+
+
+def _write_means(rows: list[dict], path: str, seeds: int) -> None:
+    """With several seeds: the mean [min, max] over the seeds of each (setup, mode, load)'s main figures, printed as a
+    table and written to `path` (sweep_mean.csv: `<metric>_mean`, `_min`, `_max`, and `seeds`: how many finished)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["setup"], r["mode"], r["load"]), []).append(r)
+    metrics = [
+        k for k in _MEANS + [x for x in table_columns(rows) if "_vs_" in x] if any(r.get(k) is not None for r in rows)
+    ]
+    out = []
+    for (setup, mode, load), mine in groups.items():
+        row = {
+            "setup": setup,
+            "mode": mode,
+            "load": load,
+            "seeds": sum(not r.get("error") for r in mine),
+        }
+        for k in metrics:
+            v = [float(r[k]) for r in mine if r.get(k) is not None]
+            row[f"{k}_mean"] = sum(v) / len(v) if v else None
+            row[f"{k}_min"] = min(v) if v else None
+            row[f"{k}_max"] = max(v) if v else None
+        out.append(row)
+    cols = ["setup", "mode", "load", "seeds"] + [f"{k}_{s}" for k in metrics for s in ("mean", "min", "max")]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(out)
+    print(f"mean [min, max] over {seeds} seeds:")
+    print("  ".join(["setup", "mode", "load", "seeds", *metrics]))
+    for r in out:
+        cells = [r["setup"], r["mode"], r["load"] or "default", str(r["seeds"])]
+        for k in metrics:
+            m = r[f"{k}_mean"]
+            cells.append("-" if m is None else f"{_fmt(m)} [{_fmt(r[f'{k}_min'])}, {_fmt(r[f'{k}_max'])}]")
+        print("  ".join(cells))
+    print("wrote", path)
 
 
 def _fmt(v) -> str:
@@ -471,6 +624,34 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+_ONCE = ("setups", "modes", "loads", "extra", "seeds")  # (given twice, absl kept the last one, without a word)
+
+
+def parse_flags(argv: list[str]):
+    """`parse_flags_or_exit` (an unknown flag: absl's line, a hint for --results_dir), after two checks of sweep's
+    own: another launcher's --config / --config.* (a hint naming --setups, --loads, --extra), and a flag of the
+    grid given twice (absl kept the last)."""
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if re.match(r"--config($|[=.])", arg):
+            raise SystemExit(
+                f"FATAL Flags parsing error: Unknown command line flag {arg[2:].partition('=')[0]!r}\n"
+                "Hint: sweep takes its config files with --setups=FILE[,FILE...], and a variant's items (as "
+                "--config.cluster.snic_gbps=5, or file.py:basic,agents=8) as cell items: a column of the grid in "
+                "--loads=cluster.snic_gbps=5,cluster.snic_gbps=25, every cell's in --extra=agents=8, the policy in "
+                "--modes"
+            )
+    parsed = parse_flags_or_exit(argv)
+    twice = [f"--{n}" for n in _ONCE if flags.FLAGS[n].present > 1]
+    if twice:
+        raise SystemExit(
+            f"bad flags: {', '.join(twice)} given more than once (only the last one would count); give each once, "
+            "with its items joined by commas"
+        )
+    return parsed
 
 
 def main(argv: Sequence[str]) -> None:
@@ -519,8 +700,8 @@ def main(argv: Sequence[str]) -> None:
             for t in run_traces.values():  # (each trace's digest as the sweep starts: its rows' trace_sha256)
                 trace_sha256(t)
             traces = [*run_traces.values(), *kept_traces.values()]
-        except Terminated:
-            raise SystemExit("sweep: stopped by SIGTERM before any cell ran (nothing written)") from None
+        except KeyboardInterrupt as e:  # (Terminated too: SIGTERM. Ctrl-C was a traceback, the build takes minutes)
+            raise SystemExit(f"sweep: stopped by {interrupted_by(e)} before any cell ran (nothing written)") from None
         writable_dir_or_exit(out_dir, "--output_dir")  # before the grid runs, not after
         if _RESUME.value:
             if torn is not None:  # (appended to, it would be a malformed line in the middle)
@@ -580,7 +761,11 @@ def _check_cells(cells, build: bool = True) -> dict[tuple, str]:
     traces = {}
     for c in cells:
         spec = cell_spec(*c)
-        cfg = check_cell_or_exit(f"sweep cell {spec!r}", check, spec)
+        try:
+            cfg = check_cell_or_exit(f"sweep cell {spec!r}", check, spec)
+        except SystemExit as e:  # (the policy registry's hint names the other launchers' flag)
+            raise SystemExit(str(e.code).replace("your --config file imports", "your --setups file imports")) from None
+        _CELL_INFO[c] = cell_info(cfg)
         if cfg.workload.kind == "trace":
             traces[c] = cfg.workload.trace_path
     return traces
@@ -621,10 +806,15 @@ def _write_results(
     failed = [(c, r["error"]) for c, r in zip(cells, rows, strict=True) if "error" in r]
     # NaN (e.g. oracle's storage-NIC max/avg) as None in sweep.json, sweep.csv and the table alike: a --resume's kept
     # rows come back from JSON so, and its sweep.csv / table had "" / None where one run's had nan
+    rows = with_ratios(rows, [m for m in dict.fromkeys(c[1] for c in cells)])
+    if any(c[3] for c in cells):  # (--extra: in every cell, and the CSVs of two --extra told apart)
+        rows = [{**r, "extra": c[3]} for r, c in zip(rows, cells, strict=True)]
     safe = json_safe(rows)
+    cols = table_columns(safe) + (["error"] if failed else [])
+    # sweep.json's rows in the CSV's column order, every column (None where the CSV is empty), then the rest
+    safe = [{**{k: r.get(k) for k in cols if k != "error"}, **r} for r in safe]
     with open(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), "w", newline="") as f:
-        cols = columns(safe)
-        w = csv.DictWriter(f, fieldnames=cols + (["error"] if failed else []), extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(safe)
     # beside it, then renamed over it: an earlier sweep.json (a --resume's kept rows) is whole until this one is
@@ -638,14 +828,24 @@ def _write_results(
     print("  ".join(cols))
     for r in safe:
         print("  ".join(_fmt(r.get(k)) for k in cols))
+    for slo in dict.fromkeys(r["slo"] for r in safe if r.get("slo")):  # (which SLO; its window starts at warm-up)
+        print(f"note: slo_attainment / slo_met judge the SLO {slo} (each row's `slo` column)")
+    seeds = len({c[4] for c in cells})  # (--seeds; a failed cell's row has no seed of the config's own)
+    mean_path = os.path.join(_OUTPUT_DIR.value, "sweep_mean.csv")
+    if seeds > 1:
+        print()
+        _write_means(safe, mean_path, seeds)
+    elif os.path.exists(mean_path):  # (an earlier sweep's, of other seeds)
+        os.remove(mean_path)
     png = os.path.join(_OUTPUT_DIR.value, "sweep.png")
     ran = [r for r in rows if "error" not in r]
-    if _PLOT.value and ran and plot_sweep(ran, png):
+    if _PLOT.value and ran and plot_sweep(ran, png, _EXTRA.value):
         print("wrote", png)
     elif os.path.exists(png):  # an earlier sweep's plot would pass for this one's
         os.remove(png)
         logging.info("removed %s: an earlier sweep's plot (none was drawn for this one)", png)
     print("wrote", os.path.join(_OUTPUT_DIR.value, "sweep.csv"))
+    print("wrote", path)
     # what ran, and the line that runs it again into a directory of its own (README "What ran")
     cells_run = [cell_spec(*c) for c in cells]
     info = run_info(
@@ -678,4 +878,4 @@ def _write_results(
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
