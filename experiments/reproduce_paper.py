@@ -501,8 +501,9 @@ def main(argv: Sequence[str]) -> None:
             ) from None
         _report(results, seeds, bases, modes, appends, pds, table, extra)
         _write_run_info(started, jobs, extra)
-    if term.got:  # (it came after the last run finished: the report is whole)
-        raise SystemExit("reproduce_paper: stopped by SIGTERM after every run finished (the report is written)")
+    if term.got or term.got_int:  # (it came after the last run finished: the report is whole)
+        by = "SIGTERM" if term.got else "Ctrl-C"
+        raise SystemExit(f"reproduce_paper: stopped by {by} after every run finished (the report is written)")
 
 
 def _write_run_info(started: float, jobs: list, extra: str) -> None:
@@ -534,7 +535,7 @@ def _run_all(jobs: list, term: SigtermAsInterrupt, started: float, extra: str) -
             failed.append(f"  {run[0]} {run[1]}: {term.error_line(error)}")
             continue
         done_by_key[sim[job]] = done[2]
-    term.raising = False  # SIGTERM from here on: noted, and the exit comes after what finished is written
+    term.hold()  # SIGTERM and Ctrl-C from here on: noted, and the exit comes after what finished is written
     for kind, arg in jobs:
         if sim[(kind, arg)] in done_by_key:
             results[(kind, arg if isinstance(arg, str) else arg[:2])] = done_by_key[sim[(kind, arg)]]
@@ -547,7 +548,7 @@ def _run_all(jobs: list, term: SigtermAsInterrupt, started: float, extra: str) -
                 os.remove(stale)
                 logging.info("removed %s: an earlier report's (this run wrote none)", stale)
         _write_run_info(started, jobs, extra)
-        stopped = "stopped by SIGTERM; " if term.got else ""
+        stopped = "stopped by SIGTERM; " if term.got else "stopped by Ctrl-C; " if term.got_int else ""
         raise SystemExit(
             f"reproduce_paper: {stopped}{len(failed)} of {len(runs)} runs failed, so no report (the "
             f"{len(done_by_key)} finished runs are in {os.path.join(_OUTPUT_DIR.value, 'report.json')}):\n"

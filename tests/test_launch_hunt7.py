@@ -190,3 +190,24 @@ def test_sigterm_keeps_the_finished_runs_of_reproduce_paper(tmp_path):
     assert "reproduce_paper: stopped by SIGTERM; 1 of 5 runs failed" in out.stderr
     assert "oracle,dataset=64K,agents=2048,seed=0: interrupted (SIGTERM) before this finished" in out.stderr
     assert len(json.loads((tmp_path / "report.json").read_text())) == 4 and not (tmp_path / "report.md").exists()
+
+
+def test_ctrl_c_while_reproduce_paper_writes_its_report_is_noted_and_the_report_kept(tmp_path):
+    """After the last run, Ctrl-C was still KeyboardInterrupt (only SIGTERM was held): one while report.json /
+    report.md were written was a traceback, half a report, and (after a failed run) "stopped ... before any run
+    started" (session 42). Now it is noted, the report is whole, and the last line says it came after the runs."""
+    script = tmp_path / "fake_reproduce.py"
+    report_hook = (
+        "_report = rp._report\n"
+        "def noisy(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return _report(*a, **k)\n"
+        "rp._report = noisy\n"
+    )
+    script.write_text(_FAKE_REPRODUCE.replace("rp._offline = fake\n", "rp._offline = fake\n" + report_hook))
+    out = _launch(str(script), f"--output_dir={tmp_path}", "--noplot")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, (out.returncode, out.stderr[-2000:])
+    assert out.stderr.splitlines()[-1] == (
+        "reproduce_paper: stopped by Ctrl-C after every run finished (the report is written)"
+    )
+    assert (tmp_path / "report.md").exists() and len(json.loads((tmp_path / "report.json").read_text())) == 5
