@@ -177,8 +177,13 @@ def test_the_simulators_turn_cap_on_a_trace_is_logged(tmp_path, caplog):
     with caplog.at_level("INFO", logger="dualpath_jax.sim.runner"):
         trajs, _ = make_trajectories(_trace_cfg(trace, max_turns=1))
     assert [len(t.turns) for t in trajs] == [1, 1, 1]
-    assert "workload.max_turns=1: 3 of 6 turns dropped (3 trajectories cut; 0: every turn)" in caplog.text
+    assert (
+        "workload.max_turns=1: 3 of 6 turns dropped (3 trajectories cut; max_turns=0 keeps every turn)" in caplog.text
+    )
     caplog.clear()
+    with caplog.at_level("INFO", logger="dualpath_jax.sim.runner"):  # (a sweep's check, then its run: said once)
+        make_trajectories(_trace_cfg(trace, max_turns=1))
+    assert "max_turns" not in caplog.text
     with caplog.at_level("INFO", logger="dualpath_jax.sim.runner"):
         make_trajectories(_trace_cfg(trace, max_turns=2))
     assert "max_turns" not in caplog.text

@@ -100,6 +100,9 @@ class _SplitCost:
         self.decode_step_time = decode.decode_step_time
 
 
+_CUTS_SAID: set = set()  # the workloads whose max_turns cut this process logged
+
+
 def make_trajectories(cfg: SimConfig):
     """Agents and their arrival model from the shared workload module (dualpath_jax.workloads):
     offline (all at t = 0), online (Poisson at APS, aps * duration_s agents), trace (a trace file's times)."""
@@ -135,9 +138,11 @@ def make_trajectories(cfg: SimConfig):
     if w.max_turns > 0:
         # (a config file's cap, sim_tiny's 12, cut a trace's sessions without a word: max_agents says "each whole")
         capped = sum(max(0, len(t.turns) - w.max_turns) for t in trajs)
-        if capped:
+        said = (repr(w), cfg.seed, capped)  # (a sweep's check and its run build one cell's workload twice: said once)
+        if capped and said not in _CUTS_SAID:
+            _CUTS_SAID.add(said)
             log.info(
-                "workload.max_turns=%d: %d of %d turns dropped (%d trajectories cut; 0: every turn)",
+                "workload.max_turns=%d: %d of %d turns dropped (%d trajectories cut; max_turns=0 keeps every turn)",
                 w.max_turns,
                 capped,
                 sum(len(t.turns) for t in trajs),
