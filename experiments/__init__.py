@@ -92,6 +92,7 @@ class _ConfigFileParser:
 
     def __init__(self, inner):
         self._inner = inner
+        self.keys = None  # the loaded config's key tree (`_key_tree`), before any override: parse_flags_or_exit's
 
     def parse(self, path):
         try:
@@ -102,11 +103,24 @@ class _ConfigFileParser:
             if isinstance(e, (TypeError, ValueError)) and str(e).startswith("Error whilst parsing config file"):
                 e = e.__context__ or e  # the library re-raises get_config's error with its traceback as text
             raise _ConfigFileFailed(describe_config_file_error(str(path).split(":", 1)[0], e)) from None
-        if config is None:  # (simulate said "--config is required"; run / bench_runtime: absl's traceback)
-            raise _ConfigFileFailed(
-                f"config file {str(path).split(':', 1)[0]!r}: get_config returned None (its get_config has no "
-                "`return`?), not an ml_collections ConfigDict"
+        from ml_collections import ConfigDict
+
+        # (not the library's placeholder of a file that failed to load, whose error comes on first use)
+        if not isinstance(config, ConfigDict) and not type(config).__module__.startswith("ml_collections."):
+            # None: simulate said "--config is required", run / bench_runtime gave absl's traceback; a dict: "'dict'
+            # object has no attribute 'to_dict'", or with an override "bad override ... the config has no field"
+            import reprlib
+
+            what = (
+                "None (its get_config has no `return`?)"
+                if config is None
+                else f"{reprlib.repr(config)} ({type(config).__name__})"
             )
+            raise _ConfigFileFailed(
+                f"config file {str(path).split(':', 1)[0]!r}: get_config returned {what}, not an ml_collections "
+                "ConfigDict"
+            )
+        self.keys = _key_tree(config)
         return config
 
     def __getattr__(self, attr):  # flag_type() and the rest: the library's parser
@@ -250,8 +264,15 @@ def parse_flags_or_exit(argv):
 
     from absl import flags
 
+    # the key trees of config files loaded before the command line (a launcher's default file): its overrides apply
+    # during the parse below (a --config on the command line records its own, `_ConfigFileParser.parse`)
+    before = {}
+    for flag in _config_file_flags():
+        flag.parser.keys = None
+        with contextlib.suppress(Exception):  # (a default file that failed to load: its error comes on first use)
+            before[flag.name] = _key_tree(flag.value)
     try:
-        return flags.FLAGS(argv)
+        parsed = flags.FLAGS(argv)
     except _ConfigFileFailed as e:  # the --config file itself: not Python, no get_config, an error in it
         raise SystemExit(f"bad config: {e}") from None
     except (AttributeError, KeyError) as e:  # ml_collections: no such field (the file's own errors are above)
@@ -267,6 +288,67 @@ def parse_flags_or_exit(argv):
             f"FATAL Flags parsing error: {text}\n{hint}Pass --helpshort or --helpfull to see help on flags.\n"
         )
         sys.exit(1)
+    for flag in _config_file_flags():
+        _refuse_whole_section_overrides(argv, flag, flag.parser.keys or before.get(flag.name))
+    return parsed
+
+
+def _config_file_flags() -> list:
+    """The config-file flags (`define_config_file`) of absl's FLAGS."""
+    from absl import flags
+
+    return [f for f in set(flags.FLAGS._flags().values()) if isinstance(f.parser, _ConfigFileParser)]  # noqa: SLF001
+
+
+def _key_tree(config) -> dict | None:
+    """{key: its own key tree, or None for a value} of a ConfigDict (None for anything else)."""
+    from ml_collections import ConfigDict
+
+    if not isinstance(config, ConfigDict):
+        return None
+    return {k: _key_tree(v) for k, v in config.items()}
+
+
+def _dropped_keys(had: dict, given, prefix: str = "") -> list[str]:
+    """The keys of the key tree `had` that the dict `given` (an override's value) lacks, nested ones dotted."""
+    from ml_collections import ConfigDict
+
+    out = []
+    for k, sub in had.items():
+        if k not in given:
+            out.append(f"{prefix}{k}")
+        elif sub and isinstance(given[k], (dict, ConfigDict)):
+            out += _dropped_keys(sub, given[k], f"{prefix}{k}.")
+    return out
+
+
+def _refuse_whole_section_overrides(argv, flag, keys: dict | None) -> None:
+    """SystemExit with one "bad override" line for an override that replaces a whole section of the config file with
+    a dict lacking keys the file set (`--config.workload="{'n_agents': 4}"`): ml_collections replaces the section,
+    so the run went on with the dataclass defaults for the rest (the simulator's calibrated cluster, the runtime's
+    workload kind: a traceback). Open option dicts, `{}` in the files (store_options, policy_kwargs), take any."""
+    from ml_collections import ConfigDict
+
+    if not keys:
+        return
+    for path, value in (getattr(flag, "override_values", None) or {}).items():
+        if not isinstance(value, (dict, ConfigDict)):
+            continue
+        had = keys
+        for part in path.split("."):
+            had = had.get(part) if isinstance(had, dict) else None
+        dropped = _dropped_keys(had, value) if had else []
+        if not dropped:
+            continue
+        name = f"--{flag.name}.{path}"
+        given = next((a for a in argv[1:] if a.split("=", 1)[0] == name and "=" in a), f"{name}=...")
+        shown = ", ".join(dropped[:6]) + (f", ... ({len(dropped)} in all)" if len(dropped) > 6 else "")
+        first = next(iter(value.items()), None)
+        one = f"{name}.{first[0]}={first[1]!r}" if first else f"{name}.FIELD=VALUE"
+        raise SystemExit(
+            f"bad override {given}: it replaces the whole section {path} and drops the config file's {shown}; set "
+            f"fields one by one ({one})"
+        )
 
 
 def _results_flag_hint(e: BaseException) -> str:
@@ -946,18 +1028,22 @@ def refuse_unused_workload_overrides(config_flag) -> None:
         w = config_flag.value.runtime.workload
     except (AttributeError, KeyError):  # no workload section: RuntimeConfig's own check names what is missing
         return
+    from dualpath_jax.runtime.config import WorkloadConfig
+
+    # (a section without kind / arrival runs WorkloadConfig's: w.kind was an AttributeError traceback here)
+    kind, arrival = w.get("kind", WorkloadConfig.kind), w.get("arrival", WorkloadConfig.arrival)
     rules = [
-        ("trace", w.kind != "trace", f"config.runtime.workload.kind={w.kind!r} (give kind=trace)"),
-        ("dataset", w.kind != "synthetic", f"config.runtime.workload.kind={w.kind!r} (give kind=synthetic)"),
-        ("aps", w.arrival != "online", f"config.runtime.workload.arrival={w.arrival!r} (give arrival=online)"),
+        ("trace", kind != "trace", f"config.runtime.workload.kind={kind!r} (give kind=trace)"),
+        ("dataset", kind != "synthetic", f"config.runtime.workload.kind={kind!r} (give kind=synthetic)"),
+        ("aps", arrival != "online", f"config.runtime.workload.arrival={arrival!r} (give arrival=online)"),
     ]
-    tiny_only = f"config.runtime.workload.kind={w.kind!r} (it shapes tiny agents only; give kind=tiny)"
-    rules += [(f, w.kind != "tiny", tiny_only) for f in ("append_tokens", "gen_tokens", "first_append_tokens", "gap_s")]
+    tiny_only = f"config.runtime.workload.kind={kind!r} (it shapes tiny agents only; give kind=tiny)"
+    rules += [(f, kind != "tiny", tiny_only) for f in ("append_tokens", "gen_tokens", "first_append_tokens", "gap_s")]
     for field, unused, why in rules:
         key = f"runtime.workload.{field}"
         if key in given and unused:
             raise SystemExit(f"bad config: --config.{key}={given[key]} is not used by this run: {why}")
-    if "runtime.workload.agents" in given and w.kind == "trace" and w.agents > 0:
+    if "runtime.workload.agents" in given and kind == "trace" and w.agents > 0 and w.get("trace") is not None:
         # a given agent count past the trace ran the fewer sessions it holds (the loader warns; a config file's own
         # count, as configs/tiny_runtime.py's 32 on a small trace, stays a warning)
         from dualpath_jax.workloads.traces import load_trace

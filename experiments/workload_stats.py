@@ -14,6 +14,7 @@ in those lines).
 
 from __future__ import annotations
 
+import os
 import time
 
 from absl import app, flags
@@ -64,8 +65,11 @@ def _refuse_unused_flags(f) -> None:
             raise SystemExit(f"bad --{name}: it applies to synthetic datasets, not to the trace {f.workload}")
 
 
-def _bad_workload(e: Exception) -> SystemExit:
-    """The one line for a --workload that is neither a dataset name nor a readable trace."""
+def _bad_workload(e: Exception, workload: str) -> SystemExit:
+    """The one line for a --workload that is neither a dataset name nor a readable trace: the datasets are listed
+    only for a path that does not exist (a mistyped name), not after a trace file's own format error."""
+    if isinstance(e, TraceFormatError) or workload in DATASETS or os.path.exists(os.path.expanduser(workload)):
+        return SystemExit(f"bad --workload: {e}")
     return SystemExit(f"bad --workload: {e} (synthetic datasets: {', '.join(DATASETS.names())})")
 
 
@@ -76,7 +80,7 @@ def _trace_or_exit(workload: str) -> None:
     try:
         resolve_trace_path(workload)
     except FileNotFoundError as e:
-        raise _bad_workload(e) from None
+        raise _bad_workload(e, workload) from None
 
 
 def main(argv):
@@ -95,7 +99,7 @@ def _summarize(f) -> None:
     try:
         trajs = load_workload(f.workload, n_agents=f.n_agents, seed=f.seed, limit=f.limit, max_agents=f.max_agents)
     except (FileNotFoundError, TraceFormatError) as e:  # neither a dataset name nor a readable trace
-        raise _bad_workload(e) from None
+        raise _bad_workload(e, f.workload) from None
     if f.max_agents is not None and f.max_agents > len(trajs):  # (as the simulator's max_agents: not a smaller set)
         within = f" (its first --limit={f.limit})" if f.limit is not None else ""
         raise SystemExit(

@@ -7,7 +7,8 @@ dtype, NaN / inf values, an unreadable file or an unknown architecture raises Va
 field / file (tensor names are compared before the model's param tree is built). A tensor of the model's own layers
 (or embedding / final norm) that the model does not read is an error too: config.json then describes another model
 than the weights (a Llama config without attention_bias over q/k/v biases); RoPE buffers and layers past
-num_hidden_layers (DeepSeek-V3's MTP layer) are logged and skipped.
+DeepSeek-V3's MTP layers (``num_hidden_layers`` .. + ``num_nextn_predict_layers``, default 1) are logged and
+skipped; any other layer past num_hidden_layers, or an unread ``lm_head.*``, is an error.
 As HF reads them: ``model.safetensors`` alone when present, else the shards a ``model.safetensors.index.json``
 names, else every ``*.safetensors`` of the directory. ``safetensors`` is the optional ``hf`` extra, imported lazily.
 
@@ -140,8 +141,12 @@ def _first_non_float_tensor(f: Path) -> tuple[str, str] | None:
     return None
 
 
-def hf_tensors_to_params(config, tensors: dict[str, np.ndarray], where: str = "HF checkpoint") -> dict:
-    """HF-named tensors -> pure NNX param dict for `config` (errors name the tensor, after `where`)."""
+def hf_tensors_to_params(
+    config, tensors: dict[str, np.ndarray], where: str = "HF checkpoint", mtp_layers: int | None = None
+) -> dict:
+    """HF-named tensors -> pure NNX param dict for `config` (errors name the tensor, after `where`). `mtp_layers`:
+    the layers past num_layers that are DeepSeek-V3's multi-token-prediction modules, not read (None: 1 for
+    DeepseekV3ForCausalLM, else 0; load_hf_checkpoint passes config.json's num_nextn_predict_layers)."""
     tmap = family(config).hf_tensor_map(config)
     # The names first (a dict walk): building the abstract model costs superlinear time in the layer count, so a
     # config.json with an absurd num_hidden_layers kept the loader busy for hours before "missing tensor".
@@ -214,13 +219,23 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray], where: str = "H
     # means config.json describes another model than the weights: a Llama config without attention_bias over
     # weights with q/k/v biases (a "llamafied" Qwen2), a gate's e_score_correction_bias beside a topk_method that
     # never reads it. It was a log line and the model ran without those weights, its logits silently off.
-    # Buffers (rotary_emb.inv_freq) and layers past num_hidden_layers (DeepSeek-V3's MTP layer) stay a warning.
-    own = [name for name in unused if _is_unread_weight_of_model(name, config.num_layers)]
+    # A layer past num_hidden_layers (a config.json of fewer layers than the weights ran a truncated model) and an
+    # unread lm_head.* (a bias) are errors too. Buffers (rotary_emb.inv_freq) and DeepSeek-V3's MTP layers (just past
+    # num_hidden_layers) stay a warning.
+    if mtp_layers is None:
+        mtp_layers = 1 if config.architecture == "DeepseekV3ForCausalLM" else 0
+    own = [name for name in unused if _is_unread_weight_of_model(name, config.num_layers, mtp_layers)]
+    if "lm_head.weight" in own and config.tie_word_embeddings:  # (a tied head saved as a copy of the embedding)
+        embed = tensors.get("model.embed_tokens.weight")
+        if embed is not None and np.array_equal(np.asarray(tensors["lm_head.weight"]), np.asarray(embed)):
+            own.remove("lm_head.weight")
     if own:
+        deeper = own[0].startswith("model.layers.") and int(own[0].split(".")[2]) >= config.num_layers
+        hint = f"num_hidden_layers={config.num_layers}?" if deeper else "attention_bias, architectures, topk_method?"
         raise ValueError(
             f"{where}: tensor {own[0]!r} is a weight of the model that config.json's "
             f"{config.architecture} does not read{f' ({len(own) - 1} more)' if own[1:] else ''}: config.json and "
-            f"the weights describe different models (attention_bias, architectures, topk_method?)"
+            f"the weights describe different models ({hint})"
         )
     if unused:
         _LOG.warning(
@@ -231,13 +246,16 @@ def hf_tensors_to_params(config, tensors: dict[str, np.ndarray], where: str = "H
     return out
 
 
-def _is_unread_weight_of_model(name: str, num_layers: int) -> bool:
-    """Whether an HF tensor the model does not read belongs to the model itself: a tensor of one of its
-    `num_layers` layers other than a RoPE buffer, or of its embedding / final norm."""
+def _is_unread_weight_of_model(name: str, num_layers: int, mtp_layers: int = 0) -> bool:
+    """Whether an HF tensor the model does not read belongs to the model itself (or to a deeper model): a tensor of
+    a layer other than a RoPE buffer or one of the `mtp_layers` just past the `num_layers` (DeepSeek-V3's MTP
+    modules), or of the embedding / final norm / LM head."""
     if name.startswith("model.layers."):
         index = name.split(".")[2]
-        return index.isdigit() and int(index) < num_layers and not name.endswith("rotary_emb.inv_freq")
-    return name.startswith(("model.embed_tokens.", "model.norm."))
+        if not index.isdigit() or name.endswith("rotary_emb.inv_freq"):
+            return False
+        return not num_layers <= int(index) < num_layers + mtp_layers
+    return name.startswith(("model.embed_tokens.", "model.norm.", "lm_head."))
 
 
 def _flat_paths(tree: dict, prefix: tuple = ()):
@@ -256,9 +274,23 @@ def load_hf_config(checkpoint_dir: str | os.PathLike, dtype: str = "float32"):
                 f"{checkpoint_dir} is not a directory (an HF checkpoint is a directory: config.json + *.safetensors)"
             )
         raise ValueError(f"{checkpoint_dir} does not exist (no config.json)")
+    return config_from_hf(_config_json(checkpoint_dir), dtype=dtype)
+
+
+def _config_json(checkpoint_dir: str | os.PathLike) -> dict:
+    """config.json of the directory `checkpoint_dir` as JSON (ValueError naming what is wrong)."""
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{checkpoint_dir}: no config.json")
+        orbax = any((Path(checkpoint_dir) / n).exists() for n in ("_CHECKPOINT_METADATA", "manifest.ocdbt"))
+        raise ValueError(
+            f"{checkpoint_dir}: no config.json"
+            + (
+                " (an orbax checkpoint: restore it with models.checkpoint.restore_params(dir, config); the runtime's "
+                "model is a tiny config's name or an HF checkpoint directory)"
+                if orbax
+                else ""
+            )
+        )
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -269,14 +301,16 @@ def load_hf_config(checkpoint_dir: str | os.PathLike, dtype: str = "float32"):
         raise ValueError(f"{path}: invalid JSON (nested too deeply)") from None
     except OSError as e:  # unreadable (permissions, I/O): a traceback, past the runtime's bad-config line
         raise ValueError(f"{path}: cannot read: {e}") from None
-    return config_from_hf(d, dtype=dtype)
+    return d
 
 
 def load_hf_checkpoint(checkpoint_dir: str | os.PathLike, dtype: str = "float32"):
     """(config, params) from a local HF checkpoint directory (config.json + *.safetensors). Nothing downloads."""
     config = load_hf_config(checkpoint_dir, dtype)
     where = f"HF checkpoint {str(checkpoint_dir)!r}"  # (a missing tensor named no directory)
-    return config, hf_tensors_to_params(config, _read_safetensors(Path(checkpoint_dir)), where)
+    mtp = _config_json(checkpoint_dir).get("num_nextn_predict_layers")  # (DeepSeek-V3's MTP layers, not read)
+    mtp_layers = mtp if isinstance(mtp, int) and not isinstance(mtp, bool) and mtp >= 0 else None
+    return config, hf_tensors_to_params(config, _read_safetensors(Path(checkpoint_dir)), where, mtp_layers)
 
 
 def _saveable(params, path: tuple = ()) -> dict:

@@ -25,12 +25,15 @@ def test_hf_weights_the_config_does_not_read_are_refused(tmp_path):
     write_hf_checkpoint(tmp_path / "biased", llama, tensors)
     with pytest.raises(ValueError, match=r"tensor 'model.layers.0.self_attn.k_proj.bias' is a weight .* not read"):
         load_hf_checkpoint(tmp_path / "biased")
-    # A RoPE buffer (write_hf_checkpoint adds one) and a layer past num_hidden_layers (DeepSeek-V3's MTP layer)
-    # are not the model's weights: still loaded, with a warning
-    extra = {f"model.layers.{QWEN2_HF['num_hidden_layers']}.eh_proj.weight": np.ones((2, 2), np.float32)}
-    write_hf_checkpoint(tmp_path / "mtp", QWEN2_HF, {**tensors, **extra})
-    config, params = load_hf_checkpoint(tmp_path / "mtp")
+    # A RoPE buffer (write_hf_checkpoint adds one) is not a weight of the model: still loaded, with a warning. A layer
+    # past num_hidden_layers is refused on a Qwen2, which has no MTP layers (DeepSeek-V3's: tests/test_fix25_input.py)
+    write_hf_checkpoint(tmp_path / "buffer", QWEN2_HF, tensors)
+    config, params = load_hf_checkpoint(tmp_path / "buffer")
     assert config.num_layers == QWEN2_HF["num_hidden_layers"] and "bias" in params["layers"][0]["self_attn"]["q_proj"]
+    extra = {f"model.layers.{QWEN2_HF['num_hidden_layers']}.eh_proj.weight": np.ones((2, 2), np.float32)}
+    write_hf_checkpoint(tmp_path / "deeper", QWEN2_HF, {**tensors, **extra})
+    with pytest.raises(ValueError, match=r"'model.layers.2.eh_proj.weight' is a weight .* \(num_hidden_layers=2\?\)"):
+        load_hf_checkpoint(tmp_path / "deeper")
 
 
 def test_orbax_checkpoint_saved_with_its_config_refuses_another(tmp_path):

@@ -329,6 +329,16 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         raise ConfigError("the workload has no trajectories")
     _check_trajectory_ids(trajs)
     _check_arrivals_within_timeout(cfg, trajs)
+    if cfg.workload.arrival == "trace":  # (a trace of µs read as ms waited 1000x longer, no line giving the span)
+        firsts = make_arrival_model(cfg).agent_arrivals(trajs)
+        log.info(
+            "arrival=trace: %d agents arrive over %.4g s (the first at %.4g s; trace times x "
+            "config.workload.time_scale=%g)",
+            len(trajs),
+            float(np.max(firsts)),
+            float(np.min(firsts)),
+            cfg.workload.time_scale,
+        )
     _check_turn_lengths(trajs)
     shapes = [s for t in trajs for s in t.turn_shapes(1)]  # (one pass per trajectory: prompt_tokens(i) is O(i))
     max_prompt = max(prompt for prompt, _, _ in shapes)

@@ -18,13 +18,22 @@ class ConfigFileError(ValueError):
 
 def describe_config_file_error(path: str, e: BaseException) -> str:
     """One line for `e`, raised while loading the config file `path` or running its get_config: the error's type
-    and message and the file (the launchers print it as `bad config: ...`, with no traceback)."""
+    and message and the file (the launchers print it as `bad config: ...`, with no traceback). A file not named
+    .py gets a hint whatever its error (a JSON object is valid Python: it loaded and had no get_config)."""
+    return _describe(path, e) + not_py_hint(path)
+
+
+def not_py_hint(path: str) -> str:
+    """The hint for a config file not named .py (README.md, a YAML or JSON file), else ""."""
+    return "" if path.endswith(".py") else " (it is not a .py file: a config file is Python with a get_config(arg))"
+
+
+def _describe(path: str, e: BaseException) -> str:
     if isinstance(e, AttributeError) and getattr(e, "name", None) == "get_config" and _is_module(e):
         return f"config file {path!r} has no get_config(arg)"
     if isinstance(e, SyntaxError):  # README.md, or a .py file with an error
         where = f"{path!r}" + (f", line {e.lineno}" if e.lineno else "")
-        hint = "" if path.endswith(".py") else " (it is not a .py file: a config file is Python with a get_config(arg))"
-        return f"SyntaxError: {e.msg} (config file {where}){hint}"
+        return f"SyntaxError: {e.msg} (config file {where})"
     lines = str(e).strip().splitlines()
     what = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
     at = users_frame(e)
@@ -94,7 +103,7 @@ def _exec_config_module(path: str, name: str):
     except Exception as e:  # noqa: BLE001 - whatever the file raises: one line naming it
         raise ConfigFileError(describe_config_file_error(path, e)) from e
     if not callable(getattr(mod, "get_config", None)):
-        raise ConfigFileError(f"config file {path!r} has no get_config(arg)")
+        raise ConfigFileError(f"config file {path!r} has no get_config(arg){not_py_hint(path)}")
     return mod
 
 

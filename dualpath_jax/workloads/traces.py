@@ -112,8 +112,23 @@ def _unreadable(path: Path, e: Exception) -> TraceFormatError:
             lineno, col, byte = at
             return TraceFormatError(
                 f"{path}:{lineno}: cannot read as {kind}: byte 0x{byte:02x} at column {col} is not UTF-8"
+                f"{_gzip_hint(path)}"
             )
-    return TraceFormatError(f"{path}: cannot read as {kind}: {e}")
+    return TraceFormatError(f"{path}: cannot read as {kind}: {e}{_gzip_hint(path)}")
+
+
+def _gzip_hint(path: Path) -> str:
+    """A hint for a gzipped file whose name lacks .gz (read as text: "byte 0x8b at column 2 is not UTF-8"): the
+    loaders pick gzip by the name, as the format (Mooncake / session) by .jsonl / .json."""
+    if path.name.endswith(".gz"):
+        return ""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                return ""
+    except OSError:
+        return ""
+    return f" (it starts with gzip's magic bytes 1f 8b: a gzipped trace is named *.gz, {path.name}.gz)"
 
 
 def _not_utf8_at(path: Path) -> tuple[int, int, int] | None:
@@ -597,9 +612,27 @@ def _session_files(paths: str | os.PathLike | Sequence[str | os.PathLike], limit
         files = sorted(f for f in p.glob("*.json*") if f.name.endswith((".json", ".json.gz"))) if p.is_dir() else [p]
         if p.is_dir() and not files:
             raise TraceFormatError(f"{p}: no *.json / *.json.gz session file{_traces_within(p)}")
+        if p.is_dir():
+            _log_skipped(p, files)
     else:
         files = [resolve_trace_path(x) for x in paths]
     return files if limit is None else files[:limit]
+
+
+def _log_skipped(p: Path, files: list[Path]) -> None:
+    """One INFO line naming the files of session directory `p` that are not read (only *.json / *.json.gz are)."""
+    read = set(files)
+    skipped = sorted(f.name for f in p.iterdir() if f.is_file() and f not in read)
+    if skipped:
+        more = f", ... ({len(skipped)} in all)" if len(skipped) > 4 else ""
+        log.info(
+            "%s: %d session file(s) (*.json / *.json.gz); not read, %d other file(s): %s%s",
+            p,
+            len(files),
+            len(skipped),
+            ", ".join(skipped[:4]),
+            more,
+        )
 
 
 def _traces_within(p: Path) -> str:
