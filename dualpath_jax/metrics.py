@@ -453,8 +453,8 @@ def run_info(module: str, started: float, *, output_dir: str | None = None, trac
     `started`: time.time() when the launcher began) and wall time, each trace read (`traces`: paths as configured;
     size and sha256), and the launcher's `extra` (its resolved config, seeds). `rerun` is the command to paste to run
     it again: `command` in `cwd` with `env`, and for a launcher with an `--output_dir` (`output_dir`: its value)
-    `--output_dir=<output_dir>/rerun` after it (the last of a flag given twice wins), so a re-run does not write over
-    these results."""
+    `--output_dir=<output_dir>/rerun` in place of the `--output_dir` given (it gave both, and read as a mistake), so
+    a re-run does not write over these results."""
     import datetime
     import os
     import platform
@@ -465,7 +465,9 @@ def run_info(module: str, started: float, *, output_dir: str | None = None, trac
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
     command = shlex.join(["python", "-m", module, *sys.argv[1:]])
     rerun_args = [] if output_dir is None else [f"--output_dir={os.path.join(os.path.abspath(output_dir), 'rerun')}"]
-    rerun = [f"cd {shlex.quote(os.getcwd())} &&", *(f"{k}={shlex.quote(v)}" for k, v in env.items()), command]
+    argv = sys.argv[1:] if output_dir is None else _without_flag(sys.argv[1:], "output_dir")
+    rerun = [f"cd {shlex.quote(os.getcwd())} &&", *(f"{k}={shlex.quote(v)}" for k, v in env.items())]
+    rerun.append(shlex.join(["python", "-m", module, *argv]))
     info = {
         "command": command,
         "rerun": " ".join(rerun + [shlex.quote(a) for a in rerun_args]),
@@ -481,6 +483,23 @@ def run_info(module: str, started: float, *, output_dir: str | None = None, trac
         **extra,
     }
     return json_safe(info)
+
+
+def _without_flag(argv: list[str], name: str) -> list[str]:
+    """`argv` without flag `name` (`--name=V`, `--name V`, one dash too); argv after a `--` is left as it is."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return out + argv[i:]
+        key = a.lstrip("-") if a.startswith("-") else None
+        if key == name:
+            i += 2  # (its value is the next argument)
+            continue
+        if key is None or not key.startswith(f"{name}="):
+            out.append(a)
+        i += 1
+    return out
 
 
 def write_run_info(directory: str, info: dict) -> str:

@@ -867,14 +867,19 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def run_jobs(fn, jobs: list, workers: int, desc: str, on_done=None) -> list[tuple[object, str | None]]:
+def run_jobs(
+    fn, jobs: list, workers: int, desc: str, on_done=None, unit: str = "job", steps: int = 1
+) -> list[tuple[object, str | None]]:
     """`fn` over `jobs` with a progress bar, in spawned worker processes when `workers` > 1: one (result, None)
     or (None, error line) per job, in the order of `jobs`. A job that raises, or whose worker process dies (e.g.
     killed for memory), is its error line and the others still report: a dead worker hung
     `multiprocessing.Pool` forever and an exception lost every finished job's result. Ctrl-C stops the jobs at
     once, and the ones not finished are error lines too (it lost every finished job's result, hours of a sweep).
     `on_done(index, result, error)`, when given, is called in this process as each job finishes (or fails),
-    before the progress bar moves on (a sweep keeps each cell on disk); a job that Ctrl-C stopped gets no call."""
+    before the progress bar moves on (a sweep keeps each cell on disk); a job that Ctrl-C stopped gets no call.
+    The bar counts `unit`s, `steps` per job: a job moves it a step with `job_step(line)` (a capacity search, one
+    per probe; the line is written above the bar, also from a worker process) and the rest when it ends. Log
+    lines go above the bar too (they were glued to it)."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
@@ -885,38 +890,62 @@ def run_jobs(fn, jobs: list, workers: int, desc: str, on_done=None) -> list[tupl
 
     out: list = [None] * len(jobs)
     interrupted = (None, INTERRUPTED)
-    with tqdm(total=len(jobs), desc=desc, file=sys.stderr) as bar:
+    moved = [0] * len(jobs)  # the bar steps each job made
+
+    def step(i: int, line: str | None) -> None:
+        if line:
+            tqdm.write(line, file=sys.stderr)
+        if moved[i] < steps:
+            moved[i] += 1
+            bar.update()
+
+    def finish(i: int) -> None:
+        bar.update(steps - moved[i])
+        moved[i] = steps  # (a worker's late step line is still written, the bar not moved past the job)
+
+    with tqdm(total=len(jobs) * steps, desc=desc, unit=unit, file=sys.stderr) as bar, logs_above_bars():
         if workers <= 1:
             for i, job in enumerate(jobs):
                 try:
                     try:
-                        out[i] = (fn(job), None)
+                        with _job_steps_to(lambda line, i=i: step(i, line)):
+                            out[i] = (fn(job), None)
                     # a job's sys.exit (e.g. in a setup file) is its error too: it ended the sweep with no results
                     except (Exception, SystemExit) as e:  # noqa: BLE001 - reported with the job, after the others ran
                         out[i] = (None, error_line(e))
                     if on_done is not None:
                         on_done(i, *out[i])
-                    bar.update()
+                    finish(i)
                 except KeyboardInterrupt:  # the finished jobs are kept (this one, if in on_done); the rest do not run
                     out[i:] = [done or interrupted for done in out[i:]]
                     break
             return out
         # (a worker whose driver was killed hard went on with its job, then waited for the next one forever)
+        ctx = mp.get_context("spawn")
+        steps_queue = ctx.Queue()  # (job index, line) of each worker's job_step, drawn here
         pool = cf.ProcessPoolExecutor(
-            workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent, initargs=(os.getpid(),)
+            workers, mp_context=ctx, initializer=_job_worker_init, initargs=(os.getpid(), steps_queue)
         )
         try:
-            futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
-            for f in cf.as_completed(futures):
-                try:
-                    out[futures[f]] = (f.result(), None)
-                except BrokenProcessPool:
-                    out[futures[f]] = (None, "a worker process died (killed, e.g. out of memory) before this finished")
-                except (Exception, SystemExit) as e:  # noqa: BLE001 - a worker's sys.exit comes back as its result
-                    out[futures[f]] = (None, error_line(e))
-                if on_done is not None:
-                    on_done(futures[f], *out[futures[f]])
-                bar.update()
+            futures = {pool.submit(_run_job, fn, i, job): i for i, job in enumerate(jobs)}
+            pending = set(futures)
+            while pending:
+                done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+                _drain_steps(steps_queue, step)
+                for f in done:
+                    try:
+                        out[futures[f]] = (f.result(), None)
+                    except BrokenProcessPool:
+                        out[futures[f]] = (
+                            None,
+                            "a worker process died (killed, e.g. out of memory) before this finished",
+                        )
+                    except (Exception, SystemExit) as e:  # noqa: BLE001 - a worker's sys.exit comes back as its result
+                        out[futures[f]] = (None, error_line(e))
+                    if on_done is not None:
+                        on_done(futures[f], *out[futures[f]])
+                    finish(futures[f])
+            _drain_steps(steps_queue, step)
         except BaseException as e:  # Ctrl-C: stop now, as Pool did (the executor would finish the running jobs first)
             for p in list((pool._processes or {}).values()):  # noqa: SLF001 - no public way before Python 3.14
                 p.terminate()
@@ -925,6 +954,8 @@ def run_jobs(fn, jobs: list, workers: int, desc: str, on_done=None) -> list[tupl
                 raise
             return [done or interrupted for done in out]  # the finished jobs are kept
         pool.shutdown()
+        _drain_steps(steps_queue, step)  # (a line the queue brought after its job's result)
+        steps_queue.close()
     return out
 
 
@@ -1070,3 +1101,102 @@ def _check_environment() -> None:
 
 
 _check_environment()
+
+
+# --- progress and start lines (helpers of run_jobs and the launchers) ---
+
+_JOB_STEP = None  # where `job_step` goes: run_jobs' bar (in this process) or its queue (in a worker process)
+_JOB_INDEX = -1  # the job a worker process runs now
+
+
+def job_step(line: str | None = None) -> None:
+    """One step of the running `run_jobs` job: `line` written above the progress bar and the bar moved one step
+    (from a worker process too: through a queue to the bar in the parent; a worker's own stderr line was glued to
+    the bar). Outside run_jobs: `line` to stderr."""
+    import sys
+
+    if _JOB_STEP is not None:
+        _JOB_STEP(line)
+    elif line:
+        print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _job_steps_to(step):
+    global _JOB_STEP
+    before, _JOB_STEP = _JOB_STEP, step
+    try:
+        yield
+    finally:
+        _JOB_STEP = before
+
+
+def _job_worker_init(parent: int, steps_queue) -> None:
+    """A run_jobs worker process: exits with its parent; its job_step lines go to `steps_queue`."""
+    global _JOB_STEP
+    _exit_with_parent(parent)
+    _JOB_STEP = lambda line: steps_queue.put((_JOB_INDEX, line))  # noqa: E731
+
+
+def _run_job(fn, i: int, job):
+    global _JOB_INDEX
+    _JOB_INDEX = i
+    return fn(job)
+
+
+def _drain_steps(steps_queue, step) -> None:
+    import queue
+
+    while True:
+        try:
+            i, line = steps_queue.get_nowait()
+        except queue.Empty:
+            return
+        step(i, line)
+
+
+@contextlib.contextmanager
+def logs_above_bars():
+    """While a tqdm bar is drawn on stderr: each log record (absl's handler, on the root logger) is written with
+    the bars cleared first and drawn again after, so a log line is a line of its own above the bar (it was glued
+    to the bar: `capacity:   0%| | 0/2 [...]I1206 ... runner.py:144] ...`)."""
+    import logging as std_logging
+    import sys
+
+    from tqdm import tqdm
+
+    class AboveBars(std_logging.Handler):
+        def __init__(self, inner):
+            super().__init__(inner.level)
+            self.inner = inner
+
+        def emit(self, record):
+            with tqdm.external_write_mode(file=sys.stderr):
+                self.inner.handle(record)
+
+    root = std_logging.getLogger()
+    before = list(root.handlers)
+    root.handlers = [AboveBars(h) for h in before]
+    try:
+        yield
+    finally:
+        root.handlers = before
+
+
+def log_start(module: str, **more) -> None:
+    """A launcher's start line, the same in each: the versions (as run.json holds them), the platform, every flag
+    it runs with (its `--config` file and overrides as given), then each of `more` (a resolved config, the results
+    directory) on a line of its own (some launchers logged versions but no flags, some flags but no versions)."""
+    import platform
+
+    from absl import logging
+
+    from dualpath_jax.metrics import _launcher_flags, _versions
+
+    named = {k.replace("_", "-"): v for k, v in _versions().items() if v}  # (dualpath_jax, dualpath-jax: one)
+    versions = ", ".join(f"{k} {v}" for k, v in named.items())
+    logging.info("%s: python %s, %s, %s", module, platform.python_version(), versions, platform.platform())
+    logging.info("flags: %s", _launcher_flags(module))
+    for what, value in more.items():
+        text = str(value)
+        logging.info("%s:%s%s", what.replace("_", " "), "" if text.startswith("\n") else " ", text)

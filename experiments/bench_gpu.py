@@ -14,14 +14,13 @@ MFU = model FLOPs (`models.flops.prefill_flops`, attention included) / step time
 from __future__ import annotations
 
 import math
-import platform
 import statistics
 import time
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import SigtermAsInterrupt, interrupted_by, writable_file_or_exit, write_rows_json
+from experiments import SigtermAsInterrupt, interrupted_by, log_start, writable_file_or_exit, write_rows_json
 
 _SHAPES = flags.DEFINE_list(
     "shapes", ["8:1024:1024", "4:4096:0"], "prefill shapes batch:miss_tokens:cached_tokens (cached: multiple of 64)"
@@ -156,7 +155,12 @@ def main(argv: Sequence[str]) -> None:
     import jax
 
     dev = jax.devices()[0]
-    logging.info("jax %s, devices %s, python %s", jax.__version__, jax.devices(), platform.python_version())
+    log_start("experiments.bench_gpu", devices=jax.devices())  # (its flags showed only in the table heading)
+    if dev.platform == "cpu":
+        logging.warning(
+            "bench_gpu runs on the CPU: its timings and FLOP rates say little of a GPU's (a benchmark of the "
+            "accelerator; here a check that it runs)"
+        )
     config = llama_1b(_LAYERS.value, _DTYPE.value)
     results: list[dict] = []
     # Ctrl-C: the finished shapes' tables are still printed, then one line (it was a traceback); SIGTERM the same
@@ -172,8 +176,8 @@ def _run_shapes(shapes, config, dev, results: list[dict], term: SigtermAsInterru
     from models.prefill_bench import run_one
 
     stopped = None
-    for batch, miss, cached in shapes:
-        logging.info("shape batch=%d miss=%d cached=%d", batch, miss, cached)
+    for n, (batch, miss, cached) in enumerate(shapes, 1):
+        logging.info("shape %d of %d: batch=%d miss=%d cached=%d", n, len(shapes), batch, miss, cached)
         r = {"model": "llama-1b", "batch": batch, "miss_tokens": miss, "cached_tokens": cached}
         try:
             if not _DEVICE_ONLY.value:
@@ -193,7 +197,10 @@ def _run_shapes(shapes, config, dev, results: list[dict], term: SigtermAsInterru
         results.append(r)
         term.raising = False  # (a SIGTERM while they are written is only noted: then it stops here)
         if _OUT.value:
-            write_rows_json(_OUT.value, results, "the shapes done so far")
+            what = "the shapes done so far"  # (also the last line of a whole run)
+            if len(results) == len(shapes):
+                what = f"all {len(shapes)} shapes" if len(shapes) > 1 else "the one shape"
+            write_rows_json(_OUT.value, results, what)
         term.raising = True
         if term.got:
             kept = f" and in {_OUT.value}" if _OUT.value else ""
@@ -213,9 +220,10 @@ def _print_tables(dev, results: list[dict], stopped: str | None) -> None:
         raise SystemExit(stopped)
     print(f"\nprefill of a ~1B dense model ({_LAYERS.value} layers, {_DTYPE.value}), device {device_name(dev)}")
 
-    def rate(side):
+    def rate(side):  # TFLOP/s; below 1 TFLOP/s in GFLOP/s (a CPU's 10.2 GFLOP/s read 0.0)
         mfu = f" ({side['mfu']:.1%})" if "mfu" in side else ""
-        return f"{side['model_gflops_per_s'] / 1e3:.1f}{mfu}"
+        g = side["model_gflops_per_s"]
+        return f"{g / 1e3:.1f}{mfu}" if g >= 1e3 else f"{g:.3g} GFLOP/s{mfu}"
 
     hdr = "| batch x miss (+cached) | compute only: whole jit on device ms | TFLOP/s (MFU) |"
     print(hdr)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import sys
 import time
 
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import register_distinct, run_parts_then_write, writable_file_or_exit, write_rows_json
+from experiments import log_start, register_distinct, run_parts_then_write, writable_file_or_exit, write_rows_json
 
 # --models, --repeats, --out: other benchmarks define them too, with their own defaults, help and validators;
 # allow_override lets the launchers be imported into one process (the last one imported defines them there; absl
@@ -122,6 +123,7 @@ def main(argv):
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     if _OUT.value:
         writable_file_or_exit(_OUT.value, "--out")  # before the benchmark, not after
+    log_start("experiments.bench_invariant")  # (it logged nothing before its first model was done)
     try:
         from models.runner import ModelRunner
     except KeyboardInterrupt:  # (a traceback: the import brings jax and flax, seconds)
@@ -140,7 +142,8 @@ def main(argv):
             for mode, r in runners.items()
         }
         times = {(mode, case): [] for mode in runners for case in cases[mode]}
-        for case in cases["default"]:
+        for n, case in enumerate(cases["default"], 1):
+            logging.info("%s: case %d of %d, %s (%d repeats)", name, n, len(cases["default"]), case, _REPEATS.value)
             for mode in runners:  # compile + warm
                 cases[mode][case]()
             for _ in range(_REPEATS.value):
@@ -165,6 +168,7 @@ def main(argv):
 
     def write(what: str) -> None:  # a model that fails keeps the finished models' rows
         _print_table(rows)
+        sys.stdout.flush()  # (a file's stdout showed nothing until the exit)
         if _OUT.value:
             write_rows_json(_OUT.value, rows, what)
 

@@ -35,6 +35,7 @@ import os
 import platform
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -784,7 +785,12 @@ def main(argv: list[str]) -> None:
         if FLAGS.out:
             write_rows_json(FLAGS.out, rows, what)
 
-    run_parts_then_write("bench_io", "section", FLAGS.sections, lambda name: rows.extend(SECTIONS[name]()), write)
+    def run_section(name: str) -> None:  # (a default run was minutes without a line; a file's stdout empty till exit)
+        logging.info("section %d of %d: %s", FLAGS.sections.index(name) + 1, len(FLAGS.sections), name)
+        rows.extend(SECTIONS[name]())
+        sys.stdout.flush()  # its table, now
+
+    run_parts_then_write("bench_io", "section", FLAGS.sections, run_section, write)
 
 
 if __name__ == "__main__":

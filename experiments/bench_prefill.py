@@ -16,12 +16,12 @@ on, a second run shows cache-load times instead.
 from __future__ import annotations
 
 import math
-import platform
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import register_distinct, run_parts_then_write, writable_file_or_exit, write_rows_json
+from experiments import log_start, register_distinct, run_parts_then_write, writable_file_or_exit, write_rows_json
 from models.prefill_bench import bench_configs, run_one
 
 _BATCH = flags.DEFINE_integer("batch", 4, "requests per prefill batch", lower_bound=1)
@@ -58,12 +58,7 @@ def _setup():
 
     if not _NO_CACHE.value:
         logging.info("persistent compilation cache: %s", enable_persistent_compilation_cache())
-    logging.info(
-        "jax %s, devices %s, python %s",
-        jax.__version__,
-        jax.devices(),
-        platform.python_version(),
-    )
+    log_start("experiments.bench_prefill", devices=jax.devices())  # (versions, but no flags)
     return jax, bench_configs(_MOE_DISPATCH.value)
 
 
@@ -113,6 +108,7 @@ def main(argv: Sequence[str]) -> None:
             write_rows_json(_OUT.value, results, what)
         # printed too: without --out, Ctrl-C in the second model said the first was "kept" and showed it nowhere
         _print_table(jax.devices()[0].platform, results)
+        sys.stdout.flush()
 
     run_parts_then_write("bench_prefill", "model", _MODELS.value, run_model, write, what="results")
 

@@ -37,6 +37,7 @@ from experiments import (
     flag_line,
     fresh_dir_or_exit,
     interrupted_by,
+    log_start,
     parse_flags_or_exit,
     pyplot_or_none,
     refuse_flags_of_parts_not_run,
@@ -292,7 +293,9 @@ def _plot(out: dict, path: str) -> None:
     plt = pyplot_or_none("bench_runtime.png")
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    o = out.get("overhead_per_turn")  # (none under --skip_overhead: one panel, not an empty second one)
+    fig, axes = plt.subplots(1, 2 if o else 1, figsize=(10 if o else 5, 4), squeeze=False)
+    axes = axes[0]
     pols = list(out.get("measured", {}))
     x = range(len(pols))
     axes[0].bar([i - 0.2 for i in x], [out["measured"][p]["jct_s"] for p in pols], 0.4, label="runtime (measured)")
@@ -302,7 +305,6 @@ def _plot(out: dict, path: str) -> None:
     axes[0].set_ylabel("JCT (s)")
     axes[0].set_title(f"1P2D I/O-bound: speedup {out.get('measured_speedup', math.nan):.2f}x")
     axes[0].legend()
-    o = out.get("overhead_per_turn")
     if o:
         axes[1].bar(["per turn"], [o["model_compute_ms"]], label="model compute")
         axes[1].bar(["per turn"], [o["overhead_ms"]], bottom=[o["model_compute_ms"]], label="runtime overhead")
@@ -352,6 +354,7 @@ def _main(argv, term):
     from schedulers.cost_model import CostModel
 
     config = config_or_exit(_CONFIG)
+    log_start("experiments.bench_runtime", resolved_config=f"\n{config}")  # (it logged no versions, no config)
     refuse_unused_workload_overrides(_CONFIG)
     given = flags.FLAGS[_CONFIG.name].override_values or {}
     slo = sorted(k for k in given if k.split(".")[:2] == ["runtime", "slo"])
@@ -394,6 +397,7 @@ def _main(argv, term):
     out_dir = fresh_dir_or_exit(
         config.results_dir, "bench_runtime-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "--config.results_dir"
     )
+    logging.info("results directory: %s", os.path.abspath(out_dir))  # (said at the end only)
     try:
         prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
     except KeyboardInterrupt as e:  # one line (it was a traceback); the new results directory is still empty

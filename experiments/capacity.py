@@ -33,7 +33,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 
@@ -44,6 +43,8 @@ from experiments import (
     check_cell_or_exit,
     exit_if_stopped_or_failed,
     interrupted_by,
+    job_step,
+    log_start,
     mode_items,
     no_earlier_results_or_exit,
     pyplot_or_none,
@@ -177,19 +178,15 @@ def _probe_line(name: str, p: dict, pct: str) -> str:
 
 
 def run_search(args: tuple[Search, dict, float, float, int, str]) -> dict:
-    """One capacity search (in a worker process), with a log line per probe; returns its result."""
+    """One capacity search (in a worker process), with a line and a bar step per probe; returns its result."""
     s, overrides, lo, hi, iters, name = args
-    from tqdm import tqdm
-
     from dualpath_jax.sim.capacity import capacity_search
 
     cfg = load_search_config(s, overrides)
     pct = f"{cfg.slo_percentile:g}"
     t0 = time.perf_counter()
-    # (tqdm.write: above the progress bar of a sequential run; a worker process's line goes to stderr as it is)
-    out = capacity_search(
-        cfg, lo, hi, iters=iters, on_probe=lambda p: tqdm.write(_probe_line(name, p, pct), file=sys.stderr)
-    )
+    # (job_step: the line above run_jobs' bar, from a worker process too, and the bar one probe on)
+    out = capacity_search(cfg, lo, hi, iters=iters, on_probe=lambda p: job_step(_probe_line(name, p, pct)))
     out["wall_s"] = time.perf_counter() - t0
     out["seed"] = cfg.seed
     out["slo"] = {
@@ -387,10 +384,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     started = time.time()
     lo, hi, iters = _LO.value, _HI.value, _ITERS.value
-    logging.info(
-        "setups=%s modes=%s extra=%r lo=%g hi=%g iters=%d seeds=%s workers=%d",
-        _SETUPS.value, _MODES.value, _EXTRA.value, lo, hi, iters, _SEEDS.value, _WORKERS.value,
-    )  # fmt: skip
+    log_start("experiments.capacity")
     setup_files_or_exit(_SETUPS.value, "--modes or --extra")
     _check_items()
     seeds = [str(int(x)) for x in _SEEDS.value] or [""]
@@ -412,7 +406,8 @@ def main(argv: Sequence[str]) -> None:
         jobs = [
             (s, overrides, lo, hi, iters, f"{names[s[0]]}:{s[1]}" + (f",seed={s[3]}" if s[3] else "")) for s in searches
         ]
-        out = run_jobs(run_search, jobs, _WORKERS.value, "capacity")
+        # (the bar counts probes, up to 2 + iters a search: counting searches, it stood still for a whole search)
+        out = run_jobs(run_search, jobs, _WORKERS.value, "capacity", unit="probe", steps=2 + iters)
         term.raising = False  # SIGTERM from here on: noted, and the exit comes after the results are written
         rows = [
             search_row(s, result, term.error_line(error), names[s[0]], lo, hi)

@@ -14,11 +14,12 @@ the whole prompt (max |logit diff|, same first token).
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Sequence
 
 from absl import app, flags, logging
+
+from experiments import log_start
 
 _MODEL = flags.DEFINE_enum("model", "qwen2", ["qwen2", "llama", "deepseek", "deepseek_v2"], "tiny model family")
 # --agents, --block_size, --seed, --no_persistent_cache: other launchers define them too, with their own defaults and
@@ -78,12 +79,7 @@ def _demo() -> None:
 
     if not _NO_CACHE.value:
         enable_persistent_compilation_cache()
-    logging.info(
-        "jax %s, devices %s, python %s",
-        jax.__version__,
-        jax.devices(),
-        platform.python_version(),
-    )
+    log_start("experiments.demo", devices=jax.devices())  # (versions, but no flags)
     config = make_config(_MODEL.value)
     agents, block = _AGENTS.value, _BLOCK.value
     total = _TURNS.value * (_APPEND.value + _GEN.value)

@@ -50,7 +50,9 @@ from experiments import (
 # --output_dir, --workers, --plot, --overwrite, --seeds, --extra: sweep (and simulate, capacity) define them too, --agents
 # experiments.demo, with their own defaults and help; allow_override lets the launchers be imported into one process (the
 # last one imported defines them there; absl raised DuplicateFlagError), and each launcher's command line is its own
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", "results/reproduce", "Where report.md goes.", allow_override=True)
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output_dir", "results/reproduce", "Where report.md / report.json / report.png / run.json go.", allow_override=True
+)
 _WORKERS = flags.DEFINE_integer("workers", 1, "Parallel worker processes.", lower_bound=1, allow_override=True)
 _AGENTS = flags.DEFINE_integer(
     "agents", 2048, "Agents of the headline offline run (paper: 2048).", lower_bound=1, allow_override=True
@@ -530,7 +532,9 @@ def _run_all(jobs: list, term: SigtermAsInterrupt, started: float, extra: str) -
 
     results, failed, done_by_key = {}, [], {}
     ran = [_with_extra(job, extra) for job in runs]
-    for job, run, (done, error) in zip(runs, ran, run_jobs(_job, ran, _WORKERS.value, "reproduce"), strict=True):
+    for job, run, (done, error) in zip(
+        runs, ran, run_jobs(_job, ran, _WORKERS.value, "reproduce", unit="run"), strict=True
+    ):
         if error is not None:
             failed.append(f"  {run[0]} {run[1]}: {term.error_line(error)}")
             continue
@@ -756,7 +760,7 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table, extra: str 
     with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:  # NaN (oracle's storage-NIC max/avg): null
         json.dump(json_safe(_report_json(results, extra)), f, indent=1, default=str)
     print("\n".join(lines))
-    print("wrote", path)
+    print("wrote", path, "and report.json")
     png, drawn = os.path.join(_OUTPUT_DIR.value, "report.png"), False
     if _PLOT.value:
         headline = {
@@ -788,6 +792,17 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table, extra: str 
         logging.info("removed %s: an earlier report's plot (none was drawn for this one)", png)
 
 
+def _headline_ylabel(title: str) -> str:
+    """The y label of a headline panel of report.png, from its title (the axes had none)."""
+    if title.startswith("JCT change"):
+        return "JCT change vs basic (%)"
+    if title.startswith("speedup"):
+        return "ratio (speedup; storage-NIC max / avg)"
+    if "capacity gain" in title:
+        return "capacity gain (x)"
+    return ""
+
+
 def plot_report(headline: dict, table_cells: list, path: str, note: str = "") -> bool:
     """report.png: `headline` = {panel title: [(label, paper, [simulator values over seeds])]}, one bar pair per
     label (the simulator's bar at its mean, its [min, max] as an error bar), and, with `table_cells` = [(mode,
@@ -808,6 +823,7 @@ def plot_report(headline: dict, table_cells: list, path: str, note: str = "") ->
         ax.set_xticks(list(xs), [label for label, _, _ in rows], rotation=20, fontsize=7)
         ax.axhline(0, color="black", lw=0.5)
         ax.set_title(title, fontsize=9)
+        ax.set_ylabel(_headline_ylabel(title), fontsize=8)
         ax.legend(fontsize=7)
     if table_cells:
         ax = axes[0][-1]

@@ -181,11 +181,17 @@ def warmup_note(first: str, judged: bool) -> str:
     return note + "; the speedups are not a fair comparison (the default config warms up before measuring)"
 
 
-def plot(results: dict, path: str) -> bool:
-    """JCT per policy and bytes per storage NIC per policy; skipped (logged) without matplotlib."""
+def plot(results: dict, path: str, config=None) -> bool:
+    """JCT per policy and bytes per storage NIC per policy; skipped (logged) without matplotlib. `config` (default:
+    --config's) names the model, P/D, NIC caps and agents in the title, with the table's warm-up note when
+    `config.warmup` is off (the plot alone showed basic's compile time as DualPath's speedup)."""
     plt = pyplot_or_none("run.png")
     if plt is None:
         return False
+    import textwrap
+
+    if config is None and flags.FLAGS.is_parsed():
+        config = _CONFIG.value
     names = list(results)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].bar(names, [results[n].summary["jct_s"] for n in names], color="tab:blue")
@@ -215,6 +221,16 @@ def plot(results: dict, path: str) -> bool:
     axes[2].set_ylabel("turns finished")
     axes[2].set_title("progress")
     axes[2].legend()
+    if config is not None:
+        rt = config.runtime
+        title = (
+            f"{rt.model}, {rt.cluster.prefill_nodes}P{rt.cluster.decode_nodes}D, storage NIC "
+            f"{rt.nics.snic_bytes_per_s / 1e9:g} GB/s, compute NIC {rt.nics.cnic_bytes_per_s / 1e9:g} GB/s, "
+            f"{rt.workload.agents} agents {rt.workload.arrival}"
+        )
+        if not config.warmup and names:
+            title += "\n" + "\n".join(textwrap.wrap(warmup_note(names[0], bool(judged)), 160))
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

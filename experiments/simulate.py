@@ -55,11 +55,23 @@ def log_versions() -> None:
     )
 
 
+def _workload_text(w) -> str:
+    """The workload of the table's setup row (the config's description keeps its file's agent count when a variant
+    item changes it: `agents=256` read '2048 agents')."""
+    if w.kind == "offline":
+        return f"offline agents={w.n_agents} dataset={w.dataset}"
+    if w.kind == "online":
+        return f"online aps={w.aps:g} duration_s={w.duration_s:g} dataset={w.dataset}"
+    return f"trace={w.trace_path}"
+
+
 def format_table(rows: list[tuple[str, object]]) -> str:
     width = max(len(k) for k, _ in rows)
     out = []
     for k, v in rows:
-        if isinstance(v, float):
+        if k.endswith("_bytes") and isinstance(v, int | float) and not isinstance(v, bool):
+            v = f"{v / 1e9:,.1f} GB"  # (13197473171200 was a raw byte count)
+        elif isinstance(v, float):
             v = f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
         out.append(f"{k:<{width}}  {v}")
     return "\n".join(out)
@@ -170,7 +182,12 @@ def main(argv: Sequence[str]) -> None:
     log_versions()
     config = config_or_exit(_CONFIG)
     cfg_dict = config.to_dict()
-    logging.info("resolved config:\n%s", config)
+    out = _OUTPUT_DIR.value or cfg_dict["output_dir"]
+    shown = config.copy_and_resolve_references()
+    with shown.unlocked():  # the directory it writes (the block said the config's, not --output_dir's)
+        shown.output_dir = out
+    logging.info("resolved config:\n%s", shown)
+    logging.info("output directory: %s", os.path.abspath(out))
     try:
         sc = sim_config.sim_config_from_dict(
             cfg_dict,
@@ -180,7 +197,6 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:  # a bad config: its message names the field; no traceback, no flag listing
         raise SystemExit(f"bad config: {e}") from None
     logging.info("sim config: %s", sc)
-    out = _OUTPUT_DIR.value or cfg_dict["output_dir"]
     made = dirs_made_for(out)  # (dropped again if the run writes nothing)
     writable_dir_or_exit(out, "--output_dir")  # before the run
     _warn_of_earlier_run(out)
@@ -238,7 +254,7 @@ def main(argv: Sequence[str]) -> None:
         (
             "setup",
             f"{cfg_dict.get('name')} policy={policy_label(sc.policy, sc.policy_kwargs)} "
-            f"layerwise={sc.cluster.layerwise} io_free={sc.cluster.io_free}",
+            f"layerwise={sc.cluster.layerwise} io_free={sc.cluster.io_free} {_workload_text(sc.workload)}",
         )
     ]
     rows += [

@@ -340,7 +340,7 @@ def run_grid(
                 "cannot append to %s (%s): the sweep's rows are kept only in memory, for sweep.json", log, e
             )
 
-    out = run_jobs(_run_checked_cell, list(cells), workers, "sweep", on_done=keep)
+    out = run_jobs(_run_checked_cell, list(cells), workers, "sweep", on_done=keep, unit="cell")
     return [_grid_row(c, row, error, names, traces.get(c)) for c, (row, error) in zip(cells, out, strict=True)]
 
 
@@ -507,6 +507,15 @@ def plot_metrics(rows: Sequence[dict]) -> list[tuple[str, str]]:
     ]
 
 
+def print_table(table: list[list[str]]) -> None:
+    """`table` (a header, then rows) with each column padded to its widest cell, an empty cell as "-" (the columns
+    were joined unpadded: an empty load moved every later value away from its header)."""
+    table = [[c or "-" for c in row] for row in table]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
 def plot_sweep(rows: Sequence[dict], path: str, extra: str = "") -> bool:
     """One row of panels per setup: each metric of `_PLOT_METRICS` the cells have, over the loads (in the order
     given), one line per mode; with several seeds, the line is their mean and the bars their [min, max]. Skipped
@@ -533,13 +542,18 @@ def plot_sweep(rows: Sequence[dict], path: str, extra: str = "") -> bool:
                        [max(v) - m for m, v in zip(mean, vals, strict=True)]]  # fmt: skip
                 ax.errorbar(range(len(loads)), mean, yerr=err, marker="o", capsize=3, label=mode)
             ax.set_xticks(range(len(loads)), [ld or "default" for ld in loads], rotation=20, ha="right", fontsize=7)
+            ax.set_xlabel("load")
             ax.set_ylabel(label)
+            if key in ("jct_s", "ttft_p50_s"):  # (scaled to the data, a 0.5% difference filled the panel)
+                ax.set_ylim(bottom=0)
             ax.set_title(setup + (f" ({extra})" if extra else ""), fontsize=8)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
-    seeds = len({r.get("seed") for r in rows})
-    if seeds > 1:
-        fig.suptitle(f"mean of {seeds} seeds, bars [min, max]", fontsize=9)
+    seeds = sorted({r.get("seed") for r in rows}, key=str)
+    title = f"modes {', '.join(dict.fromkeys(r['mode'] for r in rows))}; "
+    title += f"mean of {len(seeds)} seeds ({', '.join(map(str, seeds))}), bars [min, max]" if len(seeds) > 1 else ""
+    title += f"seed {seeds[0]}" if len(seeds) == 1 else ""
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -608,13 +622,14 @@ def _write_means(rows: list[dict], path: str, seeds: int) -> None:
         w.writeheader()
         w.writerows(out)
     print(f"mean [min, max] over {seeds} seeds:")
-    print("  ".join(["setup", "mode", "load", "seeds", *metrics]))
+    table = [["setup", "mode", "load", "seeds", *metrics]]
     for r in out:
         cells = [r["setup"], r["mode"], r["load"] or "default", str(r["seeds"])]
         for k in metrics:
             m = r[f"{k}_mean"]
             cells.append("-" if m is None else f"{_fmt(m)} [{_fmt(r[f'{k}_min'])}, {_fmt(r[f'{k}_max'])}]")
-        print("  ".join(cells))
+        table.append(cells)
+    print_table(table)
     print("wrote", path)
 
 
@@ -825,9 +840,7 @@ def _write_results(
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
     _fsync_dir(_OUTPUT_DIR.value)
-    print("  ".join(cols))
-    for r in safe:
-        print("  ".join(_fmt(r.get(k)) for k in cols))
+    print_table([cols, *([_fmt(r.get(k)) for k in cols] for r in safe)])
     for slo in dict.fromkeys(r["slo"] for r in safe if r.get("slo")):  # (which SLO; its window starts at warm-up)
         print(f"note: slo_attainment / slo_met judge the SLO {slo} (each row's `slo` column)")
     seeds = len({c[4] for c in cells})  # (--seeds; a failed cell's row has no seed of the config's own)

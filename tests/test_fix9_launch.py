@@ -136,7 +136,7 @@ def test_the_launchers_can_be_imported_into_one_process(order, output_dir, seeds
         (
             "reproduce_paper",
             [
-                "--output_dir: Where report.md goes.\n    (default: 'results/reproduce')",
+                "--output_dir: Where report.md / report.json / report.png / run.json go.\n    (default:",
                 "--seeds: Seeds of the headline offline runs",
                 "(default: '0')",
                 "--workers: Parallel worker processes.\n    (default: '1')",

@@ -65,7 +65,7 @@ def write_results(result: SimResult, output_dir: str, config: dict, plot: bool =
     write_csv(p, ["link", "t0", "t1", "nbytes"], rows)
     paths["links"] = p
     p = os.path.join(output_dir, "plot.png")
-    if plot and plot_result(result, p):
+    if plot and plot_result(result, p, name=config.get("name")):
         paths["plot"] = p
     elif os.path.exists(p):  # an earlier run's plot would pass for this one's
         os.remove(p)
@@ -73,9 +73,10 @@ def write_results(result: SimResult, output_dir: str, config: dict, plot: bool =
     return paths
 
 
-def plot_result(result: SimResult, path: str) -> str | None:
-    """Storage-NIC traffic over time per node, and the TTFT CDF; None (logged) without matplotlib (the `plot`
-    extra)."""
+def plot_result(result: SimResult, path: str, name: str | None = None) -> str | None:
+    """Storage-NIC traffic over time per node (PE / DE in its label), and the TTFT CDF, under a title naming the
+    config (`name`), policy, agents and JCT (the plot said none of them); None (logged) without matplotlib (the
+    `plot` extra)."""
     try:
         import matplotlib
     except ImportError:
@@ -94,21 +95,49 @@ def plot_result(result: SimResult, path: str) -> str | None:
             d[s.t0] = d.get(s.t0, 0.0) + s.nbytes / max(s.t1 - s.t0, 1e-9) / 1e9
     # node order, numbers compared as numbers ("snic/node2" before "snic/node10"); any other name sorts too (a
     # per-class "snic/node2/high" was int("2/high"): ValueError after the run)
-    for name in sorted(per_link, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]):
-        d = per_link[name]
+    for link in sorted(per_link, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]):
+        d = per_link[link]
         ts = sorted(d)
-        ax1.plot(ts, [d[t] for t in ts], label=name, lw=0.8)
+        ax1.plot(ts, [d[t] for t in ts], label=link, lw=0.8)
     ax1.set_xlabel("time (s)")
     ax1.set_ylabel("storage NIC traffic (GB/s)")
     if per_link:  # none when nothing was read from storage (oracle): no legend, no matplotlib warning
-        ax1.legend(fontsize=6, ncol=2)
+        c = getattr(result, "config", None)  # (the legend says PE / DE; each line keeps its link's name)
+        ax1.legend(ax1.lines, [_link_label(line.get_label(), c) for line in ax1.lines], fontsize=6, ncol=2)
     ttft = np.sort([r.ttft for r in result.records if not math.isnan(r.first_token)])
     if ttft.size:
         ax2.plot(ttft, np.arange(1, ttft.size + 1) / ttft.size)
     ax2.set_xscale("log")
     ax2.set_xlabel("TTFT (s)")
     ax2.set_ylabel("CDF")
+    fig.suptitle(_plot_title(result, name), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plot_title(result: SimResult, name: str | None) -> str:
+    """plot.png's title: `sim_tiny dualpath, 16 agents offline: JCT 43 s` (online: APS and the SLO attainment)."""
+    c = getattr(result, "config", None)
+    head = " ".join(x for x in (name, c.policy if c is not None else None) if x) or "simulation"
+    jct = getattr(result, "summary", {}).get("jct_s", math.nan)
+    jct = f"{jct:,.0f}" if jct >= 1000 else f"{jct:.3g}"  # (1,012 s, not 1e+03 s)
+    if c is None:
+        return f"{head}: JCT {jct} s"
+    w = c.workload
+    if w.kind == "offline":
+        return f"{head}, {w.n_agents} agents offline ({w.dataset}): JCT {jct} s"
+    att = result.summary.get("slo_attainment")
+    slo = f", SLO attainment {att:.1%}" if att is not None and not math.isnan(att) else ""
+    if w.kind == "online":
+        return f"{head}, online {w.aps:g} APS for {w.duration_s:g} s ({w.dataset}){slo}"
+    return f"{head}, trace {os.path.basename(w.trace_path)}{slo}"
+
+
+def _link_label(link: str, c) -> str:
+    """`snic/node0 (PE)`: the node's role (prefill nodes first, then decode: simulator._build)."""
+    m = re.match(r"snic/node(\d+)", link)
+    if c is None or m is None:
+        return link
+    return f"{link} ({'PE' if int(m.group(1)) < c.cluster.prefill_nodes else 'DE'})"
