@@ -279,4 +279,6 @@ def apply_variant(cfg: ml_collections.ConfigDict, arg: str | None) -> ml_collect
     # (a trace path's '/' made directories of the variant; '..' climbed out of the config's output_dir)
     name = arg.replace(",", "_").replace("=", "-").replace("/", "_")
     cfg.output_dir = f"{cfg.output_dir}/{name}"
+    if cfg.description and any("=" in item for item in arg.split(",")):  # (it kept the file's "2048 agents")
+        cfg.description = f"{cfg.description}; changed by the variant {arg}"
     return cfg

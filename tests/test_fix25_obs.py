@@ -228,3 +228,11 @@ def test_log_start_logs_versions_and_flags(caplog):
     text = caplog.text
     assert "experiments.fix25: python " in text and f"jax {version('jax')}" in text and "flags: " in text
     assert "results dir: /r" in text and "resolved config:\na: 1" in text
+
+
+def test_a_variant_that_changes_the_workload_is_named_in_the_description():
+    # (paper_ds660b:dualpath,agents=256 logged and stored "... 2048 agents offline": the file's own words)
+    from configs.paper_ds660b import get_config
+
+    assert get_config("dualpath").description == "DS 660B 2P4D, H800, 64K dataset, 2048 agents offline"
+    assert get_config("dualpath,agents=256").description.endswith("; changed by the variant dualpath,agents=256")

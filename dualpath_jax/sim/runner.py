@@ -415,7 +415,8 @@ def run(
 
             def report(now: float, turns_done: int, events: int) -> None:
                 bar.update(turns_done - bar.n)
-                bar.set_postfix_str(f"sim {now:,.0f} s, {events / 1e6:.1f} M events", refresh=False)
+                evs = f"{events / 1e6:.1f} M events" if events >= 1e6 else f"{events:,} events"  # (not "0.0 M")
+                bar.set_postfix_str(f"sim {now:,.0f} s, {evs}", refresh=False)
 
             records, links, stats = sim.run(max_time=max_time, progress=report)
     links = _end_at(links, stats["sim_end_s"])
