@@ -2,6 +2,9 @@
 
 import contextlib
 import re
+import time
+
+_STARTED = time.time()  # (about when the launcher began: its package is imported first; a benchmark's run.json)
 
 
 def config_or_exit(config_flag):
@@ -603,6 +606,28 @@ def write_rows_json(path: str, rows, what: str) -> None:
 
     write_atomically(path, write)
     logging.info("wrote %s to %s", what, path)
+    _write_run_info_beside(path)
+
+
+def _write_run_info_beside(path: str) -> None:
+    """What ran, beside a benchmark's `--out` rows (`X.json` -> `X.run.json`, as the other launchers' run.json: the
+    command, the line that runs it again, versions, host, git; the rows held none of it)."""
+    import json
+    import os
+    import sys
+
+    from dualpath_jax.metrics import json_safe, run_info
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module = getattr(spec, "name", None) or os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    info = run_info(module, _STARTED, rows=os.path.abspath(path))
+    beside = (path[: -len(".json")] if path.endswith(".json") else path) + ".run.json"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(json_safe(info), f, indent=1)
+
+    write_atomically(beside, write)
 
 
 def writable_file_or_exit(path: str, what: str) -> str:

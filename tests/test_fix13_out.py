@@ -32,7 +32,7 @@ def test_rows_are_written_whole_or_the_earlier_file_is_kept(tmp_path, monkeypatc
     with pytest.raises(TypeError):
         write_rows_json(str(out), [{"a": 2}, {"b": object()}], "rows")  # fails after the first row is dumped
     assert json.loads(out.read_text()) == [{"a": 1, "b": None}]
-    assert sorted(os.listdir(tmp_path)) == ["bench.json"]  # no temporary file left beside it
+    assert sorted(os.listdir(tmp_path)) == ["bench.json", "bench.run.json"]  # no temporary file left beside them
     link = tmp_path / "latest.json"
     link.symlink_to(out)
     write_rows_json(str(link), [{"a": 3}], "rows")

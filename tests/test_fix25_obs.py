@@ -236,3 +236,14 @@ def test_a_variant_that_changes_the_workload_is_named_in_the_description():
 
     assert get_config("dualpath").description == "DS 660B 2P4D, H800, 64K dataset, 2048 agents offline"
     assert get_config("dualpath,agents=256").description.endswith("; changed by the variant dualpath,agents=256")
+
+
+def test_a_benchmarks_rows_get_a_run_json_beside_them(tmp_path):
+    # (the --out rows held no command, flags, versions, host or git: the other launchers' run.json did)
+    from experiments import write_rows_json
+
+    write_rows_json(str(tmp_path / "bench.json"), [{"a": 1.0}], "rows")
+    assert json.loads((tmp_path / "bench.json").read_text()) == [{"a": 1.0}]
+    info = json.loads((tmp_path / "bench.run.json").read_text())
+    assert info["rows"] == str(tmp_path / "bench.json") and info["command"].startswith("python -m ")
+    assert "rerun" in info and "versions" in info
