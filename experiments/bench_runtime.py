@@ -26,9 +26,11 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 
 from absl import app, flags, logging
+from tqdm import tqdm
 
 from experiments import (
     SigtermAsInterrupt,
@@ -411,22 +413,26 @@ def _main(argv, term):
     failed = None
     try:
 
-        def run(cfg, ts=trajs):
+        def run(cfg, ts=trajs, label=None):
             if cfg.store_dir:  # a kept store: each run its own fresh subdirectory (no run hits another's blocks)
                 cfg = cfg.replace(
                     store_dir=fresh_dir_or_exit(cfg.store_dir, f"{stamp}-{next(runs)}", "--config.runtime.store_dir")
                 )
-            return driver.run(
-                cfg,
-                ts,
-                model_ops=ops,
-                prefill_tokens_per_s=prefill_tps,
-                launcher=session.launcher(cfg) if session else None,
-            )
+            # a bar per run, as experiments.run draws (the policies' runs took minutes without a sign of progress)
+            label = label or cfg.scheduler.name
+            with tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr) as bar:
+                return driver.run(
+                    cfg,
+                    ts,
+                    model_ops=ops,
+                    on_progress=lambda done, total: bar.update(done - bar.n),
+                    prefill_tokens_per_s=prefill_tps,
+                    launcher=session.launcher(cfg) if session else None,
+                )
 
         unpaced = driver.unpaced_nics(base)
         t0 = time.time()
-        run(base.replace(**{"scheduler.name": "basic", **unpaced}), trajs[: max(1, len(trajs) // 8)])
+        run(base.replace(**{"scheduler.name": "basic", **unpaced}), trajs[: max(1, len(trajs) // 8)], "warm-up")
         logging.info("warm-up (unpaced NICs): %.1f s", time.time() - t0)
         measured = {}
         for p in ("basic", "dualpath"):  # each kept as it finishes: a later run's failure keeps it

@@ -897,6 +897,8 @@ def test_bench_runtime_launcher_runs_small(tmp_path):
     # the turns' latencies beside the copy's, and where they go (2026-12-05)
     assert "TTFT p50 s: runtime" in out.stdout and "TTFT parts, mean ms, runtime / sim" in out.stdout, out.stdout
     assert "cluster.precompile forced on" in out.stderr  # :test turns it off; no measured JCT may hold compiles
+    # a progress bar per run, as experiments.run's (session 42: none; the runs took minutes in silence)
+    assert "    dualpath: 100%" in out.stderr and "     warm-up: 100%" in out.stderr, out.stderr[-2000:]
     (run_dir,) = list(tmp_path.glob("bench_runtime-*"))
     res = json.loads((run_dir / "bench_runtime.json").read_text())
     assert res["measured_speedup"] > 0 and res["simulated_speedup"] > 0
