@@ -646,6 +646,11 @@ def writable_file_or_exit(path: str, what: str) -> str:
     return path
 
 
+def stopped_by(term) -> str:
+    """What stopped a launcher whose results were written under `term.hold()`: "SIGTERM", "Ctrl-C" or ""."""
+    return "SIGTERM" if term.got else "Ctrl-C" if term.got_int else ""
+
+
 def error_line(e: BaseException) -> str:
     """One line for a job's error; a `sys.exit(code)` is named as such (its message alone may be empty or 0)."""
     if isinstance(e, SystemExit):
@@ -721,15 +726,15 @@ def policy_mistake(e: BaseException, policy: str, batcher: str | None = None, lo
 
 
 def exit_if_stopped_or_failed(
-    who: str, noun: str, total: int, failed: list[str], results: str, sigterm: bool, then: str = ""
+    who: str, noun: str, total: int, failed: list[str], results: str, sigterm: bool | str, then: str = ""
 ) -> None:
     """After a grid's results are written: a failing exit with one line per failed job (`failed`: "spec: error"), or
-    one saying that SIGTERM stopped it (`sigterm`) and where the finished ones are (`results`); `then`, after the
-    failed lines, says how to go on. `who`: the launcher ("sweep"); `noun`: its jobs ("cells")."""
+    one saying that SIGTERM stopped it (`sigterm`: True, or the signal's name, "Ctrl-C" for one noted while the
+    results were written: `stopped_by`) and where the finished ones are (`results`); `then`, after the failed lines,
+    says how to go on. `who`: the launcher ("sweep"); `noun`: its jobs ("cells")."""
+    by = sigterm if isinstance(sigterm, str) else "SIGTERM" if sigterm else ""
     stopped = (
-        f"{who}: stopped by SIGTERM; the {total - len(failed)} finished {noun} of {total} are in {results}\n"
-        if sigterm
-        else ""
+        f"{who}: stopped by {by}; the {total - len(failed)} finished {noun} of {total} are in {results}\n" if by else ""
     )
     if failed:
         # a job the stop left unrun did not fail (it said "6 of 6 cells failed" after a Ctrl-C)

@@ -53,6 +53,7 @@ from experiments import (
     run_jobs,
     setup_files_or_exit,
     setup_names,
+    stopped_by,
     variant_item_key,
     writable_dir_or_exit,
 )
@@ -408,7 +409,7 @@ def main(argv: Sequence[str]) -> None:
         ]
         # (the bar counts probes, up to 2 + iters a search: counting searches, it stood still for a whole search)
         out = run_jobs(run_search, jobs, _WORKERS.value, "capacity", unit="probe", steps=2 + iters)
-        term.raising = False  # SIGTERM from here on: noted, and the exit comes after the results are written
+        term.hold()  # SIGTERM and Ctrl-C from here on: noted, and the exit comes after the results are written
         rows = [
             search_row(s, result, term.error_line(error), names[s[0]], lo, hi)
             for s, (result, error) in zip(searches, out, strict=True)
@@ -480,7 +481,7 @@ def _write_results(rows: list[dict], searches: Sequence[Search], term: SigtermAs
         len(rows),
         [f"{r['spec']}: {r['error']}" for r in failed],
         os.path.join(out_dir, "capacity.csv"),
-        term.got,
+        stopped_by(term),
     )
 
 

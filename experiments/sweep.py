@@ -54,6 +54,7 @@ from experiments import (
     run_jobs,
     setup_files_or_exit,
     setup_names,
+    stopped_by,
     variant_item_key,
     writable_dir_or_exit,
 )
@@ -742,7 +743,7 @@ def main(argv: Sequence[str]) -> None:
             )  # fmt: skip
         ran = iter(run_grid(to_run, _WORKERS.value, names, log, run_traces))
         rows = [_resumed_row(kept[i], c, names) if i in kept else next(ran) for i, c in enumerate(cells)]
-        term.raising = False  # SIGTERM from here on: noted, and the exit comes after the results are written
+        term.hold()  # SIGTERM and Ctrl-C from here on: noted, and the exit comes after the results are written
         _write_results(rows, cells, term, started, traces, [cell_spec(*cells[i]) for i in sorted(kept)])
 
 
@@ -885,7 +886,7 @@ def _write_results(
         len(rows),
         [f"{cell_spec(*c)}: {err}" for c, err in failed],
         os.path.join(_OUTPUT_DIR.value, "sweep.csv"),
-        term.got,
+        stopped_by(term),
         then="\nsweep: go on with the same command and --resume: the finished cells are kept, only the others run",
     )
 

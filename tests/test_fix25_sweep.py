@@ -228,3 +228,30 @@ def test_an_online_rows_slo_is_named_beside_its_slo_columns():
     assert row["slo"] == "ttft<=4s;tpot<=0.05s;p90;warmup=1s" and row["policy_sha256"] is None, row
     cols = table_columns([row])
     assert cols[cols.index("slo_met") + 1] == "slo"
+
+
+_INT_WHILE_WRITING = """
+import os
+import signal
+from absl import app
+import experiments.sweep as sw
+
+plot = sw.plot_sweep
+def noisy(*a, **k):  # (Ctrl-C while the results are written: after sweep.csv / sweep.json, before the plot)
+    os.kill(os.getpid(), signal.SIGINT)
+    return plot(*a, **k)
+sw.plot_sweep = noisy
+app.run(sw.main, flags_parser=sw.parse_flags)
+"""
+
+
+def test_ctrl_c_while_a_sweep_writes_its_results_is_noted_and_they_stay_whole(tmp_path):
+    """Only SIGTERM was held once the cells finished: a Ctrl-C while the results were written was a traceback, no
+    plot and no run.json (session 42). Now it is noted: everything is written, then the exit says it came."""
+    script = tmp_path / "int_sweep.py"
+    script.write_text(_INT_WHILE_WRITING)
+    out = _launch(str(script), f"--setups={TINY}", "--modes=basic", "--loads=agents=2", f"--output_dir={tmp_path}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "sweep: stopped by Ctrl-C; the 1 finished cells of 1 are in" in out.stderr, out.stderr[-2000:]
+    assert (tmp_path / "sweep.png").exists() and (tmp_path / "run.json").exists()
+    assert len(json.loads((tmp_path / "sweep.json").read_text())) == 1
