@@ -28,7 +28,7 @@ def run(cfg, ts, **kw):
          "snic_max_over_avg": 1.5, "tpot_p50_s": math.nan, "tpot_p99_s": math.nan}
     return types.SimpleNamespace(summary=s)
 
-driver.prepare = lambda cfg, *a, **k: ([None] * 8, None)
+driver.prepare = lambda cfg, *a, **k: ([types.SimpleNamespace(turns=[0])] * 8, None)
 driver.measure_prefill_tokens_per_s = lambda ops, cfg, *a, **k: 1000.0
 driver.run = run
 bench_runtime._plot = lambda out, path: None

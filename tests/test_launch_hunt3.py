@@ -304,7 +304,7 @@ def run(cfg, ts, **kw):
     s = {"jct_s": 2.0, "pe_read_bytes": 1, "de_read_bytes": 0, "snic_max_over_avg": 1.5}
     return types.SimpleNamespace(summary=s)
 
-driver.prepare = lambda cfg, *a, **k: ([None] * 8, None)
+driver.prepare = lambda cfg, *a, **k: ([types.SimpleNamespace(turns=[0])] * 8, None)
 driver.measure_prefill_tokens_per_s = lambda ops, cfg, *a, **k: 1000.0
 driver.run = run
 bench_runtime._plot = lambda out, path: None
