@@ -207,7 +207,7 @@ def run(cfg, ts, **kw):
 
 kv = types.SimpleNamespace(num_layers=2, bytes_per_token_per_layer=64)
 ops = types.SimpleNamespace(kv_layout=kv, fingerprint="fp", config=types.SimpleNamespace(kv_bytes_per_token=128))
-driver.prepare = lambda cfg, *a, **k: ([None] * 8, ops)
+driver.prepare = lambda cfg, *a, **k: ([types.SimpleNamespace(turns=[0])] * 8, ops)
 driver.measure_prefill_tokens_per_s = lambda ops, cfg, *a, **k: 1000.0
 driver.run = run
 bench_runtime._plot = lambda out, path: None
