@@ -29,6 +29,11 @@ import numpy as np
 
 @dataclasses.dataclass(slots=True)  # slots: millions of records in a paper-scale simulation
 class TurnRecord:
+    """One turn's tokens and timestamps. Times are seconds: in the runtime from the run's clock start (every engine
+    group registered; `driver.RunResult`), in the simulator simulated seconds from its clock's 0; a stamp the turn
+    never reached is NaN (a run cut before it). Token counts are whole tokens (`hit_tokens`: the prompt prefix whose
+    KV was read from storage); `*_read_bytes` in bytes; engines are global engine ids (-1: not placed)."""
+
     trajectory_id: int
     turn_index: int
     prompt_tokens: int

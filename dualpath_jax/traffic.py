@@ -727,6 +727,10 @@ class TrafficManager:
         return Pacer([self.link(n) for n in names])
 
     def samples(self) -> list[LinkBytes]:
+        """Every link's bins (`Link.samples`), sorted by (t0, link): `LinkBytes(link, t0, t1, nbytes)` of
+        `sample_interval` seconds each, times from `clock_origin` (without one given, a wall-clock grid instant, so a
+        process's first bin may start before its own start); a CNIC's per class ("cnic/engine0/high", ".../low"); the
+        bins bytes were recorded in only."""
         out: list[LinkBytes] = []
         for link in list(self._links.values()):
             out.extend(link.samples())
@@ -735,6 +739,11 @@ class TrafficManager:
     @classmethod
     def for_cluster(cls, engines_per_node: Mapping[int, Iterable[int]], rates: ClusterLinks, **kw) -> TrafficManager:
         """SNIC per node and CNIC per engine, e.g. `for_cluster({0: [0, 1], 1: [2, 3]}, ClusterLinks(...))`."""
+        if not isinstance(engines_per_node, Mapping):  # (a list was an AttributeError: no attribute 'items')
+            raise TypeError(
+                f"engines_per_node must be a mapping node -> engine ids, e.g. {{0: [0, 1], 1: [2, 3]}}, "
+                f"got {type(engines_per_node).__name__}"
+            )
         tm = cls(**kw)
         for node, engines in engines_per_node.items():
             tm.add_snic(node, rates.snic_bytes_per_s)

@@ -143,6 +143,13 @@ class PendingRequest:
     arrival_time: float = 0.0
 
     def __post_init__(self):
+        # (types first: a str count was a TypeError from the comparison below, naming no request; bools: below)
+        for v in (self.prompt_tokens, self.hit_tokens, self.gen_tokens):
+            if not isinstance(v, numbers.Real) and not isinstance(v, _BOOLS):
+                raise ValueError(
+                    f"request {self.request_id}: token counts must be numbers, got prompt={self.prompt_tokens!r} "
+                    f"hit={self.hit_tokens!r} gen={self.gen_tokens!r}"
+                )
         # once per turn, so that no fetch places a negative load (also refuses NaN, and inf: such a request never
         # fits a DE and would hold the head of the queue forever)
         if not (0 <= self.hit_tokens <= self.prompt_tokens < _INF and 0 <= self.gen_tokens < _INF):

@@ -371,7 +371,9 @@ class CostModel:
 
     The model, hardware, degrees and fits are fixed at construction (read-only attributes): the per-model
     constants of the formulas are computed once there, and decode steps are memoized per (batch size,
-    context) and per batch size (bounded memos), so the simulator's per-event calls stay cheap.
+    context) and per batch size (bounded memos), so the simulator's per-event calls stay cheap. For the same reason
+    the methods' inputs are not checked: token counts and batch sizes must be whole numbers >= 0 (a negative or
+    fractional one gives a number, not an error).
     """
 
     MEMO_MAX = 1 << 15  # entries a memo holds before it is cleared
@@ -393,7 +395,7 @@ class CostModel:
                 or not isinstance(v, numbers.Real)
                 or not (v >= 1 and math.isfinite(v) and v == int(v))
             ):
-                raise ValueError(f"tp and ep must be >= 1, got tp={tp} ep={ep}: {what} must be a whole number >= 1")
+                raise ValueError(f"tp and ep must be >= 1, got tp={tp!r} ep={ep!r}: {what} must be a whole number >= 1")
         tp, ep = int(tp), int(ep)
         if not isinstance(hw, HardwareProfile):  # (an AttributeError deep in the constants)
             raise TypeError(f"hw must be a HardwareProfile or a registered name, got {type(hw).__name__}")

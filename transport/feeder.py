@@ -37,6 +37,7 @@ staging buffer) before the next layer's source runs.
 from __future__ import annotations
 
 import logging
+import numbers
 import threading
 import time
 import weakref
@@ -207,6 +208,12 @@ class LayerFeeder:
         if layer_nbytes < 0:
             raise ValueError(f"layer_nbytes must be >= 0, got {layer_nbytes}")
         _check_timeout(f"{name}: timeout_s", timeout_s)
+        own = getattr(source, "layer_nbytes", None)  # (a mismatch failed only at the first wait_for_layer, a reshape)
+        if isinstance(own, numbers.Integral) and not isinstance(own, bool) and own != layer_nbytes:
+            raise ValueError(
+                f"{name}: layer_nbytes={layer_nbytes} but its source gives layers of {own} bytes "
+                f"({type(source).__name__}.layer_nbytes)"
+            )
         self.num_layers, self.source, self.layer_nbytes = num_layers, source, layer_nbytes
         self.prefetch, self.host_view, self.saver = prefetch, host_view, saver
         self.to_device = to_device or default_to_device

@@ -45,6 +45,10 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
+    """The emulated cluster (`config.cluster`): P prefill and D decode nodes of `engines_per_node` engines each, a
+    decode engine's batch cache (`decode_slots` slots of `max_seq_len` tokens of KV), the fifo batcher's limits (in
+    tokens / requests), layerwise or Basic prefill; `pe_hbm_kv_bytes` in bytes (0: no bound)."""
+
     prefill_nodes: int = 1  # P: all-prefill nodes
     decode_nodes: int = 2  # D: all-decode nodes
     engines_per_node: int = 1  # g: engines (GPUs) per node; each engine has its own CNIC
@@ -73,6 +77,9 @@ class NicConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BufferConfig:
+    """Host DRAM buffers (`config.buffers`), in bytes, per node: a PE node's holds hit KV read on its own SNIC (and the
+    layers of DE-path reads in transit), a DE node's the prompt KV until it is loaded to its device."""
+
     pe_buffer_bytes: int = 64 << 20  # host DRAM buffer of one PE node (hit KV read on the PE path, DE-path layers)
     de_buffer_bytes: int = 64 << 20  # host DRAM buffer of one DE node (prompt KV until it is loaded to device)
 
@@ -91,6 +98,10 @@ class RdmaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
+    """The policies (`config.scheduler`): `name` of the inter-engine policy (`schedulers.POLICIES`) with its Config's
+    fields in `policy_kwargs` (field -> value), `batcher` of the intra-engine one (`schedulers.BATCHERS`) with
+    `batcher_kwargs`; how often (s) each engine group fetches work and reports, and how long (s) a silent one lives."""
+
     name: str = "dualpath"  # inter-engine policy (schedulers.make_policy)
     batcher: str = "fifo"  # intra-engine policy (schedulers.make_batcher)
     policy_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -101,6 +112,10 @@ class SchedulerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WorkloadConfig:
+    """The agents (`config.workload`): `kind` tiny (seeded, of the mean token lengths given here), synthetic (a Table 2
+    row) or trace (a file); their arrivals (offline at 0, online Poisson at `aps` agents/s, or the trace's times, in
+    seconds); synthetic and trace token lengths x `scale`, their gaps and timestamps x `time_scale`."""
+
     kind: str = "tiny"  # "tiny" (seeded short agents), "synthetic" (paper Table 2, scaled) or "trace"
     trace: str = ""  # kind="trace": a trace file/directory for dualpath_jax.workloads.traces.load_trace
     agents: int = 24  # tiny/synthetic: agents; trace: the first this many, each whole (0 = all)
@@ -133,6 +148,12 @@ class SloConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
+    """A runtime run's whole configuration (frozen): the model, KV block size (tokens), transport, launcher and KV
+    store, and the sections `cluster`, `nics` (bytes/s), `buffers` (bytes), `rdma`, `scheduler`, `workload`, `slo`
+    (seconds); times in seconds. Build it from a config file's `config.runtime` with `from_config_dict` (fields
+    checked and coerced), change it with `replace(**{"scheduler.name": "basic"})`; `validate` / `driver.prepare`
+    check it against the model and workload."""
+
     model: str = "tiny_qwen2"  # a tiny config name (random weights from model_seed) or a local HF checkpoint dir
     model_seed: int = 0
     # Batch-invariant model execution (models/layers/invariant.py): greedy tokens bit-identical whatever the
@@ -184,10 +205,17 @@ class RuntimeConfig:
         return self.cluster.decode_nodes * self.cluster.engines_per_node
 
 
-def _replace_path(obj, parts, value):
+def _replace_path(obj, parts, value, where="config"):
+    # (a mistyped field was the dataclasses TypeError, naming neither the dotted path nor the known fields)
+    fields = [f.name for f in dataclasses.fields(obj)]
+    if parts[0] not in fields:
+        raise ConfigError(f"{where}: unknown field(s) {[parts[0]]}; known: {sorted(fields)}")
+    if len(parts) > 1 and not dataclasses.is_dataclass(getattr(obj, parts[0])):
+        raise ConfigError(f"{where}.{parts[0]} has no fields: {'.'.join(parts[1:])!r} cannot be set in it")
     if len(parts) == 1:
         return dataclasses.replace(obj, **{parts[0]: value})
-    return dataclasses.replace(obj, **{parts[0]: _replace_path(getattr(obj, parts[0]), parts[1:], value)})
+    sub = _replace_path(getattr(obj, parts[0]), parts[1:], value, f"{where}.{parts[0]}")
+    return dataclasses.replace(obj, **{parts[0]: sub})
 
 
 def _build(cls, d: Mapping[str, Any], where: str):
@@ -278,6 +306,8 @@ def validate_workload(cfg: RuntimeConfig) -> None:
     """The workload's numbers, checked before the trajectories are made from them (errors name the field)."""
     _check_types(cfg, RuntimeConfig(), "config")
     validate_slo(cfg)  # (judged on the run's turns: checked before anything runs too)
+    if cfg.cluster.max_seq_len < 1:  # (before the trajectories: it was "shorter than the workload's last turn")
+        raise ConfigError(f"config.cluster.max_seq_len must be >= 1, got {cfg.cluster.max_seq_len}")
     w = cfg.workload
     least = {"agents": 0 if w.kind == "trace" else 1, "turns": 1}  # a trace's agents=0 means all of them
     for name, low in least.items():

@@ -42,6 +42,15 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class RunResult:
+    """What `run` returns. Times are seconds; the records' (`metrics.TurnRecord`) count from the run's clock start,
+    when every engine group had registered (after `startup_s`). `tokens`: (trajectory_id, turn_index) -> the turn's
+    generated token ids, int32 [gen]. `node_stats`: node_id -> its group's last report (`GroupReport.stats`).
+    `summary`: `metrics.summarize` (jct_s, ttft/tpot percentiles, ...) + `ttft_breakdown` + "link_bytes" (link ->
+    bytes) and the storage-NIC balance, + the SLO figures where judged. `links`: `metrics.LinkBytes` in time order,
+    bins of 0.1 s on the nodes' wall-clock grid (so the first may start before 0, e.g. t0=-0.07), plus one zero-byte
+    marker with t0 = t1 = 0 per SNIC (`run_links`; the SNIC balance counts an idle one by it): a rate
+    nbytes / (t1 - t0) must skip samples with t1 == t0."""
+
     policy: str
     records: list[TurnRecord]
     links: list[LinkBytes]
@@ -295,8 +304,23 @@ def make_launcher(cfg: RuntimeConfig, model_ops=None):
     raise ConfigError(f"config.launcher {cfg.launcher!r} unknown")
 
 
+def check_runtime_config(cfg) -> None:
+    """ConfigError unless `cfg` is a `RuntimeConfig` (a ConfigDict gave a dataclasses TypeError six calls deep, a dict
+    an AttributeError). Not converted here: a whole config file's ConfigDict holds more than its `runtime` section,
+    and `from_config_dict` is the one place that checks and coerces the fields' types."""
+    if not isinstance(cfg, RuntimeConfig):
+        raise ConfigError(
+            f"expected a RuntimeConfig, got {type(cfg).__name__}: pass RuntimeConfig.from_config_dict(c.runtime), c a "
+            "config file's ConfigDict (e.g. configs/tiny_runtime.py's get_config()); it takes a dict of the fields too"
+        )
+
+
 def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None, model_ops=None):
-    """Everything checked before any engine starts: the model, the workload, the config against both."""
+    """Everything checked before any engine starts: the model, the workload, the config against both. Returns
+    `(trajectories, model_ops)`: the workload's list of `Trajectory` (`trajectories` if given) and the `ModelOps` the
+    run uses (`model_ops` if given). `cfg` must be a `RuntimeConfig`: a config file's ConfigDict (or a dict) is a
+    ConfigError saying to convert it with `RuntimeConfig.from_config_dict`."""
+    check_runtime_config(cfg)  # (first: before the model's imports)
     from dualpath_jax.runtime.model_ops import ModelOps, model_config
 
     try:

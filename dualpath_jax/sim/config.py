@@ -88,6 +88,9 @@ class ClusterConfig:
 
 @dataclasses.dataclass
 class WorkloadConfig:
+    """The simulated agents: offline (all at t = 0), online (Poisson at `aps` agents per simulated second) or a
+    trace's times; synthetic lengths from a Table 2 dataset (tokens)."""
+
     kind: str = "offline"  # offline | online | trace
     dataset: str = "64K"  # synthetic dataset (workloads.synthetic.DATASETS): 32K | 48K | 64K (Table 2), one's own
     n_agents: int = 2048
@@ -109,6 +112,13 @@ class WorkloadConfig:
 
 @dataclasses.dataclass
 class SimConfig:
+    """One simulation's configuration: the `cluster` (bandwidths in GB/s, capacities in GB), the `workload`, the
+    inter-engine `policy` (`schedulers.POLICIES`) and intra-engine `batcher` (`schedulers.BATCHERS`) by name with
+    their Config fields (field -> value), the seed, and the SLO (seconds; percentile in (0, 100]; turns arriving
+    before `warmup_s` of simulated time not judged). Load one with `sim.load_sim_config` (a config file, its
+    ConfigDict layout: scheduler.name / batcher.name / mode) or `sim_config_from_dict`; `validate_sim_config` checks
+    one built in code."""
+
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     workload: WorkloadConfig = dataclasses.field(default_factory=WorkloadConfig)
     policy: str = "dualpath"
@@ -321,8 +331,17 @@ def sim_config_from_dict(cfg: dict, explicit: Collection[str] = (), variant: dic
     `variant`: the dotted keys the config file's variant items set, each to its item (`configs.sim_base`'s
     `{"workload.duration_s": "duration=100"}`, `sim.configs_io.variant_fields`). A given one (either way) that
     does nothing for the workload's kind is refused by name (`check_given_fields`). A recorded config's
-    `model_shape` / `hardware_profile` (`recorded_parts`) are registered where their names are not."""
+    `model_shape` / `hardware_profile` (`recorded_parts`) are registered where their names are not. A SimConfig's
+    own fields (`dataclasses.asdict`: `policy`, `batcher` as a name) are not this layout: ValueError saying so."""
     cfg = dict(cfg)
+    own = sorted(k for k in ("policy", "policy_kwargs", "batcher_kwargs") if k in cfg)
+    if own or isinstance(cfg.get("batcher"), str):  # (was "dictionary update sequence element #0 ...")
+        said = own or ["batcher (a name)"]
+        raise ValueError(
+            f"config: {', '.join(said)} are a SimConfig's fields (dataclasses.asdict), not a config file's layout "
+            "(scheduler.name / scheduler.kwargs, batcher.name / batcher.kwargs, mode): pass a config file's "
+            "ConfigDict.to_dict() or a run.json's 'config' (or use the SimConfig itself)"
+        )
     cluster = dict(cfg.pop("cluster", {}))
     register_recorded_parts(cfg, cluster)
     workload = dict(cfg.pop("workload", {}))
@@ -578,6 +597,11 @@ def validate_sim_config(sc: SimConfig) -> None:
     the field."""
     from schedulers import BATCHERS, POLICIES  # no jax
 
+    if not isinstance(sc, SimConfig):  # (a dict was an AttributeError: no attribute 'policy')
+        raise TypeError(
+            f"expected a SimConfig, got {type(sc).__name__}: load one with sim.load_sim_config(spec) or build it from "
+            "a config mapping with sim.config.sim_config_from_dict"
+        )
     if sc.policy not in POLICIES:
         raise ValueError(
             f"config.scheduler.name {sc.policy!r} is neither a mode ({', '.join(MODES)}) nor a registered policy "

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dualpath_jax import compiled, metrics
+from dualpath_jax.checks import is_real
 from dualpath_jax.sim.config import (
     GB,
     SimConfig,
@@ -26,6 +27,14 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class SimResult:
+    """What `run` returns; times in simulated seconds from the simulated clock's 0 (offline agents arrive there).
+    `records`: one `metrics.TurnRecord` per turn. `links`: `metrics.LinkBytes` per link ("snic/node3",
+    "cnic/engine12/low", ...) per bucket, t0 < t1 (the last bucket ends at the run's end). `stats`: the run itself
+    (events, wall_s, events_per_s, turns_per_s, fetches, unfinished_turns, sim_end_s, link_totals: link -> bytes,
+    compiled, ...). `summary`: `metrics.summarize` (jct_s, ttft / tpot percentiles, ...) + the TTFT breakdown + the
+    storage-NIC balance (snic_max_over_avg, snic_total_bytes) + the SLO figures (online / trace). `config`: the
+    SimConfig that ran; `policy_config`: every field of the policy's Config."""
+
     records: list  # [turns] metrics.TurnRecord
     links: list  # metrics.LinkBytes samples (bucketed per link)
     stats: dict  # events, wall time, events/s, turns/s, ...
@@ -402,7 +411,10 @@ def run(
 ) -> SimResult:
     """Simulate `cfg` once; deterministic for a given cfg (seed included). `progress`: a tqdm bar of finished
     turns (of all the agents' turns, known before the run whatever the arrivals) with the simulated clock, on
-    stderr."""
+    stderr. `max_time`: simulated seconds to stop at (> 0; inf: until every turn finished)."""
+    # (-1 gave a result of 0 turns, silently; "5" a TypeError from the simulator naming no argument)
+    if not is_real(max_time) or not max_time > 0:
+        raise ValueError(f"max_time must be a number of simulated seconds > 0 (inf: no limit), got {max_time!r}")
     sim = build_simulator(cfg, trajectories)
     if not progress:
         records, links, stats = sim.run(max_time=max_time)

@@ -1176,6 +1176,8 @@ class LocalDirStore(KVStore):
         return False
 
     def lookup(self, keys: Sequence[bytes]) -> int:
+        if isinstance(keys, str):  # (its characters were checked as keys: "got 'a'")
+            raise TypeError(f"keys must be a sequence of block keys (bytes of length {KEY_NBYTES}), got a str {keys!r}")
         keys = _key_list(keys)
         hit = 0
         if not self.stat_on_hit:  # the indexed leading keys, under one lock
