@@ -3,7 +3,7 @@ model on flow-level storage and compute networks, at paper scale.
 
     from dualpath_jax.sim import load_config, sim_config_from_dict, run
     cfg = sim_config_from_dict(load_config("configs/paper_ds660b.py:basic").to_dict())
-    result = run(cfg)            # SimResult(records, links, stats, summary, config)
+    result = run(cfg)            # SimResult(records, links, stats, summary, config, policy_config)
 """
 
 from dualpath_jax.sim.config import MODES, ClusterConfig, SimConfig, WorkloadConfig, sim_config_from_dict
