@@ -97,12 +97,17 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 @dataclasses.dataclass
 class PrefillRequest:
+    """One prompt of a prefill batch: its miss tokens (those prefill computes, after `cached_len` hit tokens whose KV
+    the provider feeds layer by layer; positions start at `cached_len`)."""
+
     miss_token_ids: np.ndarray  # [m] int: the tokens prefill computes (m >= 1)
     cached_len: int = 0  # hit tokens whose KV the provider feeds layer by layer
 
 
 @dataclasses.dataclass
 class PrefillResult:
+    """What a prefill returns per prompt of the batch (B prompts, vocabulary V)."""
+
     next_tokens: np.ndarray  # [B] int32 greedy token following each prompt
     last_logits: np.ndarray  # [B, V] float32 logits at each prompt's last token
     miss_kv: list[np.ndarray] | None = None  # per request [L, m, *record] (return_kv=True)
