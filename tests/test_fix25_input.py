@@ -202,3 +202,26 @@ def test_prepare_logs_the_span_of_a_trace_replay(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dualpath_jax.runtime.driver"), pytest.raises(ConfigError):
         driver.prepare(cfg)
     assert "arrival=trace: 3 agents arrive over 4 s (the first at 0 s" in caplog.text, caplog.text
+
+
+def test_prepare_logs_how_far_a_trace_replays_later_turns_reach(tmp_path, caplog):
+    # (session 42: "8 agents arrive over 0 s", then the bar stood at 9/11 for 100 s: later turns waited for their times)
+    import dataclasses
+
+    from configs.tiny_runtime import get_config
+    from dualpath_jax.runtime import driver
+    from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
+
+    trace = tmp_path / "t.jsonl"
+    rows = [{"timestamp": 0, "input_length": 40, "output_length": 4, "hash_ids": [i]} for i in range(2)]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = get_config("test").runtime
+    c.workload.kind, c.workload.trace, c.workload.arrival, c.workload.agents = "trace", str(trace), "trace", 0
+    c.cluster.max_seq_len = 8  # (refused after the line: nothing is built)
+    cfg = RuntimeConfig.from_config_dict(c)
+    trajs = driver.make_trajectories(cfg)
+    late = dataclasses.replace(trajs[1].turns[-1], arrival_offset_s=107.0)
+    trajs[1] = dataclasses.replace(trajs[1], turns=[*trajs[1].turns[:-1], late])
+    with caplog.at_level(logging.INFO, logger="dualpath_jax.runtime.driver"), pytest.raises(ConfigError):
+        driver.prepare(cfg, trajs)
+    assert "arrive over 0 s (the first at 0 s), their turns' recorded times reach 107 s" in caplog.text, caplog.text

@@ -355,12 +355,16 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     _check_arrivals_within_timeout(cfg, trajs)
     if cfg.workload.arrival == "trace":  # (a trace of µs read as ms waited 1000x longer, no line giving the span)
         firsts = make_arrival_model(cfg).agent_arrivals(trajs)
+        # (and the last recorded turn time: a run whose first turns were all done waited for later turns' times with
+        # no sign why, its bar standing at 9/11; turns without one follow their previous turn's end + gap)
+        recorded = [t.arrival_time + u.arrival_offset_s for t in trajs for u in t.turns if u.arrival_offset_s]
         log.info(
-            "arrival=trace: %d agents arrive over %.4g s (the first at %.4g s; trace times x "
-            "config.workload.time_scale=%g)",
+            "arrival=trace: %d agents arrive over %.4g s (the first at %.4g s)%s; trace times x "
+            "config.workload.time_scale=%g",
             len(trajs),
             float(np.max(firsts)),
             float(np.min(firsts)),
+            f", their turns' recorded times reach {max(recorded):.4g} s" if recorded else "",
             cfg.workload.time_scale,
         )
     _check_turn_lengths(trajs)
