@@ -451,7 +451,15 @@ _ENV_PREFIXES = ("DUALPATH_", "JAX_", "XLA_")
 _ENV_NAMES = ("PYTHONHASHSEED", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
 
-def run_info(module: str, started: float, *, output_dir: str | None = None, traces: Iterable = (), **extra) -> dict:
+def run_info(
+    module: str,
+    started: float,
+    *,
+    output_dir: str | None = None,
+    out_file: str | None = None,
+    traces: Iterable = (),
+    **extra,
+) -> dict:
     """What ran, for `run.json` beside a launcher's results (`write_run_info`): the command line (`command`, from
     `cwd`, with `env`), every flag of the launcher `module` with its value (the `--config` file and its overrides),
     versions, the git commit of the checkout it ran from and its changed files, the host, the start time (UTC;
@@ -459,7 +467,8 @@ def run_info(module: str, started: float, *, output_dir: str | None = None, trac
     size and sha256), and the launcher's `extra` (its resolved config, seeds). `rerun` is the command to paste to run
     it again: `command` in `cwd` with `env`, and for a launcher with an `--output_dir` (`output_dir`: its value)
     `--output_dir=<output_dir>/rerun` in place of the `--output_dir` given (it gave both, and read as a mistake), so
-    a re-run does not write over these results."""
+    a re-run does not write over these results; for a benchmark's `--out` file (`out_file`: X.json) likewise
+    `--out=X.rerun.json` (its rerun overwrote the rows it describes)."""
     import datetime
     import os
     import platform
@@ -469,8 +478,14 @@ def run_info(module: str, started: float, *, output_dir: str | None = None, trac
 
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
     command = shlex.join(["python", "-m", module, *sys.argv[1:]])
-    rerun_args = [] if output_dir is None else [f"--output_dir={os.path.join(os.path.abspath(output_dir), 'rerun')}"]
-    argv = sys.argv[1:] if output_dir is None else _without_flag(sys.argv[1:], "output_dir")
+    argv, rerun_args = sys.argv[1:], []
+    if output_dir is not None:
+        argv = _without_flag(argv, "output_dir")
+        rerun_args = [f"--output_dir={os.path.join(os.path.abspath(output_dir), 'rerun')}"]
+    elif out_file is not None:
+        stem = os.path.abspath(out_file)
+        stem = stem[: -len(".json")] if stem.endswith(".json") else stem
+        argv, rerun_args = _without_flag(argv, "out"), [f"--out={stem}.rerun.json"]
     rerun = [f"cd {shlex.quote(os.getcwd())} &&", *(f"{k}={shlex.quote(v)}" for k, v in env.items())]
     rerun.append(shlex.join(["python", "-m", module, *argv]))
     info = {

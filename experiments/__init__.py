@@ -319,7 +319,8 @@ def _dropped_keys(had: dict, given, prefix: str = "") -> list[str]:
     out = []
     for k, sub in had.items():
         if k not in given:
-            out.append(f"{prefix}{k}")
+            if sub != {}:  # (an option dict empty in the file, scheduler.kwargs: nothing of the file's is lost)
+                out.append(f"{prefix}{k}")
         elif sub and isinstance(given[k], (dict, ConfigDict)):
             out += _dropped_keys(sub, given[k], f"{prefix}{k}.")
     return out
@@ -620,7 +621,7 @@ def _write_run_info_beside(path: str) -> None:
 
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     module = getattr(spec, "name", None) or os.path.splitext(os.path.basename(sys.argv[0]))[0]
-    info = run_info(module, _STARTED, rows=os.path.abspath(path))
+    info = run_info(module, _STARTED, out_file=path, rows=os.path.abspath(path))
     beside = (path[: -len(".json")] if path.endswith(".json") else path) + ".run.json"
 
     def write(tmp: str) -> None:

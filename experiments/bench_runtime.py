@@ -40,6 +40,7 @@ from experiments import (
     fresh_dir_or_exit,
     interrupted_by,
     log_start,
+    logs_above_bars,
     parse_flags_or_exit,
     pyplot_or_none,
     refuse_flags_of_parts_not_run,
@@ -420,7 +421,8 @@ def _main(argv, term):
                 )
             # a bar per run, as experiments.run draws (the policies' runs took minutes without a sign of progress)
             label = label or cfg.scheduler.name
-            with tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr) as bar:
+            bar = tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr)
+            with bar, logs_above_bars():  # (the nodes' log lines were glued to the bar)
                 return driver.run(
                     cfg,
                     ts,

@@ -47,6 +47,7 @@ from experiments import (
     flag_line,
     fresh_dir_or_exit,
     interrupted_by,
+    logs_above_bars,
     parse_flags_or_exit,
     pyplot_or_none,
     reference_agreement,
@@ -573,7 +574,8 @@ def _main(argv, term: SigtermAsInterrupt):
                 # (two runs started in the same second got `-basic` and `-basic-2`, and nothing said whose was whose)
                 store_dirs[label] = cfg.store_dir
                 logging.info("%s: KV store in %s (fresh)", label, cfg.store_dir)
-            with tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr) as bar:
+            bar = tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr)
+            with bar, logs_above_bars():  # (log lines of the in-process nodes: above the bar, not glued to it)
 
                 def progress(done, total):
                     bar.update(done - bar.n)

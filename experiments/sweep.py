@@ -116,9 +116,13 @@ def _no_empty_item(name: str):
         # (a doubled comma, agents=8,,agents=16, ran an extra cell at the config's default, labelled '')
         empty = [n for n, item in enumerate(items, 1) if not item.strip()]
         if empty and len(items) > 1:
+            default = (
+                "; to run the config's own load beside others, name its value (e.g. agents=16)"
+                if name == "loads"
+                else ""
+            )
             raise flags.ValidationError(
-                f"--{name} item {empty[0]} of {len(items)} is empty (a doubled or trailing comma?): '' alone is the "
-                "config's default; beside other items, name the default's value (e.g. agents=16)"
+                f"--{name} item {empty[0]} of {len(items)} is empty (a doubled or trailing comma?){default}"
             )
         return True
 

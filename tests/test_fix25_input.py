@@ -225,3 +225,11 @@ def test_prepare_logs_how_far_a_trace_replays_later_turns_reach(tmp_path, caplog
     with caplog.at_level(logging.INFO, logger="dualpath_jax.runtime.driver"), pytest.raises(ConfigError):
         driver.prepare(cfg, trajs)
     assert "arrive over 0 s (the first at 0 s), their turns' recorded times reach 107 s" in caplog.text, caplog.text
+
+
+def test_a_section_given_whole_may_leave_out_an_option_dict_empty_in_the_file():
+    # (--config.scheduler="{'name': 'basic'}" was refused for "dropping" scheduler.kwargs, {} in the file)
+    from experiments import _dropped_keys
+
+    assert _dropped_keys({"name": None, "kwargs": {}}, {"name": "basic"}) == []
+    assert _dropped_keys({"name": None, "kwargs": {"x": None}}, {"name": "basic"}) == ["kwargs"]

@@ -246,4 +246,4 @@ def test_a_benchmarks_rows_get_a_run_json_beside_them(tmp_path):
     assert json.loads((tmp_path / "bench.json").read_text()) == [{"a": 1.0}]
     info = json.loads((tmp_path / "bench.run.json").read_text())
     assert info["rows"] == str(tmp_path / "bench.json") and info["command"].startswith("python -m ")
-    assert "rerun" in info and "versions" in info
+    assert "versions" in info and info["rerun"].endswith(f"--out={tmp_path / 'bench.rerun.json'}")  # (not over these)

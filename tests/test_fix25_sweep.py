@@ -255,3 +255,14 @@ def test_ctrl_c_while_a_sweep_writes_its_results_is_noted_and_they_stay_whole(tm
     assert "sweep: stopped by Ctrl-C; the 1 finished cells of 1 are in" in out.stderr, out.stderr[-2000:]
     assert (tmp_path / "sweep.png").exists() and (tmp_path / "run.json").exists()
     assert len(json.loads((tmp_path / "sweep.json").read_text())) == 1
+
+
+def test_an_empty_modes_item_gets_no_loads_hint():
+    # (--modes=basic, said "e.g. agents=16" and that '' alone is the default, which --loads='' refuses)
+    from experiments.sweep import _no_empty_item
+
+    with pytest.raises(flags.ValidationError) as e:
+        _no_empty_item("modes")(["basic", ""])
+    assert str(e.value) == "--modes item 2 of 2 is empty (a doubled or trailing comma?)"
+    with pytest.raises(flags.ValidationError, match=r"name its value \(e.g. agents=16\)"):
+        _no_empty_item("loads")(["agents=2", ""])

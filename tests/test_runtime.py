@@ -899,6 +899,8 @@ def test_bench_runtime_launcher_runs_small(tmp_path):
     assert "cluster.precompile forced on" in out.stderr  # :test turns it off; no measured JCT may hold compiles
     # a progress bar per run, as experiments.run's (session 42: none; the runs took minutes in silence)
     assert "    dualpath: 100%" in out.stderr and "     warm-up: 100%" in out.stderr, out.stderr[-2000:]
+    glued = re.findall(r"turn/s\] *[IWE]\d{4} .*", out.stderr)  # (a log line right after a bar, on its line)
+    assert not glued, glued[:2]
     (run_dir,) = list(tmp_path.glob("bench_runtime-*"))
     res = json.loads((run_dir / "bench_runtime.json").read_text())
     assert res["measured_speedup"] > 0 and res["simulated_speedup"] > 0
