@@ -84,6 +84,19 @@ def netns_host_lock_module():
         yield
 
 
+# A test that changes absl's logger level (a launcher's flags parsed in-process: --verbosity, or absl's default taken
+# as they parse) left it for the tests after it in its worker process, whose caplog.at_level(INFO) then caught
+# nothing (it sets the root logger's level, not absl's): each test gets the level it found back.
+@pytest.fixture(autouse=True)
+def _absl_log_level_restored():
+    import logging
+
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    yield
+    absl_logger.setLevel(level)
+
+
 # The `:test` runtime config and what derives from it: one per pytest process (read-only in every test).
 @pytest.fixture(scope="session")
 def base() -> RuntimeConfig:
