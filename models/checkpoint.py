@@ -238,11 +238,13 @@ def hf_tensors_to_params(
             f"the weights describe different models ({hint})"
         )
     if unused:
-        _LOG.warning(
-            "HF checkpoint: %d tensors not used by the model (e.g. %s)",
-            len(unused),
-            unused[:3],
+        # (named: the MTP layer's tensors read as a mistake; the warning named no directory either)
+        layers = {int(n.split(".")[2]) for n in unused if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+        mtp = sorted(i for i in layers if i >= config.num_layers)  # (below: RoPE buffers of served layers)
+        what = (
+            f"; layers {mtp} are multi-token-prediction modules (num_nextn_predict_layers), not served" if mtp else ""
         )
+        _LOG.warning("%s: %d tensors not used by the model (e.g. %s)%s", where, len(unused), unused[:3], what)
     return out
 
 

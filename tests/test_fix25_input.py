@@ -115,7 +115,7 @@ def _zero_tensors(cfg) -> dict:
     return tensors
 
 
-def test_hf_weights_of_a_deeper_model_or_an_lm_head_bias_are_refused(tmp_path):
+def test_hf_weights_of_a_deeper_model_or_an_lm_head_bias_are_refused(tmp_path, caplog):
     # config.json with fewer layers than the weights ran the truncated model (a warning); DeepSeek-V3's MTP layers
     # (num_hidden_layers .. + num_nextn_predict_layers) still load with a warning
     from test_models_checkpoint import QWEN2_HF
@@ -135,7 +135,10 @@ def test_hf_weights_of_a_deeper_model_or_an_lm_head_bias_are_refused(tmp_path):
     v3_tensors = _zero_tensors(v3)
     n = v3.num_layers
     mtp = {**v3_tensors, f"model.layers.{n}.eh_proj.weight": np.zeros((2, 2), np.float32)}
-    assert hf_tensors_to_params(v3, mtp)  # (1 MTP layer by default)
+    with caplog.at_level(logging.WARNING, logger="models.checkpoint"):
+        assert hf_tensors_to_params(v3, mtp)  # (1 MTP layer by default)
+    # (the warning says what the unused layer is: it read as a mistake)
+    assert f"layers [{n}] are multi-token-prediction modules (num_nextn_predict_layers)" in caplog.text, caplog.text
     with pytest.raises(ValueError, match=rf"'model.layers.{n + 1}.eh_proj.weight' is a weight"):
         hf_tensors_to_params(v3, {**mtp, f"model.layers.{n + 1}.eh_proj.weight": np.zeros((2, 2), np.float32)})
     assert hf_tensors_to_params(
