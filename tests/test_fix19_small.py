@@ -188,6 +188,11 @@ def test_the_temporary_store_of_a_killed_run_is_removed_by_the_next_run(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"dualpath_store_{os.getppid()}_cd34", "dualpath_store_x1y2", f"dualpath_store_{dead_pid}_file"]
     )
+    # a netns run's control-socket directory (its driver SIGKILLed): removed the same way (session 42: left for good)
+    (tmp_path / f"dpj-control-{dead_pid}-ab_1").mkdir()
+    (tmp_path / f"dpj-control-{os.getppid()}-cd_2").mkdir()
+    assert driver.remove_stores_of_killed_runs(str(tmp_path)) == [str(tmp_path / f"dpj-control-{dead_pid}-ab_1")]
+    assert (tmp_path / f"dpj-control-{os.getppid()}-cd_2").is_dir()
 
 
 # ---- runtime: heartbeats across a wall-clock step ------------------------------------------------------------------

@@ -894,7 +894,8 @@ def summary_with_sim_link_names(summary: dict) -> dict:
 def remove_stores_of_killed_runs(tmp_dir: str | None = None) -> list[str]:
     """Remove the temporary KV stores (`dualpath_store_<pid>_*` in the temp directory) of runs whose process is gone:
     a run removes its own at its end, but a job killed hard (kill -9, the OOM killer) left it, gigabytes for a real
-    model, in /tmp. A store of a live process (another job's) is kept; so is any other name. Returns those removed."""
+    model, in /tmp; likewise a netns run's control-socket directory (`dpj-control-<pid>-*`). A live process's
+    (another job's) is kept; so is any other name. Returns those removed."""
     import re
     import shutil
 
@@ -905,11 +906,15 @@ def remove_stores_of_killed_runs(tmp_dir: str | None = None) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        m = re.fullmatch(r"dualpath_store_(\d+)_\w+", name)
-        if m is None or int(m.group(1)) == os.getpid():
+        # (and a netns run's control-socket directory, `dpj-control-<pid>-*`: a SIGKILLed driver left it too)
+        m = re.fullmatch(r"dualpath_store_(\d+)_\w+|dpj-control-(\d+)-\w+", name)
+        if m is None:
+            continue
+        pid = int(m.group(1) or m.group(2))
+        if pid == os.getpid():
             continue
         try:
-            os.kill(int(m.group(1)), 0)
+            os.kill(pid, 0)
             continue  # (alive, or a pid reused since: kept)
         except ProcessLookupError:
             pass
@@ -918,7 +923,8 @@ def remove_stores_of_killed_runs(tmp_dir: str | None = None) -> list[str]:
         path = os.path.join(tmp_dir, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
-            log.info("removed %s, the temporary KV store of a run whose process is gone (killed)", path)
+            what = "control-socket directory" if name.startswith("dpj-control") else "KV store"
+            log.info("removed %s, the temporary %s of a run whose process is gone (killed)", path, what)
             removed.append(path)
     return removed
 

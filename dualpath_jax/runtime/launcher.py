@@ -596,7 +596,8 @@ class LocalProcessLauncher:
     def start(self, groups: Sequence[GroupSpec], service) -> None:
         authkey = secrets.token_bytes(16)
         if self.cfg.netns:  # (nodes in other network namespaces reach a Unix socket, not this one's loopback)
-            self._control_dir = tempfile.mkdtemp(prefix="dpj-control-")
+            # (its pid in the name: a SIGKILLed driver's is removed by the next run, `remove_stores_of_killed_runs`)
+            self._control_dir = tempfile.mkdtemp(prefix=f"dpj-control-{os.getpid()}-")
             control = os.path.join(self._control_dir, "control")
             self.server = ControlServer(
                 service.fetch, authkey, unix_path=control, on_error=getattr(service, "fail", None)
