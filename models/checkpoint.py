@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -346,7 +347,11 @@ def _remove_partial_save(staging: Path | None, parent: Path, created: Path | Non
     and the parent directories the save created, when empty. Never the target: another save may have put its
     checkpoint there meanwhile."""
     if staging is not None:
-        shutil.rmtree(staging, ignore_errors=True)
+        for _ in range(50):  # (a file a late background write created while rmtree ran: removed on the next pass)
+            shutil.rmtree(staging, ignore_errors=True)
+            if not staging.exists():
+                break
+            time.sleep(0.02)
     if created is not None:
         d = parent
         while True:  # only directories this save created, and only when empty
@@ -462,10 +467,11 @@ def save_params(checkpoint_dir: str | os.PathLike, params, config=None) -> None:
             os.rename(staging / path.name, path)  # a non-empty `path` that appeared meanwhile: an error, kept
             staging.rmdir()
         except BaseException as e:
-            try:
-                ckptr.wait_until_finished()  # no background write may still run into what is removed next
-            except BaseException:  # noqa: BLE001 -- the same failure, already being handled
-                pass
+            for finish in (ckptr.wait_until_finished, ckptr.close):  # no background write may still run into what
+                try:  # is removed next (close joins orbax's threads: a CI run found the parent left, 2026-12-06)
+                    finish()
+                except BaseException:  # noqa: BLE001 -- the same failure, already being handled
+                    pass
             _remove_partial_save(staging, path.parent, created)
             if isinstance(e, Exception):
                 raise ValueError(f"{checkpoint_dir}: saving failed, nothing was kept: {e}") from e
