@@ -1214,6 +1214,19 @@ def logs_above_bars():
         root.handlers = before
 
 
+@contextlib.contextmanager
+def turn_progress(label: str, trajectories):
+    """A progress bar of a runtime run's finished turns (experiments.run, bench_runtime), log lines kept above it;
+    yields `driver.run`'s `on_progress`."""
+    import sys
+
+    from tqdm import tqdm
+
+    total = sum(len(t.turns) for t in trajectories)
+    with tqdm(total=total, desc=f"{label:>12}", unit="turn", file=sys.stderr) as bar, logs_above_bars():
+        yield lambda done, total: bar.update(done - bar.n)
+
+
 def log_start(module: str, **more) -> None:
     """A launcher's start line, the same in each: the versions (as run.json holds them), the platform, every flag
     it runs with (its `--config` file and overrides as given), then each of `more` (a resolved config, the results

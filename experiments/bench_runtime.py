@@ -26,11 +26,9 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 
 from absl import app, flags, logging
-from tqdm import tqdm
 
 from experiments import (
     SigtermAsInterrupt,
@@ -40,14 +38,15 @@ from experiments import (
     fresh_dir_or_exit,
     interrupted_by,
     log_start,
-    logs_above_bars,
     parse_flags_or_exit,
     pyplot_or_none,
     refuse_flags_of_parts_not_run,
     refuse_unused_workload_overrides,
     remove_if_empty,
     runtime_config_line,
+    stopped_by,
     stopped_early,
+    turn_progress,
     write_atomically,
 )
 
@@ -420,14 +419,12 @@ def _main(argv, term):
                     store_dir=fresh_dir_or_exit(cfg.store_dir, f"{stamp}-{next(runs)}", "--config.runtime.store_dir")
                 )
             # a bar per run, as experiments.run draws (the policies' runs took minutes without a sign of progress)
-            label = label or cfg.scheduler.name
-            bar = tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr)
-            with bar, logs_above_bars():  # (the nodes' log lines were glued to the bar)
+            with turn_progress(label or cfg.scheduler.name, ts) as progress:
                 return driver.run(
                     cfg,
                     ts,
                     model_ops=ops,
-                    on_progress=lambda done, total: bar.update(done - bar.n),
+                    on_progress=progress,
                     prefill_tokens_per_s=prefill_tps,
                     launcher=session.launcher(cfg) if session else None,
                 )
@@ -607,11 +604,8 @@ def _main(argv, term):
     logging.info("results written to %s", out_dir)
     if failed:
         raise SystemExit(f"{failed} (the runs that finished are in {out_dir})")
-    if term.got or term.got_int:  # (it came after the last run finished, noted while the results were written)
-        raise SystemExit(
-            f"interrupted ({'SIGTERM' if term.got else 'Ctrl-C'}) after every run finished; the results "
-            f"are in {out_dir}"
-        )
+    if stopped_by(term):  # (it came after the last run finished, noted while the results were written)
+        raise SystemExit(f"interrupted ({stopped_by(term)}) after every run finished; the results are in {out_dir}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from experiments import (
     pyplot_or_none,
     refuse_flags_of_parts_not_run,
     run_jobs,
+    stopped_by,
     writable_dir_or_exit,
 )
 
@@ -503,9 +504,10 @@ def main(argv: Sequence[str]) -> None:
             ) from None
         _report(results, seeds, bases, modes, appends, pds, table, extra)
         _write_run_info(started, jobs, extra)
-    if term.got or term.got_int:  # (it came after the last run finished: the report is whole)
-        by = "SIGTERM" if term.got else "Ctrl-C"
-        raise SystemExit(f"reproduce_paper: stopped by {by} after every run finished (the report is written)")
+    if stopped_by(term):  # (it came after the last run finished: the report is whole)
+        raise SystemExit(
+            f"reproduce_paper: stopped by {stopped_by(term)} after every run finished (the report is written)"
+        )
 
 
 def _write_run_info(started: float, jobs: list, extra: str) -> None:
@@ -552,7 +554,7 @@ def _run_all(jobs: list, term: SigtermAsInterrupt, started: float, extra: str) -
                 os.remove(stale)
                 logging.info("removed %s: an earlier report's (this run wrote none)", stale)
         _write_run_info(started, jobs, extra)
-        stopped = "stopped by SIGTERM; " if term.got else "stopped by Ctrl-C; " if term.got_int else ""
+        stopped = f"stopped by {stopped_by(term)}; " if stopped_by(term) else ""
         raise SystemExit(
             f"reproduce_paper: {stopped}{len(failed)} of {len(runs)} runs failed, so no report (the "
             f"{len(done_by_key)} finished runs are in {os.path.join(_OUTPUT_DIR.value, 'report.json')}):\n"

@@ -47,7 +47,6 @@ from experiments import (
     flag_line,
     fresh_dir_or_exit,
     interrupted_by,
-    logs_above_bars,
     parse_flags_or_exit,
     pyplot_or_none,
     reference_agreement,
@@ -56,6 +55,7 @@ from experiments import (
     runtime_config_line,
     stopped_early,
     token_agreement,
+    turn_progress,
     writable_dir_or_exit,
     write_atomically,
 )
@@ -448,7 +448,6 @@ def _main(argv, term: SigtermAsInterrupt):
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     started = time.time()  # (run.json: the start and the wall time)
     import jax
-    from tqdm import tqdm
 
     from dualpath_jax import metrics
     from dualpath_jax.runtime import driver
@@ -574,12 +573,7 @@ def _main(argv, term: SigtermAsInterrupt):
                 # (two runs started in the same second got `-basic` and `-basic-2`, and nothing said whose was whose)
                 store_dirs[label] = cfg.store_dir
                 logging.info("%s: KV store in %s (fresh)", label, cfg.store_dir)
-            bar = tqdm(total=sum(len(t.turns) for t in ts), desc=f"{label:>12}", unit="turn", file=sys.stderr)
-            with bar, logs_above_bars():  # (log lines of the in-process nodes: above the bar, not glued to it)
-
-                def progress(done, total):
-                    bar.update(done - bar.n)
-
+            with turn_progress(label, ts) as progress:
                 return driver.run(
                     cfg,
                     ts,
