@@ -527,8 +527,17 @@ def write_run_info(directory: str, info: dict) -> str:
     import os
 
     path = os.path.join(directory, RUN_FILE)
-    with open(path, "w") as f:
-        json.dump(info, f, indent=1, default=str)
+    # beside it, then renamed over it: a crash or a full disk mid-dump left a torn run.json (a link at `path` keeps
+    # naming its file, which is replaced, as `open(path, "w")` wrote through it)
+    target = os.path.realpath(path)
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(info, f, indent=1, default=str)
+        os.replace(tmp, target)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
     return path
 
 

@@ -637,6 +637,25 @@ class ClusterLinks:
     cnic_bytes_per_s: float
     cnic_weights: Mapping[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_CNIC_WEIGHTS))
 
+    def __post_init__(self):
+        # (as `Link` checks them: ClusterLinks(-1, 1) was built, refused only in `for_cluster` as link 'snic/node0',
+        # and not at all by a `for_cluster` of no nodes)
+        for what in ("snic_bytes_per_s", "cnic_bytes_per_s"):
+            x = getattr(self, what)
+            if not is_real(x):
+                raise TypeError(f"ClusterLinks: {what} must be a number, got {x!r}")
+            if not x > 0:  # (NaN too; math.inf: unpaced)
+                raise ValueError(f"ClusterLinks: {what} must be > 0 bytes/s, got {x}")
+        if not isinstance(self.cnic_weights, Mapping):
+            raise TypeError(f"ClusterLinks: cnic_weights must be a mapping class -> weight, got {self.cnic_weights!r}")
+        if not self.cnic_weights:
+            raise ValueError("ClusterLinks: cnic_weights must name at least one class, got {}")
+        for c, w in self.cnic_weights.items():
+            if not is_real(w):
+                raise TypeError(f"ClusterLinks: cnic_weights[{c!r}] must be a number, got {w!r}")
+            if not w > 0:
+                raise ValueError(f"ClusterLinks: cnic_weights[{c!r}] must be > 0, got {w}")
+
 
 def wall_grid_origin(sample_interval: float) -> float:
     """A `time.monotonic()` origin at a wall-clock instant that is a multiple of `sample_interval`: the bins of links

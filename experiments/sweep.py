@@ -57,6 +57,7 @@ from experiments import (
     stopped_by,
     variant_item_key,
     writable_dir_or_exit,
+    write_atomically,
 )
 
 
@@ -90,9 +91,11 @@ _MODES = flags.DEFINE_list(
 _LOADS = flags.DEFINE_list(
     "loads",
     [""],
-    "Load variants: agents=N (offline) or aps=X (online); '' = default. Any variant item works (one column of the "
-    "grid), e.g. policy.alpha_tokens=1000000 for a parameter sweep of the modes that take it.",
+    "Load variants: agents=N (offline) or aps=X (online); unset: one column, each setup's own load. Any variant item "
+    "works (one column of the grid), e.g. policy.alpha_tokens=1000000 for a parameter sweep of the modes that take it.",
 )
+# (its default, [""], showed in --helpfull as '""', a value no one types: no default line, the help says it)
+flags.FLAGS["loads"].default_as_str = None
 _EXTRA = flags.DEFINE_string("extra", "", "Extra variant items appended to every cell (e.g. dataset=48K).")
 # --workers, --output_dir, --seeds, --plot, --overwrite: reproduce_paper (and simulate) define them too, with their own
 # defaults and help; allow_override lets the launchers be imported into one process (the last one imported defines
@@ -129,8 +132,10 @@ def _no_empty_item(name: str):
     return check
 
 
-for _name in ("modes", "loads"):
+# (--setups=a.py, said "config file '' does not exist"; --extra=a=1,,b=2 passed without a word)
+for _name in ("setups", "modes", "loads"):
     flags.register_validator(_name, _no_empty_item(_name))
+flags.register_validator("extra", lambda extra: _no_empty_item("extra")(extra.split(",")))
 for _name in ("setups", "modes", "loads"):  # an empty list made an empty grid (a traceback from the progress bar)
     flags.register_validator(_name, bool, message=f"--{_name} needs at least one item")
 # (an item given twice ran its cells twice: duplicate rows, drawn as two seeds of one cell)
@@ -622,10 +627,7 @@ def _write_means(rows: list[dict], path: str, seeds: int) -> None:
             row[f"{k}_max"] = max(v) if v else None
         out.append(row)
     cols = ["setup", "mode", "load", "seeds"] + [f"{k}_{s}" for k in metrics for s in ("mean", "min", "max")]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(out)
+    write_csv(path, cols, out)
     print(f"mean [min, max] over {seeds} seeds:")
     table = [["setup", "mode", "load", "seeds", *metrics]]
     for r in out:
@@ -636,6 +638,19 @@ def _write_means(rows: list[dict], path: str, seeds: int) -> None:
         table.append(cells)
     print_table(table)
     print("wrote", path)
+
+
+def write_csv(path: str, cols: list[str], rows: Sequence[dict]) -> None:
+    """`rows` as CSV at `path` (columns `cols`; other keys ignored), beside it then renamed over it: a crash or a full
+    disk mid-write left a torn CSV (the first rows only) that a user or --resume then read as the sweep's."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    write_atomically(path, write)
 
 
 def _fmt(v) -> str:
@@ -833,10 +848,7 @@ def _write_results(
     cols = table_columns(safe) + (["error"] if failed else [])
     # sweep.json's rows in the CSV's column order, every column (None where the CSV is empty), then the rest
     safe = [{**{k: r.get(k) for k in cols if k != "error"}, **r} for r in safe]
-    with open(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(safe)
+    write_csv(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), cols, safe)
     # beside it, then renamed over it: an earlier sweep.json (a --resume's kept rows) is whole until this one is
     path = os.path.join(_OUTPUT_DIR.value, "sweep.json")
     with open(f"{path}.tmp", "w") as f:

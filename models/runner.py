@@ -3,7 +3,8 @@
 Construction
     ``ModelRunner(config, params=None, *, seed=0, num_slots=8, capacity=512, max_traces=None,
     min_token_bucket=16)``; ``params``: an ``nnx.State`` or pure dict of the whole model (from
-    ``load_hf_checkpoint`` / ``restore_params``), or None for a random init from ``seed``.
+    ``load_hf_checkpoint`` / ``restore_params``), or None for a random init from ``seed``; ``num_slots`` and
+    ``capacity`` (the decode cache: slots x tokens) are integers >= 1.
     ``ModelRunner.from_hf(checkpoint_dir, **kw)`` loads config.json + *.safetensors.
     ``runner.layout`` (KVLayout), ``runner.fingerprint()`` (config format + weights digest: equal weights
     give equal ids however loaded), ``runner.params`` (nnx.State) / ``runner.pure_params()`` (dict, for
@@ -137,6 +138,14 @@ def _decode_layer(graphdef, state, cache, hidden, meta):
     return nnx.merge(graphdef, state).decode(cache, hidden, meta)
 
 
+def _check_decode_shape(num_slots, capacity) -> None:
+    """ValueError naming both unless the decode cache's `num_slots` and `capacity` are integers >= 1. (2.5 slots was
+    truncated to 2; 0 slots or 0 tokens made a runner whose every load or decode step was refused later.)"""
+    ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (num_slots, capacity))
+    if not ints or num_slots < 1 or capacity < 1:
+        raise ValueError(f"decode cache of num_slots={num_slots!r}, capacity={capacity!r}: both must be integers >= 1")
+
+
 class ModelRunner:
     """Per-layer jitted prefill and decode for one model (see the module docstring for the API)."""
 
@@ -152,6 +161,7 @@ class ModelRunner:
         min_token_bucket: int = 16,
         weights_id: str | None = None,
     ):
+        _check_decode_shape(num_slots, capacity)  # (before the model is built: a bad value was accepted, or said late)
         self.config = config
         self.layout: KVLayout = config.kv_layout
         self.num_layers = config.num_layers
@@ -547,11 +557,7 @@ class ModelRunner:
     # ---- decode ----
     def init_decode(self, num_slots: int, capacity: int) -> None:
         """(Re)allocate the decode cache: num_slots rows of capacity tokens per layer; all slots empty."""
-        ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (num_slots, capacity))
-        if not ints or num_slots < 0 or capacity < 0:  # 2.5 slots was truncated to 2
-            raise ValueError(
-                f"decode cache of num_slots={num_slots!r}, capacity={capacity!r}: both must be integers >= 0"
-            )
+        _check_decode_shape(num_slots, capacity)
         self.num_slots, self.capacity = int(num_slots), int(capacity)
         self.decode_caches = [
             # Batch-invariant attention reads whole key tiles: rows rounded up (tokens beyond capacity unused).

@@ -457,15 +457,19 @@ def _read_only_store_or_refuse(store_dir: str) -> None:
     )  # fmt: skip
 
 
+_STORE_SAID: dict = {}  # kept store directory (real path) -> the block count this process last logged of it
+
+
 def _open_store_once(cfg: RuntimeConfig, ops) -> None:
     """The store opened once before anything starts (on a scratch directory when each run gets a fresh one, where
     `store_options` may hold a value the store refuses): a bad value was a bare ValueError from the run's first open
     (store_dir "") or a ConfigError blaming config.store_dir.
 
-    A kept `config.store_dir`: logs how many blocks it holds (a re-used store's only trace was its hit rate) and the
-    dead writers' temp files the open removed. Those (and the blocks it evicted to fit `capacity_bytes`) are not in
-    a run's `store_stats`: `prepare` is called apart from `run` (experiments.run, the API's users, and `run` itself
-    again), so the open that cleaned up is often not the run's; this log line counts them."""
+    A kept `config.store_dir`: logs how many blocks it holds (a re-used store's only trace was its hit rate; not
+    again while the count is the one this process said last of it) and the dead writers' temp files the open removed.
+    Those (and the blocks it evicted to fit `capacity_bytes`) are not in a run's `store_stats`: `prepare` is called
+    apart from `run` (experiments.run, the API's users, and `run` itself again), so the open that cleaned up is often
+    not the run's; this log line counts them."""
     from dualpath_jax.runtime.launcher import open_store
     from dualpath_jax.runtime.node import block_layout, store_stats
 
@@ -486,7 +490,13 @@ def _open_store_once(cfg: RuntimeConfig, ops) -> None:
                 where = "config.store_dir" if cfg.store_dir else f"config.store {cfg.store!r}"
             raise ConfigError(f"{where}: {e}") from None
     temps = opened.get("temp_files_removed", 0)
-    if found or temps:  # (a new or fresh directory, experiments.run's: nothing to say)
+    # (`run` opens it again after a user's own `prepare`: the same count is said once; a count that changed, after a
+    # run wrote blocks, again)
+    kept = os.path.realpath(cfg.store_dir) if cfg.store_dir else None
+    said = kept in _STORE_SAID and _STORE_SAID[kept] == found and not temps
+    if kept is not None:
+        _STORE_SAID[kept] = found
+    if (found or temps) and not said:  # (a new or fresh directory, experiments.run's: nothing to say)
         log.info(
             "config.store_dir %r: %s%s", cfg.store_dir,
             f"holds {found} blocks of this model (kept: a run hits them)" if found else "holds no blocks",
