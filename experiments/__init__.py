@@ -223,6 +223,30 @@ def _with_none_aware_overrides(flag, flag_values) -> None:
         _none_aware_overrides(flag_values, flag.name, config)
 
 
+def own_flags(*holders) -> tuple:
+    """The Flag objects behind a launcher's FlagHolders, with the module that defined each, taken right after its
+    DEFINEs: `reclaim_flags` puts them back."""
+    from absl import flags
+
+    fv = flags.FLAGS
+    return tuple((fv.find_module_defining_flag(h.name), fv[h.name]) for h in holders)
+
+
+def reclaim_flags(own) -> None:
+    """Put back a launcher's own flags (`own_flags`) that a launcher imported later into this process replaced: names
+    such as --modes, --workers and --seeds are defined by several launchers with `allow_override`, each with its own
+    default, help and validators, so `sweep.parse_flags` after an import of capacity parsed with capacity's --modes
+    (an empty item passed). A launcher run as a program defines its flags last and needs none of this."""
+    from absl import flags
+
+    fv = flags.FLAGS
+    for module, flag in own:
+        if fv[flag.name] is not flag:
+            delattr(fv, flag.name)  # (the other launcher's: out of the flags and its module's help)
+            fv[flag.name] = flag
+            fv.register_flag_by_module(module, flag)
+
+
 def define_config_file(name: str, default: str | None, help_string: str):
     """`config_flags.DEFINE_config_file`, with an override of a field the config does not have reported as one line.
     With a default file, ml_collections applies the `--config.*` overrides of sys.argv when the flag is defined

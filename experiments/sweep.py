@@ -46,9 +46,11 @@ from experiments import (
     interrupted_by,
     mode_items,
     no_earlier_results_or_exit,
+    own_flags,
     parse_flags_or_exit,
     policy_mistake,
     pyplot_or_none,
+    reclaim_flags,
     register_distinct,
     register_seeds,
     run_jobs,
@@ -157,6 +159,9 @@ _RESUME = flags.DEFINE_bool(
     "Go on with an earlier (stopped or killed) sweep in --output_dir: keep each cell it finished (its sweep.json / "
     "sweep.rows.jsonl rows) and run only the others. Give the same --setups/--modes/--loads/--extra/--seeds.",
 )
+
+# (put back by parse_flags where a launcher imported later into this process replaced some: `reclaim_flags`)
+_OWN_FLAGS = own_flags(_SETUPS, _MODES, _LOADS, _EXTRA, _WORKERS, _OUTPUT_DIR, _SEEDS, _PLOT, _OVERWRITE, _RESUME)
 
 RESULTS = ("sweep.csv", "sweep.json", "sweep.rows.jsonl")  # an earlier sweep's, refused unless --overwrite/--resume
 ROWS_LOG = "sweep.rows.jsonl"  # each cell's row, appended as it finishes (--resume reads it)
@@ -668,6 +673,7 @@ def parse_flags(argv: list[str]):
     """`parse_flags_or_exit` (an unknown flag: absl's line, a hint for --results_dir), after two checks of sweep's
     own: another launcher's --config / --config.* (a hint naming --setups, --loads, --extra), and a flag of the
     grid given twice (absl kept the last)."""
+    reclaim_flags(_OWN_FLAGS)
     for arg in argv[1:]:
         if arg == "--":
             break
