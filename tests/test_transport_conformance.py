@@ -1,7 +1,9 @@
 """Conformance suite every transport backend runs (DESIGN.md "Contracts: Transport").
 
 Parametrized over the built-in backends; "rdma" skips with the reason when pyverbs or an RDMA device is
-missing. Cross-process TCP cases live in test_transport_tcp.py.
+missing. "rdma-fake" is `RdmaTransport` over tests/_fake_verbs.py's pyverbs stand-in (installed for the test, on any
+host): the backend's own logic, not a NIC (`-k "rdma and not fake"` picks the real one). Cross-process TCP cases live in
+test_transport_tcp.py.
 
 A backend of one's own runs every test "inproc" runs, named as `module:backend` in DUALPATH_TRANSPORT_BACKENDS
 (comma-separated; the module, importable from the repo root or PYTHONPATH, registers it in `transport.TRANSPORTS`):
@@ -19,11 +21,13 @@ import importlib
 import itertools
 import os
 import re
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
+from _fake_verbs import install, installed
 
 from dualpath_jax.traffic import Link, Pacer
 from transport import TRANSPORTS, make_transport
@@ -67,8 +71,9 @@ def named_backends(spec: str) -> list[str]:
 # The backends of one's own (DUALPATH_TRANSPORT_BACKENDS) run where "inproc" does: every backend test, and the ones
 # parametrized over the backends that run on any host (LOCAL).
 OWN_BACKENDS = [b for b in named_backends(os.environ.get(BACKENDS_ENV, "")) if b not in ("inproc", "tcp", "rdma")]
-BACKENDS = ["inproc", "tcp", "rdma", *OWN_BACKENDS]
-LOCAL = ["inproc", "tcp", *OWN_BACKENDS]
+RDMA_FAKE = "rdma-fake"  # rdma over the pyverbs stand-in (tests/_fake_verbs.py), installed by `_rdma_fake_installed`
+BACKENDS = ["inproc", "tcp", "rdma", RDMA_FAKE, *OWN_BACKENDS]
+LOCAL = ["inproc", "tcp", RDMA_FAKE, *OWN_BACKENDS]
 _names = itertools.count()
 
 
@@ -78,6 +83,19 @@ def _rdma_skip_reason() -> str | None:
     return rdma_unavailable_reason()
 
 
+def make_endpoint(backend: str, name: str, pacer=None, **kw) -> Transport:
+    """One endpoint of `backend`; "rdma-fake" is an `RdmaTransport` over the stand-in, which must be installed."""
+    if backend != RDMA_FAKE:
+        return make_transport({"backend": backend, "name": name, **kw}, pacer=pacer)
+    from transport.rdma import RdmaTransport
+
+    if installed() is None:  # (it would open a real device, or fail for want of pyverbs)
+        raise RuntimeError(f"{RDMA_FAKE!r} needs the pyverbs stand-in: `_fake_verbs.install(monkeypatch)` first")
+    ep = make_transport({"backend": "rdma", "name": name, **kw}, pacer=pacer)
+    assert type(ep) is RdmaTransport, type(ep)
+    return ep
+
+
 def make_pair(backend: str, pacer=None, **kw):
     """Two connected endpoints a, b of `backend` (a's sends paced by `pacer`)."""
     if backend == "rdma":
@@ -85,11 +103,24 @@ def make_pair(backend: str, pacer=None, **kw):
         if reason:
             pytest.skip(f"rdma backend: {reason}")
     n = next(_names)
-    a = make_transport({"backend": backend, "name": f"a{n}", **kw}, pacer=pacer)
-    b = make_transport({"backend": backend, "name": f"b{n}", **kw})
+    a = make_endpoint(backend, f"a{n}", pacer=pacer, **kw)
+    b = make_endpoint(backend, f"b{n}", **kw)
     a.connect(b.name, b.address)
     b.wait_for_peer(a.name, timeout=10)
     return a, b
+
+
+def uses_rdma_fake(request: pytest.FixtureRequest, *argnames: str) -> bool:
+    """Whether this test's parameters (fixture or direct) put "rdma-fake" in one of `argnames`."""
+    params = getattr(request.node, "callspec", None)
+    return params is not None and any(params.params.get(n) == RDMA_FAKE for n in argnames)
+
+
+@pytest.fixture(autouse=True)
+def _rdma_fake_installed(request):
+    """The pyverbs stand-in for the "rdma-fake" cases, from before their endpoints are made to after they closed."""
+    if uses_rdma_fake(request, "backend"):
+        install(request.getfixturevalue("monkeypatch"))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -123,12 +154,43 @@ def test_backends_registered():
         ep.close()
 
 
+def test_rdma_fake_is_rdma_transport_over_the_stand_in_only_while_installed():
+    """The "rdma-fake" endpoints are `RdmaTransport`s whose MRs, QPs and completions are the stand-in's (a write waits
+    for its completion queue), the stand-in is gone after the test, and without it "rdma-fake" refuses to start."""
+    from transport.rdma import RdmaTransport
+
+    before = sys.modules.get("pyverbs")
+    with pytest.MonkeyPatch.context() as mp:
+        fake = install(mp)
+        a, b = make_pair(RDMA_FAKE)
+        try:
+            assert type(a) is RdmaTransport and type(b) is RdmaTransport and a.backend == "rdma"
+            a.register("src", np.arange(64, dtype=np.uint8))
+            dst = np.zeros(64, np.uint8)
+            b.register("dst", dst)
+            assert len(fake.mrs) == 2
+            fake.hold = True  # (its completion queues report nothing)
+            fut = a.write(b.name, "src", 0, "dst", 0, 64)
+            time.sleep(0.1)
+            assert not fut.done() and dst.tolist() == list(range(64))  # placed by the stand-in's QP, not completed
+            assert all(type(q) is fake.modules["pyverbs.qp"].QP for q in a._peers[b.name].qps.values())
+            fake.hold = False
+            assert fut.result(10) == 64
+        finally:
+            fake.hold = False
+            a.close()
+            b.close()
+    assert sys.modules.get("pyverbs") is before and installed() is None
+    with pytest.raises(RuntimeError, match="'rdma-fake' needs the pyverbs stand-in"):
+        make_pair(RDMA_FAKE)
+
+
 @pytest.mark.parametrize("backend", LOCAL)
 def test_endpoint_names_and_waiting_for_a_peer(backend):
     """An endpoint needs a non-empty name; waiting for a peer that never connects times out naming it."""
     with pytest.raises(ValueError, match="transport endpoint name must be a non-empty string"):
-        make_transport({"backend": backend, "name": ""})
-    ep = make_transport({"backend": backend, "name": f"lonely-{backend}"})
+        make_endpoint(backend, "")
+    ep = make_endpoint(backend, f"lonely-{backend}")
     try:
         with pytest.raises(TimeoutError, match="peer 'nobody' did not connect within 0.05 s"):
             ep.wait_for_peer("nobody", timeout=0.05)
@@ -337,7 +399,7 @@ def _raises_within(fn, seconds: float = 5.0) -> BaseException | None:
 @pytest.mark.parametrize("backend", LOCAL)
 def test_a_nan_timeout_is_refused_not_a_wait_forever(backend):
     """A NaN timeout never expires (every comparison with it is false): waits refuse it instead of spinning."""
-    ep = make_transport({"backend": backend, "name": f"nan-{backend}"})
+    ep = make_endpoint(backend, f"nan-{backend}")
     try:
         for fn in (
             lambda: ep.wait_notification(timeout=float("nan")),

@@ -19,13 +19,12 @@ from __future__ import annotations
 import ctypes
 import json
 import socket
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
-from test_transport_hunt5 import _FakeVerbs
+from _fake_verbs import install
 
 from transport.base import PeerLostError, TransportError, make_transport
 
@@ -34,51 +33,10 @@ _names = iter(range(10**6))
 
 @pytest.fixture
 def fake_verbs(monkeypatch):
-    """hunt5's pyverbs stand-in whose QPs know their connected QP: a work request whose responder QP is in the error
-    state fails (and breaks the requester's QP), and `QP.modify` moves a QP to the error state, both under the
-    stand-in's lock, so no memmove into a responder runs once its `modify` returned (as a NIC)."""
-    fake = _FakeVerbs()
-    e = fake.modules["pyverbs.enums"]
-    e.IBV_QPS_ERR, e.IBV_QP_STATE = 6, 1
-    qp_cls = fake.modules["pyverbs.qp"].QP
-    qps: dict[int, object] = {}
-    post_send, init = qp_cls.post_send, qp_cls.__init__
-
-    def new_init(self, *args):
-        init(self, *args)
-        self.dest = None
-        qps[self.qp_num] = self
-
-    def to_rts(self, attr):
-        self.dest = attr.dest_qp_num
-
-    def modify(self, attr, mask):
-        assert mask == e.IBV_QP_STATE and attr.qp_state == e.IBV_QPS_ERR
-        self.error = True
-
-    def checked_post_send(self, wr):
-        with serial:  # (a responder's `modify` waits for a work request being run)
-            responder = qps.get(self.dest)
-            if responder is None or responder.error:
-                self.error = True  # (completes with a remote access error, nothing moved)
-            post_send(self, wr)
-
-    serial = threading.Lock()
-
-    def serial_modify(self, attr, mask):
-        with serial:
-            modify(self, attr, mask)
-
-    for name, fn in (
-        ("__init__", new_init),
-        ("to_rts", to_rts),
-        ("modify", serial_modify),
-        ("post_send", checked_post_send),
-    ):
-        setattr(qp_cls, name, fn)  # (a class of this stand-in only)
-    for name, mod in fake.modules.items():
-        monkeypatch.setitem(sys.modules, name, mod)
-    return fake
+    """tests/_fake_verbs.py's pyverbs stand-in, whose QPs know their connected QP: a work request whose responder QP is
+    in the error state fails (and breaks the requester's QP), and `QP.modify` moves a QP to the error state, both under
+    the stand-in's lock, so no memmove into a responder runs once its `modify` returned (as a NIC)."""
+    return install(monkeypatch)
 
 
 def _pair(backend: str, **kw):

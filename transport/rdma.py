@@ -73,6 +73,18 @@ from transport.base import (
 log = logging.getLogger(__name__)
 
 _INTERNAL = b"\x00"  # control-channel prefix of this backend's own messages
+
+
+class _NoMR:
+    """The memory region of a 0-byte region: nothing registered with the device (0-byte transfers post nothing)."""
+
+    lkey = rkey = 0
+
+    def close(self) -> None:
+        pass
+
+
+_NO_MR = _NoMR()
 _USER = b"\x01"  # prefix of user messages (send/recv)
 # The largest user message (`send`), as tcp's default; the control channel takes it with its prefix byte (a 16 MiB
 # message was refused: 16 MiB + 1 over the channel's own 16 MiB limit).
@@ -409,8 +421,9 @@ class RdmaTransport(Transport):
 
         e = self._e
         access = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE | e.IBV_ACCESS_REMOTE_READ
-        if region.size == 0:
-            raise RegionError(f"rdma: region {region.name!r} is empty; RDMA cannot register 0 bytes")
+        if region.size == 0:  # a 0-byte region (the contract's): no MR (verbs may refuse 0 bytes), none is used
+            self._mrs[region.name] = _NO_MR  # (only 0-byte transfers fit it, and those post no work request)
+            return
         self._mrs[region.name] = MR(self.pd, region.size, access, address=_buffer_address(region.view))
 
     def _on_deregister(self, region: MemoryRegion) -> None:
