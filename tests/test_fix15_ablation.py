@@ -96,9 +96,9 @@ class _Transport:
         return f
 
     def send(self, peer, payload):
-        import pickle
+        from dualpath_jax.runtime.engines import decode_msg
 
-        self.sent.append(pickle.loads(payload))
+        self.sent.append(decode_msg(payload))
 
     def finish(self):
         for f in self.futures:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 import threading
 import time
 import types
@@ -72,7 +71,7 @@ class _Transport:
         return ["engine0", "engine1"]
 
     def send(self, name, payload):
-        self.sent.append(pickle.loads(payload))
+        self.sent.append(engines.decode_msg(payload))
 
 
 def _fake_engine(cls, events: list, transport, **kw):

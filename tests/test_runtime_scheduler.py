@@ -240,8 +240,8 @@ def test_a_bad_report_over_the_socket_fails_the_run_naming_it(store, caplog):
         svc = make_service(store, [Trajectory(0, [Turn(6, 2)])], Clock())
         fetch(svc, 1), fetch(svc, 2)
         task = fetch(svc, 0).tasks[0]
-        server = ControlServer(svc.fetch, b"k")
-        client = SocketControlClient(server.address, b"k", timeout_s=10)
+        server = ControlServer(svc.fetch, b"k" * 16)
+        client = SocketControlClient(server.address, b"k" * 16, timeout_s=10)
         try:
             with caplog.at_level(logging.ERROR), pytest.raises(EOFError):
                 client.fetch(GroupReport(1, "decode", [1], events=[bad(task)]))

@@ -163,6 +163,7 @@ class RuntimeConfig:
     transport: str = "tcp"
     # Fields of the transport backend's endpoints besides those the launchers set (name, pacer; host, secret with
     # ray / netns; config.rdma's for rdma), e.g. tcp's {"timeout_s": 10.0}: every endpoint of the run gets them.
+    # (tcp / rdma endpoints of the other launchers get the run's secret too, unless a 'secret' here overrides it.)
     transport_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     launcher: str = "local"
     store_dir: str = ""  # "" -> a fresh temporary directory per run
@@ -819,8 +820,21 @@ def _validate_netns(cfg: RuntimeConfig) -> None:
         raise ConfigError("; ".join(misses))
 
 
+def endpoints_get_run_secret(cfg: RuntimeConfig) -> bool:
+    """Whether the launcher gives `cfg`'s endpoints the run's secret (peers prove it at connect): always with `ray` and
+    `config.netns` (non-loopback binds; `transport_options` may not set it), and for 'tcp' / 'rdma' with the other
+    launchers too unless `transport_options` gives a 'secret' of its own (`launcher._transport_factory`). Their
+    endpoints listen on 127.0.0.1, which every local user reaches: without a secret any local process could write
+    into an engine's host buffer and send it messages."""
+    if cfg.launcher == "ray" or cfg.netns:
+        return True
+    return cfg.transport in ("tcp", "rdma") and "secret" not in cfg.transport_options
+
+
 def launcher_endpoint_fields(cfg: RuntimeConfig) -> tuple[str, ...]:
-    """The fields of `cfg`'s endpoints that its launcher sets (`launcher.endpoint_spec`), not `transport_options`."""
+    """The fields of `cfg`'s endpoints that its launcher sets (`launcher.endpoint_spec`), not `transport_options`.
+    (The run's secret that tcp / rdma endpoints of the `local` and `inprocess` launchers get is not one of them:
+    `transport_options` may override it, `endpoints_get_run_secret`.)"""
     given = ["backend", "name", "pacer"]
     if cfg.transport == "inproc":
         given.append("fabric")
@@ -847,7 +861,14 @@ def _validate_transport_options(cfg: RuntimeConfig, cls) -> None:
             f"config.transport_options sets {', '.join(clash)}, which {where} sets for every endpoint "
             f"({', '.join(given)})"
         )
-    fit = keyword_fit(cls, [*given[1:], *opts])  # (backend: make_transport's, not the class's)
+    secret = opts.get("secret")
+    if cfg.transport in ("tcp", "rdma") and "secret" in opts and not (isinstance(secret, (str, bytes)) and secret):
+        raise ConfigError(
+            f"config.transport_options secret={secret!r}: a secret must be a non-empty string; leave it out and the "
+            "launcher gives every endpoint the run's own"
+        )
+    run_secret = ["secret"] if endpoints_get_run_secret(cfg) and "secret" not in given else []
+    fit = keyword_fit(cls, [*given[1:], *run_secret, *opts])  # (backend: make_transport's, not the class's)
     if fit is None or not opts:
         return
     takes_not, _, takes = fit

@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from multiprocessing.connection import Client, Connection, Listener, answer_challenge, deliver_challenge
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any
 
 import numpy as np
@@ -109,13 +109,61 @@ def _said(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-class SocketControlClient:
-    """Across processes/hosts: one connection per group, request/reply with an auth key."""
+def _io_timeout(sock: socket.socket, seconds: float) -> None:
+    """The kernel's receive and send timeouts of a blocking socket (0: none): `Connection` reads and writes the raw
+    descriptor, so a Python-level `settimeout` (non-blocking mode) would break it. A read past it raises
+    BlockingIOError (EAGAIN)."""
+    tv = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
-    def __init__(self, address, authkey: bytes, timeout_s: float = 30.0):
+
+def _connect(address, authkey: bytes, timeout_s: float) -> Connection:
+    """`multiprocessing.connection.Client(address, authkey=authkey)` within `timeout_s`: connecting and the auth-key
+    challenges both ways. `Client` has no timeout: a server whose accept thread was gone left the node waiting for
+    its challenge forever (the kernel still takes the connection into the listen backlog)."""
+    if isinstance(address, str):  # (a Unix socket: config.netns)
+        sock = socket.socket(socket.AF_UNIX)
         try:
-            self._conn: Connection = Client(address, authkey=authkey)
-        except (EOFError, ConnectionError) as e:  # (refused: no server listens there any more)
+            sock.settimeout(timeout_s)
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        sock = socket.create_connection(address, timeout=timeout_s)
+    try:
+        sock.settimeout(None)  # (blocking again, for `Connection`)
+        _io_timeout(sock, timeout_s)
+    except BaseException:
+        sock.close()
+        raise
+    conn = Connection(sock.detach())
+    try:
+        answer_challenge(conn, authkey)
+        deliver_challenge(conn, authkey)
+        with socket.socket(fileno=os.dup(conn.fileno())) as s:  # (the same socket)
+            _io_timeout(s, 0)  # (`fetch` waits with `poll`)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class SocketControlClient:
+    """Across processes/hosts: one connection per group, request/reply with an auth key. Connecting (with the auth
+    challenges) gives up after `connect_timeout_s` with `DriverLost`; a fetch with no reply in `timeout_s` raises
+    TimeoutError."""
+
+    def __init__(self, address, authkey: bytes, timeout_s: float = 30.0, connect_timeout_s: float = 30.0):
+        try:
+            self._conn: Connection = _connect(address, authkey, connect_timeout_s)
+        except BlockingIOError:  # (SO_RCVTIMEO: no challenge, or no answer to ours, in time)
+            raise DriverLost(
+                f"the driver's control server at {address} did not answer within {connect_timeout_s:g} s (its accept "
+                "thread gone, or the driver stopped)"
+            ) from None
+        except (EOFError, OSError) as e:  # (refused: no server listens there any more; a connect that timed out)
             raise DriverLost(f"cannot reach the driver's control server at {address} ({_said(e)})") from None
         self._lock = threading.Lock()
         self._timeout_s = timeout_s
@@ -146,6 +194,11 @@ class SocketControlClient:
 
 #: Seconds a new connection has to pass the auth-key challenge (`ControlServer`).
 AUTH_TIMEOUT_S = 30.0
+#: The shortest auth key `ControlServer` takes (the launchers make 16 random bytes per run).
+MIN_AUTHKEY_BYTES = 16
+#: Connections the listening socket queues before accept takes them (multiprocessing's default, 1, made N nodes
+#: starting together wait out SYN retransmits, 1 s steps).
+LISTEN_BACKLOG = 128
 
 
 class ControlServer:
@@ -168,16 +221,21 @@ class ControlServer:
     ):
         """Listens on TCP `host` (an ephemeral port), or on the Unix socket `unix_path` where given: a filesystem path
         reaches node processes in other network namespaces (`config.netns`), where 127.0.0.1 is another host's."""
+        if not isinstance(authkey, bytes) or len(authkey) < MIN_AUTHKEY_BYTES:
+            # (b"" or a short key: any local process could pass the challenge and have its pickles unpickled here)
+            what = f"{len(authkey)} bytes" if isinstance(authkey, bytes) else type(authkey).__name__
+            raise ValueError(f"ControlServer: authkey must be at least {MIN_AUTHKEY_BYTES} bytes, got {what}")
         self._handler = handler
         self._authkey = authkey
         self._on_error = on_error
         # (no authkey here: `_serve` runs the challenge, see the class docstring)
         if unix_path is not None:
-            self._listener = Listener(unix_path, family="AF_UNIX")
+            self._listener = Listener(unix_path, family="AF_UNIX", backlog=LISTEN_BACKLOG)
         else:
-            self._listener = Listener((host, 0))
+            self._listener = Listener((host, 0), backlog=LISTEN_BACKLOG)
         self.address = self._listener.address
-        self._threads: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []  # the connections' threads still alive (pruned at each accept)
+        self._stopping = threading.Event()  # (`close`: ends an accept back-off at once)
         self._nodes: dict[int, Connection] = {}  # node -> its open connection (the one its reports came on)
         self._nodes_lock = threading.Lock()
         self._closed = False
@@ -185,19 +243,31 @@ class ControlServer:
         self._accept.start()
 
     def _accept_loop(self) -> None:
+        backoff = 0.01
         while not self._closed:
             try:
                 conn = self._listener.accept()
-            except Exception as e:  # noqa: BLE001 -- closed listener
+            except Exception as e:  # noqa: BLE001 -- closed listener; EMFILE, ENOBUFS, ECONNABORTED...: passing
                 if self._closed:
                     return
-                log.warning("control server: rejected a connection: %s", e)
+                # (retried at once, out of descriptors it spun: ~370 lines/s. 10 ms doubling to 1 s, as TcpTransport)
+                log.warning("control server: accept failed (%s); still accepting", e)
+                self._stopping.wait(backoff)
+                backoff = min(1.0, backoff * 2)
                 continue
+            backoff = 0.01
             if self._closed:  # (`close`'s own wake-up connection)
                 conn.close()
                 return
+            self._threads = [t for t in self._threads if t.is_alive()]
             t = threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True)
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as e:  # can't start new thread: drop this connection, keep accepting
+                # (it ended the accept thread: every node connecting later waited for its challenge for good)
+                log.error("control server: dropping a connection: %s", e)
+                conn.close()
+                continue
             self._threads.append(t)
 
     def _authenticate(self, conn: Connection) -> bool:
@@ -288,6 +358,7 @@ class ControlServer:
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()
         if self._accept.is_alive():
             try:
                 if isinstance(self.address, str):  # (a Unix socket)

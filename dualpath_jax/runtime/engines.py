@@ -34,9 +34,9 @@ decode steps go on meanwhile.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
-import pickle
 import queue
 import threading
 import time
@@ -48,7 +48,7 @@ from concurrent.futures import CancelledError
 import numpy as np
 
 from dualpath_jax.block_keys import BlockKeyChain
-from dualpath_jax.checks import is_int
+from dualpath_jax.checks import is_int, is_real
 from dualpath_jax.host_buffers import BufferBudgetExceeded, HostBufferPool
 from dualpath_jax.runtime.control import Cancel, Event, TurnTask
 from dualpath_jax.runtime.storage_nic import ReadJob, StorageNIC, WriteJob
@@ -106,6 +106,72 @@ def layer_tag(request_id: int, attempt: int, layer: int) -> int:
 def split_tag(tag: int) -> tuple[int, int, int]:
     """(request id, attempt, layer) of a `layer_tag`."""
     return tag >> 32, (tag >> 16) & TAG_FIELD_MAX, tag & TAG_FIELD_MAX
+
+
+# The messages engines send each other (`send_msg`): kind -> its int fields besides request_id and attempt (a
+# prefill_done also carries the PE's own stamps of the attempt, "pe_stamps"). They travel as JSON: a peer's bytes are
+# data, never code (they were pickled, so any process that could connect to an endpoint ran code in the engine). A
+# kind missing here is dropped by its receiver (`decode_msg`): a new message kind goes here too.
+MESSAGE_FIELDS = {
+    "pe_area": ("offset",),
+    "de_area": ("offset",),
+    "de_read_done": ("end_blocks",),
+    "prefill_done": ("hit_tokens", "first_token"),
+}
+
+
+class BadMessage(ValueError):
+    """A peer's payload that is not an engine message (`decode_msg`)."""
+
+
+def _plain(o):
+    """JSON for numpy scalars (an area offset, a block count may be one); anything else is a bug of the sender."""
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"an engine message holds a {type(o).__name__}, which JSON cannot carry")
+
+
+def encode_msg(msg: dict) -> bytes:
+    """An engine message's payload (JSON, `decode_msg`)."""
+    return json.dumps(msg, default=_plain, separators=(",", ":")).encode()
+
+
+def decode_msg(payload) -> dict:
+    """The message of a peer's `encode_msg` payload, checked against `MESSAGE_FIELDS` (the PE's stamps: numbers, its
+    read a (start, end, bytes) tuple again). Raises `BadMessage` saying what is wrong."""
+    try:
+        msg = json.loads(payload if isinstance(payload, (bytes, bytearray, str)) else bytes(payload))
+    except (ValueError, RecursionError) as e:  # (not UTF-8, not JSON, nested too deep)
+        raise BadMessage(f"not JSON ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(msg, dict):
+        raise BadMessage(f"a JSON {type(msg).__name__}, not an object")
+    kind = msg.get("kind")
+    fields = MESSAGE_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise BadMessage(f"unknown kind {str(kind)[:40]!r}")
+    for f in ("request_id", "attempt", *fields):
+        if not is_int(msg.get(f)):
+            raise BadMessage(f"a {kind} message whose {f} is {str(msg.get(f))[:40]!r}, not an int")
+    if "pe_stamps" in msg:
+        msg["pe_stamps"] = _pe_stamps(msg["pe_stamps"])
+    return msg
+
+
+def _pe_stamps(stamps):
+    """A prefill_done's "pe_stamps" (`PrefillEngine._hand_over`), checked: None, or {prefill_start, prefill_end:
+    seconds; read: None or [start, end, bytes]} (its read a tuple again, as the PE made it)."""
+    if stamps is None:
+        return None
+    if not isinstance(stamps, dict):
+        raise BadMessage(f"pe_stamps {str(stamps)[:80]!r} are not the PE's stamps")
+    if not all(is_real(stamps[k]) for k in ("prefill_start", "prefill_end") if k in stamps):
+        raise BadMessage(f"pe_stamps {str(stamps)[:80]!r} hold a time that is not a number")
+    read = stamps.get("read")
+    if read is not None:
+        if not (isinstance(read, list) and len(read) == 3 and all(map(is_real, read))):
+            raise BadMessage(f"pe_stamps' read {str(read)[:80]!r} is not [start, end, bytes]")
+        stamps["read"] = tuple(read)
+    return stamps
 
 
 class _Inbox:
@@ -272,7 +338,14 @@ class EngineBase:
                 self._transport_failed(e, "recv")
                 return
             self._heard.add(peer)
-            self.inbox.put("msg", pickle.loads(payload))
+            try:
+                msg = decode_msg(payload)  # (never pickle: a peer's bytes must not be code)
+            except BadMessage as e:
+                log.error(
+                    "%s%d: dropped a message from %r that is no engine message: %s", self.role, self.engine_id, peer, e
+                )
+                continue
+            self.inbox.put("msg", msg)
 
     def _pump_notifications(self) -> None:
         while not self._stop.is_set():
@@ -317,7 +390,7 @@ class EngineBase:
     def send_msg(self, engine_id: int, msg: dict) -> None:
         """A request's message (its `request_id` and `attempt` in it) to a peer engine. Never raises: a peer that
         cannot be reached is reported (`peer_lost`); a bug of the transport backend fails the run."""
-        payload = pickle.dumps(msg)  # (out of the try: an error here is not the transport's)
+        payload = encode_msg(msg)  # (out of the try: an error here is not the transport's)
         op = "connect"
         try:
             peer = self._peer(engine_id)

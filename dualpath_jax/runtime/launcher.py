@@ -262,7 +262,7 @@ class InProcessLauncher:
         self.store = store
         traffic = TrafficManager()
         self.traffic = traffic
-        make_transport = _transport_factory(cfg)
+        make_transport = _transport_factory(cfg, secret=secrets.token_hex(16))  # (tcp, rdma: on loopback too)
         batchers = build_batcher_factory(cfg, ops)
         for g in groups:
             group = EngineGroup(
@@ -322,7 +322,8 @@ class InProcessLauncher:
 def endpoint_spec(cfg: RuntimeConfig, name: str, **extra) -> dict:
     """The `transport.make_transport` config of engine endpoint `name` for `config.transport` "tcp", "rdma" (with
     `config.rdma`'s device, port, GID index and service levels), "inproc" or one's own, with
-    `config.transport_options`; `extra`: what the launcher sets besides (host, secret: Ray, netns; fabric: inproc)."""
+    `config.transport_options`; `extra`: what the launcher sets besides (host: Ray, netns; secret: the run's, with Ray
+    and netns and for tcp / rdma with every launcher, `config.endpoints_get_run_secret`; fabric: inproc)."""
     spec = {"backend": cfg.transport, "name": name, **cfg.transport_options, **extra}
     if cfg.transport == "rdma":
         from dualpath_jax.runtime.config import rdma_endpoint_kwargs
@@ -332,9 +333,12 @@ def endpoint_spec(cfg: RuntimeConfig, name: str, **extra) -> dict:
 
 
 def _transport_factory(cfg: RuntimeConfig, spec: GroupSpec | None = None, secret: str | None = None):
-    """(endpoint name, pacer) -> the engine's endpoint. With `config.netns` (`spec`: the node's group, `secret`: the
-    run's) each binds to its engine's compute veth in the node's namespace and proves `secret` at connect, and the
-    kernel paces it: its pacer only records (`traffic.RecordingPacer`)."""
+    """(endpoint name, pacer) -> the engine's endpoint. `secret`: the run's, the same in every node (None: none).
+    tcp and rdma endpoints prove it at connect on loopback too, unless `config.transport_options` gives a secret of
+    its own (`config.endpoints_get_run_secret`): an endpoint without one let any local process write into the
+    engine's buffer. With `config.netns` (`spec`: the node's group) each binds to its engine's compute veth in the
+    node's namespace, and the kernel paces it: its pacer only records (`traffic.RecordingPacer`)."""
+    from dualpath_jax.runtime.config import endpoints_get_run_secret
     from transport import make_transport
 
     if cfg.netns:
@@ -357,7 +361,8 @@ def _transport_factory(cfg: RuntimeConfig, spec: GroupSpec | None = None, secret
 
         return lambda name, pacer: make_transport(endpoint_spec(cfg, name, fabric=fabric), pacer=pacer)
     # "tcp", "rdma" (same address rules: its control channel is a TCP endpoint, loopback here), or one's own
-    return lambda name, pacer: make_transport(endpoint_spec(cfg, name), pacer=pacer)
+    extra = {"secret": secret} if secret is not None and endpoints_get_run_secret(cfg) else {}
+    return lambda name, pacer: make_transport(endpoint_spec(cfg, name, **extra), pacer=pacer)
 
 
 # ------------------------------------------------------------------------------------------------- local
