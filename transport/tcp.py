@@ -7,7 +7,9 @@ the frame's offset, the next frame's header in the same call when it is already 
 (sends queued frames; payloads with `sendmsg` on memoryviews of the region, the header with the first chunk, no
 copies), so any number of transfers can be in flight and a reader never blocks on a send. (A read's reply is the
 exception: what of it does not go out at once is copied when the read is served, so that a write posted after the
-read, landing meanwhile, does not change the bytes it returns: the posting order. Memory: the replies queued.)
+read, landing meanwhile, does not change the bytes it returns: the posting order. Memory: the replies queued, at most
+REPLY_COPY_MAX per connection (past it the reader stops reading that peer's requests until the sender caught up);
+a message's buffer grows as its bytes arrive; at most MAX_SETS connection sets, MAX_SETS_PER_PEER of one peer.)
 
 Small transfers are kept cheap: a small frame is sent by the thread that queues it when the connection is
 idle (non-blocking; the sender thread takes over what the socket does not accept at once, keeping frame
@@ -58,14 +60,22 @@ is the watchdog (the callbacks of the transfers it fails): only it would drop a 
 Security: the endpoint binds 127.0.0.1 unless told otherwise; binding any non-loopback address requires a
 shared `secret`, and every connection then runs a mutual HMAC-SHA256 challenge-response (each side proves it
 knows the secret for a fresh nonce of the other side; `hmac.compare_digest`). Only authenticated
-connections reach the data path.
+connections reach the data path, and with a secret nothing about the endpoint (its instance id, whether it holds a
+set) is told before the client's proof; a HELLO for another endpoint name is refused without this one's. At most
+MAX_PENDING_HANDSHAKES handshakes run at once (MAX_PENDING_PER_ADDRESS from one other host), each step (HELLO, AUTH)
+within HANDSHAKE_STEP_S; with all taken, a new connection waits for one in arrival order, so a flood of idle or
+trickling connections delays a peer by about a step instead of locking it out, and a client whose connection is
+dropped unanswered tries again within its connect timeout.
 
 Liveness: a peer that dies (its sockets reset or close) fails the pending transfers at once with
 `PeerLostError`, a read whose reply it cut off mid-payload included; a peer that stops answering without closing
 (host down, process stopped) fails them after `timeout_s` without progress (a watchdog thread, plus TCP keepalive).
 Progress is a byte received from the peer, or a chunk of a large frame sent (its socket drains only while the peer's
 host takes data); posting more requests is not, so an application posting steadily to a silent peer sees its
-transfers fail too. A handshake must finish within `handshake_timeout_s` in all (not per recv), and a failed
+transfers fail too. It is also counted per connection (a reply comes back on its request's): requests pending on a
+connection that brings nothing for `timeout_s` fail the set even while the peer talks on the other one (its clock
+starts when the watchdog first sees them, so up to one period later; waiting for this endpoint's pacer counts as
+progress). (Not TCP_USER_TIMEOUT: it also cuts a connection whose peer reads slowly with nothing pending.) A handshake must finish within `handshake_timeout_s` in all (not per recv), and a failed
 `accept` (out of descriptors, say) is logged and accepting goes on. The handshake tells each side the other
 endpoint's instance id (new per endpoint object): a set from a new instance of a peer (started again under its name
 after a crash that left its old connections silently open) drops that name's sets of other instances at once, their
@@ -173,6 +183,21 @@ ACK_FRAMES = 32  # ... or once this many write frames landed (write_many frames 
 # receiver accepts, so a sender's batch must stay within it.
 assert ACK_FRAMES <= ACK_BATCH
 MAX_PENDING_HANDSHAKES = 64  # concurrent unauthenticated connections per endpoint
+# A connection from another address may hold at most this many of them, so one host's flood leaves the rest to the
+# others. Not one from this host (its source address is the address it connected to, loopback or not): this host's
+# engines share that address with anything else running here, so a cap would shut them out with a local flood; they
+# wait their turn with it instead (see `_accept_loop`).
+MAX_PENDING_PER_ADDRESS = MAX_PENDING_HANDSHAKES // 2
+# Each step of a handshake (the client's HELLO, then its AUTH) must arrive within this long (at most
+# handshake_timeout_s in all): a legitimate client sends it at once, so a flood of idle or trickling connections
+# turns the slots over quickly.
+HANDSHAKE_STEP_S = 1.0
+MAX_SETS = 256  # live connection sets per endpoint (4 threads each); more are refused at the handshake
+MAX_SETS_PER_PEER = 8  # ... of one peer instance (two connecting at once make 2)
+# Read replies copied for a connection and not sent yet: past this, its reader stops reading from the peer until its
+# sender caught up (the peer's requests then wait in its socket). One reply larger than this is still served.
+REPLY_COPY_MAX = 64 << 20
+MSG_STEP = 1 << 20  # a message buffer grows by at least this much as its bytes arrive (not allocated up front)
 CLOSE_GRACE_S = 1.0  # `close` waits this long for peers to close their ends before it cuts the connections
 
 
@@ -377,6 +402,19 @@ class _BufferedReceiver:
         self.read_into(memoryview(out))
         return bytes(out)
 
+    def read_growing(self, n: int) -> bytes:
+        """`read(n)` for a length the peer told (a message): the buffer grows as the bytes arrive (at most doubling)
+        instead of `n` bytes allocated up front, so a header alone cannot make this endpoint allocate its limit."""
+        if n <= MSG_STEP:
+            return self.read(n)
+        out = bytearray()
+        while len(out) < n:
+            k = min(n - len(out), max(MSG_STEP, len(out)))
+            start = len(out)
+            out.extend(bytes(k))  # (zeros, filled in place below)
+            self.read_into(memoryview(out)[start:])
+        return bytes(out)
+
 
 def _recv_exact(sock: socket.socket, n: int, on_progress=None, deadline: float | None = None) -> bytes:
     buf = bytearray(n)
@@ -397,6 +435,44 @@ def _peer_instance(hello: dict) -> str | None:
     under a name has a new one; None if it did not say)."""
     instance = hello.get("instance")
     return None if instance is None else str(instance)
+
+
+class _RateLimitedLog:
+    """Logs at most `burst` lines of one kind (`what`) per second; the others are counted, and the count is logged in
+    one line with the next that passes, or by `flush` (the watchdog calls it): a flood of connections cannot flood
+    the log."""
+
+    def __init__(self, level: int, burst: int, what: str) -> None:
+        self.level, self.burst, self.what = level, burst, what
+        self.lock = threading.Lock()
+        self.start, self.logged, self.skipped = 0.0, 0, 0
+
+    def _roll(self) -> int:
+        """Start a new second if the last one is over; returns the lines it did not log (lock held)."""
+        now = time.monotonic()
+        if now - self.start < 1.0:
+            return 0
+        skipped, self.skipped, self.logged, self.start = self.skipped, 0, 0, now
+        return skipped
+
+    def __call__(self, msg: str, *args: Any) -> None:
+        with self.lock:
+            skipped = self._roll()
+            ok = self.logged < self.burst
+            self.logged += ok
+            self.skipped += not ok
+        self._summary(skipped)
+        if ok:
+            log.log(self.level, msg, *args)
+
+    def flush(self) -> None:
+        with self.lock:
+            skipped = self._roll()
+        self._summary(skipped)
+
+    def _summary(self, skipped: int) -> None:
+        if skipped:
+            log.log(self.level, "%s: %d more in the last second (not logged one by one)", self.what, skipped)
 
 
 def _field(hello: Any, key: str, who: str) -> Any:
@@ -481,12 +557,30 @@ class _Request(PostedFuture):
     kind = "write"  # "write", "read" or "query"
     length = 0
     view: memoryview | None = None
+    stream: str | None = None  # the class whose connection brings the reply (the watchdog's progress per connection)
 
 
-def _request(kind: str, length: int, view: memoryview | None = None) -> _Request:
+def _request(kind: str, length: int, view: memoryview | None = None, stream: str | None = None) -> _Request:
     r = _Request()
-    r.kind, r.length, r.view = kind, length, view
+    r.kind, r.length, r.view, r.stream = kind, length, view, stream
     return r
+
+
+class _Copied:
+    """Stands for the future of a queued read reply that was copied (see `_Conn.enqueue`): the sender thread asks every
+    job's future `done()` once it sent the job or dropped it, which gives the copy's bytes back to the connection's
+    budget (`_Conn.copied`). No cost for other frames."""
+
+    __slots__ = ("conn", "n")
+
+    def __init__(self, conn: _Conn, n: int) -> None:
+        self.conn, self.n = conn, n
+
+    def done(self) -> bool:
+        n, self.n = self.n, 0
+        if n:
+            self.conn._release(n)
+        return True
 
 
 def _cut(sock: socket.socket) -> None:
@@ -632,6 +726,13 @@ class _Conn:
         self.stopped = False
         self.eof = False
         self.more_run = 0  # write frames sent with FLAG_MORE in a row (sender thread only)
+        # The watchdog's progress per connection: a byte received on it, or a chunk of a large frame sent on it (replies
+        # come back on the connection of their request: a peer chatting on one class must not keep the other alive).
+        self.last_progress = time.monotonic()
+        self.busy_seen: float | None = None  # when the watchdog first saw requests pending on it (None: none pending)
+        # Bytes of read replies copied and queued here (`enqueue`, snapshot); the reader waits on `room` past the cap.
+        self.copied = 0
+        self.room = threading.Condition(threading.Lock())
         self.reader = threading.Thread(
             target=self._read_loop, name=f"tcp-{owner.name}-{peer.name}-{stream}-rx", daemon=True
         )
@@ -648,6 +749,11 @@ class _Conn:
         with self.cv:
             self.stopped = True
             self.cv.notify_all()
+        with self.room:  # (a reader waiting for room for a read reply)
+            self.room.notify_all()
+
+    def touch(self) -> None:
+        self.last_progress = self.peer.last_activity = time.monotonic()
 
     def close_sock(self) -> None:
         try:
@@ -677,12 +783,36 @@ class _Conn:
             if queue or not self._inline_free_locked(n, INLINE_MAX, paced=priority is not None):
                 if snapshot and n:
                     payload = memoryview(bytes(payload))
+                    fut = self._copied(n)
                 self.jobs.append((header, payload, fut, priority))
                 self.cv.notify()
                 return
             self.busy = True  # the connection is idle: this thread sends the frame itself
             self.snapshot = snapshot  # (read by `_send_inline`: `busy` keeps other threads out)
         self._send_inline([header] if n == 0 else [header, payload], HEADER.size + n, fut, payload)
+
+    def _copied(self, n: int) -> _Copied:
+        """Account `n` bytes of a read reply copied for the queue; returned token given back when sent or dropped."""
+        with self.room:
+            self.copied += n
+        return _Copied(self, n)
+
+    def _release(self, n: int) -> None:
+        with self.room:
+            self.copied -= n
+            self.room.notify_all()
+
+    def _wait_room(self, n: int) -> None:
+        """Backpressure (the reader thread, serving a peer's READ): while the read replies copied for this connection
+        would pass REPLY_COPY_MAX with `n` more, stop reading from the peer until the sender thread sent enough of them:
+        a peer asking for replies it never reads cannot make this endpoint copy without bound. Not while this endpoint
+        has reads of its own pending on this connection (their replies come to this thread: two endpoints reading
+        from each other could otherwise each wait for the other to read)."""
+        with self.room:
+            while self.copied and self.copied + n > REPLY_COPY_MAX and not self.stopped:
+                if any(r.kind == "read" and r.stream == self.stream for r in list(self.peer.pending.values())):
+                    return
+                self.room.wait(0.1)  # (and again: a read of ours may be posted meanwhile)
 
     def _refuse(self, fut: Future | None) -> None:
         """Fail `fut` (if any) of a frame offered to this stopped connection. Transfers' futures also sit in the
@@ -751,6 +881,7 @@ class _Conn:
             rest = _advance([memoryview(v).cast("B") for v in views], k)
             if self.snapshot:
                 rest = [memoryview(bytes(v)) for v in rest]
+                fut = self._copied(sum(v.nbytes for v in rest))  # (a read reply has no future of its own)
             with self.lock:
                 self.busy = False
                 if self.stopped:
@@ -861,7 +992,7 @@ class _Conn:
             views = _advance(views, self.sock.sendmsg(views[:1024]))
 
     def _send_frame(self, header: bytes, payload: memoryview | None, priority: str | None) -> None:
-        sock, peer = self.sock, self.peer
+        sock = self.sock
         n = 0 if payload is None else payload.nbytes
         paced = self.owner.pacer is not None and n > 0 and priority is not None
         if n <= SMALL and not paced:
@@ -879,13 +1010,16 @@ class _Conn:
             else:
                 sock.sendall(payload[pos : pos + step])
             pos += step
-            peer.touch()
+            self.touch()
 
     def _check_set(self) -> None:
         """Called by the pacer while a chunk of a paced frame waits for its slot: once the set is dead (our `close`,
         `disconnect`, the peer gone) the wait ends at once with the set's error, and the chunks not moved are taken back
         from the link. (Without it the sender thread waited for the next grant, however far: `close` gave up on it
-        after 2 x CLOSE_GRACE_S and left it running; `disconnect` left it running with its chunks queued.)"""
+        after 2 x CLOSE_GRACE_S and left it running; `disconnect` left it running with its chunks queued.)
+        The wait is this endpoint's, not the peer's silence: the connection's clock (`_check_streams`) restarts, so a
+        class the shared link serves slowly is not declared dead while the other class's replies flow."""
+        self.last_progress = time.monotonic()
         dead = self.peer.dead  # (set by `_fail_peer` before it stops the senders; our `close` fails every set)
         if dead is not None:
             kind = TransportClosedError if isinstance(dead, TransportClosedError) else PeerLostError
@@ -904,7 +1038,7 @@ class _Conn:
             acks.clear()
             held = 0
 
-        rx = _BufferedReceiver(sock, peer.touch, idle=send_acks, held=acks)
+        rx = _BufferedReceiver(sock, self.touch, idle=send_acks, held=acks)
         ack_max = ACK_BATCH * ACK_ENTRY.size
         pack_ack = ACK_ENTRY.pack
         regions = owner._regions_by_id  # changed in place only (register/deregister)
@@ -948,6 +1082,8 @@ class _Conn:
                         send_acks()
                 elif op == OP_READ:
                     region = owner._region_for_frame(rid, offset, length, "READ")
+                    if self.copied:  # (backpressure: replies copied and not sent yet)
+                        self._wait_room(length)
                     self.enqueue(
                         pack_header(OP_READ_RESP, length=length, req=req),
                         region.view[offset : offset + length],
@@ -980,7 +1116,7 @@ class _Conn:
                 elif op == OP_MSG:
                     if length > owner.max_message_bytes:
                         raise ProtocolError(f"message of {length} bytes exceeds the {owner.max_message_bytes} limit")
-                    payload = rx.read(length)
+                    payload = rx.read_growing(length)  # (the buffer grows with the bytes: not the length told)
                     hook = owner.on_message
                     if hook is not None:
                         if acks:
@@ -1039,12 +1175,13 @@ class _Conn:
 def _refused_hint(peer: _Peer) -> str:
     """What a writer is told when the peer closed a set with transfers pending. The protocol has no frame for the
     reason: a receiver that refuses a frame (e.g. a write past the end of a region it registered again smaller) logs it
-    and closes the set, and the writer saw only "peer closed the connection"."""
+    and closes the set, and the writer saw only "peer closed the connection". A peer process that died (kill -9) looks
+    the same from here (a reset or an EOF), so both are named."""
     if not peer.pending:
         return ""
     return (
-        " with transfers pending (a peer closes the set when it refuses a frame, e.g. a write outside a region it "
-        "registered again smaller: its log names the region, offset and length)"
+        " with transfers pending: the peer died, or it refused a frame (a peer closes the set when it refuses a frame, "
+        "e.g. a write outside a region it registered again smaller: its log names the region, offset and length)"
     )
 
 
@@ -1184,6 +1321,7 @@ class TcpTransport(Transport):
         self.secret = (secret.encode() if isinstance(secret, str) else bytes(secret)) if secret else None
         self.timeout_s = float(timeout_s)
         self.handshake_timeout_s = float(handshake_timeout_s)
+        self._step_s = min(HANDSHAKE_STEP_S, self.handshake_timeout_s)  # each step of a server handshake
         self.max_message_bytes = int(max_message_bytes)
         self._req_ids = itertools.count(1)
         self.instance = os.urandom(8).hex()  # told to peers at every handshake: this endpoint, not its name
@@ -1195,6 +1333,9 @@ class TcpTransport(Transport):
         self._peers: dict[str, list[_Peer]] = {}
         self._live: dict[str, _Peer] = {}  # name -> a live connection set (read without the lock)
         self._handshakes = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
+        self._pending_by_addr: collections.Counter[str] = collections.Counter()  # handshakes per source (`_lock`)
+        self._flood_log = _RateLimitedLog(logging.ERROR, 1, f"{name}: too many pending handshakes")
+        self._reject_log = _RateLimitedLog(logging.ERROR, 5, f"{name}: rejected connections")
         self._half_open: dict[tuple[str, str], tuple[float, dict[str, socket.socket]]] = {}
         self._connecting: collections.Counter[str] = collections.Counter()  # peer -> our `connect`s in progress
         # (an IPv6 address needs an AF_INET6 listener: create_server's default AF_INET refused "::1" at once)
@@ -1236,7 +1377,8 @@ class TcpTransport(Transport):
         ours any more (it dropped it: `disconnect`, its watchdog; our reader has not seen the reset yet), after our
         sets to it are dropped. A live set this endpoint opened to *another*
         address raises `TransportError` naming both (it was silently kept and the new address ignored): the old set
-        stays until the peer closes it or its pending transfers time out."""
+        stays until the peer closes it or its pending transfers time out. A connection the server drops before the
+        handshake finished (short of handshake slots under a flood) is tried again with backoff within `timeout`."""
         self._check_open()
         if not isinstance(address, (tuple, list)) or len(address) != 2:
             raise TypeError(f"{self.name}: the address of {peer!r} must be (host, port), got {address!r}")
@@ -1266,23 +1408,42 @@ class TcpTransport(Transport):
                 for q in stale:
                     self._fail_peer(q, PeerLostError(f"{self.name}: {peer!r} dropped this connection set"))
         host, port = address
-        session = os.urandom(8).hex()
-        socks: dict[str, socket.socket] = {}
         with self._lock:  # (the peer already holds this set while we finish it: a probe of it is told so)
             self._connecting[peer] += 1
         try:
-            try:
-                for stream in STREAMS:
-                    sock = socket.create_connection((host, port), timeout=timeout)
-                    socks[stream] = sock
-                    limit, instance, _ = self._client_handshake(sock, peer, session, stream, timeout)
-                sockaddr = socks["high"].getpeername()[:2]
-            except BaseException as e:
-                for s in socks.values():
-                    s.close()
-                if isinstance(e, TransportError):
-                    raise
-                raise PeerLostError(f"{self.name}: cannot connect to {peer!r} at {host}:{port}: {e}") from e
+            # A server that drops the connection before its handshake finished (no answer, no refusal) is likely short
+            # of handshake slots (a flood of connections that never authenticate): tried again, with backoff, for
+            # as long as `timeout` (10 s if None) allows.
+            start = time.monotonic()
+            give_up, delay, tries = start + (10.0 if timeout is None else timeout), 0.05, 1
+            while True:
+                session = os.urandom(8).hex()
+                socks: dict[str, socket.socket] = {}
+                try:
+                    for stream in STREAMS:
+                        sock = socket.create_connection((host, port), timeout=timeout)
+                        socks[stream] = sock
+                        limit, instance, _ = self._client_handshake(sock, peer, session, stream, timeout)
+                    sockaddr = socks["high"].getpeername()[:2]
+                    break
+                except BaseException as e:
+                    for s in socks.values():
+                        s.close()
+                    dropped = isinstance(e, (_CleanEOF, ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
+                    if dropped and not self.closed and time.monotonic() + delay < give_up:
+                        time.sleep(delay)
+                        delay, tries = min(1.0, delay * 2), tries + 1
+                        continue
+                    if isinstance(e, TransportError) and not dropped:
+                        raise
+                    why = (
+                        f" (it dropped the connection before the handshake finished, {tries} tries in "
+                        f"{time.monotonic() - start:.1f} s: too many pending handshakes there? a flood of connections "
+                        "that never authenticate holds them; its log says)"
+                        if dropped
+                        else ""
+                    )
+                    raise PeerLostError(f"{self.name}: cannot connect to {peer!r} at {host}:{port}: {e}{why}") from e
             self._add_peer(peer, socks, limit, (host, port), sockaddr, instance)
         finally:
             with self._lock:
@@ -1292,7 +1453,7 @@ class TcpTransport(Transport):
 
     def _probe_instance(self, peer: str, address: tuple, timeout: float | None) -> tuple[str | None, bool | None]:
         """(instance id, holds a set of ours) of the endpoint `peer` at `address` now, from one connection's handshake
-        of stream PROBE (the server answers it and closes; with a secret, after the server proved it): None if it
+        of stream PROBE (the server answers it and closes; with a secret, once both sides proved it): None if it
         cannot be told (unreachable, another endpoint there, refused; the second: a peer that does not say)."""
         try:
             with socket.create_connection(address, timeout=timeout) as sock:
@@ -1356,18 +1517,24 @@ class TcpTransport(Transport):
                 raise TransportError(f"{peer!r} requires a shared secret; this endpoint has none")
             server_nonce = _hex_nonce(ack, f"the HELLO_ACK of {peer!r}")
             expect = _proof(self.secret, b"server", nonce, server_nonce, self.name, peer)
-            if not hmac.compare_digest(expect, str(ack.get("proof", ""))):
+            got = str(ack.get("proof", "")).encode("utf-8", "replace")
+            if not hmac.compare_digest(expect.encode(), got):  # (bytes: a non-ASCII str raised TypeError)
                 raise TransportError(
                     f"{peer!r} failed to prove the shared secret (authentication failed: do the two endpoints' "
                     "secrets differ?)"
                 )
-            if stream == PROBE:  # (the server proved itself; it closes without waiting for our proof)
-                return limit, instance, ack
             proof = _proof(self.secret, b"client", server_nonce, nonce, self.name, peer).encode()
             sock.sendall(pack_header(OP_AUTH, length=len(proof)) + proof)
             op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
             if op != OP_AUTH_OK:
                 raise TransportError(f"{peer!r} rejected our proof of the shared secret")
+            # (what the server tells only a client that proved the secret: its instance; to a probe, "sets")
+            if length > HANDSHAKE_MAX:
+                raise ProtocolError(f"{peer!r} answered our proof with an AUTH_OK of {length} bytes")
+            told = json.loads(_recv_exact(sock, length, deadline=end)) if length else {}
+            if not isinstance(told, dict):
+                raise ProtocolError(f"{peer!r} answered our proof with an AUTH_OK that is not a JSON object")
+            instance, ack = _peer_instance(told), {**ack, **told}
         elif self.secret is not None:
             raise TransportError(f"{peer!r} does not authenticate but this endpoint requires a shared secret")
         if stream == PROBE:
@@ -1390,9 +1557,29 @@ class TcpTransport(Transport):
                 backoff = min(1.0, backoff * 2)
                 continue
             backoff = 0.01
-            # A flood of connections that never finish the handshake must not grow threads without bound.
-            if not self._handshakes.acquire(blocking=False):
-                log.error("%s: too many pending handshakes; dropping connection from %s", self.name, addr)
+            # A flood of connections that never finish the handshake must not grow threads without bound, nor keep
+            # legitimate peers out: one from another host holds at most MAX_PENDING_PER_ADDRESS slots; with all slots
+            # taken, the next connection waits for one (a handshake step at most), so the others queue in the
+            # listener's backlog in arrival order and a peer's turn comes however fast a flood reconnects (dropping
+            # them instead let a flood's reconnects win nearly every freed slot).
+            source = str(addr[0])
+            try:
+                local = source == sock.getsockname()[0]  # (this host connects from the address it connects to)
+            except OSError:  # (reset already)
+                sock.close()
+                continue
+            with self._lock:
+                over = not local and self._pending_by_addr[source] >= MAX_PENDING_PER_ADDRESS
+            if over:
+                self._flood_log(
+                    "%s: too many pending handshakes from %s (%d); dropping a connection",
+                    self.name,
+                    source,
+                    MAX_PENDING_PER_ADDRESS,
+                )
+                sock.close()
+                continue
+            if not self._take_handshake_slot(addr):
                 sock.close()
                 continue
             t = threading.Thread(
@@ -1404,13 +1591,44 @@ class TcpTransport(Transport):
                     sock.close()
                     return
                 self._handshaking[t] = sock
+                self._pending_by_addr[source] += 1
                 try:
                     t.start()
                 except RuntimeError as e:  # can't start new thread: drop this connection, keep accepting
                     self._handshaking.pop(t, None)
+                    self._forget_source(source)
                     self._handshakes.release()
                     sock.close()
                     log.error("%s: dropping connection from %s: %s", self.name, addr, e)
+
+    def _take_handshake_slot(self, addr: Any) -> bool:
+        """A handshake slot for the connection from `addr`: at once, or within one handshake step (the slots of idle or
+        trickling connections turn over by then); False (logged, at most once a second) if none came free."""
+        if self._handshakes.acquire(blocking=False):
+            return True
+        self._flood_log(
+            "%s: too many pending handshakes (all %d slots taken): a new connection waits up to %.1f s for one, then is "
+            "dropped (this one from %s)",
+            self.name,
+            MAX_PENDING_HANDSHAKES,
+            self._step_s,
+            addr,
+        )
+        end = time.monotonic() + self._step_s
+        while not self.closed:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            if self._handshakes.acquire(timeout=min(0.1, left)):
+                return True
+        self._flood_log("%s: too many pending handshakes: dropping connection from %s", self.name, addr)
+        return False
+
+    def _forget_source(self, source: str) -> None:
+        """One handshake from `source` ended (`_lock` held)."""
+        self._pending_by_addr[source] -= 1
+        if self._pending_by_addr[source] <= 0:
+            del self._pending_by_addr[source]
 
     def _serve_handshake(self, sock: socket.socket, addr: Any) -> None:
         try:
@@ -1418,27 +1636,42 @@ class TcpTransport(Transport):
         finally:
             with self._lock:
                 self._handshaking.pop(threading.current_thread(), None)
+                self._forget_source(str(addr[0]))
             self._handshakes.release()
+
+    def _set_refusal(self, peer: str, session: str, instance: str | None) -> str | None:
+        """Why a new connection set from `peer` is refused (too many live sets: each holds 4 threads), or None. (Sets
+        half open hold no thread; the watchdog drops them after handshake_timeout_s.)"""
+        with self._lock:
+            if (peer, session) in self._half_open:  # the second stream of a set being opened
+                return None
+            live = sum(map(len, self._peers.values()))
+            mine = sum(q.dead is None and q.instance == instance for q in self._peers.get(peer, ()))
+        if live >= MAX_SETS:
+            return f"{self.name!r} holds {live} connection sets, its limit (MAX_SETS)"
+        if mine >= MAX_SETS_PER_PEER:
+            return f"{self.name!r} holds {mine} connection sets of {peer!r}, the limit (MAX_SETS_PER_PEER)"
+        return None
 
     def _serve_handshake_inner(self, sock: socket.socket, addr: Any) -> None:
         try:
-            sock.settimeout(self.handshake_timeout_s)
-            end = time.monotonic() + self.handshake_timeout_s  # the whole handshake, however it is trickled
-            op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
+            now = time.monotonic()
+            end = now + self.handshake_timeout_s  # the whole handshake, however it is trickled
+            step = min(end, now + self._step_s)  # the HELLO: a client sends it at once
+            sock.settimeout(self._step_s)
+            op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=step))
             if op != OP_HELLO or length > HANDSHAKE_MAX:
                 raise ProtocolError(f"expected HELLO of <= {HANDSHAKE_MAX} bytes, got op {op} length {length}")
-            hello = json.loads(_recv_exact(sock, length, deadline=end))
+            hello = json.loads(_recv_exact(sock, length, deadline=step))
             if not isinstance(hello, dict):
                 raise ProtocolError("HELLO payload is not a JSON object")
             peer, session, stream = (str(_field(hello, k, "HELLO")) for k in ("name", "session", "stream"))
             if stream not in STREAMS and stream != PROBE:
                 raise ProtocolError(f"unknown stream {stream!r}")
             limit, instance = _peer_limit(hello, peer), _peer_instance(hello)
-            if hello.get("peer") != self.name:
-                self._reply(sock, OP_HELLO_ACK, {"error": f"this is {self.name!r}, not {hello.get('peer')!r}"})
+            if hello.get("peer") != self.name:  # (not this endpoint's name: a client that knows none learns none)
+                self._reply(sock, OP_HELLO_ACK, {"error": f"wrong endpoint: this is not {hello.get('peer')!r}"})
                 raise ProtocolError(f"client expected endpoint {hello.get('peer')!r}")
-            # (a probe is told whether this endpoint holds a set of the asking instance: one it dropped looks live there)
-            sets = {"sets": self._holds_set(peer, instance)} if stream == PROBE else {}
             # Secret on one side only: the client would refuse after our HELLO_ACK and this log said only "connection
             # closed by peer". Refused here by name (a HELLO_ACK with "error", as for a wrong name: no new frame).
             # (`is False`/`is True`: a HELLO that does not say, a hand-driven peer's, goes on as before.)
@@ -1452,6 +1685,16 @@ class TcpTransport(Transport):
             if why is not None:
                 self._reply(sock, OP_HELLO_ACK, {"error": why})
                 raise ProtocolError(f"authentication failed: {why}")
+            if stream != PROBE:
+                why = self._set_refusal(peer, session, instance)
+                if why is not None:
+                    self._reply(sock, OP_HELLO_ACK, {"error": why})
+                    raise ProtocolError(f"refused a connection set: {why}")
+            # What only an authenticated client is told: this instance and, to a probe, whether this endpoint holds a
+            # set of the asking instance (one it dropped looks live there). With a secret it comes with AUTH_OK.
+            told: dict[str, Any] = {"instance": self.instance}
+            if stream == PROBE:
+                told["sets"] = self._holds_set(peer, instance)
             if self.secret is not None:
                 client_nonce, nonce = _hex_nonce(hello, f"the HELLO of {peer!r}"), os.urandom(32)
                 proof = _proof(self.secret, b"server", client_nonce, nonce, peer, self.name)
@@ -1464,15 +1707,11 @@ class TcpTransport(Transport):
                         "nonce": nonce.hex(),
                         "proof": proof,
                         "max_message_bytes": self.max_message_bytes,
-                        "instance": self.instance,
-                        **sets,
                     },
                 )
-                if stream == PROBE:  # (a `connect` asking who is here now: nothing to add)
-                    sock.close()
-                    return
+                step = min(end, time.monotonic() + self._step_s)  # the client's AUTH: one round trip away
                 try:
-                    op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
+                    op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=step))
                 except (_CleanEOF, ConnectionError) as e:  # (the client found our proof wrong and closed)
                     raise ProtocolError(
                         f"{peer!r} closed the connection during authentication (authentication failed: do the two "
@@ -1480,23 +1719,22 @@ class TcpTransport(Transport):
                     ) from e
                 if op != OP_AUTH or length > HANDSHAKE_MAX:
                     raise ProtocolError(f"expected AUTH, got op {op}")
-                got = _recv_exact(sock, length, deadline=end).decode("ascii", errors="replace")
+                got = _recv_exact(sock, length, deadline=step)
                 expect = _proof(self.secret, b"client", nonce, client_nonce, peer, self.name)
-                if not hmac.compare_digest(expect, got):
+                if not hmac.compare_digest(expect.encode(), got):  # (bytes: a non-ASCII str raised TypeError)
                     raise ProtocolError(
                         f"{peer!r} at {addr} failed to prove the shared secret (authentication failed: do the two "
                         "endpoints' secrets differ?)"
                     )
-                final = pack_header(OP_AUTH_OK)
+                data = json.dumps(told).encode()
+                final = pack_header(OP_AUTH_OK, length=len(data)) + data
+                if stream == PROBE:  # (a `connect` asking who is here now: nothing to add)
+                    sock.sendall(final)
+                    sock.close()
+                    return
             else:
                 final = None
-                self_ack = {
-                    "name": self.name,
-                    "auth": False,
-                    "max_message_bytes": self.max_message_bytes,
-                    "instance": self.instance,
-                    **sets,
-                }
+                self_ack = {"name": self.name, "auth": False, "max_message_bytes": self.max_message_bytes, **told}
                 if stream == PROBE:
                     self._reply(sock, OP_HELLO_ACK, self_ack)
                     sock.close()
@@ -1521,7 +1759,7 @@ class TcpTransport(Transport):
                 self._reply(sock, OP_HELLO_ACK, self_ack)
         except BaseException as e:  # noqa: BLE001 - one bad client must not stop the server
             if not self.closed:
-                log.error("%s: rejected connection from %s: %s", self.name, addr, e)
+                self._reject_log("%s: rejected connection from %s: %s", self.name, addr, e)
             try:
                 sock.close()
             except OSError:
@@ -1683,18 +1921,48 @@ class TcpTransport(Transport):
                 peers = [p for ps in self._peers.values() for p in ps]
                 stale = [k for k, (t, _) in self._half_open.items() if now - t > self.handshake_timeout_s]
                 dropped = [self._half_open.pop(k)[1] for k in stale]
+            if dropped:  # (one line for them all: a flood of them made one each)
+                log.error("%s: dropping half-open connection set(s) (missing streams): %d", self.name, len(dropped))
             for socks in dropped:
-                log.error("%s: dropping half-open connection set (missing streams)", self.name)
                 for s in socks.values():
                     s.close()
+            self._flood_log.flush()
+            self._reject_log.flush()
             for p in peers:
-                if p.pending and now - p.last_activity > self.timeout_s:
+                if not p.pending:
+                    for c in p.conns.values():
+                        c.busy_seen = None
+                    continue
+                if now - p.last_activity > self.timeout_s:
                     self._fail_peer(
                         p,
                         PeerLostError(
                             f"peer {p.name!r} made no progress for {self.timeout_s} s with {len(p.pending)} transfers pending"
                         ),
                     )
+                    continue
+                self._check_streams(p, now)
+
+    def _check_streams(self, p: _Peer, now: float) -> None:
+        """Progress per connection: a reply comes back on the connection of its request, so a connection with requests
+        pending that received nothing for `timeout_s` fails the set even while the peer talks on the other one (its KV
+        stream wedged, say by a network that drops one DSCP class, while control messages pass). Its clock starts when
+        this thread first saw requests pending on it (at most one period late: no per-request cost on the hot path)."""
+        waiting = collections.Counter(r.stream for r in list(p.pending.values()))
+        for stream, c in p.conns.items():
+            if not waiting[stream]:
+                c.busy_seen = None
+            elif c.busy_seen is None:
+                c.busy_seen = now
+            elif now - max(c.last_progress, c.busy_seen) > self.timeout_s:
+                self._fail_peer(
+                    p,
+                    PeerLostError(
+                        f"peer {p.name!r} made no progress on its {stream!r} connection for {self.timeout_s} s with "
+                        f"{waiting[stream]} transfers pending there (it may still send on its other connection)"
+                    ),
+                )
+                return
 
     # ---- regions ------------------------------------------------------------------------------------------
     def _region_for_frame(self, rid: int, offset: int, length: int, what: str) -> MemoryRegion:
@@ -1792,6 +2060,7 @@ class TcpTransport(Transport):
             return asked
         # (on the connection this thread does not read, so a reader thread may still wait for the transfer itself)
         conn = p.conns["low"] if getattr(_reader, "conn", None) is p.conns["high"] else p.conns["high"]
+        q.stream = conn.stream
         req = next(self._req_ids)
         try:
             p.add(req, q)
@@ -1868,7 +2137,7 @@ class TcpTransport(Transport):
             check_notify(tag)  # raises, naming it
             raise
         fut = _Request()
-        fut.length = length
+        fut.length, fut.stream = length, priority
         p.add(req, fut)
         view = src.view[local_offset : local_offset + length]
         p.post[priority].enqueue(header, view, priority=priority, queue=len(p.pending) > QUEUE_AFTER_PENDING)
@@ -1920,7 +2189,7 @@ class TcpTransport(Transport):
         flags = 0 if notify is None else FLAG_NOTIFY
         tag = 0 if notify is None else _as_int(notify, "notify tag", TypeError)
         frames.append((pack_header(OP_WRITE, flags, rid, ro, n, tag, req), view))
-        fut = _request("write", nbytes)
+        fut = _request("write", nbytes, stream=priority)
         p.add(req, fut)  # recorded once every frame is packed: a bad batch leaves nothing pending
         p.post[priority].enqueue_batch(frames, nbytes, priority)
         return fut
@@ -1965,7 +2234,7 @@ class TcpTransport(Transport):
             return self._defer(p, priority, d, functools.partial(self.read, *args))
         req = next(self._req_ids)
         header = pack_header(OP_READ, 0, rid, remote_offset, length, 0, req)
-        fut = _request("read", length, dst.view[local_offset : local_offset + length])
+        fut = _request("read", length, dst.view[local_offset : local_offset + length], priority)
         p.add(req, fut)
         p.post[priority].enqueue(header)
         return fut
