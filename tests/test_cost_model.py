@@ -72,7 +72,7 @@ def test_prefill_flops_formula_dense_and_mla():
 
 
 def test_table1_gb_per_pflop_qwen():
-    """PAPER.md Table 1: Qwen2.5-32B at 16K-64K context, append 429 -> 117-267 GB/PFLOP (within 10%)."""
+    """The paper's Table 1 (quoted in issue 2; not in PAPER.md): Qwen2.5-32B at 16K-64K context, append 429 -> 117-267 GB/PFLOP (within 10%)."""
     cm = CostModel("qwen2.5-32b", "h800")
     lo, hi = cm.gb_per_pflop(16_000, 429), cm.gb_per_pflop(64_000, 429)
     assert abs(lo - 117) / 117 < 0.10 and abs(hi - 267) / 267 < 0.10

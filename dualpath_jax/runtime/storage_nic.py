@@ -5,7 +5,8 @@ host-buffer area (layer-major `[L, prompt_tokens, bpt]`; straight into the block
 row-strided `out`, else through a staging buffer), each block's bytes paced through the SNIC, and stops at the
 first missing or corrupt block (the hit shrinks; the rest is recomputed, never wrong KV; the failed block's
 rows may hold bytes, but they lie past the hit and are never used as cached KV).
-`read_queue_tokens` is the node's read_q of the paper. Write-backs (a DE persisting filled blocks) go
+`read_queue_tokens` is a gauge of the node's read queue for its stats (the policy's read_q is the
+scheduler's own count, `GlobalScheduler.snapshot`). Write-backs (a DE persisting filled blocks) go
 through the same SNIC link from a second thread, so reads and writes share the emulated bandwidth.
 
 What it uses of the store (any `KVStore`, `config.store`): `layout`, `read(key, out)` of whole Full Blocks, and for
