@@ -388,7 +388,9 @@ def test_bench_runtime_simulator_copy_prefills_as_the_runtime():
     shape = MODEL_SHAPES.get("qwen2.5-32b")  # (a registered stand-in for the runtime's model: no jax here)
     sc = bench_runtime.sim_config(_runtime_cfg(), shape, {})
     assert sc.cluster.layerwise and sc.cluster.pe_hbm_kv_gb == 1.0
-    basic = _runtime_cfg(**{"cluster.layerwise": False, "cluster.pe_hbm_kv_bytes": 1_500_000})
+    basic = _runtime_cfg(
+        **{"scheduler.name": "basic", "cluster.layerwise": False, "cluster.pe_hbm_kv_bytes": 1_500_000}
+    )
     sc = bench_runtime.sim_config(basic, shape, {})
     assert not sc.cluster.layerwise and sc.cluster.pe_hbm_kv_gb == 0.0015
 

@@ -44,7 +44,8 @@ def test_a_cluster_item_of_true_or_false_for_a_number_is_refused_by_name(item, w
 
 def test_cluster_items_of_the_right_type_still_load():
     c = load_sim_config(
-        f"{TINY}:cluster.layerwise=false,cluster.de_host_buffer_gb=100,cluster.de_max_seqs=3,cluster.snic_gbps=25"
+        f"{TINY}:pe_only,cluster.layerwise=false,cluster.de_host_buffer_gb=100,cluster.de_max_seqs=3,"
+        "cluster.snic_gbps=25"
     ).cluster
     assert (c.layerwise, c.de_host_buffer_gb, c.de_max_seqs, c.snic_gbps) == (False, 100.0, 3, 25.0)
     assert load_sim_config(f"{TINY}:cluster.de_host_buffer_gb=none").cluster.de_host_buffer_gb is None

@@ -98,7 +98,7 @@ def test_a_python_override_of_the_wrong_type_is_refused_by_name(override, says):
     with pytest.raises(ValueError) as e:
         load_sim_config(TINY, override)
     assert str(e.value).startswith(f"config {TINY!r}: {says}")
-    cfg = load_sim_config(TINY, {"cluster.snic_gbps": 3, "cluster.layerwise": False})
+    cfg = load_sim_config(f"{TINY}:pe_only", {"cluster.snic_gbps": 3, "cluster.layerwise": False})
     assert cfg.cluster.snic_gbps == 3.0 and cfg.cluster.layerwise is False
 
 

@@ -245,10 +245,12 @@ def test_random_small_configs_keep_the_invariants(seed):
     assert again[1] == links
 
 
-def test_a_basic_prefill_records_the_side_it_read_on():
-    """Not layerwise, every hit is read on the PE side whatever side the policy chose; the record kept the policy's
-    choice (de_only: read_side "de" with every byte read on the PE node)."""
-    cfg = load_sim_config(f"{TINY}:de_only,agents=4,turns=3", {"cluster.layerwise": False})
+def test_a_basic_prefill_reads_on_the_pe_side():
+    """Not layerwise, every hit is read on the PE side: a policy that may read on the DE side is refused (de_only ran
+    with its hits read on the PE node, silently; fix26), and pe_only's records say "pe" with every byte read there."""
+    with pytest.raises(SimConfigError, match=r"policy 'de_only' may read on the DE side"):
+        load_sim_config(f"{TINY}:de_only,agents=4,turns=3", {"cluster.layerwise": False})
+    cfg = load_sim_config(f"{TINY}:pe_only,agents=4,turns=3", {"cluster.layerwise": False})
     records, _, _ = build_simulator(cfg).run()
     assert any(r.pe_read_bytes for r in records)
     assert all(r.read_side == "pe" and r.de_read_bytes == 0 for r in records)

@@ -44,7 +44,7 @@ def test_a_switch_given_as_a_string_is_refused_by_name(field):
     layerwise: any non-empty string is true. Booleans (and numpy's) still pass."""
     import numpy as np
 
-    cfg = load_sim_config(TINY)
+    cfg = load_sim_config(f"{TINY}:pe_only")  # (reads on the PE side: layerwise=False is valid for it)
     bad = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, **{field: "false"}))
     with pytest.raises(ValueError, match=rf"config.cluster.{field} must be true or false, got 'false'"):
         validate_sim_config(bad)

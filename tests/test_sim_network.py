@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from dualpath_jax.sim.network import FlowNetwork, max_min_rates
+from dualpath_jax import compiled
+
+# What the simulator runs (`compiled.load`, as simulator.py builds its network): the compiled module, or network.py
+# itself under DUALPATH_PURE_PYTHON=1 or when the build is older than the source (a plain import tested the stale
+# build while the simulator ran the edited source)
+_network = compiled.load("dualpath_jax.sim.network")
+FlowNetwork, max_min_rates = _network.FlowNetwork, _network.max_min_rates
 
 
 class _Loop:

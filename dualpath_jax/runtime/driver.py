@@ -251,11 +251,17 @@ def make_arrival_model(cfg: RuntimeConfig):
     raise ConfigError(f"config.workload.arrival {w.arrival!r} unknown; known: offline, online, trace")
 
 
+# A PE's prefill rate taken for β when none was measured (`prefill_tokens_per_s` None: calibrate=False)
+_ASSUMED_PREFILL_TOKENS_PER_S = 20_000.0
+_BETA_ASSUMED_SAID: set[int] = set()  # the assumed β values said (policy_kwargs runs twice a run in experiments.run)
+
+
 def policy_kwargs(cfg: RuntimeConfig, kv_bytes_per_token: int, prefill_tokens_per_s: float | None = None) -> dict:
     """The policy's config, with DualPath's α/β profiled for this emulated cluster and its seed the workload's
     (`config.workload.seed`) when not given.
 
-    α = tokens one node reads in 3 s through its SNIC; β = prompt tokens one PE processes in 5 s.
+    α = tokens one node reads in 3 s through its SNIC; β = prompt tokens one PE processes in 5 s (without a measured
+    `prefill_tokens_per_s`, 20,000 tokens/s assumed: said once at INFO).
     """
     from schedulers.registry import POLICIES, config_fields
 
@@ -269,7 +275,15 @@ def policy_kwargs(cfg: RuntimeConfig, kv_bytes_per_token: int, prefill_tokens_pe
             kw["alpha_tokens"] = max(1, int(3.0 * snic_tokens_per_s))
     if "beta_tokens" in fields:
         if not kw.get("beta_tokens"):
-            kw["beta_tokens"] = max(1, int(5.0 * (prefill_tokens_per_s or 20_000.0)))
+            kw["beta_tokens"] = max(1, int(5.0 * (prefill_tokens_per_s or _ASSUMED_PREFILL_TOKENS_PER_S)))
+            if not prefill_tokens_per_s and kw["beta_tokens"] not in _BETA_ASSUMED_SAID:  # (a value: once a process)
+                _BETA_ASSUMED_SAID.add(kw["beta_tokens"])
+                log.info(
+                    "β not profiled (calibrate=False): %s tokens, %s tokens/s assumed (5 s of prefill; "
+                    "config.scheduler.policy_kwargs.beta_tokens sets it)",
+                    f"{kw['beta_tokens']:,}",
+                    f"{_ASSUMED_PREFILL_TOKENS_PER_S:,.0f}",
+                )
     if "block_size" in fields:
         kw.setdefault("block_size", cfg.block_size)
     if "seed" in fields:  # (`random`'s choices: the workload's seed, as the simulator gives its `config.seed`)

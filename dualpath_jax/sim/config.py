@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import math
 import numbers
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 GB = 1e9
@@ -615,6 +615,34 @@ def validate_sim_config(sc: SimConfig) -> None:
     _check_kwargs(POLICIES, sc.policy, sc.policy_kwargs, "config.scheduler.kwargs")
     _check_kwargs(BATCHERS, sc.batcher, sc.batcher_kwargs, "config.batcher.kwargs")
     check_sim_config(sc)
+    check_layerwise_reads(sc)
+
+
+def policy_reads_pe_only(name: str, policy_kwargs: Mapping[str, Any]) -> bool:
+    """Whether the registered policy `name` with `policy_kwargs` reads every hit on the PE side: basic, pe_only (and
+    their subclasses), or one whose Config has read_side='pe' (round_robin). The rule of the runtime's
+    `runtime.config.check_layerwise_reads`."""
+    from schedulers.policies import BasicPolicy, PeOnlyPolicy  # no jax
+    from schedulers.registry import POLICIES
+
+    cls = POLICIES.get(name) if name in POLICIES.names() else None
+    return (isinstance(cls, type) and issubclass(cls, BasicPolicy | PeOnlyPolicy)) or (
+        policy_kwargs.get("read_side") == "pe"
+    )
+
+
+def check_layerwise_reads(sc: SimConfig) -> None:
+    """Basic prefill (`cluster.layerwise` False, the paper's Basic: "no layerwise prefill, no dual path") reads every
+    hit on the PE side: SimConfigError for a policy that may read on the DE side (the simulator read such a policy's
+    DE-side hits on the PE side, silently: its records and read queues were not the policy's; the runtime refuses
+    the same setup). The modes set layerwise themselves (`basic`: off, with the basic policy)."""
+    if sc.cluster.layerwise or policy_reads_pe_only(sc.policy, sc.policy_kwargs):
+        return
+    raise SimConfigError(
+        f"config.cluster.layerwise=False (basic prefill, the paper's Basic) reads the hit on the PE side only, but "
+        f"policy {sc.policy!r} may read on the DE side: run it with layerwise prefill, or use basic, pe_only or "
+        "round_robin with read_side='pe' (e.g. the mode basic, or pe_only,cluster.layerwise=false)"
+    )
 
 
 def resolve_de_hbm(sc: SimConfig) -> SimConfig:

@@ -19,8 +19,8 @@ Per request (DESIGN.md "Data paths"):
        CNIC->PE CNIC) while the previous layer computes; the outputs go PE CNIC->DE CNIC->DE DRAM.
        The per-layer pipeline is solved in closed form per batch: the batch ends when its compute
        (time from the cost model, plus one layer of pipeline fill) and all its KV flows are done, i.e.
-       max(compute, transfers) + compute/L. Per-layer events would be L (61) times more events for a
-       difference below one layer's time.
+       max(compute + compute/L, transfers) (the flows start with the batch). Per-layer events would be L (61)
+       times more events for a difference below one layer's time.
        basic (not layerwise): the whole prompt KV must be in PE HBM before prefill: PE HBM is reserved
        before the read starts, the hit KV is copied DRAM->CNIC->HBM, then the batch computes, then the
        KV (hit + miss) goes to the DE.
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import logging
 import math
 import time as _time
 from array import array
@@ -60,6 +61,8 @@ from schedulers.api import (
     PrefillWork,
     QueueWindow,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Request:
@@ -394,7 +397,13 @@ class Simulator:
     def _check_turns_fit(self) -> None:
         """A turn holds its prompt + generation in one DE's HBM from placement to the end of its decode, so a
         turn larger than a whole DE could never be placed: every policy would wait for room that never comes
-        and the run would never end. Refused here, before anything runs, naming the turn and the settings."""
+        and the run would never end. Refused here, before anything runs, naming the turn and the settings. So is a
+        run of no turn at all (its JCT was NaN, silently)."""
+        if not any([traj.turns for traj in self.trajectories]):
+            raise SimConfigError(
+                f"nothing to simulate: {len(self.trajectories)} trajectories given, none with a turn (a run needs at "
+                "least one turn)"
+            )
         ids = [traj.trajectory_id for traj in self.trajectories]
         if len(set(ids)) != len(ids):  # records, outputs and the arrival model are keyed by it
             seen: set = set()
@@ -844,7 +853,8 @@ class Simulator:
             r.rec.read_start = r.rec.read_end = self.now
             self._reads_done(r)
             return
-        for node in {r.pe.node, r.de.node}:
+        # PE node, then DE node: a fixed order (a set of the two iterated in an address-dependent one)
+        for node in (r.pe.node,) if r.pe.node is r.de.node else (r.pe.node, r.de.node):
             self._pump_reads(node)
 
     def _pump_reads(self, node: Node) -> None:
@@ -1001,9 +1011,13 @@ class Simulator:
         coll = c.collective_bytes_per_token
         if coll > 0 and compute > 0 and not c.io_free:
             tokens = sum([it.bsz for it in items])  # (lists, not generators: no closures when compiled)
-            self.net.set_high_load(pe.cnic, tokens * coll / compute, self.now)
+            # tokens * coll bytes each way over the batch's whole compute (held until _compute_done, at compute + tail)
+            rate = tokens * coll / (compute + tail)
+            if rate > c.high_share * c.cnic_gbps * GB:  # the high class gets no more: the rest is dropped
+                _collectives_cut(self, rate)
+            self.net.set_high_load(pe.cnic, rate, self.now)
             if pe.cnic_in != pe.cnic:
-                self.net.set_high_load(pe.cnic_in, tokens * coll / compute, self.now)
+                self.net.set_high_load(pe.cnic_in, rate, self.now)
         self.at(self.now + compute + tail, self._compute_done, batch)
 
     def _compute_done(self, batch: _Batch) -> None:
@@ -1333,6 +1347,7 @@ class Simulator:
         finally:
             if gc_was_enabled:
                 gc.enable()
+            _COLLECTIVES_CUT_SAID.discard(id(self))
         self.n_events = n
         if events and not self.requests and not net.flows and len(self.records) == self._n_turns():
             events = None  # cut, but every turn had come and was done: the events left are stale (as uncut)
@@ -1451,6 +1466,29 @@ _EXACT = float(1 << 53)  # integers below this are exact in a double, and so are
 def _exact_double(v) -> bool:
     """A float, or an int that a double holds exactly."""
     return type(v) is float or (type(v) is int and -_EXACT < v < _EXACT)
+
+
+# The simulators (by id) whose running run said its collectives were cut (`_collectives_cut`): once per run.
+# (Here, not a Simulator field: simulator.pxd fixes those when it is compiled. `run` drops its id when it ends.)
+_COLLECTIVES_CUT_SAID = set()  # (no annotation: Cython may type annotated globals)
+
+
+def _collectives_cut(sim, rate: float) -> None:
+    """A batch's collectives ask `rate` B/s of its PE's CNIC, more than the high class gets (high_share x cnic_gbps):
+    the network moves that much and drops the rest, and the compute is not stretched. Said once per run."""
+    if id(sim) in _COLLECTIVES_CUT_SAID:
+        return
+    _COLLECTIVES_CUT_SAID.add(id(sim))
+    c = sim.c
+    log.warning(
+        "config.cluster.collective_bytes_per_token = %g: a prefill batch's collectives ask %.4g GB/s of its PE's "
+        "CNIC, more than the high class gets (high_share x cnic_gbps = %.4g GB/s): the collectives are cut to that, "
+        "the rest of their bytes dropped, and the compute is not stretched (a collective-bound prefill runs as "
+        "compute-bound; said once per run)",
+        c.collective_bytes_per_token,
+        rate / GB,
+        c.high_share * c.cnic_gbps,
+    )
 
 
 class _DecodeTime:
