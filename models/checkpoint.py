@@ -112,6 +112,11 @@ def _read_safetensors(ckpt: Path) -> dict[str, np.ndarray]:
                     f"{f}: tensor {odd[0]!r} has dtype {odd[1]} (a quantized checkpoint?); expected one of "
                     f"{', '.join(_FLOAT_DTYPES)}"
                 ) from None
+            truncated = _truncation(f)
+            if truncated is not None:  # (safetensors says "incomplete metadata, file not fully covered")
+                raise ValueError(
+                    f"{f}: cannot read as safetensors: truncated: {truncated} (an interrupted download?)"
+                ) from None
             raise ValueError(f"{f}: cannot read as safetensors: {e}") from None
         for name, arr in loaded.items():
             if name in tensors:  # both files named (only the second one was, without its directory)
@@ -120,6 +125,32 @@ def _read_safetensors(ckpt: Path) -> dict[str, np.ndarray]:
                 )
             tensors[name], where[name] = arr, f
     return tensors
+
+
+def _truncation(f: Path) -> str | None:
+    """How a safetensors file is shorter than its own header says (8-byte little-endian header length, the JSON
+    header, then the tensors' data up to the largest ``data_offsets`` end), or None when it is not (or the start is
+    not a safetensors header at all)."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            start = fh.read(9)
+            if len(start) < 9 or start[8:9] != b"{":
+                return None
+            header_end = 8 + int.from_bytes(start[:8], "little")
+            if header_end > 8 + 100_000_000:  # safetensors' own limit: not a header length
+                return None
+            if size < header_end:
+                return f"its header alone is {header_end} bytes, the file has {size}"
+            fh.seek(8)
+            header = json.loads(fh.read(header_end - 8))
+        ends = [e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"]
+        expected = header_end + max(ends, default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    if not isinstance(expected, int) or size >= expected:
+        return None
+    return f"the header describes {expected} bytes, the file has {size}"
 
 
 # HF weights are floats; anything else (int, bool, a quantized tensor) would be cast to the config dtype silently

@@ -20,8 +20,10 @@ Prefill (PE side)
       * ``cached_kv_provider(layer) -> Sequence[kv | None]``: called once per layer, in layer order, one
         step ahead of the compute (layer l+1 is fetched while layer l runs). Per request the cached KV of
         that layer covering exactly ``cached_len`` tokens, as records ``[c, *record]`` of kv_dtype, or raw
-        bytes uint8 ``[..., bpt]`` (a Layer Block ``[1, c, bpt]``, a stack ``[n, block, bpt]``), or a list
-        of Layer Blocks; None when cached_len == 0. Not needed when every cached_len is 0.
+        bytes uint8 ``[c, bpt]`` or a Layer Block ``[1, c, bpt]``, or a list of such pieces in token order
+        (e.g. ``[layer_block(fb, layer) for fb in full_blocks]``); None when cached_len == 0. Not needed when
+        every cached_len is 0. A piece of more than one layer (a Full Block ``[L, tokens, bpt]``, records
+        ``[L, c, *record]``, a stack ``[n, block, bpt]``) is refused, naming the layer and request.
       * ``h2d(layer, nbytes)``: optional, called inside each layer's load (so one step ahead of the compute too)
         with the bytes of cached KV it copies host -> device (sum of cached lengths x bytes per token per layer,
         no padding), right before the copy: the runtime paces them on the engine's emulated CNIC here.
@@ -364,6 +366,8 @@ class ModelRunner:
             for piece in pieces:
                 piece = np.asarray(piece)
                 if piece.dtype == np.uint8 and piece.shape[-1:] == (bpt,):  # bytes: copy them as they are
+                    if piece.ndim > 3 or (piece.ndim == 3 and piece.shape[0] != 1):
+                        raise ValueError(f"layer {layer}, request {i}: {self._not_one_layer(piece.shape)}")
                     n = piece.size // bpt
                     if filled + n <= r.cached_len:
                         out_bytes[i, filled : filled + n] = piece.reshape(n, bpt)
@@ -384,9 +388,23 @@ class ModelRunner:
         return out
 
     def _as_token_records(self, kv) -> np.ndarray:
-        """Records [n, *record] (a view) from records or bytes uint8 [..., bpt] (e.g. a Layer Block [1, n, bpt])."""
+        """Records [n, *record] (a view) from one layer's records [n, *record] / [1, n, *record] or bytes uint8
+        [n, bpt] / [1, n, bpt] (a Layer Block)."""
         recs = self.layout.as_records(np.asarray(kv))
+        lead = recs.ndim - len(self.layout.record_shape)
+        if lead > 2 or (lead == 2 and recs.shape[0] != 1):
+            raise ValueError(self._not_one_layer(np.shape(kv)))
         return recs.reshape(-1, *self.layout.record_shape)
+
+    def _not_one_layer(self, shape) -> str:
+        # A Full Block [L, tokens, bpt] (or records [L, c, *record]) was counted as L x tokens tokens and, when that
+        # equalled cached_len, fed the other layers' KV in as tokens: a wrong result, no error
+        bpt, rec = self.layout.bytes_per_token_per_layer, self.layout.record_shape
+        return (
+            f"cached KV piece of shape {tuple(shape)} is not one layer's KV: give Layer Blocks [1, tokens, {bpt}] "
+            f"(layer_block(full_block, layer)), bytes [tokens, {bpt}] or records [tokens, *{rec}] (a Full Block "
+            f"[L, tokens, bpt] holds every layer)"
+        )
 
     def prefill_layerwise(
         self,

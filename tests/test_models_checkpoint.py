@@ -120,7 +120,8 @@ def hf_tensors(hf_config: dict, params: dict) -> dict[str, np.ndarray]:
         mlp = lp["mlp"]
         if deepseek and "w_gate" in mlp:
             t[pre + "mlp.gate.weight"] = _np(mlp["gate_weight"])
-            t[pre + "mlp.gate.e_score_correction_bias"] = _np(mlp["e_score_correction_bias"])
+            if "e_score_correction_bias" in mlp:  # noaux_tc routing only (V3), not V2's greedy / group-limited
+                t[pre + "mlp.gate.e_score_correction_bias"] = _np(mlp["e_score_correction_bias"])
             for e in range(hf_config["n_routed_experts"]):
                 t[pre + f"mlp.experts.{e}.gate_proj.weight"] = _np(mlp["w_gate"][e]).T
                 t[pre + f"mlp.experts.{e}.up_proj.weight"] = _np(mlp["w_up"][e]).T
@@ -154,8 +155,26 @@ def write_hf_checkpoint(path, hf_config: dict, tensors: dict[str, np.ndarray]) -
 
 @pytest.mark.parametrize(
     "hf_config",
-    [QWEN2_HF, LLAMA_HF, DEEPSEEK_V3_HF],
-    ids=["qwen2", "llama", "deepseek_v3"],
+    [
+        QWEN2_HF,
+        LLAMA_HF,
+        DEEPSEEK_V3_HF,
+        # DeepSeek-V2-Lite style: a plain q_proj, softmax greedy routing (no e_score_correction_bias), no RoPE scaling
+        dict(
+            DEEPSEEK_V3_HF,
+            architectures=["DeepseekV2ForCausalLM"],
+            model_type="deepseek_v2",
+            q_lora_rank=None,
+            scoring_func="softmax",
+            topk_method="greedy",
+            n_group=None,
+            topk_group=None,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.0,
+            rope_scaling=None,
+        ),
+    ],
+    ids=["qwen2", "llama", "deepseek_v3", "deepseek_v2_lite"],
 )
 def test_hf_import_matches_direct_path(tmp_path, hf_config):
     cfg = config_from_hf(hf_config)
