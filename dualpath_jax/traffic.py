@@ -40,7 +40,11 @@ from dualpath_jax.checks import is_int, is_real
 from dualpath_jax.metrics import LinkBytes
 
 DEFAULT_CNIC_WEIGHTS = {"high": 99.0, "low": 1.0}  # InfiniBand VL arbitration, PAPER.md "QoS"
-LOOKAHEAD = 4  # chunks a paced transfer keeps queued on a link ahead of the one it is moving
+LOOKAHEAD = 4  # at least this many chunks a paced transfer keeps queued on a link ahead of the one it is moving,
+LOOKAHEAD_S = 0.02  # and at least this much of the link's time (a fast link's chunks are short): `Link.lookahead`
+LOOKAHEAD_MAX = 64  # (at most this many chunks)
+ANTICIPATE_S = 0.002  # a class whose queue just emptied keeps its turn this long past its last slot (`Link._dispatch`)
+MIN_RATE = 1.0  # bytes/s: a slower link's one chunk takes hours (1e-300 B/s: a wait the clock could not express)
 CHECK_INTERVAL_S = 0.02  # a paced transfer given a `check` calls it at least this often while it waits for its slot
 
 
@@ -91,12 +95,15 @@ class Link:
     Args:
       name: the link's metric name ("snic/node0", "cnic/engine3"); CNIC samples get "/<class>" appended
         when `per_class_names` is set.
-      rate_bytes_per_s: capacity in bytes/s (`math.inf` = unpaced, only recorded).
-      weights: class -> weight; under contention class c gets weight_c / sum(weights of backlogged classes)
-        of the rate. A class alone gets the whole rate.
+      rate_bytes_per_s: capacity in bytes/s, at least MIN_RATE (`math.inf` = unpaced, only recorded).
+      weights: class -> weight (> 0 and finite); under contention class c gets weight_c / sum(weights of backlogged
+        classes) of the rate. A class alone gets the whole rate. A class whose queue just emptied keeps its turn
+        until ANTICIPATE_S (at most `burst_s`) past its last slot, as a flow sending one transfer after another
+        asks for its next one only once its thread wakes at its last slot.
       quantum: largest chunk granted at once (bytes). Default: ~5 ms of the link's rate, within 16 KiB..8 MiB
         (1 MiB on an unpaced link).
-      burst_s: how far the link may catch up after being idle or late (token-bucket depth, seconds).
+      burst_s: how far the link may catch up after being idle or late (token-bucket depth, seconds). A class's
+        anticipated turn (above) is caught up within it.
       clock_origin: `time.monotonic()` value that sample times are measured from.
       sample_interval: width of the recorded `LinkBytes` bins, seconds.
     """
@@ -121,6 +128,8 @@ class Link:
             raise TypeError(f"link {name!r}: quantum must be a whole number of bytes or None, got {quantum!r}")
         if not rate_bytes_per_s > 0:
             raise ValueError(f"link {name!r}: rate must be > 0 bytes/s, got {rate_bytes_per_s}")
+        if rate_bytes_per_s < MIN_RATE:  # (1e-300: an OverflowError from the wait for a slot; 1e-3: days per chunk)
+            raise ValueError(f"link {name!r}: rate must be >= {MIN_RATE:g} byte/s, got {rate_bytes_per_s}")
         self.name = name
         self.rate = float(rate_bytes_per_s)
         if weights is not None and not weights:  # (silently took the default classes)
@@ -131,6 +140,8 @@ class Link:
                 raise TypeError(f"link {name!r}: weight of class {c!r} must be a number, got {w!r}")
             if not w > 0:
                 raise ValueError(f"link {name!r}: weight of class {c!r} must be > 0, got {w}")
+            if math.isinf(w):  # (was strict priority, silently: the other class got nothing beside it)
+                raise ValueError(f"link {name!r}: weight of class {c!r} must be finite (a ratio), got {w}")
         if quantum is None:
             quantum = 1 << 20 if math.isinf(self.rate) else int(max(16 << 10, min(8 << 20, self.rate * 0.005)))
         if not quantum >= 1:  # 0: no chunk ever fits; < 0: nothing would be paced or recorded
@@ -163,6 +174,16 @@ class Link:
         self._seq = itertools.count()
         self._bins: dict[tuple[str, int], int] = collections.defaultdict(int)
         self.bytes_by_class: dict[str, int] = {c: 0 for c in self.weights}
+        self._last_end: dict[str, float] = {c: -math.inf for c in self.weights}  # end of each class's last slot
+        self.anticipate_s = min(ANTICIPATE_S, self.burst_s)  # (caught up within the burst: the link idles no longer)
+
+    def lookahead(self, quantum: int | None = None) -> int:
+        """Chunks (of `quantum`, default the link's) a paced transfer keeps queued: LOOKAHEAD, or LOOKAHEAD_S of the
+        link's time where that is more (at most LOOKAHEAD_MAX)."""
+        if math.isinf(self.rate):
+            return LOOKAHEAD
+        n = LOOKAHEAD_S * self.rate / (self.quantum if quantum is None else quantum)
+        return max(LOOKAHEAD, min(LOOKAHEAD_MAX, math.ceil(n * (1 - 1e-6))))  # (the default quantum: exactly 4)
 
     # ---- pacing -----------------------------------------------------------------------------------------
     def acquire(self, nbytes: int, cls: str = "low") -> None:
@@ -175,14 +196,17 @@ class Link:
         right after it is yielded. `check` (optional): called at least every CHECK_INTERVAL_S while waiting; what it
         raises (the transport closed) ends the wait at once, the transfer's chunks taken back.
 
-        The next LOOKAHEAD - 1 chunks stay queued while the thread sleeps until the current chunk's slot, so a
+        The next `lookahead()` - 1 chunks stay queued while the thread sleeps until the current chunk's slot, so a
         backlogged flow always has a ticket waiting when the link decides who goes next (however late its
         thread wakes up). Tickets are granted at most `horizon` ahead, so queued tickets do not hog the link.
         A chunk too long for the gap before a slot held for a multi-link path (`Pacer`) is cut to fill it, and its rest
         goes as one more chunk: the yielded sizes may be smaller than `quantum`.
         """
         sizes = iter(self.chunks(nbytes))  # (lazy: a list of a huge transfer's tiny chunks took GBs before its first)
-        pending = collections.deque(self.enqueue(n, cls, split=True) for n in itertools.islice(sizes, LOOKAHEAD))
+        # (a fixed 4 chunks were 3.4 ms of a 10 GB/s link: a high thread descheduled longer left its class queue
+        # empty, and low took 3-12x its 1% share)
+        ahead = self.lookahead()
+        pending = collections.deque(self.enqueue(n, cls, split=True) for n in itertools.islice(sizes, ahead))
         cur = None  # the chunk being waited for (out of `pending`) until it is yielded
         try:
             while pending:
@@ -307,7 +331,7 @@ class Link:
                 now = time.monotonic()
                 if t.slot is not None or t.ready or now >= until:
                     break
-                timeout = min(max(self._wake - now, 0.0005), until - now)
+                timeout = min(max(self._wake - now, 0.0005), until - now, threading.TIMEOUT_MAX)
                 self._cond.wait(timeout if check is None else min(timeout, CHECK_INTERVAL_S))
             return t.slot
 
@@ -339,6 +363,24 @@ class Link:
             if slot > now + self.horizon:
                 self._wake = slot - self.horizon
                 break
+            # Anticipation: a class that would go before t (SFQ order) and whose queue emptied as its last slot ran may
+            # be a flow between two transfers (its thread asks again once it wakes at that slot): t waits until
+            # `anticipate_s` past it, and the link's timeline catches the wait up (`burst_s`). (Granted at once, a
+            # high flow of one-chunk transfers got ~1 low quantum per transfer: 99:1 weights ran ~17:83.)
+            hold = max(
+                (
+                    end + self.anticipate_s
+                    for c, end in self._last_end.items()
+                    if c != t.cls
+                    and now < end + self.anticipate_s
+                    and self._finish[c] <= t.start_tag
+                    and not self._queues[c]  # (chunks waiting for their path's other links: `_turns` holds for them)
+                ),
+                default=None,
+            )
+            if hold is not None:
+                self._wake = hold
+                break
             self._queues[t.cls].remove(t)
             t.after = None  # (no longer needed: a long transfer's tickets are not kept alive in a chain)
             self._vtime = max(self._vtime, t.start_tag)  # (a joint chunk skipped until eligible may go late)
@@ -350,6 +392,7 @@ class Link:
                 self._turns_end = base + t.nbytes / self.rate
                 continue
             self._advance(slot + t.nbytes / self.rate)
+            self._last_end[t.cls] = max(self._last_end[t.cls], max(slot, now) + t.nbytes / self.rate)
             # A slot in the past (catching up a burst) is moved now: recorded then, not in a bin before the transfer.
             t.slot = max(slot, now)
             self._record(t.slot, t.nbytes, t.cls)
@@ -394,10 +437,15 @@ class Link:
         """(`lock` held) Book [slot, slot + duration) for a joint chunk (a `free_slot` of every link of its path; 0 s:
         an unpaced link) and grant its `tickets` here at `start`, recorded then (the path's next chunk may take its
         turn)."""
+        # A slot held beyond the timeline leaves a gap that other flows fill: its class is not between two transfers
+        # here, and anticipating it would leave the gap idle (a path at half the link's rate left low 2-40% of it).
+        contiguous = slot <= self._busy_until + 1e-9
         if duration:
             self._hold(slot, duration)
         for t in tickets:
             t.slot = start
+            if contiguous:
+                self._last_end[t.cls] = max(self._last_end[t.cls], start + duration)
             self._turns.discard(t)
             self._record(start, t.nbytes, t.cls)
         self._cond.notify_all()
@@ -462,8 +510,8 @@ def _sleep_until(start: float, check: Callable[[], None] | None) -> None:
     when it has come."""
     while (delay := start - time.monotonic()) > 0:
         if check is None:
-            time.sleep(delay)
-            return
+            time.sleep(min(delay, threading.TIMEOUT_MAX))
+            continue
         check()
         time.sleep(min(delay, CHECK_INTERVAL_S))
     if check is not None:  # (closed during the last sleep: the chunk was yielded, recorded, and never moved)
@@ -543,7 +591,9 @@ class Pacer:
             ]
             return list(last)
 
-        pending = collections.deque(enqueue(k) for k in range(min(LOOKAHEAD, len(sizes))))
+        paced_links = [link for link in self.links if not math.isinf(link.rate)]
+        ahead = min((link.lookahead(quantum) for link in paced_links), default=LOOKAHEAD)  # (`Link.paced`)
+        pending = collections.deque(enqueue(k) for k in range(min(ahead, len(sizes))))
         cur = None  # the chunk's tickets being waited for (out of `pending`) until it is yielded (`Link.paced`)
         try:
             for k in range(len(sizes)):
@@ -551,8 +601,8 @@ class Pacer:
                 for link, t in zip(self.links, tickets, strict=True):
                     link.wait(t, check=check)
                 start = self._reserve(tickets) if tickets[0].slot is None else tickets[0].slot
-                if k + LOOKAHEAD < len(sizes):
-                    pending.append(enqueue(k + LOOKAHEAD))
+                if k + ahead < len(sizes):
+                    pending.append(enqueue(k + ahead))
                 if joint and pending:  # the next chunk's turn may come while this one waits for its slot: reserve it
                     nxt = pending[0]  # then (the path's next turn waits for that, like a link's grant ahead)
                     if all(link.wait(t, start) is None and t.ready for link, t in zip(self.links, nxt, strict=True)):
@@ -646,6 +696,8 @@ class ClusterLinks:
                 raise TypeError(f"ClusterLinks: {what} must be a number, got {x!r}")
             if not x > 0:  # (NaN too; math.inf: unpaced)
                 raise ValueError(f"ClusterLinks: {what} must be > 0 bytes/s, got {x}")
+            if x < MIN_RATE:  # (as `Link`)
+                raise ValueError(f"ClusterLinks: {what} must be >= {MIN_RATE:g} byte/s, got {x}")
         if not isinstance(self.cnic_weights, Mapping):
             raise TypeError(f"ClusterLinks: cnic_weights must be a mapping class -> weight, got {self.cnic_weights!r}")
         if not self.cnic_weights:
@@ -655,6 +707,8 @@ class ClusterLinks:
                 raise TypeError(f"ClusterLinks: cnic_weights[{c!r}] must be a number, got {w!r}")
             if not w > 0:
                 raise ValueError(f"ClusterLinks: cnic_weights[{c!r}] must be > 0, got {w}")
+            if math.isinf(w):  # (as `Link`: strict priority, silently)
+                raise ValueError(f"ClusterLinks: cnic_weights[{c!r}] must be finite (a ratio), got {w}")
 
 
 def wall_grid_origin(sample_interval: float) -> float:
@@ -777,6 +831,11 @@ def rate_of(samples: Iterable[LinkBytes], link: str, t0: float = 0.0, t1: float 
     bins there; for checks and benchmarks). A link that records per class (a CNIC: "cnic/engine0/high",
     "cnic/engine0/low") is asked for by one of those names; its own name is a ValueError listing them (it was 0.0:
     an idle link)."""
+    for what, x in (("t0", t0), ("t1", t1)):
+        if not is_real(x):
+            raise TypeError(f"rate_of: {what} must be a number, got {x!r}")
+    if not t0 <= t1:  # (NaN, or an inverted window: was 0.0, an idle link)
+        raise ValueError(f"rate_of: the window [t0, t1) needs t0 <= t1 (no NaN), got t0={t0}, t1={t1}")
     samples = list(samples)
     sel = [s for s in samples if s.link == link and s.t0 >= t0 and s.t1 <= t1]
     if not sel:
