@@ -76,6 +76,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batcher_kwargs={},
         fetch_interval_s=0.005,
         heartbeat_timeout_s=3.0,
+        # a group whose engine or store call made no progress this long is dead (its requests re-run); None: 120 s
+        # where heartbeat_timeout_s < 120 < run_timeout_s, else off
+        stall_timeout_s=ml_collections.config_dict.placeholder(float),
     )
     r.workload = dict(
         kind="tiny",

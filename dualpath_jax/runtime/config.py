@@ -35,6 +35,9 @@ TRANSPORT_NAMES = ("inproc", "tcp", "rdma")
 # Least share of a CNIC either priority class may be given: the SFQ tags (bytes / share) of a smaller one overflow or
 # swallow the other class's increments within a run.
 MIN_CLASS_SHARE = 1e-6
+# The stall timeout of a config.scheduler.stall_timeout_s left None (`stall_timeout_s`): generous, as a step's first
+# compile (precompile off) runs in the engine's thread.
+DEFAULT_STALL_TIMEOUT_S = 120.0
 # Largest config.block_size: a block file's header stores its tokens per block as a uint32 (store/block_file.py)
 MAX_BLOCK_SIZE = 2**32 - 1
 
@@ -108,6 +111,11 @@ class SchedulerConfig:
     batcher_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     fetch_interval_s: float = 0.005  # how often an engine group fetches work / reports (its heartbeat)
     heartbeat_timeout_s: float = 3.0  # a group silent this long is dead; its requests are re-queued
+    # A group whose engine's main thread or storage-NIC store call made no progress this long (a hung step, store read
+    # or mount) is dead as a silent one is. It must exceed the longest compile of one step (precompile off: mid-run)
+    # and heartbeat_timeout_s, and stay below run_timeout_s. None: DEFAULT_STALL_TIMEOUT_S where those allow it, else
+    # off (`stall_timeout_s`).
+    stall_timeout_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +214,18 @@ class RuntimeConfig:
         return self.cluster.decode_nodes * self.cluster.engines_per_node
 
 
+def stall_timeout_s(cfg: RuntimeConfig) -> float | None:
+    """The stall timeout in force: config.scheduler.stall_timeout_s, or where None DEFAULT_STALL_TIMEOUT_S if it lies
+    between heartbeat_timeout_s and run_timeout_s (else None: no stall detection; the run's own timeout comes
+    first)."""
+    s = cfg.scheduler
+    if s.stall_timeout_s is not None:
+        return float(s.stall_timeout_s)
+    if s.heartbeat_timeout_s < DEFAULT_STALL_TIMEOUT_S < cfg.run_timeout_s:
+        return DEFAULT_STALL_TIMEOUT_S
+    return None
+
+
 def _replace_path(obj, parts, value, where="config"):
     # (a mistyped field was the dataclasses TypeError, naming neither the dotted path nor the known fields)
     fields = [f.name for f in dataclasses.fields(obj)]
@@ -288,6 +308,27 @@ def _check_types(obj, default, where: str) -> None:
                 raise ConfigError(f"{name} must be a number, got {value!r}")
         elif isinstance(want, str) and not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
+
+
+def _validate_stall_timeout(cfg: RuntimeConfig) -> None:
+    t = cfg.scheduler.stall_timeout_s
+    if t is None:
+        return
+    where = "config.scheduler.stall_timeout_s"
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise ConfigError(f"{where} must be a number of seconds or None (the default), got {t!r}")
+    hb = cfg.scheduler.heartbeat_timeout_s
+    if not t > hb:  # (NaN too)
+        raise ConfigError(
+            f"{where} ({t}) must exceed scheduler.heartbeat_timeout_s ({hb}): a group reports its stalls when it "
+            "fetches; it must also exceed the longest compile of one step (precompile off: compiled mid-run)"
+        )
+    if not t < cfg.run_timeout_s:
+        raise ConfigError(
+            f"{where} ({t}) must be below config.run_timeout_s ({cfg.run_timeout_s}): a hung engine or store call "
+            "would fail the run on its timeout before it was noticed (None: the default, "
+            f"{DEFAULT_STALL_TIMEOUT_S:g} s where run_timeout_s is longer, else off)"
+        )
 
 
 def validate_slo(cfg: RuntimeConfig) -> None:
@@ -493,6 +534,7 @@ def validate(
             f"config.scheduler.fetch_interval_s ({s.fetch_interval_s}) must be below config.run_timeout_s "
             f"({cfg.run_timeout_s}) and {threading.TIMEOUT_MAX:.0f} s: a group gets its tasks only when it fetches"
         )
+    _validate_stall_timeout(cfg)
     _warn_pd_range(cfg)
     if kv_bytes_per_token is not None:
         _validate_decode_cache_memory(cfg, kv_bytes_per_token, weight_bytes)

@@ -291,6 +291,9 @@ class EngineBase:
         # declared dead but alive until its next fetch) used to be held in `early` for the rest of the run.
         self._gone: OrderedDict = OrderedDict()
         self.busy_s = 0.0  # time spent in model compute (runtime overhead figure)
+        # Monotonic time of the main thread's last sign of progress (each loop turn, each wait's poll, each layer of a
+        # batch): the node reports the engine stalled when it is older than scheduler.stall_timeout_s.
+        self.tick = time.monotonic()
         self.wait_s = 0.0  # time a PE waited inside a batch: for DE-side layers, and for its CNIC (h2d_wait_s)
         self.h2d_wait_s = 0.0  # of which: a PE's per-layer H2D paced on its CNIC
         # Measured steps for the cost-model fit: PE ([(cached, bsz)], s), DE (batch, context tokens, s).
@@ -304,6 +307,7 @@ class EngineBase:
 
     # ------------------------------------------------------------------ plumbing
     def start(self) -> None:
+        self.tick = time.monotonic()  # (not the build's: a node's precompile may have taken minutes since)
         for t in self._threads:
             t.start()
 
@@ -722,6 +726,7 @@ class PrefillEngine(EngineBase):
 
     def run(self) -> None:
         while not self._stop.is_set():
+            self.tick = time.monotonic()
             self._drain(WAIT_POLL_S if not self._has_ready() else 0)
             self._prepare()
             if not self.layerwise:
@@ -811,12 +816,14 @@ class PrefillEngine(EngineBase):
             # PE-side block cut the hit before the DE's blocks: their rows are recomputed, but the DE's write
             # must land first (not over the recomputed KV, nor into the area once freed for another request).
             # (Basic prefill: every layer landed before the request was ready, `_load_whole`.)
+            self.tick = time.monotonic()
             for r, c0, _ in items:
                 if self.layerwise and r.de_end_blocks > r.task.pe_read_blocks and c0 == r.final_hit:
                     self._wait(lambda r=r: layer in r.layers_from_de or r.cancelled, f"layer {layer} of {r.key}")
             return [r.area[layer, :c0] for r, c0, _ in items]  # uint8 [c0, bpt] each
 
         def on_layer(layer: int, new_kv: list) -> None:
+            self.tick = time.monotonic()
             for (r, c0, n), kv in zip(items, new_kv, strict=True):
                 r.area[layer, c0 : c0 + n] = kv  # uint8 [n, bpt]
                 if r.cancelled or not self.layerwise:  # (basic: the DE gets it after the last layer, `_send_whole`)
@@ -835,6 +842,7 @@ class PrefillEngine(EngineBase):
                 if not pace_on(self.cnic_in, nbytes, self._stop):
                     raise RuntimeError(f"pe{self.engine_id} stopped while its H2D crossed the CNIC")
             finally:
+                self.tick = time.monotonic()
                 dt = time.perf_counter() - t
                 self.h2d_wait_s += dt
                 self.wait_s += dt
@@ -982,6 +990,7 @@ class PrefillEngine(EngineBase):
         long, not lost (a DE's layers taking over 30 s failed the run with a TimeoutError); a dead peer's requests
         are cancelled by the scheduler (pred checks `cancelled`)."""
         while not pred():
+            self.tick = time.monotonic()
             if self._stop.is_set():
                 raise RuntimeError(f"pe{self.engine_id} stopped while waiting for {what}")
             item = self.inbox.get(WAIT_POLL_S)
@@ -1313,6 +1322,7 @@ class DecodeEngine(EngineBase):
 
     def run(self) -> None:
         while not self._stop.is_set():
+            self.tick = time.monotonic()  # (also while idle: waiting for work is no stall)
             busy = any(s is not None and s.stage == "decoding" for s in self.slot_req)
             item = self.inbox.get(0 if busy else WAIT_POLL_S)
             while item is not None:

@@ -314,6 +314,16 @@ class InProcessLauncher:
         for node_id, g in self.groups.items():
             if node_id not in self.threads:
                 g.close()
+        # Threads cannot be killed in-process: one stuck in a step or a store call lives on, unseen (a warning).
+        stuck = [t.name for t in self.threads.values() if t.is_alive()]
+        for g in self.groups.values():
+            stuck += g.live_threads()
+        if stuck:
+            log.warning(
+                "thread(s) %s did not end within the shutdown's 5 s (stuck in a step or a store call?): left running "
+                "as daemon threads, with the run's store closed under them",
+                stuck,
+            )
         store = getattr(self, "store", None)
         if store is not None:
             store.close()

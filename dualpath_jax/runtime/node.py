@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from dualpath_jax.host_buffers import HostBufferPool
 from dualpath_jax.kv_layout import BlockLayout
-from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
+from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, stall_timeout_s
 from dualpath_jax.runtime.control import Event, GroupReply, GroupReport
 from dualpath_jax.runtime.engines import DecodeEngine, PrefillEngine, engine_endpoint
 from dualpath_jax.runtime.storage_nic import StorageNIC
@@ -125,6 +125,8 @@ def block_layout(cfg: RuntimeConfig, model) -> BlockLayout:
 class EngineGroup:
     """A node's engines plus its leader loop. `run()` blocks until the scheduler says shutdown."""
 
+    stall_timeout_s: float | None = None  # (config.scheduler's in force, set in __init__; None: no stall detection)
+
     def __init__(
         self,
         node_id: int,
@@ -160,6 +162,7 @@ class EngineGroup:
         self.fetches = 0
         self._links_sent: dict[tuple, int] = {}  # (link, t0, t1) -> bytes reported so far
         self._links_due = 0.0  # monotonic time of the next link report
+        self.stall_timeout_s = stall_timeout_s(cfg)
         try:
             self._build_engines(cfg, model, layout, per_engine, make_transport, batcher_factory)
             self.address = {e: eng.transport.address for e, eng in self.engines.items()}
@@ -257,6 +260,11 @@ class EngineGroup:
         }
         if self.role == "decode":
             stats["decode_steps"] = {e: eng.decode_steps for e, eng in self.engines.items()}
+        if not final and self.stall_timeout_s is not None:
+            stalled = self._stalled(now)
+            if stalled:  # (the scheduler declares the node dead: its requests re-run elsewhere)
+                stats["stalled"] = stalled
+                stats["stall_timeout_s"] = self.stall_timeout_s
         if final:
             stats["step_log"] = {e: list(eng.step_log) for e, eng in self.engines.items()}
             stats["wait_s"] = {e: eng.wait_s for e, eng in self.engines.items()}
@@ -273,6 +281,18 @@ class EngineGroup:
             link_bytes=links,
             stats=stats,
         )
+
+    def _stalled(self, now: float) -> dict:
+        """{what: seconds} of the parts that made no progress for over stall_timeout_s: an engine's main thread
+        (stuck in a step, a store or a transport call; a wait or an idle loop stamps its progress) or one of the SNIC's
+        store calls."""
+        out = {
+            f"{self.role} engine {e}": now - eng.tick
+            for e, eng in self.engines.items()
+            if now - eng.tick > self.stall_timeout_s
+        }
+        out.update(self.snic.stalled(now, self.stall_timeout_s))
+        return out
 
     def _link_deltas(self) -> list:
         """This node's link bytes per bin since the last report (a bin still filling, or one a dropped transfer took
@@ -318,6 +338,8 @@ class EngineGroup:
         interval = self.cfg.scheduler.fetch_interval_s
         try:
             while not self._stop.is_set():
+                # Cleared before the report takes the events: one emitted from here on is in it or sets the wake again.
+                self.ctx.wake.clear()
                 reply = self.control.fetch(self._report())
                 self.fetches += 1
                 self._apply(reply)
@@ -325,7 +347,6 @@ class EngineGroup:
                     break
                 # Fetch again after the interval (the heartbeat), or at once when an engine has news.
                 self.ctx.wake.wait(interval)
-                self.ctx.wake.clear()
         finally:
             self.close()
         # Once nothing moves any more: the bytes the links moved while the engines and the SNIC stopped are in it (a
@@ -335,6 +356,11 @@ class EngineGroup:
                 self.control.fetch(self._report(final=True))
         except Exception:  # noqa: BLE001 -- the driver may already be gone
             pass
+
+    def live_threads(self) -> list[str]:
+        """Names of its engines' and storage NIC's threads still running (after `close`: stuck ones)."""
+        threads = [t for eng in self.engines.values() for t in eng._threads] + self.snic._threads
+        return [t.name for t in threads if t.is_alive()]
 
     def close(self) -> None:
         for eng in self.engines.values():

@@ -12,7 +12,9 @@ Engine groups (nodes) fetch through `fetch(GroupReport)`. Each fetch:
 last fetch; never while a fetch of it waits for a policy call to end): every request
 placed on one of its engines is cancelled on its peer and re-queued with a new attempt number (re-looked up,
 since the dead DE may have written some blocks already), so each turn still completes exactly once -- but for a
-dead PE's turns that their DE already runs (first token out), which need nothing more of it.
+dead PE's turns that their DE already runs (first token out), which need nothing more of it. A group that reports
+a part `stalled` (an engine's main thread or a storage-NIC store call without progress for
+`scheduler.stall_timeout_s`, `node.EngineGroup._stalled`) is declared dead the same way at that fetch.
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ def _dead_stats(stats: dict) -> dict:
             out[k] = 0
     out["dead"] = True
     return out
+
+
+def _stall_reason(stalled: dict, timeout) -> str:
+    """Why a group that reported `stalled` ({what: seconds}) is dead."""
+    parts = ", ".join(f"{what} made no progress for {float(s):.1f} s" for what, s in sorted(stalled.items()))
+    limit = f"{timeout:g}" if isinstance(timeout, int | float) else repr(timeout)
+    return f"{parts} (> scheduler.stall_timeout_s={limit})"
 
 
 #: A policy that places none of the queued requests on an idle cluster for this long and this many calls fails the run.
@@ -371,6 +380,13 @@ class GlobalScheduler:
             self.stats[node] = report.stats
             for ev in report.events:
                 self._apply(node, ev)
+            stalled = report.stats.get("stalled") if isinstance(report.stats, dict) else None
+            if stalled:
+                # A part of the group hangs (a step, a store call) while its leader still fetches: dead, as a silent
+                # group (its requests re-run elsewhere), and told to stop now.
+                self._declare_dead(node, _stall_reason(stalled, report.stats.get("stall_timeout_s")))
+                self._told_dead.add(node)
+                return GroupReply(shutdown=True)
             if not self.started and self._all_registered():
                 # The run's clock starts when every group is up (models built, endpoints listening).
                 self.started = True

@@ -75,6 +75,9 @@ class StorageNIC:
         # write-back blocks not stored: the store refused them (no room: its capacity held by pinned / busy blocks) or
         # writing them failed (a full disk); a later turn recomputes their KV
         self.unstored_blocks = 0
+        # Monotonic start of the store call each thread is in ("read" / "write"; None: none): a store call that never
+        # returns (a hung mount) stalls every job behind it, and the node reports it (`stalled`).
+        self.busy_since: dict[str, float | None] = {"read": None, "write": None}
         self._threads = [
             threading.Thread(target=self._read_loop, name=f"snic{node_id}-read{name}", daemon=True),
             threading.Thread(target=self._write_loop, name=f"snic{node_id}-write{name}", daemon=True),
@@ -103,6 +106,15 @@ class StorageNIC:
         with self._lock:
             self._pending_writes += len(job.keys)
         self._writes.put(job)
+
+    def stalled(self, now: float, timeout: float) -> dict[str, float]:
+        """{"storage NIC's store.read" / "...store.write": seconds} for each of its threads in one store call for over
+        `timeout` s at `now` (monotonic)."""
+        out = {}
+        for kind, since in list(self.busy_since.items()):
+            if since is not None and now - since > timeout:
+                out[f"storage NIC's store.{kind}"] = now - since
+        return out
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop serving: a job in progress ends after its current block (the rest is not read or written), and the
@@ -147,7 +159,12 @@ class StorageNIC:
                         break
                     t0 = (job.first_block + j) * bs
                     rows = job.area[:, t0 : t0 + bs]  # this block's rows of the layer-major area
-                    if not self.store.read(key, rows if self._direct else self._read_staging):
+                    self.busy_since["read"] = time.monotonic()
+                    try:
+                        found = self.store.read(key, rows if self._direct else self._read_staging)
+                    finally:
+                        self.busy_since["read"] = None
+                    if not found:
                         self.failed_reads += 1
                         self._log_failed_read(job.first_block + j, job.request_id)
                         break
@@ -177,6 +194,7 @@ class StorageNIC:
             for key, block in zip(job.keys, job.blocks, strict=True):
                 if self._stop.is_set():
                     break
+                self.busy_since["write"] = time.monotonic()
                 try:
                     # Stored already, and whole (not paced: a dedup moves no KV). `contains` looks only at the file:
                     # a damaged block of the right size was never replaced -- a recomputed block behind the read's
@@ -185,7 +203,9 @@ class StorageNIC:
                     if self.store.contains(key) and self.store.verify(key):
                         written += 1
                         continue
-                    if self.store.write(key, block):
+                    stored = self.store.write(key, block)
+                    self.busy_since["write"] = None  # (pacing is no store call: a slow SNIC cap is no stall)
+                    if stored:
                         self._pace(nbytes_block)  # (once written: a write the store refused moved no bytes)
                         written += 1
                         self.bytes_written += nbytes_block
@@ -194,6 +214,8 @@ class StorageNIC:
                 except Exception:  # noqa: BLE001 -- a failed write-back only costs a future miss
                     log.exception("node %d: write-back failed", self.node_id)
                     self.unstored_blocks += 1
+                finally:
+                    self.busy_since["write"] = None
             with self._lock:
                 self._pending_writes -= len(job.keys)
             if job.on_done is not None:
