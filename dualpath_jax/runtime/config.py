@@ -614,10 +614,9 @@ def check_tiny_workload(cfg: RuntimeConfig) -> None:
 
 def check_layerwise_reads(cfg: RuntimeConfig, where: str = "config.cluster.layerwise=False") -> None:
     """Basic prefill (`cluster.layerwise` False, the paper's Basic: "no layerwise prefill, no dual path") reads every
-    hit on the PE side: refuse a policy that may place reads on the DE side (the simulator forces its reads to the PE
-    side there, so its records and the policy's read queues disagree with what ran; the runtime refuses instead). The
-    policies that read on the PE side only: basic, pe_only (and subclasses), and any whose Config has read_side='pe'
-    (round_robin). `where`: what set layerwise (a `--config.policies` item, for experiments.run). Also
+    hit on the PE side: refuse a policy that may place reads on the DE side (the simulator refuses it too, by the same
+    rule: `sim.config.policy_reads_pe_only`). The policies that read on the PE side only: basic, pe_only (and
+    subclasses), and any whose Config has read_side='pe' (round_robin). `where`: what set layerwise (a `--config.policies` item, for experiments.run). Also
     `cluster.pe_hbm_kv_bytes` >= 0."""
     if cfg.cluster.pe_hbm_kv_bytes < 0:
         raise ConfigError(
@@ -625,14 +624,10 @@ def check_layerwise_reads(cfg: RuntimeConfig, where: str = "config.cluster.layer
         )
     if cfg.cluster.layerwise:
         return
-    from schedulers.policies import BasicPolicy, PeOnlyPolicy
-    from schedulers.registry import POLICIES
+    from dualpath_jax.sim.config import policy_reads_pe_only  # (stdlib imports only: no simulator is loaded)
 
     name = cfg.scheduler.name
-    cls = POLICIES.get(name) if name in POLICIES.names() else None
-    if (isinstance(cls, type) and issubclass(cls, BasicPolicy | PeOnlyPolicy)) or (
-        cfg.scheduler.policy_kwargs.get("read_side") == "pe"
-    ):
+    if policy_reads_pe_only(name, cfg.scheduler.policy_kwargs):
         return
     raise ConfigError(
         f"{where} (basic prefill, the paper's Basic) reads the hit on the PE side only, but policy {name!r} may read "

@@ -620,8 +620,8 @@ def validate_sim_config(sc: SimConfig) -> None:
 
 def policy_reads_pe_only(name: str, policy_kwargs: Mapping[str, Any]) -> bool:
     """Whether the registered policy `name` with `policy_kwargs` reads every hit on the PE side: basic, pe_only (and
-    their subclasses), or one whose Config has read_side='pe' (round_robin). The rule of the runtime's
-    `runtime.config.check_layerwise_reads`."""
+    their subclasses), or one whose Config has read_side='pe' (round_robin). The runtime's
+    `runtime.config.check_layerwise_reads` uses it too."""
     from schedulers.policies import BasicPolicy, PeOnlyPolicy  # no jax
     from schedulers.registry import POLICIES
 
