@@ -11,8 +11,7 @@ One device whose RC QPs run RDMA WRITE/READ as memmoves between the fake MRs of 
 
 `install(monkeypatch)` puts it in `sys.modules` for one test; `installed()` is the stand-in in use, if any. The
 conformance and ordering suites run their "rdma-fake" cases over it (tests/test_transport_hunt8.py checks the
-error-state model above). A copy of the first version, without the error-state model, is test_transport_hunt5.py's
-`_FakeVerbs` (hunt6 and hunt7 use it too).
+error-state model above); test_transport_hunt5/6/7 use it too.
 """
 
 from __future__ import annotations

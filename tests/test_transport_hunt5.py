@@ -18,7 +18,7 @@
   registered, but tcp peers could never reach it (they ask for a region by name in one frame of at most 1,024 bytes:
   "region name longer than 1024 bytes", or a `UnicodeEncodeError`), while inproc took writes to it. `register` now
   refuses such names on every backend (`transport.base.REGION_NAME_MAX`).
-- rdma (run here against a stand-in for pyverbs, `_FakeVerbs`: RDMA WRITE/READ are memmoves between fake MRs, and a
+- rdma (run here against a stand-in for pyverbs, `tests/_fake_verbs.py`: RDMA WRITE/READ are memmoves between fake MRs, and a
   bad rkey or range fails the work request and breaks the QP, as on a NIC):
   - a peer's region (addr, rkey, size) was cached for ever, so a region registered again under its name was written
     with the old, dead rkey: the work request failed and the whole peer was lost (and a range past the old size was
@@ -43,15 +43,13 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import itertools
 import sys
 import threading
 import types
-from collections import deque
 
 import numpy as np
 import pytest
+from _fake_verbs import FakeVerbs
 from test_transport_conformance import make_pair
 
 from transport.base import RegionError, make_transport
@@ -305,129 +303,8 @@ def test_tcp_connect_with_a_timeout_past_the_socket_limit_is_a_value_error():
 # ---- rdma, against a stand-in for pyverbs ----------------------------------------------------------------------
 
 
-class _FakeVerbs:
-    """Just enough of pyverbs for `RdmaTransport`: one device whose RC QPs run RDMA WRITE/READ as memmoves between
-    the fake MRs of this process. A work request with an rkey no MR holds (deregistered) or a range outside the MR
-    completes with a remote access error and puts the QP in the error state, as on a NIC."""
-
-    REM_ACCESS_ERR = 10
-
-    def __init__(self, max_msg_sz: int = 1 << 31):
-        self.mrs: dict[int, tuple[int, int]] = {}  # rkey -> (address, length)
-        self.keys = itertools.count(0x100)
-        self.qpns = itertools.count(1)
-        self.lock = threading.Lock()
-        self.hold = False  # completion queues report nothing while set (work requests still "in flight")
-        self.modules = self._modules(max_msg_sz)
-
-    def _modules(self, max_msg_sz: int) -> dict[str, types.ModuleType]:
-        fake = self
-        e = types.ModuleType("pyverbs.enums")
-        e.IBV_ACCESS_LOCAL_WRITE, e.IBV_ACCESS_REMOTE_WRITE, e.IBV_ACCESS_REMOTE_READ = 1, 2, 4
-        e.IBV_PORT_ACTIVE, e.IBV_QPT_RC, e.IBV_MTU_4096 = 4, 2, 5
-        e.IBV_WR_RDMA_WRITE, e.IBV_WR_RDMA_READ, e.IBV_WC_SUCCESS = 0, 4, 0
-
-        class Context:
-            def __init__(self, name):
-                self.name = name
-
-            def query_device(self):
-                return ns(phys_port_cnt=1, max_qp_rd_atom=16, max_qp_init_rd_atom=16, max_cqe=4096)
-
-            def query_port(self, port):
-                return ns(state=4, gid_tbl_len=1, active_mtu=5, lid=0, max_msg_sz=max_msg_sz)
-
-            def query_gid(self, port, index):
-                return ns(gid="fe80:0000:0000:0000:0202:c9ff:fe00:0001")
-
-            def close(self):
-                pass
-
-        class CQ:
-            def __init__(self, ctx, cqe, *args):
-                self.q, self.lock = deque(), threading.Lock()
-
-            def poll(self, num_entries=1):
-                if fake.hold:
-                    return 0, []
-                with self.lock:
-                    out = [self.q.popleft() for _ in range(min(num_entries, len(self.q)))]
-                return len(out), out
-
-            def close(self):
-                pass
-
-        class PD:
-            def __init__(self, ctx):
-                pass
-
-            def close(self):
-                pass
-
-        class MR:
-            def __init__(self, pd, length, access, address=0):
-                with fake.lock:
-                    self.lkey = self.rkey = next(fake.keys)
-                    fake.mrs[self.rkey] = (address, length)
-
-            def close(self):
-                with fake.lock:
-                    fake.mrs.pop(self.rkey, None)
-
-        class Attrs:
-            def __init__(self, **kw):
-                self.__dict__.update(kw)
-
-        class QP:
-            def __init__(self, pd, init, attr):
-                self.cq, self.error = init.scq, False
-                with fake.lock:
-                    self.qp_num = next(fake.qpns)
-
-            def to_rts(self, attr):
-                pass
-
-            def post_send(self, wr):
-                sge = wr.sg[0]
-                with fake.lock:
-                    base, size = fake.mrs.get(wr.rkey, (0, -1))
-                ok = not self.error and base <= wr.raddr and wr.raddr + sge.length <= base + size
-                if ok and wr.opcode == e.IBV_WR_RDMA_WRITE:
-                    ctypes.memmove(wr.raddr, sge.addr, sge.length)
-                elif ok:
-                    ctypes.memmove(sge.addr, wr.raddr, sge.length)
-                else:
-                    self.error = True
-                with self.cq.lock:
-                    self.cq.q.append(ns(wr_id=wr.wr_id, status=e.IBV_WC_SUCCESS if ok else fake.REM_ACCESS_ERR))
-
-            def close(self):
-                pass
-
-        class SendWR:
-            def __init__(self, wr_id=0, opcode=0, num_sge=1, sg=()):
-                self.wr_id, self.opcode, self.sg = wr_id, opcode, list(sg)
-
-            def set_wr_rdma(self, rkey, addr):
-                self.rkey, self.raddr = rkey, addr
-
-        mods = {"pyverbs": types.ModuleType("pyverbs"), "pyverbs.enums": e}
-        contents = {
-            "device": {"Context": Context, "get_device_list": lambda: [ns(name=b"fake0")]},
-            "cq": {"CQ": CQ},
-            "pd": {"PD": PD},
-            "mr": {"MR": MR},
-            "qp": {"QP": QP, "QPAttr": Attrs, "QPCap": Attrs, "QPInitAttr": Attrs},
-            "addr": {"GID": str, "AHAttr": Attrs, "GlobalRoute": Attrs},
-            "wr": {"SGE": lambda addr, length, lkey: ns(addr=addr, length=length, lkey=lkey), "SendWR": SendWR},
-        }
-        for sub, names in contents.items():
-            m = mods[f"pyverbs.{sub}"] = types.ModuleType(f"pyverbs.{sub}")
-            m.__dict__.update(names)
-        for name, m in mods.items():
-            if name != "pyverbs":
-                setattr(mods["pyverbs"], name.split(".")[1], m)
-        return mods
+# (the stand-in: tests/_fake_verbs.py, shared with the conformance and ordering suites' rdma-fake cases)
+_FakeVerbs = FakeVerbs
 
 
 @pytest.fixture
