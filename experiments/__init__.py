@@ -236,7 +236,9 @@ def reclaim_flags(own) -> None:
     """Put back a launcher's own flags (`own_flags`) that a launcher imported later into this process replaced: names
     such as --modes, --workers and --seeds are defined by several launchers with `allow_override`, each with its own
     default, help and validators, so `sweep.parse_flags` after an import of capacity parsed with capacity's --modes
-    (an empty item passed). A launcher run as a program defines its flags last and needs none of this."""
+    (an empty item passed). A launcher run as a program defines its flags last and needs none of this. (Where a flag of
+    the name was parsed and not unparsed when the launcher was imported, absl kept that one instead of the launcher's:
+    that one is what `own_flags` took.)"""
     from absl import flags
 
     fv = flags.FLAGS
