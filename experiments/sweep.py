@@ -855,13 +855,18 @@ def _write_results(
     # sweep.json's rows in the CSV's column order, every column (None where the CSV is empty), then the rest
     safe = [{**{k: r.get(k) for k in cols if k != "error"}, **r} for r in safe]
     write_csv(os.path.join(_OUTPUT_DIR.value, "sweep.csv"), cols, safe)
+
     # beside it, then renamed over it: an earlier sweep.json (a --resume's kept rows) is whole until this one is
+    # (a temp name of this process's: a fixed sweep.json.tmp was shared by two sweeps writing one --output_dir, and
+    # left behind by a failed dump)
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(safe, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+
     path = os.path.join(_OUTPUT_DIR.value, "sweep.json")
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(safe, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f"{path}.tmp", path)
+    write_atomically(path, dump)
     _fsync_dir(_OUTPUT_DIR.value)
     print_table([cols, *([_fmt(r.get(k)) for k in cols] for r in safe)])
     for slo in dict.fromkeys(r["slo"] for r in safe if r.get("slo")):  # (which SLO; its window starts at warm-up)
