@@ -527,18 +527,29 @@ def write_run_info(directory: str, info: dict) -> str:
     import os
 
     path = os.path.join(directory, RUN_FILE)
-    # beside it, then renamed over it: a crash or a full disk mid-dump left a torn run.json (a link at `path` keeps
-    # naming its file, which is replaced, as `open(path, "w")` wrote through it)
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(info, f, indent=1, default=str)
+
+    write_atomically(path, dump)  # (a crash or a full disk mid-dump left a torn run.json)
+    return path
+
+
+def write_atomically(path: str, write) -> None:
+    """`write(tmp_path)` then rename onto `path`: a job killed (kill -9, the OOM killer) or interrupted while writing
+    leaves the previous file whole (or none), never a truncated one. A symbolic link at `path` keeps pointing at the
+    file it names (that file is replaced)."""
+    import os
+
     target = os.path.realpath(path)
     tmp = f"{target}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=1, default=str)
+        write(tmp)
         os.replace(tmp, target)
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
-    return path
 
 
 def _launcher_flags(module: str) -> dict:

@@ -1071,19 +1071,10 @@ def _same_tokens(a, b) -> bool:
 
 
 def write_atomically(path: str, write) -> None:
-    """`write(tmp_path)` then rename onto `path`: a job killed (kill -9, the OOM killer) or interrupted while writing
-    leaves the previous file whole (or none), never a truncated one. A symbolic link at `path` keeps pointing at the
-    file it names (that file is replaced)."""
-    import os
+    """`dualpath_jax.metrics.write_atomically` (imported when first used: this package's import stays light)."""
+    from dualpath_jax.metrics import write_atomically as write_beside_then_rename
 
-    target = os.path.realpath(path)
-    tmp = f"{target}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+    write_beside_then_rename(path, write)
 
 
 def refuse_flags_of_parts_not_run(parts) -> None:
