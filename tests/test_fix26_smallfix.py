@@ -52,25 +52,45 @@ def _only(directory) -> list[str]:
 # ---- 1: sweep.csv / sweep_mean.csv: written beside, then renamed over ------------------------------------------
 
 
-def test_a_full_disk_while_sweep_csv_is_written_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+def _write_two_cells_and_fail(output_dir) -> None:
+    """sweep's `_write_results` of two sim_tiny cells into `output_dir`, where the disk fills (the caller's patch):
+    asserts the OSError."""
     from experiments import SigtermAsInterrupt, sweep
 
-    _old_file(tmp_path / "sweep.csv", "an earlier sweep's\n")
     cells = [(TINY, "basic", f"agents={n}", "", "") for n in (2, 3)]
     rows = [
         {"setup": "sim_tiny.py", "mode": "basic", "load": c[2], "seed": 0, "jct_s": 1.0, "spec": sweep.cell_spec(*c)}
         for c in cells
     ]
-    monkeypatch.setattr(csv, "DictWriter", _DiskFullAfterOneRow)
     with flagsaver.flagsaver():
-        sweep.parse_flags(["sweep", f"--output_dir={tmp_path}", "--noplot"])
+        sweep.parse_flags(["sweep", f"--output_dir={output_dir}", "--noplot"])
         try:
             with pytest.raises(OSError, match="No space left"):
                 sweep._write_results(rows, cells, SigtermAsInterrupt(), 0.0, [], [])
         finally:
             flags.FLAGS.unparse_flags()
+
+
+def test_a_full_disk_while_sweep_csv_is_written_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    _old_file(tmp_path / "sweep.csv", "an earlier sweep's\n")
+    monkeypatch.setattr(csv, "DictWriter", _DiskFullAfterOneRow)
+    _write_two_cells_and_fail(tmp_path)
     assert (tmp_path / "sweep.csv").read_text() == "an earlier sweep's\n"  # (was: its header and one row)
     assert _only(tmp_path) == ["sweep.csv"]  # (no temp file left)
+
+
+def test_a_failure_while_sweep_json_is_written_leaves_the_earlier_one_whole_and_no_temp_file(tmp_path, monkeypatch):
+    # (sweep.json.tmp was a fixed name, shared by two sweeps writing one --output_dir, and left by a failed dump)
+    from experiments import sweep
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _old_file(tmp_path / "sweep.json", '["an earlier sweep\'s"]')
+    monkeypatch.setattr(sweep.json, "dump", disk_full)
+    _write_two_cells_and_fail(tmp_path)
+    assert json.loads((tmp_path / "sweep.json").read_text()) == ["an earlier sweep's"]
+    assert _only(tmp_path) == ["sweep.csv", "sweep.json"]  # (no sweep.json.tmp*)
 
 
 def test_a_full_disk_while_sweep_mean_csv_is_written_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
