@@ -27,6 +27,20 @@ def _backlogged(link: Link, cls: str, stop: threading.Event, every=None) -> thre
     return th
 
 
+def _shares(link: Link, threads, stop: threading.Event, seconds: float) -> dict[str, float]:
+    """Each class's share of `link` over `seconds` after 0.1 s of warm-up, then `threads` stopped."""
+    try:
+        time.sleep(0.1)
+        b0, t0 = dict(link.bytes_by_class), time.monotonic()
+        time.sleep(seconds)
+        b1, t1 = dict(link.bytes_by_class), time.monotonic()
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(5)
+    return {c: (b1[c] - b0[c]) / (t1 - t0) / link.rate for c in b1}
+
+
 def test_back_to_back_small_high_transfers_keep_their_share_beside_backlogged_low():
     # A high flow of one-chunk transfers, each asked for once the one before returns (a collective's messages): its
     # queue is empty between two, and low was granted a whole quantum (5 ms) each time: 99:1 ran ~17:83.
@@ -81,16 +95,8 @@ def test_a_path_held_at_half_the_link_leaves_low_the_other_half():
 
     ths = [_backlogged(link, "low", stop), threading.Thread(target=high, daemon=True)]
     ths[1].start()
-    try:
-        time.sleep(0.1)
-        b0, t0 = dict(link.bytes_by_class), time.monotonic()
-        time.sleep(0.5)
-        b1, t1 = dict(link.bytes_by_class), time.monotonic()
-    finally:
-        stop.set()
-        for th in ths:
-            th.join(5)
-    high, low = ((b1[c] - b0[c]) / (t1 - t0) / link.rate for c in ("high", "low"))
+    share = _shares(link, ths, stop, 0.5)
+    high, low = share["high"], share["low"]
     assert low > 0.35 and high > 0.4, f"high {high:.2f}, low {low:.2f} of the link (0.5 each)"
 
 
@@ -119,16 +125,7 @@ def test_a_fast_link_keeps_99_to_1_when_the_high_thread_stalls_now_and_then():
             time.sleep(0.006)
 
     ths = [_backlogged(link, "low", stop), _backlogged(link, "high", stop, every=stall)]
-    try:
-        time.sleep(0.1)
-        b0, t0 = dict(link.bytes_by_class), time.monotonic()
-        time.sleep(0.6)
-        b1, t1 = dict(link.bytes_by_class), time.monotonic()
-    finally:
-        stop.set()
-        for th in ths:
-            th.join(5)
-    low = (b1["low"] - b0["low"]) / (t1 - t0) / link.rate
+    low = _shares(link, ths, stop, 0.6)["low"]
     assert low < 0.04, f"low got {low:.3f} of the link (its share: 0.01)"
 
 
