@@ -126,22 +126,12 @@ class Link:
                 raise TypeError(f"link {name!r}: {what} must be a number, got {x!r}")
         if quantum is not None and not is_int(quantum):
             raise TypeError(f"link {name!r}: quantum must be a whole number of bytes or None, got {quantum!r}")
-        if not rate_bytes_per_s > 0:
-            raise ValueError(f"link {name!r}: rate must be > 0 bytes/s, got {rate_bytes_per_s}")
-        if rate_bytes_per_s < MIN_RATE:  # (1e-300: an OverflowError from the wait for a slot; 1e-3: days per chunk)
-            raise ValueError(f"link {name!r}: rate must be >= {MIN_RATE:g} byte/s, got {rate_bytes_per_s}")
+        check_rate(rate_bytes_per_s, f"link {name!r}: rate")
         self.name = name
         self.rate = float(rate_bytes_per_s)
-        if weights is not None and not weights:  # (silently took the default classes)
-            raise ValueError(f"link {name!r}: weights must name at least one class, got {dict(weights)!r}")
+        if weights is not None:  # (empty: it silently took the default classes)
+            check_weights(weights, f"link {name!r}: weights", lambda c: f"link {name!r}: weight of class {c!r}")
         self.weights = dict({"high": 1.0, "low": 1.0} if weights is None else weights)
-        for c, w in self.weights.items():
-            if not is_real(w):
-                raise TypeError(f"link {name!r}: weight of class {c!r} must be a number, got {w!r}")
-            if not w > 0:
-                raise ValueError(f"link {name!r}: weight of class {c!r} must be > 0, got {w}")
-            if math.isinf(w):  # (was strict priority, silently: the other class got nothing beside it)
-                raise ValueError(f"link {name!r}: weight of class {c!r} must be finite (a ratio), got {w}")
         if quantum is None:
             quantum = 1 << 20 if math.isinf(self.rate) else int(max(16 << 10, min(8 << 20, self.rate * 0.005)))
         if not quantum >= 1:  # 0: no chunk ever fits; < 0: nothing would be paced or recorded
@@ -691,24 +681,36 @@ class ClusterLinks:
         # (as `Link` checks them: ClusterLinks(-1, 1) was built, refused only in `for_cluster` as link 'snic/node0',
         # and not at all by a `for_cluster` of no nodes)
         for what in ("snic_bytes_per_s", "cnic_bytes_per_s"):
-            x = getattr(self, what)
-            if not is_real(x):
-                raise TypeError(f"ClusterLinks: {what} must be a number, got {x!r}")
-            if not x > 0:  # (NaN too; math.inf: unpaced)
-                raise ValueError(f"ClusterLinks: {what} must be > 0 bytes/s, got {x}")
-            if x < MIN_RATE:  # (as `Link`)
-                raise ValueError(f"ClusterLinks: {what} must be >= {MIN_RATE:g} byte/s, got {x}")
+            check_rate(getattr(self, what), f"ClusterLinks: {what}")
         if not isinstance(self.cnic_weights, Mapping):
             raise TypeError(f"ClusterLinks: cnic_weights must be a mapping class -> weight, got {self.cnic_weights!r}")
-        if not self.cnic_weights:
-            raise ValueError("ClusterLinks: cnic_weights must name at least one class, got {}")
-        for c, w in self.cnic_weights.items():
-            if not is_real(w):
-                raise TypeError(f"ClusterLinks: cnic_weights[{c!r}] must be a number, got {w!r}")
-            if not w > 0:
-                raise ValueError(f"ClusterLinks: cnic_weights[{c!r}] must be > 0, got {w}")
-            if math.isinf(w):  # (as `Link`: strict priority, silently)
-                raise ValueError(f"ClusterLinks: cnic_weights[{c!r}] must be finite (a ratio), got {w}")
+        check_weights(self.cnic_weights, "ClusterLinks: cnic_weights", lambda c: f"ClusterLinks: cnic_weights[{c!r}]")
+
+
+def check_rate(x, what: str) -> None:
+    """A link rate in bytes/s (`what` names it in the error): a number, > 0 (NaN refused; math.inf: unpaced) and at
+    least MIN_RATE (1e-300: an OverflowError from the wait for a slot; 1e-3: days per chunk). `Link`, `ClusterLinks`."""
+    if not is_real(x):
+        raise TypeError(f"{what} must be a number, got {x!r}")
+    if not x > 0:
+        raise ValueError(f"{what} must be > 0 bytes/s, got {x}")
+    if x < MIN_RATE:
+        raise ValueError(f"{what} must be >= {MIN_RATE:g} byte/s, got {x}")
+
+
+def check_weights(weights: Mapping, what: str, weight_of) -> None:
+    """Class weights (`what` names the mapping, `weight_of(c)` one weight in the error): at least one class, each a
+    finite number > 0 (an infinite one was strict priority, silently: the other class got nothing beside it).
+    `Link`, `ClusterLinks`."""
+    if not weights:
+        raise ValueError(f"{what} must name at least one class, got {dict(weights)!r}")
+    for c, w in weights.items():
+        if not is_real(w):
+            raise TypeError(f"{weight_of(c)} must be a number, got {w!r}")
+        if not w > 0:
+            raise ValueError(f"{weight_of(c)} must be > 0, got {w}")
+        if math.isinf(w):
+            raise ValueError(f"{weight_of(c)} must be finite (a ratio), got {w}")
 
 
 def wall_grid_origin(sample_interval: float) -> float:
