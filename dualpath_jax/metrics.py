@@ -169,11 +169,15 @@ def column(records: Sequence[TurnRecord], name: str, cache: dict | None = None) 
     return col
 
 
+def _gen_column(records: Sequence[TurnRecord]) -> np.ndarray:
+    return np.fromiter(map(_GEN_TOKENS, records), dtype=np.int64, count=len(records))
+
+
 def ttft_tpot(records: Sequence[TurnRecord], cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`TurnRecord.ttft` and `.tpot` of every record, computed column-wise with the same IEEE operations."""
     first = column(records, "first_token", cache)
     ttft = first - column(records, "arrival", cache)
-    gen = np.fromiter(map(_GEN_TOKENS, records), dtype=np.int64, count=len(records))
+    gen = _gen_column(records)
     tpot = np.full(len(records), math.nan)
     m = gen > 1
     tpot[m] = (column(records, "finished", cache)[m] - first[m]) / (gen[m] - 1)
@@ -204,8 +208,11 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
         "prompt_tokens_per_s": prompt / (end - start) if end > start else math.nan,
         "ttft_p50_s": percentile(ttft, 50),
         "ttft_p99_s": percentile(ttft, 99),
-        # the TTFT percentiles leave these out (no first token: NaN) where an SLO judge counts them as misses
-        "turns_without_first_token": int(np.isnan(column(records, "first_token", cache)).sum()),
+        # the TTFT percentiles leave these out (no first token: NaN) where an SLO judge counts them as misses; a turn
+        # that generates 0 tokens (a few in real traces: prefill only) has none to wait for and is not counted
+        "turns_without_first_token": int(
+            (np.isnan(column(records, "first_token", cache)) & (_gen_column(records) > 0)).sum()
+        ),
         "tpot_p50_s": percentile(tpot, 50),
         "tpot_p99_s": percentile(tpot, 99),
         # hit tokens (cached KV read, not computed) over prompt tokens, every turn: the run's prefix-cache hit rate
@@ -257,7 +264,7 @@ def slo_summary(
     end_s: float = math.inf,
 ) -> dict:
     """An online run's SLO (PAPER.md: TTFT <= `ttft_s` and TPOT <= `tpot_s` at the `percentile`), judged on the turns
-    arriving in [warmup_s, end_s): the simulator's (`sim.runner.slo_summary`: end_s its duration_s, online) and the
+    arriving in [warmup_s, end_s) that generate tokens (a 0-token turn is not judged): the simulator's (`sim.runner.slo_summary`: end_s its duration_s, online) and the
     runtime's (`experiments.run`). `slo_attainment`: the share of those turns within both bounds; `slo_met`: the
     percentiles within them. A turn with no first token is a miss, one still decoding is judged on its TTFT, a
     1-token turn has no TPOT. An infinite bound is no bound. No turn in the window: every key, `slo_met` False."""
@@ -267,7 +274,8 @@ def slo_summary(
     if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 < percentile <= 100:
         raise ValueError(f"SLO percentile must be in (0, 100], got {percentile!r}")
     pct = f"{percentile:g}"
-    recs = [r for r in records if warmup_s <= r.arrival < end_s]
+    # (a turn of 0 generated tokens, prefill only, has no first token to judge: neither a hit nor a miss)
+    recs = [r for r in records if warmup_s <= r.arrival < end_s and r.gen_tokens > 0]
     done = [r for r in recs if not math.isnan(r.finished)]
     if not recs:  # every key (it had two: a sweep.csv's slo_attainment was empty, a notebook's lookup a KeyError)
         nan = math.nan

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dualpath_jax.sim.config import SimConfigError
 from dualpath_jax.sim.heap import TimeHeap
 
-_EPS_BYTES = 1e-3  # a flow with less than this left is done (float rounding)
+_EPS_BYTES = 1e-3  # a flow with less than this left is done (float rounding): sizes are in bytes, not unit-free
 # One transfer's bytes spread over at most this many time buckets of a link (more: the per-bucket accounting of a
 # ~0 GB/s link or a ~0 s bucket would run for hours and fill the memory; refused)
 _MAX_SPAN_BUCKETS = 10_000_000

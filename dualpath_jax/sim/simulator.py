@@ -1146,7 +1146,8 @@ class Simulator:
         if math.isnan(rec.prefill_end):
             rec.prefill_end = self.now
         self._de_sync(g)
-        rec.first_token = self.now  # the prefill produced it; it is out once the request runs on the DE
+        if r.gen > 0:  # (a 0-token turn of a real trace: prefill only, no first token; metrics leave it out of TTFT)
+            rec.first_token = self.now  # the prefill produced it; it is out once the request runs on the DE
         if r.gen <= 1:  # no second token (its record keeps NaN, as the runtime's does)
             self._start_writeback(r, 0.0)
             self._turn_done_decode(r)
