@@ -34,7 +34,8 @@ def test_an_option_the_backend_does_not_take_is_named_with_its_fields(base):
     with pytest.raises(
         ConfigError,
         match=r"config.transport_options: TcpTransport \('tcp'\) takes no timeout; its other fields: "
-        r"handshake_timeout_s, host, max_message_bytes, port, secret, timeout_s",
+        r"handshake_step_s, handshake_timeout_s, host, max_message_bytes, max_pending_handshakes, max_sets, "
+        r"max_sets_per_peer, port, reply_copy_max_bytes, secret, timeout_s",
     ):
         validate(cfg)
 

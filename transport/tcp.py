@@ -39,9 +39,13 @@ pending requests in a row, and never on a paced endpoint), and the receiver then
 through that frame and until the next one lands instead of sending them when its socket drains (the next frame is
 already on its way). A lone write, or the last of a burst, is acknowledged as soon as the socket drains.
 
-Protocol version 4 (2 added batched acknowledgements, 3 write batches, 4 FLAG_MORE); peers of another version
-are refused. The handshake (HELLO / HELLO_ACK, JSON) also tells each side the other's `max_message_bytes`: a `send`
-larger than the peer's raises `TransportError` at once instead of making the peer close the set.
+Protocol version 5 (2 added batched acknowledgements, 3 write batches, 4 FLAG_MORE, 5 the instance id after the
+proof, max_read_bytes); a peer of another version is refused at connect, naming both versions (a server answers its
+HELLO with an error HELLO_ACK in its own version; a version-4 server closes without a word, which the client's
+error names as a possible cause). The handshake (HELLO / HELLO_ACK, JSON) also tells each side the other's
+`max_message_bytes`: a `send` larger than the peer's raises `TransportError` at once instead of making the peer
+close the set; and its `max_read_bytes` (its `reply_copy_max_bytes`): a `read` larger than that goes as several
+READs of at most that many bytes, back to back (a READ frame above it closes the set, naming the sizes).
 
 Everything a peer sends is validated (magic, version, header checksum, op, region id, bounds against the
 registered region's size, message size limits); a bad frame closes *that* connection set with a logged
@@ -131,7 +135,10 @@ from transport.base import (
 log = logging.getLogger(__name__)
 
 MAGIC = b"DPKV"
-VERSION = 4  # 2: batched write acknowledgements (OP_WRITE_ACKS); 3: write batches (FLAG_CHAIN); 4: FLAG_MORE
+# 2: batched write acknowledgements (OP_WRITE_ACKS); 3: write batches (FLAG_CHAIN); 4: FLAG_MORE; 5: with a secret the
+# instance id comes in AUTH_OK's payload (after the client's proof), the handshake tells max_read_bytes (a READ above
+# it is refused; `read` splits a larger one) and a HELLO of another version gets an error HELLO_ACK naming both
+VERSION = 5
 HEADER = struct.Struct("!4sBBBxIQQqQI")  # see the module docstring; 48 bytes
 assert HEADER.size == 48
 
@@ -195,8 +202,12 @@ HANDSHAKE_STEP_S = 1.0
 MAX_SETS = 256  # live connection sets per endpoint (4 threads each); more are refused at the handshake
 MAX_SETS_PER_PEER = 8  # ... of one peer instance (two connecting at once make 2)
 # Read replies copied for a connection and not sent yet: past this, its reader stops reading from the peer until its
-# sender caught up (the peer's requests then wait in its socket). One reply larger than this is still served.
+# sender caught up (the peer's requests then wait in its socket). A READ frame larger than this is refused (the set
+# closed); `read` splits a larger read into READs of at most the peer's (told in the handshake as max_read_bytes).
 REPLY_COPY_MAX = 64 << 20
+REPLY_COPY_MIN = 64 << 10  # the smallest reply_copy_max_bytes (less would split reads into tiny frames)
+# (These caps are the defaults of the TcpTransport arguments reply_copy_max_bytes, max_sets, max_sets_per_peer,
+# max_pending_handshakes and handshake_step_s; `config.transport_options` sets those for a run.)
 MSG_STEP = 1 << 20  # a message buffer grows by at least this much as its bytes arrive (not allocated up front)
 CLOSE_GRACE_S = 1.0  # `close` waits this long for peers to close their ends before it cuts the connections
 
@@ -430,11 +441,51 @@ def _peer_limit(hello: dict, peer: str) -> int | None:
     return limit
 
 
+def _peer_read_max(hello: dict, peer: str) -> int | None:
+    """The peer's max_read_bytes (its largest READ) from its HELLO / HELLO_ACK (None if it did not say)."""
+    limit = hello.get("max_read_bytes")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise ProtocolError(f"{peer!r} sent max_read_bytes={limit!r} in its handshake")
+    return limit
+
+
+def _version_refusal(data: bytes) -> int | None:
+    """The protocol version of a handshake header `data` of ours (magic "DPKV") but of another version, else None:
+    checked before `unpack_header` (another version may lay the rest out otherwise), so both ends can name both."""
+    if len(data) > 4 and data[:4] == MAGIC and data[4] != VERSION:
+        return data[4]
+    return None
+
+
 def _peer_instance(hello: dict) -> str | None:
     """The peer endpoint's instance id from its HELLO / HELLO_ACK (new per endpoint object: a process started again
     under a name has a new one; None if it did not say)."""
     instance = hello.get("instance")
     return None if instance is None else str(instance)
+
+
+def _check_caps(name: str, reply_copy: Any, sets: Any, per_peer: Any, pending: Any, step: Any) -> tuple:
+    """The caps of a `TcpTransport` (None: the module's default), checked: a ValueError names the argument."""
+    out = []
+    for arg, value, default, low in (
+        ("reply_copy_max_bytes", reply_copy, REPLY_COPY_MAX, REPLY_COPY_MIN),
+        ("max_sets", sets, MAX_SETS, 1),
+        ("max_sets_per_peer", per_peer, MAX_SETS_PER_PEER, 1),
+        ("max_pending_handshakes", pending, MAX_PENDING_HANDSHAKES, 1),
+    ):
+        if value is None:
+            value = default
+        elif not is_int(value) or value < low:  # (bools too)
+            raise ValueError(f"tcp transport {name!r}: {arg} must be an int >= {low} (None: {default}), got {value!r}")
+        out.append(int(value))
+    if step is None:
+        step = HANDSHAKE_STEP_S
+    elif not is_real(step) or not 0 < step < float("inf"):  # (NaN too)
+        raise ValueError(
+            f"tcp transport {name!r}: handshake_step_s must be a number of seconds > 0 and finite (None: "
+            f"{HANDSHAKE_STEP_S}), got {step!r}"
+        )
+    return (*out, float(step))
 
 
 class _RateLimitedLog:
@@ -804,12 +855,12 @@ class _Conn:
 
     def _wait_room(self, n: int) -> None:
         """Backpressure (the reader thread, serving a peer's READ): while the read replies copied for this connection
-        would pass REPLY_COPY_MAX with `n` more, stop reading from the peer until the sender thread sent enough of them:
-        a peer asking for replies it never reads cannot make this endpoint copy without bound. Not while this endpoint
-        has reads of its own pending on this connection (their replies come to this thread: two endpoints reading
-        from each other could otherwise each wait for the other to read)."""
+        would pass the endpoint's reply_copy_max_bytes with `n` more, stop reading from the peer until the sender
+        thread sent enough of them: a peer asking for replies it never reads cannot make this endpoint copy without
+        bound. Not while this endpoint has reads of its own pending on this connection (their replies come to this
+        thread: two endpoints reading from each other could otherwise each wait for the other to read)."""
         with self.room:
-            while self.copied and self.copied + n > REPLY_COPY_MAX and not self.stopped:
+            while self.copied and self.copied + n > self.owner.reply_copy_max and not self.stopped:
                 if any(r.kind == "read" and r.stream == self.stream for r in list(self.peer.pending.values())):
                     return
                 self.room.wait(0.1)  # (and again: a read of ours may be posted meanwhile)
@@ -1082,6 +1133,12 @@ class _Conn:
                         send_acks()
                 elif op == OP_READ:
                     region = owner._region_for_frame(rid, offset, length, "READ")
+                    if length > owner.reply_copy_max:  # (its copy would pass the cap alone; peers split such reads)
+                        raise ProtocolError(
+                            f"READ of {length} bytes exceeds this endpoint's reply_copy_max_bytes="
+                            f"{owner.reply_copy_max} (a larger read must come in parts, as `read` of a peer of protocol "
+                            f"version {VERSION} sends it; or raise reply_copy_max_bytes, config.transport_options)"
+                        )
                     if self.copied:  # (backpressure: replies copied and not sent yet)
                         self._wait_room(length)
                     self.enqueue(
@@ -1202,6 +1259,7 @@ class _Peer:
         self.dead: BaseException | None = None
         self.last_activity = time.monotonic()
         self.max_message: int | None = None  # the peer's max_message_bytes (from the handshake; None: not told)
+        self.max_read: int | None = None  # the largest READ it serves, its reply_copy_max_bytes (None: not told)
         self.address: tuple | None = None  # (host, port) our `connect` used; None for a set the peer opened
         self.sockaddr: tuple | None = None  # the peer's socket address on that set (host, port)
         self.instance: str | None = None  # the peer endpoint's instance id (from the handshake; None: not told)
@@ -1266,6 +1324,17 @@ class TcpTransport(Transport):
       handshake_timeout_s: a new connection's handshake (HELLO, authentication) must finish within this long in all.
       max_message_bytes: the largest control message this endpoint accepts (a larger one closes the connection set).
         The handshake tells peers; their `send` of a larger message raises `TransportError` at once.
+      The caps against a peer that floods or hogs this endpoint (None: the module's default, in brackets; each
+      checked here, a bad one a ValueError naming it):
+      reply_copy_max_bytes: read-reply bytes copied for one connection and not sent yet [REPLY_COPY_MAX, 64 MiB;
+        at least REPLY_COPY_MIN, 64 KiB]. Past it the reader stops reading that peer's requests until they went out.
+        A peer's READ above it is refused; the handshake tells peers, whose `read` of more goes in parts of at most it.
+      max_sets, max_sets_per_peer: live connection sets, all and of one peer instance [MAX_SETS 256,
+        MAX_SETS_PER_PEER 8]; more are refused at the handshake.
+      max_pending_handshakes: handshakes in progress at once [MAX_PENDING_HANDSHAKES 64]; a host other than this one
+        holds at most half of them.
+      handshake_step_s: each step of a server handshake (the client's HELLO, then its AUTH) must arrive within this
+        long [HANDSHAKE_STEP_S, 1 s; at most handshake_timeout_s].
     """
 
     backend = "tcp"
@@ -1280,8 +1349,16 @@ class TcpTransport(Transport):
         timeout_s: float = 30.0,
         handshake_timeout_s: float = 5.0,
         max_message_bytes: int = 16 << 20,
+        reply_copy_max_bytes: int | None = None,
+        max_sets: int | None = None,
+        max_sets_per_peer: int | None = None,
+        max_pending_handshakes: int | None = None,
+        handshake_step_s: float | None = None,
     ):
         super().__init__(name, pacer)
+        caps = _check_caps(
+            name, reply_copy_max_bytes, max_sets, max_sets_per_peer, max_pending_handshakes, handshake_step_s
+        )
         for what, t in (("timeout_s", timeout_s), ("handshake_timeout_s", handshake_timeout_s)):
             if not is_real(t):  # (True was a 1 s timeout; "30" or None a bare TypeError from `>` naming no setting)
                 raise TypeError(f"tcp transport {name!r}: {what} must be a number of seconds, got {t!r}")
@@ -1321,7 +1398,11 @@ class TcpTransport(Transport):
         self.secret = (secret.encode() if isinstance(secret, str) else bytes(secret)) if secret else None
         self.timeout_s = float(timeout_s)
         self.handshake_timeout_s = float(handshake_timeout_s)
-        self._step_s = min(HANDSHAKE_STEP_S, self.handshake_timeout_s)  # each step of a server handshake
+        self.reply_copy_max, self.max_sets, self.max_sets_per_peer, self.max_pending_handshakes, step_s = caps
+        # (one from another host holds at most half; the module's own figure when not set here)
+        per_addr = MAX_PENDING_PER_ADDRESS if max_pending_handshakes is None else self.max_pending_handshakes // 2
+        self.max_pending_per_address = max(1, per_addr)
+        self._step_s = min(step_s, self.handshake_timeout_s)  # each step of a server handshake
         self.max_message_bytes = int(max_message_bytes)
         self._req_ids = itertools.count(1)
         self.instance = os.urandom(8).hex()  # told to peers at every handshake: this endpoint, not its name
@@ -1332,7 +1413,7 @@ class TcpTransport(Transport):
         self.on_peer_lost: Callable[[str, BaseException], None] | None = None  # called once per lost set
         self._peers: dict[str, list[_Peer]] = {}
         self._live: dict[str, _Peer] = {}  # name -> a live connection set (read without the lock)
-        self._handshakes = threading.BoundedSemaphore(MAX_PENDING_HANDSHAKES)
+        self._handshakes = threading.BoundedSemaphore(self.max_pending_handshakes)
         self._pending_by_addr: collections.Counter[str] = collections.Counter()  # handshakes per source (`_lock`)
         self._flood_log = _RateLimitedLog(logging.ERROR, 1, f"{name}: too many pending handshakes")
         self._reject_log = _RateLimitedLog(logging.ERROR, 5, f"{name}: rejected connections")
@@ -1423,7 +1504,7 @@ class TcpTransport(Transport):
                     for stream in STREAMS:
                         sock = socket.create_connection((host, port), timeout=timeout)
                         socks[stream] = sock
-                        limit, instance, _ = self._client_handshake(sock, peer, session, stream, timeout)
+                        limit, instance, ack = self._client_handshake(sock, peer, session, stream, timeout)
                     sockaddr = socks["high"].getpeername()[:2]
                     break
                 except BaseException as e:
@@ -1439,12 +1520,14 @@ class TcpTransport(Transport):
                     why = (
                         f" (it dropped the connection before the handshake finished, {tries} tries in "
                         f"{time.monotonic() - start:.1f} s: too many pending handshakes there? a flood of connections "
-                        "that never authenticate holds them; its log says)"
+                        "that never authenticate holds them; or it speaks another protocol version: this endpoint "
+                        f"speaks {VERSION}, and one of version 4 or older closes without an answer, logging "
+                        f"'unsupported protocol version {VERSION}'; its log says)"
                         if dropped
                         else ""
                     )
                     raise PeerLostError(f"{self.name}: cannot connect to {peer!r} at {host}:{port}: {e}{why}") from e
-            self._add_peer(peer, socks, limit, (host, port), sockaddr, instance)
+            self._add_peer(peer, socks, limit, (host, port), sockaddr, instance, _peer_read_max(ack, peer))
         finally:
             with self._lock:
                 self._connecting[peer] -= 1
@@ -1497,11 +1580,19 @@ class TcpTransport(Transport):
                 "nonce": nonce.hex(),
                 "auth": self.secret is not None,
                 "max_message_bytes": self.max_message_bytes,
+                "max_read_bytes": self.reply_copy_max,
                 "instance": self.instance,
             }
         ).encode()
         sock.sendall(pack_header(OP_HELLO, length=len(hello)) + hello)
-        op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=end))
+        data = _recv_exact(sock, HEADER.size, deadline=end)
+        theirs = _version_refusal(data)
+        if theirs is not None:
+            raise ProtocolError(
+                f"{peer!r} at {sock.getpeername()[:2]} speaks protocol version {theirs} and this endpoint {VERSION}: "
+                "unsupported (run the same transport/tcp.py on both ends)"
+            )
+        op, _, _, _, length, _, _ = unpack_header(data)
         if op != OP_HELLO_ACK or length > HANDSHAKE_MAX:
             raise ProtocolError(f"{peer!r} answered the handshake with op {op}")
         ack = json.loads(_recv_exact(sock, length, deadline=end))
@@ -1569,13 +1660,13 @@ class TcpTransport(Transport):
                 sock.close()
                 continue
             with self._lock:
-                over = not local and self._pending_by_addr[source] >= MAX_PENDING_PER_ADDRESS
+                over = not local and self._pending_by_addr[source] >= self.max_pending_per_address
             if over:
                 self._flood_log(
                     "%s: too many pending handshakes from %s (%d); dropping a connection",
                     self.name,
                     source,
-                    MAX_PENDING_PER_ADDRESS,
+                    self.max_pending_per_address,
                 )
                 sock.close()
                 continue
@@ -1610,7 +1701,7 @@ class TcpTransport(Transport):
             "%s: too many pending handshakes (all %d slots taken): a new connection waits up to %.1f s for one, then is "
             "dropped (this one from %s)",
             self.name,
-            MAX_PENDING_HANDSHAKES,
+            self.max_pending_handshakes,
             self._step_s,
             addr,
         )
@@ -1647,10 +1738,10 @@ class TcpTransport(Transport):
                 return None
             live = sum(map(len, self._peers.values()))
             mine = sum(q.dead is None and q.instance == instance for q in self._peers.get(peer, ()))
-        if live >= MAX_SETS:
-            return f"{self.name!r} holds {live} connection sets, its limit (MAX_SETS)"
-        if mine >= MAX_SETS_PER_PEER:
-            return f"{self.name!r} holds {mine} connection sets of {peer!r}, the limit (MAX_SETS_PER_PEER)"
+        if live >= self.max_sets:
+            return f"{self.name!r} holds {live} connection sets, its limit (max_sets)"
+        if mine >= self.max_sets_per_peer:
+            return f"{self.name!r} holds {mine} connection sets of {peer!r}, the limit (max_sets_per_peer)"
         return None
 
     def _serve_handshake_inner(self, sock: socket.socket, addr: Any) -> None:
@@ -1659,7 +1750,17 @@ class TcpTransport(Transport):
             end = now + self.handshake_timeout_s  # the whole handshake, however it is trickled
             step = min(end, now + self._step_s)  # the HELLO: a client sends it at once
             sock.settimeout(self._step_s)
-            op, _, _, _, length, _, _ = unpack_header(_recv_exact(sock, HEADER.size, deadline=step))
+            data = _recv_exact(sock, HEADER.size, deadline=step)
+            theirs = _version_refusal(data)
+            if theirs is not None:  # (told in our version: a version-4 client names both versions as well)
+                why = f"unsupported protocol version {theirs} (this endpoint speaks {VERSION})"
+                with contextlib.suppress(Exception):  # (its HELLO read first: closing on unread bytes resets the
+                    length = HEADER.unpack(data)[6]  # connection, which can drop our answer before it is read)
+                    if length <= HANDSHAKE_MAX:
+                        _recv_exact(sock, length, deadline=step)
+                self._reply(sock, OP_HELLO_ACK, {"error": why})
+                raise ProtocolError(f"{why}: the peer runs another transport/tcp.py")
+            op, _, _, _, length, _, _ = unpack_header(data)
             if op != OP_HELLO or length > HANDSHAKE_MAX:
                 raise ProtocolError(f"expected HELLO of <= {HANDSHAKE_MAX} bytes, got op {op} length {length}")
             hello = json.loads(_recv_exact(sock, length, deadline=step))
@@ -1669,6 +1770,7 @@ class TcpTransport(Transport):
             if stream not in STREAMS and stream != PROBE:
                 raise ProtocolError(f"unknown stream {stream!r}")
             limit, instance = _peer_limit(hello, peer), _peer_instance(hello)
+            read_max = _peer_read_max(hello, peer)
             if hello.get("peer") != self.name:  # (not this endpoint's name: a client that knows none learns none)
                 self._reply(sock, OP_HELLO_ACK, {"error": f"wrong endpoint: this is not {hello.get('peer')!r}"})
                 raise ProtocolError(f"client expected endpoint {hello.get('peer')!r}")
@@ -1707,6 +1809,7 @@ class TcpTransport(Transport):
                         "nonce": nonce.hex(),
                         "proof": proof,
                         "max_message_bytes": self.max_message_bytes,
+                        "max_read_bytes": self.reply_copy_max,
                     },
                 )
                 step = min(end, time.monotonic() + self._step_s)  # the client's AUTH: one round trip away
@@ -1734,7 +1837,13 @@ class TcpTransport(Transport):
                     return
             else:
                 final = None
-                self_ack = {"name": self.name, "auth": False, "max_message_bytes": self.max_message_bytes, **told}
+                self_ack = {
+                    "name": self.name,
+                    "auth": False,
+                    "max_message_bytes": self.max_message_bytes,
+                    "max_read_bytes": self.reply_copy_max,
+                    **told,
+                }
                 if stream == PROBE:
                     self._reply(sock, OP_HELLO_ACK, self_ack)
                     sock.close()
@@ -1752,7 +1861,7 @@ class TcpTransport(Transport):
                 if complete:
                     del self._half_open[key]
             if complete:
-                self._add_peer(peer, socks, limit, instance=instance)
+                self._add_peer(peer, socks, limit, instance=instance, read_max=read_max)
             if final is not None:
                 sock.sendall(final)
             else:
@@ -1778,13 +1887,14 @@ class TcpTransport(Transport):
         address: tuple | None = None,
         sockaddr: tuple | None = None,
         instance: str | None = None,
+        read_max: int | None = None,
     ) -> None:
         """Add a connection set to `name`. The sets of another instance of that name (a process started again under
         it, after a crash that left its old connections silently open) are dropped at once, their pending transfers
         failed with `PeerLostError`: they were used until the watchdog or keepalive noticed, so every transfer in the
         meantime went to the dead process. (Two sets of one instance, both sides connecting at once, both stay.)"""
         p = _Peer(self, name)
-        p.max_message, p.address, p.sockaddr, p.instance = limit, address, sockaddr, instance
+        p.max_message, p.address, p.sockaddr, p.instance, p.max_read = limit, address, sockaddr, instance, read_max
         for stream, sock in socks.items():
             p.conns[stream] = _Conn(self, p, sock, stream)
         p.post = dict(p.conns)
@@ -2232,12 +2342,48 @@ class TcpTransport(Transport):
         except _Defer as d:  # a reader thread and a region not known yet: posted when the peer answers
             args = (peer, local_region, local_offset, remote_region, remote_offset, length, priority)
             return self._defer(p, priority, d, functools.partial(self.read, *args))
+        view = dst.view[local_offset : local_offset + length]
+        most = p.max_read or self.reply_copy_max  # (the peer serves READs of at most its max_read_bytes)
+        if length > most:
+            return self._read_in_parts(p, rid, remote_offset, view, priority, most)
         req = next(self._req_ids)
         header = pack_header(OP_READ, 0, rid, remote_offset, length, 0, req)
-        fut = _request("read", length, dst.view[local_offset : local_offset + length], priority)
+        fut = _request("read", length, view, priority)
         p.add(req, fut)
         p.post[priority].enqueue(header)
         return fut
+
+    def _read_in_parts(self, p: _Peer, rid: int, offset: int, view: memoryview, priority: str, most: int) -> Future:
+        """A read larger than the peer's max_read_bytes (`most`) as READs of at most that, back to back in one job (no
+        frame between them: a later post lands after all of them, as after one READ). Its future completes with the
+        whole length once every part did; the first part to fail fails it."""
+        outer: Future = PostedFuture()
+        parts, headers = [], []
+        for k in range(0, view.nbytes, most):
+            n = min(most, view.nbytes - k)
+            req = next(self._req_ids)
+            part = _request("read", n, view[k : k + n], priority)
+            p.add(req, part)
+            parts.append(part)
+            headers.append(pack_header(OP_READ, 0, rid, offset + k, n, 0, req))
+        left, lock = [len(parts)], threading.Lock()
+
+        def one_done(part: Future) -> None:
+            err = _error_of(part)
+            with lock:
+                left[0] -= 1
+                last = not left[0]
+            with contextlib.suppress(InvalidStateError):
+                if err is not None:
+                    outer.set_exception(err)
+                elif last:
+                    outer.set_result(view.nbytes)
+
+        for part in parts:
+            part.add_done_callback(one_done)
+        # (one job: the first header, the others as its payload bytes; unpaced, as one READ header is)
+        p.post[priority].enqueue(headers[0], memoryview(b"".join(headers[1:])))
+        return outer
 
     def send(self, peer: str, payload: bytes, priority: str = "high") -> Future:
         """`Transport.send` on the connection of class `priority`: messages go on "high" (in send order per class;

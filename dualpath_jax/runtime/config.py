@@ -170,8 +170,9 @@ class RuntimeConfig:
     block_size: int = 16  # tokens per stored block (paper: 64; small for tiny runs)
     transport: str = "tcp"
     # Fields of the transport backend's endpoints besides those the launchers set (name, pacer; host, secret with
-    # ray / netns; config.rdma's for rdma), e.g. tcp's {"timeout_s": 10.0}: every endpoint of the run gets them.
-    # (tcp / rdma endpoints of the other launchers get the run's secret too, unless a 'secret' here overrides it.)
+    # ray / netns; config.rdma's for rdma), e.g. tcp's {"timeout_s": 10.0} or its caps ({"max_sets": 64, ...}): every
+    # endpoint of the run gets them. (tcp / rdma endpoints, and one's own whose class takes `secret`, get the run's
+    # secret with the other launchers too, unless a 'secret' here overrides it.)
     transport_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     launcher: str = "local"
     store_dir: str = ""  # "" -> a fresh temporary directory per run
@@ -859,18 +860,35 @@ def _validate_netns(cfg: RuntimeConfig) -> None:
 
 def endpoints_get_run_secret(cfg: RuntimeConfig) -> bool:
     """Whether the launcher gives `cfg`'s endpoints the run's secret (peers prove it at connect): always with `ray` and
-    `config.netns` (non-loopback binds; `transport_options` may not set it), and for 'tcp' / 'rdma' with the other
-    launchers too unless `transport_options` gives a 'secret' of its own (`launcher._transport_factory`). Their
-    endpoints listen on 127.0.0.1, which every local user reaches: without a secret any local process could write
-    into an engine's host buffer and send it messages."""
+    `config.netns` (non-loopback binds; `transport_options` may not set it), and with the other launchers for 'tcp',
+    'rdma' and a backend of one's own whose class takes a `secret` keyword (by name: a `**kwargs` class may not know
+    it), unless `transport_options` gives a 'secret' of its own (`launcher._transport_factory`). Their endpoints
+    listen on 127.0.0.1, which every local user reaches: without a secret any local process could write into an
+    engine's host buffer and send it messages."""
     if cfg.launcher == "ray" or cfg.netns:
         return True
-    return cfg.transport in ("tcp", "rdma") and "secret" not in cfg.transport_options
+    if "secret" in cfg.transport_options or cfg.transport == "inproc":
+        return False
+    return cfg.transport in ("tcp", "rdma") or _takes_secret(cfg.transport)
+
+
+def _takes_secret(backend: str) -> bool:
+    """The registered transport class `backend` names a `secret` parameter (False: unknown, or no signature)."""
+    from dualpath_jax.checks import keyword_fit
+    from transport import TRANSPORTS
+
+    try:
+        cls = TRANSPORTS.get(backend)
+    except KeyError:
+        return False
+    fit = keyword_fit(cls, ["secret"])
+    return fit is not None and "secret" in fit[2]
 
 
 def launcher_endpoint_fields(cfg: RuntimeConfig) -> tuple[str, ...]:
     """The fields of `cfg`'s endpoints that its launcher sets (`launcher.endpoint_spec`), not `transport_options`.
-    (The run's secret that tcp / rdma endpoints of the `local` and `inprocess` launchers get is not one of them:
+    (The run's secret that tcp / rdma endpoints (and one's own that take `secret`) of the `local` and `inprocess`
+    launchers get is not one of them:
     `transport_options` may override it, `endpoints_get_run_secret`.)"""
     given = ["backend", "name", "pacer"]
     if cfg.transport == "inproc":
@@ -899,7 +917,8 @@ def _validate_transport_options(cfg: RuntimeConfig, cls) -> None:
             f"({', '.join(given)})"
         )
     secret = opts.get("secret")
-    if cfg.transport in ("tcp", "rdma") and "secret" in opts and not (isinstance(secret, (str, bytes)) and secret):
+    takes = cfg.transport in ("tcp", "rdma") or cfg.transport != "inproc" and _takes_secret(cfg.transport)
+    if takes and "secret" in opts and not (isinstance(secret, (str, bytes)) and secret):
         raise ConfigError(
             f"config.transport_options secret={secret!r}: a secret must be a non-empty string; leave it out and the "
             "launcher gives every endpoint the run's own"

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -431,16 +432,20 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
 def _check_tcp_endpoint_options(cfg: RuntimeConfig) -> None:
     """`config.transport_options`' values, on one tcp endpoint of the run's spec built here and closed: `validate`
     checks their names only, so a value the endpoint refuses (timeout_s=0, max_message_bytes=0, a host of no
-    interface here or a non-loopback one without a secret) failed every node once its model was built, and
-    experiments.run ended with a traceback. (The launcher's own endpoints: Ray's hosts and secrets, netns' veths, are
-    built where they run.)"""
+    interface here) failed every node once its model was built, and experiments.run ended with a traceback. It gets a
+    secret where the nodes' endpoints get the run's (`config.endpoints_get_run_secret`: every tcp endpoint of the
+    `local` and `inprocess` launchers), so a non-loopback `host` is taken, as they take it (a peer must prove the
+    secret: issue 3, "binding elsewhere requires a shared secret"); it was refused while this check alone went without
+    one. (The launcher's own endpoints: Ray's hosts and secrets, netns' veths, are built where they run.)"""
     if cfg.transport != "tcp" or not cfg.transport_options or cfg.netns or cfg.launcher == "ray":
         return
+    from dualpath_jax.runtime.config import endpoints_get_run_secret
     from dualpath_jax.runtime.launcher import endpoint_spec
     from transport import make_transport
 
+    extra = {"secret": secrets.token_hex(16)} if endpoints_get_run_secret(cfg) else {}  # (as the run's: random)
     try:
-        make_transport(endpoint_spec(cfg, "config-check"), pacer=None).close()
+        make_transport(endpoint_spec(cfg, "config-check", **extra), pacer=None).close()
     except (TypeError, ValueError, OSError) as e:
         # (in the config's terms: it named this check's own endpoint, 'config-check', and a keyword, secret=...)
         why = (
