@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import os
 
+DEFAULT_MAX_BYTES = 4 << 30  # the cache's size bound: jax deletes the least recently used entries past it
+
+
+def cache_max_bytes() -> int:
+    """$DUALPATH_JAX_CACHE_MAX_BYTES (bytes; -1: no bound), else DEFAULT_MAX_BYTES. Every new model, shape or bucket
+    set adds entries, and nothing removed them (the soak audit, 2026-12-06: 1,078 entries, 24 MB in two days of tiny
+    models here; a real model's executables are far larger)."""
+    raw = os.environ.get("DUALPATH_JAX_CACHE_MAX_BYTES", "").strip()
+    if not raw:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or (value < 1 and value != -1):
+        raise ValueError(
+            f"DUALPATH_JAX_CACHE_MAX_BYTES={raw!r}: give the compilation cache's bound in bytes, a whole number >= 1, "
+            "or -1 for no bound"
+        )
+    return value
+
 
 def enable_persistent_compilation_cache(cache_dir: str | None = None) -> str:
-    """Turn on the on-disk compilation cache (default ~/.cache/dualpath_jax/xla, or $DUALPATH_JAX_CACHE); returns its
-    absolute path."""
+    """Turn on the on-disk compilation cache (default ~/.cache/dualpath_jax/xla, or $DUALPATH_JAX_CACHE), bounded by
+    `cache_max_bytes()` (4 GiB unless $DUALPATH_JAX_CACHE_MAX_BYTES says otherwise); returns its absolute path."""
     import jax
+
+    max_bytes = cache_max_bytes()  # (checked first: a bad value fails before anything is turned on)
 
     cache_dir = cache_dir or os.environ.get("DUALPATH_JAX_CACHE") or "~/.cache/dualpath_jax/xla"
     # "~/x" from an env file or a Ray runtime_env (no shell expands it) made a directory named "~" in the cwd, and
@@ -19,4 +42,5 @@ def enable_persistent_compilation_cache(cache_dir: str | None = None) -> str:
     # Cache every executable: tiny-model steps compile in well under the default 1 s threshold.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", max_bytes)
     return cache_dir

@@ -38,3 +38,69 @@ def test_metrics_leave_a_zero_token_turn_out_of_ttft_and_the_slo():
     late = [*recs, _record(2, math.nan, finished=math.nan)]
     assert metrics.summarize(late)["turns_without_first_token"] == 1
     assert metrics.slo_summary(late, ttft_s=1.0, tpot_s=10.0, percentile=50)["slo_attainment"] == 1 / 3
+
+
+def test_driver_prepare_reuses_the_last_model_ops_of_the_same_model(tmp_path, base, monkeypatch):
+    """A loop of `driver.run(cfg)` rebuilt the model and recompiled every run (soak audit, session 44: 5-7 s a run
+    instead of 0.3 s, +8-30 MB a run): `prepare` keeps the last ops for the same model, seed, numerics and checkpoint
+    files; another model, seed, a rewritten checkpoint or `release_model()` gets new ones."""
+    import dataclasses
+
+    import conftest
+
+    from dualpath_jax.runtime import driver
+    from dualpath_jax.runtime.model_ops import ModelOps
+
+    # (the tests' conftest shares one ModelOps per model across tests: here every build is a new one, as for a user)
+    monkeypatch.setattr(ModelOps, "of_config", classmethod(conftest._of_config))
+    cfg = base
+    driver.release_model()
+    _, ops = driver.prepare(cfg)
+    assert driver.prepare(cfg)[1] is ops
+    other = driver.prepare(dataclasses.replace(cfg, model_seed=cfg.model_seed + 1))[1]
+    assert other is not ops and driver.prepare(cfg)[1] is not ops  # (one kept: the last)
+    kept = driver.prepare(cfg)[1]
+    driver.release_model()
+    assert driver.prepare(cfg)[1] is not kept
+    given = driver.prepare(cfg, model_ops=ops)[1]
+    assert given is ops and driver.prepare(cfg)[1] is not ops  # (ops one passes are not kept)
+    # a checkpoint directory rewritten between runs: its files are in the key
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    key = driver._ops_key(dataclasses.replace(cfg, model=str(ckpt)))
+    (ckpt / "model.safetensors").write_bytes(b"x")
+    assert driver._ops_key(dataclasses.replace(cfg, model=str(ckpt))) != key
+    driver.release_model()
+
+
+def test_the_persistent_compilation_cache_is_bounded(tmp_path, monkeypatch):
+    """It grew without bound (every new model, shape or bucket set added entries): 4 GiB unless
+    $DUALPATH_JAX_CACHE_MAX_BYTES says otherwise (-1: none); a bad value is named before anything is turned on."""
+    import jax
+    import pytest
+
+    from models.jax_cache import DEFAULT_MAX_BYTES, enable_persistent_compilation_cache
+
+    keys = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+        "jax_compilation_cache_max_size",
+    )
+    before = {k: getattr(jax.config, k) for k in keys}
+    try:
+        monkeypatch.delenv("DUALPATH_JAX_CACHE_MAX_BYTES", raising=False)
+        enable_persistent_compilation_cache(str(tmp_path / "a"))
+        assert jax.config.jax_compilation_cache_max_size == DEFAULT_MAX_BYTES == 4 << 30
+        monkeypatch.setenv("DUALPATH_JAX_CACHE_MAX_BYTES", "-1")
+        enable_persistent_compilation_cache(str(tmp_path / "b"))
+        assert jax.config.jax_compilation_cache_max_size == -1
+        for bad in ("0", "4G", "-2"):
+            monkeypatch.setenv("DUALPATH_JAX_CACHE_MAX_BYTES", bad)
+            with pytest.raises(ValueError, match=f"DUALPATH_JAX_CACHE_MAX_BYTES='{bad}'"):
+                enable_persistent_compilation_cache(str(tmp_path / "c"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "b") and not (tmp_path / "c").exists()
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)

@@ -330,11 +330,38 @@ def check_runtime_config(cfg) -> None:
         )
 
 
+# The ModelOps the last `prepare` built (model_ops not given): the next run of the same model, seed and numerics
+# reuses it, as a LocalCluster node process keeps its own (a loop of `driver.run(cfg)` rebuilt the model and
+# recompiled 16-21 programs every run: 5-7 s a run instead of 0.3 s, and the process grew 8-30 MB a run).
+# A checkpoint directory's files are part of the key: ops of a checkpoint since rewritten are not reused.
+_LAST_OPS: tuple | None = None  # (key, ModelOps)
+
+
+def release_model() -> None:
+    """Drop the model ops `prepare` keeps for the next run of the same model (its weights and compiled steps)."""
+    global _LAST_OPS
+    _LAST_OPS = None
+
+
+def _ops_key(cfg: RuntimeConfig) -> tuple:
+    """What makes `ModelOps.of_config(cfg)` what it is: the model, its seed and numerics and, for a checkpoint
+    directory, its files' names, sizes and modification times."""
+    from dualpath_jax.runtime.model_ops import is_checkpoint
+
+    files = ()
+    if is_checkpoint(cfg.model):
+        with os.scandir(cfg.model) as it:
+            files = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in it if e.is_file()))
+    return cfg.model, cfg.model_seed, cfg.batch_invariant, files
+
+
 def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None, model_ops=None):
     """Everything checked before any engine starts: the model, the workload, the config against both. Returns
     `(trajectories, model_ops)`: the workload's list of `Trajectory` (`trajectories` if given) and the `ModelOps` the
-    run uses (`model_ops` if given). `cfg` must be a `RuntimeConfig`: a config file's ConfigDict (or a dict) is a
-    ConfigError saying to convert it with `RuntimeConfig.from_config_dict`."""
+    run uses (`model_ops` if given; else the last ones `prepare` built if they serve `cfg`, else new ones, kept for
+    the next run until `release_model()`). `cfg` must be a `RuntimeConfig`: a config file's ConfigDict (or a dict)
+    is a ConfigError saying to convert it with `RuntimeConfig.from_config_dict`."""
+    global _LAST_OPS
     check_runtime_config(cfg)  # (first: before the model's imports)
     from dualpath_jax.runtime.model_ops import ModelOps, model_config
 
@@ -403,7 +430,14 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         )
     warn_past_positions(mcfg, max_total, cfg)
     try:
-        ops = model_ops or ModelOps.of_config(cfg)
+        if model_ops is not None:
+            ops = model_ops
+        elif _LAST_OPS is not None and _LAST_OPS[0] == _ops_key(cfg):
+            ops = _LAST_OPS[1]
+        else:
+            _LAST_OPS = None  # (another model: the last one's weights go before the new ones are built)
+            ops = ModelOps.of_config(cfg)
+            _LAST_OPS = (_ops_key(cfg), ops)
     except ValueError as e:  # a checkpoint whose tensors do not load (missing, wrong shape): named
         raise ConfigError(f"config.model: {e}") from None
     if ops.config.batch_invariant != cfg.batch_invariant:  # the caller's model_ops runs the other numerics

@@ -430,7 +430,8 @@ class LocalDirStoreConfig:
     # of use every this many seconds, at close and before a refresh; None: never (the order at open: write order)
     lru_touch_s: float | None = 60.0
     create: bool = True  # create the store if missing (False: the root must hold one: STORE.json)
-    fd_cache: int = 64  # block files kept open for repeated (layerwise) reads; 0: open per read
+    fd_cache: int = 64  # block files kept open for repeated (layerwise) reads; 0: open per read (mmap reads: two
+    # descriptors per cached block, as Python's mmap dups the file's)
     native_verify: bool = True  # verified reads of xxh3 blocks run the compiled loops when built (False: Python)
     # compiled mapped reads of at least this many bytes copy with non-temporal stores (None: never; for callers
     # that read into a reused buffer and copy it on at once, which then comes from DRAM instead of cache)
