@@ -44,6 +44,7 @@ LOOKAHEAD = 4  # at least this many chunks a paced transfer keeps queued on a li
 LOOKAHEAD_S = 0.02  # and at least this much of the link's time (a fast link's chunks are short): `Link.lookahead`
 LOOKAHEAD_MAX = 64  # (at most this many chunks)
 ANTICIPATE_S = 0.002  # a class whose queue just emptied keeps its turn this long past its last slot (`Link._dispatch`)
+MAX_WEIGHT_RATIO = 1e7  # largest / smallest class weight of a link: the float64 SFQ tags (bytes / weight) resolve it
 MIN_RATE = 1.0  # bytes/s: a slower link's one chunk takes hours (1e-300 B/s: a wait the clock could not express)
 CHECK_INTERVAL_S = 0.02  # a paced transfer given a `check` calls it at least this often while it waits for its slot
 
@@ -153,6 +154,11 @@ class Link:
         self._cond = threading.Condition()
         self._queues: dict[str, collections.deque[_Ticket]] = {c: collections.deque() for c in self.weights}
         self._finish: dict[str, float] = {c: 0.0 for c in self.weights}  # SFQ finish tag per class
+        # The tags' weights, the smallest 1 (SFQ order is the same under a common factor; a tag grows by at most the
+        # bytes): tiny weights, e.g. (1e-300, 2e-300), made tags of bytes / 1e-300, inf within a few chunks (the
+        # classes then tied whatever their weights; `cancel`'s refund, inf - inf, was NaN).
+        least = min(self.weights.values())
+        self._tag_weight: dict[str, float] = {c: w / least for c, w in self.weights.items()}
         self._vtime = 0.0  # SFQ virtual time = start tag of the last granted chunk
         self._busy_until = time.monotonic()  # end of the last granted slot on the link's timeline
         self._held: list[tuple[float, float]] = []  # joint chunks' slots booked beyond it (a path's slower link's time)
@@ -258,7 +264,7 @@ class Link:
             start_tag = self._vtime if paid else max(self._vtime, self._finish[cls])
             t = _Ticket(start_tag, next(self._seq), int(nbytes), cls, joint, after, split)
             if not paid:
-                t.charge = self._finish[cls] = start_tag + nbytes / self.weights[cls]
+                t.charge = self._finish[cls] = start_tag + nbytes / self._tag_weight[cls]
             if math.isinf(self.rate):
                 # An unpaced link grants a chunk when its transfer waits for it (`wait`), and records it then: granted
                 # here, the LOOKAHEAD chunks `paced` queues ahead were recorded before they moved (a slow consumer's
@@ -700,8 +706,9 @@ def check_rate(x, what: str) -> None:
 
 def check_weights(weights: Mapping, what: str, weight_of) -> None:
     """Class weights (`what` names the mapping, `weight_of(c)` one weight in the error): at least one class, each a
-    finite number > 0 (an infinite one was strict priority, silently: the other class got nothing beside it).
-    `Link`, `ClusterLinks`."""
+    finite number > 0 (an infinite one was strict priority, silently: the other class got nothing beside it), the
+    largest at most MAX_WEIGHT_RATIO times the smallest (weights (1e-300, 1) overflowed the fair-queuing tags to inf:
+    the classes then tied, whatever their weights). `Link`, `ClusterLinks`."""
     if not weights:
         raise ValueError(f"{what} must name at least one class, got {dict(weights)!r}")
     for c, w in weights.items():
@@ -711,6 +718,14 @@ def check_weights(weights: Mapping, what: str, weight_of) -> None:
             raise ValueError(f"{weight_of(c)} must be > 0, got {w}")
         if math.isinf(w):
             raise ValueError(f"{weight_of(c)} must be finite (a ratio), got {w}")
+    lo, hi = min(weights, key=weights.get), max(weights, key=weights.get)
+    if weights[hi] / weights[lo] > MAX_WEIGHT_RATIO:  # (the quotient of two tiny weights is exact enough: a ratio)
+        raise ValueError(
+            f"{what}: class {hi!r}'s weight {weights[hi]:g} is {weights[hi] / weights[lo]:.3g} times class {lo!r}'s "
+            f"{weights[lo]:g}, more than MAX_WEIGHT_RATIO={MAX_WEIGHT_RATIO:g}: the fair-queuing tags (bytes / weight, "
+            "float64) cannot resolve the heavier class's chunks beside such a ratio; weights are ratios (~99:1 is "
+            "InfiniBand's high:low)"
+        )
 
 
 def wall_grid_origin(sample_interval: float) -> float:

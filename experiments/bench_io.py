@@ -497,7 +497,7 @@ def _flow(transport, peer, cls, size, stop, errors):
 
 
 def bench_shaped() -> list[dict]:
-    from dualpath_jax.traffic import Link, Pacer
+    from dualpath_jax.traffic import LOOKAHEAD, LOOKAHEAD_S, Link, Pacer
     from transport.inproc import InProcFabric, InProcTransport
 
     rows = []
@@ -577,7 +577,8 @@ def bench_shaped() -> list[dict]:
                 )
     print("\n## Shaped link accuracy (CNIC link, weights high:low = 99:1, real in-process copies)\n")
     print(
-        "achieved: bytes granted during the window (a transfer books up to LOOKAHEAD chunks ahead); by slot time: bytes "
+        "achieved: bytes granted during the window (a transfer books `Link.lookahead()` chunks ahead: at least "
+        f"{LOOKAHEAD}, and at least {LOOKAHEAD_S * 1e3:g} ms of the link's time); by slot time: bytes "
         "whose slot started in the window's whole sample bins (when they cross). The low class gets one quantum per "
         "100 when both are backlogged, so a window holds few of its chunks: +-1 chunk is "
         f"{FLAGS.shaped_quantum_ms / 10 / FLAGS.shaped_seconds:.1%} of its share.\n"

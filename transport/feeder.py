@@ -36,6 +36,8 @@ staging buffer) before the next layer's source runs.
 
 from __future__ import annotations
 
+import array
+import bisect
 import logging
 import numbers
 import threading
@@ -151,6 +153,98 @@ def _remaining(until: float | None) -> float | None:
     return None if until is None else max(0.0, until - time.monotonic())
 
 
+class _LayerResults:
+    """A feed's per-layer futures, made when first asked for and dropped once the consumer moved past them (a feed
+    of 10**6 layers made 10**6 Futures, each with its Condition, before any ran: 18 s and 1.7 GB). A layer asked for
+    after it was dropped (`release`), failed (`fail_from`) or closed (`close`) gets a future failed as it would have."""
+
+    def __init__(self, num_layers: int, name: str):
+        self.num_layers, self.name = num_layers, name
+        self._futs: dict[int, Future] = {}
+        self._lock = threading.Lock()  # (taken under the feeder's, never the other way round)
+        self._loaded = 0  # layers < this were loaded (the loader goes in order)
+        self._released = 0  # layers < this the consumer moved past
+        # Releases of more than one layer, wait_for_layer(upto) from `start` (ascending; one layer d: upto = d + 1).
+        self._starts, self._uptos = array.array("q"), array.array("q")
+        self._failed: tuple[int, BaseException] | None = None  # (first failed layer, its error)
+        self._closed: BaseException | None = None
+
+    def __getitem__(self, layer: int) -> Future:
+        with self._lock:
+            fut = self._futs.get(layer)
+            if fut is None:
+                fut = Future()
+                err = self._error(layer)
+                if err is not None:
+                    fut.set_exception(err)  # (a new future: no callbacks run under the lock)
+                else:
+                    self._futs[layer] = fut
+            return fut
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __iter__(self):
+        """Every layer's future, in order (made as it goes, as by `[]`)."""
+        return (self[layer] for layer in range(self.num_layers))
+
+    def _error(self, layer: int) -> BaseException | None:
+        if layer < self._released and layer < self._loaded:
+            i = bisect.bisect_right(self._starts, layer) - 1
+            at = self._uptos[i] if i >= 0 and layer < self._uptos[i] else layer + 1
+            return LayerLoadError(
+                f"{self.name}: layer {layer} was released (wait_for_layer({at}) moved past it): the feeder no longer "
+                "holds it"
+            )
+        if self._closed is not None:
+            return self._closed
+        if self._failed is not None and layer >= self._failed[0]:
+            return self._failed[1]
+        return None
+
+    def loaded(self, layer: int) -> None:
+        """Layer `layer` is settled (its future set); dropped at once if released meanwhile."""
+        with self._lock:
+            self._loaded = max(self._loaded, layer + 1)
+            if layer < self._released and self._futs.get(layer) is not None and self._futs[layer].done():
+                del self._futs[layer]
+
+    def release(self, upto: int) -> None:
+        """The consumer moved to layer `upto`: layers before it go (one still loading, once `loaded`)."""
+        with self._lock:
+            if upto <= self._released:
+                return
+            for layer in range(self._released, upto):
+                fut = self._futs.get(layer)
+                if fut is not None and fut.done():
+                    del self._futs[layer]
+            if upto > self._released + 1:
+                self._starts.append(self._released)
+                self._uptos.append(upto)
+            self._released = upto
+
+    def fail_from(self, layer: int, err: BaseException) -> None:
+        """Layer `layer` and every later one fail with `err` (those settled already keep their result)."""
+        with self._lock:
+            if self._failed is None or layer < self._failed[0]:
+                self._failed = (layer, err)
+            futs = [f for i, f in self._futs.items() if i >= layer]
+        for f in futs:
+            _fail(f, err)
+
+    def close(self, err: BaseException) -> None:
+        """Every layer fails with `err` from now on, loaded ones too (their device arrays are no longer held)."""
+        with self._lock:
+            self._closed = err
+            futs = list(self._futs.items())
+        for i, f in futs:
+            _fail(f, err)
+            if f.exception() is None:  # (loaded: its array dropped)
+                with self._lock:
+                    if self._futs.get(i) is f:
+                        del self._futs[i]
+
+
 def _load_loop(ref: weakref.ref) -> None:
     """The loader thread of a `LayerFeeder` (`ref` to it): layers in order, each once a token is free. It holds the
     feeder only while it loads a layer, so a feeder dropped without `close()` goes, and this thread with it."""
@@ -222,7 +316,7 @@ class LayerFeeder:
         # the next. (min(prefetch + 1, L) buffers were allocated, prefetch of them never used: prefetch=3 with 1 GiB
         # layers kept 3 GiB of host memory idle. The tokens bound the layers on the device, not the staging.)
         self._staging = [aligned_empty(self.layer_nbytes)]
-        self._results: list[Future] = [Future() for _ in range(num_layers)]
+        self._results = _LayerResults(num_layers, name)  # (made as asked for: not one Future per layer up front)
         self._tokens = threading.Semaphore(prefetch + 1)  # layers loading, loaded or being computed
         self._released = 0  # layers whose token went back (consumer moved past them)
         self._lock = threading.Lock()
@@ -283,17 +377,14 @@ class LayerFeeder:
             self.load_times[layer] = (t0, time.monotonic())  # before the consumer may look (it was NaN then)
             fut.set_result(x)
             del x
-            with self._lock:
-                if self._released > layer:  # the consumer moved past it while it loaded
-                    self._forget(layer)
+            self._results.loaded(layer)  # (dropped at once if the consumer moved past it while it loaded)
         except BaseException as e:  # noqa: BLE001 - surfaced by wait_for_layer
             if isinstance(e, LayerLoadError):
                 err = e
             else:
                 err = LayerLoadError(f"{self.name}: loading layer {layer} failed: {type(e).__name__}: {e}")
                 err.__cause__ = e
-            for f in self._results[layer:]:  # this layer and all later ones fail: no hang, no garbage
-                _fail(f, err)
+            self._results.fail_from(layer, err)  # this layer and all later ones fail: no hang, no garbage
             return False
         return True
 
@@ -311,8 +402,9 @@ class LayerFeeder:
             raise LayerLoadError(f"{self.name}: feeder closed (wait_for_layer({layer}) after close)")
         self.start_load()
         with self._lock:
+            if self._released < layer:
+                self._results.release(layer)
             while self._released < layer:
-                self._forget(self._released, layer)
                 self._released += 1
                 self._tokens.release()
         t0 = time.monotonic()
@@ -322,20 +414,6 @@ class LayerFeeder:
             raise LayerLoadError(f"{self.name}: layer {layer} not loaded within {self.timeout_s} s") from None
         self.wait_times[layer] = (t0, time.monotonic())
         return x
-
-    def _forget(self, done: int, at: int | None = None) -> None:
-        """Drop the feeder's reference to a layer the consumer moved past (lock held), so device memory holds at most
-        `prefetch + 1` layers of this feed (every loaded layer stayed referenced by its future until the feeder went).
-        A layer still loading is dropped by the loader once it is set."""
-        if self._results[done].done():
-            gone: Future = Future()
-            gone.set_exception(
-                LayerLoadError(
-                    f"{self.name}: layer {done} was released (wait_for_layer({self._released if at is None else at}) "
-                    "moved past it): the feeder no longer holds it"
-                )
-            )
-            self._results[done] = gone
 
     # ---- saving ---------------------------------------------------------------------------------------
     def save_layer(self, layer: int, kv: Any) -> None:
@@ -416,11 +494,7 @@ class LayerFeeder:
         closed = LayerLoadError(f"{self.name}: feeder closed")
         with self._lock:  # (a loaded layer was still returned after close, and its device array held until gc)
             self._stop.set()
-            for i, f in enumerate(self._results):
-                _fail(f, closed)
-                if f.exception() is None:
-                    self._results[i] = gone = Future()
-                    gone.set_exception(closed)
+            self._results.close(closed)
             # A device copy running is waited for (no device memory taken by this feed once close returned); the
             # loader is not joined: blocked in its source (a wait for a dead peer's notification), it held close up to
             # 5 s. It stops when the source returns, its result dropped (no device copy: `_load` checks the flag).

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -62,6 +63,36 @@ WAIT_POLL_S = 0.05  # how often a waiting engine re-checks for cancellation / sh
 PEER_TIMEOUT_S = 30.0  # how long a DE waits for its writes out of an area (to a PE that finished) before reusing it
 STEP_LOG_MAX = 20_000  # measured steps kept per engine (calibration of the simulator's cost model)
 GONE_KEEP = 4096  # dropped/finished request attempts an engine remembers, so their late messages are not held
+# Items (peer messages, layer notifications) an engine holds for attempts whose task has not come yet, and their bytes
+# (a message's JSON size; a notification counts EARLY_ITEM_BYTES): beyond either, the oldest attempt's are dropped.
+EARLY_MAX_ITEMS = 1 << 16
+EARLY_MAX_BYTES = 64 << 20
+EARLY_ITEM_BYTES = 64
+EARLY_WARNINGS = 10  # drops an engine warns about (one line each, naming the attempt); later ones are logged at debug
+
+
+# Where a thread is while JAX compiles a function (traces, lowers, compiles with XLA or reads the compilation cache: a
+# first call of a new shape), by file (its path's end) -> function names (None: any function of that file).
+COMPILE_FRAMES = {
+    "jax/_src/compiler.py": None,
+    "jax/_src/interpreters/pxla.py": {"_cached_compilation", "lower_sharding_computation", "_cached_lowering_to_hlo"},
+    "jax/_src/interpreters/partial_eval.py": {"trace_to_jaxpr", "trace_to_jaxpr_dynamic"},
+    "jax/_src/interpreters/mlir.py": {"lower_jaxpr_to_module"},
+}
+
+
+def jax_compiling(thread: threading.Thread | None) -> bool:
+    """Whether `thread` is inside a JAX compile now (`COMPILE_FRAMES` on its stack)."""
+    frame = sys._current_frames().get(thread.ident) if thread is not None and thread.ident is not None else None
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if "_src" in path:
+            path = path.replace("\\", "/")
+            for end, names in COMPILE_FRAMES.items():
+                if path.endswith(end) and (names is None or frame.f_code.co_name in names):
+                    return True
+        frame = frame.f_back
+    return False
 
 
 class UnknownPeerError(LookupError):
@@ -286,7 +317,10 @@ class EngineBase:
         self._transport_bug = False  # a transport bug was reported (`_transport_failed`): once
         # Areas of dropped requests whose SNIC read was still queued or running: freed when it reports done.
         self._draining: dict[tuple, object] = {}
-        self.early: dict[tuple, list] = {}  # messages/layers that arrived before the task
+        self.early: dict[tuple, list] = {}  # messages/layers that arrived before the task (oldest attempt first)
+        self.early_items = self.early_bytes = 0  # what `early` holds (bounded: `_hold_early`)
+        self.early_dropped = 0  # attempts whose held items were dropped to keep the bound
+        self._early_cut: OrderedDict = OrderedDict()  # (bounded as `_gone`) those attempts: their task fails clearly
         # (request, attempt) of the latest attempts dropped or finished here: a message of one arriving later (a peer
         # declared dead but alive until its next fetch) used to be held in `early` for the rest of the run.
         self._gone: OrderedDict = OrderedDict()
@@ -294,6 +328,7 @@ class EngineBase:
         # Monotonic time of the main thread's last sign of progress (each loop turn, each wait's poll, each layer of a
         # batch): the node reports the engine stalled when it is older than scheduler.stall_timeout_s.
         self.tick = time.monotonic()
+        self.compiles_seen = 0  # times `progress_age` found the main thread compiling (a compile is progress)
         self.wait_s = 0.0  # time a PE waited inside a batch: for DE-side layers, and for its CNIC (h2d_wait_s)
         self.h2d_wait_s = 0.0  # of which: a PE's per-layer H2D paced on its CNIC
         # Measured steps for the cost-model fit: PE ([(cached, bsz)], s), DE (batch, context tokens, s).
@@ -318,6 +353,17 @@ class EngineBase:
         for t in self._threads:
             if t.ident is not None:  # (an engine of a group that never ran was never started)
                 t.join(timeout)
+
+    def progress_age(self, now: float, compile_check_after: float) -> float:
+        """Seconds since the main thread's last sign of progress (`tick`), for the node's stall check. A JAX compile
+        is progress (the first call of a new shape, minutes for a large model with `cluster.precompile` off: it was
+        taken for a stall): once the age passes `compile_check_after`, a compile running on the thread stamps `tick`."""
+        age = now - self.tick
+        if age > compile_check_after and jax_compiling(self._threads[0]):
+            self.tick = now  # (races only the thread's own stamps: either is a recent time)
+            self.compiles_seen += 1
+            return 0.0
+        return age
 
     def set_directory(self, directory: dict) -> None:
         self.inbox.put("directory", dict(directory))
@@ -508,13 +554,55 @@ class EngineBase:
         return True
 
     def _hold_early(self, key: tuple, kind: str, item) -> None:
-        """Keep an item of a request whose task has not arrived yet -- not one of an attempt already gone."""
-        if key not in self._gone:
-            self.early.setdefault(key, []).append((kind, item))
+        """Keep an item of a request whose task has not arrived yet -- not one of an attempt already gone. At most
+        EARLY_MAX_ITEMS items and EARLY_MAX_BYTES bytes in all: beyond, the oldest attempt's items are dropped, with a
+        warning naming it (a peer's bug sending messages of attempts that never come here grew `early` for ever)."""
+        if key in self._gone:
+            return
+        nbytes = len(encode_msg(item)) if kind == "msg" else EARLY_ITEM_BYTES
+        self.early.setdefault(key, []).append((kind, item, nbytes))
+        self.early_items += 1
+        self.early_bytes += nbytes
+        while self.early_items > EARLY_MAX_ITEMS or self.early_bytes > EARLY_MAX_BYTES:
+            old = next(iter(self.early))
+            held = self._take_early(old)
+            self.early_dropped += 1
+            self._early_cut[old] = None
+            if len(self._early_cut) > GONE_KEEP:
+                self._early_cut.popitem(last=False)
+            log.log(
+                logging.WARNING if self.early_dropped <= EARLY_WARNINGS else logging.DEBUG,
+                "%s%d: dropped %d message(s)/notification(s) held for request %d attempt %d, whose task has not come: "
+                "held items of unknown attempts are kept to %d items / %d bytes (EARLY_MAX_ITEMS / EARLY_MAX_BYTES; a "
+                "peer sending for attempts that never come here?)%s",
+                self.role, self.engine_id, len(held), old[0], old[1], EARLY_MAX_ITEMS, EARLY_MAX_BYTES,
+                "; further drops are logged at debug level" if self.early_dropped == EARLY_WARNINGS else "",
+            )  # fmt: skip
+
+    def _take_early(self, key: tuple) -> list:
+        """Remove and return the (kind, item) pairs held for `key`."""
+        held = self.early.pop(key, [])
+        self.early_items -= len(held)
+        self.early_bytes -= sum(n for _k, _v, n in held)
+        return [(k, v) for k, v, _n in held]
+
+    def _early_items_of(self, task) -> list:
+        """The items held for a task that just came. Its attempt's were dropped to keep the bound (`_hold_early`):
+        the run fails, naming it (it would wait for them until config.run_timeout_s)."""
+        key = (task.request_id, task.attempt)
+        if key in self._early_cut:
+            msg = (
+                f"{self.role} {self.engine_id}: request {key[0]} attempt {key[1]} came after the messages held for it "
+                f"were dropped (over EARLY_MAX_ITEMS={EARLY_MAX_ITEMS} / EARLY_MAX_BYTES={EARLY_MAX_BYTES} held for "
+                "attempts not here yet): it cannot run"
+            )
+            log.error("%s", msg)
+            self.ctx.emit(Event("error", -1, 0, time.time(), {"message": msg}))
+        return self._take_early(key)
 
     def _gone_attempt(self, key: tuple) -> None:
         """An attempt was dropped (cancelled) or finished here: free its held items, ignore its later ones."""
-        self.early.pop(key, None)
+        self._take_early(key)
         self._gone[key] = None
         if len(self._gone) > GONE_KEEP:
             self._gone.popitem(last=False)
@@ -620,7 +708,7 @@ class PrefillEngine(EngineBase):
             r.de_read_done = item.pe_read_blocks >= item.hit_blocks
             self.reqs[r.key] = r
             self.order.append(r.key)
-            for k, v in self.early.pop(r.key, []):
+            for k, v in self._early_items_of(item):
                 self._handle(k, v)
         elif kind == "cancel":
             self._gone_attempt((item.request_id, item.attempt))
@@ -1062,7 +1150,7 @@ class DecodeEngine(EngineBase):
             r = _DecodeReq(task=item)
             self.reqs[r.key] = r
             self.order.append(r.key)
-            for k, v in self.early.pop(r.key, []):
+            for k, v in self._early_items_of(item):
                 self._handle(k, v)
         elif kind == "cancel":
             self._gone_attempt((item.request_id, item.attempt))

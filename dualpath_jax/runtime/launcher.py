@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -249,8 +250,10 @@ class InProcessLauncher:
         self.groups: dict[int, object] = {}
         self.threads: dict[int, threading.Thread] = {}
         self.errors: dict[int, BaseException] = {}
+        self._killed: set[int] = set()  # nodes `kill` stopped
 
     def start(self, groups: Sequence[GroupSpec], service) -> None:
+        watch_exits(service, self.exit_reason)
         from dualpath_jax.runtime.model_ops import ModelOps
         from dualpath_jax.runtime.node import EngineGroup, block_layout
         from dualpath_jax.traffic import TrafficManager
@@ -298,7 +301,18 @@ class InProcessLauncher:
 
     def kill(self, node_id: int) -> None:
         """Stop a node abruptly: its leader stops fetching (heartbeat lost) and its engines stop."""
+        self._killed.add(node_id)
         self.groups[node_id].kill()
+
+    def exit_reason(self, node_id: int) -> str | None:
+        """How the node's thread ended (for its death reason), None while it runs."""
+        if node_id in self._killed:
+            return f"its thread node{node_id} was killed (InProcessLauncher.kill: no goodbye, as SIGKILL)"
+        t = self.threads.get(node_id)
+        if t is None or t.is_alive():
+            return None
+        e = self.errors.get(node_id)
+        return f"its thread node{node_id} ended" + (f": its run raised {e!r}" if e is not None else "")
 
     def join(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -327,6 +341,27 @@ class InProcessLauncher:
         store = getattr(self, "store", None)
         if store is not None:
             store.close()
+
+
+def watch_exits(service, exit_reason) -> None:
+    """Let the run's scheduler name how a node ended in its death reason (`GlobalScheduler.watch_exits`; a stand-in
+    service without it: nothing)."""
+    watch = getattr(service, "watch_exits", None)
+    if watch is not None:
+        watch(exit_reason)
+
+
+def exit_code_text(code: int, note: str = "") -> str:
+    """A process's exit code in words: "was killed by SIGKILL (exit code -9)", "exited with code 1"; `note` goes in
+    the parentheses."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (exit code {code}{f', {note}' if note else ''})"
+    note = ", ".join(n for n in ("interrupted: Ctrl-C" if code == 130 else "", note) if n)
+    return f"exited with code {code}" + (f" ({note})" if note else "")
 
 
 def endpoint_spec(cfg: RuntimeConfig, name: str, **extra) -> dict:
@@ -602,6 +637,7 @@ class LocalProcessLauncher:
         self._reports: dict[int, object] = {}  # node -> the connection its process reports its run's error on
         self._whys: dict[int, str] = {}  # node -> its run's error, as reported
         self._control_dir: str | None = None  # (config.netns: the control server's Unix socket's directory)
+        self._killed: set[int] = set()  # nodes `kill` SIGKILLed
         if session is not None and session.netns != cfg.netns:
             raise ValueError(
                 f"config.netns={cfg.netns} but the LocalCluster session's processes were started with "
@@ -609,6 +645,7 @@ class LocalProcessLauncher:
             )
 
     def start(self, groups: Sequence[GroupSpec], service) -> None:
+        watch_exits(service, self.exit_reason)
         authkey = secrets.token_bytes(16)
         if self.cfg.netns:  # (nodes in other network namespaces reach a Unix socket, not this one's loopback)
             # (its pid in the name: a SIGKILLed driver's is removed by the next run, `remove_stores_of_killed_runs`)
@@ -681,7 +718,20 @@ class LocalProcessLauncher:
 
     def kill(self, node_id: int) -> None:
         """SIGKILL the node's process (no goodbye: the scheduler finds out by the lost heartbeat / exit)."""
+        self._killed.add(node_id)
         self.procs[node_id].kill()
+
+    def exit_reason(self, node_id: int) -> str | None:
+        """How the node's process ended, by its exit code or signal (for its death reason), None while it runs."""
+        p = self.procs.get(node_id)
+        code = None if p is None else p.exitcode
+        if code is None:
+            return None
+        how = exit_code_text(code, "sent by launcher.kill" if node_id in self._killed and code < 0 else "")
+        if code == 1:
+            how += f": its run raised{self._why(node_id)}"
+        before = " before this run" if self.session is not None and node_id not in self._running else ""
+        return f"its process {p.name} (pid {p.pid}) {how}{before}"
 
     def join(self, timeout: float = 10.0) -> None:
         if self.session is not None:

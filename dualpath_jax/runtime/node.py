@@ -284,13 +284,14 @@ class EngineGroup:
 
     def _stalled(self, now: float) -> dict:
         """{what: seconds} of the parts that made no progress for over stall_timeout_s: an engine's main thread
-        (stuck in a step, a store or a transport call; a wait or an idle loop stamps its progress) or one of the SNIC's
+        (stuck in a step, a store or a transport call; a wait or an idle loop stamps its progress, and so does a JAX
+        compile, looked for once a quarter of the timeout passed: `EngineBase.progress_age`) or one of the SNIC's
         store calls."""
-        out = {
-            f"{self.role} engine {e}": now - eng.tick
-            for e, eng in self.engines.items()
-            if now - eng.tick > self.stall_timeout_s
-        }
+        out = {}
+        for e, eng in self.engines.items():
+            age = eng.progress_age(now, self.stall_timeout_s / 4)
+            if age > self.stall_timeout_s:
+                out[f"{self.role} engine {e}"] = age
         out.update(self.snic.stalled(now, self.stall_timeout_s))
         return out
 

@@ -82,6 +82,8 @@ def _stall_reason(stalled: dict, timeout) -> str:
     return f"{parts} (> scheduler.stall_timeout_s={limit})"
 
 
+EXITED = "its process or thread exited"  # a launcher's death reason when it cannot say how (`watch_exits`)
+
 #: A policy that places none of the queued requests on an idle cluster for this long and this many calls fails the run.
 IDLE_POLICY_S = 10.0
 IDLE_POLICY_CALLS = 20
@@ -312,6 +314,10 @@ class GlobalScheduler:
         self.dead_nodes: set[int] = set()
         self.death_reasons: dict[int, str] = {}  # node -> why it was declared dead
         self._told_dead: set[int] = set()  # dead nodes that fetched since (told to stop: they end their run)
+        # How a node's process or thread ended, or None while it runs (the launcher's, `watch_exits`): named in its
+        # death reason, also where a peer noticed first ("could not reach it" named no kill, no exit code).
+        self._exit_of: Callable[[int], str | None] | None = None
+        self._exit_named: set[int] = set()  # dead nodes whose reason names their exit
         self._queue: deque[int] = deque()  # request ids, FIFO
         self._inflight: dict[int, _InFlight] = {}
         self._completed_attempt: dict[int, int] = {}  # request id -> the attempt that completed it
@@ -397,7 +403,9 @@ class GlobalScheduler:
                     # As in the paper, placement runs when a PE group fetches: its PEs (Algorithm 1) and, for
                     # each request, a DE among all DE groups (two-phase) and the read side. DE groups fetch
                     # only to pick up their tasks: placing on a DE group's fetch would favour whichever
-                    # group happens to fetch right after a turn arrives.
+                    # group happens to fetch right after a turn arrives. (The simulator places on every group's
+                    # fetch: README "A PE group's `fetching_node` restricts PE placement ..." and its "deviation
+                    # from PAPER.md" bullet.)
                     self._schedule(node)
             reply = self._outbox[node]
             self._outbox[node] = GroupReply()
@@ -776,10 +784,36 @@ class GlobalScheduler:
             self.stopping = True
 
     # ---------------------------------------------------------------- failures
+    def watch_exits(self, exit_of: Callable[[int], str | None]) -> None:
+        """`exit_of(node)`: how the node's process or thread ended ("its process node2 (pid 7) was killed by SIGKILL
+        (exit code -9)"), None while it runs; quick, called with the service's lock held (the launcher's `start`)."""
+        self._exit_of = exit_of
+
+    def _ended(self, node: int) -> str | None:
+        if self._exit_of is None:
+            return None
+        try:
+            return self._exit_of(node)
+        except Exception:  # noqa: BLE001 -- a reason's detail, never the run's failure
+            log.exception("could not tell how node %d ended", node)
+            return None
+
+    def _name_exits(self) -> None:
+        """(Lock held.) A dead node whose process or thread has ended since, not told to stop (a killed one, noticed
+        first by a peer or its heartbeat): its reason names the exit first."""
+        for n in sorted(self.dead_nodes - self._exit_named - self._told_dead):
+            ended = self._ended(n)
+            if ended is not None:
+                self._exit_named.add(n)
+                self.death_reasons[n] = f"{ended} (noticed first as: {self.death_reasons.get(n) or 'dead'})"
+                log.warning("node %d: %s", n, self.death_reasons[n])
+
     def check_heartbeats(self) -> list[int]:
-        """Declare silent groups dead and re-queue their requests. Returns the nodes newly declared dead."""
+        """Declare silent groups dead and re-queue their requests; name the exits of dead nodes that have ended
+        since (`watch_exits`). Returns the nodes newly declared dead."""
         newly = []
         with self._lock:
+            self._name_exits()
             now = self._beat_clock()
             silent = {}
             for n in self.groups:
@@ -795,7 +829,7 @@ class GlobalScheduler:
                 )
         return newly
 
-    def declare_dead(self, node: int, why: str = "its process or thread exited") -> None:
+    def declare_dead(self, node: int, why: str = EXITED) -> None:
         """A launcher saw the group's process exit: no need to wait for the heartbeat timeout."""
         with self._lock:
             if node not in self.dead_nodes:
@@ -808,6 +842,10 @@ class GlobalScheduler:
             return sorted(self.dead_nodes - self._told_dead)
 
     def _declare_dead(self, node: int, why: str = "") -> None:
+        ended = self._ended(node)  # (a launcher's exit, not a peer's "could not reach it": `watch_exits`)
+        if ended is not None:
+            self._exit_named.add(node)
+            why = ended if why in ("", EXITED) else f"{ended} (noticed first as: {why})"
         log.warning("node %d (%s) is dead (%s): re-queueing its requests", node, self.groups[node].role, why)
         self.dead_nodes.add(node)
         self.death_reasons[node] = why
