@@ -872,6 +872,9 @@ class LocalCluster:
             self._busy.discard(n)
 
     def close(self) -> None:
+        if getattr(self, "_closed", False):  # (a second close: `with` after an explicit one)
+            return
+        self._closed = True
         for conn in self.conns.values():
             try:
                 conn.send(None)
@@ -881,6 +884,14 @@ class LocalCluster:
             p.join(5.0)
             if p.is_alive():
                 p.kill()
+                p.join(1.0)
+        # (their pipe ends and each Process's sentinel pipe were held until this object was collected: 3 descriptors
+        # per node for every closed session a caller keeps)
+        for conn in self.conns.values():
+            conn.close()
+        for p in self.procs.values():
+            if not p.is_alive():
+                p.close()
 
     def __enter__(self) -> LocalCluster:
         return self
