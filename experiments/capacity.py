@@ -288,36 +288,65 @@ def gain_text(r: dict) -> str:
 
 
 def plot_capacity(rows: Sequence[dict], path: str) -> bool:
-    """One panel per setup: the SLO attainment of every probe over APS, a line per search (mode, seed), its
-    capacity marked by a dashed line (measured ones only). Skipped (logged) without matplotlib."""
+    """One panel per setup: the SLO attainment of every probe over APS, a line per search (a colour per mode, the
+    same in every panel; a line style per seed), its capacity marked by a dashed line (measured ones only), the SLO
+    and its window in the panel's title. Skipped (logged) without matplotlib."""
     plt = pyplot_or_none("capacity.png")
     if plt is None:
         return False
-    setups = list(dict.fromkeys(r["setup"] for r in rows))
-    fig, axes = plt.subplots(1, len(setups), figsize=(5 * len(setups), 3.5), squeeze=False)
-    seeds = len({r["seed"] for r in rows}) > 1
+    from dualpath_jax.sim.outputs import plain_log_ticks
+
+    setups = list(dict.fromkeys(r["setup"] for r in rows)) or ["no search ran"]
+    fig, axes = plt.subplots(1, len(setups), figsize=(5.5 * len(setups), 4), squeeze=False)
+    seeds = list(dict.fromkeys(r["seed"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(modes)}
+    # a marker per mode, each smaller than the one before: equal attainments (1.0 at low APS) showed only the last mode
+    marks = {m: ("osD^v"[i % 5], max(8 - 1.5 * i, 3)) for i, m in enumerate(modes)}
+    styles = ("-", "--", ":", "-.")
     for ax, setup in zip(axes[0], setups, strict=True):
-        for r in (r for r in rows if r["setup"] == setup):
+        mine = [r for r in rows if r["setup"] == setup]
+        for r in mine:
             probes = sorted(r["probe_results"], key=lambda p: p["aps"])
-            label = f"{r['mode']} (seed {r['seed']})" if seeds else r["mode"]
+            label = f"{r['mode']} (seed {r['seed']})" if len(seeds) > 1 else r["mode"]
             label += f": {r['capacity']} APS"
-            line = ax.plot([p["aps"] for p in probes], [p["slo_attainment"] for p in probes], marker="o", label=label)[
-                0
-            ]
-            for p in probes:  # a missed probe hollow
-                if not p["slo_met"]:
-                    ax.plot([p["aps"]], [p["slo_attainment"]], marker="o", color="white", markersize=3)
+            att = [math.nan if p["slo_attainment"] is None else p["slo_attainment"] for p in probes]
+            ls = styles[seeds.index(r["seed"]) % len(styles)]
+            mk, size = marks[r["mode"]]
+            ax.plot([p["aps"] for p in probes], att, marker=mk, ms=size, ls=ls, color=colors[r["mode"]], label=label)
+            missed = [(p["aps"], a) for p, a in zip(probes, att, strict=True) if not p["slo_met"]]
+            if missed:  # a missed probe hollow
+                ax.plot(*zip(*missed, strict=True), ls="none", marker=mk, color="white", markersize=size / 2)
             if r["capacity_aps"] is not None:
-                ax.axvline(r["capacity_aps"], color=line.get_color(), linestyle="--", linewidth=1)
-        ax.set_xscale("log")
+                ax.axvline(r["capacity_aps"], color=colors[r["mode"]], linestyle="--", linewidth=1)
+        if not any(r["probe_results"] for r in mine):
+            ax.text(0.5, 0.5, "no probe ran", transform=ax.transAxes, ha="center", va="center", color="gray")
+        else:
+            ax.set_xscale("log")
+            plain_log_ticks(ax)  # (its minor ticks were labelled 2x10^0, 3x10^0, ... over one another)
+            ax.legend(fontsize=7, loc="best")
+        ax.set_ylim(top=1.02)
         ax.set_xlabel("APS (agents / s)")
-        ax.set_ylabel("SLO attainment")
-        ax.set_title(f"{setup} (hollow: SLO missed; dashed: capacity)", fontsize=8)
-        ax.legend(fontsize=7)
+        ax.set_ylabel("SLO attainment (share of turns)")
+        title = [setup, _slo_text(mine), "(hollow: SLO missed; dashed: capacity)"]
+        ax.set_title("\n".join(t for t in title if t), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def _slo_text(rows: Sequence[dict]) -> str:
+    """`SLO: TTFT p90 <= 4 s, TPOT p90 <= 0.05 s, turns arriving in [2400, 4800) s`: the SLO of a panel's searches
+    (empty when they differ or none ran)."""
+    slos = {(r.get("slo_percentile"), r.get("slo_ttft_s"), r.get("slo_tpot_s"), r.get("warmup_s"), r.get("duration_s"))
+            for r in rows}  # fmt: skip
+    if len(slos) != 1 or None in next(iter(slos)):
+        return ""
+    pct, ttft, tpot, warmup, duration = next(iter(slos))
+    return (
+        f"SLO: TTFT p{pct:g} <= {ttft:g} s, TPOT p{pct:g} <= {tpot:g} s, turns arriving in [{warmup:g}, {duration:g}) s"
+    )
 
 
 def _check_searches(searches: Sequence[Search], overrides: dict, lo: float) -> None:

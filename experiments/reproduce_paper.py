@@ -807,41 +807,59 @@ def _headline_ylabel(title: str) -> str:
 
 def plot_report(headline: dict, table_cells: list, path: str, note: str = "") -> bool:
     """report.png: `headline` = {panel title: [(label, paper, [simulator values over seeds])]}, one bar pair per
-    label (the simulator's bar at its mean, its [min, max] as an error bar), and, with `table_cells` = [(mode,
-    paper JCT, simulator JCT)], the calibration table as simulator vs paper JCT (log axes, y = x and +-15%);
-    `note` (--extra's), when given, as the figure's title. Skipped (logged) without matplotlib."""
+    label (the simulator's bar at its mean, its [min, max] as an error bar; no finite value: "n/a" in its place),
+    and, with `table_cells` = [(mode, paper JCT, simulator JCT)], the calibration table as simulator vs paper JCT
+    (log axes, y = x and +-15%); `note` (--extra's), when given, as the figure's title. Skipped (logged) without
+    matplotlib."""
     plt = pyplot_or_none("report.png")
     if plt is None:
         return False
+    from dualpath_jax.sim.outputs import plain_log_ticks
+
     n = len(headline) + bool(table_cells)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4), squeeze=False)
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(4.5 * max(n, 1), 4.2), squeeze=False)
     for ax, (title, rows) in zip(axes[0], headline.items(), strict=False):
         xs = range(len(rows))
-        sims = [sum(v) / len(v) for _, _, v in rows]
-        err = [[m - min(v) for m, (_, _, v) in zip(sims, rows, strict=True)],
-               [max(v) - m for m, (_, _, v) in zip(sims, rows, strict=True)]]  # fmt: skip
+        vals = [[x for x in v if x is not None and math.isfinite(x)] for _, _, v in rows]  # (a search bound: NaN)
+        sims = [sum(v) / len(v) if v else math.nan for v in vals]
+        err = [[m - min(v) if v else 0.0 for m, v in zip(sims, vals, strict=True)],
+               [max(v) - m if v else 0.0 for m, v in zip(sims, vals, strict=True)]]  # fmt: skip
+        seeds = max((len(v) for _, _, v in rows), default=1)
+        sim_label = f"simulator (mean of {seeds} seeds, bar [min, max])" if seeds > 1 else "simulator"
         ax.bar([x - 0.2 for x in xs], [p for _, p, _ in rows], 0.4, label="paper", color="tab:gray")
-        ax.bar([x + 0.2 for x in xs], sims, 0.4, yerr=err, label="simulator", color="tab:blue")
-        ax.set_xticks(list(xs), [label for label, _, _ in rows], rotation=20, fontsize=7)
+        ax.bar([x + 0.2 for x in xs], sims, 0.4, yerr=err, label=sim_label, color="tab:blue")
+        for x, m in zip(xs, sims, strict=True):
+            if not math.isfinite(m):  # (the bar was just missing: read as 0 or as a drawing fault)
+                ax.text(x + 0.2, 0.5, "n/a", transform=ax.get_xaxis_transform(), ha="center", va="center",
+                        fontsize=8, color="tab:blue", rotation=90)  # fmt: skip
+        ax.set_xlim(-0.6, len(rows) - 0.4)  # (a last bar of NaN was out of the frame, and its "n/a" with it)
+        ax.set_xticks(list(xs), [label for label, _, _ in rows], rotation=20, ha="right", rotation_mode="anchor",
+                      fontsize=7)  # fmt: skip
         ax.axhline(0, color="black", lw=0.5)
         ax.set_title(title, fontsize=9)
         ax.set_ylabel(_headline_ylabel(title), fontsize=8)
-        ax.legend(fontsize=7)
+        lo, hi = ax.get_ylim()  # room for the legend where the bars end (it covered the longest bar)
+        down = abs(lo) > abs(hi)
+        ax.set_ylim(lo * 1.3, hi) if down else ax.set_ylim(lo, hi * 1.3)
+        ax.legend(fontsize=7, loc="lower right" if down else "upper right")
     if table_cells:
         ax = axes[0][-1]
         for mode, marker in (("oracle", "^"), ("dualpath", "o"), ("basic", "s")):
             pts = [(p, s) for m, p, s in table_cells if m == mode]
             ax.scatter([p for p, _ in pts], [s for _, s in pts], marker=marker, label=mode, s=18)
-        lo = min(min(p, s) for _, p, s in table_cells) * 0.8
-        hi = max(max(p, s) for _, p, s in table_cells) * 1.25
-        ax.plot([lo, hi], [lo, hi], color="black", lw=0.6)
-        ax.fill_between([lo, hi], [lo * 0.85, hi * 0.85], [lo * 1.15, hi * 1.15], color="gray", alpha=0.2)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        finite = [x for _, p, s in table_cells for x in (p, s) if x > 0 and math.isfinite(x)]
+        if finite:
+            lo, hi = min(finite) * 0.8, max(finite) * 1.25
+            ax.plot([lo, hi], [lo, hi], color="black", lw=0.6)
+            ax.fill_between([lo, hi], [lo * 0.85, hi * 0.85], [lo * 1.15, hi * 1.15], color="gray", alpha=0.2)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            plain_log_ticks(ax, "x")  # (a decade or less: its minor ticks' labels overlapped)
+            plain_log_ticks(ax, "y")
         ax.set_xlabel("paper JCT (s)")
         ax.set_ylabel("simulator JCT (s)")
         ax.set_title("DS 660B calibration table (band: +-15%)", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     if note:
         fig.suptitle(note, fontsize=9, color="tab:red")
     fig.tight_layout()

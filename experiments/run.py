@@ -195,7 +195,8 @@ def plot(results: dict, path: str, config=None) -> bool:
         config = _CONFIG.value
     names = list(results)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].bar(names, [results[n].summary["jct_s"] for n in names], color="tab:blue")
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}  # a policy's colour, the same in every panel
+    axes[0].bar(names, [results[n].summary["jct_s"] for n in names], color=[colors[n] for n in names])
     axes[0].set_ylabel("JCT (s)")
     judged = [n for n in names if "slo_attainment" in results[n].summary]  # (online / trace arrivals)
     if judged:  # (every turn's span there is not an offline rollout's JCT: the SLO attainment beside it)
@@ -210,14 +211,20 @@ def plot(results: dict, path: str, config=None) -> bool:
     width = 0.8 / max(1, len(names))
     for i, n in enumerate(names):
         lb = results[n].summary.get("link_bytes", {})
-        axes[1].bar([j + i * width for j in range(len(links))], [lb.get(k, 0) / 1e6 for k in links], width, label=n)
-    axes[1].set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(links))], links, rotation=20)
+        mb = [lb.get(k, 0) / 1e6 for k in links]
+        axes[1].bar([j + i * width for j in range(len(links))], mb, width, label=n, color=colors[n])
+    axes[1].set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(links))], links, rotation=20, ha="right",
+                       rotation_mode="anchor")  # fmt: skip
+    if not links:  # (no storage-NIC bytes recorded: a blank panel)
+        axes[1].text(0.5, 0.5, "no storage-NIC bytes", transform=axes[1].transAxes, ha="center", color="gray")
     axes[1].set_ylabel("MB (reads + write-backs)")
     axes[1].set_title("bytes per storage NIC")
     axes[1].legend()
     for n in names:
         recs = sorted(results[n].records, key=lambda r: r.finished)
-        axes[2].plot([r.finished for r in recs], range(1, len(recs) + 1), label=n)
+        axes[2].plot([r.finished for r in recs], range(1, len(recs) + 1), label=n, color=colors[n])
+    if not any(results[n].records for n in names):
+        axes[2].text(0.5, 0.5, "no turn finished", transform=axes[2].transAxes, ha="center", color="gray")
     axes[2].set_xlabel("time (s)")
     axes[2].set_ylabel("turns finished")
     axes[2].set_title("progress")

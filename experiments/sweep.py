@@ -533,19 +533,27 @@ def print_table(table: list[list[str]]) -> None:
 
 def plot_sweep(rows: Sequence[dict], path: str, extra: str = "") -> bool:
     """One row of panels per setup: each metric of `_PLOT_METRICS` the cells have, over the loads (in the order
-    given), one line per mode; with several seeds, the line is their mean and the bars their [min, max]. Skipped
-    (logged) without matplotlib."""
+    given), one line per mode (its colour and marker the same in every panel); with several seeds, the line is their
+    mean and the bars their [min, max]. A mode with no value in a panel (oracle's storage-NIC max/avg) is named in
+    its title. Skipped (logged) without matplotlib."""
+    import math
+
     plt = pyplot_or_none("sweep.png")
     if plt is None:
         return False
     setups = list(dict.fromkeys(r["setup"] for r in rows))
     metrics = plot_metrics(rows)
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    # each mode its own colour and marker, each marker smaller than the one before: equal values (SLO attainment
+    # 1.0 for every mode) showed only the last mode's line
+    style = {m: dict(color=f"C{i % 10}", marker="osD^v"[i % 5], ms=max(7 - 1.5 * i, 3)) for i, m in enumerate(modes)}
     fig, axes = plt.subplots(len(setups), len(metrics), figsize=(4 * len(metrics), 3 * len(setups)), squeeze=False)
     for i, setup in enumerate(setups):
         mine = [r for r in rows if r["setup"] == setup]
         loads = list(dict.fromkeys(r["load"] for r in mine))
         for j, (key, label) in enumerate(metrics):
             ax = axes[i][j]
+            missing, top = [], 0.0
             for mode in dict.fromkeys(r["mode"] for r in mine):
                 by_load: dict[str, list[float]] = {}
                 for r in mine:
@@ -555,19 +563,30 @@ def plot_sweep(rows: Sequence[dict], path: str, extra: str = "") -> bool:
                 mean = [sum(v) / len(v) for v in vals]
                 err = [[m - min(v) for m, v in zip(mean, vals, strict=True)],
                        [max(v) - m for m, v in zip(mean, vals, strict=True)]]  # fmt: skip
-                ax.errorbar(range(len(loads)), mean, yerr=err, marker="o", capsize=3, label=mode)
+                ax.errorbar(range(len(loads)), mean, yerr=err, capsize=3, label=mode, **style[mode])
+                if not any(map(math.isfinite, mean)):
+                    missing.append(mode)
+                top = max([top, *(x for v in vals for x in v if math.isfinite(x))])
             ax.set_xticks(range(len(loads)), [ld or "default" for ld in loads], rotation=20, ha="right", fontsize=7)
             ax.set_xlabel("load")
             ax.set_ylabel(label)
             if key in ("jct_s", "ttft_p50_s"):  # (scaled to the data, a 0.5% difference filled the panel)
-                ax.set_ylim(bottom=0)
-            ax.set_title(setup + (f" ({extra})" if extra else ""), fontsize=8)
+                ax.set_ylim(0, top * 1.08 if top > 0 else None)  # (room above: the highest marker was cut in half)
+            elif key == "snic_max_over_avg" and len(missing) < len(dict.fromkeys(r["mode"] for r in mine)):
+                ax.set_ylim(bottom=1)  # (1: every storage NIC equally busy; it is never below)
+            elif key in ("slo_attainment", "hit_rate"):  # (shares: 1.0 sat mid-panel with 1.04 above it)
+                ax.set_ylim(top=1.02)
+            title = setup + (f" ({extra})" if extra else "")
+            ax.set_title(title + (f"\nno value: {', '.join(missing)}" if missing else ""), fontsize=8)
             if i == 0 and j == 0:
-                ax.legend(fontsize=7)
+                ax.legend(fontsize=7, loc="best")
     seeds = sorted({r.get("seed") for r in rows}, key=str)
-    title = f"modes {', '.join(dict.fromkeys(r['mode'] for r in rows))}; "
+    title = f"modes {', '.join(modes)}; "
     title += f"mean of {len(seeds)} seeds ({', '.join(map(str, seeds))}), bars [min, max]" if len(seeds) > 1 else ""
     title += f"seed {seeds[0]}" if len(seeds) == 1 else ""
+    slos = {r["slo"] for r in rows if r.get("slo")}
+    if len(slos) == 1:  # (online / trace cells: the SLO the attainment is judged on)
+        title += f"; SLO {next(iter(slos))}"
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

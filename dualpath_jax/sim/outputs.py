@@ -74,9 +74,9 @@ def write_results(result: SimResult, output_dir: str, config: dict, plot: bool =
 
 
 def plot_result(result: SimResult, path: str, name: str | None = None) -> str | None:
-    """Storage-NIC traffic over time per node (PE / DE in its label), and the TTFT CDF, under a title naming the
-    config (`name`), policy, agents and JCT (the plot said none of them); None (logged) without matplotlib (the
-    `plot` extra)."""
+    """Storage-NIC traffic over time per node (PE / DE in its label; past `_MAX_LINK_LINES` nodes, each role's mean
+    over its nodes and its busiest node's), and the TTFT CDF (online: the SLO's TTFT bound dashed), under a title
+    naming the config (`name`), mode, agents and JCT; None (logged) without matplotlib (the `plot` extra)."""
     try:
         import matplotlib
     except ImportError:
@@ -87,29 +87,52 @@ def plot_result(result: SimResult, path: str, name: str | None = None) -> str | 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-    per_link: dict[str, dict[float, float]] = {}
+    c = getattr(result, "config", None)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    per_link: dict[str, dict[float, list[float]]] = {}  # link -> t0 -> [GB/s, t1]
     for s in result.links:
         if s.link.startswith("snic/"):
             d = per_link.setdefault(s.link, {})
-            d[s.t0] = d.get(s.t0, 0.0) + s.nbytes / max(s.t1 - s.t0, 1e-9) / 1e9
+            v = d.setdefault(s.t0, [0.0, s.t1])
+            v[0] += s.nbytes / max(s.t1 - s.t0, 1e-9) / 1e9
     # node order, numbers compared as numbers ("snic/node2" before "snic/node10"); any other name sorts too (a
     # per-class "snic/node2/high" was int("2/high"): ValueError after the run)
-    for link in sorted(per_link, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]):
-        d = per_link[link]
-        ts = sorted(d)
-        ax1.plot(ts, [d[t] for t in ts], label=link, lw=0.8)
+    links = sorted(per_link, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)])
+    series = {link: _with_idle_buckets(per_link[link]) for link in links}
+    if len(links) > _MAX_LINK_LINES:  # (48P96D: 144 lines and a legend over the whole panel)
+        _plot_link_roles(ax1, series, c, np)
+    else:
+        for link in links:
+            ax1.plot(*series[link], label=link, lw=0.8)
     ax1.set_xlabel("time (s)")
     ax1.set_ylabel("storage NIC traffic (GB/s)")
+    ax1.set_ylim(bottom=0)
     if per_link:  # none when nothing was read from storage (oracle): no legend, no matplotlib warning
-        c = getattr(result, "config", None)  # (the legend says PE / DE; each line keeps its link's name)
-        ax1.legend(ax1.lines, [_link_label(line.get_label(), c) for line in ax1.lines], fontsize=6, ncol=2)
+        ax1.set_ylim(top=ax1.get_ylim()[1] * 1.3)  # (room for the legend above the lines)
+        # (the legend says PE / DE; each line keeps its link's name)
+        ax1.legend(ax1.lines, [_link_label(line.get_label(), c) for line in ax1.lines], fontsize=7, ncol=2,
+                   loc="upper right")  # fmt: skip
+    else:
+        why = " (oracle: I/O free)" if c is not None and c.cluster.io_free else ""
+        _no_data(ax1, f"no storage-NIC traffic{why}")
     ttft = np.sort([r.ttft for r in result.records if not math.isnan(r.first_token)])
     if ttft.size:
         ax2.plot(ttft, np.arange(1, ttft.size + 1) / ttft.size)
-    ax2.set_xscale("log")
+        log_x = ttft[0] > 0  # (a log axis drops a TTFT of 0)
+        if log_x:
+            ax2.set_xscale("log")
+        if c is not None and c.workload.kind != "offline" and math.isfinite(c.slo_ttft_s):
+            slo = f"SLO: TTFT p{c.slo_percentile:g} <= {c.slo_ttft_s:g} s"
+            ax2.axvline(c.slo_ttft_s, color="tab:red", ls="--", lw=0.8, label=slo)
+            ax2.legend(fontsize=7, loc="lower right")
+        if log_x:
+            plain_log_ticks(ax2)
+    else:
+        ax2.set_xscale("log")
+        _no_data(ax2, "no turn got its first token")
     ax2.set_xlabel("TTFT (s)")
     ax2.set_ylabel("CDF")
+    ax2.set_ylim(0, 1.02)
     fig.suptitle(_plot_title(result, name), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -117,10 +140,72 @@ def plot_result(result: SimResult, path: str, name: str | None = None) -> str | 
     return path
 
 
+# More storage-NIC links than this: plot.png draws each role's mean and [min, max] band, not a line per node
+_MAX_LINK_LINES = 8
+
+
+def _with_idle_buckets(d: dict[float, list[float]]) -> tuple[list[float], list[float]]:
+    """One link's (times, GB/s) with a 0 where it moved nothing (links.csv has no row for an idle bucket: the line
+    ran straight from the last busy bucket to the next, drawing traffic where there was none)."""
+    xs: list[float] = []
+    ys: list[float] = []
+    prev_end = 0.0
+    for t in sorted(d):
+        rate, t1 = d[t]
+        if xs and t > prev_end + 1e-9:  # idle from the bucket after the last busy one to the one before t
+            xs += sorted({prev_end, max(prev_end, t - (t1 - t))})
+            ys += [0.0] * (len(xs) - len(ys))
+        xs.append(t)
+        ys.append(rate)
+        prev_end = t1
+    return xs, ys
+
+
+def _plot_link_roles(ax, series: dict, c, np) -> None:
+    """Each role's storage-NIC traffic: the mean over its nodes (solid) and its busiest node's (dashed), at every
+    time any of its nodes has a bucket."""
+    roles: dict[str, list[str]] = {}
+    for link in series:
+        label = _link_label(link, c)  # (a per-class link, snic/node2/high, is not a node of its own)
+        whole = re.fullmatch(r"snic/node\d+", link) and label.endswith(("(PE)", "(DE)"))
+        roles.setdefault(f"{label[-3:-1]} nodes" if whole else "other links", []).append(link)
+    for role, links in roles.items():
+        ts = np.unique(np.concatenate([series[k][0] for k in links]))
+        ys = np.array([np.interp(ts, *series[k], left=0.0, right=0.0) for k in links])  # [links, times]
+        line = ax.plot(ts, ys.mean(axis=0), lw=0.9, label=f"{role} ({len(links)}): mean")[0]
+        ax.plot(ts, ys.max(axis=0), lw=0.6, ls="--", color=line.get_color(), label=f"{role}: busiest")
+
+
+def plain_log_ticks(ax, axis: str = "x") -> None:
+    """Plain numbers (0.2, 0.5, 1, 2) at 1-2-5 steps on a log axis spanning few decades: matplotlib labelled its minor
+    ticks there as 2x10^0, 3x10^0, 4x10^0, 6x10^0, overlapping one another. Call after the data are drawn."""
+    from matplotlib import ticker
+
+    lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+    decades = math.log10(hi / lo) if 0 < lo < hi else math.inf
+    subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)
+    if decades < 0.5:
+        subs = tuple(range(1, 10))
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    a.set_major_locator(ticker.LogLocator(base=10.0, subs=subs))
+    a.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_formatter(ticker.NullFormatter())
+
+
+def _no_data(ax, text: str) -> None:
+    """A panel with nothing to draw says so (it was a blank frame)."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="gray")
+
+
 def _plot_title(result: SimResult, name: str | None) -> str:
-    """plot.png's title: `sim_tiny dualpath, 16 agents offline: JCT 43 s` (online: APS and the SLO attainment)."""
+    """plot.png's title: `sim_tiny dualpath, 16 agents offline: JCT 43 s` (online: APS and the SLO attainment); the
+    oracle and layerwise modes say so (their titles read as dualpath's and basic's)."""
     c = getattr(result, "config", None)
-    head = " ".join(x for x in (name, c.policy if c is not None else None) if x) or "simulation"
+    mode = None
+    if c is not None:  # (the modes oracle and layerwise run dualpath and basic: say which)
+        mode = c.policy + (" oracle (I/O free)" if c.cluster.io_free else "")
+        mode += " + layerwise prefill" if c.policy == "basic" and c.cluster.layerwise else ""
+    head = " ".join(x for x in (name, mode) if x) or "simulation"
     jct = getattr(result, "summary", {}).get("jct_s", math.nan)
     jct = f"{jct:,.0f}" if jct >= 1000 else f"{jct:.3g}"  # (1,012 s, not 1e+03 s)
     if c is None:
