@@ -634,9 +634,10 @@ def _main(argv, term: SigtermAsInterrupt):
         if not results:  # nothing finished: no empty results directory left behind (a Ctrl-C in the warm-up left one)
             remove_if_empty(out_dir)
             if isinstance(e, KeyboardInterrupt):
-                raise SystemExit(
-                    f"interrupted ({interrupted_by(e)}) before any policy finished; nothing written"
-                ) from None
+                # (a kept runtime.store_dir keeps the blocks the interrupted run stored: consistent, reusable; named)
+                kept = sorted(set(store_dirs.values()))
+                what = f"no results written; its KV store is kept in {', '.join(kept)}" if kept else "nothing written"
+                raise SystemExit(f"interrupted ({interrupted_by(e)}) before any policy finished; {what}") from None
         # ("interrupted (SIGTERM)" for SIGTERM; a SystemExit's line, e.g. a store directory turned read-only)
         failed = stopped_early(e, RunFailed, kept=bool(results), name=flag_line)
     finally:

@@ -169,6 +169,15 @@ def _warn_of_earlier_run(out: str) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+    gc_was_enabled = gc.isenabled()  # (`_main` turns the collector off for its run: back on for a caller in-process)
+    try:
+        _main(argv)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
     started = time.time()  # (run.json: the start and the wall time)
@@ -203,7 +212,7 @@ def main(argv: Sequence[str]) -> None:
     agents = f"{sc.workload.n_agents} agents" if sc.workload.kind == "offline" else "agents from the workload"
     logging.info("simulating %s (%s, %s) ...", sc.policy, sc.workload.kind, agents)  # (online / trace: not n_agents)
     logging.info("compiled hot paths (False: Python twin; DUALPATH_PURE_PYTHON=1 turns all off): %s", compiled.status())
-    # One run, then exit: the cyclic collector stays off for the rest of this process. The simulator makes no
+    # One run, then exit: the cyclic collector stays off until `main` returns. The simulator makes no
     # reference cycles (tests/test_sim_e2e.py) and turns it off for its event loop anyway; left on, it re-scans
     # the run's millions of live objects while the records are summarised and written (~14 CPU-s at 48P96D).
     gc.disable()

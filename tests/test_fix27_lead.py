@@ -127,3 +127,72 @@ def test_a_closed_local_cluster_holds_no_descriptors(base):
     cluster.close()
     assert fds() == before and all(c.closed for c in cluster.conns.values())
     cluster.close()
+
+
+_STUB_INTERRUPTED_WITH_A_KEPT_STORE = """
+import sys, types
+from absl import app
+from dualpath_jax.runtime import driver
+from experiments import parse_flags_or_exit
+
+def fake_run(cfg, ts, **kw):
+    raise KeyboardInterrupt  # Ctrl-C in the first run: the warm-up
+
+driver.prepare = lambda cfg, *a, **k: ([types.SimpleNamespace(turns=[0, 1])] * 8, None)
+driver.measure_prefill_tokens_per_s = lambda ops, cfg, *a, **k: 1000.0
+driver.run = fake_run
+from experiments import run as job
+sys.argv = [sys.argv[0], "--config=configs/tiny_runtime.py:test", "--config.results_dir=" + sys.argv[1],
+            "--config.runtime.store_dir=" + sys.argv[2], "--config.warmup=True", "--config.policies=basic"]
+app.run(job.main, flags_parser=parse_flags_or_exit)
+"""
+
+
+def test_an_interrupted_run_names_the_kv_store_it_keeps(tmp_path):
+    """Interrupted before any policy finished, with a kept runtime.store_dir: it said "nothing written" while the
+    run's fresh store subdirectory stays (the soak audit: 81-100 blocks, consistent and reusable): it names it."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results, store = tmp_path / "results", tmp_path / "store"
+    out = subprocess.run(
+        [sys.executable, "-c", _STUB_INTERRUPTED_WITH_A_KEPT_STORE, str(results), str(store)],
+        cwd=repo, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": repo}, check=False,
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-2000:]
+    (kept,) = os.listdir(store)
+    last = out.stderr.rstrip().splitlines()[-1]
+    assert last == (
+        f"interrupted (Ctrl-C) before any policy finished; no results written; its KV store is kept in {store / kept}"
+    ), last
+
+
+_MAIN_TWICE = """
+import gc, sys
+from absl import flags
+from experiments import simulate
+flags.FLAGS(["simulate", "--config=configs/sim_tiny.py:dualpath,agents=2,turns=2", "--output_dir=" + sys.argv[1],
+             "--noplot", "--noprogress"])
+simulate.main([])
+print("gc enabled after main:", gc.isenabled())
+"""
+
+
+def test_simulate_main_turns_the_collector_back_on():
+    """`experiments.simulate.main` turned the cyclic garbage collector off for its run and never back on (the soak
+    audit: a notebook calling it ran on without the collector)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as out_dir:
+        out = subprocess.run(
+            [sys.executable, "-c", _MAIN_TWICE, os.path.join(out_dir, "sim")],
+            cwd=repo, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": repo}, check=False,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "gc enabled after main: True" in out.stdout
