@@ -241,3 +241,30 @@ def test_trailing_zero_tokens_and_key_bytes_are_never_dropped():
     with pytest.raises(ValueError, match="parent must be a 16-byte key"):
         BlockKeyChain(1, stripped)
     assert block_keys([1], 1, parent=np.array([key], dtype=object)[0]) == _definition([1], 1, key)
+
+
+@pytest.mark.parametrize("hit_blocks", [1, 2])
+def test_admit_writes_back_the_prompts_whole_blocks_past_its_hit_and_no_others(monkeypatch, hit_blocks):
+    """Mutation audit of session 44 (rt07, rt05): nothing checked that a DE's write-back skips the blocks the turn hit
+    (already stored): each was read back and checksummed again by the SNIC's write loop, the turn's end waited for it
+    and the writes were over-counted, with the tokens right."""
+    de, ep = _decode_engine(4, 1)
+    try:
+        writes = []
+        monkeypatch.setattr(de, "_write_back", lambda r, keys, blocks, d2h=False: writes.append((keys, blocks, d2h)))
+        monkeypatch.setattr(de, "_loaded", lambda r: None)
+        ids = np.arange(14, dtype=np.int32)  # 3 whole blocks + 2 tokens
+        keys = block_keys(ids, 4)
+        t = TurnTask(0, 0, 0, 0, ids, 2, keys, 1, 0, 0, 1, "pe")
+        area = np.arange(2 * 14 * 8, dtype=np.uint8).reshape(2, 14, 8)
+        r = engines._DecodeReq(task=t, stage="buffered", prefill_done=True, final_hit=4 * hit_blocks, area=area)
+        de.reqs[r.key] = r
+        de.order.append(r.key)
+        de._admit()
+        ((wkeys, blocks, d2h),) = writes
+        assert wkeys == keys[hit_blocks:3] and not d2h  # the hit blocks are stored already; the last is not whole
+        for j, b in zip(range(hit_blocks, 3), blocks, strict=True):
+            np.testing.assert_array_equal(b, area[:, 4 * j : 4 * j + 4])
+    finally:
+        de.stop()
+        ep.close()

@@ -1448,7 +1448,7 @@ def test_a_cold_mapped_read_brings_the_block_back_in_large_folios(tmp_path):
     assert writer.write(k, content(k, big))
     _drop_pages(writer.path_of(k))
     writer.close()
-    s = LocalDirStore(tmp_path / "kv", big)  # the default store: mapped from the first read
+    s = LocalDirStore(tmp_path / "kv", big, mmap_after_reads=0)  # mapped from the first read (pure Python too)
     full = np.zeros(big.full_block_nbytes, np.uint8)
     assert s.read(k, full)
     np.testing.assert_array_equal(full, content(k, big))
@@ -1498,7 +1498,7 @@ def test_a_cold_preadv_read_brings_the_block_back_in_large_folios(tmp_path, case
         r.close()
     assert s.stats().cold_populated == 1
     s.close()
-    m = LocalDirStore(tmp_path / "kv", BIG)  # a mapped read of the block now maps 2 MiB folios
+    m = LocalDirStore(tmp_path / "kv", BIG, mmap_after_reads=0)  # a mapped read of the block now maps 2 MiB folios
     full = np.zeros(BIG.full_block_nbytes, np.uint8)
     assert m.read(k, full)
     np.testing.assert_array_equal(full, content(k, BIG))

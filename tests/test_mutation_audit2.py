@@ -224,6 +224,7 @@ def test_a_dead_decode_nodes_requests_rerun_first_with_their_records_reset(store
     rec = svc.records[rid]
     assert rec.pe_read_bytes == 0 and rec.de_read_bytes == 0
     assert math.isnan(rec.read_start) and math.isnan(rec.read_end) and rec.arrival == 0.0
+    assert math.isnan(rec.scheduled)  # (reset too: a run ending before the re-run is placed showed the dead time)
     (again,) = fetch(svc, 0).tasks
     assert (again.request_id, again.attempt, again.decode_engine) == (rid, 1, 1)
     fetch(svc, 0, [Event("read_done", rid, 1, t0 + 0.5, {"side": "pe", "nbytes": 3, "t_start": t0 + 0.4})])

@@ -714,3 +714,48 @@ def test_a_turn_limit_that_is_negative_or_fractional_is_refused_by_name(value, m
     cfg = dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, max_turns=value))
     with pytest.raises(ValueError, match=f"config.workload.max_turns {message}"):
         build_simulator(cfg)
+
+
+class _SlotsChecked:
+    """Wraps a policy: every snapshot it is shown has no room on a DE whose decode slots are all taken."""
+
+    def __init__(self, inner, slots):
+        self.inner, self.slots, self.full_seen = inner, slots, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def schedule(self, snapshot, queue, fetching_node=None):
+        for s in snapshot.engines.values():
+            if s.role == "decode" and s.seq >= self.slots:
+                self.full_seen += 1
+                assert s.free_hbm_tokens == 0, s
+        return self.inner.schedule(snapshot, queue, fetching_node=fetching_node)
+
+
+def _peak_per_decode_engine(records) -> int:
+    """The most turns a decode engine held at once (its HBM from the reads' start to the turn's end)."""
+    peak = 0
+    for de in {r.decode_engine for r in records}:
+        ev = sorted([(r.read_start, 1) for r in records if r.decode_engine == de]
+                    + [(r.finished, -1) for r in records if r.decode_engine == de], key=lambda x: (x[0], x[1]))  # fmt: skip
+        live = 0
+        for _, d in ev:
+            live += d
+            peak = max(peak, live)
+    return peak
+
+
+def test_a_decode_engine_of_full_slots_shows_no_room_and_never_holds_more():
+    """Mutation audit of session 44 (si02, si05): a DE holding exactly `de_max_seqs` sequences still showed free HBM to
+    the policy (basic's mean TTFT +1.6% on sim_tiny), and nothing checked the slots bound with `full_de="queue"`."""
+    cfg = load_sim_config(f"{TINY}:dualpath", {"cluster.de_max_seqs": 2})
+    sim = build_simulator(cfg, _multi_turn(n_agents=12))
+    sim.policy = _SlotsChecked(sim.policy, 2)
+    records, _, stats = sim.run()
+    assert stats["unfinished_turns"] == 0 and sim.policy.full_seen  # (the check was exercised)
+    assert _peak_per_decode_engine(records) <= 2
+    cfg = load_sim_config(f"{TINY}:dualpath_rr", {"cluster.de_max_seqs": 2})
+    assert cfg.policy_kwargs == {"full_de": "queue"}
+    records, _, stats = build_simulator(cfg, _multi_turn(n_agents=12)).run()
+    assert stats["unfinished_turns"] == 0 and _peak_per_decode_engine(records) <= 2

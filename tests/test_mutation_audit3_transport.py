@@ -1068,3 +1068,18 @@ def test_a_traffic_managers_samples_come_in_time_order_across_its_links():
     early.clock_origin = now - 5.0  # (its records fall in bin 0)
     early.record(7)
     assert [(s.link, s.t0, s.nbytes) for s in tm.samples()] == [("snic/node1", 0.0, 7), ("snic/node0", 20.0, 5)]
+
+
+def test_a_region_query_with_a_name_over_the_limit_closes_the_set(server, caplog):
+    """Mutation audit of session 44 (tc08): nothing pinned the bound on a REGION_QUERY's name length; without it a
+    peer past the handshake made the reader allocate `length` bytes up front (2**40: MemoryError or the OOM killer)."""
+    caplog.set_level(logging.ERROR, logger="transport.tcp")
+    socks = _raw_handshake(server)
+    try:
+        n = tcpmod.REGION_NAME_MAX + 1
+        socks[0].sendall(pack_header(tcpmod.OP_REGION_QUERY, length=n, req=7) + b"d" * n)
+        assert _closed_by_server(socks[0])
+        assert "region name of" in caplog.text
+    finally:
+        for s in socks:
+            s.close()
