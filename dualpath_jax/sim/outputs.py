@@ -140,7 +140,7 @@ def plot_result(result: SimResult, path: str, name: str | None = None) -> str | 
     return path
 
 
-# More storage-NIC links than this: plot.png draws each role's mean and [min, max] band, not a line per node
+# More storage-NIC links than this: plot.png draws each role's mean and busiest node, not a line per node
 _MAX_LINK_LINES = 8
 
 
