@@ -28,7 +28,9 @@ raises at start with the reason (in the Ray log) and the run fails naming that n
 
 Failures: a node actor whose `run` raised (a defect in a node's code, a bad checkpoint, no RDMA) is in
 `RayLauncher.errors` (its cause named) and the driver fails the run naming it; an actor that died (`kill(node)`, its
-process or host lost) is only dead (`alive()` False): the scheduler re-runs its requests on the other nodes.
+process or host lost) is only dead (`alive()` False): the scheduler re-runs its requests on the other nodes, its death
+reason naming what Ray says of the actor (`exit_reason`: "its actor node2 (pid 7 on 10.0.0.2) died (ray.kill sent by
+launcher.kill): The actor is dead because it was killed by `ray.kill`.").
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ import math
 import os
 import secrets
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.control import ControlServer, SocketControlClient
-from dualpath_jax.runtime.launcher import node_modules
+from dualpath_jax.runtime.launcher import node_modules, watch_exits
 from dualpath_jax.runtime.scheduler_service import GroupSpec, RunFailed
 
 log = logging.getLogger(__name__)
@@ -173,8 +176,12 @@ class RayLauncher:
         self.refs: dict[int, object] = {}
         self.server: ControlServer | None = None
         self._ended: dict[int, BaseException | None] = {}  # node -> its run's error (None: returned or died)
+        self._exits: dict[int, str] = {}  # node -> how its actor task ended, in words (`exit_reason`)
+        self._killed: set[int] = set()  # nodes `kill` stopped
+        self._ended_lock = threading.Lock()  # (`errors`: the driver's thread; `exit_reason`: the service's too)
 
     def start(self, groups: Sequence[GroupSpec], service) -> None:
+        watch_exits(service, self.exit_reason)
         ray = self.ray
         if not ray.is_initialized():
             ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=True)
@@ -222,32 +229,69 @@ class RayLauncher:
         on the others. (A node whose run raised was taken for dead too: a defect in a node's code showed only as
         re-runs.) Cheap (the driver asks every poll): one `ray.wait(timeout=0)` over the running nodes, and one
         `ray.get` of each task that has just ended."""
-        running = {ref: n for n, ref in self.refs.items() if n not in self._ended}
-        if running:
-            ready, _ = self.ray.wait(list(running), num_returns=len(running), timeout=0)
-            for ref in ready:
-                self._ended[running[ref]] = self._error_of(running[ref], ref)
-        return {n: e for n, e in sorted(self._ended.items()) if e is not None}
+        with self._ended_lock:
+            running = {ref: n for n, ref in self.refs.items() if n not in self._ended}
+            if running:
+                ready, _ = self.ray.wait(list(running), num_returns=len(running), timeout=0)
+                for ref in ready:
+                    self._ended[running[ref]] = self._error_of(running[ref], ref)
+            return {n: e for n, e in sorted(self._ended.items()) if e is not None}
+
+    def exit_reason(self, node_id: int) -> str | None:
+        """How the node's actor task ended, as Ray tells it (for its death reason, `watch_exits`), None while it runs:
+        "its actor node2 (pid 7 on 10.0.0.2) died (ray.kill sent by launcher.kill): The actor is dead because it was
+        killed by `ray.kill`.", "... died: The actor is dead because its worker process has died. ...", "its actor
+        node2's run raised ValueError: ...". Quick (called with the service's lock held): one `ray.wait(timeout=0)`,
+        and one `ray.get` of the task once it has ended."""
+        with self._ended_lock:
+            ref = self.refs.get(node_id)
+            if node_id not in self._ended:
+                if ref is None or not self.ray.wait([ref], timeout=0)[0]:
+                    return None
+                self._ended[node_id] = self._error_of(node_id, ref)
+            return self._exits.get(node_id)
 
     def _error_of(self, node_id: int, ref) -> BaseException | None:
-        """The error of a node's ended actor task: None if `run` returned or the actor died."""
+        """The error of a node's ended actor task: None if `run` returned or the actor died. (How it ended, in words,
+        goes to `_exits`.)"""
         exc = self.ray.exceptions
         try:
-            self.ray.get(ref)
+            done = self.ray.get(ref)
         except exc.RayTaskError as e:  # `run` raised in the actor
             log.error("node %d: its actor's run raised:\n%s", node_id, e)
-            err = RuntimeError(f"the node{node_id} actor's run raised {type(e.cause).__name__}: {e.cause}")
+            why = f"{type(e.cause).__name__}: {e.cause}"
+            self._exits[node_id] = f"its actor node{node_id}'s run raised {why}"
+            err = RuntimeError(f"the node{node_id} actor's run raised {why}")
             err.__cause__ = e
             return err
-        except exc.RayError:  # the actor died (ActorDiedError: killed, its process or host lost): only dead
+        except exc.RayError as e:  # the actor died (ActorDiedError: killed, its process or host lost): only dead
+            self._exits[node_id] = self._death_text(node_id, e)
             return None
+        self._exits[node_id] = f"its actor node{node_id}'s run returned ({done})"
         return None
+
+    def _death_text(self, node_id: int, e: BaseException) -> str:
+        """What Ray says of a dead node actor, in one line: its pid and host, and why (Ray's own words, without its
+        list of common causes)."""
+        lines = str(e).splitlines()
+        fields = dict(ln.strip().split(": ", 1) for ln in lines[1:] if ln.startswith("\t") and ": " in ln)
+        at = " on ".join(v for v in (fields.get("pid") and f"pid {fields['pid']}", fields.get("ip")) if v)
+        if isinstance(e, self.ray.exceptions.ActorDiedError):  # (its base line, its fields, then the cause)
+            why = " ".join(ln.strip() for ln in lines[1:] if ln.strip() and not ln.startswith("\t"))
+            why = why.split(" Some common causes include", 1)[0] or (lines[0].strip() if lines else "")
+        else:  # (the owner or the object lost, the actor unavailable: their first line)
+            why = f"{type(e).__name__}: {lines[0].strip() if lines else ''}"
+        if len(why) > 400:
+            why = why[:400] + " ..."
+        killed = " (ray.kill sent by launcher.kill)" if node_id in self._killed else ""
+        return f"its actor node{node_id}{f' ({at})' if at else ''} died{killed}: {why}"
 
     def alive(self, node_id: int) -> bool:
         ready, _ = self.ray.wait([self.refs[node_id]], timeout=0)
         return not ready
 
     def kill(self, node_id: int) -> None:
+        self._killed.add(node_id)
         self.ray.kill(self.actors[node_id], no_restart=True)
 
     def join(self, timeout: float = 10.0) -> None:
