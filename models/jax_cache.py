@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 
 DEFAULT_MAX_BYTES = 4 << 30  # the cache's size bound: jax deletes the least recently used entries past it
@@ -42,5 +44,11 @@ def enable_persistent_compilation_cache(cache_dir: str | None = None) -> str:
     # Cache every executable: tiny-model steps compile in well under the default 1 s threshold.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if max_bytes != -1 and importlib.util.find_spec("filelock") is None:
+        # (jax enforces a bound with filelock only: without it, it warned once and cached nothing at all)
+        logging.getLogger(__name__).warning(
+            "the compilation cache is not bounded: jax needs the 'filelock' package for a bound (pip install filelock)"
+        )
+        max_bytes = -1
     jax.config.update("jax_compilation_cache_max_size", max_bytes)
     return cache_dir

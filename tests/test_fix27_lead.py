@@ -196,3 +196,36 @@ def test_simulate_main_turns_the_collector_back_on():
         )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert "gc enabled after main: True" in out.stdout
+
+
+_CACHE_FILLS = """
+import os, sys
+if sys.argv[2] == "hide-filelock":
+    sys.modules["filelock"] = None  # (as on an install without it: before jax imports it)
+import jax, jax.numpy as jnp
+from models.jax_cache import enable_persistent_compilation_cache
+enable_persistent_compilation_cache(sys.argv[1])
+jax.jit(lambda x: jnp.sin(x) * 3 + 1)(jnp.arange(7.0)).block_until_ready()
+print("entries:", len(os.listdir(sys.argv[1])), "bound:", jax.config.jax_compilation_cache_max_size)
+"""
+
+
+def test_the_bounded_compilation_cache_stores_executables(tmp_path):
+    """The review of session 44: with the 4 GiB bound set, jax cached nothing at all where `filelock` is missing (it
+    enforces a bound with it only; a tiny model's second start took 7.1 s instead of 2.5 s). filelock is a dependency
+    now; without it the bound is dropped with a warning, and the cache still fills."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "DUALPATH_JAX_CACHE_MAX_BYTES"}
+    for mode, bound in (("as-installed", 4 << 30), ("hide-filelock", -1)):
+        out = subprocess.run(
+            [sys.executable, "-c", _CACHE_FILLS, str(tmp_path / mode), mode],
+            cwd=repo, capture_output=True, text=True, timeout=120, env={**env, "PYTHONPATH": repo}, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        entries = int(out.stdout.split("entries:")[1].split()[0])
+        assert entries > 0 and f"bound: {bound}" in out.stdout, (mode, out.stdout, out.stderr[-1000:])
+        assert (mode == "hide-filelock") == ("needs the 'filelock' package" in out.stderr)
