@@ -1070,6 +1070,13 @@ def _same_tokens(a, b) -> bool:
     return a is not None and b is not None and np.array_equal(a, b)
 
 
+def mean_within(values) -> float:
+    """The mean of `values` (not empty) kept within [min, max]: float rounding put the mean of equal values 1 ulp
+    outside them (`[0.1] * 3`: 0.10000000000000002), and matplotlib refused the negative error bar that made (a sweep
+    of 3+ seeds with one value ended with a traceback and no run.json)."""
+    return min(max(sum(values) / len(values), min(values)), max(values))
+
+
 def write_atomically(path: str, write) -> None:
     """`dualpath_jax.metrics.write_atomically` (imported when first used: this package's import stays light)."""
     from dualpath_jax.metrics import write_atomically as write_beside_then_rename

@@ -40,6 +40,7 @@ from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
     interrupted_by,
+    mean_within,
     no_earlier_results_or_exit,
     pyplot_or_none,
     refuse_flags_of_parts_not_run,
@@ -821,7 +822,7 @@ def plot_report(headline: dict, table_cells: list, path: str, note: str = "") ->
     for ax, (title, rows) in zip(axes[0], headline.items(), strict=False):
         xs = range(len(rows))
         vals = [[x for x in v if x is not None and math.isfinite(x)] for _, _, v in rows]  # (a search bound: NaN)
-        sims = [sum(v) / len(v) if v else math.nan for v in vals]
+        sims = [mean_within(v) if v else math.nan for v in vals]  # (within [min, max]: no negative error bar)
         err = [[m - min(v) if v else 0.0 for m, v in zip(sims, vals, strict=True)],
                [max(v) - m if v else 0.0 for m, v in zip(sims, vals, strict=True)]]  # fmt: skip
         seeds = max((len(v) for _, _, v in rows), default=1)

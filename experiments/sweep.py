@@ -44,6 +44,7 @@ from experiments import (
     check_cell_or_exit,
     exit_if_stopped_or_failed,
     interrupted_by,
+    mean_within,
     mode_items,
     no_earlier_results_or_exit,
     own_flags,
@@ -560,7 +561,7 @@ def plot_sweep(rows: Sequence[dict], path: str, extra: str = "") -> bool:
                     if r["mode"] == mode and r.get(key) is not None:
                         by_load.setdefault(r["load"], []).append(float(r[key]))
                 vals = [by_load.get(ld, [float("nan")]) for ld in loads]
-                mean = [sum(v) / len(v) for v in vals]
+                mean = [mean_within(v) for v in vals]  # (kept within [min, max]: no negative error bar)
                 err = [[m - min(v) for m, v in zip(mean, vals, strict=True)],
                        [max(v) - m for m, v in zip(mean, vals, strict=True)]]  # fmt: skip
                 ax.errorbar(range(len(loads)), mean, yerr=err, capsize=3, label=mode, **style[mode])
@@ -646,7 +647,7 @@ def _write_means(rows: list[dict], path: str, seeds: int) -> None:
         }
         for k in metrics:
             v = [float(r[k]) for r in mine if r.get(k) is not None]
-            row[f"{k}_mean"] = sum(v) / len(v) if v else None
+            row[f"{k}_mean"] = mean_within(v) if v else None
             row[f"{k}_min"] = min(v) if v else None
             row[f"{k}_max"] = max(v) if v else None
         out.append(row)

@@ -285,3 +285,15 @@ def test_bench_runtime_plot_title_names_the_setup_and_both_speedups(figs, tmp_pa
     del out["config"], out["simulated"]  # (a measured run only, no config)
     bench_runtime._plot(out, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_equal_seed_values_make_no_negative_error_bar(tmp_path):
+    """The review of session 44: the float mean of 3+ equal seed values lands 1 ulp outside them ([0.1] * 3:
+    0.10000000000000002), and matplotlib refused the negative error bar: sweep ended with a traceback and no run.json,
+    reproduce_paper without report.png. The means stay within [min, max] (sweep_mean.csv's too)."""
+    from experiments import mean_within, reproduce_paper, sweep
+
+    assert mean_within([0.1] * 3) == 0.1 and mean_within([0.7] * 3) == 0.7 and mean_within([1.0, 2.0]) == 1.5
+    rows = [dict(setup="s", mode="dualpath", load="", seed=s, jct_s=10.0, slo_attainment=0.1) for s in (1, 2, 3)]
+    assert sweep.plot_sweep(rows, str(tmp_path / "sweep.png"))
+    assert reproduce_paper.plot_report({"speedup": [("x", 1.9, [0.1, 0.1, 0.1])]}, [], str(tmp_path / "r.png"))
