@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -317,3 +318,27 @@ def test_a_non_loopback_host_is_taken_under_the_local_launcher(base):
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("told", [0, 1, tcpmod.REPLY_COPY_MIN - 1])
+def test_a_peer_telling_a_tiny_max_read_is_refused_at_connect_with_its_sockets_closed(told):
+    """The review of session 44: a peer's max_read_bytes was only checked to be >= 1 (telling 1 made `read` of 256 KiB
+    262,144 READs: 7.8 s, +566 MB), and a bad one raised after the handshake's try, leaving both sockets open until
+    the traceback was collected. Now one below REPLY_COPY_MIN is refused inside it."""
+    import gc
+
+    srv, cli = TcpTransport("srv"), TcpTransport("cli")
+    try:
+        srv.reply_copy_max = told  # (what a broken or other peer tells in its HELLO_ACK)
+        gc.collect()
+        n0 = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(tcpmod.ProtocolError, match=f"max_read_bytes={told} in its handshake") as info:
+            cli.connect("srv", srv.address, timeout=5)
+        # (the exception still held here: nothing kept open by it; the server's ends close once it sees the EOF)
+        deadline = time.monotonic() + 5
+        while len(os.listdir("/proc/self/fd")) > n0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(os.listdir("/proc/self/fd")) == n0 and info.value is not None
+    finally:
+        cli.close()
+        srv.close()

@@ -444,8 +444,12 @@ def _peer_limit(hello: dict, peer: str) -> int | None:
 def _peer_read_max(hello: dict, peer: str) -> int | None:
     """The peer's max_read_bytes (its largest READ) from its HELLO / HELLO_ACK (None if it did not say)."""
     limit = hello.get("max_read_bytes")
-    if limit is not None and (type(limit) is not int or limit < 1):
-        raise ProtocolError(f"{peer!r} sent max_read_bytes={limit!r} in its handshake")
+    # (at least REPLY_COPY_MIN, as no endpoint of this version tells less: a peer telling 1 made `read` of 256 KiB
+    # 262,144 READs, 7.8 s and +566 MB)
+    if limit is not None and (type(limit) is not int or limit < REPLY_COPY_MIN):
+        raise ProtocolError(
+            f"{peer!r} sent max_read_bytes={limit!r} in its handshake (an int >= {REPLY_COPY_MIN} expected)"
+        )
     return limit
 
 
@@ -1505,6 +1509,7 @@ class TcpTransport(Transport):
                         sock = socket.create_connection((host, port), timeout=timeout)
                         socks[stream] = sock
                         limit, instance, ack = self._client_handshake(sock, peer, session, stream, timeout)
+                    read_max = _peer_read_max(ack, peer)  # (checked here: a bad one closes the sockets below)
                     sockaddr = socks["high"].getpeername()[:2]
                     break
                 except BaseException as e:
@@ -1527,7 +1532,7 @@ class TcpTransport(Transport):
                         else ""
                     )
                     raise PeerLostError(f"{self.name}: cannot connect to {peer!r} at {host}:{port}: {e}{why}") from e
-            self._add_peer(peer, socks, limit, (host, port), sockaddr, instance, _peer_read_max(ack, peer))
+            self._add_peer(peer, socks, limit, (host, port), sockaddr, instance, read_max)
         finally:
             with self._lock:
                 self._connecting[peer] -= 1
