@@ -45,6 +45,7 @@ def test_driver_prepare_reuses_the_last_model_ops_of_the_same_model(tmp_path, ba
     instead of 0.3 s, +8-30 MB a run): `prepare` keeps the last ops for the same model, seed, numerics and checkpoint
     files; another model, seed, a rewritten checkpoint or `release_model()` gets new ones."""
     import dataclasses
+    import os
 
     import conftest
 
@@ -70,6 +71,13 @@ def test_driver_prepare_reuses_the_last_model_ops_of_the_same_model(tmp_path, ba
     (ckpt / "config.json").write_text("{}")
     key = driver._ops_key(dataclasses.replace(cfg, model=str(ckpt)))
     (ckpt / "model.safetensors").write_bytes(b"x")
+    assert driver._ops_key(dataclasses.replace(cfg, model=str(ckpt))) != key
+    # ... also where a copy tool keeps the size and the modification time (cp -p, rsync -a): the inode and ctime move
+    key = driver._ops_key(dataclasses.replace(cfg, model=str(ckpt)))
+    st = (ckpt / "model.safetensors").stat()
+    (ckpt / "new").write_bytes(b"y")
+    os.replace(ckpt / "new", ckpt / "model.safetensors")
+    os.utime(ckpt / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
     assert driver._ops_key(dataclasses.replace(cfg, model=str(ckpt))) != key
     driver.release_model()
 
@@ -127,6 +135,10 @@ def test_a_closed_local_cluster_holds_no_descriptors(base):
     cluster.close()
     assert fds() == before and all(c.closed for c in cluster.conns.values())
     cluster.close()
+    import pytest
+
+    with pytest.raises(RuntimeError, match="this LocalCluster was closed: start a new one"):  # (not a bare ValueError)
+        cluster.launcher(base.replace(launcher="local"))
 
 
 _STUB_INTERRUPTED_WITH_A_KEPT_STORE = """

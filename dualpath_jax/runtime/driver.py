@@ -345,13 +345,14 @@ def release_model() -> None:
 
 def _ops_key(cfg: RuntimeConfig) -> tuple:
     """What makes `ModelOps.of_config(cfg)` what it is: the model, its seed and numerics and, for a checkpoint
-    directory, its files' names, sizes and modification times."""
+    directory, its files' names, sizes, modification and change times and inodes."""
     from dualpath_jax.runtime.model_ops import is_checkpoint
 
     files = ()
     if is_checkpoint(cfg.model):
-        with os.scandir(cfg.model) as it:
-            files = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in it if e.is_file()))
+        with os.scandir(cfg.model) as it:  # (ctime and inode too: a copy tool keeps mtimes, never those)
+            stats = [(e.name, e.stat()) for e in it if e.is_file()]
+        files = tuple(sorted((n, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for n, st in stats))
     return cfg.model, cfg.model_seed, cfg.batch_invariant, files
 
 
@@ -432,12 +433,14 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     try:
         if model_ops is not None:
             ops = model_ops
-        elif _LAST_OPS is not None and _LAST_OPS[0] == _ops_key(cfg):
-            ops = _LAST_OPS[1]
         else:
-            _LAST_OPS = None  # (another model: the last one's weights go before the new ones are built)
-            ops = ModelOps.of_config(cfg)
-            _LAST_OPS = (_ops_key(cfg), ops)
+            key = _ops_key(cfg)  # (before the load: a checkpoint rewritten during it is another key next time)
+            if _LAST_OPS is not None and _LAST_OPS[0] == key:
+                ops = _LAST_OPS[1]
+            else:
+                _LAST_OPS = None  # (another model: the last one's weights go before the new ones are built)
+                ops = ModelOps.of_config(cfg)
+                _LAST_OPS = (key, ops)
     except ValueError as e:  # a checkpoint whose tensors do not load (missing, wrong shape): named
         raise ConfigError(f"config.model: {e}") from None
     if ops.config.batch_invariant != cfg.batch_invariant:  # the caller's model_ops runs the other numerics

@@ -638,6 +638,7 @@ class LocalProcessLauncher:
         self._whys: dict[int, str] = {}  # node -> its run's error, as reported
         self._control_dir: str | None = None  # (config.netns: the control server's Unix socket's directory)
         self._killed: set[int] = set()  # nodes `kill` SIGKILLed
+        self._recv_lock = threading.Lock()  # (`_why`: the driver's thread and the scheduler's)
         if session is not None and session.netns != cfg.netns:
             raise ValueError(
                 f"config.netns={cfg.netns} but the LocalCluster session's processes were started with "
@@ -702,12 +703,13 @@ class LocalProcessLauncher:
             why = self.session.failure_of(node_id)
         else:
             conn = self._reports.get(node_id)
-            if node_id not in self._whys and conn is not None:
-                try:
-                    if conn.poll():
-                        self._whys[node_id] = conn.recv()[1]
-                except (EOFError, OSError):
-                    pass
+            with self._recv_lock:  # (the driver's thread and the scheduler's, `exit_reason`)
+                if node_id not in self._whys and conn is not None:
+                    try:
+                        if conn.poll():
+                            self._whys[node_id] = conn.recv()[1]
+                    except (EOFError, OSError):
+                        pass
             why = self._whys.get(node_id)
         return f" {why}" if why else ""
 
@@ -785,6 +787,8 @@ class LocalCluster:
         self.conns: dict[int, object] = {}
         self._busy: set[int] = set()
         self.failures: dict[int, str] = {}  # node -> the error its process reported before it exited
+        self._recv_lock = threading.Lock()  # (`_poll`: the driver's thread and the scheduler's, `exit_reason`)
+        self._closed = False
         ctx = mp.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         for g in self.groups:
@@ -798,9 +802,15 @@ class LocalCluster:
             self.conns[g.node_id] = parent
 
     def launcher(self, cfg: RuntimeConfig) -> LocalProcessLauncher:
+        self._check_open()
         return LocalProcessLauncher(cfg, session=self)
 
+    def _check_open(self) -> None:
+        if self._closed:  # (its processes were closed: "process object is closed" from inside the driver)
+            raise RuntimeError("this LocalCluster was closed: start a new one (LocalCluster(groups)) for another run")
+
     def begin(self, groups: Sequence[GroupSpec], msg) -> None:
+        self._check_open()
         if [(g.node_id, g.role, list(g.engine_ids)) for g in groups] != [
             (g.node_id, g.role, list(g.engine_ids)) for g in self.groups
         ]:
@@ -824,12 +834,14 @@ class LocalCluster:
         """Take a node's message: "done" with its run, or ("error", why) as its process exits (`_node_process`); that
         one leaves it busy until the process has exited (its exit code makes it the run's error, not a dead node)."""
         conn = self.conns[node_id]
-        try:
-            if node_id not in self._busy or not conn.poll():
+        # (the driver's thread and, naming a dead node's exit, the scheduler's: a Connection is not thread-safe)
+        with self._recv_lock:
+            try:
+                if node_id not in self._busy or not conn.poll():
+                    return
+                msg = conn.recv()
+            except (EOFError, OSError):  # (its process exited without a word)
                 return
-            msg = conn.recv()
-        except (EOFError, OSError):  # (its process exited without a word)
-            return
         if isinstance(msg, tuple) and msg[:1] == ("error",):
             self.failures[node_id] = msg[1]
         else:
@@ -872,7 +884,7 @@ class LocalCluster:
             self._busy.discard(n)
 
     def close(self) -> None:
-        if getattr(self, "_closed", False):  # (a second close: `with` after an explicit one)
+        if self._closed:  # (a second close: `with` after an explicit one)
             return
         self._closed = True
         for conn in self.conns.values():
