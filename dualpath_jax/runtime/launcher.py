@@ -778,6 +778,8 @@ class LocalCluster:
     """
 
     END_TIMEOUT_S = 15.0  # how long a node process may take to end its run once the run is over (`end`)
+    _closed = False  # (class defaults too: a stand-in made without __init__, as tests do, has them)
+    _recv_lock = threading.Lock()
 
     def __init__(self, groups: Sequence[GroupSpec], netns: bool = False):
         """`netns`: each process joins its node's network namespace (runs of it need `config.netns`)."""
