@@ -626,6 +626,8 @@ class LocalProcessLauncher:
     processes (their models stay compiled between runs, so runs compare policies, not compile times).
     """
 
+    _recv_lock = threading.Lock()  # (a class default too: a stand-in made without __init__, as tests do, has it)
+
     name = "local"
 
     def __init__(self, cfg: RuntimeConfig, session: LocalCluster | None = None):
