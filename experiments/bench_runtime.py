@@ -619,10 +619,10 @@ def _main(argv, term):
         term.hold()
         if session is not None:
             session.close()
-    _plot(out, os.path.join(out_dir, "bench_runtime.png"))
     from dualpath_jax import metrics
 
-    _write_json(out_dir, out)
+    _write_json(out_dir, out)  # (before the plot: a plotting failure kept no bench_runtime.json)
+    _plot(out, os.path.join(out_dir, "bench_runtime.png"))
     # what ran, as the other launchers record it (a re-run of its `command` makes a results directory of its own)
     metrics.write_run_info(out_dir, driver.run_info("experiments.bench_runtime", started, base, out["config"]))
     logging.info("results written to %s", out_dir)
