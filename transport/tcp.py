@@ -433,24 +433,24 @@ def _recv_exact(sock: socket.socket, n: int, on_progress=None, deadline: float |
     return bytes(buf)
 
 
-def _peer_limit(hello: dict, peer: str) -> int | None:
-    """The peer's max_message_bytes from its HELLO / HELLO_ACK (None if it did not say: hand-driven test peers)."""
-    limit = hello.get("max_message_bytes")
-    if limit is not None and (type(limit) is not int or limit < 1):
-        raise ProtocolError(f"{peer!r} sent max_message_bytes={limit!r} in its handshake")
+def _told_limit(hello: dict, peer: str, field: str, least: int) -> int | None:
+    """A limit the peer told in its HELLO / HELLO_ACK (`_limits_told`), an int >= `least` (None if it did not say:
+    hand-driven test peers)."""
+    limit = hello.get(field)
+    if limit is not None and (type(limit) is not int or limit < least):
+        raise ProtocolError(f"{peer!r} sent {field}={limit!r} in its handshake (an int >= {least} expected)")
     return limit
+
+
+def _peer_limit(hello: dict, peer: str) -> int | None:
+    """The peer's max_message_bytes (its largest message)."""
+    return _told_limit(hello, peer, "max_message_bytes", 1)
 
 
 def _peer_read_max(hello: dict, peer: str) -> int | None:
-    """The peer's max_read_bytes (its largest READ) from its HELLO / HELLO_ACK (None if it did not say)."""
-    limit = hello.get("max_read_bytes")
-    # (at least REPLY_COPY_MIN, as no endpoint of this version tells less: a peer telling 1 made `read` of 256 KiB
-    # 262,144 READs, 7.8 s and +566 MB)
-    if limit is not None and (type(limit) is not int or limit < REPLY_COPY_MIN):
-        raise ProtocolError(
-            f"{peer!r} sent max_read_bytes={limit!r} in its handshake (an int >= {REPLY_COPY_MIN} expected)"
-        )
-    return limit
+    """The peer's max_read_bytes (its largest READ): at least REPLY_COPY_MIN, as no endpoint of this version tells
+    less (a peer telling 1 made `read` of 256 KiB 262,144 READs, 7.8 s and +566 MB)."""
+    return _told_limit(hello, peer, "max_read_bytes", REPLY_COPY_MIN)
 
 
 def _version_refusal(data: bytes) -> int | None:
@@ -1568,6 +1568,10 @@ class TcpTransport(Transport):
             "the live connection set stays until the peer closes it or its transfers time out"
         )
 
+    def _limits_told(self) -> dict[str, int]:
+        """What every HELLO / HELLO_ACK tells the peer of this endpoint's limits (`_peer_limit`, `_peer_read_max`)."""
+        return {"max_message_bytes": self.max_message_bytes, "max_read_bytes": self.reply_copy_max}
+
     def _client_handshake(
         self, sock: socket.socket, peer: str, session: str, stream: str, timeout: float
     ) -> tuple[int | None, str | None, dict]:
@@ -1584,8 +1588,7 @@ class TcpTransport(Transport):
                 "stream": stream,
                 "nonce": nonce.hex(),
                 "auth": self.secret is not None,
-                "max_message_bytes": self.max_message_bytes,
-                "max_read_bytes": self.reply_copy_max,
+                **self._limits_told(),
                 "instance": self.instance,
             }
         ).encode()
@@ -1813,8 +1816,7 @@ class TcpTransport(Transport):
                         "auth": True,
                         "nonce": nonce.hex(),
                         "proof": proof,
-                        "max_message_bytes": self.max_message_bytes,
-                        "max_read_bytes": self.reply_copy_max,
+                        **self._limits_told(),
                     },
                 )
                 step = min(end, time.monotonic() + self._step_s)  # the client's AUTH: one round trip away
@@ -1845,8 +1847,7 @@ class TcpTransport(Transport):
                 self_ack = {
                     "name": self.name,
                     "auth": False,
-                    "max_message_bytes": self.max_message_bytes,
-                    "max_read_bytes": self.reply_copy_max,
+                    **self._limits_told(),
                     **told,
                 }
                 if stream == PROBE:
