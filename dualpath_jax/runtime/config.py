@@ -867,16 +867,19 @@ def endpoints_get_run_secret(cfg: RuntimeConfig) -> bool:
     engine's host buffer and send it messages."""
     if cfg.launcher == "ray" or cfg.netns:
         return True
-    if "secret" in cfg.transport_options or cfg.transport == "inproc":
-        return False
-    return cfg.transport in ("tcp", "rdma") or _takes_secret(cfg.transport)
+    return "secret" not in cfg.transport_options and _takes_secret(cfg.transport)
 
 
 def _takes_secret(backend: str) -> bool:
-    """The registered transport class `backend` names a `secret` parameter (False: unknown, or no signature)."""
+    """The transport `backend` proves a secret at connect: tcp, rdma, or a registered class of one's own that names a
+    `secret` parameter (False: inproc, unknown, or no signature)."""
     from dualpath_jax.checks import keyword_fit
     from transport import TRANSPORTS
 
+    if backend in ("tcp", "rdma"):
+        return True
+    if backend == "inproc":
+        return False
     try:
         cls = TRANSPORTS.get(backend)
     except KeyError:
@@ -917,8 +920,7 @@ def _validate_transport_options(cfg: RuntimeConfig, cls) -> None:
             f"({', '.join(given)})"
         )
     secret = opts.get("secret")
-    takes = cfg.transport in ("tcp", "rdma") or cfg.transport != "inproc" and _takes_secret(cfg.transport)
-    if takes and "secret" in opts and not (isinstance(secret, (str, bytes)) and secret):
+    if _takes_secret(cfg.transport) and "secret" in opts and not (isinstance(secret, (str, bytes)) and secret):
         raise ConfigError(
             f"config.transport_options secret={secret!r}: a secret must be a non-empty string; leave it out and the "
             "launcher gives every endpoint the run's own"
