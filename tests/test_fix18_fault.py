@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -253,6 +254,7 @@ def test_a_hung_node_process_is_killed_after_the_run_not_the_job(monkeypatch, ca
     cluster = LocalCluster.__new__(LocalCluster)  # (its node processes without a model: one that never ends a run)
     cluster.groups, cluster.netns, cluster.failures = [GroupSpec(1, "decode", [1])], False, {}
     cluster.procs, cluster.conns, cluster._busy = {1: hung}, {1: parent}, {1}
+    cluster._recv_lock = threading.Lock()
     monkeypatch.setattr(LocalCluster, "END_TIMEOUT_S", 0.2)
     try:
         with caplog.at_level(logging.WARNING):

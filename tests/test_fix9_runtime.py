@@ -4,6 +4,7 @@ NaN params refused whatever their dtype, Qwen2's num_key_value_heads read as HF 
 from __future__ import annotations
 
 import json
+import threading
 
 import jax
 import numpy as np
@@ -190,6 +191,7 @@ def test_a_node_process_whose_run_raised_is_an_error_not_a_dead_node(monkeypatch
     launcher.procs[0].is_alive = lambda: True
     launcher._running = {0, 1, 2, 3, 4}  # node 5 died in an earlier run of the session
     launcher.session, launcher._reports, launcher._whys = None, {}, {}  # (no session, no error reported)
+    launcher._recv_lock = threading.Lock()
     assert list(launcher.errors) == [4] and "node4 exited with code 1" in str(launcher.errors[4])
     service = types.SimpleNamespace(dead_nodes=set(), book=types.SimpleNamespace(done=False))
     with pytest.raises(RunFailed, match=r"node 4 failed: .*exited with code 1: its run raised"):

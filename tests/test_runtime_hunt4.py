@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import types
 
 import pytest
@@ -157,7 +158,7 @@ def test_a_session_node_process_dead_before_a_run_is_left_out_of_it():
     cluster = LocalCluster.__new__(LocalCluster)  # (no processes spawned: stand-ins)
     cluster.groups, cluster._busy = groups, set()
     cluster.procs = {0: types.SimpleNamespace(is_alive=lambda: True), 1: types.SimpleNamespace(is_alive=lambda: False)}
-    cluster.conns = {0: live_parent, 1: dead_parent}
+    cluster.conns, cluster._recv_lock = {0: live_parent, 1: dead_parent}, threading.Lock()
     cluster.begin(groups, "run")
     assert live_child.recv() == "run" and cluster._busy == {0}
     assert cluster.finished(1) and not cluster.finished(0)

@@ -626,8 +626,6 @@ class LocalProcessLauncher:
     processes (their models stay compiled between runs, so runs compare policies, not compile times).
     """
 
-    _recv_lock = threading.Lock()  # (a class default too: a stand-in made without __init__, as tests do, has it)
-
     name = "local"
 
     def __init__(self, cfg: RuntimeConfig, session: LocalCluster | None = None):
@@ -780,8 +778,7 @@ class LocalCluster:
     """
 
     END_TIMEOUT_S = 15.0  # how long a node process may take to end its run once the run is over (`end`)
-    _closed = False  # (class defaults too: a stand-in made without __init__, as tests do, has them)
-    _recv_lock = threading.Lock()
+    _closed = False  # (`close`)
 
     def __init__(self, groups: Sequence[GroupSpec], netns: bool = False):
         """`netns`: each process joins its node's network namespace (runs of it need `config.netns`)."""
@@ -792,7 +789,6 @@ class LocalCluster:
         self._busy: set[int] = set()
         self.failures: dict[int, str] = {}  # node -> the error its process reported before it exited
         self._recv_lock = threading.Lock()  # (`_poll`: the driver's thread and the scheduler's, `exit_reason`)
-        self._closed = False
         ctx = mp.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         for g in self.groups:
