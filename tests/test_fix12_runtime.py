@@ -32,6 +32,8 @@ from dualpath_jax.runtime import driver
 from experiments import parse_flags_or_exit
 
 module, results_dir, interrupt = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+extra = sys.argv[4:]  # more flags of the job's (out of sys.argv until the job is imported: an override flag seen
+del sys.argv[4:]  # there at import is defined then, and again when parsed: "defined twice")
 
 def fake_run(cfg, ts, **kw):
     if interrupt:
@@ -51,7 +53,7 @@ else:
     from experiments import bench_runtime as job
     job._plot = lambda out, path: None
     flags += ["--skip_sim", "--skip_overhead"]
-sys.argv = [sys.argv[0], *flags]
+sys.argv = [sys.argv[0], *flags, *extra]
 app.run(job.main, flags_parser=parse_flags_or_exit)
 """
 

@@ -1,7 +1,9 @@
-"""Session 44, the lead's fixes: a turn that generates 0 tokens (3 of 5,116 requests of the kv-cache-tester traces)
-has no first token: the simulator stamps none, and TTFT, its "no first token" count and the SLO leave it out."""
+"""Session 44, the lead's fixes: a turn that generates 0 tokens has no first token; the driver keeps the last model
+ops; the compilation cache bounded (and still filling); a closed LocalCluster; an interrupted run names its kept
+store; simulate.main turns the collector back on."""
 
 import math
+import os
 
 from dualpath_jax import metrics
 from dualpath_jax.sim import load_sim_config
@@ -45,7 +47,6 @@ def test_driver_prepare_reuses_the_last_model_ops_of_the_same_model(tmp_path, ba
     instead of 0.3 s, +8-30 MB a run): `prepare` keeps the last ops for the same model, seed, numerics and checkpoint
     files; another model, seed, a rewritten checkpoint or `release_model()` gets new ones."""
     import dataclasses
-    import os
 
     import conftest
 
@@ -118,8 +119,6 @@ def test_a_closed_local_cluster_holds_no_descriptors(base):
     """`LocalCluster.close()` left each node's pipe end and its Process's sentinel pipe open until the object was
     collected (soak audit: +3 descriptors per node for every closed session a caller keeps); a second close (`with`
     after an explicit one) is a no-op."""
-    import os
-
     from dualpath_jax.runtime import driver
     from dualpath_jax.runtime.launcher import LocalCluster
 
@@ -141,38 +140,13 @@ def test_a_closed_local_cluster_holds_no_descriptors(base):
         cluster.launcher(base.replace(launcher="local"))
 
 
-_STUB_INTERRUPTED_WITH_A_KEPT_STORE = """
-import sys, types
-from absl import app
-from dualpath_jax.runtime import driver
-from experiments import parse_flags_or_exit
-
-def fake_run(cfg, ts, **kw):
-    raise KeyboardInterrupt  # Ctrl-C in the first run: the warm-up
-
-driver.prepare = lambda cfg, *a, **k: ([types.SimpleNamespace(turns=[0, 1])] * 8, None)
-driver.measure_prefill_tokens_per_s = lambda ops, cfg, *a, **k: 1000.0
-driver.run = fake_run
-from experiments import run as job
-sys.argv = [sys.argv[0], "--config=configs/tiny_runtime.py:test", "--config.results_dir=" + sys.argv[1],
-            "--config.runtime.store_dir=" + sys.argv[2], "--config.warmup=True", "--config.policies=basic"]
-app.run(job.main, flags_parser=parse_flags_or_exit)
-"""
-
-
 def test_an_interrupted_run_names_the_kv_store_it_keeps(tmp_path):
     """Interrupted before any policy finished, with a kept runtime.store_dir: it said "nothing written" while the
     run's fresh store subdirectory stays (the soak audit: 81-100 blocks, consistent and reusable): it names it."""
-    import os
-    import subprocess
-    import sys
+    from test_fix12_runtime import _STUB_WARMUP_INTERRUPTED, _launch
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results, store = tmp_path / "results", tmp_path / "store"
-    out = subprocess.run(
-        [sys.executable, "-c", _STUB_INTERRUPTED_WITH_A_KEPT_STORE, str(results), str(store)],
-        cwd=repo, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": repo}, check=False,
-    )  # fmt: skip
+    out = _launch("-c", _STUB_WARMUP_INTERRUPTED, "run", str(results), "1", f"--config.runtime.store_dir={store}")
     assert out.returncode == 1, out.stderr[-2000:]
     (kept,) = os.listdir(store)
     last = out.stderr.rstrip().splitlines()[-1]
@@ -181,7 +155,7 @@ def test_an_interrupted_run_names_the_kv_store_it_keeps(tmp_path):
     ), last
 
 
-_MAIN_TWICE = """
+_SIMULATE_MAIN_IN_PROCESS = """
 import gc, sys
 from absl import flags
 from experiments import simulate
@@ -192,20 +166,12 @@ print("gc enabled after main:", gc.isenabled())
 """
 
 
-def test_simulate_main_turns_the_collector_back_on():
+def test_simulate_main_turns_the_collector_back_on(tmp_path):
     """`experiments.simulate.main` turned the cyclic garbage collector off for its run and never back on (the soak
     audit: a notebook calling it ran on without the collector)."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
+    from test_fix12_runtime import _launch
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryDirectory() as out_dir:
-        out = subprocess.run(
-            [sys.executable, "-c", _MAIN_TWICE, os.path.join(out_dir, "sim")],
-            cwd=repo, capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONPATH": repo}, check=False,
-        )  # fmt: skip
+    out = _launch("-c", _SIMULATE_MAIN_IN_PROCESS, str(tmp_path / "sim"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "gc enabled after main: True" in out.stdout
 
@@ -222,21 +188,15 @@ print("entries:", len(os.listdir(sys.argv[1])), "bound:", jax.config.jax_compila
 """
 
 
-def test_the_bounded_compilation_cache_stores_executables(tmp_path):
+def test_the_bounded_compilation_cache_stores_executables(tmp_path, monkeypatch):
     """The review of session 44: with the 4 GiB bound set, jax cached nothing at all where `filelock` is missing (it
     enforces a bound with it only; a tiny model's second start took 7.1 s instead of 2.5 s). filelock is a dependency
     now; without it the bound is dropped with a warning, and the cache still fills."""
-    import os
-    import subprocess
-    import sys
+    from test_fix12_runtime import _launch
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "DUALPATH_JAX_CACHE_MAX_BYTES"}
+    monkeypatch.delenv("DUALPATH_JAX_CACHE_MAX_BYTES", raising=False)
     for mode, bound in (("as-installed", 4 << 30), ("hide-filelock", -1)):
-        out = subprocess.run(
-            [sys.executable, "-c", _CACHE_FILLS, str(tmp_path / mode), mode],
-            cwd=repo, capture_output=True, text=True, timeout=120, env={**env, "PYTHONPATH": repo}, check=False,
-        )  # fmt: skip
+        out = _launch("-c", _CACHE_FILLS, str(tmp_path / mode), mode, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         entries = int(out.stdout.split("entries:")[1].split()[0])
         assert entries > 0 and f"bound: {bound}" in out.stdout, (mode, out.stdout, out.stderr[-1000:])
