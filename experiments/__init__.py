@@ -1070,6 +1070,14 @@ def _same_tokens(a, b) -> bool:
     return a is not None and b is not None and np.array_equal(a, b)
 
 
+def mode_styles(modes, largest: float) -> dict[str, dict]:
+    """Each mode's plot style, the same in every panel: a colour, a marker and its size, each marker smaller than the
+    one before from `largest` (equal values, e.g. SLO attainment 1.0 for every mode, showed only the last mode's)."""
+    return {
+        m: dict(color=f"C{i % 10}", marker="osD^v"[i % 5], ms=max(largest - 1.5 * i, 3)) for i, m in enumerate(modes)
+    }
+
+
 def mean_within(values) -> float:
     """The mean of `values` (not empty) kept within [min, max]: float rounding put the mean of equal values 1 ulp
     outside them (`[0.1] * 3`: 0.10000000000000002), and matplotlib refused the negative error bar that made (a sweep

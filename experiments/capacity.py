@@ -46,6 +46,7 @@ from experiments import (
     job_step,
     log_start,
     mode_items,
+    mode_styles,
     no_earlier_results_or_exit,
     pyplot_or_none,
     register_distinct,
@@ -300,9 +301,7 @@ def plot_capacity(rows: Sequence[dict], path: str) -> bool:
     fig, axes = plt.subplots(1, len(setups), figsize=(5.5 * len(setups), 4), squeeze=False)
     seeds = list(dict.fromkeys(r["seed"] for r in rows))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    colors = {m: f"C{i % 10}" for i, m in enumerate(modes)}
-    # a marker per mode, each smaller than the one before: equal attainments (1.0 at low APS) showed only the last mode
-    marks = {m: ("osD^v"[i % 5], max(8 - 1.5 * i, 3)) for i, m in enumerate(modes)}
+    style = mode_styles(modes, largest=8)
     styles = ("-", "--", ":", "-.")
     for ax, setup in zip(axes[0], setups, strict=True):
         mine = [r for r in rows if r["setup"] == setup]
@@ -312,13 +311,13 @@ def plot_capacity(rows: Sequence[dict], path: str) -> bool:
             label += f": {r['capacity']} APS"
             att = [math.nan if p["slo_attainment"] is None else p["slo_attainment"] for p in probes]
             ls = styles[seeds.index(r["seed"]) % len(styles)]
-            mk, size = marks[r["mode"]]
-            ax.plot([p["aps"] for p in probes], att, marker=mk, ms=size, ls=ls, color=colors[r["mode"]], label=label)
+            st = style[r["mode"]]
+            ax.plot([p["aps"] for p in probes], att, ls=ls, label=label, **st)
             missed = [(p["aps"], a) for p, a in zip(probes, att, strict=True) if not p["slo_met"]]
             if missed:  # a missed probe hollow
-                ax.plot(*zip(*missed, strict=True), ls="none", marker=mk, color="white", markersize=size / 2)
+                ax.plot(*zip(*missed, strict=True), ls="none", marker=st["marker"], color="white", ms=st["ms"] / 2)
             if r["capacity_aps"] is not None:
-                ax.axvline(r["capacity_aps"], color=colors[r["mode"]], linestyle="--", linewidth=1)
+                ax.axvline(r["capacity_aps"], color=st["color"], linestyle="--", linewidth=1)
         if not any(r["probe_results"] for r in mine):
             ax.text(0.5, 0.5, "no probe ran", transform=ax.transAxes, ha="center", va="center", color="gray")
         else:

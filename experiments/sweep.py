@@ -46,6 +46,7 @@ from experiments import (
     interrupted_by,
     mean_within,
     mode_items,
+    mode_styles,
     no_earlier_results_or_exit,
     own_flags,
     parse_flags_or_exit,
@@ -545,9 +546,7 @@ def plot_sweep(rows: Sequence[dict], path: str, extra: str = "") -> bool:
     setups = list(dict.fromkeys(r["setup"] for r in rows))
     metrics = plot_metrics(rows)
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    # each mode its own colour and marker, each marker smaller than the one before: equal values (SLO attainment
-    # 1.0 for every mode) showed only the last mode's line
-    style = {m: dict(color=f"C{i % 10}", marker="osD^v"[i % 5], ms=max(7 - 1.5 * i, 3)) for i, m in enumerate(modes)}
+    style = mode_styles(modes, largest=7)
     fig, axes = plt.subplots(len(setups), len(metrics), figsize=(4 * len(metrics), 3 * len(setups)), squeeze=False)
     for i, setup in enumerate(setups):
         mine = [r for r in rows if r["setup"] == setup]
