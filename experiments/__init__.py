@@ -945,6 +945,8 @@ def run_jobs(
 
     from tqdm import tqdm
 
+    from dualpath_jax import progress
+
     out: list = [None] * len(jobs)
     interrupted = (None, INTERRUPTED)
     moved = [0] * len(jobs)  # the bar steps each job made
@@ -960,7 +962,7 @@ def run_jobs(
         bar.update(steps - moved[i])
         moved[i] = steps  # (a worker's late step line is still written, the bar not moved past the job)
 
-    with tqdm(total=len(jobs) * steps, desc=desc, unit=unit, file=sys.stderr) as bar, logs_above_bars():
+    with progress.bar(total=len(jobs) * steps, desc=desc, unit=unit) as bar, logs_above_bars():
         if workers <= 1:
             for i, job in enumerate(jobs):
                 try:
@@ -1250,12 +1252,10 @@ def logs_above_bars():
 def turn_progress(label: str, trajectories):
     """A progress bar of a runtime run's finished turns (experiments.run, bench_runtime), log lines kept above it;
     yields `driver.run`'s `on_progress`."""
-    import sys
-
-    from tqdm import tqdm
+    from dualpath_jax import progress
 
     total = sum(len(t.turns) for t in trajectories)
-    with tqdm(total=total, desc=f"{label:>12}", unit="turn", file=sys.stderr) as bar, logs_above_bars():
+    with progress.bar(total=total, desc=f"{label:>12}", unit="turn") as bar, logs_above_bars():
         yield lambda done, total: bar.update(done - bar.n)
 
 
