@@ -27,7 +27,9 @@ Design:
 - settings: `device`, `ib_port`, `gid_index` (RoCE v2 usually needs an IP-based GID, not index 0) and a service
   level per priority class (`sl_high`, `sl_low`, set in each QP's address vector); `check_rdma_args` checks their
   types and ranges on any host, `check_rdma_device` the device, port (ACTIVE) and GID where a device exists,
-  both before anything is opened (`RdmaConfigError` names the argument);
+  both before anything is opened (`RdmaConfigError` names the argument); the control channel's handshake and
+  connection-set caps (`CONTROL_ARGS`: max_sets, handshake_step_s, ...) are passed to its `TcpTransport`, checked
+  first as well (`check_control_args`);
 - a notifying write sends `(tag, region, offset, length)` over the control channel once the RDMA WRITE
   completed (for RC, a successful completion means the responder acknowledged the data), so the receiver
   gets the same `Notification` as with the other backends. (WRITE_WITH_IMM would save that message but
@@ -168,6 +170,44 @@ def check_rdma_args(
     }
 
 
+# The control channel's (`TcpTransport`'s) settings an rdma endpoint takes and passes on: its handshakes and connection
+# sets serve the peers' control connections as a tcp endpoint's do. (Not reply_copy_max_bytes: the control channel
+# serves no TCP READ, it has no region; RDMA READs are served by the NIC, which copies nothing.)
+CONTROL_ARGS = ("handshake_timeout_s", "max_sets", "max_sets_per_peer", "max_pending_handshakes", "handshake_step_s")
+
+
+def check_control_args(
+    name: str = "x",
+    handshake_timeout_s: float = 5.0,
+    max_sets: int | None = None,
+    max_sets_per_peer: int | None = None,
+    max_pending_handshakes: int | None = None,
+    handshake_step_s: float | None = None,
+) -> dict[str, Any]:
+    """The control channel's settings (`CONTROL_ARGS`) checked as `TcpTransport` checks them, with no device and
+    nothing opened; returns them as its keyword arguments (None: tcp's default). `RdmaConfigError` names the
+    argument."""
+    from transport.tcp import _check_caps
+
+    t = handshake_timeout_s  # (a socket timeout of inf is an OverflowError; NaN never times out)
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < t < float("inf"):
+        raise RdmaConfigError(
+            "handshake_timeout_s", f"rdma: handshake_timeout_s must be > 0 seconds and finite, got {t!r}"
+        )
+    caps = {
+        "max_sets": max_sets,
+        "max_sets_per_peer": max_sets_per_peer,
+        "max_pending_handshakes": max_pending_handshakes,
+        "handshake_step_s": handshake_step_s,
+    }
+    for arg, value in caps.items():  # (one at a time: the error names its argument)
+        try:
+            _check_caps(name, None, *(value if a == arg else None for a in caps))
+        except ValueError as e:
+            raise RdmaConfigError(arg, "rdma: " + str(e).removeprefix(f"tcp transport {name!r}: ")) from None
+    return {"handshake_timeout_s": float(t), **caps}
+
+
 def _gid_is_zero(gid: str) -> bool:
     try:
         return int(str(gid).replace(":", ""), 16) == 0
@@ -305,7 +345,9 @@ class RdmaTransport(Transport):
       that channel's TCP port, not the RDMA port. pacer: optional sender pacing. timeout_s: the control channel's
       liveness timeout, and how long a post waits for a send-queue slot or a completion-queue entry before the peer
       is declared lost (`PeerLostError`). chunk_bytes: largest single work request. max_send_wr: outstanding work
-      requests per QP.
+      requests per QP. handshake_timeout_s, max_sets, max_sets_per_peer, max_pending_handshakes, handshake_step_s:
+      the control channel's, as `TcpTransport`'s (`CONTROL_ARGS`; `config.transport_options` sets them for a run).
+      Its reply_copy_max_bytes does not apply (the control channel serves no TCP read) and is not taken.
 
     Bad settings are `RdmaConfigError`s naming the argument: types and ranges are checked first (on any host),
     then the device, port (must be ACTIVE) and GID (`check_rdma_device`).
@@ -328,11 +370,19 @@ class RdmaTransport(Transport):
         timeout_s: float = 30.0,
         chunk_bytes: int = 16 << 20,
         max_send_wr: int = 256,
+        handshake_timeout_s: float = 5.0,
+        max_sets: int | None = None,
+        max_sets_per_peer: int | None = None,
+        max_pending_handshakes: int | None = None,
+        handshake_step_s: float | None = None,
     ):
         args = check_rdma_args(device, ib_port, gid_index, sl_high, sl_low, chunk_bytes, max_send_wr)
         # (NaN too; inf was an OverflowError at the first post: the send-queue waits take it as their timeout)
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not 0 < timeout_s < float("inf"):
             raise RdmaConfigError("timeout_s", f"rdma: timeout_s must be > 0 seconds and finite, got {timeout_s}")
+        control_args = check_control_args(
+            name, handshake_timeout_s, max_sets, max_sets_per_peer, max_pending_handshakes, handshake_step_s
+        )
         from transport.tcp import TcpTransport, is_loopback
 
         if not is_loopback(host) and not secret:  # (the control channel's rule, checked before the device is open)
@@ -354,7 +404,7 @@ class RdmaTransport(Transport):
         self.chunk_bytes, self.max_send_wr, self.timeout_s = args["chunk_bytes"], args["max_send_wr"], timeout_s
         self.ctx = d.Context(name=device)
         try:
-            self._open(name, host, port, secret, pacer, TcpTransport)
+            self._open(name, host, port, secret, pacer, TcpTransport, control_args)
         except BaseException:
             # (a failure part way, e.g. the control channel's port in use, left the context, PD and CQ open)
             self._closed = True  # (stops a poller that started)
@@ -369,8 +419,9 @@ class RdmaTransport(Transport):
                         obj.close()
             raise
 
-    def _open(self, name, host, port, secret, pacer, TcpTransport) -> None:  # noqa: N803 - the class, passed in
-        """The rest of the constructor: PD, CQ, the control channel and the threads (closed again on failure)."""
+    def _open(self, name, host, port, secret, pacer, TcpTransport, control_args) -> None:  # noqa: N803 - the class
+        """The rest of the constructor: PD, CQ, the control channel (with `control_args`, `check_control_args`) and the
+        threads (closed again on failure)."""
         from pyverbs.cq import CQ
         from pyverbs.pd import PD
 
@@ -397,6 +448,7 @@ class RdmaTransport(Transport):
             secret=secret,
             timeout_s=self.timeout_s,
             max_message_bytes=MAX_MESSAGE_BYTES + len(_USER),
+            **control_args,
         )
         self.control.on_message = self._on_control
         self.control.on_peer_lost = self._on_control_lost

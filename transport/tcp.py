@@ -42,10 +42,11 @@ already on its way). A lone write, or the last of a burst, is acknowledged as so
 Protocol version 5 (2 added batched acknowledgements, 3 write batches, 4 FLAG_MORE, 5 the instance id after the
 proof, max_read_bytes); a peer of another version is refused at connect, naming both versions (a server answers its
 HELLO with an error HELLO_ACK in its own version; a version-4 server closes without a word, which the client's
-error names as a possible cause). The handshake (HELLO / HELLO_ACK, JSON) also tells each side the other's
-`max_message_bytes`: a `send` larger than the peer's raises `TransportError` at once instead of making the peer
-close the set; and its `max_read_bytes` (its `reply_copy_max_bytes`): a `read` larger than that goes as several
-READs of at most that many bytes, back to back (a READ frame above it closes the set, naming the sizes).
+error names as a possible cause after SILENT_DROP_TRIES quick tries). The handshake (HELLO / HELLO_ACK, JSON) also
+tells each side the other's `max_message_bytes`: a `send` larger than the peer's raises `TransportError` at once
+instead of making the peer close the set; and its `max_read_bytes` (its `reply_copy_max_bytes`): a `read` larger
+than that goes as several READs of at most that many bytes, back to back (a READ frame above it closes the set,
+naming the sizes).
 
 Everything a peer sends is validated (magic, version, header checksum, op, region id, bounds against the
 registered region's size, message size limits); a bad frame closes *that* connection set with a logged
@@ -69,7 +70,8 @@ set) is told before the client's proof; a HELLO for another endpoint name is ref
 MAX_PENDING_HANDSHAKES handshakes run at once (MAX_PENDING_PER_ADDRESS from one other host), each step (HELLO, AUTH)
 within HANDSHAKE_STEP_S; with all taken, a new connection waits for one in arrival order, so a flood of idle or
 trickling connections delays a peer by about a step instead of locking it out, and a client whose connection is
-dropped unanswered tries again within its connect timeout.
+dropped for want of a slot is told so ("busy") and tries again within its connect timeout (one dropped without a word
+is given up after a few quick tries: no tcp transport of this version there).
 
 Liveness: a peer that dies (its sockets reset or close) fails the pending transfers at once with
 `PeerLostError`, a read whose reply it cut off mid-payload included; a peer that stops answering without closing
@@ -209,6 +211,10 @@ REPLY_COPY_MIN = 64 << 10  # the smallest reply_copy_max_bytes (less would split
 # (These caps are the defaults of the TcpTransport arguments reply_copy_max_bytes, max_sets, max_sets_per_peer,
 # max_pending_handshakes and handshake_step_s; `config.transport_options` sets those for a run.)
 MSG_STEP = 1 << 20  # a message buffer grows by at least this much as its bytes arrive (not allocated up front)
+# Tries of a `connect` whose server closes the connection without answering its HELLO (no tcp transport of this
+# version: it is up, so waiting does not help); a server short of handshake slots answers "busy" (`_drop_busy`) and
+# is tried until the connect timeout
+SILENT_DROP_TRIES = 3
 CLOSE_GRACE_S = 1.0  # `close` waits this long for peers to close their ends before it cuts the connections
 
 
@@ -218,6 +224,10 @@ class ProtocolError(TransportError):
 
 class _CleanEOF(PeerLostError):
     """The peer closed the connection at a frame boundary."""
+
+
+class _Busy(TransportError):
+    """The server had no handshake slot for this connection and said so (`_drop_busy`): `connect` tries again."""
 
 
 _HEADER_BODY = struct.Struct(HEADER.format[:-1])  # the 44 bytes the checksum covers
@@ -636,6 +646,21 @@ class _Copied:
         if n:
             self.conn._release(n)
         return True
+
+
+def _drop_busy(sock: socket.socket, why: str) -> None:
+    """Close a connection this endpoint has no handshake slot for, telling the client so first: an error HELLO_ACK
+    with "busy" (sent without waiting: it fits the empty socket buffer), which the client's `connect` tries again
+    within its timeout. (A connection closed without a word is what an endpoint of another protocol version, or no
+    dualpath endpoint, does: the client gives that up at once.) What of the HELLO arrived is read first: the close then
+    sends no reset (Linux keeps the answer readable after one, other systems may drop it)."""
+    data = json.dumps({"error": f"busy: {why}", "busy": True}).encode()
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):  # (nothing there yet: BlockingIOError)
+            sock.recv(HEADER.size + HANDSHAKE_MAX)
+        sock.send(pack_header(OP_HELLO_ACK, length=len(data)) + data)
+    sock.close()
 
 
 def _cut(sock: socket.socket) -> None:
@@ -1462,8 +1487,10 @@ class TcpTransport(Transport):
         ours any more (it dropped it: `disconnect`, its watchdog; our reader has not seen the reset yet), after our
         sets to it are dropped. A live set this endpoint opened to *another*
         address raises `TransportError` naming both (it was silently kept and the new address ignored): the old set
-        stays until the peer closes it or its pending transfers time out. A connection the server drops before the
-        handshake finished (short of handshake slots under a flood) is tried again with backoff within `timeout`."""
+        stays until the peer closes it or its pending transfers time out. A connection the server refuses as busy (short
+        of handshake slots under a flood) is tried again with backoff within `timeout`; one it closes without an answer
+        (another protocol version, or no dualpath tcp transport there) after SILENT_DROP_TRIES quick tries at most,
+        and the error names those causes. (A refused TCP connection, nothing listening there, fails at once.)"""
         self._check_open()
         if not isinstance(address, (tuple, list)) or len(address) != 2:
             raise TypeError(f"{self.name}: the address of {peer!r} must be (host, port), got {address!r}")
@@ -1496,11 +1523,12 @@ class TcpTransport(Transport):
         with self._lock:  # (the peer already holds this set while we finish it: a probe of it is told so)
             self._connecting[peer] += 1
         try:
-            # A server that drops the connection before its handshake finished (no answer, no refusal) is likely short
-            # of handshake slots (a flood of connections that never authenticate): tried again, with backoff, for
-            # as long as `timeout` (10 s if None) allows.
+            # A server short of handshake slots (a flood of connections that never authenticate) says so ("busy"):
+            # tried again, with backoff, for as long as `timeout` (10 s if None) allows. One that closes the connection
+            # without an answer is no tcp transport of this version (one of version 4 or older does so): given up after
+            # SILENT_DROP_TRIES quick tries (it took the whole timeout, 10 s by default, before saying so).
             start = time.monotonic()
-            give_up, delay, tries = start + (10.0 if timeout is None else timeout), 0.05, 1
+            give_up, delay, tries, silent = start + (10.0 if timeout is None else timeout), 0.05, 1, 0
             while True:
                 session = os.urandom(8).hex()
                 socks: dict[str, socket.socket] = {}
@@ -1515,22 +1543,31 @@ class TcpTransport(Transport):
                 except BaseException as e:
                     for s in socks.values():
                         s.close()
+                    busy = isinstance(e, _Busy)
                     dropped = isinstance(e, (_CleanEOF, ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
-                    if dropped and not self.closed and time.monotonic() + delay < give_up:
+                    silent += dropped
+                    again = busy or dropped and silent < SILENT_DROP_TRIES
+                    if again and not self.closed and time.monotonic() + delay < give_up:
                         time.sleep(delay)
                         delay, tries = min(1.0, delay * 2), tries + 1
                         continue
-                    if isinstance(e, TransportError) and not dropped:
+                    if isinstance(e, TransportError) and not (dropped or busy):
                         raise
-                    why = (
-                        f" (it dropped the connection before the handshake finished, {tries} tries in "
-                        f"{time.monotonic() - start:.1f} s: too many pending handshakes there? a flood of connections "
-                        "that never authenticate holds them; or it speaks another protocol version: this endpoint "
-                        f"speaks {VERSION}, and one of version 4 or older closes without an answer, logging "
-                        f"'unsupported protocol version {VERSION}'; its log says)"
-                        if dropped
-                        else ""
-                    )
+                    took = f"{tries} tries in {time.monotonic() - start:.1f} s"
+                    if busy:
+                        why = (
+                            f" ({took}: a flood of connections that never authenticate holds its handshake slots? "
+                            "its log says)"
+                        )
+                    elif dropped:
+                        why = (
+                            f" (it closed the connection without answering the handshake, {took}: it is no "
+                            "dualpath tcp transport, or it speaks another protocol version: this endpoint speaks "
+                            f"{VERSION}, and one of version 4 or older closes without an answer, logging "
+                            f"'unsupported protocol version {VERSION}'; its log says)"
+                        )
+                    else:
+                        why = ""
                     raise PeerLostError(f"{self.name}: cannot connect to {peer!r} at {host}:{port}: {e}{why}") from e
             self._add_peer(peer, socks, limit, (host, port), sockaddr, instance, read_max)
         finally:
@@ -1607,7 +1644,9 @@ class TcpTransport(Transport):
         if not isinstance(ack, dict):
             raise ProtocolError(f"{peer!r} answered the handshake with a HELLO_ACK that is not a JSON object")
         if ack.get("error"):
-            raise TransportError(f"{peer!r} refused the connection: {ack['error']}")
+            raise (_Busy if ack.get("busy") is True else TransportError)(
+                f"{peer!r} refused the connection: {ack['error']}"
+            )
         if ack.get("name") != peer:
             raise TransportError(f"endpoint at {sock.getpeername()} is {ack.get('name')!r}, expected {peer!r}")
         limit, instance = _peer_limit(ack, peer), _peer_instance(ack)
@@ -1676,10 +1715,10 @@ class TcpTransport(Transport):
                     source,
                     self.max_pending_per_address,
                 )
-                sock.close()
+                _drop_busy(sock, f"too many pending handshakes from {source} (max_pending_handshakes / 2)")
                 continue
             if not self._take_handshake_slot(addr):
-                sock.close()
+                _drop_busy(sock, "too many pending handshakes (max_pending_handshakes)")
                 continue
             t = threading.Thread(
                 target=self._serve_handshake, args=(sock, addr), daemon=True, name=f"tcp-{self.name}-handshake"
@@ -1697,7 +1736,7 @@ class TcpTransport(Transport):
                     self._handshaking.pop(t, None)
                     self._forget_source(source)
                     self._handshakes.release()
-                    sock.close()
+                    _drop_busy(sock, f"cannot start a handshake thread ({e})")
                     log.error("%s: dropping connection from %s: %s", self.name, addr, e)
 
     def _take_handshake_slot(self, addr: Any) -> bool:
