@@ -13,14 +13,25 @@
 
 All are optional: a machine without a C compiler installs the pure-Python package (a warning says so).
 `-ffp-contract=off` keeps a*b+c from becoming one rounded FMA, so compiled and Python results are equal.
+
+Each build records the sha256 of every built module's sources (.py, .pxd, .pyx) and of the built file in
+`_compiled_sources.json` beside it (per package directory; `dualpath_jax/compiled.py` reads it): a source that
+is only newer than the build, with the same bytes, does not make the build stale.
 """
 
+import hashlib
+import json
 import multiprocessing
 import os
 import platform
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+# dualpath_jax/compiled.py reads these records (SOURCES_RECORD, SOURCE_SUFFIXES there)
+_SOURCES_RECORD = "_compiled_sources.json"
+_SOURCE_SUFFIXES = (".py", ".pxd", ".pyx")
 
 _ARGS = ["-O2", "-ffp-contract=off"]
 _EXTENSIONS = [
@@ -43,6 +54,71 @@ _EXTENSIONS.append(
 )
 _DIRECTIVES = {"language_level": 3, "annotation_typing": False, "boundscheck": False, "wraparound": False}
 
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _module_sources(name: str) -> dict[str, str]:
+    """The sha256 of each source (.py, .pxd, .pyx) of the module `name`, by file name."""
+    stem = os.path.join(*name.split("."))
+    paths = [stem + s for s in _SOURCE_SUFFIXES if os.path.exists(stem + s)]
+    return {os.path.basename(p): _sha256(p) for p in paths}
+
+
+# the sources as cythonize reads them next (an edit during the build then shows as stale, not as built)
+_SOURCES = {ext.name: _module_sources(ext.name) for ext in _EXTENSIONS}
+
+
+class _RecordingBuildExt(build_ext):
+    """build_ext that records what each module was built from in `_compiled_sources.json` beside the built
+    file: in the package directories for `--inplace` and `pip install -e .`, in the build directory (so the
+    wheel) otherwise. A module whose build failed loses its entry (the times decide for it, as before)."""
+
+    def run(self):
+        self._built = set()
+        super().run()  # (for --inplace: builds in the build directory, then copies the built files over)
+        by_dir: dict[str, dict[str, dict | None]] = {}
+        for ext in self.extensions:
+            built = self.get_ext_fullpath(ext.name)  # where the built file is now (inplace again after run)
+            entry = None
+            if ext.name in self._built and os.path.exists(built):
+                entry = {
+                    "built": os.path.basename(built),
+                    "built_sha256": _sha256(built),
+                    "sources": _SOURCES[ext.name],
+                }
+            by_dir.setdefault(os.path.dirname(built), {})[ext.name.rsplit(".", 1)[-1]] = entry
+        for directory, entries in by_dir.items():
+            _write_record(os.path.join(directory, _SOURCES_RECORD), entries)
+
+    def build_extension(self, ext):
+        super().build_extension(ext)  # (an optional one that fails raises here: not recorded)
+        self._built.add(ext.name)
+
+
+def _write_record(path: str, entries: dict[str, dict | None]) -> None:
+    """Updates the record at `path` with `entries` (None: drop the module's entry), written whole, atomically."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    for module, entry in entries.items():
+        record.pop(module, None)
+        if entry is not None:
+            record[module] = entry
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 # cythonized and compiled in parallel: one at a time took ~80 s of the install on the 2-core dev VM, ~42 s on both
 _JOBS = os.cpu_count() or 1
 # (cythonize's worker processes re-import this script where they do not fork)
@@ -51,4 +127,4 @@ _MODULES = cythonize(_EXTENSIONS, compiler_directives=_DIRECTIVES, nthreads=_CYT
 for _ext in _MODULES:  # cythonize makes new Extension objects and drops `optional`: set it again
     _ext.optional = True
 
-setup(ext_modules=_MODULES, options={"build_ext": {"parallel": _JOBS}})
+setup(ext_modules=_MODULES, cmdclass={"build_ext": _RecordingBuildExt}, options={"build_ext": {"parallel": _JOBS}})

@@ -16,15 +16,21 @@ variable DUALPATH_PURE_PYTHON=1 to run the Python twins (debugging, or the same-
 benchmark; 0 or unset: the compiled modules; true/false, yes/no and on/off work too, any other value is an
 error at import); `status()` says which of them run.
 
-A compiled module whose source was edited after the build (its .py, .pxd or .pyx newer than the built file)
-would run the old code: `load` then runs the Python source instead and logs a warning saying to
-rebuild (`pip install -e .`, or `python setup.py build_ext --inplace`).
+A compiled module whose source was edited after the build would run the old code: `load` then runs the Python
+source instead and logs a warning saying to rebuild (`pip install -e .`, or `python setup.py build_ext
+--inplace`). Edited means a different content: setup.py records the sha256 of each module's sources (.py, .pxd,
+.pyx) and of the built file in `_compiled_sources.json` beside it, so a source that is only newer (a `cp` back,
+a `git checkout` or `git stash pop` that restores the same bytes, a save without change) keeps the compiled
+module. A build without that record (before it existed) falls back to the times: a source newer than the built
+file is an edit. `stale_modules()` says which built modules run as Python, and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import sys
 
@@ -59,14 +65,84 @@ def _source(built: str, module_name: str, suffix: str) -> str:
     return os.path.join(os.path.dirname(built), module_name.rsplit(".", 1)[-1] + suffix)
 
 
-def stale(module_name: str) -> bool:
-    """True when the module is compiled and one of its sources (.py, .pxd, .pyx) is newer than the built file."""
+# the compiled modules (setup.py's extensions)
+MODULES = (
+    "dualpath_jax.sim.simulator",
+    "dualpath_jax.sim.network",
+    "dualpath_jax.sim._heap",
+    "schedulers._dualpath",
+    "dualpath_jax.sim._csvrows",
+    "dualpath_jax.store._verify",
+)
+# setup.py's record of each build, one per package directory: {module: {"built": file name, "built_sha256": ...,
+# "sources": {file name: sha256}}} (the module's last name; the sources are the .py, .pxd, .pyx it has)
+SOURCES_RECORD = "_compiled_sources.json"
+SOURCE_SUFFIXES = (".py", ".pxd", ".pyx")
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes (hex); cached while its size and mtime stay the same."""
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _DIGESTS[key]
+
+
+def _build_record(built: str, module_name: str) -> dict | None:
+    """setup.py's record of the build of `module_name` beside `built`; None where there is none (a build before
+    records, or one whose build of this module failed) or it is unreadable."""
+    try:
+        with open(os.path.join(os.path.dirname(built), SOURCES_RECORD)) as f:
+            record = json.load(f).get(module_name.rsplit(".", 1)[-1])
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("sources"), dict)
+    return record if ok else None
+
+
+def stale_reason(module_name: str) -> str:
+    """Why the module's build is older than its sources ('' when it is not, or the module is not compiled).
+
+    Only where a source (.py, .pxd, .pyx) is newer than the built file (5 s of slack: an installer may write the
+    sources a moment after it) are contents compared: with setup.py's record of the build, the sources are
+    edited when one differs from what was built (or one was added or removed); without it, newer is edited."""
     built = _built_file(module_name)
     if not built:
-        return False
-    sources = [p for p in (_source(built, module_name, s) for s in (".py", ".pxd", ".pyx")) if os.path.exists(p)]
-    # 5 s of slack: an installer may write the sources a moment after the built file (a wheel's extraction)
-    return any(os.path.getmtime(p) > os.path.getmtime(built) + 5.0 for p in sources)
+        return ""
+    sources = [p for p in (_source(built, module_name, s) for s in SOURCE_SUFFIXES) if os.path.exists(p)]
+    newer = [p for p in sources if os.path.getmtime(p) > os.path.getmtime(built) + 5.0]
+    if not newer:
+        return ""
+    names = ", ".join(os.path.basename(p) for p in newer)
+    record = _build_record(built, module_name)
+    if record is None:
+        return f"{names} newer than the build, which has no record of its sources ({SOURCES_RECORD})"
+    if record.get("built") != os.path.basename(built) or record.get("built_sha256") != file_sha256(built):
+        return f"{names} newer than the build, and {SOURCES_RECORD} records another build of it"
+    recorded = record["sources"]
+    edited = [os.path.basename(p) for p in sources if recorded.get(os.path.basename(p)) != file_sha256(p)]
+    gone = sorted(set(recorded) - {os.path.basename(p) for p in sources})
+    if edited or gone:
+        return "edited since the build: " + ", ".join(edited + [f"{n} (removed)" for n in gone])
+    return ""
+
+
+def stale(module_name: str) -> bool:
+    """True when the module is compiled and its sources were edited after the build (`stale_reason`)."""
+    return bool(stale_reason(module_name))
+
+
+def stale_modules() -> dict[str, str]:
+    """The compiled modules that run as their Python twins because their build is older than their sources,
+    with the reason (empty: none; DUALPATH_PURE_PYTHON=1 is not counted: the twins run on purpose)."""
+    if PURE_PYTHON:
+        return {}
+    reasons = {name: stale_reason(name) for name in MODULES}
+    return {name: why for name, why in reasons.items() if why}
 
 
 _WARNED: set[str] = set()
@@ -80,13 +156,15 @@ def use(module_name: str) -> bool:
     path = _built_file(module_name)
     if not path:
         return False
-    if stale(module_name):
+    why = stale_reason(module_name)
+    if why:
         if module_name not in _WARNED:
             _WARNED.add(module_name)
             logging.warning(
-                "%s: its source is newer than the compiled %s, so the Python twin runs instead (slower); "
-                "rebuild with `pip install -e .` or `python setup.py build_ext --inplace`",
+                "%s: %s, so its Python twin runs instead of the compiled %s (slower); rebuild with "
+                "`pip install -e .` or `python setup.py build_ext --inplace`",
                 module_name,
+                why,
                 path,
             )
         return False

@@ -307,6 +307,8 @@ def _main(argv: Sequence[str]) -> None:
         "results written in %.1f CPU-s; process CPU so far %.1f s", time.process_time() - cpu1, time.process_time()
     )
     print("wrote", ", ".join(paths.values()))
+    for module, why in compiled.stale_modules().items():  # (the log's warning scrolls away in a long run's log)
+        print(f"note: {module} ran as its Python twin, slower ({why}); rebuild with `pip install -e .`")
 
 
 if __name__ == "__main__":

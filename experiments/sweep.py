@@ -890,6 +890,10 @@ def _write_results(
     print_table([cols, *([_fmt(r.get(k)) for k in cols] for r in safe)])
     for slo in dict.fromkeys(r["slo"] for r in safe if r.get("slo")):  # (which SLO; its window starts at warm-up)
         print(f"note: slo_attainment / slo_met judge the SLO {slo} (each row's `slo` column)")
+    from dualpath_jax import compiled  # (the cells' processes import the same files)
+
+    for module, why in compiled.stale_modules().items():
+        print(f"note: {module} ran as its Python twin, slower ({why}); rebuild with `pip install -e .`")
     seeds = len({c[4] for c in cells})  # (--seeds; a failed cell's row has no seed of the config's own)
     mean_path = os.path.join(_OUTPUT_DIR.value, "sweep_mean.csv")
     if seeds > 1:

@@ -588,16 +588,24 @@ def test_a_stale_build_runs_the_python_source(monkeypatch):
     """network.py edited after the build: the simulator runs the edited source, not the old compiled code."""
     if not compiled.status()["network"]:
         pytest.skip("network.py is not compiled in this install")
-    real_mtime = os.path.getmtime
+    real_mtime, real_sha256 = os.path.getmtime, compiled.file_sha256
 
-    def mtime(path):  # the sources look edited after the build
+    def mtime(path):  # the sources look edited after the build: newer ...
         return real_mtime(path) + (1e6 if path.endswith((".py", ".pxd")) else 0.0)
 
+    def sha256(path):  # ... and other bytes than the build's record says (setup.py's _compiled_sources.json)
+        return "edited" if path.endswith((".py", ".pxd")) else real_sha256(path)
+
     monkeypatch.setattr(os.path, "getmtime", mtime)
+    monkeypatch.setattr(compiled, "file_sha256", sha256)
     assert compiled.stale("dualpath_jax.sim.network")
     assert not compiled.use("dualpath_jax.sim.network")
     mod = compiled.load("dualpath_jax.sim.network")
     assert mod.__file__.endswith("network.py") and mod.__name__ == "dualpath_jax.sim.network_py"
+    monkeypatch.setattr(compiled, "file_sha256", real_sha256)
+    assert compiled.use("dualpath_jax.sim.network") == os.path.exists(  # only newer, same bytes: compiled
+        os.path.join(os.path.dirname(compiled._built_file("dualpath_jax.sim.network")), compiled.SOURCES_RECORD)
+    )
     monkeypatch.setattr(os.path, "getmtime", real_mtime)
     assert compiled.use("dualpath_jax.sim.network")  # rebuilt (here: real times again): compiled again
 
