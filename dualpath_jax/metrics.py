@@ -1,7 +1,8 @@
 """One metrics schema for the runtime and the simulator (DESIGN.md "Metrics").
 
-Both fill `TurnRecord`s (per-turn timestamps, in seconds from the run start) and `LinkBytes` samples
-(per-link bytes over time), so a real run and its simulation are compared field by field.
+Both fill `TurnRecord`s (per-turn timestamps, in seconds from the run start; the simulator as columns, a
+`TurnTable`, which reads as TurnRecords) and `LinkBytes` samples (per-link bytes over time), so a real run and its
+simulation are compared field by field.
 
 The files (`read_turns` / `read_links` read both kinds back): the simulator's turns.csv (one row per turn, the
 `TurnRecord` fields as columns; an unreached timestamp, e.g. a 1-token turn's second_token, is `nan`) and links.csv
@@ -21,6 +22,7 @@ import json
 import math
 import numbers
 import operator
+from array import array
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -70,6 +72,116 @@ class TurnRecord:
         return (self.finished - self.first_token) / (self.gen_tokens - 1)
 
 
+_TURN_FIELDS = tuple(f.name for f in dataclasses.fields(TurnRecord))
+# a TurnTable's C column types: "d" the float fields (timestamps), "q" the int ones; read_side a list of str
+_TURN_CODES = {f.name: {"float": "d", "int": "q"}.get(f.type) for f in dataclasses.fields(TurnRecord)}
+# (the fields `TurnTable.add` sets have no default: 0 / NaN until it does)
+_TURN_DEFAULTS = tuple(
+    f.default if f.default is not dataclasses.MISSING else {"int": 0, "float": math.nan}[f.type]
+    for f in dataclasses.fields(TurnRecord)
+)
+
+
+def _unreached(v):
+    """`math.nan` itself for a NaN stamp, as a TurnRecord's default holds (records compared as tuples are equal)."""
+    return math.nan if v != v else v
+
+
+class TurnTable(Sequence):
+    """The simulator's `TurnRecord`s as columns, one row per turn (`Simulator.records`, `SimResult.records`): a float
+    field is an `array("d")`, an int field an `array("q")` (a value that is no int64, e.g. a workload's 100.0 tokens
+    or a numpy id, turns its column into a list, so it is kept as given), `read_side` a list of str: 152 B a turn,
+    where a TurnRecord with its boxed floats and ints took ~590 B (a paper-scale run has 3.3 M turns).
+
+    As a sequence it gives TurnRecords, made one at a time on reading (`table[i]`, iteration): copies, so writing to
+    one changes nothing here. Each field's column is the attribute of its name (`table.finished[i]`: how the
+    simulator stamps a turn), up to `len(table)` rows (`capacity` preallocates more); `column`, `rows` read them
+    without making records."""
+
+    __slots__ = ("_n", *_TURN_FIELDS)
+
+    def __init__(self, capacity: int = 0):
+        self._n = 0
+        self._grow(max(int(capacity), 0))
+
+    def _grow(self, extra: int) -> None:
+        for name, code, default in zip(_TURN_FIELDS, _TURN_CODES.values(), _TURN_DEFAULTS, strict=True):
+            col = getattr(self, name, None)
+            more = [default] * extra
+            if col is None:
+                col = array(code, more) if code else more
+            else:
+                col.extend(more)
+            setattr(self, name, col)
+
+    def add(self, trajectory_id, turn_index, prompt_tokens, hit_tokens, gen_tokens, arrival: float) -> int:
+        """A new turn's row (the rest of its fields at TurnRecord's defaults: NaN, -1, 0, ""); returns its index."""
+        i = self._n
+        if i == len(self.arrival):
+            self._grow(max(i, 1024))
+        self._n = i + 1
+        self.arrival[i] = arrival
+        for name, v in (
+            ("trajectory_id", trajectory_id),
+            ("turn_index", turn_index),
+            ("prompt_tokens", prompt_tokens),
+            ("hit_tokens", hit_tokens),
+            ("gen_tokens", gen_tokens),
+        ):
+            col = getattr(self, name)
+            if type(v) is not int and type(col) is array:  # (a float or numpy value: kept as given, as TurnRecord does)
+                col = list(col)
+                setattr(self, name, col)
+            try:
+                col[i] = v
+            except OverflowError:  # past int64
+                col = list(col)
+                col[i] = v
+                setattr(self, name, col)
+        return i
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _columns(self) -> list:
+        n = self._n
+        return [itertools.islice(getattr(self, name), n) for name in _TURN_FIELDS]
+
+    def __iter__(self):
+        cols = self._columns()
+        for k, name in enumerate(_TURN_FIELDS):
+            if _TURN_CODES[name] == "d":
+                cols[k] = map(_unreached, cols[k])
+        return map(TurnRecord, *cols)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        i = operator.index(i)
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"turn {i} out of range: the table has {self._n} turns")
+        return TurnRecord(*[_unreached(getattr(self, name)[i]) for name in _TURN_FIELDS])
+
+    def rows(self):
+        """Each turn's fields as a tuple, in TurnRecord's field order (turns.csv's rows)."""
+        return zip(*self._columns(), strict=True)
+
+    def values(self, name: str):
+        """One field of every turn, as the record would hold it (Python ints and floats)."""
+        return itertools.islice(getattr(self, name), self._n)
+
+    def column(self, name: str) -> np.ndarray:
+        """One field of every turn as a new float64 array (`metrics.column`)."""
+        col = getattr(self, name)
+        if type(col) is array and col.typecode == "d":
+            return np.frombuffer(col, dtype=np.float64, count=self._n).copy()
+        if type(col) is array:
+            return np.frombuffer(col, dtype=np.int64, count=self._n).astype(np.float64)
+        return np.fromiter(itertools.islice(col, self._n), dtype=np.float64, count=self._n)
+
+
 # A turn's timestamps in the order they happen (a turn's record has each one; a driver sets them in this order).
 TIMESTAMPS = (
     "arrival",
@@ -82,13 +194,6 @@ TIMESTAMPS = (
     "second_token",
     "finished",
 )
-
-_ARRIVAL = operator.attrgetter("arrival")
-_GEN_TOKENS = operator.attrgetter("gen_tokens")
-_PROMPT_TOKENS = operator.attrgetter("prompt_tokens")
-_PE_READ_BYTES = operator.attrgetter("pe_read_bytes")
-_HIT_TOKENS = operator.attrgetter("hit_tokens")
-_DE_READ_BYTES = operator.attrgetter("de_read_bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,14 +268,24 @@ def column(records: Sequence[TurnRecord], name: str, cache: dict | None = None) 
     `cache`: a dict the caller keeps for one list of records, so each field is read once across summaries."""
     if cache is not None and name in cache:
         return cache[name]
-    col = np.fromiter(map(operator.attrgetter(name), records), dtype=np.float64, count=len(records))
+    if isinstance(records, TurnTable):
+        col = records.column(name)
+    else:
+        col = np.fromiter(map(operator.attrgetter(name), records), dtype=np.float64, count=len(records))
     if cache is not None:
         cache[name] = col
     return col
 
 
+def _values(records: Sequence[TurnRecord], name: str):
+    """One field of every record, as the records hold it (a TurnTable's column, without making records)."""
+    if isinstance(records, TurnTable):
+        return records.values(name)
+    return map(operator.attrgetter(name), records)
+
+
 def _gen_column(records: Sequence[TurnRecord]) -> np.ndarray:
-    return np.fromiter(map(_GEN_TOKENS, records), dtype=np.int64, count=len(records))
+    return np.fromiter(_values(records, "gen_tokens"), dtype=np.int64, count=len(records))
 
 
 def ttft_tpot(records: Sequence[TurnRecord], cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -187,7 +302,7 @@ def ttft_tpot(records: Sequence[TurnRecord], cache: dict | None = None) -> tuple
 def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), cache: dict | None = None) -> dict:
     """The headline numbers every report prints (`cache`: see `column`). No records (a run cut before its first
     arrival) give every key too: counts and bytes 0, the rest NaN."""
-    start = min(map(_ARRIVAL, records), default=math.nan)
+    start = min(_values(records, "arrival"), default=math.nan)
     # The span ends at the last *finished* turn: unfinished ones (NaN, a run cut by its max_time) are left out
     # wherever they sit (Python's max kept a NaN only when it came first, so the JCT hung on record order).
     finished = column(records, "finished", cache)
@@ -195,12 +310,12 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
     finished = finished[done]
     end = float(finished.max()) if finished.size else math.nan
     # the throughputs over that span count the finished turns' tokens only (not those a cut run never made)
-    counted = records if finished.size == len(records) else list(itertools.compress(records, done))
-    gen = sum(map(_GEN_TOKENS, counted))
-    prompts = sum(map(_PROMPT_TOKENS, records))  # (every turn's: the hit rate's denominator)
-    prompt = prompts if counted is records else sum(map(_PROMPT_TOKENS, counted))
+    every = finished.size == len(records)
+    gen = sum(_values(records, "gen_tokens") if every else itertools.compress(_values(records, "gen_tokens"), done))
+    prompts = sum(_values(records, "prompt_tokens"))  # (every turn's: the hit rate's denominator)
+    prompt = prompts if every else sum(itertools.compress(_values(records, "prompt_tokens"), done))
     ttft, tpot = ttft_tpot(records, cache)
-    hits = sum(map(_HIT_TOKENS, records))
+    hits = sum(_values(records, "hit_tokens"))
     return {
         "turns": len(records),
         "jct_s": end - start,
@@ -217,8 +332,8 @@ def summarize(records: Sequence[TurnRecord], links: Sequence[LinkBytes] = (), ca
         "tpot_p99_s": percentile(tpot, 99),
         # hit tokens (cached KV read, not computed) over prompt tokens, every turn: the run's prefix-cache hit rate
         "hit_rate": hits / prompts if prompts else math.nan,
-        "pe_read_bytes": sum(map(_PE_READ_BYTES, records)),
-        "de_read_bytes": sum(map(_DE_READ_BYTES, records)),
+        "pe_read_bytes": sum(_values(records, "pe_read_bytes")),
+        "de_read_bytes": sum(_values(records, "de_read_bytes")),
         "snic_max_over_avg": snic_max_over_avg(links),
     }
 
@@ -274,31 +389,36 @@ def slo_summary(
     if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 < percentile <= 100:
         raise ValueError(f"SLO percentile must be in (0, 100], got {percentile!r}")
     pct = f"{percentile:g}"
+    # Column-wise (a simulation's TurnTable makes no records), the same IEEE operations as TurnRecord.ttft / .tpot.
     # (a turn of 0 generated tokens, prefill only, has no first token to judge: neither a hit nor a miss)
-    recs = [r for r in records if warmup_s <= r.arrival < end_s and r.gen_tokens > 0]
-    done = [r for r in recs if not math.isnan(r.finished)]
-    if not recs:  # every key (it had two: a sweep.csv's slo_attainment was empty, a notebook's lookup a KeyError)
+    arrival = column(records, "arrival")
+    gen = _gen_column(records)
+    judged = (warmup_s <= arrival) & (arrival < end_s) & (gen > 0)
+    n = int(judged.sum())
+    if not n:  # every key (it had two: a sweep.csv's slo_attainment was empty, a notebook's lookup a KeyError)
         nan = math.nan
         return {"slo_turns": 0, "slo_attainment": nan, f"ttft_p{pct}_s": nan, f"tpot_p{pct}_s": nan,
                 "ttst_p50_s": nan, "slo_met": False}  # fmt: skip
     # No first token yet: a miss, infinitely late (it was 1e9 s: a percentile on it printed 1,000,000,000 s, or
     # between it and a real TTFT a made-up ~1e8 s); `percentile` interpolates to inf where numpy gives NaN.
-    ttft = [r.ttft if not math.isnan(r.first_token) else math.inf for r in recs]
-    tpot = [r.tpot for r in done if r.gen_tokens > 1]
+    arrival, gen = arrival[judged], gen[judged]
+    first, second, finished = (column(records, k)[judged] for k in ("first_token", "second_token", "finished"))
+    no_first = np.isnan(first)
+    ttft_raw = first - arrival
+    ttft = np.where(no_first, math.inf, ttft_raw)
+    many = gen > 1
+    tpot_raw = np.full(n, math.nan)
+    tpot_raw[many] = (finished[many] - first[many]) / (gen[many] - 1)
+    tpot = tpot_raw[many & ~np.isnan(finished)]  # (in record order, as the turns that finished)
     ttft_q = _percentile(ttft, percentile)
     # TTST likewise: a turn of 2+ tokens with no second token yet is a miss (it was left out, so an overloaded run's
     # TTST p50 came from the turns that got one: 5.9 s where 7.8 s with them); a 1-token turn has none (NaN: out).
-    ttst = [r.ttst if r.gen_tokens <= 1 or not math.isnan(r.second_token) else math.inf for r in recs]
-    tpot_q = float(np.percentile(tpot, percentile)) if tpot else math.nan
+    ttst = np.where(~many | ~np.isnan(second), second - arrival, math.inf)
+    tpot_q = float(np.percentile(tpot, percentile)) if tpot.size else math.nan
     # A turn still decoding when the clock stops is judged on its TTFT only.
-    ok = [
-        (not math.isnan(r.first_token))
-        and r.ttft <= ttft_s
-        and (r.gen_tokens <= 1 or math.isnan(r.finished) or r.tpot <= tpot_s)
-        for r in recs
-    ]
+    ok = ~no_first & (ttft_raw <= ttft_s) & (~many | np.isnan(finished) | (tpot_raw <= tpot_s))
     return {
-        "slo_turns": len(recs),
+        "slo_turns": n,
         "slo_attainment": float(np.mean(ok)),
         f"ttft_p{pct}_s": ttft_q,
         f"tpot_p{pct}_s": tpot_q,

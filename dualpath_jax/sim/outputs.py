@@ -53,8 +53,11 @@ def write_results(result: SimResult, output_dir: str, config: dict, plot: bool =
     paths["summary"] = p
     p = os.path.join(output_dir, "turns.csv")
     fields = [fl.name for fl in dataclasses.fields(metrics.TurnRecord)]  # the header even when no turn arrived
-    # one C-level tuple per turn
-    write_csv(p, fields, map(operator.attrgetter(*fields), result.records))
+    # one C-level tuple per turn, from the simulator's columns (metrics.TurnTable) without making its records
+    recs = result.records
+    write_csv(
+        p, fields, recs.rows() if isinstance(recs, metrics.TurnTable) else map(operator.attrgetter(*fields), recs)
+    )
     paths["turns"] = p
     p = os.path.join(output_dir, "links.csv")
     rows = list(map(operator.attrgetter("link", "t0", "t1", "nbytes"), result.links))
@@ -115,7 +118,9 @@ def plot_result(result: SimResult, path: str, name: str | None = None) -> str | 
     else:
         why = " (oracle: I/O free)" if c is not None and c.cluster.io_free else ""
         _no_data(ax1, f"no storage-NIC traffic{why}")
-    ttft = np.sort([r.ttft for r in result.records if not math.isnan(r.first_token)])
+    first = metrics.column(result.records, "first_token")  # (column-wise: no record made per turn)
+    has = ~np.isnan(first)
+    ttft = np.sort(first[has] - metrics.column(result.records, "arrival")[has])
     if ttft.size:
         ax2.plot(ttft, np.arange(1, ttft.size + 1) / ttft.size)
         log_x = ttft[0] > 0  # (a log axis drops a TTFT of 0)

@@ -8,7 +8,7 @@ cimport cython
 
 
 cdef class Request:
-    cdef public object rid, traj, turn, rec, pending, prompt, hit, miss, gen, hit_pe, hit_de, cached, remaining
+    cdef public object rid, traj, turn, pending, prompt, hit, miss, gen, hit_pe, hit_de, cached, remaining
     cdef public object work, wb
     cdef public PrefillEngine pe
     cdef public DecodeEngine de
@@ -59,9 +59,9 @@ cdef class _Batch:
 cdef class Simulator:
     cdef public _DecodeTime decode_time
     cdef public object cfg, c, policy, batcher, cost, trajectories, arrival_model, events, net, queue
-    cdef public object _qids, _qlens, storage_link, snapshot, de_buffer_bytes
+    cdef public object _qids, _qlens, storage_link, snapshot, de_buffer_bytes, records
     cdef public dict _shapes, requests, pes, des
-    cdef public list records, nodes, de_groups
+    cdef public list nodes, de_groups
     cdef public double now, b, read_cap, _next_tick, fetch_step, max_seqs
     cdef public long long L, _seq, n_events, turns_done, _next_rid, _fetch_rr, n_fetches, de_group_engines
     cdef public long long _idle_fetches

@@ -48,7 +48,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from dualpath_jax import compiled
-from dualpath_jax.metrics import LinkBytes, TurnRecord
+from dualpath_jax.metrics import LinkBytes, TurnTable
 from dualpath_jax.sim.config import GB, SimConfig, SimConfigError
 from dualpath_jax.sim.heap import TimeHeap
 from dualpath_jax.workloads.types import Trajectory
@@ -72,7 +72,6 @@ class Request:
         "rid",
         "traj",
         "turn",
-        "rec",
         "pending",
         "prompt",
         "hit",
@@ -94,11 +93,10 @@ class Request:
         "work",
     )
 
-    def __init__(self, rid: int, traj: Trajectory, turn: int, rec: TurnRecord, pending: PendingRequest):
-        self.rid = rid
+    def __init__(self, rid: int, traj: Trajectory, turn: int, pending: PendingRequest):
+        self.rid = rid  # (its turn's row in Simulator.records)
         self.traj = traj
         self.turn = turn
-        self.rec = rec
         self.pending = pending
         self.prompt = pending.prompt_tokens
         self.hit = pending.hit_tokens
@@ -243,7 +241,8 @@ class _Batch:
 
 
 class Simulator:
-    """Simulates one run. `run()` returns (turn records, link byte samples, stats dict)."""
+    """Simulates one run. `run()` returns (turn records: `records`, a metrics.TurnTable, link byte samples, stats
+    dict)."""
 
     def __init__(
         self,
@@ -317,7 +316,9 @@ class Simulator:
         self._qids = array("q")
         self._qlens = array("q")
         self.requests: dict[int, Request] = {}
-        self.records: list[TurnRecord] = []
+        # one row per turn, in arrival order (row = request id): columns of C numbers (metrics.TurnTable, 152 B a
+        # turn), not a TurnRecord object each (~590 B with its boxed fields: most of the 48P96D run's 2.5 GB peak)
+        self.records = TurnTable(capacity=self._n_turns())
         self.turns_done = 0  # turns whose decode finished (for progress reports)
         self._next_rid = 0
         self.fetch_running = False
@@ -508,16 +509,8 @@ class Simulator:
             gen_tokens=gen,
             arrival_time=self.now,
         )
-        rec = TurnRecord(
-            trajectory_id=traj.trajectory_id,
-            turn_index=i,
-            prompt_tokens=prompt,
-            hit_tokens=hit,
-            gen_tokens=gen,
-            arrival=self.now,
-        )
-        self.records.append(rec)
-        self.requests[rid] = Request(rid, traj, i, rec, pending)
+        self.records.add(traj.trajectory_id, i, prompt, hit, gen, self.now)  # (its row: rid)
+        self.requests[rid] = Request(rid, traj, i, pending)
         self.queue.append(pending)
         self._qids.append(rid)
         self._qlens.append(prompt + gen)
@@ -690,7 +683,7 @@ class Simulator:
                 if a.request_id in placed or a.request_id in held:
                     raise RuntimeError(f"policy {self.cfg.policy!r} placed request {a.request_id} twice")
                 r = requests.get(a.request_id)
-                if r is None or r.rec.scheduled == r.rec.scheduled:  # (NaN until placed: not queued any more)
+                if r is None or not math.isnan(self.records.scheduled[r.rid]):  # (NaN until placed: not queued)
                     why = "unknown or finished" if r is None else "placed before"
                     raise RuntimeError(
                         f"policy {self.cfg.policy!r} placed request {a.request_id}, which is not in the queue ({why}); "
@@ -742,11 +735,12 @@ class Simulator:
                 f"{a.request_id}; PEs are {min(self.pes)}..{max(self.pes)}, DEs {min(self.des)}..{max(self.des)}"
             )
         r.pe, r.de, r.frac = pe, de, a.de_read_fraction
-        rec = r.rec
-        rec.scheduled = self.now
-        rec.prefill_engine = pe.eid
-        rec.decode_engine = de.eid
-        rec.read_side = a.read_side
+        rec = self.records
+        rid = r.rid
+        rec.scheduled[rid] = self.now
+        rec.prefill_engine[rid] = pe.eid
+        rec.decode_engine[rid] = de.eid
+        rec.read_side[rid] = a.read_side
         bs = self.c.block_size
         # Split reads whole blocks on each side.
         hit_de = int(round(r.hit * r.frac / bs)) * bs if 0.0 < r.frac < 1.0 else int(r.hit * r.frac)
@@ -754,7 +748,7 @@ class Simulator:
         r.hit_pe = r.hit - r.hit_de
         if not self.c.layerwise:  # basic: only PE reads (the record said the policy's side: "de" with no DE read)
             r.hit_pe, r.hit_de = r.hit, 0
-            rec.read_side = "pe"
+            rec.read_side[rid] = "pe"
         # (pe_read_bytes / de_read_bytes: bytes read from storage, filled as each side's read ends: _read_done)
         ps, ds = pe.state, de.state
         ln = r.prompt + r.gen
@@ -787,7 +781,7 @@ class Simulator:
     def _allocated(self, r: Request) -> None:
         """The request holds its DE's HBM: its reads (or, basic, its PE admission) start."""
         if self.c.io_free:
-            r.rec.read_start = r.rec.read_end = self.now
+            self.records.read_start[r.rid] = self.records.read_end[r.rid] = self.now
             self._enqueue_prefill(r)
             return
         if self.c.layerwise:
@@ -850,7 +844,7 @@ class Simulator:
                 r.reads_left += 1
                 node.read_queue.append((r, tokens, side))
         if r.reads_left == 0:
-            r.rec.read_start = r.rec.read_end = self.now
+            self.records.read_start[r.rid] = self.records.read_end[r.rid] = self.now
             self._reads_done(r)
             return
         # PE node, then DE node: a fixed order (a set of the two iterated in an address-dependent one)
@@ -873,8 +867,8 @@ class Simulator:
                 node.buf_held += 1
             q.popleft()
             node.reads_active += 1
-            if math.isnan(r.rec.read_start):
-                r.rec.read_start = self.now
+            if math.isnan(self.records.read_start[r.rid]):
+                self.records.read_start[r.rid] = self.now
             path = (node.snic,) + self._dram(node)
             if self.storage_link is not None:
                 path = (self.storage_link,) + path
@@ -884,14 +878,14 @@ class Simulator:
         # Bytes read from storage (metrics.TurnRecord), as the runtime counts them: when the read is over. They were
         # set at placement, so a run cut by max_time gave turns whose reads had not ended (or begun) their bytes.
         if node is r.pe.node:
-            r.rec.pe_read_bytes = int(tokens * self.b)
+            self.records.pe_read_bytes[r.rid] = int(tokens * self.b)
         else:
-            r.rec.de_read_bytes = int(tokens * self.b)
+            self.records.de_read_bytes[r.rid] = int(tokens * self.b)
         node.reads_active -= 1
         node.state.read_queue_tokens -= tokens
         r.reads_left -= 1
         if r.reads_left == 0:
-            r.rec.read_end = self.now
+            self.records.read_end[r.rid] = self.now
             if self.c.layerwise:
                 self._reads_done(r)
             else:
@@ -982,9 +976,10 @@ class Simulator:
             reqs.append(r)
         batch = _Batch(pe, items, reqs, self.now)
         compute = self.cost.batch_prefill_time([(it.cached, it.bsz) for it in items]) * self.c.pe_time_scale
+        prefill_start = self.records.prefill_start
         for r in reqs:
-            if math.isnan(r.rec.prefill_start):
-                r.rec.prefill_start = self.now
+            if math.isnan(prefill_start[r.rid]):
+                prefill_start[r.rid] = self.now
         c = self.c
         b = self.b
         if not c.io_free and c.layerwise:
@@ -1088,7 +1083,7 @@ class Simulator:
 
     # ---- decode engine ----------------------------------------------------------------------------------
     def _de_h2d(self, r: Request) -> None:
-        r.rec.prefill_end = self.now
+        self.records.prefill_end[r.rid] = self.now
         node = r.de.node
         # The whole prompt KV sits in the DE buffer (the DE-side hit since its read, the rest sent by the PE);
         # its room is freed once it is in HBM.
@@ -1106,11 +1101,12 @@ class Simulator:
         if g.step > 0.0:
             v = g.v + (now - g.tv) / g.step
             q = g.second
+            second_token = self.records.second_token
             while q and q[0][0] <= v:
-                target, rec = q.popleft()
-                if math.isnan(rec.second_token):  # (a 2-token turn that finished within eps of it has one)
+                target, rid = q.popleft()
+                if math.isnan(second_token[rid]):  # (a 2-token turn that finished within eps of it has one)
                     t = g.tv + (target - g.v) * g.step
-                    rec.second_token = t if t < now else now
+                    second_token[rid] = t if t < now else now
             g.v = v
         g.tv = now
 
@@ -1142,12 +1138,13 @@ class Simulator:
     def _de_join(self, r: Request) -> None:
         de = r.de
         g = de.group
-        rec = r.rec
-        if math.isnan(rec.prefill_end):
-            rec.prefill_end = self.now
+        rec = self.records
+        rid = r.rid
+        if math.isnan(rec.prefill_end[rid]):
+            rec.prefill_end[rid] = self.now
         self._de_sync(g)
         if r.gen > 0:  # (a 0-token turn of a real trace: prefill only, no first token; metrics leave it out of TTFT)
-            rec.first_token = self.now  # the prefill produced it; it is out once the request runs on the DE
+            rec.first_token[rid] = self.now  # the prefill produced it; it is out once the request runs on the DE
         if r.gen <= 1:  # no second token (its record keeps NaN, as the runtime's does)
             self._start_writeback(r, 0.0)
             self._turn_done_decode(r)
@@ -1161,7 +1158,7 @@ class Simulator:
         # Its second token comes out at the end of its first decode step: when the group's clock reaches
         # vjoin + 1 (stamped by _de_sync then, whatever the batch did in between; the runtime stamps it when the
         # step that made it ends). It was timed here as one step of the batch at the join.
-        g.second.append((g.v + 1.0, rec))
+        g.second.append((g.v + 1.0, rid))
         self._de_step(de)
         self._de_reschedule(g)
         self._start_writeback(r, (r.gen - 1) * g.step)
@@ -1262,12 +1259,13 @@ class Simulator:
         r.decode_done = True
         if not r.wb_done and r.wb is not None:
             self._unpace_writeback(r)
-        rec = r.rec
-        rec.finished = self.now
+        rec = self.records
+        rid = r.rid
+        rec.finished[rid] = self.now
         # A 2-token turn finishes at its second token: due within eps tokens of it, the clock may stand a hair
         # short of the target _de_sync waits for.
-        if r.gen > 1 and math.isnan(rec.second_token):
-            rec.second_token = self.now
+        if r.gen > 1 and math.isnan(rec.second_token[rid]):
+            rec.second_token[rid] = self.now
         self.turns_done += 1
         de = r.de
         ds = de.state
@@ -1308,7 +1306,7 @@ class Simulator:
         return sum([len(traj.turns) for traj in self.trajectories])
 
     # ---- run --------------------------------------------------------------------------------------------
-    def run(self, max_time: float = math.inf, progress=None) -> tuple[list[TurnRecord], list[LinkBytes], dict]:
+    def run(self, max_time: float = math.inf, progress=None) -> tuple[TurnTable, list[LinkBytes], dict]:
         """Run the events up to `max_time`. `progress(now, turns_done, events)`, if given, is called every
         65,536 events and once at the end (a progress bar; it must not touch the simulator). Once per simulator."""
         if self._ran:
@@ -1366,7 +1364,7 @@ class Simulator:
         self.net.flush(self.now)
         link_totals = {name: tot for name, tot in zip(self.net.names, self.net.link_total, strict=False)}
         links = whole_byte_samples(self.net.link_bytes(), link_totals)
-        unfinished = sum([1 for r in self.records if math.isnan(r.finished)])
+        unfinished = sum(map(math.isnan, self.records.values("finished")))
         stats = {
             "events": n,
             "wall_s": wall,
