@@ -806,7 +806,7 @@ def stopped_early(e: BaseException, run_failed: type, kept: bool, prefix: str = 
     from absl import logging
 
     line = f"{prefix}: {type(e).__name__}: {e}"
-    logging.exception("%s (the finished results are kept)", line)
+    logging.exception("%s (writing the finished results next)", line)
     return name(line)
 
 

@@ -1127,14 +1127,35 @@ def _rdma_config_message(cfg: RuntimeConfig, e) -> str:
     return f"config.rdma.{field}={getattr(cfg.rdma, field, None)!r}: {msg}"
 
 
+def _cgroup_memory_limit_files() -> list[str]:
+    """The memory limit files of this process's own cgroup and of its ancestors (v2 `memory.max`, v1
+    `memory.limit_in_bytes`, from /proc/self/cgroup), then the mount's root ones: a nested limit is the smallest.
+    (Only the root's were read: a limit set on a v1 cgroup below the root was missed.)"""
+    roots = [("/sys/fs/cgroup", "memory.max"), ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")]
+    paths = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        _, controllers, cgroup = (line.split(":", 2) + ["", ""])[:3]
+        base, name = roots[0] if controllers == "" else roots[1] if "memory" in controllers.split(",") else ("", "")
+        parts = [p for p in cgroup.split("/") if p and p not in (".", "..")]
+        if base:
+            paths += [os.path.join(base, *parts[:i], name) for i in range(len(parts), 0, -1)]
+    paths += [os.path.join(base, name) for base, name in roots]
+    return list(dict.fromkeys(paths))
+
+
 def host_memory_bytes() -> tuple[int, str] | None:
     """(bytes, what) of the memory this host can hold: physical memory, or a smaller cgroup memory limit
-    (a container's); None where neither can be read."""
+    (a container's: the smallest of this process's cgroup and its ancestors'); None where neither can be read."""
     try:
         limit, what = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this host's physical memory"
     except (ValueError, OSError):
         return None
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for path in _cgroup_memory_limit_files():
         try:
             with open(path) as f:
                 text = f.read().strip()
@@ -1142,8 +1163,33 @@ def host_memory_bytes() -> tuple[int, str] | None:
             continue
         if text.isdigit() and 0 < int(text) < limit:
             limit, what = int(text), f"the cgroup memory limit ({path})"
-        break
     return (limit, what) if limit > 0 else None
+
+
+def _address_space_check(cfg: RuntimeConfig) -> None:
+    """The host buffers one node process maps against its address-space limit (RLIMIT_AS, `ulimit -v`; the
+    inprocess launcher's process maps them on top of what it maps already): over it, the run loaded the model and
+    then failed mapping a buffer ("cannot map ... Cannot allocate memory"), without naming the limit."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or cfg.launcher not in ("local", "inprocess"):
+        return
+    need, mapped = _buffer_bytes_per_process(cfg), 0
+    if cfg.launcher == "inprocess":
+        try:
+            with open("/proc/self/statm") as f:
+                mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            mapped = 0
+    if need + mapped > soft:
+        also = f", on top of the {mapped} B this process maps already" if mapped else ""
+        raise ConfigError(
+            f"config.buffers: a node process maps {need} B ({need / 2**30:.1f} GiB) of host buffers "
+            f"({_buffer_sum_text(cfg, in_one_process=True)}){also}, more than its address-space limit RLIMIT_AS "
+            f"{soft} B ({soft / 2**30:.1f} GiB): raise `ulimit -v` or lower config.buffers.pe_buffer_bytes / "
+            "de_buffer_bytes"
+        )
 
 
 def _buffer_bytes_per_process(cfg: RuntimeConfig) -> int:
@@ -1177,6 +1223,7 @@ def _validate_buffer_memory(cfg: RuntimeConfig) -> None:
     for name in ("pe_buffer_bytes", "de_buffer_bytes"):
         if getattr(b, name) < 1:
             raise ConfigError(f"config.buffers.{name} must be >= 1 B, got {getattr(b, name)}")
+    _address_space_check(cfg)
     mem = _this_host_memory(cfg)
     if mem is None:
         return

@@ -11,8 +11,10 @@ calls an engine: groups pull, as in the paper's fetch model.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
+import resource
 import socket
 import struct
 import threading
@@ -201,6 +203,19 @@ MIN_AUTHKEY_BYTES = 16
 LISTEN_BACKLOG = 128
 
 
+def _fd_shortage(e: OSError) -> str:
+    """`e` in words, naming the file descriptor limit where it is the cause (EMFILE, ENFILE)."""
+    if e.errno == errno.EMFILE:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return (
+            f"the driver is out of file descriptors (RLIMIT_NOFILE {soft}, hard limit {hard}: raise it, "
+            f"`ulimit -n`) ({e})"
+        )
+    if e.errno == errno.ENFILE:
+        return f"the system is out of file descriptors (fs.file-max) ({e})"
+    return str(e)
+
+
 class ControlServer:
     """Serves `fetch` for groups in other processes: one thread per connected group.
 
@@ -272,7 +287,12 @@ class ControlServer:
 
     def _authenticate(self, conn: Connection) -> bool:
         """The auth-key challenge both ways (as `Listener.accept` does), within AUTH_TIMEOUT_S."""
-        with socket.socket(fileno=os.dup(conn.fileno())) as sock:  # (the same socket: its options are the conn's)
+        try:
+            fd = os.dup(conn.fileno())
+        except OSError as e:  # (EMFILE: it ended the thread raw, and the run's failure blamed the node: DriverLost)
+            self._tell(f"control server: dropping a node's connection: {_fd_shortage(e)}")
+            return False
+        with socket.socket(fileno=fd) as sock:  # (the same socket: its options are the conn's)
             timeout = struct.pack("ll", int(AUTH_TIMEOUT_S), int(AUTH_TIMEOUT_S % 1 * 1e6))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
             try:
@@ -290,7 +310,10 @@ class ControlServer:
     def _protocol_error(self, node: int | None, what: str) -> None:
         """A connection sent `what`, breaking the protocol: log it and tell `on_error`, naming the node when known."""
         who = f"the connection of node {node}" if node is not None else "its first message"
-        line = f"control server: dropping a connection that sent {what} ({who})"
+        self._tell(f"control server: dropping a connection that sent {what} ({who})")
+
+    def _tell(self, line: str) -> None:
+        """Log `line` and pass it to `on_error` (the driver fails the run with it)."""
         log.error("%s", line)
         if self._on_error is not None and not self._closed:
             try:

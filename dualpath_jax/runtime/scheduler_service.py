@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -107,7 +108,9 @@ class StoreKeeper:
       write-backs is stored or refused: `keys[first:]`, the whole blocks of prompt + generated tokens past the hit):
       the blocks stored are indexed, in order, each the most recently used, evicting LRU unpinned blocks to fit (the
       store's adoption: one lookup of one key each); turn_done also unpins. A block that cannot be kept (the rest is
-      pinned) is removed at once, as one store would have refused its write (`unkept_blocks`, in `evictions`).
+      pinned) is removed at once, as one store would have refused its write (`unkept_blocks`, in `evictions`); one
+      whose file cannot be removed (EACCES, EPERM, EROFS) is left on disk over the capacity, as a failed eviction's
+      block (`unremovable_blocks`, in `evict_failures`; logged once per run): it costs room, not the run.
     - `finish()`: unpins the turns still in flight (a failed or interrupted run), then indexes the blocks no turn
       did (a killed node's writes, a failed run's turns in flight) the same way.
     The directory holds up to the capacity plus the blocks stored by turns in flight and not indexed yet (their
@@ -123,6 +126,8 @@ class StoreKeeper:
         self._adopt = [0, 0, 0]  # the keeper's own lookups (adoptions, LRU order): calls, blocks, hit blocks
         self.adopted_blocks = 0  # write-back blocks indexed (found stored and kept)
         self.unkept_blocks = 0  # write-back blocks removed at once: no room beside the pinned ones
+        self.unremovable_blocks = 0  # blocks that could not be kept nor removed (EACCES, EPERM, EROFS): left on disk
+        self._unremovable: set[bytes] = set()  # their keys
         self.finished = False
 
     def lookup(self, request_id: int, keys: list) -> int:
@@ -206,8 +211,23 @@ class StoreKeeper:
                     held.append(key)
                     if kept_into is not None:
                         kept_into.add(key)
-                elif key not in self._pins and self.store.contains(key) and self.store.remove(key):
-                    self.unkept_blocks += 1
+                elif key not in self._pins and self.store.contains(key):
+                    try:
+                        removed = self.store.remove(key)
+                    except OSError as e:  # (EACCES, EPERM, EROFS) left over the capacity, as a failed eviction's
+                        removed = False
+                        if key not in self._unremovable:  # (counted once: `finish` finds it on disk again)
+                            self._unremovable.add(key)
+                            self.unremovable_blocks += 1
+                            if self.unremovable_blocks == 1:
+                                log.warning(
+                                    "kv store %s: write-back block %s has no room beside the pinned blocks and could "
+                                    "not be removed: %s (left on disk, over the capacity; other such blocks are "
+                                    "counted, store_stats' unremovable_blocks and evict_failures)",
+                                    getattr(self.store, "root", "?"), key.hex(), e,
+                                )  # fmt: skip
+                    if removed:
+                        self.unkept_blocks += 1
         finally:
             if held:
                 self.store.unpin(held)
@@ -226,6 +246,8 @@ class StoreKeeper:
             self._written.clear()
             if not isinstance(self.store, LocalDirStore):
                 return
+            if self.store.meta_pending and not os.path.exists(os.path.join(self.store.root, "STORE.json")):
+                return  # (opened on a full disk and never made: no block was stored)
             try:
                 scan = LocalDirStore(self.store.root, self.store.layout, create=False, lru_touch_s=None, io_threads=1)
                 try:
@@ -251,6 +273,8 @@ class StoreKeeper:
         nbytes = getattr(self.store, "file_nbytes", 0)
         out["bytes_evicted"] = out.get("bytes_evicted", 0) + self.unkept_blocks * nbytes
         out["unkept_blocks"] = self.unkept_blocks
+        out["evict_failures"] = out.get("evict_failures", 0) + self.unremovable_blocks
+        out["unremovable_blocks"] = self.unremovable_blocks
         out["adopted_blocks"] = self.adopted_blocks
         return out
 

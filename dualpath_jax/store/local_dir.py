@@ -160,6 +160,8 @@ _TMP_PREFIX = ".tmp."
 # A write-failure warning's tail: the spell's next failures of the same cause are only counted.
 _COUNTED_FROM_HERE = "; the next writes that fail so are counted (stats write_errors), not logged, until one is stored"
 _META = "STORE.json"
+META_RETRY_S = 1.0  # a store opened on a full disk tries to make itself again at most this often (`_meta_ready`)
+_PENDING_SAID: set[str] = set()  # the store roots this process said it opened with their metadata pending
 # The Python loops' chunks (rounded down to whole Layer Blocks; the compiled loops: NATIVE_PREAD_CHUNK_BYTES below,
 # mapped reads Layer Block by Layer Block); chosen with experiments/bench_store.py (see the README's KV store section).
 DEFAULT_READ_CHUNK_BYTES = 1 << 20  # read_method="preadv": the chunk is hashed in the reader's L2 after its copy
@@ -582,29 +584,34 @@ class LocalDirStore(KVStore):
 
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise NotADirectoryError(f"store root {self.root} exists and is not a directory")
-        created = []  # directories this call made: with durable, their parents are fsync'ed
-        if not os.path.isdir(self.root):
-            if not create:
-                raise FileNotFoundError(f"store root {self.root} does not exist (create=False)")
-            os.makedirs(self.root, exist_ok=True)
-            created.append(self.root)
-        elif not create and not os.path.lexists(os.path.join(self.root, _META)):
-            # (an empty mount point of a shared file system that is not mounted: it made a new, empty store there,
-            # on the local disk, where create=False is meant to open the existing one)
-            raise FileNotFoundError(f"store root {self.root} holds no KV store (no {_META}) and create=False")
-        if not os.path.isdir(self._blocks_dir):
-            os.makedirs(self._blocks_dir, exist_ok=True)
-            created.append(self._blocks_dir)
-        self._check_or_write_meta()
-        # The directory this store opened: removed, moved away or replaced by another that is not a store of this
-        # layout (another model's store moved in place) under the open store, it is no longer this store's, so
-        # writes fail and nothing there is removed (its blocks of another size looked damaged: a lookup, read or
-        # refresh deleted them; writes filled it, or made a removed root again without STORE.json).
-        st = os.stat(self._blocks_dir)
-        self._blocks_id = (st.st_dev, st.st_ino)
-        if self.durable:
-            for d in created:  # (the root: its parent holds its entry; blocks/: the root holds it)
-                _fsync_dir(os.path.dirname(d))
+        # A new store on a full disk (no room for its directories or STORE.json) opens with its metadata pending:
+        # lookups and reads miss, and writes first make them (`_meta_ready`). It ended the run: experiments.run's
+        # next policy's fresh store directory, on a disk the last policy's blocks filled.
+        self._meta_pending = False
+        self._meta_lock = threading.Lock()
+        self._meta_due = 0.0  # (monotonic) when a pending store next tries to write its metadata
+        self._meta_failing: str | None = None  # why that last failed (said once)
+        # The directory this store opened (None while its metadata is pending): removed, moved away or replaced by
+        # another that is not a store of this layout (another model's store moved in place) under the open store, it
+        # is no longer this store's, so writes fail and nothing there is removed (its blocks of another size looked
+        # damaged: a lookup, read or refresh deleted them; writes filled it, or made a removed root again without
+        # STORE.json).
+        self._blocks_id: tuple[int, int] | None = None
+        try:
+            self._make_store_dir(create)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or self._holds_files():
+                raise
+            self._meta_pending = True
+            self._meta_due = time.monotonic() + META_RETRY_S
+            said = self.root in _PENDING_SAID  # (once per directory and process: a run's driver and nodes open 3)
+            _PENDING_SAID.add(self.root)
+            (log.debug if said else log.warning)(
+                "kv store %s: cannot make a new store there: %s (the disk is full: no space or no inodes left); "
+                "opened without blocks, its metadata pending: lookups and reads miss, and writes first try to make "
+                "the store again (at most once every %g s; the writes are counted, stats write_errors, until it is "
+                "made)", self.root, e, META_RETRY_S,
+            )  # fmt: skip
 
         self._lock = threading.Lock()
         # key -> adopt generation (`_seq` when it was last adopted: written, found or read here), LRU first. Every
@@ -614,6 +621,7 @@ class LocalDirStore(KVStore):
         self._seq = 0
         self._pins: collections.Counter[bytes] = collections.Counter()  # pin()/unpin() of the callers
         self._evict_failed: set[bytes] = set()  # indexed keys whose eviction failed to remove the file (logged)
+        self._corrupt_left: dict[bytes, tuple[int, int]] = {}  # key -> (inode, device) of a corrupt file not removed
         self._evict_failing: int | None = None  # errno of the spell of failed evictions logged (None: none now)
         self._busy: collections.Counter[bytes] = collections.Counter()  # reads and writes in flight: not evicted
         self._scans: list[set[bytes]] = []  # per `_scan` in progress: the keys dropped meanwhile
@@ -639,6 +647,7 @@ class LocalDirStore(KVStore):
         self._swept: dict[str, float] = {}  # fan-out directory -> when a write last swept it (monotonic)
         self._opened = time.monotonic()  # (the open swept every directory)
         self._disk_full = False  # the last write failed for a full disk (its warning said so once; the rest counted)
+        self._read_failing: int | None = None  # errno of the spell of failed reads logged (None: none now)
         self._write_failing = None  # why the last write failed otherwise (its warning said so once; the rest counted)
         self._no_room = False  # the last write was refused for room (its warning said so once; the rest counted)
         self._tls = threading.local()  # per-thread header buffer: no allocation per read
@@ -656,7 +665,8 @@ class LocalDirStore(KVStore):
             )  # fmt: skip
             self._fd_cache = nofile // 4
         self._host = _host_id()
-        self._scan()
+        if not self._meta_pending:
+            self._scan()
         self._threads = (int(io_threads), int(write_threads))
         self._closed = False
         self._new_pools()
@@ -668,6 +678,63 @@ class LocalDirStore(KVStore):
         self._write_pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="kvstore-write")
 
     # ---- directory ------------------------------------------------------------------------------------
+    def _make_store_dir(self, create: bool) -> None:
+        """Make (create) or check the store's directories and STORE.json; then note `blocks/` (`_blocks_id`)."""
+        created = []  # directories this call made: with durable, their parents are fsync'ed
+        if not os.path.isdir(self.root):
+            if not create:
+                raise FileNotFoundError(f"store root {self.root} does not exist (create=False)")
+            os.makedirs(self.root, exist_ok=True)
+            created.append(self.root)
+        elif not create and not os.path.lexists(os.path.join(self.root, _META)):
+            # (an empty mount point of a shared file system that is not mounted: it made a new, empty store there,
+            # on the local disk, where create=False is meant to open the existing one)
+            raise FileNotFoundError(f"store root {self.root} holds no KV store (no {_META}) and create=False")
+        if not os.path.isdir(self._blocks_dir):
+            os.makedirs(self._blocks_dir, exist_ok=True)
+            created.append(self._blocks_dir)
+        self._check_or_write_meta()
+        st = os.stat(self._blocks_dir)
+        if self.durable:
+            for d in created:  # (the root: its parent holds its entry; blocks/: the root holds it)
+                _fsync_dir(os.path.dirname(d))
+        self._blocks_id = (st.st_dev, st.st_ino)
+
+    def _holds_files(self) -> bool:
+        """Whether `blocks/` holds anything (then the directory is no new store: a full disk there is not pending)."""
+        try:
+            with os.scandir(self._blocks_dir) as it:
+                return any(True for _ in it)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    @property
+    def meta_pending(self) -> bool:
+        """Opened on a full disk before its STORE.json could be written: no blocks, lookups and reads miss, until a
+        write makes the store (`_meta_ready`)."""
+        return self._meta_pending
+
+    def _meta_ready(self) -> bool:
+        """A store whose metadata is pending: tries to make its directories and STORE.json again (another process may
+        have made them), at most once every META_RETRY_S; True once made (from then on the store is as any other)."""
+        now = time.monotonic()
+        with self._meta_lock:
+            if not self._meta_pending:
+                return True
+            if now < self._meta_due:
+                return False
+            self._meta_due = now + META_RETRY_S
+            try:
+                self._make_store_dir(True)
+            except (OSError, ValueError) as e:  # (still full; another model's STORE.json put there meanwhile...)
+                why = f"{type(e).__name__}: {e}"
+                quiet, self._meta_failing = self._meta_failing == why or isinstance(e, OSError), why
+                (log.debug if quiet else log.warning)("kv store %s: still cannot make the store: %s", self.root, e)
+                return False
+            self._meta_pending = False
+        log.warning("kv store %s: the store is made now (its STORE.json written): writes are stored again", self.root)
+        return True
+
     def _meta(self) -> dict:
         lay = self.layout
         return {
@@ -733,6 +800,18 @@ class LocalDirStore(KVStore):
                 "); use one directory per model and KV layout"
             )
 
+    def _read_failed(self, doing: str, path: str, e: OSError) -> None:
+        """A read failed `doing` block `path` with `e`: a miss, counted (`read_errors`); logged once per spell of one
+        errno until a read succeeds (out of file descriptors, a run logged one line per block read)."""
+        with self._lock:
+            self._stats.read_errors += 1
+            quiet, self._read_failing = self._read_failing == e.errno, e.errno
+        (log.debug if quiet else log.warning)(
+            "kv store %s: I/O error %s block %s: %s (treated as a miss%s)", self.root, doing, path, e,
+            "" if quiet else "; the next reads that fail so are counted (stats read_errors), not logged, until one "
+            "succeeds",
+        )  # fmt: skip
+
     def _failing_again(self, why: str) -> bool:
         """A write failed for `why` (not a full disk): True when the last one failed for it too (the spell's first
         failure was logged; this one is counted, `write_errors`, and logged at debug level), until a write is stored."""
@@ -742,6 +821,8 @@ class LocalDirStore(KVStore):
 
     def _root_changed(self) -> str | None:
         """Why `blocks/` is no longer the directory this store opened (see `_blocks_id`), or None."""
+        if self._blocks_id is None:  # (its metadata pending: no directory opened yet)
+            return None
         try:
             st = os.stat(self._blocks_dir)
         except FileNotFoundError:
@@ -1162,6 +1243,8 @@ class LocalDirStore(KVStore):
         ELOOP, EIO, ESTALE...: logged; the caller takes it as a miss but does not conclude the block is gone).
         A regular file of another size is damage (a rename is atomic), removed and counted as at open (with
         `remove_damaged`; not under the lock): else no read ever reached it, and it stayed on disk uncounted."""
+        if self._meta_pending and not self._meta_ready():
+            return False
         path = self.path_of(key)
         try:
             st = os.stat(path)
@@ -1470,6 +1553,10 @@ class LocalDirStore(KVStore):
                 ent.close()
 
     def _read_planned(self, key: bytes, dst: np.ndarray, layer_list, runs, verify: bool, stride: int = 0) -> bool:
+        if self._meta_pending and not self._meta_ready():
+            with self._lock:
+                self._stats.read_absent += 1
+            return False
         stride = stride or self._lbn
         path = self.path_of(key)
         with self._lock:
@@ -1492,9 +1579,7 @@ class LocalDirStore(KVStore):
                     self._stats.read_corrupt += 1
                 return False
             except OSError as e:  # EACCES, EMFILE, ESTALE, EIO...: a miss like any other I/O error, block left
-                log.warning("kv store %s: I/O error opening block %s: %s (treated as a miss)", self.root, path, e)
-                with self._lock:
-                    self._stats.read_errors += 1
+                self._read_failed("opening", path, e)
                 return False
             try:
                 if verify and self._mmap_min is not None and self._read_size(dst, runs, stride) >= self._mmap_min:
@@ -1513,10 +1598,9 @@ class LocalDirStore(KVStore):
                         self._stats.read_corrupt += 1
                     return False
             except OSError as e:
-                log.warning("kv store %s: I/O error reading block %s: %s (treated as a miss)", self.root, path, e)
                 with self._lock:
                     self._forget_fd_locked(key)
-                    self._stats.read_errors += 1
+                self._read_failed("reading", path, e)
                 return False
             finally:
                 self._release_fd(ent)
@@ -1532,6 +1616,7 @@ class LocalDirStore(KVStore):
                             touch = self._take_used_locked()
                 self._stats.read_hits += 1
                 self._stats.bytes_read += nbytes
+                self._read_failing = None  # (a read failing again is said again)
             if touch:
                 self._touch_used(touch, background=True)
             return True
@@ -1808,23 +1893,39 @@ class LocalDirStore(KVStore):
             with self._lock:
                 self._drop_locked(key)
             return
-        log.warning("kv store %s: corrupt block %s (%s): removed, treated as a miss", self.root, path, reason)
         seen = self._seq  # (see remove)
+        file_id = None
         try:
+            st_now = os.stat(path)
+            file_id = (st_now.st_ino, st_now.st_dev)
             if fd is not None or st is not None:
-                st_read, st_now = os.fstat(fd) if st is None else st, os.stat(path)
-                if (st_read.st_ino, st_read.st_dev) != (st_now.st_ino, st_now.st_dev):
+                st_read = os.fstat(fd) if st is None else st
+                if (st_read.st_ino, st_read.st_dev) != file_id:
                     with self._lock:  # a writer replaced it meanwhile: keep the new file, drop the old one's fd
                         self._forget_fd_locked(key)
                     return
+            if self._corrupt_left.get(key) == file_id:  # the file that could not be removed: logged, counted once
+                with self._lock:
+                    self._drop_unlinked_locked(key, seen)
+                return
             try:
                 os.unlink(path)
             except IsADirectoryError:  # (a directory where the block should be: removed if empty)
                 os.rmdir(path)
         except FileNotFoundError:
-            pass
+            log.warning(
+                "kv store %s: corrupt block %s (%s): removed already, treated as a miss", self.root, path, reason
+            )
         except OSError as e:  # (a read-only mount, say: still a counted miss, out of the index; the store opens)
-            log.warning("kv store %s: could not remove corrupt block %s: %s", self.root, path, e)
+            if file_id is not None:
+                self._corrupt_left[key] = file_id  # (every later access of it was logged and counted again)
+            log.warning(
+                "kv store %s: could not remove corrupt block %s (%s): %s; left on disk, treated as a miss (later "
+                "accesses of this file miss without a line or a count)", self.root, path, reason, e,
+            )  # fmt: skip
+        else:
+            self._corrupt_left.pop(key, None)
+            log.warning("kv store %s: corrupt block %s (%s): removed, treated as a miss", self.root, path, reason)
         with self._lock:
             self._drop_unlinked_locked(key, seen)
             self._stats.corrupt_blocks += 1
@@ -1839,6 +1940,11 @@ class LocalDirStore(KVStore):
         durable = _flag("durable", durable, self.durable)
         overwrite = _flag("overwrite", overwrite, False)
         path = self.path_of(key)
+        if self._meta_pending and not self._meta_ready():  # (never a block without STORE.json: its warning said so)
+            log.debug("kv store %s: block %s not stored: the store is not made yet (a full disk)", self.root, key.hex())
+            with self._lock:
+                self._stats.write_errors += 1
+            return False
         changed = self._root_changed()
         if changed is not None:  # (not into another directory put in its place, nor a new one made by the write)
             quiet = self._failing_again(f"the store directory {changed}")
@@ -1921,10 +2027,10 @@ class LocalDirStore(KVStore):
             hint, quiet = "", False
             if e.errno in (errno.ENOSPC, errno.EDQUOT):  # (it stays full: blocks are evicted for capacity_bytes only)
                 hint = (
-                    f"; the disk is full with {self.used_bytes} B of blocks indexed here, capacity_bytes="
-                    f"{self.capacity_bytes}: nothing is evicted for a full disk, so capacity_bytes must leave room on "
-                    "it for the writes in flight; the next writes that fail for a full disk are counted (stats "
-                    "write_errors), not logged, until one succeeds"
+                    f"; the disk is full with {self.used_bytes} B of blocks indexed here (no space or no inodes "
+                    f"left), capacity_bytes={self.capacity_bytes}: nothing is evicted for a full disk, so "
+                    "capacity_bytes must leave room on it for the writes in flight; the next writes that fail for a "
+                    "full disk are counted (stats write_errors), not logged, until one succeeds"
                 )
                 with self._lock:  # (one warning per full-disk spell: a 64-turn run logged 859 of them)
                     quiet, self._disk_full = self._disk_full, True
@@ -1971,6 +2077,8 @@ class LocalDirStore(KVStore):
         counted as a read. A damaged block is removed (`corrupt_blocks`), an absent one leaves the index; a good one
         is used as a read hit is (LRU; indexed, evicting others to fit it, if another process wrote it)."""
         _check_key(key)
+        if self._meta_pending and not self._meta_ready():
+            return False
         path = self.path_of(key)
         with self._lock:
             self._busy[key] += 1  # (not evicted meanwhile, as a read)
@@ -2134,6 +2242,8 @@ class LocalDirStore(KVStore):
         mtimes (this process's uses not yet written there are written first, see `lru_touch_s`). A block this
         process removes or evicts while the scan runs is not indexed again (its file may have been listed first).
         A RuntimeError, touching nothing, if the store's directory was removed or replaced since it was opened."""
+        if self._meta_pending and not self._meta_ready():  # (no store made yet: nothing to scan)
+            return
         changed = self._root_changed()
         if changed is not None:  # (another store's blocks there would be removed as damage, or indexed and evicted)
             raise RuntimeError(
