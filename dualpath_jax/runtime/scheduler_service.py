@@ -86,6 +86,9 @@ def _stall_reason(stalled: dict, timeout) -> str:
 EXITED = "its process or thread exited"  # a launcher's death reason when it cannot say how (`watch_exits`)
 
 #: A policy that places none of the queued requests on an idle cluster for this long and this many calls fails the run.
+# The watcher's own gap (driver.run checks every 20 ms) that counts as a pause of the whole job, at least: a gap past
+# max(this, heartbeat_timeout_s / 2) is left out of the nodes' silence (`check_heartbeats`)
+PAUSE_MIN_S = 1.0
 IDLE_POLICY_S = 10.0
 IDLE_POLICY_CALLS = 20
 
@@ -333,6 +336,7 @@ class GlobalScheduler:
         self.engine_role = {e: g.role for g in groups for e in g.engine_ids}
         self._lock = threading.Lock()
         self._last_seen: dict[int, float] = {}  # node -> the end of its last fetch (its heartbeat)
+        self._last_check: float | None = None  # (beat clock) the last `check_heartbeats`: a pause of the watcher
         self._in_fetch: set[int] = set()  # nodes with a fetch in progress, or waiting for the lock (alive)
         self._addresses: dict[int, object] = {}
         self.dead_nodes: set[int] = set()
@@ -839,6 +843,15 @@ class GlobalScheduler:
         with self._lock:
             self._name_exits()
             now = self._beat_clock()
+            last, self._last_check = self._last_check, now
+            if last is not None and now - last > max(PAUSE_MIN_S, self.heartbeat_timeout_s / 2):
+                # The watcher itself did not run for that long: the whole job was paused (Ctrl-Z and fg, a VM or
+                # container frozen, swapping), and so were the nodes. That pause is no node's silence: it declared
+                # every node dead at once on resuming ("no live engine left"), though none had failed. Silence counts
+                # up to the last check (a node silent before the pause is still declared dead a timeout after it),
+                # and a node that fetched after it (before the pause, somewhere in the gap) was alive then.
+                for n, seen in self._last_seen.items():
+                    self._last_seen[n] = seen + (now - max(seen, last))
             silent = {}
             for n in self.groups:
                 if n in self.dead_nodes or n in self._in_fetch:
