@@ -48,3 +48,12 @@ def test_run_jobs_bar_in_a_log_has_no_carriage_returns(capfd):
     assert [r for r, _ in out] == [2, 4, 6]
     err = capfd.readouterr().err
     assert "\r" not in err and "jobs: 100%" in err
+
+
+def test_simulation_bar_in_a_log_has_no_carriage_returns(capfd):
+    from dualpath_jax.sim import load_sim_config, runner
+
+    cfg = load_sim_config("configs/sim_tiny.py:dualpath,agents=2,turns=2")
+    res = runner.run(cfg, progress=True)
+    err = capfd.readouterr().err
+    assert len(res.records) == 4 and "\r" not in err and "simulating dualpath: 100%" in err

@@ -419,11 +419,11 @@ def run(
     if not progress:
         records, links, stats = sim.run(max_time=max_time)
     else:
-        from tqdm import tqdm
+        from dualpath_jax import progress as bars
 
         # (online and trace runs too: their bar had no total, so no percentage and no time left)
         total = sum(len(t.turns) for t in sim.trajectories)
-        with tqdm(total=total, unit="turn", desc=f"simulating {cfg.policy}", mininterval=2.0) as bar:
+        with bars.bar(total=total, unit="turn", desc=f"simulating {cfg.policy}", mininterval=2.0) as bar:
 
             def report(now: float, turns_done: int, events: int) -> None:
                 bar.update(turns_done - bar.n)
