@@ -840,18 +840,21 @@ class GlobalScheduler:
         """Declare silent groups dead and re-queue their requests; name the exits of dead nodes that have ended
         since (`watch_exits`). Returns the nodes newly declared dead."""
         newly = []
+        arrived = self._beat_clock()  # (before the lock: a wait behind a long policy call is no pause)
         with self._lock:
             self._name_exits()
             now = self._beat_clock()
             last, self._last_check = self._last_check, now
-            if last is not None and now - last > max(PAUSE_MIN_S, self.heartbeat_timeout_s / 2):
+            excess = -1.0 if last is None else arrived - last - max(PAUSE_MIN_S, self.heartbeat_timeout_s / 2)
+            if excess > 0:
                 # The watcher itself did not run for that long: the whole job was paused (Ctrl-Z and fg, a VM or
                 # container frozen, swapping), and so were the nodes. That pause is no node's silence: it declared
-                # every node dead at once on resuming ("no live engine left"), though none had failed. Silence counts
-                # up to the last check (a node silent before the pause is still declared dead a timeout after it),
-                # and a node that fetched after it (before the pause, somewhere in the gap) was alive then.
+                # every node dead at once on resuming ("no live engine left"), though none had failed. The part of
+                # the gap past the bound is left out of each node's silence since the last check (or since its fetch
+                # in the gap): a node silent before the pause is still declared dead a timeout after it, and a
+                # watcher that is only late again and again (a loaded host) still sees silence grow.
                 for n, seen in self._last_seen.items():
-                    self._last_seen[n] = seen + (now - max(seen, last))
+                    self._last_seen[n] = seen + max(0.0, min(excess, arrived - max(seen, last)))
             silent = {}
             for n in self.groups:
                 if n in self.dead_nodes or n in self._in_fetch:
