@@ -143,6 +143,15 @@ class TurnTable(Sequence):
     def __len__(self) -> int:
         return self._n
 
+    def __eq__(self, other):
+        """Equal to a sequence of the same TurnRecords (another table, or a list of records), as a list of records
+        compared (a Sequence compares by identity)."""
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # (mutable, as a list)
+
     def _columns(self) -> list:
         n = self._n
         return [itertools.islice(getattr(self, name), n) for name in _TURN_FIELDS]

@@ -212,6 +212,7 @@ def _main(argv: Sequence[str]) -> None:
     agents = f"{sc.workload.n_agents} agents" if sc.workload.kind == "offline" else "agents from the workload"
     logging.info("simulating %s (%s, %s) ...", sc.policy, sc.workload.kind, agents)  # (online / trace: not n_agents)
     logging.info("compiled hot paths (False: Python twin; DUALPATH_PURE_PYTHON=1 turns all off): %s", compiled.status())
+    stale = compiled.stale_modules()  # (what runs: the modules are loaded now; an edit during the run is not)
     # One run, then exit: the cyclic collector stays off until `main` returns. The simulator makes no
     # reference cycles (tests/test_sim_e2e.py) and turns it off for its event loop anyway; left on, it re-scans
     # the run's millions of live objects while the records are summarised and written (~14 CPU-s at 48P96D).
@@ -307,7 +308,7 @@ def _main(argv: Sequence[str]) -> None:
         "results written in %.1f CPU-s; process CPU so far %.1f s", time.process_time() - cpu1, time.process_time()
     )
     print("wrote", ", ".join(paths.values()))
-    for module, why in compiled.stale_modules().items():  # (the log's warning scrolls away in a long run's log)
+    for module, why in stale.items():  # (the log's warning scrolls away in a long run's log)
         print(f"note: {module} ran as its Python twin, slower ({why}); rebuild with `pip install -e .`")
 
 

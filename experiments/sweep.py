@@ -720,6 +720,10 @@ def main(argv: Sequence[str]) -> None:
     started = time.time()  # (run.json: the start and the wall time)
     import numpy
 
+    from dualpath_jax import compiled
+
+    stale = compiled.stale_modules()  # (as the cells import them now: an edit during the sweep is not what ran)
+
     logging.info("python %s, numpy %s", platform.python_version(), numpy.__version__)
     logging.info(
         "setups=%s modes=%s loads=%s extra=%r seeds=%s workers=%d",
@@ -788,7 +792,7 @@ def main(argv: Sequence[str]) -> None:
         ran = iter(run_grid(to_run, _WORKERS.value, names, log, run_traces))
         rows = [_resumed_row(kept[i], c, names) if i in kept else next(ran) for i, c in enumerate(cells)]
         term.hold()  # SIGTERM and Ctrl-C from here on: noted, and the exit comes after the results are written
-        _write_results(rows, cells, term, started, traces, [cell_spec(*cells[i]) for i in sorted(kept)])
+        _write_results(rows, cells, term, started, traces, [cell_spec(*cells[i]) for i in sorted(kept)], stale)
 
 
 def _no_earlier_sweep_or_exit(out_dir: str) -> None:
@@ -853,11 +857,18 @@ def _kept_traces_unchanged_or_exit(kept: dict[int, dict], kept_traces: dict[int,
 
 
 def _write_results(
-    rows: list[dict], cells, term: SigtermAsInterrupt, started: float, traces: list[str], resumed: list[str]
+    rows: list[dict],
+    cells,
+    term: SigtermAsInterrupt,
+    started: float,
+    traces: list[str],
+    resumed: list[str],
+    stale: dict[str, str] | None = None,
 ) -> None:
     """sweep.csv / sweep.json / sweep.png / run.json of `rows` (the failed cells' rows say why; `resumed`: the
     cells kept from an earlier sweep), the table; the rows' log goes once sweep.json holds them. Then a failing
-    exit naming the failed cells, or saying that SIGTERM stopped the sweep (`term.got`)."""
+    exit naming the failed cells, or saying that SIGTERM stopped the sweep (`term.got`). `stale`: the compiled modules
+    that ran as their Python twins (`compiled.stale_modules()` at the start), a note each under the table."""
     from dualpath_jax.metrics import json_safe, run_info, write_run_info
 
     for r in rows:  # (run_jobs stopped the cells as for Ctrl-C)
@@ -890,9 +901,7 @@ def _write_results(
     print_table([cols, *([_fmt(r.get(k)) for k in cols] for r in safe)])
     for slo in dict.fromkeys(r["slo"] for r in safe if r.get("slo")):  # (which SLO; its window starts at warm-up)
         print(f"note: slo_attainment / slo_met judge the SLO {slo} (each row's `slo` column)")
-    from dualpath_jax import compiled  # (the cells' processes import the same files)
-
-    for module, why in compiled.stale_modules().items():
+    for module, why in (stale or {}).items():
         print(f"note: {module} ran as its Python twin, slower ({why}); rebuild with `pip install -e .`")
     seeds = len({c[4] for c in cells})  # (--seeds; a failed cell's row has no seed of the config's own)
     mean_path = os.path.join(_OUTPUT_DIR.value, "sweep_mean.csv")

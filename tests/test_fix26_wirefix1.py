@@ -356,7 +356,8 @@ def test_a_failing_accept_backs_off_and_the_server_goes_on(monkeypatch, caplog):
             assert 2 <= n <= 12, f"{n} accepts in 0.5 s"  # (10 ms doubling: ~6)
             got, _ = _fetch_in_thread(srv.address)
         assert got == GroupReply()
-        assert "control server: accept failed ([Errno 24] Too many open files); still accepting" in caplog.text
+        assert "control server: accept failed (the driver is out of file descriptors (RLIMIT_NOFILE" in caplog.text
+        assert "`ulimit -n`) ([Errno 24] Too many open files)); still accepting" in caplog.text  # (names the limit)
     finally:
         srv.close()
 

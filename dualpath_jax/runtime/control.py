@@ -266,7 +266,8 @@ class ControlServer:
                 if self._closed:
                     return
                 # (retried at once, out of descriptors it spun: ~370 lines/s. 10 ms doubling to 1 s, as TcpTransport)
-                log.warning("control server: accept failed (%s); still accepting", e)
+                why = _fd_shortage(e) if isinstance(e, OSError) else e  # (EMFILE: names RLIMIT_NOFILE)
+                log.warning("control server: accept failed (%s); still accepting", why)
                 self._stopping.wait(backoff)
                 backoff = min(1.0, backoff * 2)
                 continue

@@ -28,12 +28,13 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class SimResult:
     """What `run` returns; times in simulated seconds from the simulated clock's 0 (offline agents arrive there).
-    `records`: one `metrics.TurnRecord` per turn, as a `metrics.TurnTable` (columns: a TurnRecord made on reading). `links`: `metrics.LinkBytes` per link ("snic/node3",
-    "cnic/engine12/low", ...) per bucket, t0 < t1 (the last bucket ends at the run's end). `stats`: the run itself
-    (events, wall_s, events_per_s, turns_per_s, fetches, unfinished_turns, sim_end_s, link_totals: link -> bytes,
-    compiled, ...). `summary`: `metrics.summarize` (jct_s, ttft / tpot percentiles, ...) + the TTFT breakdown + the
-    storage-NIC balance (snic_max_over_avg, snic_total_bytes) + the SLO figures (online / trace). `config`: the
-    SimConfig that ran; `policy_config`: every field of the policy's Config."""
+    `records`: one `metrics.TurnRecord` per turn, as a `metrics.TurnTable` (columns: a TurnRecord made on reading).
+    `links`: `metrics.LinkBytes` per link ("snic/node3", "cnic/engine12/low", ...) per bucket, t0 < t1 (the last bucket
+    ends at the run's end). `stats`: the run itself (events, wall_s, events_per_s, turns_per_s, fetches,
+    unfinished_turns, sim_end_s, link_totals: link -> bytes, compiled, ...). `summary`: `metrics.summarize` (jct_s,
+    ttft / tpot percentiles, ...) + the TTFT breakdown + the storage-NIC balance (snic_max_over_avg, snic_total_bytes)
+    + the SLO figures (online / trace). `config`: the SimConfig that ran; `policy_config`: every field of the policy's
+    Config."""
 
     records: Sequence  # [turns] metrics.TurnRecord: the simulator's metrics.TurnTable
     links: list  # metrics.LinkBytes samples (bucketed per link)
