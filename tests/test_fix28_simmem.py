@@ -10,11 +10,11 @@ import sys
 
 import numpy as np
 import pytest
+from test_sim_e2e import _cfg
 
 from dualpath_jax import metrics
 from dualpath_jax.sim import run
 from dualpath_jax.sim.outputs import write_results
-from tests.test_sim_e2e import _cfg
 
 
 def _deep_bytes(root) -> int:

@@ -340,7 +340,10 @@ def test_validate_checks_the_locked_memory_limit_for_rdma_buffers(base, fake_ver
 
     from dualpath_jax.runtime.config import validate
 
-    monkeypatch.setattr(resource, "getrlimit", lambda what: (8 << 20, 8 << 20))
+    real = resource.getrlimit  # (only the locked-memory limit: RLIMIT_AS is checked too, since 2026-12-07)
+    monkeypatch.setattr(
+        resource, "getrlimit", lambda what: (8 << 20, 8 << 20) if what == resource.RLIMIT_MEMLOCK else real(what)
+    )
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     cfg = base.replace(transport="rdma", launcher="inprocess")
     c = cfg.cluster

@@ -25,8 +25,8 @@ def probe(cfg: SimConfig, aps: float, drain_s: float = 120.0) -> dict:
     w = dataclasses.replace(cfg.workload, kind="online", aps=aps)
     c = dataclasses.replace(cfg, workload=w)
     res = runner.run(c, max_time=w.duration_s + drain_s)
-    # (runner.slo_summary judges the turns arriving in [warmup, duration) of an online run: no records made here)
-    s = runner.slo_summary(c, res.records)
+    recs = [r for r in res.records if r.arrival < w.duration_s]
+    s = runner.slo_summary(c, recs)
     s["aps"] = aps
     s["turns_per_s_wall"] = res.stats["turns_per_s"]
     # the probe's hit rate (all its turns), and a bounded store's counters (cluster.store_capacity_gb): on such a
