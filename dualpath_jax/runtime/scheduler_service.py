@@ -129,9 +129,13 @@ class StoreKeeper:
         self._adopt = [0, 0, 0]  # the keeper's own lookups (adoptions, LRU order): calls, blocks, hit blocks
         self.adopted_blocks = 0  # write-back blocks indexed (found stored and kept)
         self.unkept_blocks = 0  # write-back blocks removed at once: no room beside the pinned ones
-        self.unremovable_blocks = 0  # blocks that could not be kept nor removed (EACCES, EPERM, EROFS): left on disk
-        self._unremovable: set[bytes] = set()  # their keys
+        self._unremovable: set[bytes] = set()  # blocks that could not be kept nor removed (EACCES, EPERM, EROFS)
         self.finished = False
+
+    @property
+    def unremovable_blocks(self) -> int:
+        """Write-back blocks left on disk over the capacity: neither kept nor removable (`_adopt_locked`)."""
+        return len(self._unremovable)
 
     def lookup(self, request_id: int, keys: list) -> int:
         with self._lock:
@@ -221,8 +225,7 @@ class StoreKeeper:
                         removed = False
                         if key not in self._unremovable:  # (counted once: `finish` finds it on disk again)
                             self._unremovable.add(key)
-                            self.unremovable_blocks += 1
-                            if self.unremovable_blocks == 1:
+                            if len(self._unremovable) == 1:
                                 log.warning(
                                     "kv store %s: write-back block %s has no room beside the pinned blocks and could "
                                     "not be removed: %s (left on disk, over the capacity; other such blocks are "
