@@ -407,29 +407,88 @@ def _results_flag_hint(e: BaseException) -> str:
     )
 
 
-def _cannot_write(directory: str) -> str | None:
-    """Why files cannot be written in `directory` (made if missing), or None when a test file went in and out."""
+# The flags naming a KV store's directory. A KV store is a cache: a full disk there (no space or no inodes left) costs
+# the runs their hits, not the job (LocalDirStore opens with its metadata pending and makes itself once there is
+# room), so those checks warn where the others (results directories) refuse.
+KV_STORE_DIR_FLAGS = frozenset({"--config.runtime.store_dir"})
+_FULL_STORE_DIRS_SAID: set[str] = set()  # (warned once per directory: every policy's fresh store checks it again)
+_CHECK_BYTES = 4096  # written by the check: a disk full of bytes still takes an empty file (tmpfs; ext4's inodes)
+
+
+def _is_full_disk(e: OSError) -> bool:
+    import errno
+
+    return e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_error(directory: str) -> OSError | None:
+    """The error of making `directory` (if missing) and writing a small file in it (removed), or None."""
     import os
     import tempfile
 
+    path = None
     try:
         os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
-            pass
+        fd, path = tempfile.mkstemp(dir=directory, prefix=".write-check-")
+        try:
+            left = memoryview(bytes(_CHECK_BYTES))
+            while left:  # (a short write, then ENOSPC)
+                left = left[os.write(fd, left) :]
+        finally:
+            os.close(fd)
     except OSError as e:
-        from dualpath_jax.checks import file_in_the_way
-
-        return file_in_the_way(directory) or e.strerror or str(e)
+        return e
+    finally:  # (not a buffered file: its close raised ENOSPC again, before its unlink, and left the file behind)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
     return None
+
+
+def _why(directory: str, e: OSError) -> str:
+    """Why `directory` cannot be written, as a flag's error says it: a full disk is named with its errno."""
+    import errno
+
+    from dualpath_jax.checks import file_in_the_way
+
+    why = file_in_the_way(directory) or e.strerror or str(e)
+    if _is_full_disk(e):
+        why += f": {errno.errorcode[e.errno]}, the disk is full"
+    return why
+
+
+def _cannot_write(directory: str) -> str | None:
+    """Why files cannot be written in `directory` (made if missing), or None when a test file went in and out."""
+    e = _write_error(directory)
+    return None if e is None else _why(directory, e)
+
+
+def _store_on_full_disk(path: str, what: str, e: OSError) -> bool:
+    """True (warned) where `path`, the KV store directory `what` names, cannot be made or written for a full disk:
+    the run goes on and its store opens there with its metadata pending."""
+    from absl import logging
+
+    from dualpath_jax.checks import file_in_the_way
+
+    if what not in KV_STORE_DIR_FLAGS or not _is_full_disk(e) or file_in_the_way(path):
+        return False
+    said = path in _FULL_STORE_DIRS_SAID
+    _FULL_STORE_DIRS_SAID.add(path)
+    (logging.debug if said else logging.warning)(
+        "%s %r: cannot write there (%s): the KV store opens without blocks (its metadata pending): the runs miss in "
+        "it until the disk has room", what, path, _why(path, e),
+    )  # fmt: skip
+    return True
 
 
 def writable_dir_or_exit(path: str, what: str) -> str:
     """Make the results directory `path` now and prove it takes a file, or SystemExit with one line naming
     `what` (e.g. "--output_dir"): a launcher checks this before it runs, so no run's results are lost at the end
-    to a directory that cannot be written."""
-    why = _cannot_write(path)
-    if why:
-        raise SystemExit(f"bad {what} {path!r}: cannot write there ({why})")
+    to a directory that cannot be written. A KV store's directory (`KV_STORE_DIR_FLAGS`) on a full disk is a
+    warning: the store is a cache."""
+    e = _write_error(path)
+    if e is not None and not _store_on_full_disk(path, what, e):
+        raise SystemExit(f"bad {what} {path!r}: cannot write there ({_why(path, e)})")
     return path
 
 
@@ -465,7 +524,8 @@ def drop_empty_dirs(path: str, top: str | None) -> None:
 def fresh_dir_or_exit(parent: str, name: str, what: str) -> str:
     """Make a new directory `parent/name` (`name-2`, `name-3`, ... when that exists) and return its path, or
     SystemExit naming `what` when `parent` cannot take it. Two runs started in the same second (a sweep of
-    launches) each get their own results (and kept-store) directory instead of writing into one."""
+    launches) each get their own results (and kept-store) directory instead of writing into one. A KV store's
+    (`KV_STORE_DIR_FLAGS`) that a full disk cannot make is returned unmade: its store makes it once there is room."""
     import os
 
     writable_dir_or_exit(parent, what)
@@ -477,7 +537,9 @@ def fresh_dir_or_exit(parent: str, name: str, what: str) -> str:
         except FileExistsError:
             continue
         except OSError as e:
-            raise SystemExit(f"bad {what} {parent!r}: cannot make {path!r} ({e.strerror or e})") from None
+            if what in KV_STORE_DIR_FLAGS and _is_full_disk(e):  # (warned by the check above: the store makes it)
+                return path
+            raise SystemExit(f"bad {what} {parent!r}: cannot make {path!r} ({_why(path, e)})") from None
     raise SystemExit(f"bad {what} {parent!r}: {name!r} and 9,998 numbered variants of it already exist")
 
 

@@ -490,6 +490,7 @@ def _main(argv, term: SigtermAsInterrupt):
         # Each run's kept store is a fresh subdirectory of runtime.store_dir (`one` below), so the checks open a
         # scratch store (its options checked there), not that directory: it was opened as a store itself (STORE.json
         # and blocks/ made beside the runs' subdirectories, a store kept in it trimmed to capacity_bytes).
+        writable_dir_or_exit(config.results_dir, "--config.results_dir")  # (before the model is built, not after)
         for d in sorted({c.store_dir for c in configs.values() if c.store_dir}):
             writable_dir_or_exit(d, "--config.runtime.store_dir")
             warn_if_store(d)

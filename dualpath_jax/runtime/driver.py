@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import math
 import os
@@ -457,9 +458,13 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         try:
             os.makedirs(cfg.store_dir, exist_ok=True)
         except OSError as e:  # (a file there, or above it: named, where the OS said only "File exists")
-            why = file_in_the_way(cfg.store_dir) or e.strerror
-            raise ConfigError(f"config.store_dir {cfg.store_dir!r} cannot be created: {why}") from None
-        if not os.access(cfg.store_dir, os.W_OK | os.X_OK):
+            why = file_in_the_way(cfg.store_dir)
+            # a full disk (no space or no inodes) is no bad config: the store, a cache, opens there with its metadata
+            # pending (its warning) and makes itself once there is room
+            if why or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                why = why or e.strerror
+                raise ConfigError(f"config.store_dir {cfg.store_dir!r} cannot be created: {why}") from None
+        if os.path.isdir(cfg.store_dir) and not os.access(cfg.store_dir, os.W_OK | os.X_OK):
             _read_only_store_or_refuse(cfg.store_dir)
     if cfg.store_dir or cfg.store_options:
         _open_store_once(cfg, ops)

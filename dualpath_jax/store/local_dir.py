@@ -597,6 +597,9 @@ class LocalDirStore(KVStore):
         # damaged: a lookup, read or refresh deleted them; writes filled it, or made a removed root again without
         # STORE.json).
         self._blocks_id: tuple[int, int] | None = None
+        # Directories made for the store (the root, its missing parents, blocks/) whose entries a durable store has
+        # not fsync'ed yet: kept across a make that a full disk stopped, until one succeeds (`_make_store_dir`).
+        self._made_dirs: dict[str, None] = {}  # (an ordered set: a retry that fails again adds none twice)
         try:
             self._make_store_dir(create)
         except OSError as e:
@@ -679,25 +682,29 @@ class LocalDirStore(KVStore):
 
     # ---- directory ------------------------------------------------------------------------------------
     def _make_store_dir(self, create: bool) -> None:
-        """Make (create) or check the store's directories and STORE.json; then note `blocks/` (`_blocks_id`)."""
-        created = []  # directories this call made: with durable, their parents are fsync'ed
+        """Make (create) or check the store's directories and STORE.json; then note `blocks/` (`_blocks_id`). A
+        durable store fsyncs the parents of the directories it made (`_made_dirs`): those of an earlier make that a
+        full disk stopped too (a store opened with its metadata pending made its root then, and its retry fsync'ed
+        STORE.json and the root, but not the root's entry in its parent: a power loss could lose the whole store)."""
         if not os.path.isdir(self.root):
             if not create:
                 raise FileNotFoundError(f"store root {self.root} does not exist (create=False)")
+            # (the root and its missing parents, outermost first)
+            self._made_dirs.update(dict.fromkeys(_missing_dirs(self.root)))
             os.makedirs(self.root, exist_ok=True)
-            created.append(self.root)
         elif not create and not os.path.lexists(os.path.join(self.root, _META)):
             # (an empty mount point of a shared file system that is not mounted: it made a new, empty store there,
             # on the local disk, where create=False is meant to open the existing one)
             raise FileNotFoundError(f"store root {self.root} holds no KV store (no {_META}) and create=False")
         if not os.path.isdir(self._blocks_dir):
+            self._made_dirs[self._blocks_dir] = None
             os.makedirs(self._blocks_dir, exist_ok=True)
-            created.append(self._blocks_dir)
         self._check_or_write_meta()
         st = os.stat(self._blocks_dir)
         if self.durable:
-            for d in created:  # (the root: its parent holds its entry; blocks/: the root holds it)
+            for d in self._made_dirs:  # (each one's parent holds its entry)
                 _fsync_dir(os.path.dirname(d))
+        self._made_dirs.clear()
         self._blocks_id = (st.st_dev, st.st_ino)
 
     def _holds_files(self) -> bool:
@@ -2399,6 +2406,15 @@ def _fsync_block(path: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """`path` and its parents that do not exist yet, outermost first (what `os.makedirs(path)` makes)."""
+    missing = []
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
 
 
 def _fsync_dir(path: str) -> None:
