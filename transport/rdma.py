@@ -88,9 +88,12 @@ class _NoMR:
 
 _NO_MR = _NoMR()
 _USER = b"\x01"  # prefix of user messages (send/recv)
-# The largest user message (`send`), as tcp's default; the control channel takes it with its prefix byte (a 16 MiB
+# The largest user message (`send`) by default, as tcp's; the control channel takes it with its prefix byte (a 16 MiB
 # message was refused: 16 MiB + 1 over the channel's own 16 MiB limit).
 MAX_MESSAGE_BYTES = 16 << 20
+# The least `max_message_bytes`: this backend's own control messages (JSON: a region lookup names a region of up to
+# REGION_NAME_MAX bytes, escaped; queue pair info; an error reply's text) go on the same channel, under the peer's limit.
+MIN_MESSAGE_BYTES = 64 << 10
 # ibv_send_flags (verbs.h): a fenced work request starts only once the RDMA READs posted before it on its QP completed
 # (an RC responder may otherwise execute a later RDMA WRITE before an earlier READ has read its bytes); every work
 # request is signaled (pyverbs' default, and `sq_sig_all`)
@@ -173,7 +176,14 @@ def check_rdma_args(
 # The control channel's (`TcpTransport`'s) settings an rdma endpoint takes and passes on: its handshakes and connection
 # sets serve the peers' control connections as a tcp endpoint's do. (Not reply_copy_max_bytes: the control channel
 # serves no TCP READ, it has no region; RDMA READs are served by the NIC, which copies nothing.)
-CONTROL_ARGS = ("handshake_timeout_s", "max_sets", "max_sets_per_peer", "max_pending_handshakes", "handshake_step_s")
+CONTROL_ARGS = (
+    "handshake_timeout_s",
+    "max_sets",
+    "max_sets_per_peer",
+    "max_pending_handshakes",
+    "handshake_step_s",
+    "max_message_bytes",
+)
 
 
 def check_control_args(
@@ -183,11 +193,20 @@ def check_control_args(
     max_sets_per_peer: int | None = None,
     max_pending_handshakes: int | None = None,
     handshake_step_s: float | None = None,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> dict[str, Any]:
     """The control channel's settings (`CONTROL_ARGS`) checked as `TcpTransport` checks them, with no device and
-    nothing opened; returns them as its keyword arguments (None: tcp's default). `RdmaConfigError` names the
-    argument."""
+    nothing opened; returns them as its keyword arguments (None: tcp's default; max_message_bytes: the user
+    messages' limit, which the channel takes with their prefix byte). `RdmaConfigError` names the argument."""
     from transport.tcp import _check_caps
+
+    most = _int_arg("max_message_bytes", max_message_bytes, 1)
+    if most < MIN_MESSAGE_BYTES:
+        raise RdmaConfigError(
+            "max_message_bytes",
+            f"rdma: max_message_bytes must be >= {MIN_MESSAGE_BYTES} (this backend's own control messages go on the "
+            f"same channel, under the peers' limits), got {most}",
+        )
 
     t = handshake_timeout_s  # (a socket timeout of inf is an OverflowError; NaN never times out)
     if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < t < float("inf"):
@@ -205,7 +224,7 @@ def check_control_args(
             _check_caps(name, None, *(value if a == arg else None for a in caps))
         except ValueError as e:
             raise RdmaConfigError(arg, "rdma: " + str(e).removeprefix(f"tcp transport {name!r}: ")) from None
-    return {"handshake_timeout_s": float(t), **caps}
+    return {"handshake_timeout_s": float(t), **caps, "max_message_bytes": most + len(_USER)}
 
 
 def _gid_is_zero(gid: str) -> bool:
@@ -348,6 +367,9 @@ class RdmaTransport(Transport):
       requests per QP. handshake_timeout_s, max_sets, max_sets_per_peer, max_pending_handshakes, handshake_step_s:
       the control channel's, as `TcpTransport`'s (`CONTROL_ARGS`; `config.transport_options` sets them for a run).
       Its reply_copy_max_bytes does not apply (the control channel serves no TCP read) and is not taken.
+      max_message_bytes: the largest user message (`send`/`recv`) this endpoint takes [MAX_MESSAGE_BYTES, 16 MiB; at
+        least MIN_MESSAGE_BYTES, 64 KiB]; as tcp's, its control channel's handshake tells the peers, whose `send` of a
+        larger message raises `TransportError` at once (a larger one arriving closes the control connection set).
 
     Bad settings are `RdmaConfigError`s naming the argument: types and ranges are checked first (on any host),
     then the device, port (must be ACTIVE) and GID (`check_rdma_device`).
@@ -375,13 +397,20 @@ class RdmaTransport(Transport):
         max_sets_per_peer: int | None = None,
         max_pending_handshakes: int | None = None,
         handshake_step_s: float | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ):
         args = check_rdma_args(device, ib_port, gid_index, sl_high, sl_low, chunk_bytes, max_send_wr)
         # (NaN too; inf was an OverflowError at the first post: the send-queue waits take it as their timeout)
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not 0 < timeout_s < float("inf"):
             raise RdmaConfigError("timeout_s", f"rdma: timeout_s must be > 0 seconds and finite, got {timeout_s}")
         control_args = check_control_args(
-            name, handshake_timeout_s, max_sets, max_sets_per_peer, max_pending_handshakes, handshake_step_s
+            name,
+            handshake_timeout_s,
+            max_sets,
+            max_sets_per_peer,
+            max_pending_handshakes,
+            handshake_step_s,
+            max_message_bytes,
         )
         from transport.tcp import TcpTransport, is_loopback
 
@@ -402,6 +431,7 @@ class RdmaTransport(Transport):
         self.device, self.ib_port, self.gid_index = device, args["ib_port"], args["gid_index"]
         self.service_levels = {"high": args["sl_high"], "low": args["sl_low"]}  # per priority class
         self.chunk_bytes, self.max_send_wr, self.timeout_s = args["chunk_bytes"], args["max_send_wr"], timeout_s
+        self.max_message_bytes = control_args["max_message_bytes"] - len(_USER)
         self.ctx = d.Context(name=device)
         try:
             self._open(name, host, port, secret, pacer, TcpTransport, control_args)
@@ -447,7 +477,6 @@ class RdmaTransport(Transport):
             port=port,
             secret=secret,
             timeout_s=self.timeout_s,
-            max_message_bytes=MAX_MESSAGE_BYTES + len(_USER),
             **control_args,
         )
         self.control.on_message = self._on_control
@@ -1015,11 +1044,24 @@ class RdmaTransport(Transport):
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise TypeError(f"message payload must be bytes, got {type(payload).__name__}")
         data = bytes(payload)
-        if len(data) > MAX_MESSAGE_BYTES:
-            raise ValueError(f"message of {len(data)} bytes exceeds max_message_bytes={MAX_MESSAGE_BYTES}")
+        if len(data) > self.max_message_bytes:
+            raise ValueError(f"message of {len(data)} bytes exceeds max_message_bytes={self.max_message_bytes}")
         self._peer(peer)
+        told = self._peer_max_message(peer)
+        if told is not None and len(data) > told:  # (the channel's own error counted the prefix byte in both figures)
+            raise TransportError(
+                f"{self.name}: message of {len(data)} bytes exceeds the max_message_bytes={told} of peer {peer!r} (it "
+                f"would close the control connection set); this endpoint's is {self.max_message_bytes}"
+            )
         # resolves to the payload's size, as on tcp and inproc (the channel's future counts the prefix byte too)
         return combine_futures([self.control.send(peer, _USER + data)], len(data))
+
+    def _peer_max_message(self, peer: str) -> int | None:
+        """The peer's max_message_bytes, as its control channel's handshake told it (None: not told, or no live
+        control connection: the channel's `send` says so)."""
+        p = self.control._live_peer(peer)
+        limit = None if p is None else p.max_message
+        return None if limit is None else limit - len(_USER)
 
     def _shutdown(self) -> None:
         # (the `close` contract, as tcp and inproc: this side's pending transfers fail with TransportClosedError; it
