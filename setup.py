@@ -14,7 +14,9 @@
 All are optional: a machine without a C compiler installs the pure-Python package (a warning says so).
 `-ffp-contract=off` keeps a*b+c from becoming one rounded FMA, so compiled and Python results are equal.
 
-Each build records the sha256 of every built module's sources (.py, .pxd, .pyx) and of the built file in
+Each build records the sha256 of every built module's sources (.py, .pxd, .pyx), of the C files it builds from
+besides them (`includes`: its C sources and the headers they and its `cdef extern from` include, e.g. the vendored
+xxHash; each extension's `depends`, so an edit of one also rebuilds it) and of the built file in
 `_compiled_sources.json` beside it (per package directory; `dualpath_jax/compiled.py` reads it): a source that
 is only newer than the build, with the same bytes, does not make the build stale.
 """
@@ -24,6 +26,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -67,8 +70,51 @@ def _module_sources(name: str) -> dict[str, str]:
     return {os.path.basename(p): _sha256(p) for p in paths}
 
 
+_C_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.M)  # (not the `<...>` system headers)
+_CDEF_EXTERN = re.compile(r'^[ \t]*cdef[ \t]+extern[ \t]+from[ \t]+"([^"]+)"', re.M)
+
+
+def _c_files(sources: list[str], include_dirs: list[str]) -> list[str]:
+    """The C files an extension of `sources` builds from besides its Cython sources: its C sources and every header
+    that one of them, or a `cdef extern from` of its .pyx / .pxd, includes in quotes (found beside the file that
+    includes it, or in `include_dirs`; one found nowhere is the compiler's own), recursively."""
+
+    def found(name: str, beside: str) -> list[str]:
+        for d in (beside, *include_dirs):
+            if os.path.isfile(os.path.join(d, name)):
+                return [os.path.normpath(os.path.join(d, name))]
+        return []
+
+    todo, headers = [], {}
+    for src in sources:
+        if src.endswith(_SOURCE_SUFFIXES):
+            for cython in {src, os.path.splitext(src)[0] + ".pxd"}:
+                if os.path.exists(cython):
+                    with open(cython) as f:
+                        todo += [p for n in _CDEF_EXTERN.findall(f.read()) for p in found(n, os.path.dirname(src))]
+        else:
+            todo.append(os.path.normpath(src))
+    while todo:
+        path = todo.pop()
+        if path in headers:
+            continue
+        headers[path] = None
+        with open(path, errors="replace") as f:
+            todo += [p for n in _C_INCLUDE.findall(f.read()) for p in found(n, os.path.dirname(path))]
+    return sorted(headers)
+
+
+def _module_includes(ext: Extension) -> dict[str, str]:
+    """The sha256 of each of `ext`'s C files (`_c_files`), by path relative to the module's directory."""
+    home = os.path.dirname(os.path.join(*ext.name.split(".")))
+    return {os.path.relpath(p, home): _sha256(p) for p in ext.depends}
+
+
+for _ext in _EXTENSIONS:  # (depends: setuptools rebuilds a module when one of them is newer than its build)
+    _ext.depends = sorted(set(_ext.depends) | set(_c_files(_ext.sources, _ext.include_dirs)))
 # the sources as cythonize reads them next (an edit during the build then shows as stale, not as built)
 _SOURCES = {ext.name: _module_sources(ext.name) for ext in _EXTENSIONS}
+_INCLUDES = {ext.name: _module_includes(ext) for ext in _EXTENSIONS}
 
 
 class _RecordingBuildExt(build_ext):
@@ -88,6 +134,7 @@ class _RecordingBuildExt(build_ext):
                     "built": os.path.basename(built),
                     "built_sha256": _sha256(built),
                     "sources": _SOURCES[ext.name],
+                    **({"includes": _INCLUDES[ext.name]} if _INCLUDES[ext.name] else {}),
                 }
             by_dir.setdefault(os.path.dirname(built), {})[ext.name.rsplit(".", 1)[-1]] = entry
         for directory, entries in by_dir.items():

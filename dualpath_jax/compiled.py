@@ -19,7 +19,8 @@ error at import); `status()` says which of them run.
 A compiled module whose source was edited after the build would run the old code: `load` then runs the Python
 source instead and logs a warning saying to rebuild (`pip install -e .`, or `python setup.py build_ext
 --inplace`). Edited means a different content: setup.py records the sha256 of each module's sources (.py, .pxd,
-.pyx) and of the built file in `_compiled_sources.json` beside it, so a source that is only newer (a `cp` back,
+.pyx), of the C files it builds from besides them (its `includes`: the store's `_verify_c.h` and vendored
+`_xxhash/`) and of the built file in `_compiled_sources.json` beside it, so a source that is only newer (a `cp` back,
 a `git checkout` or `git stash pop` that restores the same bytes, a save without change) keeps the compiled
 module. A build without that record (before it existed) falls back to the times: a source newer than the built
 file is an edit. `stale_modules()` says which built modules run as Python, and why.
@@ -75,7 +76,8 @@ MODULES = (
     "dualpath_jax.store._verify",
 )
 # setup.py's record of each build, one per package directory: {module: {"built": file name, "built_sha256": ...,
-# "sources": {file name: sha256}}} (the module's last name; the sources are the .py, .pxd, .pyx it has)
+# "sources": {file name: sha256}, "includes": {path: sha256}}} (the module's last name; the sources are the .py, .pxd,
+# .pyx it has; the includes, where it has any, the C files it builds from, by path relative to its directory)
 SOURCES_RECORD = "_compiled_sources.json"
 SOURCE_SUFFIXES = (".py", ".pxd", ".pyx")
 
@@ -107,25 +109,32 @@ def _build_record(built: str, module_name: str) -> dict | None:
 def stale_reason(module_name: str) -> str:
     """Why the module's build is older than its sources ('' when it is not, or the module is not compiled).
 
-    Only where a source (.py, .pxd, .pyx) is newer than the built file (5 s of slack: an installer may write the
-    sources a moment after it) are contents compared: with setup.py's record of the build, the sources are
-    edited when one differs from what was built (or one was added or removed); without it, newer is edited."""
+    Only where a source (.py, .pxd, .pyx, or a C file the record lists as included) is newer than the built file
+    (5 s of slack: an installer may write the sources a moment after it) are contents compared: with setup.py's
+    record of the build, the sources are edited when one differs from what was built (or one was added or removed);
+    without it, newer is edited."""
     built = _built_file(module_name)
     if not built:
         return ""
-    sources = [p for p in (_source(built, module_name, s) for s in SOURCE_SUFFIXES) if os.path.exists(p)]
-    newer = [p for p in sources if os.path.getmtime(p) > os.path.getmtime(built) + 5.0]
+    home = os.path.dirname(built)
+    # name (the record's: a file name, or an include's path from `home`) -> path
+    sources = {os.path.basename(p): p for p in (_source(built, module_name, s) for s in SOURCE_SUFFIXES)}
+    record = _build_record(built, module_name)
+    includes = record.get("includes") if record is not None else None
+    includes = includes if isinstance(includes, dict) else {}
+    sources.update({name: os.path.join(home, name) for name in includes})
+    sources = {name: p for name, p in sources.items() if os.path.exists(p)}
+    newer = [name for name, p in sources.items() if os.path.getmtime(p) > os.path.getmtime(built) + 5.0]
     if not newer:
         return ""
-    names = ", ".join(os.path.basename(p) for p in newer)
-    record = _build_record(built, module_name)
+    names = ", ".join(newer)
     if record is None:
         return f"{names} newer than the build, which has no record of its sources ({SOURCES_RECORD})"
     if record.get("built") != os.path.basename(built) or record.get("built_sha256") != file_sha256(built):
         return f"{names} newer than the build, and {SOURCES_RECORD} records another build of it"
-    recorded = record["sources"]
-    edited = [os.path.basename(p) for p in sources if recorded.get(os.path.basename(p)) != file_sha256(p)]
-    gone = sorted(set(recorded) - {os.path.basename(p) for p in sources})
+    recorded = {**record["sources"], **includes}
+    edited = [name for name, p in sources.items() if recorded.get(name) != file_sha256(p)]
+    gone = sorted(set(recorded) - set(sources))
     if edited or gone:
         return "edited since the build: " + ", ".join(edited + [f"{n} (removed)" for n in gone])
     return ""
