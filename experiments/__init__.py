@@ -543,6 +543,40 @@ def fresh_dir_or_exit(parent: str, name: str, what: str) -> str:
     raise SystemExit(f"bad {what} {parent!r}: {name!r} and 9,998 numbered variants of it already exist")
 
 
+_HELD_DIRS: dict[str, int] = {}  # directory -> the descriptor whose lock this process holds (until it exits)
+
+
+def hold_dir_or_exit(directory: str, what: str) -> None:
+    """Lock `directory` (made already: `writable_dir_or_exit`) for this process's life, or SystemExit naming `what`
+    when another job holds it: two sweeps (capacity searches, simulations, reports) writing one --output_dir at once
+    each passed the earlier-results check (their files come at the end) and the last one's replaced the other's, or
+    mixed with them. An flock of the directory itself (no file in it), released when the process ends however it ends
+    (kill -9 too)."""
+    import fcntl
+    import os
+
+    directory = os.path.abspath(directory)
+    if directory in _HELD_DIRS:
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise SystemExit(f"bad {what} {directory!r}: cannot open it ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(
+            f"bad {what} {directory!r}: another job writes there now (a sweep, capacity search, simulation or report "
+            f"of this repository holds it: its results would replace or mix with this one's); wait for it to end, or "
+            f"give another {what}"
+        ) from None
+    except OSError:  # (a file system without flock: not held, as before)
+        os.close(fd)
+        return
+    _HELD_DIRS[directory] = fd
+
+
 def no_earlier_results_or_exit(directory: str, names: tuple[str, ...], what: str, overwrite: bool) -> None:
     """SystemExit naming `what` (e.g. "--output_dir") when `directory` already holds an earlier run's result files
     (any of `names`) and `overwrite` is not set: a second sweep (or a failed one, with its partial rows) into the

@@ -42,6 +42,7 @@ from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
     exit_if_stopped_or_failed,
+    hold_dir_or_exit,
     interrupted_by,
     job_step,
     log_start,
@@ -430,6 +431,7 @@ def main(argv: Sequence[str]) -> None:
                 f"capacity: stopped by {interrupted_by(e)} before any search ran (nothing written)"
             ) from None
         writable_dir_or_exit(out_dir, "--output_dir")
+        hold_dir_or_exit(out_dir, "--output_dir")
         no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
         names = setup_names(c[0] for c in searches)
         jobs = [

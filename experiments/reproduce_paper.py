@@ -39,6 +39,7 @@ from absl import app, flags, logging
 from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
+    hold_dir_or_exit,
     interrupted_by,
     mean_within,
     no_earlier_results_or_exit,
@@ -498,6 +499,7 @@ def main(argv: Sequence[str]) -> None:
             if extra:  # (each simulator built: Ctrl-C or SIGTERM here was a traceback)
                 _check_runs(jobs, extra)
             writable_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")  # before the runs, not after
+            hold_dir_or_exit(_OUTPUT_DIR.value, "--output_dir")
             results = _run_all(jobs, term, started, extra)
         except KeyboardInterrupt as e:  # (Terminated too: SIGTERM)
             raise SystemExit(

@@ -24,6 +24,7 @@ from experiments import (
     define_config_file,
     dirs_made_for,
     drop_empty_dirs,
+    hold_dir_or_exit,
     parse_flags_or_exit,
     policy_mistake,  # (defined here before: tests import it from this module)
     writable_dir_or_exit,
@@ -208,6 +209,7 @@ def _main(argv: Sequence[str]) -> None:
     logging.info("sim config: %s", sc)
     made = dirs_made_for(out)  # (dropped again if the run writes nothing)
     writable_dir_or_exit(out, "--output_dir")  # before the run
+    hold_dir_or_exit(out, "--output_dir")
     _warn_of_earlier_run(out)
     agents = f"{sc.workload.n_agents} agents" if sc.workload.kind == "offline" else "agents from the workload"
     logging.info("simulating %s (%s, %s) ...", sc.policy, sc.workload.kind, agents)  # (online / trace: not n_agents)

@@ -51,4 +51,40 @@ def enable_persistent_compilation_cache(cache_dir: str | None = None) -> str:
         )
         max_bytes = -1
     jax.config.update("jax_compilation_cache_max_size", max_bytes)
+    if max_bytes != -1:
+        remove_orphaned_entries(cache_dir)
     return cache_dir
+
+
+def remove_orphaned_entries(cache_dir: str) -> list[str]:
+    """Remove the entries of the bounded cache `cache_dir` that have no `-atime` file, under jax's own lock (so no
+    write is in flight): a job killed between jax's write of KEY-cache and of KEY-atime (torn, often) or one run with
+    $DUALPATH_JAX_CACHE_MAX_BYTES=-1 (no -atime at all) left one, and jax's eviction then failed every later write
+    (FileNotFoundError, a warning per compile: jax-ml/jax#39880, fixed upstream after jax 0.10.2). Returns them."""
+    import filelock
+
+    removed = []
+    try:
+        lock = filelock.FileLock(os.path.join(cache_dir, ".lockfile"), timeout=30)
+        lock.acquire()
+    except (filelock.Timeout, OSError) as e:  # (a cache another job holds that long, or one not writable: left as is)
+        logging.getLogger(__name__).warning("compilation cache %s: not checked for orphaned entries (%s)", cache_dir, e)
+        return removed
+    with lock:
+        for name in os.listdir(cache_dir):
+            if name.endswith("-cache") and not os.path.exists(
+                os.path.join(cache_dir, name[: -len("-cache")] + "-atime")
+            ):
+                try:
+                    os.unlink(os.path.join(cache_dir, name))
+                except OSError:
+                    continue
+                removed.append(name)
+    if removed:
+        logging.getLogger(__name__).warning(
+            "compilation cache %s: removed %d entries without their -atime file (a job killed while writing one, or "
+            "one unbounded): their executables compile again",
+            cache_dir,
+            len(removed),
+        )
+    return removed
