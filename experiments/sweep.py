@@ -21,8 +21,11 @@ same rows could not go stale beside it. `--resume` (same command, plus --resume)
 in --output_dir finished (its rows in sweep.json and sweep.rows.jsonl) and runs only the others; the results are
 written as one run would write them, and run.json names the kept cells (`resumed_cells`; its `rerun` line ends with
 --noresume: a re-run runs every cell). A kept row whose setup
-file or trace changed since (its `setup_sha256`, `trace_sha256`) is refused; one of other code (its `code`, the git
-commit) is kept, logged and named in run.json (`resumed_code`). With nothing earlier there it runs every cell.
+file or trace changed since (its `setup_sha256`, `trace_sha256`) is refused, and so is one an older sweep wrote without
+such a digest (it cannot be checked); one of other code (its `code`, the git commit) is kept, logged and named in
+run.json (`resumed_code`), and where either side knows no commit (outside a git checkout) a warning says the code cannot
+be compared. An older sweep's sweep.json (rows without a `spec`) cannot be resumed. With nothing earlier there it runs
+every cell.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
     exit_if_stopped_or_failed,
+    hold_dir_or_exit,
     interrupted_by,
     mean_within,
     mode_items,
@@ -391,6 +395,12 @@ def append_row(path: str, row: dict) -> None:
 
 
 def _needs_spec(row, where: str) -> dict:
+    if isinstance(row, dict) and "spec" not in row and {"setup", "mode"} <= row.keys():
+        # (rows before each named its cell's spec, 12-05: nothing to match them by, and no digests to check them by)
+        raise SystemExit(
+            f"--resume: {where} is an older sweep's row (it names no cell `spec`, `file:variant`): that sweep cannot "
+            "be resumed; --overwrite to run every cell again, or give another --output_dir"
+        )
     if not isinstance(row, dict) or not isinstance(row.get("spec"), str):
         raise SystemExit(
             f"--resume: {where} is not a sweep row with its cell's `spec` (`file:variant`); mend or remove it, "
@@ -492,6 +502,44 @@ def resumable(cells, directory: str) -> tuple[dict[int, dict], int | None]:
             "was; restore it, or --overwrite to run every cell again"
         )
     return kept, torn
+
+
+def resume_rows(cells, directory: str) -> tuple[dict[int, dict], int | None, dict[tuple, str]]:
+    """For --resume: `resumable`'s kept rows and torn-line offset, and the trace each kept trace cell replays (by
+    cell), once every kept row is checked against its inputs as they are now: one lacking a digest this sweep records
+    (an older sweep's) or one of a trace changed since is refused (SystemExit), nothing touched."""
+    kept, torn = resumable(cells, directory)
+    kept_traces = _check_cells([cells[i] for i in sorted(kept)], build=False)
+    traces = {i: kept_traces[cells[i]] for i in sorted(kept) if cells[i] in kept_traces}
+    _kept_rows_checkable_or_exit(kept, cells, traces)
+    _kept_traces_unchanged_or_exit(kept, traces)
+    return kept, torn, kept_traces
+
+
+def _kept_rows_checkable_or_exit(kept: dict[int, dict], cells, kept_traces: dict[int, str]) -> None:
+    """--resume: a kept row without a digest this sweep records (setup_sha256 always; trace_sha256 for a trace cell;
+    policy_sha256 for a policy with a file of its own) was run by an older sweep, and whether that input changed since
+    cannot be checked: its figures could be of another file. Refused naming the cells and the digest they lack (one
+    line); `_CELL_INFO` must hold the kept cells (`_check_cells`). Such rows were kept unchecked (sweep 12-05/06)."""
+    checks = {
+        "setup_sha256": ("their setup file's sha256", lambda i: True),
+        "trace_sha256": ("their trace's sha256", lambda i: i in kept_traces),
+        "policy_sha256": (
+            "their policy file's sha256",
+            lambda i: bool(kept[i].get("policy_file") or _CELL_INFO.get(cells[i], {}).get("policy_file")),
+        ),
+    }
+    lacking = []
+    for key, (what, applies) in checks.items():
+        specs = [cell_spec(*cells[i]) for i in sorted(kept) if applies(i) and not kept[i].get(key)]
+        if specs:  # (separated by ';': a spec has commas)
+            named = "; ".join(specs[:3]) + (f"; and {len(specs) - 3} more" if len(specs) > 3 else "")
+            lacking.append(f"cells {named} lack {what} (`{key}`)")
+    if lacking:
+        raise SystemExit(
+            f"--resume: {', and '.join(lacking)}: an older sweep ran them without recording it, so whether that input "
+            "changed since cannot be checked; --overwrite to run them again"
+        )
 
 
 def _file_digest(path: str) -> str | None:
@@ -754,12 +802,8 @@ def main(argv: Sequence[str]) -> None:
         try:
             # --resume: the earlier sweep's finished cells (by index in `cells`), matched first (cheap, and a
             # different grid is refused before any simulator is built)
-            kept, torn = resumable(cells, out_dir) if _RESUME.value else ({}, None)
+            kept, torn, kept_traces = resume_rows(cells, out_dir) if _RESUME.value else ({}, None, {})
             to_run = [c for i, c in enumerate(cells) if i not in kept]
-            kept_traces = _check_cells([cells[i] for i in sorted(kept)], build=False)
-            _kept_traces_unchanged_or_exit(
-                kept, {i: kept_traces[cells[i]] for i in sorted(kept) if cells[i] in kept_traces}
-            )
             run_traces = _check_cells(to_run)
             for t in run_traces.values():  # (each trace's digest as the sweep starts: its rows' trace_sha256)
                 trace_sha256(t)
@@ -767,6 +811,7 @@ def main(argv: Sequence[str]) -> None:
         except KeyboardInterrupt as e:  # (Terminated too: SIGTERM. Ctrl-C was a traceback, the build takes minutes)
             raise SystemExit(f"sweep: stopped by {interrupted_by(e)} before any cell ran (nothing written)") from None
         writable_dir_or_exit(out_dir, "--output_dir")  # before the grid runs, not after
+        hold_dir_or_exit(out_dir, "--output_dir")
         if _RESUME.value:
             if torn is not None:  # (appended to, it would be a malformed line in the middle)
                 os.truncate(log, torn)
@@ -783,16 +828,37 @@ def main(argv: Sequence[str]) -> None:
                 if os.path.exists(path := os.path.join(out_dir, name)):
                     os.remove(path)
         names = setup_names(c[0] for c in cells)
-        other = sorted({str(r.get("code")) for r in kept.values()} - {str(code_version())})
-        if other:  # (not refused: a commit of other code often gives the same figures; said, and in run.json)
-            logging.warning(
-                "--resume: kept cells ran at code %s, this sweep runs at %s: their figures are that code's",
-                ", ".join(other), code_version(),
-            )  # fmt: skip
+        _say_kept_code(kept, code_version())
         ran = iter(run_grid(to_run, _WORKERS.value, names, log, run_traces))
         rows = [_resumed_row(kept[i], c, names) if i in kept else next(ran) for i, c in enumerate(cells)]
         term.hold()  # SIGTERM and Ctrl-C from here on: noted, and the exit comes after the results are written
         _write_results(rows, cells, term, started, traces, [cell_spec(*cells[i]) for i in sorted(kept)], stale)
+
+
+def _say_kept_code(kept: dict[int, dict], here: str | None) -> None:
+    """--resume: a warning when kept cells ran at other code than this sweep's (`here`, the git commit; not refused: a
+    commit of other code often gives the same figures; run.json names it, `resumed_code`), compared only where both
+    sides know it. Where either does not (a sweep outside a git checkout, whose rows say None), a warning once that
+    the code cannot be compared: 'None' == 'None' passed for the same code."""
+    codes = {r.get("code") for r in kept.values()}
+    other = sorted(c for c in codes - {None, here}) if here is not None else []
+    if other:
+        logging.warning(
+            "--resume: kept cells ran at code %s, this sweep runs at %s: their figures are that code's",
+            ", ".join(other), here,
+        )  # fmt: skip
+    unknown = sum(r.get("code") is None for r in kept.values())
+    if kept and (here is None or unknown):
+        why = (
+            "this sweep runs outside a git checkout (no commit to compare)"
+            if here is None
+            else f"{unknown} of the {len(kept)} kept rows record no commit (run outside a git checkout)"
+        )
+        logging.warning(
+            "--resume: the code the kept cells ran cannot be compared with this sweep's: %s; their figures may be "
+            "another version's",
+            why,
+        )
 
 
 def _no_earlier_sweep_or_exit(out_dir: str) -> None:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from dualpath_jax.code_id import code_id, code_id_now
+
 log = logging.getLogger(__name__)
 
 
@@ -76,6 +78,9 @@ class GroupReport:
     events: list = dataclasses.field(default_factory=list)
     link_bytes: list = dataclasses.field(default_factory=list)  # LinkBytes since the last report
     stats: dict = dataclasses.field(default_factory=dict)  # free buffer bytes, decode slots in use, ...
+    # the code the reporting process runs (`code_id.code_id()`, made where the report is: in the node's process).
+    # `ControlServer` checks a connection's first report and refuses a node of other code (absent: an older version)
+    code_id: str | None = dataclasses.field(default_factory=code_id)
 
 
 @dataclasses.dataclass
@@ -84,6 +89,7 @@ class GroupReply:
     cancels: list = dataclasses.field(default_factory=list)  # Cancel
     directory: dict | None = None  # engine_id -> (node_id, address), once every group registered
     shutdown: bool = False
+    refused: str | None = None  # why the driver refuses this node (with shutdown; `SocketControlClient` raises it)
 
 
 class LocalControlClient:
@@ -158,6 +164,7 @@ class SocketControlClient:
     TimeoutError."""
 
     def __init__(self, address, authkey: bytes, timeout_s: float = 30.0, connect_timeout_s: float = 30.0):
+        code_id()  # (this node's code id, made now and kept: its reports carry it, `GroupReport.code_id`)
         try:
             self._conn: Connection = _connect(address, authkey, connect_timeout_s)
         except BlockingIOError:  # (SO_RCVTIMEO: no challenge, or no answer to ours, in time)
@@ -183,9 +190,14 @@ class SocketControlClient:
                     self._broken = f"a fetch got no answer within {self._timeout_s} s"
                     self.close()
                     raise TimeoutError(f"global scheduler did not answer within {self._timeout_s} s")
-                return self._conn.recv()
+                reply = self._conn.recv()
             except (EOFError, ConnectionError) as e:  # (closed by the driver's side: EOF, reset, broken pipe)
                 raise DriverLost(f"the driver closed the control connection ({_said(e)})") from None
+            if getattr(reply, "refused", None):  # (getattr: a reply of an older driver has no such field)
+                self._broken = reply.refused
+                self.close()
+                raise DriverLost(f"the driver refused this node: {reply.refused}")
+            return reply
 
     def close(self) -> None:
         try:
@@ -242,6 +254,10 @@ class ControlServer:
             raise ValueError(f"ControlServer: authkey must be at least {MIN_AUTHKEY_BYTES} bytes, got {what}")
         self._handler = handler
         self._authkey = authkey
+        # A node's first report must carry this process's code id or the one of its sources now (`_other_code`): a
+        # driver process that lives long (a test session, a notebook) may have computed its own before a source was
+        # edited, and the nodes it starts now read the sources as they are.
+        self._code_ids = (code_id(), code_id_now())
         self._on_error = on_error
         # (no authkey here: `_serve` runs the challenge, see the class docstring)
         if unix_path is not None:
@@ -322,6 +338,22 @@ class ControlServer:
             except Exception:  # noqa: BLE001 -- reporting must not break the server
                 log.exception("control server: on_error failed")
 
+    def _other_code(self, report: GroupReport) -> str | None:
+        """Why a node's first report is refused for running other code than the driver (None: the same code): a host
+        with another install of the package (Ray on several hosts) would compute other KV, or speak another protocol,
+        under the same names."""
+        theirs = getattr(report, "code_id", None)  # (a report of an older version has no such field)
+        if theirs in self._code_ids:
+            return None
+        said = (
+            f"dualpath-jax {theirs}" if theirs is not None else "an older dualpath-jax (its reports carry no code id)"
+        )
+        ours = self._code_ids[0] + (f" (its sources now: {self._code_ids[1]})" if len(set(self._code_ids)) > 1 else "")
+        return (
+            f"node {report.node_id} runs {said}, the driver {ours}: install the same version on every "
+            "host (its code id: the package version + a digest of its .py sources, `dualpath_jax.code_id`)"
+        )
+
     def _serve(self, conn: Connection) -> None:
         node: int | None = None  # the node this connection serves (its first report says)
         try:
@@ -357,6 +389,13 @@ class ControlServer:
                         self._protocol_error(None, why)
                         return
                     node = report.node_id
+                    if (refused := self._other_code(report)) is not None:
+                        self._tell(f"control server: {refused}")
+                        try:  # (the node says why it stops, not only that its connection closed)
+                            conn.send(GroupReply(shutdown=True, refused=refused))
+                        except (OSError, ValueError):
+                            pass
+                        return
                 elif report.node_id != node:
                     self._protocol_error(node, f"a report of node {report.node_id}")
                     return
