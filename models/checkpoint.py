@@ -480,7 +480,7 @@ def save_params(checkpoint_dir: str | os.PathLike, params, config=None) -> None:
             got = _get(tree, p).dtype
             if got != np.dtype(want.dtype):
                 raise ValueError(f"params: {'/'.join(p)} has dtype {got}; the {config.dtype} config's is {want.dtype}")
-        custom[_CONFIG] = {"fingerprint": config.fingerprint(), "fields": _config_fields(config)}
+        custom[_CONFIG] = {"fingerprint": config.fingerprint(kv_numerics=False), "fields": _config_fields(config)}
     created = next((p for p in reversed(path.parents) if not p.exists()), None)  # first missing ancestor
     # orbax writes into this save's own staging directory, renamed to `path` at the end: two saves to one path
     # shared orbax's fixed `<dir>.orbax-checkpoint-tmp`, and the cleanup of the one that failed removed `path`,
@@ -735,7 +735,7 @@ def _check_saved_config(ckptr, path: Path, checkpoint_dir, config) -> None:
         return
     if not (isinstance(record, dict) and isinstance(record.get("fingerprint"), str)):
         raise ValueError(f"{checkpoint_dir}: the checkpoint's config record is damaged")
-    if record["fingerprint"] == config.fingerprint():
+    if record["fingerprint"] == config.fingerprint(kv_numerics=False):  # (weights: KV numerics do not change them)
         return
     saved = record.get("fields")
     diffs = _config_differences(saved, _config_fields(config)) if isinstance(saved, dict) else []

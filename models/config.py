@@ -11,6 +11,14 @@ import numpy as np
 
 from models.kv import KVLayout
 
+# Version of the numerics that turn a config's weights and tokens into KV bytes; part of every fingerprint, so a KV
+# store written by code of other numerics is refused at open rather than served as this code's KV (e.g. 98e5330's bf16
+# rounding moved tiny_deepseek's KV by 8% under one fingerprint). Bump it in any commit that changes the KV bytes a
+# config computes (tests/test_fix29_compatstore_kv.py pins them on the hosts it knows). History: 1 until 9bb3609 (RoPE
+# frequencies in HF's float32 arithmetic), 2 until 55ed079 (float32 dots at precision float32: no TF32 on GPUs), 3 until
+# 98e5330 (bf16/fp16 steps without excess precision), 4 since (1-3 are notional: fingerprints had no `n` part then).
+KV_NUMERICS = 4
+
 
 def hf_field(d: dict, key: str, where: str = "config.json") -> int:
     """A required HF config field (a size or a count: an integer >= 1), or an error naming it."""
@@ -254,14 +262,19 @@ class ModelConfig:
     def kv_bytes_per_token(self) -> int:
         return self.kv_bytes_per_token_per_layer * self.num_layers
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, kv_numerics: bool = True) -> str:
         """Stable id of the model architecture and KV format: KV blocks are only valid for a reader with an
-        equal fingerprint (weights are identified separately, see ModelRunner.fingerprint)."""
+        equal fingerprint (weights are identified separately, see ModelRunner.fingerprint).
+
+        `arch/L<layers>/<kind>[<record shape>]/<dtype>/n<KV_NUMERICS>/<config digest>`; `kv_numerics=False` leaves
+        the `n` part out: the id of the config alone (what a weights checkpoint is saved for, which another KV
+        numerics does not change; fingerprints before KV_NUMERICS had this form)."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NOT_IN_FINGERPRINT}
         blob = json.dumps(fields, sort_keys=True, default=str).encode()
         layout = self.kv_layout
         shape = "x".join(map(str, layout.record_shape))
+        numerics = f"n{KV_NUMERICS}/" if kv_numerics else ""
         return (
-            f"{self.architecture}/L{self.num_layers}/{layout.kind}[{shape}]/{self.dtype}/"
+            f"{self.architecture}/L{self.num_layers}/{layout.kind}[{shape}]/{self.dtype}/{numerics}"
             f"{hashlib.sha256(blob).hexdigest()[:16]}"
         )

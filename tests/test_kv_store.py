@@ -646,8 +646,8 @@ def test_unknown_checksum_algo_in_a_header_is_rejected(store, caplog):
         with caplog.at_level(logging.WARNING, logger="dualpath_jax.store.local_dir"):
             assert not store.read(k, out, layers=layers, verify=verify)  # never trusted, even with verify=False
         assert "unknown checksum algo id 99" in caplog.text
-        assert not os.path.exists(path)
-    assert store.stats().read_corrupt == 3
+        assert os.path.exists(path)  # a newer dualpath-jax's block: a miss, left (fix29, test_fix29_compatstore.py)
+    assert (store.stats().read_newer_format, store.stats().read_corrupt) == (3, 0)
 
 
 # ---- configuration and bad arguments ------------------------------------------------------------------

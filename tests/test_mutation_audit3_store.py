@@ -61,8 +61,9 @@ def _rewrite_header_field(path: str, offset: int, fmt: str, value: int) -> None:
 @pytest.mark.parametrize("rm", sorted(RM))
 def test_a_block_of_another_format_version_is_a_counted_removed_miss(tmp_path, rm):
     """Mutation: parse_header's `if version != FORMAT_VERSION` check dropped. A block file of another format version
-    (with an otherwise valid, crc-consistent header) must be rejected: a miss, counted and removed (block_file.py:
-    a reader never trusts a format it does not know)."""
+    (with an otherwise valid, crc-consistent header) must be rejected: a miss, counted (block_file.py: a reader never
+    trusts a format it does not know); removed when older (damage), left when newer (a newer dualpath-jax wrote it:
+    fix29, tests/test_fix29_compatstore.py)."""
     s = LocalDirStore(tmp_path / "kv", LAY, **RM[rm])
     k = _key(1)
     assert s.write(k, _block(1))
@@ -72,6 +73,10 @@ def test_a_block_of_another_format_version_is_a_counted_removed_miss(tmp_path, r
     with pytest.raises(block_file.BlockFormatError, match="format version"):
         block_file.parse_header(hdr, LAY, k, block_file.fingerprint_digest(LAY.fingerprint))
     out = np.zeros(FB, np.uint8)
+    assert not s.read(k, out)
+    st = s.stats()
+    assert (st.read_newer_format, st.corrupt_blocks, st.read_hits) == (1, 0, 0) and os.path.exists(s.path_of(k))
+    _rewrite_header_field(s.path_of(k), 8, "<I", block_file.FORMAT_VERSION - 1)
     assert not s.read(k, out)
     st = s.stats()
     assert (st.read_corrupt, st.corrupt_blocks, st.read_hits) == (1, 1, 0)

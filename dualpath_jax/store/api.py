@@ -35,6 +35,7 @@ class StoreStats:
     read_absent: int = 0  # read() misses: no such block
     read_corrupt: int = 0  # read() misses: the block was truncated / of another model or layout / bad checksum
     read_errors: int = 0  # read() misses: an I/O error other than "absent" (block left in place)
+    read_newer_format: int = 0  # read() misses: a block a newer dualpath-jax wrote (left in place, not corrupt)
     bytes_read: int = 0  # payload bytes returned by successful reads
     writes: int = 0  # blocks written to storage
     write_dedup: int = 0  # write() of a block already stored (nothing written)
@@ -46,6 +47,7 @@ class StoreStats:
     evict_failures: int = 0  # evictions whose file could not be removed (EACCES, EPERM, EBUSY): the block kept
     corrupt_blocks: int = 0  # corrupt block files found and removed (read, verify, a write over one, open)
     temp_files_removed: int = 0  # leftovers of killed writers removed
+    newer_format_blocks: int = 0  # blocks a newer dualpath-jax wrote, met by a read, verify, lookup or open: left
     cold_populated: int = 0  # blocks a Full-Block preadv read found out of the page cache, brought in by a mapping
 
     @property
@@ -54,7 +56,7 @@ class StoreStats:
 
     @property
     def misses(self) -> int:
-        return self.read_absent + self.read_corrupt + self.read_errors
+        return self.read_absent + self.read_corrupt + self.read_errors + self.read_newer_format
 
 
 class KVStore(abc.ABC):
@@ -130,8 +132,9 @@ class KVStore(abc.ABC):
     def verify(self, key: bytes) -> bool:
         """Whether `key` is stored and whole: its file checked as a verified Full-Block read checks it (header,
         size, every Layer Block's checksum), into no caller buffer and not counted as a read (hits, misses, bytes
-        read). A damaged block is removed and counted (`corrupt_blocks`), as a read would; a good one is used, as
-        a read hit is (LRU). E.g. a write-back that skips blocks already stored."""
+        read). A damaged block is removed and counted (`corrupt_blocks`), as a read would; one a newer dualpath-jax
+        wrote is False and left (`newer_format_blocks`); a good one is used, as a read hit is (LRU). E.g. a
+        write-back that skips blocks already stored."""
 
     @abc.abstractmethod
     def submit_read(self, key: bytes, out: Any, layers: Iterable[int] | int | None = None) -> Future:

@@ -19,8 +19,11 @@ a store reads blocks of every algo below whatever it writes):
   unstructured damage passes with probability ~2**-64. It is not a defence against an adversary (the store
   trusts its writers). ~12-35 GB/s per core with NumPy einsum here.
 - "crc32" (id 2): zlib.crc32 of the Layer Block (~3-6 GB/s, standard).
-Adding an algo keeps FORMAT_VERSION (the header layout is unchanged); a reader that does not know an algo id
-rejects the block (BlockFormatError: a miss), never trusts it.
+Adding an algo keeps FORMAT_VERSION (the header layout is unchanged). A reader never trusts a block of an algo id
+it does not know, nor one of a newer format version (NEWER_FORMAT_VERSIONS; a version further off is damage):
+parse_header raises BlockOfNewerFormat, and the store takes it as a miss that leaves the file (a newer dualpath-jax
+on the same mount wrote it: not damage, unlike every other BlockFormatError, whose block is removed); a write of
+that key may replace it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from dualpath_jax.kv_layout import BlockLayout
 
 MAGIC = b"DPKVBLK1"
 FORMAT_VERSION = 1
+# Versions a newer dualpath-jax may write (a block of one is left, not removed); one further off is damage (a header
+# byte overwritten: 0xff made version 255).
+NEWER_FORMAT_VERSIONS = range(FORMAT_VERSION + 1, FORMAT_VERSION + 17)
 HEADER_ALIGN = 4096
 MAX_KEY_NBYTES = 32
 CHECKSUM_ALGOS = {"wsum64": 1, "crc32": 2, "xxh3": 3}
@@ -49,8 +55,22 @@ class BlockFormatError(ValueError):
     """A block file that is not a valid block of the expected layout/key (the reason is the message)."""
 
 
+class BlockOfNewerFormat(BlockFormatError):
+    """A block that a newer dualpath-jax wrote (a newer format version, or a checksum algo this code does not know):
+    not readable here, but not damage either."""
+
+
 def fingerprint_digest(fingerprint: str) -> bytes:
     return hashlib.blake2b(fingerprint.encode("utf-8"), digest_size=16).digest()
+
+
+def newer_format_version(head: bytes) -> int | None:
+    """The format version in a block file's first bytes when it is newer than this code's (a file of another size
+    than this code's blocks may be one), else None."""
+    if len(head) < 12 or head[:8] != MAGIC:
+        return None
+    (version,) = struct.unpack_from("<I", head, 8)
+    return version if version in NEWER_FORMAT_VERSIONS else None
 
 
 def header_nbytes(layout: BlockLayout) -> int:
@@ -139,12 +159,14 @@ def parse_header(buf, layout: BlockLayout, key: bytes, fp_digest: bytes) -> tupl
     """Check a header against the expected layout and key; return (checksum algo, checksums [L] uint64).
 
     Raises BlockFormatError naming the first mismatch (another model's block, another layout, a block
-    stored under the wrong name, or plain garbage).
+    stored under the wrong name, or plain garbage); BlockOfNewerFormat for a block a newer dualpath-jax wrote.
     """
     mv = memoryview(buf)
     if len(mv) < _FIXED.size or bytes(mv[:8]) != MAGIC:
         raise BlockFormatError(f"bad magic {bytes(mv[:8])!r} (expected {MAGIC!r})")
     (_, version, hdr_n, algo_id, layers, tokens, bpt, payload_n, key_len, stored_key, fp) = _FIXED.unpack_from(mv, 0)
+    if version in NEWER_FORMAT_VERSIONS:  # (before the other checks: a newer format may lay its header out otherwise)
+        raise BlockOfNewerFormat(f"format version {version}, this code reads {FORMAT_VERSION}")
     if version != FORMAT_VERSION:
         raise BlockFormatError(f"format version {version}, this code reads {FORMAT_VERSION}")
     if hdr_n != len(mv) or layers != layout.num_layers:
@@ -164,6 +186,6 @@ def parse_header(buf, layout: BlockLayout, key: bytes, fp_digest: bytes) -> tupl
         raise BlockFormatError("model fingerprint mismatch (a block of another model or KV format)")
     if stored_key[:key_len] != key or key_len != len(key):
         raise BlockFormatError(f"key mismatch: file holds block {stored_key[:key_len].hex()}, expected {key.hex()}")
-    if algo_id not in _ALGO_NAMES:
-        raise BlockFormatError(f"unknown checksum algo id {algo_id}")
+    if algo_id not in _ALGO_NAMES:  # (after the header crc: a damaged id is damage)
+        raise BlockOfNewerFormat(f"unknown checksum algo id {algo_id}")
     return _ALGO_NAMES[algo_id], np.frombuffer(mv[_FIXED.size : table_end], dtype="<u8")

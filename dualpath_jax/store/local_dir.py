@@ -109,6 +109,19 @@ header makes the read a miss: logged, counted (`read_corrupt`) and the block rem
 then hold part of the block: the read returned False). `verify=False` (store option or per read) keeps every
 header check and skips the payload checksums.
 
+A block a newer dualpath-jax wrote (a newer per-block format version, or a checksum algo id this code does not
+know: block_file.BlockOfNewerFormat; a file of another size whose header names a newer format version) is not damage:
+a read or verify of it is a miss that leaves the file (counted: `newer_format_blocks`, and `read_newer_format` for
+reads; the first one logged, the rest at debug level), the open and lookups leave such a file of another size on disk
+unindexed, and a write of its key replaces it (old and new writers then converge on bytes both read). Removing it
+as "corrupt", as before, made an older host on a shared mount delete a newer host's cache block by block.
+
+STORE.json records the block format, the layout and the code that made the store (`written_by`: the package version
+and the git commit where it runs from a checkout; a STORE.json without it still opens). A store of another layout or
+format is refused at open, naming what differs (a fingerprint's `n<KV_NUMERICS>` part: KV another dualpath-jax
+version computed) and, where the writer differs from this code, both; a newer block format or a layout field this
+code does not know is named as written by a newer dualpath-jax.
+
 mmap and its residual risk: before every mapped read, the open file must be exactly `file_nbytes` (`fstat`),
 else the read is a "truncated" miss, because touching a mapping past the end of its file kills the process with
 SIGBUS. The store never truncates a block in place (blocks are written to temp files and renamed, eviction
@@ -129,6 +142,7 @@ import collections
 import ctypes
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import mmap
@@ -379,6 +393,113 @@ class _OpenBlock:
         os.close(self.fd)
 
 
+class _NewerBlock(str):
+    """Why a block is not readable here when a newer dualpath-jax wrote it (block_file.BlockOfNewerFormat): a miss
+    that leaves the file, unlike every other reason, which is damage."""
+
+
+def _git_commit(root: str) -> str | None:
+    """The commit checked out at `root` from .git's files (not by running git: cheap enough for a store open), or
+    None (no checkout, a layout this does not read)."""
+    git = os.path.join(root, ".git")
+    try:
+        if os.path.isfile(git):  # a worktree or submodule: "gitdir: <path>"
+            with open(git) as f:
+                line = f.read().strip()
+            if not line.startswith("gitdir:"):
+                return None
+            git = os.path.join(root, line[len("gitdir:") :].strip())
+        with open(os.path.join(git, "HEAD")) as f:
+            head = f.read().strip()
+        if not head.startswith("ref:"):
+            return head or None  # a detached HEAD
+        ref = head[4:].strip()
+        common = git
+        if os.path.isfile(os.path.join(git, "commondir")):  # (a worktree's refs live in the main .git)
+            with open(os.path.join(git, "commondir")) as f:
+                common = os.path.join(git, f.read().strip())
+        for d in (git, common):
+            try:
+                with open(os.path.join(d, ref)) as f:
+                    return f.read().strip() or None
+            except FileNotFoundError:
+                pass
+        with open(os.path.join(common, "packed-refs")) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[1] == ref:
+                    return parts[0]
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
+
+
+@functools.cache
+def writer_code() -> dict:
+    """This code as STORE.json's `written_by` records it: {"dualpath_jax": version, "commit": sha where it runs from
+    a git checkout}. Once per process (a commit made while it runs is not this process's code anyway)."""
+    import dualpath_jax
+
+    code = {"dualpath_jax": getattr(dualpath_jax, "__version__", None)}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    commit = _git_commit(root)
+    if commit:
+        code["commit"] = commit
+    return code
+
+
+def _code_name(code) -> str:
+    """`dualpath-jax 0.1.0 (commit 27f884b1a2c3)` of a `written_by` record."""
+    if not isinstance(code, dict):
+        return "a dualpath-jax that did not record its version (before STORE.json's written_by)"
+    commit = code.get("commit")
+    tail = f" (commit {str(commit)[:12]})" if commit else ""
+    return f"dualpath-jax {code.get('dualpath_jax')}{tail}"
+
+
+def _newer_meta(have: dict, want: dict) -> str | None:
+    """What of a store's STORE.json (`have`) says a newer dualpath-jax wrote it (a newer block format, layout fields
+    this code does not know), or None."""
+    parts = []
+    fmt = have.get("block_format_version")
+    if isinstance(fmt, int) and fmt > want["block_format_version"]:
+        parts.append(f"block format {fmt}; this one reads {want['block_format_version']}")
+    hl = have.get("layout") if isinstance(have.get("layout"), dict) else {}
+    extra = sorted(k for k in hl if k not in want["layout"])
+    if extra:
+        parts.append(f"layout field(s) {', '.join(map(repr, extra))} this one does not know")
+    return "; ".join(parts) or None
+
+
+def _fingerprint_diff(h: str, w: str) -> list[str]:
+    """What differs between fingerprints `h` (the store's) and `w` (asked), part by part (ModelRunner.fingerprint:
+    arch/L<layers>/<kv layout>/<dtype>/n<KV_NUMERICS>/<config digest>/w<weights digest>; before KV_NUMERICS, no `n`
+    part)."""
+
+    def split(f: str) -> tuple[list[str], str | None]:
+        parts = f.split("/")
+        n = [p for p in parts if p[:1] == "n" and p[1:].isdigit()]
+        return [p for p in parts if p not in n], (n[0] if len(n) == 1 else None)
+
+    (hs, hn), (ws, wn) = split(h), split(w)
+    out = []
+    if hn != wn:
+        here = hn or "not recorded (a fingerprint from before KV_NUMERICS)"
+        out.append(
+            f"KV numerics {here} here, {wn or 'none'} asked: written by another dualpath-jax version; its KV would not "
+            "be this version's bits"
+        )
+    if len(hs) != len(ws):
+        return [*out, f"fingerprint: {h!r} here, {w!r} asked"]
+    for i, (hp, wp) in enumerate(zip(hs, ws, strict=True)):
+        if hp != wp:
+            what = ""
+            if i == len(ws) - 1 and wp.startswith("w"):
+                what = " (the weights' digest: another checkpoint or model_seed)"
+            out.append(f"fingerprint part {hp!r} here, {wp!r} asked{what}")
+    return out
+
+
 class _EmptyMeta(ValueError):
     """STORE.json is an empty file (a copy or a disk that failed part way): said so, not as a JSON parser error."""
 
@@ -395,17 +516,13 @@ def _meta_diff(have: dict, want: dict) -> str:
         h = hl.get(k)
         if h == w:
             continue
-        if k == "fingerprint" and isinstance(h, str) and h.count("/") == w.count("/"):
-            # (ModelRunner.fingerprint: arch/L<layers>/<kv layout>/<dtype>/<config digest>/w<weights digest>)
-            hs, ws = h.split("/"), w.split("/")
-            for i, (hp, wp) in enumerate(zip(hs, ws, strict=True)):
-                if hp != wp:
-                    what = ""
-                    if i == len(ws) - 1 and wp.startswith("w"):
-                        what = " (the weights' digest: another checkpoint or model_seed)"
-                    parts.append(f"fingerprint part {hp!r} here, {wp!r} asked{what}")
+        if k == "fingerprint" and isinstance(h, str) and isinstance(w, str):
+            parts += _fingerprint_diff(h, w)
         else:
             parts.append(f"{k}: {h!r} here, {w!r} asked")
+    extra = sorted(k for k in hl if k not in want["layout"])
+    if extra:
+        parts.append(f"layout field(s) {', '.join(map(repr, extra))} here, which this version does not know")
     return "differs in " + "; ".join(parts) if parts else "differs in the layout's other fields"
 
 
@@ -651,6 +768,7 @@ class LocalDirStore(KVStore):
         self._opened = time.monotonic()  # (the open swept every directory)
         self._disk_full = False  # the last write failed for a full disk (its warning said so once; the rest counted)
         self._read_failing: int | None = None  # errno of the spell of failed reads logged (None: none now)
+        self._newer_said = False  # a block a newer dualpath-jax wrote was met (its warning said so once)
         self._write_failing = None  # why the last write failed otherwise (its warning said so once; the rest counted)
         self._no_room = False  # the last write was refused for room (its warning said so once; the rest counted)
         self._tls = threading.local()  # per-thread header buffer: no allocation per read
@@ -753,6 +871,7 @@ class LocalDirStore(KVStore):
                 "bytes_per_token_per_layer": int(lay.bytes_per_token_per_layer),
                 "fingerprint": str(lay.fingerprint),
             },
+            "written_by": writer_code(),  # (not compared: a hint in the refusal of another layout)
         }
 
     def _check_or_write_meta(self) -> None:
@@ -801,10 +920,18 @@ class LocalDirStore(KVStore):
         except (OSError, ValueError) as e:
             raise ValueError(f"store metadata {path} is unreadable ({e}); is {self.root} a KV store?") from e
         if have.get("layout") != want["layout"] or have.get("block_format_version") != want["block_format_version"]:
+            writer, me = have.get("written_by"), want["written_by"]
+            who = "" if writer == me else f"; written by {_code_name(writer)}, this is {_code_name(me)}"
+            newer = _newer_meta(have, want)
+            if newer is not None:  # (not "one directory per model": this code cannot read it)
+                raise ValueError(
+                    f"store {self.root} was written by a newer dualpath-jax ({newer}{who}): open it with that version, "
+                    "or use another directory"
+                )
             raise ValueError(
                 f"store {self.root} holds blocks of {have.get('layout')} (format {have.get('block_format_version')}), "
                 f"but was opened for {want['layout']} (format {want['block_format_version']}) ({_meta_diff(have, want)}"
-                "); use one directory per model and KV layout"
+                f"{who}); use one directory per model and KV layout"
             )
 
     def _read_failed(self, doing: str, path: str, e: OSError) -> None:
@@ -905,7 +1032,12 @@ class LocalDirStore(KVStore):
                         log.warning("kv store %s: cannot stat %s: %s (skipped)", self.root, entry.path, e)
                         continue
                     if st.st_size != self.file_nbytes:  # a rename is atomic, so a wrong size is damage, not a write
-                        self._remove_corrupt(key, entry.path, f"file size {st.st_size} B, expected {self.file_nbytes}")
+                        newer = self._newer_file(entry.path, st)  # (or a block of a newer format: left, unindexed)
+                        if newer is not None:
+                            self._leave_newer(entry.path, newer)
+                        else:
+                            why = f"file size {st.st_size} B, expected {self.file_nbytes}"
+                            self._remove_corrupt(key, entry.path, why)
                         continue
                     found[key] = max(found.get(key, st.st_mtime_ns), st.st_mtime_ns)
         except BaseException:  # (blocks/ cannot be listed, say)
@@ -1263,7 +1395,11 @@ class LocalDirStore(KVStore):
         if st.st_size == self.file_nbytes:
             return True
         if remove_damaged and stat.S_ISREG(st.st_mode):
-            self._remove_corrupt(key, path, f"file size {st.st_size} B, expected {self.file_nbytes}", st=st)
+            newer = self._newer_file(path, st)
+            if newer is not None:  # (a block of a newer format: a miss, left)
+                self._leave_newer(path, newer)
+            else:
+                self._remove_corrupt(key, path, f"file size {st.st_size} B, expected {self.file_nbytes}", st=st)
         return False
 
     def lookup(self, keys: Sequence[bytes]) -> int:
@@ -1599,6 +1735,9 @@ class LocalDirStore(KVStore):
                         reason = self._read_fd(ent, key, dst, layer_list, runs, verify, stride)
                 else:
                     reason = self._read_fd(ent, key, dst, layer_list, runs, verify, stride)
+                if isinstance(reason, _NewerBlock):
+                    self._leave_newer(path, reason, read=True)
+                    return False
                 if reason is not None:
                     self._remove_corrupt(key, path, reason, fd=ent.fd)
                     with self._lock:
@@ -1648,6 +1787,8 @@ class LocalDirStore(KVStore):
             return h[0], h[1], h[3]
         try:
             algo, stored = block_file.parse_header(hdr, self.layout, key, self._fp_digest)
+        except block_file.BlockOfNewerFormat as e:
+            return _NewerBlock(e)
         except block_file.BlockFormatError as e:
             return str(e)
         sums = np.array(stored, dtype=np.uint64) if algo == "xxh3" else None  # a copy, as below
@@ -1885,6 +2026,38 @@ class LocalDirStore(KVStore):
         finally:
             out.release()
             src.release()
+
+    def _newer_file(self, path: str, st: os.stat_result) -> _NewerBlock | None:
+        """Why a block file of another size than this store's is a newer dualpath-jax's block (its header names a
+        newer format version), or None (damage). One small read, of such files only."""
+        try:
+            with open(path, "rb") as f:
+                now = os.fstat(f.fileno())
+                if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+                    return None  # (replaced meanwhile: the caller judges the file it stat'ed)
+                version = block_file.newer_format_version(f.read(12))
+        except OSError:
+            return None
+        if version is None:
+            return None
+        return _NewerBlock(
+            f"format version {version}, this code reads {block_file.FORMAT_VERSION}; file size {st.st_size} B"
+        )
+
+    def _leave_newer(self, path: str, reason: str, read: bool = False) -> None:
+        """A block a newer dualpath-jax wrote (`reason`): a miss that leaves the file, counted (`newer_format_blocks`,
+        and `read_newer_format` for a read), the first logged as a warning and the rest at debug level (a mixed-
+        version deployment meets one per block)."""
+        with self._lock:
+            self._stats.newer_format_blocks += 1
+            if read:
+                self._stats.read_newer_format += 1
+            quiet, self._newer_said = self._newer_said, True
+        (log.debug if quiet else log.warning)(
+            "kv store %s: block %s was written by a newer dualpath-jax (%s): a miss, left in place (a write of its key "
+            "replaces it)%s", self.root, path, reason,
+            "" if quiet else "; the next such blocks are counted (stats newer_format_blocks), logged at debug level",
+        )  # fmt: skip
 
     def _remove_corrupt(
         self, key: bytes, path: str, reason: str, fd: int | None = None, st: os.stat_result | None = None
@@ -2131,7 +2304,9 @@ class LocalDirStore(KVStore):
             if dst is None:
                 dst = self._tls.scratch = np.empty((self._fb,), np.uint8)
             reason = self._read_fd(ent, key, dst, None, [(self.header_nbytes, 0, self._fb)], True)
-            if reason is not None:
+            if isinstance(reason, _NewerBlock):  # (left: a write goes ahead and replaces it)
+                self._leave_newer(path, reason)
+            elif reason is not None:
                 self._remove_corrupt(key, path, reason, fd=ent.fd)
             return reason is None
         except OSError as e:
