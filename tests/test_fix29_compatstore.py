@@ -194,6 +194,7 @@ def test_fingerprint_carries_kv_numerics_and_a_refusal_names_it(tmp_path):
         f"KV numerics n{KV_NUMERICS - 1} here, n{KV_NUMERICS} asked: written by another dualpath-jax version; its KV "
         "would not be this version's bits" in str(e.value)
     )
+    assert str(e.value).endswith("its KV must be computed again: use another directory, or remove this one")
     before = runner_fp.replace(f"/n{KV_NUMERICS}/", "/").replace("/w7f7d", "/w0b6c")  # (and another weights digest)
     LocalDirStore(tmp_path / "b", lay(before)).close()
     with pytest.raises(ValueError) as e:
@@ -202,3 +203,4 @@ def test_fingerprint_carries_kv_numerics_and_a_refusal_names_it(tmp_path):
         e.value
     )
     assert "fingerprint part 'w0b6c2c181c12c6f2' here, 'w7f7d2c181c12c6f2' asked (the weights' digest" in str(e.value)
+    assert str(e.value).endswith("use one directory per model and KV layout")  # (other weights too: another model)

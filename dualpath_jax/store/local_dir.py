@@ -471,6 +471,19 @@ def _newer_meta(have: dict, want: dict) -> str | None:
     return "; ".join(parts) or None
 
 
+def _numerics_only(have: dict, want: dict) -> bool:
+    """True where STORE.json `have` and the layout `want` differ only in the fingerprint's KV numerics part."""
+
+    def without_numerics(meta: dict) -> tuple:
+        layout = dict(meta.get("layout") or {})
+        fp = layout.get("fingerprint")
+        if isinstance(fp, str):
+            layout["fingerprint"] = "/".join(p for p in fp.split("/") if not (p[:1] == "n" and p[1:].isdigit()))
+        return json.dumps(layout, sort_keys=True, default=str), meta.get("block_format_version")
+
+    return have.get("layout") != want.get("layout") and without_numerics(have) == without_numerics(want)
+
+
 def _fingerprint_diff(h: str, w: str) -> list[str]:
     """What differs between fingerprints `h` (the store's) and `w` (asked), part by part (ModelRunner.fingerprint:
     arch/L<layers>/<kv layout>/<dtype>/n<KV_NUMERICS>/<config digest>/w<weights digest>; before KV_NUMERICS, no `n`
@@ -928,10 +941,16 @@ class LocalDirStore(KVStore):
                     f"store {self.root} was written by a newer dualpath-jax ({newer}{who}): open it with that version, "
                     "or use another directory"
                 )
+            # (the same model, KV of other numerics: no other model's directory to pick, the KV is computed again)
+            tail = (
+                "its KV must be computed again: use another directory, or remove this one"
+                if _numerics_only(have, want)
+                else "use one directory per model and KV layout"
+            )
             raise ValueError(
                 f"store {self.root} holds blocks of {have.get('layout')} (format {have.get('block_format_version')}), "
                 f"but was opened for {want['layout']} (format {want['block_format_version']}) ({_meta_diff(have, want)}"
-                f"{who}); use one directory per model and KV layout"
+                f"{who}); {tail}"
             )
 
     def _read_failed(self, doing: str, path: str, e: OSError) -> None:
