@@ -577,10 +577,15 @@ def hold_dir_or_exit(directory: str, what: str) -> None:
     _HELD_DIRS[directory] = fd
 
 
-def no_earlier_results_or_exit(directory: str, names: tuple[str, ...], what: str, overwrite: bool) -> None:
+def no_earlier_results_or_exit(
+    directory: str, names: tuple[str, ...], what: str, overwrite: bool, launcher: str | None = None
+) -> None:
     """SystemExit naming `what` (e.g. "--output_dir") when `directory` already holds an earlier run's result files
-    (any of `names`) and `overwrite` is not set: a second sweep (or a failed one, with its partial rows) into the
-    same --output_dir replaced a finished run's results. Checked before anything runs."""
+    (any of `names`), or a run.json of another launcher, and `overwrite` is not set: a second sweep (or a failed one,
+    with its partial rows) into the same --output_dir replaced a finished run's results, and a sweep (capacity
+    search, report) into a directory another launcher wrote replaced its run.json (the results stayed, with no record
+    of what made them). `launcher`: this launcher's module (`experiments.sweep`; None: run.json not checked). Checked
+    before anything runs."""
     import os
 
     if overwrite:
@@ -591,6 +596,29 @@ def no_earlier_results_or_exit(directory: str, names: tuple[str, ...], what: str
             f"bad {what} {directory!r}: it holds an earlier run's results ({', '.join(held)}); give another {what}, "
             "or --overwrite to replace them"
         )
+    other = run_file_launcher(directory)
+    if launcher and other and other != launcher:
+        raise SystemExit(
+            f"bad {what} {directory!r}: its run.json is another launcher's ({other}): this run's run.json would "
+            f"replace it, and that launcher's results there would have no record of what made them; give another "
+            f"{what}, or --overwrite to replace it"
+        )
+
+
+def run_file_launcher(directory: str) -> str | None:
+    """The launcher module (`experiments.reproduce_paper`) whose run.json `directory` holds: its `command`'s
+    `python -m MODULE`; None when there is none or it names no module."""
+    import json
+    import os
+    import shlex
+
+    try:
+        with open(os.path.join(directory, "run.json")) as f:
+            command = json.load(f).get("command")
+        argv = shlex.split(command)
+    except (OSError, ValueError, AttributeError, TypeError):  # none there, not a run.json, no command
+        return None
+    return argv[2] if len(argv) > 2 and argv[1] == "-m" else None
 
 
 def setup_names(setups) -> dict[str, str]:

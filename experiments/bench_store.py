@@ -653,7 +653,10 @@ def run_store_bench(
     cold_blocks: int = 16,
     compare_tree: str | None = None,
 ) -> list[dict]:
-    """Run the store benchmark for the named layouts (keys of LAYOUTS) in `root` (a temp dir by default).
+    """Run the store benchmark for the named layouts (keys of LAYOUTS) in a directory of its own made in `root` (the
+    temp directory by default; a mount point to measure it) and removed at the end: the stores' directories were
+    `root`/<layout name>, removed first, so two runs with one --root deleted each other's stores mid-benchmark, and
+    a directory of a user's of that name was lost.
 
     `cold_blocks` blocks are also read with their pages dropped from the page cache first (disk reads).
     `compare_tree`: the root of another source tree (e.g. `git archive HEAD` unpacked); its store's default
@@ -664,17 +667,16 @@ def run_store_bench(
         raise ValueError(f"unknown layout(s) {unknown}; known: {sorted(LAYOUTS)}")
     if compare_tree:
         load_store_package(compare_tree)  # a bad tree fails here, before any block is written
-    own_root = root is None
-    root = tempfile.mkdtemp(prefix="bench_store-") if own_root else root
-    os.makedirs(root, exist_ok=True)
+    if root is not None:
+        os.makedirs(root, exist_ok=True)
+    own = tempfile.mkdtemp(prefix="bench_store-", dir=root)  # (on `root`'s file system: the same figures)
     try:
         rows = []
         for name in layouts:
-            rows += bench_layout(name, LAYOUTS[name], root, total_mb, repeats, threads, cold_blocks, compare_tree)
+            rows += bench_layout(name, LAYOUTS[name], own, total_mb, repeats, threads, cold_blocks, compare_tree)
         return rows
     finally:
-        if own_root:
-            shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -784,7 +786,11 @@ if __name__ == "__main__":
         "layouts", lambda v: bool(v) and set(v) <= set(LAYOUTS), message=f"--layouts takes names of {sorted(LAYOUTS)}"
     )
     register_distinct("layouts")  # (a layout given twice was benchmarked twice)
-    flags.DEFINE_string("root", None, "directory for the store (a temp dir by default; a mount point to test it)")
+    flags.DEFINE_string(
+        "root",
+        None,
+        "where the stores go, in a directory of their own (the temp dir by default; a mount point to test it)",
+    )
     flags.DEFINE_integer("total_mb", 256, "MB of blocks per layout", lower_bound=1)
     # --repeats, --out: other benchmarks define them too (allow_override: run after others were imported into one
     # process, this module defines them last, with its own defaults and help; absl raised DuplicateFlagError)

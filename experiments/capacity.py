@@ -58,7 +58,10 @@ from experiments import (
     stopped_by,
     variant_item_key,
     writable_dir_or_exit,
+    write_atomically,
 )
+
+LAUNCHER = "experiments.capacity"  # (run.json's module; a directory another launcher's run.json is in: refused)
 
 # (allow_override on every flag: sweep and reproduce_paper define some of these names too, with their own defaults
 # and help; the launchers import into one process, and the one run defines its flags last)
@@ -422,7 +425,7 @@ def main(argv: Sequence[str]) -> None:
     overrides = slo_overrides()
     out_dir = _OUTPUT_DIR.value
     # an occupied --output_dir: said before every search's simulator is built (minutes at paper scale); again after
-    no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
+    no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value, LAUNCHER)
     with SigtermAsInterrupt() as term:
         try:
             _check_searches(searches, overrides, lo)
@@ -432,7 +435,7 @@ def main(argv: Sequence[str]) -> None:
             ) from None
         writable_dir_or_exit(out_dir, "--output_dir")
         hold_dir_or_exit(out_dir, "--output_dir")
-        no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
+        no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value, LAUNCHER)
         names = setup_names(c[0] for c in searches)
         jobs = [
             (s, overrides, lo, hi, iters, f"{names[s[0]]}:{s[1]}" + (f",seed={s[3]}" if s[3] else "")) for s in searches
@@ -453,12 +456,20 @@ def _write_results(rows: list[dict], searches: Sequence[Search], term: SigtermAs
     out_dir = _OUTPUT_DIR.value
     add_gains(rows, searches)
     failed = [r for r in rows if "error" in r]
-    with open(os.path.join(out_dir, "capacity.json"), "w") as f:
-        json.dump(json_safe(rows), f, indent=1, default=str)
-    with open(os.path.join(out_dir, "capacity.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS + (["error"] if failed else []), extrasaction="ignore")
-        w.writeheader()
-        w.writerows([{k: v for k, v in json_safe(r).items() if k != "probe_results"} for r in rows])
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(json_safe(rows), f, indent=1, default=str)
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS + (["error"] if failed else []), extrasaction="ignore")
+            w.writeheader()
+            w.writerows([{k: v for k, v in json_safe(r).items() if k != "probe_results"} for r in rows])
+
+    # (written in place, a kill mid-write tore them; beside then renamed, the earlier file stays whole or none is there)
+    write_atomically(os.path.join(out_dir, "capacity.json"), write_json)
+    write_atomically(os.path.join(out_dir, "capacity.csv"), write_csv)
     slos = {
         (r["slo_ttft_s"], r["slo_tpot_s"], r["slo_percentile"], r["warmup_s"], r["duration_s"])
         for r in rows
@@ -497,7 +508,7 @@ def _write_results(rows: list[dict], searches: Sequence[Search], term: SigtermAs
         logging.info("removed %s: an earlier search's plot (none was drawn for this one)", png)
     print("wrote", os.path.join(out_dir, "capacity.csv"), "and capacity.json")
     info = run_info(
-        "experiments.capacity",
+        LAUNCHER,
         started,
         output_dir=out_dir,
         searches=[search_spec(*s) for s in searches],

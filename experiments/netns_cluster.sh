@@ -20,6 +20,10 @@
 #   experiments/netns_cluster.sh status
 #   experiments/netns_cluster.sh down
 #
+# `up` and `down` take LOCK (flock(1), exclusive; default /run/dpj-netns.lock, $DUALPATH_NETNS_LOCK) and refuse
+# while a run with --config.runtime.netns=true holds it (each run holds it shared: `down` deleted the veths under a
+# run; a second run at once is warned that the two share the shaped NICs).
+#
 # NODES is 1..254, G 1..255 and the rates whole Mbit/s. `up` refuses while a cluster (or part of one) is up or a
 # device has one of its names, and removes what it made when it fails or is interrupted. Each engine's CNIC carries
 # its own traffic both ways (per-engine source routing, ARP answered only by the address's own CNIC).
@@ -34,10 +38,17 @@ NODES=${2:-2}
 G=${3:-2}
 SNIC_MBIT=${4:-800}
 CNIC_MBIT=${5:-1600}
+LOCK=${DUALPATH_NETNS_LOCK:-/run/dpj-netns.lock}
 
 die() { echo "netns_cluster.sh: $*" >&2; exit 1; }
 
 need_root() { [[ $(id -u) == 0 ]] || die "needs root (network namespaces, tc)"; }
+
+hold_lock() {  # $1 (up or down): LOCK exclusively on fd 9 until the script ends, or die naming the runs holding it
+  command -v flock >/dev/null || die "needs flock(1) (util-linux) to know no run uses the cluster"
+  exec 9>>"$LOCK" || die "cannot open the lock file $LOCK"
+  flock -n -x 9 || die "a run with --config.runtime.netns=true uses the cluster now (it holds $LOCK); wait for it to end before '$1'"
+}
 
 check_int() {  # name value max: a whole number in 1..max (no sign, no leading zero)
   [[ $2 =~ ^[1-9][0-9]{0,8}$ ]] && (( $2 <= $3 )) || die "$1 must be a whole number in 1..$3, got '$2'"
@@ -77,6 +88,7 @@ shape_snic() {  # dev [netns]: one rate for all storage traffic
 
 up() {
   need_root
+  hold_lock up
   check_int NODES "$NODES" 254   # 10.77.<node>.x / 10.78.<node>.1; 10.78.255.254 is the storage side
   check_int G "$G" 255           # 10.77.<node>.<g+1>
   check_int SNIC_MBIT "$SNIC_MBIT" 100000000
@@ -88,7 +100,7 @@ up() {
   clash=$(name_clashes)
   [[ -z $clash ]] || die "devices named like this script's already exist: ${clash}(rename them, or '$0 down' if they are a cluster's veths)"
   # A failure or an interrupt half way left namespaces and bridges behind (and the next `up` failed on them).
-  trap 'set +e; echo "netns_cluster.sh: up did not finish; removing what it made" >&2; down >/dev/null' EXIT
+  trap 'set +e; echo "netns_cluster.sh: up did not finish; removing what it made" >&2; down held >/dev/null' EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM HUP
   for br in dpj-cbr dpj-sbr; do
@@ -128,6 +140,7 @@ up() {
 
 down() {
   need_root
+  [[ ${1:-} == held ]] || hold_lock down  # (up's clean-up: up holds it already)
   for ns in $(ip netns list | awk '/^dpj-n[0-9]+/ {print $1}'); do ip netns del "$ns"; done
   for br in dpj-cbr dpj-sbr; do ip link del "$br" 2>/dev/null || true; done
   # veth ends left in the root namespace (their peer's namespace is gone with it, so normally none); only veths:

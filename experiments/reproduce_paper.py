@@ -33,6 +33,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from absl import app, flags, logging
 
@@ -48,6 +49,7 @@ from experiments import (
     run_jobs,
     stopped_by,
     writable_dir_or_exit,
+    write_atomically,
 )
 
 # --output_dir, --workers, --plot, --overwrite, --seeds, --extra: sweep (and simulate, capacity) define them too, --agents
@@ -464,7 +466,9 @@ def main(argv: Sequence[str]) -> None:
         },
     )
     # an earlier report is kept (a failed run wrote its partial report.json over it)
-    no_earlier_results_or_exit(_OUTPUT_DIR.value, ("report.md", "report.json"), "--output_dir", _OVERWRITE.value)
+    no_earlier_results_or_exit(
+        _OUTPUT_DIR.value, ("report.md", "report.json"), "--output_dir", _OVERWRITE.value, "experiments.reproduce_paper"
+    )
     seeds = list(dict.fromkeys(int(x) for x in _SEEDS.value))  # --seeds=0,00: one seed
     bases = {sd: f"dataset={_DATASET.value},agents={_AGENTS.value},seed={sd}" for sd in seeds}
     modes = ["basic", "layerwise", "dualpath_rr", "dualpath", "oracle"]
@@ -523,6 +527,18 @@ def _write_run_info(started: float, jobs: list, extra: str) -> None:
     print("wrote", write_run_info(_OUTPUT_DIR.value, info))
 
 
+def _write_report_json(results: dict, extra: str) -> None:
+    """report.json, beside then renamed (written in place, a kill mid-write tore it). NaN (oracle's storage-NIC
+    max/avg): null."""
+    from dualpath_jax.metrics import json_safe
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(json_safe(_report_json(results, extra)), f, indent=1, default=str)
+
+    write_atomically(os.path.join(_OUTPUT_DIR.value, "report.json"), write)
+
+
 def _run_all(jobs: list, term: SigtermAsInterrupt, started: float, extra: str) -> dict:
     """Each distinct simulation of `jobs` once, with --extra's items (`extra`) appended: {(kind, label): result}. A
     run that failed (or was stopped: Ctrl-C, SIGTERM) writes the finished runs' raw results to report.json and exits
@@ -533,7 +549,6 @@ def _run_all(jobs: list, term: SigtermAsInterrupt, started: float, extra: str) -
     for job in jobs:
         first.setdefault(sim[job], job)
     runs = list(first.values())  # the first label of each simulation
-    from dualpath_jax.metrics import json_safe
 
     results, failed, done_by_key = {}, [], {}
     ran = [_with_extra(job, extra) for job in runs]
@@ -549,8 +564,7 @@ def _run_all(jobs: list, term: SigtermAsInterrupt, started: float, extra: str) -
         if sim[(kind, arg)] in done_by_key:
             results[(kind, arg if isinstance(arg, str) else arg[:2])] = done_by_key[sim[(kind, arg)]]
     if failed:  # the report needs every run: keep the finished ones' raw results, say which failed
-        with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:
-            json.dump(json_safe(_report_json(results, extra)), f, indent=1, default=str)
+        _write_report_json(results, extra)
         for name in ("report.md", "report.png"):  # an earlier (--overwrite) report's would pass for this run's
             stale = os.path.join(_OUTPUT_DIR.value, name)
             if os.path.exists(stale):
@@ -589,7 +603,6 @@ def _report_json(results: dict, extra: str) -> dict:
 
 def _report(results: dict, seeds, bases, modes, appends, pds, table, extra: str = "") -> None:
     """report.md / report.json / report.png of every run's `results` (`extra`: --extra's items, said at the top)."""
-    from dualpath_jax.metrics import json_safe
 
     # per seed: {mode: value}
     jct = [{m: results[("offline", f"{DS660B}:{m},{bases[sd]}")]["jct_s"] for m in modes} for sd in seeds]
@@ -760,10 +773,8 @@ def _report(results: dict, seeds, bases, modes, appends, pds, table, extra: str 
                 lines.append(f"| {a} | {ds} | " + " | ".join(cells) + " |")
         lines += ["", "Fit (root mean square of ln(sim/paper), the calibration's loss): " + table_fit(fit)]
     path = os.path.join(_OUTPUT_DIR.value, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(_OUTPUT_DIR.value, "report.json"), "w") as f:  # NaN (oracle's storage-NIC max/avg): null
-        json.dump(json_safe(_report_json(results, extra)), f, indent=1, default=str)
+    write_atomically(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    _write_report_json(results, extra)
     print("\n".join(lines))
     print("wrote", path, "and report.json")
     png, drawn = os.path.join(_OUTPUT_DIR.value, "report.png"), False

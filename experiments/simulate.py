@@ -27,6 +27,7 @@ from experiments import (
     hold_dir_or_exit,
     parse_flags_or_exit,
     policy_mistake,  # (defined here before: tests import it from this module)
+    run_file_launcher,
     writable_dir_or_exit,
 )
 
@@ -210,6 +211,13 @@ def _main(argv: Sequence[str]) -> None:
     made = dirs_made_for(out)  # (dropped again if the run writes nothing)
     writable_dir_or_exit(out, "--output_dir")  # before the run
     hold_dir_or_exit(out, "--output_dir")
+    other = run_file_launcher(out)
+    if other not in (None, "experiments.simulate"):  # (a sweep's, capacity search's or report's run.json: kept)
+        raise SystemExit(
+            f"bad --output_dir {out!r}: its run.json is another launcher's ({other}): this run's run.json would "
+            "replace it, and that launcher's results there would have no record of what made them; give another "
+            "--output_dir"
+        )
     _warn_of_earlier_run(out)
     agents = f"{sc.workload.n_agents} agents" if sc.workload.kind == "offline" else "agents from the workload"
     logging.info("simulating %s (%s, %s) ...", sc.policy, sc.workload.kind, agents)  # (online / trace: not n_agents)

@@ -864,8 +864,10 @@ def _say_kept_code(kept: dict[int, dict], here: str | None) -> None:
 def _no_earlier_sweep_or_exit(out_dir: str) -> None:
     """An earlier sweep's results are kept (a failed sweep wrote its partial rows over them) unless --overwrite."""
     try:
-        no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value)
+        no_earlier_results_or_exit(out_dir, RESULTS, "--output_dir", _OVERWRITE.value, "experiments.sweep")
     except SystemExit as e:
+        if "earlier run's results" not in str(e):  # (another launcher's run.json: --resume does not apply)
+            raise
         raise SystemExit(f"{e}, or --resume to keep its finished cells and run only the others") from None
 
 

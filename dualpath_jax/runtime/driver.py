@@ -737,11 +737,12 @@ def run(
     if cfg.store_dir:
         return _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher)
     remove_stores_of_killed_runs()
-    tmp = tempfile.mkdtemp(prefix=f"dualpath_store_{os.getpid()}_")
+    tmp, held = held_temp_dir(f"dualpath_store_{os.getpid()}_")
     try:
         return _run(cfg.replace(store_dir=tmp), trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher)
     finally:
         cleanup_store(tmp)
+        os.close(held)
 
 
 def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) -> RunResult:
@@ -962,11 +963,48 @@ def summary_with_sim_link_names(summary: dict) -> dict:
     return {**summary, "link_bytes": {sim_link_name(k): v for k, v in summary["link_bytes"].items()}}
 
 
+def held_temp_dir(prefix: str, tmp_dir: str | None = None) -> tuple[str, int]:
+    """A new temporary directory (`tempfile.mkdtemp`) and the descriptor of its flock (LOCK_EX), held until the
+    descriptor is closed or the process ends, however it ends: `remove_stores_of_killed_runs` of another run removes
+    no directory whose lock is held. The pid in the name is not enough: a run in another PID namespace sharing /tmp (a
+    container with -v /tmp:/tmp) had a pid that is gone here, and its live store was removed under it."""
+    import fcntl
+
+    path = tempfile.mkdtemp(prefix=prefix, dir=tmp_dir)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # (a file system without flock: the pid in the name alone, as before)
+        pass
+    return path, fd
+
+
+def _held_by_a_live_run(path: str) -> bool:
+    """Whether another process holds `path`'s flock (`held_temp_dir`): a live run, in any PID namespace. A directory
+    made before the lock (an older run's) or on a file system without flock: False."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (the lock, when taken, goes with it)
+    return False
+
+
 def remove_stores_of_killed_runs(tmp_dir: str | None = None) -> list[str]:
     """Remove the temporary KV stores (`dualpath_store_<pid>_*` in the temp directory) of runs whose process is gone:
     a run removes its own at its end, but a job killed hard (kill -9, the OOM killer) left it, gigabytes for a real
     model, in /tmp; likewise a netns run's control-socket directory (`dpj-control-<pid>-*`). A live process's
-    (another job's) is kept; so is any other name. Returns those removed."""
+    (another job's) is kept, and so is one whose flock a live run holds (`held_temp_dir`: a run in another PID
+    namespace, whose pid is gone here); so is any other name. Returns those removed."""
     import re
     import shutil
 
@@ -992,7 +1030,7 @@ def remove_stores_of_killed_runs(tmp_dir: str | None = None) -> list[str]:
         except (PermissionError, OverflowError):  # (another user's live process; a pid past the range)
             continue
         path = os.path.join(tmp_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
+        if os.path.isdir(path) and not os.path.islink(path) and not _held_by_a_live_run(path):
             shutil.rmtree(path, ignore_errors=True)
             what = "control-socket directory" if name.startswith("dpj-control") else "KV store"
             log.info("removed %s, the temporary %s of a run whose process is gone (killed)", path, what)

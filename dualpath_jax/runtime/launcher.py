@@ -21,7 +21,6 @@ import secrets
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -411,7 +410,7 @@ def _transport_factory(cfg: RuntimeConfig, spec: GroupSpec | None = None, secret
 
 
 # ------------------------------------------------------------------------------------------------- local
-def _node_process(target, *args, report=None) -> None:
+def _node_process(target, *args, report=None, parent: tuple[int, bool] | None = None) -> None:
     """Run `target(*args)` as a node process's whole life, then end the process without interpreter finalization.
 
     By the time `target` returns, the node has stopped and closed what it owns (engines, transports, store, control
@@ -422,10 +421,13 @@ def _node_process(target, *args, report=None) -> None:
     returned, 130 (an info line) when Ctrl-C interrupted it, 1 (with the traceback on stderr, as multiprocessing
     prints it) when it raised; then `report` (a connection to the driver), if given, gets ("error", repr of it).
     A node that lost its driver (`DriverLost`: the run was stopped or the driver's process ended) exits 1 with one
-    warning line instead of the traceback.
+    warning line instead of the traceback. `parent`: (the driver's pid, whether its main thread started this
+    process), `_end_with_parent`.
     """
     code = 1
     sys.unraisablehook = _raise_lost_ctrl_c_again
+    if parent is not None:
+        _end_with_parent(*parent)
     try:
         target(*args)
         code = 0
@@ -452,6 +454,38 @@ def _node_process(target, *args, report=None) -> None:
             except (OSError, ValueError):
                 pass
         os._exit(code)
+
+
+def _started_by() -> tuple[int, bool]:
+    """A node process's `parent` (`_node_process`): this process's pid, and whether this thread is its main thread."""
+    return os.getpid(), threading.current_thread() is threading.main_thread()
+
+
+def _end_with_parent(pid: int, from_main_thread: bool) -> None:
+    """End this node process (SIGKILL) when its driver's process `pid` ends, however it ends: a SIGKILLed driver's
+    nodes went on compiling (holding their memory, a GPU's too) until they next talked to it (~30 s). Linux: the
+    kernel's parent-death signal, which fires when the *thread* that started the process ends, so only when the
+    driver's main thread started it (its end is the process's); else, and elsewhere, a thread that polls the parent
+    pid. A driver already gone before the signal was set (the race): exit at once."""
+    if from_main_thread and sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != pid:
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):  # (no prctl: the polling thread below)
+            pass
+
+    def watch() -> None:
+        while os.getppid() == pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-driver", daemon=True).start()
 
 
 def _report_error(report, e: BaseException) -> None:
@@ -481,9 +515,9 @@ def _interrupt_main_soon() -> None:
     _thread.interrupt_main()
 
 
-def _node_main(*args, report=None) -> None:
+def _node_main(*args, report=None, parent: tuple[int, bool] | None = None) -> None:
     """Entry point of one node process (one run)."""
-    _node_process(_serve_one_run, *args, report=report)
+    _node_process(_serve_one_run, *args, report=report, parent=parent)
 
 
 def _serve_one_run(
@@ -564,9 +598,11 @@ def enable_compilation_cache(path: str | None = None) -> None:
     enable_persistent_compilation_cache(path)
 
 
-def _node_session_main(spec: GroupSpec, conn, log_level: int, netns: bool = False) -> None:
+def _node_session_main(
+    spec: GroupSpec, conn, log_level: int, netns: bool = False, parent: tuple[int, bool] | None = None
+) -> None:
     """Entry point of a session's node process (`_node_process`)."""
-    _node_process(_serve_session, spec, conn, log_level, netns, report=conn)
+    _node_process(_serve_session, spec, conn, log_level, netns, report=conn, parent=parent)
 
 
 def _serve_session(spec: GroupSpec, conn, log_level: int, in_netns: bool = False) -> None:
@@ -637,6 +673,8 @@ class LocalProcessLauncher:
         self._reports: dict[int, object] = {}  # node -> the connection its process reports its run's error on
         self._whys: dict[int, str] = {}  # node -> its run's error, as reported
         self._control_dir: str | None = None  # (config.netns: the control server's Unix socket's directory)
+        self._control_dir_lock: int | None = None  # (its flock's descriptor: `driver.held_temp_dir`)
+        self._netns_lock: int | None = None  # (config.netns without a session: `netns.hold_cluster`'s descriptor)
         self._killed: set[int] = set()  # nodes `kill` SIGKILLed
         self._recv_lock = threading.Lock()  # (`_why`: the driver's thread and the scheduler's)
         if session is not None and session.netns != cfg.netns:
@@ -648,9 +686,16 @@ class LocalProcessLauncher:
     def start(self, groups: Sequence[GroupSpec], service) -> None:
         watch_exits(service, self.exit_reason)
         authkey = secrets.token_bytes(16)
+        if self.cfg.netns and self.session is None:  # (a session holds it for its life)
+            from dualpath_jax.runtime import netns
+
+            self._netns_lock, _ = netns.hold_cluster()
         if self.cfg.netns:  # (nodes in other network namespaces reach a Unix socket, not this one's loopback)
             # (its pid in the name: a SIGKILLed driver's is removed by the next run, `remove_stores_of_killed_runs`)
-            self._control_dir = tempfile.mkdtemp(prefix=f"dpj-control-{os.getpid()}-")
+            from dualpath_jax.runtime.driver import held_temp_dir
+
+            # (held, flock: a run in another PID namespace sharing /tmp does not remove it while this one runs)
+            self._control_dir, self._control_dir_lock = held_temp_dir(f"dpj-control-{os.getpid()}-")
             control = os.path.join(self._control_dir, "control")
             self.server = ControlServer(
                 service.fetch, authkey, unix_path=control, on_error=getattr(service, "fail", None)
@@ -670,7 +715,7 @@ class LocalProcessLauncher:
             p = ctx.Process(
                 target=_node_main,
                 args=(g, self.cfg, self.server.address, authkey, level, node_modules(self.cfg)),
-                kwargs={"report": report},
+                kwargs={"report": report, "parent": _started_by()},
                 name=f"node{g.node_id}",
                 daemon=True,
             )
@@ -764,6 +809,10 @@ class LocalProcessLauncher:
             self.server.close()
         if self._control_dir is not None:
             shutil.rmtree(self._control_dir, ignore_errors=True)
+        for fd in (self._control_dir_lock, self._netns_lock):
+            if fd is not None:
+                os.close(fd)
+        self._control_dir_lock = self._netns_lock = None
 
 
 class LocalCluster:
@@ -789,12 +838,20 @@ class LocalCluster:
         self._busy: set[int] = set()
         self.failures: dict[int, str] = {}  # node -> the error its process reported before it exited
         self._recv_lock = threading.Lock()  # (`_poll`: the driver's thread and the scheduler's, `exit_reason`)
+        self._netns_lock: int | None = None  # (`netns.hold_cluster`: for the session's life)
+        if netns:
+            from dualpath_jax.runtime import netns as netns_
+
+            self._netns_lock, _ = netns_.hold_cluster()
         ctx = mp.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
         for g in self.groups:
             parent, child = ctx.Pipe()
             p = ctx.Process(
-                target=_node_session_main, args=(g, child, level, netns), name=f"node{g.node_id}", daemon=True
+                target=_node_session_main,
+                args=(g, child, level, netns, _started_by()),
+                name=f"node{g.node_id}",
+                daemon=True,
             )
             with _node_process_env():
                 p.start()
@@ -904,6 +961,9 @@ class LocalCluster:
         for p in self.procs.values():
             if not p.is_alive():
                 p.close()
+        if self._netns_lock is not None:
+            os.close(self._netns_lock)
+            self._netns_lock = None
 
     def __enter__(self) -> LocalCluster:
         return self

@@ -28,6 +28,9 @@ import subprocess
 import sys
 
 NETNS_DIR = "/run/netns"  # where `ip netns add` puts the namespaces' handles
+# Held (flock) by each netns run, shared, and by `netns_cluster.sh up` / `down`, exclusive: `down` refuses while a
+# run uses the cluster (it deleted the veths under it), and a second run at once is warned that it shares the NICs
+LOCK_PATH = os.environ.get("DUALPATH_NETNS_LOCK", "/run/dpj-netns.lock")
 CLONE_NEWNET = 0x40000000
 SCRIPT = "experiments/netns_cluster.sh"
 
@@ -102,6 +105,52 @@ def unavailable_reason(cfg) -> str | None:
                     f"config's rate): set --config.runtime.nics.cnic_bytes_per_s={mbit * 1e6 / 8:g}, or {fix}"
                 )
     return None
+
+
+class ClusterBusy(RuntimeError):
+    """`netns_cluster.sh up` or `down` changes the cluster now (it holds the lock exclusively)."""
+
+
+def hold_cluster(path: str | None = None) -> tuple[int | None, bool]:
+    """Take the cluster's lock (`LOCK_PATH`) shared for this run's life: (its descriptor, to close at the run's end,
+    or None where the file cannot be made or locked; whether another live run holds it too). Another run at once
+    shares each engine's shaped CNIC with this one (each measures about half the rate its table states): warned here.
+    `netns_cluster.sh up` / `down` in progress (the lock held exclusive): ClusterBusy."""
+    import fcntl
+    import logging
+
+    path = path or LOCK_PATH
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError:  # (no /run, not root: the run checks the namespaces anyway, `unavailable_reason`)
+        return None, False
+    shared = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (alone; then shared below, for the later runs' probes)
+        except BlockingIOError:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ClusterBusy(
+                    f"{SCRIPT} up or down is changing the network namespaces now (it holds {path}): wait for it, "
+                    "then run again"
+                ) from None
+            shared = True
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except ClusterBusy:
+        os.close(fd)
+        raise
+    except OSError:  # (a file system without flock)
+        os.close(fd)
+        return None, False
+    if shared:
+        logging.getLogger(__name__).warning(
+            "another netns run uses the network namespaces now (it holds %s): the two share every engine's shaped "
+            "CNIC, so each measures about half the bandwidth its config states; run one at a time to measure it",
+            path,
+        )
+    return fd, shared
 
 
 def enter(node_id: int) -> None:

@@ -97,6 +97,9 @@ class RunFailed(RuntimeError):
     """An engine reported an error or the cluster can no longer run (no live PE or DE)."""
 
 
+KEEPERS_LOCK = "keepers.lock"  # in a bounded store's root: each live run's StoreKeeper holds a shared flock on it
+
+
 class StoreKeeper:
     """The one keeper of a bounded KV store's capacity for a whole run: the driver's store object
     (`launcher.open_store(keeper=True)`), which answers every lookup of the scheduler and sees every turn run and
@@ -131,6 +134,67 @@ class StoreKeeper:
         self.unkept_blocks = 0  # write-back blocks removed at once: no room beside the pinned ones
         self._unremovable: set[bytes] = set()  # blocks that could not be kept nor removed (EACCES, EPERM, EROFS)
         self.finished = False
+        self.shared_with_another_run = False  # (warned once: `_hold_keepers_lock`)
+        self._keepers_lock = self._hold_keepers_lock()
+
+    def _hold_keepers_lock(self) -> int | None:
+        """A shared flock on the store root's KEEPERS_LOCK for the run's life (the descriptor; None where there is no
+        directory or no flock): a run that finds another live run's lock there (its probe for an exclusive one
+        fails) warns once. Two runs keeping one bounded store each kept the capacity for its own view: the directory
+        ended over it, each evicting the other's blocks, and nothing said why."""
+        import fcntl
+
+        root = getattr(self.store, "root", None)
+        if not isinstance(root, str) or not os.path.isdir(root):
+            return None
+        try:
+            fd = os.open(os.path.join(root, KEEPERS_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError:  # (a read-only directory: no lock, as before)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (alone: then shared, for the later runs' probes)
+        except BlockingIOError:
+            self._warn_shared()
+        except OSError:  # (a file system without flock)
+            os.close(fd)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _release_keepers_lock(self) -> None:
+        """Drop this run's lock, then warn if another run still holds one (it started after this one: this run's
+        warning was not said)."""
+        import fcntl
+
+        fd, self._keepers_lock = self._keepers_lock, None
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._warn_shared()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _warn_shared(self) -> None:
+        if self.shared_with_another_run:
+            return
+        self.shared_with_another_run = True
+        capacity = getattr(self.store, "capacity_bytes", None)
+        log.warning(
+            "another live run keeps the bounded KV store %s too: capacity is per run, so the directory may hold N x "
+            "capacity_bytes (%s bytes each) with N runs at once, and each evicts the other's blocks (give each run "
+            "its own store_dir)",
+            self.store.root,
+            f"{capacity:,}" if isinstance(capacity, int) else capacity,
+        )
 
     @property
     def unremovable_blocks(self) -> int:
@@ -247,6 +311,7 @@ class StoreKeeper:
 
         with self._lock:
             self.finished = True
+            self._release_keepers_lock()
             for rid in list(self._pinned):
                 self._release_locked(rid)
             self._written.clear()
