@@ -317,8 +317,9 @@ class Simulator:
         self._qlens = array("q")
         self.requests: dict[int, Request] = {}
         # one row per turn, in arrival order (row = request id): columns of C numbers (metrics.TurnTable, 152 B a
-        # turn), not a TurnRecord object each (~590 B with its boxed fields: most of the 48P96D run's 2.5 GB peak)
-        self.records = TurnTable(capacity=self._n_turns())
+        # turn), not a TurnRecord object each (~590 B with its boxed fields: most of the 48P96D run's 2.5 GB peak);
+        # `run` sizes it for every turn of a whole run, and a run cut by max_time grows it as turns arrive
+        self.records = TurnTable()
         self.turns_done = 0  # turns whose decode finished (for progress reports)
         self._next_rid = 0
         self.fetch_running = False
@@ -1312,6 +1313,8 @@ class Simulator:
         if self._ran:
             raise RuntimeError("Simulator.run() was already called on this simulator: build a new one to run again")
         self._ran = True
+        if max_time == math.inf and not len(self.records):  # every turn will come: its rows at once (152 B a turn)
+            self.records = TurnTable(capacity=self._n_turns())
         for traj in self.trajectories:
             if traj.turns:
                 # (a float, as in the compiled run: an int arrival gave int timestamps in the Python one)
