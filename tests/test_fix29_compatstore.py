@@ -19,13 +19,13 @@ import zlib
 
 import numpy as np
 import pytest
+from test_mutation_audit3_store import FB, LAY, RM, _block, _key, _rewrite_header_field
 
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import block_file
 from dualpath_jax.store.local_dir import LocalDirStore, writer_code
 from models.config import KV_NUMERICS
 from models.registry import tiny_config
-from tests.test_mutation_audit3_store import FB, LAY, RM, _block, _key, _rewrite_header_field
 
 _ALGO_OFFSET, _VERSION_OFFSET = 16, 8  # header fields (block_file._FIXED: magic 8s | format_version | hdr_n | algo)
 

@@ -217,16 +217,33 @@ def test_bench_io_keeps_the_finished_sections_rows_when_one_raises(tmp_path):
     assert "the rows of shaped only" in out.stderr
 
 
+# bench_store run as `python -m`, with the second layout's store failing as a file where its directory goes would
+# fail it (bench_store works in a fresh directory of its own inside --root since 2026-12-07: no such file can be
+# placed there beforehand)
+_BENCH_STORE_FAILING_LAYOUT = """
+import runpy
+import dualpath_jax.store as store
+
+class Failing(store.LocalDirStore):
+    def __init__(self, root, *args, **kwargs):
+        if "qwen2.5_32b_fp16" in str(root):
+            raise NotADirectoryError(20, "Not a directory", str(root))
+        super().__init__(root, *args, **kwargs)
+
+store.LocalDirStore = Failing  # (bench_store imports it from dualpath_jax.store as it runs below)
+runpy.run_module("experiments.bench_store", run_name="__main__", alter_sys=True)
+"""
+
+
 def test_bench_store_keeps_the_finished_layouts_rows_when_one_fails(tmp_path):
-    """The second layout's store cannot be made (a file where its directory goes, as a full or read-only disk
-    would fail it): the first layout's rows are printed and written."""
+    """The second layout's store cannot be made (NotADirectoryError, as a file where its directory goes, a full or
+    read-only disk would fail it): the first layout's rows are printed and written."""
     root = tmp_path / "root"
     root.mkdir()
-    (root / "qwen2.5_32b_fp16").write_text("not a directory")
     path = tmp_path / "store.json"
     out = _launch(
-        "-m", "experiments.bench_store", "--layouts=deepseek_v3_fp8,qwen2.5_32b_fp16", "--total_mb=1", "--repeats=1",
-        "--cold_blocks=0", "--threads=1", f"--root={root}", f"--out={path}",
+        "-c", _BENCH_STORE_FAILING_LAYOUT, "--layouts=deepseek_v3_fp8,qwen2.5_32b_fp16", "--total_mb=1",
+        "--repeats=1", "--cold_blocks=0", "--threads=1", f"--root={root}", f"--out={path}",
     )  # fmt: skip
     assert out.returncode != 0 and "NotADirectoryError" in out.stderr, out.stderr[-2000:]
     rows = json.loads(path.read_text())
