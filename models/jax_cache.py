@@ -70,7 +70,8 @@ def remove_orphaned_entries(cache_dir: str) -> list[str]:
     except (filelock.Timeout, OSError) as e:  # (a cache another job holds that long, or one not writable: left as is)
         logging.getLogger(__name__).warning("compilation cache %s: not checked for orphaned entries (%s)", cache_dir, e)
         return removed
-    with lock:
+    try:  # (released here: a `with lock:` after `acquire()` counted twice, and only the object's collection at
+        # return released the file, which jax's own lock instance waits on)
         for name in os.listdir(cache_dir):
             if name.endswith("-cache") and not os.path.exists(
                 os.path.join(cache_dir, name[: -len("-cache")] + "-atime")
@@ -80,6 +81,8 @@ def remove_orphaned_entries(cache_dir: str) -> list[str]:
                 except OSError:
                     continue
                 removed.append(name)
+    finally:
+        lock.release()
     if removed:
         logging.getLogger(__name__).warning(
             "compilation cache %s: removed %d entries without their -atime file (a job killed while writing one, or "

@@ -87,6 +87,8 @@ d = enable_persistent_compilation_cache()
 import jax, jax.numpy as jnp
 jax.jit(lambda x: jnp.sin(x) * 3.0)(jnp.float32(0.5)).block_until_ready()
 print(sorted(n for n in os.listdir(d) if n.startswith("jit__lambda") and n.endswith("-cache")))
+import filelock
+filelock.FileLock(os.path.join(d, ".lockfile"), timeout=0).acquire()  # (not left held: jax's lock waits on it)
 """
 
 
