@@ -44,6 +44,8 @@ from experiments import (
     Terminated,
     config_or_exit,
     define_config_file,
+    dirs_made_for,
+    drop_empty_dirs,
     flag_line,
     fresh_dir_or_exit,
     interrupted_by,
@@ -483,6 +485,7 @@ def _main(argv, term: SigtermAsInterrupt):
     # Everything is checked before anything starts: the list of policies, each policy's config (its own fields over
     # the shared ones; not runtime.scheduler.name's, which no run uses), the model, the workload. A bad config is one
     # line naming the field (no traceback; a UsageError printed the whole --help above it).
+    results_made = None  # (the results directory's parts this launcher made, `dirs_made_for`)
     try:
         configs = policy_configs(config, flags.FLAGS[_CONFIG.name].override_values or {})
         policies = list(configs)
@@ -490,7 +493,9 @@ def _main(argv, term: SigtermAsInterrupt):
         # Each run's kept store is a fresh subdirectory of runtime.store_dir (`one` below), so the checks open a
         # scratch store (its options checked there), not that directory: it was opened as a store itself (STORE.json
         # and blocks/ made beside the runs' subdirectories, a store kept in it trimmed to capacity_bytes).
-        writable_dir_or_exit(config.results_dir, "--config.results_dir")  # (before the model is built, not after)
+        # (before the model is built, not after; made now: dropped again if a check below refuses the config)
+        results_made = dirs_made_for(config.results_dir)
+        writable_dir_or_exit(config.results_dir, "--config.results_dir")
         for d in sorted({c.store_dir for c in configs.values() if c.store_dir}):
             writable_dir_or_exit(d, "--config.runtime.store_dir")
             warn_if_store(d)
@@ -504,6 +509,8 @@ def _main(argv, term: SigtermAsInterrupt):
             base.model, m.architecture, m.num_layers, m.kv_bytes_per_token, m.kv_layout.np_dtype, len(trajs),
         )  # fmt: skip
     except ConfigError as e:  # (its field paths as the flags name them: config.runtime.workload.aps)
+        if results_made is not None:
+            drop_empty_dirs(config.results_dir, results_made)
         raise SystemExit(runtime_config_line(e)) from None
     # the fields each policy is given, and every one it runs with (α / β from this cluster included): in the results
     given_kwargs = {p: dict(c.scheduler.policy_kwargs) for p, c in configs.items()}

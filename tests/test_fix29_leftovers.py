@@ -268,3 +268,17 @@ def test_setup_finds_the_c_files_the_store_verify_module_includes(monkeypatch):
     assert found == [f"{store}/{n}" for n in ("_verify_c.h", "_xxhash/xxh_x86dispatch.c", "_xxhash/xxh_x86dispatch.h", "_xxhash/xxhash.h")]  # fmt: skip
     assert c_files([f"{store}/_verify.pyx"], [store])[0] == f"{store}/_verify_c.h"  # (not x86: no dispatcher)
     assert c_files(["dualpath_jax/sim/network.py"], []) == []  # (pure-Python mode: no C of its own)
+
+
+def test_a_config_refused_after_the_results_check_leaves_no_results_directory(tmp_path):
+    """The results directory's write check moved before `driver.prepare` (which checks the model and the workload);
+    a config that prepare refuses then left the directory it made, empty."""
+    from test_fix12_runtime import _launch
+
+    res = tmp_path / "a" / "res"
+    out = _launch(
+        "-m", "experiments.run", "--config=configs/tiny_runtime.py:test", f"--config.results_dir={res}",
+        f"--config.runtime.model={tmp_path / 'no_model'}",
+    )  # fmt: skip
+    assert out.returncode != 0 and "bad config: config.runtime.model" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "a").exists()
