@@ -727,25 +727,49 @@ def git_state(root: str | None = None) -> dict | None:
     """The commit of the git checkout this package runs from (`root`: its repository) and its changed files (`git
     status --porcelain`; `dirty`: any), or None when it runs from no checkout (an installed package); where git
     cannot say, the commit is None and `error` says why."""
-    import os
     import subprocess
 
-    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.exists(os.path.join(root, ".git")):
+    root = _checkout(root)
+    if root is None:
         return None
-
-    def git(*args: str) -> str:
-        # --no-optional-locks: status only reads (it would refresh the index under its lock: a commit beside the run
-        # could find the lock taken)
-        cmd = ["git", "--no-optional-locks", "-C", root, *args]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
-
     try:
-        commit = git("rev-parse", "HEAD").strip()
-        changed = git("status", "--porcelain").splitlines()
+        commit = _git(root, "rev-parse", "HEAD").strip()
+        changed = _git(root, "status", "--porcelain").splitlines()
     except (OSError, subprocess.SubprocessError) as e:  # no git, not a repository git can read, a timeout
         return {"commit": None, "error": f"{type(e).__name__}: {e}"}
     return {"commit": commit, "dirty": bool(changed), "changed": changed[:200]}
+
+
+def git_commit(root: str | None = None) -> str | None:
+    """The commit of the git checkout this package runs from (`git_state`'s, without its `git status`), or None (no
+    checkout, or git cannot say)."""
+    import subprocess
+
+    root = _checkout(root)
+    if root is None:
+        return None
+    try:
+        return _git(root, "rev-parse", "HEAD").strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _checkout(root: str | None) -> str | None:
+    """`root` (by default this package's repository) where it is a git checkout, else None."""
+    import os
+
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return root if os.path.exists(os.path.join(root, ".git")) else None
+
+
+def _git(root: str, *args: str) -> str:
+    """git's output for `args` in `root` (raises CalledProcessError, OSError without git, TimeoutExpired)."""
+    import subprocess
+
+    # --no-optional-locks: status only reads (it would refresh the index under its lock: a commit beside the run could
+    # find the lock taken)
+    cmd = ["git", "--no-optional-locks", "-C", root, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
 
 
 def trace_digest(path) -> dict:

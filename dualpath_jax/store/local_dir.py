@@ -398,51 +398,16 @@ class _NewerBlock(str):
     that leaves the file, unlike every other reason, which is damage."""
 
 
-def _git_commit(root: str) -> str | None:
-    """The commit checked out at `root` from .git's files (not by running git: cheap enough for a store open), or
-    None (no checkout, a layout this does not read)."""
-    git = os.path.join(root, ".git")
-    try:
-        if os.path.isfile(git):  # a worktree or submodule: "gitdir: <path>"
-            with open(git) as f:
-                line = f.read().strip()
-            if not line.startswith("gitdir:"):
-                return None
-            git = os.path.join(root, line[len("gitdir:") :].strip())
-        with open(os.path.join(git, "HEAD")) as f:
-            head = f.read().strip()
-        if not head.startswith("ref:"):
-            return head or None  # a detached HEAD
-        ref = head[4:].strip()
-        common = git
-        if os.path.isfile(os.path.join(git, "commondir")):  # (a worktree's refs live in the main .git)
-            with open(os.path.join(git, "commondir")) as f:
-                common = os.path.join(git, f.read().strip())
-        for d in (git, common):
-            try:
-                with open(os.path.join(d, ref)) as f:
-                    return f.read().strip() or None
-            except FileNotFoundError:
-                pass
-        with open(os.path.join(common, "packed-refs")) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) == 2 and parts[1] == ref:
-                    return parts[0]
-    except (OSError, UnicodeDecodeError):
-        pass
-    return None
-
-
 @functools.cache
 def writer_code() -> dict:
     """This code as STORE.json's `written_by` records it: {"dualpath_jax": version, "commit": sha where it runs from
-    a git checkout}. Once per process (a commit made while it runs is not this process's code anyway)."""
+    a git checkout (`metrics.git_commit`, as the results' run.json has it)}. Once per process (a commit made while
+    it runs is not this process's code anyway)."""
     import dualpath_jax
+    from dualpath_jax.metrics import git_commit
 
     code = {"dualpath_jax": getattr(dualpath_jax, "__version__", None)}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    commit = _git_commit(root)
+    commit = git_commit()
     if commit:
         code["commit"] = commit
     return code
