@@ -436,6 +436,11 @@ def _newer_meta(have: dict, want: dict) -> str | None:
     return "; ".join(parts) or None
 
 
+def _is_numerics_part(part: str) -> bool:
+    """Whether a fingerprint's `/`-separated part is its `n<KV_NUMERICS>` (models.config.ModelConfig.fingerprint)."""
+    return part[:1] == "n" and part[1:].isdigit()
+
+
 def _numerics_only(have: dict, want: dict) -> bool:
     """True where STORE.json `have` and the layout `want` differ only in the fingerprint's KV numerics part."""
 
@@ -443,7 +448,7 @@ def _numerics_only(have: dict, want: dict) -> bool:
         layout = dict(meta.get("layout") or {})
         fp = layout.get("fingerprint")
         if isinstance(fp, str):
-            layout["fingerprint"] = "/".join(p for p in fp.split("/") if not (p[:1] == "n" and p[1:].isdigit()))
+            layout["fingerprint"] = "/".join(p for p in fp.split("/") if not _is_numerics_part(p))
         return json.dumps(layout, sort_keys=True, default=str), meta.get("block_format_version")
 
     return have.get("layout") != want.get("layout") and without_numerics(have) == without_numerics(want)
@@ -456,7 +461,7 @@ def _fingerprint_diff(h: str, w: str) -> list[str]:
 
     def split(f: str) -> tuple[list[str], str | None]:
         parts = f.split("/")
-        n = [p for p in parts if p[:1] == "n" and p[1:].isdigit()]
+        n = [p for p in parts if _is_numerics_part(p)]
         return [p for p in parts if p not in n], (n[0] if len(n) == 1 else None)
 
     (hs, hn), (ws, wn) = split(h), split(w)
