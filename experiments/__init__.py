@@ -552,26 +552,26 @@ def hold_dir_or_exit(directory: str, what: str) -> None:
     each passed the earlier-results check (their files come at the end) and the last one's replaced the other's, or
     mixed with them. An flock of the directory itself (no file in it), released when the process ends however it ends
     (kill -9 too)."""
-    import fcntl
     import os
+
+    from dualpath_jax import flocks
 
     directory = os.path.abspath(directory)
     if directory in _HELD_DIRS:
         return
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = flocks.open_dir(directory)
     except OSError as e:
         raise SystemExit(f"bad {what} {directory!r}: cannot open it ({e.strerror or e})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    taken = flocks.take(fd)
+    if taken is False:
         os.close(fd)
         raise SystemExit(
             f"bad {what} {directory!r}: another job writes there now (a sweep, capacity search, simulation or report "
             f"of this repository holds it: its results would replace or mix with this one's); wait for it to end, or "
             f"give another {what}"
-        ) from None
-    except OSError:  # (a file system without flock: not held, as before)
+        )
+    if taken is None:  # (a file system without flock: not held, as before)
         os.close(fd)
         return
     _HELD_DIRS[directory] = fd

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from dualpath_jax import flocks
 from dualpath_jax.checks import file_in_the_way, is_int
 from dualpath_jax.metrics import LinkBytes, TurnRecord, slo_summary, summarize, ttft_breakdown, with_slo
 from dualpath_jax.runtime.config import (
@@ -964,39 +965,15 @@ def summary_with_sim_link_names(summary: dict) -> dict:
 
 
 def held_temp_dir(prefix: str, tmp_dir: str | None = None) -> tuple[str, int]:
-    """A new temporary directory (`tempfile.mkdtemp`) and the descriptor of its flock (LOCK_EX), held until the
+    """A new temporary directory (`tempfile.mkdtemp`) and the descriptor of its flock (exclusive), held until the
     descriptor is closed or the process ends, however it ends: `remove_stores_of_killed_runs` of another run removes
     no directory whose lock is held. The pid in the name is not enough: a run in another PID namespace sharing /tmp (a
-    container with -v /tmp:/tmp) had a pid that is gone here, and its live store was removed under it."""
-    import fcntl
-
+    container with -v /tmp:/tmp) had a pid that is gone here, and its live store was removed under it. (A file system
+    without flock: the pid in the name alone, as before.)"""
     path = tempfile.mkdtemp(prefix=prefix, dir=tmp_dir)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # (a file system without flock: the pid in the name alone, as before)
-        pass
+    fd = flocks.open_dir(path)
+    flocks.take(fd)
     return path, fd
-
-
-def _held_by_a_live_run(path: str) -> bool:
-    """Whether another process holds `path`'s flock (`held_temp_dir`): a live run, in any PID namespace. A directory
-    made before the lock (an older run's) or on a file system without flock: False."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # (the lock, when taken, goes with it)
-    return False
 
 
 def remove_stores_of_killed_runs(tmp_dir: str | None = None) -> list[str]:
@@ -1030,7 +1007,7 @@ def remove_stores_of_killed_runs(tmp_dir: str | None = None) -> list[str]:
         except (PermissionError, OverflowError):  # (another user's live process; a pid past the range)
             continue
         path = os.path.join(tmp_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path) and not _held_by_a_live_run(path):
+        if os.path.isdir(path) and not os.path.islink(path) and not flocks.held_elsewhere(path):
             shutil.rmtree(path, ignore_errors=True)
             what = "control-socket directory" if name.startswith("dpj-control") else "KV store"
             log.info("removed %s, the temporary %s of a run whose process is gone (killed)", path, what)

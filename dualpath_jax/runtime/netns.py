@@ -116,32 +116,23 @@ def hold_cluster(path: str | None = None) -> tuple[int | None, bool]:
     or None where the file cannot be made or locked; whether another live run holds it too). Another run at once
     shares each engine's shaped CNIC with this one (each measures about half the rate its table states): warned here.
     `netns_cluster.sh up` / `down` in progress (the lock held exclusive): ClusterBusy."""
-    import fcntl
     import logging
+
+    from dualpath_jax import flocks
 
     path = path or LOCK_PATH
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fd = flocks.open_lock_file(path)
     except OSError:  # (no /run, not root: the run checks the namespaces anyway, `unavailable_reason`)
         return None, False
-    shared = False
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (alone; then shared below, for the later runs' probes)
-        except BlockingIOError:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ClusterBusy(
-                    f"{SCRIPT} up or down is changing the network namespaces now (it holds {path}): wait for it, "
-                    "then run again"
-                ) from None
-            shared = True
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    except ClusterBusy:
+        shared = flocks.hold_shared(fd, wait_for_exclusive=False)
+    except BlockingIOError:
         os.close(fd)
-        raise
-    except OSError:  # (a file system without flock)
+        raise ClusterBusy(
+            f"{SCRIPT} up or down is changing the network namespaces now (it holds {path}): wait for it, then run again"
+        ) from None
+    if shared is None:  # (a file system without flock)
         os.close(fd)
         return None, False
     if shared:

@@ -142,27 +142,21 @@ class StoreKeeper:
         directory or no flock): a run that finds another live run's lock there (its probe for an exclusive one
         fails) warns once. Two runs keeping one bounded store each kept the capacity for its own view: the directory
         ended over it, each evicting the other's blocks, and nothing said why."""
-        import fcntl
+        from dualpath_jax import flocks
 
         root = getattr(self.store, "root", None)
         if not isinstance(root, str) or not os.path.isdir(root):
             return None
         try:
-            fd = os.open(os.path.join(root, KEEPERS_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            fd = flocks.open_lock_file(os.path.join(root, KEEPERS_LOCK))
         except OSError:  # (a read-only directory: no lock, as before)
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (alone: then shared, for the later runs' probes)
-        except BlockingIOError:
+        shared = flocks.hold_shared(fd)
+        if shared is None:  # (a file system without flock)
+            os.close(fd)
+            return None
+        if shared:
             self._warn_shared()
-        except OSError:  # (a file system without flock)
-            os.close(fd)
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        except OSError:
-            os.close(fd)
-            return None
         return fd
 
     def _release_keepers_lock(self) -> None:
@@ -170,14 +164,15 @@ class StoreKeeper:
         warning was not said)."""
         import fcntl
 
+        from dualpath_jax import flocks
+
         fd, self._keepers_lock = self._keepers_lock, None
         if fd is None:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._warn_shared()
+            if flocks.take(fd) is False:
+                self._warn_shared()
         except OSError:
             pass
         finally:
