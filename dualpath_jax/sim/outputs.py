@@ -27,6 +27,10 @@ def write_csv(path: str, header: list[str], rows) -> None:
     """Write `header` and `rows` (sequences of fields) as CSV in the excel dialect (UTF-8, "\\r\\n"): with the
     C writer where it is built (`_csvrows.pyx`, about 3x faster on the 3.3 M turns of a paper-scale run), else
     with `csv.writer`; both write the same bytes."""
+    metrics.write_atomically(path, lambda tmp: _write_csv_to(tmp, header, rows))
+
+
+def _write_csv_to(path: str, header: list[str], rows) -> None:
     if _write_rows_c is not None:
         with open(path, "wb") as f:
             _write_rows_c(f, [header])
@@ -39,7 +43,9 @@ def write_csv(path: str, header: list[str], rows) -> None:
 
 
 def write_results(result: SimResult, output_dir: str, config: dict, plot: bool = True) -> dict[str, str]:
-    """Write summary.json, turns.csv, links.csv (and plot.png) under `output_dir`; returns their paths."""
+    """Write summary.json, turns.csv, links.csv (and plot.png) under `output_dir`; returns their paths. Each file is
+    written beside its name and renamed onto it (`metrics.write_atomically`): a run killed while writing leaves the
+    earlier file whole, never a torn one."""
     os.makedirs(output_dir, exist_ok=True)
     paths = {}
     stats = {k: v for k, v in result.stats.items() if k != "link_totals"}
@@ -48,8 +54,13 @@ def write_results(result: SimResult, output_dir: str, config: dict, plot: bool =
     # policy's defaults; the config holds the kwargs given only), as the runtime's results.json policy_config
     summary["policy_config"] = getattr(result, "policy_config", None)
     p = os.path.join(output_dir, "summary.json")
-    with open(p, "w") as f:
-        json.dump(metrics.json_safe(summary), f, indent=1, default=str)
+    summary = metrics.json_safe(summary)
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1, default=str)
+
+    metrics.write_atomically(p, dump)
     paths["summary"] = p
     p = os.path.join(output_dir, "turns.csv")
     fields = [fl.name for fl in dataclasses.fields(metrics.TurnRecord)]  # the header even when no turn arrived
@@ -140,7 +151,8 @@ def plot_result(result: SimResult, path: str, name: str | None = None) -> str | 
     ax2.set_ylim(0, 1.02)
     fig.suptitle(_plot_title(result, name), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # (written beside `path`, then renamed: the temporary name has no .png suffix, hence the format)
+    metrics.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return path
 
