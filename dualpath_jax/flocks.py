@@ -11,6 +11,7 @@ had a lock: `take` and `hold_shared` say so by returning None.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -21,8 +22,15 @@ def open_dir(path: str) -> int:
 
 
 def open_lock_file(path: str) -> int:
-    """A descriptor of the lock file `path`, made (mode 0o666 less the umask) where missing. OSError where not."""
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    """A descriptor of the lock file `path`, made (mode 0o666 less the umask) where missing. One this user cannot
+    write (another user's, made under a umask of 022; a read-only mount) is opened read-only: flock(2) needs no write
+    access (it held no lock and said nothing). OSError where neither opens."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def take(fd: int, *, shared: bool = False) -> bool | None:

@@ -735,7 +735,14 @@ def git_state(root: str | None = None) -> dict | None:
     try:
         commit = _git(root, "rev-parse", "HEAD").strip()
         changed = _git(root, "status", "--porcelain").splitlines()
-    except (OSError, subprocess.SubprocessError) as e:  # no git, not a repository git can read, a timeout
+    except subprocess.CalledProcessError as e:  # (git's line names why: e.g. "detected dubious ownership" of a
+        # checkout another user owns, a bind mount in a container; the exit status alone said nothing)
+        said = (e.stderr or "").strip().splitlines()
+        return {
+            "commit": None,
+            "error": f"git {e.cmd[4]} exited with {e.returncode}" + (f": {said[0]}" if said else ""),
+        }
+    except (OSError, subprocess.SubprocessError) as e:  # no git, a timeout
         return {"commit": None, "error": f"{type(e).__name__}: {e}"}
     return {"commit": commit, "dirty": bool(changed), "changed": changed[:200]}
 

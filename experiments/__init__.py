@@ -98,6 +98,7 @@ class _ConfigFileParser:
         self.keys = None  # the loaded config's key tree (`_key_tree`), before any override: parse_flags_or_exit's
 
     def parse(self, path):
+        path = installed_config_file(path)
         try:
             config = self._inner.parse(path)
         except Exception as e:  # noqa: BLE001 - the file's own error, whatever its type
@@ -128,6 +129,51 @@ class _ConfigFileParser:
 
     def __getattr__(self, attr):  # flag_type() and the rest: the library's parser
         return getattr(self._inner, attr)
+
+
+def installed_config_file(path):
+    """`path` (`FILE[:variant]`), or where FILE is missing here and is `configs/NAME.py` (as README writes them), this
+    package's own configs/NAME.py: installed as a wheel and run from another directory, README's
+    `--config=configs/sim_tiny.py` was a missing file (the configs are in site-packages/configs/)."""
+    import os
+
+    file, sep, variant = str(path).partition(":")
+    parts = os.path.normpath(file).split(os.sep)
+    if os.path.exists(file) or len(parts) != 2 or parts[0] != "configs":
+        return path
+    import configs
+
+    own = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)), parts[1])
+    if not os.path.isfile(own):
+        return path
+    from absl import logging
+
+    logging.info("--config %s: not in %s; this package's %s", file, os.getcwd(), own)
+    return own + sep + variant
+
+
+def non_utf8_locale_line() -> str | None:
+    """A line naming the fix where the locale's file system encoding is not UTF-8 (LANG=en_US.ISO-8859-1; LC_ALL=C
+    alone is UTF-8 mode) and this package or jax is under a non-ASCII path: jax's first compile raised
+    `RuntimeError: std::bad_cast` (the source file names it hands XLA), naming neither. None: fine."""
+    import importlib.util
+    import os
+    import sys
+
+    encoding = sys.getfilesystemencoding()
+    if encoding.lower().replace("-", "").replace("_", "") == "utf8":
+        return None
+    jax = importlib.util.find_spec("jax")
+    paths = [os.path.dirname(os.path.abspath(__file__))]  # (a non-ASCII working directory alone is fine)
+    paths += [os.path.dirname(jax.origin)] if jax is not None and jax.origin else []
+    odd = [p for p in paths if not p.isascii()]
+    if not odd:
+        return None
+    return (
+        f"bad environment: the locale's file system encoding is {encoding}, not UTF-8, and {odd[0]!r} is not "
+        "ASCII: jax fails on it (RuntimeError: std::bad_cast at the first compile); run with PYTHONUTF8=1 (or "
+        "LANG=C.UTF-8)"
+    )
 
 
 # what `--config.FIELD=None` gives None for (ml_collections' field parsers read it as text: "could not convert string
@@ -293,6 +339,8 @@ def parse_flags_or_exit(argv):
 
     from absl import flags
 
+    if line := non_utf8_locale_line():
+        raise SystemExit(line)
     # the key trees of config files loaded before the command line (a launcher's default file): its overrides apply
     # during the parse below (a --config on the command line records its own, `_ConfigFileParser.parse`)
     before = {}

@@ -28,9 +28,24 @@ def cache_max_bytes() -> int:
     return value
 
 
-def enable_persistent_compilation_cache(cache_dir: str | None = None) -> str:
+def _unusable(cache_dir: str) -> str | None:
+    """Why this process cannot use the cache directory `cache_dir` (made where missing), or None. jax reads and writes
+    every entry under the lock file `.lockfile` in it: a directory or lock file of another user's (a cache root made)
+    failed every read and write, a warning per compile."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        os.close(os.open(os.path.join(cache_dir, ".lockfile"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666))
+    except OSError as e:
+        return f"{e.strerror or e}: {e.filename}" if e.filename else str(e.strerror or e)
+    if not os.access(cache_dir, os.W_OK):
+        return "not writable by this user"
+    return None
+
+
+def enable_persistent_compilation_cache(cache_dir: str | None = None) -> str | None:
     """Turn on the on-disk compilation cache (default ~/.cache/dualpath_jax/xla, or $DUALPATH_JAX_CACHE), bounded by
-    `cache_max_bytes()` (4 GiB unless $DUALPATH_JAX_CACHE_MAX_BYTES says otherwise); returns its absolute path."""
+    `cache_max_bytes()` (4 GiB unless $DUALPATH_JAX_CACHE_MAX_BYTES says otherwise); returns its absolute path, or
+    None (warned) where this process cannot write there (a read-only HOME, another user's cache): it runs without."""
     import jax
 
     max_bytes = cache_max_bytes()  # (checked first: a bad value fails before anything is turned on)
@@ -39,7 +54,15 @@ def enable_persistent_compilation_cache(cache_dir: str | None = None) -> str:
     # "~/x" from an env file or a Ray runtime_env (no shell expands it) made a directory named "~" in the cwd, and
     # a relative path a cache per working directory (Ray workers each run in their own): one absolute path instead
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
-    os.makedirs(cache_dir, exist_ok=True)
+    why = _unusable(cache_dir)
+    if why is not None:  # (a read-only HOME raised PermissionError here, before anything ran)
+        logging.getLogger(__name__).warning(
+            "compilation cache %s cannot be used (%s): every program compiles in every process; set "
+            "$DUALPATH_JAX_CACHE to a directory of your own",
+            cache_dir,
+            why,
+        )
+        return None
     jax.config.update("jax_compilation_cache_dir", cache_dir)
     # Cache every executable: tiny-model steps compile in well under the default 1 s threshold.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -57,13 +80,16 @@ def enable_persistent_compilation_cache(cache_dir: str | None = None) -> str:
 
 
 def remove_orphaned_entries(cache_dir: str) -> list[str]:
-    """Remove the entries of the bounded cache `cache_dir` that have no `-atime` file, under jax's own lock (so no
-    write is in flight): a job killed between jax's write of KEY-cache and of KEY-atime (torn, often) or one run with
-    $DUALPATH_JAX_CACHE_MAX_BYTES=-1 (no -atime at all) left one, and jax's eviction then failed every later write
-    (FileNotFoundError, a warning per compile: jax-ml/jax#39880, fixed upstream after jax 0.10.2). Returns them."""
+    """Remove the entries of the bounded cache `cache_dir` that have no `-atime` file, or one this user cannot
+    update, under jax's own lock (so no write is in flight): a job killed between jax's write of KEY-cache and of
+    KEY-atime (torn, often) or one run with $DUALPATH_JAX_CACHE_MAX_BYTES=-1 (no -atime at all) left one, and jax's
+    eviction then failed every later write (FileNotFoundError, a warning per compile: jax-ml/jax#39880, fixed upstream
+    after jax 0.10.2); a run as root with this HOME (`sudo -E`, a netns run) left entries whose -atime this user's
+    every read of them failed to update (PermissionError, a warning per program, compiled again each run). Returns
+    the -cache files removed."""
     import filelock
 
-    removed = []
+    removed, others = [], 0
     try:
         lock = filelock.FileLock(os.path.join(cache_dir, ".lockfile"), timeout=30)
         lock.acquire()
@@ -73,21 +99,31 @@ def remove_orphaned_entries(cache_dir: str) -> list[str]:
     try:  # (released here: a `with lock:` after `acquire()` counted twice, and only the object's collection at
         # return released the file, which jax's own lock instance waits on)
         for name in os.listdir(cache_dir):
-            if name.endswith("-cache") and not os.path.exists(
-                os.path.join(cache_dir, name[: -len("-cache")] + "-atime")
-            ):
-                try:
-                    os.unlink(os.path.join(cache_dir, name))
+            if not name.endswith("-cache"):
+                continue
+            atime = os.path.join(cache_dir, name[: -len("-cache")] + "-atime")
+            if os.path.exists(atime):
+                if os.access(atime, os.W_OK):
+                    continue
+                try:  # (another user's entry: the directory is this user's, so it may go)
+                    os.unlink(atime)
                 except OSError:
                     continue
-                removed.append(name)
+                others += 1
+            try:
+                os.unlink(os.path.join(cache_dir, name))
+            except OSError:
+                continue
+            removed.append(name)
     finally:
         lock.release()
     if removed:
         logging.getLogger(__name__).warning(
             "compilation cache %s: removed %d entries without their -atime file (a job killed while writing one, or "
-            "one unbounded): their executables compile again",
+            "one unbounded) or with another user's (%d; a run as root with this HOME): their executables compile "
+            "again",
             cache_dir,
             len(removed),
+            others,
         )
     return removed

@@ -63,13 +63,19 @@ def _netns_host_lock():
         finally:
             _netns_held -= 1
         return
-    with open(os.path.join(tempfile.gettempdir(), "dualpath_jax_tests_netns.lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # (released when the file closes)
+    from dualpath_jax import flocks
+
+    # (root's test run made it 0644: another user's open for appending was a PermissionError in every netns test)
+    fd = flocks.open_lock_file(os.path.join(tempfile.gettempdir(), "dualpath_jax_tests_netns.lock"))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # (released when the file closes)
         _netns_held = 1
         try:
             yield
         finally:
             _netns_held = 0
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from test_workloads_traces import needs_traces
 
 from dualpath_jax.workloads import make_agents, make_arrivals
 from dualpath_jax.workloads.synthetic import DATASETS, SyntheticSpec, generate_trajectories
@@ -206,6 +207,7 @@ def test_an_online_workload_too_large_for_memory_is_one_line(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+@needs_traces
 def test_a_trace_path_under_the_home_directory_may_start_with_a_tilde(tmp_path, monkeypatch):
     """`--workload=~/x.jsonl` gets no tilde expansion from the shell (it follows '='): the loader expands it (it said
     "trace '~/x.jsonl' not found")."""

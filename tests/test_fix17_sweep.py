@@ -22,6 +22,7 @@ import time
 
 import pytest
 import test_launch_hunt as launch_hunt
+from test_fix13_traceload import needs_traces as needs_kvcache_traces
 
 from experiments import INTERRUPTED, run_jobs
 
@@ -364,6 +365,7 @@ def test_each_row_names_its_code_and_a_resume_records_the_kept_cells_code(killed
     assert "0123abc" in codes and [c.split("+")[0] for c in codes if c != "0123abc"] == [commit], codes
 
 
+@needs_kvcache_traces
 def test_resume_refuses_kept_cells_of_a_trace_changed_since(tmp_path):
     """--resume checked the setup file (`setup_sha256`) but not the trace a cell replays: a trace directory that had
     gained a session since was resumed silently, the kept cells' figures of the trace as it was beside new cells of

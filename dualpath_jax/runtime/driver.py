@@ -1010,6 +1010,9 @@ def remove_stores_of_killed_runs(tmp_dir: str | None = None) -> list[str]:
         if os.path.isdir(path) and not os.path.islink(path) and not flocks.held_elsewhere(path):
             shutil.rmtree(path, ignore_errors=True)
             what = "control-socket directory" if name.startswith("dpj-control") else "KV store"
+            if os.path.lexists(path):  # (another user's, in a sticky /tmp: it said "removed" at every run)
+                log.debug("could not remove %s, the temporary %s of a run whose process is gone", path, what)
+                continue
             log.info("removed %s, the temporary %s of a run whose process is gone (killed)", path, what)
             removed.append(path)
     return removed
