@@ -342,6 +342,27 @@ class InProcessLauncher:
             store.close()
 
 
+# A Unix socket's path holds at most 107 bytes (sun_path: 108 with its NUL).
+UNIX_PATH_MAX = 107
+
+
+def control_dir_parent(prefix: str, tmp_dir: str | None = None) -> str | None:
+    """Where a netns run's control-socket directory (`prefix` + mkdtemp's 8 characters, holding "control") goes:
+    the temp directory (None), or /tmp where that path would pass UNIX_PATH_MAX bytes (a long $TMPDIR failed the run
+    with "AF_UNIX path too long", naming neither)."""
+    import tempfile
+
+    path = os.path.join(tmp_dir or tempfile.gettempdir(), prefix + "x" * 8, "control")
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        return None
+    logging.getLogger(__name__).info(
+        "the control socket goes under /tmp: under the temp directory its path (%d bytes) passes a Unix socket's %d",
+        len(os.fsencode(path)),
+        UNIX_PATH_MAX,
+    )
+    return "/tmp"
+
+
 def watch_exits(service, exit_reason) -> None:
     """Let the run's scheduler name how a node ended in its death reason (`GlobalScheduler.watch_exits`; a stand-in
     service without it: nothing)."""
@@ -695,7 +716,8 @@ class LocalProcessLauncher:
             from dualpath_jax.runtime.driver import held_temp_dir
 
             # (held, flock: a run in another PID namespace sharing /tmp does not remove it while this one runs)
-            self._control_dir, self._control_dir_lock = held_temp_dir(f"dpj-control-{os.getpid()}-")
+            prefix = f"dpj-control-{os.getpid()}-"
+            self._control_dir, self._control_dir_lock = held_temp_dir(prefix, control_dir_parent(prefix))
             control = os.path.join(self._control_dir, "control")
             self.server = ControlServer(
                 service.fetch, authkey, unix_path=control, on_error=getattr(service, "fail", None)

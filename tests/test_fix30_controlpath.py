@@ -1,0 +1,33 @@
+"""A netns run's control socket under a long $TMPDIR: a Unix socket path holds 107 bytes, and the run failed with
+"AF_UNIX path too long" (nonroot audit F9). The launcher puts the socket's directory under /tmp then."""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from dualpath_jax.runtime import launcher
+from dualpath_jax.runtime.control import ControlServer
+from dualpath_jax.runtime.driver import held_temp_dir
+
+
+def test_a_long_temp_dir_puts_the_control_socket_under_tmp(tmp_path, monkeypatch):
+    long_tmp = tmp_path / ("t" * 60) / ("é" * 20)
+    long_tmp.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(long_tmp))
+    prefix = f"dpj-control-{os.getpid()}-"
+    naive = os.path.join(str(long_tmp), prefix + "x" * 8, "control")
+    assert len(os.fsencode(naive)) > launcher.UNIX_PATH_MAX
+    with pytest.raises(OSError, match="too long"):  # what the run met before
+        ControlServer(lambda *a: None, b"k" * 16, unix_path=naive).close()
+    assert launcher.control_dir_parent(prefix, "/tmp") is None  # a short one: the temp directory itself
+    parent = launcher.control_dir_parent(prefix)
+    assert parent == "/tmp"
+    path, fd = held_temp_dir(prefix, parent)
+    try:
+        server = ControlServer(lambda *a: None, b"k" * 16, unix_path=os.path.join(path, "control"))
+        server.close()
+    finally:
+        os.close(fd)
+        shutil.rmtree(path)
