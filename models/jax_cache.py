@@ -28,6 +28,13 @@ def cache_max_bytes() -> int:
     return value
 
 
+def default_cache_dir() -> str:
+    """$XDG_CACHE_HOME/dualpath_jax/xla, or ~/.cache/dualpath_jax/xla where it is unset or not an absolute path (the
+    XDG base directory rule; an XDG_CACHE_HOME set elsewhere was ignored)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return os.path.join(xdg if os.path.isabs(xdg) else "~/.cache", "dualpath_jax", "xla")
+
+
 def _unusable(cache_dir: str) -> str | None:
     """Why this process cannot use the cache directory `cache_dir` (made where missing), or None. jax reads and writes
     every entry under the lock file `.lockfile` in it: a directory or lock file of another user's (a cache root made)
@@ -43,14 +50,14 @@ def _unusable(cache_dir: str) -> str | None:
 
 
 def enable_persistent_compilation_cache(cache_dir: str | None = None) -> str | None:
-    """Turn on the on-disk compilation cache (default ~/.cache/dualpath_jax/xla, or $DUALPATH_JAX_CACHE), bounded by
+    """Turn on the on-disk compilation cache (`default_cache_dir()`, or $DUALPATH_JAX_CACHE), bounded by
     `cache_max_bytes()` (4 GiB unless $DUALPATH_JAX_CACHE_MAX_BYTES says otherwise); returns its absolute path, or
     None (warned) where this process cannot write there (a read-only HOME, another user's cache): it runs without."""
     import jax
 
     max_bytes = cache_max_bytes()  # (checked first: a bad value fails before anything is turned on)
 
-    cache_dir = cache_dir or os.environ.get("DUALPATH_JAX_CACHE") or "~/.cache/dualpath_jax/xla"
+    cache_dir = cache_dir or os.environ.get("DUALPATH_JAX_CACHE") or default_cache_dir()
     # "~/x" from an env file or a Ray runtime_env (no shell expands it) made a directory named "~" in the cwd, and
     # a relative path a cache per working directory (Ray workers each run in their own): one absolute path instead
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir))

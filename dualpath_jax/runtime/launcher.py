@@ -613,7 +613,7 @@ def _node_process_env():
 
 def enable_compilation_cache(path: str | None = None) -> None:
     """JAX's persistent compilation cache, so node processes and reruns skip recompiling the same steps (the one
-    the model launchers use: `models.jax_cache`, default ~/.cache/dualpath_jax/xla or $DUALPATH_JAX_CACHE)."""
+    the model launchers use: `models.jax_cache`, default $XDG_CACHE_HOME or ~/.cache, /dualpath_jax/xla, or $DUALPATH_JAX_CACHE)."""
     from models.jax_cache import enable_persistent_compilation_cache
 
     enable_persistent_compilation_cache(path)

@@ -1,4 +1,4 @@
-"""A netns run's control socket under a long $TMPDIR: a Unix socket path holds 107 bytes, and the run failed with
+"""Leftovers of the nonroot audit. A netns run's control socket under a long $TMPDIR: a Unix socket path holds 107
 "AF_UNIX path too long" (nonroot audit F9). The launcher puts the socket's directory under /tmp then."""
 
 import os
@@ -31,3 +31,22 @@ def test_a_long_temp_dir_puts_the_control_socket_under_tmp(tmp_path, monkeypatch
     finally:
         os.close(fd)
         shutil.rmtree(path)
+
+
+@pytest.mark.parametrize(
+    "xdg, expected",
+    [
+        (None, "~/.cache/dualpath_jax/xla"),
+        ("/srv/cache", "/srv/cache/dualpath_jax/xla"),
+        ("rel", "~/.cache/dualpath_jax/xla"),
+    ],
+)
+def test_the_compilation_cache_follows_xdg_cache_home(monkeypatch, xdg, expected):
+    """An XDG_CACHE_HOME set elsewhere was ignored (nonroot audit F10); a relative one is not a base directory."""
+    from models import jax_cache
+
+    if xdg is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert jax_cache.default_cache_dir() == expected
