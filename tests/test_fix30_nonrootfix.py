@@ -1,5 +1,6 @@
-"""Leftovers of the nonroot audit. A netns run's control socket under a long $TMPDIR: a Unix socket path holds 107
-"AF_UNIX path too long" (nonroot audit F9). The launcher puts the socket's directory under /tmp then."""
+"""Leftovers of the nonroot audit. A netns run's control socket under a long $TMPDIR: a Unix socket path holds
+107 bytes, and the run failed with "AF_UNIX path too long" (F9); the launcher puts the socket's directory under /tmp
+then. The compilation cache's default under $XDG_CACHE_HOME (F10)."""
 
 import os
 import shutil
