@@ -508,10 +508,12 @@ def _main(argv, term: SigtermAsInterrupt):
             "model %s: %s, %d layers, %d B of KV per token (%s), %d trajectories",
             base.model, m.architecture, m.num_layers, m.kv_bytes_per_token, m.kv_layout.np_dtype, len(trajs),
         )  # fmt: skip
-    except ConfigError as e:  # (its field paths as the flags name them: config.runtime.workload.aps)
-        if results_made is not None:
+    except BaseException as e:  # (a bad config; a crash or Ctrl-C while the model is built: its traceback, as before)
+        if results_made is not None:  # (either way, no empty results directory left behind)
             drop_empty_dirs(config.results_dir, results_made)
-        raise SystemExit(runtime_config_line(e)) from None
+        if isinstance(e, ConfigError):  # (its field paths as the flags name them: config.runtime.workload.aps)
+            raise SystemExit(runtime_config_line(e)) from None
+        raise
     # the fields each policy is given, and every one it runs with (α / β from this cluster included): in the results
     given_kwargs = {p: dict(c.scheduler.policy_kwargs) for p, c in configs.items()}
     # a new directory of its own, before the runs (not after); `stamp` also names the kept stores' subdirectories

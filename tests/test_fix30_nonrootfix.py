@@ -51,3 +51,31 @@ def test_the_compilation_cache_follows_xdg_cache_home(monkeypatch, xdg, expected
     else:
         monkeypatch.setenv("XDG_CACHE_HOME", xdg)
     assert jax_cache.default_cache_dir() == expected
+
+
+_STUB_PREPARE_CRASHES = """
+import sys
+from absl import app
+from dualpath_jax.runtime import driver
+from experiments import parse_flags_or_exit
+from experiments import run as job
+
+def crash(*a, **k):
+    raise RuntimeError("std::bad_cast")  # (jax's crash in a non-UTF-8 locale, F3; any crash while the model is built)
+
+driver.prepare = crash
+sys.argv = [sys.argv[0], "--config=configs/tiny_runtime.py:test", "--config.results_dir=" + sys.argv[1]]
+app.run(job.main, flags_parser=parse_flags_or_exit)
+"""
+
+
+def test_a_crash_while_the_model_is_built_leaves_no_empty_results_directory(tmp_path):
+    """Only a bad config (ConfigError) dropped the results directory the launcher had just made: any other error while
+    the model was built (F3's std::bad_cast) left it empty behind (nonroot audit F10). Its traceback stays."""
+    from test_fix12_runtime import _launch
+
+    results = tmp_path / "made" / "results"
+    out = _launch("-c", _STUB_PREPARE_CRASHES, str(results))
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "RuntimeError: std::bad_cast" in out.stderr
+    assert not (tmp_path / "made").exists()
