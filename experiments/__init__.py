@@ -502,7 +502,31 @@ def _why(directory: str, e: OSError) -> str:
     why = file_in_the_way(directory) or e.strerror or str(e)
     if _is_full_disk(e):
         why += f": {errno.errorcode[e.errno]}, the disk is full"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        why += _owned_by_another_user(directory)
     return why
+
+
+def _owned_by_another_user(directory: str) -> str:
+    """ ", owned by USER" where `directory` (or its nearest existing parent) belongs to another user than this
+    process's (a results/ made by a root run, `sudo -E` for the netns section, in one's own checkout), else ""."""
+    import os
+    import pwd
+
+    path = os.path.abspath(directory)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return ""
+    if uid == os.geteuid():
+        return ""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = f"uid {uid}"
+    return f", {path!r} is owned by {name}"
 
 
 def _cannot_write(directory: str) -> str | None:

@@ -79,3 +79,22 @@ def test_a_crash_while_the_model_is_built_leaves_no_empty_results_directory(tmp_
     assert out.returncode == 1, out.stderr[-2000:]
     assert "RuntimeError: std::bad_cast" in out.stderr
     assert not (tmp_path / "made").exists()
+
+
+def test_a_results_directory_of_another_user_is_named_with_its_owner(tmp_path, monkeypatch):
+    """`sudo -E` for the netns run made results/ root's in one's own checkout: later runs said only "cannot write there
+    (Permission denied)" (nonroot audit F10). The refusal names the owner (here: this process seen as another user)."""
+    import errno
+    import pwd
+
+    import experiments
+
+    results = tmp_path / "results"
+    results.mkdir()
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    assert experiments._why(str(results), denied) == "Permission denied"  # (this user's own: nothing more)
+    owner = pwd.getpwuid(os.stat(results).st_uid).pw_name
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(results).st_uid + 1)
+    assert (
+        experiments._why(str(results / "x" / "y"), denied) == f"Permission denied, {str(results)!r} is owned by {owner}"
+    )
