@@ -98,3 +98,20 @@ def test_a_results_directory_of_another_user_is_named_with_its_owner(tmp_path, m
     assert (
         experiments._why(str(results / "x" / "y"), denied) == f"Permission denied, {str(results)!r} is owned by {owner}"
     )
+
+
+def test_the_netns_script_named_in_errors_exists_from_another_directory(tmp_path):
+    """Installed as a wheel and run from another directory, the netns errors named `experiments/netns_cluster.sh`,
+    a file not there (and the wheel did not install it: setup.cfg's package_data now does; nonroot audit F4)."""
+    import subprocess
+    import sys
+
+    from test_fix12_runtime import REPO
+
+    code = "from dualpath_jax.runtime import netns; print(netns.SCRIPT)"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    elsewhere = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    script = elsewhere.stdout.strip()
+    assert os.path.isabs(script) and os.path.isfile(script), elsewhere.stderr[-2000:]
+    here = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert here.stdout.strip() == "experiments/netns_cluster.sh"  # (as the README writes it, from a checkout)

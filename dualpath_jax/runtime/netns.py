@@ -32,7 +32,11 @@ NETNS_DIR = "/run/netns"  # where `ip netns add` puts the namespaces' handles
 # run uses the cluster (it deleted the veths under it), and a second run at once is warned that it shares the NICs
 LOCK_PATH = os.environ.get("DUALPATH_NETNS_LOCK", "/run/dpj-netns.lock")
 CLONE_NEWNET = 0x40000000
+# The script as the README runs it from a checkout; installed as a wheel (another working directory), its installed
+# path (setup.cfg's package_data): the errors named a file the user did not have there.
 SCRIPT = "experiments/netns_cluster.sh"
+if not os.path.isfile(SCRIPT):
+    SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), SCRIPT)
 
 
 def namespace(node_id: int) -> str:
