@@ -13,6 +13,8 @@ order as the Python loop leaves it.
 
 - `phase1_closing(heap, lens, shift, free)`: DE phase 1 with each group's R closing at its free HBM (the
   loop at the end of `DualPathPolicy._phase1_ints`);
+- `phase1(gids, nodes, node_sums, group_states, lens, try_fast)`: a fetch's whole DE phase 1 (the group sums of
+  `_Scratch`, the heap, both loops of `_phase1_ints`), the compiled fetch's (`DualPathPolicy._schedule_c`);
 - `choose_pe(node_min, read_q, alpha)`: Algorithm 1 over per-node minima (`DualPathPolicy._choose_pe`);
 - `node_min(tok, engines, beta)`: a node's least-loaded PE under beta (`DualPathPolicy._node_min`);
 - `choose_de(free, tok, seq, group, need, z)`: DE phase 2's choice in a group (`DualPathPolicy._choose_de`);
@@ -232,6 +234,132 @@ def phase1_closing(list heap, lens, int shift, list free):
         PyMem_Free(h)
         PyMem_Free(fr)
     return out, keys, n_open
+
+
+cdef inline long long _sum_field(list states, int field) except? -1:
+    """Σ tok_e (field 0) or Σ free_hbm_tokens (field 1) of a group's EngineStates, refusing what leaves int64."""
+    cdef long long x = 0
+    for st in states:
+        x = _add(x, _int(st.tok if field == 0 else st.free_hbm_tokens))
+    return x
+
+
+def phase1(list gids, dict nodes, bint node_sums, list group_states, lens, bint try_fast):
+    """A fetch's DE phase 1 in C: `_Scratch.group_sums` and `DualPathPolicy._phase1_ints` in one call (the heap
+    built and heapified here, the len_r read once). Returns (r_len, group_tok, keys, heap, shift, closed) as
+    `_phase1_ints` returns (r_len, keys, heap, gids, shift, closed), with group_tok, the groups' Σ tok_e (dicts
+    keyed by gid); `keys` an array('q').
+
+    gids: the DE groups in sorted order (rank i = gids[i]); group_states[i]: group i's EngineStates. The sums are
+    the nodes' `engine_tok` / `engine_free_hbm_tokens` when `node_sums` (a runner's live snapshot) and every group
+    has both on its NodeState, else the sums of its engines' loads (`_Scratch.__init__`). `try_fast`: first the
+    assign-only loop when no len_r is negative, kept when every group's R fits its free HBM (`_fast_r_len`), else
+    the closing loop. Loads or lengths that are not ints or leave int64 raise TypeError / OverflowError (the
+    caller runs the Python loops). The keys are unique (rank in the low bits), so each heapreplace takes the
+    same key whatever the heap's array order: the keys and R do not depend on how the heap was built."""
+    cdef Py_ssize_t g = len(gids), i, m = len(lens), n_keys = 0, n_open = g
+    if g == 0 or len(group_states) != g:
+        raise ValueError("phase1 needs one list of EngineStates per DE group, and at least one group")
+    cdef int shift = 0
+    while (<Py_ssize_t> 1 << shift) <= g:  # len(gids).bit_length()
+        shift += 1
+    cdef long long mask = (1LL << shift) - 1, k, ln, x, min_ln = 0
+    cdef long long *buf = <long long *> _alloc(6 * g + m, sizeof(long long))
+    cdef long long *tok = buf
+    cdef long long *fr = buf + g
+    cdef long long *start = buf + 2 * g
+    cdef long long *h = buf + 3 * g
+    cdef long long *rl = buf + 4 * g
+    cdef long long *is_open = buf + 5 * g
+    cdef long long *ln_c = buf + 6 * g
+    cdef const long long[::1] ln_view
+    cdef array.array keys
+    cdef bint sums_read = False, fast = False
+    cdef dict r_len, group_tok
+    try:
+        if node_sums:  # `_Scratch.__init__`: the NodeStates' sums, unless a group lacks one
+            try:
+                t_objs = [nodes[gid].engine_tok for gid in gids]
+                f_objs = [nodes[gid].engine_free_hbm_tokens for gid in gids]
+            except (KeyError, AttributeError):
+                t_objs = None
+            if t_objs is not None and None not in t_objs and None not in f_objs:
+                for i in range(g):
+                    tok[i] = _int(t_objs[i])
+                    fr[i] = _int(f_objs[i])
+                sums_read = True
+        if not sums_read:
+            for i in range(g):
+                tok[i] = _sum_field(<list?> group_states[i], 0)
+                fr[i] = _sum_field(<list?> group_states[i], 1)
+        for i in range(g):  # (load << S) | rank, heapified as heapq.heapify (bottom-up sift from the last parent)
+            start[i] = _step(tok[i], shift) | i
+        for i in range(g // 2 - 1, -1, -1):
+            _siftup(start, g, i)
+        try:  # the lengths once (an array('q') in place, else item by item)
+            ln_view = lens
+        except (TypeError, ValueError):
+            ln_view = None
+        for i in range(m):
+            ln = ln_view[i] if ln_view is not None else _int(lens[i])
+            ln_c[i] = ln
+            if ln < min_ln:
+                min_ln = ln
+        for i in range(m):
+            _step(ln_c[i], shift)  # every step fits int64 (the Python loops shift every length first)
+        keys = array.clone(_KEYS, m, zero=False)
+        if try_fast and min_ln >= 0:  # the assign-only loop, kept when every group's R fits (`_fast_r_len`)
+            for i in range(g):
+                h[i] = start[i]
+            for i in range(m):
+                k = h[0]
+                h[0] = _add(k, ln_c[i] << shift)
+                _siftup(h, g, 0)
+                keys.data.as_longlongs[i] = k
+            fast = True
+            for i in range(g):
+                k = h[i]
+                if (k >> shift) - tok[k & mask] > fr[k & mask]:
+                    fast = False
+                    break
+            if fast:
+                n_keys = m
+                for i in range(g):
+                    rl[h[i] & mask] = (h[i] >> shift) - tok[h[i] & mask]
+        if not fast:  # the closing loop (`phase1_closing`), from the heap as built
+            for i in range(g):
+                h[i] = start[i]
+                rl[i] = 0
+                is_open[i] = 1
+            for i in range(m):
+                ln = ln_c[i]
+                k = h[0]
+                h[0] = _add(k, ln << shift)
+                _siftup(h, g, 0)
+                keys.data.as_longlongs[n_keys] = k
+                n_keys += 1
+                k &= mask
+                if is_open[k]:
+                    x = _add(rl[k], ln)
+                    if x <= fr[k]:
+                        rl[k] = x
+                    else:
+                        is_open[k] = 0
+                        n_open -= 1
+                        if not n_open:
+                            break
+            array.resize(keys, n_keys)
+        r_len = {}
+        group_tok = {}
+        for i in range(g):
+            gid = gids[i]
+            r_len[gid] = rl[i]
+            group_tok[gid] = tok[i]
+        heap = [h[i] for i in range(g)]
+        closed = not fast and n_open < g
+    finally:
+        PyMem_Free(buf)
+    return r_len, group_tok, keys, heap, shift, closed
 
 
 def choose_pe(dict node_min, read_q, alpha_tokens):

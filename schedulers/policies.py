@@ -82,6 +82,8 @@ class _Topology:
         "de_ids",
         "de_states",
         "engines",
+        "gids",
+        "group_states",
         "key",
         "node_of",
         "nodes",
@@ -118,6 +120,8 @@ class _Topology:
         self.de_groups = de_groups
         self.de_ids = [e for g in de_groups.values() for e in g]
         self.de_states = [state_of[e] for e in self.de_ids]
+        self.gids = sorted(de_groups)  # DE phase 1's group ranks (`_dualpath.phase1`)
+        self.group_states = [[state_of[e] for e in de_groups[g]] for g in self.gids]
 
 
 _TOPOLOGY_CACHE: list[_Topology] = []  # the last one built (a simulator or runtime keeps one engine set)
@@ -749,12 +753,58 @@ class DualPathPolicy(InterEnginePolicy):
                         break
         return dict(zip(gids, rl, strict=True)), keys, heap, gids, shift, n_open < len(gids)
 
+    def _schedule_c(self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], pe_node: int | None, mode: int):
+        """The whole fetch in C (schedulers/_dualpath.pyx: `Placement`, `phase1`, `Placement.place`) with no
+        `_Scratch`: the same Assignments as the loops of `schedule`. Returns (assignments, True); None where C
+        refused a value (beyond int64, not an int) before `place` ran, (None, False) where `place` refused one:
+        the caller then runs `schedule`'s loops on the same snapshot (nothing the caller sees was changed)."""
+        topo = _topology(snapshot)
+        if pe_node is None:
+            pe_nodes, pe_states = topo.pes_of_node, topo.pe_states_of_node
+        else:
+            pes = topo.pes_of_node.get(pe_node)
+            pe_nodes, pe_states = ({pe_node: pes}, {pe_node: topo.pe_states_of_node[pe_node]}) if pes else ({}, {})
+        if not pe_nodes or not topo.de_groups:
+            return [], True
+        config = self.config
+        try:
+            placement = _dualpath_c.Placement(pe_nodes, pe_states, config.beta_tokens)
+        except (OverflowError, TypeError):
+            return None
+        if not queue or not placement.any_pe():
+            return [], True  # no PE may take work: nothing is placed, phase 1 is skipped
+        lens = _lens(queue)
+        try:
+            r_len, group_tok, keys, pheap, shift, closed = _dualpath_c.phase1(
+                topo.gids, snapshot.nodes, snapshot.engine_set_key is not None, topo.group_states, lens,
+                not self._closed_last,
+            )  # fmt: skip
+        except (OverflowError, TypeError):
+            return None
+        try:
+            out = placement.place(
+                queue, lens, keys, pheap, shift, topo.gids, r_len, group_tok, topo.de_groups, topo.state_of,
+                topo.node_of, snapshot.nodes, config.alpha_tokens, config.z_slack, mode, Assignment,
+            )  # fmt: skip
+        except (OverflowError, TypeError):
+            return None, False
+        self._closed_last = closed
+        return out, True
+
     def schedule(
         self, snapshot: ClusterSnapshot, queue: Sequence[PendingRequest], fetching_node: int | None = None
     ) -> list[Assignment]:
         _check_unique(queue)
         mode = self._c_side_mode() if _dualpath_c is not None else None  # None: the loop runs in Python
-        s = _Scratch(snapshot, _pe_scope(snapshot, fetching_node), group_sums=True, pe_loads=mode is None)
+        pe_node = _pe_scope(snapshot, fetching_node)
+        if mode is not None:
+            done = self._schedule_c(snapshot, queue, pe_node, mode)
+            if done is not None:
+                out, in_c = done
+                if in_c:
+                    return out
+                mode = None  # `place` refused a value: the Python loop (C refuses it again)
+        s = _Scratch(snapshot, pe_node, group_sums=True, pe_loads=mode is None)
         if not s.pes or not s.de_groups:
             return []
         pe_nodes = s.pe_nodes
