@@ -5,9 +5,10 @@ Compiled when the package is installed with its build (`pip install -e .` on a m
   simulator.pxd: the engines, requests and the simulator become extension types);
 - `dualpath_jax.sim.network`: network.py itself, compiled in Cython's pure Python mode (types in network.pxd);
 - `dualpath_jax.sim._heap`: the simulator's event queue and the network's completion heap (`heap.TimeHeap`);
-- `schedulers._dualpath`: the DualPath policy's inner loops (DE phase 1 in `DualPathPolicy._phase1_ints`, the
-  placement loop after it (`Placement`), the PE and DE choices, a node's least-loaded PE) and every policy's
-  duplicate-id check of a QueueWindow;
+- `schedulers._dualpath`: the DualPath policy's fetch (`DualPathPolicy._schedule_c`: DE phase 1 whole, group sums
+  included (`phase1`, twin of `_Scratch` + `DualPathPolicy._phase1_ints`), the placement loop after it
+  (`Placement`), the PE and DE choices, a node's least-loaded PE) and every policy's duplicate-id check of a
+  QueueWindow;
 - `dualpath_jax.sim._csvrows`: the results' CSV rows (turns.csv, links.csv) formatted in C;
 - `dualpath_jax.store._verify`: the KV store's verified reads of xxh3 blocks (read or copy, then hash each Layer
   Block while it is in cache) with the GIL released.
