@@ -508,8 +508,8 @@ def _why(directory: str, e: OSError) -> str:
 
 
 def _owned_by_another_user(directory: str) -> str:
-    """ ", owned by USER" where `directory` (or its nearest existing parent) belongs to another user than this
-    process's (a results/ made by a root run, `sudo -E` for the netns section, in one's own checkout), else ""."""
+    """`, 'PATH' is owned by USER` where `directory` (or its nearest existing parent, PATH) belongs to another user than
+    this process's (a results/ made by a root run, `sudo -E` for the netns section, in one's own checkout), else ""."""
     import os
     import pwd
 
