@@ -181,6 +181,58 @@ def heapreplace_run(list heap, lens, int shift):
     return keys
 
 
+cdef long long _read_lens(object lens, long long *out, Py_ssize_t m) except? -1:
+    """The requests' len_r into out[:m] (an array('q') read in place, else item by item, refusing non-ints);
+    returns the smallest (0 when none is negative)."""
+    cdef const long long[::1] view
+    cdef Py_ssize_t i
+    cdef long long ln, low = 0
+    try:
+        view = lens
+    except (TypeError, ValueError):
+        view = None
+    for i in range(m):
+        ln = view[i] if view is not None else _int(lens[i])
+        out[i] = ln
+        if ln < low:
+            low = ln
+    return low
+
+
+cdef Py_ssize_t _closing_loop(long long *h, Py_ssize_t g, int shift, const long long *ln_c, Py_ssize_t m,
+                              const long long *fr, long long *rl, long long *is_open, long long *keys,
+                              Py_ssize_t *n_open) except -1:
+    """DE phase 1's closing loop (`phase1_closing`, `phase1`) on the heap h of g packed keys: for each len_r in
+    ln_c[:m] take the least-loaded group, add len_r to its load; while the group's R is open, add len_r to it if it
+    still fits the group's free HBM fr, else close the group; stop once every group's R closed. Writes rl (Σ len_r
+    of R per rank), is_open, the key each request was given into keys; returns how many, n_open[0] the groups
+    still open."""
+    cdef Py_ssize_t i, n_keys = 0
+    cdef long long k, ln, x, mask = (1LL << shift) - 1
+    for i in range(g):
+        rl[i] = 0
+        is_open[i] = 1
+    n_open[0] = g
+    for i in range(m):
+        ln = ln_c[i]
+        k = h[0]
+        h[0] = _add(k, _step(ln, shift))
+        _siftup(h, g, 0)
+        keys[n_keys] = k
+        n_keys += 1
+        k &= mask
+        if is_open[k]:
+            x = _add(rl[k], ln)
+            if x <= fr[k]:
+                rl[k] = x
+            else:
+                is_open[k] = 0
+                n_open[0] -= 1
+                if not n_open[0]:
+                    break
+    return n_keys
+
+
 def phase1_closing(list heap, lens, int shift, list free):
     """DE phase 1 until every group's R closed (or the requests run out): returns (rl, keys, n_open), rl[i] =
     Σ len_r of R of the group of rank i, keys the packed key each request was given (an array('q')); updates
@@ -188,46 +240,28 @@ def phase1_closing(list heap, lens, int shift, list free):
 
     As the Python loop: for each request take the least-loaded group (heap top), add len_r to its load; while
     the group's R is open, add len_r to it if it still fits the group's free HBM, else close the group."""
-    cdef Py_ssize_t n = len(heap), g = len(free), i, m, gi
-    cdef long long k, ln, x, mask = (1 << shift) - 1
-    cdef Py_ssize_t n_open = g
-    if g != n:
+    cdef Py_ssize_t g = len(free), i, m = len(lens), n_keys, n_open
+    if g != len(heap):
         raise ValueError("phase1_closing needs one free-HBM value per group")
     cdef long long *h = _load_heap(heap)
-    cdef long long *fr = <long long *> PyMem_Malloc(3 * g * sizeof(long long))
-    if fr == NULL:
+    cdef long long *fr
+    try:
+        fr = <long long *> _alloc(3 * g + m, sizeof(long long))
+    except MemoryError:
         PyMem_Free(h)
-        raise MemoryError()
+        raise
     cdef long long *rl = fr + g
     cdef long long *is_open = fr + 2 * g
+    cdef long long *ln_c = fr + 3 * g
     cdef array.array keys
-    cdef Py_ssize_t n_keys = 0
     try:
         for i in range(g):
             fr[i] = _int(free[i])
-            rl[i] = 0
-            is_open[i] = 1
-        m = len(lens)
+        _read_lens(lens, ln_c, m)
         keys = array.clone(_KEYS, m, zero=False)
-        for i in range(m):
-            ln = _int(lens[i])
-            k = h[0]
-            h[0] = _add(k, _step(ln, shift))
-            _siftup(h, n, 0)
-            keys.data.as_longlongs[n_keys] = k
-            n_keys += 1
-            gi = k & mask
-            if is_open[gi]:
-                x = rl[gi] + ln
-                if x <= fr[gi]:
-                    rl[gi] = x
-                else:
-                    is_open[gi] = 0
-                    n_open -= 1
-                    if not n_open:
-                        break
+        n_keys = _closing_loop(h, g, shift, ln_c, m, fr, rl, is_open, keys.data.as_longlongs, &n_open)
         array.resize(keys, n_keys)
-        for i in range(n):
+        for i in range(g):
             heap[i] = h[i]
         out = [rl[i] for i in range(g)]
     finally:
@@ -263,7 +297,7 @@ def phase1(list gids, dict nodes, bint node_sums, list group_states, lens, bint 
     cdef int shift = 0
     while (<Py_ssize_t> 1 << shift) <= g:  # len(gids).bit_length()
         shift += 1
-    cdef long long mask = (1LL << shift) - 1, k, ln, x, min_ln = 0
+    cdef long long mask = (1LL << shift) - 1, k, min_ln = 0
     cdef long long *buf = <long long *> _alloc(6 * g + m, sizeof(long long))
     cdef long long *tok = buf
     cdef long long *fr = buf + g
@@ -272,7 +306,6 @@ def phase1(list gids, dict nodes, bint node_sums, list group_states, lens, bint 
     cdef long long *rl = buf + 4 * g
     cdef long long *is_open = buf + 5 * g
     cdef long long *ln_c = buf + 6 * g
-    cdef const long long[::1] ln_view
     cdef array.array keys
     cdef bint sums_read = False, fast = False
     cdef dict r_len, group_tok
@@ -296,15 +329,7 @@ def phase1(list gids, dict nodes, bint node_sums, list group_states, lens, bint 
             start[i] = _step(tok[i], shift) | i
         for i in range(g // 2 - 1, -1, -1):
             _siftup(start, g, i)
-        try:  # the lengths once (an array('q') in place, else item by item)
-            ln_view = lens
-        except (TypeError, ValueError):
-            ln_view = None
-        for i in range(m):
-            ln = ln_view[i] if ln_view is not None else _int(lens[i])
-            ln_c[i] = ln
-            if ln < min_ln:
-                min_ln = ln
+        min_ln = _read_lens(lens, ln_c, m)  # the lengths once
         for i in range(m):
             _step(ln_c[i], shift)  # every step fits int64 (the Python loops shift every length first)
         keys = array.clone(_KEYS, m, zero=False)
@@ -326,28 +351,10 @@ def phase1(list gids, dict nodes, bint node_sums, list group_states, lens, bint 
                 n_keys = m
                 for i in range(g):
                     rl[h[i] & mask] = (h[i] >> shift) - tok[h[i] & mask]
-        if not fast:  # the closing loop (`phase1_closing`), from the heap as built
+        if not fast:  # the closing loop (`phase1_closing`'s), from the heap as built
             for i in range(g):
                 h[i] = start[i]
-                rl[i] = 0
-                is_open[i] = 1
-            for i in range(m):
-                ln = ln_c[i]
-                k = h[0]
-                h[0] = _add(k, ln << shift)
-                _siftup(h, g, 0)
-                keys.data.as_longlongs[n_keys] = k
-                n_keys += 1
-                k &= mask
-                if is_open[k]:
-                    x = _add(rl[k], ln)
-                    if x <= fr[k]:
-                        rl[k] = x
-                    else:
-                        is_open[k] = 0
-                        n_open -= 1
-                        if not n_open:
-                            break
+            n_keys = _closing_loop(h, g, shift, ln_c, m, fr, rl, is_open, keys.data.as_longlongs, &n_open)
             array.resize(keys, n_keys)
         r_len = {}
         group_tok = {}
