@@ -1437,11 +1437,28 @@ def logs_above_bars():
 
     root = std_logging.getLogger()
     before = list(root.handlers)
-    root.handlers = [AboveBars(h) for h in before]
+    root.handlers = _made_uninterrupted(lambda: [AboveBars(h) for h in before])
     try:
         yield
     finally:
         root.handlers = before
+
+
+def _made_uninterrupted(make):
+    """`make()` with SIGINT and SIGTERM held back (in the main thread; delivered once it returns): a Ctrl-C landing
+    inside `logging.Handler.__init__` (after it registered the handler, before its lock: the moment a run's progress
+    bar appears) left a handler without a lock, and the interpreter's exit printed a traceback from logging.shutdown
+    ("has no attribute 'lock'") under the one-line "interrupted" message."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return make()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return make()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @contextlib.contextmanager

@@ -115,3 +115,31 @@ def test_the_netns_script_named_in_errors_exists_from_another_directory(tmp_path
     assert os.path.isabs(script) and os.path.isfile(script), elsewhere.stderr[-2000:]
     here = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert here.stdout.strip() == "experiments/netns_cluster.sh"  # (as the README writes it, from a checkout)
+
+
+def test_the_handlers_above_progress_bars_are_made_with_ctrl_c_held_back(monkeypatch):
+    """A real SIGINT in the warm-up (test_fix12_runtime) printed a traceback at exit once (a fresh-clone CI run,
+    2026-12-07): it had landed inside `logging.Handler.__init__` of `logs_above_bars`'s wrappers, between the handler's
+    registration and its lock, and logging.shutdown failed on the lockless handler. They are made with SIGINT and
+    SIGTERM blocked now (delivered after)."""
+    import logging
+    import signal
+
+    import experiments
+
+    masks = []
+    create_lock = logging.Handler.createLock
+
+    def recording(self):
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, set()))
+        create_lock(self)
+
+    monkeypatch.setattr(logging.Handler, "createLock", recording)
+    root = logging.getLogger()
+    if not root.handlers:
+        monkeypatch.setattr(root, "handlers", [logging.NullHandler()])
+    masks.clear()
+    with experiments.logs_above_bars():
+        pass
+    assert masks and all({signal.SIGINT, signal.SIGTERM} <= m for m in masks), masks
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())  # (given back)
