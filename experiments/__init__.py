@@ -131,10 +131,11 @@ class _ConfigFileParser:
         return getattr(self._inner, attr)
 
 
-def installed_config_file(path):
+def installed_config_file(path, flag: str = "--config"):
     """`path` (`FILE[:variant]`), or where FILE is missing here and is `configs/NAME.py` (as README writes them), this
     package's own configs/NAME.py: installed as a wheel and run from another directory, README's
-    `--config=configs/sim_tiny.py` was a missing file (the configs are in site-packages/configs/)."""
+    `--config=configs/sim_tiny.py` (and sweep's / capacity's `--setups=configs/...`) was a missing file (the configs
+    are in site-packages/configs/). `flag`: the flag the path came from, for the log line."""
     import os
 
     file, sep, variant = str(path).partition(":")
@@ -148,7 +149,7 @@ def installed_config_file(path):
         return path
     from absl import logging
 
-    logging.info("--config %s: not in %s; this package's %s", file, os.getcwd(), own)
+    logging.info("%s %s: not in %s; this package's %s", flag, file, os.getcwd(), own)
     return own + sep + variant
 
 
@@ -327,6 +328,18 @@ def define_config_file(name: str, default: str | None, help_string: str):
     caller = sys._getframe(1).f_globals.get("__name__", "")
     flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller, flags.FLAGS[name])
     return holder
+
+
+def parse_flags_checking_locale(argv):
+    """absl's own flag parser (`app.run(main, flags_parser=parse_flags_checking_locale)`) for the launchers that
+    compile jax steps and take no `--config` (bench_prefill, bench_invariant, bench_gpu, bench_io, demo), after the
+    check `parse_flags_or_exit` makes: a non-UTF-8 locale with a non-ASCII package path is one line naming the fix
+    (`non_utf8_locale_line`), not `RuntimeError: std::bad_cast` from jax's first compile."""
+    from absl import app
+
+    if line := non_utf8_locale_line():
+        raise SystemExit(line)
+    return app.parse_flags_with_usage(argv)
 
 
 def parse_flags_or_exit(argv):
@@ -704,16 +717,21 @@ def setup_names(setups) -> dict[str, str]:
     return names
 
 
-def setup_files_or_exit(setups, items_go_in: str) -> None:
-    """One line naming a --setups item that is no config file (a UsageError printed the whole --help above it);
-    `items_go_in`: the flags a setup's variant items belong in."""
+def setup_files_or_exit(setups, items_go_in: str) -> list[str]:
+    """The --setups items as the run reads them (`installed_config_file`: README's `configs/NAME.py` from another
+    directory is this package's), or one line naming an item that is no config file (a UsageError printed the whole
+    --help above it); `items_go_in`: the flags a setup's variant items belong in."""
     import os
 
+    files = []
     for s in setups:
+        s = installed_config_file(s, "--setups") if ":" not in s else s
         if not os.path.isfile(s):
             why = "is a directory, not a config file" if os.path.isdir(s) else "does not exist"
             hint = f" (a setup is a file; variant items go in {items_go_in})" if ":" in s else ""
             raise SystemExit(f"bad --setups: config file {s!r} {why}{hint}")
+        files.append(s)
+    return files
 
 
 def register_seeds(name: str = "seeds") -> None:

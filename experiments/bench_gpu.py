@@ -20,7 +20,14 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import SigtermAsInterrupt, interrupted_by, log_start, writable_file_or_exit, write_rows_json
+from experiments import (
+    SigtermAsInterrupt,
+    interrupted_by,
+    log_start,
+    parse_flags_checking_locale,
+    writable_file_or_exit,
+    write_rows_json,
+)
 
 _SHAPES = flags.DEFINE_list(
     "shapes", ["8:1024:1024", "4:4096:0"], "prefill shapes batch:miss_tokens:cached_tokens (cached: multiple of 64)"
@@ -252,4 +259,4 @@ def _print_tables(dev, results: list[dict], stopped: str | None) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_checking_locale)

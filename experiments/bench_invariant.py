@@ -20,7 +20,14 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import log_start, register_distinct, run_parts_then_write, writable_file_or_exit, write_rows_json
+from experiments import (
+    log_start,
+    parse_flags_checking_locale,
+    register_distinct,
+    run_parts_then_write,
+    writable_file_or_exit,
+    write_rows_json,
+)
 
 # --models, --repeats, --out: other benchmarks define them too, with their own defaults, help and validators;
 # allow_override lets the launchers be imported into one process (the last one imported defines them there; absl
@@ -176,4 +183,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_checking_locale)

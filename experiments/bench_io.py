@@ -44,6 +44,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import (
+    parse_flags_checking_locale,
     refuse_flags_of_parts_not_run,
     register_distinct,
     run_parts_then_write,
@@ -795,4 +796,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_checking_locale)

@@ -21,7 +21,14 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import log_start, register_distinct, run_parts_then_write, writable_file_or_exit, write_rows_json
+from experiments import (
+    log_start,
+    parse_flags_checking_locale,
+    register_distinct,
+    run_parts_then_write,
+    writable_file_or_exit,
+    write_rows_json,
+)
 from models.prefill_bench import bench_configs, run_one
 
 _BATCH = flags.DEFINE_integer("batch", 4, "requests per prefill batch", lower_bound=1)
@@ -121,4 +128,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_checking_locale)

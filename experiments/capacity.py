@@ -418,10 +418,10 @@ def main(argv: Sequence[str]) -> None:
     started = time.time()
     lo, hi, iters = _LO.value, _HI.value, _ITERS.value
     log_start("experiments.capacity")
-    setup_files_or_exit(_SETUPS.value, "--modes or --extra")
+    setups = setup_files_or_exit(_SETUPS.value, "--modes or --extra")
     _check_items()
     seeds = [str(int(x)) for x in _SEEDS.value] or [""]
-    searches = [(s, m, _EXTRA.value, sd) for s in _SETUPS.value for sd in seeds for m in _MODES.value]
+    searches = [(s, m, _EXTRA.value, sd) for s in setups for sd in seeds for m in _MODES.value]
     overrides = slo_overrides()
     out_dir = _OUTPUT_DIR.value
     # an occupied --output_dir: said before every search's simulator is built (minutes at paper scale); again after

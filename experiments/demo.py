@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from experiments import log_start
+from experiments import log_start, parse_flags_checking_locale
 
 _MODEL = flags.DEFINE_enum("model", "qwen2", ["qwen2", "llama", "deepseek", "deepseek_v2"], "tiny model family")
 # --agents, --block_size, --seed, --no_persistent_cache: other launchers define them too, with their own defaults and
@@ -195,4 +195,4 @@ def _demo() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_checking_locale)

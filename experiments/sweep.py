@@ -782,7 +782,7 @@ def main(argv: Sequence[str]) -> None:
         _SEEDS.value,
         _WORKERS.value,
     )
-    setup_files_or_exit(_SETUPS.value, "--modes, --loads or --extra")
+    setups = setup_files_or_exit(_SETUPS.value, "--modes, --loads or --extra")
     seeds = [str(int(x)) for x in _SEEDS.value] or [""]
     if _SEEDS.value and any(item.strip().startswith("seed=") for item in _EXTRA.value.split(",")):
         raise SystemExit("bad --extra: --seeds and a seed= item in --extra both set the seed; use one")
@@ -790,13 +790,11 @@ def main(argv: Sequence[str]) -> None:
         raise SystemExit(
             "bad flags: --resume keeps an earlier sweep's finished cells and --overwrite replaces them; give one"
         )
-    cells = [
-        (s, m, ld, _EXTRA.value, sd) for s in _SETUPS.value for m in _MODES.value for ld in _LOADS.value for sd in seeds
-    ]
+    cells = [(s, m, ld, _EXTRA.value, sd) for s in setups for m in _MODES.value for ld in _LOADS.value for sd in seeds]
     out_dir, log = _OUTPUT_DIR.value, os.path.join(_OUTPUT_DIR.value, ROWS_LOG)
     if not _RESUME.value:  # an occupied --output_dir: said before every cell's simulator is built (minutes at scale)
         _no_earlier_sweep_or_exit(out_dir)
-    for s in _SETUPS.value:  # (each setup file's digest as the sweep starts: its rows' setup_sha256)
+    for s in setups:  # (each setup file's digest as the sweep starts: its rows' setup_sha256)
         setup_digest(s)
     with SigtermAsInterrupt() as term:
         try:

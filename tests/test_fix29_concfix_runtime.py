@@ -64,12 +64,16 @@ def test_a_store_whose_run_lives_elsewhere_is_kept_and_an_unheld_one_removed(tmp
 
 
 _DRIVER = """
-import os, sys, threading, time
+import faulthandler, os, sys, threading, time
+
+if __name__ == "__mp_main__":  # (a node still not busy after 60 s prints where it is, to the driver's stderr)
+    faulthandler.dump_traceback_later(60, exit=False)
 from dualpath_jax.runtime import launcher
 from dualpath_jax.runtime.scheduler_service import GroupSpec
 
 
 def busy(spec, *args):  # a node compiling its steps: it talks to no one for a while
+    faulthandler.cancel_dump_traceback_later()
     print("busy", os.getpid(), flush=True)
     time.sleep(60)
 
@@ -85,6 +89,8 @@ if __name__ == "__main__":
         t.join()
     else:
         cluster = launcher.LocalCluster(groups)
+    for p in cluster.procs.values():  # (a node that ends before the test kills this driver: its exit code)
+        threading.Thread(target=lambda p=p: (p.join(), print("node", p.pid, "exited", p.exitcode, file=sys.stderr, flush=True)), daemon=True).start()
     time.sleep(120)
 """
 

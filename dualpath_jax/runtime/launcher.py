@@ -496,7 +496,7 @@ def _end_with_parent(pid: int, from_main_thread: bool) -> None:
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
                 if os.getppid() != pid:
-                    os._exit(1)
+                    _exit_without_driver(pid)
                 return
         except (OSError, AttributeError):  # (no prctl: the polling thread below)
             pass
@@ -504,9 +504,18 @@ def _end_with_parent(pid: int, from_main_thread: bool) -> None:
     def watch() -> None:
         while os.getppid() == pid:
             time.sleep(0.5)
-        os._exit(1)
+        _exit_without_driver(pid)
 
     threading.Thread(target=watch, name="exit-with-driver", daemon=True).start()
+
+
+def _exit_without_driver(pid: int) -> None:
+    """Exit 1 with one line on stderr: the node's driver (`pid`) is gone (a silent exit left nothing to tell it from
+    a node that never started)."""
+    try:
+        os.write(2, f"node process {os.getpid()}: its driver (pid {pid}) is gone; exiting\n".encode())
+    finally:
+        os._exit(1)
 
 
 def _report_error(report, e: BaseException) -> None:
