@@ -64,17 +64,15 @@ def test_a_store_whose_run_lives_elsewhere_is_kept_and_an_unheld_one_removed(tmp
 
 
 _DRIVER = """
-import faulthandler, os, sys, threading, time
-
-if __name__ == "__mp_main__":  # (a node still not busy after 60 s prints where it is, to the driver's stderr)
-    faulthandler.dump_traceback_later(60, exit=False)
+import os, sys, threading, time
 from dualpath_jax.runtime import launcher
 from dualpath_jax.runtime.scheduler_service import GroupSpec
 
 
 def busy(spec, *args):  # a node compiling its steps: it talks to no one for a while
-    faulthandler.cancel_dump_traceback_later()
-    print("busy", os.getpid(), flush=True)
+    # (one write: with PYTHONUNBUFFERED=1, print's parts were separate writes, and the two nodes' lines interleaved
+    # into "busybusy  123\\n456\\n" now and then: neither line seen, the test waited out the driver)
+    os.write(1, f"busy {os.getpid()}\\n".encode())
     time.sleep(60)
 
 
