@@ -601,7 +601,8 @@ def run_info(
     """What ran, for `run.json` beside a launcher's results (`write_run_info`): the command line (`command`, from
     `cwd`, with `env`), every flag of the launcher `module` with its value (the `--config` file and its overrides),
     versions, the git commit of the checkout it ran from and its changed files, the host, the start time (UTC;
-    `started`: time.time() when the launcher began) and wall time, each trace read (`traces`: paths as configured;
+    `started`: `clock.now()` when the launcher began) and wall time (on the monotonic clock: a step of the host's clock
+    moved it, to -3600 s), each trace read (`traces`: paths as configured;
     size and sha256), and the launcher's `extra` (its resolved config, seeds). `rerun` is the command to paste to run
     it again: `command` in `cwd` with `env`, and for a launcher with an `--output_dir` (`output_dir`: its value)
     `--output_dir=<output_dir>/rerun` in place of the `--output_dir` given (it gave both, and read as a mistake), so
@@ -612,7 +613,8 @@ def run_info(
     import platform
     import shlex
     import sys
-    import time
+
+    from dualpath_jax import clock
 
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
     command = shlex.join(["python", "-m", module, *sys.argv[1:]])
@@ -633,7 +635,7 @@ def run_info(
         "env": env,
         "flags": _launcher_flags(module),
         "started_utc": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds"),
-        "wall_s": time.time() - started,
+        "wall_s": clock.now() - started,
         "host": {"name": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count()},
         "versions": {"python": platform.python_version(), **_versions()},
         "git": git_state(),

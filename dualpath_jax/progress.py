@@ -8,7 +8,9 @@ its own, at most one per `LOG_INTERVAL_S` seconds (plus the first and the last).
 
 from __future__ import annotations
 
+import functools
 import sys
+import time
 
 LOG_INTERVAL_S = 30.0  # seconds between a bar's lines in a log file (a terminal redraws every 0.1 s)
 
@@ -43,11 +45,24 @@ def is_terminal(file) -> bool:
 def bar(file=None, **kwargs):
     """A tqdm bar on `file` (default: stderr), drawn in place on a terminal and as one line per redraw, at most one
     per `LOG_INTERVAL_S` (or the `mininterval` given, if longer), elsewhere. `kwargs` go to tqdm."""
-    from tqdm import tqdm
-
     file = sys.stderr if file is None else file
     if is_terminal(file):
-        return tqdm(file=file, **kwargs)
+        return _monotonic_tqdm()(file=file, **kwargs)
     kwargs["mininterval"] = max(float(kwargs.get("mininterval", 0.1)), LOG_INTERVAL_S)
     kwargs.setdefault("dynamic_ncols", False)
-    return tqdm(file=_Lines(file), **kwargs)
+    return _monotonic_tqdm()(file=_Lines(file), **kwargs)
+
+
+@functools.cache
+def _monotonic_tqdm():
+    """tqdm timed on the monotonic clock. tqdm times itself with `time.time` (set per bar in its `__init__`): a step
+    of the host's clock back an hour froze the bar for that hour ("[-59:58<-06:39, -0.03it/s]"), one forward showed
+    an hour elapsed and the rate that goes with it. (No monitor thread: it compares a bar's times with its own
+    `time.time`, and would redraw every bar every 10 s.)"""
+    from tqdm import tqdm
+
+    class MonotonicTqdm(tqdm):
+        monitor_interval = 0
+        _time = property(lambda self: time.monotonic, lambda self, value: None)  # (tqdm's own assignment: ignored)
+
+    return MonotonicTqdm

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
+from dualpath_jax import clock
 from dualpath_jax.checks import is_int, is_real
 from dualpath_jax.metrics import LinkBytes
 
@@ -731,10 +732,11 @@ def check_weights(weights: Mapping, what: str, weight_of) -> None:
 def wall_grid_origin(sample_interval: float) -> float:
     """A `time.monotonic()` origin at a wall-clock instant that is a multiple of `sample_interval`: the bins of links
     made from it in different processes (the runtime's nodes) or at different times start at the same wall-clock
-    instants, so their samples line up bin by bin (one host, or hosts with synced clocks). (Each process's manager
-    used its own start as the origin: no two nodes' bins shared a start, and a per-bin balance had to re-bin first.)"""
-    mono, wall = time.monotonic(), time.time()
-    return mono - wall % sample_interval
+    instants, so their samples line up bin by bin (one host, or hosts with synced clocks). The grid is the event
+    clock's (`clock.now`): a wall-clock step after a process's start moves neither. (Each process's manager used its
+    own start as the origin: no two nodes' bins shared a start, and a per-bin balance had to re-bin first.)"""
+    mono = time.monotonic()
+    return mono - (clock.EPOCH + mono) % sample_interval
 
 
 class TrafficManager:

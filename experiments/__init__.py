@@ -1,10 +1,14 @@
 """experiments: the launchers (main job, simulator, sweeps, paper report) and the benchmarks."""
 
 import contextlib
+import errno
 import re
 import time
 
-_STARTED = time.time()  # (about when the launcher began: its package is imported first; a benchmark's run.json)
+from dualpath_jax import clock
+from dualpath_jax.interrupts import catch_lost_ctrl_c
+
+_STARTED = clock.now()  # (about when the launcher began: its package is imported first; a benchmark's run.json)
 
 
 def config_or_exit(config_flag):
@@ -334,11 +338,13 @@ def parse_flags_checking_locale(argv):
     """absl's own flag parser (`app.run(main, flags_parser=parse_flags_checking_locale)`) for the launchers that
     compile jax steps and take no `--config` (bench_prefill, bench_invariant, bench_gpu, bench_io, demo), after the
     check `parse_flags_or_exit` makes: a non-UTF-8 locale with a non-ASCII package path is one line naming the fix
-    (`non_utf8_locale_line`), not `RuntimeError: std::bad_cast` from jax's first compile."""
+    (`non_utf8_locale_line`), not `RuntimeError: std::bad_cast` from jax's first compile; and, as it, a Ctrl-C that
+    lands in JAX's gc callback is raised again (`interrupts.catch_lost_ctrl_c`)."""
     from absl import app
 
     if line := non_utf8_locale_line():
         raise SystemExit(line)
+    catch_lost_ctrl_c()
     return app.parse_flags_with_usage(argv)
 
 
@@ -354,6 +360,7 @@ def parse_flags_or_exit(argv):
 
     if line := non_utf8_locale_line():
         raise SystemExit(line)
+    catch_lost_ctrl_c()  # (a Ctrl-C in JAX's gc callback was lost: the run went on to the end)
     # the key trees of config files loaded before the command line (a launcher's default file): its overrides apply
     # during the parse below (a --config on the command line records its own, `_ConfigFileParser.parse`)
     before = {}
@@ -1128,7 +1135,6 @@ def _exit_with_parent(parent: int) -> None:
     memory."""
     import os
     import threading
-    import time
 
     def watch():
         while os.getppid() == parent:
@@ -1136,6 +1142,18 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _no_worker_line(workers: int, e: OSError) -> str:
+    """The one line for a worker process that could not start (EAGAIN from fork / clone): the per-user process limit."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+    return (
+        f"cannot start a worker process of --workers={workers}: {e.strerror or e} (the per-user process limit "
+        f"RLIMIT_NPROC, `ulimit -u`, is {limit}; every worker also starts threads): use fewer --workers or raise it"
+    )
 
 
 def run_jobs(
@@ -1223,6 +1241,8 @@ def run_jobs(
             for p in list((pool._processes or {}).values()):  # noqa: SLF001 - no public way before Python 3.14
                 p.terminate()
             pool.shutdown(wait=False, cancel_futures=True)
+            if isinstance(e, OSError) and e.errno == errno.EAGAIN:  # (a raw BlockingIOError traceback, no cell ran)
+                raise SystemExit(_no_worker_line(workers, e)) from None
             if not isinstance(e, KeyboardInterrupt):
                 raise
             return [done or interrupted for done in out]  # the finished jobs are kept

@@ -30,6 +30,7 @@ import time
 
 from absl import app, flags, logging
 
+from dualpath_jax import clock
 from experiments import (
     SigtermAsInterrupt,
     config_or_exit,
@@ -371,7 +372,7 @@ def _main(argv, term):
     refuse_flags_of_parts_not_run(  # (it was dropped without a word)
         [(("overhead_turns",), "the overhead figure", "--skip_overhead leaves out" if _SKIP_OVERHEAD.value else None)]
     )
-    started = time.time()  # (run.json: the start and the wall time)
+    started = clock.now()  # (run.json: the start and the wall time)
     from dualpath_jax.runtime import driver
     from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
     from dualpath_jax.runtime.launcher import LocalCluster, accelerator_sharing_env, enable_compilation_cache
@@ -421,7 +422,9 @@ def _main(argv, term):
                 ) from None
     # a new directory of its own, before the runs (not after); `stamp` also names the kept stores' subdirectories
     out_dir = fresh_dir_or_exit(
-        config.results_dir, "bench_runtime-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "--config.results_dir"
+        config.results_dir,
+        "bench_runtime-" + datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%SZ"),
+        "--config.results_dir",
     )
     logging.info("results directory: %s", os.path.abspath(out_dir))  # (said at the end only)
     try:
@@ -454,9 +457,9 @@ def _main(argv, term):
                 )
 
         unpaced = driver.unpaced_nics(base)
-        t0 = time.time()
+        t0 = time.monotonic()
         run(base.replace(**{"scheduler.name": "basic", **unpaced}), trajs[: max(1, len(trajs) // 8)], "warm-up")
-        logging.info("warm-up (unpaced NICs): %.1f s", time.time() - t0)
+        logging.info("warm-up (unpaced NICs): %.1f s", time.monotonic() - t0)
         measured = {}
         for p in ("basic", "dualpath"):  # each kept as it finishes: a later run's failure keeps it
             measured[p] = run(base.replace(**{"scheduler.name": p}))
@@ -506,9 +509,9 @@ def _main(argv, term):
                 for p in ("basic", "dualpath"):
                     cfg = base.replace(**{"scheduler.name": p})
                     kw = driver.policy_kwargs(cfg, ops.config.kv_bytes_per_token, prefill_tps)
-                    t0 = time.time()
+                    t0 = time.monotonic()
                     predicted[p] = simulate(cfg, trajs, cost, kw, window, store_gb)
-                    logging.info("simulated %s in %.2f s", p, time.time() - t0)
+                    logging.info("simulated %s in %.2f s", p, time.monotonic() - t0)
             except ValueError as e:  # (SimConfigError too) a workload the copy cannot run: said; measured results kept
                 print(f"\n(simulator prediction skipped: {e})")
                 cost = None

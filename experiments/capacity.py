@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
+from dualpath_jax import clock
 from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
@@ -415,7 +416,7 @@ def _fmt(v) -> str:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
-    started = time.time()
+    started = clock.now()
     lo, hi, iters = _LO.value, _HI.value, _ITERS.value
     log_start("experiments.capacity")
     setups = setup_files_or_exit(_SETUPS.value, "--modes or --extra")

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from dualpath_jax import clock
 from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
@@ -442,7 +443,7 @@ def main(argv: Sequence[str]) -> None:
     _refuse_unused_flags(flags.FLAGS)
     extra = extra_items(_EXTRA.value)
     refuse_extra_items(extra)
-    started = time.time()  # (run.json: the start and the wall time)
+    started = clock.now()  # (run.json: the start and the wall time)
     import numpy
 
     logging.info("python %s, numpy %s", platform.python_version(), numpy.__version__)

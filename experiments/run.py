@@ -39,6 +39,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from dualpath_jax import clock
 from experiments import (
     SigtermAsInterrupt,
     Terminated,
@@ -330,9 +331,9 @@ def reference_tokens(base, trajs, ops) -> dict:
     after the runs, to compare the policies' greedy tokens with."""
     from dualpath_jax.runtime import driver
 
-    t0 = time.time()
+    t0 = time.monotonic()
     ref = driver.reference_tokens(base, trajs, ops)
-    logging.info("single-process reference: %d turns in %.1f s", len(ref), time.time() - t0)
+    logging.info("single-process reference: %d turns in %.1f s", len(ref), time.monotonic() - t0)
     return ref
 
 
@@ -455,7 +456,7 @@ def main(argv):
 def _main(argv, term: SigtermAsInterrupt):
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
-    started = time.time()  # (run.json: the start and the wall time)
+    started = clock.now()  # (run.json: the start and the wall time)
     import jax
 
     from dualpath_jax import metrics
@@ -518,7 +519,7 @@ def _main(argv, term: SigtermAsInterrupt):
     given_kwargs = {p: dict(c.scheduler.policy_kwargs) for p, c in configs.items()}
     # a new directory of its own, before the runs (not after); `stamp` also names the kept stores' subdirectories
     out_dir = fresh_dir_or_exit(
-        config.results_dir, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"), "--config.results_dir"
+        config.results_dir, datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%SZ"), "--config.results_dir"
     )
     stamp = os.path.basename(out_dir)
     prefill_tps = None
@@ -604,15 +605,19 @@ def _main(argv, term: SigtermAsInterrupt):
             # A few of the conversations at unpaced NIC speed: every code path runs once in the session's node
             # processes (connections, buffers, any step not precompiled) before the measured runs.
             fast = base.replace(**driver.unpaced_nics(base))
-            t0 = time.time()
+            t0 = time.monotonic()
             one(fast, "warm-up", trajs[: max(1, len(trajs) // 8)])
             nics = "unpaced SNICs; CNICs kernel-shaped" if base.netns else "unpaced NICs"
-            logging.info("warm-up run (%s): %.1f s", nics, time.time() - t0)
+            logging.info("warm-up run (%s): %.1f s", nics, time.monotonic() - t0)
         for p in policies:
-            t0 = time.time()
+            t0 = time.monotonic()
             res = one(configs[p], p)
             logging.info(
-                "%s: %d turns in %.1f s wall (startup %.1f s)", p, len(res.records), time.time() - t0, res.startup_s
+                "%s: %d turns in %.1f s wall (startup %.1f s)",
+                p,
+                len(res.records),
+                time.monotonic() - t0,
+                res.startup_s,
             )
             slo = {}
             if window is not None:  # (the SLO's figures, `driver.run`'s judgement, are in its summary too: the table)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
+from dualpath_jax import clock
 from experiments import (
     config_or_exit,
     define_config_file,
@@ -182,7 +183,7 @@ def main(argv: Sequence[str]) -> None:
 def _main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
-    started = time.time()  # (run.json: the start and the wall time)
+    started = clock.now()  # (run.json: the start and the wall time)
     from dualpath_jax import compiled, metrics
     from dualpath_jax.sim import config as sim_config
     from dualpath_jax.sim import outputs, runner
@@ -250,7 +251,8 @@ def _main(argv: Sequence[str]) -> None:
             w = sc.workload
             what = f"its agents (online: aps {w.aps:g} x duration_s {w.duration_s:g} = {w.aps * w.duration_s:.3g})"
             what = what if w.kind == "online" else "the run"
-            raise SystemExit(f"simulate: out of memory for {what}: {e}; nothing written to {out}") from None
+            why = ", ".join(x for x in (str(e), outputs.address_space_note()) if x) or "MemoryError"
+            raise SystemExit(f"simulate: out of memory for {what}: {why}; nothing written to {out}") from None
     except SystemExit:
         drop_empty_dirs(out, made)
         raise

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
+from dualpath_jax import clock
 from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
@@ -765,7 +766,7 @@ def parse_flags(argv: list[str]):
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
-    started = time.time()  # (run.json: the start and the wall time)
+    started = clock.now()  # (run.json: the start and the wall time)
     import numpy
 
     from dualpath_jax import compiled

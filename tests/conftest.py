@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import glob
 import os
+import signal
 import tempfile
 
 import pytest
@@ -24,6 +25,14 @@ from dualpath_jax.runtime.model_ops import ModelOps, is_checkpoint
 settings.register_profile("deterministic", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
+
+# A pytest started with SIGINT ignored (a background job of a non-interactive shell, `pytest ... &`, as a CI script
+# may start it) handed the ignore to every process the tests start (exec keeps SIG_IGN, and Python then installs no
+# KeyboardInterrupt): the tests that send a real SIGINT saw it ignored (`experiments.run` SIGINTed in its warm-up
+# ran on to its end and wrote its results: 5 of 6 tries in a backgrounded loop). The tests' processes start with
+# SIGINT's default action, as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # A tiny model's ops (weights and jitted steps), built once per pytest process for each (model, seed, numerics,

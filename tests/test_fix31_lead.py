@@ -86,3 +86,166 @@ def test_a_node_whose_driver_is_gone_says_so_as_it_exits(from_main_thread):
     )
     assert out.returncode == 1 and "not exited" not in out.stdout, (out.stdout, out.stderr)
     assert "its driver (pid " in out.stderr and ") is gone; exiting" in out.stderr, out.stderr
+
+
+def _epoch_in_child(env_value: str | None) -> tuple[float, str]:
+    """`clock.EPOCH` of a fresh process whose environment holds `env_value` (None: unset), and the environment value
+    it leaves for the processes it would start."""
+    env = {k: v for k, v in os.environ.items() if k != "DUALPATH_JAX_CLOCK_EPOCH"}
+    if env_value is not None:
+        env["DUALPATH_JAX_CLOCK_EPOCH"] = env_value
+    code = "import os; from dualpath_jax import clock; print(repr(clock.EPOCH), os.environ[clock.ENV])"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    epoch, left = out.stdout.split()
+    return float(epoch), left
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/sys/kernel/random/boot_id"), reason="Linux boot id")
+def test_processes_started_from_a_run_share_its_clock_reading_on_the_same_boot_only():
+    """The event clock (`clock.now`: the wall clock read once, carried on by the monotonic clock) is read once per
+    process tree: a node process started by the driver takes the driver's reading (else a step of the wall clock while
+    the nodes start, their ~70 s of compiles, became an offset between each node's stamps and the driver's); a
+    reading of another boot (monotonic time restarts at boot) or a malformed one is not taken."""
+    import time
+
+    from dualpath_jax import clock
+
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    assert os.environ[clock.ENV] == f"{clock.EPOCH!r}@{boot}"  # (this process put its reading there)
+    assert _epoch_in_child(f"{123456.25!r}@{boot}") == (123456.25, f"{123456.25!r}@{boot}")
+    for other in (f"{123456.25!r}@another-boot", "not-a-number@" + boot, ""):
+        epoch, left = _epoch_in_child(other)
+        assert abs(epoch - (time.time() - time.monotonic())) < 5.0, (other, epoch)
+        assert left == f"{epoch!r}@{boot}", (other, left)
+
+
+def test_run_info_wall_s_is_not_moved_by_a_wall_clock_step(monkeypatch):
+    """run.json's `wall_s` was `time.time() - started`: a step of the host's clock back an hour during a launcher's
+    run wrote `wall_s: -3600.0` (clock audit F5). Now both ends are on the event clock."""
+    import time
+
+    from dualpath_jax import clock, metrics
+
+    started = clock.now()
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3600.0)
+    info = metrics.run_info("experiments.simulate", started)
+    assert 0 <= info["wall_s"] < 60, info["wall_s"]
+    assert info["started_utc"].endswith("+00:00")
+
+
+_LOST_CTRL_C_IN_A_LAUNCHER = """
+import sys, time
+from absl import app
+import experiments
+
+class Swallowed:
+    def __del__(self):
+        raise KeyboardInterrupt  # as a Ctrl-C landing in JAX's gc callback: Python prints it and goes on
+
+def main(argv):
+    try:
+        Swallowed()
+        for _ in range(200):
+            time.sleep(0.05)
+        print("went on to the end", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(3)
+
+app.run(main, flags_parser=getattr(experiments, sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("parser", ["parse_flags_or_exit", "parse_flags_checking_locale"])
+def test_a_ctrl_c_that_lands_in_a_gc_callback_stops_a_launcher_too(parser):
+    """A Ctrl-C lost in JAX's gc callback was raised again in node processes only (fix wave 12). The launcher's own
+    process lost it the same way: `experiments.run` (in-process launcher) SIGINTed in its warm-up printed "Exception
+    ignored in: <function _xla_gc_callback ...> ... KeyboardInterrupt", then ran basic to the end and wrote its
+    results (2 in 20 under load; test_fix12_runtime's test_a_real_sigint_in_the_warm_up_leaves_no_results_directory
+    failed so).
+    Contract: every launcher's flag parser installs the hook; the interrupt reaches the launcher's main."""
+    out = subprocess.run(
+        [sys.executable, "-c", _LOST_CTRL_C_IN_A_LAUNCHER, parser], env={**os.environ, "PYTHONPATH": REPO},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 3 and out.stdout.split() == ["interrupted"], (out.returncode, out.stdout, out.stderr)
+    assert "Exception ignored" not in out.stderr
+
+
+def test_a_plot_out_of_memory_still_leaves_the_results_and_run_json_to_write(tmp_path, monkeypatch, caplog):
+    """Under `ulimit -v` a simulation that finished and wrote summary.json / turns.csv / links.csv raised MemoryError
+    while matplotlib's backend imported: a raw traceback, and run.json (written after the results) was lost
+    (resources audit F7). Now plot.png is skipped with one warning and the rest goes on."""
+    from dualpath_jax.sim import load_sim_config, outputs, runner
+
+    res = runner.run(load_sim_config(os.path.join(REPO, "configs", "sim_tiny.py:basic,agents=2")))
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(outputs, "plot_result", no_memory)
+    with caplog.at_level("WARNING", logger=outputs.__name__):
+        paths = outputs.write_results(res, str(tmp_path), {}, plot=True)
+    assert set(paths) == {"summary", "turns", "links"} and all(os.path.exists(p) for p in paths.values())
+    assert "plot.png not drawn: out of memory" in caplog.text
+
+
+def test_an_out_of_memory_line_names_the_address_space_limit():
+    """`str(MemoryError())` is empty: simulate said "out of memory for the run: ; nothing written" (resources audit
+    F7). The line now names RLIMIT_AS where the process has one."""
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, resource.RLIM_INFINITY))\n"
+        "from dualpath_jax.sim.outputs import address_space_note; print(address_space_note())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=60
+    )
+    assert out.stdout.strip() == "the address-space limit (RLIMIT_AS, ulimit -v) is 4096 MB", out.stderr
+
+
+def test_a_worker_process_that_cannot_start_is_one_line_naming_the_process_limit(monkeypatch):
+    """Under a low `ulimit -u` (not root) a sweep with --workers=4 ended in a raw traceback from `pool.submit`,
+    `BlockingIOError: [Errno 11] Resource temporarily unavailable`, naming no limit (resources audit F6)."""
+    import concurrent.futures as cf
+    import errno
+
+    import experiments
+
+    def cannot_fork(self, *a, **k):
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(cf.ProcessPoolExecutor, "submit", cannot_fork)
+    with pytest.raises(SystemExit) as e:
+        experiments.run_jobs(abs, [1, 2, 3], workers=4, desc="cells")
+    line = str(e.value.code)
+    assert line.startswith("cannot start a worker process of --workers=4: Resource temporarily unavailable"), line
+    assert "RLIMIT_NPROC, `ulimit -u`" in line
+
+
+def test_a_node_aborted_under_a_low_process_limit_says_so(monkeypatch):
+    """Under `ulimit -u 40` (not root) a node process aborted inside XLA's CPU client, which could not start its
+    threads: the run failed with "its process node0 ... was killed by SIGABRT (exit code -6)", naming no limit
+    (resources audit F6)."""
+    import resource
+
+    from dualpath_jax.runtime import launcher as launcher_mod
+
+    lau = object.__new__(launcher_mod.LocalProcessLauncher)
+    lau.procs, lau._killed, lau.session, lau._running = (
+        {0: launcher_mod._EndedProcess("node0", 4321, -6)},
+        set(),
+        None,
+        {0},
+    )
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (40, 40) if what == resource.RLIMIT_NPROC else (-1, -1))
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    why = lau.exit_reason(0)
+    assert why.startswith("its process node0 (pid 4321) was killed by SIGABRT (exit code -6)"), why
+    assert "RLIMIT_NPROC, `ulimit -u`, is 40" in why
+    monkeypatch.setattr(os, "getuid", lambda: 0)  # (root: no process limit applies)
+    assert "RLIMIT_NPROC" not in lau.exit_reason(0)

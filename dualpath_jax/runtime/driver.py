@@ -742,8 +742,10 @@ def run(
     try:
         return _run(cfg.replace(store_dir=tmp), trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher)
     finally:
-        cleanup_store(tmp)
-        os.close(held)
+        try:
+            cleanup_store(tmp)
+        finally:  # (a Ctrl-C during the removal, seconds for a real model's store, kept the lock for the process's life)
+            os.close(held)
 
 
 def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) -> RunResult:
@@ -781,7 +783,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
     )
     launcher = launcher or make_launcher(cfg, ops)
     launcher.cfg = cfg  # the run's own config (store directory included)
-    t_launch = time.time()
+    t_launch = time.monotonic()
     startup_s = math.nan
     finished = False
     try:
@@ -793,11 +795,11 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
             _check_launcher(service, launcher, groups)
             if service.failure:  # e.g. every PE (or DE) exited before registering
                 raise RunFailed(service.failure)
-            if time.time() - t_launch > cfg.run_timeout_s:
+            if time.monotonic() - t_launch > cfg.run_timeout_s:
                 raise RunFailed(f"engine groups did not all start within {cfg.run_timeout_s} s (config.run_timeout_s)")
             time.sleep(0.02)
-        startup_s = time.time() - t_launch
-        deadline = time.time() + cfg.run_timeout_s
+        startup_s = time.monotonic() - t_launch
+        deadline = time.monotonic() + cfg.run_timeout_s
         last = -1
         while True:
             done, total = service.progress()
@@ -812,7 +814,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
                 fault(service, launcher)
             service.check_heartbeats()
             _check_launcher(service, launcher, groups)
-            if time.time() > deadline:
+            if time.monotonic() > deadline:
                 raise RunFailed(
                     f"run did not finish within {cfg.run_timeout_s} s ({done}/{total} turns; config.run_timeout_s)"
                 )

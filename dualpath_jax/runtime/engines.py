@@ -34,10 +34,12 @@ decode steps go on meanwhile.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
 import queue
+import resource
 import sys
 import threading
 import time
@@ -48,6 +50,7 @@ from concurrent.futures import CancelledError
 
 import numpy as np
 
+from dualpath_jax import clock
 from dualpath_jax.block_keys import BlockKeyChain
 from dualpath_jax.checks import is_int, is_real
 from dualpath_jax.host_buffers import BufferBudgetExceeded, HostBufferPool
@@ -103,6 +106,25 @@ class UnknownPeerError(LookupError):
 # raise and fail their futures with then (`TransportError`s, socket errors and timeouts, a cancelled future). The
 # scheduler takes the peer's node for dead. Anything else a transport raises is its own bug (`_transport_failed`).
 LOST_PEER_ERRORS = (TransportError, OSError, EOFError, CancelledError, UnknownPeerError)
+
+
+def fd_shortage(e: BaseException) -> str | None:
+    """Where `e` (or an error it was raised from) is this process being out of file descriptors (EMFILE, ENFILE):
+    that in words, naming the limit and what to do; else None. Not a lost peer: the peer is alive, this process
+    cannot open a socket to it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.EMFILE:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            return (
+                f"this node's process is out of file descriptors (RLIMIT_NOFILE {soft}, hard limit {hard}: raise "
+                f"it, `ulimit -n`; each engine holds 2 sockets per peer engine, the store up to fd_cache files) ({e})"
+            )
+        if isinstance(e, OSError) and e.errno == errno.ENFILE:
+            return f"the system is out of file descriptors (fs.file-max) ({e})"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def raised_at(e: BaseException) -> str:
@@ -376,7 +398,7 @@ class EngineBase:
 
     def emit(self, kind: str, request_id: int, attempt: int, at: float | None = None, **data) -> None:
         """Report an event stamped `at` (wall-clock seconds; default now)."""
-        self.ctx.emit(Event(kind, request_id, attempt, time.time() if at is None else at, data))
+        self.ctx.emit(Event(kind, request_id, attempt, clock.now() if at is None else at, data))
 
     def _pump_messages(self) -> None:
         while not self._stop.is_set():
@@ -458,7 +480,8 @@ class EngineBase:
         naming the backend (`config.transport`), the exception and where it was raised, with its traceback logged, as
         the scheduler does for a policy that raises. (It was reported as dead nodes: "node 1: engine 0 (node 0) could
         not reach it: RuntimeError('...')", with no traceback and no word of the backend.)"""
-        if isinstance(e, LOST_PEER_ERRORS):
+        short = fd_shortage(e)  # (this process's limit, not a dead peer: it declared a live node dead)
+        if short is None and isinstance(e, LOST_PEER_ERRORS):
             return True
         if self._stop.is_set() or self._transport_bug:  # (the run is over, or failing already)
             return False
@@ -466,8 +489,10 @@ class EngineBase:
         backend = getattr(self.cfg, "transport", None) or getattr(self.transport, "backend", None)
         at = raised_at(e)
         msg = f"transport {backend!r} raised {e!r} in {op}(){f' at {at}' if at else ''}: a bug of the backend"
+        if short is not None:
+            msg = f"{op}() failed: {short}"
         log.error("%s%d: %s", self.role, self.engine_id, msg, exc_info=e)
-        self.ctx.emit(Event("error", -1, 0, time.time(), {"message": f"{self.role} {self.engine_id}: {msg}"}))
+        self.ctx.emit(Event("error", -1, 0, clock.now(), {"message": f"{self.role} {self.engine_id}: {msg}"}))
         return False
 
     def peer_lost(self, engine_id: int, request_id: int, attempt: int, error: BaseException) -> None:
@@ -597,7 +622,7 @@ class EngineBase:
                 "attempts not here yet): it cannot run"
             )
             log.error("%s", msg)
-            self.ctx.emit(Event("error", -1, 0, time.time(), {"message": msg}))
+            self.ctx.emit(Event("error", -1, 0, clock.now(), {"message": msg}))
         return self._take_early(key)
 
     def _gone_attempt(self, key: tuple) -> None:
@@ -619,7 +644,7 @@ class EngineBase:
                 log.info("%s engine %d stopped mid-work: %s", self.role, self.engine_id, e)
                 return
             log.exception("%s engine %d crashed", self.role, self.engine_id)
-            self.ctx.emit(Event("error", -1, 0, time.time(), {"message": f"{self.role} {self.engine_id}: {e!r}"}))
+            self.ctx.emit(Event("error", -1, 0, clock.now(), {"message": f"{self.role} {self.engine_id}: {e!r}"}))
 
     def run(self) -> None:
         raise NotImplementedError
@@ -704,7 +729,7 @@ class PrefillEngine(EngineBase):
         elif kind == "task":
             if (item.request_id, item.attempt) in self._gone:  # cancelled before it came: its messages are ignored
                 return
-            r = _PrefillReq(task=item, t_arrived=time.time(), bs=self.bs)
+            r = _PrefillReq(task=item, t_arrived=clock.now(), bs=self.bs)
             r.de_read_done = item.pe_read_blocks >= item.hit_blocks
             self.reqs[r.key] = r
             self.order.append(r.key)
@@ -788,7 +813,7 @@ class PrefillEngine(EngineBase):
                 if t.hit_blocks == 0:
                     # No read on either side: a zero-length one where its reads would start (the simulator's record:
                     # read_start = read_end at allocation). Left NaN, the TTFT breakdown of every no-hit turn was NaN.
-                    now = time.time()
+                    now = clock.now()
                     r.pe_read = (now, now, 0)
                     self.emit("read_done", t.request_id, t.attempt, at=now, side="pe", nbytes=0, t_start=now)
 
@@ -890,7 +915,7 @@ class PrefillEngine(EngineBase):
         """Layerwise prefill of one batch: items (request, cached, bsz) compute tokens [cached, cached+bsz). Basic
         prefill (not `self.layerwise`): the same steps, but the requests' KV is in HBM before the first layer (no waits,
         no H2D here) and goes to the DE after the last (`_send_whole`)."""
-        t_start = time.time()
+        t_start = clock.now()
         for r, _, _ in items:
             if not r.started:
                 r.started = True
@@ -1042,7 +1067,7 @@ class PrefillEngine(EngineBase):
             return
         # Reported before the DE hears of it: the DE may run the request (its first-token stamp) and finish it before
         # this thread got to emit (prefill_end came after first_token, or after the run's last report).
-        t_end = time.time()
+        t_end = clock.now()
         self.emit("prefill_end", t.request_id, t.attempt, at=t_end, hit_tokens=r.final_hit)
         self.send_msg(
             t.decode_engine,
@@ -1372,7 +1397,7 @@ class DecodeEngine(EngineBase):
         self.batch.free(r.slot)
         r.slot = -1
         r.stage = "finishing"
-        r.done_at = time.time()
+        r.done_at = clock.now()
         self.finishing.append(r)
 
     def _report_finished(self) -> None:

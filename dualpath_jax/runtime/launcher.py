@@ -12,8 +12,8 @@
 
 from __future__ import annotations
 
-import _thread
 import contextlib
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -26,6 +26,7 @@ import time
 import traceback
 from collections.abc import Sequence
 
+from dualpath_jax.interrupts import catch_lost_ctrl_c
 from dualpath_jax.runtime.config import RuntimeConfig
 from dualpath_jax.runtime.control import ControlServer, DriverLost, LocalControlClient, SocketControlClient
 from dualpath_jax.runtime.scheduler_service import GroupSpec, RunFailed
@@ -371,6 +372,17 @@ def watch_exits(service, exit_reason) -> None:
         watch(exit_reason)
 
 
+def _few_processes_note() -> str:
+    """For a node process that ended by SIGABRT: a low per-user process limit (not root) is a likely cause, XLA's
+    client aborting when it cannot start its threads (about one per core in every node process); "" otherwise."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft == resource.RLIM_INFINITY or os.getuid() == 0 or soft > 4096:
+        return ""
+    return f" (out of threads? the per-user process limit RLIMIT_NPROC, `ulimit -u`, is {soft})"
+
+
 def exit_code_text(code: int, note: str = "") -> str:
     """A process's exit code in words: "was killed by SIGKILL (exit code -9)", "exited with code 1"; `note` goes in
     the parentheses."""
@@ -446,7 +458,7 @@ def _node_process(target, *args, report=None, parent: tuple[int, bool] | None = 
     process), `_end_with_parent`.
     """
     code = 1
-    sys.unraisablehook = _raise_lost_ctrl_c_again
+    catch_lost_ctrl_c()  # (a Ctrl-C in JAX's gc callback was lost: the node went on with its run)
     if parent is not None:
         _end_with_parent(*parent)
     try:
@@ -527,22 +539,30 @@ def _report_error(report, e: BaseException) -> None:
             pass
 
 
-def _raise_lost_ctrl_c_again(unraisable) -> None:
-    """`sys.unraisablehook` of a node process. A Ctrl-C that lands while the main thread runs a callback whose
-    exceptions Python only prints (JAX's gc callback: "Exception ignored in: <function _xla_gc_callback ...>", a
-    traceback, "KeyboardInterrupt") was lost there: the node went on with its run while the others stopped, and the
-    driver waited for it. The interrupt is raised again in the main thread once it is out of that callback (from a
-    thread of its own, started without waiting on anything: raised here, it would be lost the same way);
-    `_node_process` ends on it. Anything else goes to Python's own hook."""
-    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-        _thread.start_new_thread(_interrupt_main_soon, ())
-        return
-    sys.__unraisablehook__(unraisable)
+def run_engine_group(spec: GroupSpec, cfg: RuntimeConfig, ops, store, control_address, authkey: bytes, transport):
+    """One run of node `spec`'s engine group in this process (the local launcher's node processes, one run or a
+    session's, and the Ray actors): its control connection to the driver's server, the group's engines until the
+    run ends, the connection closed however it ends. `transport(name, pacer)` makes an engine's endpoint."""
+    from dualpath_jax.runtime.node import EngineGroup
+    from dualpath_jax.traffic import TrafficManager
 
-
-def _interrupt_main_soon() -> None:
-    time.sleep(0.01)
-    _thread.interrupt_main()
+    control = SocketControlClient(control_address, authkey)
+    try:
+        group = EngineGroup(
+            spec.node_id,
+            spec.role,
+            spec.engine_ids,
+            cfg,
+            ops,
+            store,
+            control,
+            transport,
+            TrafficManager(),
+            build_batcher_factory(cfg, ops),
+        )
+        group.run()
+    finally:
+        control.close()
 
 
 def _node_main(*args, report=None, parent: tuple[int, bool] | None = None) -> None:
@@ -560,30 +580,15 @@ def _serve_one_run(
 
         netns.enter(spec.node_id)
     logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
-    from dualpath_jax.runtime.node import EngineGroup, block_layout, node_model_ops
-    from dualpath_jax.traffic import TrafficManager
+    from dualpath_jax.runtime.node import block_layout, node_model_ops
 
     import_node_modules(cfg, modules)
     enable_compilation_cache()
     ops = node_model_ops(cfg, spec.engine_ids)
     store = open_store(cfg, block_layout(cfg, ops))  # (no capacity: the driver's object keeps it)
-    control = SocketControlClient(control_address, authkey)
-    group = EngineGroup(
-        spec.node_id,
-        spec.role,
-        spec.engine_ids,
-        cfg,
-        ops,
-        store,
-        control,
-        _transport_factory(cfg, spec, authkey.hex()),
-        TrafficManager(),
-        build_batcher_factory(cfg, ops),
-    )
     try:
-        group.run()
+        run_engine_group(spec, cfg, ops, store, control_address, authkey, _transport_factory(cfg, spec, authkey.hex()))
     finally:
-        control.close()
         store.close()
 
 
@@ -644,8 +649,7 @@ def _serve_session(spec: GroupSpec, conn, log_level: int, in_netns: bool = False
 
         netns.enter(spec.node_id)
     logging.basicConfig(level=log_level, format=f"%(asctime)s node{spec.node_id} %(levelname)s %(message)s")
-    from dualpath_jax.runtime.node import EngineGroup, block_layout, node_model_ops
-    from dualpath_jax.traffic import TrafficManager
+    from dualpath_jax.runtime.node import block_layout, node_model_ops
 
     enable_compilation_cache()
     ops = None
@@ -662,27 +666,40 @@ def _serve_session(spec: GroupSpec, conn, log_level: int, in_netns: bool = False
             ops = None  # (the last run's weights freed before the new ones are made)
             ops = node_model_ops(cfg, spec.engine_ids)
         store = open_store(cfg, block_layout(cfg, ops))
-        control = SocketControlClient(control_address, authkey)
         try:
-            EngineGroup(
-                spec.node_id,
-                spec.role,
-                spec.engine_ids,
-                cfg,
-                ops,
-                store,
-                control,
-                _transport_factory(cfg, spec, authkey.hex()),
-                TrafficManager(),
-                build_batcher_factory(cfg, ops),
-            ).run()
+            run_engine_group(
+                spec, cfg, ops, store, control_address, authkey, _transport_factory(cfg, spec, authkey.hex())
+            )
+        except DriverLost as e:
+            # This run's control connection is gone (the driver failed the run: a policy that raised, a node's error),
+            # not the session's pipe: the run ends here and the process waits for the next (it exited, and every later
+            # run of the session failed at once: "no live prefill or decode engine left"). A driver whose process is
+            # gone is found by the send below, or by the next recv.
+            log.warning("node process %s: run ended: %s", mp.current_process().name, e)
         finally:
-            control.close()
             store.close()
         try:
             conn.send("done")
         except OSError as e:
             raise DriverLost(f"the driver's session ended during the run ({type(e).__name__})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _EndedProcess:
+    """A node process that ended, its `mp.Process` closed (its pipes released): what the launcher still asks of it."""
+
+    name: str
+    pid: int
+    exitcode: int
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
 
 
 class LocalProcessLauncher:
@@ -808,6 +825,8 @@ class LocalProcessLauncher:
         how = exit_code_text(code, "sent by launcher.kill" if node_id in self._killed and code < 0 else "")
         if code == 1:
             how += f": its run raised{self._why(node_id)}"
+        if code == -signal.SIGABRT:
+            how += _few_processes_note()
         before = " before this run" if self.session is not None and node_id not in self._running else ""
         return f"its process {p.name} (pid {p.pid}) {how}{before}"
 
@@ -833,6 +852,13 @@ class LocalProcessLauncher:
                 p.join(2.0)
         for conn in self._reports.values():
             conn.close()
+        # (each Process holds its sentinel pipe until closed: the launcher, in a cycle with the scheduler through
+        # `exit_reason`, kept 2 fds a node open until a full garbage collection; a closed one answers nothing, so
+        # what `exit_reason` / `errors` still ask is kept)
+        for n, p in list(self.procs.items()):
+            if isinstance(p, mp.process.BaseProcess) and not p.is_alive():
+                self.procs[n] = _EndedProcess(p.name, p.pid, p.exitcode)
+                p.close()
         self._close_server()
 
     def _close_server(self) -> None:

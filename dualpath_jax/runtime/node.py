@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from dualpath_jax import clock
 from dualpath_jax.host_buffers import HostBufferPool
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.runtime.config import ConfigError, RuntimeConfig, stall_timeout_s
@@ -148,7 +149,7 @@ class EngineGroup:
         self.control = control
         self.traffic = traffic
         self.ctx = NodeContext(cfg, model, store)
-        self.wall_origin = time.time() - (time.monotonic() - traffic.clock_origin)
+        self.wall_origin = clock.EPOCH + traffic.clock_origin  # (bins on the event clock, `clock.now`)
         traffic.add_snic(node_id, cfg.nics.snic_bytes_per_s)
         snic_pacer = traffic.pacer(f"snic/node{node_id}")
         self.snic = StorageNIC(node_id, store, cfg.block_size, lambda n: snic_pacer.pace(n, "low"))
@@ -210,7 +211,7 @@ class EngineGroup:
 
     def _precompile(self, cfg, models) -> None:
         """Compile the steps of `models` (the engines' model ops, one per device) before serving."""
-        t0 = time.time()
+        t0 = time.monotonic()
         if self.role == "prefill":
             c = cfg.cluster
             # Only buckets a PE can meet: a request computes at most max_seq_len tokens, and each of a batch at least
@@ -223,11 +224,11 @@ class EngineGroup:
                     min(c.prefill_token_budget, c.max_seq_len),
                     c.max_seq_len,
                 )
-            log.info("node %d: compiled %d prefill buckets in %.1f s", self.node_id, n, time.time() - t0)
+            log.info("node %d: compiled %d prefill buckets in %.1f s", self.node_id, n, time.monotonic() - t0)
         else:
             for eng in self.engines.values():
                 eng.batch.precompile(cfg.block_size)
-            log.info("node %d: compiled decode buckets in %.1f s", self.node_id, time.time() - t0)
+            log.info("node %d: compiled decode buckets in %.1f s", self.node_id, time.monotonic() - t0)
 
     def stop(self) -> None:
         self._stop.set()

@@ -45,7 +45,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from dualpath_jax.runtime.config import RuntimeConfig
-from dualpath_jax.runtime.control import ControlServer, SocketControlClient
+from dualpath_jax.runtime.control import ControlServer
 from dualpath_jax.runtime.launcher import node_modules, watch_exits
 from dualpath_jax.runtime.scheduler_service import GroupSpec, RunFailed
 
@@ -123,14 +123,13 @@ class _RayNode:
         import ray
 
         from dualpath_jax.runtime.launcher import (
-            build_batcher_factory,
             enable_compilation_cache,
             endpoint_spec,
             import_node_modules,
             open_store,
+            run_engine_group,
         )
-        from dualpath_jax.runtime.node import EngineGroup, block_layout, node_model_ops
-        from dualpath_jax.traffic import TrafficManager
+        from dualpath_jax.runtime.node import block_layout, node_model_ops
         from transport import make_transport
 
         import_node_modules(cfg, modules)  # (a researcher's own batcher or transport: its module, on the actor's path)
@@ -138,26 +137,13 @@ class _RayNode:
         host = ray.util.get_node_ip_address()
         ops = node_model_ops(cfg, spec.engine_ids)
         store = open_store(cfg, block_layout(cfg, ops))  # (no capacity: the driver's object keeps it)
-        control = SocketControlClient(control_address, authkey)
 
         def transport(name, pacer):  # "tcp", "rdma" (its control channel is a TCP endpoint) or one's own: host, secret
             return make_transport(endpoint_spec(cfg, name, host=host, secret=secret), pacer=pacer)
 
         try:
-            EngineGroup(
-                spec.node_id,
-                spec.role,
-                spec.engine_ids,
-                cfg,
-                ops,
-                store,
-                control,
-                transport,
-                TrafficManager(),
-                build_batcher_factory(cfg, ops),
-            ).run()
+            run_engine_group(spec, cfg, ops, store, control_address, authkey, transport)
         finally:
-            control.close()
             store.close()
         return f"node{spec.node_id} done on {host}"
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from dualpath_jax.block_keys import extend_block_keys
+from dualpath_jax.clock import now as clock_now
 from dualpath_jax.metrics import TIMESTAMPS, LinkBytes, TurnRecord
 from dualpath_jax.runtime.control import Cancel, Event, GroupReply, GroupReport, TurnTask
 from dualpath_jax.runtime.lifecycle import ConversationBook, TurnRequest
@@ -370,7 +371,7 @@ class GlobalScheduler:
         block_size: int,
         hbm_tokens_per_decode_engine: int,
         heartbeat_timeout_s: float,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = clock_now,
         decode_slots: int | None = None,
         store_keeper: StoreKeeper | None = None,
     ):
@@ -390,9 +391,9 @@ class GlobalScheduler:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         # Heartbeats on a monotonic clock (an injected `clock`: that one): a wall-clock step (an NTP step, a VM resumed)
-        # longer than heartbeat_timeout_s declared every node dead at once. Event times stay on `clock` (engines
-        # stamp wall-clock times).
-        self._beat_clock = time.monotonic if clock is time.time else clock
+        # longer than heartbeat_timeout_s declared every node dead at once. Event times are on `clock` (engines stamp
+        # theirs with `clock.now` too: wall-clock seconds that never step).
+        self._beat_clock = time.monotonic if clock is clock_now else clock
         self.t0 = clock()
         self.groups = {g.node_id: g for g in groups}
         self.engine_node = {e: g.node_id for g in groups for e in g.engine_ids}

@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from dualpath_jax import clock
+
 log = logging.getLogger(__name__)
 LOGGED_FAILED_READS = 5  # unreadable blocks a storage NIC logs one by one (the rest: counted in failed_reads)
 
@@ -150,7 +152,7 @@ class StorageNIC:
             job = self._reads.get()
             if job is None:
                 return
-            t_start = time.time()
+            t_start = clock.now()
             ok = 0
             nbytes = 0
             try:
@@ -182,7 +184,7 @@ class StorageNIC:
                 with self._lock:
                     self._queued_read_tokens -= len(job.keys) * bs
                 self.bytes_read += nbytes
-            self._report(job.on_done, job, ok, nbytes, t_start, time.time())
+            self._report(job.on_done, job, ok, nbytes, t_start, clock.now())
 
     def _write_loop(self) -> None:
         nbytes_block = self.store.layout.full_block_nbytes

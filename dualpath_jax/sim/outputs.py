@@ -79,12 +79,28 @@ def write_results(result: SimResult, output_dir: str, config: dict, plot: bool =
     write_csv(p, ["link", "t0", "t1", "nbytes"], rows)
     paths["links"] = p
     p = os.path.join(output_dir, "plot.png")
-    if plot and plot_result(result, p, name=config.get("name")):
+    try:
+        drawn = plot and plot_result(result, p, name=config.get("name"))
+    except MemoryError:  # (under `ulimit -v`: the results above written, run.json still to come; it was lost)
+        log.warning("plot.png not drawn: out of memory while drawing it (%s)", address_space_note() or "no RLIMIT_AS")
+        drawn = None
+    if drawn:
         paths["plot"] = p
     elif os.path.exists(p):  # an earlier run's plot would pass for this one's
         os.remove(p)
         log.info("removed %s: an earlier run's plot (none was drawn for this one)", p)
     return paths
+
+
+def address_space_note() -> str:
+    """ "the address-space limit (RLIMIT_AS, ulimit -v) is N MB" where this process has one, else "" (a MemoryError
+    names no reason: `str(MemoryError())` is empty)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return (
+        "" if soft == resource.RLIM_INFINITY else f"the address-space limit (RLIMIT_AS, ulimit -v) is {soft >> 20} MB"
+    )
 
 
 def plot_result(result: SimResult, path: str, name: str | None = None) -> str | None:

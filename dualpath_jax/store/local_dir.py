@@ -745,6 +745,7 @@ class LocalDirStore(KVStore):
         self._used_keys: set[bytes] = set()
         self._touch_due = time.monotonic() + (self._touch_s or 0.0)
         self._touch_failed = False  # a touch failed (EPERM...): logged once
+        self._map_failed = False  # a block file could not be mapped (ENOMEM): logged once
         self._swept: dict[str, float] = {}  # fan-out directory -> when a write last swept it (monotonic)
         self._opened = time.monotonic()  # (the open swept every directory)
         self._disk_full = False  # the last write failed for a full disk (its warning said so once; the rest counted)
@@ -1961,6 +1962,19 @@ class LocalDirStore(KVStore):
                     mapping = mmap.mmap(ent.fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
             except ValueError as e:  # (mmap checks the size again: the file shrank since the fstat above)
                 return f"truncated: {e}"
+            except OSError as e:
+                if e.errno != errno.ENOMEM:
+                    raise
+                # No room for another mapping (vm.max_map_count, RLIMIT_AS): the open file reads with preadv instead
+                # (it was a miss, and every block not mapped yet missed for good while the others stayed mapped)
+                if not self._map_failed:
+                    self._map_failed = True
+                    log.warning(
+                        "kv store %s: cannot map a block file (%s: the process is at vm.max_map_count or its address "
+                        "space limit, RLIMIT_AS / ulimit -v; fd_cache=%d keeps up to that many mappings): such reads "
+                        "use preadv", self.root, e.strerror, self._fd_cache,
+                    )  # fmt: skip
+                return self._read_fd(ent, key, dst, layer_list, runs, True, stride)
             if _MADV_HUGEPAGE is not None:  # before any page is touched (see _MADV_HUGEPAGE)
                 try:
                     mapping.madvise(_MADV_HUGEPAGE)
