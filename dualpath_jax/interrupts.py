@@ -11,19 +11,20 @@ every launcher (their flag parsers, `experiments`).
 from __future__ import annotations
 
 import _thread
+import functools
 import sys
 import time
 
 
-def raise_lost_ctrl_c_again(unraisable) -> None:
+def raise_lost_ctrl_c_again(unraisable, previous=sys.__unraisablehook__) -> None:
     """`sys.unraisablehook`: a KeyboardInterrupt is raised again in the main thread once it is out of the callback
     (from a thread of its own, started without waiting on anything: raised here, it would be lost the same way), as
     if the SIGINT came then (`_thread.interrupt_main`: whatever SIGINT handler is installed runs). Anything else goes
-    to Python's own hook."""
+    to `previous` (the hook installed before: Python's own, or pytest's)."""
     if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
         _thread.start_new_thread(_interrupt_main_soon, ())
         return
-    sys.__unraisablehook__(unraisable)
+    previous(unraisable)
 
 
 def _interrupt_main_soon() -> None:
@@ -32,5 +33,8 @@ def _interrupt_main_soon() -> None:
 
 
 def catch_lost_ctrl_c() -> None:
-    """Install `raise_lost_ctrl_c_again` as this process's `sys.unraisablehook`."""
-    sys.unraisablehook = raise_lost_ctrl_c_again
+    """Install `raise_lost_ctrl_c_again` as this process's `sys.unraisablehook`, before the hook installed now (once:
+    a second call keeps the first)."""
+    if isinstance(sys.unraisablehook, functools.partial) and sys.unraisablehook.func is raise_lost_ctrl_c_again:
+        return
+    sys.unraisablehook = functools.partial(raise_lost_ctrl_c_again, previous=sys.unraisablehook)

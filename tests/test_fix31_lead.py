@@ -249,3 +249,20 @@ def test_a_node_aborted_under_a_low_process_limit_says_so(monkeypatch):
     assert "RLIMIT_NPROC, `ulimit -u`, is 40" in why
     monkeypatch.setattr(os, "getuid", lambda: 0)  # (root: no process limit applies)
     assert "RLIMIT_NPROC" not in lau.exit_reason(0)
+
+
+def test_the_lost_ctrl_c_hook_hands_other_unraisables_to_the_hook_before_it(monkeypatch):
+    """`catch_lost_ctrl_c` keeps the hook installed before it (pytest's, which turns unraisable exceptions into
+    warnings) for everything but a KeyboardInterrupt, and a second call does not stack a second hook."""
+    import types
+
+    from dualpath_jax import interrupts
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    interrupts.catch_lost_ctrl_c()
+    interrupts.catch_lost_ctrl_c()
+    assert sys.unraisablehook.keywords["previous"] == seen.append
+    other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("x"), exc_traceback=None, object=None)
+    sys.unraisablehook(other)
+    assert seen == [other]
