@@ -616,7 +616,12 @@ def run_info(
 
     from dualpath_jax import clock
 
-    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES}
+    # (not the event clock's shared reading, `clock.ENV`: bookkeeping of this process tree, not a setting to rerun with)
+    env = {
+        k: v
+        for k, v in sorted(os.environ.items())
+        if (k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES) and k != clock.ENV
+    }
     command = shlex.join(["python", "-m", module, *sys.argv[1:]])
     argv, rerun_args = sys.argv[1:], []
     if output_dir is not None:

@@ -136,6 +136,8 @@ def test_run_info_wall_s_is_not_moved_by_a_wall_clock_step(monkeypatch):
     info = metrics.run_info("experiments.simulate", started)
     assert 0 <= info["wall_s"] < 60, info["wall_s"]
     assert info["started_utc"].endswith("+00:00")
+    # (the clock's shared reading is in this process's environment, but is no setting of the run: not in run.json)
+    assert clock.ENV in os.environ and clock.ENV not in info["env"] and clock.ENV not in info["rerun"]
 
 
 _LOST_CTRL_C_IN_A_LAUNCHER = """
