@@ -268,3 +268,61 @@ def test_the_lost_ctrl_c_hook_hands_other_unraisables_to_the_hook_before_it(monk
     other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("x"), exc_traceback=None, object=None)
     sys.unraisablehook(other)
     assert seen == [other]
+
+
+def test_a_temp_file_a_live_writer_holds_is_kept_whatever_its_age(tmp_path, monkeypatch):
+    """A store's sweep judged another process's temp file by its writer's pid and the file's age alone: after a
+    wall-clock step forward past `stale_temp_s` (1 h; an NTP step, a VM resumed) a live writer's file was removed
+    mid-write and its block lost (clock audit F7: `temp_files_removed=1` for a writer still alive), as was a writer's
+    in another PID namespace with the same host name. A writer now holds its temp file flock'ed until it is renamed;
+    a held file is kept. An unheld one of a live pid older than `stale_temp_s` (a pid reused since its writer was
+    killed) is still removed."""
+    import fcntl
+    import time
+
+    from test_kv_store import LAYOUT, content
+
+    from dualpath_jax.block_keys import root_key
+    from dualpath_jax.store import LocalDirStore, local_dir
+
+    root = str(tmp_path / "store")
+    store = LocalDirStore(root, LAYOUT)
+    key = root_key(LAYOUT.fingerprint)
+    seen_held = []
+    real_write_all = local_dir._write_all
+
+    def write_all(fd, parts):  # (the writer's own temp file, as another process's sweep sees it mid-write)
+        probe = os.open(os.readlink(f"/proc/self/fd/{fd}"), os.O_RDONLY)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            seen_held.append(False)
+        except BlockingIOError:
+            seen_held.append(True)
+        finally:
+            os.close(probe)
+        return real_write_all(fd, parts)
+
+    monkeypatch.setattr(local_dir, "_write_all", write_all)
+    store.write(key, content(key))
+    assert seen_held == [True]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # (a live writer's pid)
+    try:
+        d = os.path.dirname(store.path_of(key))
+        tmp = os.path.join(d, f".tmp.{store._host}.{other.pid}.abcd1234.{key.hex()}")
+        with open(tmp, "wb") as f:
+            f.write(b"half a block")
+        hour_ago = time.time() - 7200
+        os.utime(tmp, (hour_ago, hour_ago))  # (as a wall-clock step of +2 h makes it look)
+        fd = os.open(tmp, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # (its writer, mid-write)
+        try:
+            LocalDirStore(root, LAYOUT).close()  # (an open sweeps every directory)
+            assert os.path.exists(tmp), "a temp file its writer holds was removed"
+        finally:
+            os.close(fd)
+        LocalDirStore(root, LAYOUT).close()
+        assert not os.path.exists(tmp)  # (unheld and old: removed, as before)
+    finally:
+        other.kill()
+        other.wait()
+        store.close()

@@ -11,8 +11,9 @@ onto its name (and the directory fsync'ed if durable; the first durable block of
 object also fsyncs blocks/, which holds that directory's entry, made by a non-durable write maybe), so a reader sees
 either no block or a whole one, even if the writer is killed mid-write. A durable write whose directory fsync fails
 removes its block (a failed write stores nothing). A store created with `durable=True` fsyncs STORE.json and the
-parents of the directories it made. Temp files of dead writers are removed at open and by `refresh` (same host: the
-pid is gone; any: older than `stale_temp_s`, so a pid reused since its writer was killed does not keep one), and, for
+parents of the directories it made. Temp files of dead writers are removed at open and by `refresh` (never one a
+writer holds flock'ed while it writes; else same host: the pid is gone; any: older than `stale_temp_s`, so a pid
+reused since its writer was killed does not keep one), and, for
 a writer killed while the other processes run on (the runtime never refreshes), by writes: a write sweeps its fan-out
 directory of such temp files (this process's own are left: its writes in flight) once every `TEMP_SWEEP_S` (600 s)
 per directory and store object, one listing of that directory, on the writer's thread.
@@ -142,6 +143,7 @@ import collections
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import functools
 import json
 import logging
@@ -1072,6 +1074,8 @@ class LocalDirStore(KVStore):
         return False
 
     def _maybe_remove_temp(self, entry: os.DirEntry, now: float) -> None:
+        if _written_now(entry.path):  # (a live writer's, whatever its pid or age says)
+            return
         parts = entry.name.split(".")  # ["", "tmp", host, pid, rand, hexkey]
         stale = False
         if len(parts) == 6 and parts[2] == self._host and parts[3].isdigit():
@@ -2348,18 +2352,24 @@ class LocalDirStore(KVStore):
             os.makedirs(d, exist_ok=True)
             new_dir = True
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        held = None
         try:
             try:
-                _write_all(fd, [memoryview(header), memoryview(src)])
-                if durable:
-                    os.fsync(fd)
+                try:
+                    held = _hold_while_written(fd)  # (until renamed: `_written_now`)
+                    _write_all(fd, [memoryview(header), memoryview(src)])
+                    if durable:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)  # (before the rename: a network file system reports a failed write here)
+                try:
+                    os.replace(tmp, path)
+                except IsADirectoryError:  # a directory where the block should be: replaced if it is empty
+                    os.rmdir(path)
+                    os.replace(tmp, path)
             finally:
-                os.close(fd)
-            try:
-                os.replace(tmp, path)
-            except IsADirectoryError:  # a directory where the block should be: replaced if it is empty
-                os.rmdir(path)
-                os.replace(tmp, path)
+                if held is not None:
+                    os.close(held)
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -2720,6 +2730,37 @@ def _key_list(keys: Any) -> list[bytes]:
     for key in keys:
         _check_key(key)
     return keys
+
+
+def _hold_while_written(fd: int) -> int | None:
+    """A writer's exclusive flock on its temp file, held by a duplicate of `fd` (returned; the caller closes it once
+    the file is renamed onto its block's name): another process's sweep keeps a temp file a live writer holds
+    (`_written_now`). It went by the writer's pid and the file's age alone: a wall-clock step forward past
+    `stale_temp_s` (an NTP step, a VM resumed) had a live writer's file removed mid-write, and so did a writer in
+    another PID namespace with the same host name (its pid "gone" here). Without flock (some network file systems):
+    None, nothing held, the pid and age rules as before."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return os.dup(fd)  # (the same open file description: its lock outlives `fd`'s close)
+    except OSError:
+        return None
+
+
+def _written_now(path: str) -> bool:
+    """Whether a writer holds temp file `path` (`_hold_while_written`): a shared flock on it is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # (no flock here: the pid and age rules decide)
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 def _write_all(fd: int, bufs: list[memoryview]) -> None:
