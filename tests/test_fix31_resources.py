@@ -120,21 +120,20 @@ def test_a_one_run_local_launcher_leaves_no_pipe_of_its_node_processes_open(base
     a full garbage collection, 6 fds a run of 1P2D (13, 19, 25 fds after three runs in one process). Contract: after
     a run, with the collector off, this process holds no more descriptors than before it."""
     cfg = base.replace(**{"launcher": "local", "transport": "tcp", "cluster.decode_nodes": 1, "run_timeout_s": 120.0})
+    from dualpath_jax.runtime.launcher import LocalProcessLauncher
+
     driver.run(cfg, trajs)  # (a first run: whatever a first run opens for good, e.g. multiprocessing's tracker)
+    launcher = LocalProcessLauncher(cfg)
     gc.collect()
     before = _open_fds()
     gc.disable()
     try:
-        driver.run(cfg, trajs)
+        driver.run(cfg, trajs, launcher=launcher)
         opened = _new_fds(before)
     finally:
         gc.enable()
     assert not opened, f"descriptors left open by the run: {opened}"
     # (a closed Process answers nothing: what the driver may still ask of the launcher after its shutdown holds)
-    from dualpath_jax.runtime.launcher import LocalProcessLauncher
-
-    launcher = LocalProcessLauncher(cfg)
-    driver.run(cfg, trajs, launcher=launcher)
     assert launcher.errors == {} and not any(launcher.alive(n) for n in launcher.procs)
     assert all("exited with code 0" in launcher.exit_reason(n) for n in launcher.procs), launcher.procs
 
