@@ -586,7 +586,8 @@ _VERSIONED = (
 )
 # Environment variables that change what runs (the compiled switch, the traces' place, JAX / XLA settings, hashing)
 _ENV_PREFIXES = ("DUALPATH_", "JAX_", "XLA_")
-_ENV_NAMES = ("PYTHONHASHSEED", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+# (PYTHONPATH: which modules run, e.g. a policy of one's own "on PYTHONPATH", a scratch build of the package)
+_ENV_NAMES = ("PYTHONHASHSEED", "PYTHONPATH", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 
 
 def run_info(
@@ -614,8 +615,9 @@ def run_info(
     import shlex
     import sys
 
-    from dualpath_jax import clock
+    from dualpath_jax import clock, code_id
 
+    flags_info = _launcher_flags(module)
     # (not the event clock's shared reading, `clock.ENV`: bookkeeping of this process tree, not a setting to rerun with)
     env = {
         k: v
@@ -638,16 +640,54 @@ def run_info(
         "rerun": " ".join(rerun + [shlex.quote(a) for a in rerun_args]),
         "cwd": os.getcwd(),
         "env": env,
-        "flags": _launcher_flags(module),
+        "flags": flags_info,
         "started_utc": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds"),
         "wall_s": clock.now() - started,
         "host": {"name": platform.node(), "platform": platform.platform(), "cpus": os.cpu_count()},
         "versions": {"python": platform.python_version(), **_versions()},
         "git": git_state(),
         "traces": [trace_digest(p) for p in dict.fromkeys(str(p) for p in traces if p)],
+        "code": code_id.code_id_now(),
+        "sources": own_sources(flags_info),
         **extra,
     }
     return json_safe(info)
+
+
+def own_sources(flags_info: dict) -> dict:
+    """sha256 of each source a run read besides the installed packages and the project's own (`code` covers those):
+    the config / setup files its flags name and every module loaded from elsewhere (one's own policy, store or
+    config module, configs/*.py a config file imports), {path: sha256}. A rerun of other ones is another run."""
+    import hashlib
+    import os
+    import sys
+    import sysconfig
+
+    from dualpath_jax.code_id import PACKAGES
+
+    skip = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    skip |= {os.path.join(here, name) for name in PACKAGES}
+    files = []
+    for v in flags_info.values():  # --config (its file, before a `:variant`), --setups
+        for f in [v["file"]] if isinstance(v, dict) and "file" in v else v if isinstance(v, list) else []:
+            if isinstance(f, str) and f.split(":", 1)[0].endswith(".py"):
+                files.append(f.split(":", 1)[0])
+    for name, m in list(sys.modules.items()):
+        f = getattr(m, "__file__", None)
+        if isinstance(f, str) and f.endswith(".py"):
+            r = os.path.realpath(f)
+            # (the project's configs wherever installed: configs/sim_base.py's CALIBRATED is in every paper setup)
+            if name.split(".")[0] == "configs" or not any(r.startswith(s + os.sep) for s in skip):
+                files.append(f)
+    out = {}
+    for f in sorted({os.path.realpath(f) for f in files}):
+        try:
+            with open(f, "rb") as fh:
+                out[f] = hashlib.sha256(fh.read()).hexdigest()
+        except OSError as e:
+            out[f] = f"unreadable: {e.strerror}"
+    return out
 
 
 def _without_flag(argv: list[str], name: str) -> list[str]:

@@ -867,7 +867,9 @@ def _write_run_info_beside(path: str) -> None:
     from dualpath_jax.metrics import json_safe, run_info
 
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    module = getattr(spec, "name", None) or os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    module = getattr(spec, "name", None)
+    if module is None:  # a script run as a file: experiments/<name>.py is `-m experiments.<name>` (`-m <name>` failed)
+        module = f"{__name__}.{os.path.splitext(os.path.basename(sys.argv[0]))[0]}"
     info = run_info(module, _STARTED, out_file=path, rows=os.path.abspath(path))
     beside = (path[: -len(".json")] if path.endswith(".json") else path) + ".run.json"
 

@@ -294,6 +294,19 @@ def trace_sha256(path: str) -> str | None:
 
 
 @functools.cache
+def module_digests() -> dict[str, str]:
+    """sha256 of each module of one's own that the setups import, and of the setup files and configs/*.py
+    (`metrics.own_sources`: every module loaded from outside the installed packages and the project's own), as the
+    sweep read them once every setup was loaded: its rows' `module_sha256`. --resume refuses a kept row whose module
+    changed since (a setup taking its cluster from a module of its own, edited between the runs, gave one table of two
+    clusters). The launchers' own code (experiments/) is the rows' `code`."""
+    from dualpath_jax.metrics import own_sources
+
+    launchers = os.path.dirname(os.path.realpath(__file__)) + os.sep
+    return {p: h for p, h in own_sources({}).items() if not p.startswith(launchers)}
+
+
+@functools.cache
 def setup_digest(setup: str) -> str | None:
     """sha256 of a setup file's bytes, as the sweep read it first (cached: a later edit of the file does not change
     the rows of this sweep); None where it cannot be read."""
@@ -320,6 +333,7 @@ def _grid_row(
     row["spec"] = cell_spec(*c)  # what the cell ran, as one `file:variant` (sweep.json; not a sweep.csv column)
     row["setup_sha256"] = setup_digest(setup)  # (--resume: a kept row of a setup file edited since is refused)
     row["trace_sha256"] = trace_sha256(trace) if trace else None  # (and one of a trace changed since)
+    row["module_sha256"] = module_digests()  # (and one of a module its setups import, edited since)
     row["code"] = code_version()  # (--resume: kept rows of other code are named in run.json, `resumed_code`)
     return row
 
@@ -511,6 +525,7 @@ def resume_rows(cells, directory: str) -> tuple[dict[int, dict], int | None, dic
     (an older sweep's) or one of a trace changed since is refused (SystemExit), nothing touched."""
     kept, torn = resumable(cells, directory)
     kept_traces = _check_cells([cells[i] for i in sorted(kept)], build=False)
+    _kept_modules_unchanged_or_exit(kept)
     traces = {i: kept_traces[cells[i]] for i in sorted(kept) if cells[i] in kept_traces}
     _kept_rows_checkable_or_exit(kept, cells, traces)
     _kept_traces_unchanged_or_exit(kept, traces)
@@ -804,6 +819,7 @@ def main(argv: Sequence[str]) -> None:
             kept, torn, kept_traces = resume_rows(cells, out_dir) if _RESUME.value else ({}, None, {})
             to_run = [c for i, c in enumerate(cells) if i not in kept]
             run_traces = _check_cells(to_run)
+            module_digests()  # (the modules every setup loads, as the sweep starts: its rows' module_sha256)
             for t in run_traces.values():  # (each trace's digest as the sweep starts: its rows' trace_sha256)
                 trace_sha256(t)
             traces = [*run_traces.values(), *kept_traces.values()]
@@ -908,6 +924,20 @@ def _changed_since(kept: dict[int, dict], key: str, sources: dict[int, str], dig
     return list(
         dict.fromkeys(src for i, src in sources.items() if kept[i].get(key) is not None and kept[i][key] != digest(src))
     )
+
+
+def _kept_modules_unchanged_or_exit(kept: dict[int, dict]) -> None:
+    """--resume: a kept row whose setups imported a module of one's own (`module_sha256`) that changed since (or is
+    gone) would pass for the module as it is now: refused naming the files, nothing touched. Rows from before that
+    digest (an older sweep's) are kept."""
+    recorded = {p: h for r in kept.values() for p, h in (r.get("module_sha256") or {}).items()}
+    changed = sorted(p for p, h in recorded.items() if _file_digest(p) != h)
+    if changed:
+        raise SystemExit(
+            f"--resume: {', '.join(changed)} changed since the earlier sweep ran its cells (a module its setups load: "
+            "sha256 of the file differs from its rows' module_sha256): their figures are of the module as it was; "
+            "restore it, or --overwrite to run every cell again"
+        )
 
 
 def _kept_traces_unchanged_or_exit(kept: dict[int, dict], kept_traces: dict[int, str]) -> None:
