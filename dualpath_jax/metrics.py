@@ -639,6 +639,7 @@ def run_info(
         "command": command,
         "rerun": " ".join(rerun + [shlex.quote(a) for a in rerun_args]),
         "cwd": os.getcwd(),
+        "executable": sys.executable,  # (the `python` of `rerun`: the run's environment; paste it with that one active)
         "env": env,
         "flags": flags_info,
         "started_utc": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds"),

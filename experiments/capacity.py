@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from dualpath_jax import clock
+from dualpath_jax import clock, compiled
 from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
@@ -515,6 +515,7 @@ def _write_results(rows: list[dict], searches: Sequence[Search], term: SigtermAs
         searches=[search_spec(*s) for s in searches],
         bracket={"lo": _LO.value, "hi": _HI.value, "iters": _ITERS.value},
         slo_overrides=slo_overrides(),
+        compiled=compiled.status(),  # (the simulator's compiled hot paths, or the Python twins: same figures, not times)
     )
     print("wrote", write_run_info(out_dir, info))
     exit_if_stopped_or_failed(

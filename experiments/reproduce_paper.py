@@ -37,7 +37,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from dualpath_jax import clock
+from dualpath_jax import clock, compiled
 from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
@@ -524,7 +524,9 @@ def _write_run_info(started: float, jobs: list, extra: str) -> None:
     from dualpath_jax.metrics import run_info, write_run_info
 
     runs = [f"{kind} {arg}" for kind, arg in (_with_extra(job, extra) for job in jobs)]
-    info = run_info("experiments.reproduce_paper", started, output_dir=_OUTPUT_DIR.value, runs=runs)
+    info = run_info(
+        "experiments.reproduce_paper", started, output_dir=_OUTPUT_DIR.value, runs=runs, compiled=compiled.status()
+    )  # (compiled: the simulator's hot paths in C, or the Python twins: the same figures, not the same times)
     print("wrote", write_run_info(_OUTPUT_DIR.value, info))
 
 

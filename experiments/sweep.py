@@ -42,7 +42,7 @@ from collections.abc import Sequence
 
 from absl import app, flags, logging
 
-from dualpath_jax import clock
+from dualpath_jax import clock, compiled
 from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
@@ -784,8 +784,6 @@ def main(argv: Sequence[str]) -> None:
     started = clock.now()  # (run.json: the start and the wall time)
     import numpy
 
-    from dualpath_jax import compiled
-
     stale = compiled.stale_modules()  # (as the cells import them now: an edit during the sweep is not what ran)
 
     logging.info("python %s, numpy %s", platform.python_version(), numpy.__version__)
@@ -1025,6 +1023,7 @@ def _write_results(
         traces=traces,
         cells=cells_run,
         resumed_cells=resumed,
+        compiled=compiled.status(),  # (the simulator's compiled hot paths, or the Python twins: same figures, not times)
     )
     if _RESUME.value:  # (its re-run runs every cell; pasted twice, --resume kept the first paste's and ran none)
         info["rerun"] += " --noresume"

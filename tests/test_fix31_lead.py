@@ -138,6 +138,7 @@ def test_run_info_wall_s_is_not_moved_by_a_wall_clock_step(monkeypatch):
     assert info["started_utc"].endswith("+00:00")
     # (the clock's shared reading is in this process's environment, but is no setting of the run: not in run.json)
     assert clock.ENV in os.environ and clock.ENV not in info["env"] and clock.ENV not in info["rerun"]
+    assert info["executable"] == sys.executable  # (rerun's bare `python`: which one ran, rerun audit F7)
 
 
 _LOST_CTRL_C_IN_A_LAUNCHER = """
@@ -326,3 +327,18 @@ def test_a_temp_file_a_live_writer_holds_is_kept_whatever_its_age(tmp_path, monk
         other.kill()
         other.wait()
         store.close()
+
+
+@pytest.mark.parametrize("launcher", ["sweep", "capacity"])
+def test_the_simulator_launchers_run_json_says_whether_the_compiled_simulator_ran(tmp_path, launcher):
+    """simulate's run.json said `compiled` (the simulator's hot paths in C, or the Python twins: the same figures, not
+    the same times); sweep's, capacity's and reproduce_paper's did not (rerun audit F8)."""
+    flags = ["--modes=basic", "--loads=agents=2"] if launcher == "sweep" else ["--modes=basic", "--iters=0"]
+    flags += ["--extra=duration=4,warmup=1"] if launcher == "capacity" else []
+    out = subprocess.run(
+        [sys.executable, "-m", f"experiments.{launcher}", *flags, "--noplot", f"--output_dir={tmp_path / 'out'}"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert set(info["compiled"]) >= {"simulator", "network", "heap", "policy"}, info.get("compiled")
