@@ -215,17 +215,23 @@ MIN_AUTHKEY_BYTES = 16
 LISTEN_BACKLOG = 128
 
 
-def _fd_shortage(e: OSError) -> str:
-    """`e` in words, naming the file descriptor limit where it is the cause (EMFILE, ENFILE)."""
-    if e.errno == errno.EMFILE:
+def fd_shortage_text(e: BaseException, who: str, hint: str = "") -> str | None:
+    """Where `e` is a process out of file descriptors (EMFILE: `who`, e.g. "the driver"; ENFILE: the system): that
+    in words, naming the limit and what to do (`hint` after `ulimit -n`); else None."""
+    if isinstance(e, OSError) and e.errno == errno.EMFILE:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         return (
-            f"the driver is out of file descriptors (RLIMIT_NOFILE {soft}, hard limit {hard}: raise it, "
-            f"`ulimit -n`) ({e})"
+            f"{who} is out of file descriptors (RLIMIT_NOFILE {soft}, hard limit {hard}: raise it, `ulimit -n`{hint}) "
+            f"({e})"
         )
-    if e.errno == errno.ENFILE:
+    if isinstance(e, OSError) and e.errno == errno.ENFILE:
         return f"the system is out of file descriptors (fs.file-max) ({e})"
-    return str(e)
+    return None
+
+
+def _fd_shortage(e: OSError) -> str:
+    """`e` in words, naming the file descriptor limit where it is the cause (EMFILE, ENFILE)."""
+    return fd_shortage_text(e, "the driver") or str(e)
 
 
 class ControlServer:

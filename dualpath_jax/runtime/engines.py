@@ -34,12 +34,10 @@ decode steps go on meanwhile.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import math
 import queue
-import resource
 import sys
 import threading
 import time
@@ -54,7 +52,7 @@ from dualpath_jax import clock
 from dualpath_jax.block_keys import BlockKeyChain
 from dualpath_jax.checks import is_int, is_real
 from dualpath_jax.host_buffers import BufferBudgetExceeded, HostBufferPool
-from dualpath_jax.runtime.control import Cancel, Event, TurnTask
+from dualpath_jax.runtime.control import Cancel, Event, TurnTask, fd_shortage_text
 from dualpath_jax.runtime.storage_nic import ReadJob, StorageNIC, WriteJob
 from schedulers.api import PrefillWork
 from transport.base import TransportError, failed_future
@@ -115,14 +113,9 @@ def fd_shortage(e: BaseException) -> str | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno == errno.EMFILE:
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            return (
-                f"this node's process is out of file descriptors (RLIMIT_NOFILE {soft}, hard limit {hard}: raise "
-                f"it, `ulimit -n`; each engine holds 2 sockets per peer engine, the store up to fd_cache files) ({e})"
-            )
-        if isinstance(e, OSError) and e.errno == errno.ENFILE:
-            return f"the system is out of file descriptors (fs.file-max) ({e})"
+        hint = "; each engine holds 2 sockets per peer engine, the store up to fd_cache files"
+        if (text := fd_shortage_text(e, "this node's process", hint)) is not None:
+            return text
         e = e.__cause__ or e.__context__
     return None
 
