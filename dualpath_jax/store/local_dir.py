@@ -143,7 +143,6 @@ import collections
 import ctypes
 import dataclasses
 import errno
-import fcntl
 import functools
 import json
 import logging
@@ -163,7 +162,7 @@ from typing import Any
 
 import numpy as np
 
-from dualpath_jax import checks, compiled
+from dualpath_jax import checks, compiled, flocks
 from dualpath_jax.block_keys import KEY_NBYTES
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import block_file
@@ -2739,8 +2738,9 @@ def _hold_while_written(fd: int) -> int | None:
     `stale_temp_s` (an NTP step, a VM resumed) had a live writer's file removed mid-write, and so did a writer in
     another PID namespace with the same host name (its pid "gone" here). Without flock (some network file systems):
     None, nothing held, the pid and age rules as before."""
+    if not flocks.take(fd):
+        return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return os.dup(fd)  # (the same open file description: its lock outlives `fd`'s close)
     except OSError:
         return None
@@ -2753,14 +2753,9 @@ def _written_now(path: str) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # (no flock here: the pid and age rules decide)
-        return False
+        return flocks.take(fd, shared=True) is False  # (None, no flock here: the pid and age rules decide)
     finally:
         os.close(fd)
-    return False
 
 
 def _write_all(fd: int, bufs: list[memoryview]) -> None:
