@@ -274,8 +274,7 @@ def test_the_lost_ctrl_c_hook_hands_other_unraisables_to_the_hook_before_it(monk
 def test_a_temp_file_a_live_writer_holds_is_kept_whatever_its_age(tmp_path, monkeypatch):
     """A store's sweep judged another process's temp file by its writer's pid and the file's age alone: after a
     wall-clock step forward past `stale_temp_s` (1 h; an NTP step, a VM resumed) a live writer's file was removed
-    mid-write and its block lost (clock audit F7: `temp_files_removed=1` for a writer still alive), as was a writer's
-    in another PID namespace with the same host name. A writer now holds its temp file flock'ed until it is renamed;
+    mid-write and its block lost (clock audit F7: `temp_files_removed=1` for a writer still alive). A writer now holds its temp file flock'ed until it is renamed;
     a held file is kept. An unheld one of a live pid older than `stale_temp_s` (a pid reused since its writer was
     killed) is still removed."""
     import fcntl

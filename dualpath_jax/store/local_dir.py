@@ -2735,9 +2735,9 @@ def _hold_while_written(fd: int) -> int | None:
     """A writer's exclusive flock on its temp file, held by a duplicate of `fd` (returned; the caller closes it once
     the file is renamed onto its block's name): another process's sweep keeps a temp file a live writer holds
     (`_written_now`). It went by the writer's pid and the file's age alone: a wall-clock step forward past
-    `stale_temp_s` (an NTP step, a VM resumed) had a live writer's file removed mid-write, and so did a writer in
-    another PID namespace with the same host name (its pid "gone" here). Without flock (some network file systems):
-    None, nothing held, the pid and age rules as before."""
+    `stale_temp_s` (an NTP step, a VM resumed) had a live writer's file removed mid-write, and so did a write on
+    another host (or PID namespace: `_host_id`, judged by age alone) taking longer than `stale_temp_s`. Without flock
+    (some network file systems): None, nothing held, the pid and age rules as before."""
     if not flocks.take(fd):
         return None
     try:
