@@ -1,14 +1,17 @@
 """Type predicates of config values (kwargs come from config files, command-line variants and code: a float block
 size, a bool token count or a truthy string for a flag must be refused, not used). Used by the workloads, the
 runtime, the traffic manager and the scheduler registry (`schedulers.registry` re-exports them). Also
-`file_in_the_way`, for the errors of a directory that cannot be made, and `keyword_fit`, how a config's fields fit a
+`file_in_the_way`, for the errors of a directory that cannot be made, `fd_shortage_text`, for those of a process out
+of file descriptors, and `keyword_fit`, how a config's fields fit a
 pluggable class's constructor (transport backends, KV stores)."""
 
 from __future__ import annotations
 
+import errno
 import inspect
 import numbers
 import os
+import resource
 from collections.abc import Iterable
 from typing import Any
 
@@ -73,3 +76,17 @@ def keyword_fit(cls: Any, names: Iterable[str]) -> tuple[list[str], list[str], l
     unknown = [] if anything else [k for k in names if k not in takes]
     missing = [p.name for p in params if p.kind in named and p.default is p.empty and p.name not in names]
     return unknown, missing, takes
+
+
+def fd_shortage_text(e: BaseException, who: str, hint: str = "") -> str | None:
+    """Where `e` is a process out of file descriptors (EMFILE: `who`, e.g. "the driver"; ENFILE: the system): that
+    in words, naming the limit and what to do (`hint` after `ulimit -n`); else None."""
+    if isinstance(e, OSError) and e.errno == errno.EMFILE:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return (
+            f"{who} is out of file descriptors (RLIMIT_NOFILE {soft}, hard limit {hard}: raise it, `ulimit -n`{hint}) "
+            f"({e})"
+        )
+    if isinstance(e, OSError) and e.errno == errno.ENFILE:
+        return f"the system is out of file descriptors (fs.file-max) ({e})"
+    return None

@@ -227,6 +227,12 @@ def stall_timeout_s(cfg: RuntimeConfig) -> float | None:
     return None
 
 
+def fetch_timeout_s(cfg: RuntimeConfig) -> float:
+    """How long a node process waits for the driver's reply to one fetch: the stall timeout in force, else the run's
+    timeout, at least 30 s. A PE's fetch includes the policy's `schedule()` call."""
+    return max(30.0, stall_timeout_s(cfg) or cfg.run_timeout_s)
+
+
 def _replace_path(obj, parts, value, where="config"):
     # (a mistyped field was the dataclasses TypeError, naming neither the dotted path nor the known fields)
     fields = [f.name for f in dataclasses.fields(obj)]

@@ -6,15 +6,18 @@ reply carries new tasks for its engines, cancellations and the engine directory.
 goes straight to the service (`LocalControlClient`); across processes and hosts it is a request/reply over
 `multiprocessing.connection` with an auth key (`SocketControlClient` / `ControlServer`). The service never
 calls an engine: groups pull, as in the paper's fetch model.
+
+Each exchange also times the two clocks (`clock.Offset`): a reply carries when the driver got the report and when it
+replied (`clock`), the node reads its own clock as it sends and as the reply comes, so a node on another host knows how
+far its clock is from the driver's and says so in its next report (`clock_offset_s`); the scheduler adds that to the
+node's stamps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
-import resource
 import socket
 import struct
 import threading
@@ -24,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from dualpath_jax import clock
+from dualpath_jax.checks import fd_shortage_text
 from dualpath_jax.code_id import code_id, code_id_now
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,11 @@ class GroupReport:
     # the code the reporting process runs (`code_id.code_id()`, made where the report is: in the node's process).
     # `ControlServer` checks a connection's first report and refuses a node of other code (absent: an older version)
     code_id: str | None = dataclasses.field(default_factory=code_id)
+    # The node's clock against the driver's (`clock.Offset`, the client's): add `clock_offset_s` to this report's stamps
+    # (events, link bins) to get the driver's time (None: not known yet, taken as 0); `clock_rtt_s`, the round trip it
+    # comes from (None: exact, the driver's own process or boot). (Timing, not content: left out of ==.)
+    clock_offset_s: float | None = dataclasses.field(default=None, compare=False)
+    clock_rtt_s: float | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass
@@ -90,6 +100,9 @@ class GroupReply:
     directory: dict | None = None  # engine_id -> (node_id, address), once every group registered
     shutdown: bool = False
     refused: str | None = None  # why the driver refuses this node (with shutdown; `SocketControlClient` raises it)
+    # (received, replied, boot id, EPOCH): the driver's `clock.now()` as it got the report and as it replied, its
+    # `clock.BOOT` and `clock.EPOCH` (`ControlServer`); the node's `clock.Offset` takes them. (Left out of ==.)
+    clock: tuple | None = dataclasses.field(default=None, compare=False)
 
 
 class LocalControlClient:
@@ -99,6 +112,7 @@ class LocalControlClient:
         self._service = service
 
     def fetch(self, report: GroupReport) -> GroupReply:
+        report.clock_offset_s = 0.0  # (the driver's own process: its clock)
         return self._service.fetch(report)
 
     def close(self) -> None:
@@ -177,12 +191,28 @@ class SocketControlClient:
         self._lock = threading.Lock()
         self._timeout_s = timeout_s
         self._broken: str | None = None  # why the connection was given up (a fetch that timed out)
+        self.offset = clock.Offset()  # the driver's clock against this process's, from the fetches
+
+    def _time(self, reply: GroupReply, t1: float, t2: float) -> None:
+        """Take the driver's stamps of one exchange (`GroupReply.clock`) into `offset`."""
+        stamps = getattr(reply, "clock", None)
+        if stamps is None:
+            return
+        received, replied, boot, epoch = stamps
+        if boot is not None and boot == clock.BOOT:
+            self.offset.same_boot(epoch - clock.EPOCH)
+        else:
+            self.offset.add(t1, received, replied, t2)
 
     def fetch(self, report: GroupReport) -> GroupReply:
         with self._lock:
             if self._broken is not None:
                 raise ConnectionError(f"control connection closed: {self._broken}")
+            off = self.offset
+            report.clock_offset_s = off.seconds if off.exact or off.exchanges else None
+            report.clock_rtt_s = off.rtt_s
             try:
+                t1 = clock.now()
                 self._conn.send(report)
                 if not self._conn.poll(self._timeout_s):
                     # The late reply would stay on the connection and answer the next fetch (a stale reply, for
@@ -191,12 +221,14 @@ class SocketControlClient:
                     self.close()
                     raise TimeoutError(f"global scheduler did not answer within {self._timeout_s} s")
                 reply = self._conn.recv()
+                t2 = clock.now()
             except (EOFError, ConnectionError) as e:  # (closed by the driver's side: EOF, reset, broken pipe)
                 raise DriverLost(f"the driver closed the control connection ({_said(e)})") from None
             if getattr(reply, "refused", None):  # (getattr: a reply of an older driver has no such field)
                 self._broken = reply.refused
                 self.close()
                 raise DriverLost(f"the driver refused this node: {reply.refused}")
+            self._time(reply, t1, t2)
             return reply
 
     def close(self) -> None:
@@ -213,20 +245,6 @@ MIN_AUTHKEY_BYTES = 16
 #: Connections the listening socket queues before accept takes them (multiprocessing's default, 1, made N nodes
 #: starting together wait out SYN retransmits, 1 s steps).
 LISTEN_BACKLOG = 128
-
-
-def fd_shortage_text(e: BaseException, who: str, hint: str = "") -> str | None:
-    """Where `e` is a process out of file descriptors (EMFILE: `who`, e.g. "the driver"; ENFILE: the system): that
-    in words, naming the limit and what to do (`hint` after `ulimit -n`); else None."""
-    if isinstance(e, OSError) and e.errno == errno.EMFILE:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        return (
-            f"{who} is out of file descriptors (RLIMIT_NOFILE {soft}, hard limit {hard}: raise it, `ulimit -n`{hint}) "
-            f"({e})"
-        )
-    if isinstance(e, OSError) and e.errno == errno.ENFILE:
-        return f"the system is out of file descriptors (fs.file-max) ({e})"
-    return None
 
 
 def _fd_shortage(e: OSError) -> str:
@@ -368,6 +386,7 @@ class ControlServer:
             while not self._closed:
                 try:
                     report = conn.recv()
+                    received = clock.now()
                 except (EOFError, ConnectionError):
                     return  # the group went away; its heartbeat stops and the service notices
                 except OSError as e:  # ("got end of file during message": its process died while sending, e.g. killed)
@@ -412,6 +431,9 @@ class ControlServer:
                         "control server: fetch from node %s failed, dropping its connection: %r", report.node_id, e
                     )
                     return
+                # (stamped last: the node's round trip leaves out the time the handler took, `clock.Offset`)
+                if isinstance(reply, GroupReply):
+                    reply.clock = (received, clock.now(), clock.BOOT, clock.EPOCH)
                 conn.send(reply)
         finally:
             if node is not None:

@@ -47,10 +47,13 @@ log = logging.getLogger(__name__)
 class RunResult:
     """What `run` returns. Times are seconds; the records' (`metrics.TurnRecord`) count from the run's clock start,
     when every engine group had registered (after `startup_s`). `tokens`: (trajectory_id, turn_index) -> the turn's
-    generated token ids, int32 [gen]. `node_stats`: node_id -> its group's last report (`GroupReport.stats`).
+    generated token ids, int32 [gen]. `node_stats`: node_id -> its group's last report (`GroupReport.stats`), with
+    its clock's offset from the driver's, `clock_offset_s` (added to its stamps: 0.0 on the driver's boot, else
+    estimated from its fetches, `clock.Offset`), and `clock_rtt_s`, the round trip of that estimate (None: exact).
+    Every stamp is in the driver's timebase.
     `summary`: `metrics.summarize` (jct_s, ttft/tpot percentiles, ...) + `ttft_breakdown` + "link_bytes" (link ->
     bytes) and the storage-NIC balance, + the SLO figures where judged. `links`: `metrics.LinkBytes` in time order,
-    bins of 0.1 s on the nodes' wall-clock grid (so the first may start before 0, e.g. t0=-0.07), plus one zero-byte
+    bins of 0.1 s on each node's clock's grid (so the first may start before 0, e.g. t0=-0.07), plus one zero-byte
     marker with t0 = t1 = 0 per SNIC (`run_links`; the SNIC balance counts an idle one by it): a rate
     nbytes / (t1 - t0) must skip samples with t1 == t0."""
 
@@ -667,16 +670,18 @@ def _check_turn_lengths(trajs: Sequence[Trajectory]) -> None:
                 )
 
 
-def run_info(module: str, started: float, cfg: RuntimeConfig, config: dict) -> dict:
+def run_info(module: str, started: float, cfg: RuntimeConfig, config: dict, run_file: str | None = None) -> dict:
     """`metrics.run_info` of a runtime launcher (`experiments.run`, `bench_runtime`): the trace its workload reads,
-    the JAX devices, and `config` (the launcher's resolved config)."""
+    the JAX devices, and `config` (the launcher's resolved config); `run_file`: where its run.json goes (its `rerun`
+    line's --rerun_of)."""
     import jax
 
     from dualpath_jax import metrics
 
     w = cfg.workload
     traces = [w.trace] if w.kind == "trace" else []
-    return metrics.run_info(module, started, traces=traces, devices=[str(d) for d in jax.devices()], config=config)
+    devices = [str(d) for d in jax.devices()]
+    return metrics.run_info(module, started, run_file=run_file, traces=traces, devices=devices, config=config)
 
 
 def unpaced_nics(cfg: RuntimeConfig) -> dict:
@@ -790,13 +795,20 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
         # (inside the try: a launch that fails part way, e.g. a node whose engines cannot be built, is shut down --
         # the nodes already built kept their storage-NIC threads, endpoints and the store open)
         launcher.start(groups, service)
-        # The run's clock starts when every group has registered (model built, endpoints up).
+        # The run's clock starts when every group has registered (model built, endpoints up). Their start is judged
+        # from here: the in-process launcher builds the groups in `start` (models, compiles), one after the other, and
+        # none could register before it returned (a build longer than run_timeout_s failed a run whose groups were up).
+        t_started = time.monotonic()
         while not service.started:
             _check_launcher(service, launcher, groups)
             if service.failure:  # e.g. every PE (or DE) exited before registering
                 raise RunFailed(service.failure)
-            if time.monotonic() - t_launch > cfg.run_timeout_s:
-                raise RunFailed(f"engine groups did not all start within {cfg.run_timeout_s} s (config.run_timeout_s)")
+            if time.monotonic() - t_started > cfg.run_timeout_s:
+                late = service.unregistered()
+                raise RunFailed(
+                    f"engine group(s) of node(s) {late} did not start within {cfg.run_timeout_s} s "
+                    "(config.run_timeout_s): still building their model, compiling or connecting"
+                )
             time.sleep(0.02)
         startup_s = time.monotonic() - t_launch
         deadline = time.monotonic() + cfg.run_timeout_s

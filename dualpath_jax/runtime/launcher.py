@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Sequence
 
 from dualpath_jax.interrupts import catch_lost_ctrl_c
-from dualpath_jax.runtime.config import RuntimeConfig
+from dualpath_jax.runtime.config import RuntimeConfig, fetch_timeout_s
 from dualpath_jax.runtime.control import ControlServer, DriverLost, LocalControlClient, SocketControlClient
 from dualpath_jax.runtime.scheduler_service import GroupSpec, RunFailed
 
@@ -546,7 +546,10 @@ def run_engine_group(spec: GroupSpec, cfg: RuntimeConfig, ops, store, control_ad
     from dualpath_jax.runtime.node import EngineGroup
     from dualpath_jax.traffic import TrafficManager
 
-    control = SocketControlClient(control_address, authkey)
+    # A PE's fetch runs the policy (under the scheduler's lock, which the other fetches wait on): a node waits for
+    # the reply as long as the run's own no-progress bound, not a fixed 30 s (a policy call over 30 s failed every
+    # node of a local / Ray run, blaming node 0, where the in-process launcher waited: session 49, slowpeer F4).
+    control = SocketControlClient(control_address, authkey, timeout_s=fetch_timeout_s(cfg))
     try:
         group = EngineGroup(
             spec.node_id,

@@ -98,6 +98,9 @@ class RunFailed(RuntimeError):
     """An engine reported an error or the cluster can no longer run (no live PE or DE)."""
 
 
+#: A node clock's offset from the driver's beyond which the driver's log warns (once per node): its stamps are moved
+#: by the estimate (`clock.Offset`), but the hosts' clocks are not synced as the README asks.
+OFFSET_WARN_S = 0.010
 KEEPERS_LOCK = "keepers.lock"  # in a bounded store's root: each live run's StoreKeeper holds a shared flock on it
 
 
@@ -389,6 +392,7 @@ class GlobalScheduler:
         # and one fetch places no more requests on a DE than it has free slots (`_schedule`).
         self.decode_slots = decode_slots
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._said_slow_policy = False  # a schedule() call over heartbeat_timeout_s was logged
         self.clock = clock
         # Heartbeats on a monotonic clock (an injected `clock`: that one): a wall-clock step (an NTP step, a VM resumed)
         # longer than heartbeat_timeout_s declared every node dead at once. Event times are on `clock` (engines stamp
@@ -416,7 +420,13 @@ class GlobalScheduler:
         self._reads_applied: set[tuple] = set()  # (request id, attempt, side) of reads already in the records
         self._outbox: dict[int, GroupReply] = {g.node_id: GroupReply() for g in groups}
         self.records: dict[int, TurnRecord] = {}
-        self._link_bins: dict[tuple, int] = {}  # (link, t0, t1) -> bytes, as reported (see `links`)
+        self._link_bins: dict[tuple, int] = {}  # (node, link, t0, t1) -> bytes, as reported (see `links`)
+        # node -> the seconds its stamps are behind the driver's clock, as its last report said (`GroupReport`'s
+        # clock_offset_s: 0.0 in the driver's process and on its boot, else `clock.Offset`'s estimate), and the round
+        # trip of that estimate (None: exact). Its events and link bins are taken at its stamp + offset.
+        self.clock_offsets: dict[int, float] = {}
+        self.clock_rtts: dict[int, float | None] = {}
+        self._offset_warned: set[int] = set()
         self.events_seen = 0
         self.requeued = 0
         self.failure: str | None = None
@@ -463,19 +473,21 @@ class GlobalScheduler:
             node = report.node_id
             if node not in self.groups:
                 raise RunFailed(f"fetch from unknown node {node}")
+            self._take_clock(node, report)
             for s in report.link_bytes:  # (also a dead group's: those bytes did move)
-                key = (s.link, s.t0, s.t1)
+                key = (node, s.link, s.t0, s.t1)  # (on the node's clock: its offset is added in `links`)
                 self._link_bins[key] = self._link_bins.get(key, 0) + s.nbytes
             if node in self.dead_nodes:
                 # A group declared dead must not come back with stale work: tell it to stop. Its counters are taken
                 # (those bytes did move, as its link bytes), its queues are not (see `_dead_stats`).
-                self.stats[node] = _dead_stats(report.stats)
+                dead = _dead_stats(report.stats)  # (stats that are no dict: {"dead": True} alone, nothing made up)
+                self.stats[node] = self._with_clock(node, dead) if isinstance(report.stats, dict) else dead
                 self._told_dead.add(node)
                 return GroupReply(shutdown=True)
             self._last_seen[node] = self._beat_clock()
             if report.address is not None:
                 self._addresses[node] = report.address
-            self.stats[node] = report.stats
+            self.stats[node] = self._with_clock(node, report.stats)
             for ev in report.events:
                 self._apply(node, ev)
             stalled = report.stats.get("stalled") if isinstance(report.stats, dict) else None
@@ -516,21 +528,68 @@ class GlobalScheduler:
     @property
     def links(self) -> list[LinkBytes]:
         """Every link's bytes per bin, run-relative. Groups report each bin's change since their last report, so a
-        bin may come in several parts (summed here); a bin taken back to 0 is left out, an idle SNIC's marker kept."""
+        bin may come in several parts (summed here); a bin taken back to 0 is left out, an idle SNIC's marker kept.
+        A node's bins are on its clock, put in the driver's with its last offset (one for all of them: a bin of two
+        reports stays one bin)."""
         with self._lock:
             bins = list(self._link_bins.items())
-        return [
-            LinkBytes(link, t0 - self.t0, t1 - self.t0, n) if self._absolute(t0) else LinkBytes(link, t0, t1, n)
-            for (link, t0, t1), n in bins
-            if n or t0 == t1
-        ]
+            offsets = dict(self.clock_offsets)
+        out = []
+        for (node, link, t0, t1), n in bins:
+            if not (n or t0 == t1):
+                continue
+            if self._absolute(t0):
+                shift = offsets.get(node, 0.0) - self.t0
+                t0, t1 = t0 + shift, t1 + shift
+            out.append(LinkBytes(link, t0, t1, n))
+        return out
 
     def _absolute(self, t0: float) -> bool:
-        # Engines record wall-clock times; convert to run-relative (one machine or synced clocks).
+        # Engines record event-clock times (`clock.now`: seconds since the epoch); convert to run-relative.
         return t0 > 1e9
+
+    def _take_clock(self, node: int, report: GroupReport) -> None:
+        """The node's clock offset and its round trip as `report` says (none yet: the last, or 0); a warning, once per
+        node, where it is surely over OFFSET_WARN_S (beyond half its round trip)."""
+        off = getattr(report, "clock_offset_s", None)
+        rtt = getattr(report, "clock_rtt_s", None)
+        if off is None:
+            off, rtt = self.clock_offsets.get(node, 0.0), self.clock_rtts.get(node)
+        bad = [
+            f"{name}={v!r}"
+            for name, v, ok in (("clock_offset_s", off, True), ("clock_rtt_s", rtt, rtt is not None))
+            if ok and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v))
+        ]
+        if bad:
+            raise RunFailed(f"node {node} reported {', '.join(bad)}: not a number of seconds")
+        self.clock_offsets[node], self.clock_rtts[node] = float(off), rtt
+        if abs(off) - (rtt or 0.0) / 2 > OFFSET_WARN_S and node not in self._offset_warned:
+            self._offset_warned.add(node)
+            how = (
+                "its boot's, exact: a wall-clock step between the two processes' starts"
+                if rtt is None
+                else f"estimated from its fetches, best round trip {rtt * 1e3:.1f} ms"
+            )
+            log.warning(
+                "node %d's clock is %.3f s %s the driver's (%s): its stamps are put in the driver's timebase by that "
+                "much; sync the hosts' clocks (NTP) to leave less to estimate",
+                node, abs(off), "behind" if off > 0 else "ahead of", how,
+            )  # fmt: skip
+
+    def _with_clock(self, node: int, stats):
+        """A node's reported stats with its clock offset (seconds to add to its stamps) and that estimate's round trip
+        (None: exact), for the run's node_stats."""
+        if not isinstance(stats, dict):
+            return stats
+        return {**stats, "clock_offset_s": self.clock_offsets.get(node, 0.0), "clock_rtt_s": self.clock_rtts.get(node)}
 
     def _all_registered(self) -> bool:
         return all(n in self._addresses or n in self.dead_nodes for n in self.groups)
+
+    def unregistered(self) -> list[int]:
+        """The live nodes that have not registered yet (fetched with their endpoints' addresses)."""
+        with self._lock:
+            return sorted(n for n in self.groups if n not in self._addresses and n not in self.dead_nodes)
 
     # ---------------------------------------------------------------- lifecycle
     def _admit_due(self) -> None:
@@ -705,13 +764,14 @@ class GlobalScheduler:
         naming neither the policy nor that it was the policy, and the node logged a traceback as if it had crashed.
         The policy's own traceback is logged here, once."""
         name = self.policy.name
+        started = time.monotonic()
         try:
             out = self.policy.schedule(snap, queue, fetching_node=fetching_node)
         except Exception as e:
             log.error("policy %r raised scheduling %d queued requests", name, len(queue), exc_info=True)
             raise RunFailed(f"policy {name!r} raised {e!r} (scheduling {len(queue)} queued requests)") from e
         try:
-            return list(out)
+            out = list(out)
         except Exception as e:  # None, a number: not iterable; or a generator that raised
             if out is None or not hasattr(out, "__iter__"):
                 raise RunFailed(
@@ -719,6 +779,20 @@ class GlobalScheduler:
                 ) from None
             log.error("policy %r raised scheduling %d queued requests", name, len(queue), exc_info=True)
             raise RunFailed(f"policy {name!r} raised {e!r} (scheduling {len(queue)} queued requests)") from e
+        took = time.monotonic() - started
+        if took > self.heartbeat_timeout_s and not self._said_slow_policy:
+            # (the fetch waits for it, and the other nodes' fetches wait on the lock: a node gives up on a reply
+            # after config.fetch_timeout_s, so a failure that follows is traced to the policy here)
+            self._said_slow_policy = True
+            log.warning(
+                "policy %r took %.1f s for one schedule() call (%d queued requests), longer than heartbeat_timeout_s="
+                "%g: every fetch waits for it; a node gives up on a reply after the stall timeout (at least 30 s)",
+                name,
+                took,
+                len(queue),
+                self.heartbeat_timeout_s,
+            )
+        return out
 
     def _place(self, inf: _InFlight, a: Assignment) -> None:
         p = inf.pending
@@ -769,10 +843,11 @@ class GlobalScheduler:
         if not late and (inf is None or inf.attempt != ev.attempt):
             return  # a stale attempt (re-run elsewhere) or a duplicate completion: ignore
         rec = self.records[ev.request_id]
-        t = ev.t - self.t0
+        off = self.clock_offsets.get(node, 0.0)  # (the node's stamps, in the driver's timebase: `_take_clock`)
+        t = ev.t + off - self.t0
         if ev.kind == "read_done":
             self._apply_read(
-                ev.request_id, ev.attempt, inf, ev.data["side"], ev.data["nbytes"], ev.data["t_start"], ev.t
+                ev.request_id, ev.attempt, inf, ev.data["side"], ev.data["nbytes"], ev.data["t_start"] + off, ev.t + off
             )
         elif ev.kind == "prefill_start":
             rec.prefill_start = t
@@ -798,17 +873,18 @@ class GlobalScheduler:
             pe = ev.data.get("pe") or {}
             # The PE's own stamps, handed to the DE with the first token: its events never come when its node died
             # after the hand-over (the record kept prefill_start and the PE-side read as NaN). Its late events, if
-            # they do come, say the same.
+            # they do come, say the same. On the PE's clock: its node's offset, not the DE's.
+            pe_off = self.clock_offsets.get(self.engine_node.get(rec.prefill_engine), 0.0)
             if math.isnan(rec.prefill_start) and "prefill_start" in pe:
-                rec.prefill_start = pe["prefill_start"] - self.t0
+                rec.prefill_start = pe["prefill_start"] + pe_off - self.t0
             if pe.get("read") is not None:
                 t_start, t_end, nbytes = pe["read"]
-                self._apply_read(ev.request_id, ev.attempt, inf, "pe", nbytes, t_start, t_end)
+                self._apply_read(ev.request_id, ev.attempt, inf, "pe", nbytes, t_start + pe_off, t_end + pe_off)
             if math.isnan(rec.prefill_end):
                 # Until the PE's prefill_end arrives (it overrides these; it never does when the PE's node died
                 # after the hand-over): the DE's first token is out after it, and the DE knows the final hit.
                 if "prefill_end" in pe:
-                    rec.prefill_end = pe["prefill_end"] - self.t0
+                    rec.prefill_end = pe["prefill_end"] + pe_off - self.t0
                 else:
                     rec.prefill_end = t if math.isnan(rec.first_token) else rec.first_token
                 rec.hit_tokens = ev.data.get("hit_tokens", rec.hit_tokens)

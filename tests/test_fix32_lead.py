@@ -1,0 +1,60 @@
+"""Fix wave 32, the lead: a policy whose one `schedule()` call is slow (session 49's slowpeer audit F4).
+
+A node process (local or Ray launcher) waited a fixed 30 s for the driver's reply to a fetch; a PE's fetch runs the
+policy, so a policy call over 30 s failed every node of the run, blaming node 0 ("global scheduler did not answer
+within 30.0 s"), where the in-process launcher waited. The node now waits the run's own no-progress bound
+(`config.fetch_timeout_s`: the stall timeout in force, else run_timeout_s, at least 30 s), and a call over
+heartbeat_timeout_s is logged once, naming the policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+
+import pytest
+
+from configs.tiny_runtime import get_config
+from dualpath_jax.runtime import launcher
+from dualpath_jax.runtime.config import RuntimeConfig, fetch_timeout_s, stall_timeout_s
+from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec
+
+
+class _Built(Exception):
+    pass
+
+
+def test_a_node_waits_for_a_fetchs_reply_as_long_as_the_stall_timeout(monkeypatch):
+    cfg = RuntimeConfig.from_config_dict(get_config("test").runtime)
+    seen = {}
+
+    def client(address, authkey, **kw):
+        seen.update(kw)
+        raise _Built
+
+    monkeypatch.setattr(launcher, "SocketControlClient", client)
+    with pytest.raises(_Built):
+        launcher.run_engine_group(GroupSpec(0, "prefill", [0]), cfg, None, None, ("127.0.0.1", 1), b"k", None)
+    assert seen["timeout_s"] == fetch_timeout_s(cfg) == max(30.0, stall_timeout_s(cfg) or cfg.run_timeout_s)
+    assert seen["timeout_s"] > 30.0  # (the tiny config's stall timeout: 120 s; before: the client's fixed 30 s)
+
+
+def test_a_policy_call_longer_than_heartbeat_timeout_s_is_logged_once_naming_it(caplog):
+    class Slow:
+        name = "slow_one"
+
+        def schedule(self, snap, queue, fetching_node):
+            time.sleep(0.06)
+            return iter([])
+
+    service = types.SimpleNamespace(policy=Slow(), heartbeat_timeout_s=0.05, _said_slow_policy=False)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert GlobalScheduler._call_policy(service, None, [1, 2], 0) == []
+    said = [r.getMessage() for r in caplog.records if "schedule() call" in r.getMessage()]
+    assert len(said) == 1 and "policy 'slow_one' took 0.1 s" in said[0] and "heartbeat_timeout_s=0.05" in said[0]
+    service.heartbeat_timeout_s, service._said_slow_policy = 5.0, False
+    caplog.clear()
+    GlobalScheduler._call_policy(service, None, [], 0)
+    assert not [r for r in caplog.records if "schedule() call" in r.getMessage()]
