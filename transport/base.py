@@ -32,6 +32,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import inspect
 import operator
 import threading
@@ -291,6 +292,34 @@ def check_priority(priority: str) -> str:
     return priority
 
 
+def check_wait_for_listener(wait_for_listener_s: Any, what: str = "connect") -> None:
+    """`connect`'s `wait_for_listener_s`: None, or a finite number of seconds >= 0."""
+    if wait_for_listener_s is not None and not (
+        is_real(wait_for_listener_s) and 0 <= wait_for_listener_s < threading.TIMEOUT_MAX
+    ):
+        raise ValueError(
+            f"{what}: wait_for_listener_s must be None or a finite number of seconds >= 0 (how long a refused "
+            f"connection is tried again), got {wait_for_listener_s!r}"
+        )
+
+
+@functools.cache
+def _takes_wait_for_listener(connect: Callable) -> bool:
+    params = inspect.signature(connect).parameters
+    return "wait_for_listener_s" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def connect_published(transport: Transport, peer: str, address: Any, timeout: float = 10.0) -> None:
+    """`transport.connect` to an address `peer` published only once it listened (the runtime's directory, a spawned
+    peer's report): a refused connection there means the peer is gone, so it fails at once (`wait_for_listener_s=0`)
+    instead of being tried for the whole timeout. A backend of one's own whose `connect` does not take the keyword
+    is called without it."""
+    if _takes_wait_for_listener(type(transport).connect):
+        transport.connect(peer, address, timeout, wait_for_listener_s=0.0)
+    else:
+        transport.connect(peer, address, timeout)
+
+
 class Transport(abc.ABC):
     """One endpoint of the compute network. Thread-safe: any thread may submit transfers.
 
@@ -421,8 +450,16 @@ class Transport(abc.ABC):
         """What a peer passes to `connect` to reach this endpoint (picklable: a name, a (host, port))."""
 
     @abc.abstractmethod
-    def connect(self, peer: str, address: Any, timeout: float = 10.0) -> None:
+    def connect(
+        self, peer: str, address: Any, timeout: float = 10.0, *, wait_for_listener_s: float | None = None
+    ) -> None:
         """Open the connection set to `peer` at `address`; both sides may then transfer in both directions.
+
+        `wait_for_listener_s`: how long a refused connection (nothing listening at `address` yet: a peer process
+        still starting) is tried again; None: within `timeout`; 0: not at all (an address published only once its
+        peer listened, where a refusal means the peer is gone: `connect_published`). A backend with no listener
+        (inproc) checks it and has nothing to wait for. Not None nor a number >= 0: ValueError
+        (`check_wait_for_listener`).
 
         Raises `TransportError` if the peer is unreachable, its name differs from `peer`, or it fails
         authentication.

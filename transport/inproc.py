@@ -49,6 +49,7 @@ from transport.base import (
     WriteEntry,
     check_notify,
     check_priority,
+    check_wait_for_listener,
     completed_future,
 )
 
@@ -233,8 +234,13 @@ class InProcTransport(Transport):
     def address(self) -> str:
         return self.name
 
-    def connect(self, peer: str, address: Any = None, timeout: float = 10.0) -> None:
+    def connect(
+        self, peer: str, address: Any = None, timeout: float = 10.0, *, wait_for_listener_s: float | None = None
+    ) -> None:
+        """`Transport.connect`: `wait_for_listener_s` is checked, and nothing waits for it (no listener here: an
+        endpoint not in the fabric fails at once)."""
         self._check_open()
+        check_wait_for_listener(wait_for_listener_s, f"{self.name}: connect")
         ep = self.fabric.lookup(address or peer)
         if ep is None or ep.closed:
             raise PeerLostError(f"{self.name}: no in-process endpoint {address or peer!r}")

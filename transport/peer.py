@@ -34,7 +34,7 @@ def pattern(nbytes: int, seed: int) -> np.ndarray:
 
 
 def _serve(config: dict, regions: dict[str, int], conn: Any, modules: tuple[str, ...] = ()) -> None:
-    from transport.base import make_transport
+    from transport.base import connect_published, make_transport
 
     try:
         for module in modules:  # (the module that registered a backend of one's own, as the runtime's nodes do)
@@ -50,8 +50,8 @@ def _serve(config: dict, regions: dict[str, int], conn: Any, modules: tuple[str,
         conn.send(ep.address)
         # the parent tells us whom to connect to (or nothing: it connects to us)
         target = conn.recv()
-        if target is not None:
-            ep.connect(target[0], tuple(target[1]) if isinstance(target[1], list) else target[1])
+        if target is not None:  # (an address reported once its endpoint listened: a refusal fails at once)
+            connect_published(ep, target[0], tuple(target[1]) if isinstance(target[1], list) else target[1])
     except BaseException as e:
         ep.close()
         conn.send({"error": f"{type(e).__name__}: {e}"})
@@ -121,7 +121,8 @@ class PeerProcess:
         self.proc, self.conn, self.address, self.name = proc, conn, address, name
 
     def start(self, connect_to: tuple[str, Any] | None = None, timeout: float = 30.0) -> None:
-        """Tell the peer to connect to `(name, address)` (or wait for us to connect) and wait until ready. A peer
+        """Tell the peer to connect to `(name, address)` (or wait for us to connect) and wait until ready. The address
+        must be listening already (`connect_published`: a refused connection fails at once, naming the peer). A peer
         process that exited meanwhile is a RuntimeError naming its exit code (it was a bare BrokenPipeError)."""
         try:
             self.conn.send(connect_to)

@@ -687,12 +687,15 @@ class RdmaTransport(Transport):
             self._to_error([qp for qp, _ in qps.values()])
         p.ready.set()
 
-    def connect(self, peer: str, address: Any, timeout: float = 10.0) -> None:
+    def connect(
+        self, peer: str, address: Any, timeout: float = 10.0, *, wait_for_listener_s: float | None = None
+    ) -> None:
+        """`Transport.connect`; `wait_for_listener_s` applies to the tcp control endpoint's connection."""
         self._check_open()
         p = self._peers.get(peer)
         # (with a peer connected, the control endpoint asks who is at `address` now: a peer started again there is a
         # new instance, whose set drops the old control set and so this peer; it returned here, posting to the dead one)
-        self.control.connect(peer, address, timeout)
+        self.control.connect(peer, address, timeout, wait_for_listener_s=wait_for_listener_s)
         if p is not None and p.dead is None and p.ready.is_set():
             return
         p, qps, info = self._create_qps(peer)

@@ -80,9 +80,14 @@ Progress is a byte received from the peer, or a chunk of a large frame sent (its
 host takes data); posting more requests is not, so an application posting steadily to a silent peer sees its
 transfers fail too. It is also counted per connection (a reply comes back on its request's): requests pending on a
 connection that brings nothing for `timeout_s` fail the set even while the peer talks on the other one (its clock
-starts when the watchdog first sees them, so up to one period later; waiting for this endpoint's pacer counts as
-progress). (Not TCP_USER_TIMEOUT: it also cuts a connection whose peer reads slowly with nothing pending.) A handshake must finish within `handshake_timeout_s` in all (not per recv), and a failed
-`accept` (out of descriptors, say) is logged and accepting goes on. The handshake tells each side the other
+starts when the watchdog first sees them, so up to one period later). A paced frame (chunks our pacer may space
+further apart than timeout_s) progresses while the peer's host takes what was sent (Linux: the socket's
+unacknowledged bytes fall, or none are left), while a chunk waits for our pacer too; a chunk put in our send buffer
+alone is not progress there (the buffer, megabytes, takes chunk after chunk at a slow pace). A read is
+watched until its reply's payload is in: a reply that stops mid-payload fails after `timeout_s` (so the reader's
+`timeout_s` must exceed the time the peer's pacer holds one reply chunk). (Not TCP_USER_TIMEOUT: it also cuts a connection whose peer reads slowly with nothing pending.) A handshake must finish within `handshake_timeout_s` in all (not per recv), and a failed
+`accept` (out of descriptors, say: the line names RLIMIT_NOFILE) is logged once per spell and accepting goes on with
+backoff (at most ACCEPT_BACKOFF_MAX_S), the connected peers served meanwhile. The handshake tells each side the other
 endpoint's instance id (new per endpoint object): a set from a new instance of a peer (started again under its name
 after a crash that left its old connections silently open) drops that name's sets of other instances at once, their
 pending transfers failed with `PeerLostError` (they went to the dead process until the watchdog noticed).
@@ -112,7 +117,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
-from dualpath_jax.checks import is_int, is_real
+from dualpath_jax.checks import fd_shortage_text, is_int, is_real
 from transport.base import (
     REGION_NAME_MAX,
     TRANSPORTS,
@@ -129,6 +134,7 @@ from transport.base import (
     WriteEntry,
     check_notify,
     check_priority,
+    check_wait_for_listener,
     check_write_entries,
     complete_quietly,
     deadline,
@@ -215,6 +221,8 @@ MSG_STEP = 1 << 20  # a message buffer grows by at least this much as its bytes 
 # version: it is up, so waiting does not help); a server short of handshake slots answers "busy" (`_drop_busy`) and
 # is tried until the connect timeout
 SILENT_DROP_TRIES = 3
+# A failed `accept` (out of file descriptors, say) is tried again after a backoff doubling from 10 ms to this.
+ACCEPT_BACKOFF_MAX_S = 1.0
 CLOSE_GRACE_S = 1.0  # `close` waits this long for peers to close their ends before it cuts the connections
 
 
@@ -233,6 +241,14 @@ class _Busy(TransportError):
 _HEADER_BODY = struct.Struct(HEADER.format[:-1])  # the 44 bytes the checksum covers
 _BODY = _HEADER_BODY.size
 _CRC = struct.Struct("!I")
+_INT = struct.Struct("i")  # (an ioctl's int argument, native order)
+try:  # Linux: the socket's unacknowledged bytes (SIOCOUTQ, which is TIOCOUTQ); elsewhere a pacer wait is progress
+    import fcntl
+    import termios
+
+    _SIOCOUTQ: int | None = termios.TIOCOUTQ if os.uname().sysname == "Linux" else None
+except (ImportError, AttributeError):
+    _SIOCOUTQ = None
 _crc32 = zlib.crc32
 _unpack_from = HEADER.unpack_from
 _DONTWAIT = socket.MSG_DONTWAIT
@@ -291,6 +307,16 @@ def is_wildcard(host: str) -> bool:
         return ipaddress.ip_address(host).is_unspecified
     except ValueError:
         return False
+
+
+def _unacked(sock: socket.socket) -> int | None:
+    """Bytes sent on `sock` that the peer's host has not acknowledged yet (SIOCOUTQ), or None where not known."""
+    if _SIOCOUTQ is None:
+        return None
+    try:
+        return _INT.unpack(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, bytes(_INT.size)))[0]
+    except (OSError, ValueError):  # (not supported here, or the socket closed meanwhile)
+        return None
 
 
 def _recv_exact_into(sock: socket.socket, view: memoryview, on_progress=None, deadline: float | None = None) -> None:
@@ -810,6 +836,7 @@ class _Conn:
         # come back on the connection of their request: a peer chatting on one class must not keep the other alive).
         self.last_progress = time.monotonic()
         self.busy_seen: float | None = None  # when the watchdog first saw requests pending on it (None: none pending)
+        self.unacked_seen = 0  # the socket's unacknowledged bytes at the last `_paced_progress` (sender thread only)
         # Bytes of read replies copied and queued here (`enqueue`, snapshot); the reader waits on `room` past the cap.
         self.copied = 0
         self.room = threading.Condition(threading.Lock())
@@ -1090,16 +1117,33 @@ class _Conn:
             else:
                 sock.sendall(payload[pos : pos + step])
             pos += step
+            if paced:
+                self._paced_progress(step + (len(header) if pos == step else 0))
+            else:
+                self.touch()
+
+    def _paced_progress(self, sent: int = 0) -> None:
+        """Progress of a paced frame, which our pacer may space further apart than timeout_s: the peer's host took data
+        since the last look (`_unacked`: the socket's unacknowledged bytes below those seen then plus the `sent` ones,
+        or none left); where that is not known, every chunk sent and every wait counts. (A chunk sent, or a wait,
+        counted as such: our send buffer, megabytes, takes chunk after chunk at the paced rate, so a peer whose host
+        stopped taking data, gone or its window shut, was kept alive until the buffer filled, minutes at a slow pace.)
+        Sender thread only: nothing else sends on the socket while it is in a frame."""
+        unacked = _unacked(self.sock)
+        if unacked is None or unacked == 0 or unacked < self.unacked_seen + sent:
             self.touch()
+        self.unacked_seen = unacked or 0
 
     def _check_set(self) -> None:
         """Called by the pacer while a chunk of a paced frame waits for its slot: once the set is dead (our `close`,
         `disconnect`, the peer gone) the wait ends at once with the set's error, and the chunks not moved are taken back
         from the link. (Without it the sender thread waited for the next grant, however far: `close` gave up on it
         after 2 x CLOSE_GRACE_S and left it running; `disconnect` left it running with its chunks queued.)
-        The wait is this endpoint's, not the peer's silence: the connection's clock (`_check_streams`) restarts, so a
-        class the shared link serves slowly is not declared dead while the other class's replies flow."""
-        self.last_progress = time.monotonic()
+        The wait is this endpoint's, not the peer's silence: while the peer's host takes what was sent it is progress
+        (`_paced_progress`), on the connection's clock and the peer's (`_watchdog` judges the peer as a whole first),
+        so chunks paced further apart than timeout_s are not failed. (Only the connection's clock restarted: such a
+        write failed after timeout_s.)"""
+        self._paced_progress()
         dead = self.peer.dead  # (set by `_fail_peer` before it stops the senders; our `close` fails every set)
         if dead is not None:
             kind = TransportClosedError if isinstance(dead, TransportClosedError) else PeerLostError
@@ -1186,17 +1230,24 @@ class _Conn:
                     if not p.done():
                         p.set_result(p.length)
                 elif op == OP_READ_RESP:
-                    p = peer.pop(req, "read", length)
+                    # Pending until its payload is in: a peer that stops mid-reply (stopped, hung) is dropped by
+                    # `_watchdog` after timeout_s without a byte (it waited for it forever once the header was in).
+                    p = peer.pop(req, "read", length, keep=True)
                     try:
                         rx.read_into(p.view)
-                    except BaseException as e:  # cut off mid-payload: out of the pending table, so fail it here
+                    except BaseException as e:  # cut off mid-payload (by the peer, or by `_fail_peer`: its reason)
                         if not p.done():
                             p.set_exception(
-                                e
+                                peer.dead
+                                if peer.dead is not None
+                                else e
                                 if isinstance(e, TransportError)
                                 else PeerLostError(f"read reply from {peer.name!r} cut off: {e}")
                             )
                         raise
+                    finally:
+                        with peer.lock:
+                            peer.pending.pop(req, None)
                     if not p.done():
                         p.set_result(p.length)
                 elif op == OP_MSG:
@@ -1310,14 +1361,16 @@ class _Peer:
             self.pending.pop(req, None)
             raise self.dead
 
-    def pop(self, req: int, kind: str, length: int) -> _Request:
+    def pop(self, req: int, kind: str, length: int, keep: bool = False) -> _Request:
+        """The pending request a reply answers (checked), taken out of the pending table unless `keep`."""
         with self.lock:
             p = self.pending.get(req)
             if p is None or p.kind != kind:
                 raise ProtocolError(f"{kind} reply for unknown request {req}")
             if kind != "query" and p.length != length:
                 raise ProtocolError(f"{kind} reply of {length} bytes for a {p.length}-byte request {req}")
-            del self.pending[req]
+            if not keep:
+                del self.pending[req]
             return p
 
     def pop_acks(self, payload: bytes) -> list[_Request]:
@@ -1478,7 +1531,9 @@ class TcpTransport(Transport):
         return tuple(self._address)
 
     # ---- connection setup -------------------------------------------------------------------------------
-    def connect(self, peer: str, address: Any, timeout: float = 10.0) -> None:
+    def connect(
+        self, peer: str, address: Any, timeout: float = 10.0, *, wait_for_listener_s: float | None = None
+    ) -> None:
         """Open the connection set to `peer` at `address` = (host, port). Nothing to do if a live set to `peer`
         exists already: one the peer opened, or one this endpoint opened to the same address (the same socket
         address once resolved), and the endpoint at `address` is still the instance of that set (asked with one
@@ -1490,8 +1545,13 @@ class TcpTransport(Transport):
         stays until the peer closes it or its pending transfers time out. A connection the server refuses as busy (short
         of handshake slots under a flood) is tried again with backoff within `timeout`; one it closes without an answer
         (another protocol version, or no dualpath tcp transport there) after SILENT_DROP_TRIES quick tries at most,
-        and the error names those causes. (A refused TCP connection, nothing listening there, fails at once.)"""
+        and the error names those causes. A refused TCP connection (nothing listening there yet: a peer process
+        still starting) is tried again with the same backoff for `wait_for_listener_s` (None: until `timeout` is up;
+        0: not at all, for an address published only once its peer listened, where a refusal means the peer is
+        gone, as the runtime's engines connect), then fails naming the address and how long it was tried; an address
+        that does not resolve, or a failed authentication, fails at once."""
         self._check_open()
+        check_wait_for_listener(wait_for_listener_s, f"{self.name}: connect")
         if not isinstance(address, (tuple, list)) or len(address) != 2:
             raise TypeError(f"{self.name}: the address of {peer!r} must be (host, port), got {address!r}")
         # (inf, and anything past threading.TIMEOUT_MAX such as 1e10: OverflowError from the socket, which was reported
@@ -1523,12 +1583,15 @@ class TcpTransport(Transport):
         with self._lock:  # (the peer already holds this set while we finish it: a probe of it is told so)
             self._connecting[peer] += 1
         try:
-            # A server short of handshake slots (a flood of connections that never authenticate) says so ("busy"):
-            # tried again, with backoff, for as long as `timeout` (10 s if None) allows. One that closes the connection
-            # without an answer is no tcp transport of this version (one of version 4 or older does so): given up after
-            # SILENT_DROP_TRIES quick tries (it took the whole timeout, 10 s by default, before saying so).
+            # A server short of handshake slots (a flood of connections that never authenticate) says so ("busy"), and
+            # a refused connection is a peer not listening yet: both tried again, with backoff, for as long as
+            # `timeout` (10 s if None) allows (a refused one failed at once: a peer started a moment later was lost).
+            # One that closes the connection without an answer is no tcp transport of this version (one of version 4
+            # or older does so): given up after SILENT_DROP_TRIES quick tries (it took the whole timeout, 10 s by
+            # default, before saying so).
             start = time.monotonic()
             give_up, delay, tries, silent = start + (10.0 if timeout is None else timeout), 0.05, 1, 0
+            listen_until = give_up if wait_for_listener_s is None else min(give_up, start + wait_for_listener_s)
             while True:
                 session = os.urandom(8).hex()
                 socks: dict[str, socket.socket] = {}
@@ -1545,10 +1608,13 @@ class TcpTransport(Transport):
                         s.close()
                     busy = isinstance(e, _Busy)
                     dropped = isinstance(e, (_CleanEOF, ConnectionResetError, BrokenPipeError, ConnectionAbortedError))
+                    refused = isinstance(e, ConnectionRefusedError)  # (of the TCP connect: the handshake's is a reset)
                     silent += dropped
-                    again = busy or dropped and silent < SILENT_DROP_TRIES
-                    if again and not self.closed and time.monotonic() + delay < give_up:
-                        time.sleep(delay)
+                    again = busy or refused or dropped and silent < SILENT_DROP_TRIES
+                    # (a refused try is quick: the last one comes at the deadline; a busy one may take a handshake step)
+                    wait = min(delay, listen_until - time.monotonic()) if refused else delay
+                    if again and not self.closed and (0 < wait if refused else time.monotonic() + delay < give_up):
+                        time.sleep(wait)
                         delay, tries = min(1.0, delay * 2), tries + 1
                         continue
                     if isinstance(e, TransportError) and not (dropped or busy):
@@ -1559,6 +1625,10 @@ class TcpTransport(Transport):
                             f" ({took}: a flood of connections that never authenticate holds its handshake slots? "
                             "its log says)"
                         )
+                    elif refused and wait_for_listener_s == 0:  # (an address its peer published once listening)
+                        why = " (not tried again, wait_for_listener_s=0: the peer is gone, or this is not its address)"
+                    elif refused:
+                        why = f" ({took}: nothing listening there; is the peer's process up, at this port?)"
                     elif dropped:
                         why = (
                             f" (it closed the connection without answering the handshake, {took}: it is no "
@@ -1682,19 +1752,34 @@ class TcpTransport(Transport):
         return limit, instance, ack
 
     def _accept_loop(self) -> None:
-        backoff = 0.01
+        backoff, failing, failed, since = 0.01, None, 0, 0.0
         while not self.closed:
             try:
                 sock, addr = self._listener.accept()
             except OSError as e:
                 if self.closed or self._stopping.is_set():
                     return  # the listener was closed
-                # EMFILE / ENFILE / ENOBUFS / ECONNABORTED...: a passing condition, not the end of the endpoint
-                log.error("%s: accept failed (%s); still accepting", self.name, e)
+                # EMFILE / ENFILE / ENOBUFS / ECONNABORTED...: a passing condition, not the end of the endpoint. Said
+                # once per spell of one cause (it was a line a second while the process was out of descriptors).
+                failed += 1
+                if e.errno != failing:
+                    failing, since = e.errno, time.monotonic()
+                    log.error(
+                        "%s: accept failed: %s; still accepting: the connected peers are served on, new connections "
+                        "wait in the listen backlog, accept is tried again every %.0f s at most (said once a spell)",
+                        self.name, fd_shortage_text(e, "this process") or e, ACCEPT_BACKOFF_MAX_S,
+                    )  # fmt: skip
+                else:
+                    log.debug("%s: accept failed again (%s)", self.name, e)
                 self._stopping.wait(backoff)
-                backoff = min(1.0, backoff * 2)
+                backoff = min(ACCEPT_BACKOFF_MAX_S, backoff * 2)
                 continue
-            backoff = 0.01
+            if failed > 1:  # (a spell, not one aborted connection)
+                log.warning(
+                    "%s: accepting connections again (%d accepts failed over %.1f s)",
+                    self.name, failed, time.monotonic() - since,
+                )  # fmt: skip
+            backoff, failing, failed = 0.01, None, 0
             # A flood of connections that never finish the handshake must not grow threads without bound, nor keep
             # legitimate peers out: one from another host holds at most MAX_PENDING_PER_ADDRESS slots; with all slots
             # taken, the next connection waits for one (a handshake step at most), so the others queue in the

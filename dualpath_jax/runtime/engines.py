@@ -55,7 +55,7 @@ from dualpath_jax.host_buffers import BufferBudgetExceeded, HostBufferPool
 from dualpath_jax.runtime.control import Cancel, Event, TurnTask, fd_shortage_text
 from dualpath_jax.runtime.storage_nic import ReadJob, StorageNIC, WriteJob
 from schedulers.api import PrefillWork
-from transport.base import TransportError, failed_future
+from transport.base import TransportError, connect_published, failed_future
 
 log = logging.getLogger(__name__)
 
@@ -429,8 +429,8 @@ class EngineBase:
             if engine_id not in self.directory:  # (was a bare KeyError: "did not reach DE 1: 1" in the logs)
                 raise UnknownPeerError(f"engine {engine_id} is not in the directory: its node was declared dead")
             _node, address = self.directory[engine_id]
-            try:
-                self.transport.connect(name, address)
+            try:  # (published once the peer listened: a refusal means it is gone, failed at once, not retried)
+                connect_published(self.transport, name, address)
             except Exception:  # noqa: BLE001 -- the peer may have connected to us meanwhile
                 if name not in self.transport.peers():
                     raise

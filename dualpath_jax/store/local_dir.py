@@ -59,8 +59,13 @@ so the store keeps recency there: the blocks used (read hits, `verify`, dedup wr
 files' mtimes set to now, in their order of use (one ns apart; `os.utime`), in batches every `lru_touch_s` (60 s;
 on the writer's thread, so reads never wait for it), at `close()` and before a `refresh`'s scan. So after a reopen
 the blocks in use (a shared system prompt, written first and read all the time) are the most recently used, not the
-first evicted (the order is exact within a batch, and to within `lru_touch_s` across batches and writes). Costs: on
-the read path a set add (and a clock read every 16 hits); at most one `utime` per block used per `lru_touch_s`. A
+first evicted (the order is exact within a batch, and to within `lru_touch_s` across batches and writes). No batch
+stamps below the newest stamp a process sharing the directory set (recorded as the mtime of LRU_CLOCK beside
+STORE.json): where the wall clock is not past it (stepped back by NTP or `date -s`; this host's clock behind another's)
+a batch stamps from just past it, the blocks written since the last batch with the ones used (the kernel stamped
+those with its clock), so blocks used after a step back are not the first evicted after a reopen. Costs: on
+the read path a set add (and a clock read every 16 hits); at most one `utime` per block used per `lru_touch_s`, and
+per batch a stat and a `utime` of LRU_CLOCK (while the clock is behind it, one `utime` per block written too). A
 process killed without `close()` loses the uses of its last `lru_touch_s`. Lookup hits reorder this process's view
 only (a lookup is followed by the reads that count). `lru_touch_s=None` never touches a file (the order at open is
 then write order); a read-only mount turns it off (logged once), and a block file this process may not touch
@@ -175,6 +180,9 @@ _TMP_PREFIX = ".tmp."
 # A write-failure warning's tail: the spell's next failures of the same cause are only counted.
 _COUNTED_FROM_HERE = "; the next writes that fail so are counted (stats write_errors), not logged, until one is stored"
 _META = "STORE.json"
+# Its mtime: the newest LRU stamp a process sharing the store set on a block file (`_touch_files`), so that no process
+# stamps below another's after the wall clock stepped back or on a host whose clock is behind.
+_LRU_CLOCK = "LRU_CLOCK"
 META_RETRY_S = 1.0  # a store opened on a full disk tries to make itself again at most this often (`_meta_ready`)
 _PENDING_SAID: set[str] = set()  # the store roots this process said it opened with their metadata pending
 # The Python loops' chunks (rounded down to whole Layer Blocks; the compiled loops: NATIVE_PREAD_CHUNK_BYTES below,
@@ -744,6 +752,8 @@ class LocalDirStore(KVStore):
         # LRU order across reopen (module docstring): the indexed keys used (read hits, verify, dedup writes) since
         # the last batch of touches, and when the next batch is due (monotonic). A set add is the read path's cost.
         self._used_keys: set[bytes] = set()
+        self._written_keys: set[bytes] = set()  # written since the last batch (their mtime: the kernel's clock's now)
+        self._lru_high = 0  # the newest LRU stamp (ns) seen: in the listing at open or refresh, or set here
         self._touch_due = time.monotonic() + (self._touch_s or 0.0)
         self._touch_failed = False  # a touch failed (EPERM...): logged once
         self._map_failed = False  # a block file could not be mapped (ENOMEM): logged once
@@ -1035,6 +1045,7 @@ class LocalDirStore(KVStore):
             raise
         with self._lock:
             self._end_scan_locked(dropped)
+            self._lru_high = max(self._lru_high, max(found.values(), default=0))
             order = sorted((k for k in found if k not in dropped), key=found.__getitem__)
             recent = [k for k, g in self._index.items() if g > seen] if self._index else []
             for key in [k for k in self._index if k not in found and self._index[k] <= seen]:
@@ -1147,6 +1158,7 @@ class LocalDirStore(KVStore):
         self._forget_fd_locked(key)
         self._evict_failed.discard(key)
         self._used_keys.discard(key)
+        self._written_keys.discard(key)
         for dropped in self._scans:  # (a refresh in progress must not index it again from its listing)
             dropped.add(key)
         # (a key not indexed too, unless it was found absent: a lookup's stat of it may have raced its removal)
@@ -1192,21 +1204,24 @@ class LocalDirStore(KVStore):
                 return self._take_used_locked()
         return None
 
-    def _take_used_locked(self) -> list[tuple[int, bytes]]:
-        """The keys used since the last batch, still indexed, as (adopt generation, key): their order of use (a later
-        use made a key MRU with a higher generation); the next batch is due `lru_touch_s` from now."""
+    def _take_used_locked(self) -> list[tuple[int, bytes, bool]]:
+        """The keys used or written since the last batch, still indexed, as (adopt generation, key, written only): their
+        order of use (a later use made a key MRU with a higher generation); the next batch is due `lru_touch_s` from
+        now."""
         used, self._used_keys = self._used_keys, set()
+        written, self._written_keys = self._written_keys - used, set()
         self._touch_due = time.monotonic() + (self._touch_s or 0.0)
         index = self._index
-        return [(index[k], k) for k in used if k in index]
+        return [(index[k], k, False) for k in used if k in index] + [(index[k], k, True) for k in written if k in index]
 
-    def _touch_used(self, batch: list[tuple[int, bytes]] | None = None, background: bool = False) -> None:
+    def _touch_used(self, batch: list[tuple[int, bytes, bool]] | None = None, background: bool = False) -> None:
         """Set the mtimes of the blocks used since the last batch (or of `batch`) to now, in their order of use (one
         ns apart), on the writer's thread with `background` (reads never wait for it; inline once closed)."""
         if batch is None:
             with self._lock:
                 if self._touch_s is None:
                     self._used_keys.clear()
+                    self._written_keys.clear()
                     return
                 batch = self._take_used_locked()
         if not batch:
@@ -1219,17 +1234,52 @@ class LocalDirStore(KVStore):
                 pass
         self._touch_files(batch)
 
-    def _touch_files(self, batch: list[tuple[int, bytes]]) -> None:
+    def _touch_files(self, batch: list[tuple[int, bytes, bool]]) -> None:
+        """Stamp the batch's files in order of use: from now, or, where the wall clock is not past the newest stamp
+        any process sharing the store set (`_LRU_CLOCK`; the clock stepped back, or this host's is behind another's),
+        from just past it, blocks written since the last batch included (the kernel stamped them with its clock)."""
         batch.sort()  # (here, not in the reader's thread)
         changed = self._root_changed()
         if changed is not None:  # (its files are another store's: not ours to touch either)
             log.info("kv store %s: LRU touches skipped: the store directory %s", self.root, changed)
             return
-        base = time.time_ns() - len(batch)
-        for i, (_, key) in enumerate(batch):
+        high = max(self._lru_high, self._shared_lru_high())
+        now = time.time_ns()
+        if now - len(batch) > high:
+            keys = [key for _, key, written in batch if not written]  # (a written block's mtime is now already)
+            base = now - len(keys)
+        else:
+            keys = [key for _, key, _ in batch]
+            base = high + 1
+        for i, key in enumerate(keys):
             if self._touch_s is None:  # (a read-only mount)
                 return
             self._touch_file(key, base + i)
+        if keys:
+            self._lru_high = max(self._lru_high, base + len(keys) - 1)
+            self._set_shared_lru_high(base + len(keys) - 1)
+
+    def _shared_lru_high(self) -> int:
+        """The newest LRU stamp a process sharing the store set (`_LRU_CLOCK`'s mtime); 0 if none."""
+        try:
+            return os.stat(os.path.join(self.root, _LRU_CLOCK)).st_mtime_ns
+        except OSError:
+            return 0
+
+    def _set_shared_lru_high(self, ns: int) -> None:
+        """Record `ns` as the newest LRU stamp (`_LRU_CLOCK`), unless a newer one is there already (another process
+        stamped meanwhile; two batches at the same moment can still leave the lower of the two). Best effort: a
+        store this process may not change (read-only, another user's) keeps its record."""
+        path = os.path.join(self.root, _LRU_CLOCK)
+        try:
+            if self._shared_lru_high() < ns:
+                try:
+                    os.utime(path, ns=(ns, ns))
+                except FileNotFoundError:  # (the store's first stamp)
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
+                    os.utime(path, ns=(ns, ns))
+        except OSError as e:
+            log.debug("kv store %s: cannot record the newest LRU stamp in %s: %s", self.root, path, e)
 
     def _touch_file(self, key: bytes, ns: int) -> None:
         """Set block `key`'s file's mtime (and atime) to `ns`: the LRU order a reopen reads. Best effort: a block
@@ -2228,6 +2278,7 @@ class LocalDirStore(KVStore):
                 self._stats.write_errors += 1
             return False
         finally:
+            touch = None
             with self._lock:
                 if not landed:
                     self._reserved -= self.file_nbytes
@@ -2250,9 +2301,15 @@ class LocalDirStore(KVStore):
                     self._forget_fd_locked(key)  # an overwrite replaced the file: read the new one from now on
                     if not gone:
                         self._adopt_locked(key)
-                        self._used_keys.discard(key)  # (its file's mtime: now)
+                        self._used_keys.discard(key)  # (its file's mtime: now, unless the clock is behind the
+                        if self._touch_s is not None:  # newest LRU stamp: then the next batch stamps it too)
+                            self._written_keys.add(key)
+                            if time.monotonic() >= self._touch_due:
+                                touch = self._take_used_locked()
                     self._stats.writes += 1
                     self._stats.bytes_written += self.file_nbytes
+        if touch:
+            self._touch_used(touch, background=True)
         return done
 
     def verify(self, key: bytes) -> bool:
