@@ -563,6 +563,18 @@ def read_links(path: str) -> list[LinkBytes]:
     return out
 
 
+def tokens_sha256(tokens: dict) -> str:
+    """sha256 of a runtime run's greedy tokens ((trajectory, turn) -> ids), one line `trajectory turn id id ...` per
+    turn in (trajectory, turn) order: the same for two runs that generated the same tokens (experiments.run's
+    results.json greedy_tokens.sha256, bench_runtime.json's measured.<policy>.greedy_tokens_sha256)."""
+    import hashlib
+
+    text = "".join(
+        " ".join(map(str, [int(t), int(i), *(int(x) for x in tokens[(t, i)])])) + "\n" for t, i in sorted(tokens)
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 # ----------------------------------------------------------------------- what ran: run.json beside a launcher's results
 RUN_FILE = "run.json"
 # Distributions whose versions a run records (where installed): the package's pins (setup.cfg) and the build / extras
@@ -583,11 +595,56 @@ _VERSIONED = (
     "matplotlib",
     "safetensors",
     "ray",
+    "ml_dtypes",  # (jax's bfloat16 / fp8 types)
+    "jax-cuda12-plugin",  # the GPU plugins and their CUDA libraries (nvidia-*: `_versions`) can change GPU numerics
+    "jax-cuda12-pjrt",
+    "jax-cuda13-plugin",
+    "jax-cuda13-pjrt",
+    "libtpu",
 )
 # Environment variables that change what runs (the compiled switch, the traces' place, JAX / XLA settings, hashing)
 _ENV_PREFIXES = ("DUALPATH_", "JAX_", "XLA_")
 # (PYTHONPATH: which modules run, e.g. a policy of one's own "on PYTHONPATH", a scratch build of the package)
 _ENV_NAMES = ("PYTHONHASHSEED", "PYTHONPATH", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+# Those the `rerun` line unsets where the run did not have them (`env -u`): a pasting shell's own would change what the
+# rerun runs (the compiled switch, where traces are found, JAX's platform and precision, XLA's flags, which modules
+# import). Any other of them that differs stops a rerun with --rerun_of (`changes_since`).
+_ENV_UNSET = (
+    "DUALPATH_PURE_PYTHON",
+    "DUALPATH_TRACES",
+    "JAX_PLATFORMS",
+    "JAX_ENABLE_X64",
+    "JAX_DEFAULT_MATMUL_PRECISION",
+    "XLA_FLAGS",
+    "PYTHONPATH",
+)
+# Recorded ones that say where things go or how memory is taken, not what runs: `changes_since` does not compare them
+# (the runtime launchers set XLA's allocator ones themselves, after the flags are parsed: `accelerator_sharing_env`)
+_ENV_NOT_INPUTS = (
+    "DUALPATH_JAX_CACHE",
+    "DUALPATH_JAX_CACHE_MAX_BYTES",
+    "DUALPATH_NETNS_LOCK",
+    "XLA_PYTHON_CLIENT_PREALLOCATE",
+    "XLA_PYTHON_CLIENT_MEM_FRACTION",
+    "XLA_PYTHON_CLIENT_ALLOCATOR",
+)
+RERUN_OF = "rerun_of"  # the flag of a `rerun` line: the run.json it reruns (`changes_since` is checked against it)
+RERUN_ANYWAY = "rerun_of_allow_changes"  # the flag that runs it with changed inputs on purpose
+
+
+def run_file_beside(out_file: str) -> str:
+    """The run.json of a benchmark's `--out` rows `X.json`: `X.run.json` beside them."""
+    return (out_file[: -len(".json")] if out_file.endswith(".json") else out_file) + ".run.json"
+
+
+def _recorded_env(environ) -> dict:
+    """The variables of `environ` a run records (not the event clock's shared reading, `clock.ENV`: bookkeeping of
+    this process tree, not a setting to rerun with)."""
+    from dualpath_jax import clock
+
+    return {
+        k: v for k, v in sorted(environ.items()) if (k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES) and k != clock.ENV
+    }
 
 
 def run_info(
@@ -596,6 +653,7 @@ def run_info(
     *,
     output_dir: str | None = None,
     out_file: str | None = None,
+    run_file: str | None = None,
     traces: Iterable = (),
     **extra,
 ) -> dict:
@@ -608,7 +666,10 @@ def run_info(
     it again: `command` in `cwd` with `env`, and for a launcher with an `--output_dir` (`output_dir`: its value)
     `--output_dir=<output_dir>/rerun` in place of the `--output_dir` given (it gave both, and read as a mistake), so
     a re-run does not write over these results; for a benchmark's `--out` file (`out_file`: X.json) likewise
-    `--out=X.rerun.json` (its rerun overwrote the rows it describes)."""
+    `--out=X.rerun.json` (its rerun overwrote the rows it describes). The line runs this interpreter (`executable`),
+    unsets the variables of `_ENV_UNSET` the run did not have (`env -u`: the pasting shell's own), and passes
+    `--rerun_of=<run.json>` (`run_file`; by default `<output_dir>/run.json`, or `X.run.json` beside `out_file`): the
+    launcher then stops if an input changed since (`changes_since`)."""
     import datetime
     import os
     import platform
@@ -618,28 +679,32 @@ def run_info(
     from dualpath_jax import clock, code_id
 
     flags_info = _launcher_flags(module)
-    # (not the event clock's shared reading, `clock.ENV`: bookkeeping of this process tree, not a setting to rerun with)
-    env = {
-        k: v
-        for k, v in sorted(os.environ.items())
-        if (k.startswith(_ENV_PREFIXES) or k in _ENV_NAMES) and k != clock.ENV
-    }
+    env = _recorded_env(os.environ)
     command = shlex.join(["python", "-m", module, *sys.argv[1:]])
-    argv, rerun_args = sys.argv[1:], []
+    # (a rerun's own --rerun_of names the run it checked, not this one)
+    argv, rerun_args = _without_flag(_without_bool_flag(sys.argv[1:], RERUN_ANYWAY), RERUN_OF), []
     if output_dir is not None:
         argv = _without_flag(argv, "output_dir")
         rerun_args = [f"--output_dir={os.path.join(os.path.abspath(output_dir), 'rerun')}"]
+        run_file = run_file or os.path.join(output_dir, RUN_FILE)
     elif out_file is not None:
         stem = os.path.abspath(out_file)
         stem = stem[: -len(".json")] if stem.endswith(".json") else stem
         argv, rerun_args = _without_flag(argv, "out"), [f"--out={stem}.rerun.json"]
-    rerun = [f"cd {shlex.quote(os.getcwd())} &&", *(f"{k}={shlex.quote(v)}" for k, v in env.items())]
-    rerun.append(shlex.join(["python", "-m", module, *argv]))
+        run_file = run_file or run_file_beside(out_file)
+    rerun = [f"cd {shlex.quote(os.getcwd())} &&"]
+    unset = [f"-u {k}" for k in _ENV_UNSET if k not in env]
+    rerun += ["env", *unset] if unset else []
+    rerun += [f"{k}={shlex.quote(v)}" for k, v in env.items()]
+    # (the run's interpreter: a bare `python` was another one, or none, in a shell without the run's venv active)
+    python = sys.executable if sys.executable and os.path.isfile(sys.executable) else "python"
+    of = [f"--{RERUN_OF}={os.path.abspath(run_file)}"] if run_file else []
+    rerun.append(shlex.join([python, "-m", module, *of, *argv]))
     info = {
         "command": command,
         "rerun": " ".join(rerun + [shlex.quote(a) for a in rerun_args]),
         "cwd": os.getcwd(),
-        "executable": sys.executable,  # (the `python` of `rerun`: the run's environment; paste it with that one active)
+        "executable": sys.executable,  # (the python `rerun` runs)
         "env": env,
         "flags": flags_info,
         "started_utc": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds"),
@@ -659,7 +724,6 @@ def own_sources(flags_info: dict) -> dict:
     """sha256 of each source a run read besides the installed packages and the project's own (`code` covers those):
     the config / setup files its flags name and every module loaded from elsewhere (one's own policy, store or
     config module, configs/*.py a config file imports), {path: sha256}. A rerun of other ones is another run."""
-    import hashlib
     import os
     import sys
     import sysconfig
@@ -681,14 +745,7 @@ def own_sources(flags_info: dict) -> dict:
             # (the project's configs wherever installed: configs/sim_base.py's CALIBRATED is in every paper setup)
             if name.split(".")[0] == "configs" or not any(r.startswith(s + os.sep) for s in skip):
                 files.append(f)
-    out = {}
-    for f in sorted({os.path.realpath(f) for f in files}):
-        try:
-            with open(f, "rb") as fh:
-                out[f] = hashlib.sha256(fh.read()).hexdigest()
-        except OSError as e:
-            out[f] = f"unreadable: {e.strerror}"
-    return out
+    return {f: _file_sha256(f) for f in sorted({os.path.realpath(f) for f in files})}
 
 
 def _without_flag(argv: list[str], name: str) -> list[str]:
@@ -706,6 +763,97 @@ def _without_flag(argv: list[str], name: str) -> list[str]:
             out.append(a)
         i += 1
     return out
+
+
+def _without_bool_flag(argv: list[str], name: str) -> list[str]:
+    """`argv` without boolean flag `name` (`--name`, `--noname`, `--name=V`, one dash too); after a `--` as it is."""
+    out = []
+    for i, a in enumerate(argv):
+        if a == "--":
+            return out + argv[i:]
+        key = a.lstrip("-").partition("=")[0] if a.startswith("-") else None
+        if key not in (name, f"no{name}"):
+            out.append(a)
+    return out
+
+
+def changes_since(info: dict) -> list[str]:
+    """What differs now from the run that `info` (its run.json) records, one line per input: the git commit, the
+    package's sources (`code`), each other source (`sources`) and trace (`traces`) by sha256, the versions, the
+    interpreter and the recorded environment variables (but `_ENV_NOT_INPUTS`). A field the run.json lacks (written
+    before it was recorded) is a line too: it cannot be compared. [] when the run's inputs are as they were."""
+    import os
+    import sys
+
+    from dualpath_jax import code_id
+
+    out = []
+    for field in ("code", "sources", "traces", "versions", "env"):
+        if field not in info:
+            out.append(f"run.json records no `{field}` (written before it was recorded): it cannot be compared")
+    ran = (info.get("git") or {}).get("commit")
+    if ran is not None and ran != (now := git_commit()):
+        out.append(f"the git commit changed since the run ({ran[:12]} -> {now[:12] if now else 'no git checkout'})")
+    if "code" in info and info["code"] != (now := code_id.code_id_now()):
+        out.append(
+            f"the package's sources ({', '.join(code_id.PACKAGES)}) changed since the run (code {info['code']} -> {now})"
+        )
+    for path, ran in (info.get("sources") or {}).items():
+        now = _file_sha256(path)
+        if now != ran:
+            out.append(f"{_shown(path)} changed since the run (sha256 {_short(ran)} -> {_short(now)})")
+    for t in info.get("traces") or []:
+        if not isinstance(t, dict) or "sha256" not in t:  # (the run could not read it either)
+            continue
+        now = trace_digest(t.get("resolved") or t["path"])
+        if now.get("sha256") != t["sha256"]:
+            out.append(
+                f"trace {_shown(t['path'])} changed since the run (sha256 {_short(t['sha256'])} -> "
+                f"{_short(now['sha256']) if 'sha256' in now else now.get('error')})"
+            )
+    if "versions" in info:
+        import platform
+
+        now = {"python": platform.python_version(), **_versions()}
+        for name in sorted(set(info["versions"]) | set(now)):
+            if info["versions"].get(name) != now.get(name):
+                ran, is_ = info["versions"].get(name) or "not installed", now.get(name) or "not installed"
+                out.append(f"{name} {ran} -> {is_} since the run")
+    if info.get("executable") and info["executable"] != sys.executable:
+        out.append(f"python is {sys.executable}, the run's was {info['executable']}")
+    if "env" in info:
+        now = _recorded_env(os.environ)
+        for name in sorted(set(info["env"]) | set(now)):
+            if name not in _ENV_NOT_INPUTS and info["env"].get(name) != now.get(name):
+                ran, is_ = info["env"].get(name), now.get(name)
+                out.append(
+                    f"${name} is {'unset' if is_ is None else repr(is_)} now, the run had "
+                    f"{'it unset' if ran is None else repr(ran)}"
+                )
+    return out
+
+
+def _file_sha256(path: str) -> str:
+    """sha256 (hex) of a file's bytes, or "unreadable: <why>" (as `own_sources` records one)."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+
+
+def _short(digest: str | None) -> str:
+    return "none" if digest is None else f"{digest[:12]}..." if len(digest) == 64 else digest
+
+
+def _shown(path: str) -> str:
+    """`path` relative to the working directory where it lies under it (as a rerun line's `cd` gives), else as is."""
+    import os
+
+    rel = os.path.relpath(path) if os.path.isabs(path) else path
+    return path if rel.startswith(os.pardir) else rel
 
 
 def write_run_info(directory: str, info: dict) -> str:
@@ -768,6 +916,10 @@ def _versions() -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:  # (an optional extra not installed)
             pass
+    for dist in metadata.distributions():  # the CUDA libraries of the GPU plugins (nvidia-cublas-cu12, ...)
+        name = dist.metadata["Name"] or ""
+        if name.lower().replace("_", "-").startswith("nvidia-"):
+            out[name] = dist.version
     return out
 
 

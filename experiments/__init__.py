@@ -345,7 +345,122 @@ def parse_flags_checking_locale(argv):
     if line := non_utf8_locale_line():
         raise SystemExit(line)
     catch_lost_ctrl_c()
-    return app.parse_flags_with_usage(argv)
+    parsed = app.parse_flags_with_usage(argv)
+    rerun_of_or_exit()
+    return parsed
+
+
+def parse_flags_checking_rerun(argv):
+    """absl's own flag parser, then `rerun_of_or_exit` (`app.run(main, flags_parser=parse_flags_checking_rerun)`),
+    for a launcher that writes run.json and takes neither a `--config` nor jax steps (capacity, reproduce_paper,
+    bench_store, tcp_completion_model)."""
+    from absl import app
+
+    parsed = app.parse_flags_with_usage(argv)
+    rerun_of_or_exit()
+    return parsed
+
+
+def define_rerun_of() -> None:
+    """--rerun_of and --rerun_of_allow_changes, for a launcher that writes run.json (its `rerun` line passes
+    --rerun_of=<that run.json>): its flag parser (`parse_flags_or_exit`, `parse_flags_checking_locale`,
+    `parse_flags_checking_rerun`) checks, before anything runs, that the run's inputs are as they were
+    (`rerun_of_or_exit`). Each launcher defines them as its own (`allow_override`, as --out: the one defined last, the
+    launcher run, files them in its --helpshort)."""
+    import sys
+
+    from absl import flags
+
+    from dualpath_jax.metrics import RERUN_ANYWAY, RERUN_OF
+
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    module = sys.argv[0] if caller == "__main__" else caller
+    flags.DEFINE_string(
+        RERUN_OF,
+        None,
+        "The run.json of the run this reruns (run.json's `rerun` line passes it): before running, stop with a line "
+        "per input changed since that run (its git commit, the package's sources, config / setup / policy files, "
+        "traces, versions, the python, the environment variables it recorded).",
+        module_name=module,
+        allow_override=True,
+    )
+    flags.DEFINE_bool(
+        RERUN_ANYWAY,
+        False,
+        "With --rerun_of: run even though inputs changed since that run (each is named), e.g. on purpose on newer "
+        "code; its numbers may differ from that run's.",
+        module_name=module,
+        allow_override=True,
+    )
+
+
+def rerun_of_or_exit() -> None:
+    """--rerun_of=RUN_JSON (`define_rerun_of`): SystemExit with a line per input of that run that changed since
+    (`metrics.changes_since`), unless --rerun_of_allow_changes (then they are printed and the run goes on). A file that
+    is missing, unreadable, not a run.json or another launcher's is one line naming it. Nothing without the flag."""
+    import json
+    import os
+    import shlex
+    import sys
+
+    from absl import flags
+
+    from dualpath_jax.metrics import RERUN_ANYWAY, RERUN_OF, changes_since
+
+    fv = flags.FLAGS
+    if RERUN_OF not in fv:  # (a launcher that writes no run.json)
+        return
+    path = fv[RERUN_OF].value
+    if path is None:
+        if fv[RERUN_ANYWAY].value:
+            raise SystemExit(f"bad flags: --{RERUN_ANYWAY} without --{RERUN_OF}=<the run.json of the run to rerun>")
+        return
+    bad = f"bad --{RERUN_OF} {path!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise SystemExit(f"{bad}: no such file") from None
+    except IsADirectoryError:
+        raise SystemExit(f"{bad}: a directory; give the run.json in it") from None
+    except OSError as e:
+        raise SystemExit(f"{bad}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # (not JSON, not UTF-8)
+        raise SystemExit(f"{bad}: not a run.json (not JSON: {e})") from None
+    try:
+        ran = shlex.split(info["command"])
+        ran = ran[2] if len(ran) > 2 and ran[1] == "-m" else None
+    except (TypeError, KeyError, ValueError, AttributeError):
+        ran = None
+    if ran is None or not isinstance(info.get("rerun"), str):
+        raise SystemExit(f"{bad}: not a run.json (no `command` of `python -m LAUNCHER` and `rerun` line)")
+    if ran != (this := launcher_module()):
+        raise SystemExit(f"{bad}: the run.json of {ran}, not of {this}; paste its own `rerun` line")
+    changed = changes_since(info)
+    where = os.path.abspath(path)
+    if changed and not fv[RERUN_ANYWAY].value:
+        raise SystemExit(
+            f"--{RERUN_OF}={where}: {len(changed)} input(s) changed since that run, so this would not rerun it "
+            f"(--{RERUN_ANYWAY} runs it anyway):\n" + "\n".join(f"  {c}" for c in changed)
+        )
+    if changed:
+        sys.stderr.write(
+            f"--{RERUN_OF}={where}: running anyway (--{RERUN_ANYWAY}) with {len(changed)} input(s) changed since "
+            "that run:\n" + "".join(f"  {c}\n" for c in changed)
+        )
+    else:
+        sys.stderr.write(f"--{RERUN_OF}={where}: its inputs are as they were (code, sources, traces, versions)\n")
+
+
+def launcher_module() -> str:
+    """The module of the launcher this process runs (`experiments.bench_store`), as `python -m` names it; a script run
+    as a file, experiments/<name>.py, is `experiments.<name>` (`-m <name>` failed)."""
+    import os
+    import sys
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    module = getattr(spec, "name", None)
+    return module or f"{__name__}.{os.path.splitext(os.path.basename(sys.argv[0]))[0]}"
 
 
 def parse_flags_or_exit(argv):
@@ -387,6 +502,7 @@ def parse_flags_or_exit(argv):
         sys.exit(1)
     for flag in _config_file_flags():
         _refuse_whole_section_overrides(argv, flag, flag.parser.keys or before.get(flag.name))
+    rerun_of_or_exit()
     return parsed
 
 
@@ -862,16 +978,11 @@ def _write_run_info_beside(path: str) -> None:
     command, the line that runs it again, versions, host, git; the rows held none of it)."""
     import json
     import os
-    import sys
 
-    from dualpath_jax.metrics import json_safe, run_info
+    from dualpath_jax.metrics import json_safe, run_file_beside, run_info
 
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    module = getattr(spec, "name", None)
-    if module is None:  # a script run as a file: experiments/<name>.py is `-m experiments.<name>` (`-m <name>` failed)
-        module = f"{__name__}.{os.path.splitext(os.path.basename(sys.argv[0]))[0]}"
-    info = run_info(module, _STARTED, out_file=path, rows=os.path.abspath(path))
-    beside = (path[: -len(".json")] if path.endswith(".json") else path) + ".run.json"
+    info = run_info(launcher_module(), _STARTED, out_file=path, rows=os.path.abspath(path))
+    beside = run_file_beside(path)
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

@@ -22,6 +22,7 @@ from absl import app, flags, logging
 
 from experiments import (
     SigtermAsInterrupt,
+    define_rerun_of,
     interrupted_by,
     log_start,
     parse_flags_checking_locale,
@@ -45,6 +46,7 @@ _PEAK_TFLOPS = flags.DEFINE_float(
 )
 flags.register_validator("peak_tflops", lambda v: 0 <= v < math.inf, message="--peak_tflops must be >= 0 and finite")
 _OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: print only)", allow_override=True)
+define_rerun_of()
 _DEVICE_ONLY = flags.DEFINE_bool("device_only", False, "time only the compute (whole jit, inputs and KV on device)")
 
 

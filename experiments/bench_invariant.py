@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import (
+    define_rerun_of,
     log_start,
     parse_flags_checking_locale,
     register_distinct,
@@ -43,6 +44,7 @@ _APPEND = flags.DEFINE_integer("append", 64, "tokens of the append case", lower_
 _SLOTS = flags.DEFINE_integer("slots", 8, "decode slots", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 5, "interleaved repeats per case", lower_bound=1, allow_override=True)
 _OUT = flags.DEFINE_string("out", "", "write the rows as JSON here (default: print only)", allow_override=True)
+define_rerun_of()
 
 
 def _known_models(names) -> bool:

@@ -44,6 +44,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import (
+    define_rerun_of,
     parse_flags_checking_locale,
     refuse_flags_of_parts_not_run,
     register_distinct,
@@ -83,6 +84,7 @@ flags.DEFINE_float(
 flags.DEFINE_integer("layers", 16, "layers in the overlap section", lower_bound=1, allow_override=True)
 flags.DEFINE_float("layer_ms", 25.0, "target per-layer load and compute time (ms) in the overlap section")
 flags.DEFINE_string("out", None, "also write all rows as JSON here", allow_override=True)
+define_rerun_of()
 for _name in ("shaped_seconds", "shaped_quantum_ms", "layer_ms"):  # (inf: an OverflowError, or overlap ran forever)
     flags.register_validator(_name, lambda v: 0 < v < math.inf, message=f"--{_name} must be > 0 and finite")
 for _name in ("tcp_sizes", "tcp_small_sizes", "tcp_batches", "shaped_rates_mb"):

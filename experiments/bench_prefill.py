@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 from experiments import (
+    define_rerun_of,
     log_start,
     parse_flags_checking_locale,
     register_distinct,
@@ -62,6 +63,7 @@ _NO_CACHE = flags.DEFINE_bool(
     "no_persistent_cache", False, "disable JAX's persistent compilation cache", allow_override=True
 )
 _OUT = flags.DEFINE_string("out", "", "write results as JSON here (default: print only)", allow_override=True)
+define_rerun_of()
 
 
 def _setup():

@@ -35,6 +35,7 @@ from experiments import (
     SigtermAsInterrupt,
     config_or_exit,
     define_config_file,
+    define_rerun_of,
     flag_line,
     fresh_dir_or_exit,
     interrupted_by,
@@ -59,6 +60,7 @@ _SKIP_OVERHEAD = flags.DEFINE_bool("skip_overhead", False, "Do not measure the p
 _OVERHEAD_TURNS = flags.DEFINE_integer(
     "overhead_turns", 8, "Turns of the single agent of the overhead figure.", lower_bound=1
 )
+define_rerun_of()
 
 
 def step_measurements(results) -> list:
@@ -373,6 +375,7 @@ def _main(argv, term):
         [(("overhead_turns",), "the overhead figure", "--skip_overhead leaves out" if _SKIP_OVERHEAD.value else None)]
     )
     started = clock.now()  # (run.json: the start and the wall time)
+    from dualpath_jax import metrics
     from dualpath_jax.runtime import driver
     from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
     from dualpath_jax.runtime.launcher import LocalCluster, accelerator_sharing_env, enable_compilation_cache
@@ -464,6 +467,8 @@ def _main(argv, term):
         for p in ("basic", "dualpath"):  # each kept as it finishes: a later run's failure keeps it
             measured[p] = run(base.replace(**{"scheduler.name": p}))
             out.setdefault("measured", {})[p] = driver.summary_with_sim_link_names(measured[p].summary)
+            # (a re-run's tokens compare with these: README "What ran")
+            out["measured"][p]["greedy_tokens_sha256"] = metrics.tokens_sha256(measured[p].tokens)
             if window is not None:  # (`driver.run`'s judgement of its turns under the SLO)
                 out["measured"][p]["slo"] = measured[p].slo
             if base.store_options.get("capacity_bytes") is not None:  # (beside the copy's store_* counters)
@@ -622,12 +627,13 @@ def _main(argv, term):
         term.hold()
         if session is not None:
             session.close()
-    from dualpath_jax import metrics
-
     _write_json(out_dir, out)  # (before the plot: a plotting failure kept no bench_runtime.json)
     _plot(out, os.path.join(out_dir, "bench_runtime.png"))
     # what ran, as the other launchers record it (a re-run of its `command` makes a results directory of its own)
-    metrics.write_run_info(out_dir, driver.run_info("experiments.bench_runtime", started, base, out["config"]))
+    run_file = os.path.join(out_dir, metrics.RUN_FILE)  # (its `rerun` line's --rerun_of)
+    metrics.write_run_info(
+        out_dir, driver.run_info("experiments.bench_runtime", started, base, out["config"], run_file=run_file)
+    )
     logging.info("results written to %s", out_dir)
     if failed:
         raise SystemExit(f"{failed} (the runs that finished are in {out_dir})")

@@ -52,6 +52,8 @@ from dualpath_jax.block_keys import keys_from_hash_ids, root_key
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.store import LocalDirStore, block_file, local_dir
 from experiments import (
+    define_rerun_of,
+    parse_flags_checking_rerun,
     register_distinct,
     run_parts_then_write,
     writable_dir_or_exit,
@@ -811,5 +813,6 @@ if __name__ == "__main__":
         lambda v: v is None or os.path.isfile(os.path.join(v, "dualpath_jax", "store", "local_dir.py")),
         message="--compare_tree must be the root of a source tree (it has no dualpath_jax/store/local_dir.py)",
     )
+    define_rerun_of()
     FLAGS = flags.FLAGS
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_checking_rerun)

@@ -42,6 +42,7 @@ from dualpath_jax import clock, compiled
 from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
+    define_rerun_of,
     exit_if_stopped_or_failed,
     hold_dir_or_exit,
     interrupted_by,
@@ -50,6 +51,7 @@ from experiments import (
     mode_items,
     mode_styles,
     no_earlier_results_or_exit,
+    parse_flags_checking_rerun,
     pyplot_or_none,
     register_distinct,
     register_seeds,
@@ -123,6 +125,7 @@ flags.register_multi_flags_validator(
     message="--lo and --hi bracket the capacity: they need 0 < lo < hi, both finite",
 )
 register_seeds()
+define_rerun_of()
 for _name in ("setups", "modes"):
     flags.register_validator(_name, bool, message=f"--{_name} needs at least one item")
 register_distinct("setups", key=os.path.realpath)
@@ -529,4 +532,4 @@ def _write_results(rows: list[dict], searches: Sequence[Search], term: SigtermAs
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_checking_rerun)

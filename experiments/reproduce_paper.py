@@ -41,10 +41,12 @@ from dualpath_jax import clock, compiled
 from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
+    define_rerun_of,
     hold_dir_or_exit,
     interrupted_by,
     mean_within,
     no_earlier_results_or_exit,
+    parse_flags_checking_rerun,
     pyplot_or_none,
     refuse_flags_of_parts_not_run,
     run_jobs,
@@ -119,6 +121,7 @@ _EXTRA = flags.DEFINE_string(
     "dataset=, ...) are refused: their own flags set them.",
     allow_override=True,
 )
+define_rerun_of()
 flags.register_validator(
     "pd_ratios",
     lambda v: all(re.fullmatch(r"[1-9]\d*P[1-9]\d*D", x) for x in v),
@@ -886,4 +889,4 @@ def plot_report(headline: dict, table_cells: list, path: str, note: str = "") ->
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_checking_rerun)

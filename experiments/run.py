@@ -45,6 +45,7 @@ from experiments import (
     Terminated,
     config_or_exit,
     define_config_file,
+    define_rerun_of,
     dirs_made_for,
     drop_empty_dirs,
     flag_line,
@@ -66,6 +67,7 @@ from experiments import (
 _CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_runtime.py"), "Run configuration."
 )
+define_rerun_of()
 
 COLUMNS = [
     ("jct_s", "JCT s", "{:.2f}"),
@@ -727,7 +729,9 @@ def _main(argv, term: SigtermAsInterrupt):
         if config.plot and plot(results, os.path.join(out_dir, "run.png")):
             logging.info("plot: %s", os.path.join(out_dir, "run.png"))
         # what ran (a re-run of its `command` makes a results directory of its own)
-        info = driver.run_info("experiments.run", started, base, config.to_dict())
+        info = driver.run_info(
+            "experiments.run", started, base, config.to_dict(), run_file=os.path.join(out_dir, metrics.RUN_FILE)
+        )
         if store_dirs:  # (as results.json's)
             info["store_dirs"] = dict(store_dirs)
         metrics.write_run_info(out_dir, info)

@@ -23,6 +23,7 @@ from dualpath_jax import clock
 from experiments import (
     config_or_exit,
     define_config_file,
+    define_rerun_of,
     dirs_made_for,
     drop_empty_dirs,
     hold_dir_or_exit,
@@ -42,6 +43,7 @@ _PLOT = flags.DEFINE_bool("plot", True, "Write plot.png (matplotlib).", allow_ov
 _MAX_TIME = flags.DEFINE_float("max_time", math.inf, "Stop the simulated clock here (seconds).")
 flags.register_validator("max_time", lambda v: v > 0, message="--max_time must be > 0")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar of finished turns (stderr).")
+define_rerun_of()
 
 
 def log_versions() -> None:

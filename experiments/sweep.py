@@ -46,6 +46,7 @@ from dualpath_jax import clock, compiled
 from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
+    define_rerun_of,
     exit_if_stopped_or_failed,
     hold_dir_or_exit,
     interrupted_by,
@@ -168,6 +169,7 @@ _RESUME = flags.DEFINE_bool(
 )
 
 # (put back by parse_flags where a launcher imported later into this process replaced some: `reclaim_flags`)
+define_rerun_of()
 _OWN_FLAGS = own_flags(_SETUPS, _MODES, _LOADS, _EXTRA, _WORKERS, _OUTPUT_DIR, _SEEDS, _PLOT, _OVERWRITE, _RESUME)
 
 RESULTS = ("sweep.csv", "sweep.json", "sweep.rows.jsonl")  # an earlier sweep's, refused unless --overwrite/--resume

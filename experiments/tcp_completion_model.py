@@ -40,7 +40,14 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import SigtermAsInterrupt, interrupted_by, writable_file_or_exit, write_rows_json
+from experiments import (
+    SigtermAsInterrupt,
+    define_rerun_of,
+    interrupted_by,
+    parse_flags_checking_rerun,
+    writable_file_or_exit,
+    write_rows_json,
+)
 
 FLAGS = flags.FLAGS
 # (10**11 was numpy's "Unable to allocate 93.1 GiB" traceback from the sender's source buffer)
@@ -62,6 +69,7 @@ flags.DEFINE_float(
 )
 # --out: other benchmarks define it too (allow_override: see experiments.bench_io)
 flags.DEFINE_string("out", "", "write the rows as JSON here (default: print only)", allow_override=True)
+define_rerun_of()
 
 HEADER = 48  # bytes, as transport.tcp's frame header
 # size, count, on_ask (1: acknowledge only frames that ask), ack cost (ns) of a round; count 0 ends the receiver
@@ -432,4 +440,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_checking_rerun)

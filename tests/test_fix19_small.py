@@ -141,7 +141,7 @@ def fake_run(cfg, ts, **kw):
     if cfg.scheduler.name == "dualpath":
         os.kill(os.getpid(), signal.SIGKILL)
     s = {"jct_s": 2.0, "pe_read_bytes": 1, "de_read_bytes": 0, "snic_max_over_avg": 1.5, "link_bytes": {}}
-    return types.SimpleNamespace(summary=s, records=[], links=[], slo=None)
+    return types.SimpleNamespace(summary=s, records=[], links=[], slo=None, tokens={})
 
 driver.prepare = lambda cfg, *a, **k: ([types.SimpleNamespace(turns=[0, 1])] * 8, None)
 driver.measure_prefill_tokens_per_s = lambda ops, cfg: 1000.0

@@ -203,7 +203,7 @@ from experiments import bench_runtime, parse_flags_or_exit
 def run(cfg, ts, **kw):
     s = {"jct_s": 2.0 if cfg.scheduler.name == "basic" else 1.0, "pe_read_bytes": 1, "de_read_bytes": 0,
          "snic_max_over_avg": 1.5, "hit_rate": 0.25}
-    return types.SimpleNamespace(summary=s, store_stats={"evictions": 7, "read_absent": 1})
+    return types.SimpleNamespace(summary=s, store_stats={"evictions": 7, "read_absent": 1}, tokens={})
 
 kv = types.SimpleNamespace(num_layers=2, bytes_per_token_per_layer=64)
 ops = types.SimpleNamespace(kv_layout=kv, fingerprint="fp", config=types.SimpleNamespace(kv_bytes_per_token=128))

@@ -26,7 +26,7 @@ from experiments import bench_runtime, parse_flags_or_exit
 def run(cfg, ts, **kw):
     s = {"jct_s": 2.0 if cfg.scheduler.name == "basic" else 1.0, "pe_read_bytes": 1, "de_read_bytes": 0,
          "snic_max_over_avg": 1.5, "tpot_p50_s": math.nan, "tpot_p99_s": math.nan}
-    return types.SimpleNamespace(summary=s)
+    return types.SimpleNamespace(summary=s, tokens={})
 
 driver.prepare = lambda cfg, *a, **k: ([types.SimpleNamespace(turns=[0])] * 8, None)
 driver.measure_prefill_tokens_per_s = lambda ops, cfg, *a, **k: 1000.0

@@ -319,7 +319,7 @@ def run(cfg, ts, **kw):
     if cfg.scheduler.name == "dualpath":
         raise OSError(28, "No space left on device")
     s = {"jct_s": 2.0, "pe_read_bytes": 1, "de_read_bytes": 0, "snic_max_over_avg": 1.5}
-    return types.SimpleNamespace(summary=s)
+    return types.SimpleNamespace(summary=s, tokens={})
 
 driver.prepare = lambda cfg, *a, **k: ([types.SimpleNamespace(turns=[0])] * 8, None)
 driver.measure_prefill_tokens_per_s = lambda ops, cfg, *a, **k: 1000.0
