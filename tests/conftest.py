@@ -35,6 +35,19 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# JAX's persistent compilation cache in the tests' own processes too, the launchers' (models/jax_cache.py:
+# $DUALPATH_JAX_CACHE, else ~/.cache/dualpath_jax/xla; their node processes use it already): the tiny models' steps
+# compile once per host and jax version instead of in every run. Measured side by side (session 49, -n 2,
+# tests/test_invariant.py + test_models.py): 226 s without, 235 s with an empty cache, 86 s with the cache of a run
+# before. The same executables either way (jax's key holds the program, the compile options and the versions).
+# `DUALPATH_JAX_TESTS_XLA_CACHE=off` runs the tests without it, `=<dir>` with a directory of their own.
+_TESTS_CACHE = os.environ.get("DUALPATH_JAX_TESTS_XLA_CACHE", "")
+if _TESTS_CACHE != "off":
+    from models.jax_cache import enable_persistent_compilation_cache
+
+    enable_persistent_compilation_cache(_TESTS_CACHE or None)
+
+
 # A tiny model's ops (weights and jitted steps), built once per pytest process for each (model, seed, numerics,
 # device): every `ModelOps.of_config` of the tests and of the in-process launcher's runs (`model_ops=None`) shares
 # them, as one node process's engines do, instead of compiling the same steps again in each test (~3 s each).
