@@ -40,6 +40,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from dualpath_jax import clock
+from dualpath_jax.metrics import tokens_sha256  # results.json greedy_tokens.sha256 (bench_runtime's too)
 from experiments import (
     SigtermAsInterrupt,
     Terminated,
@@ -337,15 +338,6 @@ def reference_tokens(base, trajs, ops) -> dict:
     ref = driver.reference_tokens(base, trajs, ops)
     logging.info("single-process reference: %d turns in %.1f s", len(ref), time.monotonic() - t0)
     return ref
-
-
-def tokens_sha256(tokens: dict) -> str:
-    """sha256 of a run's greedy tokens, one line `trajectory turn id id ...` per turn in (trajectory, turn) order:
-    results.json's greedy_tokens.sha256, the same for two runs that generated the same tokens."""
-    import hashlib
-
-    text = "".join(" ".join(map(str, [t, i, *ids])) + "\n" for t, i, ids in token_rows(tokens))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_results_json(out_dir: str, summary: dict) -> None:

@@ -4,20 +4,25 @@ A node process (local or Ray launcher) waited a fixed 30 s for the driver's repl
 policy, so a policy call over 30 s failed every node of the run, blaming node 0 ("global scheduler did not answer
 within 30.0 s"), where the in-process launcher waited. The node now waits the run's own no-progress bound
 (`config.fetch_timeout_s`: the stall timeout in force, else run_timeout_s, at least 30 s), and a call over
-heartbeat_timeout_s is logged once, naming the policy.
+heartbeat_timeout_s is logged once, naming the policy. And the driver's control server, out of file descriptors,
+said so once a spell (it was a warning a second), as the tcp transport now does.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import time
 import types
 
 import pytest
+from test_fix26_wirefix1 import KEY, _fetch_in_thread
 
 from configs.tiny_runtime import get_config
 from dualpath_jax.runtime import launcher
 from dualpath_jax.runtime.config import RuntimeConfig, fetch_timeout_s, stall_timeout_s
+from dualpath_jax.runtime.control import ControlServer, GroupReply
 from dualpath_jax.runtime.scheduler_service import GlobalScheduler, GroupSpec
 
 
@@ -58,3 +63,30 @@ def test_a_policy_call_longer_than_heartbeat_timeout_s_is_logged_once_naming_it(
     caplog.clear()
     GlobalScheduler._call_policy(service, None, [], 0)
     assert not [r for r in caplog.records if "schedule() call" in r.getMessage()]
+
+
+def test_the_control_servers_failing_accept_is_said_once_a_spell_and_its_end_too(monkeypatch, caplog):
+    """Out of descriptors, the driver's control server logged a warning for every failed accept (about one a second
+    for as long as it lasted); now once a spell, naming the limit, and one line when it accepts again (as tcp's)."""
+    srv = ControlServer(lambda report: GroupReply(), KEY)
+    try:
+        real, calls = srv._listener.accept, []
+
+        def failing():
+            calls.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        with caplog.at_level(logging.WARNING, logger="dualpath_jax.runtime.control"):
+            monkeypatch.setattr(srv._listener, "accept", failing)
+            socket.create_connection(srv.address).close()  # (taken by the accept running now: the next ones fail)
+            time.sleep(0.5)
+            monkeypatch.setattr(srv._listener, "accept", real)
+            got, _ = _fetch_in_thread(srv.address)
+        assert got == GroupReply() and len(calls) >= 3
+        said = [r.getMessage() for r in caplog.records]
+        failed = [m for m in said if "accept failed" in m]
+        assert len(failed) == 1 and "RLIMIT_NOFILE" in failed[0], said
+        again = [m for m in said if "accepting connections again" in m]
+        assert len(again) == 1 and f"({len(calls)} accepts failed over " in again[0], said
+    finally:
+        srv.close()

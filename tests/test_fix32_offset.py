@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from test_fix32_offset_host import BATCHER, ENV
+from _fix32_other_host import BATCHER, ENV
 
 from dualpath_jax import clock
 from dualpath_jax.runtime import driver
@@ -162,7 +162,7 @@ def test_nodes_on_other_hosts_clocks_report_stamps_in_the_drivers_timebase(
 ):
     """Session 48 (/tmp/h48.jiEI/offset.py, a DE 0.5 s behind): allocation and prefill parts down to -0.50 s and
     ttft_queue_mean_s 0.19 s against 0.005 s; a DE 0.5 s ahead: wall_s 16.8 s against 11.7 s, every next turn held
-    back. Here real node processes (local launcher), two of them with another host's clock (`test_fix32_offset_host`):
+    back. Here real node processes (local launcher), two of them with another host's clock (`_fix32_other_host`):
     each turn's stamps in order within the estimate's round trip, the run ends after its last turn, node_stats give
     each node's offset (the emulated ones' within half their round trip of the truth, node 2's exactly 0.0), the
     driver warns once per off node, and the greedy tokens are the reference's."""

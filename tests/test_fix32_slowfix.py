@@ -18,11 +18,11 @@ import types
 
 import numpy as np
 import pytest
+from test_fix26_wirefix2 import _frame
+from test_fix32_leftovers import _free_port
 
 from dualpath_jax.runtime.engines import EngineBase, engine_endpoint
 from dualpath_jax.traffic import Link, Pacer
-from tests.test_fix26_wirefix2 import _frame
-from tests.test_fix32_leftovers import _free_port
 from transport import tcp
 from transport.base import PeerLostError, connect_published
 from transport.inproc import InProcFabric, InProcTransport

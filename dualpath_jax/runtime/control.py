@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any
@@ -298,20 +299,38 @@ class ControlServer:
         self._accept.start()
 
     def _accept_loop(self) -> None:
-        backoff = 0.01
+        backoff, failing, failed, since = 0.01, None, 0, 0.0
         while not self._closed:
             try:
                 conn = self._listener.accept()
             except Exception as e:  # noqa: BLE001 -- closed listener; EMFILE, ENOBUFS, ECONNABORTED...: passing
                 if self._closed:
                     return
-                # (retried at once, out of descriptors it spun: ~370 lines/s. 10 ms doubling to 1 s, as TcpTransport)
-                why = _fd_shortage(e) if isinstance(e, OSError) else e  # (EMFILE: names RLIMIT_NOFILE)
-                log.warning("control server: accept failed (%s); still accepting", why)
+                # (retried at once, out of descriptors it spun: ~370 lines/s. 10 ms doubling to 1 s, as TcpTransport;
+                # said once a spell of one cause, as TcpTransport: it was a line a second while out of descriptors)
+                failed += 1
+                cause = (type(e), getattr(e, "errno", None))
+                if cause != failing:
+                    failing, since = cause, time.monotonic()
+                    why = _fd_shortage(e) if isinstance(e, OSError) else e  # (EMFILE: names RLIMIT_NOFILE)
+                    log.warning(
+                        "control server: accept failed (%s); still accepting: the connected nodes are served on, new "
+                        "connections wait in the listen backlog, accept is tried again every 1 s at most (said once a "
+                        "spell)",
+                        why,
+                    )
+                else:
+                    log.debug("control server: accept failed again (%s)", e)
                 self._stopping.wait(backoff)
                 backoff = min(1.0, backoff * 2)
                 continue
-            backoff = 0.01
+            if failed > 1:  # (a spell, not one aborted connection)
+                log.warning(
+                    "control server: accepting connections again (%d accepts failed over %.1f s)",
+                    failed,
+                    time.monotonic() - since,
+                )
+            backoff, failing, failed = 0.01, None, 0
             if self._closed:  # (`close`'s own wake-up connection)
                 conn.close()
                 return
