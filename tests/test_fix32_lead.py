@@ -90,3 +90,21 @@ def test_the_control_servers_failing_accept_is_said_once_a_spell_and_its_end_too
         assert len(again) == 1 and f"({len(calls)} accepts failed over " in again[0], said
     finally:
         srv.close()
+
+
+def test_no_test_imports_its_siblings_as_a_tests_package():
+    """The CI runs `pytest` (README), which puts tests/ on sys.path but not the repository root: a test importing
+    `tests.test_x` was found only with `python -m pytest` from the root, and the CI failed to collect it (session
+    49). Siblings are imported as `from test_x import ...`."""
+    import glob
+    import os
+    import re
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    bad = [
+        f"{os.path.basename(p)}:{i}"
+        for p in sorted(glob.glob(os.path.join(here, "*.py")))
+        for i, line in enumerate(open(p, encoding="utf-8"), 1)
+        if re.match(r"\s*(from|import)\s+tests(\.|\s|$)", line)
+    ]
+    assert not bad, f"imports of the tests package (use `from test_x import ...`): {bad}"
