@@ -329,9 +329,18 @@ def define_config_file(name: str, default: str | None, help_string: str):
     # `--config.cluster.store_capacity_gb=None` (a placeholder field: back to unbounded) gives None
     _with_none_aware_overrides(flags.FLAGS[name], flags.FLAGS)
     # A key flag of the launcher that defines it, so `--helpshort` lists it (absl files it under this module).
-    caller = sys._getframe(1).f_globals.get("__name__", "")
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller, flags.FLAGS[name])
+    flags.FLAGS.register_key_flag_for_module(_flags_module_of_caller(), flags.FLAGS[name])
     return holder
+
+
+def _flags_module_of_caller() -> str:
+    """The module absl files the flags defined by the caller of the function calling this under (the launcher that
+    defines them: its `--helpshort` lists them): its name, or for `__main__` (a launcher run as `python -m`) absl's
+    name for it, sys.argv[0]."""
+    import sys
+
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    return sys.argv[0] if caller == "__main__" else caller
 
 
 def parse_flags_checking_locale(argv):
@@ -367,14 +376,11 @@ def define_rerun_of() -> None:
     `parse_flags_checking_rerun`) checks, before anything runs, that the run's inputs are as they were
     (`rerun_of_or_exit`). Each launcher defines them as its own (`allow_override`, as --out: the one defined last, the
     launcher run, files them in its --helpshort)."""
-    import sys
-
     from absl import flags
 
     from dualpath_jax.metrics import RERUN_ANYWAY, RERUN_OF
 
-    caller = sys._getframe(1).f_globals.get("__name__", "")
-    module = sys.argv[0] if caller == "__main__" else caller
+    module = _flags_module_of_caller()
     flags.DEFINE_string(
         RERUN_OF,
         None,

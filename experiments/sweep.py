@@ -312,11 +312,7 @@ def module_digests() -> dict[str, str]:
 def setup_digest(setup: str) -> str | None:
     """sha256 of a setup file's bytes, as the sweep read it first (cached: a later edit of the file does not change
     the rows of this sweep); None where it cannot be read."""
-    try:
-        with open(setup, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-        return None
+    return _file_digest(setup)
 
 
 def _grid_row(

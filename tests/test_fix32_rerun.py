@@ -24,6 +24,7 @@ import pytest
 from test_fix12_runtime import _launch
 from test_fix14_repro import REPO
 from test_fix14_repro import _launch as _launch_bare
+from test_fix24_bench import BENCH_RUNTIME_WITH_FAKE_RUN
 from test_fix31_rerun import _POLICY, _in
 
 _RUN_JSON_WRITERS = sorted(
@@ -224,23 +225,17 @@ def test_versions_name_ml_dtypes_the_gpu_plugins_and_their_cuda_libraries(tmp_pa
     assert versions["jax-cuda12-plugin"] == "0.4.99" and versions["nvidia-cublas-cu12"] == "12.4.5.8"
 
 
-_STUB_BENCH = """
-import sys, types
-from absl import app
-from dualpath_jax.runtime import driver
-from experiments import bench_runtime as job, parse_flags_or_exit
+_STUB_BENCH = (
+    """
+import types
 
 def fake_run(cfg, ts, **kw):  # each policy its own tokens
     p = cfg.scheduler.name
     summary = {"jct_s": 1.0, "pe_read_bytes": 0, "de_read_bytes": 0, "snic_max_over_avg": 1.0}
     return types.SimpleNamespace(summary=summary, tokens={(0, 0): [1, 2, len(p)]}, slo=None, store_stats={})
-
-driver.run = fake_run
-driver.measure_prefill_tokens_per_s = lambda ops, cfg, *a, **k: 1000.0
-sys.argv = [sys.argv[0], "--config=configs/tiny_runtime.py:test", "--config.results_dir=" + sys.argv[1], "--skip_sim",
-            "--skip_overhead"]
-app.run(job.main, flags_parser=parse_flags_or_exit)
 """
+    + BENCH_RUNTIME_WITH_FAKE_RUN
+)
 
 
 def test_bench_runtime_records_each_policys_greedy_tokens_digest(tmp_path):
