@@ -833,15 +833,28 @@ def changes_since(info: dict) -> list[str]:
     return out
 
 
+def file_sha256(path: str) -> str | None:
+    """sha256 (hex) of a file's bytes as they are now (not cached), None where it cannot be read (the sweep's rows
+    record None; run.json's `sources` record why: `_file_sha256`)."""
+    try:
+        return _sha256_of(path)
+    except OSError:
+        return None
+
+
 def _file_sha256(path: str) -> str:
     """sha256 (hex) of a file's bytes, or "unreadable: <why>" (as `own_sources` records one)."""
-    import hashlib
-
     try:
-        with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
+        return _sha256_of(path)
     except OSError as e:
         return f"unreadable: {e.strerror}"
+
+
+def _sha256_of(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
 
 
 def _short(digest: str | None) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -43,6 +42,7 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 from dualpath_jax import clock, compiled
+from dualpath_jax.metrics import file_sha256
 from experiments import (
     SigtermAsInterrupt,
     check_cell_or_exit,
@@ -312,7 +312,7 @@ def module_digests() -> dict[str, str]:
 def setup_digest(setup: str) -> str | None:
     """sha256 of a setup file's bytes, as the sweep read it first (cached: a later edit of the file does not change
     the rows of this sweep); None where it cannot be read."""
-    return _file_digest(setup)
+    return file_sha256(setup)
 
 
 def _grid_row(
@@ -506,7 +506,7 @@ def resumable(cells, directory: str) -> tuple[dict[int, dict], int | None]:
         )
     # and one of a policy of one's own (its module outside the setup file) edited since
     files = {i: r["policy_file"] for i, r in kept.items() if r.get("policy_file")}
-    changed = _changed_since(kept, "policy_sha256", files, _file_digest)
+    changed = _changed_since(kept, "policy_sha256", files, file_sha256)
     if changed:
         policies = sorted({kept[i]["mode"].split("+")[0] for i in files if files[i] in changed})
         raise SystemExit(
@@ -554,15 +554,6 @@ def _kept_rows_checkable_or_exit(kept: dict[int, dict], cells, kept_traces: dict
             f"--resume: {', and '.join(lacking)}: an older sweep ran them without recording it, so whether that input "
             "changed since cannot be checked; --overwrite to run them again"
         )
-
-
-def _file_digest(path: str) -> str | None:
-    """sha256 of a file's bytes as they are now (not cached), None where it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except OSError:
-        return None
 
 
 # What sweep.png shows per setup: (column, axis label); online cells (slo_attainment set) plot their SLO row
@@ -927,7 +918,7 @@ def _kept_modules_unchanged_or_exit(kept: dict[int, dict]) -> None:
     gone) would pass for the module as it is now: refused naming the files, nothing touched. Rows from before that
     digest (an older sweep's) are kept."""
     recorded = {p: h for r in kept.values() for p, h in (r.get("module_sha256") or {}).items()}
-    changed = sorted(p for p, h in recorded.items() if _file_digest(p) != h)
+    changed = sorted(p for p, h in recorded.items() if file_sha256(p) != h)
     if changed:
         raise SystemExit(
             f"--resume: {', '.join(changed)} changed since the earlier sweep ran its cells (a module its setups load: "
