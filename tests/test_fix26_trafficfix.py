@@ -124,6 +124,7 @@ def test_a_fast_link_keeps_99_to_1_when_the_high_thread_stalls_now_and_then():
     # left its class queue empty and low got a chunk each time (~10x its share here); 20 ms of lookahead rides it out.
     # The best of up to 3 measurements: on a loaded 2-core host the high thread is now and then descheduled for longer
     # than the lookahead too (0.057 once in a CI run, session 49); without the lookahead every measurement is ~0.1.
+    # (Marked slow; the default run checks the lookahead on a simulated clock: tests/test_fix33_lookahead.py.)
     def stall(k):
         if k % 8 == 7:
             time.sleep(0.006)
