@@ -649,6 +649,9 @@ class ModelRunner:
         # slot's row is zeroed first: masked keys weigh exactly 0, but 0 x inf = NaN, so a non-finite record left by
         # the slot's previous sequence poisoned every decode step of the next one.
         self.decode_caches = list(self._write_kv(tuple(self.decode_caches), jnp.int32(slot), jnp.asarray(padded)))
+        # Waited for: dispatch is asynchronous, and a caller stamps or times the load when this returns (the DE's
+        # first_token and busy_s); the next decode step would otherwise pay for it.
+        jax.block_until_ready(self.decode_caches)
         self.slot_lengths[slot] = p
         self._in_use[slot] = True
 
