@@ -449,6 +449,9 @@ class Link:
 
     # ---- recording --------------------------------------------------------------------------------------
     def _record(self, when: float, nbytes: int, cls: str) -> None:
+        # No bin for no bytes: `reserve(0)` and `record(0)` left a 0-byte bin, whose time `rate_of` then counted
+        if not nbytes:
+            return
         rel = max(0.0, when - self.clock_origin)
         name = f"{self.name}/{cls}" if self.per_class_names else self.name
         key = (name, int(rel / self.sample_interval))
