@@ -438,7 +438,7 @@ class Simulator:
                         )
         if not self.des:
             return
-        cap = int(self.c.de_hbm_kv_gb * GB / self.b)
+        cap = _room_tokens(self.c.de_hbm_kv_gb, self.b, "de_hbm_kv_gb")
         worst_t, worst_i, worst = None, -1, 0
         for traj in self.trajectories:
             i, tokens = traj.peak_turn()
@@ -449,7 +449,7 @@ class Simulator:
             raise SimConfigError(
                 f"turn {worst_i} of trajectory {worst_t.trajectory_id} holds {worst:,} tokens of KV (prompt + "
                 f"generation), more than a decode engine's HBM holds ({cap:,} tokens: config.cluster.de_hbm_kv_gb "
-                f"= {self.c.de_hbm_kv_gb:.2f} GB at {self.b:,.0f} B/token); {over} of {len(self.trajectories)} "
+                f"= {self.c.de_hbm_kv_gb:.4g} GB at {self.b:,.0f} B/token); {over} of {len(self.trajectories)} "
                 "trajectories have such a turn and could never be placed. Give the DEs more KV room "
                 "(config.cluster.de_hbm_kv_gb, or a higher hbm_usable_fraction or lower de_hbm_reserve_gb when it "
                 "is derived), use a shorter dataset, or cut trajectories at a context length with "
@@ -817,7 +817,7 @@ class Simulator:
         while q:
             r = q[0]
             need = r.prompt * self.b
-            if node.buffer_free < need and node.buf_held > 0:
+            if node.buffer_free < need - ROOM_SLACK * node.buffer_bytes and node.buf_held > 0:
                 break
             q.popleft()
             node.buffer_free -= need
@@ -862,7 +862,7 @@ class Simulator:
                 # Wait for room while any request holds some (a read larger than the whole buffer then runs alone).
                 # That was `while reads are in flight`: a read started beside hits already read and waiting for
                 # their prefill, and the buffer held more than its size.
-                if node.buffer_free < nbytes and node.buf_held > 0:
+                if node.buffer_free < nbytes - ROOM_SLACK * node.buffer_bytes and node.buf_held > 0:
                     break
                 node.buffer_free -= nbytes
                 node.buf_held += 1
@@ -911,7 +911,7 @@ class Simulator:
             # Wait for HBM; a prompt larger than all of it runs alone, once no request holds any. (That used to
             # be `hbm_free < all of it`: with a bytes-per-token that is not an integer, the freed bytes could sum
             # to a rounding below all of it, and such a prompt then waited forever.)
-            if pe.hbm_free < need and pe.hbm_held:
+            if pe.hbm_free < need - ROOM_SLACK * self.c.pe_hbm_kv_gb * GB and pe.hbm_held:
                 break
             q.popleft()
             pe.hbm_free -= need
@@ -1426,16 +1426,27 @@ def _end_on_total(out: list, name, run: float, held: int, totals: dict) -> None:
         out[k] = LinkBytes(name, last.t0, last.t1, last.nbytes + round(total) - held)
 
 
+# A room within this share of a whole token count is that count (GB x 1e9 / B per token of N tokens' bytes is N up to
+# rounding, whichever way it fell); a byte room (host buffer, basic prefill's PE HBM) takes what needs up to this share
+# of its size more than it has free, so N tokens' KV fits a room of N tokens' bytes given in GB (a prompt of exactly the
+# room, or two halves, waited for room a hair short of theirs)
+ROOM_SLACK = 1e-9
+
+
 def _room_tokens(gb: float, b: float, field: str) -> int:
-    """An HBM room in tokens; one too large for a double (1e300 GB, or ~0 B/token) is refused by name (it was an
-    OverflowError converting infinity)."""
+    """An HBM room (or the store's capacity) in whole tokens; one too large for a double (1e300 GB, or ~0 B/token) is
+    refused by name (it was an OverflowError converting infinity). A room of N tokens' bytes given in GB (N x b / 1e9,
+    e.g. experiments.bench_runtime's decode_slots x max_seq_len) is N tokens, not the N - 1 that flooring the
+    quotient's rounding (1023.9999999999999) gave: a turn of exactly the room was refused, two halves ran one at a
+    time."""
     room = gb * GB / b
     if room == math.inf:
         raise SimConfigError(
             f"config.cluster.{field} = {gb:g} GB at {b:g} B/token (config.cluster.kv_bytes_per_token, 0: the "
             "model's) holds more tokens than a double can count; give a finite KV room"
         )
-    return int(room)
+    n = round(room)
+    return n if abs(room - n) <= ROOM_SLACK * room else int(room)
 
 
 class _WorkView(Sequence):
