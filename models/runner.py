@@ -31,7 +31,9 @@ Prefill (PE side)
         ``[m, *record]`` (numpy views; ``runner.layout.to_bytes`` gives the Layer Block bytes). Called for
         layer l after layer l+1 was dispatched, so sending overlaps compute.
       * ``PrefillResult.next_tokens [B] int32`` (greedy first token), ``last_logits [B, V] float32``,
-        ``miss_kv`` (``[L, m, *record]`` per request when return_kv).
+        ``miss_kv`` (``[L, m, *record]`` per request when return_kv), ``device_busy`` (perf_counter spans during
+        which the device was still computing the batch while a provider / h2d call ran: a caller that times waits in
+        them counts their overlap as compute; JAX dispatches asynchronously).
     ``prefill_whole(requests, cached_kv=None, *, all_logits=False) -> (kv_new, logits, miss_lens)``: the
         same computation as ONE jit of the whole model (cached_kv: per request records ``[L, c, *record]``);
         the benchmark baseline. Device arrays ``kv_new [L, B_bucket, T_bucket, *record]``, ``logits
@@ -74,6 +76,11 @@ import dataclasses
 import functools
 import hashlib
 import itertools
+import os
+import queue
+import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import chex
@@ -114,6 +121,55 @@ class PrefillResult:
     next_tokens: np.ndarray  # [B] int32 greedy token following each prompt
     last_logits: np.ndarray  # [B, V] float32 logits at each prompt's last token
     miss_kv: list[np.ndarray] | None = None  # per request [L, m, *record] (return_kv=True)
+    # perf_counter spans (start, end), in order and disjoint: the device was still computing this batch's steps while
+    # a callback (cached_kv_provider, h2d) ran, from the callback's start until the steps dispatched before it were
+    # done. A caller whose callbacks wait (for a DE's layers, for a CNIC) counts the waits' overlap with these spans as
+    # compute, not as waiting (`engines.PrefillEngine._run_batch`).
+    device_busy: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+
+
+class _DeviceWatch:
+    """A thread's watcher of its device work: JAX dispatches asynchronously and calls nothing back when a step is
+    done, so a side thread blocks on each watched output in turn. `watch(out, spans)` appends (now, the time `out`
+    was ready) to spans; `sync()` returns once every earlier watch is stamped. One per thread, so a thread's watches
+    are in its dispatch order (PEs sharing a runner each have theirs); the side thread ends with its owner's."""
+
+    _of_thread = threading.local()
+
+    @classmethod
+    def of_this_thread(cls) -> _DeviceWatch:
+        watch = getattr(cls._of_thread, "watch", None)
+        if watch is None or watch.pid != os.getpid():  # (a forked child has the thread-local, not the side thread)
+            watch = cls._of_thread.watch = cls()
+        return watch
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        name = f"device-watch-{threading.current_thread().name}"
+        threading.Thread(target=_stamp_when_ready, args=(self._queue,), name=name, daemon=True).start()
+        weakref.finalize(self, self._queue.put, None)  # (its owner ended: the thread-local one is collected)
+
+    def watch(self, out: jax.Array, spans: list) -> None:
+        self._queue.put((time.perf_counter(), out, spans))
+
+    def sync(self) -> None:
+        stamped = threading.Event()
+        self._queue.put((0.0, None, stamped))
+        stamped.wait()
+
+
+def _stamp_when_ready(watches: queue.SimpleQueue) -> None:
+    while (item := watches.get()) is not None:
+        t, out, spans = item
+        if out is None:
+            spans.set()  # (a sync)
+            continue
+        try:
+            out.block_until_ready()
+        except Exception:  # noqa: BLE001 -- the owner's own read of the batch raises it
+            continue
+        spans.append((t, time.perf_counter()))
 
 
 CachedKVProvider = Callable[[int], Sequence[object]]
@@ -423,9 +479,18 @@ class ModelRunner:
         # Bytes of cached KV one layer's load copies host -> device (the requests' own, not the bucket padding).
         h2d_nbytes = sum(int(r.cached_len) for r in requests) * self.layout.bytes_per_token_per_layer
 
-        def load(layer: int):
+        # The device's busy spans while the callbacks ran (PrefillResult.device_busy): the step dispatched last, not
+        # done when a layer's load begins, is watched until it is (the steps run in order: it is done last).
+        watched: list[tuple[float, float]] = []
+        watches = 0
+
+        def load(layer: int, in_flight: jax.Array):
+            nonlocal watches
             if not c:
                 return empty
+            if not in_flight.is_ready():
+                _DeviceWatch.of_this_thread().watch(in_flight, watched)
+                watches += 1
             host = self._assemble_cached(requests, layer, cached_kv_provider(layer), c)
             if h2d is not None:
                 h2d(layer, h2d_nbytes)  # e.g. an emulated CNIC: blocks until the bytes may cross into HBM
@@ -443,7 +508,7 @@ class ModelRunner:
                     collected[i].append(kv)
 
         hidden = self.embed_step(self.embed_state, jnp.asarray(tokens))
-        kv_next = load(0)
+        kv_next = load(0, hidden)
         pending = None
         for layer in range(self.num_layers):
             kv_cached = kv_next
@@ -451,7 +516,7 @@ class ModelRunner:
             kv_new, hidden = step(self.layer_states[layer], kv_cached, hidden, meta)  # async dispatch
             kv_new.copy_to_host_async()
             if layer + 1 < self.num_layers:
-                kv_next = load(layer + 1)  # host-side fetch of layer l+1 overlaps layer l's compute
+                kv_next = load(layer + 1, hidden)  # host-side fetch of layer l+1 overlaps layer l's compute
             if pending is not None:
                 deliver(*pending)
             pending = (layer, kv_new)
@@ -463,10 +528,20 @@ class ModelRunner:
             jnp.asarray(np.maximum(miss_lens - 1, 0)),
         )
         n = len(requests)
+        next_tokens, logits = np.asarray(next_tokens)[:n], np.asarray(logits)[:n]
+        if len(watched) < watches:  # (the side thread appends them)
+            _DeviceWatch.of_this_thread().sync()
+        device_busy: list[tuple[float, float]] = []
+        for start, end in watched:
+            if device_busy and start <= device_busy[-1][1]:  # (still busy when the next load began: one span)
+                prev_start, prev_end = device_busy.pop()
+                start, end = prev_start, max(prev_end, end)
+            device_busy.append((start, end))
         return PrefillResult(
-            next_tokens=np.asarray(next_tokens)[:n],
-            last_logits=np.asarray(logits)[:n],
+            next_tokens=next_tokens,
+            last_logits=logits,
             miss_kv=[np.stack(kvs) for kvs in collected] if return_kv else None,
+            device_busy=device_busy,
         )
 
     def _whole_prefill_fn(

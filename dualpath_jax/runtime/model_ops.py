@@ -56,6 +56,14 @@ def model_config(name: str):
     return tiny_config(name)
 
 
+class PrefillTokens(np.ndarray):
+    """`ModelOps.prefill`'s [B] int32 next tokens (an ndarray), with `device_busy`: the runner's
+    `PrefillResult.device_busy`, perf_counter spans during which the device was still computing the batch while
+    `cached_layer` or `h2d` ran (a caller timing waits in them counts their overlap as compute)."""
+
+    device_busy: Sequence[tuple[float, float]] = ()
+
+
 class ModelOps:
     """One process's model: weights and jitted steps, shared by its engines (thread-safe prefill)."""
 
@@ -109,7 +117,8 @@ class ModelOps:
         tokens whose KV `cached_layer(l)[i]` gives (uint8 [cached_i, bpt]); `on_layer(l, [uint8 [m_i, bpt]])`
         receives each layer's new KV. `h2d(nbytes)`, when given, is called inside each layer's load (one layer
         ahead of the compute) with the bytes of cached KV that layer copies into device memory, before the copy
-        (the engine's CNIC pacer). Returns [B] int32 greedy next tokens (meaningful for a prompt's last chunk)."""
+        (the engine's CNIC pacer). Returns [B] int32 greedy next tokens (meaningful for a prompt's last chunk), with
+        `device_busy` (`PrefillTokens`)."""
         from models.runner import PrefillRequest
 
         reqs = [PrefillRequest(np.asarray(t, np.int32), int(c)) for t, c in zip(token_ids, cached, strict=True)]
@@ -130,7 +139,9 @@ class ModelOps:
             callback,
             h2d=None if h2d is None else (lambda _layer, nbytes: h2d(nbytes)),
         )
-        return res.next_tokens
+        tokens = res.next_tokens.view(PrefillTokens)
+        tokens.device_busy = res.device_busy
+        return tokens
 
     def precompile(self, max_batch: int, max_tokens: int, max_cached: int) -> int:
         """Compile the prefill step for every (batch, tokens, cached) bucket a PE can meet, before serving.
