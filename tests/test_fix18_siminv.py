@@ -24,6 +24,7 @@ from dualpath_jax.sim.config import SimConfigError
 from dualpath_jax.sim.outputs import write_results
 from dualpath_jax.sim.runner import build_simulator, make_trajectories
 from dualpath_jax.workloads import arrivals, traces
+from dualpath_jax.workloads.types import stored_kv_tokens
 
 TINY = "configs/sim_tiny.py"
 TRACES = os.environ.get("DUALPATH_TRACES") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "traces")
@@ -90,10 +91,12 @@ def _random_setup(seed: int):
 
 
 def _writeback_bytes(c, b: float, r) -> float:
-    """What the DE persists of a finished turn: its newly filled whole blocks (prompt miss + generated)."""
+    """What the DE persists of a finished turn: its newly filled whole blocks (prompt miss + generated, but the last
+    generated token: `stored_kv_tokens`)."""
     if not c.writeback or c.io_free:
         return 0.0
-    return max(((r.prompt_tokens + r.gen_tokens) // c.block_size) * c.block_size - r.hit_tokens, 0) * b
+    kv = stored_kv_tokens(r.prompt_tokens, r.gen_tokens)
+    return max((kv // c.block_size) * c.block_size - r.hit_tokens, 0) * b
 
 
 def _near(a: float, b: float, slack: float) -> bool:

@@ -16,7 +16,7 @@ import pytest
 from dualpath_jax import compiled
 from dualpath_jax.sim import load_sim_config, run
 from dualpath_jax.sim.config import GB, sim_config_from_dict, validate_sim_config
-from dualpath_jax.workloads.types import Trajectory, Turn
+from dualpath_jax.workloads.types import Trajectory, Turn, stored_kv_tokens
 from schedulers.cost_model import MODEL_SHAPES
 
 TINY = "configs/sim_tiny.py"
@@ -59,11 +59,12 @@ def test_a_small_store_loses_hits_and_a_store_larger_than_everything_changes_not
     assert _rows(big) == _rows(unbounded)
     s = big.summary
     assert s["store_evicted_bytes"] == s["store_evicted_blocks"] == s["store_lost_lookups"] == 0
-    # it holds every trajectory's whole blocks of its last prompt + generation
+    # it holds every trajectory's whole blocks of its last turn's stored KV (prompt + generation but the last token)
     bs, b = cfg.cluster.block_size, MODEL_SHAPES.get(cfg.cluster.model).kv_bytes_per_token
     last = {}
     for r in big.records:
-        last[r.trajectory_id] = max(last.get(r.trajectory_id, 0), (r.prompt_tokens + r.gen_tokens) // bs * bs)
+        kv = stored_kv_tokens(r.prompt_tokens, r.gen_tokens)
+        last[r.trajectory_id] = max(last.get(r.trajectory_id, 0), kv // bs * bs)
     assert s["store_held_bytes"] == sum(last.values()) * b
     assert s["store_capacity_bytes"] == 1000.0 * GB
 
@@ -77,7 +78,9 @@ def test_a_small_store_loses_hits_and_a_store_larger_than_everything_changes_not
     assert sum(full.values()) - sum(cut.values()) == s["store_lost_hit_tokens"]
     assert sum(1 for k in full if cut[k] < full[k]) == s["store_lost_lookups"]
     # what left the store plus what it holds is at most what the turns wrote (new whole blocks of each)
-    written = sum(max(0, (r.prompt_tokens + r.gen_tokens) // bs * bs - r.hit_tokens) for r in small.records)
+    written = sum(
+        max(0, stored_kv_tokens(r.prompt_tokens, r.gen_tokens) // bs * bs - r.hit_tokens) for r in small.records
+    )
     assert (s["store_evicted_bytes"] + s["store_held_bytes"]) / b <= written
     # the lost hits were computed instead: the SNIC read less
     assert (
@@ -94,16 +97,17 @@ def test_more_capacity_never_fewer_hit_tokens(tiny):
 
 
 def _lru_run(a_gap: float):
-    """A, B, C arrive at 0, 10, 20 s, each writing 704 tokens (11 blocks of 64) at its first turn's decode; the store
+    """A, B, C arrive at 0, 10, 20 s, each writing 704 tokens (11 blocks of 64 of its 704 tokens of stored KV: 641 + 64
+    but the last generated token) at its first turn's decode; the store
     holds two of them (1.5 MB at 1,000 B/token). A's second turn (10 appended tokens, 1 generated: no new whole
     block, a lookup only) arrives `a_gap` s after its first; B's second turn at ~60 s; A's third 100 s after its
     second. (Each turn takes ~0.5 s.)"""
     cfg = _with(load_sim_config(TINY), kv_bytes_per_token=1000.0, store_capacity_gb=1.5e-3)
-    first = Turn(append_tokens=640, gen_tokens=64, gap_s=a_gap)
+    first = Turn(append_tokens=641, gen_tokens=64, gap_s=a_gap)
     trajs = [
         Trajectory(0, [first, Turn(10, 1, gap_s=100.0), Turn(10, 1)], arrival_time=0.0),
-        Trajectory(1, [Turn(640, 64, gap_s=50.0), Turn(10, 1)], arrival_time=10.0),
-        Trajectory(2, [Turn(640, 64)], arrival_time=20.0),
+        Trajectory(1, [Turn(641, 64, gap_s=50.0), Turn(10, 1)], arrival_time=10.0),
+        Trajectory(2, [Turn(641, 64)], arrival_time=20.0),
     ]
     res = run(cfg, trajs)
     return res, {(r.trajectory_id, r.turn_index): r for r in res.records}
@@ -180,7 +184,8 @@ def test_a_bad_capacity_is_refused_by_name(tiny, bad):
 
 
 def _shared_run(capacity_gb):
-    """X, Z, Y, V arrive at 0, 10, 15, 25 s with hashed first turns (11 blocks written each, 1,000 B/token; 1.5 MB
+    """X, Z, Y, V arrive at 0, 10, 15, 25 s with hashed first turns (10 blocks written each: 640 + 64 tokens store 703
+    tokens of KV; 1,000 B/token; 1.5 MB
     holds two): Y's prompt starts with X's first 3 hash blocks, V's with X's first 5."""
     cfg = _with(load_sim_config(TINY), kv_bytes_per_token=1000.0, store_capacity_gb=capacity_gb)
     ids = {
@@ -206,7 +211,7 @@ def test_shared_prefix_hits_go_with_the_trajectories_that_hold_them():
     bounded = _shared_run(1.5e-3)
     # Y's write evicted X (the least recently used); Y holds X's first 3 blocks, so V hits those 3 and not 5
     assert [r.hit_tokens for r in bounded.records] == [0, 0, 192, 192]
-    assert bounded.summary["store_evicted_blocks"] == 2 * 11  # (then V's evicted Z)
+    assert bounded.summary["store_evicted_blocks"] == 2 * 10  # (then V's evicted Z)
     # turns that hit other trajectories' blocks past their own context's, every turn hashed (a trace's): a store
     # larger than everything evicts nothing and gives the unbounded records
     cfg = _with(load_sim_config(TINY), kv_bytes_per_token=1000.0)

@@ -55,8 +55,9 @@ def test_two_turns_of_half_a_des_room_each_decode_together():
 
 
 def test_a_store_of_exactly_a_trajectorys_blocks_keeps_them():
-    """A store of exactly the 1,024 tokens turn 0 writes kept none of them (a room of 1,023): turn 1 lost its hit."""
-    _, records, stats = _run({"cluster.store_capacity_gb": _gb(1024)}, _agents(1, (1000, 24), (10, 5)))
+    """A store of exactly the 1,024 tokens turn 0 writes kept none of them (a room of 1,023): turn 1 lost its hit.
+    (1,001 + 24 tokens: 1,024 of KV stored, all but the last generated token's)"""
+    _, records, stats = _run({"cluster.store_capacity_gb": _gb(1024)}, _agents(1, (1001, 24), (10, 5)))
     assert [r.hit_tokens for r in records] == [0, 1024]
     assert stats["store_lost_lookups"] == 0 and stats["store_evicted_trajectories"] == 0
 

@@ -32,7 +32,8 @@ def test_a_block_size_below_one_is_refused_where_hits_are_counted(bad):
     for call in (lambda: t.hit_tokens(1, bad), lambda: t.turn_shapes(bad), lambda: summarize([t], block_size=bad)):
         with pytest.raises(ValueError, match=r"block_size must be an int >= 1"):
             call()
-    assert t.hit_tokens(1, 1) == 110 and t.miss_tokens(1, 1) == 50  # block 1 (the least): every earlier token
+    # block 1 (the least): every earlier token stored (all but turn 0's last generated one, whose KV is never computed)
+    assert t.hit_tokens(1, 1) == 109 and t.miss_tokens(1, 1) == 51
 
 
 def test_the_peak_turn_is_the_first_turn_that_holds_the_most_kv():
@@ -354,7 +355,8 @@ def test_workload_statistics_percentiles_and_max_by_hand():
     assert st.max_context == 900
     assert st.p50_append == 100 and st.p90_append == 100
     assert st.mean_gap_s == pytest.approx(4.0 / 5)  # 5 gaps between turns (the last turns' gaps precede nothing)
-    assert st.hit_rate == pytest.approx((200 + 400 + 600 + 800 + 4) / sum(prompts))
+    # whole blocks of 4 of the stored KV (the earlier context but its last generated token): 199 -> 196, 5 -> 4
+    assert st.hit_rate == pytest.approx((196 + 396 + 596 + 796 + 4) / sum(prompts))
 
 
 def test_turnless_trajectories_count_in_no_mean_and_an_empty_workload_hits_nothing():

@@ -11,7 +11,7 @@ import pytest
 from configs.sim_base import CALIBRATED
 from dualpath_jax.sim import MODES, load_sim_config, run
 from dualpath_jax.sim.config import GB
-from dualpath_jax.workloads.types import Trajectory, Turn
+from dualpath_jax.workloads.types import Trajectory, Turn, stored_kv_tokens
 
 TINY = "configs/sim_tiny.py"
 
@@ -70,19 +70,23 @@ def test_read_sides_per_mode(offline_results):
 
 
 def test_oracle_is_an_upper_bound(offline_results):
+    # (not of dualpath_rr: the oracle is dualpath's placement without I/O; round robin places otherwise and can end
+    # sooner, e.g. at seed=2: 31.99 s against the oracle's 32.87 s)
     jct = {m: r.summary["jct_s"] for m, r in offline_results.items()}
-    for m in ("basic", "layerwise", "dualpath_rr", "dualpath"):
+    for m in ("basic", "layerwise", "dualpath"):
         assert jct["oracle"] <= jct[m] * 1.001, jct
 
 
 def test_storage_nic_byte_conservation(offline_results):
-    # SNIC bytes = storage reads on the node + the DE's write-back of newly filled blocks.
+    # SNIC bytes = storage reads on the node + the DE's write-back of newly filled blocks (of its stored KV: prompt +
+    # generation but the last generated token, `stored_kv_tokens`)
     b = _kv_bytes()
     bs = 64
     for mode in ("basic", "dualpath"):
         res = offline_results[mode]
         reads = sum(r.pe_read_bytes + r.de_read_bytes for r in res.records)
-        writes = sum((((r.prompt_tokens + r.gen_tokens) // bs) * bs - r.hit_tokens) * b for r in res.records)
+        kv = [stored_kv_tokens(r.prompt_tokens, r.gen_tokens) for r in res.records]
+        writes = sum(((k // bs) * bs - r.hit_tokens) * b for k, r in zip(kv, res.records, strict=True))
         snic = sum(v for k, v in res.stats["link_totals"].items() if k.startswith("snic/"))
         assert snic == pytest.approx(reads + writes, rel=1e-6)
         bucketed = sum(s.nbytes for s in res.links if s.link.startswith("snic/"))
@@ -1076,13 +1080,17 @@ def _arriving_at(t):
     "trajs, message",
     [
         ([Trajectory(0, [Turn(0, 5)])], "turn 0 of trajectory 0 has nothing to prefill: it appends no tokens"),
-        # the whole prompt in cached blocks (54 + 10 = one block of 64): the batcher's "empty batch", mid-run
-        ([Trajectory(3, [Turn(54, 10), Turn(0, 5)])], r"turn 1 of trajectory 3 has nothing to prefill.*\(64 tokens\)"),
+        # a later turn's empty prompt (a stated context of 0, nothing appended): the batcher's "empty batch", mid-run.
+        # (A turn appending nothing after a context of whole blocks runs: the hit leaves its last prompt token.)
+        (
+            [Trajectory(3, [Turn(54, 10), Turn(0, 5, context_tokens=0)])],
+            "turn 1 of trajectory 3 has nothing to prefill: it appends no tokens to an empty context",
+        ),
         ([_arriving_at(math.nan)], "trajectory 0 arrives at nan s: it must be finite"),
         ([_arriving_at(math.inf)], "trajectory 0 arrives at inf s"),  # never arrived
         ([_arriving_at(-5.0)], r"trajectory 0 arrives at -5.0 s: .* >= 0"),
     ],
-    ids=["empty_first_prompt", "all_cached", "nan_arrival", "inf_arrival", "negative_arrival"],
+    ids=["empty_first_prompt", "empty_later_prompt", "nan_arrival", "inf_arrival", "negative_arrival"],
 )
 def test_trajectories_the_simulator_cannot_run_are_refused_when_built(trajs, message):
     from dualpath_jax.sim.config import SimConfigError

@@ -15,7 +15,7 @@ from dualpath_jax.metrics import TIMESTAMPS
 from dualpath_jax.sim import load_sim_config
 from dualpath_jax.sim.config import GB, SimConfigError
 from dualpath_jax.sim.runner import build_simulator
-from dualpath_jax.workloads.types import Trajectory, Turn
+from dualpath_jax.workloads.types import Trajectory, Turn, stored_kv_tokens
 
 TINY = "configs/sim_tiny.py"
 
@@ -197,7 +197,8 @@ def _check_invariants(cfg, sim, records, links, stats):
         writes = 0.0
         if c.writeback:
             bs = c.block_size
-            writes = sum(max(((r.prompt_tokens + r.gen_tokens) // bs) * bs - r.hit_tokens, 0) * b for r in records)
+            kv = [stored_kv_tokens(r.prompt_tokens, r.gen_tokens) for r in records]  # (all but the last token)
+            writes = sum(max((k // bs) * bs - r.hit_tokens, 0) * b for k, r in zip(kv, records, strict=True))
         snic = sum(v for k, v in totals.items() if k.startswith("snic/"))
         assert snic == pytest.approx(sum(r.hit_tokens for r in records) * b + writes, rel=1e-6, abs=len(records))
         if c.cnic_duplex:  # PE outputs: new KV (+ the PE-side hit, layerwise); all of the prompt's KV in basic

@@ -36,7 +36,7 @@ def test_a_pe_side_read_waits_for_room_held_by_hits_waiting_for_their_prefill():
     """1P2D, one GPU a node, room for one and a half PE-side hits. The second request's read must wait until the first
     one's hit leaves the PE buffer (its prefill, slowed down here, is done). It used to start once the first read
     was over (no read in flight), and the buffer held 1.33x its size."""
-    hit = 3008  # turn 1 of each agent: 47 cached blocks of 64
+    hit = 3008  # turn 1 of each agent: 47 cached blocks of 64 (3,001 + 8 tokens: 3,008 of KV stored)
     buf = 1.5 * hit * B27
     cfg = load_sim_config(
         f"{TINY}:pe_only,batcher.max_requests=1,pd=1P2D",
@@ -48,7 +48,7 @@ def test_a_pe_side_read_waits_for_room_held_by_hits_waiting_for_their_prefill():
             "cluster.pe_time_scale": 50.0,
         },
     )
-    trajs = [Trajectory(i, [Turn(3000, 8), Turn(500, 8)]) for i in range(2)]
+    trajs = [Trajectory(i, [Turn(3001, 8), Turn(500, 8)]) for i in range(2)]
     sim = build_simulator(cfg, trajs)
     records, _, stats = sim.run()
     assert stats["unfinished_turns"] == 0

@@ -51,7 +51,7 @@ from dualpath_jax import compiled
 from dualpath_jax.metrics import LinkBytes, TurnTable
 from dualpath_jax.sim.config import GB, SimConfig, SimConfigError
 from dualpath_jax.sim.heap import TimeHeap
-from dualpath_jax.workloads.types import Trajectory
+from dualpath_jax.workloads.types import Trajectory, stored_kv_tokens
 from schedulers.api import (
     Assignment,
     ClusterSnapshot,
@@ -428,13 +428,13 @@ class Simulator:
                     f"arrival, turn offsets and gaps: past the {max_time:g} s the simulator's clock can step through "
                     f"at a fetch interval of {self.fetch_step:g} s"
                 )
-            if any([not t.append_tokens for t in traj.turns]):  # only then can a whole prompt be cached
-                for i, (prompt, hit, _) in enumerate(traj.turn_shapes(bs)):
-                    if prompt == hit:  # no PE batch could hold it (the batcher's empty batch, mid-run)
+            if any([not t.append_tokens for t in traj.turns]):  # only then can a prompt be empty
+                for i, (prompt, _, _) in enumerate(traj.turn_shapes(bs)):
+                    # (a hit leaves >= 1 prompt token to prefill, `stored_hit`: only an empty prompt has none)
+                    if not prompt:  # no PE batch could hold it (the batcher's empty batch, mid-run)
                         raise SimConfigError(
                             f"turn {i} of trajectory {traj.trajectory_id} has nothing to prefill: it appends no "
-                            f"tokens and its context ({prompt:,} tokens) is all in cached blocks of {bs}; a turn "
-                            "needs at least one new prompt token"
+                            "tokens to an empty context; a turn needs at least one prompt token"
                         )
         if not self.des:
             return
@@ -595,13 +595,14 @@ class Simulator:
                     del refs[x]
 
     def _store_write(self, r: Request) -> None:
-        """r's decode starts: the DE writes its new whole blocks [hit, end) of prompt + generation (the runtime's
-        write-back; counted whole from now, with or without `cluster.writeback`'s bytes). The trajectory becomes most
-        recently used; least recently used ones are evicted whole until the store fits. One trajectory larger than
-        the store keeps nothing: under block LRU its first blocks would go first, and with them its whole hit."""
+        """r's decode starts: the DE writes its new whole blocks [hit, end) of its stored KV, prompt + generation but
+        the last generated token (`stored_kv_tokens`; the runtime's write-back; counted whole from now, with or without
+        `cluster.writeback`'s bytes). The trajectory becomes most recently used; least recently used ones are evicted
+        whole until the store fits. One trajectory larger than the store keeps nothing: under block LRU its first
+        blocks would go first, and with them its whole hit."""
         bs = self.c.block_size
         h = r.hit
-        end = ((r.prompt + r.gen) // bs) * bs
+        end = (stored_kv_tokens(r.prompt, r.gen) // bs) * bs
         if end <= h:  # no new whole block
             return
         tid = r.traj.trajectory_id
@@ -1165,13 +1166,13 @@ class Simulator:
         self._start_writeback(r, (r.gen - 1) * g.step)
 
     def _start_writeback(self, r: Request, decode_s: float) -> None:
-        """The DE persists every newly filled block (prompt miss + generated) during decode."""
+        """The DE persists every newly filled block (prompt miss + generated, `stored_kv_tokens`) during decode."""
         if self.bounded:
             self._store_write(r)
         if not self.c.writeback or self.c.io_free:
             return
         bs = self.c.block_size
-        new_blocks_tokens = ((r.prompt + r.gen) // bs) * bs - r.hit
+        new_blocks_tokens = (stored_kv_tokens(r.prompt, r.gen) // bs) * bs - r.hit
         if new_blocks_tokens <= 0:
             return
         r.wb_done = False

@@ -5,7 +5,9 @@ Definitions (the ones PAPER.md Table 2 appears to use):
   - append / gen: mean over all turns (pooled);
   - total tokens: final context (last prompt + its generation) per trajectory, mean over trajectories;
   - context: prompt tokens of a turn (what it attends to), mean over all turns (pooled);
-  - hit rate: sum of hit tokens (whole cached blocks of the earlier context) / sum of prompt tokens;
+  - hit rate: sum of hit tokens (`Trajectory.turn_shapes`: whole blocks of the earlier context's stored KV, which
+    lacks the previous turn's last generated token, leaving at least one prompt token to prefill, as the runtime
+    and the simulator count them) / sum of prompt tokens;
   - hit rate across trajectories (turns with block hashes, a trace's): the same with one store shared by every
     trajectory, of unbounded capacity, holding the whole hash blocks of every prompt that arrived strictly earlier
     (at arrival_time + arrival_offset_s): the most a turn can hit, as the simulator counts it

@@ -1,8 +1,9 @@
 """Workload types shared by the simulator, the runtime and the trace loaders (no jax).
 
 A trajectory (agent) is a sequence of turns. Turn i's prompt is A_1, G_1, ..., A_{i-1}, G_{i-1}, A_i
-(PAPER.md "Workloads"); its KV of the earlier part is a hit (loaded from storage, whole blocks only),
-the rest is the miss (computed by prefill).
+(PAPER.md "Workloads"); its KV of the earlier part is a hit (loaded from storage, whole blocks only; the stored KV
+lacks G_{i-1}'s last token, which no engine computes, and a hit leaves one prompt token: `stored_hit`), the rest is
+the miss (computed by prefill).
 """
 
 from __future__ import annotations
@@ -24,6 +25,25 @@ def check_block_size(block_size) -> None:
     64.5 counted half tokens as hits, True 1-token blocks, 0 a ZeroDivisionError, -64 a negative miss."""
     if not is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+
+
+def stored_kv_tokens(prompt: int, gen: int) -> int:
+    """Tokens of KV a turn of `prompt` + `gen` tokens leaves stored: all but its last generated token's, whose KV no
+    engine computes (the runtime's `driver.slot_tokens`: each decode step writes the KV of the token before the one
+    it makes; the next turn's prefill computes it). A turn generating nothing (a trace's prefill-only request) stores
+    its whole prompt."""
+    return prompt + gen - 1 if gen > 0 else prompt
+
+
+def stored_hit(context: int, before: int, gen_before: int, prompt: int, block_size: int) -> int:
+    """Hit of a turn of `prompt` tokens re-reading `context` tokens after a turn of `before` tokens (prompt +
+    generation) that generated `gen_before`: the whole blocks of that context's stored KV (`stored_kv_tokens` where
+    it re-reads the whole earlier turn), leaving at least one prompt token to prefill (the runtime's lookup,
+    `scheduler_service`: the last prompt token is computed to give the logits). A context that is not the earlier
+    turn's (a trace's re-read prefix: blocks of earlier prompts) is stored whole."""
+    kv = stored_kv_tokens(before - gen_before, gen_before) if context == before else context
+    kv = min(kv, prompt - 1)
+    return (kv // block_size) * block_size if kv > 0 else 0
 
 
 def _hash_ids(hashes) -> np.ndarray:
@@ -173,9 +193,13 @@ class Trajectory:
         return self.context_before(i) + self.turns[i].append_tokens
 
     def hit_tokens(self, i: int, block_size: int) -> int:
-        """Cached prefix of turn i: the whole blocks of the earlier context (only Full Blocks are stored)."""
+        """Cached prefix of turn i (`stored_hit`): the whole blocks of the earlier context's stored KV, leaving at
+        least one prompt token to prefill."""
         check_block_size(block_size)
-        return (self.context_before(i) // block_size) * block_size
+        before = gen = 0  # turn i-1's prompt + generation, and its generation
+        for total, t in zip(itertools.islice(self._turn_totals(), i), self.turns, strict=False):
+            before, gen = total, t.gen_tokens
+        return stored_hit(self.context_before(i), before, gen, self.prompt_tokens(i), block_size)
 
     @property
     def total_tokens(self) -> int:
@@ -225,12 +249,12 @@ class Trajectory:
         return self if n == len(self.turns) else dataclasses.replace(self, turns=list(self.turns)[:n])
 
     def turn_shapes(self, block_size: int) -> list[tuple[int, int, int]]:
-        """(prompt, hit, gen) tokens of every turn, in one O(turns) pass."""
+        """(prompt, hit, gen) tokens of every turn (hit: `stored_hit`), in one O(turns) pass."""
         check_block_size(block_size)
-        out, ctx = [], 0
+        out, ctx, gen = [], 0, 0
         for t in self.turns:
             c = t.context_tokens if t.context_tokens is not None else ctx
             prompt = c + t.append_tokens
-            out.append((prompt, (c // block_size) * block_size, t.gen_tokens))
-            ctx = prompt + t.gen_tokens
+            out.append((prompt, stored_hit(c, ctx, gen, prompt, block_size), t.gen_tokens))
+            ctx, gen = prompt + t.gen_tokens, t.gen_tokens
         return out
