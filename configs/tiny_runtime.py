@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     r.model = "tiny_qwen2"
     r.model_seed = 0
     r.batch_invariant = False  # True: greedy tokens bit-identical whatever the policy (models/layers/invariant.py)
+    r.dtype = "float32"  # the model's weights, activations and KV: float32, bfloat16 (half the KV bytes) or float16
     r.block_size = 16
     r.transport = "tcp"
     r.transport_options = {}  # the backend's own endpoint fields, e.g. "{'timeout_s': 10.0}" (tcp)

@@ -498,7 +498,7 @@ def _main(argv, term: SigtermAsInterrupt):
         for p in policies[1:]:
             driver.prepare(configs[p].replace(store_dir=""), trajs, ops)
         window = driver.slo_window(base, trajs)  # (None offline: no SLO)
-        m = model_config(base.model)  # (the log said only config.runtime.model, a name or a path)
+        m = model_config(base.model, base.dtype)  # (the log said only config.runtime.model, a name or a path)
         logging.info(
             "model %s: %s, %d layers, %d B of KV per token (%s), %d trajectories",
             base.model, m.architecture, m.num_layers, m.kv_bytes_per_token, m.kv_layout.np_dtype, len(trajs),

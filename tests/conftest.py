@@ -49,8 +49,8 @@ if _TESTS_CACHE != "off":
 
 
 # A tiny model's ops (weights and jitted steps), built once per pytest process for each (model, seed, numerics,
-# device): every `ModelOps.of_config` of the tests and of the in-process launcher's runs (`model_ops=None`) shares
-# them, as one node process's engines do, instead of compiling the same steps again in each test (~3 s each).
+# dtype, device): every `ModelOps.of_config` of the tests and of the in-process launcher's runs (`model_ops=None`)
+# shares them, as one node process's engines do, instead of compiling the same steps again in each test (~3 s each).
 # Checkpoint directories are read each time (a test may rewrite one at the same path).
 _OPS: dict[tuple, ModelOps] = {}
 _of_config = ModelOps.of_config.__func__
@@ -59,7 +59,7 @@ _of_config = ModelOps.of_config.__func__
 def _shared_of_config(cls, cfg, device=None):
     if cls is not ModelOps or is_checkpoint(cfg.model):
         return _of_config(cls, cfg, device)
-    key = (cfg.model, cfg.model_seed, cfg.batch_invariant, device)
+    key = (cfg.model, cfg.model_seed, cfg.batch_invariant, cfg.dtype, device)
     if key not in _OPS:
         _OPS[key] = _of_config(cls, cfg, device)
     return _OPS[key]

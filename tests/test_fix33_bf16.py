@@ -1,7 +1,6 @@
-"""Fix wave 33 (bf16): the runtime end to end with bfloat16 weights and KV. RuntimeConfig has no dtype field (the
-runtime runs float32, README "Known limits"), so these build a bfloat16 tiny model's ModelOps directly and hand it to
-`driver.run`, as a future dtype field would. No fix came of it (session 50, /work/notes/fix33_bf16_report.md): greedy
-tokens equal the reference on both read paths, both transports and both prefills, the stored blocks are
+"""Fix wave 33 (bf16): the runtime end to end with bfloat16 weights and KV, asked for with `RuntimeConfig.dtype`
+(session 50's dtype helper; the bf16 audit built the ops by hand before the field existed, and found no fix needed):
+greedy tokens equal the reference on both read paths, both transports and both prefills, the stored blocks are
 byte-identical whatever the policy, and a float32 store is never read as bfloat16 KV."""
 
 from __future__ import annotations
@@ -19,17 +18,9 @@ from dualpath_jax.block_keys import block_keys
 from dualpath_jax.kv_layout import BlockLayout
 from dualpath_jax.kv_store import LocalDirStore
 from dualpath_jax.runtime import driver
-from dualpath_jax.runtime import model_ops as mo
 from dualpath_jax.runtime.config import ConfigError, RuntimeConfig
+from dualpath_jax.runtime.model_ops import ModelOps
 from models.registry import tiny_config
-
-
-def _bf16_ops(cfg, monkeypatch) -> mo.ModelOps:
-    """`ModelOps.of_config(cfg)` with the tiny model's dtype set to bfloat16 (params, activations and KV)."""
-    plain = mo.model_config
-    with monkeypatch.context() as m:
-        m.setattr(mo, "model_config", lambda name: dataclasses.replace(plain(name), dtype="bfloat16"))
-        return mo.ModelOps.of_config(cfg)
 
 
 def _stored_blocks(store_dir) -> dict:
@@ -39,16 +30,18 @@ def _stored_blocks(store_dir) -> dict:
 
 
 @pytest.mark.slow  # ~18 s on the 2-core machine (the reference and the run compile their steps)
-def test_a_bf16_run_reads_both_paths_over_tcp_as_the_reference(base, monkeypatch):
+def test_a_bf16_run_reads_both_paths_over_tcp_as_the_reference(base):
     """Default numerics, bfloat16 tiny_qwen2, split over tcp: the reference's greedy tokens, the hit KV read on both
     sides at 2 bytes per value (half float32's)."""
-    ops = _bf16_ops(base, monkeypatch)
+    cfg = base.replace(dtype="bfloat16")
+    ops = ModelOps.of_config(cfg)
     assert ops.kv_layout.kv_dtype == "bfloat16" and "/bfloat16/" in ops.fingerprint
     kv = ops.config.kv_bytes_per_token
     assert kv * 2 == dataclasses.replace(ops.config, dtype="float32").kv_bytes_per_token
-    trajs = driver.make_trajectories(base)
-    reference = driver.reference_tokens(base, trajs, ops)
-    res = driver.run(base.replace(**{"scheduler.name": "split", "transport": "tcp"}), trajs, model_ops=ops)
+    trajs = driver.make_trajectories(cfg)
+    reference = driver.reference_tokens(cfg, trajs, ops)
+    # (no model_ops: the run builds its own from config.dtype)
+    res = driver.run(cfg.replace(**{"scheduler.name": "split", "transport": "tcp"}), trajs)
     bad = [k for k in reference if not np.array_equal(reference[k], res.tokens.get(k))]
     assert not bad, f"turns whose tokens differ from the reference: {bad}"
     hits, s = sum(r.hit_tokens for r in res.records), res.summary
@@ -57,11 +50,11 @@ def test_a_bf16_run_reads_both_paths_over_tcp_as_the_reference(base, monkeypatch
 
 
 @pytest.mark.slow  # ~35 s on the 2-core machine (batch-invariant steps)
-def test_bf16_runs_equal_the_reference_and_store_the_same_bytes(base, monkeypatch):
+def test_bf16_runs_equal_the_reference_and_store_the_same_bytes(base):
     """Batch-invariant bfloat16 tiny_qwen2: split (both read paths) over tcp and Basic prefill (layerwise=False) give
     the reference's greedy tokens, read exactly the hit KV at 2 bytes per value, and leave byte-identical block files."""
-    cfg = base.replace(batch_invariant=True)
-    ops = _bf16_ops(cfg, monkeypatch)
+    cfg = base.replace(batch_invariant=True, dtype="bfloat16")
+    ops = ModelOps.of_config(cfg)
     assert ops.kv_layout.kv_dtype == "bfloat16" and "/bfloat16/" in ops.fingerprint
     kv = ops.config.kv_bytes_per_token
     assert kv * 2 == dataclasses.replace(ops.config, dtype="float32").kv_bytes_per_token
@@ -110,8 +103,10 @@ def test_a_float32_store_is_never_read_as_bf16_kv(tmp_path):
         assert store.stats().read_corrupt == 1 and store.stats().read_hits == 0
 
 
-def test_asking_the_runtime_for_bf16_names_the_field():
-    """The runtime has no dtype setting: asking for one is a ConfigError naming the field, not a float32 run."""
-    for name in ("dtype", "kv_dtype"):
-        with pytest.raises(ConfigError, match=rf"unknown field\(s\) \['{name}'\]"):
-            RuntimeConfig.from_config_dict({**get_config("test").runtime.to_dict(), name: "bfloat16"})
+def test_the_runtime_takes_bf16_as_its_dtype_only():
+    """bfloat16 is `config.dtype` (weights, activations and KV together); a separate KV dtype is no field: a
+    ConfigError naming it, not a float32 run."""
+    fields = get_config("test").runtime.to_dict()
+    assert RuntimeConfig.from_config_dict({**fields, "dtype": "bfloat16"}).dtype == "bfloat16"
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['kv_dtype'\]"):
+        RuntimeConfig.from_config_dict({**fields, "kv_dtype": "bfloat16"})

@@ -167,6 +167,9 @@ class RuntimeConfig:
     # Batch-invariant model execution (models/layers/invariant.py): greedy tokens bit-identical whatever the
     # policy, chunking, batching or read path, also at float32 near-ties; slower steps.
     batch_invariant: bool = False
+    # The model's dtype: its weights, activations and KV records (one of RUNTIME_DTYPES; a checkpoint is cast to it).
+    # "bfloat16" halves the KV bytes per token, as the paper's bf16 KV.
+    dtype: str = "float32"
     block_size: int = 16  # tokens per stored block (paper: 64; small for tiny runs)
     transport: str = "tcp"
     # Fields of the transport backend's endpoints besides those the launchers set (name, pacer; host, secret with
@@ -213,6 +216,15 @@ class RuntimeConfig:
     @property
     def num_decode_engines(self) -> int:
         return self.cluster.decode_nodes * self.cluster.engines_per_node
+
+
+RUNTIME_DTYPES = ("float32", "bfloat16", "float16")  # `config.dtype`'s values (models.config's, less float64)
+
+
+def validate_dtype(cfg: RuntimeConfig) -> None:
+    """`config.dtype` one of RUNTIME_DTYPES (checked before the model's config is made with it)."""
+    if cfg.dtype not in RUNTIME_DTYPES:
+        raise ConfigError(f"config.dtype {cfg.dtype!r} unknown; known: {', '.join(RUNTIME_DTYPES)}")
 
 
 def stall_timeout_s(cfg: RuntimeConfig) -> float | None:
@@ -435,6 +447,7 @@ def validate(
     import schedulers  # the registries (no jax)
 
     _check_types(cfg, RuntimeConfig(), "config")
+    validate_dtype(cfg)
     c = cfg.cluster
     for name in ("prefill_nodes", "decode_nodes", "engines_per_node", "decode_slots", "max_seq_len"):
         if getattr(c, name) < 1:

@@ -34,6 +34,7 @@ from dualpath_jax.runtime.config import (
     check_tiny_workload,
     shorten_turns_hint,
     validate,
+    validate_dtype,
     validate_workload,
 )
 from dualpath_jax.runtime.lifecycle import ConversationBook, tiny_trajectories
@@ -349,7 +350,7 @@ def release_model() -> None:
 
 
 def _ops_key(cfg: RuntimeConfig) -> tuple:
-    """What makes `ModelOps.of_config(cfg)` what it is: the model, its seed and numerics and, for a checkpoint
+    """What makes `ModelOps.of_config(cfg)` what it is: the model, its seed, numerics and dtype and, for a checkpoint
     directory, its files' names, sizes, modification and change times and inodes."""
     from dualpath_jax.runtime.model_ops import is_checkpoint
 
@@ -358,7 +359,7 @@ def _ops_key(cfg: RuntimeConfig) -> tuple:
         with os.scandir(cfg.model) as it:  # (ctime and inode too: a copy tool keeps mtimes, never those)
             stats = [(e.name, e.stat()) for e in it if e.is_file()]
         files = tuple(sorted((n, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for n, st in stats))
-    return cfg.model, cfg.model_seed, cfg.batch_invariant, files
+    return cfg.model, cfg.model_seed, cfg.batch_invariant, cfg.dtype, files
 
 
 def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None, model_ops=None):
@@ -369,10 +370,11 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
     is a ConfigError saying to convert it with `RuntimeConfig.from_config_dict`."""
     global _LAST_OPS
     check_runtime_config(cfg)  # (first: before the model's imports)
+    validate_dtype(cfg)  # (before the model's config is made in it)
     from dualpath_jax.runtime.model_ops import ModelOps, model_config
 
     try:
-        mcfg = model_config(cfg.model)
+        mcfg = model_config(cfg.model, cfg.dtype)
     except KeyError as e:
         raise ConfigError(f"config.model: {e.args[0]}") from None
     if cfg.scheduler.batcher == "compute_quota":  # priced by the model's cost-model shape in every PE (a traceback
@@ -452,6 +454,11 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
         raise ConfigError(
             f"config.batch_invariant={cfg.batch_invariant} but the given model_ops has "
             f"batch_invariant={ops.config.batch_invariant}: build it with ModelOps.of_config(config)"
+        )
+    if ops.config.dtype != cfg.dtype:  # (its KV layout, fingerprint and bytes are another dtype's)
+        raise ConfigError(
+            f"config.dtype={cfg.dtype!r} but the given model_ops has dtype {ops.config.dtype!r}: build it with "
+            "ModelOps.of_config(config)"
         )
     if model_ops is not None:  # (another model's ops: a bad config here, before anything is built)
         from dualpath_jax.runtime.node import check_model_ops

@@ -25,18 +25,18 @@ def is_checkpoint(name: str) -> bool:
     return os.path.isdir(name)
 
 
-def model_config(name: str):
-    """The model's typed config: a tiny config by name (`models.registry.tiny_config`: tiny_qwen2, tiny_llama,
-    tiny_deepseek, tiny_deepseek_v2), or the config.json of a local HF checkpoint directory. KeyError naming what
-    is wrong (an unknown name, a directory that is not a checkpoint, a path (with a / or a leading . or ~) that is
-    no directory)."""
+def model_config(name: str, dtype: str = "float32"):
+    """The model's typed config in `dtype` (params, activations and KV; `RuntimeConfig.dtype`): a tiny config by name
+    (`models.registry.tiny_config`: tiny_qwen2, tiny_llama, tiny_deepseek, tiny_deepseek_v2), or the config.json of a
+    local HF checkpoint directory. KeyError naming what is wrong (an unknown name, a directory that is not a
+    checkpoint, a path (with a / or a leading . or ~) that is no directory)."""
     from models.registry import TINY_CONFIGS, tiny_config
 
     if is_checkpoint(name):
         from models.checkpoint import load_hf_config
 
         try:
-            return load_hf_config(name)
+            return load_hf_config(name, dtype)
         except ValueError as e:  # (the directory once: "/x: no config.json" printed it twice)
             msg = str(e)
             for prefix in (f"{name}: ", f"{os.path.join(name, '')}"):
@@ -53,7 +53,7 @@ def model_config(name: str):
             f"unknown model {name!r}; known: {', '.join(sorted(TINY_CONFIGS.names()))}, or a local HF checkpoint "
             "directory (config.json + *.safetensors)"
         )
-    return tiny_config(name)
+    return tiny_config(name, dtype=dtype)
 
 
 class PrefillTokens(np.ndarray):
@@ -68,13 +68,20 @@ class ModelOps:
     """One process's model: weights and jitted steps, shared by its engines (thread-safe prefill)."""
 
     def __init__(
-        self, name: str, seed: int = 0, min_token_bucket: int = 64, batch_invariant: bool = False, device=None
+        self,
+        name: str,
+        seed: int = 0,
+        min_token_bucket: int = 64,
+        batch_invariant: bool = False,
+        device=None,
+        dtype: str = "float32",
     ):
         """`name`: a tiny config name (random weights from `seed`) or a local HF checkpoint directory (its
         weights; `seed` unused). A checkpoint that does not load raises ValueError naming the tensor or field.
         `batch_invariant`: run the model's batch-invariant steps (`ModelConfig.batch_invariant`). `device` (a
         `jax.Device`; None: JAX's default): where the weights are made and the steps run (`node.node_model_ops`:
-        a node process's first engine's device, so no weights of it sit on a device none of its engines uses)."""
+        a node process's first engine's device, so no weights of it sit on a device none of its engines uses).
+        `dtype`: the weights', activations' and KV's (`RuntimeConfig.dtype`; a checkpoint's weights cast to it)."""
         import jax
 
         from models.runner import ModelRunner
@@ -85,9 +92,9 @@ class ModelOps:
         if is_checkpoint(name):
             from models.checkpoint import load_hf_checkpoint
 
-            self.config, params = load_hf_checkpoint(name)
+            self.config, params = load_hf_checkpoint(name, dtype)
         else:
-            self.config = model_config(name)
+            self.config = model_config(name, dtype)
         if batch_invariant:
             self.config = dataclasses.replace(self.config, batch_invariant=True)
         # min_token_bucket 64: fewer (batch, tokens, cached) buckets -> fewer compiles per process; the padding
@@ -172,8 +179,9 @@ class ModelOps:
 
     @classmethod
     def of_config(cls, cfg, device=None) -> ModelOps:
-        """The model of a RuntimeConfig (`model`, `model_seed`, `batch_invariant`), on `device` (None: the default)."""
-        return cls(cfg.model, cfg.model_seed, batch_invariant=cfg.batch_invariant, device=device)
+        """The model of a RuntimeConfig (`model`, `model_seed`, `batch_invariant`, `dtype`), on `device` (None: the
+        default)."""
+        return cls(cfg.model, cfg.model_seed, batch_invariant=cfg.batch_invariant, device=device, dtype=cfg.dtype)
 
     def on_device(self, device) -> ModelOps:
         """These ops with their weights, steps and decode caches on `device` (`ModelRunner.on_device`), compiled there
@@ -193,9 +201,10 @@ class ModelOps:
         return out
 
     def serves(self, cfg) -> bool:
-        """Whether these ops are `of_config(cfg)`'s: the same model, seed and numerics (a node process that
-        serves several runs keeps its ops only then)."""
-        return (self.name, self.seed, self.config.batch_invariant) == (cfg.model, cfg.model_seed, cfg.batch_invariant)
+        """Whether these ops are `of_config(cfg)`'s: the same model, seed, numerics and dtype (a node process that
+        serves several runs keeps its ops only then: a bfloat16 run after a float32 one kept the float32 model)."""
+        mine = (self.name, self.seed, self.config.batch_invariant, self.config.dtype)
+        return mine == (cfg.model, cfg.model_seed, cfg.batch_invariant, cfg.dtype)
 
     def new_decode_batch(self, num_slots: int, capacity: int) -> DecodeBatch:
         return DecodeBatch(self, num_slots, capacity)
@@ -310,12 +319,12 @@ def reference_conversations(ops: ModelOps, book_factory, capacity: int, decode_s
 
 
 def cost_model_shape(ops: ModelOps):
-    """The runtime model as a `schedulers.cost_model.ModelShape` (registered once as "runtime:<name>"), for the
+    """The runtime model as a `schedulers.cost_model.ModelShape` (registered once as `cost_shape_name`), for the
     compute-quota batcher and the simulator's calibration. NotImplementedError for a model it cannot express
     (`model_cost_shape`)."""
     from schedulers.cost_model import MODEL_SHAPES
 
-    name = f"runtime:{ops.name}"
+    name = cost_shape_name(ops.name, ops.config)
     if name in MODEL_SHAPES:
         return MODEL_SHAPES.get(name)
     shape = model_cost_shape(ops.name, ops.config)
@@ -326,15 +335,22 @@ def cost_model_shape(ops: ModelOps):
     return shape
 
 
+def cost_shape_name(name: str, c) -> str:
+    """The cost-model shape's name of model `name` with config `c`: "runtime:<name>", "runtime:<name>/<dtype>" for a
+    dtype other than float32 (its weight and KV bytes differ: a bfloat16 run after a float32 one was priced at
+    4 bytes a value)."""
+    return f"runtime:{name}" + ("" if c.dtype == "float32" else f"/{c.dtype}")
+
+
 def model_cost_shape(name: str, c):
-    """The `ModelShape` "runtime:<name>" of model config `c`, not registered (`driver.prepare` checks with it that
-    the compute-quota batcher can price the model before anything starts). NotImplementedError for a model the
-    cost model cannot express: a DeepSeek config with MoE on only some layers past the dense ones."""
+    """The `ModelShape` `cost_shape_name(name, c)` of model config `c`, not registered (`driver.prepare` checks with
+    it that the compute-quota batcher can price the model before anything starts). NotImplementedError for a model
+    the cost model cannot express: a DeepSeek config with MoE on only some layers past the dense ones."""
     from schedulers.cost_model import ModelShape
 
     itemsize = c.kv_layout.np_dtype.itemsize
     common = dict(
-        name=f"runtime:{name}",
+        name=cost_shape_name(name, c),
         layers=c.num_layers,
         hidden=c.hidden_size,
         heads=c.num_attention_heads,
