@@ -455,7 +455,8 @@ def prepare(cfg: RuntimeConfig, trajectories: Sequence[Trajectory] | None = None
             f"config.batch_invariant={cfg.batch_invariant} but the given model_ops has "
             f"batch_invariant={ops.config.batch_invariant}: build it with ModelOps.of_config(config)"
         )
-    if ops.config.dtype != cfg.dtype:  # (its KV layout, fingerprint and bytes are another dtype's)
+    # (its KV layout, fingerprint and bytes are another dtype's; a stand-in model's config may name none)
+    if getattr(ops.config, "dtype", cfg.dtype) != cfg.dtype:
         raise ConfigError(
             f"config.dtype={cfg.dtype!r} but the given model_ops has dtype {ops.config.dtype!r}: build it with "
             "ModelOps.of_config(config)"
