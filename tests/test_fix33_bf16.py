@@ -29,17 +29,23 @@ def _stored_blocks(store_dir) -> dict:
     }
 
 
-@pytest.mark.slow  # ~18 s on the 2-core machine (the reference and the run compile their steps)
-def test_a_bf16_run_reads_both_paths_over_tcp_as_the_reference(base):
-    """Default numerics, bfloat16 tiny_qwen2, split over tcp: the reference's greedy tokens, the hit KV read on both
-    sides at 2 bytes per value (half float32's)."""
-    cfg = base.replace(dtype="bfloat16")
+def _bf16_ops_and_reference(cfg):
+    """A bfloat16 config's ops (bf16 KV layout and fingerprint, half float32's KV bytes per token), its KV bytes per
+    token, trajectories and the single-process reference's greedy tokens."""
     ops = ModelOps.of_config(cfg)
     assert ops.kv_layout.kv_dtype == "bfloat16" and "/bfloat16/" in ops.fingerprint
     kv = ops.config.kv_bytes_per_token
     assert kv * 2 == dataclasses.replace(ops.config, dtype="float32").kv_bytes_per_token
     trajs = driver.make_trajectories(cfg)
-    reference = driver.reference_tokens(cfg, trajs, ops)
+    return ops, kv, trajs, driver.reference_tokens(cfg, trajs, ops)
+
+
+@pytest.mark.slow  # ~18 s on the 2-core machine (the reference and the run compile their steps)
+def test_a_bf16_run_reads_both_paths_over_tcp_as_the_reference(base):
+    """Default numerics, bfloat16 tiny_qwen2, split over tcp: the reference's greedy tokens, the hit KV read on both
+    sides at 2 bytes per value (half float32's)."""
+    cfg = base.replace(dtype="bfloat16")
+    ops, kv, trajs, reference = _bf16_ops_and_reference(cfg)
     # (no model_ops: the run builds its own from config.dtype)
     res = driver.run(cfg.replace(**{"scheduler.name": "split", "transport": "tcp"}), trajs)
     bad = [k for k in reference if not np.array_equal(reference[k], res.tokens.get(k))]
@@ -54,12 +60,7 @@ def test_bf16_runs_equal_the_reference_and_store_the_same_bytes(base):
     """Batch-invariant bfloat16 tiny_qwen2: split (both read paths) over tcp and Basic prefill (layerwise=False) give
     the reference's greedy tokens, read exactly the hit KV at 2 bytes per value, and leave byte-identical block files."""
     cfg = base.replace(batch_invariant=True, dtype="bfloat16")
-    ops = ModelOps.of_config(cfg)
-    assert ops.kv_layout.kv_dtype == "bfloat16" and "/bfloat16/" in ops.fingerprint
-    kv = ops.config.kv_bytes_per_token
-    assert kv * 2 == dataclasses.replace(ops.config, dtype="float32").kv_bytes_per_token
-    trajs = driver.make_trajectories(cfg)
-    reference = driver.reference_tokens(cfg, trajs, ops)
+    ops, kv, trajs, reference = _bf16_ops_and_reference(cfg)
     stores = []
     for variant in (
         {"scheduler.name": "split", "transport": "tcp"},
