@@ -196,9 +196,8 @@ class Trajectory:
         """Cached prefix of turn i (`stored_hit`): the whole blocks of the earlier context's stored KV, leaving at
         least one prompt token to prefill."""
         check_block_size(block_size)
-        before = gen = 0  # turn i-1's prompt + generation, and its generation
-        for total, t in zip(itertools.islice(self._turn_totals(), i), self.turns, strict=False):
-            before, gen = total, t.gen_tokens
+        gen = self.turns[i - 1].gen_tokens if i else 0  # turn i-1's generation, and its prompt + generation:
+        before = self.prompt_tokens(i - 1) + gen if i else 0
         return stored_hit(self.context_before(i), before, gen, self.prompt_tokens(i), block_size)
 
     @property
