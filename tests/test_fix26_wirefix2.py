@@ -195,12 +195,16 @@ def test_a_flood_from_another_address_leaves_slots_to_the_others(caplog):
     srv = TcpTransport("srv", handshake_timeout_s=0.5)
     srv.register("dst", np.zeros(64, np.uint8))
     stop = threading.Event()
+    t0 = time.monotonic()
     threads = _flood(srv.address, tcpmod.MAX_PENDING_HANDSHAKES, stop, "127.0.0.2", trickle=False, pause=0.02)
     try:
         time.sleep(0.3)
         assert _connects(srv, "cli", timeout=5) < 0.4
         time.sleep(0.3)
-        assert _lines(caplog, "too many pending handshakes") <= 2, caplog.text
+        # The limiter's own rule: each second begun since the flood logs one line plus, at most, the count of the
+        # second before it (a loaded host stretches the 0.6 s window past a second; 64 connections must not give 64).
+        seconds = int(time.monotonic() - t0) + 1
+        assert _lines(caplog, "too many pending handshakes") <= 2 * seconds, caplog.text
         assert "too many pending handshakes from 127.0.0.2" in caplog.text
     finally:
         stop.set()
