@@ -2,8 +2,8 @@
 size, a bool token count or a truthy string for a flag must be refused, not used). Used by the workloads, the
 runtime, the traffic manager and the scheduler registry (`schedulers.registry` re-exports them). Also
 `file_in_the_way`, for the errors of a directory that cannot be made, `fd_shortage_text`, for those of a process out
-of file descriptors, and `keyword_fit`, how a config's fields fit a
-pluggable class's constructor (transport backends, KV stores)."""
+of file descriptors, `FailureSpell`, how an accept loop backs off and tells a spell of failing accepts once, and
+`keyword_fit`, how a config's fields fit a pluggable class's constructor (transport backends, KV stores)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import inspect
 import numbers
 import os
 import resource
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -90,3 +91,41 @@ def fd_shortage_text(e: BaseException, who: str, hint: str = "") -> str | None:
     if isinstance(e, OSError) and e.errno == errno.ENFILE:
         return f"the system is out of file descriptors (fs.file-max) ({e})"
     return None
+
+
+class FailureSpell:
+    """The failures of a call a loop repeats (a listener's `accept`: out of descriptors, say) told once a spell, not
+    once a failure, with a back-off between tries: the tcp transport's and the driver's control server's accept loops.
+
+    Each failure: `failed(cause)` (True: a spell of a new cause starts, the caller logs it), then wait `pause()`.
+    Each success: `ended()`, the spell it ends where one did (more than one failure). The back-off starts at 10 ms
+    and doubles to `most_s`; a new cause keeps it, a success resets it."""
+
+    FIRST_PAUSE_S = 0.01
+
+    def __init__(self, most_s: float):
+        self.most_s = most_s
+        self._reset()
+
+    def _reset(self) -> None:
+        self.backoff_s, self.cause, self.failures, self.since = self.FIRST_PAUSE_S, None, 0, 0.0
+
+    def failed(self, cause: Any) -> bool:
+        """Count one failure of `cause` (compared with `==`); True where the last failure's cause was another one."""
+        self.failures += 1
+        if cause == self.cause:
+            return False
+        self.cause, self.since = cause, time.monotonic()
+        return True
+
+    def pause(self) -> float:
+        """Seconds to wait before the next try: this one's back-off; the next one's doubles, up to `most_s`."""
+        pause, self.backoff_s = self.backoff_s, min(self.most_s, self.backoff_s * 2)
+        return pause
+
+    def ended(self) -> tuple[int, float] | None:
+        """After a success: (failures, seconds since its cause began) of the spell it ends, or None where there was
+        none (no failure, or one: an aborted connection, not a spell); back-off and count start again."""
+        spell = (self.failures, time.monotonic() - self.since) if self.failures > 1 else None
+        self._reset()
+        return spell

@@ -286,6 +286,17 @@ def check_notify(notify: Any) -> int | None:
     return tag
 
 
+def check_message(payload: Any, most: int | None = None) -> bytes:
+    """A `send` payload as bytes: `TypeError` unless it is bytes, a bytearray or a memoryview; `ValueError` where it
+    is longer than `most` (the endpoint's max_message_bytes; None: no limit here)."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError(f"message payload must be bytes, got {type(payload).__name__}")
+    data = bytes(payload)
+    if most is not None and len(data) > most:
+        raise ValueError(f"message of {len(data)} bytes exceeds max_message_bytes={most}")
+    return data
+
+
 def check_priority(priority: str) -> str:
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")

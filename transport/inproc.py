@@ -47,6 +47,7 @@ from transport.base import (
     Transport,
     TransportClosedError,
     WriteEntry,
+    check_message,
     check_notify,
     check_priority,
     check_wait_for_listener,
@@ -564,9 +565,7 @@ class InProcTransport(Transport):
     def send(self, peer: str, payload: bytes) -> Future:
         self._check_open()
         ep, link = self._link(peer)
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"message payload must be bytes, got {type(payload).__name__}")
-        data = bytes(payload)
+        data = check_message(payload)
 
         def run() -> int:
             with link.cond:  # (none arrives once `disconnect` returned)

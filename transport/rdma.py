@@ -66,6 +66,7 @@ from transport.base import (
     TransportError,
     _complete,
     _fail,
+    check_message,
     check_notify,
     check_priority,
     combine_futures,
@@ -1044,11 +1045,7 @@ class RdmaTransport(Transport):
         return self._post(p, priority, self._e.IBV_WR_RDMA_READ, dst, local_offset, raddr + remote_offset, rkey, length)
 
     def send(self, peer: str, payload: bytes) -> Future:
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"message payload must be bytes, got {type(payload).__name__}")
-        data = bytes(payload)
-        if len(data) > self.max_message_bytes:
-            raise ValueError(f"message of {len(data)} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        data = check_message(payload, self.max_message_bytes)
         self._peer(peer)
         told = self._peer_max_message(peer)
         if told is not None and len(data) > told:  # (the channel's own error counted the prefix byte in both figures)

@@ -117,7 +117,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
-from dualpath_jax.checks import fd_shortage_text, is_int, is_real
+from dualpath_jax.checks import FailureSpell, fd_shortage_text, is_int, is_real
 from transport.base import (
     REGION_NAME_MAX,
     TRANSPORTS,
@@ -132,6 +132,7 @@ from transport.base import (
     TransportClosedError,
     TransportError,
     WriteEntry,
+    check_message,
     check_notify,
     check_priority,
     check_wait_for_listener,
@@ -1752,7 +1753,7 @@ class TcpTransport(Transport):
         return limit, instance, ack
 
     def _accept_loop(self) -> None:
-        backoff, failing, failed, since = 0.01, None, 0, 0.0
+        spell = FailureSpell(ACCEPT_BACKOFF_MAX_S)
         while not self.closed:
             try:
                 sock, addr = self._listener.accept()
@@ -1761,25 +1762,19 @@ class TcpTransport(Transport):
                     return  # the listener was closed
                 # EMFILE / ENFILE / ENOBUFS / ECONNABORTED...: a passing condition, not the end of the endpoint. Said
                 # once per spell of one cause (it was a line a second while the process was out of descriptors).
-                failed += 1
-                if e.errno != failing:
-                    failing, since = e.errno, time.monotonic()
+                if spell.failed(e.errno):
                     log.error(
                         "%s: accept failed: %s; still accepting: the connected peers are served on, new connections "
                         "wait in the listen backlog, accept is tried again every %.0f s at most (said once a spell)",
-                        self.name, fd_shortage_text(e, "this process") or e, ACCEPT_BACKOFF_MAX_S,
+                        self.name, fd_shortage_text(e, "this process") or e, spell.most_s,
                     )  # fmt: skip
                 else:
                     log.debug("%s: accept failed again (%s)", self.name, e)
-                self._stopping.wait(backoff)
-                backoff = min(ACCEPT_BACKOFF_MAX_S, backoff * 2)
+                self._stopping.wait(spell.pause())
                 continue
-            if failed > 1:  # (a spell, not one aborted connection)
-                log.warning(
-                    "%s: accepting connections again (%d accepts failed over %.1f s)",
-                    self.name, failed, time.monotonic() - since,
-                )  # fmt: skip
-            backoff, failing, failed = 0.01, None, 0
+            ended = spell.ended()
+            if ended is not None:
+                log.warning("%s: accepting connections again (%d accepts failed over %.1f s)", self.name, *ended)
             # A flood of connections that never finish the handshake must not grow threads without bound, nor keep
             # legitimate peers out: one from another host holds at most MAX_PENDING_PER_ADDRESS slots; with all slots
             # taken, the next connection waits for one (a handshake step at most), so the others queue in the
@@ -2520,11 +2515,7 @@ class TcpTransport(Transport):
         nothing is promised across classes). The RDMA backend asks its questions on "low", whose sender thread runs
         no application callback that could block them."""
         stream = check_priority(priority)
-        if not isinstance(payload, (bytes, bytearray, memoryview)):
-            raise TypeError(f"message payload must be bytes, got {type(payload).__name__}")
-        data = memoryview(bytes(payload))
-        if data.nbytes > self.max_message_bytes:
-            raise ValueError(f"message of {data.nbytes} bytes exceeds max_message_bytes={self.max_message_bytes}")
+        data = memoryview(check_message(payload, self.max_message_bytes))
         p = self._get_peer(peer)
         if p.max_message is not None and data.nbytes > p.max_message:  # the peer would close the whole set
             raise TransportError(

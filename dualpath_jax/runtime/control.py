@@ -21,7 +21,6 @@ import os
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from dualpath_jax import clock
-from dualpath_jax.checks import fd_shortage_text
+from dualpath_jax.checks import FailureSpell, fd_shortage_text
 from dualpath_jax.code_id import code_id, code_id_now
 
 log = logging.getLogger(__name__)
@@ -299,7 +298,7 @@ class ControlServer:
         self._accept.start()
 
     def _accept_loop(self) -> None:
-        backoff, failing, failed, since = 0.01, None, 0, 0.0
+        spell = FailureSpell(1.0)
         while not self._closed:
             try:
                 conn = self._listener.accept()
@@ -308,29 +307,22 @@ class ControlServer:
                     return
                 # (retried at once, out of descriptors it spun: ~370 lines/s. 10 ms doubling to 1 s, as TcpTransport;
                 # said once a spell of one cause, as TcpTransport: it was a line a second while out of descriptors)
-                failed += 1
-                cause = (type(e), getattr(e, "errno", None))
-                if cause != failing:
-                    failing, since = cause, time.monotonic()
+                if spell.failed((type(e), getattr(e, "errno", None))):
                     why = _fd_shortage(e) if isinstance(e, OSError) else e  # (EMFILE: names RLIMIT_NOFILE)
                     log.warning(
                         "control server: accept failed (%s); still accepting: the connected nodes are served on, new "
-                        "connections wait in the listen backlog, accept is tried again every 1 s at most (said once a "
-                        "spell)",
+                        "connections wait in the listen backlog, accept is tried again every %.0f s at most (said once "
+                        "a spell)",
                         why,
+                        spell.most_s,
                     )
                 else:
                     log.debug("control server: accept failed again (%s)", e)
-                self._stopping.wait(backoff)
-                backoff = min(1.0, backoff * 2)
+                self._stopping.wait(spell.pause())
                 continue
-            if failed > 1:  # (a spell, not one aborted connection)
-                log.warning(
-                    "control server: accepting connections again (%d accepts failed over %.1f s)",
-                    failed,
-                    time.monotonic() - since,
-                )
-            backoff, failing, failed = 0.01, None, 0
+            ended = spell.ended()
+            if ended is not None:
+                log.warning("control server: accepting connections again (%d accepts failed over %.1f s)", *ended)
             if self._closed:  # (`close`'s own wake-up connection)
                 conn.close()
                 return
