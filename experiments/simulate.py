@@ -267,12 +267,16 @@ def _main(argv: Sequence[str]) -> None:
     )
     unfinished = result.stats["unfinished_turns"]
     if unfinished and sc.workload.kind == "offline":
+        # (it said "13 of 152 turns" where 30 of the workload's 182 were not done: the later turns never arrived)
         logging.warning(
-            "%d of %d turns did not finish by the end of the run (--max_time=%g): jct_s and the throughputs count "
-            "the finished turns only (a lower bound of the JCT)",
+            "%d of the workload's %d turns did not finish by the end of the run (--max_time=%g): %d of the %d that "
+            "arrived were still running, the rest never arrived; jct_s and the throughputs count the finished turns "
+            "only (a lower bound of the JCT)",
+            result.stats["workload_turns"] - (len(result.records) - unfinished),
+            result.stats["workload_turns"],
+            _MAX_TIME.value,
             unfinished,
             len(result.records),
-            _MAX_TIME.value,
         )
     rows = [
         (

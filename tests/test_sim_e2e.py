@@ -711,7 +711,19 @@ def test_simulate_says_when_max_time_left_turns_unfinished(tmp_path):
         "experiments.simulate", f"--config={TINY}:dualpath", "--max_time=5", "--noplot", f"--output_dir={tmp_path}"
     )
     assert out.returncode == 0, out.stderr[-1500:]
-    assert re.search(r"\d+ of \d+ turns did not finish by the end of the run \(--max_time=5\)", out.stderr)
+    m = re.search(
+        r"(\d+) of the workload's (\d+) turns did not finish by the end of the run \(--max_time=5\): (\d+) of the "
+        r"(\d+) that arrived were still running",
+        out.stderr,
+    )
+    assert m, out.stderr[-1500:]
+    not_done, total, running, arrived = map(int, m.groups())
+    # the count is of the whole workload's turns (it counted the arrived ones only: turns that never came were lost)
+    from dualpath_jax.sim.runner import build_simulator
+
+    sim = build_simulator(_cfg("dualpath"))
+    assert total == sum(len(t.turns) for t in sim.trajectories) and arrived < total
+    assert not_done == running + (total - arrived) and running > 0
     full = _launch("experiments.simulate", f"--config={TINY}:dualpath", "--noplot", f"--output_dir={tmp_path}")
     assert full.returncode == 0 and "did not finish" not in full.stderr
 

@@ -31,7 +31,8 @@ class SimResult:
     `records`: one `metrics.TurnRecord` per turn, as a `metrics.TurnTable` (columns: a TurnRecord made on reading).
     `links`: `metrics.LinkBytes` per link ("snic/node3", "cnic/engine12/low", ...) per bucket, t0 < t1 (the last bucket
     ends at the run's end). `stats`: the run itself (events, wall_s, events_per_s, turns_per_s, fetches,
-    unfinished_turns, sim_end_s, link_totals: link -> bytes, compiled, ...). `summary`: `metrics.summarize` (jct_s,
+    unfinished_turns (of the arrived turns), workload_turns (all the agents' turns, arrived or not), sim_end_s,
+    link_totals: link -> bytes, compiled, ...). `summary`: `metrics.summarize` (jct_s,
     ttft / tpot percentiles, ...) + the TTFT breakdown + the storage-NIC balance (snic_max_over_avg, snic_total_bytes)
     + the SLO figures (online / trace). `config`: the SimConfig that ran; `policy_config`: every field of the policy's
     Config."""
@@ -433,6 +434,8 @@ def run(
 
             records, links, stats = sim.run(max_time=max_time, progress=report)
     links = _end_at(links, stats["sim_end_s"])
+    # the workload's turns, arrived or not: a run cut by max_time records only the turns that arrived
+    stats["workload_turns"] = sum(len(t.turns) for t in sim.trajectories)
     return SimResult(records, links, stats, summarize(cfg, records, links, stats), sim.cfg, policy_config(sim.policy))
 
 

@@ -1,0 +1,138 @@
+"""Fix pass 34, area `metrics`: the reported metrics recomputed by hand from a run's written rows.
+
+The summary (`metrics.summarize`, `ttft_breakdown`, `slo_summary`, `sim.runner.summarize`) is recomputed here from
+turns.csv / links.csv as plain text, with the definitions the README states and no project code: JCT = last finished
+turn - first arrival; TTFT = first token - arrival; TPOT = (last token - first token) / (gen - 1), turns of 2+ tokens
+that finished; TTST = second token - arrival; the TTFT parts telescope to the mean TTFT; percentiles interpolate
+linearly between order statistics (numpy's default); storage-NIC max/avg = whole-run bytes per SNIC (reads and
+write-backs, an idle SNIC as 0) max over mean; the SLO judges the turns arriving in [warmup, duration) that generate
+tokens, a turn without a first token a miss (TTFT inf), one still decoding judged on its TTFT.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+TINY = "configs/sim_tiny.py"
+
+
+def _pct(values, q):
+    """The q-th percentile, linear between order statistics; an infinite neighbour gives inf (NaN: no value)."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    pos = q / 100 * (len(s) - 1)
+    lo = int(pos)
+    t = pos - lo
+    if t == 0:
+        return s[lo]
+    a, b = s[lo], s[lo + 1]
+    if math.isinf(b):
+        return b
+    return a + (b - a) * t
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """An online sim_tiny run cut while turns run (turns without a first token, turns still decoding), written."""
+    from dualpath_jax.sim import load_sim_config, runner
+    from dualpath_jax.sim.outputs import write_results
+
+    cfg = load_sim_config(f"{TINY}:dualpath,aps=3,duration=20,warmup=5")
+    res = runner.run(cfg, max_time=20.05)
+    out = tmp_path_factory.mktemp("fix34_metrics")
+    paths = write_results(res, str(out), {"name": "fix34"}, plot=False)
+    with open(paths["summary"]) as f:
+        summary = json.load(f)["summary"]
+    turns = [{k: (float(v) if k not in ("read_side",) else v) for k, v in row.items()} for row in _rows(paths["turns"])]
+    return cfg, summary, turns, _rows(paths["links"])
+
+
+def _close(got, want):
+    if want is None or (isinstance(want, float) and math.isnan(want)):
+        return got is None
+    return got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_the_all_turn_figures_by_hand(written):
+    _, s, turns, _ = written
+    nan = math.isnan
+    fin = [t for t in turns if not nan(t["finished"])]
+    assert 0 < len(fin) < len(turns)  # (a cut run: unfinished turns are left out of the span and the throughputs)
+    start, end = min(t["arrival"] for t in turns), max(t["finished"] for t in fin)
+    assert _close(s["jct_s"], end - start)
+    assert _close(s["gen_tokens_per_s"], sum(t["gen_tokens"] for t in fin) / (end - start))
+    assert _close(s["prompt_tokens_per_s"], sum(t["prompt_tokens"] for t in fin) / (end - start))
+    ttft = [t["first_token"] - t["arrival"] for t in turns if not nan(t["first_token"])]
+    tpot = [(t["finished"] - t["first_token"]) / (t["gen_tokens"] - 1) for t in fin if t["gen_tokens"] > 1]
+    for q in (50, 99):
+        assert _close(s[f"ttft_p{q}_s"], _pct(ttft, q))
+        assert _close(s[f"tpot_p{q}_s"], _pct(tpot, q))
+    missing = sum(nan(t["first_token"]) and t["gen_tokens"] > 0 for t in turns)
+    assert missing > 0 and s["turns_without_first_token"] == missing
+    assert s["unfinished_turns"] == len(turns) - len(fin)
+    assert _close(s["hit_rate"], sum(t["hit_tokens"] for t in turns) / sum(t["prompt_tokens"] for t in turns))
+
+
+def test_the_ttft_parts_add_up_to_the_mean_ttft(written):
+    _, s, turns, _ = written
+    got = [t for t in turns if not math.isnan(t["first_token"])]
+    chain = ("arrival", "scheduled", "read_start", "read_end", "first_token")
+    parts = dict(zip(("queue", "allocation", "read", "prefill"), zip(chain, chain[1:], strict=False), strict=True))
+    means = {k: sum(t[b] - t[a] for t in got) / len(got) for k, (a, b) in parts.items()}
+    for k, v in means.items():
+        assert _close(s[f"ttft_{k}_mean_s"], v)
+        assert v >= 0
+    mean_ttft = sum(t["first_token"] - t["arrival"] for t in got) / len(got)
+    assert sum(s[f"ttft_{k}_mean_s"] for k in parts) == pytest.approx(mean_ttft, rel=1e-12)
+
+
+def test_the_storage_nic_balance_by_hand(written):
+    _, s, _, links = written
+    per = {}
+    for r in links:
+        if r["link"].startswith("snic/"):
+            per[r["link"]] = per.get(r["link"], 0) + int(r["nbytes"])
+    assert len(per) == 2 and min(per.values()) > 0  # (sim_tiny 1P1D: the PE node's reads, the DE node's too)
+    mean = sum(per.values()) / len(per)
+    assert _close(s["snic_max_over_avg"], max(per.values()) / mean)
+    assert s["snic_total_bytes"] == pytest.approx(sum(per.values()), abs=len(links))  # (whole bytes per sample)
+
+
+def test_the_slo_by_hand(written):
+    cfg, s, turns, _ = written
+    nan = math.isnan
+    judged = [t for t in turns if cfg.warmup_s <= t["arrival"] < cfg.workload.duration_s and t["gen_tokens"] > 0]
+    decoding = [t for t in judged if not nan(t["first_token"]) and nan(t["finished"])]
+    assert decoding and any(nan(t["first_token"]) for t in judged)  # (both kinds of unfinished turn are judged)
+    ttft = [math.inf if nan(t["first_token"]) else t["first_token"] - t["arrival"] for t in judged]
+    many = [t for t in judged if t["gen_tokens"] > 1]
+    ttst = [math.inf if nan(t["second_token"]) else t["second_token"] - t["arrival"] for t in many]
+    tpot = [(t["finished"] - t["first_token"]) / (t["gen_tokens"] - 1) for t in many if not nan(t["finished"])]
+
+    def ok(t):
+        if nan(t["first_token"]) or t["first_token"] - t["arrival"] > cfg.slo_ttft_s:
+            return False
+        if t["gen_tokens"] <= 1 or nan(t["finished"]):  # (still decoding: judged on its TTFT)
+            return True
+        return (t["finished"] - t["first_token"]) / (t["gen_tokens"] - 1) <= cfg.slo_tpot_s
+
+    q = f"{cfg.slo_percentile:g}"
+    assert s["slo_turns"] == len(judged)
+    assert _close(s["slo_attainment"], sum(map(ok, judged)) / len(judged))
+    want_ttft = _pct(ttft, cfg.slo_percentile)
+    assert s[f"ttft_p{q}_s"] is None if math.isinf(want_ttft) else _close(s[f"ttft_p{q}_s"], want_ttft)
+    assert _close(s[f"tpot_p{q}_s"], _pct(tpot, cfg.slo_percentile))
+    want_ttst = _pct(ttst, 50)
+    assert s["ttst_p50_s"] is None if math.isinf(want_ttst) else _close(s["ttst_p50_s"], want_ttst)
+    met = want_ttft <= cfg.slo_ttft_s and _pct(tpot, cfg.slo_percentile) <= cfg.slo_tpot_s
+    assert s["slo_met"] is met
