@@ -1440,6 +1440,16 @@ def mean_within(values) -> float:
     return min(max(sum(values) / len(values), min(values)), max(values))
 
 
+def table_cell(v) -> str:
+    """A value as a printed table's cell (sweep's, capacity's): None (no figure: an offline cell's SLO, oracle's
+    storage-NIC max/avg) as "-", a float to 4 significant digits."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
 def write_atomically(path: str, write) -> None:
     """`dualpath_jax.metrics.write_atomically` (imported when first used: this package's import stays light)."""
     from dualpath_jax.metrics import write_atomically as write_beside_then_rename
@@ -1627,6 +1637,37 @@ def turn_progress(label: str, trajectories):
     total = sum(len(t.turns) for t in trajectories)
     with progress.bar(total=total, desc=f"{label:>12}", unit="turn") as bar, logs_above_bars():
         yield lambda done, total: bar.update(done - bar.n)
+
+
+def runtime_run(cfg, trajectories, label: str, ops, prefill_tokens_per_s, session):
+    """`driver.run` of `cfg` on `trajectories` with `ops`' model (experiments.run, bench_runtime) under a progress bar
+    labelled `label` (`turn_progress`), on `session`'s node processes (a `LocalCluster`; None: `cfg`'s launcher)."""
+    from dualpath_jax.runtime import driver
+
+    with turn_progress(label, trajectories) as progress:
+        return driver.run(
+            cfg,
+            trajectories,
+            model_ops=ops,
+            on_progress=progress,
+            prefill_tokens_per_s=prefill_tokens_per_s,
+            launcher=session.launcher(cfg) if session else None,
+        )
+
+
+def prefill_tokens_per_s_or_exit(ops, cfg, out_dir: str) -> float:
+    """`driver.measure_prefill_tokens_per_s` of `ops` on `cfg` (DualPath's beta) before any run (experiments.run,
+    bench_runtime); Ctrl-C: one line (it was a traceback), and the new results directory `out_dir`, still empty,
+    removed."""
+    from dualpath_jax.runtime import driver
+
+    try:
+        return driver.measure_prefill_tokens_per_s(ops, cfg)
+    except KeyboardInterrupt as e:
+        remove_if_empty(out_dir)
+        raise SystemExit(
+            f"interrupted ({interrupted_by(e)}) while measuring the prefill throughput; nothing ran"
+        ) from None
 
 
 def log_start(module: str, **more) -> None:

@@ -41,14 +41,15 @@ from experiments import (
     interrupted_by,
     log_start,
     parse_flags_or_exit,
+    prefill_tokens_per_s_or_exit,
     pyplot_or_none,
     refuse_flags_of_parts_not_run,
     refuse_unused_workload_overrides,
     remove_if_empty,
     runtime_config_line,
+    runtime_run,
     stopped_by,
     stopped_early,
-    turn_progress,
     write_atomically,
 )
 
@@ -207,9 +208,9 @@ def sim_store_capacity_gb(cfg, ops) -> float | None:
     if cap is None or cfg.store != "local_dir":
         return None
     blocks = int(cap) // block_file.file_nbytes(block_layout(cfg, ops))
-    # (+ half a byte: the simulator floors GB * 1e9 / B per token to whole tokens, and the bare product's rounding
-    # could land a hair under it, one token short: a block fewer, e.g. 15 blocks of 16 tokens at 1,024 B/token)
-    return (blocks * cfg.block_size * ops.config.kv_bytes_per_token + 0.5) / 1e9
+    # (the bare product: the simulator reads a room within ROOM_SLACK of whole tokens as those tokens. Half a byte
+    # added against its flooring, before that, made it a token more than the blocks, e.g. 509,350,992 at 1 B/token)
+    return blocks * cfg.block_size * ops.config.kv_bytes_per_token / 1e9
 
 
 def bounded_store_note(cfg, store_capacity_gb: float | None) -> str | None:
@@ -430,13 +431,7 @@ def _main(argv, term):
         "--config.results_dir",
     )
     logging.info("results directory: %s", os.path.abspath(out_dir))  # (said at the end only)
-    try:
-        prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
-    except KeyboardInterrupt as e:  # one line (it was a traceback); the new results directory is still empty
-        remove_if_empty(out_dir)
-        raise SystemExit(
-            f"interrupted ({interrupted_by(e)}) while measuring the prefill throughput; nothing ran"
-        ) from None
+    prefill_tps = prefill_tokens_per_s_or_exit(ops, base, out_dir)
     session = LocalCluster(driver.layout_groups(base), netns=base.netns) if base.launcher == "local" else None
     out = {"config": config.to_dict(), "prefill_tokens_per_s": prefill_tps}
     stamp, runs = os.path.basename(out_dir), itertools.count()
@@ -449,15 +444,7 @@ def _main(argv, term):
                     store_dir=fresh_dir_or_exit(cfg.store_dir, f"{stamp}-{next(runs)}", "--config.runtime.store_dir")
                 )
             # a bar per run, as experiments.run draws (the policies' runs took minutes without a sign of progress)
-            with turn_progress(label or cfg.scheduler.name, ts) as progress:
-                return driver.run(
-                    cfg,
-                    ts,
-                    model_ops=ops,
-                    on_progress=progress,
-                    prefill_tokens_per_s=prefill_tps,
-                    launcher=session.launcher(cfg) if session else None,
-                )
+            return runtime_run(cfg, ts, label or cfg.scheduler.name, ops, prefill_tps, session)
 
         unpaced = driver.unpaced_nics(base)
         t0 = time.monotonic()

@@ -59,6 +59,7 @@ from experiments import (
     setup_files_or_exit,
     setup_names,
     stopped_by,
+    table_cell,
     variant_item_key,
     writable_dir_or_exit,
     write_atomically,
@@ -408,14 +409,6 @@ def _check_items() -> None:
                 raise SystemExit(f"bad {flag}: --seeds and a seed= item both set the seed; use one")
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unknown arguments: {argv[1:]}")
@@ -489,10 +482,12 @@ def _write_results(rows: list[dict], searches: Sequence[Search], term: SigtermAs
     for r in rows:
         if "error" in r:
             what = "stopped" if r["error"].startswith("interrupted") else "failed"  # (Ctrl-C / SIGTERM: not run)
-            table.append([r["setup"], r["mode"], _fmt(r["seed"]), what, "-", "-", "-"])
+            table.append([r["setup"], r["mode"], table_cell(r["seed"]), what, "-", "-", "-"])
             continue
-        bracket = f"{_fmt(r['met_aps'])} / {_fmt(r['missed_aps'])}"
-        table.append([r["setup"], r["mode"], _fmt(r["seed"]), r["capacity"], bracket, str(r["probes"]), gain_text(r)])
+        bracket = f"{table_cell(r['met_aps'])} / {table_cell(r['missed_aps'])}"
+        table.append(
+            [r["setup"], r["mode"], table_cell(r["seed"]), r["capacity"], bracket, str(r["probes"]), gain_text(r)]
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)).rstrip())

@@ -53,14 +53,15 @@ from experiments import (
     fresh_dir_or_exit,
     interrupted_by,
     parse_flags_or_exit,
+    prefill_tokens_per_s_or_exit,
     pyplot_or_none,
     reference_agreement,
     refuse_unused_workload_overrides,
     remove_if_empty,
     runtime_config_line,
+    runtime_run,
     stopped_early,
     token_agreement,
-    turn_progress,
     writable_dir_or_exit,
     write_atomically,
 )
@@ -518,13 +519,7 @@ def _main(argv, term: SigtermAsInterrupt):
     stamp = os.path.basename(out_dir)
     prefill_tps = None
     if config.calibrate:
-        try:
-            prefill_tps = driver.measure_prefill_tokens_per_s(ops, base)
-        except KeyboardInterrupt as e:  # one line (it was a traceback); the new results directory is still empty
-            remove_if_empty(out_dir)
-            raise SystemExit(
-                f"interrupted ({interrupted_by(e)}) while measuring the prefill throughput; nothing ran"
-            ) from None
+        prefill_tps = prefill_tokens_per_s_or_exit(ops, base, out_dir)
         logging.info("measured prefill throughput on this machine: %.0f tokens/s (DualPath's beta)", prefill_tps)
     kv = m.kv_bytes_per_token  # (the model logged above)
     run_kwargs = {p: policy_config(c, kv, prefill_tps) for p, c in configs.items()}
@@ -585,15 +580,7 @@ def _main(argv, term: SigtermAsInterrupt):
                 # (two runs started in the same second got `-basic` and `-basic-2`, and nothing said whose was whose)
                 store_dirs[label] = cfg.store_dir
                 logging.info("%s: KV store in %s (fresh)", label, cfg.store_dir)
-            with turn_progress(label, ts) as progress:
-                return driver.run(
-                    cfg,
-                    ts,
-                    model_ops=ops,
-                    on_progress=progress,
-                    prefill_tokens_per_s=prefill_tps,
-                    launcher=session.launcher(cfg) if session else None,
-                )
+            return runtime_run(cfg, ts, label, ops, prefill_tps, session)
 
         if config.warmup:
             # A few of the conversations at unpaced NIC speed: every code path runs once in the session's node

@@ -65,6 +65,7 @@ from experiments import (
     setup_files_or_exit,
     setup_names,
     stopped_by,
+    table_cell,
     variant_item_key,
     writable_dir_or_exit,
     write_atomically,
@@ -711,7 +712,9 @@ def _write_means(rows: list[dict], path: str, seeds: int) -> None:
         cells = [r["setup"], r["mode"], r["load"] or "default", str(r["seeds"])]
         for k in metrics:
             m = r[f"{k}_mean"]
-            cells.append("-" if m is None else f"{_fmt(m)} [{_fmt(r[f'{k}_min'])}, {_fmt(r[f'{k}_max'])}]")
+            cells.append(
+                "-" if m is None else f"{table_cell(m)} [{table_cell(r[f'{k}_min'])}, {table_cell(r[f'{k}_max'])}]"
+            )
         table.append(cells)
     print_table(table)
     print("wrote", path)
@@ -728,14 +731,6 @@ def write_csv(path: str, cols: list[str], rows: Sequence[dict]) -> None:
             w.writerows(rows)
 
     write_atomically(path, write)
-
-
-def _fmt(v) -> str:
-    if v is None:  # (no figure: an offline cell's SLO, oracle's storage-NIC max/avg)
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 _ONCE = ("setups", "modes", "loads", "extra", "seeds")  # (given twice, absl kept the last one, without a word)
@@ -982,7 +977,7 @@ def _write_results(
     path = os.path.join(_OUTPUT_DIR.value, "sweep.json")
     write_atomically(path, dump)
     _fsync_dir(_OUTPUT_DIR.value)
-    print_table([cols, *([_fmt(r.get(k)) for k in cols] for r in safe)])
+    print_table([cols, *([table_cell(r.get(k)) for k in cols] for r in safe)])
     for slo in dict.fromkeys(r["slo"] for r in safe if r.get("slo")):  # (which SLO; its window starts at warm-up)
         print(f"note: slo_attainment / slo_met judge the SLO {slo} (each row's `slo` column)")
     for module, why in (stale or {}).items():

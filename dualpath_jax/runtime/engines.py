@@ -532,13 +532,15 @@ class EngineBase:
         )
         self.snic.submit_read(r.read_job)
 
-    def _read_finished(self, job: ReadJob, r) -> None:
-        """A read reported done: its request (None when dropped meanwhile) may now free its area."""
+    def _read_finished(self, job: ReadJob):
+        """A read reported done: its request (returned; None when dropped meanwhile) may now free its area."""
+        r = self.reqs.get((job.request_id, job.attempt))
         if r is not None:
             r.read_job = None
         handle = self._draining.pop((job.request_id, job.attempt), None)
         if handle is not None and not handle.released:
             handle.release()
+        return r
 
     def _release_area(self, r) -> None:
         """Free a dropped or finished request's area -- never under a running read: a read still queued or in
@@ -617,6 +619,31 @@ class EngineBase:
             log.error("%s", msg)
             self.ctx.emit(Event("error", -1, 0, clock.now(), {"message": msg}))
         return self._take_early(key)
+
+    def _add_request(self, r) -> None:
+        """Keep the request of a task that just came, then handle the items held for it (`_hold_early`)."""
+        self.reqs[r.key] = r
+        self.order.append(r.key)
+        for k, v in self._early_items_of(r.task):
+            self._handle(k, v)
+
+    def _cancelled_request(self, c: Cancel):
+        """A cancel came: its attempt is gone here (`_gone_attempt`); its request, if here, is marked cancelled and
+        returned (None if not)."""
+        key = (c.request_id, c.attempt)
+        self._gone_attempt(key)
+        r = self.reqs.get(key)
+        if r is not None:
+            r.cancelled = True
+        return r
+
+    def _request_of_msg(self, msg: dict):
+        """The request a message is for; None when its task has not come yet (the message is held: `_hold_early`)."""
+        key = (msg["request_id"], msg["attempt"])
+        r = self.reqs.get(key)
+        if r is None:
+            self._hold_early(key, "msg", msg)
+        return r
 
     def _gone_attempt(self, key: tuple) -> None:
         """An attempt was dropped (cancelled) or finished here: free its held items, ignore its later ones."""
@@ -724,25 +751,18 @@ class PrefillEngine(EngineBase):
                 return
             r = _PrefillReq(task=item, t_arrived=clock.now(), bs=self.bs)
             r.de_read_done = item.pe_read_blocks >= item.hit_blocks
-            self.reqs[r.key] = r
-            self.order.append(r.key)
-            for k, v in self._early_items_of(item):
-                self._handle(k, v)
+            self._add_request(r)
         elif kind == "cancel":
-            self._gone_attempt((item.request_id, item.attempt))
-            r = self.reqs.get((item.request_id, item.attempt))
+            r = self._cancelled_request(item)
             if r is not None:
-                r.cancelled = True
                 # Only a batch now running still uses the area (it finishes r when done). A request cancelled
                 # between two chunks of its chunked prefill used to wait for a batch it never got again (cancelled
                 # is never ready), holding its area for the rest of the run: with a small buffer, a hang.
                 if r.key not in self._in_batch:
                     self._finish(r)
         elif kind == "msg":
-            key = (item["request_id"], item["attempt"])
-            r = self.reqs.get(key)
+            r = self._request_of_msg(item)
             if r is None:
-                self._hold_early(key, kind, item)
                 return
             if item["kind"] == "de_area":
                 r.de_area_off = item["offset"]
@@ -758,8 +778,7 @@ class PrefillEngine(EngineBase):
             r.layers_from_de.add(layer)
         elif kind == "read_done":
             job, ok, nbytes, t0, t1 = item
-            r = self.reqs.get((job.request_id, job.attempt))
-            self._read_finished(job, r)
+            r = self._read_finished(job)
             if r is not None:
                 r.pe_read_done = True
                 r.pe_ok_blocks = ok
@@ -1175,22 +1194,14 @@ class DecodeEngine(EngineBase):
         elif kind == "task":
             if (item.request_id, item.attempt) in self._gone:  # cancelled before it came: its messages are ignored
                 return
-            r = _DecodeReq(task=item)
-            self.reqs[r.key] = r
-            self.order.append(r.key)
-            for k, v in self._early_items_of(item):
-                self._handle(k, v)
+            self._add_request(_DecodeReq(task=item))
         elif kind == "cancel":
-            self._gone_attempt((item.request_id, item.attempt))
-            r = self.reqs.get((item.request_id, item.attempt))
+            r = self._cancelled_request(item)
             if r is not None:
-                r.cancelled = True
                 self._drop(r)
         elif kind == "msg":
-            key = (item["request_id"], item["attempt"])
-            r = self.reqs.get(key)
+            r = self._request_of_msg(item)
             if r is None:
-                self._hold_early(key, kind, item)
                 return
             if item["kind"] == "pe_area":
                 r.pe_area_off = item["offset"]
@@ -1201,8 +1212,7 @@ class DecodeEngine(EngineBase):
                 r.tokens = [item["first_token"]]  # out once the request runs in a decode slot (`_admit`)
         elif kind == "read_done":
             job, ok, nbytes, t0, t1 = item
-            r = self.reqs.get((job.request_id, job.attempt))
-            self._read_finished(job, r)
+            r = self._read_finished(job)
             if r is not None:
                 r.de_read_state = "done"
                 r.de_end_blocks = r.task.pe_read_blocks + ok
