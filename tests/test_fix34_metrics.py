@@ -136,3 +136,25 @@ def test_the_slo_by_hand(written):
     assert s["ttst_p50_s"] is None if math.isinf(want_ttst) else _close(s["ttst_p50_s"], want_ttst)
     met = want_ttft <= cfg.slo_ttft_s and _pct(tpot, cfg.slo_percentile) <= cfg.slo_tpot_s
     assert s["slo_met"] is met
+
+
+def test_the_runtime_slo_note_says_at_what_rate_the_agents_came():
+    """An online run's agents arrive after exponential gaps at the configured aps, so a short run's rate differs (the
+    README's 32 agents at aps 8 came over 4.62 s, ~6.9 a second): the table's SLO note says the rate they came at, the
+    agents over the last agent's arrival (the n-th arrives after n gaps)."""
+    import re
+
+    from test_fix17_slo import _runtime_config
+
+    from dualpath_jax.runtime import driver
+    from experiments.run import slo_line
+
+    cfg = _runtime_config(warmup_s=0.0).replace(**{"workload.aps": 8.0, "workload.agents": 32})
+    trajs = driver.make_trajectories(cfg)
+    window = driver.slo_window(cfg, trajs)
+    line = slo_line(cfg, window, len(trajs))
+    m = re.search(r"(\d+) agents came at ([\d.]+)/s, aps 8\b", line)
+    assert m, line
+    last = float(driver.make_arrival_model(cfg).agent_arrivals(trajs).max())
+    assert int(m.group(1)) == len(trajs) == 32 and float(m.group(2)) == pytest.approx(32 / last, rel=2e-3)
+    assert "came at" not in slo_line(cfg, (0.0, math.inf), None)  # trace arrivals: no rate of theirs to give
