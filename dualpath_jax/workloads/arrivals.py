@@ -2,9 +2,11 @@
 
   - offline (DESIGN.md "Vocabulary": offline rollout): every agent starts at t = 0; turn i+1 is ready right after
     turn i finished plus turn i's gap (`Turn.gap_s`; 0 for the paper's synthetic data). "Finished" is what
-    the driver passes as `prev_finish`: both drivers pass the later of turn i's last generated token and the
-    end of its blocks' write-back, so turn i+1's lookup sees every block of turn i (its `finished` timestamp
-    stays the last token).
+    the driver passes as `prev_finish`, and neither makes turn i+1 due before turn i's blocks are written back, so
+    its lookup sees every block of turn i (turn i's `finished` timestamp stays its last token). The simulator passes
+    the later of the last token and the write-back's end, so turn i+1 arrives then; the runtime passes the last
+    token but hears of the turn's end only once its write-back is stored, so the wait between is in turn i+1's TTFT
+    (its queue part). The two differ by at most the write-back's tail (<= 1 ms in the simulator at DS 660B 2P4D).
   - online: agents arrive as a Poisson process at `aps` agents/s (seeded); turns as in offline (the
     paper's online runs have no gap between turns; `use_gaps=False` forces that for trace workloads).
   - trace: agents start at their `Trajectory.arrival_time`; turn i is ready at its trace time
