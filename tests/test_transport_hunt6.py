@@ -363,8 +363,12 @@ def test_rdma_a_question_to_a_peer_that_is_lost_fails_at_once(fake_verbs):
     timeout (10 s for a transfer) though the control channel was known lost; it now fails with PeerLostError."""
     a, b = _rdma_pair()
     try:
-        on_control = b._on_control
-        b.control.on_message = lambda peer, payload: b"region" in payload or on_control(peer, payload)  # (dropped)
+        on_control, asked = b._on_control, threading.Event()
+        b.control.on_message = lambda peer, payload: (
+            (b"region" in payload and not asked.set()) or on_control(peer, payload)
+        )  # (b notes the question and drops it)
+        send, sends = a.control.send, []
+        a.control.send = lambda peer, payload, **kw: sends.append(send(peer, payload, **kw)) or sends[-1]  # (a's sends)
         out: list = []
 
         def ask():
@@ -375,11 +379,8 @@ def test_rdma_a_question_to_a_peer_that_is_lost_fails_at_once(fake_verbs):
 
         t = threading.Thread(target=ask, daemon=True)
         t.start()
-        for _ in range(500):  # (until the question is in flight)
-            if a._replies:
-                break
-            threading.Event().wait(0.01)
-        assert a._replies
+        # b closes once the question is sent (closing earlier failed its send instead: "Broken pipe", not the fix)
+        assert asked.wait(10) and sends[-1].result(10) > 0 and a._replies
         b.close()
         t.join(5)
         assert len(out) == 1, "the question is still waiting for a peer that is gone"
