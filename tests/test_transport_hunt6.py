@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import socket
 import sys
 import threading
@@ -367,8 +368,15 @@ def test_rdma_a_question_to_a_peer_that_is_lost_fails_at_once(fake_verbs):
         b.control.on_message = lambda peer, payload: (
             (b"region" in payload and not asked.set()) or on_control(peer, payload)
         )  # (b notes the question and drops it)
-        send, sends = a.control.send, []
-        a.control.send = lambda peer, payload, **kw: sends.append(send(peer, payload, **kw)) or sends[-1]  # (a's sends)
+        send, sent = a.control.send, queue.Queue()
+
+        def send_noted(peer, payload, **kw):  # (a's sends, each noted once its future exists)
+            future = send(peer, payload, **kw)
+            if b"region" in payload:
+                sent.put(future)
+            return future
+
+        a.control.send = send_noted
         out: list = []
 
         def ask():
@@ -380,7 +388,8 @@ def test_rdma_a_question_to_a_peer_that_is_lost_fails_at_once(fake_verbs):
         t = threading.Thread(target=ask, daemon=True)
         t.start()
         # b closes once the question is sent (closing earlier failed its send instead: "Broken pipe", not the fix)
-        assert asked.wait(10) and sends[-1].result(10) > 0 and a._replies
+        # (b may hold the question before a's send returned its future: wait for both)
+        assert asked.wait(10) and sent.get(timeout=10).result(10) > 0 and a._replies
         b.close()
         t.join(5)
         assert len(out) == 1, "the question is still waiting for a peer that is gone"
