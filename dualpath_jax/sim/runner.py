@@ -418,13 +418,15 @@ def run(
     if not is_real(max_time) or not max_time > 0:
         raise ValueError(f"max_time must be a number of simulated seconds > 0 (inf: no limit), got {max_time!r}")
     sim = build_simulator(cfg, trajectories)
+    # the workload's turns, arrived or not (a run cut by max_time records only the turns that arrived): the bar's
+    # total and stats["workload_turns"]
+    total = sum(len(t.turns) for t in sim.trajectories)
     if not progress:
         records, links, stats = sim.run(max_time=max_time)
     else:
         from dualpath_jax import progress as bars
 
         # (online and trace runs too: their bar had no total, so no percentage and no time left)
-        total = sum(len(t.turns) for t in sim.trajectories)
         with bars.bar(total=total, unit="turn", desc=f"simulating {cfg.policy}", mininterval=2.0) as bar:
 
             def report(now: float, turns_done: int, events: int) -> None:
@@ -434,8 +436,7 @@ def run(
 
             records, links, stats = sim.run(max_time=max_time, progress=report)
     links = _end_at(links, stats["sim_end_s"])
-    # the workload's turns, arrived or not: a run cut by max_time records only the turns that arrived
-    stats["workload_turns"] = sum(len(t.turns) for t in sim.trajectories)
+    stats["workload_turns"] = total
     return SimResult(records, links, stats, summarize(cfg, records, links, stats), sim.cfg, policy_config(sim.policy))
 
 
