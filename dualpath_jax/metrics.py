@@ -216,6 +216,33 @@ class LinkBytes:
     nbytes: int
 
 
+def links_ended_at(links: Iterable[LinkBytes], end: float) -> list[LinkBytes]:
+    """The link samples with the bucket that holds the run's end ending there, so bytes / (t1 - t0) is its rate (it
+    ran a whole bucket past the end: the last bucket's rate was understated). Both drivers' samples: the simulator's
+    (`sim.runner.run`, `end` its network's flush) and the runtime's (`runtime.driver.run`, `end` when its last turn was
+    done). Bytes accounted at or after `end` (the simulator's last rounding dust in the bucket that starts at `end`; a
+    runtime node's stamp a clock-offset error past it) go to the link's bucket that ends at `end`, or, where the link
+    has none, their sample becomes the bucket before `end`. A zero-length sample (an idle link's marker) is kept as
+    it is. t0 < t1 <= end in every other sample; the order is kept and no byte is lost."""
+    out: list[LinkBytes] = []
+    ending: dict[str, int] = {}  # link -> the index in `out` of its sample ending at `end`
+    for s in links:
+        if s.t0 == s.t1:
+            pass
+        elif s.t0 < end < s.t1:
+            s = dataclasses.replace(s, t1=end)
+        elif s.t0 >= end:  # (the simulator: only at end; the runtime: a stamp past its driver's end)
+            i = ending.get(s.link)
+            if i is not None:
+                out[i] = dataclasses.replace(out[i], nbytes=out[i].nbytes + s.nbytes)
+                continue
+            s = dataclasses.replace(s, t0=end - (s.t1 - s.t0), t1=end)
+        if s.t1 == end and s.t0 < end:
+            ending[s.link] = len(out)
+        out.append(s)
+    return out
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile of the values that are not NaN (NaN when none is); an infinite value counts as one."""
     # checked first: a bad q (150, NaN, True) gave NaN on empty or all-NaN values and a number (True: p1) otherwise

@@ -61,6 +61,8 @@ def test_tokens_equal_reference(base, ops, trajs, reference, policy, transport):
     cfg = base.replace(**{"scheduler.name": policy, "transport": transport})
     res = driver.run(cfg, trajs, model_ops=ops)
     assert_matches_reference(res, reference, trajs)
+    # the last link bins end at the run's end, no later (`driver.run_links`; a 0.1 s bin ran past it)
+    assert max(s.t1 for s in res.links) <= res.wall_s
     sides = {r.read_side for r in res.records if r.hit_tokens}
     if policy == "basic":
         assert sides == {"pe"} and res.summary["de_read_bytes"] == 0

@@ -27,7 +27,15 @@ import numpy as np
 
 from dualpath_jax import flocks
 from dualpath_jax.checks import file_in_the_way, is_int
-from dualpath_jax.metrics import LinkBytes, TurnRecord, slo_summary, summarize, ttft_breakdown, with_slo
+from dualpath_jax.metrics import (
+    LinkBytes,
+    TurnRecord,
+    links_ended_at,
+    slo_summary,
+    summarize,
+    ttft_breakdown,
+    with_slo,
+)
 from dualpath_jax.runtime.config import (
     ConfigError,
     RuntimeConfig,
@@ -54,7 +62,8 @@ class RunResult:
     Every stamp is in the driver's timebase.
     `summary`: `metrics.summarize` (jct_s, ttft/tpot percentiles, ...) + `ttft_breakdown` + "link_bytes" (link ->
     bytes) and the storage-NIC balance, + the SLO figures where judged. `links`: `metrics.LinkBytes` in time order,
-    bins of 0.1 s on each node's clock's grid (so the first may start before 0, e.g. t0=-0.07), plus one zero-byte
+    bins of 0.1 s on each node's clock's grid (so the first may start before 0, e.g. t0=-0.07; the last ends at the
+    run's end, `wall_s`), plus one zero-byte
     marker with t0 = t1 = 0 per SNIC (`run_links`; the SNIC balance counts an idle one by it): a rate
     nbytes / (t1 - t0) must skip samples with t1 == t0."""
 
@@ -866,7 +875,7 @@ def _run(cfg, trajs, ops, on_progress, fault, prefill_tokens_per_s, launcher) ->
                 lookup_store = keeper.report(lookup_store)
             store.close()
     records = service.finished_records()
-    links = run_links(service.links)
+    links = run_links(service.links, end=wall)
     summary = summarize(records, links)
     # TTFT parts (queue / allocation / read / prefill) under the simulator's key names: the records carry every stamp.
     summary.update(ttft_breakdown(records))
@@ -939,11 +948,15 @@ def _check_launcher(service: GlobalScheduler, launcher, groups) -> None:
             service.declare_dead(g.node_id)
 
 
-def run_links(links: Sequence[LinkBytes]) -> list[LinkBytes]:
+def run_links(links: Sequence[LinkBytes], end: float = math.inf) -> list[LinkBytes]:
     """The service's link records in time order, an idle SNIC's zero-byte marker (t0 = t1, no bytes: each node's,
     at its own clock origin) at t0 = t1 = 0, as the simulator writes its idle links: at the node's start, before the
-    run's, it sat at a negative time (snic/node2 at -0.0641 s)."""
+    run's, it sat at a negative time (snic/node2 at -0.0641 s). The bin holding the run's `end` (its last turn done,
+    write-back stored) ends there, as the simulator's last bucket does (`metrics.links_ended_at`): a 0.1 s bin ran
+    past it (t1 14.23 s against the last token at 14.18 s), so its bytes / (t1 - t0) understated the rate."""
     out = [dataclasses.replace(s, t0=0.0, t1=0.0) if s.t0 == s.t1 and not s.nbytes else s for s in links]
+    if end < math.inf:
+        out = links_ended_at(out, end)
     return sorted(out, key=lambda s: (s.t0, s.link))
 
 

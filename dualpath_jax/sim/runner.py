@@ -435,7 +435,7 @@ def run(
                 bar.set_postfix_str(f"sim {now:,.0f} s, {evs}", refresh=False)
 
             records, links, stats = sim.run(max_time=max_time, progress=report)
-    links = _end_at(links, stats["sim_end_s"])
+    links = metrics.links_ended_at(links, stats["sim_end_s"])
     stats["workload_turns"] = total
     return SimResult(records, links, stats, summarize(cfg, records, links, stats), sim.cfg, policy_config(sim.policy))
 
@@ -446,24 +446,3 @@ def policy_config(policy) -> dict | None:
     if conf is None or not dataclasses.is_dataclass(conf) or isinstance(conf, type):
         return None
     return dataclasses.asdict(conf)
-
-
-def _end_at(links: list, end: float) -> list:
-    """The link samples with the bucket that holds the run's end ending there: its bytes moved by `end` (the
-    network's flush), so bytes / (t1 - t0) is its rate (it ended a whole bucket_s later: links.csv and plot.png
-    understated the last bucket's rate). Bytes accounted at the instant `end` where it falls on a bucket boundary (a
-    flow's last rounding dust, in the bucket that starts there) moved by `end`: they go to the link's bucket that ends
-    there, or, where the link has none, their sample becomes the bucket before `end` (it was a sample past the run's
-    end, [end, end + bucket_s)). t0 < t1 <= end in every sample."""
-    out = []
-    for s in links:
-        if s.t0 < end < s.t1:
-            s = dataclasses.replace(s, t1=end)
-        elif s.t0 >= end:  # (only at end: nothing is accounted after it)
-            last = out[-1] if out else None
-            if last is not None and last.link == s.link and last.t1 == end:  # (a link's samples are in a row)
-                out[-1] = dataclasses.replace(last, nbytes=last.nbytes + s.nbytes)
-                continue
-            s = dataclasses.replace(s, t0=end - (s.t1 - s.t0), t1=end)
-        out.append(s)
-    return out
