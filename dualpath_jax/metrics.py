@@ -414,11 +414,14 @@ def slo_summary(
     percentile: float,
     warmup_s: float = 0.0,
     end_s: float = math.inf,
+    clock_end_s: float | None = None,
 ) -> dict:
     """An online run's SLO (PAPER.md: TTFT <= `ttft_s` and TPOT <= `tpot_s` at the `percentile`), judged on the turns
     arriving in [warmup_s, end_s) that generate tokens (a 0-token turn is not judged): the simulator's (`sim.runner.slo_summary`: end_s its duration_s, online) and the
     runtime's (`experiments.run`). `slo_attainment`: the share of those turns within both bounds; `slo_met`: the
-    percentiles within them. A turn with no first token is a miss, one still decoding is judged on its TTFT, a
+    percentiles within them. A turn with no first token is a miss. A turn still decoding when the clock stopped
+    (`clock_end_s`, the simulator's end; None: not known) is a miss whose TPOT is already past `tpot_s` whatever its last token's time
+    ((clock_end_s - first token) / (gen - 1) > tpot_s: infinite in the TPOT percentile), else judged on its TTFT. A
     1-token turn has no TPOT. An infinite bound is no bound. No turn in the window: every key, `slo_met` False."""
     for name, v, low_ok in (("ttft_s", ttft_s, False), ("tpot_s", tpot_s, False), ("warmup_s", warmup_s, True)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 0 if low_ok else v > 0):  # (NaN too)
@@ -446,14 +449,21 @@ def slo_summary(
     many = gen > 1
     tpot_raw = np.full(n, math.nan)
     tpot_raw[many] = (finished[many] - first[many]) / (gen[many] - 1)
-    tpot = tpot_raw[many & ~np.isnan(finished)]  # (in record order, as the turns that finished)
+    # A turn still decoding whose last token can come no earlier than the clock's end: its TPOT is at least
+    # (clock_end_s - first) / (gen - 1), a miss once that is past the bound (it was judged on its TTFT alone).
+    late = np.zeros(n, bool)
+    if clock_end_s is not None:
+        decoding = many & ~no_first & np.isnan(finished)
+        late[decoding] = (clock_end_s - first[decoding]) / (gen[decoding] - 1) > tpot_s
+    tpot_raw[late] = math.inf
+    tpot = tpot_raw[many & (~np.isnan(finished) | late)]  # (in record order, as the turns that finished or missed)
     ttft_q = _percentile(ttft, percentile)
     # TTST likewise: a turn of 2+ tokens with no second token yet is a miss (it was left out, so an overloaded run's
     # TTST p50 came from the turns that got one: 5.9 s where 7.8 s with them); a 1-token turn has none (NaN: out).
     ttst = np.where(~many | ~np.isnan(second), second - arrival, math.inf)
-    tpot_q = float(np.percentile(tpot, percentile)) if tpot.size else math.nan
-    # A turn still decoding when the clock stops is judged on its TTFT only.
-    ok = ~no_first & (ttft_raw <= ttft_s) & (~many | np.isnan(finished) | (tpot_raw <= tpot_s))
+    tpot_q = _percentile(tpot, percentile)  # (an infinite one: a certain miss; NaN when no turn has a TPOT)
+    # A turn still decoding when the clock stops, not yet certain to miss, is judged on its TTFT only.
+    ok = ~no_first & (ttft_raw <= ttft_s) & (~many | (np.isnan(finished) & ~late) | (tpot_raw <= tpot_s))
     return {
         "slo_turns": n,
         "slo_attainment": float(np.mean(ok)),

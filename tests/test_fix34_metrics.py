@@ -6,7 +6,8 @@ turn - first arrival; TTFT = first token - arrival; TPOT = (last token - first t
 that finished; TTST = second token - arrival; the TTFT parts telescope to the mean TTFT; percentiles interpolate
 linearly between order statistics (numpy's default); storage-NIC max/avg = whole-run bytes per SNIC (reads and
 write-backs, an idle SNIC as 0) max over mean; the SLO judges the turns arriving in [warmup, duration) that generate
-tokens, a turn without a first token a miss (TTFT inf), one still decoding judged on its TTFT.
+tokens, a turn without a first token a miss (TTFT inf), one still decoding a miss where its TPOT is already past the
+bound at the clock's end (TPOT inf in the percentile: session 52), else judged on its TTFT.
 """
 
 from __future__ import annotations
@@ -41,20 +42,27 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory):
+# The SLO's TPOT bound: the config's (50 ms: no turn still decoding is certain to miss it at the cut), and one of
+# 14 ms that some of them are already past at the cut (their (clock end - first token) / (gen - 1) is 14-17 ms).
+@pytest.fixture(scope="module", params=[None, 0.014], ids=["tpot_slo_50ms", "tpot_slo_14ms"])
+def written(tmp_path_factory, request):
     """An online sim_tiny run cut while turns run (turns without a first token, turns still decoding), written."""
+    import dataclasses
+
     from dualpath_jax.sim import load_sim_config, runner
     from dualpath_jax.sim.outputs import write_results
 
     cfg = load_sim_config(f"{TINY}:dualpath,aps=3,duration=20,warmup=5")
+    if request.param is not None:
+        cfg = dataclasses.replace(cfg, slo_tpot_s=request.param)
     res = runner.run(cfg, max_time=20.05)
     out = tmp_path_factory.mktemp("fix34_metrics")
     paths = write_results(res, str(out), {"name": "fix34"}, plot=False)
     with open(paths["summary"]) as f:
-        summary = json.load(f)["summary"]
+        written = json.load(f)
     turns = [{k: (float(v) if k not in ("read_side",) else v) for k, v in row.items()} for row in _rows(paths["turns"])]
-    return cfg, summary, turns, _rows(paths["links"])
+    clock_end_s = written["stats"]["sim_end_s"]  # (where the clock stopped: the cut)
+    return cfg, written["summary"], turns, _rows(paths["links"]), clock_end_s
 
 
 def _close(got, want):
@@ -64,7 +72,7 @@ def _close(got, want):
 
 
 def test_the_all_turn_figures_by_hand(written):
-    _, s, turns, _ = written
+    _, s, turns, _, _ = written
     nan = math.isnan
     fin = [t for t in turns if not nan(t["finished"])]
     assert 0 < len(fin) < len(turns)  # (a cut run: unfinished turns are left out of the span and the throughputs)
@@ -84,7 +92,7 @@ def test_the_all_turn_figures_by_hand(written):
 
 
 def test_the_ttft_parts_add_up_to_the_mean_ttft(written):
-    _, s, turns, _ = written
+    _, s, turns, _, _ = written
     got = [t for t in turns if not math.isnan(t["first_token"])]
     chain = ("arrival", "scheduled", "read_start", "read_end", "first_token")
     parts = dict(zip(("queue", "allocation", "read", "prefill"), zip(chain, chain[1:], strict=False), strict=True))
@@ -97,7 +105,7 @@ def test_the_ttft_parts_add_up_to_the_mean_ttft(written):
 
 
 def test_the_storage_nic_balance_by_hand(written):
-    _, s, _, links = written
+    _, s, _, links, _ = written
     per = {}
     for r in links:
         if r["link"].startswith("snic/"):
@@ -109,7 +117,7 @@ def test_the_storage_nic_balance_by_hand(written):
 
 
 def test_the_slo_by_hand(written):
-    cfg, s, turns, _ = written
+    cfg, s, turns, _, clock_end_s = written
     nan = math.isnan
     judged = [t for t in turns if cfg.warmup_s <= t["arrival"] < cfg.workload.duration_s and t["gen_tokens"] > 0]
     decoding = [t for t in judged if not nan(t["first_token"]) and nan(t["finished"])]
@@ -117,13 +125,26 @@ def test_the_slo_by_hand(written):
     ttft = [math.inf if nan(t["first_token"]) else t["first_token"] - t["arrival"] for t in judged]
     many = [t for t in judged if t["gen_tokens"] > 1]
     ttst = [math.inf if nan(t["second_token"]) else t["second_token"] - t["arrival"] for t in many]
-    tpot = [(t["finished"] - t["first_token"]) / (t["gen_tokens"] - 1) for t in many if not nan(t["finished"])]
+
+    def certain_miss(t):  # (still decoding, its TPOT past the bound even were its last token at the clock's end)
+        bound = (clock_end_s - t["first_token"]) / (t["gen_tokens"] - 1)
+        return not nan(t["first_token"]) and nan(t["finished"]) and bound > cfg.slo_tpot_s
+
+    late = [t for t in many if certain_miss(t)]
+    assert bool(late) is (cfg.slo_tpot_s < 0.05), len(late)  # (the 14 ms bound has some, the 50 ms one none)
+    tpot = [
+        math.inf if certain_miss(t) else (t["finished"] - t["first_token"]) / (t["gen_tokens"] - 1)
+        for t in many
+        if not nan(t["finished"]) or certain_miss(t)
+    ]
 
     def ok(t):
         if nan(t["first_token"]) or t["first_token"] - t["arrival"] > cfg.slo_ttft_s:
             return False
-        if t["gen_tokens"] <= 1 or nan(t["finished"]):  # (still decoding: judged on its TTFT)
+        if t["gen_tokens"] <= 1:
             return True
+        if nan(t["finished"]):  # (still decoding: judged on its TTFT, unless certain to miss its TPOT)
+            return not certain_miss(t)
         return (t["finished"] - t["first_token"]) / (t["gen_tokens"] - 1) <= cfg.slo_tpot_s
 
     q = f"{cfg.slo_percentile:g}"
@@ -131,7 +152,8 @@ def test_the_slo_by_hand(written):
     assert _close(s["slo_attainment"], sum(map(ok, judged)) / len(judged))
     want_ttft = _pct(ttft, cfg.slo_percentile)
     assert s[f"ttft_p{q}_s"] is None if math.isinf(want_ttft) else _close(s[f"ttft_p{q}_s"], want_ttft)
-    assert _close(s[f"tpot_p{q}_s"], _pct(tpot, cfg.slo_percentile))
+    want_tpot = _pct(tpot, cfg.slo_percentile)
+    assert s[f"tpot_p{q}_s"] is None if math.isinf(want_tpot) else _close(s[f"tpot_p{q}_s"], want_tpot)
     want_ttst = _pct(ttst, 50)
     assert s["ttst_p50_s"] is None if math.isinf(want_ttst) else _close(s["ttst_p50_s"], want_ttst)
     met = want_ttft <= cfg.slo_ttft_s and _pct(tpot, cfg.slo_percentile) <= cfg.slo_tpot_s

@@ -529,16 +529,17 @@ def test_a_probe_runs_its_drain_and_judges_only_the_turns_that_arrived_in_its_wi
 
     def fake_run(c, max_time):
         seen["max_time"], seen["aps"], seen["kind"] = max_time, c.workload.aps, c.workload.kind
-        return SimpleNamespace(records=recs, stats={"turns_per_s": 1.0}, summary={"hit_rate": 0.0})
+        return SimpleNamespace(records=recs, stats={"turns_per_s": 1.0, "sim_end_s": 89.5}, summary={"hit_rate": 0.0})
 
-    def fake_summary(c, records):
-        seen["judged"] = [r.arrival for r in records]
+    def fake_summary(c, records, clock_end_s=None):
+        seen["judged"], seen["clock_end_s"] = [r.arrival for r in records], clock_end_s
         return {"slo_met": True}
 
     monkeypatch.setattr(runner, "run", fake_run)
     monkeypatch.setattr(runner, "slo_summary", fake_summary)
     out = capacity.probe(cfg, 0.25, drain_s=30.0)
-    assert seen == {"max_time": 90.0, "aps": 0.25, "kind": "online", "judged": [0.0, 59.5]}
+    # (the run's end: a turn still decoding then whose TPOT is already certain to miss is a miss)
+    assert seen == {"max_time": 90.0, "aps": 0.25, "kind": "online", "judged": [0.0, 59.5], "clock_end_s": 89.5}
     assert out["aps"] == 0.25 and out["slo_met"]
 
 

@@ -3,7 +3,7 @@
 Each probe simulates Poisson agent arrivals at one APS over `duration_s`; turns that arrive in
 [warmup_s, duration_s) are judged (the SLO percentile of TTFT and of TPOT within bounds), and the clock
 stops at `duration_s + drain_s` (an agent's later turns may arrive after `duration_s`; turns still decoding then
-are judged on TTFT only).
+are judged on TTFT only, unless their TPOT is already certain to miss: `metrics.slo_summary`'s `clock_end_s`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def probe(cfg: SimConfig, aps: float, drain_s: float = 120.0) -> dict:
     c = dataclasses.replace(cfg, workload=w)
     res = runner.run(c, max_time=w.duration_s + drain_s)
     recs = [r for r in res.records if r.arrival < w.duration_s]
-    s = runner.slo_summary(c, recs)
+    s = runner.slo_summary(c, recs, res.stats.get("sim_end_s"))
     s["aps"] = aps
     s["turns_per_s_wall"] = res.stats["turns_per_s"]
     # the probe's hit rate (all its turns), and a bounded store's counters (cluster.store_capacity_gb): on such a

@@ -365,12 +365,16 @@ def _batcher_kwargs(cfg: SimConfig, pre) -> dict:
 ttft_breakdown = metrics.ttft_breakdown  # (the runtime's turns_<policy>.json has it too)
 
 
-def slo_summary(cfg: SimConfig, records: Sequence[metrics.TurnRecord]) -> dict:
+def slo_summary(cfg: SimConfig, records: Sequence[metrics.TurnRecord], clock_end_s: float | None = None) -> dict:
     """The SLO judged on turns arriving in [warmup, duration) of an online run (as `capacity.probe` does), from the
     warm-up on for a trace: `metrics.slo_summary` (the runtime's `experiments.run` judges its runs with it too). The
-    turns of the drain after arrivals stop see a lighter load (they used to count in `simulate` / `sweep`)."""
+    turns of the drain after arrivals stop see a lighter load (they used to count in `simulate` / `sweep`).
+    `clock_end_s`: where the run stopped (its stats' `sim_end_s`), so a turn still decoding then whose TPOT is
+    already certain to miss counts as a miss (None: not known, judged on its TTFT)."""
     end = cfg.workload.duration_s if cfg.workload.kind == "online" else math.inf
-    return metrics.slo_summary(records, cfg.slo_ttft_s, cfg.slo_tpot_s, cfg.slo_percentile, cfg.warmup_s, end)
+    return metrics.slo_summary(
+        records, cfg.slo_ttft_s, cfg.slo_tpot_s, cfg.slo_percentile, cfg.warmup_s, end, clock_end_s=clock_end_s
+    )
 
 
 # What a bounded store (cluster.store_capacity_gb) counts (Simulator.run's stats; absent when unbounded): its capacity,
@@ -401,7 +405,7 @@ def summarize(cfg: SimConfig, records, links, stats) -> dict:
             s[k] = stats[k]
     if cfg.workload.kind != "offline":
         # The SLO's percentiles (turns in [warmup, duration), no first token: a miss) beside the all-turn ones
-        s = metrics.with_slo(s, slo_summary(cfg, records))
+        s = metrics.with_slo(s, slo_summary(cfg, records, stats.get("sim_end_s")))
     return s
 
 
