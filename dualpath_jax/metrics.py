@@ -420,9 +420,10 @@ def slo_summary(
     arriving in [warmup_s, end_s) that generate tokens (a 0-token turn is not judged): the simulator's (`sim.runner.slo_summary`: end_s its duration_s, online) and the
     runtime's (`experiments.run`). `slo_attainment`: the share of those turns within both bounds; `slo_met`: the
     percentiles within them. A turn with no first token is a miss. A turn still decoding when the clock stopped
-    (`clock_end_s`, the simulator's end; None: not known) is a miss whose TPOT is already past `tpot_s` whatever its last token's time
-    ((clock_end_s - first token) / (gen - 1) > tpot_s: infinite in the TPOT percentile), else judged on its TTFT. A
-    1-token turn has no TPOT. An infinite bound is no bound. No turn in the window: every key, `slo_met` False."""
+    (`clock_end_s`: the simulator's end; None: not known) is a miss where its TPOT would pass `tpot_s` even were its
+    last token at that end ((clock_end_s - first token) / (gen - 1) > tpot_s; infinite in the TPOT percentile), else
+    it is judged on its TTFT. A 1-token turn has no TPOT. An infinite bound is no bound. No turn in the window: every
+    key, `slo_met` False."""
     for name, v, low_ok in (("ttft_s", ttft_s, False), ("tpot_s", tpot_s, False), ("warmup_s", warmup_s, True)):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (v >= 0 if low_ok else v > 0):  # (NaN too)
             raise ValueError(f"SLO {name} must be a number {'>=' if low_ok else '>'} 0, got {v!r}")

@@ -63,9 +63,8 @@ class RunResult:
     `summary`: `metrics.summarize` (jct_s, ttft/tpot percentiles, ...) + `ttft_breakdown` + "link_bytes" (link ->
     bytes) and the storage-NIC balance, + the SLO figures where judged. `links`: `metrics.LinkBytes` in time order,
     bins of 0.1 s on each node's clock's grid (so the first may start before 0, e.g. t0=-0.07; the last ends at the
-    run's end, `wall_s`), plus one zero-byte
-    marker with t0 = t1 = 0 per SNIC (`run_links`; the SNIC balance counts an idle one by it): a rate
-    nbytes / (t1 - t0) must skip samples with t1 == t0."""
+    run's end, `wall_s`), plus one zero-byte marker with t0 = t1 = 0 per SNIC (`run_links`; the SNIC balance counts
+    an idle one by it): a rate nbytes / (t1 - t0) must skip samples with t1 == t0."""
 
     policy: str
     records: list[TurnRecord]
