@@ -109,9 +109,9 @@ whole Layer Blocks (`read_chunk_bytes`, rounded down; default 4 MiB with mmap, h
 copied; 1 MiB with preadv), and a file is mapped from its second read (`mmap_after_reads=1`: there a fresh
 mapping's page faults cost about what hashing in the page cache saves). Reads of less than `mmap_min_bytes`
 (default 256 KiB: small Layer Blocks of layerwise loading) and unverified reads use `preadv` under both methods
-(measured, see the README). A Full-Block read gets the header with the payload; a Layer-Block read checks exactly
-the layers it read. A mismatch, a short read, a file of another size (short, or with bytes appended) or a bad
-header makes the read a miss: logged, counted (`read_corrupt`) and the block removed, never wrong KV (`out` may
+(measured: HISTORY.md, 'KV store "Benchmark": the Python loops'). A Full-Block read gets the header with the
+payload; a Layer-Block read checks exactly the layers it read. A mismatch, a short read, a file of another size
+(short, or with bytes appended) or a bad header makes the read a miss: logged, counted (`read_corrupt`) and the block removed, never wrong KV (`out` may
 then hold part of the block: the read returned False). `verify=False` (store option or per read) keeps every
 header check and skips the payload checksums.
 
@@ -186,7 +186,8 @@ _LRU_CLOCK = "LRU_CLOCK"
 META_RETRY_S = 1.0  # a store opened on a full disk tries to make itself again at most this often (`_meta_ready`)
 _PENDING_SAID: set[str] = set()  # the store roots this process said it opened with their metadata pending
 # The Python loops' chunks (rounded down to whole Layer Blocks; the compiled loops: NATIVE_PREAD_CHUNK_BYTES below,
-# mapped reads Layer Block by Layer Block); chosen with experiments/bench_store.py (see the README's KV store section).
+# mapped reads Layer Block by Layer Block); chosen with experiments/bench_store.py (HISTORY.md, 'KV store "Benchmark":
+# the Python loops').
 DEFAULT_READ_CHUNK_BYTES = 1 << 20  # read_method="preadv": the chunk is hashed in the reader's L2 after its copy
 # read_method="mmap": the chunk is hashed from the page cache, then copied (from L3). Measured (bench_store.py,
 # streaming, kept mappings): DeepSeek-V3 0.79-0.82x of raw preadv with 4 MiB chunks (its whole 2.4 MiB block) vs
@@ -205,7 +206,8 @@ TEMP_SWEEP_S = 600.0
 # Verified reads of xxh3 blocks in C (_verify.pyx, built by setup.py): each Layer Block hashed while it is in
 # cache, with the GIL released; the Python loops below are the fallback (no build, DUALPATH_PURE_PYTHON=1, or
 # native_verify=False). With them a verified preadv read preads this many bytes (whole Layer Blocks) at a time,
-# so the hash reads the chunk from the reader's L2 right after the copy (measured, see the README).
+# so the hash reads the chunk from the reader's L2 right after the copy (measured: HISTORY.md, 'KV store "Benchmark":
+# the Python loops').
 _VERIFY_C = None
 if compiled.use("dualpath_jax.store._verify"):
     from dualpath_jax.store import _verify as _VERIFY_C
