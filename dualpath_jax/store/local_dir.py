@@ -111,9 +111,9 @@ mapping's page faults cost about what hashing in the page cache saves). Reads of
 (default 256 KiB: small Layer Blocks of layerwise loading) and unverified reads use `preadv` under both methods
 (measured: HISTORY.md, 'KV store "Benchmark": the Python loops'). A Full-Block read gets the header with the
 payload; a Layer-Block read checks exactly the layers it read. A mismatch, a short read, a file of another size
-(short, or with bytes appended) or a bad header makes the read a miss: logged, counted (`read_corrupt`) and the block removed, never wrong KV (`out` may
-then hold part of the block: the read returned False). `verify=False` (store option or per read) keeps every
-header check and skips the payload checksums.
+(short, or with bytes appended) or a bad header makes the read a miss: logged, counted (`read_corrupt`) and the
+block removed, never wrong KV (`out` may then hold part of the block: the read returned False). `verify=False`
+(store option or per read) keeps every header check and skips the payload checksums.
 
 A block a newer dualpath-jax wrote (a newer per-block format version, or a checksum algo id this code does not
 know: block_file.BlockOfNewerFormat; a file of another size whose header names a newer format version) is not damage:
