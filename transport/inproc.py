@@ -304,13 +304,16 @@ class InProcTransport(Transport):
         `RegionError` and no byte moves, one it registered again under the name takes the bytes (its new buffer,
         bounds checked again). Resolved at posting, a queued write used to land in the deregistered buffer."""
         pos = 0
-        arrays: dict[int, np.ndarray] = {}  # id(region) -> its bytes as a uint8 array (np.copyto releases the GIL)
+        # id(region) -> (the region, its bytes as a uint8 array: np.copyto releases the GIL). The region is held and
+        # compared: one deregistered mid-transfer was freed and lent its id to the next registered, whose chunks went
+        # to the old buffer.
+        arrays: dict[int, tuple[MemoryRegion, np.ndarray]] = {}
 
         def arr(region: MemoryRegion) -> np.ndarray:
-            a = arrays.get(id(region))
-            if a is None:
-                a = arrays[id(region)] = np.frombuffer(region.view, dtype=np.uint8)
-            return a
+            hit = arrays.get(id(region))
+            if hit is None or hit[0] is not region:
+                hit = arrays[id(region)] = (region, np.frombuffer(region.view, dtype=np.uint8))
+            return hit[1]
 
         def check() -> None:
             """Either side closed or the link dropped mid-way (a paced copy): stop moving and pacing bytes, as a closed

@@ -1177,7 +1177,8 @@ class _Conn:
                 if op == OP_WRITE:
                     region = regions.get(rid)  # atomic dict lookup: no lock per frame
                     if region is None or offset + length > region.size:
-                        owner._region_for_frame(rid, offset, length, "WRITE")  # raises, naming what is wrong
+                        # raises, naming what is wrong; or the region registered again since the lookup above
+                        region = owner._region_for_frame(rid, offset, length, "WRITE")
                     at = rx.start
                     if rx.end - at >= length:  # the whole payload is in the receive buffer: one copy, no recv
                         region.view[offset : offset + length] = rx.view[at : at + length]
