@@ -1534,7 +1534,7 @@ class TcpTransport(Transport):
 
     # ---- connection setup -------------------------------------------------------------------------------
     def connect(
-        self, peer: str, address: Any, timeout: float = 10.0, *, wait_for_listener_s: float | None = None
+        self, peer: str, address: Any, timeout: float | None = 10.0, *, wait_for_listener_s: float | None = None
     ) -> None:
         """Open the connection set to `peer` at `address` = (host, port). Nothing to do if a live set to `peer`
         exists already: one the peer opened, or one this endpoint opened to the same address (the same socket

@@ -165,7 +165,7 @@ class EngineGroup:
         self._links_due = 0.0  # monotonic time of the next link report
         self.stall_timeout_s = stall_timeout_s(cfg)
         try:
-            self._build_engines(cfg, model, layout, per_engine, make_transport, batcher_factory)
+            self._build_engines(cfg, layout, per_engine, make_transport, batcher_factory)
             self.address = {e: eng.transport.address for e, eng in self.engines.items()}
             if cfg.cluster.precompile:
                 self._precompile(cfg, self.models.values())
@@ -174,7 +174,7 @@ class EngineGroup:
             self.close()
             raise
 
-    def _build_engines(self, cfg, model, layout, per_engine, make_transport, batcher_factory) -> None:
+    def _build_engines(self, cfg, layout, per_engine, make_transport, batcher_factory) -> None:
         role, traffic = self.role, self.traffic
         for e in self.engine_ids:
             traffic.add_cnic(

@@ -1197,7 +1197,7 @@ class LocalDirStore(KVStore):
         if self._index.get(key, 0) <= seen:
             self._drop_locked(key, absent=True)
 
-    def _note_use_locked(self, key: bytes) -> list[tuple[int, bytes]] | None:
+    def _note_use_locked(self, key: bytes) -> list[tuple[int, bytes, bool]] | None:
         """Note a use of indexed `key` (a verify, a dedup write) for the next batch of LRU touches; that batch when one
         is due (`_touch_used` it outside the lock). The read path does the same inline, checking the clock less often."""
         if self._touch_s is not None and key in self._index:
