@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+S = TypeVar("S")  # (a registered subclass keeps its own type through the decorator)
 
 # Where a class defined by a script lives: `__main__`, or `__mp_main__` in a process multiprocessing spawned from it.
 MAIN_MODULES = ("__main__", "__mp_main__")
@@ -44,7 +45,7 @@ class Registry(Generic[T]):
         self.own = own
         self._entries: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str) -> Callable[[S], S]:
         """Decorator: register `obj` under `name`; a second registration of the same name is an error."""
         if not isinstance(name, str) or not name:
             # `@REG.register` without a name bound the class to this decorator and registered nothing, silently
@@ -52,8 +53,8 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}{hint}")
         self._check_reserved(name)
 
-        def decorator(obj: T) -> T:
-            self.add(name, obj)
+        def decorator(obj: S) -> S:
+            self.add(name, obj)  # type: ignore[arg-type]  # (an S is a T: its subclass or itself)
             return obj
 
         return decorator
