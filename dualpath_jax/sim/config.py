@@ -22,7 +22,10 @@ class SimConfigError(ValueError):
 @dataclasses.dataclass
 class ClusterConfig:
     """Hardware and system knobs. Bandwidths in GB/s (1e9 bytes/s; `*_gbps` too: a 400 Gbps NIC is 50), capacities in
-    GB. Compute and HBM come from the `hardware` profile; links and nodes from these fields (`warn_hardware_figures`)."""
+    GB. Compute and HBM come from the `hardware` profile; links and nodes from these fields (`warn_hardware_figures`).
+    A field marked [calibrated] was fitted on PAPER.md's DS 660B table: the fitted values are `configs/sim_base.py`'s
+    CALIBRATED, which every config file applies; a ClusterConfig built in code keeps the defaults below (e.g.
+    max_reads_per_node 8, fitted 9)."""
 
     model: str = "ds660b"  # key of schedulers.cost_model.MODEL_SHAPES
     hardware: str = "h800"  # key of schedulers.cost_model.HARDWARE
