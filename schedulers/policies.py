@@ -407,7 +407,8 @@ class BasicPolicy(InterEnginePolicy):
 
 @POLICIES.register("round_robin")
 class RoundRobinPolicy(InterEnginePolicy):
-    """DualPath without scheduling: PEs and DEs in turn, read side alternating.
+    """DualPath without scheduling: PEs and DEs in turn, read side alternating (or one side, or DualPath's own rule:
+    the node with the shorter read queue, `read_side="shorter"`: engines in turn, the read path still chosen by load).
 
     The rotation is global: PEs and DEs each cycle over every engine of their role in engine-id order,
     whichever node fetched (a fetch only decides when placement happens, not where), and it carries over
@@ -422,14 +423,16 @@ class RoundRobinPolicy(InterEnginePolicy):
 
     @dataclasses.dataclass(frozen=True)
     class Config:
-        read_side: str = "alternate"  # "alternate" (pe, de, pe, ...), "pe" or "de"
+        # "alternate" (pe, de, pe, ...), "pe", "de", or "shorter" (the side whose node has the shorter read queue,
+        # ties: PE, as DualPath reads: PAPER.md leaves open whether "w/o scheduling" keeps that rule)
+        read_side: str = "alternate"
         # "skip": the next DE with room; "wait": stop until the DE in turn has room; "queue": the DE in turn,
         # room or not (it waits at the DE)
         full_de: str = "skip"
 
         def __post_init__(self):
-            if self.read_side not in ("alternate", "pe", "de"):
-                raise ValueError(f"round_robin read_side must be alternate/pe/de, got {self.read_side!r}")
+            if self.read_side not in ("alternate", "pe", "de", "shorter"):
+                raise ValueError(f"round_robin read_side must be alternate/pe/de/shorter, got {self.read_side!r}")
             if self.full_de not in ("skip", "wait", "queue"):
                 raise ValueError(f"round_robin full_de must be skip/wait/queue, got {self.full_de!r}")
 
@@ -468,6 +471,8 @@ class RoundRobinPolicy(InterEnginePolicy):
             if self.config.read_side == "alternate":
                 side = "pe" if self._next_side % 2 == 0 else "de"
                 self._next_side += 1
+            elif self.config.read_side == "shorter":
+                side = "de" if s.read_q[s.node_of[de]] < s.read_q[s.node_of[pe]] else "pe"
             else:
                 side = self.config.read_side
             out.append(s.commit(r, pe, de, side, 1.0 if side == "de" else 0.0))
