@@ -274,6 +274,10 @@ class _Scratch:
     def des(self) -> list[int]:
         return [e for g in sorted(self.de_groups) for e in self.de_groups[g]]
 
+    def shorter_read_side(self, pe: int, de: int) -> ReadSide:
+        """DualPath's read path (PAPER.md): the side whose node has the shorter read queue now; ties: the PE side."""
+        return "de" if self.read_q[self.node_of[de]] < self.read_q[self.node_of[pe]] else "pe"
+
     def commit(self, r: PendingRequest, pe: int, de: int, side: ReadSide, de_fraction: float) -> Assignment:
         """Record the placement in the scratch loads and return it."""
         self.tok[pe] += r.prompt_tokens
@@ -472,7 +476,7 @@ class RoundRobinPolicy(InterEnginePolicy):
                 side = "pe" if self._next_side % 2 == 0 else "de"
                 self._next_side += 1
             elif self.config.read_side == "shorter":
-                side = "de" if s.read_q[s.node_of[de]] < s.read_q[s.node_of[pe]] else "pe"
+                side = s.shorter_read_side(pe, de)
             else:
                 side = self.config.read_side
             out.append(s.commit(r, pe, de, side, 1.0 if side == "de" else 0.0))
@@ -684,9 +688,8 @@ class DualPathPolicy(InterEnginePolicy):
         return best_in if best_in is not None else best_out
 
     def _read_side(self, s: _Scratch, r: PendingRequest, pe: int, de: int) -> tuple[ReadSide, float]:
-        if s.read_q[s.node_of[de]] < s.read_q[s.node_of[pe]]:
-            return "de", 1.0
-        return "pe", 0.0
+        side = s.shorter_read_side(pe, de)
+        return side, 1.0 if side == "de" else 0.0
 
     @staticmethod
     def _phase1_ints(de_groups, group_tok, group_free, lens, try_fast: bool):
