@@ -456,15 +456,15 @@ def slo_summary(
     if clock_end_s is not None:
         decoding = many & ~no_first & np.isnan(finished)
         late[decoding] = (clock_end_s - first[decoding]) / (gen[decoding] - 1) > tpot_s
-    tpot_raw[late] = math.inf
-    tpot = tpot_raw[many & (~np.isnan(finished) | late)]  # (in record order, as the turns that finished or missed)
+    tpot_raw[late] = math.inf  # (NaN now only where no last token came: no first token, or not yet a certain miss)
     ttft_q = _percentile(ttft, percentile)
     # TTST likewise: a turn of 2+ tokens with no second token yet is a miss (it was left out, so an overloaded run's
     # TTST p50 came from the turns that got one: 5.9 s where 7.8 s with them); a 1-token turn has none (NaN: out).
     ttst = np.where(~many | ~np.isnan(second), second - arrival, math.inf)
-    tpot_q = _percentile(tpot, percentile)  # (an infinite one: a certain miss; NaN when no turn has a TPOT)
-    # A turn still decoding when the clock stops, not yet certain to miss, is judged on its TTFT only.
-    ok = ~no_first & (ttft_raw <= ttft_s) & (~many | (np.isnan(finished) & ~late) | (tpot_raw <= tpot_s))
+    # (the finished turns' TPOTs and the certain misses' inf: `percentile` leaves the NaN ones out; NaN if none)
+    tpot_q = _percentile(tpot_raw[many], percentile)
+    # A turn still decoding when the clock stops, not yet certain to miss (TPOT NaN), is judged on its TTFT only.
+    ok = ~no_first & (ttft_raw <= ttft_s) & (~many | np.isnan(tpot_raw) | (tpot_raw <= tpot_s))
     return {
         "slo_turns": n,
         "slo_attainment": float(np.mean(ok)),
